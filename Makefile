@@ -1,0 +1,41 @@
+# Two commands matter: `make run` and `make test`. Everything else supports them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint format services clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@ $(VENV)/.installed
+
+## Start the server with the embedded defaults on http://127.0.0.1:8080
+run: $(VENV)/.installed
+	$(BIN)/llm-proxy server --file-event-log data/events.jsonl
+
+## Install what the tests need (Python packages, redis-server, chromium) and run them all
+test: $(VENV)/.installed-dev services
+	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
+
+services:
+	@bash scripts/ensure-services.sh
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .coverage htmlcov .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,203 @@
+"""AWS CloudWatch Logs backend through aiobotocore.
+
+Creates the log group and stream if missing, then ``PutLogEvents`` in batches that respect the
+service's limits: at most 10,000 events and 1,048,576 bytes (message bytes plus 26 per event),
+chronological order, at most 24 hours apart. Events CloudWatch would refuse for their age (older than
+14 days, more than 2 hours ahead, or past the group's retention) are refused here as permanent, so
+they go to the dead-letter file and are counted, instead of being retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import orjson
+import structlog
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+
+from dispatcher import metrics
+from dispatcher.backends import Rejection
+from llm_proxy.events.event import Event, parse_rfc3339
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCH_EVENTS = 10_000
+MAX_BATCH_BYTES = 1_048_576
+EVENT_OVERHEAD = 26
+MAX_SPAN_MS = 24 * 3600 * 1000
+MAX_AGE_MS = 14 * 24 * 3600 * 1000
+MAX_AHEAD_MS = 2 * 3600 * 1000
+_SAFETY_MS = 60_000  # our clock and AWS's may differ a little: refuse only clear cases locally
+_RETRYABLE_CODES = frozenset(
+    {"ThrottlingException", "ServiceUnavailableException", "InternalFailure", "RequestTimeout"}
+)
+_TRUNCATED = "…[truncated by llm-proxy]"
+
+Item = tuple[int, int, str]  # timestamp ms, index in the batch given to send, message
+
+
+def message(event: Event, limit: int) -> str:
+    """The event as JSON, with its bodies cut until it fits in ``limit`` bytes."""
+    text = orjson.dumps(event)
+    if len(text) <= limit:
+        return text.decode()
+    plain: dict[str, object] = dict(event)
+    bodies = {key: orjson.dumps(plain[key]).decode() for key in ("request", "response")}
+    room = limit // 2
+    while room > 64:
+        for key, body in bodies.items():
+            plain[key] = body[:room] + _TRUNCATED if len(body) > room else orjson.loads(body)
+        text = orjson.dumps(plain)
+        if len(text) <= limit:
+            return text.decode()
+        room = room * 3 // 4
+    plain["request"] = plain["response"] = _TRUNCATED
+    return orjson.dumps(plain).decode()
+
+
+def batches(items: Sequence[Item]) -> Iterator[list[Item]]:
+    """Split chronologically sorted items into batches within every PutLogEvents limit."""
+    batch: list[Item] = []
+    size = 0
+    for item in items:
+        item_size = len(item[2].encode()) + EVENT_OVERHEAD
+        if batch and (
+            len(batch) >= MAX_BATCH_EVENTS
+            or size + item_size > MAX_BATCH_BYTES
+            or item[0] - batch[0][0] > MAX_SPAN_MS
+        ):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item_size
+    if batch:
+        yield batch
+
+
+class CloudWatchBackend:
+    name = "cloudwatch"
+
+    def __init__(
+        self,
+        log_group: str,
+        log_stream: str,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        max_message_bytes: int = 256 * 1024,
+    ) -> None:
+        self.log_group = log_group
+        self.log_stream = log_stream
+        self._region = region
+        self._endpoint_url = endpoint_url
+        # None: botocore's own credential chain (environment, profile, instance role).
+        self._credentials = {
+            "aws_access_key_id": aws_access_key_id,
+            "aws_secret_access_key": aws_secret_access_key,
+        }
+        self._max_message_bytes = max_message_bytes
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    def __repr__(self) -> str:
+        return f"CloudWatchBackend(log_group={self.log_group!r}, log_stream={self.log_stream!r})"
+
+    async def start(self) -> None:
+        config = AioConfig(
+            connect_timeout=5, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}
+        )
+        self._client = await self._stack.enter_async_context(
+            get_session().create_client(
+                "logs",
+                region_name=self._region,
+                endpoint_url=self._endpoint_url,
+                config=config,
+                **self._credentials,
+            )
+        )
+        await self._ensure_destination()
+
+    async def _ensure_destination(self) -> None:
+        for create, kwargs in (
+            (self._client.create_log_group, {"logGroupName": self.log_group}),
+            (
+                self._client.create_log_stream,
+                {"logGroupName": self.log_group, "logStreamName": self.log_stream},
+            ),
+        ):
+            try:
+                await create(**kwargs)
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ResourceAlreadyExistsException":
+                    raise
+
+    async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
+        now = time.time() * 1000
+        refused: dict[int, Rejection] = {}
+        items: list[Item] = []
+        for i, event in enumerate(events):
+            stamp = round(parse_rfc3339(event["timestamp"]) * 1000)
+            if stamp < now - MAX_AGE_MS + _SAFETY_MS:
+                refused[i] = self._rejected("too_old", "older than 14 days")
+            elif stamp > now + MAX_AHEAD_MS - _SAFETY_MS:
+                refused[i] = self._rejected("too_new", "more than 2 hours in the future")
+            else:
+                items.append((stamp, i, message(event, self._max_message_bytes)))
+        items.sort()
+        for batch in batches(items):
+            refused.update(await self._put(batch))
+        return refused
+
+    async def _put(self, batch: list[Item]) -> dict[int, Rejection]:
+        request = {
+            "logGroupName": self.log_group,
+            "logStreamName": self.log_stream,
+            "logEvents": [{"timestamp": stamp, "message": text} for stamp, _, text in batch],
+        }
+        try:
+            try:
+                answer = await self._client.put_log_events(**request)
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "ResourceNotFoundException":
+                    raise
+                await self._ensure_destination()  # deleted under us: recreate and try once more
+                answer = await self._client.put_log_events(**request)
+        except ClientError as exc:
+            error = exc.response["Error"]
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            retryable = error["Code"] in _RETRYABLE_CODES or status >= 500
+            reason = f"{error['Code']}: {error.get('Message', '')}"
+            return {i: Rejection(reason, retryable) for _, i, _ in batch}
+        except (BotoCoreError, OSError) as exc:
+            return {i: Rejection(f"{type(exc).__name__}: {exc}", True) for _, i, _ in batch}
+        return self._partial(batch, answer.get("rejectedLogEventsInfo") or {})
+
+    def _partial(self, batch: list[Item], info: dict[str, int]) -> dict[int, Rejection]:
+        """Events CloudWatch dropped from an accepted batch (indices into the batch)."""
+        refused: dict[int, Rejection] = {}
+        too_old = info.get("tooOldLogEventEndIndex", -1)
+        expired = info.get("expiredLogEventEndIndex", -1)
+        too_new = info.get("tooNewLogEventStartIndex", len(batch))
+        for position, (_, i, _) in enumerate(batch):
+            if position < too_old:
+                refused[i] = self._rejected("too_old", "older than 14 days")
+            elif position < expired:
+                refused[i] = self._rejected("expired", "past the log group's retention")
+            elif position >= too_new:
+                refused[i] = self._rejected("too_new", "more than 2 hours in the future")
+        return refused
+
+    def _rejected(self, kind: str, why: str) -> Rejection:
+        metrics.CLOUDWATCH_REJECTED.labels(kind).inc()
+        return Rejection(f"cloudwatch rejects events {why}", retryable=False)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None

@@ -1,0 +1,371 @@
+"""The dispatcher worker: drains one consumer group of the event bus into one backend.
+
+Modelled on arq's worker: batches by size and time; retries refused events with capped exponential
+backoff and jitter; writes permanent refusals to a dead-letter file; acknowledges a bus entry only
+after the backend accepted it (or it was dead-lettered), so a crash means redelivery, never loss.
+On SIGTERM it stops reading, lets the batch in hand finish for at most ``drain_timeout`` seconds,
+then stops and logs a summary. In ``burst`` mode it exits once the bus is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from dispatcher import metrics
+from dispatcher.backends import Backend, BackendError, Rejection
+from dispatcher.deadletter import DeadLetterFile
+from dispatcher.retry import Backoff
+from llm_proxy.events.bus import BusUnavailable, Delivery, EventBus, Subscription
+from llm_proxy.events.event import end_epoch
+from llm_proxy.events.redis import consumer_name
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    service: str  # also the consumer group: one group per service, so each gets every event
+    dead_letter_path: Path
+    batch_size: int = 100
+    batch_wait: float = 1.0  # how long a started batch may wait to fill up
+    poll: float = 1.0  # how long one read waits for a first event
+    max_attempts: int = 0  # 0: retry until accepted (or shutdown); else dead-letter after this many
+    backoff: Backoff = field(default_factory=Backoff)
+    drain_timeout: float = 10.0
+    burst: bool = False
+    heartbeat_interval: float = 5.0
+
+
+@dataclass(slots=True)
+class Summary:
+    delivered: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    redelivered: int = 0
+    batches: int = 0
+
+
+class Heartbeat(Protocol):
+    async def beat(self, summary: Mapping[str, object]) -> None: ...
+
+    async def clear(self) -> None: ...
+
+
+class BackendStartError(Exception):
+    """The backend could not start (bad credentials, unreachable, unwritable path)."""
+
+
+class Worker:
+    def __init__(
+        self,
+        bus: EventBus,
+        backend: Backend,
+        settings: WorkerSettings,
+        *,
+        heartbeat: Heartbeat | None = None,
+        consumer: str | None = None,
+    ) -> None:
+        self.bus = bus
+        self.backend = backend
+        self.settings = settings
+        self.summary = Summary()
+        self._heartbeat = heartbeat
+        self._consumer = consumer or consumer_name()
+        self._dead_letters = DeadLetterFile(settings.dead_letter_path)
+        self._subscription: Subscription | None = None
+        self._backend_started = False
+        self._task: asyncio.Task[Summary] | None = None
+        self._deadline: asyncio.Timeout | None = None
+        self._stopping = False
+        self._draining = False  # stop() or drain() asked for a bounded finish
+        self._burst = settings.burst
+        self._inflight: list[Delivery] = []
+        self._bus_failures = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Join the consumer group and start the backend, so start-up errors surface here.
+
+        Raises :class:`BackendStartError`.
+        """
+        subscription = self._subscribe()
+        if not self._backend_started:
+            try:
+                await self.backend.start()
+            except Exception as exc:
+                await subscription.close()
+                self._subscription = None
+                await self.backend.close()  # release what a half-done start opened
+                raise BackendStartError(f"{self.backend.name}: {exc}") from exc
+            self._backend_started = True
+
+    def _subscribe(self) -> Subscription:
+        if self._subscription is None:
+            self._subscription = self.bus.subscribe(self.settings.service, self._consumer)
+        return self._subscription
+
+    def start(self) -> asyncio.Task[Summary]:
+        """Join the consumer group now (so nothing published from here on is missed) and run."""
+        if self._task is None:
+            self._subscribe()
+            self._task = asyncio.get_running_loop().create_task(
+                self._main(), name=f"dispatcher-{self.settings.service}"
+            )
+        return self._task
+
+    async def async_run(self) -> Summary:
+        """Run until stopped (or, in burst mode, idle). Raises :class:`BackendStartError`."""
+        return await self.start()
+
+    async def serve(self) -> int:
+        """Run with SIGTERM/SIGINT handlers installed; the exit code for the CLI."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.async_run()
+        except BackendStartError as exc:
+            log.error("dispatcher could not start", service=self.settings.service, error=str(exc))
+            return 1
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    def stop(self) -> None:
+        """Stop taking work; the batch in hand has ``drain_timeout`` seconds to finish."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("dispatcher stopping", service=self.settings.service)
+        self._set_deadline()
+
+    async def drain(self) -> Summary:
+        """Deliver what the bus holds until it is idle (at most ``drain_timeout``), then stop.
+
+        How an in-process dispatcher shuts down: the memory bus has no one else to hand events to.
+        """
+        self._burst = True
+        self._set_deadline()
+        return await self.start()
+
+    async def close(self) -> None:
+        await self.drain()
+
+    def _set_deadline(self) -> None:
+        self._draining = True
+        if self._deadline is not None:
+            when = asyncio.get_running_loop().time() + self.settings.drain_timeout
+            if self._deadline.when() is None:
+                self._deadline.reschedule(when)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _main(self) -> Summary:
+        started = time.monotonic()
+        await self.open()
+        subscription = self._subscribe()
+        beating = asyncio.create_task(self._beat()) if self._heartbeat else None
+        log.info("dispatcher started", service=self.settings.service, consumer=self._consumer)
+        timed_out = False
+        try:
+            async with asyncio.timeout(None) as self._deadline:
+                if self._draining:
+                    self._set_deadline()  # stop() or drain() came before the loop began
+                while not self._stopping:
+                    batch = await self._collect(subscription)
+                    if batch:
+                        await self._process(subscription, batch)
+                    elif self._burst:
+                        break
+        except TimeoutError:
+            if self._deadline is None or not self._deadline.expired():
+                raise  # not our drain deadline
+            timed_out = True
+            await self._abandon()
+        finally:
+            if beating is not None:
+                beating.cancel()
+                await asyncio.gather(beating, return_exceptions=True)
+                await self._clear_heartbeat()
+            await subscription.close()
+            await self.backend.close()
+            log.info(
+                "dispatcher stopped",
+                service=self.settings.service,
+                seconds=round(time.monotonic() - started, 3),
+                drain_timed_out=timed_out,
+                **asdict(self.summary),
+            )
+        return self.summary
+
+    async def _collect(self, subscription: Subscription) -> list[Delivery]:
+        """A batch: the first events within ``poll``, then more until full or ``batch_wait``."""
+        size = self.settings.batch_size
+        batch = await self._read(subscription, size, self.settings.poll)
+        if not batch or len(batch) >= size:
+            return batch
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.batch_wait
+        while len(batch) < size and not self._stopping:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            more = await self._read(subscription, size - len(batch), remaining)
+            if not more:
+                break
+            batch.extend(more)
+        return batch
+
+    async def _read(self, subscription: Subscription, count: int, wait: float) -> list[Delivery]:
+        try:
+            deliveries = await subscription.read(count, wait)
+        except BusUnavailable as exc:
+            self._bus_failures += 1
+            if self._bus_failures == 1 or self._bus_failures % 30 == 0:  # an outage, not a flood
+                log.warning(
+                    "event bus unavailable",
+                    service=self.settings.service,
+                    error=str(exc),
+                    attempts=self._bus_failures,
+                )
+            await asyncio.sleep(min(self.settings.backoff.delay(self._bus_failures), 2.0))
+            return []
+        if self._bus_failures:
+            log.info("event bus reachable again", attempts=self._bus_failures)
+            self._bus_failures = 0
+        return deliveries
+
+    async def _process(self, subscription: Subscription, batch: list[Delivery]) -> None:
+        name = self.backend.name
+        self.summary.batches += 1
+        metrics.BATCHES.labels(name).inc()
+        redelivered = sum(1 for d in batch if d.redelivered)
+        if redelivered:
+            self.summary.redelivered += redelivered
+            metrics.REDELIVERED.labels(name).inc(redelivered)
+        pending = batch
+        attempt = 0
+        while pending:
+            self._inflight = pending
+            attempt += 1
+            refused = await self._send(pending)
+            accepted = [d for i, d in enumerate(pending) if i not in refused]
+            dead = [
+                (d, refused[i].reason)
+                for i, d in enumerate(pending)
+                if i in refused and not refused[i].retryable
+            ]
+            retry = [
+                (d, refused[i].reason)
+                for i, d in enumerate(pending)
+                if i in refused and refused[i].retryable
+            ]
+            if retry and 0 < self.settings.max_attempts <= attempt:
+                dead += [(d, f"gave up after {attempt} attempts: {reason}") for d, reason in retry]
+                retry = []
+            await self._dead_letter(dead)
+            await self._ack(subscription, [d.id for d in accepted] + [d.id for d, _ in dead])
+            self._count(accepted, dead, retry)
+            pending = [d for d, _ in retry]
+            if pending:
+                delay = self.settings.backoff.delay(attempt)
+                log.warning(
+                    "delivery failed, will retry",
+                    backend=name,
+                    count=len(pending),
+                    attempt=attempt,
+                    reason=retry[0][1],
+                    delay=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+        self._inflight = []
+
+    async def _send(self, pending: Sequence[Delivery]) -> dict[int, Rejection]:
+        try:
+            return await self.backend.send([d.event for d in pending])
+        except BackendError as exc:
+            return dict.fromkeys(range(len(pending)), exc.rejection)
+        except Exception as exc:  # a task boundary: an unexpected failure is retried, not fatal
+            log.exception("backend raised", backend=self.backend.name)
+            return dict.fromkeys(range(len(pending)), Rejection(repr(exc), retryable=True))
+
+    async def _dead_letter(self, dead: Sequence[tuple[Delivery, str]]) -> None:
+        if dead:
+            await self._dead_letters.write(self.backend.name, [(d.event, r) for d, r in dead])
+            log.error(
+                "events dead-lettered",
+                backend=self.backend.name,
+                count=len(dead),
+                reason=dead[0][1],
+                path=str(self._dead_letters.path),
+            )
+
+    async def _ack(self, subscription: Subscription, ids: list[str]) -> None:
+        attempt = 0
+        while ids:
+            try:
+                await subscription.ack(ids)
+                return
+            except BusUnavailable as exc:
+                # Not acknowledging means redelivery (a duplicate), so keep trying while we may.
+                attempt += 1
+                log.warning("acknowledgement failed, retrying", error=str(exc), attempt=attempt)
+                await asyncio.sleep(self.settings.backoff.delay(attempt))
+
+    def _count(
+        self,
+        accepted: Sequence[Delivery],
+        dead: Sequence[tuple[Delivery, str]],
+        retry: Sequence[tuple[Delivery, str]],
+    ) -> None:
+        name = self.backend.name
+        self.summary.delivered += len(accepted)
+        self.summary.dead_lettered += len(dead)
+        self.summary.retried += len(retry)
+        metrics.DELIVERED.labels(name).inc(len(accepted))
+        metrics.DEAD_LETTERED.labels(name).inc(len(dead))
+        metrics.FAILURES.labels(name, "retryable").inc(len(retry))
+        metrics.FAILURES.labels(name, "permanent").inc(len(dead))
+        now = time.time()
+        lag = metrics.LAG.labels(name)
+        for delivery in accepted:
+            lag.observe(max(0.0, now - end_epoch(delivery.event)))
+
+    async def _abandon(self) -> None:
+        """The drain deadline passed with a batch in hand."""
+        if not self._inflight:
+            return
+        if self.bus.kind == "memory":
+            # Nothing will redeliver these; keep them where an operator can find them.
+            dead = [(d, "not delivered before shutdown") for d in self._inflight]
+            await self._dead_letter(dead)
+            self.summary.dead_lettered += len(dead)
+            metrics.DEAD_LETTERED.labels(self.backend.name).inc(len(dead))
+        else:
+            log.warning("unacknowledged events left for redelivery", count=len(self._inflight))
+
+    async def _beat(self) -> None:
+        assert self._heartbeat is not None
+        while True:
+            try:
+                await self._heartbeat.beat({"consumer": self._consumer, **asdict(self.summary)})
+            except Exception as exc:  # a task boundary: a missed beat must not stop delivery
+                log.warning("heartbeat failed", error=str(exc))
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _clear_heartbeat(self) -> None:
+        assert self._heartbeat is not None
+        try:
+            await self._heartbeat.clear()
+        except Exception as exc:  # the key expires on its own anyway
+            log.warning("heartbeat clear failed", error=str(exc))

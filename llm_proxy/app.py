@@ -1,0 +1,163 @@
+"""Application assembly: resources opened in order, routes registered, teardown in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from llm_proxy import __version__
+from llm_proxy.api_config import ApiConfig, load_api_config
+from llm_proxy.authority import TokenAuthority
+from llm_proxy.crypto import KeyCipher
+from llm_proxy.exchange import Exchange, ExchangeSink
+from llm_proxy.http1 import Http1Client
+from llm_proxy.management import management_app
+from llm_proxy.operations import Operations
+from llm_proxy.proxy import ProxyHandler
+from llm_proxy.settings import Settings
+from llm_proxy.store import Store
+from llm_proxy.store.sqlite import SqliteStore
+from llm_proxy.upstream import UpstreamClient
+
+log = structlog.get_logger(__name__)
+
+
+class DiscardSink:
+    """Used when no event pipeline is configured."""
+
+    def submit(self, exchange: Exchange) -> None:
+        return None
+
+
+@dataclass
+class Components:
+    """Everything the routes share; one per application."""
+
+    settings: Settings
+    api_config: ApiConfig
+    store: Store
+    authority: TokenAuthority
+    operations: Operations
+    upstream: UpstreamClient
+    sink: ExchangeSink
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+COMPONENTS = web.AppKey("components", Components)
+
+
+async def open_store(settings: Settings) -> Store:
+    return await SqliteStore.open(settings.sqlite_path)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(
+        body=orjson.dumps({"status": "ok", "version": __version__}),
+        content_type="application/json",
+    )
+
+
+async def ready(request: web.Request) -> web.Response:
+    components = request.app[COMPONENTS]
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(components.store.ping(), timeout=2.0)
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure means not ready; say which part
+        log.warning("ready.database_failed", error=type(exc).__name__)
+        checks["database"] = "unavailable"
+    ok = all(state == "ok" for state in checks.values())
+    return web.Response(
+        status=200 if ok else 503,
+        body=orjson.dumps({"status": "ready" if ok else "not_ready", "checks": checks}),
+        content_type="application/json",
+    )
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    components = app[COMPONENTS]
+    settings = components.settings
+    components.spawn(
+        components.authority.run_background(
+            settings.change_poll_seconds, settings.usage_flush_seconds
+        ),
+        "token-authority",
+    )
+    log.info(
+        "server.started",
+        version=__version__,
+        database=str(settings.sqlite_path),
+        upstream=components.api_config.default.origin.host_header,
+        event_bus=settings.event_bus,
+    )
+    yield
+    for task in list(components.tasks):
+        task.cancel()
+    for task in list(components.tasks):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    try:
+        flushed = await components.authority.flush_usage()
+    except Exception:
+        log.exception("server.usage_flush_failed")
+        flushed = 0
+    await components.upstream.close()
+    await components.store.close()
+    log.info("server.stopped", usage_rows_flushed=flushed)
+
+
+async def create_app(
+    settings: Settings,
+    *,
+    api_config: ApiConfig | None = None,
+    upstream: UpstreamClient | None = None,
+    sink: ExchangeSink | None = None,
+) -> web.Application:
+    """Open the store and build the application; the store is closed when the app shuts down."""
+    api_config = api_config or load_api_config(settings.api_config_path)
+    store = await open_store(settings)
+    try:
+        cipher = KeyCipher(settings.encryption_key)
+        authority = TokenAuthority(store, cipher, cache_seconds=settings.token_cache_seconds)
+        await authority.start()
+    except BaseException:
+        # aiosqlite's worker thread would keep the process alive after a failed start.
+        await store.close()
+        raise
+    components = Components(
+        settings=settings,
+        api_config=api_config,
+        store=store,
+        authority=authority,
+        operations=Operations(store, cipher, authority),
+        upstream=upstream or Http1Client(),
+        sink=sink or DiscardSink(),
+    )
+    app = web.Application(client_max_size=settings.max_request_body_bytes)
+    app[COMPONENTS] = components
+    app.cleanup_ctx.append(_lifecycle)
+    app.add_subapp("/manage/", management_app(components.operations, settings.management_token))
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    proxy = ProxyHandler(
+        api_config.default,
+        authority,
+        components.upstream,
+        components.sink,
+        max_body_bytes=settings.max_request_body_bytes,
+        capture_bytes=settings.capture_body_bytes,
+    )
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app

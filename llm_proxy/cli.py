@@ -1,0 +1,152 @@
+"""``llm-proxy``: one console script, several commands. CLI → settings → server, in one direction."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from llm_proxy import __version__
+from llm_proxy.api_config import ApiConfigError, load_api_config
+from llm_proxy.benchmark import benchmark_command
+from llm_proxy.logging_setup import configure_logging
+from llm_proxy.manage_cli import manage
+from llm_proxy.mock_upstream import mock_upstream_command
+from llm_proxy.settings import (
+    Settings,
+    SettingsError,
+    check_choice,
+    check_database_url,
+    check_log_level,
+    check_redis_url,
+    parse_encryption_key,
+    parse_listen_addr,
+    parse_size,
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="llm-proxy")
+def main() -> None:
+    """A low-latency OpenAI gateway issuing withering tokens."""
+
+
+def build_settings(
+    *,
+    listen_addr: str,
+    management_token: str | None,
+    admin_user: str,
+    admin_password: str | None,
+    database_url: str | None,
+    encryption_key: str | None,
+    api_config_path: str,
+    event_bus: str,
+    redis_url: str,
+    log_level: str,
+    log_format: str | None,
+    data_dir: str,
+    file_event_log: str | None,
+    workers: int,
+    max_request_body: str,
+    is_tty: bool,
+) -> Settings:
+    """Validate every option; a bad one raises SettingsError naming its variable."""
+    host, port = parse_listen_addr(listen_addr)
+    data_path = Path(data_dir)
+    if workers < 1:
+        raise SettingsError("WORKERS: must be at least 1")
+    if not admin_user.strip():
+        raise SettingsError("ADMIN_USER: must not be empty")
+    return Settings(
+        listen_host=host,
+        listen_port=port,
+        management_token=management_token or "",
+        admin_user=admin_user,
+        admin_password=admin_password or "",
+        database_url=check_database_url(database_url or f"sqlite:///{data_path}/llm-proxy.db"),
+        encryption_key=parse_encryption_key(encryption_key) if encryption_key else b"",
+        api_config_path=Path(api_config_path),
+        event_bus=check_choice("LLM_PROXY_EVENT_BUS", event_bus, ("memory", "redis")),  # type: ignore[arg-type]
+        redis_url=check_redis_url(redis_url),
+        log_level=check_log_level(log_level),
+        log_format=check_choice(  # type: ignore[arg-type]
+            "LOG_FORMAT", log_format or ("console" if is_tty else "json"), ("console", "json")
+        ),
+        data_dir=data_path,
+        file_event_log=Path(file_event_log) if file_event_log else None,
+        workers=workers,
+        max_request_body_bytes=parse_size("MAX_REQUEST_BODY", max_request_body),
+    )
+
+
+@main.command()
+@click.option("--listen-addr", envvar="LISTEN_ADDR", default="127.0.0.1:8080", show_envvar=True)
+@click.option(
+    "--management-token", envvar="MANAGEMENT_TOKEN", show_envvar=True, show_default="generated"
+)
+@click.option("--admin-user", envvar="ADMIN_USER", default="admin", show_envvar=True)
+@click.option(
+    "--admin-password", envvar="ADMIN_PASSWORD", show_envvar=True, show_default="generated"
+)
+@click.option(
+    "--database-url",
+    envvar="DATABASE_URL",
+    show_envvar=True,
+    show_default="sqlite:///<DATA_DIR>/llm-proxy.db",
+)
+@click.option(
+    "--encryption-key", envvar="ENCRYPTION_KEY", show_envvar=True, show_default="generated"
+)
+@click.option(
+    "--api-config-path",
+    envvar="API_CONFIG_PATH",
+    default="config/api_providers.yaml",
+    show_envvar=True,
+)
+@click.option("--event-bus", envvar="LLM_PROXY_EVENT_BUS", default="memory", show_envvar=True)
+@click.option(
+    "--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_envvar=True
+)
+@click.option("--log-level", envvar="LOG_LEVEL", default="info", show_envvar=True)
+@click.option(
+    "--log-format",
+    envvar="LOG_FORMAT",
+    show_envvar=True,
+    show_default="console on a TTY, else json",
+)
+@click.option("--data-dir", envvar="DATA_DIR", default="./data", show_envvar=True)
+@click.option(
+    "--file-event-log",
+    envvar="FILE_EVENT_LOG",
+    show_envvar=True,
+    help="Write every event to this JSONL file from an in-process dispatcher.",
+)
+@click.option("--workers", envvar="WORKERS", default=1, type=int, show_envvar=True)
+@click.option(
+    "--max-request-body",
+    envvar="MAX_REQUEST_BODY",
+    default="64MiB",
+    show_envvar=True,
+    help="Largest request body accepted on the proxy path.",
+)
+def server(**options: str | int | None) -> None:
+    """Run the proxy, the management API and the admin pages."""
+    try:
+        settings = build_settings(**options, is_tty=sys.stderr.isatty())  # type: ignore[arg-type]
+        load_api_config(settings.api_config_path)
+    except SettingsError as exc:
+        click.echo(f"llm-proxy: {exc}", err=True)
+        sys.exit(2)
+    except ApiConfigError as exc:
+        click.echo(f"llm-proxy: API_CONFIG_PATH: {exc}", err=True)
+        sys.exit(2)
+    from llm_proxy.server import run_server
+
+    configure_logging(settings.log_level, settings.log_format)
+    run_server(settings)
+
+
+main.add_command(manage)
+main.add_command(mock_upstream_command)
+main.add_command(benchmark_command)

@@ -1,0 +1,69 @@
+"""Token values and upstream keys: what is stored, and how.
+
+Token values are stored only as SHA-256 hex digests (they are 256-bit random, so a fast hash is
+enough; a slow KDF would put milliseconds on every cache miss). Upstream keys are encrypted with
+AES-256-GCM under ``ENCRYPTION_KEY`` with a fresh 96-bit nonce each time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import secrets
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+TOKEN_PREFIX = "sk-"
+# 32 random bytes → 43 base64url characters; anything of another shape is refused before lookup.
+_TOKEN_SHAPE = re.compile(r"sk-[A-Za-z0-9_-]{22,200}")
+_SECRET_LIKE = re.compile(r"(sk-|mgmt-)[A-Za-z0-9_-]{8,}")
+
+
+def new_token_value() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def is_token_shaped(value: str) -> bool:
+    return _TOKEN_SHAPE.fullmatch(value) is not None
+
+
+def hash_token(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def mask_key(key: str) -> str:
+    """``sk-ab…wxyz``: enough to recognise a key, not enough to use it."""
+    if len(key) <= 12:
+        return "…" + key[-2:] if len(key) > 4 else "…"
+    return f"{key[:5]}…{key[-4:]}"
+
+
+def redact(text: str) -> str:
+    """Mask anything that looks like a token or key inside free text."""
+    return _SECRET_LIKE.sub(lambda m: mask_key(m.group(0)), text)
+
+
+class DecryptionError(Exception):
+    """The stored ciphertext does not open with the configured ``ENCRYPTION_KEY``."""
+
+
+class KeyCipher:
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def encrypt(self, plaintext: str) -> str:
+        nonce = os.urandom(12)
+        sealed = self._aead.encrypt(nonce, plaintext.encode(), b"llm-proxy/api-key")
+        return base64.b64encode(nonce + sealed).decode()
+
+    def decrypt(self, stored: str) -> str:
+        raw = base64.b64decode(stored)
+        try:
+            return self._aead.decrypt(raw[:12], raw[12:], b"llm-proxy/api-key").decode()
+        except InvalidTag as exc:
+            raise DecryptionError("upstream key does not decrypt with ENCRYPTION_KEY") from exc

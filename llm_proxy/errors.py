@@ -1,0 +1,101 @@
+"""One small error hierarchy, rendered everywhere in the OpenAI error shape.
+
+OpenAI SDKs already parse ``{"error": {"message", "type", "code"}}``, so a client sees our refusals as
+the SDK's own exception classes (``openai.AuthenticationError`` with ``.code``, and so on).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+from aiohttp import web
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "server_error",
+    504: "upstream_error",
+}
+
+
+class ProxyError(Exception):
+    """An error with an HTTP status and a stable machine-readable ``code``."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    @property
+    def error_type(self) -> str:
+        return _TYPE_BY_STATUS.get(self.status, "server_error")
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.error_type, self.code)
+
+    def to_response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+        headers = {**self.headers, **(extra_headers or {})}
+        return web.Response(
+            status=self.status, body=self.body(), content_type="application/json", headers=headers
+        )
+
+
+def error_body(message: str, error_type: str, code: str) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": error_type, "code": code}})
+
+
+def _error(status: int, code: str) -> type[ProxyError]:
+    return type(
+        "".join(part.capitalize() for part in code.split("_")),
+        (ProxyError,),
+        {"status": status, "code": code, "__module__": __name__},
+    )
+
+
+# Proxy path, in the order the checks run (SPEC §7).
+EndpointNotFound = _error(404, "endpoint_not_found")
+MethodNotAllowed = _error(405, "method_not_allowed")
+InvalidToken = _error(401, "invalid_token")
+TokenNotFound = _error(401, "token_not_found")
+TokenInactive = _error(401, "token_inactive")
+TokenExpired = _error(401, "token_expired")
+ProjectInactive = _error(403, "project_inactive")
+QuotaExceeded = _error(429, "quota_exceeded")
+ParamNotAllowed = _error(400, "param_not_allowed")
+UpstreamUnavailable = _error(502, "upstream_unavailable")
+UpstreamTimeout = _error(504, "upstream_timeout")
+RequestTooLarge = _error(413, "request_too_large")
+ServiceUnavailable = _error(503, "service_unavailable")
+
+# Management API.
+Unauthorized = _error(401, "unauthorized")
+ProjectNotFound = _error(404, "project_not_found")
+TokenIdNotFound = _error(404, "token_not_found")
+NotFound = _error(404, "not_found")
+InvalidRequest = _error(400, "invalid_request")
+InvalidJson = _error(400, "invalid_json")
+UnsupportedMediaType = _error(415, "unsupported_media_type")
+ManagementMethodNotAllowed = _error(405, "method_not_allowed")
+
+
+class InvalidField(ProxyError):
+    """A request body field failed validation; the message names the field."""
+
+    status = 400
+    code = "invalid_field"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field

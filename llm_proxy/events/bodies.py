@@ -1,0 +1,126 @@
+"""Turn captured body bytes into what an event shows: decoded, parsed JSON where possible.
+
+The proxy tees the bytes exactly as they flowed, so a response may still carry its content coding and
+may have been cut at the capture limit. Everything here tolerates both: a truncated gzip stream yields
+the prefix it holds, and a body that is no longer valid JSON is shown as text.
+"""
+
+from __future__ import annotations
+
+import importlib
+import zlib
+from dataclasses import dataclass
+from types import ModuleType
+
+import orjson
+
+# Brotli is optional: OpenAI answers ``br`` only to clients that offer it. Without a brotli module
+# the body stays undecoded and the event says so, rather than the pipeline failing.
+_BROTLI_MODULES = ("brotli", "brotlicffi")
+
+
+def _load_brotli() -> ModuleType | None:
+    for name in _BROTLI_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+_brotli = _load_brotli()
+
+DEFAULT_DECODED_LIMIT = 16 * 1024 * 1024  # a decompression bomb stops here
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    data: bytes | None  # None when the content coding could not be undone
+    truncated: bool
+    note: str | None = None
+
+
+def _inflate(raw: bytes, wbits: int, limit: int) -> tuple[bytes, bool]:
+    inflater = zlib.decompressobj(wbits)
+    data = inflater.decompress(raw, limit)
+    cut = bool(inflater.unconsumed_tail) or not inflater.eof
+    return data, cut
+
+
+def _unbrotli(raw: bytes, limit: int) -> tuple[bytes, bool]:
+    assert _brotli is not None
+    # The incremental decompressor returns what a truncated stream holds instead of raising.
+    data = bytes(_brotli.Decompressor().process(raw))
+    return data[:limit], len(data) > limit
+
+
+def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) -> Decoded:
+    """Undo ``content_encoding`` (outermost coding last in the header, so applied in reverse)."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    data = raw
+    for coding in reversed(codings):
+        try:
+            if coding in ("gzip", "x-gzip"):
+                data, cut = _inflate(data, zlib.MAX_WBITS | 16, limit)
+            elif coding == "deflate":
+                # Servers disagree on whether "deflate" has a zlib header; try with, then raw.
+                try:
+                    data, cut = _inflate(data, zlib.MAX_WBITS, limit)
+                except zlib.error:
+                    data, cut = _inflate(data, -zlib.MAX_WBITS, limit)
+            elif coding == "br" and _brotli is not None:
+                data, cut = _unbrotli(data, limit)
+            elif coding == "identity":
+                cut = False
+            else:
+                return Decoded(None, truncated, f"content-encoding {coding} not decoded")
+        except Exception as exc:  # zlib.error, brotli.error: a corrupt body must not stop the event
+            return Decoded(
+                None, truncated, f"content-encoding {coding} failed: {type(exc).__name__}"
+            )
+        truncated = truncated or cut
+    return Decoded(data, truncated)
+
+
+def show(decoded: Decoded, raw_size: int) -> object:
+    """The JSON value of a body, else its text, else a bracketed note saying why it is not shown."""
+    if decoded.data is None:
+        return f"[body not decoded: {decoded.note}; {raw_size} bytes]"
+    data = decoded.data
+    if not data:
+        return None
+    if data[:64].lstrip()[:1] in (b"{", b"["):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        if decoded.truncated:
+            # The capture limit may have split a multi-byte character: drop the partial tail only.
+            try:
+                return data[: _utf8_boundary(data)].decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        return f"[binary body: {len(data)} bytes]"
+
+
+def _utf8_boundary(data: bytes) -> int:
+    """Length of ``data`` without a trailing incomplete UTF-8 sequence (at most 3 bytes)."""
+    end = len(data)
+    for back in range(1, min(4, end) + 1):
+        byte = data[end - back]
+        if byte & 0xC0 != 0x80:  # the lead byte of the last sequence
+            return end - back
+    return end
+
+
+def parse_json(data: bytes | None) -> object:
+    """Parsed JSON or None; used where only structure matters (request model, usage)."""
+    if not data:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None

@@ -1,0 +1,70 @@
+"""Build the SPEC §8 event for one finished :class:`~llm_proxy.exchange.Exchange`.
+
+Runs in the event pipeline's worker thread, never on the request path: this is where bodies are
+decompressed, parsed, streams reassembled and tokens counted.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from llm_proxy.events import bodies, sse, usage
+from llm_proxy.events.event import Event, rfc3339
+from llm_proxy.events.reassemble import reassemble
+from llm_proxy.exchange import Exchange
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000.0, 3)
+
+
+def build(exchange: Exchange, *, decoded_limit: int = bodies.DEFAULT_DECODED_LIMIT) -> Event:
+    request_raw = exchange.request_body.getvalue()
+    request = bodies.show(bodies.Decoded(request_raw, exchange.request_body.truncated), 0)
+
+    response_raw = exchange.response_body.getvalue()
+    decoded = bodies.decode(
+        response_raw,
+        exchange.response_content_encoding,
+        truncated=exchange.response_body.truncated,
+        limit=decoded_limit,
+    )
+    if exchange.is_stream and decoded.data is not None:
+        response = reassemble(sse.payloads(decoded.data))
+    else:
+        response = bodies.show(decoded, len(response_raw))
+
+    model = _model(request) or _model(response)
+    event_usage = usage.from_upstream(response)
+    # Only a successful answer consumed tokens worth counting; an error or a body we could not
+    # decode gets no usage rather than a made-up one.
+    if event_usage is None and 200 <= exchange.status < 300 and decoded.data is not None:
+        event_usage = usage.estimate(exchange.path, request, response, model)
+
+    stream = exchange.is_stream
+    if not exchange.response_content_type and isinstance(request, dict):
+        stream = request.get("stream") is True  # no answer came: report what was asked for
+
+    return Event(
+        id=str(uuid.uuid4()),
+        request_id=exchange.request_id,
+        timestamp=rfc3339(exchange.started_at),
+        project_id=exchange.project_id,
+        token_id=exchange.token_id,
+        method=exchange.method,
+        path=exchange.path,
+        status=exchange.status,
+        duration_ms=_ms(exchange.started, exchange.ended) if exchange.ended else 0.0,
+        ttfb_ms=_ms(exchange.started, exchange.first_byte_at) if exchange.first_byte_at else None,
+        stream=stream,
+        model=model,
+        request=request,
+        response=response,
+        usage=event_usage,
+        error=exchange.error,
+    )
+
+
+def _model(body: object) -> str | None:
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) and model else None

@@ -1,0 +1,28 @@
+"""Settings of the event pipeline, built once by the CLI layer and passed in explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llm_proxy.events.bus import BusKind
+
+SPOOL_FILE = "events-spool.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    bus: BusKind = "memory"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
+    data_dir: Path = Path("data")
+    stream: str = "llm-proxy:events"
+    maxlen: int = 1_000_000  # Redis stream length bound, applied as MAXLEN ~
+    memory_maxlen: int = 10_000  # per consumer group, memory bus
+    queue_size: int = 10_000  # exchanges waiting to become events; the oldest is dropped beyond
+    batch_size: int = 256  # exchanges built and published together
+    close_timeout: float = 5.0  # seconds ``close`` waits for the queue to drain
+    claim_idle: float = 60.0  # seconds before a dead consumer's pending entries are taken over
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_dir / SPOOL_FILE

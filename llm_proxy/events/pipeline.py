@@ -1,0 +1,167 @@
+"""The :class:`~llm_proxy.exchange.ExchangeSink` the proxy hands finished exchanges to.
+
+``submit`` only appends to a bounded in-memory queue (dropping and counting the oldest when full), so
+the request path never waits on instrumentation. A background task takes exchanges in batches, builds
+their events in a worker thread (decompressing, parsing and token counting are CPU work that would
+otherwise stall the event loop every request shares) and publishes them to the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import structlog
+
+from llm_proxy.events import builder, metrics
+from llm_proxy.events.bus import EventBus
+from llm_proxy.events.config import EventsConfig
+from llm_proxy.events.event import Event
+from llm_proxy.events.memory import MemoryBus
+from llm_proxy.events.redis import RedisBus
+from llm_proxy.exchange import Exchange
+
+log = structlog.get_logger(__name__)
+
+
+class Closeable(Protocol):
+    async def close(self) -> None: ...
+
+
+class EventPipeline:
+    """Turns exchanges into events and publishes them; implements ``ExchangeSink``."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        queue_size: int = 10_000,
+        batch_size: int = 256,
+        close_timeout: float = 5.0,
+        build: Callable[[Exchange], Event] = builder.build,
+    ) -> None:
+        self.bus = bus
+        self._queue: deque[Exchange] = deque()
+        self._queue_size = queue_size
+        self._batch_size = batch_size
+        self._close_timeout = close_timeout
+        self._build = build
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
+        self._task: asyncio.Task[None] | None = None
+        self._attached: list[Closeable] = []
+        self._closing = False
+        self.dropped = 0
+        self.published = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="event-pipeline")
+
+    def attach(self, component: Closeable) -> None:
+        """Close ``component`` (an in-process dispatcher) after the queue drained, before the bus."""
+        self._attached.append(component)
+
+    def submit(self, exchange: Exchange) -> None:
+        """Queue a finished exchange. Never blocks, never raises."""
+        if self._closing:
+            self._drop("closing", exchange)
+            return
+        queue = self._queue
+        if len(queue) >= self._queue_size:
+            self._drop("queue_full", queue.popleft())
+        queue.append(exchange)
+        self._wakeup.set()
+
+    def _drop(self, reason: str, exchange: Exchange) -> None:
+        self.dropped += 1
+        metrics.DROPPED.labels(reason).inc()
+        if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+            log.warning(
+                "event dropped", reason=reason, dropped=self.dropped, request_id=exchange.request_id
+            )
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
+            metrics.QUEUE_DEPTH.set(len(queue))
+            try:
+                events = await loop.run_in_executor(self._executor, self._build_all, batch)
+                await self.bus.publish(events)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a task boundary: keep the pipeline alive whatever one batch does
+                log.exception("event batch failed", size=len(batch))
+                metrics.DROPPED.labels("publish_failed").inc(len(batch))
+                continue
+            self.published += len(events)
+
+    def _build_all(self, batch: Sequence[Exchange]) -> list[Event]:
+        events = []
+        for exchange in batch:
+            try:
+                event = self._build(exchange)
+            except Exception:  # one odd body must not cost the rest of the batch
+                log.exception("event build failed", request_id=exchange.request_id)
+                metrics.DROPPED.labels("build_failed").inc()
+                continue
+            metrics.USAGE.labels(event["usage"]["source"] if event["usage"] else "none").inc()
+            events.append(event)
+        return events
+
+    async def close(self) -> None:
+        """Drain the queue into the bus (bounded by ``close_timeout``), then close what is attached
+        and the bus. Exchanges still queued when time runs out are dropped and counted."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self._close_timeout)
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+                left = len(self._queue)
+                self._queue.clear()
+                self.dropped += left
+                metrics.DROPPED.labels("closing").inc(left)
+                log.warning("event pipeline closed before draining", dropped=left)
+        await asyncio.to_thread(self._executor.shutdown)
+        for component in self._attached:
+            await component.close()
+        await self.bus.close()
+        log.info("event pipeline closed", published=self.published, dropped=self.dropped)
+
+
+async def open_bus(config: EventsConfig) -> EventBus:
+    if config.bus == "redis":
+        return await RedisBus.open(
+            config.redis_url,
+            stream=config.stream,
+            maxlen=config.maxlen,
+            spool_path=config.spool_path,
+            claim_idle=config.claim_idle,
+        )
+    return MemoryBus(config.memory_maxlen)
+
+
+async def start_event_pipeline(config: EventsConfig) -> EventPipeline:
+    """Open the configured bus and start the pipeline. Redis need not be reachable yet."""
+    pipeline = EventPipeline(
+        await open_bus(config),
+        queue_size=config.queue_size,
+        batch_size=config.batch_size,
+        close_timeout=config.close_timeout,
+    )
+    pipeline.start()
+    log.info("event pipeline started", bus=config.bus)
+    return pipeline

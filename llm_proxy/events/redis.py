@@ -1,0 +1,283 @@
+"""Redis Streams bus: pipelined ``XADD`` with ``MAXLEN ~``, a spool file for outages, consumer groups.
+
+Publishing is called by the pipeline's background task, never by the request path. When Redis cannot
+be reached the batch goes to the spool file instead, and from then on every event goes there too until
+a replay task has copied the spool into the stream: that keeps the stream in publication order.
+
+Each dispatcher service reads through its own consumer group, so every service sees every event.
+Entries are acknowledged by the dispatcher only after its backend accepted them; entries left pending
+by a consumer that died are taken over with ``XAUTOCLAIM`` once idle for ``claim_idle`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from llm_proxy.events import event as wire
+from llm_proxy.events import metrics
+from llm_proxy.events.bus import BusKind, BusUnavailable, Delivery
+from llm_proxy.events.event import Event
+from llm_proxy.events.spool import Spool
+
+log = structlog.get_logger(__name__)
+
+_FIELD = b"e"
+_REPLAY_BATCH = 500
+_REPLAY_BACKOFF_MAX = 2.0
+
+
+def client_from_url(url: str, *, timeout: float | None) -> Redis:
+    """A client that fails fast: no hidden retries, so an outage is seen (and spooled) at once."""
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=2.0,
+        socket_timeout=timeout,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
+    )
+
+
+def consumer_name() -> str:
+    """Unique per process, so a restarted dispatcher never mistakes old pending entries for its own."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class RedisBus:
+    kind: BusKind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        stream: str = "llm-proxy:events",
+        maxlen: int = 1_000_000,
+        spool_path: Path | None = None,
+        publish_timeout: float = 2.0,
+        claim_idle: float = 60.0,
+    ) -> None:
+        self.url = url
+        self.stream = stream
+        self.maxlen = maxlen
+        self.claim_idle = claim_idle
+        self.client = client_from_url(url, timeout=publish_timeout)
+        self._spool = Spool(spool_path) if spool_path is not None else None
+        self._spool_lock = asyncio.Lock()
+        self._replayer: asyncio.Task[None] | None = None
+        self._subscriptions: set[RedisSubscription] = set()
+
+    @classmethod
+    async def open(cls, url: str, **options: Any) -> RedisBus:
+        """Create the bus (Redis need not be up yet) and resume replaying a spool left by a restart."""
+        bus = cls(url, **options)
+        if bus._spool is not None and bus._spool.pending:
+            log.info("spooled events found; replaying", pending_bytes=bus._spool.pending_bytes)
+            bus._start_replay()
+        return bus
+
+    @property
+    def spooling(self) -> bool:
+        return self._spool is not None and self._spool.pending
+
+    async def _xadd(self, events: Sequence[Event]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(
+                self.stream, {_FIELD: wire.dumps(event)}, maxlen=self.maxlen, approximate=True
+            )
+        await pipe.execute()
+        metrics.PUBLISHED.labels("redis").inc(len(events))
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        if self._spool is not None and self._spool.pending:
+            await self._to_spool(events)
+            return
+        try:
+            await self._xadd(events)
+        except (RedisError, OSError) as exc:
+            if self._spool is None:
+                metrics.DROPPED.labels("redis_unavailable").inc(len(events))
+                log.error("redis unavailable, events dropped", count=len(events), error=str(exc))
+                return
+            log.warning("redis unavailable, spooling events", error=str(exc))
+            await self._to_spool(events)
+
+    async def _to_spool(self, events: Sequence[Event]) -> None:
+        assert self._spool is not None
+        async with self._spool_lock:
+            await asyncio.to_thread(self._spool.append, events)
+        self._start_replay()
+
+    def _start_replay(self) -> None:
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.get_running_loop().create_task(self._replay())
+
+    async def _replay(self) -> None:
+        assert self._spool is not None
+        spool = self._spool
+        delay = 0.05
+        replayed = 0
+        while True:
+            async with self._spool_lock:
+                if not spool.pending:
+                    break
+                events, offset = await asyncio.to_thread(spool.read, _REPLAY_BATCH)
+            try:
+                if events:
+                    await self._xadd(events)
+            except (RedisError, OSError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _REPLAY_BACKOFF_MAX)
+                continue
+            delay = 0.05
+            async with self._spool_lock:
+                await asyncio.to_thread(spool.advance, offset)
+            replayed += len(events)
+            metrics.REPLAYED.inc(len(events))
+        log.info("spool replayed into redis", events=replayed)
+
+    def subscribe(self, group: str, consumer: str) -> RedisSubscription:
+        subscription = RedisSubscription(self, group, consumer)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        """Stop replaying (the spool stays on disk for the next start) and close connections."""
+        if self._replayer is not None:
+            self._replayer.cancel()
+            await asyncio.gather(self._replayer, return_exceptions=True)
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+        await self.client.aclose()
+
+
+class RedisSubscription:
+    """One consumer in a consumer group; blocking reads use their own connection."""
+
+    def __init__(self, bus: RedisBus, group: str, consumer: str) -> None:
+        self._bus = bus
+        self.group = group
+        self.consumer = consumer
+        # No socket timeout: XREADGROUP BLOCK would trip it. ``read`` bounds the wait itself.
+        self._client = client_from_url(bus.url, timeout=None)
+        self._group_ready = False
+        self._claim_cursor: Any = "0-0"
+        self._next_claim = 0.0
+
+    async def _ensure_group(self) -> None:
+        try:
+            # From "0": a service's first dispatcher also gets the events already in the stream.
+            await self._client.xgroup_create(self._bus.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def _deliveries(
+        self, entries: Sequence[Any], redelivered: bool
+    ) -> tuple[list[Delivery], list[str]]:
+        deliveries: list[Delivery] = []
+        unusable: list[str] = []
+        for entry_id, fields in entries:
+            entry = entry_id.decode()
+            try:
+                deliveries.append(Delivery(entry, wire.loads(fields[_FIELD]), redelivered))
+            except (KeyError, TypeError, ValueError):
+                unusable.append(entry)
+        return deliveries, unusable
+
+    async def read(self, count: int, wait: float) -> list[Delivery]:
+        try:
+            return await asyncio.wait_for(self._read(count, wait), wait + 10.0)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                # The stream or group vanished (Redis restarted without persistence): recreate.
+                self._group_ready = False
+                return []
+            raise BusUnavailable(str(exc)) from exc
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BusUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def _read(self, count: int, wait: float) -> list[Delivery]:
+        if not self._group_ready:
+            await self._ensure_group()
+        if time.monotonic() >= self._next_claim:
+            deliveries = await self._claim(count)
+            if deliveries:
+                return deliveries
+        response: Any = await self._client.xreadgroup(
+            self.group,
+            self.consumer,
+            {self._bus.stream: ">"},
+            count=count,
+            block=max(1, int(wait * 1000)),
+        )
+        if not response:
+            return []
+        deliveries, unusable = self._deliveries(response[0][1], redelivered=False)
+        await self._drop(unusable, "bus_entry_unusable")
+        return deliveries
+
+    async def _claim(self, count: int) -> list[Delivery]:
+        reply = await self._client.xautoclaim(
+            self._bus.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=int(self._bus.claim_idle * 1000),
+            start_id=self._claim_cursor,
+            count=count,
+        )
+        self._claim_cursor, entries = reply[0], reply[1]
+        if self._claim_cursor in (b"0-0", "0-0"):
+            # A full pass over the pending list: look again after a while, not on every read.
+            self._next_claim = time.monotonic() + min(self._bus.claim_idle / 2, 5.0)
+        # Entries trimmed from the stream while pending come back as ids only: nothing to deliver.
+        gone = [i.decode() for i in reply[2]] if len(reply) > 2 else []
+        deliveries, unusable = self._deliveries(entries, redelivered=True)
+        await self._drop(unusable, "bus_entry_unusable")
+        await self._drop(gone, "trimmed_before_delivery")
+        if deliveries:
+            log.info("reclaimed pending events", group=self.group, count=len(deliveries))
+        return deliveries
+
+    async def _drop(self, ids: list[str], reason: str) -> None:
+        if ids:
+            metrics.DROPPED.labels(reason).inc(len(ids))
+            log.error("stream entries dropped", group=self.group, count=len(ids), reason=reason)
+            await self._client.xack(self._bus.stream, self.group, *ids)
+
+    async def ack(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        try:
+            await self._client.xack(self._bus.stream, self.group, *ids)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):  # with the group gone, so are its pending entries
+                raise BusUnavailable(str(exc)) from exc
+        except (RedisError, OSError) as exc:
+            raise BusUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        self._bus._subscriptions.discard(self)
+        await self._client.aclose()

@@ -1,0 +1,129 @@
+"""Exact stream usage for clients that did not ask for it, invisibly to them.
+
+The proxy adds ``stream_options.include_usage`` to a streamed chat completion request, and strips the
+extra usage-only chunk (``"choices": []`` with a ``usage`` object) from the bytes it relays, so the
+client sees exactly the stream it would have seen while the event still gets the upstream's usage.
+
+Both run on the request path, so both are cheap: the request body is parsed once (it is small and
+already buffered), and the stream filter only runs two precompiled byte searches per event, holding
+back nothing but an incomplete event that could still turn out to be the usage chunk.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def inject_stream_usage(body: bytes) -> bytes | None:
+    """The body with ``stream_options.include_usage = true``, or None when it must stay as it is.
+
+    None when the request is not a JSON object with ``"stream": true``, or when the client already
+    set ``include_usage`` either way (its choice is respected).
+    """
+    if b'"stream"' not in body:
+        return None
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(request, dict) or request.get("stream") is not True:
+        return None
+    options = request.get("stream_options")
+    if options is None and "stream_options" not in request:
+        # Splice rather than re-serialise, so every byte the client sent is forwarded as sent.
+        start = body.index(b"{") + 1
+        return body[:start] + _INCLUDE_USAGE + body[start:]
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or "include_usage" in options:
+        return None
+    request["stream_options"] = {**options, "include_usage": True}
+    return orjson.dumps(request)
+
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# The first "choices" key of an event, and the first character of its array.
+_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*(.)', re.DOTALL)
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+# An event that has not shown its "choices" within this many bytes is not the usage chunk.
+_MAX_UNDECIDED = 16 * 1024
+
+
+class UsageChunkFilter:
+    """Removes the usage-only chunk from one SSE response; every other byte passes unchanged.
+
+    ``feed`` returns what may go to the client now (often the very chunk it was given), ``flush``
+    what is left when the upstream body ends.
+    """
+
+    __slots__ = ("_held", "_passing", "_tail", "removed")
+
+    def __init__(self) -> None:
+        self._held = b""  # the start of an event that may still be the usage chunk
+        self._passing = False  # inside an event already known not to be it, partly sent
+        self._tail = b""  # last bytes sent while passing, to see a boundary split across chunks
+        self.removed = 0  # usage chunks removed, for tests and metrics
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._held:
+            data, self._held = self._held + chunk, b""
+        else:
+            data = chunk
+        size = len(data)
+        pos = 0
+        cuts: list[tuple[int, int]] = []  # byte ranges to leave out
+        if self._passing:
+            pos = self._end_of_passing(data)
+            if pos < 0:
+                self._tail = (self._tail + data)[-3:]
+                return data
+        while pos < size:
+            boundary = _BOUNDARY.search(data, pos)
+            end = boundary.end() if boundary else size
+            choices = _CHOICES.search(data, pos, end)
+            usage_like = choices is not None and choices.group(1) == b"]"
+            if boundary is None:
+                undecided = choices is None and end - pos < _MAX_UNDECIDED
+                if usage_like or undecided:
+                    cuts.append((pos, size))
+                    self._held = data[pos:]
+                else:
+                    self._passing = True
+                    self._tail = data[-3:]
+                break
+            if usage_like and _USAGE_OBJECT.search(data, pos, end):
+                cuts.append((pos, end))
+                self.removed += 1
+            pos = end
+        if not cuts:
+            return data
+        kept = []
+        start = 0
+        for cut_start, cut_end in cuts:
+            kept.append(data[start:cut_start])
+            start = cut_end
+        kept.append(data[start:])
+        return b"".join(kept)
+
+    def _end_of_passing(self, data: bytes) -> int:
+        """Where the event being passed through ends in ``data``, or -1 if it goes on."""
+        # The tail holds no whole boundary, so a first match that reaches into it straddles.
+        held = len(self._tail)
+        straddling = _BOUNDARY.search(self._tail + data[:3])
+        if straddling and straddling.start() < held < straddling.end():
+            self._passing, self._tail = False, b""
+            return straddling.end() - held
+        boundary = _BOUNDARY.search(data)
+        if boundary is None:
+            return -1
+        self._passing, self._tail = False, b""
+        return boundary.end()
+
+    def flush(self) -> bytes:
+        """Bytes still held when the body ended: an incomplete event, passed on as it was."""
+        held, self._held = self._held, b""
+        return held

@@ -1,0 +1,76 @@
+"""What the proxy path records about one request, handed off after the response ended.
+
+Filling an :class:`Exchange` costs the request a few attribute stores and list appends of chunk
+references it already holds; everything else (decompressing, parsing, reassembling streams, counting
+tokens, building the instrumentation event) happens later, off the request path, in whatever
+:class:`ExchangeSink` the application installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class CappedBuffer:
+    """Keeps references to the first ``limit`` bytes of a body that flows past; never copies."""
+
+    __slots__ = ("chunks", "limit", "size", "truncated")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.truncated = False
+        self.chunks: list[bytes] = []
+
+    def add(self, chunk: bytes) -> None:
+        if self.size >= self.limit:
+            self.truncated = True
+            return
+        room = self.limit - self.size
+        if len(chunk) > room:
+            chunk = chunk[:room]
+            self.truncated = True
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """One proxied request. Times are ``time.perf_counter()`` values except ``started_at``."""
+
+    request_id: str
+    started_at: float  # wall clock, time.time(), for the event timestamp
+    started: float  # perf_counter at arrival
+    method: str
+    path: str  # normalised path, no query
+    project_id: str
+    token_id: str
+    request_body: CappedBuffer
+    response_body: CappedBuffer
+    status: int = 0
+    response_content_type: str = ""
+    response_content_encoding: str = ""
+    upstream_started: float = 0.0  # perf_counter when the upstream request was sent
+    upstream_headers_at: float = 0.0  # perf_counter when the upstream response head arrived
+    first_byte_at: float = 0.0  # perf_counter when the first body byte went to the client
+    ended: float = 0.0  # perf_counter when the response ended (or failed)
+    error: str | None = None  # an error ``code`` when the proxy answered with an error or aborted
+    client_disconnected: bool = False
+    usage_injected: bool = (
+        False  # the proxy asked upstream for stream usage the client did not ask for
+    )
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.response_content_type.startswith("text/event-stream")
+
+
+class ExchangeSink(Protocol):
+    def submit(self, exchange: Exchange) -> None:
+        """Take a finished exchange. Must not block and must not raise."""
+        ...

@@ -1,0 +1,322 @@
+"""``llm-proxy manage …``: the management API from a terminal or a script.
+
+The common options (``--manage-api-base-url``, ``--management-token``, ``--json``) are accepted on the
+``manage`` group and on every leaf command, so both ``manage --json project list`` and
+``manage project list --json`` work.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_BASE_URL = "http://127.0.0.1:8080"
+
+
+@dataclass
+class ClientOptions:
+    base_url: str = DEFAULT_BASE_URL
+    management_token: str | None = None
+    as_json: bool = False
+
+
+class ManageError(click.ClickException):
+    """Printed as one line and exits 1."""
+
+
+def _common_options(func: F) -> F:
+    func = click.option(
+        "--json", "as_json", is_flag=True, default=None, help="Print JSON instead of a table."
+    )(func)
+    func = click.option(
+        "--management-token",
+        envvar="MANAGEMENT_TOKEN",
+        show_envvar=True,
+        help="Bearer token of the management API.",
+    )(func)
+    func = click.option(
+        "--manage-api-base-url",
+        envvar="MANAGE_API_BASE_URL",
+        show_envvar=True,
+        help=f"Base URL of the proxy [default: {DEFAULT_BASE_URL}].",
+    )(func)
+    return func
+
+
+def _options(ctx: click.Context, /, overrides: dict[str, Any]) -> ClientOptions:
+    base: ClientOptions = ctx.find_object(ClientOptions) or ClientOptions()
+    return ClientOptions(
+        base_url=(overrides.pop("manage_api_base_url", None) or base.base_url).rstrip("/"),
+        management_token=overrides.pop("management_token", None) or base.management_token,
+        as_json=bool(overrides.pop("as_json", None) or base.as_json),
+    )
+
+
+def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    if not opts.management_token:
+        raise ManageError("no management token: pass --management-token or set MANAGEMENT_TOKEN")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        opts.base_url + path,
+        data=data,
+        method=method,
+        headers={
+            "Authorization": f"Bearer {opts.management_token}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as exc:
+        raise ManageError(_error_message(exc)) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ManageError(f"cannot reach {opts.base_url}: {reason}") from None
+    return json.loads(payload) if payload else None
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        error = json.loads(exc.read())["error"]
+        return f"{error['message']} ({exc.code} {error['code']})"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {exc.code} {exc.reason}"
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    Console(file=sys.stdout, soft_wrap=True).print(table)
+
+
+def _print_record(record: dict[str, Any]) -> None:
+    width = max(len(k) for k in record)
+    for key, value in record.items():
+        shown = json.dumps(value) if isinstance(value, dict | list) else value
+        click.echo(f"{key.ljust(width)}  {'' if shown is None else shown}")
+
+
+def _emit(
+    opts: ClientOptions, data: Any, *, columns: list[str] | None = None, title: str = ""
+) -> None:
+    if opts.as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif isinstance(data, list):
+        if not data:
+            click.echo(f"No {title.lower() or 'rows'}.")
+        else:
+            _print_table(data, columns or list(data[0]), title)
+    elif isinstance(data, dict):
+        _print_record(data)
+
+
+@click.group()
+@_common_options
+@click.pass_context
+def manage(ctx: click.Context, /, **options: Any) -> None:
+    """Manage projects and tokens through the management API."""
+    ctx.obj = _options(ctx, options)
+
+
+@manage.group()
+def project() -> None:
+    """Projects hold the real upstream key."""
+
+
+PROJECT_COLUMNS = ["id", "name", "is_active", "api_key", "created_at"]
+TOKEN_COLUMNS = ["id", "project_id", "is_active", "expires_at", "request_count", "max_requests"]
+
+
+@project.command("create")
+@click.option("--name", required=True)
+@click.option("--api-key", required=True, help="The real upstream key; stored encrypted.")
+@click.option("--description", default=None)
+@click.option("--metadata", default=None, help="A JSON object.")
+@_common_options
+@click.pass_context
+def project_create(
+    ctx: click.Context,
+    /,
+    name: str,
+    api_key: str,
+    description: str | None,
+    metadata: str | None,
+    **o: Any,
+) -> None:
+    """Create a project."""
+    opts = _options(ctx, o)
+    body: dict[str, Any] = {"name": name, "api_key": api_key}
+    if description is not None:
+        body["description"] = description
+    if metadata is not None:
+        try:
+            body["metadata"] = json.loads(metadata)
+        except ValueError:
+            raise click.BadParameter("not valid JSON", param_hint="--metadata") from None
+    _emit(opts, _call(opts, "POST", "/manage/projects", body))
+
+
+@project.command("list")
+@_common_options
+@click.pass_context
+def project_list(ctx: click.Context, /, **o: Any) -> None:
+    """List projects."""
+    opts = _options(ctx, o)
+    _emit(opts, _call(opts, "GET", "/manage/projects"), columns=PROJECT_COLUMNS, title="Projects")
+
+
+@project.command("get")
+@click.argument("project_id")
+@_common_options
+@click.pass_context
+def project_get(ctx: click.Context, /, project_id: str, **o: Any) -> None:
+    """Show one project."""
+    opts = _options(ctx, o)
+    _emit(opts, _call(opts, "GET", f"/manage/projects/{project_id}"))
+
+
+@project.command("update")
+@click.argument("project_id")
+@click.option("--name", default=None)
+@click.option("--api-key", default=None)
+@click.option("--description", default=None)
+@click.option("--active/--inactive", "is_active", default=None, help="Activate or deactivate.")
+@click.option("--revoke-tokens", is_flag=True, default=False, help="Also revoke all its tokens.")
+@_common_options
+@click.pass_context
+def project_update(
+    ctx: click.Context,
+    /,
+    project_id: str,
+    name: str | None,
+    api_key: str | None,
+    description: str | None,
+    is_active: bool | None,
+    revoke_tokens: bool,
+    **o: Any,
+) -> None:
+    """Change a project's name, key, description or state."""
+    opts = _options(ctx, o)
+    body: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "name": name,
+            "api_key": api_key,
+            "description": description,
+            "is_active": is_active,
+        }.items()
+        if v is not None
+    }
+    if revoke_tokens:
+        body["revoke_tokens"] = True
+    if not body:
+        raise click.UsageError("nothing to update: give at least one option")
+    _emit(opts, _call(opts, "PATCH", f"/manage/projects/{project_id}", body))
+
+
+@project.command("delete")
+@click.argument("project_id")
+@_common_options
+@click.pass_context
+def project_delete(ctx: click.Context, /, project_id: str, **o: Any) -> None:
+    """Delete a project; its tokens stop working at once."""
+    opts = _options(ctx, o)
+    _call(opts, "DELETE", f"/manage/projects/{project_id}")
+    if opts.as_json:
+        click.echo(json.dumps({"deleted": project_id}))
+    else:
+        click.echo(f"Deleted project {project_id}.")
+
+
+@manage.group()
+def token() -> None:
+    """Withering tokens: short-lived, revocable, with an optional request quota."""
+
+
+@token.command("generate")
+@click.option("--project-id", required=True)
+@click.option(
+    "--duration", "duration_minutes", type=int, default=60, help="Lifetime in minutes (1..525600)."
+)
+@click.option("--max-requests", type=int, default=None, help="Request quota.")
+@_common_options
+@click.pass_context
+def token_generate(
+    ctx: click.Context,
+    /,
+    project_id: str,
+    duration_minutes: int,
+    max_requests: int | None,
+    **o: Any,
+) -> None:
+    """Issue a token; its value is shown only now."""
+    opts = _options(ctx, o)
+    body: dict[str, Any] = {"project_id": project_id, "duration_minutes": duration_minutes}
+    if max_requests is not None:
+        body["max_requests"] = max_requests
+    _emit(opts, _call(opts, "POST", "/manage/tokens", body))
+
+
+@token.command("list")
+@click.option("--project-id", default=None)
+@_common_options
+@click.pass_context
+def token_list(ctx: click.Context, /, project_id: str | None, **o: Any) -> None:
+    """List tokens (never their values)."""
+    opts = _options(ctx, o)
+    path = "/manage/tokens" + (f"?project_id={project_id}" if project_id else "")
+    _emit(opts, _call(opts, "GET", path), columns=TOKEN_COLUMNS, title="Tokens")
+
+
+@token.command("get")
+@click.argument("token_id")
+@_common_options
+@click.pass_context
+def token_get(ctx: click.Context, /, token_id: str, **o: Any) -> None:
+    """Show one token."""
+    opts = _options(ctx, o)
+    _emit(opts, _call(opts, "GET", f"/manage/tokens/{token_id}"))
+
+
+@token.command("revoke")
+@click.argument("token_id", required=False)
+@click.option("--value", default=None, help="Revoke by the token value instead of its id.")
+@click.option("--project-id", default=None, help="Revoke every token of this project.")
+@_common_options
+@click.pass_context
+def token_revoke(
+    ctx: click.Context, /, token_id: str | None, value: str | None, project_id: str | None, **o: Any
+) -> None:
+    """Revoke a token by id, by value, or all tokens of a project."""
+    opts = _options(ctx, o)
+    if sum(x is not None for x in (token_id, value, project_id)) != 1:
+        raise click.UsageError("give exactly one of TOKEN_ID, --value or --project-id")
+    if project_id is not None:
+        counts = _call(opts, "POST", f"/manage/projects/{project_id}/tokens/revoke")
+        _emit(opts, counts)
+        return
+    if value is not None:
+        _call(opts, "DELETE", "/manage/tokens", {"token": value})
+        target = "the token"
+    else:
+        _call(opts, "DELETE", f"/manage/tokens/{token_id}")
+        target = f"token {token_id}"
+    if opts.as_json:
+        click.echo(json.dumps({"revoked": token_id or True}))
+    else:
+        click.echo(f"Revoked {target}.")

@@ -1,0 +1,291 @@
+"""The management API (SPEC §5): JSON in and out under ``/manage/``, behind the management token."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from llm_proxy import errors, validation
+from llm_proxy.models import AuditFilter
+from llm_proxy.openapi import openapi_document
+from llm_proxy.operations import Actor, Operations
+from llm_proxy.validation import MISSING
+
+log = structlog.get_logger(__name__)
+
+OPERATIONS = web.AppKey("operations", Operations)
+MANAGEMENT_TOKEN = web.AppKey("management_token", str)
+MAX_JSON_BYTES = 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+@web.middleware
+async def management_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate, then render every failure in the OpenAI error shape."""
+    try:
+        if request.path != "/manage/openapi.json":
+            _authenticate(request)
+        return await handler(request)
+    except errors.ProxyError as exc:
+        return exc.to_response()
+    except web.HTTPMethodNotAllowed as exc:
+        return errors.ManagementMethodNotAllowed(
+            f"Method {request.method} is not allowed on {request.path}.",
+            headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
+        ).to_response()
+    except web.HTTPNotFound:
+        return errors.NotFound(f"No management route {request.path}.").to_response()
+    except web.HTTPRequestEntityTooLarge:
+        return errors.RequestTooLarge("Request body is too large.").to_response()
+
+
+def _authenticate(request: web.Request) -> None:
+    expected = request.app[MANAGEMENT_TOKEN].encode()
+    supplied = request.headers.get("Authorization", "")
+    scheme, _, credential = supplied.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), expected):
+        raise errors.Unauthorized(
+            "Missing or wrong management token.", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def _actor(request: web.Request) -> Actor:
+    return Actor(
+        name="management-api",
+        request_id=request.headers.get("X-Request-ID"),
+        client_ip=request.remote,
+    )
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
+        raise errors.RequestTooLarge(f"Request body exceeds {MAX_JSON_BYTES} bytes.")
+    raw = await request.content.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise errors.RequestTooLarge(f"Request body exceeds {MAX_JSON_BYTES} bytes.")
+    if not raw.strip():
+        raise errors.InvalidJson("Request body must be a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise errors.InvalidJson(f"Request body is not valid JSON: {exc.msg}.") from None
+    if not isinstance(body, dict):
+        raise errors.InvalidJson("Request body must be a JSON object.")
+    return body
+
+
+def _ops(request: web.Request) -> Operations:
+    return request.app[OPERATIONS]
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not MISSING}
+
+
+# -- projects ----------------------------------------------------------------------------------
+
+
+async def create_project(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    validation.require_known(body, {"name", "api_key", "description", "metadata"})
+    name = validation.text(body, "name", required=True, max_length=200)
+    api_key = validation.text(body, "api_key", required=True, max_length=1000)
+    description = validation.text(body, "description", required=False, max_length=2000)
+    metadata = validation.mapping(body, "metadata")
+    project = await _ops(request).create_project(
+        _actor(request),
+        name=name,
+        api_key=api_key,
+        **_given(description=description, metadata=metadata),
+    )
+    return json_response(project.to_api(), status=201)
+
+
+async def list_projects(request: web.Request) -> web.Response:
+    return json_response([p.to_api() for p in await _ops(request).list_projects()])
+
+
+async def get_project(request: web.Request) -> web.Response:
+    project = await _ops(request).get_project(request.match_info["project_id"])
+    return json_response(project.to_api())
+
+
+async def update_project(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    validation.require_known(
+        body, {"name", "api_key", "is_active", "revoke_tokens", "description", "metadata"}
+    )
+    fields = _given(
+        name=validation.text(body, "name", required=False, max_length=200),
+        api_key=validation.text(body, "api_key", required=False, max_length=1000),
+        is_active=validation.boolean(body, "is_active"),
+        revoke_tokens=validation.boolean(body, "revoke_tokens"),
+        description=validation.text(body, "description", required=False, max_length=2000),
+        metadata=validation.mapping(body, "metadata"),
+    )
+    if not fields:
+        raise errors.InvalidRequest("Nothing to update: give at least one field.")
+    for key in ("name", "api_key"):
+        if key in fields and not fields[key]:
+            raise errors.InvalidField(key, "must not be empty")
+    project = await _ops(request).update_project(
+        _actor(request), request.match_info["project_id"], **fields
+    )
+    return json_response(project.to_api())
+
+
+async def delete_project(request: web.Request) -> web.Response:
+    await _ops(request).delete_project(_actor(request), request.match_info["project_id"])
+    return web.Response(status=204)
+
+
+async def revoke_project_tokens(request: web.Request) -> web.Response:
+    counts = await _ops(request).revoke_project_tokens(
+        _actor(request), request.match_info["project_id"]
+    )
+    return json_response(
+        {
+            "revoked_count": counts.revoked_count,
+            "already_revoked_count": counts.already_revoked_count,
+            "total_tokens": counts.total_tokens,
+        }
+    )
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+
+async def create_token(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    validation.require_known(body, {"project_id", "duration_minutes", "max_requests"})
+    project_id = validation.text(body, "project_id", required=True, max_length=100)
+    duration = validation.duration_minutes(body)
+    max_requests = validation.integer(body, "max_requests", minimum=1, maximum=2**62)
+    issued = await _ops(request).issue_token(
+        _actor(request),
+        project_id=project_id,
+        duration_minutes=duration,
+        max_requests=None if max_requests is MISSING else max_requests,
+    )
+    token = issued.token.to_api()
+    return json_response(
+        {
+            "id": token["id"],
+            "token": issued.value,
+            "project_id": token["project_id"],
+            "expires_at": token["expires_at"],
+            "max_requests": token["max_requests"],
+            "created_at": token["created_at"],
+        },
+        status=201,
+    )
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    project_id = request.query.get("project_id") or None
+    if project_id is not None:
+        await _ops(request).get_project(project_id)
+    tokens = await _ops(request).list_tokens(project_id)
+    return json_response([t.to_api() for t in tokens])
+
+
+async def get_token(request: web.Request) -> web.Response:
+    token = await _ops(request).get_token(request.match_info["token_id"])
+    return json_response(token.to_api())
+
+
+async def update_token(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    validation.require_known(body, {"is_active", "max_requests"})
+    is_active = validation.boolean(body, "is_active")
+    max_requests = validation.integer(body, "max_requests", minimum=1, maximum=2**62)
+    if is_active is MISSING and max_requests is MISSING:
+        raise errors.InvalidRequest("Nothing to update: give is_active and/or max_requests.")
+    token = await _ops(request).update_token(
+        _actor(request),
+        request.match_info["token_id"],
+        is_active=None if is_active is MISSING else is_active,
+        max_requests=None if max_requests is MISSING else max_requests,
+        clear_max_requests=max_requests is None,
+    )
+    return json_response(token.to_api())
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    await _ops(request).revoke_token(_actor(request), request.match_info["token_id"])
+    return web.Response(status=204)
+
+
+async def revoke_token_by_value(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    validation.require_known(body, {"token"})
+    value = validation.text(body, "token", required=True, max_length=300)
+    await _ops(request).revoke_token_by_value(_actor(request), value)
+    return web.Response(status=204)
+
+
+# -- audit -------------------------------------------------------------------------------------
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    query = request.query
+    known = {"actor", "action", "target_type", "target_id", "project_id", "outcome"}
+    unknown = set(query) - known - {"since", "until", "page", "page_size"}
+    if unknown:
+        raise errors.InvalidField(sorted(unknown)[0], "unknown query parameter")
+    filters = AuditFilter(
+        **{key: query[key] for key in known if query.get(key)},
+        since=validation.timestamp(query.get("since"), "since"),
+        until=validation.timestamp(query.get("until"), "until"),
+    )
+    page = validation.query_int(query.get("page"), "page", default=1, minimum=1, maximum=10**9)
+    page_size = validation.query_int(
+        query.get("page_size"), "page_size", default=50, minimum=1, maximum=100
+    )
+    events, total = await _ops(request).audit_log(filters, page, page_size)
+    return json_response(
+        {
+            "events": [e.to_api() for e in events],
+            "pagination": {
+                "page": page,
+                "page_size": page_size,
+                "total": total,
+                "total_pages": (total + page_size - 1) // page_size,
+            },
+        }
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+def management_app(operations: Operations, management_token: str) -> web.Application:
+    app = web.Application(middlewares=[management_middleware], client_max_size=MAX_JSON_BYTES)
+    app[OPERATIONS] = operations
+    app[MANAGEMENT_TOKEN] = management_token
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_post("/projects", create_project)
+    app.router.add_get("/projects", list_projects)
+    app.router.add_get("/projects/{project_id}", get_project)
+    app.router.add_patch("/projects/{project_id}", update_project)
+    app.router.add_delete("/projects/{project_id}", delete_project)
+    app.router.add_post("/projects/{project_id}/tokens/revoke", revoke_project_tokens)
+    app.router.add_post("/tokens", create_token)
+    app.router.add_get("/tokens", list_tokens)
+    app.router.add_delete("/tokens", revoke_token_by_value)
+    app.router.add_get("/tokens/{token_id}", get_token)
+    app.router.add_patch("/tokens/{token_id}", update_token)
+    app.router.add_delete("/tokens/{token_id}", revoke_token)
+    app.router.add_get("/audit", audit_log)
+    return app

@@ -1,0 +1,326 @@
+"""The OpenAPI 3 document of the management API, served at ``/manage/openapi.json``.
+
+Written out rather than generated: the API is small, and a test checks that every route the server
+registers is documented here and every documented route exists.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from llm_proxy import __version__
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+_TS = {"type": "string", "format": "date-time"}
+_TS_NULL = {"type": ["string", "null"], "format": "date-time"}
+_AUTH_ERRORS = {"401": _error("Missing or wrong management token")}
+_NO_CONTENT = {"description": "Done"}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "code": {"type": "string"},
+                },
+            }
+        },
+    },
+    "Project": {
+        "type": "object",
+        "required": ["id", "name", "is_active", "api_key", "created_at", "updated_at"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "metadata": {"type": "object"},
+            "is_active": {"type": "boolean"},
+            "api_key": {"type": "string", "description": "Masked, e.g. sk-ab…wxyz"},
+            "created_at": _TS,
+            "updated_at": _TS,
+        },
+    },
+    "ProjectCreate": {
+        "type": "object",
+        "required": ["name", "api_key"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "api_key": {"type": "string", "minLength": 1, "maxLength": 1000},
+            "description": {"type": "string", "maxLength": 2000},
+            "metadata": {"type": "object"},
+        },
+    },
+    "ProjectUpdate": {
+        "type": "object",
+        "minProperties": 1,
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "api_key": {"type": "string", "minLength": 1, "maxLength": 1000},
+            "description": {"type": "string", "maxLength": 2000},
+            "metadata": {"type": "object"},
+            "is_active": {"type": "boolean"},
+            "revoke_tokens": {"type": "boolean"},
+        },
+    },
+    "RevokeResult": {
+        "type": "object",
+        "required": ["revoked_count", "already_revoked_count", "total_tokens"],
+        "properties": {
+            "revoked_count": {"type": "integer"},
+            "already_revoked_count": {"type": "integer"},
+            "total_tokens": {"type": "integer"},
+        },
+    },
+    "Token": {
+        "type": "object",
+        "required": ["id", "project_id", "expires_at", "is_active", "request_count"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "project_id": {"type": "string", "format": "uuid"},
+            "expires_at": _TS,
+            "is_active": {"type": "boolean"},
+            "request_count": {"type": "integer"},
+            "max_requests": {"type": ["integer", "null"]},
+            "created_at": _TS,
+            "last_used_at": _TS_NULL,
+            "revoked_at": _TS_NULL,
+        },
+    },
+    "TokenCreate": {
+        "type": "object",
+        "required": ["project_id", "duration_minutes"],
+        "additionalProperties": False,
+        "properties": {
+            "project_id": {"type": "string"},
+            "duration_minutes": {"type": "integer", "minimum": 1, "maximum": 525600},
+            "max_requests": {"type": ["integer", "null"], "minimum": 1},
+        },
+    },
+    "TokenCreated": {
+        "type": "object",
+        "required": ["id", "token", "project_id", "expires_at", "max_requests"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "token": {"type": "string", "description": "Shown once; never returned again"},
+            "project_id": {"type": "string"},
+            "expires_at": _TS,
+            "max_requests": {"type": ["integer", "null"]},
+            "created_at": _TS,
+        },
+    },
+    "TokenUpdate": {
+        "type": "object",
+        "minProperties": 1,
+        "additionalProperties": False,
+        "properties": {
+            "is_active": {"type": "boolean"},
+            "max_requests": {"type": ["integer", "null"], "minimum": 1},
+        },
+    },
+    "AuditPage": {
+        "type": "object",
+        "required": ["events", "pagination"],
+        "properties": {
+            "events": {"type": "array", "items": {"type": "object"}},
+            "pagination": {
+                "type": "object",
+                "properties": {
+                    "page": {"type": "integer"},
+                    "page_size": {"type": "integer"},
+                    "total": {"type": "integer"},
+                    "total_pages": {"type": "integer"},
+                },
+            },
+        },
+    },
+}
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    project_id = [_path_param("project_id")]
+    token_id = [_path_param("token_id")]
+    not_found = {"404": _error("Unknown id")}
+    bad = {"400": _error("Invalid field; the message names it")}
+    paths: dict[str, Any] = {
+        "/manage/projects": {
+            "post": {
+                "summary": "Create a project holding an upstream key",
+                "requestBody": _body(_ref("ProjectCreate")),
+                "responses": {"201": _json(_ref("Project"), "Created"), **bad, **_AUTH_ERRORS},
+            },
+            "get": {
+                "summary": "List projects",
+                "responses": {
+                    "200": _json({"type": "array", "items": _ref("Project")}, "Projects"),
+                    **_AUTH_ERRORS,
+                },
+            },
+        },
+        "/manage/projects/{project_id}": {
+            "parameters": project_id,
+            "get": {
+                "summary": "Get a project",
+                "responses": {
+                    "200": _json(_ref("Project"), "Project"),
+                    **not_found,
+                    **_AUTH_ERRORS,
+                },
+            },
+            "patch": {
+                "summary": "Update, activate/deactivate, or revoke all tokens of a project",
+                "requestBody": _body(_ref("ProjectUpdate")),
+                "responses": {
+                    "200": _json(_ref("Project"), "Updated"),
+                    **bad,
+                    **not_found,
+                    **_AUTH_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Delete a project; its tokens stop working at once",
+                "responses": {"204": _NO_CONTENT, **not_found, **_AUTH_ERRORS},
+            },
+        },
+        "/manage/projects/{project_id}/tokens/revoke": {
+            "parameters": project_id,
+            "post": {
+                "summary": "Revoke every token of a project",
+                "responses": {
+                    "200": _json(_ref("RevokeResult"), "Counts"),
+                    **not_found,
+                    **_AUTH_ERRORS,
+                },
+            },
+        },
+        "/manage/tokens": {
+            "post": {
+                "summary": "Issue a withering token",
+                "requestBody": _body(_ref("TokenCreate")),
+                "responses": {
+                    "201": _json(_ref("TokenCreated"), "Issued; the value is shown only here"),
+                    **bad,
+                    "403": _error("Project inactive"),
+                    **not_found,
+                    **_AUTH_ERRORS,
+                },
+            },
+            "get": {
+                "summary": "List tokens (never their values)",
+                "parameters": [_query("project_id", {"type": "string"})],
+                "responses": {
+                    "200": _json({"type": "array", "items": _ref("Token")}, "Tokens"),
+                    **_AUTH_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Revoke a token by its value",
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["token"],
+                        "properties": {"token": {"type": "string"}},
+                    }
+                ),
+                "responses": {"204": _NO_CONTENT, **bad, **not_found, **_AUTH_ERRORS},
+            },
+        },
+        "/manage/tokens/{token_id}": {
+            "parameters": token_id,
+            "get": {
+                "summary": "Get a token",
+                "responses": {"200": _json(_ref("Token"), "Token"), **not_found, **_AUTH_ERRORS},
+            },
+            "patch": {
+                "summary": "Activate/deactivate a token or change its quota",
+                "requestBody": _body(_ref("TokenUpdate")),
+                "responses": {
+                    "200": _json(_ref("Token"), "Updated"),
+                    **bad,
+                    **not_found,
+                    **_AUTH_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Revoke a token (also when already revoked)",
+                "responses": {"204": _NO_CONTENT, **not_found, **_AUTH_ERRORS},
+            },
+        },
+        "/manage/audit": {
+            "get": {
+                "summary": "The audit log, newest first",
+                "parameters": [
+                    *(
+                        _query(name, {"type": "string"})
+                        for name in (
+                            "actor",
+                            "action",
+                            "target_type",
+                            "target_id",
+                            "project_id",
+                            "outcome",
+                        )
+                    ),
+                    _query("since", _TS),
+                    _query("until", _TS),
+                    _query("page", {"type": "integer", "minimum": 1, "default": 1}),
+                    _query(
+                        "page_size",
+                        {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
+                    ),
+                ],
+                "responses": {"200": _json(_ref("AuditPage"), "Events"), **bad, **_AUTH_ERRORS},
+            },
+        },
+        "/manage/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": {"description": "OpenAPI 3 document"}},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llm-proxy management API", "version": __version__},
+        "servers": [{"url": "/"}],
+        "security": [{"managementToken": []}],
+        "paths": paths,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"managementToken": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,261 @@
+"""Management operations shared by the management API and the admin pages.
+
+Each operation changes the store (which writes the audit event in the same transaction) and then
+evicts what the token cache of this process holds, so the change applies to the very next request.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from llm_proxy import errors
+from llm_proxy.authority import TokenAuthority
+from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped, mask_key, new_token_value
+from llm_proxy.models import (
+    AuditEntry,
+    AuditEvent,
+    AuditFilter,
+    Project,
+    RevokeCounts,
+    Token,
+    utcnow,
+)
+from llm_proxy.store import Store
+
+MAX_DURATION_MINUTES = 525_600
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asked for a change, for the audit log."""
+
+    name: str
+    request_id: str | None = None
+    client_ip: str | None = None
+
+    def entry(
+        self,
+        action: str,
+        target_type: str,
+        target_id: str | None,
+        project_id: str | None = None,
+        **details: Any,
+    ) -> AuditEntry:
+        return AuditEntry(
+            actor=self.name,
+            action=action,
+            target_type=target_type,
+            target_id=target_id,
+            project_id=project_id,
+            details=details,
+            request_id=self.request_id,
+            client_ip=self.client_ip,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: Token
+    value: str  # shown once, never stored
+
+
+class Operations:
+    def __init__(self, store: Store, cipher: KeyCipher, authority: TokenAuthority) -> None:
+        self.store = store
+        self._cipher = cipher
+        self._authority = authority
+
+    # -- projects ------------------------------------------------------------------------------
+
+    async def create_project(
+        self,
+        actor: Actor,
+        *,
+        name: str,
+        api_key: str,
+        description: str = "",
+        metadata: dict[str, Any] | None = None,
+    ) -> Project:
+        now = utcnow()
+        project = Project(
+            id=str(uuid.uuid4()),
+            name=name,
+            description=description,
+            metadata=metadata or {},
+            is_active=True,
+            created_at=now,
+            updated_at=now,
+            api_key_masked=mask_key(api_key),
+            api_key_encrypted=self._cipher.encrypt(api_key),
+        )
+        entry = actor.entry("project.create", "project", project.id, project.id, name=name)
+        return await self.store.create_project(project, entry)
+
+    async def get_project(self, project_id: str) -> Project:
+        project = await self.store.get_project(project_id)
+        if project is None:
+            raise errors.ProjectNotFound(f"No project with id {project_id!r}.")
+        return project
+
+    async def list_projects(self) -> list[Project]:
+        return await self.store.list_projects()
+
+    async def update_project(
+        self,
+        actor: Actor,
+        project_id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        api_key: str | None = None,
+        is_active: bool | None = None,
+        revoke_tokens: bool = False,
+    ) -> Project:
+        changes: dict[str, Any] = {}
+        if name is not None:
+            changes["name"] = name
+        if description is not None:
+            changes["description"] = description
+        if metadata is not None:
+            changes["metadata"] = metadata
+        if is_active is not None:
+            changes["is_active"] = is_active
+        if api_key is not None:
+            changes["api_key_encrypted"] = self._cipher.encrypt(api_key)
+            changes["api_key_masked"] = mask_key(api_key)
+        # The audit trail names what changed, never the key itself.
+        changed = sorted(k for k in changes if k != "api_key_masked")
+        changed = ["api_key" if k == "api_key_encrypted" else k for k in changed]
+        details: dict[str, Any] = {"changed": changed}
+        if is_active is not None:
+            details["is_active"] = is_active
+        entry = actor.entry("project.update", "project", project_id, project_id, **details)
+        project = await self.store.update_project(project_id, changes, entry)
+        if project is None:
+            raise errors.ProjectNotFound(f"No project with id {project_id!r}.")
+        self._authority.invalidate(project_id=project_id)
+        if revoke_tokens:
+            await self.revoke_project_tokens(actor, project_id)
+        return project
+
+    async def delete_project(self, actor: Actor, project_id: str) -> None:
+        entry = actor.entry("project.delete", "project", project_id, project_id)
+        if not await self.store.delete_project(project_id, entry):
+            raise errors.ProjectNotFound(f"No project with id {project_id!r}.")
+        self._authority.invalidate(project_id=project_id)
+
+    async def revoke_project_tokens(self, actor: Actor, project_id: str) -> RevokeCounts:
+        await self.get_project(project_id)
+        entry = actor.entry("project.revoke_tokens", "project", project_id, project_id)
+        counts = await self.store.revoke_project_tokens(project_id, entry)
+        self._authority.invalidate(project_id=project_id)
+        return counts
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    async def issue_token(
+        self,
+        actor: Actor,
+        *,
+        project_id: str,
+        duration_minutes: int,
+        max_requests: int | None = None,
+    ) -> IssuedToken:
+        project = await self.get_project(project_id)
+        if not project.is_active:
+            raise errors.ProjectInactive("Cannot issue a token for an inactive project.")
+        now = utcnow()
+        value = new_token_value()
+        token = Token(
+            id=str(uuid.uuid4()),
+            project_id=project_id,
+            expires_at=now + timedelta(minutes=duration_minutes),
+            is_active=True,
+            request_count=0,
+            max_requests=max_requests,
+            created_at=now,
+            last_used_at=None,
+        )
+        entry = actor.entry(
+            "token.create",
+            "token",
+            token.id,
+            project_id,
+            duration_minutes=duration_minutes,
+            max_requests=max_requests,
+        )
+        await self.store.create_token(token, hash_token(value), entry)
+        return IssuedToken(token, value)
+
+    async def get_token(self, token_id: str) -> Token:
+        # Counts of unlimited tokens are tallied in memory; write them so the answer is current.
+        await self._authority.flush_usage()
+        token = await self.store.get_token(token_id)
+        if token is None:
+            raise errors.TokenIdNotFound(f"No token with id {token_id!r}.")
+        return token
+
+    async def list_tokens(self, project_id: str | None = None) -> list[Token]:
+        await self._authority.flush_usage()
+        return await self.store.list_tokens(project_id)
+
+    async def update_token(
+        self,
+        actor: Actor,
+        token_id: str,
+        *,
+        is_active: bool | None = None,
+        max_requests: int | None = None,
+        clear_max_requests: bool = False,
+    ) -> Token:
+        current = await self.get_token(token_id)
+        changes: dict[str, Any] = {}
+        if is_active is not None:
+            changes["is_active"] = is_active
+            changes["revoked_at"] = None if is_active else (current.revoked_at or utcnow())
+        if max_requests is not None or clear_max_requests:
+            changes["max_requests"] = max_requests
+        entry = actor.entry(
+            "token.update",
+            "token",
+            token_id,
+            current.project_id,
+            **{k: v for k, v in changes.items() if k != "revoked_at"},
+        )
+        token = await self.store.update_token(token_id, changes, entry)
+        if token is None:
+            raise errors.TokenIdNotFound(f"No token with id {token_id!r}.")
+        self._authority.invalidate(token_id=token_id)
+        return token
+
+    async def revoke_token(self, actor: Actor, token_id: str) -> Token:
+        current = await self.get_token(token_id)
+        if not current.is_active:
+            return current
+        entry = actor.entry("token.revoke", "token", token_id, current.project_id)
+        token = await self.store.update_token(
+            token_id, {"is_active": False, "revoked_at": utcnow()}, entry
+        )
+        self._authority.invalidate(token_id=token_id)
+        return token or current
+
+    async def revoke_token_by_value(self, actor: Actor, value: str) -> Token:
+        token_id = (
+            await self.store.find_token_id_by_hash(hash_token(value))
+            if is_token_shaped(value)
+            else None
+        )
+        if token_id is None:
+            raise errors.TokenIdNotFound("No token with that value.")
+        return await self.revoke_token(actor, token_id)
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    async def audit_log(
+        self, filters: AuditFilter, page: int, page_size: int
+    ) -> tuple[list[AuditEvent], int]:
+        return await self.store.list_audit(filters, page, page_size)

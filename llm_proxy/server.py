@@ -1,0 +1,90 @@
+"""Running the server: settings → secrets → app → listening socket, with a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from dataclasses import replace
+from typing import TextIO
+
+import structlog
+import uvloop
+from aiohttp import web
+
+from llm_proxy import secrets_store
+from llm_proxy.app import create_app
+from llm_proxy.settings import Settings, parse_encryption_key
+
+log = structlog.get_logger(__name__)
+
+
+def with_generated_secrets(settings: Settings, out: TextIO) -> Settings:
+    """Fill unset secrets from ``DATA_DIR`` (creating them on first start) and announce them."""
+    data_dir = settings.data_dir
+    lines: list[str] = []
+    if not settings.management_token:
+        secret = secrets_store.load_or_create(
+            data_dir, "management_token", secrets_store.new_management_token
+        )
+        settings = replace(settings, management_token=secret.value)
+        lines.append(f"MANAGEMENT_TOKEN={secret.value}")
+    if not settings.admin_password:
+        secret = secrets_store.load_or_create(
+            data_dir, "admin_password", secrets_store.new_admin_password
+        )
+        settings = replace(settings, admin_password=secret.value)
+        lines.append(f"ADMIN_USER={settings.admin_user} ADMIN_PASSWORD={secret.value}")
+    if not settings.encryption_key:
+        secret = secrets_store.load_or_create(
+            data_dir, "encryption_key", secrets_store.new_encryption_key
+        )
+        settings = replace(settings, encryption_key=parse_encryption_key(secret.value))
+    if lines:
+        # Printed, not logged: these go to the operator's terminal once per start, never to the
+        # log pipeline. They are kept in DATA_DIR with mode 0600.
+        banner = "\n".join(
+            [
+                "",
+                f"  Generated credentials (kept in {data_dir}/, mode 0600):",
+                *(f"    {line}" for line in lines),
+                "",
+            ]
+        )
+        print(banner, file=out, flush=True)
+    return settings
+
+
+async def _serve(settings: Settings) -> None:
+    app = await create_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        settings.listen_host,
+        settings.listen_port,
+        backlog=1024,
+        reuse_port=settings.workers > 1,
+    )
+    await site.start()
+    log.info("server.listening", url=f"http://{settings.listen_host}:{settings.listen_port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("server.stopping")
+        await runner.cleanup()
+
+
+def serve(settings: Settings) -> None:
+    """Block serving until SIGINT/SIGTERM."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(settings))
+
+
+def run_server(settings: Settings) -> None:
+    settings = with_generated_secrets(settings, sys.stdout)
+    serve(settings)

@@ -1,0 +1,123 @@
+"""Frozen settings, built once in the CLI layer from flags and environment variables (SPEC §4).
+
+Nothing else in the package reads ``os.environ``. A bad value raises :class:`SettingsError`, whose
+message is a single line naming the variable, so start-up can stop with exactly that line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+EventBusKind = Literal["memory", "redis"]
+LogFormat = Literal["console", "json"]
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class SettingsError(ValueError):
+    """A configuration value is unusable; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    management_token: str = field(default="", repr=False)
+    admin_user: str = "admin"
+    admin_password: str = field(default="", repr=False)
+    database_url: str = "sqlite:///./data/llm-proxy.db"
+    encryption_key: bytes = field(default=b"", repr=False)
+    api_config_path: Path = Path("config/api_providers.yaml")
+    event_bus: EventBusKind = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    log_level: str = "info"
+    log_format: LogFormat = "json"
+    data_dir: Path = Path("data")
+    file_event_log: Path | None = None
+    workers: int = 1
+    max_request_body_bytes: int = 64 * 1024 * 1024
+    capture_body_bytes: int = 256 * 1024
+    token_cache_seconds: float = 30.0
+    change_poll_seconds: float = 0.25
+    usage_flush_seconds: float = 1.0
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The database file for a ``sqlite://`` URL (SQLAlchemy convention: 3 slashes relative)."""
+        return sqlite_path_from_url(self.database_url)
+
+
+def parse_listen_addr(value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise SettingsError(f"LISTEN_ADDR: expected host:port, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+def sqlite_path_from_url(url: str) -> Path:
+    if not url.startswith("sqlite:///"):
+        raise SettingsError(f"DATABASE_URL: not a sqlite URL: {url.split('://')[0]}://…")
+    rest = url[len("sqlite:///") :]
+    if not rest:
+        raise SettingsError("DATABASE_URL: the sqlite URL names no file")
+    return Path(rest)
+
+
+def check_database_url(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        sqlite_path_from_url(url)
+        return url
+    if scheme in ("postgresql", "postgres"):
+        raise SettingsError("DATABASE_URL: PostgreSQL is not supported by this version yet")
+    raise SettingsError(f"DATABASE_URL: unsupported scheme {scheme or '(none)'!r}; use sqlite:///")
+
+
+def parse_encryption_key(value: str) -> bytes:
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise SettingsError("ENCRYPTION_KEY: expected base64 of exactly 32 bytes")
+    return key
+
+
+def check_redis_url(value: str) -> str:
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def check_log_level(value: str) -> str:
+    level = value.lower()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SettingsError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(name: str, value: str) -> int:
+    """``64MiB``, ``512k``, ``1048576`` → bytes."""
+    match = _SIZE.match(value)
+    if not match:
+        raise SettingsError(f"{name}: expected a size such as 64MiB, got {value!r}")
+    number, unit = int(match.group(1)), (match.group(2) or "b").lower()
+    scale = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit[0]]
+    if number * scale <= 0:
+        raise SettingsError(f"{name}: must be positive")
+    return number * scale

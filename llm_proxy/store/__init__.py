@@ -1,0 +1,67 @@
+"""The store interface. The proxy path and the management layer depend only on :class:`Store`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from llm_proxy.models import (
+    AuditEntry,
+    AuditEvent,
+    AuditFilter,
+    Project,
+    RevokeCounts,
+    Token,
+    TokenGrant,
+    UsageDelta,
+)
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+    async def ping(self) -> None:
+        """Raise when the database does not answer."""
+        ...
+
+    # Projects
+    async def create_project(self, project: Project, audit: AuditEntry) -> Project: ...
+    async def get_project(self, project_id: str) -> Project | None: ...
+    async def list_projects(self) -> list[Project]: ...
+    async def update_project(
+        self, project_id: str, changes: dict[str, Any], audit: AuditEntry
+    ) -> Project | None:
+        """Apply ``changes`` (column → value; ``updated_at`` set by the store)."""
+        ...
+
+    async def delete_project(self, project_id: str, audit: AuditEntry) -> bool: ...
+    async def revoke_project_tokens(self, project_id: str, audit: AuditEntry) -> RevokeCounts: ...
+
+    # Tokens
+    async def create_token(self, token: Token, token_hash: str, audit: AuditEntry) -> Token: ...
+    async def get_token(self, token_id: str) -> Token | None: ...
+    async def list_tokens(self, project_id: str | None = None) -> list[Token]: ...
+    async def find_token_id_by_hash(self, token_hash: str) -> str | None: ...
+    async def grant_for_hash(self, token_hash: str) -> TokenGrant | None: ...
+    async def update_token(
+        self, token_id: str, changes: dict[str, Any], audit: AuditEntry
+    ) -> Token | None: ...
+
+    # Hot-path accounting
+    async def consume_request(self, token_id: str, at: datetime) -> bool:
+        """Count one request against a quota-carrying token; False when used up or inactive."""
+        ...
+
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
+
+    # Change feed: how other processes learn that a cached token went stale.
+    async def latest_change(self) -> int: ...
+    async def changes_since(
+        self, cursor: int
+    ) -> tuple[int, list[tuple[str | None, str | None]]]: ...
+
+    # Audit
+    async def add_audit(self, entry: AuditEntry) -> None: ...
+    async def list_audit(
+        self, filters: AuditFilter, page: int, page_size: int
+    ) -> tuple[list[AuditEvent], int]: ...

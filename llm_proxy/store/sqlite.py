@@ -1,0 +1,431 @@
+"""SQLite backend through aiosqlite: WAL, foreign keys, one connection, SQL kept in this module."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import aiosqlite
+import orjson
+
+from llm_proxy.models import (
+    AuditEntry,
+    AuditEvent,
+    AuditFilter,
+    Project,
+    RevokeCounts,
+    Token,
+    TokenGrant,
+    UsageDelta,
+    utcnow,
+)
+from llm_proxy.store.migrations import migration_scripts
+
+_PROJECT_COLUMNS = {
+    "name",
+    "description",
+    "metadata",
+    "api_key_encrypted",
+    "api_key_masked",
+    "is_active",
+}
+_TOKEN_COLUMNS = {"is_active", "max_requests", "revoked_at"}
+
+
+def _ts(moment: datetime) -> str:
+    # Fixed width, so text order is time order in indexes and comparisons.
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_ts(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def _db_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _ts(value)
+    if isinstance(value, dict):
+        return orjson.dumps(value).decode()
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _project(row: aiosqlite.Row) -> Project:
+    return Project(
+        id=row["id"],
+        name=row["name"],
+        description=row["description"],
+        metadata=orjson.loads(row["metadata"]),
+        is_active=bool(row["is_active"]),
+        created_at=_parse_ts(row["created_at"]) or utcnow(),
+        updated_at=_parse_ts(row["updated_at"]) or utcnow(),
+        api_key_masked=row["api_key_masked"],
+        api_key_encrypted=row["api_key_encrypted"],
+    )
+
+
+def _token(row: aiosqlite.Row) -> Token:
+    return Token(
+        id=row["id"],
+        project_id=row["project_id"],
+        expires_at=_parse_ts(row["expires_at"]) or utcnow(),
+        is_active=bool(row["is_active"]),
+        request_count=row["request_count"],
+        max_requests=row["max_requests"],
+        created_at=_parse_ts(row["created_at"]) or utcnow(),
+        last_used_at=_parse_ts(row["last_used_at"]),
+        revoked_at=_parse_ts(row["revoked_at"]),
+    )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _writes(
+    method: Callable[Concatenate[SqliteStore, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[SqliteStore, P], Coroutine[Any, Any, R]]:
+    """Serialise a write transaction: the connection is shared, and an interleaved commit from
+    another coroutine would otherwise commit half of this one."""
+
+    async def locked(self: SqliteStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        async with self._write_lock:
+            return await method(self, *args, **kwargs)
+
+    return locked
+
+
+class SqliteStore:
+    """The embedded default. All writes go through one connection, so they never contend."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        store = cls(db)
+        await store._migrate()
+        return store
+
+    async def _migrate(self) -> None:
+        await self._db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
+        )
+        async with self._db.execute("SELECT version FROM schema_migrations") as cur:
+            applied = {row[0] for row in await cur.fetchall()}
+        for version, sql in migration_scripts("sqlite"):
+            if version in applied:
+                continue
+            await self._db.executescript(
+                f"BEGIN;\n{sql}\nINSERT INTO schema_migrations VALUES ({version}, '{_ts(utcnow())}');\nCOMMIT;"
+            )
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def ping(self) -> None:
+        async with self._db.execute("SELECT 1") as cur:
+            await cur.fetchone()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    async def _audit(self, entry: AuditEntry) -> None:
+        await self._db.execute(
+            "INSERT INTO audit_events (timestamp, actor, action, target_type, target_id, project_id,"
+            " outcome, details, request_id, client_ip) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                _ts(utcnow()),
+                entry.actor,
+                entry.action,
+                entry.target_type,
+                entry.target_id,
+                entry.project_id,
+                entry.outcome,
+                orjson.dumps(entry.details).decode(),
+                entry.request_id,
+                entry.client_ip,
+            ),
+        )
+
+    async def _changed(self, project_id: str | None, token_id: str | None) -> None:
+        await self._db.execute(
+            "INSERT INTO changes (project_id, token_id, at) VALUES (?,?,?)",
+            (project_id, token_id, _ts(utcnow())),
+        )
+
+    async def _one(self, sql: str, params: Sequence[Any]) -> aiosqlite.Row | None:
+        async with self._db.execute(sql, params) as cur:
+            row: aiosqlite.Row | None = await cur.fetchone()
+            return row
+
+    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    # -- projects ------------------------------------------------------------------------------
+
+    @_writes
+    async def create_project(self, project: Project, audit: AuditEntry) -> Project:
+        await self._db.execute(
+            "INSERT INTO projects (id, name, description, metadata, api_key_encrypted, api_key_masked,"
+            " is_active, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                project.id,
+                project.name,
+                project.description,
+                orjson.dumps(project.metadata).decode(),
+                project.api_key_encrypted,
+                project.api_key_masked,
+                int(project.is_active),
+                _ts(project.created_at),
+                _ts(project.updated_at),
+            ),
+        )
+        await self._audit(audit)
+        await self._db.commit()
+        return project
+
+    async def get_project(self, project_id: str) -> Project | None:
+        row = await self._one("SELECT * FROM projects WHERE id = ?", (project_id,))
+        return _project(row) if row else None
+
+    async def list_projects(self) -> list[Project]:
+        return [_project(r) for r in await self._all("SELECT * FROM projects ORDER BY created_at")]
+
+    @_writes
+    async def update_project(
+        self, project_id: str, changes: dict[str, Any], audit: AuditEntry
+    ) -> Project | None:
+        unknown = set(changes) - _PROJECT_COLUMNS
+        if unknown:
+            raise ValueError(f"not a project column: {sorted(unknown)}")
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        values = [_db_value(v) for v in changes.values()]
+        sql = (
+            f"UPDATE projects SET {assignments}{', ' if changes else ''}updated_at = ? WHERE id = ?"
+        )
+        cur = await self._db.execute(sql, (*values, _ts(utcnow()), project_id))
+        if cur.rowcount == 0:
+            await self._db.rollback()
+            return None
+        await self._changed(project_id, None)
+        await self._audit(audit)
+        await self._db.commit()
+        return await self.get_project(project_id)
+
+    @_writes
+    async def delete_project(self, project_id: str, audit: AuditEntry) -> bool:
+        cur = await self._db.execute("DELETE FROM projects WHERE id = ?", (project_id,))
+        if cur.rowcount == 0:
+            await self._db.rollback()
+            return False
+        await self._changed(project_id, None)
+        await self._audit(audit)
+        await self._db.commit()
+        return True
+
+    @_writes
+    async def revoke_project_tokens(self, project_id: str, audit: AuditEntry) -> RevokeCounts:
+        row = await self._one(
+            "SELECT COUNT(*) AS total, SUM(is_active = 0) AS inactive FROM tokens WHERE project_id = ?",
+            (project_id,),
+        )
+        total = row["total"] if row else 0
+        already = (row["inactive"] or 0) if row else 0
+        cur = await self._db.execute(
+            "UPDATE tokens SET is_active = 0, revoked_at = ? WHERE project_id = ? AND is_active = 1",
+            (_ts(utcnow()), project_id),
+        )
+        counts = RevokeCounts(cur.rowcount, already, total)
+        await self._changed(project_id, None)
+        await self._audit(
+            AuditEntry(
+                **{**_entry_fields(audit), "details": {**audit.details, **counts_dict(counts)}}
+            )
+        )
+        await self._db.commit()
+        return counts
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    @_writes
+    async def create_token(self, token: Token, token_hash: str, audit: AuditEntry) -> Token:
+        await self._db.execute(
+            "INSERT INTO tokens (id, project_id, token_hash, expires_at, is_active, request_count,"
+            " max_requests, created_at) VALUES (?,?,?,?,?,?,?,?)",
+            (
+                token.id,
+                token.project_id,
+                token_hash,
+                _ts(token.expires_at),
+                int(token.is_active),
+                token.request_count,
+                token.max_requests,
+                _ts(token.created_at),
+            ),
+        )
+        await self._audit(audit)
+        await self._db.commit()
+        return token
+
+    async def get_token(self, token_id: str) -> Token | None:
+        row = await self._one("SELECT * FROM tokens WHERE id = ?", (token_id,))
+        return _token(row) if row else None
+
+    async def list_tokens(self, project_id: str | None = None) -> list[Token]:
+        if project_id is None:
+            rows = await self._all("SELECT * FROM tokens ORDER BY created_at")
+        else:
+            rows = await self._all(
+                "SELECT * FROM tokens WHERE project_id = ? ORDER BY created_at", (project_id,)
+            )
+        return [_token(r) for r in rows]
+
+    async def find_token_id_by_hash(self, token_hash: str) -> str | None:
+        row = await self._one("SELECT id FROM tokens WHERE token_hash = ?", (token_hash,))
+        return row["id"] if row else None
+
+    async def grant_for_hash(self, token_hash: str) -> TokenGrant | None:
+        row = await self._one(
+            "SELECT t.*, p.is_active AS project_is_active, p.api_key_encrypted"
+            " FROM tokens t JOIN projects p ON p.id = t.project_id WHERE t.token_hash = ?",
+            (token_hash,),
+        )
+        if row is None:
+            return None
+        return TokenGrant(_token(row), bool(row["project_is_active"]), row["api_key_encrypted"])
+
+    @_writes
+    async def update_token(
+        self, token_id: str, changes: dict[str, Any], audit: AuditEntry
+    ) -> Token | None:
+        unknown = set(changes) - _TOKEN_COLUMNS
+        if unknown:
+            raise ValueError(f"not a token column: {sorted(unknown)}")
+        if changes:
+            assignments = ", ".join(f"{column} = ?" for column in changes)
+            values = [_db_value(v) for v in changes.values()]
+            cur = await self._db.execute(
+                f"UPDATE tokens SET {assignments} WHERE id = ?", (*values, token_id)
+            )
+            if cur.rowcount == 0:
+                await self._db.rollback()
+                return None
+        token = await self.get_token(token_id)
+        if token is None:
+            return None
+        await self._changed(token.project_id, token_id)
+        await self._audit(audit)
+        await self._db.commit()
+        return token
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    @_writes
+    async def consume_request(self, token_id: str, at: datetime) -> bool:
+        cur = await self._db.execute(
+            "UPDATE tokens SET request_count = request_count + 1, last_used_at = ?"
+            " WHERE id = ? AND is_active = 1"
+            " AND (max_requests IS NULL OR request_count < max_requests)",
+            (_ts(at), token_id),
+        )
+        await self._db.commit()
+        return cur.rowcount == 1
+
+    @_writes
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        if not deltas:
+            return
+        await self._db.executemany(
+            "UPDATE tokens SET request_count = request_count + ?,"
+            " last_used_at = MAX(COALESCE(last_used_at, ''), ?) WHERE id = ?",
+            [(d.requests, _ts(d.last_used_at), d.token_id) for d in deltas],
+        )
+        await self._db.commit()
+
+    async def latest_change(self) -> int:
+        row = await self._one("SELECT COALESCE(MAX(id), 0) AS latest FROM changes", ())
+        return int(row["latest"]) if row else 0
+
+    async def changes_since(self, cursor: int) -> tuple[int, list[tuple[str | None, str | None]]]:
+        rows = await self._all(
+            "SELECT id, project_id, token_id FROM changes WHERE id > ? ORDER BY id", (cursor,)
+        )
+        if not rows:
+            return cursor, []
+        return rows[-1]["id"], [(r["project_id"], r["token_id"]) for r in rows]
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    @_writes
+    async def add_audit(self, entry: AuditEntry) -> None:
+        await self._audit(entry)
+        await self._db.commit()
+
+    async def list_audit(
+        self, filters: AuditFilter, page: int, page_size: int
+    ) -> tuple[list[AuditEvent], int]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column in ("actor", "action", "target_type", "target_id", "project_id", "outcome"):
+            value = getattr(filters, column)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if filters.since is not None:
+            clauses.append("timestamp >= ?")
+            params.append(_ts(filters.since))
+        if filters.until is not None:
+            clauses.append("timestamp < ?")
+            params.append(_ts(filters.until))
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        total_row = await self._one(f"SELECT COUNT(*) AS n FROM audit_events{where}", params)
+        rows = await self._all(
+            f"SELECT * FROM audit_events{where} ORDER BY id DESC LIMIT ? OFFSET ?",
+            (*params, page_size, (page - 1) * page_size),
+        )
+        events = [
+            AuditEvent(
+                id=r["id"],
+                timestamp=_parse_ts(r["timestamp"]) or utcnow(),
+                entry=AuditEntry(
+                    actor=r["actor"],
+                    action=r["action"],
+                    target_type=r["target_type"],
+                    target_id=r["target_id"],
+                    project_id=r["project_id"],
+                    details=orjson.loads(r["details"]),
+                    request_id=r["request_id"],
+                    client_ip=r["client_ip"],
+                    outcome=r["outcome"],
+                ),
+            )
+            for r in rows
+        ]
+        return events, int(total_row["n"]) if total_row else 0
+
+
+def counts_dict(counts: RevokeCounts) -> dict[str, int]:
+    return {
+        "revoked_count": counts.revoked_count,
+        "already_revoked_count": counts.already_revoked_count,
+        "total_tokens": counts.total_tokens,
+    }
+
+
+def _entry_fields(entry: AuditEntry) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in AuditEntry.__slots__}

@@ -1,0 +1,87 @@
+"""The upstream client interface the proxy path talks through.
+
+The proxy never touches an HTTP client library directly: it calls :class:`UpstreamClient`, so the
+implementation can be swapped for a leaner one without changing the proxy (see ``http1.py``).
+Failures are reported only as :class:`~llm_proxy.errors.UpstreamUnavailable` (connection refused,
+reset, dropped mid-body) or :class:`~llm_proxy.errors.UpstreamTimeout` (connect, response header or
+idle timeout), with messages that never carry a header value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+Body = bytes | AsyncIterable[bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. There is deliberately no total timeout: a stream may run as long as it keeps moving."""
+
+    connect: float = 10.0
+    response_header: float = 60.0
+    idle: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where requests go: scheme, host and port of an upstream base URL, plus its path prefix."""
+
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str = ""
+
+    @classmethod
+    def from_url(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+class UpstreamResponse(Protocol):
+    """A response whose head has arrived; the body is read by iterating."""
+
+    status: int
+    reason: str
+    headers: Sequence[tuple[str, str]]
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive, transfer coding removed, content coding left as sent."""
+        ...
+
+    async def aclose(self) -> None:
+        """Return the connection to the pool if the body was fully read, else close it."""
+        ...
+
+
+class UpstreamClient(Protocol):
+    async def request(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: Body,
+        timeouts: Timeouts,
+    ) -> UpstreamResponse:
+        """Send a request and return once the response head arrived.
+
+        ``target`` is the path and query to send (``origin.path_prefix`` already applied).
+        ``headers`` are sent as given, except that the client adds ``Host`` when absent and sets
+        ``Content-Length`` for a ``bytes`` body or ``Transfer-Encoding: chunked`` for an iterable one
+        when the caller gave no ``Content-Length``.
+        """
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,98 @@
+"""Field checks for JSON bodies and query strings; each failure names the field."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from llm_proxy.errors import InvalidField
+from llm_proxy.operations import MAX_DURATION_MINUTES
+
+MISSING: Any = object()
+
+
+def require_known(body: dict[str, Any], allowed: set[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise InvalidField(key, f"unknown field; expected one of {', '.join(sorted(allowed))}")
+
+
+def text(body: dict[str, Any], key: str, *, required: bool, max_length: int) -> Any:
+    value = body.get(key, MISSING)
+    if value is MISSING or value is None:
+        if required:
+            raise InvalidField(key, "is required")
+        return MISSING
+    if not isinstance(value, str):
+        raise InvalidField(key, "must be a string")
+    value = value.strip()
+    if required and not value:
+        raise InvalidField(key, "must not be empty")
+    if len(value) > max_length:
+        raise InvalidField(key, f"must be at most {max_length} characters")
+    return value
+
+
+def boolean(body: dict[str, Any], key: str) -> Any:
+    value = body.get(key, MISSING)
+    if value is MISSING:
+        return MISSING
+    if not isinstance(value, bool):
+        raise InvalidField(key, "must be true or false")
+    return value
+
+
+def integer(
+    body: dict[str, Any], key: str, *, minimum: int, maximum: int, required: bool = False
+) -> Any:
+    """An int within bounds; MISSING when absent, None when explicitly null (and not required)."""
+    value = body.get(key, MISSING)
+    if value is MISSING or (value is None and required):
+        if required:
+            raise InvalidField(key, "is required")
+        return MISSING
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField(key, "must be an integer")
+    if not minimum <= value <= maximum:
+        raise InvalidField(key, f"must be between {minimum} and {maximum}")
+    return value
+
+
+def mapping(body: dict[str, Any], key: str) -> Any:
+    value = body.get(key, MISSING)
+    if value is MISSING or value is None:
+        return MISSING
+    if not isinstance(value, dict):
+        raise InvalidField(key, "must be a JSON object")
+    return value
+
+
+def duration_minutes(body: dict[str, Any]) -> int:
+    value: int = integer(
+        body, "duration_minutes", minimum=1, maximum=MAX_DURATION_MINUTES, required=True
+    )
+    return value
+
+
+def timestamp(value: str | None, key: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidField(key, "must be an RFC 3339 timestamp") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def query_int(value: str | None, key: str, *, default: int, minimum: int, maximum: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidField(key, "must be an integer") from None
+    if not minimum <= number <= maximum:
+        raise InvalidField(key, f"must be between {minimum} and {maximum}")
+    return number

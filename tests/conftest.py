@@ -1,0 +1,160 @@
+"""Shared fixtures: a real proxy server on loopback in front of a real fake-upstream aiohttp app."""
+
+from __future__ import annotations
+
+import io
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from llm_proxy.api_config import ApiConfig, parse_api_config
+from llm_proxy.app import COMPONENTS, create_app
+from llm_proxy.logging_setup import configure_logging
+from llm_proxy.settings import Settings
+from tests.fakes import UPSTREAM_LOG, UpstreamLog, fake_upstream_app
+
+MANAGEMENT_TOKEN = "mgmt-test-" + secrets.token_urlsafe(16)
+UPSTREAM_KEY = "sk-upstream-REAL-" + secrets.token_urlsafe(16)
+
+ALLOWED = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/audio",
+    "/v1/files",
+]
+
+
+def provider_config(base_url: str, **overrides: Any) -> ApiConfig:
+    raw: dict[str, Any] = {
+        "base_url": base_url,
+        "allowed_endpoints": ALLOWED,
+        "allowed_methods": ["GET", "POST", "DELETE", "OPTIONS"],
+        "timeouts": {"connect": "2s", "response_header": "1s", "idle": "1s"},
+    }
+    raw.update(overrides)
+    return parse_api_config({"default_api": "openai", "apis": {"openai": raw}})
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    base = Settings(
+        listen_host="127.0.0.1",
+        listen_port=0,
+        management_token=MANAGEMENT_TOKEN,
+        admin_password="admin-secret",
+        database_url=f"sqlite:///{tmp_path}/llm-proxy.db",
+        encryption_key=b"k" * 32,
+        data_dir=tmp_path,
+        change_poll_seconds=0.05,
+        usage_flush_seconds=0.2,
+    )
+    return replace(base, **overrides)
+
+
+@dataclass
+class Proxy:
+    """A running proxy and helpers to drive it the way an operator and an application would."""
+
+    client: TestClient[web.Request, web.Application]
+    upstream: UpstreamLog
+    app: web.Application
+
+    @property
+    def base_url(self) -> str:
+        return str(self.client.make_url("")).rstrip("/")
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+
+    async def manage(self, method: str, path: str, json: Any = None) -> tuple[int, Any]:
+        response = await self.client.request(
+            method, "/manage" + path, json=json, headers=self.auth()
+        )
+        body = await response.json() if response.status != 204 else None
+        return response.status, body
+
+    async def create_project(self, name: str = "demo", api_key: str = UPSTREAM_KEY) -> str:
+        status, body = await self.manage("POST", "/projects", {"name": name, "api_key": api_key})
+        assert status == 201, body
+        return str(body["id"])
+
+    async def issue_token(
+        self, project_id: str | None = None, *, minutes: int = 60, max_requests: int | None = None
+    ) -> dict[str, Any]:
+        project_id = project_id or await self.create_project()
+        payload: dict[str, Any] = {"project_id": project_id, "duration_minutes": minutes}
+        if max_requests is not None:
+            payload["max_requests"] = max_requests
+        status, body = await self.manage("POST", "/tokens", payload)
+        assert status == 201, body
+        return dict(body)
+
+    async def token(self, **kwargs: Any) -> str:
+        return str((await self.issue_token(**kwargs))["token"])
+
+    @property
+    def components(self) -> Any:
+        return self.app[COMPONENTS]
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """Everything the application logs during the test, as text."""
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    yield stream
+    configure_logging("warning", "json")
+
+
+@pytest.fixture
+async def upstream_server() -> AsyncIterator[TestServer]:
+    server = TestServer(fake_upstream_app())
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+async def start_proxy(
+    tmp_path: Path, upstream_server: TestServer, **overrides: Any
+) -> tuple[TestClient[web.Request, web.Application], web.Application]:
+    api_overrides = overrides.pop("api", {})
+    settings = make_settings(tmp_path, **overrides)
+    api_config = provider_config(str(upstream_server.make_url("")).rstrip("/"), **api_overrides)
+    app = await create_app(settings, api_config=api_config)
+    client: TestClient[web.Request, web.Application] = TestClient(
+        TestServer(app, handler_cancellation=True)
+    )
+    await client.start_server()
+    return client, app
+
+
+@pytest.fixture
+async def proxy_factory(
+    tmp_path: Path, upstream_server: TestServer
+) -> AsyncIterator[Any]:
+    """Start proxies on one database (as separate processes would share it)."""
+    started: list[TestClient[web.Request, web.Application]] = []
+
+    async def start(**overrides: Any) -> Proxy:
+        client, app = await start_proxy(tmp_path, upstream_server, **overrides)
+        started.append(client)
+        return Proxy(client, upstream_server.app[UPSTREAM_LOG], app)
+
+    yield start
+    for client in started:
+        await client.close()
+
+
+@pytest.fixture
+async def proxy(proxy_factory: Any) -> Proxy:
+    result: Proxy = await proxy_factory()
+    return result

@@ -1,0 +1,195 @@
+"""Small fake Helicone and Lunary servers that check payloads the way the real services need them.
+
+Shapes follow Helicone's async logging API (``/custom/v1/log``: providerRequest, providerResponse,
+timing) and Lunary's ingestion endpoint (``/v1/runs/ingest``, as its backend validates and stores
+runs: start before end, UUID run ids, duplicate starts refused per run).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+HELICONE_KEY = "sk-helicone-test"
+LUNARY_KEY = "lunary-public-key"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def helicone_problems(body: Any) -> list[str]:
+    problems = []
+    if not isinstance(body, dict):
+        return ["body is not an object"]
+    request = body.get("providerRequest")
+    if not isinstance(request, dict):
+        problems.append("providerRequest missing")
+    else:
+        if not isinstance(request.get("url"), str):
+            problems.append("providerRequest.url must be a string")
+        if not isinstance(request.get("json"), dict):
+            problems.append("providerRequest.json must be an object")
+        meta = request.get("meta")
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            problems.append("providerRequest.meta must map strings to strings")
+    response = body.get("providerResponse")
+    if not isinstance(response, dict):
+        problems.append("providerResponse missing")
+    else:
+        if not _is_int(response.get("status")):
+            problems.append("providerResponse.status must be an integer")
+        if not isinstance(response.get("headers"), dict):
+            problems.append("providerResponse.headers must be an object")
+        if not isinstance(response.get("json"), dict) and not isinstance(
+            response.get("textBody"), str
+        ):
+            problems.append("providerResponse needs json (object) or textBody (string)")
+    timing = body.get("timing")
+    if timing is not None:
+        stamps = []
+        for key in ("startTime", "endTime"):
+            stamp = timing.get(key) if isinstance(timing, dict) else None
+            if not (
+                isinstance(stamp, dict)
+                and _is_int(stamp.get("seconds"))
+                and _is_int(stamp.get("milliseconds"))
+                and 0 <= stamp["milliseconds"] < 1000
+            ):
+                problems.append(f"timing.{key} must be {{seconds, milliseconds}}")
+            else:
+                stamps.append(stamp["seconds"] * 1000 + stamp["milliseconds"])
+        if len(stamps) == 2 and stamps[1] < stamps[0]:
+            problems.append("timing.endTime before startTime")
+        ttft = timing.get("timeToFirstToken") if isinstance(timing, dict) else None
+        if ttft is not None and not (isinstance(ttft, int | float) and ttft >= 0):
+            problems.append("timing.timeToFirstToken must be a non-negative number")
+    return problems
+
+
+class FakeHelicone:
+    def __init__(self, max_body: int = 1024 * 1024) -> None:
+        self.logs: list[dict[str, Any]] = []
+        self.answers: list[int] = []  # statuses to answer first, before accepting
+        self.max_body = max_body
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.router.add_post("/custom/v1/log", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {HELICONE_KEY}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        if self.answers:
+            return web.json_response({"error": "scripted"}, status=self.answers.pop(0))
+        raw = await request.read()
+        if len(raw) > self.max_body:
+            return web.json_response({"error": "Payload too large"}, status=413)
+        body = await request.json()
+        problems = helicone_problems(body)
+        if problems:
+            return web.json_response({"error": problems}, status=400)
+        self.logs.append(body)
+        return web.json_response({})
+
+
+LUNARY_TYPES = {
+    "llm",
+    "chain",
+    "agent",
+    "tool",
+    "log",
+    "embed",
+    "retriever",
+    "chat",
+    "convo",
+    "message",
+    "thread",
+}
+
+
+def lunary_problems(event: Any) -> list[str]:
+    if not isinstance(event, dict):
+        return ["event is not an object"]
+    problems = []
+    if event.get("type") not in LUNARY_TYPES:
+        problems.append(f"bad type {event.get('type')!r}")
+    if event.get("event") not in ("start", "end", "error"):
+        problems.append(f"bad event {event.get('event')!r}")
+    try:
+        uuid.UUID(str(event.get("runId")))
+        assert len(str(event.get("runId"))) == 36
+    except (ValueError, AssertionError):
+        problems.append("runId must be a UUID")
+    try:
+        datetime.fromisoformat(str(event.get("timestamp")).replace("Z", "+00:00"))
+    except ValueError:
+        problems.append("timestamp must be ISO 8601")
+    if event.get("event") == "start":
+        if not isinstance(event.get("name"), str):
+            problems.append("start needs a name")
+        if "input" not in event:
+            problems.append("start needs input")
+    if event.get("event") == "end":
+        if "output" not in event:
+            problems.append("end needs output")
+        usage = event.get("tokensUsage")
+        if usage is not None and not (
+            isinstance(usage, dict)
+            and _is_int(usage.get("prompt"))
+            and _is_int(usage.get("completion"))
+        ):
+            problems.append("tokensUsage must be {prompt, completion}")
+    if event.get("event") == "error":
+        error = event.get("error")
+        if not (isinstance(error, dict) and isinstance(error.get("message"), str)):
+            problems.append("error needs error.message")
+    return problems
+
+
+class FakeLunary:
+    def __init__(self) -> None:
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.received: list[dict[str, Any]] = []
+        self.answers: list[int] = []
+        self.refuse_run: set[str] = set()
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.router.add_post("/v1/runs/ingest", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {LUNARY_KEY}":
+            return web.json_response({"message": "This project does not exist"}, status=401)
+        if self.answers:
+            return web.json_response({"message": "scripted"}, status=self.answers.pop(0))
+        body = await request.json()
+        events = body.get("events") if isinstance(body, dict) else None
+        if events is None:
+            return web.json_response({"message": "Missing events payload."}, status=400)
+        events = events if isinstance(events, list) else [events]
+        problems = [p for e in events for p in lunary_problems(e)]
+        if problems:
+            return web.json_response({"message": problems}, status=400)
+        results = []
+        for event in sorted(
+            events, key=lambda e: datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+        ):
+            run = event["runId"]
+            self.received.append(event)
+            if run in self.refuse_run:
+                results.append({"id": run, "success": False, "error": "invalid input"})
+            elif event["event"] == "start" and run in self.runs:
+                results.append(
+                    {
+                        "id": run,
+                        "success": False,
+                        "error": "Run with this ID already exists in the database.",
+                    }
+                )
+            elif event["event"] == "start":
+                self.runs[run] = {"start": event}
+                results.append({"id": run, "success": True})
+            else:
+                self.runs.setdefault(run, {})[event["event"]] = event
+                results.append({"id": run, "success": True})
+        return web.json_response({"results": results})

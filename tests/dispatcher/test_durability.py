@@ -1,0 +1,211 @@
+"""At-least-once delivery when processes die and when Redis goes away.
+
+Figures (sent / delivered / duplicated) are printed; run with ``-s`` to see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from events_support import RedisServer, exchange
+from fakes import HELICONE_KEY, FakeHelicone
+
+from dispatcher.backends.file import FileBackend
+from dispatcher.retry import Backoff
+from dispatcher.worker import Worker, WorkerSettings
+from llm_proxy.events import EventsConfig, start_event_pipeline
+from llm_proxy.events.builder import build
+from llm_proxy.events.redis import RedisBus
+
+pytestmark = pytest.mark.redis
+
+ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+class StallingHelicone(FakeHelicone):
+    """Accepts ``stall_after`` logs, then holds every further request open: a batch in flight."""
+
+    def __init__(self, stall_after: int) -> None:
+        super().__init__()
+        self.stall_after = stall_after
+        self.stalled = 0
+        self.release = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.stall_after and len(self.logs) >= self.stall_after and not self.release.is_set():
+            self.stalled += 1
+            await self.release.wait()
+            return web.json_response({"error": "gone"}, status=503)
+        return await super().handle(request)
+
+
+def dispatcher_process(
+    redis_url: str, helicone_url: str, data_dir: Path, log: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "--service",
+        "helicone",
+        "--helicone-url",
+        helicone_url,
+        "--redis-url",
+        redis_url,
+        "--stream",
+        "durable:events",
+        "--batch-size",
+        "50",
+        "--batch-wait",
+        "0.05",
+        "--claim-idle",
+        "1",
+        "--data-dir",
+        str(data_dir),
+        *extra,
+    ]
+    env = {**os.environ, "HELICONE_API_KEY": HELICONE_KEY}
+    with log.open("ab") as output:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+async def test_killing_a_dispatcher_mid_batch_loses_nothing(
+    redis_server: RedisServer, aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    total = 300
+    fake = StallingHelicone(stall_after=120)
+    server = await aiohttp_server(fake.app)
+    url = str(server.make_url("/custom/v1/log"))
+    sent = [
+        build(exchange(request={"model": "gpt-4o", "n": i}, response=b"{}")) for i in range(total)
+    ]
+    bus = RedisBus(redis_server.url, stream="durable:events")
+    await bus.publish(sent)
+    await bus.close()
+
+    first = dispatcher_process(redis_server.url, url, tmp_path, tmp_path / "first.log")
+    try:
+        await until(lambda: fake.stalled > 0, 30, "the first dispatcher to be mid-batch")
+        await asyncio.sleep(0.2)  # let the rest of the batch's requests pile up
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait(10)
+    accepted_before_kill = len(fake.logs)
+    fake.release.set()
+
+    await asyncio.sleep(1.2)  # the dead consumer's entries must be idle longer than --claim-idle
+    second = dispatcher_process(redis_server.url, url, tmp_path, tmp_path / "second.log", "--burst")
+    try:
+        code = await asyncio.wait_for(asyncio.to_thread(second.wait), 45)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait(10)
+    assert code == 0, (tmp_path / "second.log").read_text()
+
+    delivered = Counter(log["providerRequest"]["meta"]["Helicone-Request-Id"] for log in fake.logs)
+    duplicates = sum(delivered.values()) - len(delivered)
+    print(
+        f"\nkill mid-batch: sent={total} accepted_before_kill={accepted_before_kill} "
+        f"deliveries={sum(delivered.values())} distinct={len(delivered)} duplicates={duplicates}"
+    )
+    assert set(delivered) == {e["id"] for e in sent}
+    assert accepted_before_kill > 100  # two whole batches and part of the third
+    assert duplicates == accepted_before_kill - 100  # exactly the unacknowledged part, redelivered
+    assert b"reclaimed pending events" in (tmp_path / "second.log").read_bytes()
+
+
+async def test_redis_outage_while_traffic_flows_delays_but_loses_no_event(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    config = EventsConfig(
+        bus="redis",
+        redis_url=redis_server.url,
+        data_dir=tmp_path,
+        stream="outage:events",
+        batch_size=16,
+    )
+    pipeline = await start_event_pipeline(config)
+    consumer_bus = RedisBus(redis_server.url, stream="outage:events", claim_idle=1.0)
+    log_path = tmp_path / "events.jsonl"
+    worker = Worker(
+        consumer_bus,
+        FileBackend(log_path),
+        WorkerSettings(
+            service="file",
+            dead_letter_path=tmp_path / "dead.jsonl",
+            batch_wait=0.05,
+            poll=0.2,
+            backoff=Backoff(base=0.05, cap=0.5),
+        ),
+    )
+    await worker.open()
+    worker.start()
+
+    def written() -> Counter[str]:
+        data = log_path.read_bytes() if log_path.exists() else b""
+        return Counter(orjson.loads(line)["request_id"] for line in data.splitlines())
+
+    sent: list[str] = []
+    slowest_submit = 0.0
+
+    async def traffic(count: int) -> None:
+        nonlocal slowest_submit
+        for i in range(count):
+            ex = exchange(
+                request={"model": "gpt-4o", "n": i}, response=b'{"usage": {"prompt_tokens": 1}}'
+            )
+            started = time.perf_counter()
+            pipeline.submit(ex)
+            slowest_submit = max(slowest_submit, time.perf_counter() - started)
+            sent.append(ex.request_id)
+            await asyncio.sleep(0.002)
+
+    try:
+        await traffic(100)
+        await until(lambda: len(written()) == 100, 20, "events before the outage")
+
+        outage = asyncio.create_task(traffic(200))
+        await asyncio.sleep(0.05)
+        redis_server.stop()
+        await asyncio.sleep(0.5)
+        assert pipeline.bus.spooling  # type: ignore[attr-defined]
+        redis_server.start()  # back, but empty: no persistence
+        await outage
+        await traffic(50)
+
+        await until(lambda: set(written()) == set(sent), 30, "every event after the outage")
+    finally:
+        await pipeline.close()
+        await worker.drain()
+        await consumer_bus.close()
+
+    counts = written()
+    duplicates = sum(counts.values()) - len(counts)
+    print(
+        f"\nredis outage: sent={len(sent)} written={sum(counts.values())} distinct={len(counts)} "
+        f"duplicates={duplicates} slowest_submit_us={slowest_submit * 1e6:.1f}"
+    )
+    assert set(counts) == set(sent) and len(sent) == 350
+    assert slowest_submit < 0.005
+    assert not (tmp_path / "dead.jsonl").exists()

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from events_support import exchange
+
+from dispatcher.backends import BackendError
+from dispatcher.backends.file import FileBackend
+from llm_proxy.events.builder import build
+from llm_proxy.events.event import Event
+
+
+def events(n: int) -> list[Event]:
+    return [build(exchange(request={"n": i}, response=b"")) for i in range(n)]
+
+
+def lines(path: Path) -> list[int]:
+    return (
+        [orjson.loads(line)["request"]["n"] for line in path.read_bytes().splitlines()]
+        if path.exists()
+        else []
+    )
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+async def test_one_json_event_per_line_appended_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "events.jsonl"
+    for start in (0, 3):
+        backend = FileBackend(path)
+        await backend.start()
+        sent = events(start + 3)[start:]
+        assert await backend.send(sent) == {}
+        await backend.close()
+    assert lines(path) == [0, 1, 2, 3, 4, 5]
+
+
+async def test_rotates_by_size_keeping_backups(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    one = len(orjson.dumps(events(1)[0])) + 1
+    backend = FileBackend(path, max_bytes=one * 2 + 10, backups=2)
+    await backend.start()
+    batch = events(8)
+    for i in range(0, 8, 2):
+        await backend.send(batch[i : i + 2])  # a batch is never split across files
+    await backend.close()
+    assert lines(path) == [6, 7]
+    assert lines(path.with_name("events.jsonl.1")) == [4, 5]
+    assert lines(path.with_name("events.jsonl.2")) == [2, 3]
+    assert not path.with_name("events.jsonl.3").exists()
+
+
+async def test_without_backups_rotation_starts_the_file_over(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    backend = FileBackend(path, max_bytes=10, backups=0)
+    await backend.start()
+    await backend.send(events(2)[:1])
+    await backend.send(events(2)[1:])
+    await backend.close()
+    assert lines(path) == [1]
+    assert names(tmp_path) == ["events.jsonl"]
+
+
+async def test_a_failed_write_is_retryable() -> None:
+    backend = FileBackend(Path("/dev/full"))
+    await backend.start()
+    try:
+        with pytest.raises(BackendError) as raised:
+            await backend.send(events(1))
+    finally:
+        await backend.close()
+    assert raised.value.rejection.retryable

@@ -1,0 +1,326 @@
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from events_support import chunk, exchange, free_port, sse, usage_chunk
+from fakes import HELICONE_KEY, LUNARY_KEY, FakeHelicone, FakeLunary
+from prometheus_client import REGISTRY
+
+from dispatcher.backends import BackendError
+from dispatcher.backends.helicone import HeliconeBackend, payload
+from dispatcher.backends.lunary import LunaryBackend, run_events, run_id
+from dispatcher.retry import Backoff
+from dispatcher.worker import Worker, WorkerSettings
+from llm_proxy.events.builder import build
+from llm_proxy.events.event import Event, parse_rfc3339
+from llm_proxy.events.memory import MemoryBus
+
+ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
+
+CHAT = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "hi"}],
+    "temperature": 0.2,
+    "user": "u-42",
+}
+
+
+def chat_event(**overrides: Any) -> Event:
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello!"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+    }
+    return build(exchange(request=CHAT, response=orjson.dumps(answer), **overrides))
+
+
+def stream_event() -> Event:
+    stream = sse(chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}, "stop"))
+    return build(
+        exchange(
+            request={**CHAT, "stream": True}, response=stream, content_type="text/event-stream"
+        )
+    )
+
+
+def worker_settings(tmp_path: Path, service: str) -> WorkerSettings:
+    return WorkerSettings(
+        service=service,
+        dead_letter_path=tmp_path / "dead.jsonl",
+        batch_wait=0.02,
+        poll=0.05,
+        backoff=Backoff(base=0.01, cap=0.04),
+        burst=True,
+    )
+
+
+async def deliver(backend: Any, events: list[Event], tmp_path: Path) -> Any:
+    bus = MemoryBus()
+    worker = Worker(bus, backend, worker_settings(tmp_path, backend.name))
+    worker.start()
+    await bus.publish(events)
+    return await worker.async_run()
+
+
+def dead_letters(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "dead.jsonl"
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+# -- Helicone ---------------------------------------------------------------------------------
+
+
+async def test_helicone_receives_the_async_log_shape_with_real_timing(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeHelicone()
+    server = await aiohttp_server(fake.app)
+    events = [chat_event(), stream_event()]
+    backend = HeliconeBackend(HELICONE_KEY, url=str(server.make_url("/custom/v1/log")))
+    assert HELICONE_KEY not in repr(backend)
+
+    summary = await deliver(backend, events, tmp_path)
+
+    assert summary.delivered == 2
+    by_id = {log["providerRequest"]["meta"]["Helicone-Request-Id"]: log for log in fake.logs}
+    plain = by_id[events[0]["id"]]
+    assert plain["providerRequest"]["json"] == CHAT
+    assert plain["providerRequest"]["meta"]["Helicone-Property-Project"] == "proj-1"
+    assert plain["providerResponse"]["status"] == 200
+    assert plain["providerResponse"]["json"]["choices"][0]["message"]["content"] == "Hello!"
+    start = parse_rfc3339(events[0]["timestamp"])
+    timing = plain["timing"]
+    assert timing["startTime"]["seconds"] * 1000 + timing["startTime"]["milliseconds"] == round(
+        start * 1000
+    )
+    end_ms = timing["endTime"]["seconds"] * 1000 + timing["endTime"]["milliseconds"]
+    assert end_ms == round((start + events[0]["duration_ms"] / 1000) * 1000)
+    assert "timeToFirstToken" not in timing
+
+    streamed = by_id[events[1]["id"]]
+    assert streamed["timing"]["timeToFirstToken"] == round(events[1]["ttfb_ms"] or 0)
+    assert streamed["providerResponse"]["json"]["choices"][0]["message"]["content"] == "Hello"
+    assert (
+        streamed["providerResponse"]["json"]["usage"]["completion_tokens"] > 0
+    )  # estimated, added
+    assert streamed["providerRequest"]["meta"]["Helicone-Property-Usage-Source"] == "estimated"
+
+
+async def test_helicone_retries_429_and_5xx_then_delivers(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeHelicone()
+    fake.answers = [429, 503]
+    server = await aiohttp_server(fake.app)
+    summary = await deliver(
+        HeliconeBackend(HELICONE_KEY, url=str(server.make_url("/custom/v1/log"))),
+        [chat_event()],
+        tmp_path,
+    )
+    assert summary.delivered == 1 and summary.retried == 2 and len(fake.logs) == 1
+
+
+async def test_helicone_permanent_refusal_is_dead_lettered(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = await aiohttp_server(FakeHelicone().app)
+    summary = await deliver(
+        HeliconeBackend("wrong-key", url=str(server.make_url("/custom/v1/log"))),
+        [chat_event()],
+        tmp_path,
+    )
+    assert summary.dead_lettered == 1
+    [line] = dead_letters(tmp_path)
+    assert line["reason"].startswith("HTTP 401")
+
+
+async def test_helicone_bodies_over_the_limit_are_truncated_not_refused(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeHelicone(max_body=1024 * 1024)
+    server = await aiohttp_server(fake.app)
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 3_000_000}]}
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "y" * 3_000_000}}]
+    }
+    event = build(
+        exchange(
+            request=big,
+            response=orjson.dumps(answer),
+            request_limit=8 << 20,
+            response_limit=8 << 20,
+        )
+    )
+    summary = await deliver(
+        HeliconeBackend(HELICONE_KEY, url=str(server.make_url("/custom/v1/log"))), [event], tmp_path
+    )
+    assert summary.delivered == 1
+    [log] = fake.logs
+    assert log["providerRequest"]["json"]["model"] == "gpt-4o-mini"
+    assert log["providerRequest"]["json"]["body"].endswith("…[truncated by llm-proxy]")
+    assert log["providerResponse"]["textBody"].endswith("…[truncated by llm-proxy]")
+
+
+async def test_helicone_unreachable_is_retryable() -> None:
+    backend = HeliconeBackend(HELICONE_KEY, url=f"http://127.0.0.1:{free_port()}/custom/v1/log")
+    await backend.start()
+    try:
+        refused = await backend.send([chat_event()])
+    finally:
+        await backend.close()
+    assert refused[0].retryable
+
+
+def test_helicone_payload_for_failures_and_odd_bodies() -> None:
+    failed = build(
+        exchange(request=b"not json", status=0, content_type="", error="upstream_timeout")
+    )
+    body = payload(failed, max_body_bytes=1000)
+    assert body["providerResponse"]["status"] == 504
+    assert body["providerResponse"]["textBody"] == "null"
+    assert body["providerRequest"]["json"] == {"model": "unknown", "body": "not json"}
+    assert body["providerRequest"]["meta"]["Helicone-Property-Error"] == "upstream_timeout"
+    listed = build(
+        exchange(
+            path="/v1/x",
+            request={"model": "m"},
+            response=sse({"a": 1}),
+            content_type="text/event-stream",
+        )
+    )
+    assert payload(listed, max_body_bytes=1000)["providerResponse"]["textBody"] == '[{"a":1}]'
+
+
+# -- Lunary -----------------------------------------------------------------------------------
+
+
+async def test_lunary_gets_start_and_end_runs_with_real_usage(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeLunary()
+    server = await aiohttp_server(fake.app)
+    event = chat_event()
+    backend = LunaryBackend(LUNARY_KEY, url=str(server.make_url("/")))
+    assert LUNARY_KEY not in repr(backend)
+
+    summary = await deliver(backend, [event], tmp_path)
+
+    assert summary.delivered == 1
+    run = fake.runs[run_id(event["request_id"])]
+    assert run["start"]["name"] == "gpt-4o-mini"
+    assert run["start"]["input"] == CHAT["messages"]
+    assert run["start"]["extra"] == {"temperature": 0.2}
+    assert run["start"]["userId"] == "u-42"
+    assert run["start"]["metadata"]["project_id"] == "proj-1"
+    assert run["end"]["output"] == {"role": "assistant", "content": "Hello!"}
+    assert run["end"]["tokensUsage"] == {"prompt": 9, "completion": 2}
+
+
+async def test_lunary_redelivery_counts_a_duplicate_and_is_accepted(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    duplicates = (
+        REGISTRY.get_sample_value("llm_proxy_dispatcher_duplicates_total", {"backend": "lunary"})
+        or 0.0
+    )
+    fake = FakeLunary()
+    server = await aiohttp_server(fake.app)
+    event = chat_event()
+    backend = LunaryBackend(LUNARY_KEY, url=str(server.make_url("/")))
+    await backend.start()
+    try:
+        assert await backend.send([event]) == {}
+        assert await backend.send([event]) == {}
+    finally:
+        await backend.close()
+    assert (
+        REGISTRY.get_sample_value("llm_proxy_dispatcher_duplicates_total", {"backend": "lunary"})
+        == duplicates + 1
+    )
+    assert len(fake.runs) == 1
+
+
+async def test_lunary_errors_and_refusals(aiohttp_server: ServerFactory, tmp_path: Path) -> None:
+    fake = FakeLunary()
+    server = await aiohttp_server(fake.app)
+    error = {"error": {"message": "The model does not exist", "type": "invalid_request_error"}}
+    failed = build(exchange(request=CHAT, response=orjson.dumps(error), status=404))
+    refused = chat_event()
+    fake.refuse_run.add(run_id(refused["request_id"]))
+    fake.answers = [500]
+
+    summary = await deliver(
+        LunaryBackend(LUNARY_KEY, url=str(server.make_url("/"))), [failed, refused], tmp_path
+    )
+
+    assert summary.delivered == 1 and summary.dead_lettered == 1 and summary.retried == 2
+    assert fake.runs[run_id(failed["request_id"])]["error"]["error"] == {
+        "message": "The model does not exist"
+    }
+    [line] = dead_letters(tmp_path)
+    assert line["reason"] == "lunary: invalid input"
+
+
+async def test_lunary_bad_key_raises_a_permanent_batch_error(aiohttp_server: ServerFactory) -> None:
+    server = await aiohttp_server(FakeLunary().app)
+    backend = LunaryBackend("wrong", url=str(server.make_url("/")))
+    await backend.start()
+    try:
+        with pytest.raises(BackendError) as raised:
+            await backend.send([chat_event()])
+    finally:
+        await backend.close()
+    assert not raised.value.rejection.retryable
+
+
+def test_lunary_run_events_for_other_endpoints() -> None:
+    completion = build(
+        exchange(
+            path="/v1/completions",
+            request={"model": "gpt-3.5-turbo-instruct", "prompt": "Say"},
+            response=orjson.dumps({"choices": [{"index": 0, "text": " hi"}]}),
+        )
+    )
+    start, end = run_events(completion)
+    assert start["input"] == "Say" and end["output"] == {"role": "assistant", "content": " hi"}
+    down = build(exchange(request=b"raw", status=0, content_type="", error="upstream_unavailable"))
+    start, end = run_events(down)
+    assert start["name"] == "/v1/chat/completions" and start["input"] == "raw"
+    assert end["event"] == "error" and end["error"]["message"] == "HTTP 0 (upstream_unavailable)"
+    many = {
+        "choices": [
+            {"index": 0, "message": {"content": "a"}},
+            {"index": 1, "message": {"content": "b"}},
+        ]
+    }
+    _, end = run_events(build(exchange(request=CHAT, response=orjson.dumps(many))))
+    assert end["output"] == [{"content": "a"}, {"content": "b"}]
+    responses = {"output": [{"type": "message"}], "usage": {"input_tokens": 1, "output_tokens": 1}}
+    _, end = run_events(
+        build(
+            exchange(
+                path="/v1/responses",
+                request={"model": "gpt-4.1", "input": "x"},
+                response=orjson.dumps(responses),
+            )
+        )
+    )
+    assert end["output"] == [{"type": "message"}]
+    _, end = run_events(build(exchange(path="/v1/models", request=None, response=b'{"data": []}')))
+    assert end["output"] == {"data": []} and "tokensUsage" not in end
+    assert run_id("req-1") == run_id("req-1") != run_id("req-2")
+    assert len(usage_chunk(1, 1)["choices"]) == 0

@@ -1,0 +1,281 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+import structlog
+from events_support import RedisServer, exchange
+
+from dispatcher import health
+from dispatcher.backends import BackendError, Rejection
+from dispatcher.embedded import start_file_event_log
+from dispatcher.retry import Backoff
+from dispatcher.worker import BackendStartError, Worker, WorkerSettings
+from llm_proxy.events import EventsConfig, start_event_pipeline
+from llm_proxy.events.builder import build
+from llm_proxy.events.event import Event
+from llm_proxy.events.memory import MemoryBus
+from llm_proxy.events.redis import RedisBus
+
+FAST = Backoff(base=0.01, cap=0.04)
+
+
+class RecordingBackend:
+    """A backend double: records batches; ``refuse`` decides per event and attempt."""
+
+    name = "recording"
+
+    def __init__(self, refuse: Callable[[Event, int], Rejection | None] | None = None) -> None:
+        self.refuse = refuse or (lambda event, attempt: None)
+        self.batches: list[list[Event]] = []
+        self.attempts: dict[str, int] = {}
+        self.started = self.closed = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
+        self.batches.append(list(events))
+        refused = {}
+        for i, event in enumerate(events):
+            attempt = self.attempts[event["id"]] = self.attempts.get(event["id"], 0) + 1
+            rejection = self.refuse(event, attempt)
+            if rejection is not None:
+                refused[i] = rejection
+        return refused
+
+    async def close(self) -> None:
+        self.closed = True
+
+    @property
+    def accepted(self) -> list[str]:
+        return [e["id"] for batch in self.batches for e in batch if self.refuse(e, 10**6) is None]
+
+
+def settings(tmp_path: Path, **overrides: object) -> WorkerSettings:
+    values: dict[str, object] = {
+        "service": "recording",
+        "dead_letter_path": tmp_path / "dead.jsonl",
+        "batch_wait": 0.05,
+        "poll": 0.05,
+        "backoff": FAST,
+        "burst": True,
+    }
+    values.update(overrides)
+    return WorkerSettings(**values)  # type: ignore[arg-type]
+
+
+def events(n: int) -> list[Event]:
+    return [build(exchange(request={"n": i}, response=b"")) for i in range(n)]
+
+
+def dead_letters(tmp_path: Path) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+
+
+async def test_batches_by_size(tmp_path: Path) -> None:
+    bus = MemoryBus()
+    backend = RecordingBackend()
+    worker = Worker(bus, backend, settings(tmp_path, batch_size=100))
+    worker.start()
+    sent = events(250)
+    await bus.publish(sent)
+    summary = await worker.async_run()
+    assert [len(b) for b in backend.batches] == [100, 100, 50]
+    assert [e for b in backend.batches for e in b] == sent
+    assert summary.delivered == 250 and summary.batches == 3
+    assert backend.started and backend.closed
+
+
+async def test_batches_by_time(tmp_path: Path) -> None:
+    bus = MemoryBus()
+    backend = RecordingBackend()
+    worker = Worker(bus, backend, settings(tmp_path, batch_wait=0.3, poll=0.5))
+    task = worker.start()
+    await bus.publish(events(3))
+    await asyncio.sleep(0.1)
+    await bus.publish(events(2))  # within batch_wait of the first: same batch
+    await asyncio.sleep(0.5)
+    await bus.publish(events(1))  # later: its own batch
+    await task
+    assert [len(b) for b in backend.batches] == [5, 1]
+
+
+async def test_retryable_failures_are_retried_until_accepted(tmp_path: Path) -> None:
+    def refuse(event: Event, attempt: int) -> Rejection | None:
+        return Rejection("HTTP 503", retryable=True) if attempt < 3 else None
+
+    bus = MemoryBus()
+    backend = RecordingBackend(refuse)
+    worker = Worker(bus, backend, settings(tmp_path))
+    worker.start()
+    await bus.publish(events(4))
+    summary = await worker.async_run()
+    assert summary.delivered == 4 and summary.retried == 8 and summary.dead_lettered == 0
+    assert all(count == 3 for count in backend.attempts.values())
+
+
+async def test_permanent_failures_go_to_the_dead_letter_file(tmp_path: Path) -> None:
+    sent = events(3)
+
+    def refuse(event: Event, attempt: int) -> Rejection | None:
+        return Rejection("HTTP 400: bad", retryable=False) if event is sent[1] else None
+
+    bus = MemoryBus()
+    backend = RecordingBackend(refuse)
+    worker = Worker(bus, backend, settings(tmp_path))
+    worker.start()
+    await bus.publish(sent)
+    summary = await worker.async_run()
+    assert summary.delivered == 2 and summary.dead_lettered == 1
+    [line] = dead_letters(tmp_path)
+    assert line["backend"] == "recording" and line["reason"] == "HTTP 400: bad"
+    assert line["event"] == sent[1]
+    assert len(backend.batches) == 1  # not retried
+
+
+async def test_retries_stop_at_max_attempts(tmp_path: Path) -> None:
+    bus = MemoryBus()
+    backend = RecordingBackend(lambda event, attempt: Rejection("HTTP 429", retryable=True))
+    worker = Worker(bus, backend, settings(tmp_path, max_attempts=3))
+    worker.start()
+    await bus.publish(events(2))
+    summary = await worker.async_run()
+    assert summary.dead_lettered == 2 and len(backend.batches) == 3
+    assert {line["reason"] for line in dead_letters(tmp_path)} == {
+        "gave up after 3 attempts: HTTP 429"
+    }
+
+
+class RaisingBackend(RecordingBackend):
+    def __init__(self, errors: list[Exception]) -> None:
+        super().__init__()
+        self.errors = errors
+
+    async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
+        if self.errors:
+            raise self.errors.pop(0)
+        return await super().send(events)
+
+
+async def test_batch_errors_and_unexpected_exceptions_are_retried(tmp_path: Path) -> None:
+    bus = MemoryBus()
+    backend = RaisingBackend([BackendError("timeout", retryable=True), RuntimeError("bug")])
+    worker = Worker(bus, backend, settings(tmp_path))
+    worker.start()
+    await bus.publish(events(2))
+    summary = await worker.async_run()
+    assert summary.delivered == 2 and summary.retried == 4
+
+
+async def test_whole_batch_permanent_error_dead_letters_it(tmp_path: Path) -> None:
+    bus = MemoryBus()
+    worker = Worker(
+        bus, RaisingBackend([BackendError("HTTP 401", retryable=False)]), settings(tmp_path)
+    )
+    worker.start()
+    await bus.publish(events(2))
+    assert (await worker.async_run()).dead_lettered == 2
+
+
+async def test_sigterm_stops_gracefully_with_a_summary(tmp_path: Path) -> None:
+    bus = MemoryBus()
+    backend = RecordingBackend()
+    worker = Worker(bus, backend, settings(tmp_path, burst=False))
+    serving = asyncio.create_task(worker.serve())
+    await asyncio.sleep(0.05)
+    await bus.publish(events(3))
+    await asyncio.sleep(0.2)
+    with structlog.testing.capture_logs() as logs:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 5) == 0
+    stopped = [entry for entry in logs if entry["event"] == "dispatcher stopped"]
+    assert stopped and stopped[0]["delivered"] == 3 and stopped[0]["drain_timed_out"] is False
+
+
+async def test_drain_timeout_dead_letters_what_the_memory_bus_cannot_redeliver(
+    tmp_path: Path,
+) -> None:
+    bus = MemoryBus()
+    backend = RecordingBackend(lambda event, attempt: Rejection("HTTP 503", retryable=True))
+    worker = Worker(bus, backend, settings(tmp_path, burst=False, drain_timeout=0.3))
+    worker.start()
+    await bus.publish(events(2))
+    await asyncio.sleep(0.1)
+    summary = await worker.drain()
+    assert summary.dead_lettered == 2
+    assert {line["reason"] for line in dead_letters(tmp_path)} == {"not delivered before shutdown"}
+
+
+async def test_a_backend_that_cannot_start_fails_the_worker(tmp_path: Path) -> None:
+    class Broken(RecordingBackend):
+        async def start(self) -> None:
+            raise PermissionError("read-only file system")
+
+    worker = Worker(MemoryBus(), Broken(), settings(tmp_path))
+    with pytest.raises(BackendStartError, match="read-only"):
+        await worker.async_run()
+    assert await Worker(MemoryBus(), Broken(), settings(tmp_path)).serve() == 1
+
+
+@pytest.mark.redis
+async def test_heartbeat_is_visible_to_check_while_running(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    bus = RedisBus(redis_server.url, stream="t:events")
+    heartbeat = health.RedisHeartbeat(bus.client, "t:events", "recording", ttl=5)
+    worker = Worker(
+        bus,
+        RecordingBackend(),
+        settings(tmp_path, burst=False, heartbeat_interval=0.05),
+        heartbeat=heartbeat,
+    )
+    try:
+        worker.start()
+        await bus.publish(events(2))
+        line = None
+        for _ in range(100):
+            line = await health.check(bus.client, "t:events", "recording", max_age=5)
+            if line and "delivered=2" in line:
+                break
+            await asyncio.sleep(0.05)
+        assert line is not None and "delivered=2" in line
+        worker.stop()
+        await worker.async_run()
+        assert await health.check(bus.client, "t:events", "recording", max_age=5) is None
+        await heartbeat.beat({"delivered": 0})
+        assert (
+            await health.check(bus.client, "t:events", "recording", max_age=-1) is None
+        )  # too old
+    finally:
+        await bus.close()
+    redis_server.stop()
+    down = RedisBus(redis_server.url)
+    assert await health.check(down.client, "t:events", "recording", max_age=5) is None
+    await down.close()
+
+
+async def test_file_event_log_runs_in_process_and_drains_on_close(tmp_path: Path) -> None:
+    pipeline = await start_event_pipeline(EventsConfig(bus="memory", data_dir=tmp_path))
+    log_path = tmp_path / "events.jsonl"
+    await start_file_event_log(pipeline, log_path, data_dir=tmp_path)
+    sent = [exchange(request={"model": "gpt-4o", "n": i}, response=b"{}") for i in range(50)]
+    for ex in sent:
+        pipeline.submit(ex)
+    await pipeline.close()
+    lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines()]
+    assert [line["request_id"] for line in lines] == [ex.request_id for ex in sent]
+
+
+async def test_file_event_log_refuses_an_unwritable_path(tmp_path: Path) -> None:
+    pipeline = await start_event_pipeline(EventsConfig(bus="memory", data_dir=tmp_path))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(BackendStartError):
+        await start_file_event_log(pipeline, blocker / "events.jsonl", data_dir=tmp_path)
+    await pipeline.close()

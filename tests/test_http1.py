@@ -1,0 +1,786 @@
+"""The lean HTTP/1.1 upstream client, against real servers on loopback.
+
+aiohttp apps play a well-behaved upstream; raw ``asyncio.start_server`` servers write exact bytes
+where an upstream has to misbehave (drop mid-body, stall, send HTTP/1.0 or garbage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from llm_proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from llm_proxy.http1 import HIGH_WATER, Http1Client, Http1Response
+from llm_proxy.upstream import Origin, Timeouts
+
+FAST = Timeouts(connect=1.0, response_header=1.0, idle=1.0)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+RawServer = Callable[[Handler], Awaitable[Origin]]
+AiohttpServer = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Http1Client]:
+    http = Http1Client()
+    yield http
+    await http.close()
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[RawServer]:
+    servers: list[asyncio.Server] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def start(handler: Handler) -> Origin:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+                tasks.discard(task)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        return Origin("http", "127.0.0.1", server.sockets[0].getsockname()[1])
+
+    yield start
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+def origin_of(server: TestServer) -> Origin:
+    return Origin(server.scheme, "127.0.0.1", server.port or 0)
+
+
+async def read_all(response: Http1Response) -> bytes:
+    try:
+        return b"".join([chunk async for chunk in response])
+    finally:
+        await response.aclose()
+
+
+async def get(client: Http1Client, origin: Origin, target: str = "/") -> bytes:
+    return await read_all(await client.request("GET", origin, target, [], None, FAST))
+
+
+def peer_port(request: web.Request) -> int:
+    assert request.transport is not None
+    port: int = request.transport.get_extra_info("peername")[1]
+    return port
+
+
+@pytest.fixture
+async def ports_app(aiohttp_server: AiohttpServer) -> Origin:
+    """An upstream answering with the client port it sees: one port, one connection."""
+
+    async def hello(request: web.Request) -> web.Response:
+        close = request.query.get("close") == "1"
+        headers = {"Connection": "close"} if close else {}
+        return web.Response(text=str(peer_port(request)), headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    return origin_of(await aiohttp_server(app))
+
+
+async def test_content_length_body_is_returned_with_status_reason_and_headers(
+    aiohttp_server: AiohttpServer, client: Http1Client
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=201, body=b"x" * 1000, headers={"X-Thing": "a b"})
+
+    app = web.Application()
+    app.router.add_get("/thing", handler)
+    origin = origin_of(await aiohttp_server(app))
+
+    response = await client.request("GET", origin, "/thing", [], None, FAST)
+
+    assert (response.status, response.reason) == (201, "Created")
+    assert ("X-Thing", "a b") in response.headers
+    assert ("Content-Length", "1000") in response.headers
+    assert await read_all(response) == b"x" * 1000
+
+
+async def test_chunked_body_yields_each_chunk_as_it_arrives(
+    aiohttp_server: AiohttpServer, client: Http1Client
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in (b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"):
+            await response.write(part)
+            await asyncio.sleep(0.05)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    response = await client.request(
+        "GET", origin_of(await aiohttp_server(app)), "/", [], None, FAST
+    )
+
+    assert ("Transfer-Encoding", "chunked") in response.headers
+    assert [chunk async for chunk in response] == [
+        b"data: 1\n\n",
+        b"data: 2\n\n",
+        b"data: [DONE]\n\n",
+    ]
+    await response.aclose()
+
+
+async def test_sequential_requests_reuse_one_connection(
+    ports_app: Origin, client: Http1Client
+) -> None:
+    ports = {await get(client, ports_app) for _ in range(3)}
+    assert len(ports) == 1
+
+
+async def test_connection_close_response_is_not_reused(
+    ports_app: Origin, client: Http1Client
+) -> None:
+    assert await get(client, ports_app, "/?close=1") != await get(client, ports_app)
+
+
+async def test_head_and_204_have_no_body_and_keep_the_connection(
+    aiohttp_server: AiohttpServer, client: Http1Client
+) -> None:
+    ports: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        ports.append(peer_port(request))
+        if request.path == "/empty":
+            return web.Response(status=204)
+        return web.Response(body=b"hello")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    app.router.add_get("/empty", handler)
+    origin = origin_of(await aiohttp_server(app))
+
+    head = await client.request("HEAD", origin, "/", [], None, FAST)
+    assert head.status == 200 and ("Content-Length", "5") in head.headers
+    assert await read_all(head) == b""
+    empty = await client.request("GET", origin, "/empty", [], None, FAST)
+    assert empty.status == 204
+    assert await read_all(empty) == b""
+    assert await get(client, origin) == b"hello"
+    assert len(ports) == 3 and len(set(ports)) == 1
+
+
+async def test_body_delimited_by_close_is_read_to_the_end(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst ")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(b"second")
+
+    origin = await raw_server(handler)
+    assert await get(client, origin) == b"first second"
+    assert await get(client, origin) == b"first second"
+
+
+async def test_informational_response_is_skipped(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()
+
+    response = await client.request("POST", await raw_server(handler), "/", [], b"{}", FAST)
+    assert response.status == 200
+    assert await read_all(response) == b"ok"
+
+
+async def test_idle_connection_closed_by_upstream_is_not_used(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    origin = await raw_server(handler)
+    assert await get(client, origin) == b"ok"
+    await asyncio.sleep(0.05)  # the upstream's FIN reaches the pooled connection
+    assert await get(client, origin) == b"ok"
+    assert connections == 2
+
+
+def first_connection_drops_second_request(counter: list[int]) -> Handler:
+    """Answer once, then close on the next request the way an idle-timing-out upstream would."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counter.append(1)
+        first = len(counter) == 1
+        while True:
+            head = await read_head(reader)
+            if b"content-length: 3" in head.lower():
+                await reader.readexactly(3)
+            if first and len(counter) == 1 and head.startswith(b"GET /second"):
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    return handler
+
+
+async def test_reused_connection_closed_before_answering_is_retried_once(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    counter: list[int] = []
+    origin = await raw_server(first_connection_drops_second_request(counter))
+
+    assert await get(client, origin, "/first") == b"ok"
+    response = await client.request("GET", origin, "/second", [], b"abc", FAST)
+    assert await read_all(response) == b"ok"
+    assert len(counter) == 2
+
+
+async def test_streamed_body_is_not_retried(raw_server: RawServer, client: Http1Client) -> None:
+    counter: list[int] = []
+    origin = await raw_server(first_connection_drops_second_request(counter))
+
+    async def body() -> AsyncIterator[bytes]:
+        await asyncio.sleep(0.05)
+        yield b"abc"
+
+    assert await get(client, origin, "/first") == b"ok"
+    with pytest.raises(UpstreamUnavailable):
+        await client.request("GET", origin, "/second", [], body(), FAST)
+    assert len(counter) == 1
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_upstream_dropping_mid_body_raises_unavailable(
+    raw_server: RawServer, client: Http1Client, response: bytes
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(response)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+    got = await client.request("GET", await raw_server(handler), "/", [], None, FAST)
+    chunks = []
+    with pytest.raises(UpstreamUnavailable):
+        async for chunk in got:
+            chunks.append(chunk)
+    await got.aclose()
+    assert b"".join(chunks) in (b"0123456789", b"hello")
+
+
+async def test_upstream_closing_before_the_head_raises_unavailable(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+
+    with pytest.raises(UpstreamUnavailable, match="closed the connection"):
+        await client.request("GET", await raw_server(handler), "/", [], None, FAST)
+
+
+async def test_invalid_response_raises_unavailable(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await reader.read()
+
+    with pytest.raises(UpstreamUnavailable, match="invalid HTTP response"):
+        await client.request("GET", await raw_server(handler), "/", [], None, FAST)
+
+
+async def test_bytes_after_the_response_drop_the_connection(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
+        await reader.read()
+
+    origin = await raw_server(handler)
+    assert await get(client, origin) == b"ok"
+    assert await get(client, origin) == b"ok"
+    assert connections == 2
+
+
+async def test_connection_refused_raises_unavailable(client: Http1Client) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(UpstreamUnavailable, match="cannot connect"):
+        await client.request("GET", Origin("http", "127.0.0.1", port), "/", [], None, FAST)
+
+
+async def test_connect_timeout_covers_a_stalled_tls_handshake(raw_server: RawServer) -> None:
+    # Nothing routable is reachable from a sandbox, so the stall is an upstream that accepts TCP
+    # and never answers the TLS ClientHello: the connect timeout spans TCP and TLS.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    origin = await raw_server(handler)
+    http = Http1Client(ssl_context=ssl.create_default_context())
+    try:
+        with pytest.raises(UpstreamTimeout, match="connect timeout"):
+            await http.request(
+                "GET",
+                Origin("https", origin.host, origin.port),
+                "/",
+                [],
+                None,
+                Timeouts(connect=0.1),
+            )
+    finally:
+        await http.close()
+
+
+async def test_response_header_timeout(raw_server: RawServer, client: Http1Client) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    headers = [("Authorization", "Bearer sk-secret")]
+    timeouts = Timeouts(response_header=0.1)
+    with pytest.raises(UpstreamTimeout, match="response header timeout") as caught:
+        await client.request("GET", await raw_server(handler), "/", headers, None, timeouts)
+    assert "sk-secret" not in str(caught.value)
+
+
+async def test_idle_timeout_between_body_chunks(raw_server: RawServer, client: Http1Client) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await asyncio.sleep(0.05)
+        writer.write(b"5\r\nworld\r\n")
+        await reader.read()
+
+    timeouts = Timeouts(idle=0.2)
+    response = await client.request("GET", await raw_server(handler), "/", [], None, timeouts)
+    chunks = []
+    with pytest.raises(UpstreamTimeout, match="idle timeout"):
+        async for chunk in response:
+            chunks.append(chunk)
+    await response.aclose()
+    assert chunks == [b"hello", b"world"]
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("tls")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_tls_upstream_with_trusted_self_signed_certificate(
+    aiohttp_server: AiohttpServer, certificate: tuple[Path, Path]
+) -> None:
+    cert_path, key_path = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert_path, key_path)
+    ports: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        ports.append(peer_port(request))
+        return web.Response(body=b"over tls to " + request.headers["Host"].encode())
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    server = await aiohttp_server(app, ssl=server_context)
+    origin = Origin("https", "127.0.0.1", server.port or 0)
+
+    untrusting = Http1Client()
+    try:
+        with pytest.raises(UpstreamUnavailable, match="SSLCertVerificationError"):
+            await untrusting.request("GET", origin, "/", [], None, FAST)
+    finally:
+        await untrusting.close()
+
+    http = Http1Client(ssl_context=ssl.create_default_context(cafile=str(cert_path)))
+    try:
+        assert await get(http, origin) == f"over tls to 127.0.0.1:{origin.port}".encode()
+        assert await get(http, origin) == f"over tls to 127.0.0.1:{origin.port}".encode()
+    finally:
+        await http.close()
+    assert len(set(ports)) == 1
+
+
+@pytest.fixture
+async def echo_hash_app(aiohttp_server: AiohttpServer) -> Origin:
+    """Answers with the request body's SHA-256 and its framing headers."""
+
+    async def handler(request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+        framing = (
+            f"{request.headers.get('Content-Length')} {request.headers.get('Transfer-Encoding')}"
+        )
+        return web.Response(text=f"{digest.hexdigest()} {framing}")
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    return origin_of(await aiohttp_server(app))
+
+
+async def test_large_bodies_both_ways_keep_their_integrity(
+    aiohttp_server: AiohttpServer, echo_hash_app: Origin, client: Http1Client
+) -> None:
+    payload = os.urandom(20 * 1024 * 1024)
+    expected = hashlib.sha256(payload).hexdigest()
+
+    response = await client.request("POST", echo_hash_app, "/", [], payload, FAST)
+    assert await read_all(response) == f"{expected} {len(payload)} None".encode()
+
+    async def download(request: web.Request) -> web.Response:
+        return web.Response(body=payload)
+
+    app = web.Application()
+    app.router.add_get("/", download)
+    response = await client.request(
+        "GET", origin_of(await aiohttp_server(app)), "/", [], None, FAST
+    )
+    digest = hashlib.sha256()
+    async for chunk in response:
+        digest.update(chunk)
+    await response.aclose()
+    assert digest.hexdigest() == expected
+
+
+@pytest.mark.parametrize("with_length", [True, False], ids=["content-length", "chunked"])
+async def test_streamed_request_body_arrives_unchanged(
+    echo_hash_app: Origin, client: Http1Client, with_length: bool
+) -> None:
+    parts = [os.urandom(100_000) for _ in range(30)] + [b""] + [b"tail"]
+    data = b"".join(parts)
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    headers = [("Content-Length", str(len(data)))] if with_length else []
+    response = await client.request("POST", echo_hash_app, "/", headers, body(), FAST)
+    framing = f"{len(data)} None" if with_length else "None chunked"
+    assert await read_all(response) == f"{hashlib.sha256(data).hexdigest()} {framing}".encode()
+
+
+async def test_slow_reader_pauses_a_fast_upstream(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    total = 16 * 1024 * 1024
+    payload = os.urandom(total)
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for offset in range(0, total, 65536):
+            writer.write(payload[offset : offset + 65536])
+            await writer.drain()
+            sent = offset + 65536
+
+    response = await client.request("GET", await raw_server(handler), "/", [], None, FAST)
+    connection = response._conn
+    assert connection is not None
+    digest = hashlib.sha256()
+    most_buffered = 0
+    async for chunk in response:
+        if not most_buffered:
+            await asyncio.sleep(0.2)  # a slow consumer, while the upstream writes as fast as it can
+            assert not connection._transport.is_reading()
+            assert sent < total
+        digest.update(chunk)
+        # asyncio reads at most 256 KiB at a time, so the buffer overshoots the mark by one read.
+        most_buffered = max(most_buffered, connection._buffered)
+    await response.aclose()
+    assert HIGH_WATER < most_buffered <= HIGH_WATER + 256 * 1024
+    assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+async def test_abandoned_response_closes_its_connection(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    closed = asyncio.Event()
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+        await reader.read()
+        closed.set()
+
+    origin = await raw_server(handler)
+    response = await client.request("GET", origin, "/", [], None, FAST)
+    async for chunk in response:
+        assert chunk == b"0123456789"
+        break
+    await response.aclose()
+    await asyncio.wait_for(closed.wait(), 1)
+    assert [chunk async for chunk in response] == []
+    await response.aclose()
+
+
+async def test_early_response_stops_a_streamed_upload(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(1000):
+            yield b"x" * 1_000_000
+            sent += 1
+
+    response = await client.request("POST", await raw_server(handler), "/", [], body(), FAST)
+    assert response.status == 413
+    assert sent < 1000
+    assert await read_all(response) == b""
+
+
+async def test_request_head_framing(raw_server: RawServer, client: Http1Client) -> None:
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_head(reader)
+            heads.append(head)
+            if b"Content-Length: 2\r\n" in head:
+                await reader.readexactly(2)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    origin = await raw_server(handler)
+    await read_all(await client.request("POST", origin, "/a?b=c", [("X-A", "é")], None, FAST))
+    given = [("Host", "api.example"), ("Content-Length", "2")]
+    await read_all(await client.request("PUT", origin, "/", given, b"{}", FAST))
+    await read_all(await client.request("GET", origin, "/", [], None, FAST))
+
+    assert heads == [
+        f"POST /a?b=c HTTP/1.1\r\nX-A: é\r\nHost: 127.0.0.1:{origin.port}\r\n"
+        "Content-Length: 0\r\n\r\n".encode(),
+        b"PUT / HTTP/1.1\r\nHost: api.example\r\nContent-Length: 2\r\n\r\n",
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode(),
+    ]
+    with pytest.raises(ValueError, match="line break"):
+        await client.request("GET", origin, "/", [("X-A", "a\r\nX-B: b")], None, FAST)
+
+
+async def test_idle_pool_is_lifo_bounded_and_expires(ports_app: Origin) -> None:
+    http = Http1Client(max_idle_per_origin=2, keepalive_expiry=0.1)
+
+    async def together(n: int) -> list[Http1Response]:
+        return await asyncio.gather(
+            *(http.request("GET", ports_app, "/", [], None, FAST) for _ in range(n))
+        )
+
+    try:
+        a, b, c = [await read_all(r) for r in await together(3)]  # c pushes a out: two idle at most
+        first, second, third = await together(3)
+        assert [await read_all(first), await read_all(second)] == [c, b]  # most recent first
+        await asyncio.sleep(0.15)
+        d = await read_all(third)  # b and c expired meanwhile: only d stays
+        assert d not in (a, b, c)
+        assert await get(http, ports_app) == d
+        e, f = [await read_all(r) for r in await together(2)]
+        await asyncio.sleep(0.15)
+        assert await get(http, ports_app) not in (a, b, c, d, e, f)  # both idle ones expired
+    finally:
+        await http.close()
+
+
+async def test_close_closes_idle_connections(raw_server: RawServer) -> None:
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()
+        closed.set()
+
+    origin = await raw_server(handler)
+    http = Http1Client()
+    pending = await http.request("GET", origin, "/", [], None, FAST)
+    assert await get(http, origin) == b"ok"
+    await http.close()
+    await asyncio.wait_for(closed.wait(), 1)
+    assert await read_all(pending) == b"ok"  # a response finished after close() is not pooled
+
+
+async def test_slow_reader_is_not_subject_to_the_idle_timeout(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n")
+        await asyncio.sleep(0.02)
+        writer.write(b"3\r\ntwo\r\n0\r\n\r\n")
+        await reader.read()
+
+    timeouts = Timeouts(response_header=0.1, idle=0.1)
+    response = await client.request("GET", await raw_server(handler), "/", [], None, timeouts)
+    chunks = []
+    async for chunk in response:
+        await asyncio.sleep(0.15)  # longer than both timeouts, but the upstream is not the slow one
+        chunks.append(chunk)
+    assert chunks == [b"one", b"two"]
+
+
+async def test_upstream_closing_during_a_streamed_upload_raises_unavailable(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(0.1)  # not reading: the client's writes back up, then the close
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(1000):
+            yield b"x" * 1_000_000
+
+    with pytest.raises(UpstreamUnavailable):
+        await client.request("POST", await raw_server(handler), "/", [], body(), FAST)
+
+
+async def test_body_sent_to_a_head_request_drops_the_connection(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+
+    origin = await raw_server(handler)
+    assert await read_all(await client.request("HEAD", origin, "/", [], None, FAST)) == b""
+    await asyncio.sleep(0.05)
+    assert await get(client, origin) == b"hello"
+    assert connections == 2
+
+
+async def test_unread_but_complete_body_leaves_the_connection_reusable(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    size = HIGH_WATER + 100_000
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size)
+
+    origin = await raw_server(handler)
+    response = await client.request("GET", origin, "/", [], None, FAST)
+    await asyncio.sleep(0.05)  # the whole body arrives and is buffered, reading paused
+    await response.aclose()
+    assert len(await get(client, origin)) == size
+    assert connections == 1
+
+
+async def test_caller_transfer_encoding_is_not_doubled(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    received = asyncio.get_running_loop().create_future()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        received.set_result(head + await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await reader.read()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"hello"
+
+    origin = await raw_server(handler)
+    headers = [("Transfer-Encoding", "chunked")]
+    response = await client.request("POST", origin, "/", headers, body(), FAST)
+    await response.aclose()
+    assert await received == (
+        f"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+        "5\r\nhello\r\n0\r\n\r\n".encode()
+    )
