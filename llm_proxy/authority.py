@@ -96,11 +96,18 @@ class TokenAuthority:
                 tally[0] += 1
                 tally[1] = wall
             return grant
-        if grant.exhausted or not await self._store.consume_request(
-            grant.token_id, datetime.fromtimestamp(wall, UTC)
-        ):
+        if grant.exhausted or not await self._claim(grant.token_id, wall):
             return await self._refused_quota(digest, grant)
         return grant
+
+    async def _claim(self, token_id: str, wall: float) -> bool:
+        try:
+            return await self._store.consume_request(token_id, datetime.fromtimestamp(wall, UTC))
+        except Exception as exc:
+            log.error("token_authority.store_failed", operation="consume", error=str(exc))
+            raise errors.ServiceUnavailable(
+                "The token store is unavailable; retry shortly."
+            ) from None
 
     async def _refused_quota(self, digest: str, grant: Grant) -> Grant:
         # The claim failed: either the quota is used up, or another process revoked the token a
@@ -135,7 +142,13 @@ class TokenAuthority:
         return grant
 
     async def _fetch(self, digest: str, now: float) -> Grant | None:
-        row = await self._store.grant_for_hash(digest)
+        try:
+            row = await self._store.grant_for_hash(digest)
+        except Exception as exc:
+            log.error("token_authority.store_failed", operation="lookup", error=str(exc))
+            raise errors.ServiceUnavailable(
+                "The token store is unavailable; retry shortly."
+            ) from None
         if row is None:
             if len(self._unknown) >= _NEGATIVE_MAX:
                 self._unknown.clear()

@@ -22,6 +22,7 @@ from llm_proxy.settings import (
     check_redis_url,
     parse_encryption_key,
     parse_listen_addr,
+    parse_positive_int,
     parse_size,
 )
 
@@ -47,15 +48,13 @@ def build_settings(
     log_format: str | None,
     data_dir: str,
     file_event_log: str | None,
-    workers: int,
+    workers: int | str,
     max_request_body: str,
     is_tty: bool,
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
     data_path = Path(data_dir)
-    if workers < 1:
-        raise SettingsError("WORKERS: must be at least 1")
     if not admin_user.strip():
         raise SettingsError("ADMIN_USER: must not be empty")
     return Settings(
@@ -75,7 +74,7 @@ def build_settings(
         ),
         data_dir=data_path,
         file_event_log=Path(file_event_log) if file_event_log else None,
-        workers=workers,
+        workers=parse_positive_int("WORKERS", workers),
         max_request_body_bytes=parse_size("MAX_REQUEST_BODY", max_request_body),
     )
 
@@ -122,7 +121,8 @@ def build_settings(
     show_envvar=True,
     help="Write every event to this JSONL file from an in-process dispatcher.",
 )
-@click.option("--workers", envvar="WORKERS", default=1, type=int, show_envvar=True)
+# Parsed by build_settings, not click, so a bad value stops start-up with the one-line error.
+@click.option("--workers", envvar="WORKERS", default="1", show_envvar=True)
 @click.option(
     "--max-request-body",
     envvar="MAX_REQUEST_BODY",
@@ -139,12 +139,17 @@ def server(**options: str | int | None) -> None:
         click.echo(f"llm-proxy: {exc}", err=True)
         sys.exit(2)
     except ApiConfigError as exc:
-        click.echo(f"llm-proxy: API_CONFIG_PATH: {exc}", err=True)
+        # YAML parser messages span several lines; start-up errors are one.
+        click.echo(f"llm-proxy: API_CONFIG_PATH: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
     from llm_proxy.server import run_server
 
     configure_logging(settings.log_level, settings.log_format)
-    run_server(settings)
+    try:
+        run_server(settings)
+    except SettingsError as exc:
+        click.echo(f"llm-proxy: {exc}", err=True)
+        sys.exit(1)
 
 
 main.add_command(manage)

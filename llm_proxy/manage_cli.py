@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
@@ -54,11 +56,23 @@ def _common_options(func: F) -> F:
 
 
 def _options(ctx: click.Context, /, overrides: dict[str, Any]) -> ClientOptions:
-    base: ClientOptions = ctx.find_object(ClientOptions) or ClientOptions()
+    parent: ClientOptions | None = ctx.find_object(ClientOptions)
+    base = parent or ClientOptions()
+
+    def pick(name: str, inherited: Any) -> Any:
+        # A leaf reads the same environment variables as the group; only a flag typed on the leaf
+        # may override what the group already settled (its own flag or the environment).
+        value = overrides.pop(name, None)
+        if value is None:
+            return inherited
+        if parent is None or ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            return value
+        return inherited if inherited is not None else value
+
     return ClientOptions(
-        base_url=(overrides.pop("manage_api_base_url", None) or base.base_url).rstrip("/"),
-        management_token=overrides.pop("management_token", None) or base.management_token,
-        as_json=bool(overrides.pop("as_json", None) or base.as_json),
+        base_url=str(pick("manage_api_base_url", base.base_url)).rstrip("/"),
+        management_token=pick("management_token", base.management_token),
+        as_json=bool(pick("as_json", None) or base.as_json),
     )
 
 
@@ -87,6 +101,11 @@ def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | No
     return json.loads(payload) if payload else None
 
 
+def _quote(identifier: str) -> str:
+    """An id as one path segment: ``../tokens`` must not address another route."""
+    return urllib.parse.quote(identifier, safe="")
+
+
 def _error_message(exc: urllib.error.HTTPError) -> str:
     try:
         error = json.loads(exc.read())["error"]
@@ -101,7 +120,9 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> 
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console(file=sys.stdout, soft_wrap=True).print(table)
+    # Off a terminal rich assumes 80 columns and folds ids mid-value; give a pipe the full width.
+    width = None if sys.stdout.isatty() else 10_000
+    Console(file=sys.stdout, soft_wrap=True, width=width).print(table)
 
 
 def _print_record(record: dict[str, Any]) -> None:
@@ -187,7 +208,7 @@ def project_list(ctx: click.Context, /, **o: Any) -> None:
 def project_get(ctx: click.Context, /, project_id: str, **o: Any) -> None:
     """Show one project."""
     opts = _options(ctx, o)
-    _emit(opts, _call(opts, "GET", f"/manage/projects/{project_id}"))
+    _emit(opts, _call(opts, "GET", f"/manage/projects/{_quote(project_id)}"))
 
 
 @project.command("update")
@@ -226,7 +247,7 @@ def project_update(
         body["revoke_tokens"] = True
     if not body:
         raise click.UsageError("nothing to update: give at least one option")
-    _emit(opts, _call(opts, "PATCH", f"/manage/projects/{project_id}", body))
+    _emit(opts, _call(opts, "PATCH", f"/manage/projects/{_quote(project_id)}", body))
 
 
 @project.command("delete")
@@ -236,7 +257,7 @@ def project_update(
 def project_delete(ctx: click.Context, /, project_id: str, **o: Any) -> None:
     """Delete a project; its tokens stop working at once."""
     opts = _options(ctx, o)
-    _call(opts, "DELETE", f"/manage/projects/{project_id}")
+    _call(opts, "DELETE", f"/manage/projects/{_quote(project_id)}")
     if opts.as_json:
         click.echo(json.dumps({"deleted": project_id}))
     else:
@@ -279,7 +300,7 @@ def token_generate(
 def token_list(ctx: click.Context, /, project_id: str | None, **o: Any) -> None:
     """List tokens (never their values)."""
     opts = _options(ctx, o)
-    path = "/manage/tokens" + (f"?project_id={project_id}" if project_id else "")
+    path = "/manage/tokens" + (f"?project_id={_quote(project_id)}" if project_id else "")
     _emit(opts, _call(opts, "GET", path), columns=TOKEN_COLUMNS, title="Tokens")
 
 
@@ -290,7 +311,7 @@ def token_list(ctx: click.Context, /, project_id: str | None, **o: Any) -> None:
 def token_get(ctx: click.Context, /, token_id: str, **o: Any) -> None:
     """Show one token."""
     opts = _options(ctx, o)
-    _emit(opts, _call(opts, "GET", f"/manage/tokens/{token_id}"))
+    _emit(opts, _call(opts, "GET", f"/manage/tokens/{_quote(token_id)}"))
 
 
 @token.command("revoke")
@@ -307,14 +328,14 @@ def token_revoke(
     if sum(x is not None for x in (token_id, value, project_id)) != 1:
         raise click.UsageError("give exactly one of TOKEN_ID, --value or --project-id")
     if project_id is not None:
-        counts = _call(opts, "POST", f"/manage/projects/{project_id}/tokens/revoke")
+        counts = _call(opts, "POST", f"/manage/projects/{_quote(project_id)}/tokens/revoke")
         _emit(opts, counts)
         return
     if value is not None:
         _call(opts, "DELETE", "/manage/tokens", {"token": value})
         target = "the token"
     else:
-        _call(opts, "DELETE", f"/manage/tokens/{token_id}")
+        _call(opts, "DELETE", f"/manage/tokens/{_quote(token_id or '')}")
         target = f"token {token_id}"
     if opts.as_json:
         click.echo(json.dumps({"revoked": token_id or True}))

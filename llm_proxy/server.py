@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
 from dataclasses import replace
 from typing import TextIO
@@ -14,13 +15,22 @@ from aiohttp import web
 
 from llm_proxy import secrets_store
 from llm_proxy.app import create_app
-from llm_proxy.settings import Settings, parse_encryption_key
+from llm_proxy.settings import Settings, SettingsError, parse_encryption_key
 
 log = structlog.get_logger(__name__)
 
 
 def with_generated_secrets(settings: Settings, out: TextIO) -> Settings:
     """Fill unset secrets from ``DATA_DIR`` (creating them on first start) and announce them."""
+    try:
+        return _fill_secrets(settings, out)
+    except OSError as exc:
+        raise SettingsError(
+            f"DATA_DIR: cannot keep secrets in {settings.data_dir}: {exc.strerror}"
+        ) from None
+
+
+def _fill_secrets(settings: Settings, out: TextIO) -> Settings:
     data_dir = settings.data_dir
     lines: list[str] = []
     if not settings.management_token:
@@ -56,23 +66,34 @@ def with_generated_secrets(settings: Settings, out: TextIO) -> Settings:
 
 
 async def _serve(settings: Settings) -> None:
-    app = await create_app(settings)
+    try:
+        app = await create_app(settings)
+    except (OSError, sqlite3.Error) as exc:
+        raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(
-        runner,
-        settings.listen_host,
-        settings.listen_port,
-        backlog=1024,
-        reuse_port=settings.workers > 1,
-    )
-    await site.start()
-    log.info("server.listening", url=f"http://{settings.listen_host}:{settings.listen_port}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    # From here on the store and background tasks are open: every exit must go through cleanup,
+    # or aiosqlite's worker thread keeps a failed process alive.
     try:
+        site = web.TCPSite(
+            runner,
+            settings.listen_host,
+            settings.listen_port,
+            backlog=1024,
+            reuse_port=settings.workers > 1,
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            address = f"{settings.listen_host}:{settings.listen_port}"
+            raise SettingsError(
+                f"LISTEN_ADDR: cannot listen on {address}: {exc.strerror}"
+            ) from None
+        log.info("server.listening", url=f"http://{settings.listen_host}:{settings.listen_port}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         log.info("server.stopping")
@@ -86,5 +107,6 @@ def serve(settings: Settings) -> None:
 
 
 def run_server(settings: Settings) -> None:
+    """Fill generated secrets, then serve; a start-up failure raises SettingsError naming the variable."""
     settings = with_generated_secrets(settings, sys.stdout)
     serve(settings)

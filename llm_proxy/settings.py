@@ -108,6 +108,16 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def parse_positive_int(name: str, value: int | str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise SettingsError(f"{name}: must be at least 1")
+    return number
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 
 

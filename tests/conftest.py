@@ -128,7 +128,8 @@ async def start_proxy(
 ) -> tuple[TestClient[web.Request, web.Application], web.Application]:
     api_overrides = overrides.pop("api", {})
     settings = make_settings(tmp_path, **overrides)
-    api_config = provider_config(str(upstream_server.make_url("")).rstrip("/"), **api_overrides)
+    base_url = api_overrides.pop("base_url", str(upstream_server.make_url("")).rstrip("/"))
+    api_config = provider_config(base_url, **api_overrides)
     app = await create_app(settings, api_config=api_config)
     client: TestClient[web.Request, web.Application] = TestClient(
         TestServer(app, handler_cancellation=True)
@@ -138,9 +139,7 @@ async def start_proxy(
 
 
 @pytest.fixture
-async def proxy_factory(
-    tmp_path: Path, upstream_server: TestServer
-) -> AsyncIterator[Any]:
+async def proxy_factory(tmp_path: Path, upstream_server: TestServer) -> AsyncIterator[Any]:
     """Start proxies on one database (as separate processes would share it)."""
     started: list[TestClient[web.Request, web.Application]] = []
 

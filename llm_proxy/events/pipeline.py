@@ -96,7 +96,10 @@ class EventPipeline:
             batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
             metrics.QUEUE_DEPTH.set(len(queue))
             try:
-                events = await loop.run_in_executor(self._executor, self._build_all, batch)
+                events = []
+                for one in batch:
+                    events.extend(self._build_all([one]))
+                    await asyncio.sleep(0)
                 await self.bus.publish(events)
             except asyncio.CancelledError:
                 raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +35,7 @@ _PROJECT_COLUMNS = {
     "is_active",
 }
 _TOKEN_COLUMNS = {"is_active", "max_requests", "revoked_at"}
+_LOCK_WAIT_SECONDS = 5.0
 
 
 def _ts(moment: datetime) -> str:
@@ -91,12 +94,24 @@ R = TypeVar("R")
 def _writes(
     method: Callable[Concatenate[SqliteStore, P], Coroutine[Any, Any, R]],
 ) -> Callable[Concatenate[SqliteStore, P], Coroutine[Any, Any, R]]:
-    """Serialise a write transaction: the connection is shared, and an interleaved commit from
-    another coroutine would otherwise commit half of this one."""
+    """Run a method as one write transaction.
+
+    The connection is shared, so transactions are serialised in-process by a lock (an interleaved
+    commit from another coroutine would otherwise commit half of this one). ``BEGIN IMMEDIATE``
+    takes the write lock up front: a deferred transaction that reads and then writes fails at once
+    with "database is locked" when another process committed in between, instead of waiting.
+    """
 
     async def locked(self: SqliteStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
         async with self._write_lock:
-            return await method(self, *args, **kwargs)
+            await self._begin_immediate()
+            try:
+                result = await method(self, *args, **kwargs)
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+            return result
 
     return locked
 
@@ -111,7 +126,8 @@ class SqliteStore:
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path)
+        # Autocommit mode: transactions are opened explicitly by the write decorator.
+        db = await aiosqlite.connect(path, isolation_level=None)
         db.row_factory = aiosqlite.Row
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
@@ -130,9 +146,31 @@ class SqliteStore:
         for version, sql in migration_scripts("sqlite"):
             if version in applied:
                 continue
-            await self._db.executescript(
-                f"BEGIN;\n{sql}\nINSERT INTO schema_migrations VALUES ({version}, '{_ts(utcnow())}');\nCOMMIT;"
+            # Recording the version first makes a concurrent start-up (several workers) fail on the
+            # primary key instead of applying the same migration twice.
+            script = (
+                f"BEGIN IMMEDIATE;\nINSERT INTO schema_migrations VALUES ({version}, '{_ts(utcnow())}');"
+                f"\n{sql}\nCOMMIT;"
             )
+            try:
+                await self._db.executescript(script)
+            except sqlite3.IntegrityError:
+                await self._db.execute("ROLLBACK")
+
+    async def _begin_immediate(self) -> None:
+        # SQLite's busy handler is skipped in some WAL lock races (another process checkpointing or
+        # starting up), so "database is locked" can come back at once; retry for a bounded time.
+        delay = 0.001
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def close(self) -> None:
         await self._db.close()
@@ -196,7 +234,6 @@ class SqliteStore:
             ),
         )
         await self._audit(audit)
-        await self._db.commit()
         return project
 
     async def get_project(self, project_id: str) -> Project | None:
@@ -220,22 +257,18 @@ class SqliteStore:
         )
         cur = await self._db.execute(sql, (*values, _ts(utcnow()), project_id))
         if cur.rowcount == 0:
-            await self._db.rollback()
             return None
         await self._changed(project_id, None)
         await self._audit(audit)
-        await self._db.commit()
         return await self.get_project(project_id)
 
     @_writes
     async def delete_project(self, project_id: str, audit: AuditEntry) -> bool:
         cur = await self._db.execute("DELETE FROM projects WHERE id = ?", (project_id,))
         if cur.rowcount == 0:
-            await self._db.rollback()
             return False
         await self._changed(project_id, None)
         await self._audit(audit)
-        await self._db.commit()
         return True
 
     @_writes
@@ -257,7 +290,6 @@ class SqliteStore:
                 **{**_entry_fields(audit), "details": {**audit.details, **counts_dict(counts)}}
             )
         )
-        await self._db.commit()
         return counts
 
     # -- tokens --------------------------------------------------------------------------------
@@ -279,7 +311,6 @@ class SqliteStore:
             ),
         )
         await self._audit(audit)
-        await self._db.commit()
         return token
 
     async def get_token(self, token_id: str) -> Token | None:
@@ -323,14 +354,12 @@ class SqliteStore:
                 f"UPDATE tokens SET {assignments} WHERE id = ?", (*values, token_id)
             )
             if cur.rowcount == 0:
-                await self._db.rollback()
                 return None
         token = await self.get_token(token_id)
         if token is None:
             return None
         await self._changed(token.project_id, token_id)
         await self._audit(audit)
-        await self._db.commit()
         return token
 
     # -- accounting ----------------------------------------------------------------------------
@@ -343,7 +372,6 @@ class SqliteStore:
             " AND (max_requests IS NULL OR request_count < max_requests)",
             (_ts(at), token_id),
         )
-        await self._db.commit()
         return cur.rowcount == 1
 
     @_writes
@@ -355,7 +383,6 @@ class SqliteStore:
             " last_used_at = MAX(COALESCE(last_used_at, ''), ?) WHERE id = ?",
             [(d.requests, _ts(d.last_used_at), d.token_id) for d in deltas],
         )
-        await self._db.commit()
 
     async def latest_change(self) -> int:
         row = await self._one("SELECT COALESCE(MAX(id), 0) AS latest FROM changes", ())
@@ -374,7 +401,6 @@ class SqliteStore:
     @_writes
     async def add_audit(self, entry: AuditEntry) -> None:
         await self._audit(entry)
-        await self._db.commit()
 
     async def list_audit(
         self, filters: AuditFilter, page: int, page_size: int

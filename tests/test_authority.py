@@ -1,0 +1,97 @@
+"""SPEC §6: exact quotas under concurrency, revocation everywhere within a second, usage counts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from tests.conftest import Proxy
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_max_requests_is_exact_under_concurrency(proxy: Proxy) -> None:
+    issued = await proxy.issue_token(max_requests=10)
+
+    async def call() -> int:
+        response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
+        await response.read()
+        return response.status
+
+    statuses = await asyncio.gather(*(call() for _ in range(60)))
+    assert statuses.count(200) == 10 and statuses.count(429) == 50
+    _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert token["request_count"] == 10
+
+
+async def test_max_requests_is_exact_across_instances(proxy_factory: Any) -> None:
+    first: Proxy = await proxy_factory()
+    second: Proxy = await proxy_factory()
+    issued = await first.issue_token(max_requests=15)
+
+    async def call(instance: Proxy) -> int:
+        response = await instance.client.get("/v1/models", headers=bearer(issued["token"]))
+        await response.read()
+        return response.status
+
+    statuses = await asyncio.gather(*(call(p) for p in [first, second] * 20))
+    assert statuses.count(200) == 15
+    assert statuses.count(429) == 25
+
+
+async def test_revocation_reaches_other_instances_within_a_second(proxy_factory: Any) -> None:
+    handler: Proxy = await proxy_factory()
+    other: Proxy = await proxy_factory()
+    issued = await handler.issue_token()
+    headers = bearer(issued["token"])
+    assert (await other.client.get("/v1/models", headers=headers)).status == 200  # now cached
+    await handler.manage("DELETE", f"/tokens/{issued['id']}")
+    revoked_at = time.monotonic()
+    while (await other.client.get("/v1/models", headers=headers)).status == 200:
+        assert time.monotonic() - revoked_at < 1.0, "revocation not seen within one second"
+        await asyncio.sleep(0.02)
+    response = await other.client.get("/v1/models", headers=headers)
+    assert (await response.json())["error"]["code"] == "token_inactive"
+
+
+async def test_project_deactivation_reaches_other_instances(proxy_factory: Any) -> None:
+    handler: Proxy = await proxy_factory()
+    other: Proxy = await proxy_factory()
+    issued = await handler.issue_token()
+    headers = bearer(issued["token"])
+    assert (await other.client.get("/v1/models", headers=headers)).status == 200
+    await handler.manage("PATCH", f"/projects/{issued['project_id']}", {"is_active": False})
+    deadline = time.monotonic() + 1.0
+    while (await other.client.get("/v1/models", headers=headers)).status == 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_cached_tokens_are_checked_without_the_database(proxy: Proxy) -> None:
+    token = await proxy.token()
+    authority = proxy.components.authority
+    for _ in range(5):
+        assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
+    assert authority.misses == 1 and authority.hits == 4
+
+
+async def test_unlimited_usage_is_counted_and_flushed(proxy_factory: Any) -> None:
+    first: Proxy = await proxy_factory()
+    second: Proxy = await proxy_factory()
+    issued = await first.issue_token()
+    for instance in (first, second, second):
+        assert (
+            await instance.client.get("/v1/models", headers=bearer(issued["token"]))
+        ).status == 200
+    # The second instance writes its tally in the background within usage_flush_seconds.
+    deadline = time.monotonic() + 3
+    while True:
+        _, token = await first.manage("GET", f"/tokens/{issued['id']}")
+        if token["request_count"] == 3:
+            break
+        assert time.monotonic() < deadline, token
+        await asyncio.sleep(0.05)
+    assert token["last_used_at"] is not None

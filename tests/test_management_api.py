@@ -1,0 +1,300 @@
+"""SPEC §5: every row of the management API, and bad input answered precisely."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+
+from tests.conftest import MANAGEMENT_TOKEN, UPSTREAM_KEY, Proxy
+
+
+def _code(body: Any) -> str:
+    return str(body["error"]["code"])
+
+
+async def test_requests_without_the_management_token_are_refused(proxy: Proxy) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": MANAGEMENT_TOKEN}):
+        response = await proxy.client.get("/manage/projects", headers=headers)
+        assert response.status == 401
+        body = await response.json()
+        assert _code(body) == "unauthorized"
+        assert MANAGEMENT_TOKEN not in await response.text()
+
+
+async def test_project_lifecycle_masks_the_upstream_key(proxy: Proxy) -> None:
+    status, created = await proxy.manage(
+        "POST",
+        "/projects",
+        {"name": "alpha", "api_key": UPSTREAM_KEY, "description": "d", "metadata": {"team": "x"}},
+    )
+    assert status == 201
+    assert set(created) >= {"id", "name", "description", "metadata", "is_active", "created_at"}
+    assert created["api_key"] == f"{UPSTREAM_KEY[:5]}…{UPSTREAM_KEY[-4:]}"
+    assert created["metadata"] == {"team": "x"}
+    project_id = created["id"]
+
+    status, listed = await proxy.manage("GET", "/projects")
+    assert status == 200 and [p["id"] for p in listed] == [project_id]
+    status, fetched = await proxy.manage("GET", f"/projects/{project_id}")
+    assert fetched == created
+
+    status, updated = await proxy.manage(
+        "PATCH", f"/projects/{project_id}", {"name": "beta", "api_key": "sk-new-key-0000abcd"}
+    )
+    assert status == 200
+    assert updated["name"] == "beta" and updated["api_key"] == "sk-ne…abcd"
+    assert updated["updated_at"] >= created["updated_at"]
+
+    status, _ = await proxy.manage("DELETE", f"/projects/{project_id}")
+    assert status == 204
+    status, body = await proxy.manage("GET", f"/projects/{project_id}")
+    assert status == 404 and _code(body) == "project_not_found"
+    text = str(listed) + str(fetched) + str(updated)
+    assert UPSTREAM_KEY not in text
+
+
+async def test_unknown_project_ids_are_404_everywhere(proxy: Proxy) -> None:
+    for method, path, body in [
+        ("GET", "/projects/nope", None),
+        ("PATCH", "/projects/nope", {"name": "x"}),
+        ("DELETE", "/projects/nope", None),
+        ("POST", "/projects/nope/tokens/revoke", None),
+        ("POST", "/tokens", {"project_id": "nope", "duration_minutes": 5}),
+        ("GET", "/tokens?project_id=nope", None),
+    ]:
+        status, answer = await proxy.manage(method, path, body)
+        assert (status, _code(answer)) == (404, "project_not_found"), (method, path)
+
+
+async def test_token_issue_shows_the_value_once_and_never_again(proxy: Proxy) -> None:
+    issued = await proxy.issue_token(max_requests=3, minutes=30)
+    assert set(issued) >= {"id", "token", "project_id", "expires_at", "max_requests"}
+    assert issued["token"].startswith("sk-") and len(issued["token"]) >= 3 + 22
+    assert issued["max_requests"] == 3
+
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert status == 200
+    assert set(token) >= {
+        "id",
+        "project_id",
+        "expires_at",
+        "is_active",
+        "request_count",
+        "max_requests",
+        "created_at",
+        "last_used_at",
+    }
+    assert token["is_active"] is True and token["request_count"] == 0
+    assert token["last_used_at"] is None
+    status, listed = await proxy.manage("GET", "/tokens")
+    status_p, by_project = await proxy.manage("GET", f"/tokens?project_id={issued['project_id']}")
+    assert [t["id"] for t in listed] == [t["id"] for t in by_project] == [issued["id"]]
+    assert issued["token"] not in str(token) + str(listed) + str(by_project)
+
+
+async def test_token_patch_revoke_and_delete(proxy: Proxy) -> None:
+    issued = await proxy.issue_token()
+    token_id = issued["id"]
+    status, patched = await proxy.manage("PATCH", f"/tokens/{token_id}", {"max_requests": 10})
+    assert status == 200 and patched["max_requests"] == 10
+    status, patched = await proxy.manage("PATCH", f"/tokens/{token_id}", {"max_requests": None})
+    assert status == 200 and patched["max_requests"] is None
+    status, patched = await proxy.manage("PATCH", f"/tokens/{token_id}", {"is_active": False})
+    assert patched["is_active"] is False and patched["revoked_at"] is not None
+    status, patched = await proxy.manage("PATCH", f"/tokens/{token_id}", {"is_active": True})
+    assert patched["is_active"] is True and patched["revoked_at"] is None
+
+    assert (await proxy.manage("DELETE", f"/tokens/{token_id}"))[0] == 204
+    assert (await proxy.manage("DELETE", f"/tokens/{token_id}"))[0] == 204  # already revoked
+    status, token = await proxy.manage("GET", f"/tokens/{token_id}")
+    assert token["is_active"] is False
+    status, body = await proxy.manage("DELETE", "/tokens/unknown-id")
+    assert (status, _code(body)) == (404, "token_not_found")
+
+
+async def test_revoke_by_value(proxy: Proxy) -> None:
+    issued = await proxy.issue_token()
+    status, _ = await proxy.manage("DELETE", "/tokens", {"token": issued["token"]})
+    assert status == 204
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert token["is_active"] is False
+    status, body = await proxy.manage("DELETE", "/tokens", {"token": "sk-" + "x" * 43})
+    assert (status, _code(body)) == (404, "token_not_found")
+
+
+async def test_revoke_all_tokens_of_a_project_counts_them(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    first = await proxy.issue_token(project_id)
+    await proxy.issue_token(project_id)
+    await proxy.issue_token(project_id)
+    await proxy.manage("DELETE", f"/tokens/{first['id']}")
+    status, counts = await proxy.manage("POST", f"/projects/{project_id}/tokens/revoke")
+    assert status == 200
+    assert counts == {"revoked_count": 2, "already_revoked_count": 1, "total_tokens": 3}
+
+
+async def test_patch_project_with_revoke_tokens(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    issued = await proxy.issue_token(project_id)
+    status, _ = await proxy.manage("PATCH", f"/projects/{project_id}", {"revoke_tokens": True})
+    assert status == 200
+    _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert token["is_active"] is False
+
+
+async def test_issuing_for_an_inactive_project_is_403(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    await proxy.manage("PATCH", f"/projects/{project_id}", {"is_active": False})
+    status, body = await proxy.manage(
+        "POST", "/tokens", {"project_id": project_id, "duration_minutes": 5}
+    )
+    assert (status, _code(body)) == (403, "project_inactive")
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"duration_minutes": 5}, "project_id"),
+        ({"project_id": "p"}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": 0}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": 525601}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": "5"}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": True}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": 5, "max_requests": 0}, "max_requests"),
+        ({"project_id": "p", "duration_minutes": 5, "max_requests": 1.5}, "max_requests"),
+        ({"project_id": 7, "duration_minutes": 5}, "project_id"),
+        ({"project_id": "p", "duration_minutes": 5, "colour": "red"}, "colour"),
+    ],
+)
+async def test_bad_token_fields_name_the_field(proxy: Proxy, payload: Any, field: str) -> None:
+    status, body = await proxy.manage("POST", "/tokens", payload)
+    assert status == 400
+    assert body["error"]["message"].startswith(field)
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"api_key": "sk-x"}, "name"),
+        ({"name": "x"}, "api_key"),
+        ({"name": "", "api_key": "sk-x"}, "name"),
+        ({"name": "x", "api_key": "sk-x", "metadata": [1]}, "metadata"),
+        ({"name": "x" * 201, "api_key": "sk-x"}, "name"),
+    ],
+)
+async def test_bad_project_fields_name_the_field(proxy: Proxy, payload: Any, field: str) -> None:
+    status, body = await proxy.manage("POST", "/projects", payload)
+    assert status == 400 and body["error"]["message"].startswith(field)
+
+
+async def test_patch_validation(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    status, body = await proxy.manage("PATCH", f"/projects/{project_id}", {})
+    assert (status, _code(body)) == (400, "invalid_request")
+    status, body = await proxy.manage("PATCH", f"/projects/{project_id}", {"is_active": "no"})
+    assert status == 400 and body["error"]["message"].startswith("is_active")
+    token = await proxy.issue_token(project_id)
+    status, body = await proxy.manage("PATCH", f"/tokens/{token['id']}", {})
+    assert (status, _code(body)) == (400, "invalid_request")
+    status, body = await proxy.manage("PATCH", "/tokens/nope", {"is_active": False})
+    assert (status, _code(body)) == (404, "token_not_found")
+
+
+async def test_malformed_json_is_a_400_not_a_500(proxy: Proxy) -> None:
+    for raw in (b"{not json", b"[1, 2]", b"", b'"text"'):
+        response = await proxy.client.post(
+            "/manage/projects",
+            data=raw,
+            headers={**proxy.auth(), "Content-Type": "application/json"},
+        )
+        assert response.status == 400
+        assert _code(await response.json()) == "invalid_json"
+
+
+async def test_oversized_management_body_is_413(proxy: Proxy) -> None:
+    response = await proxy.client.post(
+        "/manage/projects",
+        data=io.BytesIO(b'{"name": "' + b"x" * (2 * 1024 * 1024) + b'"}'),
+        headers={**proxy.auth(), "Content-Type": "application/json"},
+    )
+    assert response.status == 413
+    assert _code(await response.json()) == "request_too_large"
+
+
+async def test_unsupported_methods_and_unknown_routes(proxy: Proxy) -> None:
+    response = await proxy.client.put("/manage/projects", headers=proxy.auth())
+    assert response.status == 405
+    assert _code(await response.json()) == "method_not_allowed"
+    assert "GET" in response.headers["Allow"]
+    response = await proxy.client.get("/manage/nothing-here", headers=proxy.auth())
+    assert response.status == 404 and _code(await response.json()) == "not_found"
+
+
+async def test_audit_log_records_every_mutation_with_filters_and_pages(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    token = await proxy.issue_token(project_id)
+    await proxy.manage("PATCH", f"/projects/{project_id}", {"name": "renamed"})
+    await proxy.manage("DELETE", f"/tokens/{token['id']}")
+    status, page = await proxy.manage("GET", "/audit")
+    assert status == 200
+    actions = [e["action"] for e in page["events"]]
+    assert actions == ["token.revoke", "project.update", "token.create", "project.create"]
+    assert page["pagination"] == {"page": 1, "page_size": 50, "total": 4, "total_pages": 1}
+    assert all(e["actor"] == "management-api" for e in page["events"])
+
+    _, filtered = await proxy.manage("GET", f"/audit?target_id={token['id']}")
+    assert [e["action"] for e in filtered["events"]] == ["token.revoke", "token.create"]
+    _, by_action = await proxy.manage("GET", "/audit?action=project.update")
+    assert by_action["events"][0]["details"]["changed"] == ["name"]
+    _, second = await proxy.manage("GET", "/audit?page=2&page_size=3")
+    assert [e["action"] for e in second["events"]] == ["project.create"]
+    assert second["pagination"]["total_pages"] == 2
+    _, since = await proxy.manage("GET", "/audit?since=2999-01-01T00:00:00Z")
+    assert since["events"] == []
+
+    for query, field in [
+        ("page_size=101", "page_size"),
+        ("page=0", "page"),
+        ("since=yesterday", "since"),
+        ("colour=red", "colour"),
+    ]:
+        status, body = await proxy.manage("GET", f"/audit?{query}")
+        assert status == 400 and body["error"]["message"].startswith(field), query
+    assert token["token"] not in str(page)
+
+
+async def test_openapi_document_lists_every_management_route(proxy: Proxy) -> None:
+    response = await proxy.client.get("/manage/openapi.json")
+    assert response.status == 200
+    document = await response.json()
+    assert document["openapi"].startswith("3.")
+    documented = {
+        (method.upper(), path)
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    served = set()
+    (management,) = [
+        r.get_info()["app"] for r in proxy.app.router.resources() if "app" in r.get_info()
+    ]
+    for resource in management.router.resources():
+        info = resource.get_info()
+        path = info.get("path", info.get("formatter", ""))
+        for route in resource:
+            if route.method != "HEAD":
+                served.add((route.method, path))
+    assert documented == served
+
+
+async def test_health_and_ready(proxy: Proxy) -> None:
+    response = await proxy.client.get("/health")
+    assert response.status == 200
+    body = await response.json()
+    assert body["status"] == "ok" and body["version"]
+    response = await proxy.client.get("/ready")
+    assert response.status == 200
+    assert (await response.json())["checks"]["database"] == "ok"

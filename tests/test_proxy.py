@@ -1,0 +1,334 @@
+"""SPEC §7: the checks in order, the key swap, header hygiene, and the byte-for-byte relay."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import UPSTREAM_KEY, Proxy
+
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def error_code(response: aiohttp.ClientResponse) -> str:
+    body = await response.json()
+    assert set(body["error"]) == {"message", "type", "code"}
+    return str(body["error"]["code"])
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/unknown",
+        "/v1/chat/completionsX",
+        "/v1/chat",
+        "/v2/chat/completions",
+        "/v1/chat/completions/../../admin",
+        "/v1/files/..",
+        "/v1/files/%2e%2e/x",
+        "/v1/files%2fsecret",
+        "/v1/files%2Fsecret",
+        "/v1/files%5csecret",
+        "/",
+    ],
+)
+async def test_paths_outside_the_allowlist_are_404_before_any_token_check(
+    proxy: Proxy, path: str
+) -> None:
+    response = await proxy.client.get(path)
+    assert response.status == 404
+    assert await error_code(response) == "endpoint_not_found"
+    assert proxy.upstream.requests == []
+
+
+async def test_allowed_prefix_matches_on_segment_boundaries(proxy: Proxy) -> None:
+    token = await proxy.token()
+    response = await proxy.client.get("/v1/models/gpt-4o-mini", headers=bearer(token))
+    assert response.status == 200
+    response = await proxy.client.get("/v1//models/", headers=bearer(token))
+    assert response.status == 200
+    assert proxy.upstream.last.path_qs == "/v1/models"
+
+
+async def test_method_not_allowed_is_405_with_allow_header(proxy: Proxy) -> None:
+    response = await proxy.client.put("/v1/chat/completions", json=CHAT)
+    assert response.status == 405
+    assert await error_code(response) == "method_not_allowed"
+    assert response.headers["Allow"] == "DELETE, GET, OPTIONS, POST"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "code"),
+    [
+        (None, "invalid_token"),
+        ("Basic abc", "invalid_token"),
+        ("Bearer ", "invalid_token"),
+        ("Bearer not-a-token", "invalid_token"),
+        ("Bearer sk-short", "invalid_token"),
+        ("Bearer sk-" + "A" * 43, "token_not_found"),
+    ],
+)
+async def test_bad_credentials_are_401_with_the_precise_code(
+    proxy: Proxy, authorization: str | None, code: str
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    response = await proxy.client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert response.status == 401
+    assert await error_code(response) == code
+    assert proxy.upstream.requests == []
+
+
+async def test_revoked_token_is_refused_on_next_request(proxy: Proxy) -> None:
+    issued = await proxy.issue_token()
+    headers = bearer(issued["token"])
+    assert (
+        await proxy.client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    ).status == 200
+    await proxy.manage("DELETE", f"/tokens/{issued['id']}")
+    response = await proxy.client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert response.status == 401 and await error_code(response) == "token_inactive"
+
+
+async def test_deactivated_token_and_reactivation(proxy: Proxy) -> None:
+    issued = await proxy.issue_token()
+    headers = bearer(issued["token"])
+    await proxy.client.get("/v1/models", headers=headers)
+    await proxy.manage("PATCH", f"/tokens/{issued['id']}", {"is_active": False})
+    response = await proxy.client.get("/v1/models", headers=headers)
+    assert await error_code(response) == "token_inactive"
+    await proxy.manage("PATCH", f"/tokens/{issued['id']}", {"is_active": True})
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+
+
+async def test_expired_token_is_401_token_expired(proxy: Proxy, tmp_path: Path) -> None:
+    issued = await proxy.issue_token()
+    # Move expiry into the past in the database before the token was ever cached.
+    with sqlite3.connect(tmp_path / "llm-proxy.db") as db:
+        db.execute(
+            "UPDATE tokens SET expires_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
+            (issued["id"],),
+        )
+    response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
+    assert response.status == 401 and await error_code(response) == "token_expired"
+
+
+async def test_inactive_or_deleted_project_stops_its_tokens_at_once(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    token = await proxy.token(project_id=project_id)
+    assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
+    await proxy.manage("PATCH", f"/projects/{project_id}", {"is_active": False})
+    response = await proxy.client.get("/v1/models", headers=bearer(token))
+    assert response.status == 403 and await error_code(response) == "project_inactive"
+    await proxy.manage("PATCH", f"/projects/{project_id}", {"is_active": True})
+    assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
+    await proxy.manage("DELETE", f"/projects/{project_id}")
+    response = await proxy.client.get("/v1/models", headers=bearer(token))
+    assert response.status == 401 and await error_code(response) == "token_not_found"
+
+
+async def test_quota_admits_exactly_max_requests(proxy: Proxy) -> None:
+    issued = await proxy.issue_token(max_requests=2)
+    headers = bearer(issued["token"])
+    statuses = [(await proxy.client.get("/v1/models", headers=headers)).status for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    response = await proxy.client.get("/v1/models", headers=headers)
+    assert await error_code(response) == "quota_exceeded"
+    _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert token["request_count"] == 2 and token["last_used_at"] is not None
+    # Raising the quota lets the token work again at once.
+    await proxy.manage("PATCH", f"/tokens/{issued['id']}", {"max_requests": 3})
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+
+
+async def test_param_whitelist(proxy_factory: Any) -> None:
+    proxy: Proxy = await proxy_factory(api={"param_whitelist": {"model": ["gpt-4o*", "o4-mini"]}})
+    headers = bearer(await proxy.token())
+    ok = await proxy.client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert ok.status == 200
+    bad = await proxy.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "gpt-3.5-turbo"}, headers=headers
+    )
+    assert bad.status == 400 and await error_code(bad) == "param_not_allowed"
+    assert "model" in (await bad.text())
+    odd = await proxy.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": ["gpt-4o"]}, headers=headers
+    )
+    assert odd.status == 400
+    # A GET has no body to check.
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+
+
+async def test_header_hygiene_and_key_swap(proxy: Proxy) -> None:
+    token = await proxy.token()
+    response = await proxy.client.post(
+        "/v1/chat/completions?api-version=1",
+        json=CHAT,
+        headers={
+            **bearer(token),
+            "X-Forwarded-For": "10.0.0.1",
+            "X-Real-IP": "10.0.0.2",
+            "CF-Connecting-IP": "10.0.0.3",
+            "Forwarded": "for=10.0.0.4",
+            "OpenAI-Organization": "org-kept",
+            "X-Custom": "kept",
+            "Proxy-Authorization": "Basic secret",
+        },
+    )
+    assert response.status == 200
+    seen = proxy.upstream.last
+    headers = {k.lower(): v for k, v in seen.headers.items()}
+    assert headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    for dropped in (
+        "x-forwarded-for",
+        "x-real-ip",
+        "cf-connecting-ip",
+        "forwarded",
+        "proxy-authorization",
+    ):
+        assert dropped not in headers
+    assert headers["openai-organization"] == "org-kept" and headers["x-custom"] == "kept"
+    assert seen.path_qs == "/v1/chat/completions?api-version=1"
+    assert headers["x-request-id"] == response.headers["X-Request-ID"]
+    assert len(response.headers["X-Request-ID"]) == 32
+    assert "proxy;dur=" in response.headers["Server-Timing"]
+
+
+async def test_client_request_id_is_kept(proxy: Proxy) -> None:
+    token = await proxy.token()
+    response = await proxy.client.get(
+        "/v1/models", headers={**bearer(token), "X-Request-ID": "client-chosen-42"}
+    )
+    assert response.headers["X-Request-ID"] == "client-chosen-42"
+    assert proxy.upstream.last.headers["X-Request-ID"] == "client-chosen-42"
+    refused = await proxy.client.get("/v1/models", headers={"X-Request-ID": "on-error-too"})
+    assert refused.headers["X-Request-ID"] == "on-error-too"
+
+
+async def test_upstream_errors_pass_through_verbatim(proxy: Proxy) -> None:
+    token = await proxy.token()
+    for status in (400, 404, 429, 500, 503):
+        response = await proxy.client.post(
+            "/v1/moderations", json={}, headers={**bearer(token), "X-Fake-Status": str(status)}
+        )
+        assert response.status == status
+        assert response.headers["X-Upstream-Header"] == "kept"
+        assert (await response.json())["error"]["code"] == "fake"
+
+
+async def test_body_bytes_pass_through_unchanged_both_ways(proxy: Proxy) -> None:
+    token = await proxy.token()
+    payload = bytes(range(256)) * 4096  # 1 MiB, not JSON: never parsed
+    response = await proxy.client.post(
+        "/v1/files/upload", data=io.BytesIO(payload), headers=bearer(token)
+    )
+    assert response.status == 200 and (await response.json())["received"] == len(payload)
+    assert hashlib.sha256(proxy.upstream.last.body).digest() == hashlib.sha256(payload).digest()
+    big = await proxy.client.get("/v1/files/big?size=5000000", headers=bearer(token))
+    assert len(await big.read()) == 5_000_000
+
+
+async def test_compressed_answers_are_relayed_compressed(proxy: Proxy) -> None:
+    token = await proxy.token()
+    response = await proxy.client.get(
+        "/v1/files/gzip", headers=bearer(token), auto_decompress=False
+    )
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(await response.read()) == b'{"compressed": true}'
+
+
+async def test_oversized_request_bodies_are_413(proxy_factory: Any) -> None:
+    proxy: Proxy = await proxy_factory(max_request_body_bytes=100_000)
+    token = await proxy.token()
+    response = await proxy.client.post(
+        "/v1/files/upload", data=io.BytesIO(b"x" * 200_000), headers=bearer(token)
+    )
+    assert response.status == 413 and await error_code(response) == "request_too_large"
+
+    async def chunked() -> Any:
+        for _ in range(10):
+            yield b"y" * 50_000
+
+    response = await proxy.client.post("/v1/files/upload", data=chunked(), headers=bearer(token))
+    assert response.status == 413 and await error_code(response) == "request_too_large"
+    assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
+
+
+async def test_streams_are_relayed_chunk_by_chunk(proxy: Proxy) -> None:
+    token = await proxy.token()
+    response = await proxy.client.get("/v1/audio/paced?n=3&gap=0.3", headers=bearer(token))
+    assert response.headers["Content-Type"] == "text/event-stream"
+    first = await response.content.readuntil(b"\n\n")
+    assert first == b"data: 0\n\n"
+    # The first event arrived while upstream was still producing the rest.
+    assert not response.content.at_eof()
+    rest = await response.read()
+    assert rest == b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
+
+
+async def test_client_disconnect_cancels_the_upstream_request(proxy: Proxy) -> None:
+    token = await proxy.token()
+    response = await proxy.client.get("/v1/audio/hang", headers=bearer(token))
+    assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
+    response.close()
+    await asyncio.wait_for(proxy.upstream.cancelled.wait(), timeout=5)
+
+
+async def test_upstream_drop_mid_body_truncates_the_client_response(proxy: Proxy) -> None:
+    token = await proxy.token()
+    response = await proxy.client.get("/v1/audio/drop", headers=bearer(token))
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
+
+
+async def test_upstream_timeout_is_504(proxy: Proxy) -> None:
+    token = await proxy.token()
+    response = await proxy.client.get("/v1/audio/slow-head?s=3", headers=bearer(token))
+    assert response.status == 504 and await error_code(response) == "upstream_timeout"
+
+
+async def test_unreachable_upstream_is_502(proxy_factory: Any, unused_tcp_port: int) -> None:
+    proxy: Proxy = await proxy_factory(api={"base_url": f"http://127.0.0.1:{unused_tcp_port}"})
+    token = await proxy.token()
+    response = await proxy.client.get("/v1/models", headers=bearer(token))
+    assert response.status == 502 and await error_code(response) == "upstream_unavailable"
+    assert response.headers["X-Request-ID"]
+
+
+async def test_cors_preflight_without_a_token(proxy_factory: Any) -> None:
+    proxy: Proxy = await proxy_factory(api={"allowed_origins": ["https://app.example"]})
+    response = await proxy.client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert response.status == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert response.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+    other = await proxy.client.options(
+        "/v1/chat/completions", headers={"Origin": "https://evil.example"}
+    )
+    assert other.status == 204 and "Access-Control-Allow-Origin" not in other.headers
+    token = await proxy.token()
+    actual = await proxy.client.get(
+        "/v1/models", headers={**bearer(token), "Origin": "https://app.example"}
+    )
+    assert actual.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert proxy.upstream.requests[-1].method == "GET"  # the preflight never went upstream

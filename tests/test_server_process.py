@@ -1,0 +1,256 @@
+"""``llm-proxy server`` as an operator runs it: a real process, real secrets files, real signals."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.processes import (
+    MockUpstream,
+    ServerProcess,
+    clean_env,
+    cli_command,
+    free_port,
+    http,
+    run,
+    start_mock_upstream,
+    start_server,
+    write_api_config,
+)
+
+# Not shaped like an OpenAI key on purpose: log redaction masks ``sk-…``, so a leak of this one
+# would show verbatim instead of being hidden by the safety net.
+UPSTREAM_KEY = "upstream-" + secrets.token_hex(20)
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]:
+    # The mock accepts only the project's real key, so a 200 proves the proxy swapped it in.
+    mock = start_mock_upstream(tmp_path_factory.mktemp("mock"), api_key=UPSTREAM_KEY)
+    yield mock
+    mock.process.stop()
+
+
+@pytest.fixture
+def api_config(tmp_path: Path, upstream: MockUpstream) -> Path:
+    return write_api_config(tmp_path / "api_providers.yaml", upstream.base_url)
+
+
+@pytest.fixture
+def server(tmp_path: Path, api_config: Path) -> Iterator[ServerProcess]:
+    started = start_server(tmp_path / "data", api_config, tmp_path / "logs")
+    yield started
+    started.stop()
+
+
+def _create_project(server: ServerProcess, name: str = "demo") -> str:
+    status, body = http(
+        "POST",
+        f"{server.base_url}/manage/projects",
+        token=server.management_token,
+        body={"name": name, "api_key": UPSTREAM_KEY},
+    )
+    assert status == 201, body
+    return str(body["id"])
+
+
+def test_python_dash_m_llm_proxy_runs_the_cli() -> None:
+    result = run(cli_command("--version"), clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("llm-proxy, version ")
+
+
+def test_printed_management_token_opens_the_management_api(server: ServerProcess) -> None:
+    token = server.management_token
+    assert token.startswith("mgmt-")
+    assert "ADMIN_USER=admin ADMIN_PASSWORD=" in server.process.stdout
+    status, body = http("GET", f"{server.base_url}/manage/projects", token=token)
+    assert (status, body) == (200, [])
+    status, body = http("GET", f"{server.base_url}/manage/projects", token=token + "x")
+    assert status == 401
+    assert body["error"]["code"]
+
+
+def test_generated_secrets_are_kept_in_data_dir_with_mode_0600(server: ServerProcess) -> None:
+    for name in ("management_token", "admin_password", "encryption_key"):
+        path = server.data_dir / name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+    assert (server.data_dir / "management_token").read_text().strip() == server.management_token
+    assert (server.data_dir / "llm-proxy.db").exists()
+
+
+def test_health_and_ready_answer_200(server: ServerProcess) -> None:
+    status, body = http("GET", f"{server.base_url}/health")
+    assert status == 200
+    assert body["status"] == "ok"
+    status, body = http("GET", f"{server.base_url}/ready")
+    assert status == 200
+    assert body["checks"]["database"] == "ok"
+
+
+def test_second_start_reuses_the_token_and_keeps_the_projects(
+    tmp_path: Path, api_config: Path
+) -> None:
+    first = start_server(tmp_path / "data", api_config, tmp_path / "logs", name="first")
+    try:
+        token = first.management_token
+        project_id = _create_project(first)
+        issued = http(
+            "POST",
+            f"{first.base_url}/manage/tokens",
+            token=token,
+            body={"project_id": project_id, "duration_minutes": 60},
+        )[1]
+    finally:
+        assert first.stop() == 0, first.process.stderr
+    second = start_server(tmp_path / "data", api_config, tmp_path / "logs", name="second")
+    try:
+        assert second.management_token == token
+        status, projects = http("GET", f"{second.base_url}/manage/projects", token=token)
+        assert status == 200
+        assert [p["id"] for p in projects] == [project_id]
+        # The regenerated-or-not encryption key must still open the stored upstream key.
+        status, body = http(
+            "POST", f"{second.base_url}/v1/chat/completions", token=issued["token"], body=CHAT
+        )
+        assert status == 200, body
+    finally:
+        second.stop()
+
+
+def test_sigterm_stops_the_server_cleanly_and_quickly(server: ServerProcess) -> None:
+    _create_project(server)
+    popen = server.process.popen
+    started = time.monotonic()
+    popen.send_signal(signal.SIGTERM)
+    assert popen.wait(timeout=5) == 0
+    assert time.monotonic() - started < 5
+    stderr = server.process.stderr
+    assert "Traceback" not in stderr
+    events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
+    assert events[-2:] == ["server.stopping", "server.stopped"]
+
+
+def _bad_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text("apis: [\n  x: {\n")
+    return path
+
+
+def _file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LISTEN_ADDR", lambda tmp: "nonsense"),
+        ("ENCRYPTION_KEY", lambda tmp: "short"),
+        ("API_CONFIG_PATH", lambda tmp: "/missing.yaml"),
+        ("API_CONFIG_PATH", lambda tmp: str(_bad_yaml(tmp))),
+        ("DATABASE_URL", lambda tmp: "mysql://db/x"),
+        ("DATABASE_URL", lambda tmp: f"sqlite:///{_file(tmp)}/sub/x.db"),
+        ("DATA_DIR", lambda tmp: f"{_file(tmp)}/data"),
+        ("WORKERS", lambda tmp: "many"),
+        ("LOG_LEVEL", lambda tmp: "loud"),
+        ("MAX_REQUEST_BODY", lambda tmp: "huge"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_setting_stops_start_up_with_one_line_naming_it(
+    tmp_path: Path, api_config: Path, variable: str, value: object
+) -> None:
+    assert callable(value)
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+    )
+    env[variable] = value(tmp_path)
+    result = run(cli_command("server"), env)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"llm-proxy: {variable}: "), lines[0]
+
+
+def test_port_already_in_use_stops_start_up_with_one_line(
+    server: ServerProcess, tmp_path: Path, api_config: Path
+) -> None:
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "other"),
+        LISTEN_ADDR=server.base_url.removeprefix("http://"),
+        API_CONFIG_PATH=str(api_config),
+        LOG_LEVEL="warning",
+        LOG_FORMAT="json",
+    )
+    try:
+        result = run(cli_command("server"), env, timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a server that cannot listen must exit, not hang")
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("llm-proxy: LISTEN_ADDR: ")
+
+
+def test_json_logs_never_contain_tokens_or_keys(tmp_path: Path, api_config: Path) -> None:
+    proxy = start_server(
+        tmp_path / "data", api_config, tmp_path / "logs", LOG_LEVEL="debug", LOG_FORMAT="json"
+    )
+    try:
+        management = proxy.management_token
+        project_id = _create_project(proxy)
+        status, issued = http(
+            "POST",
+            f"{proxy.base_url}/manage/tokens",
+            token=management,
+            body={"project_id": project_id, "duration_minutes": 5, "max_requests": 10},
+        )
+        assert status == 201
+        value = issued["token"]
+        with openai.OpenAI(base_url=f"{proxy.base_url}/v1", api_key=value, max_retries=0) as client:
+            completion = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert completion.choices[0].message.content
+            chunks = list(
+                client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                )
+            )
+            assert chunks
+        # Failures are where secrets usually slip into logs.
+        http("GET", f"{proxy.base_url}/manage/projects", token=management[:-1] + "X")
+        http("POST", f"{proxy.base_url}/v1/chat/completions", token=value[:-1] + "X", body=CHAT)
+        http("DELETE", f"{proxy.base_url}/manage/tokens", token=management, body={"token": value})
+        status, body = http("POST", f"{proxy.base_url}/v1/chat/completions", token=value, body=CHAT)
+        assert (status, body["error"]["code"]) == (401, "token_inactive")
+    finally:
+        assert proxy.stop() == 0
+    stderr, stdout = proxy.process.stderr, proxy.process.stdout
+    assert stderr.strip(), "expected some log lines"
+    for line in stderr.splitlines():
+        json.loads(line)  # every log line is a JSON object: nothing unstructured slipped out
+    for secret in (value, UPSTREAM_KEY, management, issued["token"][3:]):
+        assert secret not in stderr
+    assert UPSTREAM_KEY not in stdout
+    assert value not in stdout
+    assert [line for line in stdout.splitlines() if management in line] == [
+        f"    MANAGEMENT_TOKEN={management}"
+    ]

@@ -1,0 +1,335 @@
+"""Settings (SPEC §4): environment → frozen settings, one-line errors, generated secrets."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import stat
+from pathlib import Path
+
+import pytest
+
+from llm_proxy import secrets_store
+from llm_proxy.cli import build_settings
+from llm_proxy.cli import server as server_command
+from llm_proxy.server import with_generated_secrets
+from llm_proxy.settings import (
+    Settings,
+    SettingsError,
+    parse_listen_addr,
+    parse_size,
+    sqlite_path_from_url,
+)
+from tests.processes import PRODUCT_VARIABLES
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PRODUCT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def settings_from_environment(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *args: str, is_tty: bool = False
+) -> Settings:
+    """What ``llm-proxy server`` builds from these variables and flags, without serving."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ctx = server_command.make_context("server", list(args))
+    return build_settings(**ctx.params, is_tty=is_tty)
+
+
+def test_defaults_match_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from_environment(monkeypatch, {})
+    assert (settings.listen_host, settings.listen_port) == ("127.0.0.1", 8080)
+    assert settings.management_token == ""  # generated at start
+    assert settings.admin_user == "admin"
+    assert settings.admin_password == ""
+    assert settings.encryption_key == b""
+    assert settings.database_url == "sqlite:///data/llm-proxy.db"
+    assert settings.sqlite_path == Path("data/llm-proxy.db")
+    assert settings.api_config_path == Path("config/api_providers.yaml")
+    assert settings.event_bus == "memory"
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.log_level == "info"
+    assert settings.log_format == "json"
+    assert settings.data_dir == Path("data")
+    assert settings.workers == 1
+    assert settings.max_request_body_bytes == 64 * 1024 * 1024
+    assert settings.file_event_log is None
+
+
+def test_log_format_defaults_to_console_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_environment(monkeypatch, {}, is_tty=True).log_format == "console"
+
+
+def test_every_variable_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env = {
+        "LISTEN_ADDR": "0.0.0.0:9001",
+        "MANAGEMENT_TOKEN": "mgmt-from-env",
+        "ADMIN_USER": "root",
+        "ADMIN_PASSWORD": "hunter2",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite",
+        "ENCRYPTION_KEY": KEY,
+        "API_CONFIG_PATH": "/etc/llm-proxy/providers.yaml",
+        "LLM_PROXY_EVENT_BUS": "redis",
+        "REDIS_URL": "redis://cache:6380/2",
+        "LOG_LEVEL": "DEBUG",
+        "LOG_FORMAT": "console",
+        "DATA_DIR": str(tmp_path),
+        "FILE_EVENT_LOG": str(tmp_path / "events.jsonl"),
+        "WORKERS": "4",
+        "MAX_REQUEST_BODY": "512k",
+    }
+    settings = settings_from_environment(monkeypatch, env)
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 9001)
+    assert settings.management_token == "mgmt-from-env"
+    assert settings.admin_user == "root"
+    assert settings.admin_password == "hunter2"
+    assert settings.sqlite_path == tmp_path / "db.sqlite"
+    assert settings.encryption_key == bytes(range(32))
+    assert settings.api_config_path == Path("/etc/llm-proxy/providers.yaml")
+    assert settings.event_bus == "redis"
+    assert settings.redis_url == "redis://cache:6380/2"
+    assert settings.log_level == "debug"
+    assert settings.log_format == "console"
+    assert settings.data_dir == tmp_path
+    assert settings.file_event_log == tmp_path / "events.jsonl"
+    assert settings.workers == 4
+    assert settings.max_request_body_bytes == 512 * 1024
+
+
+def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from_environment(
+        monkeypatch, {"LISTEN_ADDR": "127.0.0.1:1"}, "--listen-addr", "127.0.0.1:2"
+    )
+    assert settings.listen_port == 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LISTEN_ADDR", "nonsense"),
+        ("LISTEN_ADDR", "127.0.0.1:70000"),
+        ("LISTEN_ADDR", "127.0.0.1:http"),
+        ("DATABASE_URL", "mysql://db/llm"),
+        ("DATABASE_URL", "sqlite:///"),
+        ("DATABASE_URL", "sqlite://relative.db"),
+        ("DATABASE_URL", "no-scheme"),
+        ("ENCRYPTION_KEY", "short"),
+        ("ENCRYPTION_KEY", base64.b64encode(b"x" * 16).decode()),
+        ("ENCRYPTION_KEY", "!" * 44),
+        ("LLM_PROXY_EVENT_BUS", "kafka"),
+        ("REDIS_URL", "http://cache:6379"),
+        ("LOG_LEVEL", "loud"),
+        ("LOG_FORMAT", "xml"),
+        ("MAX_REQUEST_BODY", "lots"),
+        ("MAX_REQUEST_BODY", "0"),
+        ("WORKERS", "0"),
+        ("WORKERS", "many"),
+        ("ADMIN_USER", " "),
+    ],
+)
+def test_a_bad_value_names_its_variable_on_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        settings_from_environment(monkeypatch, {variable: value})
+    message = str(caught.value)
+    assert message.startswith(f"{variable}: ")
+    assert "\n" not in message
+
+
+def test_postgresql_is_refused_until_supported() -> None:
+    with pytest.raises(SettingsError, match=r"^DATABASE_URL: "):
+        build_settings(**_cli_defaults(), database_url="postgresql://u@db/llm", is_tty=False)
+
+
+def _cli_defaults() -> dict[str, object]:
+    params = server_command.make_context("server", []).params
+    return {k: v for k, v in params.items() if k != "database_url"}
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///./x.db", Path("x.db")),
+        ("sqlite:///x.db", Path("x.db")),
+        ("sqlite:///data/sub/x.db", Path("data/sub/x.db")),
+        ("sqlite:////abs/x.db", Path("/abs/x.db")),
+        ("sqlite:////srv/llm proxy/x.db", Path("/srv/llm proxy/x.db")),
+    ],
+)
+def test_sqlite_urls_follow_the_sqlalchemy_slash_convention(url: str, path: Path) -> None:
+    assert sqlite_path_from_url(url) == path
+    assert not sqlite_path_from_url("sqlite:///./x.db").is_absolute()
+    assert Settings(database_url=url).sqlite_path == path
+
+
+@pytest.mark.parametrize(
+    ("data_dir", "expected"),
+    [
+        ("./data", Path("data/llm-proxy.db")),
+        ("/var/lib/llm-proxy", Path("/var/lib/llm-proxy/llm-proxy.db")),
+    ],
+)
+def test_the_default_database_lives_under_data_dir(
+    monkeypatch: pytest.MonkeyPatch, data_dir: str, expected: Path
+) -> None:
+    settings = settings_from_environment(monkeypatch, {"DATA_DIR": data_dir})
+    assert settings.sqlite_path == expected
+    assert settings.sqlite_path.is_absolute() == Path(data_dir).is_absolute()
+
+
+def test_an_explicit_database_url_ignores_data_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = settings_from_environment(
+        monkeypatch, {"DATA_DIR": str(tmp_path), "DATABASE_URL": "sqlite:////srv/other.db"}
+    )
+    assert settings.sqlite_path == Path("/srv/other.db")
+
+
+@pytest.mark.parametrize(
+    ("value", "address"),
+    [
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),
+        (":9000", ("0.0.0.0", 9000)),
+        ("[::1]:9000", ("::1", 9000)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_listen_addr_forms(value: str, address: tuple[str, int]) -> None:
+    assert parse_listen_addr(value) == address
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("1048576", 1048576),
+        ("512k", 512 * 1024),
+        ("64MiB", 64 * 1024**2),
+        ("64mb", 64 * 1024**2),
+        ("1G", 1024**3),
+        (" 10 b ", 10),
+    ],
+)
+def test_sizes(value: str, size: int) -> None:
+    assert parse_size("MAX_REQUEST_BODY", value) == size
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.listen_port = 1  # type: ignore[misc]
+
+
+def test_repr_masks_every_secret() -> None:
+    settings = Settings(
+        management_token="mgmt-very-secret-value",
+        admin_password="admin-very-secret",
+        encryption_key=b"K" * 32,
+    )
+    shown = repr(settings)
+    assert "mgmt-very-secret-value" not in shown
+    assert "admin-very-secret" not in shown
+    assert "KKKK" not in shown
+    assert "listen_port=8080" in shown
+
+
+# -- secrets_store ---------------------------------------------------------------------------
+
+
+def test_a_secret_is_generated_once_with_mode_0600_and_reused(tmp_path: Path) -> None:
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(f"value-{len(made)}")
+        return made[-1]
+
+    data_dir = tmp_path / "fresh" / "data"
+    first = secrets_store.load_or_create(data_dir, "management_token", make)
+    assert first == secrets_store.GeneratedSecret("value-0", created=True)
+    path = data_dir / "management_token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == "value-0\n"
+    second = secrets_store.load_or_create(data_dir, "management_token", make)
+    assert second == secrets_store.GeneratedSecret("value-0", created=False)
+    assert made == ["value-0"]
+    assert sorted(p.name for p in data_dir.iterdir()) == ["management_token"]
+
+
+def test_an_operator_supplied_secret_file_is_used_as_is(tmp_path: Path) -> None:
+    (tmp_path / "admin_password").write_text("chosen-by-hand\n")
+    secret = secrets_store.load_or_create(tmp_path, "admin_password", lambda: "generated")
+    assert secret == secrets_store.GeneratedSecret("chosen-by-hand", created=False)
+
+
+def test_generated_secret_values_are_strong() -> None:
+    assert secrets_store.new_management_token().startswith("mgmt-")
+    assert len(secrets_store.new_management_token()) >= 40
+    assert len(base64.b64decode(secrets_store.new_encryption_key(), validate=True)) == 32
+    assert len(secrets_store.new_admin_password()) >= 20
+    assert secrets_store.new_management_token() != secrets_store.new_management_token()
+
+
+# -- with_generated_secrets ------------------------------------------------------------------
+
+
+def test_missing_secrets_are_generated_and_announced(tmp_path: Path) -> None:
+    out = io.StringIO()
+    filled = with_generated_secrets(Settings(data_dir=tmp_path, admin_user="ops"), out)
+    printed = out.getvalue()
+    assert f"MANAGEMENT_TOKEN={filled.management_token}\n" in printed
+    assert f"ADMIN_USER=ops ADMIN_PASSWORD={filled.admin_password}\n" in printed
+    assert filled.management_token.startswith("mgmt-")
+    assert len(filled.encryption_key) == 32
+    assert base64.b64encode(filled.encryption_key).decode() not in printed
+    for name in ("management_token", "admin_password", "encryption_key"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+
+    again = io.StringIO()
+    refilled = with_generated_secrets(Settings(data_dir=tmp_path, admin_user="ops"), again)
+    assert refilled == filled
+    assert f"MANAGEMENT_TOKEN={filled.management_token}\n" in again.getvalue()
+
+
+def test_provided_secrets_are_neither_stored_nor_printed(tmp_path: Path) -> None:
+    out = io.StringIO()
+    given = Settings(
+        data_dir=tmp_path,
+        management_token="mgmt-given-by-operator",
+        admin_password="given-password",
+        encryption_key=b"k" * 32,
+    )
+    assert with_generated_secrets(given, out) == given
+    assert out.getvalue() == ""
+    assert not any(tmp_path.iterdir())
+
+
+def test_only_the_missing_secret_is_printed(tmp_path: Path) -> None:
+    out = io.StringIO()
+    filled = with_generated_secrets(
+        Settings(
+            data_dir=tmp_path, management_token="mgmt-given-by-operator", encryption_key=b"k" * 32
+        ),
+        out,
+    )
+    printed = out.getvalue()
+    assert "mgmt-given-by-operator" not in printed
+    assert "MANAGEMENT_TOKEN=" not in printed
+    assert f"ADMIN_PASSWORD={filled.admin_password}" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["admin_password"]
+
+
+def test_an_unusable_data_dir_is_a_settings_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SettingsError, match=r"^DATA_DIR: "):
+        with_generated_secrets(Settings(data_dir=blocker / "data"), io.StringIO())
