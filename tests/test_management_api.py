@@ -89,7 +89,7 @@ async def test_token_issue_shows_the_value_once_and_never_again(proxy: Proxy) ->
     assert token["is_active"] is True and token["request_count"] == 0
     assert token["last_used_at"] is None
     status, listed = await proxy.manage("GET", "/tokens")
-    status_p, by_project = await proxy.manage("GET", f"/tokens?project_id={issued['project_id']}")
+    _, by_project = await proxy.manage("GET", f"/tokens?project_id={issued['project_id']}")
     assert [t["id"] for t in listed] == [t["id"] for t in by_project] == [issued["id"]]
     assert issued["token"] not in str(token) + str(listed) + str(by_project)
 
