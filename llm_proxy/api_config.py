@@ -65,10 +65,15 @@ class ApiProvider:
         return None
 
 
+DEFAULT_TOKEN_INFO_PATH = "/v1/llm-proxy/token"
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     default: ApiProvider
     providers: Mapping[str, ApiProvider]
+    # Where a withering token can read its own expiry and quota; always allowed, never forwarded.
+    token_info_path: str = DEFAULT_TOKEN_INFO_PATH
 
 
 def normalise_path(raw_path: str) -> str | None:
@@ -172,7 +177,14 @@ def parse_api_config(raw: object) -> ApiConfig:
     default_name = str(raw.get("default_api") or next(iter(providers)))
     if default_name not in providers:
         raise ApiConfigError(f"default_api: {default_name!r} is not defined under apis")
-    return ApiConfig(default=providers[default_name], providers=providers)
+    info_path = normalise_path(str(raw.get("token_info_path") or DEFAULT_TOKEN_INFO_PATH))
+    if info_path is None or info_path == "/":
+        raise ApiConfigError(
+            "token_info_path: expected an absolute path such as /v1/llm-proxy/token"
+        )
+    return ApiConfig(
+        default=providers[default_name], providers=providers, token_info_path=info_path
+    )
 
 
 def load_api_config(path: Path) -> ApiConfig:

@@ -158,6 +158,8 @@ async def create_app(
         components.sink,
         max_body_bytes=settings.max_request_body_bytes,
         capture_bytes=settings.capture_body_bytes,
+        store=store,
+        token_info_path=api_config.token_info_path,
     )
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

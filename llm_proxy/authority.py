@@ -34,6 +34,7 @@ _NEGATIVE_MAX = 10_000
 class Grant:
     """What the proxy path needs to admit and forward a request for one token."""
 
+    digest: str  # SHA-256 of the token value: the cache key
     token_id: str
     project_id: str
     expires_at: float  # epoch seconds
@@ -68,6 +69,22 @@ class TokenAuthority:
 
     async def admit(self, authorization: str | None) -> Grant:
         """Check a bearer credential and count the request, or raise the SPEC §7 error."""
+        grant = await self.check(authorization)
+        wall = time.time()
+        if grant.max_requests is None:
+            tally = self._pending.get(grant.token_id)
+            if tally is None:
+                self._pending[grant.token_id] = [1, wall]
+            else:
+                tally[0] += 1
+                tally[1] = wall
+            return grant
+        if grant.exhausted or not await self._claim(grant.token_id, wall):
+            return await self._refused_quota(grant)
+        return grant
+
+    async def check(self, authorization: str | None) -> Grant:
+        """Validate a bearer credential without counting a request."""
         if not authorization or authorization[:7].lower() != "bearer ":
             raise errors.InvalidToken("Missing bearer token in the Authorization header.")
         value = authorization[7:].strip()
@@ -83,21 +100,10 @@ class TokenAuthority:
             self.hits += 1
         if not grant.is_active:
             raise errors.TokenInactive("This token has been revoked.")
-        wall = time.time()
-        if wall >= grant.expires_at:
+        if time.time() >= grant.expires_at:
             raise errors.TokenExpired("This token has expired.")
         if not grant.project_is_active:
             raise errors.ProjectInactive("The project of this token is inactive.")
-        if grant.max_requests is None:
-            tally = self._pending.get(grant.token_id)
-            if tally is None:
-                self._pending[grant.token_id] = [1, wall]
-            else:
-                tally[0] += 1
-                tally[1] = wall
-            return grant
-        if grant.exhausted or not await self._claim(grant.token_id, wall):
-            return await self._refused_quota(digest, grant)
         return grant
 
     async def _claim(self, token_id: str, wall: float) -> bool:
@@ -109,10 +115,10 @@ class TokenAuthority:
                 "The token store is unavailable; retry shortly."
             ) from None
 
-    async def _refused_quota(self, digest: str, grant: Grant) -> Grant:
+    async def _refused_quota(self, grant: Grant) -> Grant:
         # The claim failed: either the quota is used up, or another process revoked the token a
         # moment ago. Reload to tell which, so the client gets the right code.
-        fresh = await self._load(digest, time.monotonic())
+        fresh = await self._load(grant.digest, time.monotonic())
         if not fresh.is_active:
             raise errors.TokenInactive("This token has been revoked.")
         fresh.exhausted = True
@@ -157,6 +163,7 @@ class TokenAuthority:
             return None
         token = row.token
         grant = Grant(
+            digest=digest,
             token_id=token.id,
             project_id=token.project_id,
             expires_at=token.expires_at.timestamp(),

@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
 import orjson
 import structlog
@@ -20,6 +21,8 @@ from llm_proxy import errors
 from llm_proxy.api_config import ApiProvider, normalise_path
 from llm_proxy.authority import Grant, TokenAuthority
 from llm_proxy.exchange import CappedBuffer, Exchange, ExchangeSink
+from llm_proxy.models import isoformat
+from llm_proxy.store import Store
 from llm_proxy.upstream import Body, UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger(__name__)
@@ -78,6 +81,15 @@ def _request_id(supplied: str | None) -> str:
 StreamUsageHooks = tuple[Callable[[bytes], bytes | None], Callable[[], "ChunkFilter"]]
 
 
+class _BufferedHeadResponse(web.StreamResponse):
+    """Holds the head back until the first body chunk, so both leave in one write (one syscall).
+
+    Used for everything but event streams, whose head the client should see at once.
+    """
+
+    _send_headers_immediately = False
+
+
 class ChunkFilter:
     """Transforms a response body on its way to the client (see stream-usage injection)."""
 
@@ -99,8 +111,12 @@ class ProxyHandler:
         max_body_bytes: int,
         capture_bytes: int,
         stream_usage: StreamUsageHooks | None = None,
+        store: Store,
+        token_info_path: str,
     ) -> None:
         self.provider = provider
+        self.store = store
+        self.token_info_path = token_info_path
         self.authority = authority
         self.upstream = upstream
         self.sink = sink
@@ -129,6 +145,8 @@ class ProxyHandler:
         provider = self.provider
         raw_path, _, query = request.raw_path.partition("?")
         path = normalise_path(raw_path)
+        if path == self.token_info_path:
+            return await self._token_info(request, reply_headers)
         if path is None or not provider.path_allowed(path):
             raise errors.EndpointNotFound(f"Endpoint {request.method} {raw_path} is not allowed.")
         method = request.method
@@ -164,6 +182,41 @@ class ProxyHandler:
         finally:
             exchange.ended = time.perf_counter()
             self.sink.submit(exchange)
+
+    async def _token_info(
+        self, request: web.Request, reply_headers: dict[str, str]
+    ) -> web.Response:
+        """What a withering token may know about itself: expiry, quota left, what it can call."""
+        if request.method != "GET":
+            raise errors.MethodNotAllowed(
+                f"Method {request.method} is not allowed for {self.token_info_path}.",
+                headers={"Allow": "GET"},
+            )
+        grant = await self.authority.check(request.headers.get("Authorization"))
+        remaining: int | None = None
+        request_count: int | None = None
+        if grant.max_requests is not None:
+            token = await self.store.get_token(grant.token_id)
+            request_count = token.request_count if token else grant.max_requests
+            remaining = max(grant.max_requests - request_count, 0)
+        expires_at = datetime.fromtimestamp(grant.expires_at, UTC)
+        body = {
+            "object": "llm_proxy.token",
+            "token_id": grant.token_id,
+            "project_id": grant.project_id,
+            "expires_at": isoformat(expires_at),
+            "expires_in_seconds": max(int(grant.expires_at - time.time()), 0),
+            "max_requests": grant.max_requests,
+            "request_count": request_count,
+            "remaining_requests": remaining,
+            "allowed_endpoints": sorted(self.provider.allowed_prefixes),
+            "allowed_methods": sorted(self.provider.allowed_methods),
+        }
+        return web.Response(
+            body=orjson.dumps(body),
+            content_type="application/json",
+            headers={**reply_headers, "Cache-Control": "no-store"},
+        )
 
     def _preflight(self, request: web.Request, reply_headers: dict[str, str]) -> web.Response:
         headers = dict(reply_headers)
@@ -262,18 +315,19 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         exchange.upstream_headers_at = now = time.perf_counter()
         exchange.status = upstream.status
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        out = response.headers
         for name, value in upstream.headers:
             lower = name.lower()
-            if lower in _DROP_RESPONSE:
-                continue
             if lower == "content-type":
                 exchange.response_content_type = value
             elif lower == "content-encoding":
                 exchange.response_content_encoding = value
-            elif lower == "content-length" and exchange.usage_injected:
-                continue  # the filtered body may be shorter
+        response_class = web.StreamResponse if exchange.is_stream else _BufferedHeadResponse
+        response = response_class(status=upstream.status, reason=upstream.reason)
+        out = response.headers
+        for name, value in upstream.headers:
+            lower = name.lower()
+            if lower in _DROP_RESPONSE or (lower == "content-length" and exchange.usage_injected):
+                continue  # (a filtered body may be shorter than upstream said)
             out.add(name, value)
         out.update(reply_headers)
         proxy_ms = (exchange.upstream_started - exchange.started) * 1000

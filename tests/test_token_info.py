@@ -1,0 +1,41 @@
+"""A withering token can read its own expiry and remaining quota, and nothing secret."""
+
+from __future__ import annotations
+
+from tests.conftest import UPSTREAM_KEY, Proxy
+
+
+async def test_token_reads_its_own_expiry_and_quota(proxy: Proxy) -> None:
+    issued = await proxy.issue_token(max_requests=3, minutes=10)
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    await proxy.client.get("/v1/models", headers=headers)
+    response = await proxy.client.get("/v1/llm-proxy/token", headers=headers)
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    info = await response.json()
+    assert info["token_id"] == issued["id"]
+    assert info["expires_at"] == issued["expires_at"]
+    assert 0 < info["expires_in_seconds"] <= 600
+    assert (info["max_requests"], info["request_count"], info["remaining_requests"]) == (3, 1, 2)
+    assert "/v1/chat/completions" in info["allowed_endpoints"]
+    text = await response.text()
+    assert issued["token"] not in text and UPSTREAM_KEY not in text
+    # Asking does not use up the quota.
+    again = await (await proxy.client.get("/v1/llm-proxy/token", headers=headers)).json()
+    assert again["remaining_requests"] == 2
+
+
+async def test_unlimited_token_and_refusals(proxy: Proxy) -> None:
+    issued = await proxy.issue_token()
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    info = await (await proxy.client.get("/v1/llm-proxy/token", headers=headers)).json()
+    assert info["max_requests"] is None and info["remaining_requests"] is None
+    assert proxy.upstream.requests == []  # never forwarded
+    refused = await proxy.client.get("/v1/llm-proxy/token")
+    assert refused.status == 401
+    assert (await refused.json())["error"]["code"] == "invalid_token"
+    post = await proxy.client.post("/v1/llm-proxy/token", headers=headers)
+    assert post.status == 405
+    await proxy.manage("DELETE", f"/tokens/{issued['id']}")
+    revoked = await proxy.client.get("/v1/llm-proxy/token", headers=headers)
+    assert (await revoked.json())["error"]["code"] == "token_inactive"
