@@ -19,6 +19,7 @@ from llm_proxy.crypto import KeyCipher
 from llm_proxy.exchange import Exchange, ExchangeSink
 from llm_proxy.http1 import Http1Client
 from llm_proxy.management import management_app
+from llm_proxy.metrics import metrics_endpoint
 from llm_proxy.operations import Operations
 from llm_proxy.proxy import ProxyHandler
 from llm_proxy.settings import Settings
@@ -151,6 +152,7 @@ async def create_app(
     app.add_subapp("/manage/", management_app(components.operations, settings.management_token))
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics_endpoint)
     proxy = ProxyHandler(
         api_config.default,
         authority,

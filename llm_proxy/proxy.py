@@ -21,6 +21,7 @@ from llm_proxy import errors
 from llm_proxy.api_config import ApiProvider, normalise_path
 from llm_proxy.authority import Grant, TokenAuthority
 from llm_proxy.exchange import CappedBuffer, Exchange, ExchangeSink
+from llm_proxy.metrics import MetricsSink
 from llm_proxy.models import isoformat
 from llm_proxy.store import Store
 from llm_proxy.upstream import Body, UpstreamClient, UpstreamResponse
@@ -119,7 +120,8 @@ class ProxyHandler:
         self.token_info_path = token_info_path
         self.authority = authority
         self.upstream = upstream
-        self.sink = sink
+        self.metrics = MetricsSink(provider, sink)
+        self.sink: ExchangeSink = self.metrics
         self.max_body_bytes = max_body_bytes
         self.capture_bytes = capture_bytes
         self.stream_usage = stream_usage if provider.inject_stream_usage else None
@@ -137,6 +139,8 @@ class ProxyHandler:
         try:
             return await self._handle(request, request_id, started, reply_headers)
         except errors.ProxyError as exc:
+            if not exc.counted:
+                self.metrics.refused(request.path, exc)
             return exc.to_response(reply_headers)
 
     async def _handle(
@@ -174,6 +178,7 @@ class ProxyHandler:
         except errors.ProxyError as exc:
             exchange.error = exc.code
             exchange.status = exc.status
+            exc.counted = True  # the exchange carries it to the metrics
             raise
         except asyncio.CancelledError:
             exchange.client_disconnected = True

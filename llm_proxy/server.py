@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import signal
 import sqlite3
 import sys
@@ -56,7 +58,7 @@ def _fill_secrets(settings: Settings, out: TextIO) -> Settings:
         banner = "\n".join(
             [
                 "",
-                f"  Generated credentials (kept in {data_dir}/, mode 0600):",
+                f"  Credentials generated on first start (kept in {data_dir}/, mode 0600):",
                 *(f"    {line}" for line in lines),
                 "",
             ]
@@ -106,7 +108,47 @@ def serve(settings: Settings) -> None:
         runner.run(_serve(settings))
 
 
+def _worker(settings: Settings) -> None:
+    try:
+        serve(settings)
+    except SettingsError as exc:
+        print(f"llm-proxy: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def serve_workers(settings: Settings) -> int:
+    """Run ``settings.workers`` processes sharing the port (SO_REUSEPORT); return an exit code.
+
+    Workers share nothing in memory: revocation reaches each through the store's change feed
+    (within a second) and quotas are claimed atomically in the database, so SPEC §6 holds across
+    them. The parent only supervises: it forwards SIGINT/SIGTERM and waits.
+    """
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_worker, args=(settings,), name=f"llm-proxy-worker-{n}")
+        for n in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    log.info("server.workers_started", workers=len(workers))
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for worker in workers:
+        worker.join()
+    failed = sum(1 for w in workers if w.exitcode)
+    log.info("server.workers_stopped", workers=len(workers), failed=failed)
+    return 1 if failed else 0
+
+
 def run_server(settings: Settings) -> None:
     """Fill generated secrets, then serve; a start-up failure raises SettingsError naming the variable."""
     settings = with_generated_secrets(settings, sys.stdout)
+    if settings.workers > 1:
+        sys.exit(serve_workers(settings))
     serve(settings)

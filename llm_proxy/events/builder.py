@@ -7,6 +7,8 @@ decompressed, parsed, streams reassembled and tokens counted.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from llm_proxy.events import bodies, sse, usage
 from llm_proxy.events.event import Event, rfc3339
@@ -68,3 +70,23 @@ def build(exchange: Exchange, *, decoded_limit: int = bodies.DEFAULT_DECODED_LIM
 def _model(body: object) -> str | None:
     model = body.get("model") if isinstance(body, dict) else None
     return model if isinstance(model, str) and model else None
+
+
+@dataclass(slots=True)
+class Built:
+    events: list[Event] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # request id, error
+
+
+def build_batch(
+    exchanges: Sequence[Exchange], build_one: Callable[[Exchange], Event] = build
+) -> Built:
+    """Build a batch, collecting failures instead of raising: this may run in a worker process,
+    whose logs and metrics would not reach the server's."""
+    built = Built()
+    for exchange in exchanges:
+        try:
+            built.events.append(build_one(exchange))
+        except Exception as exc:  # one odd body must not cost the rest of the batch
+            built.failures.append((exchange.request_id, repr(exc)))
+    return built

@@ -1,24 +1,30 @@
 """The :class:`~llm_proxy.exchange.ExchangeSink` the proxy hands finished exchanges to.
 
 ``submit`` only appends to a bounded in-memory queue (dropping and counting the oldest when full), so
-the request path never waits on instrumentation. A background task takes exchanges in batches, builds
-their events in a worker thread (decompressing, parsing and token counting are CPU work that would
-otherwise stall the event loop every request shares) and publishes them to the bus.
+the request path never waits on instrumentation. A background task takes exchanges in batches and has
+their events built by a worker *process*: decompressing, parsing, reassembling streams and counting
+tokens is pure-Python CPU work that, in the server process, would compete with every request for the
+GIL. Only pickling the batch out and the events back stays here. (``build_in="thread"`` keeps the
+work in-process, for tests and for hosts where extra processes are unwelcome.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import multiprocessing
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from typing import Protocol
 
 import structlog
 
 from llm_proxy.events import builder, metrics
 from llm_proxy.events.bus import EventBus
-from llm_proxy.events.config import EventsConfig
+from llm_proxy.events.config import BuildIn, EventsConfig
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
@@ -31,6 +37,19 @@ class Closeable(Protocol):
     async def close(self) -> None: ...
 
 
+def _executor(build_in: BuildIn) -> Executor:
+    if build_in == "process":
+        # spawn, not fork: the server process has threads and an event loop a fork would copy.
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=1, mp_context=context)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
+
+
+def _portable(exchange: Exchange) -> Exchange:
+    # ``extra`` is the proxy's scratch space and may hold anything; events never read it.
+    return dataclasses.replace(exchange, extra={}) if exchange.extra else exchange
+
+
 class EventPipeline:
     """Turns exchanges into events and publishes them; implements ``ExchangeSink``."""
 
@@ -41,6 +60,7 @@ class EventPipeline:
         queue_size: int = 10_000,
         batch_size: int = 256,
         close_timeout: float = 5.0,
+        build_in: BuildIn = "thread",
         build: Callable[[Exchange], Event] = builder.build,
     ) -> None:
         self.bus = bus
@@ -48,9 +68,10 @@ class EventPipeline:
         self._queue_size = queue_size
         self._batch_size = batch_size
         self._close_timeout = close_timeout
+        self._build_in = build_in
         self._build = build
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
+        self._executor = _executor(build_in)
         self._task: asyncio.Task[None] | None = None
         self._attached: list[Closeable] = []
         self._closing = False
@@ -84,7 +105,6 @@ class EventPipeline:
             )
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         queue = self._queue
         while True:
             if not queue:
@@ -96,10 +116,7 @@ class EventPipeline:
             batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
             metrics.QUEUE_DEPTH.set(len(queue))
             try:
-                events = []
-                for one in batch:
-                    events.extend(self._build_all([one]))
-                    await asyncio.sleep(0)
+                events = await self._build_events(batch)
                 await self.bus.publish(events)
             except asyncio.CancelledError:
                 raise
@@ -109,18 +126,24 @@ class EventPipeline:
                 continue
             self.published += len(events)
 
-    def _build_all(self, batch: Sequence[Exchange]) -> list[Event]:
-        events = []
-        for exchange in batch:
-            try:
-                event = self._build(exchange)
-            except Exception:  # one odd body must not cost the rest of the batch
-                log.exception("event build failed", request_id=exchange.request_id)
-                metrics.DROPPED.labels("build_failed").inc()
-                continue
+    async def _build_events(self, batch: list[Exchange]) -> list[Event]:
+        loop = asyncio.get_running_loop()
+        work = partial(builder.build_batch, [_portable(e) for e in batch], self._build)
+        try:
+            built = await loop.run_in_executor(self._executor, work)
+        except BrokenProcessPool:
+            # The worker process died (killed, out of memory): start a fresh one, lose this batch.
+            log.error("event builder process died; restarting it", lost=len(batch))
+            metrics.DROPPED.labels("build_failed").inc(len(batch))
+            self._executor.shutdown(wait=False)
+            self._executor = _executor(self._build_in)
+            return []
+        for request_id, error in built.failures:
+            log.error("event build failed", request_id=request_id, error=error)
+            metrics.DROPPED.labels("build_failed").inc()
+        for event in built.events:
             metrics.USAGE.labels(event["usage"]["source"] if event["usage"] else "none").inc()
-            events.append(event)
-        return events
+        return built.events
 
     async def close(self) -> None:
         """Drain the queue into the bus (bounded by ``close_timeout``), then close what is attached
@@ -138,7 +161,7 @@ class EventPipeline:
                 self.dropped += left
                 metrics.DROPPED.labels("closing").inc(left)
                 log.warning("event pipeline closed before draining", dropped=left)
-        await asyncio.to_thread(self._executor.shutdown)
+        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
         for component in self._attached:
             await component.close()
         await self.bus.close()
@@ -164,7 +187,8 @@ async def start_event_pipeline(config: EventsConfig) -> EventPipeline:
         queue_size=config.queue_size,
         batch_size=config.batch_size,
         close_timeout=config.close_timeout,
+        build_in=config.build_in,
     )
     pipeline.start()
-    log.info("event pipeline started", bus=config.bus)
+    log.info("event pipeline started", bus=config.bus, build_in=config.build_in)
     return pipeline

@@ -1,0 +1,445 @@
+"""``llm-proxy manage …`` against a real server process, as an operator's terminal or script uses it."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from click.testing import CliRunner, Result
+
+from llm_proxy.cli import main
+from tests.processes import (
+    PRODUCT_VARIABLES,
+    MockUpstream,
+    ServerProcess,
+    clean_env,
+    cli_command,
+    free_port,
+    run,
+    start_mock_upstream,
+    start_server,
+    write_api_config,
+)
+
+UPSTREAM_KEY = "sk-upstream-" + secrets.token_urlsafe(24)
+MASKED_KEY = f"{UPSTREAM_KEY[:5]}…{UPSTREAM_KEY[-4:]}"
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]:
+    mock = start_mock_upstream(tmp_path_factory.mktemp("mock"), api_key=UPSTREAM_KEY)
+    yield mock
+    mock.process.stop()
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, upstream: MockUpstream
+) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("proxy")
+    api_config = write_api_config(root / "api_providers.yaml", upstream.base_url)
+    started = start_server(root / "data", api_config, root / "logs")
+    yield started
+    started.stop()
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PRODUCT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def manage(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, ["manage", *args], env=env or {})
+
+
+def manage_as(server: ServerProcess, *args: str) -> Result:
+    """``manage`` with the connection given the usual way: environment variables."""
+    return manage(
+        *args,
+        env={"MANAGEMENT_TOKEN": server.management_token, "MANAGE_API_BASE_URL": server.base_url},
+    )
+
+
+def manage_json(server: ServerProcess, *args: str) -> Any:
+    result = manage_as(server, "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def create_project(server: ServerProcess, name: str = "demo") -> str:
+    project = manage_json(server, "project", "create", "--name", name, "--api-key", UPSTREAM_KEY)
+    return str(project["id"])
+
+
+# -- projects --------------------------------------------------------------------------------
+
+
+def test_project_create_prints_the_project_with_a_masked_key(server: ServerProcess) -> None:
+    result = manage_as(
+        server,
+        "project",
+        "create",
+        "--name",
+        "billing",
+        "--api-key",
+        UPSTREAM_KEY,
+        "--description",
+        "the billing team",
+        "--metadata",
+        '{"team": "billing"}',
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    project = json.loads(result.stdout)
+    assert project["name"] == "billing"
+    assert project["description"] == "the billing team"
+    assert project["metadata"] == {"team": "billing"}
+    assert project["is_active"] is True
+    assert project["api_key"] == MASKED_KEY
+    assert UPSTREAM_KEY not in result.output
+    assert manage_json(server, "project", "get", project["id"]) == project
+
+
+def test_project_create_as_a_record_shows_fields_and_values(server: ServerProcess) -> None:
+    result = manage_as(server, "project", "create", "--name", "records", "--api-key", UPSTREAM_KEY)
+    assert result.exit_code == 0, result.output
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if " " in line.strip())
+    assert fields["name"] == "records"
+    assert fields["api_key"] == MASKED_KEY
+    assert fields["is_active"] == "True"
+    assert UPSTREAM_KEY not in result.output
+
+
+def test_project_create_refuses_metadata_that_is_not_json(server: ServerProcess) -> None:
+    result = manage_as(
+        server, "project", "create", "--name", "x", "--api-key", "k", "--metadata", "{nope"
+    )
+    assert result.exit_code == 2
+    assert "--metadata" in result.stderr
+
+
+def test_project_list_table_has_headers_and_whole_values(server: ServerProcess) -> None:
+    project_id = create_project(server, "table project")
+    result = manage_as(server, "project", "list")
+    assert result.exit_code == 0, result.output
+    for header in ("id", "name", "is_active", "api_key", "created_at"):
+        assert header in result.stdout
+    # A pipe gets whole values on one row, so ids can be copied or grepped.
+    row = next(line for line in result.stdout.splitlines() if project_id in line)
+    assert "table project" in row
+    assert MASKED_KEY in row
+    assert UPSTREAM_KEY not in result.stdout
+
+
+def test_json_works_on_the_group_and_on_the_leaf(server: ServerProcess) -> None:
+    create_project(server, "json both ways")
+    env = {"MANAGEMENT_TOKEN": server.management_token, "MANAGE_API_BASE_URL": server.base_url}
+    on_group = manage("--json", "project", "list", env=env)
+    on_leaf = manage("project", "list", "--json", env=env)
+    assert on_group.exit_code == on_leaf.exit_code == 0
+    assert json.loads(on_group.stdout) == json.loads(on_leaf.stdout)
+    assert "json both ways" in [p["name"] for p in json.loads(on_leaf.stdout)]
+
+
+def test_connection_flags_work_on_the_group_and_on_the_leaf(server: ServerProcess) -> None:
+    flags = [
+        "--manage-api-base-url",
+        server.base_url,
+        "--management-token",
+        server.management_token,
+    ]
+    on_group = manage(*flags, "--json", "project", "list")
+    on_leaf = manage("project", "list", "--json", *flags)
+    assert on_group.exit_code == 0, on_group.output
+    assert on_leaf.exit_code == 0, on_leaf.output
+    assert json.loads(on_group.stdout) == json.loads(on_leaf.stdout)
+
+
+def test_a_flag_on_the_group_wins_over_the_environment(server: ServerProcess) -> None:
+    env = {"MANAGEMENT_TOKEN": "mgmt-stale-from-the-shell", "MANAGE_API_BASE_URL": server.base_url}
+    result = manage("--management-token", server.management_token, "project", "list", env=env)
+    assert result.exit_code == 0, result.output
+    env = {"MANAGEMENT_TOKEN": server.management_token, "MANAGE_API_BASE_URL": "http://127.0.0.1:1"}
+    result = manage("--manage-api-base-url", server.base_url, "project", "list", env=env)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_flag_on_the_leaf_wins_over_the_group(server: ServerProcess) -> None:
+    result = manage(
+        "--manage-api-base-url",
+        server.base_url,
+        "--management-token",
+        "mgmt-wrong",
+        "project",
+        "list",
+        "--management-token",
+        server.management_token,
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_management_token_from_the_environment_in_a_real_process(server: ServerProcess) -> None:
+    project_id = create_project(server, "from a subprocess")
+    env = clean_env(MANAGEMENT_TOKEN=server.management_token, MANAGE_API_BASE_URL=server.base_url)
+    result = run(cli_command("manage", "project", "get", project_id, "--json"), env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["name"] == "from a subprocess"
+
+
+def test_project_update_renames_and_deactivates(server: ServerProcess) -> None:
+    project_id = create_project(server, "before")
+    updated = manage_json(server, "project", "update", project_id, "--name", "after", "--inactive")
+    assert (updated["name"], updated["is_active"]) == ("after", False)
+    refused = manage_as(server, "token", "generate", "--project-id", project_id)
+    assert "403 project_inactive" in one_line_error(refused)
+    updated = manage_json(server, "project", "update", project_id, "--active")
+    assert updated["is_active"] is True
+
+
+def test_project_update_needs_something_to_change(server: ServerProcess) -> None:
+    result = manage_as(server, "project", "update", "any-id")
+    assert result.exit_code == 2
+    assert "nothing to update" in result.stderr
+
+
+def test_project_delete_removes_it(server: ServerProcess) -> None:
+    project_id = create_project(server, "doomed")
+    result = manage_as(server, "project", "delete", project_id)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"Deleted project {project_id}."
+    assert "404 project_not_found" in one_line_error(
+        manage_as(server, "project", "get", project_id)
+    )
+    again = create_project(server, "doomed too")
+    assert manage_json(server, "project", "delete", again) == {"deleted": again}
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_a_wrong_management_token_is_one_line_with_the_code(server: ServerProcess) -> None:
+    result = manage(
+        "--manage-api-base-url",
+        server.base_url,
+        "--management-token",
+        "mgmt-wrong",
+        "project",
+        "list",
+    )
+    line = one_line_error(result)
+    assert "401 unauthorized" in line
+    assert "mgmt-wrong" not in line
+
+
+def test_a_missing_management_token_is_explained(server: ServerProcess) -> None:
+    result = manage("--manage-api-base-url", server.base_url, "project", "list")
+    assert "MANAGEMENT_TOKEN" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("project", "get", "no-such-project"), "project_not_found"),
+        (("project", "update", "no-such-project", "--name", "x"), "project_not_found"),
+        (("project", "delete", "no-such-project"), "project_not_found"),
+        (("token", "list", "--project-id", "no-such-project"), "project_not_found"),
+        (("token", "generate", "--project-id", "no-such-project"), "project_not_found"),
+        (("token", "get", "no-such-token"), "token_not_found"),
+        (("token", "revoke", "no-such-token"), "token_not_found"),
+        (("token", "revoke", "--project-id", "no-such-project"), "project_not_found"),
+    ],
+)
+def test_an_unknown_id_fails_with_its_code(
+    server: ServerProcess, args: tuple[str, ...], code: str
+) -> None:
+    assert f"404 {code}" in one_line_error(manage_as(server, *args))
+
+
+def test_an_id_cannot_address_another_route(server: ServerProcess) -> None:
+    create_project(server, "not a token list")
+    for args in (("project", "get", "../tokens"), ("project", "get", "x/../../tokens")):
+        assert "project_not_found" in one_line_error(manage_as(server, *args))
+
+
+def test_a_bad_duration_names_the_field(server: ServerProcess) -> None:
+    project_id = create_project(server)
+    result = manage_as(server, "token", "generate", "--project-id", project_id, "--duration", "0")
+    line = one_line_error(result)
+    assert "400" in line
+    assert "duration_minutes" in line
+
+
+def test_a_server_that_is_down_cannot_be_reached() -> None:
+    base_url = f"http://127.0.0.1:{free_port()}"
+    result = manage(
+        "--manage-api-base-url", base_url, "--management-token", "mgmt-x", "project", "list"
+    )
+    assert f"cannot reach {base_url}" in one_line_error(result)
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+
+def test_token_generate_shows_the_value_once(server: ServerProcess) -> None:
+    project_id = create_project(server)
+    result = manage_as(
+        server,
+        "token",
+        "generate",
+        "--project-id",
+        project_id,
+        "--duration",
+        "5",
+        "--max-requests",
+        "3",
+    )
+    assert result.exit_code == 0, result.output
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if " " in line.strip())
+    value, token_id = fields["token"], fields["id"]
+    assert value.startswith("sk-")
+    assert fields["project_id"] == project_id
+    assert fields["max_requests"] == "3"
+
+    shown = manage_json(server, "token", "get", token_id)
+    assert set(shown) >= {
+        "id",
+        "project_id",
+        "expires_at",
+        "is_active",
+        "request_count",
+        "max_requests",
+        "created_at",
+        "last_used_at",
+    }
+    assert (shown["is_active"], shown["request_count"], shown["max_requests"]) == (True, 0, 3)
+    for args in (("token", "get", token_id), ("token", "list"), ("--json", "token", "list")):
+        result = manage_as(server, *args)
+        assert result.exit_code == 0, result.output
+        assert value not in result.output
+
+
+def test_token_list_table_and_project_filter(server: ServerProcess) -> None:
+    mine, other = create_project(server, "mine"), create_project(server, "other")
+    token_id = manage_json(server, "token", "generate", "--project-id", mine)["id"]
+    other_id = manage_json(server, "token", "generate", "--project-id", other)["id"]
+
+    table = manage_as(server, "token", "list", "--project-id", mine)
+    assert table.exit_code == 0, table.output
+    for header in ("id", "project_id", "is_active", "expires_at", "request_count", "max_requests"):
+        assert header in table.stdout
+    row = next(line for line in table.stdout.splitlines() if token_id in line)
+    assert mine in row
+    assert other_id not in table.stdout
+
+    listed = manage_json(server, "token", "list", "--project-id", mine)
+    assert [t["id"] for t in listed] == [token_id]
+    assert all("token" not in t for t in listed)
+    everything = {t["id"] for t in manage_json(server, "token", "list")}
+    assert {token_id, other_id} <= everything
+
+
+def test_token_list_of_a_project_without_tokens_says_so(server: ServerProcess) -> None:
+    project_id = create_project(server, "empty")
+    result = manage_as(server, "token", "list", "--project-id", project_id)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "No tokens."
+    assert manage_json(server, "token", "list", "--project-id", project_id) == []
+
+
+def test_token_revoke_by_id_value_and_project(server: ServerProcess) -> None:
+    project_id = create_project(server)
+    by_id, by_value, rest = (
+        manage_json(server, "token", "generate", "--project-id", project_id) for _ in range(3)
+    )
+    result = manage_as(server, "token", "revoke", by_id["id"])
+    assert (result.exit_code, result.stdout.strip()) == (0, f"Revoked token {by_id['id']}.")
+    result = manage_as(server, "token", "revoke", "--value", by_value["token"])
+    assert (result.exit_code, result.stdout.strip()) == (0, "Revoked the token.")
+    assert by_value["token"] not in result.output
+    counts = manage_json(server, "token", "revoke", "--project-id", project_id)
+    assert counts == {"revoked_count": 1, "already_revoked_count": 2, "total_tokens": 3}
+    states = {
+        t["id"]: t["is_active"]
+        for t in manage_json(server, "token", "list", "--project-id", project_id)
+    }
+    assert states == {by_id["id"]: False, by_value["id"]: False, rest["id"]: False}
+    # Revoking again is not an error (DELETE is 204 also when already revoked).
+    assert manage_json(server, "token", "revoke", by_id["id"]) == {"revoked": by_id["id"]}
+
+
+@pytest.mark.parametrize(
+    "args", [(), ("tok-1", "--value", "sk-x"), ("--value", "v", "--project-id", "p")]
+)
+def test_token_revoke_needs_exactly_one_target(
+    server: ServerProcess, args: tuple[str, ...]
+) -> None:
+    result = manage_as(server, "token", "revoke", *args)
+    assert result.exit_code == 2
+    assert "exactly one" in result.stderr
+
+
+# -- the whole flow, with the application's own SDK ------------------------------------------
+
+
+def test_issued_token_works_with_the_openai_sdk_until_revoked(server: ServerProcess) -> None:
+    project_id = create_project(server, "sdk flow")
+    issued = manage_json(
+        server, "token", "generate", "--project-id", project_id, "--duration", "10"
+    )
+    with openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key=issued["token"], max_retries=0
+    ) as client:
+        completion = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there"}]
+        )
+        assert completion.object == "chat.completion"
+        assert completion.choices[0].message.content
+
+        result = manage_as(server, "token", "revoke", issued["id"])
+        assert result.exit_code == 0, result.output
+        with pytest.raises(openai.AuthenticationError) as caught:
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "again"}]
+            )
+    assert caught.value.code == "token_inactive"
+    assert manage_json(server, "token", "get", issued["id"])["is_active"] is False
+
+
+def test_a_request_quota_set_from_the_cli_is_enforced(server: ServerProcess) -> None:
+    project_id = create_project(server, "quota")
+    issued = manage_json(
+        server, "token", "generate", "--project-id", project_id, "--max-requests", "1"
+    )
+    with openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key=issued["token"], max_retries=0
+    ) as client:
+        assert client.models.list().data
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.models.list()
+    assert caught.value.code == "quota_exceeded"
+
+
+def test_deleting_the_project_stops_its_tokens(server: ServerProcess) -> None:
+    project_id = create_project(server, "deleted with tokens")
+    issued = manage_json(server, "token", "generate", "--project-id", project_id)
+    assert manage_as(server, "project", "delete", project_id).exit_code == 0
+    with (
+        openai.OpenAI(
+            base_url=f"{server.base_url}/v1", api_key=issued["token"], max_retries=0
+        ) as client,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        client.models.list()

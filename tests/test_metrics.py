@@ -1,0 +1,61 @@
+"""``/metrics`` is scrapeable Prometheus text, and its figures move as traffic flows."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Proxy
+
+
+async def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await proxy.client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_move_with_traffic(proxy: Proxy) -> None:
+    before = await scrape(proxy)
+    token = await proxy.token(max_requests=2)
+    headers = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):
+        await proxy.client.post(
+            "/v1/chat/completions", json={"model": "gpt-4o", "messages": []}, headers=headers
+        )
+    await proxy.client.get("/v1/nope")
+    await proxy.client.get("/v1/models", headers={"Authorization": "Bearer sk-" + "N" * 43})
+    other = await proxy.token()
+    await proxy.client.get("/v1/audio/slow-head?s=3", headers={"Authorization": f"Bearer {other}"})
+    after = await scrape(proxy)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert (
+        delta("llm_proxy_requests_total", endpoint="/v1/chat/completions", status_class="2xx") == 2
+    )
+    assert (
+        delta("llm_proxy_requests_total", endpoint="/v1/chat/completions", status_class="4xx") == 1
+    )
+    assert delta("llm_proxy_requests_refused_total", reason="quota_exceeded") == 1
+    assert delta("llm_proxy_requests_refused_total", reason="endpoint_not_found") == 1
+    assert delta("llm_proxy_requests_refused_total", reason="token_not_found") == 1
+    assert delta("llm_proxy_upstream_errors_total", kind="timeout") == 1
+    assert delta("llm_proxy_upstream_latency_seconds_count") == 2
+    assert delta("llm_proxy_added_latency_seconds_count") == 2
+    assert value(after, "llm_proxy_upstream_latency_seconds_bucket", le="120.0") >= 2
+    assert delta("llm_proxy_token_cache_lookups_total", result="hit") >= 2
+    assert delta("llm_proxy_token_cache_lookups_total", result="miss") >= 2
+    # Labels stay bounded: no raw paths, token ids or project ids.
+    text = await (await proxy.client.get("/metrics")).text()
+    assert "/v1/nope" not in text and token not in text
