@@ -279,7 +279,9 @@ async def test_openapi_document_lists_every_management_route(proxy: Proxy) -> No
     }
     served = set()
     (management,) = [
-        r.get_info()["app"] for r in proxy.app.router.resources() if "app" in r.get_info()
+        r.get_info()["app"]
+        for r in proxy.app.router.resources()
+        if r.get_info().get("prefix") == "/manage"
     ]
     for resource in management.router.resources():
         info = resource.get_info()
@@ -298,3 +300,16 @@ async def test_health_and_ready(proxy: Proxy) -> None:
     response = await proxy.client.get("/ready")
     assert response.status == 200
     assert (await response.json())["checks"]["database"] == "ok"
+
+
+async def test_revoke_tokens_alone_is_one_audited_change(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    await proxy.issue_token(project_id)
+    status, project = await proxy.manage(
+        "PATCH", f"/projects/{project_id}", {"revoke_tokens": True}
+    )
+    assert status == 200 and project["id"] == project_id
+    _, page = await proxy.manage("GET", f"/audit?project_id={project_id}")
+    actions = [e["action"] for e in page["events"]]
+    assert actions == ["project.revoke_tokens", "token.create", "project.create"]
+    assert page["events"][0]["details"]["revoked_count"] == 1
