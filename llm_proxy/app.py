@@ -12,6 +12,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from admin_ui import admin_app
 from llm_proxy import __version__
 from llm_proxy.api_config import ApiConfig, load_api_config
 from llm_proxy.authority import TokenAuthority
@@ -48,6 +49,7 @@ class Components:
     operations: Operations
     upstream: UpstreamClient
     sink: ExchangeSink
+    proxy: ProxyHandler | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -150,10 +152,11 @@ async def create_app(
     app[COMPONENTS] = components
     app.cleanup_ctx.append(_lifecycle)
     app.add_subapp("/manage/", management_app(components.operations, settings.management_token))
+    app.add_subapp("/admin/", admin_app(components.operations, settings))
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
-    proxy = ProxyHandler(
+    proxy = components.proxy = ProxyHandler(
         api_config.default,
         authority,
         components.upstream,

@@ -7,6 +7,8 @@ from the finished :class:`~llm_proxy.exchange.Exchange`, after the response has 
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 
@@ -70,6 +72,8 @@ class MetricsSink:
         self._provider = provider
         self._inner = inner
         self._endpoints: dict[str, str] = {}
+        # Label lookups take a lock and build a tuple; the few children in use are kept here.
+        self._request_counters: dict[tuple[str, str], Any] = {}
 
     def _endpoint(self, path: str) -> str:
         label = self._endpoints.get(path)
@@ -86,9 +90,16 @@ class MetricsSink:
                 self._endpoints[path] = label
         return label
 
+    def _count(self, path: str, status: int) -> None:
+        key = (self._endpoint(path), _STATUS_CLASS.get(status // 100, "other"))
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = REQUESTS.labels(*key)
+        counter.inc()
+
     def refused(self, path: str, exc: ProxyError) -> None:
         """A request the proxy answered itself before it became an exchange."""
-        REQUESTS.labels(self._endpoint(path), _STATUS_CLASS.get(exc.status // 100, "other")).inc()
+        self._count(path, exc.status)
         REFUSED.labels(exc.code).inc()
 
     def submit(self, exchange: Exchange) -> None:
@@ -98,8 +109,7 @@ class MetricsSink:
             self._inner.submit(exchange)
 
     def _observe(self, exchange: Exchange) -> None:
-        status_class = _STATUS_CLASS.get(exchange.status // 100, "other")
-        REQUESTS.labels(self._endpoint(exchange.path), status_class).inc()
+        self._count(exchange.path, exchange.status)
         if exchange.client_disconnected:
             CLIENT_DISCONNECTS.inc()
         error = exchange.error

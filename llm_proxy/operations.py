@@ -129,10 +129,10 @@ class Operations:
             changes["api_key_masked"] = mask_key(api_key)
         if not changes:
             # Only revoke_tokens was asked for: that is one change, audited once.
-            project = await self.get_project(project_id)
+            unchanged = await self.get_project(project_id)
             if revoke_tokens:
                 await self.revoke_project_tokens(actor, project_id)
-            return project
+            return unchanged
         # The audit trail names what changed, never the key itself.
         changed = sorted(k for k in changes if k != "api_key_masked")
         changed = ["api_key" if k == "api_key_encrypted" else k for k in changed]

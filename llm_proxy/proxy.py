@@ -3,19 +3,26 @@
 Nothing here parses a body unless a ``param_whitelist`` or stream-usage injection needs it, nothing
 waits on the database for a cached token, and everything about the request that is not needed to
 answer it is recorded in an :class:`~llm_proxy.exchange.Exchange` and handed off after the end.
+
+The handler is independent of the HTTP server: it reads a :class:`ProxyRequest` and answers through
+a :class:`ResponseWriter`. ``front.py`` drives it from a lean protocol server (the fast path);
+:meth:`ProxyHandler.handle` drives it from aiohttp, for connections aiohttp already owns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import random
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 import orjson
 import structlog
 from aiohttp import web
+from multidict import MultiMapping
 
 from llm_proxy import errors
 from llm_proxy.api_config import ApiProvider, normalise_path
@@ -40,6 +47,7 @@ _DROP_REQUEST = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+        "expect",
         "host",
         "authorization",
         "x-forwarded-for",
@@ -71,34 +79,60 @@ _DROP_RESPONSE = frozenset(
 # Bodies up to this size are read whole and sent with the request head in one write.
 _SMALL_BODY = 64 * 1024
 _CHAT_COMPLETIONS = "/v1/chat/completions"
+_JSON = "application/json"
 
 
 def _request_id(supplied: str | None) -> str:
     if supplied and len(supplied) <= 128 and supplied.isprintable():
         return supplied
-    return os.urandom(16).hex()
+    # Unique, not secret: a PRNG draw instead of os.urandom's system call on every request.
+    # (The module-level generator is reseeded after fork, so workers never share a sequence.)
+    return f"{random.getrandbits(128):032x}"
 
 
-StreamUsageHooks = tuple[Callable[[bytes], bytes | None], Callable[[], "ChunkFilter"]]
+class BodySource(Protocol):
+    """The request body as it arrives from the client."""
+
+    async def read_exactly(self, size: int) -> bytes: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
 
 
-class _BufferedHeadResponse(web.StreamResponse):
-    """Holds the head back until the first body chunk, so both leave in one write (one syscall).
+@dataclass(slots=True)
+class ProxyRequest:
+    method: str
+    target: str  # path and query exactly as received
+    headers: MultiMapping[str]
+    content_length: int | None
+    has_body: bool
+    body: BodySource
 
-    Used for everything but event streams, whose head the client should see at once.
-    """
 
-    _send_headers_immediately = False
+class ResponseWriter(Protocol):
+    async def start(
+        self, status: int, reason: str, headers: list[tuple[str, str]], *, stream: bool
+    ) -> None:
+        """Send (``stream``) or hold (otherwise, to leave with the first chunk) the head."""
+        ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    def abort(self) -> None:
+        """End the response as visibly incomplete: close the connection."""
+        ...
 
 
-class ChunkFilter:
+class ChunkFilter(Protocol):
     """Transforms a response body on its way to the client (see stream-usage injection)."""
 
-    def feed(self, chunk: bytes) -> bytes:
-        return chunk
+    def feed(self, chunk: bytes) -> bytes: ...
 
-    def flush(self) -> bytes:
-        return b""
+    def flush(self) -> bytes: ...
+
+
+StreamUsageHooks = tuple[Callable[[bytes], bytes | None], Callable[[], ChunkFilter]]
 
 
 class ProxyHandler:
@@ -109,58 +143,94 @@ class ProxyHandler:
         upstream: UpstreamClient,
         sink: ExchangeSink,
         *,
+        store: Store,
         max_body_bytes: int,
         capture_bytes: int,
-        stream_usage: StreamUsageHooks | None = None,
-        store: Store,
         token_info_path: str,
+        stream_usage: StreamUsageHooks | None = None,
     ) -> None:
         self.provider = provider
-        self.store = store
-        self.token_info_path = token_info_path
         self.authority = authority
         self.upstream = upstream
+        self.store = store
         self.metrics = MetricsSink(provider, sink)
-        self.sink: ExchangeSink = self.metrics
         self.max_body_bytes = max_body_bytes
         self.capture_bytes = capture_bytes
+        self.token_info_path = token_info_path
         self.stream_usage = stream_usage if provider.inject_stream_usage else None
         self._allow_header = ", ".join(sorted(provider.allowed_methods))
 
+    # -- aiohttp adapter -------------------------------------------------------------------------
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler for every path not claimed by another route."""
+        writer = _AiohttpWriter(request)
+        await self.serve(
+            ProxyRequest(
+                method=request.method,
+                target=request.raw_path,
+                headers=request.headers,
+                content_length=request.content_length,
+                has_body=request.body_exists,
+                body=_AiohttpBody(request),
+            ),
+            writer,
+        )
+        assert writer.response is not None  # serve always answers
+        return writer.response
+
+    # -- the path ----------------------------------------------------------------------------------
+
+    async def serve(self, request: ProxyRequest, writer: ResponseWriter) -> None:
         started = time.perf_counter()
-        request_id = _request_id(request.headers.get("X-Request-ID"))
-        reply_headers = {"X-Request-ID": request_id}
-        origin = request.headers.get("Origin")
+        headers = request.headers
+        request_id = _request_id(headers.get("X-Request-ID"))
+        reply_headers = [("X-Request-ID", request_id)]
+        origin = headers.get("Origin")
         if origin is not None and self.provider.origin_allowed(origin):
-            reply_headers["Access-Control-Allow-Origin"] = origin
-            reply_headers["Vary"] = "Origin"
+            reply_headers.append(("Access-Control-Allow-Origin", origin))
+            reply_headers.append(("Vary", "Origin"))
         try:
-            return await self._handle(request, request_id, started, reply_headers)
+            await self._serve(request, writer, request_id, started, reply_headers)
         except errors.ProxyError as exc:
             if not exc.counted:
-                self.metrics.refused(request.path, exc)
-            return exc.to_response(reply_headers)
+                self.metrics.refused(request.target.partition("?")[0], exc)
+            await self._answer(
+                writer, exc.status, exc.body(), [*reply_headers, *exc.headers.items()]
+            )
 
-    async def _handle(
-        self, request: web.Request, request_id: str, started: float, reply_headers: dict[str, str]
-    ) -> web.StreamResponse:
+    async def _answer(
+        self, writer: ResponseWriter, status: int, body: bytes, headers: list[tuple[str, str]]
+    ) -> None:
+        headers.append(("Content-Type", _JSON))
+        headers.append(("Content-Length", str(len(body))))
+        await writer.start(status, "", headers, stream=False)
+        await writer.write(body)
+        await writer.finish()
+
+    async def _serve(
+        self,
+        request: ProxyRequest,
+        writer: ResponseWriter,
+        request_id: str,
+        started: float,
+        reply_headers: list[tuple[str, str]],
+    ) -> None:
         provider = self.provider
-        raw_path, _, query = request.raw_path.partition("?")
+        raw_path, _, query = request.target.partition("?")
         path = normalise_path(raw_path)
-        if path == self.token_info_path:
-            return await self._token_info(request, reply_headers)
-        if path is None or not provider.path_allowed(path):
-            raise errors.EndpointNotFound(f"Endpoint {request.method} {raw_path} is not allowed.")
         method = request.method
+        if path == self.token_info_path:
+            return await self._token_info(request, writer, reply_headers)
+        if path is None or not provider.path_allowed(path):
+            raise errors.EndpointNotFound(f"Endpoint {method} {raw_path} is not allowed.")
         if method not in provider.allowed_methods:
             raise errors.MethodNotAllowed(
                 f"Method {method} is not allowed for {path}.",
                 headers={"Allow": self._allow_header},
             )
         if method == "OPTIONS":
-            return self._preflight(request, reply_headers)
+            return await self._preflight(request, writer, reply_headers)
         grant = await self.authority.admit(request.headers.get("Authorization"))
         exchange = Exchange(
             request_id=request_id,
@@ -174,7 +244,7 @@ class ProxyHandler:
             response_body=CappedBuffer(self.capture_bytes),
         )
         try:
-            return await self._forward(request, grant, exchange, path, query, reply_headers)
+            await self._forward(request, writer, grant, exchange, path, query, reply_headers)
         except errors.ProxyError as exc:
             exchange.error = exc.code
             exchange.status = exc.status
@@ -186,11 +256,11 @@ class ProxyHandler:
             raise
         finally:
             exchange.ended = time.perf_counter()
-            self.sink.submit(exchange)
+            self.metrics.submit(exchange)
 
     async def _token_info(
-        self, request: web.Request, reply_headers: dict[str, str]
-    ) -> web.Response:
+        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
+    ) -> None:
         """What a withering token may know about itself: expiry, quota left, what it can call."""
         if request.method != "GET":
             raise errors.MethodNotAllowed(
@@ -204,12 +274,11 @@ class ProxyHandler:
             token = await self.store.get_token(grant.token_id)
             request_count = token.request_count if token else grant.max_requests
             remaining = max(grant.max_requests - request_count, 0)
-        expires_at = datetime.fromtimestamp(grant.expires_at, UTC)
         body = {
             "object": "llm_proxy.token",
             "token_id": grant.token_id,
             "project_id": grant.project_id,
-            "expires_at": isoformat(expires_at),
+            "expires_at": isoformat(datetime.fromtimestamp(grant.expires_at, UTC)),
             "expires_in_seconds": max(int(grant.expires_at - time.time()), 0),
             "max_requests": grant.max_requests,
             "request_count": request_count,
@@ -217,23 +286,27 @@ class ProxyHandler:
             "allowed_endpoints": sorted(self.provider.allowed_prefixes),
             "allowed_methods": sorted(self.provider.allowed_methods),
         }
-        return web.Response(
-            body=orjson.dumps(body),
-            content_type="application/json",
-            headers={**reply_headers, "Cache-Control": "no-store"},
+        await self._answer(
+            writer, 200, orjson.dumps(body), [*reply_headers, ("Cache-Control", "no-store")]
         )
 
-    def _preflight(self, request: web.Request, reply_headers: dict[str, str]) -> web.Response:
-        headers = dict(reply_headers)
-        if "Access-Control-Allow-Origin" in headers:
-            headers["Access-Control-Allow-Methods"] = self._allow_header
+    async def _preflight(
+        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
+    ) -> None:
+        headers = list(reply_headers)
+        if any(name == "Access-Control-Allow-Origin" for name, _ in headers):
             asked = request.headers.get("Access-Control-Request-Headers")
-            headers["Access-Control-Allow-Headers"] = asked or "Authorization, Content-Type"
-            headers["Access-Control-Max-Age"] = "600"
-        return web.Response(status=204, headers=headers)
+            headers += [
+                ("Access-Control-Allow-Methods", self._allow_header),
+                ("Access-Control-Allow-Headers", asked or "Authorization, Content-Type"),
+                ("Access-Control-Max-Age", "600"),
+            ]
+        headers.append(("Content-Length", "0"))
+        await writer.start(204, "", headers, stream=False)
+        await writer.finish()
 
-    async def _read_body(self, request: web.Request, exchange: Exchange) -> Body:
-        if not request.body_exists:
+    async def _read_body(self, request: ProxyRequest, exchange: Exchange) -> Body:
+        if not request.has_body:
             return None
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
@@ -241,14 +314,14 @@ class ProxyHandler:
                 f"Request body of {length} bytes exceeds the limit of {self.max_body_bytes} bytes."
             )
         if length is not None and length <= _SMALL_BODY:
-            body = await request.content.readexactly(length) if length else b""
+            body = await request.body.read_exactly(length) if length else b""
             exchange.request_body.add(body)
             return body
         return self._stream_body(request, exchange)
 
-    async def _stream_body(self, request: web.Request, exchange: Exchange) -> AsyncIterator[bytes]:
+    async def _stream_body(self, request: ProxyRequest, exchange: Exchange) -> AsyncIterator[bytes]:
         size = 0
-        async for chunk in request.content.iter_any():
+        async for chunk in request.body.chunks():
             size += len(chunk)
             if size > self.max_body_bytes:
                 raise errors.RequestTooLarge(
@@ -269,31 +342,36 @@ class ProxyHandler:
 
     async def _forward(
         self,
-        request: web.Request,
+        request: ProxyRequest,
+        writer: ResponseWriter,
         grant: Grant,
         exchange: Exchange,
         path: str,
         query: str,
-        reply_headers: dict[str, str],
-    ) -> web.StreamResponse:
+        reply_headers: list[tuple[str, str]],
+    ) -> None:
         provider = self.provider
         body = await self._read_body(request, exchange)
-        needs_buffer = bool(provider.param_whitelist) or (
+        inject = (
             self.stream_usage is not None and path == _CHAT_COMPLETIONS and request.method == "POST"
         )
-        if needs_buffer and body is not None and not isinstance(body, bytes):
+        if (
+            (provider.param_whitelist or inject)
+            and body is not None
+            and not isinstance(body, bytes)
+        ):
             raise errors.RequestTooLarge(
                 f"Request bodies to this endpoint are limited to {_SMALL_BODY} bytes."
             )
         headers = [
             (name, value)
             for name, value in request.headers.items()
-            if name.lower() not in _DROP_REQUEST and not name.lower().startswith("cf-")
+            if (lower := name.lower()) not in _DROP_REQUEST and not lower.startswith("cf-")
         ]
         if isinstance(body, bytes) and body:
             if provider.param_whitelist:
                 self._check_params(body)
-            if self.stream_usage is not None and path == _CHAT_COMPLETIONS:
+            if inject and self.stream_usage is not None:
                 rewritten = self.stream_usage[0](body)
                 if rewritten is not None:
                     body = rewritten
@@ -307,45 +385,41 @@ class ProxyHandler:
             request.method, provider.origin, target, headers, body, provider.timeouts
         )
         try:
-            return await self._relay(request, upstream, exchange, reply_headers)
+            await self._relay(writer, upstream, exchange, reply_headers)
         finally:
             await upstream.aclose()
 
     async def _relay(
         self,
-        request: web.Request,
+        writer: ResponseWriter,
         upstream: UpstreamResponse,
         exchange: Exchange,
-        reply_headers: dict[str, str],
-    ) -> web.StreamResponse:
+        reply_headers: list[tuple[str, str]],
+    ) -> None:
         exchange.upstream_headers_at = now = time.perf_counter()
         exchange.status = upstream.status
+        out: list[tuple[str, str]] = []
         for name, value in upstream.headers:
             lower = name.lower()
             if lower == "content-type":
                 exchange.response_content_type = value
             elif lower == "content-encoding":
                 exchange.response_content_encoding = value
-        response_class = web.StreamResponse if exchange.is_stream else _BufferedHeadResponse
-        response = response_class(status=upstream.status, reason=upstream.reason)
-        out = response.headers
-        for name, value in upstream.headers:
-            lower = name.lower()
-            if lower in _DROP_RESPONSE or (lower == "content-length" and exchange.usage_injected):
+            elif lower in _DROP_RESPONSE or (lower == "content-length" and exchange.usage_injected):
                 continue  # (a filtered body may be shorter than upstream said)
-            out.add(name, value)
-        out.update(reply_headers)
+            out.append((name, value))
+        out += reply_headers
         proxy_ms = (exchange.upstream_started - exchange.started) * 1000
         upstream_ms = (now - exchange.upstream_started) * 1000
-        out["Server-Timing"] = f"proxy;dur={proxy_ms:.3f}, upstream;dur={upstream_ms:.3f}"
+        out.append(("Server-Timing", f"proxy;dur={proxy_ms:.3f}, upstream;dur={upstream_ms:.3f}"))
+        stream = exchange.is_stream
         chunk_filter = (
             self.stream_usage[1]()
-            if self.stream_usage is not None and exchange.usage_injected and exchange.is_stream
+            if self.stream_usage is not None and exchange.usage_injected and stream
             else None
         )
-        await response.prepare(request)
+        await writer.start(upstream.status, upstream.reason, out, stream=stream)
         capture = exchange.response_body
-        first = True
         try:
             async for chunk in upstream:
                 capture.add(chunk)
@@ -353,14 +427,13 @@ class ProxyHandler:
                     chunk = chunk_filter.feed(chunk)
                     if not chunk:
                         continue
-                if first:
+                if not exchange.first_byte_at:
                     exchange.first_byte_at = time.perf_counter()
-                    first = False
-                await response.write(chunk)
+                await writer.write(chunk)
             if chunk_filter is not None:
                 tail = chunk_filter.flush()
                 if tail:
-                    await response.write(tail)
+                    await writer.write(tail)
         except errors.ProxyError as exc:
             # The head is already sent, so the only honest signal left is an incomplete body:
             # close the connection without the final chunk (or before Content-Length is reached).
@@ -368,8 +441,56 @@ class ProxyHandler:
             log.warning(
                 "proxy.upstream_failed_mid_body", code=exc.code, request_id=exchange.request_id
             )
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        await response.write_eof()
-        return response
+            writer.abort()
+            return
+        await writer.finish()
+
+
+class _BufferedHeadResponse(web.StreamResponse):
+    """Holds the head back until the first body chunk, so both leave in one write (one syscall)."""
+
+    _send_headers_immediately = False
+
+
+class _AiohttpBody:
+    __slots__ = ("_request",)
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+
+    async def read_exactly(self, size: int) -> bytes:
+        return await self._request.content.readexactly(size)
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._request.content.iter_any()
+
+
+class _AiohttpWriter:
+    __slots__ = ("_request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response: web.StreamResponse | None = None
+
+    async def start(
+        self, status: int, reason: str, headers: list[tuple[str, str]], *, stream: bool
+    ) -> None:
+        response = (web.StreamResponse if stream else _BufferedHeadResponse)(
+            status=status, reason=reason or None
+        )
+        for name, value in headers:
+            response.headers.add(name, value)
+        self.response = response
+        await response.prepare(self._request)
+
+    async def write(self, chunk: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(chunk)
+
+    async def finish(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.close()

@@ -16,7 +16,8 @@ import uvloop
 from aiohttp import web
 
 from llm_proxy import secrets_store
-from llm_proxy.app import create_app
+from llm_proxy.app import COMPONENTS, create_app
+from llm_proxy.front import FrontSite, listening_socket
 from llm_proxy.settings import Settings, SettingsError, parse_encryption_key
 
 log = structlog.get_logger(__name__)
@@ -77,20 +78,18 @@ async def _serve(settings: Settings) -> None:
     # From here on the store and background tasks are open: every exit must go through cleanup,
     # or aiosqlite's worker thread keeps a failed process alive.
     try:
-        site = web.TCPSite(
-            runner,
-            settings.listen_host,
-            settings.listen_port,
-            backlog=1024,
-            reuse_port=settings.workers > 1,
-        )
         try:
-            await site.start()
+            sock = listening_socket(
+                settings.listen_host, settings.listen_port, reuse_port=settings.workers > 1
+            )
         except OSError as exc:
             address = f"{settings.listen_host}:{settings.listen_port}"
             raise SettingsError(
                 f"LISTEN_ADDR: cannot listen on {address}: {exc.strerror}"
             ) from None
+        proxy = app[COMPONENTS].proxy
+        assert proxy is not None
+        await FrontSite(runner, sock, proxy).start()
         log.info("server.listening", url=f"http://{settings.listen_host}:{settings.listen_port}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

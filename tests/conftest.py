@@ -9,12 +9,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
+from yarl import URL
 
 from llm_proxy.api_config import ApiConfig, parse_api_config
 from llm_proxy.app import COMPONENTS, create_app
+from llm_proxy.front import FrontSite, listening_socket
 from llm_proxy.logging_setup import configure_logging
 from llm_proxy.settings import Settings
 from tests.fakes import UPSTREAM_LOG, UpstreamLog, fake_upstream_app
@@ -67,6 +70,9 @@ class Proxy:
     client: TestClient[web.Request, web.Application]
     upstream: UpstreamLog
     app: web.Application
+    # Management calls use connections of their own, so the proxy calls of a test always start
+    # on the front door's fast path (a connection that asked for /manage is aiohttp's from then on).
+    operator: aiohttp.ClientSession
 
     @property
     def base_url(self) -> str:
@@ -76,8 +82,8 @@ class Proxy:
         return {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
 
     async def manage(self, method: str, path: str, json: Any = None) -> tuple[int, Any]:
-        response = await self.client.request(
-            method, "/manage" + path, json=json, headers=self.auth()
+        response = await self.operator.request(
+            method, f"{self.base_url}/manage{path}", json=json, headers=self.auth()
         )
         body = await response.json() if response.status != 204 else None
         return response.status, body
@@ -123,6 +129,30 @@ async def upstream_server() -> AsyncIterator[TestServer]:
     await server.close()
 
 
+class FrontTestServer(BaseTestServer):
+    """The application served the way ``llm-proxy server`` serves it: through the front door."""
+
+    def __init__(self, app: web.Application) -> None:
+        super().__init__()
+        self.app = app
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return web.AppRunner(self.app, access_log=None, **kwargs)
+
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        if self.runner:
+            return
+        self.runner = await self._make_runner(handler_cancellation=True)
+        await self.runner.setup()
+        sock = listening_socket("127.0.0.1", 0, reuse_port=False)
+        self.port = sock.getsockname()[1]
+        self.scheme = "http"
+        proxy = self.app[COMPONENTS].proxy
+        assert proxy is not None
+        await FrontSite(self.runner, sock, proxy, grace_seconds=1.0).start()
+        self._root = URL(f"http://127.0.0.1:{self.port}")
+
+
 async def start_proxy(
     tmp_path: Path, upstream_server: TestServer, **overrides: Any
 ) -> tuple[TestClient[web.Request, web.Application], web.Application]:
@@ -131,9 +161,7 @@ async def start_proxy(
     base_url = api_overrides.pop("base_url", str(upstream_server.make_url("")).rstrip("/"))
     api_config = provider_config(base_url, **api_overrides)
     app = await create_app(settings, api_config=api_config)
-    client: TestClient[web.Request, web.Application] = TestClient(
-        TestServer(app, handler_cancellation=True)
-    )
+    client: TestClient[web.Request, web.Application] = TestClient(FrontTestServer(app))
     await client.start_server()
     return client, app
 
@@ -143,12 +171,17 @@ async def proxy_factory(tmp_path: Path, upstream_server: TestServer) -> AsyncIte
     """Start proxies on one database (as separate processes would share it)."""
     started: list[TestClient[web.Request, web.Application]] = []
 
+    sessions: list[aiohttp.ClientSession] = []
+
     async def start(**overrides: Any) -> Proxy:
         client, app = await start_proxy(tmp_path, upstream_server, **overrides)
         started.append(client)
-        return Proxy(client, upstream_server.app[UPSTREAM_LOG], app)
+        sessions.append(aiohttp.ClientSession())
+        return Proxy(client, upstream_server.app[UPSTREAM_LOG], app, sessions[-1])
 
     yield start
+    for session in sessions:
+        await session.close()
     for client in started:
         await client.close()
 
