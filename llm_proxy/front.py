@@ -15,6 +15,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import cast
@@ -44,8 +45,8 @@ def owned_by_aiohttp(path: str) -> bool:
     return False
 
 
-class _HandOff(Exception):
-    """Raised inside a parser callback to stop parsing and give the connection to aiohttp."""
+class _StopParsing(Exception):
+    """Raised inside a parser callback to stop parsing: to hand off, or to refuse the request."""
 
 
 class _Date:
@@ -218,11 +219,12 @@ class FrontProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._raw: list[bytes] | None = None  # bytes of the current head, for a hand-off
-        self._raw_size = 0
+        self._head_size = 0
+        self._refusal: tuple[int, str] | None = None
         self._chunk = b""  # the data being parsed
         self._chunk_start = False  # ... and it began with a new message
         self._body: _Body | None = None
-        self._queue: deque[tuple[ProxyRequest, bool, bool]] = deque()
+        self._queue: deque[tuple[ProxyRequest | _Refusal, bool, bool]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._message_done = True
         self._reading_paused = False
@@ -261,22 +263,18 @@ class FrontProtocol(asyncio.Protocol):
         self._chunk = data
         if self._raw is not None:
             self._raw.append(data)
-            self._raw_size += len(data)
-            if self._raw_size > MAX_HEAD_BYTES:
-                self._reject(431, "Request header fields too large.")
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
-            # Only _HandOff is raised from our callbacks; a refused hand-off already answered.
+            # Our callbacks raise only _StopParsing: to hand off, or to refuse what came in.
             if self._handing_off:
                 self._hand_off()
-            else:
-                self.close()
+            elif self._refusal is not None:
+                self._refuse(*self._refusal)
         except httptools.HttpParserUpgrade:
-            self._reject(400, "Protocol upgrades are not supported.")
+            self._refuse(400, "Protocol upgrades are not supported.")
         except httptools.HttpParserError:
-            self._reject(400, "Malformed HTTP request.")
+            self._refuse(400, "Malformed HTTP request.")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -297,14 +295,22 @@ class FrontProtocol(asyncio.Protocol):
         # A hand-off replays this request's bytes, which is only possible when it began at the
         # start of the data (no pipelined request before it in the same read).
         self._raw = [self._chunk] if self._chunk_start else None
-        self._raw_size = len(self._chunk)
+        self._head_size = 0
         self._chunk_start = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._grow_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        self._grow_head(len(name) + len(value))
+
+    def _grow_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES:
+            self._refusal = (431, "Request header fields too large.")
+            raise _StopParsing
 
     def on_headers_complete(self) -> None:
         target = self._url.decode("latin-1")
@@ -312,12 +318,15 @@ class FrontProtocol(asyncio.Protocol):
         self._raw = None
         if owned_by_aiohttp(target):
             if raw is None or self._task is not None:
-                self._reject(400, "Pipelined requests to this path are not supported.")
-                raise _HandOff
-            self._raw = raw
-            self._handing_off = True
-            raise _HandOff
+                self._refusal = (400, "Pipelined requests to this path are not supported.")
+            else:
+                self._raw = raw
+                self._handing_off = True
+            raise _StopParsing
         parser = self._parser
+        if parser.should_upgrade():
+            self._refusal = (400, "Protocol upgrades are not supported.")
+            raise _StopParsing
         method = parser.get_method().decode("latin-1")
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
         length_text = headers.get("Content-Length")
@@ -356,6 +365,9 @@ class FrontProtocol(asyncio.Protocol):
                 request, keep_alive, head = self._queue.popleft()
                 self.keep_alive = keep_alive and self.keep_alive
                 writer = _Writer(self, head)
+                if isinstance(request, _Refusal):
+                    await _answer_error(writer, request.status, request.message, "bad_request")
+                    break
                 try:
                     await self._handler.serve(request, writer)
                 except Exception:
@@ -363,7 +375,7 @@ class FrontProtocol(asyncio.Protocol):
                     if writer.started:
                         self.close()
                         return
-                    await _internal_error(writer)
+                    await _answer_error(writer, 500, "Internal error.", "internal_error")
                 if not self._message_done and not self._queue:
                     # The response went out before the request body was read (a refusal):
                     # the rest of the body cannot be told apart from a next request.
@@ -424,14 +436,12 @@ class FrontProtocol(asyncio.Protocol):
         protocol.connection_made(transport)
         protocol.data_received(data)
 
-    def _reject(self, status: int, message: str) -> None:
-        body = errors.error_body(message, "invalid_request_error", "bad_request")
-        self.keep_alive = False
-        self.send(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%b" % (status, _reason(status).encode(), len(body), body)
-        )
-        self.close()
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer what cannot be parsed or served here, after any response in flight, and close."""
+        self.pause_reading()
+        self._queue.append((_Refusal(status, message), False, False))
+        if self._task is None:
+            self._task = self._loop.create_task(self._run())
 
     def _arm_idle_timer(self) -> None:
         self.idle_since = time.monotonic()
@@ -440,14 +450,17 @@ class FrontProtocol(asyncio.Protocol):
         self.idle_since = 0.0
 
 
-async def _internal_error(writer: _Writer) -> None:
-    body = errors.error_body("Internal error.", "server_error", "internal_error")
-    await writer.start(
-        500,
-        "",
-        [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
-        stream=False,
-    )
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    status: int
+    message: str
+
+
+async def _answer_error(writer: _Writer, status: int, message: str, code: str) -> None:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    body = errors.error_body(message, kind, code)
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    await writer.start(status, "", headers, stream=False)
     await writer.write(body)
     await writer.finish()
 

@@ -1,0 +1,186 @@
+"""The front door's HTTP/1.1 handling, byte by byte, with raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.conftest import Proxy
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@pytest.fixture
+async def conn(proxy: Proxy) -> AsyncIterator[Conn]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    yield reader, writer
+    writer.close()
+    await writer.wait_closed()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            parts.append(chunk[:-2])
+        body = b"".join(parts)
+    else:
+        body = b""
+    return status, headers, body
+
+
+def request(
+    method: str, path: str, token: str | None = None, body: bytes = b"", **extra: str
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: test"]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in extra.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def test_keep_alive_then_hand_off_to_aiohttp_on_the_same_connection(
+    proxy: Proxy, conn: Conn
+) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    for _ in range(3):
+        writer.write(request("GET", "/v1/models", token))
+        status, headers, body = await read_response(reader)
+        assert status == 200 and b'"object":"list"' in body.replace(b" ", b"")
+    writer.write(request("GET", "/health"))
+    status, _, body = await read_response(reader)
+    assert status == 200 and b'"ok"' in body
+    # aiohttp owns the connection now and still serves the proxy path through the same handler.
+    writer.write(request("GET", "/v1/models", token))
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and "x-request-id" in headers
+
+
+async def test_pipelined_requests_are_answered_in_order(proxy: Proxy, conn: Conn) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    writer.write(
+        request("GET", "/v1/models", token, X_Request_ID="first")
+        + request("GET", "/v1/nope", token, X_Request_ID="second")
+        + request("GET", "/v1/models", token, X_Request_ID="third")
+    )
+    answers = [await read_response(reader) for _ in range(3)]
+    assert [(s, h["x-request-id"]) for s, h, _ in answers] == [
+        (200, "first"),
+        (404, "second"),
+        (200, "third"),
+    ]
+
+
+async def test_pipelined_management_request_is_refused(proxy: Proxy, conn: Conn) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    writer.write(request("GET", "/v1/audio/paced?n=2&gap=0.05", token) + request("GET", "/health"))
+    status, _, _ = await read_response(reader)
+    assert status == 200
+    status, _, body = await read_response(reader)
+    assert status == 400 and b"Pipelined" in body
+
+
+async def test_malformed_and_oversized_heads(proxy: Proxy) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 400 and headers["connection"] == "close"
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    status, _, _ = await read_response(reader)
+    assert status == 431
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    status, _, _ = await read_response(reader)
+    assert status == 400
+    writer.close()
+
+
+async def test_connection_close_and_http_1_0(proxy: Proxy) -> None:
+    token = await proxy.token()
+    for raw in (
+        request("GET", "/v1/models", token, Connection="close"),
+        request("GET", "/v1/models", token).replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+        writer.write(raw)
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        writer.close()
+
+
+async def test_chunked_upload_and_expect_continue(proxy: Proxy, conn: Conn) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    head = (
+        "POST /v1/files/upload HTTP/1.1\r\nHost: t\r\n"
+        f"Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
+    writer.write(head)
+    assert (
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    payload = b"z" * 200_000
+    for start in range(0, len(payload), 70_000):
+        piece = payload[start : start + 70_000]
+        writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+    writer.write(b"0\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 200 and b'"received":200000' in body.replace(b" ", b"")
+    assert proxy.upstream.last.body == payload
+
+
+async def test_head_and_no_body_statuses(proxy: Proxy, conn: Conn) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    writer.write(request("OPTIONS", "/v1/models"))
+    status, headers, body = await read_response(reader)
+    assert status == 204 and body == b""
+    writer.write(request("GET", "/v1/models", token))
+    status, _, _ = await read_response(reader)
+    assert status == 200
+
+
+async def test_refusal_before_the_body_closes_the_connection(proxy: Proxy) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(
+        b"POST /v1/files/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10
+    )
+    status, headers, _ = await read_response(reader)
+    assert status == 401
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_streams_reach_the_client_with_chunked_framing(proxy: Proxy, conn: Conn) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    writer.write(request("GET", "/v1/audio/paced?n=3&gap=0.01", token))
+    status, headers, body = await read_response(reader)
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
