@@ -104,7 +104,7 @@ async def test_pipelined_management_request_is_refused(proxy: Proxy, conn: Conn)
 async def test_malformed_and_oversized_heads(proxy: Proxy) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
     writer.write(b"NOT HTTP AT ALL\r\n\r\n")
-    status, headers, body = await read_response(reader)
+    status, headers, _ = await read_response(reader)
     assert status == 400 and headers["connection"] == "close"
     writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
@@ -159,7 +159,7 @@ async def test_head_and_no_body_statuses(proxy: Proxy, conn: Conn) -> None:
     reader, writer = conn
     token = await proxy.token()
     writer.write(request("OPTIONS", "/v1/models"))
-    status, headers, body = await read_response(reader)
+    status, _, body = await read_response(reader)
     assert status == 204 and body == b""
     writer.write(request("GET", "/v1/models", token))
     status, _, _ = await read_response(reader)
@@ -171,7 +171,7 @@ async def test_refusal_before_the_body_closes_the_connection(proxy: Proxy) -> No
     writer.write(
         b"POST /v1/files/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10
     )
-    status, headers, _ = await read_response(reader)
+    status, _, _ = await read_response(reader)
     assert status == 401
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
