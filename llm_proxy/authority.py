@@ -21,13 +21,11 @@ import structlog
 
 from llm_proxy import errors
 from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped
-from llm_proxy.metrics import TOKEN_CACHE
+from llm_proxy.metrics import STATS
 from llm_proxy.models import UsageDelta
 from llm_proxy.store import Store
 
 log = structlog.get_logger(__name__)
-_CACHE_HIT = TOKEN_CACHE.labels("hit")
-_CACHE_MISS = TOKEN_CACHE.labels("miss")
 
 _NEGATIVE_TTL = 5.0
 _NEGATIVE_MAX = 10_000
@@ -98,11 +96,11 @@ class TokenAuthority:
         now = time.monotonic()
         if grant is None or now - grant.loaded_at > self._cache_seconds:
             self.misses += 1
-            _CACHE_MISS.inc()
+            STATS.cache_misses += 1
             grant = await self._load(digest, now)
         else:
             self.hits += 1
-            _CACHE_HIT.inc()
+            STATS.cache_hits += 1
         if not grant.is_active:
             raise errors.TokenInactive("This token has been revoked.")
         if time.time() >= grant.expires_at:

@@ -1,16 +1,23 @@
-"""Prometheus metrics of the proxy path, in the default ``prometheus_client`` registry.
+"""Prometheus metrics of the proxy path, exposed through the default ``prometheus_client`` registry.
 
 Labels are bounded: the endpoint label is the allowlist entry a path matched (never the raw path),
-statuses are grouped by class, and no token or project id is ever a label. Observations are made
-from the finished :class:`~llm_proxy.exchange.Exchange`, after the response has ended.
+statuses are grouped by class, and no token or project id is ever a label.
+
+The request path only adds to plain integers and bucket lists (:class:`ProxyStats`); a collector
+turns them into metric families when ``/metrics`` is scraped. ``prometheus_client``'s own counters
+take a lock on every increment, which was measurable per request.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from llm_proxy.api_config import ApiProvider
 from llm_proxy.errors import ProxyError
@@ -19,50 +26,110 @@ from llm_proxy.exchange import Exchange, ExchangeSink
 # Up to 120 s: a long completion is a normal upstream time, not an outlier.
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 _ADDED_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1)
-
-REQUESTS = Counter(
-    "llm_proxy_requests",
-    "Proxied requests by endpoint (the allowlist entry matched) and status class.",
-    ["endpoint", "status_class"],
-)
-REFUSED = Counter(
-    "llm_proxy_requests_refused",
-    "Requests the proxy answered itself, by error code (bad path, token, quota, parameter).",
-    ["reason"],
-)
-UPSTREAM_ERRORS = Counter(
-    "llm_proxy_upstream_errors",
-    "Upstream failures by kind: unavailable, timeout, or dropped mid-body.",
-    ["kind"],
-)
-UPSTREAM_LATENCY = Histogram(
-    "llm_proxy_upstream_latency_seconds",
-    "From sending the request upstream to its response head arriving.",
-    buckets=_UPSTREAM_BUCKETS,
-)
-UPSTREAM_DURATION = Histogram(
-    "llm_proxy_upstream_duration_seconds",
-    "From sending the request upstream to the end of the response (whole streams included).",
-    buckets=_UPSTREAM_BUCKETS,
-)
-ADDED_LATENCY = Histogram(
-    "llm_proxy_added_latency_seconds",
-    "Time the proxy itself added before the first byte: its work before sending upstream plus "
-    "its work between the upstream head and the first byte to the client.",
-    buckets=_ADDED_BUCKETS,
-)
-CLIENT_DISCONNECTS = Counter(
-    "llm_proxy_client_disconnects", "Clients that went away before the response ended."
-)
-TOKEN_CACHE = Counter(
-    "llm_proxy_token_cache_lookups", "Token admissions by cache result (hit or miss).", ["result"]
-)
-
 _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
-_UPSTREAM_ERROR_KIND = {
-    "upstream_unavailable": "unavailable",
-    "upstream_timeout": "timeout",
-}
+_UPSTREAM_ERROR_KIND = {"upstream_unavailable": "unavailable", "upstream_timeout": "timeout"}
+
+
+def _bucket_label(bound: float) -> str:
+    """Prometheus's own spelling of a bucket bound (``120.0``, ``5e-05``)."""
+    return repr(float(bound))
+
+
+class _Histogram:
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        labels = (*(_bucket_label(b) for b in self.bounds), "+Inf")
+        for bound, count in zip(labels, self.counts, strict=True):
+            cumulative += count
+            buckets.append((bound, float(cumulative)))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
+class ProxyStats:
+    """Counts of this process, shared by every application it runs."""
+
+    def __init__(self) -> None:
+        self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.refused: defaultdict[str, int] = defaultdict(int)
+        self.upstream_errors: defaultdict[str, int] = defaultdict(int)
+        self.client_disconnects = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.upstream_latency = _Histogram(_UPSTREAM_BUCKETS)
+        self.upstream_duration = _Histogram(_UPSTREAM_BUCKETS)
+        self.added_latency = _Histogram(_ADDED_BUCKETS)
+
+
+STATS = ProxyStats()
+
+
+class _ProxyCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        s = STATS
+        requests = CounterMetricFamily(
+            "llm_proxy_requests",
+            "Requests on the proxy path by endpoint (the allowlist entry matched) and status class.",
+            labels=["endpoint", "status_class"],
+        )
+        for (endpoint, status_class), count in sorted(s.requests.items()):
+            requests.add_metric([endpoint, status_class], count)
+        yield requests
+        refused = CounterMetricFamily(
+            "llm_proxy_requests_refused",
+            "Requests the proxy answered itself, by error code (path, token, quota, parameter).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        errors = CounterMetricFamily(
+            "llm_proxy_upstream_errors",
+            "Upstream failures by kind: unavailable, timeout, or dropped mid-body.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(s.upstream_errors.items()):
+            errors.add_metric([kind], count)
+        yield errors
+        yield CounterMetricFamily(
+            "llm_proxy_client_disconnects",
+            "Clients that went away before their response ended.",
+            value=s.client_disconnects,
+        )
+        cache = CounterMetricFamily(
+            "llm_proxy_token_cache_lookups",
+            "Token admissions by cache result (hit: checked from memory; miss: from the store).",
+            labels=["result"],
+        )
+        cache.add_metric(["hit"], s.cache_hits)
+        cache.add_metric(["miss"], s.cache_misses)
+        yield cache
+        yield s.upstream_latency.family(
+            "llm_proxy_upstream_latency_seconds",
+            "From sending the request upstream to its response head arriving.",
+        )
+        yield s.upstream_duration.family(
+            "llm_proxy_upstream_duration_seconds",
+            "From sending the request upstream to the end of its response (whole streams).",
+        )
+        yield s.added_latency.family(
+            "llm_proxy_added_latency_seconds",
+            "Time the proxy itself added before the first byte: its work before sending upstream "
+            "plus its work between the upstream head and the first byte to the client.",
+        )
+
+
+REGISTRY.register(_ProxyCollector())
 
 
 class MetricsSink:
@@ -72,8 +139,6 @@ class MetricsSink:
         self._provider = provider
         self._inner = inner
         self._endpoints: dict[str, str] = {}
-        # Label lookups take a lock and build a tuple; the few children in use are kept here.
-        self._request_counters: dict[tuple[str, str], Any] = {}
 
     def _endpoint(self, path: str) -> str:
         label = self._endpoints.get(path)
@@ -90,17 +155,10 @@ class MetricsSink:
                 self._endpoints[path] = label
         return label
 
-    def _count(self, path: str, status: int) -> None:
-        key = (self._endpoint(path), _STATUS_CLASS.get(status // 100, "other"))
-        counter = self._request_counters.get(key)
-        if counter is None:
-            counter = self._request_counters[key] = REQUESTS.labels(*key)
-        counter.inc()
-
     def refused(self, path: str, exc: ProxyError) -> None:
         """A request the proxy answered itself before it became an exchange."""
-        self._count(path, exc.status)
-        REFUSED.labels(exc.code).inc()
+        STATS.requests[self._endpoint(path), _STATUS_CLASS.get(exc.status // 100, "other")] += 1
+        STATS.refused[exc.code] += 1
 
     def submit(self, exchange: Exchange) -> None:
         try:
@@ -109,26 +167,28 @@ class MetricsSink:
             self._inner.submit(exchange)
 
     def _observe(self, exchange: Exchange) -> None:
-        self._count(exchange.path, exchange.status)
+        stats = STATS
+        status_class = _STATUS_CLASS.get(exchange.status // 100, "other")
+        stats.requests[self._endpoint(exchange.path), status_class] += 1
         if exchange.client_disconnected:
-            CLIENT_DISCONNECTS.inc()
+            stats.client_disconnects += 1
         error = exchange.error
         if error is not None:
             if error in _UPSTREAM_ERROR_KIND:
                 kind = (
                     _UPSTREAM_ERROR_KIND[error] if not exchange.upstream_headers_at else "mid_body"
                 )
-                UPSTREAM_ERRORS.labels(kind).inc()
+                stats.upstream_errors[kind] += 1
             elif not exchange.upstream_started:
-                REFUSED.labels(error).inc()
+                stats.refused[error] += 1
         if exchange.upstream_headers_at:
-            UPSTREAM_LATENCY.observe(exchange.upstream_headers_at - exchange.upstream_started)
-            UPSTREAM_DURATION.observe(exchange.ended - exchange.upstream_started)
+            stats.upstream_latency.observe(exchange.upstream_headers_at - exchange.upstream_started)
+            stats.upstream_duration.observe(exchange.ended - exchange.upstream_started)
             if exchange.first_byte_at:
-                added = (exchange.upstream_started - exchange.started) + (
-                    exchange.first_byte_at - exchange.upstream_headers_at
+                stats.added_latency.observe(
+                    (exchange.upstream_started - exchange.started)
+                    + (exchange.first_byte_at - exchange.upstream_headers_at)
                 )
-                ADDED_LATENCY.observe(added)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

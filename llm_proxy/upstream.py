@@ -10,7 +10,7 @@ idle timeout), with messages that never carry a header value.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -43,10 +43,13 @@ class Origin:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
-    @property
-    def host_header(self) -> str:
+    # The Host header value, computed once: it is sent with every request.
+    host_header: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        host = self.host if self.port == default else f"{self.host}:{self.port}"
+        object.__setattr__(self, "host_header", host)
 
 
 class UpstreamResponse(Protocol):

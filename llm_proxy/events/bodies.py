@@ -1,8 +1,8 @@
 """Turn captured body bytes into what an event shows: decoded, parsed JSON where possible.
 
-The proxy tees the bytes exactly as they flowed, so a response may still carry its content coding and
-may have been cut at the capture limit. Everything here tolerates both: a truncated gzip stream yields
-the prefix it holds, and a body that is no longer valid JSON is shown as text.
+The proxy tees the bytes exactly as they flowed, so a response may still carry its content coding
+and may have been cut at the capture limit. Everything here tolerates both: a truncated gzip stream
+yields the prefix it holds, and a body that is no longer valid JSON is shown as text.
 """
 
 from __future__ import annotations
@@ -50,8 +50,13 @@ def _inflate(raw: bytes, wbits: int, limit: int) -> tuple[bytes, bool]:
 def _unbrotli(raw: bytes, limit: int) -> tuple[bytes, bool]:
     assert _brotli is not None
     # The incremental decompressor returns what a truncated stream holds instead of raising.
-    data = bytes(_brotli.Decompressor().process(raw))
-    return data[:limit], len(data) > limit
+    decompressor = _brotli.Decompressor()
+    try:
+        data = bytes(decompressor.process(raw, output_buffer_limit=limit))
+    except TypeError:  # brotli < 1.2 and brotlicffi cannot bound the output
+        data = bytes(decompressor.process(raw))
+    finished = getattr(decompressor, "is_finished", lambda: True)()
+    return data[:limit], len(data) >= limit or not finished
 
 
 def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) -> Decoded:
@@ -114,13 +119,3 @@ def _utf8_boundary(data: bytes) -> int:
         if byte & 0xC0 != 0x80:  # the lead byte of the last sequence
             return end - back
     return end
-
-
-def parse_json(data: bytes | None) -> object:
-    """Parsed JSON or None; used where only structure matters (request model, usage)."""
-    if not data:
-        return None
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None

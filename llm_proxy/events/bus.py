@@ -1,4 +1,5 @@
-"""The event bus interface, implemented in-process (:mod:`.memory`) and on Redis Streams (:mod:`.redis`).
+"""The event bus interface, implemented in-process (:mod:`.memory`) and on Redis Streams
+(:mod:`.redis`).
 
 Every consumer *group* (one per dispatcher service) receives every event; consumers within a group
 share its events. A consumer acknowledges a delivery only after its backend accepted the event; what

@@ -19,10 +19,11 @@ class EventsConfig:
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     data_dir: Path = Path("data")
     stream: str = "llm-proxy:events"
-    maxlen: int = 1_000_000  # Redis stream length bound, applied as MAXLEN ~
+    maxlen: int = 100_000  # Redis stream length bound (MAXLEN ~): entries carry bodies, so not more
     memory_maxlen: int = 10_000  # per consumer group, memory bus
     queue_size: int = 10_000  # exchanges waiting to become events; the oldest is dropped beyond
     batch_size: int = 256  # exchanges built and published together
+    linger: float = 0.05  # seconds a batch may wait to fill: events are not urgent, requests are
     close_timeout: float = 5.0  # seconds ``close`` waits for the queue to drain
     claim_idle: float = 60.0  # seconds before a dead consumer's pending entries are taken over
     build_in: BuildIn = "process"  # where events are built: a worker process keeps the GIL free

@@ -1,12 +1,9 @@
-"""Prometheus metrics of the event pipeline and buses, in the default ``prometheus_client`` registry."""
+"""Prometheus metrics of the event pipeline and buses (default ``prometheus_client`` registry)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-SUBMITTED = Counter(
-    "llm_proxy_events_submitted", "Exchanges handed to the event pipeline by the proxy path."
-)
 PUBLISHED = Counter("llm_proxy_events_published", "Events written to the bus.", ["bus"])
 DROPPED = Counter(
     "llm_proxy_events_dropped",

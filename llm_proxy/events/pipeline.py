@@ -1,11 +1,12 @@
 """The :class:`~llm_proxy.exchange.ExchangeSink` the proxy hands finished exchanges to.
 
-``submit`` only appends to a bounded in-memory queue (dropping and counting the oldest when full), so
-the request path never waits on instrumentation. A background task takes exchanges in batches and has
-their events built by a worker *process*: decompressing, parsing, reassembling streams and counting
-tokens is pure-Python CPU work that, in the server process, would compete with every request for the
-GIL. Only pickling the batch out and the events back stays here. (``build_in="thread"`` keeps the
-work in-process, for tests and for hosts where extra processes are unwelcome.)
+``submit`` only appends to a bounded in-memory queue (dropping and counting the oldest when full),
+so the request path never waits on instrumentation. A background task takes exchanges in batches and
+has their events built by a worker *process*: decompressing, parsing, reassembling streams and
+counting tokens is pure-Python CPU work that, in the server process, would compete with every
+request for the GIL. Only pickling the batch out and the events back stays here.
+(``build_in="thread"`` keeps the work in-process, for tests and for hosts where extra processes are
+unwelcome.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import multiprocessing
+import signal
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -37,11 +39,20 @@ class Closeable(Protocol):
     async def close(self) -> None: ...
 
 
+def _ignore_shutdown_signals() -> None:
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group; the server decides
+    # when its builder stops (after draining), so the builder must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _executor(build_in: BuildIn) -> Executor:
     if build_in == "process":
         # spawn, not fork: the server process has threads and an event loop a fork would copy.
         context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(max_workers=1, mp_context=context)
+        return ProcessPoolExecutor(
+            max_workers=1, mp_context=context, initializer=_ignore_shutdown_signals
+        )
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
 
 
@@ -60,6 +71,7 @@ class EventPipeline:
         queue_size: int = 10_000,
         batch_size: int = 256,
         close_timeout: float = 5.0,
+        linger: float = 0.05,
         build_in: BuildIn = "thread",
         build: Callable[[Exchange], Event] = builder.build,
     ) -> None:
@@ -68,6 +80,7 @@ class EventPipeline:
         self._queue_size = queue_size
         self._batch_size = batch_size
         self._close_timeout = close_timeout
+        self._linger = linger
         self._build_in = build_in
         self._build = build
         self._wakeup = asyncio.Event()
@@ -82,7 +95,7 @@ class EventPipeline:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="event-pipeline")
 
     def attach(self, component: Closeable) -> None:
-        """Close ``component`` (an in-process dispatcher) after the queue drained, before the bus."""
+        """Close ``component`` (an in-process dispatcher) once the queue drained, before the bus."""
         self._attached.append(component)
 
     def submit(self, exchange: Exchange) -> None:
@@ -113,6 +126,10 @@ class EventPipeline:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if len(queue) < self._batch_size and not self._closing:
+                # Let a batch form: every hand-off to the builder and the bus has a fixed cost
+                # that, paid per request at moderate traffic, would cost more than the work itself.
+                await asyncio.sleep(self._linger)
             batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
             metrics.QUEUE_DEPTH.set(len(queue))
             try:
@@ -187,6 +204,7 @@ async def start_event_pipeline(config: EventsConfig) -> EventPipeline:
         queue_size=config.queue_size,
         batch_size=config.batch_size,
         close_timeout=config.close_timeout,
+        linger=config.linger,
         build_in=config.build_in,
     )
     pipeline.start()

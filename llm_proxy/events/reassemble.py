@@ -1,8 +1,8 @@
 """Reassemble a streamed answer into the one object the non-streaming endpoint would have returned.
 
-Handles chat completions (content, refusal, tool calls, legacy function calls, finish reasons), legacy
-completions and the Responses API. A stream cut short (client gone, capture limit) gives the part that
-arrived; the ``usage`` of whichever chunk carried it is kept.
+Handles chat completions (content, refusal, tool calls, legacy function calls, finish reasons),
+legacy completions and the Responses API. A stream cut short (client gone, capture limit) gives the
+part that arrived; the ``usage`` of whichever chunk carried it is kept.
 """
 
 from __future__ import annotations

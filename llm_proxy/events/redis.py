@@ -1,12 +1,15 @@
-"""Redis Streams bus: pipelined ``XADD`` with ``MAXLEN ~``, a spool file for outages, consumer groups.
+"""Redis Streams bus: pipelined ``XADD`` with ``MAXLEN ~``, a spool file for outages, consumer
+groups.
 
 Publishing is called by the pipeline's background task, never by the request path. When Redis cannot
-be reached the batch goes to the spool file instead, and from then on every event goes there too until
-a replay task has copied the spool into the stream: that keeps the stream in publication order.
+be reached the batch goes to the spool file instead, and from then on every event goes there too
+until a replay task has copied the spool into the stream: that keeps the stream in publication
+order.
 
 Each dispatcher service reads through its own consumer group, so every service sees every event.
-Entries are acknowledged by the dispatcher only after its backend accepted them; entries left pending
-by a consumer that died are taken over with ``XAUTOCLAIM`` once idle for ``claim_idle`` seconds.
+Entries are acknowledged by the dispatcher only after its backend accepted them; entries left
+pending by a consumer that died are taken over with ``XAUTOCLAIM`` once idle for ``claim_idle``
+seconds.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def client_from_url(url: str, *, timeout: float | None) -> Redis:
 
 
 def consumer_name() -> str:
-    """Unique per process, so a restarted dispatcher never mistakes old pending entries for its own."""
+    """Unique per process: a restarted dispatcher never takes old pending entries for its own."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -64,7 +67,7 @@ class RedisBus:
         url: str,
         *,
         stream: str = "llm-proxy:events",
-        maxlen: int = 1_000_000,
+        maxlen: int = 100_000,
         spool_path: Path | None = None,
         publish_timeout: float = 2.0,
         claim_idle: float = 60.0,
@@ -81,7 +84,7 @@ class RedisBus:
 
     @classmethod
     async def open(cls, url: str, **options: Any) -> RedisBus:
-        """Create the bus (Redis need not be up yet) and resume replaying a spool left by a restart."""
+        """Create the bus (Redis need not be up yet); resume replaying a spool left by a restart."""
         bus = cls(url, **options)
         if bus._spool is not None and bus._spool.pending:
             log.info("spooled events found; replaying", pending_bytes=bus._spool.pending_bytes)
@@ -132,21 +135,25 @@ class RedisBus:
         spool = self._spool
         delay = 0.05
         replayed = 0
+        batch: tuple[list[Event], int] | None = None
         while True:
-            async with self._spool_lock:
-                if not spool.pending:
-                    break
-                events, offset = await asyncio.to_thread(spool.read, _REPLAY_BATCH)
+            if batch is None:
+                async with self._spool_lock:
+                    if not spool.pending:
+                        break
+                    batch = await asyncio.to_thread(spool.read, _REPLAY_BATCH)
+            events, offset = batch
             try:
                 if events:
                     await self._xadd(events)
             except (RedisError, OSError):
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay)  # still down: try the same batch again
                 delay = min(delay * 2, _REPLAY_BACKOFF_MAX)
                 continue
             delay = 0.05
             async with self._spool_lock:
                 await asyncio.to_thread(spool.advance, offset)
+            batch = None
             replayed += len(events)
             metrics.REPLAYED.inc(len(events))
         log.info("spool replayed into redis", events=replayed)

@@ -33,8 +33,8 @@ _SHA256: dict[EncodingName, str] = {
 # functions that download, so they cannot be imported).
 _PATTERNS: dict[EncodingName, str] = {
     "cl100k_base": (
-        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-        r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+        r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
     ),
     "o200k_base": "|".join(
         [
@@ -83,7 +83,7 @@ def encoding(name: EncodingName) -> tiktoken.Encoding:
 
 
 def encoding_name(model: str | None) -> EncodingName:
-    """o200k_base for gpt-4o, gpt-4.1, gpt-4.5, gpt-5 and the o-series; cl100k_base for older models.
+    """o200k_base for gpt-4o, gpt-4.1, gpt-4.5, gpt-5 and the o-series; cl100k_base for older ones.
 
     An unknown model counts with o200k_base, the encoding of every current OpenAI model.
     """

@@ -1,8 +1,8 @@
 """Usage numbers for an event: the upstream's own where it sent them, otherwise a tiktoken count.
 
-Estimates follow OpenAI's published counting rules for chat (three tokens of framing per message, one
-more for a ``name``, three to prime the reply); images, audio and hidden reasoning tokens cannot be
-counted from the bodies and are left out, which is why such numbers are marked ``estimated``.
+Estimates follow OpenAI's published counting rules for chat (three tokens of framing per message,
+one more for a ``name``, three to prime the reply); images, audio and hidden reasoning tokens cannot
+be counted from the bodies and are left out, which is why such numbers are marked ``estimated``.
 """
 
 from __future__ import annotations

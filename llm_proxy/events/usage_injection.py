@@ -1,8 +1,9 @@
 """Exact stream usage for clients that did not ask for it, invisibly to them.
 
-The proxy adds ``stream_options.include_usage`` to a streamed chat completion request, and strips the
-extra usage-only chunk (``"choices": []`` with a ``usage`` object) from the bytes it relays, so the
-client sees exactly the stream it would have seen while the event still gets the upstream's usage.
+The proxy adds ``stream_options.include_usage`` to a streamed chat completion request, and strips
+the extra usage-only chunk (``"choices": []`` with a ``usage`` object) from the bytes it relays, so
+the client sees exactly the stream it would have seen while the event still gets the upstream's
+usage.
 
 Both run on the request path, so both are cheap: the request body is parsed once (it is small and
 already buffered), and the stream filter only runs two precompiled byte searches per event, holding
