@@ -1,1 +1,5 @@
-"""admin_ui"""
+"""Admin pages (SPEC §10): server-rendered, basic auth, CSRF-protected forms, no JavaScript needed."""
+
+from admin_ui.routes import admin_app
+
+__all__ = ["admin_app"]

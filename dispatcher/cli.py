@@ -35,7 +35,8 @@ class BusSettings:
     claim_idle: float
 
     def __repr__(self) -> str:
-        return f"BusSettings(stream={self.stream!r}, claim_idle={self.claim_idle})"  # URL may hold a password
+        # Not the URL: it may hold a password.
+        return f"BusSettings(stream={self.stream!r}, claim_idle={self.claim_idle})"
 
 
 @dataclass(frozen=True, slots=True)

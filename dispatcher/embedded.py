@@ -31,6 +31,7 @@ async def start_file_event_log(
             service="file",
             dead_letter_path=data_dir / "dead-letter-file.jsonl",
             batch_wait=0.05,  # a local file: write promptly rather than wait for big batches
+            poll=0.25,  # also how long an idle bus takes to count as drained at shutdown
             drain_timeout=drain_timeout,
         ),
     )

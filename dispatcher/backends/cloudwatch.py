@@ -2,9 +2,9 @@
 
 Creates the log group and stream if missing, then ``PutLogEvents`` in batches that respect the
 service's limits: at most 10,000 events and 1,048,576 bytes (message bytes plus 26 per event),
-chronological order, at most 24 hours apart. Events CloudWatch would refuse for their age (older than
-14 days, more than 2 hours ahead, or past the group's retention) are refused here as permanent, so
-they go to the dead-letter file and are counted, instead of being retried.
+chronological order, at most 24 hours apart. Events CloudWatch would refuse for their age (older
+than 14 days, more than 2 hours ahead, or past the group's retention) are refused here as permanent,
+so they go to the dead-letter file and are counted, instead of being retried.
 """
 
 from __future__ import annotations

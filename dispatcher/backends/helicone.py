@@ -2,8 +2,8 @@
 
 ``POST {url}`` with ``Authorization: Bearer <key>`` and ``{providerRequest, providerResponse,
 timing}``; timing carries the real request start, end and time to first token. The event id is sent
-as ``Helicone-Request-Id`` so a redelivered event is the same request to Helicone. Bodies larger than
-``max_body_bytes`` are cut and sent as text rather than risking a refusal of the whole log.
+as ``Helicone-Request-Id`` so a redelivered event is the same request to Helicone. Bodies larger
+than ``max_body_bytes`` are cut and sent as text rather than risking a refusal of the whole log.
 """
 
 from __future__ import annotations

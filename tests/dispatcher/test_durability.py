@@ -132,7 +132,9 @@ async def test_killing_a_dispatcher_mid_batch_loses_nothing(
     assert set(delivered) == {e["id"] for e in sent}
     assert accepted_before_kill > 100  # two whole batches and part of the third
     assert duplicates == accepted_before_kill - 100  # exactly the unacknowledged part, redelivered
-    assert b"reclaimed pending events" in (tmp_path / "second.log").read_bytes()
+    second_log = (tmp_path / "second.log").read_bytes()
+    assert b"reclaimed pending events" in second_log
+    assert b"redelivered=50" in second_log  # the whole unacknowledged batch, counted
 
 
 async def test_redis_outage_while_traffic_flows_delays_but_loses_no_event(

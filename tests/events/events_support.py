@@ -1,7 +1,8 @@
-"""Test support shared by tests/events and tests/dispatcher: a real redis-server, synthetic exchanges.
+"""Test support shared by tests/events and tests/dispatcher: a real redis-server, synthetic
+exchanges.
 
-The redis-server is started per test on a free port with a temporary directory and no persistence;
-a missing binary is an error (the suite must fail, not skip, without it: `make test` installs it).
+The redis-server is started per test on a free port with a temporary directory and no persistence; a
+missing binary is an error (the suite must fail, not skip, without it: `make test` installs it).
 """
 
 from __future__ import annotations

@@ -259,14 +259,30 @@ def test_truncated_json_body_is_shown_as_text_and_usage_estimated() -> None:
     assert event["usage"]["prompt_tokens"] == chat_prompt_tokens(CHAT_REQUEST["messages"])  # type: ignore[arg-type]
 
 
-def test_brotli_body_without_a_brotli_module_is_left_undecoded_and_says_so() -> None:
-    ex = exchange(request=CHAT_REQUEST, response=b"\x1b\x03\x00\xf8\xa5", content_encoding="br")
-    event = build(ex)
+# brotli.compress(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}')
+BROTLI_ANSWER = (
+    b"\x1bI\x00\xc0\x8c\xd3\x1d\xf5c\x08\x92O\x10gK\xfd\xb2b\xb4.$c\xfe\x9b)\x10\x1d\xd8"
+    b"\x80\xe3Ay\xc0m\xa3\x14\xf7[\x03\x12\x91d1\xba\xb4\xf4T\xf6\x8f\xae\xe3\x91\t\xb6"
+    b"\x00\x95\xda\x01\xa0~\x07"
+)
+
+
+def test_brotli_body_is_decoded_with_a_brotli_module_else_left_as_is_and_said_so() -> None:
+    event = build(exchange(request=CHAT_REQUEST, response=BROTLI_ANSWER, content_encoding="br"))
     if bodies._brotli is None:
-        assert event["response"] == "[body not decoded: content-encoding br not decoded; 5 bytes]"
+        size = len(BROTLI_ANSWER)
+        assert (
+            event["response"]
+            == f"[body not decoded: content-encoding br not decoded; {size} bytes]"
+        )
         assert event["usage"] is None
     else:  # pragma: no cover - only where a brotli module is installed
-        assert event["response"] is not None
+        assert event["usage"] == {
+            "prompt_tokens": 3,
+            "completion_tokens": 1,
+            "total_tokens": 4,
+            "source": "upstream",
+        }
 
 
 def test_corrupt_gzip_is_reported_not_raised() -> None:

@@ -1,0 +1,39 @@
+"""Reading form posts: the same field checks and messages as the JSON API, for text inputs."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from llm_proxy import validation
+from llm_proxy.errors import InvalidField
+from llm_proxy.validation import MISSING
+
+Form = dict[str, str]
+
+
+async def read_form(request: web.Request) -> Form:
+    """The posted fields; file uploads are ignored (no admin form has one)."""
+    posted = await request.post()
+    return {key: value for key, value in posted.items() if isinstance(value, str)}
+
+
+def text(form: Form, key: str, *, required: bool, max_length: int) -> str:
+    value = validation.text(form, key, required=required, max_length=max_length)
+    return "" if value is MISSING else str(value)
+
+
+def number(form: Form, key: str, *, minimum: int, maximum: int, required: bool) -> int | None:
+    """A whole number typed into a text box; blank means None unless required."""
+    raw = form.get(key, "").strip().replace("_", "").replace(",", "")
+    if not raw:
+        if required:
+            raise InvalidField(key, "is required")
+        return None
+    if not raw.lstrip("-").isdigit():
+        raise InvalidField(key, "must be a whole number")
+    if len(raw) > 20:  # int() of a huge digit string is slow; no bound here is that long
+        raise InvalidField(key, f"must be between {minimum} and {maximum}")
+    value: int | None = validation.integer(
+        {key: int(raw)}, key, minimum=minimum, maximum=maximum, required=required
+    )
+    return value

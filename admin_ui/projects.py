@@ -1,0 +1,165 @@
+"""Project pages: list, create, detail, edit, activate/deactivate, revoke all tokens, delete."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from aiohttp import web
+
+from admin_ui import forms
+from admin_ui.navigation import see_other
+from admin_ui.rendering import render
+from admin_ui.state import actor, operations
+from llm_proxy.errors import InvalidField
+from llm_proxy.models import Project, Token, utcnow
+
+
+@dataclass(slots=True)
+class TokenCounts:
+    total: int = 0
+    active: int = 0
+    requests: int = 0
+
+
+def count_tokens(tokens: Iterable[Token], now: datetime) -> dict[str, TokenCounts]:
+    counts: dict[str, TokenCounts] = {}
+    for token in tokens:
+        tally = counts.setdefault(token.project_id, TokenCounts())
+        tally.total += 1
+        tally.requests += token.request_count
+        if token.status(now) == "active":
+            tally.active += 1
+    return counts
+
+
+async def project_list(request: web.Request) -> web.Response:
+    ops = operations(request)
+    projects = sorted(await ops.list_projects(), key=lambda p: p.name.casefold())
+    counts = count_tokens(await ops.list_tokens(), utcnow())
+    return render(
+        request,
+        "projects.html",
+        {"projects": projects, "counts": counts, "empty": TokenCounts()},
+    )
+
+
+async def project_detail(request: web.Request) -> web.Response:
+    ops = operations(request)
+    project = await ops.get_project(request.match_info["project_id"])
+    tokens = sorted(await ops.list_tokens(project.id), key=lambda t: t.created_at, reverse=True)
+    now = utcnow()
+    counts = count_tokens(tokens, now).get(project.id, TokenCounts())
+    return render(
+        request,
+        "project_detail.html",
+        {"project": project, "tokens": tokens, "counts": counts},
+    )
+
+
+def _project_form(
+    request: web.Request,
+    project: Project | None,
+    values: dict[str, str],
+    error: InvalidField | None = None,
+) -> web.Response:
+    # The upstream key is never put back into the form: on a validation error it must be retyped.
+    return render(
+        request,
+        "project_form.html",
+        {"project": project, "values": values, "error": error},
+        status=400 if error else 200,
+    )
+
+
+async def project_new(request: web.Request) -> web.Response:
+    return _project_form(request, None, {"name": "", "description": ""})
+
+
+async def project_create(request: web.Request) -> web.Response:
+    form = await forms.read_form(request)
+    try:
+        name = forms.text(form, "name", required=True, max_length=200)
+        description = forms.text(form, "description", required=False, max_length=2000)
+        api_key = forms.text(form, "api_key", required=True, max_length=1000)
+    except InvalidField as exc:
+        values = {"name": form.get("name", ""), "description": form.get("description", "")}
+        return _project_form(request, None, values, exc)
+    project = await operations(request).create_project(
+        actor(request), name=name, api_key=api_key, description=description
+    )
+    see_other(request, "project", project_id=project.id, notice="project_created")
+
+
+async def project_edit(request: web.Request) -> web.Response:
+    project = await operations(request).get_project(request.match_info["project_id"])
+    return _project_form(
+        request, project, {"name": project.name, "description": project.description}
+    )
+
+
+async def project_update(request: web.Request) -> web.Response:
+    ops = operations(request)
+    project = await ops.get_project(request.match_info["project_id"])
+    form = await forms.read_form(request)
+    try:
+        name = forms.text(form, "name", required=True, max_length=200)
+        description = forms.text(form, "description", required=False, max_length=2000)
+        api_key = forms.text(form, "api_key", required=False, max_length=1000)
+    except InvalidField as exc:
+        values = {"name": form.get("name", ""), "description": form.get("description", "")}
+        return _project_form(request, project, values, exc)
+    # Only what differs is sent, so the audit entry names exactly what changed.
+    new_name = name if name != project.name else None
+    new_description = description if description != project.description else None
+    new_key = api_key or None  # blank keeps the stored key
+    if new_name is not None or new_description is not None or new_key is not None:
+        await ops.update_project(
+            actor(request),
+            project.id,
+            name=new_name,
+            description=new_description,
+            api_key=new_key,
+        )
+    see_other(request, "project", project_id=project.id, notice="project_updated")
+
+
+async def _set_active(request: web.Request, is_active: bool) -> web.Response:
+    project_id = request.match_info["project_id"]
+    await operations(request).update_project(actor(request), project_id, is_active=is_active)
+    notice = "project_activated" if is_active else "project_deactivated"
+    form = await forms.read_form(request)
+    if form.get("back") == "list":
+        see_other(request, "projects", notice=notice)
+    see_other(request, "project", project_id=project_id, notice=notice)
+
+
+async def project_activate(request: web.Request) -> web.Response:
+    return await _set_active(request, True)
+
+
+async def project_deactivate(request: web.Request) -> web.Response:
+    return await _set_active(request, False)
+
+
+async def project_revoke_tokens(request: web.Request) -> web.Response:
+    project_id = request.match_info["project_id"]
+    counts = await operations(request).revoke_project_tokens(actor(request), project_id)
+    see_other(
+        request, "project", project_id=project_id, notice=f"tokens_revoked:{counts.revoked_count}"
+    )
+
+
+async def project_delete_confirm(request: web.Request) -> web.Response:
+    ops = operations(request)
+    project = await ops.get_project(request.match_info["project_id"])
+    counts = count_tokens(await ops.list_tokens(project.id), utcnow()).get(
+        project.id, TokenCounts()
+    )
+    return render(request, "project_delete.html", {"project": project, "counts": counts})
+
+
+async def project_delete(request: web.Request) -> web.Response:
+    await operations(request).delete_project(actor(request), request.match_info["project_id"])
+    see_other(request, "projects", notice="project_deleted")

@@ -1,0 +1,119 @@
+"""Templates, the filters they use, and the one function every page renders through."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from admin_ui.navigation import notice_text
+from admin_ui.state import state
+from llm_proxy.models import Token, utcnow
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+STATIC_DIR = Path(__file__).parent / "static"
+JINJA = web.AppKey("admin_ui_jinja", jinja2.Environment)
+
+
+def span(seconds: float) -> str:
+    """A duration as people say it: ``45 s``, ``23 min``, ``3 h 5 min``, ``2 d 4 h``."""
+    whole = int(abs(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    minutes = whole // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def when(moment: datetime | None) -> str:
+    if moment is None:
+        return "—"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def iso(moment: datetime | None) -> str:
+    return "" if moment is None else moment.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def ago(moment: datetime | None, now: datetime) -> str:
+    if moment is None:
+        return "never"
+    delta = (now - moment).total_seconds()
+    if abs(delta) < 5:
+        return "just now"
+    return f"in {span(delta)}" if delta < 0 else f"{span(delta)} ago"
+
+
+def countdown(token: Token, now: datetime) -> str:
+    """``expires in 23 min`` or ``expired 5 min ago``."""
+    remaining = (token.expires_at - now).total_seconds()
+    if remaining > 0:
+        return f"expires in {span(remaining)}"
+    return f"expired {span(remaining)} ago"
+
+
+def quota_percent(token: Token) -> int:
+    if not token.max_requests:
+        return 0
+    return min(100, round(100 * token.request_count / token.max_requests))
+
+
+def setup_templates(app: web.Application) -> None:
+    filters: dict[str, Callable[..., str]] = {"when": when, "iso": iso, "span": span}
+    env = aiohttp_jinja2.setup(
+        app,
+        app_key=JINJA,
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        filters=filters,
+    )
+    env.globals.update(ago=ago, countdown=countdown, quota_percent=quota_percent)
+
+
+def render(
+    request: web.Request,
+    template: str,
+    context: Mapping[str, Any],
+    *,
+    status: int = 200,
+) -> web.Response:
+    """Render a page with what the layout needs: the admin's name, a fresh CSRF token, the time."""
+    admin = state(request)
+    base: dict[str, Any] = {
+        "admin_user": admin.admin_user,
+        "csrf_token": admin.csrf.issue(admin.admin_user),
+        "now": utcnow(),
+        "path": request.path,
+        "notice": notice_text(request),
+    }
+    return aiohttp_jinja2.render_template(
+        template, request, {**base, **context}, app_key=JINJA, status=status
+    )
+
+
+def error_page(
+    request: web.Request,
+    status: int,
+    title: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    response = render(
+        request, "error.html", {"status": status, "title": title, "message": message}, status=status
+    )
+    response.headers.update(headers or {})
+    return response

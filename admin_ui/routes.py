@@ -1,0 +1,158 @@
+"""The admin sub-application: basic auth, CSRF checks, HTML error pages, and the route table."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from admin_ui import overview, projects, tokens
+from admin_ui.forms import read_form
+from admin_ui.rendering import JINJA, STATIC_DIR, error_page, setup_templates
+from admin_ui.security import CSRF_FIELD, CSRF_MAX_AGE_SECONDS, REALM, CsrfSigner, check_basic_auth
+from admin_ui.state import ADMIN, AdminState
+from llm_proxy import errors
+from llm_proxy.operations import Operations
+from llm_proxy.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_FORM_BYTES = 64 * 1024
+
+_TITLES = {
+    400: "That did not work",
+    403: "Not allowed",
+    404: "Not found",
+    405: "Method not allowed",
+    413: "Too much data",
+}
+
+# Pages are only ever framed, scripted and styled by themselves.
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _unauthorized(request: web.Request) -> web.Response:
+    # Rendered without the layout: nothing about the installation is shown before login.
+    body = request.app[JINJA].get_template("unauthorized.html").render()
+    return web.Response(
+        status=401,
+        text=body,
+        content_type="text/html",
+        headers={"WWW-Authenticate": f'Basic realm="{REALM}"'},
+    )
+
+
+async def _check_csrf(request: web.Request, admin: AdminState) -> str | None:
+    if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
+        raise web.HTTPRequestEntityTooLarge(MAX_FORM_BYTES, request.content_length)
+    form = await read_form(request)
+    return admin.csrf.verify(form.get(CSRF_FIELD, ""), admin.admin_user)
+
+
+async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    admin = request.app[ADMIN]
+    if not check_basic_auth(
+        request.headers.get("Authorization"), admin.admin_user, admin.admin_password
+    ):
+        return _unauthorized(request)
+    try:
+        if request.method == "POST":
+            problem = await _check_csrf(request, admin)
+            if problem is not None:
+                log.warning("admin.csrf_refused", path=request.path, client_ip=request.remote)
+                return error_page(
+                    request,
+                    403,
+                    "Request refused",
+                    f"{problem} Nothing was changed. Go back, reload the page and try again.",
+                )
+        return await handler(request)
+    except errors.ProxyError as exc:
+        return error_page(request, exc.status, _TITLES.get(exc.status, "Error"), exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_page(
+            request,
+            exc.status,
+            _TITLES.get(exc.status, exc.reason),
+            "There is no such page here." if exc.status == 404 else exc.reason,
+            headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None,
+        )
+
+
+@web.middleware
+async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate every request, check CSRF on every post, render failures as pages."""
+    try:
+        response = await _guarded(request, handler)
+    except web.HTTPException as redirect:
+        redirect.headers.update(_SECURITY_HEADERS)
+        raise
+    response.headers.update(_SECURITY_HEADERS)
+    resource = request.match_info.route.resource
+    if resource is None or resource.name != "static":
+        # Pages show live state (and once, a token value): never serve one from a cache.
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def _add_slash(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPPermanentRedirect(request.url.with_path(request.path + "/"))
+
+
+def admin_app(operations: Operations, settings: Settings) -> web.Application:
+    """The pages, to be mounted with ``app.add_subapp("/admin/", admin_app(...))``."""
+    app = web.Application(middlewares=[admin_middleware])
+    app[ADMIN] = AdminState(
+        operations=operations,
+        admin_user=settings.admin_user,
+        admin_password=settings.admin_password,
+        csrf=CsrfSigner(
+            settings.encryption_key, settings.admin_password, max_age=CSRF_MAX_AGE_SECONDS
+        ),
+    )
+    setup_templates(app)
+    router = app.router
+    router.add_get("", _add_slash)
+    router.add_get("/", overview.dashboard, name="dashboard")
+    router.add_get("/projects", projects.project_list, name="projects")
+    router.add_post("/projects", projects.project_create, name="project_create")
+    router.add_get("/projects/new", projects.project_new, name="project_new")
+    router.add_get("/projects/{project_id}", projects.project_detail, name="project")
+    router.add_get("/projects/{project_id}/edit", projects.project_edit, name="project_edit")
+    router.add_post("/projects/{project_id}/edit", projects.project_update)
+    router.add_post(
+        "/projects/{project_id}/activate", projects.project_activate, name="project_activate"
+    )
+    router.add_post(
+        "/projects/{project_id}/deactivate", projects.project_deactivate, name="project_deactivate"
+    )
+    router.add_post(
+        "/projects/{project_id}/revoke-tokens",
+        projects.project_revoke_tokens,
+        name="project_revoke_tokens",
+    )
+    router.add_get(
+        "/projects/{project_id}/delete", projects.project_delete_confirm, name="project_delete"
+    )
+    router.add_post("/projects/{project_id}/delete", projects.project_delete)
+    router.add_get("/projects/{project_id}/tokens/new", tokens.token_new, name="token_new")
+    router.add_post("/projects/{project_id}/tokens", tokens.token_issue, name="token_issue")
+    router.add_get("/tokens", tokens.token_list, name="tokens")
+    router.add_get("/tokens/{token_id}", tokens.token_detail, name="token")
+    router.add_post("/tokens/{token_id}/quota", tokens.token_quota, name="token_quota")
+    router.add_post("/tokens/{token_id}/revoke", tokens.token_revoke, name="token_revoke")
+    router.add_get("/audit", overview.audit_log, name="audit")
+    router.add_static("/static", STATIC_DIR, name="static", append_version=True)
+    return app

@@ -1,0 +1,65 @@
+"""Who may use the admin pages (HTTP basic auth) and proof that a form came from them (CSRF)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+
+REALM = "llm-proxy admin"
+CSRF_FIELD = "csrf_token"
+CSRF_MAX_AGE_SECONDS = 12 * 3600
+
+
+def check_basic_auth(header: str | None, user: str, password: str) -> bool:
+    """True when ``Authorization: Basic …`` names exactly this user and password."""
+    scheme, _, encoded = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    given_user, sep, given_password = decoded.partition(b":")
+    # Both compared every time, so the answer takes as long for a wrong user as for a wrong password.
+    user_ok = hmac.compare_digest(given_user, user.encode())
+    password_ok = hmac.compare_digest(given_password, password.encode())
+    return bool(sep) and user_ok and password_ok
+
+
+class CsrfSigner:
+    """Stateless CSRF tokens: ``<unix time>.<HMAC(key, user, time)>``.
+
+    The key is derived from settings every worker shares (the encryption key and the admin
+    password), not from a per-process random secret, so a form rendered by one worker behind
+    ``reuse_port`` is accepted by another; changing the admin password voids every open form.
+    """
+
+    def __init__(self, secret: bytes, admin_password: str, *, max_age: float) -> None:
+        self._key = hmac.new(
+            secret, b"llm-proxy/admin-csrf\n" + admin_password.encode(), hashlib.sha256
+        ).digest()
+        self._max_age = max_age
+
+    def _sign(self, user: str, issued: int) -> str:
+        message = f"{user}\n{issued}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def issue(self, user: str, now: float | None = None) -> str:
+        issued = int(time.time() if now is None else now)
+        return f"{issued}.{self._sign(user, issued)}"
+
+    def verify(self, token: str, user: str, now: float | None = None) -> str | None:
+        """None when valid; otherwise why not, in words for the operator."""
+        issued_text, _, signature = token.partition(".")
+        if not issued_text.isdigit() or not signature:
+            return "The form carried no valid security token."
+        issued = int(issued_text)
+        if not hmac.compare_digest(signature, self._sign(user, issued)):
+            return "The form's security token does not match."
+        age = (time.time() if now is None else now) - issued
+        if age > self._max_age or age < -60:
+            return "The form has expired."
+        return None

@@ -1,0 +1,105 @@
+"""Every page renders; unknown ids and routes get friendly HTML error pages."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.admin_ui.conftest import ADMIN, AdminPages, crawl
+
+
+async def test_every_page_renders(admin: AdminPages) -> None:
+    project_id = await admin.create_project("alpha")
+    token_id = (await admin.proxy.issue_token(project_id, max_requests=5))["id"]
+    await admin.proxy.issue_token(project_id, minutes=1)
+    paths = [
+        "/admin/",
+        "/admin/projects",
+        "/admin/projects/new",
+        f"/admin/projects/{project_id}",
+        f"/admin/projects/{project_id}/edit",
+        f"/admin/projects/{project_id}/delete",
+        f"/admin/projects/{project_id}/tokens/new",
+        "/admin/tokens",
+        "/admin/tokens?status=active",
+        "/admin/tokens?status=revoked",
+        f"/admin/tokens/{token_id}",
+        "/admin/audit",
+        f"/admin/audit?project_id={project_id}&action=token.create",
+    ]
+    for path in paths:
+        page = await admin.get(path)
+        assert page.status == 200, (path, page.text)
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert "<title>" in page.text and "llm-proxy admin" in page.text
+
+
+async def test_every_linked_page_renders(admin: AdminPages) -> None:
+    project_id = await admin.create_project("alpha")
+    await admin.proxy.issue_token(project_id)
+    pages = await crawl(admin)
+    assert len(pages) >= 8
+    assert {path: page.status for path, page in pages.items() if page.status != 200} == {}
+
+
+async def test_empty_installation_pages_invite_the_first_step(admin: AdminPages) -> None:
+    assert "Create the first one" in (await admin.get("/admin/projects")).text
+    assert "Nothing has happened yet" in (await admin.get("/admin/")).text
+    assert "No tokens" in (await admin.get("/admin/tokens")).text
+    assert "No audit entries match" in (await admin.get("/admin/audit")).text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/projects/no-such-project",
+        "/admin/projects/no-such-project/edit",
+        "/admin/projects/no-such-project/delete",
+        "/admin/projects/no-such-project/tokens/new",
+        "/admin/tokens/no-such-token",
+    ],
+)
+async def test_unknown_ids_get_a_404_page(admin: AdminPages, path: str) -> None:
+    page = await admin.get(path)
+    assert page.status == 404
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert "Not found" in page.text
+    assert "no-such-" in page.text  # the message names what was looked for
+    assert "Back to the dashboard" in page.text
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [
+        ("/admin/projects/no-such-project/edit", {"name": "x"}),
+        ("/admin/projects/no-such-project/activate", {}),
+        ("/admin/projects/no-such-project/deactivate", {}),
+        ("/admin/projects/no-such-project/revoke-tokens", {}),
+        ("/admin/projects/no-such-project/delete", {}),
+        ("/admin/projects/no-such-project/tokens", {"duration_minutes": "5"}),
+        ("/admin/tokens/no-such-token/quota", {"max_requests": "5"}),
+        ("/admin/tokens/no-such-token/revoke", {}),
+    ],
+)
+async def test_changes_to_unknown_ids_get_a_404_page(
+    admin: AdminPages, path: str, fields: dict[str, str]
+) -> None:
+    page = await admin.post(path, fields)
+    assert page.status == 404
+    assert "Not found" in page.text
+
+
+async def test_unknown_routes_and_methods_get_html_error_pages(admin: AdminPages) -> None:
+    page = await admin.get("/admin/no/such/page")
+    assert page.status == 404
+    assert "There is no such page here." in page.text
+    async with admin.proxy.client.put("/admin/projects", headers=ADMIN) as response:
+        assert response.status == 405
+        assert "POST" in response.headers["Allow"]
+        assert "Method Not Allowed" in await response.text()
+
+
+async def test_an_oversized_form_is_refused(admin: AdminPages) -> None:
+    page = await admin.post("/admin/projects", {"name": "x" * 70_000, "api_key": "sk-1"})
+    assert page.status == 413
+    _, projects = await admin.proxy.manage("GET", "/projects")
+    assert projects == []
