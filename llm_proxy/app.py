@@ -13,10 +13,18 @@ import structlog
 from aiohttp import web
 
 from admin_ui import admin_app
+from dispatcher.embedded import start_file_event_log
 from llm_proxy import __version__
 from llm_proxy.api_config import ApiConfig, load_api_config
 from llm_proxy.authority import TokenAuthority
 from llm_proxy.crypto import KeyCipher
+from llm_proxy.events import (
+    EventPipeline,
+    EventsConfig,
+    UsageChunkFilter,
+    inject_stream_usage,
+    start_event_pipeline,
+)
 from llm_proxy.exchange import Exchange, ExchangeSink
 from llm_proxy.http1 import Http1Client
 from llm_proxy.management import management_app
@@ -49,6 +57,7 @@ class Components:
     operations: Operations
     upstream: UpstreamClient
     sink: ExchangeSink
+    pipeline: EventPipeline | None = None
     proxy: ProxyHandler | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -59,6 +68,15 @@ class Components:
 
 
 COMPONENTS = web.AppKey("components", Components)
+
+
+def events_config(settings: Settings) -> EventsConfig:
+    return EventsConfig(
+        bus=settings.event_bus,
+        redis_url=settings.redis_url,
+        data_dir=settings.data_dir,
+        build_in=settings.event_build_in,
+    )
 
 
 async def open_store(settings: Settings) -> Store:
@@ -81,6 +99,12 @@ async def ready(request: web.Request) -> web.Response:
     except Exception as exc:  # any failure means not ready; say which part
         log.warning("ready.database_failed", error=type(exc).__name__)
         checks["database"] = "unavailable"
+    if components.settings.event_bus == "redis" and components.pipeline is not None:
+        try:
+            reachable = await asyncio.wait_for(components.pipeline.bus.ping(), timeout=2.0)
+        except TimeoutError:
+            reachable = False
+        checks["redis"] = "ok" if reachable else "unavailable"
     ok = all(state == "ok" for state in checks.values())
     return web.Response(
         status=200 if ok else 503,
@@ -117,6 +141,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.exception("server.usage_flush_failed")
         flushed = 0
     await components.upstream.close()
+    if components.pipeline is not None:
+        await components.pipeline.close()  # drains queued events into the bus and dispatchers
     await components.store.close()
     log.info("server.stopped", usage_rows_flushed=flushed)
 
@@ -131,12 +157,21 @@ async def create_app(
     """Open the store and build the application; the store is closed when the app shuts down."""
     api_config = api_config or load_api_config(settings.api_config_path)
     store = await open_store(settings)
+    pipeline: EventPipeline | None = None
     try:
         cipher = KeyCipher(settings.encryption_key)
         authority = TokenAuthority(store, cipher, cache_seconds=settings.token_cache_seconds)
         await authority.start()
+        if sink is None:
+            pipeline = await start_event_pipeline(events_config(settings))
+            if settings.file_event_log is not None:
+                await start_file_event_log(
+                    pipeline, settings.file_event_log, data_dir=settings.data_dir
+                )
     except BaseException:
-        # aiosqlite's worker thread would keep the process alive after a failed start.
+        # aiosqlite's worker thread (and the event builder) would keep a failed process alive.
+        if pipeline is not None:
+            await pipeline.close()
         await store.close()
         raise
     components = Components(
@@ -146,7 +181,8 @@ async def create_app(
         authority=authority,
         operations=Operations(store, cipher, authority),
         upstream=upstream or Http1Client(),
-        sink=sink or DiscardSink(),
+        sink=sink or pipeline or DiscardSink(),
+        pipeline=pipeline,
     )
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[COMPONENTS] = components
@@ -165,6 +201,7 @@ async def create_app(
         capture_bytes=settings.capture_body_bytes,
         store=store,
         token_info_path=api_config.token_info_path,
+        stream_usage=(inject_stream_usage, UsageChunkFilter),
     )
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

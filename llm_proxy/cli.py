@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from dispatcher.cli import dispatcher_command
 from llm_proxy import __version__
 from llm_proxy.api_config import ApiConfigError, load_api_config
 from llm_proxy.benchmark import benchmark_command
@@ -155,3 +156,4 @@ def server(**options: str | int | None) -> None:
 main.add_command(manage)
 main.add_command(mock_upstream_command)
 main.add_command(benchmark_command)
+main.add_command(dispatcher_command)

@@ -376,7 +376,13 @@ class ProxyHandler:
                 if rewritten is not None:
                     body = rewritten
                     exchange.usage_injected = True
-                    headers = [(n, v) for n, v in headers if n.lower() != "content-length"]
+                    # The filter removing the extra usage chunk reads plain SSE: no compression.
+                    headers = [
+                        (n, v)
+                        for n, v in headers
+                        if n.lower() not in ("content-length", "accept-encoding")
+                    ]
+                    headers.append(("Accept-Encoding", "identity"))
         headers.append(("Authorization", grant.upstream_authorization))
         headers.append(("X-Request-ID", exchange.request_id))
         target = provider.origin.path_prefix + path + ("?" + query if query else "")

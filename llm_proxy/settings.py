@@ -45,6 +45,9 @@ class Settings:
     token_cache_seconds: float = 30.0
     change_poll_seconds: float = 0.25
     usage_flush_seconds: float = 1.0
+    # Where instrumentation events are built: a worker process keeps the GIL free for requests;
+    # tests use a thread to avoid spawning a process per application.
+    event_build_in: Literal["process", "thread"] = "process"
 
     @property
     def sqlite_path(self) -> Path:

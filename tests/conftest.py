@@ -20,6 +20,7 @@ from llm_proxy.app import COMPONENTS, create_app
 from llm_proxy.front import FrontSite, listening_socket
 from llm_proxy.logging_setup import configure_logging
 from llm_proxy.settings import Settings
+from tests.events.events_support import RedisServer
 from tests.fakes import UPSTREAM_LOG, UpstreamLog, fake_upstream_app
 
 MANAGEMENT_TOKEN = "mgmt-test-" + secrets.token_urlsafe(16)
@@ -59,6 +60,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         data_dir=tmp_path,
         change_poll_seconds=0.05,
         usage_flush_seconds=0.2,
+        event_build_in="thread",
     )
     return replace(base, **overrides)
 
@@ -110,6 +112,15 @@ class Proxy:
     @property
     def components(self) -> Any:
         return self.app[COMPONENTS]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own, on a free port."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def test_sigterm_stops_the_server_cleanly_and_quickly(server: ServerProcess) -> 
     stderr = server.process.stderr
     assert "Traceback" not in stderr
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
-    assert events[-2:] == ["server.stopping", "server.stopped"]
+    assert "server.stopping" in events and events[-1] == "server.stopped"
 
 
 @pytest.mark.parametrize(

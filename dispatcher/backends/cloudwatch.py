@@ -18,7 +18,7 @@ import orjson
 import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+from botocore.exceptions import BotoCoreError, ClientError
 
 from dispatcher import metrics
 from dispatcher.backends import Rejection

@@ -6,12 +6,12 @@ from pathlib import Path
 import orjson
 import pytest
 from click.testing import CliRunner
-from events_support import RedisServer, exchange
 
 from dispatcher import health
 from dispatcher.cli import dispatcher_command
 from llm_proxy.events.builder import build
 from llm_proxy.events.redis import RedisBus
+from tests.events.events_support import RedisServer, exchange
 
 CLEAN_ENV = {
     name: None

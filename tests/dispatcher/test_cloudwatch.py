@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 import pytest
 from aiobotocore.session import get_session
-from events_support import exchange
 from moto.server import ThreadedMotoServer
 from prometheus_client import REGISTRY
 
@@ -27,6 +26,7 @@ from dispatcher.worker import BackendStartError, Worker, WorkerSettings
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
+from tests.events.events_support import exchange
 
 CREDENTIALS: dict[str, Any] = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 DAY = 24 * 3600

@@ -19,8 +19,6 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from events_support import RedisServer, exchange
-from fakes import HELICONE_KEY, FakeHelicone
 
 from dispatcher.backends.file import FileBackend
 from dispatcher.retry import Backoff
@@ -28,6 +26,8 @@ from dispatcher.worker import Worker, WorkerSettings
 from llm_proxy.events import EventsConfig, start_event_pipeline
 from llm_proxy.events.builder import build
 from llm_proxy.events.redis import RedisBus
+from tests.dispatcher.fakes import HELICONE_KEY, FakeHelicone
+from tests.events.events_support import RedisServer, exchange
 
 pytestmark = pytest.mark.redis
 

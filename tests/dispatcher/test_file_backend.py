@@ -4,12 +4,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-from events_support import exchange
 
 from dispatcher.backends import BackendError
 from dispatcher.backends.file import FileBackend
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event
+from tests.events.events_support import exchange
 
 
 def events(n: int) -> list[Event]:

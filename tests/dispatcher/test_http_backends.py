@@ -8,8 +8,6 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from events_support import chunk, exchange, free_port, sse, usage_chunk
-from fakes import HELICONE_KEY, LUNARY_KEY, FakeHelicone, FakeLunary
 from prometheus_client import REGISTRY
 
 from dispatcher.backends import BackendError
@@ -20,6 +18,8 @@ from dispatcher.worker import Worker, WorkerSettings
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event, parse_rfc3339
 from llm_proxy.events.memory import MemoryBus
+from tests.dispatcher.fakes import HELICONE_KEY, LUNARY_KEY, FakeHelicone, FakeLunary
+from tests.events.events_support import chunk, exchange, free_port, sse, usage_chunk
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 

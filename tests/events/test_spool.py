@@ -2,10 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from events_support import exchange
-
 from llm_proxy.events.builder import build
 from llm_proxy.events.spool import Spool
+from tests.events.events_support import exchange
 
 
 def test_replay_resumes_from_the_recorded_offset(tmp_path: Path) -> None:

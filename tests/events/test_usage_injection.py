@@ -4,9 +4,9 @@ import random
 
 import orjson
 import pytest
-from events_support import CHUNK_HEAD, chunk, sse, usage_chunk
 
 from llm_proxy.events.usage_injection import UsageChunkFilter, inject_stream_usage
+from tests.events.events_support import CHUNK_HEAD, chunk, sse, usage_chunk
 
 
 def test_injects_include_usage_by_splicing_the_original_bytes() -> None:
