@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint format services clean
+.PHONY: run test lint format services clean screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ format: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) .coverage htmlcov .pytest_cache .mypy_cache .ruff_cache
+
+## Refresh the admin-page screenshots in docs/screenshots (needs chromium, like make test)
+screenshots: $(VENV)/.installed-dev services
+	UPDATE_SCREENSHOTS=1 $(BIN)/pytest --no-cov -q tests/admin_ui/test_browser.py

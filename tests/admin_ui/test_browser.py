@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,17 +23,25 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# `make screenshots` refreshes the committed pictures; a plain test run writes to a temp folder so
+# that testing never changes tracked files.
+DOC_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 VIEWPORT: ViewportSize = {"width": 1280, "height": 800}
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    folder = DOC_SCREENSHOTS if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
 def chromium() -> Path:
     # A missing browser is a failure, not a skip: `make test` installs it (scripts/ensure-services.sh).
     assert CHROMIUM.exists(), f"{CHROMIUM} is missing; install Debian's chromium package"
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return CHROMIUM
 
 
@@ -72,8 +81,8 @@ async def _seed(proxy: Proxy) -> None:
             response.release()
 
 
-async def _shot(page: Page, name: str) -> None:
-    await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+async def _shot(page: Page, folder: Path, name: str) -> None:
+    await page.screenshot(path=str(folder / f"{name}.png"))
 
 
 async def _proxy_status(proxy: Proxy, token: str) -> int:
@@ -84,7 +93,9 @@ async def _proxy_status(proxy: Proxy, token: str) -> int:
         return response.status
 
 
-async def test_operator_runs_the_token_lifecycle_in_a_browser(page: Page, proxy: Proxy) -> None:
+async def test_operator_runs_the_token_lifecycle_in_a_browser(
+    page: Page, proxy: Proxy, screenshots: Path
+) -> None:
     await _seed(proxy)
 
     await page.goto("/admin/")
@@ -117,7 +128,7 @@ async def test_operator_runs_the_token_lifecycle_in_a_browser(page: Page, proxy:
     await page.get_by_role("button", name="Copy", exact=True).click()
     await expect(page.get_by_role("button", name="Copied")).to_be_visible()
     assert await page.evaluate("navigator.clipboard.readText()") == token
-    await _shot(page, "token-issued")
+    await _shot(page, screenshots, "token-issued")
 
     # The application uses it through the proxy.
     for _ in range(2):
@@ -132,7 +143,7 @@ async def test_operator_runs_the_token_lifecycle_in_a_browser(page: Page, proxy:
     await page.get_by_role("button", name="Save quota").click()
     await expect(page.get_by_role("status")).to_contain_text("Quota saved")
     await expect(page.locator(".stat .hint").first).to_contain_text("of 100 allowed")
-    await _shot(page, "token-detail")
+    await _shot(page, screenshots, "token-detail")
     await page.get_by_role("button", name="Revoke token").click()
     await expect(page.get_by_role("status")).to_contain_text("Token revoked")
     await expect(page.locator("h1 .badge")).to_have_text("revoked")
@@ -142,7 +153,7 @@ async def test_operator_runs_the_token_lifecycle_in_a_browser(page: Page, proxy:
     await page.goto(project_url)
     await expect(page.locator("#tokens tbody tr")).to_have_count(1)
     await expect(page.locator("#tokens tbody tr").first).to_contain_text("revoked")
-    await _shot(page, "project-detail")
+    await _shot(page, screenshots, "project-detail")
 
     # The audit log shows the revocation, by the admin.
     await page.get_by_role("link", name="Audit log").click()
@@ -153,12 +164,12 @@ async def test_operator_runs_the_token_lifecycle_in_a_browser(page: Page, proxy:
     await expect(row).to_contain_text("admin")
     await expect(row).to_contain_text("checkout-assistant")
     await page.get_by_role("link", name="Reset").click()
-    await _shot(page, "audit")
+    await _shot(page, screenshots, "audit")
 
     await page.get_by_role("navigation").get_by_role("link", name="Projects").click()
     await expect(page.locator("tbody tr")).to_have_count(2)
-    await _shot(page, "projects")
+    await _shot(page, screenshots, "projects")
     await page.get_by_role("navigation").get_by_role("link", name="Dashboard").click()
     await expect(page.locator("#stat-projects")).to_have_text("2")
-    await _shot(page, "dashboard")
+    await _shot(page, screenshots, "dashboard")
     assert token not in await page.content()
