@@ -67,7 +67,7 @@ def build_settings(
         database_url=check_database_url(database_url or f"sqlite:///{data_path}/llm-proxy.db"),
         encryption_key=parse_encryption_key(encryption_key) if encryption_key else b"",
         api_config_path=Path(api_config_path),
-        event_bus=check_choice("LLM_PROXY_EVENT_BUS", event_bus, ("memory", "redis")),  # type: ignore[arg-type]
+        event_bus=check_choice("LLM_PROXY_EVENT_BUS", event_bus, ("memory", "redis", "none")),  # type: ignore[arg-type]
         redis_url=check_redis_url(redis_url),
         log_level=check_log_level(log_level),
         log_format=check_choice(  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ import uvloop
 from aiohttp import web
 
 from llm_proxy import secrets_store
-from llm_proxy.app import COMPONENTS, create_app
+from llm_proxy.app import COMPONENTS, create_app, open_store
 from llm_proxy.front import FrontSite, listening_socket
 from llm_proxy.settings import Settings, SettingsError, parse_encryption_key
 
@@ -107,6 +107,14 @@ def serve(settings: Settings) -> None:
         runner.run(_serve(settings))
 
 
+async def _prepare_database(settings: Settings) -> None:
+    try:
+        store = await open_store(settings)
+    except (OSError, sqlite3.Error) as exc:
+        raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
+    await store.close()
+
+
 def _worker(settings: Settings) -> None:
     try:
         serve(settings)
@@ -122,6 +130,8 @@ def serve_workers(settings: Settings) -> int:
     (within a second) and quotas are claimed atomically in the database, so SPEC §6 holds across
     them. The parent only supervises: it forwards SIGINT/SIGTERM and waits.
     """
+    # Create and migrate the database once, before the workers race to do it.
+    asyncio.run(_prepare_database(settings))
     context = multiprocessing.get_context("fork")
     workers = [
         context.Process(target=_worker, args=(settings,), name=f"llm-proxy-worker-{n}")
@@ -141,7 +151,9 @@ def serve_workers(settings: Settings) -> int:
     for worker in workers:
         worker.join()
     failed = sum(1 for w in workers if w.exitcode)
-    log.info("server.workers_stopped", workers=len(workers), failed=failed)
+    log.info(
+        "server.workers_stopped", workers=len(workers), exit_codes=[w.exitcode for w in workers]
+    )
     return 1 if failed else 0
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-EventBusKind = Literal["memory", "redis"]
+# "none" emits no events at all: for benchmarks that measure what publishing costs.
+EventBusKind = Literal["memory", "redis", "none"]
 LogFormat = Literal["console", "json"]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 

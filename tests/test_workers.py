@@ -31,7 +31,8 @@ def workers(tmp_path: Path, upstream: MockUpstream) -> Iterator[ServerProcess]:
     config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
     server = start_server(tmp_path / "data", config, tmp_path, WORKERS="2")
     yield server
-    assert server.stop(timeout=10) == 0
+    code = server.stop(timeout=10)
+    assert code == 0, server.process.stderr[-3000:]
 
 
 def test_quota_and_revocation_hold_across_worker_processes(workers: ServerProcess) -> None:
