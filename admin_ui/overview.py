@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +33,10 @@ async def dashboard(request: web.Request) -> web.Response:
     projects = await ops.list_projects()
     tokens = await ops.list_tokens()
     events, _ = await ops.audit_log(AuditFilter(), 1, 8)
+    usage = [
+        ("hour", "Last hour", await ops.usage_since(now - timedelta(hours=1))),
+        ("day", "Last 24 hours", await ops.usage_since(now - timedelta(hours=24))),
+    ]
     recent = sorted(
         (t for t in tokens if t.last_used_at is not None),
         key=lambda t: t.last_used_at or now,
@@ -46,9 +51,7 @@ async def dashboard(request: web.Request) -> web.Response:
         "recent_tokens": recent,
         "names": {p.id: p.name for p in projects},
         "events": events,
-        # Usage aggregates (issue 5, item 2) go here, as label → value (requests and model tokens
-        # in the last hour and day, errors); the template shows them as tiles when this is set.
-        "usage": None,
+        "usage": usage,
     }
     return render(request, "dashboard.html", context)
 

@@ -54,7 +54,13 @@ async def project_detail(request: web.Request) -> web.Response:
     return render(
         request,
         "project_detail.html",
-        {"project": project, "tokens": tokens, "counts": counts},
+        {
+            "project": project,
+            "tokens": tokens,
+            "counts": counts,
+            "usage": await ops.project_usage(project.id),
+            "token_usage": await ops.project_token_usage(project.id),
+        },
     )
 
 

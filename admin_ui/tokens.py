@@ -116,12 +116,14 @@ async def token_list(request: web.Request) -> web.Response:
 async def _token_page(
     request: web.Request, token: Token, error: InvalidField | None = None, quota: str = ""
 ) -> web.Response:
+    ops = operations(request)
     # Tokens go with their project (ON DELETE CASCADE), so a token always has one.
-    project = await operations(request).get_project(token.project_id)
+    project = await ops.get_project(token.project_id)
+    usage = await ops.token_usage(token.id)
     return render(
         request,
         "token_detail.html",
-        {"token": token, "project": project, "error": error, "quota": quota},
+        {"token": token, "project": project, "usage": usage, "error": error, "quota": quota},
         status=400 if error else 200,
     )
 

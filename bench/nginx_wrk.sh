@@ -34,7 +34,7 @@ http {
   server {
     listen 127.0.0.1:$UP;
     location /v1/chat/completions { default_type application/json; return 200 '$ANSWER'; }
-    location /v1/stream { default_type text/event-stream; return 200 "$STREAM"; }
+    location /v1/stream { default_type text/event-stream; return 200 '$STREAM'; }
   }
   upstream up { server 127.0.0.1:$UP; keepalive 128; }
   server {

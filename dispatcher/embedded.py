@@ -1,12 +1,24 @@
-"""A file dispatcher inside the server process, for ``llm-proxy server --file-event-log PATH``."""
+"""Dispatchers inside the server process: the usage aggregates always, a file log on request
+(``llm-proxy server --file-event-log PATH``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from dispatcher.backends import Backend
 from dispatcher.backends.file import FileBackend
+from dispatcher.backends.usage import UsageBackend
 from dispatcher.worker import Worker, WorkerSettings
 from llm_proxy.events.pipeline import EventPipeline
+from llm_proxy.store import Store
+
+
+async def _start(pipeline: EventPipeline, backend: Backend, settings: WorkerSettings) -> Worker:
+    worker = Worker(pipeline.bus, backend, settings)
+    await worker.open()
+    worker.start()
+    pipeline.attach(worker)
+    return worker
 
 
 async def start_file_event_log(
@@ -24,8 +36,8 @@ async def start_file_event_log(
     :class:`~dispatcher.worker.BackendStartError` if the file cannot be opened. ``pipeline.close()``
     stops it after the pipeline's queue drained, letting it write what the bus still holds.
     """
-    worker = Worker(
-        pipeline.bus,
+    return await _start(
+        pipeline,
         FileBackend(path, max_bytes=max_bytes, backups=backups),
         WorkerSettings(
             service="file",
@@ -35,7 +47,30 @@ async def start_file_event_log(
             drain_timeout=drain_timeout,
         ),
     )
-    await worker.open()
-    worker.start()
-    pipeline.attach(worker)
-    return worker
+
+
+async def start_usage_aggregation(
+    pipeline: EventPipeline, store: Store, *, data_dir: Path, drain_timeout: float = 10.0
+) -> Worker:
+    """Keep the usage aggregates of ``store`` up to date from ``pipeline``'s bus.
+
+    On a Redis bus every server process joins the one ``usage`` consumer group, so each event is
+    counted by one of them (at least once: a process that dies between writing a batch and
+    acknowledging it leaves the batch to be counted again). ``pipeline.close()`` stops it, before
+    the store is closed, once what the bus still holds was counted.
+    """
+    return await _start(
+        pipeline,
+        UsageBackend(store),
+        WorkerSettings(
+            service="usage",
+            dead_letter_path=data_dir / "dead-letter-usage.jsonl",
+            batch_size=500,  # a batch folds into one row per token and hour: bigger is cheaper
+            batch_wait=0.2,  # figures a fraction of a second behind, at one write per batch
+            # A drain at shutdown waits out the read in hand, and every server drains this worker:
+            # in memory an idle wake-up is only a timer, so keep it short; on Redis it is a
+            # blocking read.
+            poll=0.05 if pipeline.bus.kind == "memory" else 0.5,
+            drain_timeout=drain_timeout,
+        ),
+    )

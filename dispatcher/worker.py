@@ -211,7 +211,10 @@ class Worker:
     async def _collect(self, subscription: Subscription) -> list[Delivery]:
         """A batch: the first events within ``poll``, then more until full or ``batch_wait``."""
         size = self.settings.batch_size
-        batch = await self._read(subscription, size, self.settings.poll)
+        # Draining an in-process bus: its publisher finished first, so all there is has been
+        # queued and an empty read means done, without waiting ``poll`` to be sure.
+        poll = 0.0 if self._draining and self.bus.kind == "memory" else self.settings.poll
+        batch = await self._read(subscription, size, poll)
         if not batch or len(batch) >= size:
             return batch
         loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 
 from admin_ui import admin_app
-from dispatcher.embedded import start_file_event_log
+from dispatcher.embedded import start_file_event_log, start_usage_aggregation
 from llm_proxy import __version__
 from llm_proxy.api_config import ApiConfig, load_api_config
 from llm_proxy.authority import TokenAuthority
@@ -71,6 +71,7 @@ COMPONENTS = web.AppKey("components", Components)
 
 
 def events_config(settings: Settings) -> EventsConfig:
+    assert settings.event_bus != "none"
     return EventsConfig(
         bus=settings.event_bus,
         redis_url=settings.redis_url,
@@ -162,8 +163,9 @@ async def create_app(
         cipher = KeyCipher(settings.encryption_key)
         authority = TokenAuthority(store, cipher, cache_seconds=settings.token_cache_seconds)
         await authority.start()
-        if sink is None:
+        if sink is None and settings.event_bus != "none":
             pipeline = await start_event_pipeline(events_config(settings))
+            await start_usage_aggregation(pipeline, store, data_dir=settings.data_dir)
             if settings.file_event_log is not None:
                 await start_file_event_log(
                     pipeline, settings.file_event_log, data_dir=settings.data_dir

@@ -116,8 +116,10 @@ async def list_projects(request: web.Request) -> web.Response:
 
 
 async def get_project(request: web.Request) -> web.Response:
-    project = await _ops(request).get_project(request.match_info["project_id"])
-    return json_response(project.to_api())
+    ops = _ops(request)
+    project = await ops.get_project(request.match_info["project_id"])
+    usage = await ops.project_usage(project.id)
+    return json_response({**project.to_api(), "usage": usage.to_api()})
 
 
 async def update_project(request: web.Request) -> web.Response:
@@ -200,8 +202,10 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 
 async def get_token(request: web.Request) -> web.Response:
-    token = await _ops(request).get_token(request.match_info["token_id"])
-    return json_response(token.to_api())
+    ops = _ops(request)
+    token = await ops.get_token(request.match_info["token_id"])
+    usage = await ops.token_usage(token.id)
+    return json_response({**token.to_api(), "usage": usage.to_api()})
 
 
 async def update_token(request: web.Request) -> web.Response:

@@ -151,3 +151,48 @@ class UsageDelta:
     token_id: str
     requests: int
     last_used_at: datetime
+
+
+def hour_start(moment: datetime) -> datetime:
+    """The start of the UTC clock hour holding ``moment``: the bucket of the usage aggregates."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRollup:
+    """One token's recorded traffic in one clock hour, folded from a batch of events.
+
+    The store adds it to what the row already holds, so batches (and processes) may overlap.
+    """
+
+    token_id: str
+    project_id: str
+    hour: datetime
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    errors: int
+    last_used_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Usage aggregates summed over a token, a project or a time window."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    errors: int = 0
+    last_used_at: datetime | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "errors": self.errors,
+            "last_used_at": isoformat(self.last_used_at),
+        }

@@ -41,6 +41,30 @@ _TS_NULL = {"type": ["string", "null"], "format": "date-time"}
 _AUTH_ERRORS = {"401": _error("Missing or wrong management token")}
 _NO_CONTENT = {"description": "Done"}
 
+_USAGE = {
+    "type": "object",
+    "description": (
+        "Usage aggregates, counted from the instrumentation events shortly after each request"
+        " (not the quota counter request_count). Only in the answer of GET by id."
+    ),
+    "required": [
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "errors",
+        "last_used_at",
+    ],
+    "properties": {
+        "requests": {"type": "integer"},
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+        "errors": {"type": "integer", "description": "Answered with an error or a 4xx/5xx status"},
+        "last_used_at": _TS_NULL,
+    },
+}
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -69,6 +93,7 @@ _SCHEMAS: dict[str, Any] = {
             "api_key": {"type": "string", "description": "Masked, e.g. sk-ab…wxyz"},
             "created_at": _TS,
             "updated_at": _TS,
+            "usage": _ref("Usage"),
         },
     },
     "ProjectCreate": {
@@ -117,6 +142,7 @@ _SCHEMAS: dict[str, Any] = {
             "created_at": _TS,
             "last_used_at": _TS_NULL,
             "revoked_at": _TS_NULL,
+            "usage": _ref("Usage"),
         },
     },
     "TokenCreate": {
@@ -150,6 +176,7 @@ _SCHEMAS: dict[str, Any] = {
             "max_requests": {"type": ["integer", "null"], "minimum": 1},
         },
     },
+    "Usage": _USAGE,
     "AuditPage": {
         "type": "object",
         "required": ["events", "pagination"],
@@ -193,7 +220,7 @@ def openapi_document() -> dict[str, Any]:
         "/manage/projects/{project_id}": {
             "parameters": project_id,
             "get": {
-                "summary": "Get a project",
+                "summary": "Get a project with its usage aggregates",
                 "responses": {
                     "200": _json(_ref("Project"), "Project"),
                     **not_found,
@@ -261,7 +288,7 @@ def openapi_document() -> dict[str, Any]:
         "/manage/tokens/{token_id}": {
             "parameters": token_id,
             "get": {
-                "summary": "Get a token",
+                "summary": "Get a token with its usage aggregates",
                 "responses": {"200": _json(_ref("Token"), "Token"), **not_found, **_AUTH_ERRORS},
             },
             "patch": {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from llm_proxy import errors
@@ -21,6 +21,8 @@ from llm_proxy.models import (
     Project,
     RevokeCounts,
     Token,
+    UsageTotals,
+    hour_start,
     utcnow,
 )
 from llm_proxy.store import Store
@@ -54,6 +56,14 @@ class Actor:
             request_id=self.request_id,
             client_ip=self.client_ip,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageWindow:
+    """Usage since ``since``: the start of a clock hour, the granularity of the aggregates."""
+
+    since: datetime
+    totals: UsageTotals
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +268,25 @@ class Operations:
         if token_id is None:
             raise errors.TokenIdNotFound("No token with that value.")
         return await self.revoke_token(actor, token_id)
+
+    # -- usage aggregates ----------------------------------------------------------------------
+    # Counted from the events, off the request path: a request shows up here a fraction of a
+    # second after it was answered. ``request_count`` of a token is its quota counter, not this.
+
+    async def token_usage(self, token_id: str) -> UsageTotals:
+        return await self.store.token_usage(token_id)
+
+    async def project_usage(self, project_id: str) -> UsageTotals:
+        return await self.store.project_usage(project_id)
+
+    async def project_token_usage(self, project_id: str) -> dict[str, UsageTotals]:
+        return await self.store.project_token_usage(project_id)
+
+    async def usage_since(self, since: datetime) -> UsageWindow:
+        """All usage from the clock hour holding ``since`` on: "the last hour" seen at 14:20 is
+        what happened since 13:00."""
+        start = hour_start(since)
+        return UsageWindow(start, await self.store.usage_since(start))
 
     # -- audit ---------------------------------------------------------------------------------
 

@@ -109,3 +109,14 @@ async def test_requests_succeed_and_events_arrive_across_a_redis_outage(
     assert statuses == [200] * 30
     events = await wait_for_lines(log, 30, timeout=20)
     assert len({e["request_id"] for e in events}) == 30
+
+
+async def test_event_bus_none_emits_nothing_and_still_serves(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log, event_bus="none")
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+    assert proxy.components.pipeline is None
+    assert not log.exists()

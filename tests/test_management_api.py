@@ -38,7 +38,8 @@ async def test_project_lifecycle_masks_the_upstream_key(proxy: Proxy) -> None:
     status, listed = await proxy.manage("GET", "/projects")
     assert status == 200 and [p["id"] for p in listed] == [project_id]
     status, fetched = await proxy.manage("GET", f"/projects/{project_id}")
-    assert fetched == created
+    assert fetched == {**created, "usage": fetched["usage"]}
+    assert fetched["usage"]["requests"] == 0 and fetched["usage"]["last_used_at"] is None
 
     status, updated = await proxy.manage(
         "PATCH", f"/projects/{project_id}", {"name": "beta", "api_key": "sk-new-key-0000abcd"}

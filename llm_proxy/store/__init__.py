@@ -15,6 +15,8 @@ from llm_proxy.models import (
     Token,
     TokenGrant,
     UsageDelta,
+    UsageRollup,
+    UsageTotals,
 )
 
 
@@ -53,6 +55,21 @@ class Store(Protocol):
         ...
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
+
+    # Usage aggregates, written off the request path by the usage dispatcher
+    async def add_usage_rollup(self, rows: Sequence[UsageRollup]) -> None:
+        """Add each row to its (token, hour) aggregate, all in one transaction."""
+        ...
+
+    async def token_usage(self, token_id: str) -> UsageTotals: ...
+    async def project_usage(self, project_id: str) -> UsageTotals: ...
+    async def project_token_usage(self, project_id: str) -> dict[str, UsageTotals]:
+        """Usage of each token of a project that has any, by token id (one grouped query)."""
+        ...
+
+    async def usage_since(self, since: datetime) -> UsageTotals:
+        """All usage from the start of the clock hour holding ``since`` on."""
+        ...
 
     # Change feed: how other processes learn that a cached token went stale.
     async def latest_change(self) -> int: ...

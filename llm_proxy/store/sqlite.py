@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -22,6 +22,9 @@ from llm_proxy.models import (
     Token,
     TokenGrant,
     UsageDelta,
+    UsageRollup,
+    UsageTotals,
+    hour_start,
     utcnow,
 )
 from llm_proxy.store.migrations import migration_scripts
@@ -70,6 +73,27 @@ def _project(row: aiosqlite.Row) -> Project:
         updated_at=_parse_ts(row["updated_at"]) or utcnow(),
         api_key_masked=row["api_key_masked"],
         api_key_encrypted=row["api_key_encrypted"],
+    )
+
+
+_USAGE_SUMS = (
+    "COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
+    " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
+    " COALESCE(SUM(total_tokens), 0) AS total_tokens, COALESCE(SUM(errors), 0) AS errors,"
+    " MAX(last_used_at) AS last_used_at"
+)
+
+
+def _usage(row: aiosqlite.Row | None) -> UsageTotals:
+    if row is None:
+        return UsageTotals()
+    return UsageTotals(
+        requests=row["requests"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        total_tokens=row["total_tokens"],
+        errors=row["errors"],
+        last_used_at=_parse_ts(row["last_used_at"]),
     )
 
 
@@ -128,14 +152,33 @@ class SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are opened explicitly by the write decorator.
         db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = aiosqlite.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=5000")
-        store = cls(db)
-        await store._migrate()
+        try:
+            db.row_factory = aiosqlite.Row
+            await db.execute("PRAGMA busy_timeout=5000")
+            store = cls(db)
+            # Switching to WAL and migrating take locks that SQLite's busy handler does not wait
+            # for when several processes start at once: retry them for a bounded time.
+            await store._retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await store._retry_locked(store._migrate)
+        except BaseException:
+            await db.close()
+            raise
         return store
+
+    async def _retry_locked(self, operation: Callable[[], Awaitable[Any]]) -> None:
+        delay = 0.001
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                await operation()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def _migrate(self) -> None:
         await self._db.execute(
@@ -159,18 +202,8 @@ class SqliteStore:
 
     async def _begin_immediate(self) -> None:
         # SQLite's busy handler is skipped in some WAL lock races (another process checkpointing or
-        # starting up), so "database is locked" can come back at once; retry for a bounded time.
-        delay = 0.001
-        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
-        while True:
-            try:
-                await self._db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        # starting up), so "database is locked" can come back at once.
+        await self._retry_locked(lambda: self._db.execute("BEGIN IMMEDIATE"))
 
     async def close(self) -> None:
         await self._db.close()
@@ -382,6 +415,68 @@ class SqliteStore:
             "UPDATE tokens SET request_count = request_count + ?,"
             " last_used_at = MAX(COALESCE(last_used_at, ''), ?) WHERE id = ?",
             [(d.requests, _ts(d.last_used_at), d.token_id) for d in deltas],
+        )
+
+    # -- usage aggregates ----------------------------------------------------------------------
+
+    @_writes
+    async def add_usage_rollup(self, rows: Sequence[UsageRollup]) -> None:
+        if not rows:
+            return
+        await self._db.executemany(
+            "INSERT INTO usage_hourly (token_id, project_id, hour, requests, prompt_tokens,"
+            " completion_tokens, total_tokens, errors, last_used_at) VALUES (?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (token_id, hour) DO UPDATE SET"
+            " requests = requests + excluded.requests,"
+            " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+            " completion_tokens = completion_tokens + excluded.completion_tokens,"
+            " total_tokens = total_tokens + excluded.total_tokens,"
+            " errors = errors + excluded.errors,"
+            " last_used_at = MAX(last_used_at, excluded.last_used_at)",
+            [
+                (
+                    r.token_id,
+                    r.project_id,
+                    _ts(hour_start(r.hour)),
+                    r.requests,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.total_tokens,
+                    r.errors,
+                    _ts(r.last_used_at),
+                )
+                for r in rows
+            ],
+        )
+
+    async def token_usage(self, token_id: str) -> UsageTotals:
+        return _usage(
+            await self._one(
+                f"SELECT {_USAGE_SUMS} FROM usage_hourly WHERE token_id = ?", (token_id,)
+            )
+        )
+
+    async def project_usage(self, project_id: str) -> UsageTotals:
+        return _usage(
+            await self._one(
+                f"SELECT {_USAGE_SUMS} FROM usage_hourly WHERE project_id = ?", (project_id,)
+            )
+        )
+
+    async def project_token_usage(self, project_id: str) -> dict[str, UsageTotals]:
+        rows = await self._all(
+            f"SELECT token_id, {_USAGE_SUMS} FROM usage_hourly WHERE project_id = ?"
+            " GROUP BY token_id",
+            (project_id,),
+        )
+        return {row["token_id"]: _usage(row) for row in rows}
+
+    async def usage_since(self, since: datetime) -> UsageTotals:
+        return _usage(
+            await self._one(
+                f"SELECT {_USAGE_SUMS} FROM usage_hourly WHERE hour >= ?",
+                (_ts(hour_start(since)),),
+            )
         )
 
     async def latest_change(self) -> int:
