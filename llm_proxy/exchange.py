@@ -9,7 +9,7 @@ tokens, building the instrumentation event) happens later, off the request path,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class CappedBuffer:
@@ -36,6 +36,14 @@ class CappedBuffer:
 
     def getvalue(self) -> bytes:
         return b"".join(self.chunks)
+
+    @classmethod
+    def of(cls, data: bytes, limit: int, truncated: bool) -> CappedBuffer:
+        buffer = cls(limit)
+        buffer.chunks = [data] if data else []
+        buffer.size = len(data)
+        buffer.truncated = truncated
+        return buffer
 
 
 @dataclass(slots=True, eq=False)
@@ -68,6 +76,34 @@ class Exchange:
     @property
     def is_stream(self) -> bool:
         return self.response_content_type.startswith("text/event-stream")
+
+    def to_wire(self) -> tuple[object, ...]:
+        """Plain values for sending to another process: pickling the dataclass and its buffers
+        field by field cost several times more than the event build itself."""
+        req, resp = self.request_body, self.response_body
+        return (
+            self.request_id, self.started_at, self.started, self.method, self.path,
+            self.project_id, self.token_id,
+            req.getvalue(), req.limit, req.truncated,
+            resp.getvalue(), resp.limit, resp.truncated,
+            self.status, self.response_content_type, self.response_content_encoding,
+            self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
+            self.error, self.client_disconnected, self.usage_injected,
+        )  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, wire: tuple[Any, ...]) -> Exchange:
+        (
+            request_id, started_at, started, method, path, project_id, token_id,
+            req, req_limit, req_truncated, resp, resp_limit, resp_truncated,
+            *rest,
+        ) = wire  # fmt: skip
+        return cls(
+            request_id, started_at, started, method, path, project_id, token_id,
+            CappedBuffer.of(req, req_limit, req_truncated),
+            CappedBuffer.of(resp, resp_limit, resp_truncated),
+            *rest,
+        )  # fmt: skip
 
 
 class ExchangeSink(Protocol):

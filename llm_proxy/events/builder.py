@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from llm_proxy.events import bodies, sse, usage
 from llm_proxy.events.event import Event, rfc3339
@@ -76,6 +77,13 @@ def _model(body: object) -> str | None:
 class Built:
     events: list[Event] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # request id, error
+
+
+def build_wire_batch(
+    wires: Sequence[tuple[Any, ...]], build_one: Callable[[Exchange], Event] = build
+) -> Built:
+    """:func:`build_batch` for exchanges sent as :meth:`Exchange.to_wire` tuples."""
+    return build_batch([Exchange.from_wire(wire) for wire in wires], build_one)
 
 
 def build_batch(

@@ -12,7 +12,6 @@ unwelcome.)
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import multiprocessing
 import signal
 from collections import deque
@@ -54,11 +53,6 @@ def _executor(build_in: BuildIn) -> Executor:
             max_workers=1, mp_context=context, initializer=_ignore_shutdown_signals
         )
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
-
-
-def _portable(exchange: Exchange) -> Exchange:
-    # ``extra`` is the proxy's scratch space and may hold anything; events never read it.
-    return dataclasses.replace(exchange, extra={}) if exchange.extra else exchange
 
 
 class EventPipeline:
@@ -145,7 +139,10 @@ class EventPipeline:
 
     async def _build_events(self, batch: list[Exchange]) -> list[Event]:
         loop = asyncio.get_running_loop()
-        work = partial(builder.build_batch, [_portable(e) for e in batch], self._build)
+        if self._build_in == "process":
+            work = partial(builder.build_wire_batch, [e.to_wire() for e in batch], self._build)
+        else:
+            work = partial(builder.build_batch, batch, self._build)
         try:
             built = await loop.run_in_executor(self._executor, work)
         except BrokenProcessPool:
