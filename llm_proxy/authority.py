@@ -193,9 +193,6 @@ class TokenAuthority:
         for digest in stale:
             del self._by_hash[digest]
 
-    def forget_unknown(self) -> None:
-        self._unknown.clear()
-
     async def poll_changes(self) -> int:
         """Evict what other processes changed since the last poll; returns how many changes."""
         cursor, changes = await self._store.changes_since(self._change_cursor)

@@ -19,7 +19,6 @@ _TYPE_BY_STATUS = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
-    415: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
     503: "server_error",
@@ -87,7 +86,6 @@ TokenIdNotFound = _error(404, "token_not_found")
 NotFound = _error(404, "not_found")
 InvalidRequest = _error(400, "invalid_request")
 InvalidJson = _error(400, "invalid_json")
-UnsupportedMediaType = _error(415, "unsupported_media_type")
 ManagementMethodNotAllowed = _error(405, "method_not_allowed")
 
 

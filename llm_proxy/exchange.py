@@ -8,7 +8,7 @@ tokens, building the instrumentation event) happens later, off the request path,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -68,10 +68,8 @@ class Exchange:
     ended: float = 0.0  # perf_counter when the response ended (or failed)
     error: str | None = None  # an error ``code`` when the proxy answered with an error or aborted
     client_disconnected: bool = False
-    usage_injected: bool = (
-        False  # the proxy asked upstream for stream usage the client did not ask for
-    )
-    extra: dict[str, object] = field(default_factory=dict)
+    # The proxy asked upstream for stream usage the client did not ask for.
+    usage_injected: bool = False
 
     @property
     def is_stream(self) -> bool:

@@ -493,10 +493,6 @@ class SqliteStore:
 
     # -- audit ---------------------------------------------------------------------------------
 
-    @_writes
-    async def add_audit(self, entry: AuditEntry) -> None:
-        await self._audit(entry)
-
     async def list_audit(
         self, filters: AuditFilter, page: int, page_size: int
     ) -> tuple[list[AuditEvent], int]:

@@ -158,7 +158,6 @@ async def test_a_dead_builder_process_is_replaced() -> None:
             break
         await asyncio.sleep(0.02)
     survivor = exchange(request={}, response=b"")
-    survivor.extra["proxy_scratch"] = object()  # not picklable: must not be sent to the builder
     pipeline.submit(survivor)
     got = await subscription.read(1, 10.0)
     await pipeline.close()
