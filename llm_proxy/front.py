@@ -33,7 +33,8 @@ log = structlog.get_logger(__name__)
 # Paths served by the aiohttp application, matched on segment boundaries.
 AIOHTTP_PREFIXES = ("/manage", "/admin", "/health", "/ready", "/metrics")
 MAX_HEAD_BYTES = 64 * 1024
-KEEPALIVE_SECONDS = 75.0
+KEEPALIVE_SECONDS = 75.0  # an idle keep-alive connection is closed after this long
+HEAD_TIMEOUT_SECONDS = 30.0  # a request head must arrive whole within this (slow-header clients)
 _BODY_HIGH_WATER = 1024 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -231,6 +232,7 @@ class FrontProtocol(asyncio.Protocol):
         # When the connection became idle (0: busy); swept by FrontSite rather than given a timer
         # per request, which would cost every request a timer allocation and cancellation.
         self.idle_since = 0.0
+        self.head_since = 0.0  # when the request head now arriving began (0: none pending)
         self._drain_waiter: asyncio.Future[None] | None = None
         self.keep_alive = True
         self.write_paused = False
@@ -289,6 +291,7 @@ class FrontProtocol(asyncio.Protocol):
     _handing_off = False
 
     def on_message_begin(self) -> None:
+        self.head_since = time.monotonic()
         self._message_done = False
         self._url = b""
         self._headers = []
@@ -313,6 +316,7 @@ class FrontProtocol(asyncio.Protocol):
             raise _StopParsing
 
     def on_headers_complete(self) -> None:
+        self.head_since = 0.0
         target = self._url.decode("latin-1")
         raw = self._raw
         self._raw = None
@@ -468,7 +472,15 @@ async def _answer_error(writer: _Writer, status: int, message: str, code: str) -
 class FrontSite(web.BaseSite):
     """An aiohttp site whose connections start on :class:`FrontProtocol`."""
 
-    __slots__ = ("_connections", "_grace", "_handler", "_sock", "_sweeper")
+    __slots__ = (
+        "_connections",
+        "_grace",
+        "_handler",
+        "_head_timeout",
+        "_keepalive",
+        "_sock",
+        "_sweeper",
+    )
 
     def __init__(
         self,
@@ -477,9 +489,13 @@ class FrontSite(web.BaseSite):
         handler: ProxyHandler,
         *,
         grace_seconds: float = 10.0,
+        keepalive_seconds: float = KEEPALIVE_SECONDS,
+        head_timeout_seconds: float = HEAD_TIMEOUT_SECONDS,
     ) -> None:
         super().__init__(runner)
         self._grace = grace_seconds
+        self._keepalive = keepalive_seconds
+        self._head_timeout = head_timeout_seconds
         self._sock = sock
         self._sweeper: asyncio.Task[None] | None = None
         self._handler = handler
@@ -491,11 +507,13 @@ class FrontSite(web.BaseSite):
         return f"http://{host}:{port}"
 
     async def _sweep_idle(self) -> None:
+        """Close connections idle past the keep-alive time, or stuck sending a request head."""
         while True:
-            await asyncio.sleep(KEEPALIVE_SECONDS / 5)
-            cutoff = time.monotonic() - KEEPALIVE_SECONDS
+            await asyncio.sleep(min(self._keepalive, self._head_timeout) / 5)
+            now = time.monotonic()
+            idle_cutoff, head_cutoff = now - self._keepalive, now - self._head_timeout
             for conn in list(self._connections):
-                if 0.0 < conn.idle_since < cutoff:
+                if 0.0 < conn.idle_since < idle_cutoff or 0.0 < conn.head_since < head_cutoff:
                     conn.close()
 
     async def start(self) -> None:

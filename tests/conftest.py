@@ -143,9 +143,10 @@ async def upstream_server() -> AsyncIterator[TestServer]:
 class FrontTestServer(BaseTestServer):
     """The application served the way ``llm-proxy server`` serves it: through the front door."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, **site_options: float) -> None:
         super().__init__()
         self.app = app
+        self.site_options = site_options
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
         return web.AppRunner(self.app, access_log=None, **kwargs)
@@ -160,7 +161,8 @@ class FrontTestServer(BaseTestServer):
         self.scheme = "http"
         proxy = self.app[COMPONENTS].proxy
         assert proxy is not None
-        await FrontSite(self.runner, sock, proxy, grace_seconds=1.0).start()
+        options = {"grace_seconds": 1.0, **self.site_options}
+        await FrontSite(self.runner, sock, proxy, **options).start()
         self._root = URL(f"http://127.0.0.1:{self.port}")
 
 
@@ -168,11 +170,14 @@ async def start_proxy(
     tmp_path: Path, upstream_server: TestServer, **overrides: Any
 ) -> tuple[TestClient[web.Request, web.Application], web.Application]:
     api_overrides = overrides.pop("api", {})
+    site_options = overrides.pop("site", {})
     settings = make_settings(tmp_path, **overrides)
     base_url = api_overrides.pop("base_url", str(upstream_server.make_url("")).rstrip("/"))
     api_config = provider_config(base_url, **api_overrides)
     app = await create_app(settings, api_config=api_config)
-    client: TestClient[web.Request, web.Application] = TestClient(FrontTestServer(app))
+    client: TestClient[web.Request, web.Application] = TestClient(
+        FrontTestServer(app, **site_options)
+    )
     await client.start_server()
     return client, app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -184,3 +185,18 @@ async def test_streams_reach_the_client_with_chunked_framing(proxy: Proxy, conn:
     status, headers, body = await read_response(reader)
     assert status == 200 and headers["transfer-encoding"] == "chunked"
     assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
+
+
+async def test_idle_and_slow_header_connections_are_closed(proxy_factory: Any) -> None:
+    proxy: Proxy = await proxy_factory(site={"keepalive_seconds": 0.3, "head_timeout_seconds": 0.3})
+    token = await proxy.token()
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    idle_writer.write(request("GET", "/v1/models", token))
+    assert (await read_response(idle_reader))[0] == 200
+    slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    slow_writer.write(b"GET /v1/models HTTP/1.1\r\nHost: t\r\n")  # never finishes its head
+    # Both are closed by the server within a few sweeps; the reads end without data.
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+    assert await asyncio.wait_for(slow_reader.read(), 5) == b""
+    idle_writer.close()
+    slow_writer.close()
