@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import pickle
 import signal
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Protocol
 
+import orjson
 import structlog
 
 from llm_proxy.events import builder, metrics
@@ -139,12 +141,20 @@ class EventPipeline:
 
     async def _build_events(self, batch: list[Exchange]) -> list[Event]:
         loop = asyncio.get_running_loop()
-        if self._build_in == "process":
-            work = partial(builder.build_wire_batch, [e.to_wire() for e in batch], self._build)
-        else:
-            work = partial(builder.build_batch, batch, self._build)
         try:
-            built = await loop.run_in_executor(self._executor, work)
+            if self._build_in == "process":
+                # Pack and unpack here, in the event loop's thread (see build_packed_batch).
+                packed = pickle.dumps(
+                    [e.to_wire() for e in batch], protocol=pickle.HIGHEST_PROTOCOL
+                )
+                work = partial(builder.build_packed_batch, packed, self._build)
+                events_json, failures = await loop.run_in_executor(self._executor, work)
+                events: list[Event] = orjson.loads(events_json)
+            else:
+                built = await loop.run_in_executor(
+                    self._executor, partial(builder.build_batch, batch, self._build)
+                )
+                events, failures = built.events, built.failures
         except BrokenProcessPool:
             # The worker process died (killed, out of memory): start a fresh one, lose this batch.
             log.error("event builder process died; restarting it", lost=len(batch))
@@ -152,12 +162,15 @@ class EventPipeline:
             self._executor.shutdown(wait=False)
             self._executor = _executor(self._build_in)
             return []
-        for request_id, error in built.failures:
+        for request_id, error in failures:
             log.error("event build failed", request_id=request_id, error=error)
             metrics.DROPPED.labels("build_failed").inc()
-        for event in built.events:
-            metrics.USAGE.labels(event["usage"]["source"] if event["usage"] else "none").inc()
-        return built.events
+        sources = Counter(
+            event["usage"]["source"] if event["usage"] else "none" for event in events
+        )
+        for source, count in sources.items():
+            metrics.USAGE.labels(source).inc(count)
+        return events
 
     async def close(self) -> None:
         """Drain the queue into the bus (bounded by ``close_timeout``), then close what is attached
