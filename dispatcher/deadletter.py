@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 
 from llm_proxy.events.event import Event, rfc3339
+from llm_proxy.private_files import owner_only
 
 
 class DeadLetterFile:
@@ -32,7 +33,7 @@ class DeadLetterFile:
             for event, reason in failures
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as file:
+        with open(self.path, "ab", opener=owner_only) as file:
             file.write(data)
             file.flush()
             # Written before the bus entry is acknowledged: once acked, this line is the only copy.

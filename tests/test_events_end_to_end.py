@@ -120,3 +120,14 @@ async def test_event_bus_none_emits_nothing_and_still_serves(
     assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
     assert proxy.components.pipeline is None
     assert not log.exists()
+
+
+async def test_event_log_is_created_readable_by_its_owner_only(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+    await wait_for_lines(log, 1)
+    assert log.stat().st_mode & 0o777 == 0o600

@@ -16,6 +16,7 @@ from pathlib import Path
 from dispatcher.backends import BackendError, Rejection
 from llm_proxy.events import event as wire
 from llm_proxy.events.event import Event
+from llm_proxy.private_files import owner_only
 
 
 class FileBackend:
@@ -34,7 +35,7 @@ class FileBackend:
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Unbuffered: a failed write must not leave bytes in a buffer to resurface later.
-        self._file = io.FileIO(self.path, "ab")
+        self._file = io.FileIO(self.path, "ab", opener=owner_only)
         self._size = os.fstat(self._file.fileno()).st_size
 
     async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:

@@ -19,6 +19,7 @@ import structlog
 from llm_proxy.events import event as wire
 from llm_proxy.events import metrics
 from llm_proxy.events.event import Event
+from llm_proxy.private_files import owner_only
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +63,7 @@ class Spool:
 
     def append(self, events: Sequence[Event]) -> None:
         data = b"".join(wire.dumps(e) + b"\n" for e in events)
-        with self.path.open("ab") as file:
+        with open(self.path, "ab", opener=owner_only) as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())  # the spool exists for when things go wrong; make it stick
