@@ -19,13 +19,7 @@ from typing import Any
 import orjson
 
 from llm_proxy.exchange import CappedBuffer, Exchange
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.processes import free_port
 
 
 class RedisServer:
