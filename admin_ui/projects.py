@@ -79,6 +79,20 @@ def _project_form(
     )
 
 
+def _project_fields(form: forms.Form, *, key_required: bool) -> tuple[str, str, str]:
+    """Name, description and upstream key of a project form (the same checks as the API)."""
+    return (
+        forms.text(form, "name", required=True, max_length=200),
+        forms.text(form, "description", required=False, max_length=2000),
+        forms.text(form, "api_key", required=key_required, max_length=1000),
+    )
+
+
+def _shown_again(form: forms.Form) -> dict[str, str]:
+    # The upstream key is never put back into a page, even one re-rendered after a typo.
+    return {"name": form.get("name", ""), "description": form.get("description", "")}
+
+
 async def project_new(request: web.Request) -> web.Response:
     return _project_form(request, None, {"name": "", "description": ""})
 
@@ -86,12 +100,9 @@ async def project_new(request: web.Request) -> web.Response:
 async def project_create(request: web.Request) -> web.Response:
     form = await forms.read_form(request)
     try:
-        name = forms.text(form, "name", required=True, max_length=200)
-        description = forms.text(form, "description", required=False, max_length=2000)
-        api_key = forms.text(form, "api_key", required=True, max_length=1000)
+        name, description, api_key = _project_fields(form, key_required=True)
     except InvalidField as exc:
-        values = {"name": form.get("name", ""), "description": form.get("description", "")}
-        return _project_form(request, None, values, exc)
+        return _project_form(request, None, _shown_again(form), exc)
     project = await operations(request).create_project(
         actor(request), name=name, api_key=api_key, description=description
     )
@@ -110,12 +121,9 @@ async def project_update(request: web.Request) -> web.Response:
     project = await ops.get_project(request.match_info["project_id"])
     form = await forms.read_form(request)
     try:
-        name = forms.text(form, "name", required=True, max_length=200)
-        description = forms.text(form, "description", required=False, max_length=2000)
-        api_key = forms.text(form, "api_key", required=False, max_length=1000)
+        name, description, api_key = _project_fields(form, key_required=False)
     except InvalidField as exc:
-        values = {"name": form.get("name", ""), "description": form.get("description", "")}
-        return _project_form(request, project, values, exc)
+        return _project_form(request, project, _shown_again(form), exc)
     # Only what differs is sent, so the audit entry names exactly what changed.
     new_name = name if name != project.name else None
     new_description = description if description != project.description else None

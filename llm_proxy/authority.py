@@ -60,8 +60,6 @@ class TokenAuthority:
         self._loading: dict[str, asyncio.Future[Grant | None]] = {}
         self._pending: dict[str, list[float]] = {}  # token_id → [requests, last_used epoch]
         self._change_cursor = 0
-        self.hits = 0
-        self.misses = 0
 
     async def start(self) -> None:
         self._change_cursor = await self._store.latest_change()
@@ -95,11 +93,9 @@ class TokenAuthority:
         grant = self._by_hash.get(digest)
         now = time.monotonic()
         if grant is None or now - grant.loaded_at > self._cache_seconds:
-            self.misses += 1
             STATS.cache_misses += 1
             grant = await self._load(digest, now)
         else:
-            self.hits += 1
             STATS.cache_hits += 1
         if not grant.is_active:
             raise errors.TokenInactive("This token has been revoked.")

@@ -36,7 +36,6 @@ class ProxyError(Exception):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
-        self.counted = False  # already recorded in the metrics by whoever saw it first
 
     @property
     def error_type(self) -> str:

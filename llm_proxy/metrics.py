@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -74,46 +74,50 @@ class ProxyStats:
 STATS = ProxyStats()
 
 
+def _counters(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    counts: Iterable[tuple[tuple[str, ...], int]],
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in sorted(counts):
+        family.add_metric(list(values), count)
+    return family
+
+
 class _ProxyCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = STATS
-        requests = CounterMetricFamily(
+        yield _counters(
             "llm_proxy_requests",
             "Requests on the proxy path by endpoint (the allowlist entry matched) and status class.",
-            labels=["endpoint", "status_class"],
+            ["endpoint", "status_class"],
+            s.requests.items(),
         )
-        for (endpoint, status_class), count in sorted(s.requests.items()):
-            requests.add_metric([endpoint, status_class], count)
-        yield requests
-        refused = CounterMetricFamily(
+        yield _counters(
             "llm_proxy_requests_refused",
             "Requests the proxy answered itself, by error code (path, token, quota, parameter).",
-            labels=["reason"],
+            ["reason"],
+            (((reason,), count) for reason, count in s.refused.items()),
         )
-        for reason, count in sorted(s.refused.items()):
-            refused.add_metric([reason], count)
-        yield refused
-        errors = CounterMetricFamily(
+        yield _counters(
             "llm_proxy_upstream_errors",
             "Upstream failures by kind: unavailable, timeout, or dropped mid-body.",
-            labels=["kind"],
+            ["kind"],
+            (((kind,), count) for kind, count in s.upstream_errors.items()),
         )
-        for kind, count in sorted(s.upstream_errors.items()):
-            errors.add_metric([kind], count)
-        yield errors
         yield CounterMetricFamily(
             "llm_proxy_client_disconnects",
             "Clients that went away before their response ended.",
             value=s.client_disconnects,
         )
-        cache = CounterMetricFamily(
+        yield _counters(
             "llm_proxy_token_cache_lookups",
             "Token admissions by cache result (hit: checked from memory; miss: from the store).",
-            labels=["result"],
+            ["result"],
+            [(("hit",), s.cache_hits), (("miss",), s.cache_misses)],
         )
-        cache.add_metric(["hit"], s.cache_hits)
-        cache.add_metric(["miss"], s.cache_misses)
-        yield cache
         yield s.upstream_latency.family(
             "llm_proxy_upstream_latency_seconds",
             "From sending the request upstream to its response head arriving.",

@@ -191,13 +191,43 @@ class ProxyHandler:
             reply_headers.append(("Access-Control-Allow-Origin", origin))
             reply_headers.append(("Vary", "Origin"))
         try:
-            await self._serve(request, writer, request_id, started, reply_headers)
+            admitted = await self._admit(request, writer, reply_headers)
         except errors.ProxyError as exc:
-            if not exc.counted:
-                self.metrics.refused(request.target.partition("?")[0], exc)
-            await self._answer(
-                writer, exc.status, exc.body(), [*reply_headers, *exc.headers.items()]
-            )
+            self.metrics.refused(request.target.partition("?")[0], exc)
+            return await self._answer_error(writer, exc, reply_headers)
+        if admitted is None:
+            return  # answered without going upstream (token info, CORS preflight)
+        path, query, grant = admitted
+        exchange = Exchange(
+            request_id=request_id,
+            started_at=time.time(),
+            started=started,
+            method=request.method,
+            path=path,
+            project_id=grant.project_id,
+            token_id=grant.token_id,
+            request_body=CappedBuffer(self.capture_bytes),
+            response_body=CappedBuffer(self.capture_bytes),
+        )
+        try:
+            await self._forward(request, writer, grant, exchange, path, query, reply_headers)
+        except errors.ProxyError as exc:
+            # Raised before the response began (a failure after it is handled in _relay).
+            exchange.error = exc.code
+            exchange.status = exc.status
+            await self._answer_error(writer, exc, reply_headers)
+        except asyncio.CancelledError:
+            exchange.client_disconnected = True
+            exchange.error = exchange.error or "client_disconnected"
+            raise
+        finally:
+            exchange.ended = time.perf_counter()
+            self.metrics.submit(exchange)
+
+    async def _answer_error(
+        self, writer: ResponseWriter, exc: errors.ProxyError, reply_headers: list[tuple[str, str]]
+    ) -> None:
+        await self._answer(writer, exc.status, exc.body(), [*reply_headers, *exc.headers.items()])
 
     async def _answer(
         self, writer: ResponseWriter, status: int, body: bytes, headers: list[tuple[str, str]]
@@ -208,20 +238,17 @@ class ProxyHandler:
         await writer.write(body)
         await writer.finish()
 
-    async def _serve(
-        self,
-        request: ProxyRequest,
-        writer: ResponseWriter,
-        request_id: str,
-        started: float,
-        reply_headers: list[tuple[str, str]],
-    ) -> None:
+    async def _admit(
+        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
+    ) -> tuple[str, str, Grant] | None:
+        """The SPEC §7 checks up to the token; None when the request was answered here."""
         provider = self.provider
         raw_path, _, query = request.target.partition("?")
         path = normalise_path(raw_path)
         method = request.method
         if path == self.token_info_path:
-            return await self._token_info(request, writer, reply_headers)
+            await self._token_info(request, writer, reply_headers)
+            return None
         if path is None or not provider.path_allowed(path):
             raise errors.EndpointNotFound(f"Endpoint {method} {raw_path} is not allowed.")
         if method not in provider.allowed_methods:
@@ -230,33 +257,10 @@ class ProxyHandler:
                 headers={"Allow": self._allow_header},
             )
         if method == "OPTIONS":
-            return await self._preflight(request, writer, reply_headers)
+            await self._preflight(request, writer, reply_headers)
+            return None
         grant = await self.authority.admit(request.headers.get("Authorization"))
-        exchange = Exchange(
-            request_id=request_id,
-            started_at=time.time(),
-            started=started,
-            method=method,
-            path=path,
-            project_id=grant.project_id,
-            token_id=grant.token_id,
-            request_body=CappedBuffer(self.capture_bytes),
-            response_body=CappedBuffer(self.capture_bytes),
-        )
-        try:
-            await self._forward(request, writer, grant, exchange, path, query, reply_headers)
-        except errors.ProxyError as exc:
-            exchange.error = exc.code
-            exchange.status = exc.status
-            exc.counted = True  # the exchange carries it to the metrics
-            raise
-        except asyncio.CancelledError:
-            exchange.client_disconnected = True
-            exchange.error = exchange.error or "client_disconnected"
-            raise
-        finally:
-            exchange.ended = time.perf_counter()
-            self.metrics.submit(exchange)
+        return path, query, grant
 
     async def _token_info(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]

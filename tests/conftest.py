@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
@@ -108,6 +109,10 @@ class Proxy:
 
     async def token(self, **kwargs: Any) -> str:
         return str((await self.issue_token(**kwargs))["token"])
+
+    def sdk(self, token: str) -> openai.AsyncOpenAI:
+        """The real OpenAI SDK pointed at this proxy with a withering token."""
+        return openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key=token, max_retries=0)
 
     @property
     def components(self) -> Any:

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import openai
-
 from tests.conftest import UPSTREAM_KEY, Proxy
 from tests.events.events_support import RedisServer
 
@@ -28,17 +26,13 @@ async def wait_for_lines(path: Path, count: int, timeout: float = 10.0) -> list[
         await asyncio.sleep(0.05)
 
 
-def sdk(proxy: Proxy, token: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url + "/v1", api_key=token, max_retries=0)
-
-
 async def test_every_request_writes_one_event_with_exact_usage(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
     log = tmp_path / "events.jsonl"
     proxy: Proxy = await proxy_factory(file_event_log=log)
     issued = await proxy.issue_token()
-    async with sdk(proxy, issued["token"]) as client:
+    async with proxy.sdk(issued["token"]) as client:
         await client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "one two three"}]
         )
@@ -75,7 +69,7 @@ async def test_a_client_that_asked_for_usage_gets_it_unchanged(
 ) -> None:
     log = tmp_path / "events.jsonl"
     proxy: Proxy = await proxy_factory(file_event_log=log)
-    async with sdk(proxy, await proxy.token()) as client:
+    async with proxy.sdk(await proxy.token()) as client:
         stream = await client.chat.completions.create(
             model="gpt-4o-mini",
             messages=[{"role": "user", "content": "hi"}],

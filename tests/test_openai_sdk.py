@@ -10,12 +10,8 @@ import pytest
 from tests.conftest import Proxy
 
 
-def sdk(proxy: Proxy, token: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url + "/v1", api_key=token, max_retries=0)
-
-
 async def test_chat_completion(proxy: Proxy) -> None:
-    async with sdk(proxy, await proxy.token()) as client:
+    async with proxy.sdk(await proxy.token()) as client:
         completion = await client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello"}]
         )
@@ -24,7 +20,7 @@ async def test_chat_completion(proxy: Proxy) -> None:
 
 
 async def test_streaming_chat_completion(proxy: Proxy) -> None:
-    async with sdk(proxy, await proxy.token()) as client:
+    async with proxy.sdk(await proxy.token()) as client:
         stream = await client.chat.completions.create(
             model="gpt-4o-mini",
             messages=[{"role": "user", "content": "Say hello"}],
@@ -35,7 +31,7 @@ async def test_streaming_chat_completion(proxy: Proxy) -> None:
 
 
 async def test_streaming_with_usage_requested_by_the_client(proxy: Proxy) -> None:
-    async with sdk(proxy, await proxy.token()) as client:
+    async with proxy.sdk(await proxy.token()) as client:
         stream = await client.chat.completions.create(
             model="gpt-4o-mini",
             messages=[{"role": "user", "content": "Say hello"}],
@@ -47,7 +43,7 @@ async def test_streaming_with_usage_requested_by_the_client(proxy: Proxy) -> Non
 
 
 async def test_embeddings_and_models(proxy: Proxy) -> None:
-    async with sdk(proxy, await proxy.token()) as client:
+    async with proxy.sdk(await proxy.token()) as client:
         embedding = await client.embeddings.create(model="text-embedding-3-small", input="hi")
         models = await client.models.list()
     assert len(embedding.data[0].embedding) > 0
@@ -78,9 +74,9 @@ async def test_refusals_map_to_sdk_exceptions_with_code(
         elif setup == "inactive_project":
             await proxy.manage("PATCH", f"/projects/{issued['project_id']}", {"is_active": False})
         elif setup == "quota":
-            async with sdk(proxy, token_value) as client:
+            async with proxy.sdk(token_value) as client:
                 await client.models.list()
-    async with sdk(proxy, token_value) as client:
+    async with proxy.sdk(token_value) as client:
         with pytest.raises(exception) as caught:
             await client.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
@@ -90,7 +86,7 @@ async def test_refusals_map_to_sdk_exceptions_with_code(
 
 
 async def test_disallowed_endpoint_is_not_found_error(proxy: Proxy) -> None:
-    async with sdk(proxy, await proxy.token()) as client:
+    async with proxy.sdk(await proxy.token()) as client:
         with pytest.raises(openai.NotFoundError) as caught:
             await client.post("/fine_tuning/jobs", cast_to=dict[str, Any], body={})
     assert caught.value.code == "endpoint_not_found"

@@ -30,10 +30,6 @@ ZERO = {
 }
 
 
-def sdk(proxy: Proxy, token: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url + "/v1", api_key=token, max_retries=0)
-
-
 async def wait_for_usage(
     proxy: Proxy, path: str, requests: int, timeout: float = 10.0
 ) -> dict[str, Any]:
@@ -137,7 +133,7 @@ async def test_token_usage_counts_exactly_what_the_upstream_reported(proxy: Prox
     token_id = issued["id"]
     status, token = await proxy.manage("GET", f"/tokens/{token_id}")
     assert status == 200 and token["usage"] == ZERO
-    async with sdk(proxy, issued["token"]) as client:
+    async with proxy.sdk(issued["token"]) as client:
         plain = await client.chat.completions.create(**CHAT)
         asked = await client.chat.completions.create(
             **CHAT, max_tokens=3, stream=True, stream_options={"include_usage": True}
@@ -179,7 +175,7 @@ async def test_project_usage_sums_its_tokens_only(proxy: Proxy) -> None:
         await proxy.issue_token(other_project),
     )
     for issued, calls in ((first, 2), (second, 1), (elsewhere, 1)):
-        async with sdk(proxy, issued["token"]) as client:
+        async with proxy.sdk(issued["token"]) as client:
             for _ in range(calls):
                 completion = await client.chat.completions.create(**CHAT)
     assert completion.usage is not None
