@@ -25,10 +25,12 @@ from llm_proxy.events import (
     inject_stream_usage,
     start_event_pipeline,
 )
+from llm_proxy.events.offload import EventOffload
+from llm_proxy.events.process import Launch
 from llm_proxy.exchange import Exchange, ExchangeSink
 from llm_proxy.http1 import Http1Client
 from llm_proxy.management import management_app
-from llm_proxy.metrics import metrics_endpoint
+from llm_proxy.metrics import EXTRA_METRICS, metrics_endpoint
 from llm_proxy.operations import Operations
 from llm_proxy.proxy import ProxyHandler
 from llm_proxy.settings import Settings
@@ -57,7 +59,8 @@ class Components:
     operations: Operations
     upstream: UpstreamClient
     sink: ExchangeSink
-    pipeline: EventPipeline | None = None
+    pipeline: EventPipeline | None = None  # events built in this process (event_build_in=thread)
+    offload: EventOffload | None = None  # events built in the events process (the default)
     proxy: ProxyHandler | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -76,7 +79,6 @@ def events_config(settings: Settings) -> EventsConfig:
         bus=settings.event_bus,
         redis_url=settings.redis_url,
         data_dir=settings.data_dir,
-        build_in=settings.event_build_in,
     )
 
 
@@ -100,18 +102,25 @@ async def ready(request: web.Request) -> web.Response:
     except Exception as exc:  # any failure means not ready; say which part
         log.warning("ready.database_failed", error=type(exc).__name__)
         checks["database"] = "unavailable"
-    if components.settings.event_bus == "redis" and components.pipeline is not None:
-        try:
-            reachable = await asyncio.wait_for(components.pipeline.bus.ping(), timeout=2.0)
-        except TimeoutError:
-            reachable = False
-        checks["redis"] = "ok" if reachable else "unavailable"
+    if components.settings.event_bus == "redis":
+        checks["redis"] = "ok" if await _bus_reachable(components) else "unavailable"
     ok = all(state == "ok" for state in checks.values())
     return web.Response(
         status=200 if ok else 503,
         body=orjson.dumps({"status": "ready" if ok else "not_ready", "checks": checks}),
         content_type="application/json",
     )
+
+
+async def _bus_reachable(components: Components) -> bool:
+    if components.offload is not None:
+        return components.offload.bus_reachable()
+    if components.pipeline is None:
+        return False
+    try:
+        return await asyncio.wait_for(components.pipeline.bus.ping(), timeout=2.0)
+    except TimeoutError:
+        return False
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -144,8 +153,34 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await components.upstream.close()
     if components.pipeline is not None:
         await components.pipeline.close()  # drains queued events into the bus and dispatchers
+    if components.offload is not None:
+        await components.offload.close()  # ... or lets the events process do so
     await components.store.close()
     log.info("server.stopped", usage_rows_flushed=flushed)
+
+
+def _launch(settings: Settings) -> Launch:
+    return Launch(
+        events=events_config(settings),
+        sqlite_path=settings.sqlite_path,
+        file_event_log=settings.file_event_log,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
+    )
+
+
+async def _start_pipeline_here(settings: Settings, store: Store) -> EventPipeline:
+    pipeline = await start_event_pipeline(events_config(settings))
+    try:
+        await start_usage_aggregation(pipeline, store, data_dir=settings.data_dir)
+        if settings.file_event_log is not None:
+            await start_file_event_log(
+                pipeline, settings.file_event_log, data_dir=settings.data_dir
+            )
+    except BaseException:
+        await pipeline.close()
+        raise
+    return pipeline
 
 
 async def create_app(
@@ -159,17 +194,17 @@ async def create_app(
     api_config = api_config or load_api_config(settings.api_config_path)
     store = await open_store(settings)
     pipeline: EventPipeline | None = None
+    offload: EventOffload | None = None
     try:
         cipher = KeyCipher(settings.encryption_key)
         authority = TokenAuthority(store, cipher, cache_seconds=settings.token_cache_seconds)
         await authority.start()
         if sink is None and settings.event_bus != "none":
-            pipeline = await start_event_pipeline(events_config(settings))
-            await start_usage_aggregation(pipeline, store, data_dir=settings.data_dir)
-            if settings.file_event_log is not None:
-                await start_file_event_log(
-                    pipeline, settings.file_event_log, data_dir=settings.data_dir
-                )
+            if settings.event_build_in == "process":
+                offload = EventOffload(_launch(settings))
+                await offload.start()
+            else:
+                pipeline = await _start_pipeline_here(settings, store)
     except BaseException:
         # aiosqlite's worker thread (and the event builder) would keep a failed process alive.
         if pipeline is not None:
@@ -183,11 +218,14 @@ async def create_app(
         authority=authority,
         operations=Operations(store, cipher, authority),
         upstream=upstream or Http1Client(),
-        sink=sink or pipeline or DiscardSink(),
+        sink=sink or pipeline or offload or DiscardSink(),
         pipeline=pipeline,
+        offload=offload,
     )
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[COMPONENTS] = components
+    if offload is not None:
+        app[EXTRA_METRICS] = offload.metric_families
     app.cleanup_ctx.append(_lifecycle)
     app.add_subapp("/manage/", management_app(components.operations, settings.management_token))
     app.add_subapp("/admin/", admin_app(components.operations, settings))

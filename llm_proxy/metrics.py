@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from llm_proxy.api_config import ApiProvider
 from llm_proxy.errors import ProxyError
 from llm_proxy.exchange import Exchange, ExchangeSink
+from llm_proxy.metrics_merge import MergedRegistry
 
 # Up to 120 s: a long completion is a normal upstream time, not an outlier.
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -195,7 +196,15 @@ class MetricsSink:
                 )
 
 
+# Metric families another process reports through this one (the events process).
+MetricSource = Callable[[], Iterable[Metric]]
+EXTRA_METRICS: web.AppKey[MetricSource] = web.AppKey("extra_metrics")
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    extra = request.app.get(EXTRA_METRICS)
+    registry = REGISTRY if extra is None else MergedRegistry(REGISTRY, extra)
     return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        body=generate_latest(registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
     )

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from llm_proxy import secrets_store
 from llm_proxy.app import COMPONENTS, create_app, open_store
+from llm_proxy.events.offload import EventProcessError
 from llm_proxy.front import FrontSite, listening_socket
 from llm_proxy.settings import Settings, SettingsError, parse_encryption_key
 
@@ -74,6 +75,8 @@ async def _serve(settings: Settings) -> None:
         app = await create_app(settings)
     except (OSError, sqlite3.Error) as exc:
         raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
+    except EventProcessError as exc:
+        raise SettingsError(f"events: {exc}") from None
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     # From here on the store and background tasks are open: every exit must go through cleanup,

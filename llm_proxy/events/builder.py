@@ -6,13 +6,9 @@ decompressed, parsed, streams reassembled and tokens counted.
 
 from __future__ import annotations
 
-import pickle
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import orjson
 
 from llm_proxy.events import bodies, sse, usage
 from llm_proxy.events.event import Event, rfc3339
@@ -82,39 +78,11 @@ class Built:
     failures: list[tuple[str, str]] = field(default_factory=list)  # request id, error
 
 
-def build_packed_batch(
-    packed: bytes, build_one: Callable[[Exchange], Event] = build
-) -> tuple[bytes, list[tuple[str, str]]]:
-    """The builder process's entry point: exchanges in as one pickled list of
-    :meth:`Exchange.to_wire` tuples, events out as one JSON array, plus the failures.
-
-    Both directions are single byte strings on purpose. The executor's helper threads in the
-    server process then only move bytes; pickling or unpickling whole batches there would hold the
-    GIL in a second thread, and every socket write of the event loop would then wait for it.
-    """
-    wires: list[tuple[Any, ...]] = pickle.loads(packed)
-    built = build_batch([Exchange.from_wire(wire) for wire in wires], build_one)
-    try:
-        return orjson.dumps(built.events), built.failures
-    except orjson.JSONEncodeError:
-        # One event that cannot be JSON (should not happen: bodies are parsed JSON or text) must
-        # not cost the rest of the batch.
-        kept = []
-        for event in built.events:
-            try:
-                orjson.dumps(event)
-            except orjson.JSONEncodeError as exc:
-                built.failures.append((event["request_id"], repr(exc)))
-            else:
-                kept.append(event)
-        return orjson.dumps(kept), built.failures
-
-
 def build_batch(
     exchanges: Sequence[Exchange], build_one: Callable[[Exchange], Event] = build
 ) -> Built:
-    """Build a batch, collecting failures instead of raising: this may run in a worker process,
-    whose logs and metrics would not reach the server's."""
+    """Build a batch, collecting failures instead of raising: it runs in a worker thread, and the
+    pipeline logs and counts them."""
     built = Built()
     for exchange in exchanges:
         try:

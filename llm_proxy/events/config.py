@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from llm_proxy.events.bus import BusKind
 
 SPOOL_FILE = "events-spool.jsonl"
-
-BuildIn = Literal["process", "thread"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +23,6 @@ class EventsConfig:
     linger: float = 0.05  # seconds a batch may wait to fill: events are not urgent, requests are
     close_timeout: float = 5.0  # seconds ``close`` waits for the queue to drain
     claim_idle: float = 60.0  # seconds before a dead consumer's pending entries are taken over
-    build_in: BuildIn = "process"  # where events are built: a worker process keeps the GIL free
 
     @property
     def spool_path(self) -> Path:

@@ -1,33 +1,30 @@
 """The :class:`~llm_proxy.exchange.ExchangeSink` the proxy hands finished exchanges to.
 
 ``submit`` only appends to a bounded in-memory queue (dropping and counting the oldest when full),
-so the request path never waits on instrumentation. A background task takes exchanges in batches and
-has their events built by a worker *process*: decompressing, parsing, reassembling streams and
-counting tokens is pure-Python CPU work that, in the server process, would compete with every
-request for the GIL. Only pickling the batch out and the events back stays here.
-(``build_in="thread"`` keeps the work in-process, for tests and for hosts where extra processes are
-unwelcome.)
+so the request path never waits on instrumentation. A background task takes exchanges in batches,
+has their events built in a worker thread (decompressing, parsing, reassembling streams, counting
+tokens) and publishes them.
+
+In production this runs in the events process (:mod:`llm_proxy.events.process`), not in the server:
+there, its CPU work and helper threads would compete with every request for the GIL. The server
+runs it in-process only with ``event_build_in="thread"`` (tests, and hosts where an extra process
+is unwelcome).
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import pickle
-import signal
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Protocol
 
-import orjson
 import structlog
 
 from llm_proxy.events import builder, metrics
 from llm_proxy.events.bus import EventBus
-from llm_proxy.events.config import BuildIn, EventsConfig
+from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
@@ -38,23 +35,6 @@ log = structlog.get_logger(__name__)
 
 class Closeable(Protocol):
     async def close(self) -> None: ...
-
-
-def _ignore_shutdown_signals() -> None:
-    # Ctrl-C and a service manager's SIGTERM reach the whole process group; the server decides
-    # when its builder stops (after draining), so the builder must not die first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _executor(build_in: BuildIn) -> Executor:
-    if build_in == "process":
-        # spawn, not fork: the server process has threads and an event loop a fork would copy.
-        context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(
-            max_workers=1, mp_context=context, initializer=_ignore_shutdown_signals
-        )
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
 
 
 class EventPipeline:
@@ -68,7 +48,6 @@ class EventPipeline:
         batch_size: int = 256,
         close_timeout: float = 5.0,
         linger: float = 0.05,
-        build_in: BuildIn = "thread",
         build: Callable[[Exchange], Event] = builder.build,
     ) -> None:
         self.bus = bus
@@ -77,10 +56,9 @@ class EventPipeline:
         self._batch_size = batch_size
         self._close_timeout = close_timeout
         self._linger = linger
-        self._build_in = build_in
         self._build = build
         self._wakeup = asyncio.Event()
-        self._executor = _executor(build_in)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
         self._task: asyncio.Task[None] | None = None
         self._attached: list[Closeable] = []
         self._closing = False
@@ -140,28 +118,10 @@ class EventPipeline:
             self.published += len(events)
 
     async def _build_events(self, batch: list[Exchange]) -> list[Event]:
-        loop = asyncio.get_running_loop()
-        try:
-            if self._build_in == "process":
-                # Pack and unpack here, in the event loop's thread (see build_packed_batch).
-                packed = pickle.dumps(
-                    [e.to_wire() for e in batch], protocol=pickle.HIGHEST_PROTOCOL
-                )
-                work = partial(builder.build_packed_batch, packed, self._build)
-                events_json, failures = await loop.run_in_executor(self._executor, work)
-                events: list[Event] = orjson.loads(events_json)
-            else:
-                built = await loop.run_in_executor(
-                    self._executor, partial(builder.build_batch, batch, self._build)
-                )
-                events, failures = built.events, built.failures
-        except BrokenProcessPool:
-            # The worker process died (killed, out of memory): start a fresh one, lose this batch.
-            log.error("event builder process died; restarting it", lost=len(batch))
-            metrics.DROPPED.labels("build_failed").inc(len(batch))
-            self._executor.shutdown(wait=False)
-            self._executor = _executor(self._build_in)
-            return []
+        built = await asyncio.get_running_loop().run_in_executor(
+            self._executor, partial(builder.build_batch, batch, self._build)
+        )
+        events, failures = built.events, built.failures
         for request_id, error in failures:
             log.error("event build failed", request_id=request_id, error=error)
             metrics.DROPPED.labels("build_failed").inc()
@@ -215,8 +175,7 @@ async def start_event_pipeline(config: EventsConfig) -> EventPipeline:
         batch_size=config.batch_size,
         close_timeout=config.close_timeout,
         linger=config.linger,
-        build_in=config.build_in,
     )
     pipeline.start()
-    log.info("event pipeline started", bus=config.bus, build_in=config.build_in)
+    log.info("event pipeline started", bus=config.bus)
     return pipeline

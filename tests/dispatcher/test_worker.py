@@ -273,9 +273,7 @@ async def test_file_event_log_runs_in_process_and_drains_on_close(tmp_path: Path
 
 
 async def test_file_event_log_refuses_an_unwritable_path(tmp_path: Path) -> None:
-    pipeline = await start_event_pipeline(
-        EventsConfig(bus="memory", data_dir=tmp_path, build_in="thread")
-    )
+    pipeline = await start_event_pipeline(EventsConfig(bus="memory", data_dir=tmp_path))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(BackendStartError):

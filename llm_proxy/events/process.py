@@ -1,0 +1,194 @@
+"""The events process: builds, publishes and aggregates events for one server process.
+
+Started by :class:`~llm_proxy.events.offload.EventOffload` as ``python -m llm_proxy.events.process``.
+It runs what the server would otherwise run beside its requests: the :class:`EventPipeline`, the
+bus, and the in-process dispatchers (usage aggregates, the optional file log). The server then only
+pickles batches of finished exchanges onto a pipe, so none of that work, nor the helper threads it
+needs (aiosqlite, the builder), competes with requests for the server's GIL.
+
+Protocol, all on pipes to the server:
+
+- stdin: frames of a 4-byte big-endian length and a pickle. The first frame is a :class:`Launch`,
+  every later one a list of :meth:`Exchange.to_wire` tuples. End of input means drain and exit.
+- the status pipe (the process's original stdout; ``sys.stdout`` is pointed at stderr so that no
+  stray print can corrupt it): one JSON object per line. First ``{"ready": true}`` or
+  ``{"error": "..."}``, then every ``status_seconds`` and once more at exit
+  ``{"received": n, "done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where
+  ``done`` counts exchanges that became published events or counted drops.
+- stderr: the log, as configured for the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+import uvloop
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
+
+from dispatcher.embedded import start_file_event_log, start_usage_aggregation
+from dispatcher.worker import BackendStartError
+from llm_proxy.events.config import EventsConfig
+from llm_proxy.events.pipeline import EventPipeline, start_event_pipeline
+from llm_proxy.exchange import Exchange
+from llm_proxy.logging_setup import configure_logging
+from llm_proxy.store.sqlite import SqliteStore
+
+log = structlog.get_logger(__name__)
+
+FRAME_HEADER = 4
+# Families this process reports to the server, which merges them into its own /metrics.
+REPORTED_PREFIXES = ("llm_proxy_events_", "llm_proxy_dispatcher_")
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What the events process needs to know; sent as the first frame (it may hold a Redis
+    password, which must not appear on a command line)."""
+
+    events: EventsConfig
+    sqlite_path: Path
+    file_event_log: Path | None
+    log_level: str
+    log_format: str
+    status_seconds: float = 1.0
+
+
+def frame(payload: object) -> bytes:
+    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(FRAME_HEADER, "big") + data
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any | None:
+    """The next frame's object, or None at the end of input."""
+    try:
+        header = await reader.readexactly(FRAME_HEADER)
+        return pickle.loads(await reader.readexactly(int.from_bytes(header, "big")))
+    except asyncio.IncompleteReadError:
+        return None
+
+
+class _Reported(Collector):
+    """The metric families this process reports, out of everything registered in it."""
+
+    def collect(self) -> Any:
+        for family in REGISTRY.collect():
+            if family.name.startswith(REPORTED_PREFIXES):
+                yield family
+
+
+_REPORTED = CollectorRegistry(auto_describe=False)
+_REPORTED.register(_Reported())
+
+
+class _Status:
+    """Writes status lines to the server."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = orjson.dumps(message) + b"\n"
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+
+async def _report(status: _Status, pipeline: EventPipeline, received: list[int]) -> None:
+    try:
+        reachable = await asyncio.wait_for(pipeline.bus.ping(), timeout=1.0)
+    except TimeoutError:
+        reachable = False
+    status.send(
+        {
+            "received": received[0],
+            "done": pipeline.published + pipeline.dropped,
+            "bus_reachable": reachable,
+            "metrics": generate_latest(_REPORTED).decode(),
+        }
+    )
+
+
+async def _report_every(
+    seconds: float, status: _Status, pipeline: EventPipeline, received: list[int]
+) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        await _report(status, pipeline, received)
+
+
+async def _open(launch: Launch) -> tuple[EventPipeline, SqliteStore]:
+    store = await SqliteStore.open(launch.sqlite_path)
+    pipeline = await start_event_pipeline(launch.events)
+    try:
+        await start_usage_aggregation(pipeline, store, data_dir=launch.events.data_dir)
+        if launch.file_event_log is not None:
+            await start_file_event_log(
+                pipeline, launch.file_event_log, data_dir=launch.events.data_dir
+            )
+    except BaseException:
+        await pipeline.close()
+        await store.close()
+        raise
+    return pipeline, store
+
+
+async def _run(status: _Status) -> int:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**31)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0)
+    )
+    launch: Launch | None = await read_frame(reader)
+    if launch is None:
+        return 0  # the server went away before saying anything
+    configure_logging(launch.log_level, launch.log_format)
+    try:
+        pipeline, store = await _open(launch)
+    except (BackendStartError, OSError) as exc:
+        status.send({"error": str(exc)})
+        return 1
+    status.send({"ready": True})
+    log.info("events_process.started", pid=os.getpid(), bus=launch.events.bus)
+    received = [0]
+    reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline, received))
+    try:
+        while (wires := await read_frame(reader)) is not None:
+            for wire in wires:
+                pipeline.submit(Exchange.from_wire(wire))
+            received[0] += len(wires)
+    finally:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+        await pipeline.close()  # drains into the bus and the dispatchers
+        await store.close()
+        await _report(status, pipeline, received)
+        log.info("events_process.stopped", received=received[0])
+    return 0
+
+
+def main() -> None:
+    # The server decides when this process stops (by closing its input, after draining); Ctrl-C
+    # and a service manager's SIGTERM reach the whole process group and must not end it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    status = _Status(os.dup(1))
+    os.dup2(2, 1)  # stray prints go to the log, never into the status pipe
+    sys.stdout = sys.stderr
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        code = runner.run(_run(status))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

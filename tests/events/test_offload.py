@@ -1,0 +1,226 @@
+"""The events process (the default): the server ships exchanges, the events process does the rest.
+
+Every test drives the real server with ``event_build_in="process"``, which starts a real
+``python -m llm_proxy.events.process`` beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llm_proxy.app import create_app, events_config
+from llm_proxy.events.offload import EventOffload, EventProcessError
+from llm_proxy.events.process import Launch
+from tests.conftest import Proxy, make_settings, start_proxy
+from tests.events.events_support import RedisServer, exchange
+from tests.fakes import UPSTREAM_LOG
+from tests.test_events_end_to_end import wait_for_lines
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
+
+
+async def chat(proxy: Proxy, token: str, count: int) -> list[str]:
+    """Send ``count`` chat completions; the request ids the proxy answered with."""
+    ids = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            async with session.post(
+                f"{proxy.base_url}/v1/chat/completions",
+                json=CHAT,
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response:
+                assert response.status == 200
+                ids.append(response.headers["X-Request-ID"])
+    return ids
+
+
+async def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with proxy.operator.get(f"{proxy.base_url}/metrics") as response:
+        text = await response.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, f"{key} appears twice on /metrics"
+            samples[key] = sample.value
+    return samples
+
+
+async def eventually(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+def offload_of(proxy: Proxy) -> EventOffload:
+    offload = proxy.components.offload
+    assert isinstance(offload, EventOffload)
+    return offload
+
+
+def events_pid(proxy: Proxy) -> int:
+    process = offload_of(proxy)._process
+    assert process is not None
+    return process.pid
+
+
+async def test_events_usage_and_metrics_come_from_the_events_process(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log, event_build_in="process")
+    assert proxy.components.pipeline is None  # nothing of the pipeline runs in the server
+    assert events_pid(proxy) != os.getpid()
+    published_key = ("llm_proxy_events_published_total", (("bus", "memory"),))
+    delivered_key = ("llm_proxy_dispatcher_delivered_total", (("backend", "file"),))
+    # This test process's own pipelines (other tests) counted too: the page shows the sum.
+    before = await scrape(proxy)
+    issued = await proxy.issue_token()
+    ids = await chat(proxy, issued["token"], 12)
+
+    events = await wait_for_lines(log, 12)
+    assert [event["request_id"] for event in events] == ids
+    assert all(event["usage"]["source"] == "upstream" for event in events)
+
+    async def usage_counted() -> bool:
+        _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+        return bool(token["usage"]["requests"] == 12)
+
+    await eventually(usage_counted)
+
+    async def metrics_merged() -> bool:
+        samples = await scrape(proxy)
+        return all(
+            samples.get(key, 0) == before.get(key, 0) + 12 for key in (published_key, delivered_key)
+        )
+
+    await eventually(metrics_merged)
+    samples = await scrape(proxy)
+    # The server's own families are still there, next to the merged ones.
+    chat_ok = (("endpoint", "/v1/chat/completions"), ("status_class", "2xx"))
+    assert samples[("llm_proxy_requests_total", chat_ok)] >= 12
+
+
+async def test_closing_the_server_drains_every_event(tmp_path: Path, upstream_server: Any) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await _start(tmp_path, upstream_server, file_event_log=log)
+    try:
+        issued = await proxy.issue_token()
+        ids = await chat(proxy, issued["token"], 30)
+    finally:
+        await proxy.operator.close()
+        await proxy.client.close()  # at once: events are still queued in the server
+    assert [event["request_id"] for event in await wait_for_lines(log, 30, timeout=0)] == ids
+
+
+async def test_a_killed_events_process_is_replaced_and_its_loss_counted(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log, event_build_in="process")
+    offload = offload_of(proxy)
+    token = await proxy.token()
+    await chat(proxy, token, 3)
+    await wait_for_lines(log, 3)
+
+    async def reported_all_done() -> bool:
+        return offload._status.get("done") == 3
+
+    await eventually(reported_all_done)
+    died_key = ("llm_proxy_events_dropped_total", (("reason", "events_process_died"),))
+    died_before = (await scrape(proxy)).get(died_key, 0)
+    first = events_pid(proxy)
+    os.kill(first, signal.SIGSTOP)  # it can no longer read, build or report...
+    lost = await chat(proxy, token, 4)  # ...so these four are sent to it and never become events
+    await asyncio.sleep(0.3)  # longer than the batch linger: they are on its input now
+    os.kill(first, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        return offload.restarts == 1 and offload.bus_reachable()
+
+    await eventually(replaced)
+    assert events_pid(proxy) != first
+    kept = await chat(proxy, token, 2)
+    events = await wait_for_lines(log, 5)
+    got = [event["request_id"] for event in events]
+    assert got[3:] == kept and not set(lost) & set(got)
+
+    async def loss_counted() -> bool:
+        samples = await scrape(proxy)
+        return samples.get(died_key, 0) == died_before + 4
+
+    await eventually(loss_counted)
+
+
+async def test_an_events_process_that_cannot_start_stops_the_server_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    settings = make_settings(
+        tmp_path, event_build_in="process", file_event_log=not_a_directory / "events.jsonl"
+    )
+    with pytest.raises(EventProcessError, match=r"did not start: file: .*File exists"):
+        await create_app(settings)
+
+
+async def test_ready_follows_the_redis_bus_of_the_events_process(
+    proxy_factory: Any, redis_server: RedisServer
+) -> None:
+    proxy: Proxy = await proxy_factory(
+        event_bus="redis", redis_url=redis_server.url, event_build_in="process"
+    )
+
+    async def ready_is(status: int) -> bool:
+        async with proxy.operator.get(f"{proxy.base_url}/ready") as response:
+            return response.status == status
+
+    await eventually(lambda: ready_is(200))
+    redis_server.stop()
+    await eventually(lambda: ready_is(503))
+    redis_server.start()
+    await eventually(lambda: ready_is(200))
+
+
+async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    launch = Launch(
+        events=events_config(settings),
+        sqlite_path=settings.sqlite_path,
+        file_event_log=None,
+        log_level="warning",
+        log_format="json",
+    )
+    offload = EventOffload(launch, backlog_bytes=0)
+    await offload.start()
+    process = offload._process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        for _ in range(300):  # more than a batch: the first frame fills the pipe
+            offload.submit(exchange(request={}, response=b"x" * 10_000))
+        await asyncio.sleep(0.2)
+        for _ in range(10):
+            offload.submit(exchange(request={}, response=b"{}"))
+        await asyncio.sleep(0.2)
+        assert offload.dropped >= 10
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        await offload.close()
+
+
+async def _start(tmp_path: Path, upstream_server: Any, **overrides: Any) -> Proxy:
+    client, app = await start_proxy(
+        tmp_path, upstream_server, event_build_in="process", **overrides
+    )
+    return Proxy(client, upstream_server.app[UPSTREAM_LOG], app, aiohttp.ClientSession())
