@@ -15,35 +15,49 @@ command -v nginx >/dev/null || { echo "nginx is not installed (apt-get install n
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)"; exit 2; }
 
 WORK=$(mktemp -d)
-trap 'kill $(cat "$WORK/proxy.pid" 2>/dev/null) 2>/dev/null; nginx -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null; rm -rf "$WORK"' EXIT
+stop_all() {
+  kill "$(cat "$WORK/proxy.pid" 2>/dev/null)" 2>/dev/null || true
+  for name in upstream floor; do
+    [ -f "$WORK/$name/nginx.pid" ] && kill "$(cat "$WORK/$name/nginx.pid")" 2>/dev/null || true
+  done
+  sleep 0.5
+  rm -rf "$WORK"
+}
+trap stop_all EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(free_port); FLOOR=$(free_port); PROXY=$(free_port)
 ANSWER='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
 STREAM='data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}]}\n\ndata: [DONE]\n\n'
-mkdir -p "$WORK/logs"
-cat > "$WORK/nginx.conf" <<CONF
+# Two nginx instances of one worker each: the upstream, and the floor's proxy_pass. Sharing one
+# worker would make the floor proxy and its own upstream take turns on one process, which no
+# proxy under test has to do.
+nginx_conf() {  # name, server block
+  mkdir -p "$WORK/$1/logs"
+  cat > "$WORK/$1/nginx.conf" <<CONF
 worker_processes 1;
-error_log $WORK/logs/error.log;
-pid $WORK/nginx.pid;
+error_log $WORK/$1/logs/error.log;
+pid $WORK/$1/nginx.pid;
 events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 10000000;
-  client_body_temp_path $WORK/body; proxy_temp_path $WORK/proxy;
-  fastcgi_temp_path $WORK/fcgi; uwsgi_temp_path $WORK/uwsgi; scgi_temp_path $WORK/scgi;
-  server {
+  client_body_temp_path $WORK/$1/body; proxy_temp_path $WORK/$1/proxy;
+  fastcgi_temp_path $WORK/$1/fcgi; uwsgi_temp_path $WORK/$1/uwsgi; scgi_temp_path $WORK/$1/scgi;
+  $2
+}
+CONF
+  nginx -p "$WORK/$1" -c "$WORK/$1/nginx.conf"
+}
+nginx_conf upstream "server {
     listen 127.0.0.1:$UP;
     location /v1/chat/completions { default_type application/json; return 200 '$ANSWER'; }
     location /v1/stream { default_type text/event-stream; return 200 '$STREAM'; }
-  }
-  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  }"
+nginx_conf floor "upstream up { server 127.0.0.1:$UP; keepalive 128; }
   server {
     listen 127.0.0.1:$FLOOR;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
-  }
-}
-CONF
-nginx -p "$WORK" -c "$WORK/nginx.conf"
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }
+  }"
 cat > "$WORK/api.yaml" <<CONF
 apis:
   openai:
