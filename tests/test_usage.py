@@ -92,11 +92,12 @@ def test_a_batch_folds_into_one_row_per_token_and_hour() -> None:
             event(at="2030-01-01T11:00:00.000Z", status=404, usage=None),
             event("t2", at="2030-01-01T10:30:00.000Z", project_id="p2", usage=(1, 2)),
             event(at="not a time"),
+            event(at="2030-01-01T12:10:00+02:00"),  # not as the proxy writes it: still counted
         ]
     )
     hour = datetime(2030, 1, 1, 10, tzinfo=UTC)
     assert sorted(rows, key=lambda r: (r.token_id, r.hour)) == [
-        UsageRollup("t1", "p1", hour, 3, 17, 5, 22, 2, datetime(2030, 1, 1, 10, 59, 59, 999000, UTC)),
+        UsageRollup("t1", "p1", hour, 4, 27, 10, 37, 2, datetime(2030, 1, 1, 10, 59, 59, 999000, UTC)),
         UsageRollup("t1", "p1", hour + timedelta(hours=1), 1, 0, 0, 0, 1, hour + timedelta(hours=1)),
         UsageRollup("t2", "p2", hour, 1, 1, 2, 3, 0, datetime(2030, 1, 1, 10, 30, tzinfo=UTC)),
     ]  # fmt: skip
