@@ -41,6 +41,7 @@ from dispatcher.worker import BackendStartError
 from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.pipeline import EventPipeline, start_event_pipeline
 from llm_proxy.exchange import Exchange
+from llm_proxy.gc_tuning import tune_garbage_collector
 from llm_proxy.logging_setup import configure_logging
 from llm_proxy.store.sqlite import SqliteStore
 
@@ -157,6 +158,7 @@ async def _run(status: _Status) -> int:
     except (BackendStartError, OSError) as exc:
         status.send({"error": str(exc)})
         return 1
+    tune_garbage_collector()
     status.send({"ready": True})
     log.info("events_process.started", pid=os.getpid(), bus=launch.events.bus)
     received = [0]
