@@ -97,16 +97,21 @@ print(f"{us:.1f} {rps:.0f}")
 PY
 }
 
+# Each route's latency is compared with direct measurements taken just before and just after it
+# (their mean), so a drift of the machine between measurements does not land on one route.
+direct_p50() { measure "http://127.0.0.1:$UP/v1/$1" "$WORK/$2.lua" 1 | cut -d' ' -f1; }
 echo "run | route | added p50 at c=1 (ms) | throughput at c=64 vs direct | added TTFB streams (ms)"
 for run in $(seq "$RUNS"); do
-  read -r d_p50 _ <<<"$(measure "http://127.0.0.1:$UP/v1/chat/completions" "$WORK/chat.lua" 1)"
   read -r _ d_rps <<<"$(measure "http://127.0.0.1:$UP/v1/chat/completions" "$WORK/chat.lua" 64)"
-  read -r ds_p50 _ <<<"$(measure "http://127.0.0.1:$UP/v1/stream" "$WORK/stream.lua" 1)"
+  d_p50=$(direct_p50 chat/completions chat); ds_p50=$(direct_p50 stream stream)
   for route in "nginx proxy_pass:$FLOOR" "llm-proxy:$PROXY"; do
     name=${route%%:*}; port=${route##*:}
     read -r p50 _ <<<"$(measure "http://127.0.0.1:$port/v1/chat/completions" "$WORK/chat.lua" 1)"
-    read -r _ rps <<<"$(measure "http://127.0.0.1:$port/v1/chat/completions" "$WORK/chat.lua" 64)"
+    d_p50_after=$(direct_p50 chat/completions chat)
     read -r s_p50 _ <<<"$(measure "http://127.0.0.1:$port/v1/stream" "$WORK/stream.lua" 1)"
-    python3 -c "print(f'$run | $name | {($p50-$d_p50)/1000:.3f} | {$rps/$d_rps:.2f} | {($s_p50-$ds_p50)/1000:.3f}')"
+    ds_p50_after=$(direct_p50 stream stream)
+    read -r _ rps <<<"$(measure "http://127.0.0.1:$port/v1/chat/completions" "$WORK/chat.lua" 64)"
+    python3 -c "print(f'$run | $name | {($p50-($d_p50+$d_p50_after)/2)/1000:.3f} | {$rps/$d_rps:.2f} | {($s_p50-($ds_p50+$ds_p50_after)/2)/1000:.3f}')"
+    d_p50=$d_p50_after; ds_p50=$ds_p50_after
   done
 done
