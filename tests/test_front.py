@@ -200,3 +200,23 @@ async def test_idle_and_slow_header_connections_are_closed(proxy_factory: Any) -
     assert await asyncio.wait_for(slow_reader.read(), 5) == b""
     idle_writer.close()
     slow_writer.close()
+
+
+async def test_repeated_headers_first_value_counts_and_mixed_case_names_are_dropped(
+    proxy: Proxy, conn: Conn
+) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    writer.write(
+        (
+            "GET /v1/models HTTP/1.1\r\nHost: t\r\n"
+            f"authorization: Bearer {token}\r\nAUTHORIZATION: Bearer sk-not-the-first\r\n"
+            "X-Request-Id: first\r\nx-request-id: second\r\n"
+            "Cf-Ray: 1\r\nX-FORWARDED-FOR: 10.0.0.1\r\nX-Kept: a\r\n\r\n"
+        ).encode()
+    )
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and headers["x-request-id"] == "first"
+    seen = {name.lower(): value for name, value in proxy.upstream.last.headers.items()}
+    assert seen["x-request-id"] == "first" and seen["x-kept"] == "a"
+    assert "cf-ray" not in seen and "x-forwarded-for" not in seen
