@@ -146,19 +146,40 @@ class _Body:
 class _Writer:
     """Writes one response on the connection: head, body (chunked when no length), end."""
 
-    __slots__ = ("_chunked", "_conn", "_head", "_no_body", "_pending", "started")
+    __slots__ = ("_chunked", "_conn", "_no_body", "_pending", "started")
 
     def __init__(self, conn: FrontProtocol, head_request: bool) -> None:
         self._conn = conn
         self._no_body = head_request
         self._chunked = False
         self._pending: bytes | None = None
-        self._head = b""
         self.started = False
 
     async def start(
         self, status: int, reason: str, headers: list[tuple[str, str]], *, stream: bool
     ) -> None:
+        head = self._render_head(status, reason, headers)
+        if stream:
+            self._conn.send(head)
+        else:
+            self._pending = head
+
+    async def respond(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        # Head, body and end in one send, as start/write/finish would send them.
+        head = self._render_head(status, reason, headers)
+        if self._no_body or not body:
+            data = head + b"0\r\n\r\n" if self._chunked and not self._no_body else head
+        elif self._chunked:
+            data = b"%b%x\r\n%b\r\n0\r\n\r\n" % (head, len(body), body)
+        else:
+            data = head + body
+        self._conn.send(data)
+        if self._conn.write_paused:
+            await self._conn.drain()
+
+    def _render_head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
         self.started = True
         has_length = has_date = False
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, (reason or _reason(status)).encode("latin-1"))]
@@ -179,11 +200,7 @@ class _Writer:
         if not self._conn.keep_alive:
             lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
-        head = b"".join(lines)
-        if stream:
-            self._conn.send(head)
-        else:
-            self._pending = head
+        return b"".join(lines)
 
     async def write(self, chunk: bytes) -> None:
         if self._no_body or not chunk:
@@ -496,9 +513,7 @@ async def _answer_error(writer: _Writer, status: int, message: str, code: str) -
     kind = "server_error" if status >= 500 else "invalid_request_error"
     body = errors.error_body(message, kind, code)
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    await writer.start(status, "", headers, stream=False)
-    await writer.write(body)
-    await writer.finish()
+    await writer.respond(status, "", headers, body)
 
 
 class FrontSite(web.BaseSite):
