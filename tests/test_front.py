@@ -299,3 +299,15 @@ async def test_whole_answers_to_a_client_not_reading_wait_for_it(
         status, _, body = await read_response(reader)
         assert status == 200 and body == b"b" * size
     writer.close()
+
+
+async def test_a_small_body_arriving_in_pieces_is_forwarded_whole(proxy: Proxy, conn: Conn) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    writer.write(request("POST", "/v1/files/upload", token, b"hello-world")[:-6])
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the proxy reads the start of the body and waits for the rest
+    writer.write(b"-world")
+    status, _, body = await read_response(reader)
+    assert status == 200 and b'"received":11' in body.replace(b" ", b"")
+    assert proxy.upstream.last.body == b"hello-world"
