@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from llm_proxy.front import FrontSite
 from tests.conftest import Proxy
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -311,3 +312,26 @@ async def test_a_small_body_arriving_in_pieces_is_forwarded_whole(proxy: Proxy, 
     status, _, body = await read_response(reader)
     assert status == 200 and b'"received":11' in body.replace(b" ", b"")
     assert proxy.upstream.last.body == b"hello-world"
+
+
+async def test_stopping_closes_idle_connections_and_lets_requests_in_flight_finish(
+    proxy: Proxy,
+) -> None:
+    token = await proxy.token()
+    port = proxy.client.port
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_writer.write(request("GET", "/v1/models", token))
+    assert (await read_response(idle_reader))[0] == 200
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+    busy_writer.write(request("GET", "/v1/audio/paced?n=3&gap=0.1", token))
+    await asyncio.wait_for(busy_reader.readuntil(b"\r\n\r\n"), 5)  # the stream has begun
+    assert proxy.client.server.runner is not None
+    (site,) = [s for s in proxy.client.server.runner.sites if isinstance(s, FrontSite)]
+    stopping = asyncio.create_task(site.stop())
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+    assert not stopping.done()
+    rest = await asyncio.wait_for(busy_reader.read(), 5)  # the whole stream, then the close
+    assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    await stopping
+    idle_writer.close()
+    busy_writer.close()
