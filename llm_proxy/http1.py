@@ -315,6 +315,13 @@ class _Connection(asyncio.Protocol):
                 raise self._exc
             await self._wait(self._loop.time() + idle, "idle")
 
+    def take_body(self) -> bytes | None:
+        """The whole body when it has arrived, else None (nothing taken)."""
+        if not self.body_done:
+            return None
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def _resume_reading(self) -> None:
         self._read_paused = False
         self._transport.resume_reading()
@@ -360,6 +367,17 @@ class Http1Response:
             conn.release()
             raise StopAsyncIteration
         return chunk
+
+    def complete_body(self) -> bytes | None:
+        """The whole body if it already arrived with the head (a small answer), else None."""
+        conn = self._conn
+        if conn is None:
+            return None
+        body = conn.take_body()
+        if body is not None:
+            self._conn = None
+            conn.release()
+        return body
 
     async def aclose(self) -> None:
         """Pool the connection if the whole response arrived and it may be kept, else close it."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -22,7 +22,6 @@ from typing import Protocol
 import orjson
 import structlog
 from aiohttp import web
-from multidict import MultiMapping
 
 from llm_proxy import errors
 from llm_proxy.api_config import ApiProvider, normalise_path
@@ -35,8 +34,9 @@ from llm_proxy.upstream import Body, UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger(__name__)
 
-# Never forwarded upstream: hop-by-hop headers, our own credential, and what identifies the client.
-_DROP_REQUEST = frozenset(
+# Never forwarded upstream: hop-by-hop headers, our own credential, and what identifies the client
+# (also every ``CF-*`` header). Lower case.
+DROP_REQUEST = frozenset(
     {
         "connection",
         "keep-alive",
@@ -87,7 +87,8 @@ def _request_id(supplied: str | None) -> str:
         return supplied
     # Unique, not secret: a PRNG draw instead of os.urandom's system call on every request.
     # (The module-level generator is reseeded after fork, so workers never share a sequence.)
-    return f"{random.getrandbits(128):032x}"
+    # 32 hex digits, as formatting getrandbits(128) gives, in 0.17 instead of 0.30 µs.
+    return random.randbytes(16).hex()
 
 
 class BodySource(Protocol):
@@ -98,11 +99,29 @@ class BodySource(Protocol):
     def chunks(self) -> AsyncIterator[bytes]: ...
 
 
+def forwarded_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The client's headers that go upstream, in order: all but those the proxy must drop."""
+    return [
+        (name, value)
+        for name, value in headers
+        if (lower := name.lower()) not in DROP_REQUEST and not lower.startswith("cf-")
+    ]
+
+
 @dataclass(slots=True)
 class ProxyRequest:
+    """One request as the handler needs it: the server picks out the few headers the proxy reads.
+
+    ``headers`` are the client's headers to forward (see :func:`forwarded_headers`); the handler
+    appends its own to that list. The three named headers hold their first value, or None.
+    """
+
     method: str
     target: str  # path and query exactly as received
-    headers: MultiMapping[str]
+    headers: list[tuple[str, str]]
+    authorization: str | None
+    request_id: str | None  # X-Request-ID
+    origin: str | None
     content_length: int | None
     has_body: bool
     body: BodySource
@@ -118,6 +137,12 @@ class ResponseWriter(Protocol):
     async def write(self, chunk: bytes) -> None: ...
 
     async def finish(self) -> None: ...
+
+    async def respond(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        """A whole response at once: ``start`` (not streamed), ``write`` and ``finish`` in one."""
+        ...
 
     def abort(self) -> None:
         """End the response as visibly incomplete: close the connection."""
@@ -165,11 +190,15 @@ class ProxyHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler for every path not claimed by another route."""
         writer = _AiohttpWriter(request)
+        headers = request.headers
         await self.serve(
             ProxyRequest(
                 method=request.method,
                 target=request.raw_path,
-                headers=request.headers,
+                headers=forwarded_headers(headers.items()),
+                authorization=headers.get("Authorization"),
+                request_id=headers.get("X-Request-ID"),
+                origin=headers.get("Origin"),
                 content_length=request.content_length,
                 has_body=request.body_exists,
                 body=_AiohttpBody(request),
@@ -183,10 +212,9 @@ class ProxyHandler:
 
     async def serve(self, request: ProxyRequest, writer: ResponseWriter) -> None:
         started = time.perf_counter()
-        headers = request.headers
-        request_id = _request_id(headers.get("X-Request-ID"))
+        request_id = _request_id(request.request_id)
         reply_headers = [("X-Request-ID", request_id)]
-        origin = headers.get("Origin")
+        origin = request.origin
         if origin is not None and self.provider.origin_allowed(origin):
             reply_headers.append(("Access-Control-Allow-Origin", origin))
             reply_headers.append(("Vary", "Origin"))
@@ -198,16 +226,17 @@ class ProxyHandler:
         if admitted is None:
             return  # answered without going upstream (token info, CORS preflight)
         path, query, grant = admitted
+        # Positional: with keywords the dataclass __init__ costs 0.3 µs more (0.84 → 0.54 µs).
         exchange = Exchange(
-            request_id=request_id,
-            started_at=time.time(),
-            started=started,
-            method=request.method,
-            path=path,
-            project_id=grant.project_id,
-            token_id=grant.token_id,
-            request_body=CappedBuffer(self.capture_bytes),
-            response_body=CappedBuffer(self.capture_bytes),
+            request_id,
+            time.time(),  # started_at
+            started,
+            request.method,
+            path,
+            grant.project_id,
+            grant.token_id,
+            CappedBuffer(self.capture_bytes),  # request_body
+            CappedBuffer(self.capture_bytes),  # response_body
         )
         try:
             await self._forward(request, writer, grant, exchange, path, query, reply_headers)
@@ -234,9 +263,7 @@ class ProxyHandler:
     ) -> None:
         headers.append(("Content-Type", _JSON))
         headers.append(("Content-Length", str(len(body))))
-        await writer.start(status, "", headers, stream=False)
-        await writer.write(body)
-        await writer.finish()
+        await writer.respond(status, "", headers, body)
 
     async def _admit(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
@@ -259,7 +286,7 @@ class ProxyHandler:
         if method == "OPTIONS":
             await self._preflight(request, writer, reply_headers)
             return None
-        grant = await self.authority.admit(request.headers.get("Authorization"))
+        grant = await self.authority.admit(request.authorization)
         return path, query, grant
 
     async def _token_info(
@@ -271,7 +298,7 @@ class ProxyHandler:
                 f"Method {request.method} is not allowed for {self.token_info_path}.",
                 headers={"Allow": "GET"},
             )
-        grant = await self.authority.check(request.headers.get("Authorization"))
+        grant = await self.authority.check(request.authorization)
         remaining: int | None = None
         request_count: int | None = None
         if grant.max_requests is not None:
@@ -299,7 +326,10 @@ class ProxyHandler:
     ) -> None:
         headers = list(reply_headers)
         if any(name == "Access-Control-Allow-Origin" for name, _ in headers):
-            asked = request.headers.get("Access-Control-Request-Headers")
+            asked = next(
+                (v for n, v in request.headers if n.lower() == "access-control-request-headers"),
+                None,
+            )
             headers += [
                 ("Access-Control-Allow-Methods", self._allow_header),
                 ("Access-Control-Allow-Headers", asked or "Authorization, Content-Type"),
@@ -367,11 +397,7 @@ class ProxyHandler:
             raise errors.RequestTooLarge(
                 f"Request bodies to this endpoint are limited to {_SMALL_BODY} bytes."
             )
-        headers = [
-            (name, value)
-            for name, value in request.headers.items()
-            if (lower := name.lower()) not in _DROP_REQUEST and not lower.startswith("cf-")
-        ]
+        headers = request.headers
         if isinstance(body, bytes) and body:
             if provider.param_whitelist:
                 self._check_params(body)
@@ -428,6 +454,16 @@ class ProxyHandler:
             if self.stream_usage is not None and exchange.usage_injected and stream
             else None
         )
+        if not stream:
+            body = upstream.complete_body()
+            if body is not None:
+                # Head, body and end in one go, as the loop below would send one chunk (no body
+                # iteration): about 2 µs less user CPU per request (37.7 → 35.5 µs at c=64).
+                if body:
+                    exchange.response_body.add(body)
+                    exchange.first_byte_at = time.perf_counter()
+                await writer.respond(upstream.status, upstream.reason, out, body)
+                return
         await writer.start(upstream.status, upstream.reason, out, stream=stream)
         capture = exchange.response_body
         try:
@@ -500,6 +536,13 @@ class _AiohttpWriter:
     async def finish(self) -> None:
         assert self.response is not None
         await self.response.write_eof()
+
+    async def respond(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        await self.start(status, reason, headers, stream=False)
+        await self.write(body)
+        await self.finish()
 
     def abort(self) -> None:
         if self._request.transport is not None:

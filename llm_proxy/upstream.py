@@ -67,6 +67,11 @@ class UpstreamResponse(Protocol):
         """Return the connection to the pool if the body was fully read, else close it."""
         ...
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if it has already arrived (and then the connection is released as at the
+        end of iteration), else None: iterate for it."""
+        ...
+
 
 class UpstreamClient(Protocol):
     async def request(

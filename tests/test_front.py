@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from llm_proxy.front import FrontSite
 from tests.conftest import Proxy
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -19,6 +21,33 @@ async def conn(proxy: Proxy) -> AsyncIterator[Conn]:
     yield reader, writer
     writer.close()
     await writer.wait_closed()
+
+
+RawUpstream = Callable[[dict[str, bytes]], Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def raw_upstream(proxy_factory: Any) -> AsyncIterator[RawUpstream]:
+    """A proxy in front of an upstream that answers each path with exact bytes, in one write."""
+    servers: list[asyncio.Server] = []
+
+    async def start(answers: dict[str, bytes]) -> Proxy:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while head := await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(answers[head.split(b" ")[1].decode()])
+            except asyncio.IncompleteReadError:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        proxy: Proxy = await proxy_factory(api={"base_url": f"http://127.0.0.1:{port}"})
+        return proxy
+
+    yield start
+    for server in servers:
+        server.close()
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -200,3 +229,109 @@ async def test_idle_and_slow_header_connections_are_closed(proxy_factory: Any) -
     assert await asyncio.wait_for(slow_reader.read(), 5) == b""
     idle_writer.close()
     slow_writer.close()
+
+
+async def test_repeated_headers_first_value_counts_and_mixed_case_names_are_dropped(
+    proxy: Proxy, conn: Conn
+) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    writer.write(
+        (
+            "GET /v1/models HTTP/1.1\r\nHost: t\r\n"
+            f"authorization: Bearer {token}\r\nAUTHORIZATION: Bearer sk-not-the-first\r\n"
+            "X-Request-Id: first\r\nx-request-id: second\r\n"
+            "Cf-Ray: 1\r\nX-FORWARDED-FOR: 10.0.0.1\r\nX-Kept: a\r\n\r\n"
+        ).encode()
+    )
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and headers["x-request-id"] == "first"
+    seen = {name.lower(): value for name, value in proxy.upstream.last.headers.items()}
+    assert seen["x-request-id"] == "first" and seen["x-kept"] == "a"
+    assert "cf-ray" not in seen and "x-forwarded-for" not in seen
+
+
+async def test_small_answers_keep_their_framing_whole_in_one_piece(
+    raw_upstream: RawUpstream,
+) -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    proxy = await raw_upstream(
+        {
+            "/v1/files/one": chunked + b"2\r\n{}\r\n1\r\n\n\r\n0\r\n\r\n",
+            "/v1/files/empty": chunked + b"0\r\n\r\n",
+            "/v1/files/sized": b"HTTP/1.1 201 Made\r\nContent-Length: 3\r\n\r\nabc",
+        }
+    )
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    answers = []
+    for path in ("/v1/files/one", "/v1/files/empty", "/v1/files/sized"):
+        writer.write(request("GET", path, token))
+        answers.append(await read_response(reader))
+    assert [(status, body) for status, _, body in answers] == [
+        (200, b"{}\n"),
+        (200, b""),
+        (201, b"abc"),
+    ]
+    assert answers[0][1]["transfer-encoding"] == answers[1][1]["transfer-encoding"] == "chunked"
+    assert answers[2][1]["content-length"] == "3"
+    writer.close()
+
+
+async def test_whole_answers_to_a_client_not_reading_wait_for_it(
+    raw_upstream: RawUpstream,
+) -> None:
+    # Each answer arrives whole with its head; together they are more than the kernel's buffers
+    # take, so the proxy waits (drains) between answers until the client reads.
+    size, count = 96 * 1024, 100
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+    proxy = await raw_upstream({"/v1/files/big": head + b"b" * size})
+    token = await proxy.token()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proxy.client.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=size * 2)
+    writer.write(request("GET", "/v1/files/big", token) * count)
+    await asyncio.sleep(0.3)
+    for _ in range(count):
+        status, _, body = await read_response(reader)
+        assert status == 200 and body == b"b" * size
+    writer.close()
+
+
+async def test_a_small_body_arriving_in_pieces_is_forwarded_whole(proxy: Proxy, conn: Conn) -> None:
+    reader, writer = conn
+    token = await proxy.token()
+    writer.write(request("POST", "/v1/files/upload", token, b"hello-world")[:-6])
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the proxy reads the start of the body and waits for the rest
+    writer.write(b"-world")
+    status, _, body = await read_response(reader)
+    assert status == 200 and b'"received":11' in body.replace(b" ", b"")
+    assert proxy.upstream.last.body == b"hello-world"
+
+
+async def test_stopping_closes_idle_connections_and_lets_requests_in_flight_finish(
+    proxy: Proxy,
+) -> None:
+    token = await proxy.token()
+    port = proxy.client.port
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_writer.write(request("GET", "/v1/models", token))
+    assert (await read_response(idle_reader))[0] == 200
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+    busy_writer.write(request("GET", "/v1/audio/paced?n=3&gap=0.1", token))
+    await asyncio.wait_for(busy_reader.readuntil(b"\r\n\r\n"), 5)  # the stream has begun
+    assert proxy.client.server.runner is not None
+    (site,) = [s for s in proxy.client.server.runner.sites if isinstance(s, FrontSite)]
+    stopping = asyncio.create_task(site.stop())
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+    assert not stopping.done()
+    rest = await asyncio.wait_for(busy_reader.read(), 5)  # the whole stream, then the close
+    assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    await stopping
+    idle_writer.close()
+    busy_writer.close()

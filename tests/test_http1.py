@@ -787,3 +787,37 @@ async def test_caller_transfer_encoding_is_not_doubled(
         f"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
         "5\r\nhello\r\n0\r\n\r\n".encode()
     )
+
+
+async def test_complete_body_is_taken_whole_only_once_it_has_arrived(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    connections = 0
+    go_on = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await go_on.wait()
+        writer.write(b"world")
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    origin = await raw_server(handler)
+    response = await client.request("GET", origin, "/", [], None, FAST)
+    assert response.complete_body() is None  # half of it so far: nothing is taken
+    go_on.set()
+    assert await read_all(response) == b"helloworld"
+    assert response.complete_body() is None  # read and released already
+    response = await client.request("GET", origin, "/", [], None, FAST)
+    for _ in range(200):  # wait (bounded) until the whole body arrived
+        if response._conn is not None and response._conn.body_done:
+            break
+        await asyncio.sleep(0.01)
+    assert response.complete_body() == b"ok"
+    assert [chunk async for chunk in response] == []
+    assert len(await get(client, origin)) == 2
+    assert connections == 1  # taking the body released the connection to the pool
