@@ -17,6 +17,7 @@ from dispatcher.embedded import start_file_event_log, start_usage_aggregation
 from llm_proxy import __version__
 from llm_proxy.api_config import ApiConfig, load_api_config
 from llm_proxy.authority import TokenAuthority
+from llm_proxy.busy_poll import AdaptivePoll
 from llm_proxy.crypto import KeyCipher
 from llm_proxy.events import (
     EventPipeline,
@@ -61,6 +62,7 @@ class Components:
     sink: ExchangeSink
     pipeline: EventPipeline | None = None  # events built in this process (event_build_in=thread)
     offload: EventOffload | None = None  # events built in the events process (the default)
+    poller: AdaptivePoll | None = None  # poked by the front door and the upstream client
     proxy: ProxyHandler | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -211,16 +213,22 @@ async def create_app(
             await pipeline.close()
         await store.close()
         raise
+    poller = (
+        AdaptivePoll(asyncio.get_running_loop(), settings.busy_poll_micros / 1e6)
+        if settings.busy_poll_micros
+        else None
+    )
     components = Components(
         settings=settings,
         api_config=api_config,
         store=store,
         authority=authority,
         operations=Operations(store, cipher, authority),
-        upstream=upstream or Http1Client(),
+        upstream=upstream or Http1Client(on_data=poller.poke if poller else None),
         sink=sink or pipeline or offload or DiscardSink(),
         pipeline=pipeline,
         offload=offload,
+        poller=poller,
     )
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[COMPONENTS] = components

@@ -25,6 +25,7 @@ from llm_proxy.settings import (
     parse_listen_addr,
     parse_positive_int,
     parse_size,
+    parse_whole_number,
 )
 
 
@@ -51,6 +52,7 @@ def build_settings(
     file_event_log: str | None,
     workers: int | str,
     max_request_body: str,
+    busy_poll_micros: int | str,
     is_tty: bool,
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
@@ -77,6 +79,9 @@ def build_settings(
         file_event_log=Path(file_event_log) if file_event_log else None,
         workers=parse_positive_int("WORKERS", workers),
         max_request_body_bytes=parse_size("MAX_REQUEST_BODY", max_request_body),
+        busy_poll_micros=parse_whole_number(
+            "LLM_PROXY_BUSY_POLL_MICROS", busy_poll_micros, at_most=10_000
+        ),
     )
 
 
@@ -130,6 +135,13 @@ def build_settings(
     default="64MiB",
     show_envvar=True,
     help="Largest request body accepted on the proxy path.",
+)
+@click.option(
+    "--busy-poll-micros",
+    envvar="LLM_PROXY_BUSY_POLL_MICROS",
+    default="300",
+    show_envvar=True,
+    help="Keep polling sockets this long after activity (adaptive; 0 turns it off).",
 )
 def server(**options: str | int | None) -> None:
     """Run the proxy, the management API and the admin pages."""

@@ -254,7 +254,9 @@ class FrontProtocol(asyncio.Protocol):
         handler: ProxyHandler,
         fallback: Callable[[], asyncio.Protocol],
         connections: set[FrontProtocol],
+        on_data: Callable[[], None] | None = None,
     ) -> None:
+        self._on_data = on_data  # called whenever the client sends bytes (busy polling)
         self._handler = handler
         self._fallback = fallback
         self._connections = connections
@@ -310,6 +312,8 @@ class FrontProtocol(asyncio.Protocol):
             self._drain_waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self._on_data is not None:
+            self._on_data()
         self._cancel_idle_timer()
         self._chunk_start = self._message_done and not self._busy
         self._chunk = data
@@ -569,6 +573,7 @@ class FrontSite(web.BaseSite):
         "_handler",
         "_head_timeout",
         "_keepalive",
+        "_on_data",
         "_sock",
         "_sweeper",
     )
@@ -582,8 +587,10 @@ class FrontSite(web.BaseSite):
         grace_seconds: float = 10.0,
         keepalive_seconds: float = KEEPALIVE_SECONDS,
         head_timeout_seconds: float = HEAD_TIMEOUT_SECONDS,
+        on_data: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(runner)
+        self._on_data = on_data
         self._grace = grace_seconds
         self._keepalive = keepalive_seconds
         self._head_timeout = head_timeout_seconds
@@ -613,9 +620,11 @@ class FrontSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         fallback = self._runner.server
         assert fallback is not None
-        handler, connections = self._handler, self._connections
+        handler, connections, on_data = self._handler, self._connections, self._on_data
         self._server = await loop.create_server(
-            lambda: FrontProtocol(handler, fallback, connections), sock=self._sock, backlog=1024
+            lambda: FrontProtocol(handler, fallback, connections, on_data),
+            sock=self._sock,
+            backlog=1024,
         )
 
     async def stop(self) -> None:

@@ -12,7 +12,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import cast
 
 import httptools
@@ -131,6 +131,8 @@ class _Connection(asyncio.Protocol):
             self._lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self._client.on_data is not None:
+            self._client.on_data()
         self.got_bytes = True
         try:
             self._parser.feed_data(data)
@@ -400,7 +402,9 @@ class Http1Client:
         ssl_context: ssl.SSLContext | None = None,
         max_idle_per_origin: int = 100,
         keepalive_expiry: float = 60.0,
+        on_data: Callable[[], None] | None = None,
     ) -> None:
+        self.on_data = on_data  # called whenever a response delivers bytes (busy polling)
         self._ssl_context = ssl_context
         self._max_idle = max_idle_per_origin
         self._expiry = keepalive_expiry

@@ -91,9 +91,12 @@ async def _serve(settings: Settings) -> None:
             raise SettingsError(
                 f"LISTEN_ADDR: cannot listen on {address}: {exc.strerror}"
             ) from None
-        proxy = app[COMPONENTS].proxy
-        assert proxy is not None
-        await FrontSite(runner, sock, proxy).start()
+        components = app[COMPONENTS]
+        assert components.proxy is not None
+        poller = components.poller
+        await FrontSite(
+            runner, sock, components.proxy, on_data=poller.poke if poller else None
+        ).start()
         tune_garbage_collector()
         log.info("server.listening", url=f"http://{settings.listen_host}:{settings.listen_port}")
         stop = asyncio.Event()

@@ -46,6 +46,8 @@ class Settings:
     token_cache_seconds: float = 30.0
     change_poll_seconds: float = 0.25
     usage_flush_seconds: float = 1.0
+    # The longest the event loop keeps polling after socket activity (0: never); see busy_poll.py.
+    busy_poll_micros: int = 300
     # Where instrumentation events are built: a worker process keeps the GIL free for requests;
     # tests use a thread to avoid spawning a process per application.
     event_build_in: Literal["process", "thread"] = "process"
@@ -110,6 +112,16 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise SettingsError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def parse_whole_number(name: str, value: int | str, *, at_most: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a whole number, got {value!r}") from None
+    if not 0 <= number <= at_most:
+        raise SettingsError(f"{name}: must be between 0 and {at_most}")
+    return number
 
 
 def parse_positive_int(name: str, value: int | str) -> int:

@@ -164,10 +164,11 @@ class FrontTestServer(BaseTestServer):
         sock = listening_socket("127.0.0.1", 0, reuse_port=False)
         self.port = sock.getsockname()[1]
         self.scheme = "http"
-        proxy = self.app[COMPONENTS].proxy
-        assert proxy is not None
+        components = self.app[COMPONENTS]
+        assert components.proxy is not None
         options = {"grace_seconds": 1.0, **self.site_options}
-        await FrontSite(self.runner, sock, proxy, **options).start()
+        poke = components.poller.poke if components.poller else None
+        await FrontSite(self.runner, sock, components.proxy, on_data=poke, **options).start()
         self._root = URL(f"http://127.0.0.1:{self.port}")
 
 
