@@ -86,6 +86,7 @@ def test_every_variable_is_read_from_the_environment(
         "FILE_EVENT_LOG": str(tmp_path / "events.jsonl"),
         "WORKERS": "4",
         "MAX_REQUEST_BODY": "512k",
+        "LLM_PROXY_BUSY_POLL_MICROS": "0",
     }
     settings = settings_from_environment(monkeypatch, env)
     assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 9001)
@@ -103,6 +104,7 @@ def test_every_variable_is_read_from_the_environment(
     assert settings.file_event_log == tmp_path / "events.jsonl"
     assert settings.workers == 4
     assert settings.max_request_body_bytes == 512 * 1024
+    assert settings.busy_poll_micros == 0
 
 
 def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,6 +135,9 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("MAX_REQUEST_BODY", "0"),
         ("WORKERS", "0"),
         ("WORKERS", "many"),
+        ("LLM_PROXY_BUSY_POLL_MICROS", "-1"),
+        ("LLM_PROXY_BUSY_POLL_MICROS", "20000"),
+        ("LLM_PROXY_BUSY_POLL_MICROS", "soon"),
         ("ADMIN_USER", " "),
     ],
 )
