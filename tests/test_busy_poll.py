@@ -54,7 +54,9 @@ async def test_a_poll_ends_by_itself() -> None:
 
 
 async def test_the_proxy_polls_while_requests_follow_each_other(proxy_factory: Any) -> None:
-    proxy: Proxy = await proxy_factory()
+    # A wide window: client, proxy and upstream share this process's loop, and under coverage
+    # one request takes longer than the default window.
+    proxy: Proxy = await proxy_factory(busy_poll_micros=10_000)
     poller = proxy.components.poller
     assert isinstance(poller, AdaptivePoll)
     token = await proxy.token()
@@ -66,7 +68,7 @@ async def test_the_proxy_polls_while_requests_follow_each_other(proxy_factory: A
                 headers={"Authorization": f"Bearer {token}"},
             ) as response:
                 assert response.status == 200
-    # Client and upstream (both in this process) answer within microseconds: polls were opened.
+    # Client and upstream answered within the window: polls were opened.
     assert poller.polls >= 1
 
 
