@@ -10,7 +10,10 @@ import aiohttp
 from llm_proxy.busy_poll import AdaptivePoll
 from tests.conftest import Proxy
 
-MAX = 300e-6
+# Wider than the default, so that a loaded machine (or coverage) cannot stretch the gaps between
+# the test's own steps beyond it; IDLE is comfortably longer than two windows.
+MAX = 5e-3
+IDLE = 0.02
 
 
 async def arrivals_while_polling(poll: AdaptivePoll, count: int) -> None:
@@ -33,15 +36,15 @@ async def test_the_window_shrinks_to_nothing_when_nothing_comes() -> None:
     poll = AdaptivePoll(asyncio.get_running_loop(), MAX)
     await arrivals_while_polling(poll, 20)
     assert poll.window == MAX
-    for _ in range(12):
-        await asyncio.sleep(0.002)  # longer than any window: each poll runs out empty
+    for _ in range(12):  # 5 ms halves below 10 µs in nine
+        await asyncio.sleep(IDLE)  # longer than any window: each poll runs out empty
         poll.poke()
     assert poll.window == 0.0
     polls = poll.polls
     for _ in range(5):  # sparse traffic from now on: no poll is started at all
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(IDLE)
         poll.poke()
-    await asyncio.sleep(0.002)
+    await asyncio.sleep(IDLE)
     assert poll.polls == polls and poll.window == 0.0
     assert poll.wasted >= 5
 
@@ -49,7 +52,7 @@ async def test_the_window_shrinks_to_nothing_when_nothing_comes() -> None:
 async def test_a_poll_ends_by_itself() -> None:
     poll = AdaptivePoll(asyncio.get_running_loop(), MAX)
     await arrivals_while_polling(poll, 20)
-    await asyncio.sleep(0.01)  # the loop is free again: nothing keeps it polling
+    await asyncio.sleep(IDLE)  # the loop is free again: nothing keeps it polling
     assert not poll._active
 
 
