@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from llm_proxy.metrics import STATS
+
 _GROW_FROM = 10e-6  # the first window after an idle period: 10 µs
 
 
@@ -69,6 +71,7 @@ class AdaptivePoll:
         if self.window:
             self._active = self._fresh = True
             self.polls += 1
+            STATS.busy_polls += 1
             self._loop.call_soon(self._poll)
 
     def _grow(self) -> None:
@@ -88,5 +91,6 @@ class AdaptivePoll:
         if not self._hits:
             # Nothing arrived while polling: shrink the window (below the start, stop polling).
             self.wasted += 1
+            STATS.busy_polls_wasted += 1
             self.window = self.window / 2 if self.window / 2 >= _GROW_FROM else 0.0
         self._hits = 0

@@ -67,6 +67,8 @@ class ProxyStats:
         self.client_disconnects = 0
         self.cache_hits = 0
         self.cache_misses = 0
+        self.busy_polls = 0  # see busy_poll.py
+        self.busy_polls_wasted = 0
         self.upstream_latency = _Histogram(_UPSTREAM_BUCKETS)
         self.upstream_duration = _Histogram(_UPSTREAM_BUCKETS)
         self.added_latency = _Histogram(_ADDED_BUCKETS)
@@ -118,6 +120,16 @@ class _ProxyCollector(Collector):
             "Token admissions by cache result (hit: checked from memory; miss: from the store).",
             ["result"],
             [(("hit",), s.cache_hits), (("miss",), s.cache_misses)],
+        )
+        yield _counters(
+            "llm_proxy_busy_polls",
+            "Busy-poll windows opened after socket activity, by outcome (paid: data arrived while "
+            "polling; wasted: the window ran out empty and shrank).",
+            ["outcome"],
+            [
+                (("paid",), s.busy_polls - s.busy_polls_wasted),
+                (("wasted",), s.busy_polls_wasted),
+            ],
         )
         yield s.upstream_latency.family(
             "llm_proxy_upstream_latency_seconds",

@@ -71,8 +71,16 @@ async def test_the_proxy_polls_while_requests_follow_each_other(proxy_factory: A
                 headers={"Authorization": f"Bearer {token}"},
             ) as response:
                 assert response.status == 200
-    # Client and upstream answered within the window: polls were opened.
+    # Client and upstream answered within the window: polls were opened, and /metrics says so.
     assert poller.polls >= 1
+    async with proxy.operator.get(f"{proxy.base_url}/metrics") as response:
+        text = await response.text()
+    paid = next(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('llm_proxy_busy_polls_total{outcome="paid"}')
+    )
+    assert paid >= 1
 
 
 async def test_polling_can_be_turned_off(proxy_factory: Any) -> None:
