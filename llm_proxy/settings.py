@@ -48,8 +48,9 @@ class Settings:
     usage_flush_seconds: float = 1.0
     # The longest the event loop keeps polling after socket activity (0: never); see busy_poll.py.
     busy_poll_micros: int = 300
-    # Where instrumentation events are built: a worker process keeps the GIL free for requests;
-    # tests use a thread to avoid spawning a process per application.
+    # Where events are built, published and aggregated: in the events process beside the server
+    # (llm_proxy/events/process.py), keeping that work off the server's GIL; tests use "thread"
+    # to run the same pipeline inside the application.
     event_build_in: Literal["process", "thread"] = "process"
 
     @property
