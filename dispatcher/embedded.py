@@ -9,7 +9,8 @@ from dispatcher.backends import Backend
 from dispatcher.backends.file import FileBackend
 from dispatcher.backends.usage import UsageBackend
 from dispatcher.worker import Worker, WorkerSettings
-from llm_proxy.events.pipeline import EventPipeline
+from llm_proxy.events.config import EventsConfig
+from llm_proxy.events.pipeline import EventPipeline, start_event_pipeline
 from llm_proxy.store import Store
 
 
@@ -74,3 +75,20 @@ async def start_usage_aggregation(
             drain_timeout=drain_timeout,
         ),
     )
+
+
+async def start_events_here(
+    config: EventsConfig, store: Store, *, file_event_log: Path | None
+) -> EventPipeline:
+    """The event pipeline with its in-process dispatchers: usage aggregation, and the file log
+    when asked. Run by the events process (and by the server itself with
+    ``event_build_in="thread"``). Nothing is left running if a dispatcher cannot start."""
+    pipeline = await start_event_pipeline(config)
+    try:
+        await start_usage_aggregation(pipeline, store, data_dir=config.data_dir)
+        if file_event_log is not None:
+            await start_file_event_log(pipeline, file_event_log, data_dir=config.data_dir)
+    except BaseException:
+        await pipeline.close()
+        raise
+    return pipeline

@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 
 from admin_ui import admin_app
-from dispatcher.embedded import start_file_event_log, start_usage_aggregation
+from dispatcher.embedded import start_events_here
 from llm_proxy import __version__
 from llm_proxy.api_config import ApiConfig, load_api_config
 from llm_proxy.authority import TokenAuthority
@@ -24,7 +24,6 @@ from llm_proxy.events import (
     EventsConfig,
     UsageChunkFilter,
     inject_stream_usage,
-    start_event_pipeline,
 )
 from llm_proxy.events.offload import EventOffload
 from llm_proxy.events.process import Launch
@@ -171,20 +170,6 @@ def _launch(settings: Settings) -> Launch:
     )
 
 
-async def _start_pipeline_here(settings: Settings, store: Store) -> EventPipeline:
-    pipeline = await start_event_pipeline(events_config(settings))
-    try:
-        await start_usage_aggregation(pipeline, store, data_dir=settings.data_dir)
-        if settings.file_event_log is not None:
-            await start_file_event_log(
-                pipeline, settings.file_event_log, data_dir=settings.data_dir
-            )
-    except BaseException:
-        await pipeline.close()
-        raise
-    return pipeline
-
-
 async def create_app(
     settings: Settings,
     *,
@@ -206,7 +191,9 @@ async def create_app(
                 offload = EventOffload(_launch(settings))
                 await offload.start()
             else:
-                pipeline = await _start_pipeline_here(settings, store)
+                pipeline = await start_events_here(
+                    events_config(settings), store, file_event_log=settings.file_event_log
+                )
     except BaseException:
         # aiosqlite's worker thread (and the event builder) would keep a failed process alive.
         if pipeline is not None:

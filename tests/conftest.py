@@ -26,6 +26,19 @@ from tests.fakes import UPSTREAM_LOG, UpstreamLog, fake_upstream_app
 
 MANAGEMENT_TOKEN = "mgmt-test-" + secrets.token_urlsafe(16)
 UPSTREAM_KEY = "sk-upstream-REAL-" + secrets.token_urlsafe(16)
+# What SPEC §5 shows of a token (never its value), through the API and the CLI alike.
+TOKEN_FIELDS = frozenset(
+    {
+        "id",
+        "project_id",
+        "expires_at",
+        "is_active",
+        "request_count",
+        "max_requests",
+        "created_at",
+        "last_used_at",
+    }
+)
 
 ALLOWED = [
     "/v1/chat/completions",

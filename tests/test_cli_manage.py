@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from llm_proxy.cli import main
+from tests.conftest import TOKEN_FIELDS
 from tests.processes import (
     PRODUCT_VARIABLES,
     MockUpstream,
@@ -315,16 +316,7 @@ def test_token_generate_shows_the_value_once(server: ServerProcess) -> None:
     assert fields["max_requests"] == "3"
 
     shown = manage_json(server, "token", "get", token_id)
-    assert set(shown) >= {
-        "id",
-        "project_id",
-        "expires_at",
-        "is_active",
-        "request_count",
-        "max_requests",
-        "created_at",
-        "last_used_at",
-    }
+    assert set(shown) >= TOKEN_FIELDS
     assert (shown["is_active"], shown["request_count"], shown["max_requests"]) == (True, 0, 3)
     for args in (("token", "get", token_id), ("token", "list"), ("--json", "token", "list")):
         result = manage_as(server, *args)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MANAGEMENT_TOKEN, UPSTREAM_KEY, Proxy
+from tests.conftest import MANAGEMENT_TOKEN, TOKEN_FIELDS, UPSTREAM_KEY, Proxy
 
 
 def _code(body: Any) -> str:
@@ -77,16 +77,7 @@ async def test_token_issue_shows_the_value_once_and_never_again(proxy: Proxy) ->
 
     status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
     assert status == 200
-    assert set(token) >= {
-        "id",
-        "project_id",
-        "expires_at",
-        "is_active",
-        "request_count",
-        "max_requests",
-        "created_at",
-        "last_used_at",
-    }
+    assert set(token) >= TOKEN_FIELDS
     assert token["is_active"] is True and token["request_count"] == 0
     assert token["last_used_at"] is None
     status, listed = await proxy.manage("GET", "/tokens")

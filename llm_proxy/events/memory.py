@@ -23,12 +23,12 @@ log = structlog.get_logger(__name__)
 
 
 class _Group:
-    __slots__ = ("dropped", "events", "ready")
+    __slots__ = ("drops", "events", "ready")
 
     def __init__(self, maxlen: int) -> None:
         self.events: deque[Delivery] = deque(maxlen=maxlen)
         self.ready = asyncio.Event()
-        self.dropped = 0
+        self.drops = metrics.Drops("memory bus full, dropping oldest")
 
 
 class MemorySubscription:
@@ -68,12 +68,7 @@ class MemoryBus:
             delivery = Delivery(str(next(self._ids)), event)
             for name, group in self._groups.items():
                 if len(group.events) == self._maxlen:
-                    group.dropped += 1
-                    metrics.DROPPED.labels("memory_bus_full").inc()
-                    if group.dropped in (1, 10, 100) or group.dropped % 1000 == 0:
-                        log.warning(
-                            "memory bus full, dropping oldest", group=name, dropped=group.dropped
-                        )
+                    group.drops.add("memory_bus_full", group=name)
                 group.events.append(delivery)
                 group.ready.set()
         metrics.PUBLISHED.labels("memory").inc(len(events))

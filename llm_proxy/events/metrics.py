@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import structlog
 from prometheus_client import Counter, Gauge
+
+_log = structlog.get_logger(__name__)
 
 PUBLISHED = Counter("llm_proxy_events_published", "Events written to the bus.", ["bus"])
 DROPPED = Counter(
@@ -18,3 +21,30 @@ REPLAYED = Counter("llm_proxy_events_replayed", "Spooled events replayed into Re
 SPOOL_PENDING = Gauge("llm_proxy_events_spool_pending_bytes", "Spool bytes not yet replayed.")
 QUEUE_DEPTH = Gauge("llm_proxy_events_queue_depth", "Exchanges waiting in the pipeline queue.")
 USAGE = Counter("llm_proxy_events_usage", "Events by where their usage came from.", ["source"])
+
+
+class Drops:
+    """The dropped exchanges or events of one component.
+
+    Every one is counted in ``llm_proxy_events_dropped{reason}``; the log hears of the 1st, 10th,
+    100th and every 1000th after, so that an overload dropping thousands a second does not also
+    flood the log.
+    """
+
+    __slots__ = ("_message", "total")
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self.total = 0
+
+    def add(self, reason: str, count: int = 1, **context: object) -> None:
+        if count <= 0:
+            return
+        before, self.total = self.total, self.total + count
+        DROPPED.labels(reason).inc(count)
+        if _crossed_a_mark(before, self.total):
+            _log.warning(self._message, reason=reason, count=count, dropped=self.total, **context)
+
+
+def _crossed_a_mark(before: int, after: int) -> bool:
+    return any(before < mark <= after for mark in (1, 10, 100)) or after // 1000 > before // 1000

@@ -64,7 +64,7 @@ class EventOffload:
         self._close_timeout = close_timeout
         self._backlog_bytes = backlog_bytes
         self._loop = asyncio.get_running_loop()
-        self._flush_handle: asyncio.Handle | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._input: asyncio.StreamWriter | None = None  # None while no events process runs
         self._watcher: asyncio.Task[None] | None = None
@@ -73,7 +73,7 @@ class EventOffload:
         self._status_at = 0.0
         self._sent_to_current = 0  # exchanges sent to the running events process
         self.sent = 0
-        self.dropped = 0
+        self._drops = metrics.Drops("events dropped")
         self.restarts = 0
 
     # -- starting and watching ------------------------------------------------------------------
@@ -108,8 +108,7 @@ class EventOffload:
         self._sent_to_current = 0
         self._status, self._status_at = {}, 0.0
         log.info("events_process.attached", pid=process.pid)
-        if self._queue:
-            self._schedule_flush(at_once=True)
+        self._flush()  # what queued up while no events process ran
 
     async def _watch(self) -> None:
         """Read status lines; when the events process dies, count the loss and start another."""
@@ -124,13 +123,13 @@ class EventOffload:
             if self._closing:
                 return
             self._input = None
-            lost = max(self._sent_to_current - int(self._status.get("done", 0)), 0)
-            self._count_drop("events_process_died", lost)
+            lost = self._unfinished()
+            self._drops.add("events_process_died", lost)
             log.error("events_process.died", exit_code=code, lost=lost)
-            while not self._closing:
-                if time.monotonic() - started > 60:
-                    spacing = _RESTART_SPACING[0]  # it had been running fine
-                await asyncio.sleep(spacing)
+            if time.monotonic() - started > 60:
+                spacing = _RESTART_SPACING[0]  # it had been running fine: restart promptly
+            while True:
+                await asyncio.sleep(spacing)  # (close cancels this wait)
                 spacing = min(spacing * 2, _RESTART_SPACING[1])
                 try:
                     await self._spawn()
@@ -139,48 +138,38 @@ class EventOffload:
                     continue
                 self.restarts += 1
                 break
-            if self._closing:
-                return
 
     # -- the request path -------------------------------------------------------------------------
 
     def submit(self, exchange: Exchange) -> None:
         """Queue a finished exchange. Never blocks, never raises."""
         if self._closing:
-            self._count_drop("closing", 1)
+            self._drops.add("closing", 1)
             return
         queue = self._queue
         if len(queue) >= self._queue_size:
             queue.popleft()
-            self._count_drop("queue_full", 1)
+            self._drops.add("queue_full", 1)
         queue.append(exchange)
+        # submit runs after the response went out; a full batch is sent from here, a partial one
+        # when the linger timer fires.
         if len(queue) >= self._batch_size:
-            self._schedule_flush(at_once=True)
-        elif self._flush_handle is None:
-            self._schedule_flush(at_once=False)
-
-    def _schedule_flush(self, *, at_once: bool) -> None:
-        handle = self._flush_handle
-        if handle is not None:
-            if not at_once or not isinstance(handle, asyncio.TimerHandle):
-                return  # a flush is already due at once, or a timer is set and soon enough
-            handle.cancel()
-        self._flush_handle = (
-            self._loop.call_soon(self._flush)
-            if at_once
-            else self._loop.call_later(self._linger, self._flush)
-        )
+            self._flush()
+        elif self._flush_timer is None:
+            self._flush_timer = self._loop.call_later(self._linger, self._flush)
 
     def _flush(self) -> None:
-        """Send what is queued, a batch per frame. Off the request path (a loop callback)."""
-        self._flush_handle = None
+        """Send what is queued, a batch per frame."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         stdin = self._input
         queue = self._queue
         if stdin is None or not queue:
             return  # no events process right now: the queue waits (bounded) for the next one
         if stdin.transport.get_write_buffer_size() > self._backlog_bytes:
             # The events process is not keeping up; the pipe and this buffer are full.
-            self._count_drop("events_process_backlog", len(queue))
+            self._drops.add("events_process_backlog", len(queue))
             queue.clear()
             return
         while queue:
@@ -189,12 +178,13 @@ class EventOffload:
             self.sent += len(batch)
             self._sent_to_current += len(batch)
 
-    def _count_drop(self, reason: str, count: int) -> None:
-        if count <= 0:
-            return
-        self.dropped += count
-        metrics.DROPPED.labels(reason).inc(count)
-        log.warning("events dropped", reason=reason, count=count, dropped=self.dropped)
+    def _unfinished(self) -> int:
+        """Exchanges sent to the running events process that it had not reported done."""
+        return max(self._sent_to_current - int(self._status.get("done", 0)), 0)
+
+    @property
+    def dropped(self) -> int:
+        return self._drops.total
 
     # -- what the events process reports ------------------------------------------------------------
 
@@ -212,14 +202,12 @@ class EventOffload:
 
     async def close(self) -> None:
         """Send what is queued, let the events process drain and exit (bounded), then stop."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
         self._flush()
         self._closing = True
         process, stdin = self._process, self._input
         if stdin is None:
             # No events process is running (between a death and a restart): nothing can drain.
-            self._count_drop("closing", len(self._queue))
+            self._drops.add("closing", len(self._queue))
             self._queue.clear()
             if self._watcher is not None:
                 self._watcher.cancel()
@@ -235,8 +223,8 @@ class EventOffload:
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-                lost = max(self._sent_to_current - int(self._status.get("done", 0)), 0)
-                self._count_drop("closing", lost)
+                lost = self._unfinished()
+                self._drops.add("closing", lost)
                 log.error("events_process.killed", reason="did not drain in time", lost=lost)
                 self._watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -62,7 +62,7 @@ class EventPipeline:
         self._task: asyncio.Task[None] | None = None
         self._attached: list[Closeable] = []
         self._closing = False
-        self.dropped = 0
+        self._drops = metrics.Drops("event dropped")
         self.published = 0
 
     def start(self) -> None:
@@ -75,21 +75,17 @@ class EventPipeline:
     def submit(self, exchange: Exchange) -> None:
         """Queue a finished exchange. Never blocks, never raises."""
         if self._closing:
-            self._drop("closing", exchange)
+            self._drops.add("closing", request_id=exchange.request_id)
             return
         queue = self._queue
         if len(queue) >= self._queue_size:
-            self._drop("queue_full", queue.popleft())
+            self._drops.add("queue_full", request_id=queue.popleft().request_id)
         queue.append(exchange)
         self._wakeup.set()
 
-    def _drop(self, reason: str, exchange: Exchange) -> None:
-        self.dropped += 1
-        metrics.DROPPED.labels(reason).inc()
-        if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-            log.warning(
-                "event dropped", reason=reason, dropped=self.dropped, request_id=exchange.request_id
-            )
+    @property
+    def dropped(self) -> int:
+        return self._drops.total
 
     async def _run(self) -> None:
         queue = self._queue
@@ -145,8 +141,7 @@ class EventPipeline:
                 await asyncio.gather(self._task, return_exceptions=True)
                 left = len(self._queue)
                 self._queue.clear()
-                self.dropped += left
-                metrics.DROPPED.labels("closing").inc(left)
+                self._drops.add("closing", left)
                 log.warning("event pipeline closed before draining", dropped=left)
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
         for component in self._attached:

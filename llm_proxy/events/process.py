@@ -13,8 +13,8 @@ Protocol, all on pipes to the server:
 - the status pipe (the process's original stdout; ``sys.stdout`` is pointed at stderr so that no
   stray print can corrupt it): one JSON object per line. First ``{"ready": true}`` or
   ``{"error": "..."}``, then every ``status_seconds`` and once more at exit
-  ``{"received": n, "done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where
-  ``done`` counts exchanges that became published events or counted drops.
+  ``{"done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where ``done`` counts
+  exchanges that became published events or counted drops.
 - stderr: the log, as configured for the server.
 """
 
@@ -36,10 +36,10 @@ import uvloop
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from dispatcher.embedded import start_file_event_log, start_usage_aggregation
+from dispatcher.embedded import start_events_here
 from dispatcher.worker import BackendStartError
 from llm_proxy.events.config import EventsConfig
-from llm_proxy.events.pipeline import EventPipeline, start_event_pipeline
+from llm_proxy.events.pipeline import EventPipeline
 from llm_proxy.exchange import Exchange
 from llm_proxy.gc_tuning import tune_garbage_collector
 from llm_proxy.logging_setup import configure_logging
@@ -105,14 +105,13 @@ class _Status:
             data = data[os.write(self._fd, data) :]
 
 
-async def _report(status: _Status, pipeline: EventPipeline, received: list[int]) -> None:
+async def _report(status: _Status, pipeline: EventPipeline) -> None:
     try:
         reachable = await asyncio.wait_for(pipeline.bus.ping(), timeout=1.0)
     except TimeoutError:
         reachable = False
     status.send(
         {
-            "received": received[0],
             "done": pipeline.published + pipeline.dropped,
             "bus_reachable": reachable,
             "metrics": generate_latest(_REPORTED).decode(),
@@ -120,25 +119,19 @@ async def _report(status: _Status, pipeline: EventPipeline, received: list[int])
     )
 
 
-async def _report_every(
-    seconds: float, status: _Status, pipeline: EventPipeline, received: list[int]
-) -> None:
+async def _report_every(seconds: float, status: _Status, pipeline: EventPipeline) -> None:
     while True:
         await asyncio.sleep(seconds)
-        await _report(status, pipeline, received)
+        await _report(status, pipeline)
 
 
 async def _open(launch: Launch) -> tuple[EventPipeline, SqliteStore]:
     store = await SqliteStore.open(launch.sqlite_path)
-    pipeline = await start_event_pipeline(launch.events)
     try:
-        await start_usage_aggregation(pipeline, store, data_dir=launch.events.data_dir)
-        if launch.file_event_log is not None:
-            await start_file_event_log(
-                pipeline, launch.file_event_log, data_dir=launch.events.data_dir
-            )
+        pipeline = await start_events_here(
+            launch.events, store, file_event_log=launch.file_event_log
+        )
     except BaseException:
-        await pipeline.close()
         await store.close()
         raise
     return pipeline, store
@@ -162,21 +155,19 @@ async def _run(status: _Status) -> int:
     tune_garbage_collector()
     status.send({"ready": True})
     log.info("events_process.started", pid=os.getpid(), bus=launch.events.bus)
-    received = [0]
-    reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline, received))
+    reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline))
     try:
         while (wires := await read_frame(reader)) is not None:
             for wire in wires:
                 pipeline.submit(Exchange.from_wire(wire))
-            received[0] += len(wires)
     finally:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reporter
         await pipeline.close()  # drains into the bus and the dispatchers
         await store.close()
-        await _report(status, pipeline, received)
-        log.info("events_process.stopped", received=received[0])
+        await _report(status, pipeline)
+        log.info("events_process.stopped")
     return 0
 
 
