@@ -6,6 +6,7 @@ request path is matched by walking its segment boundaries (O(segments), no regex
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Mapping
@@ -19,6 +20,22 @@ import yaml
 from llm_proxy.upstream import Origin, Timeouts
 
 DEFAULT_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
+# RFC 9110 methods and PATCH: anything else in allowed_methods is a typo.
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+TOP_LEVEL_KEYS = ("default_api", "apis", "token_info_path")
+PROVIDER_KEYS = (
+    "base_url",
+    "allowed_endpoints",
+    "allowed_methods",
+    "timeouts",
+    "param_whitelist",
+    "allowed_origins",
+    "inject_stream_usage",
+)
+TIMEOUT_KEYS = ("connect", "response_header", "idle")
+_ENCODED_SEPARATOR = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
@@ -79,9 +96,10 @@ class ApiConfig:
 def normalise_path(raw_path: str) -> str | None:
     """The canonical form of a request path, or None when it must be refused.
 
-    Encoded slashes and backslashes, dot segments (also percent-encoded) and NUL bytes are refused
-    rather than resolved: a client has no honest reason to send them, and resolving them is how
-    prefix allowlists get bypassed. Repeated slashes collapse and a trailing slash is dropped.
+    Encoded slashes and backslashes, dot segments (also percent-encoded, once or twice) and NUL
+    bytes are refused rather than resolved: a client has no honest reason to send them, and
+    resolving them is how prefix allowlists get bypassed, here or at an upstream that decodes once
+    more. Repeated slashes collapse and a trailing slash is dropped.
     """
     if _already_canonical(raw_path):
         return raw_path
@@ -91,6 +109,8 @@ def normalise_path(raw_path: str) -> str | None:
     path = unquote(raw_path) if "%" in raw_path else raw_path
     if not path.startswith("/") or "\x00" in path:
         return None
+    if "%" in path and _ENCODED_SEPARATOR.search(path):
+        return None  # double-encoded: "%252e" decodes to "%2e"
     segments = [s for s in path.split("/") if s]
     if any(s in (".", "..") for s in segments):
         return None
@@ -129,46 +149,65 @@ def _string_list(value: object, where: str) -> list[str]:
     return list(value)
 
 
+def _mapping(value: object, where: str) -> dict[Any, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiConfigError(f"{where}: expected a mapping")
+    return value
+
+
+def _refuse_unknown_keys(raw: Mapping[Any, Any], known: tuple[str, ...], where: str) -> None:
+    """A misspelt key would otherwise be ignored and its setting silently left at the default."""
+    for key in raw:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ApiConfigError(f"{where}: unknown key {str(key)!r}{hint}")
+
+
 def _provider(name: str, raw: object) -> ApiProvider:
     where = f"apis.{name}"
     if not isinstance(raw, dict):
         raise ApiConfigError(f"{where}: expected a mapping")
+    _refuse_unknown_keys(raw, PROVIDER_KEYS, where)
+    base_url = raw.get("base_url")
+    if not isinstance(base_url, str) or not base_url.strip():
+        raise ApiConfigError(f"{where}.base_url: expected a URL such as https://api.openai.com")
     try:
-        origin = Origin.from_url(str(raw.get("base_url", "")))
+        origin = Origin.from_url(base_url.strip())
     except ValueError as exc:
         raise ApiConfigError(f"{where}.base_url: {exc}") from None
     endpoints = _string_list(raw.get("allowed_endpoints"), f"{where}.allowed_endpoints")
+    if not endpoints:
+        # An empty allowlist would start a proxy that answers every request 404.
+        raise ApiConfigError(f"{where}.allowed_endpoints: must list at least one endpoint")
     prefixes = set()
     for endpoint in endpoints:
         normal = normalise_path(endpoint)
         if normal is None or normal == "/":
             raise ApiConfigError(f"{where}.allowed_endpoints: invalid entry {endpoint!r}")
         prefixes.add(normal)
-    methods = _string_list(raw.get("allowed_methods"), f"{where}.allowed_methods") or list(
-        DEFAULT_METHODS
-    )
-    timeouts_raw = raw.get("timeouts") or {}
-    if not isinstance(timeouts_raw, dict):
-        raise ApiConfigError(f"{where}.timeouts: expected a mapping")
-    unknown = set(timeouts_raw) - {"connect", "response_header", "idle"}
-    if unknown:
-        raise ApiConfigError(f"{where}.timeouts: unknown key {sorted(unknown)[0]!r}")
+    timeouts_raw = _mapping(raw.get("timeouts"), f"{where}.timeouts")
+    _refuse_unknown_keys(timeouts_raw, TIMEOUT_KEYS, f"{where}.timeouts")
     defaults = Timeouts()
     timeouts = Timeouts(
         **{
             key: parse_duration(timeouts_raw[key], f"{where}.timeouts.{key}")
             if key in timeouts_raw
             else getattr(defaults, key)
-            for key in ("connect", "response_header", "idle")
+            for key in TIMEOUT_KEYS
         }
     )
-    whitelist_raw = raw.get("param_whitelist") or {}
-    if not isinstance(whitelist_raw, dict):
-        raise ApiConfigError(f"{where}.param_whitelist: expected a mapping")
-    whitelist = {
-        str(param): tuple(_string_list(patterns, f"{where}.param_whitelist.{param}"))
-        for param, patterns in whitelist_raw.items()
-    }
+    whitelist_raw = _mapping(raw.get("param_whitelist"), f"{where}.param_whitelist")
+    whitelist: dict[str, tuple[str, ...]] = {}
+    for param, patterns in whitelist_raw.items():
+        listed = _string_list(patterns, f"{where}.param_whitelist.{param}")
+        if not listed:
+            # No pattern can match, so the parameter would be refused on every request.
+            raise ApiConfigError(f"{where}.param_whitelist.{param}: must list at least one pattern")
+        whitelist[str(param)] = tuple(listed)
     inject = raw.get("inject_stream_usage", True)
     if not isinstance(inject, bool):
         raise ApiConfigError(f"{where}.inject_stream_usage: expected true or false")
@@ -176,7 +215,7 @@ def _provider(name: str, raw: object) -> ApiProvider:
         name=name,
         origin=origin,
         allowed_prefixes=frozenset(prefixes),
-        allowed_methods=frozenset(m.upper() for m in methods),
+        allowed_methods=_methods(raw, where),
         timeouts=timeouts,
         param_whitelist=whitelist,
         allowed_origins=frozenset(
@@ -186,7 +225,21 @@ def _provider(name: str, raw: object) -> ApiProvider:
     )
 
 
+def _methods(raw: Mapping[str, Any], where: str) -> frozenset[str]:
+    if "allowed_methods" not in raw:
+        return frozenset(DEFAULT_METHODS)
+    methods = _string_list(raw["allowed_methods"], f"{where}.allowed_methods")
+    if not methods:
+        raise ApiConfigError(f"{where}.allowed_methods: must list at least one method")
+    for method in methods:
+        if method.upper() not in STANDARD_METHODS:
+            raise ApiConfigError(f"{where}.allowed_methods: unknown HTTP method {method!r}")
+    return frozenset(m.upper() for m in methods)
+
+
 def parse_api_config(raw: object) -> ApiConfig:
+    if isinstance(raw, dict):
+        _refuse_unknown_keys(raw, TOP_LEVEL_KEYS, "top level")
     if not isinstance(raw, dict) or not isinstance(raw.get("apis"), dict) or not raw["apis"]:
         raise ApiConfigError("apis: expected a mapping with at least one provider")
     providers = {str(name): _provider(str(name), body) for name, body in raw["apis"].items()}

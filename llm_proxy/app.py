@@ -19,12 +19,7 @@ from llm_proxy.api_config import ApiConfig, load_api_config
 from llm_proxy.authority import TokenAuthority
 from llm_proxy.busy_poll import AdaptivePoll
 from llm_proxy.crypto import KeyCipher
-from llm_proxy.events import (
-    EventPipeline,
-    EventsConfig,
-    UsageChunkFilter,
-    inject_stream_usage,
-)
+from llm_proxy.events import EventPipeline, EventsConfig, UsageChunkFilter
 from llm_proxy.events.offload import EventOffload
 from llm_proxy.events.process import Launch
 from llm_proxy.exchange import Exchange, ExchangeSink
@@ -211,7 +206,8 @@ async def create_app(
         store=store,
         authority=authority,
         operations=Operations(store, cipher, authority),
-        upstream=upstream or Http1Client(on_data=poller.poke if poller else None),
+        upstream=upstream
+        or Http1Client(on_data=poller.poke if poller else None, egress=settings.egress),
         sink=sink or pipeline or offload or DiscardSink(),
         pipeline=pipeline,
         offload=offload,
@@ -227,7 +223,7 @@ async def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
-    proxy = components.proxy = ProxyHandler(
+    components.proxy = ProxyHandler(
         api_config.default,
         authority,
         components.upstream,
@@ -236,7 +232,6 @@ async def create_app(
         capture_bytes=settings.capture_body_bytes,
         store=store,
         token_info_path=api_config.token_info_path,
-        stream_usage=(inject_stream_usage, UsageChunkFilter),
+        stream_usage=UsageChunkFilter,
     )
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

@@ -82,6 +82,20 @@ class TokenAuthority:
             return await self._refused_quota(grant)
         return grant
 
+    async def release(self, grant: Grant) -> None:
+        """Take back the request :meth:`admit` counted, when it never reached the upstream."""
+        if grant.max_requests is None:
+            # The tally may have been written already: a negative one takes the request back.
+            self._pending.setdefault(grant.token_id, [0, time.time()])[0] -= 1
+            return
+        try:
+            await self._store.release_request(grant.token_id)
+        except Exception as exc:
+            # The request stays counted: a lost refund errs on the side of the quota.
+            log.error("token_authority.store_failed", operation="release", error=str(exc))
+            return
+        grant.exhausted = False
+
     async def check(self, authorization: str | None) -> Grant:
         """Validate a bearer credential without counting a request."""
         if not authorization or authorization[:7].lower() != "bearer ":

@@ -20,10 +20,13 @@ from llm_proxy.settings import (
     check_choice,
     check_database_url,
     check_log_level,
+    check_no_proxy,
+    check_proxy_url,
     check_redis_url,
     parse_encryption_key,
     parse_listen_addr,
     parse_positive_int,
+    parse_seconds,
     parse_size,
     parse_whole_number,
 )
@@ -54,6 +57,12 @@ def build_settings(
     max_request_body: str,
     busy_poll_micros: int | str,
     is_tty: bool,
+    https_proxy: str | None = None,
+    http_proxy: str | None = None,
+    no_proxy: str | None = None,
+    client_header_timeout: str = "30s",
+    client_body_timeout: str = "60s",
+    keepalive_timeout: str = "75s",
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
@@ -82,6 +91,12 @@ def build_settings(
         busy_poll_micros=parse_whole_number(
             "LLM_PROXY_BUSY_POLL_MICROS", busy_poll_micros, at_most=10_000
         ),
+        https_proxy=check_proxy_url("HTTPS_PROXY", https_proxy),
+        http_proxy=check_proxy_url("HTTP_PROXY", http_proxy),
+        no_proxy=check_no_proxy(no_proxy),
+        client_header_timeout=parse_seconds("CLIENT_HEADER_TIMEOUT", client_header_timeout),
+        client_body_timeout=parse_seconds("CLIENT_BODY_TIMEOUT", client_body_timeout),
+        keepalive_timeout=parse_seconds("KEEPALIVE_TIMEOUT", keepalive_timeout),
     )
 
 
@@ -142,6 +157,46 @@ def build_settings(
     default="300",
     show_envvar=True,
     help="Keep polling sockets this long after activity (adaptive; 0 turns it off).",
+)
+# Read as curl reads them: the lower-case spelling first.
+@click.option(
+    "--https-proxy",
+    envvar=["https_proxy", "HTTPS_PROXY"],
+    show_envvar=True,
+    help="HTTP proxy that https upstreams are reached through (CONNECT): http://[user:pass@]host:port",
+)
+@click.option(
+    "--http-proxy",
+    envvar=["http_proxy", "HTTP_PROXY"],
+    show_envvar=True,
+    help="HTTP proxy that http upstreams are reached through (CONNECT as well).",
+)
+@click.option(
+    "--no-proxy",
+    envvar=["no_proxy", "NO_PROXY"],
+    show_envvar=True,
+    help="Upstream hosts reached directly: domains (and their subdomains), IPs, CIDRs, :port, or *.",
+)
+@click.option(
+    "--client-header-timeout",
+    envvar="CLIENT_HEADER_TIMEOUT",
+    default="30s",
+    show_envvar=True,
+    help="A request head must arrive whole within this.",
+)
+@click.option(
+    "--client-body-timeout",
+    envvar="CLIENT_BODY_TIMEOUT",
+    default="60s",
+    show_envvar=True,
+    help="Longest gap between request body bytes (408), or in a client's reading of an answer.",
+)
+@click.option(
+    "--keepalive-timeout",
+    envvar="KEEPALIVE_TIMEOUT",
+    default="75s",
+    show_envvar=True,
+    help="An idle keep-alive connection is closed after this.",
 )
 def server(**options: str | int | None) -> None:
     """Run the proxy, the management API and the admin pages."""

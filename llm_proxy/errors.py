@@ -17,13 +17,32 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     502: "upstream_error",
     503: "server_error",
     504: "upstream_error",
 }
+
+# Refusals that no retry can fix: the OpenAI SDKs honour ``x-should-retry: false`` and stop at the
+# first answer instead of retrying (they retry every 429, for instance).
+PERMANENT_CODES = frozenset(
+    {
+        "invalid_token",
+        "token_not_found",
+        "token_inactive",
+        "token_expired",
+        "project_inactive",
+        "quota_exceeded",
+        "budget_exceeded",
+        "model_not_allowed",
+        "endpoint_not_found",
+    }
+)
 
 
 class ProxyError(Exception):
@@ -36,6 +55,8 @@ class ProxyError(Exception):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        if self.code in PERMANENT_CODES:
+            self.headers.setdefault("x-should-retry", "false")
 
     @property
     def error_type(self) -> str:
@@ -63,6 +84,29 @@ def _error(status: int, code: str) -> type[ProxyError]:
     )
 
 
+class UpstreamError(ProxyError):
+    """The upstream could not be reached or did not answer in time.
+
+    ``reached_upstream`` is False only when not one byte of the request was written towards the
+    upstream (a failed connect, DNS lookup, CONNECT or TLS handshake): the upstream certainly never
+    saw it. True means it may have.
+    """
+
+    def __init__(self, message: str, *, reached_upstream: bool = True) -> None:
+        super().__init__(message)
+        self.reached_upstream = reached_upstream
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
 # Proxy path, in the order the checks run (SPEC §7).
 EndpointNotFound = _error(404, "endpoint_not_found")
 MethodNotAllowed = _error(405, "method_not_allowed")
@@ -73,10 +117,12 @@ TokenExpired = _error(401, "token_expired")
 ProjectInactive = _error(403, "project_inactive")
 QuotaExceeded = _error(429, "quota_exceeded")
 ParamNotAllowed = _error(400, "param_not_allowed")
-UpstreamUnavailable = _error(502, "upstream_unavailable")
-UpstreamTimeout = _error(504, "upstream_timeout")
 RequestTooLarge = _error(413, "request_too_large")
 ServiceUnavailable = _error(503, "service_unavailable")
+# HTTP framing and timing, on every path (the front door's policy).
+MalformedRequest = _error(400, "bad_request")
+HeadTooLarge = _error(431, "request_header_fields_too_large")
+RequestTimeout = _error(408, "request_timeout")
 
 # Management API.
 Unauthorized = _error(401, "unauthorized")
@@ -86,6 +132,9 @@ NotFound = _error(404, "not_found")
 InvalidRequest = _error(400, "invalid_request")
 InvalidJson = _error(400, "invalid_json")
 ManagementMethodNotAllowed = _error(405, "method_not_allowed")
+InvalidBody = _error(400, "invalid_body")
+# A body the server must read cannot come compressed (management JSON, checked parameters).
+UnsupportedContentEncoding = _error(415, "unsupported_content_encoding")
 
 
 class InvalidField(ProxyError):

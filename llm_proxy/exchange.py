@@ -70,6 +70,7 @@ class Exchange:
     client_disconnected: bool = False
     # The proxy asked upstream for stream usage the client did not ask for.
     usage_injected: bool = False
+    upstream_request_id: str | None = None  # the upstream's own x-request-id, when it sent one
 
     @property
     def is_stream(self) -> bool:
@@ -86,7 +87,7 @@ class Exchange:
             resp.getvalue(), resp.limit, resp.truncated,
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
-            self.error, self.client_disconnected, self.usage_injected,
+            self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
         )  # fmt: skip
 
     @classmethod

@@ -1,8 +1,13 @@
 """A lean HTTP/1.1 client for upstream calls, implementing :class:`~llm_proxy.upstream.UpstreamClient`.
 
-aiohttp's client costs about 0.1 ms per request; an ``asyncio.Protocol`` feeding ``httptools`` over
-pooled keep-alive connections costs about 0.04 ms. One request runs on a connection at a time (no
+An ``asyncio.Protocol`` feeding ``httptools`` over pooled keep-alive connections does a fraction of
+the per-request work of aiohttp's client. One request runs on a connection at a time (no
 pipelining), so a connection has at most one waiter: the request or response currently using it.
+
+A request is sent at most once (SPEC §7). A pooled connection already known to be dead (closed, or
+the upstream's FIN read) is passed over when it is taken, before anything is written to it; once a
+byte of a request has been handed to a transport, a failure is raised, never retried, and carries
+``reached_upstream=True``. Connections may run through an HTTP CONNECT tunnel (``egress.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import cast
 
 import httptools
 
+from llm_proxy.egress import Egress, open_tunnel, upstream_ssl_context
 from llm_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from llm_proxy.upstream import Body, Origin, Timeouts
 
@@ -100,7 +106,6 @@ class _Connection(asyncio.Protocol):
         # Per exchange, reset by send().
         self._expecting = False
         self._head_request = False
-        self.got_bytes = False
         self.head_done = False
         self.body_done = False
         self.reusable = False
@@ -133,7 +138,6 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._client.on_data is not None:
             self._client.on_data()
-        self.got_bytes = True
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -277,7 +281,7 @@ class _Connection(asyncio.Protocol):
     ) -> Http1Response:
         self._expecting = True
         self._head_request = head_request
-        self.got_bytes = self.head_done = self.body_done = False
+        self.head_done = self.body_done = False
         transport = self._transport
         try:
             if body is None:
@@ -391,9 +395,10 @@ class Http1Response:
 class Http1Client:
     """HTTP/1.1 client keeping, per origin, a LIFO pool of idle keep-alive connections.
 
-    ``ssl_context`` is used for ``https`` origins (default: ``ssl.create_default_context()``).
-    At most ``max_idle_per_origin`` idle connections are kept per origin, each for at most
-    ``keepalive_expiry`` seconds.
+    ``ssl_context`` is used for ``https`` origins (default: the system store plus ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR``, see :func:`~llm_proxy.egress.upstream_ssl_context`). ``egress`` routes
+    connections through HTTP CONNECT proxies (default: direct). At most ``max_idle_per_origin`` idle
+    connections are kept per origin, each for at most ``keepalive_expiry`` seconds.
     """
 
     def __init__(
@@ -403,9 +408,11 @@ class Http1Client:
         max_idle_per_origin: int = 100,
         keepalive_expiry: float = 60.0,
         on_data: Callable[[], None] | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.on_data = on_data  # called whenever a response delivers bytes (busy polling)
         self._ssl_context = ssl_context
+        self._egress = egress
         self._max_idle = max_idle_per_origin
         self._expiry = keepalive_expiry
         self._pools: dict[_Key, deque[_Connection]] = {}
@@ -424,16 +431,13 @@ class Http1Client:
         head, chunked = _serialize_head(method, origin, target, headers, body)
         key = (origin.scheme, origin.host, origin.port)
         head_request = method == "HEAD"
+        # The only retry is here, before any write: _take() passes over connections already known
+        # dead. transport.write() buffers and reports no failure, so once it was called the request
+        # may have reached the upstream and must not be sent again (SPEC §7): send()'s failures are
+        # raised as they are.
         conn = self._take(key)
-        if conn is not None:
-            try:
-                return await conn.send(head, body, chunked, head_request, timeouts)
-            except UpstreamUnavailable:
-                # The upstream may close an idle connection just as we reuse it. Nothing came back,
-                # so nothing was answered: retry once, when the body can be sent again.
-                if conn.got_bytes or not (body is None or isinstance(body, bytes)):
-                    raise
-        conn = await self._connect(origin, key, timeouts.connect)
+        if conn is None:
+            conn = await self._connect(origin, key, timeouts.connect)
         return await conn.send(head, body, chunked, head_request, timeouts)
 
     async def close(self) -> None:
@@ -448,17 +452,31 @@ class Http1Client:
         context = None
         if origin.scheme == "https":
             if self._ssl_context is None:
-                self._ssl_context = ssl.create_default_context()
+                self._ssl_context = upstream_ssl_context()
             context = self._ssl_context
+        tunnel = None if self._egress is None else self._egress.tunnel_for(*key)
+        # Nothing of the request is written before the connection is up: every failure here says
+        # reached_upstream=False. The limit spans TCP connect, the CONNECT exchange and TLS.
         try:
             async with asyncio.timeout(limit):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, self, key), origin.host, origin.port, ssl=context
-                )
+                if tunnel is None:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop, self, key), origin.host, origin.port, ssl=context
+                    )
+                else:
+                    sock = await open_tunnel(loop, tunnel)
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop, self, key),
+                        sock=sock,
+                        ssl=context,
+                        server_hostname=origin.host if context is not None else None,
+                    )
         except TimeoutError:
-            raise UpstreamTimeout("upstream connect timeout") from None
+            raise UpstreamTimeout("upstream connect timeout", reached_upstream=False) from None
         except OSError as exc:  # refused, unreachable, DNS failure, TLS failure
-            raise UpstreamUnavailable(f"cannot connect to upstream ({type(exc).__name__})") from exc
+            raise UpstreamUnavailable(
+                f"cannot connect to upstream ({type(exc).__name__})", reached_upstream=False
+            ) from exc
         return conn
 
     def _take(self, key: _Key) -> _Connection | None:

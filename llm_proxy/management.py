@@ -8,7 +8,8 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import ClientPayloadError, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from llm_proxy import errors, validation
 from llm_proxy.models import AuditFilter
@@ -23,6 +24,9 @@ MANAGEMENT_TOKEN = web.AppKey("management_token", str)
 MAX_JSON_BYTES = 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What reading a body can raise when its bytes are bad (a broken chunk, a truncated or undecodable
+# payload); the server's own parser raises the first, another front end may raise the others.
+_UNREADABLE_BODY = (web.RequestPayloadError, HttpProcessingError, ClientPayloadError)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -47,13 +51,37 @@ async def management_middleware(request: web.Request, handler: Handler) -> web.S
         return errors.NotFound(f"No management route {request.path}.").to_response()
     except web.HTTPRequestEntityTooLarge:
         return errors.RequestTooLarge("Request body is too large.").to_response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(exc)
+    except _UNREADABLE_BODY:
+        return errors.InvalidBody("Request body could not be read.").to_response()
+    except Exception:
+        # aiohttp would answer a plain-text 500; a client of this API parses only the error shape.
+        log.exception("management.unexpected_error", method=request.method, path=request.path)
+        return errors.ProxyError("Internal error.").to_response()
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    """An aiohttp HTTP exception in the error shape, keeping its status."""
+    error_type = "invalid_request_error" if exc.status < 500 else "server_error"
+    code = "_".join(exc.reason.lower().split())
+    return web.Response(
+        status=exc.status,
+        body=errors.error_body(exc.text or exc.reason, error_type, code),
+        content_type="application/json",
+    )
 
 
 def _authenticate(request: web.Request) -> None:
     expected = request.app[MANAGEMENT_TOKEN].encode()
     supplied = request.headers.get("Authorization", "")
     scheme, _, credential = supplied.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), expected):
+    # Header bytes that are not UTF-8 arrive as lone surrogates; surrogateescape turns them back
+    # into the bytes sent, so they simply fail the comparison instead of failing to encode.
+    given = credential.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
         raise errors.Unauthorized(
             "Missing or wrong management token.", headers={"WWW-Authenticate": "Bearer"}
         )
@@ -67,12 +95,35 @@ def _actor(request: web.Request) -> Actor:
     )
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, refused as soon as it exceeds ``MAX_JSON_BYTES``.
+
+    Read to its end rather than with one ``read(n)``, which answers with whatever has arrived so
+    far; counted while it arrives because a chunked body announces no length. The limit is kept
+    here because aiohttp applies only the root application's ``client_max_size``.
+    """
+    codings = {
+        coding.strip().lower()
+        for value in request.headers.getall(hdrs.CONTENT_ENCODING, ())
+        for coding in value.split(",")
+    } - {"identity", ""}
+    if codings:
+        raise errors.UnsupportedContentEncoding(
+            f"Content-Encoding {min(codings)!r} is not accepted: send plain JSON."
+        )
+    too_large = f"Request body exceeds {MAX_JSON_BYTES} bytes."
     if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
-        raise errors.RequestTooLarge(f"Request body exceeds {MAX_JSON_BYTES} bytes.")
-    raw = await request.content.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise errors.RequestTooLarge(f"Request body exceeds {MAX_JSON_BYTES} bytes.")
+        raise errors.RequestTooLarge(too_large)
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise errors.RequestTooLarge(too_large)
+    return bytes(body)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await _read_body(request)
     if not raw.strip():
         raise errors.InvalidJson("Request body must be a JSON object.")
     try:
@@ -275,7 +326,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def management_app(operations: Operations, management_token: str) -> web.Application:
-    app = web.Application(middlewares=[management_middleware], client_max_size=MAX_JSON_BYTES)
+    app = web.Application(middlewares=[management_middleware])
     app[OPERATIONS] = operations
     app[MANAGEMENT_TOKEN] = management_token
     app.router.add_get("/openapi.json", openapi)

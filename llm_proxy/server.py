@@ -18,7 +18,7 @@ from aiohttp import web
 from llm_proxy import secrets_store
 from llm_proxy.app import COMPONENTS, create_app, open_store
 from llm_proxy.events.offload import EventProcessError
-from llm_proxy.front import FrontSite, listening_socket
+from llm_proxy.front import FrontLimits, FrontSite, listening_socket
 from llm_proxy.gc_tuning import tune_garbage_collector
 from llm_proxy.settings import Settings, SettingsError, parse_encryption_key
 
@@ -94,8 +94,13 @@ async def _serve(settings: Settings) -> None:
         components = app[COMPONENTS]
         assert components.proxy is not None
         poller = components.poller
+        limits = FrontLimits(
+            head_seconds=settings.client_header_timeout,
+            keepalive_seconds=settings.keepalive_timeout,
+            body_seconds=settings.client_body_timeout,
+        )
         await FrontSite(
-            runner, sock, components.proxy, on_data=poller.poke if poller else None
+            runner, sock, components.proxy, limits=limits, on_data=poller.poke if poller else None
         ).start()
         tune_garbage_collector()
         log.info("server.listening", url=f"http://{settings.listen_host}:{settings.listen_port}")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from llm_proxy.egress import Egress, NoProxy, parse_proxy_url
+
 # "none" emits no events at all: for benchmarks that measure what publishing costs.
 EventBusKind = Literal["memory", "redis", "none"]
 LogFormat = Literal["console", "json"]
@@ -46,12 +48,26 @@ class Settings:
     token_cache_seconds: float = 30.0
     change_poll_seconds: float = 0.25
     usage_flush_seconds: float = 1.0
+    # How long a client may take (SPEC §7): to send a request head, between body bytes (and between
+    # reads of a response), and idle between requests on a kept-alive connection.
+    client_header_timeout: float = 30.0
+    client_body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
     # The longest the event loop keeps polling after socket activity (0: never); see busy_poll.py.
     busy_poll_micros: int = 300
     # Where events are built, published and aggregated: in the events process beside the server
     # (llm_proxy/events/process.py), keeping that work off the server's GIL; tests use "thread"
     # to run the same pipeline inside the application.
     event_build_in: Literal["process", "thread"] = "process"
+    # Upstream connections through an HTTP CONNECT proxy; the URLs may carry a password.
+    https_proxy: str | None = field(default=None, repr=False)
+    http_proxy: str | None = field(default=None, repr=False)
+    no_proxy: str | None = None
+
+    @property
+    def egress(self) -> Egress | None:
+        """How upstream connections leave: through proxies, or None for directly."""
+        return Egress.from_values(self.https_proxy, self.http_proxy, self.no_proxy)
 
     @property
     def sqlite_path(self) -> Path:
@@ -102,6 +118,27 @@ def check_redis_url(value: str) -> str:
     return value
 
 
+def check_proxy_url(name: str, value: str | None) -> str | None:
+    """A proxy URL, validated; the error never repeats it (it may carry a password)."""
+    if not value:
+        return None
+    try:
+        parse_proxy_url(value)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+    return value
+
+
+def check_no_proxy(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        NoProxy(value)
+    except ValueError as exc:
+        raise SettingsError(f"NO_PROXY: {exc}") from None
+    return value
+
+
 def check_log_level(value: str) -> str:
     level = value.lower()
     if level not in LOG_LEVELS:
@@ -133,6 +170,17 @@ def parse_positive_int(name: str, value: int | str) -> int:
     if number < 1:
         raise SettingsError(f"{name}: must be at least 1")
     return number
+
+
+_SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+def parse_seconds(name: str, value: str) -> float:
+    """``30s``, ``500ms``, ``2m``, ``45`` → seconds (positive)."""
+    match = _SECONDS.match(value)
+    if not match or float(match.group(1)) <= 0:
+        raise SettingsError(f"{name}: expected a duration such as 30s, got {value!r}")
+    return float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[match.group(2) or "s"]
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)

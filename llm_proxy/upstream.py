@@ -3,8 +3,17 @@
 The proxy never touches an HTTP client library directly: it calls :class:`UpstreamClient`, so the
 implementation can be swapped for a leaner one without changing the proxy (see ``http1.py``).
 Failures are reported only as :class:`~llm_proxy.errors.UpstreamUnavailable` (connection refused,
-reset, dropped mid-body) or :class:`~llm_proxy.errors.UpstreamTimeout` (connect, response header or
-idle timeout), with messages that never carry a header value.
+reset, dropped mid-body, egress proxy unreachable or refusing CONNECT) or
+:class:`~llm_proxy.errors.UpstreamTimeout` (connect, response header or idle timeout), with messages
+that never carry a header value or a proxy credential.
+
+Both carry ``reached_upstream: bool``. False means not one byte of the request was written towards
+the upstream (DNS failure, refused or timed-out connect, TLS failure, egress proxy unreachable or
+refusing CONNECT): the upstream certainly never saw the request, so it need not be counted against
+a quota. True means the request may have reached the upstream, even if no answer came back.
+
+A request is sent at most once: a client may retry on a fresh connection only when not one byte of
+the request was written (SPEC §7).
 """
 
 from __future__ import annotations

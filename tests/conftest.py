@@ -18,7 +18,7 @@ from yarl import URL
 
 from llm_proxy.api_config import ApiConfig, parse_api_config
 from llm_proxy.app import COMPONENTS, create_app
-from llm_proxy.front import FrontSite, listening_socket
+from llm_proxy.front import FrontLimits, FrontSite, listening_socket
 from llm_proxy.logging_setup import configure_logging
 from llm_proxy.settings import Settings
 from tests.events.events_support import RedisServer
@@ -179,9 +179,17 @@ class FrontTestServer(BaseTestServer):
         self.scheme = "http"
         components = self.app[COMPONENTS]
         assert components.proxy is not None
-        options = {"grace_seconds": 1.0, **self.site_options}
+        options = dict(self.site_options)
+        grace = options.pop("grace_seconds", 1.0)
         poke = components.poller.poke if components.poller else None
-        await FrontSite(self.runner, sock, components.proxy, on_data=poke, **options).start()
+        await FrontSite(
+            self.runner,
+            sock,
+            components.proxy,
+            limits=FrontLimits(**options),
+            grace_seconds=grace,
+            on_data=poke,
+        ).start()
         self._root = URL(f"http://127.0.0.1:{self.port}")
 
 

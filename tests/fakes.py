@@ -17,7 +17,7 @@ from llm_proxy.mock_upstream import MockSettings, build_app
 @dataclass
 class Seen:
     method: str
-    path_qs: str
+    path_qs: str  # the target exactly as it arrived (raw, not decoded)
     headers: dict[str, str]
     body: bytes
 
@@ -39,7 +39,7 @@ UPSTREAM_LOG = web.AppKey("upstream_log", UpstreamLog)
 async def _record(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     body = await request.read()
     request.app[UPSTREAM_LOG].requests.append(
-        Seen(request.method, request.path_qs, dict(request.headers), body)
+        Seen(request.method, request.raw_path, dict(request.headers), body)
     )
     return await handler(request)
 

@@ -38,6 +38,12 @@ PRODUCT_VARIABLES = (
     "MAX_REQUEST_BODY",
     "MANAGE_API_BASE_URL",
     "MOCK_UPSTREAM_API_KEY",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
 )
 START_TIMEOUT = 15.0
 

@@ -14,6 +14,7 @@ from tests.events.events_support import RedisServer
 SPEC_FIELDS = {
     "id", "request_id", "timestamp", "project_id", "token_id", "method", "path", "status",
     "duration_ms", "ttfb_ms", "stream", "model", "request", "response", "usage", "error",
+    "upstream_request_id",
 }  # fmt: skip
 
 
@@ -125,3 +126,19 @@ async def test_event_log_is_created_readable_by_its_owner_only(
     assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
     await wait_for_lines(log, 1)
     assert log.stat().st_mode & 0o777 == 0o600
+
+
+async def test_the_upstream_request_id_is_returned_unchanged_and_recorded(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    token = await proxy.token()
+    response = await proxy.client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
+    upstream_id = response.headers["X-Request-ID"]
+    assert upstream_id.startswith("req_")  # the upstream's own, as OpenAI's
+    proxy_id = response.headers["LLM-Proxy-Request-ID"]
+    assert proxy_id != upstream_id
+    assert proxy.upstream.last.headers["X-Request-ID"] == proxy_id
+    (event,) = await wait_for_lines(log, 1)
+    assert event["upstream_request_id"] == upstream_id and event["request_id"] == proxy_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -87,7 +88,7 @@ def request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def test_keep_alive_then_hand_off_to_aiohttp_on_the_same_connection(
+async def test_proxy_and_control_requests_share_a_keep_alive_connection(
     proxy: Proxy, conn: Conn
 ) -> None:
     reader, writer = conn
@@ -99,10 +100,9 @@ async def test_keep_alive_then_hand_off_to_aiohttp_on_the_same_connection(
     writer.write(request("GET", "/health"))
     status, _, body = await read_response(reader)
     assert status == 200 and b'"ok"' in body
-    # aiohttp owns the connection now and still serves the proxy path through the same handler.
     writer.write(request("GET", "/v1/models", token))
     status, headers, _ = await read_response(reader)
-    assert status == 200 and "x-request-id" in headers
+    assert status == 200 and "llm-proxy-request-id" in headers
 
 
 async def test_pipelined_requests_are_answered_in_order(proxy: Proxy, conn: Conn) -> None:
@@ -114,21 +114,30 @@ async def test_pipelined_requests_are_answered_in_order(proxy: Proxy, conn: Conn
         + request("GET", "/v1/models", token, X_Request_ID="third")
     )
     answers = [await read_response(reader) for _ in range(3)]
-    assert [(s, h["x-request-id"]) for s, h, _ in answers] == [
+    assert [(s, h["llm-proxy-request-id"]) for s, h, _ in answers] == [
         (200, "first"),
         (404, "second"),
         (200, "third"),
     ]
 
 
-async def test_pipelined_management_request_is_refused(proxy: Proxy, conn: Conn) -> None:
+async def test_pipelined_requests_across_proxy_and_control_paths(proxy: Proxy, conn: Conn) -> None:
     reader, writer = conn
     token = await proxy.token()
-    writer.write(request("GET", "/v1/audio/paced?n=2&gap=0.05", token) + request("GET", "/health"))
-    status, _, _ = await read_response(reader)
-    assert status == 200
+    writer.write(
+        request("GET", "/v1/audio/paced?n=2&gap=0.05", token)
+        + request("GET", "/health")
+        + request("GET", "/v1/models", token)
+        + request("GET", "/manage/projects")
+    )
     status, _, body = await read_response(reader)
-    assert status == 400 and b"Pipelined" in body
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    status, _, body = await read_response(reader)
+    assert status == 200 and b'"ok"' in body
+    status, _, body = await read_response(reader)
+    assert status == 200 and b'"object":"list"' in body.replace(b" ", b"")
+    status, _, body = await read_response(reader)
+    assert status == 401 and b'"unauthorized"' in body
 
 
 async def test_malformed_and_oversized_heads(proxy: Proxy) -> None:
@@ -201,10 +210,29 @@ async def test_refusal_before_the_body_closes_the_connection(proxy: Proxy) -> No
     writer.write(
         b"POST /v1/files/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10
     )
-    status, _, _ = await read_response(reader)
-    assert status == 401
+    status, headers, _ = await read_response(reader)
+    assert status == 401 and headers["connection"] == "close"
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def test_a_refused_large_upload_still_reads_its_answer(proxy: Proxy) -> None:
+    # The client sends its whole body without waiting; closing on it with unread bytes would reset
+    # the connection and lose the answer, so the proxy lets the rest arrive and discards it.
+    body = b"x" * (8 * 1024 * 1024)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(
+        b"POST /v1/files/upload HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk-"
+        + b"Q" * 43
+        + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    status, _, answer = await read_response(reader)
+    assert status == 401 and b'"token_not_found"' in answer
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert proxy.upstream.requests == []
 
 
 async def test_streams_reach_the_client_with_chunked_framing(proxy: Proxy, conn: Conn) -> None:
@@ -217,7 +245,7 @@ async def test_streams_reach_the_client_with_chunked_framing(proxy: Proxy, conn:
 
 
 async def test_idle_and_slow_header_connections_are_closed(proxy_factory: Any) -> None:
-    proxy: Proxy = await proxy_factory(site={"keepalive_seconds": 0.3, "head_timeout_seconds": 0.3})
+    proxy: Proxy = await proxy_factory(site={"keepalive_seconds": 0.3, "head_seconds": 0.3})
     token = await proxy.token()
     idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
     idle_writer.write(request("GET", "/v1/models", token))
@@ -229,6 +257,70 @@ async def test_idle_and_slow_header_connections_are_closed(proxy_factory: Any) -
     assert await asyncio.wait_for(slow_reader.read(), 5) == b""
     idle_writer.close()
     slow_writer.close()
+
+
+async def test_stray_line_breaks_do_not_keep_an_idle_connection_open(proxy_factory: Any) -> None:
+    proxy: Proxy = await proxy_factory(site={"keepalive_seconds": 0.4})
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(request("GET", "/v1/models", token))
+    assert (await read_response(reader))[0] == 200
+    started = time.monotonic()
+    closed = asyncio.create_task(reader.read())
+    while not closed.done() and time.monotonic() - started < 5:
+        writer.write(b"\r\n")  # bytes outside any request
+        await asyncio.sleep(0.05)
+    assert await asyncio.wait_for(closed, 1) == b""
+    writer.close()
+
+
+async def test_a_silent_new_connection_is_closed_when_its_head_is_late(proxy_factory: Any) -> None:
+    proxy: Proxy = await proxy_factory(site={"head_seconds": 0.3})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_a_stalled_body_is_answered_408_and_its_upstream_request_aborted(
+    proxy_factory: Any,
+) -> None:
+    proxy: Proxy = await proxy_factory(site={"body_seconds": 0.3})
+    token = await proxy.token()
+    for framing in ("Content-Length: 200000", "Transfer-Encoding: chunked"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+        writer.write(
+            f"POST /v1/files/upload HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
+            f"{framing}\r\n\r\n".encode()
+        )
+        writer.write(b"a\r\n0123456789\r\n" if "chunked" in framing else b"0123456789")
+        status, headers, body = await read_response(reader)
+        assert status == 408 and b'"request_timeout"' in body
+        assert headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    assert proxy.upstream.requests == []
+    count = (await proxy.manage("GET", "/tokens"))[1][0]["request_count"]
+    assert count == 0  # never reached the upstream whole: not counted
+
+
+async def test_a_client_that_stops_reading_a_stream_is_dropped(proxy_factory: Any) -> None:
+    proxy: Proxy = await proxy_factory(site={"body_seconds": 0.5})
+    token = await proxy.token()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proxy.client.port))
+    sock.setblocking(False)
+    runner = proxy.client.server.runner
+    assert runner is not None
+    (site,) = [s for s in runner.sites if isinstance(s, FrontSite)]
+    others = set(site._connections)
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(request("GET", "/v1/files/big?size=20000000", token))
+    await asyncio.sleep(0.3)
+    assert len(site._connections - others) == 1
+    await asyncio.sleep(2.0)  # never reads: the proxy's writes stall, then it gives up
+    assert not site._connections - others
+    writer.close()
 
 
 async def test_repeated_headers_first_value_counts_and_mixed_case_names_are_dropped(
@@ -245,7 +337,7 @@ async def test_repeated_headers_first_value_counts_and_mixed_case_names_are_drop
         ).encode()
     )
     status, headers, _ = await read_response(reader)
-    assert status == 200 and headers["x-request-id"] == "first"
+    assert status == 200 and headers["llm-proxy-request-id"] == "first"
     seen = {name.lower(): value for name, value in proxy.upstream.last.headers.items()}
     assert seen["x-request-id"] == "first" and seen["x-kept"] == "a"
     assert "cf-ray" not in seen and "x-forwarded-for" not in seen

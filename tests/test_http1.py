@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from llm_proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from llm_proxy.http1 import HIGH_WATER, Http1Client, Http1Response
+from llm_proxy.http1 import HIGH_WATER, Http1Client, Http1Response, _Connection
 from llm_proxy.upstream import Origin, Timeouts
 
 FAST = Timeouts(connect=1.0, response_header=1.0, idle=1.0)
@@ -244,47 +244,140 @@ async def test_idle_connection_closed_by_upstream_is_not_used(
     assert connections == 2
 
 
-def first_connection_drops_second_request(counter: list[int]) -> Handler:
-    """Answer once, then close on the next request the way an idle-timing-out upstream would."""
+def drops_the_second_request(requests: list[bytes]) -> Handler:
+    """Answer the first request, then read the next one whole and close without answering, the way
+    an upstream dying mid-request (or closing an idle connection as it arrives) would."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        counter.append(1)
-        first = len(counter) == 1
         while True:
             head = await read_head(reader)
+            requests.append(head.split(b"\r\n", 1)[0])
             if b"content-length: 3" in head.lower():
                 await reader.readexactly(3)
-            if first and len(counter) == 1 and head.startswith(b"GET /second"):
+            elif b"transfer-encoding: chunked" in head.lower():
+                await reader.readuntil(b"0\r\n\r\n")
+            if head.startswith((b"GET /second", b"POST /second")):
                 return
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     return handler
 
 
-async def test_reused_connection_closed_before_answering_is_retried_once(
+async def streamed_abc() -> AsyncIterator[bytes]:
+    await asyncio.sleep(0.01)
+    yield b"abc"
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("GET", None), ("POST", b"abc"), ("POST", "streamed")],
+    ids=["get", "post", "post-streamed"],
+)
+async def test_request_written_to_a_reused_connection_that_then_closes_is_not_resent(
+    raw_server: RawServer, client: Http1Client, method: str, body: bytes | str | None
+) -> None:
+    requests: list[bytes] = []
+    origin = await raw_server(drops_the_second_request(requests))
+
+    assert await get(client, origin, "/first") == b"ok"
+    sent = streamed_abc() if body == "streamed" else body
+    assert not isinstance(sent, str)
+    with pytest.raises(UpstreamUnavailable, match="closed the connection") as caught:
+        await client.request(method, origin, "/second", [], sent, FAST)
+    assert caught.value.reached_upstream is True
+    await asyncio.sleep(0.05)  # a resent request would have arrived by now
+    assert requests == [b"GET /first HTTP/1.1", f"{method} /second HTTP/1.1".encode()]
+
+
+class RecordingTransport(asyncio.Transport):
+    """A transport that keeps what is written to it: a pooled connection under the test's control."""
+
+    def __init__(self, *, closing: bool = False) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = closing
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def pooled_connection(client: Http1Client, origin: Origin, transport: RecordingTransport) -> None:
+    """Put a connection on ``transport`` into the client's pool, as if a response had ended."""
+    conn = _Connection(
+        asyncio.get_running_loop(), client, (origin.scheme, origin.host, origin.port)
+    )
+    conn.connection_made(transport)
+    client._release(conn)
+
+
+def counting_server(connections: list[bytes]) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_head(reader)
+            connections.append(head.split(b"\r\n", 1)[0])
+            if b"Content-Length: 3" in head:
+                await reader.readexactly(3)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    return handler
+
+
+@pytest.mark.parametrize("how", ["closing", "lost"])
+async def test_pooled_connection_found_dead_before_writing_is_replaced_by_a_fresh_one(
+    raw_server: RawServer, client: Http1Client, how: str
+) -> None:
+    requests: list[bytes] = []
+    origin = await raw_server(counting_server(requests))
+    # "closing": the upstream's FIN was read, connection_lost() is still to come; "lost": it came.
+    dead = RecordingTransport(closing=how == "closing")
+    pooled_connection(client, origin, dead)
+    if how == "lost":
+        client._pools[(origin.scheme, origin.host, origin.port)][-1].connection_lost(None)
+
+    response = await client.request("POST", origin, "/", [], b"abc", FAST)
+
+    assert await read_all(response) == b"ok"
+    assert dead.written == b""
+    assert requests == [b"POST / HTTP/1.1"]
+
+
+async def test_connection_lost_after_the_request_was_written_is_not_retried(
     raw_server: RawServer, client: Http1Client
 ) -> None:
-    counter: list[int] = []
-    origin = await raw_server(first_connection_drops_second_request(counter))
+    requests: list[bytes] = []
+    origin = await raw_server(counting_server(requests))
+    pooled = RecordingTransport()
+    pooled_connection(client, origin, pooled)
+    conn = client._pools[(origin.scheme, origin.host, origin.port)][-1]
 
-    assert await get(client, origin, "/first") == b"ok"
-    response = await client.request("GET", origin, "/second", [], b"abc", FAST)
-    assert await read_all(response) == b"ok"
-    assert len(counter) == 2
+    pending = asyncio.ensure_future(client.request("POST", origin, "/", [], b"abc", FAST))
+    await asyncio.sleep(0)  # the request is written; the transport reports nothing wrong
+    assert pooled.written.startswith(b"POST / HTTP/1.1\r\n") and pooled.written.endswith(b"abc")
+    conn.connection_lost(ConnectionResetError())
 
-
-async def test_streamed_body_is_not_retried(raw_server: RawServer, client: Http1Client) -> None:
-    counter: list[int] = []
-    origin = await raw_server(first_connection_drops_second_request(counter))
-
-    async def body() -> AsyncIterator[bytes]:
-        await asyncio.sleep(0.05)
-        yield b"abc"
-
-    assert await get(client, origin, "/first") == b"ok"
-    with pytest.raises(UpstreamUnavailable):
-        await client.request("GET", origin, "/second", [], body(), FAST)
-    assert len(counter) == 1
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await pending
+    assert caught.value.reached_upstream is True
+    assert pooled.written.count(b"POST") == 1
+    assert requests == []  # no second attempt on a fresh connection either
 
 
 @pytest.mark.parametrize(
@@ -357,8 +450,10 @@ async def test_connection_refused_raises_unavailable(client: Http1Client) -> Non
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(UpstreamUnavailable, match="cannot connect"):
+    with pytest.raises(UpstreamUnavailable, match="cannot connect") as caught:
         await client.request("GET", Origin("http", "127.0.0.1", port), "/", [], None, FAST)
+    assert caught.value.status == 502
+    assert caught.value.reached_upstream is False  # the caller may count it as never sent
 
 
 async def test_connect_timeout_covers_a_stalled_tls_handshake(raw_server: RawServer) -> None:
@@ -370,7 +465,7 @@ async def test_connect_timeout_covers_a_stalled_tls_handshake(raw_server: RawSer
     origin = await raw_server(handler)
     http = Http1Client(ssl_context=ssl.create_default_context())
     try:
-        with pytest.raises(UpstreamTimeout, match="connect timeout"):
+        with pytest.raises(UpstreamTimeout, match="connect timeout") as caught:
             await http.request(
                 "GET",
                 Origin("https", origin.host, origin.port),
@@ -379,6 +474,7 @@ async def test_connect_timeout_covers_a_stalled_tls_handshake(raw_server: RawSer
                 None,
                 Timeouts(connect=0.1),
             )
+        assert caught.value.reached_upstream is False
     finally:
         await http.close()
 
@@ -392,6 +488,7 @@ async def test_response_header_timeout(raw_server: RawServer, client: Http1Clien
     with pytest.raises(UpstreamTimeout, match="response header timeout") as caught:
         await client.request("GET", await raw_server(handler), "/", headers, None, timeouts)
     assert "sk-secret" not in str(caught.value)
+    assert caught.value.reached_upstream is True
 
 
 async def test_idle_timeout_between_body_chunks(raw_server: RawServer, client: Http1Client) -> None:

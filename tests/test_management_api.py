@@ -2,16 +2,103 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gzip
 import io
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.test_utils import TestClient
 
+from llm_proxy.management import MAX_JSON_BYTES, management_app
 from tests.conftest import MANAGEMENT_TOKEN, TOKEN_FIELDS, UPSTREAM_KEY, Proxy
+
+MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
 def _code(body: Any) -> str:
     return str(body["error"]["code"])
+
+
+def _head(method: str, path: str, *fields: bytes, auth: bytes | None = None) -> bytes:
+    """A request head as bytes, so a test can send what no well-behaved client library would."""
+    credential = f"Bearer {MANAGEMENT_TOKEN}".encode() if auth is None else auth
+    lines = [
+        f"{method} /manage{path} HTTP/1.1".encode(),
+        b"Host: 127.0.0.1",
+        b"Authorization: " + credential,
+        b"Content-Type: application/json",
+        *fields,
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def _exchange(
+    proxy: Proxy, head: bytes, pieces: Iterable[bytes] = (), pause: float = 0.0
+) -> tuple[int, dict[str, str], Any]:
+    """Send one request over a raw connection; answer its status, headers and error-shaped body.
+
+    The body goes out while the answer is awaited, so a server that answers before reading it all
+    is seen doing so; ``pause`` lets each piece arrive on its own.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+
+    async def send() -> None:
+        writer.write(head)
+        for piece in pieces:
+            await asyncio.sleep(pause)
+            writer.write(piece)
+            await writer.drain()
+
+    sending = asyncio.create_task(send())
+    try:
+        status_line = await reader.readline()
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        raw = await reader.readexactly(int(headers["content-length"]))
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await sending
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert headers["content-type"].startswith("application/json"), raw
+    return int(status_line.split()[1]), headers, orjson.loads(raw)
+
+
+def _padded_project(size: int) -> bytes:
+    """A valid project body of exactly ``size`` bytes, its bulk a metadata value."""
+    shell = orjson.dumps({"name": "big", "api_key": UPSTREAM_KEY, "metadata": {"notes": ""}})
+    return shell.replace(b'"notes":""', b'"notes":"' + b"n" * (size - len(shell)) + b'"')
+
+
+def _chunked(body: bytes, size: int = 64 * 1024) -> list[bytes]:
+    frames = [b"%x\r\n%s\r\n" % (len(part), part) for part in _parts(body, size)]
+    return [*frames, b"0\r\n\r\n"]
+
+
+def _parts(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+def _assert_error(
+    answer: tuple[int, dict[str, str], Any],
+    status: int,
+    code: str,
+    error_type: str = "invalid_request_error",
+) -> None:
+    got, _, body = answer
+    error = body.get("error", {})
+    assert (got, error.get("code"), error.get("type")) == (status, code, error_type), body
+    assert set(body["error"]) == {"message", "type", "code"} and body["error"]["message"]
 
 
 async def test_requests_without_the_management_token_are_refused(proxy: Proxy) -> None:
@@ -214,6 +301,113 @@ async def test_oversized_management_body_is_413(proxy: Proxy) -> None:
     )
     assert response.status == 413
     assert _code(await response.json()) == "request_too_large"
+
+
+@pytest.mark.parametrize("size", [900_000, MAX_JSON_BYTES])
+async def test_a_large_valid_body_is_read_whole_before_parsing(proxy: Proxy, size: int) -> None:
+    body = _padded_project(size)
+    assert len(body) == size
+    head = _head("POST", "/projects", b"Content-Length: %d" % size)
+    # The first bytes arrive alone: a reader that stops at what has arrived so far sees half a body.
+    status, _, project = await _exchange(proxy, head, _parts(body, 64 * 1024), pause=0.01)
+    assert status == 201, project
+    assert project["metadata"] == orjson.loads(body)["metadata"]
+    _, listed = await proxy.manage("GET", "/projects")
+    assert [p["id"] for p in listed] == [project["id"]]
+
+
+async def test_a_chunked_body_is_read_whole_up_to_the_limit(proxy: Proxy) -> None:
+    head = _head("POST", "/projects", b"Transfer-Encoding: chunked")
+    status, _, project = await _exchange(proxy, head, _chunked(_padded_project(MAX_JSON_BYTES)))
+    assert status == 201, project
+
+
+async def test_a_chunked_body_over_the_limit_is_413(proxy: Proxy) -> None:
+    head = _head("POST", "/projects", b"Transfer-Encoding: chunked")
+    answer = await _exchange(proxy, head, _chunked(_padded_project(11 * 1024 * 1024)))
+    _assert_error(answer, 413, "request_too_large")
+    assert (await proxy.manage("GET", "/projects")) == (200, [])
+
+
+async def test_a_content_length_over_the_limit_is_413_before_the_body_is_sent(
+    proxy: Proxy,
+) -> None:
+    head = _head("POST", "/projects", b"Content-Length: %d" % (MAX_JSON_BYTES + 1))
+    _assert_error(await _exchange(proxy, head), 413, "request_too_large")
+
+
+@pytest.mark.parametrize(
+    "credential",
+    [
+        "Bearer tökén".encode(),
+        "Bearer tökén".encode("latin-1"),
+        f"Bearer {MANAGEMENT_TOKEN}é".encode("latin-1"),
+        b"Bearer \xff\xfe",
+    ],
+)
+async def test_a_non_ascii_management_token_is_401(proxy: Proxy, credential: bytes) -> None:
+    answer = await _exchange(proxy, _head("GET", "/projects", auth=credential))
+    _assert_error(answer, 401, "unauthorized", "authentication_error")
+    assert answer[1]["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        (b"gzip", b'{"name": "x", "api_key": "sk-x"}'),
+        (b"gzip", gzip.compress(b'{"name": "x", "api_key": "sk-x"}')),
+        (b"deflate", b"\x00\x01not deflate"),
+        (b"br", b"\x00"),
+        (b"identity, gzip", gzip.compress(b'{"name": "x", "api_key": "sk-x"}')),
+    ],
+)
+async def test_a_compressed_body_is_415(proxy: Proxy, encoding: bytes, body: bytes) -> None:
+    head = _head(
+        "POST", "/projects", b"Content-Encoding: " + encoding, b"Content-Length: %d" % len(body)
+    )
+    _assert_error(await _exchange(proxy, head, [body]), 415, "unsupported_content_encoding")
+    assert (await proxy.manage("GET", "/projects")) == (200, [])
+
+
+async def test_an_identity_content_encoding_is_plain_json(proxy: Proxy) -> None:
+    body = orjson.dumps({"name": "x", "api_key": "sk-x"})
+    head = _head(
+        "POST", "/projects", b"Content-Encoding: identity", b"Content-Length: %d" % len(body)
+    )
+    status, _, project = await _exchange(proxy, head, [body])
+    assert status == 201 and project["name"] == "x"
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "code"),
+    [
+        (web.HTTPBadRequest, 400, "bad_request"),
+        (web.HTTPUnsupportedMediaType, 415, "unsupported_media_type"),
+        (lambda: web.RequestPayloadError("truncated"), 400, "invalid_body"),
+        (lambda: ContentEncodingError("gzip"), 400, "invalid_body"),
+        (lambda: RuntimeError("a bug"), 500, "internal_error"),
+    ],
+)
+async def test_whatever_a_management_handler_raises_is_answered_in_the_error_shape(
+    proxy: Proxy,
+    aiohttp_client: MakeClient,
+    raised: Callable[[], Exception],
+    status: int,
+    code: str,
+) -> None:
+    async def failing(request: web.Request) -> web.Response:
+        raise raised()
+
+    management = management_app(proxy.components.operations, MANAGEMENT_TOKEN)
+    management.router.add_post("/failing", failing)
+    root = web.Application()
+    root.add_subapp("/manage/", management)
+    client = await aiohttp_client(root)
+    response = await client.post("/manage/failing", headers=proxy.auth())
+    assert response.status == status
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert _code(body) == code and set(body["error"]) == {"message", "type", "code"}
 
 
 async def test_unsupported_methods_and_unknown_routes(proxy: Proxy) -> None:

@@ -7,10 +7,12 @@ import gzip
 import hashlib
 import io
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.conftest import UPSTREAM_KEY, Proxy
@@ -57,9 +59,9 @@ async def test_allowed_prefix_matches_on_segment_boundaries(proxy: Proxy) -> Non
     token = await proxy.token()
     response = await proxy.client.get("/v1/models/gpt-4o-mini", headers=bearer(token))
     assert response.status == 200
+    # Matched in its normalised form, forwarded exactly as sent.
     response = await proxy.client.get("/v1//models/", headers=bearer(token))
-    assert response.status == 200
-    assert proxy.upstream.last.path_qs == "/v1/models"
+    assert proxy.upstream.last.path_qs == "/v1//models/"
 
 
 async def test_method_not_allowed_is_405_with_allow_header(proxy: Proxy) -> None:
@@ -170,6 +172,85 @@ async def test_param_whitelist(proxy_factory: Any) -> None:
     assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
 
 
+def _large_chat(model: str, megabytes: int, *, stream: bool = False) -> bytes:
+    # As the SDKs send it: "messages" first, "model" after megabytes of prompt.
+    prompt = "word " * (megabytes * 1024 * 1024 // 5)
+    body = {"messages": [{"role": "user", "content": prompt}], "model": model}
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
+async def _chunked(data: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), 300_000):
+        yield data[start : start + 300_000]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_large_body_is_checked_whole_before_any_byte_goes_upstream(
+    proxy_factory: Any, framing: str
+) -> None:
+    proxy: Proxy = await proxy_factory(api={"param_whitelist": {"model": ["gpt-4o*"]}})
+    headers = {**bearer(await proxy.token()), "Content-Type": "application/json"}
+
+    def send(body: bytes) -> Any:
+        data = _chunked(body) if framing == "chunked" else io.BytesIO(body)
+        return proxy.client.post("/v1/chat/completions", data=data, headers=headers)
+
+    refused = await send(_large_chat("gpt-3.5-turbo", 6))
+    assert refused.status == 400 and await error_code(refused) == "param_not_allowed"
+    assert proxy.upstream.requests == []  # not even a head: the body was held, then refused
+    duplicated = await send(b'{"model":"gpt-4o",' + _large_chat("gpt-3.5-turbo", 2)[1:])
+    assert duplicated.status == 400  # every occurrence of a repeated key is checked
+    escaped = await send(b'{"mod\\u0065l":"gpt-3.5-turbo","messages":[]}')
+    assert escaped.status == 400  # keys compared as JSON decodes them
+    allowed = _large_chat("gpt-4o-mini", 6, stream=True)
+    response = await send(allowed)
+    assert response.status == 200
+    await response.read()
+    sent = proxy.upstream.last
+    assert int(sent.headers["Content-Length"]) == len(sent.body)
+    forwarded = orjson.loads(sent.body)
+    assert forwarded["stream_options"] == {"include_usage": True}
+    assert forwarded["messages"] == orjson.loads(allowed)["messages"]
+
+
+async def test_a_compressed_body_cannot_pass_a_parameter_check(proxy_factory: Any) -> None:
+    proxy: Proxy = await proxy_factory(api={"param_whitelist": {"model": ["gpt-4o*"]}})
+    headers = {**bearer(await proxy.token()), "Content-Encoding": "gzip"}
+    body = gzip.compress(orjson.dumps({**CHAT, "model": "gpt-3.5-turbo"}))
+    refused = await proxy.client.post("/v1/chat/completions", data=body, headers=headers)
+    assert refused.status == 415 and await error_code(refused) == "unsupported_content_encoding"
+    assert proxy.upstream.requests == []
+
+
+async def test_malformed_json_cannot_pass_a_parameter_check(proxy_factory: Any) -> None:
+    proxy: Proxy = await proxy_factory(api={"param_whitelist": {"model": ["gpt-4o*"]}})
+    headers = bearer(await proxy.token())
+    for body in (b'{"model": "gpt-4o", "model": ', b'{"model": "gpt-4o"} {"model": "x"}'):
+        refused = await proxy.client.post("/v1/chat/completions", data=body, headers=headers)
+        assert refused.status == 400 and await error_code(refused) == "bad_request"
+    form = await proxy.client.post("/v1/files/upload", data=b"--b\r\nnot json", headers=headers)
+    assert form.status == 200  # not JSON at all: nothing to check, as before
+    assert len(proxy.upstream.requests) == 1
+
+
+async def test_large_and_chunked_streams_get_usage_injected(proxy: Proxy) -> None:
+    headers = {**bearer(await proxy.token()), "Content-Type": "application/json"}
+    for data in (
+        io.BytesIO(_large_chat("gpt-4o", 3, stream=True)),
+        _chunked(_large_chat("gpt-4o", 1, stream=True)),
+    ):
+        response = await proxy.client.post("/v1/chat/completions", data=data, headers=headers)
+        text = await response.text()
+        assert response.status == 200 and '"choices":[]' not in text  # usage chunk hidden
+        sent = orjson.loads(proxy.upstream.last.body)
+        assert sent["stream_options"] == {"include_usage": True}
+        assert "accept-encoding" not in {k.lower() for k in proxy.upstream.last.headers} or (
+            proxy.upstream.last.headers.get("Accept-Encoding") == "identity"
+        )
+
+
 async def test_header_hygiene_and_key_swap(proxy: Proxy) -> None:
     token = await proxy.token()
     response = await proxy.client.post(
@@ -200,8 +281,8 @@ async def test_header_hygiene_and_key_swap(proxy: Proxy) -> None:
         assert dropped not in headers
     assert headers["openai-organization"] == "org-kept" and headers["x-custom"] == "kept"
     assert seen.path_qs == "/v1/chat/completions?api-version=1"
-    assert headers["x-request-id"] == response.headers["X-Request-ID"]
-    assert len(response.headers["X-Request-ID"]) == 32
+    assert headers["x-request-id"] == response.headers["LLM-Proxy-Request-ID"]
+    assert len(response.headers["LLM-Proxy-Request-ID"]) == 32
     assert "proxy;dur=" in response.headers["Server-Timing"]
 
 
@@ -210,10 +291,11 @@ async def test_client_request_id_is_kept(proxy: Proxy) -> None:
     response = await proxy.client.get(
         "/v1/models", headers={**bearer(token), "X-Request-ID": "client-chosen-42"}
     )
-    assert response.headers["X-Request-ID"] == "client-chosen-42"
+    assert response.headers["LLM-Proxy-Request-ID"] == "client-chosen-42"
     assert proxy.upstream.last.headers["X-Request-ID"] == "client-chosen-42"
     refused = await proxy.client.get("/v1/models", headers={"X-Request-ID": "on-error-too"})
-    assert refused.headers["X-Request-ID"] == "on-error-too"
+    assert refused.headers["LLM-Proxy-Request-ID"] == "on-error-too"
+    assert refused.headers["X-Request-ID"] == "on-error-too"  # no upstream id to return
 
 
 async def test_upstream_errors_pass_through_verbatim(proxy: Proxy) -> None:

@@ -79,6 +79,7 @@ def event(
         request=None,
         response=None,
         usage=tokens,
+        upstream_request_id=None,
         error=error,
     )
 

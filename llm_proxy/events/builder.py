@@ -75,6 +75,7 @@ def build(exchange: Exchange, *, decoded_limit: int = bodies.DEFAULT_DECODED_LIM
         request=request,
         response=response,
         usage=event_usage,
+        upstream_request_id=exchange.upstream_request_id,
         error=exchange.error,
     )
 

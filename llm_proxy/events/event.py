@@ -39,6 +39,7 @@ class Event(TypedDict):
     request: object  # parsed JSON body, text, or a "[...]" note when the body could not be shown
     response: object  # same; a stream is reassembled into one completion object
     usage: Usage | None
+    upstream_request_id: str | None  # the provider's own id of the call, for its support
     error: str | None
 
 

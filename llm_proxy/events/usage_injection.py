@@ -1,50 +1,17 @@
 """Exact stream usage for clients that did not ask for it, invisibly to them.
 
-The proxy adds ``stream_options.include_usage`` to a streamed chat completion request, and strips
-the extra usage-only chunk (``"choices": []`` with a ``usage`` object) from the bytes it relays, so
-the client sees exactly the stream it would have seen while the event still gets the upstream's
-usage.
+The proxy adds ``stream_options.include_usage`` to a streamed chat or legacy completion request as
+the body passes (:class:`~llm_proxy.body_scan.BodyInspector`), and this filter strips the extra
+usage-only chunk (``"choices": []`` with a ``usage`` object) from the bytes it relays, so the
+client sees exactly the stream it would have seen while the event still gets the upstream's usage.
 
-Both run on the request path, so both are cheap: the request body is parsed once (it is small and
-already buffered), and the stream filter only runs two precompiled byte searches per event, holding
-back nothing but an incomplete event that could still turn out to be the usage chunk.
+It runs on the request path, so it is cheap: two precompiled byte searches per event, holding back
+nothing but an incomplete event that could still turn out to be the usage chunk.
 """
 
 from __future__ import annotations
 
 import re
-
-import orjson
-
-_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
-
-
-def inject_stream_usage(body: bytes) -> bytes | None:
-    """The body with ``stream_options.include_usage = true``, or None when it must stay as it is.
-
-    None when the request is not a JSON object with ``"stream": true``, or when the client already
-    set ``include_usage`` either way (its choice is respected).
-    """
-    if b'"stream"' not in body:
-        return None
-    try:
-        request = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(request, dict) or request.get("stream") is not True:
-        return None
-    options = request.get("stream_options")
-    if options is None and "stream_options" not in request:
-        # Splice rather than re-serialise, so every byte the client sent is forwarded as sent.
-        start = body.index(b"{") + 1
-        return body[:start] + _INCLUDE_USAGE + body[start:]
-    if options is None:
-        options = {}
-    if not isinstance(options, dict) or "include_usage" in options:
-        return None
-    request["stream_options"] = {**options, "include_usage": True}
-    return orjson.dumps(request)
-
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # The first "choices" key of an event, and the first character of its array.

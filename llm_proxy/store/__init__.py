@@ -54,6 +54,10 @@ class Store(Protocol):
         """Count one request against a quota-carrying token; False when used up or inactive."""
         ...
 
+    async def release_request(self, token_id: str) -> None:
+        """Take back a request counted by :meth:`consume_request` that never reached upstream."""
+        ...
+
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
 
     # Usage aggregates, written off the request path by the usage dispatcher

@@ -408,6 +408,13 @@ class SqliteStore:
         return cur.rowcount == 1
 
     @_writes
+    async def release_request(self, token_id: str) -> None:
+        await self._db.execute(
+            "UPDATE tokens SET request_count = request_count - 1 WHERE id = ? AND request_count > 0",
+            (token_id,),
+        )
+
+    @_writes
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         if not deltas:
             return

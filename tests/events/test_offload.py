@@ -39,7 +39,7 @@ async def chat(proxy: Proxy, token: str, count: int) -> list[str]:
                 headers={"Authorization": f"Bearer {token}"},
             ) as response:
                 assert response.status == 200
-                ids.append(response.headers["X-Request-ID"])
+                ids.append(response.headers["LLM-Proxy-Request-ID"])
     return ids
 
 

@@ -1,0 +1,506 @@
+"""Single-pass inspection of a JSON request body as it streams through the proxy in chunks.
+
+`BodyInspector` reads the decoded values of chosen top-level keys and, for a streamed completion,
+splices `"include_usage":true` into the body, while every other byte goes upstream as received.
+The body is never held whole: the scanner keeps a container stack, a few flags and small
+bounded buffers (a pending key, a watched value, a partial escape or scalar token, and the
+bytes held back for an injection).
+
+Regexes jump from one significant character to the next (outside strings `"{}[],:`, inside
+strings a quote or a backslash), so the Python loop runs once per token, not once per byte.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import orjson
+
+TOO_LARGE: Final = object()
+"""Stands in `BodyInspector.values` for a watched value whose raw JSON text was too long."""
+
+OPTIONS_HOLD_LIMIT: Final = 64 * 1024
+"""Longest `stream_options` object (or text after the closing brace) held back to inject into."""
+
+MAX_DEPTH: Final = 1024
+"""Deepest nesting accepted; orjson and Python's json refuse deeper bodies anyway."""
+
+MAX_SCALAR_BYTES: Final = 4096
+"""Longest number accepted; Python's json refuses longer integers, so no upstream wants one."""
+
+_STRING_BODY: Final = rb'[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+'
+# Groups: 1 the text before the next significant character, then either 2 the body of a string
+# with 3 its closing quote (absent when the string runs past the chunk or stops at a bad byte),
+# or 4 a structural character.
+_TOKEN: Final = re.compile(rb'([^"{}\[\],:]*+)(?:"(' + _STRING_BODY + rb')(")?|([{}\[\],:]))')
+_STRING_REST: Final = re.compile(_STRING_BODY)
+_ESCAPE: Final = re.compile(rb'\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})')
+_PARTIAL_ESCAPE: Final = re.compile(rb"\\(?:u[0-9a-fA-F]{0,3})?")
+_SCALAR: Final = re.compile(
+    rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null"
+)
+_WS: Final = b" \t\r\n"
+
+_QUOTE: Final = ord('"')
+_BACKSLASH: Final = ord("\\")
+_LBRACE: Final = ord("{")
+_RBRACE: Final = ord("}")
+_LBRACKET: Final = ord("[")
+_COMMA: Final = ord(",")
+_COLON: Final = ord(":")
+
+# Parser states: what may come next outside strings.
+_VALUE: Final = 0  # a value (at the start, after ':' or after ',' in an array)
+_VALUE_OR_END: Final = 1  # just after '['
+_KEY: Final = 2  # after ',' in an object
+_KEY_OR_END: Final = 3  # just after '{'
+_AFTER_KEY: Final = 4  # a key ended: ':'
+_AFTER_VALUE: Final = 5  # a value ended inside a container: ',' or the closer
+_DONE: Final = 6  # the top-level value ended: whitespace only
+_BROKEN: Final = 7  # not JSON: pass everything through untouched
+
+# What a top-level key means for the value that follows it.
+_WATCHED: Final = 1
+_STREAM: Final = 2
+_OPTIONS: Final = 4
+
+_HOLD_NONE: Final = 0
+_HOLD_OPTIONS: Final = 1  # from the '{' of a top-level stream_options value to its '}'
+_HOLD_TAIL: Final = 2  # from the top-level object's closing '}' to the end of the body
+
+_TAIL_INSERT: Final = b',"stream_options":{"include_usage":true}'
+_USAGE_KEY: Final = b"include_usage"
+
+
+class _Capture:
+    """Raw text of a token that may straddle chunks, kept only up to a limit."""
+
+    __slots__ = ("active", "buf", "limit", "over", "start")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = False
+        self.start = 0
+        self.buf = bytearray()
+        self.over = False
+
+    def begin(self, at: int) -> None:
+        self.active = True
+        self.start = at
+        self.over = False
+
+    def carry(self, chunk: bytes) -> None:
+        """The chunk ended mid-token: keep its part, unless the token is already too long."""
+        if not self.over:
+            self.buf += chunk[self.start :]
+            if len(self.buf) > self.limit:
+                self.over = True
+                self.buf.clear()
+        self.start = 0
+
+    def take(self, chunk: bytes, end: int) -> bytes | None:
+        """The token ends before `end`: its whole text, or None when longer than the limit."""
+        self.active = False
+        if self.over or len(self.buf) + end - self.start > self.limit:
+            self.buf.clear()
+            return None
+        text = bytes(self.buf) + chunk[self.start : end] if self.buf else chunk[self.start : end]
+        self.buf.clear()
+        return text
+
+
+class BodyInspector:
+    """Scan a JSON body chunk by chunk: watched top-level values, well-formedness, usage injection.
+
+    Feed every chunk to `feed()` and forward what it returns, then call `finish()` and forward
+    that too. Without an injection the forwarded bytes equal the input exactly. With
+    `inject_usage`, a well-formed object whose last top-level `"stream"` is `true` is made to
+    ask for usage: `,"stream_options":{"include_usage":true}` goes before the final `}` when
+    there is no top-level `stream_options`, or `"include_usage":true` goes first inside a
+    `stream_options` object that lacks it. Client-set `include_usage`, a `stream_options` that is
+    not an object, or one longer than `OPTIONS_HOLD_LIMIT` means no injection.
+
+    The insertion into `stream_options` goes out when that object closes, before the rest of
+    the body is seen, so it can also reach a body that later turns out not to stream or not to
+    be JSON; `modified` tells whether the output differs from the input.
+
+    Results are readable at any time for what has been seen so far and final after `finish()`.
+    `well_formed` stays true until a flaw is seen; `finish()` also requires a complete value.
+    A watched value that orjson cannot decode (invalid UTF-8, a lone surrogate, a float
+    overflowing to infinity) makes the body not well-formed, since the caller could not check it.
+    """
+
+    values: dict[str, list[object]]
+    is_object: bool
+    well_formed: bool
+    stream: bool
+    usage_injected: bool
+    modified: bool
+
+    def __init__(
+        self,
+        watch: frozenset[str] = frozenset(),
+        *,
+        inject_usage: bool = False,
+        max_value_bytes: int = 4096,
+    ) -> None:
+        # results
+        self.values = {name: [] for name in watch}
+        self.is_object = False
+        self.well_formed = True
+        self.stream = False
+        self.usage_injected = False
+        self.modified = False
+        # configuration: raw (unescaped) top-level key -> what its value means
+        self._inject = inject_usage
+        self._roles: dict[bytes, int] = {name.encode(): _WATCHED for name in watch}
+        self._roles[b"stream"] = self._roles.get(b"stream", 0) | _STREAM
+        if inject_usage:
+            self._roles[b"stream_options"] = self._roles.get(b"stream_options", 0) | _OPTIONS
+        longest = max(len(key) for key in (*self._roles, _USAGE_KEY))
+        # parser
+        self._state = _VALUE
+        self._stack = bytearray()
+        self._in_string = False
+        self._string_is_key = False
+        self._string_is_watched = False  # the string is a watched top-level value
+        self._escape = b""  # a backslash escape cut by the chunk's end
+        self._gap = b""  # text outside strings cut by the chunk's end, whitespace collapsed
+        self._role = 0  # roles of the top-level key whose value comes next
+        self._role_name = ""
+        # captures: an escaped key is at most six bytes per byte of its decoded UTF-8
+        self._key = _Capture(6 * longest)
+        self._value = _Capture(max_value_bytes)
+        # injection
+        self._options_seen = False
+        self._options_has_keys = False
+        self._options_has_usage = False
+        self._options_inserted = False
+        self._no_injection = False  # some stream_options rules injection out
+        # output of the chunk being scanned
+        self._chunk = b""
+        self._out: list[bytes] = []
+        self._emit = 0  # first byte of the chunk not yet output or held
+        self._hold: bytearray | None = None
+        self._hold_kind = _HOLD_NONE
+        self._hold_start = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next chunk; return the bytes that may go upstream now (possibly b"")."""
+        if self._state == _BROKEN:
+            return chunk
+        if not chunk:
+            return b""
+        self._chunk = chunk
+        self._out = []
+        self._emit = 0
+        pos = self._resume_string() if self._in_string else 0
+        if pos >= 0:
+            self._scan(pos)
+        return self._end_chunk()
+
+    def finish(self) -> bytes:
+        """The body ended: return the bytes still held back (with the injection, if any)."""
+        self._chunk = b""
+        self._out = []
+        self._emit = 0
+        if self._state != _BROKEN:
+            # A scalar cut by the end still counts, so the gap goes first.
+            ended = not self._in_string and (not self._gap or self._gap_ok(b""))
+            if not ended or self._state != _DONE:
+                self._break()
+        tail = self._end_chunk()
+        if self._state == _BROKEN:
+            return tail
+        if self._hold_kind == _HOLD_TAIL and self._hold is not None:
+            self.usage_injected = self.modified = True
+            tail += _TAIL_INSERT + bytes(self._hold)
+            self._hold = None
+        elif self._options_inserted and not self._no_injection:
+            self.usage_injected = self.stream
+        return tail
+
+    # scanning
+
+    def _scan(self, pos: int) -> None:
+        chunk = self._chunk
+        size = len(chunk)
+        match = _TOKEN.match
+        while pos < size:
+            found = match(chunk, pos)
+            if found is None:
+                self._carry_gap(chunk[pos:])
+                return
+            at = found.end(1)
+            if (at > pos or self._gap) and not self._gap_ok(chunk[pos:at]):
+                self._break()
+                return
+            kind = found.lastindex
+            if kind == 4:
+                if not self._structural(chunk[at], at):
+                    self._break()
+                    return
+                pos = at + 1
+                continue
+            end = found.end()
+            if not self._string_opened(at):
+                self._break()
+                return
+            if kind == 3:
+                self._string_closed(end - 1)
+                if self._state == _BROKEN:
+                    return
+                pos = end
+            else:
+                self._string_cut(end)
+                return
+
+    def _resume_string(self) -> int:
+        """Go on with a string left open by the last chunk; where the scan resumes, or -1."""
+        chunk = self._chunk
+        pos = 0
+        if self._escape:
+            text = self._escape + chunk[:6]
+            escape = _ESCAPE.match(text)
+            if escape is None:
+                if _PARTIAL_ESCAPE.fullmatch(text):
+                    self._escape = text
+                else:
+                    self._break()
+                return -1
+            pos = escape.end() - len(self._escape)
+            self._escape = b""
+        rest = _STRING_REST.match(chunk, pos)
+        assert rest is not None  # the pattern matches the empty string
+        end = rest.end()
+        if end < len(chunk) and chunk[end] == _QUOTE:
+            self._in_string = False
+            self._string_closed(end)
+            return -1 if self._state == _BROKEN else end + 1
+        self._string_cut(end)
+        return -1
+
+    def _string_cut(self, end: int) -> None:
+        """A string stopped before its closing quote: the chunk ended, or a bad byte came."""
+        chunk = self._chunk
+        if end == len(chunk) or (
+            chunk[end] == _BACKSLASH and _PARTIAL_ESCAPE.fullmatch(chunk, end)
+        ):
+            self._in_string = True
+            self._escape = chunk[end:]
+        else:
+            self._break()
+
+    def _string_opened(self, at: int) -> bool:
+        state = self._state
+        depth = len(self._stack)
+        if state in (_KEY, _KEY_OR_END):
+            self._string_is_key = True
+            if depth == 1 or (depth == 2 and self._hold_kind == _HOLD_OPTIONS):
+                self._key.begin(at + 1)
+            return True
+        if state > _VALUE_OR_END:
+            return False
+        self._string_is_key = False
+        self._string_is_watched = bool(self._role & _WATCHED)
+        if self._role:
+            self._scalar_or_string_role(None)
+            if self._string_is_watched:
+                self._value.begin(at)
+            self._role = 0
+        return True
+
+    def _string_closed(self, at: int) -> None:
+        if self._string_is_key:
+            self._state = _AFTER_KEY
+            if self._key.active:
+                self._key_done(self._key.take(self._chunk, at))
+            return
+        self._state = _AFTER_VALUE if self._stack else _DONE
+        if self._string_is_watched:
+            self._value_done(self._value.take(self._chunk, at + 1))
+
+    def _key_done(self, raw: bytes | None) -> None:
+        if raw is None:
+            return
+        if _BACKSLASH in raw:
+            try:
+                raw = orjson.loads(b'"' + raw + b'"').encode()
+            except orjson.JSONDecodeError:
+                return
+        if len(self._stack) == 2:
+            self._options_has_keys = True
+            if raw == _USAGE_KEY:
+                self._options_has_usage = True
+            return
+        role = self._roles.get(raw, 0)
+        if role:
+            self._role = role
+            self._role_name = raw.decode()
+            if role & _OPTIONS:
+                self._options_seen = True
+
+    def _value_done(self, raw: bytes | None) -> None:
+        if raw is None:
+            self.values[self._role_name].append(TOO_LARGE)
+            return
+        try:
+            self.values[self._role_name].append(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            self._break()
+
+    def _scalar_or_string_role(self, token: bytes | None) -> None:
+        """Effects of a top-level key's scalar (or string, when None) value beyond watching."""
+        if self._role & _STREAM:
+            self.stream = token == b"true"
+        if self._role & _OPTIONS:
+            self._no_injection = True
+
+    def _gap_ok(self, text: bytes) -> bool:
+        """Account for the text before a significant character: whitespace or one scalar."""
+        if self._gap:
+            text = self._gap + text
+            self._gap = b""
+        token = text.strip(_WS)
+        if not token:
+            return True
+        state = self._state
+        if state > _VALUE_OR_END or len(token) > MAX_SCALAR_BYTES or not _SCALAR.fullmatch(token):
+            return False
+        if not self._stack:
+            self._state = _DONE
+            return True
+        self._state = _AFTER_VALUE
+        if self._role:
+            self._scalar_or_string_role(token)
+            if self._role & _WATCHED:
+                self._value_done(token if len(token) <= self._value.limit else None)
+            self._role = 0
+        return self._state != _BROKEN
+
+    def _carry_gap(self, text: bytes) -> None:
+        text = (self._gap + text).lstrip(_WS)
+        token = text.rstrip(_WS)
+        if len(token) < len(text):
+            # A token cannot contain whitespace: a mark is enough to reject one continuing.
+            token += b" "
+        if len(token) > MAX_SCALAR_BYTES + 1:
+            self._break()
+        else:
+            self._gap = token
+
+    def _structural(self, char: int, at: int) -> bool:
+        state = self._state
+        stack = self._stack
+        if char == _COMMA:
+            if state != _AFTER_VALUE:
+                return False
+            self._state = _KEY if stack[-1] == _LBRACE else _VALUE
+        elif char == _COLON:
+            if state != _AFTER_KEY:
+                return False
+            self._state = _VALUE
+        elif char in (_LBRACE, _LBRACKET):
+            if state > _VALUE_OR_END or len(stack) >= MAX_DEPTH:
+                return False
+            if not stack:
+                self.is_object = char == _LBRACE
+            elif self._role:
+                self._container_opened(char, at)
+            stack.append(char)
+            self._state = _KEY_OR_END if char == _LBRACE else _VALUE_OR_END
+        else:
+            opener = _LBRACE if char == _RBRACE else _LBRACKET
+            empty = _KEY_OR_END if char == _RBRACE else _VALUE_OR_END
+            if not stack or stack[-1] != opener or (state != _AFTER_VALUE and state != empty):
+                return False
+            stack.pop()
+            if len(stack) > 1:
+                self._state = _AFTER_VALUE
+            elif stack:
+                self._state = _AFTER_VALUE
+                self._container_closed(at)
+            else:
+                self._state = _DONE
+                if self._inject and self.stream and not self._options_seen:
+                    self._begin_hold(_HOLD_TAIL, at)
+        return self._state != _BROKEN
+
+    def _container_opened(self, char: int, at: int) -> None:
+        """The value of a top-level key opens."""
+        role = self._role
+        self._role = 0
+        if role & _WATCHED:
+            self._value.begin(at)
+        if role & _STREAM:
+            self.stream = False
+        if role & _OPTIONS:
+            if char != _LBRACE:
+                self._no_injection = True
+            elif not self._no_injection:
+                self._options_has_keys = self._options_has_usage = False
+                self._begin_hold(_HOLD_OPTIONS, at)
+
+    def _container_closed(self, at: int) -> None:
+        """A container directly inside the top-level one closes: end its capture or hold."""
+        if self._value.active:
+            self._value_done(self._value.take(self._chunk, at + 1))
+        if self._hold_kind != _HOLD_OPTIONS or self._hold is None:
+            return
+        text = bytes(self._hold) + self._chunk[self._hold_start : at + 1]
+        self._hold = None
+        self._hold_kind = _HOLD_NONE
+        self._emit = at + 1
+        if self._options_has_usage or len(text) > OPTIONS_HOLD_LIMIT:
+            self._no_injection = True
+            self._out.append(text)
+            return
+        insert = b'"include_usage":true,' if self._options_has_keys else b'"include_usage":true'
+        self._out.append(text[:1] + insert + text[1:])
+        self._options_inserted = self.modified = True
+
+    # output
+
+    def _begin_hold(self, kind: int, at: int) -> None:
+        self._out.append(self._chunk[self._emit : at])
+        self._hold = bytearray()
+        self._hold_kind = kind
+        self._hold_start = at
+
+    def _end_chunk(self) -> bytes:
+        chunk = self._chunk
+        if self._key.active:
+            self._key.carry(chunk)
+        if self._value.active:
+            self._value.carry(chunk)
+        hold = self._hold
+        if hold is None:
+            self._out.append(chunk[self._emit :])
+        else:
+            hold += chunk[self._hold_start :]
+            self._hold_start = 0
+            if len(hold) > OPTIONS_HOLD_LIMIT:
+                self._release()
+        out = self._out
+        self._out = []
+        self._chunk = b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _release(self) -> None:
+        """Give up injecting: what was held goes out unchanged."""
+        if self._hold is not None:
+            self._out.append(bytes(self._hold))
+            self._hold = None
+        self._hold_kind = _HOLD_NONE
+        self._no_injection = True
+
+    def _break(self) -> None:
+        """The body is not JSON: stop scanning and pass everything through from here on."""
+        self.well_formed = False
+        self._state = _BROKEN
+        self._in_string = False
+        self._key.active = self._value.active = False
+        if self._hold is not None:
+            self._emit = self._hold_start
+        self._release()

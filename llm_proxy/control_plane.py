@@ -1,0 +1,217 @@
+"""Control-plane requests, parsed by the front door, answered by the aiohttp application.
+
+``/manage``, ``/admin``, ``/health``, ``/ready`` and ``/metrics`` are aiohttp routes, but aiohttp's
+own HTTP parser never sees a byte: the front door frames each request under its one policy, reads
+the body whole (control-plane bodies are small: JSON and forms, at most 1 MiB), and this module
+hands aiohttp the request already parsed and de-chunked, then writes aiohttp's response back on the
+front door's connection. A connection may so carry proxy and control requests in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import structlog
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from llm_proxy import errors
+
+if TYPE_CHECKING:
+    from llm_proxy.front import FrontProtocol, ResponseWriter
+    from llm_proxy.proxy import BodySource
+
+log = structlog.get_logger(__name__)
+
+MAX_CONTROL_BODY = 1024 * 1024
+# Framing fields the front door has already acted on: aiohttp gets a plain body with its length.
+_CONSUMED = frozenset({"transfer-encoding", "content-length", "expect"})
+
+
+@dataclass(slots=True)
+class ControlRequest:
+    method: str
+    target: str  # origin form, as sent
+    http10: bool
+    headers: list[tuple[bytes, bytes]]  # every field, as sent
+    content_length: int | None
+    body: BodySource
+
+
+class _Connection:
+    """What an aiohttp request asks of the protocol that received it."""
+
+    __slots__ = (
+        "max_field_size",
+        "max_headers",
+        "peername",
+        "sockname",
+        "ssl_context",
+        "transport",
+    )
+
+    def __init__(self, transport: asyncio.Transport | None) -> None:
+        self.transport = transport
+        self.ssl_context = None
+        self.peername = transport.get_extra_info("peername") if transport else None
+        self.sockname = transport.get_extra_info("sockname") if transport else None
+        # aiohttp's own defaults for multipart field parsing.
+        self.max_field_size = 8190
+        self.max_headers = 128
+
+
+class _StreamWriter(AbstractStreamWriter):
+    """aiohttp's response, written on the front door's connection."""
+
+    def __init__(self, writer: ResponseWriter, conn: FrontProtocol) -> None:
+        self._writer = writer
+        self._conn = conn
+        self._chunked = False
+        self._head: bytes | None = None
+        self.length: int | None = None
+
+    @property
+    def transport(self) -> asyncio.WriteTransport | None:
+        return self._conn.transport
+
+    def enable_chunking(self) -> None:
+        self._chunked = True
+
+    def enable_compression(self, encoding: str = "deflate", strategy: int | None = None) -> None:
+        raise NotImplementedError("control-plane answers are sent uncompressed")
+
+    async def write_headers(self, status_line: str, headers: CIMultiDict[str]) -> None:
+        lines = [status_line, "\r\n"]
+        for name, value in headers.items():
+            if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+                raise ValueError("a response header contains a line break")
+            lines += (name, ": ", value, "\r\n")
+        lines.append("\r\n")
+        self._head = "".join(lines).encode("utf-8")
+        self._writer.started = True
+
+    def send_headers(self) -> None:
+        if self._head is not None:
+            self._conn.send(self._head)
+            self._head = None
+
+    def _framed(self, chunk: bytes) -> bytes:
+        if self._chunked and chunk:
+            return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        return chunk
+
+    def _send(self, data: bytes) -> None:
+        if self._head is not None:
+            data = self._head + data  # the head leaves with the first body bytes
+            self._head = None
+        if data:
+            self._conn.send(data)
+
+    async def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        data = bytes(chunk)
+        self.output_size += len(data)
+        self._send(self._framed(data))
+        await self.drain()
+
+    async def write_eof(self, chunk: bytes = b"") -> None:
+        self.output_size += len(chunk)
+        data = self._framed(chunk)
+        if self._chunked:
+            data += b"0\r\n\r\n"
+        self._send(data)
+        await self.drain()
+
+    async def drain(self) -> None:
+        if self._conn.write_paused:
+            await self._conn.drain()
+
+
+class ControlPlane:
+    """Serves control-plane requests through the aiohttp application of ``server``."""
+
+    def __init__(self, server: web.Server) -> None:
+        self._server = server
+
+    async def serve(
+        self, request: ControlRequest, writer: ResponseWriter, conn: FrontProtocol
+    ) -> None:
+        body = await _read_body(request)
+        loop = asyncio.get_running_loop()
+        message = _message(request, body, keep_alive=conn.keep_alive)
+        payload: StreamReader = EMPTY_PAYLOAD
+        if body:
+            payload = StreamReader(BaseProtocol(loop), MAX_CONTROL_BODY, loop=loop)
+            payload.feed_data(body)
+            payload.feed_eof()
+        stream_writer = _StreamWriter(writer, conn)
+        task = asyncio.current_task()
+        assert task is not None
+        server = self._server
+        factory = cast(Any, server.request_factory)
+        web_request: web.BaseRequest = factory(
+            message, payload, _Connection(conn.transport), stream_writer, task
+        )
+        try:
+            try:
+                response = await server.request_handler(web_request)
+            except web.HTTPException as exc:
+                response = exc
+            await response.prepare(web_request)
+            await response.write_eof()
+        finally:
+            web_request._finish()
+        if not response.keep_alive:
+            conn.keep_alive = False
+
+
+async def _read_body(request: ControlRequest) -> bytes:
+    length = request.content_length
+    if length is not None and length > MAX_CONTROL_BODY:
+        raise errors.RequestTooLarge(f"Request body exceeds {MAX_CONTROL_BODY} bytes.")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.body.chunks():
+        size += len(chunk)
+        if size > MAX_CONTROL_BODY:
+            raise errors.RequestTooLarge(f"Request body exceeds {MAX_CONTROL_BODY} bytes.")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _message(request: ControlRequest, body: bytes, *, keep_alive: bool) -> RawRequestMessage:
+    raw_headers: list[tuple[bytes, bytes]] = []
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers:
+        text = name.decode("utf-8", "surrogateescape")
+        if text.lower() in _CONSUMED:
+            continue
+        raw_headers.append((name, value))
+        headers.add(text, value.decode("utf-8", "surrogateescape"))
+    if body:
+        headers[hdrs.CONTENT_LENGTH] = str(len(body))
+        raw_headers.append((b"Content-Length", str(len(body)).encode()))
+    path, _, query = request.target.partition("?")
+    return RawRequestMessage(
+        request.method,
+        request.target,
+        HttpVersion10 if request.http10 else HttpVersion11,
+        CIMultiDictProxy(headers),
+        _as_raw(raw_headers),
+        not keep_alive,  # should_close
+        None,  # compression: bodies are never decoded for a handler
+        False,  # upgrade
+        False,  # chunked
+        URL.build(path=path, query_string=query, encoded=True),
+    )
+
+
+def _as_raw(headers: Sequence[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple(headers)

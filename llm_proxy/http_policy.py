@@ -1,0 +1,217 @@
+"""The front door's policy for a request head: what is refused, what is forwarded (SPEC §7).
+
+``httptools`` (llhttp) already refuses most malformed input: bad chunk sizes, bare LF line ends,
+``Content-Length`` together with ``Transfer-Encoding``, two lengths. This module adds what llhttp
+lets through and nginx does not: a transfer coding other than exactly ``chunked`` (also one spread
+over two header lines), a missing or repeated ``Host``, a fragment or an encoded control character
+in the target, an HTTP version other than 1.0 and 1.1. It also sorts the header fields as they are
+parsed: the few the server reads are noted, and those never forwarded (hop-by-hop, the client's
+credential, every spelling of a client-IP header) are not even decoded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from llm_proxy import errors
+
+# Paths served by the aiohttp application (the control plane), matched on segment boundaries.
+CONTROL_PREFIXES = (b"/manage", b"/admin", b"/health", b"/ready", b"/metrics")
+
+# Never forwarded upstream: hop-by-hop fields, our own credential, what identifies the client and
+# the request id (replaced by the proxy's). Lower case; every ``CF-*`` field is dropped as well.
+DROPPED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"host",
+        b"authorization",
+        b"x-request-id",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-forwarded-server",
+        b"x-original-forwarded-for",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"x-cluster-client-ip",
+        b"fastly-client-ip",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+    }
+)
+# With ``_`` for ``-``, as some servers and CGI-style frameworks read them: also never forwarded,
+# nor a second ``Content-Length`` spelled that way.
+_DROPPED_SPELLINGS = DROPPED | {b"content-length"}
+
+# Fields the server reads (first value), and those whose repetition is refused.
+_NOTED = frozenset(
+    {
+        b"authorization",
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"expect",
+        b"origin",
+        b"x-request-id",
+    }
+)
+_SINGLE = frozenset({b"content-length", b"transfer-encoding", b"host"})
+# A percent-encoded control character (C0 or DEL) anywhere in the target.
+_ENCODED_CONTROL = re.compile(rb"%(?:[01][0-9a-fA-F]|7[fF])")
+_KEPT_CONNECTION_OPTIONS = frozenset({"close", "keep-alive"})
+
+
+class HeadFields:
+    """The header fields of one request head, sorted as they arrive."""
+
+    __slots__ = ("all_headers", "control", "duplicate", "forward", "noted", "size")
+
+    def __init__(self) -> None:
+        self.size = 0  # bytes of target and fields so far, for the head size limit
+        self.control = False  # the target is a control-plane path
+        self.noted: dict[bytes, bytes] = {}
+        self.duplicate: bytes | None = None  # a field that must appear once, seen twice
+        self.forward: list[tuple[str, str]] = []  # proxy requests: the fields to forward
+        self.all_headers: list[tuple[bytes, bytes]] = []  # control requests: every field
+
+    def add(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower in _NOTED:
+            noted = self.noted
+            if lower not in noted:
+                noted[lower] = value
+            elif lower == b"connection":
+                noted[lower] += b"," + value
+            elif lower in _SINGLE:
+                self.duplicate = lower
+        if self.control:
+            self.all_headers.append((name, value))
+            return
+        if lower in DROPPED or lower.startswith(b"cf-"):
+            return
+        if b"_" in lower:
+            spelled = lower.replace(b"_", b"-")
+            if spelled in _DROPPED_SPELLINGS or spelled.startswith(b"cf-"):
+                return
+        # Values decoded as aiohttp decodes them: the bytes go upstream unchanged (see http1.py).
+        self.forward.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def forwarded(self) -> list[tuple[str, str]]:
+        """The fields to forward, without those the client named in ``Connection``."""
+        connection = self.noted.get(b"connection")
+        if connection is None:
+            return self.forward
+        named = {
+            option.strip().lower() for option in connection.decode("latin-1").split(",")
+        } - _KEPT_CONNECTION_OPTIONS
+        if not named:
+            return self.forward
+        return [(name, value) for name, value in self.forward if name.lower() not in named]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """How a request is framed, decided once from its head."""
+
+    method: str
+    target: str  # origin form (path and query), exactly as sent
+    http10: bool
+    content_length: int | None
+    has_body: bool
+    expect_continue: bool
+
+
+def frame_request(head: HeadFields, url: bytes, version: str, method: bytes) -> Frame:
+    """Decide the framing of a request, or raise the error it is refused with."""
+    if version not in ("1.1", "1.0"):
+        # 400 rather than nginx's 505: nothing a client sends may draw a 5xx from the proxy itself.
+        raise errors.MalformedRequest(f"HTTP/{version} is not supported; use HTTP/1.1.")
+    http10 = version == "1.0"
+    if head.duplicate is not None:
+        name = head.duplicate.decode("latin-1")
+        raise errors.MalformedRequest(f"The {name} header may appear only once.")
+    noted = head.noted
+    if not http10 and b"host" not in noted:
+        raise errors.MalformedRequest("An HTTP/1.1 request needs a Host header.")
+    chunked = False
+    coding = noted.get(b"transfer-encoding")
+    if coding is not None:
+        if http10 or coding.strip().lower() != b"chunked":
+            raise errors.MalformedRequest("Only the chunked transfer coding is supported.")
+        chunked = True
+    content_length: int | None = None
+    length_text = noted.get(b"content-length")
+    if length_text is not None:
+        if not length_text.isdigit():
+            raise errors.MalformedRequest("Invalid Content-Length.")
+        content_length = int(length_text)
+    has_body = chunked or bool(content_length)
+    expect = noted.get(b"expect")
+    expect_continue = (
+        has_body and not http10 and expect is not None and expect.lower() == b"100-continue"
+    )
+    return Frame(
+        method.decode("latin-1"),
+        request_target(url),
+        http10,
+        content_length,
+        has_body,
+        expect_continue,
+    )
+
+
+def request_target(url: bytes) -> str:
+    """The origin form of a request target; absolute form is accepted, as RFC 9112 requires."""
+    if url[:1] != b"/":
+        url = _absolute_path(url)
+    if b"#" in url:
+        raise errors.MalformedRequest("A request target cannot carry a fragment.")
+    if b"%" in url and _ENCODED_CONTROL.search(url):
+        raise errors.MalformedRequest("The request target contains a control character.")
+    return url.decode("utf-8", "surrogateescape")
+
+
+def _absolute_path(url: bytes) -> bytes:
+    lowered = url[:8].lower()
+    if lowered.startswith(b"http://"):
+        rest = url[7:]
+    elif lowered.startswith(b"https://"):
+        rest = url[8:]
+    else:
+        raise errors.MalformedRequest("Invalid request target.")
+    ends = [at for at in (rest.find(b"/"), rest.find(b"?")) if at >= 0]
+    if not ends:
+        return b"/"
+    path = rest[min(ends) :]
+    return path if path.startswith(b"/") else b"/" + path
+
+
+def is_control_target(url: bytes) -> bool:
+    """True when the target is a control-plane path (not forwarded; served by aiohttp)."""
+    if url[:1] != b"/":
+        try:
+            url = _absolute_path(url)
+        except errors.ProxyError:
+            return False
+    if not url.startswith(CONTROL_PREFIXES):
+        return False  # the proxy path, told in one call
+    for prefix in CONTROL_PREFIXES:
+        if url.startswith(prefix) and (len(url) == len(prefix) or url[len(prefix)] in b"/?"):
+            return True
+    return False
