@@ -31,8 +31,10 @@ BAD_CODINGS = [
 
 
 def _post(auth: bytes, *fields: bytes) -> bytes:
-    return b"POST /v1/files/upload HTTP/1.1\r\nHost: t\r\n" + auth + b"".join(
-        f + b"\r\n" for f in fields
+    return (
+        b"POST /v1/files/upload HTTP/1.1\r\nHost: t\r\n"
+        + auth
+        + b"".join(f + b"\r\n" for f in fields)
     )
 
 
@@ -60,7 +62,9 @@ def corpus(auth: bytes) -> dict[str, bytes]:
         "obs-fold TE": _post(auth, b"X: y", b" Transfer-Encoding: chunked")
         + b"\r\n"
         + chunked_smuggle,
-        "LF-only head": _post(auth, b"Content-Length: 0").replace(b"\r\n", b"\n") + b"\n" + SMUGGLED,
+        "LF-only head": _post(auth, b"Content-Length: 0").replace(b"\r\n", b"\n")
+        + b"\n"
+        + SMUGGLED,
         "CR-only line ends": _post(auth, b"Content-Length: 0").replace(b"\r\n", b"\r")
         + b"\r"
         + SMUGGLED,
@@ -72,7 +76,9 @@ def corpus(auth: bytes) -> dict[str, bytes]:
         + b"\r\n5\r\nhello\n0\r\n\r\n"
         + SMUGGLED,
         "oversized chunk size": _post(auth, b"Transfer-Encoding: chunked")
-        + b"\r\n1" + b"0" * 20 + b"\r\nx\r\n0\r\n\r\n"
+        + b"\r\n1"
+        + b"0" * 20
+        + b"\r\nx\r\n0\r\n\r\n"
         + SMUGGLED,
         "space before colon": _post(auth, b"Transfer-Encoding : chunked")
         + b"\r\n"
