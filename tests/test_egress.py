@@ -36,12 +36,13 @@ from llm_proxy.settings import SettingsError
 from llm_proxy.upstream import Origin, Timeouts
 from tests.conftest import Proxy
 from tests.processes import PRODUCT_VARIABLES, Process, clean_env, free_port, spawn
+from tests.raw_servers import Handler, RawServers
 
 FAST = Timeouts(connect=2.0, response_header=2.0, idle=2.0)
 ENCODED_PASSWORD = "pa%3Ass%40w%C3%B6rd"
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
-ConnectHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ConnectHandler = Handler
 
 
 @dataclass
@@ -119,33 +120,9 @@ def authenticating_proxy(tmp_path: Path) -> Iterator[ConnectProxy]:
 @pytest.fixture
 async def connect_server() -> AsyncIterator[Callable[[ConnectHandler], Awaitable[int]]]:
     """Start a raw server of the test's own playing the proxy; answers its port."""
-    servers: list[asyncio.Server] = []
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def start(handler: ConnectHandler) -> int:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            try:
-                await handler(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
-                tasks.discard(task)
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
-
-    yield start
-    for task in list(tasks):
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    servers = RawServers()
+    yield servers.start
+    await servers.close()
 
 
 @pytest.fixture(scope="module")

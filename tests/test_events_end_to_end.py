@@ -142,3 +142,23 @@ async def test_the_upstream_request_id_is_returned_unchanged_and_recorded(
     assert proxy.upstream.last.headers["X-Request-ID"] == proxy_id
     (event,) = await wait_for_lines(log, 1)
     assert event["upstream_request_id"] == upstream_id and event["request_id"] == proxy_id
+
+
+async def test_a_streamed_legacy_completion_gets_exact_usage_too(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    async with proxy.sdk(await proxy.token()) as client:
+        stream = await client.completions.create(
+            model="gpt-3.5-turbo-instruct", prompt="one two three", stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        plain = await client.completions.create(
+            model="gpt-3.5-turbo-instruct", prompt="one two three"
+        )
+    assert all(chunk.choices for chunk in chunks)  # the usage chunk asked for is not shown
+    streamed, _ = await wait_for_lines(log, 2)
+    assert streamed["stream"] is True and streamed["usage"]["source"] == "upstream"
+    assert plain.usage is not None
+    assert streamed["usage"]["total_tokens"] == plain.usage.total_tokens

@@ -27,10 +27,10 @@ from cryptography.x509.oid import NameOID
 from llm_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from llm_proxy.http1 import HIGH_WATER, Http1Client, Http1Response, _Connection
 from llm_proxy.upstream import Origin, Timeouts
+from tests.raw_servers import Handler, RawServers
 
 FAST = Timeouts(connect=1.0, response_header=1.0, idle=1.0)
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 RawServer = Callable[[Handler], Awaitable[Origin]]
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 
@@ -44,33 +44,13 @@ async def client() -> AsyncIterator[Http1Client]:
 
 @pytest.fixture
 async def raw_server() -> AsyncIterator[RawServer]:
-    servers: list[asyncio.Server] = []
-    tasks: set[asyncio.Task[None]] = set()
+    servers = RawServers()
 
     async def start(handler: Handler) -> Origin:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            try:
-                await handler(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
-                tasks.discard(task)
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        servers.append(server)
-        return Origin("http", "127.0.0.1", server.sockets[0].getsockname()[1])
+        return Origin("http", "127.0.0.1", await servers.start(handler))
 
     yield start
-    for task in list(tasks):
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    await servers.close()
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
