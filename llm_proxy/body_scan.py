@@ -504,3 +504,30 @@ class BodyInspector:
         if self._hold is not None:
             self._emit = self._hold_start
         self._release()
+
+
+_INCLUDE_USAGE = b',"stream_options":{"include_usage":true}'
+
+
+def ask_usage(body: bytes) -> bytes | None:
+    """A whole (small) body rewritten to ask for stream usage, or None when it stays as it is.
+
+    The common cases are decided by orjson, far cheaper than a :class:`BodyInspector` pass on a
+    small body: a body that cannot hold a ``"stream"`` key (none spelled out, no ``\\u`` escape
+    that could spell one) is left at once, and ``stream_options`` absent means one splice before
+    the closing brace. Only a client's own ``stream_options`` needs the inspector.
+    """
+    if b'"stream"' not in body and b"\\u" not in body:
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict) or parsed.get("stream") is not True:
+        return None
+    if "stream_options" not in parsed:
+        end = body.rindex(b"}")
+        return body[:end] + _INCLUDE_USAGE + body[end:]
+    inspector = BodyInspector(inject_usage=True)
+    rewritten = inspector.feed(body) + inspector.finish()
+    return rewritten if inspector.usage_injected else None

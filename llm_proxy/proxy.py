@@ -24,7 +24,7 @@ import structlog
 from llm_proxy import errors
 from llm_proxy.api_config import ApiProvider, normalise_path
 from llm_proxy.authority import Grant, TokenAuthority
-from llm_proxy.body_scan import BodyInspector
+from llm_proxy.body_scan import BodyInspector, ask_usage
 from llm_proxy.body_spool import BodySpool
 from llm_proxy.exchange import CappedBuffer, Exchange, ExchangeSink
 from llm_proxy.metrics import MetricsSink
@@ -347,29 +347,30 @@ class ProxyHandler:
             and request.method == "POST"
             and exchange.path in _USAGE_PATHS
         )
-        if (check or inject) and _content_encoded(headers):
-            if check:
-                raise errors.UnsupportedContentEncoding(
-                    "Request bodies with a Content-Encoding cannot be checked against the "
-                    "parameter whitelist; send them uncompressed."
-                )
-            inject = False
+        if check and _content_encoded(headers):
+            raise errors.UnsupportedContentEncoding(
+                "Request bodies with a Content-Encoding cannot be checked against the "
+                "parameter whitelist; send them uncompressed."
+            )
         if length is not None and length <= _SMALL_BODY:
             data = await request.body.read_exactly(length)
             exchange.request_body.add(data)
-            if not (check or inject):
-                return data, headers
-            inspector = BodyInspector(self._watched, inject_usage=inject)
-            rewritten = inspector.feed(data) + inspector.finish()
+            rewritten: bytes | None = None
             if check:
+                inspector = BodyInspector(self._watched, inject_usage=inject)
+                passed = inspector.feed(data) + inspector.finish()
                 self._check_params(inspector)
-            if inspector.usage_injected:
-                exchange.usage_injected = True
-                return rewritten, _asking_usage(headers)
-            return data, headers
+                rewritten = passed if inspector.usage_injected else None
+            elif inject:
+                rewritten = ask_usage(data)
+            # (Only a body asking for usage pays for the look at its encoding.)
+            if rewritten is None or _content_encoded(headers):
+                return data, headers
+            exchange.usage_injected = True
+            return rewritten, _asking_usage(headers)
         if check:
             return await self._spooled(request, exchange, inject, headers)
-        if inject:
+        if inject and not _content_encoded(headers):
             return self._injecting(request, exchange), _asking_usage(headers)
         return self._stream_body(request, exchange), headers
 

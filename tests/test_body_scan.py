@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_proxy.body_scan import OPTIONS_HOLD_LIMIT, TOO_LARGE, BodyInspector
+from llm_proxy.body_scan import OPTIONS_HOLD_LIMIT, TOO_LARGE, BodyInspector, ask_usage
 
 TAIL = b',"stream_options":{"include_usage":true}'
 MISSING = object()
@@ -704,3 +704,31 @@ def test_mutated_bodies_never_raise_and_pass_through_unless_well_formed(
     else:
         assert inspector.well_formed
         assert inspector.is_object is data.lstrip(b" \t\r\n").startswith(b"{")
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"model":"m","messages":[]}', None),
+        (b'{"model":"m","stream":false}', None),
+        (b'{"stream":"true"}', None),
+        (b'["stream", true]', None),
+        (b'{"stream": tru', None),
+        (b'{"stream":true,"stream_options":{"include_usage":false}}', None),
+        (b'{"stream":true,"stream_options":null}', None),
+        (
+            b'{"model":"m","stream":true}  ',
+            b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}  ',
+        ),
+        (
+            b'{"\\u0073tream":true}',
+            b'{"\\u0073tream":true,"stream_options":{"include_usage":true}}',
+        ),
+        (
+            b'{"stream":true,"stream_options":{"x":1}}',
+            b'{"stream":true,"stream_options":{"include_usage":true,"x":1}}',
+        ),
+    ],
+)
+def test_ask_usage_on_a_whole_small_body(body: bytes, expected: bytes | None) -> None:
+    assert ask_usage(body) == expected

@@ -414,3 +414,13 @@ async def test_cors_preflight_without_a_token(proxy_factory: Any) -> None:
     )
     assert actual.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert proxy.upstream.requests[-1].method == "GET"  # the preflight never went upstream
+
+
+async def test_a_compressed_chat_body_is_forwarded_untouched(proxy: Proxy) -> None:
+    body = gzip.compress(orjson.dumps({**CHAT, "stream": True}))
+    headers = {**bearer(await proxy.token()), "Content-Encoding": "gzip"}
+    response = await proxy.client.post("/v1/chat/completions", data=body, headers=headers)
+    assert response.status == 200
+    await response.read()
+    # The fake upstream inflates what it received: the JSON the client compressed, unchanged.
+    assert orjson.loads(proxy.upstream.last.body) == {**CHAT, "stream": True}
