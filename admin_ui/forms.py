@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from llm_proxy import validation
+from llm_proxy.control import validation
+from llm_proxy.control.validation import MISSING
 from llm_proxy.errors import InvalidField
-from llm_proxy.validation import MISSING
 
 Form = dict[str, str]
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from admin_ui.rendering import render
 from admin_ui.state import operations
-from llm_proxy import validation
+from llm_proxy.control import validation
 from llm_proxy.errors import InvalidField
 from llm_proxy.models import AuditFilter, utcnow
 

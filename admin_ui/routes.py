@@ -13,8 +13,7 @@ from admin_ui.rendering import JINJA, STATIC_DIR, error_page, setup_templates
 from admin_ui.security import CSRF_FIELD, CSRF_MAX_AGE_SECONDS, REALM, CsrfSigner, check_basic_auth
 from admin_ui.state import ADMIN, AdminState
 from llm_proxy import errors
-from llm_proxy.operations import Operations
-from llm_proxy.settings import Settings
+from llm_proxy.control.operations import Operations
 
 log = structlog.get_logger(__name__)
 
@@ -111,16 +110,19 @@ async def _add_slash(request: web.Request) -> web.StreamResponse:
     raise web.HTTPPermanentRedirect(request.url.with_path(request.path + "/"))
 
 
-def admin_app(operations: Operations, settings: Settings) -> web.Application:
-    """The pages, to be mounted with ``app.add_subapp("/admin/", admin_app(...))``."""
+def admin_app(
+    operations: Operations, *, user: str, password: str, signing_key: bytes
+) -> web.Application:
+    """The pages, to be mounted with ``app.add_subapp("/admin/", admin_app(...))``.
+
+    ``signing_key`` (with the password) keys the CSRF tokens of the forms.
+    """
     app = web.Application(middlewares=[admin_middleware])
     app[ADMIN] = AdminState(
         operations=operations,
-        admin_user=settings.admin_user,
-        admin_password=settings.admin_password,
-        csrf=CsrfSigner(
-            settings.encryption_key, settings.admin_password, max_age=CSRF_MAX_AGE_SECONDS
-        ),
+        admin_user=user,
+        admin_password=password,
+        csrf=CsrfSigner(signing_key, password, max_age=CSRF_MAX_AGE_SECONDS),
     )
     setup_templates(app)
     router = app.router

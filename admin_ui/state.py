@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from admin_ui.security import CsrfSigner
-from llm_proxy.operations import Actor, Operations
+from llm_proxy.control.operations import Actor, Operations
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,9 @@ from admin_ui.navigation import see_other
 from admin_ui.rendering import render
 from admin_ui.state import actor, operations
 from llm_proxy import errors
+from llm_proxy.control.operations import MAX_DURATION_MINUTES
 from llm_proxy.errors import InvalidField
 from llm_proxy.models import Project, Token, utcnow
-from llm_proxy.operations import MAX_DURATION_MINUTES
 
 MAX_REQUESTS_LIMIT = 2**62
 STATUSES = ("active", "expired", "revoked", "exhausted")

@@ -34,7 +34,7 @@ import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from llm_proxy.benchmark import BenchmarkConfig, BenchmarkReport, run_benchmark
+from llm_proxy.tools.benchmark import BenchmarkConfig, BenchmarkReport, run_benchmark
 
 UPSTREAM_KEY = "sk-bench-upstream-" + secrets.token_hex(8)
 MANAGEMENT_TOKEN = "bench-" + secrets.token_urlsafe(24)
@@ -123,7 +123,7 @@ def mock_command(llm_proxy: list[str]) -> list[str]:
     )
     if probe.returncode == 0:
         return [*llm_proxy, "mock-upstream"]
-    return [sys.executable, "-m", "llm_proxy.mock_upstream"]
+    return [sys.executable, "-m", "llm_proxy.tools.mock_upstream"]
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, seconds: float) -> None:

@@ -16,11 +16,11 @@ from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from yarl import URL
 
-from llm_proxy.api_config import ApiConfig, parse_api_config
-from llm_proxy.app import COMPONENTS, create_app
-from llm_proxy.front import FrontLimits, FrontSite, listening_socket
-from llm_proxy.logging_setup import configure_logging
-from llm_proxy.settings import Settings
+from llm_proxy.http.front import FrontLimits, FrontSite, listening_socket
+from llm_proxy.proxy.api_config import ApiConfig, parse_api_config
+from llm_proxy.runtime.app import COMPONENTS, create_app
+from llm_proxy.runtime.logging_setup import configure_logging
+from llm_proxy.runtime.settings import Settings
 from tests.events.events_support import RedisServer
 from tests.fakes import UPSTREAM_LOG, UpstreamLog, fake_upstream_app
 

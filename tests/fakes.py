@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from llm_proxy.mock_upstream import MockSettings, build_app
+from llm_proxy.tools.mock_upstream import MockSettings, build_app
 
 
 @dataclass

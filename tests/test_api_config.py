@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llm_proxy.api_config import ApiConfigError, load_api_config, parse_api_config
+from llm_proxy.proxy.api_config import ApiConfigError, load_api_config, parse_api_config
 from tests.processes import clean_env, cli_command, run
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from llm_proxy.metrics import STATS
+from llm_proxy.stats import STATS
 from tests.conftest import Proxy
 
 

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from click.testing import CliRunner
 from rich.console import Console
 
-from llm_proxy.benchmark import (
+from llm_proxy.tools.benchmark import (
     BenchmarkConfig,
     BenchmarkReport,
     RichProgress,
@@ -27,7 +27,7 @@ from llm_proxy.benchmark import (
     render_report,
     run_benchmark,
 )
-from llm_proxy.mock_upstream import MockSettings, build_app
+from llm_proxy.tools.mock_upstream import MockSettings, build_app
 
 MakeServer = Callable[..., Awaitable[TestServer]]
 

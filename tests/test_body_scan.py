@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_proxy.body_scan import OPTIONS_HOLD_LIMIT, TOO_LARGE, BodyInspector, ask_usage
+from llm_proxy.proxy.body_scan import OPTIONS_HOLD_LIMIT, TOO_LARGE, BodyInspector, ask_usage
 
 TAIL = b',"stream_options":{"include_usage":true}'
 MISSING = object()

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from llm_proxy.busy_poll import AdaptivePoll
+from llm_proxy.http.busy_poll import AdaptivePoll
 from tests.conftest import Proxy
 
 # Wider than the default, so that a loaded machine (or coverage) cannot stretch the gaps between

@@ -11,7 +11,7 @@ import openai
 import pytest
 from click.testing import CliRunner, Result
 
-from llm_proxy.cli import main
+from llm_proxy.runtime.cli import main
 from tests.conftest import TOKEN_FIELDS
 from tests.processes import (
     PRODUCT_VARIABLES,

@@ -27,13 +27,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from llm_proxy.cli import build_settings
-from llm_proxy.cli import server as server_command
-from llm_proxy.egress import Egress, NoProxy, parse_proxy_url, upstream_ssl_context
 from llm_proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from llm_proxy.http1 import Http1Client, Http1Response
-from llm_proxy.settings import SettingsError
-from llm_proxy.upstream import Origin, Timeouts
+from llm_proxy.http.client import Http1Client, Http1Response
+from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url, upstream_ssl_context
+from llm_proxy.http.upstream import Origin, Timeouts
+from llm_proxy.runtime.cli import build_settings
+from llm_proxy.runtime.cli import server as server_command
+from llm_proxy.runtime.settings import SettingsError
 from tests.conftest import Proxy
 from tests.processes import PRODUCT_VARIABLES, Process, clean_env, free_port, spawn
 from tests.raw_servers import Handler, RawServers

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llm_proxy.front import FrontSite
+from llm_proxy.http.front import FrontSite
 from tests.conftest import Proxy
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]

@@ -16,8 +16,8 @@ from typing import Any
 import httptools
 import pytest
 
-from llm_proxy.control_plane import ControlPlane
-from llm_proxy.front import FrontLimits, FrontProtocol
+from llm_proxy.http.control_bridge import ControlPlane
+from llm_proxy.http.front import FrontLimits, FrontProtocol
 from tests.conftest import Proxy
 
 

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from llm_proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from llm_proxy.http1 import HIGH_WATER, Http1Client, Http1Response, _Connection
-from llm_proxy.upstream import Origin, Timeouts
+from llm_proxy.http.client import HIGH_WATER, Http1Client, Http1Response, _Connection
+from llm_proxy.http.upstream import Origin, Timeouts
 from tests.raw_servers import Handler, RawServers
 
 FAST = Timeouts(connect=1.0, response_header=1.0, idle=1.0)

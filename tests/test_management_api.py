@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.management import MAX_JSON_BYTES, management_app
+from llm_proxy.control.management import MAX_JSON_BYTES, management_app
 from tests.conftest import MANAGEMENT_TOKEN, TOKEN_FIELDS, UPSTREAM_KEY, Proxy
 
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 from yarl import URL
 
-from llm_proxy.mock_upstream import MockSettings, build_app, mock_upstream_command
+from llm_proxy.tools.mock_upstream import MockSettings, build_app, mock_upstream_command
 
 MakeServer = Callable[..., Awaitable[TestServer]]
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -287,7 +287,7 @@ async def test_module_runs_as_a_server_with_uvloop() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "llm_proxy.mock_upstream",
+        "llm_proxy.tools.mock_upstream",
         "--port",
         "0",
         "--api-key",

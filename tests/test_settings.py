@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from llm_proxy import secrets_store
-from llm_proxy.cli import build_settings
-from llm_proxy.cli import server as server_command
-from llm_proxy.server import with_generated_secrets
-from llm_proxy.settings import (
+from llm_proxy.runtime import secrets_store
+from llm_proxy.runtime.cli import build_settings
+from llm_proxy.runtime.cli import server as server_command
+from llm_proxy.runtime.server import with_generated_secrets
+from llm_proxy.runtime.settings import (
     Settings,
     SettingsError,
     parse_listen_addr,

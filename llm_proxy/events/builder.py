@@ -1,4 +1,4 @@
-"""Build the SPEC §8 event for one finished :class:`~llm_proxy.exchange.Exchange`.
+"""Build the SPEC §8 event for one finished :class:`~llm_proxy.proxy.exchange.Exchange`.
 
 Runs in the event pipeline's worker thread, never on the request path: this is where bodies are
 decompressed, parsed, streams reassembled and tokens counted.
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from llm_proxy.events import bodies, sse, usage
 from llm_proxy.events.event import Event, rfc3339
 from llm_proxy.events.reassemble import reassemble
-from llm_proxy.exchange import Exchange
+from llm_proxy.proxy.exchange import Exchange
 
 # Event ids are unique, not secret: version-4 UUIDs from a PRNG seeded by the OS, instead of an
 # os.urandom system call per event (a quarter of an event's build time).

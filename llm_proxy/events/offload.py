@@ -1,4 +1,4 @@
-"""The server's side of the events process (:mod:`llm_proxy.events.process`).
+"""The server's side of the events process (started from :mod:`llm_proxy.runtime.events_process`).
 
 :class:`EventOffload` is the proxy's ``ExchangeSink`` in production. ``submit`` appends to a
 bounded queue; every ``linger`` seconds, or at once when ``batch_size`` exchanges are waiting, the
@@ -27,8 +27,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.events import metrics
-from llm_proxy.events.process import Launch, frame
-from llm_proxy.exchange import Exchange
+from llm_proxy.events.pipe import Launch, frame
+from llm_proxy.proxy.exchange import Exchange
 
 log = structlog.get_logger(__name__)
 
@@ -50,12 +50,14 @@ class EventOffload:
         self,
         launch: Launch,
         *,
+        entry: str,
         start_timeout: float = 30.0,
         close_timeout: float = 30.0,
         backlog_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         events = launch.events
         self._launch = launch
+        self._entry = entry  # the module run as the events process (``python -m``)
         self._queue: deque[Exchange] = deque()
         self._queue_size = events.queue_size
         self._batch_size = events.batch_size
@@ -87,7 +89,7 @@ class EventOffload:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "llm_proxy.events.process",
+            self._entry,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=_STATUS_LINE_LIMIT,

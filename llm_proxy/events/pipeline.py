@@ -1,11 +1,11 @@
-"""The :class:`~llm_proxy.exchange.ExchangeSink` the proxy hands finished exchanges to.
+"""The :class:`~llm_proxy.proxy.exchange.ExchangeSink` the proxy hands finished exchanges to.
 
 ``submit`` only appends to a bounded in-memory queue (dropping and counting the oldest when full),
 so the request path never waits on instrumentation. A background task takes exchanges in batches,
 has their events built in a worker thread (decompressing, parsing, reassembling streams, counting
 tokens) and publishes them.
 
-In production this runs in the events process (:mod:`llm_proxy.events.process`), not in the server:
+In production this runs in the events process (:mod:`llm_proxy.runtime.events_process`), not in the server:
 there, its CPU work and helper threads would compete with every request for the GIL. The server
 runs it in-process only with ``event_build_in="thread"`` (tests, and hosts where an extra process
 is unwelcome).
@@ -28,7 +28,7 @@ from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
-from llm_proxy.exchange import Exchange
+from llm_proxy.proxy.exchange import Exchange
 
 log = structlog.get_logger(__name__)
 

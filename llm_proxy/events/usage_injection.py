@@ -1,7 +1,7 @@
 """Exact stream usage for clients that did not ask for it, invisibly to them.
 
 The proxy adds ``stream_options.include_usage`` to a streamed chat or legacy completion request as
-the body passes (:class:`~llm_proxy.body_scan.BodyInspector`), and this filter strips the extra
+the body passes (:class:`~llm_proxy.proxy.body_scan.BodyInspector`), and this filter strips the extra
 usage-only chunk (``"choices": []`` with a ``usage`` object) from the bytes it relays, so the
 client sees exactly the stream it would have seen while the event still gets the upstream's usage.
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from llm_proxy.exchange import CappedBuffer, Exchange
+from llm_proxy.proxy.exchange import CappedBuffer, Exchange
 from tests.processes import free_port
 
 

@@ -1,7 +1,7 @@
 """The events process (the default): the server ships exchanges, the events process does the rest.
 
 Every test drives the real server with ``event_build_in="process"``, which starts a real
-``python -m llm_proxy.events.process`` beside it.
+``python -m llm_proxy.runtime.events_process`` beside it.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_proxy.app import create_app, events_config
 from llm_proxy.events.offload import EventOffload, EventProcessError
-from llm_proxy.events.process import Launch
+from llm_proxy.events.pipe import Launch
+from llm_proxy.runtime.app import EVENTS_PROCESS, create_app, events_config
 from tests.conftest import Proxy, make_settings, start_proxy
 from tests.events.events_support import RedisServer, exchange
 from tests.fakes import UPSTREAM_LOG
@@ -201,7 +201,7 @@ async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> N
         log_level="warning",
         log_format="json",
     )
-    offload = EventOffload(launch, backlog_bytes=0)
+    offload = EventOffload(launch, entry=EVENTS_PROCESS, backlog_bytes=0)
     await offload.start()
     process = offload._process
     assert process is not None

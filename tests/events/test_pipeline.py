@@ -11,7 +11,7 @@ from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.pipeline import EventPipeline
-from llm_proxy.exchange import Exchange
+from llm_proxy.proxy.exchange import Exchange
 from tests.events.events_support import exchange
 
 ANSWER = orjson.dumps(

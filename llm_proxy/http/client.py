@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 client for upstream calls, implementing :class:`~llm_proxy.upstream.UpstreamClient`.
+"""A lean HTTP/1.1 client for upstream calls, implementing :class:`~llm_proxy.http.upstream.UpstreamClient`.
 
 An ``asyncio.Protocol`` feeding ``httptools`` over pooled keep-alive connections does a fraction of
 the per-request work of aiohttp's client. One request runs on a connection at a time (no
@@ -22,9 +22,9 @@ from typing import cast
 
 import httptools
 
-from llm_proxy.egress import Egress, open_tunnel, upstream_ssl_context
 from llm_proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from llm_proxy.upstream import Body, Origin, Timeouts
+from llm_proxy.http.egress import Egress, open_tunnel, upstream_ssl_context
+from llm_proxy.http.upstream import Body, Origin, Timeouts
 
 # A slow reader must not let a fast upstream fill memory: stop reading the socket above the high
 # mark, resume below the low one (the kernel buffers and TCP flow control do the rest).
@@ -396,7 +396,7 @@ class Http1Client:
     """HTTP/1.1 client keeping, per origin, a LIFO pool of idle keep-alive connections.
 
     ``ssl_context`` is used for ``https`` origins (default: the system store plus ``SSL_CERT_FILE`` /
-    ``SSL_CERT_DIR``, see :func:`~llm_proxy.egress.upstream_ssl_context`). ``egress`` routes
+    ``SSL_CERT_DIR``, see :func:`~llm_proxy.http.egress.upstream_ssl_context`). ``egress`` routes
     connections through HTTP CONNECT proxies (default: direct). At most ``max_idle_per_origin`` idle
     connections are kept per origin, each for at most ``keepalive_expiry`` seconds.
     """

@@ -15,12 +15,12 @@ import structlog
 import uvloop
 from aiohttp import web
 
-from llm_proxy import secrets_store
-from llm_proxy.app import COMPONENTS, create_app, open_store
 from llm_proxy.events.offload import EventProcessError
-from llm_proxy.front import FrontLimits, FrontSite, listening_socket
-from llm_proxy.gc_tuning import tune_garbage_collector
-from llm_proxy.settings import Settings, SettingsError, parse_encryption_key
+from llm_proxy.http.front import FrontLimits, FrontSite, listening_socket
+from llm_proxy.runtime import secrets_store
+from llm_proxy.runtime.app import COMPONENTS, create_app, open_store
+from llm_proxy.runtime.gc_tuning import tune_garbage_collector
+from llm_proxy.runtime.settings import Settings, SettingsError, parse_encryption_key
 
 log = structlog.get_logger(__name__)
 

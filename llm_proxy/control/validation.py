@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from llm_proxy.control.operations import MAX_DURATION_MINUTES
 from llm_proxy.errors import InvalidField
-from llm_proxy.operations import MAX_DURATION_MINUTES
 
 MISSING: Any = object()
 

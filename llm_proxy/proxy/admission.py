@@ -21,8 +21,8 @@ import structlog
 
 from llm_proxy import errors
 from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped
-from llm_proxy.metrics import STATS
 from llm_proxy.models import UsageDelta
+from llm_proxy.stats import STATS
 from llm_proxy.store import Store
 
 log = structlog.get_logger(__name__)

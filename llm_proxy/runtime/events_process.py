@@ -1,21 +1,12 @@
 """The events process: builds, publishes and aggregates events for one server process.
 
-Started by :class:`~llm_proxy.events.offload.EventOffload` as ``python -m llm_proxy.events.process``.
+Started by :class:`~llm_proxy.events.offload.EventOffload` as ``python -m llm_proxy.runtime.events_process``.
 It runs what the server would otherwise run beside its requests: the :class:`EventPipeline`, the
 bus, and the in-process dispatchers (usage aggregates, the optional file log). The server then only
 pickles batches of finished exchanges onto a pipe, so none of that work, nor the helper threads it
 needs (aiosqlite, the builder), competes with requests for the server's GIL.
 
-Protocol, all on pipes to the server:
-
-- stdin: frames of a 4-byte big-endian length and a pickle. The first frame is a :class:`Launch`,
-  every later one a list of :meth:`Exchange.to_wire` tuples. End of input means drain and exit.
-- the status pipe (the process's original stdout; ``sys.stdout`` is pointed at stderr so that no
-  stray print can corrupt it): one JSON object per line. First ``{"ready": true}`` or
-  ``{"error": "..."}``, then every ``status_seconds`` and once more at exit
-  ``{"done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where ``done`` counts
-  exchanges that became published events or counted drops.
-- stderr: the log, as configured for the server.
+The pipe's protocol is described in :mod:`llm_proxy.events.pipe`.
 """
 
 from __future__ import annotations
@@ -23,11 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pickle
 import signal
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -38,46 +26,18 @@ from prometheus_client.registry import Collector
 
 from dispatcher.embedded import start_events_here
 from dispatcher.worker import BackendStartError
-from llm_proxy.events.config import EventsConfig
+from llm_proxy.events.pipe import Launch, read_frame
 from llm_proxy.events.pipeline import EventPipeline
-from llm_proxy.exchange import Exchange
-from llm_proxy.gc_tuning import tune_garbage_collector
-from llm_proxy.logging_setup import configure_logging
+from llm_proxy.proxy.exchange import Exchange
+from llm_proxy.runtime.gc_tuning import tune_garbage_collector
+from llm_proxy.runtime.logging_setup import configure_logging
 from llm_proxy.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
 
-FRAME_HEADER = 4
 NICENESS = 10
 # Families this process reports to the server, which merges them into its own /metrics.
 REPORTED_PREFIXES = ("llm_proxy_events_", "llm_proxy_dispatcher_")
-
-
-@dataclass(frozen=True, slots=True)
-class Launch:
-    """What the events process needs to know; sent as the first frame (it may hold a Redis
-    password, which must not appear on a command line)."""
-
-    events: EventsConfig
-    sqlite_path: Path
-    file_event_log: Path | None
-    log_level: str
-    log_format: str
-    status_seconds: float = 1.0
-
-
-def frame(payload: object) -> bytes:
-    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-    return len(data).to_bytes(FRAME_HEADER, "big") + data
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Any | None:
-    """The next frame's object, or None at the end of input."""
-    try:
-        header = await reader.readexactly(FRAME_HEADER)
-        return pickle.loads(await reader.readexactly(int.from_bytes(header, "big")))
-    except asyncio.IncompleteReadError:
-        return None
 
 
 class _Reported(Collector):

@@ -1,11 +1,11 @@
 """The front door: the one HTTP/1.1 server of every connection, for every request on it.
 
 Every request, whatever its path, is parsed here by one ``httptools`` parser under one policy
-(:mod:`llm_proxy.http_policy`): framing is decided once and strictly, a request head must arrive in
+(:mod:`llm_proxy.http.policy`): framing is decided once and strictly, a request head must arrive in
 time, a body must keep arriving, an idle connection is closed. Each parsed request is then
-dispatched on its own: proxy paths to :class:`~llm_proxy.proxy.ProxyHandler`, control-plane paths
+dispatched on its own: proxy paths to the proxy handler (:class:`~llm_proxy.http.messages.RequestHandler`), control-plane paths
 (``/manage``, ``/admin``, ``/health``, ``/ready``, ``/metrics``) to the aiohttp application through
-:class:`~llm_proxy.control_plane.ControlPlane`. No other component ever parses, decodes or
+:class:`~llm_proxy.http.control_bridge.ControlPlane`. No other component ever parses, decodes or
 decompresses the bytes of a connection, so nothing can be forwarded upstream that this parser did
 not frame.
 """
@@ -26,9 +26,10 @@ import httptools
 import structlog
 from aiohttp import web
 
-from llm_proxy import errors, http_policy
-from llm_proxy.control_plane import ControlPlane, ControlRequest
-from llm_proxy.proxy import ProxyHandler, ProxyRequest
+from llm_proxy import errors
+from llm_proxy.http import policy as http_policy
+from llm_proxy.http.control_bridge import ControlPlane, ControlRequest
+from llm_proxy.http.messages import ProxyRequest, RequestHandler
 
 log = structlog.get_logger(__name__)
 
@@ -309,7 +310,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def __init__(
         self,
-        handler: ProxyHandler,
+        handler: RequestHandler,
         control: ControlPlane,
         connections: set[FrontProtocol],
         limits: FrontLimits,
@@ -688,7 +689,7 @@ class FrontSite(web.BaseSite):
         self,
         runner: web.BaseRunner,
         sock: socket.socket,
-        handler: ProxyHandler,
+        handler: RequestHandler,
         *,
         limits: FrontLimits = FrontLimits(),
         grace_seconds: float = 10.0,

@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from llm_proxy import errors
-from llm_proxy.authority import TokenAuthority
 from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped, mask_key, new_token_value
 from llm_proxy.models import (
     AuditEntry,
@@ -25,6 +24,7 @@ from llm_proxy.models import (
     hour_start,
     utcnow,
 )
+from llm_proxy.proxy.admission import TokenAuthority
 from llm_proxy.store import Store
 
 MAX_DURATION_MINUTES = 525_600

@@ -15,25 +15,27 @@ from aiohttp import web
 from admin_ui import admin_app
 from dispatcher.embedded import start_events_here
 from llm_proxy import __version__
-from llm_proxy.api_config import ApiConfig, load_api_config
-from llm_proxy.authority import TokenAuthority
-from llm_proxy.busy_poll import AdaptivePoll
+from llm_proxy.control.management import management_app
+from llm_proxy.control.operations import Operations
 from llm_proxy.crypto import KeyCipher
 from llm_proxy.events import EventPipeline, EventsConfig, UsageChunkFilter
 from llm_proxy.events.offload import EventOffload
-from llm_proxy.events.process import Launch
-from llm_proxy.exchange import Exchange, ExchangeSink
-from llm_proxy.http1 import Http1Client
-from llm_proxy.management import management_app
-from llm_proxy.metrics import EXTRA_METRICS, metrics_endpoint
-from llm_proxy.operations import Operations
-from llm_proxy.proxy import ProxyHandler
-from llm_proxy.settings import Settings
+from llm_proxy.events.pipe import Launch
+from llm_proxy.http.busy_poll import AdaptivePoll
+from llm_proxy.http.client import Http1Client
+from llm_proxy.http.upstream import UpstreamClient
+from llm_proxy.proxy.admission import TokenAuthority
+from llm_proxy.proxy.api_config import ApiConfig, load_api_config
+from llm_proxy.proxy.exchange import Exchange, ExchangeSink
+from llm_proxy.proxy.handler import ProxyHandler
+from llm_proxy.runtime.metrics_endpoint import EXTRA_METRICS, metrics_endpoint
+from llm_proxy.runtime.settings import Settings
 from llm_proxy.store import Store
 from llm_proxy.store.sqlite import SqliteStore
-from llm_proxy.upstream import UpstreamClient
 
 log = structlog.get_logger(__name__)
+
+EVENTS_PROCESS = "llm_proxy.runtime.events_process"
 
 
 class DiscardSink:
@@ -183,7 +185,7 @@ async def create_app(
         await authority.start()
         if sink is None and settings.event_bus != "none":
             if settings.event_build_in == "process":
-                offload = EventOffload(_launch(settings))
+                offload = EventOffload(_launch(settings), entry=EVENTS_PROCESS)
                 await offload.start()
             else:
                 pipeline = await start_events_here(
@@ -219,7 +221,13 @@ async def create_app(
         app[EXTRA_METRICS] = offload.metric_families
     app.cleanup_ctx.append(_lifecycle)
     app.add_subapp("/manage/", management_app(components.operations, settings.management_token))
-    app.add_subapp("/admin/", admin_app(components.operations, settings))
+    admin = admin_app(
+        components.operations,
+        user=settings.admin_user,
+        password=settings.admin_password,
+        signing_key=settings.encryption_key,
+    )
+    app.add_subapp("/admin/", admin)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -9,12 +9,10 @@ import click
 
 from dispatcher.cli import dispatcher_command
 from llm_proxy import __version__
-from llm_proxy.api_config import ApiConfigError, load_api_config
-from llm_proxy.benchmark import benchmark_command
-from llm_proxy.logging_setup import configure_logging
-from llm_proxy.manage_cli import manage
-from llm_proxy.mock_upstream import mock_upstream_command
-from llm_proxy.settings import (
+from llm_proxy.control.manage_cli import manage
+from llm_proxy.proxy.api_config import ApiConfigError, load_api_config
+from llm_proxy.runtime.logging_setup import configure_logging
+from llm_proxy.runtime.settings import (
     Settings,
     SettingsError,
     check_choice,
@@ -30,6 +28,8 @@ from llm_proxy.settings import (
     parse_size,
     parse_whole_number,
 )
+from llm_proxy.tools.benchmark import benchmark_command
+from llm_proxy.tools.mock_upstream import mock_upstream_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -210,7 +210,7 @@ def server(**options: str | int | None) -> None:
         # YAML parser messages span several lines; start-up errors are one.
         click.echo(f"llm-proxy: API_CONFIG_PATH: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
-    from llm_proxy.server import run_server
+    from llm_proxy.runtime.server import run_server
 
     configure_logging(settings.log_level, settings.log_format)
     try:

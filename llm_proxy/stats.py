@@ -1,34 +1,26 @@
-"""Prometheus metrics of the proxy path, exposed through the default ``prometheus_client`` registry.
+"""Counters of the request path, exposed through the default ``prometheus_client`` registry.
 
 Labels are bounded: the endpoint label is the allowlist entry a path matched (never the raw path),
 statuses are grouped by class, and no token or project id is ever a label.
 
 The request path only adds to plain integers and bucket lists (:class:`ProxyStats`); a collector
-turns them into metric families when ``/metrics`` is scraped. ``prometheus_client``'s own counters
-take a lock on every increment, which was measurable per request.
+turns them into metric families when ``/metrics`` is scraped, because ``prometheus_client``'s own
+counters take a lock on every increment.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from llm_proxy.api_config import ApiProvider
-from llm_proxy.errors import ProxyError
-from llm_proxy.exchange import Exchange, ExchangeSink
-from llm_proxy.metrics_merge import MergedRegistry
 
 # Up to 120 s: a long completion is a normal upstream time, not an outlier.
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 _ADDED_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1)
-_STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
-_UPSTREAM_ERROR_KIND = {"upstream_unavailable": "unavailable", "upstream_timeout": "timeout"}
 
 
 def _bucket_label(bound: float) -> str:
@@ -147,76 +139,3 @@ class _ProxyCollector(Collector):
 
 
 REGISTRY.register(_ProxyCollector())
-
-
-class MetricsSink:
-    """Records an exchange's metrics, then hands it to the next sink (the event pipeline)."""
-
-    def __init__(self, provider: ApiProvider, inner: ExchangeSink) -> None:
-        self._provider = provider
-        self._inner = inner
-        self._endpoints: dict[str, str] = {}
-
-    def _endpoint(self, path: str) -> str:
-        label = self._endpoints.get(path)
-        if label is None:
-            label = next(
-                (
-                    p
-                    for p in self._provider.allowed_prefixes
-                    if path == p or path.startswith(p + "/")
-                ),
-                "other",
-            )
-            if len(self._endpoints) < 10_000:
-                self._endpoints[path] = label
-        return label
-
-    def refused(self, path: str, exc: ProxyError) -> None:
-        """A request the proxy answered itself before it became an exchange."""
-        STATS.requests[self._endpoint(path), _STATUS_CLASS.get(exc.status // 100, "other")] += 1
-        STATS.refused[exc.code] += 1
-
-    def submit(self, exchange: Exchange) -> None:
-        try:
-            self._observe(exchange)
-        finally:
-            self._inner.submit(exchange)
-
-    def _observe(self, exchange: Exchange) -> None:
-        stats = STATS
-        status_class = _STATUS_CLASS.get(exchange.status // 100, "other")
-        stats.requests[self._endpoint(exchange.path), status_class] += 1
-        if exchange.client_disconnected:
-            stats.client_disconnects += 1
-        error = exchange.error
-        if error is not None:
-            if error in _UPSTREAM_ERROR_KIND:
-                kind = (
-                    _UPSTREAM_ERROR_KIND[error] if not exchange.upstream_headers_at else "mid_body"
-                )
-                stats.upstream_errors[kind] += 1
-            elif not exchange.upstream_started:
-                stats.refused[error] += 1
-        if exchange.upstream_headers_at:
-            stats.upstream_latency.observe(exchange.upstream_headers_at - exchange.upstream_started)
-            stats.upstream_duration.observe(exchange.ended - exchange.upstream_started)
-            if exchange.first_byte_at:
-                stats.added_latency.observe(
-                    (exchange.upstream_started - exchange.started)
-                    + (exchange.first_byte_at - exchange.upstream_headers_at)
-                )
-
-
-# Metric families another process reports through this one (the events process).
-MetricSource = Callable[[], Iterable[Metric]]
-EXTRA_METRICS: web.AppKey[MetricSource] = web.AppKey("extra_metrics")
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    extra = request.app.get(EXTRA_METRICS)
-    registry = REGISTRY if extra is None else MergedRegistry(REGISTRY, extra)
-    return web.Response(
-        body=generate_latest(registry),
-        headers={"Content-Type": CONTENT_TYPE_LATEST},
-    )

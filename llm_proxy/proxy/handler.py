@@ -2,7 +2,7 @@
 
 Nothing here parses a body unless a ``param_whitelist`` or stream-usage injection needs it, nothing
 waits on the database for a cached token, and everything about the request that is not needed to
-answer it is recorded in an :class:`~llm_proxy.exchange.Exchange` and handed off after the end.
+answer it is recorded in an :class:`~llm_proxy.proxy.exchange.Exchange` and handed off after the end.
 
 The handler is independent of the HTTP server: it reads a :class:`ProxyRequest` and answers through
 a :class:`ResponseWriter`; ``front.py`` parses every request and drives it.
@@ -14,7 +14,6 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -22,15 +21,16 @@ import orjson
 import structlog
 
 from llm_proxy import errors
-from llm_proxy.api_config import ApiProvider, normalise_path
-from llm_proxy.authority import Grant, TokenAuthority
-from llm_proxy.body_scan import BodyInspector, ask_usage
-from llm_proxy.body_spool import BodySpool
-from llm_proxy.exchange import CappedBuffer, Exchange, ExchangeSink
-from llm_proxy.metrics import MetricsSink
+from llm_proxy.http.messages import ProxyRequest, ResponseWriter
+from llm_proxy.http.upstream import Body, UpstreamClient, UpstreamResponse
 from llm_proxy.models import isoformat
+from llm_proxy.proxy.admission import Grant, TokenAuthority
+from llm_proxy.proxy.api_config import ApiProvider, normalise_path
+from llm_proxy.proxy.body_scan import BodyInspector, ask_usage
+from llm_proxy.proxy.body_spool import BodySpool
+from llm_proxy.proxy.exchange import CappedBuffer, Exchange, ExchangeSink
+from llm_proxy.proxy.metrics import MetricsSink
 from llm_proxy.store import Store
-from llm_proxy.upstream import Body, UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger(__name__)
 
@@ -61,56 +61,6 @@ def _request_id(supplied: str | None) -> str:
     # (The module-level generator is reseeded after fork, so workers never share a sequence.)
     # 32 hex digits, as formatting getrandbits(128) gives, in 0.17 instead of 0.30 µs.
     return random.randbytes(16).hex()
-
-
-class BodySource(Protocol):
-    """The request body as it arrives from the client."""
-
-    async def read_exactly(self, size: int) -> bytes: ...
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-
-@dataclass(slots=True)
-class ProxyRequest:
-    """One request as the handler needs it: the server picks out the few headers the proxy reads.
-
-    ``headers`` are the client's headers to forward (the front door leaves out those never
-    forwarded); the handler appends its own to that list. The three named headers hold their first
-    value, or None.
-    """
-
-    method: str
-    target: str  # path and query exactly as received (origin form)
-    headers: list[tuple[str, str]]
-    authorization: str | None
-    request_id: str | None  # X-Request-ID
-    origin: str | None
-    content_length: int | None
-    has_body: bool
-    body: BodySource
-
-
-class ResponseWriter(Protocol):
-    async def start(
-        self, status: int, reason: str, headers: list[tuple[str, str]], *, stream: bool
-    ) -> None:
-        """Send (``stream``) or hold (otherwise, to leave with the first chunk) the head."""
-        ...
-
-    async def write(self, chunk: bytes) -> None: ...
-
-    async def finish(self) -> None: ...
-
-    async def respond(
-        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
-    ) -> None:
-        """A whole response at once: ``start`` (not streamed), ``write`` and ``finish`` in one."""
-        ...
-
-    def abort(self) -> None:
-        """End the response as visibly incomplete: close the connection."""
-        ...
 
 
 class ChunkFilter(Protocol):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from llm_proxy.egress import Egress, NoProxy, parse_proxy_url
+from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
 
 # "none" emits no events at all: for benchmarks that measure what publishing costs.
 EventBusKind = Literal["memory", "redis", "none"]
@@ -56,7 +56,7 @@ class Settings:
     # The longest the event loop keeps polling after socket activity (0: never); see busy_poll.py.
     busy_poll_micros: int = 300
     # Where events are built, published and aggregated: in the events process beside the server
-    # (llm_proxy/events/process.py), keeping that work off the server's GIL; tests use "thread"
+    # (llm_proxy/runtime/events_process.py), keeping that work off the server's GIL; tests use "thread"
     # to run the same pipeline inside the application.
     event_build_in: Literal["process", "thread"] = "process"
     # Upstream connections through an HTTP CONNECT proxy; the URLs may carry a password.

@@ -26,8 +26,8 @@ from yarl import URL
 from llm_proxy import errors
 
 if TYPE_CHECKING:
-    from llm_proxy.front import FrontProtocol, ResponseWriter
-    from llm_proxy.proxy import BodySource
+    from llm_proxy.http.front import FrontProtocol, ResponseWriter
+    from llm_proxy.http.messages import BodySource
 
 log = structlog.get_logger(__name__)
 

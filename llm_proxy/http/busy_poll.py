@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from llm_proxy.metrics import STATS
+from llm_proxy.stats import STATS
 
 _GROW_FROM = 10e-6  # the first window after an idle period: 10 µs
 

@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 import yaml
 
-from llm_proxy.upstream import Origin, Timeouts
+from llm_proxy.http.upstream import Origin, Timeouts
 
 DEFAULT_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
 # RFC 9110 methods and PATCH: anything else in allowed_methods is a typo.

@@ -11,11 +11,12 @@ import structlog
 from aiohttp import ClientPayloadError, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from llm_proxy import errors, validation
+from llm_proxy import errors
+from llm_proxy.control import validation
+from llm_proxy.control.openapi import openapi_document
+from llm_proxy.control.operations import Actor, Operations
+from llm_proxy.control.validation import MISSING
 from llm_proxy.models import AuditFilter
-from llm_proxy.openapi import openapi_document
-from llm_proxy.operations import Actor, Operations
-from llm_proxy.validation import MISSING
 
 log = structlog.get_logger(__name__)
 

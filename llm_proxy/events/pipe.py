@@ -1,0 +1,52 @@
+"""The pipe between a server process and its events process (:mod:`llm_proxy.events.offload`).
+
+Protocol, all on pipes to the server:
+
+- stdin: frames of a 4-byte big-endian length and a pickle. The first frame is a :class:`Launch`,
+  every later one a list of :meth:`Exchange.to_wire` tuples. End of input means drain and exit.
+- the status pipe (the process's original stdout; ``sys.stdout`` is pointed at stderr so that no
+  stray print can corrupt it): one JSON object per line. First ``{"ready": true}`` or
+  ``{"error": "..."}``, then every ``status_seconds`` and once more at exit
+  ``{"done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where ``done`` counts
+  exchanges that became published events or counted drops.
+- stderr: the log, as configured for the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_proxy.events.config import EventsConfig
+
+FRAME_HEADER = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What the events process needs to know; sent as the first frame (it may hold a Redis
+    password, which must not appear on a command line)."""
+
+    events: EventsConfig
+    sqlite_path: Path
+    file_event_log: Path | None
+    log_level: str
+    log_format: str
+    status_seconds: float = 1.0
+
+
+def frame(payload: object) -> bytes:
+    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(FRAME_HEADER, "big") + data
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any | None:
+    """The next frame's object, or None at the end of input."""
+    try:
+        header = await reader.readexactly(FRAME_HEADER)
+        return pickle.loads(await reader.readexactly(int.from_bytes(header, "big")))
+    except asyncio.IncompleteReadError:
+        return None

@@ -1,0 +1,1 @@
+"""The HTTP machinery: the front-door server, its request policy, the upstream client."""

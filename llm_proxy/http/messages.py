@@ -1,0 +1,68 @@
+"""What the front door hands a request handler, and how a handler answers (the HTTP-side types).
+
+The front door parses a request into a :class:`ProxyRequest` (or a control-plane request) and
+gives a :class:`ResponseWriter` for the answer; the proxy path implements :class:`RequestHandler`.
+The types live here, under the HTTP machinery, so that the server depends on no handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class BodySource(Protocol):
+    """The request body as it arrives from the client."""
+
+    async def read_exactly(self, size: int) -> bytes: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    """One request as the handler needs it: the server picks out the few headers the proxy reads.
+
+    ``headers`` are the client's headers to forward (the front door leaves out those never
+    forwarded); the handler appends its own to that list. The three named headers hold their first
+    value, or None.
+    """
+
+    method: str
+    target: str  # path and query exactly as received (origin form)
+    headers: list[tuple[str, str]]
+    authorization: str | None
+    request_id: str | None  # X-Request-ID
+    origin: str | None
+    content_length: int | None
+    has_body: bool
+    body: BodySource
+
+
+class ResponseWriter(Protocol):
+    async def start(
+        self, status: int, reason: str, headers: list[tuple[str, str]], *, stream: bool
+    ) -> None:
+        """Send (``stream``) or hold (otherwise, to leave with the first chunk) the head."""
+        ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    async def respond(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        """A whole response at once: ``start`` (not streamed), ``write`` and ``finish`` in one."""
+        ...
+
+    def abort(self) -> None:
+        """End the response as visibly incomplete: close the connection."""
+        ...
+
+
+class RequestHandler(Protocol):
+    """Answers one proxy-path request (:class:`~llm_proxy.proxy.handler.ProxyHandler`)."""
+
+    async def serve(self, request: ProxyRequest, writer: ResponseWriter) -> None: ...

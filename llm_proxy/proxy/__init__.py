@@ -1,0 +1,1 @@
+"""The proxy path: admission of withering tokens, the handler, what it records."""

@@ -1,0 +1,1 @@
+"""The runtime: CLI, settings, assembly of the server, and its processes."""

@@ -1,0 +1,1 @@
+"""Stand-alone tools: the benchmark and the mock upstream."""
