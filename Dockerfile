@@ -8,7 +8,7 @@ COPY llm_proxy ./llm_proxy
 COPY dispatcher ./dispatcher
 COPY admin_ui ./admin_ui
 RUN /opt/llm-proxy/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/llm-proxy/bin/pip install --no-cache-dir .
+ && /opt/llm-proxy/bin/pip install --no-cache-dir '.[cloudwatch]'
 
 # Runtime stage: the same `llm-proxy server` that `make run` starts, as a non-root user.
 FROM python:3.11-slim

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint format services clean screenshots
+.PHONY: run test test-fast lint format services clean screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,cloudwatch]'
 	@touch $@ $(VENV)/.installed
 
 ## Start the server with the embedded defaults on http://127.0.0.1:8080
@@ -24,6 +24,10 @@ run: $(VENV)/.installed
 ## Install what the tests need (Python packages, redis-server, chromium) and run them all
 test: $(VENV)/.installed-dev services
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
+
+## Run only the tests that start no process (no server, Redis, browser or node), without coverage
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/pytest -m "not process and not slow" --no-cov -q
 
 services:
 	@bash scripts/ensure-services.sh

@@ -1,4 +1,4 @@
-"""Admin pages (SPEC §10): server-rendered, basic auth, CSRF-protected forms, no JavaScript needed."""
+"""Admin pages: server-rendered, basic auth, CSRF-protected forms, no JavaScript needed."""
 
 from admin_ui.routes import admin_app
 

@@ -34,7 +34,9 @@ import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from llm_proxy.tools.benchmark import BenchmarkConfig, BenchmarkReport, run_benchmark
+from llm_proxy.tools.benchmark.config import BenchmarkConfig
+from llm_proxy.tools.benchmark.engine import run_benchmark
+from llm_proxy.tools.benchmark.results import BenchmarkReport
 
 UPSTREAM_KEY = "sk-bench-upstream-" + secrets.token_hex(8)
 MANAGEMENT_TOKEN = "bench-" + secrets.token_urlsafe(24)

@@ -16,7 +16,6 @@ from dispatcher import health
 from dispatcher.backends import Backend
 from dispatcher.backends import helicone as helicone_backend
 from dispatcher.backends import lunary as lunary_backend
-from dispatcher.backends.cloudwatch import CloudWatchBackend
 from dispatcher.backends.file import FileBackend
 from dispatcher.retry import Backoff
 from dispatcher.worker import Worker, WorkerSettings
@@ -71,6 +70,13 @@ def build_backend(service: str, options: BackendOptions, data_dir: Path) -> Back
         key = _required(options.helicone_api_key, "--helicone-api-key / HELICONE_API_KEY", service)
         return helicone_backend.HeliconeBackend(key, url=options.helicone_url)
     if service == "cloudwatch":
+        # aiobotocore comes with the "cloudwatch" extra; the default install does without it.
+        try:
+            from dispatcher.backends.cloudwatch import CloudWatchBackend
+        except ImportError:
+            raise click.UsageError(
+                "the cloudwatch service needs the cloudwatch extra: pip install 'llm-proxy[cloudwatch]'"
+            ) from None
         return CloudWatchBackend(
             options.log_group,
             options.log_stream,

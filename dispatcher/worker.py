@@ -134,7 +134,7 @@ class Worker:
         try:
             await self.async_run()
         except BackendStartError as exc:
-            log.error("dispatcher could not start", service=self.settings.service, error=str(exc))
+            log.error("dispatcher.start_failed", service=self.settings.service, error=str(exc))
             return 1
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -146,7 +146,7 @@ class Worker:
         if self._stopping:
             return
         self._stopping = True
-        log.info("dispatcher stopping", service=self.settings.service)
+        log.info("dispatcher.stopping", service=self.settings.service)
         self._set_deadline()
 
     async def drain(self) -> Summary:
@@ -175,7 +175,7 @@ class Worker:
         await self.open()
         subscription = self._subscribe()
         beating = asyncio.create_task(self._beat()) if self._heartbeat else None
-        log.info("dispatcher started", service=self.settings.service, consumer=self._consumer)
+        log.info("dispatcher.started", service=self.settings.service, consumer=self._consumer)
         timed_out = False
         try:
             async with asyncio.timeout(None) as self._deadline:
@@ -200,7 +200,7 @@ class Worker:
             await subscription.close()
             await self.backend.close()
             log.info(
-                "dispatcher stopped",
+                "dispatcher.stopped",
                 service=self.settings.service,
                 seconds=round(time.monotonic() - started, 3),
                 drain_timed_out=timed_out,
@@ -236,7 +236,7 @@ class Worker:
             self._bus_failures += 1
             if self._bus_failures == 1 or self._bus_failures % 30 == 0:  # an outage, not a flood
                 log.warning(
-                    "event bus unavailable",
+                    "dispatcher.bus_unavailable",
                     service=self.settings.service,
                     error=str(exc),
                     attempts=self._bus_failures,
@@ -244,7 +244,7 @@ class Worker:
             await asyncio.sleep(min(self.settings.backoff.delay(self._bus_failures), 2.0))
             return []
         if self._bus_failures:
-            log.info("event bus reachable again", attempts=self._bus_failures)
+            log.info("dispatcher.bus_recovered", attempts=self._bus_failures)
             self._bus_failures = 0
         return deliveries
 
@@ -283,7 +283,7 @@ class Worker:
             if pending:
                 delay = self.settings.backoff.delay(attempt)
                 log.warning(
-                    "delivery failed, will retry",
+                    "dispatcher.delivery_failed",
                     backend=name,
                     count=len(pending),
                     attempt=attempt,
@@ -299,14 +299,14 @@ class Worker:
         except BackendError as exc:
             return dict.fromkeys(range(len(pending)), exc.rejection)
         except Exception as exc:  # a task boundary: an unexpected failure is retried, not fatal
-            log.exception("backend raised", backend=self.backend.name)
+            log.exception("dispatcher.backend_raised", backend=self.backend.name)
             return dict.fromkeys(range(len(pending)), Rejection(repr(exc), retryable=True))
 
     async def _dead_letter(self, dead: Sequence[tuple[Delivery, str]]) -> None:
         if dead:
             await self._dead_letters.write(self.backend.name, [(d.event, r) for d, r in dead])
             log.error(
-                "events dead-lettered",
+                "dispatcher.dead_lettered",
                 backend=self.backend.name,
                 count=len(dead),
                 reason=dead[0][1],
@@ -322,7 +322,7 @@ class Worker:
             except BusUnavailable as exc:
                 # Not acknowledging means redelivery (a duplicate), so keep trying while we may.
                 attempt += 1
-                log.warning("acknowledgement failed, retrying", error=str(exc), attempt=attempt)
+                log.warning("dispatcher.ack_failed", error=str(exc), attempt=attempt)
                 await asyncio.sleep(self.settings.backoff.delay(attempt))
 
     def _count(
@@ -355,7 +355,7 @@ class Worker:
             self.summary.dead_lettered += len(dead)
             metrics.DEAD_LETTERED.labels(self.backend.name).inc(len(dead))
         else:
-            log.warning("unacknowledged events left for redelivery", count=len(self._inflight))
+            log.warning("dispatcher.unacked_left_for_redelivery", count=len(self._inflight))
 
     async def _beat(self) -> None:
         assert self._heartbeat is not None
@@ -363,7 +363,7 @@ class Worker:
             try:
                 await self._heartbeat.beat({"consumer": self._consumer, **asdict(self.summary)})
             except Exception as exc:  # a task boundary: a missed beat must not stop delivery
-                log.warning("heartbeat failed", error=str(exc))
+                log.warning("dispatcher.heartbeat_failed", error=str(exc))
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def _clear_heartbeat(self) -> None:
@@ -371,4 +371,4 @@ class Worker:
         try:
             await self._heartbeat.clear()
         except Exception as exc:  # the key expires on its own anyway
-            log.warning("heartbeat clear failed", error=str(exc))
+            log.warning("dispatcher.heartbeat_clear_failed", error=str(exc))

@@ -107,7 +107,7 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
-# Proxy path, in the order the checks run (SPEC §7).
+# Proxy path, in the order the checks run.
 EndpointNotFound = _error(404, "endpoint_not_found")
 MethodNotAllowed = _error(405, "method_not_allowed")
 InvalidToken = _error(401, "invalid_token")

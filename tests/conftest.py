@@ -26,7 +26,7 @@ from tests.fakes import UPSTREAM_LOG, UpstreamLog, fake_upstream_app
 
 MANAGEMENT_TOKEN = "mgmt-test-" + secrets.token_urlsafe(16)
 UPSTREAM_KEY = "sk-upstream-REAL-" + secrets.token_urlsafe(16)
-# What SPEC §5 shows of a token (never its value), through the API and the CLI alike.
+# What the management API shows of a token (never its value), through the API and the CLI alike.
 TOKEN_FIELDS = frozenset(
     {
         "id",
@@ -141,6 +141,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test using ``redis_server`` starts one: it needs Redis and belongs to the process tier."""
+    for item in items:
+        if "redis_server" in getattr(item, "fixturenames", ()):
+            for mark in (pytest.mark.redis, pytest.mark.process):
+                if item.get_closest_marker(mark.name) is None:
+                    item.add_marker(mark)
+
+
 @pytest.fixture
 def log_stream() -> Iterator[io.StringIO]:
     """Everything the application logs during the test, as text."""
@@ -178,7 +187,6 @@ class FrontTestServer(BaseTestServer):
         self.port = sock.getsockname()[1]
         self.scheme = "http"
         components = self.app[COMPONENTS]
-        assert components.proxy is not None
         options = dict(self.site_options)
         grace = options.pop("grace_seconds", 1.0)
         poke = components.poller.poke if components.poller else None

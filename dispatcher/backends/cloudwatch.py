@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
-import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
@@ -23,8 +22,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from dispatcher import metrics
 from dispatcher.backends import Rejection
 from llm_proxy.events.event import Event, parse_rfc3339
-
-log = structlog.get_logger(__name__)
 
 MAX_BATCH_EVENTS = 10_000
 MAX_BATCH_BYTES = 1_048_576

@@ -1,4 +1,4 @@
-"""The management API (SPEC §5): JSON in and out under ``/manage/``, behind the management token."""
+"""The management API: JSON in and out under ``/manage/``, behind the management token."""
 
 from __future__ import annotations
 

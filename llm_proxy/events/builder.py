@@ -1,4 +1,4 @@
-"""Build the SPEC §8 event for one finished :class:`~llm_proxy.proxy.exchange.Exchange`.
+"""Build the instrumentation event for one finished :class:`~llm_proxy.proxy.exchange.Exchange`.
 
 Runs in the event pipeline's worker thread, never on the request path: this is where bodies are
 decompressed, parsed, streams reassembled and tokens counted.

@@ -1,4 +1,4 @@
-"""The instrumentation event (SPEC §8) and its wire form.
+"""The instrumentation event, one per proxied request, and its wire form.
 
 An event is a plain JSON-shaped dict so that every bus and backend can pass it on without a schema
 library; :class:`Event` only gives it a type. It never holds a token value, an upstream key or a

@@ -13,13 +13,9 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 
-import structlog
-
 from llm_proxy.events import metrics
 from llm_proxy.events.bus import BusKind, Delivery
 from llm_proxy.events.event import Event
-
-log = structlog.get_logger(__name__)
 
 
 class _Group:
@@ -28,7 +24,7 @@ class _Group:
     def __init__(self, maxlen: int) -> None:
         self.events: deque[Delivery] = deque(maxlen=maxlen)
         self.ready = asyncio.Event()
-        self.drops = metrics.Drops("memory bus full, dropping oldest")
+        self.drops = metrics.Drops("events.memory_bus_oldest_dropped")
 
 
 class MemorySubscription:

@@ -31,10 +31,10 @@ class Drops:
     flood the log.
     """
 
-    __slots__ = ("_message", "total")
+    __slots__ = ("_event", "total")
 
-    def __init__(self, message: str) -> None:
-        self._message = message
+    def __init__(self, event: str) -> None:
+        self._event = event  # the log event name, such as ``events.pipeline_dropped``
         self.total = 0
 
     def add(self, reason: str, count: int = 1, **context: object) -> None:
@@ -43,7 +43,7 @@ class Drops:
         before, self.total = self.total, self.total + count
         DROPPED.labels(reason).inc(count)
         if _crossed_a_mark(before, self.total):
-            _log.warning(self._message, reason=reason, count=count, dropped=self.total, **context)
+            _log.warning(self._event, reason=reason, count=count, dropped=self.total, **context)
 
 
 def _crossed_a_mark(before: int, after: int) -> bool:

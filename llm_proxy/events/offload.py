@@ -75,7 +75,7 @@ class EventOffload:
         self._status_at = 0.0
         self._sent_to_current = 0  # exchanges sent to the running events process
         self.sent = 0
-        self._drops = metrics.Drops("events dropped")
+        self._drops = metrics.Drops("events.offload_dropped")
         self.restarts = 0
 
     # -- starting and watching ------------------------------------------------------------------
@@ -109,7 +109,7 @@ class EventOffload:
         self._process, self._input = process, process.stdin
         self._sent_to_current = 0
         self._status, self._status_at = {}, 0.0
-        log.info("events_process.attached", pid=process.pid)
+        log.info("events.process_attached", pid=process.pid)
         self._flush()  # what queued up while no events process ran
 
     async def _watch(self) -> None:
@@ -127,7 +127,7 @@ class EventOffload:
             self._input = None
             lost = self._unfinished()
             self._drops.add("events_process_died", lost)
-            log.error("events_process.died", exit_code=code, lost=lost)
+            log.error("events.process_died", exit_code=code, lost=lost)
             if time.monotonic() - started > 60:
                 spacing = _RESTART_SPACING[0]  # it had been running fine: restart promptly
             while True:
@@ -136,7 +136,7 @@ class EventOffload:
                 try:
                     await self._spawn()
                 except (EventProcessError, OSError) as exc:
-                    log.error("events_process.restart_failed", error=str(exc))
+                    log.error("events.process_restart_failed", error=str(exc))
                     continue
                 self.restarts += 1
                 break
@@ -227,8 +227,8 @@ class EventOffload:
                     process.kill()
                 lost = self._unfinished()
                 self._drops.add("closing", lost)
-                log.error("events_process.killed", reason="did not drain in time", lost=lost)
+                log.error("events.process_killed", reason="did not drain in time", lost=lost)
                 self._watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._watcher
-        log.info("event offload closed", sent=self.sent, dropped=self.dropped)
+        log.info("events.offload_closed", sent=self.sent, dropped=self.dropped)

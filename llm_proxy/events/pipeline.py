@@ -62,7 +62,7 @@ class EventPipeline:
         self._task: asyncio.Task[None] | None = None
         self._attached: list[Closeable] = []
         self._closing = False
-        self._drops = metrics.Drops("event dropped")
+        self._drops = metrics.Drops("events.pipeline_dropped")
         self.published = 0
 
     def start(self) -> None:
@@ -108,7 +108,7 @@ class EventPipeline:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a task boundary: keep the pipeline alive whatever one batch does
-                log.exception("event batch failed", size=len(batch))
+                log.exception("events.batch_failed", size=len(batch))
                 metrics.DROPPED.labels("publish_failed").inc(len(batch))
                 continue
             self.published += len(events)
@@ -119,7 +119,7 @@ class EventPipeline:
         )
         events, failures = built.events, built.failures
         for request_id, error in failures:
-            log.error("event build failed", request_id=request_id, error=error)
+            log.error("events.build_failed", request_id=request_id, error=error)
             metrics.DROPPED.labels("build_failed").inc()
         sources = Counter(
             event["usage"]["source"] if event["usage"] else "none" for event in events
@@ -142,12 +142,12 @@ class EventPipeline:
                 left = len(self._queue)
                 self._queue.clear()
                 self._drops.add("closing", left)
-                log.warning("event pipeline closed before draining", dropped=left)
+                log.warning("events.pipeline_drain_timed_out", dropped=left)
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
         for component in self._attached:
             await component.close()
         await self.bus.close()
-        log.info("event pipeline closed", published=self.published, dropped=self.dropped)
+        log.info("events.pipeline_closed", published=self.published, dropped=self.dropped)
 
 
 async def open_bus(config: EventsConfig) -> EventBus:
@@ -172,5 +172,5 @@ async def start_event_pipeline(config: EventsConfig) -> EventPipeline:
         linger=config.linger,
     )
     pipeline.start()
-    log.info("event pipeline started", bus=config.bus)
+    log.info("events.pipeline_started", bus=config.bus)
     return pipeline

@@ -87,7 +87,7 @@ class RedisBus:
         """Create the bus (Redis need not be up yet); resume replaying a spool left by a restart."""
         bus = cls(url, **options)
         if bus._spool is not None and bus._spool.pending:
-            log.info("spooled events found; replaying", pending_bytes=bus._spool.pending_bytes)
+            log.info("events.spool_replay_resumed", pending_bytes=bus._spool.pending_bytes)
             bus._start_replay()
         return bus
 
@@ -115,9 +115,9 @@ class RedisBus:
         except (RedisError, OSError) as exc:
             if self._spool is None:
                 metrics.DROPPED.labels("redis_unavailable").inc(len(events))
-                log.error("redis unavailable, events dropped", count=len(events), error=str(exc))
+                log.error("events.redis_unavailable_dropped", count=len(events), error=str(exc))
                 return
-            log.warning("redis unavailable, spooling events", error=str(exc))
+            log.warning("events.redis_unavailable_spooled", error=str(exc))
             await self._to_spool(events)
 
     async def _to_spool(self, events: Sequence[Event]) -> None:
@@ -156,7 +156,7 @@ class RedisBus:
             batch = None
             replayed += len(events)
             metrics.REPLAYED.inc(len(events))
-        log.info("spool replayed into redis", events=replayed)
+        log.info("events.spool_replayed", events=replayed)
 
     def subscribe(self, group: str, consumer: str) -> RedisSubscription:
         subscription = RedisSubscription(self, group, consumer)
@@ -265,13 +265,15 @@ class RedisSubscription:
         await self._drop(unusable, "bus_entry_unusable")
         await self._drop(gone, "trimmed_before_delivery")
         if deliveries:
-            log.info("reclaimed pending events", group=self.group, count=len(deliveries))
+            log.info("events.redis_pending_reclaimed", group=self.group, count=len(deliveries))
         return deliveries
 
     async def _drop(self, ids: list[str], reason: str) -> None:
         if ids:
             metrics.DROPPED.labels(reason).inc(len(ids))
-            log.error("stream entries dropped", group=self.group, count=len(ids), reason=reason)
+            log.error(
+                "events.redis_entries_dropped", group=self.group, count=len(ids), reason=reason
+            )
             await self._client.xack(self._bus.stream, self.group, *ids)
 
     async def ack(self, ids: Sequence[str]) -> None:

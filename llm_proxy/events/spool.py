@@ -43,7 +43,7 @@ class Spool:
         if whole != len(data):
             with self.path.open("r+b") as file:
                 file.truncate(whole)
-            log.warning("spool had a torn last line; cut", path=str(self.path))
+            log.warning("events.spool_torn_line_cut", path=str(self.path))
         return whole
 
     def _read_offset(self) -> int:
@@ -84,7 +84,9 @@ class Spool:
                     events.append(wire.loads(line))
                 except ValueError:
                     metrics.DROPPED.labels("spool_malformed").inc()
-                    log.error("malformed spool line skipped", path=str(self.path), offset=offset)
+                    log.error(
+                        "events.spool_malformed_line_skipped", path=str(self.path), offset=offset
+                    )
         return events, offset
 
     def advance(self, offset: int) -> None:

@@ -3,8 +3,8 @@
 On virtual machines, waking a process whose CPU went idle costs tens of microseconds (the idle
 vCPU halted and must be rescheduled by the host). A proxied request waits twice for a peer that
 usually answers within that time: the upstream's response, and the client's next request on a
-keep-alive connection. Measured with bench/nginx_wrk.sh's upstream on a 2-vCPU VM, one connection:
-the proxy added 0.15 ms without polling and 0.05-0.06 ms when it polled for up to 300 µs.
+keep-alive connection. Polling through those waits instead of sleeping is what keeps the latency
+the proxy adds low on such machines (figures: ``bench/README.md``).
 
 Polling unconditionally would burn CPU whenever traffic is sparse, so the window adapts the way
 Linux's halt-polling does: it grows (doubling, up to ``max_seconds``) while activity keeps arriving
@@ -23,7 +23,7 @@ import time
 
 from llm_proxy.stats import STATS
 
-_GROW_FROM = 10e-6  # the first window after an idle period: 10 µs
+_GROW_FROM = 10e-6  # the first window after an idle period
 
 
 class AdaptivePoll:

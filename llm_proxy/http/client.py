@@ -4,10 +4,11 @@ An ``asyncio.Protocol`` feeding ``httptools`` over pooled keep-alive connections
 the per-request work of aiohttp's client. One request runs on a connection at a time (no
 pipelining), so a connection has at most one waiter: the request or response currently using it.
 
-A request is sent at most once (SPEC §7). A pooled connection already known to be dead (closed, or
-the upstream's FIN read) is passed over when it is taken, before anything is written to it; once a
-byte of a request has been handed to a transport, a failure is raised, never retried, and carries
-``reached_upstream=True``. Connections may run through an HTTP CONNECT tunnel (``egress.py``).
+A request is sent at most once (a guarantee of the request path, see ``docs/architecture.md``). A
+pooled connection already known to be dead (closed, or the upstream's FIN read) is passed over when
+it is taken, before anything is written to it; once a byte of a request has been handed to a
+transport, a failure is raised, never retried, and carries ``reached_upstream=True``. Connections
+may run through an HTTP CONNECT tunnel (``egress.py``).
 """
 
 from __future__ import annotations
@@ -433,8 +434,8 @@ class Http1Client:
         head_request = method == "HEAD"
         # The only retry is here, before any write: _take() passes over connections already known
         # dead. transport.write() buffers and reports no failure, so once it was called the request
-        # may have reached the upstream and must not be sent again (SPEC §7): send()'s failures are
-        # raised as they are.
+        # may have reached the upstream and must not be sent again: send()'s failures are raised as
+        # they are.
         conn = self._take(key)
         if conn is None:
             conn = await self._connect(origin, key, timeouts.connect)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-import structlog
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.base_protocol import BaseProtocol
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
     from llm_proxy.http.front import FrontProtocol, ResponseWriter
     from llm_proxy.http.messages import BodySource
 
-log = structlog.get_logger(__name__)
 
 MAX_CONTROL_BODY = 1024 * 1024
 # Framing fields the front door has already acted on: aiohttp gets a plain body with its length.

@@ -40,7 +40,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 @dataclass(frozen=True, slots=True)
 class FrontLimits:
-    """How long a client may take, and how much head it may send (SPEC §7)."""
+    """How long a client may take, and how much head it may send."""
 
     head_seconds: float = 30.0  # a request head must arrive whole within this
     keepalive_seconds: float = 75.0  # an idle keep-alive connection is closed after this
@@ -340,10 +340,8 @@ class FrontProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Future[None] | None = None  # set while the task waits for a request
         self._stopping = False
-        # -- the request being parsed
-        self._url = b""
+        # -- the request being parsed (its head; its body once the head is complete)
         self._head = http_policy.HeadFields()
-        self._in_head = False
         self._refusal: errors.ProxyError | None = None
         self._body: RequestBody | None = None
 
@@ -405,24 +403,22 @@ class FrontProtocol(asyncio.Protocol):
         # Bytes outside a request (a stray CRLF) do not get here, so they keep nobody alive.
         self.idle_since = 0.0
         self.head_since = time.monotonic()
-        self._url = b""
         self._head = http_policy.HeadFields()
-        self._in_head = True
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
         head = self._head
+        head.url += url
         head.size += len(url)
         if head.size > self._limits.max_head_bytes:
             self._head_too_large()
-        head.control = http_policy.is_control_target(self._url)
+        head.control = http_policy.is_control_target(head.url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._head
         head.size += len(name) + len(value)
         if head.size > self._limits.max_head_bytes:
             self._head_too_large()
-        if self._in_head:
+        if not head.complete:
             head.add(name, value)
         # else: a trailer field. Never forwarded and never a header; it only counts to the limit.
 
@@ -432,14 +428,13 @@ class FrontProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_since = 0.0
-        self._in_head = False
+        head = self._head
+        head.complete = True
         parser = self._parser
         try:
             if parser.should_upgrade():
                 raise errors.MalformedRequest("Protocol upgrades are not supported.")
-            frame = http_policy.frame_request(
-                self._head, self._url, parser.get_http_version(), parser.get_method()
-            )
+            frame = http_policy.frame_request(head, parser.get_http_version(), parser.get_method())
         except errors.ProxyError as exc:
             self._refusal = exc
             raise _StopParsing from None
@@ -449,7 +444,6 @@ class FrontProtocol(asyncio.Protocol):
             body = self._body = RequestBody(self, frame.expect_continue)
             if not frame.expect_continue:
                 self.body_since = time.monotonic()
-        head = self._head
         request: ProxyRequest | ControlRequest
         if head.control:
             request = ControlRequest(

@@ -1,4 +1,4 @@
-"""The front door's policy for a request head: what is refused, what is forwarded (SPEC §7).
+"""The front door's policy for a request head: what is refused, what is forwarded.
 
 ``httptools`` (llhttp) already refuses most malformed input: bad chunk sizes, bare LF line ends,
 ``Content-Length`` together with ``Transfer-Encoding``, two lengths. This module adds what llhttp
@@ -78,11 +78,22 @@ _KEPT_CONNECTION_OPTIONS = frozenset({"close", "keep-alive"})
 
 
 class HeadFields:
-    """The header fields of one request head, sorted as they arrive."""
+    """The head of the request being parsed: its target and header fields, sorted as they arrive."""
 
-    __slots__ = ("all_headers", "control", "duplicate", "forward", "noted", "size")
+    __slots__ = (
+        "all_headers",
+        "complete",
+        "control",
+        "duplicate",
+        "forward",
+        "noted",
+        "size",
+        "url",
+    )
 
     def __init__(self) -> None:
+        self.url = b""  # the request target, as received
+        self.complete = False  # every header field arrived (later fields are trailers)
         self.size = 0  # bytes of target and fields so far, for the head size limit
         self.control = False  # the target is a control-plane path
         self.noted: dict[bytes, bytes] = {}
@@ -137,7 +148,7 @@ class Frame:
     expect_continue: bool
 
 
-def frame_request(head: HeadFields, url: bytes, version: str, method: bytes) -> Frame:
+def frame_request(head: HeadFields, version: str, method: bytes) -> Frame:
     """Decide the framing of a request, or raise the error it is refused with."""
     if version not in ("1.1", "1.0"):
         # 400 rather than nginx's 505: nothing a client sends may draw a 5xx from the proxy itself.
@@ -168,7 +179,7 @@ def frame_request(head: HeadFields, url: bytes, version: str, method: bytes) -> 
     )
     return Frame(
         method.decode("latin-1"),
-        request_target(url),
+        request_target(head.url),
         http10,
         content_length,
         has_body,

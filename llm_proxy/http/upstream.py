@@ -13,7 +13,7 @@ refusing CONNECT): the upstream certainly never saw the request, so it need not 
 a quota. True means the request may have reached the upstream, even if no answer came back.
 
 A request is sent at most once: a client may retry on a fresh connection only when not one byte of
-the request was written (SPEC §7).
+the request was written.
 """
 
 from __future__ import annotations

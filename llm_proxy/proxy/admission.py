@@ -67,7 +67,7 @@ class TokenAuthority:
     # -- the request path ----------------------------------------------------------------------
 
     async def admit(self, authorization: str | None) -> Grant:
-        """Check a bearer credential and count the request, or raise the SPEC §7 error."""
+        """Check a bearer credential and count the request, or raise the error it is refused with."""
         grant = await self.check(authorization)
         wall = time.time()
         if grant.max_requests is None:

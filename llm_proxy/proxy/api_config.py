@@ -119,7 +119,7 @@ def normalise_path(raw_path: str) -> str | None:
 
 def _already_canonical(raw_path: str) -> bool:
     """No escape, no empty or dot segment, no trailing slash: the common case, answered without
-    splitting the path (1.0 → 0.2 µs)."""
+    the cost of splitting the path."""
     return (
         raw_path.startswith("/")
         and not raw_path.endswith("/")

@@ -3,7 +3,7 @@
 Checking a parameter of a large body (``model`` comes after ``messages`` in what the SDKs send)
 means reading it whole before any byte goes upstream, as nginx buffers request bodies by default.
 Up to :data:`MEMORY_BYTES` the body stays in memory; beyond, it goes to an anonymous temporary file
-(already unlinked, mode 0600), so twenty concurrent 20 MB uploads do not hold 400 MB of memory.
+(already unlinked, mode 0600), so concurrent large uploads do not each hold their body in memory.
 Writes to that file land in the page cache; they are the one blocking call on this rare path.
 """
 

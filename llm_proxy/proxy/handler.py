@@ -1,4 +1,6 @@
-"""The proxy path: SPEC §7 checks in order, the key swap, and a byte-for-byte relay.
+"""The proxy path: its checks in order, the key swap, and a byte-for-byte relay.
+
+The checks run in the order their refusals are listed in :mod:`llm_proxy.errors`.
 
 Nothing here parses a body unless a ``param_whitelist`` or stream-usage injection needs it, nothing
 waits on the database for a cached token, and everything about the request that is not needed to
@@ -59,7 +61,7 @@ def _request_id(supplied: str | None) -> str:
         return supplied
     # Unique, not secret: a PRNG draw instead of os.urandom's system call on every request.
     # (The module-level generator is reseeded after fork, so workers never share a sequence.)
-    # 32 hex digits, as formatting getrandbits(128) gives, in 0.17 instead of 0.30 µs.
+    # 32 hex digits, as formatting getrandbits(128) gives, in less time.
     return random.randbytes(16).hex()
 
 
@@ -131,17 +133,20 @@ class ProxyHandler:
         if admitted is None:
             return  # answered without going upstream (token info, CORS preflight)
         path, grant = admitted
-        # Positional: with keywords the dataclass __init__ costs 0.3 µs more (0.84 → 0.54 µs).
+        started_at = time.time()
+        request_body = CappedBuffer(self.capture_bytes)
+        response_body = CappedBuffer(self.capture_bytes)
+        # Positional, in field order: with keywords the dataclass __init__ is slower per request.
         exchange = Exchange(
             request_id,
-            time.time(),  # started_at
+            started_at,
             started,
             request.method,
             path,
             grant.project_id,
             grant.token_id,
-            CappedBuffer(self.capture_bytes),  # request_body
-            CappedBuffer(self.capture_bytes),  # response_body
+            request_body,
+            response_body,
         )
         try:
             await self._forward(request, writer, grant, exchange, reply_headers)
@@ -177,7 +182,7 @@ class ProxyHandler:
     async def _admit(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
     ) -> tuple[str, Grant] | None:
-        """The SPEC §7 checks up to the token; None when the request was answered here.
+        """The checks of the proxy path up to the token; None when the request was answered here.
 
         The path is checked in its normalised form; the target goes upstream exactly as sent.
         """
@@ -419,8 +424,8 @@ class ProxyHandler:
         if not stream:
             body = upstream.complete_body()
             if body is not None:
-                # Head, body and end in one go, as the loop below would send one chunk (no body
-                # iteration): about 2 µs less user CPU per request (37.7 → 35.5 µs at c=64).
+                # Head, body and end in one go, as the loop below would send one chunk, without the
+                # cost of iterating over the body.
                 if body:
                     exchange.response_body.add(body)
                     exchange.first_byte_at = time.perf_counter()

@@ -56,10 +56,10 @@ class Components:
     operations: Operations
     upstream: UpstreamClient
     sink: ExchangeSink
+    proxy: ProxyHandler
     pipeline: EventPipeline | None = None  # events built in this process (event_build_in=thread)
     offload: EventOffload | None = None  # events built in the events process (the default)
     poller: AdaptivePoll | None = None  # poked by the front door and the upstream client
-    proxy: ProxyHandler | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -98,7 +98,7 @@ async def ready(request: web.Request) -> web.Response:
         await asyncio.wait_for(components.store.ping(), timeout=2.0)
         checks["database"] = "ok"
     except Exception as exc:  # any failure means not ready; say which part
-        log.warning("ready.database_failed", error=type(exc).__name__)
+        log.warning("server.ready_database_failed", error=type(exc).__name__)
         checks["database"] = "unavailable"
     if components.settings.event_bus == "redis":
         checks["redis"] = "ok" if await _bus_reachable(components) else "unavailable"
@@ -121,7 +121,32 @@ async def _bus_reachable(components: Components) -> bool:
         return False
 
 
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+# One cleanup context per resource, appended in the order the resources were opened, so aiohttp
+# closes them in reverse, and a failure closing one still closes the others.
+
+
+async def _store_context(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[COMPONENTS].store.close()
+    log.info("server.stopped")
+
+
+async def _events_context(app: web.Application) -> AsyncIterator[None]:
+    yield
+    components = app[COMPONENTS]
+    if components.pipeline is not None:
+        await components.pipeline.close()  # drains queued events into the bus and dispatchers
+    if components.offload is not None:
+        await components.offload.close()  # ... or lets the events process do so
+
+
+async def _upstream_context(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[COMPONENTS].upstream.close()
+
+
+async def _background_context(app: web.Application) -> AsyncIterator[None]:
+    """The token authority's change feed and usage flushes, stopped before what they use."""
     components = app[COMPONENTS]
     settings = components.settings
     components.spawn(
@@ -147,14 +172,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         flushed = await components.authority.flush_usage()
     except Exception:
         log.exception("server.usage_flush_failed")
-        flushed = 0
-    await components.upstream.close()
-    if components.pipeline is not None:
-        await components.pipeline.close()  # drains queued events into the bus and dispatchers
-    if components.offload is not None:
-        await components.offload.close()  # ... or lets the events process do so
-    await components.store.close()
-    log.info("server.stopped", usage_rows_flushed=flushed)
+    else:
+        log.info("server.usage_flushed", tokens=flushed)
 
 
 def _launch(settings: Settings) -> Launch:
@@ -202,15 +221,30 @@ async def create_app(
         if settings.busy_poll_micros
         else None
     )
+    upstream = upstream or Http1Client(
+        on_data=poller.poke if poller else None, egress=settings.egress
+    )
+    sink = sink or pipeline or offload or DiscardSink()
+    proxy = ProxyHandler(
+        api_config.default,
+        authority,
+        upstream,
+        sink,
+        max_body_bytes=settings.max_request_body_bytes,
+        capture_bytes=settings.capture_body_bytes,
+        store=store,
+        token_info_path=api_config.token_info_path,
+        stream_usage=UsageChunkFilter,
+    )
     components = Components(
         settings=settings,
         api_config=api_config,
         store=store,
         authority=authority,
         operations=Operations(store, cipher, authority),
-        upstream=upstream
-        or Http1Client(on_data=poller.poke if poller else None, egress=settings.egress),
-        sink=sink or pipeline or offload or DiscardSink(),
+        upstream=upstream,
+        sink=sink,
+        proxy=proxy,
         pipeline=pipeline,
         offload=offload,
         poller=poller,
@@ -219,7 +253,9 @@ async def create_app(
     app[COMPONENTS] = components
     if offload is not None:
         app[EXTRA_METRICS] = offload.metric_families
-    app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.extend(
+        [_store_context, _events_context, _upstream_context, _background_context]
+    )
     app.add_subapp("/manage/", management_app(components.operations, settings.management_token))
     admin = admin_app(
         components.operations,
@@ -231,15 +267,4 @@ async def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
-    components.proxy = ProxyHandler(
-        api_config.default,
-        authority,
-        components.upstream,
-        components.sink,
-        max_body_bytes=settings.max_request_body_bytes,
-        capture_bytes=settings.capture_body_bytes,
-        store=store,
-        token_info_path=api_config.token_info_path,
-        stream_usage=UsageChunkFilter,
-    )
     return app

@@ -28,7 +28,7 @@ from llm_proxy.runtime.settings import (
     parse_size,
     parse_whole_number,
 )
-from llm_proxy.tools.benchmark import benchmark_command
+from llm_proxy.tools.benchmark.command import benchmark_command
 from llm_proxy.tools.mock_upstream import mock_upstream_command
 
 

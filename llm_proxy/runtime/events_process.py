@@ -114,7 +114,7 @@ async def _run(status: _Status) -> int:
         return 1
     tune_garbage_collector()
     status.send({"ready": True})
-    log.info("events_process.started", pid=os.getpid(), bus=launch.events.bus)
+    log.info("events.process_started", pid=os.getpid(), bus=launch.events.bus)
     reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline))
     try:
         while (wires := await read_frame(reader)) is not None:
@@ -127,7 +127,7 @@ async def _run(status: _Status) -> int:
         await pipeline.close()  # drains into the bus and the dispatchers
         await store.close()
         await _report(status, pipeline)
-        log.info("events_process.stopped")
+        log.info("events.process_stopped")
     return 0
 
 
@@ -135,10 +135,10 @@ def _yield_to_requests() -> None:
     """Run as background work: on a busy host, requests come before events.
 
     Events tolerate delay (they queue, in order) and requests do not, so when CPUs are contended
-    the kernel should give them to the server first. Niceness 10 gives this process a tenth of a
-    contended CPU's share, still several thousand events a second; SCHED_BATCH stops it from
-    preempting the server on wake-up. (Beyond what it can then keep up with, the server's
-    queue and pipe fill and what overflows is counted as dropped.)
+    the kernel should give them to the server first. :data:`NICENESS` leaves this process a small
+    share of a contended CPU; SCHED_BATCH stops it from preempting the server on wake-up. (Beyond
+    what it can then keep up with, the server's queue and pipe fill and what overflows is counted
+    as dropped.)
     """
     with contextlib.suppress(OSError):
         os.nice(NICENESS)

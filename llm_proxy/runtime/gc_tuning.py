@@ -11,9 +11,8 @@ def tune_garbage_collector() -> None:
     Start-up objects (modules, routes, settings) are moved out of the collector's view, and the
     youngest generation is collected after 50,000 allocations instead of 700: a request, or an
     event, allocates hundreds of short-lived objects that reference counting frees anyway, and
-    under load the default threshold ran a collection every few of them. Measured with
-    bench/nginx_wrk.sh at c=64: the server's CPU per request 104 → 89 µs (events then built in the
-    server); the events process's CPU per event 33 → 20 µs.
+    under load the default threshold ran a collection every few of them, which showed in the CPU
+    spent per request and per event.
     """
     gc.collect()
     gc.freeze()

@@ -92,7 +92,6 @@ async def _serve(settings: Settings) -> None:
                 f"LISTEN_ADDR: cannot listen on {address}: {exc.strerror}"
             ) from None
         components = app[COMPONENTS]
-        assert components.proxy is not None
         poller = components.poller
         limits = FrontLimits(
             head_seconds=settings.client_header_timeout,
@@ -140,8 +139,8 @@ def serve_workers(settings: Settings) -> int:
     """Run ``settings.workers`` processes sharing the port (SO_REUSEPORT); return an exit code.
 
     Workers share nothing in memory: revocation reaches each through the store's change feed
-    (within a second) and quotas are claimed atomically in the database, so SPEC §6 holds across
-    them. The parent only supervises: it forwards SIGINT/SIGTERM and waits.
+    (within a second) and quotas are claimed atomically in the database, so a token's limits and
+    revocation hold across them. The parent only supervises: it forwards SIGINT/SIGTERM and waits.
     """
     # Create and migrate the database once, before the workers race to do it.
     asyncio.run(_prepare_database(settings))

@@ -1,4 +1,4 @@
-"""Frozen settings, built once in the CLI layer from flags and environment variables (SPEC §4).
+"""Frozen settings, built once in the CLI layer from flags and environment variables.
 
 Nothing else in the package reads ``os.environ``. A bad value raises :class:`SettingsError`, whose
 message is a single line naming the variable, so start-up can stop with exactly that line.
@@ -48,7 +48,7 @@ class Settings:
     token_cache_seconds: float = 30.0
     change_poll_seconds: float = 0.25
     usage_flush_seconds: float = 1.0
-    # How long a client may take (SPEC §7): to send a request head, between body bytes (and between
+    # How long a client may take: to send a request head, between body bytes (and between
     # reads of a response), and idle between requests on a kept-alive connection.
     client_header_timeout: float = 30.0
     client_body_timeout: float = 60.0

@@ -6,7 +6,7 @@ import re
 
 from tests.admin_ui.conftest import AdminPages
 from tests.conftest import Proxy
-from tests.test_usage import wait_for_usage
+from tests.waiting import wait_for_usage
 
 _CELL = re.compile(r'<td class="num usage-([a-z-]+)">([^<]*)</td>')
 

@@ -29,7 +29,7 @@ from llm_proxy.events.redis import RedisBus
 from tests.dispatcher.fakes import HELICONE_KEY, FakeHelicone
 from tests.events.events_support import RedisServer, exchange
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.process]
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +133,7 @@ async def test_killing_a_dispatcher_mid_batch_loses_nothing(
     assert accepted_before_kill > 100  # two whole batches and part of the third
     assert duplicates == accepted_before_kill - 100  # exactly the unacknowledged part, redelivered
     second_log = (tmp_path / "second.log").read_bytes()
-    assert b"reclaimed pending events" in second_log
+    assert b"events.redis_pending_reclaimed" in second_log
     assert b"redelivered=50" in second_log  # the whole unacknowledged batch, counted
 
 

@@ -194,7 +194,7 @@ async def test_sigterm_stops_gracefully_with_a_summary(tmp_path: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(serving, 5) == 0
-    stopped = [entry for entry in logs if entry["event"] == "dispatcher stopped"]
+    stopped = [entry for entry in logs if entry["event"] == "dispatcher.stopped"]
     assert stopped and stopped[0]["delivered"] == 3 and stopped[0]["drain_timed_out"] is False
 
 

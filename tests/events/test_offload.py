@@ -23,7 +23,9 @@ from llm_proxy.runtime.app import EVENTS_PROCESS, create_app, events_config
 from tests.conftest import Proxy, make_settings, start_proxy
 from tests.events.events_support import RedisServer, exchange
 from tests.fakes import UPSTREAM_LOG
-from tests.test_events_end_to_end import wait_for_lines
+from tests.waiting import wait_for_lines
+
+pytestmark = pytest.mark.process
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
 

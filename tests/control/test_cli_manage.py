@@ -26,6 +26,9 @@ from tests.processes import (
     write_api_config,
 )
 
+# Every test but one talks to the module's server process.
+pytestmark = pytest.mark.process
+
 UPSTREAM_KEY = "sk-upstream-" + secrets.token_urlsafe(24)
 MASKED_KEY = f"{UPSTREAM_KEY[:5]}…{UPSTREAM_KEY[-4:]}"
 

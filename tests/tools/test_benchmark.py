@@ -16,17 +16,13 @@ from aiohttp.test_utils import TestServer
 from click.testing import CliRunner
 from rich.console import Console
 
-from llm_proxy.tools.benchmark import (
-    BenchmarkConfig,
-    BenchmarkReport,
-    RichProgress,
-    RouteStats,
-    Summary,
-    benchmark_command,
-    parse_server_timing,
-    render_report,
-    run_benchmark,
-)
+from llm_proxy.tools.benchmark.command import benchmark_command
+from llm_proxy.tools.benchmark.config import BenchmarkConfig
+from llm_proxy.tools.benchmark.engine import run_benchmark
+from llm_proxy.tools.benchmark.progress import RichProgress
+from llm_proxy.tools.benchmark.report import render_report
+from llm_proxy.tools.benchmark.results import BenchmarkReport, RouteStats, Summary
+from llm_proxy.tools.benchmark.sampling import parse_server_timing
 from llm_proxy.tools.mock_upstream import MockSettings, build_app
 
 MakeServer = Callable[..., Awaitable[TestServer]]

@@ -283,6 +283,7 @@ def test_command_help_names_its_options() -> None:
         assert option in result.output
 
 
+@pytest.mark.process
 async def test_module_runs_as_a_server_with_uvloop() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -1,4 +1,4 @@
-"""SPEC §4: ``api_providers.yaml`` is read strictly; a mistake stops start-up with one line naming it."""
+"""``api_providers.yaml`` is read strictly; a mistake stops start-up with one line naming it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from llm_proxy.proxy.api_config import ApiConfigError, load_api_config, parse_api_config
 from tests.processes import clean_env, cli_command, run
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 _DROP = object()  # leaves the key out of the provider
 
 
@@ -137,6 +137,7 @@ def test_a_bad_provider_value_is_named(overrides: dict[str, Any], message: str) 
     assert _refusal({"apis": {"openai": _provider(**overrides)}}) == message
 
 
+@pytest.mark.process
 def test_a_typo_stops_the_server_with_one_line_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "api_providers.yaml"
     config.write_text(

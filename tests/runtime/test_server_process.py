@@ -27,6 +27,8 @@ from tests.processes import (
     write_api_config,
 )
 
+pytestmark = pytest.mark.process
+
 # Not shaped like an OpenAI key on purpose: log redaction masks ``sk-…``, so a leak of this one
 # would show verbatim instead of being hidden by the safety net.
 UPSTREAM_KEY = "upstream-" + secrets.token_hex(20)

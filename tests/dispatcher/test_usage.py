@@ -1,10 +1,9 @@
-"""Usage aggregates (issue 5, item 2): counted from the events off the request path, per token and
-per project, returned by the management API."""
+"""Usage aggregates: counted from the events off the request path, per token and per project, and
+returned by the management API."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from llm_proxy.models import UsageRollup, UsageTotals
 from llm_proxy.store.sqlite import SqliteStore
 from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
+from tests.waiting import wait_for_usage
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
 ZERO = {
@@ -28,20 +28,6 @@ ZERO = {
     "errors": 0,
     "last_used_at": None,
 }
-
-
-async def wait_for_usage(
-    proxy: Proxy, path: str, requests: int, timeout: float = 10.0
-) -> dict[str, Any]:
-    """The ``usage`` of ``GET /manage{path}`` once it counts ``requests`` (or the deadline passed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, body = await proxy.manage("GET", path)
-        assert status == 200, body
-        usage: dict[str, Any] = body["usage"]
-        if usage["requests"] >= requests or time.monotonic() > deadline:
-            return usage
-        await asyncio.sleep(0.05)
 
 
 def event(

@@ -1,4 +1,4 @@
-"""SPEC §7: the checks in order, the key swap, header hygiene, and the byte-for-byte relay."""
+"""The proxy path: the checks in order, the key swap, header hygiene, and the byte-for-byte relay."""
 
 from __future__ import annotations
 

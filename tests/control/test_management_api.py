@@ -1,4 +1,4 @@
-"""SPEC §5: every row of the management API, and bad input answered precisely."""
+"""Every endpoint of the management API, and bad input answered precisely."""
 
 from __future__ import annotations
 

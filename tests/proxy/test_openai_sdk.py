@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tests.conftest import Proxy
-from tests.test_events_end_to_end import wait_for_lines
+from tests.waiting import wait_for_lines
 
 
 async def test_chat_completion(proxy: Proxy) -> None:

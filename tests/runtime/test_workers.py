@@ -1,4 +1,4 @@
-"""``llm-proxy server --workers N``: several processes on one port keep SPEC §6 across them."""
+"""``llm-proxy server --workers N``: several processes on one port keep tokens' limits and revocation exact across them."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from tests.processes import (
     start_server,
     write_api_config,
 )
+
+pytestmark = pytest.mark.process
 
 
 @pytest.fixture

@@ -7,9 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Proxy
 
-CLIENTS = Path(__file__).parent / "node" / "clients.mjs"
+pytestmark = pytest.mark.process
+
+CLIENTS = Path(__file__).resolve().parents[1] / "node" / "clients.mjs"
 
 
 async def test_the_node_sdk_and_fetch_work_unchanged_with_20_mb_bodies(proxy: Proxy) -> None:

@@ -1,4 +1,4 @@
-"""SPEC §6: exact quotas under concurrency, revocation everywhere within a second, usage counts."""
+"""Withering tokens: exact quotas under concurrency, revocation everywhere within a second, usage counts."""
 
 from __future__ import annotations
 

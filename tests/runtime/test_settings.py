@@ -1,4 +1,4 @@
-"""Settings (SPEC §4): environment → frozen settings, one-line errors, generated secrets."""
+"""Settings: environment → frozen settings, one-line errors, generated secrets."""
 
 from __future__ import annotations
 

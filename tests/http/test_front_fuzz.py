@@ -97,6 +97,7 @@ async def fuzzed(proxy_factory: Any) -> tuple[Proxy, list[bytes]]:
     return proxy, _requests(await proxy.token())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @settings(
     max_examples=60,

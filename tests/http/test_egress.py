@@ -1,4 +1,4 @@
-"""Upstream connections through an HTTP CONNECT proxy: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (SPEC §4).
+"""Upstream connections through an HTTP CONNECT proxy: HTTPS_PROXY / HTTP_PROXY / NO_PROXY.
 
 A real proxy (proxy.py, run as a process of its own) carries the tunnels; a tiny asyncio CONNECT
 server of the test's own stands in where the exact CONNECT bytes matter or the proxy must misbehave.
@@ -185,6 +185,7 @@ def closed_port() -> int:
     return free_port()  # bound and released: nothing listens there
 
 
+@pytest.mark.process
 async def test_http_upstream_is_reached_through_a_connect_tunnel_that_is_pooled(
     aiohttp_server: AiohttpServer, connect_proxy: ConnectProxy
 ) -> None:
@@ -201,6 +202,7 @@ async def test_http_upstream_is_reached_through_a_connect_tunnel_that_is_pooled(
     assert connect_proxy.tunnels(1) == [f"127.0.0.1:{origin.port}"]
 
 
+@pytest.mark.process
 async def test_https_upstream_runs_tls_inside_the_tunnel_and_trusts_ssl_cert_file(
     aiohttp_server: AiohttpServer,
     connect_proxy: ConnectProxy,
@@ -250,6 +252,7 @@ def test_ssl_cert_file_is_trusted_besides_the_system_store(
     assert upstream_ssl_context().cert_store_stats()["x509"] == system + 1
 
 
+@pytest.mark.process
 def test_the_tunnel_also_works_on_uvloop(
     connect_proxy: ConnectProxy, localhost_certificate: tuple[Path, Path]
 ) -> None:
@@ -439,6 +442,7 @@ async def test_connect_request_carries_proxy_authorization_and_a_407_is_refused(
     assert ENCODED_PASSWORD not in error.message and "dXNlc" not in error.message
 
 
+@pytest.mark.process
 async def test_real_proxy_accepts_the_right_credentials_only(
     aiohttp_server: AiohttpServer, authenticating_proxy: ConnectProxy
 ) -> None:
@@ -529,6 +533,7 @@ async def test_misbehaving_proxies_are_upstream_unavailable(
     assert caught.value.reached_upstream is False
 
 
+@pytest.mark.process
 async def test_the_gateway_reaches_its_upstream_through_the_proxy(
     proxy_factory: Any, upstream_server: TestServer, connect_proxy: ConnectProxy
 ) -> None:

@@ -1,30 +1,19 @@
-"""Issue 4 through the real proxy: one event per request, exact stream usage, Redis outages."""
+"""Events through the real proxy: one event per request, exact stream usage, Redis outages."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import UPSTREAM_KEY, Proxy
 from tests.events.events_support import RedisServer
+from tests.waiting import wait_for_lines
 
-SPEC_FIELDS = {
+EVENT_FIELDS = {
     "id", "request_id", "timestamp", "project_id", "token_id", "method", "path", "status",
     "duration_ms", "ttfb_ms", "stream", "model", "request", "response", "usage", "error",
     "upstream_request_id",
 }  # fmt: skip
-
-
-async def wait_for_lines(path: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= count or time.monotonic() > deadline:
-            return [json.loads(line) for line in lines]
-        await asyncio.sleep(0.05)
 
 
 async def test_every_request_writes_one_event_with_exact_usage(
@@ -52,7 +41,7 @@ async def test_every_request_writes_one_event_with_exact_usage(
     events = await wait_for_lines(log, 3)
     assert len(events) == 3
     for event in events:
-        assert set(event) >= SPEC_FIELDS
+        assert set(event) >= EVENT_FIELDS
         assert event["token_id"] == issued["id"] and event["project_id"] == issued["project_id"]
     plain, streamed, models = events
     assert plain["usage"]["source"] == "upstream" and plain["usage"]["total_tokens"] > 0
