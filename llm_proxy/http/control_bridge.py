@@ -25,7 +25,8 @@ from yarl import URL
 from llm_proxy import errors
 
 if TYPE_CHECKING:
-    from llm_proxy.http.front import FrontProtocol, ResponseWriter
+    from llm_proxy.http.exchange_io import ResponseWriter
+    from llm_proxy.http.front import FrontProtocol
     from llm_proxy.http.messages import BodySource
 
 

@@ -1,0 +1,260 @@
+"""One request's I/O on a front-door connection: its body as it arrives, its response as it leaves.
+
+:class:`RequestBody` is fed by the parser and read by a handler, with flow control (reading pauses
+while too much is buffered); a framing error or a stalled client fails it, which is how the handler
+learns of them. :class:`ResponseWriter` frames the answer: ``Content-Length`` when known, chunked
+otherwise, or closed by the connection for an HTTP/1.0 client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from llm_proxy import errors
+
+if TYPE_CHECKING:
+    from llm_proxy.http.front import FrontProtocol
+
+_BODY_HIGH_WATER = 1024 * 1024
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class _Date:
+    """The ``Date`` header line, formatted at most once a second."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._line = ""
+
+    def line(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._line = f"Date: {formatdate(now, usegmt=True)}\r\n"
+        return self._line
+
+
+DATE = _Date()
+
+
+class NoBody:
+    """The body of a request that has none."""
+
+    __slots__ = ()
+    complete = True
+
+    async def read_exactly(self, size: int) -> bytes:
+        return b""
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        return
+        yield  # pragma: no cover - makes this an async generator
+
+
+NO_BODY = NoBody()
+
+
+class RequestBody:
+    """A request body fed by the parser and read by a handler, with flow control.
+
+    A framing error or a stalled client found after the head fails the body: the handler reading
+    it gets the error (and, through it, aborts any upstream request it was streaming it to).
+    """
+
+    __slots__ = ("_chunks", "_conn", "_continue", "_done", "_error", "_size", "_waiter", "complete")
+
+    def __init__(self, conn: FrontProtocol, expect_continue: bool) -> None:
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._done = False
+        self._error: errors.ProxyError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        # The client waits for "100 Continue" before sending: given when the body is first read,
+        # which is after the request was admitted.
+        self._continue = expect_continue
+        self.complete = False  # every byte of the body arrived
+
+    def feed(self, data: bytes) -> None:
+        self._continue = False  # the client did not wait
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > _BODY_HIGH_WATER:
+            self._conn.pause_reading()
+        self.wake()
+
+    def end(self) -> None:
+        self._done = self.complete = True
+        self.wake()
+
+    def fail(self, error: errors.ProxyError) -> None:
+        if not self.complete and self._error is None:
+            self._error = error
+            self._chunks.clear()
+            self.wake()
+
+    def wake(self) -> None:
+        """Let a waiting reader look again (more bytes, the end, an error or a lost client)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _next(self) -> bytes | None:
+        if self._continue:
+            self._continue = False
+            self._conn.send_continue()
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._chunks:
+                return self._take()
+            if self._done:
+                return None
+            if self._conn.lost:
+                raise asyncio.CancelledError("client went away")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _take(self) -> bytes:
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        if self._size <= _BODY_HIGH_WATER // 4:
+            self._conn.resume_reading()
+        return chunk
+
+    async def read_exactly(self, size: int) -> bytes:
+        if self._error is None and len(self._chunks) == 1 and self._size >= size:
+            return self._take()  # in one piece already, as small bodies come
+        parts: list[bytes] = []
+        got = 0
+        while got < size:
+            chunk = await self._next()
+            if chunk is None:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._next()) is not None:
+            yield chunk
+
+
+class ResponseWriter:
+    """Writes one response on the connection: head, body (chunked when no length), end.
+
+    To an HTTP/1.0 client a body of unknown length is delimited by closing the connection.
+    """
+
+    __slots__ = ("_chunked", "_conn", "_http10", "_no_body", "_pending", "_request_body", "started")
+
+    def __init__(
+        self,
+        conn: FrontProtocol,
+        head_request: bool,
+        http10: bool,
+        request_body: RequestBody | NoBody = NO_BODY,
+    ) -> None:
+        self._conn = conn
+        self._request_body = request_body
+        self._no_body = head_request
+        self._http10 = http10
+        self._chunked = False
+        self._pending: bytes | None = None
+        self.started = False
+
+    async def start(
+        self, status: int, reason: str, headers: list[tuple[str, str]], *, stream: bool
+    ) -> None:
+        head = self._render_head(status, reason, headers)
+        if stream:
+            self._conn.send(head)
+        else:
+            self._pending = head
+
+    async def respond(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        # Head, body and end in one send, as start/write/finish would send them.
+        head = self._render_head(status, reason, headers)
+        if self._no_body or not body:
+            data = head + b"0\r\n\r\n" if self._chunked and not self._no_body else head
+        elif self._chunked:
+            data = b"%b%x\r\n%b\r\n0\r\n\r\n" % (head, len(body), body)
+        else:
+            data = head + body
+        self._conn.send(data)
+        if self._conn.write_paused:
+            await self._conn.drain()
+
+    def _render_head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
+        self.started = True
+        conn = self._conn
+        has_length = has_date = False
+        # Built as one str and encoded once, not line by line.
+        lines = [f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"]
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "content-length":
+                has_length = True
+            elif lower == "date":
+                has_date = True
+            lines += (name, ": ", value, "\r\n")
+        if not has_date:
+            lines.append(DATE.line())
+        if status in _NO_BODY_STATUS or status < 200:
+            self._no_body = True
+        elif not has_length and not self._no_body:
+            if self._http10:
+                conn.keep_alive = False  # HTTP/1.0 has no chunked coding: the close ends the body
+            else:
+                self._chunked = True
+                lines.append("Transfer-Encoding: chunked\r\n")
+        if not self._request_body.complete:
+            conn.keep_alive = False  # answered early: the rest of the body cannot be told apart
+        if not conn.keep_alive:
+            lines.append("Connection: close\r\n")
+        elif self._http10:
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        # Upstream reasons and values were decoded as latin-1, so this gives their bytes back.
+        return "".join(lines).encode("latin-1", "replace")
+
+    async def write(self, chunk: bytes) -> None:
+        if self._no_body or not chunk:
+            return
+        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
+        if self._pending is not None:
+            data = self._pending + data
+            self._pending = None
+        self._conn.send(data)
+        if self._conn.write_paused:
+            await self._conn.drain()
+
+    async def finish(self) -> None:
+        tail = b"0\r\n\r\n" if self._chunked and not self._no_body else b""
+        if self._pending is not None:
+            tail = self._pending + tail
+            self._pending = None
+        if tail:
+            self._conn.send(tail)
+
+    def abort(self) -> None:
+        self._conn.close()
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
