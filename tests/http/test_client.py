@@ -7,7 +7,6 @@ where an upstream has to misbehave (drop mid-body, stall, send HTTP/1.0 or garba
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import ipaddress
 import os
@@ -20,13 +19,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from llm_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from llm_proxy.http.client import HIGH_WATER, Http1Client, Http1Response, _Connection
 from llm_proxy.http.upstream import Origin, Timeouts
+from tests.certificates import self_signed
 from tests.raw_servers import Handler, RawServers
 
 FAST = Timeouts(connect=1.0, response_header=1.0, idle=1.0)
@@ -491,35 +488,8 @@ async def test_idle_timeout_between_body_chunks(raw_server: RawServer, client: H
 
 @pytest.fixture(scope="session")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    directory = tmp_path_factory.mktemp("tls")
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    address = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    return self_signed(tmp_path_factory.mktemp("tls"), "127.0.0.1", address)
 
 
 async def test_tls_upstream_with_trusted_self_signed_certificate(
