@@ -10,7 +10,6 @@ front door's connection. A connection may so carry proxy and control requests in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -203,14 +202,10 @@ def _message(request: ControlRequest, body: bytes, *, keep_alive: bool) -> RawRe
         request.target,
         HttpVersion10 if request.http10 else HttpVersion11,
         CIMultiDictProxy(headers),
-        _as_raw(raw_headers),
+        tuple(raw_headers),
         not keep_alive,  # should_close
         None,  # compression: bodies are never decoded for a handler
         False,  # upgrade
         False,  # chunked
         URL.build(path=path, query_string=query, encoded=True),
     )
-
-
-def _as_raw(headers: Sequence[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple(headers)

@@ -69,13 +69,12 @@ class RequestBody:
     it gets the error (and, through it, aborts any upstream request it was streaming it to).
     """
 
-    __slots__ = ("_chunks", "_conn", "_continue", "_done", "_error", "_size", "_waiter", "complete")
+    __slots__ = ("_chunks", "_conn", "_continue", "_error", "_size", "_waiter", "complete")
 
     def __init__(self, conn: FrontProtocol, expect_continue: bool) -> None:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
         self._size = 0
-        self._done = False
         self._error: errors.ProxyError | None = None
         self._waiter: asyncio.Future[None] | None = None
         # The client waits for "100 Continue" before sending: given when the body is first read,
@@ -92,7 +91,7 @@ class RequestBody:
         self.wake()
 
     def end(self) -> None:
-        self._done = self.complete = True
+        self.complete = True
         self.wake()
 
     def fail(self, error: errors.ProxyError) -> None:
@@ -115,7 +114,7 @@ class RequestBody:
                 raise self._error
             if self._chunks:
                 return self._take()
-            if self._done:
+            if self.complete:
                 return None
             if self._conn.lost:
                 raise asyncio.CancelledError("client went away")

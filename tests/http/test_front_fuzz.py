@@ -14,12 +14,12 @@ import os
 import time
 from typing import Any
 
-import httptools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Proxy
+from tests.http.answers import Answers
 
 LIMITS = {"head_seconds": 0.5, "keepalive_seconds": 0.3, "body_seconds": 0.5}
 TOKEN = "sk-fuzz-token-placeholder-never-valid-00000"
@@ -71,29 +71,6 @@ def _connection_bytes(draw: st.DrawFn, requests: list[bytes]) -> tuple[list[byte
     return [p for p in pieces if p], mutated
 
 
-class _Answers:
-    def __init__(self) -> None:
-        self.items: list[tuple[int, dict[bytes, bytes]]] = []
-        self._headers: dict[bytes, bytes] = {}
-        self._parser = httptools.HttpResponseParser(self)
-
-    def on_message_begin(self) -> None:
-        self._headers = {}
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.lower()] = value
-
-    def on_message_complete(self) -> None:
-        self.items.append((self._parser.get_status_code(), self._headers))
-
-    def feed(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            # An HTTP/1.0 stream ends with the connection; anything else is a broken answer.
-            raise AssertionError(f"the server wrote a malformed response: {data[:200]!r}") from None
-
-
 @pytest.fixture
 async def fuzzed(proxy_factory: Any) -> tuple[Proxy, list[bytes]]:
     proxy: Proxy = await proxy_factory(site=LIMITS)
@@ -133,16 +110,16 @@ async def test_any_bytes_get_an_answer_or_a_close_in_time_and_nothing_refused_go
     finally:
         writer.close()
     assert time.monotonic() - started < 4
-    answers = _Answers()
+    answers = Answers()
     if received:
         answers.feed(bytes(received))
-    for status, headers in answers.items:
-        from_upstream = headers.get(b"x-request-id", b"").startswith(b"req_")
-        assert status < 500 or from_upstream, (status, headers)
+    for answer in answers.items:
+        from_upstream = answer["headers"].get("x-request-id", "").startswith("req_")
+        assert answer["status"] < 500 or from_upstream, answer
     answered = {
-        h[b"llm-proxy-request-id"].decode()
-        for _, h in answers.items
-        if h.get(b"x-request-id", b"").startswith(b"req_")
+        answer["headers"]["llm-proxy-request-id"]
+        for answer in answers.items
+        if answer["headers"].get("x-request-id", "").startswith("req_")
     }
     await asyncio.sleep(0.05)  # the upstream records a request once it has read it whole
     reached = {seen.headers.get("X-Request-ID", "") for seen in proxy.upstream.requests}

@@ -13,12 +13,12 @@ import gzip
 from collections.abc import Callable
 from typing import Any
 
-import httptools
 import pytest
 
 from llm_proxy.http.control_bridge import ControlPlane
 from llm_proxy.http.front import FrontLimits, FrontProtocol
 from tests.conftest import Proxy
+from tests.http.answers import Answers
 
 
 class MockTransport(asyncio.Transport):
@@ -66,33 +66,6 @@ class MockTransport(asyncio.Transport):
         self.eof_written = True
 
 
-class Responses:
-    """Parses the bytes written so far into responses."""
-
-    def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
-        self._parser = httptools.HttpResponseParser(self)
-        self._current: dict[str, Any] = {}
-
-    def on_message_begin(self) -> None:
-        self._current = {"headers": {}, "body": b""}
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._current["headers"][name.decode().lower()] = value.decode()
-
-    def on_headers_complete(self) -> None:
-        self._current["status"] = self._parser.get_status_code()
-
-    def on_body(self, body: bytes) -> None:
-        self._current["body"] += body
-
-    def on_message_complete(self) -> None:
-        self.items.append(self._current)
-
-    def feed(self, data: bytes) -> None:
-        self._parser.feed_data(data)
-
-
 class Client:
     def __init__(self, proxy: Proxy, limits: FrontLimits) -> None:
         runner = proxy.client.server.runner
@@ -103,7 +76,7 @@ class Client:
         self.transport = MockTransport(self.protocol)
         self.protocol.connection_made(self.transport)
         self._seen = 0
-        self.responses = Responses()
+        self.responses = Answers()
 
     def send(self, data: bytes) -> None:
         self.protocol.data_received(data)
