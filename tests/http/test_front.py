@@ -427,3 +427,16 @@ async def test_stopping_closes_idle_connections_and_lets_requests_in_flight_fini
     await stopping
     idle_writer.close()
     busy_writer.close()
+
+
+async def test_a_half_closed_client_ends_its_request_and_the_upstream_one(proxy: Proxy) -> None:
+    # As nginx does by default: a client that shuts its side has gone away; its request in flight
+    # (and the upstream request behind it) is ended rather than left running.
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(request("GET", "/v1/audio/hang", token))
+    await asyncio.wait_for(reader.readuntil(b"data: first\n\n"), 5)  # the stream has begun
+    writer.write_eof()
+    await asyncio.wait_for(reader.read(), 5)  # the server closes: nothing hangs
+    await asyncio.wait_for(proxy.upstream.cancelled.wait(), 5)
+    writer.close()
