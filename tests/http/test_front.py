@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -270,7 +271,10 @@ async def test_stray_line_breaks_do_not_keep_an_idle_connection_open(proxy_facto
     while not closed.done() and time.monotonic() - started < 5:
         writer.write(b"\r\n")  # bytes outside any request
         await asyncio.sleep(0.05)
-    assert await asyncio.wait_for(closed, 1) == b""
+    assert closed.done() and time.monotonic() - started < 5
+    # Closed either cleanly or, when a line break crossed the close, with a reset: closed all the same.
+    with contextlib.suppress(ConnectionResetError):
+        assert closed.result() == b""
     writer.close()
 
 
