@@ -11,21 +11,31 @@ RUN /opt/llm-proxy/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/llm-proxy/bin/pip install --no-cache-dir '.[cloudwatch]'
 
 # Runtime stage: the same `llm-proxy server` that `make run` starts, as a non-root user.
+# The same image runs `llm-proxy migrate` and `llm-proxy dispatcher` (see docker-compose.yml and
+# the Helm chart under deploy/helm/llm-proxy).
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin llmproxy
+RUN groupadd --system --gid 10001 llmproxy \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin llmproxy
 WORKDIR /app
 COPY --from=build /opt/llm-proxy /opt/llm-proxy
 COPY config ./config
-RUN mkdir -p /app/data && chown llmproxy /app/data
+RUN mkdir -p /app/data && chown llmproxy:llmproxy /app/data
 ENV PATH=/opt/llm-proxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
     LISTEN_ADDR=0.0.0.0:8080 \
     DATA_DIR=/app/data \
     DATABASE_URL=sqlite:////app/data/llm-proxy.db \
     API_CONFIG_PATH=/app/config/api_providers.yaml \
     LOG_FORMAT=json
 VOLUME ["/app/data"]
-USER llmproxy
+# Numeric, so Kubernetes can verify runAsNonRoot without reading /etc/passwd.
+USER 10001:10001
 EXPOSE 8080
-HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2)"
+# The check asks the address the server was told to listen on, so a container started with another
+# LISTEN_ADDR stays healthy: a wildcard address is reached through loopback, which a wildcard
+# socket (IPv6 ones included, being dual-stack) accepts. Proxies from the environment are
+# bypassed: HTTP_PROXY is meant for upstream traffic and would otherwise carry the check away.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request as r; host, _, port = os.environ.get('LISTEN_ADDR', '127.0.0.1:8080').rpartition(':'); host = host.strip('[]'); host = '127.0.0.1' if host in ('', '0.0.0.0', '::') else host; host = f'[{host}]' if ':' in host else host; r.build_opener(r.ProxyHandler({})).open(f'http://{host}:{port}/health', timeout=3)"]
 ENTRYPOINT ["llm-proxy"]
 CMD ["server", "--file-event-log", "/app/data/events.jsonl"]

@@ -119,6 +119,8 @@ QuotaExceeded = _error(429, "quota_exceeded")
 ParamNotAllowed = _error(400, "param_not_allowed")
 RequestTooLarge = _error(413, "request_too_large")
 ServiceUnavailable = _error(503, "service_unavailable")
+# A token carries a limit whose store cannot be reached: never admitted uncounted.
+LimitsUnavailable = _error(503, "limits_unavailable")
 # HTTP framing and timing, on every path (the front door's policy).
 MalformedRequest = _error(400, "bad_request")
 HeadTooLarge = _error(431, "request_header_fields_too_large")

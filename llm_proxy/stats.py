@@ -10,12 +10,18 @@ counters take a lock on every increment.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 # Up to 120 s: a long completion is a normal upstream time, not an outlier.
@@ -59,6 +65,12 @@ class ProxyStats:
         self.client_disconnects = 0
         self.cache_hits = 0
         self.cache_misses = 0
+        self.cache_stale_checks = 0  # checked against the store: the change feed was stale
+        # The change feed: when it was last read whole (monotonic), failed reads, the push channel.
+        self.change_feed_read_at = time.monotonic()
+        self.change_feed_failures = 0
+        self.change_push_connected = False
+        self.change_push_reconnects = 0
         self.busy_polls = 0  # see busy_poll.py
         self.busy_polls_wasted = 0
         self.upstream_latency = _Histogram(_UPSTREAM_BUCKETS)
@@ -111,7 +123,34 @@ class _ProxyCollector(Collector):
             "llm_proxy_token_cache_lookups",
             "Token admissions by cache result (hit: checked from memory; miss: from the store).",
             ["result"],
-            [(("hit",), s.cache_hits), (("miss",), s.cache_misses)],
+            [
+                (("hit",), s.cache_hits),
+                (("miss",), s.cache_misses),
+                (("stale_feed",), s.cache_stale_checks),
+            ],
+        )
+        yield GaugeMetricFamily(
+            "llm_proxy_change_feed_lag_seconds",
+            "Time since the change feed (revocations and other management changes made by other "
+            "instances) was last read whole; past REVOCATION_MAX_STALENESS every request is "
+            "checked against the database.",
+            value=time.monotonic() - s.change_feed_read_at,
+        )
+        yield CounterMetricFamily(
+            "llm_proxy_change_feed_failures",
+            "Reads of the change feed that failed (database unreachable).",
+            value=s.change_feed_failures,
+        )
+        yield GaugeMetricFamily(
+            "llm_proxy_change_push_connected",
+            "1 while the push channel of the change feed (PostgreSQL LISTEN) is connected; with "
+            "several workers, how many of them are connected.",
+            value=int(s.change_push_connected),
+        )
+        yield CounterMetricFamily(
+            "llm_proxy_change_push_reconnects",
+            "Times the push channel of the change feed was lost or could not connect.",
+            value=s.change_push_reconnects,
         )
         yield _counters(
             "llm_proxy_busy_polls",

@@ -23,6 +23,7 @@ from llm_proxy.runtime.logging_setup import configure_logging
 from llm_proxy.runtime.settings import Settings
 from tests.events.events_support import RedisServer
 from tests.fakes import UPSTREAM_LOG, UpstreamLog, fake_upstream_app
+from tests.postgres import PostgresServer
 
 MANAGEMENT_TOKEN = "mgmt-test-" + secrets.token_urlsafe(16)
 UPSTREAM_KEY = "sk-upstream-REAL-" + secrets.token_urlsafe(16)
@@ -218,13 +219,22 @@ async def start_proxy(
 
 
 @pytest.fixture
-async def proxy_factory(tmp_path: Path, upstream_server: TestServer) -> AsyncIterator[Any]:
+def proxy_database_url(tmp_path: Path) -> str:
+    """The database of the ``proxy`` fixtures; a module overrides it to run on each backend."""
+    return f"sqlite:///{tmp_path}/llm-proxy.db"
+
+
+@pytest.fixture
+async def proxy_factory(
+    tmp_path: Path, upstream_server: TestServer, proxy_database_url: str
+) -> AsyncIterator[Any]:
     """Start proxies on one database (as separate processes would share it)."""
     started: list[TestClient[web.Request, web.Application]] = []
 
     sessions: list[aiohttp.ClientSession] = []
 
     async def start(**overrides: Any) -> Proxy:
+        overrides.setdefault("database_url", proxy_database_url)
         client, app = await start_proxy(tmp_path, upstream_server, **overrides)
         started.append(client)
         sessions.append(aiohttp.ClientSession())
@@ -241,3 +251,30 @@ async def proxy_factory(tmp_path: Path, upstream_server: TestServer) -> AsyncIte
 async def proxy(proxy_factory: Any) -> Proxy:
     result: Proxy = await proxy_factory()
     return result
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (run as an unprivileged user when we are root)."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh database of this test's own on the session's PostgreSQL server."""
+    with postgres_server.database() as url:
+        yield url
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.process])]
+)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each backend in turn: a SQLite file, then a PostgreSQL database of the test's own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/llm-proxy.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

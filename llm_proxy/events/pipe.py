@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class Launch:
     password, which must not appear on a command line)."""
 
     events: EventsConfig
-    sqlite_path: Path
+    database_url: str = field(repr=False)  # may carry a password
     file_event_log: Path | None
     log_level: str
     log_format: str

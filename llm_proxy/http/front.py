@@ -311,7 +311,12 @@ class FrontProtocol(asyncio.Protocol):
                 if self.lost:
                     return
                 if not self.keep_alive:
-                    self.close()
+                    if self._discarding:
+                        # Refused mid-stream: more bytes may be on their way, and closing on
+                        # them would reset the connection and lose the answers just sent.
+                        self._linger()
+                    else:
+                        self.close()
                     return
                 self.idle_since = time.monotonic()
                 if self._stopping:

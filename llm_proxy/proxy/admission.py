@@ -6,13 +6,21 @@ across every process and instance and is therefore claimed with one conditional 
 of unlimited tokens are tallied in memory and written in batches by :meth:`flush_usage`.
 
 Staleness: a management change made in this process evicts the affected entries at once
-(:meth:`invalidate`); changes made elsewhere arrive through the store's change feed, polled by
-:meth:`poll_changes` several times a second, so every process follows within a second.
+(:meth:`invalidate`). Changes made elsewhere are rows of the store's change feed, read from a cursor
+by :meth:`poll_changes`: at once when the store pushes a wake-up (PostgreSQL ``NOTIFY``, through
+:meth:`keep_listening`), and on a timer as the fallback (:meth:`follow_changes`), so every process
+follows within a second. A listener that reconnects reads the feed from its cursor, so nothing
+missed while it was away is lost.
+
+Fail closed: when the feed has not been read successfully for ``max_staleness`` (the database is
+down, or this process is cut off from it), the cache is not trusted and every request's token is
+checked against the store, which refuses the request when it cannot answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,10 +59,21 @@ class Grant:
 
 
 class TokenAuthority:
-    def __init__(self, store: Store, cipher: KeyCipher, *, cache_seconds: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cipher: KeyCipher,
+        *,
+        cache_seconds: float,
+        max_staleness: float = 5.0,
+    ) -> None:
         self._store = store
         self._cipher = cipher
         self._cache_seconds = cache_seconds
+        self._max_staleness = max_staleness
+        self._wake = asyncio.Event()
+        self.push_connected = False
+        self._feed_read_at = time.monotonic()  # when the change feed was last read whole
         self._by_hash: dict[str, Grant] = {}
         self._unknown: dict[str, float] = {}
         self._loading: dict[str, asyncio.Future[Grant | None]] = {}
@@ -62,7 +81,9 @@ class TokenAuthority:
         self._change_cursor = 0
 
     async def start(self) -> None:
+        started = time.monotonic()
         self._change_cursor = await self._store.latest_change()
+        self._feed_read(started)
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -109,6 +130,10 @@ class TokenAuthority:
         if grant is None or now - grant.loaded_at > self._cache_seconds:
             STATS.cache_misses += 1
             grant = await self._load(digest, now)
+        elif now - self._feed_read_at > self._max_staleness:
+            # The cache may have missed a revocation: ask the store (fail closed).
+            STATS.cache_stale_checks += 1
+            grant = await self._load(digest, now)
         else:
             STATS.cache_hits += 1
         if not grant.is_active:
@@ -124,8 +149,9 @@ class TokenAuthority:
             return await self._store.consume_request(token_id, datetime.fromtimestamp(wall, UTC))
         except Exception as exc:
             log.error("token_authority.store_failed", operation="consume", error=str(exc))
-            raise errors.ServiceUnavailable(
-                "The token store is unavailable; retry shortly."
+            # Never admitted uncounted: a limit enforced by this instance alone is no limit.
+            raise errors.LimitsUnavailable(
+                "The store holding this token's limits is unavailable; retry shortly."
             ) from None
 
     async def _refused_quota(self, grant: Grant) -> Grant:
@@ -205,8 +231,10 @@ class TokenAuthority:
 
     async def poll_changes(self) -> int:
         """Evict what other processes changed since the last poll; returns how many changes."""
+        started = time.monotonic()
         cursor, changes = await self._store.changes_since(self._change_cursor)
         self._change_cursor = cursor
+        self._feed_read(started)
         for project_id, token_id in changes:
             if token_id is not None:
                 self.invalidate(token_id=token_id)
@@ -234,17 +262,68 @@ class TokenAuthority:
             raise
         return len(deltas)
 
-    async def run_background(self, poll_seconds: float, flush_seconds: float) -> None:
-        """Poll the change feed and flush usage until cancelled; errors are logged, never fatal."""
-        next_flush = time.monotonic() + flush_seconds
+    async def follow_changes(self, poll_seconds: float, pushed_poll_seconds: float) -> None:
+        """Read the change feed when woken by a push, else on a timer, until cancelled.
+
+        While a push channel is up the timer only backs it up, so it runs less often.
+        """
+        failing = False
         while True:
-            await asyncio.sleep(poll_seconds)
+            timeout = pushed_poll_seconds if self.push_connected else poll_seconds
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
             try:
                 await self.poll_changes()
-                if time.monotonic() >= next_flush:
-                    next_flush = time.monotonic() + flush_seconds
-                    await self.flush_usage()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("token_authority.background_failed")
+            except Exception as exc:
+                STATS.change_feed_failures += 1
+                if not failing:  # once per outage, not once per poll
+                    log.warning("token_authority.change_feed_failed", error=str(exc))
+                failing = True
+            else:
+                if failing:
+                    log.info("token_authority.change_feed_recovered")
+                failing = False
+
+    async def keep_listening(self, retry_seconds: float = 1.0) -> None:
+        """Hold the store's push channel open, reconnecting when it drops, until cancelled.
+
+        Returns at once for a store without one (SQLite: its processes share the file and follow
+        the timer).
+        """
+        delay = retry_seconds
+        while True:
+            try:
+                await self._store.listen_changes(self._wake.set, self._push_connected)
+                return
+            except Exception as exc:
+                was_up = self.push_connected
+                if was_up:
+                    log.warning("token_authority.push_lost", error=str(exc) or type(exc).__name__)
+                self._set_push(False)
+                STATS.change_push_reconnects += 1
+            # Back off while the database refuses us; retry at once-ish after a lost channel.
+            delay = retry_seconds if was_up else min(delay * 2, 5.0)
+            await asyncio.sleep(delay)
+
+    def _feed_read(self, started: float) -> None:
+        # The feed is known complete up to when the read began, not when it answered.
+        self._feed_read_at = STATS.change_feed_read_at = max(self._feed_read_at, started)
+
+    def _push_connected(self) -> None:
+        self._set_push(True)
+        # Changes made while no channel was up are in the feed: read it now.
+        self._wake.set()
+
+    def _set_push(self, up: bool) -> None:
+        self.push_connected = up
+        STATS.change_push_connected = up
+
+    async def flush_usage_every(self, seconds: float) -> None:
+        """Write the request tallies every ``seconds`` until cancelled; failures are retried."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.flush_usage()
+            except Exception as exc:  # the tallies are kept for the next attempt
+                log.warning("token_authority.usage_flush_failed", error=repr(exc))

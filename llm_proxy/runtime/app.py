@@ -31,7 +31,7 @@ from llm_proxy.proxy.handler import ProxyHandler
 from llm_proxy.runtime.metrics_endpoint import EXTRA_METRICS, metrics_endpoint
 from llm_proxy.runtime.settings import Settings
 from llm_proxy.store import Store
-from llm_proxy.store.sqlite import SqliteStore
+from llm_proxy.store.opening import open_store
 
 log = structlog.get_logger(__name__)
 
@@ -80,8 +80,10 @@ def events_config(settings: Settings) -> EventsConfig:
     )
 
 
-async def open_store(settings: Settings) -> Store:
-    return await SqliteStore.open(settings.sqlite_path)
+async def open_settings_store(settings: Settings, *, migrate: bool = True) -> Store:
+    return await open_store(
+        settings.database_url, pool_size=settings.database_pool_size, migrate=migrate
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -149,16 +151,17 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
     """The token authority's change feed and usage flushes, stopped before what they use."""
     components = app[COMPONENTS]
     settings = components.settings
+    authority = components.authority
     components.spawn(
-        components.authority.run_background(
-            settings.change_poll_seconds, settings.usage_flush_seconds
-        ),
-        "token-authority",
+        authority.follow_changes(settings.change_poll_seconds, settings.change_poll_seconds_pushed),
+        "change-feed",
     )
+    components.spawn(authority.keep_listening(), "change-push")
+    components.spawn(authority.flush_usage_every(settings.usage_flush_seconds), "usage-flush")
     log.info(
         "server.started",
         version=__version__,
-        database=str(settings.sqlite_path),
+        database=settings.database_label,
         upstream=components.api_config.default.origin.host_header,
         event_bus=settings.event_bus,
     )
@@ -179,7 +182,7 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
 def _launch(settings: Settings) -> Launch:
     return Launch(
         events=events_config(settings),
-        sqlite_path=settings.sqlite_path,
+        database_url=settings.database_url,
         file_event_log=settings.file_event_log,
         log_level=settings.log_level,
         log_format=settings.log_format,
@@ -195,12 +198,17 @@ async def create_app(
 ) -> web.Application:
     """Open the store and build the application; the store is closed when the app shuts down."""
     api_config = api_config or load_api_config(settings.api_config_path)
-    store = await open_store(settings)
+    store = await open_settings_store(settings)
     pipeline: EventPipeline | None = None
     offload: EventOffload | None = None
     try:
         cipher = KeyCipher(settings.encryption_key)
-        authority = TokenAuthority(store, cipher, cache_seconds=settings.token_cache_seconds)
+        authority = TokenAuthority(
+            store,
+            cipher,
+            cache_seconds=settings.token_cache_seconds,
+            max_staleness=settings.revocation_max_staleness,
+        )
         await authority.start()
         if sink is None and settings.event_bus != "none":
             if settings.event_build_in == "process":

@@ -63,6 +63,8 @@ def build_settings(
     client_header_timeout: str = "30s",
     client_body_timeout: str = "60s",
     keepalive_timeout: str = "75s",
+    database_pool_size: int | str = 10,
+    revocation_max_staleness: str = "5s",
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
@@ -97,6 +99,10 @@ def build_settings(
         client_header_timeout=parse_seconds("CLIENT_HEADER_TIMEOUT", client_header_timeout),
         client_body_timeout=parse_seconds("CLIENT_BODY_TIMEOUT", client_body_timeout),
         keepalive_timeout=parse_seconds("KEEPALIVE_TIMEOUT", keepalive_timeout),
+        database_pool_size=parse_positive_int("DATABASE_POOL_SIZE", database_pool_size),
+        revocation_max_staleness=parse_seconds(
+            "REVOCATION_MAX_STALENESS", revocation_max_staleness
+        ),
     )
 
 
@@ -198,6 +204,21 @@ def build_settings(
     show_envvar=True,
     help="An idle keep-alive connection is closed after this.",
 )
+@click.option(
+    "--database-pool-size",
+    envvar="DATABASE_POOL_SIZE",
+    default="10",
+    show_envvar=True,
+    help="PostgreSQL connections each worker keeps open.",
+)
+@click.option(
+    "--revocation-max-staleness",
+    envvar="REVOCATION_MAX_STALENESS",
+    default="5s",
+    show_envvar=True,
+    help="When the change feed has been silent this long, check every request's token against"
+    " the database (fail closed).",
+)
 def server(**options: str | int | None) -> None:
     """Run the proxy, the management API and the admin pages."""
     try:
@@ -218,6 +239,35 @@ def server(**options: str | int | None) -> None:
     except SettingsError as exc:
         click.echo(f"llm-proxy: {exc}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.option(
+    "--database-url",
+    envvar="DATABASE_URL",
+    show_envvar=True,
+    show_default="sqlite:///<DATA_DIR>/llm-proxy.db",
+    help="The database to migrate.",
+)
+@click.option(
+    "--data-dir",
+    envvar="DATA_DIR",
+    default="./data",
+    show_envvar=True,
+    help="Where the default SQLite database lives.",
+)
+def migrate(database_url: str | None, data_dir: str) -> None:
+    """Apply the database migrations and exit (for deployments that migrate before rolling out)."""
+    from llm_proxy.runtime.server import migrate_database
+
+    try:
+        url = check_database_url(database_url or f"sqlite:///{Path(data_dir)}/llm-proxy.db")
+        applied, label = migrate_database(url)
+    except SettingsError as exc:
+        click.echo(f"llm-proxy: {exc}", err=True)
+        sys.exit(1)
+    versions = ", ".join(f"{v:03d}" for v in applied) if applied else "none (up to date)"
+    click.echo(f"{label}: migrations applied: {versions}")
 
 
 main.add_command(manage)

@@ -31,7 +31,8 @@ from llm_proxy.events.pipeline import EventPipeline
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.runtime.gc_tuning import tune_garbage_collector
 from llm_proxy.runtime.logging_setup import configure_logging
-from llm_proxy.store.sqlite import SqliteStore
+from llm_proxy.store import Store
+from llm_proxy.store.opening import open_store
 
 log = structlog.get_logger(__name__)
 
@@ -85,8 +86,9 @@ async def _report_every(seconds: float, status: _Status, pipeline: EventPipeline
         await _report(status, pipeline)
 
 
-async def _open(launch: Launch) -> tuple[EventPipeline, SqliteStore]:
-    store = await SqliteStore.open(launch.sqlite_path)
+async def _open(launch: Launch) -> tuple[EventPipeline, Store]:
+    # The server migrated the database before starting this process.
+    store = await open_store(launch.database_url, pool_size=2, migrate=False)
     try:
         pipeline = await start_events_here(
             launch.events, store, file_event_log=launch.file_event_log

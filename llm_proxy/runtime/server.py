@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 from dataclasses import replace
 from typing import TextIO
 
+import asyncpg
 import structlog
 import uvloop
 from aiohttp import web
@@ -18,11 +20,28 @@ from aiohttp import web
 from llm_proxy.events.offload import EventProcessError
 from llm_proxy.http.front import FrontLimits, FrontSite, listening_socket
 from llm_proxy.runtime import secrets_store
-from llm_proxy.runtime.app import COMPONENTS, create_app, open_store
+from llm_proxy.runtime.app import COMPONENTS, create_app, open_settings_store
 from llm_proxy.runtime.gc_tuning import tune_garbage_collector
-from llm_proxy.runtime.settings import Settings, SettingsError, parse_encryption_key
+from llm_proxy.runtime.metrics_endpoint import WORKER_PEERS, own_page
+from llm_proxy.runtime.settings import (
+    Settings,
+    SettingsError,
+    database_label,
+    parse_encryption_key,
+)
+from llm_proxy.runtime.worker_metrics import WorkerPeers, prepare_sockets
+from llm_proxy.store.opening import open_store
 
 log = structlog.get_logger(__name__)
+
+# What opening a database raises when it cannot be reached, refuses us, or is not a database.
+DATABASE_ERRORS = (
+    OSError,
+    TimeoutError,
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 def with_generated_secrets(settings: Settings, out: TextIO) -> Settings:
@@ -70,13 +89,15 @@ def _fill_secrets(settings: Settings, out: TextIO) -> Settings:
     return settings
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
     try:
         app = await create_app(settings)
-    except (OSError, sqlite3.Error) as exc:
+    except DATABASE_ERRORS as exc:
         raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
     except EventProcessError as exc:
         raise SettingsError(f"events: {exc}") from None
+    if peers is not None:
+        app[WORKER_PEERS] = peers
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     # From here on the store and background tasks are open: every exit must go through cleanup,
@@ -101,6 +122,9 @@ async def _serve(settings: Settings) -> None:
         await FrontSite(
             runner, sock, components.proxy, limits=limits, on_data=poller.poke if poller else None
         ).start()
+        if peers is not None:
+            # Only once this worker takes requests, so siblings count the workers that serve.
+            await peers.serve(functools.partial(own_page, app))
         tune_garbage_collector()
         log.info("server.listening", url=f"http://{settings.listen_host}:{settings.listen_port}")
         stop = asyncio.Event()
@@ -110,26 +134,46 @@ async def _serve(settings: Settings) -> None:
         await stop.wait()
     finally:
         log.info("server.stopping")
+        if peers is not None:
+            await peers.close()
         await runner.cleanup()
 
 
-def serve(settings: Settings) -> None:
-    """Block serving until SIGINT/SIGTERM."""
+def serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
+    """Block serving until SIGINT/SIGTERM; ``peers``: this worker's siblings under ``--workers``."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(settings))
+        runner.run(_serve(settings, peers))
 
 
 async def _prepare_database(settings: Settings) -> None:
     try:
-        store = await open_store(settings)
-    except (OSError, sqlite3.Error) as exc:
+        store = await open_settings_store(settings)
+    except DATABASE_ERRORS as exc:
         raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
     await store.close()
 
 
-def _worker(settings: Settings) -> None:
+async def _migrate(url: str) -> list[int]:
     try:
-        serve(settings)
+        store = await open_store(url, migrate=False)
+    except DATABASE_ERRORS as exc:
+        raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
+    try:
+        return await store.migrate()
+    except DATABASE_ERRORS as exc:
+        raise SettingsError(f"DATABASE_URL: migrating failed: {exc}") from None
+    finally:
+        await store.close()
+
+
+def migrate_database(url: str) -> tuple[list[int], str]:
+    """Apply the migrations ``url`` lacks; the versions applied and the database's name for logs."""
+    return asyncio.run(_migrate(url)), database_label(url)
+
+
+def _worker(settings: Settings, index: int) -> None:
+    try:
+        serve(settings, WorkerPeers(settings.data_dir, index, settings.workers))
     except SettingsError as exc:
         print(f"llm-proxy: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -140,13 +184,20 @@ def serve_workers(settings: Settings) -> int:
 
     Workers share nothing in memory: revocation reaches each through the store's change feed
     (within a second) and quotas are claimed atomically in the database, so a token's limits and
-    revocation hold across them. The parent only supervises: it forwards SIGINT/SIGTERM and waits.
+    revocation hold across them. ``/metrics`` on any of them sums all of them
+    (``worker_metrics.py``). The parent only supervises: it forwards SIGINT/SIGTERM and waits.
+
+    ``WORKERS`` defaults to 1, as the SPEC says: one uvloop process already serves the proxy path
+    with its events process on a second core, and whether more workers pay on a 2-core machine,
+    where they and their events processes compete for the same cores, is for the performance
+    measurements to show.
     """
     # Create and migrate the database once, before the workers race to do it.
     asyncio.run(_prepare_database(settings))
+    prepare_sockets(settings.data_dir, settings.workers)
     context = multiprocessing.get_context("fork")
     workers = [
-        context.Process(target=_worker, args=(settings,), name=f"llm-proxy-worker-{n}")
+        context.Process(target=_worker, args=(settings, n), name=f"llm-proxy-worker-{n}")
         for n in range(settings.workers)
     ]
     for worker in workers:

@@ -15,6 +15,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
+from llm_proxy.store.opening import sqlite_path
 
 # "none" emits no events at all: for benchmarks that measure what publishing costs.
 EventBusKind = Literal["memory", "redis", "none"]
@@ -45,8 +46,15 @@ class Settings:
     workers: int = 1
     max_request_body_bytes: int = 64 * 1024 * 1024
     capture_body_bytes: int = 256 * 1024
+    # Connections each process keeps to PostgreSQL (the LISTEN connection comes on top).
+    database_pool_size: int = 10
     token_cache_seconds: float = 30.0
+    # How often the change feed is read: while no push channel is up, and while one is.
     change_poll_seconds: float = 0.25
+    change_poll_seconds_pushed: float = 1.0
+    # A token cache whose change feed has not been read for this long is not trusted: every
+    # request is checked against the database until the feed answers again (fail closed).
+    revocation_max_staleness: float = 5.0
     usage_flush_seconds: float = 1.0
     # How long a client may take: to send a request head, between body bytes (and between
     # reads of a response), and idle between requests on a kept-alive connection.
@@ -74,6 +82,11 @@ class Settings:
         """The database file for a ``sqlite://`` URL (SQLAlchemy convention: 3 slashes relative)."""
         return sqlite_path_from_url(self.database_url)
 
+    @property
+    def database_label(self) -> str:
+        """The database, named for logs: the file, or the server and database without credentials."""
+        return database_label(self.database_url)
+
 
 def parse_listen_addr(value: str) -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
@@ -84,22 +97,45 @@ def parse_listen_addr(value: str) -> tuple[str, int]:
 
 
 def sqlite_path_from_url(url: str) -> Path:
-    if not url.startswith("sqlite:///"):
-        raise SettingsError(f"DATABASE_URL: not a sqlite URL: {url.split('://')[0]}://…")
-    rest = url[len("sqlite:///") :]
-    if not rest:
-        raise SettingsError("DATABASE_URL: the sqlite URL names no file")
-    return Path(rest)
+    try:
+        return sqlite_path(url)
+    except ValueError as exc:
+        raise SettingsError(f"DATABASE_URL: {exc}") from None
+
+
+_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 
 
 def check_database_url(url: str) -> str:
-    scheme = urlsplit(url).scheme
-    if scheme == "sqlite":
+    """A usable ``sqlite:///`` or ``postgresql://`` URL; PostgreSQL spellings become the latter.
+
+    The error never repeats the URL: it may carry a password.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
         sqlite_path_from_url(url)
         return url
-    if scheme in ("postgresql", "postgres"):
-        raise SettingsError("DATABASE_URL: PostgreSQL is not supported by this version yet")
-    raise SettingsError(f"DATABASE_URL: unsupported scheme {scheme or '(none)'!r}; use sqlite:///")
+    if parts.scheme in _POSTGRES_SCHEMES:
+        try:
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            raise SettingsError("DATABASE_URL: the PostgreSQL port is not a number") from None
+        if not parts.path.strip("/") and "dbname=" not in parts.query:
+            raise SettingsError("DATABASE_URL: the PostgreSQL URL names no database")
+        return "postgresql" + url[len(parts.scheme) :]
+    raise SettingsError(
+        f"DATABASE_URL: unsupported scheme {parts.scheme or '(none)'!r};"
+        " use sqlite:/// or postgresql://"
+    )
+
+
+def database_label(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        return str(sqlite_path_from_url(url))
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def parse_encryption_key(value: str) -> bytes:

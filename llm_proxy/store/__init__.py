@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -22,6 +22,10 @@ from llm_proxy.models import (
 
 class Store(Protocol):
     async def close(self) -> None: ...
+    async def migrate(self) -> list[int]:
+        """Apply the numbered migrations the database lacks; the versions applied."""
+        ...
+
     async def ping(self) -> None:
         """Raise when the database does not answer."""
         ...
@@ -80,6 +84,11 @@ class Store(Protocol):
     async def changes_since(
         self, cursor: int
     ) -> tuple[int, list[tuple[str | None, str | None]]]: ...
+    async def listen_changes(self, wake: Callable[[], None], connected: Callable[[], None]) -> None:
+        """Push: call ``connected`` once subscribed, then ``wake`` whenever any process commits a
+        change, until the channel is lost (raises). A backend without a push channel returns at
+        once, and its users follow the polled feed alone."""
+        ...
 
     # Audit
     async def list_audit(

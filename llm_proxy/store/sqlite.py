@@ -28,16 +28,13 @@ from llm_proxy.models import (
     utcnow,
 )
 from llm_proxy.store.migrations import migration_scripts
+from llm_proxy.store.records import (
+    PROJECT_COLUMNS,
+    TOKEN_COLUMNS,
+    check_columns,
+    with_revoke_counts,
+)
 
-_PROJECT_COLUMNS = {
-    "name",
-    "description",
-    "metadata",
-    "api_key_encrypted",
-    "api_key_masked",
-    "is_active",
-}
-_TOKEN_COLUMNS = {"is_active", "max_requests", "revoked_at"}
 _LOCK_WAIT_SECONDS = 5.0
 
 
@@ -148,7 +145,7 @@ class SqliteStore:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
+    async def open(cls, path: Path, *, migrate: bool = True) -> SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are opened explicitly by the write decorator.
         db = await aiosqlite.connect(path, isolation_level=None)
@@ -161,7 +158,8 @@ class SqliteStore:
             await store._retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.execute("PRAGMA foreign_keys=ON")
-            await store._retry_locked(store._migrate)
+            if migrate:
+                await store.migrate()
         except BaseException:
             await db.close()
             raise
@@ -180,7 +178,13 @@ class SqliteStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    async def _migrate(self) -> None:
+    async def migrate(self) -> list[int]:
+        """Apply the migrations this database lacks, in order; the versions applied."""
+        applied: list[int] = []
+        await self._retry_locked(lambda: self._migrate(applied))
+        return applied
+
+    async def _migrate(self, applied_now: list[int]) -> None:
         await self._db.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
         )
@@ -199,6 +203,8 @@ class SqliteStore:
                 await self._db.executescript(script)
             except sqlite3.IntegrityError:
                 await self._db.execute("ROLLBACK")
+            else:
+                applied_now.append(version)
 
     async def _begin_immediate(self) -> None:
         # SQLite's busy handler is skipped in some WAL lock races (another process checkpointing or
@@ -280,9 +286,7 @@ class SqliteStore:
     async def update_project(
         self, project_id: str, changes: dict[str, Any], audit: AuditEntry
     ) -> Project | None:
-        unknown = set(changes) - _PROJECT_COLUMNS
-        if unknown:
-            raise ValueError(f"not a project column: {sorted(unknown)}")
+        check_columns("project", changes, PROJECT_COLUMNS)
         assignments = ", ".join(f"{column} = ?" for column in changes)
         values = [_db_value(v) for v in changes.values()]
         sql = (
@@ -318,11 +322,7 @@ class SqliteStore:
         )
         counts = RevokeCounts(cur.rowcount, already, total)
         await self._changed(project_id, None)
-        await self._audit(
-            AuditEntry(
-                **{**_entry_fields(audit), "details": {**audit.details, **counts_dict(counts)}}
-            )
-        )
+        await self._audit(with_revoke_counts(audit, counts))
         return counts
 
     # -- tokens --------------------------------------------------------------------------------
@@ -377,9 +377,7 @@ class SqliteStore:
     async def update_token(
         self, token_id: str, changes: dict[str, Any], audit: AuditEntry
     ) -> Token | None:
-        unknown = set(changes) - _TOKEN_COLUMNS
-        if unknown:
-            raise ValueError(f"not a token column: {sorted(unknown)}")
+        check_columns("token", changes, TOKEN_COLUMNS)
         if changes:
             assignments = ", ".join(f"{column} = ?" for column in changes)
             values = [_db_value(v) for v in changes.values()]
@@ -498,6 +496,10 @@ class SqliteStore:
             return cursor, []
         return rows[-1]["id"], [(r["project_id"], r["token_id"]) for r in rows]
 
+    async def listen_changes(self, wake: Callable[[], None], connected: Callable[[], None]) -> None:
+        """No push channel: the processes sharing the file follow the polled feed."""
+        return None
+
     # -- audit ---------------------------------------------------------------------------------
 
     async def list_audit(
@@ -541,15 +543,3 @@ class SqliteStore:
             for r in rows
         ]
         return events, int(total_row["n"]) if total_row else 0
-
-
-def counts_dict(counts: RevokeCounts) -> dict[str, int]:
-    return {
-        "revoked_count": counts.revoked_count,
-        "already_revoked_count": counts.already_revoked_count,
-        "total_tokens": counts.total_tokens,
-    }
-
-
-def _entry_fields(entry: AuditEntry) -> dict[str, Any]:
-    return {name: getattr(entry, name) for name in AuditEntry.__slots__}

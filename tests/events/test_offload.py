@@ -198,7 +198,7 @@ async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> N
     settings = make_settings(tmp_path)
     launch = Launch(
         events=events_config(settings),
-        sqlite_path=settings.sqlite_path,
+        database_url=settings.database_url,
         file_event_log=None,
         log_level="warning",
         log_format="json",

@@ -1,4 +1,7 @@
-"""Withering tokens: exact quotas under concurrency, revocation everywhere within a second, usage counts."""
+"""Withering tokens: exact quotas under concurrency, revocation everywhere within a second, usage counts.
+
+Every test runs on each backend: SQLite, and a real PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,15 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from llm_proxy.stats import STATS
 from tests.conftest import Proxy
+
+
+@pytest.fixture
+def proxy_database_url(database_url: str) -> str:
+    return database_url
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -139,6 +139,9 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("LLM_PROXY_BUSY_POLL_MICROS", "20000"),
         ("LLM_PROXY_BUSY_POLL_MICROS", "soon"),
         ("ADMIN_USER", " "),
+        ("DATABASE_POOL_SIZE", "0"),
+        ("REVOCATION_MAX_STALENESS", "never"),
+        ("REVOCATION_MAX_STALENESS", "0s"),
     ],
 )
 def test_a_bad_value_names_its_variable_on_one_line(
@@ -151,9 +154,34 @@ def test_a_bad_value_names_its_variable_on_one_line(
     assert "\n" not in message
 
 
-def test_postgresql_is_refused_until_supported() -> None:
-    with pytest.raises(SettingsError, match=r"^DATABASE_URL: "):
-        build_settings(**_cli_defaults(), database_url="postgresql://u@db/llm", is_tty=False)
+@pytest.mark.parametrize(
+    ("url", "normalised"),
+    [
+        ("postgresql://u:pw@db:5433/llm", "postgresql://u:pw@db:5433/llm"),
+        ("postgres://u@db/llm", "postgresql://u@db/llm"),
+        ("postgresql+asyncpg://u@db/llm?sslmode=require", "postgresql://u@db/llm?sslmode=require"),
+    ],
+)
+def test_postgresql_urls_are_accepted_in_their_usual_spellings(url: str, normalised: str) -> None:
+    settings = build_settings(**_cli_defaults(), database_url=url, is_tty=False)
+    assert settings.database_url == normalised
+    assert "pw" not in settings.database_label
+    assert settings.database_label.startswith("postgresql://db")
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("postgresql://u:secret@db:port/llm", "port is not a number"),
+        ("postgresql://u:secret@db", "names no database"),
+        ("mysql://u:secret@db/llm", "unsupported scheme 'mysql'"),
+    ],
+)
+def test_a_bad_database_url_is_named_without_its_password(url: str, complaint: str) -> None:
+    with pytest.raises(SettingsError, match=r"^DATABASE_URL: ") as caught:
+        build_settings(**_cli_defaults(), database_url=url, is_tty=False)
+    assert complaint in str(caught.value)
+    assert "secret" not in str(caught.value)
 
 
 def _cli_defaults() -> dict[str, Any]:

@@ -1,15 +1,22 @@
-"""``llm-proxy server --workers N``: several processes on one port keep tokens' limits and revocation exact across them."""
+"""``llm-proxy server --workers N``: several processes on one port keep tokens' limits and revocation exact across them,
+and ``/metrics`` on any of them sums them all."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
+import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import (
+    START_TIMEOUT,
     MockUpstream,
     ServerProcess,
     http,
@@ -72,3 +79,137 @@ def test_quota_and_revocation_hold_across_worker_processes(workers: ServerProces
         status, body = http("GET", f"{base}/v1/models", token=unlimited["token"])
         assert (status, body["error"]["code"]) == (401, "token_inactive")
     assert "server.workers_started" in workers.process.stderr
+
+
+def issue_token(server: ServerProcess) -> str:
+    base, management = server.base_url, server.management_token
+    status, project = http(
+        "POST", f"{base}/manage/projects", token=management, body={"name": "m", "api_key": "sk-m"}
+    )
+    assert status == 201
+    status, token = http(
+        "POST",
+        f"{base}/manage/tokens",
+        token=management,
+        body={"project_id": project["id"], "duration_minutes": 5},
+    )
+    assert status == 201
+    return str(token["token"])
+
+
+def send_requests(server: ServerProcess, token: str, count: int) -> None:
+    """``count`` proxied requests, each on a new connection, so they spread over the workers."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(
+                lambda _: http("GET", f"{server.base_url}/v1/models", token=token)[0],
+                range(count),
+            )
+        )
+    assert statuses == [200] * count
+
+
+def totals(text: str) -> dict[str, float]:
+    """Each sample name summed over its label sets, plus ``workers_<state>`` from ``llm_proxy_workers``."""
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name
+            if name == "llm_proxy_workers":
+                name = f"workers_{sample.labels['state']}"
+            sums[name] = sums.get(name, 0.0) + sample.value
+    return sums
+
+
+def scrape(server: ServerProcess) -> dict[str, float]:
+    """One ``GET /metrics`` on a new connection (so on either worker)."""
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=5) as response:
+        return totals(response.read().decode())
+
+
+def wait_for_workers(server: ServerProcess, count: int) -> None:
+    """Until ``count`` workers take requests (``start_server`` returned when the first did)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while scrape(server)["workers_reporting"] < count:
+        assert time.monotonic() < deadline, server.process.stderr[-3000:]
+        time.sleep(0.05)
+
+
+def worker_page(server: ServerProcess, index: int) -> dict[str, float]:
+    """What worker ``index`` alone has counted, read from its private socket."""
+    path = server.data_dir / "run" / f"metrics-worker-{index}.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        chunks = iter(lambda: sock.recv(65536), b"")
+        return totals(b"".join(chunks).decode())
+
+
+def test_every_scrape_reports_the_sum_over_all_workers(workers: ServerProcess) -> None:
+    wait_for_workers(workers, 2)
+    token = issue_token(workers)
+    send_requests(workers, token, 40)
+    # A worker counts a request just after its response ended.
+    deadline = time.monotonic() + 5
+    while scrape(workers)["llm_proxy_requests_total"] < 40:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    # Each worker counted some of them (SO_REUSEPORT spread the connections) ...
+    own = [worker_page(workers, n).get("llm_proxy_requests_total", 0.0) for n in range(2)]
+    assert all(count > 0 for count in own) and sum(own) == 40, own
+    # ... and whichever answers, every scrape shows all of them.
+    for _ in range(12):
+        sums = scrape(workers)
+        assert sums["llm_proxy_requests_total"] == 40
+        assert sums["llm_proxy_upstream_latency_seconds_count"] == 40
+        assert (sums["workers_reporting"], sums["workers_missing"]) == (2, 0)
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name: state, parent pid, …; None once reaped."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def is_running(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def worker_pids(server: ServerProcess) -> list[int]:
+    """The supervisor's children, found in ``/proc`` by their parent's pid."""
+    parent = str(server.process.popen.pid)
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = proc_stat(int(entry.name))
+            if stat is not None and stat[1] == parent:
+                children.append(int(entry.name))
+    return children
+
+
+def test_a_killed_worker_is_reported_missing_without_holding_the_scrape(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    server = start_server(tmp_path / "data", config, tmp_path, WORKERS="2")
+    try:
+        wait_for_workers(server, 2)
+        pids = worker_pids(server)
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while is_running(pids[0]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        for _ in range(5):
+            started = time.monotonic()
+            sums = scrape(server)
+            assert time.monotonic() - started < 1.0
+            assert (sums["workers_reporting"], sums["workers_missing"]) == (1, 1)
+    finally:
+        server.stop(timeout=10)

@@ -1,0 +1,547 @@
+"""PostgreSQL backend through asyncpg: a connection pool, SQL kept in this module.
+
+asyncpg prepares every statement on first use and keeps it in each connection's statement cache,
+so the hot queries (the token lookup by hash, the quota claim, the change feed) are parsed and
+planned once per connection, not once per call.
+
+Changes that can make a cached token stale are rows of ``changes``, written in the transaction of
+the change and announced with ``NOTIFY`` (delivered at commit): instances ``LISTEN`` on a
+connection of their own and read the feed from their cursor when woken. Writers serialise on an
+advisory lock before taking a change id, so ids become visible in order and a reader that has seen
+id N has seen every change below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from llm_proxy.models import (
+    AuditEntry,
+    AuditEvent,
+    AuditFilter,
+    Project,
+    RevokeCounts,
+    Token,
+    TokenGrant,
+    UsageDelta,
+    UsageRollup,
+    UsageTotals,
+    hour_start,
+    utcnow,
+)
+from llm_proxy.store.migrations import migration_scripts
+from llm_proxy.store.records import (
+    PROJECT_COLUMNS,
+    TOKEN_COLUMNS,
+    check_columns,
+    with_revoke_counts,
+)
+
+CHANGES_CHANNEL = "llm_proxy_changes"
+# How this process's connections are named in pg_stat_activity.
+POOL_NAME = "llm-proxy"
+LISTENER_NAME = "llm-proxy-listen"
+# Arbitrary, fixed keys of the advisory locks: one serialises change ids, one migrations.
+_CHANGES_LOCK = 0x6C6C_6D70_0001
+_MIGRATION_LOCK = 0x6C6C_6D70_0002
+# How long a query, or waiting for a pooled connection, may take before the caller is told the
+# database is unavailable: a hung database must not hold requests for ever.
+_TIMEOUT = 5.0
+
+# A pooled connection, as the pool lends it.
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+# SUM over BIGINT is NUMERIC in PostgreSQL: cast back, so totals stay integers.
+_USAGE_SUMS = (
+    "COALESCE(SUM(requests), 0)::BIGINT AS requests,"
+    " COALESCE(SUM(prompt_tokens), 0)::BIGINT AS prompt_tokens,"
+    " COALESCE(SUM(completion_tokens), 0)::BIGINT AS completion_tokens,"
+    " COALESCE(SUM(total_tokens), 0)::BIGINT AS total_tokens,"
+    " COALESCE(SUM(errors), 0)::BIGINT AS errors, MAX(last_used_at) AS last_used_at"
+)
+
+
+async def _prepare_connection(conn: asyncpg.Connection) -> None:
+    # JSON columns in and out as Python values, through orjson.
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda value: orjson.dumps(value).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+def _project(row: asyncpg.Record) -> Project:
+    return Project(
+        id=row["id"],
+        name=row["name"],
+        description=row["description"],
+        metadata=row["metadata"],
+        is_active=row["is_active"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        api_key_masked=row["api_key_masked"],
+        api_key_encrypted=row["api_key_encrypted"],
+    )
+
+
+def _token(row: asyncpg.Record) -> Token:
+    return Token(
+        id=row["id"],
+        project_id=row["project_id"],
+        expires_at=row["expires_at"],
+        is_active=row["is_active"],
+        request_count=row["request_count"],
+        max_requests=row["max_requests"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _usage(row: asyncpg.Record | None) -> UsageTotals:
+    if row is None:
+        return UsageTotals()
+    return UsageTotals(
+        requests=row["requests"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        total_tokens=row["total_tokens"],
+        errors=row["errors"],
+        last_used_at=row["last_used_at"],
+    )
+
+
+class PostgresStore:
+    """Any number of instances share one database through it."""
+
+    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+        self._pool = pool
+        self._url = url
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 10, migrate: bool = True) -> PostgresStore:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            init=_prepare_connection,
+            command_timeout=_TIMEOUT,
+            timeout=_TIMEOUT,
+            server_settings={"application_name": POOL_NAME},
+        )
+        store = cls(pool, url)
+        try:
+            if migrate:
+                await store.migrate()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def migrate(self) -> list[int]:
+        """Apply the migrations this database lacks, in order; the versions applied."""
+        applied_now: list[int] = []
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            # Instances starting together wait for the first to finish, then find nothing to do.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+            )
+            applied = {
+                r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
+            }
+            for version, sql in migration_scripts("postgresql"):
+                if version in applied:
+                    continue
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations VALUES ($1, $2)", version, utcnow()
+                )
+                applied_now.append(version)
+        return applied_now
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=_TIMEOUT)
+        except TimeoutError:
+            self._pool.terminate()
+
+    async def ping(self) -> None:
+        await self._pool.fetchval("SELECT 1", timeout=_TIMEOUT)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    async def _audit(self, conn: Conn, entry: AuditEntry) -> None:
+        await conn.execute(
+            "INSERT INTO audit_events (timestamp, actor, action, target_type, target_id, project_id,"
+            " outcome, details, request_id, client_ip) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+            utcnow(),
+            entry.actor,
+            entry.action,
+            entry.target_type,
+            entry.target_id,
+            entry.project_id,
+            entry.outcome,
+            entry.details,
+            entry.request_id,
+            entry.client_ip,
+        )
+
+    async def _changed(self, conn: Conn, project_id: str | None, token_id: str | None) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _CHANGES_LOCK)
+        change_id = await conn.fetchval(
+            "INSERT INTO changes (project_id, token_id, at) VALUES ($1, $2, $3) RETURNING id",
+            project_id,
+            token_id,
+            utcnow(),
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, str(change_id))
+
+    # -- projects ------------------------------------------------------------------------------
+
+    async def create_project(self, project: Project, audit: AuditEntry) -> Project:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO projects (id, name, description, metadata, api_key_encrypted,"
+                " api_key_masked, is_active, created_at, updated_at)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                project.id,
+                project.name,
+                project.description,
+                project.metadata,
+                project.api_key_encrypted,
+                project.api_key_masked,
+                project.is_active,
+                project.created_at,
+                project.updated_at,
+            )
+            await self._audit(conn, audit)
+        return project
+
+    async def get_project(self, project_id: str) -> Project | None:
+        row = await self._pool.fetchrow("SELECT * FROM projects WHERE id = $1", project_id)
+        return _project(row) if row else None
+
+    async def list_projects(self) -> list[Project]:
+        rows = await self._pool.fetch("SELECT * FROM projects ORDER BY created_at")
+        return [_project(r) for r in rows]
+
+    async def update_project(
+        self, project_id: str, changes: dict[str, Any], audit: AuditEntry
+    ) -> Project | None:
+        check_columns("project", changes, PROJECT_COLUMNS)
+        columns = list(changes)
+        assignments = "".join(f"{column} = ${n}, " for n, column in enumerate(columns, start=3))
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE projects SET {assignments}updated_at = $2 WHERE id = $1 RETURNING *",
+                project_id,
+                utcnow(),
+                *(changes[c] for c in columns),
+            )
+            if row is None:
+                return None
+            await self._changed(conn, project_id, None)
+            await self._audit(conn, audit)
+        return _project(row)
+
+    async def delete_project(self, project_id: str, audit: AuditEntry) -> bool:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            status = await conn.execute("DELETE FROM projects WHERE id = $1", project_id)
+            if status == "DELETE 0":
+                return False
+            await self._changed(conn, project_id, None)
+            await self._audit(conn, audit)
+        return True
+
+    async def revoke_project_tokens(self, project_id: str, audit: AuditEntry) -> RevokeCounts:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            totals = await conn.fetchrow(
+                "SELECT COUNT(*) AS total, COUNT(*) FILTER (WHERE NOT is_active) AS inactive"
+                " FROM tokens WHERE project_id = $1",
+                project_id,
+            )
+            total, inactive = (totals["total"], totals["inactive"]) if totals else (0, 0)
+            status = await conn.execute(
+                "UPDATE tokens SET is_active = FALSE, revoked_at = $2"
+                " WHERE project_id = $1 AND is_active",
+                project_id,
+                utcnow(),
+            )
+            counts = RevokeCounts(int(status.split()[-1]), inactive, total)
+            await self._changed(conn, project_id, None)
+            await self._audit(conn, with_revoke_counts(audit, counts))
+        return counts
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    async def create_token(self, token: Token, token_hash: str, audit: AuditEntry) -> Token:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO tokens (id, project_id, token_hash, expires_at, is_active,"
+                " request_count, max_requests, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+                token.id,
+                token.project_id,
+                token_hash,
+                token.expires_at,
+                token.is_active,
+                token.request_count,
+                token.max_requests,
+                token.created_at,
+            )
+            await self._audit(conn, audit)
+        return token
+
+    async def get_token(self, token_id: str) -> Token | None:
+        row = await self._pool.fetchrow("SELECT * FROM tokens WHERE id = $1", token_id)
+        return _token(row) if row else None
+
+    async def list_tokens(self, project_id: str | None = None) -> list[Token]:
+        if project_id is None:
+            rows = await self._pool.fetch("SELECT * FROM tokens ORDER BY created_at")
+        else:
+            rows = await self._pool.fetch(
+                "SELECT * FROM tokens WHERE project_id = $1 ORDER BY created_at", project_id
+            )
+        return [_token(r) for r in rows]
+
+    async def find_token_id_by_hash(self, token_hash: str) -> str | None:
+        value = await self._pool.fetchval("SELECT id FROM tokens WHERE token_hash = $1", token_hash)
+        return str(value) if value is not None else None
+
+    async def grant_for_hash(self, token_hash: str) -> TokenGrant | None:
+        row = await self._pool.fetchrow(
+            "SELECT t.*, p.is_active AS project_is_active, p.api_key_encrypted"
+            " FROM tokens t JOIN projects p ON p.id = t.project_id WHERE t.token_hash = $1",
+            token_hash,
+        )
+        if row is None:
+            return None
+        return TokenGrant(_token(row), row["project_is_active"], row["api_key_encrypted"])
+
+    async def update_token(
+        self, token_id: str, changes: dict[str, Any], audit: AuditEntry
+    ) -> Token | None:
+        check_columns("token", changes, TOKEN_COLUMNS)
+        columns = list(changes)
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            if columns:
+                assignments = ", ".join(f"{c} = ${n}" for n, c in enumerate(columns, start=2))
+                row = await conn.fetchrow(
+                    f"UPDATE tokens SET {assignments} WHERE id = $1 RETURNING *",
+                    token_id,
+                    *(changes[c] for c in columns),
+                )
+            else:
+                row = await conn.fetchrow("SELECT * FROM tokens WHERE id = $1", token_id)
+            if row is None:
+                return None
+            token = _token(row)
+            await self._changed(conn, token.project_id, token_id)
+            await self._audit(conn, audit)
+        return token
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    async def consume_request(self, token_id: str, at: datetime) -> bool:
+        claimed = await self._pool.fetchval(
+            "UPDATE tokens SET request_count = request_count + 1, last_used_at = $2"
+            " WHERE id = $1 AND is_active"
+            " AND (max_requests IS NULL OR request_count < max_requests) RETURNING 1",
+            token_id,
+            at,
+            timeout=_TIMEOUT,
+        )
+        return claimed is not None
+
+    async def release_request(self, token_id: str) -> None:
+        await self._pool.execute(
+            "UPDATE tokens SET request_count = request_count - 1"
+            " WHERE id = $1 AND request_count > 0",
+            token_id,
+            timeout=_TIMEOUT,
+        )
+
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        if not deltas:
+            return
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            await conn.executemany(
+                "UPDATE tokens SET request_count = request_count + $2,"
+                " last_used_at = GREATEST(last_used_at, $3) WHERE id = $1",
+                [(d.token_id, d.requests, d.last_used_at) for d in deltas],
+            )
+
+    # -- usage aggregates ----------------------------------------------------------------------
+
+    async def add_usage_rollup(self, rows: Sequence[UsageRollup]) -> None:
+        if not rows:
+            return
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO usage_hourly AS u (token_id, project_id, hour, requests, prompt_tokens,"
+                " completion_tokens, total_tokens, errors, last_used_at)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
+                " ON CONFLICT (token_id, hour) DO UPDATE SET"
+                " requests = u.requests + excluded.requests,"
+                " prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = u.completion_tokens + excluded.completion_tokens,"
+                " total_tokens = u.total_tokens + excluded.total_tokens,"
+                " errors = u.errors + excluded.errors,"
+                " last_used_at = GREATEST(u.last_used_at, excluded.last_used_at)",
+                [
+                    (
+                        r.token_id,
+                        r.project_id,
+                        hour_start(r.hour),
+                        r.requests,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.total_tokens,
+                        r.errors,
+                        r.last_used_at,
+                    )
+                    for r in rows
+                ],
+            )
+
+    async def token_usage(self, token_id: str) -> UsageTotals:
+        return _usage(
+            await self._pool.fetchrow(
+                f"SELECT {_USAGE_SUMS} FROM usage_hourly WHERE token_id = $1", token_id
+            )
+        )
+
+    async def project_usage(self, project_id: str) -> UsageTotals:
+        return _usage(
+            await self._pool.fetchrow(
+                f"SELECT {_USAGE_SUMS} FROM usage_hourly WHERE project_id = $1", project_id
+            )
+        )
+
+    async def project_token_usage(self, project_id: str) -> dict[str, UsageTotals]:
+        rows = await self._pool.fetch(
+            f"SELECT token_id, {_USAGE_SUMS} FROM usage_hourly WHERE project_id = $1"
+            " GROUP BY token_id",
+            project_id,
+        )
+        return {row["token_id"]: _usage(row) for row in rows}
+
+    async def usage_since(self, since: datetime) -> UsageTotals:
+        return _usage(
+            await self._pool.fetchrow(
+                f"SELECT {_USAGE_SUMS} FROM usage_hourly WHERE hour >= $1", hour_start(since)
+            )
+        )
+
+    # -- change feed ---------------------------------------------------------------------------
+
+    async def latest_change(self) -> int:
+        return int(await self._pool.fetchval("SELECT COALESCE(MAX(id), 0) FROM changes"))
+
+    async def changes_since(self, cursor: int) -> tuple[int, list[tuple[str | None, str | None]]]:
+        rows = await self._pool.fetch(
+            "SELECT id, project_id, token_id FROM changes WHERE id > $1 ORDER BY id",
+            cursor,
+            timeout=_TIMEOUT,
+        )
+        if not rows:
+            return cursor, []
+        return rows[-1]["id"], [(r["project_id"], r["token_id"]) for r in rows]
+
+    async def listen_changes(self, wake: Callable[[], None], connected: Callable[[], None]) -> None:
+        """Call ``wake`` for every change committed by any instance, until the connection is lost.
+
+        Runs on a connection of its own (a pooled one could not keep listening). Raises
+        ``ConnectionError`` when the connection ends; cancelling it closes the connection.
+        """
+        conn = await asyncpg.connect(
+            self._url, timeout=_TIMEOUT, server_settings={"application_name": LISTENER_NAME}
+        )
+        lost = asyncio.get_running_loop().create_future()
+
+        def on_notify(*_: object) -> None:
+            wake()
+
+        def on_terminated(_: object) -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        try:
+            conn.add_termination_listener(on_terminated)
+            await conn.add_listener(CHANGES_CHANNEL, on_notify)
+            connected()
+            await _until_lost(conn, lost)
+        finally:
+            conn.terminate()
+        raise ConnectionError("the change feed's LISTEN connection was lost")
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    async def list_audit(
+        self, filters: AuditFilter, page: int, page_size: int
+    ) -> tuple[list[AuditEvent], int]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column in ("actor", "action", "target_type", "target_id", "project_id", "outcome"):
+            value = getattr(filters, column)
+            if value is not None:
+                params.append(value)
+                clauses.append(f"{column} = ${len(params)}")
+        if filters.since is not None:
+            params.append(filters.since)
+            clauses.append(f"timestamp >= ${len(params)}")
+        if filters.until is not None:
+            params.append(filters.until)
+            clauses.append(f"timestamp < ${len(params)}")
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        total = await self._pool.fetchval(f"SELECT COUNT(*) FROM audit_events{where}", *params)
+        n = len(params)
+        rows = await self._pool.fetch(
+            f"SELECT * FROM audit_events{where} ORDER BY id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
+            *params,
+            page_size,
+            (page - 1) * page_size,
+        )
+        events = [
+            AuditEvent(
+                id=r["id"],
+                timestamp=r["timestamp"],
+                entry=AuditEntry(
+                    actor=r["actor"],
+                    action=r["action"],
+                    target_type=r["target_type"],
+                    target_id=r["target_id"],
+                    project_id=r["project_id"],
+                    details=r["details"],
+                    request_id=r["request_id"],
+                    client_ip=r["client_ip"],
+                    outcome=r["outcome"],
+                ),
+            )
+            for r in rows
+        ]
+        return events, int(total)
+
+
+async def _until_lost(conn: asyncpg.Connection, lost: asyncio.Future[None]) -> None:
+    """Wait until the connection ends, checking it now and then: a server that vanished without
+    closing the socket (a killed host, a dropped network) sends no termination."""
+    while True:
+        try:
+            await asyncio.wait_for(asyncio.shield(lost), timeout=_TIMEOUT)
+            return
+        except TimeoutError:
+            pass
+        try:
+            await conn.fetchval("SELECT 1", timeout=_TIMEOUT)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return

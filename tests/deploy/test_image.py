@@ -1,0 +1,228 @@
+"""The Dockerfile and its .dockerignore, checked without a Docker engine.
+
+The HEALTHCHECK command line is taken from the Dockerfile and run as Docker would run it, against a
+real ``llm-proxy server``; the .dockerignore is evaluated with Docker's own matching rules.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.processes import ServerProcess, clean_env, free_port, start_server, write_api_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` pairs, continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def final_stage() -> list[tuple[str, str]]:
+    steps = instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
+    return steps[last_from:]
+
+
+def healthcheck_command() -> list[str]:
+    (check,) = [rest for keyword, rest in final_stage() if keyword == "HEALTHCHECK"]
+    _, _, exec_form = check.partition("CMD ")
+    command = json.loads(exec_form)
+    assert isinstance(command, list), "the check runs without a shell, in exec form"
+    return [str(part) for part in command]
+
+
+# --- the image ------------------------------------------------------------------------------
+
+
+def test_image_is_built_in_stages_and_runs_as_a_non_root_user() -> None:
+    steps = instructions()
+    assert sum(keyword == "FROM" for keyword, _ in steps) >= 2
+    final = final_stage()
+    # The runtime stage takes the built environment, not the compiler that built it.
+    assert any(k == "COPY" and r.startswith("--from=build ") for k, r in final)
+    (user,) = [rest for keyword, rest in final if keyword == "USER"]
+    uid = user.split(":")[0]
+    # Numeric, so Kubernetes can enforce runAsNonRoot.
+    assert uid.isdigit() and int(uid) != 0
+    assert ("ENTRYPOINT", '["llm-proxy"]') in final
+
+
+def test_healthcheck_reads_listen_addr_and_asks_health() -> None:
+    command = healthcheck_command()
+    assert command[:2] == ["python", "-c"]
+    assert "LISTEN_ADDR" in command[2]
+    assert "/health" in command[2]
+    assert "8080/health" not in command[2]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A real server on a free port, never the image's default 8080."""
+    base = tmp_path_factory.mktemp("healthcheck")
+    api_config = write_api_config(base / "providers.yaml", "http://127.0.0.1:9")
+    process = start_server(base / "data", api_config, base / "logs")
+    yield process
+    process.stop()
+
+
+def run_healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
+    """The HEALTHCHECK's command line, with this interpreter standing in for the image's."""
+    command = healthcheck_command()
+    return subprocess.run(
+        [sys.executable, *command[1:]],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def port_of(server: ServerProcess) -> str:
+    return server.base_url.rpartition(":")[2]
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "[::]", ""])
+def test_healthcheck_passes_on_the_address_the_server_listens_on(
+    server: ServerProcess, host: str
+) -> None:
+    # A wildcard address (what the image sets) is checked through loopback.
+    result = run_healthcheck(LISTEN_ADDR=f"{host}:{port_of(server)}")
+    assert result.returncode == 0, result.stderr
+    assert port_of(server) != "8080"
+
+
+@pytest.mark.process
+def test_healthcheck_fails_when_nothing_listens_on_listen_addr(server: ServerProcess) -> None:
+    result = run_healthcheck(LISTEN_ADDR=f"0.0.0.0:{free_port()}")
+    assert result.returncode != 0
+    assert "Connection refused" in result.stderr
+
+
+@pytest.mark.process
+def test_healthcheck_ignores_the_upstream_http_proxy(server: ServerProcess) -> None:
+    # HTTP_PROXY is the egress for upstream calls; the check must not be sent through it.
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = run_healthcheck(
+        LISTEN_ADDR=f"0.0.0.0:{port_of(server)}", HTTP_PROXY=dead, http_proxy=dead
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --- the build context ----------------------------------------------------------------------
+
+
+def ignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    """``(is_exception, regex)`` per line of .dockerignore, compiled as Docker compiles them."""
+    patterns = []
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        exception = line.startswith("!")
+        pattern = line[1:].strip() if exception else line
+        pattern = str(Path(pattern)).lstrip("/")
+        regex, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**", i):
+                i += 2
+                if pattern.startswith("/", i):
+                    i += 1
+                regex += ".*" if i == len(pattern) else "(.*/)?"
+                continue
+            char = pattern[i]
+            regex += {"*": "[^/]*", "?": "[^/]"}.get(
+                char, char if char in "[]-^" else re.escape(char)
+            )
+            i += 1
+        patterns.append((exception, re.compile(regex)))
+    return patterns
+
+
+def excluded(path: str) -> bool:
+    """Docker's rule: the last matching line wins, and a line matching a parent matches too."""
+    parents = ["/".join(path.split("/")[: i + 1]) for i in range(path.count("/"))]
+    result = False
+    for exception, regex in ignore_patterns():
+        if exception != result:
+            continue
+        if any(regex.fullmatch(candidate) for candidate in [path, *parents]):
+            result = not exception
+    return result
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".venv/bin/python",
+        "data/llm-proxy.db",
+        "data/management_token",
+        "data/encryption_key",
+        "data/events.jsonl",
+        ".env",
+        "config/production.env",
+        "deploy/compose/.env",
+        "certs/server.key",
+        "tls/client.pem",
+        ".git/HEAD",
+        "tests/node/node_modules/openai/package.json",
+        "llm_proxy/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/README.md",
+        ".mypy_cache/3.11/cache.db",
+        "htmlcov/index.html",
+        "llm_proxy.egg-info/PKG-INFO",
+    ],
+)
+def test_secrets_state_and_caches_stay_out_of_the_build_context(path: str) -> None:
+    assert excluded(path)
+
+
+def copied_sources() -> list[str]:
+    """What the Dockerfile copies from the build context (not from another stage)."""
+    sources = []
+    for keyword, rest in instructions():
+        if keyword == "COPY" and not rest.startswith("--from"):
+            sources.extend(rest.split()[:-1])
+    return sources
+
+
+@pytest.mark.process  # runs git
+def test_everything_the_dockerfile_copies_reaches_the_builder() -> None:
+    sources = copied_sources()
+    assert {"pyproject.toml", "README.md", "llm_proxy", "config"} <= set(sources)
+    tracked = subprocess.run(
+        ["git", "ls-files", "--", *sources],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "config/example.env" in tracked
+    assert "config/api_providers.yaml" in tracked
+    dropped = [path for path in tracked if excluded(path)]
+    assert dropped == []
+
+
+def test_the_matcher_follows_dockers_rules() -> None:
+    """The rules excluded() implements, on patterns whose answer Docker documents."""
+    assert excluded("data")  # the directory itself
+    assert not excluded("database.py")  # "data" is a whole name, not a prefix
+    assert not excluded("llm_proxy/store/sqlite.py")
+    assert not excluded("config/example.env")  # re-included by "!config/example.env"

@@ -1,0 +1,165 @@
+"""Management changes pushed to every instance (PostgreSQL LISTEN/NOTIFY), and failing closed.
+
+Instances here share a real PostgreSQL database and nothing else. The timer that reads the change
+feed is set to 30 s where a test proves the push alone delivers a change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from llm_proxy.stats import STATS
+from tests.conftest import Proxy
+from tests.postgres import PostgresServer
+
+pytestmark = [pytest.mark.postgres, pytest.mark.process]
+
+NO_TIMER = {"change_poll_seconds": 30.0, "change_poll_seconds_pushed": 30.0}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, which it may stop and restart."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def own_database(own_postgres: PostgresServer) -> Iterator[str]:
+    with own_postgres.database() as url:
+        yield url
+
+
+async def until(condition: Any, timeout: float, what: str) -> float:
+    """Poll ``condition()`` (async) until true; the seconds it took."""
+    started = time.monotonic()
+    while not await condition():
+        assert time.monotonic() - started < timeout, f"{what} not within {timeout}s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def status_of(proxy: Proxy, token: str) -> tuple[int, str | None]:
+    response = await proxy.client.get("/v1/models", headers=bearer(token))
+    body = await response.json()
+    return response.status, (body.get("error") or {}).get(
+        "code"
+    ) if response.status != 200 else None
+
+
+async def pushed(proxy: Proxy) -> bool:
+    return bool(proxy.components.authority.push_connected)
+
+
+# The database is requested before the proxies, so it outlives them at teardown.
+
+
+async def test_a_revocation_is_pushed_to_every_other_instance(
+    postgres_url: str, proxy_factory: Any
+) -> None:
+    handler: Proxy = await proxy_factory(database_url=postgres_url, **NO_TIMER)
+    others: list[Proxy] = [
+        await proxy_factory(database_url=postgres_url, **NO_TIMER) for _ in range(2)
+    ]
+    for other in others:
+        await until(lambda other=other: pushed(other), 5, "the push channel")
+    seen: list[float] = []
+    for _ in range(5):
+        issued = await handler.issue_token()
+        for other in others:
+            assert await status_of(other, issued["token"]) == (200, None)  # cached there now
+        await handler.manage("DELETE", f"/tokens/{issued['id']}")
+        for other in others:
+
+            async def refused(other: Proxy = other, value: str = issued["token"]) -> bool:
+                return await status_of(other, value) == (401, "token_inactive")
+
+            seen.append(await until(refused, 1.0, "the pushed revocation"))
+    assert max(seen) < 1.0
+
+
+async def test_a_lost_listener_reconnects_and_replays_what_it_missed(
+    postgres_server: PostgresServer, postgres_url: str, proxy_factory: Any
+) -> None:
+    handler: Proxy = await proxy_factory(database_url=postgres_url, **NO_TIMER)
+    other: Proxy = await proxy_factory(database_url=postgres_url, **NO_TIMER)
+    await until(lambda: pushed(other), 5, "the push channel")
+    issued = await handler.issue_token()
+    assert await status_of(other, issued["token"]) == (200, None)
+    reconnects = STATS.change_push_reconnects
+
+    database = postgres_url.rsplit("/", 1)[1]
+    postgres_server.terminate_backends(database, application_name="llm-proxy-listen")
+    await until(lambda: _not(pushed(other)), 5, "noticing the lost channel")
+    # Made while nobody listens: only the replay from the feed's cursor can deliver it.
+    await handler.manage("DELETE", f"/tokens/{issued['id']}")
+
+    async def refused() -> bool:
+        return await status_of(other, issued["token"]) == (401, "token_inactive")
+
+    await until(refused, 5, "the replayed revocation")
+    assert other.components.authority.push_connected
+    assert STATS.change_push_reconnects > reconnects
+
+
+async def _not(value: Any) -> bool:
+    return not await value
+
+
+async def test_an_unreachable_database_fails_closed_and_recovers(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any
+) -> None:
+    url = own_database
+    proxy: Proxy = await proxy_factory(
+        database_url=url, revocation_max_staleness=0.5, change_poll_seconds=0.05
+    )
+    unlimited = (await proxy.issue_token())["token"]
+    limited = (await proxy.issue_token(max_requests=100))["token"]
+    assert await status_of(proxy, unlimited) == (200, None)
+    assert await status_of(proxy, limited) == (200, None)
+    stale_checks = STATS.cache_stale_checks
+
+    own_postgres.stop()
+    stopped = time.monotonic()
+    # A limit held in the database cannot be counted: refused, never admitted uncounted.
+    assert await status_of(proxy, limited) == (503, "limits_unavailable")
+    # A token without limits is trusted from the cache while the feed is fresh ...
+    assert await status_of(proxy, unlimited) == (200, None)
+    assert time.monotonic() - stopped < 0.5, "the checks above took too long to mean much"
+    # ... and checked against the database once the feed has been silent too long.
+    await asyncio.sleep(0.6)
+    assert await status_of(proxy, unlimited) == (503, "service_unavailable")
+    assert STATS.cache_stale_checks > stale_checks
+    metrics = await (await proxy.client.get("/metrics")).text()
+    lag = _sample(metrics, "llm_proxy_change_feed_lag_seconds")
+    assert lag > 0.5
+    assert _sample(metrics, "llm_proxy_change_feed_failures_total") > 0
+    assert 'llm_proxy_token_cache_lookups_total{result="stale_feed"}' in metrics
+
+    own_postgres.start()
+
+    async def admitted() -> bool:
+        return await status_of(proxy, unlimited) == (200, None)
+
+    await until(admitted, 10, "recovery after the database came back")
+    assert await status_of(proxy, limited) == (200, None)
+    metrics = await (await proxy.client.get("/metrics")).text()
+    assert _sample(metrics, "llm_proxy_change_feed_lag_seconds") < 0.5
+
+
+def _sample(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not on the metrics page")

@@ -1,0 +1,354 @@
+"""The store contract, run against each backend: a SQLite file and a real PostgreSQL database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from llm_proxy.models import (
+    AuditEntry,
+    AuditFilter,
+    Project,
+    Token,
+    UsageDelta,
+    UsageRollup,
+    utcnow,
+)
+from llm_proxy.store import Store
+from llm_proxy.store.opening import open_store
+
+AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = await open_store(database_url)
+    yield opened
+    await opened.close()
+
+
+def project(project_id: str = "p1", *, active: bool = True) -> Project:
+    now = utcnow()
+    return Project(
+        id=project_id,
+        name=f"name of {project_id}",
+        description="d",
+        metadata={"team": "ml", "nested": {"n": 1}},
+        is_active=active,
+        created_at=now,
+        updated_at=now,
+        api_key_masked="sk-ab…wxyz",
+        api_key_encrypted="ciphertext",
+    )
+
+
+def token(
+    token_id: str = "t1", project_id: str = "p1", *, max_requests: int | None = None
+) -> Token:
+    now = utcnow()
+    return Token(
+        id=token_id,
+        project_id=project_id,
+        expires_at=now + timedelta(hours=1),
+        is_active=True,
+        request_count=0,
+        max_requests=max_requests,
+        created_at=now,
+        last_used_at=None,
+    )
+
+
+async def test_migrating_again_applies_nothing(store: Store) -> None:
+    assert await store.migrate() == []
+
+
+async def test_a_fresh_database_gets_every_migration(database_url: str) -> None:
+    fresh = await open_store(database_url, migrate=False)
+    try:
+        assert await fresh.migrate() == [1, 2]
+        assert await fresh.migrate() == []
+    finally:
+        await fresh.close()
+
+
+async def test_instances_starting_together_apply_each_migration_once(database_url: str) -> None:
+    stores = await asyncio.gather(*(open_store(database_url, migrate=False) for _ in range(3)))
+    try:
+        applied = await asyncio.gather(*(s.migrate() for s in stores))
+        # Each migration is applied exactly once, whichever instance gets to it first.
+        assert sorted(v for versions in applied for v in versions) == [1, 2]
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_projects_round_trip(store: Store) -> None:
+    created = await store.create_project(project(), AUDIT)
+    fetched = await store.get_project("p1")
+    assert fetched == created
+    assert fetched is not None and fetched.metadata == {"team": "ml", "nested": {"n": 1}}
+    assert await store.get_project("nope") is None
+    await store.create_project(project("p2"), AUDIT)
+    assert [p.id for p in await store.list_projects()] == ["p1", "p2"]
+
+    updated = await store.update_project("p1", {"name": "renamed", "is_active": False}, AUDIT)
+    assert updated is not None
+    assert (updated.name, updated.is_active) == ("renamed", False)
+    assert updated.updated_at > created.updated_at
+    assert await store.update_project("nope", {"name": "x"}, AUDIT) is None
+    with pytest.raises(ValueError, match="not a project column"):
+        await store.update_project("p1", {"id": "p9"}, AUDIT)
+
+    assert await store.delete_project("p2", AUDIT) is True
+    assert await store.delete_project("p2", AUDIT) is False
+    assert [p.id for p in await store.list_projects()] == ["p1"]
+
+
+async def test_deleting_a_project_deletes_its_tokens(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_token(token(), "hash-1", AUDIT)
+    await store.delete_project("p1", AUDIT)
+    assert await store.get_token("t1") is None
+    assert await store.grant_for_hash("hash-1") is None
+
+
+async def test_tokens_round_trip(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_project(project("p2"), AUDIT)
+    created = await store.create_token(token(max_requests=3), "hash-1", AUDIT)
+    await store.create_token(token("t2", "p2"), "hash-2", AUDIT)
+    assert await store.get_token("t1") == created
+    assert [t.id for t in await store.list_tokens()] == ["t1", "t2"]
+    assert [t.id for t in await store.list_tokens("p2")] == ["t2"]
+    assert await store.find_token_id_by_hash("hash-2") == "t2"
+    assert await store.find_token_id_by_hash("nope") is None
+
+    grant = await store.grant_for_hash("hash-1")
+    assert grant is not None
+    assert (grant.token.id, grant.project_is_active, grant.api_key_encrypted) == (
+        "t1",
+        True,
+        "ciphertext",
+    )
+    await store.update_project("p1", {"is_active": False}, AUDIT)
+    grant = await store.grant_for_hash("hash-1")
+    assert grant is not None and grant.project_is_active is False
+
+    revoked_at = utcnow()
+    updated = await store.update_token(
+        "t1", {"is_active": False, "revoked_at": revoked_at, "max_requests": 9}, AUDIT
+    )
+    assert updated is not None
+    assert (updated.is_active, updated.max_requests) == (False, 9)
+    assert updated.revoked_at is not None
+    assert abs(updated.revoked_at - revoked_at) < timedelta(milliseconds=1)
+    assert await store.update_token("nope", {"is_active": False}, AUDIT) is None
+    assert await store.update_token("nope", {}, AUDIT) is None
+    with pytest.raises(ValueError, match="not a token column"):
+        await store.update_token("t1", {"token_hash": "x"}, AUDIT)
+
+
+async def test_revoking_a_projects_tokens_counts_what_it_did(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    for n in range(3):
+        await store.create_token(token(f"t{n}"), f"hash-{n}", AUDIT)
+    await store.update_token("t0", {"is_active": False}, AUDIT)
+    counts = await store.revoke_project_tokens("p1", AUDIT)
+    assert (counts.revoked_count, counts.already_revoked_count, counts.total_tokens) == (2, 1, 3)
+    tokens = await store.list_tokens("p1")
+    assert all(not t.is_active for t in tokens)
+    assert [t.revoked_at is not None for t in tokens] == [False, True, True]
+    events, _ = await store.list_audit(AuditFilter(), 1, 1)
+    assert events[0].entry.details["revoked_count"] == 2
+    again = await store.revoke_project_tokens("p1", AUDIT)
+    assert (again.revoked_count, again.already_revoked_count) == (0, 3)
+
+
+async def test_quota_claims_are_exact_under_concurrency(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_token(token(max_requests=10), "hash-1", AUDIT)
+    claims = await asyncio.gather(*(store.consume_request("t1", utcnow()) for _ in range(64)))
+    assert claims.count(True) == 10
+    fetched = await store.get_token("t1")
+    assert fetched is not None
+    assert fetched.request_count == 10
+    assert fetched.last_used_at is not None
+
+    await store.release_request("t1")
+    assert await store.consume_request("t1", utcnow()) is True
+    assert await store.consume_request("t1", utcnow()) is False
+
+
+async def test_a_revoked_token_cannot_claim(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_token(token(max_requests=10), "hash-1", AUDIT)
+    await store.update_token("t1", {"is_active": False}, AUDIT)
+    assert await store.consume_request("t1", utcnow()) is False
+
+
+async def test_release_never_goes_below_zero(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_token(token(max_requests=1), "hash-1", AUDIT)
+    await store.release_request("t1")
+    fetched = await store.get_token("t1")
+    assert fetched is not None and fetched.request_count == 0
+
+
+async def test_usage_tallies_add_up(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_token(token(), "hash-1", AUDIT)
+    late = datetime(2030, 1, 1, tzinfo=UTC)
+    early = datetime(2029, 1, 1, tzinfo=UTC)
+    await store.add_usage([UsageDelta("t1", 5, late), UsageDelta("gone", 2, late)])
+    await store.add_usage([UsageDelta("t1", -1, early)])
+    await store.add_usage([])
+    fetched = await store.get_token("t1")
+    assert fetched is not None
+    assert fetched.request_count == 4
+    assert fetched.last_used_at == late  # the latest use wins, whatever order they arrive in
+
+
+async def test_usage_rollups_aggregate_by_token_project_and_hour(store: Store) -> None:
+    hour = datetime(2030, 5, 1, 10, 0, tzinfo=UTC)
+
+    def rollup(token_id: str, project_id: str, at: datetime, requests: int) -> UsageRollup:
+        return UsageRollup(token_id, project_id, at, requests, 10, 20, 30, 1, at)
+
+    await store.add_usage_rollup(
+        [
+            rollup("t1", "p1", hour + timedelta(minutes=5), 2),
+            rollup("t2", "p1", hour + timedelta(minutes=6), 1),
+            rollup("t3", "p2", hour + timedelta(hours=2), 4),
+        ]
+    )
+    await store.add_usage_rollup([rollup("t1", "p1", hour + timedelta(minutes=50), 3)])
+    await store.add_usage_rollup([])
+
+    t1 = await store.token_usage("t1")
+    assert (t1.requests, t1.prompt_tokens, t1.total_tokens, t1.errors) == (5, 20, 60, 2)
+    assert t1.last_used_at == hour + timedelta(minutes=50)
+    # Integers, as the API shows them (PostgreSQL's SUM would otherwise answer decimals).
+    assert all(type(getattr(t1, f)) is int for f in ("requests", "total_tokens", "errors"))
+    p1 = await store.project_usage("p1")
+    assert (p1.requests, p1.completion_tokens) == (6, 60)
+    by_token = await store.project_token_usage("p1")
+    assert {k: v.requests for k, v in by_token.items()} == {"t1": 5, "t2": 1}
+    assert (await store.usage_since(hour + timedelta(hours=1, minutes=30))).requests == 4
+    assert (await store.usage_since(hour)).requests == 10
+    assert (await store.token_usage("none")).requests == 0
+    assert (await store.token_usage("none")).last_used_at is None
+
+
+async def test_the_change_feed_lists_every_change_in_order(store: Store) -> None:
+    start = await store.latest_change()
+    assert await store.changes_since(start) == (start, [])
+    await store.create_project(project(), AUDIT)
+    await store.create_token(token(), "hash-1", AUDIT)
+    await store.update_token("t1", {"is_active": False}, AUDIT)
+    await store.update_project("p1", {"name": "n"}, AUDIT)
+    await store.revoke_project_tokens("p1", AUDIT)
+    await store.delete_project("p1", AUDIT)
+    cursor, changes = await store.changes_since(start)
+    assert changes == [("p1", "t1"), ("p1", None), ("p1", None), ("p1", None)]
+    assert cursor == await store.latest_change()
+    assert await store.changes_since(cursor) == (cursor, [])
+
+
+async def test_concurrent_changes_are_never_skipped_by_a_following_reader(store: Store) -> None:
+    """A reader that moves its cursor past a change must have seen every change below it."""
+    await store.create_project(project(), AUDIT)
+    for n in range(20):
+        await store.create_token(token(f"t{n}"), f"hash-{n}", AUDIT)
+    cursor = await store.latest_change()
+    seen: list[tuple[str | None, str | None]] = []
+    done = asyncio.Event()
+
+    async def follow() -> None:
+        nonlocal cursor
+        while not done.is_set():
+            cursor, changes = await store.changes_since(cursor)
+            seen.extend(changes)
+            await asyncio.sleep(0)
+
+    reader = asyncio.create_task(follow())
+    await asyncio.gather(
+        *(store.update_token(f"t{n}", {"is_active": False}, AUDIT) for n in range(20))
+    )
+    done.set()
+    await reader
+    cursor, rest = await store.changes_since(cursor)
+    seen.extend(rest)
+    assert sorted(token_id or "" for _, token_id in seen) == sorted(f"t{n}" for n in range(20))
+
+
+async def test_audit_filters_and_pages(store: Store) -> None:
+    await store.create_project(project(), AuditEntry("alice", "project.create", "project", "p1"))
+    await store.create_project(project("p2"), AuditEntry("bob", "project.create", "project", "p2"))
+    await store.update_project(
+        "p1",
+        {"name": "x"},
+        AuditEntry(
+            "alice",
+            "project.update",
+            "project",
+            "p1",
+            "p1",
+            {"fields": ["name"]},
+            "req-1",
+            "10.0.0.1",
+            "success",
+        ),
+    )
+    events, total = await store.list_audit(AuditFilter(), 1, 2)
+    assert total == 3
+    assert [e.entry.action for e in events] == ["project.update", "project.create"]
+    assert events[0].entry.details == {"fields": ["name"]}
+    assert (events[0].entry.request_id, events[0].entry.client_ip) == ("req-1", "10.0.0.1")
+    page_two, _ = await store.list_audit(AuditFilter(), 2, 2)
+    assert [e.entry.actor for e in page_two] == ["alice"]
+
+    alice, total = await store.list_audit(AuditFilter(actor="alice"), 1, 10)
+    assert total == 2 and {e.entry.actor for e in alice} == {"alice"}
+    first = (await store.list_audit(AuditFilter(target_id="p1"), 1, 10))[0][-1].timestamp
+    later, total = await store.list_audit(
+        AuditFilter(since=first + timedelta(microseconds=1)), 1, 10
+    )
+    assert total == 2
+    assert [e.entry.target_id for e in later] == ["p1", "p2"]
+    earlier, total = await store.list_audit(
+        AuditFilter(until=first + timedelta(microseconds=1), action="project.create"), 1, 10
+    )
+    assert total == 1 and earlier[0].entry.target_id == "p1"
+
+
+async def test_ping_answers(store: Store) -> None:
+    await store.ping()
+
+
+async def test_pushed_changes_wake_a_listener(database_url: str, store: Store) -> None:
+    """PostgreSQL pushes every committed change to listeners; SQLite has no push and says so."""
+    wakes = asyncio.Queue[None]()
+    connected = asyncio.Event()
+    listener = asyncio.create_task(
+        store.listen_changes(lambda: wakes.put_nowait(None), connected.set)
+    )
+    if database_url.startswith("sqlite"):
+        assert await listener is None
+        assert not connected.is_set()
+        return
+    await asyncio.wait_for(connected.wait(), 5)
+    other = await open_store(database_url)  # another instance makes the change
+    try:
+        await other.create_project(project(), AUDIT)
+        await other.create_token(token(), "hash-1", AUDIT)
+        assert wakes.empty()  # creating changes nothing anyone has cached
+        await other.update_token("t1", {"is_active": False}, AUDIT)
+        await asyncio.wait_for(wakes.get(), 5)
+    finally:
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+        await other.close()
