@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-fast lint format services clean screenshots
+.PHONY: run install test test-fast lint format services clean screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 ## Start the server with the embedded defaults on http://127.0.0.1:8080
 run: $(VENV)/.installed
 	$(BIN)/llm-proxy server --file-event-log data/events.jsonl
+
+## Create .venv and install llm-proxy into it (what `make run` does before starting)
+install: $(VENV)/.installed
 
 ## Install what the tests need (Python packages, redis-server, chromium) and run them all
 test: $(VENV)/.installed-dev services

@@ -156,7 +156,8 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         authority.follow_changes(settings.change_poll_seconds, settings.change_poll_seconds_pushed),
         "change-feed",
     )
-    components.spawn(authority.keep_listening(), "change-push")
+    if settings.change_push:
+        components.spawn(authority.keep_listening(), "change-push")
     components.spawn(authority.flush_usage_every(settings.usage_flush_seconds), "usage-flush")
     log.info(
         "server.started",

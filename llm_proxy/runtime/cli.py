@@ -65,6 +65,7 @@ def build_settings(
     keepalive_timeout: str = "75s",
     database_pool_size: int | str = 10,
     revocation_max_staleness: str = "5s",
+    change_feed_push: str = "on",
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
@@ -103,6 +104,7 @@ def build_settings(
         revocation_max_staleness=parse_seconds(
             "REVOCATION_MAX_STALENESS", revocation_max_staleness
         ),
+        change_push=check_choice("CHANGE_FEED_PUSH", change_feed_push, ("on", "off")) == "on",
     )
 
 
@@ -218,6 +220,14 @@ def build_settings(
     show_envvar=True,
     help="When the change feed has been silent this long, check every request's token against"
     " the database (fail closed).",
+)
+@click.option(
+    "--change-feed-push",
+    envvar="CHANGE_FEED_PUSH",
+    default="on",
+    show_envvar=True,
+    help="on: PostgreSQL pushes management changes to every instance (LISTEN/NOTIFY); off: they"
+    " are polled (for poolers that cannot carry LISTEN, such as PgBouncer in transaction mode).",
 )
 def server(**options: str | int | None) -> None:
     """Run the proxy, the management API and the admin pages."""

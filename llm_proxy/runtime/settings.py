@@ -55,6 +55,9 @@ class Settings:
     # A token cache whose change feed has not been read for this long is not trusted: every
     # request is checked against the database until the feed answers again (fail closed).
     revocation_max_staleness: float = 5.0
+    # Wake-ups pushed by the database (PostgreSQL LISTEN). Off behind a pooler that cannot carry
+    # LISTEN (PgBouncer in transaction mode): the polled feed alone then keeps caches fresh.
+    change_push: bool = True
     usage_flush_seconds: float = 1.0
     # How long a client may take: to send a request head, between body bytes (and between
     # reads of a response), and idle between requests on a kept-alive connection.

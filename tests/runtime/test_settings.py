@@ -142,6 +142,7 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DATABASE_POOL_SIZE", "0"),
         ("REVOCATION_MAX_STALENESS", "never"),
         ("REVOCATION_MAX_STALENESS", "0s"),
+        ("CHANGE_FEED_PUSH", "maybe"),
     ],
 )
 def test_a_bad_value_names_its_variable_on_one_line(

@@ -1,0 +1,326 @@
+"""Several ``llm-proxy server`` instances, as on separate machines: each its own ``DATA_DIR``,
+sharing nothing but a real PostgreSQL and a real Redis."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import secrets
+import statistics
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.events.events_support import RedisServer
+from tests.postgres import PostgresServer
+from tests.processes import (
+    MockUpstream,
+    Process,
+    ServerProcess,
+    clean_env,
+    cli_command,
+    http,
+    spawn,
+    start_mock_upstream,
+    start_server,
+    write_api_config,
+)
+
+pytestmark = [pytest.mark.postgres, pytest.mark.process]
+
+MANAGEMENT_TOKEN = "mgmt-" + secrets.token_urlsafe(16)
+SHARED_SECRETS = {
+    "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
+    "ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+    "ADMIN_PASSWORD": "admin-" + secrets.token_urlsafe(8),
+}
+TRIALS = 20
+
+
+@dataclass
+class Cluster:
+    instances: list[ServerProcess]
+
+    def manage(self, method: str, path: str, body: Any = None, *, on: int = 0) -> Any:
+        status, answer = http(
+            method, f"{self.instances[on].base_url}/manage{path}", token=MANAGEMENT_TOKEN, body=body
+        )
+        assert status < 300, (status, answer)
+        return answer
+
+    def issue(self, project_id: str | None = None, **limits: Any) -> dict[str, Any]:
+        if project_id is None:
+            project_id = self.manage("POST", "/projects", {"name": "p", "api_key": "sk-up"})["id"]
+        return dict(
+            self.manage(
+                "POST", "/tokens", {"project_id": project_id, "duration_minutes": 60, **limits}
+            )
+        )
+
+    def call(self, token: str, *, on: int) -> tuple[int, str | None]:
+        status, answer = http("GET", f"{self.instances[on].base_url}/v1/models", token=token)
+        return status, None if status == 200 else answer["error"]["code"]
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[MockUpstream]:
+    mock = start_mock_upstream(tmp_path)
+    yield mock
+    mock.process.stop()
+
+
+def start_cluster(
+    tmp_path: Path, upstream: MockUpstream, database_url: str, redis_url: str, **env: str
+) -> list[ServerProcess]:
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    started: list[ServerProcess] = []
+    try:
+        for n in range(3):
+            started.append(
+                start_server(
+                    tmp_path / f"instance-{n}",  # a DATA_DIR of its own, as on its own machine
+                    config,
+                    tmp_path,
+                    name=f"instance-{n}",
+                    DATABASE_URL=database_url,
+                    REDIS_URL=redis_url,
+                    LLM_PROXY_EVENT_BUS="redis",
+                    **SHARED_SECRETS,
+                    **env,
+                )
+            )
+    except BaseException:
+        for instance in started:
+            instance.stop()
+        raise
+    return started
+
+
+@pytest.fixture
+def cluster(
+    postgres_url: str, redis_server: RedisServer, upstream: MockUpstream, tmp_path: Path
+) -> Iterator[Cluster]:
+    instances = start_cluster(tmp_path, upstream, postgres_url, redis_server.url)
+    yield Cluster(instances)
+    for instance in instances:
+        assert instance.stop(timeout=10) == 0, instance.process.stderr[-3000:]
+
+
+def propagation_seconds(
+    cluster: Cluster,
+    change: Callable[[dict[str, Any]], None],
+    refusal: tuple[int, str],
+    limits: dict[str, Any] | None = None,
+) -> list[float]:
+    """Make ``change`` on instance 0, TRIALS times; how long each other instance took to refuse."""
+    seen: list[float] = []
+    for _ in range(TRIALS):
+        issued = cluster.issue(**(limits or {}))
+        for n in range(3):
+            assert cluster.call(issued["token"], on=n) == (200, None)  # cached everywhere
+        change(issued)
+        changed_at = time.monotonic()
+        # The instance that took the change refuses the very next request.
+        assert cluster.call(issued["token"], on=0) == refusal
+        for n in (1, 2):
+            while (answer := cluster.call(issued["token"], on=n)) != refusal:
+                assert answer == (200, None), answer
+                assert time.monotonic() - changed_at < 1.0, f"instance {n} still admits after 1 s"
+                time.sleep(0.002)
+            seen.append(time.monotonic() - changed_at)
+    return seen
+
+
+def test_every_management_change_reaches_every_instance_within_a_second(cluster: Cluster) -> None:
+    revoked = propagation_seconds(
+        cluster,
+        lambda t: cluster.manage("DELETE", f"/tokens/{t['id']}"),
+        (401, "token_inactive"),
+    )
+    deactivated = propagation_seconds(
+        cluster,
+        lambda t: cluster.manage("PATCH", f"/tokens/{t['id']}", {"is_active": False}),
+        (401, "token_inactive"),
+    )
+    project_deleted = propagation_seconds(
+        cluster,
+        lambda t: cluster.manage("DELETE", f"/projects/{t['project_id']}"),
+        (401, "token_not_found"),
+    )
+    quota_cut = propagation_seconds(
+        cluster,
+        lambda t: cluster.manage("PATCH", f"/tokens/{t['id']}", {"max_requests": 3}),
+        (429, "quota_exceeded"),
+        limits={"max_requests": 100},
+    )
+    for name, times in [
+        ("revocation", revoked),
+        ("deactivation", deactivated),
+        ("project deletion", project_deleted),
+        ("quota edit", quota_cut),
+    ]:
+        print(
+            f"pushed {name}: median {statistics.median(times) * 1000:.1f} ms,"
+            f" max {max(times) * 1000:.1f} ms over {len(times)}"
+        )
+        assert max(times) < 1.0
+
+
+def test_without_push_the_polled_feed_still_delivers_within_a_second(
+    postgres_url: str, redis_server: RedisServer, upstream: MockUpstream, tmp_path: Path
+) -> None:
+    instances = start_cluster(
+        tmp_path, upstream, postgres_url, redis_server.url, CHANGE_FEED_PUSH="off"
+    )
+    try:
+        cluster = Cluster(instances)
+        times = propagation_seconds(
+            cluster,
+            lambda t: cluster.manage("DELETE", f"/tokens/{t['id']}"),
+            (401, "token_inactive"),
+        )
+        print(
+            f"polled revocation: median {statistics.median(times) * 1000:.1f} ms,"
+            f" max {max(times) * 1000:.1f} ms over {len(times)}"
+        )
+        assert max(times) < 1.0
+        metrics = http_text(f"{instances[1].base_url}/metrics")
+        assert "llm_proxy_change_push_connected 0.0" in metrics
+    finally:
+        for instance in instances:
+            instance.stop(timeout=10)
+
+
+def test_max_requests_is_exact_across_three_instances(cluster: Cluster) -> None:
+    project_id = cluster.manage("POST", "/projects", {"name": "p", "api_key": "sk-up"})["id"]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        for _ in range(TRIALS):
+            token = cluster.issue(project_id, max_requests=10)
+            value = token["token"]
+            answers = list(pool.map(lambda n, v=value: cluster.call(v, on=n % 3), range(64)))
+            assert answers.count((200, None)) == 10, answers
+            assert answers.count((429, "quota_exceeded")) == 54
+            assert cluster.manage("GET", f"/tokens/{token['id']}")["request_count"] == 10
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def own_database(own_postgres: PostgresServer) -> Iterator[str]:
+    with own_postgres.database() as url:
+        yield url
+
+
+def test_revoked_tokens_stay_refused_through_lost_listeners_and_a_database_restart(
+    own_postgres: PostgresServer,
+    own_database: str,
+    redis_server: RedisServer,
+    upstream: MockUpstream,
+    tmp_path: Path,
+) -> None:
+    staleness = 1.0
+    bound = 1.0 + staleness  # the promise: refused everywhere after this, whatever happened
+    instances = start_cluster(
+        tmp_path, upstream, own_database, redis_server.url, REVOCATION_MAX_STALENESS="1s"
+    )
+    cluster = Cluster(instances)
+    database = own_database.rsplit("/", 1)[1]
+    try:
+        for round_ in range(6):
+            issued = cluster.issue()
+            for n in range(3):
+                assert cluster.call(issued["token"], on=n) == (200, None)
+            cluster.manage("DELETE", f"/tokens/{issued['id']}")
+            revoked_at = time.monotonic()
+            if round_ % 2 == 0:
+                own_postgres.terminate_backends(database, application_name="llm-proxy-listen")
+                back_at = revoked_at
+            else:
+                own_postgres.stop()  # before the instances may have heard of the revocation
+                restart = threading.Timer(1.5, own_postgres.start)
+                restart.start()
+                back_at = revoked_at + 1.5
+            # From the bound on, and through the outage and the recovery, nothing is admitted.
+            time.sleep(max(0.0, revoked_at + bound - time.monotonic()))
+            codes: set[tuple[int, str | None]] = set()
+            while time.monotonic() < max(back_at, revoked_at + bound) + 2.0:
+                for n in range(3):
+                    answer = cluster.call(issued["token"], on=n)
+                    assert answer[0] != 200, (
+                        f"round {round_}: instance {n} admitted a revoked token"
+                    )
+                    codes.add(answer)
+                time.sleep(0.01)
+            if round_ % 2:
+                restart.join()
+                # Refused for the right reason once the database is back.
+                assert (401, "token_inactive") in codes, codes
+    finally:
+        for instance in instances:
+            instance.stop(timeout=10)
+
+
+def http_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def test_redis_down_keeps_unlimited_tokens_working_and_loses_no_event(
+    postgres_url: str, redis_server: RedisServer, upstream: MockUpstream, tmp_path: Path
+) -> None:
+    instances = start_cluster(tmp_path, upstream, postgres_url, redis_server.url)
+    events_file = tmp_path / "dispatched.jsonl"
+    dispatcher: Process = spawn(
+        cli_command("dispatcher", "--service", "file", "--path", str(events_file)),
+        clean_env(
+            LLM_PROXY_EVENT_BUS="redis", REDIS_URL=redis_server.url, DATA_DIR=str(tmp_path / "d")
+        ),
+        tmp_path,
+        "dispatcher",
+    )
+    cluster = Cluster(instances)
+    sent: list[int] = []
+    try:
+        unlimited = cluster.issue()["token"]
+        limited = cluster.issue(max_requests=1000)["token"]  # held in PostgreSQL, which is up
+
+        def traffic(count: int) -> None:
+            for n in range(count):
+                for token in (unlimited, limited):
+                    assert cluster.call(token, on=n % 3) == (200, None)
+                    sent.append(1)
+
+        traffic(10)
+        redis_server.stop()
+        traffic(20)  # every request still answered while events wait in each instance's spool
+        redis_server.start()  # back, and empty (no persistence)
+        traffic(10)
+
+        def delivered() -> int:
+            if not events_file.exists():
+                return 0
+            return sum(1 for line in events_file.read_bytes().splitlines() if orjson.loads(line))
+
+        deadline = time.monotonic() + 30
+        while delivered() < len(sent):
+            assert time.monotonic() < deadline, f"{delivered()} of {len(sent)} events delivered"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert delivered() == len(sent)  # each exactly once
+    finally:
+        dispatcher.stop(timeout=10)
+        for instance in instances:
+            instance.stop(timeout=10)
