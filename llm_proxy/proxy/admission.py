@@ -270,6 +270,8 @@ class TokenAuthority:
         failing = False
         while True:
             timeout = pushed_poll_seconds if self.push_connected else poll_seconds
+            # Read at least twice per staleness window, or a quiet feed would look stale.
+            timeout = min(timeout, self._max_staleness / 2)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()

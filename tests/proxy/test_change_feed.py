@@ -163,3 +163,21 @@ def _sample(metrics: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not on the metrics page")
+
+
+async def test_a_quiet_feed_is_read_often_enough_never_to_look_stale(
+    postgres_url: str, proxy_factory: Any
+) -> None:
+    """A staleness window shorter than the timer's period shortens the period, not the cache."""
+    proxy: Proxy = await proxy_factory(
+        database_url=postgres_url, revocation_max_staleness=0.4, **NO_TIMER
+    )
+    await until(lambda: pushed(proxy), 5, "the push channel")
+    token = await proxy.token()
+    assert await status_of(proxy, token) == (200, None)
+    stale_checks, hits = STATS.cache_stale_checks, STATS.cache_hits
+    await asyncio.sleep(1.0)  # no change anywhere: nothing is pushed
+    for _ in range(3):
+        assert await status_of(proxy, token) == (200, None)
+    assert STATS.cache_stale_checks == stale_checks
+    assert STATS.cache_hits == hits + 3
