@@ -23,13 +23,16 @@ from tests.processes import free_port
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *, durable: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         self.binary = binary
         self.directory = directory
         self.port = port or free_port()
+        # durable: every write is in the append-only file before Redis acknowledges it, so a
+        # restart keeps the streams and consumer groups, as a production Redis would.
+        self.durable = durable
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,7 +51,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.durable else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.directory),
                 "--logfile",
