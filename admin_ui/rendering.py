@@ -9,11 +9,12 @@ from typing import Any
 
 import aiohttp_jinja2
 import jinja2
+import orjson
 from aiohttp import web
 
 from admin_ui.navigation import notice_text
 from admin_ui.state import state
-from llm_proxy.models import Token, utcnow
+from llm_proxy.models import NANOS_PER_USD, Token, utcnow
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -68,8 +69,46 @@ def quota_percent(token: Token) -> int:
     return min(100, round(100 * token.request_count / token.max_requests))
 
 
+def dollars(nanos: int | None) -> str:
+    """Money as people read it: ``$12.50``, ``$1,250.00``; a fraction of a cent in full,
+    ``$0.000042``, so a small spend never reads as nothing."""
+    if nanos is None:
+        return "—"
+    whole, rest = divmod(nanos, NANOS_PER_USD)
+    cent = NANOS_PER_USD // 100
+    if rest % cent == 0:
+        return f"${whole:,}.{rest // cent:02d}"
+    return f"${whole:,}.{rest:09d}".rstrip("0")
+
+
+def budget_percent(token: Token) -> int:
+    if not token.budget_nanousd:
+        return 0
+    return min(100, round(100 * token.spent_nanousd / token.budget_nanousd))
+
+
+def rate_limits(token: Token) -> str:
+    """``60 rpm · 10,000 tpm``; empty without either."""
+    parts = []
+    if token.rpm is not None:
+        parts.append(f"{token.rpm:,} rpm")
+    if token.tpm is not None:
+        parts.append(f"{token.tpm:,} tpm")
+    return " · ".join(parts)
+
+
+def json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+
+
 def setup_templates(app: web.Application) -> None:
-    filters: dict[str, Callable[..., str]] = {"when": when, "iso": iso, "span": span}
+    filters: dict[str, Callable[..., str]] = {
+        "when": when,
+        "iso": iso,
+        "span": span,
+        "dollars": dollars,
+        "json_text": json_text,
+    }
     env = aiohttp_jinja2.setup(
         app,
         app_key=JINJA,
@@ -80,7 +119,13 @@ def setup_templates(app: web.Application) -> None:
         lstrip_blocks=True,
         filters=filters,
     )
-    env.globals.update(ago=ago, countdown=countdown, quota_percent=quota_percent)
+    env.globals.update(
+        ago=ago,
+        countdown=countdown,
+        quota_percent=quota_percent,
+        budget_percent=budget_percent,
+        rate_limits=rate_limits,
+    )
 
 
 def render(

@@ -1,7 +1,12 @@
-"""Token pages: issue (value shown once), list, detail with usage, edit quota, revoke."""
+"""Token pages: issue (value shown once), list, detail with usage and spend, edit limits, revoke."""
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
+from typing import Any, cast
+
+import orjson
 from aiohttp import web
 
 from admin_ui import forms
@@ -9,11 +14,17 @@ from admin_ui.navigation import see_other
 from admin_ui.rendering import render
 from admin_ui.state import actor, operations
 from llm_proxy import errors
-from llm_proxy.control.operations import MAX_DURATION_MINUTES
+from llm_proxy.control import validation
+from llm_proxy.control.operations import (
+    MAX_COUNT,
+    MAX_DURATION_MINUTES,
+    MAX_TOKEN_METADATA_BYTES,
+    LimitChanges,
+)
+from llm_proxy.control.validation import MISSING
 from llm_proxy.errors import InvalidField
-from llm_proxy.models import Project, Token, utcnow
+from llm_proxy.models import NANOS_PER_USD, Project, Token, nanousd, utcnow
 
-MAX_REQUESTS_LIMIT = 2**62
 STATUSES = ("active", "expired", "revoked", "exhausted")
 # Offered in the duration box; any whole number of minutes in range is accepted.
 DURATION_PRESETS = (
@@ -24,6 +35,81 @@ DURATION_PRESETS = (
     (10080, "7 days"),
     (43200, "30 days"),
 )
+LIMIT_FIELDS = ("max_requests", "rpm", "tpm", "budget_usd", "allowed_models")
+ISSUE_FIELDS = ("duration_minutes", *LIMIT_FIELDS, "metadata")
+_AMOUNT = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+# -- form fields ---------------------------------------------------------------------------------
+# Text typed into boxes, checked by the API's own validation so the messages are the same.
+
+
+def _dollars(form: forms.Form, key: str) -> float | None:
+    """An amount such as ``12.50``, ``$1,000`` or ``0.25``; blank means None."""
+    raw = form.get(key, "").strip().removeprefix("$").strip().replace(",", "").replace("_", "")
+    if not raw:
+        return None
+    if len(raw) > 30 or not _AMOUNT.fullmatch(raw):
+        raise InvalidField(key, "must be an amount in US dollars, e.g. 12.50")
+    value: float = validation.dollars({key: float(raw)}, key)
+    return value
+
+
+def _patterns(form: forms.Form, key: str) -> list[str] | None:
+    """Model globs separated by commas or line breaks; none means None (any model)."""
+    typed = [part.strip() for line in form.get(key, "").splitlines() for part in line.split(",")]
+    given = [part for part in typed if part]
+    if not given:
+        return None
+    value: list[str] = validation.patterns({key: given}, key)
+    return value
+
+
+def _metadata(form: forms.Form, key: str) -> dict[str, Any]:
+    raw = form.get(key, "").strip()
+    if not raw:
+        return {}
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidField(key, 'must be a JSON object, e.g. {"team": "search"}') from None
+    value = validation.mapping({key: parsed}, key, max_bytes=MAX_TOKEN_METADATA_BYTES)
+    return {} if value is MISSING else cast(dict[str, Any], value)
+
+
+def _limits(form: forms.Form) -> LimitChanges:
+    """The limits posted; a blank box clears its limit, a box not posted leaves it alone."""
+    limits: LimitChanges = {}
+    for key in ("max_requests", "rpm", "tpm"):
+        if key in form:
+            count = forms.number(form, key, minimum=1, maximum=MAX_COUNT, required=False)
+            limits[key] = count
+    if "budget_usd" in form:
+        limits["budget_usd"] = _dollars(form, "budget_usd")
+    if "allowed_models" in form:
+        limits["allowed_models"] = _patterns(form, "allowed_models")
+    return limits
+
+
+def plain_dollars(nanos: int | None) -> str:
+    """An amount as typed into a box: ``12.5``, ``0.000001``; no limit is blank."""
+    if nanos is None:
+        return ""
+    return format(Decimal(nanos) / NANOS_PER_USD, "f")
+
+
+def limit_values(token: Token) -> dict[str, str]:
+    """What the limits form shows for a token's current limits."""
+    return {
+        "max_requests": "" if token.max_requests is None else str(token.max_requests),
+        "rpm": "" if token.rpm is None else str(token.rpm),
+        "tpm": "" if token.tpm is None else str(token.tpm),
+        "budget_usd": plain_dollars(token.budget_nanousd),
+        "allowed_models": "\n".join(token.allowed_models or ()),
+    }
+
+
+# -- issuing -------------------------------------------------------------------------------------
 
 
 def _token_form(
@@ -49,7 +135,9 @@ def _token_form(
 
 async def token_new(request: web.Request) -> web.Response:
     project = await operations(request).get_project(request.match_info["project_id"])
-    return _token_form(request, project, {"duration_minutes": "60", "max_requests": ""})
+    values = dict.fromkeys(ISSUE_FIELDS, "")
+    values["duration_minutes"] = "60"
+    return _token_form(request, project, values)
 
 
 async def token_issue(request: web.Request) -> web.Response:
@@ -57,14 +145,13 @@ async def token_issue(request: web.Request) -> web.Response:
     ops = operations(request)
     project = await ops.get_project(request.match_info["project_id"])
     form = await forms.read_form(request)
-    values = {key: form.get(key, "") for key in ("duration_minutes", "max_requests")}
+    values = {key: form.get(key, "") for key in ISSUE_FIELDS}
     try:
         duration = forms.number(
             form, "duration_minutes", minimum=1, maximum=MAX_DURATION_MINUTES, required=True
         )
-        max_requests = forms.number(
-            form, "max_requests", minimum=1, maximum=MAX_REQUESTS_LIMIT, required=False
-        )
+        limits = _limits(form)
+        metadata = _metadata(form, "metadata")
     except InvalidField as exc:
         return _token_form(request, project, values, exc, 400)
     assert duration is not None  # required=True
@@ -73,7 +160,8 @@ async def token_issue(request: web.Request) -> web.Response:
             actor(request),
             project_id=project.id,
             duration_minutes=duration,
-            max_requests=max_requests,
+            **limits,
+            metadata=metadata,
         )
     except errors.ProjectInactive:
         problem = errors.ProjectInactive(
@@ -95,6 +183,9 @@ async def token_issue(request: web.Request) -> web.Response:
     return response
 
 
+# -- showing and changing ------------------------------------------------------------------------
+
+
 async def token_list(request: web.Request) -> web.Response:
     ops = operations(request)
     status = request.query.get("status", "")
@@ -114,7 +205,10 @@ async def token_list(request: web.Request) -> web.Response:
 
 
 async def _token_page(
-    request: web.Request, token: Token, error: InvalidField | None = None, quota: str = ""
+    request: web.Request,
+    token: Token,
+    error: InvalidField | None = None,
+    values: dict[str, str] | None = None,
 ) -> web.Response:
     ops = operations(request)
     # Tokens go with their project (ON DELETE CASCADE), so a token always has one.
@@ -123,34 +217,45 @@ async def _token_page(
     return render(
         request,
         "token_detail.html",
-        {"token": token, "project": project, "usage": usage, "error": error, "quota": quota},
+        {
+            "token": token,
+            "project": project,
+            "usage": usage,
+            "error": error,
+            "values": values or limit_values(token),
+        },
         status=400 if error else 200,
     )
 
 
 async def token_detail(request: web.Request) -> web.Response:
     token = await operations(request).get_token(request.match_info["token_id"])
-    quota = "" if token.max_requests is None else str(token.max_requests)
-    return await _token_page(request, token, quota=quota)
+    return await _token_page(request, token)
+
+
+def _changes(token: Token, limits: LimitChanges) -> LimitChanges:
+    """The limits that differ from the token's, so the audit log names only what changed."""
+    shown = token.to_api()
+    changed = {key: value for key, value in limits.items() if value != shown[key]}
+    budget = limits.get("budget_usd")
+    if budget is not None and nanousd(budget) == token.budget_nanousd:
+        changed.pop("budget_usd", None)  # the same budget, typed with other digits
+    return cast(LimitChanges, changed)
 
 
 async def token_quota(request: web.Request) -> web.Response:
-    """Set or clear (blank) the request quota."""
+    """Set or clear (blank) the token's limits: requests, rates, budget, models."""
     ops = operations(request)
     token = await ops.get_token(request.match_info["token_id"])
     form = await forms.read_form(request)
     try:
-        max_requests = forms.number(
-            form, "max_requests", minimum=1, maximum=MAX_REQUESTS_LIMIT, required=False
-        )
+        limits = _limits(form)
     except InvalidField as exc:
-        return await _token_page(request, token, exc, form.get("max_requests", ""))
-    await ops.update_token(
-        actor(request),
-        token.id,
-        max_requests=max_requests,
-        clear_max_requests=max_requests is None,
-    )
+        values = {**limit_values(token), **{k: form[k] for k in LIMIT_FIELDS if k in form}}
+        return await _token_page(request, token, exc, values)
+    changes = _changes(token, limits)
+    if changes:
+        await ops.update_token(actor(request), token.id, limits=changes)
     see_other(request, "token", token_id=token.id, notice="quota_updated")
 
 

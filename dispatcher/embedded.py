@@ -11,6 +11,7 @@ from dispatcher.backends.usage import UsageBackend
 from dispatcher.worker import Worker, WorkerSettings
 from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.pipeline import EventPipeline, start_event_pipeline
+from llm_proxy.pricing import PriceHolder
 from llm_proxy.store import Store
 
 
@@ -78,12 +79,17 @@ async def start_usage_aggregation(
 
 
 async def start_events_here(
-    config: EventsConfig, store: Store, *, file_event_log: Path | None
+    config: EventsConfig,
+    store: Store,
+    *,
+    file_event_log: Path | None,
+    prices: PriceHolder | None = None,
 ) -> EventPipeline:
     """The event pipeline with its in-process dispatchers: usage aggregation, and the file log
     when asked. Run by the events process (and by the server itself with
-    ``event_build_in="thread"``). Nothing is left running if a dispatcher cannot start."""
-    pipeline = await start_event_pipeline(config)
+    ``event_build_in="thread"``). Nothing is left running if a dispatcher cannot start.
+    ``prices`` (reloadable) give the events' ``cost_usd``."""
+    pipeline = await start_event_pipeline(config, prices)
     try:
         await start_usage_aggregation(pipeline, store, data_dir=config.data_dir)
         if file_event_log is not None:

@@ -11,6 +11,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+NANOS_PER_USD = 1_000_000_000
+
+
+def usd(nanos: int | None) -> float | None:
+    """Nano-dollars (how money is kept: integers add up exactly) as US dollars."""
+    return None if nanos is None else round(nanos / NANOS_PER_USD, 9)
+
+
+def nanousd(dollars: float) -> int:
+    return round(dollars * NANOS_PER_USD)
+
+
 def isoformat(moment: datetime | None) -> str | None:
     """RFC 3339 UTC with a ``Z``, the one timestamp format of every API answer."""
     if moment is None:
@@ -54,6 +66,23 @@ class Token:
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None = None
+    rpm: int | None = None  # admitted requests in any rolling 60 s
+    tpm: int | None = None  # prompt + completion tokens in any rolling 60 s
+    budget_nanousd: int | None = None  # lifetime spend cap
+    spent_nanousd: int = 0  # settled spend
+    reserved_nanousd: int = 0  # held for requests in flight (when the store holds reservations)
+    allowed_models: tuple[str, ...] | None = None  # globs; None: any model
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_limits(self) -> bool:
+        """Whether admitting a request must count something shared (never per instance)."""
+        return (
+            self.max_requests is not None
+            or self.rpm is not None
+            or self.tpm is not None
+            or self.budget_nanousd is not None
+        )
 
     def status(self, now: datetime) -> str:
         if not self.is_active:
@@ -61,6 +90,8 @@ class Token:
         if now >= self.expires_at:
             return "expired"
         if self.max_requests is not None and self.request_count >= self.max_requests:
+            return "exhausted"
+        if self.budget_nanousd is not None and self.spent_nanousd >= self.budget_nanousd:
             return "exhausted"
         return "active"
 
@@ -75,6 +106,16 @@ class Token:
             "created_at": isoformat(self.created_at),
             "last_used_at": isoformat(self.last_used_at),
             "revoked_at": isoformat(self.revoked_at),
+            "status": self.status(utcnow()),
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "budget_usd": usd(self.budget_nanousd),
+            "spent_usd": usd(self.spent_nanousd),
+            "reserved_usd": usd(self.reserved_nanousd),
+            "allowed_models": list(self.allowed_models)
+            if self.allowed_models is not None
+            else None,
+            "metadata": self.metadata,
         }
 
 
@@ -144,6 +185,18 @@ class RevokeCounts:
     total_tokens: int
 
 
+RATE_WINDOW_MICROS = 60_000_000  # rpm and tpm count over any rolling 60 s
+
+
+@dataclass(frozen=True, slots=True)
+class RateSlot:
+    """The answer of the rpm window: admitted at ``at_micros``, or refused for ``retry_after``."""
+
+    admitted: bool
+    at_micros: int = 0  # when the slot was taken (to give it back), epoch microseconds
+    retry_after: float = 0.0  # seconds until the oldest request in the window leaves it
+
+
 @dataclass(frozen=True, slots=True)
 class UsageDelta:
     """Requests admitted in this process since the last flush, for tokens without a quota."""
@@ -174,6 +227,7 @@ class UsageRollup:
     total_tokens: int
     errors: int
     last_used_at: datetime
+    cost_nanousd: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +240,11 @@ class UsageTotals:
     total_tokens: int = 0
     errors: int = 0
     last_used_at: datetime | None = None
+    cost_nanousd: int = 0
 
     def to_api(self) -> dict[str, Any]:
         return {
+            "cost_usd": usd(self.cost_nanousd),
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,

@@ -38,6 +38,14 @@ TOKEN_FIELDS = frozenset(
         "max_requests",
         "created_at",
         "last_used_at",
+        "status",
+        "rpm",
+        "tpm",
+        "budget_usd",
+        "spent_usd",
+        "reserved_usd",
+        "allowed_models",
+        "metadata",
     }
 )
 
@@ -111,10 +119,16 @@ class Proxy:
         return str(body["id"])
 
     async def issue_token(
-        self, project_id: str | None = None, *, minutes: int = 60, max_requests: int | None = None
+        self,
+        project_id: str | None = None,
+        *,
+        minutes: int = 60,
+        max_requests: int | None = None,
+        **limits: Any,
     ) -> dict[str, Any]:
+        """Issue a token; ``limits`` are further fields of the request (rpm, allowed_models, …)."""
         project_id = project_id or await self.create_project()
-        payload: dict[str, Any] = {"project_id": project_id, "duration_minutes": minutes}
+        payload: dict[str, Any] = {"project_id": project_id, "duration_minutes": minutes, **limits}
         if max_requests is not None:
             payload["max_requests"] = max_requests
         status, body = await self.manage("POST", "/tokens", payload)

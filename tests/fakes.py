@@ -41,7 +41,11 @@ async def _record(request: web.Request, handler: web.Handler) -> web.StreamRespo
     request.app[UPSTREAM_LOG].requests.append(
         Seen(request.method, request.raw_path, dict(request.headers), body)
     )
-    return await handler(request)
+    response = await handler(request)
+    if not response.prepared:
+        # As OpenAI does: the proxy must pass its own rate-limit headers through untouched.
+        response.headers["x-ratelimit-remaining-requests"] = "499"
+    return response
 
 
 async def _slow_head(request: web.Request) -> web.Response:

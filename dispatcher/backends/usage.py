@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from dispatcher.backends import Rejection
 from llm_proxy.events.event import Event, parse_rfc3339, rfc3339
-from llm_proxy.models import UsageRollup, hour_start
+from llm_proxy.models import UsageRollup, hour_start, nanousd
 from llm_proxy.store import Store
 
 
@@ -22,6 +22,15 @@ def _count(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise TypeError(f"not a token count: {value!r}")
     return value
+
+
+def _cost(value: object) -> int:
+    """An event's ``cost_usd`` in nano-dollars; an unpriced model (null) adds nothing."""
+    if value is None:
+        return 0
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1e9:
+        raise TypeError(f"not a cost: {value!r}")
+    return nanousd(value)
 
 
 def _text(value: object) -> str:
@@ -56,6 +65,7 @@ class _Tally:
     completion_tokens: int = 0
     total_tokens: int = 0
     errors: int = 0
+    cost_nanousd: int = 0
 
 
 def fold(events: Sequence[Event]) -> tuple[list[UsageRollup], dict[int, Rejection]]:
@@ -63,6 +73,7 @@ def fold(events: Sequence[Event]) -> tuple[list[UsageRollup], dict[int, Rejectio
 
     An event is an error when it carries one (the proxy's own, or the client going away) or its
     status is 4xx/5xx. ``last_used_at`` is when the request started, as for the token itself.
+    Spend adds up the events' ``cost_usd`` as exact nano-dollars.
     """
     # Timestamps are compared and grouped as text; only one per hour, and one per tally at the
     # end, becomes a datetime (parsing each event's took a third of the fold).
@@ -81,6 +92,7 @@ def fold(events: Sequence[Event]) -> tuple[list[UsageRollup], dict[int, Rejectio
             prompt = _count(usage["prompt_tokens"]) if usage else 0
             completion = _count(usage["completion_tokens"]) if usage else 0
             total = _count(usage["total_tokens"]) if usage else 0
+            cost = _cost(event.get("cost_usd"))
             failed = event["error"] is not None or event["status"] >= 400
         except (KeyError, TypeError, ValueError) as exc:
             # Retrying cannot make it countable; the worker dead-letters it.
@@ -93,6 +105,7 @@ def fold(events: Sequence[Event]) -> tuple[list[UsageRollup], dict[int, Rejectio
         tally.prompt_tokens += prompt
         tally.completion_tokens += completion
         tally.total_tokens += total
+        tally.cost_nanousd += cost
         tally.errors += int(failed)
         tally.last_stamp = max(tally.last_stamp, stamp)
     rows = [
@@ -106,6 +119,7 @@ def fold(events: Sequence[Event]) -> tuple[list[UsageRollup], dict[int, Rejectio
             total_tokens=t.total_tokens,
             errors=t.errors,
             last_used_at=_moment(t.last_stamp),
+            cost_nanousd=t.cost_nanousd,
         )
         for (token_id, hour), t in tallies.items()
     ]

@@ -8,6 +8,7 @@ The common options (``--manage-api-base-url``, ``--management-token``, ``--json`
 from __future__ import annotations
 
 import json
+import math
 import sys
 import urllib.error
 import urllib.parse
@@ -34,6 +35,23 @@ class ClientOptions:
 
 class ManageError(click.ClickException):
     """Printed as one line and exits 1."""
+
+
+class OptionError(click.ClickException):
+    """An option's value is wrong, found before anything is sent: one line, exit 2 like click's
+    own usage errors."""
+
+    exit_code = 2
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise OptionError(f"{option}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise OptionError(f'{option}: must be a JSON object, e.g. \'{{"team": "search"}}\'')
+    return value
 
 
 def _common_options(func: F) -> F:
@@ -160,7 +178,17 @@ def project() -> None:
 
 
 PROJECT_COLUMNS = ["id", "name", "is_active", "api_key", "created_at"]
-TOKEN_COLUMNS = ["id", "project_id", "is_active", "expires_at", "request_count", "max_requests"]
+TOKEN_COLUMNS = [
+    "id",
+    "project_id",
+    "status",
+    "is_active",
+    "expires_at",
+    "request_count",
+    "max_requests",
+    "spent_usd",
+    "budget_usd",
+]
 
 
 @project.command("create")
@@ -185,10 +213,7 @@ def project_create(
     if description is not None:
         body["description"] = description
     if metadata is not None:
-        try:
-            body["metadata"] = json.loads(metadata)
-        except ValueError:
-            raise click.BadParameter("not valid JSON", param_hint="--metadata") from None
+        body["metadata"] = _json_object(metadata, "--metadata")
     _emit(opts, _call(opts, "POST", "/manage/projects", body))
 
 
@@ -269,12 +294,58 @@ def token() -> None:
     """Withering tokens: short-lived, revocable, with an optional request quota."""
 
 
+def _limit_options(func: F) -> F:
+    """The limits ``generate`` sets and ``update`` changes (the server checks their ranges)."""
+    func = click.option(
+        "--allowed-model",
+        "allowed_models",
+        multiple=True,
+        metavar="GLOB",
+        help="A model the token may use, as a glob (e.g. 'gpt-4o*'); repeat for several.",
+    )(func)
+    func = click.option(
+        "--budget-usd",
+        type=float,
+        default=None,
+        help="Lifetime spend limit in US dollars (e.g. 5 or 0.25).",
+    )(func)
+    func = click.option(
+        "--tpm", type=int, default=None, help="Tokens (prompt + completion) per rolling minute."
+    )(func)
+    func = click.option("--rpm", type=int, default=None, help="Requests per rolling minute.")(func)
+    func = click.option(
+        "--max-requests", type=int, default=None, help="Requests over the token's lifetime."
+    )(func)
+    return func
+
+
+def _limits_body(
+    max_requests: int | None,
+    rpm: int | None,
+    tpm: int | None,
+    budget_usd: float | None,
+    allowed_models: tuple[str, ...],
+) -> dict[str, Any]:
+    if budget_usd is not None and not math.isfinite(budget_usd):
+        raise OptionError("--budget-usd: must be a number of dollars")
+    given = {"max_requests": max_requests, "rpm": rpm, "tpm": tpm, "budget_usd": budget_usd}
+    body: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+    if allowed_models:
+        body["allowed_models"] = list(allowed_models)
+    return body
+
+
 @token.command("generate")
 @click.option("--project-id", required=True)
 @click.option(
     "--duration", "duration_minutes", type=int, default=60, help="Lifetime in minutes (1..525600)."
 )
-@click.option("--max-requests", type=int, default=None, help="Request quota.")
+@_limit_options
+@click.option(
+    "--metadata",
+    default=None,
+    help='A JSON object kept with the token, e.g. \'{"user": "ada"}\'; fixed once issued.',
+)
 @_common_options
 @click.pass_context
 def token_generate(
@@ -283,13 +354,22 @@ def token_generate(
     project_id: str,
     duration_minutes: int,
     max_requests: int | None,
+    rpm: int | None,
+    tpm: int | None,
+    budget_usd: float | None,
+    allowed_models: tuple[str, ...],
+    metadata: str | None,
     **o: Any,
 ) -> None:
     """Issue a token; its value is shown only now."""
     opts = _options(ctx, o)
-    body: dict[str, Any] = {"project_id": project_id, "duration_minutes": duration_minutes}
-    if max_requests is not None:
-        body["max_requests"] = max_requests
+    body: dict[str, Any] = {
+        "project_id": project_id,
+        "duration_minutes": duration_minutes,
+        **_limits_body(max_requests, rpm, tpm, budget_usd, allowed_models),
+    }
+    if metadata is not None:
+        body["metadata"] = _json_object(metadata, "--metadata")
     _emit(opts, _call(opts, "POST", "/manage/tokens", body))
 
 
@@ -341,3 +421,54 @@ def token_revoke(
         click.echo(json.dumps({"revoked": token_id or True}))
     else:
         click.echo(f"Revoked {target}.")
+
+
+@token.command("update")
+@click.argument("token_id")
+@click.option("--active/--inactive", "is_active", default=None, help="Reactivate or deactivate.")
+@_limit_options
+@click.option("--no-max-requests", is_flag=True, help="Remove the lifetime request limit.")
+@click.option("--no-rpm", is_flag=True, help="Remove the requests-per-minute limit.")
+@click.option("--no-tpm", is_flag=True, help="Remove the tokens-per-minute limit.")
+@click.option("--no-budget", is_flag=True, help="Remove the spend limit.")
+@click.option("--any-model", is_flag=True, help="Allow every model again.")
+@_common_options
+@click.pass_context
+def token_update(
+    ctx: click.Context,
+    /,
+    token_id: str,
+    is_active: bool | None,
+    max_requests: int | None,
+    rpm: int | None,
+    tpm: int | None,
+    budget_usd: float | None,
+    allowed_models: tuple[str, ...],
+    no_max_requests: bool,
+    no_rpm: bool,
+    no_tpm: bool,
+    no_budget: bool,
+    any_model: bool,
+    **o: Any,
+) -> None:
+    """Change a token's state or limits; options left out keep their value."""
+    opts = _options(ctx, o)
+    body = _limits_body(max_requests, rpm, tpm, budget_usd, allowed_models)
+    clears = {
+        "max_requests": ("--no-max-requests", no_max_requests),
+        "rpm": ("--no-rpm", no_rpm),
+        "tpm": ("--no-tpm", no_tpm),
+        "budget_usd": ("--no-budget", no_budget),
+        "allowed_models": ("--any-model", any_model),
+    }
+    for field, (flag, clear) in clears.items():
+        if not clear:
+            continue
+        if field in body:
+            raise click.UsageError(f"{flag} contradicts setting {field}: give one or the other")
+        body[field] = None
+    if is_active is not None:
+        body["is_active"] = is_active
+    if not body:
+        raise click.UsageError("nothing to update: give at least one option")
+    _emit(opts, _call(opts, "PATCH", f"/manage/tokens/{_quote(token_id)}", body))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -14,7 +14,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from llm_proxy import errors
 from llm_proxy.control import validation
 from llm_proxy.control.openapi import openapi_document
-from llm_proxy.control.operations import Actor, Operations
+from llm_proxy.control.operations import (
+    MAX_COUNT,
+    MAX_TOKEN_METADATA_BYTES,
+    Actor,
+    LimitChanges,
+    Operations,
+)
 from llm_proxy.control.validation import MISSING
 from llm_proxy.models import AuditFilter
 
@@ -219,26 +225,44 @@ async def revoke_project_tokens(request: web.Request) -> web.Response:
 # -- tokens ------------------------------------------------------------------------------------
 
 
+_TOKEN_LIMITS = ("max_requests", "rpm", "tpm", "budget_usd", "allowed_models")
+
+
+def _token_limits(body: dict[str, Any]) -> LimitChanges:
+    """The limits given in a token body: absent ones left out, null ones as None."""
+    given = _given(
+        max_requests=validation.integer(body, "max_requests", minimum=1, maximum=MAX_COUNT),
+        rpm=validation.integer(body, "rpm", minimum=1, maximum=MAX_COUNT),
+        tpm=validation.integer(body, "tpm", minimum=1, maximum=MAX_COUNT),
+        budget_usd=validation.dollars(body, "budget_usd"),
+        allowed_models=validation.patterns(body, "allowed_models"),
+    )
+    return cast(LimitChanges, given)  # each checked to its type just above
+
+
 async def create_token(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    validation.require_known(body, {"project_id", "duration_minutes", "max_requests"})
+    validation.require_known(body, {"project_id", "duration_minutes", "metadata", *_TOKEN_LIMITS})
     project_id = validation.text(body, "project_id", required=True, max_length=100)
     duration = validation.duration_minutes(body)
-    max_requests = validation.integer(body, "max_requests", minimum=1, maximum=2**62)
+    limits = _token_limits(body)
+    metadata = validation.mapping(body, "metadata", max_bytes=MAX_TOKEN_METADATA_BYTES)
     issued = await _ops(request).issue_token(
         _actor(request),
         project_id=project_id,
         duration_minutes=duration,
-        max_requests=None if max_requests is MISSING else max_requests,
+        **limits,
+        **_given(metadata=metadata),
     )
     token = issued.token.to_api()
+    limits_given = {key: token[key] for key in (*_TOKEN_LIMITS, "metadata")}
     return json_response(
         {
             "id": token["id"],
             "token": issued.value,
             "project_id": token["project_id"],
             "expires_at": token["expires_at"],
-            "max_requests": token["max_requests"],
+            **limits_given,
             "created_at": token["created_at"],
         },
         status=201,
@@ -262,17 +286,20 @@ async def get_token(request: web.Request) -> web.Response:
 
 async def update_token(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    validation.require_known(body, {"is_active", "max_requests"})
+    if "metadata" in body:
+        raise errors.InvalidField("metadata", "cannot be changed once the token is issued")
+    validation.require_known(body, {"is_active", *_TOKEN_LIMITS})
     is_active = validation.boolean(body, "is_active")
-    max_requests = validation.integer(body, "max_requests", minimum=1, maximum=2**62)
-    if is_active is MISSING and max_requests is MISSING:
-        raise errors.InvalidRequest("Nothing to update: give is_active and/or max_requests.")
+    limits = _token_limits(body)
+    if is_active is MISSING and not limits:
+        raise errors.InvalidRequest(
+            f"Nothing to update: give at least one of {', '.join(['is_active', *_TOKEN_LIMITS])}."
+        )
     token = await _ops(request).update_token(
         _actor(request),
         request.match_info["token_id"],
         is_active=None if is_active is MISSING else is_active,
-        max_requests=None if max_requests is MISSING else max_requests,
-        clear_max_requests=max_requests is None,
+        limits=limits,
     )
     return json_response(token.to_api())
 

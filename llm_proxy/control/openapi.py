@@ -10,6 +10,14 @@ from functools import cache
 from typing import Any
 
 from llm_proxy import __version__
+from llm_proxy.control.operations import (
+    MAX_ALLOWED_MODELS,
+    MAX_BUDGET_USD,
+    MAX_COUNT,
+    MAX_DURATION_MINUTES,
+    MAX_MODEL_PATTERN_LENGTH,
+    MAX_TOKEN_METADATA_BYTES,
+)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -48,6 +56,7 @@ _USAGE = {
         " (not the quota counter request_count). Only in the answer of GET by id."
     ),
     "required": [
+        "cost_usd",
         "requests",
         "prompt_tokens",
         "completion_tokens",
@@ -56,6 +65,7 @@ _USAGE = {
         "last_used_at",
     ],
     "properties": {
+        "cost_usd": {"type": "number", "description": "What the requests cost, in US dollars"},
         "requests": {"type": "integer"},
         "prompt_tokens": {"type": "integer"},
         "completion_tokens": {"type": "integer"},
@@ -63,6 +73,51 @@ _USAGE = {
         "errors": {"type": "integer", "description": "Answered with an error or a 4xx/5xx status"},
         "last_used_at": _TS_NULL,
     },
+}
+
+
+def _nullable_count(description: str) -> dict[str, Any]:
+    return {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": MAX_COUNT,
+        "description": description,
+    }
+
+
+# A token's limits as a request sets them (null: no such limit) and as an answer shows them.
+_LIMITS: dict[str, Any] = {
+    "max_requests": _nullable_count("Admitted requests over the token's lifetime"),
+    "rpm": _nullable_count("Admitted requests in any rolling 60 s"),
+    "tpm": _nullable_count("Prompt plus completion tokens in any rolling 60 s"),
+    "budget_usd": {
+        "type": ["number", "null"],
+        "exclusiveMinimum": 0,
+        "maximum": MAX_BUDGET_USD,
+        "description": "Lifetime spend in US dollars, kept to the nano-dollar",
+    },
+    "allowed_models": {
+        "type": ["array", "null"],
+        "minItems": 1,
+        "maxItems": MAX_ALLOWED_MODELS,
+        "items": {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_PATTERN_LENGTH},
+        "description": (
+            "Glob patterns (fnmatch) the request's model must match; null: any model."
+            " Duplicates are dropped, order kept."
+        ),
+    },
+}
+_METADATA = {
+    "type": "object",
+    "description": (
+        f"Free-form JSON object, at most {MAX_TOKEN_METADATA_BYTES} bytes serialised;"
+        " set when the token is issued, not changed afterwards"
+    ),
+}
+_STATUS = {
+    "type": "string",
+    "enum": ["active", "expired", "revoked", "exhausted"],
+    "description": "exhausted: max_requests used up or the budget spent",
 }
 
 _SCHEMAS: dict[str, Any] = {
@@ -131,14 +186,35 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Token": {
         "type": "object",
-        "required": ["id", "project_id", "expires_at", "is_active", "request_count"],
+        "required": [
+            "id",
+            "project_id",
+            "expires_at",
+            "is_active",
+            "status",
+            "request_count",
+            *_LIMITS,
+            "spent_usd",
+            "reserved_usd",
+            "metadata",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
+        ],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "project_id": {"type": "string", "format": "uuid"},
             "expires_at": _TS,
             "is_active": {"type": "boolean"},
+            "status": _STATUS,
             "request_count": {"type": "integer"},
-            "max_requests": {"type": ["integer", "null"]},
+            **_LIMITS,
+            "spent_usd": {"type": "number", "description": "Settled spend in US dollars"},
+            "reserved_usd": {
+                "type": "number",
+                "description": "Held for requests in flight, in US dollars",
+            },
+            "metadata": _METADATA,
             "created_at": _TS,
             "last_used_at": _TS_NULL,
             "revoked_at": _TS_NULL,
@@ -151,19 +227,33 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "project_id": {"type": "string"},
-            "duration_minutes": {"type": "integer", "minimum": 1, "maximum": 525600},
-            "max_requests": {"type": ["integer", "null"], "minimum": 1},
+            "duration_minutes": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_DURATION_MINUTES,
+            },
+            **_LIMITS,
+            "metadata": _METADATA,
         },
     },
     "TokenCreated": {
         "type": "object",
-        "required": ["id", "token", "project_id", "expires_at", "max_requests"],
+        "required": [
+            "id",
+            "token",
+            "project_id",
+            "expires_at",
+            *_LIMITS,
+            "metadata",
+            "created_at",
+        ],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "token": {"type": "string", "description": "Shown once; never returned again"},
             "project_id": {"type": "string"},
             "expires_at": _TS,
-            "max_requests": {"type": ["integer", "null"]},
+            **_LIMITS,
+            "metadata": _METADATA,
             "created_at": _TS,
         },
     },
@@ -171,9 +261,10 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "minProperties": 1,
         "additionalProperties": False,
+        "description": "null clears a limit; metadata cannot be changed",
         "properties": {
             "is_active": {"type": "boolean"},
-            "max_requests": {"type": ["integer", "null"], "minimum": 1},
+            **_LIMITS,
         },
     },
     "Usage": _USAGE,
@@ -292,7 +383,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json(_ref("Token"), "Token"), **not_found, **_AUTH_ERRORS},
             },
             "patch": {
-                "summary": "Activate/deactivate a token or change its quota",
+                "summary": "Activate/deactivate a token or change its limits",
                 "requestBody": _body(_ref("TokenUpdate")),
                 "responses": {
                     "200": _json(_ref("Token"), "Updated"),

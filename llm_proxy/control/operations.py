@@ -7,9 +7,10 @@ evicts what the token cache of this process holds, so the change applies to the 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from llm_proxy import errors
 from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped, mask_key, new_token_value
@@ -22,12 +23,31 @@ from llm_proxy.models import (
     Token,
     UsageTotals,
     hour_start,
+    nanousd,
+    usd,
     utcnow,
 )
 from llm_proxy.proxy.admission import TokenAuthority
 from llm_proxy.store import Store
 
 MAX_DURATION_MINUTES = 525_600
+# What a token may carry, checked where a request enters (API, pages) and published in the OpenAPI
+# document. Counts stay well inside a signed 64-bit column.
+MAX_COUNT = 2**62
+MAX_BUDGET_USD = 1_000_000
+MAX_ALLOWED_MODELS = 100
+MAX_MODEL_PATTERN_LENGTH = 200
+MAX_TOKEN_METADATA_BYTES = 16 * 1024
+
+
+class LimitChanges(TypedDict, total=False):
+    """Limits of a token to change: a limit given as None is cleared, one left out is kept."""
+
+    max_requests: int | None
+    rpm: int | None
+    tpm: int | None
+    budget_usd: float | None
+    allowed_models: Sequence[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +200,11 @@ class Operations:
         project_id: str,
         duration_minutes: int,
         max_requests: int | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        budget_usd: float | None = None,
+        allowed_models: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> IssuedToken:
         project = await self.get_project(project_id)
         if not project.is_active:
@@ -195,7 +220,14 @@ class Operations:
             max_requests=max_requests,
             created_at=now,
             last_used_at=None,
+            rpm=rpm,
+            tpm=tpm,
+            budget_nanousd=None if budget_usd is None else nanousd(budget_usd),
+            allowed_models=None if allowed_models is None else tuple(allowed_models),
+            metadata=metadata or {},
         )
+        # The limits as stored (the budget in whole nano-dollars). Not the metadata: it may be
+        # large, and the token the entry names keeps it.
         entry = actor.entry(
             "token.create",
             "token",
@@ -203,6 +235,10 @@ class Operations:
             project_id,
             duration_minutes=duration_minutes,
             max_requests=max_requests,
+            rpm=rpm,
+            tpm=tpm,
+            budget_usd=usd(token.budget_nanousd),
+            allowed_models=None if allowed_models is None else list(allowed_models),
         )
         await self.store.create_token(token, hash_token(value), entry)
         return IssuedToken(token, value)
@@ -225,22 +261,39 @@ class Operations:
         token_id: str,
         *,
         is_active: bool | None = None,
-        max_requests: int | None = None,
-        clear_max_requests: bool = False,
+        limits: LimitChanges | None = None,
     ) -> Token:
+        limits = limits or {}
         current = await self.get_token(token_id)
         changes: dict[str, Any] = {}
+        # The audit entry names what changed and its new value, in the API's terms.
+        details: dict[str, Any] = {}
         if is_active is not None:
             changes["is_active"] = is_active
             changes["revoked_at"] = None if is_active else (current.revoked_at or utcnow())
-        if max_requests is not None or clear_max_requests:
-            changes["max_requests"] = max_requests
+            details["is_active"] = is_active
+        if "max_requests" in limits:
+            changes["max_requests"] = details["max_requests"] = limits["max_requests"]
+        if "rpm" in limits:
+            changes["rpm"] = details["rpm"] = limits["rpm"]
+        if "tpm" in limits:
+            changes["tpm"] = details["tpm"] = limits["tpm"]
+        if "budget_usd" in limits:
+            budget = limits["budget_usd"]
+            changes["budget_nanousd"] = None if budget is None else nanousd(budget)
+            details["budget_usd"] = usd(changes["budget_nanousd"])
+        if "allowed_models" in limits:
+            models = limits["allowed_models"]
+            changes["allowed_models"] = details["allowed_models"] = (
+                None if models is None else list(models)
+            )
         entry = actor.entry(
             "token.update",
             "token",
             token_id,
             current.project_id,
-            **{k: v for k, v in changes.items() if k != "revoked_at"},
+            changed=sorted(details),
+            **details,
         )
         token = await self.store.update_token(token_id, changes, entry)
         if token is None:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
-from llm_proxy.control.operations import MAX_DURATION_MINUTES
+import orjson
+
+from llm_proxy.control.operations import (
+    MAX_ALLOWED_MODELS,
+    MAX_BUDGET_USD,
+    MAX_DURATION_MINUTES,
+    MAX_MODEL_PATTERN_LENGTH,
+)
 from llm_proxy.errors import InvalidField
+from llm_proxy.models import nanousd
 
 MISSING: Any = object()
 
@@ -60,12 +69,52 @@ def integer(
     return value
 
 
-def mapping(body: dict[str, Any], key: str) -> Any:
+def dollars(body: dict[str, Any], key: str, *, maximum: float = MAX_BUDGET_USD) -> Any:
+    """An amount of US dollars above zero; MISSING when absent, None when explicitly null."""
+    value = body.get(key, MISSING)
+    if value is MISSING or value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidField(key, "must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidField(key, "must be a number")
+    if not 0 < value <= maximum:
+        raise InvalidField(key, f"must be greater than 0 and at most {maximum}")
+    if nanousd(value) < 1:
+        # Money is kept in whole nano-dollars: less would be stored as no budget at all.
+        raise InvalidField(key, "must be at least 0.000000001")
+    return value
+
+
+def patterns(body: dict[str, Any], key: str) -> Any:
+    """A non-empty list of model globs, duplicates dropped in order; MISSING or None as above."""
+    value = body.get(key, MISSING)
+    if value is MISSING or value is None:
+        return value
+    if not isinstance(value, list) or not value:
+        raise InvalidField(key, "must be a non-empty list of model patterns")
+    kept: dict[str, None] = {}
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise InvalidField(key, "every pattern must be a non-empty string")
+        if len(item.strip()) > MAX_MODEL_PATTERN_LENGTH:
+            raise InvalidField(
+                key, f"every pattern must be at most {MAX_MODEL_PATTERN_LENGTH} characters"
+            )
+        kept[item.strip()] = None
+    if len(kept) > MAX_ALLOWED_MODELS:
+        raise InvalidField(key, f"must have at most {MAX_ALLOWED_MODELS} patterns")
+    return list(kept)
+
+
+def mapping(body: dict[str, Any], key: str, *, max_bytes: int | None = None) -> Any:
     value = body.get(key, MISSING)
     if value is MISSING or value is None:
         return MISSING
     if not isinstance(value, dict):
         raise InvalidField(key, "must be a JSON object")
+    if max_bytes is not None and len(orjson.dumps(value)) > max_bytes:
+        raise InvalidField(key, f"must be at most {max_bytes} bytes as JSON")
     return value
 
 

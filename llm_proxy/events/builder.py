@@ -11,8 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from llm_proxy.events import bodies, sse, usage
-from llm_proxy.events.event import Event, rfc3339
+from llm_proxy.events.event import Event, Usage, rfc3339
 from llm_proxy.events.reassemble import reassemble
+from llm_proxy.models import usd
+from llm_proxy.pricing import Prices, cost_nanousd
 from llm_proxy.proxy.exchange import Exchange
 
 # Event ids are unique, not secret: version-4 UUIDs from a PRNG seeded by the OS, instead of an
@@ -32,7 +34,13 @@ def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000.0, 3)
 
 
-def build(exchange: Exchange, *, decoded_limit: int = bodies.DEFAULT_DECODED_LIMIT) -> Event:
+def build(
+    exchange: Exchange,
+    *,
+    prices: Prices | None = None,
+    decoded_limit: int = bodies.DEFAULT_DECODED_LIMIT,
+) -> Event:
+    """The event of ``exchange``; ``prices`` give its ``cost_usd`` (None: no model is priced)."""
     request_raw = exchange.request_body.getvalue()
     request = bodies.show(bodies.Decoded(request_raw, exchange.request_body.truncated), 0)
 
@@ -75,8 +83,25 @@ def build(exchange: Exchange, *, decoded_limit: int = bodies.DEFAULT_DECODED_LIM
         request=request,
         response=response,
         usage=event_usage,
+        cost_usd=_cost_usd(prices, model, event_usage, response),
         upstream_request_id=exchange.upstream_request_id,
         error=exchange.error,
+    )
+
+
+def _cost_usd(
+    prices: Prices | None, model: str | None, event_usage: Usage | None, response: object
+) -> float | None:
+    """What the request cost by the prices in force: None when its model has none, 0 when no
+    tokens were used (an error answer)."""
+    price = prices.lookup(model) if prices is not None else None
+    if price is None:
+        return None
+    if event_usage is None:
+        return 0.0
+    cached = usage.cached_prompt_tokens(response) if event_usage["source"] == "upstream" else 0
+    return usd(
+        cost_nanousd(price, event_usage["prompt_tokens"], cached, event_usage["completion_tokens"])
     )
 
 

@@ -39,11 +39,14 @@ class Event(TypedDict):
     request: object  # parsed JSON body, text, or a "[...]" note when the body could not be shown
     response: object  # same; a stream is reassembled into one completion object
     usage: Usage | None
+    cost_usd: float | None  # by config/prices.yaml; None when the model has no price
     upstream_request_id: str | None  # the provider's own id of the call, for its support
     error: str | None
 
 
 EVENT_FIELDS = frozenset(Event.__annotations__)
+# Events spooled or put on Redis by a version without prices lack a cost; they are still events.
+_REQUIRED_FIELDS = EVENT_FIELDS - {"cost_usd"}
 
 
 class _SecondText:
@@ -93,6 +96,7 @@ def dumps(event: Event) -> bytes:
 def loads(data: bytes | str) -> Event:
     """Parse an event read back from a bus or spool; raises ``ValueError`` when it is not one."""
     value = orjson.loads(data)
-    if not isinstance(value, dict) or not EVENT_FIELDS.issubset(value):
+    if not isinstance(value, dict) or not _REQUIRED_FIELDS.issubset(value):
         raise ValueError("not an instrumentation event")
+    value.setdefault("cost_usd", None)
     return cast(Event, value)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Iterable
+
 import structlog
 from prometheus_client import Counter, Gauge
+
+from llm_proxy.events.event import Event
+from llm_proxy.pricing import Prices
 
 _log = structlog.get_logger(__name__)
 
@@ -21,6 +27,37 @@ REPLAYED = Counter("llm_proxy_events_replayed", "Spooled events replayed into Re
 SPOOL_PENDING = Gauge("llm_proxy_events_spool_pending_bytes", "Spool bytes not yet replayed.")
 QUEUE_DEPTH = Gauge("llm_proxy_events_queue_depth", "Exchanges waiting in the pipeline queue.")
 USAGE = Counter("llm_proxy_events_usage", "Events by where their usage came from.", ["source"])
+# ``model`` is bounded: the glob of config/prices.yaml that priced the event's model, or "other".
+TOKENS = Counter(
+    "llm_proxy_tokens",
+    "Tokens of proxied requests as their events counted them (from the upstream or estimated).",
+    ["model", "kind"],
+)
+COST = Counter(
+    "llm_proxy_cost_usd",
+    "What proxied requests cost in USD, by config/prices.yaml (unpriced models add nothing).",
+    ["model"],
+)
+
+
+def count_spend(events: Iterable[Event], prices: Prices) -> None:
+    """Add a batch of events to ``llm_proxy_tokens_total`` and ``llm_proxy_cost_usd_total``."""
+    tokens: Tally[tuple[str, str]] = Tally()
+    cost: dict[str, float] = {}
+    for event in events:
+        usage, cost_usd = event["usage"], event["cost_usd"]
+        if usage is None and not cost_usd:
+            continue
+        model = prices.label(event["model"])
+        if usage is not None:
+            tokens[model, "prompt"] += max(usage["prompt_tokens"], 0)
+            tokens[model, "completion"] += max(usage["completion_tokens"], 0)
+        if cost_usd:
+            cost[model] = cost.get(model, 0.0) + cost_usd
+    for labels, count in tokens.items():
+        TOKENS.labels(*labels).inc(count)
+    for model, usd in cost.items():
+        COST.labels(model).inc(usd)
 
 
 class Drops:

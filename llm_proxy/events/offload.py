@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -28,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.events import metrics
 from llm_proxy.events.pipe import Launch, frame
+from llm_proxy.pricing import Prices
 from llm_proxy.proxy.exchange import Exchange
 
 log = structlog.get_logger(__name__)
@@ -199,6 +202,17 @@ class EventOffload:
         """The events process's metrics, as of its last status line."""
         text = self._status.get("metrics")
         return list(text_string_to_metric_families(text)) if isinstance(text, str) else []
+
+    # -- reloading ------------------------------------------------------------------------------------
+
+    def prices_reloaded(self, prices: Prices) -> None:
+        """The server reloaded its prices: the events process reloads too (SIGHUP), and one
+        started after a death begins with these."""
+        self._launch = replace(self._launch, prices=prices)
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGHUP)
 
     # -- stopping -------------------------------------------------------------------------------------
 

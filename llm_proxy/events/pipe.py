@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_proxy.events.config import EventsConfig
+from llm_proxy.pricing import Prices
 
 FRAME_HEADER = 4
 
@@ -36,6 +37,8 @@ class Launch:
     log_level: str
     log_format: str
     status_seconds: float = 1.0
+    # The server's prices, and where to read them again on SIGHUP (which the server forwards).
+    prices: Prices = field(default_factory=Prices)
 
 
 def frame(payload: object) -> bytes:

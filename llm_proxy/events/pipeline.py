@@ -28,6 +28,7 @@ from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
+from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy.exchange import Exchange
 
 log = structlog.get_logger(__name__)
@@ -48,15 +49,18 @@ class EventPipeline:
         batch_size: int = 256,
         close_timeout: float = 5.0,
         linger: float = 0.05,
-        build: Callable[[Exchange], Event] = builder.build,
+        build: Callable[[Exchange], Event] | None = None,
+        prices: PriceHolder | None = None,
     ) -> None:
         self.bus = bus
+        # Read once per event: a reload (SIGHUP) prices the events built after it.
+        self.prices = prices if prices is not None else PriceHolder(Prices())
         self._queue: deque[Exchange] = deque()
         self._queue_size = queue_size
         self._batch_size = batch_size
         self._close_timeout = close_timeout
         self._linger = linger
-        self._build = build
+        self._build = build or self._build_priced
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
         self._task: asyncio.Task[None] | None = None
@@ -64,6 +68,9 @@ class EventPipeline:
         self._closing = False
         self._drops = metrics.Drops("events.pipeline_dropped")
         self.published = 0
+
+    def _build_priced(self, exchange: Exchange) -> Event:
+        return builder.build(exchange, prices=self.prices.current)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="event-pipeline")
@@ -126,6 +133,7 @@ class EventPipeline:
         )
         for source, count in sources.items():
             metrics.USAGE.labels(source).inc(count)
+        metrics.count_spend(events, self.prices.current)
         return events
 
     async def close(self) -> None:
@@ -162,14 +170,19 @@ async def open_bus(config: EventsConfig) -> EventBus:
     return MemoryBus(config.memory_maxlen)
 
 
-async def start_event_pipeline(config: EventsConfig) -> EventPipeline:
-    """Open the configured bus and start the pipeline. Redis need not be reachable yet."""
+async def start_event_pipeline(
+    config: EventsConfig, prices: PriceHolder | None = None
+) -> EventPipeline:
+    """Open the configured bus and start the pipeline. Redis need not be reachable yet.
+
+    ``prices`` give the events' ``cost_usd``; without them no model is priced."""
     pipeline = EventPipeline(
         await open_bus(config),
         queue_size=config.queue_size,
         batch_size=config.batch_size,
         close_timeout=config.close_timeout,
         linger=config.linger,
+        prices=prices,
     )
     pipeline.start()
     log.info("events.pipeline_started", bus=config.bus)

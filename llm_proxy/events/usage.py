@@ -39,6 +39,18 @@ def from_upstream(body: object) -> Usage | None:
     )
 
 
+def cached_prompt_tokens(body: object) -> int:
+    """The prompt tokens the upstream served from its prompt cache (part of ``prompt_tokens``):
+    ``prompt_tokens_details.cached_tokens`` (chat, completions), or ``input_tokens_details`` in the
+    Responses API; 0 when it did not say."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0
+    details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return _int(cached) or 0
+
+
 def _endpoint(path: str) -> str:
     path = path.rstrip("/")
     for endpoint in ("chat/completions", "completions", "embeddings", "moderations", "responses"):

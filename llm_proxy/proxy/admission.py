@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+from typing import NoReturn
 
 import structlog
 
 from llm_proxy import errors
 from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped
-from llm_proxy.models import UsageDelta
+from llm_proxy.models import UsageDelta, isoformat
+from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
 
@@ -53,9 +57,37 @@ class Grant:
     upstream_authorization: str  # "Bearer <project key>"; never logged
     loaded_at: float  # monotonic
     exhausted: bool = False
+    allowed_models: tuple[str, ...] | None = None  # globs the body's "model" must match
+    rpm: int | None = None
+    # Answers carry LLM-Proxy-* headers about what is left (tokens with limits only).
+    limited: bool = False
+    expires_at_header: str = ""  # expires_at in RFC 3339, for LLM-Proxy-Token-Expires-At
+    _models_seen: dict[str, bool] = field(default_factory=dict)
+
+    def model_allowed(self, model: object) -> bool:
+        """Whether ``model`` (the body's value) matches one of the token's globs."""
+        if self.allowed_models is None:
+            return True
+        if not isinstance(model, str):
+            return False
+        allowed = self._models_seen.get(model)
+        if allowed is None:
+            allowed = any(fnmatchcase(model, glob) for glob in self.allowed_models)
+            if len(self._models_seen) < 256:  # bounded: the model string is the client's
+                self._models_seen[model] = allowed
+        return allowed
 
     def __repr__(self) -> str:
         return f"Grant(token_id={self.token_id!r}, project_id={self.project_id!r})"
+
+
+@dataclass(slots=True)
+class Admission:
+    """One admitted request: its grant, and what was counted for it (to give back if needed)."""
+
+    grant: Grant
+    remaining_requests: int | None  # for a token with max_requests: how many are left
+    rate_slot: int = 0  # the rpm window's slot taken (epoch microseconds), 0 for none
 
 
 class TokenAuthority:
@@ -66,8 +98,10 @@ class TokenAuthority:
         *,
         cache_seconds: float,
         max_staleness: float = 5.0,
+        rate_windows: RateWindows | None = None,
     ) -> None:
         self._store = store
+        self._rate_windows = rate_windows or StoreRateWindows(store)
         self._cipher = cipher
         self._cache_seconds = cache_seconds
         self._max_staleness = max_staleness
@@ -87,10 +121,18 @@ class TokenAuthority:
 
     # -- the request path ----------------------------------------------------------------------
 
-    async def admit(self, authorization: str | None) -> Grant:
-        """Check a bearer credential and count the request, or raise the error it is refused with."""
+    async def admit(self, authorization: str | None) -> Admission:
+        """Check a bearer credential and count the request, or raise the error it is refused with.
+
+        Limits are checked in the order of their refusals: the rpm window (429 ``rate_limited``,
+        transient), then ``max_requests`` (429 ``quota_exceeded``, permanent). What one took is
+        given back when a later one refuses.
+        """
         grant = await self.check(authorization)
         wall = time.time()
+        slot = 0
+        if grant.rpm is not None:
+            slot = await self._take_rate_slot(grant)
         if grant.max_requests is None:
             tally = self._pending.get(grant.token_id)
             if tally is None:
@@ -98,13 +140,17 @@ class TokenAuthority:
             else:
                 tally[0] += 1
                 tally[1] = wall
-            return grant
-        if grant.exhausted or not await self._claim(grant.token_id, wall):
-            return await self._refused_quota(grant)
-        return grant
+            return Admission(grant, None, slot)
+        count = None if grant.exhausted else await self._claim(grant.token_id, wall, slot)
+        if count is None:
+            await self._give_back_slot(grant.token_id, slot)
+            await self._refused_quota(grant)
+        return Admission(grant, grant.max_requests - count, slot)
 
-    async def release(self, grant: Grant) -> None:
-        """Take back the request :meth:`admit` counted, when it never reached the upstream."""
+    async def release(self, admission: Admission) -> None:
+        """Take back what :meth:`admit` counted, when the request never reached the upstream."""
+        grant = admission.grant
+        await self._give_back_slot(grant.token_id, admission.rate_slot)
         if grant.max_requests is None:
             # The tally may have been written already: a negative one takes the request back.
             self._pending.setdefault(grant.token_id, [0, time.time()])[0] -= 1
@@ -116,6 +162,31 @@ class TokenAuthority:
             log.error("token_authority.store_failed", operation="release", error=str(exc))
             return
         grant.exhausted = False
+
+    async def _take_rate_slot(self, grant: Grant) -> int:
+        try:
+            slot = await self._rate_windows.take(grant.token_id, grant.rpm or 0)
+        except Exception as exc:
+            log.error("token_authority.store_failed", operation="rate", error=str(exc))
+            raise errors.LimitsUnavailable(
+                "The store holding this token's limits is unavailable; retry shortly."
+            ) from None
+        if not slot.admitted:
+            retry_after = max(1, math.ceil(slot.retry_after))
+            raise errors.RateLimited(
+                f"This token allows {grant.rpm} requests per minute; retry in {retry_after} s.",
+                headers={"Retry-After": str(retry_after)},
+            )
+        return slot.at_micros
+
+    async def _give_back_slot(self, token_id: str, slot: int) -> None:
+        if not slot:
+            return
+        try:
+            await self._rate_windows.give_back(token_id, slot)
+        except Exception as exc:
+            # The slot stays taken: a lost refund errs on the side of the limit.
+            log.error("token_authority.store_failed", operation="give_back", error=str(exc))
 
     async def check(self, authorization: str | None) -> Grant:
         """Validate a bearer credential without counting a request."""
@@ -144,17 +215,18 @@ class TokenAuthority:
             raise errors.ProjectInactive("The project of this token is inactive.")
         return grant
 
-    async def _claim(self, token_id: str, wall: float) -> bool:
+    async def _claim(self, token_id: str, wall: float, slot: int) -> int | None:
         try:
             return await self._store.consume_request(token_id, datetime.fromtimestamp(wall, UTC))
         except Exception as exc:
+            await self._give_back_slot(token_id, slot)
             log.error("token_authority.store_failed", operation="consume", error=str(exc))
             # Never admitted uncounted: a limit enforced by this instance alone is no limit.
             raise errors.LimitsUnavailable(
                 "The store holding this token's limits is unavailable; retry shortly."
             ) from None
 
-    async def _refused_quota(self, grant: Grant) -> Grant:
+    async def _refused_quota(self, grant: Grant) -> NoReturn:
         # The claim failed: either the quota is used up, or another process revoked the token a
         # moment ago. Reload to tell which, so the client gets the right code.
         fresh = await self._load(grant.digest, time.monotonic())
@@ -212,6 +284,10 @@ class TokenAuthority:
             upstream_authorization="Bearer " + self._cipher.decrypt(row.api_key_encrypted),
             loaded_at=now,
             exhausted=token.max_requests is not None and token.request_count >= token.max_requests,
+            allowed_models=token.allowed_models,
+            rpm=token.rpm,
+            limited=token.has_limits,
+            expires_at_header=isoformat(token.expires_at) or "",
         )
         self._by_hash[digest] = grant
         return grant
@@ -320,6 +396,9 @@ class TokenAuthority:
     def _set_push(self, up: bool) -> None:
         self.push_connected = up
         STATS.change_push_connected = up
+
+    async def close(self) -> None:
+        await self._rate_windows.close()
 
     async def flush_usage_every(self, seconds: float) -> None:
         """Write the request tallies every ``seconds`` until cancelled; failures are retried."""

@@ -25,8 +25,8 @@ import structlog
 from llm_proxy import errors
 from llm_proxy.http.messages import ProxyRequest, ResponseWriter
 from llm_proxy.http.upstream import Body, UpstreamClient, UpstreamResponse
-from llm_proxy.models import isoformat
-from llm_proxy.proxy.admission import Grant, TokenAuthority
+from llm_proxy.models import isoformat, usd
+from llm_proxy.proxy.admission import Admission, Grant, TokenAuthority
 from llm_proxy.proxy.api_config import ApiProvider, normalise_path
 from llm_proxy.proxy.body_scan import BodyInspector, ask_usage
 from llm_proxy.proxy.body_spool import BodySpool
@@ -113,6 +113,7 @@ class ProxyHandler:
         self.stream_usage = stream_usage if provider.inject_stream_usage else None
         self._allow_header = ", ".join(sorted(provider.allowed_methods))
         self._watched = frozenset(provider.param_whitelist)
+        self._watched_and_model = self._watched | {"model"}
 
     # -- the path ----------------------------------------------------------------------------------
 
@@ -132,7 +133,14 @@ class ProxyHandler:
             return await self._answer_error(writer, exc, reply_headers)
         if admitted is None:
             return  # answered without going upstream (token info, CORS preflight)
-        path, grant = admitted
+        path, admission = admitted
+        grant = admission.grant
+        if grant.limited:
+            # What is left, so a client can pace itself without asking the management API.
+            reply_headers.append(("LLM-Proxy-Token-Expires-At", grant.expires_at_header))
+            if admission.remaining_requests is not None:
+                remaining = str(admission.remaining_requests)
+                reply_headers.append(("LLM-Proxy-Remaining-Requests", remaining))
         started_at = time.time()
         request_body = CappedBuffer(self.capture_bytes)
         response_body = CappedBuffer(self.capture_bytes)
@@ -156,7 +164,7 @@ class ProxyHandler:
             exchange.status = exc.status
             if not getattr(exc, "reached_upstream", False):
                 # Refused here, or the upstream never got the whole request: it counts for nothing.
-                await self.authority.release(grant)
+                await self.authority.release(admission)
             reply_headers.append(("X-Request-ID", request_id))
             await self._answer_error(writer, exc, reply_headers)
         except asyncio.CancelledError:
@@ -181,7 +189,7 @@ class ProxyHandler:
 
     async def _admit(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
-    ) -> tuple[str, Grant] | None:
+    ) -> tuple[str, Admission] | None:
         """The checks of the proxy path up to the token; None when the request was answered here.
 
         The path is checked in its normalised form; the target goes upstream exactly as sent.
@@ -203,8 +211,7 @@ class ProxyHandler:
         if method == "OPTIONS":
             await self._preflight(request, writer, reply_headers)
             return None
-        grant = await self.authority.admit(request.authorization)
-        return path, grant
+        return path, await self.authority.admit(request.authorization)
 
     async def _token_info(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
@@ -218,10 +225,15 @@ class ProxyHandler:
         grant = await self.authority.check(request.authorization)
         remaining: int | None = None
         request_count: int | None = None
+        token = await self.store.get_token(grant.token_id) if grant.limited else None
         if grant.max_requests is not None:
-            token = await self.store.get_token(grant.token_id)
             request_count = token.request_count if token else grant.max_requests
             remaining = max(grant.max_requests - request_count, 0)
+        if grant.limited:
+            # The same as the LLM-Proxy-* headers of every proxied answer.
+            reply_headers.append(("LLM-Proxy-Token-Expires-At", grant.expires_at_header))
+            if remaining is not None:
+                reply_headers.append(("LLM-Proxy-Remaining-Requests", str(remaining)))
         body = {
             "object": "llm_proxy.token",
             "token_id": grant.token_id,
@@ -231,6 +243,11 @@ class ProxyHandler:
             "max_requests": grant.max_requests,
             "request_count": request_count,
             "remaining_requests": remaining,
+            "rpm": grant.rpm,
+            "tpm": token.tpm if token else None,
+            "budget_usd": usd(token.budget_nanousd) if token else None,
+            "spent_usd": usd(token.spent_nanousd) if token else None,
+            "allowed_models": list(grant.allowed_models) if grant.allowed_models else None,
             "allowed_endpoints": sorted(self.provider.allowed_prefixes),
             "allowed_methods": sorted(self.provider.allowed_methods),
         }
@@ -268,7 +285,7 @@ class ProxyHandler:
         headers = request.headers
         body: Body = None
         if request.has_body:
-            body, headers = await self._prepare_body(request, exchange, headers)
+            body, headers = await self._prepare_body(request, exchange, headers, grant)
         headers.append(("Authorization", grant.upstream_authorization))
         headers.append(("X-Request-ID", exchange.request_id))
         target = provider.origin.path_prefix + request.target
@@ -282,7 +299,11 @@ class ProxyHandler:
             await upstream.aclose()
 
     async def _prepare_body(
-        self, request: ProxyRequest, exchange: Exchange, headers: list[tuple[str, str]]
+        self,
+        request: ProxyRequest,
+        exchange: Exchange,
+        headers: list[tuple[str, str]],
+        grant: Grant,
     ) -> tuple[Body, list[tuple[str, str]]]:
         """The body to send upstream, and the headers to send with it.
 
@@ -296,7 +317,9 @@ class ProxyHandler:
             raise errors.RequestTooLarge(
                 f"Request body of {length} bytes exceeds the limit of {self.max_body_bytes} bytes."
             )
-        check = bool(self.provider.param_whitelist)
+        models_limited = grant.allowed_models is not None
+        check = models_limited or bool(self.provider.param_whitelist)
+        watched = self._watched_and_model if models_limited else self._watched
         inject = (
             self.stream_usage is not None
             and request.method == "POST"
@@ -305,16 +328,16 @@ class ProxyHandler:
         if check and _content_encoded(headers):
             raise errors.UnsupportedContentEncoding(
                 "Request bodies with a Content-Encoding cannot be checked against the "
-                "parameter whitelist; send them uncompressed."
+                "parameter whitelist or the token's models; send them uncompressed."
             )
         if length is not None and length <= _SMALL_BODY:
             data = await request.body.read_exactly(length)
             exchange.request_body.add(data)
             rewritten: bytes | None = None
             if check:
-                inspector = BodyInspector(self._watched, inject_usage=inject)
+                inspector = BodyInspector(watched, inject_usage=inject)
                 passed = inspector.feed(data) + inspector.finish()
-                self._check_params(inspector)
+                self._check_params(inspector, grant)
                 rewritten = passed if inspector.usage_injected else None
             elif inject:
                 rewritten = ask_usage(data)
@@ -324,7 +347,7 @@ class ProxyHandler:
             exchange.usage_injected = True
             return rewritten, _asking_usage(headers)
         if check:
-            return await self._spooled(request, exchange, inject, headers)
+            return await self._spooled(request, exchange, inject, headers, grant, watched)
         if inject and not _content_encoded(headers):
             return self._injecting(request, exchange), _asking_usage(headers)
         return self._stream_body(request, exchange), headers
@@ -357,14 +380,16 @@ class ProxyHandler:
         exchange: Exchange,
         inject: bool,
         headers: list[tuple[str, str]],
+        grant: Grant,
+        watched: frozenset[str],
     ) -> tuple[Body, list[tuple[str, str]]]:
         spool = BodySpool()
-        inspector = BodyInspector(self._watched, inject_usage=inject)
+        inspector = BodyInspector(watched, inject_usage=inject)
         try:
             async for chunk in self._stream_body(request, exchange):
                 spool.write(inspector.feed(chunk))
             spool.write(inspector.finish())
-            self._check_params(inspector)
+            self._check_params(inspector, grant)
         except BaseException:
             spool.close()
             raise
@@ -375,7 +400,7 @@ class ProxyHandler:
         headers.append(("Content-Length", str(spool.size)))
         return spool, headers
 
-    def _check_params(self, inspector: BodyInspector) -> None:
+    def _check_params(self, inspector: BodyInspector, grant: Grant) -> None:
         if not inspector.is_object:
             return  # not JSON (a form, a file upload): nothing to check
         if not inspector.well_formed:
@@ -385,8 +410,19 @@ class ProxyHandler:
         for name, values in inspector.values.items():
             # Every occurrence: with a repeated key, upstream parsers keep one or the other.
             for value in values:
-                if self.provider.disallowed_param({name: value}) is not None:
+                if name in self._watched and self.provider.disallowed_param({name: value}):
                     raise errors.ParamNotAllowed(f"The value of parameter '{name}' is not allowed.")
+        if grant.allowed_models is not None:
+            models = inspector.values.get("model", [])
+            if not models:
+                # The upstream would pick a default model, which the token may not allow.
+                raise errors.ModelNotAllowed(
+                    "This token is limited to certain models; the request names none."
+                )
+            for model in models:
+                if not grant.model_allowed(model):
+                    shown = model[:100] if isinstance(model, str) else type(model).__name__
+                    raise errors.ModelNotAllowed(f"Model {shown!r} is not allowed for this token.")
 
     async def _relay(
         self,

@@ -24,10 +24,12 @@ from llm_proxy.events.pipe import Launch
 from llm_proxy.http.busy_poll import AdaptivePoll
 from llm_proxy.http.client import Http1Client
 from llm_proxy.http.upstream import UpstreamClient
+from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy.admission import TokenAuthority
 from llm_proxy.proxy.api_config import ApiConfig, load_api_config
 from llm_proxy.proxy.exchange import Exchange, ExchangeSink
 from llm_proxy.proxy.handler import ProxyHandler
+from llm_proxy.proxy.rate_limits import RedisRateWindows
 from llm_proxy.runtime.metrics_endpoint import EXTRA_METRICS, metrics_endpoint
 from llm_proxy.runtime.settings import Settings
 from llm_proxy.store import Store
@@ -60,6 +62,8 @@ class Components:
     pipeline: EventPipeline | None = None  # events built in this process (event_build_in=thread)
     offload: EventOffload | None = None  # events built in the events process (the default)
     poller: AdaptivePoll | None = None  # poked by the front door and the upstream client
+    # The model prices in force; SIGHUP swaps ``prices.current`` (server.py).
+    prices: PriceHolder = field(default_factory=lambda: PriceHolder(Prices()))
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -165,6 +169,7 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         database=settings.database_label,
         upstream=components.api_config.default.origin.host_header,
         event_bus=settings.event_bus,
+        price_entries=len(components.prices.current.entries),  # 0: no model is priced
     )
     yield
     for task in list(components.tasks):
@@ -172,6 +177,7 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
     for task in list(components.tasks):
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await components.authority.close()
     try:
         flushed = await components.authority.flush_usage()
     except Exception:
@@ -180,13 +186,14 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         log.info("server.usage_flushed", tokens=flushed)
 
 
-def _launch(settings: Settings) -> Launch:
+def _launch(settings: Settings, prices: Prices) -> Launch:
     return Launch(
         events=events_config(settings),
         database_url=settings.database_url,
         file_event_log=settings.file_event_log,
         log_level=settings.log_level,
         log_format=settings.log_format,
+        prices=prices,
     )
 
 
@@ -194,11 +201,16 @@ async def create_app(
     settings: Settings,
     *,
     api_config: ApiConfig | None = None,
+    prices: Prices | None = None,
     upstream: UpstreamClient | None = None,
     sink: ExchangeSink | None = None,
 ) -> web.Application:
-    """Open the store and build the application; the store is closed when the app shuts down."""
+    """Open the store and build the application; the store is closed when the app shuts down.
+
+    Raises :class:`~llm_proxy.pricing.PricesError` when ``prices`` are not given and the file
+    PRICES_PATH names does not load."""
     api_config = api_config or load_api_config(settings.api_config_path)
+    price_holder = PriceHolder(prices if prices is not None else settings.price_file.load())
     store = await open_settings_store(settings)
     pipeline: EventPipeline | None = None
     offload: EventOffload | None = None
@@ -209,15 +221,24 @@ async def create_app(
             cipher,
             cache_seconds=settings.token_cache_seconds,
             max_staleness=settings.revocation_max_staleness,
+            # With Redis configured, the rpm windows live there (no database round trip).
+            rate_windows=(
+                RedisRateWindows(settings.redis_url) if settings.event_bus == "redis" else None
+            ),
         )
         await authority.start()
         if sink is None and settings.event_bus != "none":
             if settings.event_build_in == "process":
-                offload = EventOffload(_launch(settings), entry=EVENTS_PROCESS)
+                offload = EventOffload(
+                    _launch(settings, price_holder.current), entry=EVENTS_PROCESS
+                )
                 await offload.start()
             else:
                 pipeline = await start_events_here(
-                    events_config(settings), store, file_event_log=settings.file_event_log
+                    events_config(settings),
+                    store,
+                    file_event_log=settings.file_event_log,
+                    prices=price_holder,  # the server's own: its SIGHUP reloads both
                 )
     except BaseException:
         # aiosqlite's worker thread (and the event builder) would keep a failed process alive.
@@ -257,6 +278,7 @@ async def create_app(
         pipeline=pipeline,
         offload=offload,
         poller=poller,
+        prices=price_holder,
     )
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[COMPONENTS] = components

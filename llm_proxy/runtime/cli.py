@@ -10,6 +10,7 @@ import click
 from dispatcher.cli import dispatcher_command
 from llm_proxy import __version__
 from llm_proxy.control.manage_cli import manage
+from llm_proxy.pricing import PricesError
 from llm_proxy.proxy.api_config import ApiConfigError, load_api_config
 from llm_proxy.runtime.logging_setup import configure_logging
 from llm_proxy.runtime.settings import (
@@ -66,6 +67,7 @@ def build_settings(
     database_pool_size: int | str = 10,
     revocation_max_staleness: str = "5s",
     change_feed_push: str = "on",
+    prices_path: str | None = None,
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
@@ -105,6 +107,7 @@ def build_settings(
             "REVOCATION_MAX_STALENESS", revocation_max_staleness
         ),
         change_push=check_choice("CHANGE_FEED_PUSH", change_feed_push, ("on", "off")) == "on",
+        prices_path=Path(prices_path) if prices_path else None,
     )
 
 
@@ -131,6 +134,13 @@ def build_settings(
     envvar="API_CONFIG_PATH",
     default="config/api_providers.yaml",
     show_envvar=True,
+)
+@click.option(
+    "--prices-path",
+    envvar="PRICES_PATH",
+    show_envvar=True,
+    show_default="config/prices.yaml",
+    help="Model prices (USD per 1M tokens) for events' cost_usd and budgets; SIGHUP reloads them.",
 )
 @click.option("--event-bus", envvar="LLM_PROXY_EVENT_BUS", default="memory", show_envvar=True)
 @click.option(
@@ -234,12 +244,16 @@ def server(**options: str | int | None) -> None:
     try:
         settings = build_settings(**options, is_tty=sys.stderr.isatty())  # type: ignore[arg-type]
         load_api_config(settings.api_config_path)
+        settings.price_file.load()
     except SettingsError as exc:
         click.echo(f"llm-proxy: {exc}", err=True)
         sys.exit(2)
     except ApiConfigError as exc:
         # YAML parser messages span several lines; start-up errors are one.
         click.echo(f"llm-proxy: API_CONFIG_PATH: {' '.join(str(exc).split())}", err=True)
+        sys.exit(2)
+    except PricesError as exc:
+        click.echo(f"llm-proxy: PRICES_PATH: {exc}", err=True)
         sys.exit(2)
     from llm_proxy.runtime.server import run_server
 

@@ -28,6 +28,7 @@ from dispatcher.embedded import start_events_here
 from dispatcher.worker import BackendStartError
 from llm_proxy.events.pipe import Launch, read_frame
 from llm_proxy.events.pipeline import EventPipeline
+from llm_proxy.pricing import PriceHolder, PricesError
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.runtime.gc_tuning import tune_garbage_collector
 from llm_proxy.runtime.logging_setup import configure_logging
@@ -38,7 +39,12 @@ log = structlog.get_logger(__name__)
 
 NICENESS = 10
 # Families this process reports to the server, which merges them into its own /metrics.
-REPORTED_PREFIXES = ("llm_proxy_events_", "llm_proxy_dispatcher_")
+REPORTED_PREFIXES = (
+    "llm_proxy_events_",
+    "llm_proxy_dispatcher_",
+    "llm_proxy_tokens",
+    "llm_proxy_cost_usd",
+)
 
 
 class _Reported(Collector):
@@ -86,12 +92,26 @@ async def _report_every(seconds: float, status: _Status, pipeline: EventPipeline
         await _report(status, pipeline)
 
 
+def _reload_prices(prices: PriceHolder) -> None:
+    """SIGHUP, forwarded by the server after it reloaded its own: events built from now on are
+    priced by the file as it is now."""
+    try:
+        current = prices.reload()
+    except PricesError as exc:
+        log.error("events.prices_reload_failed", error=str(exc))
+    else:
+        log.info("events.prices_reloaded", entries=len(current.entries))
+
+
 async def _open(launch: Launch) -> tuple[EventPipeline, Store]:
     # The server migrated the database before starting this process.
     store = await open_store(launch.database_url, pool_size=2, migrate=False)
     try:
         pipeline = await start_events_here(
-            launch.events, store, file_event_log=launch.file_event_log
+            launch.events,
+            store,
+            file_event_log=launch.file_event_log,
+            prices=PriceHolder(launch.prices),
         )
     except BaseException:
         await store.close()
@@ -115,6 +135,7 @@ async def _run(status: _Status) -> int:
         status.send({"error": str(exc)})
         return 1
     tune_garbage_collector()
+    loop.add_signal_handler(signal.SIGHUP, _reload_prices, pipeline.prices)
     status.send({"ready": True})
     log.info("events.process_started", pid=os.getpid(), bus=launch.events.bus)
     reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline))
@@ -154,6 +175,8 @@ def main() -> None:
     # and a service manager's SIGTERM reach the whole process group and must not end it first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGHUP reloads the prices once the pipeline runs; until then it must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     status = _Status(os.dup(1))
     os.dup2(2, 1)  # stray prints go to the log, never into the status pipe
     sys.stdout = sys.stderr

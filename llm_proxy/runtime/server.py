@@ -19,8 +19,9 @@ from aiohttp import web
 
 from llm_proxy.events.offload import EventProcessError
 from llm_proxy.http.front import FrontLimits, FrontSite, listening_socket
+from llm_proxy.pricing import PricesError
 from llm_proxy.runtime import secrets_store
-from llm_proxy.runtime.app import COMPONENTS, create_app, open_settings_store
+from llm_proxy.runtime.app import COMPONENTS, Components, create_app, open_settings_store
 from llm_proxy.runtime.gc_tuning import tune_garbage_collector
 from llm_proxy.runtime.metrics_endpoint import WORKER_PEERS, own_page
 from llm_proxy.runtime.settings import (
@@ -96,6 +97,8 @@ async def _serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
         raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
     except EventProcessError as exc:
         raise SettingsError(f"events: {exc}") from None
+    except PricesError as exc:
+        raise SettingsError(f"PRICES_PATH: {exc}") from None
     if peers is not None:
         app[WORKER_PEERS] = peers
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -131,12 +134,26 @@ async def _serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_prices, components)
         await stop.wait()
     finally:
         log.info("server.stopping")
         if peers is not None:
             await peers.close()
         await runner.cleanup()
+
+
+def reload_prices(components: Components) -> None:
+    """SIGHUP: read PRICES_PATH again, here and in the events process. A file that does not load
+    changes nothing: the prices in force stay."""
+    try:
+        prices = components.prices.reload()
+    except PricesError as exc:
+        log.error("server.prices_reload_failed", error=str(exc))
+        return
+    if components.offload is not None:
+        components.offload.prices_reloaded(prices)
+    log.info("server.prices_reloaded", entries=len(prices.entries))
 
 
 def serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
@@ -211,6 +228,7 @@ def serve_workers(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGHUP, forward)  # each worker reloads its prices
     for worker in workers:
         worker.join()
     failed = sum(1 for w in workers if w.exitcode)

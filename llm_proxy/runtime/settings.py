@@ -15,12 +15,14 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
+from llm_proxy.pricing import PriceFile
 from llm_proxy.store.opening import sqlite_path
 
 # "none" emits no events at all: for benchmarks that measure what publishing costs.
 EventBusKind = Literal["memory", "redis", "none"]
 LogFormat = Literal["console", "json"]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DEFAULT_PRICES_PATH = Path("config/prices.yaml")
 
 
 class SettingsError(ValueError):
@@ -37,6 +39,8 @@ class Settings:
     database_url: str = "sqlite:///./data/llm-proxy.db"
     encryption_key: bytes = field(default=b"", repr=False)
     api_config_path: Path = Path("config/api_providers.yaml")
+    # PRICES_PATH; None when not set: config/prices.yaml if it exists (see price_file).
+    prices_path: Path | None = None
     event_bus: EventBusKind = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     log_level: str = "info"
@@ -79,6 +83,14 @@ class Settings:
     def egress(self) -> Egress | None:
         """How upstream connections leave: through proxies, or None for directly."""
         return Egress.from_values(self.https_proxy, self.http_proxy, self.no_proxy)
+
+    @property
+    def price_file(self) -> PriceFile:
+        """Where model prices are read from. Left unset, PRICES_PATH may name no file: a Helm
+        release mounts its own config directory over the image's, with prices only when given."""
+        if self.prices_path is None:
+            return PriceFile(DEFAULT_PRICES_PATH, optional=True)
+        return PriceFile(self.prices_path)
 
     @property
     def sqlite_path(self) -> Path:

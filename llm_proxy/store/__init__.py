@@ -11,6 +11,7 @@ from llm_proxy.models import (
     AuditEvent,
     AuditFilter,
     Project,
+    RateSlot,
     RevokeCounts,
     Token,
     TokenGrant,
@@ -54,12 +55,22 @@ class Store(Protocol):
     ) -> Token | None: ...
 
     # Hot-path accounting
-    async def consume_request(self, token_id: str, at: datetime) -> bool:
-        """Count one request against a quota-carrying token; False when used up or inactive."""
+    async def consume_request(self, token_id: str, at: datetime) -> int | None:
+        """Count one request against a quota-carrying token: the count now, or None when it was
+        used up or the token is inactive."""
         ...
 
     async def release_request(self, token_id: str) -> None:
         """Take back a request counted by :meth:`consume_request` that never reached upstream."""
+        ...
+
+    async def take_rate_slot(self, token_id: str) -> RateSlot:
+        """Admit one request into the token's ``rpm`` window (any rolling 60 s), or say how long
+        until the window has room. One atomic step, whatever the number of instances."""
+        ...
+
+    async def give_back_rate_slot(self, token_id: str, at_micros: int) -> None:
+        """Take back a slot of :meth:`take_rate_slot` whose request never reached upstream."""
         ...
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...

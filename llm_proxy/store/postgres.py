@@ -22,10 +22,12 @@ import asyncpg
 import orjson
 
 from llm_proxy.models import (
+    RATE_WINDOW_MICROS,
     AuditEntry,
     AuditEvent,
     AuditFilter,
     Project,
+    RateSlot,
     RevokeCounts,
     Token,
     TokenGrant,
@@ -63,8 +65,41 @@ _USAGE_SUMS = (
     " COALESCE(SUM(prompt_tokens), 0)::BIGINT AS prompt_tokens,"
     " COALESCE(SUM(completion_tokens), 0)::BIGINT AS completion_tokens,"
     " COALESCE(SUM(total_tokens), 0)::BIGINT AS total_tokens,"
-    " COALESCE(SUM(errors), 0)::BIGINT AS errors, MAX(last_used_at) AS last_used_at"
+    " COALESCE(SUM(errors), 0)::BIGINT AS errors,"
+    " COALESCE(SUM(cost_nanousd), 0)::BIGINT AS cost_nanousd, MAX(last_used_at) AS last_used_at"
 )
+
+
+# The rpm window in one statement: ``now`` (microseconds, database clock) joins the requests of the
+# last 60 s when there are fewer than ``rpm`` of them; the row comes back either way (``taken``
+# NULL when refused) with how long until the oldest counted request leaves the window. A clock
+# that steps back never reorders the log: a slot is always later than the last one.
+_TAKE_RATE_SLOT = """
+WITH now AS (
+    SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT AS at
+), current AS (
+    SELECT t.id, t.rpm,
+           ARRAY(SELECT x FROM unnest(t.rpm_log) AS x WHERE x > now.at - $2 ORDER BY x) AS recent,
+           now.at
+    FROM tokens t, now WHERE t.id = $1 AND t.rpm IS NOT NULL
+), taken AS (
+    UPDATE tokens t
+    SET rpm_log = array_append(
+        ARRAY(SELECT x FROM unnest(t.rpm_log) AS x WHERE x > c.at - $2 ORDER BY x),
+        GREATEST(c.at, COALESCE((SELECT max(x) FROM unnest(t.rpm_log) AS x), 0) + 1)
+    )
+    FROM current c
+    WHERE t.id = c.id
+      AND cardinality(ARRAY(SELECT x FROM unnest(t.rpm_log) AS x WHERE x > c.at - $2)) < t.rpm
+    RETURNING t.rpm_log[cardinality(t.rpm_log)] AS slot
+)
+SELECT (SELECT slot FROM taken) AS taken,
+       c.recent[cardinality(c.recent) - c.rpm + 1] + $2 - c.at AS retry_after_micros
+FROM current c
+"""
+
+
+_RATE_ATTEMPTS = 3
 
 
 async def _prepare_connection(conn: asyncpg.Connection) -> None:
@@ -102,6 +137,13 @@ def _token(row: asyncpg.Record) -> Token:
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
         revoked_at=row["revoked_at"],
+        rpm=row["rpm"],
+        tpm=row["tpm"],
+        budget_nanousd=row["budget_nanousd"],
+        spent_nanousd=row["spent_nanousd"],
+        reserved_nanousd=row["reserved_nanousd"],
+        allowed_models=None if row["allowed_models"] is None else tuple(row["allowed_models"]),
+        metadata=row["metadata"],
     )
 
 
@@ -115,6 +157,7 @@ def _usage(row: asyncpg.Record | None) -> UsageTotals:
         total_tokens=row["total_tokens"],
         errors=row["errors"],
         last_used_at=row["last_used_at"],
+        cost_nanousd=row["cost_nanousd"],
     )
 
 
@@ -287,7 +330,8 @@ class PostgresStore:
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO tokens (id, project_id, token_hash, expires_at, is_active,"
-                " request_count, max_requests, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+                " request_count, max_requests, created_at, rpm, tpm, budget_nanousd,"
+                " allowed_models, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
                 token.id,
                 token.project_id,
                 token_hash,
@@ -296,6 +340,11 @@ class PostgresStore:
                 token.request_count,
                 token.max_requests,
                 token.created_at,
+                token.rpm,
+                token.tpm,
+                token.budget_nanousd,
+                None if token.allowed_models is None else list(token.allowed_models),
+                token.metadata,
             )
             await self._audit(conn, audit)
         return token
@@ -351,16 +400,16 @@ class PostgresStore:
 
     # -- accounting ----------------------------------------------------------------------------
 
-    async def consume_request(self, token_id: str, at: datetime) -> bool:
-        claimed = await self._pool.fetchval(
+    async def consume_request(self, token_id: str, at: datetime) -> int | None:
+        count = await self._pool.fetchval(
             "UPDATE tokens SET request_count = request_count + 1, last_used_at = $2"
             " WHERE id = $1 AND is_active"
-            " AND (max_requests IS NULL OR request_count < max_requests) RETURNING 1",
+            " AND (max_requests IS NULL OR request_count < max_requests) RETURNING request_count",
             token_id,
             at,
             timeout=_TIMEOUT,
         )
-        return claimed is not None
+        return None if count is None else int(count)
 
     async def release_request(self, token_id: str) -> None:
         await self._pool.execute(
@@ -368,6 +417,29 @@ class PostgresStore:
             " WHERE id = $1 AND request_count > 0",
             token_id,
             timeout=_TIMEOUT,
+        )
+
+    async def take_rate_slot(self, token_id: str) -> RateSlot:
+        # One conditional UPDATE of the token's row: PostgreSQL locks the row and re-checks the
+        # condition on its latest version, so concurrent instances cannot both take the last slot.
+        # The clock is the database's, so instances on machines whose clocks differ agree.
+        for _ in range(_RATE_ATTEMPTS):
+            row = await self._pool.fetchrow(_TAKE_RATE_SLOT, token_id, RATE_WINDOW_MICROS)
+            if row is None:
+                return RateSlot(True)  # no such token, or no rpm: nothing to count
+            if row["taken"] is not None:
+                return RateSlot(True, at_micros=row["taken"])
+            if row["retry_after_micros"] is not None:
+                return RateSlot(False, retry_after=row["retry_after_micros"] / 1e6)
+            # Refused on a newer version of the row than the statement's snapshot showed (a
+            # concurrent request took the last slot): ask again to learn when a slot frees.
+        return RateSlot(False, retry_after=1.0)
+
+    async def give_back_rate_slot(self, token_id: str, at_micros: int) -> None:
+        await self._pool.execute(
+            "UPDATE tokens SET rpm_log = array_remove(rpm_log, $2) WHERE id = $1",
+            token_id,
+            at_micros,
         )
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
@@ -388,14 +460,15 @@ class PostgresStore:
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
             await conn.executemany(
                 "INSERT INTO usage_hourly AS u (token_id, project_id, hour, requests, prompt_tokens,"
-                " completion_tokens, total_tokens, errors, last_used_at)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
+                " completion_tokens, total_tokens, errors, last_used_at, cost_nanousd)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
                 " ON CONFLICT (token_id, hour) DO UPDATE SET"
                 " requests = u.requests + excluded.requests,"
                 " prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,"
                 " completion_tokens = u.completion_tokens + excluded.completion_tokens,"
                 " total_tokens = u.total_tokens + excluded.total_tokens,"
                 " errors = u.errors + excluded.errors,"
+                " cost_nanousd = u.cost_nanousd + excluded.cost_nanousd,"
                 " last_used_at = GREATEST(u.last_used_at, excluded.last_used_at)",
                 [
                     (
@@ -408,6 +481,7 @@ class PostgresStore:
                         r.total_tokens,
                         r.errors,
                         r.last_used_at,
+                        r.cost_nanousd,
                     )
                     for r in rows
                 ],

@@ -9,7 +9,9 @@ from llm_proxy.models import AuditEntry, RevokeCounts
 PROJECT_COLUMNS = frozenset(
     {"name", "description", "metadata", "api_key_encrypted", "api_key_masked", "is_active"}
 )
-TOKEN_COLUMNS = frozenset({"is_active", "max_requests", "revoked_at"})
+TOKEN_COLUMNS = frozenset(
+    {"is_active", "max_requests", "revoked_at", "rpm", "tpm", "budget_nanousd", "allowed_models"}
+)
 
 
 def check_columns(kind: str, changes: dict[str, object], allowed: frozenset[str]) -> None:

@@ -14,10 +14,12 @@ import aiosqlite
 import orjson
 
 from llm_proxy.models import (
+    RATE_WINDOW_MICROS,
     AuditEntry,
     AuditEvent,
     AuditFilter,
     Project,
+    RateSlot,
     RevokeCounts,
     Token,
     TokenGrant,
@@ -52,7 +54,7 @@ def _parse_ts(text: str | None) -> datetime | None:
 def _db_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return _ts(value)
-    if isinstance(value, dict):
+    if isinstance(value, dict | list | tuple):
         return orjson.dumps(value).decode()
     if isinstance(value, bool):
         return int(value)
@@ -77,7 +79,7 @@ _USAGE_SUMS = (
     "COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
     " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
     " COALESCE(SUM(total_tokens), 0) AS total_tokens, COALESCE(SUM(errors), 0) AS errors,"
-    " MAX(last_used_at) AS last_used_at"
+    " COALESCE(SUM(cost_nanousd), 0) AS cost_nanousd, MAX(last_used_at) AS last_used_at"
 )
 
 
@@ -91,6 +93,7 @@ def _usage(row: aiosqlite.Row | None) -> UsageTotals:
         total_tokens=row["total_tokens"],
         errors=row["errors"],
         last_used_at=_parse_ts(row["last_used_at"]),
+        cost_nanousd=row["cost_nanousd"],
     )
 
 
@@ -105,7 +108,18 @@ def _token(row: aiosqlite.Row) -> Token:
         created_at=_parse_ts(row["created_at"]) or utcnow(),
         last_used_at=_parse_ts(row["last_used_at"]),
         revoked_at=_parse_ts(row["revoked_at"]),
+        rpm=row["rpm"],
+        tpm=row["tpm"],
+        budget_nanousd=row["budget_nanousd"],
+        spent_nanousd=row["spent_nanousd"],
+        reserved_nanousd=row["reserved_nanousd"],
+        allowed_models=_models(row["allowed_models"]),
+        metadata=orjson.loads(row["metadata"]),
     )
+
+
+def _models(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(orjson.loads(text))
 
 
 P = ParamSpec("P")
@@ -331,7 +345,8 @@ class SqliteStore:
     async def create_token(self, token: Token, token_hash: str, audit: AuditEntry) -> Token:
         await self._db.execute(
             "INSERT INTO tokens (id, project_id, token_hash, expires_at, is_active, request_count,"
-            " max_requests, created_at) VALUES (?,?,?,?,?,?,?,?)",
+            " max_requests, created_at, rpm, tpm, budget_nanousd, allowed_models, metadata)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 token.id,
                 token.project_id,
@@ -341,6 +356,11 @@ class SqliteStore:
                 token.request_count,
                 token.max_requests,
                 _ts(token.created_at),
+                token.rpm,
+                token.tpm,
+                token.budget_nanousd,
+                None if token.allowed_models is None else _db_value(token.allowed_models),
+                orjson.dumps(token.metadata).decode(),
             ),
         )
         await self._audit(audit)
@@ -396,20 +416,49 @@ class SqliteStore:
     # -- accounting ----------------------------------------------------------------------------
 
     @_writes
-    async def consume_request(self, token_id: str, at: datetime) -> bool:
-        cur = await self._db.execute(
+    async def consume_request(self, token_id: str, at: datetime) -> int | None:
+        row = await self._one(
             "UPDATE tokens SET request_count = request_count + 1, last_used_at = ?"
             " WHERE id = ? AND is_active = 1"
-            " AND (max_requests IS NULL OR request_count < max_requests)",
+            " AND (max_requests IS NULL OR request_count < max_requests) RETURNING request_count",
             (_ts(at), token_id),
         )
-        return cur.rowcount == 1
+        return None if row is None else int(row["request_count"])
 
     @_writes
     async def release_request(self, token_id: str) -> None:
         await self._db.execute(
             "UPDATE tokens SET request_count = request_count - 1 WHERE id = ? AND request_count > 0",
             (token_id,),
+        )
+
+    @_writes
+    async def take_rate_slot(self, token_id: str) -> RateSlot:
+        # Writes are serialised (one connection, BEGIN IMMEDIATE across processes), so reading
+        # the window, checking and writing it back is one atomic step.
+        row = await self._one("SELECT rpm, rpm_log FROM tokens WHERE id = ?", (token_id,))
+        if row is None or row["rpm"] is None:
+            return RateSlot(True)
+        now = time.time_ns() // 1000
+        window = [at for at in orjson.loads(row["rpm_log"]) if at > now - RATE_WINDOW_MICROS]
+        if len(window) >= row["rpm"]:
+            oldest = window[len(window) - row["rpm"]]
+            return RateSlot(False, retry_after=(oldest + RATE_WINDOW_MICROS - now) / 1e6)
+        now = max(now, window[-1] + 1) if window else now  # distinct, in order
+        window.append(now)
+        await self._db.execute(
+            "UPDATE tokens SET rpm_log = ? WHERE id = ?", (orjson.dumps(window).decode(), token_id)
+        )
+        return RateSlot(True, at_micros=now)
+
+    @_writes
+    async def give_back_rate_slot(self, token_id: str, at_micros: int) -> None:
+        row = await self._one("SELECT rpm_log FROM tokens WHERE id = ?", (token_id,))
+        if row is None:
+            return
+        window = [at for at in orjson.loads(row["rpm_log"]) if at != at_micros]
+        await self._db.execute(
+            "UPDATE tokens SET rpm_log = ? WHERE id = ?", (orjson.dumps(window).decode(), token_id)
         )
 
     @_writes
@@ -430,13 +479,15 @@ class SqliteStore:
             return
         await self._db.executemany(
             "INSERT INTO usage_hourly (token_id, project_id, hour, requests, prompt_tokens,"
-            " completion_tokens, total_tokens, errors, last_used_at) VALUES (?,?,?,?,?,?,?,?,?)"
+            " completion_tokens, total_tokens, errors, last_used_at, cost_nanousd)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (token_id, hour) DO UPDATE SET"
             " requests = requests + excluded.requests,"
             " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
             " completion_tokens = completion_tokens + excluded.completion_tokens,"
             " total_tokens = total_tokens + excluded.total_tokens,"
             " errors = errors + excluded.errors,"
+            " cost_nanousd = cost_nanousd + excluded.cost_nanousd,"
             " last_used_at = MAX(last_used_at, excluded.last_used_at)",
             [
                 (
@@ -449,6 +500,7 @@ class SqliteStore:
                     r.total_tokens,
                     r.errors,
                     _ts(r.last_used_at),
+                    r.cost_nanousd,
                 )
                 for r in rows
             ],

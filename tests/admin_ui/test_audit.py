@@ -44,7 +44,7 @@ async def test_changes_from_the_pages_are_audited_with_the_admin_as_actor(
     assert {e["project_id"] for e in events} == {project_id}
     assert events[1]["details"]["changed"] == ["name"]
     assert events[2]["details"]["is_active"] is False
-    assert events[5]["details"] == {"max_requests": 9}
+    assert events[5]["details"] == {"changed": ["max_requests"], "max_requests": 9}
 
 
 async def test_audit_page_filters_by_action_actor_project_target_and_time(

@@ -138,11 +138,15 @@ async def test_operator_runs_the_token_lifecycle_in_a_browser(
     await expect(page.locator("#request-count")).to_have_text("2")
     assert token not in await page.content()
 
-    # Give it a quota, then revoke it; the next request is refused.
+    # Give it limits, then revoke it; the next request is refused.
     await page.get_by_label("Maximum requests").fill("100")
-    await page.get_by_role("button", name="Save quota").click()
+    await page.get_by_label("Budget in US dollars").fill("2.50")
+    await page.get_by_label("Allowed models").fill("gpt-4o-mini, gpt-4.1*")
+    await page.get_by_role("button", name="Save limits").click()
     await expect(page.get_by_role("status")).to_contain_text("Quota saved")
     await expect(page.locator(".stat .hint").first).to_contain_text("of 100 allowed")
+    await expect(page.locator("#budget-usd")).to_have_text("$2.50")
+    await expect(page.locator("#allowed-models")).to_have_text("gpt-4o-mini, gpt-4.1*")
     await _shot(page, screenshots, "token-detail")
     await page.get_by_role("button", name="Revoke token").click()
     await expect(page.get_by_role("status")).to_contain_text("Token revoked")

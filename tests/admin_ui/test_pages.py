@@ -11,6 +11,19 @@ async def test_every_page_renders(admin: AdminPages) -> None:
     project_id = await admin.create_project("alpha")
     token_id = (await admin.proxy.issue_token(project_id, max_requests=5))["id"]
     await admin.proxy.issue_token(project_id, minutes=1)
+    _, limited = await admin.proxy.manage(
+        "POST",
+        "/tokens",
+        {
+            "project_id": project_id,
+            "duration_minutes": 5,
+            "rpm": 10,
+            "tpm": 1000,
+            "budget_usd": 0.000042,
+            "allowed_models": [f"model-{n}-*" for n in range(100)],
+            "metadata": {"<b>owner</b>": "<script>x</script>"},
+        },
+    )
     paths = [
         "/admin/",
         "/admin/projects",
@@ -23,6 +36,7 @@ async def test_every_page_renders(admin: AdminPages) -> None:
         "/admin/tokens?status=active",
         "/admin/tokens?status=revoked",
         f"/admin/tokens/{token_id}",
+        f"/admin/tokens/{limited['id']}",
         "/admin/audit",
         f"/admin/audit?project_id={project_id}&action=token.create",
     ]
@@ -31,6 +45,7 @@ async def test_every_page_renders(admin: AdminPages) -> None:
         assert page.status == 200, (path, page.text)
         assert page.headers["Content-Type"].startswith("text/html")
         assert "<title>" in page.text and "llm-proxy admin" in page.text
+        assert "<script>x" not in page.text and "<b>owner" not in page.text, path
 
 
 async def test_every_linked_page_renders(admin: AdminPages) -> None:

@@ -1,8 +1,9 @@
-"""Tokens from the pages: issue (value shown once), usage, quota, revoke, list."""
+"""Tokens from the pages: issue (value shown once), usage, limits, revoke, list."""
 
 from __future__ import annotations
 
 import re
+from html import unescape
 
 import pytest
 
@@ -61,16 +62,38 @@ async def test_issued_token_is_shown_once_with_an_sdk_snippet(
         ({"duration_minutes": "1" * 30}, "duration_minutes: must be between 1 and 525600"),
         ({"duration_minutes": "10", "max_requests": "0"}, "max_requests: must be between 1"),
         ({"duration_minutes": "10", "max_requests": "1.5"}, "max_requests: must be a whole number"),
+        ({"rpm": "0"}, "rpm: must be between 1"),
+        ({"rpm": "60.0"}, "rpm: must be a whole number"),
+        ({"tpm": "1.5"}, "tpm: must be a whole number"),
+        ({"tpm": "-100"}, "tpm: must be between 1"),
+        ({"budget_usd": "ten"}, "budget_usd: must be an amount in US dollars"),
+        ({"budget_usd": "1e3"}, "budget_usd: must be an amount in US dollars"),
+        ({"budget_usd": "0"}, "budget_usd: must be greater than 0"),
+        ({"budget_usd": "-3"}, "budget_usd: must be greater than 0"),
+        ({"budget_usd": "2,000,000"}, "budget_usd: must be greater than 0 and at most 1000000"),
+        ({"budget_usd": "0.0000000001"}, "budget_usd: must be at least 0.000000001"),
+        ({"allowed_models": "x" * 201}, "allowed_models: every pattern must be at most 200"),
+        (
+            {"allowed_models": "\n".join(f"m{n}" for n in range(101))},
+            "allowed_models: must have at most 100 patterns",
+        ),
+        ({"metadata": "{nope"}, "metadata: must be a JSON object"),
+        ({"metadata": "[1, 2]"}, "metadata: must be a JSON object"),
+        ({"metadata": '"text"'}, "metadata: must be a JSON object"),
+        ({"metadata": '{"blob": "%s"}' % ("x" * 17_000)}, "metadata: must be at most 16384 bytes"),
     ],
 )
 async def test_invalid_token_form_is_shown_again_and_issues_nothing(
     admin: AdminPages, proxy: Proxy, fields: dict[str, str], message: str
 ) -> None:
     project_id = await admin.create_project()
-    page = await admin.post(f"/admin/projects/{project_id}/tokens", fields)
+    page = await admin.post(
+        f"/admin/projects/{project_id}/tokens", {"duration_minutes": "10", **fields}
+    )
     assert page.status == 400
-    assert message in page.text
-    assert "has-error" in page.text
+    assert message in unescape(page.text)
+    (field,) = set(fields) - {"duration_minutes"} or {"duration_minutes"}
+    assert re.search(rf'class="field has-error">\s*<label for="{field}"', page.text)
     assert "token-value" not in page.text
     assert (await proxy.manage("GET", "/tokens"))[1] == []
 
@@ -141,3 +164,133 @@ async def test_token_list_filters_by_status(admin: AdminPages, proxy: Proxy) -> 
     revoked = await admin.get("/admin/tokens?status=revoked")
     assert live_id[:8] not in revoked.text and dead_id[:8] in revoked.text
     assert "No expired tokens" in (await admin.get("/admin/tokens?status=expired")).text
+
+
+ISSUE_LIMITS = {
+    "max_requests": "50",
+    "rpm": "60",
+    "tpm": "10,000",
+    "budget_usd": "$12.50",
+    "allowed_models": "gpt-4o-mini, gpt-4.1*\ngpt-4o-mini\n\n  o3 ,",
+    "metadata": '{"user": "ada", "team": "search"}',
+}
+LIMITS_READ_BACK = {
+    "max_requests": 50,
+    "rpm": 60,
+    "tpm": 10_000,
+    "budget_usd": 12.5,
+    "allowed_models": ["gpt-4o-mini", "gpt-4.1*", "o3"],
+}
+
+
+def _stat(html: str, element_id: str) -> str:
+    match = re.search(rf'id="{element_id}">([^<]*)<', html)
+    assert match, element_id
+    return unescape(match.group(1))
+
+
+async def test_a_token_issued_with_every_limit_shows_them_everywhere(
+    admin: AdminPages, proxy: Proxy
+) -> None:
+    project_id = await admin.create_project("limited")
+    page = await admin.issue_token(project_id, **ISSUE_LIMITS)
+    assert page.status == 201, page.text
+    assert "60 rpm · 10,000 tpm" in page.text
+    assert "$12.50" in page.text
+    assert "<code>gpt-4o-mini</code>, <code>gpt-4.1*</code>, <code>o3</code>" in page.text
+    assert '"user": "ada"' in unescape(page.text)
+    token_id = re.search(r'/admin/tokens/([0-9a-f-]{36})"', page.text)
+    assert token_id
+
+    _, token = await proxy.manage("GET", f"/tokens/{token_id.group(1)}")
+    assert {key: token[key] for key in LIMITS_READ_BACK} == LIMITS_READ_BACK
+    assert token["metadata"] == {"user": "ada", "team": "search"}
+
+    detail = (await admin.get(f"/admin/tokens/{token['id']}")).text
+    assert _stat(detail, "spent-usd") == "$0.00"
+    assert _stat(detail, "budget-usd") == "$12.50"
+    assert _stat(detail, "reserved-usd") == "$0.00"
+    assert (_stat(detail, "rpm-limit"), _stat(detail, "tpm-limit")) == ("60", "10,000")
+    assert "<code>gpt-4.1*</code>" in detail
+    assert '"team": "search"' in unescape(detail)
+    # The limits form starts from the current limits.
+    assert 'id="rpm" name="rpm" value="60"' in detail
+    assert 'id="budget_usd" name="budget_usd" value="12.5"' in detail
+    assert ">gpt-4o-mini\ngpt-4.1*\no3</textarea>" in detail
+
+    listing = (await admin.get("/admin/tokens")).text
+    row = next(r for r in listing.split("<tr>") if token["id"][:8] in r)
+    assert "$0.00" in row and "/ $12.50" in row
+    assert "60 rpm · 10,000 tpm" in row
+    assert "<code>gpt-4o-mini</code>, <code>gpt-4.1*</code>, <code>o3</code>" in row
+    assert "badge-active" in row
+
+
+async def test_a_token_without_limits_reads_as_unlimited(admin: AdminPages, proxy: Proxy) -> None:
+    project_id = await admin.create_project()
+    _, token_id = await _issue(admin, project_id)
+    detail = (await admin.get(f"/admin/tokens/{token_id}")).text
+    assert "no budget" in detail and "any model" in detail
+    assert (_stat(detail, "rpm-limit"), _stat(detail, "tpm-limit")) == ("∞", "∞")
+    _, token = await proxy.manage("GET", f"/tokens/{token_id}")
+    assert {key: token[key] for key in LIMITS_READ_BACK} == dict.fromkeys(LIMITS_READ_BACK)
+    assert token["metadata"] == {}
+
+
+async def test_limits_can_be_set_changed_and_cleared(admin: AdminPages, proxy: Proxy) -> None:
+    project_id = await admin.create_project()
+    _, token_id = await _issue(admin, project_id)
+    limits = {key: value for key, value in ISSUE_LIMITS.items() if key != "metadata"}
+
+    page = await admin.post(f"/admin/tokens/{token_id}/quota", limits)
+    assert page.status == 200 and "Quota saved" in page.text
+    _, token = await proxy.manage("GET", f"/tokens/{token_id}")
+    assert {key: token[key] for key in LIMITS_READ_BACK} == LIMITS_READ_BACK
+
+    # Saving the form as shown changes nothing, so nothing is audited.
+    form = {
+        "max_requests": "50",
+        "rpm": "60",
+        "tpm": "10000",
+        "budget_usd": "12.5",
+        "allowed_models": "gpt-4o-mini\ngpt-4.1*\no3",
+    }
+    await admin.post(f"/admin/tokens/{token_id}/quota", form)
+    await admin.post(f"/admin/tokens/{token_id}/quota", {**form, "rpm": "", "budget_usd": "7"})
+    _, token = await proxy.manage("GET", f"/tokens/{token_id}")
+    assert (token["rpm"], token["budget_usd"], token["tpm"]) == (None, 7, 10_000)
+    _, audit = await proxy.manage("GET", f"/audit?target_id={token_id}&action=token.update")
+    assert [event["details"]["changed"] for event in audit["events"]] == [
+        ["budget_usd", "rpm"],
+        sorted(LIMITS_READ_BACK),
+    ]
+    assert audit["events"][0]["details"]["rpm"] is None
+
+    page = await admin.post(f"/admin/tokens/{token_id}/quota", dict.fromkeys(form, ""))
+    assert "no budget" in page.text and "any model" in page.text
+    _, token = await proxy.manage("GET", f"/tokens/{token_id}")
+    assert {key: token[key] for key in LIMITS_READ_BACK} == dict.fromkeys(LIMITS_READ_BACK)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"rpm": "0"}, "rpm: must be between 1"),
+        ({"tpm": "lots"}, "tpm: must be a whole number"),
+        ({"budget_usd": "-1"}, "budget_usd: must be greater than 0"),
+        ({"allowed_models": "ok, " + "x" * 201}, "allowed_models: every pattern must be at most"),
+    ],
+)
+async def test_invalid_limits_are_shown_again_and_change_nothing(
+    admin: AdminPages, proxy: Proxy, fields: dict[str, str], message: str
+) -> None:
+    project_id = await admin.create_project()
+    _, token_id = await _issue(admin, project_id, rpm="30")
+    page = await admin.post(f"/admin/tokens/{token_id}/quota", {"tpm": "100", **fields})
+    assert page.status == 400
+    assert message in page.text
+    (field,) = fields
+    assert re.search(rf'class="field has-error">\s*<label for="{field}"', page.text)
+    assert f"{fields[field]}</textarea>" in page.text or f'value="{fields[field]}"' in page.text
+    _, token = await proxy.manage("GET", f"/tokens/{token_id}")
+    assert (token["rpm"], token["tpm"]) == (30, None)

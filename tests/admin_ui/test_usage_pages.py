@@ -38,9 +38,11 @@ async def _call(proxy: Proxy, token: str, upstream_status: int | None = None) ->
 
 async def test_pages_show_usage_figures(admin: AdminPages, proxy: Proxy) -> None:
     page = await admin.get("/admin/")
-    assert window_row(page.text, "hour") == dict.fromkeys(
-        ("requests", "prompt-tokens", "completion-tokens", "total-tokens", "errors"), "0"
-    )
+    assert window_row(page.text, "hour") == {
+        **dict.fromkeys(("requests", "prompt-tokens", "completion-tokens", "total-tokens"), "0"),
+        "cost": "$0.00",
+        "errors": "0",
+    }
     project_id = await admin.create_project("usage")
     used = await proxy.issue_token(project_id)
     idle = await proxy.issue_token(project_id)
@@ -50,11 +52,16 @@ async def test_pages_show_usage_figures(admin: AdminPages, proxy: Proxy) -> None
     assert await _call(proxy, used["token"], upstream_status=503) == 503
     usage = await wait_for_usage(proxy, f"/tokens/{used['id']}", 3)
     assert usage["errors"] == 1 and usage["total_tokens"] > 0
+    # gpt-4o-mini at $0.15 / $0.60 per 1M tokens is 150 / 600 nano-dollars a token; the failed
+    # moderation names no model and costs nothing.
+    spent = usage["prompt_tokens"] * 150 + usage["completion_tokens"] * 600
+    assert usage["cost_usd"] == spent / 1e9 and spent < 10**7
     shown = {
         "requests": str(usage["requests"]),
         "prompt-tokens": f"{usage['prompt_tokens']:,}",
         "completion-tokens": f"{usage['completion_tokens']:,}",
         "total-tokens": f"{usage['total_tokens']:,}",
+        "cost": f"$0.{spent:09d}".rstrip("0"),  # under a cent: shown to the nano-dollar
         "errors": "1",
     }
 
@@ -63,12 +70,13 @@ async def test_pages_show_usage_figures(admin: AdminPages, proxy: Proxy) -> None
     for html in (token_page, project_page):
         assert {name: tile(html, name) for name in shown} == shown
         assert "last request just now" in " ".join(re.sub(r"<[^>]+>", " ", html).split())
-    # The project's token table gives each token its tokens used.
+    # The project's token table gives each token its tokens used and its spend.
     rows = project_page.split("<tbody>", 1)[1]
     used_row = rows.split(used["id"][:8], 1)[1].split("</tr>", 1)[0]
     idle_row = rows.split(idle["id"][:8], 1)[1].split("</tr>", 1)[0]
     assert f'<td class="num">{shown["total-tokens"]}</td>' in used_row
-    assert '<td class="num">0</td>' in idle_row
+    assert f'<td class="num">{shown["cost"]}</td>' in used_row
+    assert '<td class="num">0</td>' in idle_row and '<td class="num">$0.00</td>' in idle_row
 
     dashboard = (await admin.get("/admin/")).text
     assert window_row(dashboard, "hour") == window_row(dashboard, "day") == shown

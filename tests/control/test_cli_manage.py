@@ -7,10 +7,12 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
+import click
 import openai
 import pytest
 from click.testing import CliRunner, Result
 
+from llm_proxy.control.manage_cli import token_generate, token_update
 from llm_proxy.runtime.cli import main
 from tests.conftest import TOKEN_FIELDS
 from tests.processes import (
@@ -330,21 +332,203 @@ def test_token_generate_shows_the_value_once(server: ServerProcess) -> None:
 def test_token_list_table_and_project_filter(server: ServerProcess) -> None:
     mine, other = create_project(server, "mine"), create_project(server, "other")
     token_id = manage_json(server, "token", "generate", "--project-id", mine)["id"]
+    revoked_id = manage_json(server, "token", "generate", "--project-id", mine)["id"]
     other_id = manage_json(server, "token", "generate", "--project-id", other)["id"]
+    assert manage_as(server, "token", "revoke", revoked_id).exit_code == 0
 
     table = manage_as(server, "token", "list", "--project-id", mine)
     assert table.exit_code == 0, table.output
-    for header in ("id", "project_id", "is_active", "expires_at", "request_count", "max_requests"):
-        assert header in table.stdout
+    header = next(line for line in table.stdout.splitlines() if "request_count" in line)
+    for column in (
+        "id",
+        "project_id",
+        "status",
+        "is_active",
+        "expires_at",
+        "request_count",
+        "max_requests",
+        "spent_usd",
+        "budget_usd",
+    ):
+        assert column in header
     row = next(line for line in table.stdout.splitlines() if token_id in line)
-    assert mine in row
+    assert mine in row and " active " in row
+    assert " revoked " in next(line for line in table.stdout.splitlines() if revoked_id in line)
     assert other_id not in table.stdout
 
     listed = manage_json(server, "token", "list", "--project-id", mine)
-    assert [t["id"] for t in listed] == [token_id]
+    assert {t["id"]: t["status"] for t in listed} == {token_id: "active", revoked_id: "revoked"}
     assert all("token" not in t for t in listed)
     everything = {t["id"] for t in manage_json(server, "token", "list")}
     assert {token_id, other_id} <= everything
+
+
+LIMIT_OPTIONS = (
+    "--max-requests",
+    "50",
+    "--rpm",
+    "60",
+    "--tpm",
+    "10000",
+    "--budget-usd",
+    "12.5",
+    "--allowed-model",
+    "gpt-4o-mini",
+    "--allowed-model",
+    "gpt-4.1*",
+)
+LIMITS_SHOWN = {
+    "max_requests": 50,
+    "rpm": 60,
+    "tpm": 10000,
+    "budget_usd": 12.5,
+    "allowed_models": ["gpt-4o-mini", "gpt-4.1*"],
+}
+NO_LIMITS = dict.fromkeys(LIMITS_SHOWN)
+
+
+def test_token_generate_with_every_limit_reads_back_the_same(server: ServerProcess) -> None:
+    project_id = create_project(server, "limited")
+    metadata = {"user": "ada", "tags": ["a"]}
+    issued = manage_json(
+        server,
+        "token",
+        "generate",
+        "--project-id",
+        project_id,
+        *LIMIT_OPTIONS,
+        "--metadata",
+        json.dumps(metadata),
+    )
+    assert {key: issued[key] for key in LIMITS_SHOWN} == LIMITS_SHOWN
+    assert issued["metadata"] == metadata
+    shown = manage_json(server, "token", "get", issued["id"])
+    assert {key: shown[key] for key in LIMITS_SHOWN} == LIMITS_SHOWN
+    assert (shown["metadata"], shown["status"], shown["spent_usd"]) == (metadata, "active", 0)
+
+    record = manage_as(server, "token", "get", issued["id"])
+    assert record.exit_code == 0, record.output
+    fields = dict(line.split(None, 1) for line in record.stdout.splitlines() if " " in line.strip())
+    assert (fields["rpm"], fields["budget_usd"], fields["status"]) == ("60", "12.5", "active")
+    assert json.loads(fields["allowed_models"]) == ["gpt-4o-mini", "gpt-4.1*"]
+    assert json.loads(fields["metadata"]) == metadata
+
+
+def test_token_update_sets_and_clears_limits(server: ServerProcess) -> None:
+    project_id = create_project(server, "updated")
+    token_id = manage_json(server, "token", "generate", "--project-id", project_id)["id"]
+    updated = manage_json(server, "token", "update", token_id, *LIMIT_OPTIONS)
+    assert {key: updated[key] for key in LIMITS_SHOWN} == LIMITS_SHOWN
+
+    updated = manage_json(server, "token", "update", token_id, "--no-rpm", "--any-model")
+    assert {key: updated[key] for key in LIMITS_SHOWN} == {
+        **LIMITS_SHOWN,
+        "rpm": None,
+        "allowed_models": None,
+    }
+    updated = manage_json(
+        server,
+        "token",
+        "update",
+        token_id,
+        "--no-max-requests",
+        "--no-tpm",
+        "--no-budget",
+        "--inactive",
+    )
+    assert {key: updated[key] for key in LIMITS_SHOWN} == NO_LIMITS
+    assert (updated["is_active"], updated["status"]) == (False, "revoked")
+    updated = manage_json(server, "token", "update", token_id, "--active", "--rpm", "5")
+    assert (updated["is_active"], updated["status"], updated["rpm"]) == (True, "active", 5)
+    assert manage_json(server, "token", "get", token_id)["rpm"] == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),
+        ("--rpm", "5", "--no-rpm"),
+        ("--budget-usd", "1", "--no-budget"),
+        ("--allowed-model", "gpt-4o", "--any-model"),
+    ],
+)
+def test_token_update_needs_one_clear_change_per_limit(
+    server: ServerProcess, args: tuple[str, ...]
+) -> None:
+    result = manage_as(server, "token", "update", "any-id", *args)
+    assert result.exit_code == 2, result.output
+    assert "nothing to update" in result.stderr or "give one or the other" in result.stderr
+
+
+def test_token_update_of_an_unknown_token_is_404(server: ServerProcess) -> None:
+    result = manage_as(server, "token", "update", "no-such-token", "--rpm", "5")
+    assert "404 token_not_found" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("--rpm", "0"), "rpm"),
+        (("--tpm", "-5"), "tpm"),
+        (("--budget-usd", "0"), "budget_usd"),
+        (("--budget-usd", "2000000"), "budget_usd"),
+        (("--allowed-model", " "), "allowed_models"),
+        (("--allowed-model", "x" * 201), "allowed_models"),
+        (("--max-requests", "0"), "max_requests"),
+    ],
+)
+def test_a_bad_limit_names_the_field(
+    server: ServerProcess, args: tuple[str, ...], field: str
+) -> None:
+    project_id = create_project(server, "bad limits")
+    generated = one_line_error(
+        manage_as(server, "token", "generate", "--project-id", project_id, *args)
+    )
+    assert "400 invalid_field" in generated and generated.startswith(f"Error: {field}:")
+    token_id = manage_json(server, "token", "generate", "--project-id", project_id)["id"]
+    updated = one_line_error(manage_as(server, "token", "update", token_id, *args))
+    assert "400 invalid_field" in updated and updated.startswith(f"Error: {field}:")
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (("--metadata", "{nope"), "--metadata: not valid JSON"),
+        (("--metadata", "[1, 2]"), "--metadata: must be a JSON object"),
+        (("--budget-usd", "nan"), "--budget-usd: must be a number"),
+        (("--budget-usd", "inf"), "--budget-usd: must be a number"),
+    ],
+)
+def test_a_bad_option_value_is_one_line_before_anything_is_sent(
+    server: ServerProcess, args: tuple[str, ...], problem: str
+) -> None:
+    project_id = create_project(server, "bad options")
+    result = manage_as(server, "token", "generate", "--project-id", project_id, *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert problem in result.stderr
+    assert manage_json(server, "token", "list", "--project-id", project_id) == []
+
+
+@pytest.mark.parametrize("command", [token_generate, token_update])
+def test_every_limit_option_says_what_it_does(command: click.Command) -> None:
+    options = {
+        name: param
+        for param in command.params
+        if isinstance(param, click.Option)
+        for name in param.opts
+    }
+    new = ["--rpm", "--tpm", "--budget-usd", "--allowed-model", "--max-requests"]
+    if command is token_generate:
+        new.append("--metadata")
+    else:
+        new += ["--no-rpm", "--no-tpm", "--no-budget", "--any-model", "--no-max-requests"]
+    for name in new:
+        assert options[name].help, name
+    shown = CliRunner().invoke(main, ["manage", "token", command.name or "", "--help"])
+    assert shown.exit_code == 0
+    for name in new:
+        assert name in shown.stdout
 
 
 def test_token_list_of_a_project_without_tokens_says_so(server: ServerProcess) -> None:

@@ -14,6 +14,9 @@ import pytest
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.test_utils import TestClient
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from llm_proxy.control.management import MAX_JSON_BYTES, management_app
 from tests.conftest import MANAGEMENT_TOKEN, TOKEN_FIELDS, UPSTREAM_KEY, Proxy
@@ -193,6 +196,219 @@ async def test_token_patch_revoke_and_delete(proxy: Proxy) -> None:
     assert (status, _code(body)) == (404, "token_not_found")
 
 
+LIMITS = {
+    "max_requests": 50,
+    "rpm": 60,
+    "tpm": 10_000,
+    "budget_usd": 12.5,
+    "allowed_models": ["gpt-4o-mini", "gpt-4.1*", "gpt-4o-mini", " o3 "],
+}
+METADATA = {"user": "ada", "tags": ["a", "b"], "nested": {"n": 1}}
+
+
+async def test_token_with_every_limit_reads_back_the_same(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    status, issued = await proxy.manage(
+        "POST",
+        "/tokens",
+        {"project_id": project_id, "duration_minutes": 30, **LIMITS, "metadata": METADATA},
+    )
+    assert status == 201, issued
+    shown = {
+        "max_requests": 50,
+        "rpm": 60,
+        "tpm": 10_000,
+        "budget_usd": 12.5,
+        # Duplicates dropped, order kept, each pattern trimmed.
+        "allowed_models": ["gpt-4o-mini", "gpt-4.1*", "o3"],
+        "metadata": METADATA,
+    }
+    assert issued == {
+        "id": issued["id"],
+        "token": issued["token"],
+        "project_id": project_id,
+        "expires_at": issued["expires_at"],
+        "created_at": issued["created_at"],
+        **shown,
+    }
+
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert status == 200 and set(token) == TOKEN_FIELDS | {"revoked_at", "usage"}
+    assert {key: token[key] for key in shown} == shown
+    assert (token["status"], token["spent_usd"], token["reserved_usd"]) == ("active", 0, 0)
+    _, listed = await proxy.manage("GET", f"/tokens?project_id={project_id}")
+    assert listed == [{k: v for k, v in token.items() if k != "usage"}]
+
+    _, audit = await proxy.manage("GET", f"/audit?target_id={issued['id']}")
+    details = audit["events"][0]["details"]
+    assert {key: details[key] for key in LIMITS} == {key: shown[key] for key in LIMITS}
+
+
+async def test_a_token_without_limits_shows_them_as_null(proxy: Proxy) -> None:
+    issued = await proxy.issue_token()
+    assert {key: issued[key] for key in LIMITS} == dict.fromkeys(LIMITS)
+    assert issued["metadata"] == {}
+    _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert {key: token[key] for key in LIMITS} == dict.fromkeys(LIMITS)
+    assert (token["metadata"], token["spent_usd"], token["status"]) == ({}, 0, "active")
+
+
+@pytest.mark.parametrize(
+    ("budget", "shown"),
+    [(0.000000001, 1e-9), (1_000_000, 1_000_000), (0.1, 0.1), (3.1234567894, 3.123456789)],
+)
+async def test_a_budget_is_kept_to_the_nano_dollar(
+    proxy: Proxy, budget: float, shown: float
+) -> None:
+    project_id = await proxy.create_project()
+    status, issued = await proxy.manage(
+        "POST", "/tokens", {"project_id": project_id, "duration_minutes": 5, "budget_usd": budget}
+    )
+    assert (status, issued["budget_usd"]) == (201, shown)
+
+
+async def test_up_to_a_hundred_distinct_model_patterns_are_accepted(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    patterns = [f"model-{n}" for n in range(99)] + ["x" * 200]
+    status, issued = await proxy.manage(
+        "POST",
+        "/tokens",
+        {"project_id": project_id, "duration_minutes": 5, "allowed_models": patterns * 2},
+    )
+    assert (status, issued["allowed_models"]) == (201, patterns)
+
+
+async def test_patch_sets_and_clears_each_limit_and_audits_what_changed(proxy: Proxy) -> None:
+    issued = await proxy.issue_token()
+    path = f"/tokens/{issued['id']}"
+    status, patched = await proxy.manage("PATCH", path, LIMITS)
+    assert status == 200, patched
+    assert {key: patched[key] for key in LIMITS} == {
+        **LIMITS,
+        "allowed_models": ["gpt-4o-mini", "gpt-4.1*", "o3"],
+    }
+    status, patched = await proxy.manage("PATCH", path, {"rpm": 5, "budget_usd": None})
+    assert (patched["rpm"], patched["budget_usd"], patched["tpm"]) == (5, None, 10_000)
+    status, patched = await proxy.manage("PATCH", path, dict.fromkeys(LIMITS))
+    assert status == 200 and {key: patched[key] for key in LIMITS} == dict.fromkeys(LIMITS)
+    _, token = await proxy.manage("GET", path)
+    assert {key: token[key] for key in LIMITS} == dict.fromkeys(LIMITS)
+
+    _, audit = await proxy.manage("GET", f"/audit?target_id={issued['id']}&action=token.update")
+    latest, middle, first = (event["details"] for event in audit["events"])
+    assert first["changed"] == sorted(LIMITS)
+    assert middle == {"changed": ["budget_usd", "rpm"], "rpm": 5, "budget_usd": None}
+    assert latest == {"changed": sorted(LIMITS), **dict.fromkeys(LIMITS)}
+
+
+async def test_metadata_cannot_be_patched(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    _, issued = await proxy.manage(
+        "POST",
+        "/tokens",
+        {"project_id": project_id, "duration_minutes": 5, "metadata": {"user": "ada"}},
+    )
+    for body in ({"metadata": {"user": "eve"}}, {"rpm": 5, "metadata": None}):
+        status, answer = await proxy.manage("PATCH", f"/tokens/{issued['id']}", body)
+        assert (status, _code(answer)) == (400, "invalid_field")
+        assert answer["error"]["message"].startswith("metadata")
+    _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (token["metadata"], token["rpm"]) == ({"user": "ada"}, None)
+
+
+# Each wrong value of a limit, refused the same way on POST and PATCH.
+BAD_LIMITS = [
+    ({"max_requests": 0}, "max_requests"),
+    ({"max_requests": 1.5}, "max_requests"),
+    ({"max_requests": 286.0}, "max_requests"),
+    ({"max_requests": False}, "max_requests"),
+    ({"max_requests": 2**62 + 1}, "max_requests"),
+    ({"rpm": 0}, "rpm"),
+    ({"rpm": -1}, "rpm"),
+    ({"rpm": 60.0}, "rpm"),
+    ({"rpm": True}, "rpm"),
+    ({"rpm": "60"}, "rpm"),
+    ({"tpm": 0}, "tpm"),
+    ({"tpm": 1000.5}, "tpm"),
+    ({"tpm": True}, "tpm"),
+    ({"tpm": [1000]}, "tpm"),
+    ({"budget_usd": 0}, "budget_usd"),
+    ({"budget_usd": -5}, "budget_usd"),
+    ({"budget_usd": 1_000_000.01}, "budget_usd"),
+    ({"budget_usd": 1e-10}, "budget_usd"),
+    ({"budget_usd": True}, "budget_usd"),
+    ({"budget_usd": "5"}, "budget_usd"),
+    ({"allowed_models": []}, "allowed_models"),
+    ({"allowed_models": "gpt-4o"}, "allowed_models"),
+    ({"allowed_models": [""]}, "allowed_models"),
+    ({"allowed_models": ["gpt-4o", "  "]}, "allowed_models"),
+    ({"allowed_models": [5]}, "allowed_models"),
+    ({"allowed_models": [None]}, "allowed_models"),
+    ({"allowed_models": ["x" * 201]}, "allowed_models"),
+    ({"allowed_models": [f"m{n}" for n in range(101)]}, "allowed_models"),
+    ({"allowed_models": {"gpt-4o": True}}, "allowed_models"),
+]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"duration_minutes": 5}, "project_id"),
+        ({"project_id": "p"}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": 0}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": 525601}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": "5"}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": True}, "duration_minutes"),
+        ({"project_id": "p", "duration_minutes": 5.0}, "duration_minutes"),
+        ({"project_id": 7, "duration_minutes": 5}, "project_id"),
+        ({"project_id": "p", "duration_minutes": 5, "colour": "red"}, "colour"),
+        ({"project_id": "p", "duration_minutes": 5, "metadata": [1]}, "metadata"),
+        ({"project_id": "p", "duration_minutes": 5, "metadata": "team=a"}, "metadata"),
+        (
+            {"project_id": "p", "duration_minutes": 5, "metadata": {"blob": "x" * 16 * 1024}},
+            "metadata",
+        ),
+        *(({"project_id": "p", "duration_minutes": 5, **bad}, field) for bad, field in BAD_LIMITS),
+    ],
+)
+async def test_bad_token_fields_name_the_field(proxy: Proxy, payload: Any, field: str) -> None:
+    status, body = await proxy.manage("POST", "/tokens", payload)
+    assert status == 400
+    assert body["error"]["message"].startswith(f"{field}:"), body
+    assert body["error"]["type"] == "invalid_request_error"
+    assert (await proxy.manage("GET", "/tokens"))[1] == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        *BAD_LIMITS,
+        ({"is_active": 1}, "is_active"),
+        ({"project_id": "other"}, "project_id"),
+        ({"duration_minutes": 5}, "duration_minutes"),
+        ({"spent_usd": 0}, "spent_usd"),
+    ],
+)
+async def test_bad_token_patch_fields_name_the_field(
+    proxy: Proxy, payload: Any, field: str
+) -> None:
+    issued = await proxy.issue_token()
+    status, body = await proxy.manage("PATCH", f"/tokens/{issued['id']}", payload)
+    assert (status, _code(body)) == (400, "invalid_field")
+    assert body["error"]["message"].startswith(f"{field}:"), body
+    _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert {key: token[key] for key in LIMITS} == dict.fromkeys(LIMITS)
+
+
+async def test_metadata_up_to_the_limit_is_kept(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    metadata = {"blob": "x" * (16 * 1024 - len(b'{"blob":""}'))}
+    status, issued = await proxy.manage(
+        "POST", "/tokens", {"project_id": project_id, "duration_minutes": 5, "metadata": metadata}
+    )
+    assert (status, issued["metadata"]) == (201, metadata)
+
+
 async def test_revoke_by_value(proxy: Proxy) -> None:
     issued = await proxy.issue_token()
     status, _ = await proxy.manage("DELETE", "/tokens", {"token": issued["token"]})
@@ -230,28 +446,6 @@ async def test_issuing_for_an_inactive_project_is_403(proxy: Proxy) -> None:
         "POST", "/tokens", {"project_id": project_id, "duration_minutes": 5}
     )
     assert (status, _code(body)) == (403, "project_inactive")
-
-
-@pytest.mark.parametrize(
-    ("payload", "field"),
-    [
-        ({"duration_minutes": 5}, "project_id"),
-        ({"project_id": "p"}, "duration_minutes"),
-        ({"project_id": "p", "duration_minutes": 0}, "duration_minutes"),
-        ({"project_id": "p", "duration_minutes": 525601}, "duration_minutes"),
-        ({"project_id": "p", "duration_minutes": "5"}, "duration_minutes"),
-        ({"project_id": "p", "duration_minutes": True}, "duration_minutes"),
-        ({"project_id": "p", "duration_minutes": 5, "max_requests": 0}, "max_requests"),
-        ({"project_id": "p", "duration_minutes": 5, "max_requests": 1.5}, "max_requests"),
-        ({"project_id": 7, "duration_minutes": 5}, "project_id"),
-        ({"project_id": "p", "duration_minutes": 5, "colour": "red"}, "colour"),
-    ],
-)
-async def test_bad_token_fields_name_the_field(proxy: Proxy, payload: Any, field: str) -> None:
-    status, body = await proxy.manage("POST", "/tokens", payload)
-    assert status == 400
-    assert body["error"]["message"].startswith(field)
-    assert body["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(
@@ -476,6 +670,72 @@ async def test_openapi_document_lists_every_management_route(proxy: Proxy) -> No
             if route.method != "HEAD":
                 served.add((route.method, path))
     assert documented == served
+
+
+def _schema(document: dict[str, Any], name: str) -> Draft202012Validator:
+    """A validator for one schema of the document, its references resolved within it."""
+    resource = Resource.from_contents(document, default_specification=DRAFT202012)
+    registry: Registry[Any] = Registry().with_resource("urn:manage", resource)
+    return Draft202012Validator(
+        {"$ref": f"urn:manage#/components/schemas/{name}"}, registry=registry
+    )
+
+
+async def test_openapi_document_describes_the_token_fields(proxy: Proxy) -> None:
+    document = await (await proxy.client.get("/manage/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    for schema in schemas.values():
+        Draft202012Validator.check_schema(schema)
+    token = schemas["Token"]
+    assert set(token["properties"]) == set(token["required"]) | {"usage"}
+    assert set(token["properties"]) == TOKEN_FIELDS | {"revoked_at", "usage"}
+    assert token["properties"]["status"]["enum"] == ["active", "expired", "revoked", "exhausted"]
+    assert set(schemas["TokenCreate"]["properties"]) == {
+        "project_id",
+        "duration_minutes",
+        *LIMITS,
+        "metadata",
+    }
+    assert set(schemas["TokenUpdate"]["properties"]) == {"is_active", *LIMITS}
+    for name in LIMITS:  # null clears a limit
+        assert "null" in schemas["TokenUpdate"]["properties"][name]["type"]
+    assert schemas["TokenUpdate"]["additionalProperties"] is False
+    budget = schemas["TokenCreate"]["properties"]["budget_usd"]
+    assert (budget["exclusiveMinimum"], budget["maximum"]) == (0, 1_000_000)
+    models = schemas["TokenCreate"]["properties"]["allowed_models"]
+    assert (models["minItems"], models["maxItems"], models["items"]["maxLength"]) == (1, 100, 200)
+
+    # What the server accepts and answers fits the document; what it refuses does not.
+    project_id = await proxy.create_project()
+    create = {"project_id": project_id, "duration_minutes": 5, **LIMITS, "metadata": METADATA}
+    _schema(document, "TokenCreate").validate(create)
+    status, issued = await proxy.manage("POST", "/tokens", create)
+    assert status == 201
+    _schema(document, "TokenCreated").validate(issued)
+    _, fetched = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    _schema(document, "Token").validate(fetched)
+    clear = dict.fromkeys(LIMITS)
+    _schema(document, "TokenUpdate").validate(clear)
+    _, patched = await proxy.manage("PATCH", f"/tokens/{issued['id']}", clear)
+    _schema(document, "Token").validate(patched)
+    _, listed = await proxy.manage("GET", "/tokens")
+    _schema(document, "Token").validate(listed[0])
+    refused = [
+        {"rpm": 0},
+        {"tpm": True},
+        {"budget_usd": 0},
+        {"budget_usd": 1_000_001},
+        {"allowed_models": []},
+        {"allowed_models": ["x" * 201]},
+        {"allowed_models": [f"m{n}" for n in range(101)]},
+        {"metadata": [1]},
+        {"colour": "red"},
+    ]
+    for bad in refused:
+        assert not _schema(document, "TokenCreate").is_valid({**create, **bad}), bad
+        status, _ = await proxy.manage("POST", "/tokens", {**create, **bad})
+        assert status == 400, bad
+    assert not _schema(document, "TokenUpdate").is_valid({"metadata": {}})
 
 
 async def test_health_and_ready(proxy: Proxy) -> None:

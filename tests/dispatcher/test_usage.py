@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tests.waiting import wait_for_usage
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
 ZERO = {
+    "cost_usd": 0.0,
     "requests": 0,
     "prompt_tokens": 0,
     "completion_tokens": 0,
@@ -38,6 +40,7 @@ def event(
     error: str | None = None,
     usage: tuple[int, int] | None = (10, 5),
     project_id: str = "p1",
+    cost_usd: float | None = None,
 ) -> Event:
     tokens = (
         Usage(
@@ -65,30 +68,38 @@ def event(
         request=None,
         response=None,
         usage=tokens,
+        cost_usd=cost_usd,
         upstream_request_id=None,
         error=error,
     )
 
 
+def chat_cost(prompt: int, completion: int) -> float:
+    """What gpt-4o-mini tokens cost at the list prices of config/prices.yaml, by hand."""
+    return float((prompt * Decimal("0.15") + completion * Decimal("0.60")) / 1_000_000)
+
+
 def test_a_batch_folds_into_one_row_per_token_and_hour() -> None:
     rows, refused = fold(
         [
-            event(at="2030-01-01T10:15:00.000Z"),
-            event(at="2030-01-01T10:59:59.999Z", status=502, usage=None),
+            event(at="2030-01-01T10:15:00.000Z", cost_usd=0.000004500),
+            event(at="2030-01-01T10:59:59.999Z", status=502, usage=None, cost_usd=0.0),
             event(at="2030-01-01T10:20:00.000Z", error="client_disconnected", usage=(7, 0)),
             event(at="2030-01-01T11:00:00.000Z", status=404, usage=None),
-            event("t2", at="2030-01-01T10:30:00.000Z", project_id="p2", usage=(1, 2)),
+            event("t2", at="2030-01-01T10:30:00.000Z", project_id="p2", cost_usd=1.25),
             event(at="not a time"),
-            event(at="2030-01-01T12:10:00+02:00"),  # not as the proxy writes it: still counted
+            event(at="2030-01-01T12:10:00+02:00", cost_usd=0.000000001),  # not as written: counted
+            event(at="2030-01-01T10:16:00.000Z", cost_usd=-0.5),  # no spend is negative
+            event(at="2030-01-01T10:17:00.000Z", cost_usd="0.1"),  # type: ignore[arg-type]
         ]
     )
     hour = datetime(2030, 1, 1, 10, tzinfo=UTC)
     assert sorted(rows, key=lambda r: (r.token_id, r.hour)) == [
-        UsageRollup("t1", "p1", hour, 4, 27, 10, 37, 2, datetime(2030, 1, 1, 10, 59, 59, 999000, UTC)),
-        UsageRollup("t1", "p1", hour + timedelta(hours=1), 1, 0, 0, 0, 1, hour + timedelta(hours=1)),
-        UsageRollup("t2", "p2", hour, 1, 1, 2, 3, 0, datetime(2030, 1, 1, 10, 30, tzinfo=UTC)),
+        UsageRollup("t1", "p1", hour, 4, 27, 10, 37, 2, datetime(2030, 1, 1, 10, 59, 59, 999000, UTC), 4_501),
+        UsageRollup("t1", "p1", hour + timedelta(hours=1), 1, 0, 0, 0, 1, hour + timedelta(hours=1), 0),
+        UsageRollup("t2", "p2", hour, 1, 10, 5, 15, 0, datetime(2030, 1, 1, 10, 30, tzinfo=UTC), 1_250_000_000),
     ]  # fmt: skip
-    assert list(refused) == [5] and not refused[5].retryable
+    assert list(refused) == [5, 7, 8] and not any(r.retryable for r in refused.values())
 
 
 async def test_rollups_add_up_across_batches_and_survive_token_deletion(tmp_path: Path) -> None:
@@ -96,21 +107,25 @@ async def test_rollups_add_up_across_batches_and_survive_token_deletion(tmp_path
     try:
         backend = UsageBackend(store)
         # No such token or project exists: events can arrive after a project was deleted.
-        assert await backend.send([event(), event(status=500, usage=None)]) == {}
-        assert await backend.send([event(at="2030-01-01T10:45:00.000Z"), event("t2")]) == {}
+        spent = event(cost_usd=0.0000045)
+        assert await backend.send([spent, event(status=500, usage=None)]) == {}
+        assert await backend.send([event(at="2030-01-01T10:45:00.000Z"), spent, event("t2")]) == {}
         assert await store.token_usage("t1") == UsageTotals(
-            requests=3,
-            prompt_tokens=20,
-            completion_tokens=10,
-            total_tokens=30,
+            requests=4,
+            prompt_tokens=30,
+            completion_tokens=15,
+            total_tokens=45,
             errors=1,
             last_used_at=datetime(2030, 1, 1, 10, 45, tzinfo=UTC),
+            cost_nanousd=9_000,  # exactly twice 4,500 nano-dollars: money adds up as integers
         )
-        assert (await store.project_usage("p1")).requests == 4
+        assert (await store.token_usage("t1")).to_api()["cost_usd"] == 0.000009
+        assert (await store.project_usage("p1")).requests == 5
+        assert (await store.project_usage("p1")).cost_nanousd == 9_000
         assert (await store.project_token_usage("p1")).keys() == {"t1", "t2"}
         assert await store.token_usage("unknown") == UsageTotals()
         # A window counts whole clock hours, from the one holding its start.
-        assert (await store.usage_since(datetime(2030, 1, 1, 10, 59, tzinfo=UTC))).requests == 4
+        assert (await store.usage_since(datetime(2030, 1, 1, 10, 59, tzinfo=UTC))).requests == 5
         assert (await store.usage_since(datetime(2030, 1, 1, 11, 0, tzinfo=UTC))).requests == 0
     finally:
         await store.close()
@@ -146,6 +161,8 @@ async def test_token_usage_counts_exactly_what_the_upstream_reported(proxy: Prox
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "errors": 1,
+        # The failed moderation names no model: it is unpriced and adds nothing.
+        "cost_usd": chat_cost(prompt, completion),
     }
     last_used = datetime.fromisoformat(usage["last_used_at"])
     assert datetime.fromisoformat(issued["created_at"]) <= last_used <= datetime.now(UTC)
@@ -174,10 +191,16 @@ async def test_project_usage_sums_its_tokens_only(proxy: Proxy) -> None:
     assert usage["prompt_tokens"] == 3 * per_call.prompt_tokens
     assert usage["completion_tokens"] == 3 * per_call.completion_tokens
     assert usage["total_tokens"] == 3 * per_call.total_tokens
+    assert usage["cost_usd"] == chat_cost(
+        3 * per_call.prompt_tokens, 3 * per_call.completion_tokens
+    )
     tokens = [
         (await proxy.manage("GET", f"/tokens/{t['id']}"))[1]["usage"] for t in (first, second)
     ]
     assert usage["total_tokens"] == sum(t["total_tokens"] for t in tokens)
+    assert usage["cost_usd"] == chat_cost(
+        sum(t["prompt_tokens"] for t in tokens), sum(t["completion_tokens"] for t in tokens)
+    )
     assert usage["last_used_at"] == max(t["last_used_at"] for t in tokens)
     assert (await wait_for_usage(proxy, f"/projects/{other_project}", 1))["requests"] == 1
     # Lists stay as they were: usage only comes with a single project or token.

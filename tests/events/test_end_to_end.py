@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import UPSTREAM_KEY, Proxy
 from tests.events.events_support import RedisServer
-from tests.waiting import wait_for_lines
+from tests.proxy.test_metrics import scrape, value
+from tests.waiting import wait_for_lines, wait_for_usage
 
 EVENT_FIELDS = {
     "id", "request_id", "timestamp", "project_id", "token_id", "method", "path", "status",
-    "duration_ms", "ttfb_ms", "stream", "model", "request", "response", "usage", "error",
-    "upstream_request_id",
+    "duration_ms", "ttfb_ms", "stream", "model", "request", "response", "usage", "cost_usd",
+    "error", "upstream_request_id",
 }  # fmt: skip
 
 
@@ -151,3 +153,95 @@ async def test_a_streamed_legacy_completion_gets_exact_usage_too(
     assert streamed["stream"] is True and streamed["usage"]["source"] == "upstream"
     assert plain.usage is not None
     assert streamed["usage"]["total_tokens"] == plain.usage.total_tokens
+
+
+def list_price(usage: Any, input: str, output: str = "0") -> float:
+    """A call's cost by hand: its tokens times the list prices (USD per 1M) of config/prices.yaml."""
+    completion = getattr(usage, "completion_tokens", 0)
+    dollars = usage.prompt_tokens * Decimal(input) + completion * Decimal(output)
+    return float(dollars / 1_000_000)
+
+
+async def test_events_usage_and_metrics_carry_the_cost_at_list_prices(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    before = await scrape(proxy)
+    issued = await proxy.issue_token()
+    messages = [{"role": "user", "content": "one two three four"}]
+    async with proxy.sdk(issued["token"]) as client:
+        plain = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini-2024-07-18", messages=messages, max_tokens=3, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        embedded = await client.embeddings.create(
+            model="text-embedding-3-small", input="one two three"
+        )
+        await client.models.list()
+    assert plain.usage is not None and chunks
+    events = await wait_for_lines(log, 4)
+    by_path = {(e["path"], e["stream"]): e for e in events}
+    chat = by_path["/v1/chat/completions", False]
+    streamed = by_path["/v1/chat/completions", True]
+    embedding = by_path["/v1/embeddings", False]
+
+    # gpt-4o-mini: $0.15 per 1M prompt tokens, $0.60 per 1M completion tokens.
+    assert chat["cost_usd"] == list_price(plain.usage, "0.15", "0.60") > 0
+    # The stream's usage never reached the client (it did not ask); the event has it all the same.
+    assert streamed["usage"]["completion_tokens"] == 3
+    stream_cost = (streamed["usage"]["prompt_tokens"] * 150 + 3 * 600) / 1e9
+    assert streamed["cost_usd"] == stream_cost
+    assert embedding["cost_usd"] == list_price(embedded.usage, "0.02") > 0
+    assert by_path["/v1/models", False]["cost_usd"] is None  # no model: nothing to price
+
+    spent = Decimal(str(chat["cost_usd"])) + Decimal(str(streamed["cost_usd"]))
+    spent += Decimal(str(embedding["cost_usd"]))
+    usage = await wait_for_usage(proxy, f"/tokens/{issued['id']}", 4)
+    assert usage["cost_usd"] == float(spent)
+    project = await wait_for_usage(proxy, f"/projects/{issued['project_id']}", 4)
+    assert project["cost_usd"] == float(spent)
+
+    after = await scrape(proxy)
+
+    def delta(name: str, **labels: str) -> float:
+        return round(value(after, name, **labels) - value(before, name, **labels), 9)
+
+    # The model label is the glob that priced the call, so a snapshot counts with its family.
+    family = {"model": "gpt-4o-mini*"}
+    prompt = plain.usage.prompt_tokens + streamed["usage"]["prompt_tokens"]
+    assert delta("llm_proxy_tokens_total", kind="prompt", **family) == prompt
+    assert delta("llm_proxy_tokens_total", kind="completion", **family) == (
+        plain.usage.completion_tokens + 3
+    )
+    assert delta("llm_proxy_cost_usd_total", **family) == round(
+        chat["cost_usd"] + streamed["cost_usd"], 9
+    )
+    embeddings = {"model": "text-embedding-3-small"}
+    assert delta("llm_proxy_tokens_total", kind="prompt", **embeddings) == (
+        embedded.usage.prompt_tokens
+    )
+    assert delta("llm_proxy_cost_usd_total", **embeddings) == embedding["cost_usd"]
+    text = await (await proxy.client.get("/metrics")).text()
+    assert 'model="gpt-4o-mini-2024-07-18"' not in text  # labels stay bounded
+
+
+async def test_a_model_without_a_price_is_counted_as_other(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    before = await scrape(proxy)
+    async with proxy.sdk(await proxy.token()) as client:
+        answer = await client.chat.completions.create(
+            model="my-fine-tune-7", messages=[{"role": "user", "content": "one two"}]
+        )
+    (event,) = await wait_for_lines(log, 1)
+    assert event["model"] == "my-fine-tune-7" and event["cost_usd"] is None
+    after = await scrape(proxy)
+    assert answer.usage is not None
+    counted = value(after, "llm_proxy_tokens_total", kind="prompt", model="other")
+    counted -= value(before, "llm_proxy_tokens_total", kind="prompt", model="other")
+    assert counted == answer.usage.prompt_tokens
+    assert 'model="my-fine-tune-7"' not in await (await proxy.client.get("/metrics")).text()

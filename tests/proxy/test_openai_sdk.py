@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,23 @@ async def test_requests_that_never_reached_a_dead_upstream_use_no_quota(
     for issued_token in (issued, unlimited):
         status, token = await proxy.manage("GET", f"/tokens/{issued_token['id']}")
         assert status == 200 and token["request_count"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_the_sdk_waits_out_rate_limited_as_told_and_is_then_admitted(proxy: Proxy) -> None:
+    """rpm=1: the second call is refused with Retry-After; the SDK waits that long and succeeds."""
+    issued = await proxy.issue_token(rpm=1)
+    client = openai.AsyncOpenAI(
+        base_url=proxy.base_url + "/v1", api_key=issued["token"], max_retries=1
+    )
+    async with client:
+        await client.models.list()
+        started = time.monotonic()
+        models = await client.models.list()
+        waited = time.monotonic() - started
+    assert models.data
+    # The refusal said to wait out the minute (less the moment since the first call); the SDK
+    # retried once, after that, and was admitted.
+    assert 55 <= waited <= 75
+    assert len(proxy.upstream.requests) == 2  # the refused attempt never reached the upstream

@@ -39,3 +39,18 @@ async def test_unlimited_token_and_refusals(proxy: Proxy) -> None:
     await proxy.manage("DELETE", f"/tokens/{issued['id']}")
     revoked = await proxy.client.get("/v1/llm-proxy/token", headers=headers)
     assert (await revoked.json())["error"]["code"] == "token_inactive"
+
+
+async def test_a_token_reads_its_limits_as_its_answers_carry_them(proxy: Proxy) -> None:
+    issued = await proxy.issue_token(
+        max_requests=5, rpm=30, tpm=1000, budget_usd=2.5, allowed_models=["gpt-4o-mini*"]
+    )
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    proxied = await proxy.client.get("/v1/models", headers=headers)
+    response = await proxy.client.get("/v1/llm-proxy/token", headers=headers)
+    info = await response.json()
+    assert (info["rpm"], info["tpm"], info["budget_usd"], info["spent_usd"]) == (30, 1000, 2.5, 0.0)
+    assert info["allowed_models"] == ["gpt-4o-mini*"]
+    assert info["remaining_requests"] == 4
+    for name in ("LLM-Proxy-Token-Expires-At", "LLM-Proxy-Remaining-Requests"):
+        assert response.headers[name] == proxied.headers[name]

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from llm_proxy.pricing import PriceFile
 from llm_proxy.runtime import secrets_store
 from llm_proxy.runtime.cli import build_settings
 from llm_proxy.runtime.cli import server as server_command
@@ -61,6 +62,9 @@ def test_defaults_match_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.workers == 1
     assert settings.max_request_body_bytes == 64 * 1024 * 1024
     assert settings.file_event_log is None
+    # PRICES_PATH left unset: config/prices.yaml, and no prices rather than an error without it
+    # (a Helm release mounts a config directory of its own, with prices only when given).
+    assert settings.price_file == PriceFile(Path("config/prices.yaml"), optional=True)
 
 
 def test_log_format_defaults_to_console_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,6 +91,7 @@ def test_every_variable_is_read_from_the_environment(
         "WORKERS": "4",
         "MAX_REQUEST_BODY": "512k",
         "LLM_PROXY_BUSY_POLL_MICROS": "0",
+        "PRICES_PATH": "/etc/llm-proxy/prices.yaml",
     }
     settings = settings_from_environment(monkeypatch, env)
     assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 9001)
@@ -105,6 +110,8 @@ def test_every_variable_is_read_from_the_environment(
     assert settings.workers == 4
     assert settings.max_request_body_bytes == 512 * 1024
     assert settings.busy_poll_micros == 0
+    # Set, the file must be there.
+    assert settings.price_file == PriceFile(Path("/etc/llm-proxy/prices.yaml"))
 
 
 def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:

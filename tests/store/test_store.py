@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -68,7 +69,7 @@ async def test_migrating_again_applies_nothing(store: Store) -> None:
 async def test_a_fresh_database_gets_every_migration(database_url: str) -> None:
     fresh = await open_store(database_url, migrate=False)
     try:
-        assert await fresh.migrate() == [1, 2]
+        assert await fresh.migrate() == [1, 2, 3]
         assert await fresh.migrate() == []
     finally:
         await fresh.close()
@@ -79,7 +80,7 @@ async def test_instances_starting_together_apply_each_migration_once(database_ur
     try:
         applied = await asyncio.gather(*(s.migrate() for s in stores))
         # Each migration is applied exactly once, whichever instance gets to it first.
-        assert sorted(v for versions in applied for v in versions) == [1, 2]
+        assert sorted(v for versions in applied for v in versions) == [1, 2, 3]
     finally:
         for s in stores:
             await s.close()
@@ -151,6 +152,35 @@ async def test_tokens_round_trip(store: Store) -> None:
         await store.update_token("t1", {"token_hash": "x"}, AUDIT)
 
 
+async def test_a_tokens_limits_and_metadata_round_trip_and_update(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    limited = replace(
+        token(max_requests=5),
+        rpm=30,
+        tpm=10_000,
+        budget_nanousd=2_500_000_000,
+        allowed_models=("gpt-4o*", "o4-mini"),
+        metadata={"owner": "ci", "run": 7},
+    )
+    await store.create_token(limited, "hash-1", AUDIT)
+    fetched = await store.get_token("t1")
+    assert fetched == limited
+    grant = await store.grant_for_hash("hash-1")
+    assert grant is not None and grant.token == limited
+    updated = await store.update_token(
+        "t1", {"rpm": None, "budget_nanousd": 1, "allowed_models": ("gpt-4.1*",)}, AUDIT
+    )
+    assert updated is not None
+    assert (updated.rpm, updated.tpm, updated.budget_nanousd) == (None, 10_000, 1)
+    assert updated.allowed_models == ("gpt-4.1*",)
+    cleared = await store.update_token("t1", {"allowed_models": None}, AUDIT)
+    assert cleared is not None and cleared.allowed_models is None
+    await store.create_token(token("t2"), "hash-2", AUDIT)
+    plain = await store.get_token("t2")
+    assert plain is not None
+    assert (plain.allowed_models, plain.metadata, plain.spent_nanousd) == (None, {}, 0)
+
+
 async def test_revoking_a_projects_tokens_counts_what_it_did(store: Store) -> None:
     await store.create_project(project(), AUDIT)
     for n in range(3):
@@ -171,22 +201,23 @@ async def test_quota_claims_are_exact_under_concurrency(store: Store) -> None:
     await store.create_project(project(), AUDIT)
     await store.create_token(token(max_requests=10), "hash-1", AUDIT)
     claims = await asyncio.gather(*(store.consume_request("t1", utcnow()) for _ in range(64)))
-    assert claims.count(True) == 10
+    assert sorted(c for c in claims if c is not None) == list(range(1, 11))  # each count once
+    assert claims.count(None) == 54
     fetched = await store.get_token("t1")
     assert fetched is not None
     assert fetched.request_count == 10
     assert fetched.last_used_at is not None
 
     await store.release_request("t1")
-    assert await store.consume_request("t1", utcnow()) is True
-    assert await store.consume_request("t1", utcnow()) is False
+    assert await store.consume_request("t1", utcnow()) == 10
+    assert await store.consume_request("t1", utcnow()) is None
 
 
 async def test_a_revoked_token_cannot_claim(store: Store) -> None:
     await store.create_project(project(), AUDIT)
     await store.create_token(token(max_requests=10), "hash-1", AUDIT)
     await store.update_token("t1", {"is_active": False}, AUDIT)
-    assert await store.consume_request("t1", utcnow()) is False
+    assert await store.consume_request("t1", utcnow()) is None
 
 
 async def test_release_never_goes_below_zero(store: Store) -> None:
@@ -215,7 +246,7 @@ async def test_usage_rollups_aggregate_by_token_project_and_hour(store: Store) -
     hour = datetime(2030, 5, 1, 10, 0, tzinfo=UTC)
 
     def rollup(token_id: str, project_id: str, at: datetime, requests: int) -> UsageRollup:
-        return UsageRollup(token_id, project_id, at, requests, 10, 20, 30, 1, at)
+        return UsageRollup(token_id, project_id, at, requests, 10, 20, 30, 1, at, requests * 7)
 
     await store.add_usage_rollup(
         [
@@ -230,8 +261,11 @@ async def test_usage_rollups_aggregate_by_token_project_and_hour(store: Store) -
     t1 = await store.token_usage("t1")
     assert (t1.requests, t1.prompt_tokens, t1.total_tokens, t1.errors) == (5, 20, 60, 2)
     assert t1.last_used_at == hour + timedelta(minutes=50)
+    assert t1.cost_nanousd == 35
     # Integers, as the API shows them (PostgreSQL's SUM would otherwise answer decimals).
-    assert all(type(getattr(t1, f)) is int for f in ("requests", "total_tokens", "errors"))
+    assert all(
+        type(getattr(t1, f)) is int for f in ("requests", "total_tokens", "errors", "cost_nanousd")
+    )
     p1 = await store.project_usage("p1")
     assert (p1.requests, p1.completion_tokens) == (6, 60)
     by_token = await store.project_token_usage("p1")
@@ -352,3 +386,36 @@ async def test_pushed_changes_wake_a_listener(database_url: str, store: Store) -
         with pytest.raises(asyncio.CancelledError):
             await listener
         await other.close()
+
+
+async def test_the_rpm_window_admits_exactly_rpm_under_concurrency(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_token(replace(token(), rpm=10), "hash-1", AUDIT)
+    slots = await asyncio.gather(*(store.take_rate_slot("t1") for _ in range(64)))
+    admitted = [s for s in slots if s.admitted]
+    assert len(admitted) == 10
+    assert len({s.at_micros for s in admitted}) == 10  # each its own moment, to give back
+    refused = [s for s in slots if not s.admitted]
+    # The oldest admitted request leaves the window a minute after it was admitted.
+    assert all(59.0 < s.retry_after <= 60.0 for s in refused)
+
+    await store.give_back_rate_slot("t1", admitted[0].at_micros)
+    assert (await store.take_rate_slot("t1")).admitted
+    assert not (await store.take_rate_slot("t1")).admitted
+
+
+async def test_a_token_without_rpm_is_never_rate_limited(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_token(token(), "hash-1", AUDIT)
+    slots = [await store.take_rate_slot("t1") for _ in range(5)]
+    assert all(s.admitted and s.at_micros == 0 for s in slots)
+    assert (await store.take_rate_slot("unknown")).admitted
+
+
+async def test_lowering_rpm_applies_to_the_next_request(store: Store) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_token(replace(token(), rpm=5), "hash-1", AUDIT)
+    for _ in range(3):
+        assert (await store.take_rate_slot("t1")).admitted
+    await store.update_token("t1", {"rpm": 3}, AUDIT)
+    assert not (await store.take_rate_slot("t1")).admitted

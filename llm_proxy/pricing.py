@@ -1,0 +1,249 @@
+"""Model prices (``config/prices.yaml``) and what a request's tokens cost.
+
+The file maps a model glob to ``{input, cached_input, output}`` in US dollars per million tokens.
+A model takes the price of the **first** entry, in file order, whose glob matches it
+(``fnmatch``, case-sensitive), so a specific entry goes above the family it belongs to:
+``gpt-4o-mini*`` before ``gpt-4o*``. An entry that an earlier ``prefix*`` glob already covers
+whole could never match, and is refused at load rather than silently ignored.
+
+Money is kept in integer nano-dollars (:mod:`llm_proxy.models`): a price becomes nano-dollars per
+million tokens, and a cost is rounded up to a whole nano-dollar, so sums are exact and never below
+what the upstream bills.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import re
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm_proxy.models import nanousd
+
+ENTRY_KEYS = ("input", "cached_input", "output")
+TOKENS_PER_PRICE = 1_000_000  # prices are per million tokens
+OTHER = "other"  # the metrics label of a model no entry prices
+_WILDCARDS = re.compile(r"[*?\[]")
+_CACHE_LIMIT = 4096  # model names come from clients: remember a bounded number of them
+
+
+class PricesError(ValueError):
+    """The prices file is unusable; the one-line message names the file and the entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """One entry of the prices file, in nano-dollars per million tokens."""
+
+    pattern: str  # the glob as configured; also the model label of metrics
+    input: int
+    cached_input: int
+    output: int
+
+
+def cost_nanousd(
+    price: ModelPrice, prompt_tokens: int, cached_prompt_tokens: int, completion_tokens: int
+) -> int:
+    """What a request cost, in nano-dollars, rounded up.
+
+    Cached tokens are part of the prompt tokens (as OpenAI reports them: ``prompt_tokens_details``
+    / ``input_tokens_details.cached_tokens``) and are priced at ``cached_input``; the rest of the
+    prompt at ``input``.
+    """
+    prompt = max(prompt_tokens, 0)
+    cached = min(max(cached_prompt_tokens, 0), prompt)
+    scaled = (
+        (prompt - cached) * price.input
+        + cached * price.cached_input
+        + max(completion_tokens, 0) * price.output
+    )
+    return -(-scaled // TOKENS_PER_PRICE)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceFile:
+    """Where prices come from, so that they can be read again (SIGHUP)."""
+
+    path: Path
+    optional: bool = False  # a missing file means no prices rather than an error
+
+    def load(self) -> Prices:
+        """Read and check the file; raises :class:`PricesError`."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            if self.optional:
+                return Prices((), source=self)
+            raise PricesError(f"cannot read {self.path}: no such file") from None
+        except OSError as exc:
+            raise PricesError(f"cannot read {self.path}: {exc.strerror}") from None
+        return Prices(parse_prices(text, str(self.path)), source=self)
+
+
+class Prices:
+    """The entries of a prices file, and the price of a model (looked up once per model name)."""
+
+    __slots__ = ("_cache", "_matchers", "entries", "source")
+
+    def __init__(
+        self, entries: Sequence[ModelPrice] = (), *, source: PriceFile | None = None
+    ) -> None:
+        self.entries = tuple(entries)
+        self.source = source
+        self._matchers: tuple[tuple[Callable[[str], object], ModelPrice], ...] = tuple(
+            (re.compile(fnmatch.translate(e.pattern)).match, e) for e in self.entries
+        )
+        self._cache: dict[str, ModelPrice | None] = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled into the events process's launch record: entries and source, not the caches.
+        return (_rebuild, (self.entries, self.source))
+
+    def __repr__(self) -> str:
+        where = self.source.path if self.source else None
+        return f"Prices({len(self.entries)} entries from {where})"
+
+    def lookup(self, model: str | None) -> ModelPrice | None:
+        """The price of ``model``: the first entry whose glob matches, or None (not priced)."""
+        if not model:
+            return None
+        cache = self._cache
+        try:
+            return cache[model]
+        except KeyError:
+            pass
+        price = next((entry for match, entry in self._matchers if match(model)), None)
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[model] = price
+        return price
+
+    def label(self, model: str | None) -> str:
+        """The bounded model label of metrics: the matching glob as configured, or ``other``."""
+        price = self.lookup(model)
+        return price.pattern if price is not None else OTHER
+
+    def cost_nanousd(
+        self,
+        model: str | None,
+        prompt_tokens: int,
+        cached_prompt_tokens: int,
+        completion_tokens: int,
+    ) -> int | None:
+        """What ``model``'s tokens cost, or None when the model has no price."""
+        price = self.lookup(model)
+        if price is None:
+            return None
+        return cost_nanousd(price, prompt_tokens, cached_prompt_tokens, completion_tokens)
+
+
+def _rebuild(entries: tuple[ModelPrice, ...], source: PriceFile | None) -> Prices:
+    return Prices(entries, source=source)
+
+
+class PriceHolder:
+    """The prices in force, swapped whole on reload: readers take ``.current`` once per use."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, prices: Prices) -> None:
+        self.current = prices
+
+    def reload(self) -> Prices:
+        """Read the file again; on :class:`PricesError` the prices in force stay."""
+        source = self.current.source
+        if source is not None:
+            self.current = source.load()
+        return self.current
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys; in a price list that hides a mistake."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Hashable] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise PricesError(f"{key}: listed twice (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_prices(text: str, where: str = "prices") -> list[ModelPrice]:
+    """The entries of a prices file's text, in file order; ``where`` names it in errors."""
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except PricesError as exc:
+        raise PricesError(f"{where}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise PricesError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise PricesError(f"{where}: expected a mapping of model globs to prices")
+    entries: list[ModelPrice] = []
+    for pattern, body in raw.items():
+        entry = _entry(pattern, body, where)
+        _refuse_shadowed(entry.pattern, entries, where)
+        entries.append(entry)
+    return entries
+
+
+def _entry(pattern: object, body: object, where: str) -> ModelPrice:
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise PricesError(f"{where}: {pattern!r}: a model glob must be a non-empty string")
+    at = f"{where}: {pattern}"
+    if not isinstance(body, dict):
+        raise PricesError(f"{at}: expected {{input, cached_input, output}} in USD per 1M tokens")
+    for key in body:
+        if key not in ENTRY_KEYS:
+            close = difflib.get_close_matches(str(key), ENTRY_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PricesError(f"{at}: unknown key {str(key)!r}{hint}")
+    if "input" not in body:
+        raise PricesError(f"{at}: input: missing (USD per 1M prompt tokens)")
+    price = {key: _dollars(body[key], f"{at}: {key}") for key in ENTRY_KEYS if key in body}
+    return ModelPrice(
+        pattern=pattern,
+        input=price["input"],
+        # No separate cached price: cached tokens cost what the others do.
+        cached_input=price.get("cached_input", price["input"]),
+        output=price.get("output", 0),  # embeddings and moderations produce no output tokens
+    )
+
+
+def _dollars(value: object, at: str) -> int:
+    """USD per million tokens as nano-dollars per million tokens."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PricesError(f"{at}: expected a number of USD per 1M tokens, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise PricesError(f"{at}: must be a finite number, not negative; got {value!r}")
+    return nanousd(value)
+
+
+def _refuse_shadowed(pattern: str, earlier: list[ModelPrice], where: str) -> None:
+    """An entry that an earlier ``prefix*`` glob covers whole would never be used."""
+    cut = _WILDCARDS.search(pattern)
+    literal = pattern[: cut.start()] if cut else pattern
+    for entry in earlier:
+        prefix = entry.pattern[:-1]
+        if (
+            entry.pattern.endswith("*")
+            and not _WILDCARDS.search(prefix)
+            and literal.startswith(prefix)
+        ):
+            raise PricesError(
+                f"{where}: {pattern}: never used: {entry.pattern!r} above it matches every"
+                " model it does (the first match wins: put the more specific entry first)"
+            )
+
+
+def load_prices(path: Path, *, optional: bool = False) -> Prices:
+    """The prices of ``path``; raises :class:`PricesError` with a one-line message."""
+    return PriceFile(path, optional).load()

@@ -1,0 +1,186 @@
+"""Tokens with limits: the models they may use, and what every answer tells a client is left."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import Proxy
+from tests.events.events_support import RedisServer
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+def chat(model: str, padding: int = 0) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi" + " " * padding}]}
+    return orjson.dumps(body)
+
+
+async def post(proxy: Proxy, token: str, body: bytes, **kwargs: Any) -> tuple[int, Any, Any]:
+    response = await proxy.client.post(
+        "/v1/chat/completions", data=body, headers=bearer(token), **kwargs
+    )
+    return response.status, response.headers, await response.json()
+
+
+@pytest.fixture
+async def limited(proxy: Proxy) -> dict[str, Any]:
+    return await proxy.issue_token(allowed_models=["gpt-4o-mini*", "o4-mini"], max_requests=5)
+
+
+async def test_an_allowed_model_passes_and_others_never_reach_the_upstream(
+    proxy: Proxy, limited: dict[str, Any]
+) -> None:
+    token = limited["token"]
+    assert (await post(proxy, token, chat("gpt-4o-mini-2024-07-18")))[0] == 200
+    assert (await post(proxy, token, chat("o4-mini")))[0] == 200
+    seen = len(proxy.upstream.requests)
+    for body in (
+        chat("gpt-4o"),
+        chat("o4-mini-high"),
+        b'{"messages": []}',  # no model: the upstream would pick one
+        b'{"model": 4}',
+        b'{"model": "gpt-4o-mini", "model": "gpt-4o"}',  # a repeated key: either may be read
+    ):
+        status, headers, answer = await post(proxy, token, body)
+        assert (status, answer["error"]["code"]) == (403, "model_not_allowed"), body
+        assert headers["x-should-retry"] == "false"
+    assert len(proxy.upstream.requests) == seen
+    # Refused before the upstream: the requests were not counted against max_requests.
+    _, shown = await proxy.manage("GET", f"/tokens/{limited['id']}")
+    assert shown["request_count"] == 2
+
+
+async def test_large_and_chunked_bodies_are_checked_before_any_byte_goes_upstream(
+    proxy: Proxy, limited: dict[str, Any]
+) -> None:
+    token = limited["token"]
+    big = chat("gpt-4o", padding=3_000_000)  # past the small-body path: spooled, then checked
+
+    async def chunks() -> Any:
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+
+    seen = len(proxy.upstream.requests)
+    assert (await post(proxy, token, io.BytesIO(big)))[0] == 403  # type: ignore[arg-type]
+    assert (await post(proxy, token, chunks()))[0] == 403  # type: ignore[arg-type]
+    assert len(proxy.upstream.requests) == seen
+    allowed = chat("gpt-4o-mini", padding=3_000_000)
+    assert (await post(proxy, token, io.BytesIO(allowed)))[0] == 200  # type: ignore[arg-type]
+    assert proxy.upstream.requests[-1].body == allowed  # unchanged, byte for byte
+
+
+async def test_bodies_that_are_not_json_and_requests_without_a_body_pass(
+    proxy: Proxy, limited: dict[str, Any]
+) -> None:
+    token = limited["token"]
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    form.add_field("file", b"line\n", filename="x.jsonl")
+    response = await proxy.client.post(
+        "/v1/files/upload", data=form, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status == 200
+    response = await proxy.client.get("/v1/models", headers=bearer(token))
+    assert response.status == 200
+
+
+async def test_every_answer_tells_a_limited_token_what_is_left(proxy: Proxy) -> None:
+    issued = await proxy.issue_token(max_requests=3)
+    left = []
+    for _ in range(3):
+        response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
+        assert response.status == 200
+        left.append(response.headers["LLM-Proxy-Remaining-Requests"])
+        assert response.headers["LLM-Proxy-Token-Expires-At"] == issued["expires_at"]
+    assert left == ["2", "1", "0"]
+    response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
+    assert response.status == 429
+
+
+async def test_a_token_without_limits_gets_no_limit_headers(proxy: Proxy) -> None:
+    token = await proxy.token()
+    response = await proxy.client.get("/v1/models", headers=bearer(token))
+    assert response.status == 200
+    assert not [name for name in response.headers if name.lower().startswith("llm-proxy-rem")]
+    assert "LLM-Proxy-Token-Expires-At" not in response.headers
+
+
+async def test_upstream_rate_limit_headers_pass_through_untouched(
+    proxy: Proxy, limited: dict[str, Any]
+) -> None:
+    status, headers, _ = await post(proxy, limited["token"], chat("gpt-4o-mini"))
+    assert status == 200
+    assert headers.getall("x-ratelimit-remaining-requests") == ["499"]
+    assert headers["LLM-Proxy-Remaining-Requests"] == "4"
+
+
+@pytest.fixture
+def proxy_database_url(database_url: str) -> str:
+    """Every test here runs on SQLite and on a real PostgreSQL."""
+    return database_url
+
+
+async def test_rpm_admits_that_many_a_minute_and_says_when_to_retry(proxy: Proxy) -> None:
+    issued = await proxy.issue_token(rpm=3, allowed_models=["gpt-4o-mini"])
+    token = issued["token"]
+    # A request refused before the upstream gives its slot back.
+    assert (await post(proxy, token, chat("gpt-4o")))[0] == 403
+    statuses = [(await post(proxy, token, chat("gpt-4o-mini")))[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    status, headers, answer = await post(proxy, token, chat("gpt-4o-mini"))
+    assert (status, answer["error"]["code"]) == (429, "rate_limited")
+    assert 55 <= int(headers["Retry-After"]) <= 60
+    assert "x-should-retry" not in headers  # transient: SDKs retry it after Retry-After
+    assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 429
+
+
+async def test_rate_limit_is_checked_before_the_quota_and_gives_back_on_refusal(
+    proxy: Proxy,
+) -> None:
+    issued = await proxy.issue_token(rpm=2, max_requests=1)
+    token = issued["token"]
+    assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
+    response = await proxy.client.get("/v1/models", headers=bearer(token))
+    assert (response.status, (await response.json())["error"]["code"]) == (429, "quota_exceeded")
+    # The quota refusal gave its rpm slot back: the window still holds one request.
+    status, _ = await proxy.manage("PATCH", f"/tokens/{issued['id']}", {"max_requests": 3})
+    assert status == 200
+    assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
+    response = await proxy.client.get("/v1/models", headers=bearer(token))
+    assert (response.status, (await response.json())["error"]["code"]) == (429, "rate_limited")
+
+
+async def test_with_redis_the_rpm_window_lives_there_and_its_loss_refuses_only_limited_tokens(
+    proxy_factory: Any, redis_server: RedisServer
+) -> None:
+    proxy: Proxy = await proxy_factory(event_bus="redis", redis_url=redis_server.url)
+    limited = await proxy.issue_token(rpm=2)
+    unlimited = await proxy.token()
+    statuses = [
+        (await proxy.client.get("/v1/models", headers=bearer(limited["token"]))).status
+        for _ in range(3)
+    ]
+    assert statuses == [200, 200, 429]
+    client = Redis.from_url(redis_server.url)
+    try:
+        assert await client.zcard(f"llm-proxy:rpm:{limited['id']}") == 2
+    finally:
+        await client.aclose()
+
+    redis_server.stop()
+    response = await proxy.client.get("/v1/models", headers=bearer(limited["token"]))
+    assert (response.status, (await response.json())["error"]["code"]) == (
+        503,
+        "limits_unavailable",
+    )
+    # A token without limits needs nothing from Redis.
+    assert (await proxy.client.get("/v1/models", headers=bearer(unlimited))).status == 200
+    redis_server.start()
