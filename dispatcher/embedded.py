@@ -11,7 +11,9 @@ from dispatcher.backends.usage import UsageBackend
 from dispatcher.worker import Worker, WorkerSettings
 from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.pipeline import EventPipeline, start_event_pipeline
+from llm_proxy.events.settlement import TokenWindowSettler
 from llm_proxy.pricing import PriceHolder
+from llm_proxy.proxy.rate_limits import RedisRateWindows, StoreRateWindows
 from llm_proxy.store import Store
 
 
@@ -90,6 +92,11 @@ async def start_events_here(
     ``event_build_in="thread"``). Nothing is left running if a dispatcher cannot start.
     ``prices`` (reloadable) give the events' ``cost_usd``."""
     pipeline = await start_event_pipeline(config, prices)
+    # The tpm windows live where the proxy path reads them: Redis with a Redis bus, else the store.
+    windows = (
+        RedisRateWindows(config.redis_url) if config.bus == "redis" else StoreRateWindows(store)
+    )
+    pipeline.settler = TokenWindowSettler(windows)
     try:
         await start_usage_aggregation(pipeline, store, data_dir=config.data_dir)
         if file_event_log is not None:

@@ -197,6 +197,23 @@ class RateSlot:
     retry_after: float = 0.0  # seconds until the oldest request in the window leaves it
 
 
+def tpm_room(log: list[tuple[int, int]], now: int, tpm: int) -> RateSlot:
+    """Whether a token whose settled ``(at, tokens)`` log is ``log`` may take another request.
+
+    The window is full once the tokens of the last 60 s reach ``tpm``; it has room again when
+    enough of the oldest entries have left it.
+    """
+    recent = [(at, tokens) for at, tokens in log if at > now - RATE_WINDOW_MICROS]
+    used = sum(tokens for _, tokens in recent)
+    if used < tpm:
+        return RateSlot(True)
+    for at, tokens in sorted(recent):
+        used -= tokens
+        if used < tpm:
+            return RateSlot(False, retry_after=(at + RATE_WINDOW_MICROS - now) / 1e6)
+    return RateSlot(False, retry_after=RATE_WINDOW_MICROS / 1e6)  # unreachable: used reaches 0
+
+
 @dataclass(frozen=True, slots=True)
 class UsageDelta:
     """Requests admitted in this process since the last flush, for tokens without a quota."""

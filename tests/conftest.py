@@ -283,6 +283,22 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, which it may stop and restart."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def own_database(own_postgres: PostgresServer) -> Iterator[str]:
+    """A database on ``own_postgres``; request it before any server using it, so it outlives them."""
+    with own_postgres.database() as url:
+        yield url
+
+
 @pytest.fixture(
     params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.process])]
 )

@@ -27,6 +27,11 @@ REPLAYED = Counter("llm_proxy_events_replayed", "Spooled events replayed into Re
 SPOOL_PENDING = Gauge("llm_proxy_events_spool_pending_bytes", "Spool bytes not yet replayed.")
 QUEUE_DEPTH = Gauge("llm_proxy_events_queue_depth", "Exchanges waiting in the pipeline queue.")
 USAGE = Counter("llm_proxy_events_usage", "Events by where their usage came from.", ["source"])
+TPM_UNRECORDED = Counter(
+    "llm_proxy_events_tpm_unrecorded",
+    "Requests of tpm-limited tokens whose tokens could not be added to the token's window "
+    "(the store or Redis holding it was unreachable).",
+)
 # ``model`` is bounded: the glob of config/prices.yaml that priced the event's model, or "other".
 TOKENS = Counter(
     "llm_proxy_tokens",

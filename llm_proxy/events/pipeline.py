@@ -28,6 +28,7 @@ from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
+from llm_proxy.events.settlement import TokenWindowSettler
 from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy.exchange import Exchange
 
@@ -68,6 +69,8 @@ class EventPipeline:
         self._closing = False
         self._drops = metrics.Drops("events.pipeline_dropped")
         self.published = 0
+        # Fills the tpm windows of the requests' tokens from their events (see settlement.py).
+        self.settler: TokenWindowSettler | None = None
 
     def _build_priced(self, exchange: Exchange) -> Event:
         return builder.build(exchange, prices=self.prices.current)
@@ -111,6 +114,8 @@ class EventPipeline:
             metrics.QUEUE_DEPTH.set(len(queue))
             try:
                 events = await self._build_events(batch)
+                if self.settler is not None:
+                    await self.settler.settle(batch, events)
                 await self.bus.publish(events)
             except asyncio.CancelledError:
                 raise
@@ -154,6 +159,8 @@ class EventPipeline:
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
         for component in self._attached:
             await component.close()
+        if self.settler is not None:
+            await self.settler.close()
         await self.bus.close()
         log.info("events.pipeline_closed", published=self.published, dropped=self.dropped)
 

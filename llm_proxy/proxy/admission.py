@@ -59,6 +59,7 @@ class Grant:
     exhausted: bool = False
     allowed_models: tuple[str, ...] | None = None  # globs the body's "model" must match
     rpm: int | None = None
+    tpm: int | None = None
     # Answers carry LLM-Proxy-* headers about what is left (tokens with limits only).
     limited: bool = False
     expires_at_header: str = ""  # expires_at in RFC 3339, for LLM-Proxy-Token-Expires-At
@@ -131,6 +132,8 @@ class TokenAuthority:
         grant = await self.check(authorization)
         wall = time.time()
         slot = 0
+        if grant.tpm is not None:
+            await self._check_tpm(grant)
         if grant.rpm is not None:
             slot = await self._take_rate_slot(grant)
         if grant.max_requests is None:
@@ -178,6 +181,21 @@ class TokenAuthority:
                 headers={"Retry-After": str(retry_after)},
             )
         return slot.at_micros
+
+    async def _check_tpm(self, grant: Grant) -> None:
+        try:
+            room = await self._rate_windows.tpm_room(grant.token_id, grant.tpm or 0)
+        except Exception as exc:
+            log.error("token_authority.store_failed", operation="tpm", error=str(exc))
+            raise errors.LimitsUnavailable(
+                "The store holding this token's limits is unavailable; retry shortly."
+            ) from None
+        if not room.admitted:
+            retry_after = max(1, math.ceil(room.retry_after))
+            raise errors.RateLimited(
+                f"This token allows {grant.tpm} tokens per minute; retry in {retry_after} s.",
+                headers={"Retry-After": str(retry_after)},
+            )
 
     async def _give_back_slot(self, token_id: str, slot: int) -> None:
         if not slot:
@@ -286,6 +304,7 @@ class TokenAuthority:
             exhausted=token.max_requests is not None and token.request_count >= token.max_requests,
             allowed_models=token.allowed_models,
             rpm=token.rpm,
+            tpm=token.tpm,
             limited=token.has_limits,
             expires_at_header=isoformat(token.expires_at) or "",
         )

@@ -71,6 +71,8 @@ class Exchange:
     # The proxy asked upstream for stream usage the client did not ask for.
     usage_injected: bool = False
     upstream_request_id: str | None = None  # the upstream's own x-request-id, when it sent one
+    # The token has a tpm window: its settled tokens are recorded once the usage is known.
+    tpm_limited: bool = False
 
     @property
     def is_stream(self) -> bool:
@@ -88,6 +90,7 @@ class Exchange:
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
             self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
+            self.tpm_limited,
         )  # fmt: skip
 
     @classmethod

@@ -156,6 +156,7 @@ class ProxyHandler:
             request_body,
             response_body,
         )
+        exchange.tpm_limited = grant.tpm is not None
         try:
             await self._forward(request, writer, grant, exchange, reply_headers)
         except errors.ProxyError as exc:

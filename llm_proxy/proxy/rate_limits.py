@@ -1,13 +1,16 @@
-"""Where a token's rpm window lives: in Redis when it is configured, else in the store.
+"""Where a token's rpm and tpm windows live: in Redis when it is configured, else in the store.
 
-Both hold the same sliding log (when each request of the last 60 s was admitted), so a token's
-``rpm`` is exact in any rolling minute across every process and instance; each step is one atomic
-operation (a Lua script in Redis, one statement or write transaction in the store). Redis keeps the
-database off the request path of rate-limited tokens; the store needs no extra service.
+Both hold the same sliding logs, so the limits hold in any rolling minute across every process and
+instance. rpm: when each request of the last 60 s was admitted; taking a slot is one atomic
+operation (a Lua script in Redis, one statement or write transaction in the store), so it is exact.
+tpm: the tokens of each request settled in the last 60 s (recorded by the events pipeline once the
+usage is known); a request is refused while they reach ``tpm``. Redis keeps the database off the
+request path of rate-limited tokens; the store needs no extra service.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -21,6 +24,8 @@ from llm_proxy.store import Store
 class RateWindows(Protocol):
     async def take(self, token_id: str, rpm: int) -> RateSlot: ...
     async def give_back(self, token_id: str, at_micros: int) -> None: ...
+    async def tpm_room(self, token_id: str, tpm: int) -> RateSlot: ...
+    async def record_tokens(self, token_id: str, tokens: int) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -38,6 +43,12 @@ class StoreRateWindows:
 
     async def give_back(self, token_id: str, at_micros: int) -> None:
         await self._store.give_back_rate_slot(token_id, at_micros)
+
+    async def tpm_room(self, token_id: str, tpm: int) -> RateSlot:
+        return await self._store.tpm_room(token_id)
+
+    async def record_tokens(self, token_id: str, tokens: int) -> None:
+        await self._store.record_tokens(token_id, tokens)
 
     async def close(self) -> None:
         return None
@@ -64,6 +75,38 @@ return {0, tonumber(oldest[2]) + window - now}
 """
 
 
+# KEYS[1]: the token's tpm log (members "<at>:<tokens>", scored by ``at``, Redis's clock).
+# ARGV[1]: tpm; ARGV[2]: the window. Answers {1, 0} when there is room, else {0, retry_after}.
+_TPM_ROOM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local used = 0
+for i = 1, #entries, 2 do
+  used = used + tonumber(string.match(entries[i], ':(%d+)$'))
+end
+local tpm = tonumber(ARGV[1])
+if used < tpm then return {1, 0} end
+for i = 1, #entries, 2 do
+  used = used - tonumber(string.match(entries[i], ':(%d+)$'))
+  if used < tpm then return {0, tonumber(entries[i + 1]) + window - now} end
+end
+return {0, window}
+"""
+
+# KEYS[1]: the token's tpm log; ARGV[1]: tokens; ARGV[2]: the window; ARGV[3]: a unique suffix.
+_RECORD_TOKENS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZADD', KEYS[1], now, ARGV[3] .. ':' .. ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) / 1000) + 1000)
+return 1
+"""
+
+
 class RedisRateWindows:
     """The windows in Redis: no database round trip for a rate-limited token."""
 
@@ -76,6 +119,8 @@ class RedisRateWindows:
             retry=Retry(NoBackoff(), 0),
         )
         self._take = self._redis.register_script(_TAKE)
+        self._tpm_room = self._redis.register_script(_TPM_ROOM)
+        self._record_tokens = self._redis.register_script(_RECORD_TOKENS)
 
     @staticmethod
     def _key(token_id: str) -> str:
@@ -91,6 +136,18 @@ class RedisRateWindows:
 
     async def give_back(self, token_id: str, at_micros: int) -> None:
         await self._redis.zrem(self._key(token_id), at_micros)
+
+    async def tpm_room(self, token_id: str, tpm: int) -> RateSlot:
+        room, retry_after = await self._tpm_room(
+            keys=[f"llm-proxy:tpm:{token_id}"], args=[tpm, RATE_WINDOW_MICROS]
+        )
+        return RateSlot(bool(room), retry_after=int(retry_after) / 1e6)
+
+    async def record_tokens(self, token_id: str, tokens: int) -> None:
+        await self._record_tokens(
+            keys=[f"llm-proxy:tpm:{token_id}"],
+            args=[tokens, RATE_WINDOW_MICROS, secrets.token_hex(4)],
+        )
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -122,6 +122,13 @@ async def _serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
             keepalive_seconds=settings.keepalive_timeout,
             body_seconds=settings.client_body_timeout,
         )
+        # Before the port answers: a signal sent to a server that answers is always handled
+        # (SIGHUP's default action would end the process).
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_prices, components)
         await FrontSite(
             runner, sock, components.proxy, limits=limits, on_data=poller.poke if poller else None
         ).start()
@@ -130,11 +137,6 @@ async def _serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
             await peers.serve(functools.partial(own_page, app))
         tune_garbage_collector()
         log.info("server.listening", url=f"http://{settings.listen_host}:{settings.listen_port}")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, reload_prices, components)
         await stop.wait()
     finally:
         log.info("server.stopping")

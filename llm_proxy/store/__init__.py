@@ -73,6 +73,14 @@ class Store(Protocol):
         """Take back a slot of :meth:`take_rate_slot` whose request never reached upstream."""
         ...
 
+    async def tpm_room(self, token_id: str) -> RateSlot:
+        """Whether the token's ``tpm`` window (tokens settled in any rolling 60 s) has room."""
+        ...
+
+    async def record_tokens(self, token_id: str, tokens: int) -> None:
+        """Add a settled request's tokens to the token's ``tpm`` window."""
+        ...
+
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
 
     # Usage aggregates, written off the request path by the usage dispatcher

@@ -35,6 +35,7 @@ from llm_proxy.models import (
     UsageRollup,
     UsageTotals,
     hour_start,
+    tpm_room,
     utcnow,
 )
 from llm_proxy.store.migrations import migration_scripts
@@ -217,8 +218,28 @@ class PostgresStore:
         except TimeoutError:
             self._pool.terminate()
 
+    # Every query waits a bounded time for a pooled connection too (asyncpg's own pool shortcuts
+    # would wait for ever when every connection is busy); the query itself is bounded by the
+    # pool's command timeout.
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Any:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+            return await conn.fetchrow(sql, *args)
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+            return await conn.fetchval(sql, *args)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+            return list(await conn.fetch(sql, *args))
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+            return str(await conn.execute(sql, *args))
+
     async def ping(self) -> None:
-        await self._pool.fetchval("SELECT 1", timeout=_TIMEOUT)
+        await self._fetchval("SELECT 1")
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -270,11 +291,11 @@ class PostgresStore:
         return project
 
     async def get_project(self, project_id: str) -> Project | None:
-        row = await self._pool.fetchrow("SELECT * FROM projects WHERE id = $1", project_id)
+        row = await self._fetchrow("SELECT * FROM projects WHERE id = $1", project_id)
         return _project(row) if row else None
 
     async def list_projects(self) -> list[Project]:
-        rows = await self._pool.fetch("SELECT * FROM projects ORDER BY created_at")
+        rows = await self._fetch("SELECT * FROM projects ORDER BY created_at")
         return [_project(r) for r in rows]
 
     async def update_project(
@@ -350,24 +371,24 @@ class PostgresStore:
         return token
 
     async def get_token(self, token_id: str) -> Token | None:
-        row = await self._pool.fetchrow("SELECT * FROM tokens WHERE id = $1", token_id)
+        row = await self._fetchrow("SELECT * FROM tokens WHERE id = $1", token_id)
         return _token(row) if row else None
 
     async def list_tokens(self, project_id: str | None = None) -> list[Token]:
         if project_id is None:
-            rows = await self._pool.fetch("SELECT * FROM tokens ORDER BY created_at")
+            rows = await self._fetch("SELECT * FROM tokens ORDER BY created_at")
         else:
-            rows = await self._pool.fetch(
+            rows = await self._fetch(
                 "SELECT * FROM tokens WHERE project_id = $1 ORDER BY created_at", project_id
             )
         return [_token(r) for r in rows]
 
     async def find_token_id_by_hash(self, token_hash: str) -> str | None:
-        value = await self._pool.fetchval("SELECT id FROM tokens WHERE token_hash = $1", token_hash)
+        value = await self._fetchval("SELECT id FROM tokens WHERE token_hash = $1", token_hash)
         return str(value) if value is not None else None
 
     async def grant_for_hash(self, token_hash: str) -> TokenGrant | None:
-        row = await self._pool.fetchrow(
+        row = await self._fetchrow(
             "SELECT t.*, p.is_active AS project_is_active, p.api_key_encrypted"
             " FROM tokens t JOIN projects p ON p.id = t.project_id WHERE t.token_hash = $1",
             token_hash,
@@ -401,22 +422,20 @@ class PostgresStore:
     # -- accounting ----------------------------------------------------------------------------
 
     async def consume_request(self, token_id: str, at: datetime) -> int | None:
-        count = await self._pool.fetchval(
+        count = await self._fetchval(
             "UPDATE tokens SET request_count = request_count + 1, last_used_at = $2"
             " WHERE id = $1 AND is_active"
             " AND (max_requests IS NULL OR request_count < max_requests) RETURNING request_count",
             token_id,
             at,
-            timeout=_TIMEOUT,
         )
         return None if count is None else int(count)
 
     async def release_request(self, token_id: str) -> None:
-        await self._pool.execute(
+        await self._execute(
             "UPDATE tokens SET request_count = request_count - 1"
             " WHERE id = $1 AND request_count > 0",
             token_id,
-            timeout=_TIMEOUT,
         )
 
     async def take_rate_slot(self, token_id: str) -> RateSlot:
@@ -424,7 +443,7 @@ class PostgresStore:
         # condition on its latest version, so concurrent instances cannot both take the last slot.
         # The clock is the database's, so instances on machines whose clocks differ agree.
         for _ in range(_RATE_ATTEMPTS):
-            row = await self._pool.fetchrow(_TAKE_RATE_SLOT, token_id, RATE_WINDOW_MICROS)
+            row = await self._fetchrow(_TAKE_RATE_SLOT, token_id, RATE_WINDOW_MICROS)
             if row is None:
                 return RateSlot(True)  # no such token, or no rpm: nothing to count
             if row["taken"] is not None:
@@ -436,10 +455,35 @@ class PostgresStore:
         return RateSlot(False, retry_after=1.0)
 
     async def give_back_rate_slot(self, token_id: str, at_micros: int) -> None:
-        await self._pool.execute(
+        await self._execute(
             "UPDATE tokens SET rpm_log = array_remove(rpm_log, $2) WHERE id = $1",
             token_id,
             at_micros,
+        )
+
+    async def tpm_room(self, token_id: str) -> RateSlot:
+        row = await self._fetchrow(
+            "SELECT tpm, tpm_log, (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT AS now"
+            " FROM tokens WHERE id = $1",
+            token_id,
+        )
+        if row is None or row["tpm"] is None:
+            return RateSlot(True)
+        log = [(at, tokens) for at, tokens in row["tpm_log"]]
+        return tpm_room(log, row["now"], row["tpm"])
+
+    async def record_tokens(self, token_id: str, tokens: int) -> None:
+        # One statement: the row's own log, pruned to the window, with this request appended.
+        await self._execute(
+            "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT AS at)"
+            " UPDATE tokens SET tpm_log = COALESCE("
+            "   (SELECT jsonb_agg(e ORDER BY (e->>0)::BIGINT) FROM jsonb_array_elements(tpm_log) e"
+            "    WHERE (e->>0)::BIGINT > now.at - $3), '[]'::jsonb"
+            " ) || jsonb_build_array(jsonb_build_array(now.at, $2::BIGINT))"
+            " FROM now WHERE id = $1",
+            token_id,
+            tokens,
+            RATE_WINDOW_MICROS,
         )
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
@@ -489,20 +533,20 @@ class PostgresStore:
 
     async def token_usage(self, token_id: str) -> UsageTotals:
         return _usage(
-            await self._pool.fetchrow(
+            await self._fetchrow(
                 f"SELECT {_USAGE_SUMS} FROM usage_hourly WHERE token_id = $1", token_id
             )
         )
 
     async def project_usage(self, project_id: str) -> UsageTotals:
         return _usage(
-            await self._pool.fetchrow(
+            await self._fetchrow(
                 f"SELECT {_USAGE_SUMS} FROM usage_hourly WHERE project_id = $1", project_id
             )
         )
 
     async def project_token_usage(self, project_id: str) -> dict[str, UsageTotals]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             f"SELECT token_id, {_USAGE_SUMS} FROM usage_hourly WHERE project_id = $1"
             " GROUP BY token_id",
             project_id,
@@ -511,7 +555,7 @@ class PostgresStore:
 
     async def usage_since(self, since: datetime) -> UsageTotals:
         return _usage(
-            await self._pool.fetchrow(
+            await self._fetchrow(
                 f"SELECT {_USAGE_SUMS} FROM usage_hourly WHERE hour >= $1", hour_start(since)
             )
         )
@@ -519,13 +563,12 @@ class PostgresStore:
     # -- change feed ---------------------------------------------------------------------------
 
     async def latest_change(self) -> int:
-        return int(await self._pool.fetchval("SELECT COALESCE(MAX(id), 0) FROM changes"))
+        return int(await self._fetchval("SELECT COALESCE(MAX(id), 0) FROM changes"))
 
     async def changes_since(self, cursor: int) -> tuple[int, list[tuple[str | None, str | None]]]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             "SELECT id, project_id, token_id FROM changes WHERE id > $1 ORDER BY id",
             cursor,
-            timeout=_TIMEOUT,
         )
         if not rows:
             return cursor, []
@@ -577,9 +620,9 @@ class PostgresStore:
             params.append(filters.until)
             clauses.append(f"timestamp < ${len(params)}")
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        total = await self._pool.fetchval(f"SELECT COUNT(*) FROM audit_events{where}", *params)
+        total = await self._fetchval(f"SELECT COUNT(*) FROM audit_events{where}", *params)
         n = len(params)
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             f"SELECT * FROM audit_events{where} ORDER BY id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
             *params,
             page_size,

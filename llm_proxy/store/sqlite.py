@@ -27,6 +27,7 @@ from llm_proxy.models import (
     UsageRollup,
     UsageTotals,
     hour_start,
+    tpm_room,
     utcnow,
 )
 from llm_proxy.store.migrations import migration_scripts
@@ -459,6 +460,25 @@ class SqliteStore:
         window = [at for at in orjson.loads(row["rpm_log"]) if at != at_micros]
         await self._db.execute(
             "UPDATE tokens SET rpm_log = ? WHERE id = ?", (orjson.dumps(window).decode(), token_id)
+        )
+
+    async def tpm_room(self, token_id: str) -> RateSlot:
+        row = await self._one("SELECT tpm, tpm_log FROM tokens WHERE id = ?", (token_id,))
+        if row is None or row["tpm"] is None:
+            return RateSlot(True)
+        log = [(at, tokens) for at, tokens in orjson.loads(row["tpm_log"])]
+        return tpm_room(log, time.time_ns() // 1000, row["tpm"])
+
+    @_writes
+    async def record_tokens(self, token_id: str, tokens: int) -> None:
+        row = await self._one("SELECT tpm_log FROM tokens WHERE id = ?", (token_id,))
+        if row is None:
+            return
+        now = time.time_ns() // 1000
+        log = [e for e in orjson.loads(row["tpm_log"]) if e[0] > now - RATE_WINDOW_MICROS]
+        log.append([now, tokens])
+        await self._db.execute(
+            "UPDATE tokens SET tpm_log = ? WHERE id = ?", (orjson.dumps(log).decode(), token_id)
         )
 
     @_writes

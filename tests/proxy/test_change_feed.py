@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,21 +23,6 @@ NO_TIMER = {"change_poll_seconds": 30.0, "change_poll_seconds_pushed": 30.0}
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of this test's own, which it may stop and restart."""
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.destroy()
-
-
-@pytest.fixture
-def own_database(own_postgres: PostgresServer) -> Iterator[str]:
-    with own_postgres.database() as url:
-        yield url
 
 
 async def until(condition: Any, timeout: float, what: str) -> float:

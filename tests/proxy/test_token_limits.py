@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
@@ -184,3 +185,38 @@ async def test_with_redis_the_rpm_window_lives_there_and_its_loss_refuses_only_l
     # A token without limits needs nothing from Redis.
     assert (await proxy.client.get("/v1/models", headers=bearer(unlimited))).status == 200
     redis_server.start()
+
+
+async def _refused_once_settled(proxy: Proxy, token: str) -> Any:
+    """Requests pass until the first one's tokens are settled into the window; then the refusal."""
+    for _ in range(200):
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=chat("gpt-4o-mini"), headers=bearer(token)
+        )
+        if response.status == 429:
+            return response
+        assert response.status == 200
+        await asyncio.sleep(0.02)
+    raise AssertionError("the tpm window never filled")
+
+
+async def test_tpm_refuses_while_the_settled_tokens_fill_the_window(proxy: Proxy) -> None:
+    issued = await proxy.issue_token(tpm=5)  # one chat completion of the fake upstream is more
+    response = await _refused_once_settled(proxy, issued["token"])
+    assert (await response.json())["error"]["code"] == "rate_limited"
+    assert 55 <= int(response.headers["Retry-After"]) <= 60
+    assert "x-should-retry" not in response.headers
+
+
+async def test_with_redis_the_tpm_window_lives_there(
+    proxy_factory: Any, redis_server: RedisServer
+) -> None:
+    proxy: Proxy = await proxy_factory(event_bus="redis", redis_url=redis_server.url)
+    issued = await proxy.issue_token(tpm=5)
+    response = await _refused_once_settled(proxy, issued["token"])
+    assert (await response.json())["error"]["code"] == "rate_limited"
+    client = Redis.from_url(redis_server.url)
+    try:
+        assert await client.zcard(f"llm-proxy:tpm:{issued['id']}") >= 1
+    finally:
+        await client.aclose()

@@ -210,20 +210,6 @@ def test_max_requests_is_exact_across_three_instances(cluster: Cluster) -> None:
             assert cluster.manage("GET", f"/tokens/{token['id']}")["request_count"] == 10
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.destroy()
-
-
-@pytest.fixture
-def own_database(own_postgres: PostgresServer) -> Iterator[str]:
-    with own_postgres.database() as url:
-        yield url
-
-
 def test_revoked_tokens_stay_refused_through_lost_listeners_and_a_database_restart(
     own_postgres: PostgresServer,
     own_database: str,

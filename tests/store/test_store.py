@@ -19,9 +19,17 @@ from llm_proxy.models import (
     utcnow,
 )
 from llm_proxy.store import Store
+from llm_proxy.store.migrations import migration_scripts
 from llm_proxy.store.opening import open_store
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
+
+
+def every_migration(database_url: str) -> list[int]:
+    backend = "postgresql" if database_url.startswith("postgresql") else "sqlite"
+    versions = [version for version, _ in migration_scripts(backend)]
+    assert versions == list(range(1, len(versions) + 1))  # numbered without gaps
+    return versions
 
 
 @pytest.fixture
@@ -69,7 +77,7 @@ async def test_migrating_again_applies_nothing(store: Store) -> None:
 async def test_a_fresh_database_gets_every_migration(database_url: str) -> None:
     fresh = await open_store(database_url, migrate=False)
     try:
-        assert await fresh.migrate() == [1, 2, 3]
+        assert await fresh.migrate() == every_migration(database_url)
         assert await fresh.migrate() == []
     finally:
         await fresh.close()
@@ -80,7 +88,7 @@ async def test_instances_starting_together_apply_each_migration_once(database_ur
     try:
         applied = await asyncio.gather(*(s.migrate() for s in stores))
         # Each migration is applied exactly once, whichever instance gets to it first.
-        assert sorted(v for versions in applied for v in versions) == [1, 2, 3]
+        assert sorted(v for versions in applied for v in versions) == every_migration(database_url)
     finally:
         for s in stores:
             await s.close()
@@ -419,3 +427,22 @@ async def test_lowering_rpm_applies_to_the_next_request(store: Store) -> None:
         assert (await store.take_rate_slot("t1")).admitted
     await store.update_token("t1", {"rpm": 3}, AUDIT)
     assert not (await store.take_rate_slot("t1")).admitted
+
+
+async def test_the_tpm_window_fills_with_settled_tokens_and_says_when_it_frees(
+    store: Store,
+) -> None:
+    await store.create_project(project(), AUDIT)
+    await store.create_token(replace(token(), tpm=100), "hash-1", AUDIT)
+    assert (await store.tpm_room("t1")).admitted
+    await store.record_tokens("t1", 60)
+    assert (await store.tpm_room("t1")).admitted
+    await store.record_tokens("t1", 50)
+    full = await store.tpm_room("t1")
+    assert not full.admitted
+    # 110 of 100: the window has room again when the first 60 leave it, a minute after.
+    assert 59.0 < full.retry_after <= 60.0
+    await store.create_token(token("t2"), "hash-2", AUDIT)  # no tpm: always room
+    await store.record_tokens("t2", 10**9)
+    assert (await store.tpm_room("t2")).admitted
+    await store.record_tokens("unknown", 5)  # a token deleted meanwhile: nothing to record
