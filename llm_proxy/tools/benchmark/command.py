@@ -51,7 +51,14 @@ from llm_proxy.tools.benchmark.report import render_report
     default=60.0,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
-    help="Seconds per request and per connection attempt.",
+    help="Seconds per request, from sending it to its last byte.",
+)
+@click.option(
+    "--connect-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds per connection attempt.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def benchmark_command(
@@ -68,6 +75,7 @@ def benchmark_command(
     compare_token: str | None,
     warmup: int,
     timeout: float,
+    connect_timeout: float,
     as_json: bool,
 ) -> None:
     """Measure latency and throughput of a route and, with --compare-url, what the proxy adds.
@@ -113,6 +121,7 @@ def benchmark_command(
             compare_token=compare_token,
             warmup=warmup,
             timeout=timeout,
+            connect_timeout=connect_timeout,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -30,7 +30,8 @@ class BenchmarkConfig:
     compare_url: str | None = None
     compare_token: str | None = field(default=None, repr=False)
     warmup: int = 0  # requests per route before measuring, not recorded
-    timeout: float = 60.0  # per request and per connection attempt
+    timeout: float = 60.0  # per request
+    connect_timeout: float = 10.0  # per connection attempt: a loaded machine connects slowly
 
     def __post_init__(self) -> None:
         if (self.requests is None) == (self.duration is None):
@@ -39,7 +40,7 @@ class BenchmarkConfig:
             raise ValueError("requests must be at least 1")
         if self.duration is not None and self.duration <= 0:
             raise ValueError("duration must be positive")
-        if self.concurrency < 1 or self.warmup < 0 or self.timeout <= 0:
+        if self.concurrency < 1 or self.warmup < 0 or min(self.timeout, self.connect_timeout) <= 0:
             raise ValueError("concurrency and timeout must be positive, warmup not negative")
         if self.compare_token is not None and self.compare_url is None:
             raise ValueError("compare_token needs compare_url")

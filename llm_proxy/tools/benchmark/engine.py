@@ -145,7 +145,7 @@ class _Engine:
 
     async def _connect(self, target: Target) -> Connection:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._config.timeout):
+        async with asyncio.timeout(self._config.connect_timeout):
             _, conn = await loop.create_connection(
                 lambda: Connection(loop, self._config.stream, self._config.timeout),
                 target.host,
