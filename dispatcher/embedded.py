@@ -11,8 +11,9 @@ from dispatcher.backends.usage import UsageBackend
 from dispatcher.worker import Worker, WorkerSettings
 from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.pipeline import EventPipeline, start_event_pipeline
-from llm_proxy.events.settlement import TokenWindowSettler
+from llm_proxy.events.settlement import TokenSettler
 from llm_proxy.pricing import PriceHolder
+from llm_proxy.proxy.budget_ledger import BudgetLedger, RedisBudgetLedger, StoreBudgetLedger
 from llm_proxy.proxy.rate_limits import RedisRateWindows, StoreRateWindows
 from llm_proxy.store import Store
 
@@ -96,7 +97,13 @@ async def start_events_here(
     windows = (
         RedisRateWindows(config.redis_url) if config.bus == "redis" else StoreRateWindows(store)
     )
-    pipeline.settler = TokenWindowSettler(windows)
+    # Budget holds likewise, with the spend also kept in the database.
+    budgets: BudgetLedger = (
+        RedisBudgetLedger(config.redis_url, store)
+        if config.bus == "redis"
+        else StoreBudgetLedger(store)
+    )
+    pipeline.settler = TokenSettler(windows, budgets)
     try:
         await start_usage_aggregation(pipeline, store, data_dir=config.data_dir)
         if file_event_log is not None:

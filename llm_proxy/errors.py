@@ -115,10 +115,12 @@ TokenNotFound = _error(401, "token_not_found")
 TokenInactive = _error(401, "token_inactive")
 TokenExpired = _error(401, "token_expired")
 ProjectInactive = _error(403, "project_inactive")
-RateLimited = _error(429, "rate_limited")  # transient: carries Retry-After
-QuotaExceeded = _error(429, "quota_exceeded")
 ParamNotAllowed = _error(400, "param_not_allowed")
 ModelNotAllowed = _error(403, "model_not_allowed")
+ModelNotPriced = _error(400, "model_not_priced")  # a budgeted token, a request it cannot price
+RateLimited = _error(429, "rate_limited")  # transient: carries Retry-After
+QuotaExceeded = _error(429, "quota_exceeded")
+BudgetExceeded = _error(429, "budget_exceeded")
 RequestTooLarge = _error(413, "request_too_large")
 ServiceUnavailable = _error(503, "service_unavailable")
 # A token carries a limit whose store cannot be reached: never admitted uncounted.

@@ -197,6 +197,18 @@ class RateSlot:
     retry_after: float = 0.0  # seconds until the oldest request in the window leaves it
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetHold:
+    """The answer to a budget reservation."""
+
+    admitted: bool
+    held_nanousd: int  # what was reserved (0 when refused)
+    # budget - spent - reserved, after this hold (or at the refusal); never negative
+    remaining_nanousd: int
+    # refused because the spend alone leaves less than the minimum: permanent
+    exhausted: bool = False
+
+
 def tpm_room(log: list[tuple[int, int]], now: int, tpm: int) -> RateSlot:
     """Whether a token whose settled ``(at, tokens)`` log is ``log`` may take another request.
 

@@ -27,6 +27,7 @@ import yaml
 from llm_proxy.models import nanousd
 
 ENTRY_KEYS = ("input", "cached_input", "output")
+LIMIT_KEYS = ("max_output_tokens",)
 TOKENS_PER_PRICE = 1_000_000  # prices are per million tokens
 OTHER = "other"  # the metrics label of a model no entry prices
 _WILDCARDS = re.compile(r"[*?\[]")
@@ -45,6 +46,10 @@ class ModelPrice:
     input: int
     cached_input: int
     output: int
+    # The most output tokens the model produces for one answer, when known: a budgeted request
+    # without an output cap reserves this much output, and gets a cap only when its budget
+    # affords less (a cap above the model's own is refused by the upstream).
+    max_output_tokens: int | None = None
 
 
 def cost_nanousd(
@@ -202,8 +207,8 @@ def _entry(pattern: object, body: object, where: str) -> ModelPrice:
     if not isinstance(body, dict):
         raise PricesError(f"{at}: expected {{input, cached_input, output}} in USD per 1M tokens")
     for key in body:
-        if key not in ENTRY_KEYS:
-            close = difflib.get_close_matches(str(key), ENTRY_KEYS, n=1)
+        if key not in ENTRY_KEYS and key not in LIMIT_KEYS:
+            close = difflib.get_close_matches(str(key), ENTRY_KEYS + LIMIT_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise PricesError(f"{at}: unknown key {str(key)!r}{hint}")
     if "input" not in body:
@@ -215,7 +220,16 @@ def _entry(pattern: object, body: object, where: str) -> ModelPrice:
         # No separate cached price: cached tokens cost what the others do.
         cached_input=price.get("cached_input", price["input"]),
         output=price.get("output", 0),  # embeddings and moderations produce no output tokens
+        max_output_tokens=_tokens(body["max_output_tokens"], f"{at}: max_output_tokens")
+        if "max_output_tokens" in body
+        else None,
     )
+
+
+def _tokens(value: object, at: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PricesError(f"{at}: expected a whole number of tokens, at least 1; got {value!r}")
+    return value
 
 
 def _dollars(value: object, at: str) -> int:

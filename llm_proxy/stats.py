@@ -71,6 +71,11 @@ class ProxyStats:
         self.change_feed_failures = 0
         self.change_push_connected = False
         self.change_push_reconnects = 0
+        # Budget holds: taken and refused; open while their requests run (settled afterwards by
+        # the events pipeline).
+        self.budget_holds = 0
+        self.budget_holds_refused = 0
+        self.budget_holds_open = 0
         self.busy_polls = 0  # see busy_poll.py
         self.busy_polls_wasted = 0
         self.upstream_latency = _Histogram(_UPSTREAM_BUCKETS)
@@ -151,6 +156,19 @@ class _ProxyCollector(Collector):
             "llm_proxy_change_push_reconnects",
             "Times the push channel of the change feed was lost or could not connect.",
             value=s.change_push_reconnects,
+        )
+        yield _counters(
+            "llm_proxy_budget_holds",
+            "Budget holds of requests on budgeted tokens, by outcome (taken, or refused: the budget"
+            " was spent or held by requests in progress).",
+            ["outcome"],
+            [(("taken",), s.budget_holds), (("refused",), s.budget_holds_refused)],
+        )
+        yield GaugeMetricFamily(
+            "llm_proxy_budget_holds_open",
+            "Budget holds whose requests are still running (each is settled by the events"
+            " pipeline once its usage is known).",
+            value=s.budget_holds_open,
         )
         yield _counters(
             "llm_proxy_busy_polls",

@@ -83,8 +83,26 @@ def test_the_shipped_file_prices_each_model_and_its_snapshots_by_their_family(
 ) -> None:
     found = shipped.lookup(model)
     assert found is not None
-    assert found == ModelPrice(pattern, *(int(Decimal(p) * 10**9) for p in per_million))
+    expected = ModelPrice(pattern, *(int(Decimal(p) * 10**9) for p in per_million))
+    assert (found.pattern, found.input, found.cached_input, found.output) == (
+        expected.pattern,
+        expected.input,
+        expected.cached_input,
+        expected.output,
+    )
     assert shipped.label(model) == pattern
+    # Models that write (not embeddings, not moderations) carry their own output cap, which a
+    # budgeted request without one holds.
+    assert (found.max_output_tokens is not None) == (found.output > 0)
+
+
+def test_max_output_tokens_must_be_a_whole_number_of_tokens() -> None:
+    assert (
+        parse_prices("m: {input: 1, output: 2, max_output_tokens: 64}")[0].max_output_tokens == 64
+    )
+    for bad in ("0", "1.5", "'many'", "true"):
+        with pytest.raises(PricesError, match="max_output_tokens: expected a whole number"):
+            parse_prices(f"m: {{input: 1, max_output_tokens: {bad}}}")
 
 
 @pytest.mark.parametrize(

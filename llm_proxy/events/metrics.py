@@ -32,6 +32,17 @@ TPM_UNRECORDED = Counter(
     "Requests of tpm-limited tokens whose tokens could not be added to the token's window "
     "(the store or Redis holding it was unreachable).",
 )
+BUDGET_SETTLEMENTS = Counter(
+    "llm_proxy_events_budget_settlements",
+    "Budget holds settled once the usage was known, by outcome (settled: cost recorded; "
+    "released: nothing to pay; failed: the store or Redis holding it was unreachable, and the hold "
+    "stays until it expires).",
+    ["outcome"],
+)
+BUDGET_OVERRUN = Counter(
+    "llm_proxy_events_budget_overrun_nanousd",
+    "Spend beyond what was held for the requests that cost more than their hold, in nano-dollars.",
+)
 # ``model`` is bounded: the glob of config/prices.yaml that priced the event's model, or "other".
 TOKENS = Counter(
     "llm_proxy_tokens",

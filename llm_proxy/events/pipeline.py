@@ -28,7 +28,7 @@ from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
-from llm_proxy.events.settlement import TokenWindowSettler
+from llm_proxy.events.settlement import TokenSettler
 from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy.exchange import Exchange
 
@@ -70,7 +70,7 @@ class EventPipeline:
         self._drops = metrics.Drops("events.pipeline_dropped")
         self.published = 0
         # Fills the tpm windows of the requests' tokens from their events (see settlement.py).
-        self.settler: TokenWindowSettler | None = None
+        self.settler: TokenSettler | None = None
 
     def _build_priced(self, exchange: Exchange) -> Event:
         return builder.build(exchange, prices=self.prices.current)

@@ -1,9 +1,11 @@
-"""Settling what a request used into its token's windows, once its event knows the usage.
+"""Settling what a request used, once its event knows the usage: its token's tpm window and its
+budget hold.
 
-The proxy path refuses a request while its token's tpm window is full; the window is filled here,
-off the request path, in the pipeline that builds the events (the events process, or the server
-with ``event_build_in="thread"``), from the same usage the event reports: the upstream's, or the
-offline estimate when the upstream sent none.
+The proxy path refuses a request while its token's tpm window is full, and holds the most a
+budgeted request can cost; both are settled here, off the request path, in the pipeline that builds
+the events (the events process, or the server with ``event_build_in="thread"``), from the same
+usage and cost the event reports: the upstream's, or the offline estimate when the upstream sent
+none (a client that hung up mid-stream pays for what the upstream had produced by then).
 """
 
 from __future__ import annotations
@@ -14,34 +16,75 @@ import structlog
 
 from llm_proxy.events import metrics
 from llm_proxy.events.event import Event
+from llm_proxy.models import nanousd
+from llm_proxy.proxy.budget_ledger import BudgetLedger
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.proxy.rate_limits import RateWindows
 
 log = structlog.get_logger(__name__)
 
 
-class TokenWindowSettler:
-    """Records the tokens of each request on a tpm-limited token in that token's window."""
+def settled_cost(event: Event, held: int) -> int:
+    """What a held request pays: its cost; all it held when an answer that may have cost money
+    has no cost to show (the model lost its price on a reload, the usage could not be read);
+    nothing when the upstream refused it."""
+    cost = event["cost_usd"]
+    if cost is not None:
+        return nanousd(cost)
+    return held if 200 <= event["status"] < 300 else 0
 
-    def __init__(self, windows: RateWindows) -> None:
+
+class TokenSettler:
+    """Records each request's tokens in its token's tpm window and settles its budget hold."""
+
+    def __init__(self, windows: RateWindows, budgets: BudgetLedger) -> None:
         self._windows = windows
+        self._budgets = budgets
 
     async def settle(self, batch: Sequence[Exchange], events: Sequence[Event]) -> None:
-        limited = {exchange.request_id for exchange in batch if exchange.tpm_limited}
+        limited = {
+            exchange.request_id: exchange
+            for exchange in batch
+            if exchange.tpm_limited or exchange.hold_id
+        }
         if not limited:
             return
         for event in events:
-            usage = event["usage"]
-            if event["request_id"] not in limited or not usage or not usage["total_tokens"]:
+            exchange = limited.get(event["request_id"])
+            if exchange is None:
                 continue
-            try:
-                await self._windows.record_tokens(event["token_id"], usage["total_tokens"])
-            except Exception as exc:
-                # Counted, never silent: the window is short by this request until it slides on.
-                metrics.TPM_UNRECORDED.inc()
-                log.error(
-                    "events.tpm_record_failed", request_id=event["request_id"], error=str(exc)
-                )
+            if exchange.hold_id:
+                await self._settle_hold(exchange, event)
+            usage = event["usage"]
+            if exchange.tpm_limited and usage and usage["total_tokens"]:
+                await self._record_tokens(event, usage["total_tokens"])
+
+    async def _settle_hold(self, exchange: Exchange, event: Event) -> None:
+        cost = settled_cost(event, exchange.held_nanousd)
+        try:
+            await self._budgets.settle(
+                exchange.token_id, exchange.hold_id, exchange.held_nanousd, cost
+            )
+        except Exception as exc:
+            # Counted, never silent: the hold keeps its amount until it expires, and the spend is
+            # missing from the budget.
+            metrics.BUDGET_SETTLEMENTS.labels("failed").inc()
+            log.error("events.budget_settle_failed", request_id=exchange.request_id, error=str(exc))
+            return
+        metrics.BUDGET_SETTLEMENTS.labels("settled" if cost else "released").inc()
+        if cost > exchange.held_nanousd:
+            # The bound was beaten (a price raised by a reload, an upstream counting otherwise):
+            # the spend is recorded whole, and the overrun shows here.
+            metrics.BUDGET_OVERRUN.inc(cost - exchange.held_nanousd)
+
+    async def _record_tokens(self, event: Event, tokens: int) -> None:
+        try:
+            await self._windows.record_tokens(event["token_id"], tokens)
+        except Exception as exc:
+            # Counted, never silent: the window is short by this request until it slides on.
+            metrics.TPM_UNRECORDED.inc()
+            log.error("events.tpm_record_failed", request_id=event["request_id"], error=str(exc))
 
     async def close(self) -> None:
         await self._windows.close()
+        await self._budgets.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from llm_proxy.events import tokens
+from llm_proxy import tokens
 from llm_proxy.events.event import Usage
 
 _PER_MESSAGE = 3

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,7 +33,9 @@ import structlog
 
 from llm_proxy import errors
 from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped
-from llm_proxy.models import UsageDelta, isoformat
+from llm_proxy.models import UsageDelta, isoformat, usd
+from llm_proxy.proxy.budget_ledger import BudgetLedger, StoreBudgetLedger
+from llm_proxy.proxy.budget_plan import CostPlan
 from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
@@ -60,6 +63,7 @@ class Grant:
     allowed_models: tuple[str, ...] | None = None  # globs the body's "model" must match
     rpm: int | None = None
     tpm: int | None = None
+    budget: int | None = None  # nano-dollars, lifetime
     # Answers carry LLM-Proxy-* headers about what is left (tokens with limits only).
     limited: bool = False
     expires_at_header: str = ""  # expires_at in RFC 3339, for LLM-Proxy-Token-Expires-At
@@ -89,6 +93,9 @@ class Admission:
     grant: Grant
     remaining_requests: int | None  # for a token with max_requests: how many are left
     rate_slot: int = 0  # the rpm window's slot taken (epoch microseconds), 0 for none
+    hold_id: str = ""  # the budget hold taken, "" for none
+    held: int = 0  # nano-dollars held
+    remaining_budget: int | None = None  # for a budgeted token: what is neither spent nor held
 
 
 class TokenAuthority:
@@ -100,9 +107,11 @@ class TokenAuthority:
         cache_seconds: float,
         max_staleness: float = 5.0,
         rate_windows: RateWindows | None = None,
+        budget_ledger: BudgetLedger | None = None,
     ) -> None:
         self._store = store
         self._rate_windows = rate_windows or StoreRateWindows(store)
+        self.budget_ledger = budget_ledger or StoreBudgetLedger(store)
         self._cipher = cipher
         self._cache_seconds = cache_seconds
         self._max_staleness = max_staleness
@@ -122,14 +131,14 @@ class TokenAuthority:
 
     # -- the request path ----------------------------------------------------------------------
 
-    async def admit(self, authorization: str | None) -> Admission:
-        """Check a bearer credential and count the request, or raise the error it is refused with.
+    async def admit(self, grant: Grant, plan: CostPlan | None = None) -> Admission:
+        """Count a request of a checked token against its limits, or raise the refusal.
 
-        Limits are checked in the order of their refusals: the rpm window (429 ``rate_limited``,
-        transient), then ``max_requests`` (429 ``quota_exceeded``, permanent). What one took is
-        given back when a later one refuses.
+        Limits are checked in the order of their refusals: the rpm and tpm windows (429
+        ``rate_limited``, transient), ``max_requests`` (429 ``quota_exceeded``, permanent), then
+        the budget, which holds the most the request can cost (``plan``; 429 ``budget_exceeded``).
+        What one took is given back when a later one refuses.
         """
-        grant = await self.check(authorization)
         wall = time.time()
         slot = 0
         if grant.tpm is not None:
@@ -143,17 +152,63 @@ class TokenAuthority:
             else:
                 tally[0] += 1
                 tally[1] = wall
-            return Admission(grant, None, slot)
-        count = None if grant.exhausted else await self._claim(grant.token_id, wall, slot)
-        if count is None:
-            await self._give_back_slot(grant.token_id, slot)
-            await self._refused_quota(grant)
-        return Admission(grant, grant.max_requests - count, slot)
+            admission = Admission(grant, None, slot)
+        else:
+            count = None if grant.exhausted else await self._claim(grant.token_id, wall, slot)
+            if count is None:
+                await self._give_back_slot(grant.token_id, slot)
+                await self._refused_quota(grant)
+            admission = Admission(grant, grant.max_requests - count, slot)
+        if grant.budget is not None and plan is not None:
+            try:
+                await self._hold(admission, grant.budget, plan)
+            except BaseException:
+                await self.release(admission)
+                raise
+        return admission
+
+    async def _hold(self, admission: Admission, budget: int, plan: CostPlan) -> None:
+        grant = admission.grant
+        hold_id = random.randbytes(12).hex()
+        try:
+            hold = await self.budget_ledger.hold(
+                grant.token_id, hold_id, budget, plan.want, plan.minimum, grant.expires_at
+            )
+        except Exception as exc:
+            log.error("token_authority.store_failed", operation="budget_hold", error=str(exc))
+            raise errors.LimitsUnavailable(
+                "The store holding this token's limits is unavailable; retry shortly."
+            ) from None
+        admission.remaining_budget = hold.remaining_nanousd
+        if not hold.admitted:
+            STATS.budget_holds_refused += 1
+            if hold.exhausted:
+                raise errors.BudgetExceeded(
+                    f"This token's budget of ${usd(budget)} is spent"
+                    f" (${usd(hold.remaining_nanousd)} left, less than this request needs)."
+                )
+            # The rest of the budget is held by requests still running: it may come back.
+            raise errors.RateLimited(
+                "The rest of this token's budget is held by requests in progress; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
+        STATS.budget_holds += 1
+        STATS.budget_holds_open += 1
+        admission.hold_id = hold_id
+        admission.held = hold.held_nanousd
 
     async def release(self, admission: Admission) -> None:
         """Take back what :meth:`admit` counted, when the request never reached the upstream."""
         grant = admission.grant
         await self._give_back_slot(grant.token_id, admission.rate_slot)
+        if admission.hold_id:
+            hold_id, admission.hold_id = admission.hold_id, ""
+            STATS.budget_holds_open -= 1
+            try:
+                await self.budget_ledger.settle(grant.token_id, hold_id, admission.held, 0)
+            except Exception as exc:
+                # The hold stays until it expires: a lost release errs on the side of the budget.
+                log.error("token_authority.store_failed", operation="release_hold", error=str(exc))
         if grant.max_requests is None:
             # The tally may have been written already: a negative one takes the request back.
             self._pending.setdefault(grant.token_id, [0, time.time()])[0] -= 1
@@ -305,6 +360,7 @@ class TokenAuthority:
             allowed_models=token.allowed_models,
             rpm=token.rpm,
             tpm=token.tpm,
+            budget=token.budget_nanousd,
             limited=token.has_limits,
             expires_at_header=isoformat(token.expires_at) or "",
         )
@@ -418,6 +474,21 @@ class TokenAuthority:
 
     async def close(self) -> None:
         await self._rate_windows.close()
+        await self.budget_ledger.close()
+
+    async def reclaim_holds_every(self, seconds: float) -> None:
+        """Return expired budget holds to their budgets every ``seconds`` until cancelled (holds
+        in the store only: Redis drops expired ones on the token's next hold)."""
+        ledger = self.budget_ledger
+        if not isinstance(ledger, StoreBudgetLedger):
+            return
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                if reclaimed := await ledger.reclaim():
+                    log.warning("token_authority.budget_holds_reclaimed", holds=reclaimed)
+            except Exception as exc:
+                log.warning("token_authority.reclaim_failed", error=repr(exc))
 
     async def flush_usage_every(self, seconds: float) -> None:
         """Write the request tallies every ``seconds`` until cancelled; failures are retried."""

@@ -73,6 +73,10 @@ class Exchange:
     upstream_request_id: str | None = None  # the upstream's own x-request-id, when it sent one
     # The token has a tpm window: its settled tokens are recorded once the usage is known.
     tpm_limited: bool = False
+    # The budget hold of a budgeted token's request, settled once the usage is known.
+    hold_id: str = ""
+    held_nanousd: int = 0
+    output_cap: int = 0  # the output cap the proxy wrote into the body, 0 for none
 
     @property
     def is_stream(self) -> bool:
@@ -90,7 +94,7 @@ class Exchange:
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
             self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
-            self.tpm_limited,
+            self.tpm_limited, self.hold_id, self.held_nanousd, self.output_cap,
         )  # fmt: skip
 
     @classmethod

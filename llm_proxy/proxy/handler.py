@@ -26,12 +26,16 @@ from llm_proxy import errors
 from llm_proxy.http.messages import ProxyRequest, ResponseWriter
 from llm_proxy.http.upstream import Body, UpstreamClient, UpstreamResponse
 from llm_proxy.models import isoformat, usd
+from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy.admission import Admission, Grant, TokenAuthority
 from llm_proxy.proxy.api_config import ApiProvider, normalise_path
 from llm_proxy.proxy.body_scan import BodyInspector, ask_usage
 from llm_proxy.proxy.body_spool import BodySpool
+from llm_proxy.proxy.budget_plan import COST_FIELDS, CostPlan, plan_cost
+from llm_proxy.proxy.cost_bound import prompt_token_bound, with_output_cap
 from llm_proxy.proxy.exchange import CappedBuffer, Exchange, ExchangeSink
 from llm_proxy.proxy.metrics import MetricsSink
+from llm_proxy.stats import STATS
 from llm_proxy.store import Store
 
 log = structlog.get_logger(__name__)
@@ -54,6 +58,12 @@ _SMALL_BODY = 64 * 1024
 # Streams whose usage the proxy asks for when the client did not (see usage_injection.py).
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _JSON = "application/json"
+
+
+def _dollars(nanousd: int) -> str:
+    """Nano-dollars as a plain decimal number of dollars: 1250000 -> "0.00125"."""
+    whole, frac = divmod(nanousd, 1_000_000_000)
+    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
 
 
 def _request_id(supplied: str | None) -> str:
@@ -101,6 +111,7 @@ class ProxyHandler:
         capture_bytes: int,
         token_info_path: str,
         stream_usage: Callable[[], ChunkFilter] | None = None,
+        prices: PriceHolder | None = None,
     ) -> None:
         self.provider = provider
         self.authority = authority
@@ -114,6 +125,8 @@ class ProxyHandler:
         self._allow_header = ", ".join(sorted(provider.allowed_methods))
         self._watched = frozenset(provider.param_whitelist)
         self._watched_and_model = self._watched | {"model"}
+        self._watched_and_cost = self._watched | COST_FIELDS
+        self.prices = prices or PriceHolder(Prices())
 
     # -- the path ----------------------------------------------------------------------------------
 
@@ -133,14 +146,7 @@ class ProxyHandler:
             return await self._answer_error(writer, exc, reply_headers)
         if admitted is None:
             return  # answered without going upstream (token info, CORS preflight)
-        path, admission = admitted
-        grant = admission.grant
-        if grant.limited:
-            # What is left, so a client can pace itself without asking the management API.
-            reply_headers.append(("LLM-Proxy-Token-Expires-At", grant.expires_at_header))
-            if admission.remaining_requests is not None:
-                remaining = str(admission.remaining_requests)
-                reply_headers.append(("LLM-Proxy-Remaining-Requests", remaining))
+        path, grant = admitted
         started_at = time.time()
         request_body = CappedBuffer(self.capture_bytes)
         response_body = CappedBuffer(self.capture_bytes)
@@ -157,15 +163,29 @@ class ProxyHandler:
             response_body,
         )
         exchange.tpm_limited = grant.tpm is not None
+        admission: Admission | None = None
         try:
-            await self._forward(request, writer, grant, exchange, reply_headers)
+            body: Body = None
+            headers = request.headers
+            plan: CostPlan | None = None
+            if request.has_body:
+                body, headers, plan = await self._prepare_body(request, exchange, headers, grant)
+            admission = await self.authority.admit(grant, plan)
+            if admission.hold_id:
+                exchange.hold_id, exchange.held_nanousd = admission.hold_id, admission.held
+                if plan is not None and isinstance(body, bytes):
+                    body, headers = self._cap_output(body, headers, plan, admission, exchange)
+            if grant.limited:
+                self._limit_headers(admission, reply_headers)
+            await self._forward(request, writer, grant, exchange, reply_headers, body, headers)
         except errors.ProxyError as exc:
             # Raised before the response began (a failure after it is handled in _relay).
             exchange.error = exc.code
             exchange.status = exc.status
-            if not getattr(exc, "reached_upstream", False):
+            if admission is not None and not getattr(exc, "reached_upstream", False):
                 # Refused here, or the upstream never got the whole request: it counts for nothing.
                 await self.authority.release(admission)
+                exchange.hold_id = ""
             reply_headers.append(("X-Request-ID", request_id))
             await self._answer_error(writer, exc, reply_headers)
         except asyncio.CancelledError:
@@ -174,7 +194,42 @@ class ProxyHandler:
             raise
         finally:
             exchange.ended = time.perf_counter()
+            if exchange.hold_id:
+                STATS.budget_holds_open -= 1  # the events pipeline settles it
             self.metrics.submit(exchange)
+
+    @staticmethod
+    def _limit_headers(admission: Admission, reply_headers: list[tuple[str, str]]) -> None:
+        """What is left, so a client can pace itself without asking the management API."""
+        reply_headers.append(("LLM-Proxy-Token-Expires-At", admission.grant.expires_at_header))
+        if admission.remaining_requests is not None:
+            reply_headers.append(
+                ("LLM-Proxy-Remaining-Requests", str(admission.remaining_requests))
+            )
+        if admission.remaining_budget is not None:
+            reply_headers.append(
+                ("LLM-Proxy-Remaining-Budget-USD", _dollars(admission.remaining_budget))
+            )
+
+    @staticmethod
+    def _cap_output(
+        body: bytes,
+        headers: list[tuple[str, str]],
+        plan: CostPlan,
+        admission: Admission,
+        exchange: Exchange,
+    ) -> tuple[bytes, list[tuple[str, str]]]:
+        """The body with the output cap its hold affords, when it set none and the model's own
+        is more than that."""
+        cap = plan.cap_for(admission.held)
+        if cap is None or plan.cap_field is None:
+            return body, headers
+        exchange.output_cap = cap
+        body = with_output_cap(body, plan.cap_field, cap)
+        kept = [
+            (n, v) for n, v in headers if n.lower() not in ("content-length", "transfer-encoding")
+        ]
+        return body, kept
 
     async def _answer_error(
         self, writer: ResponseWriter, exc: errors.ProxyError, reply_headers: list[tuple[str, str]]
@@ -190,7 +245,7 @@ class ProxyHandler:
 
     async def _admit(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
-    ) -> tuple[str, Admission] | None:
+    ) -> tuple[str, Grant] | None:
         """The checks of the proxy path up to the token; None when the request was answered here.
 
         The path is checked in its normalised form; the target goes upstream exactly as sent.
@@ -212,7 +267,7 @@ class ProxyHandler:
         if method == "OPTIONS":
             await self._preflight(request, writer, reply_headers)
             return None
-        return path, await self.authority.admit(request.authorization)
+        return path, await self.authority.check(request.authorization)
 
     async def _token_info(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
@@ -230,11 +285,25 @@ class ProxyHandler:
         if grant.max_requests is not None:
             request_count = token.request_count if token else grant.max_requests
             remaining = max(grant.max_requests - request_count, 0)
+        spent = held = remaining_budget = None
+        if token is not None and token.budget_nanousd is not None:
+            spent, held = token.spent_nanousd, token.reserved_nanousd
+            try:
+                # With Redis, spend and holds are there first.
+                spent, held = await self.authority.budget_ledger.spent_and_held(grant.token_id) or (
+                    spent,
+                    held,
+                )
+            except Exception as exc:
+                log.warning("proxy.budget_status_failed", error=str(exc))
+            remaining_budget = max(token.budget_nanousd - spent - held, 0)
         if grant.limited:
             # The same as the LLM-Proxy-* headers of every proxied answer.
             reply_headers.append(("LLM-Proxy-Token-Expires-At", grant.expires_at_header))
             if remaining is not None:
                 reply_headers.append(("LLM-Proxy-Remaining-Requests", str(remaining)))
+            if remaining_budget is not None:
+                reply_headers.append(("LLM-Proxy-Remaining-Budget-USD", _dollars(remaining_budget)))
         body = {
             "object": "llm_proxy.token",
             "token_id": grant.token_id,
@@ -247,7 +316,9 @@ class ProxyHandler:
             "rpm": grant.rpm,
             "tpm": token.tpm if token else None,
             "budget_usd": usd(token.budget_nanousd) if token else None,
-            "spent_usd": usd(token.spent_nanousd) if token else None,
+            "spent_usd": usd(spent) if spent is not None else None,
+            "reserved_usd": usd(held) if held is not None else None,
+            "remaining_budget_usd": usd(remaining_budget),
             "allowed_models": list(grant.allowed_models) if grant.allowed_models else None,
             "allowed_endpoints": sorted(self.provider.allowed_prefixes),
             "allowed_methods": sorted(self.provider.allowed_methods),
@@ -281,12 +352,10 @@ class ProxyHandler:
         grant: Grant,
         exchange: Exchange,
         reply_headers: list[tuple[str, str]],
+        body: Body,
+        headers: list[tuple[str, str]],
     ) -> None:
         provider = self.provider
-        headers = request.headers
-        body: Body = None
-        if request.has_body:
-            body, headers = await self._prepare_body(request, exchange, headers, grant)
         headers.append(("Authorization", grant.upstream_authorization))
         headers.append(("X-Request-ID", exchange.request_id))
         target = provider.origin.path_prefix + request.target
@@ -305,8 +374,9 @@ class ProxyHandler:
         exchange: Exchange,
         headers: list[tuple[str, str]],
         grant: Grant,
-    ) -> tuple[Body, list[tuple[str, str]]]:
-        """The body to send upstream, and the headers to send with it.
+    ) -> tuple[Body, list[tuple[str, str]], CostPlan | None]:
+        """The body to send upstream, the headers to send with it, and, for a budgeted token,
+        what it may cost.
 
         A small body is read whole. A larger one is streamed, except when parameters must be
         checked first: then it is spooled (to disk beyond a megabyte) and sent once it passed, so a
@@ -318,6 +388,19 @@ class ProxyHandler:
             raise errors.RequestTooLarge(
                 f"Request body of {length} bytes exceeds the limit of {self.max_body_bytes} bytes."
             )
+        if grant.budget is not None:
+            return await self._priced_body(request, exchange, headers, grant)
+        body, headers = await self._plain_body(request, exchange, headers, grant)
+        return body, headers, None
+
+    async def _plain_body(
+        self,
+        request: ProxyRequest,
+        exchange: Exchange,
+        headers: list[tuple[str, str]],
+        grant: Grant,
+    ) -> tuple[Body, list[tuple[str, str]]]:
+        length = request.content_length
         models_limited = grant.allowed_models is not None
         check = models_limited or bool(self.provider.param_whitelist)
         watched = self._watched_and_model if models_limited else self._watched
@@ -352,6 +435,55 @@ class ProxyHandler:
         if inject and not _content_encoded(headers):
             return self._injecting(request, exchange), _asking_usage(headers)
         return self._stream_body(request, exchange), headers
+
+    async def _priced_body(
+        self,
+        request: ProxyRequest,
+        exchange: Exchange,
+        headers: list[tuple[str, str]],
+        grant: Grant,
+    ) -> tuple[Body, list[tuple[str, str]], CostPlan | None]:
+        """A budgeted token's body: read whole (its prompt is counted and an output cap may be
+        written into it), checked, and priced."""
+        if _content_encoded(headers):
+            raise errors.UnsupportedContentEncoding(
+                "This token has a budget: its request bodies are priced, so they cannot come with"
+                " a Content-Encoding; send them uncompressed."
+            )
+        length = request.content_length
+        if length is not None and length <= _SMALL_BODY:
+            data = await request.body.read_exactly(length)
+            exchange.request_body.add(data)
+        else:
+            data = b"".join([chunk async for chunk in self._stream_body(request, exchange)])
+        inject = (
+            self.stream_usage is not None
+            and request.method == "POST"
+            and exchange.path in _USAGE_PATHS
+        )
+        inspector = BodyInspector(self._watched_and_cost, inject_usage=inject)
+        passed = inspector.feed(data) + inspector.finish()
+        if not inspector.is_object:
+            if not data:
+                return data, headers, None
+            raise errors.ModelNotPriced(
+                "This token has a budget: only JSON requests, whose model and tokens the proxy can"
+                " price, are allowed."
+            )
+        self._check_params(inspector, grant)
+        models = inspector.values.get("model") or [None]
+        model = models[0] if isinstance(models[0], str) else None
+        # Counting a large prompt takes milliseconds: off the event loop (tiktoken lets go of the
+        # GIL), as is the encoder's first load.
+        prompt = await asyncio.to_thread(prompt_token_bound, data, model) if model else 0
+        plan = plan_cost(exchange.path, inspector.values, self.prices.current, prompt)
+        kept = [
+            (n, v) for n, v in headers if n.lower() not in ("content-length", "transfer-encoding")
+        ]
+        if inspector.usage_injected:
+            exchange.usage_injected = True
+            return passed, _asking_usage(kept), plan
+        return data, kept, plan
 
     async def _stream_body(self, request: ProxyRequest, exchange: Exchange) -> AsyncIterator[bytes]:
         size = 0

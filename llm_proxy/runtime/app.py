@@ -27,6 +27,7 @@ from llm_proxy.http.upstream import UpstreamClient
 from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy.admission import TokenAuthority
 from llm_proxy.proxy.api_config import ApiConfig, load_api_config
+from llm_proxy.proxy.budget_ledger import RedisBudgetLedger
 from llm_proxy.proxy.exchange import Exchange, ExchangeSink
 from llm_proxy.proxy.handler import ProxyHandler
 from llm_proxy.proxy.rate_limits import RedisRateWindows
@@ -163,6 +164,7 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
     if settings.change_push:
         components.spawn(authority.keep_listening(), "change-push")
     components.spawn(authority.flush_usage_every(settings.usage_flush_seconds), "usage-flush")
+    components.spawn(authority.reclaim_holds_every(60.0), "budget-hold-reclaim")
     log.info(
         "server.started",
         version=__version__,
@@ -225,6 +227,11 @@ async def create_app(
             rate_windows=(
                 RedisRateWindows(settings.redis_url) if settings.event_bus == "redis" else None
             ),
+            budget_ledger=(
+                RedisBudgetLedger(settings.redis_url, store)
+                if settings.event_bus == "redis"
+                else None
+            ),
         )
         await authority.start()
         if sink is None and settings.event_bus != "none":
@@ -265,6 +272,7 @@ async def create_app(
         store=store,
         token_info_path=api_config.token_info_path,
         stream_usage=UsageChunkFilter,
+        prices=price_holder,
     )
     components = Components(
         settings=settings,

@@ -10,6 +10,7 @@ from llm_proxy.models import (
     AuditEntry,
     AuditEvent,
     AuditFilter,
+    BudgetHold,
     Project,
     RateSlot,
     RevokeCounts,
@@ -79,6 +80,31 @@ class Store(Protocol):
 
     async def record_tokens(self, token_id: str, tokens: int) -> None:
         """Add a settled request's tokens to the token's ``tpm`` window."""
+        ...
+
+    async def reserve_budget(
+        self,
+        token_id: str,
+        hold_id: str,
+        want_nanousd: int,
+        minimum_nanousd: int,
+        hold_seconds: float,
+    ) -> BudgetHold:
+        """Hold up to ``want_nanousd`` of the token's budget room (budget - spent - reserved) for
+        a request, as hold ``hold_id`` lasting ``hold_seconds``; refused when the room is less
+        than ``minimum_nanousd`` (``exhausted`` when the spend alone leaves less). A token without
+        a budget, or no longer there, is admitted with no hold. One atomic step on the token's
+        row, whatever the number of processes and instances."""
+        ...
+
+    async def settle_budget(self, token_id: str, hold_id: str, cost_nanousd: int) -> None:
+        """Add a request's cost to the token's spend and drop its hold, in one transaction. With
+        ``hold_id`` "" (or a hold already reclaimed) only the cost is added; cost 0 releases."""
+        ...
+
+    async def reclaim_budget_holds(self) -> int:
+        """Return every expired hold (its request never settled: its process died) to its
+        token's budget; how many."""
         ...
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...

@@ -26,6 +26,7 @@ from llm_proxy.models import (
     AuditEntry,
     AuditEvent,
     AuditFilter,
+    BudgetHold,
     Project,
     RateSlot,
     RevokeCounts,
@@ -50,9 +51,11 @@ CHANGES_CHANNEL = "llm_proxy_changes"
 # How this process's connections are named in pg_stat_activity.
 POOL_NAME = "llm-proxy"
 LISTENER_NAME = "llm-proxy-listen"
-# Arbitrary, fixed keys of the advisory locks: one serialises change ids, one migrations.
+# Arbitrary, fixed keys of the advisory locks: one serialises change ids, one migrations, one the
+# reclaiming of expired budget holds.
 _CHANGES_LOCK = 0x6C6C_6D70_0001
 _MIGRATION_LOCK = 0x6C6C_6D70_0002
+_RECLAIM_LOCK = 0x6C6C_6D70_0003
 # How long a query, or waiting for a pooled connection, may take before the caller is told the
 # database is unavailable: a hung database must not hold requests for ever.
 _TIMEOUT = 5.0
@@ -101,6 +104,44 @@ FROM current c
 
 
 _RATE_ATTEMPTS = 3
+
+_NOW_MICROS = "(extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT"
+
+# Taking a hold, once the token's row is locked and the room checked: the reservation grows and the
+# hold is written, expiring by the database's clock.
+_TAKE_BUDGET_HOLD = f"""
+WITH reserved AS (
+    UPDATE tokens SET reserved_nanousd = reserved_nanousd + $3 WHERE id = $2
+)
+INSERT INTO budget_holds (id, token_id, nanousd, expires_at)
+VALUES ($1, $2, $3, {_NOW_MICROS} + $4::BIGINT)
+"""
+
+# A hold (if still there) leaves the reservation and the cost joins the spend, in one statement.
+# A settlement racing the reclaiming of the same hold waits for it and then finds no row to delete,
+# so the hold leaves the reservation once.
+_SETTLE_BUDGET = """
+WITH gone AS (
+    DELETE FROM budget_holds WHERE id = $2 AND token_id = $1 RETURNING nanousd
+)
+UPDATE tokens
+SET reserved_nanousd = GREATEST(reserved_nanousd - COALESCE((SELECT nanousd FROM gone), 0), 0),
+    spent_nanousd = spent_nanousd + $3
+WHERE id = $1
+"""
+
+# Every expired hold leaves the table and its token's reservation; the count comes back.
+_RECLAIM_BUDGET_HOLDS = f"""
+WITH gone AS (
+    DELETE FROM budget_holds WHERE expires_at <= {_NOW_MICROS} RETURNING token_id, nanousd
+), freed AS (
+    SELECT token_id, sum(nanousd)::BIGINT AS nanousd FROM gone GROUP BY token_id
+), returned AS (
+    UPDATE tokens t SET reserved_nanousd = GREATEST(t.reserved_nanousd - f.nanousd, 0)
+    FROM freed f WHERE t.id = f.token_id
+)
+SELECT count(*) FROM gone
+"""
 
 
 async def _prepare_connection(conn: asyncpg.Connection) -> None:
@@ -485,6 +526,47 @@ class PostgresStore:
             tokens,
             RATE_WINDOW_MICROS,
         )
+
+    async def reserve_budget(
+        self,
+        token_id: str,
+        hold_id: str,
+        want_nanousd: int,
+        minimum_nanousd: int,
+        hold_seconds: float,
+    ) -> BudgetHold:
+        # The token's row is locked for the transaction, so the room read is the room written:
+        # concurrent reservations on every instance queue on the row and never hold more than
+        # the budget. A token without a budget is neither locked nor written.
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT budget_nanousd, spent_nanousd, reserved_nanousd FROM tokens"
+                " WHERE id = $1 AND budget_nanousd IS NOT NULL FOR UPDATE",
+                token_id,
+            )
+            if row is None:
+                return BudgetHold(True, 0, 0)
+            budget, spent = row["budget_nanousd"], row["spent_nanousd"]
+            room = budget - spent - row["reserved_nanousd"]
+            if room < minimum_nanousd:
+                return BudgetHold(
+                    False, 0, max(room, 0), exhausted=budget - spent < minimum_nanousd
+                )
+            amount = min(want_nanousd, room)
+            await conn.execute(
+                _TAKE_BUDGET_HOLD, hold_id, token_id, amount, round(hold_seconds * 1e6)
+            )
+        return BudgetHold(True, amount, room - amount)
+
+    async def settle_budget(self, token_id: str, hold_id: str, cost_nanousd: int) -> None:
+        await self._execute(_SETTLE_BUDGET, token_id, hold_id, cost_nanousd)
+
+    async def reclaim_budget_holds(self) -> int:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            # One reclaimer at a time: two deleting the same holds in different orders could
+            # deadlock, and the second would find nothing left anyway.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _RECLAIM_LOCK)
+            return int(await conn.fetchval(_RECLAIM_BUDGET_HOLDS))
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         if not deltas:

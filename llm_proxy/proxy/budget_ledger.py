@@ -1,0 +1,190 @@
+"""Where a token's budget holds live: in Redis when it is configured, else in the store.
+
+Admitting a request on a budgeted token *holds* the most it can cost; once the answer's usage is
+known the events pipeline *settles* it: the actual cost becomes spend and the rest of the hold is
+released. Each step is one atomic operation (a Lua script in Redis; one transaction on the token's
+row in the database), so concurrent requests on every instance never hold more than the budget.
+
+A hold whose request never settles (its process died, its exchange was lost) expires after
+``HOLD_SECONDS`` and its amount returns to the budget: Redis drops it on the token's next
+reservation, the store on :meth:`StoreBudgetLedger.reclaim`. A request still running when its hold
+expires is settled all the same: its spend is counted, so the budget is never understated.
+
+With Redis, spend is kept in Redis for admission and also added to the database, which shows it
+and seeds Redis again after Redis lost its data.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from llm_proxy.models import BudgetHold
+from llm_proxy.store import Store
+
+# Longer than any answer but a runaway stream; shorter than an operator's patience with a budget
+# held by an instance that died.
+HOLD_SECONDS = 3600.0
+
+
+class BudgetLedger(Protocol):
+    async def hold(
+        self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
+    ) -> BudgetHold:
+        """Hold up to ``want`` (at least ``minimum``) nano-dollars of ``budget`` for a request."""
+        ...
+
+    async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
+        """Turn a hold into ``cost`` of spend and release the rest (``cost`` 0: release it all)."""
+        ...
+
+    async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
+        """What the token has spent and what its holds keep, when this ledger knows it."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class StoreBudgetLedger:
+    """Holds in the database: shared by every process and instance on it."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def hold(
+        self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
+    ) -> BudgetHold:
+        # The store reads the budget from the token's row itself, so a changed budget applies at
+        # once.
+        return await self._store.reserve_budget(token_id, hold_id, want, minimum, HOLD_SECONDS)
+
+    async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
+        await self._store.settle_budget(token_id, hold_id, cost)
+
+    async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
+        return None  # the token's row says it
+
+    async def reclaim(self) -> int:
+        """Return expired holds to their budgets; how many."""
+        return await self._store.reclaim_budget_holds()
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS[1]: the token's spend (a string, nano-dollars); KEYS[2]: its holds (a sorted set of
+# "<hold id>:<amount>" scored by expiry, epoch microseconds by Redis's clock).
+# ARGV: budget, want, minimum, hold length (µs), hold id, spend to start from ("" when unknown),
+# when the keys may go (epoch ms: the token's expiry).
+# Answers {1, held, remaining}, {0, exhausted, remaining}, or {-1} when the spend is not in Redis
+# yet and must be read from the database first.
+_HOLD = """
+local spent = redis.call('GET', KEYS[1])
+if not spent then
+  if ARGV[6] == '' then return {-1} end
+  redis.call('SET', KEYS[1], ARGV[6], 'NX')
+  spent = redis.call('GET', KEYS[1])
+end
+spent = tonumber(spent)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local held = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  held = held + tonumber(string.match(member, ':(%d+)$'))
+end
+local budget, want, minimum = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local room = budget - spent - held
+redis.call('PEXPIREAT', KEYS[1], ARGV[7])
+if room < minimum then
+  local exhausted = 0
+  if budget - spent < minimum then exhausted = 1 end
+  return {0, exhausted, math.max(room, 0)}
+end
+local amount = math.min(want, room)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[5] .. ':' .. string.format('%d', amount))
+redis.call('PEXPIREAT', KEYS[2], ARGV[7])
+return {1, amount, room - amount}
+"""
+
+# KEYS as above; ARGV: the hold's member, the cost. The spend grows only where Redis still has it:
+# otherwise the next hold reads it, settled cost included, from the database.
+_SETTLE = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+# KEYS as above. Answers {spent or -1, held}.
+_STATUS = """
+local spent = redis.call('GET', KEYS[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local held = 0
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')) do
+  held = held + tonumber(string.match(member, ':(%d+)$'))
+end
+if not spent then return {-1, held} end
+return {tonumber(spent), held}
+"""
+
+
+class RedisBudgetLedger:
+    """Holds in Redis: no database round trip to admit a budgeted request."""
+
+    def __init__(self, url: str, store: Store, *, timeout: float = 2.0) -> None:
+        self._store = store
+        # Fails fast and never retries on its own: an outage is a refusal now, not a hang.
+        self._redis = Redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._hold = self._redis.register_script(_HOLD)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._status = self._redis.register_script(_STATUS)
+
+    @staticmethod
+    def _keys(token_id: str) -> list[str]:
+        return [f"llm-proxy:spent:{token_id}", f"llm-proxy:holds:{token_id}"]
+
+    async def hold(
+        self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
+    ) -> BudgetHold:
+        keys = self._keys(token_id)
+        # The keys outlive the token by a day, for settlements of its last requests.
+        args: list[int | str] = [
+            budget,
+            want,
+            minimum,
+            int(HOLD_SECONDS * 1e6),
+            hold_id,
+            "",
+            int(expires_at + 86400) * 1000,
+        ]
+        answer = await self._hold(keys=keys, args=args)
+        if answer[0] == -1:
+            token = await self._store.get_token(token_id)
+            args[5] = token.spent_nanousd if token is not None else 0
+            answer = await self._hold(keys=keys, args=args)
+        if answer[0] == 1:
+            return BudgetHold(True, int(answer[1]), int(answer[2]))
+        return BudgetHold(False, 0, int(answer[2]), exhausted=bool(answer[1]))
+
+    async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
+        await self._settle(keys=self._keys(token_id), args=[f"{hold_id}:{held}", cost])
+        if cost:
+            await self._store.settle_budget(token_id, "", cost)
+
+    async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
+        spent, held = await self._status(keys=self._keys(token_id))
+        if spent == -1:
+            return None
+        return int(spent), int(held)
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,123 @@
+"""What a request on a budgeted token may cost, from its body, before it goes upstream.
+
+The most a request can cost is its prompt (counted offline, an upper bound) at the input price
+plus its output cap at the output price, times the answers it asks for (``n``, ``best_of``). A
+request that sets no cap gets the model's own (``max_output_tokens`` in ``prices.yaml``) or, when
+the budget affords less, the cap it affords, written into the body: so no answer, streamed or not,
+can cost more than was held for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llm_proxy import errors
+from llm_proxy.pricing import TOKENS_PER_PRICE, ModelPrice, Prices
+from llm_proxy.proxy.cost_bound import CAP_FIELDS, OUTPUT_CAP_FIELDS
+
+# Top-level fields of a body that bear on its cost.
+COST_FIELDS = frozenset({"model", *CAP_FIELDS, "n", "best_of"})
+# Endpoints that bill the tokens of a model named in the body: refused there without one.
+_METERED = frozenset({*OUTPUT_CAP_FIELDS, "/v1/embeddings"})
+# The smallest cap the proxy adds (the Responses API refuses max_output_tokens below 16).
+MIN_OUTPUT_CAP = 16
+# What a hold asks for when only the budget bounds it: all there is.
+_EVERYTHING = 2**62
+
+
+@dataclass(slots=True)
+class CostPlan:
+    """A request's cost bounds in nano-dollars, and how to cap its output once held."""
+
+    want: int  # the most it can cost (hold this much when the budget has it)
+    minimum: int  # the least that admits it: prompt plus the smallest cap it may be given
+    prompt_cost: int  # the prompt's bound at the input price
+    output_unit: int  # nano-dollars per million output tokens, times the answers asked for
+    cap_field: str | None  # the field to add when the hold affords less than ``want``
+    model_cap: int | None  # the model's own output cap (no field needed up to it)
+
+    def cap_for(self, held: int) -> int | None:
+        """The output cap to write into the body for a hold of ``held``, or None for none."""
+        if self.cap_field is None or self.output_unit == 0:
+            return None
+        affordable = (held - self.prompt_cost) * TOKENS_PER_PRICE // self.output_unit
+        if self.model_cap is not None and affordable >= self.model_cap:
+            return None  # the model stops there by itself
+        return affordable
+
+
+def _ints(values: Sequence[object], name: str) -> list[int]:
+    numbers = []
+    for value in values:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise errors.MalformedRequest(f"'{name}' must be a whole number.")
+        numbers.append(int(value))
+    return numbers
+
+
+def plan_cost(
+    path: str, values: dict[str, list[object]], prices: Prices, prompt_tokens: int
+) -> CostPlan | None:
+    """The cost plan of a JSON body's top-level ``values``; None when it names no model and the
+    endpoint bills none (a file listing, a vector store). Raises ``model_not_priced`` for what
+    cannot be priced or bounded."""
+    models = values.get("model") or []
+    if not models:
+        if path in _METERED:
+            raise errors.ModelNotPriced(
+                "This token has a budget; a request to this endpoint must name a model."
+            )
+        return None
+    price = _price_of(models, prices)
+    choices = max(
+        [1, *_ints(values.get("n", []), "n"), *_ints(values.get("best_of", []), "best_of")]
+    )
+    caps = [cap for field in CAP_FIELDS for cap in _ints(values.get(field, []), field)]
+    output_unit = price.output * choices
+    prompt_cost = -(-prompt_tokens * price.input // TOKENS_PER_PRICE)
+    if caps:
+        # Every occurrence counts: with a repeated key, upstream parsers keep one or the other.
+        cost = prompt_cost + -(-max(max(caps), 0) * output_unit // TOKENS_PER_PRICE)
+        return CostPlan(cost, cost, prompt_cost, output_unit, None, None)
+    if output_unit == 0:
+        return CostPlan(prompt_cost, prompt_cost, prompt_cost, 0, None, None)
+    field = OUTPUT_CAP_FIELDS.get(path)
+    if field is None:
+        raise errors.ModelNotPriced(
+            "This token has a budget, and the output of this request has no cap the proxy can"
+            " set; send one (max_tokens)."
+        )
+    smallest = prompt_cost + -(-MIN_OUTPUT_CAP * output_unit // TOKENS_PER_PRICE)
+    model_cap = price.max_output_tokens
+    want = (
+        prompt_cost + -(-model_cap * output_unit // TOKENS_PER_PRICE)
+        if model_cap is not None
+        else _EVERYTHING
+    )
+    return CostPlan(want, min(smallest, want), prompt_cost, output_unit, field, model_cap)
+
+
+def _price_of(models: Sequence[object], prices: Prices) -> ModelPrice:
+    """The price of the body's model; of the dearest, when a repeated key names several."""
+    found = []
+    for model in models:
+        price = prices.lookup(model) if isinstance(model, str) else None
+        if price is None:
+            shown = model[:100] if isinstance(model, str) else type(model).__name__
+            raise errors.ModelNotPriced(
+                f"This token has a budget and model {shown!r} has no price in prices.yaml."
+            )
+        found.append(price)
+    if len(found) == 1:
+        return found[0]
+    caps = [p.max_output_tokens for p in found]
+    return ModelPrice(
+        found[0].pattern,
+        input=max(p.input for p in found),
+        cached_input=max(p.cached_input for p in found),
+        output=max(p.output for p in found),
+        max_output_tokens=None if None in caps else max(c for c in caps if c is not None),
+    )

@@ -1,0 +1,308 @@
+"""Budgeted tokens: every request holds the most it can cost, settles what it used, and the
+budget is never overshot, whatever the concurrency, the instances or the client's behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
+
+from llm_proxy.tools.mock_upstream import MockSettings
+from tests.conftest import Proxy
+from tests.events.events_support import RedisServer
+from tests.fakes import fake_upstream_app
+
+# USD per million tokens: 1 per input token and 4 per output token, in micro-dollars.
+PRICES = """
+budget-mini*: {input: 1.00, output: 4.00, max_output_tokens: 200}
+uncapped-model: {input: 1.00, output: 4.00}
+embed-model: {input: 0.50}
+"""
+OUTPUT_NANOUSD = 4_000  # per output token
+INPUT_NANOUSD = 1_000
+
+
+@pytest.fixture
+async def upstream_server() -> AsyncIterator[TestServer]:
+    """An upstream whose model answers with as many tokens as the request allows, up to its own
+    200 (max_output_tokens in PRICES), one per chunk."""
+    server = TestServer(fake_upstream_app(MockSettings(chunks=200)))
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def prices_path(tmp_path: Path) -> Path:
+    path = tmp_path / "prices.yaml"
+    path.write_text(PRICES)
+    return path
+
+
+@pytest.fixture
+async def budgeted(proxy_factory: Any, prices_path: Path) -> Proxy:
+    proxy: Proxy = await proxy_factory(prices_path=prices_path)
+    return proxy
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+def chat(model: str = "budget-mini", **fields: Any) -> bytes:
+    return orjson.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hello there"}], **fields}
+    )
+
+
+async def post(proxy: Proxy, token: str, body: bytes, path: str = "/v1/chat/completions") -> Any:
+    response = await proxy.client.post(path, data=body, headers=bearer(token))
+    return response.status, response.headers, await response.read()
+
+
+async def token_state(proxy: Proxy, token_id: str) -> dict[str, Any]:
+    status, shown = await proxy.manage("GET", f"/tokens/{token_id}")
+    assert status == 200
+    return dict(shown)
+
+
+async def settled(proxy: Proxy, token_id: str, spent_at_least: float = 0.0) -> dict[str, Any]:
+    """The token once nothing is held any more (the events pipeline settles after the answer)."""
+    for _ in range(300):
+        shown = await token_state(proxy, token_id)
+        if shown["reserved_usd"] == 0 and shown["spent_usd"] >= spent_at_least:
+            return shown
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"holds never settled: {shown}")
+
+
+async def test_a_request_without_a_cap_gets_the_one_its_budget_affords(budgeted: Proxy) -> None:
+    # 0.0005 USD: a small prompt (~30 tokens bound, 30 µUSD) leaves output for ~117 tokens, less
+    # than the model's own 200.
+    issued = await budgeted.issue_token(budget_usd=0.0005)
+    status, headers, body = await post(budgeted, issued["token"], chat())
+    assert status == 200, body
+    sent = orjson.loads(budgeted.upstream.last.body)
+    cap = sent["max_completion_tokens"]
+    assert 16 <= cap < 200
+    answer = orjson.loads(body)
+    assert answer["usage"]["completion_tokens"] == cap
+    assert answer["choices"][0]["finish_reason"] == "length"
+    # What the header says is left is the budget less what this request holds.
+    assert 0 <= float(headers["LLM-Proxy-Remaining-Budget-USD"]) < 0.0005
+    shown = await settled(budgeted, issued["id"], spent_at_least=0.000001)
+    prompt = answer["usage"]["prompt_tokens"]
+    assert shown["spent_usd"] == pytest.approx(
+        (prompt * INPUT_NANOUSD + cap * OUTPUT_NANOUSD) / 1e9
+    )
+    assert shown["spent_usd"] <= 0.0005
+
+
+async def test_a_generous_budget_leaves_the_body_as_sent(budgeted: Proxy) -> None:
+    issued = await budgeted.issue_token(budget_usd=10)
+    body = chat()
+    status, _, answer = await post(budgeted, issued["token"], body)
+    assert status == 200
+    # The model stops at its own 200 tokens: no cap needed, nothing rewritten.
+    assert budgeted.upstream.last.body == body
+    assert orjson.loads(answer)["usage"]["completion_tokens"] == 200
+
+
+async def test_a_client_cap_is_kept_and_held_whole(budgeted: Proxy) -> None:
+    issued = await budgeted.issue_token(budget_usd=0.001)
+    status, headers, _ = await post(budgeted, issued["token"], chat(max_tokens=50))
+    assert status == 200
+    # Held: the prompt's bound and all 50 tokens of output.
+    assert float(headers["LLM-Proxy-Remaining-Budget-USD"]) <= 0.001 - 50 * OUTPUT_NANOUSD / 1e9
+    assert orjson.loads(budgeted.upstream.last.body)["max_tokens"] == 50
+    assert "max_completion_tokens" not in orjson.loads(budgeted.upstream.last.body)
+    # A cap the budget cannot afford is refused, before the upstream.
+    seen = len(budgeted.upstream.requests)
+    status, _, answer = await post(budgeted, issued["token"], chat(max_tokens=5000))
+    assert (status, orjson.loads(answer)["error"]["code"]) == (429, "budget_exceeded")
+    assert len(budgeted.upstream.requests) == seen
+
+
+async def test_unpriced_models_and_unpriceable_requests_are_refused(budgeted: Proxy) -> None:
+    issued = await budgeted.issue_token(budget_usd=1)
+    token = issued["token"]
+    seen = len(budgeted.upstream.requests)
+    for body, path in [
+        (chat("gpt-unknown"), "/v1/chat/completions"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "/v1/chat/completions"),
+        (b"not json at all", "/v1/chat/completions"),
+        # A model that has no cap of its own, on an endpoint where the proxy cannot set one.
+        (orjson.dumps({"model": "uncapped-model", "input": "hi"}), "/v1/audio/speech"),
+    ]:
+        status, _, answer = await post(budgeted, token, body, path)
+        assert (status, orjson.loads(answer)["error"]["code"]) == (400, "model_not_priced"), body
+    assert len(budgeted.upstream.requests) == seen
+    # Requests that name no model and cost nothing pass.
+    response = await budgeted.client.get("/v1/models", headers=bearer(token))
+    assert response.status == 200
+    # Embeddings cost their input only.
+    status, _, _ = await post(
+        budgeted, token, orjson.dumps({"model": "embed-model", "input": "hi"}), "/v1/embeddings"
+    )
+    assert status == 200
+
+
+async def test_a_spent_budget_is_refused_once_through_the_sdk(budgeted: Proxy) -> None:
+    issued = await budgeted.issue_token(budget_usd=0.0002)
+    status, _, _ = await post(budgeted, issued["token"], chat())
+    assert status == 200
+    await settled(budgeted, issued["id"], spent_at_least=0.0001)
+    seen = len(budgeted.upstream.requests)
+    client = openai.AsyncOpenAI(
+        base_url=budgeted.base_url + "/v1", api_key=issued["token"], max_retries=3
+    )
+    attempts = 0
+
+    async def count(request: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+
+    client._client.event_hooks["request"].append(count)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.chat.completions.create(
+            model="budget-mini", messages=[{"role": "user", "content": "hello"}]
+        )
+    await client.close()
+    assert refused.value.code == "budget_exceeded"
+    assert attempts == 1  # x-should-retry: false, though the SDK retries a 429 by default
+    assert len(budgeted.upstream.requests) == seen
+
+
+async def test_a_client_that_hangs_up_mid_stream_pays_for_what_it_received(
+    proxy_factory: Any, prices_path: Path, tmp_path: Path
+) -> None:
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.01)))
+    await slow.start_server()
+    try:
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path, api={"base_url": str(slow.make_url("")).rstrip("/")}
+        )
+        issued = await proxy.issue_token(budget_usd=1)
+        body = chat(stream=True)
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=body, headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        received = 0
+        async for line in response.content:
+            if line.startswith(b"data: {") and b'"content":"' in line:
+                received += 1
+            if received == 20:
+                break
+        response.close()
+        shown = await settled(proxy, issued["id"], spent_at_least=0.00001)
+        # It paid for the chunks the upstream produced before the proxy cancelled it: at least
+        # what the client read, far less than the 200 tokens held.
+        output_paid = shown["spent_usd"] * 1e9 / OUTPUT_NANOUSD
+        assert 20 <= output_paid < 200
+        assert shown["reserved_usd"] == 0
+    finally:
+        await slow.close()
+
+
+async def test_a_request_that_never_reaches_the_upstream_releases_its_hold(
+    proxy_factory: Any, prices_path: Path
+) -> None:
+    proxy: Proxy = await proxy_factory(
+        prices_path=prices_path, api={"base_url": "http://127.0.0.1:9"}
+    )
+    issued = await proxy.issue_token(budget_usd=1)
+    status, _, answer = await post(proxy, issued["token"], chat())
+    assert (status, orjson.loads(answer)["error"]["code"]) == (502, "upstream_unavailable")
+    shown = await token_state(proxy, issued["id"])
+    assert (shown["spent_usd"], shown["reserved_usd"]) == (0, 0)
+
+
+async def _spend_concurrently(proxies: list[Proxy], token: str, requests: int) -> list[int]:
+    async def one(i: int) -> int:
+        proxy = proxies[i % len(proxies)]
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=chat(stream=True), headers=bearer(token)
+        )
+        await response.read()
+        return response.status
+
+    return list(await asyncio.gather(*(one(i) for i in range(requests))))
+
+
+# One request's most: ~30 prompt tokens (bound) and 200 output tokens.
+_ONE_REQUEST_USD = (30 * INPUT_NANOUSD + 200 * OUTPUT_NANOUSD) / 1e9
+
+
+@pytest.mark.parametrize("where", ["store", "redis"])
+async def test_concurrent_streams_on_three_instances_never_overshoot(
+    proxy_factory: Any, prices_path: Path, redis_server: RedisServer, where: str
+) -> None:
+    options: dict[str, Any] = {"prices_path": prices_path}
+    if where == "redis":
+        options.update(event_bus="redis", redis_url=redis_server.url)
+    proxies = [await proxy_factory(**options) for _ in range(3)]
+    budget = round(_ONE_REQUEST_USD * 10, 6)
+    for _ in range(3):
+        issued = await proxies[0].issue_token(budget_usd=budget)
+        statuses = await _spend_concurrently(proxies, issued["token"], 64)
+        assert statuses.count(200) >= 5
+        assert set(statuses) <= {200, 429}
+        if where == "redis":
+            await _redis_holds_gone(redis_server.url, issued["id"])
+        shown = await settled(proxies[0], issued["id"], spent_at_least=budget * 0.5)
+        assert shown["spent_usd"] <= budget
+        # The clamp is not so cautious that the budget is wasted.
+        assert shown["spent_usd"] >= 0.8 * budget, shown
+
+
+async def _redis_holds_gone(url: str, token_id: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        for _ in range(300):
+            if not await client.zcard(f"llm-proxy:holds:{token_id}"):
+                await asyncio.sleep(0.2)  # the spend goes to the database right after
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("holds in Redis never settled")
+    finally:
+        await client.aclose()
+
+
+async def test_with_redis_down_budgeted_tokens_are_refused_and_others_served(
+    proxy_factory: Any, prices_path: Path, redis_server: RedisServer
+) -> None:
+    proxy: Proxy = await proxy_factory(
+        prices_path=prices_path, event_bus="redis", redis_url=redis_server.url
+    )
+    issued = await proxy.issue_token(budget_usd=1)
+    unlimited = await proxy.token()
+    assert (await post(proxy, issued["token"], chat()))[0] == 200
+    redis_server.stop()
+    try:
+        status, _, answer = await post(proxy, issued["token"], chat())
+        assert (status, orjson.loads(answer)["error"]["code"]) == (503, "limits_unavailable")
+        assert (await post(proxy, unlimited, chat()))[0] == 200
+    finally:
+        redis_server.start()
+
+
+async def test_the_token_sees_its_budget_through_the_token_endpoint(budgeted: Proxy) -> None:
+    issued = await budgeted.issue_token(budget_usd=0.01)
+    assert (await post(budgeted, issued["token"], chat()))[0] == 200
+    shown = await settled(budgeted, issued["id"], spent_at_least=0.0001)
+    response = await budgeted.client.get("/v1/llm-proxy/token", headers=bearer(issued["token"]))
+    assert response.status == 200
+    info = await response.json()
+    assert info["budget_usd"] == 0.01
+    assert info["spent_usd"] == shown["spent_usd"]
+    assert info["remaining_budget_usd"] == pytest.approx(0.01 - shown["spent_usd"])
+    left = float(response.headers["LLM-Proxy-Remaining-Budget-USD"])
+    assert left == pytest.approx(0.01 - shown["spent_usd"])
