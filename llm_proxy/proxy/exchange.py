@@ -76,7 +76,6 @@ class Exchange:
     # The budget hold of a budgeted token's request, settled once the usage is known.
     hold_id: str = ""
     held_nanousd: int = 0
-    output_cap: int = 0  # the output cap the proxy wrote into the body, 0 for none
 
     @property
     def is_stream(self) -> bool:
@@ -94,7 +93,7 @@ class Exchange:
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
             self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
-            self.tpm_limited, self.hold_id, self.held_nanousd, self.output_cap,
+            self.tpm_limited, self.hold_id, self.held_nanousd,
         )  # fmt: skip
 
     @classmethod

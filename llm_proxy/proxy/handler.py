@@ -174,7 +174,7 @@ class ProxyHandler:
             if admission.hold_id:
                 exchange.hold_id, exchange.held_nanousd = admission.hold_id, admission.held
                 if plan is not None and isinstance(body, bytes):
-                    body, headers = self._cap_output(body, headers, plan, admission, exchange)
+                    body = self._cap_output(body, plan, admission)
             if grant.limited:
                 self._limit_headers(admission, reply_headers)
             await self._forward(request, writer, grant, exchange, reply_headers, body, headers)
@@ -212,24 +212,14 @@ class ProxyHandler:
             )
 
     @staticmethod
-    def _cap_output(
-        body: bytes,
-        headers: list[tuple[str, str]],
-        plan: CostPlan,
-        admission: Admission,
-        exchange: Exchange,
-    ) -> tuple[bytes, list[tuple[str, str]]]:
+    def _cap_output(body: bytes, plan: CostPlan, admission: Admission) -> bytes:
         """The body with the output cap its hold affords, when it set none and the model's own
         is more than that."""
         cap = plan.cap_for(admission.held)
         if cap is None or plan.cap_field is None:
-            return body, headers
-        exchange.output_cap = cap
-        body = with_output_cap(body, plan.cap_field, cap)
-        kept = [
-            (n, v) for n, v in headers if n.lower() not in ("content-length", "transfer-encoding")
-        ]
-        return body, kept
+            return body
+        # (A priced body's headers carry no framing: the upstream client frames the bytes sent.)
+        return with_output_cap(body, plan.cap_field, cap)
 
     async def _answer_error(
         self, writer: ResponseWriter, exc: errors.ProxyError, reply_headers: list[tuple[str, str]]
