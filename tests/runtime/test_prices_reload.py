@@ -143,10 +143,16 @@ def test_sighup_reloads_the_prices_of_the_next_events_and_keeps_them_on_a_bad_fi
             lambda: abs(_cost_metric(server, "gpt-4o-mini*") - spent) < 1e-12,
             "llm_proxy_cost_usd_total on /metrics",
         )
-        status, usage = http(
-            "GET", f"{server.base_url}/manage/tokens/{issued['id']}", token=management
-        )
-        assert status == 200 and usage["usage"]["cost_usd"] == round(spent, 9)
+
+        def token_cost() -> float:
+            status, shown = http(
+                "GET", f"{server.base_url}/manage/tokens/{issued['id']}", token=management
+            )
+            assert status == 200, shown
+            return float(shown["usage"]["cost_usd"])
+
+        # The usage aggregates are written by the events process after it publishes, in batches.
+        _wait(lambda: token_cost() == round(spent, 9), "the token's usage cost_usd")
     finally:
         assert server.stop() == 0, server.process.stderr
     assert "Traceback" not in server.process.stderr
