@@ -14,6 +14,7 @@ import base64
 import functools
 import gzip
 import hashlib
+import threading
 from importlib import resources
 from typing import Literal
 
@@ -72,9 +73,20 @@ def _ranks(name: EncodingName) -> dict[bytes, int]:
     }
 
 
-@functools.cache
+_building = threading.Lock()
+
+
 def encoding(name: EncodingName) -> tiktoken.Encoding:
     """The tiktoken encoder for ``name``, built from packaged rank files; cached for the process."""
+    # One build at a time: the first burst of budgeted requests would otherwise build it once per
+    # worker thread, and that much GIL-bound work starved the event loop for seconds (Redis
+    # connections timed out under 64 concurrent first requests).
+    with _building:
+        return _build(name)
+
+
+@functools.cache
+def _build(name: EncodingName) -> tiktoken.Encoding:
     return tiktoken.Encoding(
         name,
         pat_str=_PATTERNS[name],

@@ -161,11 +161,15 @@ class MockUpstream:
     base_url: str
 
 
-def start_mock_upstream(logs: Path, api_key: str | None = None) -> MockUpstream:
+def start_mock_upstream(logs: Path, api_key: str | None = None, *options: str) -> MockUpstream:
+    """``llm-proxy mock-upstream`` on a free port; ``options`` are more of its flags."""
     port = free_port()
     extra = {"MOCK_UPSTREAM_API_KEY": api_key} if api_key else {}
     process = spawn(
-        cli_command("mock-upstream", "--port", str(port)), clean_env(**extra), logs, "mock"
+        cli_command("mock-upstream", "--port", str(port), *options),
+        clean_env(**extra),
+        logs,
+        "mock",
     )
     base_url = f"http://127.0.0.1:{port}"
     try:

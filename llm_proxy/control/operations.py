@@ -6,11 +6,14 @@ evicts what the token cache of this process holds, so the change applies to the 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypedDict
+
+import structlog
 
 from llm_proxy import errors
 from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped, mask_key, new_token_value
@@ -29,6 +32,8 @@ from llm_proxy.models import (
 )
 from llm_proxy.proxy.admission import TokenAuthority
 from llm_proxy.store import Store
+
+log = structlog.get_logger(__name__)
 
 MAX_DURATION_MINUTES = 525_600
 # What a token may carry, checked where a request enters (API, pages) and published in the OpenAPI
@@ -249,11 +254,27 @@ class Operations:
         token = await self.store.get_token(token_id)
         if token is None:
             raise errors.TokenIdNotFound(f"No token with id {token_id!r}.")
-        return token
+        return await self._with_ledger(token)
 
     async def list_tokens(self, project_id: str | None = None) -> list[Token]:
         await self._authority.flush_usage()
-        return await self.store.list_tokens(project_id)
+        tokens = await self.store.list_tokens(project_id)
+        return list(await asyncio.gather(*(self._with_ledger(token) for token in tokens)))
+
+    async def _with_ledger(self, token: Token) -> Token:
+        """The token as its budget ledger sees it: with Redis, holds live only there and spend
+        reaches the database after Redis, so the row alone would show nothing reserved."""
+        if token.budget_nanousd is None:
+            return token
+        try:
+            known = await self._authority.budget_ledger.spent_and_held(token.id)
+        except Exception as exc:  # an unreachable Redis leaves the database's view, not an error
+            log.warning("manage.budget_status_failed", token_id=token.id, error=str(exc))
+            return token
+        if known is None:
+            return token
+        spent, held = known
+        return replace(token, spent_nanousd=spent, reserved_nanousd=held)
 
     async def update_token(
         self,
@@ -299,7 +320,7 @@ class Operations:
         if token is None:
             raise errors.TokenIdNotFound(f"No token with id {token_id!r}.")
         self._authority.invalidate(token_id=token_id)
-        return token
+        return await self._with_ledger(token)
 
     async def revoke_token(self, actor: Actor, token_id: str) -> Token:
         current = await self.get_token(token_id)

@@ -306,3 +306,35 @@ async def test_the_token_sees_its_budget_through_the_token_endpoint(budgeted: Pr
     assert info["remaining_budget_usd"] == pytest.approx(0.01 - shown["spent_usd"])
     left = float(response.headers["LLM-Proxy-Remaining-Budget-USD"])
     assert left == pytest.approx(0.01 - shown["spent_usd"])
+
+
+@pytest.mark.parametrize("where", ["store", "redis"])
+async def test_a_stream_in_progress_shows_its_hold_to_the_operator(
+    proxy_factory: Any, prices_path: Path, redis_server: RedisServer, where: str
+) -> None:
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.005)))
+    await slow.start_server()
+    options: dict[str, Any] = {
+        "prices_path": prices_path,
+        "api": {"base_url": str(slow.make_url("")).rstrip("/")},
+    }
+    if where == "redis":  # holds then live in Redis only, never in the token's row
+        options.update(event_bus="redis", redis_url=redis_server.url)
+    try:
+        proxy: Proxy = await proxy_factory(**options)
+        issued = await proxy.issue_token(budget_usd=1)
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=chat(stream=True), headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        await response.content.readline()
+        held = (await token_state(proxy, issued["id"]))["reserved_usd"]
+        # The most this request can cost: its prompt bound and the model's 200 output tokens.
+        assert 200 * OUTPUT_NANOUSD / 1e9 < held <= 1.1 * _ONE_REQUEST_USD
+        status, listed = await proxy.manage("GET", f"/tokens?project_id={issued['project_id']}")
+        assert status == 200 and [t["reserved_usd"] for t in listed] == [held]
+        await response.read()
+        shown = await settled(proxy, issued["id"], spent_at_least=200 * OUTPUT_NANOUSD / 1e9)
+        assert shown["spent_usd"] < held
+    finally:
+        await slow.close()

@@ -357,3 +357,99 @@ def test_rpm_holds_in_every_rolling_minute_under_steady_load_from_three_instance
     print(f"rpm=30 over 90 s: {len(admitted)} admitted, at most {most} in any 59.5 s")
     assert most <= 30
     assert len(admitted) > 30  # the window slid: requests were admitted again after a minute
+
+
+# USD per million tokens: budget-mini answers with at most 200 tokens, 4 µUSD each.
+BUDGET_PRICES = "budget-mini*: {input: 1.00, output: 4.00, max_output_tokens: 200}\n"
+STREAMED_CHAT = orjson.dumps(
+    {
+        "model": "budget-mini",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "stream": True,
+    }
+)
+
+
+def stream_chat(instance: ServerProcess, token: str) -> int:
+    """One streamed chat completion read to its end; its status."""
+    request = urllib.request.Request(
+        f"{instance.base_url}/v1/chat/completions",
+        data=STREAMED_CHAT,
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+            assert body.endswith(b"data: [DONE]\n\n"), body[-200:]
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        answer = orjson.loads(exc.read())
+        exc.close()
+        # Held by requests in progress (rate_limited), or spent (budget_exceeded).
+        assert exc.code == 429, answer
+        assert answer["error"]["code"] in {"rate_limited", "budget_exceeded"}, answer
+        return int(exc.code)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_budget_is_never_overshot_by_concurrent_streams_on_three_instances(
+    postgres_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """64 streams without a cap on a budget worth ~10 of them, over three instances, 20 runs:
+    the settled spend never passes the budget, and the clamp leaves little of it unused."""
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(BUDGET_PRICES)
+    # Answers with as many tokens as the request allows, up to the model's 200.
+    upstream = start_mock_upstream(tmp_path / "mock", None, "--chunks", "200")
+    instances = start_cluster(
+        tmp_path, upstream, postgres_url, redis_server.url, PRICES_PATH=str(prices)
+    )
+    cluster = Cluster(instances)
+    try:
+        project_id = cluster.manage("POST", "/projects", {"name": "p", "api_key": "sk-up"})["id"]
+        # One request's most: ~31 prompt tokens (its bound) and 200 output tokens.
+        budget = round(10 * (31 * 1_000 + 200 * 4_000) / 1e9, 9)
+        utilisation: list[float] = []
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            for _ in range(TRIALS):
+                issued = cluster.issue(project_id, budget_usd=budget)
+                value = issued["token"]
+                statuses = list(
+                    pool.map(lambda n, v=value: stream_chat(instances[n % 3], v), range(64))
+                )
+                admitted = statuses.count(200)
+                assert admitted >= 10, statuses
+                shown = settled_on(cluster, issued["id"], admitted)
+                # What the events priced (the upstream's own usage) and what admission counted.
+                assert shown["usage"]["cost_usd"] <= budget, shown
+                utilisation.append(shown["spent_usd"] / budget)
+        print(
+            f"budget {budget} USD, 64 streams over 3 instances, {TRIALS} runs: utilisation "
+            f"min {min(utilisation):.3f} median {statistics.median(utilisation):.3f}, "
+            f"overshoot 0"
+        )
+        # The clamp is not so cautious that the budget is wasted.
+        assert min(utilisation) >= 0.8, utilisation
+    finally:
+        for instance in instances:
+            assert instance.stop(timeout=10) == 0, instance.process.stderr[-3000:]
+        upstream.process.stop()
+
+
+def settled_on(cluster: Cluster, token_id: str, requests: int) -> dict[str, Any]:
+    """The token once its holds are settled and its ``requests`` answers are priced in its usage:
+    the spend admission counted is then the cost the events priced."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        shown: dict[str, Any] = cluster.manage("GET", f"/tokens/{token_id}")
+        usage = shown["usage"]
+        if (
+            shown["reserved_usd"] == 0
+            and usage["requests"] - usage["errors"] >= requests
+            and shown["spent_usd"] == usage["cost_usd"]
+        ):
+            return shown
+        time.sleep(0.05)
+    raise AssertionError(f"never settled: {shown}")
