@@ -33,7 +33,7 @@ import structlog
 
 from llm_proxy import errors
 from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped
-from llm_proxy.models import UsageDelta, isoformat, usd
+from llm_proxy.models import BudgetHold, UsageDelta, isoformat, usd
 from llm_proxy.proxy.budget_ledger import BudgetLedger, StoreBudgetLedger
 from llm_proxy.proxy.budget_plan import CostPlan
 from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
@@ -123,6 +123,8 @@ class TokenAuthority:
         self._loading: dict[str, asyncio.Future[Grant | None]] = {}
         self._pending: dict[str, list[float]] = {}  # token_id → [requests, last_used epoch]
         self._change_cursor = 0
+        # Releases of holds whose request was cancelled while taking them (see `_hold`).
+        self._orphan_releases: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         started = time.monotonic()
@@ -170,10 +172,19 @@ class TokenAuthority:
     async def _hold(self, admission: Admission, budget: int, plan: CostPlan) -> None:
         grant = admission.grant
         hold_id = random.randbytes(12).hex()
-        try:
-            hold = await self.budget_ledger.hold(
+        call = asyncio.ensure_future(
+            self.budget_ledger.hold(
                 grant.token_id, hold_id, budget, plan.want, plan.minimum, grant.expires_at
             )
+        )
+        try:
+            hold = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The client hung up while the hold was being taken, and the ledger may take it all
+            # the same (the script or transaction is already on its way): give it back once taken,
+            # rather than keep that much of the budget for an hour.
+            call.add_done_callback(lambda done: self._release_orphan(grant.token_id, hold_id, done))
+            raise
         except Exception as exc:
             log.error("token_authority.store_failed", operation="budget_hold", error=str(exc))
             raise errors.LimitsUnavailable(
@@ -196,6 +207,23 @@ class TokenAuthority:
         STATS.budget_holds_open += 1
         admission.hold_id = hold_id
         admission.held = hold.held_nanousd
+
+    def _release_orphan(
+        self, token_id: str, hold_id: str, call: asyncio.Future[BudgetHold]
+    ) -> None:
+        if call.cancelled() or call.exception() is not None or not call.result().admitted:
+            return
+        release = asyncio.ensure_future(
+            self.budget_ledger.settle(token_id, hold_id, call.result().held_nanousd, 0)
+        )
+        self._orphan_releases.add(release)
+        release.add_done_callback(self._orphan_released)
+
+    def _orphan_released(self, release: asyncio.Future[None]) -> None:
+        self._orphan_releases.discard(release)
+        if not release.cancelled() and (exc := release.exception()) is not None:
+            # The hold stays until it expires: a lost release errs on the side of the budget.
+            log.error("token_authority.store_failed", operation="release_hold", error=str(exc))
 
     async def release(self, admission: Admission) -> None:
         """Take back what :meth:`admit` counted, when the request never reached the upstream."""
@@ -315,21 +343,22 @@ class TokenAuthority:
             raise errors.TokenNotFound("Unknown token.")
         pending = self._loading.get(digest)
         if pending is None:
-            pending = asyncio.get_running_loop().create_future()
+            # A task of its own that every request for the token awaits through a shield: a
+            # request cancelled while waiting (its client went away) stops waiting, and never
+            # fails the load the others wait on with its CancelledError.
+            pending = asyncio.ensure_future(self._fetch(digest, now))
             self._loading[digest] = pending
-            try:
-                pending.set_result(await self._fetch(digest, now))
-            except BaseException as exc:
-                pending.set_exception(exc)
-                # Nobody else may be waiting; mark the exception retrieved to keep asyncio quiet.
-                pending.exception()
-                raise
-            finally:
-                del self._loading[digest]
+            pending.add_done_callback(lambda done: self._loaded(digest, done))
         grant = await asyncio.shield(pending)
         if grant is None:
             raise errors.TokenNotFound("Unknown token.")
         return grant
+
+    def _loaded(self, digest: str, done: asyncio.Future[Grant | None]) -> None:
+        if self._loading.get(digest) is done:
+            del self._loading[digest]
+        if not done.cancelled():
+            done.exception()  # retrieved: every request waiting for it may have gone
 
     async def _fetch(self, digest: str, now: float) -> Grant | None:
         try:
@@ -473,6 +502,8 @@ class TokenAuthority:
         STATS.change_push_connected = up
 
     async def close(self) -> None:
+        if self._orphan_releases:
+            await asyncio.wait(self._orphan_releases, timeout=5)
         await self._rate_windows.close()
         await self.budget_ledger.close()
 

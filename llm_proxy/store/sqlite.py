@@ -137,18 +137,26 @@ def _writes(
     commit from another coroutine would otherwise commit half of this one). ``BEGIN IMMEDIATE``
     takes the write lock up front: a deferred transaction that reads and then writes fails at once
     with "database is locked" when another process committed in between, instead of waiting.
+
+    The transaction runs to its end in a task of its own, whatever happens to its caller: a caller
+    cancelled while ``BEGIN`` was under way (a client that hung up during admission) left the
+    shared connection inside a transaction, and every later write failed with "cannot start a
+    transaction within a transaction".
     """
 
     async def locked(self: SqliteStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        async with self._write_lock:
-            await self._begin_immediate()
-            try:
-                result = await method(self, *args, **kwargs)
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
-            return result
+        async def transaction() -> R:
+            async with self._write_lock:
+                await self._begin_immediate()
+                try:
+                    result = await method(self, *args, **kwargs)
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+                await self._db.execute("COMMIT")
+                return result
+
+        return await asyncio.shield(transaction())
 
     return locked
 
@@ -618,6 +626,30 @@ class SqliteStore:
                 (_ts(hour_start(since)),),
             )
         )
+
+    async def usage_by_hour(
+        self, since: datetime, *, project_id: str | None = None, token_id: str | None = None
+    ) -> list[tuple[datetime, UsageTotals]]:
+        where, params = ["hour >= ?"], [_ts(hour_start(since))]
+        if project_id is not None:
+            where.append("project_id = ?")
+            params.append(project_id)
+        if token_id is not None:
+            where.append("token_id = ?")
+            params.append(token_id)
+        rows = await self._all(
+            f"SELECT hour, {_USAGE_SUMS} FROM usage_hourly WHERE {' AND '.join(where)}"
+            " GROUP BY hour ORDER BY hour",
+            params,
+        )
+        return [(_parse_ts(row["hour"]) or since, _usage(row)) for row in rows]
+
+    @_writes
+    async def prune_usage_hourly(self, before: datetime) -> int:
+        async with self._db.execute(
+            "DELETE FROM usage_hourly WHERE hour < ?", (_ts(hour_start(before)),)
+        ) as cursor:
+            return cursor.rowcount
 
     async def latest_change(self) -> int:
         row = await self._one("SELECT COALESCE(MAX(id), 0) AS latest FROM changes", ())

@@ -14,6 +14,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from llm_proxy.pricing import load_prices
+from llm_proxy.proxy.budget_plan import plan_cost
 from llm_proxy.tools.mock_upstream import MockSettings
 from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
@@ -338,3 +340,36 @@ async def test_a_stream_in_progress_shows_its_hold_to_the_operator(
         assert shown["spent_usd"] < held
     finally:
         await slow.close()
+
+
+@pytest.mark.parametrize("where", ["store", "redis"])
+async def test_an_admission_cancelled_while_holding_gives_the_hold_back(
+    proxy_factory: Any, prices_path: Path, redis_server: RedisServer, where: str
+) -> None:
+    """A client that hangs up cancels its request wherever it is, the budget hold included: the
+    hold the ledger took regardless returns at once, not after an hour."""
+    options: dict[str, Any] = {"prices_path": prices_path}
+    if where == "redis":
+        options.update(event_bus="redis", redis_url=redis_server.url)
+    proxy: Proxy = await proxy_factory(**options)
+    authority = proxy.components.authority
+    issued = await proxy.issue_token(budget_usd=1)
+    grant = await authority.check(f"Bearer {issued['token']}")
+    plan = plan_cost(
+        "/v1/chat/completions", {"model": ["budget-mini"]}, load_prices(prices_path), 30
+    )
+    assert plan is not None
+    for steps in range(12):
+        admitting = asyncio.ensure_future(authority.admit(grant, plan))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        admitting.cancel()
+        try:
+            admission = await admitting
+        except asyncio.CancelledError:
+            continue
+        await authority.release(admission)  # admitted before the cancel: the handler's part
+    shown = await settled(proxy, issued["id"])
+    assert (shown["spent_usd"], shown["reserved_usd"]) == (0, 0)
+    # And the store still takes holds.
+    assert (await post(proxy, issued["token"], chat()))[0] == 200

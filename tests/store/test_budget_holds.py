@@ -8,6 +8,7 @@ however many requests (processes, instances) take them at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -217,3 +218,23 @@ async def test_concurrent_holds_on_every_instance_never_exceed_the_budget(
         assert await spent_and_reserved(store) == (10 * want // 4, 0)
     finally:
         await other.close()
+
+
+@pytest.mark.parametrize("steps", range(12))
+async def test_a_hold_cancelled_at_any_point_leaves_the_store_writable(
+    store: Store, steps: int
+) -> None:
+    """A client that hangs up cancels its admission wherever it is, mid-transaction included."""
+    await budgeted(store, 1_000)
+    attempt = asyncio.ensure_future(store.reserve_budget("t1", "h1", 100, 10, HOUR))
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    attempt.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await attempt
+    # The next writes go through, and the cancelled hold either never happened or is whole.
+    assert (await store.reserve_budget("t1", "h2", 100, 10, HOUR)).admitted
+    assert await spent_and_reserved(store) in {(0, 100), (0, 200)}
+    await store.settle_budget("t1", "h2", 0)
+    await store.settle_budget("t1", "h1", 0)
+    assert await spent_and_reserved(store) == (0, 0)
