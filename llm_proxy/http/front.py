@@ -323,6 +323,13 @@ class FrontProtocol(asyncio.Protocol):
                     return
                 self._wakeup = self._loop.create_future()
                 await self._wakeup
+        except asyncio.CancelledError:
+            # Not the client leaving (that marks the connection lost first): the server stopping,
+            # or a cancellation that escaped a handler. Nothing answers this connection any more,
+            # so it closes rather than keep its client waiting for ever.
+            if not self.lost:
+                self.abort()
+            raise
         finally:
             self._task = self._wakeup = None
 
