@@ -11,7 +11,6 @@ cost for a budget).
 from __future__ import annotations
 
 import base64
-import functools
 import gzip
 import hashlib
 import threading
@@ -74,18 +73,28 @@ def _ranks(name: EncodingName) -> dict[bytes, int]:
 
 
 _building = threading.Lock()
+_encoders: dict[EncodingName, tiktoken.Encoding] = {}
 
 
 def encoding(name: EncodingName) -> tiktoken.Encoding:
     """The tiktoken encoder for ``name``, built from packaged rank files; cached for the process."""
-    # One build at a time: the first burst of budgeted requests would otherwise build it once per
-    # worker thread, and that much GIL-bound work starved the event loop for seconds (Redis
-    # connections timed out under 64 concurrent first requests).
-    with _building:
-        return _build(name)
+    encoder = _encoders.get(name)
+    if encoder is None:
+        # One build at a time: the first burst of budgeted requests would otherwise build it once
+        # per worker thread, and that much GIL-bound work starved the event loop for seconds
+        # (Redis connections timed out under 64 concurrent first requests).
+        with _building:
+            encoder = _encoders.get(name)
+            if encoder is None:
+                encoder = _encoders[name] = _build(name)
+    return encoder
 
 
-@functools.cache
+def is_built(model: str | None) -> bool:
+    """Whether the encoder ``model`` counts with is built: counting is then free of its load."""
+    return encoding_name(model) in _encoders
+
+
 def _build(name: EncodingName) -> tiktoken.Encoding:
     return tiktoken.Encoding(
         name,

@@ -26,7 +26,7 @@ def test_encoders_are_built_offline_from_packaged_rank_files(
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    tokens._build.cache_clear()
+    tokens._encoders.clear()
     try:
         for name in ("o200k_base", "cl100k_base"):
             encoder = tokens.encoding(name)
@@ -36,11 +36,11 @@ def test_encoders_are_built_offline_from_packaged_rank_files(
         assert tokens.encoding("cl100k_base").encode_ordinary("hello world") == [15339, 1917]
         assert list(cache.iterdir()) == []  # nothing downloaded or cached
     finally:
-        tokens._build.cache_clear()
+        tokens._encoders.clear()
 
 
 def test_encoders_are_built_once_even_when_first_asked_for_by_many_threads() -> None:
-    tokens._build.cache_clear()
+    tokens._encoders.clear()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         built = list(pool.map(lambda _: tokens.encoding("o200k_base"), range(8)))
     assert all(encoder is built[0] for encoder in built)

@@ -17,7 +17,7 @@ import structlog
 from llm_proxy.events import metrics
 from llm_proxy.events.event import Event
 from llm_proxy.models import nanousd
-from llm_proxy.proxy.budget_ledger import BudgetLedger
+from llm_proxy.proxy.budget_ledger import BudgetLedger, Settlement
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.proxy.rate_limits import RateWindows
 
@@ -49,33 +49,38 @@ class TokenSettler:
         }
         if not limited:
             return
+        settlements: list[Settlement] = []
         for event in events:
             exchange = limited.get(event["request_id"])
             if exchange is None:
                 continue
             if exchange.hold_id:
-                await self._settle_hold(exchange, event)
+                cost = settled_cost(event, exchange.held_nanousd)
+                settlements.append(
+                    Settlement(exchange.token_id, exchange.hold_id, exchange.held_nanousd, cost)
+                )
             usage = event["usage"]
             if exchange.tpm_limited and usage and usage["total_tokens"]:
                 await self._record_tokens(event, usage["total_tokens"])
+        if settlements:
+            await self._settle_holds(settlements)
 
-    async def _settle_hold(self, exchange: Exchange, event: Event) -> None:
-        cost = settled_cost(event, exchange.held_nanousd)
+    async def _settle_holds(self, settlements: list[Settlement]) -> None:
+        # One round trip for the batch: settled one by one, a busy proxy's events outran them.
         try:
-            await self._budgets.settle(
-                exchange.token_id, exchange.hold_id, exchange.held_nanousd, cost
-            )
+            await self._budgets.settle_many(settlements)
         except Exception as exc:
-            # Counted, never silent: the hold keeps its amount until it expires, and the spend is
-            # missing from the budget.
-            metrics.BUDGET_SETTLEMENTS.labels("failed").inc()
-            log.error("events.budget_settle_failed", request_id=exchange.request_id, error=str(exc))
+            # Counted, never silent: the holds keep their amounts until they expire, and the
+            # spend is missing from the budgets.
+            metrics.BUDGET_SETTLEMENTS.labels("failed").inc(len(settlements))
+            log.error("events.budget_settle_failed", holds=len(settlements), error=str(exc))
             return
-        metrics.BUDGET_SETTLEMENTS.labels("settled" if cost else "released").inc()
-        if cost > exchange.held_nanousd:
-            # The bound was beaten (a price raised by a reload, an upstream counting otherwise):
-            # the spend is recorded whole, and the overrun shows here.
-            metrics.BUDGET_OVERRUN.inc(cost - exchange.held_nanousd)
+        for s in settlements:
+            metrics.BUDGET_SETTLEMENTS.labels("settled" if s.cost else "released").inc()
+            if s.cost > s.held:
+                # The bound was beaten (a price raised by a reload, an upstream counting
+                # otherwise): the spend is recorded whole, and the overrun shows here.
+                metrics.BUDGET_OVERRUN.inc(s.cost - s.held)
 
     async def _record_tokens(self, event: Event, tokens: int) -> None:
         try:

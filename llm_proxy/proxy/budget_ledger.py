@@ -16,7 +16,8 @@ and seeds Redis again after Redis lost its data.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -30,6 +31,15 @@ from llm_proxy.store import Store
 HOLD_SECONDS = 3600.0
 
 
+class Settlement(NamedTuple):
+    """A finished request's hold (``held`` nano-dollars) and what it cost."""
+
+    token_id: str
+    hold_id: str
+    held: int
+    cost: int
+
+
 class BudgetLedger(Protocol):
     async def hold(
         self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
@@ -39,6 +49,10 @@ class BudgetLedger(Protocol):
 
     async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
         """Turn a hold into ``cost`` of spend and release the rest (``cost`` 0: release it all)."""
+        ...
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> None:
+        """:meth:`settle` for a batch, in one round trip to each place the ledger keeps."""
         ...
 
     async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
@@ -64,6 +78,9 @@ class StoreBudgetLedger:
     async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
         await self._store.settle_budget(token_id, hold_id, cost)
 
+    async def settle_many(self, settlements: Sequence[Settlement]) -> None:
+        await self._store.settle_budgets([(s.token_id, s.hold_id, s.cost) for s in settlements])
+
     async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
         return None  # the token's row says it
 
@@ -76,12 +93,40 @@ class StoreBudgetLedger:
 
 
 # KEYS[1]: the token's spend (a string, nano-dollars); KEYS[2]: its holds (a sorted set of
-# "<hold id>:<amount>" scored by expiry, epoch microseconds by Redis's clock).
+# "<hold id>:<amount>" scored by expiry, epoch microseconds by Redis's clock); KEYS[3]: the sum of
+# those holds. The sum is kept as holds come and go, so taking a hold costs the same with 5 or
+# 5,000 in flight (adding them up on every hold made Redis the bottleneck of a busy token, and a
+# backlog of settlements made it slower still).
+#
+# The common start: drops expired holds (their requests never settled) from the set and the sum,
+# and leaves the sum in `held`. A sum missing beside holds (written by a version that kept none)
+# is counted once.
+_HELD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local held = redis.call('GET', KEYS[3])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+if held then
+  held = tonumber(held)
+  for _, member in ipairs(expired) do
+    held = held - tonumber(string.match(member, ':(%d+)$'))
+  end
+else
+  held = 0
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')) do
+    held = held + tonumber(string.match(member, ':(%d+)$'))
+  end
+end
+if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
+if held < 0 then held = 0 end
+"""
+
 # ARGV: budget, want, minimum, hold length (µs), hold id, spend to start from ("" when unknown),
 # when the keys may go (epoch ms: the token's expiry).
 # Answers {1, held, remaining}, {0, exhausted, remaining}, or {-1} when the spend is not in Redis
 # yet and must be read from the database first.
-_HOLD = """
+_HOLD = (
+    """
 local spent = redis.call('GET', KEYS[1])
 if not spent then
   if ARGV[6] == '' then return {-1} end
@@ -89,17 +134,14 @@ if not spent then
   spent = redis.call('GET', KEYS[1])
 end
 spent = tonumber(spent)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local held = 0
-for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  held = held + tonumber(string.match(member, ':(%d+)$'))
-end
+"""
+    + _HELD
+    + """
 local budget, want, minimum = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local room = budget - spent - held
 redis.call('PEXPIREAT', KEYS[1], ARGV[7])
 if room < minimum then
+  redis.call('SET', KEYS[3], held, 'PXAT', ARGV[7])
   local exhausted = 0
   if budget - spent < minimum then exhausted = 1 end
   return {0, exhausted, math.max(room, 0)}
@@ -107,29 +149,32 @@ end
 local amount = math.min(want, room)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[5] .. ':' .. string.format('%d', amount))
 redis.call('PEXPIREAT', KEYS[2], ARGV[7])
+redis.call('SET', KEYS[3], string.format('%d', held + amount), 'PXAT', ARGV[7])
 return {1, amount, room - amount}
 """
+)
 
-# KEYS as above; ARGV: the hold's member, the cost. The spend grows only where Redis still has it:
-# otherwise the next hold reads it, settled cost included, from the database.
+# ARGV: the hold's member, the cost, the amount held. The spend grows only where Redis still has
+# it: otherwise the next hold reads it, settled cost included, from the database. A hold already
+# gone (expired, or settled twice) leaves the sum as it is.
 _SETTLE = """
-redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('DECRBY', KEYS[3], ARGV[3]) < 0 then redis.call('SET', KEYS[3], 0, 'KEEPTTL') end
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[2]) end
 return 1
 """
 
-# KEYS as above. Answers {spent or -1, held}.
-_STATUS = """
+# Answers {spent or -1, held}.
+_STATUS = (
+    _HELD
+    + """
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('SET', KEYS[3], held, 'KEEPTTL') end
 local spent = redis.call('GET', KEYS[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local held = 0
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')) do
-  held = held + tonumber(string.match(member, ':(%d+)$'))
-end
 if not spent then return {-1, held} end
 return {tonumber(spent), held}
 """
+)
 
 
 class RedisBudgetLedger:
@@ -150,7 +195,11 @@ class RedisBudgetLedger:
 
     @staticmethod
     def _keys(token_id: str) -> list[str]:
-        return [f"llm-proxy:spent:{token_id}", f"llm-proxy:holds:{token_id}"]
+        return [
+            f"llm-proxy:spent:{token_id}",
+            f"llm-proxy:holds:{token_id}",
+            f"llm-proxy:held:{token_id}",
+        ]
 
     async def hold(
         self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
@@ -176,9 +225,23 @@ class RedisBudgetLedger:
         return BudgetHold(False, 0, int(answer[2]), exhausted=bool(answer[1]))
 
     async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
-        await self._settle(keys=self._keys(token_id), args=[f"{hold_id}:{held}", cost])
-        if cost:
-            await self._store.settle_budget(token_id, "", cost)
+        await self.settle_many([Settlement(token_id, hold_id, held, cost)])
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for s in settlements:
+                await self._settle(
+                    keys=self._keys(s.token_id),
+                    args=[f"{s.hold_id}:{s.held}", s.cost, s.held],
+                    client=pipe,
+                )
+            await pipe.execute()
+        spent: dict[str, int] = {}
+        for s in settlements:
+            if s.cost:
+                spent[s.token_id] = spent.get(s.token_id, 0) + s.cost
+        if spent:
+            await self._store.settle_budgets([(token, "", cost) for token, cost in spent.items()])
 
     async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
         spent, held = await self._status(keys=self._keys(token_id))

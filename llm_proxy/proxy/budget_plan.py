@@ -36,6 +36,7 @@ class CostPlan:
     output_unit: int  # nano-dollars per million output tokens, times the answers asked for
     cap_field: str | None  # the field to add when the hold affords less than ``want``
     model_cap: int | None  # the model's own output cap (no field needed up to it)
+    cap_field_null: bool = False  # the body has ``cap_field`` already, as null
 
     def cap_for(self, held: int) -> int | None:
         """The output cap to write into the body for a hold of ``held``, or None for none."""
@@ -58,6 +59,28 @@ def _ints(values: Sequence[object], name: str) -> list[int]:
     return numbers
 
 
+def _caps(values: dict[str, list[object]]) -> list[int]:
+    """Every output cap the body gives, in any cap field; null is none.
+
+    Only a JSON integer of at least 1 bounds the output: an upstream may read 0, a negative number
+    (llama.cpp: -1 for no limit) or a fraction (100.0) as no cap at all, so they are refused rather
+    than held as a bound the upstream may ignore. So is a key given both as null and as a number,
+    which a parser keeping the null would read as no cap.
+    """
+    caps: list[int] = []
+    for field in CAP_FIELDS:
+        given = values.get(field, [])
+        for value in given:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise errors.MalformedRequest(f"'{field}' must be an integer from 1 to 2**64-1.")
+            caps.append(value)
+        if None in given and any(value is not None for value in given):
+            raise errors.MalformedRequest(f"'{field}' is given twice, as null and as a number.")
+    return caps
+
+
 def plan_cost(
     path: str, values: dict[str, list[object]], prices: Prices, prompt_tokens: int
 ) -> CostPlan | None:
@@ -75,12 +98,12 @@ def plan_cost(
     choices = max(
         [1, *_ints(values.get("n", []), "n"), *_ints(values.get("best_of", []), "best_of")]
     )
-    caps = [cap for field in CAP_FIELDS for cap in _ints(values.get(field, []), field)]
+    caps = _caps(values)
     output_unit = price.output * choices
     prompt_cost = -(-prompt_tokens * price.input // TOKENS_PER_PRICE)
     if caps:
         # Every occurrence counts: with a repeated key, upstream parsers keep one or the other.
-        cost = prompt_cost + -(-max(max(caps), 0) * output_unit // TOKENS_PER_PRICE)
+        cost = prompt_cost + -(-max(caps) * output_unit // TOKENS_PER_PRICE)
         return CostPlan(cost, cost, prompt_cost, output_unit, None, None)
     if output_unit == 0:
         return CostPlan(prompt_cost, prompt_cost, prompt_cost, 0, None, None)
@@ -97,7 +120,10 @@ def plan_cost(
         if model_cap is not None
         else _EVERYTHING
     )
-    return CostPlan(want, min(smallest, want), prompt_cost, output_unit, field, model_cap)
+    # A null cap is none: the proxy adds its own, where no parser can prefer the null (see
+    # `with_output_cap`).
+    null = bool(values.get(field))
+    return CostPlan(want, min(smallest, want), prompt_cost, output_unit, field, model_cap, null)
 
 
 def _price_of(models: Sequence[object], prices: Prices) -> ModelPrice:

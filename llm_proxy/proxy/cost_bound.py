@@ -229,9 +229,13 @@ def _structure_tokens(gap: bytes, key: str) -> int:
     return total + len(_LITERAL.findall(gap))
 
 
-def with_output_cap(body: bytes, field: str, cap: int) -> bytes:
+def with_output_cap(body: bytes, field: str, cap: int, *, also_last: bool = False) -> bytes:
     """The body with ``"<field>":<cap>`` added as the first member of its top-level object; every
-    other byte is kept as it is. ``body`` must be a JSON object (leading whitespace allowed)."""
+    other byte is kept as it is. ``body`` must be a JSON object (whitespace around it allowed).
+
+    With ``also_last`` the member is added as the last one too, for a body that has ``field``
+    already (as null): whether a parser keeps the first or the last of a repeated key, it reads
+    the cap."""
     if cap < 0:
         raise ValueError(f"output cap must not be negative: {cap}")
     start = len(body) - len(body.lstrip(_WS))
@@ -241,4 +245,10 @@ def with_output_cap(body: bytes, field: str, cap: int) -> bytes:
     rest = body[start + 1 :]
     if rest.lstrip(_WS).startswith(b"}"):
         return body[: start + 1] + member + rest
-    return body[: start + 1] + member + b"," + rest
+    capped = body[: start + 1] + member + b"," + rest
+    if also_last:
+        end = len(capped.rstrip(_WS)) - 1
+        if capped[end : end + 1] != b"}":
+            raise ValueError("body is not a JSON object")
+        capped = capped[:end] + b"," + member + capped[end:]
+    return capped

@@ -102,6 +102,11 @@ class Store(Protocol):
         ``hold_id`` "" (or a hold already reclaimed) only the cost is added; cost 0 releases."""
         ...
 
+    async def settle_budgets(self, settlements: Sequence[tuple[str, str, int]]) -> None:
+        """:meth:`settle_budget` for each ``(token_id, hold_id, cost_nanousd)``, all in one
+        transaction: the events pipeline settles a batch at a time."""
+        ...
+
     async def reclaim_budget_holds(self) -> int:
         """Return every expired hold (its request never settled: its process died) to its
         token's budget; how many."""

@@ -561,6 +561,14 @@ class PostgresStore:
     async def settle_budget(self, token_id: str, hold_id: str, cost_nanousd: int) -> None:
         await self._execute(_SETTLE_BUDGET, token_id, hold_id, cost_nanousd)
 
+    async def settle_budgets(self, settlements: Sequence[tuple[str, str, int]]) -> None:
+        if not settlements:
+            return
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            # In the same order in every instance: two batches locking the same tokens' rows in
+            # opposite orders would deadlock.
+            await conn.executemany(_SETTLE_BUDGET, sorted(settlements))
+
     async def reclaim_budget_holds(self) -> int:
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
             # One reclaimer at a time: two deleting the same holds in different orders could

@@ -524,17 +524,30 @@ class SqliteStore:
 
     @_writes
     async def settle_budget(self, token_id: str, hold_id: str, cost_nanousd: int) -> None:
-        held = 0
-        if hold_id:
-            row = await self._one(
-                "DELETE FROM budget_holds WHERE id = ? AND token_id = ? RETURNING nanousd",
-                (hold_id, token_id),
-            )
-            held = 0 if row is None else row["nanousd"]  # None: reclaimed meanwhile
-        await self._db.execute(
+        await self._settle_budgets([(token_id, hold_id, cost_nanousd)])
+
+    @_writes
+    async def settle_budgets(self, settlements: Sequence[tuple[str, str, int]]) -> None:
+        await self._settle_budgets(settlements)
+
+    async def _settle_budgets(self, settlements: Sequence[tuple[str, str, int]]) -> None:
+        # Per token: what its settled holds kept, and what they cost.
+        totals: dict[str, list[int]] = {}
+        for token_id, hold_id, cost in settlements:
+            held = 0
+            if hold_id:
+                row = await self._one(
+                    "DELETE FROM budget_holds WHERE id = ? AND token_id = ? RETURNING nanousd",
+                    (hold_id, token_id),
+                )
+                held = 0 if row is None else row["nanousd"]  # None: reclaimed meanwhile
+            total = totals.setdefault(token_id, [0, 0])
+            total[0] += held
+            total[1] += cost
+        await self._db.executemany(
             "UPDATE tokens SET reserved_nanousd = MAX(reserved_nanousd - ?, 0),"
             " spent_nanousd = spent_nanousd + ? WHERE id = ?",
-            (held, cost_nanousd, token_id),
+            [(held, cost, token_id) for token_id, (held, cost) in totals.items()],
         )
 
     @_writes

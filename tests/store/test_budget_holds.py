@@ -238,3 +238,24 @@ async def test_a_hold_cancelled_at_any_point_leaves_the_store_writable(
     await store.settle_budget("t1", "h2", 0)
     await store.settle_budget("t1", "h1", 0)
     assert await spent_and_reserved(store) == (0, 0)
+
+
+async def test_a_batch_of_settlements_is_one_step_for_every_token_in_it(store: Store) -> None:
+    await budgeted(store, 1_000, "t1")
+    await budgeted(store, 1_000, "t2")
+    for hold_id in ("a", "b", "c"):
+        await store.reserve_budget("t1", hold_id, 100, 10, HOUR)
+    await store.reserve_budget("t2", "d", 300, 10, HOUR)
+    await store.settle_budgets(
+        [
+            ("t1", "a", 40),  # settled: 40 spent, 60 released
+            ("t1", "b", 0),  # released
+            ("t2", "d", 300),  # spent whole
+            ("t1", "gone", 7),  # a hold reclaimed meanwhile: only its cost
+            ("t2", "", 5),  # spend without a hold
+        ]
+    )
+    assert await spent_and_reserved(store, "t1") == (47, 100)  # "c" still held
+    assert await spent_and_reserved(store, "t2") == (305, 0)
+    await store.settle_budgets([])
+    assert await spent_and_reserved(store, "t1") == (47, 100)
