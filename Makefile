@@ -17,9 +17,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,cloudwatch]'
 	@touch $@ $(VENV)/.installed
 
-## Start the server with the embedded defaults on http://127.0.0.1:8080
+## Start the server with the embedded defaults on http://127.0.0.1:8080; events go to
+## $DATA_DIR/events.jsonl (DATA_DIR: ./data unless set) unless FILE_EVENT_LOG names another file
 run: $(VENV)/.installed
-	$(BIN)/llm-proxy server --file-event-log data/events.jsonl
+	FILE_EVENT_LOG="$${FILE_EVENT_LOG:-$${DATA_DIR:-./data}/events.jsonl}" $(BIN)/llm-proxy server
 
 ## Create .venv and install llm-proxy into it (what `make run` does before starting)
 install: $(VENV)/.installed

@@ -1,47 +1,183 @@
 """``llm-proxy manage …``: the management API from a terminal or a script.
 
-The common options (``--manage-api-base-url``, ``--management-token``, ``--json``) are accepted on the
-``manage`` group and on every leaf command, so both ``manage --json project list`` and
-``manage project list --json`` work.
+On the machine that runs the server, ``manage`` finds it on its own: the base URL follows the
+server's ``LISTEN_ADDR`` and the token is the one the server generated under ``DATA_DIR``. A flag or
+``MANAGE_API_BASE_URL`` / ``MANAGEMENT_TOKEN`` overrides either.
+
+The common options are accepted on the ``manage`` group and on every leaf command, so both
+``manage --json project list`` and ``manage project list --json`` work.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import shutil
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import click
 from click.core import ParameterSource
-from rich.console import Console
-from rich.table import Table
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_BASE_URL = "http://127.0.0.1:8080"
+T = TypeVar("T")
+DEFAULT_LISTEN_ADDR = "127.0.0.1:8080"
+DEFAULT_DATA_DIR = "./data"
+# The file under DATA_DIR the server keeps the management token it generated in. The server's
+# secrets store is in a layer above this one, so it takes the name from here.
+MANAGEMENT_TOKEN_FILE = "management_token"
+# Lists show ids cut to this many characters (longer where two would collide); an id given on the
+# command line may be any prefix at least MIN_PREFIX long that names exactly one record.
+SHORT_ID = 8
+MIN_PREFIX = 4
+
+EXIT_CODES_HELP = (
+    "Exit status 0: done; 1: the server refused or could not be reached, or the answer was no;"
+    " 2: the command line is wrong, nothing changed. Under --json an error is one JSON object on"
+    ' stderr: {"error": {"message": …, "code": …, "status": the HTTP status, if any}}.'
+)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClientOptions:
-    base_url: str = DEFAULT_BASE_URL
+    """The common options as given by a flag or the environment; None where neither gave one."""
+
+    base_url: str | None = None
+    listen_addr: str | None = None
     management_token: str | None = None
+    data_dir: str | None = None
     as_json: bool = False
 
 
+@dataclass(frozen=True)
+class Connection:
+    base_url: str
+    token: str
+    # What to check when the server cannot be reached, or refuses the token.
+    url_hint: str
+    token_from: str
+
+
 class ManageError(click.ClickException):
-    """Printed as one line and exits 1."""
+    """The server refused or could not be reached, no token was found, or the operator said no:
+    one line (JSON under ``--json``), exit 1."""
+
+    def __init__(
+        self, message: str, *, code: str = "error", status: int | None = None, plain: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        # The message without what JSON carries in fields of its own (the status and code).
+        self.plain = plain or message
 
 
-class OptionError(click.ClickException):
-    """An option's value is wrong, found before anything is sent: one line, exit 2 like click's
-    own usage errors."""
+class OptionError(ManageError):
+    """The command line is wrong, found before anything changed: exit 2 like click's own usage
+    errors."""
 
     exit_code = 2
+
+    def __init__(self, message: str, *, code: str = "invalid_option") -> None:
+        super().__init__(message, code=code)
+
+
+class JsonError(click.ClickException):
+    """Any error of a ``--json`` command, shown as one JSON object on stderr; same exit status."""
+
+    def __init__(self, error: click.ClickException) -> None:
+        super().__init__(error.format_message())
+        message, status = error.format_message(), None
+        if isinstance(error, ManageError):
+            message, code, status = error.plain, error.code, error.status
+        elif isinstance(error, click.MissingParameter):
+            code = "missing_option"
+        elif isinstance(error, click.BadParameter):
+            code = "invalid_option"
+        else:
+            code = "usage_error"
+        self.body: dict[str, Any] = {"message": message, "code": code}
+        if status is not None:
+            self.body["status"] = status
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(json.dumps({"error": self.body}), err=True)
+
+
+class JsonUsageError(JsonError):
+    """A JsonError for a wrong command line (click's exit status is a class attribute)."""
+
+    exit_code = 2
+
+
+def _json_wanted(ctx: click.Context | None) -> bool:
+    while ctx is not None:
+        if ctx.params.get("as_json"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+@contextmanager
+def _errors_as_json(wanted: Callable[[], bool]) -> Iterator[None]:
+    try:
+        yield
+    except JsonError:
+        raise
+    except click.ClickException as exc:
+        if not wanted():
+            raise
+        raise (JsonUsageError if exc.exit_code == 2 else JsonError)(exc) from None
+
+
+class ManageCommand(click.Command):
+    """A ``manage`` command whose errors, usage errors included, are JSON under ``--json``."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        # The flag as typed: a usage error stops parsing before ``--json`` is known to click.
+        typed = "--json" in args
+        with _errors_as_json(lambda: typed or _json_wanted(parent)):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _errors_as_json(lambda: _json_wanted(ctx)):
+            return super().invoke(ctx)
+
+
+class ManageGroup(click.Group):
+    """``manage`` and its groups: their commands and subgroups report errors as ManageCommand."""
+
+    command_class = ManageCommand
+    group_class = type
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        typed = "--json" in args
+        with _errors_as_json(lambda: typed or _json_wanted(parent)):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _errors_as_json(lambda: _json_wanted(ctx)):
+            return super().invoke(ctx)
 
 
 def _json_object(text: str, option: str) -> dict[str, Any]:
@@ -56,19 +192,39 @@ def _json_object(text: str, option: str) -> dict[str, Any]:
 
 def _common_options(func: F) -> F:
     func = click.option(
-        "--json", "as_json", is_flag=True, default=None, help="Print JSON instead of a table."
+        "--json",
+        "as_json",
+        is_flag=True,
+        default=None,
+        help="Print JSON instead of a table; an error too (on stderr).",
+    )(func)
+    func = click.option(
+        "--data-dir",
+        envvar="DATA_DIR",
+        show_envvar=True,
+        show_default=DEFAULT_DATA_DIR,
+        help="The server's DATA_DIR, where the token it generated is read from.",
     )(func)
     func = click.option(
         "--management-token",
         envvar="MANAGEMENT_TOKEN",
         show_envvar=True,
+        show_default=f"the one in <DATA_DIR>/{MANAGEMENT_TOKEN_FILE}",
         help="Bearer token of the management API.",
+    )(func)
+    func = click.option(
+        "--listen-addr",
+        envvar="LISTEN_ADDR",
+        show_envvar=True,
+        show_default=DEFAULT_LISTEN_ADDR,
+        help="The server's LISTEN_ADDR, the URL's default (0.0.0.0 and :: via loopback).",
     )(func)
     func = click.option(
         "--manage-api-base-url",
         envvar="MANAGE_API_BASE_URL",
         show_envvar=True,
-        help=f"Base URL of the proxy [default: {DEFAULT_BASE_URL}].",
+        show_default="http://<LISTEN_ADDR>",
+        help="The server's URL; host:port alone means http://host:port.",
     )(func)
     return func
 
@@ -88,22 +244,90 @@ def _options(ctx: click.Context, /, overrides: dict[str, Any]) -> ClientOptions:
         return inherited if inherited is not None else value
 
     return ClientOptions(
-        base_url=str(pick("manage_api_base_url", base.base_url)).rstrip("/"),
+        base_url=pick("manage_api_base_url", base.base_url),
+        listen_addr=pick("listen_addr", base.listen_addr),
         management_token=pick("management_token", base.management_token),
+        data_dir=pick("data_dir", base.data_dir),
         as_json=bool(pick("as_json", None) or base.as_json),
     )
 
 
+def _checked_base_url(value: str) -> str:
+    url = value.strip()
+    if "://" not in url:
+        url = "http://" + url  # a bare host:port, as curl takes it
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+        port_ok = True
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise OptionError(
+            "--manage-api-base-url / MANAGE_API_BASE_URL: expected the server's URL, such as"
+            f" http://127.0.0.1:8080, got {value!r}"
+        )
+    return url.rstrip("/")
+
+
+def _url_of_listen_addr(value: str) -> str:
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise OptionError(
+            f"LISTEN_ADDR: expected host:port such as 127.0.0.1:8080, got {value!r};"
+            " or give the server's URL with --manage-api-base-url"
+        )
+    host = host.strip("[]")
+    # A server listening on every interface answers on loopback.
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _connection(opts: ClientOptions) -> Connection:
+    elsewhere = "point elsewhere with --manage-api-base-url or MANAGE_API_BASE_URL"
+    if opts.base_url:
+        base_url = _checked_base_url(opts.base_url)
+        url_hint = "check --manage-api-base-url / MANAGE_API_BASE_URL"
+    elif opts.listen_addr:
+        base_url = _url_of_listen_addr(opts.listen_addr)
+        url_hint = f"is the server running? (URL from LISTEN_ADDR={opts.listen_addr}; {elsewhere})"
+    else:
+        base_url = _url_of_listen_addr(DEFAULT_LISTEN_ADDR)
+        url_hint = (
+            "is the server running? (LISTEN_ADDR is not set, so its default was tried; set it"
+            f" as the server has it, or {elsewhere})"
+        )
+    if opts.management_token:
+        return Connection(base_url, opts.management_token, url_hint, "--management-token")
+    path = Path(opts.data_dir or DEFAULT_DATA_DIR) / MANAGEMENT_TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    except OSError as exc:
+        raise ManageError(
+            f"cannot read the management token in {path}: {exc.strerror};"
+            " run as the server's user, or pass --management-token",
+            code="no_management_token",
+        ) from None
+    if not token:
+        raise ManageError(
+            f"no management token: pass --management-token or set MANAGEMENT_TOKEN (there is none"
+            f" in {path}; set DATA_DIR as the server has it to use the one it generated)",
+            code="no_management_token",
+        )
+    return Connection(base_url, token, url_hint, str(path))
+
+
 def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    if not opts.management_token:
-        raise ManageError("no management token: pass --management-token or set MANAGEMENT_TOKEN")
+    connection = _connection(opts)
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
-        opts.base_url + path,
+        connection.base_url + path,
         data=data,
         method=method,
         headers={
-            "Authorization": f"Bearer {opts.management_token}",
+            "Authorization": f"Bearer {connection.token}",
             "Content-Type": "application/json",
             "Accept": "application/json",
         },
@@ -112,11 +336,29 @@ def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | No
         with urllib.request.urlopen(request, timeout=30) as response:
             payload = response.read()
     except urllib.error.HTTPError as exc:
-        raise ManageError(_error_message(exc)) from None
+        raise _api_error(exc, connection) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ManageError(f"cannot reach {opts.base_url}: {reason}") from None
+        raise ManageError(
+            f"cannot reach {connection.base_url} ({reason}): {connection.url_hint}",
+            code="unreachable",
+        ) from None
     return json.loads(payload) if payload else None
+
+
+def _api_error(exc: urllib.error.HTTPError, connection: Connection) -> ManageError:
+    try:
+        error = json.loads(exc.read())["error"]
+        plain, code = str(error["message"]), str(error["code"])
+    except (ValueError, KeyError, TypeError):
+        plain, code = f"HTTP {exc.code} {exc.reason}", f"http_{exc.code}"
+    finally:
+        exc.close()
+    message = plain if plain.startswith("HTTP ") else f"{plain} ({exc.code} {code})"
+    if exc.code == 401:
+        hint = f"; the token came from {connection.token_from}"
+        message, plain = message + hint, plain + hint
+    return ManageError(message, code=code, status=exc.code, plain=plain)
 
 
 def _quote(identifier: str) -> str:
@@ -124,23 +366,209 @@ def _quote(identifier: str) -> str:
     return urllib.parse.quote(identifier, safe="")
 
 
-def _error_message(exc: urllib.error.HTTPError) -> str:
+# -- ids: whole, or a prefix as the lists show them ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    path: str
+    not_found: str
+
+
+PROJECTS = Kind("project", "/manage/projects", "project_not_found")
+TOKENS = Kind("token", "/manage/tokens", "token_not_found")
+
+
+def _by_prefix(opts: ClientOptions, kind: Kind, prefix: str) -> str | None:
+    """The one id that begins with ``prefix``; None when none does; an error when several do."""
+    if len(prefix) < MIN_PREFIX:
+        return None
+    ids = sorted(str(r["id"]) for r in _call(opts, "GET", kind.path))
+    matches = [i for i in ids if i.startswith(prefix)]
+    if len(matches) > 1:
+        raise OptionError(
+            f"{kind.name} id {prefix!r} is ambiguous: {len(matches)} {kind.name}s' ids begin with"
+            f" it ({', '.join(matches[:4])}{', …' if len(matches) > 4 else ''}); give more of it",
+            code="ambiguous_id",
+        )
+    return matches[0] if matches else None
+
+
+def _with_id(opts: ClientOptions, kind: Kind, given: str, call: Callable[[str], T]) -> T:
+    """``call`` with the id given, or, when that names nothing, the one id it is a prefix of.
+
+    Only a 404 leads to the retry, so nothing happened on the first attempt.
+    """
     try:
-        error = json.loads(exc.read())["error"]
-        return f"{error['message']} ({exc.code} {error['code']})"
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {exc.code} {exc.reason}"
+        return call(given)
+    except ManageError as exc:
+        if exc.code != kind.not_found:
+            raise
+        full = _by_prefix(opts, kind, given)
+        if full is None:
+            raise
+    return call(full)
 
 
-def _print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    # Off a terminal rich assumes 80 columns and folds ids mid-value; give a pipe the full width.
-    width = None if sys.stdout.isatty() else 10_000
-    Console(file=sys.stdout, soft_wrap=True, width=width).print(table)
+def _get(opts: ClientOptions, kind: Kind, given: str) -> dict[str, Any]:
+    record: dict[str, Any] = _with_id(
+        opts, kind, given, lambda i: _call(opts, "GET", f"{kind.path}/{_quote(i)}")
+    )
+    return record
+
+
+def _shortener(ids: Iterable[str]) -> Callable[[str], str]:
+    """Ids cut to SHORT_ID characters, or as many more as keep any two apart."""
+    length = SHORT_ID
+    for a, b in itertools.pairwise(sorted(set(ids))):
+        pairs = enumerate(zip(a, b, strict=False))
+        shared = next((n for n, (x, y) in pairs if x != y), min(len(a), len(b)))
+        length = max(length, shared + 1)
+    return lambda identifier: identifier[:length]
+
+
+# -- confirmation -------------------------------------------------------------------------------
+
+
+def _needs_asking(yes: bool, action: str) -> bool:
+    """Whether to ask before ``action``; refused at once where nobody can answer."""
+    if yes:
+        return False
+    if not sys.stdin.isatty():
+        raise OptionError(
+            f"refusing to {action} without confirmation: stdin is not a terminal; pass --yes",
+            code="confirmation_required",
+        )
+    return True
+
+
+def _confirm(question: str) -> None:
+    # Asked on stderr and read from stdin, so stdout holds only the result (JSON under --json).
+    click.echo(f"{question} [y/N]: ", nl=False, err=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise ManageError("cancelled; nothing was changed", code="cancelled")
+
+
+def _yes_option(func: F) -> F:
+    return click.option(
+        "--yes",
+        "-y",
+        is_flag=True,
+        help="Do it without asking (needed where stdin is not a terminal).",
+    )(func)
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    cell: Callable[[dict[str, Any]], str]
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _minute(timestamp: str | None) -> str:
+    """``2025-06-01T12:00:00.000000Z`` → ``2025-06-01 12:00Z`` (the API's times are UTC)."""
+    return f"{timestamp[:10]} {timestamp[11:16]}Z" if timestamp else "-"
+
+
+def _usd(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _maybe(show: Callable[[Any], str], value: Any) -> str | None:
+    return None if value is None else show(value)
+
+
+def _of(used: str, limit: str | None) -> str:
+    """What was used, and of how much when there is a limit."""
+    return used if limit is None else f"{used}/{limit}"
+
+
+def _project_columns(rows: list[dict[str, Any]]) -> tuple[list[Column], int]:
+    short = _shortener(r["id"] for r in rows)
+    columns = [
+        Column("id", lambda r: short(r["id"])),
+        Column("name", lambda r: _text(r["name"])),
+        Column("status", lambda r: "active" if r["is_active"] else "inactive"),
+        Column("api_key", lambda r: _text(r["api_key"])),
+        Column("created", lambda r: _minute(r["created_at"])),
+    ]
+    return columns, 1
+
+
+def _token_columns(rows: list[dict[str, Any]]) -> tuple[list[Column], int]:
+    short = _shortener(r["id"] for r in rows)
+    short_project = _shortener(r["project_id"] for r in rows)
+    columns = [
+        Column("id", lambda r: short(r["id"])),
+        Column("project", lambda r: short_project(r["project_id"])),
+        Column("status", lambda r: _text(r["status"])),
+        Column("expires", lambda r: _minute(r["expires_at"])),
+        Column("requests", lambda r: _of(str(r["request_count"]), _maybe(str, r["max_requests"]))),
+        Column("spent_usd", lambda r: _of(_usd(r["spent_usd"]), _maybe(_usd, r["budget_usd"]))),
+    ]
+    return columns, 1
+
+
+def _field(name: str) -> Column:
+    return Column(name, lambda r: _text(r.get(name)))
+
+
+def _wide_columns(fields: list[str]) -> Callable[[list[dict[str, Any]]], tuple[list[Column], None]]:
+    def columns(_rows: list[dict[str, Any]]) -> tuple[list[Column], None]:
+        return [_field(f) for f in fields], None
+
+    return columns
+
+
+PROJECT_FIELDS = ["id", "name", "is_active", "api_key", "description", "created_at", "updated_at"]
+TOKEN_FIELDS = [
+    "id",
+    "project_id",
+    "status",
+    "is_active",
+    "expires_at",
+    "request_count",
+    "max_requests",
+    "rpm",
+    "tpm",
+    "spent_usd",
+    "budget_usd",
+    "allowed_models",
+    "created_at",
+    "last_used_at",
+]
+Layout = Callable[[list[dict[str, Any]]], tuple[list[Column], int | None]]
+
+
+def _table(rows: list[dict[str, Any]], layout: Layout) -> str:
+    """Columns two spaces apart; outside ``--wide``, the ``flexible`` column (a name) is cut to fit
+    the terminal, or 80 columns off one."""
+    columns, flexible = layout(rows)
+    cells = [[c.header for c in columns], *([c.cell(r) for c in columns] for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    if flexible is not None:
+        room = shutil.get_terminal_size().columns if sys.stdout.isatty() else 80
+        excess = sum(widths) + 2 * (len(widths) - 1) - room
+        if excess > 0:
+            widths[flexible] = max(widths[flexible] - excess, len(columns[flexible].header), 8)
+    lines = []
+    for row in cells:
+        fitted = [c if len(c) <= w else c[: w - 1] + "…" for c, w in zip(row, widths, strict=True)]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(fitted, widths, strict=True)).rstrip())
+    return "\n".join(lines)
 
 
 def _print_record(record: dict[str, Any]) -> None:
@@ -150,25 +578,36 @@ def _print_record(record: dict[str, Any]) -> None:
         click.echo(f"{key.ljust(width)}  {'' if shown is None else shown}")
 
 
-def _emit(
-    opts: ClientOptions, data: Any, *, columns: list[str] | None = None, title: str = ""
-) -> None:
+def _emit(opts: ClientOptions, data: Any) -> None:
     if opts.as_json:
         click.echo(json.dumps(data, indent=2))
-    elif isinstance(data, list):
-        if not data:
-            click.echo(f"No {title.lower() or 'rows'}.")
-        else:
-            _print_table(data, columns or list(data[0]), title)
     elif isinstance(data, dict):
         _print_record(data)
 
 
-@click.group()
+def _emit_list(opts: ClientOptions, rows: list[dict[str, Any]], layout: Layout, noun: str) -> None:
+    if opts.as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo(f"No {noun}.")
+    else:
+        click.echo(_table(rows, layout))
+
+
+def _label(project: dict[str, Any]) -> str:
+    return f"{project['name']!r} ({project['id']})"
+
+
+@click.group(cls=ManageGroup, epilog=EXIT_CODES_HELP)
 @_common_options
 @click.pass_context
 def manage(ctx: click.Context, /, **options: Any) -> None:
-    """Manage projects and tokens through the management API."""
+    """Manage projects and tokens through the management API.
+
+    On the server's machine no option is needed: the server is reached at its LISTEN_ADDR and the
+    management token is read from its DATA_DIR. Ids may be shortened to any unique prefix of at
+    least 4 characters, as the lists show them.
+    """
     ctx.obj = _options(ctx, options)
 
 
@@ -177,25 +616,16 @@ def project() -> None:
     """Projects hold the real upstream key."""
 
 
-PROJECT_COLUMNS = ["id", "name", "is_active", "api_key", "created_at"]
-TOKEN_COLUMNS = [
-    "id",
-    "project_id",
-    "status",
-    "is_active",
-    "expires_at",
-    "request_count",
-    "max_requests",
-    "spent_usd",
-    "budget_usd",
-]
+PROJECT_ID_HELP = "The project's id, or a unique prefix of it (at least 4 characters)."
+TOKEN_ID_HELP = "The token's id, or a unique prefix of it (at least 4 characters)."
+WIDE_HELP = "Every field, with whole ids (wider than 80 columns)."
 
 
-@project.command("create")
-@click.option("--name", required=True)
+@project.command("create", epilog=EXIT_CODES_HELP)
+@click.option("--name", required=True, help="A name for people; need not be unique.")
 @click.option("--api-key", required=True, help="The real upstream key; stored encrypted.")
-@click.option("--description", default=None)
-@click.option("--metadata", default=None, help="A JSON object.")
+@click.option("--description", default=None, help="Free text shown with the project.")
+@click.option("--metadata", default=None, help='A JSON object, e.g. \'{"team": "search"}\'.')
 @_common_options
 @click.pass_context
 def project_create(
@@ -217,32 +647,37 @@ def project_create(
     _emit(opts, _call(opts, "POST", "/manage/projects", body))
 
 
-@project.command("list")
+@project.command("list", epilog=EXIT_CODES_HELP)
+@click.option("--wide", is_flag=True, help=WIDE_HELP)
 @_common_options
 @click.pass_context
-def project_list(ctx: click.Context, /, **o: Any) -> None:
-    """List projects."""
+def project_list(ctx: click.Context, /, wide: bool, **o: Any) -> None:
+    """List projects: short ids, name, status, masked key, creation time (UTC)."""
     opts = _options(ctx, o)
-    _emit(opts, _call(opts, "GET", "/manage/projects"), columns=PROJECT_COLUMNS, title="Projects")
+    layout: Layout = _wide_columns(PROJECT_FIELDS) if wide else _project_columns
+    _emit_list(opts, _call(opts, "GET", "/manage/projects"), layout, "projects")
 
 
-@project.command("get")
-@click.argument("project_id")
+@project.command("get", epilog=EXIT_CODES_HELP)
+@click.argument("project_id", help=PROJECT_ID_HELP)
 @_common_options
 @click.pass_context
 def project_get(ctx: click.Context, /, project_id: str, **o: Any) -> None:
     """Show one project."""
     opts = _options(ctx, o)
-    _emit(opts, _call(opts, "GET", f"/manage/projects/{_quote(project_id)}"))
+    _emit(opts, _get(opts, PROJECTS, project_id))
 
 
-@project.command("update")
-@click.argument("project_id")
-@click.option("--name", default=None)
-@click.option("--api-key", default=None)
-@click.option("--description", default=None)
+@project.command("update", epilog=EXIT_CODES_HELP)
+@click.argument("project_id", help=PROJECT_ID_HELP)
+@click.option("--name", default=None, help="A new name.")
+@click.option("--api-key", default=None, help="A new upstream key; stored encrypted.")
+@click.option("--description", default=None, help="A new description.")
 @click.option("--active/--inactive", "is_active", default=None, help="Activate or deactivate.")
-@click.option("--revoke-tokens", is_flag=True, default=False, help="Also revoke all its tokens.")
+@click.option(
+    "--revoke-tokens", is_flag=True, default=False, help="Also revoke all its tokens (asks first)."
+)
+@_yes_option
 @_common_options
 @click.pass_context
 def project_update(
@@ -254,6 +689,7 @@ def project_update(
     description: str | None,
     is_active: bool | None,
     revoke_tokens: bool,
+    yes: bool,
     **o: Any,
 ) -> None:
     """Change a project's name, key, description or state."""
@@ -272,26 +708,43 @@ def project_update(
         body["revoke_tokens"] = True
     if not body:
         raise click.UsageError("nothing to update: give at least one option")
-    _emit(opts, _call(opts, "PATCH", f"/manage/projects/{_quote(project_id)}", body))
+    if revoke_tokens and _needs_asking(yes, "revoke every token of the project"):
+        found = _get(opts, PROJECTS, project_id)
+        _confirm(f"Revoke every token of project {_label(found)}?")
+        project_id = found["id"]
+    _emit(
+        opts,
+        _with_id(
+            opts,
+            PROJECTS,
+            project_id,
+            lambda i: _call(opts, "PATCH", f"/manage/projects/{_quote(i)}", body),
+        ),
+    )
 
 
-@project.command("delete")
-@click.argument("project_id")
+@project.command("delete", epilog=EXIT_CODES_HELP)
+@click.argument("project_id", help=PROJECT_ID_HELP)
+@_yes_option
 @_common_options
 @click.pass_context
-def project_delete(ctx: click.Context, /, project_id: str, **o: Any) -> None:
-    """Delete a project; its tokens stop working at once."""
+def project_delete(ctx: click.Context, /, project_id: str, yes: bool, **o: Any) -> None:
+    """Delete a project; its tokens stop working at once. Asks first on a terminal."""
     opts = _options(ctx, o)
-    _call(opts, "DELETE", f"/manage/projects/{_quote(project_id)}")
+    ask = _needs_asking(yes, "delete a project")
+    found = _get(opts, PROJECTS, project_id)
+    if ask:
+        _confirm(f"Delete project {_label(found)}? Its tokens stop working at once.")
+    _call(opts, "DELETE", f"/manage/projects/{_quote(found['id'])}")
     if opts.as_json:
-        click.echo(json.dumps({"deleted": project_id}))
+        click.echo(json.dumps({"deleted": found["id"]}))
     else:
-        click.echo(f"Deleted project {project_id}.")
+        click.echo(f"Deleted project {found['id']}.")
 
 
 @manage.group()
 def token() -> None:
-    """Withering tokens: short-lived, revocable, with an optional request quota."""
+    """Withering tokens: short-lived, revocable, with optional limits."""
 
 
 def _limit_options(func: F) -> F:
@@ -335,8 +788,8 @@ def _limits_body(
     return body
 
 
-@token.command("generate")
-@click.option("--project-id", required=True)
+@token.command("generate", epilog=EXIT_CODES_HELP)
+@click.option("--project-id", required=True, help=PROJECT_ID_HELP)
 @click.option(
     "--duration", "duration_minutes", type=int, default=60, help="Lifetime in minutes (1..525600)."
 )
@@ -364,67 +817,105 @@ def token_generate(
     """Issue a token; its value is shown only now."""
     opts = _options(ctx, o)
     body: dict[str, Any] = {
-        "project_id": project_id,
         "duration_minutes": duration_minutes,
         **_limits_body(max_requests, rpm, tpm, budget_usd, allowed_models),
     }
     if metadata is not None:
         body["metadata"] = _json_object(metadata, "--metadata")
-    _emit(opts, _call(opts, "POST", "/manage/tokens", body))
+    issued = _with_id(
+        opts,
+        PROJECTS,
+        project_id,
+        lambda i: _call(opts, "POST", "/manage/tokens", {"project_id": i, **body}),
+    )
+    _emit(opts, issued)
 
 
-@token.command("list")
-@click.option("--project-id", default=None)
+@token.command("list", epilog=EXIT_CODES_HELP)
+@click.option("--project-id", default=None, help=f"Only this project's tokens. {PROJECT_ID_HELP}")
+@click.option("--wide", is_flag=True, help=WIDE_HELP)
 @_common_options
 @click.pass_context
-def token_list(ctx: click.Context, /, project_id: str | None, **o: Any) -> None:
-    """List tokens (never their values)."""
+def token_list(ctx: click.Context, /, project_id: str | None, wide: bool, **o: Any) -> None:
+    """List tokens (never their values): short ids, status (active, expired, revoked or
+    exhausted), expiry (UTC), requests and spend, each of its limit when it has one."""
     opts = _options(ctx, o)
-    path = "/manage/tokens" + (f"?project_id={_quote(project_id)}" if project_id else "")
-    _emit(opts, _call(opts, "GET", path), columns=TOKEN_COLUMNS, title="Tokens")
+    if project_id is None:
+        rows = _call(opts, "GET", "/manage/tokens")
+    else:
+        rows = _with_id(
+            opts,
+            PROJECTS,
+            project_id,
+            lambda i: _call(opts, "GET", f"/manage/tokens?project_id={_quote(i)}"),
+        )
+    layout: Layout = _wide_columns(TOKEN_FIELDS) if wide else _token_columns
+    _emit_list(opts, rows, layout, "tokens")
 
 
-@token.command("get")
-@click.argument("token_id")
+@token.command("get", epilog=EXIT_CODES_HELP)
+@click.argument("token_id", help=TOKEN_ID_HELP)
 @_common_options
 @click.pass_context
 def token_get(ctx: click.Context, /, token_id: str, **o: Any) -> None:
     """Show one token."""
     opts = _options(ctx, o)
-    _emit(opts, _call(opts, "GET", f"/manage/tokens/{_quote(token_id)}"))
+    _emit(opts, _get(opts, TOKENS, token_id))
 
 
-@token.command("revoke")
-@click.argument("token_id", required=False)
+@token.command("revoke", epilog=EXIT_CODES_HELP)
+@click.argument("token_id", required=False, help=TOKEN_ID_HELP)
 @click.option("--value", default=None, help="Revoke by the token value instead of its id.")
-@click.option("--project-id", default=None, help="Revoke every token of this project.")
+@click.option(
+    "--project-id", default=None, help=f"Revoke every token of this project. {PROJECT_ID_HELP}"
+)
+@_yes_option
 @_common_options
 @click.pass_context
 def token_revoke(
-    ctx: click.Context, /, token_id: str | None, value: str | None, project_id: str | None, **o: Any
+    ctx: click.Context,
+    /,
+    token_id: str | None,
+    value: str | None,
+    project_id: str | None,
+    yes: bool,
+    **o: Any,
 ) -> None:
-    """Revoke a token by id, by value, or all tokens of a project."""
+    """Revoke a token by id, by value, or all tokens of a project. Asks first on a terminal."""
     opts = _options(ctx, o)
     if sum(x is not None for x in (token_id, value, project_id)) != 1:
         raise click.UsageError("give exactly one of TOKEN_ID, --value or --project-id")
     if project_id is not None:
-        counts = _call(opts, "POST", f"/manage/projects/{_quote(project_id)}/tokens/revoke")
-        _emit(opts, counts)
+        ask = _needs_asking(yes, "revoke every token of a project")
+        found = _get(opts, PROJECTS, project_id)
+        if ask:
+            _confirm(f"Revoke every token of project {_label(found)}?")
+        _emit(opts, _call(opts, "POST", f"/manage/projects/{_quote(found['id'])}/tokens/revoke"))
         return
+    ask = _needs_asking(yes, "revoke a token")
     if value is not None:
+        if ask:
+            _confirm("Revoke the token with this value?")
         _call(opts, "DELETE", "/manage/tokens", {"token": value})
+        revoked: str | bool = True
         target = "the token"
     else:
-        _call(opts, "DELETE", f"/manage/tokens/{_quote(token_id or '')}")
-        target = f"token {token_id}"
+        found = _get(opts, TOKENS, token_id or "")
+        if ask:
+            _confirm(
+                f"Revoke token {found['id']} ({found['status']}, project {found['project_id']})?"
+            )
+        _call(opts, "DELETE", f"/manage/tokens/{_quote(found['id'])}")
+        revoked = found["id"]
+        target = f"token {found['id']}"
     if opts.as_json:
-        click.echo(json.dumps({"revoked": token_id or True}))
+        click.echo(json.dumps({"revoked": revoked}))
     else:
         click.echo(f"Revoked {target}.")
 
 
-@token.command("update")
-@click.argument("token_id")
+@token.command("update", epilog=EXIT_CODES_HELP)
+@click.argument("token_id", help=TOKEN_ID_HELP)
 @click.option("--active/--inactive", "is_active", default=None, help="Reactivate or deactivate.")
 @_limit_options
 @click.option("--no-max-requests", is_flag=True, help="Remove the lifetime request limit.")
@@ -471,4 +962,12 @@ def token_update(
         body["is_active"] = is_active
     if not body:
         raise click.UsageError("nothing to update: give at least one option")
-    _emit(opts, _call(opts, "PATCH", f"/manage/tokens/{_quote(token_id)}", body))
+    _emit(
+        opts,
+        _with_id(
+            opts,
+            TOKENS,
+            token_id,
+            lambda i: _call(opts, "PATCH", f"/manage/tokens/{_quote(i)}", body),
+        ),
+    )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -31,6 +34,18 @@ from llm_proxy.runtime.settings import (
 )
 from llm_proxy.tools.benchmark.command import benchmark_command
 from llm_proxy.tools.mock_upstream import mock_upstream_command
+
+
+@contextmanager
+def owner_only_files() -> Iterator[None]:
+    """Create files and directories readable by their owner only (umask 077), as PostgreSQL does
+    for its data directory: DATA_DIR (0700), the SQLite database and its -wal and -shm (0600,
+    which SQLite copies from the database), whoever of the server's parts creates them."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -112,28 +127,59 @@ def build_settings(
 
 
 @main.command()
-@click.option("--listen-addr", envvar="LISTEN_ADDR", default="127.0.0.1:8080", show_envvar=True)
 @click.option(
-    "--management-token", envvar="MANAGEMENT_TOKEN", show_envvar=True, show_default="generated"
+    "--listen-addr",
+    envvar="LISTEN_ADDR",
+    default="127.0.0.1:8080",
+    show_envvar=True,
+    help="host:port the proxy, the management API and the admin pages listen on"
+    " (0.0.0.0:PORT: every interface).",
 )
-@click.option("--admin-user", envvar="ADMIN_USER", default="admin", show_envvar=True)
 @click.option(
-    "--admin-password", envvar="ADMIN_PASSWORD", show_envvar=True, show_default="generated"
+    "--management-token",
+    envvar="MANAGEMENT_TOKEN",
+    show_envvar=True,
+    show_default="generated",
+    help="Bearer token of the management API. Unset: generated on first start, printed once and"
+    " kept in <DATA_DIR>/management_token, where `llm-proxy manage` finds it.",
+)
+@click.option(
+    "--admin-user",
+    envvar="ADMIN_USER",
+    default="admin",
+    show_envvar=True,
+    help="User name of the admin pages (/admin/, HTTP basic auth).",
+)
+@click.option(
+    "--admin-password",
+    envvar="ADMIN_PASSWORD",
+    show_envvar=True,
+    show_default="generated",
+    help="Password of the admin pages. Unset: generated on first start, printed once and kept in"
+    " <DATA_DIR>/admin_password.",
 )
 @click.option(
     "--database-url",
     envvar="DATABASE_URL",
     show_envvar=True,
     show_default="sqlite:///<DATA_DIR>/llm-proxy.db",
+    help="sqlite:///relative.db, sqlite:////absolute.db, or postgresql://user:pass@host/db for"
+    " several instances.",
 )
 @click.option(
-    "--encryption-key", envvar="ENCRYPTION_KEY", show_envvar=True, show_default="generated"
+    "--encryption-key",
+    envvar="ENCRYPTION_KEY",
+    show_envvar=True,
+    show_default="generated",
+    help="base64 of 32 bytes; encrypts the stored upstream keys. Unset: generated on first start"
+    " and kept in <DATA_DIR>/encryption_key (back it up).",
 )
 @click.option(
     "--api-config-path",
     envvar="API_CONFIG_PATH",
     default="config/api_providers.yaml",
     show_envvar=True,
+    help="The upstream APIs and their allowlists (YAML).",
 )
 @click.option(
     "--prices-path",
@@ -142,18 +188,43 @@ def build_settings(
     show_default="config/prices.yaml",
     help="Model prices (USD per 1M tokens) for events' cost_usd and budgets; SIGHUP reloads them.",
 )
-@click.option("--event-bus", envvar="LLM_PROXY_EVENT_BUS", default="memory", show_envvar=True)
 @click.option(
-    "--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_envvar=True
+    "--event-bus",
+    envvar="LLM_PROXY_EVENT_BUS",
+    default="memory",
+    show_envvar=True,
+    help="Where events go: memory (in-process), redis (Redis Streams, for several processes or"
+    " machines) or none.",
 )
-@click.option("--log-level", envvar="LOG_LEVEL", default="info", show_envvar=True)
+@click.option(
+    "--redis-url",
+    envvar="REDIS_URL",
+    default="redis://127.0.0.1:6379/0",
+    show_envvar=True,
+    help="Redis for the event bus and for limits shared by several instances.",
+)
+@click.option(
+    "--log-level",
+    envvar="LOG_LEVEL",
+    default="info",
+    show_envvar=True,
+    help="debug, info, warning, error or critical.",
+)
 @click.option(
     "--log-format",
     envvar="LOG_FORMAT",
     show_envvar=True,
     show_default="console on a TTY, else json",
+    help="console or json.",
 )
-@click.option("--data-dir", envvar="DATA_DIR", default="./data", show_envvar=True)
+@click.option(
+    "--data-dir",
+    envvar="DATA_DIR",
+    default="./data",
+    show_envvar=True,
+    help="Where the generated secrets, the SQLite database and the workers' sockets live;"
+    " created readable by its owner only.",
+)
 @click.option(
     "--file-event-log",
     envvar="FILE_EVENT_LOG",
@@ -161,7 +232,13 @@ def build_settings(
     help="Write every event to this JSONL file from an in-process dispatcher.",
 )
 # Parsed by build_settings, not click, so a bad value stops start-up with the one-line error.
-@click.option("--workers", envvar="WORKERS", default="1", show_envvar=True)
+@click.option(
+    "--workers",
+    envvar="WORKERS",
+    default="1",
+    show_envvar=True,
+    help="Server processes sharing the port; /metrics on any of them sums them all.",
+)
 @click.option(
     "--max-request-body",
     envvar="MAX_REQUEST_BODY",
@@ -240,7 +317,11 @@ def build_settings(
     " are polled (for poolers that cannot carry LISTEN, such as PgBouncer in transaction mode).",
 )
 def server(**options: str | int | None) -> None:
-    """Run the proxy, the management API and the admin pages."""
+    """Run the proxy, the management API and the admin pages.
+
+    Secrets left unset are generated on the first start, printed that once, and kept under
+    DATA_DIR; later starts reuse them.
+    """
     try:
         settings = build_settings(**options, is_tty=sys.stderr.isatty())  # type: ignore[arg-type]
         load_api_config(settings.api_config_path)
@@ -259,7 +340,8 @@ def server(**options: str | int | None) -> None:
 
     configure_logging(settings.log_level, settings.log_format)
     try:
-        run_server(settings)
+        with owner_only_files():
+            run_server(settings)
     except SettingsError as exc:
         click.echo(f"llm-proxy: {exc}", err=True)
         sys.exit(1)
@@ -286,7 +368,8 @@ def migrate(database_url: str | None, data_dir: str) -> None:
 
     try:
         url = check_database_url(database_url or f"sqlite:///{Path(data_dir)}/llm-proxy.db")
-        applied, label = migrate_database(url)
+        with owner_only_files():
+            applied, label = migrate_database(url)
     except SettingsError as exc:
         click.echo(f"llm-proxy: {exc}", err=True)
         sys.exit(1)

@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TextIO
 
@@ -57,37 +58,66 @@ def with_generated_secrets(settings: Settings, out: TextIO) -> Settings:
 
 def _fill_secrets(settings: Settings, out: TextIO) -> Settings:
     data_dir = settings.data_dir
-    lines: list[str] = []
+    shown: list[str] = []  # what this start generated, for the banner
+    kept: list[str] = []  # files an earlier start generated
+    token_generated = False
+
+    def load(name: str, make: Callable[[], str]) -> tuple[str, str | None]:
+        """The secret, and the file keeping it when this start generated it."""
+        secret = secrets_store.load_or_create(data_dir, name, make)
+        path = str((data_dir / name).absolute())
+        if not secret.created:
+            kept.append(path)
+        return secret.value, path if secret.created else None
+
     if not settings.management_token:
-        secret = secrets_store.load_or_create(
-            data_dir, "management_token", secrets_store.new_management_token
-        )
-        settings = replace(settings, management_token=secret.value)
-        lines.append(f"MANAGEMENT_TOKEN={secret.value}")
+        token, new = load(secrets_store.MANAGEMENT_TOKEN_FILE, secrets_store.new_management_token)
+        settings = replace(settings, management_token=token)
+        if new:
+            shown += [f"Management API token, kept in {new}:", f"  MANAGEMENT_TOKEN={token}"]
+            token_generated = True
     if not settings.admin_password:
-        secret = secrets_store.load_or_create(
-            data_dir, "admin_password", secrets_store.new_admin_password
-        )
-        settings = replace(settings, admin_password=secret.value)
-        lines.append(f"ADMIN_USER={settings.admin_user} ADMIN_PASSWORD={secret.value}")
-    if not settings.encryption_key:
-        secret = secrets_store.load_or_create(
-            data_dir, "encryption_key", secrets_store.new_encryption_key
-        )
-        settings = replace(settings, encryption_key=parse_encryption_key(secret.value))
-    if lines:
-        # Printed, not logged: these go to the operator's terminal once per start, never to the
-        # log pipeline. They are kept in DATA_DIR with mode 0600.
-        banner = "\n".join(
-            [
-                "",
-                f"  Credentials generated on first start (kept in {data_dir}/, mode 0600):",
-                *(f"    {line}" for line in lines),
-                "",
+        password, new = load(secrets_store.ADMIN_PASSWORD_FILE, secrets_store.new_admin_password)
+        settings = replace(settings, admin_password=password)
+        if new:
+            shown += [
+                f"Admin pages (/admin/), the password kept in {new}:",
+                f"  ADMIN_USER={settings.admin_user} ADMIN_PASSWORD={password}",
             ]
-        )
-        print(banner, file=out, flush=True)
+    if not settings.encryption_key:
+        key, new = load(secrets_store.ENCRYPTION_KEY_FILE, secrets_store.new_encryption_key)
+        settings = replace(settings, encryption_key=parse_encryption_key(key))
+        if new:
+            shown += [
+                f"Encryption key of the stored upstream keys, kept in {new}",
+                "  (not shown; back the file up: without it those keys cannot be read)",
+            ]
+    if shown:
+        _announce(shown, token_generated, out)
+    if kept:
+        # Where the credentials are, without them, for an operator who missed the first start.
+        log.info("server.generated_credentials_reused", files=kept)
     return settings
+
+
+def _announce(shown: list[str], with_token: bool, out: TextIO) -> None:
+    """Printed, not logged, and only by the start that generated them: a secret goes to the
+    operator's terminal once and never to the log pipeline."""
+    footer = [
+        "",
+        "`llm-proxy manage …` run here finds the server and this token by itself",
+        "(it reads the same LISTEN_ADDR and DATA_DIR).",
+    ]
+    banner = [
+        "",
+        "llm-proxy generated these credentials on this first start. They are shown only",
+        "now; each file is readable by its owner only and is reused on every later start.",
+        "",
+        *(f"  {line}" for line in shown),
+        *(footer if with_token else []),
+        "",
+    ]
+    print("\n".join(f"  {line}" if line else "" for line in banner), file=out, flush=True)
 
 
 async def _serve(settings: Settings, peers: WorkerPeers | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -54,9 +55,11 @@ def server(
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in PRODUCT_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    # `manage` falls back on ./data/management_token: a checkout's own data/ must not answer.
+    monkeypatch.chdir(tmp_path)
 
 
 def manage(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -138,17 +141,23 @@ def test_project_create_refuses_metadata_that_is_not_json(server: ServerProcess)
     assert "--metadata" in result.stderr
 
 
-def test_project_list_table_has_headers_and_whole_values(server: ServerProcess) -> None:
+def test_project_list_table_has_headers_and_short_ids(server: ServerProcess) -> None:
     project_id = create_project(server, "table project")
     result = manage_as(server, "project", "list")
     assert result.exit_code == 0, result.output
-    for header in ("id", "name", "is_active", "api_key", "created_at"):
-        assert header in result.stdout
-    # A pipe gets whole values on one row, so ids can be copied or grepped.
-    row = next(line for line in result.stdout.splitlines() if project_id in line)
-    assert "table project" in row
+    assert result.stdout.splitlines()[0].split() == ["id", "name", "status", "api_key", "created"]
+    row = next(line for line in result.stdout.splitlines() if "table project" in line)
+    assert row.startswith(project_id[:8] + "  ")
+    assert project_id not in result.stdout
+    assert " active " in row
     assert MASKED_KEY in row
     assert UPSTREAM_KEY not in result.stdout
+    wide = manage_as(server, "project", "list", "--wide")
+    assert wide.exit_code == 0, wide.output
+    for header in ("id", "name", "is_active", "api_key", "created_at"):
+        assert header in wide.stdout.splitlines()[0]
+    row = next(line for line in wide.stdout.splitlines() if project_id in line)
+    assert "table project" in row
 
 
 def test_json_works_on_the_group_and_on_the_leaf(server: ServerProcess) -> None:
@@ -224,14 +233,14 @@ def test_project_update_needs_something_to_change(server: ServerProcess) -> None
 
 def test_project_delete_removes_it(server: ServerProcess) -> None:
     project_id = create_project(server, "doomed")
-    result = manage_as(server, "project", "delete", project_id)
+    result = manage_as(server, "project", "delete", project_id, "--yes")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"Deleted project {project_id}."
     assert "404 project_not_found" in one_line_error(
         manage_as(server, "project", "get", project_id)
     )
     again = create_project(server, "doomed too")
-    assert manage_json(server, "project", "delete", again) == {"deleted": again}
+    assert manage_json(server, "project", "delete", again, "--yes") == {"deleted": again}
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -252,8 +261,13 @@ def test_a_wrong_management_token_is_one_line_with_the_code(server: ServerProces
 
 
 def test_a_missing_management_token_is_explained(server: ServerProcess) -> None:
-    result = manage("--manage-api-base-url", server.base_url, "project", "list")
-    assert "MANAGEMENT_TOKEN" in one_line_error(result)
+    result = manage(
+        "--manage-api-base-url", server.base_url, "project", "list", env={"DATA_DIR": "elsewhere"}
+    )
+    line = one_line_error(result)
+    assert "MANAGEMENT_TOKEN" in line
+    assert "elsewhere/management_token" in line
+    assert "DATA_DIR" in line
 
 
 @pytest.mark.parametrize(
@@ -261,12 +275,12 @@ def test_a_missing_management_token_is_explained(server: ServerProcess) -> None:
     [
         (("project", "get", "no-such-project"), "project_not_found"),
         (("project", "update", "no-such-project", "--name", "x"), "project_not_found"),
-        (("project", "delete", "no-such-project"), "project_not_found"),
+        (("project", "delete", "no-such-project", "--yes"), "project_not_found"),
         (("token", "list", "--project-id", "no-such-project"), "project_not_found"),
         (("token", "generate", "--project-id", "no-such-project"), "project_not_found"),
         (("token", "get", "no-such-token"), "token_not_found"),
-        (("token", "revoke", "no-such-token"), "token_not_found"),
-        (("token", "revoke", "--project-id", "no-such-project"), "project_not_found"),
+        (("token", "revoke", "no-such-token", "--yes"), "token_not_found"),
+        (("token", "revoke", "--project-id", "no-such-project", "--yes"), "project_not_found"),
     ],
 )
 def test_an_unknown_id_fails_with_its_code(
@@ -334,11 +348,21 @@ def test_token_list_table_and_project_filter(server: ServerProcess) -> None:
     token_id = manage_json(server, "token", "generate", "--project-id", mine)["id"]
     revoked_id = manage_json(server, "token", "generate", "--project-id", mine)["id"]
     other_id = manage_json(server, "token", "generate", "--project-id", other)["id"]
-    assert manage_as(server, "token", "revoke", revoked_id).exit_code == 0
+    assert manage_as(server, "token", "revoke", revoked_id, "--yes").exit_code == 0
 
     table = manage_as(server, "token", "list", "--project-id", mine)
     assert table.exit_code == 0, table.output
-    header = next(line for line in table.stdout.splitlines() if "request_count" in line)
+    header = table.stdout.splitlines()[0].split()
+    assert header == ["id", "project", "status", "expires", "requests", "spent_usd"]
+    row = next(line for line in table.stdout.splitlines() if line.startswith(token_id[:8]))
+    assert mine[:8] in row and " active " in row
+    revoked_row = next(line for line in table.stdout.splitlines() if revoked_id[:8] in line)
+    assert " revoked " in revoked_row
+    assert other_id[:8] not in table.stdout
+
+    wide = manage_as(server, "token", "list", "--project-id", mine, "--wide")
+    assert wide.exit_code == 0, wide.output
+    header = wide.stdout.splitlines()[0]
     for column in (
         "id",
         "project_id",
@@ -351,10 +375,8 @@ def test_token_list_table_and_project_filter(server: ServerProcess) -> None:
         "budget_usd",
     ):
         assert column in header
-    row = next(line for line in table.stdout.splitlines() if token_id in line)
+    row = next(line for line in wide.stdout.splitlines() if token_id in line)
     assert mine in row and " active " in row
-    assert " revoked " in next(line for line in table.stdout.splitlines() if revoked_id in line)
-    assert other_id not in table.stdout
 
     listed = manage_json(server, "token", "list", "--project-id", mine)
     assert {t["id"]: t["status"] for t in listed} == {token_id: "active", revoked_id: "revoked"}
@@ -544,12 +566,12 @@ def test_token_revoke_by_id_value_and_project(server: ServerProcess) -> None:
     by_id, by_value, rest = (
         manage_json(server, "token", "generate", "--project-id", project_id) for _ in range(3)
     )
-    result = manage_as(server, "token", "revoke", by_id["id"])
+    result = manage_as(server, "token", "revoke", by_id["id"], "--yes")
     assert (result.exit_code, result.stdout.strip()) == (0, f"Revoked token {by_id['id']}.")
-    result = manage_as(server, "token", "revoke", "--value", by_value["token"])
+    result = manage_as(server, "token", "revoke", "--value", by_value["token"], "-y")
     assert (result.exit_code, result.stdout.strip()) == (0, "Revoked the token.")
     assert by_value["token"] not in result.output
-    counts = manage_json(server, "token", "revoke", "--project-id", project_id)
+    counts = manage_json(server, "token", "revoke", "--project-id", project_id, "--yes")
     assert counts == {"revoked_count": 1, "already_revoked_count": 2, "total_tokens": 3}
     states = {
         t["id"]: t["is_active"]
@@ -557,7 +579,7 @@ def test_token_revoke_by_id_value_and_project(server: ServerProcess) -> None:
     }
     assert states == {by_id["id"]: False, by_value["id"]: False, rest["id"]: False}
     # Revoking again is not an error (DELETE is 204 also when already revoked).
-    assert manage_json(server, "token", "revoke", by_id["id"]) == {"revoked": by_id["id"]}
+    assert manage_json(server, "token", "revoke", by_id["id"], "--yes") == {"revoked": by_id["id"]}
 
 
 @pytest.mark.parametrize(
@@ -588,7 +610,7 @@ def test_issued_token_works_with_the_openai_sdk_until_revoked(server: ServerProc
         assert completion.object == "chat.completion"
         assert completion.choices[0].message.content
 
-        result = manage_as(server, "token", "revoke", issued["id"])
+        result = manage_as(server, "token", "revoke", issued["id"], "--yes")
         assert result.exit_code == 0, result.output
         with pytest.raises(openai.AuthenticationError) as caught:
             client.chat.completions.create(
@@ -615,7 +637,7 @@ def test_a_request_quota_set_from_the_cli_is_enforced(server: ServerProcess) -> 
 def test_deleting_the_project_stops_its_tokens(server: ServerProcess) -> None:
     project_id = create_project(server, "deleted with tokens")
     issued = manage_json(server, "token", "generate", "--project-id", project_id)
-    assert manage_as(server, "project", "delete", project_id).exit_code == 0
+    assert manage_as(server, "project", "delete", project_id, "--yes").exit_code == 0
     with (
         openai.OpenAI(
             base_url=f"{server.base_url}/v1", api_key=issued["token"], max_retries=0

@@ -1,0 +1,127 @@
+"""The first start of ``llm-proxy server`` on a fresh DATA_DIR: the credentials it generates are
+printed once, with the files that keep them, and never again; everything it keeps there is its
+owner's only. Real server processes, started and started again."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.processes import (
+    MockUpstream,
+    clean_env,
+    cli_command,
+    http,
+    run,
+    start_mock_upstream,
+    start_server,
+    write_api_config,
+)
+
+pytestmark = pytest.mark.process
+
+SECRET_FILES = ("management_token", "admin_password", "encryption_key")
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]:
+    mock = start_mock_upstream(tmp_path_factory.mktemp("mock"))
+    yield mock
+    mock.process.stop()
+
+
+@pytest.fixture
+def api_config(tmp_path: Path, upstream: MockUpstream) -> Path:
+    return write_api_config(tmp_path / "api_providers.yaml", upstream.base_url)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_generated_credentials_are_printed_once_with_their_files(
+    tmp_path: Path, api_config: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = start_server(data_dir, api_config, tmp_path / "logs", name="first")
+    try:
+        printed = first.process.stdout
+        token = first.management_token
+    finally:
+        assert first.stop() == 0, first.process.stderr
+    secrets = {name: (data_dir / name).read_text().strip() for name in SECRET_FILES}
+    assert secrets["management_token"] == token
+    assert f"MANAGEMENT_TOKEN={token}\n" in printed
+    assert f"ADMIN_USER=admin ADMIN_PASSWORD={secrets['admin_password']}\n" in printed
+    for name in SECRET_FILES:
+        assert str((data_dir / name).absolute()) in printed, name
+    assert "shown only" in printed
+    # The encryption key is announced by its file, never by its value.
+    assert secrets["encryption_key"] not in printed
+    assert len(base64.b64decode(secrets["encryption_key"])) == 32
+
+    second = start_server(data_dir, api_config, tmp_path / "logs", name="second")
+    try:
+        status, _ = http("GET", f"{second.base_url}/manage/projects", token=token)
+        assert status == 200  # the same token still opens the API
+    finally:
+        assert second.stop() == 0, second.process.stderr
+    output = second.process.stdout + second.process.stderr
+    for name, value in secrets.items():
+        assert value not in output, f"the second start showed the {name}"
+    assert "MANAGEMENT_TOKEN=" not in output and "ADMIN_PASSWORD=" not in output
+    # Where they are is still told, through the log, without the values.
+    assert "server.generated_credentials_reused" in second.process.stderr
+    assert str((data_dir / "management_token").absolute()) in second.process.stderr
+
+
+def test_data_dir_is_0700_and_the_database_and_secrets_0600(
+    tmp_path: Path, api_config: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    server = start_server(data_dir, api_config, tmp_path / "logs")
+    try:
+        # A write, so the database has its write-ahead log and shared memory files.
+        status, body = http(
+            "POST",
+            f"{server.base_url}/manage/projects",
+            token=server.management_token,
+            body={"name": "modes", "api_key": "sk-x"},
+        )
+        assert status == 201, body
+        files = ["llm-proxy.db", "llm-proxy.db-wal", "llm-proxy.db-shm", *SECRET_FILES]
+        assert {name: mode(data_dir / name) for name in files} == dict.fromkeys(files, 0o600)
+        assert mode(data_dir) == 0o700
+    finally:
+        server.stop()
+
+
+def test_without_generated_secrets_the_database_is_private_too(
+    tmp_path: Path, api_config: Path
+) -> None:
+    data_dir = tmp_path / "nested" / "data"
+    given = {
+        "MANAGEMENT_TOKEN": "mgmt-given-by-the-operator-" + "x" * 20,
+        "ADMIN_PASSWORD": "given-password",
+        "ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode(),
+    }
+    server = start_server(data_dir, api_config, tmp_path / "logs", **given)
+    try:
+        assert server.process.stdout.strip() == ""  # nothing was generated, nothing printed
+        assert mode(data_dir) == 0o700
+        assert mode(data_dir / "llm-proxy.db") == 0o600
+        assert not any((data_dir / name).exists() for name in SECRET_FILES)
+    finally:
+        server.stop()
+
+
+def test_migrate_creates_a_private_database(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    result = run(cli_command("migrate"), clean_env(DATA_DIR=str(data_dir)))
+    assert result.returncode == 0, result.stderr
+    assert mode(data_dir) == 0o700
+    assert mode(data_dir / "llm-proxy.db") == 0o600
