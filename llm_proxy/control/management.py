@@ -21,7 +21,16 @@ from llm_proxy.control.operations import (
     LimitChanges,
     Operations,
 )
-from llm_proxy.control.validation import MISSING
+from llm_proxy.control.validation import (
+    MAX_API_KEY_LENGTH,
+    MAX_DESCRIPTION_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_PAGE,
+    MAX_PAGE_SIZE,
+    MAX_TOKEN_VALUE_LENGTH,
+    MISSING,
+)
 from llm_proxy.models import AuditFilter
 
 log = structlog.get_logger(__name__)
@@ -156,9 +165,11 @@ def _given(**fields: Any) -> dict[str, Any]:
 async def create_project(request: web.Request) -> web.Response:
     body = await _json_body(request)
     validation.require_known(body, {"name", "api_key", "description", "metadata"})
-    name = validation.text(body, "name", required=True, max_length=200)
-    api_key = validation.text(body, "api_key", required=True, max_length=1000)
-    description = validation.text(body, "description", required=False, max_length=2000)
+    name = validation.text(body, "name", required=True, max_length=MAX_NAME_LENGTH)
+    api_key = validation.text(body, "api_key", required=True, max_length=MAX_API_KEY_LENGTH)
+    description = validation.text(
+        body, "description", required=False, max_length=MAX_DESCRIPTION_LENGTH
+    )
     metadata = validation.mapping(body, "metadata")
     project = await _ops(request).create_project(
         _actor(request),
@@ -186,11 +197,13 @@ async def update_project(request: web.Request) -> web.Response:
         body, {"name", "api_key", "is_active", "revoke_tokens", "description", "metadata"}
     )
     fields = _given(
-        name=validation.text(body, "name", required=False, max_length=200),
-        api_key=validation.text(body, "api_key", required=False, max_length=1000),
+        name=validation.text(body, "name", required=False, max_length=MAX_NAME_LENGTH),
+        api_key=validation.text(body, "api_key", required=False, max_length=MAX_API_KEY_LENGTH),
         is_active=validation.boolean(body, "is_active"),
         revoke_tokens=validation.boolean(body, "revoke_tokens"),
-        description=validation.text(body, "description", required=False, max_length=2000),
+        description=validation.text(
+            body, "description", required=False, max_length=MAX_DESCRIPTION_LENGTH
+        ),
         metadata=validation.mapping(body, "metadata"),
     )
     if not fields:
@@ -230,12 +243,14 @@ _TOKEN_LIMITS = ("max_requests", "rpm", "tpm", "budget_usd", "allowed_models")
 
 def _token_limits(body: dict[str, Any]) -> LimitChanges:
     """The limits given in a token body: absent ones left out, null ones as None."""
+    counts = {
+        key: validation.integer(body, key, minimum=1, maximum=MAX_COUNT, nullable=True)
+        for key in ("max_requests", "rpm", "tpm")
+    }
     given = _given(
-        max_requests=validation.integer(body, "max_requests", minimum=1, maximum=MAX_COUNT),
-        rpm=validation.integer(body, "rpm", minimum=1, maximum=MAX_COUNT),
-        tpm=validation.integer(body, "tpm", minimum=1, maximum=MAX_COUNT),
-        budget_usd=validation.dollars(body, "budget_usd"),
-        allowed_models=validation.patterns(body, "allowed_models"),
+        **counts,
+        budget_usd=validation.dollars(body, "budget_usd", nullable=True),
+        allowed_models=validation.patterns(body, "allowed_models", nullable=True),
     )
     return cast(LimitChanges, given)  # each checked to its type just above
 
@@ -243,7 +258,7 @@ def _token_limits(body: dict[str, Any]) -> LimitChanges:
 async def create_token(request: web.Request) -> web.Response:
     body = await _json_body(request)
     validation.require_known(body, {"project_id", "duration_minutes", "metadata", *_TOKEN_LIMITS})
-    project_id = validation.text(body, "project_id", required=True, max_length=100)
+    project_id = validation.text(body, "project_id", required=True, max_length=MAX_ID_LENGTH)
     duration = validation.duration_minutes(body)
     limits = _token_limits(body)
     metadata = validation.mapping(body, "metadata", max_bytes=MAX_TOKEN_METADATA_BYTES)
@@ -312,7 +327,7 @@ async def revoke_token(request: web.Request) -> web.Response:
 async def revoke_token_by_value(request: web.Request) -> web.Response:
     body = await _json_body(request)
     validation.require_known(body, {"token"})
-    value = validation.text(body, "token", required=True, max_length=300)
+    value = validation.text(body, "token", required=True, max_length=MAX_TOKEN_VALUE_LENGTH)
     await _ops(request).revoke_token_by_value(_actor(request), value)
     return web.Response(status=204)
 
@@ -320,7 +335,7 @@ async def revoke_token_by_value(request: web.Request) -> web.Response:
 # -- audit -------------------------------------------------------------------------------------
 
 
-async def audit_log(request: web.Request) -> web.Response:
+async def list_audit_events(request: web.Request) -> web.Response:
     query = request.query
     known = {"actor", "action", "target_type", "target_id", "project_id", "outcome"}
     unknown = set(query) - known - {"since", "until", "page", "page_size"}
@@ -331,9 +346,9 @@ async def audit_log(request: web.Request) -> web.Response:
         since=validation.timestamp(query.get("since"), "since"),
         until=validation.timestamp(query.get("until"), "until"),
     )
-    page = validation.query_int(query.get("page"), "page", default=1, minimum=1, maximum=10**9)
+    page = validation.query_int(query.get("page"), "page", default=1, minimum=1, maximum=MAX_PAGE)
     page_size = validation.query_int(
-        query.get("page_size"), "page_size", default=50, minimum=1, maximum=100
+        query.get("page_size"), "page_size", default=50, minimum=1, maximum=MAX_PAGE_SIZE
     )
     events, total = await _ops(request).audit_log(filters, page, page_size)
     return json_response(
@@ -349,7 +364,7 @@ async def audit_log(request: web.Request) -> web.Response:
     )
 
 
-async def openapi(request: web.Request) -> web.Response:
+async def get_openapi_document(request: web.Request) -> web.Response:
     return json_response(openapi_document())
 
 
@@ -357,7 +372,7 @@ def management_app(operations: Operations, management_token: str) -> web.Applica
     app = web.Application(middlewares=[management_middleware])
     app[OPERATIONS] = operations
     app[MANAGEMENT_TOKEN] = management_token
-    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/openapi.json", get_openapi_document)
     app.router.add_post("/projects", create_project)
     app.router.add_get("/projects", list_projects)
     app.router.add_get("/projects/{project_id}", get_project)
@@ -370,5 +385,5 @@ def management_app(operations: Operations, management_token: str) -> web.Applica
     app.router.add_get("/tokens/{token_id}", get_token)
     app.router.add_patch("/tokens/{token_id}", update_token)
     app.router.add_delete("/tokens/{token_id}", revoke_token)
-    app.router.add_get("/audit", audit_log)
+    app.router.add_get("/audit", list_audit_events)
     return app

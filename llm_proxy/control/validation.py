@@ -1,4 +1,11 @@
-"""Field checks for JSON bodies and query strings; each failure names the field."""
+"""Field checks for JSON bodies and query strings; each failure names the field.
+
+The OpenAPI document (:mod:`llm_proxy.control.openapi`) states these same rules as schemas, built
+from the constants below, and a test holds the two to the same verdict on every body it tries.
+Hence rules a schema can state: lengths count what was sent (before trimming), lists count their
+items as sent (before duplicates are dropped), and a number is judged by its value, so ``286.0`` is
+the whole number 286, as JSON Schema has it.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +22,54 @@ from llm_proxy.control.operations import (
     MAX_MODEL_PATTERN_LENGTH,
 )
 from llm_proxy.errors import InvalidField
-from llm_proxy.models import nanousd
 
 MISSING: Any = object()
+
+MAX_NAME_LENGTH = 200
+MAX_API_KEY_LENGTH = 1000
+MAX_DESCRIPTION_LENGTH = 2000
+MAX_ID_LENGTH = 100
+MAX_TOKEN_VALUE_LENGTH = 300
+MAX_PAGE = 10**9
+MAX_PAGE_SIZE = 100
+# Money is kept in whole nano-dollars: less would be stored as no budget at all.
+MIN_BUDGET_USD = 1e-9
+
+_SCALES = (
+    (10**18, "quintillion"),
+    (10**15, "quadrillion"),
+    (10**12, "trillion"),
+    (10**9, "billion"),
+    (10**6, "million"),
+)
+
+
+def readable(number: int) -> str:
+    """A bound as a person reads it: ``525,600``, ``1 billion``, ``2^62 (about 4.6 quintillion)``."""
+    for scale, name in _SCALES:
+        if number >= scale and number % scale == 0:
+            return f"{number // scale:,} {name}"
+    if number >= 10**6 and number & (number - 1) == 0:
+        scale, name = next((s, n) for s, n in _SCALES if number >= s)
+        return f"2^{number.bit_length() - 1} (about {number / scale:.1f} {name})"
+    return f"{number:,}"
+
+
+def whole_number(minimum: int, maximum: int, unit: str = "") -> str:
+    """What an integer field must be, e.g. ``a whole number of minutes from 1 to 525,600``."""
+    of_unit = f" of {unit}" if unit else ""
+    return f"a whole number{of_unit} from {readable(minimum)} to {readable(maximum)}"
+
+
+def _shown(value: Any) -> str:
+    """A refused value as a message may show it: numbers and literals, never a caller's text."""
+    if value is None or isinstance(value, bool):
+        return orjson.dumps(value).decode()
+    if isinstance(value, int | float):
+        return repr(value) if abs(value) < 10**21 else "a number that large"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def require_known(body: dict[str, Any], allowed: set[str]) -> None:
@@ -27,18 +79,19 @@ def require_known(body: dict[str, Any], allowed: set[str]) -> None:
 
 
 def text(body: dict[str, Any], key: str, *, required: bool, max_length: int) -> Any:
+    """A string, trimmed; a required one must not be blank. Null is refused, never "absent"."""
     value = body.get(key, MISSING)
-    if value is MISSING or value is None:
+    if value is MISSING:
         if required:
             raise InvalidField(key, "is required")
         return MISSING
     if not isinstance(value, str):
-        raise InvalidField(key, "must be a string")
+        raise InvalidField(key, f"must be a string, not {_shown(value)}")
+    if len(value) > max_length:
+        raise InvalidField(key, f"must be at most {readable(max_length)} characters")
     value = value.strip()
     if required and not value:
         raise InvalidField(key, "must not be empty")
-    if len(value) > max_length:
-        raise InvalidField(key, f"must be at most {max_length} characters")
     return value
 
 
@@ -47,72 +100,89 @@ def boolean(body: dict[str, Any], key: str) -> Any:
     if value is MISSING:
         return MISSING
     if not isinstance(value, bool):
-        raise InvalidField(key, "must be true or false")
+        raise InvalidField(key, f"must be true or false, not {_shown(value)}")
     return value
 
 
 def integer(
-    body: dict[str, Any], key: str, *, minimum: int, maximum: int, required: bool = False
+    body: dict[str, Any],
+    key: str,
+    *,
+    minimum: int,
+    maximum: int,
+    required: bool = False,
+    nullable: bool = False,
+    unit: str = "",
 ) -> Any:
-    """An int within bounds; MISSING when absent, None when explicitly null (and not required)."""
+    """An int within bounds; MISSING when absent, None when null and ``nullable``."""
     value = body.get(key, MISSING)
-    if value is MISSING or (value is None and required):
+    if value is MISSING:
         if required:
             raise InvalidField(key, "is required")
         return MISSING
-    if value is None:
+    if value is None and nullable:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidField(key, "must be an integer")
-    if not minimum <= value <= maximum:
-        raise InvalidField(key, f"must be between {minimum} and {maximum}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one kind of number: 286.0 is 286
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        hint = "; null for no limit" if nullable else ""
+        expected = whole_number(minimum, maximum, unit)
+        raise InvalidField(key, f"must be {expected}{hint}, not {_shown(value)}")
     return value
 
 
-def dollars(body: dict[str, Any], key: str, *, maximum: float = MAX_BUDGET_USD) -> Any:
-    """An amount of US dollars above zero; MISSING when absent, None when explicitly null."""
+def dollars(
+    body: dict[str, Any], key: str, *, maximum: float = MAX_BUDGET_USD, nullable: bool = False
+) -> Any:
+    """An amount of US dollars, at least a nano-dollar; MISSING when absent, None when null and
+    ``nullable``."""
     value = body.get(key, MISSING)
-    if value is MISSING or value is None:
+    if value is MISSING or (value is None and nullable):
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidField(key, "must be a number")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidField(key, "must be a number")
-    if not 0 < value <= maximum:
-        raise InvalidField(key, f"must be greater than 0 and at most {maximum}")
-    if nanousd(value) < 1:
-        # Money is kept in whole nano-dollars: less would be stored as no budget at all.
-        raise InvalidField(key, "must be at least 0.000000001")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not MIN_BUDGET_USD <= value <= maximum
+    ):
+        hint = "; null for no limit" if nullable else ""
+        raise InvalidField(
+            key,
+            "must be an amount in US dollars from 0.000000001 (one nano-dollar)"
+            f" to {readable(int(maximum))}{hint}, not {_shown(value)}",
+        )
     return value
 
 
-def patterns(body: dict[str, Any], key: str) -> Any:
-    """A non-empty list of model globs, duplicates dropped in order; MISSING or None as above."""
+def patterns(body: dict[str, Any], key: str, *, nullable: bool = False) -> Any:
+    """A non-empty list of model globs, each trimmed, duplicates dropped in order; MISSING when
+    absent, None when null and ``nullable``."""
     value = body.get(key, MISSING)
-    if value is MISSING or value is None:
+    if value is MISSING or (value is None and nullable):
         return value
     if not isinstance(value, list) or not value:
-        raise InvalidField(key, "must be a non-empty list of model patterns")
+        hint = "; null for any model" if nullable else ""
+        raise InvalidField(key, f"must be a non-empty list of model patterns{hint}")
+    if len(value) > MAX_ALLOWED_MODELS:
+        raise InvalidField(key, f"must have at most {MAX_ALLOWED_MODELS} patterns")
     kept: dict[str, None] = {}
     for item in value:
         if not isinstance(item, str) or not item.strip():
             raise InvalidField(key, "every pattern must be a non-empty string")
-        if len(item.strip()) > MAX_MODEL_PATTERN_LENGTH:
+        if len(item) > MAX_MODEL_PATTERN_LENGTH:
             raise InvalidField(
                 key, f"every pattern must be at most {MAX_MODEL_PATTERN_LENGTH} characters"
             )
         kept[item.strip()] = None
-    if len(kept) > MAX_ALLOWED_MODELS:
-        raise InvalidField(key, f"must have at most {MAX_ALLOWED_MODELS} patterns")
     return list(kept)
 
 
 def mapping(body: dict[str, Any], key: str, *, max_bytes: int | None = None) -> Any:
     value = body.get(key, MISSING)
-    if value is MISSING or value is None:
+    if value is MISSING:
         return MISSING
     if not isinstance(value, dict):
-        raise InvalidField(key, "must be a JSON object")
+        raise InvalidField(key, f"must be a JSON object, not {_shown(value)}")
     if max_bytes is not None and len(orjson.dumps(value)) > max_bytes:
         raise InvalidField(key, f"must be at most {max_bytes} bytes as JSON")
     return value
@@ -120,7 +190,12 @@ def mapping(body: dict[str, Any], key: str, *, max_bytes: int | None = None) -> 
 
 def duration_minutes(body: dict[str, Any]) -> int:
     value: int = integer(
-        body, "duration_minutes", minimum=1, maximum=MAX_DURATION_MINUTES, required=True
+        body,
+        "duration_minutes",
+        minimum=1,
+        maximum=MAX_DURATION_MINUTES,
+        required=True,
+        unit="minutes",
     )
     return value
 
@@ -141,7 +216,7 @@ def query_int(value: str | None, key: str, *, default: int, minimum: int, maximu
     try:
         number = int(value)
     except ValueError:
-        raise InvalidField(key, "must be an integer") from None
-    if not minimum <= number <= maximum:
-        raise InvalidField(key, f"must be between {minimum} and {maximum}")
+        number = None
+    if number is None or not minimum <= number <= maximum:
+        raise InvalidField(key, f"must be {whole_number(minimum, maximum)}")
     return number
