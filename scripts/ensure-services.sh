@@ -72,3 +72,24 @@ if [ -d "$(dirname "$nginx_bin")" ] && [ ! -x "$nginx_bin" ]; then
   install -m 0755 "$unpack/root/usr/sbin/nginx" "$nginx_bin"
   rm -rf "$unpack"
 fi
+
+# The alert rules and the dashboard's queries (deploy/prometheus, deploy/grafana) are checked and
+# unit-tested with a real promtool (tests/deploy). Debian's prometheus package ships it; installing
+# the package would start a Prometheus daemon, so only promtool is unpacked into the virtualenv,
+# pinned by package version and by the binary's checksum.
+promtool_package=prometheus=2.42.0+ds-5+deb12u1
+promtool_sha256=14d9c8acdc5d1321dc2092400111c586f09ac350f23f2383d1679b2bf256e583
+promtool_bin="$here/${VENV:-.venv}/bin/promtool"
+if [ -d "$(dirname "$promtool_bin")" ] &&
+  ! { [ -x "$promtool_bin" ] && echo "$promtool_sha256  $promtool_bin" | sha256sum --check --status; }; then
+  echo "Unpacking promtool from Debian's $promtool_package"
+  unpack="$(mktemp -d)"
+  if ! (cd "$unpack" && apt-get download -qq "$promtool_package" >/dev/null 2>&1); then
+    if [ "$(id -u)" -ne 0 ]; then sudo apt-get update -qq >/dev/null; else apt-get update -qq >/dev/null; fi
+    (cd "$unpack" && apt-get download -qq "$promtool_package" >/dev/null)
+  fi
+  dpkg-deb --fsys-tarfile "$unpack"/prometheus_*.deb | tar -x -C "$unpack" ./usr/bin/promtool
+  echo "$promtool_sha256  $unpack/usr/bin/promtool" | sha256sum --check --quiet
+  install -m 0755 "$unpack/usr/bin/promtool" "$promtool_bin"
+  rm -rf "$unpack"
+fi

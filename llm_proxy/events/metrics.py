@@ -20,6 +20,23 @@ DROPPED = Counter(
     "could not be built, or shutdown ran out of time.",
     ["reason"],
 )
+# Every reason events are dropped for, on the page at 0 from the start: a series that first
+# appears at 1 shows Prometheus no increase, so the first drop of its kind would go unalerted.
+DROP_REASONS = (
+    "queue_full",
+    "closing",
+    "build_failed",
+    "publish_failed",
+    "memory_bus_full",
+    "redis_unavailable",
+    "spool_malformed",
+    "bus_entry_unusable",
+    "trimmed_before_delivery",
+    "events_process_died",
+    "events_process_backlog",
+)
+for _reason in DROP_REASONS:
+    DROPPED.labels(_reason)
 SPOOLED = Counter(
     "llm_proxy_events_spooled", "Events written to the spool file while Redis was unreachable."
 )

@@ -8,11 +8,14 @@ only one process has counted is still there. Summing is what a Prometheus ``sum 
 processes would give, for counters, histogram buckets and the gauges (queue depth, spool bytes)
 alike; as every process's counters only grow, so does their sum, whichever worker answers.
 
-Two kinds of series are not summed:
+Some series are left off or not summed:
 
-- Creation times (``*_created``): the earliest of the sources, so the page does not depend on
-  which worker answered. Pages parsed from the text format carry them as families of their own
-  (``x_created`` beside ``x``); they are folded back into their family first.
+- Creation times (``*_created``) are left off. The text format has no place for them in their
+  counter's or histogram's family: ``prometheus_client`` writes them as gauges of their own
+  (``x_created`` beside ``x_total``), which dashboards then list as stray gauges, and the page's
+  sums have no single creation time anyway (each process started its counters at its own time).
+  Prometheus tells a counter's restarts from its value going down, without them. Pages parsed from
+  the text format carry them as those gauge families, recognised by the family beside them.
 - Families that describe one process and mean nothing added up (:data:`PER_PROCESS`: its start
   time, its file descriptor limit, the Python version): the first source's, i.e. the answering
   worker's. The rest of the default collectors' families are totals worth having: CPU seconds,
@@ -56,7 +59,7 @@ def merge_families(sources: Sequence[Iterable[Metric]]) -> list[Metric]:
     merged: dict[str, Metric] = {}
     totals: dict[str, dict[_SampleKey, Sample]] = {}
     for source in sources:
-        for family, samples in _fold_creation_times(source):
+        for family, samples in _without_creation_times(source):
             if family.name not in merged:
                 merged[family.name] = Metric(
                     family.name, family.documentation, family.type, family.unit
@@ -65,7 +68,7 @@ def merge_families(sources: Sequence[Iterable[Metric]]) -> list[Metric]:
             elif family.name in PER_PROCESS:
                 continue
             combine = max if family.name in HIGHEST else operator.add
-            _add(totals[family.name], family, samples, combine)
+            _add(totals[family.name], samples, combine)
     for name, family in merged.items():
         family.samples = list(totals[name].values())
     return list(merged.values())
@@ -73,32 +76,30 @@ def merge_families(sources: Sequence[Iterable[Metric]]) -> list[Metric]:
 
 def _add(
     totals: dict[_SampleKey, Sample],
-    family: Metric,
     samples: Iterable[Sample],
     combine: Callable[[float, float], float],
 ) -> None:
-    creation_time = family.name + "_created"
     for sample in samples:
         key = sample.name, tuple(sorted(sample.labels.items()))
         known = totals.get(key)
-        if known is None:
-            totals[key] = sample
-        elif sample.name == creation_time and family.type in _WITH_CREATION_TIME:
-            totals[key] = known._replace(value=min(known.value, sample.value))
-        else:
-            totals[key] = known._replace(value=combine(known.value, sample.value))
+        totals[key] = (
+            sample if known is None else known._replace(value=combine(known.value, sample.value))
+        )
 
 
-def _fold_creation_times(families: Iterable[Metric]) -> list[tuple[Metric, list[Sample]]]:
-    """Each family with its samples; the ``x_created`` gauges of a parsed page folded into ``x``."""
+def _without_creation_times(families: Iterable[Metric]) -> list[tuple[Metric, list[Sample]]]:
+    """Each family with its samples, less its creation times: a live family's ``x_created``
+    samples, and a parsed page's ``x_created`` gauges beside ``x``."""
     listed = list(families)
     owners = {f.name for f in listed if f.type in _WITH_CREATION_TIME}
-    creation_times: dict[str, list[Sample]] = {}
-    rest: list[Metric] = []
+    kept: list[tuple[Metric, list[Sample]]] = []
     for family in listed:
         owner = family.name.removesuffix("_created")
         if family.type == "gauge" and owner != family.name and owner in owners:
-            creation_times.setdefault(owner, []).extend(family.samples)
-        else:
-            rest.append(family)
-    return [(f, [*f.samples, *creation_times.get(f.name, ())]) for f in rest]
+            continue
+        samples = family.samples
+        if family.type in _WITH_CREATION_TIME:
+            creation_time = family.name + "_created"
+            samples = [s for s in samples if s.name != creation_time]
+        kept.append((family, samples))
+    return kept
