@@ -31,7 +31,7 @@ def number(form: Form, key: str, *, minimum: int, maximum: int, required: bool) 
         return None
     if not raw.lstrip("-").isdigit():
         raise InvalidField(key, "must be a whole number")
-    if len(raw) > 20:  # int() of a huge digit string is slow; no bound here is that long
+    if len(raw) > 50:  # int() of a huge digit string is slow; no bound here is that long
         raise InvalidField(key, f"must be between {minimum} and {maximum}")
     value: int | None = validation.integer(
         {key: int(raw)}, key, minimum=minimum, maximum=maximum, required=required

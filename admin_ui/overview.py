@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from admin_ui.activity import timelines
 from admin_ui.rendering import render
 from admin_ui.state import operations
 from llm_proxy.control import validation
@@ -52,6 +53,7 @@ async def dashboard(request: web.Request) -> web.Response:
         "names": {p.id: p.name for p in projects},
         "events": events,
         "usage": usage,
+        "timelines": await timelines(ops.store, now),
     }
     return render(request, "dashboard.html", context)
 

@@ -9,6 +9,7 @@ from datetime import datetime
 from aiohttp import web
 
 from admin_ui import forms
+from admin_ui.activity import timelines
 from admin_ui.navigation import see_other
 from admin_ui.rendering import render
 from admin_ui.state import actor, operations
@@ -60,6 +61,7 @@ async def project_detail(request: web.Request) -> web.Response:
             "counts": counts,
             "usage": await ops.project_usage(project.id),
             "token_usage": await ops.project_token_usage(project.id),
+            "timelines": await timelines(ops.store, now, project_id=project.id),
         },
     )
 
@@ -155,6 +157,20 @@ async def project_activate(request: web.Request) -> web.Response:
 
 async def project_deactivate(request: web.Request) -> web.Response:
     return await _set_active(request, False)
+
+
+async def project_revoke_tokens_confirm(request: web.Request) -> web.Response:
+    """Ask before revoking every token: a page of its own, so it works without JavaScript."""
+    ops = operations(request)
+    project = await ops.get_project(request.match_info["project_id"])
+    tokens = await ops.list_tokens(project.id)
+    counts = count_tokens(tokens, utcnow()).get(project.id, TokenCounts())
+    unrevoked = sum(1 for token in tokens if token.is_active)
+    return render(
+        request,
+        "project_revoke_tokens.html",
+        {"project": project, "counts": counts, "unrevoked": unrevoked},
+    )
 
 
 async def project_revoke_tokens(request: web.Request) -> web.Response:

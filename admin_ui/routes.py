@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import aiohttp_jinja2
 import structlog
 from aiohttp import web
 
-from admin_ui import overview, projects, tokens
+from admin_ui import issuing, overview, projects, tokens
 from admin_ui.forms import read_form
+from admin_ui.handover import Handovers
 from admin_ui.rendering import JINJA, STATIC_DIR, error_page, setup_templates
 from admin_ui.security import CSRF_FIELD, CSRF_MAX_AGE_SECONDS, REALM, CsrfSigner, check_basic_auth
 from admin_ui.state import ADMIN, AdminState
@@ -25,6 +27,7 @@ _TITLES = {
     403: "Not allowed",
     404: "Not found",
     405: "Method not allowed",
+    409: "Already being sent",
     413: "Too much data",
 }
 
@@ -42,7 +45,7 @@ _SECURITY_HEADERS = {
 
 def _unauthorized(request: web.Request) -> web.Response:
     # Rendered without the layout: nothing about the installation is shown before login.
-    body = request.app[JINJA].get_template("unauthorized.html").render()
+    body = aiohttp_jinja2.render_string("unauthorized.html", request, {}, app_key=JINJA)
     return web.Response(
         status=401,
         text=body,
@@ -58,8 +61,17 @@ async def _check_csrf(request: web.Request, admin: AdminState) -> str | None:
     return admin.csrf.verify(form.get(CSRF_FIELD, ""), admin.admin_user)
 
 
+def _is_static(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    return resource is not None and resource.name == "static"
+
+
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     admin = request.app[ADMIN]
+    if _is_static(request):
+        # The stylesheet and the copy script, the same for every installation: served to anyone,
+        # so the sign-in page (401) can be styled too.
+        return await handler(request)
     if not check_basic_auth(
         request.headers.get("Authorization"), admin.admin_user, admin.admin_password
     ):
@@ -99,8 +111,7 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
         redirect.headers.update(_SECURITY_HEADERS)
         raise
     response.headers.update(_SECURITY_HEADERS)
-    resource = request.match_info.route.resource
-    if resource is None or resource.name != "static":
+    if not _is_static(request):
         # Pages show live state (and once, a token value): never serve one from a cache.
         response.headers["Cache-Control"] = "no-store"
     return response
@@ -123,6 +134,7 @@ def admin_app(
         admin_user=user,
         admin_password=password,
         csrf=CsrfSigner(signing_key, password, max_age=CSRF_MAX_AGE_SECONDS),
+        handovers=Handovers(signing_key, password),
     )
     setup_templates(app)
     router = app.router
@@ -140,21 +152,27 @@ def admin_app(
     router.add_post(
         "/projects/{project_id}/deactivate", projects.project_deactivate, name="project_deactivate"
     )
-    router.add_post(
+    router.add_get(
         "/projects/{project_id}/revoke-tokens",
-        projects.project_revoke_tokens,
+        projects.project_revoke_tokens_confirm,
         name="project_revoke_tokens",
     )
+    router.add_post("/projects/{project_id}/revoke-tokens", projects.project_revoke_tokens)
     router.add_get(
         "/projects/{project_id}/delete", projects.project_delete_confirm, name="project_delete"
     )
     router.add_post("/projects/{project_id}/delete", projects.project_delete)
-    router.add_get("/projects/{project_id}/tokens/new", tokens.token_new, name="token_new")
-    router.add_post("/projects/{project_id}/tokens", tokens.token_issue, name="token_issue")
+    router.add_get("/projects/{project_id}/tokens/new", issuing.token_new, name="token_new")
+    router.add_post("/projects/{project_id}/tokens", issuing.token_issue, name="token_issue")
     router.add_get("/tokens", tokens.token_list, name="tokens")
+    # GET only: a HEAD would use up the one showing of the value without showing it.
+    router.add_get(
+        "/tokens/issued/{form_id}", issuing.token_issued, name="token_issued", allow_head=False
+    )
     router.add_get("/tokens/{token_id}", tokens.token_detail, name="token")
     router.add_post("/tokens/{token_id}/quota", tokens.token_quota, name="token_quota")
-    router.add_post("/tokens/{token_id}/revoke", tokens.token_revoke, name="token_revoke")
+    router.add_get("/tokens/{token_id}/revoke", tokens.token_revoke_confirm, name="token_revoke")
+    router.add_post("/tokens/{token_id}/revoke", tokens.token_revoke)
     router.add_get("/audit", overview.audit_log, name="audit")
     router.add_static("/static", STATIC_DIR, name="static", append_version=True)
     return app

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from admin_ui.handover import Handovers
 from admin_ui.security import CsrfSigner
 from llm_proxy.control.operations import Actor, Operations
 
@@ -16,6 +17,7 @@ class AdminState:
     admin_user: str
     admin_password: str = field(repr=False)
     csrf: CsrfSigner
+    handovers: Handovers
 
 
 ADMIN = web.AppKey("admin_ui", AdminState)

@@ -1,4 +1,4 @@
-"""Token pages: issue (value shown once), list, detail with usage and spend, edit limits, revoke."""
+"""Token pages: list, detail with usage and spend, edit limits, revoke; the fields of the forms."""
 
 from __future__ import annotations
 
@@ -10,33 +10,22 @@ import orjson
 from aiohttp import web
 
 from admin_ui import forms
+from admin_ui.activity import timelines
 from admin_ui.navigation import see_other
 from admin_ui.rendering import render
 from admin_ui.state import actor, operations
-from llm_proxy import errors
 from llm_proxy.control import validation
 from llm_proxy.control.operations import (
     MAX_COUNT,
-    MAX_DURATION_MINUTES,
     MAX_TOKEN_METADATA_BYTES,
     LimitChanges,
 )
 from llm_proxy.control.validation import MISSING
 from llm_proxy.errors import InvalidField
-from llm_proxy.models import NANOS_PER_USD, Project, Token, nanousd, utcnow
+from llm_proxy.models import NANOS_PER_USD, Token, nanousd, utcnow
 
 STATUSES = ("active", "expired", "revoked", "exhausted")
-# Offered in the duration box; any whole number of minutes in range is accepted.
-DURATION_PRESETS = (
-    (15, "15 minutes"),
-    (60, "1 hour"),
-    (480, "8 hours"),
-    (1440, "1 day"),
-    (10080, "7 days"),
-    (43200, "30 days"),
-)
 LIMIT_FIELDS = ("max_requests", "rpm", "tpm", "budget_usd", "allowed_models")
-ISSUE_FIELDS = ("duration_minutes", *LIMIT_FIELDS, "metadata")
 _AMOUNT = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 
 
@@ -65,7 +54,7 @@ def _patterns(form: forms.Form, key: str) -> list[str] | None:
     return value
 
 
-def _metadata(form: forms.Form, key: str) -> dict[str, Any]:
+def read_metadata(form: forms.Form, key: str) -> dict[str, Any]:
     raw = form.get(key, "").strip()
     if not raw:
         return {}
@@ -77,7 +66,7 @@ def _metadata(form: forms.Form, key: str) -> dict[str, Any]:
     return {} if value is MISSING else cast(dict[str, Any], value)
 
 
-def _limits(form: forms.Form) -> LimitChanges:
+def read_limits(form: forms.Form) -> LimitChanges:
     """The limits posted; a blank box clears its limit, a box not posted leaves it alone."""
     limits: LimitChanges = {}
     for key in ("max_requests", "rpm", "tpm"):
@@ -107,80 +96,6 @@ def limit_values(token: Token) -> dict[str, str]:
         "budget_usd": plain_dollars(token.budget_nanousd),
         "allowed_models": "\n".join(token.allowed_models or ()),
     }
-
-
-# -- issuing -------------------------------------------------------------------------------------
-
-
-def _token_form(
-    request: web.Request,
-    project: Project,
-    values: dict[str, str],
-    error: errors.ProxyError | None = None,
-    status: int = 200,
-) -> web.Response:
-    return render(
-        request,
-        "token_new.html",
-        {
-            "project": project,
-            "values": values,
-            "error": error,
-            "presets": DURATION_PRESETS,
-            "max_duration": MAX_DURATION_MINUTES,
-        },
-        status=status,
-    )
-
-
-async def token_new(request: web.Request) -> web.Response:
-    project = await operations(request).get_project(request.match_info["project_id"])
-    values = dict.fromkeys(ISSUE_FIELDS, "")
-    values["duration_minutes"] = "60"
-    return _token_form(request, project, values)
-
-
-async def token_issue(request: web.Request) -> web.Response:
-    """Issue a token and show its value in this response only: no redirect, nothing to reload."""
-    ops = operations(request)
-    project = await ops.get_project(request.match_info["project_id"])
-    form = await forms.read_form(request)
-    values = {key: form.get(key, "") for key in ISSUE_FIELDS}
-    try:
-        duration = forms.number(
-            form, "duration_minutes", minimum=1, maximum=MAX_DURATION_MINUTES, required=True
-        )
-        limits = _limits(form)
-        metadata = _metadata(form, "metadata")
-    except InvalidField as exc:
-        return _token_form(request, project, values, exc, 400)
-    assert duration is not None  # required=True
-    try:
-        issued = await ops.issue_token(
-            actor(request),
-            project_id=project.id,
-            duration_minutes=duration,
-            **limits,
-            metadata=metadata,
-        )
-    except errors.ProjectInactive:
-        problem = errors.ProjectInactive(
-            "This project is inactive. Activate it before issuing tokens for it."
-        )
-        return _token_form(request, project, values, problem, 403)
-    response = render(
-        request,
-        "token_issued.html",
-        {
-            "project": project,
-            "token": issued.token,
-            "value": issued.value,
-            "base_url": f"{request.url.origin()}/v1",
-        },
-        status=201,
-    )
-    response.headers["Cache-Control"] = "no-store"
-    return response
 
 
 # -- showing and changing ------------------------------------------------------------------------
@@ -223,6 +138,7 @@ async def _token_page(
             "usage": usage,
             "error": error,
             "values": values or limit_values(token),
+            "timelines": await timelines(ops.store, utcnow(), token_id=token.id),
         },
         status=400 if error else 200,
     )
@@ -249,7 +165,7 @@ async def token_quota(request: web.Request) -> web.Response:
     token = await ops.get_token(request.match_info["token_id"])
     form = await forms.read_form(request)
     try:
-        limits = _limits(form)
+        limits = read_limits(form)
     except InvalidField as exc:
         values = {**limit_values(token), **{k: form[k] for k in LIMIT_FIELDS if k in form}}
         return await _token_page(request, token, exc, values)
@@ -257,6 +173,16 @@ async def token_quota(request: web.Request) -> web.Response:
     if changes:
         await ops.update_token(actor(request), token.id, limits=changes)
     see_other(request, "token", token_id=token.id, notice="quota_updated")
+
+
+async def token_revoke_confirm(request: web.Request) -> web.Response:
+    """Ask before revoking: a page of its own, so it works without JavaScript."""
+    ops = operations(request)
+    token = await ops.get_token(request.match_info["token_id"])
+    if not token.is_active:
+        see_other(request, "token", token_id=token.id)
+    project = await ops.get_project(token.project_id)
+    return render(request, "token_revoke.html", {"token": token, "project": project})
 
 
 async def token_revoke(request: web.Request) -> web.Response:

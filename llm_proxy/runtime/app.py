@@ -35,6 +35,7 @@ from llm_proxy.runtime.metrics_endpoint import EXTRA_METRICS, metrics_endpoint
 from llm_proxy.runtime.settings import Settings
 from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
+from llm_proxy.store.retention import prune_usage_every
 
 log = structlog.get_logger(__name__)
 
@@ -165,6 +166,10 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         components.spawn(authority.keep_listening(), "change-push")
     components.spawn(authority.flush_usage_every(settings.usage_flush_seconds), "usage-flush")
     components.spawn(authority.reclaim_holds_every(60.0), "budget-hold-reclaim")
+    if settings.usage_hourly_retention_days:
+        components.spawn(
+            prune_usage_every(components.store, settings.usage_hourly_retention_days), "usage-prune"
+        )
     log.info(
         "server.started",
         version=__version__,

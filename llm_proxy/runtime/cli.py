@@ -28,6 +28,7 @@ from llm_proxy.runtime.settings import (
     parse_encryption_key,
     parse_listen_addr,
     parse_positive_int,
+    parse_retention_days,
     parse_seconds,
     parse_size,
     parse_whole_number,
@@ -83,6 +84,7 @@ def build_settings(
     revocation_max_staleness: str = "5s",
     change_feed_push: str = "on",
     prices_path: str | None = None,
+    usage_hourly_retention_days: int | str = 90,
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
@@ -123,6 +125,7 @@ def build_settings(
         ),
         change_push=check_choice("CHANGE_FEED_PUSH", change_feed_push, ("on", "off")) == "on",
         prices_path=Path(prices_path) if prices_path else None,
+        usage_hourly_retention_days=parse_retention_days(usage_hourly_retention_days),
     )
 
 
@@ -315,6 +318,13 @@ def build_settings(
     show_envvar=True,
     help="on: PostgreSQL pushes management changes to every instance (LISTEN/NOTIFY); off: they"
     " are polled (for poolers that cannot carry LISTEN, such as PgBouncer in transaction mode).",
+)
+@click.option(
+    "--usage-hourly-retention-days",
+    envvar="USAGE_HOURLY_RETENTION_DAYS",
+    default="90",
+    show_envvar=True,
+    help="Days of hourly usage aggregates kept (the admin charts show 30); 0 keeps them all.",
 )
 def server(**options: str | int | None) -> None:
     """Run the proxy, the management API and the admin pages.

@@ -23,6 +23,8 @@ EventBusKind = Literal["memory", "redis", "none"]
 LogFormat = Literal["console", "json"]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_PRICES_PATH = Path("config/prices.yaml")
+DEFAULT_USAGE_HOURLY_RETENTION_DAYS = 90
+MAX_USAGE_HOURLY_RETENTION_DAYS = 36500
 
 
 class SettingsError(ValueError):
@@ -63,6 +65,9 @@ class Settings:
     # LISTEN (PgBouncer in transaction mode): the polled feed alone then keeps caches fresh.
     change_push: bool = True
     usage_flush_seconds: float = 1.0
+    # USAGE_HOURLY_RETENTION_DAYS: hourly usage aggregates older than this are deleted (the admin
+    # charts show 30 days; the all-time totals then count only what is kept); 0 keeps them all.
+    usage_hourly_retention_days: int = DEFAULT_USAGE_HOURLY_RETENTION_DAYS
     # How long a client may take: to send a request head, between body bytes (and between
     # reads of a response), and idle between requests on a kept-alive connection.
     client_header_timeout: float = 30.0
@@ -211,6 +216,13 @@ def parse_whole_number(name: str, value: int | str, *, at_most: int) -> int:
     if not 0 <= number <= at_most:
         raise SettingsError(f"{name}: must be between 0 and {at_most}")
     return number
+
+
+def parse_retention_days(value: int | str) -> int:
+    """USAGE_HOURLY_RETENTION_DAYS: whole days, 0 for keeping every hour."""
+    return parse_whole_number(
+        "USAGE_HOURLY_RETENTION_DAYS", value, at_most=MAX_USAGE_HOURLY_RETENTION_DAYS
+    )
 
 
 def parse_positive_int(name: str, value: int | str) -> int:

@@ -129,6 +129,18 @@ class Store(Protocol):
         """All usage from the start of the clock hour holding ``since`` on."""
         ...
 
+    async def usage_by_hour(
+        self, since: datetime, *, project_id: str | None = None, token_id: str | None = None
+    ) -> list[tuple[datetime, UsageTotals]]:
+        """Usage per clock hour from the hour holding ``since`` on, oldest first: all of it, or
+        one project's, or one token's. Hours without any row are left out."""
+        ...
+
+    async def prune_usage_hourly(self, before: datetime) -> int:
+        """Delete the aggregates of the clock hours before the one holding ``before``; how many
+        rows went. The totals above then count only what is left."""
+        ...
+
     # Change feed: how other processes learn that a cached token went stale.
     async def latest_change(self) -> int: ...
     async def changes_since(

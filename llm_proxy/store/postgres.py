@@ -650,6 +650,26 @@ class PostgresStore:
             )
         )
 
+    async def usage_by_hour(
+        self, since: datetime, *, project_id: str | None = None, token_id: str | None = None
+    ) -> list[tuple[datetime, UsageTotals]]:
+        where: list[str] = ["hour >= $1"]
+        params: list[Any] = [hour_start(since)]
+        for column, value in (("project_id", project_id), ("token_id", token_id)):
+            if value is not None:
+                params.append(value)
+                where.append(f"{column} = ${len(params)}")
+        rows = await self._fetch(
+            f"SELECT hour, {_USAGE_SUMS} FROM usage_hourly WHERE {' AND '.join(where)}"
+            " GROUP BY hour ORDER BY hour",
+            *params,
+        )
+        return [(row["hour"], _usage(row)) for row in rows]
+
+    async def prune_usage_hourly(self, before: datetime) -> int:
+        status = await self._execute("DELETE FROM usage_hourly WHERE hour < $1", hour_start(before))
+        return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
+
     # -- change feed ---------------------------------------------------------------------------
 
     async def latest_change(self) -> int:

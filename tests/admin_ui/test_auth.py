@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import base64
+import io
+import re
+from pathlib import Path
 
 import pytest
 
+from llm_proxy.runtime.server import with_generated_secrets
 from tests.admin_ui.conftest import ADMIN, AdminPages, basic
+from tests.conftest import make_settings
 
 CHALLENGE = 'Basic realm="llm-proxy admin"'
 
@@ -37,7 +42,7 @@ CHALLENGE = 'Basic realm="llm-proxy admin"'
 async def test_wrong_or_missing_credentials_get_401_with_a_basic_challenge(
     admin: AdminPages, authorization: dict[str, str] | None
 ) -> None:
-    for path in ("/admin/", "/admin/projects", "/admin/static/admin.css", "/admin/nowhere"):
+    for path in ("/admin/", "/admin/projects", "/admin/tokens/issued/x", "/admin/nowhere"):
         page = await admin.get(path, auth=authorization)
         assert page.status == 401, path
         assert page.headers["WWW-Authenticate"] == CHALLENGE
@@ -80,3 +85,40 @@ async def test_the_stylesheet_is_served_and_cacheable(admin: AdminPages) -> None
     assert css.headers["Content-Type"].startswith("text/css")
     assert "Cache-Control" not in css.headers
     assert "font-family" in css.text
+
+
+async def test_the_sign_in_page_is_styled_and_says_where_the_generated_password_is(
+    admin: AdminPages, tmp_path: Path
+) -> None:
+    page = await admin.get("/admin/", auth=None)
+    assert page.status == 401
+    stylesheet = re.search(
+        r'<link rel="stylesheet" href="(/admin/static/admin\.css[^"]*)"', page.text
+    )
+    assert stylesheet, "the 401 page links no stylesheet"
+    css = await admin.get(stylesheet.group(1).replace("&amp;", "&"), auth=None)
+    assert css.status == 200 and css.headers["Content-Type"].startswith("text/css")
+    # Styled through the stylesheet alone: nothing inline for the CSP to refuse.
+    assert "<style" not in page.text and "style=" not in page.text and "<script" not in page.text
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+
+    # It names the file the server really keeps a generated password in, under DATA_DIR.
+    settings = make_settings(tmp_path / "fresh", admin_password="")
+    generated = with_generated_secrets(settings, io.StringIO()).admin_password
+    (kept,) = [f for f in (tmp_path / "fresh").iterdir() if f.read_text().strip() == generated]
+    text = " ".join(re.sub(r"<[^>]+>", " ", page.text).split())
+    assert f"in the file {kept.name} in the server's data directory, DATA_DIR" in text
+    assert f"cat ./data/{kept.name}" in text
+    assert "generates a password on its first start and prints it" in text
+    # Nothing secret or specific to this installation: not the password, not its data directory.
+    assert (
+        "admin-secret" not in page.text
+        and str(admin.proxy.components.settings.data_dir) not in page.text
+    )
+
+
+async def test_static_files_are_served_without_credentials(admin: AdminPages) -> None:
+    for name in ("admin.css", "copy.js"):
+        page = await admin.get(f"/admin/static/{name}", auth=None)
+        assert page.status == 200, name
+        assert page.headers["X-Content-Type-Options"] == "nosniff"

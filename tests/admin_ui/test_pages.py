@@ -32,11 +32,13 @@ async def test_every_page_renders(admin: AdminPages) -> None:
         f"/admin/projects/{project_id}/edit",
         f"/admin/projects/{project_id}/delete",
         f"/admin/projects/{project_id}/tokens/new",
+        f"/admin/projects/{project_id}/revoke-tokens",
         "/admin/tokens",
         "/admin/tokens?status=active",
         "/admin/tokens?status=revoked",
         f"/admin/tokens/{token_id}",
         f"/admin/tokens/{limited['id']}",
+        f"/admin/tokens/{token_id}/revoke",
         "/admin/audit",
         f"/admin/audit?project_id={project_id}&action=token.create",
     ]
@@ -70,7 +72,9 @@ async def test_empty_installation_pages_invite_the_first_step(admin: AdminPages)
         "/admin/projects/no-such-project/edit",
         "/admin/projects/no-such-project/delete",
         "/admin/projects/no-such-project/tokens/new",
+        "/admin/projects/no-such-project/revoke-tokens",
         "/admin/tokens/no-such-token",
+        "/admin/tokens/no-such-token/revoke",
     ],
 )
 async def test_unknown_ids_get_a_404_page(admin: AdminPages, path: str) -> None:

@@ -150,6 +150,9 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("REVOCATION_MAX_STALENESS", "never"),
         ("REVOCATION_MAX_STALENESS", "0s"),
         ("CHANGE_FEED_PUSH", "maybe"),
+        ("USAGE_HOURLY_RETENTION_DAYS", "-1"),
+        ("USAGE_HOURLY_RETENTION_DAYS", "a month"),
+        ("USAGE_HOURLY_RETENTION_DAYS", "36501"),
     ],
 )
 def test_a_bad_value_names_its_variable_on_one_line(
@@ -160,6 +163,12 @@ def test_a_bad_value_names_its_variable_on_one_line(
     message = str(caught.value)
     assert message.startswith(f"{variable}: ")
     assert "\n" not in message
+
+
+def test_hourly_usage_is_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_environment(monkeypatch, {}).usage_hourly_retention_days == 90
+    told = settings_from_environment(monkeypatch, {"USAGE_HOURLY_RETENTION_DAYS": "0"})
+    assert told.usage_hourly_retention_days == 0  # keeps every hour
 
 
 @pytest.mark.parametrize(

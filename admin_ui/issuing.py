@@ -1,0 +1,203 @@
+"""Issuing a token from the pages: the form, its post, and the one page that shows the value.
+
+Post/redirect/get: the post issues and answers 303 to the page showing the value, which a reload
+cannot show again; a form posted twice issues one token (see :mod:`admin_ui.handover`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from admin_ui import forms
+from admin_ui.handover import COOKIE, FORM_FIELD, HANDOVER_SECONDS, Handed, is_form_id, new_form_id
+from admin_ui.rendering import render
+from admin_ui.state import actor, operations, state
+from admin_ui.tokens import LIMIT_FIELDS, read_limits, read_metadata
+from llm_proxy import errors
+from llm_proxy.control.operations import MAX_DURATION_MINUTES
+from llm_proxy.errors import InvalidField
+from llm_proxy.models import Project
+
+# Offered in the duration box; any whole number of minutes in range is accepted.
+DURATION_PRESETS = (
+    (15, "15 minutes"),
+    (60, "1 hour"),
+    (480, "8 hours"),
+    (1440, "1 day"),
+    (10080, "7 days"),
+    (43200, "30 days"),
+)
+ISSUE_FIELDS = ("duration_minutes", *LIMIT_FIELDS, "metadata")
+# A form posted again while its first post is still issuing waits this long for that to finish.
+REPEAT_WAIT_SECONDS = 5.0
+
+
+class StaleForm(errors.ProxyError):
+    """The post carried no one-time form id: a form from before it had one, or not a form."""
+
+    status = 400
+    code = "stale_form"
+
+
+class FormInFlight(errors.ProxyError):
+    """The same form is still being issued by its first post."""
+
+    status = 409
+    code = "form_in_flight"
+
+
+def _token_form(
+    request: web.Request,
+    project: Project,
+    values: dict[str, str],
+    form_id: str,
+    error: errors.ProxyError | None = None,
+    status: int = 200,
+) -> web.Response:
+    return render(
+        request,
+        "token_new.html",
+        {
+            "project": project,
+            "values": values,
+            "form_id": form_id,
+            "error": error,
+            "presets": DURATION_PRESETS,
+            "max_duration": MAX_DURATION_MINUTES,
+        },
+        status=status,
+    )
+
+
+async def token_new(request: web.Request) -> web.Response:
+    project = await operations(request).get_project(request.match_info["project_id"])
+    values = dict.fromkeys(ISSUE_FIELDS, "")
+    values["duration_minutes"] = "60"
+    return _token_form(request, project, values, new_form_id())
+
+
+def _to_value_page(request: web.Request, form_id: str, sealed: str | None) -> web.HTTPSeeOther:
+    url = request.app.router["token_issued"].url_for(form_id=form_id)
+    redirect = web.HTTPSeeOther(url)
+    if sealed is not None:
+        redirect.set_cookie(
+            COOKIE,
+            sealed,
+            path=url.path,
+            max_age=HANDOVER_SECONDS,
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+        )
+    return redirect
+
+
+async def _repeated(request: web.Request, form_id: str) -> web.HTTPSeeOther | None:
+    """A form posted again: where its first post went, once that has finished; None when the
+    first post issued nothing (the form may issue now), and it is claimed for this post."""
+    handovers = state(request).handovers
+    deadline = asyncio.get_running_loop().time() + REPEAT_WAIT_SECONDS
+    while not handovers.begin(form_id):
+        token_id, sealed = handovers.earlier(form_id)
+        if token_id is not None:
+            return _to_value_page(request, form_id, sealed)
+        if asyncio.get_running_loop().time() > deadline:
+            raise FormInFlight(
+                "This form is still being sent. Open the project's page to see the token it issued."
+            )
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def token_issue(request: web.Request) -> web.Response:
+    """Issue a token, then redirect to the one page that shows its value."""
+    ops = operations(request)
+    project = await ops.get_project(request.match_info["project_id"])
+    form = await forms.read_form(request)
+    values = {key: form.get(key, "") for key in ISSUE_FIELDS}
+    form_id = form.get(FORM_FIELD, "")
+    if not is_form_id(form_id):
+        stale = StaleForm(
+            "This form is out of date, so nothing was issued. Check it and send it again."
+        )
+        return _token_form(request, project, values, new_form_id(), stale, 400)
+    try:
+        duration = forms.number(
+            form, "duration_minutes", minimum=1, maximum=MAX_DURATION_MINUTES, required=True
+        )
+        limits = read_limits(form)
+        metadata = read_metadata(form, "metadata")
+    except InvalidField as exc:
+        return _token_form(request, project, values, form_id, exc, 400)
+    assert duration is not None  # required=True
+    if (earlier := await _repeated(request, form_id)) is not None:
+        raise earlier
+    admin = state(request)
+    try:
+        issued = await ops.issue_token(
+            actor(request),
+            project_id=project.id,
+            duration_minutes=duration,
+            **limits,
+            metadata=metadata,
+        )
+    except errors.ProjectInactive:
+        admin.handovers.abandon(form_id)
+        problem = errors.ProjectInactive(
+            "This project is inactive. Activate it before issuing tokens for it."
+        )
+        return _token_form(request, project, values, form_id, problem, 403)
+    except BaseException:
+        admin.handovers.abandon(form_id)
+        raise
+    sealed = admin.handovers.finish(
+        form_id, Handed(issued.token.id, project.id, issued.value), admin.admin_user
+    )
+    raise _to_value_page(request, form_id, sealed)
+
+
+async def token_issued(request: web.Request) -> web.Response:
+    """The issued token's value, shown on the first visit only; the cookie it came in is
+    cleared."""
+    form_id = request.match_info["form_id"]
+    if not is_form_id(form_id):
+        raise web.HTTPNotFound()
+    admin = state(request)
+    sealed = request.cookies.get(COOKIE, "")
+    handed = None
+    if sealed and not admin.handovers.was_shown(form_id):
+        handed = admin.handovers.open(sealed, form_id, admin.admin_user)
+    if handed is None:
+        response = await _already_shown(request, admin.handovers.token_of(form_id))
+    else:
+        admin.handovers.shown(form_id, handed.token_id)
+        ops = operations(request)
+        response = render(
+            request,
+            "token_issued.html",
+            {
+                "project": await ops.get_project(handed.project_id),
+                "token": await ops.get_token(handed.token_id),
+                "value": handed.value,
+                "base_url": f"{request.url.origin()}/v1",
+            },
+        )
+    response.del_cookie(COOKIE, path=request.path)
+    return response
+
+
+async def _already_shown(request: web.Request, token_id: str | None) -> web.Response:
+    token = None
+    if token_id is not None:
+        try:
+            token = await operations(request).get_token(token_id)
+        except errors.TokenIdNotFound:
+            token = None
+    return render(
+        request,
+        "token_gone.html",
+        {"token": token, "handover_seconds": HANDOVER_SECONDS},
+        status=410,
+    )
