@@ -25,6 +25,7 @@ from llm_proxy.control.validation import (
     MAX_API_KEY_LENGTH,
     MAX_DESCRIPTION_LENGTH,
     MAX_ID_LENGTH,
+    MAX_JSON_DEPTH,
     MAX_NAME_LENGTH,
     MAX_PAGE,
     MAX_PAGE_SIZE,
@@ -39,6 +40,8 @@ NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205
 # The compact UTF-8 JSON size of a value (orjson.dumps). No JSON Schema keyword measures it, so the
 # document states it as an extension for validators that know it, and in the description.
 MAX_JSON_BYTES_KEYWORD = "x-max-json-bytes"
+# The deepest nesting of a JSON value (objects and arrays), likewise.
+MAX_DEPTH_KEYWORD = "x-max-depth"
 # On a response: the error codes its body can carry.
 ERROR_CODES_KEYWORD = "x-error-codes"
 
@@ -109,13 +112,22 @@ _SCHEMAS: dict[str, Any] = {
             "code": {"type": "string", "description": "Stable and machine-readable"},
         },
     },
-    "ProjectMetadata": {"type": "object", "description": "Free-form JSON object"},
+    "ProjectMetadata": {
+        "type": "object",
+        MAX_DEPTH_KEYWORD: MAX_JSON_DEPTH,
+        "description": (
+            f"Free-form JSON object, nested at most {MAX_JSON_DEPTH} levels, with no NUL"
+            " character (U+0000) in any key or string"
+        ),
+    },
     "TokenMetadata": {
         "type": "object",
         MAX_JSON_BYTES_KEYWORD: MAX_TOKEN_METADATA_BYTES,
+        MAX_DEPTH_KEYWORD: MAX_JSON_DEPTH,
         "description": (
             f"Free-form JSON object, at most {MAX_TOKEN_METADATA_BYTES} bytes as compact UTF-8"
-            " JSON; set when the token is issued, never changed"
+            f" JSON, nested at most {MAX_JSON_DEPTH} levels, with no NUL character (U+0000);"
+            " set when the token is issued, never changed"
         ),
     },
     "Project": {

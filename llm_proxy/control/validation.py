@@ -72,6 +72,36 @@ def _shown(value: Any) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
+# PostgreSQL stores no NUL character in text or JSON: refused here for every store alike, rather
+# than a 500 from one of them.
+_NUL = "must not contain the NUL character (U+0000)"
+
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of a metadata object: JSON that orjson can write back (it stops at 255 levels)
+and any reader can walk."""
+
+
+def _nul_or_too_deep(value: Any) -> str | None:
+    """What is wrong with a JSON value's strings or nesting, if anything."""
+    # A loop, not recursion: a small body can nest deeper than Python's recursion limit.
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return _NUL
+        elif isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                return f"must not nest deeper than {MAX_JSON_DEPTH} levels"
+            if isinstance(item, dict):
+                pending.extend((key, depth) for key in item)
+                pending.extend((inner, depth + 1) for inner in item.values())
+            else:
+                pending.extend((inner, depth + 1) for inner in item)
+    return None
+
+
 def require_known(body: dict[str, Any], allowed: set[str]) -> None:
     for key in body:
         if key not in allowed:
@@ -89,6 +119,8 @@ def text(body: dict[str, Any], key: str, *, required: bool, max_length: int) -> 
         raise InvalidField(key, f"must be a string, not {_shown(value)}")
     if len(value) > max_length:
         raise InvalidField(key, f"must be at most {readable(max_length)} characters")
+    if "\x00" in value:
+        raise InvalidField(key, _NUL)
     value = value.strip()
     if required and not value:
         raise InvalidField(key, "must not be empty")
@@ -169,6 +201,8 @@ def patterns(body: dict[str, Any], key: str, *, nullable: bool = False) -> Any:
     for item in value:
         if not isinstance(item, str) or not item.strip():
             raise InvalidField(key, "every pattern must be a non-empty string")
+        if "\x00" in item:
+            raise InvalidField(key, _NUL)
         if len(item) > MAX_MODEL_PATTERN_LENGTH:
             raise InvalidField(
                 key, f"every pattern must be at most {MAX_MODEL_PATTERN_LENGTH} characters"
@@ -183,6 +217,8 @@ def mapping(body: dict[str, Any], key: str, *, max_bytes: int | None = None) -> 
         return MISSING
     if not isinstance(value, dict):
         raise InvalidField(key, f"must be a JSON object, not {_shown(value)}")
+    if (wrong := _nul_or_too_deep(value)) is not None:
+        raise InvalidField(key, wrong)
     if max_bytes is not None and len(orjson.dumps(value)) > max_bytes:
         raise InvalidField(key, f"must be at most {max_bytes} bytes as JSON")
     return value
