@@ -1,29 +1,43 @@
-"""``llm-proxy dispatcher``: run a dispatcher worker, or check that one is alive.
+"""``llm-proxy dispatcher``: run a dispatcher worker, check that one is alive, or replay a
+dead-letter file.
 
-The only place the dispatcher reads the environment (through click's ``envvar``). A standalone
-dispatcher needs the Redis bus: the memory bus lives inside the server process.
+With :mod:`dispatcher.options`, the only place the dispatcher reads the environment (through
+click's ``envvar``). A standalone dispatcher needs the Redis bus: the memory bus lives inside the
+server process. Nothing printed here names a credential: Redis is shown as host:port, backends'
+keys never at all.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
+from redis.exceptions import RedisError
 
-from dispatcher import health
+from dispatcher import health, replay
 from dispatcher.backends import Backend
-from dispatcher.backends import helicone as helicone_backend
-from dispatcher.backends import lunary as lunary_backend
-from dispatcher.backends.file import FileBackend
+from dispatcher.deadletter import DeadLetterFile
+from dispatcher.exit_codes import Exit
+from dispatcher.handback import RedisHandback
+from dispatcher.options import (
+    DATA_DIR,
+    SERVICES,
+    BackendOptions,
+    backend_options,
+    build_backend,
+    credentials,
+    redis_location,
+    redis_options,
+    redis_problem,
+)
 from dispatcher.retry import Backoff
-from dispatcher.worker import Worker, WorkerSettings
+from dispatcher.worker import AuthFailed, BackendStartError, Worker, WorkerSettings
 from llm_proxy.events.redis import RedisBus, client_from_url
 
-SERVICES = ("file", "helicone", "cloudwatch", "lunary")
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_STREAM = "llm-proxy:events"
 HEARTBEAT_INTERVAL = 5.0
 
 
@@ -38,99 +52,73 @@ class BusSettings:
         return f"BusSettings(stream={self.stream!r}, claim_idle={self.claim_idle})"
 
 
-@dataclass(frozen=True, slots=True)
-class BackendOptions:
-    path: Path | None
-    max_bytes: int
-    backups: int
-    helicone_url: str
-    helicone_api_key: str | None = field(repr=False)
-    log_group: str
-    log_stream: str
-    region: str | None
-    endpoint_url: str | None
-    lunary_url: str
-    lunary_public_key: str | None = field(repr=False)
+# -- llm-proxy dispatcher ------------------------------------------------------------------------
 
 
-def _required(value: str | None, option: str, service: str) -> str:
-    if not value:
-        raise click.UsageError(f"--service {service} needs {option}")
-    return value
-
-
-def build_backend(service: str, options: BackendOptions, data_dir: Path) -> Backend:
-    if service == "file":
-        return FileBackend(
-            options.path or data_dir / "events.jsonl",
-            max_bytes=options.max_bytes,
-            backups=options.backups,
-        )
-    if service == "helicone":
-        key = _required(options.helicone_api_key, "--helicone-api-key / HELICONE_API_KEY", service)
-        return helicone_backend.HeliconeBackend(key, url=options.helicone_url)
-    if service == "cloudwatch":
-        # aiobotocore comes with the "cloudwatch" extra; the default install does without it.
-        try:
-            from dispatcher.backends.cloudwatch import CloudWatchBackend
-        except ImportError:
-            raise click.UsageError(
-                "the cloudwatch service needs the cloudwatch extra: pip install 'llm-proxy[cloudwatch]'"
-            ) from None
-        return CloudWatchBackend(
-            options.log_group,
-            options.log_stream,
-            region=_required(options.region, "--region / AWS_REGION", service),
-            endpoint_url=options.endpoint_url,
-        )
-    key = _required(options.lunary_public_key, "--lunary-public-key / LUNARY_PUBLIC_KEY", service)
-    return lunary_backend.LunaryBackend(key, url=options.lunary_url)
-
-
-async def _serve(bus_settings: BusSettings, backend: Backend, settings: WorkerSettings) -> int:
+async def _serve(bus_settings: BusSettings, backend: Backend, settings: WorkerSettings) -> Exit:
     bus = RedisBus(
         bus_settings.redis_url, stream=bus_settings.stream, claim_idle=bus_settings.claim_idle
     )
     heartbeat = health.RedisHeartbeat(
         bus.client, bus_settings.stream, settings.service, ttl=3 * settings.heartbeat_interval
     )
+    handback = RedisHandback(bus.client, bus_settings.stream)
     try:
-        return await Worker(bus, backend, settings, heartbeat=heartbeat).serve()
+        return await Worker(bus, backend, settings, heartbeat=heartbeat, handback=handback).serve()
     finally:
         await bus.close()
+
+
+WORKER_EXITS = """\b
+Exit codes:
+  0  stopped by SIGTERM/SIGINT; with --burst: every event read was delivered
+  1  the backend could not start (unwritable path, unreachable endpoint)
+  2  bad invocation
+  3  --burst: Redis unreachable; undelivered events stay on the bus
+  4  --burst: events were dead-lettered (see --dead-letter and `replay`)
+  5  the backend refused the credentials (HTTP 401/403, an AWS authentication
+     error): the dispatcher stops, dead-letters nothing, and leaves the events
+     it did not deliver on the bus for the next start
+When several apply, 5 wins over 3, and 3 over 4."""
 
 
 @click.group(
     "dispatcher",
     invoke_without_command=True,
     help="Deliver instrumentation events from the Redis bus to one backend.",
+    epilog=WORKER_EXITS,
 )
-@click.option("--service", type=click.Choice(SERVICES), envvar="LLM_PROXY_DISPATCHER_SERVICE")
+@click.option(
+    "--service",
+    type=click.Choice(SERVICES),
+    envvar="LLM_PROXY_DISPATCHER_SERVICE",
+    show_envvar=True,
+    help="Backend to deliver to; also the Redis consumer group, so each service gets every event.",
+)
 @click.option(
     "--event-bus",
     type=click.Choice(["memory", "redis"]),
     envvar="LLM_PROXY_EVENT_BUS",
+    show_envvar=True,
     default="redis",
     show_default=True,
     help="Must be redis: the memory bus exists only inside the server process.",
 )
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option(
-    "--stream", envvar="LLM_PROXY_EVENT_STREAM", default=DEFAULT_STREAM, show_default=True
-)
-@click.option(
-    "--data-dir",
-    envvar="DATA_DIR",
-    type=click.Path(path_type=Path),
-    default=Path("data"),
-    show_default=True,
-)
+@redis_options
+@DATA_DIR
 @click.option(
     "--dead-letter",
     type=click.Path(path_type=Path),
-    help="Dead-letter JSONL file. [default: DATA_DIR/dead-letter-SERVICE.jsonl]",
+    help="Dead-letter JSONL file for events refused for good. "
+    "[default: DATA_DIR/dead-letter-SERVICE.jsonl]",
 )
-@click.option("--batch-size", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="Most events sent to the backend at once.",
+)
 @click.option(
     "--batch-wait",
     type=float,
@@ -166,51 +154,12 @@ async def _serve(bus_settings: BusSettings, backend: Backend, settings: WorkerSe
     show_default=True,
     help="Seconds before events pending on a dead dispatcher are taken over.",
 )
-@click.option("--burst", is_flag=True, help="Exit once no events are waiting.")
 @click.option(
-    "--path",
-    envvar="LLM_PROXY_EVENT_LOG",
-    type=click.Path(path_type=Path),
-    help="file: the JSONL file. [default: DATA_DIR/events.jsonl]",
+    "--burst",
+    is_flag=True,
+    help="Exit once no events are waiting (or Redis cannot be reached); see the exit codes.",
 )
-@click.option(
-    "--max-bytes",
-    type=click.IntRange(1),
-    default=100 * 1024 * 1024,
-    show_default=True,
-    help="file: rotate beyond this size.",
-)
-@click.option(
-    "--backups",
-    type=click.IntRange(0),
-    default=5,
-    show_default=True,
-    help="file: rotated files kept.",
-)
-@click.option(
-    "--helicone-url", envvar="HELICONE_URL", default=helicone_backend.DEFAULT_URL, show_default=True
-)
-@click.option(
-    "--helicone-api-key",
-    envvar="HELICONE_API_KEY",
-    help="helicone: API key (env HELICONE_API_KEY).",
-)
-@click.option("--log-group", envvar="CLOUDWATCH_LOG_GROUP", default="llm-proxy", show_default=True)
-@click.option("--log-stream", envvar="CLOUDWATCH_LOG_STREAM", default="events", show_default=True)
-@click.option("--region", envvar="AWS_REGION", help="cloudwatch: AWS region (env AWS_REGION).")
-@click.option(
-    "--endpoint-url",
-    envvar="AWS_ENDPOINT_URL",
-    help="cloudwatch: endpoint override (env AWS_ENDPOINT_URL).",
-)
-@click.option(
-    "--lunary-url", envvar="LUNARY_API_URL", default=lunary_backend.DEFAULT_URL, show_default=True
-)
-@click.option(
-    "--lunary-public-key",
-    envvar="LUNARY_PUBLIC_KEY",
-    help="lunary: project public key (env LUNARY_PUBLIC_KEY).",
-)
+@backend_options
 @click.pass_context
 def dispatcher_command(
     ctx: click.Context,
@@ -228,17 +177,7 @@ def dispatcher_command(
     drain_timeout: float,
     claim_idle: float,
     burst: bool,
-    path: Path | None,
-    max_bytes: int,
-    backups: int,
-    helicone_url: str,
-    helicone_api_key: str | None,
-    log_group: str,
-    log_stream: str,
-    region: str | None,
-    endpoint_url: str | None,
-    lunary_url: str,
-    lunary_public_key: str | None,
+    **backend_options: Any,
 ) -> None:
     """Run a dispatcher: ``llm-proxy dispatcher --service file|helicone|cloudwatch|lunary``."""
     if ctx.invoked_subcommand is not None:
@@ -250,20 +189,8 @@ def dispatcher_command(
             "a standalone dispatcher needs the redis bus (LLM_PROXY_EVENT_BUS=redis); the memory "
             "bus is in-process: use `llm-proxy server --file-event-log PATH`"
         )
-    options = BackendOptions(
-        path,
-        max_bytes,
-        backups,
-        helicone_url,
-        helicone_api_key,
-        log_group,
-        log_stream,
-        region,
-        endpoint_url,
-        lunary_url,
-        lunary_public_key,
-    )
-    backend = build_backend(service, options, data_dir)
+    redis_location(redis_url)  # a malformed URL is a usage error, before anything starts
+    backend = build_backend(service, BackendOptions(**backend_options), data_dir)
     settings = WorkerSettings(
         service=service,
         dead_letter_path=dead_letter or data_dir / f"dead-letter-{service}.jsonl",
@@ -274,27 +201,45 @@ def dispatcher_command(
         drain_timeout=drain_timeout,
         burst=burst,
         heartbeat_interval=HEARTBEAT_INTERVAL,
+        credentials=credentials(service),
     )
-    bus = BusSettings(redis_url, stream, claim_idle)
-    ctx.exit(asyncio.run(_serve(bus, backend, settings)))
+    code = asyncio.run(_serve(BusSettings(redis_url, stream, claim_idle), backend, settings))
+    if code == Exit.BUS_UNAVAILABLE:
+        click.echo(f"Redis unreachable at {redis_location(redis_url)}: burst run stopped", err=True)
+    ctx.exit(code)
 
 
-async def _check(redis_url: str, stream: str, service: str, max_age: float) -> str | None:
+# -- llm-proxy dispatcher check ------------------------------------------------------------------
+
+
+async def _check(
+    redis_url: str, stream: str, service: str, max_age: float, max_lag: float | None
+) -> health.Status:
     client = client_from_url(redis_url, timeout=2.0)
     try:
-        return await health.check(client, stream, service, max_age=max_age)
+        return await health.check(client, stream, service, max_age=max_age, max_lag=max_lag)
     finally:
         await client.aclose()
 
 
-@dispatcher_command.command("check")
+CHECK_EXITS = """\b
+Exit codes:
+  0  a dispatcher for SERVICE is alive
+  1  no dispatcher running for SERVICE, or it is lagging
+  2  bad invocation
+  3  Redis unreachable (or it refused the credentials in the URL)"""
+
+
+@dispatcher_command.command("check", epilog=CHECK_EXITS)
 @click.option(
-    "--service", type=click.Choice(SERVICES), envvar="LLM_PROXY_DISPATCHER_SERVICE", required=True
+    "--service",
+    type=click.Choice(SERVICES),
+    envvar="LLM_PROXY_DISPATCHER_SERVICE",
+    show_envvar=True,
+    required=True,
+    help="Service whose dispatcher to check.",
 )
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option(
-    "--stream", envvar="LLM_PROXY_EVENT_STREAM", default=DEFAULT_STREAM, show_default=True
-)
+@redis_options
 @click.option(
     "--max-age",
     type=float,
@@ -302,13 +247,163 @@ async def _check(redis_url: str, stream: str, service: str, max_age: float) -> s
     show_default=True,
     help="Seconds since the last heartbeat that still count as alive.",
 )
+@click.option(
+    "--max-lag",
+    type=float,
+    help="Also count as lagging when the oldest event not yet delivered waited longer than this, "
+    "in seconds. [default: no limit; a liveness probe should not restart a dispatcher that "
+    "waits for its backend]",
+)
 @click.pass_context
 def check_command(
-    ctx: click.Context, service: str, redis_url: str, stream: str, max_age: float
+    ctx: click.Context,
+    service: str,
+    redis_url: str,
+    stream: str,
+    max_age: float,
+    max_lag: float | None,
 ) -> None:
-    """Exit 0 if a dispatcher for SERVICE sent a heartbeat recently, else 1."""
-    line = asyncio.run(_check(redis_url, stream, service, max_age))
-    if line is None:
-        click.echo(f"no live dispatcher for {service}", err=True)
-        ctx.exit(1)
-    click.echo(line)
+    """Say whether a dispatcher for SERVICE is alive, with its counts and backlog."""
+    redis_location(redis_url)
+    try:
+        status = asyncio.run(_check(redis_url, stream, service, max_age, max_lag))
+    except (RedisError, OSError) as exc:
+        click.echo(redis_problem(exc, redis_url), err=True)
+        ctx.exit(Exit.BUS_UNAVAILABLE)
+    if status.state != "alive":
+        click.echo(status.line, err=True)
+        ctx.exit(Exit.FAILED)
+    click.echo(status.line)
+
+
+# -- llm-proxy dispatcher replay -----------------------------------------------------------------
+
+REPLAY_EXITS = """\b
+Exit codes:
+  0  every event in FILE was delivered (--dry-run: FILE was read)
+  1  the backend could not start: nothing was sent
+  2  bad invocation (FILE missing, --dead-letter exists)
+  4  some events still fail: they are in the new dead-letter file
+  5  the backend refused the credentials: nothing more was sent, and every
+     event not delivered is in the new dead-letter file (when it refused them
+     at start, nothing was sent and nothing written)"""
+
+
+def _replay_output(file: Path, output: Path | None) -> Path:
+    if output is None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        output = file.with_name(f"{file.stem}.replay-{stamp}.jsonl")
+    if output.exists():
+        what = "FILE itself" if output.resolve() == file.resolve() else "a file that exists"
+        raise click.BadParameter(
+            f"{output} is {what}: replay writes what still fails to a new file",
+            param_hint="--dead-letter",
+        )
+    return output
+
+
+@dispatcher_command.command("replay", epilog=REPLAY_EXITS)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--service",
+    type=click.Choice(SERVICES),
+    required=True,
+    help="Backend to send the events to (need not be the one that refused them).",
+)
+@click.option(
+    "--dead-letter",
+    "output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    help="New file for the events that still fail; must not exist. "
+    "[default: next to FILE, FILE's name + .replay-UTCTIME.jsonl]",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Count FILE's events by the backend that refused them, and unreadable lines; send nothing.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="Most events sent to the backend at once.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Attempts per event while the backend's refusals are retryable (429, 5xx, network).",
+)
+@DATA_DIR
+@backend_options
+@click.pass_context
+def replay_command(
+    ctx: click.Context,
+    /,
+    file: Path,
+    service: str,
+    output: Path | None,
+    dry_run: bool,
+    batch_size: int,
+    max_attempts: int,
+    data_dir: Path,
+    **backend_options: Any,
+) -> None:
+    """Send the events of a dead-letter FILE to a backend again.
+
+    FILE is only read, never changed. Every event not delivered goes to a new dead-letter file
+    (only created when something fails), so nothing is lost and that file is the one to replay
+    next. Move FILE aside before replaying it if a dispatcher may still be adding to it.
+
+    Replaying an event the backend already has: Lunary keeps it once (run ids come from request
+    ids); Helicone may log it twice (the event id is sent as Helicone-Request-Id); CloudWatch
+    and the file store it twice (each record carries the event id).
+    """
+    backend = build_backend(service, BackendOptions(**backend_options), data_dir)
+    if dry_run:
+        tally = replay.count(file)
+        origins = ", ".join(f"{name}: {n}" for name, n in sorted(tally.by_backend.items()))
+        click.echo(
+            f"dry run: {file} holds {tally.events} events"
+            + (f" ({origins})" if origins else "")
+            + (f" and {tally.unreadable} unreadable lines" if tally.unreadable else "")
+            + f"; nothing was sent to {service}"
+        )
+        return
+    target = _replay_output(file, output)
+    try:
+        report = asyncio.run(
+            replay.replay(
+                file,
+                backend,
+                DeadLetterFile(target, new=True),
+                batch_size=batch_size,
+                max_attempts=max_attempts,
+            )
+        )
+    except AuthFailed as exc:
+        click.echo(f"{exc}: nothing was sent; {file} is unchanged", err=True)
+        click.echo(f"fix {credentials(service)} and replay {file} again", err=True)
+        ctx.exit(Exit.AUTH)
+    except BackendStartError as exc:
+        click.echo(f"cannot start {exc}: nothing was sent; {file} is unchanged", err=True)
+        ctx.exit(Exit.FAILED)
+    click.echo(
+        f"replayed {file} to {service}: {report.read} read, {report.delivered} delivered, "
+        f"{report.failed} failed"
+        + (f" ({report.unreadable} unreadable lines)" if report.unreadable else "")
+    )
+    click.echo(f"idempotency: {replay.IDEMPOTENCY[service]}")
+    if report.failed:
+        click.echo(f"what still fails is in {target}; {file} was not changed", err=True)
+    if report.auth_failure is not None:
+        click.echo(
+            f"{service} refused the credentials ({report.auth_failure}): fix "
+            f"{credentials(service)} and replay {target}",
+            err=True,
+        )
+        ctx.exit(Exit.AUTH)
+    ctx.exit(Exit.DEAD_LETTERED if report.failed else Exit.OK)

@@ -1,6 +1,8 @@
 """The dead-letter file: events a backend refused for good, one JSON object per line.
 
-Each line keeps the whole event, so an operator can fix the cause and replay the file.
+Each line is ``{"failed_at", "backend", "reason", "event"}`` and keeps the whole event, so an
+operator can fix the cause and replay the file (``llm-proxy dispatcher replay``). A line that a
+replay could not read back as an event is carried forward whole as ``"line"`` instead of ``"event"``.
 """
 
 from __future__ import annotations
@@ -18,23 +20,37 @@ from llm_proxy.private_files import owner_only
 
 
 class DeadLetterFile:
-    def __init__(self, path: Path) -> None:
+    """Appends to ``path``; with ``new``, the first write creates it and fails if it exists."""
+
+    def __init__(self, path: Path, *, new: bool = False) -> None:
         self.path = path
+        self._mode = "xb" if new else "ab"
 
     async def write(self, backend: str, failures: Sequence[tuple[Event, str]]) -> None:
         if failures:
-            await asyncio.to_thread(self._write, backend, failures)
+            records: list[dict[str, object]] = [
+                {"reason": reason, "event": event} for event, reason in failures
+            ]
+            await asyncio.to_thread(self._write, backend, records)
 
-    def _write(self, backend: str, failures: Sequence[tuple[Event, str]]) -> None:
+    async def write_unreadable(self, backend: str, lines: Sequence[tuple[str, str]]) -> None:
+        """Lines of another dead-letter file that hold no event, as ``(text, reason)``."""
+        if lines:
+            records: list[dict[str, object]] = [
+                {"reason": reason, "line": text} for text, reason in lines
+            ]
+            await asyncio.to_thread(self._write, backend, records)
+
+    def _write(self, backend: str, records: Sequence[dict[str, object]]) -> None:
         at = rfc3339(time.time())
         data = b"".join(
-            orjson.dumps({"failed_at": at, "backend": backend, "reason": reason, "event": event})
-            + b"\n"
-            for event, reason in failures
+            orjson.dumps({"failed_at": at, "backend": backend, **record}) + b"\n"
+            for record in records
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab", opener=owner_only) as file:
+        with open(self.path, self._mode, opener=owner_only) as file:
             file.write(data)
             file.flush()
             # Written before the bus entry is acknowledged: once acked, this line is the only copy.
             os.fsync(file.fileno())
+        self._mode = "ab"

@@ -1,17 +1,21 @@
 """Dispatcher liveness through a Redis key, for ``llm-proxy dispatcher check``.
 
 A running worker refreshes the key every few seconds with a short expiry, like arq's health check;
-the check passes while the key exists and is recent. A clean exit deletes it.
+the check passes while the key exists and is recent. A clean exit deletes it. The check also reads
+the service's backlog from its consumer group: events not yet read, events read but not yet
+acknowledged, and how long the oldest of them has waited.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import ResponseError
 
 
 def heartbeat_key(stream: str, service: str) -> str:
@@ -32,17 +36,79 @@ class RedisHeartbeat:
         await self._client.delete(self._key)
 
 
-async def check(client: Redis, stream: str, service: str, *, max_age: float) -> str | None:
-    """A one-line description of the live dispatcher, or None when none has beaten recently."""
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    waiting: int | None  # in the stream, not yet read by the group (None: Redis cannot tell)
+    pending: int  # read by a dispatcher, not yet acknowledged
+    oldest: float | None  # seconds the oldest of them has been in the stream; None: nothing waits
+
+    def __str__(self) -> str:
+        waiting = "unknown" if self.waiting is None else str(self.waiting)
+        oldest = "" if self.oldest is None else f", oldest {self.oldest:.1f}s old"
+        return f"backlog {waiting} waiting, {self.pending} pending{oldest}"
+
+
+def _entry_ms(entry_id: Any) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.split("-", 1)[0])
+
+
+async def backlog(client: Redis, stream: str, group: str) -> Backlog | None:
+    """The group's backlog; None while the stream or the group does not exist yet."""
     try:
-        raw = await client.get(heartbeat_key(stream, service))
-    except (RedisError, OSError):
+        groups = await client.xinfo_groups(stream)
+    except ResponseError:  # no such stream
         return None
+    info = next((g for g in groups if g["name"] in (group, group.encode())), None)
+    if info is None:
+        return None
+    oldest_ms: list[int] = []
+    if info["pending"]:
+        oldest_ms.append(_entry_ms((await client.xpending(stream, group))["min"]))
+    last = info["last-delivered-id"]
+    last = last.decode() if isinstance(last, bytes) else str(last)
+    after = await client.xrange(stream, min="(" + last, count=1)
+    if after:
+        oldest_ms.append(_entry_ms(after[0][0]))
+    seconds, micros = await client.time()  # Redis's clock, which stamped the entry ids
+    now_ms = seconds * 1000 + micros // 1000
+    oldest = max(0.0, (now_ms - min(oldest_ms)) / 1000) if oldest_ms else None
+    return Backlog(info.get("lag"), int(info["pending"]), oldest)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    state: Literal["alive", "lagging", "absent"]
+    line: str
+
+
+async def check(
+    client: Redis, stream: str, service: str, *, max_age: float, max_lag: float | None = None
+) -> Status:
+    """How the dispatcher of ``service`` is doing, as one line.
+
+    ``absent``: no heartbeat; ``lagging``: its heartbeat is older than ``max_age`` seconds, or the
+    oldest event it has not delivered waited more than ``max_lag``. Raises ``RedisError`` or
+    ``OSError`` when Redis cannot be reached.
+    """
+    raw = await client.get(heartbeat_key(stream, service))
     if raw is None:
-        return None
+        return Status("absent", f"no dispatcher running for {service} (no heartbeat on {stream})")
     beat = orjson.loads(raw)
     age = time.time() - float(beat["at"])
+    waiting = await backlog(client, stream, service)
+    queue = f"; {waiting}" if waiting is not None else ""
     if age > max_age:
-        return None
+        return Status(
+            "lagging",
+            f"dispatcher {service} lagging: last heartbeat {age:.1f}s ago "
+            f"(more than {max_age:g}s){queue}",
+        )
+    if max_lag is not None and waiting is not None and (waiting.oldest or 0.0) > max_lag:
+        return Status(
+            "lagging",
+            f"dispatcher {service} lagging: its oldest undelivered event waited "
+            f"{waiting.oldest:.1f}s (more than {max_lag:g}s){queue}",
+        )
     counts = ", ".join(f"{k}={v}" for k, v in beat.items() if k != "at")
-    return f"dispatcher {service} alive ({age:.1f}s ago): {counts}"
+    return Status("alive", f"dispatcher {service} alive ({age:.1f}s ago): {counts}{queue}")

@@ -4,7 +4,9 @@ Modelled on arq's worker: batches by size and time; retries refused events with 
 backoff and jitter; writes permanent refusals to a dead-letter file; acknowledges a bus entry only
 after the backend accepted it (or it was dead-lettered), so a crash means redelivery, never loss.
 On SIGTERM it stops reading, lets the batch in hand finish for at most ``drain_timeout`` seconds,
-then stops and logs a summary. In ``burst`` mode it exits once the bus is idle.
+then stops and logs a summary. In ``burst`` mode it exits once the bus is idle, or as soon as the
+bus cannot be reached. When the backend refuses the credentials it stops at once, dead-lettering
+nothing: what it had not delivered stays unacknowledged, handed back for the next dispatcher.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import structlog
 from dispatcher import metrics
 from dispatcher.backends import Backend, BackendError, Rejection
 from dispatcher.deadletter import DeadLetterFile
+from dispatcher.exit_codes import Exit
 from dispatcher.retry import Backoff
 from llm_proxy.events.bus import BusUnavailable, Delivery, EventBus, Subscription
 from llm_proxy.events.event import end_epoch
 from llm_proxy.events.redis import consumer_name
 
 log = structlog.get_logger(__name__)
+
+_BURST_ACK_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,8 @@ class WorkerSettings:
     drain_timeout: float = 10.0
     burst: bool = False
     heartbeat_interval: float = 5.0
+    # What an operator fixes when the backend refuses the credentials, for that log line.
+    credentials: str = "the backend's credentials"
 
 
 @dataclass(slots=True)
@@ -59,8 +66,26 @@ class Heartbeat(Protocol):
     async def clear(self) -> None: ...
 
 
+class Handback(Protocol):
+    async def release(self, group: str, consumer: str, ids: Sequence[str]) -> None:
+        """Make unacknowledged deliveries available to the group's other consumers at once."""
+        ...
+
+
 class BackendStartError(Exception):
-    """The backend could not start (bad credentials, unreachable, unwritable path)."""
+    """The backend could not start (unreachable, unwritable path)."""
+
+
+class AuthFailed(Exception):
+    """The backend refused the credentials, at start or on a send. ``answer`` is its status or
+    error code, never the credentials; ``unacknowledged`` counts the events read but not delivered,
+    left on the bus."""
+
+    def __init__(self, backend: str, answer: str, unacknowledged: int) -> None:
+        super().__init__(f"{backend} refused the credentials ({answer})")
+        self.backend = backend
+        self.answer = answer
+        self.unacknowledged = unacknowledged
 
 
 class Worker:
@@ -71,6 +96,7 @@ class Worker:
         settings: WorkerSettings,
         *,
         heartbeat: Heartbeat | None = None,
+        handback: Handback | None = None,
         consumer: str | None = None,
     ) -> None:
         self.bus = bus
@@ -78,6 +104,7 @@ class Worker:
         self.settings = settings
         self.summary = Summary()
         self._heartbeat = heartbeat
+        self._handback = handback
         self._consumer = consumer or consumer_name()
         self._dead_letters = DeadLetterFile(settings.dead_letter_path)
         self._subscription: Subscription | None = None
@@ -89,13 +116,15 @@ class Worker:
         self._burst = settings.burst
         self._inflight: list[Delivery] = []
         self._bus_failures = 0
+        self._bus_lost = False  # a burst run gave up on an unreachable bus
+        self._auth_failure: Rejection | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Join the consumer group and start the backend, so start-up errors surface here.
 
-        Raises :class:`BackendStartError`.
+        Raises :class:`BackendStartError`, or :class:`AuthFailed`.
         """
         subscription = self._subscribe()
         if not self._backend_started:
@@ -105,6 +134,8 @@ class Worker:
                 await subscription.close()
                 self._subscription = None
                 await self.backend.close()  # release what a half-done start opened
+                if isinstance(exc, BackendError) and exc.rejection.auth:
+                    raise AuthFailed(self.backend.name, exc.rejection.reason, 0) from None
                 raise BackendStartError(f"{self.backend.name}: {exc}") from exc
             self._backend_started = True
 
@@ -123,23 +154,46 @@ class Worker:
         return self._task
 
     async def async_run(self) -> Summary:
-        """Run until stopped (or, in burst mode, idle). Raises :class:`BackendStartError`."""
+        """Run until stopped (or, in burst mode, idle).
+
+        Raises :class:`BackendStartError`, or :class:`AuthFailed` (which stops a running worker).
+        """
         return await self.start()
 
-    async def serve(self) -> int:
+    async def serve(self) -> Exit:
         """Run with SIGTERM/SIGINT handlers installed; the exit code for the CLI."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         try:
             await self.async_run()
+        except AuthFailed as exc:
+            # The one line an operator needs: which service, what it answered, what to do.
+            log.error(
+                "dispatcher.auth_failed",
+                service=self.settings.service,
+                status=exc.answer,
+                unacknowledged=exc.unacknowledged,
+                action=f"fix {self.settings.credentials} and restart: events not delivered "
+                "stay on the bus, none were dead-lettered",
+            )
+            return Exit.AUTH
         except BackendStartError as exc:
             log.error("dispatcher.start_failed", service=self.settings.service, error=str(exc))
-            return 1
+            return Exit.FAILED
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-        return 0
+        return self.outcome()
+
+    def outcome(self) -> Exit:
+        """How the run went, as an exit code. A burst run succeeds only if it delivered all it read;
+        a long-running worker stopped by a signal has done its job, dead letters or not."""
+        if self._bus_lost:
+            return Exit.BUS_UNAVAILABLE
+        if self.settings.burst and self.summary.dead_lettered:
+            return Exit.DEAD_LETTERED
+        return Exit.OK
 
     def stop(self) -> None:
         """Stop taking work; the batch in hand has ``drain_timeout`` seconds to finish."""
@@ -186,13 +240,17 @@ class Worker:
                     if batch:
                         await self._process(subscription, batch)
                     elif self._burst:
+                        # Idle, or unreachable: a burst run reports that rather than wait for it.
+                        self._bus_lost = self._bus_failures > 0
                         break
         except TimeoutError:
             if self._deadline is None or not self._deadline.expired():
                 raise  # not our drain deadline
             timed_out = True
-            await self._abandon()
+            await self._abandon("not delivered before shutdown")
         finally:
+            if self._auth_failure is not None:
+                await self._abandon(f"credentials refused ({self._auth_failure.reason})")
             if beating is not None:
                 beating.cancel()
                 await asyncio.gather(beating, return_exceptions=True)
@@ -206,6 +264,9 @@ class Worker:
                 drain_timed_out=timed_out,
                 **asdict(self.summary),
             )
+        if self._auth_failure is not None:
+            left = len(self._inflight) if self.bus.kind != "memory" else 0  # else dead-lettered
+            raise AuthFailed(self.backend.name, self._auth_failure.reason, left)
         return self.summary
 
     async def _collect(self, subscription: Subscription) -> list[Delivery]:
@@ -263,6 +324,15 @@ class Worker:
             attempt += 1
             refused = await self._send(pending)
             accepted = [d for i, d in enumerate(pending) if i not in refused]
+            auth = next((r for r in refused.values() if r.auth), None)
+            if auth is not None:
+                # Nothing else gets through either: keep what was delivered, stop, leave the rest.
+                await self._ack(subscription, [d.id for d in accepted])
+                self._count(accepted, [], [])
+                self._inflight = [d for i, d in enumerate(pending) if i in refused]
+                self._auth_failure = auth
+                self._stopping = True
+                return
             dead = [
                 (d, refused[i].reason)
                 for i, d in enumerate(pending)
@@ -320,9 +390,14 @@ class Worker:
                 await subscription.ack(ids)
                 return
             except BusUnavailable as exc:
-                # Not acknowledging means redelivery (a duplicate), so keep trying while we may.
+                # Not acknowledging means redelivery (a duplicate), so keep trying while we may;
+                # a burst run gives up soon, as it does on reads.
                 attempt += 1
                 log.warning("dispatcher.ack_failed", error=str(exc), attempt=attempt)
+                if self._burst and attempt >= _BURST_ACK_ATTEMPTS:
+                    self._bus_lost = True
+                    self._stopping = True
+                    return
                 await asyncio.sleep(self.settings.backoff.delay(attempt))
 
     def _count(
@@ -344,18 +419,30 @@ class Worker:
         for delivery in accepted:
             lag.observe(max(0.0, now - end_epoch(delivery.event)))
 
-    async def _abandon(self) -> None:
-        """The drain deadline passed with a batch in hand."""
+    async def _abandon(self, reason: str) -> None:
+        """Stopping with a batch in hand that was not delivered (drain deadline, refused
+        credentials)."""
         if not self._inflight:
             return
         if self.bus.kind == "memory":
             # Nothing will redeliver these; keep them where an operator can find them.
-            dead = [(d, "not delivered before shutdown") for d in self._inflight]
+            dead = [(d, reason) for d in self._inflight]
             await self._dead_letter(dead)
             self.summary.dead_lettered += len(dead)
             metrics.DEAD_LETTERED.labels(self.backend.name).inc(len(dead))
-        else:
-            log.warning("dispatcher.unacked_left_for_redelivery", count=len(self._inflight))
+            return
+        count = len(self._inflight)
+        if self._handback is not None:
+            try:
+                await self._handback.release(
+                    self.settings.service, self._consumer, [d.id for d in self._inflight]
+                )
+            except Exception as exc:  # a task boundary: they are still redelivered, only later
+                log.warning("dispatcher.handback_failed", error=str(exc), count=count)
+            else:
+                log.info("dispatcher.unacked_handed_back", count=count)
+                return
+        log.warning("dispatcher.unacked_left_for_redelivery", count=count)
 
     async def _beat(self) -> None:
         assert self._heartbeat is not None

@@ -1,7 +1,9 @@
 """Dispatcher backends: where events end up (JSONL file, Helicone, CloudWatch Logs, Lunary).
 
 A backend sends a batch and reports per event whether it was refused; the worker acknowledges what
-was accepted, dead-letters permanent refusals and retries the rest.
+was accepted, dead-letters permanent refusals and retries the rest. A refusal of the dispatcher's
+credentials (``auth``) is neither: no event can get through until an operator fixes them, so the
+worker stops and leaves the events on the bus.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from llm_proxy.events.event import Event
 class Rejection:
     reason: str
     retryable: bool
+    # The backend refused the credentials (HTTP 401/403, an AWS authentication error). The reason
+    # then holds only the status or error code: a service may echo the credentials it refused.
+    auth: bool = False
 
 
 class BackendError(Exception):
-    """The whole batch failed."""
+    """The whole batch failed (or, raised by ``start``, the backend refused the credentials)."""
 
-    def __init__(self, reason: str, *, retryable: bool) -> None:
+    def __init__(self, reason: str, *, retryable: bool, auth: bool = False) -> None:
         super().__init__(reason)
-        self.rejection = Rejection(reason, retryable)
+        self.rejection = Rejection(reason, retryable, auth)
 
 
 class Backend(Protocol):

@@ -4,7 +4,8 @@ Creates the log group and stream if missing, then ``PutLogEvents`` in batches th
 service's limits: at most 10,000 events and 1,048,576 bytes (message bytes plus 26 per event),
 chronological order, at most 24 hours apart. Events CloudWatch would refuse for their age (older
 than 14 days, more than 2 hours ahead, or past the group's retention) are refused here as permanent,
-so they go to the dead-letter file and are counted, instead of being retried.
+so they go to the dead-letter file and are counted, instead of being retried. Credentials that AWS
+refuses (or that cannot be found) raise or refuse with ``auth``, so the worker stops.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 import orjson
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from dispatcher import metrics
-from dispatcher.backends import Rejection
+from dispatcher.backends import BackendError, Rejection
 from llm_proxy.events.event import Event, parse_rfc3339
 
 MAX_BATCH_EVENTS = 10_000
@@ -33,9 +34,38 @@ _SAFETY_MS = 60_000  # our clock and AWS's may differ a little: refuse only clea
 _RETRYABLE_CODES = frozenset(
     {"ThrottlingException", "ServiceUnavailableException", "InternalFailure", "RequestTimeout"}
 )
+# What AWS answers for credentials it does not accept: unknown, badly signed, expired, or lacking
+# the permission. Botocore has no class for these; the codes are the API's.
+_AUTH_CODES = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "ExpiredTokenException",
+        "ExpiredToken",
+        "AccessDeniedException",
+        "AccessDenied",
+        "AuthFailure",
+    }
+)
 _TRUNCATED = "…[truncated by llm-proxy]"
 
 Item = tuple[int, int, str]  # timestamp ms, index in the batch given to send, message
+
+_NO_CREDENTIALS = Rejection("no AWS credentials found", retryable=False, auth=True)
+
+
+def _auth_refusal(exc: ClientError) -> Rejection | None:
+    """The rejection when ``exc`` refuses the credentials, else None. Only the code and status are
+    kept: AWS messages may name the access key."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code in _AUTH_CODES or status in (401, 403):
+        return Rejection(f"{code} (HTTP {status})", retryable=False, auth=True)
+    return None
 
 
 def message(event: Event, limit: int) -> str:
@@ -119,7 +149,15 @@ class CloudWatchBackend:
                 **self._credentials,
             )
         )
-        await self._ensure_destination()
+        try:
+            await self._ensure_destination()
+        except NoCredentialsError:
+            raise BackendError(_NO_CREDENTIALS.reason, retryable=False, auth=True) from None
+        except ClientError as exc:
+            refused = _auth_refusal(exc)
+            if refused is None:
+                raise
+            raise BackendError(refused.reason, retryable=False, auth=True) from None
 
     async def _ensure_destination(self) -> None:
         for create, kwargs in (
@@ -167,11 +205,16 @@ class CloudWatchBackend:
                 await self._ensure_destination()  # deleted under us: recreate and try once more
                 answer = await self._client.put_log_events(**request)
         except ClientError as exc:
+            refused = _auth_refusal(exc)
+            if refused is not None:
+                return dict.fromkeys((i for _, i, _ in batch), refused)
             error = exc.response["Error"]
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             retryable = error["Code"] in _RETRYABLE_CODES or status >= 500
             reason = f"{error['Code']}: {error.get('Message', '')}"
             return {i: Rejection(reason, retryable) for _, i, _ in batch}
+        except NoCredentialsError:
+            return dict.fromkeys((i for _, i, _ in batch), _NO_CREDENTIALS)
         except (BotoCoreError, OSError) as exc:
             return {i: Rejection(f"{type(exc).__name__}: {exc}", True) for _, i, _ in batch}
         return self._partial(batch, answer.get("rejectedLogEventsInfo") or {})

@@ -124,11 +124,17 @@ class HeliconeBackend:
         assert self._session is not None
         session = self._session
         gate = asyncio.Semaphore(self._concurrency)
+        key_refused: Rejection | None = None
 
         async def one(event: Event) -> Rejection | None:
+            nonlocal key_refused
             body = payload(event, max_body_bytes=self._max_body_bytes)
             async with gate:
+                if key_refused is not None:
+                    return key_refused  # the key was refused: spare the service the rest
                 refused, _ = await post_json(session, self.url, body, self._headers)
+            if refused is not None and refused.auth:
+                key_refused = refused
             return refused
 
         results = await asyncio.gather(*(one(e) for e in events))

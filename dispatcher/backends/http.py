@@ -1,7 +1,8 @@
 """What HTTP backends share: one JSON POST, and which answers are worth retrying.
 
 408, 429 and 5xx (and network failures) may pass on a later attempt; any other 4xx will not, so
-the event goes to the dead-letter file instead of being retried forever.
+the event goes to the dead-letter file instead of being retried forever. 401 and 403 refuse the
+credentials, not the event: the worker stops instead (see :class:`~dispatcher.backends.Rejection`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import orjson
 from dispatcher.backends import Rejection
 
 _RETRYABLE_4XX = frozenset({408, 429})
+_AUTH = frozenset({401, 403})
 _LARGE = 1024 * 1024  # aiohttp streams a file-like body in pieces instead of one blocking write
 
 
 def refusal(status: int, detail: str) -> Rejection | None:
     if 200 <= status < 300:
         return None
+    if status in _AUTH:
+        return Rejection(f"HTTP {status}", retryable=False, auth=True)  # the body may echo the key
     retryable = status >= 500 or status in _RETRYABLE_4XX
     return Rejection(f"HTTP {status}: {detail[:200]}", retryable)
 

@@ -136,7 +136,7 @@ class LunaryBackend:
         body = {"events": [run for event in events for run in run_events(event)]}
         refused, answer = await post_json(self._session, self.url, body, self._headers)
         if refused is not None:
-            raise BackendError(refused.reason, retryable=refused.retryable)
+            raise BackendError(refused.reason, retryable=refused.retryable, auth=refused.auth)
         return self._refusals(events, answer)
 
     def _refusals(self, events: Sequence[Event], answer: object) -> dict[int, Rejection]:

@@ -51,8 +51,23 @@ def owner_only_files() -> Iterator[None]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="llm-proxy")
-def main() -> None:
+@click.pass_context
+def main(context: click.Context) -> None:
     """A low-latency OpenAI gateway issuing withering tokens."""
+    if context.invoked_subcommand == "dispatcher":
+        # The dispatcher cannot reach runtime's logging set-up (the layers forbid it): its logs
+        # follow LOG_LEVEL and LOG_FORMAT, secrets masked, as the server's do.
+        try:
+            level = check_log_level(os.environ.get("LOG_LEVEL", "info"))
+            fmt = check_choice(
+                "LOG_FORMAT",
+                os.environ.get("LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json"),
+                ("console", "json"),
+            )
+        except SettingsError as exc:
+            click.echo(f"llm-proxy: {exc}", err=True)
+            sys.exit(2)
+        configure_logging(level, fmt)
 
 
 def build_settings(

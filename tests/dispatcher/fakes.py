@@ -7,14 +7,42 @@ runs: start before end, UUID run ids, duplicate starts refused per run).
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 HELICONE_KEY = "sk-helicone-test"
+HELICONE_READ_ONLY_KEY = "sk-helicone-read-only"  # a real key without the right to write logs
 LUNARY_KEY = "lunary-public-key"
+
+
+@contextmanager
+def serving(app: web.Application) -> Iterator[str]:
+    """``app`` on a loopback port, run by a thread of its own; yields its base URL.
+
+    For tests that drive the CLI in-process: the CLI runs its own event loop.
+    """
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    host, port = runner.addresses[0][:2]
+    thread = threading.Thread(target=loop.run_forever, name="fake-backend", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 def _is_int(value: object) -> bool:
@@ -74,13 +102,20 @@ class FakeHelicone:
     def __init__(self, max_body: int = 1024 * 1024) -> None:
         self.logs: list[dict[str, Any]] = []
         self.answers: list[int] = []  # statuses to answer first, before accepting
+        self.refused_keys = 0  # requests answered 401 or 403
         self.max_body = max_body
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/custom/v1/log", self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != f"Bearer {HELICONE_KEY}":
-            return web.json_response({"error": "Unauthorized"}, status=401)
+        authorization = request.headers.get("Authorization")
+        if authorization == f"Bearer {HELICONE_READ_ONLY_KEY}":
+            self.refused_keys += 1
+            return web.json_response({"error": "Forbidden: key cannot write logs"}, status=403)
+        if authorization != f"Bearer {HELICONE_KEY}":
+            self.refused_keys += 1
+            # Services do echo what they refused; the dispatcher must never pass it on.
+            return web.json_response({"error": f"Unauthorized: {authorization}"}, status=401)
         if self.answers:
             return web.json_response({"error": "scripted"}, status=self.answers.pop(0))
         raw = await request.read()

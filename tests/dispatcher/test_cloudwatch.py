@@ -1,17 +1,21 @@
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import structlog
 from aiobotocore.session import get_session
-from moto.server import ThreadedMotoServer
+from botocore.exceptions import ClientError
+from click.testing import CliRunner
 from prometheus_client import REGISTRY
 
+from dispatcher.backends import Rejection
 from dispatcher.backends.cloudwatch import (
     EVENT_OVERHEAD,
     MAX_BATCH_BYTES,
@@ -21,28 +25,20 @@ from dispatcher.backends.cloudwatch import (
     batches,
     message,
 )
+from dispatcher.backends.cloudwatch import _auth_refusal as auth_refusal
+from dispatcher.cli import dispatcher_command
+from dispatcher.exit_codes import Exit
+from dispatcher.handback import RedisHandback
 from dispatcher.retry import Backoff
 from dispatcher.worker import BackendStartError, Worker, WorkerSettings
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
-from tests.events.events_support import exchange
+from llm_proxy.events.redis import RedisBus
+from tests.dispatcher.aws import CREDENTIALS, moto_auth, read_stored, stored
+from tests.events.events_support import RedisServer, exchange
 
-CREDENTIALS: dict[str, Any] = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 DAY = 24 * 3600
-
-
-@pytest.fixture
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    # moto keeps its state per process, not per server: start every test from nothing.
-    with urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")):
-        pass
-    yield url
-    server.stop()
 
 
 @pytest.fixture
@@ -55,19 +51,16 @@ async def logs(moto_url: str) -> AsyncIterator[Any]:
 
 def backend(moto_url: str, **options: Any) -> CloudWatchBackend:
     return CloudWatchBackend(
-        "llm-proxy", "events", region="us-east-1", endpoint_url=moto_url, **CREDENTIALS, **options
+        "llm-proxy",
+        "events",
+        region="us-east-1",
+        endpoint_url=moto_url,
+        **{**CREDENTIALS, **options},
     )
 
 
 def event_at(epoch: float, n: int = 0) -> Event:
     return build(exchange(request={"model": "gpt-4o", "n": n}, response=b"{}", started_at=epoch))
-
-
-async def stored(logs: Any) -> list[dict[str, Any]]:
-    answer = await logs.get_log_events(
-        logGroupName="llm-proxy", logStreamName="events", startFromHead=True
-    )
-    return [orjson.loads(e["message"]) for e in answer["events"]]
 
 
 async def test_creates_group_and_stream_and_writes_events_in_time_order(
@@ -223,3 +216,160 @@ def test_backoff_grows_and_is_capped() -> None:
     for attempt, ceiling in ((1, 1.0), (2, 2.0), (4, 8.0), (40, 8.0)):
         delays = [backoff.delay(attempt) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
+
+
+# -- refused credentials ----------------------------------------------------------------------
+
+WRONG_SECRET = "wrong-secret-not-for-logs"
+
+
+def test_aws_authentication_errors_are_recognised_by_code_or_status() -> None:
+    def error(code: str, status: int) -> ClientError:
+        body = {"Error": {"Code": code, "Message": "key AKIA… refused"}}
+        return ClientError({**body, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutLogEvents")
+
+    for code in ("UnrecognizedClientException", "InvalidSignatureException", "ExpiredToken"):
+        refused = auth_refusal(error(code, 400))
+        assert refused == Rejection(f"{code} (HTTP 400)", retryable=False, auth=True)
+    assert auth_refusal(error("AccessDeniedException", 400)) is not None
+    assert auth_refusal(error("403", 403)) is not None  # what moto answers
+    assert auth_refusal(error("InvalidParameterException", 400)) is None
+    assert auth_refusal(error("ThrottlingException", 400)) is None
+
+
+@pytest.mark.redis
+def test_wrong_aws_credentials_stop_the_dispatcher_at_start_and_leave_the_events(
+    moto_url: str, keys: list[dict[str, str]], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    sent = [event_at(time.time() - 5, n) for n in range(4)]
+    publish(redis_server.url, "cw:events", sent)
+
+    def dispatcher(secret: str) -> Any:
+        return CliRunner().invoke(
+            dispatcher_command,
+            [
+                "--service",
+                "cloudwatch",
+                "--region",
+                "us-east-1",
+                "--endpoint-url",
+                moto_url,
+                "--stream",
+                "cw:events",
+                "--burst",
+                "--batch-wait",
+                "0.05",
+            ],
+            env={
+                "REDIS_URL": redis_server.url,
+                "DATA_DIR": str(tmp_path),
+                "AWS_ACCESS_KEY_ID": keys[0]["aws_access_key_id"],
+                "AWS_SECRET_ACCESS_KEY": secret,
+            },
+            catch_exceptions=False,
+        )
+
+    with structlog.testing.capture_logs() as logs:
+        refused = dispatcher(WRONG_SECRET)
+    assert refused.exit_code == 5
+    [line] = [entry for entry in logs if entry["log_level"] == "error"]
+    assert line["event"] == "dispatcher.auth_failed" and line["service"] == "cloudwatch"
+    assert line["status"] == "403 (HTTP 403)" and "AWS_ACCESS_KEY_ID" in line["action"]
+    assert WRONG_SECRET not in refused.output + repr(logs)
+    assert not list(tmp_path.glob("dead-letter-*"))
+
+    accepted = dispatcher(keys[0]["aws_secret_access_key"])
+    assert accepted.exit_code == 0, accepted.output
+    moto_auth(moto_url, "inf")
+    assert sorted(e["id"] for e in asyncio.run(read_stored(moto_url))) == sorted(
+        e["id"] for e in sent
+    )
+
+
+@pytest.mark.redis
+async def test_credentials_revoked_while_running_stop_the_worker_without_dead_letters(
+    moto_url: str, keys: list[dict[str, str]], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    bus = RedisBus(redis_server.url, stream="revoked:events")
+    worker_settings = WorkerSettings(
+        service="cloudwatch",
+        dead_letter_path=tmp_path / "dead.jsonl",
+        poll=0.05,
+        batch_wait=0.05,
+    )
+    first = Worker(
+        bus,
+        backend(moto_url, **keys[0]),
+        worker_settings,
+        handback=RedisHandback(bus.client, "revoked:events"),
+    )
+    serving = asyncio.create_task(first.serve())
+    before = [event_at(time.time() - 5, n) for n in range(2)]
+    await bus.publish(before)
+    for _ in range(200):
+        if first.summary.delivered == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert first.summary.delivered == 2
+
+    async with get_session().create_client(
+        "iam", region_name="us-east-1", endpoint_url=moto_url, **keys[1]
+    ) as iam:
+        await iam.delete_access_key(UserName="dispatcher", AccessKeyId=keys[0]["aws_access_key_id"])
+    after = [event_at(time.time() - 1, n) for n in range(2, 5)]
+    await bus.publish(after)
+    assert await asyncio.wait_for(serving, 10) == Exit.AUTH
+    assert (await bus.client.xpending("revoked:events", "cloudwatch"))["pending"] == 3
+    assert not (tmp_path / "dead.jsonl").exists()
+
+    second = Worker(
+        bus, backend(moto_url, **keys[1]), dataclasses.replace(worker_settings, burst=True)
+    )
+    assert await asyncio.wait_for(second.serve(), 10) == Exit.OK
+    await bus.close()
+    moto_auth(moto_url, "inf")
+    stored_ids = sorted(e["id"] for e in await read_stored(moto_url))
+    assert stored_ids == sorted(e["id"] for e in before + after)
+
+
+def publish(url: str, stream: str, events: list[Event]) -> None:
+    async def go() -> None:
+        bus = RedisBus(url, stream=stream)
+        await bus.publish(events)
+        await bus.close()
+
+    asyncio.run(go())
+
+
+def test_no_aws_credentials_at_all_stop_the_dispatcher_with_exit_5(
+    moto_url: str, tmp_path: Path
+) -> None:
+    nowhere = str(tmp_path / "none")
+    unset = {
+        name: None
+        for name in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+        )
+    }
+    with structlog.testing.capture_logs() as logs:
+        result = CliRunner().invoke(
+            dispatcher_command,
+            ["--service", "cloudwatch", "--region", "us-east-1", "--endpoint-url", moto_url],
+            env={
+                **unset,
+                "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+                "AWS_CONFIG_FILE": nowhere,
+                "AWS_EC2_METADATA_DISABLED": "true",  # no instance role to ask on this machine
+                "REDIS_URL": "redis://127.0.0.1:9/0",  # never reached: the backend fails first
+            },
+            catch_exceptions=False,
+        )
+    assert result.exit_code == 5
+    [line] = [entry for entry in logs if entry["log_level"] == "error"]
+    assert line["status"] == "no AWS credentials found"

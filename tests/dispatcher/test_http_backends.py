@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import REGISTRY
 
-from dispatcher.backends import BackendError
+from dispatcher.backends import BackendError, Rejection
 from dispatcher.backends.helicone import HeliconeBackend, payload
 from dispatcher.backends.lunary import LunaryBackend, run_events, run_id
 from dispatcher.retry import Backoff
@@ -18,7 +18,13 @@ from dispatcher.worker import Worker, WorkerSettings
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event, parse_rfc3339
 from llm_proxy.events.memory import MemoryBus
-from tests.dispatcher.fakes import HELICONE_KEY, LUNARY_KEY, FakeHelicone, FakeLunary
+from tests.dispatcher.fakes import (
+    HELICONE_KEY,
+    HELICONE_READ_ONLY_KEY,
+    LUNARY_KEY,
+    FakeHelicone,
+    FakeLunary,
+)
 from tests.events.events_support import chunk, exchange, free_port, sse, usage_chunk
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
@@ -137,15 +143,37 @@ async def test_helicone_retries_429_and_5xx_then_delivers(
 async def test_helicone_permanent_refusal_is_dead_lettered(
     aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
-    server = await aiohttp_server(FakeHelicone().app)
+    fake = FakeHelicone()
+    fake.answers = [400]
+    server = await aiohttp_server(fake.app)
     summary = await deliver(
-        HeliconeBackend("wrong-key", url=str(server.make_url("/custom/v1/log"))),
+        HeliconeBackend(HELICONE_KEY, url=str(server.make_url("/custom/v1/log"))),
         [chat_event()],
         tmp_path,
     )
     assert summary.dead_lettered == 1
     [line] = dead_letters(tmp_path)
-    assert line["reason"].startswith("HTTP 401")
+    assert line["reason"].startswith("HTTP 400")
+
+
+@pytest.mark.parametrize(("key", "status"), [("wrong-key", 401), (HELICONE_READ_ONLY_KEY, 403)])
+async def test_helicone_refused_key_refuses_the_batch_as_auth_and_spares_the_service(
+    aiohttp_server: ServerFactory, key: str, status: int
+) -> None:
+    fake = FakeHelicone()
+    server = await aiohttp_server(fake.app)
+    backend = HeliconeBackend(key, url=str(server.make_url("/custom/v1/log")), concurrency=4)
+    await backend.start()
+    try:
+        refused = await backend.send([chat_event() for _ in range(40)])
+    finally:
+        await backend.close()
+    assert sorted(refused) == list(range(40))
+    assert {(r.reason, r.retryable, r.auth) for r in refused.values()} == {
+        (f"HTTP {status}", False, True)
+    }
+    # Once the key was refused the rest were not sent: only the first concurrent wave went out.
+    assert fake.refused_keys <= 4 and not fake.logs
 
 
 async def test_helicone_bodies_over_the_limit_are_truncated_not_refused(
@@ -284,7 +312,7 @@ async def test_lunary_bad_key_raises_a_permanent_batch_error(aiohttp_server: Ser
             await backend.send([chat_event()])
     finally:
         await backend.close()
-    assert not raised.value.rejection.retryable
+    assert raised.value.rejection == Rejection("HTTP 401", retryable=False, auth=True)
 
 
 def test_lunary_run_events_for_other_endpoints() -> None:

@@ -9,18 +9,21 @@ from pathlib import Path
 import orjson
 import pytest
 import structlog
+from redis.exceptions import RedisError
 
 from dispatcher import health
 from dispatcher.backends import BackendError, Rejection
 from dispatcher.embedded import start_file_event_log
+from dispatcher.exit_codes import Exit
+from dispatcher.handback import RedisHandback
 from dispatcher.retry import Backoff
-from dispatcher.worker import BackendStartError, Worker, WorkerSettings
+from dispatcher.worker import AuthFailed, BackendStartError, Worker, WorkerSettings
 from llm_proxy.events import EventsConfig, start_event_pipeline
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
-from tests.events.events_support import RedisServer, exchange
+from tests.events.events_support import RedisServer, exchange, free_port
 
 FAST = Backoff(base=0.01, cap=0.04)
 
@@ -90,6 +93,7 @@ async def test_batches_by_size(tmp_path: Path) -> None:
     assert [e for b in backend.batches for e in b] == sent
     assert summary.delivered == 250 and summary.batches == 3
     assert backend.started and backend.closed
+    assert worker.outcome() == Exit.OK
 
 
 async def test_batches_by_time(tmp_path: Path) -> None:
@@ -137,6 +141,7 @@ async def test_permanent_failures_go_to_the_dead_letter_file(tmp_path: Path) -> 
     assert line["backend"] == "recording" and line["reason"] == "HTTP 400: bad"
     assert line["event"] == sent[1]
     assert len(backend.batches) == 1  # not retried
+    assert worker.outcome() == Exit.DEAD_LETTERED  # a burst run that dead-lettered did not succeed
 
 
 async def test_retries_stop_at_max_attempts(tmp_path: Path) -> None:
@@ -176,7 +181,7 @@ async def test_batch_errors_and_unexpected_exceptions_are_retried(tmp_path: Path
 async def test_whole_batch_permanent_error_dead_letters_it(tmp_path: Path) -> None:
     bus = MemoryBus()
     worker = Worker(
-        bus, RaisingBackend([BackendError("HTTP 401", retryable=False)]), settings(tmp_path)
+        bus, RaisingBackend([BackendError("HTTP 400", retryable=False)]), settings(tmp_path)
     )
     worker.start()
     await bus.publish(events(2))
@@ -238,25 +243,27 @@ async def test_heartbeat_is_visible_to_check_while_running(
     try:
         worker.start()
         await bus.publish(events(2))
-        line = None
+        status = None
         for _ in range(100):
-            line = await health.check(bus.client, "t:events", "recording", max_age=5)
-            if line and "delivered=2" in line:
+            status = await health.check(bus.client, "t:events", "recording", max_age=5)
+            if "delivered=2" in status.line:
                 break
             await asyncio.sleep(0.05)
-        assert line is not None and "delivered=2" in line
+        assert status is not None and status.state == "alive"
+        assert "delivered=2" in status.line and "backlog 0 waiting, 0 pending" in status.line
         worker.stop()
         await worker.async_run()
-        assert await health.check(bus.client, "t:events", "recording", max_age=5) is None
+        gone = await health.check(bus.client, "t:events", "recording", max_age=5)
+        assert gone.state == "absent" and "no dispatcher running for recording" in gone.line
         await heartbeat.beat({"delivered": 0})
-        assert (
-            await health.check(bus.client, "t:events", "recording", max_age=-1) is None
-        )  # too old
+        stale = await health.check(bus.client, "t:events", "recording", max_age=-1)
+        assert stale.state == "lagging" and "last heartbeat" in stale.line
     finally:
         await bus.close()
     redis_server.stop()
     down = RedisBus(redis_server.url)
-    assert await health.check(down.client, "t:events", "recording", max_age=5) is None
+    with pytest.raises(RedisError):
+        await health.check(down.client, "t:events", "recording", max_age=5)
     await down.close()
 
 
@@ -279,3 +286,131 @@ async def test_file_event_log_refuses_an_unwritable_path(tmp_path: Path) -> None
     with pytest.raises(BackendStartError):
         await start_file_event_log(pipeline, blocker / "events.jsonl", data_dir=tmp_path)
     await pipeline.close()
+
+
+# -- refused credentials, an unreachable bus ----------------------------------------------------
+
+AUTH = Rejection("HTTP 401", retryable=False, auth=True)
+
+
+@pytest.mark.redis
+async def test_refused_credentials_stop_the_worker_and_leave_the_events_for_the_next_one(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    sent = events(7)
+    bus = RedisBus(redis_server.url, stream="auth:events")
+    await bus.publish(sent)
+    # The first batch goes through; then the key is revoked.
+    refusing = RecordingBackend(lambda event, attempt: AUTH if event not in sent[:3] else None)
+    worker = Worker(
+        bus,
+        refusing,
+        settings(tmp_path, burst=False, batch_size=3),
+        handback=RedisHandback(bus.client, "auth:events"),
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.wait_for(worker.serve(), 10) == Exit.AUTH
+    [line] = [entry for entry in logs if entry["log_level"] == "error"]
+    assert line["event"] == "dispatcher.auth_failed"
+    assert line["service"] == "recording" and line["status"] == "HTTP 401"
+    assert line["unacknowledged"] == 3 and "credentials" in line["action"]
+    assert worker.summary.delivered == 3 and worker.summary.dead_lettered == 0
+    assert not (tmp_path / "dead.jsonl").exists()
+    pending = await bus.client.xpending("auth:events", "recording")
+    assert pending["pending"] == 3  # read, not acknowledged; the last one was never read
+
+    # A restart with the right key gets them at once, though --claim-idle is a minute.
+    fixed = RecordingBackend()
+    restarted = Worker(
+        RedisBus(redis_server.url, stream="auth:events", claim_idle=60), fixed, settings(tmp_path)
+    )
+    summary = await asyncio.wait_for(restarted.async_run(), 10)
+    await restarted.bus.close()  # type: ignore[attr-defined]
+    assert sorted(fixed.accepted) == sorted(e["id"] for e in sent[3:])
+    assert summary.redelivered == 3 and restarted.outcome() == Exit.OK
+    assert (await bus.client.xpending("auth:events", "recording"))["pending"] == 0
+    await bus.close()
+
+
+async def test_refused_credentials_on_the_memory_bus_dead_letter_what_was_in_hand(
+    tmp_path: Path,
+) -> None:
+    bus = MemoryBus()
+    worker = Worker(bus, RecordingBackend(lambda event, attempt: AUTH), settings(tmp_path))
+    worker.start()
+    await bus.publish(events(2))
+    with pytest.raises(AuthFailed, match=r"recording refused the credentials \(HTTP 401\)"):
+        await worker.async_run()
+    # Nothing would ever redeliver them: kept where an operator finds them.
+    assert {line["reason"] for line in dead_letters(tmp_path)} == {"credentials refused (HTTP 401)"}
+
+
+async def test_credentials_refused_at_start_exit_5(tmp_path: Path) -> None:
+    class Refused(RecordingBackend):
+        async def start(self) -> None:
+            raise BackendError("UnrecognizedClientException (HTTP 400)", retryable=False, auth=True)
+
+    worker = Worker(MemoryBus(), Refused(), settings(tmp_path))
+    with pytest.raises(AuthFailed) as raised:
+        await worker.async_run()
+    assert raised.value.answer == "UnrecognizedClientException (HTTP 400)"
+    assert raised.value.unacknowledged == 0
+    with structlog.testing.capture_logs() as logs:
+        assert await Worker(MemoryBus(), Refused(), settings(tmp_path)).serve() == Exit.AUTH
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["dispatcher.auth_failed"]
+
+
+async def test_a_burst_run_against_an_unreachable_redis_exits_3(tmp_path: Path) -> None:
+    bus = RedisBus(f"redis://127.0.0.1:{free_port()}/0", stream="down:events")
+    worker = Worker(bus, RecordingBackend(), settings(tmp_path))
+    try:
+        assert await asyncio.wait_for(worker.serve(), 10) == Exit.BUS_UNAVAILABLE
+    finally:
+        await bus.close()
+
+
+@pytest.mark.redis
+async def test_a_burst_run_that_cannot_acknowledge_gives_up_with_exit_3(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    class RedisDiesMidBatch(RecordingBackend):
+        async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
+            redis_server.stop()
+            return await super().send(events)
+
+    bus = RedisBus(redis_server.url, stream="ackless:events")
+    await bus.publish(events(2))
+    backend = RedisDiesMidBatch()
+    worker = Worker(bus, backend, settings(tmp_path))
+    try:
+        assert await asyncio.wait_for(worker.serve(), 10) == Exit.BUS_UNAVAILABLE
+    finally:
+        await bus.close()
+    assert (
+        len(backend.accepted) == 2
+    )  # delivered; left pending, so redelivered later (at least once)
+
+
+@pytest.mark.redis
+async def test_events_left_when_redis_is_gone_are_still_claimed_after_claim_idle(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    class RevokedWhileRedisDies(RecordingBackend):
+        async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
+            redis_server.stop()
+            return dict.fromkeys(range(len(events)), AUTH)
+
+    bus = RedisBus(redis_server.url, stream="gone:events")
+    await bus.publish(events(2))
+    worker = Worker(
+        bus,
+        RevokedWhileRedisDies(),
+        settings(tmp_path),
+        handback=RedisHandback(bus.client, "gone:events"),
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.wait_for(worker.serve(), 10) == Exit.AUTH
+    await bus.close()
+    warnings = [e["event"] for e in logs if e["log_level"] == "warning"]
+    assert "dispatcher.handback_failed" in warnings
+    assert "dispatcher.unacked_left_for_redelivery" in warnings

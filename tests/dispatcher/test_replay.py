@@ -1,0 +1,335 @@
+"""``llm-proxy dispatcher replay``: dead-letter files written by a real dispatcher, sent again to
+real fake backends (aiohttp apps) and to moto's CloudWatch Logs."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from click.testing import CliRunner, Result
+
+from dispatcher.backends.lunary import LunaryBackend, run_id
+from dispatcher.cli import dispatcher_command
+from dispatcher.deadletter import DeadLetterFile
+from dispatcher.worker import Worker, WorkerSettings
+from llm_proxy.events.builder import build
+from llm_proxy.events.event import Event
+from llm_proxy.events.memory import MemoryBus
+from tests.dispatcher.aws import read_stored
+from tests.dispatcher.fakes import HELICONE_KEY, LUNARY_KEY, FakeHelicone, FakeLunary, serving
+from tests.dispatcher.test_cli import CLEAN_ENV
+from tests.events.events_support import exchange
+
+SECRET = "sk-wrong-and-secret"
+
+
+def events(n: int) -> list[Event]:
+    return [
+        build(exchange(request={"model": "gpt-4o", "n": i}, response=b'{"choices": []}'))
+        for i in range(n)
+    ]
+
+
+def replay(*args: str, **env: str) -> Result:
+    return CliRunner().invoke(
+        dispatcher_command, ["replay", *args], env={**CLEAN_ENV, **env}, catch_exceptions=False
+    )
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def new_files(directory: Path, *known: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p not in known)
+
+
+def dead_letters_of(path: Path, failures: list[Event], backend: str = "helicone") -> Path:
+    """A dead-letter file as a dispatcher writes it."""
+    asyncio.run(DeadLetterFile(path).write(backend, [(e, "HTTP 503: down") for e in failures]))
+    return path
+
+
+def test_replay_delivers_what_passes_now_and_keeps_what_still_fails_in_a_new_file(
+    tmp_path: Path,
+) -> None:
+    sent = events(6)
+    fake = FakeLunary()
+    fake.refuse_run.update(run_id(e["request_id"]) for e in sent[:4])
+    dead = tmp_path / "dead-letter-lunary.jsonl"
+    with serving(fake.app) as url:
+        # A dispatcher that had four events refused, as it happens in production.
+        async def dispatch() -> None:
+            bus = MemoryBus()
+            worker = Worker(
+                bus,
+                LunaryBackend(LUNARY_KEY, url=url),
+                WorkerSettings(
+                    service="lunary", dead_letter_path=dead, poll=0.05, batch_wait=0.05, burst=True
+                ),
+            )
+            worker.start()
+            await bus.publish(sent)
+            assert (await worker.async_run()).dead_lettered == 4
+
+        asyncio.run(dispatch())
+        torn = dead.read_bytes().splitlines()[0][:57].decode()
+        with dead.open("a") as file:
+            file.write(torn + "\n")  # a dispatcher killed mid-write
+        original = dead.read_bytes()
+
+        dry = replay(str(dead), "--service", "lunary", "--dry-run", LUNARY_PUBLIC_KEY=LUNARY_KEY)
+        assert dry.exit_code == 0
+        assert dry.stdout == (
+            f"dry run: {dead} holds 4 events (lunary: 4) and 1 unreadable lines; "
+            "nothing was sent to lunary\n"
+        )
+        received = len(fake.received)
+
+        fake.refuse_run = {run_id(sent[3]["request_id"])}  # the cause fixed for three of them
+        first = replay(
+            str(dead), "--service", "lunary", "--lunary-url", url, LUNARY_PUBLIC_KEY=LUNARY_KEY
+        )
+        assert first.exit_code == 4, first.output
+        assert first.stdout.splitlines() == [
+            f"replayed {dead} to lunary: 5 read, 3 delivered, 2 failed (1 unreadable lines)",
+            "idempotency: Lunary keeps one run per request (the run id comes from the request "
+            "id): an event it already has is counted as delivered, not stored twice.",
+        ]
+        assert dead.read_bytes() == original  # never rewritten
+        [output] = new_files(tmp_path, dead)
+        assert output.name.startswith("dead-letter-lunary.replay-") and output.suffix == ".jsonl"
+        assert first.stderr == f"what still fails is in {output}; {dead} was not changed\n"
+        assert stat.S_IMODE(output.stat().st_mode) == 0o600
+        # Unreadable lines first, then the events that still fail.
+        unreadable, refused = lines(output)
+        assert refused["event"] == sent[3] and refused["reason"] == "lunary: invalid input"
+        assert refused["backend"] == "lunary"
+        assert unreadable["line"] == torn
+        assert unreadable["reason"].startswith("unreadable dead-letter line 5: ")
+        assert {run_id(e["request_id"]) for e in sent[:3]} <= {
+            r for r, run in fake.runs.items() if "end" in run
+        }
+        assert len(fake.received) > received
+
+        # The new file is the one to replay next; the torn line is carried on, never lost.
+        fake.refuse_run = set()
+        final = tmp_path / "final.jsonl"
+        second = replay(
+            str(output),
+            "--service",
+            "lunary",
+            "--lunary-url",
+            url,
+            "--dead-letter",
+            str(final),
+            LUNARY_PUBLIC_KEY=LUNARY_KEY,
+        )
+    assert second.exit_code == 4
+    assert second.stdout.startswith(
+        f"replayed {output} to lunary: 2 read, 1 delivered, 1 failed (1 unreadable lines)"
+    )
+    [carried] = lines(final)
+    assert carried["line"] == torn and carried["reason"] == unreadable["reason"]
+    assert run_id(sent[3]["request_id"]) in fake.runs
+
+
+def test_a_refused_key_stops_the_replay_and_every_undelivered_event_is_kept(
+    tmp_path: Path,
+) -> None:
+    failures = events(5)
+    dead = dead_letters_of(tmp_path / "dead.jsonl", failures)
+    fake = FakeHelicone()
+    with serving(fake.app) as url:
+        options = ("--service", "helicone", "--helicone-url", url + "/custom/v1/log")
+        refused = replay(str(dead), *options, "--batch-size", "2", HELICONE_API_KEY=SECRET)
+        assert refused.exit_code == 5
+        assert SECRET not in refused.output
+        [output] = new_files(tmp_path, dead)
+        assert refused.stdout.startswith(
+            f"replayed {dead} to helicone: 5 read, 0 delivered, 5 failed\n"
+        )
+        assert refused.stderr.splitlines()[-1] == (
+            "helicone refused the credentials (HTTP 401): fix --helicone-api-key / "
+            f"HELICONE_API_KEY and replay {output}"
+        )
+        assert fake.refused_keys == 2  # the first batch; the rest was not sent
+        kept = lines(output)
+        assert [line["event"]["id"] for line in kept] == [e["id"] for e in failures]
+        assert {line["reason"] for line in kept} == {
+            "not sent: helicone refused the credentials (HTTP 401)"
+        }
+
+        fixed = replay(str(output), *options, HELICONE_API_KEY=HELICONE_KEY)
+    assert fixed.exit_code == 0, fixed.output
+    assert fixed.stdout.startswith(f"replayed {output} to helicone: 5 read, 5 delivered, 0 failed")
+    assert "Helicone does not promise to drop a repeated id" in fixed.stdout
+    assert new_files(tmp_path, dead, output) == []  # nothing failed: no file
+    assert sorted(log["providerRequest"]["meta"]["Helicone-Request-Id"] for log in fake.logs) == (
+        sorted(e["id"] for e in failures)
+    )
+
+
+def test_retryable_refusals_are_retried_then_given_up_on(tmp_path: Path) -> None:
+    dead = dead_letters_of(tmp_path / "dead.jsonl", events(2))
+    fake = FakeHelicone()
+    fake.answers = [503, 503, 503]  # two for the first attempt, one for the second
+    with serving(fake.app) as url:
+        result = replay(
+            str(dead),
+            "--service",
+            "helicone",
+            "--helicone-url",
+            url + "/custom/v1/log",
+            "--max-attempts",
+            "2",
+            HELICONE_API_KEY=HELICONE_KEY,
+        )
+    assert result.exit_code == 4
+    assert result.stdout.startswith(f"replayed {dead} to helicone: 2 read, 1 delivered, 1 failed")
+    [output] = new_files(tmp_path, dead)
+    [line] = lines(output)
+    assert line["reason"].startswith("gave up after 2 attempts: HTTP 503")
+    assert len(fake.logs) == 1
+
+
+def test_replay_never_writes_over_a_file(tmp_path: Path) -> None:
+    dead = dead_letters_of(tmp_path / "dead.jsonl", events(1))
+    taken = tmp_path / "taken.jsonl"
+    taken.write_text("keep me\n")
+    fake = FakeHelicone()
+    with serving(fake.app) as url:
+        for target, why in ((dead, "is FILE itself"), (taken, "is a file that exists")):
+            result = replay(
+                str(dead),
+                "--service",
+                "helicone",
+                "--helicone-url",
+                url,
+                "--dead-letter",
+                str(target),
+                HELICONE_API_KEY=HELICONE_KEY,
+            )
+            assert result.exit_code == 2 and why in result.output
+    assert not fake.logs and taken.read_text() == "keep me\n"
+
+
+def test_replay_to_another_service_and_lines_that_hold_no_event(tmp_path: Path) -> None:
+    sent = events(2)
+    dead = dead_letters_of(tmp_path / "dead.jsonl", sent)
+    with dead.open("ab") as file:
+        file.write(b"[1, 2]\n\n" + b'{"backend": "helicone", "reason": "x"}\n' + b"\xff\xfe{\n")
+    dry = replay(str(dead), "--service", "file", "--dry-run", DATA_DIR=str(tmp_path))
+    assert dry.stdout == (
+        f"dry run: {dead} holds 2 events (helicone: 2) and 3 unreadable lines; "
+        "nothing was sent to file\n"
+    )
+    assert not (tmp_path / "events.jsonl").exists()
+
+    result = replay(str(dead), "--service", "file", DATA_DIR=str(tmp_path))
+    assert result.exit_code == 4
+    assert result.stdout.splitlines() == [
+        f"replayed {dead} to file: 5 read, 2 delivered, 3 failed (3 unreadable lines)",
+        'idempotency: the file is appended to: an event it already has appears twice (same "id").',
+    ]
+    assert [e["id"] for e in lines(tmp_path / "events.jsonl")] == [e["id"] for e in sent]
+    [output] = new_files(tmp_path, dead, tmp_path / "events.jsonl")
+    carried = lines(output)
+    assert [c["line"] for c in carried] == [
+        "[1, 2]",
+        '{"backend": "helicone", "reason": "x"}',
+        "\\xff\\xfe{",
+    ]
+    assert [c["reason"].split(": ", 1)[0] for c in carried] == [
+        "unreadable dead-letter line 3",
+        "unreadable dead-letter line 5",
+        "unreadable dead-letter line 6",
+    ]
+
+
+def test_a_backend_that_cannot_start_sends_nothing(tmp_path: Path) -> None:
+    dead = dead_letters_of(tmp_path / "dead.jsonl", events(1))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    result = replay(str(dead), "--service", "file", "--path", str(blocker / "events.jsonl"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("cannot start file: ")
+    assert result.stderr.endswith(f"nothing was sent; {dead} is unchanged\n")
+    assert new_files(tmp_path, dead, blocker) == []
+
+
+def test_replay_to_cloudwatch(moto_url: str, tmp_path: Path) -> None:
+    now = time.time()
+    sent = [build(exchange(request={"n": i}, response=b"{}", started_at=now - i)) for i in range(3)]
+    dead = dead_letters_of(tmp_path / "dead.jsonl", sent, backend="cloudwatch")
+    result = replay(
+        str(dead),
+        "--service",
+        "cloudwatch",
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        moto_url,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+    )
+    assert result.exit_code == 0, result.output
+    assert "CloudWatch Logs does not deduplicate" in result.stdout
+    assert sorted(e["id"] for e in asyncio.run(read_stored(moto_url))) == sorted(
+        e["id"] for e in sent
+    )
+
+
+def test_refused_aws_credentials_at_start_send_nothing(
+    moto_url: str, keys: list[dict[str, str]], tmp_path: Path
+) -> None:
+    dead = dead_letters_of(tmp_path / "dead.jsonl", events(2), backend="cloudwatch")
+    result = replay(
+        str(dead),
+        "--service",
+        "cloudwatch",
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        moto_url,
+        AWS_ACCESS_KEY_ID=keys[0]["aws_access_key_id"],
+        AWS_SECRET_ACCESS_KEY=SECRET,
+    )
+    assert result.exit_code == 5
+    assert result.stderr.splitlines()[0] == (
+        f"cloudwatch refused the credentials (403 (HTTP 403)): nothing was sent; {dead} is "
+        "unchanged"
+    )
+    assert SECRET not in result.output
+    assert new_files(tmp_path, dead) == []
+
+
+def test_an_event_a_backend_cannot_handle_is_retried_then_kept(tmp_path: Path) -> None:
+    good, bad = events(2)
+    bad["timestamp"] = "yesterday"  # a hand-edited file, say
+    dead = dead_letters_of(tmp_path / "dead.jsonl", [good, bad])
+    fake = FakeHelicone()
+    with serving(fake.app) as url:
+        result = replay(
+            str(dead),
+            "--service",
+            "helicone",
+            "--helicone-url",
+            url + "/custom/v1/log",
+            "--batch-size",
+            "1",
+            HELICONE_API_KEY=HELICONE_KEY,
+        )
+    assert result.exit_code == 4
+    assert result.stdout.startswith(f"replayed {dead} to helicone: 2 read, 1 delivered, 1 failed")
+    [output] = new_files(tmp_path, dead)
+    [kept] = lines(output)
+    assert kept["event"] == bad
+    assert kept["reason"].startswith("gave up after 3 attempts: ValueError(")
+    assert [log["providerRequest"]["meta"]["Helicone-Request-Id"] for log in fake.logs] == [
+        good["id"]
+    ]
