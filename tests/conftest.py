@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from yarl import URL
@@ -171,7 +172,9 @@ def log_stream() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     configure_logging("debug", "json", stream=stream)
     yield stream
-    configure_logging("warning", "json")
+    # structlog's own defaults again: a level filter left behind would hide info lines from the
+    # structlog.testing.capture_logs of later tests (it swaps the processors, not the filter).
+    structlog.reset_defaults()
 
 
 @pytest.fixture
