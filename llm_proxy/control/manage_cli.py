@@ -138,8 +138,8 @@ def _errors_as_json(wanted: Callable[[], bool]) -> Iterator[None]:
         raise (JsonUsageError if exc.exit_code == 2 else JsonError)(exc) from None
 
 
-class ManageCommand(click.Command):
-    """A ``manage`` command whose errors, usage errors included, are JSON under ``--json``."""
+class _JsonErrors(click.Command):
+    """Errors, usage errors included, as JSON under ``--json``."""
 
     def make_context(
         self,
@@ -158,26 +158,15 @@ class ManageCommand(click.Command):
             return super().invoke(ctx)
 
 
-class ManageGroup(click.Group):
+class ManageCommand(_JsonErrors):
+    """A ``manage`` command."""
+
+
+class ManageGroup(_JsonErrors, click.Group):
     """``manage`` and its groups: their commands and subgroups report errors as ManageCommand."""
 
     command_class = ManageCommand
     group_class = type
-
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: click.Context | None = None,
-        **extra: Any,
-    ) -> click.Context:
-        typed = "--json" in args
-        with _errors_as_json(lambda: typed or _json_wanted(parent)):
-            return super().make_context(info_name, args, parent, **extra)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        with _errors_as_json(lambda: _json_wanted(ctx)):
-            return super().invoke(ctx)
 
 
 def _json_object(text: str, option: str) -> dict[str, Any]:

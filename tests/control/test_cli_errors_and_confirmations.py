@@ -8,7 +8,6 @@ import json
 import os
 import pty
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,43 +15,14 @@ from click.testing import CliRunner, Result
 
 from llm_proxy.runtime.cli import main
 from tests.processes import (
-    PRODUCT_VARIABLES,
-    MockUpstream,
     ServerProcess,
     clean_env,
     cli_command,
     free_port,
     http,
-    start_mock_upstream,
-    start_server,
-    write_api_config,
 )
 
 pytestmark = pytest.mark.process
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]:
-    mock = start_mock_upstream(tmp_path_factory.mktemp("mock"))
-    yield mock
-    mock.process.stop()
-
-
-@pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, upstream: MockUpstream
-) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("proxy")
-    api_config = write_api_config(root / "api_providers.yaml", upstream.base_url)
-    started = start_server(root / "data", api_config, root / "logs")
-    yield started
-    started.stop()
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in PRODUCT_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
 
 
 def connection(server: ServerProcess) -> dict[str, str]:

@@ -5,7 +5,6 @@ prefix, an ambiguous one refused. A real server process throughout."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,42 +12,13 @@ from click.testing import CliRunner, Result
 
 from llm_proxy.runtime.cli import main
 from tests.processes import (
-    PRODUCT_VARIABLES,
-    MockUpstream,
     ServerProcess,
     http,
-    start_mock_upstream,
-    start_server,
-    write_api_config,
 )
 
 pytestmark = pytest.mark.process
 
 UUID_LENGTH = 36
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]:
-    mock = start_mock_upstream(tmp_path_factory.mktemp("mock"))
-    yield mock
-    mock.process.stop()
-
-
-@pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, upstream: MockUpstream
-) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("proxy")
-    api_config = write_api_config(root / "api_providers.yaml", upstream.base_url)
-    started = start_server(root / "data", api_config, root / "logs")
-    yield started
-    started.stop()
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in PRODUCT_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
 
 
 def manage(server: ServerProcess, *args: str) -> Result:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import click
@@ -17,7 +16,6 @@ from llm_proxy.control.manage_cli import token_generate, token_update
 from llm_proxy.runtime.cli import main
 from tests.conftest import TOKEN_FIELDS
 from tests.processes import (
-    PRODUCT_VARIABLES,
     MockUpstream,
     ServerProcess,
     clean_env,
@@ -25,8 +23,6 @@ from tests.processes import (
     free_port,
     run,
     start_mock_upstream,
-    start_server,
-    write_api_config,
 )
 
 # Every test but one talks to the module's server process.
@@ -41,25 +37,6 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]
     mock = start_mock_upstream(tmp_path_factory.mktemp("mock"), api_key=UPSTREAM_KEY)
     yield mock
     mock.process.stop()
-
-
-@pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, upstream: MockUpstream
-) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("proxy")
-    api_config = write_api_config(root / "api_providers.yaml", upstream.base_url)
-    started = start_server(root / "data", api_config, root / "logs")
-    yield started
-    started.stop()
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in PRODUCT_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    # `manage` falls back on ./data/management_token: a checkout's own data/ must not answer.
-    monkeypatch.chdir(tmp_path)
 
 
 def manage(*args: str, env: dict[str, str] | None = None) -> Result:
