@@ -1,0 +1,61 @@
+#!/bin/bash
+# cpu_per_request.sh: CPU µs per request of the llm-proxy server (+ its events process) and of pyfloor, at c=1 and c=64,
+# against the bench's nginx mock (the config of the latest /tmp/bench-run-*: run ../shared/bench/run.sh
+# once first). Run on a quiet machine. Env: PROFILE=1 adds a py-spy profile at c=64 (PYSPY: its
+# path), PYFLOOR_VENV (the anchors' venv with httptools and uvloop).
+set -eu
+checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+shared=$checkout/../shared/bench
+pyfloor_python=${PYFLOOR_VENV:-/tmp/perf-anchors/pyfloor-venv}/bin/python
+d=/tmp/prof/run; rm -rf $d; mkdir -p $d/mock-tmp
+sed -e "s#/tmp/bench-run-[a-z0-9_]*/mock-nginx-tmp#$d/mock-tmp#g" -e "s#/tmp/bench-run-[a-z0-9_]*/#$d/#g" $(ls -td /tmp/bench-run-* | head -1)/mock-nginx.conf > $d/mock.conf
+nginx -c $d/mock.conf
+trap 'kill ${spid:-} ${fpid:-} 2>/dev/null; nginx -c $d/mock.conf -s stop 2>/dev/null || true' EXIT
+KEY=sk-bench-upstream-0123456789abcdef0123456789abcdef
+cat > $d/api.yaml <<YAML
+default_api: openai
+apis:
+  openai:
+    base_url: http://127.0.0.1:18080
+    allowed_endpoints: [/v1/chat/completions, /v1/models]
+    allowed_methods: [GET, POST]
+YAML
+API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$d/proxy.db DATA_DIR=$d MANAGEMENT_TOKEN=mgmt-bench-0123456789abcdef \
+  LISTEN_ADDR=127.0.0.1:18095 LOG_LEVEL=warning LOG_FORMAT=json PRICES_PATH=$checkout/config/prices.yaml \
+  $checkout/.venv/bin/llm-proxy server > $d/server.log 2>&1 &
+spid=$!
+$pyfloor_python $shared/anchors/pyfloor.py --port 18097 --upstream http://127.0.0.1:18080 --upstream-key $KEY --token sk-pyfloor-bench-0123456789abcdef > $d/pyfloor.log 2>&1 &
+fpid=$!
+for i in $(seq 100); do curl -sf http://127.0.0.1:18095/health >/dev/null && break; sleep 0.2; done
+sleep 1
+m=mgmt-bench-0123456789abcdef
+p=$(curl -sf -X POST http://127.0.0.1:18095/manage/projects -H "Authorization: Bearer $m" -H 'Content-Type: application/json' -d "{\"name\":\"b\",\"api_key\":\"$KEY\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+tok=$(curl -sf -X POST http://127.0.0.1:18095/manage/tokens -H "Authorization: Bearer $m" -H 'Content-Type: application/json' -d "{\"project_id\":\"$p\",\"duration_minutes\":600}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+epid=$(pgrep -P $spid -f events_process || true)
+ticks() { awk '{print $14+$15}' /proc/$1/stat; }
+hz=$(getconf CLK_TCK)
+measure() { # name url token conns threads pids...
+  local name=$1 url=$2 token=$3 c=$4 t=$5; shift 5
+  local before=(); for pid in "$@"; do before+=($(ticks $pid)); done
+  out=$(BENCH_TOKEN=$token wrk -t$t -c$c -d10s -s $shared/wrk_post.lua $url/v1/chat/completions | grep WRKJSON | sed 's/WRKJSON //')
+  reqs=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+  p50=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["p50_us"])')
+  local i=0 line="$name c=$c requests=$reqs p50=${p50}us"
+  for pid in "$@"; do
+    after=$(ticks $pid); us=$(python3 -c "print(round(($after-${before[$i]})/$hz*1e6/$reqs,1))"); line="$line cpu_us_per_req[$pid]=$us"; i=$((i+1))
+  done
+  echo "$line"
+}
+BENCH_TOKEN=$tok wrk -t1 -c8 -d3s -s $shared/wrk_post.lua http://127.0.0.1:18095/v1/chat/completions >/dev/null
+BENCH_TOKEN=sk-pyfloor-bench-0123456789abcdef wrk -t1 -c8 -d3s -s $shared/wrk_post.lua http://127.0.0.1:18097/v1/chat/completions >/dev/null
+for rep in 1 2; do
+measure llm-proxy http://127.0.0.1:18095 $tok 1 1 $spid $epid
+measure pyfloor http://127.0.0.1:18097 sk-pyfloor-bench-0123456789abcdef 1 1 $fpid
+measure llm-proxy http://127.0.0.1:18095 $tok 64 2 $spid $epid
+measure pyfloor http://127.0.0.1:18097 sk-pyfloor-bench-0123456789abcdef 64 2 $fpid
+done
+if [ "${PROFILE:-}" = 1 ]; then
+  (sleep 1; BENCH_TOKEN=$tok wrk -t2 -c64 -d12s -s $shared/wrk_post.lua http://127.0.0.1:18095/v1/chat/completions >/dev/null) &
+  ${PYSPY:-py-spy} record -p $spid -d 10 -r 1000 -f raw -o $d/profile-c64.txt --nonblocking >/dev/null 2>&1
+  wait
+fi
