@@ -7,6 +7,7 @@ from datetime import datetime
 
 from llm_proxy.models import hour_start, utcnow
 from tests.admin_ui.conftest import AdminPages
+from tests.admin_ui.test_usage_pages import call
 from tests.conftest import Proxy
 from tests.waiting import wait_for_usage
 
@@ -23,18 +24,6 @@ def bars(html: str, chart_id: str) -> dict[str, int]:
 
 def key(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%MZ")
-
-
-async def _chat(proxy: Proxy, token: str, upstream_status: int | None = None) -> int:
-    headers = {"Authorization": f"Bearer {token}"}
-    if upstream_status is None:
-        path = "/v1/chat/completions"
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two"}]}
-    else:
-        path, body = "/v1/moderations", {"input": "x"}
-        headers["X-Fake-Status"] = str(upstream_status)
-    async with proxy.client.post(path, json=body, headers=headers) as response:
-        return response.status
 
 
 def expected(usage: dict[str, int | float]) -> dict[str, int]:
@@ -69,9 +58,9 @@ async def test_charts_count_the_requests_made_through_the_proxy(
     idle = await proxy.issue_token(busy)
     elsewhere = await proxy.issue_token(other)
 
-    assert [await _chat(proxy, used["token"]) for _ in range(3)] == [200] * 3
-    assert await _chat(proxy, used["token"], upstream_status=503) == 503
-    assert await _chat(proxy, elsewhere["token"]) == 200
+    assert [await call(proxy, used["token"]) for _ in range(3)] == [200] * 3
+    assert await call(proxy, used["token"], upstream_status=503) == 503
+    assert await call(proxy, elsewhere["token"]) == 200
     token_usage = expected(await wait_for_usage(proxy, f"/tokens/{used['id']}", 4))
     other_usage = expected(await wait_for_usage(proxy, f"/tokens/{elsewhere['id']}", 1))
     after = utcnow()

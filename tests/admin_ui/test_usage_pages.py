@@ -23,7 +23,7 @@ def window_row(html: str, key: str) -> dict[str, str]:
     return dict(_CELL.findall(row))
 
 
-async def _call(proxy: Proxy, token: str, upstream_status: int | None = None) -> int:
+async def call(proxy: Proxy, token: str, upstream_status: int | None = None) -> int:
     """A chat completion, or (given ``upstream_status``) a moderation the upstream fails."""
     headers = {"Authorization": f"Bearer {token}"}
     if upstream_status is None:
@@ -48,8 +48,8 @@ async def test_pages_show_usage_figures(admin: AdminPages, proxy: Proxy) -> None
     idle = await proxy.issue_token(project_id)
     assert tile((await admin.get(f"/admin/tokens/{used['id']}")).text, "total-tokens") == "0"
 
-    assert [await _call(proxy, used["token"]) for _ in range(2)] == [200, 200]
-    assert await _call(proxy, used["token"], upstream_status=503) == 503
+    assert [await call(proxy, used["token"]) for _ in range(2)] == [200, 200]
+    assert await call(proxy, used["token"], upstream_status=503) == 503
     usage = await wait_for_usage(proxy, f"/tokens/{used['id']}", 3)
     assert usage["errors"] == 1 and usage["total_tokens"] > 0
     # gpt-4o-mini at $0.15 / $0.60 per 1M tokens is 150 / 600 nano-dollars a token; the failed

@@ -14,25 +14,28 @@ import base64
 import gzip
 import itertools
 import json
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 
-from llm_proxy.tools.mock_upstream import MockSettings
+from llm_proxy.proxy.cost_bound import CAP_FIELDS
 from tests.conftest import Proxy
-from tests.fakes import Seen, fake_upstream_app
+from tests.fakes import Seen
 from tests.http.answers import Answers
 from tests.http.test_front import read_response, request
-from tests.proxy.test_budgets import INPUT_NANOUSD, OUTPUT_NANOUSD, PRICES, settled
+from tests.proxy import test_budgets
+from tests.proxy.test_budgets import INPUT_NANOUSD, OUTPUT_NANOUSD, settled
+
+# The budget tests' fixtures: the same upstream (200-token answers), prices and budgeted proxy.
+upstream_server = test_budgets.upstream_server
+prices_path = test_budgets.prices_path
+budgeted = test_budgets.budgeted
 
 CHAT = "/v1/chat/completions"
 Answer = tuple[int, dict[str, str], bytes]
-CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # The error type of each status the proxy's own refusals here carry.
 TYPES = {
     400: "invalid_request_error",
@@ -41,28 +44,6 @@ TYPES = {
     415: "invalid_request_error",
     429: "rate_limit_error",
 }
-
-
-@pytest.fixture
-async def upstream_server() -> AsyncIterator[TestServer]:
-    """An upstream whose answers run to 200 tokens unless the request caps them lower."""
-    server = TestServer(fake_upstream_app(MockSettings(chunks=200)))
-    await server.start_server()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-def prices_path(tmp_path: Path) -> Path:
-    path = tmp_path / "prices.yaml"
-    path.write_text(PRICES)
-    return path
-
-
-@pytest.fixture
-async def budgeted(proxy_factory: Any, prices_path: Path) -> Proxy:
-    proxy: Proxy = await proxy_factory(prices_path=prices_path)
-    return proxy
 
 
 # -- speaking HTTP/1.1 -------------------------------------------------------------------------
