@@ -56,6 +56,7 @@ measure pyfloor http://127.0.0.1:18097 sk-pyfloor-bench-0123456789abcdef 64 2 $f
 done
 if [ "${PROFILE:-}" = 1 ]; then
   (sleep 1; BENCH_TOKEN=$tok wrk -t2 -c64 -d12s -s $shared/wrk_post.lua http://127.0.0.1:18095/v1/chat/completions >/dev/null) &
+  if [ -n "$epid" ]; then ${PYSPY:-py-spy} record -p $epid -d 10 -r 500 -f raw -o $d/profile-events-c64.txt --nonblocking >/dev/null 2>&1 & fi
   ${PYSPY:-py-spy} record -p $spid -d 10 -r 1000 -f raw -o $d/profile-c64.txt --nonblocking >/dev/null 2>&1
   wait
 fi

