@@ -23,6 +23,7 @@ from llm_proxy.http.front import FrontLimits, FrontSite, listening_socket
 from llm_proxy.pricing import PricesError
 from llm_proxy.runtime import secrets_store
 from llm_proxy.runtime.app import COMPONENTS, Components, create_app, open_settings_store
+from llm_proxy.runtime.fd_limit import raise_open_file_limit
 from llm_proxy.runtime.gc_tuning import tune_garbage_collector
 from llm_proxy.runtime.metrics_endpoint import WORKER_PEERS, own_page
 from llm_proxy.runtime.settings import (
@@ -273,6 +274,7 @@ def serve_workers(settings: Settings) -> int:
 def run_server(settings: Settings) -> None:
     """Fill generated secrets, then serve; a start-up failure raises SettingsError naming the variable."""
     settings = with_generated_secrets(settings, sys.stdout)
+    raise_open_file_limit()  # (forked workers inherit it)
     if settings.workers > 1:
         sys.exit(serve_workers(settings))
     serve(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import secrets
 import signal
 import stat
@@ -22,6 +23,7 @@ from tests.processes import (
     free_port,
     http,
     run,
+    spawn,
     start_mock_upstream,
     start_server,
     write_api_config,
@@ -248,3 +250,46 @@ def test_json_logs_never_contain_tokens_or_keys(tmp_path: Path, api_config: Path
     assert [line.strip() for line in stdout.splitlines() if management in line] == [
         f"MANAGEMENT_TOKEN={management}"
     ]
+
+
+def _open_file_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc")
+
+
+# None: this process's hard limit (raising a hard limit needs a privilege a sandbox may lack).
+@pytest.mark.parametrize(("soft", "given_hard"), [(256, None), (512, 1024)])
+def test_the_server_raises_its_open_file_limit_to_the_hard_one(
+    tmp_path: Path, api_config: Path, soft: int, given_hard: int | None
+) -> None:
+    # Two descriptors per open stream: at a soft limit of 512, the 256th concurrent stream would
+    # be refused while the host allows more.
+    hard = given_hard or resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    warned = hard < 4096
+    port = free_port()
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=f"127.0.0.1:{port}",
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+    )
+    process = spawn(
+        ["prlimit", f"--nofile={soft}:{hard}", *cli_command("server")], env, tmp_path, "server"
+    )
+    try:
+        process.wait_for(f"http://127.0.0.1:{port}/health")
+        assert _open_file_limits(process.popen.pid) == (hard, hard)
+        warnings = [
+            json.loads(line)
+            for line in process.stderr.splitlines()
+            if "open_file_limit_low" in line
+        ]
+        assert bool(warnings) is warned
+        if warned:
+            assert warnings[0]["limit"] == hard
+            assert warnings[0]["concurrent_streams"] == hard // 2
+    finally:
+        process.stop()
