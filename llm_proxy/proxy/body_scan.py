@@ -36,6 +36,39 @@ _STRING_BODY: Final = rb'[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^
 _TOKEN: Final = re.compile(rb'([^"{}\[\],:]*+)(?:"(' + _STRING_BODY + rb')(")?|([{}\[\],:]))')
 _STRING_REST: Final = re.compile(_STRING_BODY)
 _ESCAPE: Final = re.compile(rb'\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})')
+# Every byte that can end the body of a string (a quote, a backslash, a control character) mapped to
+# a quote: one C-speed translate and find per window instead of the regex engine's byte loop, which
+# ran at ~140 MB/s over the base64 image of a vision request (5-6 times slower than this).
+_STRING_STOPS: Final = bytes.maketrans(bytes(range(0x20)) + b"\\", b'"' * 0x21)
+_FIRST_WINDOW: Final = 1024
+_LARGEST_WINDOW: Final = 256 * 1024
+
+
+def _string_body_end(chunk: bytes, pos: int) -> int:
+    """Where the body of a string that goes on at ``pos`` stops: ``_STRING_REST.match(chunk,
+    pos).end()``, at the speed of ``bytes.translate``. Windows grow from small, so a short string
+    costs little, and no byte is translated twice."""
+    size = len(chunk)
+    window = _FIRST_WINDOW
+    while pos < size:
+        base, limit = pos, min(size, pos + window)
+        stops = chunk[base:limit].translate(_STRING_STOPS)
+        while pos < limit:
+            at = stops.find(b'"', pos - base)
+            if at < 0:
+                break
+            stop = base + at
+            if chunk[stop] != _BACKSLASH:
+                return stop  # the closing quote, or a control character
+            escape = _ESCAPE.match(chunk, stop)
+            if escape is None:
+                return stop  # not an escape, or one the chunk cuts
+            pos = escape.end()
+        pos = max(pos, limit)
+        window = min(window * 8, _LARGEST_WINDOW)
+    return size
+
+
 _PARTIAL_ESCAPE: Final = re.compile(rb"\\(?:u[0-9a-fA-F]{0,3})?")
 _SCALAR: Final = re.compile(
     rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null"
@@ -271,9 +304,7 @@ class BodyInspector:
                 return -1
             pos = escape.end() - len(self._escape)
             self._escape = b""
-        rest = _STRING_REST.match(chunk, pos)
-        assert rest is not None  # the pattern matches the empty string
-        end = rest.end()
+        end = _string_body_end(chunk, pos)
         if end < len(chunk) and chunk[end] == _QUOTE:
             self._in_string = False
             self._string_closed(end)

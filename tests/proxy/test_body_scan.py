@@ -13,7 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_proxy.proxy.body_scan import OPTIONS_HOLD_LIMIT, TOO_LARGE, BodyInspector, ask_usage
+from llm_proxy.proxy.body_scan import (
+    _STRING_REST,
+    OPTIONS_HOLD_LIMIT,
+    TOO_LARGE,
+    BodyInspector,
+    _string_body_end,
+    ask_usage,
+)
 
 TAIL = b',"stream_options":{"include_usage":true}'
 MISSING = object()
@@ -740,3 +747,60 @@ def test_mutated_bodies_never_raise_and_pass_through_unless_well_formed(
 )
 def test_ask_usage_on_a_whole_small_body(body: bytes, expected: bytes | None) -> None:
     assert ask_usage(body) == expected
+
+
+# Pieces that make or break a string body: long plain runs (across the scanner's windows of 1 KiB,
+# then 8 and 64 KiB), escapes whole and cut, stray backslashes, quotes and control characters.
+STRING_PIECES = st.one_of(
+    st.integers(min_value=1, max_value=20_000).map(lambda n: b"A" * n),
+    st.sampled_from(
+        [b'\\"', b"\\\\", b"\\n", b"\\u00e9", b"\\u00", b"\\", b"\\x", b'"', b"\x00", b"\x1f",
+         b"\xc3\xa9", b"\x7f", b" "]
+    ),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(STRING_PIECES, max_size=12), start=st.integers(min_value=0, max_value=64))
+def test_a_string_body_ends_where_the_json_grammar_ends_it(pieces: list[bytes], start: int) -> None:
+    chunk = b"".join(pieces)
+    start = min(start, len(chunk))
+    assert _string_body_end(chunk, start) == _STRING_REST.match(chunk, start).end()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 1024, 65_536, 262_144])
+@pytest.mark.parametrize(
+    ("flaw", "well_formed"),
+    [(b"", True), (b"\\n\\u00e9\\\\", True), (b"\x01", False), (b"\\q", False)],
+)
+def test_a_long_image_string_read_in_chunks_is_checked_to_its_end(
+    chunk_size: int, flaw: bytes, well_formed: bool
+) -> None:
+    # A vision request: megabytes of base64 in one string, arriving in socket-sized chunks, with
+    # a flaw (or escapes) past the first windows of every chunk.
+    image = b"QUJD" * 300_000
+    at = 1_000_003
+    body = (
+        b'{"model":"m","stream":true,"messages":[{"role":"user","content":[{"type":"image_url",'
+        b'"image_url":{"url":"data:image/png;base64,' + image[:at] + flaw + image[at:] + b'"}}]}]}'
+    )
+    chunks = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+    out, inspector = feed_all(chunks, watch=frozenset({"model"}), inject_usage=True)
+    assert inspector.well_formed is well_formed
+    if well_formed:
+        assert inspector.values["model"] == ["m"]
+        assert out == body[:-1] + b',"stream_options":{"include_usage":true}}'
+    else:
+        assert out == body and not inspector.modified
+
+
+@pytest.mark.parametrize("boundary", [1024, 1024 + 8192, 1024 + 8192 + 65_536])
+@pytest.mark.parametrize("escape", [b'\\"', b"\\u0022", b"\\\\"])
+@pytest.mark.parametrize("shift", [-5, -1, 0])
+def test_an_escape_across_a_scan_window_is_read_whole(
+    boundary: int, escape: bytes, shift: int
+) -> None:
+    # The escaped quote must not be taken for the end of the string where a window ends inside it.
+    text = b"A" * (boundary + shift) + escape + b"B" * 10
+    chunk = text + b'"' + b"C" * 300_000
+    assert _string_body_end(chunk, 0) == len(text)
