@@ -3,8 +3,9 @@
 On virtual machines, waking a process whose CPU went idle costs tens of microseconds (the idle
 vCPU halted and must be rescheduled by the host). A proxied request waits twice for a peer that
 usually answers within that time: the upstream's response, and the client's next request on a
-keep-alive connection. Polling through those waits instead of sleeping is what keeps the latency
-the proxy adds low on such machines (figures: ``bench/README.md``).
+keep-alive connection. Polling through those waits instead of sleeping lowered the latency the
+proxy adds on one such machine, and not on another, nor pinned to one CPU, nor under a CPU quota
+(figures: ``bench/README.md``): it is therefore off unless ``LLM_PROXY_BUSY_POLL_MICROS`` is set.
 
 Polling unconditionally would burn CPU whenever traffic is sparse, so the window adapts the way
 Linux's halt-polling does: it grows (doubling, up to ``max_seconds``) while activity keeps arriving

@@ -267,9 +267,9 @@ def build_settings(
 @click.option(
     "--busy-poll-micros",
     envvar="LLM_PROXY_BUSY_POLL_MICROS",
-    default="300",
+    default="0",
     show_envvar=True,
-    help="Keep polling sockets this long after activity (adaptive; 0 turns it off).",
+    help="Keep polling sockets up to this long after activity (adaptive; 0, the default: never).",
 )
 # Read as curl reads them: the lower-case spelling first.
 @click.option(

@@ -74,7 +74,7 @@ class Settings:
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     # The longest the event loop keeps polling after socket activity (0: never); see busy_poll.py.
-    busy_poll_micros: int = 300
+    busy_poll_micros: int = 0
     # Where events are built, published and aggregated: in the events process beside the server
     # (llm_proxy/runtime/events_process.py), keeping that work off the server's GIL; tests use "thread"
     # to run the same pipeline inside the application.
