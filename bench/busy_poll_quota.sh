@@ -5,34 +5,22 @@
 # then wrk c=1 and c=64 for 10 s each, alternating, 3 times. Needs root and /sys/fs/cgroup/cpu.
 set -eu
 checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); shared=$checkout/../shared/bench
-d=/tmp/prof/quota; rm -rf $d; mkdir -p $d/mock-tmp
-sed -e "s#/tmp/bench-run-[a-z0-9_]*/mock-nginx-tmp#$d/mock-tmp#g" -e "s#/tmp/bench-run-[a-z0-9_]*/#$d/#g" $(ls -td /tmp/bench-run-* | head -1)/mock-nginx.conf > $d/mock.conf
-nginx -c $d/mock.conf
-KEY=sk-bench-upstream-0123456789abcdef0123456789abcdef
+source "$checkout/bench/lab.sh"
+d=/tmp/prof/quota; rm -rf $d; mkdir -p $d
+lab_mock $d
 pids=()
 cleanup() { kill ${pids[@]} 2>/dev/null; nginx -c $d/mock.conf -s stop 2>/dev/null; sleep 1; for g in poll nopoll; do rmdir /sys/fs/cgroup/cpu/llm-$g 2>/dev/null || true; done; }
 trap cleanup EXIT
-cat > $d/api.yaml <<YAML
-default_api: openai
-apis:
-  openai:
-    base_url: http://127.0.0.1:18080
-    allowed_endpoints: [/v1/chat/completions, /v1/models]
-    allowed_methods: [GET, POST]
-YAML
 declare -A port=([poll]=18101 [nopoll]=18102) micros=([poll]=300 [nopoll]=0) tok
 for g in poll nopoll; do
   cg=/sys/fs/cgroup/cpu/llm-$g; mkdir -p $cg; echo 100000 > $cg/cpu.cfs_period_us; echo ${QUOTA:-50000} > $cg/cpu.cfs_quota_us
   mkdir -p $d/$g
-  ( echo $BASHPID > $cg/cgroup.procs; exec env API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$d/$g/proxy.db DATA_DIR=$d/$g MANAGEMENT_TOKEN=mgmt-bench-0123456789abcdef \
+  ( echo $BASHPID > $cg/cgroup.procs; exec env API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$d/$g/proxy.db DATA_DIR=$d/$g MANAGEMENT_TOKEN=$LAB_MANAGEMENT_TOKEN \
     LISTEN_ADDR=127.0.0.1:${port[$g]} LOG_LEVEL=warning LOG_FORMAT=json LLM_PROXY_BUSY_POLL_MICROS=${micros[$g]} $checkout/.venv/bin/llm-proxy server > $d/$g/server.log 2>&1 ) &
   pids+=($!)
 done
-for g in poll nopoll; do for i in $(seq 100); do curl -sf http://127.0.0.1:${port[$g]}/health >/dev/null && break; sleep 0.2; done; done
-m=mgmt-bench-0123456789abcdef
 for g in poll nopoll; do u=http://127.0.0.1:${port[$g]}
-  p=$(curl -sf -X POST $u/manage/projects -H "Authorization: Bearer $m" -H 'Content-Type: application/json' -d "{\"name\":\"b\",\"api_key\":\"$KEY\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-  tok[$g]=$(curl -sf -X POST $u/manage/tokens -H "Authorization: Bearer $m" -H 'Content-Type: application/json' -d "{\"project_id\":\"$p\",\"duration_minutes\":600}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+  tok[$g]=$(lab_token $u)
   BENCH_TOKEN=${tok[$g]} wrk -t1 -c8 -d3s -s $shared/wrk_post.lua $u/v1/chat/completions >/dev/null
 done
 cpu() { awk '{s+=$1} END {print s}' <(for p in $(cat /sys/fs/cgroup/cpu/llm-$1/cgroup.procs); do awk '{print $14+$15}' /proc/$p/stat; done); }

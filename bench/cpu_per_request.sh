@@ -7,30 +7,17 @@ set -eu
 checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 shared=$checkout/../shared/bench
 pyfloor_python=${PYFLOOR_VENV:-/tmp/perf-anchors/pyfloor-venv}/bin/python
-d=/tmp/prof/run; rm -rf $d; mkdir -p $d/mock-tmp
-sed -e "s#/tmp/bench-run-[a-z0-9_]*/mock-nginx-tmp#$d/mock-tmp#g" -e "s#/tmp/bench-run-[a-z0-9_]*/#$d/#g" $(ls -td /tmp/bench-run-* | head -1)/mock-nginx.conf > $d/mock.conf
-nginx -c $d/mock.conf
+source "$checkout/bench/lab.sh"
+d=/tmp/prof/run; rm -rf $d; mkdir -p $d
+lab_mock $d
 trap 'kill ${spid:-} ${fpid:-} 2>/dev/null; nginx -c $d/mock.conf -s stop 2>/dev/null || true' EXIT
-KEY=sk-bench-upstream-0123456789abcdef0123456789abcdef
-cat > $d/api.yaml <<YAML
-default_api: openai
-apis:
-  openai:
-    base_url: http://127.0.0.1:18080
-    allowed_endpoints: [/v1/chat/completions, /v1/models]
-    allowed_methods: [GET, POST]
-YAML
-API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$d/proxy.db DATA_DIR=$d MANAGEMENT_TOKEN=mgmt-bench-0123456789abcdef \
+API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$d/proxy.db DATA_DIR=$d MANAGEMENT_TOKEN=$LAB_MANAGEMENT_TOKEN \
   LISTEN_ADDR=127.0.0.1:18095 LOG_LEVEL=warning LOG_FORMAT=json PRICES_PATH=$checkout/config/prices.yaml \
   $checkout/.venv/bin/llm-proxy server > $d/server.log 2>&1 &
 spid=$!
-$pyfloor_python $shared/anchors/pyfloor.py --port 18097 --upstream http://127.0.0.1:18080 --upstream-key $KEY --token sk-pyfloor-bench-0123456789abcdef > $d/pyfloor.log 2>&1 &
+$pyfloor_python $shared/anchors/pyfloor.py --port 18097 --upstream http://127.0.0.1:18080 --upstream-key $LAB_UPSTREAM_KEY --token sk-pyfloor-bench-0123456789abcdef > $d/pyfloor.log 2>&1 &
 fpid=$!
-for i in $(seq 100); do curl -sf http://127.0.0.1:18095/health >/dev/null && break; sleep 0.2; done
-sleep 1
-m=mgmt-bench-0123456789abcdef
-p=$(curl -sf -X POST http://127.0.0.1:18095/manage/projects -H "Authorization: Bearer $m" -H 'Content-Type: application/json' -d "{\"name\":\"b\",\"api_key\":\"$KEY\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-tok=$(curl -sf -X POST http://127.0.0.1:18095/manage/tokens -H "Authorization: Bearer $m" -H 'Content-Type: application/json' -d "{\"project_id\":\"$p\",\"duration_minutes\":600}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+tok=$(lab_token http://127.0.0.1:18095)
 epid=$(pgrep -P $spid -f events_process || true)
 ticks() { awk '{print $14+$15}' /proc/$1/stat; }
 hz=$(getconf CLK_TCK)

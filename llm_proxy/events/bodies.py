@@ -61,6 +61,8 @@ def _unbrotli(raw: bytes, limit: int) -> tuple[bytes, bool]:
 
 def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) -> Decoded:
     """Undo ``content_encoding`` (outermost coding last in the header, so applied in reverse)."""
+    if not content_encoding:
+        return Decoded(raw, truncated)  # most answers: nothing to undo, nothing to split
     codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
     data = raw
     for coding in reversed(codings):

@@ -1,0 +1,34 @@
+# Sourced by the bench's lab scripts (cpu_per_request.sh, busy_poll_quota.sh): what they share.
+# Needs a prior run of ../shared/bench/run.sh, whose nginx mock config (the latest /tmp/bench-run-*) is reused.
+
+LAB_UPSTREAM_KEY=sk-bench-upstream-0123456789abcdef0123456789abcdef
+LAB_MANAGEMENT_TOKEN=mgmt-bench-0123456789abcdef
+
+# lab_mock DIR: start the harness's nginx mock (port 18080) with its files under DIR, and write
+# DIR/api.yaml pointing llm-proxy at it. Stop it with: nginx -c DIR/mock.conf -s stop
+lab_mock() {
+  local d=$1
+  mkdir -p "$d/mock-tmp"
+  sed -e "s#/tmp/bench-run-[a-z0-9_]*/mock-nginx-tmp#$d/mock-tmp#g" -e "s#/tmp/bench-run-[a-z0-9_]*/#$d/#g" \
+    "$(ls -td /tmp/bench-run-* | head -1)/mock-nginx.conf" > "$d/mock.conf"
+  nginx -c "$d/mock.conf"
+  cat > "$d/api.yaml" <<YAML
+default_api: openai
+apis:
+  openai:
+    base_url: http://127.0.0.1:18080
+    allowed_endpoints: [/v1/chat/completions, /v1/models]
+    allowed_methods: [GET, POST]
+YAML
+}
+
+# lab_token URL: wait for the llm-proxy server at URL, create a project holding the mock's key and
+# print a token for it.
+lab_token() {
+  local u=$1 m=$LAB_MANAGEMENT_TOKEN p
+  for _ in $(seq 100); do curl -sf "$u/health" >/dev/null && break; sleep 0.2; done
+  p=$(curl -sf -X POST "$u/manage/projects" -H "Authorization: Bearer $m" -H 'Content-Type: application/json' \
+        -d "{\"name\":\"b\",\"api_key\":\"$LAB_UPSTREAM_KEY\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  curl -sf -X POST "$u/manage/tokens" -H "Authorization: Bearer $m" -H 'Content-Type: application/json' \
+    -d "{\"project_id\":\"$p\",\"duration_minutes\":600}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
+}
