@@ -564,6 +564,7 @@ def ask_usage(body: bytes) -> bytes | None:
     if (
         isinstance(options, dict)
         and "include_usage" in options
+        and b"\\u" not in body
         and body.count(b'"stream_options"') == 1
         and body.count(b'"include_usage"') == 1
     ):

@@ -725,7 +725,12 @@ def test_mutated_bodies_never_raise_and_pass_through_unless_well_formed(
         (b'{"stream":true,"stream_options":null}', None),
         (b'{"stream":true,"stream_options":{"include_usage":true}}', None),
         (b'{"stream":true,"stream_options":{"include_usage":null,"x":1}}', None),
-        # Spelled twice: the inspector decides (orjson alone would read only the second).
+        # Spelled twice, or once escaped: the inspector decides (orjson alone reads the last).
+        (
+            b'{"stream":true,"stream_options":{"x":1},'
+            b'"\\u0073tream_options":{"include_usage":true}}',
+            None,
+        ),
         (b'{"stream":true,"stream_options":{"include_usage":true},"stream_options":{"x":1}}', None),
         (
             b'{"stream":true,"stream_options":{"x":1},"m":"\\"include_usage\\""}',
