@@ -61,7 +61,9 @@ def _logged(server: ServerProcess, event: str) -> int:
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    # Whole lines only: polled while the events process appends, the last may still be arriving.
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def _cost_metric(server: ServerProcess, model: str) -> float:
