@@ -34,7 +34,6 @@ _STRING_BODY: Final = rb'[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^
 # with 3 its closing quote (absent when the string runs past the chunk or stops at a bad byte),
 # or 4 a structural character.
 _TOKEN: Final = re.compile(rb'([^"{}\[\],:]*+)(?:"(' + _STRING_BODY + rb')(")?|([{}\[\],:]))')
-_STRING_REST: Final = re.compile(_STRING_BODY)
 _ESCAPE: Final = re.compile(rb'\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})')
 # Every byte that can end the body of a string (a quote, a backslash, a control character) mapped to
 # a quote: one C-speed translate and find per window instead of the regex engine's byte loop, which
@@ -45,8 +44,8 @@ _LARGEST_WINDOW: Final = 256 * 1024
 
 
 def _string_body_end(chunk: bytes, pos: int) -> int:
-    """Where the body of a string that goes on at ``pos`` stops: ``_STRING_REST.match(chunk,
-    pos).end()``, at the speed of ``bytes.translate``. Windows grow from small, so a short string
+    """Where the body of a string that goes on at ``pos`` stops: the end of ``_STRING_BODY``'s
+    match there, at the speed of ``bytes.translate``. Windows grow from small, so a short string
     costs little, and no byte is translated twice."""
     size = len(chunk)
     window = _FIRST_WINDOW

@@ -18,8 +18,8 @@ log = structlog.get_logger(__name__)
 LOW_LIMIT = 4096
 
 
-def raise_open_file_limit() -> int:
-    """Set the soft RLIMIT_NOFILE to the hard one; return the soft limit now in force."""
+def raise_open_file_limit() -> None:
+    """Set the soft RLIMIT_NOFILE to the hard one (warn when even that is low)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # An unlimited hard limit still stops at the kernel's nr_open (2^20 by default).
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -36,4 +36,3 @@ def raise_open_file_limit() -> int:
             concurrent_streams=soft // 2,
             hint="raise the hard limit (ulimit -Hn, LimitNOFILE=, --ulimit nofile=)",
         )
-    return soft
