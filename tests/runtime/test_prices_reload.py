@@ -56,7 +56,8 @@ def _wait(condition: Any, what: str, timeout: float = 10.0) -> Any:
 
 
 def _logged(server: ServerProcess, event: str) -> int:
-    lines = server.process.stderr.splitlines()
+    text = server.process.stderr
+    lines = text[: text.rfind("\n") + 1].splitlines()  # whole lines: the server is still writing
     return sum(1 for line in lines if line.startswith("{") and json.loads(line)["event"] == event)
 
 
