@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
 
 import httptools
@@ -104,6 +104,10 @@ class _Connection(asyncio.Protocol):
         self._read_paused = False
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
+        # While a body is relayed (relay()), chunks go to the sink as they are parsed, not to _chunks.
+        self._sink: Callable[[bytes], bool] | None = None
+        self._sink_behind = False  # the sink's reader fell behind: reading waits for its drain
+        self._idle = 0.0
         # Per exchange, reset by send().
         self._expecting = False
         self._head_request = False
@@ -181,6 +185,17 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if not self._expecting:
             raise _Unexpected
+        sink = self._sink
+        if sink is not None:
+            if not sink(body):
+                self._sink_behind = True
+                if not self._read_paused:
+                    self._read_paused = True
+                    self._transport.pause_reading()
+                self._wake()
+            elif self._deadline is not None:
+                self._deadline = self._loop.time() + self._idle
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._read_paused:
@@ -322,6 +337,39 @@ class _Connection(asyncio.Protocol):
                 raise self._exc
             await self._wait(self._loop.time() + idle, "idle")
 
+    async def relay(
+        self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]], idle: float
+    ) -> None:
+        """Hand every body chunk to ``sink`` as it is parsed, until the body ends.
+
+        Unlike read(), a chunk costs no wake-up of the waiting task: the task wakes once at the end,
+        on a failure, or when ``sink`` returns False (its reader is behind). Reading then stops until
+        ``drain()`` returns, and the idle timeout does not run meanwhile, as with a slow read().
+        """
+        chunks = self._chunks
+        while chunks:  # what arrived before, usually with the head
+            chunk = chunks.popleft()
+            self._buffered -= len(chunk)
+            if not sink(chunk):
+                await drain()
+        if self._read_paused:
+            self._resume_reading()
+        self._sink, self._idle = sink, idle
+        try:
+            while not self.body_done:
+                if self._exc is not None:
+                    raise self._exc
+                if self._sink_behind:
+                    self._sink_behind = False
+                    await drain()
+                    if self._read_paused and not self.closed:
+                        self._resume_reading()
+                    continue
+                await self._wait(self._loop.time() + idle, "idle")
+        finally:
+            self._sink = None
+            self._sink_behind = False
+
     def take_body(self) -> bytes | None:
         """The whole body when it has arrived, else None (nothing taken)."""
         if not self.body_done:
@@ -374,6 +422,17 @@ class Http1Response:
             conn.release()
             raise StopAsyncIteration
         return chunk
+
+    async def relay(
+        self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Push the body to ``sink`` as it arrives (see ``UpstreamResponse.relay``)."""
+        conn = self._conn
+        if conn is None:
+            return
+        await conn.relay(sink, drain, self._idle)
+        self._conn = None
+        conn.release()
 
     def complete_body(self) -> bytes | None:
         """The whole body if it already arrived with the head (a small answer), else None."""

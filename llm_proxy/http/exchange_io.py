@@ -230,15 +230,24 @@ class ResponseWriter:
         return "".join(lines).encode("latin-1", "replace")
 
     async def write(self, chunk: bytes) -> None:
+        if not self.push(chunk):
+            await self._conn.drain()
+
+    def push(self, chunk: bytes) -> bool:
+        """``write`` without waiting: False when the client is behind and ``drain`` is due."""
         if self._no_body or not chunk:
-            return
+            return True
         data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
         if self._pending is not None:
             data = self._pending + data
             self._pending = None
-        self._conn.send(data)
-        if self._conn.write_paused:
-            await self._conn.drain()
+        conn = self._conn
+        conn.send(data)
+        return not conn.write_paused
+
+    async def drain(self) -> None:
+        """Wait until the client reads what was written (see ``FrontProtocol.drain``)."""
+        await self._conn.drain()
 
     async def finish(self) -> None:
         tail = b"0\r\n\r\n" if self._chunked and not self._no_body else b""

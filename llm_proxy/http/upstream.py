@@ -18,7 +18,7 @@ the request was written.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -70,6 +70,16 @@ class UpstreamResponse(Protocol):
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive, transfer coding removed, content coding left as sent."""
+        ...
+
+    async def relay(
+        self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Hand the body chunks, as by iterating, to ``sink`` as they arrive, and return at the end.
+
+        ``sink`` runs in the client's own receive path, so it must not block or raise; it returns
+        False when its reader is behind, and then no more is read until ``drain()`` returns.
+        """
         ...
 
     async def aclose(self) -> None:

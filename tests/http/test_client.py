@@ -868,3 +868,127 @@ async def test_complete_body_is_taken_whole_only_once_it_has_arrived(
     assert [chunk async for chunk in response] == []
     assert len(await get(client, origin)) == 2
     assert connections == 1  # taking the body released the connection to the pool
+
+
+async def test_relay_pushes_every_chunk_then_pools_the_connection(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    seen_by_upstream: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            seen_by_upstream.append(1)
+            # The head and a first chunk in one write: the client has it buffered before relay().
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            for part in (b"second", b"third"):
+                await asyncio.sleep(0.05)
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            writer.write(b"0\r\n\r\n")
+
+    origin = await raw_server(handler)
+    response = await client.request("GET", origin, "/", [], None, FAST)
+    pushed: list[bytes] = []
+    drained = 0
+
+    async def drain() -> None:
+        nonlocal drained
+        drained += 1
+
+    await response.relay(lambda chunk: pushed.append(chunk) is None, drain)
+    await response.aclose()
+
+    assert pushed == [b"first", b"second", b"third"]
+    assert drained == 0  # the sink never said it was behind
+    assert await get(client, origin) == b"firstsecondthird"
+    assert len(seen_by_upstream) == 2  # the relayed response left its connection reusable
+
+
+async def test_relay_stops_reading_while_the_sink_is_behind(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    total = 8 * 1024 * 1024
+    payload = os.urandom(total)
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for offset in range(0, total, 65536):
+            writer.write(payload[offset : offset + 65536])
+            await writer.drain()
+            sent = offset + 65536
+
+    timeouts = Timeouts(connect=1.0, response_header=1.0, idle=0.2)
+    response = await client.request("GET", await raw_server(handler), "/", [], None, timeouts)
+    connection = response._conn
+    assert connection is not None
+    digest = hashlib.sha256()
+    received = 0
+    stalled_at: list[int] = []
+
+    def sink(chunk: bytes) -> bool:
+        # Behind once past what the client may buffer before relay() (HIGH_WATER and one read):
+        # the pause is then the relay's own.
+        nonlocal received
+        digest.update(chunk)
+        received += len(chunk)
+        return bool(stalled_at) or received < 1024 * 1024
+
+    async def drain() -> None:
+        assert not stalled_at, "behind only once"
+        await asyncio.sleep(0.3)  # longer than the idle timeout would allow, were it running
+        assert not connection._transport.is_reading()
+        stalled_at.append(sent)
+
+    await response.relay(sink, drain)
+    await response.aclose()
+
+    assert stalled_at and stalled_at[0] < total  # the upstream was held back, not read whole
+    assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+async def test_relay_idle_timeout_runs_from_the_last_chunk(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(6):  # 0.6 s in all, each gap well inside the 0.25 s idle timeout
+            await asyncio.sleep(0.1)
+            writer.write(b"1\r\nx\r\n")
+        await reader.read()  # then nothing more
+
+    timeouts = Timeouts(idle=0.25)
+    response = await client.request("GET", await raw_server(handler), "/", [], None, timeouts)
+    pushed: list[bytes] = []
+
+    async def drain() -> None:
+        raise AssertionError("the sink was never behind")
+
+    with pytest.raises(UpstreamTimeout, match="idle timeout"):
+        await response.relay(lambda chunk: pushed.append(chunk) is None, drain)
+    await response.aclose()
+    assert pushed == [b"x"] * 6
+
+
+async def test_relay_raises_when_the_upstream_drops_mid_body(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    response = await client.request("GET", await raw_server(handler), "/", [], None, FAST)
+    pushed: list[bytes] = []
+
+    async def drain() -> None:
+        raise AssertionError("the sink was never behind")
+
+    with pytest.raises(UpstreamUnavailable):
+        await response.relay(lambda chunk: pushed.append(chunk) is None, drain)
+    await response.aclose()
+    assert pushed == [b"partial"]
