@@ -187,7 +187,13 @@ class _Connection(asyncio.Protocol):
             raise _Unexpected
         sink = self._sink
         if sink is not None:
-            if not sink(body):
+            try:
+                keeping_up = sink(body)
+            except Exception as exc:  # a defect in the sink, not the upstream's: relay() raises it
+                self._sink = None
+                self._fail(exc)
+                return
+            if not keeping_up:
                 self._sink_behind = True
                 if not self._read_paused:
                     self._read_paused = True

@@ -992,3 +992,37 @@ async def test_relay_raises_when_the_upstream_drops_mid_body(
         await response.relay(lambda chunk: pushed.append(chunk) is None, drain)
     await response.aclose()
     assert pushed == [b"partial"]
+
+
+async def test_relay_raises_what_the_sink_raised_and_drops_the_connection(
+    raw_server: RawServer, client: Http1Client
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            writer.write(b"1\r\nx\r\n")
+        await reader.read()
+
+    response = await client.request("GET", await raw_server(handler), "/", [], None, FAST)
+    connection = response._conn
+    assert connection is not None
+    calls = 0
+
+    def sink(chunk: bytes) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("a defect in the sink")
+        return True
+
+    async def drain() -> None:
+        raise AssertionError("the sink was never behind")
+
+    # Not reported as the upstream's failure ("invalid HTTP response"): the defect is ours.
+    with pytest.raises(RuntimeError, match="a defect in the sink"):
+        await response.relay(sink, drain)
+    await response.aclose()
+    assert calls == 2
+    assert connection.closed
