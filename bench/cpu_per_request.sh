@@ -7,43 +7,34 @@
 set -eu
 checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 shared=$checkout/../shared/bench
-pyfloor_python=${PYFLOOR_VENV:-/tmp/perf-anchors/pyfloor-venv}/bin/python
 source "$checkout/bench/lab.sh"
 d=/tmp/prof/run; rm -rf $d; mkdir -p $d
 lab_mock $d
-trap 'kill ${spid:-} ${fpid:-} 2>/dev/null; nginx -c $d/mock.conf -s stop 2>/dev/null || true' EXIT
-API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$d/proxy.db DATA_DIR=$d MANAGEMENT_TOKEN=$LAB_MANAGEMENT_TOKEN \
-  LISTEN_ADDR=127.0.0.1:18095 LOG_LEVEL=warning LOG_FORMAT=json PRICES_PATH=$checkout/config/prices.yaml \
-  $checkout/.venv/bin/llm-proxy server > $d/server.log 2>&1 &
-spid=$!
-$pyfloor_python $shared/anchors/pyfloor.py --port 18097 --upstream http://127.0.0.1:18080 --upstream-key $LAB_UPSTREAM_KEY --token sk-pyfloor-bench-0123456789abcdef > $d/pyfloor.log 2>&1 &
-fpid=$!
-tok=$(lab_token http://127.0.0.1:18095)
-epid=$(pgrep -P $spid -f events_process || true)
-ticks() { awk '{print $14+$15}' /proc/$1/stat; }
-user_ticks() { awk '{print $14}' /proc/$1/stat; }
+trap 'kill ${LAB_SERVER_PID:-} ${LAB_PYFLOOR_PID:-} 2>/dev/null; nginx -c $d/mock.conf -s stop 2>/dev/null || true' EXIT
+lab_servers $checkout $d http://127.0.0.1:18080
+spid=$LAB_SERVER_PID fpid=$LAB_PYFLOOR_PID epid=$LAB_EVENTS_PID tok=$LAB_TOKEN
 hz=$(getconf CLK_TCK)
 measure() { # name url token conns threads pids...
   local name=$1 url=$2 token=$3 c=$4 t=$5; shift 5
-  local before=() before_user=(); for pid in "$@"; do before+=($(ticks $pid)); before_user+=($(user_ticks $pid)); done
+  local before=() before_user=(); for pid in "$@"; do before+=($(lab_ticks $pid)); before_user+=($(lab_user_ticks $pid)); done
   out=$(BENCH_TOKEN=$token wrk -t$t -c$c -d10s -s $shared/wrk_post.lua $url/v1/chat/completions | grep WRKJSON | sed 's/WRKJSON //')
   reqs=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
   p50=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["p50_us"])')
   local i=0 line="$name c=$c requests=$reqs p50=${p50}us"
   for pid in "$@"; do
-    after=$(ticks $pid); us=$(python3 -c "print(round(($after-${before[$i]})/$hz*1e6/$reqs,1))")
-    user=$(user_ticks $pid); user_us=$(python3 -c "print(round(($user-${before_user[$i]})/$hz*1e6/$reqs,1))")
+    after=$(lab_ticks $pid); us=$(python3 -c "print(round(($after-${before[$i]})/$hz*1e6/$reqs,1))")
+    user=$(lab_user_ticks $pid); user_us=$(python3 -c "print(round(($user-${before_user[$i]})/$hz*1e6/$reqs,1))")
     line="$line cpu_us_per_req[$pid]=$us (user $user_us)"; i=$((i+1))
   done
   echo "$line"
 }
 BENCH_TOKEN=$tok wrk -t1 -c8 -d3s -s $shared/wrk_post.lua http://127.0.0.1:18095/v1/chat/completions >/dev/null
-BENCH_TOKEN=sk-pyfloor-bench-0123456789abcdef wrk -t1 -c8 -d3s -s $shared/wrk_post.lua http://127.0.0.1:18097/v1/chat/completions >/dev/null
+BENCH_TOKEN=$LAB_PYFLOOR_TOKEN wrk -t1 -c8 -d3s -s $shared/wrk_post.lua http://127.0.0.1:18097/v1/chat/completions >/dev/null
 for rep in 1 2; do
 measure llm-proxy http://127.0.0.1:18095 $tok 1 1 $spid $epid
-measure pyfloor http://127.0.0.1:18097 sk-pyfloor-bench-0123456789abcdef 1 1 $fpid
+measure pyfloor http://127.0.0.1:18097 $LAB_PYFLOOR_TOKEN 1 1 $fpid
 measure llm-proxy http://127.0.0.1:18095 $tok 64 2 $spid $epid
-measure pyfloor http://127.0.0.1:18097 sk-pyfloor-bench-0123456789abcdef 64 2 $fpid
+measure pyfloor http://127.0.0.1:18097 $LAB_PYFLOOR_TOKEN 64 2 $fpid
 done
 if [ "${PROFILE:-}" = 1 ]; then
   (sleep 1; BENCH_TOKEN=$tok wrk -t2 -c64 -d12s -s $shared/wrk_post.lua http://127.0.0.1:18095/v1/chat/completions >/dev/null) &

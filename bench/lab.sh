@@ -32,3 +32,24 @@ lab_token() {
   curl -sf -X POST "$u/manage/tokens" -H "Authorization: Bearer $m" -H 'Content-Type: application/json' \
     -d "{\"project_id\":\"$p\",\"duration_minutes\":600}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
 }
+
+# lab_servers CHECKOUT DIR UPSTREAM_URL: start the llm-proxy server of CHECKOUT (port 18095, with
+# DIR/api.yaml) and pyfloor (port 18097, PYFLOOR_VENV's python) in front of UPSTREAM_URL, and set
+# LAB_SERVER_PID, LAB_EVENTS_PID, LAB_PYFLOOR_PID and LAB_TOKEN (a token of the server's).
+LAB_PYFLOOR_TOKEN=sk-pyfloor-bench-0123456789abcdef
+lab_servers() {
+  local checkout=$1 d=$2 upstream=$3
+  API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$d/proxy.db DATA_DIR=$d MANAGEMENT_TOKEN=$LAB_MANAGEMENT_TOKEN \
+    LISTEN_ADDR=127.0.0.1:18095 LOG_LEVEL=warning LOG_FORMAT=json PRICES_PATH=$checkout/config/prices.yaml \
+    "$checkout/.venv/bin/llm-proxy" server > "$d/server.log" 2>&1 &
+  LAB_SERVER_PID=$!
+  "${PYFLOOR_VENV:-/tmp/perf-anchors/pyfloor-venv}/bin/python" "$checkout/../shared/bench/anchors/pyfloor.py" \
+    --port 18097 --upstream "$upstream" --upstream-key $LAB_UPSTREAM_KEY --token $LAB_PYFLOOR_TOKEN > "$d/pyfloor.log" 2>&1 &
+  LAB_PYFLOOR_PID=$!
+  LAB_TOKEN=$(lab_token http://127.0.0.1:18095)
+  LAB_EVENTS_PID=$(pgrep -P $LAB_SERVER_PID -f events_process || true)
+}
+
+# lab_ticks PID: the CPU time (user + system) of PID so far, in clock ticks; lab_user_ticks PID: user only.
+lab_ticks() { awk '{print $14+$15}' /proc/$1/stat; }
+lab_user_ticks() { awk '{print $14}' /proc/$1/stat; }

@@ -54,6 +54,38 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+class FastUpstream:
+    """Answers ``payload`` with a Content-Length, written as fast as the client reads it."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.sent = 0  # bytes of the body written so far
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        total = len(self.payload)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for offset in range(0, total, 65536):
+            writer.write(self.payload[offset : offset + 65536])
+            await writer.drain()
+            self.sent = offset + 65536
+
+
+def keeping(chunks: list[bytes]) -> Callable[[bytes], bool]:
+    """A relay sink that keeps what it is given and is never behind."""
+
+    def sink(chunk: bytes) -> bool:
+        chunks.append(chunk)
+        return True
+
+    return sink
+
+
+async def never_behind() -> None:
+    """The drain of a sink that never says it is behind."""
+    raise AssertionError("the sink was never behind")
+
+
 def origin_of(server: TestServer) -> Origin:
     return Origin(server.scheme, "127.0.0.1", server.port or 0)
 
@@ -588,19 +620,9 @@ async def test_slow_reader_pauses_a_fast_upstream(
     raw_server: RawServer, client: Http1Client
 ) -> None:
     total = 16 * 1024 * 1024
-    payload = os.urandom(total)
-    sent = 0
+    upstream = FastUpstream(os.urandom(total))
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
-        for offset in range(0, total, 65536):
-            writer.write(payload[offset : offset + 65536])
-            await writer.drain()
-            sent = offset + 65536
-
-    response = await client.request("GET", await raw_server(handler), "/", [], None, FAST)
+    response = await client.request("GET", await raw_server(upstream), "/", [], None, FAST)
     connection = response._conn
     assert connection is not None
     digest = hashlib.sha256()
@@ -609,13 +631,13 @@ async def test_slow_reader_pauses_a_fast_upstream(
         if not most_buffered:
             await asyncio.sleep(0.2)  # a slow consumer, while the upstream writes as fast as it can
             assert not connection._transport.is_reading()
-            assert sent < total
+            assert upstream.sent < total
         digest.update(chunk)
         # asyncio reads at most 256 KiB at a time, so the buffer overshoots the mark by one read.
         most_buffered = max(most_buffered, connection._buffered)
     await response.aclose()
     assert HIGH_WATER < most_buffered <= HIGH_WATER + 256 * 1024
-    assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert digest.hexdigest() == hashlib.sha256(upstream.payload).hexdigest()
 
 
 async def test_abandoned_response_closes_its_connection(
@@ -895,7 +917,7 @@ async def test_relay_pushes_every_chunk_then_pools_the_connection(
         nonlocal drained
         drained += 1
 
-    await response.relay(lambda chunk: pushed.append(chunk) is None, drain)
+    await response.relay(keeping(pushed), never_behind)
     await response.aclose()
 
     assert pushed == [b"first", b"second", b"third"]
@@ -908,20 +930,10 @@ async def test_relay_stops_reading_while_the_sink_is_behind(
     raw_server: RawServer, client: Http1Client
 ) -> None:
     total = 8 * 1024 * 1024
-    payload = os.urandom(total)
-    sent = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
-        for offset in range(0, total, 65536):
-            writer.write(payload[offset : offset + 65536])
-            await writer.drain()
-            sent = offset + 65536
+    upstream = FastUpstream(os.urandom(total))
 
     timeouts = Timeouts(connect=1.0, response_header=1.0, idle=0.2)
-    response = await client.request("GET", await raw_server(handler), "/", [], None, timeouts)
+    response = await client.request("GET", await raw_server(upstream), "/", [], None, timeouts)
     connection = response._conn
     assert connection is not None
     digest = hashlib.sha256()
@@ -940,13 +952,13 @@ async def test_relay_stops_reading_while_the_sink_is_behind(
         assert not stalled_at, "behind only once"
         await asyncio.sleep(0.3)  # longer than the idle timeout would allow, were it running
         assert not connection._transport.is_reading()
-        stalled_at.append(sent)
+        stalled_at.append(upstream.sent)
 
     await response.relay(sink, drain)
     await response.aclose()
 
     assert stalled_at and stalled_at[0] < total  # the upstream was held back, not read whole
-    assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert digest.hexdigest() == hashlib.sha256(upstream.payload).hexdigest()
 
 
 async def test_relay_idle_timeout_runs_from_the_last_chunk(
@@ -964,11 +976,8 @@ async def test_relay_idle_timeout_runs_from_the_last_chunk(
     response = await client.request("GET", await raw_server(handler), "/", [], None, timeouts)
     pushed: list[bytes] = []
 
-    async def drain() -> None:
-        raise AssertionError("the sink was never behind")
-
     with pytest.raises(UpstreamTimeout, match="idle timeout"):
-        await response.relay(lambda chunk: pushed.append(chunk) is None, drain)
+        await response.relay(keeping(pushed), never_behind)
     await response.aclose()
     assert pushed == [b"x"] * 6
 
@@ -985,11 +994,8 @@ async def test_relay_raises_when_the_upstream_drops_mid_body(
     response = await client.request("GET", await raw_server(handler), "/", [], None, FAST)
     pushed: list[bytes] = []
 
-    async def drain() -> None:
-        raise AssertionError("the sink was never behind")
-
     with pytest.raises(UpstreamUnavailable):
-        await response.relay(lambda chunk: pushed.append(chunk) is None, drain)
+        await response.relay(keeping(pushed), never_behind)
     await response.aclose()
     assert pushed == [b"partial"]
 
@@ -1017,12 +1023,9 @@ async def test_relay_raises_what_the_sink_raised_and_drops_the_connection(
             raise RuntimeError("a defect in the sink")
         return True
 
-    async def drain() -> None:
-        raise AssertionError("the sink was never behind")
-
     # Not reported as the upstream's failure ("invalid HTTP response"): the defect is ours.
     with pytest.raises(RuntimeError, match="a defect in the sink"):
-        await response.relay(sink, drain)
+        await response.relay(sink, never_behind)
     await response.aclose()
     assert calls == 2
     assert connection.closed
