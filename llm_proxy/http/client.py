@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from typing import cast
 
 import httptools
@@ -27,10 +27,9 @@ from llm_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from llm_proxy.http.egress import Egress, open_tunnel, upstream_ssl_context
 from llm_proxy.http.upstream import Body, Origin, Timeouts
 
-# A slow reader must not let a fast upstream fill memory: stop reading the socket above the high
-# mark, resume below the low one (the kernel buffers and TCP flow control do the rest).
+# Until its body is relayed, a response buffers at most this much: then reading the socket stops
+# (the kernel buffers and TCP flow control do the rest) until relay() takes what is held.
 HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
 # Up to this size, head and body are joined so the request leaves in one send() call.
 _JOIN_BODY_UP_TO = 16 * 1024
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -83,7 +82,8 @@ def _serialize_head(
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection: parses responses and buffers body chunks for the reader."""
+    """One keep-alive connection: parses responses and hands body chunks to the relay (buffering
+    what comes before it starts)."""
 
     _transport: asyncio.Transport
 
@@ -246,8 +246,8 @@ class _Connection(asyncio.Protocol):
             await self._lost
 
     async def _wait(self, deadline: float, waiting_for: str) -> None:
-        # One timer is kept across waits and only moved when it would fire too late: a chunk costs a
-        # future, not a timer handle. When it fires early it re-arms for the current deadline.
+        # One timer is kept across waits and only moved when it would fire too late; a relayed chunk
+        # only moves the deadline. When it fires early it re-arms for the current deadline.
         self._deadline = deadline
         self._waiting_for = waiting_for
         timer = self._timer
@@ -329,28 +329,14 @@ class _Connection(asyncio.Protocol):
             raise
         return Http1Response(self, timeouts.idle)
 
-    async def read(self, idle: float) -> bytes | None:
-        while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._read_paused and self._buffered <= LOW_WATER:
-                    self._resume_reading()
-                return chunk
-            if self.body_done:
-                return None
-            if self._exc is not None:
-                raise self._exc
-            await self._wait(self._loop.time() + idle, "idle")
-
     async def relay(
         self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]], idle: float
     ) -> None:
         """Hand every body chunk to ``sink`` as it is parsed, until the body ends.
 
-        Unlike read(), a chunk costs no wake-up of the waiting task: the task wakes once at the end,
-        on a failure, or when ``sink`` returns False (its reader is behind). Reading then stops until
-        ``drain()`` returns, and the idle timeout does not run meanwhile, as with a slow read().
+        A chunk costs no wake-up of the waiting task: the task wakes once at the end, on a failure,
+        or when ``sink`` returns False (its reader is behind). Reading then stops until ``drain()``
+        returns, and the idle timeout does not run meanwhile: the upstream is not the slow one.
         """
         chunks = self._chunks
         while chunks:  # what arrived before, usually with the head
@@ -399,7 +385,7 @@ class _Connection(asyncio.Protocol):
 
 
 class Http1Response:
-    """A response whose head has arrived; iterate for the body, then ``aclose()``."""
+    """A response whose head has arrived; ``relay()`` its body (or take it whole), then ``aclose()``."""
 
     __slots__ = ("_conn", "_idle", "headers", "reason", "status")
 
@@ -414,21 +400,6 @@ class Http1Response:
         self.reason = conn._reason.decode("latin-1")
         self.headers = conn.headers
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        conn = self._conn
-        if conn is None:
-            raise StopAsyncIteration
-        chunk = await conn.read(self._idle)
-        if chunk is None:
-            # Pool the connection as soon as the body ends; aclose() then has nothing left to do.
-            self._conn = None
-            conn.release()
-            raise StopAsyncIteration
-        return chunk
-
     async def relay(
         self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]
     ) -> None:
@@ -437,6 +408,7 @@ class Http1Response:
         if conn is None:
             return
         await conn.relay(sink, drain, self._idle)
+        # Pool the connection as soon as the body ends; aclose() then has nothing left to do.
         self._conn = None
         conn.release()
 

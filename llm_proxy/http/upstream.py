@@ -18,7 +18,7 @@ the request was written.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -62,20 +62,17 @@ class Origin:
 
 
 class UpstreamResponse(Protocol):
-    """A response whose head has arrived; the body is read by iterating."""
+    """A response whose head has arrived; its body is relayed (or taken whole when it came along)."""
 
     status: int
     reason: str
     headers: Sequence[tuple[str, str]]
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive, transfer coding removed, content coding left as sent."""
-        ...
-
     async def relay(
         self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]
     ) -> None:
-        """Hand the body chunks, as by iterating, to ``sink`` as they arrive, and return at the end.
+        """Hand the body chunks to ``sink`` as they arrive (transfer coding removed, content coding
+        left as sent), and return at the end.
 
         ``sink`` runs in the client's own receive path, so it must not block or raise; it returns
         False when its reader is behind, and then no more is read until ``drain()`` returns.
@@ -88,7 +85,7 @@ class UpstreamResponse(Protocol):
 
     def complete_body(self) -> bytes | None:
         """The whole body if it has already arrived (and then the connection is released as at the
-        end of iteration), else None: iterate for it."""
+        end of a relay), else None: relay it."""
         ...
 
 

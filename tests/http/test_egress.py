@@ -32,6 +32,7 @@ from llm_proxy.runtime.cli import server as server_command
 from llm_proxy.runtime.settings import SettingsError
 from tests.certificates import self_signed
 from tests.conftest import Proxy
+from tests.http.relaying import read_all
 from tests.processes import PRODUCT_VARIABLES, Process, clean_env, free_port, spawn
 from tests.raw_servers import Handler, RawServers
 
@@ -138,13 +139,6 @@ def echo_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", handler)
     return app
-
-
-async def read_all(response: Http1Response) -> bytes:
-    try:
-        return b"".join([chunk async for chunk in response])
-    finally:
-        await response.aclose()
 
 
 def proxy_peer_port(response: Http1Response) -> int:
