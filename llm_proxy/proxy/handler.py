@@ -591,8 +591,8 @@ class ProxyHandler:
         if not stream:
             body = upstream.complete_body()
             if body is not None:
-                # Head, body and end in one go, as the loop below would send one chunk, without the
-                # cost of iterating over the body.
+                # Head, body and end in one send, as the relay below would send one chunk, without
+                # the cost of a relay.
                 if body:
                     exchange.response_body.add(body)
                     exchange.first_byte_at = time.perf_counter()
