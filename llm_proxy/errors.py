@@ -65,6 +65,12 @@ class ProxyError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.error_type, self.code)
 
+    def header_fields(self) -> list[tuple[bytes, bytes]]:
+        """``headers`` as the fields of a response head."""
+        return [
+            (name.encode("ascii"), value.encode("ascii")) for name, value in self.headers.items()
+        ]
+
     def to_response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
         headers = {**self.headers, **(extra_headers or {})}
         return web.Response(

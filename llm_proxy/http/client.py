@@ -115,8 +115,8 @@ class _Connection(asyncio.Protocol):
         self.body_done = False
         self.reusable = False
         self.status = 0
-        self._reason = b""
-        self.headers: list[tuple[str, str]] = []
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []  # as received: relayed without decoding
 
     # asyncio.Protocol
 
@@ -133,7 +133,7 @@ class _Connection(asyncio.Protocol):
             self._timer = None
         if self._expecting and self.head_done and not self.reusable:
             # Neither a length nor chunked framing: the body is delimited by the close (HTTP/1.0).
-            framed = ("content-length", "transfer-encoding")
+            framed = (b"content-length", b"transfer-encoding")
             if not any(name.lower() in framed for name, _ in self.headers):
                 self._complete()
         self._fail(UpstreamUnavailable("upstream closed the connection"))
@@ -160,14 +160,14 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if not self._expecting:
             raise _Unexpected
-        self._reason = b""
+        self.reason = b""
         self.headers = []
 
     def on_status(self, status: bytes) -> None:
-        self._reason += status
+        self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -390,14 +390,14 @@ class Http1Response:
     __slots__ = ("_conn", "_idle", "headers", "reason", "status")
 
     status: int
-    reason: str
-    headers: Sequence[tuple[str, str]]
+    reason: bytes
+    headers: Sequence[tuple[bytes, bytes]]
 
     def __init__(self, conn: _Connection, idle: float) -> None:
         self._conn: _Connection | None = conn
         self._idle = idle
         self.status = conn.status
-        self.reason = conn._reason.decode("latin-1")
+        self.reason = conn.reason
         self.headers = conn.headers
 
     async def relay(

@@ -32,13 +32,13 @@ class _Date:
 
     def __init__(self) -> None:
         self._second = 0
-        self._line = ""
+        self._line = b""
 
-    def line(self) -> str:
+    def line(self) -> bytes:
         now = int(time.time())
         if now != self._second:
             self._second = now
-            self._line = f"Date: {formatdate(now, usegmt=True)}\r\n"
+            self._line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode("ascii")
         return self._line
 
 
@@ -173,7 +173,7 @@ class ResponseWriter:
         self.started = False
 
     async def start(
-        self, status: int, reason: str, headers: list[tuple[str, str]], *, stream: bool
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *, stream: bool
     ) -> None:
         head = self._render_head(status, reason, headers)
         if stream:
@@ -182,7 +182,7 @@ class ResponseWriter:
             self._pending = head
 
     async def respond(
-        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
         # Head, body and end in one send, as start/write/finish would send them.
         head = self._render_head(status, reason, headers)
@@ -196,19 +196,19 @@ class ResponseWriter:
         if self._conn.write_paused:
             await self._conn.drain()
 
-    def _render_head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
+    def _render_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         self.started = True
         conn = self._conn
         has_length = has_date = False
-        # Built as one str and encoded once, not line by line.
-        lines = [f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"]
+        # Bytes from end to end: the upstream's fields go out exactly as they came, undecoded.
+        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason or _reason(status))]
         for name, value in headers:
             lower = name.lower()
-            if lower == "content-length":
+            if lower == b"content-length":
                 has_length = True
-            elif lower == "date":
+            elif lower == b"date":
                 has_date = True
-            lines += (name, ": ", value, "\r\n")
+            lines += (name, b": ", value, b"\r\n")
         if not has_date:
             lines.append(DATE.line())
         if status in _NO_BODY_STATUS or status < 200:
@@ -218,16 +218,15 @@ class ResponseWriter:
                 conn.keep_alive = False  # HTTP/1.0 has no chunked coding: the close ends the body
             else:
                 self._chunked = True
-                lines.append("Transfer-Encoding: chunked\r\n")
+                lines.append(b"Transfer-Encoding: chunked\r\n")
         if not self._request_body.complete:
             conn.keep_alive = False  # answered early: the rest of the body cannot be told apart
         if not conn.keep_alive:
-            lines.append("Connection: close\r\n")
+            lines.append(b"Connection: close\r\n")
         elif self._http10:
-            lines.append("Connection: keep-alive\r\n")
-        lines.append("\r\n")
-        # Upstream reasons and values were decoded as latin-1, so this gives their bytes back.
-        return "".join(lines).encode("latin-1", "replace")
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     async def write(self, chunk: bytes) -> None:
         if not self.push(chunk):
@@ -261,8 +260,8 @@ class ResponseWriter:
         self._conn.close()
 
 
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+_PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+
+def _reason(status: int) -> bytes:
+    return _PHRASES.get(status, b"Unknown")

@@ -441,11 +441,11 @@ class FrontProtocol(asyncio.Protocol):
 async def answer_error(writer: ResponseWriter, exc: errors.ProxyError) -> None:
     body = exc.body()
     headers = [
-        *exc.headers.items(),
-        ("Content-Type", "application/json"),
-        ("Content-Length", str(len(body))),
+        *exc.header_fields(),
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", b"%d" % len(body)),
     ]
-    await writer.respond(exc.status, "", headers, body)
+    await writer.respond(exc.status, b"", headers, body)
 
 
 class FrontSite(web.BaseSite):

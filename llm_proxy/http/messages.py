@@ -42,7 +42,7 @@ class ProxyRequest:
 
 class ResponseWriter(Protocol):
     async def start(
-        self, status: int, reason: str, headers: list[tuple[str, str]], *, stream: bool
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *, stream: bool
     ) -> None:
         """Send (``stream``) or hold (otherwise, to leave with the first chunk) the head."""
         ...
@@ -58,7 +58,7 @@ class ResponseWriter(Protocol):
     async def finish(self) -> None: ...
 
     async def respond(
-        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
         """A whole response at once: ``start`` (not streamed), ``write`` and ``finish`` in one."""
         ...

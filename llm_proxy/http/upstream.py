@@ -65,8 +65,8 @@ class UpstreamResponse(Protocol):
     """A response whose head has arrived; its body is relayed (or taken whole when it came along)."""
 
     status: int
-    reason: str
-    headers: Sequence[tuple[str, str]]
+    reason: bytes
+    headers: Sequence[tuple[bytes, bytes]]  # as received, undecoded
 
     async def relay(
         self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]

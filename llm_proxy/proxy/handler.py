@@ -40,19 +40,28 @@ from llm_proxy.store import Store
 
 log = structlog.get_logger(__name__)
 
-_DROP_RESPONSE = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "server-timing",
-    }
-)
+# What the relay does with an upstream response field, by its lower-case name; absent: pass it on.
+_DROP, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH, _UPSTREAM_REQUEST_ID = range(5)
+_RESPONSE_FIELDS = {
+    **dict.fromkeys(
+        (
+            b"connection",
+            b"keep-alive",
+            b"proxy-authenticate",
+            b"proxy-connection",
+            b"te",
+            b"trailer",
+            b"transfer-encoding",
+            b"upgrade",
+            b"server-timing",
+        ),
+        _DROP,
+    ),
+    b"content-type": _CONTENT_TYPE,
+    b"content-encoding": _CONTENT_ENCODING,
+    b"content-length": _CONTENT_LENGTH,
+    b"x-request-id": _UPSTREAM_REQUEST_ID,
+}
 # Bodies up to this size are read whole and sent with the request head in one write.
 _SMALL_BODY = 64 * 1024
 # Budgeted bodies up to this size are counted on the event loop (at most ~0.1 ms of work): the hop
@@ -60,13 +69,19 @@ _SMALL_BODY = 64 * 1024
 _COUNT_INLINE_BYTES = 1024
 # Streams whose usage the proxy asks for when the client did not (see usage_injection.py).
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-_JSON = "application/json"
+_JSON = b"application/json"
+Fields = list[tuple[bytes, bytes]]
 
 
 def _dollars(nanousd: int) -> str:
     """Nano-dollars as a plain decimal number of dollars: 1250000 -> "0.00125"."""
     whole, frac = divmod(nanousd, 1_000_000_000)
     return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
+
+
+def _field(text: str) -> bytes:
+    """A value for a response field: the client's own bytes back when it came from the client."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _request_id(supplied: str | None) -> str:
@@ -76,6 +91,21 @@ def _request_id(supplied: str | None) -> str:
     # (The module-level generator is reseeded after fork, so workers never share a sequence.)
     # 32 hex digits, as formatting getrandbits(128) gives, in less time.
     return random.randbytes(16).hex()
+
+
+def _add_limit_headers(
+    headers: Fields,
+    expires_at: str,
+    remaining_requests: int | None,
+    remaining_budget: int | None,
+) -> None:
+    headers.append((b"LLM-Proxy-Token-Expires-At", expires_at.encode("ascii")))
+    if remaining_requests is not None:
+        headers.append((b"LLM-Proxy-Remaining-Requests", b"%d" % remaining_requests))
+    if remaining_budget is not None:
+        headers.append(
+            (b"LLM-Proxy-Remaining-Budget-USD", _dollars(remaining_budget).encode("ascii"))
+        )
 
 
 class ChunkFilter(Protocol):
@@ -126,6 +156,7 @@ class ProxyHandler:
         self.token_info_path = token_info_path
         self.stream_usage = stream_usage if provider.inject_stream_usage else None
         self._allow_header = ", ".join(sorted(provider.allowed_methods))
+        self._allow_field = self._allow_header.encode("ascii")
         self._watched = frozenset(provider.param_whitelist)
         self._watched_and_model = self._watched | {"model"}
         self._watched_and_cost = self._watched | COST_FIELDS
@@ -136,16 +167,17 @@ class ProxyHandler:
     async def serve(self, request: ProxyRequest, writer: ResponseWriter) -> None:
         started = time.perf_counter()
         request_id = _request_id(request.request_id)
-        reply_headers = [("LLM-Proxy-Request-ID", request_id)]
+        request_id_field = _field(request_id)
+        reply_headers = [(b"LLM-Proxy-Request-ID", request_id_field)]
         origin = request.origin
         if origin is not None and self.provider.origin_allowed(origin):
-            reply_headers.append(("Access-Control-Allow-Origin", origin))
-            reply_headers.append(("Vary", "Origin"))
+            reply_headers.append((b"Access-Control-Allow-Origin", _field(origin)))
+            reply_headers.append((b"Vary", b"Origin"))
         try:
             admitted = await self._admit(request, writer, reply_headers)
         except errors.ProxyError as exc:
             self.metrics.refused(request.target.partition("?")[0], exc)
-            reply_headers.append(("X-Request-ID", request_id))
+            reply_headers.append((b"X-Request-ID", request_id_field))
             return await self._answer_error(writer, exc, reply_headers)
         if admitted is None:
             return  # answered without going upstream (token info, CORS preflight)
@@ -179,7 +211,13 @@ class ProxyHandler:
                 if plan is not None and isinstance(body, bytes):
                     body = self._cap_output(body, plan, admission)
             if grant.limited:
-                self._limit_headers(admission, reply_headers)
+                # What is left, so a client can pace itself without asking the management API.
+                _add_limit_headers(
+                    reply_headers,
+                    admission.grant.expires_at_header,
+                    admission.remaining_requests,
+                    admission.remaining_budget,
+                )
             await self._forward(request, writer, grant, exchange, reply_headers, body, headers)
         except errors.ProxyError as exc:
             # Raised before the response began (a failure after it is handled in _relay).
@@ -189,7 +227,7 @@ class ProxyHandler:
                 # Refused here, or the upstream never got the whole request: it counts for nothing.
                 await self.authority.release(admission)
                 exchange.hold_id = ""
-            reply_headers.append(("X-Request-ID", request_id))
+            reply_headers.append((b"X-Request-ID", request_id_field))
             await self._answer_error(writer, exc, reply_headers)
         except asyncio.CancelledError:
             exchange.client_disconnected = True
@@ -202,19 +240,6 @@ class ProxyHandler:
             self.metrics.submit(exchange)
 
     @staticmethod
-    def _limit_headers(admission: Admission, reply_headers: list[tuple[str, str]]) -> None:
-        """What is left, so a client can pace itself without asking the management API."""
-        reply_headers.append(("LLM-Proxy-Token-Expires-At", admission.grant.expires_at_header))
-        if admission.remaining_requests is not None:
-            reply_headers.append(
-                ("LLM-Proxy-Remaining-Requests", str(admission.remaining_requests))
-            )
-        if admission.remaining_budget is not None:
-            reply_headers.append(
-                ("LLM-Proxy-Remaining-Budget-USD", _dollars(admission.remaining_budget))
-            )
-
-    @staticmethod
     def _cap_output(body: bytes, plan: CostPlan, admission: Admission) -> bytes:
         """The body with the output cap its hold affords, when it set none and the model's own
         is more than that."""
@@ -225,19 +250,19 @@ class ProxyHandler:
         return with_output_cap(body, plan.cap_field, cap, also_last=plan.cap_field_null)
 
     async def _answer_error(
-        self, writer: ResponseWriter, exc: errors.ProxyError, reply_headers: list[tuple[str, str]]
+        self, writer: ResponseWriter, exc: errors.ProxyError, reply_headers: Fields
     ) -> None:
-        await self._answer(writer, exc.status, exc.body(), [*reply_headers, *exc.headers.items()])
+        await self._answer(writer, exc.status, exc.body(), [*reply_headers, *exc.header_fields()])
 
     async def _answer(
-        self, writer: ResponseWriter, status: int, body: bytes, headers: list[tuple[str, str]]
+        self, writer: ResponseWriter, status: int, body: bytes, headers: Fields
     ) -> None:
-        headers.append(("Content-Type", _JSON))
-        headers.append(("Content-Length", str(len(body))))
-        await writer.respond(status, "", headers, body)
+        headers.append((b"Content-Type", _JSON))
+        headers.append((b"Content-Length", b"%d" % len(body)))
+        await writer.respond(status, b"", headers, body)
 
     async def _admit(
-        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
+        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: Fields
     ) -> tuple[str, Grant] | None:
         """The checks of the proxy path up to the token; None when the request was answered here.
 
@@ -263,7 +288,7 @@ class ProxyHandler:
         return path, await self.authority.check(request.authorization)
 
     async def _token_info(
-        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
+        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: Fields
     ) -> None:
         """What a withering token may know about itself: expiry, quota left, what it can call."""
         if request.method != "GET":
@@ -292,11 +317,7 @@ class ProxyHandler:
             remaining_budget = max(token.budget_nanousd - spent - held, 0)
         if grant.limited:
             # The same as the LLM-Proxy-* headers of every proxied answer.
-            reply_headers.append(("LLM-Proxy-Token-Expires-At", grant.expires_at_header))
-            if remaining is not None:
-                reply_headers.append(("LLM-Proxy-Remaining-Requests", str(remaining)))
-            if remaining_budget is not None:
-                reply_headers.append(("LLM-Proxy-Remaining-Budget-USD", _dollars(remaining_budget)))
+            _add_limit_headers(reply_headers, grant.expires_at_header, remaining, remaining_budget)
         body = {
             "object": "llm_proxy.token",
             "token_id": grant.token_id,
@@ -317,25 +338,28 @@ class ProxyHandler:
             "allowed_methods": sorted(self.provider.allowed_methods),
         }
         await self._answer(
-            writer, 200, orjson.dumps(body), [*reply_headers, ("Cache-Control", "no-store")]
+            writer, 200, orjson.dumps(body), [*reply_headers, (b"Cache-Control", b"no-store")]
         )
 
     async def _preflight(
-        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: list[tuple[str, str]]
+        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: Fields
     ) -> None:
         headers = list(reply_headers)
-        if any(name == "Access-Control-Allow-Origin" for name, _ in headers):
+        if any(name == b"Access-Control-Allow-Origin" for name, _ in headers):
             asked = next(
                 (v for n, v in request.headers if n.lower() == "access-control-request-headers"),
                 None,
             )
             headers += [
-                ("Access-Control-Allow-Methods", self._allow_header),
-                ("Access-Control-Allow-Headers", asked or "Authorization, Content-Type"),
-                ("Access-Control-Max-Age", "600"),
+                (b"Access-Control-Allow-Methods", self._allow_field),
+                (
+                    b"Access-Control-Allow-Headers",
+                    _field(asked) if asked else b"Authorization, Content-Type",
+                ),
+                (b"Access-Control-Max-Age", b"600"),
             ]
-        headers.append(("Content-Length", "0"))
-        await writer.start(204, "", headers, stream=False)
+        headers.append((b"Content-Length", b"0"))
+        await writer.start(204, b"", headers, stream=False)
         await writer.finish()
 
     async def _forward(
@@ -344,7 +368,7 @@ class ProxyHandler:
         writer: ResponseWriter,
         grant: Grant,
         exchange: Exchange,
-        reply_headers: list[tuple[str, str]],
+        reply_headers: Fields,
         body: Body,
         headers: list[tuple[str, str]],
     ) -> None:
@@ -560,28 +584,33 @@ class ProxyHandler:
         writer: ResponseWriter,
         upstream: UpstreamResponse,
         exchange: Exchange,
-        reply_headers: list[tuple[str, str]],
+        reply_headers: Fields,
     ) -> None:
         exchange.upstream_headers_at = now = time.perf_counter()
         exchange.status = upstream.status
-        out: list[tuple[str, str]] = []
+        out: Fields = []
+        fields = _RESPONSE_FIELDS
         for name, value in upstream.headers:
-            lower = name.lower()
-            if lower == "content-type":
-                exchange.response_content_type = value
-            elif lower == "content-encoding":
-                exchange.response_content_encoding = value
-            elif lower == "x-request-id":
-                exchange.upstream_request_id = value  # returned unchanged: provider support's key
-            elif lower in _DROP_RESPONSE or (lower == "content-length" and exchange.usage_injected):
-                continue  # (a filtered body may be shorter than upstream said)
+            action = fields.get(name.lower())
+            if action is not None:
+                if action == _DROP or (action == _CONTENT_LENGTH and exchange.usage_injected):
+                    continue  # (a filtered body may be shorter than upstream said)
+                if action == _CONTENT_TYPE:
+                    exchange.response_content_type = value.decode("latin-1")
+                elif action == _CONTENT_ENCODING:
+                    exchange.response_content_encoding = value.decode("latin-1")
+                elif action == _UPSTREAM_REQUEST_ID:
+                    # Returned unchanged: the provider support's key.
+                    exchange.upstream_request_id = value.decode("latin-1")
             out.append((name, value))
         out += reply_headers
         if exchange.upstream_request_id is None:
-            out.append(("X-Request-ID", exchange.request_id))
+            out.append((b"X-Request-ID", _field(exchange.request_id)))
         proxy_ms = (exchange.upstream_started - exchange.started) * 1000
         upstream_ms = (now - exchange.upstream_started) * 1000
-        out.append(("Server-Timing", f"proxy;dur={proxy_ms:.3f}, upstream;dur={upstream_ms:.3f}"))
+        out.append(
+            (b"Server-Timing", b"proxy;dur=%.3f, upstream;dur=%.3f" % (proxy_ms, upstream_ms))
+        )
         stream = exchange.is_stream
         chunk_filter = (
             self.stream_usage()

@@ -112,9 +112,9 @@ async def test_content_length_body_is_returned_with_status_reason_and_headers(
 
     response = await client.request("GET", origin, "/thing", [], None, FAST)
 
-    assert (response.status, response.reason) == (201, "Created")
-    assert ("X-Thing", "a b") in response.headers
-    assert ("Content-Length", "1000") in response.headers
+    assert (response.status, response.reason) == (201, b"Created")
+    assert (b"X-Thing", b"a b") in response.headers
+    assert (b"Content-Length", b"1000") in response.headers
     assert await read_all(response) == b"x" * 1000
 
 
@@ -137,7 +137,7 @@ async def test_chunked_body_yields_each_chunk_as_it_arrives(
         "GET", origin_of(await aiohttp_server(app)), "/", [], None, FAST
     )
 
-    assert ("Transfer-Encoding", "chunked") in response.headers
+    assert (b"Transfer-Encoding", b"chunked") in response.headers
     chunks: list[bytes] = []
     await response.relay(keeping(chunks), never_behind)
     await response.aclose()
@@ -174,7 +174,7 @@ async def test_head_and_204_have_no_body_and_keep_the_connection(
     origin = origin_of(await aiohttp_server(app))
 
     head = await client.request("HEAD", origin, "/", [], None, FAST)
-    assert head.status == 200 and ("Content-Length", "5") in head.headers
+    assert head.status == 200 and (b"Content-Length", b"5") in head.headers
     assert await read_all(head) == b""
     empty = await client.request("GET", origin, "/empty", [], None, FAST)
     assert empty.status == 204

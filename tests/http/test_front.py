@@ -376,6 +376,32 @@ async def test_small_answers_keep_their_framing_whole_in_one_piece(
     writer.close()
 
 
+async def test_field_bytes_and_reasons_are_relayed_exactly_as_they_came(
+    raw_upstream: RawUpstream,
+) -> None:
+    # Upstream fields with obs-text (not UTF-8) and a client's UTF-8 request id come back as the
+    # very bytes that were sent, never re-encoded on the way.
+    proxy = await raw_upstream(
+        {
+            "/v1/files/odd": b"HTTP/1.1 299 Fine \xe9t\xe9\r\nX-Odd: caf\xe9 \xff\r\n"
+            b"Content-Length: 2\r\n\r\nok",
+        }
+    )
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(
+        b"GET /v1/files/odd HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+        + token.encode()
+        + b"\r\nX-Request-ID: r\xc3\xa9q-1\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 299 Fine \xe9t\xe9\r\n")
+    assert b"\r\nX-Odd: caf\xe9 \xff\r\n" in head
+    assert b"\r\nLLM-Proxy-Request-ID: r\xc3\xa9q-1\r\n" in head
+    assert await reader.readexactly(2) == b"ok"
+    writer.close()
+
+
 async def test_whole_answers_to_a_client_not_reading_wait_for_it(
     raw_upstream: RawUpstream,
 ) -> None:
