@@ -42,43 +42,42 @@ class _Unexpected(Exception):
 
 
 def _serialize_head(
-    method: str, origin: Origin, target: str, headers: Sequence[tuple[str, str]], body: Body
+    method: str, origin: Origin, target: str, headers: Sequence[tuple[bytes, bytes]], body: Body
 ) -> tuple[bytes, bool]:
     """The request head as bytes, and whether the body goes out with chunked framing."""
-    parts = [method, " ", target, " HTTP/1.1\r\n"]
+    # The target was decoded with surrogateescape: encoding it the same way gives its bytes back.
+    parts = [method.encode(), b" ", target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\n"]
     has_host = has_length = has_te = False
     for name, value in headers:
         lname = name.lower()
-        if lname == "host":
+        if lname == b"host":
             has_host = True
-        elif lname == "content-length":
+        elif lname == b"content-length":
             has_length = True
-        elif lname == "transfer-encoding":
+        elif lname == b"transfer-encoding":
             has_te = True
-        parts += (name, ": ", value, "\r\n")
-    added = [] if has_host else [f"Host: {origin.host_header}\r\n"]
+        parts += (name, b": ", value, b"\r\n")
+    added = [] if has_host else [b"Host: %s\r\n" % origin.host_field]
     chunked = False
     if has_length:
         pass
     elif body is None:
         if method in _METHODS_WITH_BODY:
-            added.append("Content-Length: 0\r\n")
+            added.append(b"Content-Length: 0\r\n")
     elif isinstance(body, bytes):
-        added.append(f"Content-Length: {len(body)}\r\n")
+        added.append(b"Content-Length: %d\r\n" % len(body))
     else:
         chunked = True
         if not has_te:
-            added.append("Transfer-Encoding: chunked\r\n")
+            added.append(b"Transfer-Encoding: chunked\r\n")
     parts += added
-    parts.append("\r\n")
-    text = "".join(parts)
+    parts.append(b"\r\n")
+    head = b"".join(parts)
     # One scan of the joined head instead of one per value: a line break anywhere else would let a
     # value inject headers or a second request.
-    if text.count("\n") != 2 + len(headers) + len(added):
+    if head.count(b"\n") != 2 + len(headers) + len(added):
         raise ValueError("request target or header contains a line break")
-    # aiohttp decodes incoming headers as UTF-8 with surrogateescape; encoding the same way sends the
-    # client's bytes on unchanged (identical to latin-1 for the ASCII common case).
-    return text.encode("utf-8", "surrogateescape"), chunked
+    return head, chunked
 
 
 class _Connection(asyncio.Protocol):
@@ -461,7 +460,7 @@ class Http1Client:
         method: str,
         origin: Origin,
         target: str,
-        headers: Sequence[tuple[str, str]],
+        headers: Sequence[tuple[bytes, bytes]],
         body: Body,
         timeouts: Timeouts,
     ) -> Http1Response:

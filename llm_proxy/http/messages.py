@@ -24,14 +24,14 @@ class BodySource(Protocol):
 class ProxyRequest:
     """One request as the handler needs it: the server picks out the few headers the proxy reads.
 
-    ``headers`` are the client's headers to forward (the front door leaves out those never
-    forwarded); the handler appends its own to that list. The three named headers hold their first
+    ``headers`` are the client's header fields to forward, as received (the front door leaves out
+    those never forwarded); the handler appends its own to that list. The three named headers hold their first
     value, or None.
     """
 
     method: str
     target: str  # path and query exactly as received (origin form)
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]
     authorization: str | None
     request_id: str | None  # X-Request-ID
     origin: str | None

@@ -6,7 +6,8 @@ lets through and nginx does not: a transfer coding other than exactly ``chunked`
 over two header lines), a missing or repeated ``Host``, a fragment or an encoded control character
 in the target, an HTTP version other than 1.0 and 1.1. It also sorts the header fields as they are
 parsed: the few the server reads are noted, and those never forwarded (hop-by-hop, the client's
-credential, every spelling of a client-IP header) are not even decoded.
+credential, every spelling of a client-IP header) are left out; the rest go upstream as the bytes
+they came as.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ _NOTED = frozenset(
 _SINGLE = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # A percent-encoded control character (C0 or DEL) anywhere in the target.
 _ENCODED_CONTROL = re.compile(rb"%(?:[01][0-9a-fA-F]|7[fF])")
-_KEPT_CONNECTION_OPTIONS = frozenset({"close", "keep-alive"})
+_KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 
 
 class HeadFields:
@@ -98,7 +99,7 @@ class HeadFields:
         self.control = False  # the target is a control-plane path
         self.noted: dict[bytes, bytes] = {}
         self.duplicate: bytes | None = None  # a field that must appear once, seen twice
-        self.forward: list[tuple[str, str]] = []  # proxy requests: the fields to forward
+        self.forward: list[tuple[bytes, bytes]] = []  # proxy requests: the fields to forward
         self.all_headers: list[tuple[bytes, bytes]] = []  # control requests: every field
 
     def add(self, name: bytes, value: bytes) -> None:
@@ -122,17 +123,15 @@ class HeadFields:
             spelled = lower.replace(b"_", b"-")
             if spelled in _DROPPED_SPELLINGS or spelled.startswith(b"cf-"):
                 return
-        # Values decoded as aiohttp decodes them: the bytes go upstream unchanged (see http1.py).
-        self.forward.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        self.forward.append((name, value))
 
-    def forwarded(self) -> list[tuple[str, str]]:
+    def forwarded(self) -> list[tuple[bytes, bytes]]:
         """The fields to forward, without those the client named in ``Connection``."""
         connection = self.noted.get(b"connection")
         if connection is None:
             return self.forward
-        named = {
-            option.strip().lower() for option in connection.decode("latin-1").split(",")
-        } - _KEPT_CONNECTION_OPTIONS
+        named = {option.strip().lower() for option in connection.split(b",")}
+        named -= _KEPT_CONNECTION_OPTIONS
         if not named:
             return self.forward
         return [(name, value) for name, value in self.forward if name.lower() not in named]

@@ -54,11 +54,13 @@ class Origin:
 
     # The Host header value, computed once: it is sent with every request.
     host_header: str = field(init=False, repr=False, compare=False)
+    host_field: bytes = field(init=False, repr=False, compare=False)  # the same, as sent
 
     def __post_init__(self) -> None:
         default = 443 if self.scheme == "https" else 80
         host = self.host if self.port == default else f"{self.host}:{self.port}"
         object.__setattr__(self, "host_header", host)
+        object.__setattr__(self, "host_field", host.encode("utf-8", "surrogateescape"))
 
 
 class UpstreamResponse(Protocol):
@@ -95,7 +97,7 @@ class UpstreamClient(Protocol):
         method: str,
         origin: Origin,
         target: str,
-        headers: Sequence[tuple[str, str]],
+        headers: Sequence[tuple[bytes, bytes]],
         body: Body,
         timeouts: Timeouts,
     ) -> UpstreamResponse:

@@ -57,7 +57,7 @@ class Grant:
     is_active: bool
     project_is_active: bool
     max_requests: int | None
-    upstream_authorization: str  # "Bearer <project key>"; never logged
+    upstream_authorization: bytes  # b"Bearer <project key>", as sent; never logged
     loaded_at: float  # monotonic
     exhausted: bool = False
     allowed_models: tuple[str, ...] | None = None  # globs the body's "model" must match
@@ -383,7 +383,8 @@ class TokenAuthority:
             is_active=token.is_active,
             project_is_active=row.project_is_active,
             max_requests=token.max_requests,
-            upstream_authorization="Bearer " + self._cipher.decrypt(row.api_key_encrypted),
+            upstream_authorization=b"Bearer "
+            + self._cipher.decrypt(row.api_key_encrypted).encode("utf-8", "surrogateescape"),
             loaded_at=now,
             exhausted=token.max_requests is not None and token.request_count >= token.max_requests,
             allowed_models=token.allowed_models,

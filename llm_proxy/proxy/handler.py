@@ -116,18 +116,18 @@ class ChunkFilter(Protocol):
     def flush(self) -> bytes: ...
 
 
-def _content_encoded(headers: list[tuple[str, str]]) -> bool:
+def _content_encoded(headers: Fields) -> bool:
     return any(
-        name.lower() == "content-encoding" and value.strip().lower() not in ("", "identity")
+        name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
         for name, value in headers
     )
 
 
-def _asking_usage(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _asking_usage(headers: Fields) -> Fields:
     """Headers for a body rewritten to ask for usage: its length changed, and the usage chunk is
     filtered out of the answer, which therefore must come uncompressed."""
-    kept = [(n, v) for n, v in headers if n.lower() not in ("content-length", "accept-encoding")]
-    kept.append(("Accept-Encoding", "identity"))
+    kept = [(n, v) for n, v in headers if n.lower() not in (b"content-length", b"accept-encoding")]
+    kept.append((b"Accept-Encoding", b"identity"))
     return kept
 
 
@@ -347,15 +347,12 @@ class ProxyHandler:
         headers = list(reply_headers)
         if any(name == b"Access-Control-Allow-Origin" for name, _ in headers):
             asked = next(
-                (v for n, v in request.headers if n.lower() == "access-control-request-headers"),
+                (v for n, v in request.headers if n.lower() == b"access-control-request-headers"),
                 None,
             )
             headers += [
                 (b"Access-Control-Allow-Methods", self._allow_field),
-                (
-                    b"Access-Control-Allow-Headers",
-                    _field(asked) if asked else b"Authorization, Content-Type",
-                ),
+                (b"Access-Control-Allow-Headers", asked or b"Authorization, Content-Type"),
                 (b"Access-Control-Max-Age", b"600"),
             ]
         headers.append((b"Content-Length", b"0"))
@@ -370,11 +367,11 @@ class ProxyHandler:
         exchange: Exchange,
         reply_headers: Fields,
         body: Body,
-        headers: list[tuple[str, str]],
+        headers: Fields,
     ) -> None:
         provider = self.provider
-        headers.append(("Authorization", grant.upstream_authorization))
-        headers.append(("X-Request-ID", exchange.request_id))
+        headers.append((b"Authorization", grant.upstream_authorization))
+        headers.append((b"X-Request-ID", _field(exchange.request_id)))
         target = provider.origin.path_prefix + request.target
         exchange.upstream_started = time.perf_counter()
         upstream = await self.upstream.request(
@@ -389,9 +386,9 @@ class ProxyHandler:
         self,
         request: ProxyRequest,
         exchange: Exchange,
-        headers: list[tuple[str, str]],
+        headers: Fields,
         grant: Grant,
-    ) -> tuple[Body, list[tuple[str, str]], CostPlan | None]:
+    ) -> tuple[Body, Fields, CostPlan | None]:
         """The body to send upstream, the headers to send with it, and, for a budgeted token,
         what it may cost.
 
@@ -414,9 +411,9 @@ class ProxyHandler:
         self,
         request: ProxyRequest,
         exchange: Exchange,
-        headers: list[tuple[str, str]],
+        headers: Fields,
         grant: Grant,
-    ) -> tuple[Body, list[tuple[str, str]]]:
+    ) -> tuple[Body, Fields]:
         length = request.content_length
         models_limited = grant.allowed_models is not None
         check = models_limited or bool(self.provider.param_whitelist)
@@ -457,9 +454,9 @@ class ProxyHandler:
         self,
         request: ProxyRequest,
         exchange: Exchange,
-        headers: list[tuple[str, str]],
+        headers: Fields,
         grant: Grant,
-    ) -> tuple[Body, list[tuple[str, str]], CostPlan | None]:
+    ) -> tuple[Body, Fields, CostPlan | None]:
         """A budgeted token's body: read whole (its prompt is counted and an output cap may be
         written into it), checked, and priced."""
         if _content_encoded(headers):
@@ -500,7 +497,7 @@ class ProxyHandler:
             prompt = await asyncio.to_thread(prompt_token_bound, data, model)
         plan = plan_cost(exchange.path, inspector.values, self.prices.current, prompt)
         kept = [
-            (n, v) for n, v in headers if n.lower() not in ("content-length", "transfer-encoding")
+            (n, v) for n, v in headers if n.lower() not in (b"content-length", b"transfer-encoding")
         ]
         if inspector.usage_injected:
             exchange.usage_injected = True
@@ -534,10 +531,10 @@ class ProxyHandler:
         request: ProxyRequest,
         exchange: Exchange,
         inject: bool,
-        headers: list[tuple[str, str]],
+        headers: Fields,
         grant: Grant,
         watched: frozenset[str],
-    ) -> tuple[Body, list[tuple[str, str]]]:
+    ) -> tuple[Body, Fields]:
         spool = BodySpool()
         inspector = BodyInspector(watched, inject_usage=inject)
         try:
@@ -548,11 +545,11 @@ class ProxyHandler:
         except BaseException:
             spool.close()
             raise
-        headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+        headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
         if inspector.usage_injected:
             exchange.usage_injected = True
             headers = _asking_usage(headers)
-        headers.append(("Content-Length", str(spool.size)))
+        headers.append((b"Content-Length", b"%d" % spool.size))
         return spool, headers
 
     def _check_params(self, inspector: BodyInspector, grant: Grant) -> None:

@@ -468,7 +468,7 @@ async def test_response_header_timeout(raw_server: RawServer, client: Http1Clien
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
 
-    headers = [("Authorization", "Bearer sk-secret")]
+    headers = [(b"Authorization", b"Bearer sk-secret")]
     timeouts = Timeouts(response_header=0.1)
     with pytest.raises(UpstreamTimeout, match="response header timeout") as caught:
         await client.request("GET", await raw_server(handler), "/", headers, None, timeouts)
@@ -564,7 +564,7 @@ async def test_streamed_request_body_arrives_unchanged(
         for part in parts:
             yield part
 
-    headers = [("Content-Length", str(len(data)))] if with_length else []
+    headers = [(b"Content-Length", b"%d" % len(data))] if with_length else []
     response = await client.request("POST", echo_hash_app, "/", headers, body(), FAST)
     framing = f"{len(data)} None" if with_length else "None chunked"
     assert await read_all(response) == f"{hashlib.sha256(data).hexdigest()} {framing}".encode()
@@ -651,8 +651,10 @@ async def test_request_head_framing(raw_server: RawServer, client: Http1Client) 
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
 
     origin = await raw_server(handler)
-    await read_all(await client.request("POST", origin, "/a?b=c", [("X-A", "é")], None, FAST))
-    given = [("Host", "api.example"), ("Content-Length", "2")]
+    await read_all(
+        await client.request("POST", origin, "/a?b=c", [(b"X-A", "é".encode())], None, FAST)
+    )
+    given = [(b"Host", b"api.example"), (b"Content-Length", b"2")]
     await read_all(await client.request("PUT", origin, "/", given, b"{}", FAST))
     await read_all(await client.request("GET", origin, "/", [], None, FAST))
 
@@ -663,7 +665,7 @@ async def test_request_head_framing(raw_server: RawServer, client: Http1Client) 
         f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode(),
     ]
     with pytest.raises(ValueError, match="line break"):
-        await client.request("GET", origin, "/", [("X-A", "a\r\nX-B: b")], None, FAST)
+        await client.request("GET", origin, "/", [(b"X-A", b"a\r\nX-B: b")], None, FAST)
 
 
 async def test_idle_pool_is_lifo_bounded_and_expires(ports_app: Origin) -> None:
@@ -806,7 +808,7 @@ async def test_caller_transfer_encoding_is_not_doubled(
         yield b"hello"
 
     origin = await raw_server(handler)
-    headers = [("Transfer-Encoding", "chunked")]
+    headers = [(b"Transfer-Encoding", b"chunked")]
     response = await client.request("POST", origin, "/", headers, body(), FAST)
     await response.aclose()
     assert await received == (
