@@ -33,7 +33,7 @@ _brotli = _load_brotli()
 DEFAULT_DECODED_LIMIT = 16 * 1024 * 1024  # a decompression bomb stops here
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one or more per event, and a frozen __init__ costs more
 class Decoded:
     data: bytes | None  # None when the content coding could not be undone
     truncated: bool

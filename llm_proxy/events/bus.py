@@ -21,7 +21,7 @@ class BusUnavailable(Exception):
     """The bus cannot be reached right now; the caller should retry later."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one or more per event, and a frozen __init__ costs more
 class Delivery:
     id: str  # the bus's id for this delivery, passed back to ``ack``
     event: Event
