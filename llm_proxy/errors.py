@@ -66,9 +66,10 @@ class ProxyError(Exception):
         return error_body(self.message, self.error_type, self.code)
 
     def header_fields(self) -> list[tuple[bytes, bytes]]:
-        """``headers`` as the fields of a response head."""
+        """``headers`` as the fields of a response head (ours, so plain ASCII; never raises)."""
         return [
-            (name.encode("ascii"), value.encode("ascii")) for name, value in self.headers.items()
+            (name.encode("latin-1", "replace"), value.encode("latin-1", "replace"))
+            for name, value in self.headers.items()
         ]
 
     def to_response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
