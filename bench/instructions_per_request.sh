@@ -35,10 +35,8 @@ i=0
 for target in "${@:-$checkout}"; do
   i=$((i + 1)); port=$((18110 + i)); mkdir -p $d/$i; code=$(cd "$target" && pwd); free $port
   # (From $d: ``python -m`` puts the working directory ahead of PYTHONPATH.)
-  (cd $d && PYTHONPATH=$code API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$d/$i/proxy.db \
-    DATA_DIR=$d/$i MANAGEMENT_TOKEN=$LAB_MANAGEMENT_TOKEN LISTEN_ADDR=127.0.0.1:$port LOG_LEVEL=warning \
-    LOG_FORMAT=json PRICES_PATH=$checkout/config/prices.yaml \
-    exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$d/llm-proxy-$i.cg \
+  (cd $d && export PYTHONPATH=$code && lab_llm_proxy "$checkout" $d $d/$i $port \
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$d/llm-proxy-$i.cg \
     "$checkout/.venv/bin/python" -m llm_proxy server > $d/$i/server.log 2>&1) &
   vpid=$!
   wait_up http://127.0.0.1:$port

@@ -33,15 +33,22 @@ lab_token() {
     -d "{\"project_id\":\"$p\",\"duration_minutes\":600}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
 }
 
+# lab_llm_proxy CHECKOUT DIR DATA_DIR PORT COMMAND...: run COMMAND (the server, or a tool wrapping it)
+# in place of this shell, with the settings of a lab server (DIR/api.yaml, a SQLite store in DATA_DIR).
+lab_llm_proxy() {
+  local checkout=$1 d=$2 data=$3 port=$4; shift 4
+  exec env API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$data/proxy.db DATA_DIR=$data \
+    MANAGEMENT_TOKEN=$LAB_MANAGEMENT_TOKEN LISTEN_ADDR=127.0.0.1:$port LOG_LEVEL=warning LOG_FORMAT=json \
+    PRICES_PATH=$checkout/config/prices.yaml "$@"
+}
+
 # lab_servers CHECKOUT DIR UPSTREAM_URL: start the llm-proxy server of CHECKOUT (port 18095, with
 # DIR/api.yaml) and pyfloor (port 18097, PYFLOOR_VENV's python) in front of UPSTREAM_URL, and set
 # LAB_SERVER_PID, LAB_EVENTS_PID, LAB_PYFLOOR_PID and LAB_TOKEN (a token of the server's).
 LAB_PYFLOOR_TOKEN=sk-pyfloor-bench-0123456789abcdef
 lab_servers() {
   local checkout=$1 d=$2 upstream=$3
-  API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$d/proxy.db DATA_DIR=$d MANAGEMENT_TOKEN=$LAB_MANAGEMENT_TOKEN \
-    LISTEN_ADDR=127.0.0.1:18095 LOG_LEVEL=warning LOG_FORMAT=json PRICES_PATH=$checkout/config/prices.yaml \
-    "$checkout/.venv/bin/llm-proxy" server > "$d/server.log" 2>&1 &
+  lab_llm_proxy $checkout $d $d 18095 "$checkout/.venv/bin/llm-proxy" server > "$d/server.log" 2>&1 &
   LAB_SERVER_PID=$!
   "${PYFLOOR_VENV:-/tmp/perf-anchors/pyfloor-venv}/bin/python" "$checkout/../shared/bench/anchors/pyfloor.py" \
     --port 18097 --upstream "$upstream" --upstream-key $LAB_UPSTREAM_KEY --token $LAB_PYFLOOR_TOKEN > "$d/pyfloor.log" 2>&1 &

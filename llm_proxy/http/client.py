@@ -57,7 +57,7 @@ def _serialize_head(
         elif lname == b"transfer-encoding":
             has_te = True
         parts += (name, b": ", value, b"\r\n")
-    added = [] if has_host else [b"Host: %s\r\n" % origin.host_field]
+    added = [] if has_host else [b"Host: %s\r\n" % origin.host_header]
     chunked = False
     if has_length:
         pass

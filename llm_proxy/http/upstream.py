@@ -53,14 +53,12 @@ class Origin:
         return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
     # The Host header value, computed once: it is sent with every request.
-    host_header: str = field(init=False, repr=False, compare=False)
-    host_field: bytes = field(init=False, repr=False, compare=False)  # the same, as sent
+    host_header: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         default = 443 if self.scheme == "https" else 80
         host = self.host if self.port == default else f"{self.host}:{self.port}"
-        object.__setattr__(self, "host_header", host)
-        object.__setattr__(self, "host_field", host.encode("utf-8", "surrogateescape"))
+        object.__setattr__(self, "host_header", host.encode("utf-8", "surrogateescape"))
 
 
 class UpstreamResponse(Protocol):

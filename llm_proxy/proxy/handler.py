@@ -218,7 +218,9 @@ class ProxyHandler:
                     admission.remaining_requests,
                     admission.remaining_budget,
                 )
-            await self._forward(request, writer, grant, exchange, reply_headers, body, headers)
+            await self._forward(
+                request, writer, grant, exchange, request_id_field, reply_headers, body, headers
+            )
         except errors.ProxyError as exc:
             # Raised before the response began (a failure after it is handled in _relay).
             exchange.error = exc.code
@@ -365,20 +367,21 @@ class ProxyHandler:
         writer: ResponseWriter,
         grant: Grant,
         exchange: Exchange,
+        request_id: bytes,  # exchange.request_id as a field value
         reply_headers: Fields,
         body: Body,
         headers: Fields,
     ) -> None:
         provider = self.provider
         headers.append((b"Authorization", grant.upstream_authorization))
-        headers.append((b"X-Request-ID", _field(exchange.request_id)))
+        headers.append((b"X-Request-ID", request_id))
         target = provider.origin.path_prefix + request.target
         exchange.upstream_started = time.perf_counter()
         upstream = await self.upstream.request(
             request.method, provider.origin, target, headers, body, provider.timeouts
         )
         try:
-            await self._relay(writer, upstream, exchange, reply_headers)
+            await self._relay(writer, upstream, exchange, request_id, reply_headers)
         finally:
             await upstream.aclose()
 
@@ -581,6 +584,7 @@ class ProxyHandler:
         writer: ResponseWriter,
         upstream: UpstreamResponse,
         exchange: Exchange,
+        request_id: bytes,
         reply_headers: Fields,
     ) -> None:
         exchange.upstream_headers_at = now = time.perf_counter()
@@ -602,7 +606,7 @@ class ProxyHandler:
             out.append((name, value))
         out += reply_headers
         if exchange.upstream_request_id is None:
-            out.append((b"X-Request-ID", _field(exchange.request_id)))
+            out.append((b"X-Request-ID", request_id))
         proxy_ms = (exchange.upstream_started - exchange.started) * 1000
         upstream_ms = (now - exchange.upstream_started) * 1000
         out.append(

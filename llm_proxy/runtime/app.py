@@ -174,7 +174,9 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         "server.started",
         version=__version__,
         database=settings.database_label,
-        upstream=components.api_config.default.origin.host_header,
+        upstream=components.api_config.default.origin.host_header.decode(
+            "utf-8", "surrogateescape"
+        ),
         event_bus=settings.event_bus,
         price_entries=len(components.prices.current.entries),  # 0: no model is priced
     )
