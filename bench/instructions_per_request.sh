@@ -8,7 +8,8 @@
 # 1 % is visible in one run. It leaves out the kernel (the same system calls for both, see
 # bench/README.md) and the events process. Under callgrind the server runs ~50x slower, so the
 # events hand-off ships ~10 exchanges per batch instead of hundreds: its per-batch share is
-# over-counted. Needs valgrind (apt-get install valgrind) and a prior ../shared/bench/run.sh.
+# over-counted. SPLIT=1 adds where the count goes (bench/instructions_split.py). Needs valgrind
+# (apt-get install valgrind) and a prior ../shared/bench/run.sh.
 set -eu
 checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$checkout/bench/lab.sh"
@@ -27,6 +28,7 @@ count() { # NAME PORT TOKEN: warm up, count N requests, print instructions per r
   sleep 1
   local ir; ir=$(grep -h "^totals:" $d/$name.cg* | awk '{s+=$2} END {print s}')
   echo "$name: $((ir / n)) instructions per request (n=$n c=$c)"
+  [ "${SPLIT:-}" != 1 ] || python3 "$checkout/bench/instructions_split.py" $d/$name.cg.1 | tail -n +2
   kill $vpid; wait $vpid 2>/dev/null || true
 }
 wait_up() { for _ in $(seq 300); do curl -sf "$1/health" >/dev/null && return; sleep 0.5; done; exit 1; }
