@@ -40,7 +40,10 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        # One write per line, its newline included: print() writes the line and its newline in
+        # two calls, and workers and events processes share one stderr, so two processes' lines
+        # could run together.
+        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
     # Libraries log through the standard library; route them to the same stream and level.
