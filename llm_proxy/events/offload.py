@@ -221,6 +221,7 @@ class EventOffload:
         self._flush()
         self._closing = True
         process, stdin = self._process, self._input
+        log.info("events.offload_closing", sent=self.sent, timeout=self._close_timeout)
         if stdin is None:
             # No events process is running (between a death and a restart): nothing can drain.
             self._drops.add("closing", len(self._queue))
@@ -230,9 +231,9 @@ class EventOffload:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._watcher
         else:
-            with contextlib.suppress(ConnectionError):
-                stdin.close()
-                await stdin.wait_closed()
+            # End of input: the events process drains what it was sent, then exits (the watcher
+            # sees it). Not stdin.wait_closed(): the pipe empties only as it reads.
+            stdin.close()
         if self._watcher is not None and not self._watcher.done() and process is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._watcher), self._close_timeout)
@@ -245,4 +246,5 @@ class EventOffload:
                 self._watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._watcher
+                await process.wait()  # reaped: SIGKILL ends even a stopped process at once
         log.info("events.offload_closed", sent=self.sent, dropped=self.dropped)

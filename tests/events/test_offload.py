@@ -221,6 +221,36 @@ async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> N
         await offload.close()
 
 
+async def test_closing_beside_an_events_process_that_stopped_reading_ends_in_time(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path)
+    launch = Launch(
+        events=events_config(settings),
+        database_url=settings.database_url,
+        file_event_log=None,
+        log_level="warning",
+        log_format="json",
+    )
+    offload = EventOffload(launch, entry=EVENTS_PROCESS, close_timeout=1.0)
+    await offload.start()
+    process = offload._process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)  # it reads nothing more: the pipe fills and stays full
+    try:
+        for _ in range(300):
+            offload.submit(exchange(request={}, response=b"x" * 10_000))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await asyncio.wait_for(offload.close(), 10.0)
+        assert time.monotonic() - started < 3.0
+        assert offload.dropped == 300  # none of them became an event, and each is counted
+        assert process.returncode is not None  # killed, not left behind
+    finally:
+        if process.returncode is None:
+            os.kill(process.pid, signal.SIGKILL)
+
+
 async def _start(tmp_path: Path, upstream_server: Any, **overrides: Any) -> Proxy:
     client, app = await start_proxy(
         tmp_path, upstream_server, event_build_in="process", **overrides
