@@ -63,8 +63,13 @@ async def backlog(client: Redis, stream: str, group: str) -> Backlog | None:
     if info is None:
         return None
     oldest_ms: list[int] = []
-    if info["pending"]:
-        oldest_ms.append(_entry_ms((await client.xpending(stream, group))["min"]))
+    pending = int(info["pending"])
+    if pending:
+        summary = await client.xpending(stream, group)
+        # A running dispatcher may acknowledge them all between the two calls.
+        pending = int(summary["pending"])
+        if summary["min"] is not None:
+            oldest_ms.append(_entry_ms(summary["min"]))
     last = info["last-delivered-id"]
     last = last.decode() if isinstance(last, bytes) else str(last)
     after = await client.xrange(stream, min="(" + last, count=1)
@@ -73,7 +78,7 @@ async def backlog(client: Redis, stream: str, group: str) -> Backlog | None:
     seconds, micros = await client.time()  # Redis's clock, which stamped the entry ids
     now_ms = seconds * 1000 + micros // 1000
     oldest = max(0.0, (now_ms - min(oldest_ms)) / 1000) if oldest_ms else None
-    return Backlog(info.get("lag"), int(info["pending"]), oldest)
+    return Backlog(info.get("lag"), pending, oldest)
 
 
 @dataclass(frozen=True, slots=True)
