@@ -31,7 +31,8 @@ def event_id() -> str:
 
 
 def _ms(start: float, end: float) -> float:
-    return round((end - start) * 1000.0, 3)
+    # Whole microseconds, as milliseconds: round(x, 3) formats and parses decimal digits.
+    return round((end - start) * 1_000_000.0) / 1000.0
 
 
 def build(
