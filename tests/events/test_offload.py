@@ -194,16 +194,20 @@ async def test_ready_follows_the_redis_bus_of_the_events_process(
     await eventually(lambda: ready_is(200))
 
 
-async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> None:
+def _launch(tmp_path: Path) -> Launch:
+    """What the server would send its events process, for an offload started by a test itself."""
     settings = make_settings(tmp_path)
-    launch = Launch(
+    return Launch(
         events=events_config(settings),
         database_url=settings.database_url,
         file_event_log=None,
         log_level="warning",
         log_format="json",
     )
-    offload = EventOffload(launch, entry=EVENTS_PROCESS, backlog_bytes=0)
+
+
+async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> None:
+    offload = EventOffload(_launch(tmp_path), entry=EVENTS_PROCESS, backlog_bytes=0)
     await offload.start()
     process = offload._process
     assert process is not None
@@ -224,15 +228,7 @@ async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> N
 async def test_closing_beside_an_events_process_that_stopped_reading_ends_in_time(
     tmp_path: Path,
 ) -> None:
-    settings = make_settings(tmp_path)
-    launch = Launch(
-        events=events_config(settings),
-        database_url=settings.database_url,
-        file_event_log=None,
-        log_level="warning",
-        log_format="json",
-    )
-    offload = EventOffload(launch, entry=EVENTS_PROCESS, close_timeout=1.0)
+    offload = EventOffload(_launch(tmp_path), entry=EVENTS_PROCESS, close_timeout=1.0)
     await offload.start()
     process = offload._process
     assert process is not None
