@@ -63,13 +63,11 @@ async def backlog(client: Redis, stream: str, group: str) -> Backlog | None:
     if info is None:
         return None
     oldest_ms: list[int] = []
-    pending = int(info["pending"])
-    if pending:
-        summary = await client.xpending(stream, group)
-        # A running dispatcher may acknowledge them all between the two calls.
-        pending = int(summary["pending"])
-        if summary["min"] is not None:
-            oldest_ms.append(_entry_ms(summary["min"]))
+    # Count and oldest from one answer: a running dispatcher may acknowledge between two calls.
+    summary = await client.xpending(stream, group)
+    pending = int(summary["pending"])
+    if summary["min"] is not None:
+        oldest_ms.append(_entry_ms(summary["min"]))
     last = info["last-delivered-id"]
     last = last.decode() if isinstance(last, bytes) else str(last)
     after = await client.xrange(stream, min="(" + last, count=1)

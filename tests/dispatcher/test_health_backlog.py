@@ -17,8 +17,9 @@ class _AcknowledgedMeanwhile:
     """A Redis client through which the backlog is read, while a running dispatcher acknowledges
     what it had pending just after the group's summary was taken."""
 
-    def __init__(self, client: Redis, ids: list[bytes]) -> None:
+    def __init__(self, client: Redis, group: str, ids: list[bytes]) -> None:
         self._client = client
+        self._group = group
         self._ids = ids
 
     def __getattr__(self, name: str) -> Any:
@@ -26,7 +27,7 @@ class _AcknowledgedMeanwhile:
 
     async def xinfo_groups(self, stream: str) -> Any:
         groups = await self._client.xinfo_groups(stream)
-        await self._client.xack(stream, "usage", *self._ids)
+        await self._client.xack(stream, self._group, *self._ids)
         return groups
 
 
@@ -38,7 +39,8 @@ async def test_a_backlog_acknowledged_while_it_is_read_counts_as_none_pending(
         await client.xgroup_create("t:backlog", "usage", id="0", mkstream=True)
         ids = [await client.xadd("t:backlog", {"e": b"{}"}) for _ in range(2)]
         await client.xreadgroup("usage", "dispatcher-1", {"t:backlog": ">"}, count=2)
-        seen = await health.backlog(_AcknowledgedMeanwhile(client, ids), "t:backlog", "usage")  # type: ignore[arg-type]
+        reader = _AcknowledgedMeanwhile(client, "usage", ids)
+        seen = await health.backlog(reader, "t:backlog", "usage")  # type: ignore[arg-type]
         assert seen is not None
         assert (seen.waiting, seen.pending, seen.oldest) == (0, 0, None)
         assert str(seen) == "backlog 0 waiting, 0 pending"
