@@ -1,7 +1,8 @@
 #!/bin/bash
-# instructions_per_request.sh [CHECKOUT...]: user-space instructions per request of the llm-proxy
+# instructions_per_request.sh [--anchors | CHECKOUT...]: user-space instructions per request of the llm-proxy
 # server of each CHECKOUT (default: this one; another checkout's code runs on this one's .venv
-# through PYTHONPATH) and of pyfloor, counted by valgrind's callgrind over a fixed number of
+# through PYTHONPATH), of pyfloor and of floorplus (bench/targets/floorplus.py; FLOORPLUS_WITHOUT
+# prices its parts), counted by valgrind's callgrind over a fixed number of
 # requests (N, default 2000, over C=8 connections) after a warm-up, against the bench's nginx mock.
 #
 # Unlike CPU time on a shared VM, the count repeats to within 0.1 % from run to run, so a change of
@@ -34,7 +35,8 @@ count() { # NAME PORT TOKEN: warm up, count N requests, print instructions per r
 wait_up() { for _ in $(seq 300); do curl -sf "$1/health" >/dev/null && return; sleep 0.5; done; exit 1; }
 free() { ! curl -s -o /dev/null "http://127.0.0.1:$1/" || { echo "port $1 is taken" >&2; exit 1; }; }
 i=0
-for target in "${@:-$checkout}"; do
+if [ "${1:-}" = --anchors ]; then targets=(); else targets=("${@:-$checkout}"); fi  # --anchors: the floors only
+for target in "${targets[@]}"; do
   i=$((i + 1)); port=$((18110 + i)); mkdir -p $d/$i; code=$(cd "$target" && pwd); free $port
   # (From $d: ``python -m`` puts the working directory ahead of PYTHONPATH.)
   (cd $d && export PYTHONPATH=$code && lab_llm_proxy "$checkout" $d $d/$i $port \
@@ -44,12 +46,17 @@ for target in "${@:-$checkout}"; do
   wait_up http://127.0.0.1:$port
   count llm-proxy-$i $port "$(lab_token http://127.0.0.1:$port)" | sed "s#^llm-proxy-$i#llm-proxy ($target)#"
 done
-free 18119
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$d/pyfloor.cg \
-  "${PYFLOOR_VENV:-/tmp/perf-anchors/pyfloor-venv}/bin/python" "$checkout/../shared/bench/anchors/pyfloor.py" \
-  --port 18119 --upstream http://127.0.0.1:18080 --upstream-key $LAB_UPSTREAM_KEY --token $LAB_PYFLOOR_TOKEN \
-  > $d/pyfloor.log 2>&1 &
-vpid=$!
-wait_up http://127.0.0.1:18119
-count pyfloor 18119 $LAB_PYFLOOR_TOKEN
+anchor() { # NAME SCRIPT PORT TOKEN: count a floor script (pyfloor, or floorplus, see bench/targets)
+  local name=$1 script=$2 port=$3 token=$4
+  free $port
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$d/$name.cg \
+    "${PYFLOOR_VENV:-/tmp/perf-anchors/pyfloor-venv}/bin/python" "$script" \
+    --port $port --upstream http://127.0.0.1:18080 --upstream-key $LAB_UPSTREAM_KEY --token $token \
+    > $d/$name.log 2>&1 &
+  vpid=$!
+  wait_up http://127.0.0.1:$port
+  count $name $port $token
+}
+anchor pyfloor "$checkout/../shared/bench/anchors/pyfloor.py" 18119 $LAB_PYFLOOR_TOKEN
+anchor floorplus "$checkout/bench/targets/floorplus.py" 18118 $LAB_PYFLOOR_TOKEN
 echo "(callgrind files: $d)"
