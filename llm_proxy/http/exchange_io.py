@@ -17,6 +17,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from llm_proxy import errors
+from llm_proxy.http.messages import RenderedFields
 
 if TYPE_CHECKING:
     from llm_proxy.http.front import FrontProtocol
@@ -175,7 +176,15 @@ class ResponseWriter:
     async def start(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *, stream: bool
     ) -> None:
-        head = self._render_head(status, reason, headers)
+        self._hold_or_send(self._render_head(status, reason, headers), stream)
+
+    async def start_rendered(
+        self, status: int, reason: bytes, head: RenderedFields, *, stream: bool
+    ) -> None:
+        """``start`` with the header fields already rendered (see :class:`RenderedFields`)."""
+        self._hold_or_send(self._head(status, reason, head), stream)
+
+    def _hold_or_send(self, head: bytes, stream: bool) -> None:
         if stream:
             self._conn.send(head)
         else:
@@ -184,8 +193,20 @@ class ResponseWriter:
     async def respond(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
+        self._send_whole(self._render_head(status, reason, headers), body)
+        if self._conn.write_paused:
+            await self._conn.drain()
+
+    async def respond_rendered(
+        self, status: int, reason: bytes, head: RenderedFields, body: bytes
+    ) -> None:
+        """``respond`` with the header fields already rendered (see :class:`RenderedFields`)."""
+        self._send_whole(self._head(status, reason, head), body)
+        if self._conn.write_paused:
+            await self._conn.drain()
+
+    def _send_whole(self, head: bytes, body: bytes) -> None:
         # Head, body and end in one send, as start/write/finish would send them.
-        head = self._render_head(status, reason, headers)
         if self._no_body or not body:
             data = head + b"0\r\n\r\n" if self._chunked and not self._no_body else head
         elif self._chunked:
@@ -193,27 +214,23 @@ class ResponseWriter:
         else:
             data = head + body
         self._conn.send(data)
-        if self._conn.write_paused:
-            await self._conn.drain()
 
     def _render_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+        rendered = RenderedFields()
+        for name, value in headers:
+            rendered.add(name, value)
+        return self._head(status, reason, rendered)
+
+    def _head(self, status: int, reason: bytes, head: RenderedFields) -> bytes:
         self.started = True
         conn = self._conn
-        has_length = has_date = False
         # Bytes from end to end: the upstream's fields go out exactly as they came, undecoded.
-        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason or _reason(status))]
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                has_length = True
-            elif lower == b"date":
-                has_date = True
-            lines += (name, b": ", value, b"\r\n")
-        if not has_date:
+        lines = head.lines
+        if not head.has_date:
             lines.append(DATE.line())
         if status in _NO_BODY_STATUS or status < 200:
             self._no_body = True
-        elif not has_length and not self._no_body:
+        elif not head.has_length and not self._no_body:
             if self._http10:
                 conn.keep_alive = False  # HTTP/1.0 has no chunked coding: the close ends the body
             else:
@@ -226,7 +243,7 @@ class ResponseWriter:
         elif self._http10:
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        return b"".join(lines)
+        return b"HTTP/1.1 %d %b\r\n%b" % (status, reason or _reason(status), b"".join(lines))
 
     async def write(self, chunk: bytes) -> None:
         if not self.push(chunk):

@@ -46,8 +46,30 @@ class FrontLimits:
     max_head_bytes: int = 64 * 1024
 
 
-class _StopParsing(Exception):
-    """Raised inside a parser callback to stop parsing: what came in is refused."""
+class _ParserCallbacks:
+    """What the parser calls: the connection's callbacks, except that header fields go straight
+    to the head being parsed (a Python call less per field).
+
+    A callback refuses a request by raising its :class:`~llm_proxy.errors.ProxyError`; the parser
+    stops and raises an ``HttpParserCallbackError`` whose ``__context__`` is that error.
+    """
+
+    __slots__ = (
+        "on_body",
+        "on_header",
+        "on_headers_complete",
+        "on_message_begin",
+        "on_message_complete",
+        "on_url",
+    )
+
+    def __init__(self, conn: FrontProtocol, head: http_policy.HeadFields) -> None:
+        self.on_message_begin = conn.on_message_begin
+        self.on_url = conn.on_url
+        self.on_header = head.add
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_body = conn.on_body
+        self.on_message_complete = conn.on_message_complete
 
 
 def _decoded(value: bytes | None) -> str | None:
@@ -85,7 +107,10 @@ class FrontProtocol(asyncio.Protocol):
         self._limits = limits
         self._on_data = on_data  # called whenever the client sends bytes (busy polling)
         self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpRequestParser(self)
+        # -- the request being parsed (its head; its body once the head is complete)
+        self._head = http_policy.HeadFields(limits.max_head_bytes)
+        self._body: RequestBody | None = None
+        self._parser = httptools.HttpRequestParser(_ParserCallbacks(self, self._head))
         self.transport: asyncio.Transport | None = None
         self.keep_alive = True
         self.lost = False
@@ -102,10 +127,6 @@ class FrontProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Future[None] | None = None  # set while the task waits for a request
         self._stopping = False
-        # -- the request being parsed (its head; its body once the head is complete)
-        self._head = http_policy.HeadFields()
-        self._refusal: errors.ProxyError | None = None
-        self._body: RequestBody | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -136,9 +157,9 @@ class FrontProtocol(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            refusal, self._refusal = self._refusal, None
-            if refusal is None:
+        except httptools.HttpParserCallbackError as exc:
+            refusal = exc.__context__
+            if not isinstance(refusal, errors.ProxyError):
                 # Not one of ours: a defect in a callback. Say so, and answer rather than hang.
                 log.exception("front.parser_callback_failed")
                 refusal = errors.ProxyError("Internal error.")
@@ -165,41 +186,19 @@ class FrontProtocol(asyncio.Protocol):
         # Bytes outside a request (a stray CRLF) do not get here, so they keep nobody alive.
         self.idle_since = 0.0
         self.head_since = time.monotonic()
-        self._head = http_policy.HeadFields()
+        self._head.reset()
 
     def on_url(self, url: bytes) -> None:
-        head = self._head
-        head.url += url
-        head.size += len(url)
-        if head.size > self._limits.max_head_bytes:
-            self._head_too_large()
-        head.control = http_policy.is_control_target(head.url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        head = self._head
-        head.size += len(name) + len(value)
-        if head.size > self._limits.max_head_bytes:
-            self._head_too_large()
-        if not head.complete:
-            head.add(name, value)
-        # else: a trailer field. Never forwarded and never a header; it only counts to the limit.
-
-    def _head_too_large(self) -> None:
-        self._refusal = errors.HeadTooLarge("Request header fields too large.")
-        raise _StopParsing
+        self._head.add_url(url)
 
     def on_headers_complete(self) -> None:
         self.head_since = 0.0
         head = self._head
         head.complete = True
         parser = self._parser
-        try:
-            if parser.should_upgrade():
-                raise errors.MalformedRequest("Protocol upgrades are not supported.")
-            frame = http_policy.frame_request(head, parser.get_http_version(), parser.get_method())
-        except errors.ProxyError as exc:
-            self._refusal = exc
-            raise _StopParsing from None
+        if parser.should_upgrade():
+            raise errors.MalformedRequest("Protocol upgrades are not supported.")
+        frame = http_policy.frame_request(head, parser.get_http_version(), parser.get_method())
         keep_alive = parser.should_keep_alive()
         body: RequestBody | NoBody = NO_BODY
         if frame.has_body:

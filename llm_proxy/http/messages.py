@@ -40,11 +40,40 @@ class ProxyRequest:
     body: BodySource
 
 
+class RenderedFields:
+    """Response header fields as the bytes of their lines, and whether they frame the body.
+
+    A relay that looks at each upstream field anyway renders the head in that one pass, telling
+    the writer which of the fields it needs are there, instead of having it look at each again.
+    """
+
+    __slots__ = ("has_date", "has_length", "lines")
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.has_length = False  # a Content-Length field is among the lines
+        self.has_date = False  # a Date field is among the lines
+
+    def add(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower == b"content-length":
+            self.has_length = True
+        elif lower == b"date":
+            self.has_date = True
+        self.lines += (name, b": ", value, b"\r\n")
+
+
 class ResponseWriter(Protocol):
     async def start(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *, stream: bool
     ) -> None:
         """Send (``stream``) or hold (otherwise, to leave with the first chunk) the head."""
+        ...
+
+    async def start_rendered(
+        self, status: int, reason: bytes, head: RenderedFields, *, stream: bool
+    ) -> None:
+        """``start`` with the header fields already rendered."""
         ...
 
     async def write(self, chunk: bytes) -> None: ...
@@ -61,6 +90,12 @@ class ResponseWriter(Protocol):
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
         """A whole response at once: ``start`` (not streamed), ``write`` and ``finish`` in one."""
+        ...
+
+    async def respond_rendered(
+        self, status: int, reason: bytes, head: RenderedFields, body: bytes
+    ) -> None:
+        """``respond`` with the header fields already rendered."""
         ...
 
     def abort(self) -> None:

@@ -87,12 +87,18 @@ class HeadFields:
         "control",
         "duplicate",
         "forward",
+        "max_bytes",
         "noted",
         "size",
         "url",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes  # the most bytes of target and fields a head may have
+        self.reset()
+
+    def reset(self) -> None:
+        """Start on the next request's head (what the last one handed out is left alone)."""
         self.url = b""  # the request target, as received
         self.complete = False  # every header field arrived (later fields are trailers)
         self.size = 0  # bytes of target and fields so far, for the head size limit
@@ -102,7 +108,21 @@ class HeadFields:
         self.forward: list[tuple[bytes, bytes]] = []  # proxy requests: the fields to forward
         self.all_headers: list[tuple[bytes, bytes]] = []  # control requests: every field
 
+    def add_url(self, url: bytes) -> None:
+        """A piece of the request target, as parsed."""
+        self.url += url
+        self.size += len(url)
+        if self.size > self.max_bytes:
+            raise errors.HeadTooLarge("Request header fields too large.")
+        self.control = is_control_target(self.url)
+
     def add(self, name: bytes, value: bytes) -> None:
+        """A header field as parsed (the parser calls this directly), or a trailer field."""
+        size = self.size = self.size + len(name) + len(value)
+        if size > self.max_bytes:
+            raise errors.HeadTooLarge("Request header fields too large.")
+        if self.complete:
+            return  # a trailer field: never forwarded and never a header; it counts to the limit
         lower = name.lower()
         if lower in _NOTED:
             noted = self.noted

@@ -23,7 +23,7 @@ import orjson
 import structlog
 
 from llm_proxy import errors, tokens
-from llm_proxy.http.messages import ProxyRequest, ResponseWriter
+from llm_proxy.http.messages import ProxyRequest, RenderedFields, ResponseWriter
 from llm_proxy.http.upstream import Body, UpstreamClient, UpstreamResponse
 from llm_proxy.models import isoformat, usd
 from llm_proxy.pricing import PriceHolder, Prices
@@ -41,7 +41,7 @@ from llm_proxy.store import Store
 log = structlog.get_logger(__name__)
 
 # What the relay does with an upstream response field, by its lower-case name; absent: pass it on.
-_DROP, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH, _UPSTREAM_REQUEST_ID = range(5)
+_DROP, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH, _DATE, _UPSTREAM_REQUEST_ID = range(6)
 _RESPONSE_FIELDS = {
     **dict.fromkeys(
         (
@@ -60,6 +60,7 @@ _RESPONSE_FIELDS = {
     b"content-type": _CONTENT_TYPE,
     b"content-encoding": _CONTENT_ENCODING,
     b"content-length": _CONTENT_LENGTH,
+    b"date": _DATE,
     b"x-request-id": _UPSTREAM_REQUEST_ID,
 }
 # Bodies up to this size are read whole and sent with the request head in one write.
@@ -589,28 +590,36 @@ class ProxyHandler:
     ) -> None:
         exchange.upstream_headers_at = now = time.perf_counter()
         exchange.status = upstream.status
-        out: Fields = []
+        # The head is rendered in the one pass that looks at each upstream field.
+        head = RenderedFields()
+        lines = head.lines
         fields = _RESPONSE_FIELDS
         for name, value in upstream.headers:
             action = fields.get(name.lower())
             if action is not None:
-                if action == _DROP or (action == _CONTENT_LENGTH and exchange.usage_injected):
-                    continue  # (a filtered body may be shorter than upstream said)
-                if action == _CONTENT_TYPE:
+                if action == _DROP:
+                    continue
+                if action == _CONTENT_LENGTH:
+                    if exchange.usage_injected:
+                        continue  # (a filtered body may be shorter than upstream said)
+                    head.has_length = True
+                elif action == _DATE:
+                    head.has_date = True
+                elif action == _CONTENT_TYPE:
                     exchange.response_content_type = value.decode("latin-1")
                 elif action == _CONTENT_ENCODING:
                     exchange.response_content_encoding = value.decode("latin-1")
-                elif action == _UPSTREAM_REQUEST_ID:
-                    # Returned unchanged: the provider support's key.
+                else:  # _UPSTREAM_REQUEST_ID: returned unchanged, the provider support's key
                     exchange.upstream_request_id = value.decode("latin-1")
-            out.append((name, value))
-        out += reply_headers
+            lines += (name, b": ", value, b"\r\n")
+        for name, value in reply_headers:  # (never a Content-Length or a Date)
+            lines += (name, b": ", value, b"\r\n")
         if exchange.upstream_request_id is None:
-            out.append((b"X-Request-ID", request_id))
+            lines += (b"X-Request-ID: ", request_id, b"\r\n")
         proxy_ms = (exchange.upstream_started - exchange.started) * 1000
         upstream_ms = (now - exchange.upstream_started) * 1000
-        out.append(
-            (b"Server-Timing", b"proxy;dur=%.3f, upstream;dur=%.3f" % (proxy_ms, upstream_ms))
+        lines.append(
+            b"Server-Timing: proxy;dur=%.3f, upstream;dur=%.3f\r\n" % (proxy_ms, upstream_ms)
         )
         stream = exchange.is_stream
         chunk_filter = (
@@ -626,9 +635,9 @@ class ProxyHandler:
                 if body:
                     exchange.response_body.add(body)
                     exchange.first_byte_at = time.perf_counter()
-                await writer.respond(upstream.status, upstream.reason, out, body)
+                await writer.respond_rendered(upstream.status, upstream.reason, head, body)
                 return
-        await writer.start(upstream.status, upstream.reason, out, stream=stream)
+        await writer.start_rendered(upstream.status, upstream.reason, head, stream=stream)
         capture = exchange.response_body
 
         def deliver(chunk: bytes) -> bool:
