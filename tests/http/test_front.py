@@ -402,6 +402,41 @@ async def test_field_bytes_and_reasons_are_relayed_exactly_as_they_came(
     writer.close()
 
 
+async def test_a_relayed_head_has_one_date_and_the_framing_of_its_body(
+    raw_upstream: RawUpstream,
+) -> None:
+    # The relay tells the writer which framing fields the upstream sent: its own Date is kept
+    # (never a second one), a missing Date is added, and a body without a length goes out chunked.
+    proxy = await raw_upstream(
+        {
+            "/v1/files/dated": b"HTTP/1.1 200 OK\r\ndate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+            b"Content-Length: 2\r\n\r\nok",
+            "/v1/files/undated": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "/v1/files/unframed": b"HTTP/1.1 200 OK\r\nDate: Tue, 02 Jan 2024 00:00:00 GMT\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        }
+    )
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    heads = {}
+    for path in ("/v1/files/dated", "/v1/files/undated", "/v1/files/unframed"):
+        writer.write(request("GET", path, token))
+        heads[path] = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if b"chunked" in heads[path]:
+            assert await reader.readuntil(b"0\r\n\r\n") == b"2\r\nok\r\n0\r\n\r\n"
+        else:
+            assert await reader.readexactly(2) == b"ok"
+    writer.close()
+    dated, undated, unframed = heads.values()
+    assert dated.lower().count(b"\r\ndate: ") == 1
+    assert b"\r\ndate: Mon, 01 Jan 2024 00:00:00 GMT\r\n" in dated
+    assert undated.lower().count(b"\r\ndate: ") == 1
+    assert b"\r\nDate: " in undated and b"2024" not in undated
+    assert unframed.lower().count(b"\r\ndate: ") == 1
+    assert unframed.lower().count(b"\r\ntransfer-encoding: chunked\r\n") == 1
+    assert b"content-length" not in unframed.lower()
+
+
 async def test_whole_answers_to_a_client_not_reading_wait_for_it(
     raw_upstream: RawUpstream,
 ) -> None:
