@@ -174,54 +174,28 @@ class ResponseWriter:
         self.started = False
 
     async def start(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *, stream: bool
-    ) -> None:
-        self._hold_or_send(self._render_head(status, reason, headers), stream)
-
-    async def start_rendered(
         self, status: int, reason: bytes, head: RenderedFields, *, stream: bool
     ) -> None:
-        """``start`` with the header fields already rendered (see :class:`RenderedFields`)."""
-        self._hold_or_send(self._head(status, reason, head), stream)
-
-    def _hold_or_send(self, head: bytes, stream: bool) -> None:
+        rendered = self._render(status, reason, head)
         if stream:
-            self._conn.send(head)
+            self._conn.send(rendered)
         else:
-            self._pending = head
+            self._pending = rendered
 
-    async def respond(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> None:
-        self._send_whole(self._render_head(status, reason, headers), body)
-        if self._conn.write_paused:
-            await self._conn.drain()
-
-    async def respond_rendered(
-        self, status: int, reason: bytes, head: RenderedFields, body: bytes
-    ) -> None:
-        """``respond`` with the header fields already rendered (see :class:`RenderedFields`)."""
-        self._send_whole(self._head(status, reason, head), body)
-        if self._conn.write_paused:
-            await self._conn.drain()
-
-    def _send_whole(self, head: bytes, body: bytes) -> None:
+    async def respond(self, status: int, reason: bytes, head: RenderedFields, body: bytes) -> None:
         # Head, body and end in one send, as start/write/finish would send them.
+        rendered = self._render(status, reason, head)
         if self._no_body or not body:
-            data = head + b"0\r\n\r\n" if self._chunked and not self._no_body else head
+            data = rendered + b"0\r\n\r\n" if self._chunked and not self._no_body else rendered
         elif self._chunked:
-            data = b"%b%x\r\n%b\r\n0\r\n\r\n" % (head, len(body), body)
+            data = b"%b%x\r\n%b\r\n0\r\n\r\n" % (rendered, len(body), body)
         else:
-            data = head + body
+            data = rendered + body
         self._conn.send(data)
+        if self._conn.write_paused:
+            await self._conn.drain()
 
-    def _render_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-        rendered = RenderedFields()
-        for name, value in headers:
-            rendered.add(name, value)
-        return self._head(status, reason, rendered)
-
-    def _head(self, status: int, reason: bytes, head: RenderedFields) -> bytes:
+    def _render(self, status: int, reason: bytes, head: RenderedFields) -> bytes:
         self.started = True
         conn = self._conn
         # Bytes from end to end: the upstream's fields go out exactly as they came, undecoded.

@@ -28,7 +28,7 @@ from llm_proxy import errors
 from llm_proxy.http import policy as http_policy
 from llm_proxy.http.control_bridge import ControlPlane, ControlRequest
 from llm_proxy.http.exchange_io import NO_BODY, NoBody, RequestBody, ResponseWriter
-from llm_proxy.http.messages import ProxyRequest, RequestHandler
+from llm_proxy.http.messages import ProxyRequest, RenderedFields, RequestHandler
 
 log = structlog.get_logger(__name__)
 
@@ -47,8 +47,8 @@ class FrontLimits:
 
 
 class _ParserCallbacks:
-    """What the parser calls: the connection's callbacks, except that header fields go straight
-    to the head being parsed (a Python call less per field).
+    """What the parser calls: the connection's callbacks, except that the target and the header
+    fields go straight to the head being parsed (a Python call less per field).
 
     A callback refuses a request by raising its :class:`~llm_proxy.errors.ProxyError`; the parser
     stops and raises an ``HttpParserCallbackError`` whose ``__context__`` is that error.
@@ -65,7 +65,7 @@ class _ParserCallbacks:
 
     def __init__(self, conn: FrontProtocol, head: http_policy.HeadFields) -> None:
         self.on_message_begin = conn.on_message_begin
-        self.on_url = conn.on_url
+        self.on_url = head.add_url
         self.on_header = head.add
         self.on_headers_complete = conn.on_headers_complete
         self.on_body = conn.on_body
@@ -187,9 +187,6 @@ class FrontProtocol(asyncio.Protocol):
         self.idle_since = 0.0
         self.head_since = time.monotonic()
         self._head.reset()
-
-    def on_url(self, url: bytes) -> None:
-        self._head.add_url(url)
 
     def on_headers_complete(self) -> None:
         self.head_since = 0.0
@@ -444,7 +441,7 @@ async def answer_error(writer: ResponseWriter, exc: errors.ProxyError) -> None:
         (b"Content-Type", b"application/json"),
         (b"Content-Length", b"%d" % len(body)),
     ]
-    await writer.respond(exc.status, b"", headers, body)
+    await writer.respond(exc.status, b"", RenderedFields.of(headers), body)
 
 
 class FrontSite(web.BaseSite):

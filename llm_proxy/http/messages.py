@@ -44,7 +44,8 @@ class RenderedFields:
     """Response header fields as the bytes of their lines, and whether they frame the body.
 
     A relay that looks at each upstream field anyway renders the head in that one pass, telling
-    the writer which of the fields it needs are there, instead of having it look at each again.
+    the writer which of the fields it needs are there, instead of having it look at each again;
+    other answers render theirs with :meth:`of`.
     """
 
     __slots__ = ("has_date", "has_length", "lines")
@@ -53,6 +54,13 @@ class RenderedFields:
         self.lines: list[bytes] = []
         self.has_length = False  # a Content-Length field is among the lines
         self.has_date = False  # a Date field is among the lines
+
+    @classmethod
+    def of(cls, headers: list[tuple[bytes, bytes]]) -> RenderedFields:
+        rendered = cls()
+        for name, value in headers:
+            rendered.add(name, value)
+        return rendered
 
     def add(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
@@ -65,15 +73,9 @@ class RenderedFields:
 
 class ResponseWriter(Protocol):
     async def start(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *, stream: bool
-    ) -> None:
-        """Send (``stream``) or hold (otherwise, to leave with the first chunk) the head."""
-        ...
-
-    async def start_rendered(
         self, status: int, reason: bytes, head: RenderedFields, *, stream: bool
     ) -> None:
-        """``start`` with the header fields already rendered."""
+        """Send (``stream``) or hold (otherwise, to leave with the first chunk) the head."""
         ...
 
     async def write(self, chunk: bytes) -> None: ...
@@ -86,16 +88,8 @@ class ResponseWriter(Protocol):
 
     async def finish(self) -> None: ...
 
-    async def respond(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> None:
+    async def respond(self, status: int, reason: bytes, head: RenderedFields, body: bytes) -> None:
         """A whole response at once: ``start`` (not streamed), ``write`` and ``finish`` in one."""
-        ...
-
-    async def respond_rendered(
-        self, status: int, reason: bytes, head: RenderedFields, body: bytes
-    ) -> None:
-        """``respond`` with the header fields already rendered."""
         ...
 
     def abort(self) -> None:

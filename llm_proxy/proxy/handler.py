@@ -262,7 +262,7 @@ class ProxyHandler:
     ) -> None:
         headers.append((b"Content-Type", _JSON))
         headers.append((b"Content-Length", b"%d" % len(body)))
-        await writer.respond(status, b"", headers, body)
+        await writer.respond(status, b"", RenderedFields.of(headers), body)
 
     async def _admit(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: Fields
@@ -359,7 +359,7 @@ class ProxyHandler:
                 (b"Access-Control-Max-Age", b"600"),
             ]
         headers.append((b"Content-Length", b"0"))
-        await writer.start(204, b"", headers, stream=False)
+        await writer.start(204, b"", RenderedFields.of(headers), stream=False)
         await writer.finish()
 
     async def _forward(
@@ -612,8 +612,8 @@ class ProxyHandler:
                 else:  # _UPSTREAM_REQUEST_ID: returned unchanged, the provider support's key
                     exchange.upstream_request_id = value.decode("latin-1")
             lines += (name, b": ", value, b"\r\n")
-        for name, value in reply_headers:  # (never a Content-Length or a Date)
-            lines += (name, b": ", value, b"\r\n")
+        for name, value in reply_headers:
+            head.add(name, value)
         if exchange.upstream_request_id is None:
             lines += (b"X-Request-ID: ", request_id, b"\r\n")
         proxy_ms = (exchange.upstream_started - exchange.started) * 1000
@@ -635,9 +635,9 @@ class ProxyHandler:
                 if body:
                     exchange.response_body.add(body)
                     exchange.first_byte_at = time.perf_counter()
-                await writer.respond_rendered(upstream.status, upstream.reason, head, body)
+                await writer.respond(upstream.status, upstream.reason, head, body)
                 return
-        await writer.start_rendered(upstream.status, upstream.reason, head, stream=stream)
+        await writer.start(upstream.status, upstream.reason, head, stream=stream)
         capture = exchange.response_body
 
         def deliver(chunk: bytes) -> bool:
