@@ -245,20 +245,27 @@ class FrontProtocol(asyncio.Protocol):
     # -- refusing ------------------------------------------------------------------------------
 
     def _malformed(self) -> None:
-        """The parser found bytes that are not HTTP/1.1: fail the body in progress, or refuse."""
+        """The parser found bytes that are not HTTP/1.1."""
         body = self._body
-        if body is not None and not body.complete:
-            # After the head: the request is already being answered and may be streaming its
-            # body upstream. Failing the body answers it 400 and aborts that upstream request.
-            self._discard_rest()
-            self.keep_alive = False
-            body.fail(errors.MalformedRequest("Malformed request body."))
-        else:
-            self._refuse(errors.MalformedRequest("Malformed HTTP request."))
+        in_body = body is not None and not body.complete
+        self._refuse(
+            errors.MalformedRequest(
+                "Malformed request body." if in_body else "Malformed HTTP request."
+            )
+        )
 
     def _refuse(self, refusal: errors.ProxyError) -> None:
-        """Answer what cannot be parsed, after any response in flight, and close."""
+        """Refuse what was parsed, and close: fail the body in progress, or answer after any
+        response in flight."""
         self._discard_rest()
+        body = self._body
+        if body is not None and not body.complete:
+            # After the head (a bad chunk, trailer fields over the limit): the request is already
+            # being answered and may be streaming its body upstream. Failing the body answers it
+            # and aborts that upstream request; the body's end would never come.
+            self.keep_alive = False
+            body.fail(refusal)
+            return
         self._queue.append(_Queued(None, refusal, False, False, False, NO_BODY))
         self._serve_queue()
 

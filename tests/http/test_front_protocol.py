@@ -204,6 +204,32 @@ async def test_a_bad_chunk_after_the_head_is_answered_400_and_the_upstream_reque
     assert proxy.upstream.requests == []  # the upstream never got a whole request
 
 
+async def test_trailer_fields_over_the_head_limit_fail_the_request_at_once(
+    proxy: Proxy, client: Client
+) -> None:
+    # Trailers count to the head limit. Going over it after the body was streamed must answer
+    # the request then and abort its upstream request, not leave both waiting for an end.
+    client.send(
+        head("POST", "/v1/files/upload", "Host: t", await auth(proxy), "Transfer-Encoding: chunked")
+    )
+    await asyncio.sleep(0.05)  # admitted; the body is being streamed upstream
+    client.send(b"5\r\nhello\r\n0\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    answer = await asyncio.wait_for(client.response(), 5)
+    assert answer["status"] == 431 and b'"request_header_fields_too_large"' in answer["body"]
+    await client.closed()
+    assert proxy.upstream.requests == []  # the upstream never got a whole request
+
+
+async def test_a_target_over_the_head_limit_is_refused_431_and_never_forwarded(
+    proxy: Proxy, client: Client
+) -> None:
+    client.send(head("GET", "/v1/models?q=" + "a" * 70_000, "Host: t", await auth(proxy)))
+    answer = await client.response()
+    assert answer["status"] == 431
+    await client.closed()
+    assert proxy.upstream.requests == []
+
+
 async def test_trailer_fields_never_become_headers(proxy: Proxy, client: Client) -> None:
     client.send(
         head("POST", "/v1/files/upload", "Host: t", await auth(proxy), "Transfer-Encoding: chunked")
