@@ -36,10 +36,10 @@ from llm_proxy.proxy.exchange import Exchange
 log = structlog.get_logger(__name__)
 
 _STATUS_FRESH_SECONDS = 5.0  # an older status says nothing about the bus now
+# Seconds between starts of the events process: the first restart, and at most (doubling between).
 _RESTART_SPACING = (1.0, 30.0)
-_STATUS_LINE_LIMIT = (
-    4 * 1024 * 1024
-)  # a status line carries the process's metrics text  # seconds between starts of the events process: first, at most
+# A status line carries the events process's whole metrics text.
+_STATUS_LINE_LIMIT = 4 * 1024 * 1024
 
 
 class EventProcessError(Exception):
