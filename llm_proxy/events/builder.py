@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from llm_proxy.events import bodies, sse, usage
+from llm_proxy.events.courtesy import courteously
 from llm_proxy.events.event import Event, Usage, rfc3339
 from llm_proxy.events.reassemble import reassemble
 from llm_proxy.models import usd
@@ -123,7 +124,7 @@ def build_batch(
     """Build a batch, collecting failures instead of raising: it runs in a worker thread, and the
     pipeline logs and counts them."""
     built = Built()
-    for exchange in exchanges:
+    for exchange in courteously(exchanges):
         try:
             built.events.append(build_one(exchange))
         except Exception as exc:  # one odd body must not cost the rest of the batch

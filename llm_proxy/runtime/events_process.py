@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from dispatcher.embedded import start_events_here
 from dispatcher.worker import BackendStartError
+from llm_proxy.events.courtesy import courteously
 from llm_proxy.events.pipe import Launch, read_frame
 from llm_proxy.events.pipeline import EventPipeline
 from llm_proxy.pricing import PriceHolder, PricesError
@@ -141,7 +142,7 @@ async def _run(status: _Status) -> int:
     reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline))
     try:
         while (wires := await read_frame(reader)) is not None:
-            for wire in wires:
+            for wire in courteously(wires):
                 pipeline.submit(Exchange.from_wire(wire))
     finally:
         reporter.cancel()
