@@ -64,13 +64,13 @@ async def front(port):
     from aiohttp import web
 
     from llm_proxy.http.front import FrontSite, listening_socket
+    from llm_proxy.http.messages import RenderedFields
 
     class Fixed:
         async def serve(self, request, writer):
             if request.content_length:
                 await request.body.read_exactly(request.content_length)
-            headers = [(b"Content-Type", b"application/json"), (b"Content-Length", LENGTH)]
-            await writer.respond(200, b"", headers, BODY)
+            await writer.respond(200, b"", RenderedFields.of_json([], BODY), BODY)
 
     runner = web.AppRunner(web.Application())
     await runner.setup()

@@ -443,12 +443,7 @@ class FrontProtocol(asyncio.Protocol):
 
 async def answer_error(writer: ResponseWriter, exc: errors.ProxyError) -> None:
     body = exc.body()
-    headers = [
-        *exc.header_fields(),
-        (b"Content-Type", b"application/json"),
-        (b"Content-Length", b"%d" % len(body)),
-    ]
-    await writer.respond(exc.status, b"", RenderedFields.of(headers), body)
+    await writer.respond(exc.status, b"", RenderedFields.of_json(exc.header_fields(), body), body)
 
 
 class FrontSite(web.BaseSite):

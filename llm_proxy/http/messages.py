@@ -62,6 +62,14 @@ class RenderedFields:
             rendered.add(name, value)
         return rendered
 
+    @classmethod
+    def of_json(cls, headers: list[tuple[bytes, bytes]], body: bytes) -> RenderedFields:
+        """The head of a JSON answer of the proxy's own: ``headers``, its type and its length."""
+        rendered = cls.of(headers)
+        rendered.lines += (b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),)
+        rendered.has_length = True
+        return rendered
+
     def add(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
         if lower == b"content-length":

@@ -70,7 +70,6 @@ _SMALL_BODY = 64 * 1024
 _COUNT_INLINE_BYTES = 1024
 # Streams whose usage the proxy asks for when the client did not (see usage_injection.py).
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-_JSON = b"application/json"
 Fields = list[tuple[bytes, bytes]]
 
 
@@ -260,9 +259,7 @@ class ProxyHandler:
     async def _answer(
         self, writer: ResponseWriter, status: int, body: bytes, headers: Fields
     ) -> None:
-        headers.append((b"Content-Type", _JSON))
-        headers.append((b"Content-Length", b"%d" % len(body)))
-        await writer.respond(status, b"", RenderedFields.of(headers), body)
+        await writer.respond(status, b"", RenderedFields.of_json(headers, body), body)
 
     async def _admit(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: Fields
