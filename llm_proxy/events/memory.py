@@ -36,7 +36,8 @@ class MemorySubscription:
         if not events:
             self._group.ready.clear()
             try:
-                await asyncio.wait_for(self._group.ready.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._group.ready.wait()
             except TimeoutError:
                 return []
         batch = [events.popleft() for _ in range(min(count, len(events)))]

@@ -100,7 +100,8 @@ class EventOffload:
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(frame(self._launch))
         try:
-            line = await asyncio.wait_for(process.stdout.readline(), self._start_timeout)
+            async with asyncio.timeout(self._start_timeout):
+                line = await process.stdout.readline()
         except TimeoutError:
             line = b""
         answer = orjson.loads(line) if line.strip() else {"error": "it did not answer"}
@@ -236,7 +237,8 @@ class EventOffload:
             stdin.close()
         if self._watcher is not None and not self._watcher.done() and process is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._watcher), self._close_timeout)
+                async with asyncio.timeout(self._close_timeout):
+                    await asyncio.shield(self._watcher)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()

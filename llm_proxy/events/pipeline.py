@@ -148,7 +148,8 @@ class EventPipeline:
         self._wakeup.set()
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), self._close_timeout)
+                async with asyncio.timeout(self._close_timeout):
+                    await asyncio.shield(self._task)
             except TimeoutError:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)

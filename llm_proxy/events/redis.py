@@ -216,7 +216,8 @@ class RedisSubscription:
 
     async def read(self, count: int, wait: float) -> list[Delivery]:
         try:
-            return await asyncio.wait_for(self._read(count, wait), wait + 10.0)
+            async with asyncio.timeout(wait + 10.0):
+                return await self._read(count, wait)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
                 # The stream or group vanished (Redis restarted without persistence): recreate.

@@ -454,7 +454,8 @@ class TokenAuthority:
             # Read at least twice per staleness window, or a quiet feed would look stale.
             timeout = min(timeout, self._max_staleness / 2)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.poll_changes()

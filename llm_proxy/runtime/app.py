@@ -103,7 +103,8 @@ async def ready(request: web.Request) -> web.Response:
     components = request.app[COMPONENTS]
     checks: dict[str, str] = {}
     try:
-        await asyncio.wait_for(components.store.ping(), timeout=2.0)
+        async with asyncio.timeout(2.0):
+            await components.store.ping()
         checks["database"] = "ok"
     except Exception as exc:  # any failure means not ready; say which part
         log.warning("server.ready_database_failed", error=type(exc).__name__)
@@ -124,7 +125,8 @@ async def _bus_reachable(components: Components) -> bool:
     if components.pipeline is None:
         return False
     try:
-        return await asyncio.wait_for(components.pipeline.bus.ping(), timeout=2.0)
+        async with asyncio.timeout(2.0):
+            return await components.pipeline.bus.ping()
     except TimeoutError:
         return False
 

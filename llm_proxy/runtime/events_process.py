@@ -75,7 +75,8 @@ class _Status:
 
 async def _report(status: _Status, pipeline: EventPipeline) -> None:
     try:
-        reachable = await asyncio.wait_for(pipeline.bus.ping(), timeout=1.0)
+        async with asyncio.timeout(1.0):
+            reachable = await pipeline.bus.ping()
     except TimeoutError:
         reachable = False
     status.send(

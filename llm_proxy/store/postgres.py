@@ -255,7 +255,8 @@ class PostgresStore:
 
     async def close(self) -> None:
         try:
-            await asyncio.wait_for(self._pool.close(), timeout=_TIMEOUT)
+            async with asyncio.timeout(_TIMEOUT):
+                await self._pool.close()
         except TimeoutError:
             self._pool.terminate()
 
@@ -764,7 +765,8 @@ async def _until_lost(conn: asyncpg.Connection, lost: asyncio.Future[None]) -> N
     closing the socket (a killed host, a dropped network) sends no termination."""
     while True:
         try:
-            await asyncio.wait_for(asyncio.shield(lost), timeout=_TIMEOUT)
+            async with asyncio.timeout(_TIMEOUT):
+                await asyncio.shield(lost)
             return
         except TimeoutError:
             pass

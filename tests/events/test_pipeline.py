@@ -134,3 +134,20 @@ async def test_a_waiting_reader_wakes_on_publish() -> None:
     await asyncio.sleep(0.01)
     await bus.publish([build(exchange(request={}, response=b""))])
     assert len(await asyncio.wait_for(reader, 1.0)) == 1
+
+
+async def test_a_read_cancelled_as_events_arrive_is_cancelled_and_leaves_them() -> None:
+    # A dispatcher's loop stops by being cancelled: a read that returned its batch instead (as
+    # asyncio.wait_for does on Python 3.11 when the two coincide) would keep the loop, and the
+    # shutdown awaiting it, going.
+    bus = MemoryBus()
+    subscription = bus.subscribe("usage", "c1")
+    reading = asyncio.create_task(subscription.read(10, 30.0))
+    await asyncio.sleep(0)  # the read is waiting
+    event = build(exchange(request={"model": "gpt-4o", "messages": []}, response=ANSWER))
+    await bus.publish([event])
+    reading.cancel()
+    await asyncio.gather(reading, return_exceptions=True)
+    assert reading.cancelled()
+    got = await subscription.read(10, 0.1)
+    assert [d.event["request_id"] for d in got] == [event["request_id"]]
