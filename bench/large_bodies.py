@@ -2,10 +2,12 @@
 
 Starts ``llm-proxy mock-upstream`` and ``llm-proxy server`` (from the venv this runs in, or the
 checkout given with ``--checkout``), then sends ``--concurrency`` streamed vision-style chat
-requests of ``--size-mb`` each, first with ``Content-Length``, then chunked, and prints the server
-process's resident memory before and at its peak (sampled every 10 ms), and the wall time of each
-round. ``--whitelist`` adds a ``param_whitelist`` on ``model``, so every body is read whole (and
-spooled) before it goes upstream.
+requests of ``--size-mb`` each, with ``Content-Length`` and chunked, through the proxy and
+directly, ``--repeat`` times (the routes' order alternating: the host's noise comes in spells).
+It prints the wall time of each round, the server process's resident memory before and at its
+peak (sampled every 10 ms), and for each framing the ratio of the proxy's median MB/s to
+direct's. ``--whitelist`` adds a ``param_whitelist`` on ``model``, so every body is read whole
+(and spooled) before it goes upstream.
 
     .venv/bin/python bench/large_bodies.py                 # 20 x 20 MB
     .venv/bin/python bench/large_bodies.py --whitelist
@@ -20,6 +22,7 @@ import io
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,7 +61,9 @@ def vision_body(size_mb: int) -> bytes:
     )
 
 
-async def measure(base: str, direct: str, server_pid: int, body: bytes, concurrency: int) -> None:
+async def measure(
+    base: str, direct: str, server_pid: int, body: bytes, concurrency: int, repeat: int
+) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(200):
             try:
@@ -102,23 +107,39 @@ async def measure(base: str, direct: str, server_pid: int, body: bytes, concurre
                 return response.status
 
         sampler = asyncio.create_task(sample())
-        for route, url in (("proxy", base), ("direct", direct)):
-            for chunked in (False, True):
-                started = time.monotonic()
-                statuses = await asyncio.gather(*(one(url, chunked) for _ in range(concurrency)))
-                took = time.monotonic() - started
-                framing = "chunked" if chunked else "content-length"
-                megabytes = concurrency * len(body) / 1e6
-                print(
-                    f"{route:6} {framing:15} {concurrency} x {len(body) / 1e6:.1f} MB:"
-                    f" statuses {sorted(set(statuses))}, {took:.2f} s ({megabytes / took:.0f} MB/s)"
-                )
-            if route == "proxy":
-                sampler.cancel()
+        rates: dict[tuple[str, bool], list[float]] = {}
+        for repetition in range(repeat):
+            # Alternate which route goes first: the host's noise comes in spells.
+            routes = [("proxy", base), ("direct", direct)]
+            for route, url in routes if repetition % 2 == 0 else routes[::-1]:
+                for chunked in (False, True):
+                    started = time.monotonic()
+                    statuses = await asyncio.gather(
+                        *(one(url, chunked) for _ in range(concurrency))
+                    )
+                    took = time.monotonic() - started
+                    framing = "chunked" if chunked else "content-length"
+                    megabytes = concurrency * len(body) / 1e6
+                    rates.setdefault((route, chunked), []).append(megabytes / took)
+                    print(
+                        f"{route:6} {framing:15} {concurrency} x {len(body) / 1e6:.1f} MB:"
+                        f" statuses {sorted(set(statuses))}, {took:.2f} s"
+                        f" ({megabytes / took:.0f} MB/s)"
+                    )
+        sampler.cancel()
         print(
             f"server RSS {before / 1024:.0f} MiB before, {peak / 1024:.0f} MiB at peak"
             f" (+{(peak - before) / 1024:.0f} MiB)"
         )
+        for chunked in (False, True):
+            proxied, straight = rates["proxy", chunked], rates["direct", chunked]
+            ratios = ", ".join(f"{p / d:.2f}" for p, d in zip(proxied, straight, strict=True))
+            print(
+                f"{'chunked' if chunked else 'content-length'}: proxy/direct"
+                f" {statistics.median(proxied) / statistics.median(straight):.2f} (medians of"
+                f" {len(proxied)}: {statistics.median(proxied):.0f} / "
+                f"{statistics.median(straight):.0f} MB/s; repetitions {ratios})"
+            )
 
 
 def main() -> None:
@@ -127,6 +148,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--size-mb", type=int, default=20)
     parser.add_argument("--whitelist", action="store_true")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of both routes (medians)")
     args = parser.parse_args()
     bin_dir = (args.checkout / ".venv" / "bin") if args.checkout else Path(sys.executable).parent
     llm_proxy = str(bin_dir / "llm-proxy")
@@ -161,6 +183,7 @@ def main() -> None:
                     server.pid,
                     body,
                     args.concurrency,
+                    args.repeat,
                 )
             )
         finally:
