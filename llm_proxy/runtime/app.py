@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +74,7 @@ class Components:
 
 
 COMPONENTS = web.AppKey("components", Components)
+TASK_STOP_SECONDS = 5.0  # how long stopping waits for the cancelled background tasks
 
 
 def events_config(settings: Settings) -> EventsConfig:
@@ -183,11 +183,15 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         price_entries=len(components.prices.current.entries),  # 0: no model is priced
     )
     yield
-    for task in list(components.tasks):
+    tasks = list(components.tasks)
+    for task in tasks:
         task.cancel()
-    for task in list(components.tasks):
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    if tasks:
+        # Bounded: a loop that swallowed its cancel must not keep the usage tallies below from
+        # being written (a service manager would kill the server first).
+        _, stuck = await asyncio.wait(tasks, timeout=TASK_STOP_SECONDS)
+        for task in stuck:
+            log.error("server.task_did_not_stop", task=task.get_name())
     await components.authority.close()
     try:
         flushed = await components.authority.flush_usage()
