@@ -16,7 +16,9 @@ NANOS_PER_USD = 1_000_000_000
 
 def usd(nanos: int | None) -> float | None:
     """Nano-dollars (how money is kept: integers add up exactly) as US dollars."""
-    return None if nanos is None else round(nanos / NANOS_PER_USD, 9)
+    # The quotient of two exact doubles is already the double nearest n / 10**9 (n < 2**53, more
+    # than any spend): round(x, 9), which formats and parses decimal digits, returned it unchanged.
+    return None if nanos is None else nanos / NANOS_PER_USD
 
 
 def nanousd(dollars: float) -> int:

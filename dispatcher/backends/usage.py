@@ -17,9 +17,12 @@ from llm_proxy.events.event import Event, parse_rfc3339, rfc3339
 from llm_proxy.models import UsageRollup, hour_start, nanousd
 from llm_proxy.store import Store
 
+# The checks compare exact types (what a JSON parser makes): a bool is not a count, and one
+# comparison costs less than two isinstance calls, per field of every event.
+
 
 def _count(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if type(value) is not int or value < 0:
         raise TypeError(f"not a token count: {value!r}")
     return value
 
@@ -28,13 +31,13 @@ def _cost(value: object) -> int:
     """An event's ``cost_usd`` in nano-dollars; an unpriced model (null) adds nothing."""
     if value is None:
         return 0
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1e9:
+    if (type(value) is not float and type(value) is not int) or not 0 <= value < 1e9:
         raise TypeError(f"not a cost: {value!r}")
     return nanousd(value)
 
 
 def _text(value: object) -> str:
-    if not isinstance(value, str) or not value:
+    if type(value) is not str or not value:
         raise TypeError(f"not an id: {value!r}")
     return value
 

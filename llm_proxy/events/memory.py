@@ -61,13 +61,15 @@ class MemoryBus:
         self._ids = itertools.count(1)
 
     async def publish(self, events: Sequence[Event]) -> None:
-        for event in events:
-            delivery = Delivery(str(next(self._ids)), event)
-            for name, group in self._groups.items():
-                if len(group.events) == self._maxlen:
-                    group.drops.add("memory_bus_full", group=name)
-                group.events.append(delivery)
-                group.ready.set()
+        ids = self._ids
+        deliveries = [Delivery(str(next(ids)), event) for event in events]
+        for name, group in self._groups.items():
+            # The deque drops its oldest to take each delivery beyond its bound.
+            group.drops.add(
+                "memory_bus_full", len(group.events) + len(deliveries) - self._maxlen, group=name
+            )
+            group.events.extend(deliveries)
+            group.ready.set()
         metrics.PUBLISHED.labels("memory").inc(len(events))
 
     def subscribe(self, group: str, consumer: str) -> MemorySubscription:

@@ -21,7 +21,7 @@ _REPLY_PRIMING = 3
 
 
 def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if type(value) is int else None  # what a JSON parser makes of an integer: no bool
 
 
 def from_upstream(body: object) -> Usage | None:
