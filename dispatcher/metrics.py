@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from llm_proxy.stats import PlainHistogram
 
 DELIVERED = Counter("llm_proxy_dispatcher_delivered", "Events a backend accepted.", ["backend"])
 FAILURES = Counter(
@@ -24,12 +30,36 @@ DUPLICATES = Counter(
     ["backend"],
 )
 BATCHES = Counter("llm_proxy_dispatcher_batches", "Batches sent to a backend.", ["backend"])
-LAG = Histogram(
-    "llm_proxy_dispatcher_lag_seconds",
-    "From the end of a request to its event being accepted by a backend.",
-    ["backend"],
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
-)
+
+
+class _LagCollector(Collector):
+    """``llm_proxy_dispatcher_lag_seconds``, observed for every delivered event: in plain bucket
+    lists, as the request path's histograms are (a ``prometheus_client`` Histogram here was a
+    tenth of the events process's bytecodes)."""
+
+    def __init__(self) -> None:
+        self._backends: dict[str, PlainHistogram] = {}
+
+    def of(self, backend: str) -> PlainHistogram:
+        histogram = self._backends.get(backend)
+        if histogram is None:
+            histogram = self._backends[backend] = PlainHistogram(_LAG_BUCKETS)
+        return histogram
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "llm_proxy_dispatcher_lag_seconds",
+            "From the end of a request to its event being accepted by a backend.",
+            labels=["backend"],
+        )
+        for backend, histogram in self._backends.items():
+            family.add_metric([backend], histogram.buckets(), sum_value=histogram.total)
+        yield family
+
+
+_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+LAG = _LagCollector()
+REGISTRY.register(LAG)
 CLOUDWATCH_REJECTED = Counter(
     "llm_proxy_dispatcher_cloudwatch_rejected",
     "Events CloudWatch Logs refuses for their timestamp (too_old, too_new, expired).",

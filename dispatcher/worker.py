@@ -415,7 +415,7 @@ class Worker:
         metrics.FAILURES.labels(name, "retryable").inc(len(retry))
         metrics.FAILURES.labels(name, "permanent").inc(len(dead))
         now = time.time()
-        lag = metrics.LAG.labels(name)
+        lag = metrics.LAG.of(name)
         for delivery in accepted:
             lag.observe(max(0.0, now - end_epoch(delivery.event)))
 

@@ -34,7 +34,10 @@ def _bucket_label(bound: float) -> str:
     return repr(float(bound))
 
 
-class _Histogram:
+class PlainHistogram:
+    """A histogram kept in a plain bucket list, turned into a metric family when scraped:
+    ``prometheus_client``'s own takes a lock and walks its buckets in Python for every value."""
+
     __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
@@ -46,13 +49,19 @@ class _Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+    def buckets(self) -> list[tuple[str, float]]:
+        """The cumulative buckets of a ``HistogramMetricFamily``, ``+Inf`` last."""
         cumulative, buckets = 0, []
         labels = (*(_bucket_label(b) for b in self.bounds), "+Inf")
         for bound, count in zip(labels, self.counts, strict=True):
             cumulative += count
             buckets.append((bound, float(cumulative)))
-        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+        return buckets
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        return HistogramMetricFamily(
+            name, documentation, buckets=self.buckets(), sum_value=self.total
+        )
 
 
 class ProxyStats:
@@ -78,9 +87,9 @@ class ProxyStats:
         self.budget_holds_open = 0
         self.busy_polls = 0  # see busy_poll.py
         self.busy_polls_wasted = 0
-        self.upstream_latency = _Histogram(_UPSTREAM_BUCKETS)
-        self.upstream_duration = _Histogram(_UPSTREAM_BUCKETS)
-        self.added_latency = _Histogram(_ADDED_BUCKETS)
+        self.upstream_latency = PlainHistogram(_UPSTREAM_BUCKETS)
+        self.upstream_duration = PlainHistogram(_UPSTREAM_BUCKETS)
+        self.added_latency = PlainHistogram(_ADDED_BUCKETS)
 
 
 STATS = ProxyStats()

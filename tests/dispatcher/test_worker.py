@@ -3,12 +3,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
 import pytest
 import structlog
+from prometheus_client import REGISTRY
 from redis.exceptions import RedisError
 
 from dispatcher import health
@@ -20,7 +22,7 @@ from dispatcher.retry import Backoff
 from dispatcher.worker import AuthFailed, BackendStartError, Worker, WorkerSettings
 from llm_proxy.events import EventsConfig, start_event_pipeline
 from llm_proxy.events.builder import build
-from llm_proxy.events.event import Event
+from llm_proxy.events.event import Event, rfc3339
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
 from tests.events.events_support import RedisServer, exchange, free_port
@@ -414,3 +416,37 @@ async def test_events_left_when_redis_is_gone_are_still_claimed_after_claim_idle
     warnings = [e["event"] for e in logs if e["log_level"] == "warning"]
     assert "dispatcher.handback_failed" in warnings
     assert "dispatcher.unacked_left_for_redelivery" in warnings
+
+
+async def test_the_lag_of_every_accepted_event_is_in_the_histogram(tmp_path: Path) -> None:
+    def sample(suffix: str, le: str | None = None) -> float:
+        labels = {"backend": "recording"} | ({"le": le} if le else {})
+        value = REGISTRY.get_sample_value(f"llm_proxy_dispatcher_lag_seconds_{suffix}", labels)
+        return value or 0.0
+
+    keys: list[tuple[str, str | None]] = [("count", None), ("bucket", "10.0"), ("bucket", "30.0")]
+    before = {key: sample(*key) for key in keys}
+    before_sum = sample("sum")
+    bus = MemoryBus()
+    # Three requests that ended 20 s ago and two just now; one of the old ones is refused.
+    sent = events(5)
+    for event in sent[:3]:
+        event["timestamp"] = rfc3339(time.time() - 20)
+    refused_id = sent[0]["id"]
+    backend = RecordingBackend(
+        lambda event, attempt: (
+            Rejection("no", retryable=False) if event["id"] == refused_id else None
+        )
+    )
+    worker = Worker(bus, backend, settings(tmp_path))
+    worker.start()
+    await bus.publish(sent)
+    await worker.async_run()
+
+    def added(suffix: str, le: str | None = None) -> float:
+        return sample(suffix, le) - before[suffix, le]
+
+    assert added("count") == 4  # accepted only
+    assert added("bucket", "10.0") == 2  # the recent two
+    assert added("bucket", "30.0") == 4  # cumulative: and the two old ones
+    assert 40 <= sample("sum") - before_sum < 45
