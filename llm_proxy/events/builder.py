@@ -69,26 +69,30 @@ def build(
     if not exchange.response_content_type and isinstance(request, dict):
         stream = request.get("stream") is True  # no answer came: report what was asked for
 
-    return Event(
-        id=event_id(),
-        request_id=exchange.request_id,
-        timestamp=rfc3339(exchange.started_at),
-        project_id=exchange.project_id,
-        token_id=exchange.token_id,
-        method=exchange.method,
-        path=exchange.path,
-        status=exchange.status,
-        duration_ms=_ms(exchange.started, exchange.ended) if exchange.ended else 0.0,
-        ttfb_ms=_ms(exchange.started, exchange.first_byte_at) if exchange.first_byte_at else None,
-        stream=stream,
-        model=model,
-        request=request,
-        response=response,
-        usage=event_usage,
-        cost_usd=_cost_usd(prices, model, event_usage, response),
-        upstream_request_id=exchange.upstream_request_id,
-        error=exchange.error,
-    )
+    # A dict display: calling the TypedDict passes eighteen keyword arguments.
+    event: Event = {
+        "id": event_id(),
+        "request_id": exchange.request_id,
+        "timestamp": rfc3339(exchange.started_at),
+        "project_id": exchange.project_id,
+        "token_id": exchange.token_id,
+        "method": exchange.method,
+        "path": exchange.path,
+        "status": exchange.status,
+        "duration_ms": _ms(exchange.started, exchange.ended) if exchange.ended else 0.0,
+        "ttfb_ms": _ms(exchange.started, exchange.first_byte_at)
+        if exchange.first_byte_at
+        else None,
+        "stream": stream,
+        "model": model,
+        "request": request,
+        "response": response,
+        "usage": event_usage,
+        "cost_usd": _cost_usd(prices, model, event_usage, response),
+        "upstream_request_id": exchange.upstream_request_id,
+        "error": exchange.error,
+    }
+    return event
 
 
 def _cost_usd(
