@@ -17,10 +17,9 @@ from llm_proxy.events.event import Event, parse_rfc3339, rfc3339
 from llm_proxy.models import UsageRollup, hour_start, nanousd
 from llm_proxy.store import Store
 
-# The checks compare exact types (what a JSON parser makes): a bool is not a count, and one
+
+# The checks below compare exact types (what a JSON parser makes): a bool is not a count, and one
 # comparison costs less than two isinstance calls, per field of every event.
-
-
 def _count(value: object) -> int:
     if type(value) is not int or value < 0:
         raise TypeError(f"not a token count: {value!r}")

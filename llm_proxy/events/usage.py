@@ -29,16 +29,11 @@ def from_upstream(body: object) -> Usage | None:
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
         return None
-    # Exact types, as elsewhere here (a JSON integer, never a bool), inline: once per event.
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    if type(prompt) is not int:
+    prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+    if prompt is None:
         return None
-    completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    if type(completion) is not int:
-        completion = 0
-    total = usage.get("total_tokens")
-    if type(total) is not int or not total:
-        total = prompt + completion
+    completion = _int(usage.get("completion_tokens", usage.get("output_tokens"))) or 0
+    total = _int(usage.get("total_tokens")) or prompt + completion
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=total, source="upstream"
     )
