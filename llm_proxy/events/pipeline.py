@@ -63,6 +63,7 @@ class EventPipeline:
         self._linger = linger
         self._build = build or self._build_priced
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()  # set whenever a batch leaves the queue (see wait_for_room)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
         self._task: asyncio.Task[None] | None = None
         self._attached: list[Closeable] = []
@@ -94,6 +95,22 @@ class EventPipeline:
         self._wakeup.set()
 
     @property
+    def full(self) -> bool:
+        """Whether the next ``submit`` would drop the oldest exchange."""
+        return len(self._queue) >= self._queue_size
+
+    async def wait_for_room(self) -> None:
+        """Return once ``submit`` can queue an exchange without dropping one (or on closing).
+
+        For a producer that can be held back: the events process waits here before reading on,
+        so a burst its builder cannot keep up with waits in the pipe and the server's bounded
+        backlog instead of being dropped from this queue.
+        """
+        while self.full and not self._closing:
+            self._room.clear()
+            await self._room.wait()
+
+    @property
     def dropped(self) -> int:
         return self._drops.total
 
@@ -111,6 +128,7 @@ class EventPipeline:
                 # that, paid per request at moderate traffic, would cost more than the work itself.
                 await asyncio.sleep(self._linger)
             batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
+            self._room.set()
             metrics.QUEUE_DEPTH.set(len(queue))
             try:
                 events = await self._build_events(batch)
@@ -146,6 +164,7 @@ class EventPipeline:
         and the bus. Exchanges still queued when time runs out are dropped and counted."""
         self._closing = True
         self._wakeup.set()
+        self._room.set()
         if self._task is not None:
             try:
                 async with asyncio.timeout(self._close_timeout):

@@ -144,6 +144,10 @@ async def _run(status: _Status) -> int:
     try:
         while (wires := await read_frame(reader)) is not None:
             for wire in courteously(wires):
+                if pipeline.full:
+                    # Read no further until the builder catches up: what waits stays in the pipe
+                    # and the server's backlog (bounded, and counted if it overflows).
+                    await pipeline.wait_for_room()
                 pipeline.submit(Exchange.from_wire(wire))
     finally:
         reporter.cancel()
@@ -162,8 +166,8 @@ def _yield_to_requests() -> None:
     Events tolerate delay (they queue, in order) and requests do not, so when CPUs are contended
     the kernel should give them to the server first. :data:`NICENESS` leaves this process a small
     share of a contended CPU; SCHED_BATCH stops it from preempting the server on wake-up. (Beyond
-    what it can then keep up with, the server's queue and pipe fill and what overflows is counted
-    as dropped.)
+    what it can then keep up with, its queue stops taking exchanges, the pipe and the server's
+    backlog fill, and what overflows that bound is counted as dropped.)
     """
     with contextlib.suppress(OSError):
         os.nice(NICENESS)

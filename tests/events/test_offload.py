@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_proxy.events.offload import EventOffload, EventProcessError
 from llm_proxy.events.pipe import Launch
 from llm_proxy.runtime.app import EVENTS_PROCESS, create_app, events_config
+from llm_proxy.store.opening import open_store
 from tests.conftest import Proxy, make_settings, start_proxy
 from tests.events.events_support import RedisServer, exchange
 from tests.fakes import UPSTREAM_LOG
@@ -223,6 +225,28 @@ async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> N
     finally:
         os.kill(process.pid, signal.SIGCONT)
         await offload.close()
+
+
+async def test_a_burst_beyond_the_events_queue_waits_in_the_pipe_and_nothing_is_dropped(
+    tmp_path: Path,
+) -> None:
+    launch = _launch(tmp_path)
+    # Queues of 10 on both sides, frames of 5: the burst fits only if the events process reads
+    # the pipe no faster than it builds.
+    launch = replace(launch, events=replace(launch.events, queue_size=10, batch_size=5))
+    await (await open_store(launch.database_url)).close()  # migrated, as the server would
+    offload = EventOffload(launch, entry=EVENTS_PROCESS)
+    await offload.start()
+    for _ in range(1000):
+        offload.submit(exchange(request={}, response=b"{}"))
+    await offload.close()
+
+    families = {family.name: family for family in offload.metric_families()}
+    dropped = {s.labels["reason"]: s.value for s in families["llm_proxy_events_dropped"].samples}
+    published = sum(s.value for s in families["llm_proxy_events_published"].samples)
+    assert offload.dropped == 0
+    assert set(dropped.values()) == {0.0}, dropped
+    assert published == 1000
 
 
 async def test_closing_beside_an_events_process_that_stopped_reading_ends_in_time(

@@ -58,6 +58,42 @@ async def test_a_full_queue_drops_the_oldest_and_counts_it() -> None:
     assert metric("llm_proxy_events_dropped_total", reason="queue_full") == before + 2
 
 
+async def test_a_producer_waiting_for_room_loses_nothing() -> None:
+    bus = MemoryBus()
+    subscription = bus.subscribe("file", "c1")
+    pipeline = EventPipeline(bus, queue_size=3, batch_size=2, linger=0.001)
+    exchanges = [exchange(request={}, response=b"{}") for _ in range(20)]
+    for ex in exchanges[:3]:
+        pipeline.submit(ex)
+    assert pipeline.full
+    waiting = asyncio.ensure_future(pipeline.wait_for_room())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # nothing consumes yet: the producer is held back
+    pipeline.start()
+    await waiting
+    for ex in exchanges[3:]:
+        await pipeline.wait_for_room()
+        pipeline.submit(ex)
+    await pipeline.close()
+
+    got = await subscription.read(30, 0.1)
+    assert [d.event["request_id"] for d in got] == [ex.request_id for ex in exchanges]
+    assert pipeline.dropped == 0
+
+
+async def test_waiting_for_room_ends_when_the_pipeline_closes() -> None:
+    pipeline = EventPipeline(MemoryBus(), queue_size=1)
+    pipeline.submit(exchange(request={}, response=b"{}"))  # never started: the queue stays full
+    waiting = asyncio.ensure_future(pipeline.wait_for_room())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    closing = asyncio.ensure_future(pipeline.close())
+    async with asyncio.timeout(5):
+        await waiting
+    closing.cancel()
+    await asyncio.gather(closing, return_exceptions=True)
+
+
 async def test_submit_after_close_is_dropped_not_raised() -> None:
     pipeline = await start_event_pipeline(EventsConfig(bus="memory"))
     await pipeline.close()
