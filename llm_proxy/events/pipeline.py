@@ -94,19 +94,16 @@ class EventPipeline:
         queue.append(exchange)
         self._wakeup.set()
 
-    @property
-    def full(self) -> bool:
-        """Whether the next ``submit`` would drop the oldest exchange."""
-        return len(self._queue) >= self._queue_size
+    async def wait_for_room(self, count: int) -> None:
+        """Return once ``count`` exchanges can be submitted without dropping any (or, for more than
+        the queue holds, once it is empty; or on closing).
 
-    async def wait_for_room(self) -> None:
-        """Return once ``submit`` can queue an exchange without dropping one (or on closing).
-
-        For a producer that can be held back: the events process waits here before reading on,
-        so a burst its builder cannot keep up with waits in the pipe and the server's bounded
-        backlog instead of being dropped from this queue.
+        For a producer that can be held back: the events process waits here before each frame it
+        reads, so a burst its builder cannot keep up with waits in the pipe and the server's
+        bounded backlog instead of being dropped from this queue.
         """
-        while self.full and not self._closing:
+        queue = self._queue
+        while queue and len(queue) + count > self._queue_size and not self._closing:
             self._room.clear()
             await self._room.wait()
 

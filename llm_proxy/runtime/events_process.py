@@ -143,11 +143,10 @@ async def _run(status: _Status) -> int:
     reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline))
     try:
         while (wires := await read_frame(reader)) is not None:
+            # Read no further until the builder caught up: what waits stays in the pipe and the
+            # server's backlog (bounded, and counted if it overflows).
+            await pipeline.wait_for_room(len(wires))
             for wire in courteously(wires):
-                if pipeline.full:
-                    # Read no further until the builder catches up: what waits stays in the pipe
-                    # and the server's backlog (bounded, and counted if it overflows).
-                    await pipeline.wait_for_room()
                 pipeline.submit(Exchange.from_wire(wire))
     finally:
         reporter.cancel()

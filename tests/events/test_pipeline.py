@@ -61,19 +61,22 @@ async def test_a_full_queue_drops_the_oldest_and_counts_it() -> None:
 async def test_a_producer_waiting_for_room_loses_nothing() -> None:
     bus = MemoryBus()
     subscription = bus.subscribe("file", "c1")
-    pipeline = EventPipeline(bus, queue_size=3, batch_size=2, linger=0.001)
-    exchanges = [exchange(request={}, response=b"{}") for _ in range(20)]
+    pipeline = EventPipeline(bus, queue_size=4, batch_size=2, linger=0.001)
+    exchanges = [exchange(request={}, response=b"{}") for _ in range(21)]
     for ex in exchanges[:3]:
         pipeline.submit(ex)
-    assert pipeline.full
-    waiting = asyncio.ensure_future(pipeline.wait_for_room())
+    await pipeline.wait_for_room(1)  # 3 + 1 fit: no wait
+    waiting = asyncio.ensure_future(pipeline.wait_for_room(2))
     await asyncio.sleep(0.05)
-    assert not waiting.done()  # nothing consumes yet: the producer is held back
+    assert not waiting.done()  # 3 + 2 do not, and nothing consumes yet: the producer is held
     pipeline.start()
     await waiting
-    for ex in exchanges[3:]:
-        await pipeline.wait_for_room()
-        pipeline.submit(ex)
+    for start in range(3, 21, 3):
+        frame = exchanges[start : start + 3]
+        await pipeline.wait_for_room(len(frame))
+        for ex in frame:
+            pipeline.submit(ex)
+    await pipeline.wait_for_room(9)  # more than the queue holds: waits until it is empty
     await pipeline.close()
 
     got = await subscription.read(30, 0.1)
@@ -84,7 +87,7 @@ async def test_a_producer_waiting_for_room_loses_nothing() -> None:
 async def test_waiting_for_room_ends_when_the_pipeline_closes() -> None:
     pipeline = EventPipeline(MemoryBus(), queue_size=1)
     pipeline.submit(exchange(request={}, response=b"{}"))  # never started: the queue stays full
-    waiting = asyncio.ensure_future(pipeline.wait_for_room())
+    waiting = asyncio.ensure_future(pipeline.wait_for_room(1))
     await asyncio.sleep(0.01)
     assert not waiting.done()
     closing = asyncio.ensure_future(pipeline.close())
