@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 import structlog
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.events import metrics
@@ -199,10 +199,23 @@ class EventOffload:
         fresh = time.monotonic() - self._status_at < _STATUS_FRESH_SECONDS
         return self._input is not None and fresh and self._status.get("bus_reachable") is True
 
+    def backlog_bytes(self) -> int:
+        """Bytes of exchanges written towards the events process that the pipe could not take yet."""
+        stdin = self._input
+        return stdin.transport.get_write_buffer_size() if stdin is not None else 0
+
     def metric_families(self) -> list[Metric]:
-        """The events process's metrics, as of its last status line."""
+        """The events process's metrics, as of its last status line, and the backlog towards it."""
         text = self._status.get("metrics")
-        return list(text_string_to_metric_families(text)) if isinstance(text, str) else []
+        families = list(text_string_to_metric_families(text)) if isinstance(text, str) else []
+        backlog = GaugeMetricFamily(
+            "llm_proxy_events_backlog_bytes",
+            "Finished exchanges waiting for the events process to read them, in bytes (it reads "
+            f"no faster than it builds; beyond {self._backlog_bytes} bytes they are dropped as "
+            "events_process_backlog).",
+            value=self.backlog_bytes(),
+        )
+        return [*families, backlog]
 
     # -- reloading ------------------------------------------------------------------------------------
 

@@ -22,8 +22,9 @@ Some series are left off or not summed:
   resident and virtual memory, open file descriptors and the garbage collector's counts are
   summed over the workers.
 - Gauges where the worst process is what matters (:data:`HIGHEST`: how stale a worker's change
-  feed is; one lagging worker is serving revoked tokens, and a sum would be N times too high):
-  the highest of the sources.
+  feed is; one lagging worker is serving revoked tokens, and a sum would be N times too high; how
+  far a worker's events process is behind, against a bound that is per worker): the highest of
+  the sources.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 PER_PROCESS = frozenset({"process_start_time_seconds", "process_max_fds", "python_info"})
-HIGHEST = frozenset({"llm_proxy_change_feed_lag_seconds"})
+HIGHEST = frozenset({"llm_proxy_change_feed_lag_seconds", "llm_proxy_events_backlog_bytes"})
 
 # Families whose samples may include a creation time (``<family>_created``).
 _WITH_CREATION_TIME = frozenset({"counter", "histogram", "gaugehistogram", "summary"})

@@ -115,6 +115,46 @@ async def test_events_usage_and_metrics_come_from_the_events_process(
     assert samples[("llm_proxy_requests_total", chat_ok)] >= 12
 
 
+async def test_a_stopped_events_process_shows_as_a_backlog_and_loses_nothing(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log, event_build_in="process")
+    backlog_key = ("llm_proxy_events_backlog_bytes", ())
+    assert (await scrape(proxy))[backlog_key] == 0
+    issued = await proxy.issue_token()
+    long_chat = {**CHAT, "messages": [{"role": "user", "content": "x" * 50_000}]}
+    pid = events_pid(proxy)
+    os.kill(pid, signal.SIGSTOP)  # it reads nothing: what the server sends waits
+    try:
+        ids = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(12):  # 600 KB of captured bodies: more than a pipe holds
+                async with session.post(
+                    f"{proxy.base_url}/v1/chat/completions",
+                    json=long_chat,
+                    headers={"Authorization": f"Bearer {issued['token']}"},
+                ) as response:
+                    assert response.status == 200
+                    ids.append(response.headers["LLM-Proxy-Request-ID"])
+
+        async def backlog_shows() -> bool:
+            return (await scrape(proxy))[backlog_key] > 100_000
+
+        await eventually(backlog_shows)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    events = await wait_for_lines(log, 12)
+    assert [event["request_id"] for event in events] == ids
+
+    async def backlog_gone() -> bool:
+        return (await scrape(proxy))[backlog_key] == 0
+
+    await eventually(backlog_gone)
+    assert offload_of(proxy).dropped == 0
+
+
 async def test_closing_the_server_drains_every_event(tmp_path: Path, upstream_server: Any) -> None:
     log = tmp_path / "events.jsonl"
     proxy: Proxy = await _start(tmp_path, upstream_server, file_event_log=log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -103,13 +104,13 @@ def test_a_family_only_one_source_has_is_on_the_page() -> None:
     assert samples[("requests_total", (("endpoint", "/v1/models"),))] == 5
 
 
-def test_a_change_feed_lag_is_the_worst_workers_not_a_sum() -> None:
-    pages = [
-        [GaugeMetricFamily("llm_proxy_change_feed_lag_seconds", "Lag.", value=lag)]
-        for lag in (0.2, 3.0, 0.5)
-    ]
+@pytest.mark.parametrize(
+    "name", ["llm_proxy_change_feed_lag_seconds", "llm_proxy_events_backlog_bytes"]
+)
+def test_a_gauge_of_how_far_behind_is_the_worst_workers_not_a_sum(name: str) -> None:
+    pages = [[GaugeMetricFamily(name, "Behind.", value=value)] for value in (0.2, 3.0, 0.5)]
 
-    assert samples_of(MergedRegistry(*pages))[("llm_proxy_change_feed_lag_seconds", ())] == 3.0
+    assert samples_of(MergedRegistry(*pages))[(name, ())] == 3.0
 
 
 def test_a_counter_whose_name_ends_in_created_is_summed_not_taken_for_a_creation_time() -> None:
