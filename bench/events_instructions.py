@@ -3,8 +3,8 @@
     .venv/bin/python bench/events_instructions.py [--events N] [CHECKOUT ...]
 
 Runs ``python -m llm_proxy.runtime.events_process`` of each CHECKOUT (default: this one; another
-checkout's code runs on this one's .venv through PYTHONPATH) under callgrind, as the server starts
-it: the memory bus, usage aggregation into SQLite, the prices of ``config/prices.yaml``. It sends
+checkout's code, this side of the pipe included, runs on this one's .venv through PYTHONPATH)
+under callgrind, as the server starts it: the memory bus, usage aggregation into SQLite, the prices of ``config/prices.yaml``. It sends
 the process exchanges shaped like the bench's chat request through its pipe, in frames of 256 as
 the server's hand-off does; after 1,000 of them as a warm-up, it counts the instructions from the
 next frame until the usage dispatcher has delivered all N (the status line's metrics), divided by
@@ -179,10 +179,24 @@ async def _migrate(url: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("checkouts", nargs="*", type=Path, default=[HERE])
     arguments = parser.parse_args()
+    if arguments.here:  # counting one checkout, in a process that imports its code
+        print(count(arguments.checkouts[0], arguments.events))
+        return
     for checkout in arguments.checkouts:
-        per_event = count(checkout.resolve(), arguments.events)
+        # The launch frame and the exchanges are pickled with the counted checkout's own classes:
+        # a field that one checkout's EventsConfig has and the other's lacks would otherwise
+        # arrive in the wrong place and change what is counted.
+        counted = subprocess.run(
+            [sys.executable, __file__, "--here", "--events", str(arguments.events), checkout],
+            env={**os.environ, "PYTHONPATH": str(checkout.resolve())},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        per_event = float(counted.stdout.split()[-1])
         print(f"{checkout}: {per_event:,.0f} instructions per event")
 
 

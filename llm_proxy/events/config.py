@@ -19,6 +19,9 @@ class EventsConfig:
     maxlen: int = 100_000  # Redis stream length bound (MAXLEN ~): entries carry bodies, so not more
     memory_maxlen: int = 10_000  # per consumer group, memory bus
     queue_size: int = 10_000  # exchanges waiting to become events; the oldest is dropped beyond
+    # ... and the captured body bytes they may hold together (a request and an answer of up to
+    # CAPTURE_BODY_BYTES each): ten thousand long-context exchanges would otherwise be gigabytes.
+    queue_bytes: int = 256 * 1024 * 1024
     batch_size: int = 256  # exchanges built and published together
     linger: float = 0.05  # seconds a batch may wait to fill: events are not urgent, requests are
     close_timeout: float = 5.0  # seconds ``close`` waits for the queue to drain

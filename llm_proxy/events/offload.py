@@ -63,6 +63,8 @@ class EventOffload:
         self._entry = entry  # the module run as the events process (``python -m``)
         self._queue: deque[Exchange] = deque()
         self._queue_size = events.queue_size
+        self._queue_bytes = events.queue_bytes
+        self._parked_bytes = 0  # bodies queued while no events process runs (see _park)
         self._batch_size = events.batch_size
         self._linger = events.linger
         self._start_timeout = start_timeout
@@ -154,15 +156,30 @@ class EventOffload:
             return
         queue = self._queue
         if len(queue) >= self._queue_size:
-            queue.popleft()
-            self._drops.add("queue_full", 1)
+            self._drop_oldest()
         queue.append(exchange)
+        if self._input is None:
+            self._park(exchange)
+            return
         # submit runs after the response went out; a full batch is sent from here, a partial one
         # when the linger timer fires.
         if len(queue) >= self._batch_size:
             self._flush()
         elif self._flush_timer is None:
             self._flush_timer = self._loop.call_later(self._linger, self._flush)
+
+    def _park(self, exchange: Exchange) -> None:
+        """No events process runs (it died and is being restarted): the queue waits for the next
+        one, bounded by the bytes of the bodies it holds as well as by its length."""
+        self._parked_bytes += exchange.request_body.size + exchange.response_body.size
+        while self._parked_bytes > self._queue_bytes and len(self._queue) > 1:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        oldest = self._queue.popleft()
+        size = oldest.request_body.size + oldest.response_body.size
+        self._parked_bytes = max(self._parked_bytes - size, 0)
+        self._drops.add("queue_full", 1)
 
     def _flush(self) -> None:
         """Send what is queued, a batch per frame."""
@@ -177,12 +194,14 @@ class EventOffload:
             # The events process is not keeping up; the pipe and this buffer are full.
             self._drops.add("events_process_backlog", len(queue))
             queue.clear()
+            self._parked_bytes = 0
             return
         while queue:
             batch = [queue.popleft().to_wire() for _ in range(min(self._batch_size, len(queue)))]
             stdin.write(frame(batch))
             self.sent += len(batch)
             self._sent_to_current += len(batch)
+        self._parked_bytes = 0
 
     def _unfinished(self) -> int:
         """Exchanges sent to the running events process that it had not reported done."""

@@ -48,8 +48,15 @@ def frame(payload: object) -> bytes:
 
 async def read_frame(reader: asyncio.StreamReader) -> Any | None:
     """The next frame's object, or None at the end of input."""
+    sized = await read_sized_frame(reader)
+    return None if sized is None else sized[0]
+
+
+async def read_sized_frame(reader: asyncio.StreamReader) -> tuple[Any, int] | None:
+    """The next frame's object and its size in bytes, or None at the end of input."""
     try:
         header = await reader.readexactly(FRAME_HEADER)
-        return pickle.loads(await reader.readexactly(int.from_bytes(header, "big")))
+        data = await reader.readexactly(int.from_bytes(header, "big"))
     except asyncio.IncompleteReadError:
         return None
+    return pickle.loads(data), len(data)

@@ -1,7 +1,8 @@
 """The :class:`~llm_proxy.proxy.exchange.ExchangeSink` the proxy hands finished exchanges to.
 
-``submit`` only appends to a bounded in-memory queue (dropping and counting the oldest when full),
-so the request path never waits on instrumentation. A background task takes exchanges in batches,
+``submit`` only appends to an in-memory queue bounded in exchanges and in captured body bytes
+(dropping and counting the oldest beyond either), so the request path never waits on
+instrumentation; a producer that can wait (the events process's reader) waits for room instead. A background task takes exchanges in batches,
 has their events built in a worker thread (decompressing, parsing, reassembling streams, counting
 tokens) and publishes them.
 
@@ -18,6 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from operator import attrgetter
 from typing import Protocol
 
 import structlog
@@ -34,6 +36,10 @@ from llm_proxy.proxy.exchange import Exchange
 
 log = structlog.get_logger(__name__)
 
+# The captured bytes of a batch's bodies, summed in C (a generator costs bytecodes per exchange).
+_REQUEST_BYTES = attrgetter("request_body.size")
+_RESPONSE_BYTES = attrgetter("response_body.size")
+
 
 class Closeable(Protocol):
     async def close(self) -> None: ...
@@ -47,6 +53,7 @@ class EventPipeline:
         bus: EventBus,
         *,
         queue_size: int = 10_000,
+        queue_bytes: int = 256 * 1024 * 1024,
         batch_size: int = 256,
         close_timeout: float = 5.0,
         linger: float = 0.05,
@@ -58,6 +65,8 @@ class EventPipeline:
         self.prices = prices if prices is not None else PriceHolder(Prices())
         self._queue: deque[Exchange] = deque()
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes  # captured body bytes the queued exchanges may hold
+        self._queued_bytes = 0
         self._batch_size = batch_size
         self._close_timeout = close_timeout
         self._linger = linger
@@ -89,21 +98,39 @@ class EventPipeline:
             self._drops.add("closing", request_id=exchange.request_id)
             return
         queue = self._queue
-        if len(queue) >= self._queue_size:
-            self._drops.add("queue_full", request_id=queue.popleft().request_id)
         queue.append(exchange)
+        self._queued_bytes += exchange.request_body.size + exchange.response_body.size
+        if len(queue) > self._queue_size or self._queued_bytes > self._queue_bytes:
+            self._drop_beyond_bounds()
         self._wakeup.set()
 
-    async def wait_for_room(self, count: int) -> None:
-        """Return once ``count`` exchanges can be submitted without dropping any (or, for more than
-        the queue holds, once it is empty; or on closing).
+    def _drop_beyond_bounds(self) -> None:
+        """Drop the oldest exchanges until the queue is within both bounds (the newest is kept)."""
+        queue = self._queue
+        while len(queue) > 1 and (
+            len(queue) > self._queue_size or self._queued_bytes > self._queue_bytes
+        ):
+            oldest = queue.popleft()
+            self._queued_bytes -= oldest.request_body.size + oldest.response_body.size
+            self._drops.add("queue_full", request_id=oldest.request_id)
+
+    async def wait_for_room(self, count: int, size: int) -> None:
+        """Return once ``count`` exchanges holding ``size`` bytes of bodies can be submitted without
+        dropping any (or, for more than the queue holds, once it is empty; or on closing).
 
         For a producer that can be held back: the events process waits here before each frame it
         reads, so a burst its builder cannot keep up with waits in the pipe and the server's
         bounded backlog instead of being dropped from this queue.
         """
         queue = self._queue
-        while queue and len(queue) + count > self._queue_size and not self._closing:
+        while (
+            queue
+            and not self._closing
+            and (
+                len(queue) + count > self._queue_size
+                or self._queued_bytes + size > self._queue_bytes
+            )
+        ):
             self._room.clear()
             await self._room.wait()
 
@@ -125,6 +152,7 @@ class EventPipeline:
                 # that, paid per request at moderate traffic, would cost more than the work itself.
                 await asyncio.sleep(self._linger)
             batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
+            self._queued_bytes -= sum(map(_REQUEST_BYTES, batch)) + sum(map(_RESPONSE_BYTES, batch))
             self._room.set()
             metrics.QUEUE_DEPTH.set(len(queue))
             try:
@@ -171,6 +199,7 @@ class EventPipeline:
                 await asyncio.gather(self._task, return_exceptions=True)
                 left = len(self._queue)
                 self._queue.clear()
+                self._queued_bytes = 0
                 self._drops.add("closing", left)
                 log.warning("events.pipeline_drain_timed_out", dropped=left)
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
@@ -203,6 +232,7 @@ async def start_event_pipeline(
     pipeline = EventPipeline(
         await open_bus(config),
         queue_size=config.queue_size,
+        queue_bytes=config.queue_bytes,
         batch_size=config.batch_size,
         close_timeout=config.close_timeout,
         linger=config.linger,

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from dispatcher.embedded import start_events_here
 from dispatcher.worker import BackendStartError
 from llm_proxy.events.courtesy import courteously
-from llm_proxy.events.pipe import Launch, read_frame
+from llm_proxy.events.pipe import Launch, read_frame, read_sized_frame
 from llm_proxy.events.pipeline import EventPipeline
 from llm_proxy.pricing import PriceHolder, PricesError
 from llm_proxy.proxy.exchange import Exchange
@@ -142,10 +142,12 @@ async def _run(status: _Status) -> int:
     log.info("events.process_started", pid=os.getpid(), bus=launch.events.bus)
     reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline))
     try:
-        while (wires := await read_frame(reader)) is not None:
+        while (sized := await read_sized_frame(reader)) is not None:
+            wires, size = sized
             # Read no further until the builder caught up: what waits stays in the pipe and the
-            # server's backlog (bounded, and counted if it overflows).
-            await pipeline.wait_for_room(len(wires))
+            # server's backlog (bounded, and counted if it overflows). A frame's size bounds the
+            # bodies it carries.
+            await pipeline.wait_for_room(len(wires), size)
             for wire in courteously(wires):
                 pipeline.submit(Exchange.from_wire(wire))
     finally:

@@ -267,18 +267,27 @@ async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> N
         await offload.close()
 
 
+@pytest.mark.parametrize(
+    ("bound", "body"),
+    [
+        # A queue of 10 exchanges on both sides, frames of 5.
+        ({"queue_size": 10, "batch_size": 5}, b"{}"),
+        # A queue of 100,000 bytes in the events process (~4 of these), frames of 2.
+        ({"queue_bytes": 100_000, "batch_size": 2}, b'{"a":"' + b"y" * 12_000 + b'"}'),
+    ],
+    ids=["exchanges", "bytes"],
+)
 async def test_a_burst_beyond_the_events_queue_waits_in_the_pipe_and_nothing_is_dropped(
-    tmp_path: Path,
+    tmp_path: Path, bound: dict[str, int], body: bytes
 ) -> None:
     launch = _launch(tmp_path)
-    # Queues of 10 on both sides, frames of 5: the burst fits only if the events process reads
-    # the pipe no faster than it builds.
-    launch = replace(launch, events=replace(launch.events, queue_size=10, batch_size=5))
+    # The burst fits only if the events process reads the pipe no faster than it builds.
+    launch = replace(launch, events=replace(launch.events, **bound))
     await (await open_store(launch.database_url)).close()  # migrated, as the server would
     offload = EventOffload(launch, entry=EVENTS_PROCESS)
     await offload.start()
     for _ in range(1000):
-        offload.submit(exchange(request={}, response=b"{}"))
+        offload.submit(exchange(request={"b": body.decode()}, response=body))
     await offload.close()
 
     families = {family.name: family for family in offload.metric_families()}
@@ -287,6 +296,33 @@ async def test_a_burst_beyond_the_events_queue_waits_in_the_pipe_and_nothing_is_
     assert offload.dropped == 0
     assert set(dropped.values()) == {0.0}, dropped
     assert published == 1000
+
+
+async def test_while_no_events_process_runs_the_queue_is_bounded_by_bytes(tmp_path: Path) -> None:
+    launch = _launch(tmp_path)
+    launch = replace(launch, events=replace(launch.events, queue_bytes=50_000))
+    await (await open_store(launch.database_url)).close()  # migrated, as the server would
+    offload = EventOffload(launch, entry=EVENTS_PROCESS)
+    await offload.start()
+    process = offload._process
+    assert process is not None
+    os.kill(process.pid, signal.SIGKILL)
+    await process.wait()
+    await asyncio.sleep(0.1)  # the watcher saw it die; it starts another after a second
+    exchanges = [exchange(request=b"x" * 10_000, response=b"y" * 10_000) for _ in range(5)]
+    for ex in exchanges:
+        offload.submit(ex)  # 2 hold 40,000 bytes of bodies; each more pushes out the oldest
+    assert offload.dropped == 3
+    await eventually(lambda: _async(offload.restarts == 1 and offload.bus_reachable()))
+    await offload.close()
+
+    families = {family.name: family for family in offload.metric_families()}
+    published = sum(s.value for s in families["llm_proxy_events_published"].samples)
+    assert published == 2  # the two newest, sent to the new events process
+
+
+async def _async(value: bool) -> bool:
+    return value
 
 
 async def test_closing_beside_an_events_process_that_stopped_reading_ends_in_time(

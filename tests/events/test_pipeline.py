@@ -65,18 +65,18 @@ async def test_a_producer_waiting_for_room_loses_nothing() -> None:
     exchanges = [exchange(request={}, response=b"{}") for _ in range(21)]
     for ex in exchanges[:3]:
         pipeline.submit(ex)
-    await pipeline.wait_for_room(1)  # 3 + 1 fit: no wait
-    waiting = asyncio.ensure_future(pipeline.wait_for_room(2))
+    await pipeline.wait_for_room(1, 0)  # 3 + 1 fit: no wait
+    waiting = asyncio.ensure_future(pipeline.wait_for_room(2, 0))
     await asyncio.sleep(0.05)
     assert not waiting.done()  # 3 + 2 do not, and nothing consumes yet: the producer is held
     pipeline.start()
     await waiting
     for start in range(3, 21, 3):
         frame = exchanges[start : start + 3]
-        await pipeline.wait_for_room(len(frame))
+        await pipeline.wait_for_room(len(frame), 0)
         for ex in frame:
             pipeline.submit(ex)
-    await pipeline.wait_for_room(9)  # more than the queue holds: waits until it is empty
+    await pipeline.wait_for_room(9, 0)  # more than the queue holds: waits until it is empty
     await pipeline.close()
 
     got = await subscription.read(30, 0.1)
@@ -84,10 +84,31 @@ async def test_a_producer_waiting_for_room_loses_nothing() -> None:
     assert pipeline.dropped == 0
 
 
+async def test_the_queue_is_bounded_by_the_bytes_of_its_bodies_too() -> None:
+    before = metric("llm_proxy_events_dropped_total", reason="queue_full")
+    bus = MemoryBus()
+    subscription = bus.subscribe("file", "c1")
+    pipeline = EventPipeline(bus, queue_bytes=50_000)
+    exchanges = [exchange(request=b"x" * 10_000, response=b"y" * 10_000) for _ in range(5)]
+    for ex in exchanges:
+        pipeline.submit(ex)  # not started: 2 hold 40,000 bytes, a third would be 60,000
+    assert pipeline.dropped == 3
+    held = asyncio.ensure_future(pipeline.wait_for_room(1, 20_000))
+    await asyncio.sleep(0.05)
+    assert not held.done()  # a frame of 20,000 more bytes would not fit: its reader waits
+    pipeline.start()
+    await held
+    await pipeline.close()
+
+    got = await subscription.read(10, 0.1)
+    assert [d.event["request_id"] for d in got] == [ex.request_id for ex in exchanges[3:]]
+    assert metric("llm_proxy_events_dropped_total", reason="queue_full") == before + 3
+
+
 async def test_waiting_for_room_ends_when_the_pipeline_closes() -> None:
     pipeline = EventPipeline(MemoryBus(), queue_size=1)
     pipeline.submit(exchange(request={}, response=b"{}"))  # never started: the queue stays full
-    waiting = asyncio.ensure_future(pipeline.wait_for_room(1))
+    waiting = asyncio.ensure_future(pipeline.wait_for_room(1, 0))
     await asyncio.sleep(0.01)
     assert not waiting.done()
     closing = asyncio.ensure_future(pipeline.close())
