@@ -32,14 +32,16 @@ pytestmark = pytest.mark.process
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
 
 
-async def chat(proxy: Proxy, token: str, count: int) -> list[str]:
+async def chat(
+    proxy: Proxy, token: str, count: int, body: dict[str, Any] | None = None
+) -> list[str]:
     """Send ``count`` chat completions; the request ids the proxy answered with."""
     ids = []
     async with aiohttp.ClientSession() as session:
         for _ in range(count):
             async with session.post(
                 f"{proxy.base_url}/v1/chat/completions",
-                json=CHAT,
+                json=body or CHAT,
                 headers={"Authorization": f"Bearer {token}"},
             ) as response:
                 assert response.status == 200
@@ -127,16 +129,8 @@ async def test_a_stopped_events_process_shows_as_a_backlog_and_loses_nothing(
     pid = events_pid(proxy)
     os.kill(pid, signal.SIGSTOP)  # it reads nothing: what the server sends waits
     try:
-        ids = []
-        async with aiohttp.ClientSession() as session:
-            for _ in range(12):  # 600 KB of captured bodies: more than a pipe holds
-                async with session.post(
-                    f"{proxy.base_url}/v1/chat/completions",
-                    json=long_chat,
-                    headers={"Authorization": f"Bearer {issued['token']}"},
-                ) as response:
-                    assert response.status == 200
-                    ids.append(response.headers["LLM-Proxy-Request-ID"])
+        # 600 KB of captured bodies: more than a pipe holds.
+        ids = await chat(proxy, issued["token"], 12, long_chat)
 
         async def backlog_shows() -> bool:
             return (await scrape(proxy))[backlog_key] > 100_000
@@ -278,7 +272,7 @@ async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> N
     ids=["exchanges", "bytes"],
 )
 async def test_a_burst_beyond_the_events_queue_waits_in_the_pipe_and_nothing_is_dropped(
-    tmp_path: Path, bound: dict[str, int], body: bytes
+    tmp_path: Path, bound: dict[str, Any], body: bytes
 ) -> None:
     launch = _launch(tmp_path)
     # The burst fits only if the events process reads the pipe no faster than it builds.
