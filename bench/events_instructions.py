@@ -4,13 +4,14 @@
 
 Runs ``python -m llm_proxy.runtime.events_process`` of each CHECKOUT (default: this one; another
 checkout's code, this side of the pipe included, runs on this one's .venv through PYTHONPATH)
-under callgrind, as the server starts it: the memory bus, usage aggregation into SQLite, the prices of ``config/prices.yaml``. It sends
-the process exchanges shaped like the bench's chat request through its pipe, in frames of 256 as
-the server's hand-off does; after 1,000 of them as a warm-up, it counts the instructions from the
-next frame until the usage dispatcher has delivered all N (the status line's metrics), divided by
-N. Frames, building, the bus, the settler and the dispatcher are all in the count; the kernel is
-not. Unlike CPU time on a shared VM (see ``cpu_per_request.sh``), the count repeats to within a
-percent, so a cut of a few percent shows in one run. Needs valgrind (apt-get install valgrind).
+under callgrind, as the server starts it: the memory bus, usage aggregation into SQLite, the
+prices of ``config/prices.yaml``. It sends the process exchanges shaped like the bench's chat
+request through its pipe, in frames of 256 as the server's hand-off does; after 1,000 of them as
+a warm-up, it counts the instructions from the next frame until the usage dispatcher has
+delivered all N (the status line's metrics), divided by N. Frames, building, the bus, the settler
+and the dispatcher are all in the count; the kernel is not. Unlike CPU time on a shared VM (see
+``cpu_per_request.sh``), the count repeats to within a percent, so a cut of a few percent shows
+in one run. Needs valgrind (apt-get install valgrind).
 """
 
 from __future__ import annotations

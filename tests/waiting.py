@@ -12,10 +12,13 @@ from tests.conftest import Proxy
 
 
 async def wait_for_lines(path: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """The JSON lines of ``path`` once there are ``count`` of them (or the deadline passed)."""
+    """The JSON lines of ``path`` once there are ``count`` of them (or the deadline passed).
+
+    Only complete lines count: the file log may be writing the next one as this reads."""
     deadline = time.monotonic() + timeout
     while True:
-        lines = path.read_text().splitlines() if path.exists() else []
+        text = path.read_text() if path.exists() else ""
+        lines = text[: text.rfind("\n") + 1].splitlines()
         if len(lines) >= count or time.monotonic() > deadline:
             return [json.loads(line) for line in lines]
         await asyncio.sleep(0.05)

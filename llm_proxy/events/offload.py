@@ -219,7 +219,7 @@ class EventOffload:
         return self._input is not None and fresh and self._status.get("bus_reachable") is True
 
     def backlog_bytes(self) -> int:
-        """Bytes of exchanges written towards the events process that the pipe could not take yet."""
+        """Bytes of exchanges written towards the events process that its pipe has not taken."""
         stdin = self._input
         return stdin.transport.get_write_buffer_size() if stdin is not None else 0
 

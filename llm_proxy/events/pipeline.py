@@ -2,9 +2,9 @@
 
 ``submit`` only appends to an in-memory queue bounded in exchanges and in captured body bytes
 (dropping and counting the oldest beyond either), so the request path never waits on
-instrumentation; a producer that can wait (the events process's reader) waits for room instead. A background task takes exchanges in batches,
-has their events built in a worker thread (decompressing, parsing, reassembling streams, counting
-tokens) and publishes them.
+instrumentation; a producer that can wait (the events process's reader) waits for room instead.
+A background task takes exchanges in batches, has their events built in a worker thread
+(decompressing, parsing, reassembling streams, counting tokens) and publishes them.
 
 In production this runs in the events process (:mod:`llm_proxy.runtime.events_process`), not in the server:
 there, its CPU work and helper threads would compete with every request for the GIL. The server
