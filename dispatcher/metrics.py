@@ -32,6 +32,9 @@ DUPLICATES = Counter(
 BATCHES = Counter("llm_proxy_dispatcher_batches", "Batches sent to a backend.", ["backend"])
 
 
+_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
 class _LagCollector(Collector):
     """``llm_proxy_dispatcher_lag_seconds``, observed for every delivered event: in plain bucket
     lists, as the request path's histograms are (a ``prometheus_client`` Histogram here was a
@@ -57,7 +60,6 @@ class _LagCollector(Collector):
         yield family
 
 
-_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 LAG = _LagCollector()
 REGISTRY.register(LAG)
 CLOUDWATCH_REJECTED = Counter(

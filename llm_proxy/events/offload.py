@@ -171,14 +171,13 @@ class EventOffload:
     def _park(self, exchange: Exchange) -> None:
         """No events process runs (it died and is being restarted): the queue waits for the next
         one, bounded by the bytes of the bodies it holds as well as by its length."""
-        self._parked_bytes += exchange.request_body.size + exchange.response_body.size
+        self._parked_bytes += exchange.captured_bytes
         while self._parked_bytes > self._queue_bytes and len(self._queue) > 1:
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         oldest = self._queue.popleft()
-        size = oldest.request_body.size + oldest.response_body.size
-        self._parked_bytes = max(self._parked_bytes - size, 0)
+        self._parked_bytes = max(self._parked_bytes - oldest.captured_bytes, 0)
         self._drops.add("queue_full", 1)
 
     def _flush(self) -> None:

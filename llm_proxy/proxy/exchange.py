@@ -81,6 +81,11 @@ class Exchange:
     def is_stream(self) -> bool:
         return self.response_content_type.startswith("text/event-stream")
 
+    @property
+    def captured_bytes(self) -> int:
+        """The bytes of both bodies this exchange holds (what the events queues are bounded by)."""
+        return self.request_body.size + self.response_body.size
+
     def to_wire(self) -> tuple[object, ...]:
         """Plain values for sending to another process: pickling the dataclass and its buffers
         field by field cost several times more than the event build itself."""

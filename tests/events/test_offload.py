@@ -307,16 +307,16 @@ async def test_while_no_events_process_runs_the_queue_is_bounded_by_bytes(tmp_pa
     for ex in exchanges:
         offload.submit(ex)  # 2 hold 40,000 bytes of bodies; each more pushes out the oldest
     assert offload.dropped == 3
-    await eventually(lambda: _async(offload.restarts == 1 and offload.bus_reachable()))
+
+    async def replaced() -> bool:
+        return offload.restarts == 1 and offload.bus_reachable()
+
+    await eventually(replaced)
     await offload.close()
 
     families = {family.name: family for family in offload.metric_families()}
     published = sum(s.value for s in families["llm_proxy_events_published"].samples)
     assert published == 2  # the two newest, sent to the new events process
-
-
-async def _async(value: bool) -> bool:
-    return value
 
 
 async def test_closing_beside_an_events_process_that_stopped_reading_ends_in_time(
