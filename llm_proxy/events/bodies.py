@@ -113,6 +113,11 @@ def show(decoded: Decoded, raw_size: int) -> object:
         return f"[binary body: {len(data)} bytes]"
 
 
+def shed_note(size: int) -> str:
+    """What an event shows for a body the server left out because the events process was behind."""
+    return f"[body not kept: the events process was behind; {size} bytes]"
+
+
 def _utf8_boundary(data: bytes) -> int:
     """Length of ``data`` without a trailing incomplete UTF-8 sequence (at most 3 bytes)."""
     end = len(data)

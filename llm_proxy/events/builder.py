@@ -43,8 +43,11 @@ def build(
     decoded_limit: int = bodies.DEFAULT_DECODED_LIMIT,
 ) -> Event:
     """The event of ``exchange``; ``prices`` give its ``cost_usd`` (None: no model is priced)."""
-    request_raw = exchange.request_body.getvalue()
-    request = bodies.show(bodies.Decoded(request_raw, exchange.request_body.truncated), 0)
+    if exchange.request_bytes_shed:
+        request: object = bodies.shed_note(exchange.request_bytes_shed)
+    else:
+        request_raw = exchange.request_body.getvalue()
+        request = bodies.show(bodies.Decoded(request_raw, exchange.request_body.truncated), 0)
 
     response_raw = exchange.response_body.getvalue()
     decoded = bodies.decode(

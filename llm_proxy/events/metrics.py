@@ -37,6 +37,11 @@ DROP_REASONS = (
 )
 for _reason in DROP_REASONS:
     DROPPED.labels(_reason)
+REQUEST_BODIES_SHED = Counter(
+    "llm_proxy_events_request_bodies_shed",
+    "Request bodies left out of their events because the events process was behind (the event "
+    "shows the body's length; its usage and settlement come from the answer).",
+)
 SPOOLED = Counter(
     "llm_proxy_events_spooled", "Events written to the spool file while Redis was unreachable."
 )
@@ -114,6 +119,24 @@ class Drops:
         DROPPED.labels(reason).inc(count)
         if _crossed_a_mark(before, self.total):
             _log.warning(self._event, reason=reason, count=count, dropped=self.total, **context)
+
+
+class Shed:
+    """Request bodies left out of events, counted in ``llm_proxy_events_request_bodies_shed``
+    and logged like :class:`Drops`."""
+
+    __slots__ = ("total",)
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, count: int) -> None:
+        if count <= 0:
+            return
+        before, self.total = self.total, self.total + count
+        REQUEST_BODIES_SHED.inc(count)
+        if _crossed_a_mark(before, self.total):
+            _log.warning("events.request_bodies_shed", count=count, shed=self.total)
 
 
 def _crossed_a_mark(before: int, after: int) -> bool:

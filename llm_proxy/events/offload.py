@@ -7,7 +7,15 @@ instrumentation. Building, publishing, dispatching and aggregating happen in the
 whose metrics and bus reachability come back on a status pipe about once a second and are merged
 into the server's ``/metrics`` and ``/ready``.
 
-Nothing is dropped silently: a full queue, a backlog on the pipe, or exchanges lost when the
+The events process reads no faster than it builds, so when it falls behind the exchanges wait in
+this process's write buffer, bounded by ``backlog_bytes``. From half of it on, they are sent
+without their request bodies (counted in ``llm_proxy_events_request_bodies_shed``): a long prompt
+is most of an exchange's bytes and of the events process's work for it, and its usage, cost and
+budget settlement come from the answer. Beyond the bound only exchanges whose usage settles a
+budget hold or a tpm window are still sent, so that spend is counted exactly, up to twice the
+bound.
+
+Nothing is dropped silently: a full queue, a backlog beyond the bound, or exchanges lost when the
 events process dies are counted in ``llm_proxy_events_dropped{reason=...}``. A dead events process
 is started again.
 """
@@ -70,6 +78,7 @@ class EventOffload:
         self._start_timeout = start_timeout
         self._close_timeout = close_timeout
         self._backlog_bytes = backlog_bytes
+        self._shed_above = backlog_bytes // 2  # bytes waiting from which request bodies stay out
         self._loop = asyncio.get_running_loop()
         self._flush_timer: asyncio.TimerHandle | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -81,6 +90,7 @@ class EventOffload:
         self._sent_to_current = 0  # exchanges sent to the running events process
         self.sent = 0
         self._drops = metrics.Drops("events.offload_dropped")
+        self._shed = metrics.Shed()
         self.restarts = 0
 
     # -- starting and watching ------------------------------------------------------------------
@@ -189,18 +199,38 @@ class EventOffload:
         queue = self._queue
         if stdin is None or not queue:
             return  # no events process right now: the queue waits (bounded) for the next one
-        if stdin.transport.get_write_buffer_size() > self._backlog_bytes:
-            # The events process is not keeping up; the pipe and this buffer are full.
-            self._drops.add("events_process_backlog", len(queue))
-            queue.clear()
-            self._parked_bytes = 0
-            return
+        backlog = stdin.transport.get_write_buffer_size()
+        if backlog > self._shed_above:
+            self._lighten(backlog)
         while queue:
             batch = [queue.popleft().to_wire() for _ in range(min(self._batch_size, len(queue)))]
             stdin.write(frame(batch))
             self.sent += len(batch)
             self._sent_to_current += len(batch)
         self._parked_bytes = 0
+
+    def _lighten(self, backlog: int) -> None:
+        """The events process is behind (half the backlog bound is waiting for it): send the
+        queued exchanges without their request bodies, which are most of the bytes of a large
+        request and which usage and settlement need only when the answer carries no usage (a hold
+        is then charged whole); beyond the bound, drop those whose usage nothing settles, and
+        beyond twice the bound every one (all counted)."""
+        queue = self._queue
+        if backlog > 2 * self._backlog_bytes:
+            kept: list[Exchange] = []
+        elif backlog > self._backlog_bytes:
+            kept = [exchange for exchange in queue if exchange.settles]
+        else:
+            kept = list(queue)
+        self._drops.add("events_process_backlog", len(queue) - len(kept))
+        shed = 0
+        for exchange in kept:
+            if exchange.request_body.size:
+                exchange.shed_request_body()
+                shed += 1
+        self._shed.add(shed)
+        queue.clear()
+        queue.extend(kept)
 
     def _unfinished(self) -> int:
         """Exchanges sent to the running events process that it had not reported done."""
@@ -229,8 +259,9 @@ class EventOffload:
         backlog = GaugeMetricFamily(
             "llm_proxy_events_backlog_bytes",
             "Finished exchanges waiting for the events process to read them, in bytes (it reads "
-            f"no faster than it builds; beyond {self._backlog_bytes} bytes they are dropped as "
-            "events_process_backlog).",
+            f"no faster than it builds; from {self._shed_above} bytes on their request "
+            f"bodies are left out, beyond {self._backlog_bytes} bytes they are dropped as "
+            "events_process_backlog unless they settle a budget or tpm limit).",
             value=self.backlog_bytes(),
         )
         return [*families, backlog]

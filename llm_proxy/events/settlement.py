@@ -24,12 +24,15 @@ from llm_proxy.proxy.rate_limits import RateWindows
 log = structlog.get_logger(__name__)
 
 
-def settled_cost(event: Event, held: int) -> int:
+def settled_cost(event: Event, held: int, *, request_kept: bool = True) -> int:
     """What a held request pays: its cost; all it held when an answer that may have cost money
-    has no cost to show (the model lost its price on a reload, the usage could not be read);
-    nothing when the upstream refused it."""
+    has no cost to show (the model lost its price on a reload, the usage could not be read) or
+    only an estimate without its request (the server left the body out: see offload.py); nothing
+    when the upstream refused it."""
     cost = event["cost_usd"]
-    if cost is not None:
+    usage = event["usage"]
+    exact = request_kept or (usage is not None and usage["source"] == "upstream")
+    if cost is not None and exact:
         return nanousd(cost)
     return held if 200 <= event["status"] < 300 else 0
 
@@ -42,11 +45,7 @@ class TokenSettler:
         self._budgets = budgets
 
     async def settle(self, batch: Sequence[Exchange], events: Sequence[Event]) -> None:
-        limited = {
-            exchange.request_id: exchange
-            for exchange in batch
-            if exchange.tpm_limited or exchange.hold_id
-        }
+        limited = {exchange.request_id: exchange for exchange in batch if exchange.settles}
         if not limited:
             return
         settlements: list[Settlement] = []
@@ -55,7 +54,9 @@ class TokenSettler:
             if exchange is None:
                 continue
             if exchange.hold_id:
-                cost = settled_cost(event, exchange.held_nanousd)
+                cost = settled_cost(
+                    event, exchange.held_nanousd, request_kept=not exchange.request_bytes_shed
+                )
                 settlements.append(
                     Settlement(exchange.token_id, exchange.hold_id, exchange.held_nanousd, cost)
                 )

@@ -76,6 +76,8 @@ class Exchange:
     # The budget hold of a budgeted token's request, settled once the usage is known.
     hold_id: str = ""
     held_nanousd: int = 0
+    # Bytes of the request body left out on the way to the events process, which was behind.
+    request_bytes_shed: int = 0
 
     @property
     def is_stream(self) -> bool:
@@ -85,6 +87,18 @@ class Exchange:
     def captured_bytes(self) -> int:
         """The bytes of both bodies this exchange holds (what the events queues are bounded by)."""
         return self.request_body.size + self.response_body.size
+
+    @property
+    def settles(self) -> bool:
+        """Whether its usage must reach the token's tpm window or budget hold."""
+        return self.tpm_limited or bool(self.hold_id)
+
+    def shed_request_body(self) -> None:
+        """Let go of the captured request body (the event says how long it was): what an event
+        needs to count usage and settle is the answer's."""
+        body = self.request_body
+        self.request_bytes_shed += body.size
+        self.request_body = CappedBuffer(body.limit)
 
     def to_wire(self) -> tuple[object, ...]:
         """Plain values for sending to another process: pickling the dataclass and its buffers
@@ -98,7 +112,7 @@ class Exchange:
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
             self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
-            self.tpm_limited, self.hold_id, self.held_nanousd,
+            self.tpm_limited, self.hold_id, self.held_nanousd, self.request_bytes_shed,
         )  # fmt: skip
 
     @classmethod

@@ -250,7 +250,9 @@ async def create_app(
         if sink is None and settings.event_bus != "none":
             if settings.event_build_in == "process":
                 offload = EventOffload(
-                    _launch(settings, price_holder.current), entry=EVENTS_PROCESS
+                    _launch(settings, price_holder.current),
+                    entry=EVENTS_PROCESS,
+                    backlog_bytes=settings.events_backlog_bytes,
                 )
                 await offload.start()
             else:

@@ -79,6 +79,9 @@ class Settings:
     # (llm_proxy/runtime/events_process.py), keeping that work off the server's GIL; tests use "thread"
     # to run the same pipeline inside the application.
     event_build_in: Literal["process", "thread"] = "process"
+    # Bytes of finished exchanges a server process lets wait for its events process: from half of
+    # it on, request bodies are left out of events; beyond it, exchanges nothing settles are dropped.
+    events_backlog_bytes: int = 64 * 1024 * 1024
     # Upstream connections through an HTTP CONNECT proxy; the URLs may carry a password.
     https_proxy: str | None = field(default=None, repr=False)
     http_proxy: str | None = field(default=None, repr=False)

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.events.offload import EventOffload, EventProcessError
@@ -29,6 +30,8 @@ from tests.waiting import wait_for_lines
 
 pytestmark = pytest.mark.process
 
+SHED = "llm_proxy_events_request_bodies_shed_total"
+DROPPED, BACKLOG = "llm_proxy_events_dropped_total", {"reason": "events_process_backlog"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
 
 
@@ -259,6 +262,61 @@ async def test_a_backlog_on_the_pipe_is_dropped_and_counted(tmp_path: Path) -> N
     finally:
         os.kill(process.pid, signal.SIGCONT)
         await offload.close()
+
+
+async def test_behind_the_events_process_request_bodies_go_first_then_what_settles_nothing(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "events.jsonl"
+    launch = replace(_launch(tmp_path), file_event_log=log)
+    await (await open_store(launch.database_url)).close()  # migrated, as the server would
+    # Request bodies are left out beyond 50,000 bytes waiting, exchanges that settle nothing
+    # dropped beyond 100,000, every exchange beyond 200,000.
+    offload = EventOffload(launch, entry=EVENTS_PROCESS, backlog_bytes=100_000)
+    await offload.start()
+    process = offload._process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)  # a pipe's 64 KiB, then the server's buffer, fill up
+    sent: dict[str, str] = {}
+    shed_before = REGISTRY.get_sample_value(SHED) or 0
+    dropped_before = REGISTRY.get_sample_value(DROPPED, BACKLOG) or 0
+
+    async def send(
+        name: str, request: bytes, response: bytes = b"{}", settles: bool = False
+    ) -> None:
+        ex = exchange(request=request, response=response)
+        if settles:
+            ex.hold_id, ex.held_nanousd = f"hold-{name}", 1000
+        sent[ex.request_id] = name
+        offload.submit(ex)
+        await asyncio.sleep(0.1)  # the linger timer (0.05 s, this loop) sends it
+
+    try:
+        await send("whole", b"a" * 150_000)  # nothing waits yet: sent whole; ~85,000 then wait
+        await send("plain-shed", b"b" * 10_000)
+        await send("pushes-past-the-bound", b"c" * 10_000, response=b"r" * 100_000)
+        await send("plain-dropped", b"d" * 10_000)
+        await send("settling-shed", b"e" * 10_000, settles=True)
+        await send("pushes-past-twice", b"f" * 10_000, response=b"r" * 100_000, settles=True)
+        await send("settling-dropped", b"g" * 10_000, settles=True)
+        assert offload.backlog_bytes() > 200_000
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    await offload.close()
+
+    events = {sent[e["request_id"]]: e for e in await wait_for_lines(log, 5, timeout=0)}
+    assert set(events) == {
+        "whole", "plain-shed", "pushes-past-the-bound", "settling-shed", "pushes-past-twice"
+    }  # fmt: skip
+    assert events["whole"]["request"] == "a" * 150_000
+    for name, event in events.items():
+        if name != "whole":
+            assert event["request"] == "[body not kept: the events process was behind; 10000 bytes]"
+            assert event["response"] == ("r" * 100_000 if "pushes" in name else {})
+    # Counted on this (the server's) process's metrics.
+    assert offload.dropped == 2
+    assert REGISTRY.get_sample_value(DROPPED, BACKLOG) == dropped_before + 2
+    assert REGISTRY.get_sample_value(SHED) == shed_before + 4
 
 
 @pytest.mark.parametrize(
