@@ -22,6 +22,24 @@ apis:
 YAML
 }
 
+# lab_sse DIR: start the harness's streaming mock (port 18081, INTERVAL ms between chunks, default
+# 10) and write DIR/api.yaml pointing llm-proxy at it; sets LAB_SSE_PID.
+lab_sse() {
+  local d=$1
+  mkdir -p "$d"
+  "${LAB_PYTHON:-$(dirname "${BASH_SOURCE[0]}")/../.venv/bin/python}" "$(dirname "${BASH_SOURCE[0]}")/../../shared/bench/sse_mock.py" \
+    --port 18081 --key $LAB_UPSTREAM_KEY --chunks 20 --interval-ms "${INTERVAL:-10}" > "$d/sse.log" 2>&1 &
+  LAB_SSE_PID=$!
+  cat > "$d/api.yaml" <<YAML
+default_api: openai
+apis:
+  openai:
+    base_url: http://127.0.0.1:18081
+    allowed_endpoints: [/v1/chat/completions, /v1/models]
+    allowed_methods: [GET, POST]
+YAML
+}
+
 # lab_token URL: wait for the llm-proxy server at URL, create a project holding the mock's key and
 # print a token for it.
 lab_token() {

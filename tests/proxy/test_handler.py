@@ -126,6 +126,21 @@ async def test_expired_token_is_401_token_expired(proxy: Proxy, tmp_path: Path) 
     assert response.status == 401 and await error_code(response) == "token_expired"
 
 
+async def test_a_token_is_stored_and_found_by_its_plain_sha256_digest(
+    proxy: Proxy, tmp_path: Path
+) -> None:
+    issued = await proxy.issue_token()
+    with sqlite3.connect(tmp_path / "llm-proxy.db") as db:
+        (stored,) = db.execute(
+            "SELECT token_hash FROM tokens WHERE id = ?", (issued["id"],)
+        ).fetchone()
+    # The plain SHA-256 hex digest: what tokens issued by any version are found by.
+    assert stored == hashlib.sha256(issued["token"].encode()).hexdigest()
+    assert issued["token"] not in stored
+    response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
+    assert response.status == 200  # and looked up by it
+
+
 async def test_inactive_or_deleted_project_stops_its_tokens_at_once(proxy: Proxy) -> None:
     project_id = await proxy.create_project()
     token = await proxy.token(project_id=project_id)
