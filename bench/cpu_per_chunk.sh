@@ -5,22 +5,12 @@
 # Run on a quiet machine. Env: PYFLOOR_VENV (the anchors' venv with httptools and uvloop).
 set -eu
 checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-shared=$checkout/../shared/bench
 python=$checkout/.venv/bin/python
 source "$checkout/bench/lab.sh"
 CHUNKS=${CHUNKS:-200} INTERVAL_MS=${INTERVAL_MS:-1} CONCURRENCY=${CONCURRENCY:-32} STREAMS=${STREAMS:-320}
 d=/tmp/prof/chunks; rm -rf $d; mkdir -p $d
-trap 'kill ${mpid:-} ${LAB_SERVER_PID:-} ${LAB_PYFLOOR_PID:-} 2>/dev/null || true' EXIT
-$python $shared/sse_mock.py --port 18081 --key $LAB_UPSTREAM_KEY --chunks $CHUNKS --interval-ms $INTERVAL_MS &
-mpid=$!
-cat > "$d/api.yaml" <<YAML
-default_api: openai
-apis:
-  openai:
-    base_url: http://127.0.0.1:18081
-    allowed_endpoints: [/v1/chat/completions]
-    allowed_methods: [POST]
-YAML
+trap 'kill ${LAB_SSE_PID:-} ${LAB_SERVER_PID:-} ${LAB_PYFLOOR_PID:-} 2>/dev/null || true' EXIT
+INTERVAL=$INTERVAL_MS lab_sse $d
 lab_servers $checkout $d http://127.0.0.1:18081
 spid=$LAB_SERVER_PID fpid=$LAB_PYFLOOR_PID epid=$LAB_EVENTS_PID tok=$LAB_TOKEN
 hz=$(getconf CLK_TCK)

@@ -12,32 +12,31 @@ lab_mock() {
   sed -e "s#/tmp/bench-run-[a-z0-9_]*/mock-nginx-tmp#$d/mock-tmp#g" -e "s#/tmp/bench-run-[a-z0-9_]*/#$d/#g" \
     "$(ls -td /tmp/bench-run-* | head -1)/mock-nginx.conf" > "$d/mock.conf"
   nginx -c "$d/mock.conf"
-  cat > "$d/api.yaml" <<YAML
+  lab_api_yaml "$d" 18080
+}
+
+# lab_api_yaml DIR PORT: write DIR/api.yaml pointing llm-proxy at an upstream on PORT.
+lab_api_yaml() {
+  cat > "$1/api.yaml" <<YAML
 default_api: openai
 apis:
   openai:
-    base_url: http://127.0.0.1:18080
+    base_url: http://127.0.0.1:$2
     allowed_endpoints: [/v1/chat/completions, /v1/models]
     allowed_methods: [GET, POST]
 YAML
 }
 
-# lab_sse DIR: start the harness's streaming mock (port 18081, INTERVAL ms between chunks, default
-# 10) and write DIR/api.yaml pointing llm-proxy at it; sets LAB_SSE_PID.
+# lab_sse DIR: start the harness's streaming mock (port 18081; CHUNKS chunks, default 20, INTERVAL
+# ms apart, default 10) and write DIR/api.yaml pointing llm-proxy at it; sets LAB_SSE_PID.
 lab_sse() {
-  local d=$1
+  local d=$1 here
+  here=$(dirname "${BASH_SOURCE[0]}")
   mkdir -p "$d"
-  "${LAB_PYTHON:-$(dirname "${BASH_SOURCE[0]}")/../.venv/bin/python}" "$(dirname "${BASH_SOURCE[0]}")/../../shared/bench/sse_mock.py" \
-    --port 18081 --key $LAB_UPSTREAM_KEY --chunks 20 --interval-ms "${INTERVAL:-10}" > "$d/sse.log" 2>&1 &
+  "$here/../.venv/bin/python" "$here/../../shared/bench/sse_mock.py" --port 18081 --key $LAB_UPSTREAM_KEY \
+    --chunks "${CHUNKS:-20}" --interval-ms "${INTERVAL:-10}" > "$d/sse.log" 2>&1 &
   LAB_SSE_PID=$!
-  cat > "$d/api.yaml" <<YAML
-default_api: openai
-apis:
-  openai:
-    base_url: http://127.0.0.1:18081
-    allowed_endpoints: [/v1/chat/completions, /v1/models]
-    allowed_methods: [GET, POST]
-YAML
+  lab_api_yaml "$d" 18081
 }
 
 # lab_token URL: wait for the llm-proxy server at URL, create a project holding the mock's key and
