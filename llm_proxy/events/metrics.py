@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Iterable
+from typing import ClassVar
 
 import structlog
 from prometheus_client import Counter, Gauge
@@ -98,45 +99,48 @@ def count_spend(events: Iterable[Event], prices: Prices) -> None:
         COST.labels(model).inc(usd)
 
 
-class Drops:
-    """The dropped exchanges or events of one component.
-
-    Every one is counted in ``llm_proxy_events_dropped{reason}``; the log hears of the 1st, 10th,
-    100th and every 1000th after, so that an overload dropping thousands a second does not also
-    flood the log.
-    """
+class _Tally:
+    """What one component lost, counted in a metric; the log hears of the 1st, 10th, 100th and
+    every 1000th after, so that an overload losing thousands a second does not also flood it."""
 
     __slots__ = ("_event", "total")
+    _total_field: ClassVar[str]  # the log's name for the running total
 
     def __init__(self, event: str) -> None:
         self._event = event  # the log event name, such as ``events.pipeline_dropped``
         self.total = 0
 
-    def add(self, reason: str, count: int = 1, **context: object) -> None:
+    def _add(self, counter: Counter, count: int, **context: object) -> None:
         if count <= 0:
             return
         before, self.total = self.total, self.total + count
-        DROPPED.labels(reason).inc(count)
+        counter.inc(count)
         if _crossed_a_mark(before, self.total):
-            _log.warning(self._event, reason=reason, count=count, dropped=self.total, **context)
+            fields = {self._total_field: self.total, **context}
+            _log.warning(self._event, count=count, **fields)
 
 
-class Shed:
-    """Request bodies left out of events, counted in ``llm_proxy_events_request_bodies_shed``
-    and logged like :class:`Drops`."""
+class Drops(_Tally):
+    """The dropped exchanges or events of one component, in ``llm_proxy_events_dropped{reason}``."""
 
-    __slots__ = ("total",)
+    __slots__ = ()
+    _total_field = "dropped"
+
+    def add(self, reason: str, count: int = 1, **context: object) -> None:
+        self._add(DROPPED.labels(reason), count, reason=reason, **context)
+
+
+class Shed(_Tally):
+    """Request bodies left out of events, in ``llm_proxy_events_request_bodies_shed``."""
+
+    __slots__ = ()
+    _total_field = "shed"
 
     def __init__(self) -> None:
-        self.total = 0
+        super().__init__("events.request_bodies_shed")
 
     def add(self, count: int) -> None:
-        if count <= 0:
-            return
-        before, self.total = self.total, self.total + count
-        REQUEST_BODIES_SHED.inc(count)
-        if _crossed_a_mark(before, self.total):
-            _log.warning("events.request_bodies_shed", count=count, shed=self.total)
+        self._add(REQUEST_BODIES_SHED, count)
 
 
 def _crossed_a_mark(before: int, after: int) -> bool:

@@ -78,7 +78,6 @@ class EventOffload:
         self._start_timeout = start_timeout
         self._close_timeout = close_timeout
         self._backlog_bytes = backlog_bytes
-        self._shed_above = backlog_bytes // 2  # bytes waiting from which request bodies stay out
         self._loop = asyncio.get_running_loop()
         self._flush_timer: asyncio.TimerHandle | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -200,7 +199,7 @@ class EventOffload:
         if stdin is None or not queue:
             return  # no events process right now: the queue waits (bounded) for the next one
         backlog = stdin.transport.get_write_buffer_size()
-        if backlog > self._shed_above:
+        if backlog > self._backlog_bytes // 2:
             self._lighten(backlog)
         while queue:
             batch = [queue.popleft().to_wire() for _ in range(min(self._batch_size, len(queue)))]
@@ -259,7 +258,7 @@ class EventOffload:
         backlog = GaugeMetricFamily(
             "llm_proxy_events_backlog_bytes",
             "Finished exchanges waiting for the events process to read them, in bytes (it reads "
-            f"no faster than it builds; from {self._shed_above} bytes on their request "
+            f"no faster than it builds; from {self._backlog_bytes // 2} bytes on their request "
             f"bodies are left out, beyond {self._backlog_bytes} bytes they are dropped as "
             "events_process_backlog unless they settle a budget or tpm limit).",
             value=self.backlog_bytes(),

@@ -97,7 +97,7 @@ class Exchange:
         """Let go of the captured request body (the event says how long it was): what an event
         needs to count usage and settle is the answer's."""
         body = self.request_body
-        self.request_bytes_shed += body.size
+        self.request_bytes_shed = body.size
         self.request_body = CappedBuffer(body.limit)
 
     def to_wire(self) -> tuple[object, ...]:
