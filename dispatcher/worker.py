@@ -27,6 +27,7 @@ from dispatcher.deadletter import DeadLetterFile
 from dispatcher.exit_codes import Exit
 from dispatcher.retry import Backoff
 from llm_proxy.events.bus import BusUnavailable, Delivery, EventBus, Subscription
+from llm_proxy.events.courtesy import courteously, release
 from llm_proxy.events.event import end_epoch
 from llm_proxy.events.redis import consumer_name
 
@@ -239,6 +240,7 @@ class Worker:
                     batch = await self._collect(subscription)
                     if batch:
                         await self._process(subscription, batch)
+                        release(batch)
                     elif self._burst:
                         # Idle, or unreachable: a burst run reports that rather than wait for it.
                         self._bus_lost = self._bus_failures > 0
@@ -416,7 +418,7 @@ class Worker:
         metrics.FAILURES.labels(name, "permanent").inc(len(dead))
         now = time.time()
         lag = metrics.LAG.of(name)
-        for delivery in accepted:
+        for delivery in courteously(accepted):
             lag.observe(max(0.0, now - end_epoch(delivery.event)))
 
     async def _abandon(self, reason: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from dispatcher.backends import Rejection
+from llm_proxy.events.courtesy import courteously
 from llm_proxy.events.event import Event, parse_rfc3339, rfc3339
 from llm_proxy.models import UsageRollup, hour_start, nanousd
 from llm_proxy.store import Store
@@ -82,7 +83,7 @@ def fold(events: Sequence[Event]) -> tuple[list[UsageRollup], dict[int, Rejectio
     tallies: dict[tuple[str, str], _Tally] = {}
     hours: dict[str, datetime] = {}
     refused: dict[int, Rejection] = {}
-    for index, event in enumerate(events):
+    for index, event in enumerate(courteously(events)):
         try:
             token_id = _text(event["token_id"])
             project_id = _text(event["project_id"])

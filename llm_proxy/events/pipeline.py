@@ -27,6 +27,7 @@ import structlog
 from llm_proxy.events import builder, metrics
 from llm_proxy.events.bus import EventBus
 from llm_proxy.events.config import EventsConfig
+from llm_proxy.events.courtesy import release
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
@@ -166,6 +167,8 @@ class EventPipeline:
                 metrics.DROPPED.labels("publish_failed").inc(len(batch))
                 continue
             self.published += len(events)
+            release(events)
+            release(batch)
 
     async def _build_events(self, batch: list[Exchange]) -> list[Event]:
         built = await asyncio.get_running_loop().run_in_executor(
