@@ -175,7 +175,7 @@ class EventOffload:
         if self._input is None:
             self._park(exchange)
             return
-        # submit runs after the response went out; a full batch is sent from here, a partial one
+        # submit runs after the response went out; a full frame is sent from here, a partial one
         # when the linger timer fires.
         if len(queue) >= self._frame_size:
             self._flush()
