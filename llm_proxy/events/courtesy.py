@@ -7,7 +7,7 @@ CPU at once: a server, upstream or client woken on the CPU where a burst runs wa
 burst, even with another CPU idle (the kernel does not always look for one). Handing the CPU back
 whenever a thread has worked ``SLICE_NS`` since it last did lets a task waiting for that CPU run
 first, at the cost of a system call that returns at once when none is waiting. (bench/README.md,
-"Handing the CPU back" and "Bursts of the events process, timed", has the figures.)
+"Handing the CPU back" and "Bursts of the events process, timed", have the figures.)
 """
 
 from __future__ import annotations
