@@ -59,6 +59,18 @@ lab_llm_proxy() {
     PRICES_PATH=$checkout/config/prices.yaml "$@"
 }
 
+# lab_build_server CHECKOUT DIR PORT: start, in the background, an llm-proxy server running
+# CHECKOUT's code (on this checkout's .venv, through PYTHONPATH) on PORT, with DIR/api.yaml, its data
+# and log in DIR/PORT; sets LAB_BUILD_PID (the server's pid).
+lab_build_server() {
+  local build here
+  build=$(cd "$1" && pwd) here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  mkdir -p "$2/$3"
+  (PYTHONPATH=$build lab_llm_proxy "$here" "$2" "$2/$3" "$3" "$here/.venv/bin/llm-proxy" server \
+    > "$2/$3/server.log" 2>&1) &
+  LAB_BUILD_PID=$!
+}
+
 # lab_servers CHECKOUT DIR UPSTREAM_URL: start the llm-proxy server of CHECKOUT (port 18095, with
 # DIR/api.yaml) and pyfloor (port 18097, PYFLOOR_VENV's python) in front of UPSTREAM_URL, and set
 # LAB_SERVER_PID, LAB_EVENTS_PID, LAB_PYFLOOR_PID and LAB_TOKEN (a token of the server's).

@@ -31,10 +31,8 @@ targets=("direct=$upstream:$LAB_UPSTREAM_KEY" "pyfloor=18097:$LAB_PYFLOOR_TOKEN"
 port=18095
 for c in "${checkouts[@]}"; do
   [ $port = 18097 ] && port=18098
-  mkdir -p $d/$port
-  (PYTHONPATH=$(cd "$c" && pwd) lab_llm_proxy "$checkout" $d $d/$port $port "$checkout/.venv/bin/llm-proxy" server \
-    > $d/$port/server.log 2>&1) &
-  pids+=($!)
+  lab_build_server "$c" $d $port
+  pids+=($LAB_BUILD_PID)
   targets+=("$(basename "$c")=$port:$(lab_token http://127.0.0.1:$port)")
   port=$((port + 1))
 done

@@ -11,20 +11,16 @@ set -eu
 checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$checkout/bench/lab.sh"
 a=$(cd "${1:?CHECKOUT_A}" && pwd) b=$(cd "${2:?CHECKOUT_B}" && pwd)
-d=/tmp/tail-ab; rm -rf $d; mkdir -p $d/18095 $d/18096
+d=/tmp/tail-ab; rm -rf $d; mkdir -p $d
 lab_mock $d
-pids=()
-trap 'kill ${pids[*]:-} 2>/dev/null; nginx -c $d/mock.conf -s stop 2>/dev/null || true' EXIT
-for build in 18095:$a 18096:$b; do
-  port=${build%%:*}
-  (PYTHONPATH=${build#*:} lab_llm_proxy "$checkout" $d $d/$port $port "$checkout/.venv/bin/llm-proxy" server \
-    > $d/$port/server.log 2>&1) &
-  pids+=($!)
-done
 declare -A token server events
+trap 'kill ${server[*]:-} 2>/dev/null; nginx -c $d/mock.conf -s stop 2>/dev/null || true' EXIT
+for build in 18095:$a 18096:$b; do
+  lab_build_server "${build#*:}" $d ${build%%:*}
+  server[${build%%:*}]=$LAB_BUILD_PID
+done
 for port in 18095 18096; do
   token[$port]=$(lab_token http://127.0.0.1:$port)
-  server[$port]=$(ss -ltnpH "sport = :$port" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
   events[$port]=$(pgrep -P ${server[$port]} -f events_process)
 done
 export BENCH_BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
