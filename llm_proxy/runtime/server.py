@@ -25,6 +25,7 @@ from llm_proxy.runtime import secrets_store
 from llm_proxy.runtime.app import COMPONENTS, Components, create_app, open_settings_store
 from llm_proxy.runtime.fd_limit import raise_open_file_limit
 from llm_proxy.runtime.gc_tuning import tune_garbage_collector
+from llm_proxy.runtime.lifeline import Lifeline, watch
 from llm_proxy.runtime.metrics_endpoint import WORKER_PEERS, own_page
 from llm_proxy.runtime.settings import (
     Settings,
@@ -121,7 +122,9 @@ def _announce(shown: list[str], with_token: bool, out: TextIO) -> None:
     print("\n".join(f"  {line}" if line else "" for line in banner), file=out, flush=True)
 
 
-async def _serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
+async def _serve(
+    settings: Settings, peers: WorkerPeers | None = None, lifeline: int | None = None
+) -> None:
     try:
         app = await create_app(settings)
     except DATABASE_ERRORS as exc:
@@ -160,6 +163,8 @@ async def _serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_prices, components)
+        if lifeline is not None:
+            watch(lifeline, functools.partial(_supervisor_gone, stop))
         await FrontSite(
             runner, sock, components.proxy, limits=limits, on_data=poller.poke if poller else None
         ).start()
@@ -176,6 +181,11 @@ async def _serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
         await runner.cleanup()
 
 
+def _supervisor_gone(stop: asyncio.Event) -> None:
+    log.warning("server.supervisor_gone", action="stopping as on SIGTERM")
+    stop.set()
+
+
 def reload_prices(components: Components) -> None:
     """SIGHUP: read PRICES_PATH again, here and in the events process. A file that does not load
     changes nothing: the prices in force stay."""
@@ -189,10 +199,13 @@ def reload_prices(components: Components) -> None:
     log.info("server.prices_reloaded", entries=len(prices.entries))
 
 
-def serve(settings: Settings, peers: WorkerPeers | None = None) -> None:
-    """Block serving until SIGINT/SIGTERM; ``peers``: this worker's siblings under ``--workers``."""
+def serve(
+    settings: Settings, peers: WorkerPeers | None = None, lifeline: int | None = None
+) -> None:
+    """Block serving until SIGINT/SIGTERM. Under ``--workers``: ``peers``, this worker's siblings;
+    ``lifeline``, the pipe end that ends when the supervisor does (``lifeline.py``)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(settings, peers))
+        runner.run(_serve(settings, peers, lifeline))
 
 
 async def _prepare_database(settings: Settings) -> None:
@@ -221,9 +234,10 @@ def migrate_database(url: str) -> tuple[list[int], str]:
     return asyncio.run(_migrate(url)), database_label(url)
 
 
-def _worker(settings: Settings, index: int) -> None:
+def _worker(settings: Settings, index: int, lifeline: Lifeline) -> None:
     try:
-        serve(settings, WorkerPeers(settings.data_dir, index, settings.workers))
+        peers = WorkerPeers(settings.data_dir, index, settings.workers)
+        serve(settings, peers, lifeline.in_worker())
     except SettingsError as exc:
         print(f"llm-proxy: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -235,7 +249,8 @@ def serve_workers(settings: Settings) -> int:
     Workers share nothing in memory: revocation reaches each through the store's change feed
     (within a second) and quotas are claimed atomically in the database, so a token's limits and
     revocation hold across them. ``/metrics`` on any of them sums all of them
-    (``worker_metrics.py``). The parent only supervises: it forwards SIGINT/SIGTERM and waits.
+    (``worker_metrics.py``). The parent only supervises: it forwards SIGINT/SIGTERM and waits;
+    if it is killed, its workers stop by themselves (``lifeline.py``).
 
     ``WORKERS`` defaults to 1, as the SPEC says: one uvloop process already serves the proxy path
     with its events process on a second core, and whether more workers pay on a 2-core machine,
@@ -246,8 +261,9 @@ def serve_workers(settings: Settings) -> int:
     asyncio.run(_prepare_database(settings))
     prepare_sockets(settings.data_dir, settings.workers)
     context = multiprocessing.get_context("fork")
+    lifeline = Lifeline()
     workers = [
-        context.Process(target=_worker, args=(settings, n), name=f"llm-proxy-worker-{n}")
+        context.Process(target=_worker, args=(settings, n, lifeline), name=f"llm-proxy-worker-{n}")
         for n in range(settings.workers)
     ]
     for worker in workers:
@@ -264,6 +280,7 @@ def serve_workers(settings: Settings) -> int:
     signal.signal(signal.SIGHUP, forward)  # each worker reloads its prices
     for worker in workers:
         worker.join()
+    lifeline.close()
     failed = sum(1 for w in workers if w.exitcode)
     log.info(
         "server.workers_stopped", workers=len(workers), exit_codes=[w.exitcode for w in workers]

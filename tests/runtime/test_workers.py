@@ -188,16 +188,20 @@ def has_exited(pid: int) -> bool:
     return stat[0] == "Z" and threads == [str(pid)]
 
 
-def worker_pids(server: ServerProcess) -> list[int]:
-    """The supervisor's children, found in ``/proc`` by their parent's pid."""
-    parent = str(server.process.popen.pid)
-    children = []
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, found in ``/proc``."""
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             stat = proc_stat(int(entry.name))
-            if stat is not None and stat[1] == parent:
-                children.append(int(entry.name))
-    return children
+            if stat is not None and stat[1] == str(pid):
+                found.append(int(entry.name))
+    return found
+
+
+def worker_pids(server: ServerProcess) -> list[int]:
+    """The supervisor's children."""
+    return children(server.process.popen.pid)
 
 
 def test_a_killed_worker_is_reported_missing_without_holding_the_scrape(
@@ -222,3 +226,37 @@ def test_a_killed_worker_is_reported_missing_without_holding_the_scrape(
             assert (sums["workers_reporting"], sums["workers_missing"]) == (1, 1)
     finally:
         server.stop(timeout=10)
+
+
+def test_workers_and_their_events_processes_end_when_the_supervisor_is_killed(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    """A killed supervisor forwards no SIGTERM: the workers must notice by themselves, or they
+    keep the port and their events processes for as long as the machine runs."""
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    server = start_server(tmp_path / "data", config, tmp_path, WORKERS="2")
+    left_behind: list[int] = []
+    try:
+        wait_for_workers(server, 2)
+        workers = worker_pids(server)
+        events_processes = [pid for worker in workers for pid in children(worker)]
+        assert len(workers) == 2 and len(events_processes) == 2
+        left_behind = workers + events_processes
+
+        server.process.popen.kill()
+        server.process.popen.wait()
+        deadline = time.monotonic() + 15
+        while not all(has_exited(pid) for pid in left_behind):
+            assert time.monotonic() < deadline, [p for p in left_behind if not has_exited(p)]
+            time.sleep(0.05)
+
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(server.base_url.rsplit(":", 1)[1])), 1)
+        # They stopped as on SIGTERM, each saying why (the workers log to the shared stderr).
+        assert server.process.stderr.count('"server.supervisor_gone"') == 2
+        assert server.process.stderr.count('"server.stopped"') == 2
+    finally:
+        server.stop()
+        for pid in left_behind:
+            if not has_exited(pid):
+                os.kill(pid, signal.SIGKILL)
