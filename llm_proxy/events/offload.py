@@ -1,8 +1,9 @@
 """The server's side of the events process (started from :mod:`llm_proxy.runtime.events_process`).
 
-:class:`EventOffload` is the proxy's ``ExchangeSink`` in production. ``submit`` appends to a
-bounded queue; every ``linger`` seconds, or at once when a frame's worth is waiting, the queue is
-pickled onto the events process's input, at most ``FRAME_EXCHANGES`` to a frame. That is all the
+:class:`EventOffload` is the proxy's ``ExchangeSink`` in production. ``submit`` appends the
+exchange's wire form to a bounded queue; every ``linger`` seconds, or at once when a frame's
+worth is waiting, the queue is pickled onto the events process's input, at most
+``FRAME_EXCHANGES`` to a frame. That is all the
 server does for instrumentation. Building, publishing, dispatching and aggregating happen in the
 events process, whose metrics and bus reachability come back on a status pipe about once a second
 and are merged into the server's ``/metrics`` and ``/ready``.
@@ -39,7 +40,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_proxy.events import metrics
 from llm_proxy.events.pipe import Launch, frame
 from llm_proxy.pricing import Prices
-from llm_proxy.proxy.exchange import Exchange
+from llm_proxy.proxy.exchange import (
+    Exchange,
+    Wire,
+    wire_captured_bytes,
+    wire_settles,
+    wire_without_request_body,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +81,9 @@ class EventOffload:
         events = launch.events
         self._launch = launch
         self._entry = entry  # the module run as the events process (``python -m``)
-        self._queue: deque[Exchange] = deque()
+        # Each exchange's wire form, made at submit: a frame is then only pickled and written,
+        # and the exchange's objects are freed one request at a time rather than a frame's at once.
+        self._queue: deque[Wire] = deque()
         self._queue_size = events.queue_size
         self._queue_bytes = events.queue_bytes
         self._parked_bytes = 0  # bodies queued while no events process runs (see _park)
@@ -171,9 +180,9 @@ class EventOffload:
         queue = self._queue
         if len(queue) >= self._queue_size:
             self._drop_oldest()
-        queue.append(exchange)
+        queue.append(exchange.to_wire())
         if self._input is None:
-            self._park(exchange)
+            self._park(exchange.captured_bytes)
             return
         # submit runs after the response went out; a full frame is sent from here, a partial one
         # when the linger timer fires.
@@ -182,16 +191,16 @@ class EventOffload:
         elif self._flush_timer is None:
             self._flush_timer = self._loop.call_later(self._linger, self._flush)
 
-    def _park(self, exchange: Exchange) -> None:
+    def _park(self, captured_bytes: int) -> None:
         """No events process runs (it died and is being restarted): the queue waits for the next
         one, bounded by the bytes of the bodies it holds as well as by its length."""
-        self._parked_bytes += exchange.captured_bytes
+        self._parked_bytes += captured_bytes
         while self._parked_bytes > self._queue_bytes and len(self._queue) > 1:
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         oldest = self._queue.popleft()
-        self._parked_bytes = max(self._parked_bytes - oldest.captured_bytes, 0)
+        self._parked_bytes = max(self._parked_bytes - wire_captured_bytes(oldest), 0)
         self._drops.add("queue_full", 1)
 
     def _flush(self) -> None:
@@ -207,7 +216,7 @@ class EventOffload:
         if backlog > self._backlog_bytes // 2:
             self._lighten(backlog)
         while queue:
-            batch = [queue.popleft().to_wire() for _ in range(min(self._frame_size, len(queue)))]
+            batch = [queue.popleft() for _ in range(min(self._frame_size, len(queue)))]
             stdin.write(frame(batch))
             self.sent += len(batch)
             self._sent_to_current += len(batch)
@@ -221,20 +230,16 @@ class EventOffload:
         beyond twice the bound every one (all counted)."""
         queue = self._queue
         if backlog > 2 * self._backlog_bytes:
-            kept: list[Exchange] = []
+            kept: list[Wire] = []
         elif backlog > self._backlog_bytes:
-            kept = [exchange for exchange in queue if exchange.settles]
+            kept = [wire for wire in queue if wire_settles(wire)]
         else:
             kept = list(queue)
         self._drops.add("events_process_backlog", len(queue) - len(kept))
-        shed = 0
-        for exchange in kept:
-            if exchange.request_body.size:
-                exchange.shed_request_body()
-                shed += 1
-        self._shed.add(shed)
+        lightened = [wire_without_request_body(wire) for wire in kept]
+        self._shed.add(sum(1 for wire in lightened if wire[-1]))
         queue.clear()
-        queue.extend(kept)
+        queue.extend(lightened)
 
     def _unfinished(self) -> int:
         """Exchanges sent to the running events process that it had not reported done."""

@@ -93,14 +93,7 @@ class Exchange:
         """Whether its usage must reach the token's tpm window or budget hold."""
         return self.tpm_limited or bool(self.hold_id)
 
-    def shed_request_body(self) -> None:
-        """Let go of the captured request body (the event says how long it was): what an event
-        needs to count usage and settle is the answer's."""
-        body = self.request_body
-        self.request_bytes_shed = body.size
-        self.request_body = CappedBuffer(body.limit)
-
-    def to_wire(self) -> tuple[object, ...]:
+    def to_wire(self) -> Wire:
         """Plain values for sending to another process: pickling the dataclass and its buffers
         field by field cost several times more than the event build itself."""
         req, resp = self.request_body, self.response_body
@@ -128,6 +121,32 @@ class Exchange:
             CappedBuffer.of(resp, resp_limit, resp_truncated),
             *rest,
         )  # fmt: skip
+
+
+Wire = tuple[Any, ...]
+# Where ``to_wire`` puts what the server's offload reads while exchanges wait (``offload.py``).
+_WIRE_REQUEST_BODY = 7
+_WIRE_RESPONSE_BODY = 10
+_WIRE_TPM_LIMITED = -4
+_WIRE_HOLD_ID = -3
+
+
+def wire_captured_bytes(wire: Wire) -> int:
+    """``Exchange.captured_bytes`` of the exchange ``wire`` was made from."""
+    return len(wire[_WIRE_REQUEST_BODY]) + len(wire[_WIRE_RESPONSE_BODY])
+
+
+def wire_settles(wire: Wire) -> bool:
+    """``Exchange.settles`` of the exchange ``wire`` was made from."""
+    return bool(wire[_WIRE_TPM_LIMITED] or wire[_WIRE_HOLD_ID])
+
+
+def wire_without_request_body(wire: Wire) -> Wire:
+    """``wire`` with the captured request body left out, saying how long it was (the last
+    field): what an event needs to count usage and settle is the answer's."""
+    body = wire[_WIRE_REQUEST_BODY]
+    limit = wire[_WIRE_REQUEST_BODY + 1]
+    return (*wire[:_WIRE_REQUEST_BODY], b"", limit, False, *wire[_WIRE_RESPONSE_BODY:-1], len(body))
 
 
 class ExchangeSink(Protocol):
