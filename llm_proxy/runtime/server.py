@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import multiprocessing
-import os
 import signal
 import sqlite3
 import sys
@@ -33,6 +31,7 @@ from llm_proxy.runtime.settings import (
     database_label,
     parse_encryption_key,
 )
+from llm_proxy.runtime.supervisor import START_FAILED, Supervisor
 from llm_proxy.runtime.worker_metrics import WorkerPeers, prepare_sockets
 from llm_proxy.store.opening import open_store
 
@@ -240,7 +239,7 @@ def _worker(settings: Settings, index: int, lifeline: Lifeline) -> None:
         serve(settings, peers, lifeline.in_worker())
     except SettingsError as exc:
         print(f"llm-proxy: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(START_FAILED)
 
 
 def serve_workers(settings: Settings) -> int:
@@ -249,8 +248,8 @@ def serve_workers(settings: Settings) -> int:
     Workers share nothing in memory: revocation reaches each through the store's change feed
     (within a second) and quotas are claimed atomically in the database, so a token's limits and
     revocation hold across them. ``/metrics`` on any of them sums all of them
-    (``worker_metrics.py``). The parent only supervises: it forwards SIGINT/SIGTERM and waits;
-    if it is killed, its workers stop by themselves (``lifeline.py``).
+    (``worker_metrics.py``). The parent only supervises (``supervisor.py``): it forwards signals,
+    replaces a worker that dies, and if it is killed its workers stop by themselves.
 
     ``WORKERS`` defaults to 1, as the SPEC says: one uvloop process already serves the proxy path
     with its events process on a second core, and whether more workers pay on a 2-core machine,
@@ -260,32 +259,7 @@ def serve_workers(settings: Settings) -> int:
     # Create and migrate the database once, before the workers race to do it.
     asyncio.run(_prepare_database(settings))
     prepare_sockets(settings.data_dir, settings.workers)
-    context = multiprocessing.get_context("fork")
-    lifeline = Lifeline()
-    workers = [
-        context.Process(target=_worker, args=(settings, n, lifeline), name=f"llm-proxy-worker-{n}")
-        for n in range(settings.workers)
-    ]
-    for worker in workers:
-        worker.start()
-    log.info("server.workers_started", workers=len(workers))
-
-    def forward(signum: int, _frame: object) -> None:
-        for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGHUP, forward)  # each worker reloads its prices
-    for worker in workers:
-        worker.join()
-    lifeline.close()
-    failed = sum(1 for w in workers if w.exitcode)
-    log.info(
-        "server.workers_stopped", workers=len(workers), exit_codes=[w.exitcode for w in workers]
-    )
-    return 1 if failed else 0
+    return Supervisor(settings.workers, functools.partial(_worker, settings)).run()
 
 
 def run_server(settings: Settings) -> None:

@@ -4,13 +4,16 @@ and ``/metrics`` on any of them sums them all."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,7 +22,10 @@ from tests.processes import (
     START_TIMEOUT,
     MockUpstream,
     ServerProcess,
+    clean_env,
+    cli_command,
     http,
+    run,
     start_mock_upstream,
     start_server,
     write_api_config,
@@ -204,28 +210,122 @@ def worker_pids(server: ServerProcess) -> list[int]:
     return children(server.process.popen.pid)
 
 
-def test_a_killed_worker_is_reported_missing_without_holding_the_scrape(
+def test_a_killed_worker_is_replaced_and_no_scrape_waits_for_it(
     tmp_path: Path, upstream: MockUpstream
 ) -> None:
     config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
     server = start_server(tmp_path / "data", config, tmp_path, WORKERS="2")
     try:
         wait_for_workers(server, 2)
+        token = issue_token(server)
         pids = worker_pids(server)
         assert len(pids) == 2
-        os.kill(pids[0], signal.SIGKILL)
+        os.kill(pids[0], signal.SIGKILL)  # as the OOM killer would
         deadline = time.monotonic() + 5
         while not has_exited(pids[0]):
             assert time.monotonic() < deadline
             time.sleep(0.05)
 
-        for _ in range(5):
-            started = time.monotonic()
-            sums = scrape(server)
-            assert time.monotonic() - started < 1.0
-            assert (sums["workers_reporting"], sums["workers_missing"]) == (1, 1)
+        # Until its replacement serves, the port is the other worker's, and a scrape reports
+        # the dead one missing without waiting for it.
+        send_requests(server, token, 10)
+        states = set()
+        deadline = time.monotonic() + START_TIMEOUT
+        while (sums := timed_scrape(server, within=1.0))["workers_missing"]:
+            states.add((sums["workers_reporting"], sums["workers_missing"]))
+            assert time.monotonic() < deadline, server.process.stderr[-3000:]
+            time.sleep(0.05)
+        assert states == {(1, 1)}
+        assert (sums["workers_reporting"], sums["workers_missing"]) == (2, 0)
+        replaced = worker_pids(server)
+        assert len(replaced) == 2 and pids[1] in replaced and pids[0] not in replaced
+        send_requests(server, token, 20)
+
+        # The replacement dies soon after it started as well: the pause before the next doubles,
+        # so a worker that cannot run does not fork in a loop.
+        (replacement,) = set(replaced) - {pids[1]}
+        os.kill(replacement, signal.SIGKILL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while (
+            len(died := log_events(server, "server.worker_died")) < 2
+            or len(log_events(server, "server.worker_restarted")) < 2
+        ):
+            assert time.monotonic() < deadline, server.process.stderr[-3000:]
+            time.sleep(0.1)
+        assert [(e["worker"], e["exit_code"], e["restart_in_seconds"]) for e in died] == [
+            (0, -9, 1.0),
+            (0, -9, 2.0),
+        ]
+        wait_for_workers(server, 2)
     finally:
-        server.stop(timeout=10)
+        code = server.stop(timeout=10)
+    assert code == 0, server.process.stderr[-3000:]
+
+
+def log_events(server: ServerProcess, name: str) -> list[dict[str, Any]]:
+    """The server's JSON log lines (on stderr) of event ``name``."""
+    lines = (line for line in server.process.stderr.splitlines() if line.startswith("{"))
+    return [e for e in map(json.loads, lines) if e.get("event") == name]
+
+
+def timed_scrape(server: ServerProcess, within: float) -> dict[str, float]:
+    started = time.monotonic()
+    sums = scrape(server)
+    assert time.monotonic() - started < within
+    return sums
+
+
+def test_a_stopped_worker_is_reported_missing_without_holding_the_scrape(
+    workers: ServerProcess,
+) -> None:
+    """A worker that hangs (here: SIGSTOP) is not dead, so nothing replaces it; a scrape landing
+    on its sibling leaves it out after FETCH_SECONDS (1 s) and says so."""
+    wait_for_workers(workers, 2)
+    hung = worker_pids(workers)[0]
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        answered: list[tuple[float, dict[str, float]]] = []
+        deadline = time.monotonic() + 30
+        while len(answered) < 3:
+            assert time.monotonic() < deadline
+            started = time.monotonic()
+            try:
+                # A new connection per scrape: one the kernel gives the stopped worker waits.
+                with urllib.request.urlopen(f"{workers.base_url}/metrics", timeout=3) as response:
+                    sums = totals(response.read().decode())
+            except TimeoutError:
+                continue
+            answered.append((time.monotonic() - started, sums))
+        for took, sums in answered:
+            assert (sums["workers_reporting"], sums["workers_missing"]) == (1, 1)
+            assert took < 2.0
+        assert hung in worker_pids(workers)  # not replaced
+    finally:
+        os.kill(hung, signal.SIGCONT)
+    wait_for_workers(workers, 2)
+
+
+def test_workers_that_cannot_listen_stop_start_up(tmp_path: Path, upstream: MockUpstream) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        address = f"{host}:{port}"
+        env = clean_env(
+            DATA_DIR=str(tmp_path / "data"),
+            LISTEN_ADDR=address,
+            API_CONFIG_PATH=str(write_api_config(tmp_path / "api.yaml", upstream.base_url)),
+            WORKERS="2",
+            LOG_FORMAT="json",
+        )
+        try:
+            result = run(cli_command("server"), env, timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("workers that cannot listen must end start-up, not be restarted forever")
+    assert result.returncode == 1
+    assert f"llm-proxy: LISTEN_ADDR: cannot listen on {address}" in result.stderr
+    assert '"server.worker_start_failed"' in result.stderr
+    assert '"server.worker_restarted"' not in result.stderr
 
 
 def test_workers_and_their_events_processes_end_when_the_supervisor_is_killed(
