@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import Metric
 
 from llm_proxy.runtime.metrics_merge import MergedRegistry
-from llm_proxy.runtime.worker_metrics import WorkerPeers, workers_family
+from llm_proxy.runtime.worker_metrics import WorkerPeers, restarts_family, workers_family
 
 # Metric families another process reports through this one (the events process).
 MetricSource = Callable[[], Iterable[Metric]]
@@ -21,9 +21,13 @@ WORKER_PEERS: web.AppKey[WorkerPeers] = web.AppKey("worker_peers")
 
 def _own_families(app: web.Application) -> list[Iterable[Metric]]:
     """This worker's registry first (its per-process families are the ones kept), then its events
-    process's."""
+    process's, then how often its slot was replaced."""
     extra = app.get(EXTRA_METRICS)
-    return [REGISTRY.collect()] if extra is None else [REGISTRY.collect(), extra()]
+    peers = app.get(WORKER_PEERS)
+    restarts = [restarts_family(0 if peers is None else peers.restarts)]
+    if extra is None:
+        return [REGISTRY.collect(), restarts]
+    return [REGISTRY.collect(), extra(), restarts]
 
 
 def own_page(app: web.Application) -> bytes:

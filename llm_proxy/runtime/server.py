@@ -233,9 +233,9 @@ def migrate_database(url: str) -> tuple[list[int], str]:
     return asyncio.run(_migrate(url)), database_label(url)
 
 
-def _worker(settings: Settings, index: int, lifeline: Lifeline) -> None:
+def _worker(settings: Settings, index: int, restarts: int, lifeline: Lifeline) -> None:
     try:
-        peers = WorkerPeers(settings.data_dir, index, settings.workers)
+        peers = WorkerPeers(settings.data_dir, index, settings.workers, restarts)
         serve(settings, peers, lifeline.in_worker())
     except SettingsError as exc:
         print(f"llm-proxy: {exc}", file=sys.stderr, flush=True)

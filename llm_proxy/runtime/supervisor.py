@@ -34,7 +34,8 @@ START_FAILED = 3
 RESTART_SPACING = (1.0, 30.0)
 SERVED_A_WHILE = 30.0
 
-WorkerTarget = Callable[[int, Lifeline], None]
+# Called in the forked worker with its index, how often its slot was replaced, and the lifeline.
+WorkerTarget = Callable[[int, int, Lifeline], None]
 
 
 class _Slot:
@@ -46,7 +47,7 @@ class _Slot:
         self.started = 0.0
         self.restart_at: float | None = None
         self.pause = 0.0
-        self.first_generation = True
+        self.restarts = 0
 
 
 class Supervisor:
@@ -96,14 +97,14 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         process = self._context.Process(
             target=self._target,
-            args=(slot.index, self._lifeline),
+            args=(slot.index, slot.restarts, self._lifeline),
             name=f"llm-proxy-worker-{slot.index}",
         )
         process.start()
         slot.process, slot.started, slot.restart_at = process, time.monotonic(), None
         if self._stopping:  # told to stop while this one was being forked
             self._forward(signal.SIGTERM, None)
-        if not slot.first_generation:
+        if slot.restarts:
             log.info("server.worker_restarted", worker=slot.index, pid=process.pid)
 
     def _ended(self, slot: _Slot) -> None:
@@ -115,7 +116,7 @@ class Supervisor:
         if self._stopping:
             self._failed |= code != 0
             return
-        if slot.first_generation and code == START_FAILED:
+        if not slot.restarts and code == START_FAILED:
             log.error("server.worker_start_failed", worker=slot.index, action="stopping all")
             self._failed = True
             self._stop(signal.SIGTERM, None)
@@ -127,7 +128,7 @@ class Supervisor:
             first, most = RESTART_SPACING
             slot.pause = min(max(slot.pause * 2, first), most)
         slot.restart_at = time.monotonic() + slot.pause
-        slot.first_generation = False
+        slot.restarts += 1
         log.error(
             "server.worker_died",
             worker=slot.index,

@@ -9,9 +9,10 @@ integers of ``llm_proxy/stats.py``, and families are built only when a page is a
 ``prometheus_client``'s multiprocess mode was the alternative; it takes a lock per increment and
 writes every counter to an mmap file.
 
-A sibling that does not answer within :data:`FETCH_SECONDS` (stalled, or killed: the parent does
-not restart workers) is left out of the page rather than holding the scrape, and the page says so
-in ``llm_proxy_workers{state="reporting"|"missing"}``. Its counters are missing from that page's
+A sibling that does not answer within :data:`FETCH_SECONDS` (stalled, or dead and not yet
+replaced) is left out of the page rather than holding the scrape, and the page says so in
+``llm_proxy_workers{state="reporting"|"missing"}``; ``llm_proxy_worker_restarts_total`` counts the
+workers the parent replaced (``supervisor.py``). Its counters are missing from that page's
 sums, which Prometheus reads as a counter reset; while every worker answers, sums only grow.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import cast
 
 import structlog
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.runtime.settings import SettingsError
@@ -83,9 +84,10 @@ class _PageProtocol(asyncio.Protocol):
 class WorkerPeers:
     """This worker's page, served to its siblings, and theirs, fetched for a scrape."""
 
-    def __init__(self, data_dir: Path, index: int, count: int) -> None:
+    def __init__(self, data_dir: Path, index: int, count: int, restarts: int = 0) -> None:
         self.index = index
         self.count = count
+        self.restarts = restarts  # how often the parent replaced this worker before this one
         self._data_dir = data_dir
         self._server: asyncio.AbstractServer | None = None
 
@@ -153,3 +155,14 @@ def workers_family(reporting: int, count: int) -> GaugeMetricFamily:
     family.add_metric(["reporting"], reporting)
     family.add_metric(["missing"], count - reporting)
     return family
+
+
+def restarts_family(restarts: int) -> CounterMetricFamily:
+    """How often the parent replaced a worker that died; each worker reports its own slot's
+    count, so a page's sum is the instance's."""
+    return CounterMetricFamily(
+        "llm_proxy_worker_restarts",
+        "Server worker processes that died and were replaced by the parent process since it "
+        "started (llm-proxy server --workers N; the log says why, as server.worker_died).",
+        value=restarts,
+    )

@@ -237,6 +237,7 @@ def test_a_killed_worker_is_replaced_and_no_scrape_waits_for_it(
             time.sleep(0.05)
         assert states == {(1, 1)}
         assert (sums["workers_reporting"], sums["workers_missing"]) == (2, 0)
+        assert sums["llm_proxy_worker_restarts_total"] == 1
         replaced = worker_pids(server)
         assert len(replaced) == 2 and pids[1] in replaced and pids[0] not in replaced
         send_requests(server, token, 20)
@@ -257,6 +258,7 @@ def test_a_killed_worker_is_replaced_and_no_scrape_waits_for_it(
             (0, -9, 2.0),
         ]
         wait_for_workers(server, 2)
+        assert scrape(server)["llm_proxy_worker_restarts_total"] == 2
     finally:
         code = server.stop(timeout=10)
     assert code == 0, server.process.stderr[-3000:]
