@@ -3,10 +3,10 @@
 :class:`EventOffload` is the proxy's ``ExchangeSink`` in production. ``submit`` appends the
 exchange's wire form to a bounded queue; every ``linger`` seconds, or at once when a frame's
 worth is waiting, the queue is pickled onto the events process's input, at most
-``FRAME_EXCHANGES`` to a frame. That is all the
-server does for instrumentation. Building, publishing, dispatching and aggregating happen in the
-events process, whose metrics and bus reachability come back on a status pipe about once a second
-and are merged into the server's ``/metrics`` and ``/ready``.
+``FRAME_EXCHANGES`` to a frame. That is all the server does for instrumentation. Building,
+publishing, dispatching and aggregating happen in the events process, whose metrics and bus
+reachability come back on a status pipe about once a second and are merged into the server's
+``/metrics`` and ``/ready``.
 
 The events process reads no faster than it builds, so when it falls behind the exchanges wait in
 this process's write buffer, bounded by ``backlog_bytes``. From half of it on, they are sent

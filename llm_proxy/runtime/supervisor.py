@@ -144,8 +144,11 @@ class Supervisor:
         self._forward(signum, _frame)
 
     def _forward(self, signum: int, _frame: object) -> None:
+        # Not ``process.exitcode``: it reaps, and this runs as a signal handler, possibly while
+        # the loop joins that process. A worker that died but is not joined yet is a zombie,
+        # which a signal does not hurt.
         for slot in self._slots:
             process = slot.process
-            if process is not None and process.pid is not None and process.exitcode is None:
+            if process is not None and process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signum)
