@@ -38,6 +38,20 @@ SERVED_A_WHILE = 30.0
 WorkerTarget = Callable[[int, int, Lifeline], None]
 
 
+_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _worker_main(target: WorkerTarget, index: int, restarts: int, lifeline: Lifeline) -> None:
+    """In the forked worker: the signals' own actions until its loop installs handlers (SIGINT and
+    SIGTERM end a worker that does not serve yet; SIGHUP is moot, it reads the prices as it
+    starts), then the worker."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+    target(index, restarts, lifeline)
+
+
 class _Slot:
     """Worker ``index``'s current process and when to start the next one."""
 
@@ -61,12 +75,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and keep them running until SIGINT/SIGTERM; return an exit code."""
-        for slot in self._slots:
-            self._start(slot)
-        log.info("server.workers_started", workers=len(self._slots))
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGHUP, self._forward)  # each worker reloads its prices
+        for slot in self._slots:
+            self._start(slot)
+        log.info("server.workers_started", workers=len(self._slots))
         try:
             while self._supervise():
                 pass
@@ -96,11 +110,17 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         process = self._context.Process(
-            target=self._target,
-            args=(slot.index, slot.restarts, self._lifeline),
+            target=_worker_main,
+            args=(self._target, slot.index, slot.restarts, self._lifeline),
             name=f"llm-proxy-worker-{slot.index}",
         )
-        process.start()
+        # A forked worker inherits this process's handlers, which would forward a signal to its
+        # siblings instead of handling it: the signals wait, blocked, until it has its own.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         slot.process, slot.started, slot.restart_at = process, time.monotonic(), None
         if self._stopping:  # told to stop while this one was being forked
             self._forward(signal.SIGTERM, None)

@@ -1,0 +1,86 @@
+"""``runtime/supervisor.py`` with a stand-in worker body: what a forked worker starts with.
+
+The real workers are driven in ``test_workers.py``; here the worker only reports the signal
+state it was started in, which a real worker replaces within a second, too soon to observe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.process
+
+SUPERVISED = textwrap.dedent(
+    """
+    import json, signal, sys, time
+    from pathlib import Path
+    from llm_proxy.runtime.supervisor import Supervisor
+
+    out = Path(sys.argv[1])
+
+    def worker(index, restarts, lifeline):
+        state = {
+            "pid": __import__("os").getpid(),
+            "sigint_default": signal.getsignal(signal.SIGINT) is signal.SIG_DFL,
+            "sigterm_default": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
+            "sighup_ignored": signal.getsignal(signal.SIGHUP) is signal.SIG_IGN,
+            "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        }
+        (out / f"{index}-{restarts}.json").write_text(json.dumps(state))
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        lifeline.in_worker()
+        while True:
+            time.sleep(0.02)
+
+    sys.exit(Supervisor(2, worker).run())
+    """
+)
+
+
+def wait_for(path: Path, timeout: float = 10.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or not path.read_text():
+        assert time.monotonic() < deadline, f"{path.name} never written"
+        time.sleep(0.02)
+    state: dict[str, object] = json.loads(path.read_text())
+    return state
+
+
+def test_workers_start_with_the_signals_own_actions_not_the_parents_handlers(
+    tmp_path: Path,
+) -> None:
+    """A forked worker inherits its parent's handlers: until its loop installs its own, a SIGTERM
+    would forward itself to the worker's siblings instead of ending it. Checked for the first
+    workers and for a replacement (forked while the parent's handlers are installed)."""
+    output = (tmp_path / "output").open("wb")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISED, str(tmp_path)],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        first = [wait_for(tmp_path / f"{n}-0.json") for n in (0, 1)]
+        os.kill(int(str(first[0]["pid"])), signal.SIGKILL)
+        replacement = wait_for(tmp_path / "0-1.json")  # after the 1 s pause
+        for state in [*first, replacement]:
+            assert state["sigint_default"] and state["sigterm_default"], state
+            assert state["sighup_ignored"] and state["blocked"] == [], state
+
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(10) == 0, (tmp_path / "output").read_text()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        output.close()
+    # The parent logged the death and the replacement.
+    log = (tmp_path / "output").read_text()
+    assert "server.worker_died" in log and "server.worker_restarted" in log
