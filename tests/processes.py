@@ -155,6 +155,14 @@ def run(
     )
 
 
+def run_start_that_fails(env: dict[str, str], why: str) -> subprocess.CompletedProcess[str]:
+    """``llm-proxy server`` whose start-up must fail: it has to exit by itself (``why`` if not)."""
+    try:
+        return run(cli_command("server"), env, timeout=20)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(why) from None
+
+
 @dataclass
 class MockUpstream:
     process: Process

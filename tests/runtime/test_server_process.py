@@ -7,7 +7,6 @@ import resource
 import secrets
 import signal
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.processes import (
     free_port,
     http,
     run,
+    run_start_that_fails,
     spawn,
     start_mock_upstream,
     start_server,
@@ -192,10 +192,7 @@ def test_port_already_in_use_stops_start_up_with_one_line(
         LOG_LEVEL="warning",
         LOG_FORMAT="json",
     )
-    try:
-        result = run(cli_command("server"), env, timeout=15)
-    except subprocess.TimeoutExpired:
-        pytest.fail("a server that cannot listen must exit, not hang")
+    result = run_start_that_fails(env, "a server that cannot listen must exit, not hang")
     assert result.returncode != 0
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr

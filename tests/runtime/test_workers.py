@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,9 +22,8 @@ from tests.processes import (
     MockUpstream,
     ServerProcess,
     clean_env,
-    cli_command,
     http,
-    run,
+    run_start_that_fails,
     start_mock_upstream,
     start_server,
     write_api_config,
@@ -320,10 +318,9 @@ def test_workers_that_cannot_listen_stop_start_up(tmp_path: Path, upstream: Mock
             WORKERS="2",
             LOG_FORMAT="json",
         )
-        try:
-            result = run(cli_command("server"), env, timeout=20)
-        except subprocess.TimeoutExpired:
-            pytest.fail("workers that cannot listen must end start-up, not be restarted forever")
+        result = run_start_that_fails(
+            env, "workers that cannot listen must end start-up, not be restarted forever"
+        )
     assert result.returncode == 1
     assert f"llm-proxy: LISTEN_ADDR: cannot listen on {address}" in result.stderr
     assert '"server.worker_start_failed"' in result.stderr
