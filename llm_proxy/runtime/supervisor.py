@@ -33,6 +33,7 @@ START_FAILED = 3
 # from the first value up to the second; one that served longer is restarted at once.
 RESTART_SPACING = (1.0, 30.0)
 SERVED_A_WHILE = 30.0
+_STOP_NOTICED_WITHIN = 1.0
 
 # Called in the forked worker with its index, how often its slot was replaced, and the lifeline.
 WorkerTarget = Callable[[int, int, Lifeline], None]
@@ -97,7 +98,11 @@ class Supervisor:
         due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
         if not running and (self._stopping or not due):
             return False
-        timeout = max(min(due) - time.monotonic(), 0.0) if due and not self._stopping else None
+        timeout = None
+        if due and not self._stopping:
+            # At most a second: a stop asked for while no worker runs (all of them paused
+            # between restarts) has no worker's end to wake this wait.
+            timeout = min(max(min(due) - time.monotonic(), 0.0), _STOP_NOTICED_WITHIN)
         ended = set(wait([sentinel for sentinel, _ in running], timeout))
         for sentinel, slot in running:
             if sentinel in ended:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,3 +85,43 @@ def test_workers_start_with_the_signals_own_actions_not_the_parents_handlers(
     # The parent logged the death and the replacement.
     log = (tmp_path / "output").read_text()
     assert "server.worker_died" in log and "server.worker_restarted" in log
+
+
+CRASHING = textwrap.dedent(
+    """
+    import sys
+    from llm_proxy.runtime.supervisor import Supervisor
+
+    def worker(index, restarts, lifeline):
+        sys.exit(1)  # dies at once, every time
+
+    sys.exit(Supervisor(1, worker).run())
+    """
+)
+
+
+def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly_and_a_stop_still_ends_at_once(
+    tmp_path: Path,
+) -> None:
+    output_path = tmp_path / "output"
+    with output_path.open("wb") as output:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", CRASHING], stdout=output, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 15
+            while output_path.read_text().count("server.worker_died") < 3:
+                assert time.monotonic() < deadline, output_path.read_text()
+                time.sleep(0.05)
+            # Paused 1, 2, now 4 s: no worker runs, and none ends to wake the parent.
+            parent.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            assert parent.wait(10) == 0
+            assert time.monotonic() - stopped < 3.0  # (the pause has 4 s to run)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.wait()
+    # (structlog's console lines: nothing configured it in this script)
+    pauses = re.findall(r"server\.worker_died .*restart_in_seconds=(\S+)", output_path.read_text())
+    assert pauses[:3] == ["1.0", "2.0", "4.0"], output_path.read_text()
