@@ -21,7 +21,7 @@ pytestmark = pytest.mark.process
 
 SUPERVISED = textwrap.dedent(
     """
-    import json, signal, sys, time
+    import json, select, signal, sys
     from pathlib import Path
     from llm_proxy.runtime.supervisor import Supervisor
 
@@ -37,9 +37,10 @@ SUPERVISED = textwrap.dedent(
         }
         (out / f"{index}-{restarts}.json").write_text(json.dumps(state))
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        lifeline.in_worker()
-        while True:
-            time.sleep(0.02)
+        # As a real worker does, end when the parent does (were the test to kill it).
+        read_end = lifeline.in_worker()
+        while not select.select([read_end], [], [], 0.05)[0]:
+            pass
 
     sys.exit(Supervisor(2, worker).run())
     """
