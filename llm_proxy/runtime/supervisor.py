@@ -66,8 +66,11 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, count: int, target: WorkerTarget) -> None:
+    def __init__(
+        self, count: int, target: WorkerTarget, *, served_a_while: float = SERVED_A_WHILE
+    ) -> None:
         self._target = target
+        self._served_a_while = served_a_while
         self._context = multiprocessing.get_context("fork")
         self._lifeline = Lifeline()
         self._slots = [_Slot(n) for n in range(count)]
@@ -147,7 +150,7 @@ class Supervisor:
             self._stop(signal.SIGTERM, None)
             return
         lived = time.monotonic() - slot.started
-        if lived >= SERVED_A_WHILE:
+        if lived >= self._served_a_while:
             slot.pause = 0.0
         else:
             first, most = RESTART_SPACING

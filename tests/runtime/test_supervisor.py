@@ -126,3 +126,39 @@ def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly_and_a_stop_stil
     # (structlog's console lines: nothing configured it in this script)
     pauses = re.findall(r"server\.worker_died .*restart_in_seconds=(\S+)", output_path.read_text())
     assert pauses[:3] == ["1.0", "2.0", "4.0"], output_path.read_text()
+
+
+SERVING_A_WHILE = textwrap.dedent(
+    """
+    import signal, sys, time
+    from llm_proxy.runtime.supervisor import Supervisor
+
+    def worker(index, restarts, lifeline):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        time.sleep(0.6)  # serves "a while" (0.5 s here), then dies
+        sys.exit(1)
+
+    sys.exit(Supervisor(1, worker, served_a_while=0.5).run())
+    """
+)
+
+
+def test_a_worker_that_served_a_while_is_replaced_at_once_every_time(tmp_path: Path) -> None:
+    output_path = tmp_path / "output"
+    with output_path.open("wb") as output:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", SERVING_A_WHILE], stdout=output, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 15
+            while output_path.read_text().count("server.worker_died") < 3:
+                assert time.monotonic() < deadline, output_path.read_text()
+                time.sleep(0.05)
+            parent.send_signal(signal.SIGTERM)
+            assert parent.wait(10) == 0
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.wait()
+    pauses = re.findall(r"server\.worker_died .*restart_in_seconds=(\S+)", output_path.read_text())
+    assert pauses[:3] == ["0.0", "0.0", "0.0"], output_path.read_text()
