@@ -14,7 +14,13 @@ RUN /opt/llm-proxy/bin/pip install --no-cache-dir --upgrade pip \
 # The same image runs `llm-proxy migrate` and `llm-proxy dispatcher` (see docker-compose.yml and
 # the Helm chart under deploy/helm/llm-proxy).
 FROM python:3.11-slim
-RUN groupadd --system --gid 10001 llmproxy \
+# tini as PID 1: it reaps what a dead process leaves behind (with --workers, the events process of
+# a worker that died is adopted by PID 1) and hands SIGTERM to the server, which as PID 1 itself
+# would ignore it until its handlers are installed.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 llmproxy \
  && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin llmproxy
 WORKDIR /app
 COPY --from=build /opt/llm-proxy /opt/llm-proxy
@@ -37,5 +43,5 @@ EXPOSE 8080
 # bypassed: HTTP_PROXY is meant for upstream traffic and would otherwise carry the check away.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as r; host, _, port = os.environ.get('LISTEN_ADDR', '127.0.0.1:8080').rpartition(':'); host = host.strip('[]'); host = '127.0.0.1' if host in ('', '0.0.0.0', '::') else host; host = f'[{host}]' if ':' in host else host; r.build_opener(r.ProxyHandler({})).open(f'http://{host}:{port}/health', timeout=3)"]
-ENTRYPOINT ["llm-proxy"]
+ENTRYPOINT ["tini", "--", "llm-proxy"]
 CMD ["server", "--file-event-log", "/app/data/events.jsonl"]

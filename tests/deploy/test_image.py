@@ -60,7 +60,11 @@ def test_image_is_built_in_stages_and_runs_as_a_non_root_user() -> None:
     uid = user.split(":")[0]
     # Numeric, so Kubernetes can enforce runAsNonRoot.
     assert uid.isdigit() and int(uid) != 0
-    assert ("ENTRYPOINT", '["llm-proxy"]') in final
+    # An init as PID 1 reaps orphans (a dead worker's events process) and forwards SIGTERM.
+    (entrypoint,) = [json.loads(rest) for keyword, rest in final if keyword == "ENTRYPOINT"]
+    assert entrypoint == ["tini", "--", "llm-proxy"]
+    installs = [rest for keyword, rest in final if keyword == "RUN" and "apt-get install" in rest]
+    assert any(re.search(r"\btini\b", rest) for rest in installs)
 
 
 def test_healthcheck_reads_listen_addr_and_asks_health() -> None:
