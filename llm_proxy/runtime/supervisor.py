@@ -40,6 +40,8 @@ WorkerTarget = Callable[[int, int, Lifeline], None]
 
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A worker's exit codes after a stop that are no failure: it finished, or the stop's signal ended it.
+_STOPPED = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 def _worker_main(target: WorkerTarget, index: int, restarts: int, lifeline: Lifeline) -> None:
@@ -142,7 +144,9 @@ class Supervisor:
         slot.process = None
         code = process.exitcode
         if self._stopping:
-            self._failed |= code != 0
+            # Ended by the signal forwarded to it counts as stopped: a worker still starting
+            # (its handlers not yet installed) takes the signal's own action.
+            self._failed |= code not in _STOPPED
             return
         if not slot.restarts and code == START_FAILED:
             log.error("server.worker_start_failed", worker=slot.index, action="stopping all")
