@@ -136,12 +136,16 @@ async def _run(status: _Status) -> int:
     except (BackendStartError, OSError) as exc:
         status.send({"error": str(exc)})
         return 1
-    tune_garbage_collector()
-    loop.add_signal_handler(signal.SIGHUP, _reload_prices, pipeline.prices)
-    status.send({"ready": True})
-    log.info("events.process_started", pid=os.getpid(), bus=launch.events.bus)
-    reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline))
+    # From here the store is open: every exit goes through the finally below, or aiosqlite's
+    # thread keeps the process alive (a server that died as this started: the ready line below
+    # then raises BrokenPipeError).
+    reporter: asyncio.Task[None] | None = None
     try:
+        tune_garbage_collector()
+        loop.add_signal_handler(signal.SIGHUP, _reload_prices, pipeline.prices)
+        status.send({"ready": True})
+        log.info("events.process_started", pid=os.getpid(), bus=launch.events.bus)
+        reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline))
         while (sized := await read_sized_frame(reader)) is not None:
             wires, size = sized
             # Read no further until the builder caught up: what waits stays in the pipe and the
@@ -151,9 +155,10 @@ async def _run(status: _Status) -> int:
             for wire in courteously(wires):
                 pipeline.submit(Exchange.from_wire(wire))
     finally:
-        reporter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reporter
+        if reporter is not None:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
         await pipeline.close()  # drains into the bus and the dispatchers
         await store.close()
         await _report(status, pipeline)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.events.offload import EventOffload, EventProcessError
-from llm_proxy.events.pipe import Launch
+from llm_proxy.events.pipe import Launch, frame
 from llm_proxy.runtime.app import EVENTS_PROCESS, create_app, events_config
 from llm_proxy.store.opening import open_store
 from tests.conftest import Proxy, make_settings, start_proxy
@@ -402,3 +403,36 @@ async def _start(tmp_path: Path, upstream_server: Any, **overrides: Any) -> Prox
         tmp_path, upstream_server, event_build_in="process", **overrides
     )
     return Proxy(client, upstream_server.app[UPSTREAM_LOG], app, aiohttp.ClientSession())
+
+
+async def test_an_events_process_whose_server_is_gone_before_it_is_ready_exits(
+    tmp_path: Path,
+) -> None:
+    """A worker killed while its events process starts (a parent stopping a worker that is still
+    starting): the ready line meets a closed pipe, and the process must still close its store
+    and exit, not wait forever on the store's thread."""
+    launch = _launch(tmp_path)
+    await (await open_store(launch.database_url)).close()  # migrated, as the server would
+    status_read, status_write = os.pipe()
+    os.close(status_read)  # nobody will read the ready line
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        EVENTS_PROCESS,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=status_write,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    os.close(status_write)
+    try:
+        assert process.stdin is not None
+        process.stdin.write(frame(launch))
+        await process.stdin.drain()
+        process.stdin.close()
+        async with asyncio.timeout(30):
+            code = await process.wait()
+        assert code != 0  # it could not say it was ready, and says so by its exit code
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
