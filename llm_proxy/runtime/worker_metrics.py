@@ -10,10 +10,10 @@ integers of ``llm_proxy/stats.py``, and families are built only when a page is a
 writes every counter to an mmap file.
 
 A sibling that does not answer within :data:`FETCH_SECONDS` (stalled, or dead and not yet
-replaced) is left out of the page rather than holding the scrape, and the page says so in
-``llm_proxy_workers{state="reporting"|"missing"}``; ``llm_proxy_worker_restarts_total`` counts the
-workers the parent replaced (``supervisor.py``). Its counters are missing from that page's
-sums, which Prometheus reads as a counter reset; while every worker answers, sums only grow.
+replaced) does not hold the scrape: the page adds the counters of the last page it served
+instead (``slot_totals.py``, as a replacement worker carries its predecessor's), so the sums
+never go down, and says so in ``llm_proxy_workers{state="reporting"|"missing"}``;
+``llm_proxy_worker_restarts_total`` counts the workers the parent replaced (``supervisor.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.runtime.settings import SettingsError
+from llm_proxy.runtime.slot_totals import SlotTotals, read_last_page, remove_last_pages
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +50,8 @@ def socket_path(data_dir: Path, index: int) -> Path:
 
 
 def prepare_sockets(data_dir: Path, workers: int) -> None:
-    """Create the sockets' directory (0700), once, before the workers start; fail with one line."""
+    """Create the sockets' directory (0700), once, before the workers start, without an earlier
+    run's slot totals; fail with one line."""
     longest = socket_path(data_dir, workers - 1)
     if len(os.fsencode(longest)) > _MAX_SOCKET_PATH:
         raise SettingsError(
@@ -59,6 +61,7 @@ def prepare_sockets(data_dir: Path, workers: int) -> None:
     try:
         longest.parent.mkdir(mode=0o700, exist_ok=True)
         longest.parent.chmod(0o700)
+        remove_last_pages(data_dir)
     except OSError as exc:
         raise SettingsError(
             f"DATA_DIR: cannot create {longest.parent} for the workers' metrics: {exc.strerror}"
@@ -88,6 +91,7 @@ class WorkerPeers:
         self.index = index
         self.count = count
         self.restarts = restarts  # how often the parent replaced this worker before this one
+        self.slot = SlotTotals(data_dir, index)
         self._data_dir = data_dir
         self._server: asyncio.AbstractServer | None = None
 
@@ -120,11 +124,18 @@ class WorkerPeers:
             self._server = None
             socket_path(self._data_dir, self.index).unlink(missing_ok=True)
 
-    async def gather(self) -> list[list[Metric]]:
-        """The families of every sibling that answered in time."""
+    async def gather(self) -> tuple[list[list[Metric]], int]:
+        """Every sibling's families, and how many of them answered in time: the page of one that
+        answered, the counters of the last page it served for one that did not."""
         siblings = [n for n in range(self.count) if n != self.index]
         pages = await asyncio.gather(*(self._fetch(n) for n in siblings))
-        return [list(text_string_to_metric_families(page)) for page in pages if page is not None]
+        families = [
+            read_last_page(self._data_dir, n)
+            if page is None
+            else list(text_string_to_metric_families(page))
+            for n, page in zip(siblings, pages, strict=True)
+        ]
+        return families, sum(page is not None for page in pages)
 
     async def _fetch(self, index: int) -> str | None:
         path = socket_path(self._data_dir, index)

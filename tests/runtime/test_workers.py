@@ -131,6 +131,15 @@ def scrape(server: ServerProcess) -> dict[str, float]:
         return totals(response.read().decode())
 
 
+def wait_for_requests(server: ServerProcess, count: int) -> None:
+    """Until a scrape sums ``count`` proxied requests (a worker counts one just after it ends)."""
+    deadline = time.monotonic() + 5
+    while (counted := scrape(server).get("llm_proxy_requests_total", 0.0)) < count:
+        assert time.monotonic() < deadline, counted
+        time.sleep(0.05)
+    assert counted == count
+
+
 def wait_for_workers(server: ServerProcess, count: int) -> None:
     """Until ``count`` workers take requests (``start_server`` returned when the first did)."""
     deadline = time.monotonic() + START_TIMEOUT
@@ -153,11 +162,7 @@ def test_every_scrape_reports_the_sum_over_all_workers(workers: ServerProcess) -
     wait_for_workers(workers, 2)
     token = issue_token(workers)
     send_requests(workers, token, 40)
-    # A worker counts a request just after its response ended.
-    deadline = time.monotonic() + 5
-    while scrape(workers)["llm_proxy_requests_total"] < 40:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_requests(workers, 40)
 
     # Each worker counted some of them (SO_REUSEPORT spread the connections) ...
     own = [worker_page(workers, n).get("llm_proxy_requests_total", 0.0) for n in range(2)]
@@ -216,6 +221,8 @@ def test_a_killed_worker_is_replaced_and_no_scrape_waits_for_it(
     try:
         wait_for_workers(server, 2)
         token = issue_token(server)
+        send_requests(server, token, 20)
+        wait_for_requests(server, 20)  # and both workers served a page with them
         pids = worker_pids(server)
         assert len(pids) == 2
         os.kill(pids[0], signal.SIGKILL)  # as the OOM killer would
@@ -226,19 +233,27 @@ def test_a_killed_worker_is_replaced_and_no_scrape_waits_for_it(
 
         # Until its replacement serves, the port is the other worker's, and a scrape reports
         # the dead one missing without waiting for it.
+        # The sums go on from what the dead worker last reported: they never go down, which
+        # Prometheus would read as every counter starting again from zero.
         send_requests(server, token, 10)
-        states = set()
+        states, counted = set(), []
         deadline = time.monotonic() + START_TIMEOUT
         while (sums := timed_scrape(server, within=1.0))["workers_missing"]:
             states.add((sums["workers_reporting"], sums["workers_missing"]))
+            counted.append(sums["llm_proxy_requests_total"])
             assert time.monotonic() < deadline, server.process.stderr[-3000:]
             time.sleep(0.05)
         assert states == {(1, 1)}
+        assert counted == sorted(counted) and counted[0] >= 20, counted
         assert (sums["workers_reporting"], sums["workers_missing"]) == (2, 0)
         assert sums["llm_proxy_worker_restarts_total"] == 1
+        assert (
+            sums["llm_proxy_requests_total"] == 30
+        )  # the replacement went on from its slot's file
         replaced = worker_pids(server)
         assert len(replaced) == 2 and pids[1] in replaced and pids[0] not in replaced
         send_requests(server, token, 20)
+        wait_for_requests(server, 50)
 
         # The replacement dies soon after it started as well: the pause before the next doubles,
         # so a worker that cannot run does not fork in a loop.
@@ -256,7 +271,9 @@ def test_a_killed_worker_is_replaced_and_no_scrape_waits_for_it(
             (0, -9, 2.0),
         ]
         wait_for_workers(server, 2)
-        assert scrape(server)["llm_proxy_worker_restarts_total"] == 2
+        sums = scrape(server)
+        assert sums["llm_proxy_worker_restarts_total"] == 2
+        assert sums["llm_proxy_requests_total"] == 50
     finally:
         code = server.stop(timeout=10)
     assert code == 0, server.process.stderr[-3000:]
@@ -279,8 +296,12 @@ def test_a_stopped_worker_is_reported_missing_without_holding_the_scrape(
     workers: ServerProcess,
 ) -> None:
     """A worker that hangs (here: SIGSTOP) is not dead, so nothing replaces it; a scrape landing
-    on its sibling leaves it out after FETCH_SECONDS (1 s) and says so."""
+    on its sibling stops waiting for it after FETCH_SECONDS (1 s), says so, and adds what it
+    last reported."""
     wait_for_workers(workers, 2)
+    token = issue_token(workers)
+    send_requests(workers, token, 30)
+    wait_for_requests(workers, 30)
     hung = worker_pids(workers)[0]
     os.kill(hung, signal.SIGSTOP)
     try:
@@ -299,6 +320,8 @@ def test_a_stopped_worker_is_reported_missing_without_holding_the_scrape(
         for took, sums in answered:
             assert (sums["workers_reporting"], sums["workers_missing"]) == (1, 1)
             assert took < 2.0
+            # What it counted before it stopped is still in the sum, from its last page.
+            assert sums["llm_proxy_requests_total"] == 30
         assert hung in worker_pids(workers)  # not replaced
     finally:
         os.kill(hung, signal.SIGCONT)
