@@ -30,7 +30,8 @@ from llm_proxy.proxy.budget_ledger import RedisBudgetLedger
 from llm_proxy.proxy.exchange import Exchange, ExchangeSink
 from llm_proxy.proxy.handler import ProxyHandler
 from llm_proxy.proxy.rate_limits import RedisRateWindows
-from llm_proxy.runtime.metrics_endpoint import EXTRA_METRICS, metrics_endpoint
+from llm_proxy.runtime.carried_metrics import CarriedAcrossRestarts
+from llm_proxy.runtime.metrics_endpoint import EXTRA_METRICS, MetricSource, metrics_endpoint
 from llm_proxy.runtime.settings import Settings
 from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
@@ -306,7 +307,10 @@ async def create_app(
     app = web.Application(client_max_size=settings.max_request_body_bytes)
     app[COMPONENTS] = components
     if offload is not None:
-        app[EXTRA_METRICS] = offload.metric_families
+        events_metrics: MetricSource = CarriedAcrossRestarts(
+            offload.metric_families, lambda: offload.restarts
+        )
+        app[EXTRA_METRICS] = events_metrics
     app.cleanup_ctx.extend(
         [_store_context, _events_context, _upstream_context, _background_context]
     )

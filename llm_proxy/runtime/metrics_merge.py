@@ -37,6 +37,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 PER_PROCESS = frozenset({"process_start_time_seconds", "process_max_fds", "python_info"})
+# The types whose series only grow while their process lives (gauges go up and down).
+GROWING = frozenset({"counter", "histogram", "summary"})
 HIGHEST = frozenset({"llm_proxy_change_feed_lag_seconds", "llm_proxy_events_backlog_bytes"})
 
 # Families whose samples may include a creation time (``<family>_created``).
@@ -73,6 +75,11 @@ def merge_families(sources: Sequence[Iterable[Metric]]) -> list[Metric]:
     for name, family in merged.items():
         family.samples = list(totals[name].values())
     return list(merged.values())
+
+
+def growing(families: Iterable[Metric]) -> list[Metric]:
+    """The families of ``families`` whose series only grow."""
+    return [family for family in families if family.type in GROWING]
 
 
 def _add(

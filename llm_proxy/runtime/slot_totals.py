@@ -26,10 +26,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.private_files import owner_only
+from llm_proxy.runtime.metrics_merge import growing
 
 log = structlog.get_logger(__name__)
 
-GROWING = frozenset({"counter", "histogram", "summary"})
 # The parent counts a slot's replacements itself and tells each new worker the total, so a
 # predecessor's count is not added to it.
 NOT_CARRIED = frozenset({"llm_proxy_worker_restarts"})
@@ -55,7 +55,7 @@ def read_last_page(data_dir: Path, index: int) -> list[Metric]:
     except (OSError, ValueError) as exc:
         log.warning("server.worker_metrics_unreadable", path=str(path), error=str(exc))
         return []
-    return [family for family in families if family.type in GROWING]
+    return growing(families)
 
 
 class SlotTotals:

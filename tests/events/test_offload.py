@@ -180,7 +180,10 @@ async def test_a_killed_events_process_is_replaced_and_its_loss_counted(
 
     await eventually(reported_all_done)
     died_key = ("llm_proxy_events_dropped_total", (("reason", "events_process_died"),))
-    died_before = (await scrape(proxy)).get(died_key, 0)
+    published_key = ("llm_proxy_events_published_total", (("bus", "memory"),))
+    before = await scrape(proxy)
+    died_before = before.get(died_key, 0)
+    assert before[published_key] == 3
     first = events_pid(proxy)
     os.kill(first, signal.SIGSTOP)  # it can no longer read, build or report...
     lost = await chat(proxy, token, 4)  # ...so these four are sent to it and never become events
@@ -202,6 +205,13 @@ async def test_a_killed_events_process_is_replaced_and_its_loss_counted(
         return samples.get(died_key, 0) == died_before + 4
 
     await eventually(loss_counted)
+
+    # The new events process counts from zero; the page goes on from what the old one reported,
+    # as Prometheus would read a drop as the counter starting again.
+    async def published_goes_on() -> bool:
+        return (await scrape(proxy)).get(published_key) == 3 + 2
+
+    await eventually(published_goes_on)
 
 
 async def test_an_events_process_that_cannot_start_stops_the_server_with_its_reason(
