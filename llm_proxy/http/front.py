@@ -34,6 +34,18 @@ log = structlog.get_logger(__name__)
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+# HTTP/1.1 pipelining: requests sent before the answers to earlier ones. Reading stops while a
+# parsed request waits for its turn (as uvicorn does), so the kernel holds the rest and TCP slows
+# the client; what one read brought is still parsed whole, up to this many waiting requests.
+# Beyond them the connection closes after their answers, and the client sends the rest again on a
+# new one, as a pipelining client must (RFC 9112 §9.3.2). Without the two, one connection that
+# never read its answers grew the server by ~14 times what it sent, without end.
+MAX_WAITING_REQUESTS = 128
+
+
+class _TooManyWaiting(Exception):
+    """Raised in the parser's callback to stop parsing at :data:`MAX_WAITING_REQUESTS`."""
+
 
 @dataclass(frozen=True, slots=True)
 class FrontLimits:
@@ -116,6 +128,7 @@ class FrontProtocol(asyncio.Protocol):
         self.lost = False
         self.write_paused = False
         self._reading_paused = False
+        self._held = False  # reading stopped while a pipelined request waits (see _hold_reading)
         self._drain_waiter: asyncio.Future[None] | None = None
         self._discarding = False  # nothing more is parsed: the connection is being closed
         # -- timers, swept by FrontSite rather than armed per request (0: not running)
@@ -147,8 +160,14 @@ class FrontProtocol(asyncio.Protocol):
             self._task.cancel()
         if self._body is not None:
             self._body.wake()  # a truncated body must never look complete: its reader is cancelled
+            self._body = None
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+        # The parser holds this connection's callbacks, and queued requests their bodies, which
+        # hold the connection: cycles that only the collector's rare full passes would free, with
+        # everything the connection had queued. Nothing is parsed or served any more.
+        self._queue.clear()
+        self._parser = httptools.HttpRequestParser(None)
 
     def data_received(self, data: bytes) -> None:
         if self._on_data is not None:
@@ -159,6 +178,9 @@ class FrontProtocol(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             refusal = exc.__context__
+            if isinstance(refusal, _TooManyWaiting):
+                self._close_after_waiting()
+                return
             if not isinstance(refusal, errors.ProxyError):
                 # Not one of ours: a defect in a callback. Say so, and answer rather than hang.
                 log.exception("front.parser_callback_failed")
@@ -185,10 +207,13 @@ class FrontProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         # Bytes outside a request (a stray CRLF) do not get here, so they keep nobody alive.
         self.idle_since = 0.0
-        self.head_since = time.monotonic()
+        # A head begun while reading is held is not late: it is due once reading resumes.
+        self.head_since = 0.0 if self._held else time.monotonic()
         self._head.reset()
 
     def on_headers_complete(self) -> None:
+        if len(self._queue) >= MAX_WAITING_REQUESTS:
+            raise _TooManyWaiting
         self.head_since = 0.0
         head = self._head
         head.complete = True
@@ -229,6 +254,8 @@ class FrontProtocol(asyncio.Protocol):
         self._queue.append(
             _Queued(request, None, keep_alive, frame.method == "HEAD", frame.http10, body)
         )
+        if len(self._queue) > 1 or (self._task is not None and self._wakeup is None):
+            self._hold_reading()  # it waits behind a request being answered
         self._serve_queue()
 
     def on_body(self, body: bytes) -> None:
@@ -269,6 +296,11 @@ class FrontProtocol(asyncio.Protocol):
         self._queue.append(_Queued(None, refusal, False, False, False, NO_BODY))
         self._serve_queue()
 
+    def _close_after_waiting(self) -> None:
+        """Too many pipelined requests in one read: answer those parsed, then close."""
+        self._discard_rest()
+        self._queue[-1].keep_alive = False
+
     def _discard_rest(self) -> None:
         """Parse nothing more: the connection closes after the answers already due."""
         self._discarding = True
@@ -307,7 +339,10 @@ class FrontProtocol(asyncio.Protocol):
         try:
             while True:
                 while self._queue and not self.lost:
-                    if not await self._answer(self._queue.popleft()):
+                    queued = self._queue.popleft()
+                    if self._held and not self._queue:
+                        self._release_reading()  # the last waiting request's turn
+                    if not await self._answer(queued):
                         return
                     if not self.keep_alive:
                         break  # "Connection: close" was the last word: nothing may follow it
@@ -378,6 +413,7 @@ class FrontProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.lost:
             return
+        self._held = False
         self.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
@@ -419,8 +455,20 @@ class FrontProtocol(asyncio.Protocol):
             self.body_since = 0.0  # the server is not reading: the client is not late
             self.transport.pause_reading()
 
+    def _hold_reading(self) -> None:
+        """A parsed request waits behind another: read nothing more until its turn. A request
+        body's own flow control cannot resume reading meanwhile."""
+        self._held = True
+        self.pause_reading()
+
+    def _release_reading(self) -> None:
+        self._held = False
+        if not self._head.complete:
+            self.head_since = time.monotonic()  # a head begun while held is due from now
+        self.resume_reading()
+
     def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self.lost:
+        if self._reading_paused and not self._held and self.transport is not None and not self.lost:
             self._reading_paused = False
             if self._body is not None:
                 self.body_since = time.monotonic()
@@ -478,18 +526,26 @@ class FrontSite(web.BaseSite):
     async def _sweep(self) -> None:
         """Close connections idle too long or slow with a head; fail bodies that stopped coming."""
         limits = self._limits
-        period = min(limits.keepalive_seconds, limits.head_seconds, limits.body_seconds) / 5
+        # At most a second late (a fifth of the shortest limit, as before, gave the 30 s head
+        # limit 6 s of slack): a pass costs ~0.1 µs a connection, 1 ms a second for 10,000.
+        shortest = min(limits.keepalive_seconds, limits.head_seconds, limits.body_seconds)
+        period = min(shortest / 5, 1.0)
         while True:
             await asyncio.sleep(period)
-            now = time.monotonic()
-            idle_cutoff = now - limits.keepalive_seconds
-            head_cutoff = now - limits.head_seconds
-            body_cutoff = now - limits.body_seconds
-            for conn in list(self._connections):
-                if 0.0 < conn.idle_since < idle_cutoff or 0.0 < conn.head_since < head_cutoff:
-                    conn.close()
-                elif 0.0 < conn.body_since < body_cutoff:
-                    conn.body_stalled()
+            self._sweep_once(time.monotonic())
+
+    def _sweep_once(self, now: float) -> None:
+        # (A function of its own: a loop variable left in the sleeping coroutine would keep the
+        # last connection it saw, closed or not, alive until the next pass.)
+        limits = self._limits
+        idle_cutoff = now - limits.keepalive_seconds
+        head_cutoff = now - limits.head_seconds
+        body_cutoff = now - limits.body_seconds
+        for conn in list(self._connections):
+            if 0.0 < conn.idle_since < idle_cutoff or 0.0 < conn.head_since < head_cutoff:
+                conn.close()
+            elif 0.0 < conn.body_since < body_cutoff:
+                conn.body_stalled()
 
     async def start(self) -> None:
         await super().start()

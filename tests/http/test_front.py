@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from llm_proxy.http.front import FrontSite
+from llm_proxy.http.front import MAX_WAITING_REQUESTS, FrontSite
 from tests.conftest import Proxy
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -505,3 +507,79 @@ async def test_a_half_closed_client_ends_its_request_and_the_upstream_one(proxy:
     await asyncio.wait_for(reader.read(), 5)  # the server closes: nothing hangs
     await asyncio.wait_for(proxy.upstream.cancelled.wait(), 5)
     writer.close()
+
+
+def front_site(proxy: Proxy) -> FrontSite:
+    runner = proxy.client.server.runner
+    assert runner is not None
+    (site,) = [s for s in runner.sites if isinstance(s, FrontSite)]
+    return site
+
+
+async def test_a_flood_of_pipelined_requests_is_answered_up_to_the_limit_then_closed(
+    proxy: Proxy, conn: Conn
+) -> None:
+    reader, writer = conn
+    writer.write(request("GET", "/health") * 1000)  # 33 KB: one read, 1,000 requests
+
+    answers = [await read_response(reader) for _ in range(MAX_WAITING_REQUESTS)]
+
+    assert {status for status, _, _ in answers} == {200}
+    assert answers[-1][1]["connection"] == "close"
+    # The rest was not parsed; a pipelining client sends it again on a new connection.
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+
+
+async def test_a_client_pipelining_without_reading_is_held_back_by_tcp(proxy: Proxy) -> None:
+    """While a request is answered, the server reads no further than the next request: the
+    client's sends block on TCP's window instead of the server queueing without end."""
+    token = await proxy.token()
+    others = set(front_site(proxy)._connections)
+    sock = socket.create_connection(("127.0.0.1", proxy.client.port))
+    sock.sendall(request("GET", "/v1/audio/paced?n=30&gap=0.1", token))  # over 3 s
+    # Requests of ~4 KB, so one read holds fewer than MAX_WAITING_REQUESTS of them.
+    pipelined = request("GET", "/health", X_Pad="p" * 4000) * 16
+    sent, limit = 0, 256 * 1024 * 1024
+
+    def flood() -> None:
+        nonlocal sent
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline and sent < limit:
+            with contextlib.suppress(TimeoutError):  # blocked: the window is full
+                sent += sock.send(pipelined)
+
+    try:
+        await asyncio.to_thread(flood)
+        assert len(front_site(proxy)._connections - others) == 1  # still served
+        # What the kernel's buffers take on loopback (a few MB), not what the client can send.
+        assert sent < 32 * 1024 * 1024, sent
+    finally:
+        sock.close()
+
+
+async def test_a_closed_connection_and_what_it_queued_are_freed_at_once(proxy: Proxy) -> None:
+    """Without waiting for the garbage collector's rare full passes (the server makes them
+    rare: runtime/gc_tuning.py)."""
+    token = await proxy.token()
+    site = front_site(proxy)
+    others = set(site._connections)
+    gc.disable()
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+        writer.write(
+            request("GET", "/v1/audio/paced?n=2&gap=0.5", token) + request("GET", "/health")
+        )
+        await asyncio.sleep(0.2)
+        (connection,) = site._connections - others
+        freed = weakref.ref(connection)
+        del connection
+        writer.close()  # with a request in flight and one waiting
+        await writer.wait_closed()
+        for _ in range(50):
+            if freed() is None:
+                break
+            await asyncio.sleep(0.02)
+        assert freed() is None
+    finally:
+        gc.enable()
