@@ -203,9 +203,12 @@ class ProxyHandler:
             body: Body = None
             headers = request.headers
             plan: CostPlan | None = None
-            if request.has_body:
+            too_large = self._too_large(request)
+            if request.has_body and too_large is None:
                 body, headers, plan = await self._prepare_body(request, exchange, headers, grant)
             admission = await self.authority.admit(grant, plan)
+            if too_large is not None:
+                raise too_large  # after the limits, in SPEC §7's order; it releases what it took
             if admission.hold_id:
                 exchange.hold_id, exchange.held_nanousd = admission.hold_id, admission.held
                 if plan is not None and isinstance(body, bytes):
@@ -383,6 +386,15 @@ class ProxyHandler:
         finally:
             await upstream.aclose()
 
+    def _too_large(self, request: ProxyRequest) -> errors.ProxyError | None:
+        """The refusal of a body declared over ``MAX_REQUEST_BODY``, which is never read."""
+        length = request.content_length
+        if length is None or length <= self.max_body_bytes:
+            return None
+        return errors.RequestTooLarge(
+            f"Request body of {length} bytes exceeds the limit of {self.max_body_bytes} bytes."
+        )
+
     async def _prepare_body(
         self,
         request: ProxyRequest,
@@ -398,11 +410,6 @@ class ProxyHandler:
         refused request never reaches the upstream. Streamed chat and legacy completions get
         ``stream_options.include_usage`` added on the way, whatever the body's size or framing.
         """
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise errors.RequestTooLarge(
-                f"Request body of {length} bytes exceeds the limit of {self.max_body_bytes} bytes."
-            )
         if grant.budget is not None:
             return await self._priced_body(request, exchange, headers, grant)
         body, headers = await self._plain_body(request, exchange, headers, grant)

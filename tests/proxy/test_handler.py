@@ -361,6 +361,22 @@ async def test_oversized_request_bodies_are_413(proxy_factory: Any) -> None:
     assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
 
 
+async def test_a_declared_oversized_body_is_refused_after_the_limits(proxy_factory: Any) -> None:
+    """SPEC §7's order: a used-up quota is said before the body's size, and a 413 takes
+    nothing from the quota."""
+    proxy: Proxy = await proxy_factory(max_request_body_bytes=100_000)
+    issued = await proxy.issue_token(max_requests=1)
+    headers = bearer(issued["token"])
+    oversized = b"x" * 200_000
+
+    response = await proxy.client.post("/v1/files/upload", data=oversized, headers=headers)
+    assert response.status == 413 and await error_code(response) == "request_too_large"
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200  # not counted
+    response = await proxy.client.post("/v1/files/upload", data=oversized, headers=headers)
+    assert response.status == 429 and await error_code(response) == "quota_exceeded"
+    assert [seen.path_qs for seen in proxy.upstream.requests] == ["/v1/models"]  # no upload
+
+
 async def test_streams_are_relayed_chunk_by_chunk(proxy: Proxy) -> None:
     token = await proxy.token()
     response = await proxy.client.get("/v1/audio/paced?n=3&gap=0.3", headers=bearer(token))
