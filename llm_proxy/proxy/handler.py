@@ -2,7 +2,8 @@
 
 The checks run in the order their refusals are listed in :mod:`llm_proxy.errors`.
 
-Nothing here parses a body unless a ``param_whitelist`` or stream-usage injection needs it, nothing
+Nothing here parses a body unless a ``param_whitelist``, a token's ``allowed_models`` or stream-usage
+injection needs it, nothing
 waits on the database for a cached token, and everything about the request that is not needed to
 answer it is recorded in an :class:`~llm_proxy.proxy.exchange.Exchange` and handed off after the end.
 
@@ -34,6 +35,7 @@ from llm_proxy.proxy.body_spool import BodySpool
 from llm_proxy.proxy.budget_plan import COST_FIELDS, CostPlan, plan_cost
 from llm_proxy.proxy.cost_bound import prompt_token_bound, with_output_cap
 from llm_proxy.proxy.exchange import CappedBuffer, Exchange, ExchangeSink
+from llm_proxy.proxy.form_scan import FormInspector, form_media_type
 from llm_proxy.proxy.metrics import MetricsSink
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
@@ -71,6 +73,10 @@ _COUNT_INLINE_BYTES = 1024
 # Streams whose usage the proxy asks for when the client did not (see usage_injection.py).
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 Fields = list[tuple[bytes, bytes]]
+_UNREADABLE = (
+    "The request body is neither a JSON object (UTF-8, without a byte order mark) nor a form, so"
+    " it cannot be checked against %s."
+)
 
 
 def _dollars(nanousd: int) -> str:
@@ -114,6 +120,15 @@ class ChunkFilter(Protocol):
     def feed(self, chunk: bytes) -> bytes: ...
 
     def flush(self) -> bytes: ...
+
+
+def _merged(*reads: dict[str, list[object]]) -> dict[str, list[object]]:
+    """Every value of every watched name, as each way of reading the body found them."""
+    values: dict[str, list[object]] = {}
+    for read in reads:
+        for name, found in read.items():
+            values.setdefault(name, []).extend(found)
+    return values
 
 
 def _content_encoded(headers: Fields) -> bool:
@@ -436,6 +451,7 @@ class ProxyHandler:
                 "Request bodies with a Content-Encoding cannot be checked against the "
                 "parameter whitelist or the token's models; send them uncompressed."
             )
+        form = self._form_reader(headers, watched) if check else None
         if length is not None and length <= _SMALL_BODY:
             data = await request.body.read_exactly(length)
             exchange.request_body.add(data)
@@ -443,7 +459,10 @@ class ProxyHandler:
             if check:
                 inspector = BodyInspector(watched, inject_usage=inject)
                 passed = inspector.feed(data) + inspector.finish()
-                self._check_params(inspector, grant)
+                if form is not None:
+                    form.feed(data)
+                    form.finish()
+                self._check_params(inspector, grant, form, empty=not data)
                 rewritten = passed if inspector.usage_injected else None
             elif inject:
                 rewritten = ask_usage(data)
@@ -453,7 +472,7 @@ class ProxyHandler:
             exchange.usage_injected = True
             return rewritten, _asking_usage(headers)
         if check:
-            return await self._spooled(request, exchange, inject, headers, grant, watched)
+            return await self._spooled(request, exchange, inject, headers, grant, watched, form)
         if inject and not _content_encoded(headers):
             return self._injecting(request, exchange), _asking_usage(headers)
         return self._stream_body(request, exchange), headers
@@ -542,14 +561,19 @@ class ProxyHandler:
         headers: Fields,
         grant: Grant,
         watched: frozenset[str],
+        form: FormInspector | None,
     ) -> tuple[Body, Fields]:
         spool = BodySpool()
         inspector = BodyInspector(watched, inject_usage=inject)
         try:
             async for chunk in self._stream_body(request, exchange):
                 spool.write(inspector.feed(chunk))
+                if form is not None:
+                    form.feed(chunk)
             spool.write(inspector.finish())
-            self._check_params(inspector, grant)
+            if form is not None:
+                form.finish()
+            self._check_params(inspector, grant, form, empty=not spool.size)
         except BaseException:
             spool.close()
             raise
@@ -560,20 +584,61 @@ class ProxyHandler:
         headers.append((b"Content-Length", b"%d" % spool.size))
         return spool, headers
 
-    def _check_params(self, inspector: BodyInspector, grant: Grant) -> None:
-        if not inspector.is_object:
-            return  # not JSON (a form, a file upload): nothing to check
-        if not inspector.well_formed:
+    @staticmethod
+    def _form_reader(headers: Fields, watched: frozenset[str]) -> FormInspector | None:
+        """A reader of the body's form fields, when its Content-Type names a form."""
+        content_types = [value for name, value in headers if name.lower() == b"content-type"]
+        if len(content_types) > 1:
+            # The upstream may read the body as either type: neither can be checked alone.
+            raise errors.MalformedRequest(
+                "A request body whose parameters are checked must carry one Content-Type."
+            )
+        if not content_types or form_media_type(content_types[0]) is None:
+            return None
+        return FormInspector(watched, content_types[0])
+
+    def _check_params(
+        self,
+        inspector: BodyInspector,
+        grant: Grant,
+        form: FormInspector | None = None,
+        *,
+        empty: bool = False,
+    ) -> None:
+        """Refuse a body whose watched values are not allowed, or that cannot be read to tell.
+
+        A JSON object is read as JSON, a form as a form, and a JSON object sent as a form as both,
+        since an upstream may take it either way. Anything else (a byte order mark, UTF-16, an
+        array, a binary upload) cannot be checked: only an empty body has nothing to check.
+        """
+        if inspector.is_object and not inspector.well_formed:
             raise errors.MalformedRequest(
                 "The request body is not valid JSON, so its parameters cannot be checked."
             )
-        for name, values in inspector.values.items():
+        readable = inspector.is_object
+        values = inspector.values
+        if form is not None:
+            if form.well_formed:
+                values = _merged(values, form.values) if readable else form.values
+                readable = True
+            elif not readable:
+                raise errors.MalformedRequest(
+                    "The form in the request body cannot be read unambiguously, so its parameters"
+                    " cannot be checked."
+                )
+        if not readable:
+            if empty:
+                return
+            if self.provider.param_whitelist:
+                raise errors.ParamNotAllowed(_UNREADABLE % "the parameter whitelist")
+            raise errors.ModelNotAllowed(_UNREADABLE % "the models this token is limited to")
+        for name, occurrences in values.items():
             # Every occurrence: with a repeated key, upstream parsers keep one or the other.
-            for value in values:
+            for value in occurrences:
                 if name in self._watched and self.provider.disallowed_param({name: value}):
                     raise errors.ParamNotAllowed(f"The value of parameter '{name}' is not allowed.")
         if grant.allowed_models is not None:
-            models = inspector.values.get("model", [])
+            models = values.get("model", [])
             if not models:
                 # The upstream would pick a default model, which the token may not allow.
                 raise errors.ModelNotAllowed(

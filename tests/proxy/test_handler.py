@@ -245,9 +245,9 @@ async def test_malformed_json_cannot_pass_a_parameter_check(proxy_factory: Any) 
     for body in (b'{"model": "gpt-4o", "model": ', b'{"model": "gpt-4o"} {"model": "x"}'):
         refused = await proxy.client.post("/v1/chat/completions", data=body, headers=headers)
         assert refused.status == 400 and await error_code(refused) == "bad_request"
-    form = await proxy.client.post("/v1/files/upload", data=b"--b\r\nnot json", headers=headers)
-    assert form.status == 200  # not JSON at all: nothing to check, as before
-    assert len(proxy.upstream.requests) == 1
+    binary = await proxy.client.post("/v1/files/upload", data=b"--b\r\nnot json", headers=headers)
+    assert binary.status == 400 and await error_code(binary) == "param_not_allowed"  # unreadable
+    assert proxy.upstream.requests == []
 
 
 async def test_large_and_chunked_streams_get_usage_injected(proxy: Proxy) -> None:

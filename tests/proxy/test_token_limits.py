@@ -78,17 +78,18 @@ async def test_large_and_chunked_bodies_are_checked_before_any_byte_goes_upstrea
     assert proxy.upstream.requests[-1].body == allowed  # unchanged, byte for byte
 
 
-async def test_bodies_that_are_not_json_and_requests_without_a_body_pass(
+async def test_forms_are_checked_by_their_model_field_and_requests_without_a_body_pass(
     proxy: Proxy, limited: dict[str, Any]
 ) -> None:
     token = limited["token"]
-    form = aiohttp.FormData()
-    form.add_field("purpose", "batch")
-    form.add_field("file", b"line\n", filename="x.jsonl")
-    response = await proxy.client.post(
-        "/v1/files/upload", data=form, headers={"Authorization": f"Bearer {token}"}
-    )
-    assert response.status == 200
+    for model, status in (("gpt-4o-mini-transcribe", 200), ("whisper-1", 403)):
+        form = aiohttp.FormData()
+        form.add_field("model", model)
+        form.add_field("file", b"RIFF", filename="a.wav")
+        response = await proxy.client.post(
+            "/v1/files/upload", data=form, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert response.status == status
     response = await proxy.client.get("/v1/models", headers=bearer(token))
     assert response.status == 200
 
