@@ -76,6 +76,9 @@ _SINGLE = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # A percent-encoded control character (C0 or DEL) anywhere in the target.
 _ENCODED_CONTROL = re.compile(rb"%(?:[01][0-9a-fA-F]|7[fF])")
 _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+# What a head holds besides its method, target and fields: " ", " HTTP/1.1", the request line's
+# CRLF and the empty line that ends the head.
+_HEAD_FRAME_BYTES = len(b"  HTTP/1.1\r\n\r\n")
 
 
 class HeadFields:
@@ -94,14 +97,18 @@ class HeadFields:
     )
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes  # the most bytes of target and fields a head may have
+        # The most bytes a head may have, counted as the client sent them (request line and field
+        # lines with their separators, as nginx's header buffers hold them), so a head of many
+        # empty fields is bounded like any other. The parser drops the whitespace before a value:
+        # it is counted as the usual one space, and more of it (never forwarded) is not counted.
+        self.max_bytes = max_bytes
         self.reset()
 
     def reset(self) -> None:
         """Start on the next request's head (what the last one handed out is left alone)."""
         self.url = b""  # the request target, as received
         self.complete = False  # every header field arrived (later fields are trailers)
-        self.size = 0  # bytes of target and fields so far, for the head size limit
+        self.size = _HEAD_FRAME_BYTES  # bytes of the head so far, for its size limit
         self.control = False  # the target is a control-plane path
         self.noted: dict[bytes, bytes] = {}
         self.duplicate: bytes | None = None  # a field that must appear once, seen twice
@@ -118,7 +125,7 @@ class HeadFields:
 
     def add(self, name: bytes, value: bytes) -> None:
         """A header field as parsed (the parser calls this directly), or a trailer field."""
-        size = self.size = self.size + len(name) + len(value)
+        size = self.size = self.size + len(name) + len(value) + 4  # with ": " and CRLF
         if size > self.max_bytes:
             raise errors.HeadTooLarge("Request header fields too large.")
         if self.complete:
@@ -171,6 +178,8 @@ class Frame:
 
 def frame_request(head: HeadFields, version: str, method: bytes) -> Frame:
     """Decide the framing of a request, or raise the error it is refused with."""
+    if head.size + len(method) > head.max_bytes:
+        raise errors.HeadTooLarge("Request header fields too large.")
     if version not in ("1.1", "1.0"):
         # 400 rather than nginx's 505: nothing a client sends may draw a 5xx from the proxy itself.
         raise errors.MalformedRequest(f"HTTP/{version} is not supported; use HTTP/1.1.")

@@ -143,6 +143,38 @@ async def test_pipelined_requests_across_proxy_and_control_paths(proxy: Proxy, c
     assert status == 401 and b'"unauthorized"' in body
 
 
+def head_of(start: bytes, field: bytes, size: int) -> bytes:
+    """``start`` (request line and fields) and copies of the empty field ``field`` (name, colon
+    and space), padded by one more field to a head of exactly ``size`` bytes."""
+    line = field + b"\r\n"
+    count = (size - len(start) - 2) // len(line) - 1
+    pad = size - len(start) - 2 - count * len(line) - len(line)
+    return start + line * count + field + b"1" * pad + b"\r\n\r\n"
+
+
+async def test_the_head_limit_counts_every_byte_the_client_sent(proxy: Proxy) -> None:
+    token = await proxy.token()
+    start = b"GET /v1/models HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n" % token.encode()
+    # 65,000 empty fields, 260 kB: names and values alone are under the 64 KiB limit.
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(start + b"a:\r\n" * 65_000 + b"\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 431 and b'"request_header_fields_too_large"' in body
+    assert headers["connection"] == "close"
+    writer.close()
+    assert proxy.upstream.requests == []
+    # At the limit to the byte (in fields the proxy never forwards), and one byte over it.
+    for size, expected in ((64 * 1024 + 1, 431), (64 * 1024, 200)):
+        data = head_of(start, b"X-Real-IP: ", size)
+        assert len(data) == size
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+        writer.write(data)
+        status, _, _ = await read_response(reader)
+        writer.close()
+        assert status == expected
+    assert len(proxy.upstream.requests) == 1
+
+
 async def test_malformed_and_oversized_heads(proxy: Proxy) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
     writer.write(b"NOT HTTP AT ALL\r\n\r\n")
