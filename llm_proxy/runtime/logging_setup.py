@@ -52,3 +52,6 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO))
+    # python-multipart warns of every malformed form it reads, and the forms are the clients':
+    # one line each would let any client fill the log. The proxy answers them 400 instead.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
