@@ -94,8 +94,8 @@ class Settings:
 
     @property
     def price_file(self) -> PriceFile:
-        """Where model prices are read from. Left unset, PRICES_PATH may name no file: a Helm
-        release mounts its own config directory over the image's, with prices only when given."""
+        """Where model prices are read from. Left unset, PRICES_PATH may name no file: a config
+        directory of the operator's own mounted over the image's may hold no prices."""
         if self.prices_path is None:
             return PriceFile(DEFAULT_PRICES_PATH, optional=True)
         return PriceFile(self.prices_path)

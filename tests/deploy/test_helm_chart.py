@@ -286,25 +286,50 @@ def test_proxy_environment_uses_the_products_variables(
     assert secret_ref(env["ADMIN_PASSWORD"]) == ("gateway", "ADMIN_PASSWORD")
 
 
-def test_prices_path_is_set_only_when_prices_are_given(
-    default_release: list[dict[str, Any]],
-) -> None:
-    # Without the file the server falls back to its default path, which then does not exist.
-    assert "PRICES_PATH" not in env_of(only(default_release, "Deployment", "proxy"))
-    assert set(only(default_release, "ConfigMap")["data"]) == {"api_providers.yaml"}
-
-
-def test_config_files_are_mounted_where_the_variables_point(
-    custom_release: list[dict[str, Any]],
-) -> None:
-    deployment = only(custom_release, "Deployment", "proxy")
-    config_map = only(custom_release, "ConfigMap")
+def config_seen_by_the_proxy(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The files the proxy container finds under /app/config, path to content: the image's (the
+    Dockerfile copies the repository's config/ there), with the ConfigMap's mounts over them."""
+    deployment = only(docs, "Deployment", "proxy")
+    config_map = only(docs, "ConfigMap")
     pod = deployment["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if v.get("configMap"))
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
-    mount = next(m for m in container(deployment)["volumeMounts"] if m["name"] == volume["name"])
-    assert mount == {"name": volume["name"], "mountPath": "/app/config", "readOnly": True}
-    assert config_map["data"] == CUSTOM_VALUES["config"]["files"]
+    seen = {f"/app/config/{path.name}": path.read_text() for path in (ROOT / "config").iterdir()}
+    for mount in container(deployment)["volumeMounts"]:
+        if mount["name"] != volume["name"]:
+            continue
+        assert mount.get("readOnly") is True
+        if "subPath" in mount:
+            seen[mount["mountPath"]] = config_map["data"][mount["subPath"]]
+        else:
+            # A whole-volume mount hides everything the image had in that directory.
+            directory = mount["mountPath"].rstrip("/")
+            seen = {path: text for path, text in seen.items() if not path.startswith(directory)}
+            seen.update({f"{directory}/{key}": text for key, text in config_map["data"].items()})
+    return seen
+
+
+def test_default_release_prices_with_the_images_prices_file(
+    default_release: list[dict[str, Any]],
+) -> None:
+    # Without prices every budgeted token is refused (model_not_priced) and cost_usd is null.
+    env = env_of(only(default_release, "Deployment", "proxy"))
+    seen = config_seen_by_the_proxy(default_release)
+    assert env["PRICES_PATH"] in seen
+    assert seen[env["PRICES_PATH"]] == (ROOT / "config" / "prices.yaml").read_text()
+    assert yaml.safe_load(seen[env["API_CONFIG_PATH"]]) == yaml.safe_load(
+        (ROOT / "config" / "api_providers.yaml").read_text()
+    )
+
+
+def test_config_files_given_in_the_values_are_the_ones_the_variables_point_to(
+    custom_release: list[dict[str, Any]],
+) -> None:
+    env = env_of(only(custom_release, "Deployment", "proxy"))
+    seen = config_seen_by_the_proxy(custom_release)
+    assert seen[env["PRICES_PATH"]] == PRICES
+    assert seen[env["API_CONFIG_PATH"]] == CUSTOM_VALUES["config"]["files"]["api_providers.yaml"]
+    assert only(custom_release, "ConfigMap")["data"] == CUSTOM_VALUES["config"]["files"]
 
 
 def test_default_api_config_is_the_repositorys(default_release: list[dict[str, Any]]) -> None:

@@ -63,7 +63,7 @@ def test_defaults_match_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_request_body_bytes == 64 * 1024 * 1024
     assert settings.file_event_log is None
     # PRICES_PATH left unset: config/prices.yaml, and no prices rather than an error without it
-    # (a Helm release mounts a config directory of its own, with prices only when given).
+    # (a config directory of the operator's own, mounted over the image's, may hold none).
     assert settings.price_file == PriceFile(Path("config/prices.yaml"), optional=True)
 
 
