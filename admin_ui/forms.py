@@ -22,6 +22,11 @@ def text(form: Form, key: str, *, required: bool, max_length: int) -> str:
     return "" if value is MISSING else str(value)
 
 
+def upstream_key(form: Form, *, required: bool) -> str:
+    value = validation.upstream_key(form, required=required)
+    return "" if value is MISSING else str(value)
+
+
 def number(form: Form, key: str, *, minimum: int, maximum: int, required: bool) -> int | None:
     """A whole number typed into a text box; blank means None unless required."""
     raw = form.get(key, "").strip().replace("_", "").replace(",", "")

@@ -86,7 +86,7 @@ def _project_fields(form: forms.Form, *, key_required: bool) -> tuple[str, str, 
     return (
         forms.text(form, "name", required=True, max_length=200),
         forms.text(form, "description", required=False, max_length=2000),
-        forms.text(form, "api_key", required=key_required, max_length=1000),
+        forms.upstream_key(form, required=key_required),
     )
 
 

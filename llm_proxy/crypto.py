@@ -23,6 +23,10 @@ TOKEN_PREFIX = "sk-"
 # 32 random bytes → 43 base64url characters; anything of another shape is refused before lookup.
 _TOKEN_SHAPE = re.compile(r"sk-[A-Za-z0-9_-]{22,200}")
 _SECRET_LIKE = re.compile(r"(sk-|mgmt-)[A-Za-z0-9_-]{8,}")
+# An upstream key goes out as a header value, where a CR or LF would end the header and start
+# another (the upstream client refuses to send a line break at all). No key has any of the
+# control characters (C0, DEL, C1), so all of them are refused alike.
+_UNSENDABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def new_token_value() -> str:
@@ -31,6 +35,11 @@ def new_token_value() -> str:
 
 def is_token_shaped(value: str) -> bool:
     return _TOKEN_SHAPE.fullmatch(value) is not None
+
+
+def is_sendable_key(key: str) -> bool:
+    """Whether an upstream key can be sent as it is in an ``Authorization`` header."""
+    return _UNSENDABLE.search(key) is None
 
 
 def _builtin_sha256() -> Callable[[bytes], Any]:

@@ -22,7 +22,6 @@ from llm_proxy.control.operations import (
     Operations,
 )
 from llm_proxy.control.validation import (
-    MAX_API_KEY_LENGTH,
     MAX_DESCRIPTION_LENGTH,
     MAX_ID_LENGTH,
     MAX_NAME_LENGTH,
@@ -166,7 +165,7 @@ async def create_project(request: web.Request) -> web.Response:
     body = await _json_body(request)
     validation.require_known(body, {"name", "api_key", "description", "metadata"})
     name = validation.text(body, "name", required=True, max_length=MAX_NAME_LENGTH)
-    api_key = validation.text(body, "api_key", required=True, max_length=MAX_API_KEY_LENGTH)
+    api_key = validation.upstream_key(body, required=True)
     description = validation.text(
         body, "description", required=False, max_length=MAX_DESCRIPTION_LENGTH
     )
@@ -198,7 +197,7 @@ async def update_project(request: web.Request) -> web.Response:
     )
     fields = _given(
         name=validation.text(body, "name", required=False, max_length=MAX_NAME_LENGTH),
-        api_key=validation.text(body, "api_key", required=False, max_length=MAX_API_KEY_LENGTH),
+        api_key=validation.upstream_key(body, required=False),
         is_active=validation.boolean(body, "is_active"),
         revoke_tokens=validation.boolean(body, "revoke_tokens"),
         description=validation.text(

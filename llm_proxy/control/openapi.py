@@ -34,9 +34,13 @@ from llm_proxy.control.validation import (
 )
 from llm_proxy.http.control_bridge import MAX_CONTROL_BODY
 
-# Holds a character that is not whitespace: the API trims strings with str.strip(), and these are
-# exactly the characters it trims, spelled so that Python's and ECMAScript's regexes agree on them.
-NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+# The characters the API trims from strings (str.strip()), spelled so that Python's and
+# ECMAScript's regexes agree on them.
+_TRIMMED = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# Holds a character that is not whitespace.
+NOT_BLANK = f"[^{_TRIMMED}]"
+# An upstream key with no control character once trimmed (crypto.is_sendable_key).
+SENDABLE_KEY = rf"^[{_TRIMMED}]*[^\x00-\x1f\x7f-\x9f]*[{_TRIMMED}]*$"
 # The compact UTF-8 JSON size of a value (orjson.dumps). No JSON Schema keyword measures it, so the
 # document states it as an extension for validators that know it, and in the description.
 MAX_JSON_BYTES_KEYWORD = "x-max-json-bytes"
@@ -55,6 +59,11 @@ def _text(max_length: int, description: str, *, blank: bool = False) -> dict[str
     if not blank:
         schema |= {"minLength": 1, "pattern": NOT_BLANK}
     return schema | {"description": description}
+
+
+def _upstream_key(description: str) -> dict[str, Any]:
+    # A second pattern: the text's own says it is not blank.
+    return _text(MAX_API_KEY_LENGTH, description) | {"allOf": [{"pattern": SENDABLE_KEY}]}
 
 
 def _count(description: str) -> dict[str, Any]:
@@ -160,7 +169,10 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "name": _text(MAX_NAME_LENGTH, "Trimmed"),
-            "api_key": _text(MAX_API_KEY_LENGTH, "The upstream provider's key; never shown again"),
+            "api_key": _upstream_key(
+                "The upstream provider's key, sent as a header value: no control characters;"
+                " never shown again"
+            ),
             "description": _text(MAX_DESCRIPTION_LENGTH, "Trimmed; may be empty", blank=True),
             "metadata": _ref("ProjectMetadata"),
         },
@@ -171,7 +183,7 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "name": _text(MAX_NAME_LENGTH, "Trimmed"),
-            "api_key": _text(MAX_API_KEY_LENGTH, "A new upstream key"),
+            "api_key": _upstream_key("A new upstream key: no control characters"),
             "description": _text(MAX_DESCRIPTION_LENGTH, "Trimmed; empty clears it", blank=True),
             "metadata": _ref("ProjectMetadata"),
             "is_active": {"type": "boolean", "description": "false: its tokens stop working"},

@@ -21,6 +21,7 @@ from llm_proxy.control.operations import (
     MAX_DURATION_MINUTES,
     MAX_MODEL_PATTERN_LENGTH,
 )
+from llm_proxy.crypto import is_sendable_key
 from llm_proxy.errors import InvalidField
 
 MISSING: Any = object()
@@ -124,6 +125,15 @@ def text(body: dict[str, Any], key: str, *, required: bool, max_length: int) -> 
     value = value.strip()
     if required and not value:
         raise InvalidField(key, "must not be empty")
+    return value
+
+
+def upstream_key(body: dict[str, Any], *, required: bool) -> Any:
+    """A project's ``api_key``: text (trimmed, as :func:`text`) that can go into a header."""
+    value = text(body, "api_key", required=required, max_length=MAX_API_KEY_LENGTH)
+    if value is not MISSING and not is_sendable_key(value):
+        # Sent upstream, a CR would inject a header and an LF fails every request of the project.
+        raise InvalidField("api_key", "must not contain control characters such as line breaks")
     return value
 
 

@@ -32,7 +32,7 @@ from typing import NoReturn
 import structlog
 
 from llm_proxy import errors
-from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped
+from llm_proxy.crypto import KeyCipher, hash_token, is_sendable_key, is_token_shaped
 from llm_proxy.models import BudgetHold, UsageDelta, isoformat, usd
 from llm_proxy.proxy.budget_ledger import BudgetLedger, StoreBudgetLedger
 from llm_proxy.proxy.budget_plan import CostPlan
@@ -57,7 +57,8 @@ class Grant:
     is_active: bool
     project_is_active: bool
     max_requests: int | None
-    upstream_authorization: bytes  # b"Bearer <project key>", as sent; never logged
+    # b"Bearer <project key>", as sent; b"" when the key cannot be sent. Never logged.
+    upstream_authorization: bytes
     loaded_at: float  # monotonic
     exhausted: bool = False
     allowed_models: tuple[str, ...] | None = None  # globs the body's "model" must match
@@ -314,6 +315,13 @@ class TokenAuthority:
             raise errors.TokenExpired("This token has expired.")
         if not grant.project_is_active:
             raise errors.ProjectInactive("The project of this token is inactive.")
+        if not grant.upstream_authorization:
+            # Refused before anything is counted: such a request could never reach the upstream.
+            raise errors.ServiceUnavailable(
+                "The upstream key of this token's project cannot be used (it holds a control"
+                " character); an operator must set a new one.",
+                headers={"x-should-retry": "false"},
+            )
         return grant
 
     async def _claim(self, token_id: str, wall: float, slot: int) -> int | None:
@@ -383,8 +391,7 @@ class TokenAuthority:
             is_active=token.is_active,
             project_is_active=row.project_is_active,
             max_requests=token.max_requests,
-            upstream_authorization=b"Bearer "
-            + self._cipher.decrypt(row.api_key_encrypted).encode("utf-8", "surrogateescape"),
+            upstream_authorization=self._authorization(token.project_id, row.api_key_encrypted),
             loaded_at=now,
             exhausted=token.max_requests is not None and token.request_count >= token.max_requests,
             allowed_models=token.allowed_models,
@@ -396,6 +403,15 @@ class TokenAuthority:
         )
         self._by_hash[digest] = grant
         return grant
+
+    def _authorization(self, project_id: str, api_key_encrypted: str) -> bytes:
+        """The project's Authorization field; b"" for a key that cannot be sent in one, which
+        the management API refuses but an older version may have stored."""
+        key = self._cipher.decrypt(api_key_encrypted)
+        if not is_sendable_key(key):
+            log.error("token_authority.project_key_unsendable", project_id=project_id)
+            return b""
+        return b"Bearer " + key.encode("utf-8", "surrogateescape")
 
     # -- off the request path ------------------------------------------------------------------
 

@@ -52,6 +52,26 @@ async def test_invalid_project_form_is_shown_again_without_the_key(admin: AdminP
     assert projects == []
 
 
+async def test_a_key_with_a_control_character_is_refused_on_create_and_edit(
+    admin: AdminPages, proxy: Proxy
+) -> None:
+    injecting = "sk-abc\rX-Injected: yes"
+    page = await admin.post("/admin/projects", {"name": "p", "api_key": injecting})
+    assert page.status == 400
+    assert "api_key: must not contain control characters" in page.text
+    _, projects = await admin.proxy.manage("GET", "/projects")
+    assert projects == []
+    project_id = await admin.create_project("p", KEY)
+    page = await admin.post(
+        f"/admin/projects/{project_id}/edit", {"name": "p", "api_key": "sk-abc\nX: y"}
+    )
+    assert page.status == 400
+    assert "api_key: must not contain control characters" in page.text
+    token = await proxy.token(project_id=project_id)
+    assert (await _call(proxy, token))[0] == 200
+    assert proxy.upstream.last.headers["Authorization"] == f"Bearer {KEY}"
+
+
 async def test_editing_renames_and_replaces_the_key_and_blank_keeps_it(
     admin: AdminPages, proxy: Proxy
 ) -> None:

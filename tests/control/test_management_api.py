@@ -566,6 +566,42 @@ async def test_bad_project_fields_name_the_field(proxy: Proxy, payload: Any, fie
     assert status == 400 and body["error"]["message"].startswith(field)
 
 
+async def test_control_characters_are_refused_inside_an_upstream_key_and_trimmed_around_it(
+    proxy: Proxy,
+) -> None:
+    # Sent upstream as a header value, a CR would inject a header and an LF fail every request.
+    project_id = await proxy.create_project()
+    for api_key in (
+        "sk-abc\nX-Injected: yes",
+        "sk-abc\rX-Injected: yes",
+        "sk-abc\r\nX-Injected: yes",
+        "sk-a\tb",
+        "sk-a\x1bb",
+        "sk-a\x7fb",
+        "sk-a\x85b",
+    ):
+        for method, path, body in (
+            ("POST", "/projects", {"name": "p", "api_key": api_key}),
+            ("PATCH", f"/projects/{project_id}", {"api_key": api_key}),
+        ):
+            status, answer = await proxy.manage(method, path, body)
+            assert (status, _code(answer)) == (400, "invalid_field"), (api_key, answer)
+            message = answer["error"]["message"]
+            assert message.startswith("api_key: ") and "control characters" in message
+    status, projects = await proxy.manage("GET", "/projects")
+    assert [p["api_key"] for p in projects] == [f"{UPSTREAM_KEY[:5]}…{UPSTREAM_KEY[-4:]}"]
+    # A key pasted with its line break is the key: what surrounds it is trimmed, as ever.
+    key = "sk-pasted-0000abcd"
+    status, answer = await proxy.manage(
+        "PATCH", f"/projects/{project_id}", {"api_key": f"\t{key}\r\n"}
+    )
+    assert status == 200, answer
+    token = await proxy.token(project_id=project_id)
+    response = await proxy.client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 200
+    assert proxy.upstream.requests[-1].headers["Authorization"] == f"Bearer {key}"
+
+
 async def test_patch_validation(proxy: Proxy) -> None:
     project_id = await proxy.create_project()
     status, body = await proxy.manage("PATCH", f"/projects/{project_id}", {})

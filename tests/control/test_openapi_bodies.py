@@ -23,6 +23,8 @@ from tests.control.test_openapi_document import component, served_document
 DROP: Any = object()  # the field left out
 WHOLE_BODIES = [None, [], ["name"], "text", 5, True, {}]
 TEXT = ["x", "  padded  ", "", " ", "\u00a0\t", "\u3000x", "\u200b", None, 5, True, [], {}, DROP]
+# Control characters inside an upstream key, and around it (trimmed).
+KEYS = ["sk-a\nb", "sk-a\rX: y", "sk-a\tb", "sk-\x7f", "sk-\x85x", "\tsk-a\r\n", "sk-a\x85", "\x1f"]
 COUNTS = [
     1,
     286,
@@ -124,7 +126,7 @@ def _fields(name: str, project_id: str, token: str) -> tuple[dict[str, Any], dic
     if name == "ProjectCreate":
         return {"name": "demo", "api_key": UPSTREAM_KEY}, {
             "name": [*TEXT, "x" * 200, "x" * 201, " " + "x" * 199, "x" * 199 + "  "],
-            "api_key": [*TEXT, "k" * 1000, "k" * 1001],
+            "api_key": [*TEXT, *KEYS, "k" * 1000, "k" * 1001],
             "description": [*TEXT, "d" * 2000, "d" * 2001],
             "metadata": METADATA,
             "is_active": BOOLEANS,
@@ -132,7 +134,7 @@ def _fields(name: str, project_id: str, token: str) -> tuple[dict[str, Any], dic
     if name == "ProjectUpdate":
         return {"name": "renamed"}, {
             "name": [*TEXT, "x" * 200, "x" * 201],
-            "api_key": [*TEXT, "k" * 1001],
+            "api_key": [*TEXT, *KEYS, "k" * 1001],
             "description": [*TEXT, "d" * 2000, "d" * 2001],
             "metadata": METADATA,
             "is_active": BOOLEANS,

@@ -19,6 +19,7 @@ from llm_proxy.control.openapi import (
     ERROR_CODES_KEYWORD,
     MAX_JSON_BYTES_KEYWORD,
     NOT_BLANK,
+    SENDABLE_KEY,
     openapi_document,
 )
 from llm_proxy.control.operations import (
@@ -29,6 +30,7 @@ from llm_proxy.control.operations import (
     MAX_MODEL_PATTERN_LENGTH,
     MAX_TOKEN_METADATA_BYTES,
 )
+from llm_proxy.crypto import is_sendable_key
 from tests.conftest import TOKEN_FIELDS, Proxy
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -144,6 +146,15 @@ def test_not_blank_is_exactly_what_the_api_trims() -> None:
     for point in range(sys.maxunicode + 1):
         char = chr(point)
         assert (pattern.fullmatch(char) is None) == (char.strip() == ""), hex(point)
+
+
+def test_sendable_key_is_exactly_what_the_api_accepts_as_an_upstream_key() -> None:
+    pattern = re.compile(SENDABLE_KEY)
+    for point in range(sys.maxunicode + 1):
+        char = chr(point)
+        for key in (f"k{char}k", f"{char}k", f"k{char}", f"k{char}\n", f" {char}k"):
+            accepted = "\x00" not in key and is_sendable_key(key.strip())
+            assert (pattern.search(key) is not None) == accepted, (hex(point), key)
 
 
 def test_request_schemas_state_the_api_bounds() -> None:

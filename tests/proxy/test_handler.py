@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
+from llm_proxy.control.operations import Actor
 from tests.conftest import UPSTREAM_KEY, Proxy
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -139,6 +140,42 @@ async def test_a_token_is_stored_and_found_by_its_plain_sha256_digest(
     assert issued["token"] not in stored
     response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
     assert response.status == 200  # and looked up by it
+
+
+@pytest.mark.parametrize("stored_key", ["sk-abc\nX-Injected: yes", "sk-abc\rX-Injected: yes"])
+async def test_a_stored_upstream_key_that_cannot_be_sent_is_refused_and_not_counted(
+    proxy: Proxy, log_stream: io.StringIO, stored_key: str
+) -> None:
+    # The management API refuses such a key; one an older version stored is never sent (an LF
+    # failed every request with a 500, a CR injected a header), and its requests count for nothing.
+    project = await proxy.components.operations.create_project(
+        Actor("an older version"), name="old", api_key=stored_key
+    )
+    issued = await proxy.issue_token(project.id, max_requests=1)
+    for _ in range(2):
+        response = await proxy.client.post(
+            "/v1/chat/completions", json=CHAT, headers=bearer(issued["token"])
+        )
+        assert response.status == 503, await response.text()
+        assert await error_code(response) == "service_unavailable"
+        assert response.headers["x-should-retry"] == "false"
+    assert proxy.upstream.requests == []
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (status, token["request_count"]) == (200, 0)
+    lines = [orjson.loads(line) for line in log_stream.getvalue().splitlines()]
+    assert any(
+        line["event"] == "token_authority.project_key_unsendable"
+        and line["project_id"] == project.id
+        for line in lines
+    )
+    assert "sk-abc" not in log_stream.getvalue()
+    # A new key set through the API works at once.
+    await proxy.manage("PATCH", f"/projects/{project.id}", {"api_key": UPSTREAM_KEY})
+    response = await proxy.client.post(
+        "/v1/chat/completions", json=CHAT, headers=bearer(issued["token"])
+    )
+    assert response.status == 200
+    assert proxy.upstream.requests[-1].headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
 
 
 async def test_inactive_or_deleted_project_stops_its_tokens_at_once(proxy: Proxy) -> None:
