@@ -6,11 +6,16 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
 
 REALM = "llm-proxy admin"
 CSRF_FIELD = "csrf_token"
 CSRF_MAX_AGE_SECONDS = 12 * 3600
+# What CsrfSigner.issue writes: ASCII digits, a dot, a hex digest. Anything else is refused before
+# it is parsed: int() refuses digits str.isdigit() accepts ("²") and more than 4300 of them, and
+# hmac.compare_digest() refuses text that is not ASCII.
+_CSRF_SHAPE = re.compile(r"([0-9]{1,20})\.([0-9a-f]{64})")
 
 
 def check_basic_auth(header: str | None, user: str, password: str) -> bool:
@@ -53,11 +58,11 @@ class CsrfSigner:
 
     def verify(self, token: str, user: str, now: float | None = None) -> str | None:
         """None when valid; otherwise why not, in words for the operator."""
-        issued_text, _, signature = token.partition(".")
-        if not issued_text.isdigit() or not signature:
+        shape = _CSRF_SHAPE.fullmatch(token)
+        if shape is None:
             return "The form carried no valid security token."
-        issued = int(issued_text)
-        if not hmac.compare_digest(signature, self._sign(user, issued)):
+        issued = int(shape[1])
+        if not hmac.compare_digest(shape[2], self._sign(user, issued)):
             return "The form's security token does not match."
         age = (time.time() if now is None else now) - issued
         if age > self._max_age or age < -60:

@@ -19,8 +19,28 @@ async def _state(admin: AdminPages) -> tuple[object, object, object]:
 
 @pytest.mark.parametrize(
     "csrf",
-    [None, "", "garbage", "1700000000.deadbeef", "not-a-number.abc"],
-    ids=["missing", "empty", "garbage", "forged", "bad-time"],
+    [
+        None,
+        "",
+        "garbage",
+        "1700000000.deadbeef",
+        "not-a-number.abc",
+        # A digit to str.isdigit() that int() refuses, text compare_digest() refuses, and more
+        # digits than int() converts: each was a 500.
+        "\u00b2.abc",
+        "1.\u00e9",
+        "1" * 5000 + ".abc",
+    ],
+    ids=[
+        "missing",
+        "empty",
+        "garbage",
+        "forged",
+        "bad-time",
+        "superscript-time",
+        "non-ascii-signature",
+        "5000-digit-time",
+    ],
 )
 async def test_a_form_without_a_valid_csrf_token_is_refused_and_changes_nothing(
     admin: AdminPages, csrf: str | None
