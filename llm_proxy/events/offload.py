@@ -5,8 +5,8 @@ exchange's wire form to a bounded queue; every ``linger`` seconds, or at once wh
 worth is waiting, the queue is pickled onto the events process's input, at most
 ``FRAME_EXCHANGES`` to a frame. That is all the server does for instrumentation. Building,
 publishing, dispatching and aggregating happen in the events process, whose metrics and bus
-reachability come back on a status pipe about once a second and are merged into the server's
-``/metrics`` and ``/ready``.
+reachability come back on a status pipe, on its ready line and then about once a second, and are
+merged into the server's ``/metrics`` and ``/ready``.
 
 The events process reads no faster than it builds, so when it falls behind the exchanges wait in
 this process's write buffer, bounded by ``backlog_bytes``. From half of it on, they are sent
@@ -137,7 +137,8 @@ class EventOffload:
             raise EventProcessError(f"the events process did not start: {answer.get('error')}")
         self._process, self._input = process, process.stdin
         self._sent_to_current = 0
-        self._status, self._status_at = {}, 0.0
+        # The ready line carries the first status, so /ready is right from the start.
+        self._status, self._status_at = answer, time.monotonic()
         log.info("events.process_attached", pid=process.pid)
         self._flush()  # what queued up while no events process ran
 

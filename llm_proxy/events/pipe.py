@@ -5,10 +5,11 @@ Protocol, all on pipes to the server:
 - stdin: frames of a 4-byte big-endian length and a pickle. The first frame is a :class:`Launch`,
   every later one a list of :meth:`Exchange.to_wire` tuples. End of input means drain and exit.
 - the status pipe (the process's original stdout; ``sys.stdout`` is pointed at stderr so that no
-  stray print can corrupt it): one JSON object per line. First ``{"ready": true}`` or
-  ``{"error": "..."}``, then every ``status_seconds`` and once more at exit
+  stray print can corrupt it): one JSON object per line, each a status
   ``{"done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where ``done`` counts
-  exchanges that became published events or counted drops.
+  exchanges that became published events or counted drops. The first line is the ready line, a
+  status with ``"ready": true`` (or only ``{"error": "..."}``); then one every ``status_seconds``
+  and once more at exit.
 - stderr: the log, as configured for the server.
 """
 

@@ -73,19 +73,22 @@ class _Status:
             data = data[os.write(self._fd, data) :]
 
 
-async def _report(status: _Status, pipeline: EventPipeline) -> None:
+async def _state(pipeline: EventPipeline) -> dict[str, Any]:
+    """What a status line reports: progress, whether the bus answers now, the metrics."""
     try:
         async with asyncio.timeout(1.0):
             reachable = await pipeline.bus.ping()
     except TimeoutError:
         reachable = False
-    status.send(
-        {
-            "done": pipeline.published + pipeline.dropped,
-            "bus_reachable": reachable,
-            "metrics": generate_latest(_REPORTED).decode(),
-        }
-    )
+    return {
+        "done": pipeline.published + pipeline.dropped,
+        "bus_reachable": reachable,
+        "metrics": generate_latest(_REPORTED).decode(),
+    }
+
+
+async def _report(status: _Status, pipeline: EventPipeline) -> None:
+    status.send(await _state(pipeline))
 
 
 async def _report_every(seconds: float, status: _Status, pipeline: EventPipeline) -> None:
@@ -143,7 +146,9 @@ async def _run(status: _Status) -> int:
     try:
         tune_garbage_collector()
         loop.add_signal_handler(signal.SIGHUP, _reload_prices, pipeline.prices)
-        status.send({"ready": True})
+        # The ready line is the first status: the server serves once it has it, and its /ready
+        # then answers from a real check of the bus rather than from no report at all.
+        status.send({"ready": True, **await _state(pipeline)})
         log.info("events.process_started", pid=os.getpid(), bus=launch.events.bus)
         reporter = loop.create_task(_report_every(launch.status_seconds, status, pipeline))
         while (sized := await read_sized_frame(reader)) is not None:

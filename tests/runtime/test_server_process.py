@@ -14,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.events.events_support import RedisServer
 from tests.processes import (
     MockUpstream,
     ServerProcess,
@@ -100,6 +101,25 @@ def test_health_and_ready_answer_200(server: ServerProcess) -> None:
     status, body = http("GET", f"{server.base_url}/ready")
     assert status == 200
     assert body["checks"]["database"] == "ok"
+
+
+def test_ready_is_200_from_the_first_poll_with_redis_answering(
+    tmp_path: Path, api_config: Path, redis_server: RedisServer
+) -> None:
+    # A load balancer polls /ready as soon as the server serves: an instance whose Redis answers
+    # must not be reported unready for its first second.
+    server = start_server(
+        tmp_path / "data",
+        api_config,
+        tmp_path / "logs",
+        LLM_PROXY_EVENT_BUS="redis",
+        REDIS_URL=redis_server.url,
+    )
+    try:
+        status, body = http("GET", f"{server.base_url}/ready")  # start_server saw /health answer
+        assert (status, body["checks"]) == (200, {"database": "ok", "redis": "ok"})
+    finally:
+        server.stop()
 
 
 def test_second_start_reuses_the_token_and_keeps_the_projects(
