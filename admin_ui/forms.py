@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
 from llm_proxy.control import validation
@@ -34,7 +36,9 @@ def number(form: Form, key: str, *, minimum: int, maximum: int, required: bool) 
         if required:
             raise InvalidField(key, "is required")
         return None
-    if not raw.lstrip("-").isdigit():
+    # ASCII digits and one sign at most: str.isdigit() also takes "²", and int() refuses it
+    # and "--5".
+    if re.fullmatch(r"-?[0-9]+", raw) is None:
         raise InvalidField(key, "must be a whole number")
     if len(raw) > 50:  # int() of a huge digit string is slow; no bound here is that long
         raise InvalidField(key, f"must be between {minimum} and {maximum}")

@@ -35,4 +35,6 @@ def notice_text(request: web.Request) -> str | None:
     if template is None:
         return None
     count = request.query.get("n", "")
-    return template.format(n=int(count) if count.isdigit() and len(count) < 10 else 0)
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    known = count.isascii() and count.isdigit() and len(count) < 10
+    return template.format(n=int(count) if known else 0)

@@ -157,3 +157,8 @@ async def test_unknown_notice_codes_show_nothing(admin: AdminPages) -> None:
     page = await admin.get("/admin/projects?notice=<script>alert(1)</script>")
     assert 'role="status"' not in page.text
     assert "<script>alert" not in page.text
+
+
+async def test_a_notice_count_that_is_not_ascii_digits_shows_zero(admin: AdminPages) -> None:
+    page = await admin.get("/admin/projects?notice=tokens_revoked&n=%C2%B2")
+    assert page.status == 200 and "Revoked 0 token(s)." in page.text

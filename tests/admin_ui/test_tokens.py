@@ -168,6 +168,12 @@ async def test_quota_can_be_set_changed_and_cleared(admin: AdminPages, proxy: Pr
     assert 'value="-3"' in page.text
     assert (await proxy.manage("GET", f"/tokens/{token_id}"))[1]["max_requests"] is None
 
+    # Digits that are not ASCII ones, and a doubled sign: a form error, never a 500.
+    for odd in ("²", "--5", "5²"):
+        page = await admin.post(f"/admin/tokens/{token_id}/quota", {"max_requests": odd})
+        assert page.status == 400 and "whole number" in page.text
+    assert (await proxy.manage("GET", f"/tokens/{token_id}"))[1]["max_requests"] is None
+
 
 async def test_revoked_token_is_refused_on_the_next_request(
     admin: AdminPages, proxy: Proxy
