@@ -48,6 +48,8 @@ PRODUCT_VARIABLES = (
     "http_proxy",
     "NO_PROXY",
     "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
 )
 START_TIMEOUT = 15.0
 

@@ -25,6 +25,7 @@ from llm_proxy.runtime.settings import (
     check_no_proxy,
     check_proxy_url,
     check_redis_url,
+    check_trust_path,
     parse_encryption_key,
     parse_listen_addr,
     parse_positive_int,
@@ -100,6 +101,8 @@ def build_settings(
     change_feed_push: str = "on",
     prices_path: str | None = None,
     usage_hourly_retention_days: int | str = 90,
+    ssl_cert_file: str | None = None,
+    ssl_cert_dir: str | None = None,
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
@@ -131,6 +134,8 @@ def build_settings(
         https_proxy=check_proxy_url("HTTPS_PROXY", https_proxy),
         http_proxy=check_proxy_url("HTTP_PROXY", http_proxy),
         no_proxy=check_no_proxy(no_proxy),
+        ssl_cert_file=check_trust_path("SSL_CERT_FILE", ssl_cert_file, directory=False),
+        ssl_cert_dir=check_trust_path("SSL_CERT_DIR", ssl_cert_dir, directory=True),
         client_header_timeout=parse_seconds("CLIENT_HEADER_TIMEOUT", client_header_timeout),
         client_body_timeout=parse_seconds("CLIENT_BODY_TIMEOUT", client_body_timeout),
         keepalive_timeout=parse_seconds("KEEPALIVE_TIMEOUT", keepalive_timeout),
@@ -208,6 +213,7 @@ def build_settings(
 )
 @click.option(
     "--event-bus",
+    "--llm-proxy-event-bus",  # (the variable's own name, as every other flag has)
     envvar="LLM_PROXY_EVENT_BUS",
     default="memory",
     show_envvar=True,
@@ -291,6 +297,18 @@ def build_settings(
     help="Upstream hosts reached directly: domains (and their subdomains), IPs, CIDRs, :port, or *.",
 )
 @click.option(
+    "--ssl-cert-file",
+    envvar="SSL_CERT_FILE",
+    show_envvar=True,
+    help="PEM bundle of CA certificates upstream TLS trusts besides the system store.",
+)
+@click.option(
+    "--ssl-cert-dir",
+    envvar="SSL_CERT_DIR",
+    show_envvar=True,
+    help="Hashed directory of CA certificates upstream TLS trusts besides the system store.",
+)
+@click.option(
     "--client-header-timeout",
     envvar="CLIENT_HEADER_TIMEOUT",
     default="30s",
@@ -349,6 +367,7 @@ def server(**options: str | int | None) -> None:
     """
     try:
         settings = build_settings(**options, is_tty=sys.stderr.isatty())  # type: ignore[arg-type]
+        settings.export_trust_paths()
         load_api_config(settings.api_config_path)
         settings.price_file.load()
     except SettingsError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,17 @@ class Settings:
     https_proxy: str | None = field(default=None, repr=False)
     http_proxy: str | None = field(default=None, repr=False)
     no_proxy: str | None = None
+    # CA certificates upstream TLS trusts besides the system store (OpenSSL reads the variables).
+    ssl_cert_file: str | None = None
+    ssl_cert_dir: str | None = None
+
+    def export_trust_paths(self) -> None:
+        """Put the trust paths given as flags where OpenSSL reads them, for this process and
+        the ones it starts."""
+        if self.ssl_cert_file:
+            os.environ["SSL_CERT_FILE"] = self.ssl_cert_file
+        if self.ssl_cert_dir:
+            os.environ["SSL_CERT_DIR"] = self.ssl_cert_dir
 
     @property
     def egress(self) -> Egress | None:
@@ -185,6 +197,15 @@ def check_proxy_url(name: str, value: str | None) -> str | None:
         parse_proxy_url(value)
     except ValueError as exc:
         raise SettingsError(f"{name}: {exc}") from None
+    return value
+
+
+def check_trust_path(name: str, value: str | None, *, directory: bool) -> str | None:
+    """``SSL_CERT_FILE`` (a file) or ``SSL_CERT_DIR`` (a directory), when set."""
+    if not value:
+        return None
+    if not (os.path.isdir(value) if directory else os.path.isfile(value)):
+        raise SettingsError(f"{name}: {value} is not a {'directory' if directory else 'file'}")
     return value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,27 @@ def test_every_variable_is_read_from_the_environment(
     assert settings.price_file == PriceFile(Path("/etc/llm-proxy/prices.yaml"))
 
 
+def test_the_event_bus_flag_has_its_variable_s_name_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LLM_PROXY_EVENT_BUS -> --llm-proxy-event-bus, as LISTEN_ADDR -> --listen-addr (SPEC §4)
+    settings = settings_from_environment(monkeypatch, {}, "--llm-proxy-event-bus", "none")
+    assert settings.event_bus == "none"
+
+
+def test_trust_paths_are_flags_too(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    settings = settings_from_environment(
+        monkeypatch, {}, "--ssl-cert-file", str(bundle), "--ssl-cert-dir", str(tmp_path)
+    )
+    assert (settings.ssl_cert_file, settings.ssl_cert_dir) == (str(bundle), str(tmp_path))
+    monkeypatch.setenv("SSL_CERT_FILE", "")  # (restored after the test)
+    monkeypatch.setenv("SSL_CERT_DIR", "")
+    settings.export_trust_paths()  # where OpenSSL reads them, as the server does at start
+    assert (os.environ["SSL_CERT_FILE"], os.environ["SSL_CERT_DIR"]) == (str(bundle), str(tmp_path))
+    with pytest.raises(SettingsError, match=r"^SSL_CERT_DIR: .* is not a directory$"):
+        settings_from_environment(monkeypatch, {}, "--ssl-cert-dir", str(bundle))
+
+
 def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_from_environment(
         monkeypatch, {"LISTEN_ADDR": "127.0.0.1:1"}, "--listen-addr", "127.0.0.1:2"
@@ -153,6 +175,8 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("USAGE_HOURLY_RETENTION_DAYS", "-1"),
         ("USAGE_HOURLY_RETENTION_DAYS", "a month"),
         ("USAGE_HOURLY_RETENTION_DAYS", "36501"),
+        ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
+        ("SSL_CERT_DIR", "/nonexistent/certs"),
     ],
 )
 def test_a_bad_value_names_its_variable_on_one_line(
