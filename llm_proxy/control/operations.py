@@ -32,6 +32,7 @@ from llm_proxy.models import (
 )
 from llm_proxy.proxy.admission import TokenAuthority
 from llm_proxy.store import Store
+from llm_proxy.store.records import with_revoke_counts
 
 log = structlog.get_logger(__name__)
 
@@ -175,12 +176,16 @@ class Operations:
         if is_active is not None:
             details["is_active"] = is_active
         entry = actor.entry("project.update", "project", project_id, project_id, **details)
+        if revoke_tokens:
+            # One call, one audit event (SPEC §5): the update's, with what was revoked.
+            await self.get_project(project_id)
+            counts = await self.store.revoke_project_tokens(project_id, None)
+            self._authority.invalidate(project_id=project_id)
+            entry = with_revoke_counts(entry, counts)
         project = await self.store.update_project(project_id, changes, entry)
         if project is None:
             raise errors.ProjectNotFound(f"No project with id {project_id!r}.")
         self._authority.invalidate(project_id=project_id)
-        if revoke_tokens:
-            await self.revoke_project_tokens(actor, project_id)
         return project
 
     async def delete_project(self, actor: Actor, project_id: str) -> None:
@@ -325,6 +330,11 @@ class Operations:
     async def revoke_token(self, actor: Actor, token_id: str) -> Token:
         current = await self.get_token(token_id)
         if not current.is_active:
+            # Nothing changes, but the call is audited like every other (SPEC §5).
+            entry = actor.entry(
+                "token.revoke", "token", token_id, current.project_id, already_revoked=True
+            )
+            await self.store.update_token(token_id, {}, entry)
             return current
         entry = actor.entry("token.revoke", "token", token_id, current.project_id)
         token = await self.store.update_token(

@@ -368,7 +368,9 @@ class PostgresStore:
             await self._audit(conn, audit)
         return True
 
-    async def revoke_project_tokens(self, project_id: str, audit: AuditEntry) -> RevokeCounts:
+    async def revoke_project_tokens(
+        self, project_id: str, audit: AuditEntry | None
+    ) -> RevokeCounts:
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
             totals = await conn.fetchrow(
                 "SELECT COUNT(*) AS total, COUNT(*) FILTER (WHERE NOT is_active) AS inactive"
@@ -384,7 +386,8 @@ class PostgresStore:
             )
             counts = RevokeCounts(int(status.split()[-1]), inactive, total)
             await self._changed(conn, project_id, None)
-            await self._audit(conn, with_revoke_counts(audit, counts))
+            if audit is not None:
+                await self._audit(conn, with_revoke_counts(audit, counts))
         return counts
 
     # -- tokens --------------------------------------------------------------------------------

@@ -333,7 +333,9 @@ class SqliteStore:
         return True
 
     @_writes
-    async def revoke_project_tokens(self, project_id: str, audit: AuditEntry) -> RevokeCounts:
+    async def revoke_project_tokens(
+        self, project_id: str, audit: AuditEntry | None
+    ) -> RevokeCounts:
         row = await self._one(
             "SELECT COUNT(*) AS total, SUM(is_active = 0) AS inactive FROM tokens WHERE project_id = ?",
             (project_id,),
@@ -346,7 +348,8 @@ class SqliteStore:
         )
         counts = RevokeCounts(cur.rowcount, already, total)
         await self._changed(project_id, None)
-        await self._audit(with_revoke_counts(audit, counts))
+        if audit is not None:
+            await self._audit(with_revoke_counts(audit, counts))
         return counts
 
     # -- tokens --------------------------------------------------------------------------------

@@ -806,3 +806,28 @@ async def test_revoke_tokens_alone_is_one_audited_change(proxy: Proxy) -> None:
     actions = [e["action"] for e in page["events"]]
     assert actions == ["project.revoke_tokens", "token.create", "project.create"]
     assert page["events"][0]["details"]["revoked_count"] == 1
+
+
+async def test_each_mutating_call_writes_exactly_one_audit_event(proxy: Proxy) -> None:
+    """SPEC §5: a change and a revocation asked in one PATCH are one event, and revoking a
+    token already revoked (204 all the same) is audited too."""
+    project_id = await proxy.create_project()
+    token = await proxy.issue_token(project_id)
+    _, before = await proxy.manage("GET", f"/audit?project_id={project_id}")
+
+    await proxy.manage(
+        "PATCH", f"/projects/{project_id}", {"is_active": True, "revoke_tokens": True}
+    )
+    assert (await proxy.manage("DELETE", f"/tokens/{token['id']}"))[0] == 204
+    assert (await proxy.manage("DELETE", "/tokens", {"token": token["token"]}))[0] == 204
+
+    _, after = await proxy.manage("GET", f"/audit?project_id={project_id}")
+    new = after["events"][: after["pagination"]["total"] - before["pagination"]["total"]]
+    assert [e["action"] for e in new] == ["token.revoke", "token.revoke", "project.update"]
+    update = new[-1]["details"]
+    assert (update["changed"], update["revoked_count"], update["total_tokens"]) == (
+        ["is_active"],
+        1,
+        1,
+    )
+    assert all(e["details"]["already_revoked"] for e in new[:2])
