@@ -139,8 +139,18 @@ async def test_the_model_field_of_a_form_is_checked(proxy_factory: Any) -> None:
         multipart((b'name="prompt"\r\nContent-Disposition: form-data; name="model"', b"x")),
         multipart((b'name="model"', b"gpt-4o"))[:-4],  # cut before its closing boundary
         b"model=gpt-4o",  # not multipart at all
+        multipart(
+            (b'name="model"; pad="' + b"p" * 20_000 + b'"', b"gpt-4o")
+        ),  # (python-multipart caps a part header at 4 KiB)
     ],
-    ids=["rfc2231-name", "two-names", "two-dispositions", "unterminated", "not-multipart"],
+    ids=[
+        "rfc2231-name",
+        "two-names",
+        "two-dispositions",
+        "unterminated",
+        "not-multipart",
+        "long-part-header",
+    ],
 )
 async def test_a_form_parsers_could_read_differently_is_refused(
     proxy_factory: Any, body: bytes
