@@ -85,6 +85,8 @@ class ProxyStats:
         self.budget_holds = 0
         self.budget_holds_refused = 0
         self.budget_holds_open = 0
+        # Admissions that waited for the token's answered requests to settle, by outcome.
+        self.settlement_waits: defaultdict[str, int] = defaultdict(int)
         self.busy_polls = 0  # see busy_poll.py
         self.busy_polls_wasted = 0
         self.upstream_latency = PlainHistogram(_UPSTREAM_BUCKETS)
@@ -178,6 +180,14 @@ class _ProxyCollector(Collector):
             "Budget holds whose requests are still running (each is settled by the events"
             " pipeline once its usage is known).",
             value=s.budget_holds_open,
+        )
+        yield _counters(
+            "llm_proxy_settlement_waits",
+            "Requests on tokens with a tpm window or a budget that waited, before admission, for"
+            " the token's requests already answered by this process to settle, by outcome"
+            " (settled, or timed_out: admitted on what was settled by then).",
+            ["outcome"],
+            [((outcome,), s.settlement_waits[outcome]) for outcome in ("settled", "timed_out")],
         )
         yield _counters(
             "llm_proxy_busy_polls",

@@ -16,6 +16,10 @@ budget settlement come from the answer. Beyond the bound only exchanges whose us
 budget hold or a tpm window are still sent, so that spend is counted exactly, up to twice the
 bound.
 
+An exchange that settles something is sent at once, without waiting for others: the next request
+of its token waits for its settlement (see ``proxy/settling.py``), which the events process reports
+on its status pipe as soon as it is done.
+
 Nothing is dropped silently: a full queue, a backlog beyond the bound, or exchanges lost when the
 events process dies are counted in ``llm_proxy_events_dropped{reason=...}``. A dead events process
 is started again.
@@ -44,9 +48,11 @@ from llm_proxy.proxy.exchange import (
     Exchange,
     Wire,
     wire_captured_bytes,
+    wire_settlement,
     wire_settles,
     wire_without_request_body,
 )
+from llm_proxy.proxy.settling import Settlements
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +83,7 @@ class EventOffload:
         start_timeout: float = 30.0,
         close_timeout: float = 30.0,
         backlog_bytes: int = 64 * 1024 * 1024,
+        settlements: Settlements | None = None,
     ) -> None:
         events = launch.events
         self._launch = launch
@@ -92,6 +99,9 @@ class EventOffload:
         self._start_timeout = start_timeout
         self._close_timeout = close_timeout
         self._backlog_bytes = backlog_bytes
+        # Told which exchanges went to be settled and, from the events process's status lines,
+        # which are (admission waits for them: see proxy/settling.py).
+        self._settlements = settlements
         self._loop = asyncio.get_running_loop()
         self._flush_timer: asyncio.TimerHandle | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -150,8 +160,16 @@ class EventOffload:
             assert process is not None and process.stdout is not None
             started = time.monotonic()
             while line := await process.stdout.readline():
-                self._status, self._status_at = orjson.loads(line), time.monotonic()
+                message = orjson.loads(line)
+                settled = message.get("settled")
+                if settled is None:
+                    self._status, self._status_at = message, time.monotonic()
+                elif self._settlements is not None:
+                    self._settlements.settled(settled)
             code = await process.wait()
+            if self._settlements is not None:
+                # What it was sent will not be settled: nothing is to be waited for.
+                self._settlements.forget_all()
             if self._closing:
                 return
             self._input = None
@@ -183,11 +201,16 @@ class EventOffload:
             self._drop_oldest()
         queue.append(exchange.to_wire())
         if self._input is None:
+            # Settled once another events process runs (seconds away): not waited for.
             self._park(exchange.captured_bytes)
             return
+        settles = exchange.settles
+        if settles and self._settlements is not None:
+            self._settlements.expect(exchange.token_id, exchange.request_id)
         # submit runs after the response went out; a full frame is sent from here, a partial one
-        # when the linger timer fires.
-        if len(queue) >= self._frame_size:
+        # when the linger timer fires, or at once when the next request of its token may wait
+        # for its settlement.
+        if settles or len(queue) >= self._frame_size:
             self._flush()
         elif self._flush_timer is None:
             self._flush_timer = self._loop.call_later(self._linger, self._flush)
@@ -203,6 +226,7 @@ class EventOffload:
         oldest = self._queue.popleft()
         self._parked_bytes = max(self._parked_bytes - wire_captured_bytes(oldest), 0)
         self._drops.add("queue_full", 1)
+        self._never_settled([oldest])
 
     def _flush(self) -> None:
         """Send what is queued, a batch per frame."""
@@ -237,10 +261,16 @@ class EventOffload:
         else:
             kept = list(queue)
         self._drops.add("events_process_backlog", len(queue) - len(kept))
+        if not kept:
+            self._never_settled(list(queue))
         lightened = [wire_without_request_body(wire) for wire in kept]
         self._shed.add(sum(1 for wire in lightened if wire[-1]))
         queue.clear()
         queue.extend(lightened)
+
+    def _never_settled(self, dropped: list[Wire]) -> None:
+        if self._settlements is not None:
+            self._settlements.settled(wire_settlement(w) for w in dropped if wire_settles(w))
 
     def _unfinished(self) -> int:
         """Exchanges sent to the running events process that it had not reported done."""
@@ -298,6 +328,7 @@ class EventOffload:
         if stdin is None:
             # No events process is running (between a death and a restart): nothing can drain.
             self._drops.add("closing", len(self._queue))
+            self._never_settled(list(self._queue))
             self._queue.clear()
             if self._watcher is not None:
                 self._watcher.cancel()

@@ -15,6 +15,7 @@ is unwelcome).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
 from llm_proxy.events.settlement import TokenSettler
 from llm_proxy.pricing import PriceHolder, Prices
-from llm_proxy.proxy.exchange import Exchange
+from llm_proxy.proxy.exchange import Exchange, SettlementListener
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +74,10 @@ class EventPipeline:
         self._build = build or self._build_priced
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()  # set whenever a batch leaves the queue (see wait_for_room)
+        # Set while a queued exchange settles something: its batch goes without lingering, as
+        # the next request of its token may be waiting for the settlement.
+        self._settling = asyncio.Event()
+        self._settling_queued = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-proxy-events")
         self._task: asyncio.Task[None] | None = None
         self._attached: list[Closeable] = []
@@ -81,6 +86,9 @@ class EventPipeline:
         self.published = 0
         # Fills the tpm windows of the requests' tokens from their events (see settlement.py).
         self.settler: TokenSettler | None = None
+        # Told what settles and when it is settled (the proxy's admission, or the server on the
+        # other side of the events process's status pipe).
+        self.settlements: SettlementListener | None = None
 
     def _build_priced(self, exchange: Exchange) -> Event:
         return builder.build(exchange, prices=self.prices.current)
@@ -100,6 +108,11 @@ class EventPipeline:
         queue = self._queue
         queue.append(exchange)
         self._queued_bytes += exchange.captured_bytes
+        if exchange.settles:
+            self._settling_queued += 1
+            self._settling.set()
+            if self.settlements is not None:
+                self.settlements.expect(exchange.token_id, exchange.request_id)
         if len(queue) > self._queue_size or self._queued_bytes > self._queue_bytes:
             self._drop_beyond_bounds()
         self._wakeup.set()
@@ -113,6 +126,7 @@ class EventPipeline:
             oldest = queue.popleft()
             self._queued_bytes -= oldest.captured_bytes
             self._drops.add("queue_full", request_id=oldest.request_id)
+            self._taken([oldest])
 
     async def wait_for_room(self, count: int, size: int) -> None:
         """Return once ``count`` exchanges holding ``size`` bytes of bodies can be submitted without
@@ -150,15 +164,21 @@ class EventPipeline:
             if len(queue) < self._batch_size and not self._closing:
                 # Let a batch form: every hand-off to the builder and the bus has a fixed cost
                 # that, paid per request at moderate traffic, would cost more than the work itself.
-                await asyncio.sleep(self._linger)
+                # Not when something waits for a settlement.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._linger):
+                        await self._settling.wait()
             batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
             self._queued_bytes -= sum(map(_CAPTURED_BYTES, batch))
             self._room.set()
             metrics.QUEUE_DEPTH.set(len(queue))
             try:
-                events = await self._build_events(batch)
-                if self.settler is not None:
-                    await self.settler.settle(batch, events)
+                try:
+                    events = await self._build_events(batch)
+                    if self.settler is not None:
+                        await self.settler.settle(batch, events)
+                finally:
+                    self._taken(batch)  # settled, or never will be: waiting is over either way
                 await self.bus.publish(events)
             except asyncio.CancelledError:
                 raise
@@ -169,6 +189,19 @@ class EventPipeline:
             self.published += len(events)
             release(events)
             release(batch)
+
+    def _taken(self, exchanges: list[Exchange]) -> None:
+        """``exchanges`` left the queue, and what they settle is done with."""
+        if not self._settling_queued:
+            return
+        settling = [(e.token_id, e.request_id) for e in exchanges if e.settles]
+        if not settling:
+            return
+        self._settling_queued -= len(settling)
+        if not self._settling_queued:
+            self._settling.clear()
+        if self.settlements is not None:
+            self.settlements.settled(settling)
 
     async def _build_events(self, batch: list[Exchange]) -> list[Event]:
         built = await asyncio.get_running_loop().run_in_executor(
@@ -200,6 +233,7 @@ class EventPipeline:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
                 left = len(self._queue)
+                self._taken(list(self._queue))
                 self._queue.clear()
                 self._queued_bytes = 0
                 self._drops.add("closing", left)

@@ -37,6 +37,7 @@ from llm_proxy.models import BudgetHold, UsageDelta, isoformat, usd
 from llm_proxy.proxy.budget_ledger import BudgetLedger, StoreBudgetLedger
 from llm_proxy.proxy.budget_plan import CostPlan
 from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
+from llm_proxy.proxy.settling import Settlements
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
 
@@ -109,8 +110,12 @@ class TokenAuthority:
         max_staleness: float = 5.0,
         rate_windows: RateWindows | None = None,
         budget_ledger: BudgetLedger | None = None,
+        settlements: Settlements | None = None,
     ) -> None:
         self._store = store
+        # This process's answered requests whose tpm tokens or cost are not settled yet: told by
+        # the sink that settles them (see settling.py).
+        self.settlements = settlements or Settlements()
         self._rate_windows = rate_windows or StoreRateWindows(store)
         self.budget_ledger = budget_ledger or StoreBudgetLedger(store)
         self._cipher = cipher
@@ -140,11 +145,14 @@ class TokenAuthority:
         Limits are checked in the order of their refusals: the rpm and tpm windows (429
         ``rate_limited``, transient), ``max_requests`` (429 ``quota_exceeded``, permanent), then
         the budget, which holds the most the request can cost (``plan``; 429 ``budget_exceeded``).
-        What one took is given back when a later one refuses.
+        What one took is given back when a later one refuses. The tpm window and the budget are
+        read once the token's requests this process already answered are settled (bounded).
         """
         wall = time.time()
         slot = 0
         if grant.tpm is not None:
+            if self.settlements.unsettled(grant.token_id):
+                await self.settlements.wait(grant.token_id)
             await self._check_tpm(grant)
         if grant.rpm is not None:
             slot = await self._take_rate_slot(grant)
@@ -164,6 +172,8 @@ class TokenAuthority:
             admission = Admission(grant, grant.max_requests - count, slot)
         if grant.budget is not None and plan is not None:
             try:
+                if self.settlements.unsettled(grant.token_id):
+                    await self.settlements.wait(grant.token_id)
                 await self._hold(admission, grant.budget, plan)
             except BaseException:
                 await self.release(admission)

@@ -8,6 +8,7 @@ tokens, building the instrumentation event) happens later, off the request path,
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -125,6 +126,8 @@ class Exchange:
 
 Wire = tuple[Any, ...]
 # Where ``to_wire`` puts what the server's offload reads while exchanges wait (``offload.py``).
+_WIRE_REQUEST_ID = 0
+_WIRE_TOKEN_ID = 6
 _WIRE_REQUEST_BODY = 7
 _WIRE_RESPONSE_BODY = 10
 _WIRE_TPM_LIMITED = -4
@@ -141,12 +144,26 @@ def wire_settles(wire: Wire) -> bool:
     return bool(wire[_WIRE_TPM_LIMITED] or wire[_WIRE_HOLD_ID])
 
 
+def wire_settlement(wire: Wire) -> tuple[str, str]:
+    """The token id and request id of the exchange ``wire`` was made from."""
+    return wire[_WIRE_TOKEN_ID], wire[_WIRE_REQUEST_ID]
+
+
 def wire_without_request_body(wire: Wire) -> Wire:
     """``wire`` with the captured request body left out, saying how long it was (the last
     field): what an event needs to count usage and settle is the answer's."""
     body = wire[_WIRE_REQUEST_BODY]
     limit = wire[_WIRE_REQUEST_BODY + 1]
     return (*wire[:_WIRE_REQUEST_BODY], b"", limit, False, *wire[_WIRE_RESPONSE_BODY:-1], len(body))
+
+
+class SettlementListener(Protocol):
+    """Told which exchanges went to be settled, and which are settled or never will be (see
+    ``settling.py``)."""
+
+    def expect(self, token_id: str, request_id: str) -> None: ...
+
+    def settled(self, requests: Iterable[Sequence[str]]) -> None: ...
 
 
 class ExchangeSink(Protocol):

@@ -243,10 +243,13 @@ class ProxyHandler:
             # Raised before the response began (a failure after it is handled in _relay).
             exchange.error = exc.code
             exchange.status = exc.status
-            if admission is not None and not getattr(exc, "reached_upstream", False):
-                # Refused here, or the upstream never got the whole request: it counts for nothing.
-                await self.authority.release(admission)
-                exchange.hold_id = ""
+            if not getattr(exc, "reached_upstream", False):
+                # Refused here, or the upstream never got the whole request: it counts for nothing,
+                # and its token has nothing to settle (or to wait for).
+                exchange.tpm_limited = False
+                if admission is not None:
+                    await self.authority.release(admission)
+                    exchange.hold_id = ""
             reply_headers.append((b"X-Request-ID", request_id_field))
             await self._answer_error(writer, exc, reply_headers)
         except asyncio.CancelledError:

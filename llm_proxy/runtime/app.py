@@ -254,6 +254,7 @@ async def create_app(
                     _launch(settings, price_holder.current),
                     entry=EVENTS_PROCESS,
                     backlog_bytes=settings.events_backlog_bytes,
+                    settlements=authority.settlements,
                 )
                 await offload.start()
             else:
@@ -263,6 +264,7 @@ async def create_app(
                     file_event_log=settings.file_event_log,
                     prices=price_holder,  # the server's own: its SIGHUP reloads both
                 )
+                pipeline.settlements = authority.settlements
     except BaseException:
         # aiosqlite's worker thread (and the event builder) would keep a failed process alive.
         if pipeline is not None:

@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -71,6 +72,20 @@ class _Status:
         data = orjson.dumps(message) + b"\n"
         while data:
             data = data[os.write(self._fd, data) :]
+
+
+class _SettledReports:
+    """Tells the server, on the status pipe, which of its exchanges are settled, as soon as they
+    are: its next request on their tokens may be waiting for that (see ``proxy/settling.py``)."""
+
+    def __init__(self, status: _Status) -> None:
+        self._status = status
+
+    def expect(self, token_id: str, request_id: str) -> None:
+        return None  # the server knows what it sent
+
+    def settled(self, requests: Iterable[Sequence[str]]) -> None:
+        self._status.send({"settled": list(requests)})
 
 
 async def _state(pipeline: EventPipeline) -> dict[str, Any]:
@@ -145,6 +160,7 @@ async def _run(status: _Status) -> int:
     reporter: asyncio.Task[None] | None = None
     try:
         tune_garbage_collector()
+        pipeline.settlements = _SettledReports(status)
         loop.add_signal_handler(signal.SIGHUP, _reload_prices, pipeline.prices)
         # The ready line is the first status: the server serves once it has it, and its /ready
         # then answers from a real check of the bus rather than from no report at all.

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.events.offload import EventOffload, EventProcessError
 from llm_proxy.events.pipe import Launch, frame
+from llm_proxy.proxy.settling import SETTLE_WAIT_SECONDS
 from llm_proxy.runtime.app import EVENTS_PROCESS, create_app, events_config
 from llm_proxy.store.opening import open_store
 from tests.conftest import Proxy, make_settings, start_proxy
@@ -213,6 +214,51 @@ async def test_a_killed_events_process_is_replaced_and_its_loss_counted(
         return (await scrape(proxy)).get(published_key) == published_before + 2
 
     await eventually(published_goes_on)
+
+
+async def test_a_stalled_events_process_delays_a_limited_token_by_the_bound_only(
+    proxy_factory: Any,
+) -> None:
+    """The next request of a token with a tpm window waits for its last answer to settle, up to
+    SETTLE_WAIT_SECONDS; an unlimited token's never waits; a dead events process is not waited for."""
+    proxy: Proxy = await proxy_factory(event_build_in="process")
+    issued, unlimited = await proxy.issue_token(tpm=1_000_000), await proxy.token()
+    limited = issued["token"]
+    timed_out = ("llm_proxy_settlement_waits_total", (("outcome", "timed_out"),))
+    before = (await scrape(proxy)).get(timed_out, 0)
+    await chat(proxy, limited, 2)  # settled in time: no wait runs out
+
+    async def all_settled() -> bool:
+        return not proxy.components.authority.settlements.unsettled(issued["id"])
+
+    await eventually(all_settled)
+    first = events_pid(proxy)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        await chat(proxy, limited, 1)  # its settlement cannot come while the process is stopped
+        started = time.monotonic()
+        await chat(proxy, unlimited, 1)
+        assert time.monotonic() - started < 0.5
+        started = time.monotonic()
+        await chat(proxy, limited, 1)
+        assert SETTLE_WAIT_SECONDS <= time.monotonic() - started < SETTLE_WAIT_SECONDS + 0.5
+    finally:
+        os.kill(first, signal.SIGCONT)
+    assert (await scrape(proxy)).get(timed_out, 0) == before + 1
+    await eventually(all_settled)  # the last one, once the process reads again
+
+    os.kill(first, signal.SIGSTOP)
+    await chat(proxy, limited, 1)  # sent to the stopped process, which then dies with it
+    os.kill(first, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        return offload_of(proxy).restarts == 1 and offload_of(proxy).bus_reachable()
+
+    await eventually(replaced)
+    started = time.monotonic()
+    await chat(proxy, limited, 2)
+    assert time.monotonic() - started < 0.5
+    assert (await scrape(proxy)).get(timed_out, 0) == before + 1
 
 
 async def test_an_events_process_that_cannot_start_stops_the_server_with_its_reason(

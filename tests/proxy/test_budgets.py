@@ -373,3 +373,31 @@ async def test_an_admission_cancelled_while_holding_gives_the_hold_back(
     assert (shown["spent_usd"], shown["reserved_usd"]) == (0, 0)
     # And the store still takes holds.
     assert (await post(proxy, issued["token"], chat()))[0] == 200
+
+
+@pytest.mark.parametrize("build_in", ["thread", "process"])
+@pytest.mark.parametrize("where", ["store", "redis"])
+async def test_the_request_sent_right_after_an_answer_finds_its_cost_settled(
+    proxy_factory: Any, prices_path: Path, redis_server: RedisServer, where: str, build_in: str
+) -> None:
+    """An uncapped request holds all the budget affords until its answer settles; the client's
+    next request, sent as soon as it read the answer, is admitted on what that answer cost."""
+    options: dict[str, Any] = {"prices_path": prices_path, "event_build_in": build_in}
+    if where == "redis":
+        options.update(event_bus="redis", redis_url=redis_server.url)
+    proxy: Proxy = await proxy_factory(**options)
+    issued = await proxy.issue_token(budget_usd=0.01)  # ~2,500 output tokens; an answer is 200
+    answers = []
+    for _ in range(5):
+        status, _, body = await post(proxy, issued["token"], chat("uncapped-model"))
+        assert status == 200, body
+        answers.append(orjson.loads(body)["usage"])
+        # Its cap is what the budget affords once the answers before it were paid for (~1,900
+        # tokens at first, the prompt's bound taken; ~200 fewer after each answer), not the crumbs
+        # left beside a hold not settled yet.
+        cap = orjson.loads(proxy.upstream.last.body)["max_completion_tokens"]
+        assert cap > 1000
+    assert [used["completion_tokens"] for used in answers] == [200] * 5
+    cost = sum(u["prompt_tokens"] * INPUT_NANOUSD + 200 * OUTPUT_NANOUSD for u in answers) / 1e9
+    shown = await settled(proxy, issued["id"], spent_at_least=cost * 0.999)
+    assert shown["spent_usd"] == pytest.approx(cost)

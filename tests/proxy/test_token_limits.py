@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 from typing import Any
 
@@ -188,25 +187,38 @@ async def test_with_redis_the_rpm_window_lives_there_and_its_loss_refuses_only_l
     redis_server.start()
 
 
-async def _refused_once_settled(proxy: Proxy, token: str) -> Any:
-    """Requests pass until the first one's tokens are settled into the window; then the refusal."""
-    for _ in range(200):
+async def _back_to_back(proxy: Proxy, token: str, count: int) -> list[aiohttp.ClientResponse]:
+    """``count`` requests, each sent as soon as the previous answer was read."""
+    responses = []
+    for _ in range(count):
         response = await proxy.client.post(
             "/v1/chat/completions", data=chat("gpt-4o-mini"), headers=bearer(token)
         )
-        if response.status == 429:
-            return response
-        assert response.status == 200
-        await asyncio.sleep(0.02)
-    raise AssertionError("the tpm window never filled")
+        await response.read()
+        responses.append(response)
+    return responses
 
 
 async def test_tpm_refuses_while_the_settled_tokens_fill_the_window(proxy: Proxy) -> None:
     issued = await proxy.issue_token(tpm=5)  # one chat completion of the fake upstream is more
-    response = await _refused_once_settled(proxy, issued["token"])
+    first, response = await _back_to_back(proxy, issued["token"], 2)
+    assert first.status == 200
     assert (await response.json())["error"]["code"] == "rate_limited"
     assert 55 <= int(response.headers["Retry-After"]) <= 60
     assert "x-should-retry" not in response.headers
+
+
+@pytest.mark.parametrize("build_in", ["thread", "process"])
+async def test_tpm_counts_each_answer_before_the_next_request_sent_right_after_it(
+    proxy_factory: Any, build_in: str
+) -> None:
+    proxy: Proxy = await proxy_factory(event_build_in=build_in)
+    issued = await proxy.issue_token(tpm=20)
+    responses = await _back_to_back(proxy, issued["token"], 12)
+    used = (await responses[0].json())["usage"]["total_tokens"]
+    admitted = -(-20 // used)  # admitted while the window holds fewer than 20 tokens
+    assert admitted < 12
+    assert [r.status for r in responses] == [200] * admitted + [429] * (12 - admitted)
 
 
 async def test_with_redis_the_tpm_window_lives_there(
@@ -214,7 +226,8 @@ async def test_with_redis_the_tpm_window_lives_there(
 ) -> None:
     proxy: Proxy = await proxy_factory(event_bus="redis", redis_url=redis_server.url)
     issued = await proxy.issue_token(tpm=5)
-    response = await _refused_once_settled(proxy, issued["token"])
+    first, response = await _back_to_back(proxy, issued["token"], 2)
+    assert first.status == 200
     assert (await response.json())["error"]["code"] == "rate_limited"
     client = Redis.from_url(redis_server.url)
     try:
