@@ -10,6 +10,7 @@ none (a client that hung up mid-stream pays for what the upstream had produced b
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 import structlog
@@ -45,14 +46,20 @@ class TokenSettler:
         self._budgets = budgets
 
     async def settle(self, batch: Sequence[Exchange], events: Sequence[Event]) -> None:
-        limited = {exchange.request_id: exchange for exchange in batch if exchange.settles}
+        # By request id, in the batch's order: a client may send one id twice (a retry), and each
+        # of its requests has a hold of its own; events come in the batch's order too.
+        limited: dict[str, deque[Exchange]] = {}
+        for exchange in batch:
+            if exchange.settles:
+                limited.setdefault(exchange.request_id, deque()).append(exchange)
         if not limited:
             return
         settlements: list[Settlement] = []
         for event in events:
-            exchange = limited.get(event["request_id"])
-            if exchange is None:
+            same_id = limited.get(event["request_id"])
+            if not same_id:
                 continue
+            exchange = same_id.popleft()
             if exchange.hold_id:
                 cost = settled_cost(
                     event, exchange.held_nanousd, request_kept=not exchange.request_bytes_shed

@@ -401,3 +401,20 @@ async def test_the_request_sent_right_after_an_answer_finds_its_cost_settled(
     cost = sum(u["prompt_tokens"] * INPUT_NANOUSD + 200 * OUTPUT_NANOUSD for u in answers) / 1e9
     shown = await settled(proxy, issued["id"], spent_at_least=cost * 0.999)
     assert shown["spent_usd"] == pytest.approx(cost)
+
+
+async def test_requests_sharing_a_request_id_each_settle_their_own_hold(budgeted: Proxy) -> None:
+    """A client may send one X-Request-ID twice (its own retry): each request holds and settles
+    on its own, and none is left holding the budget."""
+    issued = await budgeted.issue_token(budget_usd=0.01)
+    headers = {**bearer(issued["token"]), "X-Request-ID": "client-retry-1"}
+
+    async def one() -> int:
+        body = chat(max_completion_tokens=5)
+        response = await budgeted.client.post("/v1/chat/completions", data=body, headers=headers)
+        await response.read()
+        return response.status
+
+    assert await asyncio.gather(*(one() for _ in range(8))) == [200] * 8
+    shown = await settled(budgeted, issued["id"])
+    assert shown["spent_usd"] > 0
