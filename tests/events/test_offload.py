@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -239,12 +240,17 @@ async def test_a_stalled_events_process_delays_a_limited_token_by_the_bound_only
         started = time.monotonic()
         await chat(proxy, unlimited, 1)
         assert time.monotonic() - started < 0.5
-        started = time.monotonic()
-        await chat(proxy, limited, 1)
-        assert SETTLE_WAIT_SECONDS <= time.monotonic() - started < SETTLE_WAIT_SECONDS + 0.5
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                started = time.monotonic()
+                await chat(proxy, limited, 1)
+                waited = time.monotonic() - started
+                assert SETTLE_WAIT_SECONDS <= waited < SETTLE_WAIT_SECONDS + 0.5
     finally:
         os.kill(first, signal.SIGCONT)
-    assert (await scrape(proxy)).get(timed_out, 0) == before + 1
+    assert (await scrape(proxy)).get(timed_out, 0) == before + 2
+    # Each is counted; the log says so once, not once a request.
+    assert [e["event"] for e in logs].count("admission.settlement_late") == 1
     await eventually(all_settled)  # the last one, once the process reads again
 
     os.kill(first, signal.SIGSTOP)
@@ -258,7 +264,7 @@ async def test_a_stalled_events_process_delays_a_limited_token_by_the_bound_only
     started = time.monotonic()
     await chat(proxy, limited, 2)
     assert time.monotonic() - started < 0.5
-    assert (await scrape(proxy)).get(timed_out, 0) == before + 1
+    assert (await scrape(proxy)).get(timed_out, 0) == before + 2
 
 
 async def test_an_events_process_that_cannot_start_stops_the_server_with_its_reason(
