@@ -420,16 +420,10 @@ def _shortener(ids: Iterable[str]) -> Callable[[str], str]:
 # -- confirmation -------------------------------------------------------------------------------
 
 
-def _needs_asking(yes: bool, action: str) -> bool:
-    """Whether to ask before ``action``; refused at once where nobody can answer."""
-    if yes:
-        return False
-    if not sys.stdin.isatty():
-        raise OptionError(
-            f"refusing to {action} without confirmation: stdin is not a terminal; pass --yes",
-            code="confirmation_required",
-        )
-    return True
+def _needs_asking(yes: bool) -> bool:
+    """Whether to ask before ``action``: on a terminal only. A script (stdin not a terminal)
+    runs the command as SPEC §9 gives it, with nobody there to answer a question."""
+    return not yes and sys.stdin.isatty()
 
 
 def _confirm(question: str) -> None:
@@ -444,7 +438,7 @@ def _yes_option(func: F) -> F:
         "--yes",
         "-y",
         is_flag=True,
-        help="Do it without asking (needed where stdin is not a terminal).",
+        help="Do it without asking on a terminal (a script is never asked).",
     )(func)
 
 
@@ -697,7 +691,7 @@ def project_update(
         body["revoke_tokens"] = True
     if not body:
         raise click.UsageError("nothing to update: give at least one option")
-    if revoke_tokens and _needs_asking(yes, "revoke every token of the project"):
+    if revoke_tokens and _needs_asking(yes):
         found = _get(opts, PROJECTS, project_id)
         _confirm(f"Revoke every token of project {_label(found)}?")
         project_id = found["id"]
@@ -720,7 +714,7 @@ def project_update(
 def project_delete(ctx: click.Context, /, project_id: str, yes: bool, **o: Any) -> None:
     """Delete a project; its tokens stop working at once. Asks first on a terminal."""
     opts = _options(ctx, o)
-    ask = _needs_asking(yes, "delete a project")
+    ask = _needs_asking(yes)
     found = _get(opts, PROJECTS, project_id)
     if ask:
         _confirm(f"Delete project {_label(found)}? Its tokens stop working at once.")
@@ -875,13 +869,13 @@ def token_revoke(
     if sum(x is not None for x in (token_id, value, project_id)) != 1:
         raise click.UsageError("give exactly one of TOKEN_ID, --value or --project-id")
     if project_id is not None:
-        ask = _needs_asking(yes, "revoke every token of a project")
+        ask = _needs_asking(yes)
         found = _get(opts, PROJECTS, project_id)
         if ask:
             _confirm(f"Revoke every token of project {_label(found)}?")
         _emit(opts, _call(opts, "POST", f"/manage/projects/{_quote(found['id'])}/tokens/revoke"))
         return
-    ask = _needs_asking(yes, "revoke a token")
+    ask = _needs_asking(yes)
     if value is not None:
         if ask:
             _confirm("Revoke the token with this value?")
