@@ -125,6 +125,9 @@ class TokenAuthority:
         self.push_connected = False
         self._feed_read_at = time.monotonic()  # when the change feed was last read whole
         self._by_hash: dict[str, Grant] = {}
+        # Counts invalidations: a lookup that overlapped one read the store before the change
+        # it announces, and its answer is not cached (see _fetch).
+        self._invalidations = 0
         self._unknown: dict[str, float] = {}
         self._loading: dict[str, asyncio.Future[Grant | None]] = {}
         self._pending: dict[str, list[float]] = {}  # token_id → [requests, last_used epoch]
@@ -379,6 +382,7 @@ class TokenAuthority:
             done.exception()  # retrieved: every request waiting for it may have gone
 
     async def _fetch(self, digest: str, now: float) -> Grant | None:
+        invalidations = self._invalidations
         try:
             row = await self._store.grant_for_hash(digest)
         except Exception as exc:
@@ -411,7 +415,10 @@ class TokenAuthority:
             limited=token.has_limits,
             expires_at_header=isoformat(token.expires_at) or "",
         )
-        self._by_hash[digest] = grant
+        if invalidations == self._invalidations:
+            self._by_hash[digest] = grant
+        # else: a change was announced while the store answered, maybe a revocation of this very
+        # token that the row predates: good for the requests that were waiting, not for later.
         return grant
 
     def _authorization(self, project_id: str, api_key_encrypted: str) -> bytes:
@@ -426,7 +433,12 @@ class TokenAuthority:
     # -- off the request path ------------------------------------------------------------------
 
     def invalidate(self, *, project_id: str | None = None, token_id: str | None = None) -> None:
-        """Forget cached grants of a token or of a whole project; the next request reloads."""
+        """Forget cached grants of a token or of a whole project; the next request reloads.
+
+        Lookups in flight read the store before this change: requests arriving from now on do
+        not join them, and what they read is not cached."""
+        self._invalidations += 1
+        self._loading.clear()
         stale = [
             digest
             for digest, grant in self._by_hash.items()

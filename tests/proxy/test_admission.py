@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from llm_proxy.models import AuditEntry
 from llm_proxy.stats import STATS
 from tests.conftest import Proxy
 
@@ -18,6 +19,9 @@ from tests.conftest import Proxy
 @pytest.fixture
 def proxy_database_url(database_url: str) -> str:
     return database_url
+
+
+AUDIT_OF_A_REVOCATION = AuditEntry(actor="test", action="token.revoke", target_type="token")
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -87,6 +91,27 @@ async def test_cached_tokens_are_checked_without_the_database(proxy: Proxy) -> N
     for _ in range(5):
         assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
     assert (STATS.cache_misses - misses, STATS.cache_hits - hits) == (1, 4)
+
+
+async def test_a_lookup_that_overlaps_a_revocation_is_not_trusted_afterwards(proxy: Proxy) -> None:
+    """The store answered a first request's lookup from before a revocation, and the answer
+    reached the proxy after the revocation's notice (a slow reply): it may serve that request,
+    which was in flight, but not the requests after it for the cache's 30 s."""
+    issued = await proxy.issue_token()
+    authority = proxy.components.authority
+    in_flight = asyncio.ensure_future(authority.check(f"Bearer {issued['token']}"))
+    for _ in range(5):
+        await asyncio.sleep(0)  # the lookup is sent to the store
+    time.sleep(0.2)  # (the loop blocked) the store has answered; the proxy has not read it
+    authority.invalidate(token_id=issued["id"])  # the change feed's notice, read first
+    assert (await in_flight).is_active
+    # What the notice announced: the token's revocation, already in the store.
+    await proxy.components.store.update_token(
+        issued["id"], {"is_active": False}, AUDIT_OF_A_REVOCATION
+    )
+
+    response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
+    assert response.status == 401
 
 
 async def test_unlimited_usage_is_counted_and_flushed(proxy_factory: Any) -> None:
