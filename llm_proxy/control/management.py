@@ -31,6 +31,7 @@ from llm_proxy.control.validation import (
     MISSING,
 )
 from llm_proxy.models import AuditFilter
+from llm_proxy.store.unavailable import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +73,18 @@ async def management_middleware(request: web.Request, handler: Handler) -> web.S
         return _http_error(exc)
     except _UNREADABLE_BODY:
         return errors.InvalidBody("Request body could not be read.").to_response()
+    except DATABASE_ERRORS as exc:
+        # The database is down or unreachable: the operator's call can be retried, and /ready
+        # says the same. Not a defect of ours, so no traceback.
+        log.error(
+            "management.store_unavailable",
+            method=request.method,
+            path=request.path,
+            error=repr(exc),
+        )
+        return errors.ServiceUnavailable(
+            "The database is unavailable; retry shortly.", headers={"Retry-After": "1"}
+        ).to_response()
     except Exception:
         # aiohttp would answer a plain-text 500; a client of this API parses only the error shape.
         log.exception("management.unexpected_error", method=request.method, path=request.path)

@@ -116,6 +116,8 @@ class TokenAuthority:
         # This process's answered requests whose tpm tokens or cost are not settled yet: told by
         # the sink that settles them (see settling.py).
         self.settlements = settlements or Settlements()
+        # Whether rpm/tpm windows and budgets live in the database too (no Redis configured).
+        self._limits_in_store = rate_windows is None or budget_ledger is None
         self._rate_windows = rate_windows or StoreRateWindows(store)
         self.budget_ledger = budget_ledger or StoreBudgetLedger(store)
         self._cipher = cipher
@@ -319,7 +321,7 @@ class TokenAuthority:
         elif now - self._feed_read_at > self._max_staleness:
             # The cache may have missed a revocation: ask the store (fail closed).
             STATS.cache_stale_checks += 1
-            grant = await self._load(digest, now)
+            grant = await self._load_or_refuse(grant, digest, now)
         else:
             STATS.cache_hits += 1
         if not grant.is_active:
@@ -358,6 +360,18 @@ class TokenAuthority:
         raise errors.QuotaExceeded(
             f"This token has used all {grant.max_requests} of its requests.",
         )
+
+    async def _load_or_refuse(self, cached: Grant, digest: str, now: float) -> Grant:
+        """Reload a cached grant; when the database cannot answer, a token with a limit held
+        there is refused as SPEC §11 says (``limits_unavailable``), any other as unverifiable."""
+        try:
+            return await self._load(digest, now)
+        except errors.ServiceUnavailable:
+            if cached.max_requests is not None or (cached.limited and self._limits_in_store):
+                raise errors.LimitsUnavailable(
+                    "The store holding this token's limits is unavailable; retry shortly."
+                ) from None
+            raise
 
     async def _load(self, digest: str, now: float) -> Grant:
         if self._unknown.get(digest, 0.0) > now:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
-import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TextIO
 
-import asyncpg
 import structlog
 import uvloop
 from aiohttp import web
@@ -34,17 +32,9 @@ from llm_proxy.runtime.settings import (
 from llm_proxy.runtime.supervisor import START_FAILED, Supervisor
 from llm_proxy.runtime.worker_metrics import WorkerPeers, prepare_sockets
 from llm_proxy.store.opening import open_store
+from llm_proxy.store.unavailable import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
-
-# What opening a database raises when it cannot be reached, refuses us, or is not a database.
-DATABASE_ERRORS = (
-    OSError,
-    TimeoutError,
-    sqlite3.Error,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
 
 
 def with_generated_secrets(settings: Settings, out: TextIO) -> Settings:

@@ -124,7 +124,12 @@ async def test_an_unreachable_database_fails_closed_and_recovers(
     # ... and checked against the database once the feed has been silent too long.
     await asyncio.sleep(0.6)
     assert await status_of(proxy, unlimited) == (503, "service_unavailable")
+    # A limit held in the database is still what the refusal names (SPEC §11).
+    assert await status_of(proxy, limited) == (503, "limits_unavailable")
     assert STATS.cache_stale_checks > stale_checks
+    # The management API answers in its error shape that it cannot reach the database.
+    status, body = await proxy.manage("GET", "/projects")
+    assert (status, body["error"]["code"]) == (503, "service_unavailable")
     metrics = await (await proxy.client.get("/metrics")).text()
     lag = _sample(metrics, "llm_proxy_change_feed_lag_seconds")
     assert lag > 0.5
