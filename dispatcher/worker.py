@@ -319,7 +319,26 @@ class Worker:
         if redelivered:
             self.summary.redelivered += redelivered
             metrics.REDELIVERED.labels(name).inc(redelivered)
-        pending = batch
+        every = subscription.keep_every
+        keeper = None if every is None else asyncio.create_task(self._keep(subscription, every))
+        try:
+            await self._deliver(subscription, batch)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+
+    async def _keep(self, subscription: Subscription, every: float) -> None:
+        """While a batch is delivered (slowly, or retried for minutes), keep its entries from
+        being taken over by another dispatcher of the service as a dead one's."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await subscription.keep([d.id for d in self._inflight])
+            except BusUnavailable as exc:  # then the next reads fail as well, and say so
+                log.warning("dispatcher.keep_failed", error=str(exc))
+
+    async def _deliver(self, subscription: Subscription, pending: list[Delivery]) -> None:
+        name = self.backend.name
         attempt = 0
         while pending:
             self._inflight = pending

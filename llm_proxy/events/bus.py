@@ -40,6 +40,17 @@ class Subscription(Protocol):
         """Mark deliveries done. Raises :class:`BusUnavailable` when the bus cannot be reached."""
         ...
 
+    @property
+    def keep_every(self) -> float | None:
+        """How often a consumer must :meth:`keep` the deliveries it still works on, so that no
+        other consumer takes them over as a dead one's; None where nobody would."""
+        ...
+
+    async def keep(self, ids: Sequence[str]) -> None:
+        """Say these deliveries are still being worked on (a slow or retried delivery).
+        Raises :class:`BusUnavailable` when the bus cannot be reached."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -48,6 +48,13 @@ class MemorySubscription:
     async def ack(self, ids: Sequence[str]) -> None:
         """Nothing to do: a delivery left this process's queue when it was read."""
 
+    @property
+    def keep_every(self) -> float | None:
+        return None  # no other consumer can take a delivery over
+
+    async def keep(self, ids: Sequence[str]) -> None:
+        """Nothing to do (see keep_every)."""
+
     async def close(self) -> None:
         """Nothing to release; the group keeps collecting for other consumers."""
 

@@ -288,6 +288,23 @@ class RedisSubscription:
         except (RedisError, OSError) as exc:
             raise BusUnavailable(str(exc) or type(exc).__name__) from exc
 
+    @property
+    def keep_every(self) -> float | None:
+        # Well within claim_idle, after which another consumer would take them over.
+        return self._bus.claim_idle / 3
+
+    async def keep(self, ids: Sequence[str]) -> None:
+        """Reset the idle time of these pending entries (XCLAIM to this consumer, JUSTID), so
+        that a slow or retried delivery is not taken for a dead consumer's."""
+        if not ids:
+            return
+        try:
+            await self._client.xclaim(
+                self._bus.stream, self.group, self.consumer, 0, list(ids), justid=True
+            )
+        except (RedisError, OSError) as exc:
+            raise BusUnavailable(str(exc) or type(exc).__name__) from exc
+
     async def close(self) -> None:
         self._bus._subscriptions.discard(self)
         await self._client.aclose()

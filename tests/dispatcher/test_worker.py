@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -11,7 +12,7 @@ import orjson
 import pytest
 import structlog
 from prometheus_client import REGISTRY
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from dispatcher import health
 from dispatcher.backends import BackendError, Rejection
@@ -450,3 +451,42 @@ async def test_the_lag_of_every_accepted_event_is_in_the_histogram(tmp_path: Pat
     assert added("bucket", "10.0") == 2  # the recent two
     assert added("bucket", "30.0") == 4  # cumulative: and the two old ones
     assert 40 <= sample("sum") - before_sum < 45
+
+
+@pytest.mark.redis
+async def test_a_dispatcher_still_delivering_keeps_its_events_from_another(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """SPEC §8 reclaims a dead consumer's pending entries; one that is alive and slow (a backend
+    answering in 2 s, or retries for minutes) keeps them, so no event is delivered twice."""
+
+    class SlowBackend(RecordingBackend):
+        async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
+            await asyncio.sleep(2.0)  # beyond claim_idle, many times over
+            return await super().send(events)
+
+    stream = "kept:events"
+    first_bus = RedisBus(redis_server.url, stream=stream, claim_idle=0.3)
+    second_bus = RedisBus(redis_server.url, stream=stream, claim_idle=0.3)
+    await first_bus.publish(events(4))
+    slow, quick = SlowBackend(), RecordingBackend()
+    first = Worker(first_bus, slow, settings(tmp_path, burst=False))
+    second = Worker(second_bus, quick, settings(tmp_path, burst=False))
+    try:
+        first.start()
+        for _ in range(100):  # until the first has read them all: pending, in its hands
+            with contextlib.suppress(ResponseError):  # (no group until it first reads)
+                if (await first_bus.client.xpending(stream, "recording"))["pending"] == 4:
+                    break
+            await asyncio.sleep(0.01)
+        second.start()
+        await asyncio.sleep(2.5)
+        first.stop()
+        second.stop()
+        await first.async_run()
+        await second.async_run()
+    finally:
+        await first_bus.close()
+        await second_bus.close()
+    assert len(slow.accepted) == 4
+    assert quick.accepted == []  # taken over before: all four delivered twice
