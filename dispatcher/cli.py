@@ -72,7 +72,9 @@ async def _serve(bus_settings: BusSettings, backend: Backend, settings: WorkerSe
 WORKER_EXITS = """\b
 Exit codes:
   0  stopped by SIGTERM/SIGINT; with --burst: every event read was delivered
-  1  the backend could not start (unwritable path, unreachable endpoint)
+  1  the backend could not start (an unwritable path, a CloudWatch log group it
+     cannot create); an HTTP endpoint that cannot be reached is retried per
+     --max-attempts (0: until it answers) like any failed delivery
   2  bad invocation
   3  --burst: Redis unreachable; undelivered events stay on the bus
   4  --burst: events were dead-lettered (see --dead-letter and `replay`)
