@@ -404,7 +404,11 @@ _RESPONSES: dict[str, Any] = {
         ["unsupported_content_encoding"],
     ),
     "HeadTooLarge": _error("The request head is too large", ["request_header_fields_too_large"]),
-    "InternalError": _error("The server failed, e.g. its database", ["internal_error"]),
+    "StoreUnavailable": _error(
+        "The database cannot be reached; retry shortly",
+        ["service_unavailable"],
+        **{"Retry-After": "Seconds to wait before retrying"},
+    ),
 }
 
 
@@ -449,7 +453,7 @@ def _operation(
     if body:
         named["415"] = "UnsupportedContentEncoding"
     if not public:
-        named |= {"401": "Unauthorized", "500": "InternalError"}
+        named |= {"401": "Unauthorized", "503": "StoreUnavailable"}
     for name in errors:
         named[_STATUS_OF[name]] = name
     operation: dict[str, Any] = {
