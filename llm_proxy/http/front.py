@@ -254,7 +254,7 @@ class FrontProtocol(asyncio.Protocol):
         self._queue.append(
             _Queued(request, None, keep_alive, frame.method == "HEAD", frame.http10, body)
         )
-        if len(self._queue) > 1 or (self._task is not None and self._wakeup is None):
+        if len(self._queue) > 1 or self._busy:
             self._hold_reading()  # it waits behind a request being answered
         self._serve_queue()
 
