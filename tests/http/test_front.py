@@ -615,3 +615,22 @@ async def test_a_closed_connection_and_what_it_queued_are_freed_at_once(proxy: P
         assert freed() is None
     finally:
         gc.enable()
+
+
+async def test_a_head_begun_behind_a_waiting_request_is_not_late(proxy_factory: Any) -> None:
+    """Reading is held while a pipelined request waits: a head begun meanwhile is due from when
+    reading resumes, so a long answer ahead of it does not get the connection closed."""
+    proxy: Proxy = await proxy_factory(site={"head_seconds": 0.5})
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(
+        request("GET", "/v1/audio/paced?n=15&gap=0.1", token)  # answered over 1.5 s
+        + request("GET", "/health")  # waits its turn
+        + b"GET /health HTTP/1.1\r\nHost: t\r\n"  # a third head, begun, not finished
+    )
+    status, _, body = await read_response(reader)
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    assert (await read_response(reader))[0] == 200
+    writer.write(b"\r\n")  # the third head ends, well within its 0.5 s from the resumption
+    assert (await read_response(reader))[0] == 200
+    writer.close()
