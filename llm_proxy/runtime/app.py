@@ -22,6 +22,7 @@ from llm_proxy.events.offload import EventOffload
 from llm_proxy.events.pipe import Launch
 from llm_proxy.http.busy_poll import AdaptivePoll
 from llm_proxy.http.client import Http1Client
+from llm_proxy.http.egress import upstream_ssl_context
 from llm_proxy.http.upstream import UpstreamClient
 from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy.admission import TokenAuthority
@@ -277,7 +278,12 @@ async def create_app(
         else None
     )
     upstream = upstream or Http1Client(
-        on_data=poller.poke if poller else None, egress=settings.egress
+        on_data=poller.poke if poller else None,
+        egress=settings.egress,
+        # Loading the trust store takes ~30 ms: here, not on the event loop under the first request.
+        ssl_context=upstream_ssl_context()
+        if any(p.origin.scheme == "https" for p in api_config.providers.values())
+        else None,
     )
     sink = sink or pipeline or offload or DiscardSink()
     proxy = ProxyHandler(
