@@ -96,10 +96,10 @@ class ApiConfig:
 def normalise_path(raw_path: str) -> str | None:
     """The canonical form of a request path, or None when it must be refused.
 
-    Encoded slashes and backslashes, dot segments (also percent-encoded, once or twice) and NUL
-    bytes are refused rather than resolved: a client has no honest reason to send them, and
-    resolving them is how prefix allowlists get bypassed, here or at an upstream that decodes once
-    more. Repeated slashes collapse and a trailing slash is dropped.
+    Encoded slashes and backslashes, dot segments (also percent-encoded, once or twice, or with a
+    ``;`` parameter) and NUL bytes are refused rather than resolved: a client has no honest reason
+    to send them, and resolving them is how prefix allowlists get bypassed, here or at an upstream
+    that decodes once more. Repeated slashes collapse and a trailing slash is dropped.
     """
     if _already_canonical(raw_path):
         return raw_path
@@ -112,7 +112,8 @@ def normalise_path(raw_path: str) -> str | None:
     if "%" in path and _ENCODED_SEPARATOR.search(path):
         return None  # double-encoded: "%252e" decodes to "%2e"
     segments = [s for s in path.split("/") if s]
-    if any(s in (".", "..") for s in segments):
+    # ``..;x`` is a dot segment to servers that strip path parameters (Tomcat, Spring).
+    if any(s.partition(";")[0] in (".", "..") for s in segments):
         return None
     return "/" + "/".join(segments)
 

@@ -353,6 +353,9 @@ async def test_the_target_is_forwarded_exactly_as_sent(
         ("/v1/models/%252e%252e/%252e%252e/admin", 404),
         ("/v1/models/..%2fadmin", 404),
         ("/v1/models/%2F..%2Fadmin", 404),
+        ("/v1/models/..;/..;/admin", 404),
+        ("/v1/models/%2e%2e;x/admin", 404),
+        ("/v1/models/.;/x", 404),
     ],
 )
 async def test_dangerous_targets_are_refused_not_forwarded(
