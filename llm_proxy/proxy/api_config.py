@@ -106,7 +106,11 @@ def normalise_path(raw_path: str) -> str | None:
     lowered = raw_path.lower()
     if "%2f" in lowered or "%5c" in lowered or "\\" in raw_path or "%00" in lowered:
         return None
-    path = unquote(raw_path) if "%" in raw_path else raw_path
+    try:
+        # Strict: an overlong form such as %c0%ae is a dot to some decoders, and no UTF-8 at all.
+        path = unquote(raw_path, errors="strict") if "%" in raw_path else raw_path
+    except UnicodeDecodeError:
+        return None
     if not path.startswith("/") or "\x00" in path:
         return None
     if "%" in path and _ENCODED_SEPARATOR.search(path):

@@ -356,6 +356,8 @@ async def test_the_target_is_forwarded_exactly_as_sent(
         ("/v1/models/..;/..;/admin", 404),
         ("/v1/models/%2e%2e;x/admin", 404),
         ("/v1/models/.;/x", 404),
+        ("/v1/models/%c0%ae%c0%ae/admin", 404),
+        ("/v1/models/%ff", 404),
     ],
 )
 async def test_dangerous_targets_are_refused_not_forwarded(
