@@ -82,6 +82,7 @@ async def _paced_stream(request: web.Request) -> web.StreamResponse:
         await response.write(f"data: {n}\n\n".encode())
         await asyncio.sleep(float(request.query.get("gap", "0.05")))
     await response.write(b"data: [DONE]\n\n")
+    await asyncio.sleep(float(request.query.get("linger", "0")))  # before the end of the body
     return response
 
 
@@ -107,7 +108,7 @@ async def _status_from_header(request: web.Request) -> web.Response:
     return web.json_response(
         {"error": {"message": "upstream says no", "type": "server_error", "code": "fake"}},
         status=status,
-        headers={"X-Upstream-Header": "kept"},
+        headers={"X-Upstream-Header": "kept", "Server-Timing": "db;dur=5"},
     )
 
 

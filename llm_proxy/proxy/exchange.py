@@ -79,6 +79,10 @@ class Exchange:
     held_nanousd: int = 0
     # Bytes of the request body left out on the way to the events process, which was behind.
     request_bytes_shed: int = 0
+    # The fields above are sent to the events process in their order (``to_wire``); those below
+    # stay in the server.
+    # A stream's ``data: [DONE]`` was relayed before the client left: its answer was whole.
+    answered_whole: bool = False
 
     @property
     def is_stream(self) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ from llm_proxy.stats import STATS
 from llm_proxy.store import Store
 
 log = structlog.get_logger(__name__)
+_SSE_DONE = re.compile(rb"(?:^|\n)data: ?\[DONE\]\s*$")
 
 # What the relay does with an upstream response field, by its lower-case name; absent: pass it on.
 _DROP, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH, _DATE, _UPSTREAM_REQUEST_ID = range(6)
@@ -55,7 +57,6 @@ _RESPONSE_FIELDS = {
             b"trailer",
             b"transfer-encoding",
             b"upgrade",
-            b"server-timing",
         ),
         _DROP,
     ),
@@ -253,8 +254,9 @@ class ProxyHandler:
             reply_headers.append((b"X-Request-ID", request_id_field))
             await self._answer_error(writer, exc, reply_headers)
         except asyncio.CancelledError:
-            exchange.client_disconnected = True
-            exchange.error = exchange.error or "client_disconnected"
+            if not exchange.answered_whole:
+                exchange.client_disconnected = True
+                exchange.error = exchange.error or "client_disconnected"
             raise
         finally:
             exchange.ended = time.perf_counter()
@@ -711,10 +713,13 @@ class ProxyHandler:
                 return
         await writer.start(upstream.status, upstream.reason, head, stream=stream)
         capture = exchange.response_body
+        before_last = last = b""
 
         def deliver(chunk: bytes) -> bool:
             # Runs as the upstream client parses each chunk: no task switch per chunk.
+            nonlocal before_last, last
             capture.add(chunk)
+            before_last, last = last, chunk
             if chunk_filter is not None:
                 chunk = chunk_filter.feed(chunk)
                 if not chunk:
@@ -729,6 +734,12 @@ class ProxyHandler:
                 tail = chunk_filter.flush()
                 if tail:
                     await writer.write(tail)
+        except asyncio.CancelledError:
+            # SDKs close a stream as soon as they read `data: [DONE]`, which may be before the
+            # upstream's end of body arrives: that client left with the whole answer.
+            if stream and _SSE_DONE.search(before_last[-32:] + last):
+                exchange.answered_whole = True
+            raise
         except errors.ProxyError as exc:
             # The head is already sent, so the only honest signal left is an incomplete body:
             # close the connection without the final chunk (or before Content-Length is reached).

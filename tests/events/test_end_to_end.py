@@ -245,3 +245,27 @@ async def test_a_model_without_a_price_is_counted_as_other(
     counted -= value(before, "llm_proxy_tokens_total", kind="prompt", model="other")
     assert counted == answer.usage.prompt_tokens
     assert 'model="my-fine-tune-7"' not in await (await proxy.client.get("/metrics")).text()
+
+
+async def test_a_client_that_leaves_once_it_read_done_is_not_recorded_as_disconnected(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """SDKs close a stream as soon as they read ``data: [DONE]``; the upstream's end of body may
+    come later. That client had the whole answer; one that leaves before it did not."""
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    before = value(await scrape(proxy), "llm_proxy_client_disconnects_total")
+    whole = await proxy.client.get("/v1/audio/paced?n=2&gap=0.01&linger=5", headers=headers)
+    assert (await whole.content.readuntil(b"[DONE]\n\n")).endswith(b"data: [DONE]\n\n")
+    whole.close()
+    (event,) = await wait_for_lines(log, 1)
+    assert (event["status"], event["error"]) == (200, None)
+
+    cut = await proxy.client.get("/v1/audio/paced?n=3&gap=0.5", headers=headers)
+    assert await cut.content.readuntil(b"\n\n") == b"data: 0\n\n"
+    cut.close()
+    events = await wait_for_lines(log, 2)
+    assert (events[1]["status"], events[1]["error"]) == (200, "client_disconnected")
+    after = value(await scrape(proxy), "llm_proxy_client_disconnects_total")
+    assert after - before == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 
@@ -24,6 +24,31 @@ def test_the_wire_form_carries_the_whole_exchange_back() -> None:
     assert again.to_wire() == original.to_wire()
     assert again.request_body.getvalue() == original.request_body.getvalue()
     assert (again.hold_id, again.tpm_limited, again.request_bytes_shed) == ("h1", True, 0)
+
+
+def test_every_field_on_the_wire_comes_back_under_its_own_name() -> None:
+    # from_wire is positional: a field added out of to_wire's order would shift the others, which
+    # equal defaults would hide. Every field here differs from its default and from the others.
+    original = exchange(request=PROMPT, response=ANSWER)
+    distinct: dict[str, object] = {}
+    for number, field in enumerate(fields(Exchange)):
+        value = getattr(original, field.name)
+        if isinstance(value, bool):
+            distinct[field.name] = not field.default
+        elif isinstance(value, int | float) and field.name not in ("started", "started_at"):
+            distinct[field.name] = 1000 + number
+        elif isinstance(value, str) or value is None:
+            distinct[field.name] = f"value-{number}"
+    changed = replace(original, **distinct)  # type: ignore[arg-type]
+    again = Exchange.from_wire(changed.to_wire())
+    server_only = {"answered_whole"}
+    for field in fields(Exchange):
+        if field.name in server_only:
+            assert getattr(again, field.name) == field.default
+        elif field.name.endswith("_body"):
+            assert getattr(again, field.name).getvalue() == getattr(changed, field.name).getvalue()
+        else:
+            assert getattr(again, field.name) == getattr(changed, field.name), field.name
 
 
 def test_the_queue_reads_the_captured_bytes_from_the_wire_form() -> None:

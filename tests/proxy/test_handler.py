@@ -358,6 +358,9 @@ async def test_upstream_errors_pass_through_verbatim(proxy: Proxy) -> None:
         assert response.status == status
         assert response.headers["X-Upstream-Header"] == "kept"
         assert (await response.json())["error"]["code"] == "fake"
+        # The upstream's own Server-Timing passes, and the proxy's is added beside it.
+        timings = response.headers.getall("Server-Timing")
+        assert timings[0] == "db;dur=5" and timings[1].startswith("proxy;dur=")
 
 
 async def test_body_bytes_pass_through_unchanged_both_ways(proxy: Proxy) -> None:
