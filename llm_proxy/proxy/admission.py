@@ -264,6 +264,9 @@ class TokenAuthority:
             log.error("token_authority.store_failed", operation="release", error=str(exc))
             return
         grant.exhausted = False
+        cached = self._by_hash.get(grant.digest)
+        if cached is not None:  # the token may have been reloaded since this request's grant
+            cached.exhausted = False
 
     async def _take_rate_slot(self, grant: Grant) -> int:
         try:
@@ -356,7 +359,8 @@ class TokenAuthority:
         fresh = await self._load(grant.digest, time.monotonic())
         if not fresh.is_active:
             raise errors.TokenInactive("This token has been revoked.")
-        fresh.exhausted = True
+        # (``fresh.exhausted`` says what the database says: requests that held the last places
+        # when the claim failed may have been given back since, and the next request may pass.)
         raise errors.QuotaExceeded(
             f"This token has used all {grant.max_requests} of its requests.",
         )

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
+from tests.fakes import fake_upstream_app
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -234,3 +237,27 @@ async def test_with_redis_the_tpm_window_lives_there(
         assert await client.zcard(f"llm-proxy:tpm:{issued['id']}") >= 1
     finally:
         await client.aclose()
+
+
+async def test_requests_given_back_after_an_outage_leave_the_quota_open(
+    proxy_factory: Any, unused_tcp_port: int
+) -> None:
+    """Requests that held the last places while the upstream was down are given back; those
+    refused meanwhile must not leave the token looking used up (a reviewer saw it refused for
+    as long as the client kept retrying)."""
+    proxy: Proxy = await proxy_factory(api={"base_url": f"http://127.0.0.1:{unused_tcp_port}"})
+    issued = await proxy.issue_token(max_requests=5)
+    token = issued["token"]
+    statuses = await asyncio.gather(*(post(proxy, token, chat("gpt-4o-mini")) for _ in range(20)))
+    codes = sorted({(s, a["error"]["code"]) for s, _, a in statuses})
+    assert (502, "upstream_unavailable") in codes and (429, "quota_exceeded") in codes, codes
+    _, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (shown["request_count"], shown["status"]) == (0, "active")
+
+    upstream = TestServer(fake_upstream_app(), port=unused_tcp_port)
+    await upstream.start_server()
+    try:
+        answers = [(await post(proxy, token, chat("gpt-4o-mini")))[0] for _ in range(6)]
+    finally:
+        await upstream.close()
+    assert answers == [200] * 5 + [429]
