@@ -64,9 +64,16 @@ def build(
     model = _model(request) or _model(response)
     event_usage = usage.from_upstream(response)
     # Only a successful answer consumed tokens worth counting; an error or a body we could not
-    # decode gets no usage rather than a made-up one.
-    if event_usage is None and 200 <= exchange.status < 300 and decoded.data is not None:
+    # decode gets no usage rather than a made-up one. A client that left before its answer
+    # began counts its prompt: hanging up just before a long answer must not be free.
+    left_early = exchange.left_before_answer
+    if event_usage is None and (
+        left_early or (200 <= exchange.status < 300 and decoded.data is not None)
+    ):
         event_usage = usage.estimate(exchange.path, request, response, model)
+    cost_usd = _cost_usd(prices, model, event_usage, response)
+    if left_early and exchange.held_nanousd:
+        cost_usd = usd(exchange.held_nanousd)  # all it held: the most the unseen answer cost
 
     stream = exchange.is_stream
     if not exchange.response_content_type and isinstance(request, dict):
@@ -91,7 +98,7 @@ def build(
         "request": request,
         "response": response,
         "usage": event_usage,
-        "cost_usd": _cost_usd(prices, model, event_usage, response),
+        "cost_usd": cost_usd,
         "upstream_request_id": exchange.upstream_request_id,
         "error": exchange.error,
     }

@@ -5,7 +5,9 @@ The proxy path refuses a request while its token's tpm window is full, and holds
 budgeted request can cost; both are settled here, off the request path, in the pipeline that builds
 the events (the events process, or the server with ``event_build_in="thread"``), from the same
 usage and cost the event reports: the upstream's, or the offline estimate when the upstream sent
-none (a client that hung up mid-stream pays for what the upstream had produced by then).
+none (a client that hung up mid-stream pays for what the upstream had produced by then; one that
+hung up after its request went upstream and before the answer began pays all it held, as the
+upstream may have produced the whole answer).
 """
 
 from __future__ import annotations
@@ -61,8 +63,12 @@ class TokenSettler:
                 continue
             exchange = same_id.popleft()
             if exchange.hold_id:
-                cost = settled_cost(
-                    event, exchange.held_nanousd, request_kept=not exchange.request_bytes_shed
+                cost = (
+                    exchange.held_nanousd  # the most the answer nobody saw could have cost
+                    if exchange.left_before_answer
+                    else settled_cost(
+                        event, exchange.held_nanousd, request_kept=not exchange.request_bytes_shed
+                    )
                 )
                 settlements.append(
                     Settlement(exchange.token_id, exchange.hold_id, exchange.held_nanousd, cost)

@@ -89,6 +89,12 @@ class Exchange:
         return self.response_content_type.startswith("text/event-stream")
 
     @property
+    def left_before_answer(self) -> bool:
+        """The client hung up after the request went upstream and before the answer began: the
+        upstream may have produced all of it, which nobody will see."""
+        return self.client_disconnected and bool(self.upstream_started) and not self.status
+
+    @property
     def captured_bytes(self) -> int:
         """The bytes of both bodies this exchange holds (what the events queues are bounded by)."""
         return self.request_body.size + self.response_body.size

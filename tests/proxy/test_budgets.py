@@ -20,6 +20,7 @@ from llm_proxy.tools.mock_upstream import MockSettings
 from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
 from tests.fakes import fake_upstream_app
+from tests.waiting import wait_for_lines
 
 # USD per million tokens: 1 per input token and 4 per output token, in micro-dollars.
 PRICES = """
@@ -210,6 +211,35 @@ async def test_a_client_that_hangs_up_mid_stream_pays_for_what_it_received(
         output_paid = shown["spent_usd"] * 1e9 / OUTPUT_NANOUSD
         assert 20 <= output_paid < 200
         assert shown["reserved_usd"] == 0
+    finally:
+        await slow.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_hangs_up_before_the_answer_begins_pays_all_it_held(
+    proxy_factory: Any, prices_path: Path, tmp_path: Path, stream: bool
+) -> None:
+    """The upstream got the request and may produce the whole answer, which nobody sees: hanging
+    up just before a non-streamed answer (it begins only once complete) must not be free."""
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, latency=2.0)))
+    await slow.start_server()
+    try:
+        log = tmp_path / "events.jsonl"
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path,
+            file_event_log=log,
+            api={"base_url": str(slow.make_url("")).rstrip("/")},
+        )
+        issued = await proxy.issue_token(budget_usd=1)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(post(proxy, issued["token"], chat(stream=stream)), 0.3)
+        shown = await settled(proxy, issued["id"], spent_at_least=0.00001)
+        # All it held: the prompt's bound and the model's 200 output tokens.
+        assert shown["spent_usd"] * 1e9 > 200 * OUTPUT_NANOUSD, shown
+        (event,) = await wait_for_lines(log, 1)
+        assert (event["status"], event["error"]) == (0, "client_disconnected")
+        assert event["usage"]["source"] == "estimated" and event["usage"]["prompt_tokens"] > 0
+        assert event["cost_usd"] == shown["spent_usd"]
     finally:
         await slow.close()
 
