@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -308,6 +309,26 @@ def _connection(opts: ClientOptions) -> Connection:
     return Connection(base_url, token, url_hint, str(path))
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx stays an answer: following it would turn a POST into a GET that creates nothing, and
+    send the management token to whatever host the redirect names."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Message,
+        newurl: str,
+    ) -> None:
+        return None
+
+
+# The default handlers (proxies from the environment, https) but for the redirect handler.
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     connection = _connection(opts)
     data = json.dumps(body).encode() if body is not None else None
@@ -322,9 +343,11 @@ def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | No
         },
     )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with _OPENER.open(request, timeout=30) as response:
             payload = response.read()
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            raise _redirect_error(exc, connection) from None
         raise _api_error(exc, connection) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -333,6 +356,19 @@ def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | No
             code="unreachable",
         ) from None
     return json.loads(payload) if payload else None
+
+
+def _redirect_error(exc: urllib.error.HTTPError, connection: Connection) -> ManageError:
+    location = exc.headers.get("Location")
+    exc.close()
+    # A relative Location is shown as the URL it names, which the operator can pass as is.
+    where = f"Location {urllib.parse.urljoin(exc.url, location)}" if location else "no Location"
+    plain = (
+        f"{connection.base_url} answered a redirect ({exc.code}, {where}), which is not followed:"
+        " nothing was done and the management token was sent nowhere else; give the management"
+        " API's own URL with --manage-api-base-url or MANAGE_API_BASE_URL"
+    )
+    return ManageError(plain, code="redirected", status=exc.code)
 
 
 def _api_error(exc: urllib.error.HTTPError, connection: Connection) -> ManageError:

@@ -1,0 +1,128 @@
+"""``llm-proxy manage`` pointed at something that is not the management API, or not only: a
+redirect (an ingress sending http to https) is never followed, and an answer that is not JSON (a
+login page) is one line. A real ``llm-proxy`` process against small aiohttp servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.processes import clean_env, cli_command
+
+pytestmark = pytest.mark.process
+
+MakeServer = Callable[..., Awaitable[TestServer]]
+TOKEN = "mgmt-odd-answers"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    authorization: str | None
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def manage(base_url: str, *args: str) -> Finished:
+    """``llm-proxy manage ARGS`` as a process, the connection given by the environment."""
+    process = await asyncio.create_subprocess_exec(
+        *cli_command("manage", *args),
+        env=clean_env(MANAGE_API_BASE_URL=base_url, MANAGEMENT_TOKEN=TOKEN),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return Finished(process.returncode, stdout.decode(), stderr.decode())
+
+
+def one_line(result: Finished) -> str:
+    """The one error line on stderr, exit status 1, nothing on stdout."""
+    assert result.returncode == 1, result
+    assert result.stdout == "", result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def json_error(result: Finished) -> dict[str, Any]:
+    error: dict[str, Any] = json.loads(one_line(result))["error"]
+    return error
+
+
+async def recorder(aiohttp_server: MakeServer) -> tuple[TestServer, list[Seen]]:
+    """A server that records each request it gets, answering as the management API would."""
+    seen: list[Seen] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(Seen(request.method, request.path, request.headers.get("Authorization")))
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    return await aiohttp_server(app), seen
+
+
+async def redirector(aiohttp_server: MakeServer, status: int, location: str) -> TestServer:
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": location})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    return await aiohttp_server(app)
+
+
+def url(server: TestServer, path: str = "") -> str:
+    return str(server.make_url(path))
+
+
+WRITES = [
+    ("project", "create", "--name", "n", "--api-key", "sk-x"),
+    ("token", "generate", "--project-id", "some-project"),
+]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("args", WRITES, ids=["project-create", "token-generate"])
+async def test_a_redirect_is_not_followed_and_the_token_goes_nowhere(
+    aiohttp_server: MakeServer, status: int, args: tuple[str, ...]
+) -> None:
+    target, seen = await recorder(aiohttp_server)
+    location = url(target, "/manage/projects" if args[0] == "project" else "/manage/tokens")
+    front = await redirector(aiohttp_server, status, location)
+    line = one_line(await manage(url(front), *args))
+    assert seen == []
+    assert line.startswith("Error: ")
+    assert str(status) in line and f"Location {location}" in line
+    assert "--manage-api-base-url" in line and TOKEN not in line
+
+
+async def test_a_redirect_under_json_is_one_json_error_not_a_list(
+    aiohttp_server: MakeServer,
+) -> None:
+    target, seen = await recorder(aiohttp_server)
+    front = await redirector(aiohttp_server, 302, url(target, "/manage/projects"))
+    error = json_error(await manage(url(front), "--json", *WRITES[0]))
+    assert seen == []
+    assert (error["code"], error["status"]) == ("redirected", 302)
+    assert url(target, "/manage/projects") in error["message"]
+
+
+async def test_a_relative_redirect_names_the_url_it_leads_to(aiohttp_server: MakeServer) -> None:
+    front = await redirector(aiohttp_server, 301, "/login?next=/manage/projects")
+    line = one_line(await manage(url(front), "project", "list"))
+    assert f"Location {url(front, '/login')}?next=/manage/projects" in line
