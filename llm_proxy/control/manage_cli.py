@@ -345,6 +345,7 @@ def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | No
     try:
         with _OPENER.open(request, timeout=30) as response:
             payload = response.read()
+            status, content_type = response.status, response.headers.get("Content-Type")
     except urllib.error.HTTPError as exc:
         if 300 <= exc.code < 400:
             raise _redirect_error(exc, connection) from None
@@ -355,7 +356,17 @@ def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | No
             f"cannot reach {connection.base_url} ({reason}): {connection.url_hint}",
             code="unreachable",
         ) from None
-    return json.loads(payload) if payload else None
+    try:
+        return json.loads(payload) if payload else None
+    except ValueError:
+        # Something else answers at that URL: a login page in front of it, another server.
+        raise ManageError(
+            f"{connection.base_url} answered {status} with {content_type or 'a body'} that is not"
+            " JSON, so it is not the management API: check --manage-api-base-url /"
+            " MANAGE_API_BASE_URL",
+            code="not_json",
+            status=status,
+        ) from None
 
 
 def _redirect_error(exc: urllib.error.HTTPError, connection: Connection) -> ManageError:

@@ -126,3 +126,43 @@ async def test_a_relative_redirect_names_the_url_it_leads_to(aiohttp_server: Mak
     front = await redirector(aiohttp_server, 301, "/login?next=/manage/projects")
     line = one_line(await manage(url(front), "project", "list"))
     assert f"Location {url(front, '/login')}?next=/manage/projects" in line
+
+
+async def login_page(aiohttp_server: MakeServer, body: bytes, content_type: str) -> TestServer:
+    """What an SSO proxy in front of the API answers: 200 with its own page."""
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", page)
+    return await aiohttp_server(app)
+
+
+PAGES = [
+    (b"<!doctype html><title>Sign in</title><form>", "text/html; charset=utf-8"),
+    (b"\xff\xfe not even text", "application/octet-stream"),
+    (b'{"truncated": ', "application/json"),
+]
+
+
+@pytest.mark.parametrize(("body", "content_type"), PAGES, ids=["html", "binary", "broken-json"])
+@pytest.mark.parametrize("args", [("project", "list"), WRITES[0]], ids=["list", "create"])
+async def test_an_answer_that_is_not_json_is_one_line(
+    aiohttp_server: MakeServer, body: bytes, content_type: str, args: tuple[str, ...]
+) -> None:
+    server = await login_page(aiohttp_server, body, content_type)
+    result = await manage(url(server), *args)
+    line = one_line(result)
+    assert "Traceback" not in result.stderr
+    assert line.startswith(f"Error: {url(server)} answered 200 with {content_type}")
+    assert "not JSON" in line and "--manage-api-base-url" in line
+
+
+async def test_an_answer_that_is_not_json_under_json_is_one_json_error(
+    aiohttp_server: MakeServer,
+) -> None:
+    server = await login_page(aiohttp_server, *PAGES[0])
+    error = json_error(await manage(url(server), "project", "list", "--json"))
+    assert (error["code"], error["status"]) == ("not_json", 200)
+    assert "text/html" in error["message"]
