@@ -54,6 +54,8 @@ class ClientOptions:
     base_url: str | None = None
     listen_addr: str | None = None
     management_token: str | None = None
+    # Where management_token came from, for a message when the server refuses it.
+    management_token_from: str | None = None
     data_dir: str | None = None
     as_json: bool = False
 
@@ -223,22 +225,29 @@ def _options(ctx: click.Context, /, overrides: dict[str, Any]) -> ClientOptions:
     parent: ClientOptions | None = ctx.find_object(ClientOptions)
     base = parent or ClientOptions()
 
-    def pick(name: str, inherited: Any) -> Any:
+    def pick(name: str, inherited: Any) -> tuple[Any, bool]:
+        """The value, and whether it is this command's own rather than inherited."""
         # A leaf reads the same environment variables as the group; only a flag typed on the leaf
         # may override what the group already settled (its own flag or the environment).
         value = overrides.pop(name, None)
         if value is None:
-            return inherited
+            return inherited, False
         if parent is None or ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
-            return value
-        return inherited if inherited is not None else value
+            return value, True
+        return (inherited, False) if inherited is not None else (value, True)
 
+    token, own_token = pick("management_token", base.management_token)
+    token_from = base.management_token_from
+    if own_token:
+        from_flag = ctx.get_parameter_source("management_token") is ParameterSource.COMMANDLINE
+        token_from = "--management-token" if from_flag else "MANAGEMENT_TOKEN in the environment"
     return ClientOptions(
-        base_url=pick("manage_api_base_url", base.base_url),
-        listen_addr=pick("listen_addr", base.listen_addr),
-        management_token=pick("management_token", base.management_token),
-        data_dir=pick("data_dir", base.data_dir),
-        as_json=bool(pick("as_json", None) or base.as_json),
+        base_url=pick("manage_api_base_url", base.base_url)[0],
+        listen_addr=pick("listen_addr", base.listen_addr)[0],
+        management_token=token,
+        management_token_from=token_from,
+        data_dir=pick("data_dir", base.data_dir)[0],
+        as_json=bool(pick("as_json", None)[0] or base.as_json),
     )
 
 
@@ -288,7 +297,8 @@ def _connection(opts: ClientOptions) -> Connection:
             f" as the server has it, or {elsewhere})"
         )
     if opts.management_token:
-        return Connection(base_url, opts.management_token, url_hint, "--management-token")
+        token_from = opts.management_token_from or "--management-token"
+        return Connection(base_url, opts.management_token, url_hint, token_from)
     path = Path(opts.data_dir or DEFAULT_DATA_DIR) / MANAGEMENT_TOKEN_FILE
     try:
         token = path.read_text().strip()
@@ -306,7 +316,7 @@ def _connection(opts: ClientOptions) -> Connection:
             f" in {path}; set DATA_DIR as the server has it to use the one it generated)",
             code="no_management_token",
         )
-    return Connection(base_url, token, url_hint, str(path))
+    return Connection(base_url, token, url_hint, f"the file {path}")
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -390,10 +400,9 @@ def _api_error(exc: urllib.error.HTTPError, connection: Connection) -> ManageErr
         plain, code = f"HTTP {exc.code} {exc.reason}", f"http_{exc.code}"
     finally:
         exc.close()
-    message = plain if plain.startswith("HTTP ") else f"{plain} ({exc.code} {code})"
     if exc.code == 401:
-        hint = f"; the token came from {connection.token_from}"
-        message, plain = message + hint, plain + hint
+        plain = f"{plain.rstrip('.')}; the token came from {connection.token_from}"
+    message = plain if plain.startswith("HTTP ") else f"{plain} ({exc.code} {code})"
     return ManageError(message, code=code, status=exc.code, plain=plain)
 
 

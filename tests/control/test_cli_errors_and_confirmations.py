@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,6 +88,45 @@ def test_a_refused_token_under_json_says_where_it_came_from(server: ServerProces
     error = json_error(result, 1)
     assert (error["code"], error["status"]) == ("unauthorized", 401)
     assert "--management-token" in error["message"] and "mgmt-wrong" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        ("flag on the leaf", "the token came from --management-token"),
+        ("flag on the group", "the token came from --management-token"),
+        ("environment", "the token came from MANAGEMENT_TOKEN in the environment"),
+        ("file", "the token came from the file {data_dir}/management_token"),
+    ],
+    ids=["leaf-flag", "group-flag", "environment", "file"],
+)
+@pytest.mark.parametrize("as_json", [False, True], ids=["plain", "json"])
+def test_a_refused_token_names_where_it_came_from(
+    server: ServerProcess, tmp_path: Path, where: str, said: str, as_json: bool
+) -> None:
+    env = {"MANAGE_API_BASE_URL": server.base_url}
+    args = ["project", "list", *(["--json"] if as_json else [])]
+    if where == "flag on the leaf":
+        args += ["--management-token", "mgmt-wrong"]
+    elif where == "flag on the group":
+        args = ["--management-token", "mgmt-wrong", *args]
+    elif where == "environment":
+        env["MANAGEMENT_TOKEN"] = "mgmt-wrong"
+    else:
+        (tmp_path / "management_token").write_text("mgmt-wrong\n")
+        env["DATA_DIR"] = str(tmp_path)
+    result = CliRunner().invoke(main, ["manage", *args], env=env)
+    if as_json:
+        error = json_error(result, 1)
+        assert (error["code"], error["status"]) == ("unauthorized", 401)
+        message = error["message"]
+    else:
+        assert result.exit_code == 1, result.output
+        (message,) = result.stderr.strip().splitlines()
+        assert message.endswith(" (401 unauthorized)")
+    assert said.format(data_dir=tmp_path) in message
+    assert "--management-token" not in message or "--management-token" in said
+    assert ".;" not in message and "mgmt-wrong" not in result.stderr
 
 
 @pytest.mark.parametrize(
