@@ -193,6 +193,7 @@ async def create_project(request: web.Request) -> web.Response:
 
 
 async def list_projects(request: web.Request) -> web.Response:
+    validation.require_known_query(request.query, set())
     return json_response([p.to_api() for p in await _ops(request).list_projects()])
 
 
@@ -297,7 +298,11 @@ async def create_token(request: web.Request) -> web.Response:
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    project_id = request.query.get("project_id") or None
+    validation.require_known_query(request.query, {"project_id"})
+    project_id = request.query.get("project_id")
+    if project_id == "":
+        # As a shell variable left unset sends it: not every project's tokens.
+        raise errors.InvalidField("project_id", "must not be empty; leave it out for all tokens")
     if project_id is not None:
         await _ops(request).get_project(project_id)
     tokens = await _ops(request).list_tokens(project_id)
@@ -350,9 +355,7 @@ async def revoke_token_by_value(request: web.Request) -> web.Response:
 async def list_audit_events(request: web.Request) -> web.Response:
     query = request.query
     known = {"actor", "action", "target_type", "target_id", "project_id", "outcome"}
-    unknown = set(query) - known - {"since", "until", "page", "page_size"}
-    if unknown:
-        raise errors.InvalidField(sorted(unknown)[0], "unknown query parameter")
+    validation.require_known_query(query, known | {"since", "until", "page", "page_size"})
     filters = AuditFilter(
         **{key: query[key] for key in known if query.get(key)},
         since=validation.timestamp(query.get("since"), "since"),

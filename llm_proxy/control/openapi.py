@@ -532,8 +532,9 @@ def openapi_document() -> dict[str, Any]:
             get=_operation(
                 "list_projects",
                 "projects",
-                "List projects",
+                "List projects; any query parameter is refused",
                 {"200": _json({"type": "array", "items": project}, "Projects")},
+                errors=("InvalidQuery",),
             ),
         ),
         "/manage/projects/{project_id}": _path(
@@ -583,10 +584,16 @@ def openapi_document() -> dict[str, Any]:
             get=_operation(
                 "list_tokens",
                 "tokens",
-                "List tokens (never their values)",
+                "List tokens (never their values); any other query parameter is refused",
                 {"200": _json({"type": "array", "items": token}, "Tokens")},
-                query=[_query("project_id", {"type": "string"}, "Only this project's tokens")],
-                errors=("ProjectNotFound",),
+                query=[
+                    _query(
+                        "project_id",
+                        {"type": "string", "minLength": 1},
+                        "Only this project's tokens",
+                    )
+                ],
+                errors=("InvalidQuery", "ProjectNotFound"),
             ),
             delete=_operation(
                 "revoke_token_by_value",

@@ -9,7 +9,9 @@ the whole number 286, as JSON Schema has it.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -256,13 +258,24 @@ def timestamp(value: str | None, key: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def require_known_query(query: Mapping[str, str], allowed: set[str]) -> None:
+    """Refuse a query parameter the endpoint does not take: a misspelt filter ignored would widen
+    the answer to everything, and a script acting on it would act on everything."""
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        expected = f"expected {', '.join(sorted(allowed))}" if allowed else "none is taken here"
+        raise InvalidField(unknown[0], f"unknown query parameter; {expected}")
+
+
 def query_int(value: str | None, key: str, *, default: int, minimum: int, maximum: int) -> int:
+    """A whole number given as plain ASCII digits: ``int()`` alone also takes ``1_0``, ``+1``,
+    `` 1`` and digits of other scripts."""
     if value is None or value == "":
         return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = None
+    number = None
+    if value.isascii() and value.isdigit():
+        with contextlib.suppress(ValueError):  # more digits than int() converts
+            number = int(value)
     if number is None or not minimum <= number <= maximum:
         raise InvalidField(key, f"must be {whole_number(minimum, maximum)}")
     return number

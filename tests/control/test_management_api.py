@@ -156,6 +156,45 @@ async def test_unknown_project_ids_are_404_everywhere(proxy: Proxy) -> None:
         assert (status, _code(answer)) == (404, "project_not_found"), (method, path)
 
 
+@pytest.mark.parametrize(
+    ("path", "parameter"),
+    [
+        ("/tokens?projectid={project}", "projectid"),
+        ("/tokens?project_id={project}&status=active", "status"),
+        ("/tokens?project={project}", "project"),
+        ("/projects?name=x", "name"),
+        ("/projects?page=1", "page"),
+    ],
+)
+async def test_a_list_refuses_a_query_parameter_it_does_not_take(
+    proxy: Proxy, path: str, parameter: str
+) -> None:
+    """A misspelt filter must not widen the answer to everything: a script revoking what it
+    lists would revoke every token."""
+    issued = await proxy.issue_token()
+    await proxy.issue_token()
+    status, body = await proxy.manage("GET", path.format(project=issued["project_id"]))
+    assert (status, _code(body)) == (400, "invalid_field"), body
+    assert set(body["error"]) == {"message", "type", "code"}
+    assert body["error"]["message"].startswith(f"{parameter}: unknown query parameter")
+
+
+async def test_an_empty_project_filter_is_refused_not_taken_as_every_project(
+    proxy: Proxy,
+) -> None:
+    await proxy.issue_token()
+    status, body = await proxy.manage("GET", "/tokens?project_id=")
+    assert (status, _code(body)) == (400, "invalid_field"), body
+    assert body["error"]["message"].startswith("project_id: ")
+
+
+@pytest.mark.parametrize("page", ["1_0", "+1", "%201", "1%20", "%EF%BC%91", "0x1", "1.0", "-0"])
+async def test_an_integer_query_parameter_is_plain_digits(proxy: Proxy, page: str) -> None:
+    status, body = await proxy.manage("GET", f"/audit?page={page}")
+    assert (status, _code(body)) == (400, "invalid_field"), (page, body)
+    assert body["error"]["message"].startswith("page: must be a whole number")
+
+
 async def test_token_issue_shows_the_value_once_and_never_again(proxy: Proxy) -> None:
     issued = await proxy.issue_token(max_requests=3, minutes=30)
     assert set(issued) >= {"id", "token", "project_id", "expires_at", "max_requests"}

@@ -105,7 +105,7 @@ SPECS = {
         _call("POST", "/projects", {"name": "n", "api_key": UPSTREAM_KEY}),
         (_call("POST", "/projects", [1]),),
     ),
-    "list_projects": Spec(_call("GET", "/projects")),
+    "list_projects": Spec(_call("GET", "/projects"), (_call("GET", "/projects?name=x"),)),
     "get_project": Spec(_on_project("GET", "/projects/{project}"), (_call("GET", "/projects/x"),)),
     "update_project": Spec(
         _on_project("PATCH", "/projects/{project}", {"name": "m"}),
@@ -129,7 +129,10 @@ SPECS = {
             _call("POST", "/tokens", {"project_id": UNKNOWN, "duration_minutes": 286.5}),
         ),
     ),
-    "list_tokens": Spec(_call("GET", "/tokens"), (_call("GET", f"/tokens?project_id={UNKNOWN}"),)),
+    "list_tokens": Spec(
+        _call("GET", "/tokens"),
+        (_call("GET", f"/tokens?project_id={UNKNOWN}"), _call("GET", "/tokens?projectid=x")),
+    ),
     "revoke_token_by_value": Spec(
         _revoke_by_value,
         (
