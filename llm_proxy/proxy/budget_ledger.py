@@ -24,6 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from llm_proxy.models import BudgetHold
+from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
 
 # Longer than any answer but a runaway stream; shorter than an operator's patience with a budget
@@ -215,7 +216,9 @@ class RedisBudgetLedger:
             "",
             int(expires_at + 86400) * 1000,
         ]
-        answer = await self._hold(keys=keys, args=args)
+        answer = await once_more_on_a_new_connection(
+            self._redis, lambda: self._hold(keys=keys, args=args)
+        )
         if answer[0] == -1:
             token = await self._store.get_token(token_id)
             args[5] = token.spent_nanousd if token is not None else 0

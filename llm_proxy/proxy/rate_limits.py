@@ -18,6 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from llm_proxy.models import RATE_WINDOW_MICROS, RateSlot
+from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
 
 
@@ -127,8 +128,9 @@ class RedisRateWindows:
         return f"llm-proxy:rpm:{token_id}"
 
     async def take(self, token_id: str, rpm: int) -> RateSlot:
-        admitted, value = await self._take(
-            keys=[self._key(token_id)], args=[rpm, RATE_WINDOW_MICROS]
+        admitted, value = await once_more_on_a_new_connection(
+            self._redis,
+            lambda: self._take(keys=[self._key(token_id)], args=[rpm, RATE_WINDOW_MICROS]),
         )
         if admitted:
             return RateSlot(True, at_micros=int(value))
@@ -138,8 +140,11 @@ class RedisRateWindows:
         await self._redis.zrem(self._key(token_id), at_micros)
 
     async def tpm_room(self, token_id: str, tpm: int) -> RateSlot:
-        room, retry_after = await self._tpm_room(
-            keys=[f"llm-proxy:tpm:{token_id}"], args=[tpm, RATE_WINDOW_MICROS]
+        room, retry_after = await once_more_on_a_new_connection(
+            self._redis,
+            lambda: self._tpm_room(
+                keys=[f"llm-proxy:tpm:{token_id}"], args=[tpm, RATE_WINDOW_MICROS]
+            ),
         )
         return RateSlot(bool(room), retry_after=int(retry_after) / 1e6)
 

@@ -448,3 +448,27 @@ async def test_requests_sharing_a_request_id_each_settle_their_own_hold(budgeted
     assert await asyncio.gather(*(one() for _ in range(8))) == [200] * 8
     shown = await settled(budgeted, issued["id"])
     assert shown["spent_usd"] > 0
+
+
+async def test_after_a_redis_restart_limited_tokens_are_served_at_once(
+    proxy_factory: Any, prices_path: Path, redis_server: RedisServer
+) -> None:
+    """The pooled connections to the Redis that went away are dead; the first requests after it
+    came back must not be refused for them (a reviewer saw 195 of 200 get 503)."""
+    proxy: Proxy = await proxy_factory(
+        prices_path=prices_path, event_bus="redis", redis_url=redis_server.url
+    )
+    budgeted = (await proxy.issue_token(budget_usd=100))["token"]
+    rated = (await proxy.issue_token(rpm=1000))["token"]
+
+    async def burst() -> list[int]:
+        answers = await asyncio.gather(
+            *(post(proxy, token, chat()) for token in (budgeted, rated) for _ in range(30))
+        )
+        return [status for status, _, _ in answers]
+
+    assert await burst() == [200] * 60  # many pooled connections
+    redis_server.stop()
+    redis_server.start()
+    await asyncio.sleep(0.5)
+    assert await burst() == [200] * 60
