@@ -1,12 +1,15 @@
 """Exact stream usage for clients that did not ask for it, invisibly to them.
 
 The proxy adds ``stream_options.include_usage`` to a streamed chat or legacy completion request as
-the body passes (:class:`~llm_proxy.proxy.body_scan.BodyInspector`), and this filter strips the extra
-usage-only chunk (``"choices": []`` with a ``usage`` object) from the bytes it relays, so the
-client sees exactly the stream it would have seen while the event still gets the upstream's usage.
+the body passes (:class:`~llm_proxy.proxy.body_scan.BodyInspector`), and this filter strips what
+that adds to the answer from the bytes it relays: the usage-only chunk (``"choices": []`` with a
+``usage`` object) and the ``"usage": null`` member the upstream then puts in every other chunk. So
+the client sees exactly the stream it would have seen while the event still gets the upstream's
+usage.
 
-It runs on the request path, so it is cheap: two precompiled byte searches per event, holding back
-nothing but an incomplete event that could still turn out to be the usage chunk.
+It runs on the request path, so it is cheap: three precompiled byte searches per event. It holds
+back nothing but an incomplete event (which a client cannot use before its blank line anyway); an
+event longer than ``_MAX_UNDECIDED`` that is not the usage chunk passes as it comes, unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # The first "choices" key of an event, and the first character of its array.
 _CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*(.)', re.DOTALL)
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-# An event that has not shown its "choices" within this many bytes is not the usage chunk.
+_USAGE_KEY = b'"usage"'
+# The member that asking for usage adds to every chunk. A `,"` is never inside a JSON string (its
+# quote would be escaped), and the lookahead keeps the JSON around it whole.
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
+# Incomplete events are held up to this size; a longer one is not the usage chunk and passes.
 _MAX_UNDECIDED = 16 * 1024
 
 
@@ -43,7 +50,7 @@ class UsageChunkFilter:
             data = chunk
         size = len(data)
         pos = 0
-        cuts: list[tuple[int, int]] = []  # byte ranges to leave out
+        edits: list[tuple[int, int, bytes]] = []  # byte ranges and what replaces them
         if self._passing:
             pos = self._end_of_passing(data)
             if pos < 0:
@@ -52,28 +59,38 @@ class UsageChunkFilter:
         while pos < size:
             boundary = _BOUNDARY.search(data, pos)
             end = boundary.end() if boundary else size
-            choices = _CHOICES.search(data, pos, end)
-            usage_like = choices is not None and choices.group(1) == b"]"
             if boundary is None:
-                undecided = choices is None and end - pos < _MAX_UNDECIDED
-                if usage_like or undecided:
-                    cuts.append((pos, size))
+                choices = _CHOICES.search(data, pos, end)
+                if end - pos < _MAX_UNDECIDED or (choices is not None and choices.group(1) == b"]"):
+                    edits.append((pos, size, b""))
                     self._held = data[pos:]
                 else:
                     self._passing = True
                     self._tail = data[-3:]
                 break
-            if usage_like and _USAGE_OBJECT.search(data, pos, end):
-                cuts.append((pos, end))
-                self.removed += 1
+            if data.find(_USAGE_KEY, pos, end) != -1:
+                choices = _CHOICES.search(data, pos, end)
+                if (
+                    choices is not None
+                    and choices.group(1) == b"]"
+                    and _USAGE_OBJECT.search(data, pos, end)
+                ):
+                    edits.append((pos, end, b""))
+                    self.removed += 1
+                else:
+                    event = data[pos:end]
+                    stripped = _NULL_USAGE.sub(b"", event)
+                    if len(stripped) != len(event):
+                        edits.append((pos, end, stripped))
             pos = end
-        if not cuts:
+        if not edits:
             return data
         kept = []
         start = 0
-        for cut_start, cut_end in cuts:
-            kept.append(data[start:cut_start])
-            start = cut_end
+        for edit_start, edit_end, replacement in edits:
+            kept.append(data[start:edit_start])
+            kept.append(replacement)
+            start = edit_end
         kept.append(data[start:])
         return b"".join(kept)
 

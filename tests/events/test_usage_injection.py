@@ -21,13 +21,18 @@ USAGE_EVENT = sse(usage_chunk(12, 5), done=False)
 DONE = b"data: [DONE]\n\n"
 
 
+def unasked(event: bytes) -> bytes:
+    """An event as the client would have had it without asking for usage: no "usage":null."""
+    return event.replace(b',"usage":null', b"")
+
+
 def stream_and_expected(newline: bytes = b"\n\n") -> tuple[bytes, bytes, list[bytes]]:
     events = [
         e.replace(b"\n\n", newline) if e.endswith(b"\n\n") else e
         for e in [*STREAM_EVENTS, USAGE_EVENT, DONE]
     ]
     usage = events[-2]
-    return b"".join(events), b"".join(e for e in events if e is not usage), events
+    return b"".join(events), b"".join(unasked(e) for e in events if e is not usage), events
 
 
 @pytest.mark.parametrize("newline", [b"\n\n", b"\r\n\r\n", b"\r\r"])
@@ -52,7 +57,7 @@ def test_every_byte_on_its_own() -> None:
     assert out == expected
 
 
-def test_output_is_prompt_and_holds_only_what_could_be_the_usage_chunk() -> None:
+def test_output_is_prompt_and_holds_only_an_incomplete_event() -> None:
     rng = random.Random(7)
     stream, expected, events = stream_and_expected()
     bounds = []
@@ -64,25 +69,46 @@ def test_output_is_prompt_and_holds_only_what_could_be_the_usage_chunk() -> None
         cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(1, 30)))
         usage_filter = UsageChunkFilter()
         sent = b""
-        fed = 0
         for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
             sent += usage_filter.feed(stream[start:end])
-            fed = end
-            complete = [e for s, t, e in bounds if t <= fed and e != events[-2]]
-            partial = [(s, e) for s, t, e in bounds if s < fed < t]
-            must_have = b"".join(complete)
-            if partial and b'"choices":[{' in stream[partial[0][0] : fed]:
-                must_have += stream[partial[0][0] : fed]  # known not to be the usage chunk: no hold
-            assert sent == must_have, (cuts, fed)
+            # Every complete event has gone out (a client cannot use an incomplete one).
+            complete = [unasked(e) for s, t, e in bounds if t <= end and e != events[-2]]
+            assert sent == b"".join(complete), (cuts, end)
         assert sent + usage_filter.flush() == expected
 
 
-def test_stream_without_a_usage_chunk_passes_unchanged_and_chunks_are_not_copied() -> None:
+def test_a_long_event_passes_as_it_comes_unchanged() -> None:
+    usage_filter = UsageChunkFilter()
+    event = sse(chunk({"content": "x" * 20_000}, usage=None), done=False)
+    out = usage_filter.feed(event[:18_000]) + usage_filter.feed(event[18_000:])
+    assert out == event  # passed before its end came, so its "usage":null too
+
+
+def test_events_without_usage_pass_unchanged_and_are_not_copied() -> None:
     _, _, events = stream_and_expected()
     usage_filter = UsageChunkFilter()
     for event in events[:-2]:
-        assert usage_filter.feed(event) is event
+        out = usage_filter.feed(event)
+        if b'"usage"' in event:
+            assert out == unasked(event) != event
+        else:
+            assert out is event
     assert usage_filter.flush() == b""
+
+
+@pytest.mark.parametrize(
+    ("member", "kept"),
+    [
+        (b', "usage": null}', b"}"),  # spaced, as Python's json.dumps writes it
+        (b',"usage":null,"obfuscation":"x"}', b',"obfuscation":"x"}'),
+        (b',"usage":nullx}', b',"usage":nullx}'),  # not JSON null: left alone
+        (b',"usage":{"a":1},"b":null}', b',"usage":{"a":1},"b":null}'),
+    ],
+)
+def test_only_a_null_usage_member_is_taken_out(member: bytes, kept: bytes) -> None:
+    head = b'data: {"choices":[{"delta":{"content":"a \\",\\"usage\\":null"}}]'
+    out = UsageChunkFilter().feed(head + member + b"\n\n")
+    assert out == head + kept + b"\n\n"
 
 
 def test_a_client_that_asked_for_usage_gets_it_unchanged() -> None:
