@@ -14,7 +14,7 @@ from admin_ui.handover import Handovers
 from admin_ui.rendering import JINJA, STATIC_DIR, error_page, setup_templates
 from admin_ui.security import CSRF_FIELD, CSRF_MAX_AGE_SECONDS, REALM, CsrfSigner, check_basic_auth
 from admin_ui.state import ADMIN, AdminState
-from llm_proxy import errors
+from llm_proxy import errors, failed_sign_ins
 from llm_proxy.control.operations import Operations
 
 log = structlog.get_logger(__name__)
@@ -72,9 +72,10 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         # The stylesheet and the copy script, the same for every installation: served to anyone,
         # so the sign-in page (401) can be styled too.
         return await handler(request)
-    if not check_basic_auth(
-        request.headers.get("Authorization"), admin.admin_user, admin.admin_password
-    ):
+    supplied = request.headers.get("Authorization")
+    if not check_basic_auth(supplied, admin.admin_user, admin.admin_password):
+        if supplied:  # (a browser asks first without: the 401 makes it show the sign-in box)
+            failed_sign_ins.refused("admin", request.remote)
         return _unauthorized(request)
     try:
         if request.method == "POST":

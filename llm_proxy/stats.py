@@ -72,6 +72,7 @@ class ProxyStats:
         self.refused: defaultdict[str, int] = defaultdict(int)
         self.upstream_errors: defaultdict[str, int] = defaultdict(int)
         self.client_disconnects = 0
+        self.auth_failures: defaultdict[str, int] = defaultdict(int)  # by operator surface
         self.cache_hits = 0
         self.cache_misses = 0
         self.cache_stale_checks = 0  # checked against the store: the change feed was stale
@@ -129,6 +130,13 @@ class _ProxyCollector(Collector):
             "Upstream failures by kind: unavailable, timeout, or dropped mid-body.",
             ["kind"],
             (((kind,), count) for kind, count in s.upstream_errors.items()),
+        )
+        yield _counters(
+            "llm_proxy_auth_failures",
+            "Wrong credentials sent to the management API (its token) or the admin pages (their"
+            " password).",
+            ["surface"],
+            (((surface,), count) for surface, count in s.auth_failures.items()),
         )
         yield CounterMetricFamily(
             "llm_proxy_client_disconnects",

@@ -11,7 +11,7 @@ import structlog
 from aiohttp import ClientPayloadError, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from llm_proxy import errors
+from llm_proxy import errors, failed_sign_ins
 from llm_proxy.control import validation
 from llm_proxy.control.openapi import openapi_document
 from llm_proxy.control.operations import (
@@ -110,6 +110,8 @@ def _authenticate(request: web.Request) -> None:
     # into the bytes sent, so they simply fail the comparison instead of failing to encode.
     given = credential.strip().encode("utf-8", "surrogateescape")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
+        if supplied:
+            failed_sign_ins.refused("management", request.remote)
         raise errors.Unauthorized(
             "Missing or wrong management token.", headers={"WWW-Authenticate": "Bearer"}
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import io
@@ -11,9 +12,11 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.control.management import MAX_JSON_BYTES, management_app
 from tests.conftest import MANAGEMENT_TOKEN, TOKEN_FIELDS, UPSTREAM_KEY, Proxy
@@ -870,3 +873,38 @@ async def test_each_mutating_call_writes_exactly_one_audit_event(proxy: Proxy) -
         1,
     )
     assert all(e["details"]["already_revoked"] for e in new[:2])
+
+
+async def test_wrong_credentials_are_counted_and_logged_without_filling_the_log(
+    proxy: Proxy,
+) -> None:
+    """Someone guessing the management token or the admin password shows on /metrics and in
+    the log; the log says so once per few seconds, with how many, not once a request."""
+    before = _auth_failures(await (await proxy.client.get("/metrics")).text())
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(5):
+            assert (await proxy.client.get("/manage/projects", headers=BAD_TOKEN)).status == 401
+            assert (await proxy.client.get("/admin/", headers=BAD_PASSWORD)).status == 401
+        # Asking without credentials is how a browser starts: not a failure.
+        assert (await proxy.client.get("/admin/")).status == 401
+        assert (await proxy.client.get("/manage/projects")).status == 401
+    after = _auth_failures(await (await proxy.client.get("/metrics")).text())
+    assert {s: after.get(s, 0) - before.get(s, 0) for s in after} == {"management": 5, "admin": 5}
+    lines = [e for e in logs if e["event"] == "auth.credentials_refused"]
+    # At most one line per surface in these few seconds (one each unless one was said just
+    # before, by another test of this process).
+    assert len(lines) <= 2 and {e["surface"] for e in lines} <= {"management", "admin"}
+    assert all("wrong" not in str(e) for e in lines)  # the credential itself is never logged
+
+
+BAD_TOKEN = {"Authorization": "Bearer wrong-token-guess"}
+BAD_PASSWORD = {"Authorization": "Basic " + base64.b64encode(b"admin:wrong-guess").decode()}
+
+
+def _auth_failures(page: str) -> dict[str, float]:
+    return {
+        sample.labels["surface"]: sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name == "llm_proxy_auth_failures_total"
+    }
