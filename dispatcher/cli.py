@@ -78,9 +78,10 @@ Exit codes:
   2  bad invocation
   3  --burst: Redis unreachable; undelivered events stay on the bus
   4  --burst: events were dead-lettered (see --dead-letter and `replay`)
-  5  the backend refused the credentials (HTTP 401/403, an AWS authentication
-     error): the dispatcher stops, dead-letters nothing, and leaves the events
-     it did not deliver on the bus for the next start
+  5  the backend refused the credentials (HTTP 401/403, Lunary's 402 for a key
+     that is not a project id, an AWS authentication error): the dispatcher
+     stops, dead-letters nothing, and leaves the events it did not deliver on
+     the bus for the next start
 When several apply, 5 wins over 3, and 3 over 4."""
 
 

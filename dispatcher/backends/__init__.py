@@ -19,7 +19,7 @@ from llm_proxy.events.event import Event
 class Rejection:
     reason: str
     retryable: bool
-    # The backend refused the credentials (HTTP 401/403, an AWS authentication error). The reason
+    # The backend refused the credentials (HTTP 401/403, Lunary's 402, an AWS authentication error). The reason
     # then holds only the status or error code: a service may echo the credentials it refused.
     auth: bool = False
 

@@ -4,6 +4,10 @@ event per request, in one request per batch.
 The run id is a UUID derived from the proxy's request id, so a redelivered event names the same run:
 Lunary refuses the second ``start`` as a duplicate (counted, and treated as delivered) and the
 ``end`` just updates the run. ``tokensUsage`` carries the event's usage, upstream or estimated.
+
+Lunary takes the bearer as the project id: a key that is not a UUID (mistyped, pasted with a quote
+or the private key's prefix) is answered 402 "Incorrect project id format", so 402 refuses the key
+like 401 and 403 do.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import aiohttp
 
 from dispatcher import metrics
 from dispatcher.backends import BackendError, Rejection
-from dispatcher.backends.http import post_json
+from dispatcher.backends.http import AUTH_STATUSES, post_json
 from llm_proxy.events.event import Event, parse_rfc3339, rfc3339
 
 DEFAULT_URL = "https://api.lunary.ai"
@@ -24,6 +28,7 @@ DEFAULT_URL = "https://api.lunary.ai"
 _RUN_NAMESPACE = uuid.UUID("5d0f4f5e-8c1a-4f4e-9a57-6c6c6d2d7072")
 _BODY_KEYS = frozenset({"messages", "prompt", "input", "model", "stream", "stream_options", "user"})
 _DUPLICATE = "already exists"
+_KEY_REFUSED = AUTH_STATUSES | {402}
 
 
 def run_id(request_id: str) -> str:
@@ -134,7 +139,9 @@ class LunaryBackend:
     async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
         assert self._session is not None
         body = {"events": [run for event in events for run in run_events(event)]}
-        refused, answer = await post_json(self._session, self.url, body, self._headers)
+        refused, answer = await post_json(
+            self._session, self.url, body, self._headers, auth_statuses=_KEY_REFUSED
+        )
         if refused is not None:
             raise BackendError(refused.reason, retryable=refused.retryable, auth=refused.auth)
         return self._refusals(events, answer)

@@ -19,7 +19,7 @@ from aiohttp import web
 
 HELICONE_KEY = "sk-helicone-test"
 HELICONE_READ_ONLY_KEY = "sk-helicone-read-only"  # a real key without the right to write logs
-LUNARY_KEY = "lunary-public-key"
+LUNARY_KEY = "0b5a7e2c-3f1d-4c8e-9a6b-2d4f6e8a0c1e"  # a project id, as Lunary's public keys are
 
 
 @contextmanager
@@ -193,7 +193,13 @@ class FakeLunary:
         self.app.router.add_post("/v1/runs/ingest", self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != f"Bearer {LUNARY_KEY}":
+        authorization = request.headers.get("Authorization", "")
+        if authorization != f"Bearer {LUNARY_KEY}":
+            try:
+                uuid.UUID(authorization.removeprefix("Bearer "))
+            except ValueError:
+                # Lunary looks the bearer up as the project id, a UUID column.
+                return web.json_response({"message": "Incorrect project id format"}, status=402)
             return web.json_response({"message": "This project does not exist"}, status=401)
         if self.answers:
             return web.json_response({"message": "scripted"}, status=self.answers.pop(0))

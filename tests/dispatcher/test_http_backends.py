@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,13 @@ from prometheus_client import REGISTRY
 from dispatcher.backends import BackendError, Rejection
 from dispatcher.backends.helicone import HeliconeBackend, payload
 from dispatcher.backends.lunary import LunaryBackend, run_events, run_id
+from dispatcher.exit_codes import Exit
 from dispatcher.retry import Backoff
 from dispatcher.worker import Worker, WorkerSettings
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event, parse_rfc3339
 from llm_proxy.events.memory import MemoryBus
+from llm_proxy.events.redis import RedisBus
 from tests.dispatcher.fakes import (
     HELICONE_KEY,
     HELICONE_READ_ONLY_KEY,
@@ -25,7 +28,14 @@ from tests.dispatcher.fakes import (
     FakeHelicone,
     FakeLunary,
 )
-from tests.events.events_support import chunk, exchange, free_port, sse, usage_chunk
+from tests.events.events_support import (
+    RedisServer,
+    chunk,
+    exchange,
+    free_port,
+    sse,
+    usage_chunk,
+)
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
@@ -303,16 +313,40 @@ async def test_lunary_errors_and_refusals(aiohttp_server: ServerFactory, tmp_pat
     assert line["reason"] == "lunary: invalid input"
 
 
-async def test_lunary_bad_key_raises_a_permanent_batch_error(aiohttp_server: ServerFactory) -> None:
+@pytest.mark.parametrize(
+    ("key", "status"),
+    [("8a1d2c3b-0000-4000-8000-000000000000", 401), ("pk-mistyped-not-a-uuid", 402)],
+)
+async def test_lunary_bad_key_raises_a_permanent_batch_error(
+    aiohttp_server: ServerFactory, key: str, status: int
+) -> None:
     server = await aiohttp_server(FakeLunary().app)
-    backend = LunaryBackend("wrong", url=str(server.make_url("/")))
+    backend = LunaryBackend(key, url=str(server.make_url("/")))
     await backend.start()
     try:
         with pytest.raises(BackendError) as raised:
             await backend.send([chat_event()])
     finally:
         await backend.close()
-    assert raised.value.rejection == Rejection("HTTP 401", retryable=False, auth=True)
+    assert raised.value.rejection == Rejection(f"HTTP {status}", retryable=False, auth=True)
+
+
+@pytest.mark.redis
+async def test_a_lunary_key_that_is_not_a_project_id_stops_the_worker_and_leaves_the_events(
+    aiohttp_server: ServerFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    server = await aiohttp_server(FakeLunary().app)
+    sent = [chat_event() for _ in range(5)]
+    bus = RedisBus(redis_server.url, stream="lunary402:events")
+    await bus.publish(sent)
+    backend = LunaryBackend("pk-mistyped-not-a-uuid", url=str(server.make_url("/")))
+    worker = Worker(bus, backend, worker_settings(tmp_path, "lunary"))
+    try:
+        assert await asyncio.wait_for(worker.serve(), 10) == Exit.AUTH
+        assert worker.summary.dead_lettered == 0 and not dead_letters(tmp_path)
+        assert (await bus.client.xpending("lunary402:events", "lunary"))["pending"] == 5
+    finally:
+        await bus.close()
 
 
 def test_lunary_run_events_for_other_endpoints() -> None:
