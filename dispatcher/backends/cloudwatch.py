@@ -21,7 +21,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from dispatcher import metrics
-from dispatcher.backends import BackendError, Rejection
+from dispatcher.backends import BackendError, Rejection, sizing
 from llm_proxy.events.event import Event, parse_rfc3339
 
 MAX_BATCH_EVENTS = 10_000
@@ -51,7 +51,7 @@ _AUTH_CODES = frozenset(
         "AuthFailure",
     }
 )
-_TRUNCATED = "…[truncated by llm-proxy]"
+_TRUNCATED = sizing.TRUNCATED
 
 Item = tuple[int, int, str]  # timestamp ms, index in the batch given to send, message
 
@@ -89,21 +89,13 @@ def message(event: Event, limit: int) -> str:
 
 def batches(items: Sequence[Item]) -> Iterator[list[Item]]:
     """Split chronologically sorted items into batches within every PutLogEvents limit."""
-    batch: list[Item] = []
-    size = 0
-    for item in items:
-        item_size = len(item[2].encode()) + EVENT_OVERHEAD
-        if batch and (
-            len(batch) >= MAX_BATCH_EVENTS
-            or size + item_size > MAX_BATCH_BYTES
-            or item[0] - batch[0][0] > MAX_SPAN_MS
-        ):
-            yield batch
-            batch, size = [], 0
-        batch.append(item)
-        size += item_size
-    if batch:
-        yield batch
+    return sizing.batches(
+        items,
+        lambda item: len(item[2].encode()) + EVENT_OVERHEAD,
+        max_items=MAX_BATCH_EVENTS,
+        max_bytes=MAX_BATCH_BYTES,
+        apart=lambda first, item: item[0] - first[0] > MAX_SPAN_MS,
+    )
 
 
 class CloudWatchBackend:

@@ -17,6 +17,7 @@ import orjson
 
 from dispatcher.backends import Rejection
 from dispatcher.backends.http import post_json
+from dispatcher.backends.sizing import fit
 from llm_proxy.events.event import Event, parse_rfc3339
 
 DEFAULT_URL = "https://api.worker.helicone.ai/custom/v1/log"
@@ -28,19 +29,11 @@ def _time(epoch: float) -> dict[str, int]:
     return {"seconds": millis // 1000, "milliseconds": millis % 1000}
 
 
-def _fit(value: object, limit: int) -> tuple[object, str | None]:
-    """``value`` if its JSON fits in ``limit`` bytes, else None and its JSON text cut to fit."""
-    text = orjson.dumps(value)
-    if len(text) <= limit:
-        return value, None
-    return None, text[:limit].decode("utf-8", "ignore") + "…[truncated by llm-proxy]"
-
-
 def payload(event: Event, *, max_body_bytes: int) -> dict[str, Any]:
     start = parse_rfc3339(event["timestamp"])
     model = event["model"] or "unknown"
 
-    request, request_text = _fit(event["request"], max_body_bytes)
+    request, request_text = fit(event["request"], max_body_bytes)
     if isinstance(request, dict):
         request_json: dict[str, Any] = request
     else:
@@ -48,7 +41,7 @@ def payload(event: Event, *, max_body_bytes: int) -> dict[str, Any]:
         shown = request_text if request_text is not None else request
         request_json = {"model": model, "body": shown}
 
-    response, response_text = _fit(event["response"], max_body_bytes)
+    response, response_text = fit(event["response"], max_body_bytes)
     usage = event["usage"]
     provider_response: dict[str, Any] = {
         "status": event["status"] or (504 if event["error"] == "upstream_timeout" else 502),

@@ -40,8 +40,9 @@ async def post_json(
     *,
     auth_statuses: frozenset[int] = AUTH_STATUSES,
 ) -> tuple[Rejection | None, object]:
-    """POST ``payload``; the refusal (None when accepted) and the parsed answer body, if JSON."""
-    body = orjson.dumps(payload)
+    """POST ``payload`` (or, as bytes, its JSON already encoded); the refusal (None when accepted)
+    and the parsed answer body, if JSON."""
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     try:
         async with session.post(
             url,

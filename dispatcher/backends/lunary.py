@@ -8,6 +8,10 @@ Lunary refuses the second ``start`` as a duplicate (counted, and treated as deli
 Lunary takes the bearer as the project id: a key that is not a UUID (mistyped, pasted with a quote
 or the private key's prefix) is answered 402 "Incorrect project id format", so 402 refuses the key
 like 401 and 403 do.
+
+Lunary refuses a request body over 20 MB (413), so a batch goes out in as many POSTs as keep each
+within ``max_request_bytes``, and a body (input, output, extra) over ``max_body_bytes`` is cut and
+sent as text, so that every event fits in one.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+import orjson
 
 from dispatcher import metrics
-from dispatcher.backends import BackendError, Rejection
+from dispatcher.backends import Rejection
 from dispatcher.backends.http import AUTH_STATUSES, post_json
+from dispatcher.backends.sizing import batches, fit
 from llm_proxy.events.event import Event, parse_rfc3339, rfc3339
 
 DEFAULT_URL = "https://api.lunary.ai"
@@ -29,6 +35,9 @@ _RUN_NAMESPACE = uuid.UUID("5d0f4f5e-8c1a-4f4e-9a57-6c6c6d2d7072")
 _BODY_KEYS = frozenset({"messages", "prompt", "input", "model", "stream", "stream_options", "user"})
 _DUPLICATE = "already exists"
 _KEY_REFUSED = AUTH_STATUSES | {402}
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # well within Lunary's 20 MB
+_ENVELOPE = (b'{"events":[', b"]}")
 
 
 def run_id(request_id: str) -> str:
@@ -66,8 +75,16 @@ def _error_message(event: Event) -> str:
     return f"HTTP {event['status']}" + (f" ({event['error']})" if event["error"] else "")
 
 
-def run_events(event: Event) -> list[dict[str, Any]]:
-    """The ``start`` and ``end``/``error`` run events of one request."""
+def _fitted(value: object, limit: int) -> object:
+    shown, cut = fit(value, limit)
+    return shown if cut is None else cut
+
+
+def run_events(
+    event: Event, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> list[dict[str, Any]]:
+    """The ``start`` and ``end``/``error`` run events of one request, each body within
+    ``max_body_bytes`` of JSON."""
     rid = run_id(event["request_id"])
     request = event["request"]
     ended = rfc3339(parse_rfc3339(event["timestamp"]) + event["duration_ms"] / 1000.0)
@@ -89,12 +106,13 @@ def run_events(event: Event) -> list[dict[str, Any]]:
         "runId": rid,
         "name": event["model"] or event["path"],
         "timestamp": event["timestamp"],
-        "input": _input(request),
+        "input": _fitted(_input(request), max_body_bytes),
         "metadata": metadata,
         "tags": ["llm-proxy"],
     }
     if isinstance(request, dict):
-        start["extra"] = {k: v for k, v in request.items() if k not in _BODY_KEYS}
+        extra, cut = fit({k: v for k, v in request.items() if k not in _BODY_KEYS}, max_body_bytes)
+        start["extra"] = extra if cut is None else {"truncated": cut}  # Lunary wants an object
         if isinstance(request.get("user"), str):
             start["userId"] = request["user"]
     if event["status"] == 0 or event["status"] >= 400:
@@ -111,7 +129,7 @@ def run_events(event: Event) -> list[dict[str, Any]]:
             "event": "end",
             "runId": rid,
             "timestamp": ended,
-            "output": _output(event["response"]),
+            "output": _fitted(_output(event["response"]), max_body_bytes),
         }
         if usage is not None:
             end["tokensUsage"] = {
@@ -124,10 +142,20 @@ def run_events(event: Event) -> list[dict[str, Any]]:
 class LunaryBackend:
     name = "lunary"
 
-    def __init__(self, public_key: str, *, url: str = DEFAULT_URL, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        public_key: str,
+        *,
+        url: str = DEFAULT_URL,
+        timeout: float = 30.0,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
         self.url = url.rstrip("/") + "/v1/runs/ingest"
         self._headers = {"Authorization": f"Bearer {public_key}"}
         self._timeout = timeout
+        self._max_body_bytes = max_body_bytes
+        self._max_request_bytes = max_request_bytes
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -138,19 +166,37 @@ class LunaryBackend:
 
     async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
         assert self._session is not None
-        body = {"events": [run for event in events for run in run_events(event)]}
-        refused, answer = await post_json(
-            self._session, self.url, body, self._headers, auth_statuses=_KEY_REFUSED
+        encoded = [(i, self._runs(event)) for i, event in enumerate(events)]
+        room = self._max_request_bytes - sum(map(len, _ENVELOPE))
+        refused: dict[int, Rejection] = {}
+        posts = list(
+            batches(encoded, lambda item: len(item[1]) + 1, max_items=len(events), max_bytes=room)
         )
-        if refused is not None:
-            raise BackendError(refused.reason, retryable=refused.retryable, auth=refused.auth)
-        return self._refusals(events, answer)
+        for n, post in enumerate(posts):
+            body = _ENVELOPE[0] + b",".join(runs for _, runs in post) + _ENVELOPE[1]
+            failed, answer = await post_json(
+                self._session, self.url, body, self._headers, auth_statuses=_KEY_REFUSED
+            )
+            if failed is None:
+                refused.update(self._refusals([(i, events[i]) for i, _ in post], answer))
+                continue
+            refused.update((i, failed) for i, _ in post)
+            if failed.auth or failed.retryable:
+                # The key, the service or the network: the next POST would fare no better.
+                refused.update((i, failed) for later in posts[n + 1 :] for i, _ in later)
+                break
+        return refused
 
-    def _refusals(self, events: Sequence[Event], answer: object) -> dict[int, Rejection]:
+    def _runs(self, event: Event) -> bytes:
+        """The event's run events as JSON array items, to be joined into a POST's body."""
+        runs = run_events(event, max_body_bytes=self._max_body_bytes)
+        return b",".join(orjson.dumps(run) for run in runs)
+
+    def _refusals(self, sent: Sequence[tuple[int, Event]], answer: object) -> dict[int, Rejection]:
         results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list):
             return {}
-        index = {run_id(e["request_id"]): i for i, e in enumerate(events)}
+        index = {run_id(e["request_id"]): i for i, e in sent}
         refused: dict[int, Rejection] = {}
         for result in results:
             if not isinstance(result, dict) or result.get("success", True):

@@ -184,9 +184,11 @@ def lunary_problems(event: Any) -> list[str]:
 
 
 class FakeLunary:
-    def __init__(self) -> None:
+    def __init__(self, max_body: int = 20 * 1024 * 1024) -> None:
         self.runs: dict[str, dict[str, Any]] = {}
         self.received: list[dict[str, Any]] = []
+        self.bodies: list[int] = []  # the size of every request body taken
+        self.max_body = max_body  # koa-bodyparser's jsonLimit in Lunary: "20mb"
         self.answers: list[int] = []
         self.refuse_run: set[str] = set()
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -203,6 +205,10 @@ class FakeLunary:
             return web.json_response({"message": "This project does not exist"}, status=401)
         if self.answers:
             return web.json_response({"message": "scripted"}, status=self.answers.pop(0))
+        raw = await request.read()
+        if len(raw) > self.max_body:
+            return web.json_response({"message": "request entity too large"}, status=413)
+        self.bodies.append(len(raw))
         body = await request.json()
         events = body.get("events") if isinstance(body, dict) else None
         if events is None:

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import REGISTRY
 
-from dispatcher.backends import BackendError, Rejection
+from dispatcher.backends import Rejection
 from dispatcher.backends.helicone import HeliconeBackend, payload
 from dispatcher.backends.lunary import LunaryBackend, run_events, run_id
 from dispatcher.exit_codes import Exit
@@ -324,11 +324,10 @@ async def test_lunary_bad_key_raises_a_permanent_batch_error(
     backend = LunaryBackend(key, url=str(server.make_url("/")))
     await backend.start()
     try:
-        with pytest.raises(BackendError) as raised:
-            await backend.send([chat_event()])
+        refused = await backend.send([chat_event(), chat_event()])
     finally:
         await backend.close()
-    assert raised.value.rejection == Rejection(f"HTTP {status}", retryable=False, auth=True)
+    assert refused == dict.fromkeys([0, 1], Rejection(f"HTTP {status}", retryable=False, auth=True))
 
 
 @pytest.mark.redis
@@ -347,6 +346,50 @@ async def test_a_lunary_key_that_is_not_a_project_id_stops_the_worker_and_leaves
         assert (await bus.client.xpending("lunary402:events", "lunary"))["pending"] == 5
     finally:
         await bus.close()
+
+
+def long_prompt_event(prompt_bytes: int) -> Event:
+    request = {**CHAT, "messages": [{"role": "user", "content": "x" * prompt_bytes}]}
+    return build(exchange(request=request, response=b"{}", request_limit=8 << 20))
+
+
+async def test_lunary_batches_are_split_to_stay_within_its_body_limit(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeLunary()
+    server = await aiohttp_server(fake.app)
+    events = [long_prompt_event(300_000) for _ in range(100)]
+    assert len(orjson.dumps([run_events(e) for e in events])) > fake.max_body
+
+    summary = await deliver(
+        LunaryBackend(LUNARY_KEY, url=str(server.make_url("/"))), events, tmp_path
+    )
+
+    assert summary.delivered == 100 and summary.dead_lettered == 0 and not dead_letters(tmp_path)
+    assert len(fake.bodies) > 1 and max(fake.bodies) <= 8 * 1024 * 1024
+    assert set(fake.runs) == {run_id(e["request_id"]) for e in events}
+
+
+async def test_lunary_an_event_too_large_alone_is_cut_not_dead_lettered(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeLunary(max_body=4 * 1024 * 1024)
+    server = await aiohttp_server(fake.app)
+    huge, small = long_prompt_event(6_000_000), chat_event()
+    backend = LunaryBackend(
+        LUNARY_KEY,
+        url=str(server.make_url("/")),
+        max_body_bytes=1024 * 1024,
+        max_request_bytes=3 * 1024 * 1024,
+    )
+
+    summary = await deliver(backend, [huge, small], tmp_path)
+
+    assert summary.delivered == 2 and not dead_letters(tmp_path)
+    cut = fake.runs[run_id(huge["request_id"])]["start"]["input"]
+    assert isinstance(cut, str) and cut.endswith("…[truncated by llm-proxy]")
+    assert len(cut.encode()) < 1024 * 1024 + 100
+    assert fake.runs[run_id(small["request_id"])]["start"]["input"] == CHAT["messages"]
 
 
 def test_lunary_run_events_for_other_endpoints() -> None:
