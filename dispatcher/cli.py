@@ -141,7 +141,7 @@ When several apply, 5 wins over 3, and 3 over 4."""
     type=float,
     default=30.0,
     show_default=True,
-    help="Longest retry wait, seconds.",
+    help="Longest retry wait, seconds; also caps the wait a backend asks for with Retry-After.",
 )
 @click.option(
     "--drain-timeout",

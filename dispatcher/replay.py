@@ -20,7 +20,7 @@ import orjson
 
 from dispatcher.backends import Backend, BackendError, Rejection
 from dispatcher.deadletter import DeadLetterFile
-from dispatcher.retry import Backoff
+from dispatcher.retry import Backoff, asked_wait
 from dispatcher.worker import AuthFailed, BackendStartError
 from llm_proxy.events import event as wire
 from llm_proxy.events.event import Event
@@ -207,7 +207,7 @@ class _Sender:
                 break
             pending = [event for event, _ in retry]
             if pending:
-                await asyncio.sleep(self._backoff.delay(attempt))
+                await asyncio.sleep(self._backoff.delay(attempt, asked_wait(refused.values())))
         return failed
 
     async def _attempt(self, events: Sequence[Event]) -> dict[int, Rejection]:

@@ -1,8 +1,9 @@
 """The dispatcher worker: drains one consumer group of the event bus into one backend.
 
 Modelled on arq's worker: batches by size and time; retries refused events with capped exponential
-backoff and jitter; writes permanent refusals to a dead-letter file; acknowledges a bus entry only
-after the backend accepted it (or it was dead-lettered), so a crash means redelivery, never loss.
+backoff and jitter, or after the backend's ``Retry-After`` up to the same cap; writes permanent
+refusals to a dead-letter file; acknowledges a bus entry only after the backend accepted it (or it
+was dead-lettered), so a crash means redelivery, never loss.
 On SIGTERM it stops reading, lets the batch in hand finish for at most ``drain_timeout`` seconds,
 then stops and logs a summary. In ``burst`` mode it exits once the bus is idle, or as soon as the
 bus cannot be reached. When the backend refuses the credentials it stops at once, dead-lettering
@@ -25,7 +26,7 @@ from dispatcher import metrics
 from dispatcher.backends import Backend, BackendError, Rejection
 from dispatcher.deadletter import DeadLetterFile
 from dispatcher.exit_codes import Exit
-from dispatcher.retry import Backoff
+from dispatcher.retry import Backoff, asked_wait
 from llm_proxy.events.bus import BusUnavailable, Delivery, EventBus, Subscription
 from llm_proxy.events.courtesy import courteously, release
 from llm_proxy.events.event import end_epoch
@@ -372,7 +373,7 @@ class Worker:
             self._count(accepted, dead, retry)
             pending = [d for d, _ in retry]
             if pending:
-                delay = self.settings.backoff.delay(attempt)
+                delay = self.settings.backoff.delay(attempt, asked_wait(refused.values()))
                 log.warning(
                     "dispatcher.delivery_failed",
                     backend=name,

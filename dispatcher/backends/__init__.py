@@ -22,14 +22,18 @@ class Rejection:
     # The backend refused the credentials (HTTP 401/403, Lunary's 402, an AWS authentication error). The reason
     # then holds only the status or error code: a service may echo the credentials it refused.
     auth: bool = False
+    # Seconds the service asked to wait before the next attempt (Retry-After), if it did.
+    retry_after: float | None = None
 
 
 class BackendError(Exception):
     """The whole batch failed (or, raised by ``start``, the backend refused the credentials)."""
 
-    def __init__(self, reason: str, *, retryable: bool, auth: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, retryable: bool, auth: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(reason)
-        self.rejection = Rejection(reason, retryable, auth)
+        self.rejection = Rejection(reason, retryable, auth, retry_after)
 
 
 class Backend(Protocol):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,12 +103,15 @@ class FakeHelicone:
     def __init__(self, max_body: int = 1024 * 1024) -> None:
         self.logs: list[dict[str, Any]] = []
         self.answers: list[int] = []  # statuses to answer first, before accepting
+        self.answer_headers: dict[str, str] = {}  # sent with those answers (Retry-After, say)
+        self.seen: list[float] = []  # when each request came (time.monotonic)
         self.refused_keys = 0  # requests answered 401 or 403
         self.max_body = max_body
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/custom/v1/log", self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append(time.monotonic())
         authorization = request.headers.get("Authorization")
         if authorization == f"Bearer {HELICONE_READ_ONLY_KEY}":
             self.refused_keys += 1
@@ -117,7 +121,9 @@ class FakeHelicone:
             # Services do echo what they refused; the dispatcher must never pass it on.
             return web.json_response({"error": f"Unauthorized: {authorization}"}, status=401)
         if self.answers:
-            return web.json_response({"error": "scripted"}, status=self.answers.pop(0))
+            return web.json_response(
+                {"error": "scripted"}, status=self.answers.pop(0), headers=self.answer_headers
+            )
         raw = await request.read()
         if len(raw) > self.max_body:
             return web.json_response({"error": "Payload too large"}, status=413)
@@ -190,11 +196,14 @@ class FakeLunary:
         self.bodies: list[int] = []  # the size of every request body taken
         self.max_body = max_body  # koa-bodyparser's jsonLimit in Lunary: "20mb"
         self.answers: list[int] = []
+        self.answer_headers: dict[str, str] = {}
+        self.seen: list[float] = []
         self.refuse_run: set[str] = set()
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/v1/runs/ingest", self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append(time.monotonic())
         authorization = request.headers.get("Authorization", "")
         if authorization != f"Bearer {LUNARY_KEY}":
             try:
@@ -204,7 +213,9 @@ class FakeLunary:
                 return web.json_response({"message": "Incorrect project id format"}, status=402)
             return web.json_response({"message": "This project does not exist"}, status=401)
         if self.answers:
-            return web.json_response({"message": "scripted"}, status=self.answers.pop(0))
+            return web.json_response(
+                {"message": "scripted"}, status=self.answers.pop(0), headers=self.answer_headers
+            )
         raw = await request.read()
         if len(raw) > self.max_body:
             return web.json_response({"message": "request entity too large"}, status=413)

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from dispatcher.backends import Rejection
 from dispatcher.backends.helicone import HeliconeBackend, payload
+from dispatcher.backends.http import retry_after
 from dispatcher.backends.lunary import LunaryBackend, run_events, run_id
 from dispatcher.exit_codes import Exit
 from dispatcher.retry import Backoff
@@ -148,6 +152,68 @@ async def test_helicone_retries_429_and_5xx_then_delivers(
         tmp_path,
     )
     assert summary.delivered == 1 and summary.retried == 2 and len(fake.logs) == 1
+
+
+async def deliver_with_cap(backend: Any, events: list[Event], tmp_path: Path, cap: float) -> Any:
+    settings = replace(worker_settings(tmp_path, backend.name), backoff=Backoff(base=0.01, cap=cap))
+    bus = MemoryBus()
+    worker = Worker(bus, backend, settings)
+    worker.start()
+    await bus.publish(events)
+    return await asyncio.wait_for(worker.async_run(), 20)
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "cap", "low", "high"),
+    [
+        (429, "1", 5.0, 0.95, 1.6),  # seconds, as asked
+        (503, "3600", 0.5, 0.45, 1.0),  # seconds, capped at --backoff-cap
+        (429, "in a while", 5.0, 0.0, 0.3),  # unreadable: the usual backoff
+    ],
+)
+async def test_helicone_retry_after_is_the_wait_before_the_next_attempt(
+    aiohttp_server: ServerFactory,
+    tmp_path: Path,
+    status: int,
+    retry_after: str,
+    cap: float,
+    low: float,
+    high: float,
+) -> None:
+    fake = FakeHelicone()
+    fake.answers = [status]
+    fake.answer_headers = {"Retry-After": retry_after}
+    server = await aiohttp_server(fake.app)
+    backend = HeliconeBackend(HELICONE_KEY, url=str(server.make_url("/custom/v1/log")))
+    summary = await deliver_with_cap(backend, [chat_event()], tmp_path, cap)
+    assert summary.delivered == 1 and summary.retried == 1
+    first, second = fake.seen
+    assert low <= second - first <= high
+
+
+async def test_lunary_retry_after_as_an_http_date_is_honoured(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeLunary()
+    fake.answers = [503]
+    # Whole seconds, so at least 1 s and at most 2 s from now.
+    fake.answer_headers = {"Retry-After": formatdate(int(time.time()) + 2, usegmt=True)}
+    server = await aiohttp_server(fake.app)
+    backend = LunaryBackend(LUNARY_KEY, url=str(server.make_url("/")))
+    summary = await deliver_with_cap(backend, [chat_event()], tmp_path, 5.0)
+    assert summary.delivered == 1 and summary.retried == 1
+    first, second = fake.seen
+    assert 0.9 <= second - first <= 2.5
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    now = 1_700_000_000.0
+    assert retry_after("120", now) == 120.0
+    assert retry_after(formatdate(now + 30, usegmt=True), now) == 30.0
+    assert retry_after("Tue, 14 Nov 2023 22:13:50 -0000", now) == 30.0
+    assert retry_after(formatdate(now - 30, usegmt=True), now) == 0.0
+    assert retry_after("soon", now) is None and retry_after(None, now) is None
+    assert retry_after("nan", now) is None
 
 
 async def test_helicone_permanent_refusal_is_dead_lettered(
