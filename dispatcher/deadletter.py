@@ -3,6 +3,7 @@
 Each line is ``{"failed_at", "backend", "reason", "event"}`` and keeps the whole event, so an
 operator can fix the cause and replay the file (``llm-proxy dispatcher replay``). A line that a
 replay could not read back as an event is carried forward whole as ``"line"`` instead of ``"event"``.
+Reasons are masked like log lines: a backend's answer may echo a key (backends mask their own).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import orjson
 
+from llm_proxy.crypto import redact
 from llm_proxy.events.event import Event, rfc3339
 from llm_proxy.private_files import owner_only
 
@@ -29,7 +31,7 @@ class DeadLetterFile:
     async def write(self, backend: str, failures: Sequence[tuple[Event, str]]) -> None:
         if failures:
             records: list[dict[str, object]] = [
-                {"reason": reason, "event": event} for event, reason in failures
+                {"reason": redact(reason), "event": event} for event, reason in failures
             ]
             await asyncio.to_thread(self._write, backend, records)
 
@@ -37,7 +39,7 @@ class DeadLetterFile:
         """Lines of another dead-letter file that hold no event, as ``(text, reason)``."""
         if lines:
             records: list[dict[str, object]] = [
-                {"reason": reason, "line": text} for text, reason in lines
+                {"reason": redact(reason), "line": text} for text, reason in lines
             ]
             await asyncio.to_thread(self._write, backend, records)
 

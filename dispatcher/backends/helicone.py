@@ -102,6 +102,7 @@ class HeliconeBackend:
     ) -> None:
         self.url = url
         self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._secrets = (api_key,)  # masked wherever the service echoes them
         self._max_body_bytes = max_body_bytes
         self._concurrency = concurrency
         self._timeout = timeout
@@ -125,7 +126,9 @@ class HeliconeBackend:
             async with gate:
                 if key_refused is not None:
                     return key_refused  # the key was refused: spare the service the rest
-                refused, _ = await post_json(session, self.url, body, self._headers)
+                refused, _ = await post_json(
+                    session, self.url, body, self._headers, secrets=self._secrets
+                )
             if refused is not None and refused.auth:
                 key_refused = refused
             return refused

@@ -5,6 +5,8 @@ the event goes to the dead-letter file instead of being retried forever. 401 and
 else a backend's service answers for a key it refuses) refuse the credentials, not the event: the
 worker stops instead (see :class:`~dispatcher.backends.Rejection`). A retryable answer's
 ``Retry-After`` (seconds or an HTTP date) goes with the refusal, for the worker to wait that long.
+A refusal's reason ends up in logs and the dead-letter file, and services echo what they were sent:
+the backend's own secrets, and anything shaped like a key, are masked in it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
@@ -20,6 +22,7 @@ import aiohttp
 import orjson
 
 from dispatcher.backends import Rejection
+from llm_proxy.crypto import mask_key, redact
 
 _RETRYABLE_4XX = frozenset({408, 429})
 AUTH_STATUSES = frozenset({401, 403})
@@ -44,12 +47,20 @@ def retry_after(value: str | None, now: float) -> float | None:
     return None if math.isnan(seconds) else max(0.0, seconds)
 
 
+def masked(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with ``secrets`` and anything shaped like a key masked, as the logs show them."""
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, mask_key(secret))
+    return redact(text)
+
+
 def refusal(
     status: int,
     detail: str,
     *,
     auth_statuses: frozenset[int] = AUTH_STATUSES,
     wait: float | None = None,
+    secrets: Sequence[str] = (),
 ) -> Rejection | None:
     if 200 <= status < 300:
         return None
@@ -57,7 +68,9 @@ def refusal(
         return Rejection(f"HTTP {status}", retryable=False, auth=True)  # the body may echo the key
     retryable = status >= 500 or status in _RETRYABLE_4XX
     return Rejection(
-        f"HTTP {status}: {detail[:200]}", retryable, retry_after=wait if retryable else None
+        f"HTTP {status}: {masked(detail, secrets)[:200]}",
+        retryable,
+        retry_after=wait if retryable else None,
     )
 
 
@@ -68,6 +81,7 @@ async def post_json(
     headers: Mapping[str, str],
     *,
     auth_statuses: frozenset[int] = AUTH_STATUSES,
+    secrets: Sequence[str] = (),
 ) -> tuple[Rejection | None, object]:
     """POST ``payload`` (or, as bytes, its JSON already encoded); the refusal (None when accepted)
     and the parsed answer body, if JSON."""
@@ -82,9 +96,10 @@ async def post_json(
             status = response.status
             wait = retry_after(response.headers.get("Retry-After"), time.time())
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return Rejection(f"{type(exc).__name__}: {exc}", retryable=True), None
+        return Rejection(masked(f"{type(exc).__name__}: {exc}", secrets), retryable=True), None
     try:
         answer: object = orjson.loads(text) if text else None
     except orjson.JSONDecodeError:
         answer = None
-    return refusal(status, text, auth_statuses=auth_statuses, wait=wait), answer
+    refused = refusal(status, text, auth_statuses=auth_statuses, wait=wait, secrets=secrets)
+    return refused, answer

@@ -153,6 +153,7 @@ class LunaryBackend:
     ) -> None:
         self.url = url.rstrip("/") + "/v1/runs/ingest"
         self._headers = {"Authorization": f"Bearer {public_key}"}
+        self._secrets = (public_key,)  # masked wherever the service echoes them
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
         self._max_request_bytes = max_request_bytes
@@ -175,7 +176,12 @@ class LunaryBackend:
         for n, post in enumerate(posts):
             body = _ENVELOPE[0] + b",".join(runs for _, runs in post) + _ENVELOPE[1]
             failed, answer = await post_json(
-                self._session, self.url, body, self._headers, auth_statuses=_KEY_REFUSED
+                self._session,
+                self.url,
+                body,
+                self._headers,
+                auth_statuses=_KEY_REFUSED,
+                secrets=self._secrets,
             )
             if failed is None:
                 refused.update(self._refusals([(i, events[i]) for i, _ in post], answer))

@@ -100,7 +100,8 @@ def helicone_problems(body: Any) -> list[str]:
 
 
 class FakeHelicone:
-    def __init__(self, max_body: int = 1024 * 1024) -> None:
+    def __init__(self, max_body: int = 1024 * 1024, key: str = HELICONE_KEY) -> None:
+        self.key = key
         self.logs: list[dict[str, Any]] = []
         self.answers: list[int] = []  # statuses to answer first, before accepting
         self.answer_headers: dict[str, str] = {}  # sent with those answers (Retry-After, say)
@@ -116,13 +117,15 @@ class FakeHelicone:
         if authorization == f"Bearer {HELICONE_READ_ONLY_KEY}":
             self.refused_keys += 1
             return web.json_response({"error": "Forbidden: key cannot write logs"}, status=403)
-        if authorization != f"Bearer {HELICONE_KEY}":
+        if authorization != f"Bearer {self.key}":
             self.refused_keys += 1
             # Services do echo what they refused; the dispatcher must never pass it on.
             return web.json_response({"error": f"Unauthorized: {authorization}"}, status=401)
         if self.answers:
+            # Some services echo the request's headers with an error, the key among them.
+            echo = f"scripted; got Authorization: {authorization}"
             return web.json_response(
-                {"error": "scripted"}, status=self.answers.pop(0), headers=self.answer_headers
+                {"error": echo}, status=self.answers.pop(0), headers=self.answer_headers
             )
         raw = await request.read()
         if len(raw) > self.max_body:
@@ -213,8 +216,9 @@ class FakeLunary:
                 return web.json_response({"message": "Incorrect project id format"}, status=402)
             return web.json_response({"message": "This project does not exist"}, status=401)
         if self.answers:
+            echo = f"scripted; got Authorization: {authorization}"
             return web.json_response(
-                {"message": "scripted"}, status=self.answers.pop(0), headers=self.answer_headers
+                {"message": echo}, status=self.answers.pop(0), headers=self.answer_headers
             )
         raw = await request.read()
         if len(raw) > self.max_body:

@@ -18,9 +18,11 @@ from dispatcher.backends import Rejection
 from dispatcher.backends.helicone import HeliconeBackend, payload
 from dispatcher.backends.http import retry_after
 from dispatcher.backends.lunary import LunaryBackend, run_events, run_id
+from dispatcher.deadletter import DeadLetterFile
 from dispatcher.exit_codes import Exit
 from dispatcher.retry import Backoff
 from dispatcher.worker import Worker, WorkerSettings
+from llm_proxy.crypto import mask_key
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event, parse_rfc3339
 from llm_proxy.events.memory import MemoryBus
@@ -230,6 +232,44 @@ async def test_helicone_permanent_refusal_is_dead_lettered(
     assert summary.dead_lettered == 1
     [line] = dead_letters(tmp_path)
     assert line["reason"].startswith("HTTP 400")
+
+
+@pytest.mark.parametrize("key", ["hk-live-0a9b8c7d6e5f4a3b", "sk-helicone-shaped-0a9b8c7d"])
+async def test_a_key_the_service_echoes_is_masked_in_the_dead_letter_file(
+    aiohttp_server: ServerFactory, tmp_path: Path, key: str
+) -> None:
+    fake = FakeHelicone(key=key)
+    fake.answers = [400]
+    server = await aiohttp_server(fake.app)
+    summary = await deliver(
+        HeliconeBackend(key, url=str(server.make_url("/custom/v1/log"))), [chat_event()], tmp_path
+    )
+    assert summary.dead_lettered == 1
+    [line] = dead_letters(tmp_path)
+    assert line["reason"].startswith("HTTP 400") and "got Authorization: Bearer" in line["reason"]
+    assert key not in (tmp_path / "dead.jsonl").read_text()
+    assert f"{key[:5]}…{key[-4:]}" in line["reason"]  # as the logs show it
+
+
+async def test_lunary_key_echoed_back_is_masked_in_the_dead_letter_file(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeLunary()
+    fake.answers = [400]
+    server = await aiohttp_server(fake.app)
+    summary = await deliver(
+        LunaryBackend(LUNARY_KEY, url=str(server.make_url("/"))), [chat_event()], tmp_path
+    )
+    assert summary.dead_lettered == 1
+    [line] = dead_letters(tmp_path)
+    assert line["reason"].startswith("HTTP 400") and LUNARY_KEY not in line["reason"]
+
+
+async def test_the_dead_letter_file_masks_what_is_shaped_like_a_key(tmp_path: Path) -> None:
+    leaked = "sk-proj-" + "A1b2C3d4" * 4
+    await DeadLetterFile(tmp_path / "dead.jsonl").write("x", [(chat_event(), f"echo {leaked}")])
+    [line] = dead_letters(tmp_path)
+    assert leaked not in line["reason"] and line["reason"] == f"echo {mask_key(leaked)}"
 
 
 @pytest.mark.parametrize(("key", "status"), [("wrong-key", 401), (HELICONE_READ_ONLY_KEY, 403)])
