@@ -124,7 +124,7 @@ When several apply, 5 wins over 3, and 3 over 4."""
 )
 @click.option(
     "--batch-wait",
-    type=float,
+    type=click.FloatRange(min=0),
     default=1.0,
     show_default=True,
     help="Seconds a batch may wait to fill.",
@@ -138,21 +138,22 @@ When several apply, 5 wins over 3, and 3 over 4."""
 )
 @click.option(
     "--backoff-cap",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
     help="Longest retry wait, seconds; also caps the wait a backend asks for with Retry-After.",
 )
 @click.option(
     "--drain-timeout",
-    type=float,
+    type=click.FloatRange(min=0),
     default=10.0,
     show_default=True,
     help="Seconds to finish on SIGTERM.",
 )
 @click.option(
     "--claim-idle",
-    type=float,
+    # Below a second the keep-alive of a batch in hand would spin (it runs every claim_idle / 3).
+    type=click.FloatRange(min=1),
     default=60.0,
     show_default=True,
     help="Seconds before events pending on a dead dispatcher are taken over.",
@@ -245,14 +246,14 @@ Exit codes:
 @redis_options
 @click.option(
     "--max-age",
-    type=float,
+    type=click.FloatRange(min=0),
     default=3 * HEARTBEAT_INTERVAL,
     show_default=True,
     help="Seconds since the last heartbeat that still count as alive.",
 )
 @click.option(
     "--max-lag",
-    type=float,
+    type=click.FloatRange(min=0),
     help="Also count as lagging when the oldest event not yet delivered waited longer than this, "
     "in seconds. [default: no limit; a liveness probe should not restart a dispatcher that "
     "waits for its backend]",

@@ -3,6 +3,7 @@ options themselves, and Redis URLs shown without their password."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +51,18 @@ def credentials(service: str) -> str:
     return CREDENTIALS.get(service, f"the {service} credentials")
 
 
+# A key goes out in a header, where a CR or LF would end it: the request fails before it is sent.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _required(value: str | None, option: str, service: str) -> str:
     if not value:
         raise click.UsageError(f"--service {service} needs {option}")
+    if _CONTROL.search(value):
+        # Never the value: it is a key.
+        raise click.UsageError(
+            f"{option} holds a control character (a trailing newline?): remove it"
+        )
     return value
 
 

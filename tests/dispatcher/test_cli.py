@@ -85,6 +85,28 @@ def publish(url: str, stream: str, sent: list[Event]) -> None:
         (("--service", "file"), {"REDIS_URL": "127.0.0.1:6379"}, "must start with redis://"),
         (("--service", "file"), {"REDIS_URL": "redis://h:port/0"}, "has a bad port"),
         (("check", "--service", "file"), {"REDIS_URL": "http://x"}, "must start with redis://"),
+        (("--service", "file", "--claim-idle", "0"), {}, "Invalid value for '--claim-idle'"),
+        (("--service", "file", "--claim-idle", "-5"), {}, "Invalid value for '--claim-idle'"),
+        (("--service", "file", "--batch-wait", "-1"), {}, "Invalid value for '--batch-wait'"),
+        (("--service", "file", "--drain-timeout", "-1"), {}, "Invalid value for '--drain-timeout'"),
+        (("--service", "file", "--backoff-cap", "-1"), {}, "Invalid value for '--backoff-cap'"),
+        (("--service", "file", "--backoff-cap", "0"), {}, "Invalid value for '--backoff-cap'"),
+        (("check", "--service", "file", "--max-age", "-1"), {}, "Invalid value for '--max-age'"),
+        (
+            ("--service", "helicone"),
+            {"HELICONE_API_KEY": f"{SECRET}\n"},
+            "HELICONE_API_KEY holds a control character",
+        ),
+        (
+            ("--service", "lunary"),
+            {"LUNARY_PUBLIC_KEY": f"{SECRET}\t"},
+            "LUNARY_PUBLIC_KEY holds a control character",
+        ),
+        (
+            ("replay", str(ROOT / "README.md"), "--service", "helicone"),
+            {"HELICONE_API_KEY": f"\x1b{SECRET}"},
+            "HELICONE_API_KEY holds a control character",
+        ),
     ],
 )
 def test_bad_invocations_exit_with_one_clear_line(
@@ -92,6 +114,7 @@ def test_bad_invocations_exit_with_one_clear_line(
 ) -> None:
     code, output = invoke(*args, **env)
     assert code == 2 and message in output
+    assert SECRET not in output
 
 
 def test_every_option_of_every_dispatcher_command_has_help() -> None:
