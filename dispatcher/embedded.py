@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from dispatcher.backends import Backend
@@ -40,18 +41,30 @@ async def start_file_event_log(
     Joins the bus at once, so no event published afterwards is missed, and raises
     :class:`~dispatcher.worker.BackendStartError` if the file cannot be opened. ``pipeline.close()``
     stops it after the pipeline's queue drained, letting it write what the bus still holds.
+
+    On Redis the file has a consumer group of its own, named after this host and the file's path:
+    the group ``file`` is a standalone file dispatcher's, and sharing it (or one group between
+    instances) would give each file a share of the events. The name is the same at every start,
+    so a restart goes on where the last run stopped; a new one starts from the next event.
     """
+    on_redis = pipeline.bus.kind == "redis"
     return await _start(
         pipeline,
         FileBackend(path, max_bytes=max_bytes, backups=backups),
         WorkerSettings(
             service="file",
+            group=_own_group(path) if on_redis else "",
+            from_start=False,
             dead_letter_path=data_dir / "dead-letter-file.jsonl",
             batch_wait=0.05,  # a local file: write promptly rather than wait for big batches
             poll=0.25,  # also how long an idle bus takes to count as drained at shutdown
             drain_timeout=drain_timeout,
         ),
     )
+
+
+def _own_group(path: Path) -> str:
+    return f"file@{socket.gethostname()}:{path.resolve()}"
 
 
 async def start_usage_aggregation(

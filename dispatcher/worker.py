@@ -39,7 +39,7 @@ _BURST_ACK_ATTEMPTS = 5
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    service: str  # also the consumer group: one group per service, so each gets every event
+    service: str  # also the consumer group unless ``group`` says: each group gets every event
     dead_letter_path: Path
     batch_size: int = 100
     batch_wait: float = 1.0  # how long a started batch may wait to fill up
@@ -51,6 +51,8 @@ class WorkerSettings:
     heartbeat_interval: float = 5.0
     # What an operator fixes when the backend refuses the credentials, for that log line.
     credentials: str = "the backend's credentials"
+    group: str = ""  # the consumer group, when not the service's own
+    from_start: bool = True  # a new group on a durable bus also gets the events it already holds
 
 
 @dataclass(slots=True)
@@ -104,6 +106,7 @@ class Worker:
         self.bus = bus
         self.backend = backend
         self.settings = settings
+        self._group = settings.group or settings.service
         self.summary = Summary()
         self._heartbeat = heartbeat
         self._handback = handback
@@ -143,7 +146,9 @@ class Worker:
 
     def _subscribe(self) -> Subscription:
         if self._subscription is None:
-            self._subscription = self.bus.subscribe(self.settings.service, self._consumer)
+            self._subscription = self.bus.subscribe(
+                self._group, self._consumer, from_start=self.settings.from_start
+            )
         return self._subscription
 
     def start(self) -> asyncio.Task[Summary]:
@@ -457,7 +462,7 @@ class Worker:
         if self._handback is not None:
             try:
                 await self._handback.release(
-                    self.settings.service, self._consumer, [d.id for d in self._inflight]
+                    self._group, self._consumer, [d.id for d in self._inflight]
                 )
             except Exception as exc:  # a task boundary: they are still redelivered, only later
                 log.warning("dispatcher.handback_failed", error=str(exc), count=count)

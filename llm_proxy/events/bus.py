@@ -61,7 +61,10 @@ class EventBus(Protocol):
         """Hand events to the bus. Never raises: what cannot be delivered now is kept or counted."""
         ...
 
-    def subscribe(self, group: str, consumer: str) -> Subscription: ...
+    def subscribe(self, group: str, consumer: str, *, from_start: bool = True) -> Subscription:
+        """Join ``group`` as ``consumer``. A group new to a durable bus starts from the oldest
+        event it holds, or, without ``from_start``, from the next one published."""
+        ...
 
     async def ping(self) -> bool:
         """Whether the bus is reachable (for readiness checks)."""

@@ -79,7 +79,9 @@ class MemoryBus:
             group.ready.set()
         metrics.PUBLISHED.labels("memory").inc(len(events))
 
-    def subscribe(self, group: str, consumer: str) -> MemorySubscription:
+    def subscribe(
+        self, group: str, consumer: str, *, from_start: bool = True
+    ) -> MemorySubscription:
         """Join ``group``; a group receives the events published from its first subscription on."""
         return MemorySubscription(self._groups.setdefault(group, _Group(self._maxlen)))
 

@@ -158,8 +158,8 @@ class RedisBus:
             metrics.REPLAYED.inc(len(events))
         log.info("events.spool_replayed", events=replayed)
 
-    def subscribe(self, group: str, consumer: str) -> RedisSubscription:
-        subscription = RedisSubscription(self, group, consumer)
+    def subscribe(self, group: str, consumer: str, *, from_start: bool = True) -> RedisSubscription:
+        subscription = RedisSubscription(self, group, consumer, from_start=from_start)
         self._subscriptions.add(subscription)
         return subscription
 
@@ -182,10 +182,13 @@ class RedisBus:
 class RedisSubscription:
     """One consumer in a consumer group; blocking reads use their own connection."""
 
-    def __init__(self, bus: RedisBus, group: str, consumer: str) -> None:
+    def __init__(
+        self, bus: RedisBus, group: str, consumer: str, *, from_start: bool = True
+    ) -> None:
         self._bus = bus
         self.group = group
         self.consumer = consumer
+        self._start_id = "0" if from_start else "$"
         # No socket timeout: XREADGROUP BLOCK would trip it. ``read`` bounds the wait itself.
         self._client = client_from_url(bus.url, timeout=None)
         self._group_ready = False
@@ -195,7 +198,9 @@ class RedisSubscription:
     async def _ensure_group(self) -> None:
         try:
             # From "0": a service's first dispatcher also gets the events already in the stream.
-            await self._client.xgroup_create(self._bus.stream, self.group, id="0", mkstream=True)
+            await self._client.xgroup_create(
+                self._bus.stream, self.group, id=self._start_id, mkstream=True
+            )
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -220,8 +225,10 @@ class RedisSubscription:
                 return await self._read(count, wait)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
-                # The stream or group vanished (Redis restarted without persistence): recreate.
+                # The stream or group vanished (Redis restarted without persistence): recreate,
+                # from the start of the new stream, which holds nothing this group has had.
                 self._group_ready = False
+                self._start_id = "0"
                 return []
             raise BusUnavailable(str(exc)) from exc
         except (RedisError, OSError, TimeoutError) as exc:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+from redis.asyncio import Redis
 
 from tests.conftest import UPSTREAM_KEY, Proxy
 from tests.events.events_support import RedisServer
@@ -270,3 +273,31 @@ async def test_a_client_that_leaves_once_it_read_done_is_not_recorded_as_disconn
     assert (events[1]["status"], events[1]["error"]) == (200, "client_disconnected")
     after = value(await scrape(proxy), "llm_proxy_client_disconnects_total")
     assert after - before == 1
+
+
+async def test_on_redis_each_file_log_gets_every_event(
+    proxy_factory: Any, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Two instances on one Redis, each with its own --file-event-log, requests through one:
+    both files get every event, and the group a standalone file dispatcher joins is left to it
+    (they all shared the group "file" before, each getting a share)."""
+    logs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    proxies: list[Proxy] = [
+        await proxy_factory(file_event_log=log, event_bus="redis", redis_url=redis_server.url)
+        for log in logs
+    ]
+    headers = {"Authorization": f"Bearer {await proxies[0].token()}"}
+    for _ in range(12):
+        assert (await proxies[0].client.get("/v1/models", headers=headers)).status == 200
+    for log in logs:
+        events = await wait_for_lines(log, 12, timeout=20)
+        assert len({e["request_id"] for e in events}) == 12
+    client = Redis.from_url(redis_server.url)
+    try:
+        groups = {g["name"].decode() for g in await client.xinfo_groups("llm-proxy:events")}
+    finally:
+        await client.aclose()
+    assert "file" not in groups
+    assert {g for g in groups if g.startswith("file@")} == {
+        f"file@{socket.gethostname()}:{log.resolve()}" for log in logs
+    }
