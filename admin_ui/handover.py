@@ -2,15 +2,19 @@
 
 The post answers 303 (post/redirect/get) to ``/admin/tokens/issued/{form id}``, so reloading that
 page, or sending the same form again, issues nothing more. Each rendering of the issue form
-carries a random one-time form id; this process remembers which token each id issued, so a form
-posted twice (a double click, a retry) issues one token and is redirected to the same page.
+carries a random one-time form id. Which token each id issued, and whether its value has been
+shown, is kept in the store, which every process and instance shares: behind a load balancer
+(compose's nginx, one request to each instance in turn) or with several workers, the posts of one
+form, and the pages after them, may each reach another process. The first post claims the id
+there before issuing, so a form posted twice (a double click, a retry) issues one token and every
+post is redirected to the same page; the page marks the value shown there before showing it.
 
 The value itself travels in a cookie, sealed (AES-GCM under a key derived from ENCRYPTION_KEY and
 the admin password) for that one page's path; the page opens it, shows it, and clears the cookie.
-A cookie rather than this process's memory because behind a load balancer (compose's nginx, one
-request to each instance in turn) or with several workers the page may well be asked of another
-process than the one that issued the token, and every process and instance shares the key. The
-value is never put in a URL, never logged, and expires unshown after ``HANDOVER_SECONDS``.
+Every process and instance shares the key. The value is never stored (not even sealed: a token is
+stored only as its hash), never put in a URL, never logged, and expires unshown after
+``HANDOVER_SECONDS``. A post repeated just after the first, to the process that issued, gets the
+sealed value again from that process's memory (see ``RESEND_SECONDS``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ REMEMBER_SECONDS = CSRF_MAX_AGE_SECONDS
 # A repeated post gets the sealed value again only this soon after the first: a double click, whose
 # first answer the browser dropped. Later, the page it led to has been shown.
 RESEND_SECONDS = 30
-MAX_REMEMBERED = 10_000
 
 _FORM_ID = re.compile(r"[A-Za-z0-9_-]{22}")
 
@@ -63,77 +66,34 @@ class Handed:
     value: str
 
 
-@dataclass(slots=True)
-class _Issued:
-    token_id: str
-    sealed: str
-    at: float
-    shown: bool = False
-
-
 class Handovers:
-    """Seals values into cookies and remembers, in this process, what each form id issued."""
+    """Seals values into cookies, and keeps each sealed value here a few seconds for a repeated
+    post of its form."""
 
     def __init__(self, secret: bytes, admin_password: str) -> None:
         key = hmac.new(
             secret, b"llm-proxy/admin-token-handover\n" + admin_password.encode(), hashlib.sha256
         ).digest()
         self._aead = AESGCM(key)
-        self._issued: dict[str, _Issued] = {}
-        self._pending: set[str] = set()
-
-    # -- the form's post -----------------------------------------------------------------------
-
-    def begin(self, form_id: str, now: float | None = None) -> bool:
-        """Claim ``form_id`` for issuing; False when it issued a token already or is issuing
-        one now (see :meth:`earlier`)."""
-        self._forget_old(time.monotonic() if now is None else now)
-        if form_id in self._issued or form_id in self._pending:
-            return False
-        self._pending.add(form_id)
-        return True
-
-    def abandon(self, form_id: str) -> None:
-        """Issuing failed (a field, an inactive project): the form may be posted again."""
-        self._pending.discard(form_id)
+        # form id -> (sealed value, when), oldest first
+        self._recent: dict[str, tuple[str, float]] = {}
 
     def finish(self, form_id: str, handed: Handed, user: str, now: float | None = None) -> str:
-        """Record the token ``form_id`` issued; the sealed value, for the cookie."""
-        self._pending.discard(form_id)
+        """The sealed value of the token ``form_id`` issued, for the cookie; kept for
+        :meth:`resendable`."""
+        at = time.monotonic() if now is None else now
+        self._forget_old(at)
         sealed = self.seal(form_id, handed, user)
-        self._issued[form_id] = _Issued(
-            handed.token_id, sealed, time.monotonic() if now is None else now
-        )
+        self._recent[form_id] = (sealed, at)
         return sealed
 
-    def earlier(self, form_id: str, now: float | None = None) -> tuple[str | None, str | None]:
-        """For a form posted again: the token it issued (None while the first post is still
-        issuing) and the sealed value to send again (None unless within ``RESEND_SECONDS``)."""
-        issued = self._issued.get(form_id)
-        if issued is None:
-            return None, None
-        age = (time.monotonic() if now is None else now) - issued.at
-        resend = not issued.shown and age <= RESEND_SECONDS
-        return issued.token_id, issued.sealed if resend else None
-
-    # -- the page after it ---------------------------------------------------------------------
-
-    def shown(self, form_id: str, token_id: str, now: float | None = None) -> None:
-        """The value was shown by this process (issued here or not): never again."""
-        issued = self._issued.get(form_id)
-        if issued is None:
-            at = time.monotonic() if now is None else now
-            issued = self._issued[form_id] = _Issued(token_id, "", at)
-        issued.shown = True
-
-    def was_shown(self, form_id: str) -> bool:
-        issued = self._issued.get(form_id)
-        return issued is not None and issued.shown
-
-    def token_of(self, form_id: str) -> str | None:
-        """The token ``form_id`` issued, when this process issued it."""
-        issued = self._issued.get(form_id)
-        return None if issued is None else issued.token_id
+    def resendable(self, form_id: str, now: float | None = None) -> str | None:
+        """The sealed value ``form_id`` issued in this process, within ``RESEND_SECONDS``."""
+        recent = self._recent.get(form_id)
+        at = time.monotonic() if now is None else now
+        if recent is None or at - recent[1] > RESEND_SECONDS:
+            return None
+        return recent[0]
 
     # -- sealing -------------------------------------------------------------------------------
 
@@ -160,12 +120,12 @@ class Handovers:
         return Handed(token_id=fields["t"], project_id=fields["p"], value=fields["v"])
 
     def _forget_old(self, now: float) -> None:
-        # Insertion order is age order: drop from the front what is too old, or too many.
-        while self._issued:
-            form_id, issued = next(iter(self._issued.items()))
-            if now - issued.at <= REMEMBER_SECONDS and len(self._issued) < MAX_REMEMBERED:
+        # Insertion order is age order: drop from the front what is too old to be sent again.
+        while self._recent:
+            form_id, (_, at) = next(iter(self._recent.items()))
+            if now - at <= RESEND_SECONDS:
                 break
-            del self._issued[form_id]
+            del self._recent[form_id]
 
 
 def _bound(form_id: str, user: str) -> bytes:

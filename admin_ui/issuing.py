@@ -1,7 +1,8 @@
 """Issuing a token from the pages: the form, its post, and the one page that shows the value.
 
 Post/redirect/get: the post issues and answers 303 to the page showing the value, which a reload
-cannot show again; a form posted twice issues one token (see :mod:`admin_ui.handover`).
+cannot show again; a form posted twice issues one token, whichever processes and instances the
+posts reach (see :mod:`admin_ui.handover`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ import asyncio
 from aiohttp import web
 
 from admin_ui import forms
-from admin_ui.handover import COOKIE, FORM_FIELD, HANDOVER_SECONDS, Handed, is_form_id, new_form_id
+from admin_ui.handover import (
+    COOKIE,
+    FORM_FIELD,
+    HANDOVER_SECONDS,
+    REMEMBER_SECONDS,
+    Handed,
+    is_form_id,
+    new_form_id,
+)
 from admin_ui.rendering import render
 from admin_ui.state import actor, operations, state
 from admin_ui.tokens import LIMIT_FIELDS, read_limits, read_metadata
@@ -30,8 +39,10 @@ DURATION_PRESETS = (
     (43200, "30 days"),
 )
 ISSUE_FIELDS = ("duration_minutes", *LIMIT_FIELDS, "metadata")
-# A form posted again while its first post is still issuing waits this long for that to finish.
+# A form posted again while its first post is still issuing waits this long for that to finish,
+# asking the store every REPEAT_POLL_SECONDS (the first post may be on another process).
 REPEAT_WAIT_SECONDS = 5.0
+REPEAT_POLL_SECONDS = 0.05
 
 
 class StaleForm(errors.ProxyError):
@@ -97,17 +108,20 @@ def _to_value_page(request: web.Request, form_id: str, sealed: str | None) -> we
 async def _repeated(request: web.Request, form_id: str) -> web.HTTPSeeOther | None:
     """A form posted again: where its first post went, once that has finished; None when the
     first post issued nothing (the form may issue now), and it is claimed for this post."""
+    store = operations(request).store
     handovers = state(request).handovers
     deadline = asyncio.get_running_loop().time() + REPEAT_WAIT_SECONDS
-    while not handovers.begin(form_id):
-        token_id, sealed = handovers.earlier(form_id)
-        if token_id is not None:
+    while not await store.claim_issue_form(form_id, REMEMBER_SECONDS):
+        earlier = await store.issue_form(form_id)
+        if earlier is not None and earlier.token_id is not None:
+            # The value again only when this process has it and no page has shown it yet.
+            sealed = None if earlier.shown else handovers.resendable(form_id)
             return _to_value_page(request, form_id, sealed)
         if asyncio.get_running_loop().time() > deadline:
             raise FormInFlight(
                 "This form is still being sent. Open the project's page to see the token it issued."
             )
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(REPEAT_POLL_SECONDS)
     return None
 
 
@@ -144,17 +158,20 @@ async def token_issue(request: web.Request) -> web.Response:
             metadata=metadata,
         )
     except errors.ProjectInactive:
-        admin.handovers.abandon(form_id)
+        await ops.store.release_issue_form(form_id)
         problem = errors.ProjectInactive(
             "This project is inactive. Activate it before issuing tokens for it."
         )
         return _token_form(request, project, values, form_id, problem, 403)
     except BaseException:
-        admin.handovers.abandon(form_id)
+        await ops.store.release_issue_form(form_id)
         raise
+    # Sealed (and kept for a repeated post) before it is recorded: a repeated post to this
+    # process that finds the record finds the sealed value too.
     sealed = admin.handovers.finish(
         form_id, Handed(issued.token.id, project.id, issued.value), admin.admin_user
     )
+    await ops.store.record_issue_form(form_id, issued.token.id)
     raise _to_value_page(request, form_id, sealed)
 
 
@@ -165,15 +182,12 @@ async def token_issued(request: web.Request) -> web.Response:
     if not is_form_id(form_id):
         raise web.HTTPNotFound()
     admin = state(request)
+    ops = operations(request)
     sealed = request.cookies.get(COOKIE, "")
-    handed = None
-    if sealed and not admin.handovers.was_shown(form_id):
-        handed = admin.handovers.open(sealed, form_id, admin.admin_user)
-    if handed is None:
-        response = await _already_shown(request, admin.handovers.token_of(form_id))
-    else:
-        admin.handovers.shown(form_id, handed.token_id)
-        ops = operations(request)
+    handed = admin.handovers.open(sealed, form_id, admin.admin_user) if sealed else None
+    # Marked shown in the store before it is shown, so that of the pages asked with the cookie,
+    # on any process, one shows the value.
+    if handed is not None and await ops.store.show_issue_form(form_id, handed.token_id):
         response = render(
             request,
             "token_issued.html",
@@ -184,6 +198,9 @@ async def token_issued(request: web.Request) -> web.Response:
                 "base_url": f"{request.url.origin()}/v1",
             },
         )
+    else:
+        issued = await ops.store.issue_form(form_id)
+        response = await _already_shown(request, None if issued is None else issued.token_id)
     response.del_cookie(COOKIE, path=request.path)
     return response
 

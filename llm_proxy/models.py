@@ -211,6 +211,15 @@ class BudgetHold:
     exhausted: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class IssueForm:
+    """What one rendering of the admin pages' issue form did: the token it issued (None while
+    the post that claimed it is issuing), and whether that token's value has been shown."""
+
+    token_id: str | None
+    shown: bool
+
+
 def tpm_room(log: list[tuple[int, int]], now: int, tpm: int) -> RateSlot:
     """Whether a token whose settled ``(at, tokens)`` log is ``log`` may take another request.
 

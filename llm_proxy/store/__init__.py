@@ -11,6 +11,7 @@ from llm_proxy.models import (
     AuditEvent,
     AuditFilter,
     BudgetHold,
+    IssueForm,
     Project,
     RateSlot,
     RevokeCounts,
@@ -155,6 +156,31 @@ class Store(Protocol):
         """Push: call ``connected`` once subscribed, then ``wake`` whenever any process commits a
         change, until the channel is lost (raises). A backend without a push channel returns at
         once, and its users follow the polled feed alone."""
+        ...
+
+    # One-time ids of the admin pages' issue forms, shared by every process and instance
+    async def claim_issue_form(self, form_id: str, remember_seconds: float) -> bool:
+        """Claim ``form_id`` for the post about to issue with it: False when another post claimed
+        it first (and is issuing, or has issued). One atomic step, whatever the number of
+        processes and instances. Ids claimed more than ``remember_seconds`` ago are forgotten, a
+        bounded number per call."""
+        ...
+
+    async def release_issue_form(self, form_id: str) -> None:
+        """The claiming post issued nothing: the form may be sent again."""
+        ...
+
+    async def record_issue_form(self, form_id: str, token_id: str) -> None:
+        """The claiming post issued ``token_id``."""
+        ...
+
+    async def issue_form(self, form_id: str) -> IssueForm | None:
+        """What ``form_id`` did; None when it was never claimed, released or forgotten."""
+        ...
+
+    async def show_issue_form(self, form_id: str, token_id: str) -> bool:
+        """Mark the value of the token ``form_id`` issued as shown: True for the one call that
+        marks it first, wherever it runs; False ever after."""
         ...
 
     # Audit

@@ -27,6 +27,7 @@ from llm_proxy.models import (
     AuditEvent,
     AuditFilter,
     BudgetHold,
+    IssueForm,
     Project,
     RateSlot,
     RevokeCounts,
@@ -41,6 +42,7 @@ from llm_proxy.models import (
 )
 from llm_proxy.store.migrations import migration_scripts
 from llm_proxy.store.records import (
+    FORGET_ISSUE_FORMS_AT_ONCE,
     PROJECT_COLUMNS,
     TOKEN_COLUMNS,
     check_columns,
@@ -714,6 +716,59 @@ class PostgresStore:
         finally:
             conn.terminate()
         raise ConnectionError("the change feed's LISTEN connection was lost")
+
+    # -- issue forms ---------------------------------------------------------------------------
+
+    async def claim_issue_form(self, form_id: str, remember_seconds: float) -> bool:
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+            # Rows another claim is deleting are skipped, not waited for (nor deadlocked on).
+            await conn.execute(
+                "DELETE FROM issue_forms WHERE form_id IN (SELECT form_id FROM issue_forms"
+                f" WHERE claimed_at < {_NOW_MICROS} - $1 ORDER BY claimed_at LIMIT $2"
+                " FOR UPDATE SKIP LOCKED)",
+                round(remember_seconds * 1e6),
+                FORGET_ISSUE_FORMS_AT_ONCE,
+            )
+            # The primary key decides: of concurrent inserts of one id, exactly one gets its row.
+            claimed = await conn.fetchval(
+                f"INSERT INTO issue_forms (form_id, claimed_at) VALUES ($1, {_NOW_MICROS})"
+                " ON CONFLICT (form_id) DO NOTHING RETURNING form_id",
+                form_id,
+            )
+        return claimed is not None
+
+    async def release_issue_form(self, form_id: str) -> None:
+        await self._execute(
+            "DELETE FROM issue_forms WHERE form_id = $1 AND token_id IS NULL", form_id
+        )
+
+    async def record_issue_form(self, form_id: str, token_id: str) -> None:
+        await self._execute(
+            "INSERT INTO issue_forms (form_id, token_id, claimed_at)"
+            f" VALUES ($1, $2, {_NOW_MICROS})"
+            " ON CONFLICT (form_id) DO UPDATE SET token_id = excluded.token_id",
+            form_id,
+            token_id,
+        )
+
+    async def issue_form(self, form_id: str) -> IssueForm | None:
+        row = await self._fetchrow(
+            "SELECT token_id, shown FROM issue_forms WHERE form_id = $1", form_id
+        )
+        return None if row is None else IssueForm(row["token_id"], row["shown"])
+
+    async def show_issue_form(self, form_id: str, token_id: str) -> bool:
+        # A concurrent marking waits for the row's lock and re-checks ``NOT shown`` on the version
+        # the first one committed, so exactly one statement returns the row.
+        marked = await self._fetchval(
+            "INSERT INTO issue_forms AS f (form_id, token_id, claimed_at, shown)"
+            f" VALUES ($1, $2, {_NOW_MICROS}, TRUE)"
+            " ON CONFLICT (form_id) DO UPDATE SET shown = TRUE WHERE NOT f.shown"
+            " RETURNING f.form_id",
+            form_id,
+            token_id,
+        )
+        return marked is not None
 
     # -- audit ---------------------------------------------------------------------------------
 

@@ -12,6 +12,9 @@ PROJECT_COLUMNS = frozenset(
 TOKEN_COLUMNS = frozenset(
     {"is_active", "max_requests", "revoked_at", "rpm", "tpm", "budget_nanousd", "allowed_models"}
 )
+# How many forgotten issue-form ids one claim deletes: each claim adds one row, so the table stays
+# as small as the forms of the remembered span while no claim does unbounded work.
+FORGET_ISSUE_FORMS_AT_ONCE = 100
 
 
 def check_columns(kind: str, changes: dict[str, object], allowed: frozenset[str]) -> None:

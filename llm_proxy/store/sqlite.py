@@ -19,6 +19,7 @@ from llm_proxy.models import (
     AuditEvent,
     AuditFilter,
     BudgetHold,
+    IssueForm,
     Project,
     RateSlot,
     RevokeCounts,
@@ -33,6 +34,7 @@ from llm_proxy.models import (
 )
 from llm_proxy.store.migrations import migration_scripts
 from llm_proxy.store.records import (
+    FORGET_ISSUE_FORMS_AT_ONCE,
     PROJECT_COLUMNS,
     TOKEN_COLUMNS,
     check_columns,
@@ -682,6 +684,54 @@ class SqliteStore:
     async def listen_changes(self, wake: Callable[[], None], connected: Callable[[], None]) -> None:
         """No push channel: the processes sharing the file follow the polled feed."""
         return None
+
+    # -- issue forms ---------------------------------------------------------------------------
+
+    @_writes
+    async def claim_issue_form(self, form_id: str, remember_seconds: float) -> bool:
+        now = time.time_ns() // 1000
+        await self._db.execute(
+            "DELETE FROM issue_forms WHERE form_id IN (SELECT form_id FROM issue_forms"
+            " WHERE claimed_at < ? ORDER BY claimed_at LIMIT ?)",
+            (now - round(remember_seconds * 1e6), FORGET_ISSUE_FORMS_AT_ONCE),
+        )
+        claimed = await self._one(
+            "INSERT INTO issue_forms (form_id, claimed_at) VALUES (?, ?)"
+            " ON CONFLICT (form_id) DO NOTHING RETURNING form_id",
+            (form_id, now),
+        )
+        return claimed is not None
+
+    @_writes
+    async def release_issue_form(self, form_id: str) -> None:
+        await self._db.execute(
+            "DELETE FROM issue_forms WHERE form_id = ? AND token_id IS NULL", (form_id,)
+        )
+
+    @_writes
+    async def record_issue_form(self, form_id: str, token_id: str) -> None:
+        await self._db.execute(
+            "INSERT INTO issue_forms (form_id, token_id, claimed_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (form_id) DO UPDATE SET token_id = excluded.token_id",
+            (form_id, token_id, time.time_ns() // 1000),
+        )
+
+    async def issue_form(self, form_id: str) -> IssueForm | None:
+        row = await self._one(
+            "SELECT token_id, shown FROM issue_forms WHERE form_id = ?", (form_id,)
+        )
+        return None if row is None else IssueForm(row["token_id"], bool(row["shown"]))
+
+    @_writes
+    async def show_issue_form(self, form_id: str, token_id: str) -> bool:
+        # Writes are serialised (one connection, BEGIN IMMEDIATE across processes), and the row
+        # comes back only when this statement inserted it or changed it from unshown.
+        marked = await self._one(
+            "INSERT INTO issue_forms (form_id, token_id, claimed_at, shown) VALUES (?, ?, ?, 1)"
+            " ON CONFLICT (form_id) DO UPDATE SET shown = 1 WHERE shown = 0 RETURNING form_id",
+            (form_id, token_id, time.time_ns() // 1000),
+        )
+        return marked is not None
 
     # -- audit ---------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import time
 from http.cookies import SimpleCookie
 from typing import Any
 
-from admin_ui.handover import COOKIE, HANDOVER_SECONDS, Handed, Handovers
+from admin_ui.handover import COOKIE, HANDOVER_SECONDS, RESEND_SECONDS, Handed, Handovers
 from tests.admin_ui.conftest import ADMIN, AdminPages
 from tests.conftest import Proxy
 
@@ -207,25 +207,14 @@ def test_a_sealed_value_opens_only_for_its_page_and_user_and_in_time() -> None:
     assert Handovers(b"k" * 32, "new-password").open(sealed, form_id, "admin") is None
 
 
-def test_a_form_is_remembered_as_issued_and_resent_only_just_after() -> None:
+def test_a_sealed_value_is_kept_for_a_repeated_post_only_just_after() -> None:
     handovers = Handovers(b"k" * 32, "pw")
     form_id = "f" * 22
-    assert handovers.begin(form_id, now=0.0)
-    assert not handovers.begin(form_id, now=0.1)  # while the first post is issuing
-    assert handovers.earlier(form_id, now=0.1) == (None, None)
+    assert handovers.resendable(form_id, now=0.0) is None
     sealed = handovers.finish(form_id, Handed("t", "p", "sk-x"), "admin", now=1.0)
-    assert not handovers.begin(form_id, now=2.0)
-    assert handovers.earlier(form_id, now=2.0) == ("t", sealed)
-    assert handovers.earlier(form_id, now=100.0) == ("t", None)  # long after: not resent
-    assert not handovers.was_shown(form_id)
-    handovers.shown(form_id, "t")
-    assert handovers.was_shown(form_id)
-    assert handovers.earlier(form_id, now=2.0) == ("t", None)
-    assert handovers.token_of(form_id) == "t"
-    # An abandoned form may be posted again; an old one is forgotten.
-    other = "o" * 22
-    assert handovers.begin(other, now=3.0)
-    handovers.abandon(other)
-    assert handovers.begin(other, now=3.0)
-    assert handovers.begin("n" * 22, now=13 * 3600.0)
-    assert handovers.token_of(form_id) is None
+    assert handovers.open(sealed, form_id, "admin") == Handed("t", "p", "sk-x")
+    assert handovers.resendable(form_id, now=2.0) == sealed
+    assert handovers.resendable(form_id, now=1.0 + RESEND_SECONDS + 1) is None  # long after
+    # Kept no longer than that: a later value forgets the earlier ones.
+    handovers.finish("n" * 22, Handed("u", "p", "sk-y"), "admin", now=100.0)
+    assert handovers.resendable(form_id, now=2.0) is None

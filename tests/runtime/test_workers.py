@@ -3,12 +3,16 @@ and ``/metrics`` on any of them sums them all."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import http.client as http_client
 import json
 import os
+import re
 import signal
 import socket
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -382,3 +386,101 @@ def test_workers_and_their_events_processes_end_when_the_supervisor_is_killed(
         for pid in left_behind:
             if not has_exited(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _admin_call(
+    server: ServerProcess, method: str, path: str, body: bytes | None = None, cookie: str = ""
+) -> tuple[int, dict[str, str], str]:
+    """One admin page request on a new connection (so on either worker), redirects not followed:
+    status, headers, page."""
+    connection = http_client.HTTPConnection(server.base_url.removeprefix("http://"), timeout=15)
+    headers = {"Authorization": "Basic " + base64.b64encode(b"admin:admin-secret").decode()}
+    if body is not None:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    if cookie:
+        headers["Cookie"] = cookie
+    try:
+        connection.request(method, path, body, headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    finally:
+        connection.close()
+
+
+def _issue_form(server: ServerProcess) -> tuple[str, bytes]:
+    """A new project, and one rendering of its issue form, filled in: where to post, and what."""
+    status, project = http(
+        "POST",
+        f"{server.base_url}/manage/projects",
+        token=server.management_token,
+        body={"name": "forms", "api_key": "sk-forms"},
+    )
+    assert status == 201
+    _, _, page = _admin_call(server, "GET", f"/admin/projects/{project['id']}/tokens/new")
+    fields = {"duration_minutes": "5"}
+    for name in ("csrf_token", "issue_id"):
+        found = re.search(rf'name="{name}" value="([^"]+)"', page)
+        assert found, page
+        fields[name] = found.group(1)
+    body = urllib.parse.urlencode(fields).encode()
+    return f"/admin/projects/{project['id']}/tokens", body
+
+
+def _token_count(server: ServerProcess) -> int:
+    _, tokens = http("GET", f"{server.base_url}/manage/tokens", token=server.management_token)
+    return len(tokens)
+
+
+@pytest.fixture
+def admin_workers(tmp_path: Path, upstream: MockUpstream) -> Iterator[ServerProcess]:
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    server = start_server(
+        tmp_path / "data", config, tmp_path, WORKERS="2", ADMIN_PASSWORD="admin-secret"
+    )
+    wait_for_workers(server, 2)
+    yield server
+    code = server.stop(timeout=10)
+    assert code == 0, server.process.stderr[-3000:]
+
+
+def test_one_issue_form_sent_to_every_worker_issues_one_token(
+    admin_workers: ServerProcess,
+) -> None:
+    """A double click, a retry, the back button and "resend": each post opens a new connection,
+    which may reach either worker; the form still issues one token, and each post is sent to the
+    page of that token."""
+    path, body = _issue_form(admin_workers)
+    answers = [_admin_call(admin_workers, "POST", path, body) for _ in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers += pool.map(lambda _: _admin_call(admin_workers, "POST", path, body), range(8))
+    assert {(status, headers["Location"]) for status, headers, _ in answers} == {
+        (303, answers[0][1]["Location"])
+    }
+    assert _token_count(admin_workers) == 1
+
+    path, body = _issue_form(admin_workers)  # a new rendering, all its posts at once
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(lambda _: _admin_call(admin_workers, "POST", path, body)[0], range(8))
+        )
+    assert statuses == [303] * 8
+    assert _token_count(admin_workers) == 2
+
+
+def test_an_issued_value_is_shown_once_whichever_worker_is_asked(
+    admin_workers: ServerProcess,
+) -> None:
+    path, body = _issue_form(admin_workers)
+    status, headers, _ = _admin_call(admin_workers, "POST", path, body)
+    assert status == 303
+    location, cookie = headers["Location"], headers["Set-Cookie"].split(";")[0]
+    # A client that keeps sending the cookie (the page's answer clearing it was lost), each time
+    # on a new connection: at most one of the pages, on whichever worker, has the value.
+    pages = [_admin_call(admin_workers, "GET", location, cookie=cookie) for _ in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        pages += pool.map(
+            lambda _: _admin_call(admin_workers, "GET", location, cookie=cookie), range(6)
+        )
+    shown = [status for status, _, page in pages if 'id="token-value"' in page]
+    assert shown == [200]
+    assert sorted(status for status, _, _ in pages) == [200] + [410] * 11
