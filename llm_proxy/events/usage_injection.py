@@ -21,9 +21,11 @@ _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*(.)', re.DOTALL)
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _USAGE_KEY = b'"usage"'
-# The member that asking for usage adds to every chunk. A `,"` is never inside a JSON string (its
-# quote would be escaped), and the lookahead keeps the JSON around it whole.
-_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
+# The member that asking for usage adds to every chunk, after a comma: a `,"` is never inside a
+# JSON string (its quote would be escaped), and the lookahead keeps the JSON around it whole.
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null(?=\s*[,}])')
+_JSON_SPACE = b" \t\r\n"
+_COMMA = ord(",")
 # Incomplete events are held up to this size; a longer one is not the usage chunk and passes.
 _MAX_UNDECIDED = 16 * 1024
 
@@ -50,7 +52,7 @@ class UsageChunkFilter:
             data = chunk
         size = len(data)
         pos = 0
-        edits: list[tuple[int, int, bytes]] = []  # byte ranges and what replaces them
+        edits: list[tuple[int, int, bytes]] = []  # byte ranges and what replaces them, in order
         if self._passing:
             pos = self._end_of_passing(data)
             if pos < 0:
@@ -68,23 +70,26 @@ class UsageChunkFilter:
                     self._passing = True
                     self._tail = data[-3:]
                 break
-            if data.find(_USAGE_KEY, pos, end) != -1:
-                choices = _CHOICES.search(data, pos, end)
-                if (
-                    choices is not None
-                    and choices.group(1) == b"]"
-                    and _USAGE_OBJECT.search(data, pos, end)
-                ):
-                    edits.append((pos, end, b""))
-                    self.removed += 1
+            key = data.find(_USAGE_KEY, pos, end)
+            if key != -1:
+                null_usage = _NULL_USAGE.match(data, key, end)
+                comma = key - 1
+                while data[comma] in _JSON_SPACE:
+                    comma -= 1
+                if null_usage is not None and data[comma] == _COMMA:
+                    edits.append((comma, null_usage.end(), b""))
                 else:
-                    event = data[pos:end]
-                    stripped = _NULL_USAGE.sub(b"", event)
-                    if len(stripped) != len(event):
-                        edits.append((pos, end, stripped))
+                    choices = _CHOICES.search(data, pos, end)
+                    usage_only = choices is not None and choices.group(1) == b"]"
+                    if usage_only and _USAGE_OBJECT.search(data, pos, end):
+                        edits.append((pos, end, b""))
+                        self.removed += 1
             pos = end
         if not edits:
             return data
+        if len(edits) == 1:  # the common case: one event, its null usage taken out
+            edit_start, edit_end, replacement = edits[0]
+            return data[:edit_start] + replacement + data[edit_end:]
         kept = []
         start = 0
         for edit_start, edit_end, replacement in edits:
