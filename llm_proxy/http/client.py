@@ -298,7 +298,13 @@ class _Connection(asyncio.Protocol):
         self.reusable = False  # the rest of the request body was never sent
 
     async def send(
-        self, head: bytes, body: Body, chunked: bool, head_request: bool, timeouts: Timeouts
+        self,
+        head: bytes,
+        body: Body,
+        chunked: bool,
+        head_request: bool,
+        timeouts: Timeouts,
+        on_sent: Callable[[], object] | None = None,
     ) -> Http1Response:
         self._expecting = True
         self._head_request = head_request
@@ -316,6 +322,8 @@ class _Connection(asyncio.Protocol):
             else:
                 transport.write(head)
                 await self._send_stream(body, chunked, timeouts.idle)
+            if on_sent is not None:
+                on_sent()
             if self._write_paused:  # the header timeout counts from sent, not merely buffered
                 await self._drain(timeouts.idle)
             deadline = self._loop.time() + timeouts.response_header
@@ -463,6 +471,7 @@ class Http1Client:
         headers: Sequence[tuple[bytes, bytes]],
         body: Body,
         timeouts: Timeouts,
+        on_sent: Callable[[], object] | None = None,
     ) -> Http1Response:
         """Send a request and return once the response head arrived (see ``UpstreamClient``)."""
         head, chunked = _serialize_head(method, origin, target, headers, body)
@@ -475,7 +484,7 @@ class Http1Client:
         conn = self._take(key)
         if conn is None:
             conn = await self._connect(origin, key, timeouts.connect)
-        return await conn.send(head, body, chunked, head_request, timeouts)
+        return await conn.send(head, body, chunked, head_request, timeouts, on_sent)
 
     async def close(self) -> None:
         """Close every idle connection; responses still being read close on ``aclose()``."""

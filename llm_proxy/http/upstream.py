@@ -98,8 +98,10 @@ class UpstreamClient(Protocol):
         headers: Sequence[tuple[bytes, bytes]],
         body: Body,
         timeouts: Timeouts,
+        on_sent: Callable[[], object] | None = None,
     ) -> UpstreamResponse:
-        """Send a request and return once the response head arrived.
+        """Send a request and return once the response head arrived; ``on_sent`` is called once
+        the whole request is written (a request cancelled before then never reached the upstream).
 
         ``target`` is the path and query to send (``origin.path_prefix`` already applied).
         ``headers`` are sent as given, except that the client adds ``Host`` when absent and sets

@@ -72,6 +72,8 @@ class Exchange:
     # The proxy asked upstream for stream usage the client did not ask for.
     usage_injected: bool = False
     upstream_request_id: str | None = None  # the upstream's own x-request-id, when it sent one
+    # The whole request was written to the upstream (kept for tokens that settle: see handler.py).
+    request_sent: bool = False
     # The token has a tpm window: its settled tokens are recorded once the usage is known.
     tpm_limited: bool = False
     # The budget hold of a budgeted token's request, settled once the usage is known.
@@ -88,11 +90,14 @@ class Exchange:
     def is_stream(self) -> bool:
         return self.response_content_type.startswith("text/event-stream")
 
+    def mark_sent(self) -> None:
+        self.request_sent = True
+
     @property
     def left_before_answer(self) -> bool:
-        """The client hung up after the request went upstream and before the answer began: the
-        upstream may have produced all of it, which nobody will see."""
-        return self.client_disconnected and bool(self.upstream_started) and not self.status
+        """The client hung up after the whole request went upstream and before the answer began:
+        the upstream may have produced all of it, which nobody will see."""
+        return self.client_disconnected and self.request_sent and not self.status
 
     @property
     def captured_bytes(self) -> int:
@@ -116,6 +121,7 @@ class Exchange:
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
             self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
+            self.request_sent,
             self.tpm_limited, self.hold_id, self.held_nanousd, self.request_bytes_shed,
         )  # fmt: skip
 

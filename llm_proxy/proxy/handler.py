@@ -399,7 +399,14 @@ class ProxyHandler:
         target = provider.origin.path_prefix + request.target
         exchange.upstream_started = time.perf_counter()
         upstream = await self.upstream.request(
-            request.method, provider.origin, target, headers, body, provider.timeouts
+            request.method,
+            provider.origin,
+            target,
+            headers,
+            body,
+            provider.timeouts,
+            # For a request that settles, whether a client leaving before the answer pays for it.
+            exchange.mark_sent if exchange.settles else None,
         )
         try:
             await self._relay(writer, upstream, exchange, request_id, reply_headers)

@@ -472,3 +472,28 @@ async def test_after_a_redis_restart_limited_tokens_are_served_at_once(
     redis_server.start()
     await asyncio.sleep(0.5)
     assert await burst() == [200] * 60
+
+
+async def test_a_client_that_hangs_up_before_its_request_went_upstream_pays_nothing(
+    proxy_factory: Any, prices_path: Path
+) -> None:
+    """The proxy was still connecting (a TLS handshake that never ends): nothing reached the
+    upstream, so the hold is released (SPEC §6), unlike a hang-up after the request went up."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, answers nothing: the handshake waits
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path, api={"base_url": f"https://127.0.0.1:{port}"}
+        )
+        issued = await proxy.issue_token(budget_usd=1)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(post(proxy, issued["token"], chat()), 0.3)
+        shown = await settled(proxy, issued["id"])
+        assert (shown["spent_usd"], shown["reserved_usd"]) == (0, 0)
+    finally:
+        server.close()
