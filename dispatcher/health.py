@@ -22,18 +22,32 @@ def heartbeat_key(stream: str, service: str) -> str:
     return f"{stream}:dispatcher:{service}:heartbeat"
 
 
+# Deletes the heartbeat only if it is still the value this dispatcher wrote: with two replicas of
+# a service, the one stopping must not make the other look gone.
+_CLEAR_OWN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class RedisHeartbeat:
+    """One key per service, written by whichever of its dispatchers beat last."""
+
     def __init__(self, client: Redis, stream: str, service: str, *, ttl: float = 30.0) -> None:
         self._client = client
         self._key = heartbeat_key(stream, service)
         self._ttl = ttl
+        self._written: bytes | None = None
+        self._clear_own = client.register_script(_CLEAR_OWN)
 
     async def beat(self, summary: Mapping[str, object]) -> None:
         value = orjson.dumps({"at": time.time(), **summary})
         await self._client.set(self._key, value, px=int(self._ttl * 1000))
+        self._written = value
 
     async def clear(self) -> None:
-        await self._client.delete(self._key)
+        if self._written is not None:
+            await self._clear_own(keys=[self._key], args=[self._written])
 
 
 @dataclass(frozen=True, slots=True)

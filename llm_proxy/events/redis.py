@@ -314,4 +314,20 @@ class RedisSubscription:
 
     async def close(self) -> None:
         self._bus._subscriptions.discard(self)
-        await self._client.aclose()
+        try:
+            if self._group_ready:
+                # A consumer that holds nothing leaves the group: every start names a new one, so
+                # otherwise a group keeps one per run for good (a cron --burst: one a minute).
+                # One holding entries stays, for another dispatcher to claim them.
+                async with asyncio.timeout(2.0):
+                    holds = await self._client.xpending_range(
+                        self._bus.stream, self.group, "-", "+", 1, consumername=self.consumer
+                    )
+                    if not holds:
+                        await self._client.xgroup_delconsumer(
+                            self._bus.stream, self.group, self.consumer
+                        )
+        except (RedisError, OSError, TimeoutError):
+            pass  # the name stays in the group, which costs nothing but a line in XINFO
+        finally:
+            await self._client.aclose()

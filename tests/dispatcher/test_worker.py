@@ -490,3 +490,23 @@ async def test_a_dispatcher_still_delivering_keeps_its_events_from_another(
         await second_bus.close()
     assert len(slow.accepted) == 4
     assert quick.accepted == []  # taken over before: all four delivered twice
+
+
+@pytest.mark.redis
+async def test_a_replica_stopping_leaves_the_others_heartbeat(redis_server: RedisServer) -> None:
+    """Two dispatchers of one service share its heartbeat key: the one that stops clears it only
+    if it still holds its own beat, so `dispatcher check` does not say none runs."""
+    bus = RedisBus(redis_server.url, stream="t:events")
+    first = health.RedisHeartbeat(bus.client, "t:events", "file", ttl=5)
+    second = health.RedisHeartbeat(bus.client, "t:events", "file", ttl=5)
+    try:
+        await first.beat({"delivered": 1})
+        await second.beat({"delivered": 2})
+        await first.clear()
+        alive = await health.check(bus.client, "t:events", "file", max_age=5)
+        assert alive.state == "alive" and "delivered=2" in alive.line
+        await second.clear()
+        gone = await health.check(bus.client, "t:events", "file", max_age=5)
+        assert gone.state == "absent"
+    finally:
+        await bus.close()

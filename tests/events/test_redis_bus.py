@@ -216,3 +216,26 @@ async def test_pipeline_publishes_to_redis(redis_server: RedisServer, tmp_path: 
     got = await reader.read(1, 2.0)
     assert got[0].event["request_id"] == ex.request_id
     await pipeline.close()
+
+
+async def test_a_consumer_leaves_its_group_on_close_unless_it_holds_entries(
+    redis_server: RedisServer,
+) -> None:
+    """Every start names a new consumer; without leaving, a group kept one per run for good."""
+    bus = await RedisBus.open(redis_server.url, stream="t:events")
+    try:
+        done = bus.subscribe("file", "done")
+        await done.read(10, 0.01)
+        await bus.publish(events(2))
+        await done.ack([d.id for d in await done.read(10, 1.0)])
+        await done.close()
+        assert await bus.client.xinfo_consumers("t:events", "file") == []
+
+        holding = bus.subscribe("file", "holding")
+        await bus.publish(events(1))
+        assert len(await holding.read(10, 1.0)) == 1  # read, never acknowledged
+        await holding.close()
+        (left,) = await bus.client.xinfo_consumers("t:events", "file")
+        assert (left["name"], left["pending"]) == (b"holding", 1)  # claimable by another
+    finally:
+        await bus.close()
