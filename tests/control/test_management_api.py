@@ -908,3 +908,25 @@ def _auth_failures(page: str) -> dict[str, float]:
         for sample in family.samples
         if sample.name == "llm_proxy_auth_failures_total"
     }
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b'{"name": "first", "name": "second", "api_key": "sk-x"}', "'name' is given twice"),
+        (b'{"name": "p", "api_key": "sk-x", "metadata": {"a": 1, "a": 2}}', "'a' is given twice"),
+        (b'{"name": "p", "api_key": "sk-x", "metadata": {"n": 18446744073709551616}}', "64 bits"),
+    ],
+)
+async def test_a_body_read_one_way_of_several_is_refused(
+    proxy: Proxy, body: bytes, said: str
+) -> None:
+    response = await proxy.client.post(
+        "/manage/projects",
+        data=body,
+        headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}", "Content-Type": "application/json"},
+    )
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_json" and said in error["message"]
+    assert (await proxy.manage("GET", "/projects"))[1] == []
