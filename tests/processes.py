@@ -224,6 +224,25 @@ class ServerProcess:
     def stop(self, timeout: float = 5.0) -> int:
         return self.process.stop(timeout)
 
+    def issue_token(self, api_key: str = "sk-upstream") -> str:
+        """A five-minute token of a new project holding ``api_key``, through the management API."""
+        base, management = self.base_url, self.management_token
+        status, project = http(
+            "POST",
+            f"{base}/manage/projects",
+            token=management,
+            body={"name": "p", "api_key": api_key},
+        )
+        assert status == 201, project
+        status, token = http(
+            "POST",
+            f"{base}/manage/tokens",
+            token=management,
+            body={"project_id": project["id"], "duration_minutes": 5},
+        )
+        assert status == 201, token
+        return str(token["token"])
+
 
 def start_server(
     data_dir: Path, api_config: Path, logs: Path, name: str = "server", **env: str

@@ -225,29 +225,30 @@ def _options(ctx: click.Context, /, overrides: dict[str, Any]) -> ClientOptions:
     parent: ClientOptions | None = ctx.find_object(ClientOptions)
     base = parent or ClientOptions()
 
-    def pick(name: str, inherited: Any) -> tuple[Any, bool]:
-        """The value, and whether it is this command's own rather than inherited."""
+    def pick(name: str, inherited: Any) -> Any:
         # A leaf reads the same environment variables as the group; only a flag typed on the leaf
         # may override what the group already settled (its own flag or the environment).
         value = overrides.pop(name, None)
         if value is None:
-            return inherited, False
+            return inherited
         if parent is None or ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
-            return value, True
-        return (inherited, False) if inherited is not None else (value, True)
+            return value
+        return inherited if inherited is not None else value
 
-    token, own_token = pick("management_token", base.management_token)
-    token_from = base.management_token_from
-    if own_token:
-        from_flag = ctx.get_parameter_source("management_token") is ParameterSource.COMMANDLINE
-        token_from = "--management-token" if from_flag else "MANAGEMENT_TOKEN in the environment"
+    token = pick("management_token", base.management_token)
+    if token is base.management_token:  # pick keeps the inherited object itself
+        token_from = base.management_token_from
+    elif ctx.get_parameter_source("management_token") is ParameterSource.COMMANDLINE:
+        token_from = "--management-token"
+    else:
+        token_from = "MANAGEMENT_TOKEN in the environment"
     return ClientOptions(
-        base_url=pick("manage_api_base_url", base.base_url)[0],
-        listen_addr=pick("listen_addr", base.listen_addr)[0],
+        base_url=pick("manage_api_base_url", base.base_url),
+        listen_addr=pick("listen_addr", base.listen_addr),
         management_token=token,
         management_token_from=token_from,
-        data_dir=pick("data_dir", base.data_dir)[0],
-        as_json=bool(pick("as_json", None)[0] or base.as_json),
+        data_dir=pick("data_dir", base.data_dir),
+        as_json=bool(pick("as_json", None) or base.as_json),
     )
 
 

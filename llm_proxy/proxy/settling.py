@@ -18,16 +18,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 
-import structlog
-
+from llm_proxy.sparse_warning import SparseWarning
 from llm_proxy.stats import STATS
-
-log = structlog.get_logger(__name__)
 
 # The longest admission waits for a token's answered requests to settle. Settling takes a few
 # milliseconds; this is reached only when the events process is far behind or lost them.
 SETTLE_WAIT_SECONDS = 1.0
-_WARN_EVERY_SECONDS = 10.0
 
 
 class _Unsettled:
@@ -50,7 +46,7 @@ class Settlements:
     def __init__(self, wait_seconds: float = SETTLE_WAIT_SECONDS) -> None:
         self._wait_seconds = wait_seconds
         self._by_token: dict[str, dict[str, _Unsettled]] = {}
-        self._warned_at = float("-inf")
+        self._late = SparseWarning("admission.settlement_late")  # times: requests given up on
 
     def expect(self, token_id: str, request_id: str) -> None:
         """A finished request of ``token_id`` went to be settled."""
@@ -106,12 +102,8 @@ class Settlements:
             STATS.settlement_waits["settled"] += 1
             return
         STATS.settlement_waits["timed_out"] += 1
-        now = loop.time()
-        if now - self._warned_at >= _WARN_EVERY_SECONDS:
-            # At most a line every few seconds: when the events process stalls, every request of
-            # every limited token times out here (the metric counts each).
-            self._warned_at = now
-            log.warning("admission.settlement_late", requests=len(late))
+        # When the events process stalls, every request of every limited token times out here.
+        self._late.happened(len(late))
         pending = self._by_token.get(token_id, {})
         for request_id, entry in list(pending.items()):
             if entry.waiter in late:

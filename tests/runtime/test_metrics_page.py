@@ -127,22 +127,6 @@ def chat_requests(server: ServerProcess, token: str, models: list[str]) -> list[
         return list(pool.map(one, models))
 
 
-def issue_token(server: ServerProcess) -> str:
-    base, management = server.base_url, server.management_token
-    status, project = http(
-        "POST", f"{base}/manage/projects", token=management, body={"name": "p", "api_key": "sk-p"}
-    )
-    assert status == 201, project
-    status, token = http(
-        "POST",
-        f"{base}/manage/tokens",
-        token=management,
-        body={"project_id": project["id"], "duration_minutes": 5},
-    )
-    assert status == 201, token
-    return str(token["token"])
-
-
 @pytest.mark.process
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tokens_and_cost_by_model_reach_the_page_and_no_creation_time_poses_as_a_gauge(
@@ -162,7 +146,7 @@ def test_tokens_and_cost_by_model_reach_the_page_and_no_creation_time_poses_as_a
         assert dropped(first) == dict.fromkeys(DROP_REASONS, 0.0)
         assert spend(first) == {}
 
-        token = issue_token(server)
+        token = server.issue_token()
         priced = chat_requests(server, token, ["gpt-4o-mini"] * 30)
         unpriced = chat_requests(server, token, ["my-fine-tune-7"] * 10)
         status, _ = http("GET", f"{server.base_url}/v1/models", token="sk-" + "N" * 43)

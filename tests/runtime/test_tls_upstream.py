@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from cryptography import x509
 
 from tests.certificates import self_signed
-from tests.processes import http, start_server
+from tests.processes import start_server
 
 pytestmark = pytest.mark.process
 
@@ -57,26 +57,14 @@ async def test_the_trust_store_is_loaded_at_start_not_under_the_first_request(
     trusted.write_bytes(cert.read_bytes())
     server = start_server(tmp_path / "data", api, tmp_path, SSL_CERT_FILE=str(trusted))
     try:
-        manage = server.management_token
-        _, project = http(
-            "POST",
-            f"{server.base_url}/manage/projects",
-            token=manage,
-            body={"name": "tls", "api_key": UPSTREAM_KEY},
-        )
-        _, issued = http(
-            "POST",
-            f"{server.base_url}/manage/tokens",
-            token=manage,
-            body={"project_id": project["id"], "duration_minutes": 5},
-        )
+        token = server.issue_token(UPSTREAM_KEY)
         trusted.unlink()
         async with (
             aiohttp.ClientSession() as session,
             session.post(
                 f"{server.base_url}/v1/chat/completions",
                 json=CHAT,
-                headers={"Authorization": f"Bearer {issued['token']}"},
+                headers={"Authorization": f"Bearer {token}"},
             ) as response,
         ):
             assert response.status == 200, await response.text()

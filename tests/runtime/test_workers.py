@@ -89,22 +89,6 @@ def test_quota_and_revocation_hold_across_worker_processes(workers: ServerProces
     assert "server.workers_started" in workers.process.stderr
 
 
-def issue_token(server: ServerProcess) -> str:
-    base, management = server.base_url, server.management_token
-    status, project = http(
-        "POST", f"{base}/manage/projects", token=management, body={"name": "m", "api_key": "sk-m"}
-    )
-    assert status == 201
-    status, token = http(
-        "POST",
-        f"{base}/manage/tokens",
-        token=management,
-        body={"project_id": project["id"], "duration_minutes": 5},
-    )
-    assert status == 201
-    return str(token["token"])
-
-
 def send_requests(server: ServerProcess, token: str, count: int) -> None:
     """``count`` proxied requests, each on a new connection, so they spread over the workers."""
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -164,7 +148,7 @@ def worker_page(server: ServerProcess, index: int) -> dict[str, float]:
 
 def test_every_scrape_reports_the_sum_over_all_workers(workers: ServerProcess) -> None:
     wait_for_workers(workers, 2)
-    token = issue_token(workers)
+    token = workers.issue_token()
     send_requests(workers, token, 40)
     wait_for_requests(workers, 40)
 
@@ -224,7 +208,7 @@ def test_a_killed_worker_is_replaced_and_no_scrape_waits_for_it(
     server = start_server(tmp_path / "data", config, tmp_path, WORKERS="2")
     try:
         wait_for_workers(server, 2)
-        token = issue_token(server)
+        token = server.issue_token()
         send_requests(server, token, 20)
         wait_for_requests(server, 20)  # and both workers served a page with them
         pids = worker_pids(server)
@@ -303,7 +287,7 @@ def test_a_stopped_worker_is_reported_missing_without_holding_the_scrape(
     on its sibling stops waiting for it after FETCH_SECONDS (1 s), says so, and adds what it
     last reported."""
     wait_for_workers(workers, 2)
-    token = issue_token(workers)
+    token = workers.issue_token()
     send_requests(workers, token, 30)
     wait_for_requests(workers, 30)
     hung = worker_pids(workers)[0]
