@@ -16,13 +16,14 @@ from llm_proxy.events.event import Event, Usage, rfc3339
 from llm_proxy.events.reassemble import reassemble
 from llm_proxy.models import usd
 from llm_proxy.pricing import Prices, cost_nanousd
-from llm_proxy.proxy.exchange import Exchange
+from llm_proxy.proxy.exchange import RESPONSE_TAIL_BYTES, Exchange
 
 # Event ids are unique, not secret: version-4 UUIDs from a PRNG seeded by the OS, instead of an
 # os.urandom system call per event (a quarter of an event's build time).
 _random = random.Random()
 _VERSION_4 = (0x4000 << 64) | (0x8000 << 48)
 _VERSION_MASK = ~((0xF000 << 64) | (0xC000 << 48))
+_CLIENT_CLOSED = 499
 
 
 def event_id() -> str:
@@ -63,6 +64,14 @@ def build(
 
     model = _model(request) or _model(response)
     event_usage = usage.from_upstream(response)
+    usage_body = response
+    if event_usage is None and decoded.truncated and not exchange.response_content_encoding:
+        # The usage of an answer longer than the capture is at its end, past the head kept.
+        found = usage.usage_in_tail(
+            response_raw[-RESPONSE_TAIL_BYTES:] + exchange.response_body.tail
+        )
+        if found is not None:
+            event_usage, usage_body = usage.from_upstream(found), found
     # Only a successful answer consumed tokens worth counting; an error or a body we could not
     # decode gets no usage rather than a made-up one. A client that left before its answer
     # began counts its prompt: hanging up just before a long answer must not be free.
@@ -71,9 +80,11 @@ def build(
         left_early or (200 <= exchange.status < 300 and decoded.data is not None)
     ):
         event_usage = usage.estimate(exchange.path, request, response, model)
-    cost_usd = _cost_usd(prices, model, event_usage, response)
+    cost_usd = _cost_usd(prices, model, event_usage, usage_body)
     if left_early and exchange.held_nanousd:
-        cost_usd = usd(exchange.held_nanousd)  # all it held: the most the unseen answer cost
+        # All it held, the most the unseen answer cost; its usage says what that paid for.
+        cost_usd = usd(exchange.held_nanousd)
+        event_usage = _usage_held(prices, model, event_usage, exchange.held_nanousd)
 
     stream = exchange.is_stream
     if not exchange.response_content_type and isinstance(request, dict):
@@ -88,7 +99,8 @@ def build(
         "token_id": exchange.token_id,
         "method": exchange.method,
         "path": exchange.path,
-        "status": exchange.status,
+        # No answer went out: 499 when the client closed the connection first (nginx's code).
+        "status": exchange.status or (_CLIENT_CLOSED if exchange.client_disconnected else 0),
         "duration_ms": _ms(exchange.started, exchange.ended) if exchange.ended else 0.0,
         "ttfb_ms": _ms(exchange.started, exchange.first_byte_at)
         if exchange.first_byte_at
@@ -118,6 +130,25 @@ def _cost_usd(
     cached = usage.cached_prompt_tokens(response) if event_usage["source"] == "upstream" else 0
     return usd(
         cost_nanousd(price, event_usage["prompt_tokens"], cached, event_usage["completion_tokens"])
+    )
+
+
+def _usage_held(
+    prices: Prices | None, model: str | None, estimated: Usage | None, held_nanousd: int
+) -> Usage | None:
+    """The usage a hold paid for: the estimated prompt and as many output tokens as the rest of
+    the hold buys (the output cap it was reserved for)."""
+    price = prices.lookup(model) if prices is not None else None
+    if estimated is None or price is None or not price.output:
+        return estimated
+    prompt = estimated["prompt_tokens"]
+    rest = held_nanousd - cost_nanousd(price, prompt, 0, 0)
+    completion = max(rest * 1_000_000 // price.output, 0)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        source="estimated",
     )
 
 

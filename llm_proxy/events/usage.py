@@ -7,8 +7,10 @@ be counted from the bodies and are left out, which is why such numbers are marke
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -21,7 +23,9 @@ _REPLY_PRIMING = 3
 
 
 def _int(value: object) -> int | None:
-    return value if type(value) is int else None  # what a JSON parser makes of an integer: no bool
+    # What a JSON parser makes of a count: an int, not a bool; a negative count is no count (an
+    # upstream reporting -1,000,000 tokens would otherwise shrink its token's tpm window).
+    return value if type(value) is int and value >= 0 else None
 
 
 def from_upstream(body: object) -> Usage | None:
@@ -33,10 +37,34 @@ def from_upstream(body: object) -> Usage | None:
     if prompt is None:
         return None
     completion = _int(usage.get("completion_tokens", usage.get("output_tokens"))) or 0
-    total = _int(usage.get("total_tokens")) or prompt + completion
+    # Never less than its parts: the window and the event count at least what was billed.
+    total = max(_int(usage.get("total_tokens")) or 0, prompt + completion)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=total, source="upstream"
     )
+
+
+# A `usage` key whose value is an object. Inside a JSON string every `"` is escaped, so the key's
+# closing quote right after `usage` can only be a real key's, whatever text the model wrote.
+_USAGE_KEY: Final = re.compile(rb'"usage"\s*:\s*\{')
+_decoder: Final = json.JSONDecoder()
+
+
+def usage_in_tail(tail: bytes) -> dict[str, Any] | None:
+    """The last ``usage`` object in the end of a body whose head alone was captured (a chat stream's
+    usage chunk, a Responses stream's ``response.completed``, a JSON answer's last fields), as a
+    body carrying only it: ``{"usage": {...}}``; None when the tail holds no readable one."""
+    matches = list(_USAGE_KEY.finditer(tail))
+    for match in reversed(matches):
+        text = tail[match.end() - 1 :].decode("utf-8", "replace")
+        try:
+            value, _ = _decoder.raw_decode(text)
+        except ValueError:
+            continue  # cut off at the end, or not JSON after all
+        carrier = {"usage": value}
+        if from_upstream(carrier) is not None:
+            return carrier
+    return None
 
 
 def cached_prompt_tokens(body: object) -> int:

@@ -12,38 +12,72 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# How much of a long answer's end is kept past its captured head: a chat answer's or Responses
+# stream's `usage` object and what may follow it (a Responses object's `user`, `metadata`), with room.
+RESPONSE_TAIL_BYTES = 64 * 1024
+
 
 class CappedBuffer:
-    """Keeps references to the first ``limit`` bytes of a body that flows past; never copies."""
+    """Keeps references to the first ``limit`` bytes of a body that flows past; never copies.
 
-    __slots__ = ("chunks", "limit", "size", "truncated")
+    With a ``tail_limit``, it also keeps about the last ``tail_limit`` bytes beyond the first
+    ``limit`` (at least that many, in whole chunks), as ``tail``: a long answer's ``usage`` comes
+    at its end (the last chunk of a stream, the end of a JSON answer), past any head a capture
+    can afford to keep.
+    """
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("chunks", "limit", "size", "tail_chunks", "tail_limit", "tail_size", "truncated")
+
+    def __init__(self, limit: int, tail_limit: int = 0) -> None:
         self.limit = limit
         self.size = 0
         self.truncated = False
         self.chunks: list[bytes] = []
+        self.tail_limit = tail_limit
+        self.tail_chunks: list[bytes] | None = None  # made when the first byte past the head comes
+        self.tail_size = 0
 
     def add(self, chunk: bytes) -> None:
         if self.size >= self.limit:
             self.truncated = True
+            if self.tail_limit:
+                self._keep_tail(chunk)
             return
         room = self.limit - self.size
         if len(chunk) > room:
+            if self.tail_limit:
+                self._keep_tail(chunk[room:])
             chunk = chunk[:room]
             self.truncated = True
         self.chunks.append(chunk)
         self.size += len(chunk)
 
+    def _keep_tail(self, chunk: bytes) -> None:
+        tail = self.tail_chunks
+        if tail is None:
+            tail = self.tail_chunks = []
+        tail.append(chunk)
+        self.tail_size += len(chunk)
+        while self.tail_size - len(tail[0]) >= self.tail_limit:
+            self.tail_size -= len(tail.pop(0))
+
     def getvalue(self) -> bytes:
         return b"".join(self.chunks)
 
+    @property
+    def tail(self) -> bytes:
+        """The bytes kept past the head (empty unless a ``tail_limit`` was given and passed)."""
+        return b"".join(self.tail_chunks) if self.tail_chunks else b""
+
     @classmethod
-    def of(cls, data: bytes, limit: int, truncated: bool) -> CappedBuffer:
-        buffer = cls(limit)
+    def of(cls, data: bytes, limit: int, truncated: bool, tail: bytes = b"") -> CappedBuffer:
+        buffer = cls(limit, len(tail))
         buffer.chunks = [data] if data else []
         buffer.size = len(data)
         buffer.truncated = truncated
+        if tail:
+            buffer.tail_chunks = [tail]
+            buffer.tail_size = len(tail)
         return buffer
 
 
@@ -102,7 +136,7 @@ class Exchange:
     @property
     def captured_bytes(self) -> int:
         """The bytes of both bodies this exchange holds (what the events queues are bounded by)."""
-        return self.request_body.size + self.response_body.size
+        return self.request_body.size + self.response_body.size + self.response_body.tail_size
 
     @property
     def settles(self) -> bool:
@@ -117,7 +151,7 @@ class Exchange:
             self.request_id, self.started_at, self.started, self.method, self.path,
             self.project_id, self.token_id,
             req.getvalue(), req.limit, req.truncated,
-            resp.getvalue(), resp.limit, resp.truncated,
+            resp.getvalue(), resp.limit, resp.truncated, resp.tail,
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
             self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
@@ -129,13 +163,13 @@ class Exchange:
     def from_wire(cls, wire: tuple[Any, ...]) -> Exchange:
         (
             request_id, started_at, started, method, path, project_id, token_id,
-            req, req_limit, req_truncated, resp, resp_limit, resp_truncated,
+            req, req_limit, req_truncated, resp, resp_limit, resp_truncated, resp_tail,
             *rest,
         ) = wire  # fmt: skip
         return cls(
             request_id, started_at, started, method, path, project_id, token_id,
             CappedBuffer.of(req, req_limit, req_truncated),
-            CappedBuffer.of(resp, resp_limit, resp_truncated),
+            CappedBuffer.of(resp, resp_limit, resp_truncated, resp_tail),
             *rest,
         )  # fmt: skip
 
@@ -146,13 +180,18 @@ _WIRE_REQUEST_ID = 0
 _WIRE_TOKEN_ID = 6
 _WIRE_REQUEST_BODY = 7
 _WIRE_RESPONSE_BODY = 10
+_WIRE_RESPONSE_TAIL = 13
 _WIRE_TPM_LIMITED = -4
 _WIRE_HOLD_ID = -3
 
 
 def wire_captured_bytes(wire: Wire) -> int:
     """``Exchange.captured_bytes`` of the exchange ``wire`` was made from."""
-    return len(wire[_WIRE_REQUEST_BODY]) + len(wire[_WIRE_RESPONSE_BODY])
+    return (
+        len(wire[_WIRE_REQUEST_BODY])
+        + len(wire[_WIRE_RESPONSE_BODY])
+        + len(wire[_WIRE_RESPONSE_TAIL])
+    )
 
 
 def wire_settles(wire: Wire) -> bool:

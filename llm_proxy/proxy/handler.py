@@ -35,7 +35,7 @@ from llm_proxy.proxy.body_scan import BodyInspector, ask_usage
 from llm_proxy.proxy.body_spool import BodySpool
 from llm_proxy.proxy.budget_plan import COST_FIELDS, CostPlan, plan_cost
 from llm_proxy.proxy.cost_bound import prompt_token_bound, with_output_cap
-from llm_proxy.proxy.exchange import CappedBuffer, Exchange, ExchangeSink
+from llm_proxy.proxy.exchange import RESPONSE_TAIL_BYTES, CappedBuffer, Exchange, ExchangeSink
 from llm_proxy.proxy.form_scan import FormInspector, form_media_type
 from llm_proxy.proxy.metrics import MetricsSink
 from llm_proxy.stats import STATS
@@ -200,7 +200,7 @@ class ProxyHandler:
         path, grant = admitted
         started_at = time.time()
         request_body = CappedBuffer(self.capture_bytes)
-        response_body = CappedBuffer(self.capture_bytes)
+        response_body = CappedBuffer(self.capture_bytes, RESPONSE_TAIL_BYTES)
         # Positional, in field order: with keywords the dataclass __init__ is slower per request.
         exchange = Exchange(
             request_id,

@@ -80,8 +80,8 @@ class RedisServer:
             self.process = None
 
 
-def capped(data: bytes, limit: int = 1 << 20, chunk: int = 7) -> CappedBuffer:
-    buffer = CappedBuffer(limit)
+def capped(data: bytes, limit: int = 1 << 20, chunk: int = 7, tail_limit: int = 0) -> CappedBuffer:
+    buffer = CappedBuffer(limit, tail_limit)
     for i in range(0, len(data), chunk):
         buffer.add(data[i : i + chunk])
     return buffer
@@ -97,6 +97,7 @@ def exchange(
     content_encoding: str = "",
     request_limit: int = 1 << 20,
     response_limit: int = 1 << 20,
+    response_tail_limit: int = 0,
     error: str | None = None,
     started_at: float | None = None,
 ) -> Exchange:
@@ -117,7 +118,7 @@ def exchange(
         project_id="proj-1",
         token_id="tok-1",
         request_body=capped(body, request_limit),
-        response_body=capped(response, response_limit),
+        response_body=capped(response, response_limit, tail_limit=response_tail_limit),
         status=status,
         response_content_type=content_type,
         response_content_encoding=content_encoding,
