@@ -317,8 +317,18 @@ def test_default_release_prices_with_the_images_prices_file(
     seen = config_seen_by_the_proxy(default_release)
     assert env["PRICES_PATH"] in seen
     assert seen[env["PRICES_PATH"]] == (ROOT / "config" / "prices.yaml").read_text()
+    # From the ConfigMap (SPEC §12), where an operator sees and edits it, not only from the image.
+    shipped = only(default_release, "ConfigMap")["data"]
+    assert shipped["prices.yaml"] == (ROOT / "config" / "prices.yaml").read_text()
     assert yaml.safe_load(seen[env["API_CONFIG_PATH"]]) == yaml.safe_load(
         (ROOT / "config" / "api_providers.yaml").read_text()
+    )
+
+
+def test_the_charts_prices_are_the_repositorys() -> None:
+    chart_copy = ROOT / "deploy" / "helm" / "llm-proxy" / "files" / "prices.yaml"
+    assert chart_copy.read_text() == (ROOT / "config" / "prices.yaml").read_text(), (
+        "copy config/prices.yaml to deploy/helm/llm-proxy/files/prices.yaml"
     )
 
 

@@ -95,3 +95,13 @@ imagePullSecrets:
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- end }}
+
+{{/* The files of the ConfigMap, name to content, as JSON: the values' config.files, and the
+chart's copy of the repository's prices.yaml unless the values give their own. */}}
+{{- define "llm-proxy.configFiles" -}}
+{{- $files := deepCopy .Values.config.files }}
+{{- if not (hasKey $files "prices.yaml") }}
+{{- $_ := set $files "prices.yaml" (.Files.Get "files/prices.yaml") }}
+{{- end }}
+{{- toJson $files }}
+{{- end }}
