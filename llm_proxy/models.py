@@ -25,6 +25,14 @@ def nanousd(dollars: float) -> int:
     return round(dollars * NANOS_PER_USD)
 
 
+def budget_spent(budget: int, spent: int, minimum: int) -> bool:
+    """Whether a budget is spent for a request that costs at least ``minimum`` nano-dollars: what
+    is left beside the spend, holds aside, can never pay for it. Admission refuses such a request
+    ``budget_exceeded`` (the stores; the Redis ledger's script says the same in Lua), and a token
+    is ``exhausted`` by the same rule (:meth:`Token.status`)."""
+    return budget - spent < minimum
+
+
 def isoformat(moment: datetime | None) -> str | None:
     """RFC 3339 UTC with a ``Z``, the one timestamp format of every API answer."""
     if moment is None:
@@ -73,6 +81,8 @@ class Token:
     budget_nanousd: int | None = None  # lifetime spend cap
     spent_nanousd: int = 0  # settled spend
     reserved_nanousd: int = 0  # held for requests in flight (when the store holds reservations)
+    # The least a request refused ``budget_exceeded`` for good needed, since the budget was set.
+    budget_refused_nanousd: int | None = None
     allowed_models: tuple[str, ...] | None = None  # globs; None: any model
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -86,6 +96,14 @@ class Token:
             or self.budget_nanousd is not None
         )
 
+    @property
+    def least_request_nanousd(self) -> int:
+        """The least a request on this token is known to cost, for telling whether its budget is
+        spent. What a request costs depends on its model and its body, which the token does not
+        know; what it knows is what admission refused for good (the least such a request needed)
+        and, failing that, that a request costs something."""
+        return max(self.budget_refused_nanousd or 0, 1)
+
     def status(self, now: datetime) -> str:
         if not self.is_active:
             return "revoked"
@@ -93,7 +111,9 @@ class Token:
             return "expired"
         if self.max_requests is not None and self.request_count >= self.max_requests:
             return "exhausted"
-        if self.budget_nanousd is not None and self.spent_nanousd >= self.budget_nanousd:
+        if self.budget_nanousd is not None and budget_spent(
+            self.budget_nanousd, self.spent_nanousd, self.least_request_nanousd
+        ):
             return "exhausted"
         return "active"
 

@@ -224,11 +224,15 @@ _SCHEMAS: dict[str, Any] = {
             "status": {
                 "type": "string",
                 "enum": ["active", "expired", "revoked", "exhausted"],
-                "description": "exhausted: max_requests used up or the budget spent",
+                "description": (
+                    "exhausted: max_requests used up, or the budget spent (to the last cent, or"
+                    " too little left for a request it refused budget_exceeded)"
+                ),
             },
             "request_count": _COUNTER | {"description": "Admitted requests (the quota counter)"},
             **_LIMITS,
-            "spent_usd": _DOLLARS | {"description": "Settled spend in US dollars"},
+            "spent_usd": _DOLLARS
+            | {"description": "Settled lifetime spend in US dollars, with a budget or without"},
             "reserved_usd": _DOLLARS | {"description": "Held for requests in flight, in USD"},
             "metadata": _ref("TokenMetadata"),
             "created_at": _TS,

@@ -308,6 +308,9 @@ class Operations:
             budget = limits["budget_usd"]
             changes["budget_nanousd"] = None if budget is None else nanousd(budget)
             details["budget_usd"] = usd(changes["budget_nanousd"])
+            if changes["budget_nanousd"] != current.budget_nanousd:
+                # What was refused on the old budget says nothing of the new one.
+                changes["budget_refused_nanousd"] = None
         if "allowed_models" in limits:
             models = limits["allowed_models"]
             changes["allowed_models"] = details["allowed_models"] = (

@@ -1,5 +1,5 @@
-"""Settling what a request used, once its event knows the usage: its token's tpm window and its
-budget hold.
+"""Settling what a request used, once its event knows the usage: its token's tpm window, its
+budget hold, and its token's lifetime spend.
 
 The proxy path refuses a request while its token's tpm window is full, and holds the most a
 budgeted request can cost; both are settled here, off the request path, in the pipeline that builds
@@ -19,6 +19,7 @@ import structlog
 
 from llm_proxy.events import metrics
 from llm_proxy.events.event import Event
+from llm_proxy.events.lifetime_spend import SpendBatcher
 from llm_proxy.models import nanousd
 from llm_proxy.proxy.budget_ledger import BudgetLedger, Settlement
 from llm_proxy.proxy.exchange import Exchange
@@ -41,11 +42,13 @@ def settled_cost(event: Event, held: int, *, request_kept: bool = True) -> int:
 
 
 class TokenSettler:
-    """Records each request's tokens in its token's tpm window and settles its budget hold."""
+    """Records each request's tokens in its token's tpm window, settles its budget hold, and adds
+    the cost of a request that held nothing to its token's spend (batched: see lifetime_spend.py)."""
 
     def __init__(self, windows: RateWindows, budgets: BudgetLedger) -> None:
         self._windows = windows
         self._budgets = budgets
+        self._spend = SpendBatcher(budgets)
 
     async def settle(self, batch: Sequence[Exchange], events: Sequence[Event]) -> None:
         # By request id, in the batch's order: a client may send one id twice (a retry), and each
@@ -54,12 +57,11 @@ class TokenSettler:
         for exchange in batch:
             if exchange.settles:
                 limited.setdefault(exchange.request_id, deque()).append(exchange)
-        if not limited:
-            return
         settlements: list[Settlement] = []
         for event in events:
             same_id = limited.get(event["request_id"])
             if not same_id:
+                self._add_spend(event)
                 continue
             exchange = same_id.popleft()
             if exchange.hold_id:
@@ -73,11 +75,19 @@ class TokenSettler:
                 settlements.append(
                     Settlement(exchange.token_id, exchange.hold_id, exchange.held_nanousd, cost)
                 )
+            else:
+                self._add_spend(event)
             usage = event["usage"]
             if exchange.tpm_limited and usage and usage["total_tokens"]:
                 await self._record_tokens(event, usage["total_tokens"])
         if settlements:
             await self._settle_holds(settlements)
+
+    def _add_spend(self, event: Event) -> None:
+        """A request that held nothing: its cost joins its token's spend at the next flush."""
+        cost = event["cost_usd"]
+        if cost:
+            self._spend.add(event["token_id"], nanousd(cost))
 
     async def _settle_holds(self, settlements: list[Settlement]) -> None:
         # One round trip for the batch: settled one by one, a busy proxy's events outran them.
@@ -105,5 +115,6 @@ class TokenSettler:
             log.error("events.tpm_record_failed", request_id=event["request_id"], error=str(exc))
 
     async def close(self) -> None:
+        await self._spend.close()
         await self._windows.close()
         await self._budgets.close()

@@ -66,6 +66,8 @@ class Grant:
     rpm: int | None = None
     tpm: int | None = None
     budget: int | None = None  # nano-dollars, lifetime
+    # The least a request refused for good on this budget needed (Token.budget_refused_nanousd).
+    budget_refused: int | None = None
     # Answers carry LLM-Proxy-* headers about what is left (tokens with limits only).
     limited: bool = False
     expires_at_header: str = ""  # expires_at in RFC 3339, for LLM-Proxy-Token-Expires-At
@@ -136,6 +138,8 @@ class TokenAuthority:
         self._change_cursor = 0
         # Releases of holds whose request was cancelled while taking them (see `_hold`).
         self._orphan_releases: set[asyncio.Future[None]] = set()
+        # Refusals for good being written to the token's row (see `_note_refused`).
+        self._refusal_notes: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         started = time.monotonic()
@@ -210,6 +214,7 @@ class TokenAuthority:
         if not hold.admitted:
             STATS.budget_holds_refused += 1
             if hold.exhausted:
+                self._note_refused(grant, budget, plan.minimum)
                 raise errors.BudgetExceeded(
                     f"This token's budget of ${usd(budget)} is spent"
                     f" (${usd(hold.remaining_nanousd)} left, less than this request needs)."
@@ -223,6 +228,26 @@ class TokenAuthority:
         STATS.budget_holds_open += 1
         admission.hold_id = hold_id
         admission.held = hold.held_nanousd
+
+    def _note_refused(self, grant: Grant, budget: int, minimum: int) -> None:
+        """Have the token's row remember a refusal for good, so that its status says exhausted by
+        the rule admission refused by (``models.budget_spent``). Written in the background, once
+        per grant and least request: a client retrying the same request is refused from the
+        ledger alone."""
+        if grant.budget_refused is not None and grant.budget_refused <= minimum:
+            return
+        grant.budget_refused = minimum
+        note = asyncio.ensure_future(
+            self._store.note_budget_refused(grant.token_id, budget, minimum)
+        )
+        self._refusal_notes.add(note)
+        note.add_done_callback(self._refusal_noted)
+
+    def _refusal_noted(self, note: asyncio.Future[None]) -> None:
+        self._refusal_notes.discard(note)
+        if not note.cancelled() and (exc := note.exception()) is not None:
+            # The refusal stands; only the status may say active until the next one is noted.
+            log.error("token_authority.store_failed", operation="note_refused", error=str(exc))
 
     def _release_orphan(
         self, token_id: str, hold_id: str, call: asyncio.Future[BudgetHold]
@@ -430,6 +455,7 @@ class TokenAuthority:
             rpm=token.rpm,
             tpm=token.tpm,
             budget=token.budget_nanousd,
+            budget_refused=token.budget_refused_nanousd,
             limited=token.has_limits,
             expires_at_header=isoformat(token.expires_at) or "",
         )
@@ -560,8 +586,8 @@ class TokenAuthority:
         STATS.change_push_connected = up
 
     async def close(self) -> None:
-        if self._orphan_releases:
-            await asyncio.wait(self._orphan_releases, timeout=5)
+        if self._orphan_releases or self._refusal_notes:
+            await asyncio.wait(self._orphan_releases | self._refusal_notes, timeout=5)
         await self._rate_windows.close()
         await self.budget_ledger.close()
 

@@ -11,14 +11,19 @@ reservation, the store on :meth:`StoreBudgetLedger.reclaim`. A request still run
 expires is settled all the same: its spend is counted, so the budget is never understated.
 
 With Redis, spend is kept in Redis for admission and also added to the database, which shows it
-and seeds Redis again after Redis lost its data.
+and seeds Redis again after Redis lost its data (or when a token first holds: one given a budget
+late starts from all it spent before).
+
+Every token's spend is its lifetime spend, budget or not: requests that held nothing add their
+cost with :meth:`BudgetLedger.add_spend` (see ``events/lifetime_spend.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Protocol
 
+import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -26,6 +31,8 @@ from redis.backoff import NoBackoff
 from llm_proxy.models import BudgetHold
 from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
+
+log = structlog.get_logger(__name__)
 
 # Longer than any answer but a runaway stream; shorter than an operator's patience with a budget
 # held by an instance that died.
@@ -56,6 +63,11 @@ class BudgetLedger(Protocol):
         """:meth:`settle` for a batch, in one round trip to each place the ledger keeps."""
         ...
 
+    async def add_spend(self, spends: Mapping[str, int]) -> None:
+        """Add to each token's spend the cost of requests that held nothing (nano-dollars by
+        token id): one write per token."""
+        ...
+
     async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
         """What the token has spent and what its holds keep, when this ledger knows it."""
         ...
@@ -81,6 +93,9 @@ class StoreBudgetLedger:
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> None:
         await self._store.settle_budgets([(s.token_id, s.hold_id, s.cost) for s in settlements])
+
+    async def add_spend(self, spends: Mapping[str, int]) -> None:
+        await self._store.settle_budgets([(token, "", cost) for token, cost in spends.items()])
 
     async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
         return None  # the token's row says it
@@ -144,6 +159,7 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[7])
 if room < minimum then
   redis.call('SET', KEYS[3], held, 'PXAT', ARGV[7])
   local exhausted = 0
+  -- models.budget_spent: the one rule of a budget spent for good
   if budget - spent < minimum then exhausted = 1 end
   return {0, exhausted, math.max(room, 0)}
 end
@@ -163,6 +179,13 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[3]) =
   if redis.call('DECRBY', KEYS[3], ARGV[3]) < 0 then redis.call('SET', KEYS[3], 0, 'KEEPTTL') end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+# KEYS[1]: a token's spend; ARGV[1]: what requests that held nothing cost. Only where Redis has the
+# spend, like a settlement: otherwise the token's first hold reads it all from the database.
+_ADD_SPEND = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end
 return 1
 """
 
@@ -193,6 +216,7 @@ class RedisBudgetLedger:
         self._hold = self._redis.register_script(_HOLD)
         self._settle = self._redis.register_script(_SETTLE)
         self._status = self._redis.register_script(_STATUS)
+        self._add_spend = self._redis.register_script(_ADD_SPEND)
 
     @staticmethod
     def _keys(token_id: str) -> list[str]:
@@ -245,6 +269,21 @@ class RedisBudgetLedger:
                 spent[s.token_id] = spent.get(s.token_id, 0) + s.cost
         if spent:
             await self._store.settle_budgets([(token, "", cost) for token, cost in spent.items()])
+
+    async def add_spend(self, spends: Mapping[str, int]) -> None:
+        # The database first: it keeps this spend, and only its failure is worth a retry. Redis
+        # then adds it where it has the token's spend (a token that had a budget); a hold that
+        # seeds the spend from the database between the two counts it twice there, erring on the
+        # side a budget errs on.
+        await self._store.settle_budgets([(token, "", cost) for token, cost in spends.items()])
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for token_id, cost in spends.items():
+                    await self._add_spend(keys=self._keys(token_id)[:1], args=[cost], client=pipe)
+                await pipe.execute()
+        except Exception as exc:
+            # Not retried, or the database would have it twice: Redis lacks it until it reseeds.
+            log.error("budget_ledger.redis_spend_failed", tokens=len(spends), error=str(exc))
 
     async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
         spent, held = await self._status(keys=self._keys(token_id))

@@ -103,6 +103,14 @@ class Store(Protocol):
         row, whatever the number of processes and instances."""
         ...
 
+    async def note_budget_refused(
+        self, token_id: str, budget_nanousd: int, minimum_nanousd: int
+    ) -> None:
+        """Remember that a request needing ``minimum_nanousd`` was refused for good on the token's
+        budget of ``budget_nanousd`` (:attr:`Token.budget_refused_nanousd` keeps the least such);
+        nothing when the budget changed meanwhile."""
+        ...
+
     async def settle_budget(self, token_id: str, hold_id: str, cost_nanousd: int) -> None:
         """Add a request's cost to the token's spend and drop its hold, in one transaction. With
         ``hold_id`` "" (or a hold already reclaimed) only the cost is added; cost 0 releases."""

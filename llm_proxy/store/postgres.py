@@ -36,6 +36,7 @@ from llm_proxy.models import (
     UsageDelta,
     UsageRollup,
     UsageTotals,
+    budget_spent,
     hour_start,
     tpm_room,
     utcnow,
@@ -186,6 +187,7 @@ def _token(row: asyncpg.Record) -> Token:
         budget_nanousd=row["budget_nanousd"],
         spent_nanousd=row["spent_nanousd"],
         reserved_nanousd=row["reserved_nanousd"],
+        budget_refused_nanousd=row["budget_refused_nanousd"],
         allowed_models=None if row["allowed_models"] is None else tuple(row["allowed_models"]),
         metadata=row["metadata"],
     )
@@ -555,14 +557,24 @@ class PostgresStore:
             budget, spent = row["budget_nanousd"], row["spent_nanousd"]
             room = budget - spent - row["reserved_nanousd"]
             if room < minimum_nanousd:
-                return BudgetHold(
-                    False, 0, max(room, 0), exhausted=budget - spent < minimum_nanousd
-                )
+                exhausted = budget_spent(budget, spent, minimum_nanousd)
+                return BudgetHold(False, 0, max(room, 0), exhausted=exhausted)
             amount = min(want_nanousd, room)
             await conn.execute(
                 _TAKE_BUDGET_HOLD, hold_id, token_id, amount, round(hold_seconds * 1e6)
             )
         return BudgetHold(True, amount, room - amount)
+
+    async def note_budget_refused(
+        self, token_id: str, budget_nanousd: int, minimum_nanousd: int
+    ) -> None:
+        await self._execute(
+            "UPDATE tokens SET budget_refused_nanousd = LEAST(budget_refused_nanousd, $3)"
+            " WHERE id = $1 AND budget_nanousd = $2",
+            token_id,
+            budget_nanousd,
+            minimum_nanousd,
+        )
 
     async def settle_budget(self, token_id: str, hold_id: str, cost_nanousd: int) -> None:
         await self._execute(_SETTLE_BUDGET, token_id, hold_id, cost_nanousd)

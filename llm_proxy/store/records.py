@@ -10,7 +10,16 @@ PROJECT_COLUMNS = frozenset(
     {"name", "description", "metadata", "api_key_encrypted", "api_key_masked", "is_active"}
 )
 TOKEN_COLUMNS = frozenset(
-    {"is_active", "max_requests", "revoked_at", "rpm", "tpm", "budget_nanousd", "allowed_models"}
+    {
+        "is_active",
+        "max_requests",
+        "revoked_at",
+        "rpm",
+        "tpm",
+        "budget_nanousd",
+        "budget_refused_nanousd",
+        "allowed_models",
+    }
 )
 # How many forgotten issue-form ids one claim deletes: each claim adds one row, so the table stays
 # as small as the forms of the remembered span while no claim does unbounded work.

@@ -28,6 +28,7 @@ from llm_proxy.models import (
     UsageDelta,
     UsageRollup,
     UsageTotals,
+    budget_spent,
     hour_start,
     tpm_room,
     utcnow,
@@ -117,6 +118,7 @@ def _token(row: aiosqlite.Row) -> Token:
         budget_nanousd=row["budget_nanousd"],
         spent_nanousd=row["spent_nanousd"],
         reserved_nanousd=row["reserved_nanousd"],
+        budget_refused_nanousd=row["budget_refused_nanousd"],
         allowed_models=_models(row["allowed_models"]),
         metadata=orjson.loads(row["metadata"]),
     )
@@ -515,7 +517,8 @@ class SqliteStore:
         budget, spent = row["budget_nanousd"], row["spent_nanousd"]
         room = budget - spent - row["reserved_nanousd"]
         if room < minimum_nanousd:
-            return BudgetHold(False, 0, max(room, 0), exhausted=budget - spent < minimum_nanousd)
+            exhausted = budget_spent(budget, spent, minimum_nanousd)
+            return BudgetHold(False, 0, max(room, 0), exhausted=exhausted)
         amount = min(want_nanousd, room)
         await self._db.execute(
             "UPDATE tokens SET reserved_nanousd = reserved_nanousd + ? WHERE id = ?",
@@ -526,6 +529,16 @@ class SqliteStore:
             (hold_id, token_id, amount, time.time_ns() // 1000 + round(hold_seconds * 1e6)),
         )
         return BudgetHold(True, amount, room - amount)
+
+    @_writes
+    async def note_budget_refused(
+        self, token_id: str, budget_nanousd: int, minimum_nanousd: int
+    ) -> None:
+        await self._db.execute(
+            "UPDATE tokens SET budget_refused_nanousd = MIN(COALESCE(budget_refused_nanousd, ?), ?)"
+            " WHERE id = ? AND budget_nanousd = ?",
+            (minimum_nanousd, minimum_nanousd, token_id, budget_nanousd),
+        )
 
     @_writes
     async def settle_budget(self, token_id: str, hold_id: str, cost_nanousd: int) -> None:

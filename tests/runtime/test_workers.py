@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import http.client as http_client
 import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import time
 import urllib.parse
 import urllib.request
@@ -468,3 +470,66 @@ def test_an_issued_value_is_shown_once_whichever_worker_is_asked(
     shown = [status for status, _, page in pages if 'id="token-value"' in page]
     assert shown == [200]
     assert sorted(status for status, _, _ in pages) == [200] + [410] * 11
+
+
+def test_spend_of_tokens_without_a_budget_is_kept_by_every_worker_and_written_at_a_stop(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    """Each worker's events process adds what its requests cost to the token's spend in batches:
+    it shows within a second, and what is pending when SIGTERM stops the server is written."""
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("gpt-*: {input: 1.00, output: 4.00}\n")
+    server = start_server(tmp_path / "data", config, tmp_path, WORKERS="2", PRICES_PATH=str(prices))
+    base, management = server.base_url, server.management_token
+    try:
+        status, project = http(
+            "POST", f"{base}/manage/projects", token=management, body={"name": "s", "api_key": "k"}
+        )
+        status, issued = http(
+            "POST",
+            f"{base}/manage/tokens",
+            token=management,
+            body={"project_id": project["id"], "duration_minutes": 5},
+        )
+        assert status == 201, issued
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+        def spend(count: int) -> int:
+            """``count`` requests, each on a new connection; what they cost, in nano-dollars."""
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                answers = list(
+                    pool.map(
+                        lambda _: http(
+                            "POST",
+                            f"{base}/v1/chat/completions",
+                            token=issued["token"],
+                            body=body,
+                        ),
+                        range(count),
+                    )
+                )
+            assert [status for status, _ in answers] == [200] * count
+            return sum(
+                a["usage"]["prompt_tokens"] * 1000 + a["usage"]["completion_tokens"] * 4000
+                for _, a in answers
+            )
+
+        cost = spend(20)
+        deadline = time.monotonic() + 1.5
+        while True:
+            status, token = http("GET", f"{base}/manage/tokens/{issued['id']}", token=management)
+            if round(token["spent_usd"] * 1e9) == cost or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert round(token["spent_usd"] * 1e9) == cost, token
+        cost += spend(20)
+    finally:
+        code = server.stop(timeout=10)
+    assert code == 0, server.process.stderr[-3000:]
+    (database,) = (tmp_path / "data").glob("*.db")
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        (spent,) = db.execute(
+            "SELECT spent_nanousd FROM tokens WHERE id = ?", (issued["id"],)
+        ).fetchone()
+    assert spent == cost

@@ -259,3 +259,27 @@ async def test_a_batch_of_settlements_is_one_step_for_every_token_in_it(store: S
     assert await spent_and_reserved(store, "t2") == (305, 0)
     await store.settle_budgets([])
     assert await spent_and_reserved(store, "t1") == (47, 100)
+
+
+async def test_a_request_refused_for_good_leaves_the_token_exhausted_until_its_budget_changes(
+    store: Store,
+) -> None:
+    """Admission refuses for good when the budget left, holds aside, is less than the least the
+    request can cost; the token's status says exhausted by the same rule, though the budget is not
+    spent to the last nano-dollar."""
+    await budgeted(store, 1000)
+    refused = await store.reserve_budget("t1", "h1", 5000, 4200, HOUR)
+    assert (refused.admitted, refused.exhausted) == (False, True)
+    await store.note_budget_refused("t1", 1000, 4200)
+    await store.note_budget_refused("t1", 1000, 9000)  # a dearer one: the least is kept
+    token = await store.get_token("t1")
+    assert token is not None
+    assert (token.budget_refused_nanousd, token.status(utcnow())) == (4200, "exhausted")
+    # A refusal judged on a budget since changed is not the token's.
+    await store.update_token(
+        "t1", {"budget_nanousd": 10_000, "budget_refused_nanousd": None}, AUDIT
+    )
+    await store.note_budget_refused("t1", 1000, 4200)
+    token = await store.get_token("t1")
+    assert token is not None
+    assert (token.budget_refused_nanousd, token.status(utcnow())) == (None, "active")
