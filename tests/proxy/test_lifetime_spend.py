@@ -75,8 +75,9 @@ async def shown(proxy: Proxy, token_id: str) -> dict[str, Any]:
 
 
 async def spent_soon(proxy: Proxy, token_id: str, nanousd: int) -> dict[str, Any]:
-    """The token once its spend shows ``nanousd``: within about a second of the answers."""
-    for _ in range(60):
+    """The token once its spend shows ``nanousd``: within about a second of the answers on a quiet
+    machine (waited for up to 5 s)."""
+    for _ in range(200):
         token = await shown(proxy, token_id)
         if round(token["spent_usd"] * 1e9) >= nanousd:
             break

@@ -516,7 +516,7 @@ def test_spend_of_tokens_without_a_budget_is_kept_by_every_worker_and_written_at
             )
 
         cost = spend(20)
-        deadline = time.monotonic() + 1.5
+        deadline = time.monotonic() + 5.0  # within a second on a quiet machine; CI is not one
         while True:
             status, token = http("GET", f"{base}/manage/tokens/{issued['id']}", token=management)
             if round(token["spent_usd"] * 1e9) == cost or time.monotonic() > deadline:
