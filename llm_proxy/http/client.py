@@ -32,6 +32,16 @@ from llm_proxy.http.upstream import Body, Origin, Timeouts
 HIGH_WATER = 256 * 1024
 # Up to this size, head and body are joined so the request leaves in one send() call.
 _JOIN_BODY_UP_TO = 16 * 1024
+# The most a response head (status line and fields, interim heads before it included) may have, as
+# the front door's FrontLimits.max_head_bytes for a request head, and how many fields it may have.
+# The bytes of a trailer section (or of chunk framing) that bring no body byte are held to the
+# same size. Past either, the upstream is refused as nginx refuses "too big header".
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEAD_FIELDS = 256
+# What a head holds besides its reason and fields: "HTTP/1.1 200 ", the status line's CRLF and the
+# empty line that ends the head.
+_HEAD_FRAME_BYTES = len(b"HTTP/1.1 200 \r\n\r\n")
+_TOO_BIG_HEAD = "upstream sent too big a header"
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 
 _Key = tuple[str, str, int]
@@ -39,6 +49,25 @@ _Key = tuple[str, str, int]
 
 class _Unexpected(Exception):
     """Response bytes arrived while no request was waiting for them."""
+
+
+class _DroppedTrailers:
+    """Where the fields of a trailer section go once the head is complete: nowhere.
+
+    The relay passes on the body, not the trailer section (SPEC §7; RFC 9112 §7.1.2 lets a
+    recipient that removes the chunked coding discard it): the client's framing is the proxy's own,
+    and a whole answer or a Content-Length one could not carry trailers. Above all, a trailer field
+    must never join the head: a trailer ``X-Request-ID`` or ``Set-Cookie`` would pass for the
+    upstream's header. Their size is bounded by the connection (see ``data_received``).
+    """
+
+    __slots__ = ()
+
+    def append(self, field: tuple[bytes, bytes]) -> None:
+        pass
+
+
+_DROPPED_TRAILERS = _DroppedTrailers()
 
 
 def _serialize_head(
@@ -84,6 +113,40 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection: parses responses and hands body chunks to the relay (buffering
     what comes before it starts)."""
 
+    # Slots: the state is read at every callback, and an instance dict grown past 30 keys would
+    # no longer share its keys with the other connections', which makes every access slower.
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_client",
+        "_deadline",
+        "_exc",
+        "_expecting",
+        "_fields",
+        "_head_request",
+        "_idle",
+        "_loop",
+        "_lost",
+        "_parser",
+        "_read_paused",
+        "_sink",
+        "_sink_behind",
+        "_timer",
+        "_transport",
+        "_unproductive",
+        "_waiter",
+        "_waiting_for",
+        "_write_paused",
+        "body_done",
+        "closed",
+        "head_done",
+        "headers",
+        "idle_since",
+        "key",
+        "reason",
+        "reusable",
+        "status",
+    )
     _transport: asyncio.Transport
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: Http1Client, key: _Key) -> None:
@@ -116,6 +179,12 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []  # as received: relayed without decoding
+        # Where on_header puts a field: the head's list, then (once the head is complete) nowhere.
+        # Switching once per response costs less than telling a trailer apart at every field.
+        self._fields: list[tuple[bytes, bytes]] | _DroppedTrailers = self.headers
+        # Bytes received since the head ended or a body byte was parsed: a head, or a trailer
+        # section, still arriving. Held to MAX_HEAD_BYTES.
+        self._unproductive = 0
 
     # asyncio.Protocol
 
@@ -142,10 +211,28 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._client.on_data is not None:
             self._client.on_data()
+        # Counted per read rather than per field: the parser buffers a field until its end, so
+        # an endless line would never reach on_header. on_headers_complete and on_body reset it.
+        self._unproductive += len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            refusal = exc.__context__
+            if not isinstance(refusal, UpstreamUnavailable):
+                refusal = UpstreamUnavailable("invalid HTTP response from upstream")
+            self._fail(refusal)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._fail(UpstreamUnavailable("invalid HTTP response from upstream"))
+        else:
+            if self._unproductive > MAX_HEAD_BYTES:
+                # A head (or interim heads) or a trailer section without end.
+                self._fail(
+                    UpstreamUnavailable(
+                        "upstream sent too big a trailer section"
+                        if self.head_done
+                        else _TOO_BIG_HEAD
+                    )
+                )
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -160,18 +247,22 @@ class _Connection(asyncio.Protocol):
         if not self._expecting:
             raise _Unexpected
         self.reason = b""
-        self.headers = []
+        self.headers = self._fields = []
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:
             return  # informational (100 Continue): the real head follows
+        if self._unproductive > MAX_HEAD_BYTES or len(self.headers) > MAX_HEAD_FIELDS:
+            self._check_head_size()
+        self._unproductive = 0
+        self._fields = _DROPPED_TRAILERS
         self.status = status
         self.head_done = True
         self.reusable = self._parser.should_keep_alive()
@@ -184,6 +275,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if not self._expecting:
             raise _Unexpected
+        self._unproductive = 0
         sink = self._sink
         if sink is not None:
             try:
@@ -213,6 +305,17 @@ class _Connection(asyncio.Protocol):
             self._complete()
 
     # internals
+
+    def _check_head_size(self) -> None:
+        """Refuse a head over the limits. (The bytes read so far may include the start of the
+        body: the head is measured exactly only when they are over the limit.)"""
+        if len(self.headers) > MAX_HEAD_FIELDS:
+            raise UpstreamUnavailable(f"{_TOO_BIG_HEAD} (over {MAX_HEAD_FIELDS} fields)")
+        size = _HEAD_FRAME_BYTES + len(self.reason)
+        for name, value in self.headers:
+            size += len(name) + len(value) + 4  # with ": " and CRLF
+        if size > MAX_HEAD_BYTES:
+            raise UpstreamUnavailable(_TOO_BIG_HEAD)
 
     def _complete(self) -> None:
         self.body_done = True
@@ -309,6 +412,7 @@ class _Connection(asyncio.Protocol):
         self._expecting = True
         self._head_request = head_request
         self.head_done = self.body_done = False
+        self._unproductive = 0
         transport = self._transport
         try:
             if body is None:

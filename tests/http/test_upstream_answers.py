@@ -1,0 +1,261 @@
+"""Upstream answers that break HTTP/1.1, through the real proxy over real sockets.
+
+A raw-socket upstream writes exact bytes; a raw client reads what the proxy made of them. The
+proxy answers 502 ``upstream_unavailable`` for what it found wrong before a byte of the answer left,
+cuts the answer short (no final chunk) for what it found after, never lets the upstream grow it
+without bound, and never pools the upstream's connection after either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from llm_proxy.http.client import MAX_HEAD_BYTES, MAX_HEAD_FIELDS
+from tests.conftest import Proxy
+from tests.http.answers import Answers
+from tests.raw_servers import RawServers
+from tests.waiting import wait_for_lines
+
+# Answers one request on the upstream's side, given its writer.
+Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
+FLOOD_LINE = b"X-Big: " + b"a" * 8000 + b"\r\n"
+
+
+@dataclass
+class Connections:
+    opened: int = 0  # connections the proxy opened to the upstream
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # the proxy closed one
+
+
+@dataclass
+class Upstream:
+    """A proxy in front of a raw upstream that answers ``/v1/models/ok`` with ``OK`` and anything
+    else with the test's script."""
+
+    proxy: Proxy
+    token: str
+    events: Path
+    connections: Connections
+
+    async def get(self, path: str = "/v1/models") -> tuple[dict[str, Any] | None, bytes]:
+        """One GET on a new connection: the answer (None if it was cut short), and every byte
+        the proxy wrote until the answer ended or the connection closed."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy.client.port)
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {self.token}\r\n\r\n".encode()
+        )
+        answers, raw = Answers(), b""
+        while not answers.items:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                break
+            raw += data
+            answers.feed(data)
+        writer.close()
+        return (answers.items[0] if answers.items else None), raw
+
+    async def event(self, count: int = 1) -> dict[str, Any]:
+        """The ``count``-th event."""
+        events = await wait_for_lines(self.events, count)
+        return events[count - 1]
+
+
+Start = Callable[[Script], Awaitable[Upstream]]
+
+
+@pytest.fixture
+async def upstream(proxy_factory: Any, tmp_path: Path) -> AsyncIterator[Start]:
+    servers = RawServers()
+    proxies: list[Proxy] = []
+
+    async def start(script: Script) -> Upstream:
+        connections = Connections()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.opened += 1
+            try:
+                while head := await reader.readuntil(b"\r\n\r\n"):
+                    if head.startswith(b"GET /v1/models/ok "):
+                        writer.write(OK)
+                    else:
+                        await script(writer)
+                    await writer.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                connections.closed.set()
+                raise
+
+        port = await servers.start(serve)
+        events = tmp_path / "events.jsonl"
+        proxy: Proxy = await proxy_factory(
+            api={"base_url": f"http://127.0.0.1:{port}"}, file_event_log=events
+        )
+        proxies.append(proxy)
+        return Upstream(proxy, await proxy.token(), events, connections)
+
+    yield start
+    for proxy in proxies:  # first, so that the upstream sees its connections closed
+        await proxy.client.close()
+    await servers.close()
+
+
+def error_of(answer: dict[str, Any] | None) -> tuple[int, str, str]:
+    assert answer is not None
+    error = orjson.loads(answer["body"])["error"]
+    return answer["status"], error["code"], error["message"]
+
+
+async def assert_not_pooled(upstream: Upstream) -> None:
+    """The next request goes out on a new upstream connection, and is answered."""
+    before = upstream.connections.opened
+    answer, _ = await upstream.get("/v1/models/ok")
+    assert answer is not None and answer["body"] == b"ok"
+    assert upstream.connections.opened == before + 1
+
+
+async def flood(writer: asyncio.StreamWriter, piece: bytes) -> None:
+    """Write ``piece`` again and again until the proxy closes the connection (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        writer.write(piece * 16)
+        await writer.drain()
+
+
+# -- the head --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "piece", [FLOOD_LINE, b"a" * 8000], ids=["endless field lines", "one endless line"]
+)
+async def test_an_endless_response_head_is_refused_502_and_its_connection_closed(
+    upstream: Start, piece: bytes
+) -> None:
+    async def endless_head(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nX-Start: 1\r\n" + (b"X-Big: " if piece[:1] == b"a" else b"")
+        )
+        await flood(writer, piece)
+
+    up = await upstream(endless_head)
+    started = time.monotonic()
+    answer, _ = await up.get()
+    # At once, not at the response header timeout (1 s here): the flood is stopped at the cap.
+    assert time.monotonic() - started < 0.9
+    assert error_of(answer) == (502, "upstream_unavailable", "upstream sent too big a header")
+    await asyncio.wait_for(up.connections.closed.wait(), 5)
+    event = await up.event()
+    assert (event["status"], event["error"]) == (502, "upstream_unavailable")
+    await assert_not_pooled(up)
+
+
+async def test_a_head_over_the_size_or_field_limit_in_one_piece_is_refused(
+    upstream: Start,
+) -> None:
+    # Whole answers in one write, head and body: the caps count the head's own bytes and fields.
+    def answer_with(fields: list[bytes]) -> bytes:
+        return b"HTTP/1.1 200 OK\r\n" + b"".join(fields) + b"Content-Length: 2\r\n\r\nok"
+
+    room = MAX_HEAD_BYTES - len(answer_with([b"X-Big: \r\n"])) + len(b"ok")
+    many = [b"X-H%d: v\r\n" % n for n in range(MAX_HEAD_FIELDS)]  # Content-Length one more
+    heads = {
+        "/v1/models/at-the-limit": answer_with([b"X-Big: " + b"a" * room + b"\r\n"]),
+        "/v1/models/a-byte-over": answer_with([b"X-Big: " + b"a" * (room + 1) + b"\r\n"]),
+        "/v1/models/as-many-fields-as-allowed": answer_with(many[1:]),
+        "/v1/models/one-field-more": answer_with(many),
+    }
+    assert len(heads["/v1/models/at-the-limit"]) == MAX_HEAD_BYTES + len(b"ok")
+    paths = iter(heads)
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(heads[next(paths)])
+
+    up = await upstream(answer)
+    statuses = {}
+    for path in heads:
+        got, _ = await up.get(path)
+        assert got is not None
+        statuses[path] = got["status"]
+        if got["status"] == 200:
+            assert got["body"] == b"ok"
+        else:
+            assert error_of(got)[2].startswith("upstream sent too big a header")
+    assert list(statuses.values()) == [200, 502, 200, 502]
+
+
+# -- the trailer section ---------------------------------------------------------------------------
+
+
+async def test_trailer_fields_never_join_the_head(
+    upstream: Start,
+) -> None:
+    async def trailers(writer: asyncio.StreamWriter) -> None:
+        # Head, body and trailers in one write, as a small answer comes.
+        writer.write(
+            CHUNKED_HEAD
+            % b"application/json"
+            + b'7\r\n{"a":1}\r\n0\r\nSet-Cookie: session=attacker\r\n'
+            b"X-Request-ID: forged\r\nContent-Type: text/html\r\n\r\n"
+        )
+
+    up = await upstream(trailers)
+    answer, raw = await up.get()
+    assert answer is not None and answer["status"] == 200 and answer["body"] == b'{"a":1}'
+    assert b"attacker" not in raw and b"forged" not in raw and b"text/html" not in raw
+    assert answer["headers"]["x-request-id"] == answer["headers"]["llm-proxy-request-id"]
+    assert (await up.event())["upstream_request_id"] is None
+    await up.get("/v1/models/ok")
+    assert up.connections.opened == 1  # trailers are legal: the connection is kept
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [b"X-Trailer: " + b"a" * 8000 + b"\r\n", b"a" * 8000],
+    ids=["endless field lines", "one endless line"],
+)
+async def test_an_endless_trailer_section_cuts_the_answer_short(
+    upstream: Start, piece: bytes
+) -> None:
+    async def endless_trailers(writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD % b"text/event-stream" + b"a\r\ndata: {}\n\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"0\r\n" + (b"X-Trailer: " if piece[:1] == b"a" else b""))
+        await flood(writer, piece)
+
+    up = await upstream(endless_trailers)
+    started = time.monotonic()
+    answer, raw = await up.get("/v1/models")
+    # Cut short at the cap, not at the idle timeout (1 s here).
+    assert time.monotonic() - started < 0.9
+    assert answer is None and raw.startswith(b"HTTP/1.1 200 ")
+    assert raw.endswith(b"a\r\ndata: {}\n\n\r\n")  # the body, never its end
+    await asyncio.wait_for(up.connections.closed.wait(), 5)
+    event = await up.event()
+    assert (event["status"], event["error"]) == (200, "upstream_unavailable")
+    await assert_not_pooled(up)
+
+
+async def test_trailer_bytes_do_not_keep_a_stream_past_its_idle_timeout(
+    upstream: Start,
+) -> None:
+    async def trickling_trailer(writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD % b"text/event-stream" + b"a\r\ndata: {}\n\n\r\n0\r\nX-T: ")
+        for _ in range(40):
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(b"a")
+
+    up = await upstream(trickling_trailer)
+    started = time.monotonic()
+    answer, _ = await up.get()
+    assert answer is None and time.monotonic() - started < 2.5  # idle timeout: 1 s
+    assert (await up.event())["error"] == "upstream_timeout"
