@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -15,8 +16,8 @@ class RawServers:
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, handler: Handler) -> int:
-        """Start a server running ``handler`` per connection; its port."""
+    async def start(self, handler: Handler, tls: ssl.SSLContext | None = None) -> int:
+        """Start a server running ``handler`` per connection (over TLS with ``tls``); its port."""
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
@@ -30,7 +31,7 @@ class RawServers:
                 writer.close()
                 self._tasks.discard(task)
 
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 

@@ -199,14 +199,20 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._expecting and self.head_done and not self.reusable:
-            # Neither a length nor chunked framing: the body is delimited by the close (HTTP/1.0).
-            framed = (b"content-length", b"transfer-encoding")
-            if not any(name.lower() in framed for name, _ in self.headers):
-                self._complete()
         self._fail(UpstreamUnavailable("upstream closed the connection"))
         if self._lost is not None:
             self._lost.set_result(None)
+
+    def eof_received(self) -> None:
+        # The upstream ended the connection cleanly (its FIN; on TLS, its close_notify): the one
+        # end a body delimited by the close (neither a length nor chunked framing, HTTP/1.0 style)
+        # may have. A reset, our own abort, or (on uvloop) a TLS connection cut without
+        # close_notify come to connection_lost() alone, and such a body was cut short.
+        # (asyncio's own SSL transport reports a missing close_notify as an EOF too.)
+        if self._expecting and self.head_done and not self.reusable:
+            framed = (b"content-length", b"transfer-encoding")
+            if not any(name.lower() in framed for name, _ in self.headers):
+                self._complete()
 
     def data_received(self, data: bytes) -> None:
         if self._client.on_data is not None:

@@ -9,6 +9,8 @@ without bound, and never pools the upstream's connection after either.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -259,3 +261,34 @@ async def test_trailer_bytes_do_not_keep_a_stream_past_its_idle_timeout(
     answer, _ = await up.get()
     assert answer is None and time.monotonic() - started < 2.5  # idle timeout: 1 s
     assert (await up.event())["error"] == "upstream_timeout"
+
+
+# -- a body delimited by the close -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end", ["fin", "reset"])
+async def test_a_body_delimited_by_the_close_ends_only_at_a_clean_close(
+    upstream: Start, end: str
+) -> None:
+    async def http10(writer: asyncio.StreamWriter) -> None:
+        writer.write(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"partial":')
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        if end == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+        raise ConnectionResetError  # (ends the fake's loop)
+
+    up = await upstream(http10)
+    answer, raw = await up.get()
+    event = await up.event()
+    if end == "fin":
+        assert answer is not None and answer["body"] == b'{"partial":'
+        assert (event["status"], event["error"]) == (200, None)
+    else:
+        # Cut short: the bytes that came, without the final chunk that would say they are all.
+        assert answer is None and raw.endswith(b'{"partial":\r\n')
+        assert (event["status"], event["error"]) == (200, "upstream_unavailable")
