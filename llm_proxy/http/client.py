@@ -264,6 +264,8 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:
+            if status < 100:
+                raise UpstreamUnavailable("upstream sent an invalid status code")
             return  # informational (100 Continue): the real head follows
         if self._unproductive > MAX_HEAD_BYTES or len(self.headers) > MAX_HEAD_FIELDS:
             self._check_head_size()
@@ -455,6 +457,10 @@ class _Connection(asyncio.Protocol):
         or when ``sink`` returns False (its reader is behind). Reading then stops until ``drain()``
         returns, and the idle timeout does not run meanwhile: the upstream is not the slow one.
         """
+        if self._exc is not None and not self.body_done:
+            # Known to have failed (a bad chunk after the head, say) before a byte of the body
+            # was passed on: the caller may still answer for the failure instead.
+            raise self._exc
         chunks = self._chunks
         while chunks:  # what arrived before, usually with the head
             chunk = chunks.popleft()

@@ -156,7 +156,16 @@ class ResponseWriter:
     To an HTTP/1.0 client a body of unknown length is delimited by closing the connection.
     """
 
-    __slots__ = ("_chunked", "_conn", "_http10", "_no_body", "_pending", "_request_body", "started")
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_head_request",
+        "_http10",
+        "_no_body",
+        "_pending",
+        "_request_body",
+        "started",
+    )
 
     def __init__(
         self,
@@ -167,7 +176,7 @@ class ResponseWriter:
     ) -> None:
         self._conn = conn
         self._request_body = request_body
-        self._no_body = head_request
+        self._head_request = self._no_body = head_request
         self._http10 = http10
         self._chunked = False
         self._pending: bytes | None = None
@@ -218,6 +227,17 @@ class ResponseWriter:
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
         return b"HTTP/1.1 %d %b\r\n%b" % (status, reason or _reason(status), b"".join(lines))
+
+    def retract(self) -> bool:
+        """Take back a head held for the first chunk (``start`` not streamed): True when nothing of
+        the answer was sent, and another may be given in its place."""
+        if self._pending is None:
+            return False
+        self._pending = None
+        self._chunked = False
+        self._no_body = self._head_request
+        self.started = False
+        return True
 
     async def write(self, chunk: bytes) -> None:
         if not self.push(chunk):

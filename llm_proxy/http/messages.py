@@ -86,6 +86,11 @@ class ResponseWriter(Protocol):
         """Send (``stream``) or hold (otherwise, to leave with the first chunk) the head."""
         ...
 
+    def retract(self) -> bool:
+        """Take back a head held for the first chunk (``start`` not streamed): True when nothing of
+        the answer was sent, and another may be given in its place."""
+        ...
+
     async def write(self, chunk: bytes) -> None: ...
 
     def push(self, chunk: bytes) -> bool:

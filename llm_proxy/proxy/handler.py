@@ -45,21 +45,31 @@ log = structlog.get_logger(__name__)
 _SSE_DONE = re.compile(rb"(?:^|\n)data: ?\[DONE\]\s*$")
 
 # What the relay does with an upstream response field, by its lower-case name; absent: pass it on.
-_DROP, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH, _DATE, _UPSTREAM_REQUEST_ID = range(6)
+# Up to _HOP_BY_HOP, the field is never relayed.
+(
+    _DROP,
+    _TRANSFER_ENCODING,
+    _CONTENT_TYPE,
+    _CONTENT_ENCODING,
+    _CONTENT_LENGTH,
+    _DATE,
+    _UPSTREAM_REQUEST_ID,
+) = range(7)
+_HOP_BY_HOP = _TRANSFER_ENCODING
 _RESPONSE_FIELDS = {
     **dict.fromkeys(
         (
-            b"connection",
             b"keep-alive",
             b"proxy-authenticate",
             b"proxy-connection",
             b"te",
             b"trailer",
-            b"transfer-encoding",
             b"upgrade",
         ),
         _DROP,
     ),
+    b"connection": _DROP,
+    b"transfer-encoding": _TRANSFER_ENCODING,
     b"content-type": _CONTENT_TYPE,
     b"content-encoding": _CONTENT_ENCODING,
     b"content-length": _CONTENT_LENGTH,
@@ -678,7 +688,17 @@ class ProxyHandler:
         for name, value in upstream.headers:
             action = fields.get(name.lower())
             if action is not None:
-                if action == _DROP:
+                if action <= _HOP_BY_HOP:
+                    if (
+                        action == _TRANSFER_ENCODING
+                        and value != b"chunked"
+                        and value.strip().lower() != b"chunked"
+                    ):
+                        # llhttp would read the body to the close, still coded: a client could
+                        # not tell what it got. Refused before anything is sent, as nginx does.
+                        raise errors.UpstreamUnavailable(
+                            "upstream sent an unknown Transfer-Encoding"
+                        )
                     continue
                 if action == _CONTENT_LENGTH:
                     if exchange.usage_injected:
@@ -748,6 +768,10 @@ class ProxyHandler:
                 exchange.answered_whole = True
             raise
         except errors.ProxyError as exc:
+            if writer.retract():
+                # Nothing of the answer left yet (a small answer's head waits for its body): the
+                # failure is answered like one before the head.
+                raise
             # The head is already sent, so the only honest signal left is an incomplete body:
             # close the connection without the final chunk (or before Content-Length is reached).
             exchange.error = exc.code

@@ -9,6 +9,7 @@ without bound, and never pools the upstream's connection after either.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import struct
 import time
@@ -191,6 +192,76 @@ async def test_a_head_over_the_size_or_field_limit_in_one_piece_is_refused(
         else:
             assert error_of(got)[2].startswith("upstream sent too big a header")
     assert list(statuses.values()) == [200, 502, 200, 502]
+
+
+async def test_a_status_below_100_is_refused_502_at_once(
+    upstream: Start,
+) -> None:
+    async def status_99(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 099 Weird\r\nContent-Length: 0\r\n\r\n")
+
+    up = await upstream(status_99)
+    started = time.monotonic()
+    answer, _ = await up.get()
+    # Not taken for an interim answer, waiting out the response header timeout for a 504.
+    assert time.monotonic() - started < 0.9
+    assert error_of(answer) == (502, "upstream_unavailable", "upstream sent an invalid status code")
+    await assert_not_pooled(up)
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"identity"])
+async def test_a_transfer_coding_other_than_chunked_is_refused_502(
+    upstream: Start, coding: bytes
+) -> None:
+    async def coded(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n" % coding)
+        writer.write(gzip.compress(b"hello"))
+
+    up = await upstream(coded)
+    answer, _ = await up.get()
+    assert error_of(answer) == (
+        502,
+        "upstream_unavailable",
+        "upstream sent an unknown Transfer-Encoding",
+    )
+    event = await up.event()
+    assert (event["status"], event["error"]) == (502, "upstream_unavailable")
+    await assert_not_pooled(up)
+
+
+async def test_chunked_in_any_case_is_relayed(upstream: Start) -> None:
+    async def chunked(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+
+    up = await upstream(chunked)
+    answer, _ = await up.get()
+    assert answer is not None and (answer["status"], answer["body"]) == (200, b"ok")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"zz\r\n", b"5\r\nhello\r\nzz\r\n"],
+    ids=["at the first chunk", "after a chunk held back"],
+)
+async def test_a_bad_chunk_before_anything_was_sent_is_answered_502(
+    upstream: Start, body: bytes
+) -> None:
+    # A small answer's head waits to leave with its body: a framing error found meanwhile is
+    # answered, not a bare close.
+    async def bad_chunk(writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD % b"application/json" + body)
+
+    up = await upstream(bad_chunk)
+    answer, _ = await up.get()
+    assert error_of(answer) == (
+        502,
+        "upstream_unavailable",
+        "invalid HTTP response from upstream",
+    )
+    assert answer is not None and "x-request-id" in answer["headers"]
+    event = await up.event()
+    assert (event["status"], event["error"]) == (502, "upstream_unavailable")
+    await assert_not_pooled(up)
 
 
 # -- the trailer section ---------------------------------------------------------------------------
