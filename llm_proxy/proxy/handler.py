@@ -48,13 +48,14 @@ _SSE_DONE = re.compile(rb"(?:^|\n)data: ?\[DONE\]\s*$")
 # Up to _HOP_BY_HOP, the field is never relayed.
 (
     _DROP,
+    _CONNECTION,
     _TRANSFER_ENCODING,
     _CONTENT_TYPE,
     _CONTENT_ENCODING,
     _CONTENT_LENGTH,
     _DATE,
     _UPSTREAM_REQUEST_ID,
-) = range(7)
+) = range(8)
 _HOP_BY_HOP = _TRANSFER_ENCODING
 _RESPONSE_FIELDS = {
     **dict.fromkeys(
@@ -68,7 +69,7 @@ _RESPONSE_FIELDS = {
         ),
         _DROP,
     ),
-    b"connection": _DROP,
+    b"connection": _CONNECTION,
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"content-type": _CONTENT_TYPE,
     b"content-encoding": _CONTENT_ENCODING,
@@ -83,6 +84,7 @@ _SMALL_BODY = 64 * 1024
 _COUNT_INLINE_BYTES = 1024
 # Streams whose usage the proxy asks for when the client did not (see usage_injection.py).
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
 Fields = list[tuple[bytes, bytes]]
 _UNREADABLE = (
     "The request body is neither a JSON object (UTF-8, without a byte order mark) nor a form, so"
@@ -140,6 +142,27 @@ def _merged(*reads: dict[str, list[object]]) -> dict[str, list[object]]:
         for name, found in read.items():
             values.setdefault(name, []).extend(found)
     return values
+
+
+def _connection_options(value: bytes, named: set[bytes] | None) -> set[bytes] | None:
+    """The fields a ``Connection`` value names (with those of earlier ones), or None for none."""
+    options = {option.strip().lower() for option in value.split(b",")}
+    options -= _KEPT_CONNECTION_OPTIONS
+    # Fields the relay reads itself are end to end (a sender must not name them, RFC 9110
+    # §7.6.1): naming one does not remove it from the answer.
+    options.difference_update(_RESPONSE_FIELDS)
+    if named is not None:
+        options |= named
+    return options or None
+
+
+def _without_fields(lines: list[bytes], named: set[bytes]) -> list[bytes]:
+    """Rendered field lines (four parts each) without the fields ``named``."""
+    kept: list[bytes] = []
+    for at in range(0, len(lines), 4):
+        if lines[at].lower() not in named:
+            kept += lines[at : at + 4]
+    return kept
 
 
 def _content_encoded(headers: Fields) -> bool:
@@ -685,11 +708,16 @@ class ProxyHandler:
         head = RenderedFields()
         lines = head.lines
         fields = _RESPONSE_FIELDS
+        named = None  # fields the upstream's Connection names, hop-by-hop like itself
         for name, value in upstream.headers:
             action = fields.get(name.lower())
             if action is not None:
                 if action <= _HOP_BY_HOP:
-                    if (
+                    if action == _CONNECTION:
+                        # The usual values in one comparison each; any other is read whole.
+                        if value != b"keep-alive" and value != b"close":
+                            named = _connection_options(value, named)
+                    elif (
                         action == _TRANSFER_ENCODING
                         and value != b"chunked"
                         and value.strip().lower() != b"chunked"
@@ -713,6 +741,8 @@ class ProxyHandler:
                 else:  # _UPSTREAM_REQUEST_ID: returned unchanged, the provider support's key
                     exchange.upstream_request_id = value.decode("latin-1")
             lines += (name, b": ", value, b"\r\n")
+        if named is not None:
+            head.lines = lines = _without_fields(lines, named)
         for name, value in reply_headers:
             head.add(name, value)
         if exchange.upstream_request_id is None:

@@ -264,6 +264,28 @@ async def test_a_bad_chunk_before_anything_was_sent_is_answered_502(
     await assert_not_pooled(up)
 
 
+async def test_fields_named_in_connection_are_not_relayed(
+    upstream: Start,
+) -> None:
+    async def hop(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Foo\r\nX-Foo: bar\r\n"
+            b"Connection: x-secret-internal, Content-Type\r\nX-Secret-Internal: node-17\r\n"
+            b'Keep-Alive: timeout=5\r\nSet-Cookie: a=b\r\nAlt-Svc: h3=":443"\r\n'
+            b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        )
+
+    up = await upstream(hop)
+    answer, _ = await up.get()
+    assert answer is not None and answer["body"] == b"{}"
+    headers = answer["headers"]
+    assert {"x-foo", "x-secret-internal", "connection", "keep-alive"}.isdisjoint(headers)
+    # End-to-end fields stay, even one a Connection names (which a sender must not do).
+    assert headers["set-cookie"] == "a=b" and headers["alt-svc"] == 'h3=":443"'
+    assert headers["content-type"] == "application/json"
+    assert up.connections.opened == 1  # the keep-alive upstream connection is kept
+
+
 # -- the trailer section ---------------------------------------------------------------------------
 
 
