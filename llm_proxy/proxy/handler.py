@@ -753,9 +753,14 @@ class ProxyHandler:
             b"Server-Timing: proxy;dur=%.3f, upstream;dur=%.3f\r\n" % (proxy_ms, upstream_ms)
         )
         stream = exchange.is_stream
+        # An upstream that compresses although asked for identity gets its answer relayed as it
+        # is: the filter cannot read compressed events (the client then sees the usage chunk).
         chunk_filter = (
             self.stream_usage()
-            if self.stream_usage is not None and exchange.usage_injected and stream
+            if self.stream_usage is not None
+            and exchange.usage_injected
+            and stream
+            and exchange.response_content_encoding in ("", "identity")
             else None
         )
         if not stream:

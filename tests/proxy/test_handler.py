@@ -14,6 +14,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from llm_proxy.control.operations import Actor
 from tests.conftest import UPSTREAM_KEY, Proxy
@@ -494,3 +496,53 @@ async def test_a_compressed_chat_body_is_forwarded_untouched(proxy: Proxy) -> No
     await response.read()
     # The fake upstream inflates what it received: the JSON the client compressed, unchanged.
     assert orjson.loads(proxy.upstream.last.body) == {**CHAT, "stream": True}
+
+
+async def test_a_compressed_stream_the_proxy_asked_usage_for_is_relayed_as_it_comes(
+    proxy_factory: Any,
+) -> None:
+    """An upstream that compresses a stream although asked for identity: the usage filter cannot
+    read its events, so it must not hold its bytes back waiting for an event's end either."""
+    stream = b"".join(
+        b'data: {"choices":[{"index":0,"delta":{"content":"w%d "}}]}\n\n' % i for i in range(50)
+    )
+    packed = gzip.compress(stream)
+    first, rest = packed[:40], packed[40:]
+    assert b"\n\n" not in first and b"\r\r" not in first and b"\r\n\r\n" not in first
+    client_has_first = asyncio.Event()
+
+    async def compressing(request: web.Request) -> web.StreamResponse:
+        assert request.headers["Accept-Encoding"] == "identity"
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}
+        )
+        await response.prepare(request)
+        await response.write(first)
+        await asyncio.wait_for(client_has_first.wait(), 10)
+        await response.write(rest)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", compressing)
+    upstream = TestServer(app)
+    await upstream.start_server()
+    try:
+        proxy: Proxy = await proxy_factory(api={"base_url": str(upstream.make_url("")).rstrip("/")})
+        token = await proxy.token()
+        body = orjson.dumps({**CHAT, "stream": True})
+        response = await proxy.client.post(
+            "/v1/chat/completions",
+            data=body,
+            headers={**bearer(token), "Accept-Encoding": "gzip"},
+            auto_decompress=False,
+        )
+        assert response.status == 200
+        received = b""
+        while len(received) < len(first):
+            received += await asyncio.wait_for(response.content.readany(), 5)
+        client_has_first.set()
+        received += await response.read()
+        assert received == packed  # byte for byte
+    finally:
+        await upstream.close()
