@@ -174,6 +174,20 @@ class FrontProtocol(asyncio.Protocol):
             self._on_data()
         if self._discarding:
             return
+        head = self._head
+        if not head.complete:
+            # The parser keeps the pieces of a field to itself until the field ends, so the fields
+            # reach HeadFields' limit only whole: a field that never ends would be held without
+            # end. A head's bytes are therefore also counted as they arrive, those of the read it
+            # began in excepted (the end of an earlier request may come first in it): the parser
+            # holds at most one read more than the limit of a head that never ends.
+            head.received += len(data)
+            if head.received > head.max_bytes:
+                self._parse_past_head_limit(data)
+                return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -190,6 +204,15 @@ class FrontProtocol(asyncio.Protocol):
             self._refuse(errors.MalformedRequest("Protocol upgrades are not supported."))
         except httptools.HttpParserError:
             self._malformed()
+
+    def _parse_past_head_limit(self, data: bytes) -> None:
+        """Parse a read that takes an unfinished head past the head limit: unless the head ends in
+        it, it is refused (every byte counted came after the head began, and none ended it)."""
+        head = self._head
+        self._parse(data)
+        # (A head begun in this read, after the end of that one, starts its count at zero.)
+        if not head.complete and head.received > head.max_bytes and not self._discarding:
+            self._refuse(errors.HeadTooLarge("Request header fields too large."))
 
     def eof_received(self) -> bool | None:
         return None  # close: a half-closed client sends no further requests

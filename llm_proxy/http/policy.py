@@ -92,6 +92,7 @@ class HeadFields:
         "forward",
         "max_bytes",
         "noted",
+        "received",
         "size",
         "url",
     )
@@ -109,6 +110,7 @@ class HeadFields:
         self.url = b""  # the request target, as received
         self.complete = False  # every header field arrived (later fields are trailers)
         self.size = _HEAD_FRAME_BYTES  # bytes of the head so far, for its size limit
+        self.received = 0  # bytes of the reads after the one it began in (see FrontProtocol)
         self.control = False  # the target is a control-plane path
         self.noted: dict[bytes, bytes] = {}
         self.duplicate: bytes | None = None  # a field that must appear once, seen twice

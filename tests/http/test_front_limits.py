@@ -1,0 +1,73 @@
+"""What a client may not do to a connection, over raw sockets: hold bytes the parser never frames,
+trickle a body, or leave a closing connection open by not reading."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from tests.conftest import Proxy
+from tests.http.test_front import read_response, request
+
+HEAD_LIMIT = 64 * 1024
+
+
+async def send_until_answered(
+    writer: asyncio.StreamWriter, reader: asyncio.StreamReader, piece: bytes, most: int
+) -> int:
+    """Send ``piece`` after ``piece``, each its own read, until the server answers (or ``most``
+    bytes went unanswered); the bytes sent."""
+    sent = 0
+    answered = asyncio.create_task(reader.readuntil(b"\r\n\r\n"))
+    try:
+        while not answered.done() and sent < most:
+            with contextlib.suppress(ConnectionError):
+                writer.write(piece)
+                await writer.drain()
+            sent += len(piece)
+            await asyncio.sleep(0.002)
+        await asyncio.wait_for(asyncio.shield(answered), 5)
+    finally:
+        answered.cancel()
+    return sent
+
+
+@pytest.mark.parametrize(
+    "start",
+    [b"GET /v1/models HTTP/1.1\r\nHost: t\r\nX-A: ", b"GET /v1/models HTTP/1.1\r\nHost: t\r\nX-"],
+    ids=["value", "name"],
+)
+async def test_a_header_field_that_never_ends_is_refused_431_at_the_head_limit(
+    proxy: Proxy, start: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(start)
+    sent = await send_until_answered(writer, reader, b"a" * 4096, 4 * 1024 * 1024)
+    # Refused once its bytes pass the limit (plus what was in flight), never held for more.
+    assert sent < 2 * HEAD_LIMIT
+    writer.close()
+    assert proxy.upstream.requests == []
+
+
+async def test_a_head_under_the_limit_arriving_in_pieces_after_a_pipelined_request_is_served(
+    proxy: Proxy,
+) -> None:
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    # The first read ends one request and begins the next, whose head (just under the limit, in
+    # a field never forwarded) comes in pieces, the last with its body: none of it is refused.
+    start = b"POST /v1/files/upload HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n" % (
+        token.encode()
+    )
+    field = b"X-Real-IP: " + b"p" * (HEAD_LIMIT - len(start) - 200) + b"\r\n"
+    second = start + field + b"Content-Length: 5\r\n\r\nhello"
+    writer.write(request("GET", "/v1/models", token) + second[:100])
+    for at in range(100, len(second), 8192):
+        await asyncio.sleep(0.01)
+        writer.write(second[at : at + 8192])
+    assert (await read_response(reader))[0] == 200
+    status, _, body = await read_response(reader)
+    assert status == 200 and b'"received":5' in body.replace(b" ", b"")
+    writer.close()
