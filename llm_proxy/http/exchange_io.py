@@ -70,12 +70,22 @@ class RequestBody:
     it gets the error (and, through it, aborts any upstream request it was streaming it to).
     """
 
-    __slots__ = ("_chunks", "_conn", "_continue", "_error", "_size", "_waiter", "complete")
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_continue",
+        "_error",
+        "_taken",
+        "_waiter",
+        "complete",
+        "received",
+    )
 
     def __init__(self, conn: FrontProtocol, expect_continue: bool) -> None:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
-        self._size = 0
+        self.received = 0  # bytes of the body so far
+        self._taken = 0  # of which read by the handler
         self._error: errors.ProxyError | None = None
         self._waiter: asyncio.Future[None] | None = None
         # The client waits for "100 Continue" before sending: given when the body is first read,
@@ -86,8 +96,8 @@ class RequestBody:
     def feed(self, data: bytes) -> None:
         self._continue = False  # the client did not wait
         self._chunks.append(data)
-        self._size += len(data)
-        if self._size > _BODY_HIGH_WATER:
+        self.received += len(data)
+        if self.received - self._taken > _BODY_HIGH_WATER:
             self._conn.pause_reading()
         self.wake()
 
@@ -127,13 +137,13 @@ class RequestBody:
 
     def _take(self) -> bytes:
         chunk = self._chunks.popleft()
-        self._size -= len(chunk)
-        if self._size <= _BODY_HIGH_WATER // 4:
+        self._taken += len(chunk)
+        if self.received - self._taken <= _BODY_HIGH_WATER // 4:
             self._conn.resume_reading()
         return chunk
 
     async def read_exactly(self, size: int) -> bytes:
-        if self._error is None and len(self._chunks) == 1 and self._size >= size:
+        if self._error is None and len(self._chunks) == 1 and self.received - self._taken >= size:
             return self._take()  # in one piece already, as small bodies come
         parts: list[bytes] = []
         got = 0

@@ -42,6 +42,12 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # never read its answers grew the server by ~14 times what it sent, without end.
 MAX_WAITING_REQUESTS = 128
 
+# The most bytes of a chunked body that may arrive in reads bringing no byte of its data: chunk
+# size lines, their extensions (which the parser skips without a callback, so nothing else counts
+# them) and trailer fields. As Node's bound on chunk extensions (CVE-2024-22019): an honest client
+# sends a few bytes of framing a chunk.
+MAX_CHUNK_FRAMING = 16 * 1024
+
 
 class _TooManyWaiting(Exception):
     """Raised in the parser's callback to stop parsing at :data:`MAX_WAITING_REQUESTS`."""
@@ -122,6 +128,8 @@ class FrontProtocol(asyncio.Protocol):
         # -- the request being parsed (its head; its body once the head is complete)
         self._head = http_policy.HeadFields(limits.max_head_bytes)
         self._body: RequestBody | None = None
+        self._chunked: RequestBody | None = None  # the body, when chunked (left set after its end)
+        self._framing = 0  # bytes of the chunked body's reads that brought none of its data
         self._parser = httptools.HttpRequestParser(_ParserCallbacks(self, self._head))
         self.transport: asyncio.Transport | None = None
         self.keep_alive = True
@@ -161,6 +169,7 @@ class FrontProtocol(asyncio.Protocol):
         if self._body is not None:
             self._body.wake()  # a truncated body must never look complete: its reader is cancelled
             self._body = None
+        self._chunked = None
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
         # The parser holds this connection's callbacks, and queued requests their bodies, which
@@ -185,6 +194,9 @@ class FrontProtocol(asyncio.Protocol):
             if head.received > head.max_bytes:
                 self._parse_past_head_limit(data)
                 return
+        elif self._chunked is not None:
+            self._parse_chunked(data)
+            return
         self._parse(data)
 
     def _parse(self, data: bytes) -> None:
@@ -213,6 +225,27 @@ class FrontProtocol(asyncio.Protocol):
         # (A head begun in this read, after the end of that one, starts its count at zero.)
         if not head.complete and head.received > head.max_bytes and not self._discarding:
             self._refuse(errors.HeadTooLarge("Request header fields too large."))
+
+    def _parse_chunked(self, data: bytes) -> None:
+        """Parse a read of a chunked body: refused past MAX_CHUNK_FRAMING bytes without data."""
+        body = self._chunked
+        assert body is not None
+        if body.complete:
+            self._chunked = None  # what follows it is another request
+            self._parse(data)
+            return
+        received = body.received
+        self._parse(data)
+        if body.received != received:
+            self._framing = 0
+        elif not body.complete and not self._discarding:
+            self._framing += len(data)
+            if self._framing > MAX_CHUNK_FRAMING:
+                self._refuse(
+                    errors.MalformedRequest(
+                        "Chunk extensions or trailer fields too long in the request body."
+                    )
+                )
 
     def eof_received(self) -> bool | None:
         return None  # close: a half-closed client sends no further requests
@@ -248,6 +281,8 @@ class FrontProtocol(asyncio.Protocol):
         body: RequestBody | NoBody = NO_BODY
         if frame.has_body:
             body = self._body = RequestBody(self, frame.expect_continue)
+            if frame.content_length is None:
+                self._chunked, self._framing = body, 0
             if not frame.expect_continue:
                 self.body_since = time.monotonic()
         request: ProxyRequest | ControlRequest

@@ -16,9 +16,9 @@ HEAD_LIMIT = 64 * 1024
 
 async def send_until_answered(
     writer: asyncio.StreamWriter, reader: asyncio.StreamReader, piece: bytes, most: int
-) -> int:
+) -> tuple[int, bytes]:
     """Send ``piece`` after ``piece``, each its own read, until the server answers (or ``most``
-    bytes went unanswered); the bytes sent."""
+    bytes went unanswered); the bytes sent and the answer's head."""
     sent = 0
     answered = asyncio.create_task(reader.readuntil(b"\r\n\r\n"))
     try:
@@ -28,10 +28,10 @@ async def send_until_answered(
                 await writer.drain()
             sent += len(piece)
             await asyncio.sleep(0.002)
-        await asyncio.wait_for(asyncio.shield(answered), 5)
+        head = await asyncio.wait_for(asyncio.shield(answered), 5)
     finally:
         answered.cancel()
-    return sent
+    return sent, head
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,8 @@ async def test_a_header_field_that_never_ends_is_refused_431_at_the_head_limit(
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
     writer.write(start)
-    sent = await send_until_answered(writer, reader, b"a" * 4096, 4 * 1024 * 1024)
+    sent, head = await send_until_answered(writer, reader, b"a" * 4096, 4 * 1024 * 1024)
+    assert head.startswith(b"HTTP/1.1 431 ") and b"\r\nConnection: close\r\n" in head
     # Refused once its bytes pass the limit (plus what was in flight), never held for more.
     assert sent < 2 * HEAD_LIMIT
     writer.close()
@@ -70,4 +71,40 @@ async def test_a_head_under_the_limit_arriving_in_pieces_after_a_pipelined_reque
     assert (await read_response(reader))[0] == 200
     status, _, body = await read_response(reader)
     assert status == 200 and b'"received":5' in body.replace(b" ", b"")
+    writer.close()
+
+
+def chunked_upload(token: str) -> bytes:
+    return (
+        "POST /v1/files/upload HTTP/1.1\r\nHost: t\r\n"
+        f"Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "framing", [b"1;a=", b"5\r\nhello\r\n0\r\nX-Trailer: "], ids=["extension", "trailer"]
+)
+async def test_chunk_framing_that_never_ends_is_refused_400(proxy: Proxy, framing: bytes) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(chunked_upload(await proxy.token()))
+    await asyncio.sleep(0.05)  # admitted: the body is being streamed upstream
+    writer.write(framing)
+    sent, head = await send_until_answered(writer, reader, b"a" * 1024, 4 * 1024 * 1024)
+    assert head.startswith(b"HTTP/1.1 400 ") and b"\r\nConnection: close\r\n" in head
+    assert sent < 32 * 1024
+    writer.close()
+    assert proxy.upstream.requests == []  # its upstream request was aborted
+
+
+async def test_a_chunked_body_in_many_small_reads_is_forwarded_whole(proxy: Proxy) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(chunked_upload(await proxy.token()))
+    # More framing than data overall, but every read brings some data.
+    for n in range(300):
+        writer.write(b"1;n=%d\r\n%d\r\n" % (n, n % 10))
+        await asyncio.sleep(0.001)
+    writer.write(b"0\r\nX-Trailer: yes\r\n\r\n")
+    status, _, _ = await read_response(reader)
+    assert status == 200
+    assert proxy.upstream.last.body == b"0123456789" * 30
     writer.close()
