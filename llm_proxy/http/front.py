@@ -60,6 +60,11 @@ class FrontLimits:
     head_seconds: float = 30.0  # a request head must arrive whole within this
     keepalive_seconds: float = 75.0  # an idle keep-alive connection is closed after this
     body_seconds: float = 60.0  # the longest gap in a request body, or in reading a response
+    # After its first body_seconds, a request body must average this many bytes a second: each
+    # byte moves its deadline on by 1/body_min_rate s (Apache's mod_reqtimeout MinRate). 8 kbit/s
+    # is below any link an honest client uploads on (GPRS is faster), and still ends a body
+    # trickled to hold an upstream connection, and its key's concurrency, for ever.
+    body_min_rate: int = 1024
     linger_seconds: float = 5.0  # after an early answer, how long the rest of a body may come
     max_head_bytes: int = 64 * 1024
 
@@ -142,7 +147,9 @@ class FrontProtocol(asyncio.Protocol):
         # -- timers, swept by FrontSite rather than armed per request (0: not running)
         self.idle_since = 0.0
         self.head_since = 0.0
-        self.body_since = 0.0
+        self.body_since = 0.0  # the last byte of the request body (or the start of it)
+        self.body_started = 0.0  # the start of the body (0 until it is due), less reading pauses
+        self._paused_at = 0.0
         # -- serving: one task per connection, waiting on a future between requests
         self._queue: deque[_Queued] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -284,7 +291,9 @@ class FrontProtocol(asyncio.Protocol):
             if frame.content_length is None:
                 self._chunked, self._framing = body, 0
             if not frame.expect_continue:
-                self.body_since = time.monotonic()
+                self.body_since = self.body_started = time.monotonic()
+            else:
+                self.body_started = 0.0  # due once the client is asked for it
         request: ProxyRequest | ControlRequest
         if head.control:
             request = ControlRequest(
@@ -364,14 +373,21 @@ class FrontProtocol(asyncio.Protocol):
         self._discarding = True
         self.head_since = self.body_since = 0.0
 
-    def body_stalled(self) -> None:
-        """No body byte came for ``body_seconds`` while the server was reading: answer 408."""
+    def body_late(self, cutoff: float, min_rate: int) -> bool:
+        """The body is behind its minimum rate: fewer bytes than ``min_rate`` a second since its
+        first ``body_seconds`` (``cutoff`` is now less those)."""
+        body = self._body
+        started = self.body_started
+        return body is not None and started > 0.0 and started + body.received / min_rate < cutoff
+
+    def body_stalled(self, why: str = "The request body stopped arriving.") -> None:
+        """The client is late with the body while the server was reading: answer 408."""
         self.body_since = 0.0
         body = self._body
         if body is not None:
             self._discard_rest()
             self.keep_alive = False
-            body.fail(errors.RequestTimeout("The request body stopped arriving."))
+            body.fail(errors.RequestTimeout(why))
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -489,7 +505,7 @@ class FrontProtocol(asyncio.Protocol):
         """Ask the client for the body it holds back (``Expect: 100-continue``)."""
         self.send(_CONTINUE)
         if self._body is not None:
-            self.body_since = time.monotonic()
+            self.body_since = self.body_started = time.monotonic()
 
     async def drain(self) -> None:
         """Wait until the client reads what was written; one that stops reading is dropped."""
@@ -511,6 +527,7 @@ class FrontProtocol(asyncio.Protocol):
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.body_since = 0.0  # the server is not reading: the client is not late
+            self._paused_at = time.monotonic()
             self.transport.pause_reading()
 
     def _hold_reading(self) -> None:
@@ -529,7 +546,9 @@ class FrontProtocol(asyncio.Protocol):
         if self._reading_paused and not self._held and self.transport is not None and not self.lost:
             self._reading_paused = False
             if self._body is not None:
-                self.body_since = time.monotonic()
+                now = self.body_since = time.monotonic()
+                if self.body_started:
+                    self.body_started += now - self._paused_at  # the pause is not the client's
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -604,6 +623,8 @@ class FrontSite(web.BaseSite):
                 conn.close()
             elif 0.0 < conn.body_since < body_cutoff:
                 conn.body_stalled()
+            elif conn.body_since > 0.0 and conn.body_late(body_cutoff, limits.body_min_rate):
+                conn.body_stalled("The request body is arriving too slowly.")
 
     async def start(self) -> None:
         await super().start()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from typing import Any
 
 import pytest
 
@@ -108,3 +110,29 @@ async def test_a_chunked_body_in_many_small_reads_is_forwarded_whole(proxy: Prox
     assert status == 200
     assert proxy.upstream.last.body == b"0123456789" * 30
     writer.close()
+
+
+async def test_a_body_trickled_below_the_minimum_rate_is_answered_408_and_its_upstream_aborted(
+    proxy_factory: Any,
+) -> None:
+    # Never a gap of body_seconds, but after the first body_seconds fewer than body_min_rate
+    # bytes a second; a body that keeps the rate goes through.
+    proxy: Proxy = await proxy_factory(site={"body_seconds": 0.4, "body_min_rate": 100})
+    token = await proxy.token()
+    for piece, expected in ((b"a" * 5, 408), (b"a" * 40, 200)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+        writer.write(chunked_upload(token))
+        answer = asyncio.create_task(read_response(reader))
+        started = time.monotonic()
+        while not answer.done() and time.monotonic() - started < 2.0:
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))  # 25 or 200 bytes a second
+            await asyncio.sleep(0.2)
+        if not answer.done():
+            writer.write(b"0\r\n\r\n")
+        status, headers, body = await answer
+        assert status == expected, body
+        if expected == 408:
+            assert b"too slowly" in body and headers["connection"] == "close"
+            assert proxy.upstream.requests == []  # its upstream request was aborted
+        writer.close()
+    assert len(proxy.upstream.requests) == 1
