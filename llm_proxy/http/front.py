@@ -552,8 +552,34 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """Close once the client has what was written.
+
+        The transport waits for its buffer to drain for as long as it takes, which is for ever for
+        a client that stopped reading: unless the client takes some of it every
+        ``linger_seconds``, and all of it within ``body_seconds`` (as a response it reads), the
+        connection is dropped.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        unsent = transport.get_write_buffer_size()
+        if unsent:
+            limits = self._limits
+            give_up = time.monotonic() + limits.body_seconds
+            self._loop.call_later(limits.linger_seconds, self._drop_unless_read, unsent, give_up)
+
+    def _drop_unless_read(self, unsent: int, give_up: float) -> None:
+        transport = self.transport
+        if self.lost or transport is None:
+            return
+        left = transport.get_write_buffer_size()
+        if left < unsent and time.monotonic() < give_up:
+            self._loop.call_later(
+                self._limits.linger_seconds, self._drop_unless_read, left, give_up
+            )
+        else:
+            transport.abort()
 
     def abort(self) -> None:
         """Close now, dropping whatever the client has not read."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from typing import Any
 
 import pytest
 
 from tests.conftest import Proxy
-from tests.http.test_front import read_response, request
+from tests.http.test_front import front_site, read_response, request
 
 HEAD_LIMIT = 64 * 1024
 
@@ -136,3 +137,39 @@ async def test_a_body_trickled_below_the_minimum_rate_is_answered_408_and_its_up
             assert proxy.upstream.requests == []  # its upstream request was aborted
         writer.close()
     assert len(proxy.upstream.requests) == 1
+
+
+@pytest.mark.parametrize("last", ["Connection: close", "idle"])
+async def test_a_closing_connection_whose_client_stopped_reading_is_dropped(
+    proxy_factory: Any, last: str
+) -> None:
+    # Small answers fill the kernel's buffers and some of the transport's (below its pause mark,
+    # so nothing waits for a drain); then the server closes, after a last request or idleness.
+    proxy: Proxy = await proxy_factory(site={"linger_seconds": 0.3, "keepalive_seconds": 0.5})
+    site = front_site(proxy)
+    others = set(site._connections)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proxy.client.port))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock)
+    await asyncio.sleep(0.05)
+    (conn,) = site._connections - others
+    assert conn.transport is not None
+    # (A small send buffer on the server's side too, so that they fill in a moment.)
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for _ in range(500):
+        if conn.transport.get_write_buffer_size() > 16 * 1024:  # more than the kernel's room
+            break
+        writer.write(request("GET", "/health") * 10)
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert 16 * 1024 < conn.transport.get_write_buffer_size() < 64 * 1024
+    if last != "idle":
+        writer.write(request("GET", "/health", Connection="close"))
+    for _ in range(300):
+        if conn not in site._connections:
+            break
+        await asyncio.sleep(0.01)
+    assert conn not in site._connections
+    writer.close()
