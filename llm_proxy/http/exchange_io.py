@@ -59,6 +59,9 @@ class NoBody:
         return
         yield  # pragma: no cover - makes this an async generator
 
+    def raise_failure(self) -> None:
+        pass
+
 
 NO_BODY = NoBody()
 
@@ -110,6 +113,10 @@ class RequestBody:
             self._error = error
             self._chunks.clear()
             self.wake()
+
+    def raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def wake(self) -> None:
         """Let a waiting reader look again (more bytes, the end, an error or a lost client)."""

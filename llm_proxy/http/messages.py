@@ -19,6 +19,9 @@ class BodySource(Protocol):
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
+    def raise_failure(self) -> None:
+        """Raise what the body already failed with (a framing error, a stalled client), if any."""
+
 
 @dataclass(slots=True)
 class ProxyRequest:

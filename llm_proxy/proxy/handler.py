@@ -430,6 +430,10 @@ class ProxyHandler:
         headers.append((b"Authorization", grant.upstream_authorization))
         headers.append((b"X-Request-ID", request_id))
         target = provider.origin.path_prefix + request.target
+        if body is not None and not isinstance(body, bytes):
+            # A body streamed as it comes may have failed already (a bad chunk in the head's
+            # read): then not even the head goes upstream.
+            request.body.raise_failure()
         exchange.upstream_started = time.perf_counter()
         upstream = await self.upstream.request(
             request.method,

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -173,3 +174,47 @@ async def test_a_closing_connection_whose_client_stopped_reading_is_dropped(
         await asyncio.sleep(0.01)
     assert conn not in site._connections
     writer.close()
+
+
+class Listener:
+    """An upstream that answers nothing: it records what each connection sent and how it ended."""
+
+    def __init__(self) -> None:
+        self.connections: list[dict[str, Any]] = []
+        self.server: asyncio.Server | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen: dict[str, Any] = {"data": b"", "end": None}
+        self.connections.append(seen)
+        try:
+            while chunk := await reader.read(65536):
+                seen["data"] += chunk
+            seen["end"] = "eof"
+        except ConnectionResetError:
+            seen["end"] = "reset"
+        writer.close()
+
+
+@pytest.fixture
+async def listener(proxy_factory: Any) -> AsyncIterator[tuple[Listener, Proxy]]:
+    upstream = Listener()
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy: Proxy = await proxy_factory(
+        api={"base_url": f"http://127.0.0.1:{port}"}, max_request_body_bytes=100_000
+    )
+    yield upstream, proxy
+    server.close()
+
+
+async def test_a_chunked_body_already_malformed_never_reaches_the_upstream(
+    listener: tuple[Listener, Proxy],
+) -> None:
+    upstream, proxy = listener
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(chunked_upload(await proxy.token()) + b"zz\r\nhello\r\n")
+    status, _, _ = await read_response(reader)
+    assert status == 400
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert upstream.connections == []  # not even connected to, so never sent the key
