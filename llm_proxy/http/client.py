@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
@@ -42,6 +43,8 @@ MAX_HEAD_FIELDS = 256
 # empty line that ends the head.
 _HEAD_FRAME_BYTES = len(b"HTTP/1.1 200 \r\n\r\n")
 _TOO_BIG_HEAD = "upstream sent too big a header"
+# SO_LINGER on, with no time: closing the socket resets the connection instead of ending it.
+_RESET = struct.pack("ii", 1, 0)
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 
 _Key = tuple[str, str, int]
@@ -341,9 +344,12 @@ class _Connection(asyncio.Protocol):
         self._wake()
         self.abort()
 
-    def abort(self) -> None:
+    def abort(self, *, reset: bool = False) -> None:
         if not self.closed:
             self.closed = True
+            sock = self._transport.get_extra_info("socket") if reset else None
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             self._transport.abort()
 
     def is_closing(self) -> bool:
@@ -444,7 +450,9 @@ class _Connection(asyncio.Protocol):
                     raise self._exc
                 await self._wait(deadline, "response header")
         except BaseException:
-            self.abort()
+            # A request cut off (its body failed, the client left): reset, so that no upstream
+            # takes a truncated body (one ending on a chunk boundary) for a whole one.
+            self.abort(reset=True)
             raise
         return Http1Response(self, timeouts.idle)
 

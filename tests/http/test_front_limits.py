@@ -218,3 +218,26 @@ async def test_a_chunked_body_already_malformed_never_reaches_the_upstream(
     writer.close()
     await asyncio.sleep(0.1)
     assert upstream.connections == []  # not even connected to, so never sent the key
+
+
+async def test_a_chunked_body_over_the_limit_resets_its_upstream_request(
+    listener: tuple[Listener, Proxy],
+) -> None:
+    upstream, proxy = listener
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(chunked_upload(await proxy.token()))
+    piece = b"a" * 10_000
+    for _ in range(20):
+        writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+    writer.write(b"0\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 413 and b'"request_too_large"' in body
+    writer.close()
+    for _ in range(100):
+        if upstream.connections and upstream.connections[0]["end"]:
+            break
+        await asyncio.sleep(0.01)
+    (seen,) = upstream.connections
+    assert seen["data"].startswith(b"POST /v1/files/upload ")  # the body was being streamed
+    # A reset, never an end a server could take for that of a whole (truncated) body.
+    assert seen["end"] == "reset"
