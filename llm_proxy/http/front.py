@@ -209,6 +209,7 @@ class FrontProtocol(asyncio.Protocol):
     def _parse(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
+            return
         except httptools.HttpParserCallbackError as exc:
             refusal = exc.__context__
             if isinstance(refusal, _TooManyWaiting):
@@ -219,10 +220,17 @@ class FrontProtocol(asyncio.Protocol):
                 log.exception("front.parser_callback_failed")
                 refusal = errors.ProxyError("Internal error.")
             self._refuse(refusal)
-        except httptools.HttpParserUpgrade:
-            self._refuse(errors.MalformedRequest("Protocol upgrades are not supported."))
+            return
+        except httptools.HttpParserUpgrade as upgrade:
+            end = upgrade.args[0]
         except httptools.HttpParserError:
             self._malformed()
+            return
+        # An upgrade request ended at ``end``, served as plain HTTP/1.1 (see on_headers_complete),
+        # and the parser stopped there: what follows is the next request. (Parsed outside the
+        # except clause, which would otherwise become the context of a callback's refusal.)
+        if not self._discarding:
+            self._parse(data[end:])
 
     def _parse_past_head_limit(self, data: bytes) -> None:
         """Parse a read that takes an unfinished head past the head limit: unless the head ends in
@@ -281,9 +289,13 @@ class FrontProtocol(asyncio.Protocol):
         head = self._head
         head.complete = True
         parser = self._parser
-        if parser.should_upgrade():
-            raise errors.MalformedRequest("Protocol upgrades are not supported.")
         frame = http_policy.frame_request(head, parser.get_http_version(), parser.get_method())
+        if parser.should_upgrade() and (frame.has_body or frame.method == "CONNECT"):
+            # Upgrade is ignored, as RFC 9110 §7.8 lets a server (nginx does): the request is
+            # served as HTTP/1.1, its Upgrade and the fields Connection names not forwarded. But
+            # llhttp leaves the bytes after an upgrade request's head unparsed, as the new
+            # protocol's: a body there would be framed by nothing.
+            raise errors.MalformedRequest("Protocol upgrades are not supported.")
         keep_alive = parser.should_keep_alive()
         body: RequestBody | NoBody = NO_BODY
         if frame.has_body:

@@ -186,11 +186,35 @@ async def test_malformed_and_oversized_heads(proxy: Proxy) -> None:
     status, _, _ = await read_response(reader)
     assert status == 431
     writer.close()
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
-    writer.write(b"GET /v1/models HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-    status, _, _ = await read_response(reader)
-    assert status == 400
-    writer.close()
+
+
+async def test_an_upgrade_is_ignored_and_the_request_served_as_http_1_1(
+    proxy: Proxy, conn: Conn
+) -> None:
+    # As nginx does (RFC 9110 §7.8 lets a server ignore Upgrade): curl --http2 asks for h2c on
+    # every http:// request. The requests pipelined behind an upgrade are served as well.
+    reader, writer = conn
+    token = await proxy.token()
+    writer.write(
+        request(
+            "GET",
+            "/v1/models",
+            token,
+            Connection="Upgrade, HTTP2-Settings",
+            Upgrade="h2c",
+            HTTP2_Settings="AAMAAABkAARAAAAAAAIAAAAA",
+        )
+        + request("GET", "/health", Connection="Upgrade", Upgrade="websocket")
+        + request("GET", "/v1/models", token, Connection="Upgrade", Upgrade="h2c")
+    )
+    answers = [await read_response(reader) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert "upgrade" not in answers[0][1] and "connection" not in answers[0][1]
+    assert len(proxy.upstream.requests) == 2
+    sent = {name.lower() for name in proxy.upstream.requests[0].headers}
+    assert not sent & {"upgrade", "http2-settings", "connection"}
+    writer.write(request("GET", "/v1/models", token))  # and the connection is kept
+    assert (await read_response(reader))[0] == 200
 
 
 async def test_connection_close_and_http_1_0(proxy: Proxy) -> None:

@@ -87,8 +87,18 @@ def corpus(auth: bytes) -> dict[str, bytes]:
         + auth
         + b"\r\n",
         "fragment in target": b"GET /v1/models#SMUGGLED HTTP/1.1\r\nHost: t\r\n" + auth + b"\r\n",
-        "upgrade h2c": b"GET /v1/models HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings"
-        b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+        # An upgrade is ignored, but llhttp leaves a body after an upgrade request unframed.
+        "upgrade h2c with a body": _post(
+            auth, b"Connection: Upgrade", b"Upgrade: h2c", b"Content-Length: %d" % len(SMUGGLED)
+        )
+        + b"\r\n"
+        + SMUGGLED,
+        "upgrade with a chunked body": _post(
+            auth, b"Connection: Upgrade", b"Upgrade: websocket", b"Transfer-Encoding: chunked"
+        )
+        + b"\r\n"
+        + b"%x\r\n%b\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED),
+        "CONNECT": b"CONNECT upstream:443 HTTP/1.1\r\nHost: upstream:443\r\n"
         + auth
         + b"\r\n"
         + SMUGGLED,
