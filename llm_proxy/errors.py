@@ -20,6 +20,7 @@ _TYPE_BY_STATUS = {
     408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
     431: "invalid_request_error",
@@ -135,6 +136,7 @@ LimitsUnavailable = _error(503, "limits_unavailable")
 # HTTP framing and timing, on every path (the front door's policy).
 MalformedRequest = _error(400, "bad_request")
 HeadTooLarge = _error(431, "request_header_fields_too_large")
+UriTooLong = _error(414, "uri_too_long")  # the request line alone is over the head limit (nginx)
 RequestTimeout = _error(408, "request_timeout")
 
 # Management API.

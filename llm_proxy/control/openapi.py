@@ -377,7 +377,7 @@ def _error(description: str, codes: list[str], **headers: str) -> dict[str, Any]
 
 _FRAMING = "bad_request"
 _BODY_CODES = ["invalid_json", "invalid_field", "invalid_request", "invalid_body", _FRAMING]
-# Answers to any request, whatever its operation; statuses 400, 408, 413 and 431 come from the
+# Answers to any request, whatever its operation; statuses 400, 408, 413, 414 and 431 come from the
 # front door, which frames every request and reads every control-plane body whole first.
 _RESPONSES: dict[str, Any] = {
     "Malformed": _error("Malformed HTTP framing", [_FRAMING]),
@@ -408,6 +408,7 @@ _RESPONSES: dict[str, Any] = {
         ["unsupported_content_encoding"],
     ),
     "HeadTooLarge": _error("The request head is too large", ["request_header_fields_too_large"]),
+    "UriTooLong": _error("The request target is too long", ["uri_too_long"]),
     "StoreUnavailable": _error(
         "The database cannot be reached; retry shortly",
         ["service_unavailable"],
@@ -452,6 +453,7 @@ def _operation(
         "400": "InvalidBody" if body else "Malformed",
         "408": "RequestTimeout",
         "413": "RequestTooLarge",
+        "414": "UriTooLong",
         "431": "HeadTooLarge",
     }
     if body:

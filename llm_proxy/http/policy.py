@@ -122,7 +122,7 @@ class HeadFields:
         self.url += url
         self.size += len(url)
         if self.size > self.max_bytes:
-            raise errors.HeadTooLarge("Request header fields too large.")
+            raise errors.UriTooLong("Request target too long.")
         self.control = is_control_target(self.url)
 
     def add(self, name: bytes, value: bytes) -> None:

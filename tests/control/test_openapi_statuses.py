@@ -214,6 +214,11 @@ async def _head_too_large(proxy: Proxy, call: Call) -> Answer:
     return await _raw(proxy, [_request_line(call), b"X-Padding: " + b"p" * 70_000])
 
 
+async def _target_too_long(proxy: Proxy, call: Call) -> Answer:
+    padded = f"{call.method} /manage{call.target}?pad={'p' * 70_000} HTTP/1.1".encode()
+    return await _raw(proxy, [padded])
+
+
 async def _body_stalled(proxy: Proxy, call: Call) -> Answer:
     return await _raw(proxy, [_request_line(call), b"Content-Length: 100"], b'{"name"')
 
@@ -233,6 +238,7 @@ GENERIC: list[Callable[[Proxy, Call], Awaitable[Answer]]] = [
     _framing_broken,
     _body_too_large,
     _head_too_large,
+    _target_too_long,
     _body_stalled,
 ]
 

@@ -175,6 +175,18 @@ async def test_the_head_limit_counts_every_byte_the_client_sent(proxy: Proxy) ->
     assert len(proxy.upstream.requests) == 1
 
 
+async def test_a_request_line_over_the_head_limit_is_refused_414_as_nginx_does(
+    proxy: Proxy,
+) -> None:
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(request("GET", "/v1/models?q=" + "a" * 70_000, token))
+    status, headers, body = await read_response(reader)
+    assert status == 414 and b'"uri_too_long"' in body and headers["connection"] == "close"
+    writer.close()
+    assert proxy.upstream.requests == []
+
+
 async def test_malformed_and_oversized_heads(proxy: Proxy) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
     writer.write(b"NOT HTTP AT ALL\r\n\r\n")
