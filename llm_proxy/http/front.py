@@ -204,13 +204,30 @@ class FrontProtocol(asyncio.Protocol):
         elif self._chunked is not None:
             self._parse_chunked(data)
             return
-        self._parse(data)
+        # What _parse() does, without the call: this is every read's way.
+        try:
+            self._parser.feed_data(data)
+            return
+        except httptools.HttpParserUpgrade as upgrade:
+            end = upgrade.args[0]
+        except httptools.HttpParserError as exc:
+            self._parse_failed(exc)
+            return
+        self._parse_after_upgrade(data, end)
 
     def _parse(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
             return
-        except httptools.HttpParserCallbackError as exc:
+        except httptools.HttpParserUpgrade as upgrade:
+            end = upgrade.args[0]
+        except httptools.HttpParserError as exc:
+            self._parse_failed(exc)
+            return
+        self._parse_after_upgrade(data, end)
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        if isinstance(exc, httptools.HttpParserCallbackError):
             refusal = exc.__context__
             if isinstance(refusal, _TooManyWaiting):
                 self._close_after_waiting()
@@ -220,15 +237,13 @@ class FrontProtocol(asyncio.Protocol):
                 log.exception("front.parser_callback_failed")
                 refusal = errors.ProxyError("Internal error.")
             self._refuse(refusal)
-            return
-        except httptools.HttpParserUpgrade as upgrade:
-            end = upgrade.args[0]
-        except httptools.HttpParserError:
+        else:
             self._malformed()
-            return
-        # An upgrade request ended at ``end``, served as plain HTTP/1.1 (see on_headers_complete),
-        # and the parser stopped there: what follows is the next request. (Parsed outside the
-        # except clause, which would otherwise become the context of a callback's refusal.)
+
+    def _parse_after_upgrade(self, data: bytes, end: int) -> None:
+        """An upgrade request ended at ``end``, served as plain HTTP/1.1 (see on_headers_complete),
+        and the parser stopped there: what follows is the next request. (Not parsed in an except
+        clause, whose exception would become the context of a callback's refusal.)"""
         if not self._discarding:
             self._parse(data[end:])
 
