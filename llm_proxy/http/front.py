@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,6 +48,9 @@ MAX_WAITING_REQUESTS = 128
 # them) and trailer fields. As Node's bound on chunk extensions (CVE-2024-22019): an honest client
 # sends a few bytes of framing a chunk.
 MAX_CHUNK_FRAMING = 16 * 1024
+
+# SO_LINGER on, with no time: closing the socket resets the connection instead of ending it.
+_RESET = struct.pack("ii", 1, 0)
 
 
 class _TooManyWaiting(Exception):
@@ -543,7 +547,7 @@ class FrontProtocol(asyncio.Protocol):
             async with asyncio.timeout(self._limits.body_seconds):
                 await self._drain_waiter
         except TimeoutError:
-            self.abort()  # close() would wait for the unread bytes to leave, which they never do
+            self.drop()  # close() would wait for the unread bytes to leave, which they never do
             raise asyncio.CancelledError("client stopped reading") from None
         finally:
             self._drain_waiter = None
@@ -606,12 +610,22 @@ class FrontProtocol(asyncio.Protocol):
                 self._limits.linger_seconds, self._drop_unless_read, left, give_up
             )
         else:
-            transport.abort()
+            self.drop()
 
     def abort(self) -> None:
         """Close now, dropping whatever the client has not read."""
         if self.transport is not None:
             self.transport.abort()
+
+    def drop(self) -> None:
+        """Reset the connection of a client that stopped reading. (Closed, its socket would be
+        left to the kernel, which keeps an orphan's unsent bytes for minutes.)"""
+        transport = self.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            transport.abort()
 
     @property
     def task(self) -> asyncio.Task[None] | None:

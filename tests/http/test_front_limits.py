@@ -153,7 +153,7 @@ async def test_a_closing_connection_whose_client_stopped_reading_is_dropped(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", proxy.client.port))
     sock.setblocking(False)
-    _, writer = await asyncio.open_connection(sock=sock)
+    reader, writer = await asyncio.open_connection(sock=sock)
     await asyncio.sleep(0.05)
     (conn,) = site._connections - others
     assert conn.transport is not None
@@ -173,6 +173,11 @@ async def test_a_closing_connection_whose_client_stopped_reading_is_dropped(
             break
         await asyncio.sleep(0.01)
     assert conn not in site._connections
+    # Reset, not closed: a closed socket would be left to the kernel, with its unsent bytes.
+    with pytest.raises(ConnectionResetError):
+        async with asyncio.timeout(5):
+            while await reader.read(65536):
+                pass
     writer.close()
 
 
