@@ -13,8 +13,11 @@ not frame.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import socket
 import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -51,6 +54,7 @@ MAX_CHUNK_FRAMING = 16 * 1024
 
 # SO_LINGER on, with no time: closing the socket resets the connection instead of ending it.
 _RESET = struct.pack("ii", 1, 0)
+_INT = struct.pack("i", 0)
 
 
 class _TooManyWaiting(Exception):
@@ -617,6 +621,22 @@ class FrontProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def close_late(self) -> None:
+        """Close a connection idle or slow for too long: reset it (as nginx's
+        reset_timedout_connection) when its client still has not taken what it was sent."""
+        transport = self.transport
+        if transport is None:
+            return
+        unread = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if not unread and sock is not None:
+            with contextlib.suppress(OSError):  # (on Linux, SIOCOUTQ: bytes not yet acknowledged)
+                unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _INT))[0]
+        if unread:
+            self.drop()
+        else:
+            self.close()
+
     def drop(self) -> None:
         """Reset the connection of a client that stopped reading. (Closed, its socket would be
         left to the kernel, which keeps an orphan's unsent bytes for minutes.)"""
@@ -687,7 +707,7 @@ class FrontSite(web.BaseSite):
         body_cutoff = now - limits.body_seconds
         for conn in list(self._connections):
             if 0.0 < conn.idle_since < idle_cutoff or 0.0 < conn.head_since < head_cutoff:
-                conn.close()
+                conn.close_late()
             elif 0.0 < conn.body_since < body_cutoff:
                 conn.body_stalled()
             elif conn.body_since > 0.0 and conn.body_late(body_cutoff, limits.body_min_rate):
