@@ -163,6 +163,7 @@ class FrontProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Future[None] | None = None  # set while the task waits for a request
         self._stopping = False
+        self._ending = False  # closing, once the client has taken what was written (see close)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -533,7 +534,7 @@ class FrontProtocol(asyncio.Protocol):
         self._stopping = True
 
     def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.lost:
+        if self.transport is not None and not self.lost and not self._ending:
             self.transport.write(data)
 
     def send_continue(self) -> None:
@@ -589,32 +590,54 @@ class FrontProtocol(asyncio.Protocol):
     def close(self) -> None:
         """Close once the client has what was written.
 
-        The transport waits for its buffer to drain for as long as it takes, which is for ever for
-        a client that stopped reading: unless the client takes some of it every
-        ``linger_seconds``, and all of it within ``body_seconds`` (as a response it reads), the
-        connection is dropped.
+        A socket closed with bytes its client has not taken waits for them as long as it takes:
+        for ever in the transport's buffer, for minutes in the kernel's (as an orphan), for a
+        client that stopped reading. So until they are taken the connection is only ended (our
+        side shut, what still comes discarded), and reset unless the client takes some every
+        ``linger_seconds`` and all within ``body_seconds``, as a response it reads.
         """
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._ending:
             return
-        transport.close()
-        unsent = transport.get_write_buffer_size()
-        if unsent:
-            limits = self._limits
-            give_up = time.monotonic() + limits.body_seconds
-            self._loop.call_later(limits.linger_seconds, self._drop_unless_read, unsent, give_up)
+        unsent = self._unsent()
+        if not unsent or not transport.can_write_eof():
+            transport.close()
+            return
+        self._ending = True
+        self.keep_alive = False  # nothing more is answered
+        self._discard_rest()
+        self.idle_since = 0.0
+        self._held = False
+        self.resume_reading()  # to see the client's own end, which closes the connection
+        transport.write_eof()
+        give_up = time.monotonic() + self._limits.body_seconds
+        self._loop.call_later(self._limits.linger_seconds, self._drop_unless_read, unsent, give_up)
 
     def _drop_unless_read(self, unsent: int, give_up: float) -> None:
-        transport = self.transport
-        if self.lost or transport is None:
+        if self.lost or self.transport is None:
             return
-        left = transport.get_write_buffer_size()
-        if left < unsent and time.monotonic() < give_up:
+        left = self._unsent()
+        if not left:
+            self.transport.close()
+        elif left < unsent and time.monotonic() < give_up:
             self._loop.call_later(
                 self._limits.linger_seconds, self._drop_unless_read, left, give_up
             )
         else:
             self.drop()
+
+    def _unsent(self) -> int:
+        """Bytes written that the client has not acknowledged: in the transport's buffer and, on
+        Linux, the kernel's (SIOCOUTQ)."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        unsent = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _INT))[0]
+        return unsent
 
     def abort(self) -> None:
         """Close now, dropping whatever the client has not read."""
@@ -622,17 +645,9 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def close_late(self) -> None:
-        """Close a connection idle or slow for too long: reset it (as nginx's
-        reset_timedout_connection) when its client still has not taken what it was sent."""
-        transport = self.transport
-        if transport is None:
-            return
-        unread = transport.get_write_buffer_size()
-        sock = transport.get_extra_info("socket")
-        if not unread and sock is not None:
-            with contextlib.suppress(OSError):  # (on Linux, SIOCOUTQ: bytes not yet acknowledged)
-                unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _INT))[0]
-        if unread:
+        """Close a connection idle or slow for too long: reset it, as nginx's
+        reset_timedout_connection, when its client has not taken what it was sent."""
+        if self._unsent():
             self.drop()
         else:
             self.close()

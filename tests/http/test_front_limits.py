@@ -153,7 +153,12 @@ def unacknowledged(conn: FrontProtocol) -> int:
 
 @pytest.mark.parametrize(
     ("held_by", "last"),
-    [("transport", "Connection: close"), ("transport", "idle"), ("kernel", "idle")],
+    [
+        ("transport", "Connection: close"),
+        ("transport", "idle"),
+        ("kernel", "Connection: close"),
+        ("kernel", "idle"),
+    ],
 )
 async def test_a_closing_connection_whose_client_stopped_reading_is_reset(
     proxy_factory: Any, held_by: str, last: str
@@ -198,6 +203,26 @@ async def test_a_closing_connection_whose_client_stopped_reading_is_reset(
         async with asyncio.timeout(5):
             while await reader.read(65536):
                 pass
+    writer.close()
+
+
+async def test_a_client_reading_slowly_gets_its_whole_answer_before_the_close(
+    proxy_factory: Any,
+) -> None:
+    proxy: Proxy = await proxy_factory(site={"linger_seconds": 0.3})
+    token = await proxy.token()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proxy.client.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+    writer.write(request("GET", "/v1/files/big?size=300000", token, Connection="close"))
+    received = b""
+    async with asyncio.timeout(10):
+        while chunk := await reader.read(4096):  # 80 KB a second: ~4 s, far past the linger
+            received += chunk
+            await asyncio.sleep(0.05)
+    assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b"x" * 300_000)
     writer.close()
 
 
