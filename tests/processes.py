@@ -225,7 +225,12 @@ class ServerProcess:
         return self.process.stop(timeout)
 
     def issue_token(self, api_key: str = "sk-upstream") -> str:
-        """A five-minute token of a new project holding ``api_key``, through the management API."""
+        """The value of a five-minute token of a new project holding ``api_key``."""
+        return str(self.issue(api_key)["token"])
+
+    def issue(self, api_key: str = "sk-upstream") -> dict[str, Any]:
+        """A five-minute token of a new project holding ``api_key``, through the management API:
+        the answer of ``POST /manage/tokens`` (its id, value and project)."""
         base, management = self.base_url, self.management_token
         status, project = http(
             "POST",
@@ -241,7 +246,7 @@ class ServerProcess:
             body={"project_id": project["id"], "duration_minutes": 5},
         )
         assert status == 201, token
-        return str(token["token"])
+        return dict(token)
 
 
 def start_server(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -26,6 +27,14 @@ def long_stream(words: int, usage: dict[str, object] | None) -> bytes:
     return sse(*pieces)
 
 
+def long_exchange(response: bytes, **fields: Any) -> Exchange:
+    """An exchange whose answer is longer than its capture, with a tail kept."""
+    fields.setdefault("request", REQUEST)
+    fields.setdefault("content_type", "text/event-stream")
+    fields.setdefault("response_tail_limit", TAIL)
+    return exchange(response=response, response_limit=HEAD, **fields)
+
+
 def test_the_buffer_keeps_the_head_and_at_least_the_last_tail_bytes_in_whole_chunks() -> None:
     body = bytes(range(256)) * 40  # 10,240 bytes
     buffer = CappedBuffer(HEAD, TAIL)
@@ -45,13 +54,7 @@ def test_a_buffer_without_a_tail_limit_keeps_no_tail() -> None:
 
 def test_a_stream_longer_than_the_capture_is_settled_with_its_upstream_usage() -> None:
     answer = long_stream(400, usage_chunk(12, 3000))
-    ex = exchange(
-        request=REQUEST,
-        response=answer,
-        content_type="text/event-stream",
-        response_limit=HEAD,
-        response_tail_limit=TAIL,
-    )
+    ex = long_exchange(answer)
     event = build(ex, prices=SHIPPED_PRICES)
     assert event["usage"] == {
         "prompt_tokens": 12,
@@ -64,13 +67,7 @@ def test_a_stream_longer_than_the_capture_is_settled_with_its_upstream_usage() -
 
 def test_the_tail_reaches_the_events_process_with_the_exchange() -> None:
     answer = long_stream(400, usage_chunk(12, 3000))
-    ex = exchange(
-        request=REQUEST,
-        response=answer,
-        content_type="text/event-stream",
-        response_limit=HEAD,
-        response_tail_limit=TAIL,
-    )
+    ex = long_exchange(answer)
     again = Exchange.from_wire(ex.to_wire())
     assert again.response_body.tail == ex.response_body.tail and answer.endswith(
         again.response_body.tail
@@ -98,11 +95,8 @@ def test_a_json_answer_longer_than_the_capture_is_priced_with_its_cached_tokens(
             "system_fingerprint": "fp_1",
         }
     )
-    ex = exchange(
-        request={**REQUEST, "stream": False},
-        response=answer,
-        response_limit=HEAD,
-        response_tail_limit=TAIL,
+    ex = long_exchange(
+        answer, request={**REQUEST, "stream": False}, content_type="application/json"
     )
     event = build(ex, prices=SHIPPED_PRICES)
     assert event["usage"] is not None and event["usage"]["source"] == "upstream"
@@ -133,12 +127,10 @@ def test_a_responses_stream_longer_than_the_capture_uses_its_completed_usage() -
         + orjson.dumps({"type": "response.completed", "response": final})
         + b"\n\n"
     )
-    ex = exchange(
+    ex = long_exchange(
+        stream,
         path="/v1/responses",
         request={"model": "gpt-4.1", "input": "go", "stream": True},
-        response=stream,
-        content_type="text/event-stream",
-        response_limit=HEAD,
         response_tail_limit=RESPONSE_TAIL_BYTES,
     )
     event = build(ex, prices=SHIPPED_PRICES)
@@ -151,13 +143,7 @@ def test_a_responses_stream_longer_than_the_capture_uses_its_completed_usage() -
 
 
 def test_a_long_answer_whose_end_holds_no_usage_is_still_estimated() -> None:
-    ex = exchange(
-        request=REQUEST,
-        response=long_stream(400, None),
-        content_type="text/event-stream",
-        response_limit=HEAD,
-        response_tail_limit=TAIL,
-    )
+    ex = long_exchange(long_stream(400, None))
     event = build(ex)
     assert event["usage"] is not None and event["usage"]["source"] == "estimated"
 

@@ -107,20 +107,7 @@ def test_sighup_reloads_the_prices_of_the_next_events_and_keeps_them_on_a_bad_fi
     )
     try:
         management = server.management_token
-        status, project = http(
-            "POST",
-            f"{server.base_url}/manage/projects",
-            token=management,
-            body={"name": "priced", "api_key": UPSTREAM_KEY},
-        )
-        assert status == 201, project
-        status, issued = http(
-            "POST",
-            f"{server.base_url}/manage/tokens",
-            token=management,
-            body={"project_id": project["id"], "duration_minutes": 5},
-        )
-        assert status == 201, issued
+        issued = server.issue(UPSTREAM_KEY)
         token = issued["token"]
 
         first = _chat(server, token, log)

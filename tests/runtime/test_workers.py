@@ -483,16 +483,7 @@ def test_spend_of_tokens_without_a_budget_is_kept_by_every_worker_and_written_at
     server = start_server(tmp_path / "data", config, tmp_path, WORKERS="2", PRICES_PATH=str(prices))
     base, management = server.base_url, server.management_token
     try:
-        status, project = http(
-            "POST", f"{base}/manage/projects", token=management, body={"name": "s", "api_key": "k"}
-        )
-        status, issued = http(
-            "POST",
-            f"{base}/manage/tokens",
-            token=management,
-            body={"project_id": project["id"], "duration_minutes": 5},
-        )
-        assert status == 201, issued
+        issued = server.issue("k")
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
         def spend(count: int) -> int:
@@ -518,7 +509,7 @@ def test_spend_of_tokens_without_a_budget_is_kept_by_every_worker_and_written_at
         cost = spend(20)
         deadline = time.monotonic() + 5.0  # within a second on a quiet machine; CI is not one
         while True:
-            status, token = http("GET", f"{base}/manage/tokens/{issued['id']}", token=management)
+            _, token = http("GET", f"{base}/manage/tokens/{issued['id']}", token=management)
             if round(token["spent_usd"] * 1e9) == cost or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
