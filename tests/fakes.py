@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from python_multipart import parse_form
 
 from llm_proxy.tools.mock_upstream import MockSettings, build_app
 
@@ -103,6 +105,20 @@ async def _upload(request: web.Request) -> web.Response:
     return web.json_response({"received": len(body)})
 
 
+async def _transcription(request: web.Request) -> web.Response:
+    """Reads the form the way Starlette (so most OpenAI-compatible servers) would."""
+    fields: dict[bytes, bytes] = {}
+    files: dict[bytes, int] = {}
+    parse_form(
+        {"Content-Type": request.headers["Content-Type"].encode()},
+        io.BytesIO(request.app[UPSTREAM_LOG].last.body),  # _record has read the body
+        lambda field: fields.__setitem__(field.field_name, field.value),
+        lambda file: files.__setitem__(file.field_name, file.size),
+    )
+    heard = f"{files[b'file']} bytes heard by {fields[b'model'].decode()}"
+    return web.json_response({"text": heard})
+
+
 async def _status_from_header(request: web.Request) -> web.Response:
     status = int(request.headers.get("X-Fake-Status", "200"))
     return web.json_response(
@@ -123,5 +139,6 @@ def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app.router.add_get("/v1/files/gzip", _gzip_json)
     app.router.add_get("/v1/files/big", _big)
     app.router.add_post("/v1/files/upload", _upload)
+    app.router.add_post("/v1/audio/transcriptions", _transcription)
     app.router.add_route("*", "/v1/moderations", _status_from_header)
     return app

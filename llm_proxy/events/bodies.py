@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import orjson
+import zstandard
 
 # Brotli is optional: OpenAI answers ``br`` only to clients that offer it. Without a brotli module
 # the body stays undecoded and the event says so, rather than the pipeline failing.
@@ -59,6 +60,22 @@ def _unbrotli(raw: bytes, limit: int) -> tuple[bytes, bool]:
     return data[:limit], len(data) >= limit or not finished
 
 
+# Compressed bytes handed to zstd at a time: a piece this size yields at most ~8 MiB (RLE blocks of
+# 128 KiB in 4 bytes each), so a bomb overshoots the limit by no more than that.
+_ZSTD_PIECE = 256
+
+
+def _unzstd(raw: bytes, limit: int) -> tuple[bytes, bool]:
+    # Incremental, across frames, as a truncated capture holds whole blocks only.
+    decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+    data = bytearray()
+    for at in range(0, len(raw), _ZSTD_PIECE):
+        data += decompressor.decompress(raw[at : at + _ZSTD_PIECE])
+        if len(data) >= limit:
+            return bytes(data[:limit]), True
+    return bytes(data), False
+
+
 def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) -> Decoded:
     """Undo ``content_encoding`` (outermost coding last in the header, so applied in reverse)."""
     if not content_encoding:
@@ -77,6 +94,8 @@ def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) ->
                     data, cut = _inflate(data, -zlib.MAX_WBITS, limit)
             elif coding == "br" and _brotli is not None:
                 data, cut = _unbrotli(data, limit)
+            elif coding == "zstd":
+                data, cut = _unzstd(data, limit)
             elif coding == "identity":
                 cut = False
             else:

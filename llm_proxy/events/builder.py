@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from llm_proxy.events import bodies, sse, usage
 from llm_proxy.events.courtesy import courteously
 from llm_proxy.events.event import Event, Usage, rfc3339
+from llm_proxy.events.form_model import multipart_model
 from llm_proxy.events.reassemble import reassemble
 from llm_proxy.models import usd
 from llm_proxy.pricing import Prices, cost_nanousd
@@ -44,11 +45,13 @@ def build(
     decoded_limit: int = bodies.DEFAULT_DECODED_LIMIT,
 ) -> Event:
     """The event of ``exchange``; ``prices`` give its ``cost_usd`` (None: no model is priced)."""
+    request_model = None
     if exchange.request_bytes_shed:
         request: object = bodies.shed_note(exchange.request_bytes_shed)
     else:
         request_raw = exchange.request_body.getvalue()
         request = bodies.show(bodies.Decoded(request_raw, exchange.request_body.truncated), 0)
+        request_model = _model(request) or multipart_model(request_raw)
 
     response_raw = exchange.response_body.getvalue()
     decoded = bodies.decode(
@@ -62,7 +65,7 @@ def build(
     else:
         response = bodies.show(decoded, len(response_raw))
 
-    model = _model(request) or _model(response)
+    model = request_model or _model(response)
     event_usage = usage.from_upstream(response)
     usage_body = response
     if event_usage is None and decoded.truncated and not exchange.response_content_encoding:
@@ -80,7 +83,8 @@ def build(
         left_early or (200 <= exchange.status < 300 and decoded.data is not None)
     ):
         event_usage = usage.estimate(exchange.path, request, response, model)
-    cost_usd = _cost_usd(prices, model, event_usage, usage_body)
+    answered = 200 <= exchange.status < 300
+    cost_usd = _cost_usd(prices, model, event_usage, usage_body, answered)
     if left_early and exchange.held_nanousd:
         # All it held, the most the unseen answer cost; its usage says what that paid for.
         cost_usd = usd(exchange.held_nanousd)
@@ -118,15 +122,20 @@ def build(
 
 
 def _cost_usd(
-    prices: Prices | None, model: str | None, event_usage: Usage | None, response: object
+    prices: Prices | None,
+    model: str | None,
+    event_usage: Usage | None,
+    response: object,
+    answered: bool,
 ) -> float | None:
-    """What the request cost by the prices in force: None when its model has none, 0 when no
-    tokens were used (an error answer)."""
+    """What the request cost by the prices in force: None when its model has none or when an
+    answer's tokens are unknown (a body in a coding nobody decodes, speech), 0 when the upstream
+    refused it. A budget hold settles an unknown cost as all it held, never as nothing."""
     price = prices.lookup(model) if prices is not None else None
     if price is None:
         return None
     if event_usage is None:
-        return 0.0
+        return None if answered else 0.0
     cached = usage.cached_prompt_tokens(response) if event_usage["source"] == "upstream" else 0
     return usd(
         cost_nanousd(price, event_usage["prompt_tokens"], cached, event_usage["completion_tokens"])

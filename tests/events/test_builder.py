@@ -660,3 +660,42 @@ def test_events_from_before_prices_still_load_without_a_cost() -> None:
     event = build(exchange(request=CHAT_REQUEST, response=b"{}"))
     older = {key: value for key, value in event.items() if key != "cost_usd"}
     assert loads(orjson.dumps(older)) == {**older, "cost_usd": None}
+
+
+def _multipart(*parts: tuple[str, bytes, str | None], boundary: str = "a1b2c3d4") -> bytes:
+    """A form as the OpenAI SDKs send it (httpx): each part a Content-Disposition, files typed."""
+    out = b""
+    for name, value, filename in parts:
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+        if filename is not None:
+            out += f'; filename="{filename}"\r\nContent-Type: audio/wav'.encode()
+        out += b"\r\n\r\n" + value + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def test_the_model_of_a_multipart_request_is_read_from_its_form() -> None:
+    audio = bytes(range(256)) * 64
+    form = _multipart(
+        ("file", audio, "speech.wav"),
+        ("model", b"gpt-4o-transcribe", None),
+        ("language", b"en", None),
+    )
+    ex = exchange(
+        path="/v1/audio/transcriptions", request=form, response=orjson.dumps({"text": "hello"})
+    )
+    assert build(ex)["model"] == "gpt-4o-transcribe"
+
+    # The capture's head is enough when the model comes before the rest of a long file.
+    head_first = _multipart(("model", b"whisper-1", None), ("file", audio * 8, "long.wav"))
+    cut = exchange(path="/v1/audio/transcriptions", request=head_first, request_limit=4096)
+    assert build(cut)["model"] == "whisper-1"
+
+
+def test_a_form_whose_model_is_not_one_plain_field_has_no_model() -> None:
+    twice = _multipart(("model", b"whisper-1", None), ("model", b"gpt-4o-transcribe", None))
+    as_file = _multipart(("model", b"whisper-1", "model.txt"))
+    not_a_form = b"--not a boundary line " + b"x" * 100
+    quoted = _multipart(("model", b"whisper-1", None), boundary='a"b')
+    for body in (twice, as_file, not_a_form, quoted):
+        ex = exchange(path="/v1/audio/transcriptions", request=body, response=b"{}")
+        assert build(ex)["model"] is None, body[:60]

@@ -139,6 +139,23 @@ async def test_the_upstream_request_id_is_returned_unchanged_and_recorded(
     assert event["upstream_request_id"] == upstream_id and event["request_id"] == proxy_id
 
 
+async def test_a_transcription_is_recorded_with_the_model_its_form_names(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    token = await proxy.token()
+    audio = bytes(range(256)) * 4096  # 1 MiB: past the request capture, the model before it
+    async with proxy.sdk(token) as client:
+        heard = await client.audio.transcriptions.create(
+            model="gpt-4o-transcribe", file=("speech.wav", audio, "audio/wav")
+        )
+    assert heard.text == f"{len(audio)} bytes heard by gpt-4o-transcribe"
+    (event,) = await wait_for_lines(log, 1)
+    assert event["path"] == "/v1/audio/transcriptions" and event["status"] == 200
+    assert event["model"] == "gpt-4o-transcribe"
+
+
 async def test_a_streamed_legacy_completion_gets_exact_usage_too(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
