@@ -10,6 +10,7 @@ The common options are accepted on the ``manage`` group and on every leaf comman
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import math
@@ -338,6 +339,30 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 # The default handlers (proxies from the environment, https) but for the redirect handler.
 _OPENER = urllib.request.build_opener(_NoRedirects)
+# The same without proxies. A proxy of HTTP_PROXY (set for the server's egress, say) would get a
+# loopback request in clear, management token, key and token values included; curl, too, never
+# sends localhost through one.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also as ::ffff:127.x.y.z) and localhost: this machine."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """Direct to this machine; elsewhere through the environment's proxies, as urllib does (an
+    operator may need one to reach a remote management API)."""
+    return _DIRECT if _is_loopback(urllib.parse.urlsplit(url).hostname or "") else _OPENER
 
 
 def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -354,7 +379,7 @@ def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | No
         },
     )
     try:
-        with _OPENER.open(request, timeout=30) as response:
+        with _opener(connection.base_url).open(request, timeout=30) as response:
             payload = response.read()
             status, content_type = response.status, response.headers.get("Content-Type")
     except urllib.error.HTTPError as exc:

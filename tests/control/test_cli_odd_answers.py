@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.processes import clean_env, cli_command
+from tests.raw_servers import RawServers
 
 pytestmark = pytest.mark.process
 
@@ -36,11 +37,12 @@ class Finished:
     stderr: str
 
 
-async def manage(base_url: str, *args: str) -> Finished:
-    """``llm-proxy manage ARGS`` as a process, the connection given by the environment."""
+async def manage(base_url: str, *args: str, **env: str) -> Finished:
+    """``llm-proxy manage ARGS`` as a process, the connection given by the environment (with
+    ``env`` on top)."""
     process = await asyncio.create_subprocess_exec(
         *cli_command("manage", *args),
-        env=clean_env(MANAGE_API_BASE_URL=base_url, MANAGEMENT_TOKEN=TOKEN),
+        env=clean_env(MANAGE_API_BASE_URL=base_url, MANAGEMENT_TOKEN=TOKEN, **env),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -166,3 +168,65 @@ async def test_an_answer_that_is_not_json_under_json_is_one_json_error(
     error = json_error(await manage(url(server), "project", "list", "--json"))
     assert (error["code"], error["status"]) == ("not_json", 200)
     assert "text/html" in error["message"]
+
+
+# -- proxies from the environment -----------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    """An HTTP proxy on loopback that records what reaches it and answers as the API would."""
+
+    url: str
+    connections: int = 0
+    received: bytes = b""
+
+
+async def recording_proxy(servers: RawServers) -> Proxy:
+    proxy = Proxy("")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        proxy.connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        proxy.received += head
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: 2\r\nConnection: close\r\n\r\n[]")
+        await writer.drain()
+
+    proxy.url = f"http://127.0.0.1:{await servers.start(serve)}"
+    return proxy
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
+async def test_the_management_api_on_loopback_is_never_reached_through_a_proxy(
+    aiohttp_server: MakeServer, host: str, variable: str
+) -> None:
+    """A proxy set for the server's egress must not see the management token in clear."""
+    target, seen = await recorder(aiohttp_server)
+    servers = RawServers()
+    try:
+        proxy = await recording_proxy(servers)
+        base_url = f"http://{host}:{target.port}"
+        result = await manage(base_url, "--json", "project", "list", **{variable: proxy.url})
+    finally:
+        await servers.close()
+    assert result.returncode == 0, result
+    assert (proxy.connections, proxy.received) == (0, b"")
+    assert seen == [Seen("GET", "/manage/projects", f"Bearer {TOKEN}")]
+
+
+async def test_a_management_api_elsewhere_is_reached_through_the_environment_s_proxy() -> None:
+    """An operator may need the proxy to reach a remote management API: urllib's rules hold."""
+    servers = RawServers()
+    try:
+        proxy = await recording_proxy(servers)
+        result = await manage(
+            "http://manage.example.invalid:8080", "--json", "project", "list", HTTP_PROXY=proxy.url
+        )
+    finally:
+        await servers.close()
+    assert result.returncode == 0, result
+    assert proxy.received.startswith(
+        b"GET http://manage.example.invalid:8080/manage/projects HTTP/1.1\r\n"
+    )
