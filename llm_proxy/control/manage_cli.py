@@ -14,6 +14,7 @@ import ipaddress
 import itertools
 import json
 import math
+import re
 import shutil
 import sys
 import urllib.error
@@ -253,20 +254,36 @@ def _options(ctx: click.Context, /, overrides: dict[str, Any]) -> ClientOptions:
     )
 
 
+# The user name and password of a URL: everything of its authority up to its last "@".
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)[^/?#]*@")
+
+
+def _shown(url: str) -> str:
+    """``url`` as a message may print it: without a user name or password."""
+    return _USERINFO.sub(r"\1", url)
+
+
 def _checked_base_url(value: str) -> str:
     url = value.strip()
     if "://" not in url:
         url = "http://" + url  # a bare host:port, as curl takes it
-    parts = urllib.parse.urlsplit(url)
     try:
+        parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - parsing the port is the check
-        port_ok = True
-    except ValueError:
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a bad port, or a bracketed IPv6 address that is not one
+        usable = False
+    if not usable:
         raise OptionError(
             "--manage-api-base-url / MANAGE_API_BASE_URL: expected the server's URL, such as"
-            f" http://127.0.0.1:8080, got {value!r}"
+            f" http://127.0.0.1:8080, got {_shown(value.strip())!r}"
+        )
+    if "@" in parts.netloc:
+        # urllib would not send them: it would look the whole "user:password@host" up in DNS.
+        raise OptionError(
+            "--manage-api-base-url / MANAGE_API_BASE_URL: a user name or password in the URL is"
+            " not supported (the management token is the credential); give"
+            f" {_shown(url)!r} and the token with --management-token or MANAGEMENT_TOKEN"
         )
     return url.rstrip("/")
 
@@ -409,7 +426,9 @@ def _redirect_error(exc: urllib.error.HTTPError, connection: Connection) -> Mana
     location = exc.headers.get("Location")
     exc.close()
     # A relative Location is shown as the URL it names, which the operator can pass as is.
-    where = f"Location {urllib.parse.urljoin(exc.url, location)}" if location else "no Location"
+    where = (
+        f"Location {_shown(urllib.parse.urljoin(exc.url, location))}" if location else "no Location"
+    )
     plain = (
         f"{connection.base_url} answered a redirect ({exc.code}, {where}), which is not followed:"
         " nothing was done and the management token was sent nowhere else; give the management"

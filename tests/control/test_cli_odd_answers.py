@@ -230,3 +230,41 @@ async def test_a_management_api_elsewhere_is_reached_through_the_environment_s_p
     assert proxy.received.startswith(
         b"GET http://manage.example.invalid:8080/manage/projects HTTP/1.1\r\n"
     )
+
+
+# -- credentials in URLs ------------------------------------------------------------------------
+
+SECRET = "PASSWORD-in-the-url-7Kq2"
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        f"http://operator:{SECRET}@127.0.0.1:{{port}}",
+        f"operator:{SECRET}@127.0.0.1:{{port}}",
+        f"http://operator:{SECRET}@127.0.0.1:{{port}}x",
+        f"http://operator:{SECRET}@[::1",
+    ],
+    ids=["url", "host-port", "bad-port", "bad-ipv6"],
+)
+async def test_a_password_in_the_base_url_is_refused_and_never_printed(
+    aiohttp_server: MakeServer, given: str
+) -> None:
+    """urllib would look "operator:PASSWORD@127.0.0.1" up in DNS and print it in its error."""
+    target, seen = await recorder(aiohttp_server)
+    result = await manage(given.format(port=target.port), "project", "list")
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert SECRET not in result.stderr and "operator" not in result.stderr
+    assert "MANAGE_API_BASE_URL" in lines[0]
+    assert seen == []
+
+
+async def test_a_redirect_s_location_is_shown_without_its_credentials(
+    aiohttp_server: MakeServer,
+) -> None:
+    front = await redirector(aiohttp_server, 302, f"https://sso:{SECRET}@login.example/manage")
+    line = one_line(await manage(url(front), "project", "list"))
+    assert "Location https://login.example/manage" in line
+    assert SECRET not in line
