@@ -30,6 +30,8 @@ from typing import IO, Any, TypeVar
 import click
 from click.core import ParameterSource
 
+from llm_proxy.secret_input import ON_THE_COMMAND_LINE, ask_secret, secret_option_value
+
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 DEFAULT_LISTEN_ADDR = "127.0.0.1:8080"
@@ -204,7 +206,8 @@ def _common_options(func: F) -> F:
         envvar="MANAGEMENT_TOKEN",
         show_envvar=True,
         show_default=f"the one in <DATA_DIR>/{MANAGEMENT_TOKEN_FILE}",
-        help="Bearer token of the management API.",
+        help="Bearer token of the management API. On the command line it is visible to other"
+        " users of this machine (ps): prefer MANAGEMENT_TOKEN, or the file.",
     )(func)
     func = click.option(
         "--listen-addr",
@@ -705,9 +708,24 @@ TOKEN_ID_HELP = "The token's id, or a unique prefix of it (at least 4 characters
 WIDE_HELP = "Every field, with whole ids (wider than 80 columns)."
 
 
+def _api_key(ctx: click.Context, given: str | None) -> str:
+    """``--api-key`` as given, from stdin for ``-``, or asked for on a terminal when left out."""
+    if given is not None:
+        return secret_option_value(given, "--api-key", "Upstream API key")
+    if sys.stdin.isatty():
+        return ask_secret("Upstream API key")
+    option = next(p for p in ctx.command.params if p.name == "api_key")
+    raise click.MissingParameter("Give it, or - to read it from stdin.", ctx=ctx, param=option)
+
+
 @project.command("create", epilog=EXIT_CODES_HELP)
 @click.option("--name", required=True, help="A name for people; need not be unique.")
-@click.option("--api-key", required=True, help="The real upstream key; stored encrypted.")
+@click.option(
+    "--api-key",
+    default=None,
+    help="The real upstream key; stored encrypted. - reads it from stdin; left out, it is asked"
+    f" for on a terminal (hidden). {ON_THE_COMMAND_LINE}",
+)
 @click.option("--description", default=None, help="Free text shown with the project.")
 @click.option("--metadata", default=None, help='A JSON object, e.g. \'{"team": "search"}\'.')
 @_common_options
@@ -716,14 +734,14 @@ def project_create(
     ctx: click.Context,
     /,
     name: str,
-    api_key: str,
+    api_key: str | None,
     description: str | None,
     metadata: str | None,
     **o: Any,
 ) -> None:
     """Create a project."""
     opts = _options(ctx, o)
-    body: dict[str, Any] = {"name": name, "api_key": api_key}
+    body: dict[str, Any] = {"name": name, "api_key": _api_key(ctx, api_key)}
     if description is not None:
         body["description"] = description
     if metadata is not None:
@@ -755,7 +773,11 @@ def project_get(ctx: click.Context, /, project_id: str, **o: Any) -> None:
 @project.command("update", epilog=EXIT_CODES_HELP)
 @click.argument("project_id", help=PROJECT_ID_HELP)
 @click.option("--name", default=None, help="A new name.")
-@click.option("--api-key", default=None, help="A new upstream key; stored encrypted.")
+@click.option(
+    "--api-key",
+    default=None,
+    help=f"A new upstream key; stored encrypted. - reads it from stdin. {ON_THE_COMMAND_LINE}",
+)
 @click.option("--description", default=None, help="A new description.")
 @click.option("--active/--inactive", "is_active", default=None, help="Activate or deactivate.")
 @click.option(
@@ -782,7 +804,7 @@ def project_update(
         k: v
         for k, v in {
             "name": name,
-            "api_key": api_key,
+            "api_key": None if api_key is None else _api_key(ctx, api_key),
             "description": description,
             "is_active": is_active,
         }.items()
@@ -949,7 +971,12 @@ def token_get(ctx: click.Context, /, token_id: str, **o: Any) -> None:
 
 @token.command("revoke", epilog=EXIT_CODES_HELP)
 @click.argument("token_id", required=False, help=TOKEN_ID_HELP)
-@click.option("--value", default=None, help="Revoke by the token value instead of its id.")
+@click.option(
+    "--value",
+    default=None,
+    help="Revoke by the token value instead of its id; - reads it from stdin."
+    f" {ON_THE_COMMAND_LINE}",
+)
 @click.option(
     "--project-id", default=None, help=f"Revoke every token of this project. {PROJECT_ID_HELP}"
 )
@@ -978,6 +1005,7 @@ def token_revoke(
         return
     ask = _needs_asking(yes)
     if value is not None:
+        value = secret_option_value(value, "--value", "Token value")
         if ask:
             _confirm("Revoke the token with this value?")
         _call(opts, "DELETE", "/manage/tokens", {"token": value})

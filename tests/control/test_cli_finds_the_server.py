@@ -71,8 +71,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, upstream: MockUpstream) -> It
     process.stop()
 
 
-def manage(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``llm-proxy manage ARGS`` in ``cwd``, with only the product variables given."""
+def manage(cwd: Path, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+    """``llm-proxy manage ARGS`` in ``cwd``, with only the product variables given and ``stdin``
+    (never a terminal) as its input."""
     return subprocess.run(
         cli_command("manage", *args),
         cwd=cwd,
@@ -80,7 +81,7 @@ def manage(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str
         capture_output=True,
         text=True,
         timeout=30,
-        stdin=subprocess.DEVNULL,
+        input=stdin,
     )
 
 

@@ -63,3 +63,27 @@ def test_every_option_and_argument_has_help(path: tuple[str, ...], command: clic
     for param in command.params:
         assert isinstance(param, click.Option | click.Argument)
         assert (param.help or "").split()[0] in shown.stdout, param.human_readable_name
+
+
+SECRET_OPTIONS = [
+    (("manage", "project", "create"), "--api-key"),
+    (("manage", "project", "update"), "--api-key"),
+    (("manage", "token", "revoke"), "--value"),
+    (("manage", "project", "list"), "--management-token"),
+    (("benchmark",), "--token"),
+    (("benchmark",), "--compare-token"),
+]
+
+
+@pytest.mark.parametrize(("path", "option"), SECRET_OPTIONS)
+def test_an_option_taking_a_secret_says_the_command_line_shows_it_and_how_not_to(
+    path: tuple[str, ...], option: str
+) -> None:
+    command: click.Command = main
+    for word in path:
+        assert isinstance(command, click.Group)
+        command = command.commands[word]
+    [param] = [p for p in command.params if isinstance(p, click.Option) and option in p.opts]
+    assert "visible to other users" in (param.help or ""), option
+    alternative = "MANAGEMENT_TOKEN" if option == "--management-token" else "- reads it from stdin"
+    assert alternative in (param.help or ""), option

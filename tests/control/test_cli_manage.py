@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import select
+import subprocess
+import termios
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,16 +44,17 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]
     mock.process.stop()
 
 
-def manage(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(main, ["manage", *args], env=env or {})
+def manage(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> Result:
+    return CliRunner().invoke(main, ["manage", *args], env=env or {}, input=stdin)
 
 
-def manage_as(server: ServerProcess, *args: str) -> Result:
+def connection(server: ServerProcess) -> dict[str, str]:
+    return {"MANAGEMENT_TOKEN": server.management_token, "MANAGE_API_BASE_URL": server.base_url}
+
+
+def manage_as(server: ServerProcess, *args: str, stdin: str | None = None) -> Result:
     """``manage`` with the connection given the usual way: environment variables."""
-    return manage(
-        *args,
-        env={"MANAGEMENT_TOKEN": server.management_token, "MANAGE_API_BASE_URL": server.base_url},
-    )
+    return manage(*args, env=connection(server), stdin=stdin)
 
 
 def manage_json(server: ServerProcess, *args: str) -> Any:
@@ -622,3 +628,100 @@ def test_deleting_the_project_stops_its_tokens(server: ServerProcess) -> None:
         pytest.raises(openai.AuthenticationError),
     ):
         client.models.list()
+
+
+# -- secrets kept off the command line (where `ps` shows them to every user) ------------------
+
+
+def sdk_answers(server: ServerProcess, project_id: str) -> bool:
+    """Whether a token of the project is served: the mock upstream takes UPSTREAM_KEY only."""
+    issued = manage_json(server, "token", "generate", "--project-id", project_id)
+    with openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key=issued["token"], max_retries=0
+    ) as client:
+        try:
+            client.models.list()
+        except openai.AuthenticationError:
+            return False
+    return True
+
+
+def test_an_upstream_key_given_as_dash_is_read_from_stdin(server: ServerProcess) -> None:
+    result = manage_as(
+        server, "project", "create", "--name", "stdin", "--api-key", "-", "--json",
+        stdin=f"  {UPSTREAM_KEY}  \nnext line\n",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    project = json.loads(result.stdout)
+    assert project["api_key"] == MASKED_KEY
+    assert sdk_answers(server, project["id"])
+
+    other = "sk-other-" + secrets.token_urlsafe(24)
+    result = manage_as(
+        server, "project", "update", project["id"], "--api-key", "-", "--json", stdin=other + "\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["api_key"] == f"{other[:5]}…{other[-4:]}"
+    assert not sdk_answers(server, project["id"])  # the upstream refuses that one
+
+
+def test_a_dash_with_nothing_on_stdin_is_a_usage_error(server: ServerProcess) -> None:
+    result = manage_as(server, "project", "create", "--name", "empty", "--api-key", "-", stdin="")
+    assert result.exit_code == 2
+    assert "--api-key" in result.stderr and "stdin" in result.stderr
+
+
+def test_a_missing_key_off_a_terminal_is_a_usage_error_that_says_how(
+    server: ServerProcess,
+) -> None:
+    result = manage_as(server, "project", "create", "--name", "no key", stdin="")
+    assert result.exit_code == 2
+    assert "Missing option '--api-key'" in result.stderr and "stdin" in result.stderr
+    assert [p["name"] for p in manage_json(server, "project", "list")].count("no key") == 0
+
+
+def test_a_token_value_given_as_dash_is_read_from_stdin(server: ServerProcess) -> None:
+    project_id = create_project(server)
+    issued = manage_json(server, "token", "generate", "--project-id", project_id)
+    result = manage_as(server, "token", "revoke", "--value", "-", "--yes", stdin=issued["token"])
+    assert (result.exit_code, result.stdout.strip()) == (0, "Revoked the token.")
+    assert manage_json(server, "token", "get", issued["id"])["status"] == "revoked"
+
+
+def test_on_a_terminal_a_missing_key_is_asked_for_and_not_echoed(server: ServerProcess) -> None:
+    """A real process whose stdin is a terminal (a pty, with no other controlling terminal)."""
+    controller, terminal = os.openpty()
+    process = subprocess.Popen(
+        cli_command("manage", "project", "create", "--name", "asked", "--json"),
+        env=clean_env(**connection(server)),
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    os.close(terminal)
+    try:
+        echoed = b""
+        # Type once the terminal's echo is off: the prompt is being read.
+        deadline = time.monotonic() + 20
+        while termios.tcgetattr(controller)[3] & termios.ECHO:
+            assert process.poll() is None and time.monotonic() < deadline, "never asked"
+            time.sleep(0.05)
+        os.write(controller, UPSTREAM_KEY.encode() + b"\n")
+        stdout, stderr = process.communicate(timeout=30)
+        while select.select([controller], [], [], 0.2)[0]:
+            try:
+                echoed += os.read(controller, 4096)
+            except OSError:  # the process closed its end
+                break
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(controller)
+    assert process.returncode == 0, stderr
+    assert b"Upstream API key" in stderr
+    assert UPSTREAM_KEY.encode() not in echoed + stdout + stderr
+    project = json.loads(stdout)
+    assert project["api_key"] == MASKED_KEY
+    assert sdk_answers(server, project["id"])

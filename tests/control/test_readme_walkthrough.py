@@ -33,8 +33,9 @@ def admin_page(site: Site, path: str) -> str:
 def test_the_quick_start_works_as_written_on_another_port(site: Site) -> None:
     assert site.port != 8080
     env = {"LISTEN_ADDR": site.listen_addr}
+    # As a script runs it: the key piped in (a terminal is asked for it), never in argv.
     created = manage(
-        site.root, "project", "create", "--name", "demo", "--api-key", "sk-real", **env
+        site.root, "project", "create", "--name", "demo", "--api-key", "-", stdin="sk-real\n", **env
     )
     assert created.returncode == 0, created.stderr
     listed = manage(site.root, "project", "list", **env)

@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,11 +35,27 @@ async def mock(aiohttp_server: MakeServer) -> str:
     return str(server.make_url("")).rstrip("/")
 
 
+MOCK_KEY = "sk-benchmark-mock-key-0123456789"
+
+
 @pytest.fixture
 def threaded_mock() -> Iterator[str]:
     """The mock on its own loop and thread, for the CLI, which runs a loop of its own."""
+    with _mock_thread(MockSettings(chunks=3)) as url:
+        yield url
+
+
+@pytest.fixture
+def keyed_mock() -> Iterator[str]:
+    """The threaded mock, answering 401 to any bearer but MOCK_KEY."""
+    with _mock_thread(MockSettings(chunks=3, api_key=MOCK_KEY)) as url:
+        yield url
+
+
+@contextmanager
+def _mock_thread(settings: MockSettings) -> Iterator[str]:
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(build_app(MockSettings(chunks=3)), access_log=None)
+    runner = web.AppRunner(build_app(settings), access_log=None)
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
     port = runner.addresses[0][1]
@@ -298,8 +315,10 @@ def test_a_config_repr_hides_tokens() -> None:
     assert config.describe()["base_url"] == "http://h"
 
 
-def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(benchmark_command, list(args), env={"COLUMNS": "160"})
+def _invoke(*args: str, stdin: str | None = None, **env: str) -> tuple[int, str]:
+    result = CliRunner().invoke(
+        benchmark_command, list(args), env={"COLUMNS": "160", **env}, input=stdin
+    )
     return result.exit_code, result.output
 
 
@@ -384,6 +403,42 @@ def test_cli_defaults_to_200_requests_and_accepts_lowercase_methods(threaded_moc
 def test_cli_bad_arguments_exit_2(args: list[str]) -> None:
     code, _ = _invoke("--base-url", "http://127.0.0.1:1", *args)
     assert code == 2
+
+
+def _statuses(output: str) -> tuple[object, object]:
+    report = json.loads(output)
+    return report["proxy"]["status"], report["direct"]["status"]
+
+
+def test_cli_takes_the_tokens_from_the_environment(keyed_mock: str) -> None:
+    """Off the command line, where every user of the machine can read them (ps)."""
+    routes = ["--base-url", keyed_mock, "--compare-url", keyed_mock, "--requests", "2", "--json"]
+    code, output = _invoke(*routes, BENCHMARK_TOKEN=MOCK_KEY, BENCHMARK_COMPARE_TOKEN=MOCK_KEY)
+    assert code == 0, output
+    assert _statuses(output) == ({"200": 2}, {"200": 2})
+    code, output = _invoke(*routes)
+    assert _statuses(output) == ({"401": 2}, {"401": 2})  # the mock wants the key
+
+
+def test_cli_reads_dash_tokens_from_stdin_one_line_each(keyed_mock: str) -> None:
+    code, output = _invoke(
+        *("--base-url", keyed_mock, "--token", "-", "--requests", "2", "--json"),
+        *("--compare-url", keyed_mock, "--compare-token", "-"),
+        stdin=f"{MOCK_KEY}\n wrong-key \n",
+    )
+    assert code == 0, output
+    assert _statuses(output) == ({"200": 2}, {"401": 2})
+    code, output = _invoke("--base-url", keyed_mock, "--token", "-", "--requests", "1", stdin="")
+    assert code == 2 and "--token" in output and "stdin" in output
+
+
+def test_cli_ignores_an_exported_compare_token_when_not_comparing(keyed_mock: str) -> None:
+    code, output = _invoke(
+        "--base-url", keyed_mock, "--requests", "1", "--json",
+        BENCHMARK_TOKEN=MOCK_KEY, BENCHMARK_COMPARE_TOKEN="sk-real",
+    )  # fmt: skip
+    assert code == 0, output
+    assert json.loads(output)["proxy"]["status"] == {"200": 1}
 
 
 def test_cli_bad_url_exits_2() -> None:

@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 import orjson
 import uvloop
+from click.core import ParameterSource
 from rich.console import Console
 
+from llm_proxy.secret_input import ON_THE_COMMAND_LINE, secret_option_value
 from llm_proxy.tools.benchmark.config import METHODS, BenchmarkConfig
 from llm_proxy.tools.benchmark.engine import run_benchmark
 from llm_proxy.tools.benchmark.progress import RichProgress
@@ -19,7 +21,14 @@ from llm_proxy.tools.benchmark.report import render_report
 @click.command("benchmark")
 @click.option("--base-url", required=True, help="Route under test, usually the proxy.")
 @click.option("--endpoint", default="/v1/chat/completions", show_default=True)
-@click.option("--token", default=None, help="Bearer token for --base-url (a withering token).")
+@click.option(
+    "--token",
+    default=None,
+    envvar="BENCHMARK_TOKEN",
+    show_envvar=True,
+    help="Bearer token for --base-url (a withering token); - reads it from stdin."
+    f" {ON_THE_COMMAND_LINE}",
+)
 @click.option(
     "--requests",
     "requests_",
@@ -38,7 +47,13 @@ from llm_proxy.tools.benchmark.report import render_report
     help="File sent as the JSON body, as is [default: a small chat completion request].",
 )
 @click.option("--compare-url", help="Direct route to compare with, e.g. the upstream itself.")
-@click.option("--compare-token", help="Bearer token for --compare-url (the real key).")
+@click.option(
+    "--compare-token",
+    envvar="BENCHMARK_COMPARE_TOKEN",
+    show_envvar=True,
+    help="Bearer token for --compare-url (the real key); - reads it from stdin (the line after"
+    f" --token's when both do). {ON_THE_COMMAND_LINE}",
+)
 @click.option(
     "--warmup",
     default=0,
@@ -106,6 +121,15 @@ def benchmark_command(
     """
     if requests_ is None and duration is None:
         requests_ = 200
+    if token is not None:
+        token = secret_option_value(token, "--token", "Token for --base-url")
+    source = click.get_current_context().get_parameter_source("compare_token")
+    if compare_url is None and source is ParameterSource.ENVIRONMENT:
+        compare_token = None  # exported for the runs that compare, not an error in the others
+    if compare_token is not None:
+        compare_token = secret_option_value(
+            compare_token, "--compare-token", "Token for --compare-url"
+        )
     try:
         config = BenchmarkConfig(
             base_url=base_url,
