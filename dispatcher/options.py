@@ -96,7 +96,13 @@ def build_backend(service: str, options: BackendOptions, data_dir: Path) -> Back
 
 def redis_location(url: str) -> str:
     """Where a Redis URL points, for messages: host:port or the socket path, never a password."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an IPv6 address with a bracket missing, or not an address
+        raise click.BadParameter(
+            "is not a valid URL: an IPv6 address goes whole in brackets, as [::1]:6379",
+            param_hint="--redis-url / REDIS_URL",
+        ) from None
     if parts.scheme == "unix":
         return parts.path
     if parts.scheme not in ("redis", "rediss"):

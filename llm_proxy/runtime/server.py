@@ -32,7 +32,7 @@ from llm_proxy.runtime.settings import (
 from llm_proxy.runtime.supervisor import START_FAILED, Supervisor
 from llm_proxy.runtime.worker_metrics import WorkerPeers, prepare_sockets
 from llm_proxy.store.opening import open_store
-from llm_proxy.store.unavailable import DATABASE_ERRORS
+from llm_proxy.store.unavailable import DATABASE_ERRORS, without_credentials
 
 log = structlog.get_logger(__name__)
 
@@ -117,7 +117,7 @@ async def _serve(
     try:
         app = await create_app(settings)
     except DATABASE_ERRORS as exc:
-        raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
+        raise _cannot_open(exc, settings.database_url) from None
     except EventProcessError as exc:
         raise SettingsError(f"events: {exc}") from None
     except PricesError as exc:
@@ -197,11 +197,17 @@ def serve(
         runner.run(_serve(settings, peers, lifeline))
 
 
+def _cannot_open(exc: BaseException, url: str) -> SettingsError:
+    """One line, without the URL's password (which a driver's message may quote)."""
+    detail = " ".join(without_credentials(str(exc) or type(exc).__name__, url).split())
+    return SettingsError(f"DATABASE_URL: cannot open the database: {detail}")
+
+
 async def _prepare_database(settings: Settings) -> None:
     try:
         store = await open_settings_store(settings)
     except DATABASE_ERRORS as exc:
-        raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
+        raise _cannot_open(exc, settings.database_url) from None
     await store.close()
 
 
@@ -209,11 +215,12 @@ async def _migrate(url: str) -> list[int]:
     try:
         store = await open_store(url, migrate=False)
     except DATABASE_ERRORS as exc:
-        raise SettingsError(f"DATABASE_URL: cannot open the database: {exc}") from None
+        raise _cannot_open(exc, url) from None
     try:
         return await store.migrate()
     except DATABASE_ERRORS as exc:
-        raise SettingsError(f"DATABASE_URL: migrating failed: {exc}") from None
+        detail = " ".join(without_credentials(str(exc), url).split())
+        raise SettingsError(f"DATABASE_URL: migrating failed: {detail}") from None
     finally:
         await store.close()
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
 from llm_proxy.pricing import PriceFile
@@ -141,20 +141,43 @@ def sqlite_path_from_url(url: str) -> Path:
 _POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 
 
+_PERCENT_ENCODE = "percent-encode @ : / ? # in a user name or password (%40 %3A %2F %3F %23)"
+
+
+def _split_url(name: str, url: str) -> SplitResult:
+    try:
+        return urlsplit(url)
+    except ValueError:  # urllib's only complaint: an IPv6 address with a bracket missing, or bad
+        raise SettingsError(
+            f"{name}: not a valid URL: an IPv6 address goes whole in brackets, as [::1]:5432"
+        ) from None
+
+
 def check_database_url(url: str) -> str:
     """A usable ``sqlite:///`` or ``postgresql://`` URL; PostgreSQL spellings become the latter.
 
     The error never repeats the URL: it may carry a password.
     """
-    parts = urlsplit(url)
+    parts = _split_url("DATABASE_URL", url)
     if parts.scheme == "sqlite":
         sqlite_path_from_url(url)
         return url
     if parts.scheme in _POSTGRES_SCHEMES:
+        if parts.netloc.count("@") > 1:
+            # urllib splits the credentials from the host at the last "@" and asyncpg at the
+            # first: it would take part of the password for the host and port, and put it in
+            # its error.
+            raise SettingsError(
+                f"DATABASE_URL: an '@' in the user name or password must be written %40;"
+                f" {_PERCENT_ENCODE}"
+            )
         try:
             parts.port  # noqa: B018 - parsing the port is the check
         except ValueError:
-            raise SettingsError("DATABASE_URL: the PostgreSQL port is not a number") from None
+            raise SettingsError(
+                f"DATABASE_URL: the PostgreSQL port is not a number (if a password holds one of"
+                f" them, {_PERCENT_ENCODE})"
+            ) from None
         if not parts.path.strip("/") and "dbname=" not in parts.query:
             raise SettingsError("DATABASE_URL: the PostgreSQL URL names no database")
         return "postgresql" + url[len(parts.scheme) :]
@@ -184,8 +207,18 @@ def parse_encryption_key(value: str) -> bytes:
 
 
 def check_redis_url(value: str) -> str:
-    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL redis-py can read (it splits the
+    credentials at the last "@", as urllib does); the error never repeats it."""
+    parts = _split_url("REDIS_URL", value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise SettingsError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise SettingsError(
+            f"REDIS_URL: the port is not a number (if a password holds one of them,"
+            f" {_PERCENT_ENCODE})"
+        ) from None
     return value
 
 

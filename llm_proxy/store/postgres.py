@@ -49,6 +49,7 @@ from llm_proxy.store.records import (
     check_columns,
     with_revoke_counts,
 )
+from llm_proxy.store.unavailable import UnreadableDatabaseUrl, without_credentials
 
 CHANGES_CHANNEL = "llm_proxy_changes"
 # How this process's connections are named in pg_stat_activity.
@@ -216,15 +217,18 @@ class PostgresStore:
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 10, migrate: bool = True) -> PostgresStore:
-        pool = await asyncpg.create_pool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            init=_prepare_connection,
-            command_timeout=_TIMEOUT,
-            timeout=_TIMEOUT,
-            server_settings={"application_name": POOL_NAME},
-        )
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=1,
+                max_size=pool_size,
+                init=_prepare_connection,
+                command_timeout=_TIMEOUT,
+                timeout=_TIMEOUT,
+                server_settings={"application_name": POOL_NAME},
+            )
+        except ValueError as exc:  # asyncpg reading the URL (its ClientConfigurationError too)
+            raise UnreadableDatabaseUrl(without_credentials(str(exc), url)) from None
         store = cls(pool, url)
         try:
             if migrate:

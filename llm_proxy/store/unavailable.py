@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
+from urllib.parse import unquote
 
 import asyncpg
+
+
+class UnreadableDatabaseUrl(Exception):
+    """The database driver could not read the URL. asyncpg says so with a ValueError that may
+    quote part of the password (it splits the credentials at another "@" than urllib), so only
+    :func:`without_credentials` of it is kept."""
+
 
 DATABASE_ERRORS = (
     OSError,
@@ -12,4 +21,28 @@ DATABASE_ERRORS = (
     sqlite3.Error,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    UnreadableDatabaseUrl,
 )
+
+# The credentials of a URL: its authority up to the last "@" (urllib's reading; a driver may read
+# less of it), and a password given as a query parameter.
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")
+_QUERY_PASSWORD = re.compile(r"[?&]password=([^&#]*)", re.IGNORECASE)
+# Pieces of a password shorter than this are left in a message: masking them would mangle it.
+_SHORTEST_PIECE = 3
+
+
+def without_credentials(text: str, url: str) -> str:
+    """``text`` (an error about ``url``) with the URL's password masked, and every piece of it
+    between ``@`` and ``:``, which a driver that split the URL elsewhere may quote."""
+    secrets: set[str] = set()
+    userinfo = _USERINFO.match(url)
+    if userinfo is not None:
+        password = userinfo.group(1).partition(":")[2]
+        secrets.update([password, *re.split(r"[@:]", password)])
+    secrets.update(_QUERY_PASSWORD.findall(url))
+    secrets |= {unquote(secret) for secret in secrets}
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= _SHORTEST_PIECE:
+            text = text.replace(secret, "***")
+    return text

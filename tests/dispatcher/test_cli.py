@@ -84,6 +84,8 @@ def publish(url: str, stream: str, sent: list[Event]) -> None:
         (("--service", "kafka"), {}, "Invalid value for '--service'"),
         (("--service", "file"), {"REDIS_URL": "127.0.0.1:6379"}, "must start with redis://"),
         (("--service", "file"), {"REDIS_URL": "redis://h:port/0"}, "has a bad port"),
+        (("--service", "file"), {"REDIS_URL": f"redis://:{SECRET}@[::1/0"}, "IPv6 address"),
+        (("check", "--service", "file"), {"REDIS_URL": f"redis://:{SECRET}@[::1/0"}, "IPv6"),
         (("check", "--service", "file"), {"REDIS_URL": "http://x"}, "must start with redis://"),
         (("--service", "file", "--claim-idle", "0"), {}, "Invalid value for '--claim-idle'"),
         (("--service", "file", "--claim-idle", "-5"), {}, "Invalid value for '--claim-idle'"),

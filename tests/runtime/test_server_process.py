@@ -310,3 +310,42 @@ def test_the_server_raises_its_open_file_limit_to_the_hard_one(
             assert warnings[0]["concurrent_streams"] == hard // 2
     finally:
         process.stop()
+
+
+PASSWORD = "pw-" + secrets.token_hex(8)
+UNREADABLE_URLS = [
+    # Unencoded "@": urllib splits at the last one, asyncpg at the first, quoting the rest.
+    ("DATABASE_URL", f"postgresql://llm:p@ss:{PASSWORD}@127.0.0.1:{{port}}/llm"),
+    ("DATABASE_URL", f"postgresql://llm:{PASSWORD}@[::1/llm"),
+    # Read by urllib, refused by asyncpg: a ValueError of its own, and one quoting (here) the
+    # password.
+    ("DATABASE_URL", f"postgresql://llm:{PASSWORD}@/llm?host=127.0.0.1&port=54x32"),
+    ("DATABASE_URL", f"postgresql://llm:{PASSWORD}@/llm?host=127.0.0.1&port={PASSWORD}"),
+    ("REDIS_URL", f"redis://:{PASSWORD}@[::1/0"),
+    ("REDIS_URL", f"redis://:{PASSWORD}@127.0.0.1:x/0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [("server", *case) for case in UNREADABLE_URLS]
+    + [("migrate", *case) for case in UNREADABLE_URLS if case[0] == "DATABASE_URL"],
+)
+def test_an_unreadable_url_is_one_line_that_never_shows_its_password(
+    tmp_path: Path, api_config: Path, command: str, variable: str, value: str
+) -> None:
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+        LOG_LEVEL="warning",
+        LLM_PROXY_EVENT_BUS="redis",
+    )
+    env[variable] = value.format(port=free_port())
+    result = run(cli_command(command), env, timeout=60)
+    assert result.returncode != 0
+    assert PASSWORD not in result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"llm-proxy: {variable}: "), lines[0]

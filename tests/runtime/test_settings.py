@@ -225,6 +225,46 @@ def test_a_bad_database_url_is_named_without_its_password(url: str, complaint: s
     assert "secret" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("postgresql://u:p@ss:secret@db:5432/llm", "%40"),
+        ("postgresql://u:secret@ss@db/llm", "%40"),
+        ("postgresql://u:secret@[::1/llm", "IPv6"),
+        ("postgresql://u:secret@[::zz]/llm", "IPv6"),
+        ("postgresql://u:secret@::1]/llm", "IPv6"),
+        ("postgresql://u:secret@db:54x32/llm", "percent-encode"),
+    ],
+)
+def test_a_database_url_asyncpg_would_read_otherwise_is_refused_without_its_password(
+    url: str, complaint: str
+) -> None:
+    with pytest.raises(SettingsError, match=r"^DATABASE_URL: ") as caught:
+        build_settings(**_cli_defaults(), database_url=url, is_tty=False)
+    assert complaint in str(caught.value)
+    assert "secret" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_at_sign_percent_encoded_in_the_password_is_accepted() -> None:
+    url = "postgresql://u:p%40ss%3Asecret@db:5432/llm"
+    assert build_settings(**_cli_defaults(), database_url=url, is_tty=False).database_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis://:secret@[::1/0", "IPv6"),
+        ("redis://:secret@127.0.0.1:x/0", "port is not a number"),
+        ("http://:secret@127.0.0.1/0", "expected a redis://"),
+    ],
+)
+def test_a_bad_redis_url_is_one_line_without_its_password(url: str, complaint: str) -> None:
+    with pytest.raises(SettingsError, match=r"^REDIS_URL: ") as caught:
+        build_settings(**{**_cli_defaults(), "redis_url": url}, database_url=None, is_tty=False)
+    assert complaint in str(caught.value)
+    assert "secret" not in str(caught.value) and "\n" not in str(caught.value)
+
+
 def _cli_defaults() -> dict[str, Any]:
     params = server_command.make_context("server", []).params
     return {k: v for k, v in params.items() if k != "database_url"}
