@@ -10,7 +10,7 @@ import base64
 import binascii
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit
@@ -91,6 +91,17 @@ class Settings:
     ssl_cert_file: str | None = None
     ssl_cert_dir: str | None = None
 
+    def __repr__(self) -> str:
+        """Every setting but the secrets; the URLs with their passwords masked."""
+        shown = []
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if setting.name in _URLS_WITH_PASSWORDS:
+                shown.append(f"{setting.name}={value and masked_url(value)!r}")
+            elif setting.repr:
+                shown.append(f"{setting.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
     def export_trust_paths(self) -> None:
         """Put the trust paths given as flags where OpenSSL reads them, for this process and
         the ones it starts."""
@@ -121,6 +132,17 @@ class Settings:
     def database_label(self) -> str:
         """The database, named for logs: the file, or the server and database without credentials."""
         return database_label(self.database_url)
+
+
+_URLS_WITH_PASSWORDS = frozenset({"database_url", "redis_url", "https_proxy", "http_proxy"})
+# scheme://user:password@ (up to the last "@", as urllib reads it), and a password= parameter.
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#:@]*:)[^/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password, if any, as ``***``: the rest stays, for debugging."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
 
 
 def parse_listen_addr(value: str) -> tuple[str, int]:

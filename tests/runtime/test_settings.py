@@ -349,12 +349,25 @@ def test_repr_masks_every_secret() -> None:
         management_token="mgmt-very-secret-value",
         admin_password="admin-very-secret",
         encryption_key=b"K" * 32,
+        database_url="postgresql://llm:db%40very-secret@db:5432/llm?password=q-secret&sslmode=require",
+        redis_url="redis://:redis-very-secret@cache:6379/0",
+        https_proxy="http://egress:proxy-very-secret@proxy:3128",
     )
     shown = repr(settings)
-    assert "mgmt-very-secret-value" not in shown
-    assert "admin-very-secret" not in shown
-    assert "KKKK" not in shown
+    for secret in (
+        "mgmt-very-secret-value",
+        "admin-very-secret",
+        "KKKK",
+        "very-secret",
+        "q-secret",
+    ):
+        assert secret not in shown
     assert "listen_port=8080" in shown
+    # The rest of each URL stays, for debugging.
+    assert "database_url='postgresql://llm:***@db:5432/llm?password=***&sslmode=require'" in shown
+    assert "redis_url='redis://:***@cache:6379/0'" in shown
+    assert "https_proxy='http://egress:***@proxy:3128'" in shown
+    assert "http_proxy=None" in shown
 
 
 # -- secrets_store ---------------------------------------------------------------------------
