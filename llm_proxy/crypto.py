@@ -68,11 +68,18 @@ def hash_token(value: str) -> str:
     return digest
 
 
+# A masked key shows at most this share of its characters: the first 5 and last 4 of a key of 27
+# or more (every OpenAI key), fewer of a shorter one, its end first.
+_SHOWN_SHARE = 3
+
+
 def mask_key(key: str) -> str:
-    """``sk-ab…wxyz``: enough to recognise a key, not enough to use it."""
-    if len(key) <= 12:
-        return "…" + key[-2:] if len(key) > 4 else "…"
-    return f"{key[:5]}…{key[-4:]}"
+    """``sk-ab…wxyz``: enough to recognise a key, not enough to use it (never more than a third
+    of it)."""
+    shown = len(key) // _SHOWN_SHARE
+    tail = min(4, shown)
+    head = min(5, shown - tail)
+    return f"{key[:head]}…{key[len(key) - tail :]}"
 
 
 def redact(text: str) -> str:
