@@ -11,6 +11,7 @@ refuses (or that cannot be found) raise or refuse with ``auth``, so the worker s
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,6 +23,8 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from dispatcher import metrics
 from dispatcher.backends import BackendError, Rejection, sizing
+from dispatcher.backends.http import masked
+from llm_proxy.crypto import mask_key
 from llm_proxy.events.event import Event, parse_rfc3339
 
 MAX_BATCH_EVENTS = 10_000
@@ -56,6 +59,12 @@ _TRUNCATED = sizing.TRUNCATED
 Item = tuple[int, int, str]  # timestamp ms, index in the batch given to send, message
 
 _NO_CREDENTIALS = Rejection("no AWS credentials found", retryable=False, auth=True)
+# What AWS (or an endpoint in its place) may echo of a request: its access key id, in a
+# Credential= scope or alone, and the request's signature.
+_ACCESS_KEY_ID = re.compile(
+    r"\b(?:AKIA|ASIA|AIDA|AROA|AGPA|ANPA|ANVA|APKA|ABIA|ACCA)[A-Z0-9]{12,}\b"
+)
+_SIGNATURE = re.compile(r"(Signature=)[0-9a-fA-F]{16,}")
 
 
 def _auth_refusal(exc: ClientError) -> Rejection | None:
@@ -148,8 +157,12 @@ class CloudWatchBackend:
         except ClientError as exc:
             refused = _auth_refusal(exc)
             if refused is None:
-                raise
+                error = exc.response.get("Error", {})
+                reason = f"{error.get('Code', '')}: {error.get('Message', '')}"
+                raise BackendError(self._masked(reason), retryable=False) from None
             raise BackendError(refused.reason, retryable=False, auth=True) from None
+        except (BotoCoreError, OSError) as exc:
+            raise BackendError(self._masked(str(exc)), retryable=True) from None
 
     async def _ensure_destination(self) -> None:
         for create, kwargs in (
@@ -203,13 +216,21 @@ class CloudWatchBackend:
             error = exc.response["Error"]
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             retryable = error["Code"] in _RETRYABLE_CODES or status >= 500
-            reason = f"{error['Code']}: {error.get('Message', '')}"
+            reason = self._masked(f"{error['Code']}: {error.get('Message', '')}")
             return {i: Rejection(reason, retryable) for _, i, _ in batch}
         except NoCredentialsError:
             return dict.fromkeys((i for _, i, _ in batch), _NO_CREDENTIALS)
         except (BotoCoreError, OSError) as exc:
-            return {i: Rejection(f"{type(exc).__name__}: {exc}", True) for _, i, _ in batch}
+            reason = self._masked(f"{type(exc).__name__}: {exc}")
+            return {i: Rejection(reason, True) for _, i, _ in batch}
         return self._partial(batch, answer.get("rejectedLogEventsInfo") or {})
+
+    def _masked(self, text: str) -> str:
+        """A reason as logs and the dead-letter file may show it: the credentials given, anything
+        shaped like an access key id or a key, and signatures masked."""
+        secrets = [value for value in self._credentials.values() if value]
+        text = _SIGNATURE.sub(r"\1…", masked(text, secrets))
+        return _ACCESS_KEY_ID.sub(lambda found: mask_key(found.group(0)), text)
 
     def _partial(self, batch: list[Item], info: dict[str, int]) -> dict[int, Rejection]:
         """Events CloudWatch dropped from an accepted batch (indices into the batch)."""

@@ -25,7 +25,7 @@ import orjson
 
 from dispatcher import metrics
 from dispatcher.backends import Rejection
-from dispatcher.backends.http import AUTH_STATUSES, post_json
+from dispatcher.backends.http import AUTH_STATUSES, masked, post_json
 from dispatcher.backends.sizing import batches, fit
 from llm_proxy.events.event import Event, parse_rfc3339, rfc3339
 
@@ -215,7 +215,7 @@ class LunaryBackend:
                 metrics.DUPLICATES.labels(self.name).inc()
                 continue
             # Lunary answers 200 with per-run errors for runs it will never take (bad data).
-            refused[i] = Rejection(f"lunary: {reason}", retryable=False)
+            refused[i] = Rejection(f"lunary: {masked(reason, self._secrets)}", retryable=False)
         return refused
 
     async def close(self) -> None:

@@ -202,6 +202,7 @@ class FakeLunary:
         self.answer_headers: dict[str, str] = {}
         self.seen: list[float] = []
         self.refuse_run: set[str] = set()
+        self.run_error = "invalid input"  # the error of each run in refuse_run
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/v1/runs/ingest", self.handle)
 
@@ -239,7 +240,7 @@ class FakeLunary:
             run = event["runId"]
             self.received.append(event)
             if run in self.refuse_run:
-                results.append({"id": run, "success": False, "error": "invalid input"})
+                results.append({"id": run, "success": False, "error": self.run_error})
             elif event["event"] == "start" and run in self.runs:
                 results.append(
                     {

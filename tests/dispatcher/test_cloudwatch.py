@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +13,8 @@ import orjson
 import pytest
 import structlog
 from aiobotocore.session import get_session
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from botocore.exceptions import ClientError
 from click.testing import CliRunner
 from prometheus_client import REGISTRY
@@ -221,6 +225,82 @@ def test_backoff_grows_and_is_capped() -> None:
 # -- refused credentials ----------------------------------------------------------------------
 
 WRONG_SECRET = "wrong-secret-not-for-logs"
+
+
+ACCESS_KEY_ID = "AKIAECHOEDBYTHEFAKE7"
+SECRET_ACCESS_KEY = "echoed/secret+access/key0123456789abcdefgh"
+
+
+def echoing_endpoint(refuse: str) -> web.Application:
+    """A CloudWatch Logs endpoint that refuses ``refuse`` (an X-Amz-Target's action) with a
+    message quoting what it was sent, as the audit's fake did: the signed Authorization."""
+
+    async def answer(request: web.Request) -> web.Response:
+        action = request.headers.get("X-Amz-Target", "").rpartition(".")[2]
+        if action == refuse:
+            error = {
+                "__type": "InvalidParameterException",
+                "message": f"bad request signed with {request.headers.get('Authorization')}"
+                f" and {SECRET_ACCESS_KEY}",
+            }
+        elif action.startswith("Create"):
+            error = {"__type": "ResourceAlreadyExistsException", "message": "exists"}
+        else:
+            return web.json_response({}, content_type="application/x-amz-json-1.1")
+        return web.json_response(error, status=400, content_type="application/x-amz-json-1.1")
+
+    app = web.Application()
+    app.router.add_post("/", answer)
+    return app
+
+
+def echoed_backend(server: TestServer) -> CloudWatchBackend:
+    return CloudWatchBackend(
+        "llm-proxy",
+        "events",
+        region="us-east-1",
+        endpoint_url=str(server.make_url("")).rstrip("/"),
+        aws_access_key_id=ACCESS_KEY_ID,
+        aws_secret_access_key=SECRET_ACCESS_KEY,
+    )
+
+
+def assert_no_credentials(text: str) -> None:
+    assert ACCESS_KEY_ID not in text and SECRET_ACCESS_KEY not in text
+    assert re.search(r"Signature=[0-9a-f]{8}", text) is None, text
+
+
+async def test_credentials_echoed_in_a_refusal_are_masked_in_logs_and_dead_letters(
+    aiohttp_server: Any, tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    server = await aiohttp_server(echoing_endpoint("PutLogEvents"))
+    settings = WorkerSettings(
+        service="cloudwatch", dead_letter_path=tmp_path / "dead.jsonl", poll=0.05, burst=True
+    )
+    bus = MemoryBus()
+    worker = Worker(bus, echoed_backend(server), settings)
+    worker.start()
+    await bus.publish([event_at(time.time())])
+    summary = await asyncio.wait_for(worker.async_run(), 20)
+    assert summary.dead_lettered == 1
+    [line] = [orjson.loads(text) for text in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+    assert line["reason"].startswith("InvalidParameterException: bad request signed with")
+    assert "Credential=AK…AKE7/" in line["reason"] and "Signature=…" in line["reason"]
+    assert "dispatcher.dead_lettered" in log_stream.getvalue()
+    assert_no_credentials((tmp_path / "dead.jsonl").read_text() + log_stream.getvalue())
+
+
+async def test_credentials_echoed_when_starting_are_masked(aiohttp_server: Any) -> None:
+    server = await aiohttp_server(echoing_endpoint("CreateLogGroup"))
+    worker = Worker(
+        MemoryBus(),
+        echoed_backend(server),
+        WorkerSettings(service="cloudwatch", dead_letter_path=Path("unused")),
+    )
+    with pytest.raises(BackendStartError) as caught:
+        await worker.async_run()
+    assert "InvalidParameterException" in str(caught.value)
+    assert_no_credentials(str(caught.value))
 
 
 def test_aws_authentication_errors_are_recognised_by_code_or_status() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -265,6 +266,25 @@ async def test_lunary_key_echoed_back_is_masked_in_the_dead_letter_file(
     assert summary.dead_lettered == 1
     [line] = dead_letters(tmp_path)
     assert line["reason"].startswith("HTTP 400") and LUNARY_KEY not in line["reason"]
+
+
+async def test_lunary_key_echoed_in_a_run_s_error_is_masked_in_logs_and_dead_letters(
+    aiohttp_server: ServerFactory, tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    """Lunary answers 200 with an error per run it refuses, which may quote what it was sent."""
+    fake = FakeLunary()
+    fake.run_error = f"project {LUNARY_KEY} cannot ingest this run"
+    server = await aiohttp_server(fake.app)
+    refused = chat_event()
+    fake.refuse_run.add(run_id(refused["request_id"]))
+    summary = await deliver(
+        LunaryBackend(LUNARY_KEY, url=str(server.make_url("/"))), [refused], tmp_path
+    )
+    assert summary.dead_lettered == 1
+    [line] = dead_letters(tmp_path)
+    assert line["reason"] == f"lunary: project {mask_key(LUNARY_KEY)} cannot ingest this run"
+    assert "dispatcher.dead_lettered" in log_stream.getvalue()
+    assert LUNARY_KEY not in (tmp_path / "dead.jsonl").read_text() + log_stream.getvalue()
 
 
 async def test_the_dead_letter_file_masks_what_is_shaped_like_a_key(tmp_path: Path) -> None:
