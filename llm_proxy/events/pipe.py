@@ -42,6 +42,8 @@ class Launch:
     status_seconds: float = 1.0
     # The server's prices, and where to read them again on SIGHUP (which the server forwards).
     prices: Prices = field(default_factory=Prices)
+    # The secrets the server was configured with: its logs mask them, and so must this one's.
+    log_secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 def frame(payload: object) -> bytes:

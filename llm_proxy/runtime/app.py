@@ -211,6 +211,7 @@ def _launch(settings: Settings, prices: Prices) -> Launch:
         log_level=settings.log_level,
         log_format=settings.log_format,
         prices=prices,
+        log_secrets=settings.log_secrets,
     )
 
 

@@ -382,7 +382,7 @@ def server(**options: str | int | None) -> None:
         sys.exit(2)
     from llm_proxy.runtime.server import run_server
 
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, secrets=settings.log_secrets)
     try:
         with owner_only_files():
             run_server(settings)

@@ -148,7 +148,7 @@ async def _run(status: _Status) -> int:
     launch: Launch | None = await read_frame(reader)
     if launch is None:
         return 0  # the server went away before saying anything
-    configure_logging(launch.log_level, launch.log_format)
+    configure_logging(launch.log_level, launch.log_format, secrets=launch.log_secrets)
     try:
         pipeline, store = await _open(launch)
     except (BackendStartError, OSError) as exc:

@@ -1,15 +1,23 @@
-"""structlog configured once, with a last processor that masks anything shaped like a secret."""
+"""structlog configured once, with last processors that mask secrets: anything shaped like one,
+and the exact values of those the process was configured with."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 
 from llm_proxy.crypto import redact
+
+# Configured secrets shorter than this are not looked for: they would match ordinary words in
+# log lines (and a password that short is no secret anyway).
+SHORTEST_REDACTED = 6
+REDACTED = "***"
 
 
 def _redact_secrets(
@@ -21,14 +29,61 @@ def _redact_secrets(
     return event_dict
 
 
-def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
-    """JSON lines for machines, coloured console lines on a terminal; secrets masked in both."""
+class ExactValues:
+    """Masks the configured secrets in a rendered line: as they are, and as a JSON string, a
+    ``repr`` or a URL would spell them. A few substring searches per line; never per request
+    unless the request logs."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        spellings: set[str] = set()
+        for secret in secrets:
+            if len(secret) >= SHORTEST_REDACTED:
+                spellings |= {
+                    secret,
+                    json.dumps(secret)[1:-1],
+                    repr(secret)[1:-1],
+                    quote(secret, safe=""),
+                    quote(secret),
+                }
+        self._spellings = sorted(spellings, key=len, reverse=True)
+
+    def __bool__(self) -> bool:
+        return bool(self._spellings)
+
+    def __call__(self, line: str) -> str:
+        for spelling in self._spellings:
+            if spelling in line:
+                line = line.replace(spelling, REDACTED)
+        return line
+
+    def rendered(self, _logger: Any, _name: str, line: str) -> str:
+        """The processor after the renderer: a rendered line in, the line masked out."""
+        return self(line)
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Library lines (the standard library's logging) masked as structlog's are."""
+
+    def __init__(self, fmt: str, exact: ExactValues) -> None:
+        super().__init__(fmt)
+        self._exact = exact
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._exact(redact(super().format(record)))
+
+
+def configure_logging(
+    level: str, fmt: str, stream: Any = None, *, secrets: Iterable[str] = ()
+) -> None:
+    """JSON lines for machines, coloured console lines on a terminal; secrets masked in both:
+    anything shaped like a token or key, and the exact values of ``secrets``."""
     numeric = logging.getLevelName(level.upper())
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=stream is None and sys.stderr.isatty())
     )
+    exact = ExactValues(secrets)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -37,6 +92,9 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
         _redact_secrets,
         renderer,
     ]
+    if exact:
+        # After rendering, so values of every type (exceptions, nested ones) are covered.
+        processors.append(exact.rendered)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -48,7 +106,9 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
     )
     # Libraries log through the standard library; route them to the same stream and level.
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(
+        _RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", exact)
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO))

@@ -22,6 +22,7 @@ from llm_proxy.runtime.app import COMPONENTS, Components, create_app, open_setti
 from llm_proxy.runtime.fd_limit import raise_open_file_limit
 from llm_proxy.runtime.gc_tuning import tune_garbage_collector
 from llm_proxy.runtime.lifeline import Lifeline, watch
+from llm_proxy.runtime.logging_setup import configure_logging
 from llm_proxy.runtime.metrics_endpoint import WORKER_PEERS, own_page
 from llm_proxy.runtime.settings import (
     Settings,
@@ -262,6 +263,8 @@ def serve_workers(settings: Settings) -> int:
 def run_server(settings: Settings) -> None:
     """Fill generated secrets, then serve; a start-up failure raises SettingsError naming the variable."""
     settings = with_generated_secrets(settings, sys.stdout)
+    # Now that every secret is known, generated ones included (workers inherit this).
+    configure_logging(settings.log_level, settings.log_format, secrets=settings.log_secrets)
     raise_open_file_limit()  # (forked workers inherit it)
     if settings.workers > 1:
         sys.exit(serve_workers(settings))

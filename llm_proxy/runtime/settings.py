@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
 from llm_proxy.pricing import PriceFile
@@ -102,6 +102,21 @@ class Settings:
                 shown.append(f"{setting.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 
+    @property
+    def log_secrets(self) -> tuple[str, ...]:
+        """What the logs must never show, whatever line would carry it: the secrets this
+        process was configured with (the encryption key as it is written) and the passwords
+        in its URLs."""
+        secrets = [self.management_token, self.admin_password]
+        if self.encryption_key:
+            secrets += [
+                base64.b64encode(self.encryption_key).decode(),
+                base64.urlsafe_b64encode(self.encryption_key).decode(),
+            ]
+        for name in _URLS_WITH_PASSWORDS:
+            secrets += url_passwords(getattr(self, name) or "")
+        return tuple(dict.fromkeys(secret for secret in secrets if secret))
+
     def export_trust_paths(self) -> None:
         """Put the trust paths given as flags where OpenSSL reads them, for this process and
         the ones it starts."""
@@ -136,8 +151,15 @@ class Settings:
 
 _URLS_WITH_PASSWORDS = frozenset({"database_url", "redis_url", "https_proxy", "http_proxy"})
 # scheme://user:password@ (up to the last "@", as urllib reads it), and a password= parameter.
-_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#:@]*:)[^/?#]*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#:@]*:)([^/?#]*)@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+
+
+def url_passwords(url: str) -> list[str]:
+    """The password of ``url`` (and of a password= parameter), as written and decoded."""
+    found = [match.group(2) for match in _URL_PASSWORD.finditer(url)]
+    found += [match.group(2) for match in _QUERY_PASSWORD.finditer(url)]
+    return [spelling for password in found for spelling in (password, unquote(password))]
 
 
 def masked_url(url: str) -> str:
