@@ -103,8 +103,8 @@ class KeyCipher:
         return base64.b64encode(nonce + sealed).decode()
 
     def decrypt(self, stored: str) -> str:
-        raw = base64.b64decode(stored)
         try:
+            raw = base64.b64decode(stored, validate=True)
             return self._aead.decrypt(raw[:12], raw[12:], b"llm-proxy/api-key").decode()
-        except InvalidTag as exc:
+        except (InvalidTag, ValueError) as exc:  # (binascii.Error, a damaged value, is one)
             raise DecryptionError("upstream key does not decrypt with ENCRYPTION_KEY") from exc

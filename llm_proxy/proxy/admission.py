@@ -32,7 +32,13 @@ from typing import NoReturn
 import structlog
 
 from llm_proxy import errors
-from llm_proxy.crypto import KeyCipher, hash_token, is_sendable_key, is_token_shaped
+from llm_proxy.crypto import (
+    DecryptionError,
+    KeyCipher,
+    hash_token,
+    is_sendable_key,
+    is_token_shaped,
+)
 from llm_proxy.models import BudgetHold, UsageDelta, isoformat, usd
 from llm_proxy.proxy.budget_ledger import BudgetLedger, StoreBudgetLedger
 from llm_proxy.proxy.budget_plan import CostPlan
@@ -140,6 +146,9 @@ class TokenAuthority:
         self._orphan_releases: set[asyncio.Future[None]] = set()
         # Refusals for good being written to the token's row (see `_note_refused`).
         self._refusal_notes: set[asyncio.Future[None]] = set()
+        # Projects whose stored upstream key ENCRYPTION_KEY does not open (stored under another
+        # key): logged once each, their requests refused with a clear answer.
+        self._undecryptable: set[str] = set()
 
     async def start(self) -> None:
         started = time.monotonic()
@@ -360,6 +369,13 @@ class TokenAuthority:
             raise errors.ProjectInactive("The project of this token is inactive.")
         if not grant.upstream_authorization:
             # Refused before anything is counted: such a request could never reach the upstream.
+            if grant.project_id in self._undecryptable:
+                raise errors.ServiceUnavailable(
+                    "The upstream key of this token's project cannot be read with this server's"
+                    " ENCRYPTION_KEY (it was stored under another); an operator must restore that"
+                    " key or set the project's key anew.",
+                    headers={"x-should-retry": "false"},
+                )
             raise errors.ServiceUnavailable(
                 "The upstream key of this token's project cannot be used (it holds a control"
                 " character); an operator must set a new one.",
@@ -467,8 +483,21 @@ class TokenAuthority:
 
     def _authorization(self, project_id: str, api_key_encrypted: str) -> bytes:
         """The project's Authorization field; b"" for a key that cannot be sent in one, which
-        the management API refuses but an older version may have stored."""
-        key = self._cipher.decrypt(api_key_encrypted)
+        the management API refuses but an older version may have stored, or that ENCRYPTION_KEY
+        does not open."""
+        try:
+            key = self._cipher.decrypt(api_key_encrypted)
+        except DecryptionError:
+            if project_id not in self._undecryptable:
+                self._undecryptable.add(project_id)
+                log.error(
+                    "token_authority.project_key_undecryptable",
+                    project_id=project_id,
+                    fix="start with the ENCRYPTION_KEY that stored it, or set the project's key"
+                    " anew",
+                )
+            return b""
+        self._undecryptable.discard(project_id)
         if not is_sendable_key(key):
             log.error("token_authority.project_key_unsendable", project_id=project_id)
             return b""

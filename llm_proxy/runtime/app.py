@@ -16,7 +16,7 @@ from dispatcher.embedded import start_events_here
 from llm_proxy import __version__
 from llm_proxy.control.management import management_app
 from llm_proxy.control.operations import Operations
-from llm_proxy.crypto import KeyCipher
+from llm_proxy.crypto import DecryptionError, KeyCipher
 from llm_proxy.events import EventPipeline, EventsConfig, UsageChunkFilter
 from llm_proxy.events.offload import EventOffload
 from llm_proxy.events.pipe import Launch
@@ -33,7 +33,7 @@ from llm_proxy.proxy.handler import ProxyHandler
 from llm_proxy.proxy.rate_limits import RedisRateWindows
 from llm_proxy.runtime.carried_metrics import CarriedAcrossRestarts
 from llm_proxy.runtime.metrics_endpoint import EXTRA_METRICS, MetricSource, metrics_endpoint
-from llm_proxy.runtime.settings import Settings
+from llm_proxy.runtime.settings import Settings, SettingsError
 from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
 from llm_proxy.store.retention import prune_usage_every
@@ -203,6 +203,36 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         log.info("server.usage_flushed", tokens=flushed)
 
 
+_LISTED = 20  # project ids named in a log line; the count says how many there are
+
+
+async def check_encryption_key(store: Store, cipher: KeyCipher) -> None:
+    """Stop start-up when ENCRYPTION_KEY opens none of the stored upstream keys: it is not the
+    key they were stored with, and every request would be refused. When it opens some, the
+    others' projects are logged (their requests are refused until their key is set anew)."""
+    projects = await store.list_projects()
+    unreadable = []
+    for project in projects:
+        try:
+            cipher.decrypt(project.api_key_encrypted)
+        except DecryptionError:
+            unreadable.append(project.id)
+    if projects and len(unreadable) == len(projects):
+        raise SettingsError(
+            f"ENCRYPTION_KEY: it opens none of the {len(projects)} upstream keys in the database,"
+            " which were stored under another key: give the one they were stored with (the"
+            " encryption_key file in the DATA_DIR of the server that stored them); if it is"
+            " lost, start once with ENCRYPTION_KEY_CHECK=off and set each project's key anew"
+        )
+    if unreadable:
+        log.error(
+            "server.upstream_keys_undecryptable",
+            count=len(unreadable),
+            projects=unreadable[:_LISTED],
+            fix="set those projects' keys anew (they were stored under another ENCRYPTION_KEY)",
+        )
+
+
 def _launch(settings: Settings, prices: Prices) -> Launch:
     return Launch(
         events=events_config(settings),
@@ -234,6 +264,8 @@ async def create_app(
     offload: EventOffload | None = None
     try:
         cipher = KeyCipher(settings.encryption_key)
+        if settings.encryption_key_check:
+            await check_encryption_key(store, cipher)
         authority = TokenAuthority(
             store,
             cipher,

@@ -99,6 +99,7 @@ def build_settings(
     database_pool_size: int | str = 10,
     revocation_max_staleness: str = "5s",
     change_feed_push: str = "on",
+    encryption_key_check: str = "on",
     prices_path: str | None = None,
     usage_hourly_retention_days: int | str = 90,
     ssl_cert_file: str | None = None,
@@ -144,6 +145,10 @@ def build_settings(
             "REVOCATION_MAX_STALENESS", revocation_max_staleness
         ),
         change_push=check_choice("CHANGE_FEED_PUSH", change_feed_push, ("on", "off")) == "on",
+        encryption_key_check=check_choice(
+            "ENCRYPTION_KEY_CHECK", encryption_key_check, ("on", "off")
+        )
+        == "on",
         prices_path=Path(prices_path) if prices_path else None,
         usage_hourly_retention_days=parse_retention_days(usage_hourly_retention_days),
     )
@@ -351,6 +356,15 @@ def build_settings(
     show_envvar=True,
     help="on: PostgreSQL pushes management changes to every instance (LISTEN/NOTIFY); off: they"
     " are polled (for poolers that cannot carry LISTEN, such as PgBouncer in transaction mode).",
+)
+@click.option(
+    "--encryption-key-check",
+    envvar="ENCRYPTION_KEY_CHECK",
+    default="on",
+    show_envvar=True,
+    help="on: start-up stops when ENCRYPTION_KEY opens none of the upstream keys in the"
+    " database (they were stored under another); off: start anyway, after losing the key, to"
+    " set each project's key anew (its requests are refused until then).",
 )
 @click.option(
     "--usage-hourly-retention-days",

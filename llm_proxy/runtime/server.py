@@ -14,11 +14,18 @@ import structlog
 import uvloop
 from aiohttp import web
 
+from llm_proxy.crypto import KeyCipher
 from llm_proxy.events.offload import EventProcessError
 from llm_proxy.http.front import FrontLimits, FrontSite, listening_socket
 from llm_proxy.pricing import PricesError
 from llm_proxy.runtime import secrets_store
-from llm_proxy.runtime.app import COMPONENTS, Components, create_app, open_settings_store
+from llm_proxy.runtime.app import (
+    COMPONENTS,
+    Components,
+    check_encryption_key,
+    create_app,
+    open_settings_store,
+)
 from llm_proxy.runtime.fd_limit import raise_open_file_limit
 from llm_proxy.runtime.gc_tuning import tune_garbage_collector
 from llm_proxy.runtime.lifeline import Lifeline, watch
@@ -209,7 +216,14 @@ async def _prepare_database(settings: Settings) -> None:
         store = await open_settings_store(settings)
     except DATABASE_ERRORS as exc:
         raise _cannot_open(exc, settings.database_url) from None
-    await store.close()
+    try:
+        # Here too, so a wrong key stops start-up in one line before any worker starts.
+        if settings.encryption_key_check:
+            await check_encryption_key(store, KeyCipher(settings.encryption_key))
+    except DATABASE_ERRORS as exc:
+        raise _cannot_open(exc, settings.database_url) from None
+    finally:
+        await store.close()
 
 
 async def _migrate(url: str) -> list[int]:

@@ -41,6 +41,9 @@ class Settings:
     admin_password: str = field(default="", repr=False)
     database_url: str = "sqlite:///./data/llm-proxy.db"
     encryption_key: bytes = field(default=b"", repr=False)
+    # Whether start-up stops when ENCRYPTION_KEY opens none of the stored upstream keys. Off only
+    # to start after the key was lost, and set every project's key anew.
+    encryption_key_check: bool = True
     api_config_path: Path = Path("config/api_providers.yaml")
     # PRICES_PATH; None when not set: config/prices.yaml if it exists (see price_file).
     prices_path: Path | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import resource
 import secrets
@@ -10,6 +11,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -349,3 +351,130 @@ def test_an_unreadable_url_is_one_line_that_never_shows_its_password(
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"llm-proxy: {variable}: "), lines[0]
+
+
+# -- a changed ENCRYPTION_KEY ---------------------------------------------------------------
+
+MANAGEMENT = "mgmt-" + secrets.token_hex(16)
+
+
+def _new_key() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _start(root: Path, api_config: Path, key: str, name: str, **env: str) -> ServerProcess:
+    return start_server(
+        root / "data",
+        api_config,
+        root / "logs",
+        name=name,
+        MANAGEMENT_TOKEN=MANAGEMENT,
+        ENCRYPTION_KEY=key,
+        LOG_LEVEL="debug",
+        **env,
+    )
+
+
+def _project_and_token(server: ServerProcess) -> tuple[str, str]:
+    status, project = http(
+        "POST",
+        f"{server.base_url}/manage/projects",
+        token=MANAGEMENT,
+        body={"name": "p", "api_key": UPSTREAM_KEY},
+    )
+    assert status == 201, project
+    status, issued = http(
+        "POST",
+        f"{server.base_url}/manage/tokens",
+        token=MANAGEMENT,
+        body={"project_id": project["id"], "duration_minutes": 30},
+    )
+    assert status == 201, issued
+    return str(project["id"]), str(issued["token"])
+
+
+def _chat(server: ServerProcess, token: str) -> tuple[int, Any]:
+    return http("POST", f"{server.base_url}/v1/chat/completions", token=token, body=CHAT)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_encryption_key_that_opens_no_stored_key_stops_start_up_with_one_line(
+    tmp_path: Path, api_config: Path, workers: str
+) -> None:
+    first, other = _new_key(), _new_key()
+    server = _start(tmp_path, api_config, first, "first")
+    try:
+        _project_and_token(server)
+    finally:
+        server.stop()
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+        API_CONFIG_PATH=str(api_config),
+        MANAGEMENT_TOKEN=MANAGEMENT,
+        ENCRYPTION_KEY=other,
+        LOG_FORMAT="json",
+        LOG_LEVEL="warning",
+        WORKERS=workers,
+    )
+    result = run_start_that_fails(env, "a wrong ENCRYPTION_KEY must stop start-up")
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("llm-proxy: ENCRYPTION_KEY: it opens none of the 1 upstream keys")
+    assert "ENCRYPTION_KEY_CHECK=off" in lines[0]
+    for secret in (first, other, UPSTREAM_KEY):
+        assert secret not in result.stdout + result.stderr
+
+
+def test_projects_whose_key_does_not_decrypt_get_a_clear_answer_and_one_log_line(
+    tmp_path: Path, api_config: Path
+) -> None:
+    first, other = _new_key(), _new_key()
+    server = _start(tmp_path, api_config, first, "first")
+    try:
+        old_project, old_token = _project_and_token(server)
+    finally:
+        server.stop()
+
+    # The key was lost: started anyway, the old project's requests are refused, clearly.
+    server = _start(tmp_path, api_config, other, "unchecked", ENCRYPTION_KEY_CHECK="off")
+    try:
+        for _ in range(3):
+            status, body = _chat(server, old_token)
+            assert status == 503, body
+            assert body["error"]["code"] == "service_unavailable"
+            assert "ENCRYPTION_KEY" in body["error"]["message"]
+        _, new_token = _project_and_token(server)  # stored under the new key
+        assert _chat(server, new_token)[0] == 200
+    finally:
+        server.stop()
+    log = server.process.stderr
+    assert log.count('"token_authority.project_key_undecryptable"') == 1, log
+    assert old_project in log and "Traceback" not in log
+
+    # Checked again: the new key opens one stored key, so it starts, naming the other project.
+    server = _start(tmp_path, api_config, other, "checked")
+    try:
+        assert _chat(server, new_token)[0] == 200
+        assert _chat(server, old_token)[0] == 503
+        status, _ = http(
+            "PATCH",
+            f"{server.base_url}/manage/projects/{old_project}",
+            token=MANAGEMENT,
+            body={"api_key": UPSTREAM_KEY},
+        )
+        assert status == 200
+        assert _chat(server, old_token)[0] == 200  # its key set anew
+    finally:
+        server.stop()
+    log = server.process.stderr
+    undecryptable = [
+        json.loads(line)
+        for line in log.splitlines()
+        if '"server.upstream_keys_undecryptable"' in line
+    ]
+    assert [(line["count"], line["projects"]) for line in undecryptable] == [(1, [old_project])]
+    assert "Traceback" not in log
+    for secret in (first, other, UPSTREAM_KEY):
+        assert secret not in log

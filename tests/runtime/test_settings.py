@@ -172,6 +172,7 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("REVOCATION_MAX_STALENESS", "never"),
         ("REVOCATION_MAX_STALENESS", "0s"),
         ("CHANGE_FEED_PUSH", "maybe"),
+        ("ENCRYPTION_KEY_CHECK", "maybe"),
         ("USAGE_HOURLY_RETENTION_DAYS", "-1"),
         ("USAGE_HOURLY_RETENTION_DAYS", "a month"),
         ("USAGE_HOURLY_RETENTION_DAYS", "36501"),
