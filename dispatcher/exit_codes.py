@@ -15,3 +15,4 @@ class Exit(IntEnum):
     BUS_UNAVAILABLE = 3  # Redis could not be reached
     DEAD_LETTERED = 4  # events went to a dead-letter file
     AUTH = 5  # the backend refused the credentials
+    EVENTS_LOST = 6  # the bus lost events before this service read them

@@ -198,6 +198,8 @@ class Worker:
         a long-running worker stopped by a signal has done its job, dead letters or not."""
         if self._bus_lost:
             return Exit.BUS_UNAVAILABLE
+        if self.settings.burst and self._subscription is not None and self._subscription.lost:
+            return Exit.EVENTS_LOST
         if self.settings.burst and self.summary.dead_lettered:
             return Exit.DEAD_LETTERED
         return Exit.OK

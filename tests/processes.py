@@ -53,6 +53,7 @@ PRODUCT_VARIABLES = (
     "no_proxy",
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
+    "EVENTS_STREAM_MAX_LENGTH",
 )
 START_TIMEOUT = 15.0
 

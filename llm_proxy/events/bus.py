@@ -29,6 +29,10 @@ class Delivery:
 
 
 class Subscription(Protocol):
+    # Events the bus lost before this group read them, as far as this consumer found out (Redis:
+    # trimmed by the stream's cap while unread or unacknowledged).
+    lost: int
+
     async def read(self, count: int, wait: float) -> list[Delivery]:
         """Up to ``count`` deliveries, waiting at most ``wait`` seconds for the first one.
 

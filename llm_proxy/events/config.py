@@ -16,7 +16,9 @@ class EventsConfig:
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     data_dir: Path = Path("data")
     stream: str = "llm-proxy:events"
-    maxlen: int = 100_000  # Redis stream length bound (MAXLEN ~): entries carry bodies, so not more
+    # The Redis stream's cap (EVENTS_STREAM_MAX_LENGTH): entries carry bodies, so not more; what
+    # every group acknowledged goes long before.
+    maxlen: int = 100_000
     memory_maxlen: int = 10_000  # per consumer group, memory bus
     queue_size: int = 10_000  # exchanges waiting to become events; the oldest is dropped beyond
     # ... and the captured body bytes they may hold together (a request and an answer of up to

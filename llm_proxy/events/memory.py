@@ -30,6 +30,7 @@ class _Group:
 class MemorySubscription:
     def __init__(self, group: _Group) -> None:
         self._group = group
+        self.lost = 0  # a full group drops its oldest at publication, counted there
 
     async def read(self, count: int, wait: float) -> list[Delivery]:
         events = self._group.events

@@ -33,11 +33,20 @@ DROP_REASONS = (
     "spool_malformed",
     "bus_entry_unusable",
     "trimmed_before_delivery",
+    "trimmed_unacknowledged",
     "events_process_died",
     "events_process_backlog",
 )
 for _reason in DROP_REASONS:
     DROPPED.labels(_reason)
+TRIMMED = Counter(
+    "llm_proxy_events_trimmed",
+    "Entries trimmed from the Redis stream that no one missed: every consumer group had "
+    "acknowledged them, or no group existed (beyond the stream's length cap).",
+    ["reason"],
+)
+for _reason in ("acknowledged", "no_group"):
+    TRIMMED.labels(_reason)
 REQUEST_BODIES_SHED = Counter(
     "llm_proxy_events_request_bodies_shed",
     "Request bodies left out of their events because the events process was behind (the event "

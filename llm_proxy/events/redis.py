@@ -1,5 +1,5 @@
-"""Redis Streams bus: pipelined ``XADD`` with ``MAXLEN ~``, a spool file for outages, consumer
-groups.
+"""Redis Streams bus: pipelined ``XADD``, a spool file for outages, consumer groups, trimming of
+what every group has acknowledged.
 
 Publishing is called by the pipeline's background task, never by the request path. When Redis cannot
 be reached the batch goes to the spool file instead, and from then on every event goes there too
@@ -10,6 +10,14 @@ Each dispatcher service reads through its own consumer group, so every service s
 Entries are acknowledged by the dispatcher only after its backend accepted them; entries left
 pending by a consumer that died are taken over with ``XAUTOCLAIM`` once idle for ``claim_idle``
 seconds.
+
+A publishing bus trims the stream every ``trim_interval`` seconds, in its own task (so it runs while
+``XADD`` is refused, a Redis at ``maxmemory``): first what every existing group has acknowledged;
+then, only if the stream still holds more than ``maxlen`` entries, the oldest beyond that, read or
+not. Those are counted (``llm_proxy_events_dropped_total{reason="trimmed_unacknowledged"}``) and, per
+group, the unread ones are written down in a hash that the group's next reader takes, counts and
+logs. Groups pin the stream; a stream no group reads is kept to ``maxlen`` entries for the first
+dispatcher that comes.
 """
 
 from __future__ import annotations
@@ -41,6 +49,72 @@ _FIELD = b"e"
 _REPLAY_BATCH = 500
 _REPLAY_BACKOFF_MAX = 2.0
 
+# One atomic pass, so no reader moves between the computation and the trim. KEYS: the stream, the
+# hash of unread entries trimmed per group; ARGV: the cap. Returns the entries trimmed as every
+# group had acknowledged them, those trimmed by the cap, how many groups there are, then each group
+# that lost unread entries and how many.
+_TRIM = """
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function before(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local function fields(list)
+  local out = {}
+  for i = 1, #list, 2 do out[list[i]] = list[i + 1] end
+  return out
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, 0} end
+local groups = {}
+local floor = nil
+for _, reply in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local group = fields(reply)
+  -- Everything up to the last id delivered to the group, unless still pending there.
+  local ms, seq = parse(group['last-delivered-id'])
+  local keep = string.format('%.0f-%.0f', ms, seq + 1)
+  if group['pending'] > 0 then
+    local lowest = redis.call('XPENDING', KEYS[1], group['name'])[2]
+    if before(lowest, keep) then keep = lowest end
+  end
+  if floor == nil or before(keep, floor) then floor = keep end
+  groups[#groups + 1] = group
+end
+local acknowledged = 0
+if floor ~= nil then acknowledged = redis.call('XTRIM', KEYS[1], 'MINID', floor) end
+local cap = tonumber(ARGV[1])
+if redis.call('XLEN', KEYS[1]) <= cap then return {acknowledged, 0, #groups} end
+local stream = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
+local gone_before = stream['entries-added'] - stream['length']
+local dropped = redis.call('XTRIM', KEYS[1], 'MAXLEN', cap)
+local reply = {acknowledged, dropped, #groups}
+local gone = gone_before + dropped
+local first = fields(redis.call('XINFO', 'STREAM', KEYS[1]))['recorded-first-entry-id']
+for _, group in ipairs(groups) do
+  -- Entries are numbered from the stream's first; a group has read those up to 'entries-read'.
+  local unread = 0
+  local read = group['entries-read']
+  if read then
+    unread = gone - math.max(read, gone_before)
+  elseif before(group['last-delivered-id'], first) then
+    unread = dropped  -- its count is unknown to Redis: say all, rather than none
+  end
+  if unread > 0 then
+    reply[#reply + 1] = group['name']
+    reply[#reply + 1] = unread
+    redis.call('HINCRBY', KEYS[2], group['name'], unread)
+    -- Count the trimmed entries as read, or Redis would number the group's next entry (and its
+    -- lag) as if they had never been there, and the next cap would count them again.
+    redis.call('XGROUP', 'SETID', KEYS[1], group['name'], group['last-delivered-id'],
+      'ENTRIESREAD', gone)
+  end
+end
+return reply
+"""
+
 
 def client_from_url(url: str, *, timeout: float | None) -> Redis:
     """A client that fails fast: no hidden retries, so an outage is seen (and spooled) at once."""
@@ -71,12 +145,17 @@ class RedisBus:
         spool_path: Path | None = None,
         publish_timeout: float = 2.0,
         claim_idle: float = 60.0,
+        trim_interval: float = 1.0,
     ) -> None:
         self.url = url
         self.stream = stream
-        self.maxlen = maxlen
+        self.maxlen = maxlen  # beyond it, entries are trimmed read or not (and counted)
         self.claim_idle = claim_idle
+        self.trim_interval = trim_interval
+        self.trimmed_unread_key = f"{stream}:trimmed-unread"
         self.client = client_from_url(url, timeout=publish_timeout)
+        self._trim_script = self.client.register_script(_TRIM)
+        self._trimmer: asyncio.Task[None] | None = None
         self._spool = Spool(spool_path) if spool_path is not None else None
         self._spool_lock = asyncio.Lock()
         self._replayer: asyncio.Task[None] | None = None
@@ -84,12 +163,51 @@ class RedisBus:
 
     @classmethod
     async def open(cls, url: str, **options: Any) -> RedisBus:
-        """Create the bus (Redis need not be up yet); resume replaying a spool left by a restart."""
+        """Create the publishing bus (Redis need not be up yet): resume replaying a spool left by a
+        restart, and trim the stream from now on."""
         bus = cls(url, **options)
         if bus._spool is not None and bus._spool.pending:
             log.info("events.spool_replay_resumed", pending_bytes=bus._spool.pending_bytes)
             bus._start_replay()
+        bus._trimmer = asyncio.get_running_loop().create_task(bus._trim_periodically())
         return bus
+
+    async def trim(self) -> None:
+        """Trim what every group has acknowledged, then anything beyond ``maxlen``, counted."""
+        reply: Any = await self._trim_script(
+            keys=[self.stream, self.trimmed_unread_key], args=[self.maxlen]
+        )
+        acknowledged, dropped, groups = (int(n) for n in reply[:3])
+        metrics.TRIMMED.labels("acknowledged").inc(acknowledged)
+        if not dropped:
+            return
+        if groups:
+            metrics.DROPPED.labels("trimmed_unacknowledged").inc(dropped)
+            behind = dict(zip(reply[3::2], reply[4::2], strict=True))
+            log.error(
+                "events.redis_unacknowledged_trimmed",
+                count=dropped,
+                maxlen=self.maxlen,
+                unread={name.decode(): int(n) for name, n in behind.items()},
+                action="start the dispatcher services named, or delete the consumer group of "
+                "one no longer used (XGROUP DESTROY)",
+            )
+        else:
+            metrics.TRIMMED.labels("no_group").inc(dropped)
+
+    async def _trim_periodically(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self.trim_interval)
+            try:
+                await self.trim()
+                failures = 0
+            except (RedisError, OSError) as exc:  # an outage: publishing says so already
+                failures += 1
+                if failures == 1:
+                    log.warning("events.redis_trim_failed", error=str(exc))
+            except Exception:  # a task boundary: a stream never trimmed again would fill Redis
+                log.exception("events.redis_trim_failed")
 
     @property
     def spooling(self) -> bool:
@@ -98,9 +216,7 @@ class RedisBus:
     async def _xadd(self, events: Sequence[Event]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for event in events:
-            pipe.xadd(
-                self.stream, {_FIELD: wire.dumps(event)}, maxlen=self.maxlen, approximate=True
-            )
+            pipe.xadd(self.stream, {_FIELD: wire.dumps(event)})
         await pipe.execute()
         metrics.PUBLISHED.labels("redis").inc(len(events))
 
@@ -171,9 +287,10 @@ class RedisBus:
 
     async def close(self) -> None:
         """Stop replaying (the spool stays on disk for the next start) and close connections."""
-        if self._replayer is not None:
-            self._replayer.cancel()
-            await asyncio.gather(self._replayer, return_exceptions=True)
+        for task in (self._replayer, self._trimmer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for subscription in list(self._subscriptions):
             await subscription.close()
         await self.client.aclose()
@@ -194,6 +311,7 @@ class RedisSubscription:
         self._group_ready = False
         self._claim_cursor: Any = "0-0"
         self._next_claim = 0.0
+        self.lost = 0
 
     async def _ensure_group(self) -> None:
         try:
@@ -204,6 +322,8 @@ class RedisSubscription:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        else:  # a new group, which lost nothing: not what an old one of its name did
+            await self._client.hdel(self._bus.trimmed_unread_key, self.group)
         self._group_ready = True
 
     def _deliveries(
@@ -237,6 +357,7 @@ class RedisSubscription:
     async def _read(self, count: int, wait: float) -> list[Delivery]:
         if not self._group_ready:
             await self._ensure_group()
+        await self._take_trimmed_unread()
         if time.monotonic() >= self._next_claim:
             deliveries = await self._claim(count)
             if deliveries:
@@ -276,8 +397,28 @@ class RedisSubscription:
             log.info("events.redis_pending_reclaimed", group=self.group, count=len(deliveries))
         return deliveries
 
+    async def _take_trimmed_unread(self) -> None:
+        """Count the entries that the stream's cap trimmed before this group read them, as the
+        trimming bus wrote down: XREADGROUP skips them without a word."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hget(self._bus.trimmed_unread_key, self.group)
+        pipe.hdel(self._bus.trimmed_unread_key, self.group)
+        taken, _ = await pipe.execute()
+        if taken:
+            count = int(taken)
+            self.lost += count
+            metrics.DROPPED.labels("trimmed_before_delivery").inc(count)
+            log.error(
+                "events.redis_unread_entries_trimmed",
+                group=self.group,
+                count=count,
+                action="the stream's length cap trimmed them while this service was behind",
+            )
+
     async def _drop(self, ids: list[str], reason: str) -> None:
         if ids:
+            if reason == "trimmed_before_delivery":
+                self.lost += len(ids)
             metrics.DROPPED.labels(reason).inc(len(ids))
             log.error(
                 "events.redis_entries_dropped", group=self.group, count=len(ids), reason=reason

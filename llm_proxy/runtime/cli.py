@@ -102,6 +102,7 @@ def build_settings(
     encryption_key_check: str = "on",
     prices_path: str | None = None,
     usage_hourly_retention_days: int | str = 90,
+    events_stream_max_length: int | str = 100_000,
     ssl_cert_file: str | None = None,
     ssl_cert_dir: str | None = None,
 ) -> Settings:
@@ -151,6 +152,9 @@ def build_settings(
         == "on",
         prices_path=Path(prices_path) if prices_path else None,
         usage_hourly_retention_days=parse_retention_days(usage_hourly_retention_days),
+        events_stream_max_length=parse_positive_int(
+            "EVENTS_STREAM_MAX_LENGTH", events_stream_max_length
+        ),
     )
 
 
@@ -372,6 +376,15 @@ def build_settings(
     default="90",
     show_envvar=True,
     help="Days of hourly usage aggregates kept (the admin charts show 30); 0 keeps them all.",
+)
+@click.option(
+    "--events-stream-max-length",
+    envvar="EVENTS_STREAM_MAX_LENGTH",
+    default="100000",
+    show_envvar=True,
+    help="With LLM_PROXY_EVENT_BUS=redis: entries the stream may hold. Entries every dispatcher"
+    " service has acknowledged are trimmed at once; beyond this cap, the oldest go even unread"
+    " (counted in llm_proxy_events_dropped_total).",
 )
 def server(**options: str | int | None) -> None:
     """Run the proxy, the management API and the admin pages.

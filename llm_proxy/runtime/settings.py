@@ -49,6 +49,9 @@ class Settings:
     prices_path: Path | None = None
     event_bus: EventBusKind = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # EVENTS_STREAM_MAX_LENGTH: the Redis stream's hard cap, beyond which entries are trimmed even
+    # if a consumer group has not delivered them (counted as dropped).
+    events_stream_max_length: int = 100_000
     log_level: str = "info"
     log_format: LogFormat = "json"
     data_dir: Path = Path("data")

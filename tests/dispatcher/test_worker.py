@@ -270,6 +270,27 @@ async def test_heartbeat_is_visible_to_check_while_running(
     await down.close()
 
 
+@pytest.mark.redis
+async def test_a_burst_run_that_finds_events_trimmed_unread_does_not_succeed(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    publisher = await RedisBus.open(redis_server.url, stream="t:events", maxlen=10)
+    bus = RedisBus(redis_server.url, stream="t:events")
+    try:
+        first = Worker(bus, RecordingBackend(), settings(tmp_path))
+        await first.async_run()  # the group exists; then its service is down for a while
+        await publisher.publish(events(30))
+        await publisher.trim()
+        backend = RecordingBackend()
+        worker = Worker(bus, backend, settings(tmp_path))
+        summary = await worker.async_run()
+        assert summary.delivered == 10
+        assert worker.outcome() == Exit.EVENTS_LOST
+    finally:
+        await publisher.close()
+        await bus.close()
+
+
 async def test_file_event_log_runs_in_process_and_drains_on_close(tmp_path: Path) -> None:
     pipeline = await start_event_pipeline(EventsConfig(bus="memory", data_dir=tmp_path))
     log_path = tmp_path / "events.jsonl"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from llm_proxy.events import EventsConfig, start_event_pipeline
 from llm_proxy.events.builder import build
@@ -69,13 +70,121 @@ async def test_a_new_group_reads_from_the_start_of_the_stream(redis_server: Redi
         await bus.close()
 
 
-async def test_stream_length_is_bounded(redis_server: RedisServer) -> None:
+async def test_a_stream_no_group_reads_is_kept_to_its_length_cap(
+    redis_server: RedisServer,
+) -> None:
+    """No dispatcher service has started yet: nothing pins the stream, and nobody missed an event."""
+    trimmed = metric("llm_proxy_events_trimmed_total", reason="no_group")
+    dropped = metric("llm_proxy_events_dropped_total", reason="trimmed_unacknowledged")
     bus = await RedisBus.open(redis_server.url, stream="t:events", maxlen=100)
     try:
         batch = events(1)
         for _ in range(20):
             await bus.publish(batch * 50)
-        assert 100 <= await bus.client.xlen("t:events") < 300  # MAXLEN ~ trims by whole nodes
+        await bus.trim()
+        assert await bus.client.xlen("t:events") == 100
+        assert metric("llm_proxy_events_trimmed_total", reason="no_group") == trimmed + 900
+        assert metric("llm_proxy_events_dropped_total", reason="trimmed_unacknowledged") == dropped
+    finally:
+        await bus.close()
+
+
+async def test_trimming_removes_only_what_every_group_has_acknowledged(
+    redis_server: RedisServer,
+) -> None:
+    trimmed = metric("llm_proxy_events_trimmed_total", reason="acknowledged")
+    bus = await RedisBus.open(redis_server.url, stream="t:events", maxlen=1000)
+    try:
+        file_group, helicone = bus.subscribe("file", "a"), bus.subscribe("helicone", "a")
+        await file_group.read(10, 0.01)
+        await helicone.read(10, 0.01)
+        sent = events(10)
+        await bus.publish(sent)
+        await file_group.ack([d.id for d in await file_group.read(100, 1.0)])
+        four = await helicone.read(4, 1.0)
+        await helicone.ack([d.id for d in four[:2]])  # the other two still pending
+
+        await bus.trim()
+        assert await bus.client.xlen("t:events") == 8
+        await helicone.ack([d.id for d in four[2:]])
+        await bus.trim()
+        assert await bus.client.xlen("t:events") == 6  # helicone has not read the rest
+        rest = await helicone.read(100, 1.0)
+        assert [d.event for d in rest] == sent[4:]
+        await helicone.ack([d.id for d in rest])
+        await bus.trim()
+        assert await bus.client.xlen("t:events") == 0
+        assert metric("llm_proxy_events_trimmed_total", reason="acknowledged") == trimmed + 10
+        assert helicone.lost == file_group.lost == 0
+    finally:
+        await bus.close()
+
+
+async def test_the_bus_trims_what_was_acknowledged_on_its_own(redis_server: RedisServer) -> None:
+    bus = await RedisBus.open(redis_server.url, stream="t:events")  # once a second
+    try:
+        reader = bus.subscribe("file", "a")
+        await reader.read(10, 0.01)
+        await bus.publish(events(3))
+        await reader.ack([d.id for d in await reader.read(10, 1.0)])
+        deadline = time.monotonic() + 5
+        while await bus.client.xlen("t:events"):
+            assert time.monotonic() < deadline, "acknowledged entries were never trimmed"
+            await asyncio.sleep(0.02)
+    finally:
+        await bus.close()
+
+
+async def test_entries_the_cap_trims_before_a_group_read_them_are_counted_and_told_to_it(
+    redis_server: RedisServer,
+) -> None:
+    """A dispatcher service down while the stream outgrew its cap: the events it never read are
+    counted where they were trimmed, and its next reader learns how many, once."""
+    unacknowledged = metric("llm_proxy_events_dropped_total", reason="trimmed_unacknowledged")
+    undelivered = metric("llm_proxy_events_dropped_total", reason="trimmed_before_delivery")
+    bus = await RedisBus.open(redis_server.url, stream="t:events", maxlen=20)
+    try:
+        helicone = bus.subscribe("helicone", "a")
+        await helicone.read(10, 0.01)
+        sent = events(50)
+        await bus.publish(sent)
+        with capture_logs() as logs:
+            await bus.trim()
+        (line,) = [e for e in logs if e["event"] == "events.redis_unacknowledged_trimmed"]
+        assert (line["log_level"], line["count"], line["unread"]) == ("error", 30, {"helicone": 30})
+        assert metric("llm_proxy_events_dropped_total", reason="trimmed_unacknowledged") == (
+            unacknowledged + 30
+        )
+
+        with capture_logs() as logs:
+            got = await helicone.read(100, 1.0)
+        (line,) = [e for e in logs if e["event"] == "events.redis_unread_entries_trimmed"]
+        assert (line["log_level"], line["group"], line["count"]) == ("error", "helicone", 30)
+        assert [d.event for d in got] == sent[30:]
+        assert helicone.lost == 30
+        assert metric("llm_proxy_events_dropped_total", reason="trimmed_before_delivery") == (
+            undelivered + 30
+        )
+        await helicone.ack([d.id for d in got])
+
+        more = events(25)
+        await bus.publish(more)  # beyond the cap again, but read before it is applied
+        late = await helicone.read(100, 1.0)
+        await helicone.ack([d.id for d in late])
+        await bus.trim()
+        assert await helicone.read(100, 0.01) == []
+        assert helicone.lost == 30  # not counted twice
+        (group,) = await bus.client.xinfo_groups("t:events")
+        assert group["lag"] == 0 and group["entries-read"] == 75
+
+        await bus.publish(events(25))  # now unread: 5 of them go
+        await bus.trim()
+        assert len(await helicone.read(100, 1.0)) == 20
+        assert helicone.lost == 35
+
+        again = bus.subscribe("helicone", "b")
+        await again.read(100, 0.01)
+        assert again.lost == 0  # told once, to one reader of the group
     finally:
         await bus.close()
 

@@ -14,6 +14,7 @@ import pytest
 
 from llm_proxy.pricing import PriceFile
 from llm_proxy.runtime import secrets_store
+from llm_proxy.runtime.app import events_config
 from llm_proxy.runtime.cli import build_settings
 from llm_proxy.runtime.cli import server as server_command
 from llm_proxy.runtime.server import with_generated_secrets
@@ -188,6 +189,15 @@ def test_a_bad_value_names_its_variable_on_one_line(
     message = str(caught.value)
     assert message.startswith(f"{variable}: ")
     assert "\n" not in message
+
+
+def test_the_event_stream_cap_is_100000_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_environment(monkeypatch, {}).events_stream_max_length == 100_000
+    told = settings_from_environment(monkeypatch, {"EVENTS_STREAM_MAX_LENGTH": "5000000"})
+    assert told.events_stream_max_length == 5_000_000
+    assert events_config(told).maxlen == 5_000_000
+    with pytest.raises(SettingsError, match=r"^EVENTS_STREAM_MAX_LENGTH: "):
+        settings_from_environment(monkeypatch, {"EVENTS_STREAM_MAX_LENGTH": "0"})
 
 
 def test_hourly_usage_is_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
