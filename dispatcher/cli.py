@@ -83,8 +83,10 @@ Exit codes:
      stops, dead-letters nothing, and leaves the events it did not deliver on
      the bus for the next start
   6  --burst: the bus lost events before this service read them (the stream's
-     length cap trimmed them while the service was behind); logged as
-     events.redis_unread_entries_trimmed / events.redis_entries_dropped
+     length cap trimmed them while the service was behind, or Redis lost the
+     consumer group: restarted without persistence); logged as
+     events.redis_unread_entries_trimmed, events.redis_entries_dropped or
+     events.redis_group_lost
 When several apply, 5 wins over 3, 3 over 6, and 6 over 4."""
 
 

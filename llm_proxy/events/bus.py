@@ -30,7 +30,8 @@ class Delivery:
 
 class Subscription(Protocol):
     # Events the bus lost before this group read them, as far as this consumer found out (Redis:
-    # trimmed by the stream's cap while unread or unacknowledged).
+    # trimmed by the stream's cap while unread or unacknowledged; a group Redis lost counts one,
+    # as how many it held is unknown).
     lost: int
 
     async def read(self, count: int, wait: float) -> list[Delivery]:

@@ -47,6 +47,11 @@ TRIMMED = Counter(
 )
 for _reason in ("acknowledged", "no_group"):
     TRIMMED.labels(_reason)
+GROUPS_LOST = Counter(
+    "llm_proxy_events_redis_groups_lost",
+    "Times a dispatcher found its consumer group gone from Redis (restarted without persistence, "
+    "or the group deleted): the events it had not delivered are lost, how many is unknown.",
+)
 REQUEST_BODIES_SHED = Counter(
     "llm_proxy_events_request_bodies_shed",
     "Request bodies left out of their events because the events process was behind (the event "

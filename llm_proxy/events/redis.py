@@ -345,8 +345,18 @@ class RedisSubscription:
                 return await self._read(count, wait)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
-                # The stream or group vanished (Redis restarted without persistence): recreate,
-                # from the start of the new stream, which holds nothing this group has had.
+                # The stream or group vanished (Redis restarted without persistence, or someone
+                # deleted it): what it had not delivered is gone, how much no one can tell. Say so,
+                # then recreate it from the start of the new stream, which holds nothing it had.
+                self.lost += 1
+                metrics.GROUPS_LOST.inc()
+                log.error(
+                    "events.redis_group_lost",
+                    group=self.group,
+                    stream=self._bus.stream,
+                    action="events this group had not delivered are lost; run Redis with "
+                    "persistence (appendonly yes) for the event bus",
+                )
                 self._group_ready = False
                 self._start_id = "0"
                 return []

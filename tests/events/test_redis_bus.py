@@ -312,6 +312,37 @@ async def test_acknowledging_after_redis_lost_the_group_is_not_an_error(
         await bus.close()
 
 
+async def test_a_group_lost_with_redis_s_data_is_logged_and_counted(
+    redis_server: RedisServer,
+) -> None:
+    """Redis restarted without persistence: what the group had not delivered is gone, and the
+    dispatcher cannot tell how much, but it says that it happened."""
+    before = metric("llm_proxy_events_redis_groups_lost_total")
+    bus = await RedisBus.open(redis_server.url, stream="t:events")
+    try:
+        reader = bus.subscribe("helicone", "a")
+        await reader.read(10, 0.01)
+        await bus.publish(events(3))  # never read
+        redis_server.stop()
+        redis_server.start()
+        with capture_logs() as logs:
+            with pytest.raises(BusUnavailable):  # the connection the old Redis closed
+                await reader.read(10, 0.01)
+            assert await reader.read(10, 0.01) == []
+        await bus.ping()  # the publisher's connection, likewise
+        (line,) = [e for e in logs if e["event"] == "events.redis_group_lost"]
+        assert (line["log_level"], line["group"]) == ("error", "helicone")
+        assert metric("llm_proxy_events_redis_groups_lost_total") == before + 1
+        assert reader.lost == 1
+
+        after = events(2)
+        await bus.publish(after)
+        assert [d.event for d in await reader.read(10, 1.0)] == after  # the group is back
+        assert metric("llm_proxy_events_redis_groups_lost_total") == before + 1
+    finally:
+        await bus.close()
+
+
 async def test_pipeline_publishes_to_redis(redis_server: RedisServer, tmp_path: Path) -> None:
     config = EventsConfig(
         bus="redis", redis_url=redis_server.url, data_dir=tmp_path, stream="t:events"
