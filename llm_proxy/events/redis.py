@@ -114,6 +114,21 @@ for _, group in ipairs(groups) do
 end
 return reply
 """
+# Takes (reads and deletes) one group's count from that hash. A script, not MULTI: Redis at
+# maxmemory refuses every command queued in a transaction, and the count matters most then.
+_TAKE = """
+local count = redis.call('HGET', KEYS[1], ARGV[1])
+if count then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return count
+"""
+
+
+class _PartlyAdded(RedisError):
+    """Redis refused an entry of a pipelined batch (at maxmemory); ``added`` went in before it."""
+
+    def __init__(self, added: int, refusal: Exception) -> None:
+        super().__init__(str(refusal))
+        self.added = added
 
 
 def client_from_url(url: str, *, timeout: float | None) -> Redis:
@@ -217,8 +232,11 @@ class RedisBus:
         pipe = self.client.pipeline(transaction=False)
         for event in events:
             pipe.xadd(self.stream, {_FIELD: wire.dumps(event)})
-        await pipe.execute()
-        metrics.PUBLISHED.labels("redis").inc(len(events))
+        results = await pipe.execute(raise_on_error=False)
+        added = next((i for i, r in enumerate(results) if isinstance(r, Exception)), len(results))
+        metrics.PUBLISHED.labels("redis").inc(added)
+        if added < len(results):
+            raise _PartlyAdded(added, results[added])
 
     async def publish(self, events: Sequence[Event]) -> None:
         if not events:
@@ -229,6 +247,8 @@ class RedisBus:
         try:
             await self._xadd(events)
         except (RedisError, OSError) as exc:
+            if isinstance(exc, _PartlyAdded):
+                events = events[exc.added :]  # those are in the stream: no duplicates
             if self._spool is None:
                 metrics.DROPPED.labels("redis_unavailable").inc(len(events))
                 log.error("events.redis_unavailable_dropped", count=len(events), error=str(exc))
@@ -262,7 +282,17 @@ class RedisBus:
             try:
                 if events:
                     await self._xadd(events)
-            except (RedisError, OSError):
+            except (RedisError, OSError) as exc:
+                if isinstance(exc, _PartlyAdded) and exc.added:
+                    # Keep what went in: sent again it would be a duplicate, and a batch bigger
+                    # than the room Redis has left would never go in whole.
+                    async with self._spool_lock:
+                        _, done = await asyncio.to_thread(spool.read, exc.added)
+                        await asyncio.to_thread(spool.advance, done)
+                    replayed += exc.added
+                    metrics.REPLAYED.inc(exc.added)
+                    batch = None
+                    delay = 0.05  # room is made as dispatchers catch up: look again soon
                 await asyncio.sleep(delay)  # still down: try the same batch again
                 delay = min(delay * 2, _REPLAY_BACKOFF_MAX)
                 continue
@@ -308,6 +338,7 @@ class RedisSubscription:
         self._start_id = "0" if from_start else "$"
         # No socket timeout: XREADGROUP BLOCK would trip it. ``read`` bounds the wait itself.
         self._client = client_from_url(bus.url, timeout=None)
+        self._take_script = self._client.register_script(_TAKE)
         self._group_ready = False
         self._claim_cursor: Any = "0-0"
         self._next_claim = 0.0
@@ -410,10 +441,7 @@ class RedisSubscription:
     async def _take_trimmed_unread(self) -> None:
         """Count the entries that the stream's cap trimmed before this group read them, as the
         trimming bus wrote down: XREADGROUP skips them without a word."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hget(self._bus.trimmed_unread_key, self.group)
-        pipe.hdel(self._bus.trimmed_unread_key, self.group)
-        taken, _ = await pipe.execute()
+        taken = await self._take_script(keys=[self._bus.trimmed_unread_key], args=[self.group])
         if taken:
             count = int(taken)
             self.lost += count

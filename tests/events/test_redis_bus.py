@@ -343,6 +343,44 @@ async def test_a_group_lost_with_redis_s_data_is_logged_and_counted(
         await bus.close()
 
 
+async def test_a_redis_full_of_acknowledged_events_frees_itself_and_takes_the_spool(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """At maxmemory with noeviction Redis refuses XADD but not XACK or XTRIM: the trimming, which
+    runs apart from publishing, frees what the dispatchers acknowledged and the spool drains."""
+    bus = await RedisBus.open(
+        redis_server.url, stream="t:events", spool_path=tmp_path / "events-spool.jsonl"
+    )
+    try:
+        reader = bus.subscribe("file", "a")
+        await reader.read(10, 0.01)
+        sent = [build(exchange(request={"n": i, "pad": "x" * 4000})) for i in range(600)]
+        await bus.publish(sent[:100])
+        used = (await bus.client.info("memory"))["used_memory"]
+        await bus.client.config_set("maxmemory-policy", "noeviction")
+        await bus.client.config_set("maxmemory", used + 200_000)
+        published = 100
+        while not bus.spooling:
+            assert published < len(sent), "Redis never refused a write"
+            await bus.publish(sent[published : published + 10])
+            published += 10
+        await bus.publish(sent[published:])
+
+        delivered: set[str] = set()
+        deadline = time.monotonic() + 30
+        while bus.spooling or len(delivered) < len(sent):
+            assert time.monotonic() < deadline, (
+                f"stuck: {len(delivered)} of {len(sent)} delivered, spooling={bus.spooling}"
+            )
+            got = await reader.read(200, 0.1)
+            delivered.update(d.event["id"] for d in got)
+            await reader.ack([d.id for d in got])
+        assert delivered == {e["id"] for e in sent}
+        assert (await bus.client.config_get("maxmemory"))["maxmemory"] == str(used + 200_000)
+    finally:
+        await bus.close()
+
+
 async def test_pipeline_publishes_to_redis(redis_server: RedisServer, tmp_path: Path) -> None:
     config = EventsConfig(
         bus="redis", redis_url=redis_server.url, data_dir=tmp_path, stream="t:events"
