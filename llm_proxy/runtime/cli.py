@@ -34,6 +34,7 @@ from llm_proxy.runtime.settings import (
     parse_size,
     parse_whole_number,
 )
+from llm_proxy.store.opening import default_database_url
 from llm_proxy.tools.benchmark.command import benchmark_command
 from llm_proxy.tools.mock_upstream import mock_upstream_command
 
@@ -117,7 +118,7 @@ def build_settings(
         management_token=management_token or "",
         admin_user=admin_user,
         admin_password=admin_password or "",
-        database_url=check_database_url(database_url or f"sqlite:///{data_path}/llm-proxy.db"),
+        database_url=check_database_url(database_url or default_database_url(data_path)),
         encryption_key=parse_encryption_key(encryption_key) if encryption_key else b"",
         api_config_path=Path(api_config_path),
         event_bus=check_choice("LLM_PROXY_EVENT_BUS", event_bus, ("memory", "redis", "none")),  # type: ignore[arg-type]
@@ -438,9 +439,9 @@ def migrate(database_url: str | None, data_dir: str) -> None:
     from llm_proxy.runtime.server import migrate_database
 
     try:
-        url = check_database_url(database_url or f"sqlite:///{Path(data_dir)}/llm-proxy.db")
+        url = check_database_url(database_url or default_database_url(Path(data_dir)))
         with owner_only_files():
-            applied, label = migrate_database(url)
+            applied, label = migrate_database(url, Path(data_dir))
     except SettingsError as exc:
         click.echo(f"llm-proxy: {exc}", err=True)
         sys.exit(1)

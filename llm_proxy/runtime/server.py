@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
 import structlog
@@ -39,7 +40,7 @@ from llm_proxy.runtime.settings import (
 )
 from llm_proxy.runtime.supervisor import START_FAILED, Supervisor
 from llm_proxy.runtime.worker_metrics import WorkerPeers, prepare_sockets
-from llm_proxy.store.opening import open_store
+from llm_proxy.store.opening import default_database_url, open_store, sqlite_path
 from llm_proxy.store.unavailable import DATABASE_ERRORS, without_credentials
 
 log = structlog.get_logger(__name__)
@@ -125,7 +126,7 @@ async def _serve(
     try:
         app = await create_app(settings)
     except DATABASE_ERRORS as exc:
-        raise _cannot_open(exc, settings.database_url) from None
+        raise database_error(settings.database_url, settings.data_dir, "cannot open", exc) from None
     except EventProcessError as exc:
         raise SettingsError(f"events: {exc}") from None
     except PricesError as exc:
@@ -205,44 +206,50 @@ def serve(
         runner.run(_serve(settings, peers, lifeline))
 
 
-def _cannot_open(exc: BaseException, url: str) -> SettingsError:
-    """One line, without the URL's password (which a driver's message may quote)."""
+def database_error(url: str, data_dir: Path, failed: str, exc: BaseException) -> SettingsError:
+    """The one line a database that cannot be opened or migrated stops start-up with, without the
+    URL's password (which a driver's message may quote). It names DATABASE_URL when the operator
+    set it; the default database is DATA_DIR's, named by its file."""
     detail = " ".join(without_credentials(str(exc) or type(exc).__name__, url).split())
-    return SettingsError(f"DATABASE_URL: cannot open the database: {detail}")
+    if url == default_database_url(data_dir):
+        return SettingsError(
+            f"DATA_DIR: {failed} the database {sqlite_path(url).absolute()}: {detail}"
+        )
+    return SettingsError(f"DATABASE_URL: {failed} the database: {detail}")
 
 
 async def _prepare_database(settings: Settings) -> None:
     try:
         store = await open_settings_store(settings)
     except DATABASE_ERRORS as exc:
-        raise _cannot_open(exc, settings.database_url) from None
+        raise database_error(settings.database_url, settings.data_dir, "cannot open", exc) from None
     try:
         # Here too, so a wrong key stops start-up in one line before any worker starts.
         if settings.encryption_key_check:
             await check_encryption_key(store, KeyCipher(settings.encryption_key))
     except DATABASE_ERRORS as exc:
-        raise _cannot_open(exc, settings.database_url) from None
+        raise database_error(settings.database_url, settings.data_dir, "cannot open", exc) from None
     finally:
         await store.close()
 
 
-async def _migrate(url: str) -> list[int]:
+async def _migrate(url: str, data_dir: Path) -> list[int]:
     try:
         store = await open_store(url, migrate=False)
     except DATABASE_ERRORS as exc:
-        raise _cannot_open(exc, url) from None
+        raise database_error(url, data_dir, "cannot open", exc) from None
     try:
         return await store.migrate()
     except DATABASE_ERRORS as exc:
-        detail = " ".join(without_credentials(str(exc), url).split())
-        raise SettingsError(f"DATABASE_URL: migrating failed: {detail}") from None
+        raise database_error(url, data_dir, "cannot migrate", exc) from None
     finally:
         await store.close()
 
 
-def migrate_database(url: str) -> tuple[list[int], str]:
-    """Apply the migrations ``url`` lacks; the versions applied and the database's name for logs."""
-    return asyncio.run(_migrate(url)), database_label(url)
+def migrate_database(url: str, data_dir: Path) -> tuple[list[int], str]:
+    """Apply the migrations ``url`` lacks; the versions applied and the database's name for logs.
+    ``data_dir`` is the DATA_DIR the default database lives under, for the error's wording."""
+    return asyncio.run(_migrate(url, data_dir)), database_label(url)
 
 
 def _worker(settings: Settings, index: int, restarts: int, lifeline: Lifeline) -> None:

@@ -19,6 +19,11 @@ def sqlite_path(url: str) -> Path:
     return Path(rest)
 
 
+def default_database_url(data_dir: Path) -> str:
+    """The database used when ``DATABASE_URL`` is not set: SQLite under ``DATA_DIR``."""
+    return f"sqlite:///{data_dir}/llm-proxy.db"
+
+
 def is_postgres(url: str) -> bool:
     return url.startswith("postgresql://")
 

@@ -176,7 +176,16 @@ class SqliteStore:
     async def open(cls, path: Path, *, migrate: bool = True) -> SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are opened explicitly by the write decorator.
-        db = await aiosqlite.connect(path, isolation_level=None)
+        db = aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db
+        except BaseException:
+            # A connection that failed to open stops its worker thread without waiting for it,
+            # and the thread then posts to this loop, which a failed start is about to close
+            # ("Event loop is closed", a traceback after the one-line error). Waiting for it
+            # here keeps the loop open until the thread has finished.
+            await asyncio.to_thread(db._thread.join)
+            raise
         try:
             db.row_factory = aiosqlite.Row
             await db.execute("PRAGMA busy_timeout=5000")

@@ -221,6 +221,36 @@ def test_port_already_in_use_stops_start_up_with_one_line(
     assert lines[0].startswith("llm-proxy: LISTEN_ADDR: ")
 
 
+def test_a_database_that_cannot_be_opened_stops_start_up_with_one_line_naming_it(
+    tmp_path: Path, api_config: Path
+) -> None:
+    # A directory where the database file should be: SQLite cannot open it.
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data_dir / "llm-proxy.db").mkdir(parents=True)
+    elsewhere.mkdir()
+    env = clean_env(
+        DATA_DIR=str(data_dir),
+        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+        API_CONFIG_PATH=str(api_config),
+        LOG_LEVEL="warning",
+        LOG_FORMAT="json",
+    )
+    cannot_open = "cannot open the database"
+    default = f"llm-proxy: DATA_DIR: {cannot_open} {data_dir / 'llm-proxy.db'}: "
+    given = f"llm-proxy: DATABASE_URL: {cannot_open}: "
+    why = "a server whose database cannot be opened must exit"
+    runs = [
+        (default, run_start_that_fails(env, why)),
+        (default, run(cli_command("migrate"), env)),
+        (given, run_start_that_fails({**env, "DATABASE_URL": f"sqlite:///{elsewhere}"}, why)),
+        (given, run(cli_command("migrate", "--database-url", f"sqlite:///{elsewhere}"), env)),
+    ]
+    for expected, result in runs:
+        # One line: aiosqlite's thread, left to post to a closed event loop, added a traceback.
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines() == [f"{expected}unable to open database file"]
+
+
 def test_json_logs_never_contain_tokens_or_keys(tmp_path: Path, api_config: Path) -> None:
     proxy = start_server(
         tmp_path / "data", api_config, tmp_path / "logs", LOG_LEVEL="debug", LOG_FORMAT="json"
