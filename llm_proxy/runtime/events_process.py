@@ -67,11 +67,19 @@ class _Status:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self.server_gone = False
 
     def send(self, message: dict[str, Any]) -> None:
+        if self.server_gone:
+            return
         data = orjson.dumps(message) + b"\n"
-        while data:
-            data = data[os.write(self._fd, data) :]
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except BrokenPipeError:
+            # The server is gone (killed, or a worker stopped while it started): there is nobody
+            # to tell. Our input ends with it, and that ends this process in the usual way.
+            self.server_gone = True
 
 
 class _SettledReports:
@@ -155,8 +163,7 @@ async def _run(status: _Status) -> int:
         status.send({"error": str(exc)})
         return 1
     # From here the store is open: every exit goes through the finally below, or aiosqlite's
-    # thread keeps the process alive (a server that died as this started: the ready line below
-    # then raises BrokenPipeError).
+    # thread keeps the process alive.
     reporter: asyncio.Task[None] | None = None
     try:
         tune_garbage_collector()
@@ -184,7 +191,8 @@ async def _run(status: _Status) -> int:
         await store.close()
         await _report(status, pipeline)
         log.info("events.process_stopped")
-    return 0
+    # Non-zero when the server went away without hearing all this process had to say.
+    return 1 if status.server_gone else 0
 
 
 def _yield_to_requests() -> None:

@@ -468,34 +468,44 @@ async def _start(tmp_path: Path, upstream_server: Any, **overrides: Any) -> Prox
     return Proxy(client, upstream_server.app[UPSTREAM_LOG], app, aiohttp.ClientSession())
 
 
-async def test_an_events_process_whose_server_is_gone_before_it_is_ready_exits(
-    tmp_path: Path,
+@pytest.mark.parametrize("gone", ["before it is ready", "while it runs"])
+async def test_an_events_process_whose_server_is_gone_exits_quietly(
+    tmp_path: Path, gone: str
 ) -> None:
     """A worker killed while its events process starts (a parent stopping a worker that is still
-    starting): the ready line meets a closed pipe, and the process must still close its store
-    and exit, not wait forever on the store's thread."""
+    starting), or a server killed outright: the status line meets a closed pipe, and the process
+    must still close its store and exit, not wait forever on the store's thread, and without a
+    BrokenPipeError traceback in the server's log."""
     launch = _launch(tmp_path)
     await (await open_store(launch.database_url)).close()  # migrated, as the server would
     status_read, status_write = os.pipe()
-    os.close(status_read)  # nobody will read the ready line
+    if gone == "before it is ready":
+        os.close(status_read)  # nobody will read the ready line
+    stderr = (tmp_path / "events.stderr").open("wb")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         EVENTS_PROCESS,
         stdin=asyncio.subprocess.PIPE,
         stdout=status_write,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
     )
     os.close(status_write)
+    stderr.close()
     try:
         assert process.stdin is not None
         process.stdin.write(frame(launch))
         await process.stdin.drain()
-        process.stdin.close()
+        if gone == "while it runs":
+            with os.fdopen(status_read, "rb") as status:
+                ready = await asyncio.to_thread(status.readline)
+            assert b'"ready":true' in ready
+        process.stdin.close()  # the server's end of both pipes is gone
         async with asyncio.timeout(30):
             code = await process.wait()
-        assert code != 0  # it could not say it was ready, and says so by its exit code
+        assert code != 0  # it could not say all it had to, and says so by its exit code
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+    assert "Traceback" not in (tmp_path / "events.stderr").read_text()
