@@ -55,6 +55,7 @@ MAX_CHUNK_FRAMING = 16 * 1024
 # SO_LINGER on, with no time: closing the socket resets the connection instead of ending it.
 _RESET = struct.pack("ii", 1, 0)
 _INT = struct.pack("i", 0)
+_BACKLOG = 1024
 
 
 class _TooManyWaiting(Exception):
@@ -729,6 +730,10 @@ class FrontSite(web.BaseSite):
                 conn.body_stalled("The request body is arriving too slowly.")
 
     async def start(self) -> None:
+        # Listening here, so that a failure raises (another process listening on the port this
+        # socket was bound to): given the socket, uvloop reports it to the loop's exception
+        # handler and serves nothing.
+        self._sock.listen(_BACKLOG)
         await super().start()
         self._sweeper = asyncio.create_task(self._sweep())
         loop = asyncio.get_running_loop()
@@ -744,7 +749,7 @@ class FrontSite(web.BaseSite):
         self._server = await loop.create_server(
             lambda: FrontProtocol(handler, control, connections, limits, on_data),
             sock=self._sock,
-            backlog=1024,
+            backlog=_BACKLOG,
         )
 
     async def stop(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -123,14 +124,15 @@ def _announce(shown: list[str], with_token: bool, out: TextIO) -> None:
 async def _serve(
     settings: Settings, peers: WorkerPeers | None = None, lifeline: int | None = None
 ) -> None:
+    # Bound before the heavier start (the store, the events process), so a port that is taken or
+    # a host that does not resolve stops start-up at once. Only bound: it listens, and so takes
+    # connections, once the site starts.
+    sock = _bound_socket(settings)
     try:
-        app = await create_app(settings)
-    except DATABASE_ERRORS as exc:
-        raise database_error(settings.database_url, settings.data_dir, "cannot open", exc) from None
-    except EventProcessError as exc:
-        raise SettingsError(f"events: {exc}") from None
-    except PricesError as exc:
-        raise SettingsError(f"PRICES_PATH: {exc}") from None
+        app = await _create_app(settings)
+    except BaseException:
+        sock.close()
+        raise
     if peers is not None:
         app[WORKER_PEERS] = peers
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -138,15 +140,6 @@ async def _serve(
     # From here on the store and background tasks are open: every exit must go through cleanup,
     # or aiosqlite's worker thread keeps a failed process alive.
     try:
-        try:
-            sock = listening_socket(
-                settings.listen_host, settings.listen_port, reuse_port=settings.workers > 1
-            )
-        except OSError as exc:
-            address = f"{settings.listen_host}:{settings.listen_port}"
-            raise SettingsError(
-                f"LISTEN_ADDR: cannot listen on {address}: {exc.strerror}"
-            ) from None
         components = app[COMPONENTS]
         poller = components.poller
         limits = FrontLimits(
@@ -163,9 +156,15 @@ async def _serve(
         loop.add_signal_handler(signal.SIGHUP, reload_prices, components)
         if lifeline is not None:
             watch(lifeline, functools.partial(_supervisor_gone, stop))
-        await FrontSite(
+        site = FrontSite(
             runner, sock, components.proxy, limits=limits, on_data=poller.poke if poller else None
-        ).start()
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            # Another process bound the port too and listened first.
+            sock.close()
+            raise _cannot_listen(settings, exc) from None
         if peers is not None:
             # Only once this worker takes requests, so siblings count the workers that serve.
             await peers.serve(functools.partial(own_page, app))
@@ -177,6 +176,31 @@ async def _serve(
         if peers is not None:
             await peers.close()
         await runner.cleanup()
+
+
+def _bound_socket(settings: Settings) -> socket.socket:
+    try:
+        return listening_socket(
+            settings.listen_host, settings.listen_port, reuse_port=settings.workers > 1
+        )
+    except OSError as exc:
+        raise _cannot_listen(settings, exc) from None
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> SettingsError:
+    address = f"{settings.listen_host}:{settings.listen_port}"
+    return SettingsError(f"LISTEN_ADDR: cannot listen on {address}: {exc.strerror}")
+
+
+async def _create_app(settings: Settings) -> web.Application:
+    try:
+        return await create_app(settings)
+    except DATABASE_ERRORS as exc:
+        raise database_error(settings.database_url, settings.data_dir, "cannot open", exc) from None
+    except EventProcessError as exc:
+        raise SettingsError(f"events: {exc}") from None
+    except PricesError as exc:
+        raise SettingsError(f"PRICES_PATH: {exc}") from None
 
 
 def _supervisor_gone(stop: asyncio.Event) -> None:

@@ -7,6 +7,7 @@ import json
 import resource
 import secrets
 import signal
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 
 from tests.events.events_support import RedisServer
 from tests.processes import (
+    START_TIMEOUT,
     MockUpstream,
     ServerProcess,
     clean_env,
@@ -219,6 +221,43 @@ def test_port_already_in_use_stops_start_up_with_one_line(
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("llm-proxy: LISTEN_ADDR: ")
+
+
+def test_a_port_taken_while_the_server_starts_stops_it_with_one_line(
+    tmp_path: Path, api_config: Path
+) -> None:
+    """The port is bound first, but listened on only once the server is ready: another process
+    that bound it too (SO_REUSEADDR) and listens in between takes it. The start must then fail,
+    not go on serving nothing."""
+    with socket.socket() as rival:
+        rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        rival.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{rival.getsockname()[1]}"
+        env = clean_env(
+            DATA_DIR=str(tmp_path / "data"),
+            LISTEN_ADDR=address,
+            API_CONFIG_PATH=str(api_config),
+            LOG_FORMAT="json",
+        )
+        process = spawn(cli_command("server"), env, tmp_path, "server")
+        try:
+            # Logged by the events process before it says it is ready: the server, which has
+            # bound the port by then, is waiting for that.
+            deadline = time.monotonic() + START_TIMEOUT
+            while '"events.pipeline_started"' not in process.stderr:
+                assert time.monotonic() < deadline, process.stderr
+                time.sleep(0.001)
+            process.popen.send_signal(signal.SIGSTOP)
+            rival.listen()
+            process.popen.send_signal(signal.SIGCONT)
+            code = process.popen.wait(timeout=30)
+        finally:
+            process.stop()
+    assert code == 1, process.stderr
+    unlogged = [line for line in process.stderr.splitlines() if not line.startswith("{")]
+    assert unlogged == [
+        f"llm-proxy: LISTEN_ADDR: cannot listen on {address}: Address already in use"
+    ]
 
 
 def test_a_database_that_cannot_be_opened_stops_start_up_with_one_line_naming_it(

@@ -338,6 +338,10 @@ def test_workers_that_cannot_listen_stop_start_up(tmp_path: Path, upstream: Mock
     assert f"llm-proxy: LISTEN_ADDR: cannot listen on {address}" in result.stderr
     assert '"server.worker_start_failed"' in result.stderr
     assert '"server.worker_restarted"' not in result.stderr
+    # The port is tried first: no events process was started to be stopped again (a worker
+    # stopped as its events process started left a BrokenPipeError traceback).
+    assert '"events.process_started"' not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_workers_and_their_events_processes_end_when_the_supervisor_is_killed(
