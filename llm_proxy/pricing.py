@@ -29,6 +29,9 @@ from llm_proxy.models import nanousd
 ENTRY_KEYS = ("input", "cached_input", "output")
 LIMIT_KEYS = ("max_output_tokens",)
 TOKENS_PER_PRICE = 1_000_000  # prices are per million tokens
+# The most a price may be, in USD per million tokens ($1 a token; the dearest model listed costs
+# hundreds): beyond it a figure is a typo, and its nano-dollars would not fit the store's columns.
+MAX_USD_PER_MILLION = 1_000_000
 OTHER = "other"  # the metrics label of a model no entry prices
 _WILDCARDS = re.compile(r"[*?\[]")
 _CACHE_LIMIT = 4096  # model names come from clients: remember a bounded number of them
@@ -236,8 +239,12 @@ def _dollars(value: object, at: str) -> int:
     """USD per million tokens as nano-dollars per million tokens."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PricesError(f"{at}: expected a number of USD per 1M tokens, got {value!r}")
-    if not math.isfinite(value) or value < 0:
+    if (isinstance(value, float) and not math.isfinite(value)) or value < 0:
         raise PricesError(f"{at}: must be a finite number, not negative; got {value!r}")
+    if value > MAX_USD_PER_MILLION:
+        # (A YAML integer is unbounded: hundreds of digits would not make a line.)
+        shown = repr(value) if isinstance(value, float) or value < 10**21 else "a huge number"
+        raise PricesError(f"{at}: at most {MAX_USD_PER_MILLION:,} USD per 1M tokens; got {shown}")
     return nanousd(value)
 
 

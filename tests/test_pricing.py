@@ -162,6 +162,14 @@ def test_an_entry_a_broader_glob_above_it_covers_is_refused() -> None:
         ("gpt-4o*: {input: true}\n", "prices.yaml: gpt-4o*: input: expected a number"),
         ("gpt-4o*: {input: .inf}\n", "prices.yaml: gpt-4o*: input: must be a finite"),
         ("gpt-4o*: {input: 1, output: .nan}\n", "prices.yaml: gpt-4o*: output: must be a finite"),
+        (
+            "gpt-4o*: {input: 1, output: 1000000.01}\n",
+            "prices.yaml: gpt-4o*: output: at most 1,000,000 USD per 1M tokens; got 1000000.01",
+        ),
+        (
+            f"gpt-4o*: {{input: 1{'0' * 400}}}\n",
+            "prices.yaml: gpt-4o*: input: at most 1,000,000 USD per 1M tokens; got a huge number",
+        ),
         ("gpt-4o*: {output: 10}\n", "prices.yaml: gpt-4o*: input: missing"),
         ("gpt-4o*: 2.50\n", "prices.yaml: gpt-4o*: expected {input, cached_input, output}"),
         ("1: {input: 1}\n", "prices.yaml: 1: a model glob must be a non-empty string"),
@@ -178,6 +186,11 @@ def test_a_bad_file_is_refused_with_one_line_naming_the_file_and_entry(
         parse_prices(text, "prices.yaml")
     assert str(refused.value).startswith(message)
     assert "\n" not in str(refused.value)
+
+
+def test_a_price_may_be_up_to_a_million_dollars_per_million_tokens() -> None:
+    (entry,) = parse_prices("m: {input: 1000000, output: 1000000.0}")
+    assert entry.input == entry.output == 1_000_000 * 10**9  # nano-dollars per million tokens
 
 
 def test_reading_the_file_refuses_a_missing_one_unless_optional(tmp_path: Path) -> None:

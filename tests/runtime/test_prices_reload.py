@@ -154,6 +154,10 @@ def test_sighup_reloads_the_prices_of_the_next_events_and_keeps_them_on_a_bad_fi
         (None, "PRICES_PATH: cannot read {path}: no such file"),
         ("gpt-4o*: {inptu: 2.5}\n", "PRICES_PATH: {path}: gpt-4o*: unknown key 'inptu'"),
         ("gpt-4o*: {input: -2.5}\n", "PRICES_PATH: {path}: gpt-4o*: input: must be a finite"),
+        (
+            "gpt-4o*: {input: 1.0e+300, output: 2}\n",
+            "PRICES_PATH: {path}: gpt-4o*: input: at most 1,000,000 USD per 1M tokens; got 1e+300",
+        ),
         ("gpt-4o*: [\n  x: {\n", "PRICES_PATH: {path} is not valid YAML: "),
     ],
 )
