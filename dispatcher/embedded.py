@@ -9,7 +9,7 @@ from pathlib import Path
 from dispatcher.backends import Backend
 from dispatcher.backends.file import FileBackend
 from dispatcher.backends.usage import UsageBackend
-from dispatcher.worker import Worker, WorkerSettings
+from dispatcher.worker import BackendStartError, Worker, WorkerSettings
 from llm_proxy.events.config import EventsConfig
 from llm_proxy.events.pipeline import EventPipeline, start_event_pipeline
 from llm_proxy.events.settlement import TokenSettler
@@ -17,6 +17,10 @@ from llm_proxy.pricing import PriceHolder
 from llm_proxy.proxy.budget_ledger import BudgetLedger, RedisBudgetLedger, StoreBudgetLedger
 from llm_proxy.proxy.rate_limits import RedisRateWindows, StoreRateWindows
 from llm_proxy.store import Store
+
+
+class FileEventLogError(BackendStartError):
+    """The file event log (``--file-event-log``) cannot be opened for writing."""
 
 
 async def _start(pipeline: EventPipeline, backend: Backend, settings: WorkerSettings) -> Worker:
@@ -39,7 +43,7 @@ async def start_file_event_log(
     """Write every event of ``pipeline``'s bus to ``path`` (JSONL), from this process.
 
     Joins the bus at once, so no event published afterwards is missed, and raises
-    :class:`~dispatcher.worker.BackendStartError` if the file cannot be opened. ``pipeline.close()``
+    :class:`FileEventLogError` if the file cannot be opened. ``pipeline.close()``
     stops it after the pipeline's queue drained, letting it write what the bus still holds.
 
     On Redis the file has a consumer group of its own, named after this host and the file's path:
@@ -48,19 +52,24 @@ async def start_file_event_log(
     so a restart goes on where the last run stopped; a new one starts from the next event.
     """
     on_redis = pipeline.bus.kind == "redis"
-    return await _start(
-        pipeline,
-        FileBackend(path, max_bytes=max_bytes, backups=backups),
-        WorkerSettings(
-            service="file",
-            group=_own_group(path) if on_redis else "",
-            from_start=False,
-            dead_letter_path=data_dir / "dead-letter-file.jsonl",
-            batch_wait=0.05,  # a local file: write promptly rather than wait for big batches
-            poll=0.25,  # also how long an idle bus takes to count as drained at shutdown
-            drain_timeout=drain_timeout,
-        ),
-    )
+    try:
+        return await _start(
+            pipeline,
+            FileBackend(path, max_bytes=max_bytes, backups=backups),
+            WorkerSettings(
+                service="file",
+                group=_own_group(path) if on_redis else "",
+                from_start=False,
+                dead_letter_path=data_dir / "dead-letter-file.jsonl",
+                batch_wait=0.05,  # a local file: write promptly rather than wait for big batches
+                poll=0.25,  # also how long an idle bus takes to count as drained at shutdown
+                drain_timeout=drain_timeout,
+            ),
+        )
+    except BackendStartError as exc:
+        cause = exc.__cause__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        raise FileEventLogError(f"cannot write {path}: {reason}") from exc
 
 
 def _own_group(path: Path) -> str:

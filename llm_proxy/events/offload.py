@@ -69,7 +69,13 @@ _STATUS_LINE_LIMIT = 4 * 1024 * 1024
 
 
 class EventProcessError(Exception):
-    """The events process could not start (for example: the file event log is not writable)."""
+    """The events process could not start (for example: the file event log is not writable).
+
+    ``setting`` is the setting the events process blamed, when it named one."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class EventOffload:
@@ -144,6 +150,8 @@ class EventOffload:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+            if setting := answer.get("setting"):
+                raise EventProcessError(str(answer.get("error")), setting=str(setting))
             raise EventProcessError(f"the events process did not start: {answer.get('error')}")
         self._process, self._input = process, process.stdin
         self._sent_to_current = 0

@@ -25,7 +25,7 @@ import uvloop
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from dispatcher.embedded import start_events_here
+from dispatcher.embedded import FileEventLogError, start_events_here
 from dispatcher.worker import BackendStartError
 from llm_proxy.events.courtesy import courteously
 from llm_proxy.events.pipe import Launch, read_frame, read_sized_frame
@@ -159,6 +159,10 @@ async def _run(status: _Status) -> int:
     configure_logging(launch.log_level, launch.log_format, secrets=launch.log_secrets)
     try:
         pipeline, store = await _open(launch)
+    except FileEventLogError as exc:
+        # Named by its setting, as the server names its own start-up errors.
+        status.send({"error": str(exc), "setting": "FILE_EVENT_LOG"})
+        return 1
     except (BackendStartError, OSError) as exc:
         status.send({"error": str(exc)})
         return 1

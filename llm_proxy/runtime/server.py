@@ -198,7 +198,7 @@ async def _create_app(settings: Settings) -> web.Application:
     except DATABASE_ERRORS as exc:
         raise database_error(settings.database_url, settings.data_dir, "cannot open", exc) from None
     except EventProcessError as exc:
-        raise SettingsError(f"events: {exc}") from None
+        raise SettingsError(f"{exc.setting or 'events'}: {exc}") from None
     except PricesError as exc:
         raise SettingsError(f"PRICES_PATH: {exc}") from None
 
