@@ -59,6 +59,7 @@ def with_generated_secrets(settings: Settings, out: TextIO) -> Settings:
 
 def _fill_secrets(settings: Settings, out: TextIO) -> Settings:
     data_dir = settings.data_dir
+    secrets_store.keep_private(data_dir)
     shown: list[str] = []  # what this start generated, for the banner
     kept: list[str] = []  # files an earlier start generated
     token_generated = False

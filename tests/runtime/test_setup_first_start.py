@@ -5,6 +5,8 @@ owner's only. Real server processes, started and started again."""
 from __future__ import annotations
 
 import base64
+import json
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +100,57 @@ def test_data_dir_is_0700_and_the_database_and_secrets_0600(
         assert mode(data_dir) == 0o700
     finally:
         server.stop()
+
+
+def test_a_data_dir_and_a_secret_left_open_to_others_are_made_private_at_start(
+    tmp_path: Path, api_config: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_dir.chmod(0o755)  # made by hand, before the first start
+    password = data_dir / "admin_password"
+    password.write_text("written-by-the-operator\n")
+    password.chmod(0o644)
+    server = start_server(data_dir, api_config, tmp_path / "logs")
+    try:
+        assert mode(data_dir) == 0o700
+        assert mode(password) == 0o600
+        assert "ADMIN_PASSWORD=" not in server.process.stdout  # the operator's is kept
+        assert password.read_text() == "written-by-the-operator\n"
+    finally:
+        server.stop()
+    made_private = [
+        json.loads(line)
+        for line in server.process.stderr.splitlines()
+        if '"server.made_private"' in line
+    ]
+    assert {(line["path"], line["mode"], line["now"]) for line in made_private} == {
+        (str(data_dir), "0755", "0700"),
+        (str(password), "0644", "0600"),
+    }
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_secret_file_of_another_user_left_open_to_others_is_a_warning(
+    tmp_path: Path, api_config: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    password = data_dir / "admin_password"
+    password.write_text("written-by-the-operator\n")
+    password.chmod(0o644)
+    os.chown(password, 4242, 4242)
+    server = start_server(data_dir, api_config, tmp_path / "logs")
+    server.stop()
+    assert mode(password) == 0o644  # not ours to change
+    warnings = [
+        json.loads(line)
+        for line in server.process.stderr.splitlines()
+        if '"server.not_private"' in line
+    ]
+    assert [(w["path"], w["mode"], w["reason"], w["level"]) for w in warnings] == [
+        (str(password), "0644", "owned by another user", "warning")
+    ]
 
 
 def test_without_generated_secrets_the_database_is_private_too(
