@@ -50,8 +50,9 @@ def socket_path(data_dir: Path, index: int) -> Path:
 
 
 def prepare_sockets(data_dir: Path, workers: int) -> None:
-    """Create the sockets' directory (0700), once, before the workers start, without an earlier
-    run's slot totals; fail with one line."""
+    """Create the sockets' directory (0700; DATA_DIR too when nothing created it yet, as one
+    server would), once, before the workers start, without an earlier run's slot totals; fail
+    with one line."""
     longest = socket_path(data_dir, workers - 1)
     if len(os.fsencode(longest)) > _MAX_SOCKET_PATH:
         raise SettingsError(
@@ -59,7 +60,7 @@ def prepare_sockets(data_dir: Path, workers: int) -> None:
             f"({longest} is over {_MAX_SOCKET_PATH} bytes)"
         )
     try:
-        longest.parent.mkdir(mode=0o700, exist_ok=True)
+        longest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         longest.parent.chmod(0o700)
         remove_last_pages(data_dir)
     except OSError as exc:

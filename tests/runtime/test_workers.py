@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import sqlite3
+import stat
 import time
 import urllib.parse
 import urllib.request
@@ -342,6 +343,29 @@ def test_workers_that_cannot_listen_stop_start_up(tmp_path: Path, upstream: Mock
     # stopped as its events process started left a BrokenPipeError traceback).
     assert '"events.process_started"' not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_workers_create_a_missing_data_dir_as_one_server_does(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    # Nothing else creates it here: no secret to generate, the database elsewhere.
+    data_dir = tmp_path / "missing" / "data"
+    server = start_server(
+        data_dir,
+        write_api_config(tmp_path / "api.yaml", upstream.base_url),
+        tmp_path,
+        WORKERS="2",
+        DATABASE_URL=f"sqlite:///{tmp_path}/llm-proxy.db",
+        MANAGEMENT_TOKEN="mgmt-given-by-the-operator-" + "x" * 20,
+        ADMIN_PASSWORD="given-password",
+        ENCRYPTION_KEY=base64.b64encode(b"k" * 32).decode(),
+    )
+    try:
+        wait_for_workers(server, 2)
+        for made in (data_dir.parent, data_dir, data_dir / "run"):
+            assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    finally:
+        assert server.stop(timeout=10) == 0, server.process.stderr[-3000:]
 
 
 def test_workers_and_their_events_processes_end_when_the_supervisor_is_killed(
