@@ -17,13 +17,15 @@ import difflib
 import fnmatch
 import math
 import re
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from llm_proxy import config_yaml
+from llm_proxy.config_yaml import DuplicateKeyError
 from llm_proxy.models import nanousd
 
 ENTRY_KEYS = ("input", "cached_input", "output")
@@ -171,25 +173,11 @@ class PriceHolder:
         return self.current
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML keeps the last of two equal keys; in a price list that hides a mistake."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Hashable] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable):
-                if key in seen:
-                    raise PricesError(f"{key}: listed twice (line {key_node.start_mark.line + 1})")
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def parse_prices(text: str, where: str = "prices") -> list[ModelPrice]:
     """The entries of a prices file's text, in file order; ``where`` names it in errors."""
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
-    except PricesError as exc:
+        raw = config_yaml.load(text)
+    except DuplicateKeyError as exc:
         raise PricesError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
         raise PricesError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None

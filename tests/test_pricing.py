@@ -252,3 +252,10 @@ def test_prices_cross_into_the_events_process_and_reload_from_their_file(tmp_pat
         "gpt-4o*", 5 * 10**9, 5 * 10**9, 20 * 10**9
     )  # the prices in force stay
     assert PriceHolder(Prices()).reload().entries == ()  # no file: nothing to read again
+
+
+def test_entries_may_share_prices_through_a_yaml_merge() -> None:
+    entries = parse_prices(
+        "gpt-4o-mini*: &mini {input: 0.15, output: 0.6}\no4-mini: {<<: *mini, output: 1}\n"
+    )
+    assert (entries[1].input, entries[1].output) == (entries[0].input, 10**9)

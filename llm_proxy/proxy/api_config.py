@@ -17,6 +17,8 @@ from urllib.parse import unquote
 
 import yaml
 
+from llm_proxy import config_yaml
+from llm_proxy.config_yaml import DuplicateKeyError
 from llm_proxy.http.upstream import Origin, Timeouts
 
 DEFAULT_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
@@ -263,9 +265,11 @@ def parse_api_config(raw: object) -> ApiConfig:
 
 def load_api_config(path: Path) -> ApiConfig:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = config_yaml.load(path.read_text())
     except OSError as exc:
         raise ApiConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except DuplicateKeyError as exc:
+        raise ApiConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ApiConfigError(f"{path} is not valid YAML: {exc}") from None
     return parse_api_config(raw)

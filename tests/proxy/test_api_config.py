@@ -159,3 +159,43 @@ def test_a_typo_stops_the_server_with_one_line_naming_the_key(tmp_path: Path) ->
         " (did you mean 'allowed_endpoints'?)"
     ]
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.process
+def test_a_key_given_twice_stops_the_server_with_one_line_naming_it(tmp_path: Path) -> None:
+    # YAML keeps the last of the two: the first allowlist would be dropped without a word.
+    config = tmp_path / "api_providers.yaml"
+    config.write_text(
+        "apis:\n"
+        "  openai:\n"
+        "    base_url: https://api.openai.com\n"
+        "    allowed_endpoints: [/v1/chat/completions]\n"
+        "    allowed_endpoints: [/v1/embeddings]\n"
+    )
+    env = clean_env(
+        API_CONFIG_PATH=str(config),
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR="127.0.0.1:0",
+        LOG_FORMAT="json",
+    )
+    result = run(cli_command("server"), env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"llm-proxy: API_CONFIG_PATH: {config}: allowed_endpoints: listed twice (line 5)"
+    ]
+
+
+def test_a_merge_of_shared_settings_is_not_a_key_given_twice(tmp_path: Path) -> None:
+    config = tmp_path / "api_providers.yaml"
+    config.write_text(
+        "apis:\n"
+        "  openai: &shared\n"
+        "    base_url: https://api.openai.com\n"
+        "    allowed_endpoints: [/v1/chat/completions]\n"
+        "  other:\n"
+        "    <<: *shared\n"
+        "    base_url: https://other.example\n"
+    )
+    providers = load_api_config(config).providers
+    assert providers["other"].origin.host == "other.example"
+    assert providers["other"].allowed_prefixes == providers["openai"].allowed_prefixes
