@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import re
 from pathlib import Path
 
@@ -104,7 +103,7 @@ async def test_the_sign_in_page_is_styled_and_says_where_the_generated_password_
 
     # It names the file the server really keeps a generated password in, under DATA_DIR.
     settings = make_settings(tmp_path / "fresh", admin_password="")
-    generated = with_generated_secrets(settings, io.StringIO()).admin_password
+    generated = with_generated_secrets(settings).settings.admin_password
     (kept,) = [f for f in (tmp_path / "fresh").iterdir() if f.read_text().strip() == generated]
     text = " ".join(re.sub(r"<[^>]+>", " ", page.text).split())
     assert f"in the file {kept.name} in the server's data directory, DATA_DIR" in text

@@ -17,7 +17,7 @@ from llm_proxy.runtime import secrets_store
 from llm_proxy.runtime.app import events_config
 from llm_proxy.runtime.cli import build_settings
 from llm_proxy.runtime.cli import server as server_command
-from llm_proxy.runtime.server import with_generated_secrets
+from llm_proxy.runtime.server import FilledSecrets, announce, with_generated_secrets
 from llm_proxy.runtime.settings import (
     Settings,
     SettingsError,
@@ -420,54 +420,55 @@ def test_generated_secret_values_are_strong() -> None:
 # -- with_generated_secrets ------------------------------------------------------------------
 
 
-def test_missing_secrets_are_generated_and_announced(tmp_path: Path) -> None:
-    out = io.StringIO()
-    filled = with_generated_secrets(Settings(data_dir=tmp_path, admin_user="ops"), out)
-    printed = out.getvalue()
-    assert f"MANAGEMENT_TOKEN={filled.management_token}\n" in printed
-    assert f"ADMIN_USER=ops ADMIN_PASSWORD={filled.admin_password}\n" in printed
-    assert filled.management_token.startswith("mgmt-")
-    assert len(filled.encryption_key) == 32
-    assert base64.b64encode(filled.encryption_key).decode() not in printed
+def test_missing_secrets_are_generated_and_announced_once_served(tmp_path: Path) -> None:
+    filled = with_generated_secrets(Settings(data_dir=tmp_path, admin_user="ops"))
+    settings, banner = filled.settings, filled.banner
+    assert f"MANAGEMENT_TOKEN={settings.management_token}\n" in banner
+    assert f"ADMIN_USER=ops ADMIN_PASSWORD={settings.admin_password}\n" in banner
+    assert settings.management_token.startswith("mgmt-")
+    assert len(settings.encryption_key) == 32
+    assert base64.b64encode(settings.encryption_key).decode() not in banner
     for name in ("management_token", "admin_password", "encryption_key"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    assert banner not in repr(filled)
 
-    again = io.StringIO()
-    refilled = with_generated_secrets(Settings(data_dir=tmp_path, admin_user="ops"), again)
-    assert refilled == filled
-    assert again.getvalue() == ""  # printed once, by the start that generated them
+    # A start that stopped before it served showed nothing: the next one has them to show.
+    assert with_generated_secrets(Settings(data_dir=tmp_path, admin_user="ops")) == filled
+    out = io.StringIO()
+    announce(banner, tmp_path, out)  # that start serves
+    assert out.getvalue() == banner + "\n"
+    again = with_generated_secrets(Settings(data_dir=tmp_path, admin_user="ops"))
+    assert again == FilledSecrets(settings)  # printed once: nothing left to show
+    announce(banner, tmp_path, out)  # and a second worker of that start does not show them
+    assert out.getvalue() == banner + "\n"
 
 
 def test_provided_secrets_are_neither_stored_nor_printed(tmp_path: Path) -> None:
-    out = io.StringIO()
     given = Settings(
         data_dir=tmp_path,
         management_token="mgmt-given-by-operator",
         admin_password="given-password",
         encryption_key=b"k" * 32,
     )
-    assert with_generated_secrets(given, out) == given
-    assert out.getvalue() == ""
+    assert with_generated_secrets(given) == FilledSecrets(given)
     assert not any(tmp_path.iterdir())
 
 
 def test_only_the_missing_secret_is_printed(tmp_path: Path) -> None:
-    out = io.StringIO()
     filled = with_generated_secrets(
         Settings(
             data_dir=tmp_path, management_token="mgmt-given-by-operator", encryption_key=b"k" * 32
-        ),
-        out,
+        )
     )
-    printed = out.getvalue()
+    printed = filled.banner
     assert "mgmt-given-by-operator" not in printed
     assert "MANAGEMENT_TOKEN=" not in printed
-    assert f"ADMIN_PASSWORD={filled.admin_password}" in printed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["admin_password"]
+    assert f"ADMIN_PASSWORD={filled.settings.admin_password}" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["admin_password", "credentials_unshown"]
 
 
 def test_an_unusable_data_dir_is_a_settings_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(SettingsError, match=r"^DATA_DIR: "):
-        with_generated_secrets(Settings(data_dir=blocker / "data"), io.StringIO())
+        with_generated_secrets(Settings(data_dir=blocker / "data"))

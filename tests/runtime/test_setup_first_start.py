@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,42 @@ def test_generated_credentials_are_printed_once_with_their_files(
     # Where they are is still told, through the log, without the values.
     assert "server.generated_credentials_reused" in second.process.stderr
     assert str((data_dir / "management_token").absolute()) in second.process.stderr
+
+
+def test_credentials_are_printed_by_the_first_start_that_serves(
+    tmp_path: Path, api_config: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = clean_env(
+            DATA_DIR=str(data_dir),
+            LISTEN_ADDR=f"127.0.0.1:{taken.getsockname()[1]}",
+            API_CONFIG_PATH=str(api_config),
+            LOG_FORMAT="json",
+        )
+        failed = run(cli_command("server"), env)
+    assert failed.returncode == 1, failed.stderr
+    assert "LISTEN_ADDR" in failed.stderr
+    # Generated, but not shown by a start the operator sees fail.
+    assert failed.stdout == ""
+    secrets = {name: (data_dir / name).read_text().strip() for name in SECRET_FILES}
+
+    served = start_server(data_dir, api_config, tmp_path / "logs", name="served")
+    try:
+        assert served.management_token == secrets["management_token"]
+        assert f"ADMIN_PASSWORD={secrets['admin_password']}\n" in served.process.stdout
+        status, _ = http(
+            "GET", f"{served.base_url}/manage/projects", token=secrets["management_token"]
+        )
+        assert status == 200
+    finally:
+        assert served.stop() == 0, served.process.stderr
+
+    later = start_server(data_dir, api_config, tmp_path / "logs", name="later")
+    assert later.stop() == 0, later.process.stderr
+    assert later.process.stdout == ""
 
 
 def test_data_dir_is_0700_and_the_database_and_secrets_0600(

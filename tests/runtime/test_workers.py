@@ -56,6 +56,8 @@ def workers(tmp_path: Path, upstream: MockUpstream) -> Iterator[ServerProcess]:
 
 
 def test_quota_and_revocation_hold_across_worker_processes(workers: ServerProcess) -> None:
+    # The generated credentials are shown once, by the first worker that serves.
+    assert workers.process.stdout.count("MANAGEMENT_TOKEN=") == 1
     base, management = workers.base_url, workers.management_token
     status, project = http(
         "POST", f"{base}/manage/projects", token=management, body={"name": "w", "api_key": "sk-k"}
