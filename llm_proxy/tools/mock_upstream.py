@@ -23,6 +23,7 @@ import hmac
 import itertools
 import math
 import os
+import sys
 import time
 from array import array
 from collections.abc import Awaitable, Callable, Iterator
@@ -33,6 +34,8 @@ import click
 import orjson
 import uvloop
 from aiohttp import web
+
+from llm_proxy.http.front import listening_socket
 
 _CREATED = 1_700_000_000
 _WORDS = ("Hello", "from", "the", "mock", "upstream,", "a", "fake", "OpenAI", "server.")
@@ -523,10 +526,18 @@ def mock_upstream_command(
         model=model,
         api_key=api_key,
     )
+    try:
+        # Bound here, so that a port in use is one line rather than run_app's traceback.
+        sock = listening_socket(host, port, reuse_port=False)
+        sock.listen(128)
+    except OSError as exc:
+        click.echo(
+            f"llm-proxy: mock-upstream: cannot listen on {host}:{port}: {exc.strerror}", err=True
+        )
+        sys.exit(1)
     web.run_app(
         build_app(settings),
-        host=host,
-        port=port,
+        sock=sock,
         loop=uvloop.new_event_loop(),
         access_log=None,
         print=click.echo,

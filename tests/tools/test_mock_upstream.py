@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from yarl import URL
 
 from llm_proxy.tools.mock_upstream import MockSettings, build_app, mock_upstream_command
+from tests.processes import clean_env, cli_command, run
 
 MakeServer = Callable[..., Awaitable[TestServer]]
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -306,6 +308,19 @@ async def test_module_runs_as_a_server_with_uvloop() -> None:
         process.terminate()
         await process.communicate()
     assert process.returncode == 0
+
+
+@pytest.mark.process
+def test_a_port_in_use_stops_the_command_with_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(cli_command("mock-upstream", "--port", str(port)), clean_env(), timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"llm-proxy: mock-upstream: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
 
 
 async def test_streams_cut_short_by_the_client_are_counted_as_aborted(
