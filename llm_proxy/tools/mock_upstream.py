@@ -36,6 +36,7 @@ import uvloop
 from aiohttp import web
 
 from llm_proxy.http.front import listening_socket
+from llm_proxy.tools.mock_responses import MockResponse
 
 _CREATED = 1_700_000_000
 _WORDS = ("Hello", "from", "the", "mock", "upstream,", "a", "fake", "OpenAI", "server.")
@@ -205,9 +206,15 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 
 async def _stream(
-    request: web.Request, settings: MockSettings, events: Iterator[dict[str, Any] | None]
+    request: web.Request,
+    settings: MockSettings,
+    events: Iterator[dict[str, Any] | None],
+    *,
+    named: bool = False,
 ) -> web.StreamResponse:
-    """Send ``events`` as SSE; a ``None`` event stands for "sleep one chunk interval"."""
+    """Send ``events`` as SSE; a ``None`` event stands for "sleep one chunk interval". Chat and
+    completions streams end with ``data: [DONE]``; ``named`` ones (the Responses API) name each
+    event by its type instead, and end with their last event."""
     streams = request.app[STREAMS]
     streams.started += 1
     response = web.StreamResponse(headers=_SSE_HEADERS)
@@ -219,8 +226,12 @@ async def _stream(
                 if settings.chunk_interval:
                     await asyncio.sleep(settings.chunk_interval)
                 continue
-            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+            data = b"data: " + orjson.dumps(event) + b"\n\n"
+            if named:
+                data = b"event: " + str(event["type"]).encode() + b"\n" + data
+            await response.write(data)
+        if not named:
+            await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         ended = True
     except ConnectionResetError:
@@ -367,45 +378,24 @@ async def _get_model(request: web.Request) -> web.Response:
     return _json(_model(model_id))
 
 
-async def _responses(request: web.Request) -> web.Response:
+async def _responses(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     body = await _json_body(request)
     prompt = _words(_require(body, "input"))
-    if body.get("stream") is True:
-        raise _OpenAIError(400, "The mock upstream does not stream the Responses API.")
     pieces, finish = _pieces(settings, body)
     ids = request.app[IDS]
-    text = {"type": "output_text", "text": "".join(pieces), "annotations": []}
-    output = {
-        "type": "message",
-        "id": ids.next("msg_"),
-        "status": "completed",
-        "role": "assistant",
-        "content": [text],
-    }
-    usage = {
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": len(pieces),
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": prompt + len(pieces),
-    }
-    return _json(
-        {
-            "id": ids.next("resp_"),
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": "completed" if finish == "stop" else "incomplete",
-            "error": None,
-            "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
-            "model": body.get("model") or settings.model,
-            "output": [output],
-            "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
-            "usage": usage,
-        }
+    answer = MockResponse(
+        id=ids.next("resp_"),
+        message_id=ids.next("msg_"),
+        model=body.get("model") or settings.model,
+        created_at=int(time.time()),
+        pieces=pieces,
+        finish=finish,
+        prompt_tokens=prompt,
     )
+    if body.get("stream") is True:
+        return await _stream(request, settings, answer.events(), named=True)
+    return _json(answer.body())
 
 
 async def _echo(request: web.Request) -> web.Response:

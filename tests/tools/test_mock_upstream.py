@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -17,7 +20,7 @@ from click.testing import CliRunner
 from yarl import URL
 
 from llm_proxy.tools.mock_upstream import MockSettings, build_app, mock_upstream_command
-from tests.processes import clean_env, cli_command, run
+from tests.processes import clean_env, cli_command, run, start_mock_upstream, start_server
 
 MakeServer = Callable[..., Awaitable[TestServer]]
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -160,8 +163,59 @@ async def test_sdk_parses_a_responses_answer(sdk: openai.AsyncOpenAI) -> None:
         max_output_tokens=1,
     )
     assert short.status == "incomplete"
-    with pytest.raises(openai.BadRequestError):
-        await sdk.responses.create(model="gpt-4.1", input="hi", stream=True)
+
+
+RESPONSE_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    *["response.output_text.delta"] * 4,
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+async def test_sdk_streams_a_responses_answer_event_by_event(sdk: openai.AsyncOpenAI) -> None:
+    async with sdk.responses.stream(model="gpt-4.1", input="four words in here") as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_response()
+    assert [event.type for event in events] == RESPONSE_EVENTS
+    assert [event.sequence_number for event in events] == list(range(len(RESPONSE_EVENTS)))
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert "".join(deltas) == final.output_text == "Hello from the mock"
+    assert final.status == "completed"
+    assert final.usage is not None
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (4, 4)
+    assert final.usage.total_tokens == 8
+
+    created = await sdk.responses.create(
+        model="gpt-4.1", input="hi", stream=True, max_output_tokens=2
+    )
+    cut = [event async for event in created]
+    assert [event.type for event in cut][-1] == "response.incomplete"
+    last = cut[-1]
+    assert last.type == "response.incomplete"
+    assert last.response.status == "incomplete"
+    assert last.response.output_text == "Hello from"
+    assert last.response.usage is not None and last.response.usage.output_tokens == 2
+
+
+async def test_a_responses_stream_names_its_events_and_sends_no_done(
+    aiohttp_client: MakeClient,
+) -> None:
+    client = await aiohttp_client(build_app(MockSettings(chunks=2)))
+    answer = await client.post("/v1/responses", json={"input": "hi", "stream": True})
+    assert answer.headers["Content-Type"].startswith("text/event-stream")
+    frames = (await answer.text()).split("\n\n")
+    assert frames[-1] == ""  # the last event ends with its blank line
+    names = [frame.split("\n")[0] for frame in frames[:-1]]
+    assert names[0] == "event: response.created" and names[-1] == "event: response.completed"
+    assert "[DONE]" not in await answer.text()
+    counts = await (await client.get("/mock/streams")).json()
+    assert counts == {"started": 1, "completed": 1, "aborted": 0}
 
 
 async def test_a_wrong_or_missing_key_gets_openais_401(aiohttp_server: MakeServer) -> None:
@@ -339,3 +393,64 @@ async def test_streams_cut_short_by_the_client_are_counted_as_aborted(
             break
         await asyncio.sleep(0.01)
     assert counts == {"started": 2, "completed": 1, "aborted": 1}
+
+
+@pytest.mark.process
+def test_the_sdk_streams_responses_through_the_proxy_whose_events_carry_the_usage(
+    tmp_path: Path,
+) -> None:
+    """The README's quick start, streamed: the mock and the server as commands, the OpenAI SDK
+    through the proxy; each event's usage is the upstream's, from its response.completed."""
+    mock = start_mock_upstream(tmp_path / "mock")
+    try:
+        config = tmp_path / "api_providers.yaml"
+        config.write_text(
+            "apis:\n"
+            "  openai:\n"
+            f"    base_url: {mock.base_url}\n"
+            "    allowed_endpoints: [/v1/responses]\n"
+        )
+        log = tmp_path / "events.jsonl"
+        server = start_server(tmp_path / "data", config, tmp_path / "logs", FILE_EVENT_LOG=str(log))
+        try:
+            token = server.issue_token()
+            with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=token) as client:
+                with client.responses.stream(
+                    model="gpt-4o-mini", input="four words in here"
+                ) as stream:
+                    deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+                    final = stream.get_final_response()
+                created = client.responses.create(
+                    model="gpt-4o-mini", input="two words", stream=True
+                )
+                last = list(created)[-1]
+            events = _lines(log, 2)
+        finally:
+            assert server.stop() == 0, server.process.stderr
+    finally:
+        mock.process.stop()
+    assert "".join(deltas) == final.output_text == "Hello from the mock upstream,"
+    assert last.type == "response.completed"
+    assert final.usage is not None and last.response.usage is not None
+    for event, usage in zip(events, (final.usage, last.response.usage), strict=True):
+        assert event["stream"] is True and event["status"] == 200
+        assert event["usage"] == {
+            "prompt_tokens": usage.input_tokens,
+            "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.total_tokens,
+            "source": "upstream",
+        }
+        assert event["response"]["status"] == "completed"
+    assert [e["usage"]["prompt_tokens"] for e in events] == [4, 2]
+
+
+def _lines(path: Path, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` JSON lines of ``path``, once it has them."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = path.read_text() if path.exists() else ""
+        lines = text[: text.rfind("\n") + 1].splitlines()
+        if len(lines) >= count:
+            return [json.loads(line) for line in lines[:count]]
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
