@@ -45,10 +45,7 @@ class DeadLetterFile:
 
     def _write(self, backend: str, records: Sequence[dict[str, object]]) -> None:
         at = rfc3339(time.time())
-        data = b"".join(
-            orjson.dumps({"failed_at": at, "backend": backend, **record}) + b"\n"
-            for record in records
-        )
+        data = b"".join(_line(at, backend, record) for record in records)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, self._mode, opener=owner_only) as file:
             file.write(data)
@@ -56,3 +53,19 @@ class DeadLetterFile:
             # Written before the bus entry is acknowledged: once acked, this line is the only copy.
             os.fsync(file.fileno())
         self._mode = "ab"
+
+
+def _line(at: str, backend: str, record: dict[str, object]) -> bytes:
+    try:
+        return orjson.dumps({"failed_at": at, "backend": backend, **record}) + b"\n"
+    except orjson.JSONEncodeError as exc:
+        # An event nested deeper than JSON is written here (only an older version built one):
+        # kept as its Python text, as a line that holds no event, rather than lost with the batch.
+        event = record.get("event", record.get("line"))
+        reason = f"{record['reason']}; not writable as JSON: {exc}"
+        return (
+            orjson.dumps(
+                {"failed_at": at, "backend": backend, "reason": reason, "line": repr(event)}
+            )
+            + b"\n"
+        )

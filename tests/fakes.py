@@ -100,6 +100,11 @@ async def _big(request: web.Request) -> web.Response:
     return web.Response(body=b"x" * size, content_type="application/octet-stream")
 
 
+async def _mirror(request: web.Request) -> web.Response:
+    """The request's JSON body as the answer (a body nested as deep as the client's)."""
+    return web.Response(body=await request.read(), content_type="application/json")
+
+
 async def _upload(request: web.Request) -> web.Response:
     body = await request.read()
     return web.json_response({"received": len(body)})
@@ -139,6 +144,7 @@ def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app.router.add_get("/v1/files/gzip", _gzip_json)
     app.router.add_get("/v1/files/big", _big)
     app.router.add_post("/v1/files/upload", _upload)
+    app.router.add_post("/v1/files/mirror", _mirror)
     app.router.add_post("/v1/audio/transcriptions", _transcription)
     app.router.add_route("*", "/v1/moderations", _status_from_header)
     return app

@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
+
 from dispatcher.backends import BackendError, Rejection
 from llm_proxy.events import event as wire
 from llm_proxy.events.event import Event
@@ -39,12 +41,20 @@ class FileBackend:
         self._size = os.fstat(self._file.fileno()).st_size
 
     async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
-        data = b"".join(wire.dumps(e) + b"\n" for e in events)
+        lines: list[bytes] = []
+        refused: dict[int, Rejection] = {}
+        for index, event in enumerate(events):
+            try:
+                lines.append(wire.dumps(event) + b"\n")
+            except orjson.JSONEncodeError as exc:  # never writable: it must not hold up the rest
+                refused[index] = Rejection(f"not writable as JSON: {exc}", retryable=False)
+        if not lines:
+            return refused
         try:
-            await asyncio.to_thread(self._write, data)
+            await asyncio.to_thread(self._write, b"".join(lines))
         except OSError as exc:  # disk full, permissions: may clear up, so retry
             raise BackendError(f"write {self.path}: {exc}", retryable=True) from exc
-        return {}
+        return refused
 
     def _write(self, data: bytes) -> None:
         if self._file is None:

@@ -33,6 +33,14 @@ _brotli = _load_brotli()
 
 DEFAULT_DECODED_LIMIT = 16 * 1024 * 1024  # a decompression bomb stops here
 
+# orjson reads JSON of any depth but writes at most _WRITABLE_DEPTH levels. An event holds a body
+# one level down, and the dead-letter file and the backends wrap events a few levels more: a body
+# nested deeper than MAX_DEPTH is shown as its text, so that every event can always be written.
+MAX_DEPTH = 128
+_WRITABLE_DEPTH = 254
+# Levels a reassembled stream puts around the payloads it was parsed from (choices, message, ...).
+_REASSEMBLY_LEVELS = 8
+
 
 @dataclass(slots=True)  # not frozen: one or more per event, and a frozen __init__ costs more
 class Decoded:
@@ -117,9 +125,12 @@ def show(decoded: Decoded, raw_size: int) -> object:
         return None
     if data[:64].lstrip()[:1] in (b"{", b"["):
         try:
-            return orjson.loads(data)
+            value = orjson.loads(data)
         except orjson.JSONDecodeError:
             pass
+        else:
+            if shallow(value, data):
+                return value
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -130,6 +141,22 @@ def show(decoded: Decoded, raw_size: int) -> object:
             except UnicodeDecodeError:
                 pass
         return f"[binary body: {len(data)} bytes]"
+
+
+def shallow(value: object, data: bytes) -> bool:
+    """Whether ``value``, parsed from ``data``, nests no deeper than :data:`MAX_DEPTH`."""
+    # A value nests no deeper than its text has brackets, counted in C: most bodies stop here.
+    if data.count(b"{") + data.count(b"[") + _REASSEMBLY_LEVELS <= MAX_DEPTH:
+        return True
+    # Else let orjson find out, as it writes the value below as many levels as may be added.
+    wrapped = value
+    for _ in range(_WRITABLE_DEPTH - MAX_DEPTH):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def shed_note(size: int) -> str:

@@ -62,6 +62,8 @@ def build(
     )
     if exchange.is_stream and decoded.data is not None:
         response = reassemble(sse.payloads(decoded.data))
+        if not bodies.shallow(response, decoded.data):
+            response = bodies.show(decoded, len(response_raw))  # the stream's text
     else:
         response = bodies.show(decoded, len(response_raw))
 

@@ -8,6 +8,7 @@ header: the proxy records ids, and the builder copies nothing else from the requ
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Literal, TypedDict, cast
 
@@ -91,6 +92,37 @@ def end_epoch(event: Event) -> float:
 
 def dumps(event: Event) -> bytes:
     return orjson.dumps(event)
+
+
+def dumps_each(events: Iterable[Event]) -> tuple[list[bytes], list[tuple[Event, str]]]:
+    """The wire form of every event that has one, and the events that have none with the reason
+    (nested deeper than orjson writes: built by a version that did not bound a body's depth).
+    Written one by one, so that one such event never costs the others theirs."""
+    written: list[bytes] = []
+    unwritable: list[tuple[Event, str]] = []
+    for event in events:
+        try:
+            written.append(orjson.dumps(event))
+        except orjson.JSONEncodeError as exc:
+            unwritable.append((event, str(exc)))
+    return written, unwritable
+
+
+def positions_taken(events: Sequence[Event], unwritable: int, written: int) -> int:
+    """How many of ``events`` (of which ``dumps_each`` found ``unwritable`` it could not write)
+    lie up to the ``written``-th writable one: where sending them again must start."""
+    if not unwritable:
+        return written
+    seen = 0
+    for position, event in enumerate(events):
+        try:
+            orjson.dumps(event)
+        except orjson.JSONEncodeError:
+            continue
+        if seen == written:
+            return position
+        seen += 1
+    return len(events)
 
 
 def loads(data: bytes | str) -> Event:

@@ -36,6 +36,7 @@ DROP_REASONS = (
     "trimmed_unacknowledged",
     "events_process_died",
     "events_process_backlog",
+    "unwritable",
 )
 for _reason in DROP_REASONS:
     DROPPED.labels(_reason)
@@ -91,6 +92,18 @@ COST = Counter(
     "What proxied requests cost in USD, by config/prices.yaml (unpriced models add nothing).",
     ["model"],
 )
+
+
+def count_unwritable(unwritable: Iterable[tuple[Event, str]], where: str) -> None:
+    """Events that could not be written as JSON (see ``event.dumps_each``): dropped, and said so."""
+    for event, reason in unwritable:
+        DROPPED.labels("unwritable").inc()
+        _log.error(
+            "events.unwritable_dropped",
+            request_id=event.get("request_id"),
+            where=where,
+            reason=reason,
+        )
 
 
 def count_spend(events: Iterable[Event], prices: Prices) -> None:

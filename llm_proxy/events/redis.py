@@ -229,14 +229,21 @@ class RedisBus:
         return self._spool is not None and self._spool.pending
 
     async def _xadd(self, events: Sequence[Event]) -> None:
+        written, unwritable = wire.dumps_each(events)
+        metrics.count_unwritable(unwritable, "redis")
+        if not written:
+            return
         pipe = self.client.pipeline(transaction=False)
-        for event in events:
-            pipe.xadd(self.stream, {_FIELD: wire.dumps(event)})
+        for data in written:
+            pipe.xadd(self.stream, {_FIELD: data})
         results = await pipe.execute(raise_on_error=False)
         added = next((i for i, r in enumerate(results) if isinstance(r, Exception)), len(results))
         metrics.PUBLISHED.labels("redis").inc(added)
         if added < len(results):
-            raise _PartlyAdded(added, results[added])
+            # How many of ``events`` are done with: those added, and the unwritable ones among
+            # them (dropped above, wherever they stood).
+            taken = wire.positions_taken(events, len(unwritable), added)
+            raise _PartlyAdded(taken, results[added])
 
     async def publish(self, events: Sequence[Event]) -> None:
         if not events:

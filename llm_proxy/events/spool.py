@@ -62,13 +62,15 @@ class Spool:
         return self._size > self._offset
 
     def append(self, events: Sequence[Event]) -> None:
-        data = b"".join(wire.dumps(e) + b"\n" for e in events)
+        written, unwritable = wire.dumps_each(events)
+        metrics.count_unwritable(unwritable, "spool")
+        data = b"".join(line + b"\n" for line in written)
         with open(self.path, "ab", opener=owner_only) as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())  # the spool exists for when things go wrong; make it stick
         self._size += len(data)
-        metrics.SPOOLED.inc(len(events))
+        metrics.SPOOLED.inc(len(written))
         metrics.SPOOL_PENDING.set(self.pending_bytes)
 
     def read(self, max_events: int) -> tuple[list[Event], int]:

@@ -333,3 +333,18 @@ def test_an_event_a_backend_cannot_handle_is_retried_then_kept(tmp_path: Path) -
     assert [log["providerRequest"]["meta"]["Helicone-Request-Id"] for log in fake.logs] == [
         good["id"]
     ]
+
+
+async def test_a_dead_letter_that_cannot_be_written_as_json_is_kept_as_text(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "dead.jsonl"
+    deep, fine = events(2)
+    nested: object = 1
+    for _ in range(300):
+        nested = [nested]
+    deep["request"] = nested
+    await DeadLetterFile(path).write("file", [(deep, "not writable"), (fine, "HTTP 400")])
+    kept, other = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert "event" not in kept and deep["request_id"] in kept["line"]
+    assert other["event"] == fine

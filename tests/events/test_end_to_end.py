@@ -7,6 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import UPSTREAM_KEY, Proxy
@@ -99,6 +100,37 @@ async def test_requests_succeed_and_events_arrive_across_a_redis_outage(
     assert statuses == [200] * 30
     events = await wait_for_lines(log, 30, timeout=20)
     assert len({e["request_id"] for e in events}) == 30
+
+
+@pytest.mark.parametrize("bus", ["memory", "redis"])
+async def test_a_body_nested_too_deep_to_write_is_shown_as_text_and_costs_no_other_event(
+    bus: str, proxy_factory: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    log = tmp_path / "events.jsonl"
+    options: dict[str, Any] = {"file_event_log": log, "event_bus": bus}
+    if bus == "redis":
+        options["redis_url"] = request.getfixturevalue("redis_server").url
+    proxy: Proxy = await proxy_factory(**options)
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    # Valid JSON that orjson reads, but nested deeper than it writes.
+    deep = b'{"model":"gpt-4o-mini","x":' + b"[" * 300 + b"1" + b"]" * 300 + b"}"
+    statuses = []
+    for n in range(20):
+        if n == 5:
+            answer = await proxy.client.post(
+                "/v1/files/mirror",
+                headers={**headers, "X-Request-ID": "deep-1", "Content-Type": "application/json"},
+                data=deep,
+            )
+            assert await answer.read() == deep
+        else:
+            answer = await proxy.client.get("/v1/models", headers=headers)
+        statuses.append(answer.status)
+    assert statuses == [200] * 20
+    events = await wait_for_lines(log, 20, timeout=20)
+    assert len({e["request_id"] for e in events}) == 20
+    (shown,) = [e for e in events if e["request_id"] == "deep-1"]
+    assert shown["request"] == deep.decode() and shown["response"] == deep.decode()
 
 
 async def test_event_bus_none_emits_nothing_and_still_serves(

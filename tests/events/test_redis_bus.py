@@ -417,3 +417,33 @@ async def test_a_consumer_leaves_its_group_on_close_unless_it_holds_entries(
         assert (left["name"], left["pending"]) == (b"holding", 1)  # claimable by another
     finally:
         await bus.close()
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_an_event_that_cannot_be_written_costs_only_itself(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Such an event is no longer built (a deep body is shown as text); one from an older version
+    # must still not cost its batch.
+    before = metric("llm_proxy_events_dropped_total", reason="unwritable")
+    sent = events(5)
+    sent[2]["request"] = nested(300)
+    bus = await RedisBus.open(redis_server.url, stream="t:events")
+    try:
+        group = bus.subscribe("file", "a")
+        await group.read(10, 0.01)
+        await bus.publish(sent)
+        got = await group.read(100, 1.0)
+        assert [d.event for d in got] == sent[:2] + sent[3:]
+        assert metric("llm_proxy_events_dropped_total", reason="unwritable") == before + 1
+        Spool(tmp_path / "spool.jsonl").append(sent)  # and the spool, written the same way
+        assert len((tmp_path / "spool.jsonl").read_bytes().splitlines()) == 4
+        assert metric("llm_proxy_events_dropped_total", reason="unwritable") == before + 2
+    finally:
+        await bus.close()
