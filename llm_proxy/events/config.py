@@ -8,6 +8,9 @@ from pathlib import Path
 from llm_proxy.events.bus import BusKind
 
 SPOOL_FILE = "events-spool.jsonl"
+# Every spool under DATA_DIR: each events process's own, and those of processes gone (a worker
+# count that shrank, a spool taken while its slot's was still held), which any events process claims.
+SPOOL_FAMILY = "events-spool*.jsonl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +31,11 @@ class EventsConfig:
     linger: float = 0.05  # seconds a batch may wait to fill: events are not urgent, requests are
     close_timeout: float = 5.0  # seconds ``close`` waits for the queue to drain
     claim_idle: float = 60.0  # seconds before a dead consumer's pending entries are taken over
+    worker: int = 0  # the server worker this events process serves (``--workers``)
 
     @property
     def spool_path(self) -> Path:
-        return self.data_dir / SPOOL_FILE
+        """This events process's own spool: one per worker, as only its writer may empty it."""
+        return self.data_dir / (
+            SPOOL_FILE if not self.worker else f"events-spool-{self.worker}.jsonl"
+        )

@@ -27,7 +27,7 @@ import structlog
 
 from llm_proxy.events import builder, metrics
 from llm_proxy.events.bus import EventBus
-from llm_proxy.events.config import EventsConfig
+from llm_proxy.events.config import SPOOL_FAMILY, EventsConfig
 from llm_proxy.events.courtesy import release
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
@@ -254,6 +254,7 @@ async def open_bus(config: EventsConfig) -> EventBus:
             stream=config.stream,
             maxlen=config.maxlen,
             spool_path=config.spool_path,
+            spool_family=SPOOL_FAMILY,
             claim_idle=config.claim_idle,
         )
     return MemoryBus(config.memory_maxlen)

@@ -41,7 +41,7 @@ from llm_proxy.events import event as wire
 from llm_proxy.events import metrics
 from llm_proxy.events.bus import BusKind, BusUnavailable, Delivery
 from llm_proxy.events.event import Event
-from llm_proxy.events.spool import Spool
+from llm_proxy.events.spool import Spool, SpoolClaim, claim_left, claim_own
 
 log = structlog.get_logger(__name__)
 
@@ -175,15 +175,47 @@ class RedisBus:
         self._spool_lock = asyncio.Lock()
         self._replayer: asyncio.Task[None] | None = None
         self._subscriptions: set[RedisSubscription] = set()
+        # The spool's claim (see spool.py), whether it is a stand-in, and the spools of processes
+        # gone that this bus replays.
+        self._claim: SpoolClaim | None = None
+        self._stand_in = False
+        self._left: list[tuple[Spool, SpoolClaim]] = []
+        self._left_replayers: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def open(cls, url: str, **options: Any) -> RedisBus:
-        """Create the publishing bus (Redis need not be up yet): resume replaying a spool left by a
-        restart, and trim the stream from now on."""
-        bus = cls(url, **options)
+    async def open(
+        cls,
+        url: str,
+        *,
+        spool_path: Path | None = None,
+        spool_family: str | None = None,
+        **options: Any,
+    ) -> RedisBus:
+        """Create the bus (Redis need not be up yet); resume replaying a spool left by a restart.
+
+        With a ``spool_path``, the bus claims it for this process alone (or a stand-in beside it,
+        while another holds it); with a ``spool_family`` (a glob beside it), it also claims and
+        replays the spools no live process holds."""
+        claim, stand_in = (
+            await asyncio.to_thread(claim_own, spool_path)
+            if spool_path is not None
+            else (None, False)
+        )
+        bus = cls(url, spool_path=claim.path if claim is not None else None, **options)
+        bus._claim, bus._stand_in = claim, stand_in
         if bus._spool is not None and bus._spool.pending:
             log.info("events.spool_replay_resumed", pending_bytes=bus._spool.pending_bytes)
             bus._start_replay()
+        if spool_path is not None and spool_family is not None:
+            bus._left = await asyncio.to_thread(claim_left, spool_path, spool_family)
+            for spool, _ in bus._left:
+                log.info(
+                    "events.left_spool_claimed",
+                    path=str(spool.path),
+                    pending_bytes=spool.pending_bytes,
+                )
+                task = asyncio.get_running_loop().create_task(bus._replay(spool, asyncio.Lock()))
+                bus._left_replayers.add(task)
         bus._trimmer = asyncio.get_running_loop().create_task(bus._trim_periodically())
         return bus
 
@@ -270,18 +302,19 @@ class RedisBus:
         self._start_replay()
 
     def _start_replay(self) -> None:
-        if self._replayer is None or self._replayer.done():
-            self._replayer = asyncio.get_running_loop().create_task(self._replay())
-
-    async def _replay(self) -> None:
         assert self._spool is not None
-        spool = self._spool
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.get_running_loop().create_task(
+                self._replay(self._spool, self._spool_lock)
+            )
+
+    async def _replay(self, spool: Spool, lock: asyncio.Lock) -> None:
         delay = 0.05
         replayed = 0
         batch: tuple[list[Event], int] | None = None
         while True:
             if batch is None:
-                async with self._spool_lock:
+                async with lock:
                     if not spool.pending:
                         break
                     batch = await asyncio.to_thread(spool.read, _REPLAY_BATCH)
@@ -293,7 +326,7 @@ class RedisBus:
                 if isinstance(exc, _PartlyAdded) and exc.added:
                     # Keep what went in: sent again it would be a duplicate, and a batch bigger
                     # than the room Redis has left would never go in whole.
-                    async with self._spool_lock:
+                    async with lock:
                         _, done = await asyncio.to_thread(spool.read, exc.added)
                         await asyncio.to_thread(spool.advance, done)
                     replayed += exc.added
@@ -304,12 +337,12 @@ class RedisBus:
                 delay = min(delay * 2, _REPLAY_BACKOFF_MAX)
                 continue
             delay = 0.05
-            async with self._spool_lock:
+            async with lock:
                 await asyncio.to_thread(spool.advance, offset)
             batch = None
             replayed += len(events)
             metrics.REPLAYED.inc(len(events))
-        log.info("events.spool_replayed", events=replayed)
+        log.info("events.spool_replayed", events=replayed, path=str(spool.path))
 
     def subscribe(self, group: str, consumer: str, *, from_start: bool = True) -> RedisSubscription:
         subscription = RedisSubscription(self, group, consumer, from_start=from_start)
@@ -323,11 +356,23 @@ class RedisBus:
             return False
 
     async def close(self) -> None:
-        """Stop replaying (the spool stays on disk for the next start) and close connections."""
-        for task in (self._replayer, self._trimmer):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        """Stop replaying (the spools stay on disk for the next start), let go of them and close
+        connections."""
+        replayers = [
+            *self._left_replayers,
+            *(task for task in (self._replayer, self._trimmer) if task is not None),
+        ]
+        for task in replayers:
+            task.cancel()
+        await asyncio.gather(*replayers, return_exceptions=True)
+        for _, claim in self._left:
+            claim.release()
+        self._left = []
+        if self._claim is not None:
+            if self._stand_in and self._spool is not None and not self._spool.pending:
+                self._spool.discard()
+            self._claim.release()
+            self._claim = None
         for subscription in list(self._subscriptions):
             await subscription.close()
         await self.client.aclose()

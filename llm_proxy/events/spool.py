@@ -6,11 +6,17 @@ at-least-once contract allows). When everything is replayed the file is emptied.
 
 The methods are blocking file I/O; :class:`~llm_proxy.events.redis.RedisBus` runs them in a thread
 and serialises them with a lock.
+
+Only one process may write or replay a spool: emptying it once replayed would wipe another's lines.
+Each events process holds a :class:`SpoolClaim` (an exclusive ``flock``) on the spool it uses, and
+claims the spools no live process holds (left by a process gone) to replay them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,6 +87,10 @@ class Spool:
             file.seek(offset)
             while len(events) < max_events and offset < self._size:
                 line = file.readline()
+                if not line:  # shorter than this process wrote: end here rather than spin
+                    log.error("events.spool_shorter_than_written", path=str(self.path))
+                    self._size = offset
+                    break
                 offset += len(line)
                 try:
                     events.append(wire.loads(line))
@@ -103,3 +113,70 @@ class Spool:
             temporary.write_text(str(offset))
             os.replace(temporary, self._offset_path)
         metrics.SPOOL_PENDING.set(self.pending_bytes)
+
+    def discard(self) -> None:
+        """Remove an empty stand-in spool as its process ends (nobody else writes to it)."""
+        self.path.unlink(missing_ok=True)
+        self._offset_path.unlink(missing_ok=True)
+        self.path.with_name(self.path.name + ".lock").unlink(missing_ok=True)
+
+
+class SpoolClaim:
+    """The exclusive right to write or replay the spool at ``path``, held until released (or the
+    process ends: the kernel drops the lock)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def take(cls, path: Path) -> SpoolClaim | None:
+        """The claim on ``path``, or None when another process (or another bus) holds it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd)
+
+    def release(self) -> None:
+        # The lock file stays: a process that opened it must never lock a file since replaced.
+        os.close(self._fd)
+
+
+def claim_own(path: Path) -> tuple[SpoolClaim, bool]:
+    """The claim on ``path``, or, while another holds it (a predecessor still ending), on a spool
+    of this process's own beside it, which anyone may claim and replay once this process is gone.
+    Also says whether the spool is such a stand-in."""
+    claim = SpoolClaim.take(path)
+    stand_in = False
+    while claim is None:
+        stand_in = True
+        other = path.with_name(f"{path.stem}-{uuid.uuid4().hex[:8]}{path.suffix}")
+        log.warning("events.spool_held_elsewhere", path=str(path), instead=str(other))
+        claim = SpoolClaim.take(other)
+    return claim, stand_in
+
+
+def claim_left(own: Path, family: str) -> list[tuple[Spool, SpoolClaim]]:
+    """The spools matching ``family`` beside ``own`` that no process holds and that hold events
+    (a worker count that shrank, a process that wrote to a stand-in)."""
+    claimed: list[tuple[Spool, SpoolClaim]] = []
+    for path in sorted(own.parent.glob(family)):
+        if path == own or not path.is_file():
+            continue
+        claim = SpoolClaim.take(path)
+        if claim is None:
+            continue
+        spool = Spool(path)
+        if spool.pending:
+            claimed.append((spool, claim))
+        else:
+            claim.release()
+    return claimed

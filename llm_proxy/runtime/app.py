@@ -86,6 +86,7 @@ def events_config(settings: Settings) -> EventsConfig:
         redis_url=settings.redis_url,
         data_dir=settings.data_dir,
         maxlen=settings.events_stream_max_length,
+        worker=settings.worker_index,
     )
 
 

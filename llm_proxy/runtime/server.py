@@ -310,7 +310,7 @@ def migrate_database(url: str, data_dir: Path) -> tuple[list[int], str]:
 def _worker(settings: Settings, banner: str, index: int, restarts: int, lifeline: Lifeline) -> None:
     try:
         peers = WorkerPeers(settings.data_dir, index, settings.workers, restarts)
-        serve(settings, peers, lifeline.in_worker(), banner)
+        serve(replace(settings, worker_index=index), peers, lifeline.in_worker(), banner)
     except SettingsError as exc:
         print(f"llm-proxy: {exc}", file=sys.stderr, flush=True)
         sys.exit(START_FAILED)

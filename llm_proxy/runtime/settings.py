@@ -57,6 +57,7 @@ class Settings:
     data_dir: Path = Path("data")
     file_event_log: Path | None = None
     workers: int = 1
+    worker_index: int = 0  # this process's slot under --workers (set by the supervisor's worker)
     max_request_body_bytes: int = 64 * 1024 * 1024
     capture_body_bytes: int = 256 * 1024
     # Connections each process keeps to PostgreSQL (the LISTEN connection comes on top).

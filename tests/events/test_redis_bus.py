@@ -447,3 +447,52 @@ async def test_an_event_that_cannot_be_written_costs_only_itself(
         assert metric("llm_proxy_events_dropped_total", reason="unwritable") == before + 2
     finally:
         await bus.close()
+
+
+async def test_a_spool_left_by_a_worker_count_that_shrank_is_replayed(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    left = events(5)
+    Spool(tmp_path / "events-spool-1.jsonl").append(left)  # worker 1's, which no longer runs
+    bus = await RedisBus.open(
+        redis_server.url,
+        stream="t:events",
+        spool_path=tmp_path / "events-spool.jsonl",
+        spool_family="events-spool*.jsonl",
+    )
+    try:
+        reader = bus.subscribe("file", "a")
+        got: list[Event] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 5 and time.monotonic() < deadline:
+            got += [d.event for d in await reader.read(10, 0.2)]
+        assert got == left
+        await wait_for(lambda: not Spool(tmp_path / "events-spool-1.jsonl").pending)
+    finally:
+        await bus.close()
+
+
+async def test_two_buses_never_write_one_spool(redis_server: RedisServer, tmp_path: Path) -> None:
+    # The second (a predecessor still ending holds the first) spools beside it, and its spool is
+    # claimed and replayed by the next bus once it is gone.
+    path = tmp_path / "events-spool.jsonl"
+    options: dict[str, object] = {"stream": "t:events", "spool_family": "events-spool*.jsonl"}
+    first = await RedisBus.open(redis_server.url, spool_path=path, **options)
+    second = await RedisBus.open(redis_server.url, spool_path=path, **options)
+    redis_server.stop()
+    try:
+        await first.publish(events(2))
+        await second.publish(events(3))
+        assert len(path.read_bytes().splitlines()) == 2
+        (stand_in,) = [p for p in tmp_path.glob("events-spool-*.jsonl")]
+        assert len(stand_in.read_bytes().splitlines()) == 3
+    finally:
+        await second.close()
+        await first.close()
+    redis_server.start()
+    third = await RedisBus.open(redis_server.url, spool_path=path, **options)
+    try:
+        await wait_for(lambda: not third.spooling and not Spool(stand_in).pending)
+        assert await third.client.xlen("t:events") == 5
+    finally:
+        await third.close()

@@ -47,3 +47,15 @@ def test_a_bad_offset_file_means_start_over(tmp_path: Path) -> None:
     Spool(path).append([event])
     path.with_name("spool.jsonl.offset").write_text("999999")
     assert Spool(path).read(10)[0] == [event]
+
+
+def test_a_spool_shorter_than_written_ends_the_read(tmp_path: Path) -> None:
+    path = tmp_path / "spool.jsonl"
+    events = [build(exchange(request={"n": i}, response=b"")) for i in range(3)]
+    spool = Spool(path)
+    spool.append(events)
+    path.write_bytes(path.read_bytes().splitlines(keepends=True)[0])  # emptied behind its back
+    read, offset = spool.read(10)  # (it read on at the end of the file for ever)
+    assert (read, offset) == (events[:1], len(path.read_bytes()))
+    spool.advance(offset)
+    assert not spool.pending

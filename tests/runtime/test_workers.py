@@ -14,6 +14,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -23,7 +24,9 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis import Redis
 
+from tests.events.events_support import RedisServer
 from tests.processes import (
     START_TIMEOUT,
     MockUpstream,
@@ -554,3 +557,64 @@ def test_spend_of_tokens_without_a_budget_is_kept_by_every_worker_and_written_at
             "SELECT spent_nanousd FROM tokens WHERE id = ?", (issued["id"],)
         ).fetchone()
     assert spent == cost
+
+
+def test_on_redis_each_workers_spool_is_replayed_whole_after_an_outage(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    redis = RedisServer(tmp_path / "redis", durable=True)  # the stream survives its restart
+    redis.start()
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    server = start_server(
+        tmp_path / "data",
+        config,
+        tmp_path,
+        WORKERS="2",
+        LLM_PROXY_EVENT_BUS="redis",
+        REDIS_URL=redis.url,
+    )
+    try:
+        wait_for_workers(server, 2)
+        token = server.issue_token()
+        stop = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            senders = [pool.submit(_send_until, server, token, stop) for _ in range(4)]
+            time.sleep(1)
+            redis.stop()
+            time.sleep(4)  # both workers' events processes spool
+            redis.start()
+            time.sleep(4)  # and replay, under traffic
+            stop.set()
+            sent = sum(sender.result() for sender in senders)
+        client = Redis.from_url(redis.url)
+        deadline = time.monotonic() + 30
+        while (count := len(_stream_requests(client))) < sent:
+            assert time.monotonic() < deadline, (count, sent)
+            time.sleep(0.2)
+        assert count == sent
+        # The events processes report their counters every second.
+        while not (sums := scrape(server)).get("llm_proxy_events_spooled_total"):
+            assert time.monotonic() < deadline, "no events spooled"
+            time.sleep(0.2)
+        assert sums.get("llm_proxy_events_dropped_total", 0) == 0
+        assert "spool_malformed" not in server.process.stderr
+    finally:
+        code = server.stop(timeout=15)
+        redis.stop()
+    assert code == 0, server.process.stderr[-3000:]
+    spools = sorted(p.name for p in (tmp_path / "data").glob("events-spool*.jsonl"))
+    assert spools == ["events-spool-1.jsonl", "events-spool.jsonl"]
+
+
+def _send_until(server: ServerProcess, token: str, stop: threading.Event) -> int:
+    """Proxied requests, each on a new connection, until ``stop``; how many were answered."""
+    sent = 0
+    while not stop.is_set():
+        assert http("GET", f"{server.base_url}/v1/models", token=token)[0] == 200
+        sent += 1
+    return sent
+
+
+def _stream_requests(client: Redis) -> set[str]:
+    entries = client.xrange("llm-proxy:events")
+    return {json.loads(fields[b"e"])["request_id"] for _, fields in entries}
