@@ -2,12 +2,18 @@
 
 Rotation renames ``events.jsonl`` to ``events.jsonl.1`` (shifting older files up to ``backups``)
 before a batch that would take the file past ``max_bytes``, so a batch is never split across files.
+
+Several dispatchers may append to one file (``llm-proxy server --workers N --file-event-log``: each
+worker's events process runs one). Every write, the cut of a failed one and rotation happen under an
+exclusive ``flock`` of the file, with its size read from the file itself, so that no dispatcher cuts
+another's lines or writes into a file another rotated away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import io
 import os
 from collections.abc import Sequence
@@ -29,16 +35,15 @@ class FileBackend:
         self.max_bytes = max_bytes
         self.backups = backups
         self._file: io.FileIO | None = None
-        self._size = 0
 
     async def start(self) -> None:
         await asyncio.to_thread(self._open)
 
-    def _open(self) -> None:
+    def _open(self) -> io.FileIO:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Unbuffered: a failed write must not leave bytes in a buffer to resurface later.
         self._file = io.FileIO(self.path, "ab", opener=owner_only)
-        self._size = os.fstat(self._file.fileno()).st_size
+        return self._file
 
     async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
         lines: list[bytes] = []
@@ -57,28 +62,44 @@ class FileBackend:
         return refused
 
     def _write(self, data: bytes) -> None:
-        if self._file is None:
-            self._open()
-        if self._size and self._size + len(data) > self.max_bytes:
-            self._rotate()
-        assert self._file is not None
-        fd = self._file.fileno()
+        file = self._lock()
         try:
-            view = memoryview(data)
-            while view:
-                view = view[self._file.write(view) :]
-            os.fsync(fd)
-        except OSError:
-            # Cut a partly written batch, so the retry does not leave a torn line behind.
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, self._size)
-            raise
-        self._size += len(data)
+            size = os.fstat(file.fileno()).st_size
+            if size and size + len(data) > self.max_bytes:
+                self._rotate(file)  # (closing it let go of its lock)
+                file = self._lock()
+                size = os.fstat(file.fileno()).st_size  # another may have written it meanwhile
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[file.write(view) :]
+                os.fsync(file.fileno())
+            except OSError:
+                # Cut this partly written batch, and only it (no other writes while we hold the
+                # lock), so the retry does not leave a torn line behind.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(file.fileno(), size)
+                raise
+        finally:
+            if not file.closed:
+                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
 
-    def _rotate(self) -> None:
-        assert self._file is not None
-        self._file.close()
-        self._file = None
+    def _lock(self) -> io.FileIO:
+        """The file at ``path``, locked; reopened when another dispatcher rotated it away."""
+        while True:
+            file = self._file if self._file is not None else self._open()
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            try:
+                named = os.stat(self.path)
+            except FileNotFoundError:
+                named = None
+            opened = os.fstat(file.fileno())
+            if named is not None and (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+                return file
+            file.close()
+            self._file = None
+
+    def _rotate(self, file: io.FileIO) -> None:
         if self.backups > 0:
             for n in range(self.backups - 1, 0, -1):
                 older = self.path.with_name(f"{self.path.name}.{n}")
@@ -87,7 +108,8 @@ class FileBackend:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink()
-        self._open()
+        file.close()
+        self._file = None
 
     async def close(self) -> None:
         if self._file is not None:

@@ -32,8 +32,11 @@ from tests.processes import (
     MockUpstream,
     ServerProcess,
     clean_env,
+    cli_command,
+    free_port,
     http,
     run_start_that_fails,
+    spawn,
     start_mock_upstream,
     start_server,
     write_api_config,
@@ -618,3 +621,60 @@ def _send_until(server: ServerProcess, token: str, stop: threading.Event) -> int
 def _stream_requests(client: Redis) -> set[str]:
     entries = client.xrange("llm-proxy:events")
     return {json.loads(fields[b"e"])["request_id"] for _, fields in entries}
+
+
+def test_workers_writing_one_event_log_never_cut_each_others_lines(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    # Both workers' file dispatchers append to one log; the file size limit makes their writes
+    # fail part-way, as a full disk does, and each cuts its part-written batch.
+    log = tmp_path / "events.jsonl"
+    limit = 4 * 1024 * 1024
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    port = free_port()
+    variables = {
+        "DATA_DIR": str(tmp_path / "data"),
+        "LISTEN_ADDR": f"127.0.0.1:{port}",
+        "API_CONFIG_PATH": str(config),
+        "LOG_FORMAT": "json",
+        "WORKERS": "2",
+        "FILE_EVENT_LOG": str(log),
+    }
+    process = spawn(
+        ["prlimit", f"--fsize={limit}", *cli_command("server")],
+        clean_env(**variables),
+        tmp_path,
+        "server",
+    )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", tmp_path / "data")
+    try:
+        process.wait_for(f"{server.base_url}/health")
+        wait_for_workers(server, 2)
+        token = server.issue_token()
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 16384}]}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(
+                pool.map(
+                    lambda _: http(
+                        "POST", f"{server.base_url}/v1/chat/completions", token=token, body=body
+                    )[0],
+                    range(400),
+                )
+            )
+        assert statuses == [200] * 400
+        # Until the log is full and holds still.
+        deadline = time.monotonic() + 30
+        size, steady = -1, 0
+        while steady < 3:
+            assert time.monotonic() < deadline, size
+            time.sleep(1)
+            now = log.stat().st_size
+            steady = steady + 1 if now == size and now > limit // 2 else 0
+            size = now
+    finally:
+        server.stop(timeout=15)
+    # What each dispatcher wrote, by its own count, is still there.
+    stopped = log_events(server, "dispatcher.stopped")
+    delivered = sum(line["delivered"] for line in stopped if line["service"] == "file")
+    written = [json.loads(line)["request_id"] for line in log.read_bytes().splitlines()]
+    assert len(set(written)) == len(written) == delivered > 0
