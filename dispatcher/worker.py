@@ -27,6 +27,7 @@ from dispatcher.backends import Backend, BackendError, Rejection
 from dispatcher.deadletter import DeadLetterFile
 from dispatcher.exit_codes import Exit
 from dispatcher.retry import Backoff, asked_wait
+from llm_proxy.events import metrics as events_metrics
 from llm_proxy.events.bus import BusUnavailable, Delivery, EventBus, Subscription
 from llm_proxy.events.courtesy import courteously, release
 from llm_proxy.events.event import end_epoch
@@ -35,6 +36,8 @@ from llm_proxy.events.redis import consumer_name
 log = structlog.get_logger(__name__)
 
 _BURST_ACK_ATTEMPTS = 5
+# Events read at a time from a memory bus group left behind at a stop, to be dead-lettered.
+_QUEUED_READ = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,10 +260,12 @@ class Worker:
             if self._deadline is None or not self._deadline.expired():
                 raise  # not our drain deadline
             timed_out = True
-            await self._abandon("not delivered before shutdown")
+            await self._abandon(subscription, "not delivered before shutdown")
         finally:
             if self._auth_failure is not None:
-                await self._abandon(f"credentials refused ({self._auth_failure.reason})")
+                await self._abandon(
+                    subscription, f"credentials refused ({self._auth_failure.reason})"
+                )
             if beating is not None:
                 beating.cancel()
                 await asyncio.gather(beating, return_exceptions=True)
@@ -448,17 +453,18 @@ class Worker:
         for delivery in courteously(accepted):
             lag.observe(max(0.0, now - end_epoch(delivery.event)))
 
-    async def _abandon(self, reason: str) -> None:
+    async def _abandon(self, subscription: Subscription, reason: str) -> None:
         """Stopping with a batch in hand that was not delivered (drain deadline, refused
-        credentials)."""
-        if not self._inflight:
-            return
+        credentials); on the memory bus, with the events still queued for this dispatcher too."""
         if self.bus.kind == "memory":
             # Nothing will redeliver these; keep them where an operator can find them.
-            dead = [(d, reason) for d in self._inflight]
-            await self._dead_letter(dead)
-            self.summary.dead_lettered += len(dead)
-            metrics.DEAD_LETTERED.labels(self.backend.name).inc(len(dead))
+            left = list(self._inflight)
+            while queued := await subscription.read(_QUEUED_READ, 0):
+                left += queued
+            if left:
+                await self._dead_letter_left([(d, reason) for d in left])
+            return
+        if not self._inflight:
             return
         count = len(self._inflight)
         if self._handback is not None:
@@ -472,6 +478,22 @@ class Worker:
                 log.info("dispatcher.unacked_handed_back", count=count)
                 return
         log.warning("dispatcher.unacked_left_for_redelivery", count=count)
+
+    async def _dead_letter_left(self, dead: Sequence[tuple[Delivery, str]]) -> None:
+        try:
+            await self._dead_letter(dead)
+        except OSError as exc:
+            # Nowhere to keep them either (the disk of the log is full, say): count them as lost.
+            events_metrics.DROPPED.labels("undelivered_at_stop").inc(len(dead))
+            log.error(
+                "dispatcher.undelivered_dropped",
+                backend=self.backend.name,
+                count=len(dead),
+                error=str(exc),
+            )
+            return
+        self.summary.dead_lettered += len(dead)
+        metrics.DEAD_LETTERED.labels(self.backend.name).inc(len(dead))
 
     async def _beat(self) -> None:
         assert self._heartbeat is not None

@@ -37,6 +37,7 @@ DROP_REASONS = (
     "events_process_died",
     "events_process_backlog",
     "unwritable",
+    "undelivered_at_stop",
 )
 for _reason in DROP_REASONS:
     DROPPED.labels(_reason)

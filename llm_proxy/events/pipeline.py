@@ -83,6 +83,7 @@ class EventPipeline:
         self._attached: list[Closeable] = []
         self._closing = False
         self._drops = metrics.Drops("events.pipeline_dropped")
+        self._in_hand = 0  # exchanges of the batch taken from the queue, until published
         self.published = 0
         # Fills the tpm windows of the requests' tokens from their events (see settlement.py).
         self.settler: TokenSettler | None = None
@@ -169,6 +170,7 @@ class EventPipeline:
                     async with asyncio.timeout(self._linger):
                         await self._settling.wait()
             batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
+            self._in_hand = len(batch)
             self._queued_bytes -= sum(map(_CAPTURED_BYTES, batch))
             self._room.set()
             metrics.QUEUE_DEPTH.set(len(queue))
@@ -185,7 +187,9 @@ class EventPipeline:
             except Exception:  # a task boundary: keep the pipeline alive whatever one batch does
                 log.exception("events.batch_failed", size=len(batch))
                 metrics.DROPPED.labels("publish_failed").inc(len(batch))
+                self._in_hand = 0
                 continue
+            self._in_hand = 0
             self.published += len(events)
             release(events)
             release(batch)
@@ -232,7 +236,9 @@ class EventPipeline:
             except TimeoutError:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
-                left = len(self._queue)
+                # The batch cancelled on its way to the bus is lost as well as the queue.
+                left = len(self._queue) + self._in_hand
+                self._in_hand = 0
                 self._taken(list(self._queue))
                 self._queue.clear()
                 self._queued_bytes = 0

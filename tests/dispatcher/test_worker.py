@@ -220,6 +220,39 @@ async def test_drain_timeout_dead_letters_what_the_memory_bus_cannot_redeliver(
     assert {line["reason"] for line in dead_letters(tmp_path)} == {"not delivered before shutdown"}
 
 
+async def test_at_a_stop_the_memory_bus_events_still_queued_are_dead_lettered_too(
+    tmp_path: Path,
+) -> None:
+    bus = MemoryBus()
+    backend = RecordingBackend(lambda event, attempt: Rejection("HTTP 503", retryable=True))
+    worker = Worker(bus, backend, settings(tmp_path, burst=False, drain_timeout=0.3, batch_size=2))
+    worker.start()
+    sent = events(10)
+    await bus.publish(sent)  # two in hand, retried until the stop; eight queued behind them
+    await asyncio.sleep(0.1)
+    summary = await worker.drain()
+    assert summary.dead_lettered == 10
+    assert [line["event"] for line in dead_letters(tmp_path)] == sent
+
+
+async def test_at_a_stop_events_that_cannot_be_dead_lettered_either_are_counted_as_dropped(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("")  # the dead-letter file cannot be created below it
+    dropped = "llm_proxy_events_dropped_total"
+    before = REGISTRY.get_sample_value(dropped, {"reason": "undelivered_at_stop"}) or 0.0
+    bus = MemoryBus()
+    backend = RecordingBackend(lambda event, attempt: Rejection("HTTP 503", retryable=True))
+    options = {"dead_letter_path": tmp_path / "file" / "dead.jsonl", "batch_size": 2}
+    worker = Worker(bus, backend, settings(tmp_path, burst=False, drain_timeout=0.3, **options))
+    worker.start()
+    await bus.publish(events(10))
+    await asyncio.sleep(0.1)
+    await worker.drain()
+    after = REGISTRY.get_sample_value(dropped, {"reason": "undelivered_at_stop"})
+    assert after == before + 10
+
+
 async def test_a_backend_that_cannot_start_fails_the_worker(tmp_path: Path) -> None:
     class Broken(RecordingBackend):
         async def start(self) -> None:

@@ -161,6 +161,23 @@ async def test_close_gives_up_after_its_timeout_and_counts_the_rest() -> None:
     assert pipeline.dropped >= 2
 
 
+async def test_close_counts_the_batch_it_cancels_on_its_way_to_the_bus() -> None:
+    def slow_build(ex: Exchange) -> Event:
+        time.sleep(0.1)
+        return build(ex)
+
+    bus = MemoryBus()
+    subscription = bus.subscribe("file", "a")
+    pipeline = EventPipeline(bus, build=slow_build, batch_size=4, close_timeout=0.1, linger=0)
+    pipeline.start()
+    for _ in range(4):
+        pipeline.submit(exchange(request={}, response=b""))
+    await asyncio.sleep(0)  # the one batch of four leaves the queue for the builder
+    await pipeline.close()
+    assert await subscription.read(10, 0) == []
+    assert (pipeline.published, pipeline.dropped) == (0, 4)
+
+
 async def test_submit_never_waits() -> None:
     pipeline = await start_event_pipeline(EventsConfig(bus="memory", queue_size=100_000))
     exchanges = [exchange(request={}, response=b"") for _ in range(20_000)]
