@@ -30,6 +30,11 @@ DUPLICATES = Counter(
     ["backend"],
 )
 BATCHES = Counter("llm_proxy_dispatcher_batches", "Batches sent to a backend.", ["backend"])
+TORN_LINES_CUT = Counter(
+    "llm_proxy_dispatcher_torn_lines_cut",
+    "Partial last lines (a dispatcher killed mid-write) cut from the event log before writing on "
+    "(the events they began are redelivered from Redis, or were never acknowledged).",
+)
 
 
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)

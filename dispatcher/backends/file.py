@@ -6,7 +6,9 @@ before a batch that would take the file past ``max_bytes``, so a batch is never 
 Several dispatchers may append to one file (``llm-proxy server --workers N --file-event-log``: each
 worker's events process runs one). Every write, the cut of a failed one and rotation happen under an
 exclusive ``flock`` of the file, with its size read from the file itself, so that no dispatcher cuts
-another's lines or writes into a file another rotated away.
+another's lines or writes into a file another rotated away. A last line torn by a dispatcher killed
+mid-write is cut, under the lock, before the next write, so that nothing is glued onto it and every
+line stays one whole event.
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
+import structlog
 
+from dispatcher import metrics
 from dispatcher.backends import BackendError, Rejection
 from llm_proxy.events import event as wire
 from llm_proxy.events.event import Event
 from llm_proxy.private_files import owner_only
+
+log = structlog.get_logger(__name__)
+
+_TAIL_PIECE = 64 * 1024  # bytes read back at a time looking for the end of the last whole line
 
 
 class FileBackend:
@@ -41,8 +49,9 @@ class FileBackend:
 
     def _open(self) -> io.FileIO:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Unbuffered: a failed write must not leave bytes in a buffer to resurface later.
-        self._file = io.FileIO(self.path, "ab", opener=owner_only)
+        # Unbuffered: a failed write must not leave bytes in a buffer to resurface later. Readable
+        # too, to find the end of a torn last line.
+        self._file = io.FileIO(self.path, "a+b", opener=owner_only)
         return self._file
 
     async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
@@ -64,11 +73,11 @@ class FileBackend:
     def _write(self, data: bytes) -> None:
         file = self._lock()
         try:
-            size = os.fstat(file.fileno()).st_size
+            size = self._whole_lines(file.fileno())
             if size and size + len(data) > self.max_bytes:
                 self._rotate(file)  # (closing it let go of its lock)
                 file = self._lock()
-                size = os.fstat(file.fileno()).st_size  # another may have written it meanwhile
+                size = self._whole_lines(file.fileno())  # another may have written it meanwhile
             try:
                 view = memoryview(data)
                 while view:
@@ -98,6 +107,24 @@ class FileBackend:
                 return file
             file.close()
             self._file = None
+
+    def _whole_lines(self, fd: int) -> int:
+        """The size of the locked file, once a torn last line is cut."""
+        size = os.fstat(fd).st_size
+        if not size or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        whole = size
+        while whole:  # back to just after the last newline, a piece at a time
+            start = max(0, whole - _TAIL_PIECE)
+            newline = os.pread(fd, whole - start, start).rfind(b"\n")
+            if newline >= 0:
+                whole = start + newline + 1
+                break
+            whole = start
+        os.ftruncate(fd, whole)
+        metrics.TORN_LINES_CUT.inc()
+        log.warning("dispatcher.torn_line_cut", path=str(self.path), bytes=size - whole)
+        return whole
 
     def _rotate(self, file: io.FileIO) -> None:
         if self.backups > 0:

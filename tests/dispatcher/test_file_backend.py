@@ -4,6 +4,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from dispatcher.backends import BackendError
 from dispatcher.backends.file import FileBackend
@@ -93,3 +94,23 @@ async def test_an_event_that_cannot_be_written_is_refused_for_good_and_the_rest_
     await backend.close()
     assert list(refused) == [1] and not refused[1].retryable
     assert lines(path) == [0, 2]
+
+
+async def test_a_line_torn_by_a_killed_writer_is_cut_before_the_next_write(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    before = REGISTRY.get_sample_value("llm_proxy_dispatcher_torn_lines_cut_total") or 0.0
+    sent = events(3)
+    backend = FileBackend(path)
+    await backend.start()
+    await backend.send(sent[:2])
+    await backend.close()
+    # What a dispatcher killed mid-write leaves: the first bytes of a long line, no newline.
+    torn = build(exchange(request={"n": -1, "pad": "y" * 200_000}, response=b""))
+    with path.open("ab") as file:
+        file.write(orjson.dumps(torn)[:150_000])
+    backend = FileBackend(path)
+    await backend.start()
+    await backend.send(sent[2:])
+    await backend.close()
+    assert lines(path) == [0, 1, 2]
+    assert REGISTRY.get_sample_value("llm_proxy_dispatcher_torn_lines_cut_total") == before + 1
