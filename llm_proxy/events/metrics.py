@@ -68,16 +68,34 @@ QUEUE_DEPTH = Gauge("llm_proxy_events_queue_depth", "Exchanges waiting in the pi
 USAGE = Counter("llm_proxy_events_usage", "Events by where their usage came from.", ["source"])
 TPM_UNRECORDED = Counter(
     "llm_proxy_events_tpm_unrecorded",
-    "Requests of tpm-limited tokens whose tokens could not be added to the token's window "
-    "(the store or Redis holding it was unreachable).",
+    "Requests of tpm-limited tokens whose tokens were never added to the token's window: the "
+    "store or Redis holding it stayed unreachable for the whole window, more were waiting than "
+    "the bound, or the process stopped first.",
 )
 BUDGET_SETTLEMENTS = Counter(
     "llm_proxy_events_budget_settlements",
     "Budget holds settled once the usage was known, by outcome (settled: cost recorded; "
-    "released: nothing to pay; failed: the store or Redis holding it was unreachable, and the hold "
-    "stays until it expires).",
+    "released: nothing to pay; failed: given up while the store or Redis holding it was "
+    "unreachable, with more waiting than the bound or the process stopping; the hold then stays "
+    "until it expires and the spend is missing).",
     ["outcome"],
 )
+for _outcome in ("settled", "released", "failed"):
+    BUDGET_SETTLEMENTS.labels(_outcome)
+SETTLEMENT_RETRIES = Counter(
+    "llm_proxy_events_settlement_retries",
+    "Budget settlements and tpm records tried again after the store or Redis holding them failed "
+    "(each try of each one), by kind.",
+    ["kind"],
+)
+SETTLEMENTS_WAITING = Gauge(
+    "llm_proxy_events_settlements_waiting",
+    "Budget settlements and tpm records waiting to be tried again, by kind.",
+    ["kind"],
+)
+for _kind in ("budget", "tpm"):
+    SETTLEMENT_RETRIES.labels(_kind)
+    SETTLEMENTS_WAITING.labels(_kind)
 BUDGET_OVERRUN = Counter(
     "llm_proxy_events_budget_overrun_nanousd",
     "Spend beyond what was held for the requests that cost more than their hold, in nano-dollars.",

@@ -12,20 +12,18 @@ upstream may have produced the whole answer).
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections import deque
 from collections.abc import Sequence
 
-import structlog
-
-from llm_proxy.events import metrics
 from llm_proxy.events.event import Event
 from llm_proxy.events.lifetime_spend import SpendBatcher
+from llm_proxy.events.settlement_retry import SettlementRetry, TokensToRecord, count_settled
 from llm_proxy.models import nanousd
 from llm_proxy.proxy.budget_ledger import BudgetLedger, Settlement
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.proxy.rate_limits import RateWindows
-
-log = structlog.get_logger(__name__)
 
 
 def settled_cost(event: Event, held: int, *, request_kept: bool = True) -> int:
@@ -43,12 +41,14 @@ def settled_cost(event: Event, held: int, *, request_kept: bool = True) -> int:
 
 class TokenSettler:
     """Records each request's tokens in its token's tpm window, settles its budget hold, and adds
-    the cost of a request that held nothing to its token's spend (batched: see lifetime_spend.py)."""
+    the cost of a request that held nothing to its token's spend (batched: see lifetime_spend.py).
+    What fails is tried again until it lands (see settlement_retry.py)."""
 
     def __init__(self, windows: RateWindows, budgets: BudgetLedger) -> None:
         self._windows = windows
         self._budgets = budgets
         self._spend = SpendBatcher(budgets)
+        self._retry = SettlementRetry(budgets, windows)
 
     async def settle(self, batch: Sequence[Exchange], events: Sequence[Event]) -> None:
         # By request id, in the batch's order: a client may send one id twice (a retry), and each
@@ -79,7 +79,7 @@ class TokenSettler:
                 self._add_spend(event)
             usage = event["usage"]
             if exchange.tpm_limited and usage and usage["total_tokens"]:
-                await self._record_tokens(event, usage["total_tokens"])
+                await self._record_tokens(event["token_id"], usage["total_tokens"])
         if settlements:
             await self._settle_holds(settlements)
 
@@ -90,31 +90,30 @@ class TokenSettler:
             self._spend.add(event["token_id"], nanousd(cost))
 
     async def _settle_holds(self, settlements: list[Settlement]) -> None:
+        if self._retry.budgets_failing:
+            self._retry.add_settlements(settlements)  # tried with those waiting
+            return
         # One round trip for the batch: settled one by one, a busy proxy's events outran them.
         try:
             await self._budgets.settle_many(settlements)
         except Exception as exc:
-            # Counted, never silent: the holds keep their amounts until they expire, and the
-            # spend is missing from the budgets.
-            metrics.BUDGET_SETTLEMENTS.labels("failed").inc(len(settlements))
-            log.error("events.budget_settle_failed", holds=len(settlements), error=str(exc))
+            count_settled(s for s in settlements if s.done)
+            self._retry.add_settlements([s for s in settlements if not s.done], error=str(exc))
             return
-        for s in settlements:
-            metrics.BUDGET_SETTLEMENTS.labels("settled" if s.cost else "released").inc()
-            if s.cost > s.held:
-                # The bound was beaten (a price raised by a reload, an upstream counting
-                # otherwise): the spend is recorded whole, and the overrun shows here.
-                metrics.BUDGET_OVERRUN.inc(s.cost - s.held)
+        count_settled(settlements)
 
-    async def _record_tokens(self, event: Event, tokens: int) -> None:
+    async def _record_tokens(self, token_id: str, tokens: int) -> None:
+        record = TokensToRecord(token_id, tokens, secrets.token_hex(8), time.monotonic())
+        if self._retry.windows_failing:
+            self._retry.add_record(record)
+            return
         try:
-            await self._windows.record_tokens(event["token_id"], tokens)
+            await self._windows.record_tokens(token_id, tokens, record.entry)
         except Exception as exc:
-            # Counted, never silent: the window is short by this request until it slides on.
-            metrics.TPM_UNRECORDED.inc()
-            log.error("events.tpm_record_failed", request_id=event["request_id"], error=str(exc))
+            self._retry.add_record(record, error=str(exc))
 
     async def close(self) -> None:
         await self._spend.close()
+        await self._retry.close()
         await self._windows.close()
         await self._budgets.close()

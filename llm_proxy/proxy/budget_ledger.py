@@ -21,7 +21,8 @@ cost with :meth:`BudgetLedger.add_spend` (see ``events/lifetime_spend.py``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from redis.asyncio import Redis
@@ -31,6 +32,7 @@ from redis.backoff import NoBackoff
 from llm_proxy.models import BudgetHold
 from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
+from llm_proxy.store.unavailable import CommitInDoubt
 
 log = structlog.get_logger(__name__)
 
@@ -39,13 +41,50 @@ log = structlog.get_logger(__name__)
 HOLD_SECONDS = 3600.0
 
 
-class Settlement(NamedTuple):
-    """A finished request's hold (``held`` nano-dollars) and what it cost."""
+@dataclass(slots=True, eq=False)
+class Settlement:
+    """A finished request's hold (``held`` nano-dollars) and what it cost; and, for one that is
+    retried after a failure, which of its parts have landed.
+
+    A settlement has two parts: the hold (released, its cost moved to the spend Redis admits
+    from, when holds live there) and the spend kept in the database. Each is done once: a retry
+    does only what is left, and never adds a spend twice after a failure that left it unknown
+    whether a part ran (see ``hold_in_doubt`` and ``spend_in_doubt``)."""
 
     token_id: str
     hold_id: str
     held: int
     cost: int
+    hold_done: bool = False
+    spend_done: bool = False
+    # An attempt at the hold failed after it may have run: a retry adds the cost only where it
+    # still finds the hold.
+    hold_in_doubt: bool = False
+    # A database transaction that may have recorded the spend: asked before it is written again.
+    spend_in_doubt: CommitInDoubt | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.hold_done and self.spend_done
+
+
+async def _spend_not_committed(settlements: list[Settlement]) -> list[Settlement]:
+    """``settlements`` but those whose spend a transaction in doubt turns out to have committed
+    (marked done). Raises while the database cannot tell."""
+    doubts = {id(s.spend_in_doubt): s.spend_in_doubt for s in settlements if s.spend_in_doubt}
+    committed = set()
+    for key, doubt in doubts.items():
+        if await doubt.committed():
+            committed.add(key)
+    todo = []
+    for s in settlements:
+        if s.spend_in_doubt is not None:
+            if id(s.spend_in_doubt) in committed:
+                s.spend_done = True
+                continue
+            s.spend_in_doubt = None
+        todo.append(s)
+    return todo
 
 
 class BudgetLedger(Protocol):
@@ -60,7 +99,9 @@ class BudgetLedger(Protocol):
         ...
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> None:
-        """:meth:`settle` for a batch, in one round trip to each place the ledger keeps."""
+        """:meth:`settle` for a batch, in one round trip to each place the ledger keeps. Marks in
+        each settlement what landed; raises when something did not, and a later call with the
+        same settlements does what is left (see :class:`Settlement`)."""
         ...
 
     async def add_spend(self, spends: Mapping[str, int]) -> None:
@@ -92,7 +133,19 @@ class StoreBudgetLedger:
         await self._store.settle_budget(token_id, hold_id, cost)
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> None:
-        await self._store.settle_budgets([(s.token_id, s.hold_id, s.cost) for s in settlements])
+        # The hold and the spend are one transaction on the token's row: both land, or neither.
+        todo = await _spend_not_committed([s for s in settlements if not s.spend_done])
+        for s in settlements:
+            s.hold_done = s.spend_done
+        try:
+            if todo:
+                await self._store.settle_budgets([(s.token_id, s.hold_id, s.cost) for s in todo])
+        except CommitInDoubt as doubt:
+            for s in todo:
+                s.spend_in_doubt = doubt
+            raise
+        for s in todo:
+            s.hold_done = s.spend_done = True
 
     async def add_spend(self, spends: Mapping[str, int]) -> None:
         await self._store.settle_budgets([(token, "", cost) for token, cost in spends.items()])
@@ -171,14 +224,19 @@ return {1, amount, room - amount}
 """
 )
 
-# ARGV: the hold's member, the cost, the amount held. The spend grows only where Redis still has
-# it: otherwise the next hold reads it, settled cost included, from the database. A hold already
-# gone (expired, or settled twice) leaves the sum as it is.
+# ARGV: the hold's member, the cost, the amount held, 1 when an earlier attempt may have run. The
+# spend grows only where Redis still has it: otherwise the next hold reads it, settled cost
+# included, from the database. A hold already gone (expired, or settled before) leaves the sum as
+# it is; and after an attempt that may have run, it means that attempt ran, so the cost is not
+# added again.
 _SETTLE = """
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[3]) == 1 then
+local removed = redis.call('ZREM', KEYS[2], ARGV[1]) == 1
+if removed and redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('DECRBY', KEYS[3], ARGV[3]) < 0 then redis.call('SET', KEYS[3], 0, 'KEEPTTL') end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[2]) end
+if (removed or ARGV[4] == '0') and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('INCRBY', KEYS[1], ARGV[2])
+end
 return 1
 """
 
@@ -255,20 +313,55 @@ class RedisBudgetLedger:
         await self.settle_many([Settlement(token_id, hold_id, held, cost)])
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for s in settlements:
-                await self._settle(
-                    keys=self._keys(s.token_id),
-                    args=[f"{s.hold_id}:{s.held}", s.cost, s.held],
-                    client=pipe,
-                )
-            await pipe.execute()
+        # Redis first, as the hold keeps the budget from other requests; the database whether or
+        # not Redis answered, as it keeps the spend for good (and seeds a Redis that lost it).
+        failure: Exception | None = None
+        holds = [s for s in settlements if not s.hold_done]
+        if holds:
+            try:
+                await once_more_on_a_new_connection(self._redis, lambda: self._settle_holds(holds))
+            except Exception as exc:
+                failure = exc
+        try:
+            await self._record_spend([s for s in settlements if not s.spend_done])
+        except Exception as exc:
+            failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    async def _settle_holds(self, holds: list[Settlement]) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for s in holds:
+                    await self._settle(
+                        keys=self._keys(s.token_id),
+                        args=[f"{s.hold_id}:{s.held}", s.cost, s.held, int(s.hold_in_doubt)],
+                        client=pipe,
+                    )
+                await pipe.execute()
+        except BaseException:
+            # Sent or not, run or not: Redis may have settled any of them.
+            for s in holds:
+                s.hold_in_doubt = True
+            raise
+        for s in holds:
+            s.hold_done = True
+
+    async def _record_spend(self, settlements: list[Settlement]) -> None:
+        todo = await _spend_not_committed(settlements)
         spent: dict[str, int] = {}
-        for s in settlements:
+        for s in todo:
             if s.cost:
                 spent[s.token_id] = spent.get(s.token_id, 0) + s.cost
-        if spent:
-            await self._store.settle_budgets([(token, "", cost) for token, cost in spent.items()])
+        try:
+            if spent:
+                await self._store.settle_budgets([(t, "", cost) for t, cost in spent.items()])
+        except CommitInDoubt as doubt:
+            for s in todo:
+                s.spend_in_doubt = doubt
+            raise
+        for s in todo:
+            s.spend_done = True
 
     async def add_spend(self, spends: Mapping[str, int]) -> None:
         # The database first: it keeps this spend, and only its failure is worth a retry. Redis
@@ -286,7 +379,10 @@ class RedisBudgetLedger:
             log.error("budget_ledger.redis_spend_failed", tokens=len(spends), error=str(exc))
 
     async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
-        spent, held = await self._status(keys=self._keys(token_id))
+        keys = self._keys(token_id)
+        spent, held = await once_more_on_a_new_connection(
+            self._redis, lambda: self._status(keys=keys)
+        )
         if spent == -1:
             return None
         return int(spent), int(held)

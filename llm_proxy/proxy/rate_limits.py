@@ -10,7 +10,6 @@ request path of rate-limited tokens; the store needs no extra service.
 
 from __future__ import annotations
 
-import secrets
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -26,7 +25,12 @@ class RateWindows(Protocol):
     async def take(self, token_id: str, rpm: int) -> RateSlot: ...
     async def give_back(self, token_id: str, at_micros: int) -> None: ...
     async def tpm_room(self, token_id: str, tpm: int) -> RateSlot: ...
-    async def record_tokens(self, token_id: str, tokens: int) -> None: ...
+    async def record_tokens(self, token_id: str, tokens: int, entry: str) -> None:
+        """Add a settled request's ``tokens`` to the token's tpm window; ``entry`` names them
+        there, so that a retry after an answer that never came adds them once (where the window
+        can tell)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -48,7 +52,9 @@ class StoreRateWindows:
     async def tpm_room(self, token_id: str, tpm: int) -> RateSlot:
         return await self._store.tpm_room(token_id)
 
-    async def record_tokens(self, token_id: str, tokens: int) -> None:
+    async def record_tokens(self, token_id: str, tokens: int, entry: str) -> None:
+        # The row's log has no names: a retry after a COMMIT whose answer was lost may count the
+        # tokens twice, for the rest of one minute, which errs on the side of the limit.
         await self._store.record_tokens(token_id, tokens)
 
     async def close(self) -> None:
@@ -97,11 +103,12 @@ end
 return {0, window}
 """
 
-# KEYS[1]: the token's tpm log; ARGV[1]: tokens; ARGV[2]: the window; ARGV[3]: a unique suffix.
+# KEYS[1]: the token's tpm log; ARGV[1]: tokens; ARGV[2]: the window; ARGV[3]: the entry's unique
+# id (added once however often it is sent).
 _RECORD_TOKENS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZADD', KEYS[1], now, ARGV[3] .. ':' .. ARGV[1])
+redis.call('ZADD', KEYS[1], 'NX', now, ARGV[3] .. ':' .. ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) / 1000) + 1000)
 return 1
@@ -148,10 +155,12 @@ class RedisRateWindows:
         )
         return RateSlot(bool(room), retry_after=int(retry_after) / 1e6)
 
-    async def record_tokens(self, token_id: str, tokens: int) -> None:
-        await self._record_tokens(
-            keys=[f"llm-proxy:tpm:{token_id}"],
-            args=[tokens, RATE_WINDOW_MICROS, secrets.token_hex(4)],
+    async def record_tokens(self, token_id: str, tokens: int, entry: str) -> None:
+        await once_more_on_a_new_connection(
+            self._redis,
+            lambda: self._record_tokens(
+                keys=[f"llm-proxy:tpm:{token_id}"], args=[tokens, RATE_WINDOW_MICROS, entry]
+            ),
         )
 
     async def close(self) -> None:

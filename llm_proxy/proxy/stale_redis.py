@@ -3,10 +3,11 @@ redis-py finds out only when a command sent on one reads end of file. Such a com
 more, on a new connection, rather than refusing the request ``limits_unavailable`` while Redis is
 up (a burst after a restart was refused for as many requests as the pool held connections).
 
-Only for the request path's commands, whose second run errs towards the limit if the first did
-run after all (the connection died between the command and its reply): a rate slot or a budget
-hold counted twice until it expires. A refused or unreachable Redis is not retried: the outage
-is the answer, at once.
+Only for commands whose second run is harmless if the first did run after all (the connection
+died between the command and its reply): the request path's, which then err towards the limit (a
+rate slot or a budget hold counted twice until it expires), and the settlements', which a second
+run does not repeat (see ``budget_ledger.py``, ``rate_limits.py``). A refused or unreachable
+Redis is not retried here: the outage is the answer, at once.
 """
 
 from __future__ import annotations

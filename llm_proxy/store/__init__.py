@@ -118,7 +118,9 @@ class Store(Protocol):
 
     async def settle_budgets(self, settlements: Sequence[tuple[str, str, int]]) -> None:
         """:meth:`settle_budget` for each ``(token_id, hold_id, cost_nanousd)``, all in one
-        transaction: the events pipeline settles a batch at a time."""
+        transaction: the events pipeline settles a batch at a time. Raises
+        :class:`~llm_proxy.store.unavailable.CommitInDoubt` when the transaction may have
+        committed although the call failed; any other failure left nothing written."""
         ...
 
     async def reclaim_budget_holds(self) -> int:

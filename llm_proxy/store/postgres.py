@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -49,7 +50,11 @@ from llm_proxy.store.records import (
     check_columns,
     with_revoke_counts,
 )
-from llm_proxy.store.unavailable import UnreadableDatabaseUrl, without_credentials
+from llm_proxy.store.unavailable import (
+    CommitInDoubt,
+    UnreadableDatabaseUrl,
+    without_credentials,
+)
 
 CHANGES_CHANNEL = "llm_proxy_changes"
 # How this process's connections are named in pg_stat_activity.
@@ -586,10 +591,26 @@ class PostgresStore:
     async def settle_budgets(self, settlements: Sequence[tuple[str, str, int]]) -> None:
         if not settlements:
             return
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
-            # In the same order in every instance: two batches locking the same tokens' rows in
-            # opposite orders would deadlock.
-            await conn.executemany(_SETTLE_BUDGET, sorted(settlements))
+        committing = False
+        try:
+            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+                # Spend added twice is spend made up, so a batch whose COMMIT went unanswered is
+                # not simply sent again: its transaction's fate is asked for first.
+                txid = await conn.fetchval("SELECT txid_current()")
+                # In the same order in every instance: two batches locking the same tokens' rows
+                # in opposite orders would deadlock.
+                await conn.executemany(_SETTLE_BUDGET, sorted(settlements))
+                committing = True
+        except Exception as exc:
+            if committing:
+                raise CommitInDoubt(partial(self._committed, txid)) from exc
+            raise  # before COMMIT: the database rolled it back
+
+    async def _committed(self, txid: int) -> bool:
+        status = await self._fetchval("SELECT txid_status($1)", txid)
+        if status not in ("committed", "aborted"):
+            raise RuntimeError(f"transaction {txid} is {status or 'unknown'}")
+        return bool(status == "committed")
 
     async def reclaim_budget_holds(self) -> int:
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
 import asyncpg
@@ -46,3 +47,13 @@ def without_credentials(text: str, url: str) -> str:
         if len(secret) >= _SHORTEST_PIECE:
             text = text.replace(secret, "***")
     return text
+
+
+class CommitInDoubt(Exception):
+    """A transaction's COMMIT went to the database and its answer never came back (the connection
+    died, or timed out): it may or may not have committed. ``committed()`` asks the database which,
+    and raises while it cannot tell (unreachable, or the transaction is still ending)."""
+
+    def __init__(self, committed: Callable[[], Awaitable[bool]]) -> None:
+        super().__init__("the database's answer to COMMIT was lost")
+        self.committed = committed

@@ -1,0 +1,318 @@
+"""Budget settlements and tpm records land although Redis or PostgreSQL was away when the answer
+ended (restarted, down, or the answer to the command lost), and a retry never counts twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
+
+from llm_proxy.models import AuditEntry, Project, Token, utcnow
+from llm_proxy.proxy.budget_ledger import RedisBudgetLedger, Settlement, StoreBudgetLedger
+from llm_proxy.store import Store
+from llm_proxy.store.opening import open_store
+from llm_proxy.tools.mock_upstream import MockSettings
+from tests.conftest import Proxy
+from tests.events.events_support import RedisServer
+from tests.fakes import fake_upstream_app
+from tests.postgres import PostgresServer
+from tests.proxy.test_budgets import PRICES, bearer, chat, post
+from tests.proxy.test_lifetime_spend import cost_of
+from tests.raw_servers import RawServers
+
+AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
+BUDGET = 1_000_000_000
+
+
+class AnswerLosingRelay:
+    """A TCP relay to a server that, once armed, passes on the first message holding ``word`` and
+    then cuts its client off, so the server runs the command and its answer never arrives."""
+
+    def __init__(self, target_port: int, word: bytes) -> None:
+        self._target = target_port
+        self._word = word.lower()
+        self._servers = RawServers()
+        self.armed = False
+        self.port = 0
+
+    async def start(self) -> None:
+        self.port = await self._servers.start(self._relay)
+
+    async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        server, to_server = await asyncio.open_connection("127.0.0.1", self._target)
+
+        async def answers() -> None:
+            while data := await server.read(65536):
+                if not to_client.is_closing():
+                    to_client.write(data)
+
+        forwarding = asyncio.ensure_future(answers())
+        try:
+            while data := await client.read(65536):
+                to_server.write(data)
+                await to_server.drain()
+                if self.armed and self._word in data.lower():
+                    self.armed = False
+                    to_client.transport.abort()
+                    break
+            await asyncio.sleep(1)  # the server answers into the void
+        finally:
+            forwarding.cancel()
+            to_server.close()
+
+    async def close(self) -> None:
+        await self._servers.close()
+
+
+async def add_token(store: Store) -> None:
+    now = utcnow()
+    await store.create_project(
+        Project("p1", "p1", "", {}, True, now, now, "sk-…", "ciphertext"), AUDIT
+    )
+    token = Token(
+        id="t1",
+        project_id="p1",
+        expires_at=now + timedelta(hours=1),
+        is_active=True,
+        request_count=0,
+        max_requests=None,
+        created_at=now,
+        last_used_at=None,
+        budget_nanousd=BUDGET,
+        spent_nanousd=0,
+    )
+    await store.create_token(token, "hash-t1", AUDIT)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await open_store(f"sqlite:///{tmp_path}/ledger.db")
+    await add_token(store)
+    yield store
+    await store.close()
+
+
+async def test_a_settlement_whose_answer_redis_lost_counts_once(
+    redis_server: RedisServer, sqlite_store: Store
+) -> None:
+    """Redis ran the settlement and the connection died before its answer: it is sent again on a
+    new connection, which must neither fail nor add the cost a second time."""
+    relay = AnswerLosingRelay(redis_server.port, b"EVALSHA")
+    await relay.start()
+    direct = RedisBudgetLedger(redis_server.url, sqlite_store)
+    relayed = RedisBudgetLedger(f"redis://127.0.0.1:{relay.port}/0", sqlite_store)
+    try:
+        hold = await direct.hold("t1", "h1", BUDGET, 5_000, 100, time.time() + 3600)
+        assert await relayed.spent_and_held("t1") == (0, 5_000)  # pools a connection
+        relay.armed = True
+        settlement = Settlement("t1", "h1", hold.held_nanousd, 3_000)
+        await relayed.settle_many([settlement])
+        assert not relay.armed  # the answer was lost indeed
+        assert await direct.spent_and_held("t1") == (3_000, 0)
+        token = await sqlite_store.get_token("t1")
+        assert token is not None and token.spent_nanousd == 3_000
+    finally:
+        await relay.close()
+        await direct.close()
+        await relayed.close()
+
+
+@pytest.fixture
+def pg_database(postgres_server: PostgresServer) -> Iterator[tuple[PostgresServer, str]]:
+    with postgres_server.database() as url:
+        yield postgres_server, url
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+async def test_a_settlement_whose_commit_answer_postgresql_lost_counts_once(
+    pg_database: tuple[PostgresServer, str],
+) -> None:
+    """PostgreSQL committed the settlement and the connection died before it said so: the retry
+    asks whether that transaction committed rather than adding the spend again."""
+    server, url = pg_database
+    store = await open_store(url)
+    await add_token(store)
+    relay = AnswerLosingRelay(server.port, b"COMMIT")
+    await relay.start()
+    relayed_store = await open_store(url.replace(f":{server.port}/", f":{relay.port}/"))
+    ledger = StoreBudgetLedger(relayed_store)
+    try:
+        hold = await store.reserve_budget("t1", "h1", 5_000, 100, 3600)
+        relay.armed = True
+        settlement = Settlement("t1", "h1", hold.held_nanousd, 3_000)
+        with pytest.raises(Exception) as lost:
+            await ledger.settle_many([settlement])
+        await ledger.settle_many([settlement])  # as the events pipeline retries it
+        token = await store.get_token("t1")
+        assert token is not None
+        assert (token.spent_nanousd, token.reserved_nanousd) == (3_000, 0)
+        assert lost.type.__name__ == "CommitInDoubt"
+    finally:
+        await relayed_store.close()
+        await relay.close()
+        await store.close()
+
+
+# -- through the whole server ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def prices_path(tmp_path: Path) -> Path:
+    path = tmp_path / "prices.yaml"
+    path.write_text(PRICES)
+    return path
+
+
+async def token_state(proxy: Proxy, token_id: str) -> dict[str, Any]:
+    status, shown = await proxy.manage("GET", f"/tokens/{token_id}")
+    assert status == 200, shown
+    return dict(shown)
+
+
+async def settles_to(proxy: Proxy, token_id: str, nanousd: int, within: float = 15.0) -> None:
+    """Wait for the token to show ``nanousd`` spent and nothing reserved."""
+    deadline = time.monotonic() + within
+    while True:
+        shown = await token_state(proxy, token_id)
+        spent = round(shown["spent_usd"] * 1e9)
+        if (spent, shown["reserved_usd"]) == (nanousd, 0) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert (spent, shown["reserved_usd"]) == (nanousd, 0), shown
+
+
+async def redis_shows(
+    url: str, token_id: str, nanousd: int, tpm_entries: int, within: float = 15.0
+) -> None:
+    """Wait for Redis itself to show the token's spend as ``nanousd``, nothing held, and
+    ``tpm_entries`` in its tpm window (the management API shows the database's view when Redis
+    does not answer)."""
+    redis = Redis.from_url(url)
+    keys = [f"llm-proxy:{kind}:{token_id}" for kind in ("spent", "holds", "tpm")]
+    deadline = time.monotonic() + within
+    try:
+        while True:
+            spent = await redis.get(keys[0])
+            seen = (int(spent or 0), await redis.zcard(keys[1]), await redis.zcard(keys[2]))
+            if seen == (nanousd, 0, tpm_entries) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await redis.aclose()
+    assert seen == (nanousd, 0, tpm_entries)
+
+
+def streamed_cost(stream: bytes) -> int:
+    """The cost of a stream, from the usage in its last chunk."""
+    for line in reversed(stream.splitlines()):
+        if line.startswith(b"data: {") and b'"usage":{' in line:
+            return cost_of(line[6:])
+    raise AssertionError("no usage in the stream")
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis that keeps its data across a restart (append-only file)."""
+    server = RedisServer(tmp_path / "durable-redis", durable=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_a_hold_settling_while_redis_is_down_settles_once_it_is_back(
+    proxy_factory: Any, prices_path: Path, durable_redis: RedisServer
+) -> None:
+    """The answer ends while Redis is stopped: its hold must not stay reserved for an hour, nor
+    its cost go missing, nor its tokens miss the tpm window, once Redis is back."""
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=20, chunk_interval=0.05)))
+    await slow.start_server()
+    try:
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path,
+            event_bus="redis",
+            redis_url=durable_redis.url,
+            api={"base_url": str(slow.make_url("")).rstrip("/")},
+        )
+        issued = await proxy.issue_token(budget_usd=1, tpm=1_000_000)
+        status, _, answer = await post(proxy, issued["token"], chat(max_tokens=20))
+        assert status == 200
+        cost = cost_of(answer)
+        await settles_to(proxy, issued["id"], cost)
+
+        response = await proxy.client.post(
+            "/v1/chat/completions",
+            data=chat(max_tokens=20, stream=True, stream_options={"include_usage": True}),
+            headers=bearer(issued["token"]),
+        )
+        assert response.status == 200
+        durable_redis.stop()  # while the answer streams
+        streamed = await response.read()
+        assert streamed.endswith(b"data: [DONE]\n\n")
+        await asyncio.sleep(1.0)  # the settlement fails meanwhile
+        durable_redis.start()
+        total = cost + streamed_cost(streamed)
+        await redis_shows(durable_redis.url, issued["id"], total, tpm_entries=2)
+        await settles_to(proxy, issued["id"], total)
+    finally:
+        await slow.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+async def test_spend_settled_while_postgresql_was_down_is_kept_after_redis_forgot_it(
+    own_database: str,
+    own_postgres: PostgresServer,
+    proxy_factory: Any,
+    prices_path: Path,
+    redis_server: RedisServer,
+) -> None:
+    """PostgreSQL is down when an answer settles, then Redis restarts and forgets the spend: the
+    database must have it once back, and settlements on the connections the old Redis closed
+    land (tpm records included)."""
+    proxy: Proxy = await proxy_factory(
+        database_url=own_database,
+        prices_path=prices_path,
+        event_bus="redis",
+        redis_url=redis_server.url,
+    )
+    issued = await proxy.issue_token(budget_usd=1, tpm=1_000_000)
+    status, _, answer = await post(proxy, issued["token"], chat(max_tokens=5))
+    assert status == 200
+    cost = cost_of(answer)
+    await settles_to(proxy, issued["id"], cost)
+
+    own_postgres.stop()
+    try:
+        # Served from the token cache and Redis: the database is not on the request path.
+        status, _, answer = await post(proxy, issued["token"], chat(max_tokens=5))
+        assert (status, cost_of(answer)) == (200, cost)
+        await asyncio.sleep(1.0)  # settled in Redis; the database part fails
+        redis_server.stop()
+        redis_server.start()  # with nothing: the spend is now only where the database will have it
+    finally:
+        own_postgres.start()
+    await settles_to(proxy, issued["id"], 2 * cost)
+
+    # The events pipeline's pooled connections are the old Redis's.
+    for attempt in range(20):
+        status, _, answer = await post(proxy, issued["token"], chat(max_tokens=5))
+        if status == 200 or attempt == 19:
+            break
+        # The database's pooled connections died with it: the first requests may find them.
+        assert orjson.loads(answer)["error"]["code"] in (
+            "limits_unavailable",
+            "service_unavailable",
+        )
+        await asyncio.sleep(0.25)
+    assert status == 200
+    await redis_shows(redis_server.url, issued["id"], 3 * cost, tpm_entries=1)
+    await settles_to(proxy, issued["id"], 3 * cost)
