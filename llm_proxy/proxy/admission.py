@@ -24,6 +24,7 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -39,8 +40,8 @@ from llm_proxy.crypto import (
     is_sendable_key,
     is_token_shaped,
 )
-from llm_proxy.models import BudgetHold, UsageDelta, isoformat, usd
-from llm_proxy.proxy.budget_ledger import BudgetLedger, StoreBudgetLedger
+from llm_proxy.models import RATE_WINDOW_MICROS, BudgetHold, UsageDelta, isoformat, usd
+from llm_proxy.proxy.budget_ledger import HOLD_SECONDS, BudgetLedger, StoreBudgetLedger
 from llm_proxy.proxy.budget_plan import CostPlan
 from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
 from llm_proxy.proxy.settling import Settlements
@@ -51,6 +52,8 @@ log = structlog.get_logger(__name__)
 
 _NEGATIVE_TTL = 5.0
 _NEGATIVE_MAX = 10_000
+# Holds and rpm slots being given back in the background while their store is away.
+_GIVE_BACKS_MAX = 10_000
 
 
 @dataclass(slots=True, eq=False)
@@ -142,7 +145,7 @@ class TokenAuthority:
         self._loading: dict[str, asyncio.Future[Grant | None]] = {}
         self._pending: dict[str, list[float]] = {}  # token_id → [requests, last_used epoch]
         self._change_cursor = 0
-        # Releases of holds whose request was cancelled while taking them (see `_hold`).
+        # Holds and rpm slots being given back in the background (see `_give_back_later`).
         self._orphan_releases: set[asyncio.Future[None]] = set()
         # Refusals for good being written to the token's row (see `_note_refused`).
         self._refusal_notes: set[asyncio.Future[None]] = set()
@@ -215,6 +218,11 @@ class TokenAuthority:
             call.add_done_callback(lambda done: self._release_orphan(grant.token_id, hold_id, done))
             raise
         except Exception as exc:
+            # No answer in time, or the connection died: the hold may have been taken all the
+            # same, or may be yet (a stalled Redis runs the script when it wakes).
+            self._give_back_later(
+                "release_hold", lambda: self.budget_ledger.cancel(grant.token_id, hold_id)
+            )
             log.error("token_authority.store_failed", operation="budget_hold", error=str(exc))
             raise errors.LimitsUnavailable(
                 "The store holding this token's limits is unavailable; retry shortly."
@@ -261,19 +269,45 @@ class TokenAuthority:
     def _release_orphan(
         self, token_id: str, hold_id: str, call: asyncio.Future[BudgetHold]
     ) -> None:
-        if call.cancelled() or call.exception() is not None or not call.result().admitted:
-            return
-        release = asyncio.ensure_future(
-            self.budget_ledger.settle(token_id, hold_id, call.result().held_nanousd, 0)
-        )
-        self._orphan_releases.add(release)
-        release.add_done_callback(self._orphan_released)
+        if call.cancelled() or call.exception() is not None:
+            self._give_back_later(
+                "release_hold", lambda: self.budget_ledger.cancel(token_id, hold_id)
+            )
+        elif (hold := call.result()).admitted:
+            self._give_back_later(
+                "release_hold",
+                lambda: self.budget_ledger.settle(token_id, hold_id, hold.held_nanousd, 0),
+            )
 
-    def _orphan_released(self, release: asyncio.Future[None]) -> None:
-        self._orphan_releases.discard(release)
-        if not release.cancelled() and (exc := release.exception()) is not None:
-            # The hold stays until it expires: a lost release errs on the side of the budget.
-            log.error("token_authority.store_failed", operation="release_hold", error=str(exc))
+    def _give_back_later(
+        self, operation: str, give_back: Callable[[], Awaitable[None]], within: float = HOLD_SECONDS
+    ) -> None:
+        """Run ``give_back`` in the background until it succeeds (the store is back), for at
+        most ``within`` seconds: after that the hold has expired, or the slot left its window."""
+        if len(self._orphan_releases) >= _GIVE_BACKS_MAX:
+            # The hold or slot stays until it expires: a lost release errs on the side of the limit.
+            log.error("token_authority.store_failed", operation=operation, error="too many waiting")
+            return
+        release = asyncio.ensure_future(self._keep_giving_back(operation, give_back, within))
+        self._orphan_releases.add(release)
+        release.add_done_callback(self._orphan_releases.discard)
+
+    async def _keep_giving_back(
+        self, operation: str, give_back: Callable[[], Awaitable[None]], within: float
+    ) -> None:
+        deadline = time.monotonic() + within
+        pause = 0.25
+        while True:
+            try:
+                await give_back()
+                return
+            except Exception as exc:
+                if time.monotonic() + pause > deadline:
+                    # It stays until it expires: a lost release errs on the side of the limit.
+                    log.error("token_authority.store_failed", operation=operation, error=str(exc))
+                    return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     async def release(self, admission: Admission) -> None:
         """Take back what :meth:`admit` counted, when the request never reached the upstream."""
@@ -303,9 +337,20 @@ class TokenAuthority:
             cached.exhausted = False
 
     async def _take_rate_slot(self, grant: Grant) -> int:
+        token_id, slot_id = grant.token_id, random.randbytes(8).hex()
         try:
-            slot = await self._rate_windows.take(grant.token_id, grant.rpm or 0)
-        except Exception as exc:
+            slot = await self._rate_windows.take(token_id, grant.rpm or 0, slot_id)
+        except BaseException as exc:
+            # No answer in time, the connection died, or the client left meanwhile: the slot may
+            # have been taken all the same, or may be yet (a stalled Redis runs the script when
+            # it wakes).
+            self._give_back_later(
+                "give_back",
+                lambda: self._rate_windows.cancel(token_id, slot_id),
+                RATE_WINDOW_MICROS / 1e6,
+            )
+            if not isinstance(exc, Exception):
+                raise
             log.error("token_authority.store_failed", operation="rate", error=str(exc))
             raise errors.LimitsUnavailable(
                 "The store holding this token's limits is unavailable; retry shortly."
@@ -617,6 +662,10 @@ class TokenAuthority:
     async def close(self) -> None:
         if self._orphan_releases or self._refusal_notes:
             await asyncio.wait(self._orphan_releases | self._refusal_notes, timeout=5)
+        if waiting := list(self._orphan_releases):  # their store is still away: they expire
+            for release in waiting:
+                release.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
         await self._rate_windows.close()
         await self.budget_ledger.close()
 

@@ -98,6 +98,12 @@ class BudgetLedger(Protocol):
         """Turn a hold into ``cost`` of spend and release the rest (``cost`` 0: release it all)."""
         ...
 
+    async def cancel(self, token_id: str, hold_id: str) -> None:
+        """Give back hold ``hold_id`` whether or not it was taken, and keep it from being taken
+        later: for a hold whose taking failed without saying whether it ran (a Redis that stalls
+        past its timeout runs the script when it wakes)."""
+        ...
+
     async def settle_many(self, settlements: Sequence[Settlement]) -> None:
         """:meth:`settle` for a batch, in one round trip to each place the ledger keeps. Marks in
         each settlement what landed; raises when something did not, and a later call with the
@@ -131,6 +137,11 @@ class StoreBudgetLedger:
 
     async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
         await self._store.settle_budget(token_id, hold_id, cost)
+
+    async def cancel(self, token_id: str, hold_id: str) -> None:
+        # A transaction that failed was rolled back (its statement cancelled at the timeout): it
+        # took nothing. A lost answer to its COMMIT aside, which the hold's expiry covers.
+        return None
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> None:
         # The hold and the spend are one transaction on the token's row: both land, or neither.
@@ -190,12 +201,14 @@ if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
 if held < 0 then held = 0 end
 """
 
+# KEYS[4]: the holds cancelled before they were taken (see _CANCEL).
 # ARGV: budget, want, minimum, hold length (µs), hold id, spend to start from ("" when unknown),
 # when the keys may go (epoch ms: the token's expiry).
 # Answers {1, held, remaining}, {0, exhausted, remaining}, or {-1} when the spend is not in Redis
 # yet and must be read from the database first.
 _HOLD = (
     """
+if redis.call('ZSCORE', KEYS[4], ARGV[5]) then return {0, 0, 0} end
 local spent = redis.call('GET', KEYS[1])
 if not spent then
   if ARGV[6] == '' then return {-1} end
@@ -240,6 +253,30 @@ end
 return 1
 """
 
+# KEYS: the token's holds, their sum, its cancelled holds (a sorted set of hold ids scored by
+# when they may be forgotten). ARGV: the hold id, how long to remember it (µs). Gives the hold
+# back when it was taken; else remembers it, so that a hold script run late (by a Redis that
+# stalled past its client's timeout) takes nothing. Answers 1 when it gave a hold back.
+_CANCEL = """
+local prefix = ARGV[1] .. ':'
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(member, 1, #prefix) == prefix then
+    redis.call('ZREM', KEYS[1], member)
+    if redis.call('EXISTS', KEYS[2]) == 1 then
+      local amount = tonumber(string.match(member, ':(%d+)$'))
+      if redis.call('DECRBY', KEYS[2], amount) < 0 then redis.call('SET', KEYS[2], 0, 'KEEPTTL') end
+    end
+    return 1
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[2]) / 1000))
+return 0
+"""
+
 # KEYS[1]: a token's spend; ARGV[1]: what requests that held nothing cost. Only where Redis has the
 # spend, like a settlement: otherwise the token's first hold reads it all from the database.
 _ADD_SPEND = """
@@ -275,6 +312,7 @@ class RedisBudgetLedger:
         self._settle = self._redis.register_script(_SETTLE)
         self._status = self._redis.register_script(_STATUS)
         self._add_spend = self._redis.register_script(_ADD_SPEND)
+        self._cancel = self._redis.register_script(_CANCEL)
 
     @staticmethod
     def _keys(token_id: str) -> list[str]:
@@ -284,10 +322,14 @@ class RedisBudgetLedger:
             f"llm-proxy:held:{token_id}",
         ]
 
+    @staticmethod
+    def _cancelled_key(token_id: str) -> str:
+        return f"llm-proxy:holds-cancelled:{token_id}"
+
     async def hold(
         self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
     ) -> BudgetHold:
-        keys = self._keys(token_id)
+        keys = [*self._keys(token_id), self._cancelled_key(token_id)]
         # The keys outlive the token by a day, for settlements of its last requests.
         args: list[int | str] = [
             budget,
@@ -311,6 +353,13 @@ class RedisBudgetLedger:
 
     async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
         await self.settle_many([Settlement(token_id, hold_id, held, cost)])
+
+    async def cancel(self, token_id: str, hold_id: str) -> None:
+        _, holds, held = self._keys(token_id)
+        keys = [holds, held, self._cancelled_key(token_id)]
+        # Remembered as long as a hold lasts: longer than any stall a Redis comes back from.
+        args: list[str | int] = [hold_id, int(HOLD_SECONDS * 1e6)]
+        await once_more_on_a_new_connection(self._redis, lambda: self._cancel(keys=keys, args=args))
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> None:
         # Redis first, as the hold keeps the budget from other requests; the database whether or

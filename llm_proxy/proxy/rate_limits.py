@@ -22,8 +22,18 @@ from llm_proxy.store import Store
 
 
 class RateWindows(Protocol):
-    async def take(self, token_id: str, rpm: int) -> RateSlot: ...
+    async def take(self, token_id: str, rpm: int, slot_id: str) -> RateSlot:
+        """Take a slot of the token's rpm window, named ``slot_id`` (see :meth:`cancel`)."""
+        ...
+
     async def give_back(self, token_id: str, at_micros: int) -> None: ...
+
+    async def cancel(self, token_id: str, slot_id: str) -> None:
+        """Give back slot ``slot_id`` whether or not it was taken, and keep it from being taken
+        later: for a slot whose taking failed without saying whether it ran (a Redis that stalls
+        past its timeout runs the script when it wakes)."""
+        ...
+
     async def tpm_room(self, token_id: str, tpm: int) -> RateSlot: ...
     async def record_tokens(self, token_id: str, tokens: int, entry: str) -> None:
         """Add a settled request's ``tokens`` to the token's tpm window; ``entry`` names them
@@ -43,11 +53,16 @@ class StoreRateWindows:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    async def take(self, token_id: str, rpm: int) -> RateSlot:
+    async def take(self, token_id: str, rpm: int, slot_id: str) -> RateSlot:
         return await self._store.take_rate_slot(token_id)
 
     async def give_back(self, token_id: str, at_micros: int) -> None:
         await self._store.give_back_rate_slot(token_id, at_micros)
+
+    async def cancel(self, token_id: str, slot_id: str) -> None:
+        # A transaction that failed was rolled back (its statement cancelled at the timeout): it
+        # took nothing. A lost answer to its COMMIT aside, which the window outlives in a minute.
+        return None
 
     async def tpm_room(self, token_id: str, tpm: int) -> RateSlot:
         return await self._store.tpm_room(token_id)
@@ -61,9 +76,12 @@ class StoreRateWindows:
         return None
 
 
-# KEYS[1]: the token's log (a sorted set of admission times, epoch microseconds by Redis's clock).
-# ARGV[1]: rpm; ARGV[2]: the window in microseconds. Answers {1, slot} or {0, retry_after_micros}.
+# KEYS[1]: the token's log (a sorted set of slot ids scored by their admission times, epoch
+# microseconds by Redis's clock, each one unique); KEYS[2]: its cancelled slots (see _CANCEL).
+# ARGV[1]: rpm; ARGV[2]: the window in microseconds; ARGV[3]: the slot's id. Answers {1, slot}
+# or {0, retry_after_micros}.
 _TAKE = """
+if redis.call('ZSCORE', KEYS[2], ARGV[3]) then return {0, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = tonumber(ARGV[2])
@@ -73,13 +91,30 @@ local rpm = tonumber(ARGV[1])
 if count < rpm then
   local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
   if last[2] and tonumber(last[2]) >= now then now = tonumber(last[2]) + 1 end
-  redis.call('ZADD', KEYS[1], now, now)
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
   return {1, now}
 end
 local oldest = redis.call('ZRANGE', KEYS[1], count - rpm, count - rpm, 'WITHSCORES')
 return {0, tonumber(oldest[2]) + window - now}
 """
+
+# KEYS: the token's log, its cancelled slots (slot ids scored by when they may be forgotten).
+# ARGV: the slot id, how long to remember it (µs). Gives the slot back when it was taken; else
+# remembers it, so that a take run late (by a Redis that stalled past its client's timeout) takes
+# nothing.
+_CANCEL = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then return 1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) / 1000))
+return 0
+"""
+
+# Longer than any stall a Redis comes back from.
+_CANCELLED_MICROS = 3_600_000_000
 
 
 # KEYS[1]: the token's tpm log (members "<at>:<tokens>", scored by ``at``, Redis's clock).
@@ -129,22 +164,31 @@ class RedisRateWindows:
         self._take = self._redis.register_script(_TAKE)
         self._tpm_room = self._redis.register_script(_TPM_ROOM)
         self._record_tokens = self._redis.register_script(_RECORD_TOKENS)
+        self._cancel = self._redis.register_script(_CANCEL)
 
     @staticmethod
-    def _key(token_id: str) -> str:
-        return f"llm-proxy:rpm:{token_id}"
+    def _keys(token_id: str) -> list[str]:
+        return [f"llm-proxy:rpm:{token_id}", f"llm-proxy:rpm-cancelled:{token_id}"]
 
-    async def take(self, token_id: str, rpm: int) -> RateSlot:
+    async def take(self, token_id: str, rpm: int, slot_id: str) -> RateSlot:
+        keys = self._keys(token_id)
         admitted, value = await once_more_on_a_new_connection(
             self._redis,
-            lambda: self._take(keys=[self._key(token_id)], args=[rpm, RATE_WINDOW_MICROS]),
+            lambda: self._take(keys=keys, args=[rpm, RATE_WINDOW_MICROS, slot_id]),
         )
         if admitted:
             return RateSlot(True, at_micros=int(value))
         return RateSlot(False, retry_after=int(value) / 1e6)
 
     async def give_back(self, token_id: str, at_micros: int) -> None:
-        await self._redis.zrem(self._key(token_id), at_micros)
+        # By its time, which no other slot shares (_TAKE).
+        await self._redis.zremrangebyscore(self._keys(token_id)[0], at_micros, at_micros)
+
+    async def cancel(self, token_id: str, slot_id: str) -> None:
+        keys = self._keys(token_id)
+        await once_more_on_a_new_connection(
+            self._redis, lambda: self._cancel(keys=keys, args=[slot_id, _CANCELLED_MICROS])
+        )
 
     async def tpm_room(self, token_id: str, tpm: int) -> RateSlot:
         room, retry_after = await once_more_on_a_new_connection(
