@@ -641,6 +641,9 @@ class TokenAuthority:
                 if was_up:
                     log.warning("token_authority.push_lost", error=str(exc) or type(exc).__name__)
                 self._set_push(False)
+                # The timer waits on the pushed cadence: have the feed read now, and on the
+                # faster one from then on.
+                self._wake.set()
                 STATS.change_push_reconnects += 1
             # Back off while the database refuses us; retry at once-ish after a lost channel.
             delay = retry_seconds if was_up else min(delay * 2, 5.0)

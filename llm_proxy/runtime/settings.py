@@ -63,9 +63,10 @@ class Settings:
     # Connections each process keeps to PostgreSQL (the LISTEN connection comes on top).
     database_pool_size: int = 10
     token_cache_seconds: float = 30.0
-    # How often the change feed is read: while no push channel is up, and while one is.
+    # How often the change feed is read: while no push channel is up, and while one is (a
+    # channel can die without a sign for a while: the timer alone must then keep the second).
     change_poll_seconds: float = 0.25
-    change_poll_seconds_pushed: float = 1.0
+    change_poll_seconds_pushed: float = 0.5
     # A token cache whose change feed has not been read for this long is not trusted: every
     # request is checked against the database until the feed answers again (fail closed).
     revocation_max_staleness: float = 5.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from llm_proxy.stats import STATS
 from tests.conftest import Proxy
 from tests.postgres import PostgresServer
+from tests.raw_servers import RawServers
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
 
@@ -99,6 +101,96 @@ async def test_a_lost_listener_reconnects_and_replays_what_it_missed(
 
 async def _not(value: Any) -> bool:
     return not await value
+
+
+class ListenerCutter:
+    """A TCP relay to PostgreSQL that can swallow what the server sends on the LISTEN connections
+    (as a dead network would: no NOTIFY arrives, the socket stays open), and then close them."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._servers = RawServers()
+        self._listeners: list[asyncio.StreamWriter] = []
+        self.swallowing = False
+        self.port = 0
+
+    async def start(self) -> None:
+        self.port = await self._servers.start(self._relay)
+
+    async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        server, to_server = await asyncio.open_connection("127.0.0.1", self._target)
+        listening = False
+
+        async def answers() -> None:
+            while data := await server.read(65536):
+                if not (listening and self.swallowing):
+                    to_client.write(data)
+
+        forwarding = asyncio.ensure_future(answers())
+        try:
+            while data := await client.read(65536):
+                if b"llm-proxy-listen" in data:  # its start-up message names it
+                    listening = True
+                    self._listeners.append(to_client)
+                to_server.write(data)
+                await to_server.drain()
+        finally:
+            forwarding.cancel()
+            to_server.close()
+
+    def cut(self) -> None:
+        """Close the LISTEN connections: their loss shows now. New ones pass."""
+        self.swallowing = False
+        for writer in self._listeners:
+            writer.transport.abort()
+        self._listeners.clear()
+
+    async def close(self) -> None:
+        await self._servers.close()
+
+
+@pytest.fixture
+async def listener_cutter(postgres_server: PostgresServer) -> AsyncIterator[ListenerCutter]:
+    """Requested before the proxies, so it outlives them at teardown."""
+    relay = ListenerCutter(postgres_server.port)
+    await relay.start()
+    yield relay
+    await relay.close()
+
+
+async def test_a_lost_push_channel_has_the_feed_read_at_once(
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    listener_cutter: ListenerCutter,
+    proxy_factory: Any,
+) -> None:
+    """While its push channel is up an instance reads the feed only now and then; when the
+    channel is found lost, what it missed must be read at once, not at the next tick of the
+    pushed timer (set to 30 s here) nor only once the channel is back."""
+    slow_pushed_timer = {
+        "change_poll_seconds": 0.25,
+        "change_poll_seconds_pushed": 30.0,
+        "revocation_max_staleness": 60.0,
+    }
+    relay = listener_cutter
+    handler: Proxy = await proxy_factory(database_url=postgres_url, **slow_pushed_timer)
+    relayed = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+    other: Proxy = await proxy_factory(database_url=relayed, **slow_pushed_timer)
+    await until(lambda: pushed(other), 5, "the push channel")
+    issued = await handler.issue_token()
+    assert await status_of(other, issued["token"]) == (200, None)
+    relay.swallowing = True
+    await handler.manage("DELETE", f"/tokens/{issued['id']}")
+    await asyncio.sleep(0.3)
+    assert await status_of(other, issued["token"]) == (200, None)  # it has not heard
+
+    relay.cut()
+
+    async def refused() -> bool:
+        return await status_of(other, issued["token"]) == (401, "token_inactive")
+
+    took = await until(refused, 0.5, "reading the feed on losing the push channel")
+    print(f"refused {took * 1000:.0f} ms after the push channel was lost")
 
 
 async def test_an_unreachable_database_fails_closed_and_recovers(

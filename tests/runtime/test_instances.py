@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import os
 import secrets
+import signal
 import statistics
+import subprocess
 import threading
 import time
 import urllib.request
@@ -196,6 +199,65 @@ def test_without_push_the_polled_feed_still_delivers_within_a_second(
     finally:
         for instance in instances:
             instance.stop(timeout=10)
+
+
+def metric(instance: ServerProcess, name: str) -> float:
+    for line in http_text(f"{instance.base_url}/metrics").splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not on /metrics")
+
+
+def test_a_push_channel_dead_without_a_sign_still_leaves_a_revocation_within_a_second(
+    postgres_server: PostgresServer, postgres_url: str, cluster: Cluster
+) -> None:
+    """The LISTEN connections' server processes stopped: no NOTIFY arrives and their sockets stay
+    open, as with a half-open TCP connection, so each instance still believes its push channel is
+    up (it finds out only after its next check, seconds later). Revoked on instance 0 just after
+    instance 1 read its feed, the token must be refused there within a second all the same, with
+    time to spare for a loaded host: the timer is the only thing left."""
+    database = postgres_url.rsplit("/", 1)[1]
+    listeners = subprocess.run(
+        [
+            "psql",
+            "-X",
+            "-tA",
+            "-d",
+            postgres_server.admin_url,
+            "-c",
+            "SELECT pid FROM pg_stat_activity"
+            f" WHERE datname = '{database}' AND application_name = 'llm-proxy-listen'",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(listeners) == 3
+    seen: list[float] = []
+    for pid in listeners:
+        os.kill(int(pid), signal.SIGSTOP)
+    try:
+        for _ in range(4):
+            issued = cluster.issue()
+            assert cluster.call(issued["token"], on=1) == (200, None)  # cached there now
+            deadline = time.monotonic() + 3
+            while metric(cluster.instances[1], "llm_proxy_change_feed_lag_seconds") > 0.03:
+                assert time.monotonic() < deadline, "instance 1 stopped reading its feed"
+            cluster.manage("DELETE", f"/tokens/{issued['id']}")
+            changed_at = time.monotonic()
+            while cluster.call(issued["token"], on=1) == (200, None):
+                assert time.monotonic() - changed_at < 3, "instance 1 still admits after 3 s"
+                time.sleep(0.002)
+            took = time.monotonic() - changed_at
+            if not metric(cluster.instances[1], "llm_proxy_change_push_connected"):
+                break  # it found the channel dead meanwhile: the faster timer took over
+            seen.append(took)
+    finally:
+        for pid in listeners:
+            os.kill(int(pid), signal.SIGCONT)
+    print("revocation, push channel silently dead:", [f"{t * 1000:.0f} ms" for t in seen])
+    assert seen, "the push channel was found dead before the first trial ended"
+    assert max(seen) < 0.8
 
 
 def test_max_requests_is_exact_across_three_instances(cluster: Cluster) -> None:
