@@ -567,6 +567,9 @@ def test_on_redis_each_workers_spool_is_replayed_whole_after_an_outage(
 ) -> None:
     redis = RedisServer(tmp_path / "redis", durable=True)  # the stream survives its restart
     redis.start()
+    # A dispatcher service that reads nothing yet: the stream keeps every event for it (what
+    # every group has acknowledged is trimmed), so the stream shows what was published.
+    Redis.from_url(redis.url).xgroup_create("llm-proxy:events", "later", id="0", mkstream=True)
     config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
     server = start_server(
         tmp_path / "data",
