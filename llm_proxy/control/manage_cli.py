@@ -30,7 +30,12 @@ from typing import IO, Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from llm_proxy.secret_input import ON_THE_COMMAND_LINE, ask_secret, secret_option_value
+from llm_proxy.secret_input import (
+    ON_THE_COMMAND_LINE,
+    ask_secret,
+    configured_token,
+    secret_option_value,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -318,12 +323,12 @@ def _connection(opts: ClientOptions) -> Connection:
             "is the server running? (LISTEN_ADDR is not set, so its default was tried; set it"
             f" as the server has it, or {elsewhere})"
         )
-    if opts.management_token:
+    if opts.management_token and opts.management_token.strip():
         token_from = opts.management_token_from or "--management-token"
-        return Connection(base_url, opts.management_token, url_hint, token_from)
+        return Connection(base_url, _usable_token(opts.management_token), url_hint, token_from)
     path = Path(opts.data_dir or DEFAULT_DATA_DIR) / MANAGEMENT_TOKEN_FILE
     try:
-        token = path.read_text().strip()
+        token = _usable_token(path.read_text(), f"the management token in {path}")
     except FileNotFoundError:
         token = ""
     except OSError as exc:
@@ -339,6 +344,15 @@ def _connection(opts: ClientOptions) -> Connection:
             code="no_management_token",
         )
     return Connection(base_url, token, url_hint, f"the file {path}")
+
+
+def _usable_token(value: str, name: str = "--management-token / MANAGEMENT_TOKEN") -> str:
+    """The token without the whitespace around it, as the server takes its own; one that no
+    HTTP header can carry is refused without being shown."""
+    try:
+        return configured_token(name, value)
+    except ValueError as exc:
+        raise OptionError(str(exc), code="invalid_management_token") from None
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

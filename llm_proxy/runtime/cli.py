@@ -34,6 +34,7 @@ from llm_proxy.runtime.settings import (
     parse_size,
     parse_whole_number,
 )
+from llm_proxy.secret_input import configured_password, configured_token
 from llm_proxy.store.opening import default_database_url
 from llm_proxy.tools.benchmark.command import benchmark_command
 from llm_proxy.tools.mock_upstream import mock_upstream_command
@@ -110,14 +111,21 @@ def build_settings(
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
     data_path = Path(data_dir)
-    if not admin_user.strip():
+    try:
+        # Secrets often come from mounted files, which end in a newline.
+        token = configured_token("MANAGEMENT_TOKEN", management_token or "")
+        admin_user = configured_password("ADMIN_USER", admin_user)
+        password = configured_password("ADMIN_PASSWORD", admin_password or "")
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    if not admin_user:
         raise SettingsError("ADMIN_USER: must not be empty")
     return Settings(
         listen_host=host,
         listen_port=port,
-        management_token=management_token or "",
+        management_token=token,
         admin_user=admin_user,
-        admin_password=admin_password or "",
+        admin_password=password,
         database_url=check_database_url(database_url or default_database_url(data_path)),
         encryption_key=parse_encryption_key(encryption_key) if encryption_key else b"",
         api_config_path=Path(api_config_path),
