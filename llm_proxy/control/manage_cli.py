@@ -10,6 +10,7 @@ The common options are accepted on the ``manage`` group and on every leaf comman
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import itertools
 import json
@@ -399,7 +400,49 @@ def _opener(url: str) -> urllib.request.OpenerDirector:
     return _DIRECT if _is_loopback(urllib.parse.urlsplit(url).hostname or "") else _OPENER
 
 
-def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+# What an answer must hold for the commands to use it: its fields and the types each may have.
+Fields = dict[str, tuple[type, ...]]
+_ANY: tuple[type, ...] = (object,)
+_TEXT: tuple[type, ...] = (str,)
+_TIME: tuple[type, ...] = (str, type(None))
+PROJECT: Fields = {
+    "id": _TEXT,
+    "name": _ANY,
+    "is_active": _ANY,
+    "api_key": _ANY,
+    "created_at": _TIME,
+}
+TOKEN: Fields = {
+    "id": _TEXT,
+    "project_id": _TEXT,
+    "status": _ANY,
+    "expires_at": _TIME,
+    "request_count": _ANY,
+    "max_requests": _ANY,
+    "spent_usd": (int, float),
+    "budget_usd": (int, float, type(None)),
+}
+ISSUED: Fields = {"id": _TEXT, "token": _TEXT}
+REVOKED: Fields = {"revoked_count": _ANY}
+
+
+def _holds(record: Any, fields: Fields) -> bool:
+    return isinstance(record, dict) and all(
+        name in record and isinstance(record[name], types) for name, types in fields.items()
+    )
+
+
+def _call(
+    opts: ClientOptions,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    answer: Fields | None = None,
+    many: bool = False,
+) -> Any:
+    """The parsed answer, which must be a record holding ``answer`` (a list of them when
+    ``many``), or anything at all when ``answer`` is None."""
     connection = _connection(opts)
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
@@ -426,8 +469,11 @@ def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | No
             f"cannot reach {connection.base_url} ({reason}): {connection.url_hint}",
             code="unreachable",
         ) from None
+    except http.client.HTTPException:
+        # Something that is not an HTTP server answers there (an SSH daemon, say).
+        raise _not_the_api(connection, None) from None
     try:
-        return json.loads(payload) if payload else None
+        data = json.loads(payload) if payload else None
     except ValueError:
         # Something else answers at that URL: a login page in front of it, another server.
         raise ManageError(
@@ -437,6 +483,20 @@ def _call(opts: ClientOptions, method: str, path: str, body: dict[str, Any] | No
             code="not_json",
             status=status,
         ) from None
+    if answer is not None:
+        records = data if many and isinstance(data, list) else [data]
+        if (many and not isinstance(data, list)) or not all(_holds(r, answer) for r in records):
+            raise _not_the_api(connection, status)
+    return data
+
+
+def _not_the_api(connection: Connection, status: int | None) -> ManageError:
+    return ManageError(
+        f"the server at {connection.base_url} did not answer as the llm-proxy management API"
+        " does: check --manage-api-base-url / MANAGE_API_BASE_URL",
+        code="unexpected_answer",
+        status=status,
+    )
 
 
 def _redirect_error(exc: urllib.error.HTTPError, connection: Connection) -> ManageError:
@@ -481,17 +541,18 @@ class Kind:
     name: str
     path: str
     not_found: str
+    fields: Fields
 
 
-PROJECTS = Kind("project", "/manage/projects", "project_not_found")
-TOKENS = Kind("token", "/manage/tokens", "token_not_found")
+PROJECTS = Kind("project", "/manage/projects", "project_not_found", PROJECT)
+TOKENS = Kind("token", "/manage/tokens", "token_not_found", TOKEN)
 
 
 def _by_prefix(opts: ClientOptions, kind: Kind, prefix: str) -> str | None:
     """The one id that begins with ``prefix``; None when none does; an error when several do."""
     if len(prefix) < MIN_PREFIX:
         return None
-    ids = sorted(str(r["id"]) for r in _call(opts, "GET", kind.path))
+    ids = sorted(str(r["id"]) for r in _call(opts, "GET", kind.path, answer=kind.fields, many=True))
     matches = [i for i in ids if i.startswith(prefix)]
     if len(matches) > 1:
         raise OptionError(
@@ -520,7 +581,10 @@ def _with_id(opts: ClientOptions, kind: Kind, given: str, call: Callable[[str], 
 
 def _get(opts: ClientOptions, kind: Kind, given: str) -> dict[str, Any]:
     record: dict[str, Any] = _with_id(
-        opts, kind, given, lambda i: _call(opts, "GET", f"{kind.path}/{_quote(i)}")
+        opts,
+        kind,
+        given,
+        lambda i: _call(opts, "GET", f"{kind.path}/{_quote(i)}", answer=kind.fields),
     )
     return record
 
@@ -760,7 +824,7 @@ def project_create(
         body["description"] = description
     if metadata is not None:
         body["metadata"] = _json_object(metadata, "--metadata")
-    _emit(opts, _call(opts, "POST", "/manage/projects", body))
+    _emit(opts, _call(opts, "POST", "/manage/projects", body, answer=PROJECT))
 
 
 @project.command("list", epilog=EXIT_CODES_HELP)
@@ -771,7 +835,9 @@ def project_list(ctx: click.Context, /, wide: bool, **o: Any) -> None:
     """List projects: short ids, name, status, masked key, creation time (UTC)."""
     opts = _options(ctx, o)
     layout: Layout = _wide_columns(PROJECT_FIELDS) if wide else _project_columns
-    _emit_list(opts, _call(opts, "GET", "/manage/projects"), layout, "projects")
+    _emit_list(
+        opts, _call(opts, "GET", "/manage/projects", answer=PROJECT, many=True), layout, "projects"
+    )
 
 
 @project.command("get", epilog=EXIT_CODES_HELP)
@@ -838,7 +904,7 @@ def project_update(
             opts,
             PROJECTS,
             project_id,
-            lambda i: _call(opts, "PATCH", f"/manage/projects/{_quote(i)}", body),
+            lambda i: _call(opts, "PATCH", f"/manage/projects/{_quote(i)}", body, answer=PROJECT),
         ),
     )
 
@@ -946,7 +1012,7 @@ def token_generate(
         opts,
         PROJECTS,
         project_id,
-        lambda i: _call(opts, "POST", "/manage/tokens", {"project_id": i, **body}),
+        lambda i: _call(opts, "POST", "/manage/tokens", {"project_id": i, **body}, answer=ISSUED),
     )
     _emit(opts, issued)
 
@@ -961,13 +1027,15 @@ def token_list(ctx: click.Context, /, project_id: str | None, wide: bool, **o: A
     exhausted), expiry (UTC), requests and spend, each of its limit when it has one."""
     opts = _options(ctx, o)
     if project_id is None:
-        rows = _call(opts, "GET", "/manage/tokens")
+        rows = _call(opts, "GET", "/manage/tokens", answer=TOKEN, many=True)
     else:
         rows = _with_id(
             opts,
             PROJECTS,
             project_id,
-            lambda i: _call(opts, "GET", f"/manage/tokens?project_id={_quote(i)}"),
+            lambda i: _call(
+                opts, "GET", f"/manage/tokens?project_id={_quote(i)}", answer=TOKEN, many=True
+            ),
         )
     layout: Layout = _wide_columns(TOKEN_FIELDS) if wide else _token_columns
     _emit_list(opts, rows, layout, "tokens")
@@ -1015,7 +1083,8 @@ def token_revoke(
         found = _get(opts, PROJECTS, project_id)
         if ask:
             _confirm(f"Revoke every token of project {_label(found)}?")
-        _emit(opts, _call(opts, "POST", f"/manage/projects/{_quote(found['id'])}/tokens/revoke"))
+        path = f"/manage/projects/{_quote(found['id'])}/tokens/revoke"
+        _emit(opts, _call(opts, "POST", path, answer=REVOKED))
         return
     ask = _needs_asking(yes)
     if value is not None:
@@ -1094,6 +1163,6 @@ def token_update(
             opts,
             TOKENS,
             token_id,
-            lambda i: _call(opts, "PATCH", f"/manage/tokens/{_quote(i)}", body),
+            lambda i: _call(opts, "PATCH", f"/manage/tokens/{_quote(i)}", body, answer=TOKEN),
         ),
     )

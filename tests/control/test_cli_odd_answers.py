@@ -268,3 +268,62 @@ async def test_a_redirect_s_location_is_shown_without_its_credentials(
     line = one_line(await manage(url(front), "project", "list"))
     assert "Location https://login.example/manage" in line
     assert SECRET not in line
+
+
+# -- something else answers at the URL ------------------------------------------------------------
+
+NOT_THE_API = "did not answer as the llm-proxy management API does"
+
+
+async def test_a_server_that_does_not_speak_http_is_one_line() -> None:
+    """An SSH daemon on the port answers its banner: http.client's BadStatusLine."""
+
+    async def ssh(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        await reader.read(1024)
+
+    servers = RawServers()
+    try:
+        base_url = f"http://127.0.0.1:{await servers.start(ssh)}"
+        plain = await manage(base_url, "project", "list")
+        as_json = await manage(base_url, "project", "list", "--json")
+    finally:
+        await servers.close()
+    line = one_line(plain)
+    assert NOT_THE_API in line and base_url in line, line
+    error = json_error(as_json)
+    assert error["code"] == "unexpected_answer" and NOT_THE_API in error["message"]
+
+
+ODD_SHAPES = [{"status": 200}, ["a", "b"], [{"id": 1}], {"error": None}, 42, "ok"]
+COMMANDS = [
+    ("project", "list"),
+    ("project", "list", "--json"),
+    ("token", "list"),
+    ("token", "list", "--json"),
+    ("project", "get", "abcdef"),
+    ("token", "revoke", "abcdef", "--json"),
+    ("token", "revoke", "--project-id", "abcdef"),
+    ("project", "create", "--name", "n", "--api-key", "sk-x", "--json"),
+    ("token", "generate", "--project-id", "abcdef"),
+    ("token", "update", "abcdef", "--rpm", "5"),
+]
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda shape: json.dumps(shape))
+async def test_json_of_another_shape_is_one_line_not_a_result(
+    aiohttp_server: MakeServer, shape: Any
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(shape)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    other = await aiohttp_server(app)
+    for args in COMMANDS:
+        result = await manage(url(other), *args)
+        assert "Traceback" not in result.stderr, (args, result.stderr)
+        line = one_line(result)
+        shown = json.loads(line)["error"]["message"] if "--json" in args else line
+        assert NOT_THE_API in shown and url(other) in shown, (args, line)
