@@ -84,7 +84,12 @@ class ManageError(click.ClickException):
     one line (JSON under ``--json``), exit 1."""
 
     def __init__(
-        self, message: str, *, code: str = "error", status: int | None = None, plain: str = ""
+        self,
+        message: str,
+        *,
+        code: str | None = "error",
+        status: int | None = None,
+        plain: str = "",
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -517,14 +522,17 @@ def _redirect_error(exc: urllib.error.HTTPError, connection: Connection) -> Mana
 def _api_error(exc: urllib.error.HTTPError, connection: Connection) -> ManageError:
     try:
         error = json.loads(exc.read())["error"]
-        plain, code = str(error["message"]), str(error["code"])
+        plain, given = str(error["message"]), error["code"]
+        # The shape lets the code be null: then there is none to show.
+        code = None if given is None else str(given)
     except (ValueError, KeyError, TypeError):
         plain, code = f"HTTP {exc.code} {exc.reason}", f"http_{exc.code}"
     finally:
         exc.close()
     if exc.code == 401:
         plain = f"{plain.rstrip('.')}; the token came from {connection.token_from}"
-    message = plain if plain.startswith("HTTP ") else f"{plain} ({exc.code} {code})"
+    status = f"{exc.code} {code}" if code is not None else str(exc.code)
+    message = plain if plain.startswith("HTTP ") else f"{plain} ({status})"
     return ManageError(message, code=code, status=exc.code, plain=plain)
 
 

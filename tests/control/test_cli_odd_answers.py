@@ -327,3 +327,18 @@ async def test_json_of_another_shape_is_one_line_not_a_result(
         line = one_line(result)
         shown = json.loads(line)["error"]["message"] if "--json" in args else line
         assert NOT_THE_API in shown and url(other) in shown, (args, line)
+
+
+async def test_an_error_whose_code_is_null_shows_no_code(aiohttp_server: MakeServer) -> None:
+    """The error shape lets ``code`` be null, as OpenAI's does: not the text "None"."""
+
+    async def boom(request: web.Request) -> web.Response:
+        error = {"message": "boom", "type": "server_error", "code": None}
+        return web.json_response({"error": error}, status=500)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", boom)
+    failing = await aiohttp_server(app)
+    assert one_line(await manage(url(failing), "project", "list")) == "Error: boom (500)"
+    error = json_error(await manage(url(failing), "project", "list", "--json"))
+    assert error == {"message": "boom", "code": None, "status": 500}
