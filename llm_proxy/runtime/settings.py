@@ -212,7 +212,13 @@ def check_database_url(url: str) -> str:
     """
     parts = _split_url("DATABASE_URL", url)
     if parts.scheme == "sqlite":
-        sqlite_path_from_url(url)
+        if str(sqlite_path_from_url(url)) == ":memory:":
+            # Each process (every worker, the events process) would open a database of its own,
+            # empty: what one writes, no other reads.
+            raise SettingsError(
+                "DATABASE_URL: an in-memory SQLite database (:memory:) is not supported: the"
+                " server's processes must share one; give a file, such as sqlite:///data/llm-proxy.db"
+            )
         return url
     if parts.scheme in _POSTGRES_SCHEMES:
         if parts.netloc.count("@") > 1:

@@ -180,6 +180,8 @@ def test_sigterm_stops_the_server_cleanly_and_quickly(server: ServerProcess) -> 
         ("API_CONFIG_PATH", "{bad_yaml}"),
         ("DATABASE_URL", "mysql://db/x"),
         ("DATABASE_URL", "sqlite:///{a_file}/sub/x.db"),
+        ("DATABASE_URL", "sqlite:///:memory:"),
+        ("DATABASE_URL", "sqlite:///./:memory:"),
         ("DATA_DIR", "{a_file}/data"),
         ("FILE_EVENT_LOG", "{a_file}/events.jsonl"),
         ("WORKERS", "many"),
