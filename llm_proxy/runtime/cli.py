@@ -110,6 +110,10 @@ def build_settings(
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
+    worker_count = parse_positive_int("WORKERS", workers)
+    if port == 0 and worker_count > 1:
+        # Each worker would get a port of its own from the system, and none would share it.
+        raise SettingsError("LISTEN_ADDR: port 0 (any free port) needs WORKERS=1; give a port")
     data_path = Path(data_dir)
     try:
         # Secrets often come from mounted files, which end in a newline.
@@ -137,7 +141,7 @@ def build_settings(
         ),
         data_dir=data_path,
         file_event_log=Path(file_event_log) if file_event_log else None,
-        workers=parse_positive_int("WORKERS", workers),
+        workers=worker_count,
         max_request_body_bytes=parse_size("MAX_REQUEST_BODY", max_request_body),
         busy_poll_micros=parse_whole_number(
             "LLM_PROXY_BUSY_POLL_MICROS", busy_poll_micros, at_most=10_000

@@ -37,6 +37,7 @@ from llm_proxy.runtime.settings import (
     Settings,
     SettingsError,
     database_label,
+    listen_url,
     parse_encryption_key,
 )
 from llm_proxy.runtime.supervisor import START_FAILED, Supervisor
@@ -197,7 +198,7 @@ async def _serve(
             # Only once this worker takes requests, so siblings count the workers that serve.
             await peers.serve(functools.partial(own_page, app))
         tune_garbage_collector()
-        log.info("server.listening", url=f"http://{settings.listen_host}:{settings.listen_port}")
+        log.info("server.listening", url=listen_url(settings.listen_host, settings.listen_port))
         await stop.wait()
     finally:
         log.info("server.stopping")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -175,12 +176,42 @@ def masked_url(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
 
 
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: int() would take "٢٢٠٠١" too
+
+
 def parse_listen_addr(value: str) -> tuple[str, int]:
+    """``host:port``, ``:port`` (every interface) or ``[IPv6]:port``."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise SettingsError(f"LISTEN_ADDR: expected host:port, got {value!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port_text)
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if bracketed:
+        host = host[1:-1]
+    if (
+        not sep
+        or not _PORT.fullmatch(port_text)
+        or int(port_text) > 65535
+        or any(char.isspace() for char in value)
+        or "[" in host
+        or "]" in host
+        or (bracketed and not _is_ipv6(host))
+    ):
+        raise SettingsError(
+            f"LISTEN_ADDR: expected host:port (an IPv6 address in brackets, as [::1]:8080),"
+            f" got {value!r}"
+        )
+    return host or "0.0.0.0", int(port_text)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def listen_url(host: str, port: int) -> str:
+    """The URL a listening address answers at: an IPv6 address goes in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def sqlite_path_from_url(url: str) -> Path:

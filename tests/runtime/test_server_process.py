@@ -210,6 +210,59 @@ def test_bad_setting_stops_start_up_with_one_line_naming_it(
     assert lines[0].startswith(f"llm-proxy: {variable}: "), lines[0]
 
 
+@pytest.mark.parametrize(
+    ("listen_addr", "workers"),
+    [
+        ("[::1:{port}", "1"),  # a bracket missing
+        ("[localhost]:{port}", "1"),  # brackets hold an IPv6 address only
+        ("127.0.0.1:\u0663\u0660\u0664\u0665\u0661", "1"),  # 30451 in Arabic-Indic digits
+        (" 127.0.0.1:{port}", "1"),
+        ("127.0.0.1 :{port}", "1"),
+        ("127.0.0.1:0", "2"),  # each worker would get a port of its own
+    ],
+    ids=["bracket", "bracketed-name", "non-ascii-digits", "leading-space", "inner-space", "0x2"],
+)
+def test_a_listen_addr_that_is_not_host_port_stops_start_up_before_anything_opens(
+    tmp_path: Path, api_config: Path, listen_addr: str, workers: str
+) -> None:
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=listen_addr.format(port=free_port()),
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+        WORKERS=workers,
+    )
+    result = run_start_that_fails(env, "a LISTEN_ADDR that is not host:port must stop start-up")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("llm-proxy: LISTEN_ADDR: "), lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_ipv6_listen_addr_is_logged_as_a_url_with_brackets(
+    tmp_path: Path, api_config: Path
+) -> None:
+    port = free_port()
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=f"[::1]:{port}",
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+    )
+    process = spawn(cli_command("server"), env, tmp_path / "logs", "server")
+    try:
+        process.wait_for(f"http://[::1]:{port}/health")
+    finally:
+        process.stop()
+    urls = [
+        line["url"]
+        for line in map(json.loads, process.stderr.splitlines())
+        if line.get("event") == "server.listening"
+    ]
+    assert urls == [f"http://[::1]:{port}"]
+
+
 def test_port_already_in_use_stops_start_up_with_one_line(
     server: ServerProcess, tmp_path: Path, api_config: Path
 ) -> None:
