@@ -124,6 +124,9 @@ def build_settings(
         raise SettingsError(str(exc)) from None
     if not admin_user:
         raise SettingsError("ADMIN_USER: must not be empty")
+    if ":" in admin_user:
+        # Basic auth sends "user:password" and splits it at the first colon.
+        raise SettingsError("ADMIN_USER: must not hold ':' (no sign-in could give it)")
     return Settings(
         listen_host=host,
         listen_port=port,

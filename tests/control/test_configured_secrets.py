@@ -28,6 +28,18 @@ TOKEN = "mgmt-from-a-mounted-secret"
 PASSWORD = "admin password from a file"
 
 
+def start_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    """Everything a server needs to start, and ``env``."""
+    # Never reached: these servers must stop before serving.
+    api_config = write_api_config(tmp_path / "api_providers.yaml", "http://127.0.0.1:9")
+    return clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+        API_CONFIG_PATH=str(api_config),
+        **env,
+    )
+
+
 def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         cli_command("manage", *args),
@@ -79,11 +91,7 @@ UNSENDABLE = ["mgmt-two words", "mgmt-tab\there", "mgmt-bell\x07", "mgmt-tökén
 def test_a_token_no_client_can_send_stops_start_up_without_showing_it(
     tmp_path: Path, token: str
 ) -> None:
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "data"),
-        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        MANAGEMENT_TOKEN=token,
-    )
+    env = start_env(tmp_path, MANAGEMENT_TOKEN=token)
     result = run_start_that_fails(env, "a token no client can send must stop start-up")
     assert result.returncode == 2
     assert result.stderr.startswith("llm-proxy: MANAGEMENT_TOKEN: ")
@@ -108,12 +116,18 @@ def test_manage_refuses_such_a_token_on_one_line_without_showing_it(token: str) 
 
 
 def test_an_admin_password_holding_a_control_character_stops_start_up(tmp_path: Path) -> None:
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "data"),
-        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        ADMIN_PASSWORD="secret\x07password",
-    )
+    env = start_env(tmp_path, ADMIN_PASSWORD="secret\x07password")
     result = run_start_that_fails(env, "an admin password nobody can type must stop start-up")
     assert result.returncode == 2
     assert result.stderr.startswith("llm-proxy: ADMIN_PASSWORD: ")
     assert "secret" not in result.stderr
+
+
+def test_an_admin_user_holding_a_colon_stops_start_up(tmp_path: Path) -> None:
+    """Basic auth sends ``user:password`` and is split at the first colon: no sign-in could
+    name such a user."""
+    env = start_env(tmp_path, ADMIN_USER="ops:team")
+    result = run_start_that_fails(env, "an ADMIN_USER no sign-in can give must stop start-up")
+    assert result.returncode == 2
+    assert result.stderr.startswith("llm-proxy: ADMIN_USER: ")
+    assert len(result.stderr.strip().splitlines()) == 1
