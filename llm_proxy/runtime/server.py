@@ -103,7 +103,14 @@ def _fill_secrets(settings: Settings) -> FilledSecrets:
             ]
     if not settings.encryption_key:
         key, new = load(secrets_store.ENCRYPTION_KEY_FILE, secrets_store.new_encryption_key)
-        settings = replace(settings, encryption_key=parse_encryption_key(key))
+        try:
+            settings = replace(settings, encryption_key=parse_encryption_key(key))
+        except SettingsError:
+            path = (data_dir / secrets_store.ENCRYPTION_KEY_FILE).absolute()
+            raise SettingsError(
+                f"ENCRYPTION_KEY is not set, and the key file {path} does not hold base64 of"
+                " exactly 32 bytes: restore the file from its backup, or set ENCRYPTION_KEY"
+            ) from None
         if new:
             shown += [
                 f"Encryption key of the stored upstream keys, kept in {new}",

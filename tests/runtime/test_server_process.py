@@ -263,6 +263,28 @@ def test_an_ipv6_listen_addr_is_logged_as_a_url_with_brackets(
     assert urls == [f"http://[::1]:{port}"]
 
 
+def test_a_corrupt_key_file_is_named_when_encryption_key_is_not_set(
+    tmp_path: Path, api_config: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    corrupt = base64.b64encode(b"only sixteen byt").decode()
+    (data_dir / "encryption_key").write_text(corrupt + "\n")
+    env = clean_env(
+        DATA_DIR=str(data_dir),
+        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+    )
+    result = run_start_that_fails(env, "a corrupt encryption_key file must stop start-up")
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("llm-proxy: ENCRYPTION_KEY is not set, and the key file "), lines[0]
+    assert str(data_dir / "encryption_key") in lines[0]
+    assert corrupt not in result.stdout + result.stderr
+
+
 def test_port_already_in_use_stops_start_up_with_one_line(
     server: ServerProcess, tmp_path: Path, api_config: Path
 ) -> None:
