@@ -3,8 +3,10 @@ and the exact values of those the process was configured with."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
@@ -72,6 +74,34 @@ class _RedactingFormatter(logging.Formatter):
         return self._exact(redact(super().format(record)))
 
 
+class _LogStream:
+    """The log's stream, which no line can make raise. Workers and events processes share the
+    supervisor's stderr, and what reads it (a terminal, a log shipper) may be gone with it: a
+    line written into that closed pipe would raise out of whatever was logging, a shutdown
+    included, and keep the process from stopping. From the first failed write on, the stream's
+    file descriptor and every later line go to /dev/null."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except OSError:
+            self._reader_gone()
+
+    def flush(self) -> None:
+        """Each write flushes already."""
+
+    def _reader_gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        # The descriptor too: the interpreter writes tracebacks and warnings to it directly.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, self._stream.fileno())
+        self._stream = os.fdopen(devnull, "w")
+
+
 def configure_logging(
     level: str, fmt: str, stream: Any = None, *, secrets: Iterable[str] = ()
 ) -> None:
@@ -84,6 +114,7 @@ def configure_logging(
         else structlog.dev.ConsoleRenderer(colors=stream is None and sys.stderr.isatty())
     )
     exact = ExactValues(secrets)
+    out = _LogStream(stream or sys.stderr)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -101,11 +132,11 @@ def configure_logging(
         # One write per line, its newline included: print() writes the line and its newline in
         # two calls, and workers and events processes share one stderr, so two processes' lines
         # could run together.
-        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(out),  # type: ignore[arg-type]  # write and flush suffice
         cache_logger_on_first_use=False,
     )
     # Libraries log through the standard library; route them to the same stream and level.
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         _RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", exact)
     )

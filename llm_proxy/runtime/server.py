@@ -240,8 +240,10 @@ async def _create_app(settings: Settings) -> web.Application:
 
 
 def _supervisor_gone(stop: asyncio.Event) -> None:
-    log.warning("server.supervisor_gone", action="stopping as on SIGTERM")
+    # Stop first: what read the log may have gone with the supervisor, and nothing said about it
+    # may keep this worker running (the log's stream does not raise; see logging_setup).
     stop.set()
+    log.warning("server.supervisor_gone", action="stopping as on SIGTERM")
 
 
 def reload_prices(components: Components) -> None:

@@ -14,6 +14,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -30,6 +31,7 @@ from tests.events.events_support import RedisServer
 from tests.processes import (
     START_TIMEOUT,
     MockUpstream,
+    Process,
     ServerProcess,
     clean_env,
     cli_command,
@@ -681,3 +683,58 @@ def test_workers_writing_one_event_log_never_cut_each_others_lines(
     delivered = sum(line["delivered"] for line in stopped if line["service"] == "file")
     written = [json.loads(line)["request_id"] for line in log.read_bytes().splitlines()]
     assert len(set(written)) == len(written) == delivered > 0
+
+
+def test_workers_end_when_the_supervisor_is_killed_and_their_stderr_is_gone(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    """Whatever read the shared stderr (a terminal, a log shipper) may go with the supervisor: a
+    log line into that closed pipe must not keep the workers from stopping."""
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    port = free_port()
+    stdout_path = tmp_path / "server.stdout"
+    out = stdout_path.open("wb")
+    popen = subprocess.Popen(
+        cli_command("server"),
+        env=clean_env(
+            DATA_DIR=str(tmp_path / "data"),
+            LISTEN_ADDR=f"127.0.0.1:{port}",
+            API_CONFIG_PATH=str(config),
+            LOG_FORMAT="json",
+            WORKERS="2",
+        ),
+        stdout=out,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert popen.stderr is not None
+    # The log lines go to the pipe; the file only stands in for Process's own.
+    server = ServerProcess(
+        Process(popen, stdout_path, tmp_path / "no-stderr", [out]),
+        f"http://127.0.0.1:{port}",
+        tmp_path / "data",
+    )
+    (tmp_path / "no-stderr").write_text("")
+    left_behind: list[int] = []
+    try:
+        server.process.wait_for(f"{server.base_url}/health")
+        wait_for_workers(server, 2)
+        workers = worker_pids(server)
+        events_processes = [pid for worker in workers for pid in children(worker)]
+        assert len(workers) == 2 and len(events_processes) == 2
+        left_behind = workers + events_processes
+
+        popen.stderr.close()
+        popen.kill()
+        popen.wait()
+        deadline = time.monotonic() + 15
+        while not all(has_exited(pid) for pid in left_behind):
+            assert time.monotonic() < deadline, [p for p in left_behind if not has_exited(p)]
+            time.sleep(0.05)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), 1)
+    finally:
+        server.stop()
+        for pid in left_behind:
+            if not has_exited(pid):
+                os.kill(pid, signal.SIGKILL)
