@@ -9,6 +9,7 @@ import secrets
 import signal
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -626,3 +627,31 @@ def test_projects_whose_key_does_not_decrypt_get_a_clear_answer_and_one_log_line
     assert "Traceback" not in log
     for secret in (first, other, UPSTREAM_KEY):
         assert secret not in log
+
+
+def test_a_server_whose_log_reader_went_away_still_stops(tmp_path: Path, api_config: Path) -> None:
+    """`llm-proxy server 2>&1 | tee log`, then Ctrl-C: tee is gone, the server's stderr is a pipe
+    nobody reads, and SIGTERM must still stop it (a log line raising BrokenPipeError skipped the
+    shutdown after it)."""
+    port = free_port()
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=f"127.0.0.1:{port}",
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+    )
+    popen = subprocess.Popen(
+        cli_command("server"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        assert popen.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while b'"server.listening"' not in popen.stdout.readline():
+            assert time.monotonic() < deadline and popen.poll() is None
+        popen.stdout.close()  # the reader is gone
+        popen.send_signal(signal.SIGTERM)
+        assert popen.wait(timeout=20) == 0
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
