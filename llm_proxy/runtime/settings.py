@@ -260,13 +260,7 @@ def check_database_url(url: str) -> str:
                 f"DATABASE_URL: an '@' in the user name or password must be written %40;"
                 f" {_PERCENT_ENCODE}"
             )
-        try:
-            parts.port  # noqa: B018 - parsing the port is the check
-        except ValueError:
-            raise SettingsError(
-                f"DATABASE_URL: the PostgreSQL port is not a number (if a password holds one of"
-                f" them, {_PERCENT_ENCODE})"
-            ) from None
+        _check_port("DATABASE_URL", "the PostgreSQL port", parts)
         if not parts.path.strip("/") and "dbname=" not in parts.query:
             raise SettingsError("DATABASE_URL: the PostgreSQL URL names no database")
         return "postgresql" + url[len(parts.scheme) :]
@@ -301,14 +295,18 @@ def check_redis_url(value: str) -> str:
     parts = _split_url("REDIS_URL", value)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise SettingsError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+    _check_port("REDIS_URL", "the port", parts)
+    return value
+
+
+def _check_port(variable: str, what: str, parts: SplitResult) -> None:
     try:
         parts.port  # noqa: B018 - parsing the port is the check
     except ValueError:
         raise SettingsError(
-            f"REDIS_URL: the port is not a number (if a password holds one of them,"
+            f"{variable}: {what} is not a number (if a password holds one of them,"
             f" {_PERCENT_ENCODE})"
         ) from None
-    return value
 
 
 def check_proxy_url(name: str, value: str | None) -> str | None:

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from llm_proxy.models import AuditEntry, Project, Token, utcnow
+from llm_proxy.models import AuditEntry
 from llm_proxy.proxy.budget_ledger import RedisBudgetLedger, Settlement
 from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
 from tests.events.events_support import RedisServer
+from tests.proxy.test_settlement_retry import add_token
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
 BUDGET = 1_000_000
@@ -24,23 +24,7 @@ BUDGET = 1_000_000
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
     opened = await open_store(f"sqlite:///{tmp_path}/ledger.db")
-    now = utcnow()
-    await opened.create_project(
-        Project("p1", "p1", "", {}, True, now, now, "sk-…", "ciphertext"), AUDIT
-    )
-    token = Token(
-        id="t1",
-        project_id="p1",
-        expires_at=now + timedelta(hours=1),
-        is_active=True,
-        request_count=0,
-        max_requests=None,
-        created_at=now,
-        last_used_at=None,
-        budget_nanousd=BUDGET,
-        spent_nanousd=0,
-    )
-    await opened.create_token(token, "hash-t1", AUDIT)
+    await add_token(opened, BUDGET)
     yield opened
     await opened.close()
 

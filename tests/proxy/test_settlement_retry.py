@@ -72,7 +72,8 @@ class AnswerLosingRelay:
         await self._servers.close()
 
 
-async def add_token(store: Store) -> None:
+async def add_token(store: Store, budget_nanousd: int = BUDGET) -> None:
+    """Project p1 and its token t1, with a budget (the ledgers' tests share it)."""
     now = utcnow()
     await store.create_project(
         Project("p1", "p1", "", {}, True, now, now, "sk-…", "ciphertext"), AUDIT
@@ -86,7 +87,7 @@ async def add_token(store: Store) -> None:
         max_requests=None,
         created_at=now,
         last_used_at=None,
-        budget_nanousd=BUDGET,
+        budget_nanousd=budget_nanousd,
         spent_nanousd=0,
     )
     await store.create_token(token, "hash-t1", AUDIT)
