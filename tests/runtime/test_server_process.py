@@ -271,6 +271,7 @@ def test_a_corrupt_key_file_is_named_when_encryption_key_is_not_set(
     data_dir.mkdir(mode=0o700)
     corrupt = base64.b64encode(b"only sixteen byt").decode()
     (data_dir / "encryption_key").write_text(corrupt + "\n")
+    (data_dir / "encryption_key").chmod(0o600)  # private, as a server writes it: no notice of that
     env = clean_env(
         DATA_DIR=str(data_dir),
         LISTEN_ADDR=f"127.0.0.1:{free_port()}",
