@@ -215,10 +215,14 @@ class ServerProcess:
     process: Process
     base_url: str
     data_dir: Path
+    preset_management_token: str | None = None
 
     @property
     def management_token(self) -> str:
-        """The token announced in the start-up banner on stdout."""
+        """The ``MANAGEMENT_TOKEN`` the server was started with, or else the one announced in
+        its start-up banner on stdout."""
+        if self.preset_management_token is not None:
+            return self.preset_management_token
         for line in self.process.stdout.splitlines():
             name, sep, value = line.strip().partition("=")
             if sep and name == "MANAGEMENT_TOKEN":
@@ -272,4 +276,4 @@ def start_server(
     except BaseException:
         process.stop()
         raise
-    return ServerProcess(process, base_url, data_dir)
+    return ServerProcess(process, base_url, data_dir, env.get("MANAGEMENT_TOKEN"))

@@ -526,21 +526,8 @@ def _start(root: Path, api_config: Path, key: str, name: str, **env: str) -> Ser
 
 
 def _project_and_token(server: ServerProcess) -> tuple[str, str]:
-    status, project = http(
-        "POST",
-        f"{server.base_url}/manage/projects",
-        token=MANAGEMENT,
-        body={"name": "p", "api_key": UPSTREAM_KEY},
-    )
-    assert status == 201, project
-    status, issued = http(
-        "POST",
-        f"{server.base_url}/manage/tokens",
-        token=MANAGEMENT,
-        body={"project_id": project["id"], "duration_minutes": 30},
-    )
-    assert status == 201, issued
-    return str(project["id"]), str(issued["token"])
+    issued = server.issue(UPSTREAM_KEY)
+    return str(issued["project_id"]), str(issued["token"])
 
 
 def _chat(server: ServerProcess, token: str) -> tuple[int, Any]:
