@@ -72,6 +72,7 @@ class ProxyStats:
         self.refused: defaultdict[str, int] = defaultdict(int)
         self.upstream_errors: defaultdict[str, int] = defaultdict(int)
         self.client_disconnects = 0
+        self.cut_at_stop = 0  # answers unfinished when the stop's grace period ended
         self.auth_failures: defaultdict[str, int] = defaultdict(int)  # by operator surface
         self.cache_hits = 0
         self.cache_misses = 0
@@ -142,6 +143,12 @@ class _ProxyCollector(Collector):
             "llm_proxy_client_disconnects",
             "Clients that went away before their response ended.",
             value=s.client_disconnects,
+        )
+        yield CounterMetricFamily(
+            "llm_proxy_requests_cut_at_stop",
+            "Requests whose answer was unfinished when the server's stop ended its grace period"
+            " (their connections closed by the server).",
+            value=s.cut_at_stop,
         )
         yield _counters(
             "llm_proxy_token_cache_lookups",

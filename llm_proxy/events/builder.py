@@ -106,7 +106,7 @@ def build(
         "method": exchange.method,
         "path": exchange.path,
         # No answer went out: 499 when the client closed the connection first (nginx's code).
-        "status": exchange.status or (_CLIENT_CLOSED if exchange.client_disconnected else 0),
+        "status": exchange.status or (_CLIENT_CLOSED if exchange.left_by_client else 0),
         "duration_ms": _ms(exchange.started, exchange.ended) if exchange.ended else 0.0,
         "ttfb_ms": _ms(exchange.started, exchange.first_byte_at)
         if exchange.first_byte_at

@@ -32,7 +32,7 @@ from llm_proxy import errors
 from llm_proxy.http import policy as http_policy
 from llm_proxy.http.control_bridge import ControlPlane, ControlRequest
 from llm_proxy.http.exchange_io import NO_BODY, NoBody, RequestBody, ResponseWriter
-from llm_proxy.http.messages import ProxyRequest, RenderedFields, RequestHandler
+from llm_proxy.http.messages import SERVER_STOPPING, ProxyRequest, RenderedFields, RequestHandler
 
 log = structlog.get_logger(__name__)
 
@@ -164,6 +164,7 @@ class FrontProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Future[None] | None = None  # set while the task waits for a request
         self._stopping = False
+        self._cut_by_stop = False  # closed by the server's stop with its answer unfinished
         self._ending = False  # closing, once the client has taken what was written (see close)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -181,8 +182,9 @@ class FrontProtocol(asyncio.Protocol):
         self._connections.discard(self)
         self.idle_since = self.head_since = self.body_since = 0.0
         if self._task is not None and not self._task.done():
-            # The client went away: stop the upstream request too, or end the wait for a next one.
-            self._task.cancel()
+            # The client went away (or the stop cut it): stop the upstream request too, or end
+            # the wait for a next one.
+            self._task.cancel(SERVER_STOPPING if self._cut_by_stop else None)
         if self._body is not None:
             self._body.wake()  # a truncated body must never look complete: its reader is cancelled
             self._body = None
@@ -534,6 +536,12 @@ class FrontProtocol(asyncio.Protocol):
         """Answer the requests in hand, then end the serving task (the site is stopping)."""
         self._stopping = True
 
+    def cut_at_stop(self) -> None:
+        """Close a connection whose answer outlived the stop's grace period: its request is
+        recorded as cut by the server (``server_stopping``), not as left by its client."""
+        self._cut_by_stop = True
+        self.close()
+
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.lost and not self._ending:
             self.transport.write(data)
@@ -765,7 +773,10 @@ class FrontSite(web.BaseSite):
         if in_flight:
             await asyncio.wait(in_flight, timeout=self._grace)
         for conn in list(self._connections):
-            conn.close()
+            if conn.task is not None and not conn.task.done():
+                conn.cut_at_stop()
+            else:
+                conn.close()
 
 
 def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:

@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+# The message a serving task is cancelled with when the server, stopping, closes a connection
+# whose answer outlived the grace period: the request was cut by the server, not left by its client.
+SERVER_STOPPING = "server_stopping"
+
 
 class BodySource(Protocol):
     """The request body as it arrives from the client."""

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from llm_proxy.http.messages import SERVER_STOPPING
+
 # How much of a long answer's end is kept past its captured head: a chat answer's or Responses
 # stream's `usage` object and what may follow it (a Responses object's `user`, `metadata`), with room.
 RESPONSE_TAIL_BYTES = 64 * 1024
@@ -102,6 +104,8 @@ class Exchange:
     first_byte_at: float = 0.0  # perf_counter when the first body byte went to the client
     ended: float = 0.0  # perf_counter when the response ended (or failed)
     error: str | None = None  # an error ``code`` when the proxy answered with an error or aborted
+    # The connection ended before the answer was whole: its client left, or the server's stop cut
+    # it (``error`` is then ``server_stopping``).
     client_disconnected: bool = False
     # The proxy asked upstream for stream usage the client did not ask for.
     usage_injected: bool = False
@@ -128,9 +132,14 @@ class Exchange:
         self.request_sent = True
 
     @property
+    def left_by_client(self) -> bool:
+        """The client itself hung up before its answer was whole (not cut by the server's stop)."""
+        return self.client_disconnected and self.error != SERVER_STOPPING
+
+    @property
     def left_before_answer(self) -> bool:
-        """The client hung up after the whole request went upstream and before the answer began:
-        the upstream may have produced all of it, which nobody will see."""
+        """The connection ended after the whole request went upstream and before the answer
+        began: the upstream may have produced all of it, which nobody will see."""
         return self.client_disconnected and self.request_sent and not self.status
 
     @property

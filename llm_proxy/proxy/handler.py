@@ -25,7 +25,7 @@ import orjson
 import structlog
 
 from llm_proxy import errors, tokens
-from llm_proxy.http.messages import ProxyRequest, RenderedFields, ResponseWriter
+from llm_proxy.http.messages import SERVER_STOPPING, ProxyRequest, RenderedFields, ResponseWriter
 from llm_proxy.http.upstream import Body, UpstreamClient, UpstreamResponse
 from llm_proxy.models import isoformat, usd
 from llm_proxy.pricing import PriceHolder, Prices
@@ -286,10 +286,15 @@ class ProxyHandler:
                     exchange.hold_id = ""
             reply_headers.append((b"X-Request-ID", request_id_field))
             await self._answer_error(writer, exc, reply_headers)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
             if not exchange.answered_whole:
+                # The connection ended before the answer was whole: its client left, or the
+                # server's stop cut it (the upstream may have produced all of it either way).
                 exchange.client_disconnected = True
-                exchange.error = exchange.error or "client_disconnected"
+                cut = cancelled.args == (SERVER_STOPPING,)
+                exchange.error = exchange.error or (
+                    SERVER_STOPPING if cut else "client_disconnected"
+                )
             raise
         finally:
             exchange.ended = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llm_proxy.errors import ProxyError
+from llm_proxy.http.messages import SERVER_STOPPING
 from llm_proxy.proxy.api_config import ApiProvider
 from llm_proxy.proxy.exchange import Exchange, ExchangeSink
 from llm_proxy.stats import STATS
@@ -49,10 +50,12 @@ class MetricsSink:
         stats = STATS
         status_class = _STATUS_CLASS.get(exchange.status // 100, "other")
         stats.requests[self._endpoint(exchange.path), status_class] += 1
-        if exchange.client_disconnected:
+        if exchange.left_by_client:
             stats.client_disconnects += 1
         error = exchange.error
-        if error is not None:
+        if error == SERVER_STOPPING:
+            stats.cut_at_stop += 1
+        elif error is not None:
             if error in _UPSTREAM_ERROR_KIND:
                 kind = (
                     _UPSTREAM_ERROR_KIND[error] if not exchange.upstream_headers_at else "mid_body"

@@ -7,9 +7,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from llm_proxy.stats import STATS
 from tests.conftest import UPSTREAM_KEY, Proxy
 from tests.events.events_support import RedisServer
 from tests.proxy.test_metrics import scrape, value
@@ -322,6 +324,29 @@ async def test_a_client_that_leaves_once_it_read_done_is_not_recorded_as_disconn
     assert (events[1]["status"], events[1]["error"]) == (200, "client_disconnected")
     after = value(await scrape(proxy), "llm_proxy_client_disconnects_total")
     assert after - before == 1
+
+
+async def test_a_stream_cut_by_the_servers_stop_is_recorded_as_cut_not_as_left(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """A stream still running when the stop's grace period ends is closed by the server: its event
+    says ``server_stopping`` with the status the client got, and no client is counted as gone."""
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log, site={"grace_seconds": 0.2})
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    cut_before, left_before = STATS.cut_at_stop, STATS.client_disconnects
+    stream = await proxy.operator.get(
+        f"{proxy.base_url}/v1/audio/paced?n=3&gap=30", headers=headers
+    )
+    assert await stream.content.readuntil(b"\n\n") == b"data: 0\n\n"
+    await proxy.client.server.close()  # the stop: 0.2 s of grace, then the server closes
+    with pytest.raises(aiohttp.ClientPayloadError):  # cut: no end of the chunked body came
+        await stream.content.read()
+    (event,) = await wait_for_lines(log, 1)
+    assert (event["status"], event["error"]) == (200, "server_stopping")
+    assert STATS.cut_at_stop - cut_before == 1
+    assert STATS.client_disconnects == left_before
+    stream.close()
 
 
 async def test_on_redis_each_file_log_gets_every_event(
