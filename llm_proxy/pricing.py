@@ -34,6 +34,9 @@ TOKENS_PER_PRICE = 1_000_000  # prices are per million tokens
 # The most a price may be, in USD per million tokens ($1 a token; the dearest model listed costs
 # hundreds): beyond it a figure is a typo, and its nano-dollars would not fit the store's columns.
 MAX_USD_PER_MILLION = 1_000_000
+# The most a model's max_output_tokens may be (the largest models write 128,000 at most): beyond
+# it a figure is a typo, and a hold priced from it would not fit the store's columns.
+MAX_OUTPUT_TOKENS = 10_000_000
 OTHER = "other"  # the metrics label of a model no entry prices
 _WILDCARDS = re.compile(r"[*?\[]")
 _CACHE_LIMIT = 4096  # model names come from clients: remember a bounded number of them
@@ -220,6 +223,9 @@ def _entry(pattern: object, body: object, where: str) -> ModelPrice:
 def _tokens(value: object, at: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PricesError(f"{at}: expected a whole number of tokens, at least 1; got {value!r}")
+    if value > MAX_OUTPUT_TOKENS:
+        shown = repr(value) if value < 10**21 else "a huge number"
+        raise PricesError(f"{at}: at most {MAX_OUTPUT_TOKENS:,} tokens; got {shown}")
     return value
 
 

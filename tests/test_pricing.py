@@ -170,6 +170,14 @@ def test_an_entry_a_broader_glob_above_it_covers_is_refused() -> None:
             f"gpt-4o*: {{input: 1{'0' * 400}}}\n",
             "prices.yaml: gpt-4o*: input: at most 1,000,000 USD per 1M tokens; got a huge number",
         ),
+        (
+            "gpt-4o*: {input: 1, max_output_tokens: 10000001}\n",
+            "prices.yaml: gpt-4o*: max_output_tokens: at most 10,000,000 tokens; got 10000001",
+        ),
+        (
+            f"gpt-4o*: {{input: 1, max_output_tokens: 1{'0' * 400}}}\n",
+            "prices.yaml: gpt-4o*: max_output_tokens: at most 10,000,000 tokens; got a huge number",
+        ),
         ("gpt-4o*: {output: 10}\n", "prices.yaml: gpt-4o*: input: missing"),
         ("gpt-4o*: 2.50\n", "prices.yaml: gpt-4o*: expected {input, cached_input, output}"),
         ("1: {input: 1}\n", "prices.yaml: 1: a model glob must be a non-empty string"),
