@@ -31,6 +31,7 @@ from typing import IO, Any, TypeVar
 import click
 from click.core import ParameterSource
 
+from llm_proxy.listen_addr import listen_url, parse_listen_addr
 from llm_proxy.secret_input import (
     ON_THE_COMMAND_LINE,
     ask_secret,
@@ -303,16 +304,19 @@ def _checked_base_url(value: str) -> str:
 
 
 def _url_of_listen_addr(value: str) -> str:
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+    """The URL of a server listening at ``value``, read as the server reads it."""
+    try:
+        host, port = parse_listen_addr(value.strip())
+    except ValueError:
+        port = 0
+    if port == 0:
         raise OptionError(
             f"LISTEN_ADDR: expected host:port such as 127.0.0.1:8080, got {value!r};"
             " or give the server's URL with --manage-api-base-url"
         )
-    host = host.strip("[]")
     # A server listening on every interface answers on loopback.
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return listen_url(host, port)
 
 
 def _connection(opts: ClientOptions) -> Connection:

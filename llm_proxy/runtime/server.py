@@ -19,6 +19,7 @@ from aiohttp import web
 from llm_proxy.crypto import KeyCipher
 from llm_proxy.events.offload import EventProcessError
 from llm_proxy.http.front import FrontLimits, FrontSite, listening_socket
+from llm_proxy.listen_addr import listen_url
 from llm_proxy.pricing import PricesError
 from llm_proxy.runtime import secrets_store
 from llm_proxy.runtime.app import (
@@ -37,7 +38,6 @@ from llm_proxy.runtime.settings import (
     Settings,
     SettingsError,
     database_label,
-    listen_url,
     parse_encryption_key,
 )
 from llm_proxy.runtime.supervisor import START_FAILED, Supervisor

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from llm_proxy import listen_addr
 from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
 from llm_proxy.pricing import PriceFile
 from llm_proxy.store.opening import sqlite_path
@@ -176,42 +176,12 @@ def masked_url(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
 
 
-_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: int() would take "٢٢٠٠١" too
-
-
 def parse_listen_addr(value: str) -> tuple[str, int]:
     """``host:port``, ``:port`` (every interface) or ``[IPv6]:port``."""
-    host, sep, port_text = value.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
-    if bracketed:
-        host = host[1:-1]
-    if (
-        not sep
-        or not _PORT.fullmatch(port_text)
-        or int(port_text) > 65535
-        or any(char.isspace() for char in value)
-        or "[" in host
-        or "]" in host
-        or (bracketed and not _is_ipv6(host))
-    ):
-        raise SettingsError(
-            f"LISTEN_ADDR: expected host:port (an IPv6 address in brackets, as [::1]:8080),"
-            f" got {value!r}"
-        )
-    return host or "0.0.0.0", int(port_text)
-
-
-def _is_ipv6(host: str) -> bool:
     try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def listen_url(host: str, port: int) -> str:
-    """The URL a listening address answers at: an IPv6 address goes in brackets."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return listen_addr.parse_listen_addr(value)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def sqlite_path_from_url(url: str) -> Path:

@@ -200,7 +200,11 @@ def test_cannot_reach_says_what_to_check(site: Site) -> None:
     assert "check --manage-api-base-url / MANAGE_API_BASE_URL" in line
 
 
-@pytest.mark.parametrize("listen_addr", ["nonsense", "127.0.0.1", "127.0.0.1:0", "host:99999"])
+@pytest.mark.parametrize(
+    "listen_addr",
+    # (The last three the server refuses too: manage reads LISTEN_ADDR as the server does.)
+    ["nonsense", "127.0.0.1", "127.0.0.1:0", "host:99999", "[nothost]:8080", "a b:8080", "h:٨٠٨٠"],
+)
 def test_a_listen_addr_manage_cannot_use_is_one_line(site: Site, listen_addr: str) -> None:
     line = one_line(manage(site.root, "project", "list", LISTEN_ADDR=listen_addr), 2)
     assert f"LISTEN_ADDR: expected host:port such as 127.0.0.1:8080, got {listen_addr!r}" in line
