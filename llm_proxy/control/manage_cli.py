@@ -338,7 +338,9 @@ def _connection(opts: ClientOptions) -> Connection:
         return Connection(base_url, _usable_token(opts.management_token), url_hint, token_from)
     path = Path(opts.data_dir or DEFAULT_DATA_DIR) / MANAGEMENT_TOKEN_FILE
     try:
-        token = _usable_token(path.read_text(), f"the management token in {path}")
+        # Bytes that are not UTF-8 become U+FFFD, which the token check refuses in one line.
+        text = path.read_text(encoding="utf-8", errors="replace")
+        token = _usable_token(text, f"the management token in {path}")
     except FileNotFoundError:
         token = ""
     except OSError as exc:

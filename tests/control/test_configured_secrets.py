@@ -115,6 +115,23 @@ def test_manage_refuses_such_a_token_on_one_line_without_showing_it(token: str) 
     assert "mgmt-" not in result.stderr
 
 
+def test_manage_refuses_a_token_file_that_is_not_text_on_one_line(tmp_path: Path) -> None:
+    """A management_token file holding bytes that are not UTF-8 (a binary copied over it, a file
+    written in another encoding) is refused like any token no header can carry."""
+    (tmp_path / "management_token").write_bytes(b"mgmt-\xff\xfe-latin1-\xe9\n")
+    result = manage(
+        "project",
+        "list",
+        MANAGE_API_BASE_URL=f"http://127.0.0.1:{free_port()}",
+        DATA_DIR=str(tmp_path),
+    )
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"the management token in {tmp_path / 'management_token'}" in lines[0]
+    assert "visible ASCII" in lines[0] and "mgmt-" not in result.stderr
+
+
 def test_an_admin_password_holding_a_control_character_stops_start_up(tmp_path: Path) -> None:
     env = start_env(tmp_path, ADMIN_PASSWORD="secret\x07password")
     result = run_start_that_fails(env, "an admin password nobody can type must stop start-up")
