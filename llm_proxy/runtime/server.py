@@ -42,6 +42,7 @@ from llm_proxy.runtime.settings import (
 )
 from llm_proxy.runtime.supervisor import START_FAILED, Supervisor
 from llm_proxy.runtime.worker_metrics import WorkerPeers, prepare_sockets
+from llm_proxy.secret_input import configured_password, configured_token
 from llm_proxy.store.opening import default_database_url, open_store, sqlite_path
 from llm_proxy.store.unavailable import DATABASE_ERRORS, without_credentials
 
@@ -76,10 +77,22 @@ def _fill_secrets(settings: Settings) -> FilledSecrets:
     kept: list[str] = []  # files an earlier start generated
     token_shown = False
 
-    def load(name: str, make: Callable[[], str]) -> tuple[str, str | None]:
-        """The secret, and the file keeping it when it is to be shown."""
-        secret = secrets_store.load_or_create(data_dir, name, make)
+    def load(
+        name: str, make: Callable[[], str], variable: str, check: Callable[[str, str], str]
+    ) -> tuple[str, str | None]:
+        """The secret, and the file keeping it when it is to be shown. A file whose content the
+        setting itself would refuse stops start-up in one line, as the setting would."""
         path = str((data_dir / name).absolute())
+        try:
+            secret = secrets_store.load_or_create(data_dir, name, make)
+            check(f"{variable} (from the file {path})", secret.value)
+        except UnicodeDecodeError:
+            raise SettingsError(
+                f"{variable} is not set, and the file {path} is not UTF-8 text: restore the file,"
+                f" or set {variable}"
+            ) from None
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         if not secret.created:
             kept.append(path)
         if secret.created or name in unshown:
@@ -88,13 +101,23 @@ def _fill_secrets(settings: Settings) -> FilledSecrets:
         return secret.value, None
 
     if not settings.management_token:
-        token, new = load(secrets_store.MANAGEMENT_TOKEN_FILE, secrets_store.new_management_token)
+        token, new = load(
+            secrets_store.MANAGEMENT_TOKEN_FILE,
+            secrets_store.new_management_token,
+            "MANAGEMENT_TOKEN",
+            configured_token,
+        )
         settings = replace(settings, management_token=token)
         if new:
             shown += [f"Management API token, kept in {new}:", f"  MANAGEMENT_TOKEN={token}"]
             token_shown = True
     if not settings.admin_password:
-        password, new = load(secrets_store.ADMIN_PASSWORD_FILE, secrets_store.new_admin_password)
+        password, new = load(
+            secrets_store.ADMIN_PASSWORD_FILE,
+            secrets_store.new_admin_password,
+            "ADMIN_PASSWORD",
+            configured_password,
+        )
         settings = replace(settings, admin_password=password)
         if new:
             shown += [
@@ -102,7 +125,12 @@ def _fill_secrets(settings: Settings) -> FilledSecrets:
                 f"  ADMIN_USER={settings.admin_user} ADMIN_PASSWORD={password}",
             ]
     if not settings.encryption_key:
-        key, new = load(secrets_store.ENCRYPTION_KEY_FILE, secrets_store.new_encryption_key)
+        key, new = load(
+            secrets_store.ENCRYPTION_KEY_FILE,
+            secrets_store.new_encryption_key,
+            "ENCRYPTION_KEY",
+            lambda _name, value: value,  # parsed below, with its own message
+        )
         try:
             settings = replace(settings, encryption_key=parse_encryption_key(key))
         except SettingsError:

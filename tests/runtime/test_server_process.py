@@ -287,6 +287,41 @@ def test_a_corrupt_key_file_is_named_when_encryption_key_is_not_set(
     assert corrupt not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("management_token", b"mgmt-\xff\xfe-Q7zv\n", "is not UTF-8 text"),
+        ("admin_password", b"pass-\xe9t\xe9-Q7zv\n", "is not UTF-8 text"),
+        ("encryption_key", b"\x00\xff-Q7zv", "is not UTF-8 text"),
+        ("management_token", b"mgmt-with a-space-Q7zv\n", "must be visible ASCII"),
+        ("admin_password", b"pass-\x1b[31m-Q7zv\n", "must not hold control characters"),
+    ],
+)
+def test_a_secret_file_its_setting_would_refuse_stops_start_up_with_one_line(
+    tmp_path: Path, api_config: Path, name: str, content: bytes, says: str
+) -> None:
+    """A secret file under DATA_DIR is read as its setting: what the setting refuses, the file's
+    content too (a binary copied over it, a token no client could send), without showing it."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / name).write_bytes(content)
+    (data_dir / name).chmod(0o600)
+    env = clean_env(
+        DATA_DIR=str(data_dir),
+        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+    )
+    result = run_start_that_fails(env, f"a {name} file holding {content!r} must stop start-up")
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    variable = name.upper()
+    assert lines[0].startswith(f"llm-proxy: {variable} "), lines[0]
+    assert str(data_dir / name) in lines[0] and says in lines[0]
+    assert "Q7zv" not in result.stdout + result.stderr
+
+
 def test_port_already_in_use_stops_start_up_with_one_line(
     server: ServerProcess, tmp_path: Path, api_config: Path
 ) -> None:
