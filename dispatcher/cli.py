@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from dispatcher.backends import Backend
 from dispatcher.deadletter import DeadLetterFile
 from dispatcher.exit_codes import Exit
 from dispatcher.handback import RedisHandback
+from dispatcher.metrics_server import MetricsAddress, MetricsListenError, serving_metrics
 from dispatcher.options import (
     DATA_DIR,
     SERVICES,
@@ -55,7 +57,12 @@ class BusSettings:
 # -- llm-proxy dispatcher ------------------------------------------------------------------------
 
 
-async def _serve(bus_settings: BusSettings, backend: Backend, settings: WorkerSettings) -> Exit:
+async def _serve(
+    bus_settings: BusSettings,
+    backend: Backend,
+    settings: WorkerSettings,
+    metrics_address: MetricsAddress | None,
+) -> Exit:
     bus = RedisBus(
         bus_settings.redis_url, stream=bus_settings.stream, claim_idle=bus_settings.claim_idle
     )
@@ -63,8 +70,13 @@ async def _serve(bus_settings: BusSettings, backend: Backend, settings: WorkerSe
         bus.client, bus_settings.stream, settings.service, ttl=3 * settings.heartbeat_interval
     )
     handback = RedisHandback(bus.client, bus_settings.stream)
+    worker = Worker(bus, backend, settings, heartbeat=heartbeat, handback=handback)
+    exporting: AbstractAsyncContextManager[None] = (
+        nullcontext() if metrics_address is None else serving_metrics(worker, metrics_address)
+    )
     try:
-        return await Worker(bus, backend, settings, heartbeat=heartbeat, handback=handback).serve()
+        async with exporting:
+            return await worker.serve()
     finally:
         await bus.close()
 
@@ -73,8 +85,9 @@ WORKER_EXITS = """\b
 Exit codes:
   0  stopped by SIGTERM/SIGINT; with --burst: every event read was delivered
   1  the backend could not start (an unwritable path, a CloudWatch log group it
-     cannot create); an HTTP endpoint that cannot be reached is retried per
-     --max-attempts (0: until it answers) like any failed delivery
+     cannot create), or --metrics-port could not be bound (in use); an HTTP
+     endpoint that cannot be reached is retried per --max-attempts (0: until it
+     answers) like any failed delivery
   2  bad invocation
   3  --burst: Redis unreachable; undelivered events stay on the bus
   4  --burst: events were dead-lettered (see --dead-letter and `replay`)
@@ -168,6 +181,21 @@ When several apply, 5 wins over 3, 3 over 6, and 6 over 4."""
     is_flag=True,
     help="Exit once no events are waiting (or Redis cannot be reached); see the exit codes.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    envvar="LLM_PROXY_DISPATCHER_METRICS_PORT",
+    show_envvar=True,
+    help="Serve GET /metrics (Prometheus) and GET /health on this port. [default: off]",
+)
+@click.option(
+    "--metrics-host",
+    envvar="LLM_PROXY_DISPATCHER_METRICS_HOST",
+    show_envvar=True,
+    default="127.0.0.1",
+    show_default=True,
+    help="Address --metrics-port listens on (0.0.0.0 for a scraper on another host or pod).",
+)
 @backend_options
 @click.pass_context
 def dispatcher_command(
@@ -186,6 +214,8 @@ def dispatcher_command(
     drain_timeout: float,
     claim_idle: float,
     burst: bool,
+    metrics_port: int | None,
+    metrics_host: str,
     **backend_options: Any,
 ) -> None:
     """Run a dispatcher: ``llm-proxy dispatcher --service file|helicone|cloudwatch|lunary``."""
@@ -212,7 +242,14 @@ def dispatcher_command(
         heartbeat_interval=HEARTBEAT_INTERVAL,
         credentials=credentials(service),
     )
-    code = asyncio.run(_serve(BusSettings(redis_url, stream, claim_idle), backend, settings))
+    metrics_address = None if metrics_port is None else MetricsAddress(metrics_host, metrics_port)
+    try:
+        code = asyncio.run(
+            _serve(BusSettings(redis_url, stream, claim_idle), backend, settings, metrics_address)
+        )
+    except MetricsListenError as exc:
+        click.echo(f"llm-proxy dispatcher: --metrics-port: {exc}", err=True)
+        ctx.exit(Exit.FAILED)
     if code == Exit.BUS_UNAVAILABLE:
         click.echo(f"Redis unreachable at {redis_location(redis_url)}: burst run stopped", err=True)
     ctx.exit(code)

@@ -72,3 +72,13 @@ CLOUDWATCH_REJECTED = Counter(
     "Events CloudWatch Logs refuses for their timestamp (too_old, too_new, expired).",
     ["kind"],
 )
+
+
+def from_zero(backend: str) -> None:
+    """Put ``backend``'s series on the page at 0 before anything happens: a series that first
+    appears at 1 shows Prometheus no increase, so the first failure would go unalerted."""
+    for counter in (DELIVERED, DEAD_LETTERED, REDELIVERED, DUPLICATES, BATCHES):
+        counter.labels(backend)
+    for kind in ("retryable", "permanent"):
+        FAILURES.labels(backend, kind)
+    LAG.of(backend)

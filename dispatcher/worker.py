@@ -126,6 +126,12 @@ class Worker:
         self._bus_failures = 0
         self._bus_lost = False  # a burst run gave up on an unreachable bus
         self._auth_failure: Rejection | None = None
+        self._running = False
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop runs: once the backend has started, until the loop ends (drain included)."""
+        return self._running
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -243,6 +249,7 @@ class Worker:
         beating = asyncio.create_task(self._beat()) if self._heartbeat else None
         log.info("dispatcher.started", service=self.settings.service, consumer=self._consumer)
         timed_out = False
+        self._running = True
         try:
             async with asyncio.timeout(None) as self._deadline:
                 if self._draining:
@@ -262,6 +269,7 @@ class Worker:
             timed_out = True
             await self._abandon(subscription, "not delivered before shutdown")
         finally:
+            self._running = False
             if self._auth_failure is not None:
                 await self._abandon(
                     subscription, f"credentials refused ({self._auth_failure.reason})"

@@ -558,6 +558,35 @@ def test_default_dispatcher_writes_a_file(default_release: list[dict[str, Any]])
     assert box["args"] == ["dispatcher", "--service", "file"]
 
 
+def test_dispatcher_metrics_are_served_on_the_pod_address_for_prometheus_to_scrape(
+    helm: Helm, default_release: list[dict[str, Any]]
+) -> None:
+    dispatcher = only(default_release, "Deployment", "dispatcher")
+    env = env_of(dispatcher)
+    assert env["LLM_PROXY_DISPATCHER_METRICS_HOST"] == "0.0.0.0"
+    port = int(env["LLM_PROXY_DISPATCHER_METRICS_PORT"])
+    assert container(dispatcher)["ports"] == [
+        {"name": "metrics", "containerPort": port, "protocol": "TCP"}
+    ]
+    assert dispatcher["spec"]["template"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+
+    off = only(
+        render(helm, "--set", "secrets.existingSecret=s", "--set", "dispatcher.metricsPort=0"),
+        "Deployment",
+        "dispatcher",
+    )
+    assert (
+        "ports" not in container(off) and "annotations" not in off["spec"]["template"]["metadata"]
+    )
+    assert not {"LLM_PROXY_DISPATCHER_METRICS_PORT", "LLM_PROXY_DISPATCHER_METRICS_HOST"} & set(
+        env_of(off)
+    )
+
+
 def test_an_unknown_dispatcher_backend_is_refused(helm: Helm) -> None:
     result = helm(
         "template",

@@ -44,6 +44,8 @@ CLEAN_ENV = {
         "LUNARY_API_URL",
         "LLM_PROXY_EVENT_LOG",
         "DATA_DIR",
+        "LLM_PROXY_DISPATCHER_METRICS_PORT",
+        "LLM_PROXY_DISPATCHER_METRICS_HOST",
     )
 }
 SECRET = "hunter2-not-for-logs"
