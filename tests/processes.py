@@ -146,6 +146,39 @@ class Process:
         raise AssertionError(f"{url} did not answer in {timeout}s:\n{self.stdout}\n{self.stderr}")
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name: state, parent pid, …; None once reaped."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def has_exited(pid: int) -> bool:
+    """Every thread of ``pid`` is gone, so its sockets are closed. A killed process's main thread
+    shows as a zombie while its other threads (aiosqlite's, the builder's) still hold the open
+    files, the listening socket among them: a connection made then is reset when they go."""
+    stat = proc_stat(pid)
+    if stat is None:
+        return True
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    return stat[0] == "Z" and threads == [str(pid)]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, found in ``/proc``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = proc_stat(int(entry.name))
+            if stat is not None and stat[1] == str(pid):
+                found.append(int(entry.name))
+    return found
+
+
 def spawn(args: list[str], env: dict[str, str], logs: Path, name: str) -> Process:
     logs.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = logs / f"{name}.stdout", logs / f"{name}.stderr"

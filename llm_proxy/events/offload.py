@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -134,6 +135,7 @@ class EventOffload:
             sys.executable,
             "-m",
             self._entry,
+            str(os.getpid()),  # its parent: it ends when this process does (parent_watch.py)
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=_STATUS_LINE_LIMIT,

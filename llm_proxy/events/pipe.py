@@ -3,7 +3,8 @@
 Protocol, all on pipes to the server:
 
 - stdin: frames of a 4-byte big-endian length and a pickle. The first frame is a :class:`Launch`,
-  every later one a list of :meth:`Exchange.to_wire` tuples. End of input means drain and exit.
+  every later one a list of :meth:`Exchange.to_wire` tuples. End of input means drain and exit;
+  so does the server's end (``runtime/parent_watch.py``), whatever else holds its end of the pipe.
 - the status pipe (the process's original stdout; ``sys.stdout`` is pointed at stderr so that no
   stray print can corrupt it): one JSON object per line, each a status
   ``{"done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where ``done`` counts

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import sys
 from collections.abc import Iterable, Sequence
@@ -34,6 +35,7 @@ from llm_proxy.pricing import PriceHolder, PricesError
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.runtime.gc_tuning import tune_garbage_collector
 from llm_proxy.runtime.logging_setup import configure_logging
+from llm_proxy.runtime.parent_watch import PARENT_GONE, ParentWatch
 from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
 
@@ -47,6 +49,8 @@ REPORTED_PREFIXES = (
     "llm_proxy_tokens",
     "llm_proxy_cost_usd",
 )
+# How often a status line waiting on a full pipe checks that the server is still there to read it.
+_FULL_PIPE_CHECK_SECONDS = 0.5
 
 
 class _Reported(Collector):
@@ -65,9 +69,13 @@ _REPORTED.register(_Reported())
 class _Status:
     """Writes status lines to the server."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, parent: ParentWatch) -> None:
         self._fd = fd
+        self._parent = parent
         self.server_gone = False
+        # Not blocking: the server's end may outlive the server (held by a process that inherited
+        # it), and a write into that full pipe would never return.
+        os.set_blocking(fd, False)
 
     def send(self, message: dict[str, Any]) -> None:
         if self.server_gone:
@@ -75,7 +83,15 @@ class _Status:
         data = orjson.dumps(message) + b"\n"
         try:
             while data:
-                data = data[os.write(self._fd, data) :]
+                try:
+                    data = data[os.write(self._fd, data) :]
+                except BlockingIOError:
+                    # The server is behind (busy, or stopped): wait for it, as a blocking write
+                    # would, but not for a server that has ended.
+                    if not self._parent.parent_alive():
+                        self.server_gone = True
+                        return
+                    select.select([], [self._fd], [], _FULL_PIPE_CHECK_SECONDS)
         except BrokenPipeError:
             # The server is gone (killed, or a worker stopped while it started): there is nobody
             # to tell. Our input ends with it, and that ends this process in the usual way.
@@ -147,12 +163,42 @@ async def _open(launch: Launch) -> tuple[EventPipeline, Store]:
     return pipeline, store
 
 
-async def _run(status: _Status) -> int:
+def _server_gone(
+    parent: ParentWatch,
+    status: _Status,
+    reader: asyncio.StreamReader,
+    transport: asyncio.ReadTransport,
+    fd: int,
+) -> None:
+    """The server ended (see ``parent_watch.py``): end the input as an end of file would, after
+    what the pipe still holds, so that this process drains and exits the usual way. Usually the
+    end of file is on its way anyway; it never comes if another process holds the server's end."""
+    if parent.parent_alive():
+        return  # not the server's end: the thread that started this process ended, or a stray kill
+    status.server_gone = True  # nobody reads the status pipe any more
+    if transport.is_closing():
+        return  # the end of file came
+    log.warning("events.server_gone", action="draining as at the end of input")
+    transport.pause_reading()
+    # What the server wrote before it ended is read and built like the rest, never left behind.
+    os.set_blocking(fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 1 << 20):
+            reader.feed_data(chunk)
+    reader.feed_eof()
+
+
+async def _run(status: _Status, parent: ParentWatch) -> int:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**31)
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0)
-    )
+    stdin = os.fdopen(0, "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
+    gone_args = (parent, status, reader, transport, stdin.fileno())
+    loop.add_signal_handler(PARENT_GONE, _server_gone, *gone_args)
+    # A server that ended before this handler was in place (even before this process asked to
+    # be told) sent no signal: look once now. Every step before the read loop below is bounded,
+    # so ending the input here is enough for the loop to see it.
+    _server_gone(*gone_args)
     launch: Launch | None = await read_frame(reader)
     if launch is None:
         return 0  # the server went away before saying anything
@@ -215,6 +261,9 @@ def _yield_to_requests() -> None:
 
 
 def main() -> None:
+    # First: the server passes its pid, so that one that ended before this line is noticed too.
+    parent = ParentWatch(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid())
+    parent.arm()
     _yield_to_requests()
     # The server decides when this process stops (by closing its input, after draining); Ctrl-C
     # and a service manager's SIGTERM reach the whole process group and must not end it first.
@@ -222,11 +271,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # SIGHUP reloads the prices once the pipeline runs; until then it must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    status = _Status(os.dup(1))
+    status = _Status(os.dup(1), parent)
     os.dup2(2, 1)  # stray prints go to the log, never into the status pipe
     sys.stdout = sys.stderr
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        code = runner.run(_run(status))
+        code = runner.run(_run(status, parent))
     sys.exit(code)
 
 

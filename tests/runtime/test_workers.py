@@ -33,9 +33,11 @@ from tests.processes import (
     MockUpstream,
     Process,
     ServerProcess,
+    children,
     clean_env,
     cli_command,
     free_port,
+    has_exited,
     http,
     run_start_that_fails,
     spawn,
@@ -174,39 +176,6 @@ def test_every_scrape_reports_the_sum_over_all_workers(workers: ServerProcess) -
         assert sums["llm_proxy_requests_total"] == 40
         assert sums["llm_proxy_upstream_latency_seconds_count"] == 40
         assert (sums["workers_reporting"], sums["workers_missing"]) == (2, 0)
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """``/proc/<pid>/stat`` after the command name: state, parent pid, …; None once reaped."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-
-
-def has_exited(pid: int) -> bool:
-    """Every thread of ``pid`` is gone, so its sockets are closed. A killed process's main thread
-    shows as a zombie while its other threads (aiosqlite's, the builder's) still hold the open
-    files, the listening socket among them: a connection made then is reset when they go."""
-    stat = proc_stat(pid)
-    if stat is None:
-        return True
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return True
-    return stat[0] == "Z" and threads == [str(pid)]
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``, found in ``/proc``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = proc_stat(int(entry.name))
-            if stat is not None and stat[1] == str(pid):
-                found.append(int(entry.name))
-    return found
 
 
 def worker_pids(server: ServerProcess) -> list[int]:

@@ -1,0 +1,184 @@
+"""``runtime/events_process.py`` beside a real server: it ends when its server does, however the
+server ends, and loses nothing it was sent."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.processes import (
+    START_TIMEOUT,
+    MockUpstream,
+    ServerProcess,
+    children,
+    clean_env,
+    cli_command,
+    free_port,
+    has_exited,
+    http,
+    spawn,
+    start_mock_upstream,
+    start_server,
+    write_api_config,
+)
+
+pytestmark = pytest.mark.process
+
+_PIDFD_GETFD = 438  # the syscall's number, the same on every Linux architecture
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[MockUpstream]:
+    mock = start_mock_upstream(tmp_path)
+    yield mock
+    mock.process.stop()
+
+
+def events_processes(pid: int) -> list[int]:
+    """The events processes ``pid`` started."""
+    return [
+        child
+        for child in children(pid)
+        if b"llm_proxy.runtime.events_process" in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+
+
+def wait_for_events_process(pid: int) -> int:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not (found := events_processes(pid)):
+        assert time.monotonic() < deadline, f"{pid} started no events process"
+        time.sleep(0.005)
+    return found[0]
+
+
+def hold_pipes(pid: int) -> list[int]:
+    """Copies, in this process, of every pipe and socket ``pid`` has open, as a process that
+    inherited them would hold them (a child forked or spawned without closing them): the server's
+    end of its events process's pipes stays open when the server is killed."""
+    held = []
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(("pipe:", "socket:")):
+                copy = _libc.syscall(_PIDFD_GETFD, pidfd, int(fd), 0)
+                assert copy >= 0, os.strerror(ctypes.get_errno())
+                held.append(copy)
+    finally:
+        os.close(pidfd)
+    return held
+
+
+def assert_ends_in_time(events_process: int, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not has_exited(events_process):
+        assert time.monotonic() < deadline, f"events process {events_process} outlived its server"
+        time.sleep(0.05)
+
+
+def log_lines(stderr: str, name: str) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == name]
+
+
+def kill_and_check(server: int, events_process: int, stderr: Path) -> None:
+    """SIGKILL ``server`` while its pipes are held elsewhere: its events process notices (its log
+    says so) and ends by itself within seconds."""
+    held = hold_pipes(server)
+    try:
+        os.kill(server, signal.SIGKILL)
+        assert_ends_in_time(events_process)
+    finally:
+        for fd in held:
+            os.close(fd)
+        if not has_exited(events_process):
+            os.kill(events_process, signal.SIGKILL)
+    assert "events.server_gone" in stderr.read_text(), stderr.read_text()[-3000:]
+
+
+def test_an_events_process_ends_when_its_server_is_killed_while_it_starts(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    port = free_port()
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=f"127.0.0.1:{port}",
+        API_CONFIG_PATH=str(config),
+        LOG_FORMAT="json",
+    )
+    process = spawn(cli_command("server"), env, tmp_path, "server")
+    try:
+        events_process = wait_for_events_process(process.popen.pid)
+        # Before it said it is ready: it may still be importing, or opening its store and bus.
+        kill_and_check(process.popen.pid, events_process, process.stderr_path)
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize("traffic", [False, True], ids=["once it serves", "under traffic"])
+def test_an_events_process_ends_when_its_serving_server_is_killed_and_drains_what_it_has(
+    tmp_path: Path, upstream: MockUpstream, traffic: bool
+) -> None:
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    events_log = tmp_path / "events.jsonl"
+    server = start_server(tmp_path / "data", config, tmp_path, FILE_EVENT_LOG=str(events_log))
+    pid = server.process.popen.pid
+    stop = threading.Event()
+    try:
+        token = server.issue_token()
+        events_process = wait_for_events_process(pid)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            if traffic:
+                for _ in range(4):
+                    pool.submit(keep_requesting, server, token, stop)
+                time.sleep(1.0)
+            kill_and_check(pid, events_process, server.process.stderr_path)
+            stop.set()
+    finally:
+        stop.set()
+        server.stop()
+    # Every exchange it was sent became an event in the file: none dropped, none left behind.
+    closed = log_lines(server.process.stderr, "events.pipeline_closed")
+    assert len(closed) == 1 and closed[0]["dropped"] == 0, closed
+    written = len(events_log.read_text().splitlines()) if events_log.exists() else 0
+    assert written == closed[0]["published"]
+    assert (written > 0) == traffic
+
+
+def keep_requesting(server: ServerProcess, token: str, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            http("GET", f"{server.base_url}/v1/models", token=token, timeout=2)
+        except OSError:
+            return  # the server is gone
+
+
+def test_a_workers_events_process_ends_when_its_worker_is_killed(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    server = start_server(tmp_path / "data", config, tmp_path, WORKERS="2")
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(workers := children(server.process.popen.pid)) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker = workers[0]
+        events_process = wait_for_events_process(worker)
+        kill_and_check(worker, events_process, server.process.stderr_path)
+    finally:
+        server.stop(timeout=10)
