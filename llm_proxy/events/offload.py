@@ -118,6 +118,7 @@ class EventOffload:
         self._status: dict[str, Any] = {}
         self._status_at = 0.0
         self._sent_to_current = 0  # exchanges sent to the running events process
+        self._done = 0  # of those, how many it reported done with (published or counted dropped)
         self.sent = 0
         self._drops = metrics.Drops("events.offload_dropped")
         self._shed = metrics.Shed()
@@ -159,6 +160,7 @@ class EventOffload:
         self._sent_to_current = 0
         # The ready line carries the first status, so /ready is right from the start.
         self._status, self._status_at = answer, time.monotonic()
+        self._done = int(answer.get("done", 0))
         log.info("events.process_attached", pid=process.pid)
         self._flush()  # what queued up while no events process ran
 
@@ -172,10 +174,13 @@ class EventOffload:
             while line := await process.stdout.readline():
                 message = orjson.loads(line)
                 settled = message.get("settled")
-                if settled is None:
+                if settled is not None:
+                    if self._settlements is not None:
+                        self._settlements.settled(settled)
+                elif "metrics" in message:
                     self._status, self._status_at = message, time.monotonic()
-                elif self._settlements is not None:
-                    self._settlements.settled(settled)
+                if "done" in message:
+                    self._done = int(message["done"])
             code = await process.wait()
             if self._settlements is not None:
                 # What it was sent will not be settled: nothing is to be waited for.
@@ -283,8 +288,10 @@ class EventOffload:
             self._settlements.settled(wire_settlement(w) for w in dropped if wire_settles(w))
 
     def _unfinished(self) -> int:
-        """Exchanges sent to the running events process that it had not reported done."""
-        return max(self._sent_to_current - int(self._status.get("done", 0)), 0)
+        """Exchanges sent to the running events process that it had not reported done. It reports
+        each batch the moment its bus answered, so this is exact but for a death while the answer
+        was on its way: an upper bound, by at most the batch it was publishing."""
+        return max(self._sent_to_current - self._done, 0)
 
     @property
     def dropped(self) -> int:

@@ -10,7 +10,8 @@ Protocol, all on pipes to the server:
   ``{"done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where ``done`` counts
   exchanges that became published events or counted drops. The first line is the ready line, a
   status with ``"ready": true`` (or only ``{"error": "..."}``); then one every ``status_seconds``
-  and once more at exit; and, as soon as a batch's settlement is done,
+  and once more at exit; ``{"done": n}`` each time ``done`` grows (a batch published, or dropped);
+  and, as soon as a batch's settlement is done,
   ``{"settled": [[token_id, request_id], ...]}`` for its exchanges that settle a tpm window or a
   budget hold (settled, or never to be).
 - stderr: the log, as configured for the server.

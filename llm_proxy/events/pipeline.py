@@ -84,7 +84,11 @@ class EventPipeline:
         self._closing = False
         self._drops = metrics.Drops("events.pipeline_dropped")
         self._in_hand = 0  # exchanges of the batch taken from the queue, until published
+        self._batched = 0  # exchanges whose batch went to the bus, or failed (counted there)
         self.published = 0
+        # Told ``done`` whenever it grows: the events process tells the server at once, so that
+        # what a dead one had done is not counted as lost (see offload.py).
+        self.progress: Callable[[int], None] | None = None
         # Fills the tpm windows of the requests' tokens from their events (see settlement.py).
         self.settler: TokenSettler | None = None
         # Told what settles and when it is settled (the proxy's admission, or the server on the
@@ -128,6 +132,7 @@ class EventPipeline:
             self._queued_bytes -= oldest.captured_bytes
             self._drops.add("queue_full", request_id=oldest.request_id)
             self._taken([oldest])
+        self._progressed()
 
     async def wait_for_room(self, count: int, size: int) -> None:
         """Return once ``count`` exchanges holding ``size`` bytes of bodies can be submitted without
@@ -152,6 +157,16 @@ class EventPipeline:
     @property
     def dropped(self) -> int:
         return self._drops.total
+
+    @property
+    def done(self) -> int:
+        """Exchanges submitted that are done with: their events published, or dropped and counted
+        (by this pipeline, or as ``build_failed`` / ``publish_failed``)."""
+        return self._batched + self._drops.total
+
+    def _progressed(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done)
 
     async def _run(self) -> None:
         queue = self._queue
@@ -188,9 +203,16 @@ class EventPipeline:
                 log.exception("events.batch_failed", size=len(batch))
                 metrics.DROPPED.labels("publish_failed").inc(len(batch))
                 self._in_hand = 0
+                self._batched += len(batch)
+                self._progressed()
                 continue
             self._in_hand = 0
+            self._batched += len(batch)
             self.published += len(events)
+            # Told the moment the bus answered: only a death while its answer was on the way (the
+            # batch in the bus or not, this process cannot know) leaves the server counting the
+            # batch as lost.
+            self._progressed()
             release(events)
             release(batch)
 

@@ -97,6 +97,10 @@ class _Status:
             # to tell. Our input ends with it, and that ends this process in the usual way.
             self.server_gone = True
 
+    def done(self, count: int) -> None:
+        """``count`` exchanges are done with (the pipeline's progress, told as it happens)."""
+        self.send({"done": count})
+
 
 class _SettledReports:
     """Tells the server, on the status pipe, which of its exchanges are settled, as soon as they
@@ -120,7 +124,7 @@ async def _state(pipeline: EventPipeline) -> dict[str, Any]:
     except TimeoutError:
         reachable = False
     return {
-        "done": pipeline.published + pipeline.dropped,
+        "done": pipeline.done,
         "bus_reachable": reachable,
         "metrics": generate_latest(_REPORTED).decode(),
     }
@@ -218,6 +222,7 @@ async def _run(status: _Status, parent: ParentWatch) -> int:
     try:
         tune_garbage_collector()
         pipeline.settlements = _SettledReports(status)
+        pipeline.progress = status.done
         loop.add_signal_handler(signal.SIGHUP, _reload_prices, pipeline.prices)
         # The ready line is the first status: the server serves once it has it, and its /ready
         # then answers from a real check of the bus rather than from no report at all.

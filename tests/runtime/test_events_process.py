@@ -10,11 +10,17 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from redis import Redis
 
+from llm_proxy.events import event
+from llm_proxy.events.config import EventsConfig
+from tests.events.events_support import RedisServer
 from tests.processes import (
     START_TIMEOUT,
     MockUpstream,
@@ -35,6 +41,8 @@ pytestmark = pytest.mark.process
 
 _PIDFD_GETFD = 438  # the syscall's number, the same on every Linux architecture
 _libc = ctypes.CDLL(None, use_errno=True)
+STREAM = EventsConfig().stream
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
 
 
 @pytest.fixture
@@ -181,4 +189,92 @@ def test_a_workers_events_process_ends_when_its_worker_is_killed(
         events_process = wait_for_events_process(worker)
         kill_and_check(worker, events_process, server.process.stderr_path)
     finally:
+        server.stop(timeout=10)
+
+
+def died_count(server: ServerProcess) -> float:
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llm_proxy_events_dropped_total" and sample.labels == {
+                "reason": "events_process_died"
+            }:
+                return sample.value
+    raise AssertionError("no events_process_died sample")
+
+
+def chat(server: ServerProcess, token: str, count: int) -> list[str]:
+    """``count`` chat completions; the request ids they were answered with."""
+    ids = []
+    for _ in range(count):
+        request = urllib.request.Request(
+            f"{server.base_url}/v1/chat/completions",
+            data=json.dumps(CHAT).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            ids.append(response.headers["LLM-Proxy-Request-ID"])
+    return ids
+
+
+def replaced(server: ServerProcess, dead: int) -> int:
+    """The events process started after ``dead`` died, once the server sends it exchanges."""
+    deadline = time.monotonic() + 15
+    while True:
+        attached = log_lines(server.process.stderr, "events.process_attached")
+        if attached and attached[-1]["pid"] != dead:
+            return int(str(attached[-1]["pid"]))
+        assert time.monotonic() < deadline, "the events process was not replaced"
+        time.sleep(0.02)
+
+
+def test_exchanges_lost_with_a_killed_events_process_are_counted_exactly(
+    tmp_path: Path, upstream: MockUpstream, redis_server: RedisServer
+) -> None:
+    """Killed once its bus has taken every exchange it was sent, an events process lost nothing,
+    and nothing is counted; killed while it held exchanges it had not published, those are
+    counted, one for one. (The server went by a status up to a second old, and counted as lost
+    what the bus already had. Only a death while the bus's answer is on its way is still counted
+    as a loss: that batch is in doubt, see the metric's help.)"""
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    server = start_server(
+        tmp_path / "data",
+        config,
+        tmp_path,
+        LLM_PROXY_EVENT_BUS="redis",
+        REDIS_URL=redis_server.url,
+    )
+    redis = Redis.from_url(redis_server.url)
+    try:
+        token = server.issue_token()
+        events_process = wait_for_events_process(server.process.popen.pid)
+        delivered: list[str] = []
+        for _ in range(2):  # a stale status shows within a second, so most times: twice
+            delivered += chat(server, token, 5)
+            deadline = time.monotonic() + 10
+            while redis.xlen(STREAM) < len(delivered):
+                assert time.monotonic() < deadline, "the events never reached the bus"
+                time.sleep(0.002)
+            time.sleep(0.05)  # the bus's answer is back (well within the status interval)
+            os.kill(events_process, signal.SIGKILL)
+            events_process = replaced(server, events_process)
+
+        os.kill(events_process, signal.SIGSTOP)  # it can no longer read or publish...
+        try:
+            lost = chat(server, token, 4)  # ...so these are sent to it and never become events
+            time.sleep(0.3)  # longer than the server's linger: they are on its input now
+        finally:
+            os.kill(events_process, signal.SIGKILL)
+        replaced(server, events_process)
+
+        on_the_bus = [event.loads(fields[b"e"])["request_id"] for _, fields in redis.xrange(STREAM)]
+        assert on_the_bus == delivered
+        deadline = time.monotonic() + 10
+        while (counted := died_count(server)) < len(lost):
+            assert time.monotonic() < deadline, counted
+            time.sleep(0.05)
+        assert counted == len(lost)
+    finally:
+        redis.close()
         server.stop(timeout=10)
