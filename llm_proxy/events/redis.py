@@ -12,7 +12,9 @@ pending by a consumer that died are taken over with ``XAUTOCLAIM`` once idle for
 seconds.
 
 A publishing bus trims the stream every ``trim_interval`` seconds, in its own task (so it runs while
-``XADD`` is refused, a Redis at ``maxmemory``): first what every existing group has acknowledged;
+``XADD`` is refused, a Redis at ``maxmemory``): first what every existing group has acknowledged
+(but for the last ``new_group_grace`` seconds of it, kept for a service whose first dispatcher
+starts after the servers, unless Redis is refusing entries or the stream is over its cap);
 then, only if the stream still holds more than ``maxlen`` entries, the oldest beyond that, read or
 not. Those are counted (``llm_proxy_events_dropped_total{reason="trimmed_unacknowledged"}``) and, per
 group, the unread ones are written down in a hash that the group's next reader takes, counts and
@@ -50,7 +52,8 @@ _REPLAY_BATCH = 500
 _REPLAY_BACKOFF_MAX = 2.0
 
 # One atomic pass, so no reader moves between the computation and the trim. KEYS: the stream, the
-# hash of unread entries trimmed per group; ARGV: the cap. Returns the entries trimmed as every
+# hash of unread entries trimmed per group; ARGV: the cap, the milliseconds of acknowledged entries
+# kept for a group yet to be created. Returns the entries trimmed as every
 # group had acknowledged them, those trimmed by the cap, how many groups there are, then each group
 # that lost unread entries and how many.
 _TRIM = """
@@ -84,8 +87,21 @@ for _, reply in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   groups[#groups + 1] = group
 end
 local acknowledged = 0
-if floor ~= nil then acknowledged = redis.call('XTRIM', KEYS[1], 'MINID', floor) end
 local cap = tonumber(ARGV[1])
+if floor ~= nil then
+  -- What every group acknowledged, but not the last ARGV[2] ms of it (by Redis's clock, which
+  -- numbers the entries): a service whose first dispatcher starts a little after the servers
+  -- published (started together) finds them there.
+  local now = redis.call('TIME')
+  local recent = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[2])
+  local kept = string.format('%.0f-0', math.max(recent, 0))
+  if before(floor, kept) then kept = floor end
+  acknowledged = redis.call('XTRIM', KEYS[1], 'MINID', kept)
+  -- Over the cap, that courtesy goes first: those entries are read by every group there is.
+  if redis.call('XLEN', KEYS[1]) > cap then
+    acknowledged = acknowledged + redis.call('XTRIM', KEYS[1], 'MINID', floor)
+  end
+end
 if redis.call('XLEN', KEYS[1]) <= cap then return {acknowledged, 0, #groups} end
 local stream = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
 local gone_before = stream['entries-added'] - stream['length']
@@ -161,12 +177,16 @@ class RedisBus:
         publish_timeout: float = 2.0,
         claim_idle: float = 60.0,
         trim_interval: float = 1.0,
+        new_group_grace: float = 60.0,
     ) -> None:
         self.url = url
         self.stream = stream
         self.maxlen = maxlen  # beyond it, entries are trimmed read or not (and counted)
         self.claim_idle = claim_idle
         self.trim_interval = trim_interval
+        # Acknowledged entries younger than this stay, for a dispatcher service whose group does
+        # not exist yet: started with the servers, it comes a few seconds after their first events.
+        self.new_group_grace = new_group_grace
         self.trimmed_unread_key = f"{stream}:trimmed-unread"
         self.client = client_from_url(url, timeout=publish_timeout)
         self._trim_script = self.client.register_script(_TRIM)
@@ -222,7 +242,9 @@ class RedisBus:
     async def trim(self) -> None:
         """Trim what every group has acknowledged, then anything beyond ``maxlen``, counted."""
         reply: Any = await self._trim_script(
-            keys=[self.stream, self.trimmed_unread_key], args=[self.maxlen]
+            keys=[self.stream, self.trimmed_unread_key],
+            # Not while Redis refuses entries (at maxmemory): then what was read must go at once.
+            args=[self.maxlen, 0 if self.spooling else int(self.new_group_grace * 1000)],
         )
         acknowledged, dropped, groups = (int(n) for n in reply[:3])
         metrics.TRIMMED.labels("acknowledged").inc(acknowledged)

@@ -93,7 +93,7 @@ async def test_trimming_removes_only_what_every_group_has_acknowledged(
     redis_server: RedisServer,
 ) -> None:
     trimmed = metric("llm_proxy_events_trimmed_total", reason="acknowledged")
-    bus = await RedisBus.open(redis_server.url, stream="t:events", maxlen=1000)
+    bus = await RedisBus.open(redis_server.url, stream="t:events", maxlen=1000, new_group_grace=0)
     try:
         file_group, helicone = bus.subscribe("file", "a"), bus.subscribe("helicone", "a")
         await file_group.read(10, 0.01)
@@ -121,16 +121,28 @@ async def test_trimming_removes_only_what_every_group_has_acknowledged(
 
 
 async def test_the_bus_trims_what_was_acknowledged_on_its_own(redis_server: RedisServer) -> None:
-    bus = await RedisBus.open(redis_server.url, stream="t:events")  # once a second
+    """Once a second, and what every group acknowledged only once it is older than the grace
+    kept for a service whose group does not exist yet: a dispatcher started with the servers,
+    a little after their first events, finds them."""
+    bus = await RedisBus.open(redis_server.url, stream="t:events", new_group_grace=2.0)
     try:
-        reader = bus.subscribe("file", "a")
+        reader = bus.subscribe("usage", "a")
         await reader.read(10, 0.01)
-        await bus.publish(events(3))
+        sent = events(3)
+        await bus.publish(sent)
         await reader.ack([d.id for d in await reader.read(10, 1.0)])
+        published = time.monotonic()
+        await asyncio.sleep(1.2)  # a trim or two later
+        assert await bus.client.xlen("t:events") == 3
+        late = bus.subscribe("file", "a")  # its first dispatcher, a second after
+        got = await late.read(10, 1.0)
+        assert [d.event for d in got] == sent
+        await late.ack([d.id for d in got])
         deadline = time.monotonic() + 5
         while await bus.client.xlen("t:events"):
             assert time.monotonic() < deadline, "acknowledged entries were never trimmed"
             await asyncio.sleep(0.02)
+        assert time.monotonic() - published > 1.9  # not before the grace ran out
     finally:
         await bus.close()
 
