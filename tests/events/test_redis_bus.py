@@ -147,6 +147,32 @@ async def test_the_bus_trims_what_was_acknowledged_on_its_own(redis_server: Redi
         await bus.close()
 
 
+async def test_over_the_cap_what_every_group_read_goes_first_and_is_not_counted_lost(
+    redis_server: RedisServer,
+) -> None:
+    """The minute of acknowledged entries kept for a group yet to come gives way to the cap: they
+    go before anything unread, and as what they are (acknowledged), not as events lost."""
+    trimmed = metric("llm_proxy_events_trimmed_total", reason="acknowledged")
+    dropped = metric("llm_proxy_events_dropped_total", reason="trimmed_unacknowledged")
+    bus = await RedisBus.open(redis_server.url, stream="t:events", maxlen=5)
+    try:
+        reader = bus.subscribe("file", "a")
+        await reader.read(10, 0.01)
+        await bus.publish(events(4))
+        await reader.ack([d.id for d in await reader.read(10, 1.0)])
+        await bus.trim()
+        assert await bus.client.xlen("t:events") == 4  # kept: within the minute, under the cap
+        unread = events(3)
+        await bus.publish(unread)  # 7 entries: over the cap of 5
+        await bus.trim()
+        assert await bus.client.xlen("t:events") == 3
+        assert [d.event for d in await reader.read(10, 1.0)] == unread
+        assert metric("llm_proxy_events_trimmed_total", reason="acknowledged") == trimmed + 4
+        assert metric("llm_proxy_events_dropped_total", reason="trimmed_unacknowledged") == dropped
+    finally:
+        await bus.close()
+
+
 async def test_entries_the_cap_trims_before_a_group_read_them_are_counted_and_told_to_it(
     redis_server: RedisServer,
 ) -> None:
