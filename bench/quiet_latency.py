@@ -1,7 +1,7 @@
 """Latency of requests that come one at a time with a pause between them, as a quiet proxy sees them.
 
     python3 bench/quiet_latency.py [--pause-ms 5] [--requests 400] [--rounds 3] [--stream]
-        NAME=PORT:TOKEN ...
+        [--split] [--like-probe] NAME=PORT:TOKEN ...
 
 The harness's c=1 column sends each request the moment the last answer arrived, so every request
 finds the proxy's code and data still in the CPU's caches. Most proxies see traffic with gaps,
@@ -28,6 +28,26 @@ import time
 _PROXY_DUR = re.compile(rb"proxy;dur=([0-9.]+)")
 
 
+def _probe_request(token: str) -> bytes:
+    """The request the harness's stream probe sends, byte for byte (aiohttp 3.14.5, one write)."""
+    body = json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": 64,
+            "messages": [{"role": "user", "content": "Count to twenty."}],
+        }
+    ).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+        b"Accept-Encoding: gzip, deflate\r\nUser-Agent: Python/3.11 aiohttp/3.14.5\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+
+
 def _request(token: str, stream: bool) -> bytes:
     body = json.dumps(
         {
@@ -52,9 +72,21 @@ def _answered(buffer: bytes, stream: bool) -> bool:
     return bool(sep and match and len(body) >= int(match[1]))
 
 
-def measure(port: int, token: str, count: int, pause: float, stream: bool) -> tuple[float, float]:
-    """Median latency and median proxy part (NaN without Server-Timing), in milliseconds."""
-    request = _request(token, stream)
+def measure(
+    port: int,
+    token: str,
+    count: int,
+    pause: float,
+    stream: bool,
+    split: bool = False,
+    like_probe: bool = False,
+) -> tuple[float, float]:
+    """Median latency and median proxy part (NaN without Server-Timing), in milliseconds. With
+    ``split`` the head and the body go in two writes; with ``like_probe`` the request is the
+    harness's stream probe's."""
+    request = _probe_request(token) if like_probe else _request(token, stream)
+    head, _, body = request.partition(b"\r\n\r\n")
+    pieces = [head + b"\r\n\r\n", body] if split else [request]
     latencies: list[float] = []
     proxy_parts: list[float] = []
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -62,7 +94,8 @@ def measure(port: int, token: str, count: int, pause: float, stream: bool) -> tu
         for n in range(count + 3):  # three to open the connection and warm the path
             time.sleep(pause)
             sent = time.perf_counter_ns()
-            sock.sendall(request)
+            for piece in pieces:
+                sock.sendall(piece)
             buffer = b""
             first = 0
             while not _answered(buffer, stream):
@@ -90,6 +123,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stream", action="store_true", help="time to the first data: line")
+    parser.add_argument("--split", action="store_true", help="head and body in two writes")
+    parser.add_argument("--like-probe", action="store_true", help="the harness probe's request")
     args = parser.parse_args()
     targets = []
     for spec in args.targets:
@@ -103,7 +138,15 @@ def main() -> None:
         order = targets[1:] if round_ % 2 else targets[:0:-1]
         measured = {}
         for name, port, token in [targets[0], *order]:
-            measured[name] = measure(port, token, args.requests, args.pause_ms / 1000, args.stream)
+            measured[name] = measure(
+                port,
+                token,
+                args.requests,
+                args.pause_ms / 1000,
+                args.stream,
+                args.split,
+                args.like_probe,
+            )
         figures = [(name, *measured[name]) for name, _, _ in targets]
         reference = figures[0][1]
         cells = [
