@@ -30,6 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from llm_proxy.models import BudgetHold
+from llm_proxy.proxy.cancel_marks import remember_cancelled
 from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
 from llm_proxy.store.unavailable import CommitInDoubt
@@ -269,13 +270,7 @@ for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     return 1
   end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[2]) / 1000))
-return 0
-"""
+""" + remember_cancelled("KEYS[3]")
 
 # KEYS[1]: a token's spend; ARGV[1]: what requests that held nothing cost. Only where Redis has the
 # spend, like a settlement: otherwise the token's first hold reads it all from the database.

@@ -17,6 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from llm_proxy.models import RATE_WINDOW_MICROS, RateSlot
+from llm_proxy.proxy.cancel_marks import remember_cancelled
 from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
 
@@ -105,13 +106,7 @@ return {0, tonumber(oldest[2]) + window - now}
 # nothing.
 _CANCEL = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then return 1 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) / 1000))
-return 0
-"""
+""" + remember_cancelled("KEYS[2]")
 
 # Longer than any stall a Redis comes back from.
 _CANCELLED_MICROS = 3_600_000_000
