@@ -63,6 +63,17 @@ def server(tmp_path: Path, api_config: Path) -> Iterator[ServerProcess]:
     started.stop()
 
 
+def _start_env(data_dir: Path, api_config: Path, *, listen: str, **extra: str) -> dict[str, str]:
+    """The environment of a server started by hand: its data, its upstream, JSON logs."""
+    return clean_env(
+        DATA_DIR=str(data_dir),
+        LISTEN_ADDR=listen,
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+        **extra,
+    )
+
+
 def _create_project(server: ServerProcess, name: str = "demo") -> str:
     status, body = http(
         "POST",
@@ -196,12 +207,7 @@ def test_bad_setting_stops_start_up_with_one_line_naming_it(
     bad_yaml, a_file = tmp_path / "bad.yaml", tmp_path / "a-file"
     bad_yaml.write_text("apis: [\n  x: {\n")  # the parser's message spans several lines
     a_file.write_text("")  # nothing can be created beneath a regular file
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "data"),
-        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        API_CONFIG_PATH=str(api_config),
-        LOG_FORMAT="json",
-    )
+    env = _start_env(tmp_path / "data", api_config, listen=f"127.0.0.1:{free_port()}")
     env[variable] = value.format(bad_yaml=bad_yaml, a_file=a_file)
     result = run(cli_command("server"), env)
     assert result.returncode != 0
@@ -226,11 +232,10 @@ def test_bad_setting_stops_start_up_with_one_line_naming_it(
 def test_a_listen_addr_that_is_not_host_port_stops_start_up_before_anything_opens(
     tmp_path: Path, api_config: Path, listen_addr: str, workers: str
 ) -> None:
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "data"),
-        LISTEN_ADDR=listen_addr.format(port=free_port()),
-        API_CONFIG_PATH=str(api_config),
-        LOG_FORMAT="json",
+    env = _start_env(
+        tmp_path / "data",
+        api_config,
+        listen=listen_addr.format(port=free_port()),
         WORKERS=workers,
     )
     result = run_start_that_fails(env, "a LISTEN_ADDR that is not host:port must stop start-up")
@@ -245,12 +250,7 @@ def test_an_ipv6_listen_addr_is_logged_as_a_url_with_brackets(
     tmp_path: Path, api_config: Path
 ) -> None:
     port = free_port()
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "data"),
-        LISTEN_ADDR=f"[::1]:{port}",
-        API_CONFIG_PATH=str(api_config),
-        LOG_FORMAT="json",
-    )
+    env = _start_env(tmp_path / "data", api_config, listen=f"[::1]:{port}")
     process = spawn(cli_command("server"), env, tmp_path / "logs", "server")
     try:
         process.wait_for(f"http://[::1]:{port}/health")
@@ -272,12 +272,7 @@ def test_a_corrupt_key_file_is_named_when_encryption_key_is_not_set(
     corrupt = base64.b64encode(b"only sixteen byt").decode()
     (data_dir / "encryption_key").write_text(corrupt + "\n")
     (data_dir / "encryption_key").chmod(0o600)  # private, as a server writes it: no notice of that
-    env = clean_env(
-        DATA_DIR=str(data_dir),
-        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        API_CONFIG_PATH=str(api_config),
-        LOG_FORMAT="json",
-    )
+    env = _start_env(data_dir, api_config, listen=f"127.0.0.1:{free_port()}")
     result = run_start_that_fails(env, "a corrupt encryption_key file must stop start-up")
     assert result.returncode != 0
     lines = result.stderr.splitlines()
@@ -306,12 +301,7 @@ def test_a_secret_file_its_setting_would_refuse_stops_start_up_with_one_line(
     data_dir.mkdir(mode=0o700)
     (data_dir / name).write_bytes(content)
     (data_dir / name).chmod(0o600)
-    env = clean_env(
-        DATA_DIR=str(data_dir),
-        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        API_CONFIG_PATH=str(api_config),
-        LOG_FORMAT="json",
-    )
+    env = _start_env(data_dir, api_config, listen=f"127.0.0.1:{free_port()}")
     result = run_start_that_fails(env, f"a {name} file holding {content!r} must stop start-up")
     assert result.returncode != 0
     lines = result.stderr.splitlines()
@@ -325,12 +315,11 @@ def test_a_secret_file_its_setting_would_refuse_stops_start_up_with_one_line(
 def test_port_already_in_use_stops_start_up_with_one_line(
     server: ServerProcess, tmp_path: Path, api_config: Path
 ) -> None:
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "other"),
-        LISTEN_ADDR=server.base_url.removeprefix("http://"),
-        API_CONFIG_PATH=str(api_config),
+    env = _start_env(
+        tmp_path / "other",
+        api_config,
+        listen=server.base_url.removeprefix("http://"),
         LOG_LEVEL="warning",
-        LOG_FORMAT="json",
     )
     result = run_start_that_fails(env, "a server that cannot listen must exit, not hang")
     assert result.returncode != 0
@@ -349,12 +338,7 @@ def test_a_port_taken_while_the_server_starts_stops_it_with_one_line(
         rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         rival.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{rival.getsockname()[1]}"
-        env = clean_env(
-            DATA_DIR=str(tmp_path / "data"),
-            LISTEN_ADDR=address,
-            API_CONFIG_PATH=str(api_config),
-            LOG_FORMAT="json",
-        )
+        env = _start_env(tmp_path / "data", api_config, listen=address)
         process = spawn(cli_command("server"), env, tmp_path, "server")
         try:
             # Logged by the events process before it says it is ready: the server, which has
@@ -383,12 +367,11 @@ def test_a_database_that_cannot_be_opened_stops_start_up_with_one_line_naming_it
     data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     (data_dir / "llm-proxy.db").mkdir(parents=True)
     elsewhere.mkdir()
-    env = clean_env(
-        DATA_DIR=str(data_dir),
-        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        API_CONFIG_PATH=str(api_config),
+    env = _start_env(
+        data_dir,
+        api_config,
+        listen=f"127.0.0.1:{free_port()}",
         LOG_LEVEL="warning",
-        LOG_FORMAT="json",
     )
     cannot_open = "cannot open the database"
     default = f"llm-proxy: DATA_DIR: {cannot_open} {data_dir / 'llm-proxy.db'}: "
@@ -474,12 +457,7 @@ def test_the_server_raises_its_open_file_limit_to_the_hard_one(
     hard = given_hard or resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     warned = hard < 4096
     port = free_port()
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "data"),
-        LISTEN_ADDR=f"127.0.0.1:{port}",
-        API_CONFIG_PATH=str(api_config),
-        LOG_FORMAT="json",
-    )
+    env = _start_env(tmp_path / "data", api_config, listen=f"127.0.0.1:{port}")
     process = spawn(
         ["prlimit", f"--nofile={soft}:{hard}", *cli_command("server")], env, tmp_path, "server"
     )
@@ -521,11 +499,10 @@ UNREADABLE_URLS = [
 def test_an_unreadable_url_is_one_line_that_never_shows_its_password(
     tmp_path: Path, api_config: Path, command: str, variable: str, value: str
 ) -> None:
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "data"),
-        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        API_CONFIG_PATH=str(api_config),
-        LOG_FORMAT="json",
+    env = _start_env(
+        tmp_path / "data",
+        api_config,
+        listen=f"127.0.0.1:{free_port()}",
         LOG_LEVEL="warning",
         LLM_PROXY_EVENT_BUS="redis",
     )
@@ -579,13 +556,12 @@ def test_an_encryption_key_that_opens_no_stored_key_stops_start_up_with_one_line
         _project_and_token(server)
     finally:
         server.stop()
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "data"),
-        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
-        API_CONFIG_PATH=str(api_config),
+    env = _start_env(
+        tmp_path / "data",
+        api_config,
+        listen=f"127.0.0.1:{free_port()}",
         MANAGEMENT_TOKEN=MANAGEMENT,
         ENCRYPTION_KEY=other,
-        LOG_FORMAT="json",
         LOG_LEVEL="warning",
         WORKERS=workers,
     )
@@ -657,12 +633,7 @@ def test_a_server_whose_log_reader_went_away_still_stops(tmp_path: Path, api_con
     nobody reads, and SIGTERM must still stop it (a log line raising BrokenPipeError skipped the
     shutdown after it)."""
     port = free_port()
-    env = clean_env(
-        DATA_DIR=str(tmp_path / "data"),
-        LISTEN_ADDR=f"127.0.0.1:{port}",
-        API_CONFIG_PATH=str(api_config),
-        LOG_FORMAT="json",
-    )
+    env = _start_env(tmp_path / "data", api_config, listen=f"127.0.0.1:{port}")
     popen = subprocess.Popen(
         cli_command("server"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
