@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from dispatcher import metrics
 from dispatcher.worker import Worker
+from llm_proxy.listen_addr import host_port
 
 log = structlog.get_logger(__name__)
 
@@ -43,8 +44,7 @@ class MetricsAddress:
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 class MetricsListenError(Exception):

@@ -40,6 +40,11 @@ def _is_ipv6(host: str) -> bool:
     return True
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL or a log line writes it: an IPv6 address goes in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def listen_url(host: str, port: int) -> str:
-    """The URL a listening address answers at: an IPv6 address goes in brackets."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    """The URL a listening address answers at."""
+    return f"http://{host_port(host, port)}"
