@@ -70,6 +70,11 @@ def build(
     model = request_model or _model(response)
     event_usage = usage.from_upstream(response)
     usage_body = response
+    if event_usage is None and isinstance(response, list):
+        # A stream of events that are not reassembled: its usage is on one of them.
+        carried = usage.from_events(response)
+        if carried is not None:
+            event_usage, usage_body = carried
     if event_usage is None and decoded.truncated and not exchange.response_content_encoding:
         # The usage of an answer longer than the capture is at its end, past the head kept.
         found = usage.usage_in_tail(

@@ -44,6 +44,17 @@ def from_upstream(body: object) -> Usage | None:
     )
 
 
+def from_events(payloads: list[object]) -> tuple[Usage, object] | None:
+    """The usage of a stream whose events are not reassembled into one answer (a streamed
+    transcription's ``transcript.text.done``, an image generation's ``image_generation.completed``,
+    speech's ``speech.audio.done``), with the event that carried it; the last one wins."""
+    for payload in reversed(payloads):
+        found = from_upstream(payload)
+        if found is not None:
+            return found, payload
+    return None
+
+
 # A `usage` key whose value is an object. Inside a JSON string every `"` is escaped, so the key's
 # closing quote right after `usage` can only be a real key's, whatever text the model wrote.
 _USAGE_KEY: Final = re.compile(rb'"usage"\s*:\s*\{')

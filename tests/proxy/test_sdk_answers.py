@@ -1,0 +1,168 @@
+"""What the real OpenAI SDK gets through the proxy, against an upstream that answers as OpenAI does,
+and what the event of each such answer records.
+
+The upstream here is scripted: each test sets the status, head and body pieces of the next answers,
+so a shape the mock upstream does not make (a streamed transcription, an image generation stream)
+reaches the proxy exactly as OpenAI sends it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import Proxy
+from tests.fakes import UPSTREAM_LOG, Seen, UpstreamLog
+from tests.waiting import wait_for_lines
+
+PRICES = (
+    "gpt-4o-transcribe: {input: 2.50, output: 10.00}\n"
+    "gpt-image-1: {input: 5.00, cached_input: 1.25, output: 40.00}\n"
+)
+
+
+@dataclass
+class Script:
+    """The answer the upstream gives next: status, head, and body pieces written one by one."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    pieces: list[bytes] = field(default_factory=list)
+
+
+SCRIPT = web.AppKey("script", Script)
+
+
+async def _scripted(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    request.app[UPSTREAM_LOG].requests.append(
+        Seen(request.method, request.raw_path, dict(request.headers), body)
+    )
+    script = request.app[SCRIPT]
+    response = web.StreamResponse(status=script.status, headers=script.headers)
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    for piece in script.pieces:
+        await response.write(piece)
+    await response.write_eof()
+    return response
+
+
+@pytest.fixture
+async def upstream_server() -> AsyncIterator[TestServer]:
+    app = web.Application()
+    app[UPSTREAM_LOG] = UpstreamLog()
+    app[SCRIPT] = Script()
+    app.router.add_route("*", "/{tail:.*}", _scripted)
+    server = TestServer(app)
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def proxy(proxy_factory: Any, tmp_path: Path) -> Proxy:
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(PRICES)
+    started: Proxy = await proxy_factory(
+        prices_path=prices,
+        file_event_log=tmp_path / "events.jsonl",
+        api={"allowed_endpoints": ["/v1/audio", "/v1/images", "/v1/chat/completions"]},
+    )
+    return started
+
+
+def _answer(
+    upstream: TestServer, *, status: int = 200, headers: dict[str, str], pieces: list[bytes]
+) -> None:
+    script = upstream.app[SCRIPT]
+    script.status, script.headers, script.pieces = status, headers, pieces
+
+
+def _sse(events: list[dict[str, Any]], *, named: bool = False) -> list[bytes]:
+    """OpenAI's event stream: one ``data:`` line per event, with its ``event:`` line when named."""
+    pieces = []
+    for event in events:
+        name = b"event: %s\n" % event["type"].encode() if named else b""
+        pieces.append(name + b"data: " + orjson.dumps(event) + b"\n\n")
+    return pieces
+
+
+TRANSCRIPT_USAGE = {
+    "type": "tokens",
+    "input_tokens": 14,
+    "input_token_details": {"text_tokens": 0, "audio_tokens": 14},
+    "output_tokens": 45,
+    "total_tokens": 59,
+}
+IMAGE_USAGE = {
+    "input_tokens": 10,
+    "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+    "output_tokens": 272,
+    "total_tokens": 282,
+}
+
+
+async def test_a_streamed_transcription_and_image_generation_record_the_upstreams_usage(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    token = await proxy.token()
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "text/event-stream"},
+        pieces=_sse(
+            [
+                {"type": "transcript.text.delta", "delta": "Hello", "logprobs": []},
+                {"type": "transcript.text.delta", "delta": " world", "logprobs": []},
+                {"type": "transcript.text.done", "text": "Hello world", "usage": TRANSCRIPT_USAGE},
+            ]
+        ),
+    )
+    async with proxy.sdk(token) as client:
+        stream = await client.audio.transcriptions.create(
+            model="gpt-4o-transcribe", file=("a.wav", b"RIFF" + bytes(100)), stream=True
+        )
+        heard = [event async for event in stream]
+    assert [event.type for event in heard][-1] == "transcript.text.done"
+
+    image = {"b64_json": "iVBORw0K", "created_at": 1, "size": "1024x1024", "output_format": "png"}
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "text/event-stream"},
+        pieces=_sse(
+            [
+                {"type": "image_generation.partial_image", "partial_image_index": 0, **image},
+                {"type": "image_generation.completed", **image, "usage": IMAGE_USAGE},
+            ],
+            named=True,
+        ),
+    )
+    async with proxy.sdk(token) as client:
+        images = await client.images.generate(model="gpt-image-1", prompt="a cat", stream=True)
+        drawn = [event async for event in images]
+    assert drawn[-1].type == "image_generation.completed"
+
+    transcription, generation = await wait_for_lines(tmp_path / "events.jsonl", 2)
+    assert transcription["stream"] is True and transcription["model"] == "gpt-4o-transcribe"
+    assert transcription["usage"] == {
+        "prompt_tokens": 14,
+        "completion_tokens": 45,
+        "total_tokens": 59,
+        "source": "upstream",
+    }
+    assert transcription["cost_usd"] == pytest.approx((14 * 2.50 + 45 * 10.00) / 1e6)
+    assert generation["model"] == "gpt-image-1"
+    assert generation["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 272,
+        "total_tokens": 282,
+        "source": "upstream",
+    }
+    assert generation["cost_usd"] == pytest.approx((10 * 5.00 + 272 * 40.00) / 1e6)
