@@ -72,8 +72,9 @@ class UsageChunkFilter:
                 break
             key = data.find(_USAGE_KEY, pos, end)
             if key != -1:
-                null_usage = _NULL_USAGE.match(data, key, end)
-                comma = key - 1
+                # That "usage" may be a string (a content delta, a tool's name) before the member.
+                null_usage = _NULL_USAGE.search(data, key, end)
+                comma = (key if null_usage is None else null_usage.start()) - 1
                 while data[comma] in _JSON_SPACE:
                     comma -= 1
                 if null_usage is not None and data[comma] == _COMMA:

@@ -166,3 +166,52 @@ async def test_a_streamed_transcription_and_image_generation_record_the_upstream
         "source": "upstream",
     }
     assert generation["cost_usd"] == pytest.approx((10 * 5.00 + 272 * 40.00) / 1e6)
+
+
+def _chat_stream(deltas: list[dict[str, Any]], *, with_usage: bool) -> list[bytes]:
+    """A chat completion stream as OpenAI sends it, with or without ``include_usage``: asked for
+    usage, every chunk carries ``"usage":null`` and a usage-only chunk comes last."""
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    chunks = []
+    for delta in deltas:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        chunk: dict[str, Any] = {**head, "choices": [choice]}
+        if with_usage:
+            chunk["usage"] = None
+        chunks.append(chunk)
+    if with_usage:
+        usage = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+        chunks.append({**head, "choices": [], "usage": usage})
+    return [b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks] + [b"data: [DONE]\n\n"]
+
+
+async def test_chunks_whose_text_is_usage_reach_the_client_as_without_the_usage_asked_for(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    call = {"index": 0, "id": "call_1", "type": "function"}
+    deltas = [
+        {"role": "assistant", "content": ""},
+        {"content": "usage"},  # a token of the answer's text
+        {"tool_calls": [{**call, "function": {"name": "usage", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]},
+    ]
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "text/event-stream"},
+        pieces=_chat_stream(deltas, with_usage=True),
+    )
+    token = await proxy.token()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    raw = await proxy.client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert await raw.read() == b"".join(_chat_stream(deltas, with_usage=False))
+    async with proxy.sdk(token) as client:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert len(chunks) == len(deltas)
+    assert not [chunk for chunk in chunks if "usage" in chunk.model_fields_set]
+    events = await wait_for_lines(tmp_path / "events.jsonl", 2)
+    assert [event["usage"]["total_tokens"] for event in events] == [17, 17]
