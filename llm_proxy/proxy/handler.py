@@ -718,6 +718,7 @@ class ProxyHandler:
         lines = head.lines
         fields = _RESPONSE_FIELDS
         named = None  # fields the upstream's Connection names, hop-by-hop like itself
+        held_length: bytes | None = None  # a Content-Length the usage filter may make untrue
         for name, value in upstream.headers:
             action = fields.get(name.lower())
             if action is not None:
@@ -739,7 +740,8 @@ class ProxyHandler:
                     continue
                 if action == _CONTENT_LENGTH:
                     if exchange.usage_injected:
-                        continue  # (a filtered body may be shorter than upstream said)
+                        held_length = value  # (a filtered body may be shorter than upstream said)
+                        continue
                     head.has_length = True
                 elif action == _DATE:
                     head.has_date = True
@@ -772,6 +774,8 @@ class ProxyHandler:
             and exchange.response_content_encoding in ("", "identity")
             else None
         )
+        if held_length is not None and chunk_filter is None:
+            head.add(b"Content-Length", held_length)  # the body goes as it came
         if not stream:
             body = upstream.complete_body()
             if body is not None:

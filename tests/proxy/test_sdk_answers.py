@@ -30,11 +30,13 @@ PRICES = (
 
 @dataclass
 class Script:
-    """The answer the upstream gives next: status, head, and body pieces written one by one."""
+    """The answer the upstream gives next: status, head, and body pieces written one by one
+    (chunked, or framed by their length)."""
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     pieces: list[bytes] = field(default_factory=list)
+    chunked: bool = True
 
 
 SCRIPT = web.AppKey("script", Script)
@@ -47,7 +49,10 @@ async def _scripted(request: web.Request) -> web.StreamResponse:
     )
     script = request.app[SCRIPT]
     response = web.StreamResponse(status=script.status, headers=script.headers)
-    response.enable_chunked_encoding()
+    if script.chunked:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = sum(map(len, script.pieces))
     await response.prepare(request)
     for piece in script.pieces:
         await response.write(piece)
@@ -80,10 +85,16 @@ async def proxy(proxy_factory: Any, tmp_path: Path) -> Proxy:
 
 
 def _answer(
-    upstream: TestServer, *, status: int = 200, headers: dict[str, str], pieces: list[bytes]
+    upstream: TestServer,
+    *,
+    status: int = 200,
+    headers: dict[str, str],
+    pieces: list[bytes],
+    chunked: bool = True,
 ) -> None:
     script = upstream.app[SCRIPT]
     script.status, script.headers, script.pieces = status, headers, pieces
+    script.chunked = chunked
 
 
 def _sse(events: list[dict[str, Any]], *, named: bool = False) -> list[bytes]:
@@ -215,3 +226,29 @@ async def test_chunks_whose_text_is_usage_reach_the_client_as_without_the_usage_
     assert not [chunk for chunk in chunks if "usage" in chunk.model_fields_set]
     events = await wait_for_lines(tmp_path / "events.jsonl", 2)
     assert [event["usage"]["total_tokens"] for event in events] == [17, 17]
+
+
+@pytest.mark.parametrize("content", ["hi", "x" * 70_000], ids=["read-whole", "streamed-up"])
+async def test_an_error_answer_to_a_stream_asked_for_usage_keeps_its_content_length(
+    proxy: Proxy, upstream_server: TestServer, content: str
+) -> None:
+    # The proxy asks for usage in a streamed chat; an answer that is no event stream is relayed
+    # as it came, framing included.
+    answer = b'{"error":{"message":"Rate limit reached","type":"requests","code":null}}'
+    _answer(
+        upstream_server,
+        status=429,
+        headers={"Content-Type": "application/json", "x-request-id": "req_1"},
+        pieces=[answer],
+        chunked=False,
+    )
+    token = await proxy.token()
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "stream": True}
+    response = await proxy.client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert b'"include_usage":true' in proxy.upstream.last.body  # asked for usage on the way
+    assert response.status == 429
+    assert response.headers.get("Content-Length") == str(len(answer))
+    assert "Transfer-Encoding" not in response.headers
+    assert await response.read() == answer
