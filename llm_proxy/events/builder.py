@@ -7,6 +7,7 @@ decompressed, parsed, streams reassembled and tokens counted.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -68,29 +69,19 @@ def build(
         response = bodies.show(decoded, len(response_raw))
 
     model = request_model or _model(response)
-    event_usage = usage.from_upstream(response)
-    usage_body = response
-    if event_usage is None and isinstance(response, list):
-        # A stream of events that are not reassembled: its usage is on one of them.
-        carried = usage.from_events(response)
-        if carried is not None:
-            event_usage, usage_body = carried
-    if event_usage is None and decoded.truncated and not exchange.response_content_encoding:
-        # The usage of an answer longer than the capture is at its end, past the head kept.
-        found = usage.usage_in_tail(
-            response_raw[-RESPONSE_TAIL_BYTES:] + exchange.response_body.tail
-        )
-        if found is not None:
-            event_usage, usage_body = usage.from_upstream(found), found
-    # Only a successful answer consumed tokens worth counting; an error or a body we could not
-    # decode gets no usage rather than a made-up one. A client that left before its answer
-    # began counts its prompt: hanging up just before a long answer must not be free.
     left_early = exchange.left_before_answer
-    if event_usage is None and (
-        left_early or (200 <= exchange.status < 300 and decoded.data is not None)
-    ):
-        event_usage = usage.estimate(exchange.path, request, response, model)
-    answered = 200 <= exchange.status < 300
+    # Only a POST generates: a GET or DELETE of a stored response or completion, or a POST that
+    # cancels or updates one, shows the usage of the request that made it, already counted. A
+    # background response still being produced has no tokens to show yet (it pays all it held,
+    # the most it can cost).
+    generated = exchange.method == "POST" and not _STORED_OBJECT.search(exchange.path)
+    event_usage: Usage | None = None
+    usage_body = response
+    if generated and not _in_background(request, response):
+        event_usage, usage_body = _answer_usage(
+            exchange, request, response, decoded, response_raw, model
+        )
+    answered = generated and 200 <= exchange.status < 300
     cost_usd = _cost_usd(prices, model, event_usage, usage_body, answered)
     if left_early and exchange.held_nanousd:
         # All it held, the most the unseen answer cost; its usage says what that paid for.
@@ -128,6 +119,56 @@ def build(
     return event
 
 
+def _answer_usage(
+    exchange: Exchange,
+    request: object,
+    response: object,
+    decoded: bodies.Decoded,
+    response_raw: bytes,
+    model: str | None,
+) -> tuple[Usage | None, object]:
+    """The usage of a generating request's answer, and the body that carried it (for its
+    cached tokens): the upstream's own where it sent it, else counted from the bodies."""
+    event_usage = usage.from_upstream(response)
+    usage_body = response
+    if event_usage is None and isinstance(response, list):
+        # A stream of events that are not reassembled: its usage is on one of them.
+        carried = usage.from_events(response)
+        if carried is not None:
+            event_usage, usage_body = carried
+    if event_usage is None and decoded.truncated and not exchange.response_content_encoding:
+        # The usage of an answer longer than the capture is at its end, past the head kept.
+        found = usage.usage_in_tail(
+            response_raw[-RESPONSE_TAIL_BYTES:] + exchange.response_body.tail
+        )
+        if found is not None:
+            event_usage, usage_body = usage.from_upstream(found), found
+    # Only a successful answer consumed tokens worth counting; an error or a body we could not
+    # decode gets no usage rather than a made-up one. A client that left before its answer
+    # began counts its prompt: hanging up just before a long answer must not be free.
+    if event_usage is None and (
+        exchange.left_before_answer or (200 <= exchange.status < 300 and decoded.data is not None)
+    ):
+        event_usage = usage.estimate(exchange.path, request, response, model)
+    return event_usage, usage_body
+
+
+_UNFINISHED = frozenset({"queued", "in_progress"})
+# A stored response or chat completion, or a part of one: /v1/responses/{id}/cancel,
+# /v1/chat/completions/{id}; not the calls under /v1/responses that generate or count.
+_STORED_OBJECT = re.compile(r"/(?:chat/completions|responses)/(?!(?:compact|input_tokens)/?$)[^/]")
+
+
+def _in_background(request: object, response: object) -> bool:
+    """Whether the answer is a background response the upstream is still producing."""
+    return (
+        isinstance(request, dict)
+        and request.get("background") is True
+        and isinstance(response, dict)
+        and response.get("status") in _UNFINISHED
+    )
+
+
 def _cost_usd(
     prices: Prices | None,
     model: str | None,
@@ -136,8 +177,9 @@ def _cost_usd(
     answered: bool,
 ) -> float | None:
     """What the request cost by the prices in force: None when its model has none or when an
-    answer's tokens are unknown (a body in a coding nobody decodes, speech), 0 when the upstream
-    refused it. A budget hold settles an unknown cost as all it held, never as nothing."""
+    answer's tokens are unknown (a body in a coding nobody decodes, speech, a background response
+    still being produced), 0 when the upstream refused it or it generated nothing (a fetch). A
+    budget hold settles an unknown cost as all it held, never as nothing."""
     price = prices.lookup(model) if prices is not None else None
     if price is None:
         return None

@@ -8,6 +8,7 @@ reaches the proxy exactly as OpenAI sends it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.waiting import wait_for_lines
 PRICES = (
     "gpt-4o-transcribe: {input: 2.50, output: 10.00}\n"
     "gpt-image-1: {input: 5.00, cached_input: 1.25, output: 40.00}\n"
+    "bg-model: {input: 1.00, output: 4.00, max_output_tokens: 1000}\n"
 )
 
 
@@ -79,7 +81,14 @@ async def proxy(proxy_factory: Any, tmp_path: Path) -> Proxy:
     started: Proxy = await proxy_factory(
         prices_path=prices,
         file_event_log=tmp_path / "events.jsonl",
-        api={"allowed_endpoints": ["/v1/audio", "/v1/images", "/v1/chat/completions"]},
+        api={
+            "allowed_endpoints": [
+                "/v1/audio",
+                "/v1/images",
+                "/v1/chat/completions",
+                "/v1/responses",
+            ]
+        },
     )
     return started
 
@@ -252,3 +261,54 @@ async def test_an_error_answer_to_a_stream_asked_for_usage_keeps_its_content_len
     assert response.headers.get("Content-Length") == str(len(answer))
     assert "Transfer-Encoding" not in response.headers
     assert await response.read() == answer
+
+
+async def _settled(proxy: Proxy, token_id: str) -> dict[str, Any]:
+    """The token once nothing is held for it any more."""
+    for _ in range(300):
+        _, shown = await proxy.manage("GET", f"/tokens/{token_id}")
+        if shown["reserved_usd"] == 0 and shown["spent_usd"]:
+            break
+        await asyncio.sleep(0.02)
+    return dict(shown)
+
+
+async def test_a_background_response_pays_its_hold_once_and_fetching_it_costs_nothing(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    # background: the answer comes at once, queued; the model works on, and the client fetches
+    # the result (as often as it likes) with GET /v1/responses/{id}.
+    issued = await proxy.issue_token(budget_usd=1)
+    queued = {"id": "resp_1", "object": "response", "status": "queued", "model": "bg-model"}
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "application/json"},
+        pieces=[orjson.dumps({**queued, "output": [], "usage": None})],
+    )
+    async with proxy.sdk(issued["token"]) as client:
+        started = await client.responses.create(
+            model="bg-model", input="Write a long essay.", background=True
+        )
+        assert started.status == "queued"
+        usage = {"input_tokens": 5, "output_tokens": 1000, "total_tokens": 1005}
+        done = {**queued, "status": "completed", "output": [], "usage": usage}
+        _answer(
+            upstream_server,
+            headers={"Content-Type": "application/json"},
+            pieces=[orjson.dumps(done)],
+        )
+        for _ in range(2):
+            fetched = await client.responses.retrieve("resp_1")
+            assert fetched.usage is not None and fetched.usage.output_tokens == 1000
+        cancelled = await client.responses.cancel("resp_1")  # a POST that generates nothing
+        assert cancelled.usage is not None
+
+    create, *fetches = await wait_for_lines(tmp_path / "events.jsonl", 4)
+    # Its tokens are unknown when it is queued: it pays all it held, the most it can cost.
+    assert create["usage"] is None and create["cost_usd"] is None
+    # Fetching used no tokens: neither fetch costs what the response cost again.
+    assert [(f["usage"], f["cost_usd"]) for f in fetches] == [(None, 0.0)] * 3
+    await asyncio.sleep(0.5)  # the fetches' spend, if they had any, joins at the next flush
+    token = await _settled(proxy, issued["id"])
+    held = (5 + 1000 * 4.00) / 1e6  # at most the prompt's bound and the whole output cap
+    assert 1000 * 4.00 / 1e6 <= token["spent_usd"] <= held + 100 / 1e6
