@@ -49,7 +49,11 @@ def payload(event: Event, *, max_body_bytes: int) -> dict[str, Any]:
     }
     if isinstance(response, dict):
         response_json = dict(response)
-        if usage is not None and not isinstance(response_json.get("usage"), dict):
+        if usage is None and isinstance(response_json.get("usage"), dict):
+            # A fetched stored response shows the usage of the call that made it, logged then:
+            # Helicone would charge it again for every fetch.
+            del response_json["usage"]
+        elif usage is not None and not isinstance(response_json.get("usage"), dict):
             # Estimated usage still lets Helicone price the request.
             response_json["usage"] = {
                 "prompt_tokens": usage["prompt_tokens"],

@@ -143,6 +143,25 @@ async def test_helicone_receives_the_async_log_shape_with_real_timing(
     assert streamed["providerRequest"]["meta"]["Helicone-Property-Usage-Source"] == "estimated"
 
 
+async def test_helicone_is_not_shown_the_usage_of_a_stored_response_fetched_again(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeHelicone()
+    server = await aiohttp_server(fake.app)
+    usage = {"input_tokens": 900, "output_tokens": 4000, "total_tokens": 4900}
+    stored = {"id": "resp_1", "object": "response", "status": "completed", "model": "o3"}
+    fetch = exchange(path="/v1/responses/resp_1", response=orjson.dumps({**stored, "usage": usage}))
+    fetch.method = "GET"
+    event = build(fetch)
+    assert event["usage"] is None  # the call that made it was counted when it was made
+    backend = HeliconeBackend(HELICONE_KEY, url=str(server.make_url("/custom/v1/log")))
+
+    assert (await deliver(backend, [event], tmp_path)).delivered == 1
+
+    (log,) = fake.logs
+    assert log["providerResponse"]["json"] == stored  # which Helicone would have priced again
+
+
 async def test_helicone_retries_429_and_5xx_then_delivers(
     aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
