@@ -253,9 +253,13 @@ def timestamp(value: str | None, key: str) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # In UTC, as the stores compare it: an offset can carry a moment at either end of the
+        # calendar past year 1 or 9999, which no datetime holds.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except ValueError:
         raise InvalidField(key, "must be an RFC 3339 timestamp") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except OverflowError:
+        raise InvalidField(key, "must be a moment from year 1 to year 9999 in UTC") from None
 
 
 def require_known_query(query: Mapping[str, str], allowed: set[str]) -> None:

@@ -114,3 +114,17 @@ async def test_audit_page_paginates_and_keeps_filters(admin: AdminPages, proxy: 
     assert (await admin.get("/admin/audit?page=0")).status == 400
     beyond = await admin.get("/admin/audit?page=9")
     assert beyond.status == 200 and "No audit entries match" in beyond.text
+
+
+async def test_audit_page_refuses_a_moment_past_the_calendar_as_a_form_error(
+    admin: AdminPages,
+) -> None:
+    await admin.create_project("edge")
+    for field, moment in (
+        ("since", "9999-12-31T23:59-23:59"),
+        ("until", "0001-01-01T00:00%2B14:00"),
+    ):
+        page = await admin.get(f"/admin/audit?{field}={moment}")
+        assert page.status == 400, page.text
+        assert f"{field}: must be a moment from year 1 to year 9999" in page.text
+        assert "<form" in page.text  # the audit page with its filters, not a bare error

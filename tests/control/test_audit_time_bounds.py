@@ -1,0 +1,39 @@
+"""The audit log's ``since`` and ``until`` at the ends of the calendar: a moment whose offset
+carries it past year 1 or 9999 is a 400 naming the field, on every backend, never a 500."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Proxy
+
+
+@pytest.fixture
+def proxy_database_url(database_url: str) -> str:
+    return database_url
+
+
+@pytest.mark.parametrize("field", ["since", "until"])
+@pytest.mark.parametrize(
+    "moment",
+    ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00%2B14:00", "0001-01-01T00:30:00%2B01:00"],
+)
+async def test_a_moment_past_the_calendar_is_refused_by_name(
+    proxy: Proxy, field: str, moment: str
+) -> None:
+    await proxy.create_project()
+    status, answer = await proxy.manage("GET", f"/audit?{field}={moment}")
+    assert status == 400, answer
+    assert answer["error"]["code"] == "invalid_field"
+    assert answer["error"]["message"].startswith(f"{field}: ")
+
+
+async def test_the_ends_of_the_calendar_themselves_are_answered(proxy: Proxy) -> None:
+    await proxy.create_project()
+    status, page = await proxy.manage(
+        "GET", "/audit?since=0001-01-01T00:00:00Z&until=9999-12-31T23:59:59Z"
+    )
+    assert status == 200, page
+    assert [event["action"] for event in page["events"]] == ["project.create"]
+    status, page = await proxy.manage("GET", "/audit?since=9999-12-31T23:59:59%2B05:00")
+    assert (status, page["events"]) == (200, []), page
