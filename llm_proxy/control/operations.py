@@ -16,7 +16,14 @@ from typing import Any, TypedDict
 import structlog
 
 from llm_proxy import errors
-from llm_proxy.crypto import KeyCipher, hash_token, is_token_shaped, mask_key, new_token_value
+from llm_proxy.crypto import (
+    KeyCipher,
+    hash_token,
+    is_token_shaped,
+    mask_key,
+    new_token_value,
+    redact,
+)
 from llm_proxy.models import (
     AuditEntry,
     AuditEvent,
@@ -44,6 +51,14 @@ MAX_BUDGET_USD = 1_000_000
 MAX_ALLOWED_MODELS = 100
 MAX_MODEL_PATTERN_LENGTH = 200
 MAX_TOKEN_METADATA_BYTES = 16 * 1024
+
+
+def _quoted(identifier: str) -> str:
+    """An id given by a caller, quoted for a message; masked when it is a token's value or a key
+    pasted where an id goes, since a message must never carry a secret (SPEC §6)."""
+    if is_token_shaped(identifier):
+        return f"{mask_key(identifier)!r} (a token's value, not an id)"
+    return repr(redact(identifier))
 
 
 class LimitChanges(TypedDict, total=False):
@@ -133,7 +148,7 @@ class Operations:
     async def get_project(self, project_id: str) -> Project:
         project = await self.store.get_project(project_id)
         if project is None:
-            raise errors.ProjectNotFound(f"No project with id {project_id!r}.")
+            raise errors.ProjectNotFound(f"No project with id {_quoted(project_id)}.")
         return project
 
     async def list_projects(self) -> list[Project]:
@@ -184,14 +199,14 @@ class Operations:
             entry = with_revoke_counts(entry, counts)
         project = await self.store.update_project(project_id, changes, entry)
         if project is None:
-            raise errors.ProjectNotFound(f"No project with id {project_id!r}.")
+            raise errors.ProjectNotFound(f"No project with id {_quoted(project_id)}.")
         self._authority.invalidate(project_id=project_id)
         return project
 
     async def delete_project(self, actor: Actor, project_id: str) -> None:
         entry = actor.entry("project.delete", "project", project_id, project_id)
         if not await self.store.delete_project(project_id, entry):
-            raise errors.ProjectNotFound(f"No project with id {project_id!r}.")
+            raise errors.ProjectNotFound(f"No project with id {_quoted(project_id)}.")
         self._authority.invalidate(project_id=project_id)
 
     async def revoke_project_tokens(self, actor: Actor, project_id: str) -> RevokeCounts:
@@ -258,7 +273,7 @@ class Operations:
         await self._authority.flush_usage()
         token = await self.store.get_token(token_id)
         if token is None:
-            raise errors.TokenIdNotFound(f"No token with id {token_id!r}.")
+            raise errors.TokenIdNotFound(f"No token with id {_quoted(token_id)}.")
         return await self._with_ledger(token)
 
     async def list_tokens(self, project_id: str | None = None) -> list[Token]:
@@ -326,7 +341,7 @@ class Operations:
         )
         token = await self.store.update_token(token_id, changes, entry)
         if token is None:
-            raise errors.TokenIdNotFound(f"No token with id {token_id!r}.")
+            raise errors.TokenIdNotFound(f"No token with id {_quoted(token_id)}.")
         self._authority.invalidate(token_id=token_id)
         return await self._with_ledger(token)
 

@@ -48,3 +48,21 @@ async def test_no_page_shows_a_full_upstream_key_or_an_issued_token(
         for secret in (*KEYS, replaced, *values):
             assert secret not in page.text, f"{path} shows a secret"
     assert sum("sk-fi…AAAA" in page.text for page in pages.values()) >= 2
+
+
+async def test_a_token_value_in_the_address_of_a_page_is_not_shown_back(
+    admin: AdminPages, proxy: Proxy
+) -> None:
+    """An operator who pastes a token's value where its id goes gets a 404 page that does not
+    show the value (the page is not the one that issued it)."""
+    value = await proxy.token(project_id=await admin.create_project("pasted"))
+    for path in (
+        f"/admin/tokens/{value}",
+        f"/admin/tokens/{value}/revoke",
+        f"/admin/projects/{value}",
+        f"/admin/projects/{value}/tokens/new",
+    ):
+        page = await admin.get(path)
+        assert page.status == 404, (path, page.text)
+        assert value not in page.text and value[3:13] not in page.text, path
+        assert "a token&#39;s value, not an id" in page.text, path

@@ -1,0 +1,101 @@
+"""A token's value pasted where an id goes (``token get sk-…``, ``GET /manage/tokens/sk-…``): the
+value is never echoed in an error, and the CLI never sends it in a URL (SPEC §6: a token value
+appears in no error message or response but the one that issued it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner, Result
+
+from llm_proxy.runtime.cli import main
+from tests.conftest import MANAGEMENT_TOKEN, Proxy
+from tests.processes import ServerProcess, free_port, http
+
+
+async def test_the_api_never_echoes_a_token_value_given_as_an_id(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    issued = await proxy.issue_token(project_id)
+    value = issued["token"]
+    calls = [
+        ("GET", f"/tokens/{value}", None),
+        ("PATCH", f"/tokens/{value}", {"max_requests": 5}),
+        ("DELETE", f"/tokens/{value}", None),
+        ("GET", f"/projects/{value}", None),
+        ("DELETE", f"/projects/{value}", None),
+        ("POST", f"/projects/{value}/tokens/revoke", None),
+        ("GET", f"/tokens?project_id={value}", None),
+        ("POST", "/tokens", {"project_id": value, "duration_minutes": 5}),
+    ]
+    for method, path, body in calls:
+        status, answer = await proxy.manage(method, path, body)
+        assert status == 404, (method, path, answer)
+        message = answer["error"]["message"]
+        assert value not in message and value[3:13] not in message, (method, path, message)
+        assert "a token's value, not an id" in message
+    # The management token pasted as an id is not echoed either.
+    status, answer = await proxy.manage("GET", f"/projects/{MANAGEMENT_TOKEN}")
+    assert status == 404 and MANAGEMENT_TOKEN not in answer["error"]["message"]
+    # An ordinary id is still named in full.
+    status, answer = await proxy.manage("GET", "/tokens/no-such-id")
+    assert (status, answer["error"]["message"]) == (404, "No token with id 'no-such-id'.")
+
+
+def _manage(base_url: str, token: str, *args: str) -> Result:
+    return CliRunner().invoke(
+        main,
+        ["manage", *args],
+        env={"MANAGEMENT_TOKEN": token, "MANAGE_API_BASE_URL": base_url},
+    )
+
+
+def _issue(server: ServerProcess) -> dict[str, str]:
+    token = server.management_token
+    _, project = http(
+        "POST",
+        f"{server.base_url}/manage/projects",
+        token=token,
+        body={"name": "p", "api_key": "k"},
+    )
+    _, issued = http(
+        "POST",
+        f"{server.base_url}/manage/tokens",
+        token=token,
+        body={"project_id": project["id"], "duration_minutes": 5},
+    )
+    return {"value": issued["token"], "id": issued["id"], "project_id": project["id"]}
+
+
+COMMANDS = [
+    ("token", "get", "{value}"),
+    ("token", "revoke", "{value}", "--yes"),
+    ("token", "update", "{value}", "--max-requests", "3"),
+    ("token", "list", "--project-id", "{value}"),
+    ("project", "get", "{value}"),
+]
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2] + c[3:4]))
+def test_manage_never_sends_a_token_value_as_an_id(
+    server: ServerProcess, command: tuple[str, ...]
+) -> None:
+    issued = _issue(server)
+    args = [part.format(value=issued["value"]) for part in command]
+    # A port nobody listens on: anything sent would be "cannot reach", exit 1.
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    result = _manage(nowhere, server.management_token, *args)
+    assert result.exit_code == 2, result.output
+    assert "a token's value, not a" in result.output and "nothing was sent" in result.output
+    assert issued["value"] not in result.output
+    as_json = _manage(nowhere, server.management_token, *args, "--json")
+    assert as_json.exit_code == 2, as_json.output
+    assert json.loads(as_json.stderr)["error"]["code"] == "token_value_as_id"
+    # Against the real server too: the token was not touched.
+    real = _manage(server.base_url, server.management_token, *args)
+    assert real.exit_code == 2 and issued["value"] not in real.output
+    status, token = http(
+        "GET", f"{server.base_url}/manage/tokens/{issued['id']}", token=server.management_token
+    )
+    assert (status, token["status"], token["max_requests"]) == (200, "active", None)
