@@ -19,8 +19,13 @@ async def read_form(request: web.Request) -> Form:
     return {key: value for key, value in posted.items() if isinstance(value, str)}
 
 
-def text(form: Form, key: str, *, required: bool, max_length: int) -> str:
-    value = validation.text(form, key, required=required, max_length=max_length)
+def name(form: Form, *, required: bool) -> str:
+    value = validation.name(form, required=required)
+    return "" if value is MISSING else str(value)
+
+
+def description(form: Form) -> str:
+    value = validation.description(form)
     return "" if value is MISSING else str(value)
 
 

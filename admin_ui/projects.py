@@ -84,8 +84,8 @@ def _project_form(
 def _project_fields(form: forms.Form, *, key_required: bool) -> tuple[str, str, str]:
     """Name, description and upstream key of a project form (the same checks as the API)."""
     return (
-        forms.text(form, "name", required=True, max_length=200),
-        forms.text(form, "description", required=False, max_length=2000),
+        forms.name(form, required=True),
+        forms.description(form),
         forms.upstream_key(form, required=key_required),
     )
 

@@ -660,14 +660,25 @@ class Column:
     cell: Callable[[dict[str, Any]], str]
 
 
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _printable(text: str) -> str:
+    """Text from the server as one line of plain text: a control character in a name (stored
+    before the API refused them) shown as its escape, so it can neither start a forged row nor
+    reach the terminal as an escape sequence."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 def _text(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, list):
-        return ",".join(str(v) for v in value) or "-"
+        return _printable(",".join(str(v) for v in value)) or "-"
     if isinstance(value, dict):
         return json.dumps(value)
-    return str(value)
+    return _printable(str(value))
 
 
 def _minute(timestamp: str | None) -> str:
@@ -767,7 +778,7 @@ def _print_record(record: dict[str, Any]) -> None:
     width = max(len(k) for k in record)
     for key, value in record.items():
         shown = json.dumps(value) if isinstance(value, dict | list) else value
-        click.echo(f"{key.ljust(width)}  {'' if shown is None else shown}")
+        click.echo(f"{key.ljust(width)}  {'' if shown is None else _printable(str(shown))}")
 
 
 def _emit(opts: ClientOptions, data: Any) -> None:

@@ -23,9 +23,7 @@ from llm_proxy.control.operations import (
     Operations,
 )
 from llm_proxy.control.validation import (
-    MAX_DESCRIPTION_LENGTH,
     MAX_ID_LENGTH,
-    MAX_NAME_LENGTH,
     MAX_PAGE,
     MAX_PAGE_SIZE,
     MAX_TOKEN_VALUE_LENGTH,
@@ -208,11 +206,9 @@ def _given(**fields: Any) -> dict[str, Any]:
 async def create_project(request: web.Request) -> web.Response:
     body = await _json_body(request)
     validation.require_known(body, {"name", "api_key", "description", "metadata"})
-    name = validation.text(body, "name", required=True, max_length=MAX_NAME_LENGTH)
+    name = validation.name(body, required=True)
     api_key = validation.upstream_key(body, required=True)
-    description = validation.text(
-        body, "description", required=False, max_length=MAX_DESCRIPTION_LENGTH
-    )
+    description = validation.description(body)
     metadata = validation.mapping(body, "metadata")
     project = await _ops(request).create_project(
         _actor(request),
@@ -241,13 +237,11 @@ async def update_project(request: web.Request) -> web.Response:
         body, {"name", "api_key", "is_active", "revoke_tokens", "description", "metadata"}
     )
     fields = _given(
-        name=validation.text(body, "name", required=False, max_length=MAX_NAME_LENGTH),
+        name=validation.name(body, required=False),
         api_key=validation.upstream_key(body, required=False),
         is_active=validation.boolean(body, "is_active"),
         revoke_tokens=validation.boolean(body, "revoke_tokens"),
-        description=validation.text(
-            body, "description", required=False, max_length=MAX_DESCRIPTION_LENGTH
-        ),
+        description=validation.description(body),
         metadata=validation.mapping(body, "metadata"),
     )
     if not fields:

@@ -39,8 +39,13 @@ from llm_proxy.http.control_bridge import MAX_CONTROL_BODY
 _TRIMMED = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # Holds a character that is not whitespace.
 NOT_BLANK = f"[^{_TRIMMED}]"
-# An upstream key with no control character once trimmed (crypto.is_sendable_key).
+# An upstream key with no control character once trimmed (crypto.is_sendable_key); a project's
+# name likewise (validation.name).
 SENDABLE_KEY = rf"^[{_TRIMMED}]*[^\x00-\x1f\x7f-\x9f]*[{_TRIMMED}]*$"
+ONE_LINE = SENDABLE_KEY
+# A description with no control character but tabs and line breaks once trimmed
+# (validation.description).
+LINES = rf"^[{_TRIMMED}]*[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*[{_TRIMMED}]*$"
 # The compact UTF-8 JSON size of a value (orjson.dumps). No JSON Schema keyword measures it, so the
 # document states it as an extension for validators that know it, and in the description.
 MAX_JSON_BYTES_KEYWORD = "x-max-json-bytes"
@@ -64,6 +69,15 @@ def _text(max_length: int, description: str, *, blank: bool = False) -> dict[str
 def _upstream_key(description: str) -> dict[str, Any]:
     # A second pattern: the text's own says it is not blank.
     return _text(MAX_API_KEY_LENGTH, description) | {"allOf": [{"pattern": SENDABLE_KEY}]}
+
+
+def _name(description: str) -> dict[str, Any]:
+    # A second pattern: the text's own says it is not blank.
+    return _text(MAX_NAME_LENGTH, description) | {"allOf": [{"pattern": ONE_LINE}]}
+
+
+def _description(description: str) -> dict[str, Any]:
+    return _text(MAX_DESCRIPTION_LENGTH, description, blank=True) | {"pattern": LINES}
 
 
 def _count(description: str) -> dict[str, Any]:
@@ -168,12 +182,14 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["name", "api_key"],
         "additionalProperties": False,
         "properties": {
-            "name": _text(MAX_NAME_LENGTH, "Trimmed"),
+            "name": _name("Trimmed; one line, no control characters"),
             "api_key": _upstream_key(
                 "The upstream provider's key, sent as a header value: no control characters;"
                 " never shown again"
             ),
-            "description": _text(MAX_DESCRIPTION_LENGTH, "Trimmed; may be empty", blank=True),
+            "description": _description(
+                "Trimmed; may be empty; no control characters but tabs and line breaks"
+            ),
             "metadata": _ref("ProjectMetadata"),
         },
     },
@@ -182,9 +198,11 @@ _SCHEMAS: dict[str, Any] = {
         "minProperties": 1,
         "additionalProperties": False,
         "properties": {
-            "name": _text(MAX_NAME_LENGTH, "Trimmed"),
+            "name": _name("Trimmed; one line, no control characters"),
             "api_key": _upstream_key("A new upstream key: no control characters"),
-            "description": _text(MAX_DESCRIPTION_LENGTH, "Trimmed; empty clears it", blank=True),
+            "description": _description(
+                "Trimmed; empty clears it; no control characters but tabs and line breaks"
+            ),
             "metadata": _ref("ProjectMetadata"),
             "is_active": {"type": "boolean", "description": "false: its tokens stop working"},
             "revoke_tokens": {"type": "boolean", "description": "true: revoke all its tokens"},

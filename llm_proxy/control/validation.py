@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -127,6 +128,34 @@ def text(body: dict[str, Any], key: str, *, required: bool, max_length: int) -> 
     value = value.strip()
     if required and not value:
         raise InvalidField(key, "must not be empty")
+    return value
+
+
+# Control characters (C0, DEL, C1) a name may not hold once trimmed, and those a description may
+# not: it keeps tabs and line breaks (a text area sends them). A line break in a name forges a row
+# of `manage project list`, an escape sequence repaints the operator's terminal.
+_NAME_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_DESCRIPTION_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def name(body: dict[str, Any], *, required: bool) -> Any:
+    """A project's ``name``: text (trimmed, as :func:`text`) on one line, no control character."""
+    value = text(body, "name", required=required, max_length=MAX_NAME_LENGTH)
+    if value is not MISSING and _NAME_CONTROLS.search(value):
+        raise InvalidField(
+            "name", "must not contain control characters such as line breaks or escapes"
+        )
+    return value
+
+
+def description(body: dict[str, Any]) -> Any:
+    """A project's ``description``: text (trimmed, as :func:`text`) whose only control characters
+    are tabs and line breaks."""
+    value = text(body, "description", required=False, max_length=MAX_DESCRIPTION_LENGTH)
+    if value is not MISSING and _DESCRIPTION_CONTROLS.search(value):
+        raise InvalidField(
+            "description", "must not contain control characters other than tabs and line breaks"
+        )
     return value
 
 

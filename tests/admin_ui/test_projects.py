@@ -162,3 +162,23 @@ async def test_unknown_notice_codes_show_nothing(admin: AdminPages) -> None:
 async def test_a_notice_count_that_is_not_ascii_digits_shows_zero(admin: AdminPages) -> None:
     page = await admin.get("/admin/projects?notice=tokens_revoked&n=%C2%B2")
     assert page.status == 200 and "Revoked 0 token(s)." in page.text
+
+
+async def test_project_form_refuses_control_characters_and_keeps_line_breaks(
+    admin: AdminPages,
+) -> None:
+    page = await admin.post("/admin/projects", {"name": "ops\x1b[2J", "api_key": "sk-up-key"})
+    assert page.status == 400
+    assert "name: must not contain control characters" in page.text
+    page = await admin.post(
+        "/admin/projects", {"name": "ops", "api_key": "sk-up-key", "description": "a\x07b"}
+    )
+    assert page.status == 400
+    assert "description: must not contain control characters" in page.text
+    project_id = await admin.create_project("ops")
+    page = await admin.post(
+        f"/admin/projects/{project_id}/edit", {"name": "ops", "description": "one\r\ntwo"}
+    )
+    assert page.status == 200, page.text
+    edited = await admin.get(f"/admin/projects/{project_id}/edit")
+    assert "one\r\ntwo" in edited.text or "one\ntwo" in edited.text

@@ -23,6 +23,10 @@ from tests.control.test_openapi_document import component, served_document
 DROP: Any = object()  # the field left out
 WHOLE_BODIES = [None, [], ["name"], "text", 5, True, {}]
 TEXT = ["x", "  padded  ", "", " ", "\u00a0\t", "\u3000x", "\u200b", None, 5, True, [], {}, DROP]
+# Control characters inside a name, and around it (trimmed); a description keeps tabs and line
+# breaks inside.
+NAMES = ["a\nb", "a\tb", "a\x1b[2J", "\tname\r\n", "a\x85b", "a\u2028b", "\x1f"]
+DESCRIPTIONS = ["a\r\nb", "a\tb", "a\x0bb", "a\x1b[2J", "bell\x07", "\x85", "\r\n x \r\n"]
 # Control characters inside an upstream key, and around it (trimmed).
 KEYS = ["sk-a\nb", "sk-a\rX: y", "sk-a\tb", "sk-\x7f", "sk-\x85x", "\tsk-a\r\n", "sk-a\x85", "\x1f"]
 COUNTS = [
@@ -125,17 +129,17 @@ def _fields(name: str, project_id: str, token: str) -> tuple[dict[str, Any], dic
     """A valid body of the schema ``name``, and the values to try in each of its fields."""
     if name == "ProjectCreate":
         return {"name": "demo", "api_key": UPSTREAM_KEY}, {
-            "name": [*TEXT, "x" * 200, "x" * 201, " " + "x" * 199, "x" * 199 + "  "],
+            "name": [*TEXT, *NAMES, "x" * 200, "x" * 201, " " + "x" * 199, "x" * 199 + "  "],
             "api_key": [*TEXT, *KEYS, "k" * 1000, "k" * 1001],
-            "description": [*TEXT, "d" * 2000, "d" * 2001],
+            "description": [*TEXT, *DESCRIPTIONS, "d" * 2000, "d" * 2001],
             "metadata": METADATA,
             "is_active": BOOLEANS,
         }
     if name == "ProjectUpdate":
         return {"name": "renamed"}, {
-            "name": [*TEXT, "x" * 200, "x" * 201],
+            "name": [*TEXT, *NAMES, "x" * 200, "x" * 201],
             "api_key": [*TEXT, *KEYS, "k" * 1001],
-            "description": [*TEXT, "d" * 2000, "d" * 2001],
+            "description": [*TEXT, *DESCRIPTIONS, "d" * 2000, "d" * 2001],
             "metadata": METADATA,
             "is_active": BOOLEANS,
             "revoke_tokens": BOOLEANS,
