@@ -40,6 +40,7 @@ from llm_proxy.models import (
 from llm_proxy.proxy.admission import TokenAuthority
 from llm_proxy.store import Store
 from llm_proxy.store.records import with_revoke_counts
+from llm_proxy.store.unavailable import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -265,7 +266,14 @@ class Operations:
             budget_usd=usd(token.budget_nanousd),
             allowed_models=None if allowed_models is None else list(allowed_models),
         )
-        await self.store.create_token(token, hash_token(value), entry)
+        try:
+            await self.store.create_token(token, hash_token(value), entry)
+        except DATABASE_ERRORS:
+            # The project deleted since it was read: its tokens' foreign key refuses the row.
+            # That is the caller's 404, not a database outage.
+            if await self.store.get_project(project_id) is None:
+                raise errors.ProjectNotFound(f"No project with id {_quoted(project_id)}.") from None
+            raise
         return IssuedToken(token, value)
 
     async def get_token(self, token_id: str) -> Token:
