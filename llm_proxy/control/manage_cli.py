@@ -189,9 +189,27 @@ class ManageGroup(_JsonErrors, click.Group):
     group_class = type
 
 
+def _not_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _unrepeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given twice")
+        seen.add(key)
+    return dict(pairs)
+
+
 def _json_object(text: str, option: str) -> dict[str, Any]:
+    # JSON as the server reads it: Python's reader also takes NaN and Infinity (which the server
+    # refuses as a body that is not JSON at all) and keeps the last of a repeated key (which the
+    # server refuses as ambiguous).
     try:
-        value = json.loads(text)
+        value = json.loads(
+            text, parse_constant=_not_json_constant, object_pairs_hook=_unrepeated_keys
+        )
     except ValueError as exc:
         raise OptionError(f"{option}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):

@@ -26,6 +26,7 @@ from tests.processes import (
     clean_env,
     cli_command,
     free_port,
+    http,
     run,
     start_mock_upstream,
 )
@@ -122,6 +123,37 @@ def test_project_create_refuses_metadata_that_is_not_json(server: ServerProcess)
     )
     assert result.exit_code == 2
     assert "--metadata" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("metadata", "why"),
+    [
+        ('{"cost": NaN}', "NaN is not a JSON value"),
+        ('{"limit": Infinity}', "Infinity is not a JSON value"),
+        ('{"n": [-Infinity]}', "-Infinity is not a JSON value"),
+        ('{"team": "a", "team": "b"}', "the key 'team' is given twice"),
+        ('{"x": {"k": 1, "k": 2}}', "the key 'k' is given twice"),
+    ],
+)
+def test_metadata_that_python_reads_and_json_does_not_is_a_command_line_error(
+    server: ServerProcess, metadata: str, why: str
+) -> None:
+    """Refused as the command line's mistake (exit 2, nothing sent), not sent on to come back as
+    the server's 'Request body is not valid JSON' (exit 1), or kept with one value dropped."""
+    project_id = create_project(server, "metadata checks")
+    for command in (
+        ("project", "create", "--name", "x", "--api-key", "k"),
+        ("token", "generate", "--project-id", project_id),
+    ):
+        result = manage_as(server, *command, "--metadata", metadata)
+        assert result.exit_code == 2, result.output
+        assert "--metadata: not valid JSON" in result.stderr and why in result.stderr
+    status, tokens = http(
+        "GET",
+        f"{server.base_url}/manage/tokens?project_id={project_id}",
+        token=server.management_token,
+    )
+    assert (status, tokens) == (200, [])
 
 
 def test_project_list_table_has_headers_and_short_ids(server: ServerProcess) -> None:
