@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from multidict import MultiMapping
 
 from llm_proxy.control.operations import (
     MAX_ALLOWED_MODELS,
@@ -291,13 +291,18 @@ def timestamp(value: str | None, key: str) -> datetime | None:
         raise InvalidField(key, "must be a moment from year 1 to year 9999 in UTC") from None
 
 
-def require_known_query(query: Mapping[str, str], allowed: set[str]) -> None:
+def require_known_query(query: MultiMapping[str], allowed: set[str]) -> None:
     """Refuse a query parameter the endpoint does not take: a misspelt filter ignored would widen
     the answer to everything, and a script acting on it would act on everything."""
     unknown = sorted(set(query) - allowed)
     if unknown:
         expected = f"expected {', '.join(sorted(allowed))}" if allowed else "none is taken here"
         raise InvalidField(unknown[0], f"unknown query parameter; {expected}")
+    # Each is read once: of a repeated one, the first would be taken and the others ignored, so
+    # ?project_id=A&project_id=B would answer A's tokens as if that were all that was asked.
+    repeated = sorted({key for key in query if len(query.getall(key)) > 1})
+    if repeated:
+        raise InvalidField(repeated[0], "is given more than once; give it once")
 
 
 def query_int(value: str | None, key: str, *, default: int, minimum: int, maximum: int) -> int:

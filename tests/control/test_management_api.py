@@ -930,3 +930,21 @@ async def test_a_body_read_one_way_of_several_is_refused(
     error = (await response.json())["error"]
     assert error["code"] == "invalid_json" and said in error["message"]
     assert (await proxy.manage("GET", "/projects"))[1] == []
+
+
+async def test_a_query_parameter_given_twice_is_refused_by_name(proxy: Proxy) -> None:
+    """Of a repeated parameter the first was taken and the rest ignored: asked for two projects'
+    tokens, the list answered one project's as if that were all."""
+    first, second = await proxy.create_project("a"), await proxy.create_project("b")
+    await proxy.issue_token(second)
+    for query, field in [
+        (f"/tokens?project_id={first}&project_id={second}", "project_id"),
+        ("/audit?page_size=1&page_size=100", "page_size"),
+        ("/audit?action=project.create&action=token.create", "action"),
+        ("/audit?since=2020-01-01&until=2030-01-01&since=2029-01-01", "since"),
+    ]:
+        status, body = await proxy.manage("GET", query)
+        assert status == 400, (query, body)
+        assert body["error"]["message"] == f"{field}: is given more than once; give it once"
+    status, tokens = await proxy.manage("GET", f"/tokens?project_id={second}")
+    assert status == 200 and len(tokens) == 1
