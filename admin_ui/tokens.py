@@ -62,6 +62,8 @@ def read_metadata(form: forms.Form, key: str) -> dict[str, Any]:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidField(key, 'must be a JSON object, e.g. {"team": "search"}') from None
+    if (ambiguity := validation.ambiguity(raw)) is not None:
+        raise InvalidField(key, ambiguity)  # as the API refuses it
     value = validation.mapping({key: parsed}, key, max_bytes=MAX_TOKEN_METADATA_BYTES)
     return {} if value is MISSING else cast(dict[str, Any], value)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -161,35 +160,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raise errors.InvalidJson(f"Request body is not valid JSON: {exc.msg}.") from None
     if not isinstance(body, dict):
         raise errors.InvalidJson("Request body must be a JSON object.")
-    try:
-        # What orjson reads silently one way of several: a repeated key (it keeps the last) and an
-        # integer past 64 bits (it makes a float of it, losing digits for good in `metadata`).
-        json.loads(raw, object_pairs_hook=_unrepeated, parse_int=_within_64_bits, strict=False)
-    except _Ambiguous as exc:
-        raise errors.InvalidJson(f"Request body is ambiguous: {exc}.") from None
-    except (ValueError, RecursionError):
-        pass  # read differently by the two parsers in no way that matters: orjson's reading holds
+    if (ambiguity := validation.ambiguity(raw)) is not None:
+        raise errors.InvalidJson(f"Request body is ambiguous: {ambiguity}.")
     return body
-
-
-class _Ambiguous(ValueError):
-    pass
-
-
-def _unrepeated(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _Ambiguous(f"the key {key!r} is given twice")
-        seen.add(key)
-    return dict(pairs)
-
-
-def _within_64_bits(text: str) -> int:
-    number = int(text)
-    if not -(2**63) <= number < 2**64:
-        raise _Ambiguous(f"the integer {text[:40]} does not fit in 64 bits")
-    return number
 
 
 def _ops(request: web.Request) -> Operations:

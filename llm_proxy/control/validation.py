@@ -10,6 +10,7 @@ the whole number 286, as JSON Schema has it.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from datetime import UTC, datetime
@@ -103,6 +104,39 @@ def _nul_or_too_deep(value: Any) -> str | None:
                 pending.extend((inner, depth + 1) for inner in item.values())
             else:
                 pending.extend((inner, depth + 1) for inner in item)
+    return None
+
+
+class _Ambiguous(ValueError):
+    pass
+
+
+def _unrepeated(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _Ambiguous(f"the key {key!r} is given twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _within_64_bits(text: str) -> int:
+    number = int(text)
+    if not -(2**63) <= number < 2**64:
+        raise _Ambiguous(f"the integer {text[:40]} does not fit in 64 bits")
+    return number
+
+
+def ambiguity(raw: bytes | str) -> str | None:
+    """What orjson reads silently one way of several in JSON it parsed, if anything: a repeated
+    key (it keeps the last) and an integer past 64 bits (it makes a float of it, losing digits for
+    good in `metadata`)."""
+    try:
+        json.loads(raw, object_pairs_hook=_unrepeated, parse_int=_within_64_bits, strict=False)
+    except _Ambiguous as exc:
+        return str(exc)
+    except (ValueError, RecursionError):
+        pass  # read differently by the two parsers in no way that matters: orjson's reading holds
     return None
 
 

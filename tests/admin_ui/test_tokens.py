@@ -110,6 +110,9 @@ async def test_issued_token_is_shown_once_with_an_sdk_snippet(
         ({"metadata": "[1, 2]"}, "metadata: must be a JSON object"),
         ({"metadata": '"text"'}, "metadata: must be a JSON object"),
         ({"metadata": '{"blob": "%s"}' % ("x" * 17_000)}, "metadata: must be at most 16384 bytes"),
+        # As the API refuses them: one of the values would be dropped, or digits lost for good.
+        ({"metadata": '{"team": "a", "team": "b"}'}, "metadata: the key 'team' is given twice"),
+        ({"metadata": '{"n": 123456789012345678901234567890}'}, "does not fit in 64 bits"),
     ],
 )
 async def test_invalid_token_form_is_shown_again_and_issues_nothing(
