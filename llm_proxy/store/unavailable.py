@@ -22,6 +22,9 @@ DATABASE_ERRORS = (
     sqlite3.Error,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # What the first query on a pooled connection raises once PostgreSQL has gone away under it
+    # ("cannot switch to state …; another operation is in progress"); the pool drops it after.
+    asyncpg.InternalClientError,
     UnreadableDatabaseUrl,
 )
 
