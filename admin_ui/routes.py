@@ -16,6 +16,7 @@ from admin_ui.security import CSRF_FIELD, CSRF_MAX_AGE_SECONDS, REALM, CsrfSigne
 from admin_ui.state import ADMIN, AdminState
 from llm_proxy import errors, failed_sign_ins
 from llm_proxy.control.operations import Operations
+from llm_proxy.store.unavailable import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +101,18 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
             _TITLES.get(exc.status, exc.reason),
             "There is no such page here." if exc.status == 404 else exc.reason,
             headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None,
+        )
+    except DATABASE_ERRORS as exc:
+        # As the management API answers it (503, retry): an outage, not a defect of the page.
+        log.error(
+            "admin.store_unavailable", method=request.method, path=request.path, error=repr(exc)
+        )
+        return error_page(
+            request,
+            503,
+            "Database unavailable",
+            "The database is unavailable; nothing was changed. Retry shortly.",
+            headers={"Retry-After": "1"},
         )
 
 
