@@ -678,14 +678,16 @@ class Column:
     cell: Callable[[dict[str, Any]], str]
 
 
-# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Control characters (C0, DEL, C1), the Unicode line and paragraph separators, and the bidi
+# embeddings, overrides and isolates: one in a name reorders the rest of its line, the columns
+# after it included, on a terminal.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _printable(text: str) -> str:
     """Text from the server as one line of plain text: a control character in a name (stored
     before the API refused them) shown as its escape, so it can neither start a forged row nor
-    reach the terminal as an escape sequence."""
+    reach the terminal as an escape sequence, nor a bidi control reorder the columns."""
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 

@@ -96,6 +96,18 @@ def test_manage_shows_control_characters_stored_earlier_as_escapes(server: Serve
     assert not any(row.startswith("ffffffff") for row in rows)  # no forged row
     assert "ops\\r\\nffffffff" in listed.output
 
+    # A right-to-left override is text to the API (right-to-left names need their marks), but
+    # on a terminal it reversed the rest of the row: the status and key columns with it.
+    _, reversing = http(
+        "POST",
+        f"{server.base_url}/manage/projects",
+        token=token,
+        body={"name": "prod\u202e", "api_key": "k"},
+    )
+    listed = _manage(server, "project", "list")
+    assert "\u202e" not in listed.output and "prod\\u202e" in listed.output
+    assert reversing["name"] == "prod\u202e"
+
     shown = _manage(server, "project", "get", project["id"])
     assert shown.exit_code == 0, shown.output
     assert "\x1b" not in shown.output and "\r" not in shown.output
