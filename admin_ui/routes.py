@@ -72,7 +72,11 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     if _is_static(request):
         # The stylesheet and the copy script, the same for every installation: served to anyone,
         # so the sign-in page (401) can be styled too.
-        return await handler(request)
+        try:
+            return await handler(request)
+        except OSError:
+            # A name the filesystem refuses (too long, say): no such file, as for any other.
+            raise web.HTTPNotFound() from None
     supplied = request.headers.get("Authorization")
     if not check_basic_auth(supplied, admin.admin_user, admin.admin_password):
         if supplied:  # (a browser asks first without: the 401 makes it show the sign-in box)

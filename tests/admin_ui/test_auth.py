@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import re
 from pathlib import Path
 
@@ -121,3 +122,15 @@ async def test_static_files_are_served_without_credentials(admin: AdminPages) ->
         page = await admin.get(f"/admin/static/{name}", auth=None)
         assert page.status == 200, name
         assert page.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_a_static_name_the_filesystem_refuses_is_not_found(
+    admin: AdminPages, log_stream: io.StringIO
+) -> None:
+    """Anyone may ask for a static file: a name too long for the filesystem is a 404 like any
+    other missing file, not a 500 with a traceback in the log for each request."""
+    for name in ("a" * 300, "x/" * 3000 + "y", "admin.css" + "/" + "b" * 256):
+        page = await admin.get(f"/admin/static/{name}", auth=None)
+        assert page.status == 404, (name[:20], page.status, page.text[:100])
+    assert "Traceback" not in log_stream.getvalue()
+    assert (await admin.get("/admin/static/admin.css", auth=None)).status == 200
