@@ -49,7 +49,14 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 @web.middleware
 async def management_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticate, then render every failure in the OpenAI error shape."""
+    """Authenticate, then render every failure in the OpenAI error shape; nothing is cached."""
+    response = await _answer(request, handler)
+    # An issued token's value is in one answer; the others show live state.
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if request.path != "/manage/openapi.json":
             _authenticate(request)

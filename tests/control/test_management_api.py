@@ -948,3 +948,22 @@ async def test_a_query_parameter_given_twice_is_refused_by_name(proxy: Proxy) ->
         assert body["error"]["message"] == f"{field}: is given more than once; give it once"
     status, tokens = await proxy.manage("GET", f"/tokens?project_id={second}")
     assert status == 200 and len(tokens) == 1
+
+
+async def test_no_answer_of_the_management_api_may_be_cached(proxy: Proxy) -> None:
+    """The answer that carries an issued token's value above all: a cache between operator and
+    server (a corporate proxy, a browser) must not keep it."""
+    project_id = await proxy.create_project()
+    for method, path, body in [
+        ("POST", "/tokens", {"project_id": project_id, "duration_minutes": 5}),
+        ("GET", "/tokens", None),
+        ("GET", f"/projects/{project_id}", None),
+        ("GET", "/projects/nope", None),
+        ("GET", "/audit", None),
+    ]:
+        response = await proxy.operator.request(
+            method, f"{proxy.base_url}/manage{path}", json=body, headers=proxy.auth()
+        )
+        assert response.headers.get("Cache-Control") == "no-store", (method, path)
+    response = await proxy.operator.get(f"{proxy.base_url}/manage/projects")
+    assert response.status == 401 and response.headers.get("Cache-Control") == "no-store"
