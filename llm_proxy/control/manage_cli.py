@@ -31,7 +31,7 @@ from typing import IO, Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from llm_proxy.crypto import is_token_shaped
+from llm_proxy.crypto import redact
 from llm_proxy.listen_addr import listen_url, parse_listen_addr
 from llm_proxy.secret_input import (
     ON_THE_COMMAND_LINE,
@@ -601,9 +601,10 @@ def _with_id(opts: ClientOptions, kind: Kind, given: str, call: Callable[[str], 
 
     Only a 404 leads to the retry, so nothing happened on the first attempt.
     """
-    if is_token_shaped(given):
-        # Pasted where an id goes, a token's value would travel in a URL (access logs, proxies)
-        # and come back in the error; it is never an id, so it is not sent at all.
+    if redact(given) != given:
+        # Pasted where an id goes, a token's value (or one with "Bearer " before it, or another
+        # secret of that shape) would travel in a URL (access logs, proxies) and come back in the
+        # error; no id holds one, so it is not sent at all.
         hint = (
             "revoke a token by value with `token revoke --value -` (it reads the value from stdin)"
             if kind is TOKENS

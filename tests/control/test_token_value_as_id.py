@@ -69,6 +69,7 @@ def _issue(server: ServerProcess) -> dict[str, str]:
 
 COMMANDS = [
     ("token", "get", "{value}"),
+    ("token", "get", "Bearer {value}"),
     ("token", "revoke", "{value}", "--yes"),
     ("token", "update", "{value}", "--max-requests", "3"),
     ("token", "list", "--project-id", "{value}"),
