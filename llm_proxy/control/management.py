@@ -28,6 +28,7 @@ from llm_proxy.control.validation import (
     MAX_TOKEN_VALUE_LENGTH,
     MISSING,
 )
+from llm_proxy.crypto import redact
 from llm_proxy.models import AuditFilter
 from llm_proxy.store.unavailable import DATABASE_ERRORS
 
@@ -65,11 +66,12 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return exc.to_response()
     except web.HTTPMethodNotAllowed as exc:
         return errors.ManagementMethodNotAllowed(
-            f"Method {request.method} is not allowed on {request.path}.",
+            f"Method {request.method} is not allowed on {redact(request.path)}.",
             headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
         ).to_response()
     except web.HTTPNotFound:
-        return errors.NotFound(f"No management route {request.path}.").to_response()
+        # A path may hold a token's value pasted into it: named masked, as every message does.
+        return errors.NotFound(f"No management route {redact(request.path)}.").to_response()
     except web.HTTPRequestEntityTooLarge:
         return errors.RequestTooLarge("Request body is too large.").to_response()
     except web.HTTPException as exc:

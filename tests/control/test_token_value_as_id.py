@@ -34,6 +34,11 @@ async def test_the_api_never_echoes_a_token_value_given_as_an_id(proxy: Proxy) -
         message = answer["error"]["message"]
         assert value not in message and value[3:13] not in message, (method, path, message)
         assert "a token's value, not an id" in message
+    # Nor in a path that names no route, or a method a route does not take.
+    for method, path in [("GET", f"/token/{value}"), ("PUT", f"/tokens/{value}")]:
+        status, answer = await proxy.manage(method, path)
+        assert status in (404, 405), (method, path, answer)
+        assert value not in answer["error"]["message"] and value[3:13] not in str(answer)
     # The management token pasted as an id is not echoed either.
     status, answer = await proxy.manage("GET", f"/projects/{MANAGEMENT_TOKEN}")
     assert status == 404 and MANAGEMENT_TOKEN not in answer["error"]["message"]
