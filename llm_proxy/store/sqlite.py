@@ -46,8 +46,10 @@ _LOCK_WAIT_SECONDS = 5.0
 
 
 def _ts(moment: datetime) -> str:
-    # Fixed width, so text order is time order in indexes and comparisons.
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Fixed width, so text order is time order in indexes and comparisons. The year is padded
+    # here: strftime's %Y writes year 999 as "999" on glibc, which sorts after "2026".
+    utc = moment.astimezone(UTC)
+    return f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S.%f}Z"
 
 
 def _parse_ts(text: str | None) -> datetime | None:

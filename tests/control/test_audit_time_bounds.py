@@ -37,3 +37,14 @@ async def test_the_ends_of_the_calendar_themselves_are_answered(proxy: Proxy) ->
     assert [event["action"] for event in page["events"]] == ["project.create"]
     status, page = await proxy.manage("GET", "/audit?since=9999-12-31T23:59:59%2B05:00")
     assert (status, page["events"]) == (200, []), page
+
+
+@pytest.mark.parametrize("year", ["0001", "0099", "0999", "0100"])
+async def test_an_early_year_is_compared_as_a_moment(proxy: Proxy, year: str) -> None:
+    """Every event is after January of a year long gone, and none before it: on SQLite the year
+    was written unpadded ('999-01-01…'), so as text it sorted after '2026-…'."""
+    await proxy.create_project()
+    status, since = await proxy.manage("GET", f"/audit?since={year}-01-01T00:00:00Z")
+    assert (status, [e["action"] for e in since["events"]]) == (200, ["project.create"]), since
+    status, until = await proxy.manage("GET", f"/audit?until={year}-01-01T00:00:00Z")
+    assert (status, until["events"]) == (200, []), until
