@@ -25,6 +25,7 @@ import orjson
 import structlog
 
 from llm_proxy import errors, tokens
+from llm_proxy.crypto import redact
 from llm_proxy.http.messages import SERVER_STOPPING, ProxyRequest, RenderedFields, ResponseWriter
 from llm_proxy.http.upstream import Body, UpstreamClient, UpstreamResponse
 from llm_proxy.models import isoformat, usd
@@ -337,10 +338,11 @@ class ProxyHandler:
             await self._token_info(request, writer, reply_headers)
             return None
         if path is None or not provider.path_allowed(path):
-            raise errors.EndpointNotFound(f"Endpoint {method} {raw_path} is not allowed.")
+            # A path may hold a token's value pasted into it: named masked, as every message does.
+            raise errors.EndpointNotFound(f"Endpoint {method} {redact(raw_path)} is not allowed.")
         if method not in provider.allowed_methods:
             raise errors.MethodNotAllowed(
-                f"Method {method} is not allowed for {path}.",
+                f"Method {method} is not allowed for {redact(path)}.",
                 headers={"Allow": self._allow_header},
             )
         if method == "OPTIONS":

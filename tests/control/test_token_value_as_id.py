@@ -105,3 +105,18 @@ def test_manage_never_sends_a_token_value_as_an_id(
         "GET", f"{server.base_url}/manage/tokens/{issued['id']}", token=server.management_token
     )
     assert (status, token["status"], token["max_requests"]) == (200, "active", None)
+
+
+async def test_the_proxy_path_never_echoes_a_token_value_in_its_path(proxy: Proxy) -> None:
+    """A path or method the proxy refuses names the path in its message: masked when a token's
+    value was pasted into it."""
+    value = (await proxy.issue_token(await proxy.create_project()))["token"]
+    for method, path, status in [
+        ("GET", f"/v2/{value}", 404),
+        ("GET", f"/v1/models%2F{value}", 404),
+        ("PUT", f"/v1/models/{value}", 405),
+    ]:
+        response = await proxy.client.request(method, path, headers={"Authorization": "Bearer x"})
+        text = await response.text()
+        assert response.status == status, (method, path, text)
+        assert value not in text and value[3:13] not in text, (method, path, text)
