@@ -9,6 +9,7 @@ can cost more than was held for it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,8 +19,13 @@ from llm_proxy.proxy.cost_bound import CAP_FIELDS, OUTPUT_CAP_FIELDS
 
 # Top-level fields of a body that bear on its cost.
 COST_FIELDS = frozenset({"model", *CAP_FIELDS, "n", "best_of"})
-# Endpoints that bill the tokens of a model named in the body: refused there without one.
-_METERED = frozenset({*OUTPUT_CAP_FIELDS, "/v1/embeddings"})
+# Endpoints whose JSON bodies may name no model: they run none (a stored completion's update, a
+# cancel) or only a free one (moderations). Anywhere else a body without one may run the upstream's
+# default, which has no price here: image generation runs dall-e-2 (gpt-image-1 when the body sets
+# one of its parameters), a thread run or a batch the models named elsewhere.
+_NO_MODEL_NEEDED = re.compile(
+    r"/v1/moderations|/v1/chat/completions/[^/]+|/v1/responses/[^/]+/cancel"
+)
 # The smallest cap the proxy adds (the Responses API refuses max_output_tokens below 16).
 MIN_OUTPUT_CAP = 16
 # What a hold asks for when only the budget bounds it: all there is.
@@ -85,13 +91,13 @@ def plan_cost(
     path: str, values: dict[str, list[object]], prices: Prices, prompt_tokens: int
 ) -> CostPlan | None:
     """The cost plan of a JSON body's top-level ``values``; None when it names no model and the
-    endpoint bills none (a file listing, a vector store). Raises ``model_not_priced`` for what
+    endpoint runs none (or only a free one). Raises ``model_not_priced`` for what
     cannot be priced or bounded."""
     models = values.get("model") or []
     if not models:
-        if path in _METERED:
+        if _NO_MODEL_NEEDED.fullmatch(path) is None:
             raise errors.ModelNotPriced(
-                "This token has a budget; a request to this endpoint must name a model."
+                "This token has a budget; a request to this endpoint must name a priced model."
             )
         return None
     price = _price_of(models, prices)

@@ -18,7 +18,7 @@ from llm_proxy import tokens
 from llm_proxy.pricing import load_prices
 from llm_proxy.proxy.budget_plan import plan_cost
 from llm_proxy.tools.mock_upstream import MockSettings
-from tests.conftest import Proxy
+from tests.conftest import ALLOWED, Proxy
 from tests.events.events_support import RedisServer
 from tests.fakes import fake_upstream_app
 from tests.waiting import wait_for_lines
@@ -156,6 +156,37 @@ async def test_unpriced_models_and_unpriceable_requests_are_refused(budgeted: Pr
         budgeted, token, orjson.dumps({"model": "embed-model", "input": "hi"}), "/v1/embeddings"
     )
     assert status == 200
+
+
+async def test_a_body_naming_no_model_cannot_run_the_upstreams_default_one_unpriced(
+    proxy_factory: Any, prices_path: Path
+) -> None:
+    # OpenAI's image generation runs dall-e-2 when the body names no model (gpt-image-1 when it
+    # sets one of that model's parameters): such a body held nothing and passed even a spent budget.
+    budgeted: Proxy = await proxy_factory(
+        prices_path=prices_path, api={"allowed_endpoints": [*ALLOWED, "/v1/images"]}
+    )
+    issued = await budgeted.issue_token(budget_usd=0.000001)
+    token = issued["token"]
+    seen = len(budgeted.upstream.requests)
+    for body, path in [
+        (b'{"prompt": "a cat", "n": 10}', "/v1/images/generations"),
+        (b'{"prompt": "a cat", "output_format": "webp"}', "/v1/images/generations"),
+        (b'{"prompt": "a cat"}', "/v1/images/edits"),
+        (b'{"input": "hi"}', "/v1/audio/speech"),
+        (b'{"prompt": "a cat"}', "/v1/images/generations/"),
+    ]:
+        status, _, answer = await post(budgeted, token, body, path)
+        assert (status, orjson.loads(answer)["error"]["code"]) == (400, "model_not_priced"), body
+    assert len(budgeted.upstream.requests) == seen
+    # Bodies that run no model, or a free one, still need none.
+    for body, path in [
+        (b'{"input": "hi"}', "/v1/moderations"),
+        (b'{"metadata": {"topic": "cats"}}', "/v1/chat/completions/chatcmpl-123"),
+    ]:
+        await post(budgeted, token, body, path)
+        assert budgeted.upstream.last.path_qs == path
+    assert len(budgeted.upstream.requests) == seen + 2
 
 
 async def test_a_spent_budget_is_refused_once_through_the_sdk(budgeted: Proxy) -> None:
