@@ -4,9 +4,10 @@ as it streams through the proxy, for the checks that need a request's ``model`` 
 The audio endpoints and image edits take their ``model`` as a form field. The parsing is
 python-multipart's, the parser Starlette (so FastAPI, vLLM and LiteLLM) reads forms with, and names
 are decoded as Starlette decodes them, so the fields checked are the fields such an upstream acts
-on. Whatever another parser could read differently (a part with two ``Content-Disposition``
-fields, two ``name`` parameters, an RFC 2231 ``name*``, a watched field sent as a file, a body that
-does not end with its closing boundary) makes the form unreadable, and the caller refuses it.
+on. Whatever another parser could read differently (a Content-Type with more than one
+``boundary``, a part with two ``Content-Disposition`` fields, two ``name`` parameters, an RFC 2231
+``name*``, a watched field sent as a file, a body that does not end with its closing boundary)
+makes the form unreadable, and the caller refuses it.
 Only the values of watched fields are kept, each up to a limit; file contents are never held.
 """
 
@@ -32,6 +33,8 @@ URLENCODED: Final = b"application/x-www-form-urlencoded"
 
 # A `name` parameter, plain or extended (`name*=`), wherever it stands in a Content-Disposition.
 _NAME_PARAM: Final = re.compile(rb";\s*name\s*(\*?)\s*=", re.IGNORECASE)
+# A `boundary` parameter, plain or extended, wherever it stands in a Content-Type.
+_BOUNDARY_PARAM: Final = re.compile(rb";\s*boundary\s*\*?\s*=", re.IGNORECASE)
 
 
 def form_media_type(content_type: bytes) -> bytes | None:
@@ -72,6 +75,10 @@ class FormInspector:
         self._dispositions = 0
         self._parser: MultipartParser | QuerystringParser | None = None
         media, options = parse_options_header(content_type)
+        if media == MULTIPART and len(_BOUNDARY_PARAM.findall(content_type)) != 1:
+            # python-multipart reads the last boundary, aiohttp and the email package the first:
+            # each would find the form under its own, and skip the other as preamble or epilogue.
+            options = {}
         try:
             if media == MULTIPART:
                 self._parser = MultipartParser(

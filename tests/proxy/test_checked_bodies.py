@@ -178,3 +178,38 @@ async def test_a_checked_body_with_two_content_types_is_refused(proxy_factory: A
     writer.close()
     assert (status, orjson.loads(answer)["error"]["code"]) == (400, "bad_request")
     assert proxy.upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "multipart/form-data; boundary=Forbidden; boundary=Allowed",
+        "multipart/form-data; boundary=Forbidden; BOUNDARY=Allowed",
+        "multipart/form-data; boundary=Forbidden, multipart/form-data; boundary=Allowed",
+        "multipart/form-data; boundary*=UTF-8''Forbidden; boundary=Allowed",
+    ],
+    ids=["two-boundaries", "two-cases", "comma-joined", "rfc2231"],
+)
+async def test_a_form_whose_boundary_parsers_could_read_differently_is_refused(
+    proxy: Proxy, content_type: str
+) -> None:
+    # python-multipart (the proxy's and Starlette's parser) takes the last boundary parameter;
+    # aiohttp, Python's email package and others take the first, and skip what comes before it:
+    # each finds the model part under its own boundary, the other form being preamble or epilogue.
+    token = await proxy.token(allowed_models=["gpt-4o-mini*"])
+    audio = (b'name="file"; filename="a.wav"', b"RIFF")
+    allowed = multipart((b'name="model"', b"gpt-4o-mini"), audio, boundary=b"Allowed")
+    forbidden = multipart((b'name="model"', b"gpt-4o"), audio, boundary=b"Forbidden")
+    response = await proxy.client.post(
+        "/v1/audio/transcriptions", data=allowed + forbidden, headers=bearer(token, content_type)
+    )
+    assert await refusal(response) == (400, "bad_request")
+    assert proxy.upstream.requests == []
+    # One boundary, quoted or not, is read as before.
+    for boundary in ("Allowed", '"Allowed"'):
+        response = await proxy.client.post(
+            "/v1/audio/transcriptions",
+            data=allowed,
+            headers=bearer(token, f"multipart/form-data; charset=utf-8; boundary={boundary}"),
+        )
+        assert response.status == 200
