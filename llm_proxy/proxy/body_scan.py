@@ -161,6 +161,8 @@ class BodyInspector:
     `well_formed` stays true until a flaw is seen; `finish()` also requires a complete value.
     A watched value that orjson cannot decode (invalid UTF-8, a lone surrogate, a float
     overflowing to infinity) makes the body not well-formed, since the caller could not check it.
+    The values of the names in ``raw`` are kept as their JSON text instead, up to
+    ``max_raw_bytes``, for a caller that must see every member of a repeated key inside them.
     """
 
     values: dict[str, list[object]]
@@ -176,7 +178,10 @@ class BodyInspector:
         *,
         inject_usage: bool = False,
         max_value_bytes: int = 4096,
+        raw: frozenset[str] = frozenset(),
+        max_raw_bytes: int = 1 << 20,
     ) -> None:
+        watch |= raw
         # results
         self.values = {name: [] for name in watch}
         self.is_object = False
@@ -201,6 +206,9 @@ class BodyInspector:
         self._gap = b""  # text outside strings cut by the chunk's end, whitespace collapsed
         self._role = 0  # roles of the top-level key whose value comes next
         self._role_name = ""
+        self._raw = raw
+        self._value_limit = max_value_bytes
+        self._raw_limit = max_raw_bytes
         # captures: an escaped key is at most six bytes per byte of its decoded UTF-8
         self._key = _Capture(6 * longest)
         self._value = _Capture(max_value_bytes)
@@ -337,7 +345,7 @@ class BodyInspector:
         if self._role:
             self._scalar_or_string_role(None)
             if self._string_is_watched:
-                self._value.begin(at)
+                self._begin_value(at)
             self._role = 0
         return True
 
@@ -371,9 +379,17 @@ class BodyInspector:
             if role & _OPTIONS:
                 self._options_seen = True
 
+    def _begin_value(self, at: int) -> None:
+        capture = self._value
+        capture.limit = self._raw_limit if self._role_name in self._raw else self._value_limit
+        capture.begin(at)
+
     def _value_done(self, raw: bytes | None) -> None:
         if raw is None:
             self.values[self._role_name].append(TOO_LARGE)
+            return
+        if self._role_name in self._raw:
+            self.values[self._role_name].append(raw)
             return
         try:
             self.values[self._role_name].append(orjson.loads(raw))
@@ -462,7 +478,7 @@ class BodyInspector:
         role = self._role
         self._role = 0
         if role & _WATCHED:
-            self._value.begin(at)
+            self._begin_value(at)
         if role & _STREAM:
             self.stream = False
         if role & _OPTIONS:

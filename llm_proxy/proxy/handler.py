@@ -32,13 +32,14 @@ from llm_proxy.models import isoformat, usd
 from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy.admission import Admission, Grant, TokenAuthority
 from llm_proxy.proxy.api_config import ApiProvider, normalise_path
-from llm_proxy.proxy.body_scan import BodyInspector, ask_usage
+from llm_proxy.proxy.body_scan import TOO_LARGE, BodyInspector, ask_usage
 from llm_proxy.proxy.body_spool import BodySpool
 from llm_proxy.proxy.budget_plan import COST_FIELDS, CostPlan, plan_cost
 from llm_proxy.proxy.cost_bound import prompt_token_bound, with_output_cap
 from llm_proxy.proxy.exchange import RESPONSE_TAIL_BYTES, CappedBuffer, Exchange, ExchangeSink
 from llm_proxy.proxy.form_scan import FormInspector, form_media_type
 from llm_proxy.proxy.metrics import MetricsSink
+from llm_proxy.proxy.tool_models import UnreadableTools, tool_models
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
 
@@ -86,6 +87,7 @@ _COUNT_INLINE_BYTES = 1024
 # Streams whose usage the proxy asks for when the client did not (see usage_injection.py).
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
+_TOOLS = frozenset({"tools"})
 Fields = list[tuple[bytes, bytes]]
 _UNREADABLE = (
     "The request body is neither a JSON object (UTF-8, without a byte order mark) nor a form, so"
@@ -166,6 +168,13 @@ def _without_fields(lines: list[bytes], named: set[bytes]) -> list[bytes]:
     return kept
 
 
+def _inspector(watched: frozenset[str], grant: Grant, inject: bool) -> BodyInspector:
+    """A reader of a checked body; for a token limited to some models, with its tools' text (see
+    tool_models.py)."""
+    raw = _TOOLS if grant.allowed_models is not None else frozenset()
+    return BodyInspector(watched, inject_usage=inject, raw=raw)
+
+
 def _content_encoded(headers: Fields) -> bool:
     return any(
         name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
@@ -179,6 +188,30 @@ def _asking_usage(headers: Fields) -> Fields:
     kept = [(n, v) for n, v in headers if n.lower() not in (b"content-length", b"accept-encoding")]
     kept.append((b"Accept-Encoding", b"identity"))
     return kept
+
+
+def _tool_models(tools: object) -> list[object]:
+    """The models the hosted tools of a ``tools`` value run (its JSON text; a form field's text
+    names no tool an upstream runs)."""
+    if tools is TOO_LARGE:
+        raise errors.ModelNotAllowed(
+            "This token is limited to certain models; the request's tools are too long to check."
+        )
+    if not isinstance(tools, bytes):
+        return []
+    try:
+        models = tool_models(tools)
+    except UnreadableTools:
+        raise errors.MalformedRequest(
+            "The request body is not valid JSON, so its parameters cannot be checked."
+        ) from None
+    if models is None:
+        # The upstream would pick the tool's model, which the token may not allow.
+        raise errors.ModelNotAllowed(
+            "This token is limited to certain models; a tool of the request that runs a model"
+            " names none."
+        )
+    return models
 
 
 class ProxyHandler:
@@ -513,7 +546,7 @@ class ProxyHandler:
             exchange.request_body.add(data)
             rewritten: bytes | None = None
             if check:
-                inspector = BodyInspector(watched, inject_usage=inject)
+                inspector = _inspector(watched, grant, inject)
                 passed = inspector.feed(data) + inspector.finish()
                 if form is not None:
                     form.feed(data)
@@ -558,7 +591,7 @@ class ProxyHandler:
             and request.method == "POST"
             and exchange.path in _USAGE_PATHS
         )
-        inspector = BodyInspector(self._watched_and_cost, inject_usage=inject)
+        inspector = _inspector(self._watched_and_cost, grant, inject)
         passed = inspector.feed(data) + inspector.finish()
         if not inspector.is_object:
             if not data:
@@ -620,7 +653,7 @@ class ProxyHandler:
         form: FormInspector | None,
     ) -> tuple[Body, Fields]:
         spool = BodySpool()
-        inspector = BodyInspector(watched, inject_usage=inject)
+        inspector = _inspector(watched, grant, inject)
         try:
             async for chunk in self._stream_body(request, exchange):
                 spool.write(inspector.feed(chunk))
@@ -700,6 +733,8 @@ class ProxyHandler:
                 raise errors.ModelNotAllowed(
                     "This token is limited to certain models; the request names none."
                 )
+            for tools in values.get("tools", []):
+                models = [*models, *_tool_models(tools)]
             for model in models:
                 if not grant.model_allowed(model):
                     shown = model[:100] if isinstance(model, str) else type(model).__name__

@@ -503,6 +503,18 @@ def test_any_chunk_boundary_gives_the_same_result(body: bytes) -> None:
     assert inspector.values["model"] == [orjson.loads(body)["model"]]
 
 
+def test_raw_values_are_their_json_text_in_any_chunking_up_to_their_own_limit() -> None:
+    body = b'{"tools": [{"type": "a", "type": "b"}], "model": "m", "tools" : "t\\u0031"}'
+    values = watched(body, "model", raw=frozenset({"tools"}))
+    assert values == {"model": ["m"], "tools": [b'[{"type": "a", "type": "b"}]', b'"t\\u0031"']}
+    # The raw limit is the raw names' own: a watched value keeps the usual one.
+    long = b'{"tools": [%s], "model": "%s"}' % (b"1," * 3000 + b"1", b"m" * 5000)
+    values = watched(long, "model", raw=frozenset({"tools"}), max_raw_bytes=8192)
+    assert values == {"model": [TOO_LARGE], "tools": [b"[" + b"1," * 3000 + b"1]"]}
+    values = watched(long, "model", raw=frozenset({"tools"}), max_raw_bytes=4096)
+    assert values["tools"] == [TOO_LARGE]
+
+
 # properties
 
 json_scalars = (

@@ -96,6 +96,44 @@ async def test_forms_are_checked_by_their_model_field_and_requests_without_a_bod
     assert response.status == 200
 
 
+@pytest.mark.parametrize(
+    "tools",
+    [
+        b'[{"type": "image_generation"}]',  # the upstream would pick the image model
+        b'[{"type": "image_generation", "model": "gpt-image-1"}]',
+        b'[{"type": "image_generation", "model": "gpt-image-1", "model": "gpt-4o-mini"}]',
+        b'[{"type": "image_generation", "type": "function", "model": "gpt-image-1"}]',
+        b'[{"type": "function", "type": "image_generation"}]',
+        b'[{"type": "image\\u005fgeneration", "model": "gpt-image-1"}]',
+        b'[{"type": "function", "name": "f", "parameters": {"x": "%s"}},'
+        b' {"type": "image_generation", "model": "gpt-image-1"}]' % (b"y" * 100_000),
+    ],
+    ids=["unnamed", "named", "repeated-model", "repeated-type", "late-type", "escaped", "spooled"],
+)
+async def test_a_tool_that_runs_a_model_of_its_own_must_run_an_allowed_one(
+    proxy: Proxy, tools: bytes
+) -> None:
+    # The Responses API's image_generation tool runs gpt-image-1 (or the model it names) besides
+    # the request's own model, which alone was checked.
+    token = await proxy.token(allowed_models=["gpt-4o-mini*"])
+    body = b'{"model": "gpt-4o-mini", "input": "draw a cat", "tools": %s}' % tools
+    response = await proxy.client.post("/v1/responses", data=body, headers=bearer(token))
+    assert (response.status, (await response.json())["error"]["code"]) == (
+        403,
+        "model_not_allowed",
+    )
+    assert proxy.upstream.requests == []
+    # A token that allows the tool's model too, or tools that run none, pass.
+    image_token = await proxy.token(allowed_models=["gpt-4o-mini*", "gpt-image-1*"])
+    named = b'{"type": "image_generation", "model": "gpt-image-1"}'
+    function = b'{"type": "function", "name": "image_generation", "parameters": {}}'
+    for passing, tools in ((image_token, b"[%s]" % named), (token, b"[%s]" % function)):
+        body = b'{"model": "gpt-4o-mini", "input": "draw a cat", "tools": %s}' % tools
+        response = await proxy.client.post("/v1/responses", data=body, headers=bearer(passing))
+        assert response.status == 200
+        assert proxy.upstream.last.body == body
+
+
 async def test_every_answer_tells_a_limited_token_what_is_left(proxy: Proxy) -> None:
     issued = await proxy.issue_token(max_requests=3)
     left = []
