@@ -169,9 +169,9 @@ def _without_fields(lines: list[bytes], named: set[bytes]) -> list[bytes]:
 
 
 def _inspector(watched: frozenset[str], grant: Grant, inject: bool) -> BodyInspector:
-    """A reader of a checked body; for a token limited to some models, with its tools' text (see
-    tool_models.py)."""
-    raw = _TOOLS if grant.allowed_models is not None else frozenset()
+    """A reader of a checked body; for a token limited to some models or budgeted, with its
+    tools' text (see tool_models.py)."""
+    raw = _TOOLS if grant.allowed_models is not None or grant.budget is not None else frozenset()
     return BodyInspector(watched, inject_usage=inject, raw=raw)
 
 
@@ -190,28 +190,19 @@ def _asking_usage(headers: Fields) -> Fields:
     return kept
 
 
-def _tool_models(tools: object) -> list[object]:
+def _tool_models(tools: object, too_large: errors.ProxyError) -> list[object]:
     """The models the hosted tools of a ``tools`` value run (its JSON text; a form field's text
-    names no tool an upstream runs)."""
+    names no tool an upstream runs), None for one that names none."""
     if tools is TOO_LARGE:
-        raise errors.ModelNotAllowed(
-            "This token is limited to certain models; the request's tools are too long to check."
-        )
+        raise too_large
     if not isinstance(tools, bytes):
         return []
     try:
-        models = tool_models(tools)
+        return tool_models(tools)
     except UnreadableTools:
         raise errors.MalformedRequest(
             "The request body is not valid JSON, so its parameters cannot be checked."
         ) from None
-    if models is None:
-        # The upstream would pick the tool's model, which the token may not allow.
-        raise errors.ModelNotAllowed(
-            "This token is limited to certain models; a tool of the request that runs a model"
-            " names none."
-        )
-    return models
 
 
 class ProxyHandler:
@@ -601,6 +592,16 @@ class ProxyHandler:
                 " price, are allowed."
             )
         self._check_params(inspector, grant)
+        too_large = errors.ModelNotPriced(
+            "This token has a budget; the request's tools are too long to price."
+        )
+        for tools in inspector.values.get("tools", []):
+            if _tool_models(tools, too_large):
+                raise errors.ModelNotPriced(
+                    "This token has a budget; a hosted tool that runs a model of its own"
+                    " (image_generation) is billed apart from the answer's usage and cannot be"
+                    " priced."
+                )
         models = inspector.values.get("model") or [None]
         model = models[0] if isinstance(models[0], str) else None
         if not model:
@@ -733,8 +734,18 @@ class ProxyHandler:
                 raise errors.ModelNotAllowed(
                     "This token is limited to certain models; the request names none."
                 )
+            too_large = errors.ModelNotAllowed(
+                "This token is limited to certain models; the request's tools are too long to"
+                " check."
+            )
             for tools in values.get("tools", []):
-                models = [*models, *_tool_models(tools)]
+                models = [*models, *_tool_models(tools, too_large)]
+            if None in models:
+                # The upstream would pick the tool's model, which the token may not allow.
+                raise errors.ModelNotAllowed(
+                    "This token is limited to certain models; a tool of the request that runs a"
+                    " model names none."
+                )
             for model in models:
                 if not grant.model_allowed(model):
                     shown = model[:100] if isinstance(model, str) else type(model).__name__

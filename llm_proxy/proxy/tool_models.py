@@ -2,7 +2,8 @@
 
 The Responses API's ``image_generation`` tool runs an image model of its own, named by the tool's
 ``model`` (the upstream picks one when it names none), so a token limited to some models must
-allow that one too. The ``tools`` value is read with every member of every object, as a repeated
+allow that one too; and it is billed per image, apart from the response's usage, which
+``prices.yaml`` cannot price, so a budgeted token cannot use it. The ``tools`` value is read with every member of every object, as a repeated
 key may be read either way upstream.
 """
 
@@ -24,9 +25,9 @@ class _Members(list[tuple[str, object]]):
     """A JSON object as every (key, value) member it spells, repeated keys included."""
 
 
-def tool_models(tools: bytes) -> list[object] | None:
-    """The models named by the tools in ``tools`` (its JSON text) that run one; None when such a
-    tool names none."""
+def tool_models(tools: bytes) -> list[object]:
+    """The models named by the tools in ``tools`` (its JSON text) that run one, with None for such
+    a tool that names none."""
     if not any(tools.find(mark) >= 0 for mark in _MARKS):
         return []  # (no tool type can be spelled, escaped or not)
     try:
@@ -43,7 +44,5 @@ def tool_models(tools: bytes) -> list[object] | None:
         ):
             continue
         named = [value for key, value in tool if key == "model"]
-        if not named:
-            return None
-        models += named
+        models += named or [None]
     return models

@@ -189,6 +189,26 @@ async def test_a_body_naming_no_model_cannot_run_the_upstreams_default_one_unpri
     assert len(budgeted.upstream.requests) == seen + 2
 
 
+async def test_a_tool_billed_apart_from_the_usage_cannot_run_on_a_budget(budgeted: Proxy) -> None:
+    # The Responses API's image_generation tool is billed per image, outside the answer's usage:
+    # the request held and settled its text only, so its images cost the budget nothing.
+    token = (await budgeted.issue_token(budget_usd=1))["token"]
+    seen = len(budgeted.upstream.requests)
+    for tool in [
+        b'{"type": "image_generation"}',
+        b'{"type": "image_generation", "model": "budget-mini"}',
+        b'{"type": "function", "type": "image\\u005fgeneration"}',
+    ]:
+        body = b'{"model": "budget-mini", "input": "draw a cat", "tools": [%s]}' % tool
+        status, _, answer = await post(budgeted, token, body, "/v1/responses")
+        assert (status, orjson.loads(answer)["error"]["code"]) == (400, "model_not_priced"), tool
+    assert len(budgeted.upstream.requests) == seen
+    function = b'{"type": "function", "name": "image_generation", "parameters": {}}'
+    body = b'{"model": "budget-mini", "input": "draw a cat", "tools": [%s]}' % function
+    status, _, _ = await post(budgeted, token, body, "/v1/responses")
+    assert status == 200
+
+
 async def test_a_spent_budget_is_refused_once_through_the_sdk(budgeted: Proxy) -> None:
     issued = await budgeted.issue_token(budget_usd=0.0002)
     status, _, _ = await post(budgeted, issued["token"], chat())
