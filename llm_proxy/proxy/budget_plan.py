@@ -26,6 +26,12 @@ COST_FIELDS = frozenset({"model", *CAP_FIELDS, "n", "best_of"})
 _NO_MODEL_NEEDED = re.compile(
     r"/v1/moderations|/v1/chat/completions/[^/]+|/v1/responses/[^/]+/cancel"
 )
+# The cap fields each endpoint reads (chat reads its older max_tokens too).
+_HONOURED_CAPS = {
+    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
+}
 # The smallest cap the proxy adds (the Responses API refuses max_output_tokens below 16).
 MIN_OUTPUT_CAP = 16
 # What a hold asks for when only the budget bounds it: all there is.
@@ -65,8 +71,10 @@ def _ints(values: Sequence[object], name: str) -> list[int]:
     return numbers
 
 
-def _caps(values: dict[str, list[object]]) -> list[int]:
-    """Every output cap the body gives, in any cap field; null is none.
+def _caps(values: dict[str, list[object]], honoured: tuple[str, ...]) -> list[int]:
+    """Every output cap the body gives in a cap field its endpoint reads (``honoured``); null is
+    none. A cap in another field bounds nothing: an upstream that does not refuse the field ignores
+    it (text-to-speech has no output cap at all).
 
     Only a JSON integer of at least 1 bounds the output: an upstream may read 0, a negative number
     (llama.cpp: -1 for no limit) or a fraction (100.0) as no cap at all, so they are refused rather
@@ -81,7 +89,8 @@ def _caps(values: dict[str, list[object]]) -> list[int]:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise errors.MalformedRequest(f"'{field}' must be an integer from 1 to 2**64-1.")
-            caps.append(value)
+            if field in honoured:
+                caps.append(value)
         if None in given and any(value is not None for value in given):
             raise errors.MalformedRequest(f"'{field}' is given twice, as null and as a number.")
     return caps
@@ -104,7 +113,7 @@ def plan_cost(
     choices = max(
         [1, *_ints(values.get("n", []), "n"), *_ints(values.get("best_of", []), "best_of")]
     )
-    caps = _caps(values)
+    caps = _caps(values, _HONOURED_CAPS.get(path, ()))
     output_unit = price.output * choices
     prompt_cost = -(-prompt_tokens * price.input // TOKENS_PER_PRICE)
     if caps:

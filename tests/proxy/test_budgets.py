@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from llm_proxy import tokens
 from llm_proxy.pricing import load_prices
 from llm_proxy.proxy.budget_plan import plan_cost
+from llm_proxy.proxy.cost_bound import CAP_FIELDS
 from llm_proxy.tools.mock_upstream import MockSettings
 from tests.conftest import ALLOWED, Proxy
 from tests.events.events_support import RedisServer
@@ -207,6 +208,28 @@ async def test_a_tool_billed_apart_from_the_usage_cannot_run_on_a_budget(budgete
     body = b'{"model": "budget-mini", "input": "draw a cat", "tools": [%s]}' % function
     status, _, _ = await post(budgeted, token, body, "/v1/responses")
     assert status == 200
+
+
+async def test_a_cap_in_a_field_the_endpoint_does_not_read_bounds_nothing(
+    budgeted: Proxy,
+) -> None:
+    # Text-to-speech reads no max_tokens, nor the Responses API max_completion_tokens: such a cap
+    # was held as the request's bound while the upstream produced what it liked.
+    token = (await budgeted.issue_token(budget_usd=1))["token"]
+    seen = len(budgeted.upstream.requests)
+    speech = {"model": "uncapped-model", "input": "hi", "voice": "alloy"}
+    for cap in CAP_FIELDS:
+        status, _, answer = await post(
+            budgeted, token, orjson.dumps({**speech, cap: 16}), "/v1/audio/speech"
+        )
+        assert (status, orjson.loads(answer)["error"]["code"]) == (400, "model_not_priced"), cap
+    assert len(budgeted.upstream.requests) == seen
+    # Where the endpoint has a cap of its own, the proxy adds it, as to a body without one.
+    body = {"model": "budget-mini", "input": "hi", "max_completion_tokens": 16, "max_tokens": 16}
+    status, headers, _ = await post(budgeted, token, orjson.dumps(body), "/v1/responses")
+    assert status == 200
+    # Held: the model's own 200 tokens of output, not the 16 the Responses API never reads.
+    assert float(headers["LLM-Proxy-Remaining-Budget-USD"]) <= 1 - 200 * OUTPUT_NANOUSD / 1e9
 
 
 async def test_a_spent_budget_is_refused_once_through_the_sdk(budgeted: Proxy) -> None:
