@@ -336,6 +336,12 @@ class TokenAuthority:
         if cached is not None:  # the token may have been reloaded since this request's grant
             cached.exhausted = False
 
+    def release_unsent(self, admission: Admission) -> None:
+        """Take back, in the background, what :meth:`admit` counted for a request whose client
+        left before it reached the upstream; its budget hold, if any, is left to its settlement."""
+        admission.hold_id = ""
+        self._give_back_later("release", lambda: self.release(admission), 60.0)
+
     async def _take_rate_slot(self, grant: Grant) -> int:
         token_id, slot_id = grant.token_id, random.randbytes(8).hex()
         try:

@@ -320,6 +320,10 @@ class ProxyHandler:
                 exchange.error = exchange.error or (
                     SERVER_STOPPING if cut else "client_disconnected"
                 )
+            if admission is not None and grant.limited and not exchange.request_sent:
+                # It never reached the upstream whole: it counts for nothing (its budget hold is
+                # settled at nothing by the events pipeline).
+                self.authority.release_unsent(admission)
             raise
         finally:
             exchange.ended = time.perf_counter()
@@ -473,8 +477,9 @@ class ProxyHandler:
             headers,
             body,
             provider.timeouts,
-            # For a request that settles, whether a client leaving before the answer pays for it.
-            exchange.mark_sent if exchange.settles else None,
+            # For a token with limits, whether a client leaving before the answer pays for it, or
+            # its request never reached the upstream and counts for nothing.
+            exchange.mark_sent if grant.limited else None,
         )
         try:
             await self._relay(writer, upstream, exchange, request_id, reply_headers)

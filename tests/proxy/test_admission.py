@@ -131,3 +131,39 @@ async def test_unlimited_usage_is_counted_and_flushed(proxy_factory: Any) -> Non
         assert time.monotonic() < deadline, token
         await asyncio.sleep(0.05)
     assert token["last_used_at"] is not None
+
+
+async def test_a_request_whose_client_left_before_it_reached_the_upstream_counts_nothing(
+    proxy_factory: Any,
+) -> None:
+    """The proxy was still connecting upstream (a TLS handshake that never ends) when the client
+    gave up: nothing reached the upstream, so neither max_requests nor rpm counts it (SPEC §6)."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, answers nothing: the handshake waits
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy: Proxy = await proxy_factory(api={"base_url": f"https://127.0.0.1:{port}"})
+        issued = await proxy.issue_token(max_requests=1, rpm=1)
+
+        async def give_up() -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    proxy.client.get("/v1/models", headers=bearer(issued["token"])), 0.3
+                )
+
+        await give_up()
+        for _ in range(300):
+            _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+            if token["request_count"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert token["request_count"] == 0
+        # Its rpm slot and its request are free again: the next request goes to the upstream too,
+        # rather than being refused 429.
+        await give_up()
+    finally:
+        server.close()
