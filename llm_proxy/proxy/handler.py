@@ -88,6 +88,7 @@ _COUNT_INLINE_BYTES = 1024
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
 _TOOLS = frozenset({"tools"})
+_MODEL_PATH = "/v1/models/"
 Fields = list[tuple[bytes, bytes]]
 _UNREADABLE = (
     "The request body is neither a JSON object (UTF-8, without a byte order mark) nor a form, so"
@@ -376,7 +377,15 @@ class ProxyHandler:
         if method == "OPTIONS":
             await self._preflight(request, writer, reply_headers)
             return None
-        return path, await self.authority.check(request.authorization)
+        grant = await self.authority.check(request.authorization)
+        if grant.allowed_models is not None and method != "GET" and path.startswith(_MODEL_PATH):
+            # DELETE /v1/models/{id} deletes a fine-tuned model: only one the token may use.
+            model = path[len(_MODEL_PATH) :]
+            if not grant.model_allowed(model):
+                raise errors.ModelNotAllowed(
+                    f"Model {model[:100]!r} is not allowed for this token."
+                )
+        return path, grant
 
     async def _token_info(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: Fields

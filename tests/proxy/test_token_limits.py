@@ -134,6 +134,24 @@ async def test_a_tool_that_runs_a_model_of_its_own_must_run_an_allowed_one(
         assert proxy.upstream.last.body == body
 
 
+async def test_a_model_limited_token_cannot_delete_a_model_it_may_not_use(proxy: Proxy) -> None:
+    # DELETE /v1/models/{id} deletes a fine-tuned model of the project's organisation: a token
+    # limited to some models deleted any other one.
+    token = await proxy.token(allowed_models=["ft:gpt-4o-mini:acme:*"])
+    for target in ("/v1/models/ft:gpt-4o:acme::abc", "/v1/models/ft%3Agpt-4o%3Aacme%3A%3Aabc"):
+        response = await proxy.client.delete(target, headers=bearer(token))
+        assert (response.status, (await response.json())["error"]["code"]) == (
+            403,
+            "model_not_allowed",
+        )
+    assert proxy.upstream.requests == []
+    # Reading about any model is no use of it; deleting an allowed one reaches the upstream.
+    await proxy.client.get("/v1/models/gpt-4o", headers=bearer(token))
+    assert proxy.upstream.last.path_qs == "/v1/models/gpt-4o"
+    await proxy.client.delete("/v1/models/ft:gpt-4o-mini:acme::xyz", headers=bearer(token))
+    assert proxy.upstream.last.method == "DELETE"
+
+
 async def test_every_answer_tells_a_limited_token_what_is_left(proxy: Proxy) -> None:
     issued = await proxy.issue_token(max_requests=3)
     left = []
