@@ -6,7 +6,7 @@ python-multipart's, the parser Starlette (so FastAPI, vLLM and LiteLLM) reads fo
 are decoded as Starlette decodes them, so the fields checked are the fields such an upstream acts
 on. Whatever another parser could read differently (a Content-Type with more than one
 ``boundary``, a part with two ``Content-Disposition`` fields, two ``name`` parameters, an RFC 2231
-``name*``, a watched field sent as a file, a body that does not end with its closing boundary)
+``name*``, a backslash in a name, a watched field sent as a file, a body that does not end with its closing boundary)
 makes the form unreadable, and the caller refuses it.
 Only the values of watched fields are kept, each up to a limit; file contents are never held.
 """
@@ -31,8 +31,11 @@ from llm_proxy.proxy.body_scan import TOO_LARGE
 MULTIPART: Final = b"multipart/form-data"
 URLENCODED: Final = b"application/x-www-form-urlencoded"
 
-# A `name` parameter, plain or extended (`name*=`), wherever it stands in a Content-Disposition.
-_NAME_PARAM: Final = re.compile(rb";\s*name\s*(\*?)\s*=", re.IGNORECASE)
+# A `name` parameter, plain or extended (`name*=`), wherever it stands in a Content-Disposition:
+# whether it is extended, and its value as written.
+_NAME_PARAM: Final = re.compile(
+    rb';\s*name\s*(\*?)\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)', re.IGNORECASE | re.DOTALL
+)
 # A `boundary` parameter, plain or extended, wherever it stands in a Content-Type.
 _BOUNDARY_PARAM: Final = re.compile(rb";\s*boundary\s*\*?\s*=", re.IGNORECASE)
 
@@ -193,7 +196,11 @@ class FormInspector:
     def _headers_finished(self) -> None:
         disposition = self._disposition
         params = _NAME_PARAM.findall(disposition) if disposition is not None else []
-        if self._dispositions != 1 or params != [b""]:
+        # A backslash in the name: python-multipart keeps it unless it escapes a quote, aiohttp
+        # drops it before any character ("mod\el" is "model" there).
+        if self._dispositions != 1 or [(star, b"\\" in value) for star, value in params] != [
+            (b"", False)
+        ]:
             raise MultipartParseError("a part whose name parsers could read differently")
         _, options = parse_options_header(disposition)
         name = options.get(b"name")

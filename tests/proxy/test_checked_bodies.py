@@ -137,6 +137,8 @@ async def test_the_model_field_of_a_form_is_checked(proxy_factory: Any) -> None:
         multipart((b"name*=UTF-8''model; name=\"prompt\"", b"gpt-3.5-turbo")),
         multipart((b'name="prompt"; name="model"', b"gpt-3.5-turbo")),
         multipart((b'name="prompt"\r\nContent-Disposition: form-data; name="model"', b"x")),
+        # aiohttp reads "model" (a backslash escapes any character); python-multipart "mod\el".
+        multipart((b'name="mod\\el"', b"gpt-3.5-turbo"), (b'name="model"', b"gpt-4o")),
         multipart((b'name="model"', b"gpt-4o"))[:-4],  # cut before its closing boundary
         b"model=gpt-4o",  # not multipart at all
         multipart(
@@ -147,6 +149,7 @@ async def test_the_model_field_of_a_form_is_checked(proxy_factory: Any) -> None:
         "rfc2231-name",
         "two-names",
         "two-dispositions",
+        "escaped-name",
         "unterminated",
         "not-multipart",
         "long-part-header",
