@@ -232,6 +232,23 @@ async def test_a_cap_in_a_field_the_endpoint_does_not_read_bounds_nothing(
     assert float(headers["LLM-Proxy-Remaining-Budget-USD"]) <= 1 - 200 * OUTPUT_NANOUSD / 1e9
 
 
+async def test_an_audio_answer_is_held_at_the_audio_price(proxy_factory: Any) -> None:
+    # gpt-4o-audio-preview took gpt-4o*'s text prices: $10 per million output tokens, where OpenAI
+    # bills its audio $80, so a budget paid for an eighth of the audio it let through.
+    shipped = Path(__file__).parent.parent.parent / "config" / "prices.yaml"
+    proxy: Proxy = await proxy_factory(prices_path=shipped)
+    token = (await proxy.issue_token(budget_usd=0.02))["token"]
+    body = chat(
+        "gpt-4o-audio-preview",
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "wav"},
+        max_completion_tokens=500,
+    )
+    status, _, answer = await post(proxy, token, body)
+    assert (status, orjson.loads(answer)["error"]["code"]) == (429, "budget_exceeded")
+    assert proxy.upstream.requests == []
+
+
 async def test_a_spent_budget_is_refused_once_through_the_sdk(budgeted: Proxy) -> None:
     issued = await budgeted.issue_token(budget_usd=0.0002)
     status, _, _ = await post(budgeted, issued["token"], chat())
