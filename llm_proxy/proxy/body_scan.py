@@ -12,6 +12,7 @@ strings a quote or a backslash), so the Python loop runs once per token, not onc
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Final
 
@@ -593,3 +594,18 @@ def ask_usage(body: bytes) -> bytes | None:
     inspector = BodyInspector(inject_usage=True)
     rewritten = inspector.feed(body) + inspector.finish()
     return rewritten if inspector.usage_injected else None
+
+
+def asks_usage_in_any_reading(options: object) -> bool:
+    """Whether a ``stream_options`` value (its JSON text) asks for usage whichever of a repeated
+    ``include_usage`` a parser keeps."""
+    if not isinstance(options, bytes):
+        return False
+    try:
+        members = json.loads(options, object_pairs_hook=lambda pairs: pairs)
+    except ValueError:
+        return False
+    if not isinstance(members, list):
+        return False
+    asked = [value for key, value in members if key == "include_usage"]
+    return bool(asked) and all(value is True for value in asked)

@@ -32,7 +32,12 @@ from llm_proxy.models import isoformat, usd
 from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy.admission import Admission, Grant, TokenAuthority
 from llm_proxy.proxy.api_config import ApiProvider, normalise_path
-from llm_proxy.proxy.body_scan import TOO_LARGE, BodyInspector, ask_usage
+from llm_proxy.proxy.body_scan import (
+    TOO_LARGE,
+    BodyInspector,
+    ask_usage,
+    asks_usage_in_any_reading,
+)
 from llm_proxy.proxy.body_spool import BodySpool
 from llm_proxy.proxy.budget_plan import COST_FIELDS, CostPlan, plan_cost
 from llm_proxy.proxy.cost_bound import prompt_token_bound, with_output_cap
@@ -88,6 +93,7 @@ _COUNT_INLINE_BYTES = 1024
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
 _TOOLS = frozenset({"tools"})
+_PRICED_RAW = frozenset({"tools", "stream_options"})
 _MODEL_PATH = "/v1/models/"
 Fields = list[tuple[bytes, bytes]]
 _UNREADABLE = (
@@ -172,7 +178,10 @@ def _without_fields(lines: list[bytes], named: set[bytes]) -> list[bytes]:
 def _inspector(watched: frozenset[str], grant: Grant, inject: bool) -> BodyInspector:
     """A reader of a checked body; for a token limited to some models or budgeted, with its
     tools' text (see tool_models.py)."""
-    raw = _TOOLS if grant.allowed_models is not None or grant.budget is not None else frozenset()
+    if grant.budget is not None:
+        raw = _PRICED_RAW
+    else:
+        raw = _TOOLS if grant.allowed_models is not None else frozenset()
     return BodyInspector(watched, inject_usage=inject, raw=raw)
 
 
@@ -234,7 +243,7 @@ class ProxyHandler:
         self._allow_field = self._allow_header.encode("ascii")
         self._watched = frozenset(provider.param_whitelist)
         self._watched_and_model = self._watched | {"model"}
-        self._watched_and_cost = self._watched | COST_FIELDS
+        self._watched_and_cost = self._watched | COST_FIELDS | {"stream"}
         self.prices = prices or PriceHolder(Prices())
 
     # -- the path ----------------------------------------------------------------------------------
@@ -616,6 +625,18 @@ class ProxyHandler:
                     " (image_generation) is billed apart from the answer's usage and cannot be"
                     " priced."
                 )
+        values = inspector.values
+        if (
+            inject
+            and not inspector.usage_injected
+            and any(value is True for value in values.get("stream", []))
+            and not all(map(asks_usage_in_any_reading, values.get("stream_options") or [None]))
+        ):
+            # Priced from its text, a stream would not pay for a reasoning model's hidden tokens.
+            raise errors.ModelNotPriced(
+                "This token has a budget: a stream must carry its usage, so that its cost is"
+                " known; leave out stream_options.include_usage, or set it to true."
+            )
         models = inspector.values.get("model") or [None]
         model = models[0] if isinstance(models[0], str) else None
         if not model:

@@ -249,6 +249,34 @@ async def test_an_audio_answer_is_held_at_the_audio_price(proxy_factory: Any) ->
     assert proxy.upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        b'"stream_options": {"include_usage": false}',
+        b'"stream_options": {"include_usage": true, "include_usage": false}',
+        b'"stream_options": {"include_usage": false, "include_usage": true}',
+        b'"stream_options": {"include_\\u0075sage": false, "include_usage": true}',
+        b'"stream_options": null',
+        b'"stream": false',
+    ],
+    ids=["false", "false-last", "false-first", "escaped", "null", "stream-twice"],
+)
+async def test_a_stream_that_hides_its_usage_is_refused(budgeted: Proxy, options: bytes) -> None:
+    # Without the upstream's usage the stream is priced from its text, and a reasoning model's
+    # hidden reasoning tokens, often most of the bill, went unpaid.
+    token = (await budgeted.issue_token(budget_usd=1))["token"]
+    body = chat(stream=True)[:-1] + b", " + options + b"}"
+    status, _, answer = await post(budgeted, token, body)
+    assert (status, orjson.loads(answer)["error"]["code"]) == (400, "model_not_priced")
+    assert budgeted.upstream.requests == []
+    # A stream that asks for its usage itself keeps it.
+    body = chat(stream=True, stream_options={"include_usage": True})
+    response = await budgeted.client.post("/v1/chat/completions", data=body, headers=bearer(token))
+    assert response.status == 200
+    assert b'"usage":{' in await response.read()
+    assert budgeted.upstream.last.body == body
+
+
 async def test_a_spent_budget_is_refused_once_through_the_sdk(budgeted: Proxy) -> None:
     issued = await budgeted.issue_token(budget_usd=0.0002)
     status, _, _ = await post(budgeted, issued["token"], chat())
