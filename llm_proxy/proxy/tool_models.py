@@ -3,8 +3,8 @@
 The Responses API's ``image_generation`` tool runs an image model of its own, named by the tool's
 ``model`` (the upstream picks one when it names none), so a token limited to some models must
 allow that one too; and it is billed per image, apart from the response's usage, which
-``prices.yaml`` cannot price, so a budgeted token cannot use it. The ``tools`` value is read with every member of every object, as a repeated
-key may be read either way upstream.
+``prices.yaml`` cannot price, so a budgeted token cannot use it. The ``tools`` value is read with
+every member of every object, as a repeated key may be read either way upstream.
 """
 
 from __future__ import annotations
