@@ -305,8 +305,9 @@ class FrontProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         # Bytes outside a request (a stray CRLF) do not get here, so they keep nobody alive.
         self.idle_since = 0.0
-        # A head begun while reading is held is not late: it is due once reading resumes.
-        self.head_since = 0.0 if self._held else time.monotonic()
+        # A head begun while a request is answered is not late: it is due from the end of the
+        # answers ahead of it (see _serve), as nginx times a pipelined head. (_held implies _busy.)
+        self.head_since = 0.0 if self._busy else time.monotonic()
         self._head.reset()
 
     def on_headers_complete(self) -> None:
@@ -469,7 +470,10 @@ class FrontProtocol(asyncio.Protocol):
                     else:
                         self.close()
                     return
-                self.idle_since = time.monotonic()
+                if self._head.complete:
+                    self.idle_since = time.monotonic()
+                else:
+                    self.head_since = time.monotonic()  # one begun meanwhile is due from now
                 if self._stopping:
                     return
                 self._wakeup = self._loop.create_future()
@@ -583,8 +587,6 @@ class FrontProtocol(asyncio.Protocol):
 
     def _release_reading(self) -> None:
         self._held = False
-        if not self._head.complete:
-            self.head_since = time.monotonic()  # a head begun while held is due from now
         self.resume_reading()
 
     def resume_reading(self) -> None:

@@ -654,8 +654,9 @@ async def test_a_closed_connection_and_what_it_queued_are_freed_at_once(proxy: P
 
 
 async def test_a_head_begun_behind_a_waiting_request_is_not_late(proxy_factory: Any) -> None:
-    """Reading is held while a pipelined request waits: a head begun meanwhile is due from when
-    reading resumes, so a long answer ahead of it does not get the connection closed."""
+    """Reading is held while a pipelined request waits: a head begun meanwhile is due from the
+    end of the answers ahead of it, so a long answer ahead of it does not get the connection
+    closed."""
     proxy: Proxy = await proxy_factory(site={"head_seconds": 0.5})
     token = await proxy.token()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
@@ -667,6 +668,42 @@ async def test_a_head_begun_behind_a_waiting_request_is_not_late(proxy_factory: 
     status, _, body = await read_response(reader)
     assert status == 200 and body.endswith(b"data: [DONE]\n\n")
     assert (await read_response(reader))[0] == 200
-    writer.write(b"\r\n")  # the third head ends, well within its 0.5 s from the resumption
+    writer.write(b"\r\n")  # the third head ends, well within its 0.5 s from the answers' end
     assert (await read_response(reader))[0] == 200
     writer.close()
+
+
+@pytest.mark.parametrize("waiting", [0, 1], ids=["right behind it", "behind a waiting one"])
+async def test_a_head_begun_behind_a_long_answer_is_not_late(
+    proxy_factory: Any, waiting: int
+) -> None:
+    """A head begun while a request is answered is due from the end of that answer, as nginx's
+    client_header_timeout: a long answer ahead of it (the one in flight, or the one waiting with
+    it) is not cut short by the closing of a connection whose next head seemed late."""
+    proxy: Proxy = await proxy_factory(site={"head_seconds": 0.5})
+    token = await proxy.token()
+    long = request("GET", "/v1/audio/paced?n=15&gap=0.1", token)  # answered over 1.5 s
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    try:
+        writer.write(long * (1 + waiting) + b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        for _ in range(1 + waiting):
+            status, _, body = await read_response(reader)
+            assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+        writer.write(b"\r\n")  # the head ends, well within its 0.5 s from the answers' end
+        assert (await read_response(reader))[0] == 200
+    finally:
+        writer.close()
+
+
+async def test_a_head_begun_behind_an_answer_and_never_finished_is_closed(
+    proxy_factory: Any,
+) -> None:
+    proxy: Proxy = await proxy_factory(site={"head_seconds": 0.3})
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    try:
+        writer.write(request("GET", "/v1/models", token) + b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        assert (await read_response(reader))[0] == 200
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # its head is late: closed
+    finally:
+        writer.close()
