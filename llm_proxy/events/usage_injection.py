@@ -26,7 +26,8 @@ _USAGE_KEY = b'"usage"'
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null(?=\s*[,}])')
 _JSON_SPACE = b" \t\r\n"
 _COMMA = ord(",")
-# Incomplete events are held up to this size; a longer one is not the usage chunk and passes.
+# Incomplete events are held up to this size; a longer one passes as it comes, even if it began
+# like the usage chunk.
 _MAX_UNDECIDED = 16 * 1024
 
 
@@ -62,8 +63,10 @@ class UsageChunkFilter:
             boundary = _BOUNDARY.search(data, pos)
             end = boundary.end() if boundary else size
             if boundary is None:
-                choices = _CHOICES.search(data, pos, end)
-                if end - pos < _MAX_UNDECIDED or (choices is not None and choices.group(1) == b"]"):
+                # Whatever it looks like: held without a bound, an event that never ends (an
+                # upstream's) would grow the proxy without end, and every chunk added to it be
+                # copied and searched again. A usage chunk is a fraction of the bound.
+                if end - pos < _MAX_UNDECIDED:
                     edits.append((pos, size, b""))
                     self._held = data[pos:]
                 else:

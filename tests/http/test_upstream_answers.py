@@ -385,3 +385,52 @@ async def test_a_body_delimited_by_the_close_ends_only_at_a_clean_close(
         # Cut short: the bytes that came, without the final chunk that would say they are all.
         assert answer is None and raw.endswith(b'{"partial":\r\n')
         assert (event["status"], event["error"]) == (200, "upstream_unavailable")
+
+
+# -- a stream the proxy asked usage for ------------------------------------------------------------
+
+
+async def test_an_endless_event_that_looks_like_the_usage_chunk_is_relayed_as_it_comes(
+    upstream: Start,
+) -> None:
+    """The proxy holds back an incomplete event of a stream it asked usage for, to take out the
+    usage chunk once it is whole: an event begun like that chunk but never ended is held only up
+    to a bound, then relayed as it comes, so an upstream cannot grow the proxy without end (every
+    chunk added to what is held, copied and searched again)."""
+    ended = asyncio.Event()
+    start = b'data: {"choices":[],"usage":{"x":"'
+
+    async def endless_event(writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD % b"text/event-stream")
+        writer.write(b"%x\r\n%b\r\n" % (len(start), start))
+        for _ in range(64):  # 1 MiB of one event, and no end to it yet
+            writer.write(b"4000\r\n" + b"a" * 0x4000 + b"\r\n")
+            await writer.drain()
+        await ended.wait()
+        writer.write(b'3\r\n"}}\r\n0\r\n\r\n')
+
+    up = await upstream(endless_event)
+    chat = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", up.proxy.client.port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %b\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+            % (up.token.encode(), len(chat), chat)
+        )
+        received = b""
+        while received.count(b"a") < 512 * 1024:  # half of it relayed while the event goes on
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, received[:300]
+            received += data
+        ended.set()
+        while not received.endswith(b"0\r\n\r\n"):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data
+            received += data
+        answers = Answers()
+        answers.feed(received)
+        assert answers.items[0]["body"] == start + b"a" * 64 * 0x4000 + b'"}}'
+    finally:
+        ended.set()
+        writer.close()
