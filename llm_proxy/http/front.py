@@ -74,7 +74,8 @@ class FrontLimits:
     # is below any link an honest client uploads on (GPRS is faster), and still ends a body
     # trickled to hold an upstream connection, and its key's concurrency, for ever.
     body_min_rate: int = 1024
-    linger_seconds: float = 5.0  # after an early answer, how long the rest of a body may come
+    # After an early answer, how long the rest of a body may pause (all of it within body_seconds).
+    linger_seconds: float = 5.0
     max_head_bytes: int = 64 * 1024
 
 
@@ -153,6 +154,7 @@ class FrontProtocol(asyncio.Protocol):
         self._held = False  # reading stopped while a pipelined request waits (see _hold_reading)
         self._drain_waiter: asyncio.Future[None] | None = None
         self._discarding = False  # nothing more is parsed: the connection is being closed
+        self._discarded = 0  # bytes that came after that (see _linger)
         # -- timers, swept by FrontSite rather than armed per request (0: not running)
         self.idle_since = 0.0
         self.head_since = 0.0
@@ -201,6 +203,7 @@ class FrontProtocol(asyncio.Protocol):
         if self._on_data is not None:
             self._on_data()
         if self._discarding:
+            self._discarded += len(data)
             return
         head = self._head
         if not head.complete:
@@ -524,7 +527,10 @@ class FrontProtocol(asyncio.Protocol):
         """Close after an answer given before the whole request arrived.
 
         Closing at once with unread bytes would make the kernel reset the connection, and the
-        client could lose the answer: end our side, discard what still comes, close a little later.
+        client could lose the answer: end our side, discard what still comes, and close once the
+        client stopped sending for ``linger_seconds`` or sent for ``body_seconds`` in all (nginx's
+        lingering_timeout and lingering_time). A client sending its whole body before it reads
+        the answer is then not cut off mid-send by a reset.
         """
         self._discard_rest()
         transport = self.transport
@@ -534,7 +540,20 @@ class FrontProtocol(asyncio.Protocol):
         self.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
-        self._loop.call_later(self._limits.linger_seconds, self.abort)
+        give_up = time.monotonic() + self._limits.body_seconds
+        self._loop.call_later(
+            self._limits.linger_seconds, self._end_linger, self._discarded, give_up
+        )
+
+    def _end_linger(self, discarded: int, give_up: float) -> None:
+        if self.lost:
+            return
+        if self._discarded > discarded and time.monotonic() < give_up:
+            self._loop.call_later(
+                self._limits.linger_seconds, self._end_linger, self._discarded, give_up
+            )
+        else:
+            self.abort()
 
     def stop_serving(self) -> None:
         """Answer the requests in hand, then end the serving task (the site is stopping)."""

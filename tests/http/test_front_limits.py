@@ -226,6 +226,38 @@ async def test_a_client_reading_slowly_gets_its_whole_answer_before_the_close(
     writer.close()
 
 
+async def test_a_refused_upload_still_arriving_after_the_linger_time_is_read_to_its_end(
+    proxy_factory: Any,
+) -> None:
+    """As nginx's lingering close: while the rest of a refused request's body keeps coming, the
+    connection is kept to take (and discard) it, so that a client sending its whole body before
+    it reads (requests, Node, Java) is not cut off mid-send and told "broken pipe" or "connection
+    reset" instead of the answer."""
+    proxy: Proxy = await proxy_factory(site={"linger_seconds": 0.5})
+    port = proxy.client.port
+    body = 2 * 1024 * 1024
+
+    def upload_slowly() -> bytes:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                b"POST /v1/files/upload HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk-"
+                + b"Q" * 43
+                + b"\r\nContent-Length: %d\r\n\r\n" % body
+            )
+            for _ in range(body // 65536):  # over two seconds: several linger times
+                sock.sendall(b"x" * 65536)
+                time.sleep(0.08)
+            sock.settimeout(5)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    answer = await asyncio.to_thread(upload_slowly)
+    assert answer.startswith(b"HTTP/1.1 401 ") and b'"token_not_found"' in answer
+    assert proxy.upstream.requests == []
+
+
 class Listener:
     """An upstream that answers nothing: it records what each connection sent and how it ended."""
 
