@@ -334,7 +334,9 @@ class FrontProtocol(asyncio.Protocol):
             if frame.content_length is None:
                 self._chunked, self._framing = body, 0
             if not frame.expect_continue:
-                self.body_since = self.body_started = time.monotonic()
+                self.body_started = time.monotonic()
+                if not self._reading_paused:  # (as in on_body)
+                    self.body_since = self.body_started
             else:
                 self.body_started = 0.0  # due once the client is asked for it
         request: ProxyRequest | ControlRequest
@@ -370,7 +372,11 @@ class FrontProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._body is not None:
-            self.body_since = time.monotonic()
+            # The rest of a read is parsed after reading paused (a body over its high-water
+            # mark, a request that must wait its turn): the client is not late while the server
+            # does not read, so the gap is timed from the resumption (see resume_reading).
+            if not self._reading_paused:
+                self.body_since = time.monotonic()
             self._body.feed(body)
 
     def on_message_complete(self) -> None:

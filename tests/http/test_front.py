@@ -707,3 +707,26 @@ async def test_a_head_begun_behind_an_answer_and_never_finished_is_closed(
         assert await asyncio.wait_for(reader.read(), 5) == b""  # its head is late: closed
     finally:
         writer.close()
+
+
+async def test_a_body_begun_behind_a_long_answer_is_not_late(proxy_factory: Any) -> None:
+    """Reading is held while a pipelined request waits: the part of its body that came with its
+    head is not the start of a stall, so the answer ahead of it may take longer than the body
+    timeout without the request being refused 408 (and the connection closed)."""
+    proxy: Proxy = await proxy_factory(site={"body_seconds": 0.5})
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    try:
+        writer.write(
+            request("GET", "/v1/audio/paced?n=15&gap=0.1", token)  # answered over 1.5 s
+            + request("POST", "/v1/files/upload", token, Content_Length="10")
+            + b"hello"  # half of its body, in the same write
+        )
+        status, _, body = await read_response(reader)
+        assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+        writer.write(b"world")
+        status, _, body = await read_response(reader)
+        assert status == 200, body
+        assert proxy.upstream.last.body == b"helloworld"
+    finally:
+        writer.close()

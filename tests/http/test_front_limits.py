@@ -323,3 +323,41 @@ async def test_a_chunked_body_over_the_limit_resets_its_upstream_request(
     assert seen["data"].startswith(b"POST /v1/files/upload ")  # the body was being streamed
     # A reset, never an end a server could take for that of a whole (truncated) body.
     assert seen["end"] == "reset"
+
+
+async def test_a_chunked_upload_held_back_by_a_slow_upstream_is_not_refused_as_stalled(
+    proxy_factory: Any,
+) -> None:
+    """While the upstream takes the body slowly, the proxy stops reading it (its high-water mark):
+    the client, which cannot send, is not late, even for the chunks of the read parsed after the
+    pause, and its request is not answered 408 for the upstream's slowness."""
+    taken = asyncio.Event()
+
+    async def slow_to_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.8)  # past the proxy's body timeout, within its upstream idle one
+        while not (await reader.readuntil(b"\r\n")).startswith(b"0\r\n"):
+            await reader.readuntil(b"\r\n")  # (the proxy's chunks end in CRLF, data aside)
+        taken.set()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(slow_to_read, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy: Proxy = await proxy_factory(
+        api={"base_url": f"http://127.0.0.1:{port}"}, site={"body_seconds": 0.5}
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    try:
+        writer.write(chunked_upload(await proxy.token()))
+        piece = b"a" * 4000
+        for _ in range(4000):  # 16 MB in small chunks: many to a read, more than buffers hold
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+        writer.write(b"0\r\n\r\n")
+        status, _, body = await read_response(reader)
+        assert (status, body) == (200, b"ok")
+        assert taken.is_set()
+    finally:
+        writer.close()
+        server.close()
