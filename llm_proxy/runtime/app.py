@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,7 @@ from aiohttp import web
 
 from admin_ui import admin_app
 from dispatcher.embedded import start_events_here
-from llm_proxy import __version__
+from llm_proxy import __version__, errors
 from llm_proxy.control.management import management_app
 from llm_proxy.control.operations import Operations
 from llm_proxy.crypto import DecryptionError, KeyCipher
@@ -94,6 +94,28 @@ async def open_settings_store(settings: Settings, *, migrate: bool = True) -> St
     return await open_store(
         settings.database_url, pool_size=settings.database_pool_size, migrate=migrate
     )
+
+
+@web.middleware
+async def _service_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own refusals beside /health, /ready and /metrics (an unknown path, a method they
+    do not take) in the error shape, as every other path of the port answers them; the
+    management API and the admin pages render their own."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        if request.path.startswith("/admin"):
+            raise
+        return errors.MethodNotAllowed(
+            f"Method {request.method} is not allowed on {request.path}.",
+            headers={"Allow": ",".join(sorted(exc.allowed_methods))},
+        ).to_response()
+    except web.HTTPNotFound:
+        if request.path.startswith("/admin"):
+            raise
+        return errors.NotFound(f"No route {request.path}.").to_response()
 
 
 async def health(request: web.Request) -> web.Response:
@@ -347,7 +369,9 @@ async def create_app(
         poller=poller,
         prices=price_holder,
     )
-    app = web.Application(client_max_size=settings.max_request_body_bytes)
+    app = web.Application(
+        client_max_size=settings.max_request_body_bytes, middlewares=[_service_errors]
+    )
     app[COMPONENTS] = components
     if offload is not None:
         events_metrics: MetricSource = CarriedAcrossRestarts(

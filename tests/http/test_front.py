@@ -11,6 +11,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from llm_proxy.http.front import MAX_WAITING_REQUESTS, FrontSite
@@ -730,3 +731,26 @@ async def test_a_body_begun_behind_a_long_answer_is_not_late(proxy_factory: Any)
         assert proxy.upstream.last.body == b"helloworld"
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/health/x", 404, "not_found"),
+        ("GET", "/ready/", 404, "not_found"),
+        ("GET", "/metrics/x", 404, "not_found"),
+        ("POST", "/health", 405, "method_not_allowed"),
+        ("DELETE", "/metrics", 405, "method_not_allowed"),
+        ("TRACE", "/ready", 405, "method_not_allowed"),
+    ],
+)
+async def test_refusals_beside_the_service_endpoints_have_the_error_shape(
+    proxy: Proxy, conn: Conn, method: str, path: str, status: int, code: str
+) -> None:
+    reader, writer = conn
+    writer.write(request(method, path))
+    got, headers, body = await read_response(reader)
+    assert got == status and headers["content-type"].startswith("application/json")
+    assert orjson.loads(body)["error"]["code"] == code
+    if status == 405:
+        assert headers["allow"] == "GET,HEAD"
