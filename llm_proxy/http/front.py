@@ -216,6 +216,10 @@ class FrontProtocol(asyncio.Protocol):
             if head.received > head.max_bytes:
                 self._parse_past_head_limit(data)
                 return
+            if head.too_many_fields():
+                # Refused before the head ends: a head trickled for its 30 s would hold them.
+                self._refuse(http_policy.too_many_fields())
+                return
         elif self._chunked is not None:
             self._parse_chunked(data)
             return

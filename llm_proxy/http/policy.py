@@ -79,6 +79,10 @@ _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 # What a head holds besides its method, target and fields: " ", " HTTP/1.1", the request line's
 # CRLF and the empty line that ends the head.
 _HEAD_FRAME_BYTES = len(b"  HTTP/1.1\r\n\r\n")
+# The most header fields a request may keep (those forwarded, or a control request's). A field
+# held costs ~100 bytes however short it was sent: 64 KiB of "a:" lines would hold ~1.5 MB per
+# connection for the head's 30 s, which the count bounds (Apache's LimitRequestFields is 100).
+MAX_HEAD_FIELDS = 256
 
 
 class HeadFields:
@@ -116,6 +120,10 @@ class HeadFields:
         self.duplicate: bytes | None = None  # a field that must appear once, seen twice
         self.forward: list[tuple[bytes, bytes]] = []  # proxy requests: the fields to forward
         self.all_headers: list[tuple[bytes, bytes]] = []  # control requests: every field
+
+    def too_many_fields(self) -> bool:
+        """More fields kept than :data:`MAX_HEAD_FIELDS` (one of the two lists is empty)."""
+        return len(self.forward) + len(self.all_headers) > MAX_HEAD_FIELDS
 
     def add_url(self, url: bytes) -> None:
         """A piece of the request target, as parsed."""
@@ -166,6 +174,14 @@ class HeadFields:
         return [(name, value) for name, value in self.forward if name.lower() not in named]
 
 
+_TOO_MANY_FIELDS = f"Too many request header fields (at most {MAX_HEAD_FIELDS})."
+
+
+def too_many_fields() -> errors.ProxyError:
+    """The refusal of a head with more than :data:`MAX_HEAD_FIELDS` fields."""
+    return errors.HeadTooLarge(_TOO_MANY_FIELDS)
+
+
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more
 class Frame:
     """How a request is framed, decided once from its head."""
@@ -182,6 +198,8 @@ def frame_request(head: HeadFields, version: str, method: bytes) -> Frame:
     """Decide the framing of a request, or raise the error it is refused with."""
     if head.size + len(method) > head.max_bytes:
         raise errors.HeadTooLarge("Request header fields too large.")
+    if head.too_many_fields():
+        raise too_many_fields()
     if version not in ("1.1", "1.0"):
         # 400 rather than nginx's 505: nothing a client sends may draw a 5xx from the proxy itself.
         raise errors.MalformedRequest(f"HTTP/{version} is not supported; use HTTP/1.1.")

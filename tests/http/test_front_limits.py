@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from llm_proxy.http.front import FrontProtocol
+from llm_proxy.http.policy import MAX_HEAD_FIELDS
 from tests.conftest import Proxy
 from tests.http.test_front import front_site, read_response, request
 
@@ -56,6 +57,35 @@ async def test_a_header_field_that_never_ends_is_refused_431_at_the_head_limit(
     assert head.startswith(b"HTTP/1.1 431 ") and b"\r\nConnection: close\r\n" in head
     # Refused once its bytes pass the limit (plus what was in flight), never held for more.
     assert sent < 2 * HEAD_LIMIT
+    writer.close()
+    assert proxy.upstream.requests == []
+
+
+async def test_a_head_of_more_fields_than_kept_is_refused_431_even_before_it_ends(
+    proxy: Proxy,
+) -> None:
+    """Each field kept costs the server ~100 bytes however short it was sent: a head of tiny
+    fields, trickled for its 30 s, is refused once it holds more than MAX_HEAD_FIELDS, not held."""
+    token = await proxy.token()
+    start = request("GET", "/v1/models", token).removesuffix(b"\r\n")
+    # At the limit it is served (a control request: the fake upstream, an aiohttp app, takes
+    # fewer); one more field and it is refused, whole or still arriving.
+    health = request("GET", "/health").removesuffix(b"\r\n")
+    for head, count, expected in (
+        (health, MAX_HEAD_FIELDS - 1, 200),  # with its Host
+        (start, MAX_HEAD_FIELDS + 1, 431),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+        writer.write(head + b"a:\r\n" * count + b"\r\n")
+        status, _, _ = await read_response(reader)
+        writer.close()
+        assert status == expected, count
+    assert proxy.upstream.requests == []
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(start)
+    sent, head = await send_until_answered(writer, reader, b"a:\r\n" * 64, HEAD_LIMIT // 2)
+    assert head.startswith(b"HTTP/1.1 431 ") and b"\r\nConnection: close\r\n" in head
+    assert sent <= (MAX_HEAD_FIELDS + 128) * 4  # refused at the read after the one past it
     writer.close()
     assert proxy.upstream.requests == []
 
