@@ -32,6 +32,7 @@ import click
 from click.core import ParameterSource
 
 from llm_proxy.crypto import redact
+from llm_proxy.json_keys import unrepeated_keys
 from llm_proxy.listen_addr import listen_url, parse_listen_addr
 from llm_proxy.secret_input import (
     ON_THE_COMMAND_LINE,
@@ -193,22 +194,13 @@ def _not_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def _unrepeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(f"the key {key!r} is given twice")
-        seen.add(key)
-    return dict(pairs)
-
-
 def _json_object(text: str, option: str) -> dict[str, Any]:
     # JSON as the server reads it: Python's reader also takes NaN and Infinity (which the server
     # refuses as a body that is not JSON at all) and keeps the last of a repeated key (which the
     # server refuses as ambiguous).
     try:
         value = json.loads(
-            text, parse_constant=_not_json_constant, object_pairs_hook=_unrepeated_keys
+            text, parse_constant=_not_json_constant, object_pairs_hook=unrepeated_keys
         )
     except ValueError as exc:
         raise OptionError(f"{option}: not valid JSON ({exc})") from None

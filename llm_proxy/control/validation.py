@@ -27,6 +27,7 @@ from llm_proxy.control.operations import (
 )
 from llm_proxy.crypto import is_sendable_key
 from llm_proxy.errors import InvalidField
+from llm_proxy.json_keys import RepeatedKey, unrepeated_keys
 
 MISSING: Any = object()
 
@@ -111,15 +112,6 @@ class _Ambiguous(ValueError):
     pass
 
 
-def _unrepeated(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _Ambiguous(f"the key {key!r} is given twice")
-        seen.add(key)
-    return dict(pairs)
-
-
 def _within_64_bits(text: str) -> int:
     number = int(text)
     if not -(2**63) <= number < 2**64:
@@ -132,8 +124,8 @@ def ambiguity(raw: bytes | str) -> str | None:
     key (it keeps the last) and an integer past 64 bits (it makes a float of it, losing digits for
     good in `metadata`)."""
     try:
-        json.loads(raw, object_pairs_hook=_unrepeated, parse_int=_within_64_bits, strict=False)
-    except _Ambiguous as exc:
+        json.loads(raw, object_pairs_hook=unrepeated_keys, parse_int=_within_64_bits, strict=False)
+    except (_Ambiguous, RepeatedKey) as exc:
         return str(exc)
     except (ValueError, RecursionError):
         pass  # read differently by the two parsers in no way that matters: orjson's reading holds
