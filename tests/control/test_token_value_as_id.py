@@ -115,6 +115,8 @@ async def test_the_proxy_path_never_echoes_a_token_value_in_its_path(proxy: Prox
         ("GET", f"/v2/{value}", 404),
         ("GET", f"/v1/models%2F{value}", 404),
         ("PUT", f"/v1/models/{value}", 405),
+        ("GET", f"/health/{value}", 404),
+        ("POST", f"/metrics/{value}", 404),
     ]:
         response = await proxy.client.request(method, path, headers={"Authorization": "Bearer x"})
         text = await response.text()
