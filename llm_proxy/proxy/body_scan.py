@@ -12,11 +12,12 @@ strings a quote or a backslash), so the Python loop runs once per token, not onc
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Final
 
 import orjson
+
+from llm_proxy.json_keys import Members, with_every_member
 
 TOO_LARGE: Final = object()
 """Stands in `BodyInspector.values` for a watched value whose raw JSON text was too long."""
@@ -602,10 +603,10 @@ def asks_usage_in_any_reading(options: object) -> bool:
     if not isinstance(options, bytes):
         return False
     try:
-        members = json.loads(options, object_pairs_hook=lambda pairs: pairs)
+        members = with_every_member(options)
     except ValueError:
         return False
-    if not isinstance(members, list):
+    if not isinstance(members, Members):  # (an array, a string: no options at all)
         return False
     asked = [value for key, value in members if key == "include_usage"]
     return bool(asked) and all(value is True for value in asked)

@@ -9,8 +9,9 @@ every member of every object, as a repeated key may be read either way upstream.
 
 from __future__ import annotations
 
-import json
 from typing import Final
+
+from llm_proxy.json_keys import Members, with_every_member
 
 # Tool types whose tool runs a model of its own, named by its "model" member.
 MODEL_TOOL_TYPES: Final = frozenset({"image_generation"})
@@ -21,22 +22,18 @@ class UnreadableTools(ValueError):
     """The ``tools`` value is not JSON."""
 
 
-class _Members(list[tuple[str, object]]):
-    """A JSON object as every (key, value) member it spells, repeated keys included."""
-
-
 def tool_models(tools: bytes) -> list[object]:
     """The models named by the tools in ``tools`` (its JSON text) that run one, with None for such
     a tool that names none."""
     if not any(tools.find(mark) >= 0 for mark in _MARKS):
         return []  # (no tool type can be spelled, escaped or not)
     try:
-        parsed = json.loads(tools, object_pairs_hook=_Members)
+        parsed = with_every_member(tools)
     except ValueError:
         raise UnreadableTools from None
     models: list[object] = []
     for tool in parsed if isinstance(parsed, list) else [parsed]:
-        if not isinstance(tool, _Members):
+        if not isinstance(tool, Members):
             continue
         if not any(
             key == "type" and isinstance(value, str) and value in MODEL_TOOL_TYPES

@@ -258,8 +258,10 @@ async def test_an_audio_answer_is_held_at_the_audio_price(proxy_factory: Any) ->
         b'"stream_options": {"include_\\u0075sage": false, "include_usage": true}',
         b'"stream_options": null',
         b'"stream": false',
+        b'"stream_options": [1, 2]',
+        b'"stream_options": [["include_usage", true]]',
     ],
-    ids=["false", "false-last", "false-first", "escaped", "null", "stream-twice"],
+    ids=["false", "false-last", "false-first", "escaped", "null", "stream-twice", "array", "pairs"],
 )
 async def test_a_stream_that_hides_its_usage_is_refused(budgeted: Proxy, options: bytes) -> None:
     # Without the upstream's usage the stream is priced from its text, and a reasoning model's

@@ -134,6 +134,19 @@ async def test_a_tool_that_runs_a_model_of_its_own_must_run_an_allowed_one(
         assert proxy.upstream.last.body == body
 
 
+async def test_tools_nested_deeper_than_the_parser_reads_are_refused_not_failed(
+    proxy: Proxy,
+) -> None:
+    # Within the body reader's depth, past the recursion of the parser that reads the tools: a
+    # 500 of the proxy's own before.
+    token = await proxy.token(allowed_models=["gpt-4o-mini*"])
+    tools = b"[" * 1020 + b'"image_generation"' + b"]" * 1020
+    body = b'{"model": "gpt-4o-mini", "input": "draw a cat", "tools": %s}' % tools
+    response = await proxy.client.post("/v1/responses", data=body, headers=bearer(token))
+    assert response.status == 400, await response.text()
+    assert proxy.upstream.requests == []
+
+
 async def test_a_model_limited_token_cannot_delete_a_model_it_may_not_use(proxy: Proxy) -> None:
     # DELETE /v1/models/{id} deletes a fine-tuned model of the project's organisation: a token
     # limited to some models deleted any other one.
