@@ -200,11 +200,12 @@ def _asking_usage(headers: Fields) -> Fields:
     return kept
 
 
-def _tool_models(tools: object, too_large: errors.ProxyError) -> list[object]:
+def _tool_models(tools: object, too_large: Callable[[], errors.ProxyError]) -> list[object]:
     """The models the hosted tools of a ``tools`` value run (its JSON text; a form field's text
-    names no tool an upstream runs), None for one that names none."""
+    names no tool an upstream runs), None for one that names none; ``too_large()`` is raised for
+    a value longer than was kept."""
     if tools is TOO_LARGE:
-        raise too_large
+        raise too_large()
     if not isinstance(tools, bytes):
         return []
     try:
@@ -213,6 +214,18 @@ def _tool_models(tools: object, too_large: errors.ProxyError) -> list[object]:
         raise errors.MalformedRequest(
             "The request body is not valid JSON, so its parameters cannot be checked."
         ) from None
+
+
+def _tools_too_long_to_price() -> errors.ProxyError:
+    return errors.ModelNotPriced(
+        "This token has a budget; the request's tools are too long to price."
+    )
+
+
+def _tools_too_long_to_check() -> errors.ProxyError:
+    return errors.ModelNotAllowed(
+        "This token is limited to certain models; the request's tools are too long to check."
+    )
 
 
 class ProxyHandler:
@@ -615,11 +628,8 @@ class ProxyHandler:
                 " price, are allowed."
             )
         self._check_params(inspector, grant)
-        too_large = errors.ModelNotPriced(
-            "This token has a budget; the request's tools are too long to price."
-        )
         for tools in inspector.values.get("tools", []):
-            if _tool_models(tools, too_large):
+            if _tool_models(tools, _tools_too_long_to_price):
                 raise errors.ModelNotPriced(
                     "This token has a budget; a hosted tool that runs a model of its own"
                     " (image_generation) is billed apart from the answer's usage and cannot be"
@@ -769,12 +779,8 @@ class ProxyHandler:
                 raise errors.ModelNotAllowed(
                     "This token is limited to certain models; the request names none."
                 )
-            too_large = errors.ModelNotAllowed(
-                "This token is limited to certain models; the request's tools are too long to"
-                " check."
-            )
             for tools in values.get("tools", []):
-                models = [*models, *_tool_models(tools, too_large)]
+                models = [*models, *_tool_models(tools, _tools_too_long_to_check)]
             if None in models:
                 # The upstream would pick the tool's model, which the token may not allow.
                 raise errors.ModelNotAllowed(
