@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -42,3 +43,17 @@ class RawServers:
         for server in self._servers:
             server.close()
             await server.wait_closed()
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A server that accepts and never answers (a TLS handshake with it never ends); its port."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    servers = RawServers()
+    try:
+        yield await servers.start(silent)
+    finally:
+        await servers.close()

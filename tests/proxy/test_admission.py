@@ -14,6 +14,7 @@ import pytest
 from llm_proxy.models import AuditEntry
 from llm_proxy.stats import STATS
 from tests.conftest import Proxy
+from tests.raw_servers import silent_server
 
 
 @pytest.fixture
@@ -139,13 +140,7 @@ async def test_a_request_whose_client_left_before_it_reached_the_upstream_counts
     """The proxy was still connecting upstream (a TLS handshake that never ends) when the client
     gave up: nothing reached the upstream, so neither max_requests nor rpm counts it (SPEC §6)."""
 
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # accepts, answers nothing: the handshake waits
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with silent_server() as port:
         proxy: Proxy = await proxy_factory(api={"base_url": f"https://127.0.0.1:{port}"})
         issued = await proxy.issue_token(max_requests=1, rpm=1)
 
@@ -165,5 +160,3 @@ async def test_a_request_whose_client_left_before_it_reached_the_upstream_counts
         # Its rpm slot and its request are free again: the next request goes to the upstream too,
         # rather than being refused 429.
         await give_up()
-    finally:
-        server.close()

@@ -22,6 +22,7 @@ from llm_proxy.tools.mock_upstream import MockSettings
 from tests.conftest import ALLOWED, Proxy
 from tests.events.events_support import RedisServer
 from tests.fakes import fake_upstream_app
+from tests.raw_servers import silent_server
 from tests.waiting import wait_for_lines
 
 # USD per million tokens: 1 per input token and 4 per output token, in micro-dollars.
@@ -611,13 +612,7 @@ async def test_a_client_that_hangs_up_before_its_request_went_upstream_pays_noth
     """The proxy was still connecting (a TLS handshake that never ends): nothing reached the
     upstream, so the hold is released (SPEC §6), unlike a hang-up after the request went up."""
 
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # accepts, answers nothing: the handshake waits
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with silent_server() as port:
         proxy: Proxy = await proxy_factory(
             prices_path=prices_path, api={"base_url": f"https://127.0.0.1:{port}"}
         )
@@ -626,5 +621,3 @@ async def test_a_client_that_hangs_up_before_its_request_went_upstream_pays_noth
             await asyncio.wait_for(post(proxy, issued["token"], chat()), 0.3)
         shown = await settled(proxy, issued["id"])
         assert (shown["spent_usd"], shown["reserved_usd"]) == (0, 0)
-    finally:
-        server.close()
