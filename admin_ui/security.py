@@ -9,6 +9,8 @@ import hmac
 import re
 import time
 
+from llm_proxy.crypto import secrets_match
+
 REALM = "llm-proxy admin"
 CSRF_FIELD = "csrf_token"
 CSRF_MAX_AGE_SECONDS = 12 * 3600
@@ -29,8 +31,8 @@ def check_basic_auth(header: str | None, user: str, password: str) -> bool:
         return False
     given_user, sep, given_password = decoded.partition(b":")
     # Both compared every time, so the answer takes as long for a wrong user as for a wrong password.
-    user_ok = hmac.compare_digest(given_user, user.encode())
-    password_ok = hmac.compare_digest(given_password, password.encode())
+    user_ok = secrets_match(given_user, user.encode())
+    password_ok = secrets_match(given_password, password.encode())
     return bool(sep) and user_ok and password_ok
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import importlib
 import os
 import re
@@ -31,6 +32,15 @@ _UNSENDABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 def new_token_value() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def secrets_match(given: bytes, expected: bytes) -> bool:
+    """Whether a credential a client sent is the secret, in a time that reveals neither.
+
+    ``hmac.compare_digest`` returns at once when the lengths differ, which tells a guesser an
+    operator-chosen password's length; comparing fixed-length digests of both sides does not.
+    """
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
 
 
 def is_token_shaped(value: str) -> bool:

@@ -1,10 +1,10 @@
-"""How keys are shown: enough to recognise one, never more than a third of it."""
+"""How keys are shown (enough to recognise one, never more than a third of it) and credentials compared."""
 
 from __future__ import annotations
 
 import pytest
 
-from llm_proxy.crypto import mask_key, redact
+from llm_proxy.crypto import mask_key, redact, secrets_match
 
 
 @pytest.mark.parametrize(
@@ -38,3 +38,20 @@ def test_no_key_length_shows_more_than_a_third(length: int) -> None:
 def test_a_short_key_shaped_secret_in_a_log_line_is_masked_to_a_third() -> None:
     line = redact("refused key sk-abcdefgh12 for project p")
     assert line == "refused key …gh12 for project p"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected", "matches"),
+    [
+        (b"s3cret-password", b"s3cret-password", True),
+        (b"s3cret-passwore", b"s3cret-password", False),
+        (b"s3cret", b"s3cret-password", False),
+        (b"s3cret-password-and-more", b"s3cret-password", False),
+        (b"", b"s3cret-password", False),
+        (b"", b"", True),
+    ],
+)
+def test_a_credential_matches_only_the_secret_itself(
+    given: bytes, expected: bytes, matches: bool
+) -> None:
+    assert secrets_match(given, expected) is matches

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -28,7 +27,7 @@ from llm_proxy.control.validation import (
     MAX_TOKEN_VALUE_LENGTH,
     MISSING,
 )
-from llm_proxy.crypto import redact
+from llm_proxy.crypto import redact, secrets_match
 from llm_proxy.models import AuditFilter
 from llm_proxy.store.unavailable import DATABASE_ERRORS
 
@@ -116,7 +115,7 @@ def _authenticate(request: web.Request) -> None:
     # Header bytes that are not UTF-8 arrive as lone surrogates; surrogateescape turns them back
     # into the bytes sent, so they simply fail the comparison instead of failing to encode.
     given = credential.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
+    if scheme.lower() != "bearer" or not secrets_match(given, expected):
         if supplied:
             failed_sign_ins.refused("management", request.remote)
         raise errors.Unauthorized(
