@@ -87,7 +87,8 @@ Exit codes:
   1  the backend could not start (an unwritable path, a CloudWatch log group it
      cannot create), or --metrics-port could not be bound (in use); an HTTP
      endpoint that cannot be reached is retried per --max-attempts (0: until it
-     answers) like any failed delivery
+     answers) like any failed delivery; with --burst: events refused for good
+     could not be written to the dead-letter file (they stay on the bus)
   2  bad invocation
   3  --burst: Redis unreachable; undelivered events stay on the bus
   4  --burst: events were dead-lettered (see --dead-letter and `replay`)

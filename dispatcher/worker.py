@@ -126,6 +126,7 @@ class Worker:
         self._bus_failures = 0
         self._bus_lost = False  # a burst run gave up on an unreachable bus
         self._auth_failure: Rejection | None = None
+        self._unkept = False  # a burst run stopped: refused events it could not dead-letter
         self._running = False
 
     @property
@@ -207,6 +208,8 @@ class Worker:
         a long-running worker stopped by a signal has done its job, dead letters or not."""
         if self._bus_lost:
             return Exit.BUS_UNAVAILABLE
+        if self._unkept:
+            return Exit.FAILED
         if self.settings.burst and self._subscription is not None and self._subscription.lost:
             return Exit.EVENTS_LOST
         if self.settings.burst and self.summary.dead_lettered:
@@ -274,6 +277,8 @@ class Worker:
                 await self._abandon(
                     subscription, f"credentials refused ({self._auth_failure.reason})"
                 )
+            elif self._unkept:
+                await self._abandon(subscription, "refused, and the dead-letter file unwritable")
             if beating is not None:
                 beating.cancel()
                 await asyncio.gather(beating, return_exceptions=True)
@@ -388,7 +393,18 @@ class Worker:
             if retry and 0 < self.settings.max_attempts <= attempt:
                 dead += [(d, f"gave up after {attempt} attempts: {reason}") for d, reason in retry]
                 retry = []
-            await self._dead_letter(dead)
+            if not await self._kept_dead(dead):
+                # Acknowledged, they would be lost; crashing would send the accepted ones again.
+                retry += dead
+                dead = []
+                if self.settings.burst:
+                    # A burst run must end: leave them on the bus for the next run.
+                    await self._ack(subscription, [d.id for d in accepted])
+                    self._count(accepted, [], [])
+                    self._inflight = [d for d, _ in retry]
+                    self._unkept = True
+                    self._stopping = True
+                    return
             await self._ack(subscription, [d.id for d in accepted] + [d.id for d, _ in dead])
             self._count(accepted, dead, retry)
             pending = [d for d, _ in retry]
@@ -424,6 +440,22 @@ class Worker:
                 reason=dead[0][1],
                 path=str(self._dead_letters.path),
             )
+
+    async def _kept_dead(self, dead: Sequence[tuple[Delivery, str]]) -> bool:
+        """Dead-letter ``dead``; False when the file cannot be written (a full disk, a path
+        that is not a directory): they stay in hand, tried again until it can."""
+        try:
+            await self._dead_letter(dead)
+        except OSError as exc:
+            log.error(
+                "dispatcher.dead_letter_failed",
+                backend=self.backend.name,
+                count=len(dead),
+                path=str(self._dead_letters.path),
+                error=str(exc),
+            )
+            return False
+        return True
 
     async def _ack(self, subscription: Subscription, ids: list[str]) -> None:
         attempt = 0

@@ -378,3 +378,104 @@ async def test_a_wrong_helicone_key_stops_the_dispatcher_and_a_restart_delivers_
     assert (await bus.client.xpending("key:events", "helicone"))["pending"] == 0
     assert not list(tmp_path.glob("dead-letter-*"))
     await bus.close()
+
+
+# -- a dead-letter file that cannot be written ----------------------------------------------
+
+
+@pytest.mark.redis
+async def test_an_unwritable_dead_letter_file_keeps_the_refused_event_and_the_dispatcher_up(
+    redis_server: RedisServer, aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeLunary()
+    server = await aiohttp_server(fake.app)
+    sent = events(5)
+    refused = run_id(sent[2]["request_id"])
+    fake.refuse_run.add(refused)
+    bus = RedisBus(redis_server.url, stream="dlw:events")
+    await bus.publish(sent)
+    blocker = tmp_path / "dead"  # a file where the dead-letter file's directory should be
+    blocker.write_text("")
+    process = dispatcher(
+        tmp_path / "dispatcher.log",
+        "--service",
+        "lunary",
+        "--lunary-url",
+        str(server.make_url("")),
+        "--redis-url",
+        redis_server.url,
+        "--stream",
+        "dlw:events",
+        "--data-dir",
+        str(tmp_path),
+        "--dead-letter",
+        str(blocker / "lunary.jsonl"),
+        "--batch-wait",
+        "0.05",
+        "--backoff-cap",
+        "0.2",
+        LUNARY_PUBLIC_KEY=LUNARY_KEY,
+    )
+    try:
+
+        def tries() -> int:
+            return sum(1 for e in fake.received if e["runId"] == refused and e["event"] == "start")
+
+        # Refused for good, with nowhere to keep it: it stays in hand and is tried again.
+        while tries() < 3 and process.poll() is None:
+            await asyncio.sleep(0.05)
+        assert process.poll() is None, (tmp_path / "dispatcher.log").read_text()
+        assert "dispatcher.dead_letter_failed" in (tmp_path / "dispatcher.log").read_text()
+        delivered = [e["runId"] for e in fake.received if e["event"] == "start"]
+        assert sorted(r for r in delivered if r != refused) == sorted(
+            run_id(e["request_id"]) for e in sent if e is not sent[2]
+        )  # each accepted one once: acknowledged, not sent again with the refused one
+
+        blocker.unlink()
+        blocker.mkdir()
+        while not (blocker / "lunary.jsonl").exists():
+            await asyncio.sleep(0.05)
+        while (await bus.client.xpending("dlw:events", "lunary"))["pending"]:
+            await asyncio.sleep(0.05)
+        [line] = (blocker / "lunary.jsonl").read_bytes().splitlines()
+        assert orjson.loads(line)["event"]["id"] == sent[2]["id"]
+        process.terminate()
+        assert await finished(process, 30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        await bus.close()
+
+
+@pytest.mark.redis
+def test_a_burst_run_that_cannot_dead_letter_exits_1_leaving_the_refused_event_on_the_bus(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    sent = events(5)
+    publish(redis_server.url, "dlb:events", sent)
+    fake = FakeLunary()
+    fake.refuse_run.add(run_id(sent[2]["request_id"]))
+    blocker = tmp_path / "dead"
+    blocker.write_text("")
+    with serving(fake.app) as url:
+        result = run(
+            "--service",
+            "lunary",
+            "--lunary-url",
+            url,
+            "--burst",
+            "--batch-wait",
+            "0.05",
+            "--stream",
+            "dlb:events",
+            "--dead-letter",
+            str(blocker / "lunary.jsonl"),
+            REDIS_URL=redis_server.url,
+            DATA_DIR=str(tmp_path),
+            LUNARY_PUBLIC_KEY=LUNARY_KEY,
+        )
+    assert result.exit_code == 1
+    assert len(fake.runs) == 4
+    pending = redis.Redis.from_url(redis_server.url).xpending("dlb:events", "lunary")
+    assert pending["pending"] == 1  # the refused one, for the next run
