@@ -2,9 +2,10 @@
 
 Creates the log group and stream if missing, then ``PutLogEvents`` in batches that respect the
 service's limits: at most 10,000 events and 1,048,576 bytes (message bytes plus 26 per event),
-chronological order, at most 24 hours apart. Events CloudWatch would refuse for their age (older
-than 14 days, more than 2 hours ahead, or past the group's retention) are refused here as permanent,
-so they go to the dead-letter file and are counted, instead of being retried. Credentials that AWS
+256 KiB per event (counted the same way), chronological order, at most 24 hours apart. Events
+CloudWatch would refuse for their age (older than 14 days, more than 2 hours ahead, or past the
+group's retention) are refused here as permanent, so they go to the dead-letter file and are
+counted, instead of being retried. Credentials that AWS
 refuses (or that cannot be found) raise or refuse with ``auth``, so the worker stops.
 """
 
@@ -30,6 +31,7 @@ from llm_proxy.events.event import Event, parse_rfc3339
 MAX_BATCH_EVENTS = 10_000
 MAX_BATCH_BYTES = 1_048_576
 EVENT_OVERHEAD = 26
+MAX_EVENT_BYTES = 256 * 1024
 MAX_SPAN_MS = 24 * 3600 * 1000
 MAX_AGE_MS = 14 * 24 * 3600 * 1000
 MAX_AHEAD_MS = 2 * 3600 * 1000
@@ -119,7 +121,9 @@ class CloudWatchBackend:
         endpoint_url: str | None = None,
         aws_access_key_id: str | None = None,
         aws_secret_access_key: str | None = None,
-        max_message_bytes: int = 256 * 1024,
+        # AWS counts an event's 26 bytes of overhead against its 256 KiB too, and refuses the
+        # whole request for one event over it.
+        max_message_bytes: int = MAX_EVENT_BYTES - EVENT_OVERHEAD,
     ) -> None:
         self.log_group = log_group
         self.log_stream = log_stream

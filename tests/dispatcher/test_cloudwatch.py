@@ -453,3 +453,71 @@ def test_no_aws_credentials_at_all_stop_the_dispatcher_with_exit_5(
     assert result.exit_code == 5
     [line] = [entry for entry in logs if entry["log_level"] == "error"]
     assert line["status"] == "no AWS credentials found"
+
+
+# -- the size of one event, as CloudWatch counts it -------------------------------------------
+
+
+def sizing_endpoint(stored_messages: list[str]) -> web.Application:
+    """A CloudWatch Logs endpoint that counts an event's size as AWS does, its message bytes plus
+    26, and refuses a request with one event over 256 KiB (what AWS answers for it)."""
+
+    async def answer(request: web.Request) -> web.Response:
+        action = request.headers.get("X-Amz-Target", "").rpartition(".")[2]
+        if action != "PutLogEvents":
+            return web.json_response({}, content_type="application/x-amz-json-1.1")
+        body = orjson.loads(await request.read())
+        for event in body["logEvents"]:
+            size = len(event["message"].encode()) + EVENT_OVERHEAD
+            if size > 256 * 1024:
+                error = {
+                    "__type": "InvalidParameterException",
+                    "message": f"Log event too large: {size} bytes exceeds limit of 262144",
+                }
+                return web.json_response(
+                    error, status=400, content_type="application/x-amz-json-1.1"
+                )
+        stored_messages.extend(event["message"] for event in body["logEvents"])
+        return web.json_response({}, content_type="application/x-amz-json-1.1")
+
+    app = web.Application(client_max_size=4 * 1024 * 1024)
+    app.router.add_post("/", answer)
+    return app
+
+
+def event_of_size(size: int, epoch: float) -> Event:
+    """An event whose JSON is ``size`` bytes, most of them its answer's text."""
+    event = event_at(epoch)
+    event["response"] = ""
+    event["response"] = "r" * (size - len(orjson.dumps(event)))
+    assert len(orjson.dumps(event)) == size
+    return event
+
+
+async def test_an_event_just_under_256_kib_does_not_cost_its_batch(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    stored_messages: list[str] = []
+    server = await aiohttp_server(sizing_endpoint(stored_messages))
+    now = time.time()
+    sent = [event_at(now - 2, 1), event_of_size(256 * 1024 - 10, now - 1), event_at(now, 2)]
+    bus = MemoryBus()
+    worker = Worker(
+        bus,
+        CloudWatchBackend(
+            "llm-proxy",
+            "events",
+            region="us-east-1",
+            endpoint_url=str(server.make_url("")).rstrip("/"),
+            **CREDENTIALS,
+        ),
+        WorkerSettings(
+            service="cloudwatch", dead_letter_path=tmp_path / "dead.jsonl", poll=0.05, burst=True
+        ),
+    )
+    worker.start()
+    await bus.publish(sent)
+    summary = await asyncio.wait_for(worker.async_run(), 20)
+    assert summary.dead_lettered == 0 and summary.delivered == 3
+    assert [orjson.loads(m)["id"] for m in stored_messages] == [e["id"] for e in sent]
+    assert orjson.loads(stored_messages[1])["response"].endswith("…[truncated by llm-proxy]")
