@@ -57,6 +57,7 @@ _AUTH_CODES = frozenset(
     }
 )
 _TRUNCATED = sizing.TRUNCATED
+_FIELD_ROOM = 1024  # characters kept of a field other than the bodies, when the event is too large
 
 Item = tuple[int, int, str]  # timestamp ms, index in the batch given to send, message
 
@@ -80,7 +81,8 @@ def _auth_refusal(exc: ClientError) -> Rejection | None:
 
 
 def message(event: Event, limit: int) -> str:
-    """The event as JSON, with its bodies cut until it fits in ``limit`` bytes."""
+    """The event as JSON, with its bodies (and, if need be, other long texts) cut until it fits
+    in ``limit`` bytes."""
     text = orjson.dumps(event)
     if len(text) <= limit:
         return text.decode()
@@ -95,7 +97,15 @@ def message(event: Event, limit: int) -> str:
             return text.decode()
         room = room * 3 // 4
     plain["request"] = plain["response"] = _TRUNCATED
-    return orjson.dumps(plain).decode()
+    text = orjson.dumps(plain)
+    if len(text) > limit:
+        # Still too large: a client chose a field's length (a made-up model name), and AWS would
+        # refuse the whole batch for this one event. Cut those too.
+        for key, value in plain.items():
+            if isinstance(value, str) and len(value) > _FIELD_ROOM:
+                plain[key] = value[:_FIELD_ROOM] + _TRUNCATED
+        text = orjson.dumps(plain)
+    return text.decode()
 
 
 def batches(items: Sequence[Item]) -> Iterator[list[Item]]:

@@ -494,13 +494,13 @@ def event_of_size(size: int, epoch: float) -> Event:
     return event
 
 
-async def test_an_event_just_under_256_kib_does_not_cost_its_batch(
-    aiohttp_server: Any, tmp_path: Path
-) -> None:
+async def deliver_to_sizing_endpoint(
+    aiohttp_server: Any, tmp_path: Path, sent: list[Event]
+) -> tuple[Any, list[str]]:
+    """Deliver ``sent`` through a worker to :func:`sizing_endpoint`: its summary and the messages
+    stored."""
     stored_messages: list[str] = []
     server = await aiohttp_server(sizing_endpoint(stored_messages))
-    now = time.time()
-    sent = [event_at(now - 2, 1), event_of_size(256 * 1024 - 10, now - 1), event_at(now, 2)]
     bus = MemoryBus()
     worker = Worker(
         bus,
@@ -517,7 +517,36 @@ async def test_an_event_just_under_256_kib_does_not_cost_its_batch(
     )
     worker.start()
     await bus.publish(sent)
-    summary = await asyncio.wait_for(worker.async_run(), 20)
+    return await asyncio.wait_for(worker.async_run(), 20), stored_messages
+
+
+async def test_an_event_just_under_256_kib_does_not_cost_its_batch(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    now = time.time()
+    sent = [event_at(now - 2, 1), event_of_size(256 * 1024 - 10, now - 1), event_at(now, 2)]
+    summary, stored_messages = await deliver_to_sizing_endpoint(aiohttp_server, tmp_path, sent)
     assert summary.dead_lettered == 0 and summary.delivered == 3
     assert [orjson.loads(m)["id"] for m in stored_messages] == [e["id"] for e in sent]
     assert orjson.loads(stored_messages[1])["response"].endswith("…[truncated by llm-proxy]")
+
+
+async def test_a_model_name_longer_than_an_event_may_be_does_not_cost_its_batch(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    now = time.time()
+    # A client may name any model: the upstream refuses it, the event still records it.
+    made_up = build(
+        exchange(
+            request={"model": "m" * 262_000},  # within the proxy's 256 KiB capture
+            response=b'{"error": {"code": "model_not_found"}}',
+            status=404,
+            started_at=now - 1,
+        )
+    )
+    assert made_up["model"] == "m" * 262_000
+    sent = [event_at(now - 2, 1), made_up, event_at(now, 2)]
+    summary, stored_messages = await deliver_to_sizing_endpoint(aiohttp_server, tmp_path, sent)
+    assert summary.dead_lettered == 0 and summary.delivered == 3
+    assert [orjson.loads(m)["id"] for m in stored_messages] == [e["id"] for e in sent]
+    assert orjson.loads(stored_messages[1])["model"].endswith("…[truncated by llm-proxy]")
