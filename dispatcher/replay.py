@@ -27,7 +27,7 @@ from llm_proxy.events.event import Event
 
 # What each service does with an event it already has, for the operator who replays a file twice.
 IDEMPOTENCY = {
-    "lunary": "Lunary keeps one run per request (the run id comes from the request id): an event "
+    "lunary": "Lunary keeps one run per event (the run id comes from the event id): an event "
     "it already has is counted as delivered, not stored twice.",
     "helicone": "each log carries the event id as Helicone-Request-Id, but Helicone does not "
     "promise to drop a repeated id: an event it already has may be logged twice.",

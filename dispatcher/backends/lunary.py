@@ -1,9 +1,11 @@
 """Lunary backend: ``POST {url}/v1/runs/ingest`` with a ``start`` and an ``end`` (or ``error``) run
 event per request, in one request per batch.
 
-The run id is a UUID derived from the proxy's request id, so a redelivered event names the same run:
+The run id is a UUID derived from the event's id, so a redelivered event names the same run:
 Lunary refuses the second ``start`` as a duplicate (counted, and treated as delivered) and the
-``end`` just updates the run. ``tokensUsage`` carries the event's usage, upstream or estimated.
+``end`` just updates the run. Not from the request id: that is the client's ``X-Request-ID`` when
+it sent one, which a client may give every call it makes (a trace id passed along), and those
+calls would all become one run. The request id is in the run's metadata. ``tokensUsage`` carries the event's usage, upstream or estimated.
 
 Lunary takes the bearer as the project id: a key that is not a UUID (mistyped, pasted with a quote
 or the private key's prefix) is answered 402 "Incorrect project id format", so 402 refuses the key
@@ -40,8 +42,8 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # well within Lunary's 20 MB
 _ENVELOPE = (b'{"events":[', b"]}")
 
 
-def run_id(request_id: str) -> str:
-    return str(uuid.uuid5(_RUN_NAMESPACE, request_id))
+def run_id(event_id: str) -> str:
+    return str(uuid.uuid5(_RUN_NAMESPACE, event_id))
 
 
 def _input(request: object) -> object:
@@ -85,7 +87,7 @@ def run_events(
 ) -> list[dict[str, Any]]:
     """The ``start`` and ``end``/``error`` run events of one request, each body within
     ``max_body_bytes`` of JSON."""
-    rid = run_id(event["request_id"])
+    rid = run_id(event["id"])
     request = event["request"]
     ended = rfc3339(parse_rfc3339(event["timestamp"]) + event["duration_ms"] / 1000.0)
     usage = event["usage"]
@@ -202,7 +204,7 @@ class LunaryBackend:
         results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list):
             return {}
-        index = {run_id(e["request_id"]): i for i, e in sent}
+        index = {run_id(e["id"]): i for i, e in sent}
         refused: dict[int, Rejection] = {}
         for result in results:
             if not isinstance(result, dict) or result.get("success", True):

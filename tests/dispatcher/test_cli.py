@@ -194,7 +194,7 @@ def test_burst_exits_4_when_events_were_dead_lettered(
     sent = events(5)
     publish(redis_server.url, "dl:events", sent)
     fake = FakeLunary()
-    fake.refuse_run.add(run_id(sent[2]["request_id"]))
+    fake.refuse_run.add(run_id(sent[2]["id"]))
     with serving(fake.app) as url:
         code, _ = invoke(
             "--service",
@@ -390,7 +390,7 @@ async def test_an_unwritable_dead_letter_file_keeps_the_refused_event_and_the_di
     fake = FakeLunary()
     server = await aiohttp_server(fake.app)
     sent = events(5)
-    refused = run_id(sent[2]["request_id"])
+    refused = run_id(sent[2]["id"])
     fake.refuse_run.add(refused)
     bus = RedisBus(redis_server.url, stream="dlw:events")
     await bus.publish(sent)
@@ -428,7 +428,7 @@ async def test_an_unwritable_dead_letter_file_keeps_the_refused_event_and_the_di
         assert "dispatcher.dead_letter_failed" in (tmp_path / "dispatcher.log").read_text()
         delivered = [e["runId"] for e in fake.received if e["event"] == "start"]
         assert sorted(r for r in delivered if r != refused) == sorted(
-            run_id(e["request_id"]) for e in sent if e is not sent[2]
+            run_id(e["id"]) for e in sent if e is not sent[2]
         )  # each accepted one once: acknowledged, not sent again with the refused one
 
         blocker.unlink()
@@ -455,7 +455,7 @@ def test_a_burst_run_that_cannot_dead_letter_exits_1_leaving_the_refused_event_o
     sent = events(5)
     publish(redis_server.url, "dlb:events", sent)
     fake = FakeLunary()
-    fake.refuse_run.add(run_id(sent[2]["request_id"]))
+    fake.refuse_run.add(run_id(sent[2]["id"]))
     blocker = tmp_path / "dead"
     blocker.write_text("")
     with serving(fake.app) as url:

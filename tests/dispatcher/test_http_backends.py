@@ -295,7 +295,7 @@ async def test_lunary_key_echoed_in_a_run_s_error_is_masked_in_logs_and_dead_let
     fake.run_error = f"project {LUNARY_KEY} cannot ingest this run"
     server = await aiohttp_server(fake.app)
     refused = chat_event()
-    fake.refuse_run.add(run_id(refused["request_id"]))
+    fake.refuse_run.add(run_id(refused["id"]))
     summary = await deliver(
         LunaryBackend(LUNARY_KEY, url=str(server.make_url("/"))), [refused], tmp_path
     )
@@ -405,7 +405,7 @@ async def test_lunary_gets_start_and_end_runs_with_real_usage(
     summary = await deliver(backend, [event], tmp_path)
 
     assert summary.delivered == 1
-    run = fake.runs[run_id(event["request_id"])]
+    run = fake.runs[run_id(event["id"])]
     assert run["start"]["name"] == "gpt-4o-mini"
     assert run["start"]["input"] == CHAT["messages"]
     assert run["start"]["extra"] == {"temperature": 0.2}
@@ -445,7 +445,7 @@ async def test_lunary_errors_and_refusals(aiohttp_server: ServerFactory, tmp_pat
     error = {"error": {"message": "The model does not exist", "type": "invalid_request_error"}}
     failed = build(exchange(request=CHAT, response=orjson.dumps(error), status=404))
     refused = chat_event()
-    fake.refuse_run.add(run_id(refused["request_id"]))
+    fake.refuse_run.add(run_id(refused["id"]))
     fake.answers = [500]
 
     summary = await deliver(
@@ -453,7 +453,7 @@ async def test_lunary_errors_and_refusals(aiohttp_server: ServerFactory, tmp_pat
     )
 
     assert summary.delivered == 1 and summary.dead_lettered == 1 and summary.retried == 2
-    assert fake.runs[run_id(failed["request_id"])]["error"]["error"] == {
+    assert fake.runs[run_id(failed["id"])]["error"]["error"] == {
         "message": "The model does not exist"
     }
     [line] = dead_letters(tmp_path)
@@ -514,7 +514,7 @@ async def test_lunary_batches_are_split_to_stay_within_its_body_limit(
 
     assert summary.delivered == 100 and summary.dead_lettered == 0 and not dead_letters(tmp_path)
     assert len(fake.bodies) > 1 and max(fake.bodies) <= 8 * 1024 * 1024
-    assert set(fake.runs) == {run_id(e["request_id"]) for e in events}
+    assert set(fake.runs) == {run_id(e["id"]) for e in events}
 
 
 async def test_lunary_an_event_too_large_alone_is_cut_not_dead_lettered(
@@ -533,10 +533,34 @@ async def test_lunary_an_event_too_large_alone_is_cut_not_dead_lettered(
     summary = await deliver(backend, [huge, small], tmp_path)
 
     assert summary.delivered == 2 and not dead_letters(tmp_path)
-    cut = fake.runs[run_id(huge["request_id"])]["start"]["input"]
+    cut = fake.runs[run_id(huge["id"])]["start"]["input"]
     assert isinstance(cut, str) and cut.endswith("…[truncated by llm-proxy]")
     assert len(cut.encode()) < 1024 * 1024 + 100
-    assert fake.runs[run_id(small["request_id"])]["start"]["input"] == CHAT["messages"]
+    assert fake.runs[run_id(small["id"])]["start"]["input"] == CHAT["messages"]
+
+
+async def test_lunary_keeps_every_request_that_shares_a_client_request_id(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeLunary()
+    server = await aiohttp_server(fake.app)
+    # A client that forwards its own trace id as X-Request-ID on every call it makes: the proxy
+    # records it as each event's request_id (SPEC §7), yet they are different requests.
+    first, second = chat_event(), chat_event()
+    second["request_id"] = first["request_id"]
+    second["usage"] = {
+        "prompt_tokens": 90,
+        "completion_tokens": 20,
+        "total_tokens": 110,
+        "source": "upstream",
+    }
+
+    summary = await deliver(
+        LunaryBackend(LUNARY_KEY, url=str(server.make_url("/"))), [first, second], tmp_path
+    )
+
+    assert summary.delivered == 2 and not dead_letters(tmp_path)
+    assert sorted(run["end"]["tokensUsage"]["prompt"] for run in fake.runs.values()) == [9, 90]
 
 
 def test_lunary_run_events_for_other_endpoints() -> None:

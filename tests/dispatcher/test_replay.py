@@ -59,7 +59,7 @@ def test_replay_delivers_what_passes_now_and_keeps_what_still_fails_in_a_new_fil
 ) -> None:
     sent = events(6)
     fake = FakeLunary()
-    fake.refuse_run.update(run_id(e["request_id"]) for e in sent[:4])
+    fake.refuse_run.update(run_id(e["id"]) for e in sent[:4])
     dead = tmp_path / "dead-letter-lunary.jsonl"
     with serving(fake.app) as url:
         # A dispatcher that had four events refused, as it happens in production.
@@ -90,14 +90,14 @@ def test_replay_delivers_what_passes_now_and_keeps_what_still_fails_in_a_new_fil
         )
         received = len(fake.received)
 
-        fake.refuse_run = {run_id(sent[3]["request_id"])}  # the cause fixed for three of them
+        fake.refuse_run = {run_id(sent[3]["id"])}  # the cause fixed for three of them
         first = replay(
             str(dead), "--service", "lunary", "--lunary-url", url, LUNARY_PUBLIC_KEY=LUNARY_KEY
         )
         assert first.exit_code == 4, first.output
         assert first.stdout.splitlines() == [
             f"replayed {dead} to lunary: 5 read, 3 delivered, 2 failed (1 unreadable lines)",
-            "idempotency: Lunary keeps one run per request (the run id comes from the request "
+            "idempotency: Lunary keeps one run per event (the run id comes from the event "
             "id): an event it already has is counted as delivered, not stored twice.",
         ]
         assert dead.read_bytes() == original  # never rewritten
@@ -111,7 +111,7 @@ def test_replay_delivers_what_passes_now_and_keeps_what_still_fails_in_a_new_fil
         assert refused["backend"] == "lunary"
         assert unreadable["line"] == torn
         assert unreadable["reason"].startswith("unreadable dead-letter line 5: ")
-        assert {run_id(e["request_id"]) for e in sent[:3]} <= {
+        assert {run_id(e["id"]) for e in sent[:3]} <= {
             r for r, run in fake.runs.items() if "end" in run
         }
         assert len(fake.received) > received
@@ -135,7 +135,7 @@ def test_replay_delivers_what_passes_now_and_keeps_what_still_fails_in_a_new_fil
     )
     [carried] = lines(final)
     assert carried["line"] == torn and carried["reason"] == unreadable["reason"]
-    assert run_id(sent[3]["request_id"]) in fake.runs
+    assert run_id(sent[3]["id"]) in fake.runs
 
 
 def test_a_refused_key_stops_the_replay_and_every_undelivered_event_is_kept(
