@@ -92,7 +92,9 @@ async def post_json(
             data=body if len(body) < _LARGE else io.BytesIO(body),
             headers={"Content-Type": "application/json", **headers},
         ) as response:
-            text = await response.text()
+            # Not ``text()``: an error page that is not UTF-8 (a load balancer's) would raise, and
+            # fail the whole batch, the events the service had accepted included.
+            text = (await response.read()).decode("utf-8", "replace")
             status = response.status
             wait = retry_after(response.headers.get("Retry-After"), time.time())
     except (aiohttp.ClientError, TimeoutError) as exc:

@@ -105,6 +105,8 @@ class FakeHelicone:
         self.logs: list[dict[str, Any]] = []
         self.answers: list[int] = []  # statuses to answer first, before accepting
         self.answer_headers: dict[str, str] = {}  # sent with those answers (Retry-After, say)
+        # The body of those answers instead of a JSON error: a load balancer's own page, say.
+        self.answer_body: bytes | None = None
         self.seen: list[float] = []  # when each request came (time.monotonic)
         self.refused_keys = 0  # requests answered 401 or 403
         self.max_body = max_body
@@ -122,6 +124,12 @@ class FakeHelicone:
             # Services do echo what they refused; the dispatcher must never pass it on.
             return web.json_response({"error": f"Unauthorized: {authorization}"}, status=401)
         if self.answers:
+            if self.answer_body is not None:
+                return web.Response(
+                    body=self.answer_body,
+                    status=self.answers.pop(0),
+                    headers={"Content-Type": "text/html", **self.answer_headers},
+                )
             # Some services echo the request's headers with an error, the key among them.
             echo = f"scripted; got Authorization: {authorization}"
             return web.json_response(

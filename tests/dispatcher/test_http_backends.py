@@ -162,6 +162,26 @@ async def test_helicone_is_not_shown_the_usage_of_a_stored_response_fetched_agai
     assert log["providerResponse"]["json"] == stored  # which Helicone would have priced again
 
 
+async def test_helicone_an_error_page_not_in_utf_8_is_retried_alone(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeHelicone()
+    fake.answers = [502]
+    fake.answer_body = b"<html><body>Bad Gateway \xa9 proxy</body></html>"  # Latin-1, no charset
+    server = await aiohttp_server(fake.app)
+    events = [chat_event() for _ in range(3)]
+
+    summary = await deliver(
+        HeliconeBackend(HELICONE_KEY, url=str(server.make_url("/custom/v1/log"))),
+        events,
+        tmp_path,
+    )
+
+    assert summary.delivered == 3 and summary.retried == 1
+    logged = [log["providerRequest"]["meta"]["Helicone-Request-Id"] for log in fake.logs]
+    assert sorted(logged) == sorted(e["id"] for e in events)  # each once: none sent again
+
+
 async def test_helicone_retries_429_and_5xx_then_delivers(
     aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
