@@ -26,7 +26,8 @@ CREDENTIALS = {
     "helicone": "--helicone-api-key / HELICONE_API_KEY",
     "lunary": "--lunary-public-key / LUNARY_PUBLIC_KEY",
     "cloudwatch": "the AWS credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile or "
-    "role) or their logs:CreateLogGroup, CreateLogStream and PutLogEvents permissions",
+    "role) or their logs:PutLogEvents permission (and CreateLogGroup, CreateLogStream unless "
+    "the group and stream exist)",
 }
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
+import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -27,6 +28,8 @@ from dispatcher.backends import BackendError, Rejection, sizing
 from dispatcher.backends.http import masked
 from llm_proxy.crypto import mask_key
 from llm_proxy.events.event import Event, parse_rfc3339
+
+log = structlog.get_logger(__name__)
 
 MAX_BATCH_EVENTS = 10_000
 MAX_BATCH_BYTES = 1_048_576
@@ -56,6 +59,8 @@ _AUTH_CODES = frozenset(
         "AuthFailure",
     }
 )
+# A permission the key lacks (not a key AWS refuses): the other codes of _AUTH_CODES are those.
+_DENIED_CODES = frozenset({"AccessDeniedException", "AccessDenied"})
 _TRUNCATED = sizing.TRUNCATED
 _FIELD_ROOM = 1024  # characters kept of a field other than the bodies, when the event is too large
 
@@ -68,6 +73,16 @@ _ACCESS_KEY_ID = re.compile(
     r"\b(?:AKIA|ASIA|AIDA|AROA|AGPA|ANPA|ANVA|APKA|ABIA|ACCA)[A-Z0-9]{12,}\b"
 )
 _SIGNATURE = re.compile(r"(Signature=)[0-9a-fA-F]{16,}")
+
+
+def _denied(exc: ClientError) -> bool:
+    """Whether ``exc`` says the key lacks a permission (not that AWS refuses the key)."""
+    error = exc.response.get("Error", {})
+    # An endpoint in AWS's place (moto) may answer this JSON API's denial in the query APIs' XML,
+    # which botocore does not read: the code is then only in the message.
+    return error.get("Code") in _DENIED_CODES or "<Code>AccessDenied</Code>" in str(
+        error.get("Message", "")
+    )
 
 
 def _auth_refusal(exc: ClientError) -> Rejection | None:
@@ -165,7 +180,7 @@ class CloudWatchBackend:
             )
         )
         try:
-            await self._ensure_destination()
+            await self._ensure_destination(may_exist=True)
         except NoCredentialsError:
             raise BackendError(_NO_CREDENTIALS.reason, retryable=False, auth=True) from None
         except ClientError as exc:
@@ -178,19 +193,27 @@ class CloudWatchBackend:
         except (BotoCoreError, OSError) as exc:
             raise BackendError(self._masked(str(exc)), retryable=True) from None
 
-    async def _ensure_destination(self) -> None:
-        for create, kwargs in (
-            (self._client.create_log_group, {"logGroupName": self.log_group}),
+    async def _ensure_destination(self, *, may_exist: bool = False) -> None:
+        """Create the group and stream if missing. With ``may_exist``, a key not allowed to create
+        them is no failure yet: least privilege gives a dispatcher PutLogEvents alone on a group
+        and stream made beforehand, and the first put finds out whether they are there."""
+        for action, kwargs in (
+            ("create_log_group", {"logGroupName": self.log_group}),
             (
-                self._client.create_log_stream,
+                "create_log_stream",
                 {"logGroupName": self.log_group, "logStreamName": self.log_stream},
             ),
         ):
             try:
-                await create(**kwargs)
+                await getattr(self._client, action)(**kwargs)
             except ClientError as exc:
-                if exc.response["Error"]["Code"] != "ResourceAlreadyExistsException":
-                    raise
+                code = exc.response["Error"]["Code"]
+                if code == "ResourceAlreadyExistsException":
+                    continue
+                if may_exist and _denied(exc):
+                    log.info("dispatcher.cloudwatch_create_not_allowed", action=action)
+                    continue
+                raise
 
     async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
         now = time.time() * 1000

@@ -34,7 +34,7 @@ from dispatcher.cli import dispatcher_command
 from dispatcher.exit_codes import Exit
 from dispatcher.handback import RedisHandback
 from dispatcher.retry import Backoff
-from dispatcher.worker import BackendStartError, Worker, WorkerSettings
+from dispatcher.worker import AuthFailed, BackendStartError, Worker, WorkerSettings
 from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event
 from llm_proxy.events.memory import MemoryBus
@@ -550,3 +550,76 @@ async def test_a_model_name_longer_than_an_event_may_be_does_not_cost_its_batch(
     assert summary.dead_lettered == 0 and summary.delivered == 3
     assert [orjson.loads(m)["id"] for m in stored_messages] == [e["id"] for e in sent]
     assert orjson.loads(stored_messages[1])["model"].endswith("…[truncated by llm-proxy]")
+
+
+# -- least privilege --------------------------------------------------------------------------
+
+
+async def put_only_keys(moto_url: str) -> dict[str, str]:
+    """An access key of a user that may only put events (the group and stream are made by the
+    operator's infrastructure code, as least privilege has it)."""
+    async with get_session().create_client(
+        "iam", region_name="us-east-1", endpoint_url=moto_url, **CREDENTIALS
+    ) as iam:
+        await iam.create_user(UserName="writer")
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["logs:PutLogEvents"], "Resource": "*"}],
+        }
+        await iam.put_user_policy(
+            UserName="writer", PolicyName="put", PolicyDocument=orjson.dumps(policy).decode()
+        )
+        created = await iam.create_access_key(UserName="writer")
+    return {
+        "aws_access_key_id": created["AccessKey"]["AccessKeyId"],
+        "aws_secret_access_key": created["AccessKey"]["SecretAccessKey"],
+    }
+
+
+async def test_a_key_that_may_only_put_events_delivers_to_an_existing_stream(
+    moto_url: str, logs: Any, tmp_path: Path
+) -> None:
+    await logs.create_log_group(logGroupName="llm-proxy")
+    await logs.create_log_stream(logGroupName="llm-proxy", logStreamName="events")
+    key = await put_only_keys(moto_url)
+    sent = [event_at(time.time() - 1, n) for n in range(3)]
+    bus = MemoryBus()
+    worker = Worker(
+        bus,
+        backend(moto_url, **key),
+        WorkerSettings(
+            service="cloudwatch", dead_letter_path=tmp_path / "dead.jsonl", poll=0.05, burst=True
+        ),
+    )
+    moto_auth(moto_url, "0")
+    try:
+        worker.start()
+        await bus.publish(sent)
+        summary = await asyncio.wait_for(worker.async_run(), 20)
+    finally:
+        moto_auth(moto_url, "inf")
+    assert summary.delivered == 3 and not (tmp_path / "dead.jsonl").exists()
+    assert [e["id"] for e in await stored(logs)] == [e["id"] for e in sent]
+
+
+async def test_a_key_that_may_only_put_events_stops_when_the_stream_is_missing(
+    moto_url: str, logs: Any, tmp_path: Path
+) -> None:
+    await logs.create_log_group(logGroupName="llm-proxy")  # and no stream
+    key = await put_only_keys(moto_url)
+    bus = MemoryBus()
+    worker = Worker(
+        bus,
+        backend(moto_url, **key),
+        WorkerSettings(
+            service="cloudwatch", dead_letter_path=tmp_path / "dead.jsonl", poll=0.05, burst=True
+        ),
+    )
+    moto_auth(moto_url, "0")
+    try:
+        worker.start()
+        await bus.publish([event_at(time.time() - 1)])
+        with pytest.raises(AuthFailed):
+            await asyncio.wait_for(worker.async_run(), 20)
+    finally:
+        moto_auth(moto_url, "inf")
