@@ -133,6 +133,14 @@ async def _status_from_header(request: web.Request) -> web.Response:
     )
 
 
+async def _key_refused(request: web.Request) -> web.Response:
+    """A 401 quoting the key it refused, whole, as some OpenAI-compatible servers' errors do."""
+    return web.json_response(
+        {"error": {"message": f"Invalid key: {request.headers.get('Authorization')}"}},
+        status=401,
+    )
+
+
 def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app = build_app(settings)
     app[UPSTREAM_LOG] = UpstreamLog()
@@ -145,6 +153,7 @@ def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app.router.add_get("/v1/files/big", _big)
     app.router.add_post("/v1/files/upload", _upload)
     app.router.add_post("/v1/files/mirror", _mirror)
+    app.router.add_post("/v1/files/key-refused", _key_refused)
     app.router.add_post("/v1/audio/transcriptions", _transcription)
     app.router.add_route("*", "/v1/moderations", _status_from_header)
     return app

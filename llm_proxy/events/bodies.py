@@ -15,6 +15,8 @@ from types import ModuleType
 import orjson
 import zstandard
 
+from llm_proxy.crypto import redact
+
 # Brotli is optional: OpenAI answers ``br`` only to clients that offer it. Without a brotli module
 # the body stays undecoded and the event says so, rather than the pipeline failing.
 _BROTLI_MODULES = ("brotli", "brotlicffi")
@@ -114,6 +116,14 @@ def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) ->
             )
         truncated = truncated or cut
     return Decoded(data, truncated)
+
+
+def without_secrets(data: bytes) -> bytes:
+    """``data`` with anything shaped like a key masked: for error answers, which some upstreams
+    word by quoting the key they refused, whole. Answers that do not hold one are not copied."""
+    if b"sk-" not in data and b"mgmt-" not in data:
+        return data
+    return redact(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
 def show(decoded: Decoded, raw_size: int) -> object:

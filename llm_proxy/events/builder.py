@@ -61,6 +61,8 @@ def build(
         truncated=exchange.response_body.truncated,
         limit=decoded_limit,
     )
+    if exchange.status >= 400 and decoded.data is not None:
+        decoded.data = bodies.without_secrets(decoded.data)
     if exchange.is_stream and decoded.data is not None:
         response = reassemble(sse.payloads(decoded.data))
         if not bodies.shallow(response, decoded.data):

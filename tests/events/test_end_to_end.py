@@ -63,6 +63,20 @@ async def test_every_request_writes_one_event_with_exact_usage(
     assert issued["token"] not in text and UPSTREAM_KEY not in text
 
 
+async def test_an_upstream_error_quoting_the_key_does_not_put_it_in_the_event(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    answer = await proxy.client.post("/v1/files/key-refused", json={"x": 1}, headers=headers)
+    assert answer.status == 401
+    (event,) = await wait_for_lines(log, 1)
+    assert event["status"] == 401
+    assert event["response"]["error"]["message"].startswith("Invalid key: Bearer sk-up")
+    assert UPSTREAM_KEY not in log.read_text()
+
+
 async def test_a_client_that_asked_for_usage_gets_it_unchanged(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
