@@ -560,6 +560,12 @@ class Http1Response:
         if conn is not None:
             conn.release()
 
+    def discard(self) -> None:
+        """Close the connection whatever arrived (see ``UpstreamResponse.discard``)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+
 
 class Http1Client:
     """HTTP/1.1 client keeping, per origin, a LIFO pool of idle keep-alive connections.

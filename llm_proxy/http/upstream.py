@@ -83,6 +83,11 @@ class UpstreamResponse(Protocol):
         """Return the connection to the pool if the body was fully read, else close it."""
         ...
 
+    def discard(self) -> None:
+        """Close the connection, even when the whole body arrived: the answer was refused, and
+        a framing the proxy found ambiguous must not carry the next request's answer."""
+        ...
+
     def complete_body(self) -> bytes | None:
         """The whole body if it has already arrived (and then the connection is released as at the
         end of a relay), else None: relay it."""

@@ -514,6 +514,11 @@ class ProxyHandler:
         )
         try:
             await self._relay(writer, upstream, exchange, request_id, reply_headers)
+        except errors.ProxyError:
+            # The answer was refused (say, for a transfer coding other than chunked, which the
+            # parser may still have framed as chunked): its connection is never pooled.
+            upstream.discard()
+            raise
         finally:
             await upstream.aclose()
 

@@ -229,6 +229,28 @@ async def test_a_transfer_coding_other_than_chunked_is_refused_502(
     await assert_not_pooled(up)
 
 
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"identity, chunked", b",chunked"])
+async def test_a_refused_transfer_coding_that_ends_in_chunked_does_not_pool_its_connection(
+    upstream: Start, coding: bytes
+) -> None:
+    # The body is well-framed chunks, so the parser reaches its end: the connection looks whole,
+    # but the answer was refused as ambiguous, and another reader may frame it otherwise.
+    async def coded(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n2\r\nok\r\n0\r\n\r\n" % coding
+        )
+
+    up = await upstream(coded)
+    answer, _ = await up.get()
+    assert error_of(answer) == (
+        502,
+        "upstream_unavailable",
+        "upstream sent an unknown Transfer-Encoding",
+    )
+    await asyncio.wait_for(up.connections.closed.wait(), 5)
+    await assert_not_pooled(up)
+
+
 async def test_chunked_in_any_case_is_relayed(upstream: Start) -> None:
     async def chunked(writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
