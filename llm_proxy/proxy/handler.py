@@ -73,6 +73,10 @@ _RESPONSE_FIELDS = {
             b"te",
             b"trailer",
             b"upgrade",
+            # A request's credentials, never an answer's: an upstream that reflects request
+            # headers would hand the project's key to the token's holder.
+            b"authorization",
+            b"proxy-authorization",
         ),
         _DROP,
     ),

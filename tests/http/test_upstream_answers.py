@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from llm_proxy.http.client import MAX_HEAD_BYTES, MAX_HEAD_FIELDS
-from tests.conftest import Proxy
+from tests.conftest import UPSTREAM_KEY, Proxy
 from tests.http.answers import Answers
 from tests.raw_servers import RawServers
 from tests.waiting import wait_for_lines
@@ -306,6 +306,24 @@ async def test_fields_named_in_connection_are_not_relayed(
     assert headers["set-cookie"] == "a=b" and headers["alt-svc"] == 'h3=":443"'
     assert headers["content-type"] == "application/json"
     assert up.connections.opened == 1  # the keep-alive upstream connection is kept
+
+
+async def test_an_upstream_echoing_the_credential_never_shows_the_project_key_to_the_client(
+    upstream: Start,
+) -> None:
+    # As an upstream (a debugging mock, a gateway) that reflects request headers does.
+    async def echo(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nAuthorization: Bearer %s\r\n"
+            b"Proxy-Authorization: Bearer %s\r\nContent-Length: 2\r\n\r\n{}"
+            % (UPSTREAM_KEY.encode(), UPSTREAM_KEY.encode())
+        )
+
+    up = await upstream(echo)
+    answer, raw = await up.get()
+    assert answer is not None and (answer["status"], answer["body"]) == (200, b"{}")
+    assert UPSTREAM_KEY.encode() not in raw
+    assert {"authorization", "proxy-authorization"}.isdisjoint(answer["headers"])
 
 
 # -- the trailer section ---------------------------------------------------------------------------
