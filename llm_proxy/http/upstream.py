@@ -57,7 +57,9 @@ class Origin:
 
     def __post_init__(self) -> None:
         default = 443 if self.scheme == "https" else 80
-        host = self.host if self.port == default else f"{self.host}:{self.port}"
+        # An IPv6 address is bracketed in an authority (RFC 3986), as the URL wrote it.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = host if self.port == default else f"{host}:{self.port}"
         object.__setattr__(self, "host_header", host.encode("utf-8", "surrogateescape"))
 
 

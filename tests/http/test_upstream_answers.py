@@ -326,6 +326,34 @@ async def test_an_upstream_echoing_the_credential_never_shows_the_project_key_to
     assert {"authorization", "proxy-authorization"}.isdisjoint(answer["headers"])
 
 
+async def test_an_upstream_at_an_ipv6_address_is_sent_a_valid_host(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    hosts: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        hosts.extend(line[6:] for line in head.split(b"\r\n") if line.lower().startswith(b"host: "))
+        writer.write(OK)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "::1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy: Proxy = await proxy_factory(
+            api={"base_url": f"http://[::1]:{port}"}, file_event_log=tmp_path / "events.jsonl"
+        )
+        up = Upstream(proxy, await proxy.token(), tmp_path / "events.jsonl", Connections())
+        answer, _ = await up.get()
+        assert answer is not None and (answer["status"], answer["body"]) == (200, b"ok")
+        # Brackets, as RFC 3986 writes an IPv6 authority: "::1:PORT" is no host an upstream parses.
+        assert hosts == [b"[::1]:%d" % port]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 # -- the trailer section ---------------------------------------------------------------------------
 
 
