@@ -46,6 +46,9 @@ _TOO_BIG_HEAD = "upstream sent too big a header"
 # SO_LINGER on, with no time: closing the socket resets the connection instead of ending it.
 _RESET = struct.pack("ii", 1, 0)
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+# An idle connection is given up this long before the upstream's announced Keep-Alive timeout: a
+# request sent nearer to it may cross the upstream's close on the way and be lost.
+_KEEP_ALIVE_MARGIN = 1.0
 
 _Key = tuple[str, str, int]
 
@@ -142,9 +145,10 @@ class _Connection(asyncio.Protocol):
         "_write_paused",
         "body_done",
         "closed",
+        "expires_at",
         "head_done",
         "headers",
-        "idle_since",
+        "keep_for",
         "key",
         "reason",
         "reusable",
@@ -158,7 +162,8 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.idle_since = 0.0
+        self.expires_at = 0.0  # while pooled: when it is given up
+        self.keep_for: float | None = None  # the upstream's Keep-Alive timeout, when it gave one
         self._lost: asyncio.Future[None] | None = None
         self._exc: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -560,6 +565,18 @@ class Http1Response:
         if conn is not None:
             conn.release()
 
+    def keep_alive_hint(self, value: bytes) -> None:
+        """The upstream's ``Keep-Alive`` field (see ``UpstreamResponse.keep_alive_hint``)."""
+        conn = self._conn
+        if conn is not None:
+            for param in value.split(b","):
+                name, _, seconds = param.partition(b"=")
+                if name.strip().lower() == b"timeout":
+                    seconds = seconds.strip()
+                    if seconds.isdigit():
+                        conn.keep_for = int(seconds) - _KEEP_ALIVE_MARGIN
+                    return
+
     def discard(self) -> None:
         """Close the connection whatever arrived (see ``UpstreamResponse.discard``)."""
         conn, self._conn = self._conn, None
@@ -573,7 +590,8 @@ class Http1Client:
     ``ssl_context`` is used for ``https`` origins (default: the system store plus ``SSL_CERT_FILE`` /
     ``SSL_CERT_DIR``, see :func:`~llm_proxy.http.egress.upstream_ssl_context`). ``egress`` routes
     connections through HTTP CONNECT proxies (default: direct). At most ``max_idle_per_origin`` idle
-    connections are kept per origin, each for at most ``keepalive_expiry`` seconds.
+    connections are kept per origin, each for at most ``keepalive_expiry`` seconds (less when the
+    upstream's ``Keep-Alive`` field announces it closes idle connections sooner).
     """
 
     def __init__(
@@ -659,12 +677,15 @@ class Http1Client:
         pool = self._pools.get(key)
         if not pool:
             return None
-        self._expire(pool, time.monotonic())
+        now = time.monotonic()
+        self._expire(pool, now)
         while pool:
             conn = pool.pop()  # LIFO: the most recently used connection is the least likely stale
             # is_closing(): the upstream's FIN was read but connection_lost() is not delivered yet.
             if not conn.closed and not conn.is_closing():
-                return conn
+                if conn.expires_at > now:
+                    return conn
+                conn.abort()  # past a Keep-Alive timeout shorter than the others'
         return None
 
     def _release(self, conn: _Connection) -> None:
@@ -674,13 +695,18 @@ class Http1Client:
         pool = self._pools.get(conn.key)
         if pool is None:
             pool = self._pools[conn.key] = deque()
+        keep_for = self._expiry if conn.keep_for is None else min(self._expiry, conn.keep_for)
+        if keep_for <= 0:
+            conn.abort()  # the upstream keeps it too briefly for a request to arrive in time
+            return
         if len(pool) >= self._max_idle:
             pool.popleft().abort()
-        conn.idle_since = now = time.monotonic()
+        now = time.monotonic()
+        conn.expires_at = now + keep_for
         pool.append(conn)
         self._expire(pool, now)
 
     def _expire(self, pool: deque[_Connection], now: float) -> None:
-        cutoff = now - self._expiry
-        while pool and pool[0].idle_since < cutoff:
+        # Oldest first: those kept for a shorter time than the others are also caught by _take().
+        while pool and pool[0].expires_at <= now:
             pool.popleft().abort()

@@ -85,6 +85,11 @@ class UpstreamResponse(Protocol):
         """Return the connection to the pool if the body was fully read, else close it."""
         ...
 
+    def keep_alive_hint(self, value: bytes) -> None:
+        """The upstream's ``Keep-Alive`` field: its ``timeout`` bounds how long the connection is
+        kept idle for another request."""
+        ...
+
     def discard(self) -> None:
         """Close the connection, even when the whole body arrived: the answer was refused, and
         a framing the proxy found ambiguous must not carry the next request's answer."""

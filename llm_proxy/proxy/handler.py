@@ -56,18 +56,18 @@ _SSE_DONE = re.compile(rb"(?:^|\n)data: ?\[DONE\]\s*$")
 (
     _DROP,
     _CONNECTION,
+    _KEEP_ALIVE,
     _TRANSFER_ENCODING,
     _CONTENT_TYPE,
     _CONTENT_ENCODING,
     _CONTENT_LENGTH,
     _DATE,
     _UPSTREAM_REQUEST_ID,
-) = range(8)
+) = range(9)
 _HOP_BY_HOP = _TRANSFER_ENCODING
 _RESPONSE_FIELDS = {
     **dict.fromkeys(
         (
-            b"keep-alive",
             b"proxy-authenticate",
             b"proxy-connection",
             b"te",
@@ -81,6 +81,7 @@ _RESPONSE_FIELDS = {
         _DROP,
     ),
     b"connection": _CONNECTION,
+    b"keep-alive": _KEEP_ALIVE,
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"content-type": _CONTENT_TYPE,
     b"content-encoding": _CONTENT_ENCODING,
@@ -825,6 +826,10 @@ class ProxyHandler:
                         # The usual values in one comparison each; any other is read whole.
                         if value != b"keep-alive" and value != b"close":
                             named = _connection_options(value, named)
+                    elif action == _KEEP_ALIVE:
+                        # Read here, in the one pass over the fields: how long the upstream keeps
+                        # the connection idle, which the pool must not outstay.
+                        upstream.keep_alive_hint(value)
                     elif (
                         action == _TRANSFER_ENCODING
                         and value != b"chunked"

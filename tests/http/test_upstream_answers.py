@@ -354,6 +354,39 @@ async def test_an_upstream_at_an_ipv6_address_is_sent_a_valid_host(
         await server.wait_closed()
 
 
+async def test_a_connection_near_the_upstreams_keep_alive_timeout_is_not_reused(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    # The upstream closes a connection left idle for its Keep-Alive timeout, here at the moment a
+    # request arrives on it (the race with its timer): that request would be lost, a 502.
+    servers = RawServers()
+    connections = Connections()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.opened += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2, max=100\r\nContent-Length: 2\r\n\r\nok"
+        )
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request, once idle past the timeout
+
+    port = await servers.start(serve)
+    try:
+        proxy: Proxy = await proxy_factory(api={"base_url": f"http://127.0.0.1:{port}"})
+        up = Upstream(proxy, await proxy.token(), tmp_path / "events.jsonl", connections)
+        first, raw = await up.get()
+        assert first is not None and first["body"] == b"ok"
+        assert b"Keep-Alive" not in raw  # hop-by-hop: the upstream's, not the client's
+        # Within the timeout, but too near its end for a request to be sure to arrive in time.
+        await asyncio.sleep(1.5)
+        second, _ = await up.get()
+        assert second is not None and (second["status"], second["body"]) == (200, b"ok")
+        assert connections.opened == 2
+    finally:
+        await servers.close()
+
+
 # -- the trailer section ---------------------------------------------------------------------------
 
 
