@@ -14,6 +14,7 @@ may run through an HTTP CONNECT tunnel (``egress.py``).
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import struct
@@ -43,6 +44,9 @@ MAX_HEAD_FIELDS = 256
 # empty line that ends the head.
 _HEAD_FRAME_BYTES = len(b"HTTP/1.1 200 \r\n\r\n")
 _TOO_BIG_HEAD = "upstream sent too big a header"
+# What a reason phrase may not hold (RFC 9112 §4: tabs, spaces and visible characters only) and
+# the parser lets through.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # SO_LINGER on, with no time: closing the socket resets the connection instead of ending it.
 _RESET = struct.pack("ii", 1, 0)
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -279,6 +283,11 @@ class _Connection(asyncio.Protocol):
             self._check_head_size()
         self._unproductive = 0
         self._fields = _DROPPED_TRAILERS
+        reason = self.reason
+        if not reason.isalpha() and _CONTROL.search(reason):
+            # Relayed, it would make a client's parser refuse the whole answer (h11's, under the
+            # OpenAI Python SDK, refuses a NUL); the phrase means nothing: the standard one goes.
+            self.reason = b""
         self.status = status
         self.head_done = True
         self.reusable = self._parser.should_keep_alive()

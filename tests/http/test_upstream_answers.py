@@ -387,6 +387,29 @@ async def test_a_connection_near_the_upstreams_keep_alive_timeout_is_not_reused(
         await servers.close()
 
 
+@pytest.mark.parametrize(
+    ("status_line", "relayed"),
+    [
+        (b"HTTP/1.1 200 O\x00K", b"HTTP/1.1 200 OK\r\n"),
+        (b"HTTP/1.1 404 Not\x1bFound", b"HTTP/1.1 404 Not Found\r\n"),
+        (b"HTTP/1.1 201 Fine\tand dandy \xe9", b"HTTP/1.1 201 Fine\tand dandy \xe9\r\n"),
+    ],
+    ids=["nul", "escape", "legal"],
+)
+async def test_a_reason_phrase_with_control_characters_is_replaced_by_the_standard_one(
+    upstream: Start, status_line: bytes, relayed: bytes
+) -> None:
+    # A client's parser may refuse the whole answer over one (h11, under the OpenAI Python SDK,
+    # refuses a NUL), and the phrase carries no meaning: the answer is relayed with a legal one.
+    async def odd_reason(writer: asyncio.StreamWriter) -> None:
+        writer.write(status_line + b"\r\nContent-Length: 2\r\n\r\n{}")
+
+    up = await upstream(odd_reason)
+    answer, raw = await up.get()
+    assert answer is not None and answer["body"] == b"{}"
+    assert raw.startswith(relayed)
+
+
 # -- the trailer section ---------------------------------------------------------------------------
 
 
