@@ -77,6 +77,11 @@ _RESPONSE_FIELDS = {
             # headers would hand the project's key to the token's holder.
             b"authorization",
             b"proxy-authorization",
+            # CORS is the proxy's, per allowed_origins: an upstream's own answer (say, one that
+            # allows every origin) would override it, or next to the proxy's make a browser
+            # refuse both (one Access-Control-Allow-Origin value only).
+            b"access-control-allow-origin",
+            b"access-control-allow-credentials",
         ),
         _DROP,
     ),

@@ -410,6 +410,56 @@ async def test_a_reason_phrase_with_control_characters_is_replaced_by_the_standa
     assert raw.startswith(relayed)
 
 
+async def test_the_proxys_cors_answer_is_the_only_one_the_browser_sees(
+    proxy_factory: Any,
+) -> None:
+    # An upstream that answers CORS itself, allowing every origin: two
+    # Access-Control-Allow-Origin values make a browser refuse the answer, and the proxy's
+    # allowed_origins decide which origins may read it.
+    servers = RawServers()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\n"
+                b"Access-Control-Allow-Credentials: true\r\n"
+                b"Access-Control-Expose-Headers: X-Request-ID\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            await writer.drain()
+
+    port = await servers.start(serve)
+    try:
+        proxy: Proxy = await proxy_factory(
+            api={"base_url": f"http://127.0.0.1:{port}", "allowed_origins": ["https://app.example"]}
+        )
+        token = await proxy.token()
+        seen = {}
+        for origin in ("https://app.example", "https://evil.example"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+            writer.write(
+                f"GET /v1/models HTTP/1.1\r\nHost: t\r\nOrigin: {origin}\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n".encode()
+            )
+            answers, raw = Answers(), b""
+            while not answers.items:
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data
+                raw += data
+                answers.feed(data)
+            writer.close()
+            head = raw.partition(b"\r\n\r\n")[0].lower()
+            seen[origin] = [
+                line.partition(b": ")[2]
+                for line in head.split(b"\r\n")
+                if line.startswith(b"access-control-allow-")
+            ]
+            assert b"access-control-expose-headers: x-request-id" in head
+        assert seen == {"https://app.example": [b"https://app.example"], "https://evil.example": []}
+        await proxy.client.close()  # first, so that the upstream sees its connections closed
+    finally:
+        await servers.close()
+
+
 # -- the trailer section ---------------------------------------------------------------------------
 
 
