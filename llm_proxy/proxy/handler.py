@@ -82,6 +82,12 @@ _RESPONSE_FIELDS = {
             # refuse both (one Access-Control-Allow-Origin value only).
             b"access-control-allow-origin",
             b"access-control-allow-credentials",
+            # The fields the proxy answers with itself: an upstream gateway's would be taken
+            # for ours (its request id, its own token's expiry and what is left of it).
+            b"llm-proxy-request-id",
+            b"llm-proxy-token-expires-at",
+            b"llm-proxy-remaining-requests",
+            b"llm-proxy-remaining-budget-usd",
         ),
         _DROP,
     ),

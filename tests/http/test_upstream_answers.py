@@ -460,6 +460,39 @@ async def test_the_proxys_cors_answer_is_the_only_one_the_browser_sees(
         await servers.close()
 
 
+async def test_an_upstream_gateways_own_llm_proxy_fields_are_not_relayed_beside_ours(
+    upstream: Start,
+) -> None:
+    # An upstream that is itself a gateway like this one (a team's proxy in front of another)
+    # answers with the fields of its own token: the client must read its own token's alone.
+    async def gateway(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nLLM-Proxy-Request-ID: inner\r\n"
+            b"LLM-Proxy-Token-Expires-At: 2000-01-01T00:00:00Z\r\n"
+            b"LLM-Proxy-Remaining-Requests: 3\r\nLLM-Proxy-Remaining-Budget-USD: 0.5\r\n"
+            b"Content-Length: 2\r\n\r\n{}"
+        )
+
+    up = await upstream(gateway)
+    up.token = await up.proxy.token(max_requests=10)
+    answer, raw = await up.get()
+    assert answer is not None and answer["body"] == b"{}"
+    fields = [
+        line.partition(b": ")
+        for line in raw.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        if line.startswith(b"llm-proxy-")
+    ]
+    names = [name for name, _, _ in fields]
+    assert sorted(names) == [
+        b"llm-proxy-remaining-requests",
+        b"llm-proxy-request-id",
+        b"llm-proxy-token-expires-at",
+    ]
+    values = {name: value for name, _, value in fields}
+    assert values[b"llm-proxy-remaining-requests"] == b"9"
+    assert values[b"llm-proxy-request-id"] == answer["headers"]["x-request-id"].encode()
+
+
 # -- the trailer section ---------------------------------------------------------------------------
 
 
