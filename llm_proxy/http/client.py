@@ -411,8 +411,10 @@ class _Connection(asyncio.Protocol):
 
     async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool, idle: float) -> None:
         transport = self._transport
+        # Each write follows a wait for the client: the upstream may have closed meanwhile, and
+        # uvloop raises on a write to a closed transport (is_closing() also covers our own abort).
         async for chunk in body:
-            if self._exc is not None or self.head_done:
+            if self.head_done or transport.is_closing():
                 break
             if chunked:
                 if not chunk:
@@ -423,9 +425,11 @@ class _Connection(asyncio.Protocol):
             if self._write_paused:
                 await self._drain(idle)
         else:
-            if chunked:
+            if not chunked:
+                return
+            if not transport.is_closing():
                 transport.write(b"0\r\n\r\n")
-            return
+                return
         self.reusable = False  # the rest of the request body was never sent
 
     async def send(

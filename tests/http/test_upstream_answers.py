@@ -24,6 +24,7 @@ import pytest
 from llm_proxy.http.client import MAX_HEAD_BYTES, MAX_HEAD_FIELDS
 from tests.conftest import UPSTREAM_KEY, Proxy
 from tests.http.answers import Answers
+from tests.processes import start_server, write_api_config
 from tests.raw_servers import RawServers
 from tests.waiting import wait_for_lines
 
@@ -491,6 +492,49 @@ async def test_an_upstream_gateways_own_llm_proxy_fields_are_not_relayed_beside_
     values = {name: value for name, _, value in fields}
     assert values[b"llm-proxy-remaining-requests"] == b"9"
     assert values[b"llm-proxy-request-id"] == answer["headers"]["x-request-id"].encode()
+
+
+@pytest.mark.process
+async def test_an_upstream_closing_while_a_streamed_upload_waits_for_its_end_is_a_502(
+    tmp_path: Path,
+) -> None:
+    # On uvloop (the server's loop), writing to a connection that is gone raises: the end of a
+    # chunked upload written after the upstream closed must not make a 500 of the proxy's own.
+    servers = RawServers()
+    closed = asyncio.Event()
+
+    async def close_mid_upload(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readuntil(b"}\r\n")  # every chunk of the body, not yet its end
+        writer.close()
+        closed.set()
+
+    port = await servers.start(close_mid_upload)
+    api_config = write_api_config(tmp_path / "api.yaml", f"http://127.0.0.1:{port}")
+    server = start_server(tmp_path / "data", api_config, tmp_path / "logs")
+    try:
+        token = await asyncio.to_thread(server.issue_token)
+        host, _, server_port = server.base_url.removeprefix("http://").partition(":")
+        reader, writer = await asyncio.open_connection(host, int(server_port))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %b\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1\r\n{\r\n1\r\n}\r\n" % token.encode()
+        )
+        await asyncio.wait_for(closed.wait(), 5)
+        await asyncio.sleep(0.5)  # for the proxy to see the close before the upload ends
+        writer.write(b"0\r\n\r\n")
+        answers = Answers()
+        while not answers.items:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the proxy closed the connection without an answer"
+            answers.feed(data)
+        writer.close()
+        assert error_of(answers.items[0])[:2] == (502, "upstream_unavailable")
+    finally:
+        server.stop()
+        await servers.close()
+    assert "front.handler_failed" not in server.process.stderr
 
 
 # -- the trailer section ---------------------------------------------------------------------------
