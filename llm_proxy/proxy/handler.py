@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -44,12 +43,12 @@ from llm_proxy.proxy.cost_bound import prompt_token_bound, with_output_cap
 from llm_proxy.proxy.exchange import RESPONSE_TAIL_BYTES, CappedBuffer, Exchange, ExchangeSink
 from llm_proxy.proxy.form_scan import FormInspector, form_media_type
 from llm_proxy.proxy.metrics import MetricsSink
+from llm_proxy.proxy.stream_end import answered_whole
 from llm_proxy.proxy.tool_models import UnreadableTools, tool_models
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
 
 log = structlog.get_logger(__name__)
-_SSE_DONE = re.compile(rb"(?:^|\n)data: ?\[DONE\]\s*$")
 
 # What the relay does with an upstream response field, by its lower-case name; absent: pass it on.
 # Up to _HOP_BY_HOP, the field is never relayed.
@@ -924,9 +923,7 @@ class ProxyHandler:
                 if tail:
                     await writer.write(tail)
         except asyncio.CancelledError:
-            # SDKs close a stream as soon as they read `data: [DONE]`, which may be before the
-            # upstream's end of body arrives: that client left with the whole answer.
-            if stream and _SSE_DONE.search(before_last[-32:] + last):
+            if stream and answered_whole(before_last, last, capture):
                 exchange.answered_whole = True
             raise
         except errors.ProxyError as exc:

@@ -39,6 +39,7 @@ class Script:
     headers: dict[str, str] = field(default_factory=dict)
     pieces: list[bytes] = field(default_factory=list)
     chunked: bool = True
+    linger: float = 0.0  # seconds between the last piece and the end of the body
 
 
 SCRIPT = web.AppKey("script", Script)
@@ -58,6 +59,7 @@ async def _scripted(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     for piece in script.pieces:
         await response.write(piece)
+    await asyncio.sleep(script.linger)
     await response.write_eof()
     return response
 
@@ -100,10 +102,11 @@ def _answer(
     headers: dict[str, str],
     pieces: list[bytes],
     chunked: bool = True,
+    linger: float = 0.0,
 ) -> None:
     script = upstream.app[SCRIPT]
     script.status, script.headers, script.pieces = status, headers, pieces
-    script.chunked = chunked
+    script.chunked, script.linger = chunked, linger
 
 
 def _sse(events: list[dict[str, Any]], *, named: bool = False) -> list[bytes]:
@@ -261,6 +264,51 @@ async def test_an_error_answer_to_a_stream_asked_for_usage_keeps_its_content_len
     assert response.headers.get("Content-Length") == str(len(answer))
     assert "Transfer-Encoding" not in response.headers
     assert await response.read() == answer
+
+
+def _responses_stream(text: list[str], usage: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Responses API stream as OpenAI sends it: its last event, response.completed, carries the
+    whole response with its usage (and no ``[DONE]`` follows)."""
+    head = {"id": "resp_1", "object": "response", "status": "in_progress", "model": "m"}
+    started = {**head, "output": [], "usage": None}
+    part = {"type": "output_text", "text": "".join(text), "annotations": []}
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "content": [part]}
+    at = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    return [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        *({"type": "response.output_text.delta", **at, "delta": delta} for delta in text),
+        {"type": "response.output_text.done", **at, "text": part["text"]},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {
+            "type": "response.completed",
+            "response": {**head, "status": "completed", "output": [item], "usage": usage},
+        },
+    ]
+
+
+async def test_a_client_that_leaves_once_it_read_response_completed_is_not_recorded_as_gone(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    # The SDK user stops at response.completed, the Responses API's last event, and closes the
+    # stream; the upstream's end of body may come later. That client had the whole answer.
+    usage = {"input_tokens": 10, "output_tokens": 2, "total_tokens": 12}
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "text/event-stream"},
+        pieces=_sse(_responses_stream(["Hello", " world"], usage), named=True),
+        linger=5,
+    )
+    token = await proxy.token()
+    async with proxy.sdk(token) as client:
+        stream = await client.responses.create(model="m", input="hi", stream=True)
+        async for event in stream:
+            if event.type == "response.completed":
+                break
+        await stream.close()
+    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+    assert (event["status"], event["error"]) == (200, None)
+    assert event["usage"]["source"] == "upstream"
 
 
 async def _settled(proxy: Proxy, token_id: str) -> dict[str, Any]:
