@@ -109,6 +109,8 @@ _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
 _TOOLS = frozenset({"tools"})
 _PRICED_RAW = frozenset({"tools", "stream_options"})
+_OPTIONS = frozenset({"stream_options"})
+_STREAM = frozenset({"stream"})
 _MODEL_PATH = "/v1/models/"
 Fields = list[tuple[bytes, bytes]]
 _UNREADABLE = (
@@ -192,12 +194,43 @@ def _without_fields(lines: list[bytes], named: set[bytes]) -> list[bytes]:
 
 def _inspector(watched: frozenset[str], grant: Grant, inject: bool) -> BodyInspector:
     """A reader of a checked body; for a token limited to some models or budgeted, with its
-    tools' text (see tool_models.py)."""
+    tools' text (see tool_models.py); for one whose streams must carry their usage, with its
+    stream_options' text."""
     if grant.budget is not None:
-        raw = _PRICED_RAW
-    else:
-        raw = _TOOLS if grant.allowed_models is not None else frozenset()
+        return BodyInspector(watched, inject_usage=inject, raw=_PRICED_RAW)
+    raw = _TOOLS if grant.allowed_models is not None else frozenset()
+    if inject and grant.tpm is not None:
+        raw |= _OPTIONS
     return BodyInspector(watched, inject_usage=inject, raw=raw)
+
+
+def _hides_usage(inspector: BodyInspector) -> bool:
+    """Whether a chat or legacy completion body streams without its usage, which the proxy
+    could not ask for (the client turned include_usage off, or sent stream_options that are
+    not an object): its tokens could then only be counted from the text captured."""
+    values = inspector.values
+    return (
+        inspector.is_object
+        and not inspector.usage_injected
+        and any(value is True for value in values.get("stream", []))
+        and not all(map(asks_usage_in_any_reading, values.get("stream_options") or [None]))
+    )
+
+
+def _may_stream(body: bytes) -> bool:
+    """Whether a body may hold a ``"stream"`` key: one spelled out, or a ``\\u`` escape that
+    could spell it."""
+    return body.find(b'"stream"') >= 0 or body.find(b"\\u") >= 0
+
+
+def _refuse_uncounted_stream(inspector: BodyInspector) -> None:
+    if _hides_usage(inspector):
+        # Counted from its text, a stream's tokens would be the part of it the capture kept,
+        # without a reasoning model's hidden ones: far fewer than its tpm window must hold.
+        raise errors.ParamNotAllowed(
+            "This token has a tpm limit: a stream must carry its usage, so that its tokens are"
+            " counted; leave out stream_options.include_usage, or set it to true."
+        )
 
 
 def _content_encoded(headers: Fields) -> bool:
@@ -582,10 +615,20 @@ class ProxyHandler:
             and request.method == "POST"
             and exchange.path in _USAGE_PATHS
         )
+        # A token with a tpm window counts its streams' tokens from their usage: one that hides
+        # it is read before it goes upstream, as a checked body is.
+        counted = inject and grant.tpm is not None
+        if counted:
+            watched |= _STREAM
         if check and _content_encoded(headers):
             raise errors.UnsupportedContentEncoding(
                 "Request bodies with a Content-Encoding cannot be checked against the "
                 "parameter whitelist or the token's models; send them uncompressed."
+            )
+        if counted and _content_encoded(headers):
+            raise errors.UnsupportedContentEncoding(
+                "This token has a tpm limit: its completions are read for their streams' usage, so"
+                " they cannot come with a Content-Encoding; send them uncompressed."
             )
         form = self._form_reader(headers, watched) if check else None
         if length is not None and length <= _SMALL_BODY:
@@ -599,15 +642,23 @@ class ProxyHandler:
                     form.feed(data)
                     form.finish()
                 self._check_params(inspector, grant, form, empty=not data)
+                if counted:
+                    _refuse_uncounted_stream(inspector)
                 rewritten = passed if inspector.usage_injected else None
             elif inject:
                 rewritten = ask_usage(data)
+                if rewritten is None and counted and _may_stream(data):
+                    inspector = _inspector(watched, grant, inject)
+                    inspector.feed(data)
+                    inspector.finish()
+                    self._check_params(inspector, grant, empty=not data)
+                    _refuse_uncounted_stream(inspector)
             # (Only a body asking for usage pays for the look at its encoding.)
             if rewritten is None or _content_encoded(headers):
                 return data, headers
             exchange.usage_injected = True
             return rewritten, _asking_usage(headers)
-        if check:
+        if check or counted:
             return await self._spooled(request, exchange, inject, headers, grant, watched, form)
         if inject and not _content_encoded(headers):
             return self._injecting(request, exchange), _asking_usage(headers)
@@ -655,13 +706,7 @@ class ProxyHandler:
                     " (image_generation) is billed apart from the answer's usage and cannot be"
                     " priced."
                 )
-        values = inspector.values
-        if (
-            inject
-            and not inspector.usage_injected
-            and any(value is True for value in values.get("stream", []))
-            and not all(map(asks_usage_in_any_reading, values.get("stream_options") or [None]))
-        ):
+        if inject and _hides_usage(inspector):
             # Priced from its text, a stream would not pay for a reasoning model's hidden tokens.
             raise errors.ModelNotPriced(
                 "This token has a budget: a stream must carry its usage, so that its cost is"
@@ -729,6 +774,8 @@ class ProxyHandler:
             if form is not None:
                 form.finish()
             self._check_params(inspector, grant, form, empty=not spool.size)
+            if inject and grant.tpm is not None:
+                _refuse_uncounted_stream(inspector)
         except BaseException:
             spool.close()
             raise
@@ -782,8 +829,8 @@ class ProxyHandler:
                     " cannot be checked."
                 )
         if not readable:
-            if empty:
-                return
+            if empty or (grant.allowed_models is None and not self.provider.param_whitelist):
+                return  # (read for its stream's usage alone: the upstream judges the rest)
             if self.provider.param_whitelist:
                 raise errors.ParamNotAllowed(_UNREADABLE % "the parameter whitelist")
             raise errors.ModelNotAllowed(_UNREADABLE % "the models this token is limited to")

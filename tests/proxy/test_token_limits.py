@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 from typing import Any
 
@@ -278,6 +279,41 @@ async def test_tpm_refuses_while_the_settled_tokens_fill_the_window(proxy: Proxy
     assert (await response.json())["error"]["code"] == "rate_limited"
     assert 55 <= int(response.headers["Retry-After"]) <= 60
     assert "x-should-retry" not in response.headers
+
+
+async def _in_pieces(body: bytes) -> Any:
+    for at in range(0, len(body), 1000):
+        yield body[at : at + 1000]
+
+
+@pytest.mark.parametrize("framing", ["whole", "chunked", "large"])
+@pytest.mark.parametrize("models", [{}, {"allowed_models": ["gpt-4o-mini*"]}], ids=["tpm", "both"])
+async def test_a_stream_that_hides_its_usage_cannot_slip_past_a_tpm_window(
+    proxy: Proxy, framing: str, models: dict[str, Any]
+) -> None:
+    # Counted from its text, a stream's tokens were the part of it the capture kept, without a
+    # reasoning model's hidden tokens: a client that turned include_usage off had answers of
+    # thousands of tokens drawn from its tpm window as a few dozen.
+    token = await proxy.token(tpm=1000, **models)
+    padding = 70_000 if framing == "large" else 0
+    for options in (b'"stream_options":{"include_usage":false}', b'"stream_options":null'):
+        body = chat("gpt-4o-mini", padding)[:-1] + b',"stream":true,' + options + b"}"
+        data = _in_pieces(body) if framing == "chunked" else body
+        status, _, answer = await post(proxy, token, data)
+        assert (status, answer["error"]["code"]) == (400, "param_not_allowed")
+    compressed = {**bearer(token), "Content-Encoding": "gzip"}
+    body = gzip.compress(chat("gpt-4o-mini", padding)[:-1] + b',"stream":true}')
+    refused = await proxy.client.post("/v1/chat/completions", data=body, headers=compressed)
+    assert refused.status == 415
+    assert proxy.upstream.requests == []
+    # A stream that leaves its usage to the proxy, or asks for it, is served.
+    for options in (b'"n":1', b'"stream_options":{"include_usage":true}'):
+        body = chat("gpt-4o-mini", padding)[:-1] + b',"stream":true,' + options + b"}"
+        data = _in_pieces(body) if framing == "chunked" else body
+        response = await proxy.client.post("/v1/chat/completions", data=data, headers=bearer(token))
+        assert response.status == 200
+        await response.read()
+    assert all(b'"include_usage":true' in seen.body for seen in proxy.upstream.requests)
 
 
 @pytest.mark.parametrize("build_in", ["thread", "process"])
