@@ -152,7 +152,27 @@ def _answer_usage(
         exchange.left_before_answer or (200 <= exchange.status < 300 and decoded.data is not None)
     ):
         event_usage = usage.estimate(exchange.path, request, response, model)
+        if event_usage is not None and decoded.truncated and exchange.is_stream:
+            event_usage = _whole_stream(event_usage, exchange, len(response_raw))
     return event_usage, usage_body
+
+
+def _whole_stream(estimated: Usage, exchange: Exchange, captured: int) -> Usage:
+    """The estimate of a stream whose usage never came (its client left) and whose capture kept
+    only its head: its completion scaled to all the bytes the upstream sent, since a stream's
+    events cost about as many bytes per token all along. Counted from the head alone, a long
+    stream cut near its end paid for a fraction of what it was sent."""
+    passed = exchange.response_body.passed
+    if exchange.response_content_encoding or not captured or passed <= captured:
+        return estimated
+    completion = -(-estimated["completion_tokens"] * passed // captured)  # rounded up
+    prompt = estimated["prompt_tokens"]
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        source="estimated",
+    )
 
 
 _UNFINISHED = frozenset({"queued", "in_progress"})

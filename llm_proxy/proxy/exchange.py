@@ -28,7 +28,16 @@ class CappedBuffer:
     can afford to keep.
     """
 
-    __slots__ = ("chunks", "limit", "size", "tail_chunks", "tail_limit", "tail_size", "truncated")
+    __slots__ = (
+        "chunks",
+        "limit",
+        "size",
+        "skipped",
+        "tail_chunks",
+        "tail_limit",
+        "tail_size",
+        "truncated",
+    )
 
     def __init__(self, limit: int, tail_limit: int = 0) -> None:
         self.limit = limit
@@ -38,6 +47,7 @@ class CappedBuffer:
         self.tail_limit = tail_limit
         self.tail_chunks: list[bytes] | None = None  # made when the first byte past the head comes
         self.tail_size = 0
+        self.skipped = 0  # bytes that passed between the head and the tail, kept by neither
 
     def add(self, chunk: bytes) -> None:
         if self.size >= self.limit:
@@ -61,7 +71,9 @@ class CappedBuffer:
         tail.append(chunk)
         self.tail_size += len(chunk)
         while self.tail_size - len(tail[0]) >= self.tail_limit:
-            self.tail_size -= len(tail.pop(0))
+            dropped = len(tail.pop(0))
+            self.tail_size -= dropped
+            self.skipped += dropped
 
     def getvalue(self) -> bytes:
         return b"".join(self.chunks)
@@ -71,9 +83,17 @@ class CappedBuffer:
         """The bytes kept past the head (empty unless a ``tail_limit`` was given and passed)."""
         return b"".join(self.tail_chunks) if self.tail_chunks else b""
 
+    @property
+    def passed(self) -> int:
+        """The bytes of the whole body that flowed past, kept or not."""
+        return self.size + self.skipped + self.tail_size
+
     @classmethod
-    def of(cls, data: bytes, limit: int, truncated: bool, tail: bytes = b"") -> CappedBuffer:
+    def of(
+        cls, data: bytes, limit: int, truncated: bool, tail: bytes = b"", skipped: int = 0
+    ) -> CappedBuffer:
         buffer = cls(limit, len(tail))
+        buffer.skipped = skipped
         buffer.chunks = [data] if data else []
         buffer.size = len(data)
         buffer.truncated = truncated
@@ -160,7 +180,7 @@ class Exchange:
             self.request_id, self.started_at, self.started, self.method, self.path,
             self.project_id, self.token_id,
             req.getvalue(), req.limit, req.truncated,
-            resp.getvalue(), resp.limit, resp.truncated, resp.tail,
+            resp.getvalue(), resp.limit, resp.truncated, resp.tail, resp.skipped,
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
             self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
@@ -173,12 +193,12 @@ class Exchange:
         (
             request_id, started_at, started, method, path, project_id, token_id,
             req, req_limit, req_truncated, resp, resp_limit, resp_truncated, resp_tail,
-            *rest,
+            resp_skipped, *rest,
         ) = wire  # fmt: skip
         return cls(
             request_id, started_at, started, method, path, project_id, token_id,
             CappedBuffer.of(req, req_limit, req_truncated),
-            CappedBuffer.of(resp, resp_limit, resp_truncated, resp_tail),
+            CappedBuffer.of(resp, resp_limit, resp_truncated, resp_tail, resp_skipped),
             *rest,
         )  # fmt: skip
 

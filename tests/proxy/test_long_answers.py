@@ -76,3 +76,48 @@ async def test_a_long_answer_is_charged_and_counted_what_the_upstream_reported(
             break
         await asyncio.sleep(0.02)
     assert shown["spent_usd"] == pytest.approx(expected)
+
+
+@pytest.fixture
+async def paced_upstream() -> AsyncIterator[TestServer]:
+    server = TestServer(fake_upstream_app(MockSettings(chunks=WORDS, chunk_interval=0.002)))
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.mark.parametrize("build_in", ["thread", "process"])
+async def test_a_client_that_hangs_up_deep_into_a_long_stream_pays_for_what_it_was_sent(
+    proxy_factory: Any, paced_upstream: TestServer, tmp_path: Path, build_in: str
+) -> None:
+    # Its usage never comes, so it is counted from the answer: all of it, not only the part the
+    # capture kept (a few dozen words here, some thousand tokens at the default capture).
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(PRICES)
+    proxy: Proxy = await proxy_factory(
+        prices_path=prices,
+        capture_body_bytes=CAPTURE,
+        file_event_log=tmp_path / "events.jsonl",
+        event_build_in=build_in,
+        api={"base_url": str(paced_upstream.make_url("")).rstrip("/")},
+    )
+    issued = await proxy.issue_token(budget_usd=10, tpm=1_000_000)
+    response = await proxy.client.post(
+        "/v1/chat/completions",
+        data=chat(stream=True, max_tokens=5000),
+        headers={"Authorization": f"Bearer {issued['token']}"},
+    )
+    read = 1000
+    for _ in range(1 + read):  # the role's chunk, then as many words
+        await response.content.readuntil(b"\n\n")
+    response.close()
+
+    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+    assert (event["error"], event["usage"]["source"]) == ("client_disconnected", "estimated")
+    assert read <= event["usage"]["completion_tokens"] <= WORDS
+    for _ in range(300):
+        _, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+        if shown["reserved_usd"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert shown["spent_usd"] >= read * 4.00 / 1e6
