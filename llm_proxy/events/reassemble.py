@@ -189,22 +189,51 @@ def _responses(payloads: list[JsonObject]) -> JsonObject:
     if final and isinstance(final[-1], dict):
         result: JsonObject = final[-1]
         return result
-    # Cut short: rebuild from the response head, the finished output items, and the text deltas of
-    # the item still being written.
+    # Cut short: rebuild from the response head, the finished output items, and the deltas of the
+    # items still being written.
     heads = [p["response"] for p in payloads if isinstance(p.get("response"), dict)]
     result = dict(heads[-1]) if heads else {"object": "response"}
     done = [p["item"] for p in payloads if p.get("type") == "response.output_item.done"]
     done_ids = {item.get("id") for item in done if isinstance(item, dict)}
-    partial = [
-        p["delta"]
+    added = {
+        p["item"].get("id"): p["item"]
         for p in payloads
-        if p.get("type") == "response.output_text.delta"
-        and p.get("item_id") not in done_ids
-        and isinstance(p.get("delta"), str)
-    ]
+        if p.get("type") == "response.output_item.added" and isinstance(p.get("item"), dict)
+    }
+    unfinished: dict[object, dict[str, list[str]]] = {}  # item id -> field -> its deltas
+    for p in payloads:
+        name = _DELTA_FIELDS.get(str(p.get("type")))
+        if name is None or p.get("item_id") in done_ids or not isinstance(p.get("delta"), str):
+            continue
+        unfinished.setdefault(p.get("item_id"), {}).setdefault(name, []).append(p["delta"])
     output = list(done)
-    if partial:
-        text = {"type": "output_text", "text": "".join(partial)}
-        output.append({"type": "message", "role": "assistant", "content": [text]})
+    for item_id, pieces in unfinished.items():
+        fields = {name: "".join(deltas) for name, deltas in pieces.items()}
+        output.append(_unfinished_item(added.get(item_id), fields))
     result["output"] = output
     return result
+
+
+# The deltas that write an output item, by event type: the field of the item they build.
+_DELTA_FIELDS = {
+    "response.output_text.delta": "text",
+    "response.refusal.delta": "refusal",
+    "response.function_call_arguments.delta": "arguments",
+    "response.custom_tool_call_input.delta": "input",
+}
+
+
+def _unfinished_item(added: object, fields: dict[str, str]) -> JsonObject:
+    """An output item as far as its deltas wrote it: a message's text and refusal, or a tool
+    call (as its output_item.added announced it) with its arguments or input so far."""
+    if "text" in fields or "refusal" in fields:
+        content: list[JsonObject] = []
+        if "text" in fields:
+            content.append({"type": "output_text", "text": fields["text"]})
+        if "refusal" in fields:
+            content.append({"type": "refusal", "refusal": fields["refusal"]})
+        return {"type": "message", "role": "assistant", "content": content}
+    item: JsonObject = dict(added) if isinstance(added, dict) else {}
+    item.setdefault("type", "function_call" if "arguments" in fields else "custom_tool_call")
+    item.update(fields)
+    return item

@@ -215,4 +215,5 @@ def _responses_completion(response: object, model: str | None) -> int:
             total += sum(tokens.count(t, model) for t in _texts(item.get("content")))
             total += tokens.count(_str(item.get("name")), model)
             total += tokens.count(_str(item.get("arguments")), model)
+            total += tokens.count(_str(item.get("input")), model)  # a custom tool call's
     return total

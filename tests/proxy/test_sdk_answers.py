@@ -311,6 +311,40 @@ async def test_a_client_that_leaves_once_it_read_response_completed_is_not_recor
     assert event["usage"]["source"] == "upstream"
 
 
+async def test_a_responses_stream_cut_in_a_function_call_counts_the_arguments_it_sent(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    # Its usage never comes: the estimate is all the event has, and it must count the call.
+    started = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+    call = {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "write_file"}
+    at = {"item_id": "fc_1", "output_index": 0}
+    delta = {"type": "response.function_call_arguments.delta", **at, "delta": " lorem ipsum dolor"}
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "text/event-stream"},
+        pieces=_sse(
+            [
+                {"type": "response.created", "response": {**started, "usage": None}},
+                {"type": "response.output_item.added", "output_index": 0, "item": call},
+                *[delta] * 100,
+            ],
+            named=True,
+        ),
+        linger=5,
+    )
+    token = await proxy.token()
+    async with proxy.sdk(token) as client:
+        stream = await client.responses.create(model="gpt-4o", input="hi", stream=True)
+        async for event in stream:
+            if event.type == "response.function_call_arguments.delta":
+                break
+        await stream.close()
+    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+    assert event["error"] == "client_disconnected"
+    assert event["response"]["output"] == [{**call, "arguments": " lorem ipsum dolor" * 100}]
+    assert event["usage"]["completion_tokens"] >= 300  # three tokens a delta, and the name
+
+
 async def _settled(proxy: Proxy, token_id: str) -> dict[str, Any]:
     """The token once nothing is held for it any more."""
     for _ in range(300):
