@@ -6,8 +6,9 @@ budgeted request can cost; both are settled here, off the request path, in the p
 the events (the events process, or the server with ``event_build_in="thread"``), from the same
 usage and cost the event reports: the upstream's, or the offline estimate when the upstream sent
 none (a client that hung up mid-stream pays for what the upstream had produced by then; one that
-hung up after its request went upstream and before the answer began pays all it held, as the
-upstream may have produced the whole answer).
+hung up after its request went upstream and before the answer began, or in the middle of an answer
+that is no stream before its usage came, pays all it held, as the upstream may have produced, or
+did produce, the whole answer).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
@@ -374,6 +375,57 @@ async def test_a_client_that_hangs_up_before_the_answer_begins_pays_all_it_held(
         assert event["cost_usd"] == shown["spent_usd"]
     finally:
         await slow.close()
+
+
+async def _answer_in_two_parts(request: web.Request) -> web.StreamResponse:
+    """A whole answer of 200 tokens, sent as an upstream far away sends it: in parts, its usage last."""
+    answer = orjson.dumps(
+        {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * 200}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 200, "total_tokens": 209},
+        }
+    )
+    await request.read()
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(answer)
+    await response.prepare(request)
+    await response.write(answer[:100])
+    await asyncio.sleep(2)
+    await response.write(answer[100:])
+    return response
+
+
+async def test_a_client_that_hangs_up_in_the_middle_of_a_whole_answer_pays_all_it_held(
+    proxy_factory: Any, prices_path: Path, tmp_path: Path
+) -> None:
+    """A non-streamed answer begins once the upstream produced all of it: a client that hangs up
+    before its usage arrived left a whole answer unread, whose cost is unknown."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _answer_in_two_parts)
+    upstream = TestServer(app)
+    await upstream.start_server()
+    try:
+        log = tmp_path / "events.jsonl"
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path,
+            file_event_log=log,
+            api={"base_url": str(upstream.make_url("")).rstrip("/")},
+        )
+        issued = await proxy.issue_token(budget_usd=1)
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=chat(), headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        await response.content.readexactly(100)
+        response.close()
+        shown = await settled(proxy, issued["id"])
+        assert shown["spent_usd"] * 1e9 > 200 * OUTPUT_NANOUSD, shown
+        (event,) = await wait_for_lines(log, 1)
+        assert (event["status"], event["error"]) == (200, "client_disconnected")
+        assert event["cost_usd"] == shown["spent_usd"]
+    finally:
+        await upstream.close()
 
 
 async def test_a_request_that_never_reaches_the_upstream_releases_its_hold(
