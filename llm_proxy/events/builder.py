@@ -159,8 +159,8 @@ def _answer_usage(
 
 
 def _whole_stream(estimated: Usage, exchange: Exchange, captured: int) -> Usage:
-    """The estimate of a stream whose usage never came (its client left) and whose capture kept
-    only its head: its completion scaled to all the bytes the upstream sent, since a stream's
+    """The estimate of a stream whose usage never came (its client left, say) and whose capture
+    kept only its head: its completion scaled to all the bytes the upstream sent, since a stream's
     events cost about as many bytes per token all along. Counted from the head alone, a long
     stream cut near its end paid for a fraction of what it was sent."""
     passed = exchange.response_body.passed

@@ -85,7 +85,8 @@ class CappedBuffer:
 
     @property
     def passed(self) -> int:
-        """The bytes of the whole body that flowed past, kept or not."""
+        """The bytes of the whole body that flowed past, kept or not (with a ``tail_limit``;
+        without one, those past the head are not counted)."""
         return self.size + self.skipped + self.tail_size
 
     @classmethod
