@@ -56,6 +56,13 @@ _NEGATIVE_MAX = 10_000
 _GIVE_BACKS_MAX = 10_000
 
 
+def _unsettled_limits() -> errors.ProxyError:
+    return errors.LimitsUnavailable(
+        "This server settles no answers (it runs without events), so it cannot enforce this"
+        " token's tpm or budget; use a server with an event bus."
+    )
+
+
 @dataclass(slots=True, eq=False)
 class Grant:
     """What the proxy path needs to admit and forward a request for one token."""
@@ -122,8 +129,12 @@ class TokenAuthority:
         rate_windows: RateWindows | None = None,
         budget_ledger: BudgetLedger | None = None,
         settlements: Settlements | None = None,
+        settles: bool = True,
     ) -> None:
         self._store = store
+        # Whether anything settles answers (no events pipeline: LLM_PROXY_EVENT_BUS=none). Without
+        # it a tpm window never fills and a budget is never spent, so such tokens are refused.
+        self._settles = settles
         # This process's answered requests whose tpm tokens or cost are not settled yet: told by
         # the sink that settles them (see settling.py).
         self.settlements = settlements or Settlements()
@@ -172,6 +183,8 @@ class TokenAuthority:
         wall = time.time()
         slot = 0
         if grant.tpm is not None:
+            if not self._settles:
+                raise _unsettled_limits()
             if self.settlements.unsettled(grant.token_id):
                 await self.settlements.wait(grant.token_id)
             await self._check_tpm(grant)
@@ -193,6 +206,8 @@ class TokenAuthority:
             admission = Admission(grant, grant.max_requests - count, slot)
         if grant.budget is not None and plan is not None:
             try:
+                if not self._settles:
+                    raise _unsettled_limits()
                 if self.settlements.unsettled(grant.token_id):
                     await self.settlements.wait(grant.token_id)
                 await self._hold(admission, grant.budget, plan)

@@ -305,6 +305,7 @@ async def create_app(
                 if settings.event_bus == "redis"
                 else None
             ),
+            settles=settings.event_bus != "none",
         )
         await authority.start()
         if sink is None and settings.event_bus != "none":

@@ -366,3 +366,24 @@ async def test_requests_given_back_after_an_outage_leave_the_quota_open(
     finally:
         await upstream.close()
     assert answers == [200] * 5 + [429]
+
+
+async def test_without_events_a_tpm_or_budget_token_is_refused_not_left_unlimited(
+    proxy_factory: Any,
+) -> None:
+    """LLM_PROXY_EVENT_BUS=none builds no events, so no answer's tokens or cost are ever settled:
+    a tpm window would stay empty and a budget never be spent (a reviewer saw a tpm=5 token
+    admitted every time). Such tokens are refused as when their store is away; others pass."""
+    proxy: Proxy = await proxy_factory(event_bus="none")
+    tpm = await proxy.issue_token(tpm=5)
+    answers = [await post(proxy, tpm["token"], chat("gpt-4o-mini")) for _ in range(3)]
+    codes = [(s, a.get("error", {}).get("code")) for s, _, a in answers]
+    assert codes == [(503, "limits_unavailable")] * 3
+    budgeted = await proxy.issue_token(budget_usd=1)
+    status, _, answer = await post(proxy, budgeted["token"], chat("gpt-4o-mini"))
+    assert (status, answer["error"]["code"]) == (503, "limits_unavailable")
+    _, shown = await proxy.manage("GET", f"/tokens/{budgeted['id']}")
+    assert shown["reserved_usd"] == 0
+    others = await proxy.issue_token(rpm=10, max_requests=5)
+    assert (await post(proxy, others["token"], chat("gpt-4o-mini")))[0] == 200
+    assert len(proxy.upstream.requests) == 1
