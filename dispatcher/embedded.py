@@ -125,7 +125,7 @@ async def start_events_here(
         if config.bus == "redis"
         else StoreBudgetLedger(store)
     )
-    pipeline.settler = TokenSettler(windows, budgets)
+    pipeline.settler = TokenSettler(windows, budgets, pipeline.prices)
     try:
         await start_usage_aggregation(pipeline, store, data_dir=config.data_dir)
         if file_event_log is not None:

@@ -205,6 +205,40 @@ def _in_background(request: object, response: object) -> bool:
     )
 
 
+# The most output tokens a model writes in one answer when neither the request nor prices.yaml says:
+# the largest models' own cap.
+_LARGEST_OUTPUT = 128_000
+
+
+def background_bound(event: Event, prices: Prices) -> int:
+    """The most tokens a background response the upstream is still producing can use: its prompt
+    (counted offline) and its output cap (the request's, else the model's own in prices.yaml, else
+    the largest any model writes); 0 for any other answer. Its tokens come after the answer, where
+    the proxy never sees them: a tpm window counts this, as a budget pays all it held."""
+    request, response = event["request"], event["response"]
+    if (
+        event["method"] != "POST"
+        or _STORED_OBJECT.search(event["path"])
+        or not isinstance(response, dict)
+        or response.get("status") not in _UNFINISHED
+        or not (_in_background(request, response) or response.get("background") is True)
+    ):
+        return 0
+    model = event["model"]
+    # (A request too large to keep shows no prompt: its cap still counts.)
+    prompt = usage.estimate(event["path"], request, None, model)
+    cap = _cap(request) or _cap(response)
+    if cap is None:
+        price = prices.lookup(model)
+        cap = price.max_output_tokens if price is not None else None
+    return (prompt["prompt_tokens"] if prompt else 0) + (cap or _LARGEST_OUTPUT)
+
+
+def _cap(body: object) -> int | None:
+    cap = body.get("max_output_tokens") if isinstance(body, dict) else None
+    return cap if type(cap) is int and cap > 0 else None
+
+
 def _cost_usd(
     prices: Prices | None,
     model: str | None,

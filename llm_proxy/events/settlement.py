@@ -8,7 +8,8 @@ usage and cost the event reports: the upstream's, or the offline estimate when t
 none (a client that hung up mid-stream pays for what the upstream had produced by then; one that
 hung up after its request went upstream and before the answer began, or in the middle of an answer
 that is no stream before its usage came, pays all it held, as the upstream may have produced, or
-did produce, the whole answer).
+did produce, the whole answer). A background response the upstream is still producing shows no
+usage: its tpm window counts the most it can use (``builder.background_bound``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from llm_proxy.events.builder import background_bound
 from llm_proxy.events.event import Event
 from llm_proxy.events.lifetime_spend import SpendBatcher
 from llm_proxy.events.settlement_retry import SettlementRetry, TokensToRecord, count_settled
 from llm_proxy.models import nanousd
+from llm_proxy.pricing import PriceHolder
 from llm_proxy.proxy.budget_ledger import BudgetLedger, Settlement
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.proxy.rate_limits import RateWindows
@@ -45,9 +48,10 @@ class TokenSettler:
     the cost of a request that held nothing to its token's spend (batched: see lifetime_spend.py).
     What fails is tried again until it lands (see settlement_retry.py)."""
 
-    def __init__(self, windows: RateWindows, budgets: BudgetLedger) -> None:
+    def __init__(self, windows: RateWindows, budgets: BudgetLedger, prices: PriceHolder) -> None:
         self._windows = windows
         self._budgets = budgets
+        self._prices = prices  # the models' own output caps (see builder.background_bound)
         self._spend = SpendBatcher(budgets)
         self._retry = SettlementRetry(budgets, windows)
 
@@ -78,9 +82,15 @@ class TokenSettler:
                 )
             else:
                 self._add_spend(event)
-            usage = event["usage"]
-            if exchange.tpm_limited and usage and usage["total_tokens"]:
-                await self._record_tokens(event["token_id"], usage["total_tokens"])
+            if exchange.tpm_limited:
+                usage = event["usage"]
+                tokens = (
+                    usage["total_tokens"]
+                    if usage
+                    else background_bound(event, self._prices.current)
+                )
+                if tokens:
+                    await self._record_tokens(event["token_id"], tokens)
         if settlements:
             await self._settle_holds(settlements)
 

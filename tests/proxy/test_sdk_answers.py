@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -394,3 +395,30 @@ async def test_a_background_response_pays_its_hold_once_and_fetching_it_costs_no
     token = await _settled(proxy, issued["id"])
     held = (5 + 1000 * 4.00) / 1e6  # at most the prompt's bound and the whole output cap
     assert 1000 * 4.00 / 1e6 <= token["spent_usd"] <= held + 100 / 1e6
+
+
+@pytest.mark.parametrize("cap", [1000, None])
+async def test_a_background_response_fills_a_tpm_window_with_the_most_it_can_use(
+    proxy: Proxy, upstream_server: TestServer, cap: int | None
+) -> None:
+    # Queued, its tokens are unknown, and the model may write them all after the answer: it counts
+    # its prompt and its output cap (the request's, else the model's own in prices.yaml). Counted
+    # as nothing, a tpm token sent background responses without end (a reviewer saw it).
+    issued = await proxy.issue_token(tpm=1500)
+    queued = {"id": "resp_1", "object": "response", "status": "queued", "model": "bg-model"}
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "application/json"},
+        pieces=[orjson.dumps({**queued, "background": True, "output": [], "usage": None})],
+    )
+    capped: dict[str, Any] = {} if cap is None else {"max_output_tokens": cap}
+    async with proxy.sdk(issued["token"]) as client:
+        for _ in range(2):
+            started = await client.responses.create(
+                model="bg-model", input="Write a long essay.", background=True, **capped
+            )
+            assert started.status == "queued"
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.responses.create(model="bg-model", input="Hi.", background=True)
+    assert refused.value.code == "rate_limited"
+    assert len(upstream_server.app[UPSTREAM_LOG].requests) == 2
