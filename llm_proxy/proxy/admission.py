@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
-from typing import NoReturn
 
 import structlog
 
@@ -201,8 +200,7 @@ class TokenAuthority:
         else:
             count = None if grant.exhausted else await self._claim(grant.token_id, wall, slot)
             if count is None:
-                await self._give_back_slot(grant.token_id, slot)
-                await self._refused_quota(grant)
+                count = await self._claim_after_refusal(grant, wall, slot)
             admission = Admission(grant, grant.max_requests - count, slot)
         if grant.budget is not None and plan is not None:
             try:
@@ -460,10 +458,23 @@ class TokenAuthority:
                 "The store holding this token's limits is unavailable; retry shortly."
             ) from None
 
-    async def _refused_quota(self, grant: Grant) -> NoReturn:
-        # The claim failed: either the quota is used up, or another process revoked the token a
-        # moment ago. Reload to tell which, so the client gets the right code.
-        fresh = await self._load(grant.digest, time.monotonic())
+    async def _claim_after_refusal(self, grant: Grant, wall: float, slot: int) -> int:
+        """A claim failed, or was not tried on a grant seen used up: either the quota is used up,
+        or another process revoked the token a moment ago, or (refused from memory) a place came
+        back since (a request that never reached the upstream gave its own back, maybe in another
+        process or instance). The reloaded grant tells which: the place is claimed, or the client
+        gets the right refusal."""
+        try:
+            fresh = await self._load(grant.digest, time.monotonic())
+        except BaseException:
+            await self._give_back_slot(grant.token_id, slot)
+            raise
+        if grant.exhausted and fresh.is_active and not fresh.exhausted:
+            # (It gives the slot back itself when the store fails.)
+            count = await self._claim(grant.token_id, wall, slot)
+            if count is not None:
+                return count
+        await self._give_back_slot(grant.token_id, slot)
         if not fresh.is_active:
             raise errors.TokenInactive("This token has been revoked.")
         # (``fresh.exhausted`` says what the database says: requests that held the last places

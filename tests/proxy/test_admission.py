@@ -160,3 +160,44 @@ async def test_a_request_whose_client_left_before_it_reached_the_upstream_counts
         # Its rpm slot and its request are free again: the next request goes to the upstream too,
         # rather than being refused 429.
         await give_up()
+
+
+async def test_a_place_given_back_on_another_instance_is_claimable_there_at_once(
+    proxy_factory: Any,
+) -> None:
+    """The last place was held by a request of another instance when this one was refused; that
+    request then never reached the upstream and gave its place back. This instance remembered the
+    token as used up and refused its next request for good (quota_exceeded, x-should-retry: false:
+    an SDK gives up), though the token was no longer used up (a reviewer saw it)."""
+    async with silent_server() as port:
+        stalled: Proxy = await proxy_factory(api={"base_url": f"https://127.0.0.1:{port}"})
+        other: Proxy = await proxy_factory()
+        issued = await stalled.issue_token(max_requests=1)
+
+        async def request_count() -> int:
+            _, token = await stalled.manage("GET", f"/tokens/{issued['id']}")
+            return int(token["request_count"])
+
+        async def until_count(count: int) -> None:
+            for _ in range(300):
+                if await request_count() == count:
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"request_count never became {count}")
+
+        async def status_on_other() -> int:
+            response = await other.client.get("/v1/models", headers=bearer(issued["token"]))
+            await response.read()
+            return response.status
+
+        held = asyncio.ensure_future(
+            stalled.client.get("/v1/models", headers=bearer(issued["token"]))
+        )
+        await until_count(1)
+        assert await status_on_other() == 429  # the place is held: refused, rightly
+        held.cancel()  # its client gives up before anything reached the upstream
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        await until_count(0)
+        assert await status_on_other() == 200
+        assert await request_count() == 1
