@@ -18,6 +18,7 @@ from llm_proxy.events.form_model import multipart_model
 from llm_proxy.events.reassemble import reassemble
 from llm_proxy.models import usd
 from llm_proxy.pricing import Prices, cost_nanousd
+from llm_proxy.proxy.cost_bound import CAP_FIELDS
 from llm_proxy.proxy.exchange import RESPONSE_TAIL_BYTES, Exchange
 
 # Event ids are unique, not secret: version-4 UUIDs from a PRNG seeded by the OS, instead of an
@@ -210,24 +211,27 @@ def _in_background(request: object, response: object) -> bool:
 _LARGEST_OUTPUT = 128_000
 
 
-def background_bound(event: Event, prices: Prices) -> int:
-    """The most tokens a background response the upstream is still producing can use: its prompt
-    (counted offline) and its output cap (the request's, else the model's own in prices.yaml, else
-    the largest any model writes); 0 for any other answer. Its tokens come after the answer, where
-    the proxy never sees them: a tpm window counts this, as a budget pays all it held."""
+def in_background(event: Event) -> bool:
+    """Whether the event's answer is a background response the upstream is still producing (its
+    tokens come after the answer, where the proxy never sees them)."""
     request, response = event["request"], event["response"]
-    if (
-        event["method"] != "POST"
-        or _STORED_OBJECT.search(event["path"])
-        or not isinstance(response, dict)
-        or response.get("status") not in _UNFINISHED
-        or not (_in_background(request, response) or response.get("background") is True)
-    ):
-        return 0
-    model = event["model"]
+    return (
+        event["method"] == "POST"
+        and not _STORED_OBJECT.search(event["path"])
+        and isinstance(response, dict)
+        and response.get("status") in _UNFINISHED
+        and (_in_background(request, response) or response.get("background") is True)
+    )
+
+
+def most_tokens(event: Event, prices: Prices) -> int:
+    """The most tokens the event's request can use, for an answer nobody saw whole: its prompt
+    (counted offline) and its output cap (the request's, else the model's own in prices.yaml, else
+    the largest any model writes). A tpm window counts this, as a budget pays all it held."""
+    request, model = event["request"], event["model"]
     # (A request too large to keep shows no prompt: its cap still counts.)
     prompt = usage.estimate(event["path"], request, None, model)
-    cap = _cap(request) or _cap(response)
+    cap = _cap(request) or _cap(event["response"])
     if cap is None:
         price = prices.lookup(model)
         cap = price.max_output_tokens if price is not None else None
@@ -235,8 +239,10 @@ def background_bound(event: Event, prices: Prices) -> int:
 
 
 def _cap(body: object) -> int | None:
-    cap = body.get("max_output_tokens") if isinstance(body, dict) else None
-    return cap if type(cap) is int and cap > 0 else None
+    if not isinstance(body, dict):
+        return None
+    caps = [body.get(name) for name in CAP_FIELDS]
+    return max((c for c in caps if type(c) is int and c > 0), default=None)
 
 
 def _cost_usd(

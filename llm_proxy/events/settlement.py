@@ -9,7 +9,7 @@ none (a client that hung up mid-stream pays for what the upstream had produced b
 hung up after its request went upstream and before the answer began, or in the middle of an answer
 that is no stream before its usage came, pays all it held, as the upstream may have produced, or
 did produce, the whole answer). A background response the upstream is still producing shows no
-usage: its tpm window counts the most it can use (``builder.background_bound``).
+usage: its tpm window counts the most it can use (``builder.most_tokens``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from llm_proxy.events.builder import background_bound
+from llm_proxy.events.builder import in_background, most_tokens
 from llm_proxy.events.event import Event
 from llm_proxy.events.lifetime_spend import SpendBatcher
 from llm_proxy.events.settlement_retry import SettlementRetry, TokensToRecord, count_settled
@@ -51,7 +51,7 @@ class TokenSettler:
     def __init__(self, windows: RateWindows, budgets: BudgetLedger, prices: PriceHolder) -> None:
         self._windows = windows
         self._budgets = budgets
-        self._prices = prices  # the models' own output caps (see builder.background_bound)
+        self._prices = prices  # the models' own output caps (see builder.most_tokens)
         self._spend = SpendBatcher(budgets)
         self._retry = SettlementRetry(budgets, windows)
 
@@ -84,11 +84,14 @@ class TokenSettler:
                 self._add_spend(event)
             if exchange.tpm_limited:
                 usage = event["usage"]
-                tokens = (
-                    usage["total_tokens"]
-                    if usage
-                    else background_bound(event, self._prices.current)
+                tokens = usage["total_tokens"] if usage else 0
+                # An answer nobody saw whole may have used all the request allowed (a hold's
+                # usage already says what it paid for).
+                unseen = (exchange.left_before_answer and not exchange.hold_id) or (
+                    usage is None and in_background(event)
                 )
+                if unseen:
+                    tokens = max(tokens, most_tokens(event, self._prices.current))
                 if tokens:
                     await self._record_tokens(event["token_id"], tokens)
         if settlements:

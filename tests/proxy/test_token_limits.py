@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
 from tests.fakes import fake_upstream_app
+from tests.raw_servers import silent_server
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -387,3 +388,27 @@ async def test_without_events_a_tpm_or_budget_token_is_refused_not_left_unlimite
     others = await proxy.issue_token(rpm=10, max_requests=5)
     assert (await post(proxy, others["token"], chat("gpt-4o-mini")))[0] == 200
     assert len(proxy.upstream.requests) == 1
+
+
+async def test_a_tpm_token_whose_client_leaves_before_the_answer_counts_what_it_may_have_used(
+    proxy_factory: Any,
+) -> None:
+    """The request went upstream whole and the client hung up before the answer began: the
+    upstream may produce all of it, unseen. It counted its prompt alone, so a client that always
+    hung up had the upstream write without end on a tpm token (a reviewer saw it); it now counts
+    its output cap too, as a budget pays all it held."""
+    async with silent_server() as port:
+        proxy: Proxy = await proxy_factory(api={"base_url": f"http://127.0.0.1:{port}"})
+        issued = await proxy.issue_token(tpm=1000)
+        body = orjson.dumps(
+            {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 1000,
+            }
+        )
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(post(proxy, issued["token"], body), 0.5)
+        status, headers, answer = await asyncio.wait_for(post(proxy, issued["token"], body), 10)
+    assert (status, answer["error"]["code"]) == (429, "rate_limited")
+    assert 1 <= int(headers["Retry-After"]) <= 60
