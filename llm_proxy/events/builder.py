@@ -86,7 +86,7 @@ def build(
         )
     answered = generated and 200 <= exchange.status < 300
     cost_usd = _cost_usd(prices, model, event_usage, usage_body, answered)
-    left_early = left_early or _left_whole_answer_unread(exchange, event_usage)
+    left_early = left_early or left_whole_answer_unread(exchange, event_usage)
     if left_early and exchange.held_nanousd:
         # All it held, the most the unseen answer cost; its usage says what that paid for.
         cost_usd = usd(exchange.held_nanousd)
@@ -177,7 +177,7 @@ def _whole_stream(estimated: Usage, exchange: Exchange, captured: int) -> Usage:
     )
 
 
-def _left_whole_answer_unread(exchange: Exchange, event_usage: Usage | None) -> bool:
+def left_whole_answer_unread(exchange: Exchange, event_usage: Usage | None) -> bool:
     """Whether the client hung up in the middle of an answer that is no stream, before its usage
     arrived: an upstream sends such an answer once it produced all of it, so, as for a client
     that left before its answer began, what it cost is unknown (counted from the part read, a

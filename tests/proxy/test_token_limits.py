@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
@@ -410,5 +411,56 @@ async def test_a_tpm_token_whose_client_leaves_before_the_answer_counts_what_it_
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(post(proxy, issued["token"], body), 0.5)
         status, headers, answer = await asyncio.wait_for(post(proxy, issued["token"], body), 10)
+    assert (status, answer["error"]["code"]) == (429, "rate_limited")
+    assert 1 <= int(headers["Retry-After"]) <= 60
+
+
+async def test_a_tpm_token_whose_client_leaves_in_the_middle_of_a_whole_answer_counts_what_it_may_have_used(
+    proxy_factory: Any,
+) -> None:
+    """A non-streamed answer begins once the upstream produced all of it: a client that hangs up
+    before its usage arrived left a whole answer unread. Counted from the part it read, a tpm
+    token's client that always hung up early had the upstream write without end."""
+
+    async def answer_in_two_parts(request: web.Request) -> web.StreamResponse:
+        answer = orjson.dumps(
+            {
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "w " * 900}}],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 900, "total_tokens": 909},
+            }
+        )
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(answer)
+        await response.prepare(request)
+        await response.write(answer[:100])
+        await asyncio.sleep(2)
+        await response.write(answer[100:])
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer_in_two_parts)
+    upstream = TestServer(app)
+    await upstream.start_server()
+    try:
+        proxy: Proxy = await proxy_factory(api={"base_url": str(upstream.make_url("")).rstrip("/")})
+        issued = await proxy.issue_token(tpm=1000)
+        body = orjson.dumps(
+            {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 1000,
+            }
+        )
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=body, headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        await response.content.readexactly(100)
+        response.close()
+        status, headers, answer = await asyncio.wait_for(post(proxy, issued["token"], body), 10)
+    finally:
+        await upstream.close()
     assert (status, answer["error"]["code"]) == (429, "rate_limited")
     assert 1 <= int(headers["Retry-After"]) <= 60
