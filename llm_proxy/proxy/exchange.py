@@ -17,10 +17,13 @@ from llm_proxy.http.messages import SERVER_STOPPING
 # How much of a long answer's end is kept past its captured head: a chat answer's or Responses
 # stream's `usage` object and what may follow it (a Responses object's `user`, `metadata`), with room.
 RESPONSE_TAIL_BYTES = 64 * 1024
+# How many pieces of a body a capture keeps before it joins them into one.
+_MOST_PIECES = 1024
 
 
 class CappedBuffer:
-    """Keeps references to the first ``limit`` bytes of a body that flows past; never copies.
+    """Keeps references to the first ``limit`` bytes of a body that flows past; copies only a body
+    that comes in very many pieces, to join them.
 
     With a ``tail_limit``, it also keeps about the last ``tail_limit`` bytes beyond the first
     ``limit`` (at least that many, in whole chunks), as ``tail``: a long answer's ``usage`` comes
@@ -61,8 +64,14 @@ class CappedBuffer:
                 self._keep_tail(chunk[room:])
             chunk = chunk[:room]
             self.truncated = True
-        self.chunks.append(chunk)
+        chunks = self.chunks
+        chunks.append(chunk)
         self.size += len(chunk)
+        if len(chunks) >= _MOST_PIECES:
+            # A body sent in tiny pieces (a chunked upload of 2-byte chunks) would cost ~20 times
+            # its bytes in objects: joined, they cost their bytes. Copies at most ``limit`` per
+            # _MOST_PIECES pieces, far less than parsing those pieces took.
+            self.chunks = [b"".join(chunks)]
 
     def _keep_tail(self, chunk: bytes) -> None:
         tail = self.tail_chunks
@@ -74,6 +83,8 @@ class CappedBuffer:
             dropped = len(tail.pop(0))
             self.tail_size -= dropped
             self.skipped += dropped
+        if len(tail) >= _MOST_PIECES:
+            self.tail_chunks = [b"".join(tail)]  # as in add(): pieces cost more than their bytes
 
     def getvalue(self) -> bytes:
         return b"".join(self.chunks)
