@@ -10,7 +10,7 @@ lab_mock() {
   local d=$1
   mkdir -p "$d/mock-tmp"
   sed -e "s#/tmp/bench-run-[a-z0-9_]*/mock-nginx-tmp#$d/mock-tmp#g" -e "s#/tmp/bench-run-[a-z0-9_]*/#$d/#g" \
-    "$(ls -td /tmp/bench-run-* | head -1)/mock-nginx.conf" > "$d/mock.conf"
+    "$(ls -t /tmp/bench-run-*/mock-nginx.conf | head -1)" > "$d/mock.conf"
   nginx -c "$d/mock.conf"
   lab_api_yaml "$d" 18080
 }
