@@ -39,6 +39,7 @@ from dispatcher.options import (
 from dispatcher.retry import Backoff
 from dispatcher.worker import AuthFailed, BackendStartError, Worker, WorkerSettings
 from llm_proxy.events.redis import RedisBus, client_from_url
+from llm_proxy.finite_range import FiniteFloatRange
 
 HEARTBEAT_INTERVAL = 5.0
 
@@ -143,7 +144,7 @@ When several apply, 5 wins over 3, 3 over 6, and 6 over 4."""
 )
 @click.option(
     "--batch-wait",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=1.0,
     show_default=True,
     help="Seconds a batch may wait to fill.",
@@ -157,14 +158,14 @@ When several apply, 5 wins over 3, 3 over 6, and 6 over 4."""
 )
 @click.option(
     "--backoff-cap",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
     help="Longest retry wait, seconds; also caps the wait a backend asks for with Retry-After.",
 )
 @click.option(
     "--drain-timeout",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=10.0,
     show_default=True,
     help="Seconds to finish on SIGTERM.",
@@ -172,7 +173,7 @@ When several apply, 5 wins over 3, 3 over 6, and 6 over 4."""
 @click.option(
     "--claim-idle",
     # Below a second the keep-alive of a batch in hand would spin (it runs every claim_idle / 3).
-    type=click.FloatRange(min=1),
+    type=FiniteFloatRange(min=1),
     default=60.0,
     show_default=True,
     help="Seconds before events pending on a dead dispatcher are taken over.",
@@ -289,14 +290,14 @@ Exit codes:
 @redis_options
 @click.option(
     "--max-age",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=3 * HEARTBEAT_INTERVAL,
     show_default=True,
     help="Seconds since the last heartbeat that still count as alive.",
 )
 @click.option(
     "--max-lag",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     help="Also count as lagging when the oldest event not yet delivered waited longer than this, "
     "in seconds. [default: no limit; a liveness probe should not restart a dispatcher that "
     "waits for its backend]",

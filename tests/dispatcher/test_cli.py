@@ -121,6 +121,38 @@ def test_bad_invocations_exit_with_one_clear_line(
     assert SECRET not in output
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--claim-idle",),
+        ("--batch-wait",),
+        ("--backoff-cap",),
+        ("--drain-timeout",),
+        ("check", "--max-age"),
+        ("check", "--max-lag"),
+    ],
+)
+def test_a_duration_that_is_not_a_finite_number_is_a_bad_invocation(
+    args: tuple[str, ...], value: str, tmp_path: Path
+) -> None:
+    # click's FloatRange lets nan and inf through; a dispatcher given --claim-idle nan hung, deaf
+    # to SIGTERM, and --claim-idle inf ended in a traceback.
+    *command, option = args
+    code, output = invoke(
+        *command,
+        "--service",
+        "file",
+        *(() if command else ("--burst",)),
+        option,
+        value,
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        DATA_DIR=str(tmp_path),
+    )
+    assert code == 2, output
+    assert f"Invalid value for '{option}'" in output and "not a finite number" in output
+
+
 def test_every_option_of_every_dispatcher_command_has_help() -> None:
     def walk(command: click.Command, path: str) -> list[tuple[str, click.Command]]:
         found = [(path, command)]
