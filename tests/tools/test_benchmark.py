@@ -405,6 +405,18 @@ def test_cli_bad_arguments_exit_2(args: list[str]) -> None:
     assert code == 2
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("option", ["--timeout", "--connect-timeout", "--duration"])
+def test_cli_seconds_that_are_not_a_finite_number_exit_2(
+    threaded_mock: str, option: str, value: str
+) -> None:
+    # click's FloatRange lets nan through: --timeout nan ended in a traceback, --duration nan
+    # measured nothing and reported "nan s per route".
+    code, output = _invoke("--base-url", threaded_mock, option, value, "--json")
+    assert code == 2, output
+    assert f"Invalid value for '{option}'" in output and "not a finite number" in output
+
+
 def _statuses(output: str) -> tuple[object, object]:
     report = json.loads(output)
     return report["proxy"]["status"], report["direct"]["status"]

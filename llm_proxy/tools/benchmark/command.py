@@ -11,6 +11,7 @@ import uvloop
 from click.core import ParameterSource
 from rich.console import Console
 
+from llm_proxy.finite_range import FiniteFloatRange
 from llm_proxy.secret_input import ON_THE_COMMAND_LINE, secret_option_value
 from llm_proxy.tools.benchmark.config import METHODS, BenchmarkConfig
 from llm_proxy.tools.benchmark.engine import run_benchmark
@@ -35,7 +36,7 @@ from llm_proxy.tools.benchmark.report import render_report
     type=click.IntRange(min=1),
     help="Requests per route and phase [default: 200 unless --duration].",
 )
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds per phase.")
+@click.option("--duration", type=FiniteFloatRange(min=0, min_open=True), help="Seconds per phase.")
 @click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--stream", is_flag=True, help="Record first byte and inter-chunk gaps (SSE).")
 @click.option(
@@ -65,14 +66,14 @@ from llm_proxy.tools.benchmark.report import render_report
     "--timeout",
     default=60.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     help="Seconds per request, from sending it to its last byte.",
 )
 @click.option(
     "--connect-timeout",
     default=10.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     help="Seconds per connection attempt.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
