@@ -35,6 +35,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
+from llm_proxy.finite_range import FiniteFloatRange
 from llm_proxy.http.front import listening_socket
 from llm_proxy.tools.mock_responses import MockResponse
 
@@ -469,14 +470,14 @@ def build_app(settings: MockSettings | None = None) -> web.Application:
     "--latency-ms",
     default=0.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     help="Delay before every /v1/ response head.",
 )
 @click.option(
     "--chunk-interval-ms",
     default=0.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     help="Delay before each streamed content chunk.",
 )
 @click.option(

@@ -377,6 +377,16 @@ def test_a_port_in_use_stops_the_command_with_one_line() -> None:
     ]
 
 
+@pytest.mark.process
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("option", ["--latency-ms", "--chunk-interval-ms"])
+def test_a_delay_that_is_not_a_finite_number_stops_the_command(option: str, value: str) -> None:
+    # click's FloatRange lets nan through: the mock started, and answered every request 500.
+    result = run(cli_command("mock-upstream", "--port", "0", option, value), clean_env())
+    assert result.returncode == 2
+    assert f"Invalid value for '{option}': '{value}' is not a finite number." in result.stderr
+
+
 async def test_streams_cut_short_by_the_client_are_counted_as_aborted(
     aiohttp_client: MakeClient,
 ) -> None:
