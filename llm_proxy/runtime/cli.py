@@ -17,6 +17,7 @@ from llm_proxy.pricing import PricesError
 from llm_proxy.proxy.api_config import ApiConfigError, load_api_config
 from llm_proxy.runtime.logging_setup import configure_logging
 from llm_proxy.runtime.settings import (
+    MAX_WORKERS,
     Settings,
     SettingsError,
     check_choice,
@@ -110,7 +111,7 @@ def build_settings(
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
-    worker_count = parse_positive_int("WORKERS", workers)
+    worker_count = parse_positive_int("WORKERS", workers, at_most=MAX_WORKERS)
     if port == 0 and worker_count > 1:
         # Each worker would get a port of its own from the system, and none would share it.
         raise SettingsError("LISTEN_ADDR: port 0 (any free port) needs WORKERS=1; give a port")
@@ -286,7 +287,7 @@ def build_settings(
     envvar="WORKERS",
     default="1",
     show_envvar=True,
-    help="Server processes sharing the port; /metrics on any of them sums them all.",
+    help="Server processes sharing the port (1 to 1024); /metrics on any of them sums them all.",
 )
 @click.option(
     "--max-request-body",

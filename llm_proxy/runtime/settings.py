@@ -27,6 +27,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_PRICES_PATH = Path("config/prices.yaml")
 DEFAULT_USAGE_HOURLY_RETENTION_DAYS = 90
 MAX_USAGE_HOURLY_RETENTION_DAYS = 36500
+# Far beyond any machine's cores (each worker brings its events process): a larger count is a
+# typo, and the supervisor would build a slot for each before forking the first.
+MAX_WORKERS = 1024
 
 
 class SettingsError(ValueError):
@@ -339,11 +342,13 @@ def parse_retention_days(value: int | str) -> int:
     )
 
 
-def parse_positive_int(name: str, value: int | str) -> int:
+def parse_positive_int(name: str, value: int | str, *, at_most: int | None = None) -> int:
     try:
         number = int(value)
     except ValueError:
         raise SettingsError(f"{name}: expected a whole number, got {value!r}") from None
+    if at_most is not None and not 1 <= number <= at_most:
+        raise SettingsError(f"{name}: must be between 1 and {at_most}")
     if number < 1:
         raise SettingsError(f"{name}: must be at least 1")
     return number

@@ -197,6 +197,7 @@ def test_sigterm_stops_the_server_cleanly_and_quickly(server: ServerProcess) -> 
         ("DATA_DIR", "{a_file}/data"),
         ("FILE_EVENT_LOG", "{a_file}/events.jsonl"),
         ("WORKERS", "many"),
+        ("WORKERS", "100000000000000000000"),
         ("LOG_LEVEL", "loud"),
         ("MAX_REQUEST_BODY", "huge"),
     ],

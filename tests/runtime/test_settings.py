@@ -165,6 +165,8 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("MAX_REQUEST_BODY", "0"),
         ("WORKERS", "0"),
         ("WORKERS", "many"),
+        ("WORKERS", "1025"),
+        ("WORKERS", "100000000000000000000"),
         ("LLM_PROXY_BUSY_POLL_MICROS", "-1"),
         ("LLM_PROXY_BUSY_POLL_MICROS", "20000"),
         ("LLM_PROXY_BUSY_POLL_MICROS", "soon"),
