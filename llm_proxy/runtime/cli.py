@@ -17,6 +17,7 @@ from llm_proxy.pricing import PricesError
 from llm_proxy.proxy.api_config import ApiConfigError, load_api_config
 from llm_proxy.runtime.logging_setup import configure_logging
 from llm_proxy.runtime.settings import (
+    MAX_DATABASE_POOL_SIZE,
     MAX_WORKERS,
     Settings,
     SettingsError,
@@ -158,7 +159,9 @@ def build_settings(
         client_header_timeout=parse_seconds("CLIENT_HEADER_TIMEOUT", client_header_timeout),
         client_body_timeout=parse_seconds("CLIENT_BODY_TIMEOUT", client_body_timeout),
         keepalive_timeout=parse_seconds("KEEPALIVE_TIMEOUT", keepalive_timeout),
-        database_pool_size=parse_positive_int("DATABASE_POOL_SIZE", database_pool_size),
+        database_pool_size=parse_positive_int(
+            "DATABASE_POOL_SIZE", database_pool_size, at_most=MAX_DATABASE_POOL_SIZE
+        ),
         revocation_max_staleness=parse_seconds(
             "REVOCATION_MAX_STALENESS", revocation_max_staleness
         ),
@@ -360,7 +363,7 @@ def build_settings(
     envvar="DATABASE_POOL_SIZE",
     default="10",
     show_envvar=True,
-    help="PostgreSQL connections each worker keeps open.",
+    help="PostgreSQL connections each worker keeps open (1 to 1000).",
 )
 @click.option(
     "--revocation-max-staleness",

@@ -30,6 +30,9 @@ MAX_USAGE_HOURLY_RETENTION_DAYS = 36500
 # Far beyond any machine's cores (each worker brings its events process): a larger count is a
 # typo, and the supervisor would build a slot for each before forking the first.
 MAX_WORKERS = 1024
+# Beyond what a PostgreSQL server admits (max_connections is 100 unless raised): a larger size is
+# a typo, and asyncpg makes a slot for each connection the pool may open before it opens one.
+MAX_DATABASE_POOL_SIZE = 1000
 
 
 class SettingsError(ValueError):

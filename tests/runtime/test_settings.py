@@ -172,6 +172,8 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("LLM_PROXY_BUSY_POLL_MICROS", "soon"),
         ("ADMIN_USER", " "),
         ("DATABASE_POOL_SIZE", "0"),
+        ("DATABASE_POOL_SIZE", "1001"),
+        ("DATABASE_POOL_SIZE", "100000000000000000000"),
         ("REVOCATION_MAX_STALENESS", "never"),
         ("REVOCATION_MAX_STALENESS", "0s"),
         ("CHANGE_FEED_PUSH", "maybe"),
