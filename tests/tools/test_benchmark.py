@@ -459,6 +459,19 @@ def test_cli_bad_url_exits_2() -> None:
     assert "not an http(s) URL" in output
 
 
+@pytest.mark.parametrize("option", ["--base-url", "--compare-url"])
+def test_cli_refuses_a_password_in_a_url_without_printing_it(
+    threaded_mock: str, option: str
+) -> None:
+    # It was never sent (the token is the credential), and the report printed the URL whole.
+    with_password = threaded_mock.replace("http://", "http://user:s3cret-pw@")
+    urls = {"--base-url": threaded_mock, "--compare-url": threaded_mock, option: with_password}
+    code, output = _invoke(*(arg for pair in urls.items() for arg in pair), "--json")
+    assert code == 2, output
+    assert "s3cret-pw" not in output
+    assert "user name or password" in output
+
+
 def test_render_report_shows_dashes_for_missing_figures_and_server_timing() -> None:
     timing = Summary(1, 0.041, 0.041, 0.041, 0.041, 0.041, 0.041)
     route = RouteStats(

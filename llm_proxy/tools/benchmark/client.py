@@ -43,6 +43,13 @@ class Target:
         body: bytes | None,
     ) -> Target:
         parts = urlsplit(base_url)
+        if parts.username is not None or parts.password is not None:
+            # Never sent (the token is the credential), and the report shows the URL: refused
+            # without repeating it.
+            raise ValueError(
+                f"the {name} route's URL holds a user name or password, which is not sent;"
+                " give the token in BENCHMARK_TOKEN / BENCHMARK_COMPARE_TOKEN"
+            )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         tls = parts.scheme == "https"
