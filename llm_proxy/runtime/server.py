@@ -233,7 +233,10 @@ async def _serve(
             # Only once this worker takes requests, so siblings count the workers that serve.
             await peers.serve(functools.partial(own_page, app))
         tune_garbage_collector()
-        log.info("server.listening", url=listen_url(settings.listen_host, settings.listen_port))
+        # The port bound, not the one asked for: with port 0 the system chose it, and this line
+        # is where the operator learns it.
+        port = sock.getsockname()[1]
+        log.info("server.listening", url=listen_url(settings.listen_host, port))
         await stop.wait()
     finally:
         log.info("server.stopping")

@@ -265,6 +265,27 @@ def test_an_ipv6_listen_addr_is_logged_as_a_url_with_brackets(
     assert urls == [f"http://[::1]:{port}"]
 
 
+def test_port_0_logs_the_port_the_system_chose(tmp_path: Path, api_config: Path) -> None:
+    # LISTEN_ADDR=…:0 is accepted (any free port); the log is the only way to learn which one.
+    env = _start_env(tmp_path / "data", api_config, listen="127.0.0.1:0")
+    process = spawn(cli_command("server"), env, tmp_path / "logs", "server")
+    try:
+        deadline = time.monotonic() + 30
+        urls: list[str] = []
+        while not urls and time.monotonic() < deadline and process.popen.poll() is None:
+            time.sleep(0.05)
+            urls = [
+                line["url"]
+                for line in map(json.loads, process.stderr.splitlines())
+                if line.get("event") == "server.listening"
+            ]
+        assert len(urls) == 1, process.stderr
+        assert urls[0] != "http://127.0.0.1:0"
+        process.wait_for(f"{urls[0]}/health")
+    finally:
+        process.stop()
+
+
 def test_a_corrupt_key_file_is_named_when_encryption_key_is_not_set(
     tmp_path: Path, api_config: Path
 ) -> None:
