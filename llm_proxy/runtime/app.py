@@ -85,6 +85,7 @@ def events_config(settings: Settings) -> EventsConfig:
         bus=settings.event_bus,
         redis_url=settings.redis_url,
         data_dir=settings.data_dir,
+        stream=settings.events_stream,
         maxlen=settings.events_stream_max_length,
         worker=settings.worker_index,
     )

@@ -27,6 +27,7 @@ from llm_proxy.runtime.settings import (
     check_no_proxy,
     check_proxy_url,
     check_redis_url,
+    check_stream_name,
     check_trust_path,
     parse_encryption_key,
     parse_listen_addr,
@@ -107,6 +108,7 @@ def build_settings(
     prices_path: str | None = None,
     usage_hourly_retention_days: int | str = 90,
     events_stream_max_length: int | str = 100_000,
+    event_stream: str = "llm-proxy:events",
     ssl_cert_file: str | None = None,
     ssl_cert_dir: str | None = None,
 ) -> Settings:
@@ -175,6 +177,7 @@ def build_settings(
         events_stream_max_length=parse_positive_int(
             "EVENTS_STREAM_MAX_LENGTH", events_stream_max_length
         ),
+        events_stream=check_stream_name(event_stream),
     )
 
 
@@ -405,6 +408,15 @@ def build_settings(
     help="With LLM_PROXY_EVENT_BUS=redis: entries the stream may hold. Entries every dispatcher"
     " service has acknowledged are trimmed at once; beyond this cap, the oldest go even unread"
     " (counted in llm_proxy_events_dropped_total).",
+)
+@click.option(
+    "--event-stream",
+    "--llm-proxy-event-stream",
+    envvar="LLM_PROXY_EVENT_STREAM",
+    default="llm-proxy:events",
+    show_envvar=True,
+    help="With LLM_PROXY_EVENT_BUS=redis: the stream events are published on; the dispatchers"
+    " read the same variable (several deployments can share one Redis).",
 )
 def server(**options: str | int | None) -> None:
     """Run the proxy, the management API and the admin pages.

@@ -59,6 +59,9 @@ class Settings:
     # EVENTS_STREAM_MAX_LENGTH: the Redis stream's hard cap, beyond which entries are trimmed even
     # if a consumer group has not delivered them (counted as dropped).
     events_stream_max_length: int = 100_000
+    # LLM_PROXY_EVENT_STREAM: the Redis stream events are published on, which the dispatchers read
+    # (they take the same variable).
+    events_stream: str = "llm-proxy:events"
     log_level: str = "info"
     log_format: LogFormat = "json"
     data_dir: Path = Path("data")
@@ -283,6 +286,14 @@ def _check_port(variable: str, what: str, parts: SplitResult) -> None:
             f"{variable}: {what} is not a number (if a password holds one of them,"
             f" {_PERCENT_ENCODE})"
         ) from None
+
+
+def check_stream_name(value: str) -> str:
+    if not value.strip():
+        raise SettingsError(
+            "LLM_PROXY_EVENT_STREAM: must name a Redis stream, such as llm-proxy:events"
+        )
+    return value
 
 
 def check_proxy_url(name: str, value: str | None) -> str | None:

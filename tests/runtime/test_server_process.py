@@ -138,6 +138,41 @@ def test_ready_is_200_from_the_first_poll_with_redis_answering(
         server.stop()
 
 
+@pytest.mark.redis
+def test_the_server_publishes_on_the_stream_llm_proxy_event_stream_names(
+    tmp_path: Path, api_config: Path, redis_server: RedisServer
+) -> None:
+    # The dispatcher reads LLM_PROXY_EVENT_STREAM ("the stream the proxies publish events on"):
+    # set for a whole deployment, the server must publish there too, or nothing is delivered.
+    stream = {"LLM_PROXY_EVENT_STREAM": "tenant-a:events"}
+    bus = {"LLM_PROXY_EVENT_BUS": "redis", "REDIS_URL": redis_server.url, **stream}
+    server = start_server(tmp_path / "data", api_config, tmp_path / "logs", **bus)
+    events_file = tmp_path / "dispatched.jsonl"
+    try:
+        issued = http(
+            "POST",
+            f"{server.base_url}/manage/tokens",
+            token=server.management_token,
+            body={"project_id": _create_project(server), "duration_minutes": 60},
+        )[1]
+        status, _ = http(
+            "POST", f"{server.base_url}/v1/chat/completions", token=issued["token"], body=CHAT
+        )
+        assert status == 200
+        dispatch = cli_command("dispatcher", "--service", "file", "--burst", "--batch-wait", "0")
+        dispatch += ["--path", str(events_file)]
+        deadline = time.monotonic() + 20
+        while not (events_file.exists() and events_file.read_bytes()):
+            assert time.monotonic() < deadline, "the event never reached the dispatcher"
+            result = run(dispatch, clean_env(DATA_DIR=str(tmp_path / "d"), **bus))
+            assert result.returncode == 0, result.stderr
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    (event,) = map(json.loads, events_file.read_bytes().splitlines())
+    assert event["status"] == 200 and event["token_id"] == issued["id"]
+
+
 def test_second_start_reuses_the_token_and_keeps_the_projects(
     tmp_path: Path, api_config: Path
 ) -> None:

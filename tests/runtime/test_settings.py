@@ -183,6 +183,7 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("USAGE_HOURLY_RETENTION_DAYS", "36501"),
         ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
         ("SSL_CERT_DIR", "/nonexistent/certs"),
+        ("LLM_PROXY_EVENT_STREAM", " "),
     ],
 )
 def test_a_bad_value_names_its_variable_on_one_line(
@@ -193,6 +194,12 @@ def test_a_bad_value_names_its_variable_on_one_line(
     message = str(caught.value)
     assert message.startswith(f"{variable}: ")
     assert "\n" not in message
+
+
+def test_the_event_stream_is_llm_proxy_events_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_environment(monkeypatch, {}).events_stream == "llm-proxy:events"
+    told = settings_from_environment(monkeypatch, {"LLM_PROXY_EVENT_STREAM": "tenant-a:events"})
+    assert told.events_stream == "tenant-a:events"
 
 
 def test_the_event_stream_cap_is_100000_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
