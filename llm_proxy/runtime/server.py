@@ -19,7 +19,7 @@ from aiohttp import web
 from llm_proxy.crypto import KeyCipher
 from llm_proxy.events.offload import EventProcessError
 from llm_proxy.http.front import FrontLimits, FrontSite, listening_socket
-from llm_proxy.listen_addr import listen_url
+from llm_proxy.listen_addr import host_port, listen_url
 from llm_proxy.pricing import PricesError
 from llm_proxy.runtime import secrets_store
 from llm_proxy.runtime.app import (
@@ -255,7 +255,7 @@ def _bound_socket(settings: Settings) -> socket.socket:
 
 
 def _cannot_listen(settings: Settings, exc: OSError) -> SettingsError:
-    address = f"{settings.listen_host}:{settings.listen_port}"
+    address = host_port(settings.listen_host, settings.listen_port)
     return SettingsError(f"LISTEN_ADDR: cannot listen on {address}: {exc.strerror}")
 
 

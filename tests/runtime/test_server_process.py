@@ -385,6 +385,20 @@ def test_port_already_in_use_stops_start_up_with_one_line(
     assert lines[0].startswith("llm-proxy: LISTEN_ADDR: ")
 
 
+def test_an_ipv6_port_in_use_is_named_as_listen_addr_writes_it(
+    tmp_path: Path, api_config: Path
+) -> None:
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = _start_env(tmp_path / "data", api_config, listen=f"[::1]:{port}")
+        result = run_start_that_fails(env, "a server that cannot listen must exit, not hang")
+    assert result.stderr.splitlines() == [
+        f"llm-proxy: LISTEN_ADDR: cannot listen on [::1]:{port}: Address already in use"
+    ]
+
+
 def test_a_port_taken_while_the_server_starts_stops_it_with_one_line(
     tmp_path: Path, api_config: Path
 ) -> None:
