@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -174,6 +174,27 @@ def _refuse_unknown_keys(raw: Mapping[Any, Any], known: tuple[str, ...], where: 
         raise ApiConfigError(f"{where}: unknown key {str(key)!r}{hint}")
 
 
+def _refuse_unsent_url_parts(url: str, where: str) -> None:
+    """Only the scheme, host, port and path of the upstream's URL are used: a query, a fragment
+    or credentials in it would be dropped without a word (the project's key is the credential).
+    The message never repeats the URL, which may hold a password."""
+    parts = urlsplit(url)
+    unsent = [
+        what
+        for what, present in (
+            ("a query", parts.query or url.endswith("?")),
+            ("a fragment", parts.fragment or url.endswith("#")),
+            ("a user name or password", "@" in parts.netloc),
+        )
+        if present
+    ]
+    if unsent:
+        raise ApiConfigError(
+            f"{where}: holds {' and '.join(unsent)}, which the proxy never sends upstream;"
+            " give scheme://host[:port][/path] only"
+        )
+
+
 def _provider(name: str, raw: object) -> ApiProvider:
     where = f"apis.{name}"
     if not isinstance(raw, dict):
@@ -186,6 +207,7 @@ def _provider(name: str, raw: object) -> ApiProvider:
         origin = Origin.from_url(base_url.strip())
     except ValueError as exc:
         raise ApiConfigError(f"{where}.base_url: {exc}") from None
+    _refuse_unsent_url_parts(base_url.strip(), f"{where}.base_url")
     endpoints = _string_list(raw.get("allowed_endpoints"), f"{where}.allowed_endpoints")
     if not endpoints:
         # An empty allowlist would start a proxy that answers every request 404.

@@ -254,6 +254,28 @@ def test_bad_setting_stops_start_up_with_one_line_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("base_url", "complaint"),
+    [
+        ("https://api.example/v1?api-version=2024-06-01", "a query"),
+        ("https://api.example#v1", "a fragment"),
+        ("https://user:pw-in-the-url@api.example", "a user name or password"),
+    ],
+)
+def test_an_upstream_url_with_parts_the_proxy_never_sends_stops_start_up(
+    tmp_path: Path, base_url: str, complaint: str
+) -> None:
+    # They were dropped without a word: an upstream that needs its query (Azure's api-version)
+    # answered every request with an error the operator could not trace to the file.
+    api_config = write_api_config(tmp_path / "api.yaml", base_url)
+    env = _start_env(tmp_path / "data", api_config, listen=f"127.0.0.1:{free_port()}")
+    result = run_start_that_fails(env, "an upstream URL the proxy cannot follow must stop start-up")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("llm-proxy: API_CONFIG_PATH: apis.openai.base_url: "), line
+    assert complaint in line and "pw-in-the-url" not in line
+
+
+@pytest.mark.parametrize(
     ("listen_addr", "workers"),
     [
         ("[::1:{port}", "1"),  # a bracket missing
