@@ -230,6 +230,13 @@ def backend_options(command: F) -> F:
     return command
 
 
+def _stream_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    # A blank name is a stream no server publishes on (they refuse it): nothing would arrive.
+    if not value.strip():
+        raise click.BadParameter("must name a Redis stream, such as llm-proxy:events")
+    return value
+
+
 def redis_options(command: F) -> F:
     command = click.option(
         "--stream",
@@ -237,7 +244,8 @@ def redis_options(command: F) -> F:
         show_envvar=True,
         default=DEFAULT_STREAM,
         show_default=True,
-        help="Redis Stream the proxies publish events on.",
+        callback=_stream_name,
+        help="Redis Stream the proxies publish events on (the servers read the same variable).",
     )(command)
     return click.option(
         "--redis-url",

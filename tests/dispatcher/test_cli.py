@@ -89,6 +89,11 @@ def publish(url: str, stream: str, sent: list[Event]) -> None:
         (("--service", "file"), {"REDIS_URL": f"redis://:{SECRET}@[::1/0"}, "IPv6 address"),
         (("check", "--service", "file"), {"REDIS_URL": f"redis://:{SECRET}@[::1/0"}, "IPv6"),
         (("check", "--service", "file"), {"REDIS_URL": "http://x"}, "must start with redis://"),
+        (
+            ("--service", "file", "--burst", "--stream", " "),
+            {"REDIS_URL": "redis://127.0.0.1:1/0"},
+            "Invalid value for '--stream'",
+        ),
         (("--service", "file", "--claim-idle", "0"), {}, "Invalid value for '--claim-idle'"),
         (("--service", "file", "--claim-idle", "-5"), {}, "Invalid value for '--claim-idle'"),
         (("--service", "file", "--batch-wait", "-1"), {}, "Invalid value for '--batch-wait'"),
