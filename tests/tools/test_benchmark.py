@@ -398,6 +398,8 @@ def test_cli_defaults_to_200_requests_and_accepts_lowercase_methods(threaded_moc
         ["--requests", "1", "--compare-token", "sk-x"],
         ["--requests", "0"],
         ["--method", "HEAD"],
+        # Far more connections than a process may open: it ended in a MemoryError traceback.
+        ["--requests", "1", "--concurrency", "100000000000"],
     ],
 )
 def test_cli_bad_arguments_exit_2(args: list[str]) -> None:

@@ -18,6 +18,8 @@ from llm_proxy.tools.benchmark.engine import run_benchmark
 from llm_proxy.tools.benchmark.progress import RichProgress
 from llm_proxy.tools.benchmark.report import render_report
 
+MAX_CONCURRENCY = 10_000
+
 
 @click.command("benchmark")
 @click.option("--base-url", required=True, help="Route under test, usually the proxy.")
@@ -37,7 +39,11 @@ from llm_proxy.tools.benchmark.report import render_report
     help="Requests per route and phase [default: 200 unless --duration].",
 )
 @click.option("--duration", type=FiniteFloatRange(min=0, min_open=True), help="Seconds per phase.")
-@click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(min=1))
+# Each concurrent request holds a connection: beyond this a process runs out of file
+# descriptors long before, and the run's per-slot lists would not fit in memory.
+@click.option(
+    "--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1, MAX_CONCURRENCY)
+)
 @click.option("--stream", is_flag=True, help="Record first byte and inter-chunk gaps (SSE).")
 @click.option(
     "--method", default="POST", show_default=True, type=click.Choice(METHODS, case_sensitive=False)
