@@ -10,6 +10,7 @@ import base64
 import binascii
 import os
 import re
+import ssl
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -313,6 +314,15 @@ def check_trust_path(name: str, value: str | None, *, directory: bool) -> str | 
         return None
     if not (os.path.isdir(value) if directory else os.path.isfile(value)):
         raise SettingsError(f"{name}: {value} is not a {'directory' if directory else 'file'}")
+    if not directory:
+        # OpenSSL skips a file it cannot read as certificates without a word: the CA meant to be
+        # trusted would not be, and every request to an upstream it signed would fail.
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=value)
+        except ssl.SSLError:
+            raise SettingsError(f"{name}: {value} holds no PEM certificate") from None
+        except OSError as exc:
+            raise SettingsError(f"{name}: cannot read {value}: {exc.strerror}") from None
     return value
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from llm_proxy.pricing import PriceFile
 from llm_proxy.runtime import secrets_store
@@ -25,6 +26,7 @@ from llm_proxy.runtime.settings import (
     parse_size,
     sqlite_path_from_url,
 )
+from tests.certificates import self_signed
 from tests.processes import PRODUCT_VARIABLES
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -123,8 +125,7 @@ def test_the_event_bus_flag_has_its_variable_s_name_too(monkeypatch: pytest.Monk
 
 
 def test_trust_paths_are_flags_too(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    bundle = tmp_path / "ca.pem"
-    bundle.write_text("")
+    bundle, _ = self_signed(tmp_path, "ca", x509.DNSName("ca.test"))
     settings = settings_from_environment(
         monkeypatch, {}, "--ssl-cert-file", str(bundle), "--ssl-cert-dir", str(tmp_path)
     )
@@ -182,6 +183,7 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("USAGE_HOURLY_RETENTION_DAYS", "a month"),
         ("USAGE_HOURLY_RETENTION_DAYS", "36501"),
         ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
+        ("SSL_CERT_FILE", __file__),  # a file, but no certificate in it
         ("SSL_CERT_DIR", "/nonexistent/certs"),
         ("LLM_PROXY_EVENT_STREAM", " "),
     ],
