@@ -178,7 +178,10 @@ def _refuse_unsent_url_parts(url: str, where: str) -> None:
     """Only the scheme, host, port and path of the upstream's URL are used: a query, a fragment
     or credentials in it would be dropped without a word (the project's key is the credential).
     The message never repeats the URL, which may hold a password."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an IPv6 address with a bracket missing: Origin.from_url says so
+        return
     unsent = [
         what
         for what, present in (
@@ -203,11 +206,12 @@ def _provider(name: str, raw: object) -> ApiProvider:
     base_url = raw.get("base_url")
     if not isinstance(base_url, str) or not base_url.strip():
         raise ApiConfigError(f"{where}.base_url: expected a URL such as https://api.openai.com")
+    # First: the error of a URL that is not http(s) repeats it, password included.
+    _refuse_unsent_url_parts(base_url.strip(), f"{where}.base_url")
     try:
         origin = Origin.from_url(base_url.strip())
     except ValueError as exc:
         raise ApiConfigError(f"{where}.base_url: {exc}") from None
-    _refuse_unsent_url_parts(base_url.strip(), f"{where}.base_url")
     endpoints = _string_list(raw.get("allowed_endpoints"), f"{where}.allowed_endpoints")
     if not endpoints:
         # An empty allowlist would start a proxy that answers every request 404.

@@ -259,6 +259,7 @@ def test_bad_setting_stops_start_up_with_one_line_naming_it(
         ("https://api.example/v1?api-version=2024-06-01", "a query"),
         ("https://api.example#v1", "a fragment"),
         ("https://user:pw-in-the-url@api.example", "a user name or password"),
+        ("ftp://user:pw-in-the-url@api.example", "a user name or password"),
     ],
 )
 def test_an_upstream_url_with_parts_the_proxy_never_sends_stops_start_up(
