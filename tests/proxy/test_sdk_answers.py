@@ -289,10 +289,19 @@ def _responses_stream(text: list[str], usage: dict[str, Any]) -> list[dict[str, 
 
 
 async def test_a_client_that_leaves_once_it_read_response_completed_is_not_recorded_as_gone(
-    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+    proxy_factory: Any, upstream_server: TestServer, tmp_path: Path
 ) -> None:
     # The SDK user stops at response.completed, the Responses API's last event, and closes the
     # stream; the upstream's end of body may come later. That client had the whole answer.
+    # (The upstream's idle timeout is longer than its linger: on a busy machine the client may
+    # take more than the tests' usual second to leave.)
+    proxy: Proxy = await proxy_factory(
+        file_event_log=tmp_path / "events.jsonl",
+        api={
+            "allowed_endpoints": ["/v1/responses"],
+            "timeouts": {"connect": "2s", "response_header": "10s", "idle": "30s"},
+        },
+    )
     usage = {"input_tokens": 10, "output_tokens": 2, "total_tokens": 12}
     _answer(
         upstream_server,
