@@ -10,6 +10,7 @@ import gzip
 import io
 from dataclasses import dataclass, field
 
+import orjson
 from aiohttp import web
 from python_multipart import parse_form
 
@@ -157,3 +158,34 @@ def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app.router.add_post("/v1/audio/transcriptions", _transcription)
     app.router.add_route("*", "/v1/moderations", _status_from_header)
     return app
+
+
+def whole_answer_in_two_parts(words: int) -> web.Handler:
+    """A handler answering a chat completion of ``words`` tokens as an upstream far away sends a
+    whole answer: in two parts two seconds apart, its usage in the second (a client may leave
+    between them)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = orjson.dumps(
+            {
+                "object": "chat.completion",
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "word " * words}}
+                ],
+                "usage": {
+                    "prompt_tokens": 9,
+                    "completion_tokens": words,
+                    "total_tokens": 9 + words,
+                },
+            }
+        )
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[:100])
+        await asyncio.sleep(2)
+        await response.write(body[100:])
+        return response
+
+    return answer

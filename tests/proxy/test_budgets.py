@@ -22,7 +22,7 @@ from llm_proxy.proxy.cost_bound import CAP_FIELDS
 from llm_proxy.tools.mock_upstream import MockSettings
 from tests.conftest import ALLOWED, Proxy
 from tests.events.events_support import RedisServer
-from tests.fakes import fake_upstream_app
+from tests.fakes import fake_upstream_app, whole_answer_in_two_parts
 from tests.raw_servers import silent_server
 from tests.waiting import wait_for_lines
 
@@ -377,32 +377,13 @@ async def test_a_client_that_hangs_up_before_the_answer_begins_pays_all_it_held(
         await slow.close()
 
 
-async def _answer_in_two_parts(request: web.Request) -> web.StreamResponse:
-    """A whole answer of 200 tokens, sent as an upstream far away sends it: in parts, its usage last."""
-    answer = orjson.dumps(
-        {
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * 200}}],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 200, "total_tokens": 209},
-        }
-    )
-    await request.read()
-    response = web.StreamResponse(headers={"Content-Type": "application/json"})
-    response.content_length = len(answer)
-    await response.prepare(request)
-    await response.write(answer[:100])
-    await asyncio.sleep(2)
-    await response.write(answer[100:])
-    return response
-
-
 async def test_a_client_that_hangs_up_in_the_middle_of_a_whole_answer_pays_all_it_held(
     proxy_factory: Any, prices_path: Path, tmp_path: Path
 ) -> None:
     """A non-streamed answer begins once the upstream produced all of it: a client that hangs up
     before its usage arrived left a whole answer unread, whose cost is unknown."""
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", _answer_in_two_parts)
+    app.router.add_post("/v1/chat/completions", whole_answer_in_two_parts(200))
     upstream = TestServer(app)
     await upstream.start_server()
     try:

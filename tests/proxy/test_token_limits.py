@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
-from tests.fakes import fake_upstream_app
+from tests.fakes import fake_upstream_app, whole_answer_in_two_parts
 from tests.raw_servers import silent_server
 
 
@@ -422,25 +422,8 @@ async def test_a_tpm_token_whose_client_leaves_in_the_middle_of_a_whole_answer_c
     before its usage arrived left a whole answer unread. Counted from the part it read, a tpm
     token's client that always hung up early had the upstream write without end."""
 
-    async def answer_in_two_parts(request: web.Request) -> web.StreamResponse:
-        answer = orjson.dumps(
-            {
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "w " * 900}}],
-                "usage": {"prompt_tokens": 9, "completion_tokens": 900, "total_tokens": 909},
-            }
-        )
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = len(answer)
-        await response.prepare(request)
-        await response.write(answer[:100])
-        await asyncio.sleep(2)
-        await response.write(answer[100:])
-        return response
-
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer_in_two_parts)
+    app.router.add_post("/v1/chat/completions", whole_answer_in_two_parts(900))
     upstream = TestServer(app)
     await upstream.start_server()
     try:
