@@ -228,6 +228,11 @@ class BodyInspector:
         self._hold_kind = _HOLD_NONE
         self._hold_start = 0
 
+    @property
+    def injects_usage(self) -> bool:
+        """Whether it was made to ask a stream's usage (a chat or legacy completion)."""
+        return self._inject
+
     def feed(self, chunk: bytes) -> bytes:
         """Take the next chunk; return the bytes that may go upstream now (possibly b"")."""
         if self._state == _BROKEN:

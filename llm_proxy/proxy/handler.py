@@ -204,33 +204,31 @@ def _inspector(watched: frozenset[str], grant: Grant, inject: bool) -> BodyInspe
     return BodyInspector(watched, inject_usage=inject, raw=raw)
 
 
-def _hides_usage(inspector: BodyInspector) -> bool:
-    """Whether a chat or legacy completion body streams without its usage, which the proxy
-    could not ask for (the client turned include_usage off, or sent stream_options that are
-    not an object): its tokens could then only be counted from the text captured."""
+def _refuse_hidden_usage(inspector: BodyInspector, grant: Grant) -> None:
+    """Refuse a chat or legacy completion that streams without its usage, which the proxy could
+    not ask for (the client turned include_usage off, or sent stream_options that are not an
+    object), on a token that settles usage: counted from the text captured, its tokens would miss
+    a reasoning model's hidden ones and whatever the capture did not keep."""
+    if grant.budget is None and grant.tpm is None:
+        return
     values = inspector.values
-    return (
-        inspector.is_object
+    if not (
+        inspector.injects_usage
+        and inspector.is_object
         and not inspector.usage_injected
         and any(value is True for value in values.get("stream", []))
         and not all(map(asks_usage_in_any_reading, values.get("stream_options") or [None]))
-    )
-
-
-def _may_stream(body: bytes) -> bool:
-    """Whether a body may hold a ``"stream"`` key: one spelled out, or a ``\\u`` escape that
-    could spell it."""
-    return body.find(b'"stream"') >= 0 or body.find(b"\\u") >= 0
-
-
-def _refuse_uncounted_stream(inspector: BodyInspector) -> None:
-    if _hides_usage(inspector):
-        # Counted from its text, a stream's tokens would be the part of it the capture kept,
-        # without a reasoning model's hidden ones: far fewer than its tpm window must hold.
-        raise errors.ParamNotAllowed(
-            "This token has a tpm limit: a stream must carry its usage, so that its tokens are"
-            " counted; leave out stream_options.include_usage, or set it to true."
+    ):
+        return
+    if grant.budget is not None:
+        raise errors.ModelNotPriced(
+            "This token has a budget: a stream must carry its usage, so that its cost is"
+            " known; leave out stream_options.include_usage, or set it to true."
         )
+    raise errors.ParamNotAllowed(
+        "This token has a tpm limit: a stream must carry its usage, so that its tokens are"
+        " counted; leave out stream_options.include_usage, or set it to true."
+    )
 
 
 def _content_encoded(headers: Fields) -> bool:
@@ -608,27 +606,23 @@ class ProxyHandler:
     ) -> tuple[Body, Fields]:
         length = request.content_length
         models_limited = grant.allowed_models is not None
-        check = models_limited or bool(self.provider.param_whitelist)
         watched = self._watched_and_model if models_limited else self._watched
         inject = (
             self.stream_usage is not None
             and request.method == "POST"
             and exchange.path in _USAGE_PATHS
         )
-        # A token with a tpm window counts its streams' tokens from their usage: one that hides
-        # it is read before it goes upstream, as a checked body is.
+        # A token with a tpm window counts its streams' tokens from their usage: its completions
+        # are checked before they go upstream, for a stream that hides it.
         counted = inject and grant.tpm is not None
         if counted:
             watched |= _STREAM
+        check = models_limited or bool(self.provider.param_whitelist) or counted
         if check and _content_encoded(headers):
             raise errors.UnsupportedContentEncoding(
-                "Request bodies with a Content-Encoding cannot be checked against the "
-                "parameter whitelist or the token's models; send them uncompressed."
-            )
-        if counted and _content_encoded(headers):
-            raise errors.UnsupportedContentEncoding(
-                "This token has a tpm limit: its completions are read for their streams' usage, so"
-                " they cannot come with a Content-Encoding; send them uncompressed."
+                "Request bodies with a Content-Encoding cannot be checked (against the parameter"
+                " whitelist, the token's models, or a tpm limit's need of a stream's usage); send"
+                " them uncompressed."
             )
         form = self._form_reader(headers, watched) if check else None
         if length is not None and length <= _SMALL_BODY:
@@ -642,23 +636,15 @@ class ProxyHandler:
                     form.feed(data)
                     form.finish()
                 self._check_params(inspector, grant, form, empty=not data)
-                if counted:
-                    _refuse_uncounted_stream(inspector)
                 rewritten = passed if inspector.usage_injected else None
             elif inject:
                 rewritten = ask_usage(data)
-                if rewritten is None and counted and _may_stream(data):
-                    inspector = _inspector(watched, grant, inject)
-                    inspector.feed(data)
-                    inspector.finish()
-                    self._check_params(inspector, grant, empty=not data)
-                    _refuse_uncounted_stream(inspector)
             # (Only a body asking for usage pays for the look at its encoding.)
             if rewritten is None or _content_encoded(headers):
                 return data, headers
             exchange.usage_injected = True
             return rewritten, _asking_usage(headers)
-        if check or counted:
+        if check:
             return await self._spooled(request, exchange, inject, headers, grant, watched, form)
         if inject and not _content_encoded(headers):
             return self._injecting(request, exchange), _asking_usage(headers)
@@ -706,12 +692,6 @@ class ProxyHandler:
                     " (image_generation) is billed apart from the answer's usage and cannot be"
                     " priced."
                 )
-        if inject and _hides_usage(inspector):
-            # Priced from its text, a stream would not pay for a reasoning model's hidden tokens.
-            raise errors.ModelNotPriced(
-                "This token has a budget: a stream must carry its usage, so that its cost is"
-                " known; leave out stream_options.include_usage, or set it to true."
-            )
         models = inspector.values.get("model") or [None]
         model = models[0] if isinstance(models[0], str) else None
         if not model:
@@ -774,8 +754,6 @@ class ProxyHandler:
             if form is not None:
                 form.finish()
             self._check_params(inspector, grant, form, empty=not spool.size)
-            if inject and grant.tpm is not None:
-                _refuse_uncounted_stream(inspector)
         except BaseException:
             spool.close()
             raise
@@ -807,7 +785,8 @@ class ProxyHandler:
         *,
         empty: bool = False,
     ) -> None:
-        """Refuse a body whose watched values are not allowed, or that cannot be read to tell.
+        """Refuse a body whose watched values are not allowed, or that cannot be read to tell,
+        or a stream that hides the usage its token's limits settle from.
 
         A JSON object is read as JSON, a form as a form, and a JSON object sent as a form as both,
         since an upstream may take it either way. Anything else (a byte order mark, UTF-16, an
@@ -858,6 +837,7 @@ class ProxyHandler:
                 if not grant.model_allowed(model):
                     shown = model[:100] if isinstance(model, str) else type(model).__name__
                     raise errors.ModelNotAllowed(f"Model {shown!r} is not allowed for this token.")
+        _refuse_hidden_usage(inspector, grant)
 
     async def _relay(
         self,
