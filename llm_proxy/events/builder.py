@@ -18,7 +18,7 @@ from llm_proxy.events.form_model import multipart_model
 from llm_proxy.events.reassemble import reassemble
 from llm_proxy.models import usd
 from llm_proxy.pricing import Prices, cost_nanousd
-from llm_proxy.proxy.cost_bound import CAP_FIELDS
+from llm_proxy.proxy.cost_bound import HONOURED_CAPS
 from llm_proxy.proxy.exchange import RESPONSE_TAIL_BYTES, Exchange
 
 # Event ids are unique, not secret: version-4 UUIDs from a PRNG seeded by the OS, instead of an
@@ -231,17 +231,20 @@ def most_tokens(event: Event, prices: Prices) -> int:
     request, model = event["request"], event["model"]
     # (A request too large to keep shows no prompt: its cap still counts.)
     prompt = usage.estimate(event["path"], request, None, model)
-    cap = _cap(request) or _cap(event["response"])
+    honoured = HONOURED_CAPS.get(event["path"], ())
+    cap = _cap(request, honoured) or _cap(event["response"], honoured)
     if cap is None:
         price = prices.lookup(model)
         cap = price.max_output_tokens if price is not None else None
     return (prompt["prompt_tokens"] if prompt else 0) + (cap or _LARGEST_OUTPUT)
 
 
-def _cap(body: object) -> int | None:
+def _cap(body: object, honoured: tuple[str, ...]) -> int | None:
+    """The output cap ``body`` gives in a field its endpoint reads (a cap in another bounds
+    nothing: the upstream ignores it)."""
     if not isinstance(body, dict):
         return None
-    caps = [body.get(name) for name in CAP_FIELDS]
+    caps = [body.get(name) for name in honoured]
     return max((c for c in caps if type(c) is int and c > 0), default=None)
 
 

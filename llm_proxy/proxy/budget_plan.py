@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from llm_proxy import errors
 from llm_proxy.pricing import TOKENS_PER_PRICE, ModelPrice, Prices
-from llm_proxy.proxy.cost_bound import CAP_FIELDS, OUTPUT_CAP_FIELDS
+from llm_proxy.proxy.cost_bound import CAP_FIELDS, HONOURED_CAPS, OUTPUT_CAP_FIELDS
 
 # Top-level fields of a body that bear on its cost.
 COST_FIELDS = frozenset({"model", *CAP_FIELDS, "n", "best_of"})
@@ -26,12 +26,6 @@ COST_FIELDS = frozenset({"model", *CAP_FIELDS, "n", "best_of"})
 _NO_MODEL_NEEDED = re.compile(
     r"/v1/moderations|/v1/chat/completions/[^/]+|/v1/responses/[^/]+/cancel"
 )
-# The cap fields each endpoint reads (chat reads its older max_tokens too).
-_HONOURED_CAPS = {
-    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
-    "/v1/completions": ("max_tokens",),
-    "/v1/responses": ("max_output_tokens",),
-}
 # The smallest cap the proxy adds (the Responses API refuses max_output_tokens below 16).
 MIN_OUTPUT_CAP = 16
 # What a hold asks for when only the budget bounds it: all there is.
@@ -113,7 +107,7 @@ def plan_cost(
     choices = max(
         [1, *_ints(values.get("n", []), "n"), *_ints(values.get("best_of", []), "best_of")]
     )
-    caps = _caps(values, _HONOURED_CAPS.get(path, ()))
+    caps = _caps(values, HONOURED_CAPS.get(path, ()))
     output_unit = price.output * choices
     prompt_cost = -(-prompt_tokens * price.input // TOKENS_PER_PRICE)
     if caps:

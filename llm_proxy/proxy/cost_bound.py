@@ -38,6 +38,14 @@ OUTPUT_CAP_FIELDS: Final[dict[str, str]] = {
 CAP_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 """Every field that caps a request's output, on any endpoint."""
 
+HONOURED_CAPS: Final[dict[str, tuple[str, ...]]] = {
+    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
+}
+"""Normalised path -> the cap fields its endpoint reads (chat its older max_tokens too): a cap in
+another field bounds nothing."""
+
 IMAGE_BOUND: Final = 25_000
 """Tokens per occurrence of the string ``image_url``, ``input_image`` or ``computer_screenshot``.
 

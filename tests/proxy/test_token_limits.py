@@ -415,6 +415,28 @@ async def test_a_tpm_token_whose_client_leaves_before_the_answer_counts_what_it_
     assert 1 <= int(headers["Retry-After"]) <= 60
 
 
+async def test_a_cap_in_a_field_the_endpoint_ignores_does_not_bound_what_a_tpm_window_counts(
+    proxy_factory: Any,
+) -> None:
+    """Chat completions ignore max_output_tokens (a Responses field): a request giving it alone,
+    whose client hung up before the answer, may still have used the model's own cap (16,384 for
+    gpt-4o-mini), not one token."""
+    async with silent_server() as port:
+        proxy: Proxy = await proxy_factory(api={"base_url": f"http://127.0.0.1:{port}"})
+        issued = await proxy.issue_token(tpm=1000)
+        body = orjson.dumps(
+            {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_output_tokens": 1,
+            }
+        )
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(post(proxy, issued["token"], body), 0.5)
+        status, _, answer = await asyncio.wait_for(post(proxy, issued["token"], body), 10)
+    assert (status, answer["error"]["code"]) == (429, "rate_limited")
+
+
 async def test_a_tpm_token_whose_client_leaves_in_the_middle_of_a_whole_answer_counts_what_it_may_have_used(
     proxy_factory: Any,
 ) -> None:
