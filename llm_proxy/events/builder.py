@@ -72,7 +72,6 @@ def build(
         response = bodies.show(decoded, len(response_raw))
 
     model = request_model or _model(response)
-    left_early = exchange.left_before_answer
     # Only a POST generates: a GET or DELETE of a stored response or completion, or a POST that
     # cancels or updates one, shows the usage of the request that made it, already counted. A
     # background response still being produced has no tokens to show yet (it pays all it held,
@@ -86,7 +85,7 @@ def build(
         )
     answered = generated and 200 <= exchange.status < 300
     cost_usd = _cost_usd(prices, model, event_usage, usage_body, answered)
-    left_early = left_early or left_whole_answer_unread(exchange, event_usage)
+    left_early = answer_unseen(exchange, event_usage)
     if left_early and exchange.held_nanousd:
         # All it held, the most the unseen answer cost; its usage says what that paid for.
         cost_usd = usd(exchange.held_nanousd)
@@ -177,12 +176,12 @@ def _whole_stream(estimated: Usage, exchange: Exchange, captured: int) -> Usage:
     )
 
 
-def left_whole_answer_unread(exchange: Exchange, event_usage: Usage | None) -> bool:
-    """Whether the client hung up in the middle of an answer that is no stream, before its usage
-    arrived: an upstream sends such an answer once it produced all of it, so, as for a client
-    that left before its answer began, what it cost is unknown (counted from the part read, a
-    long answer cut after its first bytes cost its prompt alone)."""
-    return (
+def answer_unseen(exchange: Exchange, event_usage: Usage | None) -> bool:
+    """Whether the client hung up before the answer began, or in the middle of an answer that is
+    no stream before its usage arrived (an upstream sends such an answer once it produced all of
+    it): what the answer cost is unknown, and may be all the request allowed (counted from the
+    part read, a long answer cut after its first bytes cost its prompt alone)."""
+    return exchange.left_before_answer or (
         exchange.left_by_client
         and not exchange.is_stream
         and 200 <= exchange.status < 300

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from llm_proxy.events.builder import in_background, left_whole_answer_unread, most_tokens
+from llm_proxy.events.builder import answer_unseen, in_background, most_tokens
 from llm_proxy.events.event import Event
 from llm_proxy.events.lifetime_spend import SpendBatcher
 from llm_proxy.events.settlement_retry import SettlementRetry, TokensToRecord, count_settled
@@ -87,10 +87,7 @@ class TokenSettler:
                 tokens = usage["total_tokens"] if usage else 0
                 # An answer nobody saw whole may have used all the request allowed (a hold's
                 # usage already says what it paid for).
-                left_unseen = exchange.left_before_answer or left_whole_answer_unread(
-                    exchange, usage
-                )
-                unseen = (left_unseen and not exchange.hold_id) or (
+                unseen = (answer_unseen(exchange, usage) and not exchange.hold_id) or (
                     usage is None and in_background(event)
                 )
                 if unseen:
