@@ -576,13 +576,10 @@ async def put_only_keys(moto_url: str) -> dict[str, str]:
     }
 
 
-async def test_a_key_that_may_only_put_events_delivers_to_an_existing_stream(
-    moto_url: str, logs: Any, tmp_path: Path
-) -> None:
-    await logs.create_log_group(logGroupName="llm-proxy")
-    await logs.create_log_stream(logGroupName="llm-proxy", logStreamName="events")
+async def _burst_with_put_only_key(moto_url: str, tmp_path: Path, events: list[Event]) -> Any:
+    """A burst run of a CloudWatch worker whose key may only PutLogEvents, with moto enforcing
+    IAM; what the run returns (or raises)."""
     key = await put_only_keys(moto_url)
-    sent = [event_at(time.time() - 1, n) for n in range(3)]
     bus = MemoryBus()
     worker = Worker(
         bus,
@@ -594,10 +591,19 @@ async def test_a_key_that_may_only_put_events_delivers_to_an_existing_stream(
     moto_auth(moto_url, "0")
     try:
         worker.start()
-        await bus.publish(sent)
-        summary = await asyncio.wait_for(worker.async_run(), 20)
+        await bus.publish(events)
+        return await asyncio.wait_for(worker.async_run(), 20)
     finally:
         moto_auth(moto_url, "inf")
+
+
+async def test_a_key_that_may_only_put_events_delivers_to_an_existing_stream(
+    moto_url: str, logs: Any, tmp_path: Path
+) -> None:
+    await logs.create_log_group(logGroupName="llm-proxy")
+    await logs.create_log_stream(logGroupName="llm-proxy", logStreamName="events")
+    sent = [event_at(time.time() - 1, n) for n in range(3)]
+    summary = await _burst_with_put_only_key(moto_url, tmp_path, sent)
     assert summary.delivered == 3 and not (tmp_path / "dead.jsonl").exists()
     assert [e["id"] for e in await stored(logs)] == [e["id"] for e in sent]
 
@@ -606,20 +612,5 @@ async def test_a_key_that_may_only_put_events_stops_when_the_stream_is_missing(
     moto_url: str, logs: Any, tmp_path: Path
 ) -> None:
     await logs.create_log_group(logGroupName="llm-proxy")  # and no stream
-    key = await put_only_keys(moto_url)
-    bus = MemoryBus()
-    worker = Worker(
-        bus,
-        backend(moto_url, **key),
-        WorkerSettings(
-            service="cloudwatch", dead_letter_path=tmp_path / "dead.jsonl", poll=0.05, burst=True
-        ),
-    )
-    moto_auth(moto_url, "0")
-    try:
-        worker.start()
-        await bus.publish([event_at(time.time() - 1)])
-        with pytest.raises(AuthFailed):
-            await asyncio.wait_for(worker.async_run(), 20)
-    finally:
-        moto_auth(moto_url, "inf")
+    with pytest.raises(AuthFailed):
+        await _burst_with_put_only_key(moto_url, tmp_path, [event_at(time.time() - 1)])
