@@ -26,6 +26,9 @@ COST_FIELDS = frozenset({"model", *CAP_FIELDS, "n", "best_of"})
 _NO_MODEL_NEEDED = re.compile(
     r"/v1/moderations|/v1/chat/completions/[^/]+|/v1/responses/[^/]+/cancel"
 )
+# Endpoints that bill nothing whatever model they name: counting a Responses request's input runs
+# no model and writes no output, so there is no cap to set and nothing to hold.
+_FREE_WITH_ANY_MODEL = frozenset({"/v1/responses/input_tokens"})
 # The smallest cap the proxy adds (the Responses API refuses max_output_tokens below 16).
 MIN_OUTPUT_CAP = 16
 # What a hold asks for when only the budget bounds it: all there is.
@@ -96,6 +99,8 @@ def plan_cost(
     """The cost plan of a JSON body's top-level ``values``; None when it names no model and the
     endpoint runs none (or only a free one). Raises ``model_not_priced`` for what
     cannot be priced or bounded."""
+    if path in _FREE_WITH_ANY_MODEL:
+        return None
     models = values.get("model") or []
     if not models:
         if _NO_MODEL_NEEDED.fullmatch(path) is None:

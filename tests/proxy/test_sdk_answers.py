@@ -431,3 +431,25 @@ async def test_a_background_response_fills_a_tpm_window_with_the_most_it_can_use
             await client.responses.create(model="bg-model", input="Hi.", background=True)
     assert refused.value.code == "rate_limited"
     assert len(upstream_server.app[UPSTREAM_LOG].requests) == 2
+
+
+async def test_a_budgeted_token_counts_a_responses_input_for_free(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    # POST /v1/responses/input_tokens counts a request's input tokens and generates nothing:
+    # priced as a generation, it was refused as having no output cap the proxy could set.
+    issued = await proxy.issue_token(budget_usd=1)
+    counted = {"object": "response.input_tokens", "input_tokens": 11}
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "application/json"},
+        pieces=[orjson.dumps(counted)],
+    )
+    async with proxy.sdk(issued["token"]) as client:
+        count = await client.responses.input_tokens.count(model="bg-model", input="Hello there.")
+    assert count.input_tokens == 11
+    assert b"max_output_tokens" not in upstream_server.app[UPSTREAM_LOG].last.body
+    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+    assert event["status"] == 200 and not event["cost_usd"]
+    _, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert shown["spent_usd"] == 0 and shown["reserved_usd"] == 0
