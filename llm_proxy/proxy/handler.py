@@ -886,7 +886,9 @@ class ProxyHandler:
                 elif action == _DATE:
                     head.has_date = True
                 elif action == _CONTENT_TYPE:
-                    exchange.response_content_type = value.decode("latin-1")
+                    # Lowered: a media type is case-insensitive, and an event stream spelled
+                    # otherwise must still be relayed, filtered and recorded as one.
+                    exchange.response_content_type = value.decode("latin-1").lower()
                 elif action == _CONTENT_ENCODING:
                     exchange.response_content_encoding = value.decode("latin-1")
                 else:  # _UPSTREAM_REQUEST_ID: returned unchanged, the provider support's key

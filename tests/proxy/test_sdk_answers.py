@@ -453,3 +453,27 @@ async def test_a_budgeted_token_counts_a_responses_input_for_free(
     assert event["status"] == 200 and not event["cost_usd"]
     _, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
     assert shown["spent_usd"] == 0 and shown["reserved_usd"] == 0
+
+
+async def test_a_stream_whose_media_type_is_in_capitals_is_relayed_without_the_usage_asked_for(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    # A media type is case-insensitive (RFC 9110 §8.3.1): an upstream may spell it as it likes.
+    deltas = [{"role": "assistant", "content": ""}, {"content": "Hello"}]
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "Text/Event-Stream; charset=utf-8"},
+        pieces=_chat_stream(deltas, with_usage=True),
+    )
+    token = await proxy.token()
+    async with proxy.sdk(token) as client:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert [chunk.choices[0].delta.content for chunk in chunks] == ["", "Hello"]
+    assert not [chunk for chunk in chunks if "usage" in chunk.model_fields_set]
+    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+    assert event["stream"] is True
+    assert event["usage"]["total_tokens"] == 17 and event["usage"]["source"] == "upstream"
+    assert event["response"]["choices"][0]["message"]["content"] == "Hello"
