@@ -189,6 +189,26 @@ def answer_unseen(exchange: Exchange, event_usage: Usage | None) -> bool:
     )
 
 
+# The answers of these endpoints carry their usage at their end, where a capture of a long answer
+# keeps only the bytes as they came (compressed, no decoder can start there).
+_USAGE_AT_ITS_END = re.compile(r"/v1/(?:chat/completions|completions|embeddings|responses)")
+
+
+def usage_out_of_reach(exchange: Exchange, event_usage: Usage | None) -> bool:
+    """Whether a successful answer's usage was out of the event's reach: the answer came
+    compressed and longer than the capture, or in a coding nobody decodes. Its tokens are
+    unknown; counted from what could be read, they would be too few, or none (an embeddings
+    batch whose request was longer than the capture too)."""
+    return (
+        exchange.response_content_encoding.lower() not in ("", "identity")
+        and (exchange.response_body.truncated or event_usage is None)
+        and (event_usage is None or event_usage["source"] != "upstream")
+        and exchange.method == "POST"
+        and 200 <= exchange.status < 300
+        and _USAGE_AT_ITS_END.fullmatch(exchange.path) is not None
+    )
+
+
 _UNFINISHED = frozenset({"queued", "in_progress"})
 # A stored response or chat completion, or a part of one: /v1/responses/{id}/cancel,
 # /v1/chat/completions/{id}; not the calls under /v1/responses that generate or count.

@@ -9,7 +9,8 @@ none (a client that hung up mid-stream pays for what the upstream had produced b
 hung up after its request went upstream and before the answer began, or in the middle of an answer
 that is no stream before its usage came, pays all it held, as the upstream may have produced, or
 did produce, the whole answer). A background response the upstream is still producing shows no
-usage: its tpm window counts the most it can use (``builder.most_tokens``).
+usage, nor does an answer that came compressed and longer than the capture (its usage at its end):
+its tpm window counts the most it can use (``builder.most_tokens``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from llm_proxy.events.builder import answer_unseen, in_background, most_tokens
+from llm_proxy.events.builder import (
+    answer_unseen,
+    in_background,
+    most_tokens,
+    usage_out_of_reach,
+)
 from llm_proxy.events.event import Event
 from llm_proxy.events.lifetime_spend import SpendBatcher
 from llm_proxy.events.settlement_retry import SettlementRetry, TokensToRecord, count_settled
@@ -85,10 +91,12 @@ class TokenSettler:
             if exchange.tpm_limited:
                 usage = event["usage"]
                 tokens = usage["total_tokens"] if usage else 0
-                # An answer nobody saw whole may have used all the request allowed (a hold's
-                # usage already says what it paid for).
-                unseen = (answer_unseen(exchange, usage) and not exchange.hold_id) or (
-                    usage is None and in_background(event)
+                # An answer nobody saw whole, or whose usage could not be read, may have used
+                # all the request allowed (a hold's usage already says what it paid for).
+                unseen = (
+                    (answer_unseen(exchange, usage) and not exchange.hold_id)
+                    or (usage is None and in_background(event))
+                    or usage_out_of_reach(exchange, usage)
                 )
                 if unseen:
                     tokens = max(tokens, most_tokens(event, self._prices.current))

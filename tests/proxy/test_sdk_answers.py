@@ -9,6 +9,9 @@ reaches the proxy exactly as OpenAI sends it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,7 @@ class Script:
     pieces: list[bytes] = field(default_factory=list)
     chunked: bool = True
     linger: float = 0.0  # seconds between the last piece and the end of the body
+    compress: bool = False  # gzip the body for a request that accepts it, as OpenAI does
 
 
 SCRIPT = web.AppKey("script", Script)
@@ -52,13 +56,17 @@ async def _scripted(request: web.Request) -> web.StreamResponse:
         Seen(request.method, request.raw_path, dict(request.headers), body)
     )
     script = request.app[SCRIPT]
-    response = web.StreamResponse(status=script.status, headers=script.headers)
+    headers, pieces = script.headers, script.pieces
+    if script.compress and "gzip" in request.headers.get("Accept-Encoding", ""):
+        headers = {**headers, "Content-Encoding": "gzip"}
+        pieces = [gzip.compress(b"".join(pieces))]
+    response = web.StreamResponse(status=script.status, headers=headers)
     if script.chunked:
         response.enable_chunked_encoding()
     else:
-        response.content_length = sum(map(len, script.pieces))
+        response.content_length = sum(map(len, pieces))
     await response.prepare(request)
-    for piece in script.pieces:
+    for piece in pieces:
         await response.write(piece)
     await asyncio.sleep(script.linger)
     await response.write_eof()
@@ -90,6 +98,7 @@ async def proxy(proxy_factory: Any, tmp_path: Path) -> Proxy:
                 "/v1/images",
                 "/v1/chat/completions",
                 "/v1/responses",
+                "/v1/embeddings",
             ]
         },
     )
@@ -104,10 +113,11 @@ def _answer(
     pieces: list[bytes],
     chunked: bool = True,
     linger: float = 0.0,
+    compress: bool = False,
 ) -> None:
     script = upstream.app[SCRIPT]
     script.status, script.headers, script.pieces = status, headers, pieces
-    script.chunked, script.linger = chunked, linger
+    script.chunked, script.linger, script.compress = chunked, linger, compress
 
 
 def _sse(events: list[dict[str, Any]], *, named: bool = False) -> list[bytes]:
@@ -477,3 +487,40 @@ async def test_a_stream_whose_media_type_is_in_capitals_is_relayed_without_the_u
     assert event["stream"] is True
     assert event["usage"]["total_tokens"] == 17 and event["usage"]["source"] == "upstream"
     assert event["response"]["choices"][0]["message"]["content"] == "Hello"
+
+
+async def test_a_compressed_answer_too_long_to_read_its_usage_fills_a_tpm_window_with_the_most_it_can_use(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    # OpenAI compresses its answer for a client that accepts gzip, as the SDK does. An embeddings
+    # batch's answer, longer than the capture even compressed, keeps its usage (at its end) out of
+    # the event's reach; its request, longer than the capture too, cannot be counted instead. Its
+    # tokens are unknown, not none: the tpm window counted nothing, batch after batch.
+    issued = await proxy.issue_token(tpm=50_000)
+    vectors = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": base64.b64encode(os.urandom(6144)).decode(),
+        }
+        for i in range(100)
+    ]
+    usage = {"prompt_tokens": 60_000, "total_tokens": 60_000}
+    answer = {"object": "list", "data": vectors, "model": "text-embedding-3-small", "usage": usage}
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "application/json"},
+        pieces=[orjson.dumps(answer)],
+        chunked=False,
+        compress=True,
+    )
+    async with proxy.sdk(issued["token"]) as client:
+        embedded = await client.embeddings.create(
+            model="text-embedding-3-small", input=["word " * 600] * 100
+        )
+        assert len(embedded.data) == 100 and embedded.usage.total_tokens == 60_000
+        (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+        assert event["usage"] is None  # unknown
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.embeddings.create(model="text-embedding-3-small", input="hi")
+    assert refused.value.code == "rate_limited"
