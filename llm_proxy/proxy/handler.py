@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -112,6 +113,9 @@ _PRICED_RAW = frozenset({"tools", "stream_options"})
 _OPTIONS = frozenset({"stream_options"})
 _STREAM = frozenset({"stream"})
 _MODEL_PATH = "/v1/models/"
+# Calls that run no model, so a body naming none is no use of one: a file upload, a stored chat
+# completion's update. (Elsewhere the upstream may run a default model the token may not allow.)
+_RUNS_NO_MODEL = re.compile(r"/v1/files|/v1/chat/completions/[^/]+")
 Fields = list[tuple[bytes, bytes]]
 _UNREADABLE = (
     "The request body is neither a JSON object (UTF-8, without a byte order mark) nor a form, so"
@@ -635,7 +639,7 @@ class ProxyHandler:
                 if form is not None:
                     form.feed(data)
                     form.finish()
-                self._check_params(inspector, grant, form, empty=not data)
+                self._check_params(inspector, grant, form, empty=not data, path=exchange.path)
                 rewritten = passed if inspector.usage_injected else None
             elif inject:
                 rewritten = ask_usage(data)
@@ -684,7 +688,7 @@ class ProxyHandler:
                 "This token has a budget: only JSON requests, whose model and tokens the proxy can"
                 " price, are allowed."
             )
-        self._check_params(inspector, grant)
+        self._check_params(inspector, grant, path=exchange.path)
         for tools in inspector.values.get("tools", []):
             if _tool_models(tools, _tools_too_long_to_price):
                 raise errors.ModelNotPriced(
@@ -753,7 +757,7 @@ class ProxyHandler:
             spool.write(inspector.finish())
             if form is not None:
                 form.finish()
-            self._check_params(inspector, grant, form, empty=not spool.size)
+            self._check_params(inspector, grant, form, empty=not spool.size, path=exchange.path)
         except BaseException:
             spool.close()
             raise
@@ -784,6 +788,7 @@ class ProxyHandler:
         form: FormInspector | None = None,
         *,
         empty: bool = False,
+        path: str,
     ) -> None:
         """Refuse a body whose watched values are not allowed, or that cannot be read to tell,
         or a stream that hides the usage its token's limits settle from.
@@ -820,7 +825,7 @@ class ProxyHandler:
                     raise errors.ParamNotAllowed(f"The value of parameter '{name}' is not allowed.")
         if grant.allowed_models is not None:
             models = values.get("model", [])
-            if not models:
+            if not models and _RUNS_NO_MODEL.fullmatch(path) is None:
                 # The upstream would pick a default model, which the token may not allow.
                 raise errors.ModelNotAllowed(
                     "This token is limited to certain models; the request names none."

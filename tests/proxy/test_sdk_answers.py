@@ -99,6 +99,8 @@ async def proxy(proxy_factory: Any, tmp_path: Path) -> Proxy:
                 "/v1/chat/completions",
                 "/v1/responses",
                 "/v1/embeddings",
+                "/v1/files",
+                "/v1/moderations",
             ]
         },
     )
@@ -524,3 +526,36 @@ async def test_a_compressed_answer_too_long_to_read_its_usage_fills_a_tpm_window
         with pytest.raises(openai.RateLimitError) as refused:
             await client.embeddings.create(model="text-embedding-3-small", input="hi")
     assert refused.value.code == "rate_limited"
+
+
+async def test_a_model_limited_token_may_make_the_calls_that_run_no_model(
+    proxy: Proxy, upstream_server: TestServer
+) -> None:
+    # A file upload or a stored completion's update names no model and runs none: a token limited
+    # to some models was refused both (model_not_allowed), so its application could not upload
+    # the file its next request reads.
+    token = await proxy.token(allowed_models=["gpt-4o-mini*"])
+    uploaded = {"id": "file-1", "object": "file", "bytes": 8, "created_at": 1, "filename": "a"}
+    stored = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m"}
+    log = upstream_server.app[UPSTREAM_LOG]
+    async with proxy.sdk(token) as client:
+        _answer(
+            upstream_server,
+            headers={"Content-Type": "application/json"},
+            pieces=[orjson.dumps({**uploaded, "purpose": "user_data", "status": "processed"})],
+        )
+        file = await client.files.create(file=("a.pdf", b"%PDF-1.7"), purpose="user_data")
+        assert file.id == "file-1" and log.last.path_qs == "/v1/files"
+        _answer(
+            upstream_server,
+            headers={"Content-Type": "application/json"},
+            pieces=[orjson.dumps({**stored, "choices": [], "metadata": {"a": "b"}})],
+        )
+        updated = await client.chat.completions.update("chatcmpl-1", metadata={"a": "b"})
+        assert updated.metadata == {"a": "b"}
+        # A call that runs the upstream's default model when it names none is still refused.
+        seen = len(log.requests)
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            await client.moderations.create(input="hello")
+    assert refused.value.code == "model_not_allowed"
+    assert len(log.requests) == seen
