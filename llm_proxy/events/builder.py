@@ -190,8 +190,11 @@ def answer_unseen(exchange: Exchange, event_usage: Usage | None) -> bool:
 
 
 # The answers of these endpoints carry their usage at their end, where a capture of a long answer
-# keeps only the bytes as they came (compressed, no decoder can start there).
-_USAGE_AT_ITS_END = re.compile(r"/v1/(?:chat/completions|completions|embeddings|responses)")
+# keeps only the bytes as they came (compressed, no decoder can start there). An image's answer is
+# long by itself: the image comes in it, as base64.
+_USAGE_AT_ITS_END = re.compile(
+    r"/v1/(?:chat/completions|completions|embeddings|responses|images/(?:generations|edits))"
+)
 
 
 def usage_out_of_reach(exchange: Exchange, event_usage: Usage | None) -> bool:

@@ -559,3 +559,26 @@ async def test_a_model_limited_token_may_make_the_calls_that_run_no_model(
             await client.moderations.create(input="hello")
     assert refused.value.code == "model_not_allowed"
     assert len(log.requests) == seen
+
+
+async def test_a_compressed_image_too_long_to_read_its_usage_fills_a_tpm_window_with_the_most_it_can_use(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    # An image comes as base64 in the JSON answer, its usage at the end: compressed (the SDK
+    # accepts gzip), a token with a tpm window drew images without end, each counted as nothing.
+    issued = await proxy.issue_token(tpm=10_000)
+    image = base64.b64encode(os.urandom(600_000)).decode()
+    answer = {"created": 1, "data": [{"b64_json": image}], "usage": IMAGE_USAGE}
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "application/json"},
+        pieces=[orjson.dumps(answer)],
+        chunked=False,
+        compress=True,
+    )
+    async with proxy.sdk(issued["token"]) as client:
+        drawn = await client.images.generate(model="gpt-image-1", prompt="a cat")
+        assert drawn.data is not None and drawn.data[0].b64_json == image
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.images.generate(model="gpt-image-1", prompt="a dog")
+    assert refused.value.code == "rate_limited"
