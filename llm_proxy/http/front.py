@@ -494,8 +494,9 @@ class FrontProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             # Not the client leaving (that marks the connection lost first): the server stopping,
             # or a cancellation that escaped a handler. Nothing answers this connection any more,
-            # so it closes rather than keep its client waiting for ever.
-            if not self.lost:
+            # so it closes rather than keep its client waiting for ever (cut by the stop, it is
+            # closing already, and its client may still take what was written).
+            if not self.lost and not self._cut_by_stop:
                 self.abort()
             raise
         finally:
@@ -574,6 +575,11 @@ class FrontProtocol(asyncio.Protocol):
         recorded as cut by the server (``server_stopping``), not as left by its client."""
         self._cut_by_stop = True
         self.close()
+        # Its exchange ends now, not when the connection does: a client that stopped reading
+        # keeps a closing connection (and the answer's wait for it) for up to body_seconds,
+        # long after the server stopped and its events pipeline closed, dropping the event.
+        if self._task is not None and not self._task.done():
+            self._task.cancel(SERVER_STOPPING)
 
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.lost and not self._ending:
@@ -803,11 +809,16 @@ class FrontSite(web.BaseSite):
         in_flight = [c.task for c in self._connections if c.task is not None]
         if in_flight:
             await asyncio.wait(in_flight, timeout=self._grace)
+        cut = []
         for conn in list(self._connections):
             if conn.task is not None and not conn.task.done():
+                cut.append(conn.task)
                 conn.cut_at_stop()
             else:
                 conn.close()
+        if cut:
+            # Their exchanges end (and are submitted) before the events pipeline closes.
+            await asyncio.wait(cut, timeout=self._grace)
 
 
 def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from decimal import Decimal
 from pathlib import Path
@@ -361,6 +362,37 @@ async def test_a_stream_cut_by_the_servers_stop_is_recorded_as_cut_not_as_left(
     assert STATS.cut_at_stop - cut_before == 1
     assert STATS.client_disconnects == left_before
     stream.close()
+
+
+async def test_an_answer_its_client_stopped_reading_is_recorded_when_the_stop_cuts_it(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """An answer whose client stopped reading waits for the client to take what was written; the
+    stop cuts it after its grace like any other, and its event is written before the event log
+    closes (it was dropped as 'closing': the exchange only ended once the connection lingered out,
+    after the server had stopped)."""
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log, site={"grace_seconds": 0.2})
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(
+        f"GET /v1/files/big?size={64 * 1024 * 1024} HTTP/1.1\r\nHost: proxy\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    # Then read no more: the answer fills the socket's buffers and waits for the client.
+    await asyncio.sleep(0.5)
+
+    await proxy.client.server.close()  # the stop: 0.2 s of grace, then the server closes
+
+    (event,) = await wait_for_lines(log, 1)
+    assert (event["path"], event["status"], event["error"]) == (
+        "/v1/files/big",
+        200,
+        "server_stopping",
+    )
+    writer.close()
 
 
 async def test_on_redis_each_file_log_gets_every_event(
