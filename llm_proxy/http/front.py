@@ -569,6 +569,12 @@ class FrontProtocol(asyncio.Protocol):
     def stop_serving(self) -> None:
         """Answer the requests in hand, then end the serving task (the site is stopping)."""
         self._stopping = True
+        # The last of them says "Connection: close": a client told nothing sends its next request
+        # on this connection as it closes, and has it cut off unanswered.
+        if self._queue:
+            self._queue[-1].keep_alive = False
+        else:
+            self.keep_alive = False
 
     def cut_at_stop(self) -> None:
         """Close a connection whose answer outlived the stop's grace period: its request is

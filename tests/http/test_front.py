@@ -565,6 +565,25 @@ async def test_stopping_closes_idle_connections_and_lets_requests_in_flight_fini
     busy_writer.close()
 
 
+async def test_an_answer_finished_while_stopping_tells_its_client_the_connection_closes(
+    proxy: Proxy,
+) -> None:
+    """The connection closes after the answer in flight: the answer says so, or the client (as
+    keep-alive invites) sends its next request on it and has it cut off unanswered."""
+    token = await proxy.token()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(request("GET", "/v1/audio/slow-head?s=0.5", token))
+    await asyncio.sleep(0.1)  # the request is with the upstream
+    stopping = asyncio.create_task(front_site(proxy).stop())
+
+    status, headers, _ = await asyncio.wait_for(read_response(reader), 5)
+
+    assert status == 200
+    assert headers.get("connection") == "close"
+    await stopping
+    writer.close()
+
+
 async def test_a_half_closed_client_ends_its_request_and_the_upstream_one(proxy: Proxy) -> None:
     # As nginx does by default: a client that shuts its side has gone away; its request in flight
     # (and the upstream request behind it) is ended rather than left running.
