@@ -14,6 +14,7 @@ claims the spools no live process holds (left by a process gone) to replay them.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import uuid
@@ -71,10 +72,20 @@ class Spool:
         written, unwritable = wire.dumps_each(events)
         metrics.count_unwritable(unwritable, "spool")
         data = b"".join(line + b"\n" for line in written)
-        with open(self.path, "ab", opener=owner_only) as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())  # the spool exists for when things go wrong; make it stick
+        # Unbuffered: a buffer left after a failed write would be written again as it closes.
+        with open(self.path, "ab", buffering=0, opener=owner_only) as file:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[file.write(view) :]
+                os.fsync(file.fileno())  # the spool exists for when things go wrong; make it stick
+            except OSError:
+                # A full disk takes part of the batch: cut it, or the next line is glued to the
+                # torn one (a good event lost as malformed) and replay, which goes by the size
+                # written, stops short of the last lines and empties the spool with them in it.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(file.fileno(), self._size)
+                raise
         self._size += len(data)
         metrics.SPOOLED.inc(len(written))
         metrics.SPOOL_PENDING.set(self.pending_bytes)

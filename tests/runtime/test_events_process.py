@@ -7,11 +7,12 @@ import concurrent.futures
 import ctypes
 import json
 import os
+import resource
 import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,58 @@ def test_exchanges_lost_with_a_killed_events_process_are_counted_exactly(
     finally:
         redis.close()
         server.stop(timeout=10)
+
+
+def _wait_for(check: Callable[[], bool], why: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.02)
+
+
+def test_events_spooled_after_a_write_the_full_disk_cut_short_all_reach_redis(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    """Redis is down and the spool's disk fills in the middle of an event (here: the events
+    process's file size limit): that event is lost and counted. Every event spooled once there is
+    room again reaches Redis when it is back: the torn bytes left in the spool had been counted as
+    nothing, so replay stopped that many bytes short, and emptied the spool with the last events
+    in it, uncounted."""
+    redis_server = RedisServer(tmp_path / "redis", durable=True)
+    redis_server.start()
+    redis = Redis.from_url(redis_server.url)
+    # A dispatcher service that reads nothing yet: the stream keeps every event for it.
+    redis.xgroup_create(STREAM, "later", id="0", mkstream=True)
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    server = start_server(
+        tmp_path / "data", config, tmp_path, LLM_PROXY_EVENT_BUS="redis", REDIS_URL=redis_server.url
+    )
+    spool = tmp_path / "data" / "events-spool.jsonl"
+    try:
+        token = server.issue_token()
+        events_process = wait_for_events_process(server.process.popen.pid)
+        redis_server.stop()
+        chat(server, token, 1)
+        _wait_for(lambda: spool.exists() and spool.stat().st_size > 0, "nothing was spooled")
+        line = spool.stat().st_size
+        limits = resource.prlimit(events_process, resource.RLIMIT_FSIZE)
+        resource.prlimit(events_process, resource.RLIMIT_FSIZE, (line + line // 2, limits[1]))
+        chat(server, token, 1)  # half of its line fits
+        _wait_for(lambda: "events.batch_failed" in server.process.stderr, "the write did not fail")
+        resource.prlimit(events_process, resource.RLIMIT_FSIZE, limits)
+        later = chat(server, token, 5)
+        _wait_for(lambda: spool.read_bytes().count(b"\n") >= 6, "the later events were not spooled")
+
+        redis_server.start()
+
+        def on_the_bus() -> set[str]:
+            return {event.loads(fields[b"e"])["request_id"] for _, fields in redis.xrange(STREAM)}
+
+        deadline = time.monotonic() + 10
+        while (missing := set(later) - on_the_bus()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not missing, f"{len(missing)} of the {len(later)} later events never reached Redis"
+    finally:
+        redis.close()
+        server.stop(timeout=10)
+        redis_server.stop()
