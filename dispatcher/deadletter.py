@@ -9,6 +9,8 @@ Reasons are masked like log lines: a backend's answer may echo a key (backends m
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import time
 from collections.abc import Sequence
@@ -47,11 +49,24 @@ class DeadLetterFile:
         at = rfc3339(time.time())
         data = b"".join(_line(at, backend, record) for record in records)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, self._mode, opener=owner_only) as file:
-            file.write(data)
-            file.flush()
-            # Written before the bus entry is acknowledged: once acked, this line is the only copy.
-            os.fsync(file.fileno())
+        # Unbuffered: a buffer left after a failed write would be written again as it closes.
+        with open(self.path, self._mode, buffering=0, opener=owner_only) as file:
+            # Locked, as other dispatchers (each worker's events process) may append to it too.
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            size = os.fstat(file.fileno()).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[file.write(view) :]
+                # Written before the bus entry is acknowledged: once acked, this line is the only
+                # copy.
+                os.fsync(file.fileno())
+            except OSError:
+                # A full disk takes part of the lines: cut them, or the retry's first line is
+                # glued onto the torn one, a line that holds no event.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(file.fileno(), size)
+                raise
         self._mode = "ab"
 
 

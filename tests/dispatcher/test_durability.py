@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -213,3 +214,74 @@ async def test_redis_outage_while_traffic_flows_delays_but_loses_no_event(
     assert set(counts) == set(sent) and len(sent) == 350
     assert slowest_submit < 0.005
     assert not (tmp_path / "dead.jsonl").exists()
+
+
+async def test_a_dead_letter_write_cut_short_by_a_full_disk_leaves_every_line_whole(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A full disk cuts a dead-letter write short: the events stay in hand and are written once
+    there is room again, each on a whole line that replay reads back (the first was glued onto
+    the torn bytes, an unreadable line that replay could only carry forward as text)."""
+    events_file = tmp_path / "events.jsonl"
+    dead_letter = tmp_path / "dead-letter.jsonl"
+    log = tmp_path / "dispatcher.log"
+    command = [
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "--service",
+        "file",
+        "--path",
+        str(events_file),
+        "--max-attempts",
+        "1",
+        "--dead-letter",
+        str(dead_letter),
+        "--backoff-cap",
+        "0.2",
+        "--batch-size",
+        "1",
+        "--batch-wait",
+        "0.01",
+        "--redis-url",
+        redis_server.url,
+        "--stream",
+        "durable:events",
+        "--data-dir",
+        str(tmp_path),
+    ]
+    bus = RedisBus(redis_server.url, stream="durable:events")
+    with log.open("ab") as output:
+        dispatcher = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    sent = [build(exchange(request={"model": "gpt-4o", "n": i}, response=b"{}")) for i in range(5)]
+
+    def lines() -> list[bytes]:
+        return dead_letter.read_bytes().splitlines() if dead_letter.exists() else []
+
+    try:
+        await until(lambda: b"dispatcher.started" in log.read_bytes(), 15, "the dispatcher")
+        events_file.unlink()
+        events_file.mkdir()  # the file backend cannot write: every event is dead-lettered
+        await bus.publish(sent[:1])
+        await until(lambda: len(lines()) == 1, 15, "the first event to be dead-lettered")
+        line = dead_letter.stat().st_size
+        limits = resource.prlimit(dispatcher.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(dispatcher.pid, resource.RLIMIT_FSIZE, (line + line // 2, limits[1]))
+        await bus.publish(sent[1:2])  # half of its line fits
+        await until(lambda: b"dispatcher.dead_letter_failed" in log.read_bytes(), 15, "a failure")
+        resource.prlimit(dispatcher.pid, resource.RLIMIT_FSIZE, limits)
+        await bus.publish(sent[2:])
+        await until(lambda: dead_letter.read_bytes().count(b"\n") >= 5, 15, "five dead letters")
+    finally:
+        await bus.close()
+        dispatcher.send_signal(signal.SIGTERM)
+        dispatcher.wait(15)
+
+    kept, torn = [], []
+    for text in lines():
+        try:
+            kept.append(orjson.loads(text)["event"]["id"])
+        except orjson.JSONDecodeError:
+            torn.append(text)
+    assert not torn
+    assert sorted(kept) == sorted(e["id"] for e in sent)
