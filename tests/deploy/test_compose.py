@@ -346,3 +346,24 @@ def test_dispatcher_drains_the_redis_bus_with_real_options(services: dict[str, A
     own = volume_target(dispatcher["volumes"], env["DATA_DIR"])
     for name in PROXIES:
         assert own != volume_target(services[name]["volumes"], "/app/data")
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, f"{duration!r} is not a number of seconds"
+    return float(match.group(1))
+
+
+def test_docker_gives_a_stopping_proxy_and_dispatcher_the_time_the_helm_chart_does(
+    services: dict[str, Any],
+) -> None:
+    """Docker sends SIGKILL 10 s after SIGTERM unless told otherwise: exactly when a stopping
+    proxy cuts the streams still open and writes their events and usage, and when a stopping
+    dispatcher's drain (10 s) ends. The Helm chart gives each pod longer; so must compose."""
+    chart = yaml.safe_load((ROOT / "deploy/helm/llm-proxy/values.yaml").read_text())
+    proxy_grace = chart["proxy"]["terminationGracePeriodSeconds"]
+    dispatcher = (ROOT / "deploy/helm/llm-proxy/templates/deployment-dispatcher.yaml").read_text()
+    dispatcher_grace = int(re.findall(r"terminationGracePeriodSeconds: (\d+)", dispatcher)[0])
+    for name in ("proxy-1", "proxy-2"):
+        assert _seconds(services[name].get("stop_grace_period", "10s")) >= proxy_grace, name
+    assert _seconds(services["dispatcher"].get("stop_grace_period", "10s")) >= dispatcher_grace
