@@ -622,6 +622,11 @@ class PostgresStore:
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         if not deltas:
             return
+        # To its end whatever happens to the caller, as every SQLite write: the tallies are out of
+        # memory once handed over, and a flush cancelled by the stop would roll them back, lost.
+        await asyncio.shield(self._add_usage(deltas))
+
+    async def _add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
             await conn.executemany(
                 "UPDATE tokens SET request_count = request_count + $2,"
