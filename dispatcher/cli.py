@@ -40,6 +40,7 @@ from dispatcher.retry import Backoff
 from dispatcher.worker import AuthFailed, BackendStartError, Worker, WorkerSettings
 from llm_proxy.events.redis import RedisBus, client_from_url
 from llm_proxy.finite_range import FiniteFloatRange
+from llm_proxy.private_files import owner_only_files
 
 HEARTBEAT_INTERVAL = 5.0
 
@@ -246,9 +247,14 @@ def dispatcher_command(
     )
     metrics_address = None if metrics_port is None else MetricsAddress(metrics_host, metrics_port)
     try:
-        code = asyncio.run(
-            _serve(BusSettings(redis_url, stream, claim_idle), backend, settings, metrics_address)
-        )
+        # Event logs and dead letters hold prompts and answers: DATA_DIR and the directories
+        # the dispatcher makes for them are its owner's only, as the server's are.
+        with owner_only_files():
+            code = asyncio.run(
+                _serve(
+                    BusSettings(redis_url, stream, claim_idle), backend, settings, metrics_address
+                )
+            )
     except MetricsListenError as exc:
         click.echo(f"llm-proxy dispatcher: --metrics-port: {exc}", err=True)
         ctx.exit(Exit.FAILED)
@@ -423,15 +429,16 @@ def replay_command(
         return
     target = _replay_output(file, output)
     try:
-        report = asyncio.run(
-            replay.replay(
-                file,
-                backend,
-                DeadLetterFile(target, new=True),
-                batch_size=batch_size,
-                max_attempts=max_attempts,
+        with owner_only_files():
+            report = asyncio.run(
+                replay.replay(
+                    file,
+                    backend,
+                    DeadLetterFile(target, new=True),
+                    batch_size=batch_size,
+                    max_attempts=max_attempts,
+                )
             )
-        )
     except AuthFailed as exc:
         click.echo(f"{exc}: nothing was sent; {file} is unchanged", err=True)
         click.echo(f"fix {credentials(service)} and replay {file} again", err=True)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -14,6 +12,7 @@ from dispatcher.cli import dispatcher_command
 from llm_proxy import __version__
 from llm_proxy.control.manage_cli import manage
 from llm_proxy.pricing import PricesError
+from llm_proxy.private_files import owner_only_files
 from llm_proxy.proxy.api_config import ApiConfigError, load_api_config
 from llm_proxy.runtime.logging_setup import configure_logging
 from llm_proxy.runtime.settings import (
@@ -41,18 +40,6 @@ from llm_proxy.secret_input import configured_password, configured_token
 from llm_proxy.store.opening import default_database_url
 from llm_proxy.tools.benchmark.command import benchmark_command
 from llm_proxy.tools.mock_upstream import mock_upstream_command
-
-
-@contextmanager
-def owner_only_files() -> Iterator[None]:
-    """Create files and directories readable by their owner only (umask 077), as PostgreSQL does
-    for its data directory: DATA_DIR (0700), the SQLite database and its -wal and -shm (0600,
-    which SQLite copies from the database), whoever of the server's parts creates them."""
-    previous = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -516,3 +517,30 @@ def test_a_burst_run_that_cannot_dead_letter_exits_1_leaving_the_refused_event_o
     assert len(fake.runs) == 4
     pending = redis.Redis.from_url(redis_server.url).xpending("dlb:events", "lunary")
     assert pending["pending"] == 1  # the refused one, for the next run
+
+
+@pytest.mark.redis
+def test_a_dispatcher_creates_its_data_dir_private_whatever_the_umask(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    sent = events(2)
+    publish(redis_server.url, "private:events", sent)
+    data_dir = tmp_path / "fresh" / "data"
+    previous = os.umask(0o022)  # the usual login umask: directories 0755 unless the code says
+    try:
+        code, _ = invoke(
+            "--service",
+            "file",
+            "--burst",
+            "--batch-wait",
+            "0.05",
+            "--stream",
+            "private:events",
+            REDIS_URL=redis_server.url,
+            DATA_DIR=str(data_dir),
+        )
+    finally:
+        os.umask(previous)
+    assert code == 0
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data_dir / "events.jsonl").stat().st_mode) == 0o600
