@@ -126,6 +126,14 @@ def without_secrets(data: bytes) -> bytes:
     return redact(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
+def path_without_secrets(path: str) -> str:
+    """``path`` with anything shaped like a key masked: an application may put a token or key
+    where an id goes (``/v1/files/sk-…``), and the allowlist matches only the path's start."""
+    if "sk-" not in path and "mgmt-" not in path:
+        return path
+    return redact(path)
+
+
 def show(decoded: Decoded, raw_size: int) -> object:
     """The JSON value of a body, else its text, else a bracketed note saying why it is not shown."""
     if decoded.data is None:

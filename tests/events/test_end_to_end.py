@@ -421,3 +421,21 @@ async def test_on_redis_each_file_log_gets_every_event(
     assert {g for g in groups if g.startswith("file@")} == {
         f"file@{socket.gethostname()}:{log.resolve()}" for log in logs
     }
+
+
+async def test_a_key_pasted_into_the_path_is_masked_in_the_event(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    token = await proxy.token()
+    headers = {"Authorization": f"Bearer {token}"}
+    # An application that put a key where a file id goes: the path is allowed (/v1/files).
+    answer = await proxy.client.get(f"/v1/files/{UPSTREAM_KEY}", headers=headers)
+    await proxy.client.get(f"/v1/files/{token}/content", headers=headers)
+    assert answer.status < 500
+    events = await wait_for_lines(log, 2)
+    assert [e["path"].split("/")[2] for e in events] == ["files", "files"]
+    assert all("…" in e["path"] for e in events)
+    text = log.read_text()
+    assert UPSTREAM_KEY not in text and token not in text
