@@ -119,19 +119,20 @@ def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) ->
 
 
 def without_secrets(data: bytes) -> bytes:
-    """``data`` with anything shaped like a key masked: for error answers, which some upstreams
-    word by quoting the key they refused, whole. Answers that do not hold one are not copied."""
+    """``data`` with anything shaped like a key masked: a client may paste its token or a key
+    into a prompt or where the model goes, and some upstreams word an error by quoting the key
+    they refused, whole. Bodies that do not hold one are not copied."""
     if b"sk-" not in data and b"mgmt-" not in data:
         return data
     return redact(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
-def path_without_secrets(path: str) -> str:
-    """``path`` with anything shaped like a key masked: an application may put a token or key
-    where an id goes (``/v1/files/sk-…``), and the allowlist matches only the path's start."""
-    if "sk-" not in path and "mgmt-" not in path:
-        return path
-    return redact(path)
+def text_without_secrets(text: str) -> str:
+    """``text`` with anything shaped like a key masked, as :func:`without_secrets` does bodies:
+    for an event's path (a key where an id goes: ``/v1/files/sk-…``) and its model."""
+    if "sk-" not in text and "mgmt-" not in text:
+        return text
+    return redact(text)
 
 
 def show(decoded: Decoded, raw_size: int) -> object:

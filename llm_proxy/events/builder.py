@@ -50,10 +50,17 @@ def build(
     request_model = None
     if exchange.request_bytes_shed:
         request: object = bodies.shed_note(exchange.request_bytes_shed)
+        shown_request = request
     else:
         request_raw = exchange.request_body.getvalue()
-        request = bodies.show(bodies.Decoded(request_raw, exchange.request_body.truncated), 0)
+        truncated = exchange.request_body.truncated
+        request = bodies.show(bodies.Decoded(request_raw, truncated), 0)
         request_model = _model(request) or multipart_model(request_raw)
+        # Priced and counted as sent; shown with any key it holds masked.
+        masked = bodies.without_secrets(request_raw)
+        shown_request = (
+            request if masked is request_raw else bodies.show(bodies.Decoded(masked, truncated), 0)
+        )
 
     response_raw = exchange.response_body.getvalue()
     decoded = bodies.decode(
@@ -62,7 +69,7 @@ def build(
         truncated=exchange.response_body.truncated,
         limit=decoded_limit,
     )
-    if exchange.status >= 400 and decoded.data is not None:
+    if decoded.data is not None:
         decoded.data = bodies.without_secrets(decoded.data)
     if exchange.is_stream and decoded.data is not None:
         response = reassemble(sse.payloads(decoded.data))
@@ -103,7 +110,7 @@ def build(
         "project_id": exchange.project_id,
         "token_id": exchange.token_id,
         "method": exchange.method,
-        "path": bodies.path_without_secrets(exchange.path),
+        "path": bodies.text_without_secrets(exchange.path),
         # No answer went out: 499 when the client closed the connection first (nginx's code).
         "status": exchange.status or (_CLIENT_CLOSED if exchange.left_by_client else 0),
         "duration_ms": _ms(exchange.started, exchange.ended) if exchange.ended else 0.0,
@@ -111,8 +118,8 @@ def build(
         if exchange.first_byte_at
         else None,
         "stream": stream,
-        "model": model,
-        "request": request,
+        "model": bodies.text_without_secrets(model) if model else model,
+        "request": shown_request,
         "response": response,
         "usage": event_usage,
         "cost_usd": cost_usd,

@@ -439,3 +439,24 @@ async def test_a_key_pasted_into_the_path_is_masked_in_the_event(
     assert all("…" in e["path"] for e in events)
     text = log.read_text()
     assert UPSTREAM_KEY not in text and token not in text
+
+
+async def test_a_token_or_key_sent_in_a_body_is_masked_in_the_event(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    token = await proxy.token()
+    async with proxy.sdk(token) as client:
+        # A client that pasted its token where the model goes, and a key into its prompt; the
+        # upstream answers, naming the model it was asked for.
+        answer = await client.chat.completions.create(
+            model=token, messages=[{"role": "user", "content": f"my key is {UPSTREAM_KEY}"}]
+        )
+    assert answer.model == token  # the client gets the upstream's answer unchanged
+    (event,) = await wait_for_lines(log, 1)
+    assert event["model"].startswith("sk-") and "…" in event["model"]
+    assert event["request"]["messages"][0]["content"].startswith("my key is sk-")
+    assert event["usage"]["total_tokens"] > 0
+    text = log.read_text()
+    assert token not in text and UPSTREAM_KEY not in text
