@@ -25,7 +25,10 @@ RUN apt-get update \
 WORKDIR /app
 COPY --from=build /opt/llm-proxy /opt/llm-proxy
 COPY config ./config
-RUN mkdir -p /app/data && chown llmproxy:llmproxy /app/data
+# Private from the start (0700, the server's user): a named volume begins as a copy of this
+# directory, mode included, and a dispatcher's never passes through the server's start, which
+# tightens DATA_DIR.
+RUN install -d -m 0700 -o 10001 -g 10001 /app/data
 ENV PATH=/opt/llm-proxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     LISTEN_ADDR=0.0.0.0:8080 \

@@ -67,6 +67,22 @@ def test_image_is_built_in_stages_and_runs_as_a_non_root_user() -> None:
     assert any(re.search(r"\btini\b", rest) for rest in installs)
 
 
+def test_the_data_volume_starts_private_to_the_user_the_image_runs_as() -> None:
+    final = final_stage()
+    (volume,) = [json.loads(rest) for keyword, rest in final if keyword == "VOLUME"]
+    (user,) = [rest for keyword, rest in final if keyword == "USER"]
+    made = " ".join(rest for keyword, rest in final if keyword == "RUN")
+    # A named volume starts as a copy of the image's directory, its mode included, and only the
+    # server tightens DATA_DIR at start: a dispatcher's volume (docker-compose.yml) would stay
+    # listable by every user unless the image makes the directory private.
+    for directory in volume:
+        created = re.search(
+            rf"install -d -m 0?700 -o (\d+) -g (\d+) {re.escape(directory)}\b", made
+        )
+        assert created is not None, directory
+        assert ":".join(created.groups()) == user
+
+
 def test_healthcheck_reads_listen_addr_and_asks_health() -> None:
     command = healthcheck_command()
     assert command[:2] == ["python", "-c"]
