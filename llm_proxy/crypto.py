@@ -23,7 +23,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 TOKEN_PREFIX = "sk-"
 # 32 random bytes → 43 base64url characters; anything of another shape is refused before lookup.
 _TOKEN_SHAPE = re.compile(r"sk-[A-Za-z0-9_-]{22,200}")
-_SECRET_LIKE = re.compile(r"(sk-|mgmt-)[A-Za-z0-9_-]{8,}")
+# A key starts a word: "risk-assessment-framework" or "task-management" holds none. A letter
+# before it is allowed only when it ends an escape: a line break in JSON text ("\\n"), or a
+# percent-encoded separator ("%2Fsk-…", "%20sk-…").
+_SECRET_LIKE = re.compile(
+    r"(?:(?<![A-Za-z_-])|(?<=\\[nrtbf])|(?<=%[0-9A-Fa-f]{2}))(sk-|mgmt-)[A-Za-z0-9_-]{8,}"
+)
 # An upstream key goes out as a header value, where a CR or LF would end the header and start
 # another (the upstream client refuses to send a line break at all). No key has any of the
 # control characters (C0, DEL, C1), so all of them are refused alike.

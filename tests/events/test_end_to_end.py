@@ -460,3 +460,26 @@ async def test_a_token_or_key_sent_in_a_body_is_masked_in_the_event(
     assert event["usage"]["total_tokens"] > 0
     text = log.read_text()
     assert token not in text and UPSTREAM_KEY not in text
+
+
+async def test_words_that_merely_contain_sk_are_neither_masked_in_events_nor_in_refusals(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    token = await proxy.token()
+    prompt = f"Draft a risk-assessment-framework for our task-management-service.\nsk-{'a' * 30}"
+    async with proxy.sdk(token) as client:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+        )
+    refused = await proxy.client.get(
+        "/v1/desk-organizer-items", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert (await refused.json())["error"]["message"] == (
+        "Endpoint GET /v1/desk-organizer-items is not allowed."
+    )
+    (event,) = await wait_for_lines(log, 1)
+    shown = event["request"]["messages"][0]["content"]
+    assert shown.startswith("Draft a risk-assessment-framework for our task-management-service.")
+    assert "a" * 30 not in shown  # a key on a line of its own is still masked
