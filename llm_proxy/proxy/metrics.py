@@ -10,6 +10,10 @@ from llm_proxy.stats import STATS
 
 _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 _UPSTREAM_ERROR_KIND = {"upstream_unavailable": "unavailable", "upstream_timeout": "timeout"}
+# The paths whose label is remembered: as many as real traffic uses, as long as an API's paths
+# get. A client's paths are its own choice, up to 64 KiB each: longer ones are matched again.
+_REMEMBERED_PATHS = 10_000
+_REMEMBERED_PATH_LENGTH = 256
 
 
 class MetricsSink:
@@ -31,7 +35,7 @@ class MetricsSink:
                 ),
                 "other",
             )
-            if len(self._endpoints) < 10_000:
+            if len(path) <= _REMEMBERED_PATH_LENGTH and len(self._endpoints) < _REMEMBERED_PATHS:
                 self._endpoints[path] = label
         return label
 

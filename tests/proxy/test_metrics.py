@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+from pathlib import Path
+
+import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Proxy
+from tests.processes import start_server, write_api_config
 
 
 async def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -59,3 +66,41 @@ async def test_metrics_move_with_traffic(proxy: Proxy) -> None:
     # Labels stay bounded: no raw paths, token ids or project ids.
     text = await (await proxy.client.get("/metrics")).text()
     assert "/v1/nope" not in text and token not in text
+
+
+def _resident_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.process
+async def test_random_long_paths_do_not_grow_the_server_s_memory(tmp_path: Path) -> None:
+    # Nothing listens at the upstream: every request here is refused before it would go there.
+    api_config = write_api_config(tmp_path / "api_providers.yaml", "http://127.0.0.1:9")
+    server = start_server(tmp_path / "data", api_config, tmp_path / "logs")
+    path_bytes = 32 * 1024  # a long target, well inside the 64 KiB a head may hold
+
+    async def refuse(count: int) -> None:
+        async with aiohttp.ClientSession(server.base_url) as session:
+
+            async def one() -> None:
+                target = f"/v1/{secrets.token_hex(path_bytes // 2)}"
+                async with session.get(target) as answer:
+                    assert answer.status == 404  # endpoint_not_found
+                    await answer.read()
+
+            for _ in range(0, count, 50):
+                await asyncio.gather(*(one() for _ in range(50)))
+
+    try:
+        await refuse(200)  # the allocator's and the connection pool's working set
+        before = _resident_kib(server.process.popen.pid)
+        await refuse(3000)  # ~94 MiB of distinct paths
+        grown_mib = (_resident_kib(server.process.popen.pid) - before) / 1024
+    finally:
+        server.stop()
+    # A client choosing random paths must not make the server keep them: what it held for
+    # metrics grew with every distinct path, up to 10,000 of them (~640 MiB of 64 KiB paths).
+    assert grown_mib < 30, f"the server grew by {grown_mib:.0f} MiB"
