@@ -39,7 +39,10 @@ MAX_USD_PER_MILLION = 1_000_000
 MAX_OUTPUT_TOKENS = 10_000_000
 OTHER = "other"  # the metrics label of a model no entry prices
 _WILDCARDS = re.compile(r"[*?\[]")
-_CACHE_LIMIT = 4096  # model names come from clients: remember a bounded number of them
+# Model names come from clients: remember a bounded number of them, and only names as long as
+# a model's get (a client's may run to the whole captured body, in every event).
+_CACHE_LIMIT = 4096
+_CACHED_NAME_LENGTH = 256
 
 
 class PricesError(ValueError):
@@ -132,6 +135,8 @@ class Prices:
         except KeyError:
             pass
         price = next((entry for match, entry in self._matchers if match(model)), None)
+        if len(model) > _CACHED_NAME_LENGTH:
+            return price
         if len(cache) >= _CACHE_LIMIT:
             cache.clear()
         cache[model] = price

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import tracemalloc
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -483,3 +485,37 @@ async def test_words_that_merely_contain_sk_are_neither_masked_in_events_nor_in_
     shown = event["request"]["messages"][0]["content"]
     assert shown.startswith("Draft a risk-assessment-framework for our task-management-service.")
     assert "a" * 30 not in shown  # a key on a line of its own is still masked
+
+
+async def test_long_model_names_are_not_kept_after_their_events(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+
+    url = f"{proxy.base_url}/v1/chat/completions"
+
+    async def send(count: int, first: int) -> None:
+        # A session of its own, which keeps no answers (the test client keeps them all).
+        async with aiohttp.ClientSession() as session:
+            for n in range(first, first + count):
+                # Each model name a client's own: distinct, and as long as it likes.
+                model = f"{n:06d}" + "m" * 100_000
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                async with session.post(url, json=body, headers=headers) as answer:
+                    assert answer.status == 200
+                    await answer.read()
+        await wait_for_lines(log, first + count)
+        proxy.upstream.requests.clear()  # the fake upstream's own record of them
+        gc.collect()
+
+    tracemalloc.start()
+    try:
+        await send(20, 0)
+        before = tracemalloc.get_traced_memory()[0]
+        await send(200, 20)  # 20 MB of model names
+        kept_mb = (tracemalloc.get_traced_memory()[0] - before) / 1e6
+    finally:
+        tracemalloc.stop()
+    assert kept_mb < 5, f"{kept_mb:.0f} MB kept"
