@@ -25,7 +25,7 @@ from llm_proxy.control.operations import (
     MAX_DURATION_MINUTES,
     MAX_MODEL_PATTERN_LENGTH,
 )
-from llm_proxy.crypto import is_sendable_key
+from llm_proxy.crypto import is_sendable_key, redact
 from llm_proxy.errors import InvalidField
 from llm_proxy.json_keys import RepeatedKey, unrepeated_keys
 
@@ -135,7 +135,9 @@ def ambiguity(raw: bytes | str) -> str | None:
 def require_known(body: dict[str, Any], allowed: set[str]) -> None:
     for key in body:
         if key not in allowed:
-            raise InvalidField(key, f"unknown field; expected one of {', '.join(sorted(allowed))}")
+            # The name is the caller's: a token's value mistyped as one is named masked.
+            expected = ", ".join(sorted(allowed))
+            raise InvalidField(redact(key), f"unknown field; expected one of {expected}")
 
 
 def text(body: dict[str, Any], key: str, *, required: bool, max_length: int) -> Any:

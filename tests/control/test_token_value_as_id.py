@@ -47,6 +47,27 @@ async def test_the_api_never_echoes_a_token_value_given_as_an_id(proxy: Proxy) -
     assert (status, answer["error"]["message"]) == (404, "No token with id 'no-such-id'.")
 
 
+async def test_a_token_value_given_as_a_field_name_is_not_echoed(proxy: Proxy) -> None:
+    project_id = await proxy.create_project()
+    value = (await proxy.issue_token(project_id))["token"]
+    calls = [
+        ("POST", "/tokens", {"project_id": project_id, "duration_minutes": 5, value: 1}),
+        ("PATCH", f"/projects/{project_id}", {value: True}),
+        ("DELETE", "/tokens", {value: value}),  # {"token": …} mistyped as the value alone
+    ]
+    for method, path, body in calls:
+        status, answer = await proxy.manage(method, path, body)
+        assert status == 400, (method, path, answer)
+        message = answer["error"]["message"]
+        assert value not in message and value[3:13] not in message, (method, path, message)
+        assert "unknown field" in message
+    # An ordinary unknown field is still named in full.
+    status, answer = await proxy.manage(
+        "POST", "/tokens", {"project_id": project_id, "duration_minutes": 5, "max_request": 1}
+    )
+    assert status == 400 and answer["error"]["message"].startswith("max_request: unknown field")
+
+
 def _manage(base_url: str, token: str, *args: str) -> Result:
     return CliRunner().invoke(
         main,
