@@ -325,7 +325,8 @@ def require_known_query(query: MultiMapping[str], allowed: set[str]) -> None:
     unknown = sorted(set(query) - allowed)
     if unknown:
         expected = f"expected {', '.join(sorted(allowed))}" if allowed else "none is taken here"
-        raise InvalidField(unknown[0], f"unknown query parameter; {expected}")
+        # Named masked when shaped like a key, as an unknown body field is.
+        raise InvalidField(redact(unknown[0]), f"unknown query parameter; {expected}")
     # Each is read once: of a repeated one, the first would be taken and the others ignored, so
     # ?project_id=A&project_id=B would answer A's tokens as if that were all that was asked.
     repeated = sorted({key for key in query if len(query.getall(key)) > 1})

@@ -68,6 +68,16 @@ async def test_a_token_value_given_as_a_field_name_is_not_echoed(proxy: Proxy) -
     assert status == 400 and answer["error"]["message"].startswith("max_request: unknown field")
 
 
+async def test_a_token_value_given_as_a_query_parameter_name_is_not_echoed(proxy: Proxy) -> None:
+    value = await proxy.token()
+    for path in (f"/tokens?{value}=1", f"/audit?{value}", f"/projects?{value}=x"):
+        status, answer = await proxy.manage("GET", path)
+        assert status == 400, (path, answer)
+        message = answer["error"]["message"]
+        assert value not in message and value[3:13] not in message, (path, message)
+        assert "unknown query parameter" in message
+
+
 def _manage(base_url: str, token: str, *args: str) -> Result:
     return CliRunner().invoke(
         main,
