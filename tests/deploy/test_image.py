@@ -196,6 +196,12 @@ def excluded(path: str) -> bool:
         "data/management_token",
         "data/encryption_key",
         "data/events.jsonl",
+        # A DATA_DIR by another name keeps the same files: the generated secrets, the database.
+        "state/management_token",
+        "state/admin_password",
+        "state/encryption_key",
+        "state/credentials_unshown",
+        "state/llm-proxy.db-shm",
         ".env",
         "config/production.env",
         "deploy/compose/.env",
