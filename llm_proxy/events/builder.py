@@ -35,6 +35,12 @@ def event_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def shown_request_id(exchange: Exchange) -> str:
+    """The event's ``request_id``: the client's X-Request-ID when it sent one, which may be a
+    token it filled in by mistake, so masked like every other field an event shows."""
+    return bodies.text_without_secrets(exchange.request_id)
+
+
 def _ms(start: float, end: float) -> float:
     # Whole microseconds, as milliseconds: round(x, 3) formats and parses decimal digits.
     return round((end - start) * 1_000_000.0) / 1000.0
@@ -105,7 +111,7 @@ def build(
     # A dict display: calling the TypedDict passes eighteen keyword arguments.
     event: Event = {
         "id": event_id(),
-        "request_id": exchange.request_id,
+        "request_id": shown_request_id(exchange),
         "timestamp": rfc3339(exchange.started_at),
         "project_id": exchange.project_id,
         "token_id": exchange.token_id,

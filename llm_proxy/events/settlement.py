@@ -24,6 +24,7 @@ from llm_proxy.events.builder import (
     answer_unseen,
     in_background,
     most_tokens,
+    shown_request_id,
     usage_out_of_reach,
 )
 from llm_proxy.events.event import Event
@@ -62,12 +63,13 @@ class TokenSettler:
         self._retry = SettlementRetry(budgets, windows)
 
     async def settle(self, batch: Sequence[Exchange], events: Sequence[Event]) -> None:
-        # By request id, in the batch's order: a client may send one id twice (a retry), and each
-        # of its requests has a hold of its own; events come in the batch's order too.
+        # By request id as the event shows it, in the batch's order: a client may send one id
+        # twice (a retry), and each of its requests has a hold of its own; events come in the
+        # batch's order too.
         limited: dict[str, deque[Exchange]] = {}
         for exchange in batch:
             if exchange.settles:
-                limited.setdefault(exchange.request_id, deque()).append(exchange)
+                limited.setdefault(shown_request_id(exchange), deque()).append(exchange)
         settlements: list[Settlement] = []
         for event in events:
             same_id = limited.get(event["request_id"])

@@ -654,3 +654,23 @@ async def test_a_client_that_hangs_up_before_its_request_went_upstream_pays_noth
             await asyncio.wait_for(post(proxy, issued["token"], chat()), 0.3)
         shown = await settled(proxy, issued["id"])
         assert (shown["spent_usd"], shown["reserved_usd"]) == (0, 0)
+
+
+async def test_a_token_sent_as_the_request_id_is_masked_in_the_event_and_still_settles(
+    proxy_factory: Any, prices_path: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(prices_path=prices_path, file_event_log=log)
+    issued = await proxy.issue_token(budget_usd=1)
+    token = issued["token"]
+    # A client that fills X-Request-ID from the wrong variable.
+    headers = {**bearer(token), "X-Request-ID": token}
+    response = await proxy.client.post("/v1/chat/completions", data=chat(), headers=headers)
+    assert response.status == 200
+    assert response.headers["LLM-Proxy-Request-ID"] == token  # its own, back to it alone
+    (event,) = await wait_for_lines(log, 1)
+    assert event["request_id"].startswith("sk-") and "…" in event["request_id"]
+    assert token not in log.read_text()
+    # The hold is settled by the event all the same: its cost spent, nothing left held.
+    shown = await settled(proxy, issued["id"], spent_at_least=event["cost_usd"])
+    assert shown["spent_usd"] > 0
