@@ -6,7 +6,6 @@ evicts what the token cache of this process holds, so the change applies to the 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -286,23 +285,28 @@ class Operations:
 
     async def list_tokens(self, project_id: str | None = None) -> list[Token]:
         await self._authority.flush_usage()
-        tokens = await self.store.list_tokens(project_id)
-        return list(await asyncio.gather(*(self._with_ledger(token) for token in tokens)))
+        return await self._with_ledgers(await self.store.list_tokens(project_id))
 
     async def _with_ledger(self, token: Token) -> Token:
-        """The token as its budget ledger sees it: with Redis, holds live only there and spend
-        reaches the database after Redis, so the row alone would show nothing reserved."""
-        if token.budget_nanousd is None:
-            return token
+        return (await self._with_ledgers([token]))[0]
+
+    async def _with_ledgers(self, tokens: list[Token]) -> list[Token]:
+        """The tokens as their budget ledger sees them: with Redis, holds live only there and
+        spend reaches the database after Redis, so the rows alone would show nothing reserved."""
+        budgeted = [token.id for token in tokens if token.budget_nanousd is not None]
+        if not budgeted:
+            return tokens
         try:
-            known = await self._authority.budget_ledger.spent_and_held(token.id)
+            known = await self._authority.budget_ledger.spent_and_held_many(budgeted)
         except Exception as exc:  # an unreachable Redis leaves the database's view, not an error
-            log.warning("manage.budget_status_failed", token_id=token.id, error=str(exc))
-            return token
-        if known is None:
-            return token
-        spent, held = known
-        return replace(token, spent_nanousd=spent, reserved_nanousd=held)
+            log.warning("manage.budget_status_failed", tokens=len(budgeted), error=str(exc))
+            return tokens
+        return [
+            replace(token, spent_nanousd=ledger[0], reserved_nanousd=ledger[1])
+            if (ledger := known.get(token.id)) is not None
+            else token
+            for token in tokens
+        ]
 
     async def update_token(
         self,

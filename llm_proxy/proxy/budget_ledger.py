@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 from redis.asyncio import Redis
@@ -120,6 +120,11 @@ class BudgetLedger(Protocol):
         """What the token has spent and what its holds keep, when this ledger knows it."""
         ...
 
+    async def spent_and_held_many(self, token_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """:meth:`spent_and_held` of several tokens in one round trip, by token id: those this
+        ledger knows."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -164,6 +169,9 @@ class StoreBudgetLedger:
 
     async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
         return None  # the token's row says it
+
+    async def spent_and_held_many(self, token_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        return {}
 
     async def reclaim(self) -> int:
         """Return expired holds to their budgets; how many."""
@@ -423,13 +431,25 @@ class RedisBudgetLedger:
             log.error("budget_ledger.redis_spend_failed", tokens=len(spends), error=str(exc))
 
     async def spent_and_held(self, token_id: str) -> tuple[int, int] | None:
-        keys = self._keys(token_id)
-        spent, held = await once_more_on_a_new_connection(
-            self._redis, lambda: self._status(keys=keys)
+        return (await self.spent_and_held_many([token_id])).get(token_id)
+
+    async def spent_and_held_many(self, token_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        # One pipeline on one connection: a call per token at once took a connection each, and a
+        # list longer than the pool failed past it (and left none for admission meanwhile).
+        answers = await once_more_on_a_new_connection(
+            self._redis, lambda: self._statuses(token_ids)
         )
-        if spent == -1:
-            return None
-        return int(spent), int(held)
+        return {
+            token_id: (int(spent), int(held))
+            for token_id, (spent, held) in zip(token_ids, answers, strict=True)
+            if spent != -1
+        }
+
+    async def _statuses(self, token_ids: Sequence[str]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for token_id in token_ids:
+                await self._status(keys=self._keys(token_id), client=pipe)
+            return await pipe.execute()
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -537,6 +537,39 @@ async def test_a_stream_in_progress_shows_its_hold_to_the_operator(
         await slow.close()
 
 
+async def test_a_list_of_many_budgeted_tokens_shows_each_ones_hold_from_redis(
+    proxy_factory: Any, prices_path: Path, redis_server: RedisServer
+) -> None:
+    """An operator listing more budgeted tokens than the server keeps Redis connections sees
+    every token's spend and holds as Redis has them, not the database's view of some."""
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.01)))
+    await slow.start_server()
+    try:
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path,
+            api={"base_url": str(slow.make_url("")).rstrip("/")},
+            event_bus="redis",
+            redis_url=redis_server.url,
+        )
+        project_id = await proxy.create_project()
+        for _ in range(120):
+            await proxy.issue_token(project_id, budget_usd=1)
+        issued = await proxy.issue_token(project_id, budget_usd=1)
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=chat(stream=True), headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        await response.content.readline()
+        held = (await token_state(proxy, issued["id"]))["reserved_usd"]
+        assert held > 0
+        status, listed = await proxy.manage("GET", f"/tokens?project_id={project_id}")
+        assert status == 200 and len(listed) == 121
+        assert [t["reserved_usd"] for t in listed if t["id"] == issued["id"]] == [held]
+        response.close()
+    finally:
+        await slow.close()
+
+
 @pytest.mark.parametrize("where", ["store", "redis"])
 async def test_an_admission_cancelled_while_holding_gives_the_hold_back(
     proxy_factory: Any, prices_path: Path, redis_server: RedisServer, where: str
