@@ -86,7 +86,9 @@ _USAGE_SUMS = (
 # The rpm window in one statement: ``now`` (microseconds, database clock) joins the requests of the
 # last 60 s when there are fewer than ``rpm`` of them; the row comes back either way (``taken``
 # NULL when refused) with how long until the oldest counted request leaves the window. A clock
-# that steps back never reorders the log: a slot is always later than the last one.
+# that steps back never reorders the log: a slot is always later than the last one. That oldest
+# request is looked up only in a full window: a subscript is a 32-bit integer, which an rpm over
+# 2^31 would overflow below it, failing every request of the token.
 _TAKE_RATE_SLOT = """
 WITH now AS (
     SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT AS at
@@ -107,7 +109,9 @@ WITH now AS (
     RETURNING t.rpm_log[cardinality(t.rpm_log)] AS slot
 )
 SELECT (SELECT slot FROM taken) AS taken,
-       c.recent[cardinality(c.recent) - c.rpm + 1] + $2 - c.at AS retry_after_micros
+       CASE WHEN cardinality(c.recent) >= c.rpm
+            THEN c.recent[(cardinality(c.recent) - c.rpm + 1)::INT] + $2 - c.at
+       END AS retry_after_micros
 FROM current c
 """
 

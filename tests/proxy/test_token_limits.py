@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from llm_proxy.control.operations import MAX_COUNT
 from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
 from tests.fakes import fake_upstream_app, whole_answer_in_two_parts
@@ -216,6 +217,23 @@ async def test_rpm_admits_that_many_a_minute_and_says_when_to_retry(proxy: Proxy
     assert 55 <= int(headers["Retry-After"]) <= 60
     assert "x-should-retry" not in headers  # transient: SDKs retry it after Retry-After
     assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 429
+
+
+async def test_the_largest_limits_the_api_takes_admit_requests_on_every_backend(
+    proxy_factory: Any, database_url: str
+) -> None:
+    """A limit set to the most the management API accepts, at issue or by a change, is a limit
+    that admits requests, not one the database cannot compute with."""
+    proxy: Proxy = await proxy_factory(database_url=database_url)
+    largest = {"max_requests": MAX_COUNT, "rpm": MAX_COUNT, "tpm": MAX_COUNT}
+    issued = await proxy.issue_token(**largest)
+    assert (await proxy.client.get("/v1/models", headers=bearer(issued["token"]))).status == 200
+    changed = await proxy.issue_token(rpm=3)
+    assert (await proxy.client.get("/v1/models", headers=bearer(changed["token"]))).status == 200
+    status, _ = await proxy.manage("PATCH", f"/tokens/{changed['id']}", {"rpm": 2**31})
+    assert status == 200
+    response = await proxy.client.get("/v1/models", headers=bearer(changed["token"]))
+    assert response.status == 200, await response.text()
 
 
 async def test_rate_limit_is_checked_before_the_quota_and_gives_back_on_refusal(
