@@ -25,12 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from llm_proxy.models import BudgetHold
 from llm_proxy.proxy.cancel_marks import remember_cancelled
+from llm_proxy.proxy.limits_redis import limits_client
 from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
 from llm_proxy.store.unavailable import CommitInDoubt
@@ -304,13 +302,7 @@ class RedisBudgetLedger:
 
     def __init__(self, url: str, store: Store, *, timeout: float = 2.0) -> None:
         self._store = store
-        # Fails fast and never retries on its own: an outage is a refusal now, not a hang.
-        self._redis = Redis.from_url(
-            url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis = limits_client(url, timeout=timeout)
         self._hold = self._redis.register_script(_HOLD)
         self._settle = self._redis.register_script(_SETTLE)
         self._status = self._redis.register_script(_STATUS)

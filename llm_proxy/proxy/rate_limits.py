@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from llm_proxy.models import RATE_WINDOW_MICROS, RateSlot
 from llm_proxy.proxy.cancel_marks import remember_cancelled
+from llm_proxy.proxy.limits_redis import limits_client
 from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
 
@@ -149,13 +146,7 @@ class RedisRateWindows:
     """The windows in Redis: no database round trip for a rate-limited token."""
 
     def __init__(self, url: str, *, timeout: float = 2.0) -> None:
-        # Fails fast and never retries on its own: an outage is a refusal now, not a hang.
-        self._redis = Redis.from_url(
-            url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis = limits_client(url, timeout=timeout)
         self._take = self._redis.register_script(_TAKE)
         self._tpm_room = self._redis.register_script(_TPM_ROOM)
         self._record_tokens = self._redis.register_script(_RECORD_TOKENS)

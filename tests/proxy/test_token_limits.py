@@ -220,11 +220,10 @@ async def test_rpm_admits_that_many_a_minute_and_says_when_to_retry(proxy: Proxy
 
 
 async def test_the_largest_limits_the_api_takes_admit_requests_on_every_backend(
-    proxy_factory: Any, database_url: str
+    proxy: Proxy,
 ) -> None:
     """A limit set to the most the management API accepts, at issue or by a change, is a limit
     that admits requests, not one the database cannot compute with."""
-    proxy: Proxy = await proxy_factory(database_url=database_url)
     largest = {"max_requests": MAX_COUNT, "rpm": MAX_COUNT, "tpm": MAX_COUNT}
     issued = await proxy.issue_token(**largest)
     assert (await proxy.client.get("/v1/models", headers=bearer(issued["token"]))).status == 200
@@ -250,6 +249,28 @@ async def test_rate_limit_is_checked_before_the_quota_and_gives_back_on_refusal(
     assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
     response = await proxy.client.get("/v1/models", headers=bearer(token))
     assert (response.status, (await response.json())["error"]["code"]) == (429, "rate_limited")
+
+
+async def test_with_redis_a_burst_of_rate_limited_requests_waits_for_connections_not_refused(
+    proxy_factory: Any, redis_server: RedisServer
+) -> None:
+    """More rate-limited requests at once than the server keeps Redis connections are each
+    admitted, none refused limits_unavailable while Redis is up."""
+    proxy: Proxy = await proxy_factory(event_bus="redis", redis_url=redis_server.url)
+    project_id = await proxy.create_project()
+    tokens = [(await proxy.issue_token(project_id, rpm=1000))["token"] for _ in range(10)]
+    # A session of its own without the client's cap on connections: all of them at once.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as burst:
+
+        async def one(n: int) -> int:
+            async with burst.get(
+                f"{proxy.base_url}/v1/models", headers=bearer(tokens[n % len(tokens)])
+            ) as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(one(n) for n in range(300)))
+    assert statuses.count(200) == 300, sorted(set(statuses))
 
 
 async def test_with_redis_the_rpm_window_lives_there_and_its_loss_refuses_only_limited_tokens(
