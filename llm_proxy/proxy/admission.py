@@ -179,6 +179,14 @@ class TokenAuthority:
         What one took is given back when a later one refuses. The tpm window and the budget are
         read once the token's requests this process already answered are settled (bounded).
         """
+        current = self._by_hash.get(grant.digest)
+        if current is not grant:
+            # A change evicted the grant since the check, while the request's body was arriving
+            # (a slow upload): a token stopped meanwhile is not forwarded after the operator was
+            # told it stopped.
+            self._refuse_unusable(
+                current or await self._load_or_refuse(grant, grant.digest, time.monotonic())
+            )
         wall = time.time()
         slot = 0
         if grant.tpm is not None:
@@ -425,6 +433,11 @@ class TokenAuthority:
             grant = await self._load_or_refuse(grant, digest, now)
         else:
             STATS.cache_hits += 1
+        self._refuse_unusable(grant)
+        return grant
+
+    def _refuse_unusable(self, grant: Grant) -> None:
+        """Raise the refusal of a token that may not be used now, if any."""
         if not grant.is_active:
             raise errors.TokenInactive("This token has been revoked.")
         if time.time() >= grant.expires_at:
@@ -445,7 +458,6 @@ class TokenAuthority:
                 " character); an operator must set a new one.",
                 headers={"x-should-retry": "false"},
             )
-        return grant
 
     async def _claim(self, token_id: str, wall: float, slot: int) -> int | None:
         try:

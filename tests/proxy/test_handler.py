@@ -106,6 +106,46 @@ async def test_revoked_token_is_refused_on_next_request(proxy: Proxy) -> None:
     assert response.status == 401 and await error_code(response) == "token_inactive"
 
 
+@pytest.mark.parametrize(
+    ("method", "target", "body", "code"),
+    [
+        ("DELETE", "/tokens/{token_id}", None, "token_inactive"),
+        ("PATCH", "/tokens/{token_id}", {"is_active": False}, "token_inactive"),
+        ("PATCH", "/projects/{project_id}", {"is_active": False}, "project_inactive"),
+        ("DELETE", "/projects/{project_id}", None, "token_not_found"),
+    ],
+)
+async def test_a_request_whose_body_was_still_arriving_when_its_token_was_stopped_is_refused(
+    proxy: Proxy, method: str, target: str, body: Any, code: str
+) -> None:
+    """A request checked before a revocation but still sending its body when it came (a slow
+    upload) is refused once its body is in, never forwarded after the operator was told the
+    token stopped."""
+    issued = await proxy.issue_token(allowed_models=["gpt-4o*"])  # its bodies are read whole
+    headers = {**bearer(issued["token"]), "Content-Type": "application/json"}
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+    forwarded = len(proxy.upstream.requests)
+    stopped = asyncio.Event()
+    chat = orjson.dumps(CHAT)
+
+    async def slow_upload() -> AsyncIterator[bytes]:
+        yield chat[:10]
+        await stopped.wait()
+        yield chat[10:]
+
+    sending = asyncio.create_task(
+        proxy.client.post("/v1/chat/completions", data=slow_upload(), headers=headers)
+    )
+    await asyncio.sleep(0.3)  # the head is in and checked; the body waits for the change
+    path = target.format(token_id=issued["id"], project_id=issued["project_id"])
+    status, _ = await proxy.manage(method, path, body)
+    assert status in (200, 204)
+    stopped.set()
+    response = await sending
+    assert response.status in (401, 403) and await error_code(response) == code
+    assert len(proxy.upstream.requests) == forwarded
+
+
 async def test_deactivated_token_and_reactivation(proxy: Proxy) -> None:
     issued = await proxy.issue_token()
     headers = bearer(issued["token"])
