@@ -188,6 +188,9 @@ class TokenAuthority:
                 current or await self._load_or_refuse(grant, grant.digest, time.monotonic())
             )
         wall = time.time()
+        if wall >= grant.expires_at:
+            # It expired while the request's body was arriving (read whole before admission).
+            raise errors.TokenExpired("This token has expired.")
         slot = 0
         if grant.tpm is not None:
             if not self._settles:

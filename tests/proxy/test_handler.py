@@ -8,6 +8,7 @@ import hashlib
 import io
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,33 @@ async def test_a_request_whose_body_was_still_arriving_when_its_token_was_stoppe
     stopped.set()
     response = await sending
     assert response.status in (401, 403) and await error_code(response) == code
+    assert len(proxy.upstream.requests) == forwarded
+
+
+async def test_a_request_whose_token_expired_while_its_body_was_arriving_is_refused(
+    proxy: Proxy, tmp_path: Path
+) -> None:
+    """A token that expires during a slow upload (its bodies read whole) is not forwarded once the
+    body is in: expired is expired, whenever the head was checked."""
+    issued = await proxy.issue_token(allowed_models=["gpt-4o*"])
+    expires = datetime.now(UTC) + timedelta(seconds=1.5)
+    with sqlite3.connect(tmp_path / "llm-proxy.db") as db:  # before the token is ever cached
+        db.execute(
+            "UPDATE tokens SET expires_at = ? WHERE id = ?",
+            (expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), issued["id"]),
+        )
+    headers = {**bearer(issued["token"]), "Content-Type": "application/json"}
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+    forwarded = len(proxy.upstream.requests)
+    chat = orjson.dumps(CHAT)
+
+    async def slow_upload() -> AsyncIterator[bytes]:
+        yield chat[:10]
+        await asyncio.sleep((expires - datetime.now(UTC)).total_seconds() + 0.2)
+        yield chat[10:]
+
+    response = await proxy.client.post("/v1/chat/completions", data=slow_upload(), headers=headers)
+    assert response.status == 401 and await error_code(response) == "token_expired"
     assert len(proxy.upstream.requests) == forwarded
 
 
