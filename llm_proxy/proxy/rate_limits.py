@@ -167,8 +167,11 @@ class RedisRateWindows:
         return RateSlot(False, retry_after=int(value) / 1e6)
 
     async def give_back(self, token_id: str, at_micros: int) -> None:
-        # By its time, which no other slot shares (_TAKE).
-        await self._redis.zremrangebyscore(self._keys(token_id)[0], at_micros, at_micros)
+        # By its time, which no other slot shares (_TAKE): a second run removes nothing more.
+        key = self._keys(token_id)[0]
+        await once_more_on_a_new_connection(
+            self._redis, lambda: self._redis.zremrangebyscore(key, at_micros, at_micros)
+        )
 
     async def cancel(self, token_id: str, slot_id: str) -> None:
         keys = self._keys(token_id)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import os
 import secrets
 import signal
+import socket
 import statistics
 import subprocess
 import threading
@@ -20,6 +22,7 @@ from typing import Any
 
 import orjson
 import pytest
+from redis import Redis
 
 from tests.events.events_support import RedisServer
 from tests.postgres import PostgresServer
@@ -270,6 +273,64 @@ def test_max_requests_is_exact_across_three_instances(cluster: Cluster) -> None:
             assert answers.count((200, None)) == 10, answers
             assert answers.count((429, "quota_exceeded")) == 54
             assert cluster.manage("GET", f"/tokens/{token['id']}")["request_count"] == 10
+
+
+class HeldTunnel:
+    """An egress proxy (HTTP_PROXY) that holds the first CONNECT until told, then closes it
+    unanswered, and closes every later one at once: the upstream is never reached, and the test
+    chooses what happens while the first request waits for it."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.holding = threading.Event()
+        self.let_go = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):  # the listening socket closed: the test is over
+            while True:
+                conn, _ = self._server.accept()
+                if not self.holding.is_set():
+                    self.holding.set()
+                    self.let_go.wait(30)
+                conn.close()
+
+    def close(self) -> None:
+        self.let_go.set()
+        self._server.close()
+        self._thread.join(5)
+
+
+@pytest.mark.redis
+def test_a_request_that_never_reached_the_upstream_gives_its_rpm_slot_back_after_redis_dropped_connections(
+    postgres_url: str, redis_server: RedisServer, upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """Redis closes idle clients (its ``timeout`` setting, a failover, ``CLIENT KILL``) while a
+    request on an rpm token waits for an upstream it never reaches: the slot it took in the
+    shared window is given back all the same (SPEC §6), so the next request on any instance is
+    tried, not refused rate_limited."""
+    tunnel = HeldTunnel()
+    instances = start_cluster(
+        tmp_path, upstream, postgres_url, redis_server.url, HTTP_PROXY=tunnel.url
+    )
+    try:
+        cluster = Cluster(instances)
+        issued = cluster.issue(rpm=1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(cluster.call, issued["token"], on=0)
+            assert tunnel.holding.wait(10)  # admitted: its slot is taken, the upstream not reached
+            with Redis.from_url(redis_server.url) as redis:
+                assert redis.client_kill_filter(_type="normal", skipme=True) > 0
+            tunnel.let_go.set()
+            assert first.result(timeout=10) == (502, "upstream_unavailable")
+        # The slot came back: the next request is tried (and fails the same way), not refused.
+        assert cluster.call(issued["token"], on=1) == (502, "upstream_unavailable")
+    finally:
+        tunnel.close()
+        for instance in instances:
+            instance.stop(timeout=10)
 
 
 def test_revoked_tokens_stay_refused_through_lost_listeners_and_a_database_restart(
