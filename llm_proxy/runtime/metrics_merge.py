@@ -16,11 +16,14 @@ Some series are left off or not summed:
   sums have no single creation time anyway (each process started its counters at its own time).
   Prometheus tells a counter's restarts from its value going down, without them. Pages parsed from
   the text format carry them as those gauge families, recognised by the family beside them.
-- Families that describe one process and mean nothing added up (:data:`PER_PROCESS`: its start
-  time, its file descriptor limit, the Python version): the first source's, i.e. the answering
-  worker's. The rest of the default collectors' families are totals worth having: CPU seconds,
-  resident and virtual memory, open file descriptors and the garbage collector's counts are
-  summed over the workers.
+- Families that describe one process and mean nothing added up (:data:`PER_PROCESS`: its file
+  descriptor limit, the Python version): the first source's, i.e. the answering worker's. The
+  start time is the earliest of the sources' (:data:`EARLIEST`), not the answering worker's:
+  workers start at different times (a replaced one seconds or days later), and a start time that
+  changed with the worker a scrape landed on would read as a restart at every scrape to the
+  alerts and panels that watch it (``changes()``, uptime). The rest of the default collectors'
+  families are totals worth having: CPU seconds, resident and virtual memory, open file
+  descriptors and the garbage collector's counts are summed over the workers.
 - Gauges where the worst process is what matters (:data:`HIGHEST`: how stale a worker's change
   feed is; one lagging worker is serving revoked tokens, and a sum would be N times too high; how
   far a worker's events process is behind, against a bound that is per worker): the highest of
@@ -36,10 +39,16 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-PER_PROCESS = frozenset({"process_start_time_seconds", "process_max_fds", "python_info"})
+PER_PROCESS = frozenset({"process_max_fds", "python_info"})
+EARLIEST = frozenset({"process_start_time_seconds"})
 # The types whose series only grow while their process lives (gauges go up and down).
 GROWING = frozenset({"counter", "histogram", "summary"})
 HIGHEST = frozenset({"llm_proxy_change_feed_lag_seconds", "llm_proxy_events_backlog_bytes"})
+
+_COMBINE: dict[str, Callable[[float, float], float]] = {
+    **dict.fromkeys(HIGHEST, max),
+    **dict.fromkeys(EARLIEST, min),
+}
 
 # Families whose samples may include a creation time (``<family>_created``).
 _WITH_CREATION_TIME = frozenset({"counter", "histogram", "gaugehistogram", "summary"})
@@ -70,7 +79,7 @@ def merge_families(sources: Sequence[Iterable[Metric]]) -> list[Metric]:
                 totals[family.name] = {}
             elif family.name in PER_PROCESS:
                 continue
-            combine = max if family.name in HIGHEST else operator.add
+            combine = _COMBINE.get(family.name, operator.add)
             _add(totals[family.name], samples, combine)
     for name, family in merged.items():
         family.samples = list(totals[name].values())

@@ -80,7 +80,7 @@ def test_counters_histograms_and_gauges_are_summed_over_every_source() -> None:
     assert samples[("queue_depth", ())] == 5
 
 
-def test_creation_times_are_left_off_and_per_process_families_are_the_first_sources() -> None:
+def test_creation_times_are_left_off_and_the_start_time_is_the_earliest_of_all() -> None:
     first, second, third = three_processes()
     # Live families carry them as samples, parsed pages as gauge families of their own.
     assert first.registry.get_sample_value("restarts_created") is not None
@@ -89,10 +89,11 @@ def test_creation_times_are_left_off_and_per_process_families_are_the_first_sour
 
     assert not [key for key in samples if key[0].endswith("_created")]
     assert samples[("restarts_total", ())] == 1
-    # Neither summed nor repeated: the first source's.
+    # Neither summed nor repeated: the earliest, whichever source comes first (the worker that
+    # answered the scrape), so that it does not change from one scrape to the next.
     assert samples[("process_start_time_seconds", ())] == 100.0
     reordered = samples_of(MergedRegistry(second.page(), first.page(), third.page()))
-    assert reordered[("process_start_time_seconds", ())] == 200.0
+    assert reordered[("process_start_time_seconds", ())] == 100.0
 
 
 def test_a_family_only_one_source_has_is_on_the_page() -> None:

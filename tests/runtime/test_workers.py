@@ -249,6 +249,28 @@ def test_a_killed_worker_is_replaced_and_no_scrape_waits_for_it(
     assert code == 0, server.process.stderr[-3000:]
 
 
+def test_the_start_time_stays_put_whichever_worker_answers_the_scrape(
+    workers: ServerProcess,
+) -> None:
+    """Each scrape lands on any worker, and a replaced one started seconds after its siblings:
+    the page's process_start_time_seconds must not change from scrape to scrape, or every alert
+    and panel that reads a change of it as a restart (changes(), uptime) sees one each time."""
+    wait_for_workers(workers, 2)
+    killed = worker_pids(workers)[0]
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not log_events(workers, "server.worker_restarted"):
+        assert time.monotonic() < deadline, workers.process.stderr[-3000:]
+        time.sleep(0.05)
+    while (sums := scrape(workers))["workers_reporting"] < 2 or sums["workers_missing"]:
+        assert time.monotonic() < deadline, workers.process.stderr[-3000:]
+        time.sleep(0.05)
+    assert killed not in worker_pids(workers)
+
+    start_times = {scrape(workers)["process_start_time_seconds"] for _ in range(30)}
+    assert len(start_times) == 1, start_times
+
+
 def log_events(server: ServerProcess, name: str) -> list[dict[str, Any]]:
     """The server's JSON log lines (on stderr) of event ``name``."""
     lines = (line for line in server.process.stderr.splitlines() if line.startswith("{"))
