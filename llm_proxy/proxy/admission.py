@@ -427,9 +427,13 @@ class TokenAuthority:
         digest = hash_token(value)
         grant = self._by_hash.get(digest)
         now = time.monotonic()
-        if grant is None or now - grant.loaded_at > self._cache_seconds:
+        if grant is None:
             STATS.cache_misses += 1
             grant = await self._load(digest, now)
+        elif now - grant.loaded_at > self._cache_seconds:
+            STATS.cache_misses += 1
+            # Known to this process: refused for its limits if the database cannot answer.
+            grant = await self._load_or_refuse(grant, digest, now)
         elif now - self._feed_read_at > self._max_staleness:
             # The cache may have missed a revocation: ask the store (fail closed).
             STATS.cache_stale_checks += 1

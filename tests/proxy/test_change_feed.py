@@ -239,6 +239,24 @@ async def test_an_unreachable_database_fails_closed_and_recovers(
     assert _sample(metrics, "llm_proxy_change_feed_lag_seconds") < 0.5
 
 
+async def test_a_limit_held_in_the_database_is_named_through_an_outage_longer_than_the_cache(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any
+) -> None:
+    """A cached grant older than the token cache is reloaded; while the database is down, a token
+    whose limits the cache knows live there is still refused for them (SPEC §11), not as if the
+    proxy had never seen it."""
+    proxy: Proxy = await proxy_factory(database_url=own_database, token_cache_seconds=0.2)
+    limited = (await proxy.issue_token(max_requests=100))["token"]
+    rate_limited = (await proxy.issue_token(rpm=100))["token"]  # its window is in the database
+    for token in (limited, rate_limited):
+        assert await status_of(proxy, token) == (200, None)
+
+    own_postgres.stop()
+    await asyncio.sleep(0.3)  # the cached grants are past the cache's time
+    for token in (limited, rate_limited):
+        assert await status_of(proxy, token) == (503, "limits_unavailable")
+
+
 def _sample(metrics: str, name: str) -> float:
     for line in metrics.splitlines():
         if line.startswith(name + " "):
