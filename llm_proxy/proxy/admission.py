@@ -484,7 +484,8 @@ class TokenAuthority:
         process or instance). The reloaded grant tells which: the place is claimed, or the client
         gets the right refusal."""
         try:
-            fresh = await self._load(grant.digest, time.monotonic())
+            # A database that cannot answer leaves the limit uncountable: limits_unavailable.
+            fresh = await self._load_or_refuse(grant, grant.digest, time.monotonic())
         except BaseException:
             await self._give_back_slot(grant.token_id, slot)
             raise

@@ -257,6 +257,20 @@ async def test_a_limit_held_in_the_database_is_named_through_an_outage_longer_th
         assert await status_of(proxy, token) == (503, "limits_unavailable")
 
 
+async def test_a_used_up_token_is_refused_for_its_limits_while_the_database_is_down(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any
+) -> None:
+    """A token this process saw used up asks the database whether a place came back; when it
+    cannot answer, the refusal names the limit it cannot count (SPEC §11)."""
+    proxy: Proxy = await proxy_factory(database_url=own_database)
+    token = (await proxy.issue_token(max_requests=1))["token"]
+    assert await status_of(proxy, token) == (200, None)
+    assert await status_of(proxy, token) == (429, "quota_exceeded")
+
+    own_postgres.stop()
+    assert await status_of(proxy, token) == (503, "limits_unavailable")
+
+
 def _sample(metrics: str, name: str) -> float:
     for line in metrics.splitlines():
         if line.startswith(name + " "):
