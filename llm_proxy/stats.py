@@ -77,6 +77,7 @@ class ProxyStats:
         self.cache_hits = 0
         self.cache_misses = 0
         self.cache_stale_checks = 0  # checked against the store: the change feed was stale
+        self.token_cache_entries = 0  # tokens whose checks are kept in memory
         # The change feed: when it was last read whole (monotonic), failed reads, the push channel.
         self.change_feed_read_at = time.monotonic()
         self.change_feed_failures = 0
@@ -159,6 +160,13 @@ class _ProxyCollector(Collector):
                 (("miss",), s.cache_misses),
                 (("stale_feed",), s.cache_stale_checks),
             ],
+        )
+        yield GaugeMetricFamily(
+            "llm_proxy_token_cache_entries",
+            "Tokens whose checks this process keeps in memory; those that expired are dropped as "
+            "often as a kept check is reloaded, so it follows the tokens in use, not every token "
+            "ever seen.",
+            value=s.token_cache_entries,
         )
         yield GaugeMetricFamily(
             "llm_proxy_change_feed_lag_seconds",

@@ -551,6 +551,7 @@ class TokenAuthority:
                 self._unknown.clear()
             self._unknown[digest] = now + _NEGATIVE_TTL
             self._by_hash.pop(digest, None)
+            STATS.token_cache_entries = len(self._by_hash)
             return None
         token = row.token
         grant = Grant(
@@ -574,6 +575,7 @@ class TokenAuthority:
         )
         if invalidations == self._invalidations:
             self._by_hash[digest] = grant
+            STATS.token_cache_entries = len(self._by_hash)
         # else: a change was announced while the store answered, maybe a revocation of this very
         # token that the row predates: good for the requests that were waiting, not for later.
         return grant
@@ -617,6 +619,25 @@ class TokenAuthority:
         ]
         for digest in stale:
             del self._by_hash[digest]
+        STATS.token_cache_entries = len(self._by_hash)
+
+    def forget_expired(self) -> None:
+        """Drop the cached grants of tokens that have expired.
+
+        An expired token is refused whether or not it is cached (a request reloads it), while
+        withering tokens are short-lived and many: kept, every token a process ever saw would
+        stay in its memory, and each change would scan them all (:meth:`invalidate`)."""
+        now = time.time()
+        expired = [digest for digest, grant in self._by_hash.items() if now >= grant.expires_at]
+        for digest in expired:
+            del self._by_hash[digest]
+        STATS.token_cache_entries = len(self._by_hash)
+
+    async def forget_expired_every(self, seconds: float) -> None:
+        """:meth:`forget_expired` every ``seconds`` until cancelled."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.forget_expired()
 
     async def poll_changes(self) -> int:
         """Evict what other processes changed since the last poll; returns how many changes."""

@@ -195,6 +195,10 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
     if settings.change_push:
         components.spawn(authority.keep_listening(), "change-push")
     components.spawn(authority.flush_usage_every(settings.usage_flush_seconds), "usage-flush")
+    # As often as a cached grant is reloaded anyway.
+    components.spawn(
+        authority.forget_expired_every(settings.token_cache_seconds), "token-cache-sweep"
+    )
     components.spawn(authority.reclaim_holds_every(60.0), "budget-hold-reclaim")
     if settings.usage_hourly_retention_days:
         components.spawn(

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -195,6 +196,43 @@ async def test_expired_token_is_401_token_expired(proxy: Proxy, tmp_path: Path) 
         )
     response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
     assert response.status == 401 and await error_code(response) == "token_expired"
+
+
+async def test_expired_tokens_do_not_stay_in_the_token_cache(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """Withering tokens are short-lived and many: each one a process has seen must not stay in
+    its memory for as long as it runs once it has expired."""
+    proxy: Proxy = await proxy_factory(token_cache_seconds=0.2)
+    project_id = await proxy.create_project()
+    issued = [await proxy.issue_token(project_id) for _ in range(20)]
+    for token in issued:
+        response = await proxy.client.get("/v1/models", headers=bearer(token["token"]))
+        assert response.status == 200
+    assert _cache_entries(await (await proxy.client.get("/metrics")).text()) == 20
+    with sqlite3.connect(tmp_path / "llm-proxy.db") as db:  # they all expire
+        db.execute(f"UPDATE tokens SET expires_at = '{PAST}' WHERE project_id = ?", (project_id,))
+    for token in issued:  # each refused once the cache reloads it, and cached expired
+        while (
+            response := await proxy.client.get("/v1/models", headers=bearer(token["token"]))
+        ).status == 200:
+            await asyncio.sleep(0.05)
+        assert await error_code(response) == "token_expired"
+
+    deadline = time.monotonic() + 5
+    while _cache_entries(await (await proxy.client.get("/metrics")).text()):
+        assert time.monotonic() < deadline, "expired tokens are still cached"
+        await asyncio.sleep(0.05)
+
+
+PAST = "2000-01-01T00:00:00.000000Z"
+
+
+def _cache_entries(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("llm_proxy_token_cache_entries "):
+            return float(line.split()[1])
+    raise AssertionError("llm_proxy_token_cache_entries is not on the metrics page")
 
 
 async def test_a_token_is_stored_and_found_by_its_plain_sha256_digest(
