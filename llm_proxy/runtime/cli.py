@@ -458,6 +458,10 @@ def migrate(database_url: str | None, data_dir: str) -> None:
 
     try:
         url = check_database_url(database_url or default_database_url(Path(data_dir)))
+    except SettingsError as exc:  # a bad setting, as the server's start-up says it: exit 2
+        click.echo(f"llm-proxy: {exc}", err=True)
+        sys.exit(2)
+    try:
         with owner_only_files():
             applied, label = migrate_database(url, Path(data_dir))
     except SettingsError as exc:

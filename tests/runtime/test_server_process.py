@@ -609,6 +609,27 @@ def test_an_unreadable_url_is_one_line_that_never_shows_its_password(
     assert lines[0].startswith(f"llm-proxy: {variable}: "), lines[0]
 
 
+@pytest.mark.parametrize("command", ["server", "migrate"])
+@pytest.mark.parametrize(
+    ("database_url", "exit_code"),
+    [
+        ("mysql://llm@127.0.0.1/llm", 2),  # a bad setting: what start-up checks says so, exit 2
+        ("sqlite:///:memory:", 2),
+        ("postgresql://llm@127.0.0.1:{port}/llm", 1),  # a good one nothing answers: exit 1
+    ],
+)
+def test_migrate_and_server_exit_alike_on_a_database_url(
+    tmp_path: Path, api_config: Path, command: str, database_url: str, exit_code: int
+) -> None:
+    """A script (a deployment's migrate step, a supervisor) tells a setting to fix from a
+    database to wait for by the exit code, the same for both commands."""
+    env = _start_env(tmp_path / "data", api_config, listen=f"127.0.0.1:{free_port()}")
+    env["DATABASE_URL"] = database_url.format(port=free_port())
+    result = run(cli_command(command), env, timeout=60)
+    assert result.returncode == exit_code, result.stderr
+    assert "llm-proxy: DATABASE_URL" in result.stderr
+
+
 # -- a changed ENCRYPTION_KEY ---------------------------------------------------------------
 
 MANAGEMENT = "mgmt-" + secrets.token_hex(16)
