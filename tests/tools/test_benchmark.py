@@ -261,6 +261,21 @@ async def test_broken_responses_are_counted_by_exception_kind(answer: bytes, kin
     assert report.proxy.errors == {kind: 2}
 
 
+@pytest.mark.parametrize(
+    "head", [b"HTTP/1.0 200 OK\r\n", b"HTTP/1.1 200 OK\r\nConnection: close\r\n"]
+)
+async def test_answers_that_end_where_the_server_closes_are_complete(head: bytes) -> None:
+    # Without Content-Length or chunked framing a response ends with the connection (HTTP/1.0's
+    # way): every such answer was counted as an IncompleteResponse and the run exited 1.
+    server = await _raw_server(head + b"Content-Type: application/json\r\n\r\n{}")
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        report = await run_benchmark(BenchmarkConfig(f"http://127.0.0.1:{port}", requests=3))
+    _assert_all_ok(report.proxy, 3)
+    assert report.proxy.connections == 3
+    assert not report.all_failed
+
+
 async def test_connection_close_answers_are_followed_by_a_new_connection(
     aiohttp_server: MakeServer,
 ) -> None:

@@ -83,6 +83,7 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._keep_chunks = keep_chunks
         self._keep_alive = True
+        self._framed = False  # Content-Length or Transfer-Encoding: else the body ends at EOF
         self._now = 0.0
         self.open = False
         self.status = 0
@@ -107,9 +108,19 @@ class Connection(asyncio.Protocol):
         self.open = False
         self._finish(exc or IncompleteResponse("connection closed before the response ended"))
 
+    def eof_received(self) -> None:
+        # A response without framing ends where the server closes (HTTP/1.0's way), and httptools
+        # has no call for the end of the stream: it is completed here, at the time of the EOF.
+        if self.headers_at and not self.end_at and not self._framed:
+            self._now = time.perf_counter()
+            self.on_message_complete()
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"server-timing":
+        name = name.lower()
+        if name == b"server-timing":
             self.server_timing.append(value)
+        elif name in (b"content-length", b"transfer-encoding"):
+            self._framed = True
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
@@ -150,6 +161,7 @@ class Connection(asyncio.Protocol):
         """Send one request and wait for the whole response; return when it was sent."""
         assert self._transport is not None
         self.status = 0
+        self._framed = False
         self.end_at = self.headers_at = self.first_body_at = 0.0
         self.chunk_times.clear()
         self.server_timing.clear()
