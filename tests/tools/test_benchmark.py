@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +26,7 @@ from llm_proxy.tools.benchmark.report import render_report
 from llm_proxy.tools.benchmark.results import BenchmarkReport, RouteStats, Summary
 from llm_proxy.tools.benchmark.sampling import parse_server_timing
 from llm_proxy.tools.mock_upstream import MockSettings, build_app
+from tests.processes import clean_env, cli_command
 
 MakeServer = Callable[..., Awaitable[TestServer]]
 
@@ -343,7 +345,8 @@ def test_cli_json_has_every_documented_key(threaded_mock: str) -> None:
     )
     assert code == 0
     report = json.loads(output)
-    assert set(report) == {"config", "proxy", "direct", "added", "throughput"}
+    assert set(report) == {"config", "proxy", "direct", "added", "throughput", "interrupted"}
+    assert report["interrupted"] is False
     assert set(report["proxy"]) == {
         "url",
         "requests",
@@ -507,3 +510,46 @@ def test_render_report_shows_dashes_for_missing_figures_and_server_timing() -> N
     assert "1.0 s per route" in text
     assert "server-timing proxy p99" in text
     assert "0.041 ms" in text
+
+
+@pytest.mark.process
+async def test_ctrl_c_reports_the_figures_so_far_and_exits_130(aiohttp_server: MakeServer) -> None:
+    # Ctrl-C threw every figure away ("Aborted!") and exited 1, the status of a run where every
+    # request failed.
+    answered = 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal answered
+        await asyncio.sleep(0.02)
+        answered += 1
+        return web.Response(text="{}")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", slow)
+    server = await aiohttp_server(app)
+    process = await asyncio.create_subprocess_exec(
+        *cli_command("benchmark", "--base-url", str(server.make_url("")), "--duration", "60"),
+        *("-c", "2", "--compare-url", str(server.make_url("")), "--json"),
+        env=clean_env(BENCHMARK_TOKEN="sk-never-printed", BENCHMARK_COMPARE_TOKEN="sk-real-key"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        while answered < 10:
+            await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 130, stderr
+    report = json.loads(stdout)
+    assert report["interrupted"] is True
+    assert report["throughput"] is None
+    for route in (report["proxy"], report["direct"]):
+        # The requests cut short by Ctrl-C are not counted as failures.
+        assert route["succeeded"] == route["requests"] >= 4
+        assert route["latency_ms"]["p50"] >= 20
+    assert report["added"]["latency_ms"] is not None
+    assert b"sk-" not in stdout + stderr

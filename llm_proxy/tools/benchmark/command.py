@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import click
@@ -17,8 +18,11 @@ from llm_proxy.tools.benchmark.config import METHODS, BenchmarkConfig
 from llm_proxy.tools.benchmark.engine import run_benchmark
 from llm_proxy.tools.benchmark.progress import RichProgress
 from llm_proxy.tools.benchmark.report import render_report
+from llm_proxy.tools.benchmark.results import BenchmarkReport
 
 MAX_CONCURRENCY = 10_000
+# The shells' status for a command stopped by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 
 
 @click.command("benchmark")
@@ -104,7 +108,8 @@ def benchmark_command(
 
     With --compare-url both routes are measured interleaved in one phase (same machine noise),
     then each alone, back to back, for the throughput ratio. Timings cover 2xx responses; every
-    other outcome is counted under "errors". Exit status: 0, or 1 if every request failed.
+    other outcome is counted under "errors". Ctrl-C stops the run and reports the figures so
+    far. Exit status: 0; 1 if every request failed; 130 if interrupted.
 
     \b
     --json prints one object:
@@ -116,6 +121,7 @@ def benchmark_command(
                       proxy minus direct percentiles, in ms
       throughput      null, or {proxy, direct: route stats of each route
                       alone, ratio: proxy 2xx/s over direct 2xx/s}
+      interrupted     true when Ctrl-C stopped the run (throughput is then null)
     \b
     route stats:
       url, requests, succeeded, failed, connections (opened in the phase), seconds,
@@ -159,10 +165,26 @@ def benchmark_command(
     errors = Console(stderr=True)
     progress = RichProgress(errors) if errors.is_terminal and not as_json else None
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        report = runner.run(run_benchmark(config, progress))
+        report = runner.run(_measure(config, progress))
     if as_json:
         click.echo(orjson.dumps(report).decode())
     else:
         Console(highlight=False).print(render_report(report))
+    if report.interrupted:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if report.all_failed:
         raise click.exceptions.Exit(1)
+
+
+async def _measure(config: BenchmarkConfig, progress: RichProgress | None) -> BenchmarkReport:
+    """The run, which Ctrl-C stops where it is rather than throwing its figures away."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started in the background of a script: Ctrl-C is not for this process.
+        return await run_benchmark(config, progress)
+    interrupt = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupt.set)
+    try:
+        return await run_benchmark(config, progress, interrupt)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)

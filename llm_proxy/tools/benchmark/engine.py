@@ -3,7 +3,7 @@ each route alone for throughput.
 
 Each worker holds one keep-alive connection per route, kept across phases; with a comparison route
 each worker alternates the two, half of the workers starting with either, so both see the same
-machine noise.
+machine noise. An interrupted run (Ctrl-C) stops where it is and reports what it measured.
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ class _Engine:
         self._pools: dict[str, list[Connection | None]] = {
             name: [None] * config.concurrency for name in ("proxy", "direct")
         }
+        self._workers: list[asyncio.Task[None]] = []
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        """Stop the run where it is; the requests in flight are dropped, neither timed nor failed."""
+        self.interrupted = True
+        for worker in self._workers:
+            worker.cancel()
 
     async def run(self) -> BenchmarkReport:
         config = self._config
@@ -69,26 +77,25 @@ class _Engine:
         recorders, seconds = await self._phase(label, both, config.requests, config.duration)
         proxy = recorders["proxy"].stats(self.proxy.url, seconds)
         if self.direct is None:
-            return BenchmarkReport(config.describe(), proxy)
+            return BenchmarkReport(config.describe(), proxy, interrupted=self.interrupted)
         direct = recorders["direct"].stats(self.direct.url, seconds)
+        added = Added(
+            Delta.between(proxy.latency_ms, direct.latency_ms),
+            Delta.between(proxy.ttfb_ms, direct.ttfb_ms),
+        )
         alone = {}
         for target in (self.direct, self.proxy):
             solo, solo_seconds = await self._phase(
                 f"{target.name} alone", [target], config.requests, config.duration
             )
             alone[target.name] = solo[target.name].stats(target.url, solo_seconds)
+        if self.interrupted:
+            # One route alone, or both cut short at different points, make no ratio.
+            return BenchmarkReport(config.describe(), proxy, direct, added, interrupted=True)
         direct_rps = alone["direct"].requests_per_second
         ratio = round(alone["proxy"].requests_per_second / direct_rps, 4) if direct_rps else None
-        return BenchmarkReport(
-            config.describe(),
-            proxy,
-            direct,
-            Added(
-                Delta.between(proxy.latency_ms, direct.latency_ms),
-                Delta.between(proxy.ttfb_ms, direct.ttfb_ms),
-            ),
-            Throughput(alone["proxy"], alone["direct"], ratio),
-        )
+        throughput = Throughput(alone["proxy"], alone["direct"], ratio)
+        return BenchmarkReport(config.describe(), proxy, direct, added, throughput)
 
     async def _phase(
         self,
@@ -104,10 +111,14 @@ class _Engine:
             ticker = asyncio.create_task(_tick(self._progress, label, plan))
         started = time.perf_counter()
         try:
+            # A cancelled worker (an interruption) ends the group like a finished one.
             async with asyncio.TaskGroup() as workers:
-                for index in range(self._config.concurrency):
+                self._workers = [
                     workers.create_task(self._worker(index, targets, plan, recorders))
+                    for index in range(self._config.concurrency)
+                ]
         finally:
+            self._workers = []
             if ticker is not None:
                 ticker.cancel()
                 await asyncio.wait([ticker])
@@ -121,7 +132,7 @@ class _Engine:
         recorders: dict[str, Recorder],
     ) -> None:
         turn = index
-        while plan.take():
+        while not self.interrupted and plan.take():
             for target in targets if turn % 2 == 0 else reversed(targets):
                 await self._one(index, target, recorders[target.name])
             turn += 1
@@ -171,14 +182,30 @@ async def _tick(progress: ProgressSink, label: str, plan: _Plan) -> None:
         progress.end()
 
 
+async def _interrupt_on(event: asyncio.Event, engine: _Engine) -> None:
+    await event.wait()
+    engine.interrupt()
+
+
 async def run_benchmark(
-    config: BenchmarkConfig, progress: ProgressSink | None = None
+    config: BenchmarkConfig,
+    progress: ProgressSink | None = None,
+    interrupt: asyncio.Event | None = None,
 ) -> BenchmarkReport:
-    """Run the benchmark described by ``config``; transport failures are counted, not raised."""
+    """Run the benchmark described by ``config``; transport failures are counted, not raised.
+
+    Setting ``interrupt`` stops the run where it is: the report holds what was measured until
+    then, and says it was interrupted."""
     engine = _Engine(config, progress)
+    watcher = None
+    if interrupt is not None:
+        watcher = asyncio.create_task(_interrupt_on(interrupt, engine))
     try:
         return await engine.run()
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.wait([watcher])
         engine.close()
         # Let the transports run their close callbacks before the caller may close the loop.
         await asyncio.sleep(0)

@@ -26,7 +26,8 @@ def render_report(report: BenchmarkReport) -> Table:
     table = Table(
         title=f"{config['method']} {config['endpoint']}",
         caption=f"concurrency {config['concurrency']}, {size} per route"
-        + (", streamed" if config["stream"] else ""),
+        + (", streamed" if config["stream"] else "")
+        + (", interrupted: the figures so far" if report.interrupted else ""),
     )
     routes = [report.proxy] if report.direct is None else [report.proxy, report.direct]
     table.add_column("")

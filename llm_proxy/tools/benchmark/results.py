@@ -83,6 +83,7 @@ class BenchmarkReport:
     direct: RouteStats | None = None
     added: Added | None = None
     throughput: Throughput | None = None
+    interrupted: bool = False  # stopped by Ctrl-C: the figures cover the run until then
 
     @property
     def all_failed(self) -> bool:
