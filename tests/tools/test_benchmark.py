@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -276,6 +277,44 @@ async def test_answers_that_end_where_the_server_closes_are_complete(head: bytes
     _assert_all_ok(report.proxy, 3)
     assert report.proxy.connections == 3
     assert not report.all_failed
+
+
+@contextlib.asynccontextmanager
+async def _keep_alive_server(*parts: bytes) -> AsyncIterator[int]:
+    """A port that answers each request on a connection with ``parts``, written one at a time, a
+    pause apart so that the client reads each on its own."""
+    handlers: list[asyncio.Task[object]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                for part in parts:
+                    await asyncio.sleep(0.02)
+                    writer.write(part)
+                    await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+    # The benchmark closed its connections: each handler ends at that EOF.
+    await asyncio.gather(*handlers)
+
+
+@pytest.mark.parametrize("interim", [b"100 Continue", b"103 Early Hints\r\nLink: </style.css>"])
+async def test_interim_answers_are_skipped_for_the_final_one(interim: bytes) -> None:
+    # Clients must read 1xx answers before the final one (RFC 9110 15.2): the 1xx ended the
+    # request, counted as an error, and its final answer was taken for the next request's.
+    final = b"HTTP/1.1 200 OK\r\nServer-Timing: app;dur=7\r\nContent-Length: 2\r\n\r\n{}"
+    async with _keep_alive_server(b"HTTP/1.1 " + interim + b"\r\n\r\n", final) as port:
+        config = BenchmarkConfig(f"http://127.0.0.1:{port}", method="GET", requests=4)
+        report = await run_benchmark(config)
+    _assert_all_ok(report.proxy, 4)
+    assert report.proxy.connections == 1
+    assert report.proxy.server_timing_ms["app"].count == 4
 
 
 async def test_connection_close_answers_are_followed_by_a_new_connection(

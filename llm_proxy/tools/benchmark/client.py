@@ -134,6 +134,11 @@ class Connection(asyncio.Protocol):
             self.chunk_times.append(self._now)
 
     def on_message_complete(self) -> None:
+        if self.status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the final one follows.
+            self.server_timing.clear()
+            self._framed = False
+            return
         self.end_at = self._now
         if not self._keep_alive:
             self.close()
