@@ -317,6 +317,19 @@ async def test_interim_answers_are_skipped_for_the_final_one(interim: bytes) -> 
     assert report.proxy.server_timing_ms["app"].count == 4
 
 
+async def test_a_switch_of_protocols_is_counted_as_its_status() -> None:
+    # httptools reports a 101 by raising HttpParserUpgrade, which was not caught: the run
+    # ended in a traceback instead of a report.
+    upgrade = (
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    async with _keep_alive_server(upgrade) as port:
+        report = await run_benchmark(BenchmarkConfig(f"http://127.0.0.1:{port}", requests=2))
+    assert report.proxy.requests == 2
+    assert report.proxy.status == report.proxy.errors == {"101": 2}
+    assert report.proxy.connections == 2  # the old one speaks another protocol now
+
+
 async def test_connection_close_answers_are_followed_by_a_new_connection(
     aiohttp_server: MakeServer,
 ) -> None:

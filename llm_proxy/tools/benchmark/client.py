@@ -100,6 +100,11 @@ class Connection(asyncio.Protocol):
         self._now = time.perf_counter()
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # A 101: the answer is that status, and the connection speaks another protocol now.
+            self.end_at = self._now
+            self._finish(None)
+            self.close()
         except httptools.HttpParserError as exc:
             self._finish(exc)
             self.close()
