@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import signal
 import socket
@@ -195,6 +196,26 @@ async def test_server_timing_durations_are_aggregated_per_metric(
     assert set(timings) == {"proxy", "upstream"}
     assert (timings["proxy"].count, timings["proxy"].p50, timings["proxy"].p99) == (5, 0.041, 0.041)
     assert timings["upstream"].p50 == 1.2
+
+
+async def test_server_timing_names_that_change_per_response_do_not_grow_the_report(
+    aiohttp_server: MakeServer,
+) -> None:
+    # Every new metric name got a histogram of its own (some 170 KiB) and two table rows: a
+    # server naming a metric after each request grew the benchmark without bound.
+    served = itertools.count()
+
+    async def timed(request: web.Request) -> web.Response:
+        timing = f"proxy;dur=0.5, request-{next(served)};dur=1"
+        return web.Response(text="{}", headers={"Server-Timing": timing})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", timed)
+    server = await aiohttp_server(app)
+    report = await run_benchmark(BenchmarkConfig(str(server.make_url("")), requests=200))
+    timings = report.proxy.server_timing_ms
+    assert timings["proxy"].count == 200
+    assert len(timings) <= 32
 
 
 def test_server_timing_parser_keeps_only_durations() -> None:

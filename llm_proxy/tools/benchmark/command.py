@@ -129,7 +129,7 @@ def benchmark_command(
       errors {code or exception name: n}, latency_ms, headers_ms (to the
       response head), ttfb_ms (to the first body byte), inter_chunk_ms
       (--stream only, else null), server_timing_ms {metric: ...} from
-      Server-Timing "dur" values; each timing is null or
+      Server-Timing "dur" values (the first 32 names); each timing is null or
       {count, min, mean, p50, p90, p99, max} in ms.
     """
     if requests_ is None and duration is None:

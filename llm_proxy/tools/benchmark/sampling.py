@@ -11,6 +11,9 @@ from llm_proxy.tools.benchmark.client import Connection
 from llm_proxy.tools.benchmark.results import RouteStats, Summary
 
 _MAX_US = 600_000_000  # longer samples are clamped: a benchmark request that long is lost anyway
+# Each metric name holds a histogram of its own: a server that names metrics after requests would
+# otherwise grow the run, and its table, without bound. Later names are not recorded.
+MAX_SERVER_TIMING_METRICS = 32
 
 
 def parse_server_timing(header: str) -> list[tuple[str, float]]:
@@ -95,6 +98,8 @@ class Recorder:
             for name, duration_ms in parse_server_timing(header.decode("latin-1")):
                 samples = self.server_timing.get(name)
                 if samples is None:
+                    if len(self.server_timing) >= MAX_SERVER_TIMING_METRICS:
+                        continue
                     samples = self.server_timing[name] = Samples()
                 samples.add(duration_ms / 1000)
 
