@@ -608,10 +608,11 @@ async def test_ctrl_c_reports_the_figures_so_far_and_exits_130(aiohttp_server: M
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        while answered < 10:
+        while answered < 10 and process.returncode is None:
             await asyncio.sleep(0.01)
         process.send_signal(signal.SIGINT)
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
+        async with asyncio.timeout(20):
+            stdout, stderr = await process.communicate()
     finally:
         if process.returncode is None:
             process.kill()
