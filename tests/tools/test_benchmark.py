@@ -552,6 +552,15 @@ def test_cli_bad_url_exits_2() -> None:
     assert "not an http(s) URL" in output
 
 
+@pytest.mark.parametrize("host", ["a..b", "a" * 64 + ".example"])
+def test_cli_host_name_the_resolver_cannot_take_exits_2(host: str) -> None:
+    # The resolver's IDNA encoding refused it mid-run: a traceback per worker, exit 1.
+    code, output = _invoke("--base-url", f"http://{host}:1", "--requests", "1", "--json")
+    assert code == 2, output
+    assert "not a valid host name" in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("option", ["--base-url", "--compare-url"])
 def test_cli_refuses_a_password_in_a_url_without_printing_it(
     threaded_mock: str, option: str

@@ -52,9 +52,15 @@ class Target:
             )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
+        try:
+            # The form the resolver is given and Host carries; a name without one (an empty or
+            # over-long label) would otherwise fail every connection attempt with a traceback.
+            hostname = parts.hostname.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"not a valid host name: {parts.hostname!r}") from None
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        host = f"[{hostname}]" if ":" in hostname else hostname
         authority = host if parts.port is None else f"{host}:{port}"
         target = parts.path.rstrip("/") + "/" + endpoint.lstrip("/")
         lines = [
@@ -69,7 +75,7 @@ class Target:
             lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         url = f"{parts.scheme}://{authority}{target}"
-        return cls(name, url, parts.hostname, port, tls, head + (body or b""))
+        return cls(name, url, hostname, port, tls, head + (body or b""))
 
 
 class Connection(asyncio.Protocol):
