@@ -218,6 +218,24 @@ async def test_server_timing_names_that_change_per_response_do_not_grow_the_repo
     assert len(timings) <= 32
 
 
+async def test_server_timing_descriptions_may_hold_commas_and_semicolons(
+    aiohttp_server: MakeServer,
+) -> None:
+    # The header was split at every comma and semicolon, quoted or not: "db" was lost and its
+    # duration reported under a metric named "b".
+    async def timed(request: web.Request) -> web.Response:
+        timing = 'db;desc="SELECT a, b; -- x";dur=3, app;dur=1'
+        return web.Response(text="{}", headers={"Server-Timing": timing})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", timed)
+    server = await aiohttp_server(app)
+    report = await run_benchmark(BenchmarkConfig(str(server.make_url("")), requests=3))
+    timings = report.proxy.server_timing_ms
+    assert set(timings) == {"db", "app"}
+    assert (timings["db"].count, timings["db"].mean, timings["app"].mean) == (3, 3.0, 1.0)
+
+
 def test_server_timing_parser_keeps_only_durations() -> None:
     header = 'a;dur=1.5, b;desc="x";dur="2", c;desc=y, d;dur=oops, e;DUR=3'
     assert parse_server_timing(header) == [("a", 1.5), ("b", 2.0), ("e", 3.0)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 
 from hdrh.histogram import HdrHistogram
@@ -16,11 +17,18 @@ _MAX_US = 600_000_000  # longer samples are clamped: a benchmark request that lo
 MAX_SERVER_TIMING_METRICS = 32
 
 
+def _split(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` outside quoted strings (a ``desc`` may hold either)."""
+    if '"' not in text:
+        return text.split(separator)  # the usual header, the proxy's own: no regex per response
+    return re.findall(rf'(?:[^{separator}"]|"[^"]*")+', text) or [""]
+
+
 def parse_server_timing(header: str) -> list[tuple[str, float]]:
     """``proxy;dur=0.041, upstream;desc="x";dur=1.2`` → ``[("proxy", 0.041), ("upstream", 1.2)]``."""
     metrics = []
-    for entry in header.split(","):
-        name, *params = entry.split(";")
+    for entry in _split(header, ","):
+        name, *params = _split(entry, ";")
         for param in params:
             key, _, value = param.partition("=")
             if key.strip().lower() != "dur":
