@@ -48,6 +48,8 @@ DEFAULT_DATA_DIR = "./data"
 # The file under DATA_DIR the server keeps the management token it generated in. The server's
 # secrets store is in a layer above this one, so it takes the name from here.
 MANAGEMENT_TOKEN_FILE = "management_token"
+# The path every call of the management API starts with.
+API_PATH = "/manage"
 # Lists show ids cut to this many characters (longer where two would collide); an id given on the
 # command line may be any prefix at least MIN_PREFIX long that names exactly one record.
 SHORT_ID = 8
@@ -244,7 +246,7 @@ def _common_options(func: F) -> F:
         envvar="MANAGE_API_BASE_URL",
         show_envvar=True,
         show_default="http://<LISTEN_ADDR>",
-        help="The server's URL; host:port alone means http://host:port.",
+        help="The server's URL, or its /manage URL; host:port alone means http://host:port.",
     )(func)
     return func
 
@@ -311,7 +313,12 @@ def _checked_base_url(value: str) -> str:
             " not supported (the management token is the credential); give"
             f" {_shown(url)!r} and the token with --management-token or MANAGEMENT_TOKEN"
         )
-    return url.rstrip("/")
+    base = url.rstrip("/")
+    # The option names the management API's base: given as such (…/manage), the server's URL is
+    # what is before it, or every call would go to /manage/manage/….
+    if parts.path.rstrip("/").endswith(API_PATH):
+        base = base.removesuffix(API_PATH)
+    return base
 
 
 def _url_of_listen_addr(value: str) -> str:

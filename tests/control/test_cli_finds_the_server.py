@@ -209,3 +209,21 @@ def test_a_listen_addr_manage_cannot_use_is_one_line(site: Site, listen_addr: st
     line = one_line(manage(site.root, "project", "list", LISTEN_ADDR=listen_addr), 2)
     assert f"LISTEN_ADDR: expected host:port such as 127.0.0.1:8080, got {listen_addr!r}" in line
     assert "--manage-api-base-url" in line
+
+
+@pytest.mark.parametrize("path", ["/manage", "/manage/", "/manage//"])
+def test_a_base_url_naming_the_management_api_itself_reaches_it(site: Site, path: str) -> None:
+    # The option is the management API's base URL: its /manage given too must not be doubled.
+    base_url = f"http://127.0.0.1:{site.port}{path}"
+    for given in (("--manage-api-base-url", base_url), ()):
+        result = manage(
+            site.root,
+            "project",
+            "list",
+            "--json",
+            *given,
+            LISTEN_ADDR=site.listen_addr,
+            MANAGE_API_BASE_URL=base_url,
+        )
+        assert result.returncode == 0, result.stderr
+        assert isinstance(json.loads(result.stdout), list)
