@@ -313,6 +313,14 @@ def _checked_base_url(value: str) -> str:
             " not supported (the management token is the credential); give"
             f" {_shown(url)!r} and the token with --management-token or MANAGEMENT_TOKEN"
         )
+    if "?" in url or "#" in url:
+        # Each call's path is appended to the URL: after a query or fragment it would ask the
+        # server for something else than the command names.
+        alone = urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
+        raise OptionError(
+            "--manage-api-base-url / MANAGE_API_BASE_URL: a query or fragment in the URL is not"
+            f" supported; give the server's URL alone, such as {_shown(alone)!r}"
+        )
     base = url.rstrip("/")
     # The option names the management API's base: given as such (…/manage), the server's URL is
     # what is before it, or every call would go to /manage/manage/….

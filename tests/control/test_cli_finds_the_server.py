@@ -227,3 +227,15 @@ def test_a_base_url_naming_the_management_api_itself_reaches_it(site: Site, path
         )
         assert result.returncode == 0, result.stderr
         assert isinstance(json.loads(result.stdout), list)
+
+
+@pytest.mark.parametrize("suffix", ["/?tenant=a", "?", "/#top", "/manage?x=1"])
+def test_a_base_url_with_a_query_or_fragment_is_refused_in_one_line(
+    site: Site, suffix: str
+) -> None:
+    # Each call's path would go after the query or fragment, and the server would be asked for
+    # something else than what the command names.
+    base_url = f"http://127.0.0.1:{site.port}{suffix}"
+    line = one_line(manage(site.root, "project", "list", MANAGE_API_BASE_URL=base_url), 2)
+    assert "--manage-api-base-url" in line and "MANAGE_API_BASE_URL" in line
+    assert "query" in line and "fragment" in line
