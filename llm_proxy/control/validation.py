@@ -309,7 +309,8 @@ def timestamp(value: str | None, key: str) -> datetime | None:
     if value is None or value == "":
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # RFC 3339 allows "z" in lower case too; fromisoformat takes only "Z".
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
         # In UTC, as the stores compare it: an offset can carry a moment at either end of the
         # calendar past year 1 or 9999, which no datetime holds.
         return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -48,3 +48,13 @@ async def test_an_early_year_is_compared_as_a_moment(proxy: Proxy, year: str) ->
     assert (status, [e["action"] for e in since["events"]]) == (200, ["project.create"]), since
     status, until = await proxy.manage("GET", f"/audit?until={year}-01-01T00:00:00Z")
     assert (status, until["events"]) == (200, []), until
+
+
+@pytest.mark.parametrize("moment", ["2000-01-01T00:00:00z", "2000-01-01t00:00:00.5z"])
+async def test_a_lower_case_z_is_utc_as_rfc_3339_allows(proxy: Proxy, moment: str) -> None:
+    """RFC 3339 (and the document's date-time) allow "t" and "z" in lower case."""
+    await proxy.create_project()
+    status, since = await proxy.manage("GET", f"/audit?since={moment}")
+    assert (status, [e["action"] for e in since["events"]]) == (200, ["project.create"]), since
+    status, until = await proxy.manage("GET", f"/audit?until={moment}")
+    assert (status, until["events"]) == (200, []), until
