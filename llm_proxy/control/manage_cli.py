@@ -161,6 +161,10 @@ def _errors_as_json(wanted: Callable[[], bool]) -> Iterator[None]:
         raise (JsonUsageError if exc.exit_code == 2 else JsonError)(exc) from None
 
 
+# In a context's meta (shared by the whole chain of a command line): ``--json`` was typed.
+_JSON_TYPED = "llm_proxy.manage.json_typed"
+
+
 class _JsonErrors(click.Command):
     """Errors, usage errors included, as JSON under ``--json``."""
 
@@ -174,10 +178,14 @@ class _JsonErrors(click.Command):
         # The flag as typed: a usage error stops parsing before ``--json`` is known to click.
         typed = "--json" in args
         with _errors_as_json(lambda: typed or _json_wanted(parent)):
-            return super().make_context(info_name, args, parent, **extra)
+            ctx = super().make_context(info_name, args, parent, **extra)
+        # Kept for invoke: a group's subcommand named wrong (``project lsit --json``) is found
+        # there, before the leaf that would have parsed the flag exists.
+        ctx.meta[_JSON_TYPED] = typed or ctx.meta.get(_JSON_TYPED, False)
+        return ctx
 
     def invoke(self, ctx: click.Context) -> Any:
-        with _errors_as_json(lambda: _json_wanted(ctx)):
+        with _errors_as_json(lambda: _json_wanted(ctx) or ctx.meta.get(_JSON_TYPED, False)):
             return super().invoke(ctx)
 
 

@@ -142,6 +142,8 @@ def test_a_refused_token_names_where_it_came_from(
         (("project", "update", "some-id", "--json"), "usage_error"),
         (("token", "revoke", "--json"), "usage_error"),
         (("--json", "token", "frobnicate"), "usage_error"),
+        (("token", "frobnicate", "--json"), "usage_error"),
+        (("project", "lsit", "--json"), "usage_error"),
         (("--json", "token", "list", "--manage-api-base-url", "ftp://x"), "invalid_option"),
     ],
 )
