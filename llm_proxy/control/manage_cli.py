@@ -82,6 +82,8 @@ class Connection:
     # What to check when the server cannot be reached, or refuses the token.
     url_hint: str
     token_from: str
+    # The URL follows the server's LISTEN_ADDR: it names this machine, whatever its address.
+    on_this_machine: bool = False
 
 
 class ManageError(click.ClickException):
@@ -355,6 +357,7 @@ def _url_of_listen_addr(value: str) -> str:
 
 def _connection(opts: ClientOptions) -> Connection:
     elsewhere = "point elsewhere with --manage-api-base-url or MANAGE_API_BASE_URL"
+    on_this_machine = not opts.base_url
     if opts.base_url:
         base_url = _checked_base_url(opts.base_url)
         url_hint = "check --manage-api-base-url / MANAGE_API_BASE_URL"
@@ -369,7 +372,8 @@ def _connection(opts: ClientOptions) -> Connection:
         )
     if opts.management_token and opts.management_token.strip():
         token_from = opts.management_token_from or "--management-token"
-        return Connection(base_url, _usable_token(opts.management_token), url_hint, token_from)
+        token = _usable_token(opts.management_token)
+        return Connection(base_url, token, url_hint, token_from, on_this_machine)
     path = Path(opts.data_dir or DEFAULT_DATA_DIR) / MANAGEMENT_TOKEN_FILE
     try:
         # Bytes that are not UTF-8 become U+FFFD, which the token check refuses in one line.
@@ -389,7 +393,7 @@ def _connection(opts: ClientOptions) -> Connection:
             f" in {path}; set DATA_DIR as the server has it to use the one it generated)",
             code="no_management_token",
         )
-    return Connection(base_url, token, url_hint, f"the file {path}")
+    return Connection(base_url, token, url_hint, f"the file {path}", on_this_machine)
 
 
 def _usable_token(value: str, name: str = "--management-token / MANAGEMENT_TOKEN") -> str:
@@ -439,10 +443,12 @@ def _is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def _opener(url: str) -> urllib.request.OpenerDirector:
-    """Direct to this machine; elsewhere through the environment's proxies, as urllib does (an
-    operator may need one to reach a remote management API)."""
-    return _DIRECT if _is_loopback(urllib.parse.urlsplit(url).hostname or "") else _OPENER
+def _opener(connection: Connection) -> urllib.request.OpenerDirector:
+    """Direct to this machine (loopback, or the server's LISTEN_ADDR, even on another of its
+    addresses); elsewhere through the environment's proxies, as urllib does (an operator may
+    need one to reach a remote management API)."""
+    host = urllib.parse.urlsplit(connection.base_url).hostname or ""
+    return _DIRECT if connection.on_this_machine or _is_loopback(host) else _OPENER
 
 
 # What an answer must hold for the commands to use it: its fields and the types each may have.
@@ -501,7 +507,7 @@ def _call(
         },
     )
     try:
-        with _opener(connection.base_url).open(request, timeout=30) as response:
+        with _opener(connection).open(request, timeout=30) as response:
             payload = response.read()
             status, content_type = response.status, response.headers.get("Content-Type")
     except urllib.error.HTTPError as exc:

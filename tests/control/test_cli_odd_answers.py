@@ -5,7 +5,9 @@ login page) is one line. A real ``llm-proxy`` process against small aiohttp serv
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,8 +68,9 @@ def json_error(result: Finished) -> dict[str, Any]:
     return error
 
 
-async def recorder(aiohttp_server: MakeServer) -> tuple[TestServer, list[Seen]]:
-    """A server that records each request it gets, answering as the management API would."""
+async def recorder(aiohttp_server: MakeServer, **options: Any) -> tuple[TestServer, list[Seen]]:
+    """A server that records each request it gets, answering as the management API would;
+    ``options`` go to ``aiohttp_server`` (a host, say)."""
     seen: list[Seen] = []
 
     async def record(request: web.Request) -> web.Response:
@@ -76,7 +79,7 @@ async def recorder(aiohttp_server: MakeServer) -> tuple[TestServer, list[Seen]]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", record)
-    return await aiohttp_server(app), seen
+    return await aiohttp_server(app, **options), seen
 
 
 async def redirector(aiohttp_server: MakeServer, status: int, location: str) -> TestServer:
@@ -212,6 +215,47 @@ async def test_the_management_api_on_loopback_is_never_reached_through_a_proxy(
     finally:
         await servers.close()
     assert result.returncode == 0, result
+    assert (proxy.connections, proxy.received) == (0, b"")
+    assert seen == [Seen("GET", "/manage/projects", f"Bearer {TOKEN}")]
+
+
+def this_machine_s_address() -> str | None:
+    """An address of this machine that is not loopback, if it has one (a UDP socket's connect
+    picks the interface of its route and sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+async def test_the_server_found_at_its_listen_addr_is_never_reached_through_a_proxy(
+    aiohttp_server: MakeServer,
+) -> None:
+    """LISTEN_ADDR names this machine, whatever its address: a proxy set for the server's egress
+    must not see the management token in clear there either."""
+    address = this_machine_s_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    target, seen = await recorder(aiohttp_server, host=address)
+    servers = RawServers()
+    try:
+        proxy = await recording_proxy(servers)
+        process = await asyncio.create_subprocess_exec(
+            *cli_command("manage", "--json", "project", "list"),
+            env=clean_env(
+                LISTEN_ADDR=f"{address}:{target.port}", MANAGEMENT_TOKEN=TOKEN, HTTP_PROXY=proxy.url
+            ),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await process.communicate()
+    finally:
+        await servers.close()
+    assert (process.returncode, stdout, stderr) == (0, b"[]\n", b"")
     assert (proxy.connections, proxy.received) == (0, b"")
     assert seen == [Seen("GET", "/manage/projects", f"Bearer {TOKEN}")]
 
