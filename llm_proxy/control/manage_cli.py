@@ -206,13 +206,24 @@ def _not_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite_number(text: str) -> float:
+    # Python reads 1e400 as infinity and would send it as Infinity, which is not JSON.
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is too large for a number")
+    return number
+
+
 def _json_object(text: str, option: str) -> dict[str, Any]:
-    # JSON as the server reads it: Python's reader also takes NaN and Infinity (which the server
-    # refuses as a body that is not JSON at all) and keeps the last of a repeated key (which the
-    # server refuses as ambiguous).
+    # JSON as the server reads it: Python's reader also takes NaN and Infinity, and numbers too
+    # large for a double (which the server refuses as a body that is not JSON at all), and keeps
+    # the last of a repeated key (which the server refuses as ambiguous).
     try:
         value = json.loads(
-            text, parse_constant=_not_json_constant, object_pairs_hook=unrepeated_keys
+            text,
+            parse_constant=_not_json_constant,
+            parse_float=_finite_number,
+            object_pairs_hook=unrepeated_keys,
         )
     except ValueError as exc:
         raise OptionError(f"{option}: not valid JSON ({exc})") from None

@@ -131,6 +131,8 @@ def test_project_create_refuses_metadata_that_is_not_json(server: ServerProcess)
         ('{"cost": NaN}', "NaN is not a JSON value"),
         ('{"limit": Infinity}', "Infinity is not a JSON value"),
         ('{"n": [-Infinity]}', "-Infinity is not a JSON value"),
+        ('{"limit": 1e400}', "1e400 is too large for a number"),
+        ('{"n": [-2.5E+999]}', "-2.5E+999 is too large for a number"),
         ('{"team": "a", "team": "b"}', "the key 'team' is given twice"),
         ('{"x": {"k": 1, "k": 2}}', "the key 'k' is given twice"),
     ],
