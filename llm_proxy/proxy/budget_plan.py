@@ -18,7 +18,10 @@ from llm_proxy.pricing import TOKENS_PER_PRICE, ModelPrice, Prices
 from llm_proxy.proxy.cost_bound import CAP_FIELDS, HONOURED_CAPS, OUTPUT_CAP_FIELDS
 
 # Top-level fields of a body that bear on its cost.
-COST_FIELDS = frozenset({"model", *CAP_FIELDS, "n", "best_of"})
+COST_FIELDS = frozenset({"model", *CAP_FIELDS, "n", "best_of", "service_tier"})
+# Processing tiers billed at prices.yaml's (Standard) prices or below: Priority costs up to twice
+# as much, and Scale is paid for apart, so a request asking for either is not priced by the file.
+_LISTED_TIERS = frozenset({None, "auto", "default", "flex"})
 # Endpoints whose JSON bodies may name no model: they run none (a stored completion's update, a
 # cancel) or only a free one (moderations). Anywhere else a body without one may run the upstream's
 # default, which has no price here: image generation runs dall-e-2 (gpt-image-1 when the body sets
@@ -109,6 +112,12 @@ def plan_cost(
             )
         return None
     price = _price_of(models, prices)
+    for tier in values.get("service_tier", []):
+        if not (tier is None or isinstance(tier, str)) or tier not in _LISTED_TIERS:
+            raise errors.ModelNotPriced(
+                "This token has a budget; prices.yaml lists Standard processing prices, so"
+                " 'service_tier' may only be auto, default or flex."
+            )
     choices = max(
         [1, *_ints(values.get("n", []), "n"), *_ints(values.get("best_of", []), "best_of")]
     )

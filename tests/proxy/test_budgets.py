@@ -251,6 +251,34 @@ async def test_an_audio_answer_is_held_at_the_audio_price(proxy_factory: Any) ->
     assert proxy.upstream.requests == []
 
 
+async def test_a_processing_tier_billed_above_the_listed_prices_cannot_run_on_a_budget(
+    budgeted: Proxy,
+) -> None:
+    # prices.yaml lists Standard prices; OpenAI bills Priority processing up to twice them: such a
+    # request held and settled at Standard prices, so a budget paid for half of what it let through.
+    token = (await budgeted.issue_token(budget_usd=1))["token"]
+    seen = len(budgeted.upstream.requests)
+    for body, path in [
+        (chat(service_tier="priority"), "/v1/chat/completions"),
+        (b'{"model": "budget-mini", "input": "hi", "service_tier": "priority"}', "/v1/responses"),
+        (chat(service_tier="scale"), "/v1/chat/completions"),
+        (chat(service_tier=["priority"]), "/v1/chat/completions"),
+        (chat()[:-1] + b', "service_\\u0074ier": "priority"}', "/v1/chat/completions"),
+        (
+            chat()[:-1] + b', "service_tier": "priority", "service_tier": "auto"}',
+            "/v1/chat/completions",
+        ),
+    ]:
+        status, _, answer = await post(budgeted, token, body, path)
+        assert (status, orjson.loads(answer)["error"]["code"]) == (400, "model_not_priced"), body
+    assert len(budgeted.upstream.requests) == seen
+    # Tiers billed at the listed prices or below pass.
+    for tier in ["auto", "default", "flex", None]:
+        status, _, _ = await post(budgeted, token, chat(service_tier=tier))
+        assert status == 200, tier
+    assert len(budgeted.upstream.requests) == seen + 4
+
+
 @pytest.mark.parametrize(
     "options",
     [
