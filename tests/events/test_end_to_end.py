@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from llm_proxy.stats import STATS
@@ -205,6 +208,69 @@ async def test_a_transcription_is_recorded_with_the_model_its_form_names(
     (event,) = await wait_for_lines(log, 1)
     assert event["path"] == "/v1/audio/transcriptions" and event["status"] == 200
     assert event["model"] == "gpt-4o-transcribe"
+
+
+async def _transcribed(request: web.Request) -> web.Response:
+    # OpenAI's usage of a gpt-4o transcription: tokens, most of them audio.
+    await request.read()
+    usage = {"type": "tokens", "input_tokens": 1000, "output_tokens": 100, "total_tokens": 1100}
+    return web.json_response({"text": "hello", "usage": usage})
+
+
+async def _spoken(request: web.Request) -> web.StreamResponse:
+    # Speech streamed as events (stream_format "sse"): the last one carries the usage.
+    await request.read()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    usage = {"input_tokens": 20, "output_tokens": 1000, "total_tokens": 1020}
+    for event in [
+        {"type": "speech.audio.delta", "audio": "AAAA"},
+        {"type": "speech.audio.done", "usage": usage},
+    ]:
+        await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize(
+    ("model", "path", "cost_usd"),
+    [
+        # Audio in at $6.00, text out at $10.00 per 1M (not gpt-4o's $2.50 text input).
+        ("gpt-4o-transcribe", "/v1/audio/transcriptions", (1000 * 6 + 100 * 10) / 1e6),
+        # Audio in at $3.00, text out at $5.00 (not gpt-4o-mini's $0.15 and $0.60).
+        ("gpt-4o-mini-transcribe", "/v1/audio/transcriptions", (1000 * 3 + 100 * 5) / 1e6),
+        # Text in at $0.60, audio out at $12.00 (not gpt-4o-mini's $0.15 and $0.60).
+        ("gpt-4o-mini-tts", "/v1/audio/speech", (20 * 0.6 + 1000 * 12) / 1e6),
+    ],
+)
+async def test_transcription_and_speech_models_are_priced_as_audio_not_as_their_chat_family(
+    proxy_factory: Any, tmp_path: Path, model: str, path: str, cost_usd: float
+) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/audio/transcriptions", _transcribed)
+    app.router.add_post("/v1/audio/speech", _spoken)
+    upstream = TestServer(app)
+    await upstream.start_server()
+    try:
+        log = tmp_path / "events.jsonl"
+        proxy: Proxy = await proxy_factory(
+            file_event_log=log, api={"base_url": str(upstream.make_url("")).rstrip("/")}
+        )
+        async with proxy.sdk(await proxy.token()) as client:
+            if path == "/v1/audio/speech":
+                async with client.audio.speech.with_streaming_response.create(
+                    model=model, input="hello", voice="alloy", stream_format="sse"
+                ) as spoken:
+                    await spoken.read()
+            else:
+                await client.audio.transcriptions.create(
+                    model=model, file=("speech.wav", b"RIFF" * 1000, "audio/wav")
+                )
+        (event,) = await wait_for_lines(log, 1)
+        assert (event["model"], event["usage"]["source"]) == (model, "upstream")
+        assert event["cost_usd"] == pytest.approx(cost_usd, abs=1e-9)
+    finally:
+        await upstream.close()
 
 
 async def test_a_streamed_legacy_completion_gets_exact_usage_too(
