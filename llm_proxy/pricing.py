@@ -30,6 +30,7 @@ from llm_proxy.models import nanousd
 
 ENTRY_KEYS = ("input", "cached_input", "output")
 LIMIT_KEYS = ("max_output_tokens",)
+FLAG_KEYS = ("reasoning",)
 TOKENS_PER_PRICE = 1_000_000  # prices are per million tokens
 # The most a price may be, in USD per million tokens ($1 a token; the dearest model listed costs
 # hundreds): beyond it a figure is a typo, and its nano-dollars would not fit the store's columns.
@@ -61,6 +62,9 @@ class ModelPrice:
     # without an output cap reserves this much output, and gets a cap only when its budget
     # affords less (a cap above the model's own is refused by the upstream).
     max_output_tokens: int | None = None
+    # The model thinks in hidden tokens, billed as output, before it writes: a stream cut before
+    # its usage came shows only the words, not what the upstream billed for them.
+    reasoning: bool = False
 
 
 def cost_nanousd(
@@ -206,8 +210,8 @@ def _entry(pattern: object, body: object, where: str) -> ModelPrice:
     if not isinstance(body, dict):
         raise PricesError(f"{at}: expected {{input, cached_input, output}} in USD per 1M tokens")
     for key in body:
-        if key not in ENTRY_KEYS and key not in LIMIT_KEYS:
-            close = difflib.get_close_matches(str(key), ENTRY_KEYS + LIMIT_KEYS, n=1)
+        if key not in ENTRY_KEYS and key not in LIMIT_KEYS and key not in FLAG_KEYS:
+            close = difflib.get_close_matches(str(key), ENTRY_KEYS + LIMIT_KEYS + FLAG_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise PricesError(f"{at}: unknown key {str(key)!r}{hint}")
     if "input" not in body:
@@ -222,7 +226,14 @@ def _entry(pattern: object, body: object, where: str) -> ModelPrice:
         max_output_tokens=_tokens(body["max_output_tokens"], f"{at}: max_output_tokens")
         if "max_output_tokens" in body
         else None,
+        reasoning=_flag(body.get("reasoning", False), f"{at}: reasoning"),
     )
+
+
+def _flag(value: object, at: str) -> bool:
+    if not isinstance(value, bool):
+        raise PricesError(f"{at}: expected true or false; got {value!r}")
+    return value
 
 
 def _tokens(value: object, at: str) -> int:

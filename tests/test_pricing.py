@@ -107,6 +107,17 @@ def test_max_output_tokens_must_be_a_whole_number_of_tokens() -> None:
             parse_prices(f"m: {{input: 1, max_output_tokens: {bad}}}")
 
 
+def test_reasoning_models_are_marked_and_the_mark_must_be_true_or_false(shipped: Prices) -> None:
+    for model in ["o1", "o3-mini", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "gpt-5-codex"]:
+        assert shipped.lookup(model).reasoning, model  # type: ignore[union-attr]
+    for model in ["gpt-5-chat-latest", "gpt-4o", "gpt-4.1-mini", "gpt-3.5-turbo"]:
+        assert not shipped.lookup(model).reasoning, model  # type: ignore[union-attr]
+    assert parse_prices("m: {input: 1, reasoning: true}")[0].reasoning
+    for bad in ("1", "'yes'", "null"):
+        with pytest.raises(PricesError, match="reasoning: expected true or false"):
+            parse_prices(f"m: {{input: 1, reasoning: {bad}}}")
+
+
 @pytest.mark.parametrize(
     "model", ["gpt-5.1", "ft:gpt-4o-mini-2024-07-18:org::abc", "dall-e-3", "whisper-1", "GPT-4O"]
 )

@@ -98,7 +98,7 @@ def build(
         )
     answered = generated and 200 <= exchange.status < 300
     cost_usd = _cost_usd(prices, model, event_usage, usage_body, answered)
-    left_early = answer_unseen(exchange, event_usage)
+    left_early = answer_unseen(exchange, event_usage, reasons(prices, model))
     if left_early and exchange.held_nanousd:
         # All it held, the most the unseen answer cost; its usage says what that paid for.
         cost_usd = usd(exchange.held_nanousd)
@@ -189,17 +189,25 @@ def _whole_stream(estimated: Usage, exchange: Exchange, captured: int) -> Usage:
     )
 
 
-def answer_unseen(exchange: Exchange, event_usage: Usage | None) -> bool:
+def answer_unseen(exchange: Exchange, event_usage: Usage | None, reasoning: bool = False) -> bool:
     """Whether the client hung up before the answer began, or in the middle of an answer that is
     no stream before its usage arrived (an upstream sends such an answer once it produced all of
-    it): what the answer cost is unknown, and may be all the request allowed (counted from the
-    part read, a long answer cut after its first bytes cost its prompt alone)."""
+    it), or of a ``reasoning`` model's stream (its hidden reasoning, billed as output, came before
+    the words the stream shows): what the answer cost is unknown, and may be all the request
+    allowed (counted from the part read, a long answer cut after its first bytes cost its prompt
+    alone)."""
     return exchange.left_before_answer or (
         exchange.left_by_client
-        and not exchange.is_stream
+        and (reasoning or not exchange.is_stream)
         and 200 <= exchange.status < 300
         and (event_usage is None or event_usage["source"] != "upstream")
     )
+
+
+def reasons(prices: Prices | None, model: str | None) -> bool:
+    """Whether ``model`` thinks in hidden tokens (``reasoning`` in prices.yaml)."""
+    price = prices.lookup(model) if prices is not None else None
+    return price is not None and price.reasoning
 
 
 # The answers of these endpoints carry their usage at their end, where a capture of a long answer

@@ -24,6 +24,7 @@ from llm_proxy.events.builder import (
     answer_unseen,
     in_background,
     most_tokens,
+    reasons,
     shown_request_id,
     usage_out_of_reach,
 )
@@ -58,7 +59,7 @@ class TokenSettler:
     def __init__(self, windows: RateWindows, budgets: BudgetLedger, prices: PriceHolder) -> None:
         self._windows = windows
         self._budgets = budgets
-        self._prices = prices  # the models' own output caps (see builder.most_tokens)
+        self._prices = prices  # the models' own output caps and which reason (see builder)
         self._spend = SpendBatcher(budgets)
         self._retry = SettlementRetry(budgets, windows)
 
@@ -95,8 +96,9 @@ class TokenSettler:
                 tokens = usage["total_tokens"] if usage else 0
                 # An answer nobody saw whole, or whose usage could not be read, may have used
                 # all the request allowed (a hold's usage already says what it paid for).
+                reasoning = reasons(self._prices.current, event["model"])
                 unseen = (
-                    (answer_unseen(exchange, usage) and not exchange.hold_id)
+                    (answer_unseen(exchange, usage, reasoning) and not exchange.hold_id)
                     or (usage is None and in_background(event))
                     or usage_out_of_reach(exchange, usage)
                 )

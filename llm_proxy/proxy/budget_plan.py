@@ -169,4 +169,5 @@ def _price_of(models: Sequence[object], prices: Prices) -> ModelPrice:
         cached_input=max(p.cached_input for p in found),
         output=max(p.output for p in found),
         max_output_tokens=None if None in caps else max(c for c in caps if c is not None),
+        reasoning=any(p.reasoning for p in found),
     )

@@ -367,6 +367,44 @@ async def test_a_client_that_hangs_up_mid_stream_pays_for_what_it_received(
         await slow.close()
 
 
+async def test_a_client_that_hangs_up_mid_stream_on_a_reasoning_model_pays_all_it_held(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """A reasoning model thinks before it writes, in tokens billed as output that no stream
+    shows: a client that left after the first words paid for those words, while the upstream
+    billed all its reasoning (reading one chunk and hanging up made a budget all but free)."""
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.01)))
+    await slow.start_server()
+    try:
+        log = tmp_path / "events.jsonl"
+        shipped = Path(__file__).parent.parent.parent / "config" / "prices.yaml"
+        proxy: Proxy = await proxy_factory(
+            prices_path=shipped,
+            file_event_log=log,
+            api={"base_url": str(slow.make_url("")).rstrip("/")},
+        )
+        issued = await proxy.issue_token(budget_usd=1)
+        response = await proxy.client.post(
+            "/v1/chat/completions",
+            data=chat("o3-mini", stream=True),
+            headers=bearer(issued["token"]),
+        )
+        assert response.status == 200
+        held = 1 - float(response.headers["LLM-Proxy-Remaining-Budget-USD"])
+        async for line in response.content:
+            if line.startswith(b"data: {") and b'"content":"' in line:
+                break
+        response.close()
+        shown = await settled(proxy, issued["id"], spent_at_least=0.000001)
+        # All it held: the prompt's bound and o3-mini's own 100,000 output tokens at $4.40 per 1M.
+        assert shown["spent_usd"] == pytest.approx(held) and held > 100_000 * 4.4e-6, shown
+        (event,) = await wait_for_lines(log, 1)
+        assert event["cost_usd"] == shown["spent_usd"]
+        assert event["usage"]["completion_tokens"] >= 100_000
+    finally:
+        await slow.close()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_client_that_hangs_up_before_the_answer_begins_pays_all_it_held(
     proxy_factory: Any, prices_path: Path, tmp_path: Path, stream: bool

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from llm_proxy.control.operations import MAX_COUNT
+from llm_proxy.tools.mock_upstream import MockSettings
 from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
 from tests.fakes import fake_upstream_app, whole_answer_in_two_parts
@@ -506,5 +507,39 @@ async def test_a_tpm_token_whose_client_leaves_in_the_middle_of_a_whole_answer_c
         status, headers, answer = await asyncio.wait_for(post(proxy, issued["token"], body), 10)
     finally:
         await upstream.close()
+    assert (status, answer["error"]["code"]) == (429, "rate_limited")
+    assert 1 <= int(headers["Retry-After"]) <= 60
+
+
+async def test_a_tpm_token_whose_client_leaves_a_reasoning_stream_early_counts_what_it_may_have_used(
+    proxy_factory: Any,
+) -> None:
+    """A reasoning model (o4-mini) thinks in hidden tokens before the first word its stream shows:
+    counted from the words read, a client that hung up after the first one had the upstream
+    think without end on a tpm token."""
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.01)))
+    await slow.start_server()
+    try:
+        proxy: Proxy = await proxy_factory(api={"base_url": str(slow.make_url("")).rstrip("/")})
+        issued = await proxy.issue_token(tpm=1000)
+        body = orjson.dumps(
+            {
+                "model": "o4-mini",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_completion_tokens": 1000,
+                "stream": True,
+            }
+        )
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=body, headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        async for line in response.content:
+            if b'"content":"' in line:
+                break
+        response.close()
+        status, headers, answer = await asyncio.wait_for(post(proxy, issued["token"], body), 10)
+    finally:
+        await slow.close()
     assert (status, answer["error"]["code"]) == (429, "rate_limited")
     assert 1 <= int(headers["Retry-After"]) <= 60
