@@ -103,6 +103,11 @@ def build(
         # All it held, the most the unseen answer cost; its usage says what that paid for.
         cost_usd = usd(exchange.held_nanousd)
         event_usage = _usage_held(prices, model, event_usage, exchange.held_nanousd)
+    elif cost_usd is None and answered and exchange.held_nanousd and _priced(prices, model):
+        # A priced answer whose tokens are unknown (a background response still running, a
+        # compressed answer longer than the capture) is charged all it held (settlement.py): the
+        # event says so, or the usage summed from events would miss what the budget paid.
+        cost_usd = usd(exchange.held_nanousd)
 
     stream = exchange.is_stream
     if not exchange.response_content_type and isinstance(request, dict):
@@ -202,6 +207,10 @@ def answer_unseen(exchange: Exchange, event_usage: Usage | None, reasoning: bool
         and 200 <= exchange.status < 300
         and (event_usage is None or event_usage["source"] != "upstream")
     )
+
+
+def _priced(prices: Prices | None, model: str | None) -> bool:
+    return prices is not None and prices.lookup(model) is not None
 
 
 def reasons(prices: Prices | None, model: str | None) -> bool:

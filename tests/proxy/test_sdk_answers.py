@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import Proxy
 from tests.fakes import UPSTREAM_LOG, Seen, UpstreamLog
-from tests.waiting import wait_for_lines
+from tests.waiting import wait_for_lines, wait_for_usage
 
 PRICES = (
     "gpt-4o-transcribe: {input: 2.50, output: 10.00}\n"
@@ -409,13 +409,37 @@ async def test_a_background_response_pays_its_hold_once_and_fetching_it_costs_no
 
     create, *fetches = await wait_for_lines(tmp_path / "events.jsonl", 4)
     # Its tokens are unknown when it is queued: it pays all it held, the most it can cost.
-    assert create["usage"] is None and create["cost_usd"] is None
+    assert create["usage"] is None
     # Fetching used no tokens: neither fetch costs what the response cost again.
     assert [(f["usage"], f["cost_usd"]) for f in fetches] == [(None, 0.0)] * 3
     await asyncio.sleep(0.5)  # the fetches' spend, if they had any, joins at the next flush
     token = await _settled(proxy, issued["id"])
     held = (5 + 1000 * 4.00) / 1e6  # at most the prompt's bound and the whole output cap
     assert 1000 * 4.00 / 1e6 <= token["spent_usd"] <= held + 100 / 1e6
+    assert create["cost_usd"] == token["spent_usd"]
+
+
+async def test_a_held_request_whose_tokens_are_unknown_shows_in_its_event_what_it_was_charged(
+    proxy: Proxy, upstream_server: TestServer, tmp_path: Path
+) -> None:
+    # A background response is queued when answered: its tokens are unknown and its hold is
+    # charged whole. Its event said cost_usd null, so the token's usage (summed from events) showed
+    # $0 where its spent_usd showed all it held, and the JSONL log, Helicone and Lunary lost it.
+    issued = await proxy.issue_token(budget_usd=1)
+    queued = {"id": "resp_1", "object": "response", "status": "queued", "model": "bg-model"}
+    _answer(
+        upstream_server,
+        headers={"Content-Type": "application/json"},
+        pieces=[orjson.dumps({**queued, "output": [], "usage": None})],
+    )
+    async with proxy.sdk(issued["token"]) as client:
+        await client.responses.create(model="bg-model", input="Write an essay.", background=True)
+    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+    token = await _settled(proxy, issued["id"])
+    assert token["spent_usd"] >= 1000 * 4.00 / 1e6  # the whole output cap, and the prompt
+    assert event["usage"] is None and event["cost_usd"] == token["spent_usd"]
+    usage = await wait_for_usage(proxy, f"/tokens/{issued['id']}", 1)
+    assert usage["cost_usd"] == token["spent_usd"]
 
 
 @pytest.mark.parametrize("cap", [1000, None])
