@@ -275,6 +275,9 @@ class TokenAuthority:
         the rule admission refused by (``models.budget_spent``). Written in the background, once
         per grant and least request: a client retrying the same request is refused from the
         ledger alone."""
+        # A need beyond the whole budget says no more than one just over it (never affordable),
+        # and may not fit the store's 64-bit column ("n": 1e18 asks that many answers).
+        minimum = min(minimum, budget + 1)
         if grant.budget_refused is not None and grant.budget_refused <= minimum:
             return
         grant.budget_refused = minimum

@@ -161,3 +161,21 @@ async def test_a_budget_too_small_for_its_first_request_shows_exhausted(
     assert (status, patched["status"]) == (200, "active")
     await asyncio.sleep(0.3)
     assert (await post(proxies[1], value, chat(max_tokens=5)))[0] == 200
+
+
+async def test_a_request_dearer_than_any_budget_is_noted_like_any_other_refusal(
+    proxies: list[Proxy],
+) -> None:
+    # "n": 1e18 needs more nano-dollars than the store's 64-bit column holds: noting the refusal
+    # failed in the database ('Python int too large to convert to SQLite INTEGER', 'value out of
+    # int64 range' logged as store_failed), so the token's status did not follow admission's rule.
+    issued = await proxies[0].issue_token(budget_usd=0.000001)
+    token_id, value = issued["id"], issued["token"]
+    status, _, answer = await post(proxies[1], value, chat(n=1e18))
+    assert (status, orjson.loads(answer)["error"]["code"]) == (429, "budget_exceeded")
+    for _ in range(40):
+        token = await shown(proxies[0], token_id)
+        if token["status"] == "exhausted":
+            break
+        await asyncio.sleep(0.025)
+    assert (token["status"], token["spent_usd"]) == ("exhausted", 0), token
