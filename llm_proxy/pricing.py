@@ -17,6 +17,7 @@ import difflib
 import fnmatch
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,18 +171,35 @@ def _rebuild(entries: tuple[ModelPrice, ...], source: PriceFile | None) -> Price
 
 
 class PriceHolder:
-    """The prices in force, swapped whole on reload: readers take ``.current`` once per use."""
+    """The prices in force, swapped whole on reload: readers take ``.current`` once per use.
 
-    __slots__ = ("current",)
+    A request is held and capped at the prices in force when it goes upstream; one still running
+    at a reload is priced as it was held (``in_force_at``), or a price raised meanwhile would
+    settle it past its hold, and its token past its budget."""
+
+    __slots__ = ("_before", "current")
 
     def __init__(self, prices: Prices) -> None:
         self.current = prices
+        # When the last reload happened (time.perf_counter(), one clock for every process of the
+        # machine) and the prices it replaced.
+        self._before: tuple[float, Prices] | None = None
 
     def reload(self) -> Prices:
         """Read the file again; on :class:`PricesError` the prices in force stay."""
         source = self.current.source
         if source is not None:
-            self.current = source.load()
+            loaded = source.load()
+            self._before = (time.perf_counter(), self.current)
+            self.current = loaded
+        return self.current
+
+    def in_force_at(self, moment: float) -> Prices:
+        """The prices in force at ``moment`` (a time.perf_counter() value, 0 for unknown): those
+        the last reload replaced when it came later, else the current ones."""
+        before = self._before
+        if before is not None and 0 < moment < before[0]:
+            return before[1]
         return self.current
 
 

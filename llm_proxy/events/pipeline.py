@@ -62,7 +62,7 @@ class EventPipeline:
         prices: PriceHolder | None = None,
     ) -> None:
         self.bus = bus
-        # Read once per event: a reload (SIGHUP) prices the events built after it.
+        # Read once per event: a reload (SIGHUP) prices the requests sent upstream after it.
         self.prices = prices if prices is not None else PriceHolder(Prices())
         self._queue: deque[Exchange] = deque()
         self._queue_size = queue_size
@@ -96,7 +96,9 @@ class EventPipeline:
         self.settlements: SettlementListener | None = None
 
     def _build_priced(self, exchange: Exchange) -> Event:
-        return builder.build(exchange, prices=self.prices.current)
+        # Priced as it was held: at the prices in force when it went upstream.
+        sent = exchange.upstream_started or exchange.started
+        return builder.build(exchange, prices=self.prices.in_force_at(sent))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="event-pipeline")

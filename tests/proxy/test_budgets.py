@@ -367,6 +367,38 @@ async def test_a_client_that_hangs_up_mid_stream_pays_for_what_it_received(
         await slow.close()
 
 
+async def test_a_price_raised_while_a_stream_runs_cannot_make_it_overshoot_its_budget(
+    proxy_factory: Any, prices_path: Path, tmp_path: Path
+) -> None:
+    """A request is held and capped at the prices in force when it goes upstream: settled at
+    prices reloaded while it ran (here output at ten times the price), it cost ten times its
+    hold, far past its token's budget."""
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.005)))
+    await slow.start_server()
+    try:
+        log = tmp_path / "events.jsonl"
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path,
+            file_event_log=log,
+            api={"base_url": str(slow.make_url("")).rstrip("/")},
+        )
+        issued = await proxy.issue_token(budget_usd=0.0005)
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=chat(stream=True), headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        await response.content.readline()
+        prices_path.write_text(PRICES.replace("output: 4.00", "output: 40.00"))
+        proxy.components.prices.reload()
+        await response.read()
+        shown = await settled(proxy, issued["id"], spent_at_least=0.000001)
+        assert shown["spent_usd"] <= 0.0005, shown
+        (event,) = await wait_for_lines(log, 1)
+        assert event["cost_usd"] == shown["spent_usd"]
+    finally:
+        await slow.close()
+
+
 async def test_a_client_that_hangs_up_mid_stream_on_a_reasoning_model_pays_all_it_held(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
