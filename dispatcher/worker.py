@@ -13,6 +13,7 @@ nothing: what it had not delivered stays unacknowledged, handed back for the nex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,8 @@ from llm_proxy.events.redis import consumer_name
 log = structlog.get_logger(__name__)
 
 _BURST_ACK_ATTEMPTS = 5
+# How long a stop waits for a heartbeat in flight to reach Redis before giving it up.
+_LAST_BEAT_SECONDS = 5.0
 # Events read at a time from a memory bus group left behind at a stop, to be dead-lettered.
 _QUEUED_READ = 1000
 
@@ -128,6 +131,7 @@ class Worker:
         self._auth_failure: Rejection | None = None
         self._unkept = False  # a burst run stopped: refused events it could not dead-letter
         self._running = False
+        self._beats_end = asyncio.Event()
 
     @property
     def running(self) -> bool:
@@ -280,8 +284,7 @@ class Worker:
             elif self._unkept:
                 await self._abandon(subscription, "refused, and the dead-letter file unwritable")
             if beating is not None:
-                beating.cancel()
-                await asyncio.gather(beating, return_exceptions=True)
+                await self._end_beats(beating)
                 await self._clear_heartbeat()
             await subscription.close()
             await self.backend.close()
@@ -537,12 +540,22 @@ class Worker:
 
     async def _beat(self) -> None:
         assert self._heartbeat is not None
-        while True:
+        while not self._beats_end.is_set():
             try:
                 await self._heartbeat.beat({"consumer": self._consumer, **asdict(self.summary)})
             except Exception as exc:  # a task boundary: a missed beat must not stop delivery
                 log.warning("dispatcher.heartbeat_failed", error=str(exc))
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.heartbeat_interval):
+                    await self._beats_end.wait()
+
+    async def _end_beats(self, beating: asyncio.Task[None]) -> None:
+        # A beat is let finish, not cancelled: a cancelled SET may still reach Redis after the
+        # clear, and say "alive" for its whole ttl. One that hangs is cancelled after a while.
+        self._beats_end.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_LAST_BEAT_SECONDS):
+                await beating
 
     async def _clear_heartbeat(self) -> None:
         assert self._heartbeat is not None

@@ -304,6 +304,34 @@ async def test_heartbeat_is_visible_to_check_while_running(
 
 
 @pytest.mark.redis
+async def test_a_stopped_dispatcher_is_absent_whenever_its_stop_comes(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """However a stop falls against the heartbeat (here beating without pause, so it falls in the
+    middle of one), `dispatcher check` finds no dispatcher once it stopped: a beat cut short still
+    reached Redis, and was left there to say "alive" for its whole ttl."""
+    bus = RedisBus(redis_server.url, stream="t:events")
+    try:
+        for _ in range(20):
+            heartbeat = health.RedisHeartbeat(bus.client, "t:events", "recording", ttl=30)
+            worker = Worker(
+                bus,
+                RecordingBackend(),
+                settings(tmp_path, burst=False, heartbeat_interval=0),
+                heartbeat=heartbeat,
+            )
+            worker.start()
+            running = asyncio.create_task(worker.async_run())
+            await asyncio.sleep(0.02)
+            worker.stop()
+            await running
+            gone = await health.check(bus.client, "t:events", "recording", max_age=30)
+            assert gone.state == "absent", gone.line
+    finally:
+        await bus.close()
+
+
+@pytest.mark.redis
 async def test_a_burst_run_that_finds_events_trimmed_unread_does_not_succeed(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
