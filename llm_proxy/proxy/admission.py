@@ -46,6 +46,7 @@ from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
 from llm_proxy.proxy.settling import Settlements
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
+from llm_proxy.store.unavailable import CommitInDoubt
 
 log = structlog.get_logger(__name__)
 
@@ -154,6 +155,8 @@ class TokenAuthority:
         self._unknown: dict[str, float] = {}
         self._loading: dict[str, asyncio.Future[Grant | None]] = {}
         self._pending: dict[str, list[float]] = {}  # token_id → [requests, last_used epoch]
+        # Tallies whose write's COMMIT went unanswered (see `flush_usage`).
+        self._usage_in_doubt: tuple[CommitInDoubt, dict[str, list[float]]] | None = None
         self._change_cursor = 0
         # Holds and rpm slots being given back in the background (see `_give_back_later`).
         self._orphan_releases: set[asyncio.Future[None]] = set()
@@ -657,6 +660,7 @@ class TokenAuthority:
 
     async def flush_usage(self) -> int:
         """Write the in-memory request tallies; returns how many tokens were written."""
+        await self._resolve_usage_in_doubt()
         if not self._pending:
             return 0
         pending, self._pending = self._pending, {}
@@ -666,14 +670,30 @@ class TokenAuthority:
         ]
         try:
             await self._store.add_usage(deltas)
+        except CommitInDoubt as doubt:
+            # Written again, they might count twice: the next flush asks the database first.
+            self._usage_in_doubt = (doubt, pending)
+            raise
         except Exception:
-            # Keep the counts for the next attempt rather than lose them.
-            for token_id, (count, last) in pending.items():
-                tally = self._pending.setdefault(token_id, [0, last])
-                tally[0] += count
-                tally[1] = max(tally[1], last)
+            self._keep_tallies(pending)  # for the next attempt rather than lose them
             raise
         return len(deltas)
+
+    async def _resolve_usage_in_doubt(self) -> None:
+        """Learn whether the tallies whose COMMIT went unanswered were written; keep them for
+        the next write when not. Raises while the database cannot tell (they stay in doubt)."""
+        if self._usage_in_doubt is None:
+            return
+        doubt, tallies = self._usage_in_doubt
+        if not await doubt.committed():
+            self._keep_tallies(tallies)
+        self._usage_in_doubt = None
+
+    def _keep_tallies(self, tallies: dict[str, list[float]]) -> None:
+        for token_id, (count, last) in tallies.items():
+            tally = self._pending.setdefault(token_id, [0, last])
+            tally[0] += count
+            tally[1] = max(tally[1], last)
 
     async def follow_changes(self, poll_seconds: float, pushed_poll_seconds: float) -> None:
         """Read the change feed when woken by a push, else on a timer, until cancelled.

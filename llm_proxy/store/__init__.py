@@ -128,7 +128,10 @@ class Store(Protocol):
         token's budget; how many."""
         ...
 
-    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        """Add each token's tallied requests to its count, all in one transaction. Raises
+        :class:`~llm_proxy.store.unavailable.CommitInDoubt` as :meth:`settle_budgets` does."""
+        ...
 
     # Usage aggregates, written off the request path by the usage dispatcher
     async def add_usage_rollup(self, rows: Sequence[UsageRollup]) -> None:

@@ -631,12 +631,22 @@ class PostgresStore:
         await asyncio.shield(self._add_usage(deltas))
 
     async def _add_usage(self, deltas: Sequence[UsageDelta]) -> None:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
-            await conn.executemany(
-                "UPDATE tokens SET request_count = request_count + $2,"
-                " last_used_at = GREATEST(last_used_at, $3) WHERE id = $1",
-                [(d.token_id, d.requests, d.last_used_at) for d in deltas],
-            )
+        committing = False
+        try:
+            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+                # Requests counted twice are quota taken from the token: a batch whose COMMIT went
+                # unanswered is not simply sent again (see settle_budgets).
+                txid = await conn.fetchval("SELECT txid_current()")
+                await conn.executemany(
+                    "UPDATE tokens SET request_count = request_count + $2,"
+                    " last_used_at = GREATEST(last_used_at, $3) WHERE id = $1",
+                    [(d.token_id, d.requests, d.last_used_at) for d in deltas],
+                )
+                committing = True
+        except Exception as exc:
+            if committing:
+                raise CommitInDoubt(partial(self._committed, txid)) from exc
+            raise  # before COMMIT: the database rolled it back
 
     # -- usage aggregates ----------------------------------------------------------------------
 
