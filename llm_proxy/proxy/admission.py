@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
+from functools import partial
 
 import structlog
 
@@ -46,7 +47,7 @@ from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
 from llm_proxy.proxy.settling import Settlements
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
-from llm_proxy.store.unavailable import CommitInDoubt
+from llm_proxy.store.unavailable import ClaimInDoubt, CommitInDoubt
 
 log = structlog.get_logger(__name__)
 
@@ -475,6 +476,24 @@ class TokenAuthority:
     async def _claim(self, token_id: str, wall: float, slot: int) -> int | None:
         try:
             return await self._store.consume_request(token_id, datetime.fromtimestamp(wall, UTC))
+        except ClaimInDoubt as doubt:
+            # Counted or not, it must not stay counted and refused: admitted when the database
+            # says it counted, else refused; given back once it can tell, when it cannot yet.
+            try:
+                if await doubt.committed():
+                    return doubt.count
+            except BaseException as exc:
+                self._give_back_later(
+                    "release", partial(self._release_if_committed, token_id, doubt)
+                )
+                if not isinstance(exc, Exception):
+                    await self._give_back_slot(token_id, slot)
+                    raise
+            await self._give_back_slot(token_id, slot)
+            log.error("token_authority.store_failed", operation="consume", error=str(doubt))
+            raise errors.LimitsUnavailable(
+                "The store holding this token's limits is unavailable; retry shortly."
+            ) from None
         except Exception as exc:
             await self._give_back_slot(token_id, slot)
             log.error("token_authority.store_failed", operation="consume", error=str(exc))
@@ -482,6 +501,10 @@ class TokenAuthority:
             raise errors.LimitsUnavailable(
                 "The store holding this token's limits is unavailable; retry shortly."
             ) from None
+
+    async def _release_if_committed(self, token_id: str, doubt: ClaimInDoubt) -> None:
+        if await doubt.committed():
+            await self._store.release_request(token_id)
 
     async def _claim_after_refusal(self, grant: Grant, wall: float, slot: int) -> int:
         """A claim failed, or was not tried on a grant seen used up: either the quota is used up,

@@ -51,6 +51,7 @@ from llm_proxy.store.records import (
     with_revoke_counts,
 )
 from llm_proxy.store.unavailable import (
+    ClaimInDoubt,
     CommitInDoubt,
     UnreadableDatabaseUrl,
     without_credentials,
@@ -484,14 +485,26 @@ class PostgresStore:
     # -- accounting ----------------------------------------------------------------------------
 
     async def consume_request(self, token_id: str, at: datetime) -> int | None:
-        count = await self._fetchval(
-            "UPDATE tokens SET request_count = request_count + 1, last_used_at = $2"
-            " WHERE id = $1 AND is_active"
-            " AND (max_requests IS NULL OR request_count < max_requests) RETURNING request_count",
-            token_id,
-            at,
-        )
-        return None if count is None else int(count)
+        # In a transaction of its own, not one statement: a statement whose answer is lost may
+        # have counted the request or not, and nothing could tell which; a transaction that
+        # answered its UPDATE has a known id, whose fate the database tells after a lost COMMIT.
+        claimed = None
+        try:
+            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+                claimed = await conn.fetchrow(
+                    "UPDATE tokens SET request_count = request_count + 1, last_used_at = $2"
+                    " WHERE id = $1 AND is_active"
+                    " AND (max_requests IS NULL OR request_count < max_requests)"
+                    " RETURNING request_count, txid_current() AS txid",
+                    token_id,
+                    at,
+                )
+        except Exception as exc:
+            if claimed is not None:
+                committed = partial(self._committed, claimed["txid"])
+                raise ClaimInDoubt(committed, int(claimed["request_count"])) from exc
+            raise  # nothing counted: the database rolled it back
+        return None if claimed is None else int(claimed["request_count"])
 
     async def release_request(self, token_id: str) -> None:
         await self._execute(

@@ -60,3 +60,12 @@ class CommitInDoubt(Exception):
     def __init__(self, committed: Callable[[], Awaitable[bool]]) -> None:
         super().__init__("the database's answer to COMMIT was lost")
         self.committed = committed
+
+
+class ClaimInDoubt(CommitInDoubt):
+    """A request claim's COMMIT went unanswered (see :class:`CommitInDoubt`); ``count`` is the
+    token's request count it wrote, which holds if it committed."""
+
+    def __init__(self, committed: Callable[[], Awaitable[bool]], count: int) -> None:
+        super().__init__(committed)
+        self.count = count

@@ -3,14 +3,14 @@ connection died after the database ran it): a retry asks what happened before co
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
 
 from tests.conftest import Proxy
 from tests.postgres import PostgresServer
-from tests.proxy.test_change_feed import NO_TIMER, status_of
+from tests.proxy.test_change_feed import NO_TIMER, status_of, until
 from tests.proxy.test_settlement_retry import AnswerLosingRelay
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
@@ -42,3 +42,38 @@ async def test_request_counts_whose_commit_answer_was_lost_count_once(
     status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
     assert status == 200, shown
     assert shown["request_count"] == 3
+
+
+@pytest.mark.parametrize("lost", ["claim", "commit"])
+async def test_a_claim_whose_answer_was_lost_is_admitted_or_given_back(
+    postgres_server: PostgresServer, postgres_url: str, proxy_factory: Any, lost: str
+) -> None:
+    """The connection dies after PostgreSQL counted a request of a token with max_requests and
+    before the proxy heard so: the request is admitted, or refused and not counted."""
+    relay = AnswerLosingRelay(postgres_server.port, b"")
+    await relay.start()
+    try:
+        url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+        proxy: Proxy = await proxy_factory(database_url=url, **NO_TIMER)
+        issued = await proxy.issue_token(max_requests=5)
+        # The claim's statement is the first message to carry the token's id (its lookup goes by
+        # the value's hash).
+        relay.arm(issued["id"].encode() if lost == "claim" else b"COMMIT")
+        answers = [await status_of(proxy, issued["token"]) for _ in range(3)]
+        assert not relay.armed  # the answer was lost indeed
+        admitted = answers.count((200, None))
+        assert set(answers) <= {(200, None), (503, "limits_unavailable")}
+
+        async def counted() -> int:
+            status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+            assert status == 200, shown
+            return int(shown["request_count"])
+
+        # A claim whose fate the database could not tell at once is given back when it can.
+        await until(lambda: _is(counted(), admitted), 10, "the claim given back")
+    finally:
+        await relay.close()
+
+
+async def _is(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected

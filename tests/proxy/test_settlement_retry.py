@@ -46,6 +46,11 @@ class AnswerLosingRelay:
     async def start(self) -> None:
         self.port = await self._servers.start(self._relay)
 
+    def arm(self, word: bytes) -> None:
+        """Lose the answer to the next message holding ``word`` (instead of the one given)."""
+        self._word = word.lower()
+        self.armed = True
+
     async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         server, to_server = await asyncio.open_connection("127.0.0.1", self._target)
 
