@@ -117,6 +117,8 @@ class Admission:
     hold_id: str = ""  # the budget hold taken, "" for none
     held: int = 0  # nano-dollars held
     remaining_budget: int | None = None  # for a budgeted token: what is neither spent nor held
+    # A give-back of its place whose COMMIT went unanswered: asked about before another.
+    release_in_doubt: CommitInDoubt | None = None
 
 
 class TokenAuthority:
@@ -343,7 +345,6 @@ class TokenAuthority:
     async def release(self, admission: Admission) -> None:
         """Take back what :meth:`admit` counted, when the request never reached the upstream."""
         grant = admission.grant
-        await self._give_back_slot(grant.token_id, admission.rate_slot)
         if admission.hold_id:
             hold_id, admission.hold_id = admission.hold_id, ""
             STATS.budget_holds_open -= 1
@@ -352,26 +353,42 @@ class TokenAuthority:
             except Exception as exc:
                 # The hold stays until it expires: a lost release errs on the side of the budget.
                 log.error("token_authority.store_failed", operation="release_hold", error=str(exc))
-        if grant.max_requests is None:
-            # The tally may have been written already: a negative one takes the request back.
-            self._pending.setdefault(grant.token_id, [0, time.time()])[0] -= 1
-            return
         try:
-            await self._store.release_request(grant.token_id)
+            await self._give_back_place(admission)
         except Exception as exc:
-            # The request stays counted: a lost refund errs on the side of the quota.
-            log.error("token_authority.store_failed", operation="release", error=str(exc))
-            return
-        grant.exhausted = False
-        cached = self._by_hash.get(grant.digest)
-        if cached is not None:  # the token may have been reloaded since this request's grant
-            cached.exhausted = False
+            log.warning("token_authority.store_failed", operation="release", error=str(exc))
+            # Retried while the store is away: a place kept for good is quota the token lost.
+            self._give_back_later("release", partial(self._give_back_place, admission), 60.0)
 
     def release_unsent(self, admission: Admission) -> None:
         """Take back, in the background, what :meth:`admit` counted for a request whose client
         left before it reached the upstream; its budget hold, if any, is left to its settlement."""
         admission.hold_id = ""
-        self._give_back_later("release", lambda: self.release(admission), 60.0)
+        self._give_back_later("release", partial(self._give_back_place, admission), 60.0)
+
+    async def _give_back_place(self, admission: Admission) -> None:
+        """Give back the request's rpm slot and its ``max_requests`` place; raises when the store
+        failed, and can be called again until it returns: what was given back is not again."""
+        grant = admission.grant
+        if admission.rate_slot:
+            await self._rate_windows.give_back(grant.token_id, admission.rate_slot)
+            admission.rate_slot = 0
+        if grant.max_requests is None:
+            # The tally may have been written already: a negative one takes the request back.
+            self._pending.setdefault(grant.token_id, [0, time.time()])[0] -= 1
+            return
+        doubt = admission.release_in_doubt
+        if doubt is None or not await doubt.committed():  # (raises while it cannot tell)
+            admission.release_in_doubt = None
+            try:
+                await self._store.release_request(grant.token_id)
+            except CommitInDoubt as lost:
+                admission.release_in_doubt = lost
+                raise
+        grant.exhausted = False
+        cached = self._by_hash.get(grant.digest)
+        if cached is not None:  # the token may have been reloaded since this request's grant
+            cached.exhausted = False
 
     async def _take_rate_slot(self, grant: Grant) -> int:
         token_id, slot_id = grant.token_id, random.randbytes(8).hex()

@@ -68,7 +68,8 @@ class Store(Protocol):
         ...
 
     async def release_request(self, token_id: str) -> None:
-        """Take back a request counted by :meth:`consume_request` that never reached upstream."""
+        """Take back a request counted by :meth:`consume_request` that never reached upstream.
+        Raises :class:`~llm_proxy.store.unavailable.CommitInDoubt` as :meth:`settle_budgets`."""
         ...
 
     async def take_rate_slot(self, token_id: str) -> RateSlot:

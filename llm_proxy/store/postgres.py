@@ -507,11 +507,20 @@ class PostgresStore:
         return None if claimed is None else int(claimed["request_count"])
 
     async def release_request(self, token_id: str) -> None:
-        await self._execute(
-            "UPDATE tokens SET request_count = request_count - 1"
-            " WHERE id = $1 AND request_count > 0",
-            token_id,
-        )
+        # A transaction whose id comes back with its UPDATE, as consume_request: given back twice,
+        # a place would be a request the quota never counted.
+        released = None
+        try:
+            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+                released = await conn.fetchval(
+                    "UPDATE tokens SET request_count = request_count - 1"
+                    " WHERE id = $1 AND request_count > 0 RETURNING txid_current()",
+                    token_id,
+                )
+        except Exception as exc:
+            if released is not None:
+                raise CommitInDoubt(partial(self._committed, released)) from exc
+            raise  # nothing given back: the database rolled it back
 
     async def take_rate_slot(self, token_id: str) -> RateSlot:
         # One conditional UPDATE of the token's row: PostgreSQL locks the row and re-checks the

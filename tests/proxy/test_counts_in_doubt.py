@@ -77,3 +77,59 @@ async def test_a_claim_whose_answer_was_lost_is_admitted_or_given_back(
 
 async def _is(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
+
+
+async def test_a_place_whose_give_back_failed_is_given_back_when_the_database_answers(
+    postgres_server: PostgresServer, postgres_url: str, proxy_factory: Any, unused_tcp_port: int
+) -> None:
+    """A request that never reached the upstream gives its place back; a connection to the
+    database dying under that give-back must not leave the place used for good."""
+    relay = AnswerLosingRelay(postgres_server.port, b"")
+    await relay.start()
+    try:
+        url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+        proxy: Proxy = await proxy_factory(
+            database_url=url, api={"base_url": f"http://127.0.0.1:{unused_tcp_port}"}, **NO_TIMER
+        )
+        issued = await proxy.issue_token(max_requests=1)
+        relay.arm(b"request_count - 1")  # the give-back's statement, sent the first time
+        assert await status_of(proxy, issued["token"]) == (502, "upstream_unavailable")
+        assert not relay.armed  # the give-back's connection died indeed
+
+        async def counted() -> int:
+            status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+            assert status == 200, shown
+            return int(shown["request_count"])
+
+        await until(lambda: _is(counted(), 0), 10, "the place given back")
+    finally:
+        await relay.close()
+
+
+async def test_a_give_back_whose_commit_answer_was_lost_gives_back_once(
+    postgres_server: PostgresServer, postgres_url: str, proxy_factory: Any, unused_tcp_port: int
+) -> None:
+    relay = AnswerLosingRelay(postgres_server.port, b"")
+    await relay.start()
+    try:
+        url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+        proxy: Proxy = await proxy_factory(
+            database_url=url, api={"base_url": f"http://127.0.0.1:{unused_tcp_port}"}, **NO_TIMER
+        )
+        issued = await proxy.issue_token(max_requests=5)
+        database = postgres_url.rsplit("/", 1)[1]
+        postgres_server.psql(database, "UPDATE tokens SET request_count = 2")  # used before
+        relay.arm(b"COMMIT", passing=1)  # the claim's COMMIT passes, the give-back's is lost
+        assert await status_of(proxy, issued["token"]) == (502, "upstream_unavailable")
+        assert not relay.armed  # the give-back's answer was lost indeed
+        authority = proxy.components.authority
+
+        async def given_back() -> bool:
+            return not authority._orphan_releases
+
+        await until(given_back, 10, "the give-back retried")
+        status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+        assert status == 200, shown
+        assert shown["request_count"] == 2
+    finally:
+        await relay.close()

@@ -41,14 +41,17 @@ class AnswerLosingRelay:
         self._word = word.lower()
         self._servers = RawServers()
         self.armed = False
+        self._passing = 0
         self.port = 0
 
     async def start(self) -> None:
         self.port = await self._servers.start(self._relay)
 
-    def arm(self, word: bytes) -> None:
-        """Lose the answer to the next message holding ``word`` (instead of the one given)."""
+    def arm(self, word: bytes, *, passing: int = 0) -> None:
+        """Lose the answer to the next message holding ``word`` (instead of the one given), once
+        ``passing`` such messages went through."""
         self._word = word.lower()
+        self._passing = passing
         self.armed = True
 
     async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
@@ -65,6 +68,9 @@ class AnswerLosingRelay:
                 to_server.write(data)
                 await to_server.drain()
                 if self.armed and self._word in data.lower():
+                    if self._passing:
+                        self._passing -= 1
+                        continue
                     self.armed = False
                     to_client.transport.abort()
                     break
