@@ -211,6 +211,20 @@ RATE_WINDOW_MICROS = 60_000_000  # rpm and tpm count over any rolling 60 s
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """A request counted against ``max_requests``: the count it made, and the quota it was
+    counted against (the token's row when counted, which a change may have set since the token
+    was read; None when it was lifted)."""
+
+    count: int
+    max_requests: int | None
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.max_requests is None else self.max_requests - self.count
+
+
+@dataclass(frozen=True, slots=True)
 class RateSlot:
     """The answer of the rpm window: admitted at ``at_micros``, or refused for ``retry_after``."""
 

@@ -40,7 +40,14 @@ from llm_proxy.crypto import (
     is_sendable_key,
     is_token_shaped,
 )
-from llm_proxy.models import RATE_WINDOW_MICROS, BudgetHold, UsageDelta, isoformat, usd
+from llm_proxy.models import (
+    RATE_WINDOW_MICROS,
+    BudgetHold,
+    Claim,
+    UsageDelta,
+    isoformat,
+    usd,
+)
 from llm_proxy.proxy.budget_ledger import HOLD_SECONDS, BudgetLedger, StoreBudgetLedger
 from llm_proxy.proxy.budget_plan import CostPlan
 from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
@@ -215,10 +222,12 @@ class TokenAuthority:
                 tally[1] = wall
             admission = Admission(grant, None, slot)
         else:
-            count = None if grant.exhausted else await self._claim(grant.token_id, wall, slot)
-            if count is None:
-                count = await self._claim_after_refusal(grant, wall, slot)
-            admission = Admission(grant, grant.max_requests - count, slot)
+            claim = None if grant.exhausted else await self._claim(grant.token_id, wall, slot)
+            if claim is None:
+                claim = await self._claim_after_refusal(grant, wall, slot)
+            # What is left of the quota the database counted against: a change may have set
+            # another since this grant was read (during a slow upload, or in another instance).
+            admission = Admission(grant, claim.remaining, slot)
         if grant.budget is not None and plan is not None:
             try:
                 if not self._settles:
@@ -490,7 +499,7 @@ class TokenAuthority:
                 headers={"x-should-retry": "false"},
             )
 
-    async def _claim(self, token_id: str, wall: float, slot: int) -> int | None:
+    async def _claim(self, token_id: str, wall: float, slot: int) -> Claim | None:
         try:
             return await self._store.consume_request(token_id, datetime.fromtimestamp(wall, UTC))
         except ClaimInDoubt as doubt:
@@ -498,7 +507,7 @@ class TokenAuthority:
             # says it counted, else refused; given back once it can tell, when it cannot yet.
             try:
                 if await doubt.committed():
-                    return doubt.count
+                    return doubt.claim
             except BaseException as exc:
                 self._give_back_later(
                     "release", partial(self._release_if_committed, token_id, doubt)
@@ -523,7 +532,7 @@ class TokenAuthority:
         if await doubt.committed():
             await self._store.release_request(token_id)
 
-    async def _claim_after_refusal(self, grant: Grant, wall: float, slot: int) -> int:
+    async def _claim_after_refusal(self, grant: Grant, wall: float, slot: int) -> Claim:
         """A claim failed, or was not tried on a grant seen used up: either the quota is used up,
         or another process revoked the token a moment ago, or (refused from memory) a place came
         back since (a request that never reached the upstream gave its own back, maybe in another
@@ -537,9 +546,9 @@ class TokenAuthority:
             raise
         if grant.exhausted and fresh.is_active and not fresh.exhausted:
             # (It gives the slot back itself when the store fails.)
-            count = await self._claim(grant.token_id, wall, slot)
-            if count is not None:
-                return count
+            claim = await self._claim(grant.token_id, wall, slot)
+            if claim is not None:
+                return claim
         await self._give_back_slot(grant.token_id, slot)
         if not fresh.is_active:
             raise errors.TokenInactive("This token has been revoked.")

@@ -11,6 +11,7 @@ from llm_proxy.models import (
     AuditEvent,
     AuditFilter,
     BudgetHold,
+    Claim,
     IssueForm,
     Project,
     RateSlot,
@@ -62,9 +63,9 @@ class Store(Protocol):
     ) -> Token | None: ...
 
     # Hot-path accounting
-    async def consume_request(self, token_id: str, at: datetime) -> int | None:
-        """Count one request against a quota-carrying token: the count now, or None when it was
-        used up or the token is inactive."""
+    async def consume_request(self, token_id: str, at: datetime) -> Claim | None:
+        """Count one request against a quota-carrying token: the count now and the quota it was
+        counted against, or None when it was used up or the token is inactive."""
         ...
 
     async def release_request(self, token_id: str) -> None:

@@ -28,6 +28,7 @@ from llm_proxy.models import (
     AuditEvent,
     AuditFilter,
     BudgetHold,
+    Claim,
     IssueForm,
     Project,
     RateSlot,
@@ -484,7 +485,7 @@ class PostgresStore:
 
     # -- accounting ----------------------------------------------------------------------------
 
-    async def consume_request(self, token_id: str, at: datetime) -> int | None:
+    async def consume_request(self, token_id: str, at: datetime) -> Claim | None:
         # In a transaction of its own, not one statement: a statement whose answer is lost may
         # have counted the request or not, and nothing could tell which; a transaction that
         # answered its UPDATE has a known id, whose fate the database tells after a lost COMMIT.
@@ -495,16 +496,16 @@ class PostgresStore:
                     "UPDATE tokens SET request_count = request_count + 1, last_used_at = $2"
                     " WHERE id = $1 AND is_active"
                     " AND (max_requests IS NULL OR request_count < max_requests)"
-                    " RETURNING request_count, txid_current() AS txid",
+                    " RETURNING request_count, max_requests, txid_current() AS txid",
                     token_id,
                     at,
                 )
         except Exception as exc:
             if claimed is not None:
                 committed = partial(self._committed, claimed["txid"])
-                raise ClaimInDoubt(committed, int(claimed["request_count"])) from exc
+                raise ClaimInDoubt(committed, _claim(claimed)) from exc
             raise  # nothing counted: the database rolled it back
-        return None if claimed is None else int(claimed["request_count"])
+        return None if claimed is None else _claim(claimed)
 
     async def release_request(self, token_id: str) -> None:
         # A transaction whose id comes back with its UPDATE, as consume_request: given back twice,
@@ -910,3 +911,7 @@ async def _until_lost(conn: asyncpg.Connection, lost: asyncio.Future[None]) -> N
             await conn.fetchval("SELECT 1", timeout=_TIMEOUT)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             return
+
+
+def _claim(row: Any) -> Claim:
+    return Claim(int(row["request_count"]), row["max_requests"])

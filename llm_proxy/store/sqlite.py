@@ -19,6 +19,7 @@ from llm_proxy.models import (
     AuditEvent,
     AuditFilter,
     BudgetHold,
+    Claim,
     IssueForm,
     Project,
     RateSlot,
@@ -444,14 +445,15 @@ class SqliteStore:
     # -- accounting ----------------------------------------------------------------------------
 
     @_writes
-    async def consume_request(self, token_id: str, at: datetime) -> int | None:
+    async def consume_request(self, token_id: str, at: datetime) -> Claim | None:
         row = await self._one(
             "UPDATE tokens SET request_count = request_count + 1, last_used_at = ?"
             " WHERE id = ? AND is_active = 1"
-            " AND (max_requests IS NULL OR request_count < max_requests) RETURNING request_count",
+            " AND (max_requests IS NULL OR request_count < max_requests)"
+            " RETURNING request_count, max_requests",
             (_ts(at), token_id),
         )
-        return None if row is None else int(row["request_count"])
+        return None if row is None else Claim(int(row["request_count"]), row["max_requests"])
 
     @_writes
     async def release_request(self, token_id: str) -> None:

@@ -9,6 +9,8 @@ from urllib.parse import unquote
 
 import asyncpg
 
+from llm_proxy.models import Claim
+
 
 class UnreadableDatabaseUrl(Exception):
     """The database driver could not read the URL. asyncpg says so with a ValueError that may
@@ -63,9 +65,9 @@ class CommitInDoubt(Exception):
 
 
 class ClaimInDoubt(CommitInDoubt):
-    """A request claim's COMMIT went unanswered (see :class:`CommitInDoubt`); ``count`` is the
-    token's request count it wrote, which holds if it committed."""
+    """A request claim's COMMIT went unanswered (see :class:`CommitInDoubt`); ``claim`` is what
+    it wrote, which holds if it committed."""
 
-    def __init__(self, committed: Callable[[], Awaitable[bool]], count: int) -> None:
+    def __init__(self, committed: Callable[[], Awaitable[bool]], claim: Claim) -> None:
         super().__init__(committed)
-        self.count = count
+        self.claim = claim

@@ -652,3 +652,32 @@ async def test_a_compressed_stream_the_proxy_asked_usage_for_is_relayed_as_it_co
         assert received == packed  # byte for byte
     finally:
         await upstream.close()
+
+
+async def test_remaining_requests_follow_a_quota_changed_while_the_body_was_arriving(
+    proxy: Proxy,
+) -> None:
+    """LLM-Proxy-Remaining-Requests says what is left of the quota the request was counted
+    against, not of the one in force when its head was checked (a slow upload)."""
+    issued = await proxy.issue_token(max_requests=5, allowed_models=["gpt-4o*"])
+    headers = {**bearer(issued["token"]), "Content-Type": "application/json"}
+    first = await proxy.client.get("/v1/models", headers=headers)
+    assert first.headers["LLM-Proxy-Remaining-Requests"] == "4"
+    raised = asyncio.Event()
+    chat = orjson.dumps(CHAT)
+
+    async def slow_upload() -> AsyncIterator[bytes]:
+        yield chat[:10]
+        await raised.wait()
+        yield chat[10:]
+
+    sending = asyncio.create_task(
+        proxy.client.post("/v1/chat/completions", data=slow_upload(), headers=headers)
+    )
+    await asyncio.sleep(0.3)  # the head is in and checked; the body waits for the change
+    status, _ = await proxy.manage("PATCH", f"/tokens/{issued['id']}", {"max_requests": 10})
+    assert status == 200
+    raised.set()
+    response = await sending
+    assert response.status == 200
+    assert response.headers["LLM-Proxy-Remaining-Requests"] == "8"

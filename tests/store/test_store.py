@@ -12,6 +12,7 @@ import pytest
 from llm_proxy.models import (
     AuditEntry,
     AuditFilter,
+    Claim,
     Project,
     Token,
     UsageDelta,
@@ -209,7 +210,7 @@ async def test_quota_claims_are_exact_under_concurrency(store: Store) -> None:
     await store.create_project(project(), AUDIT)
     await store.create_token(token(max_requests=10), "hash-1", AUDIT)
     claims = await asyncio.gather(*(store.consume_request("t1", utcnow()) for _ in range(64)))
-    assert sorted(c for c in claims if c is not None) == list(range(1, 11))  # each count once
+    assert sorted(c.count for c in claims if c is not None) == list(range(1, 11))  # once each
     assert claims.count(None) == 54
     fetched = await store.get_token("t1")
     assert fetched is not None
@@ -217,7 +218,7 @@ async def test_quota_claims_are_exact_under_concurrency(store: Store) -> None:
     assert fetched.last_used_at is not None
 
     await store.release_request("t1")
-    assert await store.consume_request("t1", utcnow()) == 10
+    assert await store.consume_request("t1", utcnow()) == Claim(10, 10)
     assert await store.consume_request("t1", utcnow()) is None
 
 
