@@ -54,6 +54,7 @@ from llm_proxy.store.records import (
 from llm_proxy.store.unavailable import (
     ClaimInDoubt,
     CommitInDoubt,
+    FateUnknown,
     UnreadableDatabaseUrl,
     without_credentials,
 )
@@ -636,7 +637,7 @@ class PostgresStore:
     async def _committed(self, txid: int) -> bool:
         status = await self._fetchval("SELECT txid_status($1)", txid)
         if status not in ("committed", "aborted"):
-            raise RuntimeError(f"transaction {txid} is {status or 'unknown'}")
+            raise FateUnknown(f"transaction {txid} is {status or 'unknown'}")
         return bool(status == "committed")
 
     async def reclaim_budget_holds(self) -> int:

@@ -18,6 +18,21 @@ class UnreadableDatabaseUrl(Exception):
     :func:`without_credentials` of it is kept."""
 
 
+class CommitInDoubt(Exception):
+    """A transaction's COMMIT went to the database and its answer never came back (the connection
+    died, or timed out): it may or may not have committed. ``committed()`` asks the database which,
+    and raises while it cannot tell (unreachable, or the transaction is still ending)."""
+
+    def __init__(self, committed: Callable[[], Awaitable[bool]]) -> None:
+        super().__init__("the database's answer to COMMIT was lost")
+        self.committed = committed
+
+
+class FateUnknown(Exception):
+    """The database cannot tell yet whether a transaction whose COMMIT went unanswered committed
+    (it is still ending): asked again later."""
+
+
 DATABASE_ERRORS = (
     OSError,
     TimeoutError,
@@ -28,6 +43,9 @@ DATABASE_ERRORS = (
     # ("cannot switch to state …; another operation is in progress"); the pool drops it after.
     asyncpg.InternalClientError,
     UnreadableDatabaseUrl,
+    # Unavailable too, for the caller: the database's answer was lost, or it cannot tell yet.
+    CommitInDoubt,
+    FateUnknown,
 )
 
 # The credentials of a URL: its authority up to the last "@" (urllib's reading; a driver may read
@@ -52,16 +70,6 @@ def without_credentials(text: str, url: str) -> str:
         if len(secret) >= _SHORTEST_PIECE:
             text = text.replace(secret, "***")
     return text
-
-
-class CommitInDoubt(Exception):
-    """A transaction's COMMIT went to the database and its answer never came back (the connection
-    died, or timed out): it may or may not have committed. ``committed()`` asks the database which,
-    and raises while it cannot tell (unreachable, or the transaction is still ending)."""
-
-    def __init__(self, committed: Callable[[], Awaitable[bool]]) -> None:
-        super().__init__("the database's answer to COMMIT was lost")
-        self.committed = committed
 
 
 class ClaimInDoubt(CommitInDoubt):

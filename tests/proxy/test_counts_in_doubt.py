@@ -37,8 +37,10 @@ async def test_request_counts_whose_commit_answer_was_lost_count_once(
     for _ in range(3):
         assert await status_of(proxy, issued["token"]) == (200, None)
     relay.armed = True
-    await proxy.manage("GET", f"/tokens/{issued['id']}")  # writes the tallies: COMMIT unanswered
+    # It writes the tallies first: their COMMIT goes unanswered, and the database is unavailable.
+    status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
     assert not relay.armed  # the answer was lost indeed
+    assert (status, shown["error"]["code"]) == (503, "service_unavailable")
     status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
     assert status == 200, shown
     assert shown["request_count"] == 3
