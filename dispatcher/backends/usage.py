@@ -17,6 +17,7 @@ from llm_proxy.events.courtesy import courteously
 from llm_proxy.events.event import Event, parse_rfc3339, rfc3339
 from llm_proxy.models import UsageRollup, hour_start, nanousd
 from llm_proxy.store import Store
+from llm_proxy.store.unavailable import CommitInDoubt
 
 
 # The checks below compare exact types (what a JSON parser makes): a bool is not a count, and one
@@ -134,15 +135,37 @@ class UsageBackend:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        # The ids of the events of the last batch whose COMMIT went unanswered, and how to learn
+        # whether it committed: the worker sends them again, and they must not count twice.
+        self._in_doubt: tuple[CommitInDoubt, frozenset[str]] | None = None
 
     async def start(self) -> None:
         """Nothing to open: the store belongs to the application, which opens and closes it."""
 
     async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:
-        rows, refused = fold(events)
+        counted = await self._counted_in_doubt()
+        # Positions in ``events`` of those still to count (the refusals name positions).
+        todo = [i for i, event in enumerate(events) if event.get("id") not in counted]
+        rows, refused = fold([events[i] for i in todo])
+        refused = {todo[i]: rejection for i, rejection in refused.items()}
         if rows:
-            await self._store.add_usage_rollup(rows)
+            try:
+                await self._store.add_usage_rollup(rows)
+            except CommitInDoubt as doubt:
+                ids = (events[i].get("id") for i in todo if i not in refused)
+                self._in_doubt = (doubt, frozenset(i for i in ids if isinstance(i, str)))
+                raise
         return refused
+
+    async def _counted_in_doubt(self) -> frozenset[str]:
+        """The ids of the events the batch in doubt counted: none when it did not commit. Raises
+        while the database cannot tell (the worker retries)."""
+        if self._in_doubt is None:
+            return frozenset()
+        doubt, ids = self._in_doubt
+        committed = await doubt.committed()
+        self._in_doubt = None
+        return ids if committed else frozenset()
 
     async def close(self) -> None:
         """Nothing to release (see :meth:`start`)."""

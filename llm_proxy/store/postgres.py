@@ -677,35 +677,45 @@ class PostgresStore:
     async def add_usage_rollup(self, rows: Sequence[UsageRollup]) -> None:
         if not rows:
             return
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
-            await conn.executemany(
-                "INSERT INTO usage_hourly AS u (token_id, project_id, hour, requests, prompt_tokens,"
-                " completion_tokens, total_tokens, errors, last_used_at, cost_nanousd)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
-                " ON CONFLICT (token_id, hour) DO UPDATE SET"
-                " requests = u.requests + excluded.requests,"
-                " prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,"
-                " completion_tokens = u.completion_tokens + excluded.completion_tokens,"
-                " total_tokens = u.total_tokens + excluded.total_tokens,"
-                " errors = u.errors + excluded.errors,"
-                " cost_nanousd = u.cost_nanousd + excluded.cost_nanousd,"
-                " last_used_at = GREATEST(u.last_used_at, excluded.last_used_at)",
-                [
-                    (
-                        r.token_id,
-                        r.project_id,
-                        hour_start(r.hour),
-                        r.requests,
-                        r.prompt_tokens,
-                        r.completion_tokens,
-                        r.total_tokens,
-                        r.errors,
-                        r.last_used_at,
-                        r.cost_nanousd,
-                    )
-                    for r in rows
-                ],
-            )
+        committing = False
+        try:
+            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+                # Usage added twice is usage made up: see settle_budgets.
+                txid = await conn.fetchval("SELECT txid_current()")
+                await conn.executemany(
+                    "INSERT INTO usage_hourly AS u (token_id, project_id, hour, requests,"
+                    " prompt_tokens, completion_tokens, total_tokens, errors, last_used_at,"
+                    " cost_nanousd)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
+                    " ON CONFLICT (token_id, hour) DO UPDATE SET"
+                    " requests = u.requests + excluded.requests,"
+                    " prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,"
+                    " completion_tokens = u.completion_tokens + excluded.completion_tokens,"
+                    " total_tokens = u.total_tokens + excluded.total_tokens,"
+                    " errors = u.errors + excluded.errors,"
+                    " cost_nanousd = u.cost_nanousd + excluded.cost_nanousd,"
+                    " last_used_at = GREATEST(u.last_used_at, excluded.last_used_at)",
+                    [
+                        (
+                            r.token_id,
+                            r.project_id,
+                            hour_start(r.hour),
+                            r.requests,
+                            r.prompt_tokens,
+                            r.completion_tokens,
+                            r.total_tokens,
+                            r.errors,
+                            r.last_used_at,
+                            r.cost_nanousd,
+                        )
+                        for r in rows
+                    ],
+                )
+                committing = True
+        except Exception as exc:
+            if committing:
+                raise CommitInDoubt(partial(self._committed, txid)) from exc
+            raise  # before COMMIT: the database rolled it back
 
     async def token_usage(self, token_id: str) -> UsageTotals:
         return _usage(

@@ -135,3 +135,34 @@ async def test_a_give_back_whose_commit_answer_was_lost_gives_back_once(
         assert shown["request_count"] == 2
     finally:
         await relay.close()
+
+
+async def test_usage_aggregates_whose_commit_answer_was_lost_count_once(
+    commit_losing_url: tuple[AnswerLosingRelay, str], proxy_factory: Any
+) -> None:
+    """The usage dispatcher's write of a batch committed and its answer was lost: the batch is
+    retried, and must not be added to the token's usage a second time."""
+    relay, url = commit_losing_url
+    proxy: Proxy = await proxy_factory(database_url=url, usage_flush_seconds=3600.0, **NO_TIMER)
+    issued = await proxy.issue_token()
+
+    async def requests() -> int:
+        status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+        assert status == 200, shown
+        return int(shown["usage"]["requests"])
+
+    async def lost() -> bool:
+        return not relay.armed
+
+    relay.arm(b"COMMIT")  # the next write is the usage of the requests below
+    for _ in range(2):
+        assert await status_of(proxy, issued["token"]) == (200, None)
+    await until(lost, 10, "the first batch's answer lost")
+    # A later request's usage is written after the first batch's retry: it counts once.
+    assert await status_of(proxy, issued["token"]) == (200, None)
+    await until(lambda: _at_least(requests(), 3), 10, "the later request")
+    assert await requests() == 3
+
+
+async def _at_least(value: Awaitable[int], expected: int) -> bool:
+    return await value >= expected
