@@ -3,6 +3,7 @@ connection died after the database ran it): a retry asks what happened before co
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -166,3 +167,35 @@ async def test_usage_aggregates_whose_commit_answer_was_lost_count_once(
 
 async def _at_least(value: Awaitable[int], expected: int) -> bool:
     return await value >= expected
+
+
+async def test_requests_counted_during_a_burst_of_dropped_connections_are_those_admitted(
+    postgres_server: PostgresServer, postgres_url: str, proxy_factory: Any
+) -> None:
+    """PostgreSQL's connections are terminated again and again during a burst of requests on a
+    token with max_requests: every request counted was admitted, and every other refused."""
+    proxy: Proxy = await proxy_factory(database_url=postgres_url, **NO_TIMER)
+    issued = await proxy.issue_token(max_requests=1000)
+    database = postgres_url.rsplit("/", 1)[1]
+    bursting = True
+
+    async def terminate() -> None:
+        while bursting:
+            await asyncio.to_thread(postgres_server.terminate_backends, database, "llm-proxy")
+
+    killer = asyncio.create_task(terminate())
+    try:
+        answers = await asyncio.gather(*(status_of(proxy, issued["token"]) for _ in range(200)))
+    finally:
+        bursting = False
+        await killer
+    # (service_unavailable: the token's lookup failed, before its limits were known.)
+    refused = {(503, "limits_unavailable"), (503, "service_unavailable")}
+    assert set(answers) <= {(200, None), *refused}, set(answers)
+    admitted = answers.count((200, None))
+
+    async def counted() -> int:
+        status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+        return int(shown["request_count"]) if status == 200 else -1
+
+    await until(lambda: _is(counted(), admitted), 15, f"{admitted} counted")
