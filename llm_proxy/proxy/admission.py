@@ -166,7 +166,7 @@ class TokenAuthority:
         self._loading: dict[str, asyncio.Future[Grant | None]] = {}
         self._pending: dict[str, list[float]] = {}  # token_id → [requests, last_used epoch]
         # Tallies whose write's COMMIT went unanswered (see `flush_usage`).
-        self._usage_in_doubt: tuple[CommitInDoubt, dict[str, list[float]]] | None = None
+        self._usage_in_doubt: list[tuple[CommitInDoubt, dict[str, list[float]]]] = []
         self._change_cursor = 0
         # Holds and rpm slots being given back in the background (see `_give_back_later`).
         self._orphan_releases: set[asyncio.Future[None]] = set()
@@ -721,7 +721,7 @@ class TokenAuthority:
             await self._store.add_usage(deltas)
         except CommitInDoubt as doubt:
             # Written again, they might count twice: the next flush asks the database first.
-            self._usage_in_doubt = (doubt, pending)
+            self._usage_in_doubt.append((doubt, pending))
             raise
         except Exception:
             self._keep_tallies(pending)  # for the next attempt rather than lose them
@@ -731,12 +731,17 @@ class TokenAuthority:
     async def _resolve_usage_in_doubt(self) -> None:
         """Learn whether the tallies whose COMMIT went unanswered were written; keep them for
         the next write when not. Raises while the database cannot tell (they stay in doubt)."""
-        if self._usage_in_doubt is None:
-            return
-        doubt, tallies = self._usage_in_doubt
-        if not await doubt.committed():
-            self._keep_tallies(tallies)
-        self._usage_in_doubt = None
+        # Taken out while the database is asked: a flush running meanwhile (the timer's and a
+        # management call's) must not keep the same tallies a second time.
+        doubts, self._usage_in_doubt = self._usage_in_doubt, []
+        for index, (doubt, tallies) in enumerate(doubts):
+            try:
+                committed = await doubt.committed()
+            except BaseException:
+                self._usage_in_doubt.extend(doubts[index:])
+                raise
+            if not committed:
+                self._keep_tallies(tallies)
 
     def _keep_tallies(self, tallies: dict[str, list[float]]) -> None:
         for token_id, (count, last) in tallies.items():
