@@ -39,7 +39,7 @@ if [ "${1:-}" = --anchors ]; then targets=(); else targets=("${@:-$checkout}"); 
 for target in "${targets[@]}"; do
   i=$((i + 1)); port=$((18110 + i)); mkdir -p $d/$i; code=$(cd "$target" && pwd); free $port
   # (From $d: ``python -m`` puts the working directory ahead of PYTHONPATH.)
-  (cd $d && export PYTHONPATH=$code && lab_llm_proxy "$checkout" $d $d/$i $port \
+  (cd $d && export PYTHONPATH=$code && lab_llm_proxy "$code" $d $d/$i $port \
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$d/llm-proxy-$i.cg \
     "$checkout/.venv/bin/python" -m llm_proxy server > $d/$i/server.log 2>&1) &
   vpid=$!

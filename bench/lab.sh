@@ -51,7 +51,8 @@ lab_token() {
 }
 
 # lab_llm_proxy CHECKOUT DIR DATA_DIR PORT COMMAND...: run COMMAND (the server, or a tool wrapping it)
-# in place of this shell, with the settings of a lab server (DIR/api.yaml, a SQLite store in DATA_DIR).
+# in place of this shell, with the settings of a lab server (DIR/api.yaml, a SQLite store in DATA_DIR)
+# and CHECKOUT's own config/prices.yaml (a build of another version may not read this one's).
 lab_llm_proxy() {
   local checkout=$1 d=$2 data=$3 port=$4; shift 4
   exec env API_CONFIG_PATH=$d/api.yaml DATABASE_URL=sqlite:///$data/proxy.db DATA_DIR=$data \
@@ -66,7 +67,7 @@ lab_build_server() {
   local build here
   build=$(cd "$1" && pwd) here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   mkdir -p "$2/$3"
-  (PYTHONPATH=$build lab_llm_proxy "$here" "$2" "$2/$3" "$3" "$here/.venv/bin/llm-proxy" server \
+  (PYTHONPATH=$build lab_llm_proxy "$build" "$2" "$2/$3" "$3" "$here/.venv/bin/llm-proxy" server \
     > "$2/$3/server.log" 2>&1) &
   LAB_BUILD_PID=$!
 }
