@@ -9,7 +9,6 @@ Reasons are masked like log lines: a backend's answer may echo a key (backends m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import orjson
 
 from llm_proxy.crypto import redact
+from llm_proxy.durable_append import append_or_cut_back
 from llm_proxy.events.event import Event, rfc3339
 from llm_proxy.private_files import owner_only
 
@@ -53,20 +53,8 @@ class DeadLetterFile:
         with open(self.path, self._mode, buffering=0, opener=owner_only) as file:
             # Locked, as other dispatchers (each worker's events process) may append to it too.
             fcntl.flock(file.fileno(), fcntl.LOCK_EX)
-            size = os.fstat(file.fileno()).st_size
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[file.write(view) :]
-                # Written before the bus entry is acknowledged: once acked, this line is the only
-                # copy.
-                os.fsync(file.fileno())
-            except OSError:
-                # A full disk takes part of the lines: cut them, or the retry's first line is
-                # glued onto the torn one, a line that holds no event.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(file.fileno(), size)
-                raise
+            # Durable before the bus entry is acknowledged: once acked, this line is the only copy.
+            append_or_cut_back(file, data, os.fstat(file.fileno()).st_size)
         self._mode = "ab"
 
 

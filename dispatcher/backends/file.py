@@ -14,7 +14,6 @@ line stays one whole event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import io
 import os
@@ -26,6 +25,7 @@ import structlog
 
 from dispatcher import metrics
 from dispatcher.backends import BackendError, Rejection
+from llm_proxy.durable_append import append_or_cut_back
 from llm_proxy.events import event as wire
 from llm_proxy.events.event import Event
 from llm_proxy.private_files import owner_only
@@ -78,17 +78,9 @@ class FileBackend:
                 self._rotate(file)  # (closing it let go of its lock)
                 file = self._lock()
                 size = self._whole_lines(file.fileno())  # another may have written it meanwhile
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[file.write(view) :]
-                os.fsync(file.fileno())
-            except OSError:
-                # Cut this partly written batch, and only it (no other writes while we hold the
-                # lock), so the retry does not leave a torn line behind.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(file.fileno(), size)
-                raise
+            # Only this batch is cut if the disk refuses part of it: no other writes while the
+            # lock is held.
+            append_or_cut_back(file, data, size)
         finally:
             if not file.closed:
                 fcntl.flock(file.fileno(), fcntl.LOCK_UN)

@@ -14,7 +14,6 @@ claims the spools no live process holds (left by a process gone) to replay them.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import uuid
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import structlog
 
+from llm_proxy.durable_append import append_or_cut_back
 from llm_proxy.events import event as wire
 from llm_proxy.events import metrics
 from llm_proxy.events.event import Event
@@ -72,20 +72,11 @@ class Spool:
         written, unwritable = wire.dumps_each(events)
         metrics.count_unwritable(unwritable, "spool")
         data = b"".join(line + b"\n" for line in written)
-        # Unbuffered: a buffer left after a failed write would be written again as it closes.
+        # Durable, as the spool exists for when things go wrong; and whole lines only, or the
+        # next line is glued to a torn one and replay, which goes by the size written, stops
+        # short of the last lines and empties the spool with them in it.
         with open(self.path, "ab", buffering=0, opener=owner_only) as file:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[file.write(view) :]
-                os.fsync(file.fileno())  # the spool exists for when things go wrong; make it stick
-            except OSError:
-                # A full disk takes part of the batch: cut it, or the next line is glued to the
-                # torn one (a good event lost as malformed) and replay, which goes by the size
-                # written, stops short of the last lines and empties the spool with them in it.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(file.fileno(), self._size)
-                raise
+            append_or_cut_back(file, data, self._size)
         self._size += len(data)
         metrics.SPOOLED.inc(len(written))
         metrics.SPOOL_PENDING.set(self.pending_bytes)
