@@ -619,15 +619,19 @@ class PostgresStore:
     async def settle_budgets(self, settlements: Sequence[tuple[str, str, int]]) -> None:
         if not settlements:
             return
+        # Spend added twice is spend made up. In the same order in every instance: two batches
+        # locking the same tokens' rows in opposite orders would deadlock.
+        await self._executemany_once(_SETTLE_BUDGET, sorted(settlements))
+
+    async def _executemany_once(self, sql: str, args: Sequence[tuple[Any, ...]]) -> None:
+        """``sql`` for each of ``args`` in one transaction, for writes that add: one whose COMMIT
+        went unanswered is not simply sent again (it would add twice) but raises
+        :class:`CommitInDoubt`, whose caller asks the transaction's fate first."""
         committing = False
         try:
             async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
-                # Spend added twice is spend made up, so a batch whose COMMIT went unanswered is
-                # not simply sent again: its transaction's fate is asked for first.
                 txid = await conn.fetchval("SELECT txid_current()")
-                # In the same order in every instance: two batches locking the same tokens' rows
-                # in opposite orders would deadlock.
-                await conn.executemany(_SETTLE_BUDGET, sorted(settlements))
+                await conn.executemany(sql, args)
                 committing = True
         except Exception as exc:
             if committing:
@@ -652,70 +656,50 @@ class PostgresStore:
             return
         # To its end whatever happens to the caller, as every SQLite write: the tallies are out of
         # memory once handed over, and a flush cancelled by the stop would roll them back, lost.
-        await asyncio.shield(self._add_usage(deltas))
-
-    async def _add_usage(self, deltas: Sequence[UsageDelta]) -> None:
-        committing = False
-        try:
-            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
-                # Requests counted twice are quota taken from the token: a batch whose COMMIT went
-                # unanswered is not simply sent again (see settle_budgets).
-                txid = await conn.fetchval("SELECT txid_current()")
-                await conn.executemany(
-                    "UPDATE tokens SET request_count = request_count + $2,"
-                    " last_used_at = GREATEST(last_used_at, $3) WHERE id = $1",
-                    [(d.token_id, d.requests, d.last_used_at) for d in deltas],
-                )
-                committing = True
-        except Exception as exc:
-            if committing:
-                raise CommitInDoubt(partial(self._committed, txid)) from exc
-            raise  # before COMMIT: the database rolled it back
+        # (Requests counted twice are quota taken from the token: written once.)
+        await asyncio.shield(
+            self._executemany_once(
+                "UPDATE tokens SET request_count = request_count + $2,"
+                " last_used_at = GREATEST(last_used_at, $3) WHERE id = $1",
+                [(d.token_id, d.requests, d.last_used_at) for d in deltas],
+            )
+        )
 
     # -- usage aggregates ----------------------------------------------------------------------
 
     async def add_usage_rollup(self, rows: Sequence[UsageRollup]) -> None:
         if not rows:
             return
-        committing = False
-        try:
-            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
-                # Usage added twice is usage made up: see settle_budgets.
-                txid = await conn.fetchval("SELECT txid_current()")
-                await conn.executemany(
-                    "INSERT INTO usage_hourly AS u (token_id, project_id, hour, requests,"
-                    " prompt_tokens, completion_tokens, total_tokens, errors, last_used_at,"
-                    " cost_nanousd)"
-                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
-                    " ON CONFLICT (token_id, hour) DO UPDATE SET"
-                    " requests = u.requests + excluded.requests,"
-                    " prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,"
-                    " completion_tokens = u.completion_tokens + excluded.completion_tokens,"
-                    " total_tokens = u.total_tokens + excluded.total_tokens,"
-                    " errors = u.errors + excluded.errors,"
-                    " cost_nanousd = u.cost_nanousd + excluded.cost_nanousd,"
-                    " last_used_at = GREATEST(u.last_used_at, excluded.last_used_at)",
-                    [
-                        (
-                            r.token_id,
-                            r.project_id,
-                            hour_start(r.hour),
-                            r.requests,
-                            r.prompt_tokens,
-                            r.completion_tokens,
-                            r.total_tokens,
-                            r.errors,
-                            r.last_used_at,
-                            r.cost_nanousd,
-                        )
-                        for r in rows
-                    ],
+        # Usage added twice is usage made up.
+        await self._executemany_once(
+            "INSERT INTO usage_hourly AS u (token_id, project_id, hour, requests,"
+            " prompt_tokens, completion_tokens, total_tokens, errors, last_used_at,"
+            " cost_nanousd)"
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
+            " ON CONFLICT (token_id, hour) DO UPDATE SET"
+            " requests = u.requests + excluded.requests,"
+            " prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,"
+            " completion_tokens = u.completion_tokens + excluded.completion_tokens,"
+            " total_tokens = u.total_tokens + excluded.total_tokens,"
+            " errors = u.errors + excluded.errors,"
+            " cost_nanousd = u.cost_nanousd + excluded.cost_nanousd,"
+            " last_used_at = GREATEST(u.last_used_at, excluded.last_used_at)",
+            [
+                (
+                    r.token_id,
+                    r.project_id,
+                    hour_start(r.hour),
+                    r.requests,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.total_tokens,
+                    r.errors,
+                    r.last_used_at,
+                    r.cost_nanousd,
                 )
-                committing = True
-        except Exception as exc:
-            if committing:
-                raise CommitInDoubt(partial(self._committed, txid)) from exc
-            raise  # before COMMIT: the database rolled it back
+                for r in rows
+            ],
+        )
 
     async def token_usage(self, token_id: str) -> UsageTotals:
         return _usage(
