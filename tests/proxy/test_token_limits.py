@@ -438,21 +438,27 @@ async def test_a_tpm_token_whose_client_leaves_before_the_answer_counts_what_it_
     upstream may produce all of it, unseen. It counted its prompt alone, so a client that always
     hung up had the upstream write without end on a tpm token (a reviewer saw it); it now counts
     its output cap too, as a budget pays all it held."""
+    status, headers, answer = await _hang_up_before_the_answer_then_ask_again(
+        proxy_factory, {"max_tokens": 1000}
+    )
+    assert (status, answer["error"]["code"]) == (429, "rate_limited")
+    assert 1 <= int(headers["Retry-After"]) <= 60
+
+
+async def _hang_up_before_the_answer_then_ask_again(
+    proxy_factory: Any, cap: dict[str, int]
+) -> tuple[int, Any, Any]:
+    """A tpm=1000 token's chat request (with ``cap``) to an upstream that never answers, left by
+    its client after 0.5 s; then the same request again: its answer."""
     async with silent_server() as port:
         proxy: Proxy = await proxy_factory(api={"base_url": f"http://127.0.0.1:{port}"})
         issued = await proxy.issue_token(tpm=1000)
         body = orjson.dumps(
-            {
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 1000,
-            }
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **cap}
         )
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(post(proxy, issued["token"], body), 0.5)
-        status, headers, answer = await asyncio.wait_for(post(proxy, issued["token"], body), 10)
-    assert (status, answer["error"]["code"]) == (429, "rate_limited")
-    assert 1 <= int(headers["Retry-After"]) <= 60
+        return await asyncio.wait_for(post(proxy, issued["token"], body), 10)
 
 
 async def test_a_cap_in_a_field_the_endpoint_ignores_does_not_bound_what_a_tpm_window_counts(
@@ -461,19 +467,9 @@ async def test_a_cap_in_a_field_the_endpoint_ignores_does_not_bound_what_a_tpm_w
     """Chat completions ignore max_output_tokens (a Responses field): a request giving it alone,
     whose client hung up before the answer, may still have used the model's own cap (16,384 for
     gpt-4o-mini), not one token."""
-    async with silent_server() as port:
-        proxy: Proxy = await proxy_factory(api={"base_url": f"http://127.0.0.1:{port}"})
-        issued = await proxy.issue_token(tpm=1000)
-        body = orjson.dumps(
-            {
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_output_tokens": 1,
-            }
-        )
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(post(proxy, issued["token"], body), 0.5)
-        status, _, answer = await asyncio.wait_for(post(proxy, issued["token"], body), 10)
+    status, _, answer = await _hang_up_before_the_answer_then_ask_again(
+        proxy_factory, {"max_output_tokens": 1}
+    )
     assert (status, answer["error"]["code"]) == (429, "rate_limited")
 
 
