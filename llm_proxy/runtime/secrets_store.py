@@ -60,7 +60,17 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+        handle.flush()
+        # On disk before the rename and the rename on disk before anything relies on it: the
+        # upstream keys stored from now on are sealed with this file's key, and a power cut that
+        # left it empty would have the next start make another, which opens none of them.
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def unshown(data_dir: Path) -> set[str]:

@@ -416,6 +416,30 @@ def test_a_secret_is_generated_once_with_mode_0600_and_reused(tmp_path: Path) ->
     assert sorted(p.name for p in data_dir.iterdir()) == ["management_token"]
 
 
+def test_a_generated_secret_is_on_disk_before_it_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's bytes, then its name in the directory, are synced before ``load_or_create``
+    returns: upstream keys are sealed with the encryption key from then on, and a power cut that
+    left its file empty or missing would have the next start generate one that opens none."""
+    synced: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append((str(target), target.read_text() if target.is_file() else "a directory"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    secrets_store.load_or_create(tmp_path, "encryption_key", lambda: "sealed-with-this")
+    # The temporary file, full, before it takes the real name; then the directory holding it.
+    assert synced == [
+        (str(tmp_path / "encryption_key.tmp"), "sealed-with-this\n"),
+        (str(tmp_path), "a directory"),
+    ]
+    assert (tmp_path / "encryption_key").read_text() == "sealed-with-this\n"
+
+
 def test_an_operator_supplied_secret_file_is_used_as_is(tmp_path: Path) -> None:
     (tmp_path / "admin_password").write_text("chosen-by-hand\n")
     secret = secrets_store.load_or_create(tmp_path, "admin_password", lambda: "generated")
