@@ -329,23 +329,25 @@ async def _prepare_database(settings: Settings) -> None:
         await store.close()
 
 
-async def _migrate(url: str, data_dir: Path) -> list[int]:
+async def _migrate(url: str, data_dir: Path) -> tuple[list[int], list[int]]:
     try:
         store = await open_store(url, migrate=False)
     except DATABASE_ERRORS as exc:
         raise database_error(url, data_dir, "cannot open", exc) from None
     try:
-        return await store.migrate()
+        return await store.migrate(), store.unknown_migrations
     except DATABASE_ERRORS as exc:
         raise database_error(url, data_dir, "cannot migrate", exc) from None
     finally:
         await store.close()
 
 
-def migrate_database(url: str, data_dir: Path) -> tuple[list[int], str]:
-    """Apply the migrations ``url`` lacks; the versions applied and the database's name for logs.
-    ``data_dir`` is the DATA_DIR the default database lives under, for the error's wording."""
-    return asyncio.run(_migrate(url, data_dir)), database_label(url)
+def migrate_database(url: str, data_dir: Path) -> tuple[list[int], list[int], str]:
+    """Apply the migrations ``url`` lacks; the versions applied, those the database has that this
+    release does not know, and the database's name for logs. ``data_dir`` is the DATA_DIR the
+    default database lives under, for the error's wording."""
+    applied, unknown = asyncio.run(_migrate(url, data_dir))
+    return applied, unknown, database_label(url)
 
 
 def _worker(settings: Settings, banner: str, index: int, restarts: int, lifeline: Lifeline) -> None:

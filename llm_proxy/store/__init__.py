@@ -25,6 +25,9 @@ from llm_proxy.models import (
 
 
 class Store(Protocol):
+    # Set by migrate(): versions the database records that this release does not ship.
+    unknown_migrations: list[int]
+
     async def close(self) -> None: ...
     async def migrate(self) -> list[int]:
         """Apply the numbered migrations the database lacks; the versions applied."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import resources
 
 
@@ -14,3 +15,10 @@ def migration_scripts(backend: str) -> list[tuple[int, str]]:
         if name.endswith(".sql") and name[:3].isdigit():
             scripts.append((int(name[:3]), entry.read_text()))
     return sorted(scripts)
+
+
+def unknown_versions(found: Iterable[int], backend: str) -> list[int]:
+    """The versions recorded in a database that this release does not ship: a newer release
+    migrated it (a rollback, or an old instance still running during an upgrade)."""
+    known = {version for version, _ in migration_scripts(backend)}
+    return sorted(set(found) - known)

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import socket
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,3 +216,37 @@ def test_migrate_creates_a_private_database(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert mode(data_dir) == 0o700
     assert mode(data_dir / "llm-proxy.db") == 0o600
+
+
+def test_a_database_a_newer_release_migrated_is_named_by_migrate_and_at_start(
+    tmp_path: Path, api_config: Path
+) -> None:
+    """A rollback, or an old instance restarted during an upgrade: the database records a
+    migration this release does not ship. Both `migrate` and the server say so (the server still
+    serves: a rolling upgrade restarts old pods), and `migrate` no longer calls it up to date."""
+    data_dir = tmp_path / "data"
+    env = clean_env(DATA_DIR=str(data_dir))
+    first = run(cli_command("migrate"), env)
+    assert first.returncode == 0, first.stderr
+    assert "migrations applied: 001, " in first.stdout
+    again = run(cli_command("migrate"), env)
+    assert again.stdout.strip().endswith("migrations applied: none (up to date)"), again.stdout
+    with sqlite3.connect(data_dir / "llm-proxy.db") as db:
+        db.execute("INSERT INTO schema_migrations VALUES (998, 'later'), (999, 'later')")
+
+    newer = run(cli_command("migrate"), env)
+    assert newer.returncode == 0, newer.stderr
+    assert newer.stdout.strip().endswith("migrations applied: none"), newer.stdout
+    assert "has migrations this release does not know (998, 999)" in newer.stderr
+
+    server = start_server(data_dir, api_config, tmp_path / "logs")
+    try:
+        assert http("GET", f"{server.base_url}/health")[0] == 200
+    finally:
+        server.stop()
+    warnings = [
+        json.loads(line)
+        for line in server.process.stderr.splitlines()
+        if '"store.schema_newer_than_release"' in line
+    ]
+    assert [(w["unknown_migrations"], w["level"]) for w in warnings] == [([998, 999], "warning")]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from llm_proxy.models import (
@@ -21,7 +23,7 @@ from llm_proxy.models import (
 )
 from llm_proxy.store import Store
 from llm_proxy.store.migrations import migration_scripts
-from llm_proxy.store.opening import open_store
+from llm_proxy.store.opening import open_store, sqlite_path
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
 
@@ -82,6 +84,30 @@ async def test_a_fresh_database_gets_every_migration(database_url: str) -> None:
         assert await fresh.migrate() == []
     finally:
         await fresh.close()
+
+
+async def test_migrations_a_newer_release_applied_are_told_apart(database_url: str) -> None:
+    store = await open_store(database_url)
+    try:
+        assert store.unknown_migrations == []
+        await _record_migration(database_url, 999)
+        assert await store.migrate() == []
+        assert store.unknown_migrations == [999]
+    finally:
+        await store.close()
+
+
+async def _record_migration(database_url: str, version: int) -> None:
+    """As a newer release's migrate would, behind this release's back."""
+    if database_url.startswith("postgresql"):
+        connection = await asyncpg.connect(database_url)
+        try:
+            await connection.execute("INSERT INTO schema_migrations VALUES ($1, now())", version)
+        finally:
+            await connection.close()
+    else:
+        with sqlite3.connect(sqlite_path(database_url)) as db:
+            db.execute("INSERT INTO schema_migrations VALUES (?, 'later')", (version,))
 
 
 async def test_instances_starting_together_apply_each_migration_once(database_url: str) -> None:
