@@ -135,11 +135,15 @@ async def _status_from_header(request: web.Request) -> web.Response:
 
 
 async def _key_refused(request: web.Request) -> web.Response:
-    """A 401 quoting the key it refused, whole, as some OpenAI-compatible servers' errors do."""
-    return web.json_response(
+    """A 401 quoting the key it refused, whole, as some OpenAI-compatible servers' errors do;
+    gzip-compressed with ``?compressed``."""
+    answer = web.json_response(
         {"error": {"message": f"Invalid key: {request.headers.get('Authorization')}"}},
         status=401,
     )
+    if "compressed" in request.query:
+        answer.enable_compression(web.ContentCoding.gzip)
+    return answer
 
 
 def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:

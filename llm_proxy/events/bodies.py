@@ -15,7 +15,7 @@ from types import ModuleType
 import orjson
 import zstandard
 
-from llm_proxy.crypto import redact
+from llm_proxy.crypto import mask_key, redact
 
 # Brotli is optional: OpenAI answers ``br`` only to clients that offer it. Without a brotli module
 # the body stays undecoded and the event says so, rather than the pipeline failing.
@@ -125,6 +125,14 @@ def without_secrets(data: bytes) -> bytes:
     if b"sk-" not in data and b"mgmt-" not in data:
         return data
     return redact(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+
+
+def without_key(data: bytes, key: bytes) -> bytes:
+    """``data`` with every occurrence of ``key`` (the project's own, whatever its shape) masked."""
+    if not key or key not in data:
+        return data
+    masked = mask_key(key.decode("utf-8", "surrogateescape"))
+    return data.replace(key, masked.encode("utf-8", "surrogateescape"))
 
 
 def text_without_secrets(text: str) -> str:

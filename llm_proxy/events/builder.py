@@ -76,7 +76,9 @@ def build(
         limit=decoded_limit,
     )
     if decoded.data is not None:
-        decoded.data = bodies.without_secrets(decoded.data)
+        decoded.data = bodies.without_key(
+            bodies.without_secrets(decoded.data), exchange.upstream_key_to_mask
+        )
     if exchange.is_stream and decoded.data is not None:
         response = reassemble(sse.payloads(decoded.data))
         if not bodies.shallow(response, decoded.data):

@@ -9,7 +9,7 @@ tokens, building the instrumentation event) happens later, off the request path,
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llm_proxy.http.messages import SERVER_STOPPING
@@ -144,6 +144,10 @@ class Exchange:
     upstream_request_id: str | None = None  # the upstream's own x-request-id, when it sent one
     # The whole request was written to the upstream (kept for tokens that settle: see handler.py).
     request_sent: bool = False
+    # The project's upstream key, set only when the upstream answered an error: some upstreams
+    # quote the key they refused, whole, and one not shaped like an OpenAI key would pass the
+    # masking of key-shaped text (events/bodies.py). Masked in the event; never shown or kept.
+    upstream_key_to_mask: bytes = field(default=b"", repr=False)
     # The token has a tpm window: its settled tokens are recorded once the usage is known.
     tpm_limited: bool = False
     # The budget hold of a budgeted token's request, settled once the usage is known.
@@ -196,7 +200,7 @@ class Exchange:
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
             self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
-            self.request_sent,
+            self.request_sent, self.upstream_key_to_mask,
             self.tpm_limited, self.hold_id, self.held_nanousd, self.request_bytes_shed,
         )  # fmt: skip
 

@@ -562,6 +562,8 @@ class ProxyHandler:
             # its request never reached the upstream and counts for nothing.
             exchange.mark_sent if grant.limited else None,
         )
+        if upstream.status >= 400:
+            exchange.upstream_key_to_mask = grant.upstream_authorization.removeprefix(b"Bearer ")
         try:
             await self._relay(writer, upstream, exchange, request_id, reply_headers)
         except errors.ProxyError:

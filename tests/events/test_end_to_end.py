@@ -83,6 +83,30 @@ async def test_an_upstream_error_quoting_the_key_does_not_put_it_in_the_event(
     assert UPSTREAM_KEY not in log.read_text()
 
 
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+async def test_an_upstream_error_quoting_a_key_of_any_shape_does_not_put_it_in_the_event(
+    proxy_factory: Any, tmp_path: Path, compressed: bool
+) -> None:
+    """A key not shaped like OpenAI's (another provider's: hex, no ``sk-``) is masked where the
+    upstream quoted it, like an OpenAI key, however the answer was encoded."""
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    key = "0123456789abcdef0123456789abcdef"
+    token = await proxy.token(project_id=await proxy.create_project(api_key=key))
+    path = "/v1/files/key-refused" + ("?compressed" if compressed else "")
+    answer = await proxy.client.post(
+        path, json={"x": 1}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.status == 401
+    assert answer.headers.get("Content-Encoding") == ("gzip" if compressed else None)
+    # The client gets the upstream's answer verbatim.
+    assert (await answer.json())["error"]["message"] == f"Invalid key: Bearer {key}"
+    (event,) = await wait_for_lines(log, 1)
+    assert event["status"] == 401
+    assert event["response"]["error"]["message"] == "Invalid key: Bearer 01234…cdef"
+    assert key not in log.read_text()
+
+
 async def test_a_client_that_asked_for_usage_gets_it_unchanged(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
