@@ -9,8 +9,10 @@ than ``max_body_bytes`` are cut and sent as text rather than risking a refusal o
 from __future__ import annotations
 
 import asyncio
+import string
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -22,6 +24,16 @@ from llm_proxy.events.event import Event, parse_rfc3339
 
 DEFAULT_URL = "https://api.worker.helicone.ai/custom/v1/log"
 _CUSTOM_MODEL_URL = "custom-model-nopath"  # what the custom log endpoint expects as the URL
+_VISIBLE_ASCII = string.printable.strip() + " "
+
+
+def _header_value(text: str) -> str:
+    """``text`` as a header value: Helicone reads ``meta`` into a fetch ``Headers``, which throws
+    on a character above U+00FF or a control character (a path holds what its client chose), and
+    its worker answers 500 for the log, again on every retry. Such characters percent-encoded."""
+    if text.isascii() and text.isprintable():
+        return text
+    return quote(text, safe=_VISIBLE_ASCII)
 
 
 def _time(epoch: float) -> dict[str, int]:
@@ -71,8 +83,8 @@ def payload(event: Event, *, max_body_bytes: int) -> dict[str, Any]:
         "Helicone-Request-Id": event["id"],
         "Helicone-Property-Project": event["project_id"],
         "Helicone-Property-Token": event["token_id"],
-        "Helicone-Property-Path": event["path"],
-        "Helicone-Property-Proxy-Request-Id": event["request_id"],
+        "Helicone-Property-Path": _header_value(event["path"]),
+        "Helicone-Property-Proxy-Request-Id": _header_value(event["request_id"]),
     }
     if usage is not None:
         meta["Helicone-Property-Usage-Source"] = usage["source"]

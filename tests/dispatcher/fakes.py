@@ -99,6 +99,20 @@ def helicone_problems(body: Any) -> list[str]:
     return problems
 
 
+def meta_not_headers(body: Any) -> bool:
+    """Whether a value of ``providerRequest.meta`` is no value a fetch ``Headers`` takes: a
+    ByteString (no character above U+00FF) without NUL, CR or LF."""
+    request = body.get("providerRequest") if isinstance(body, dict) else None
+    meta = request.get("meta") if isinstance(request, dict) else None
+    if not isinstance(meta, dict):
+        return False
+    return any(
+        isinstance(value, str)
+        and (max(map(ord, value), default=0) > 0xFF or set(value) & set("\0\r\n"))
+        for value in meta.values()
+    )
+
+
 class FakeHelicone:
     def __init__(self, max_body: int = 1024 * 1024, key: str = HELICONE_KEY) -> None:
         self.key = key
@@ -139,6 +153,10 @@ class FakeHelicone:
         if len(raw) > self.max_body:
             return web.json_response({"error": "Payload too large"}, status=413)
         body = await request.json()
+        if meta_not_headers(body):
+            # Helicone's worker reads providerRequest.meta into a fetch ``Headers``, which throws
+            # on a value that is no header value: the worker answers as for any exception.
+            return web.Response(text="Worker threw exception", status=500)
         problems = helicone_problems(body)
         if problems:
             return web.json_response({"error": problems}, status=400)

@@ -28,6 +28,7 @@ from llm_proxy.events.builder import build
 from llm_proxy.events.event import Event, parse_rfc3339
 from llm_proxy.events.memory import MemoryBus
 from llm_proxy.events.redis import RedisBus
+from tests.conftest import Proxy
 from tests.dispatcher.fakes import (
     HELICONE_KEY,
     HELICONE_READ_ONLY_KEY,
@@ -43,6 +44,7 @@ from tests.events.events_support import (
     sse,
     usage_chunk,
 )
+from tests.waiting import wait_for_lines
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
@@ -180,6 +182,33 @@ async def test_helicone_an_error_page_not_in_utf_8_is_retried_alone(
     assert summary.delivered == 3 and summary.retried == 1
     logged = [log["providerRequest"]["meta"]["Helicone-Request-Id"] for log in fake.logs]
     assert sorted(logged) == sorted(e["id"] for e in events)  # each once: none sent again
+
+
+async def test_helicone_takes_the_event_of_a_path_no_header_value_can_hold(
+    proxy_factory: Any, aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    # Helicone reads meta as request headers; a client chooses its path, "€" included.
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    answer = await proxy.client.get("/v1/models/caf%C3%A9-%E2%82%AC", headers=headers)
+    assert answer.status == 404
+    (event,) = await wait_for_lines(log, 1)
+    assert event["path"] == "/v1/models/café-€"
+    fake = FakeHelicone()
+    server = await aiohttp_server(fake.app)
+    backend = HeliconeBackend(HELICONE_KEY, url=str(server.make_url("/custom/v1/log")))
+    bus = MemoryBus()
+    worker = Worker(bus, backend, replace(worker_settings(tmp_path, "helicone"), max_attempts=3))
+    worker.start()
+    await bus.publish([event])
+
+    summary = await worker.async_run()
+
+    assert summary.delivered == 1 and not dead_letters(tmp_path)
+    (logged,) = fake.logs
+    meta = logged["providerRequest"]["meta"]
+    assert meta["Helicone-Property-Path"] == "/v1/models/caf%C3%A9-%E2%82%AC"  # as it was sent
 
 
 async def test_helicone_retries_429_and_5xx_then_delivers(
