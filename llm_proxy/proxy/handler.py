@@ -313,6 +313,7 @@ class ProxyHandler:
 
     async def serve(self, request: ProxyRequest, writer: ResponseWriter) -> None:
         started = time.perf_counter()
+        started_at = time.time()  # the event's timestamp: before the token check, which may wait
         request_id = _request_id(request.request_id)
         request_id_field = _field(request_id)
         reply_headers = [(b"LLM-Proxy-Request-ID", request_id_field)]
@@ -329,7 +330,6 @@ class ProxyHandler:
         if admitted is None:
             return  # answered without going upstream (token info, CORS preflight)
         path, grant = admitted
-        started_at = time.time()
         request_body = CappedBuffer(self.capture_bytes)
         response_body = CappedBuffer(self.capture_bytes, RESPONSE_TAIL_BYTES)
         # Positional, in field order: with keywords the dataclass __init__ is slower per request.

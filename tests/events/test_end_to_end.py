@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import time
 import tracemalloc
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from llm_proxy.events.event import parse_rfc3339
 from llm_proxy.stats import STATS
 from tests.conftest import UPSTREAM_KEY, Proxy
 from tests.events.events_support import RedisServer
@@ -609,3 +612,33 @@ async def test_long_model_names_are_not_kept_after_their_events(
     finally:
         tracemalloc.stop()
     assert kept_mb < 5, f"{kept_mb:.0f} MB kept"
+
+
+async def test_the_timestamp_is_when_the_request_came_not_when_its_token_was_checked(
+    postgres_url: str, proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log, database_url=postgres_url)
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        held = holder.transaction()
+        await held.start()
+        # The token's first check reads it from the database: make that wait.
+        await holder.execute("LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE")
+        asked = asyncio.ensure_future(proxy.client.get("/v1/models", headers=headers))
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%token_hash%'"
+        )
+        while not await holder.fetchval(waiting):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        released = time.time()
+        await held.commit()
+        assert (await asyncio.wait_for(asked, 10)).status == 200
+    finally:
+        await holder.close()
+    (event,) = await wait_for_lines(log, 1)
+    # The request came before the check ended; its duration counts from then too.
+    assert parse_rfc3339(event["timestamp"]) < released
