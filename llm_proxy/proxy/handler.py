@@ -347,6 +347,9 @@ class ProxyHandler:
         exchange.tpm_limited = grant.tpm is not None
         admission: Admission | None = None
         try:
+            if grant.allowed_models is not None:
+                # A refusal once the token is known has its event, like those below.
+                self._check_model_path(request.method, path, grant)
             body: Body = None
             headers = request.headers
             plan: CostPlan | None = None
@@ -450,14 +453,17 @@ class ProxyHandler:
             await self._preflight(request, writer, reply_headers)
             return None
         grant = await self.authority.check(request.authorization)
-        if grant.allowed_models is not None and method != "GET" and path.startswith(_MODEL_PATH):
+        return path, grant
+
+    @staticmethod
+    def _check_model_path(method: str, path: str, grant: Grant) -> None:
+        if method != "GET" and path.startswith(_MODEL_PATH):
             # DELETE /v1/models/{id} deletes a fine-tuned model: only one the token may use.
             model = path[len(_MODEL_PATH) :]
             if not grant.model_allowed(model):
                 raise errors.ModelNotAllowed(
                     f"Model {model[:100]!r} is not allowed for this token."
                 )
-        return path, grant
 
     async def _token_info(
         self, request: ProxyRequest, writer: ResponseWriter, reply_headers: Fields

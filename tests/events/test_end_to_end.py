@@ -642,3 +642,24 @@ async def test_the_timestamp_is_when_the_request_came_not_when_its_token_was_che
     (event,) = await wait_for_lines(log, 1)
     # The request came before the check ended; its duration counts from then too.
     assert parse_rfc3339(event["timestamp"]) < released
+
+
+async def test_a_model_refused_in_the_path_writes_its_event_as_one_refused_in_the_body(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    issued = await proxy.issue_token(allowed_models=["gpt-4o-mini*"])
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    in_body = await proxy.client.post(
+        "/v1/chat/completions", json={"model": "gpt-4o", "messages": []}, headers=headers
+    )
+    in_path = await proxy.client.delete("/v1/models/ft:gpt-4o:acme::abc", headers=headers)
+    assert [in_body.status, in_path.status] == [403, 403]
+    events = await wait_for_lines(log, 2)
+    assert [(e["method"], e["status"], e["error"]) for e in events] == [
+        ("POST", 403, "model_not_allowed"),
+        ("DELETE", 403, "model_not_allowed"),
+    ]
+    assert events[1]["token_id"] == issued["id"]
+    assert events[1]["request_id"] == in_path.headers["LLM-Proxy-Request-ID"]
