@@ -81,8 +81,9 @@ def build(
         )
     if exchange.is_stream and decoded.data is not None:
         response = reassemble(sse.payloads(decoded.data))
-        if not bodies.shallow(response, decoded.data):
-            response = bodies.show(decoded, len(response_raw))  # the stream's text
+        # Its text when it is too deep, or when no event held a JSON object (nothing to show).
+        if response == [] or not bodies.shallow(response, decoded.data):
+            response = bodies.show(decoded, len(response_raw))
     else:
         response = bodies.show(decoded, len(response_raw))
 

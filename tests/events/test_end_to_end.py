@@ -436,6 +436,19 @@ async def test_a_client_that_leaves_once_it_read_done_is_not_recorded_as_disconn
     assert after - before == 1
 
 
+async def test_a_stream_of_events_that_are_no_json_objects_is_recorded_as_its_text(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    answer = await proxy.client.get("/v1/audio/paced?n=2&gap=0", headers=headers)
+    text = (await answer.read()).decode()
+    assert text == "data: 0\n\ndata: 1\n\ndata: [DONE]\n\n"
+    (event,) = await wait_for_lines(log, 1)
+    assert (event["stream"], event["response"]) == (True, text)  # what the client got, not []
+
+
 async def test_a_stream_cut_by_the_servers_stop_is_recorded_as_cut_not_as_left(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
