@@ -41,6 +41,9 @@ _BURST_ACK_ATTEMPTS = 5
 _LAST_BEAT_SECONDS = 5.0
 # Events read at a time from a memory bus group left behind at a stop, to be dead-lettered.
 _QUEUED_READ = 1000
+# Attempts at an event the backend raised on, whatever max_attempts says: what raises again
+# and again will not go through, and retried for ever it would hold up every event behind it.
+_RAISED_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +399,16 @@ class Worker:
             if retry and 0 < self.settings.max_attempts <= attempt:
                 dead += [(d, f"gave up after {attempt} attempts: {reason}") for d, reason in retry]
                 retry = []
+            elif attempt >= _RAISED_ATTEMPTS:
+                raised = {
+                    id(d) for i, d in enumerate(pending) if i in refused and refused[i].raised
+                }
+                dead += [
+                    (d, f"gave up after {attempt} attempts: {reason}")
+                    for d, reason in retry
+                    if id(d) in raised
+                ]
+                retry = [(d, reason) for d, reason in retry if id(d) not in raised]
             if not await self._kept_dead(dead):
                 # Acknowledged, they would be lost; crashing would send the accepted ones again.
                 retry += dead
@@ -430,8 +443,14 @@ class Worker:
         except BackendError as exc:
             return dict.fromkeys(range(len(pending)), exc.rejection)
         except Exception as exc:  # a task boundary: an unexpected failure is retried, not fatal
+            if len(pending) > 1:
+                # Halves, down to the events that raise: the others go through meanwhile.
+                half = len(pending) // 2
+                first = await self._send(pending[:half])
+                second = await self._send(pending[half:])
+                return first | {half + i: rejection for i, rejection in second.items()}
             log.exception("dispatcher.backend_raised", backend=self.backend.name)
-            return dict.fromkeys(range(len(pending)), Rejection(repr(exc), retryable=True))
+            return {0: Rejection(f"the backend raised {exc!r}", retryable=True, raised=True)}
 
     async def _dead_letter(self, dead: Sequence[tuple[Delivery, str]]) -> None:
         if dead:

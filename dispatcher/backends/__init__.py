@@ -24,6 +24,9 @@ class Rejection:
     auth: bool = False
     # Seconds the service asked to wait before the next attempt (Retry-After), if it did.
     retry_after: float | None = None
+    # The backend raised rather than answered: a bug, or an event it cannot render (one written
+    # by another version); tried a few times, not for ever (see ``worker.py``).
+    raised: bool = False
 
 
 class BackendError(Exception):

@@ -136,9 +136,8 @@ class HeliconeBackend:
         gate = asyncio.Semaphore(self._concurrency)
         key_refused: Rejection | None = None
 
-        async def one(event: Event) -> Rejection | None:
+        async def one(body: dict[str, Any]) -> Rejection | None:
             nonlocal key_refused
-            body = payload(event, max_body_bytes=self._max_body_bytes)
             async with gate:
                 if key_refused is not None:
                     return key_refused  # the key was refused: spare the service the rest
@@ -149,7 +148,10 @@ class HeliconeBackend:
                 key_refused = refused
             return refused
 
-        results = await asyncio.gather(*(one(e) for e in events))
+        # Every body first: an event that cannot be rendered raises before any is sent, so a
+        # batch tried again (or in halves, see worker.py) is not sent twice.
+        rendered = [payload(event, max_body_bytes=self._max_body_bytes) for event in events]
+        results = await asyncio.gather(*(one(body) for body in rendered))
         return {i: r for i, r in enumerate(results) if r is not None}
 
     async def close(self) -> None:

@@ -211,6 +211,29 @@ async def test_helicone_takes_the_event_of_a_path_no_header_value_can_hold(
     assert meta["Helicone-Property-Path"] == "/v1/models/caf%C3%A9-%E2%82%AC"  # as it was sent
 
 
+async def test_an_event_the_backend_cannot_render_is_dead_lettered_without_holding_up_the_rest(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """An event the backend raises on (here a timestamp no version of the proxy writes, put on
+    the bus by something else) is tried a few times and dead-lettered, not retried for ever with
+    every later event behind it; the others of its batch are delivered once each."""
+    fake = FakeHelicone()
+    server = await aiohttp_server(fake.app)
+    backend = HeliconeBackend(HELICONE_KEY, url=str(server.make_url("/custom/v1/log")))
+    good = [chat_event() for _ in range(3)]
+    poison = {**chat_event(), "timestamp": "yesterday"}
+    assert worker_settings(tmp_path, "helicone").max_attempts == 0  # retry until accepted
+    async with asyncio.timeout(30):
+        summary = await deliver(backend, [good[0], poison, good[1], good[2]], tmp_path)
+    assert summary.delivered == 3 and summary.dead_lettered == 1
+    assert sorted(log["providerRequest"]["meta"]["Helicone-Request-Id"] for log in fake.logs) == (
+        sorted(event["id"] for event in good)
+    )
+    (dead,) = dead_letters(tmp_path)
+    assert dead["event"]["id"] == poison["id"]
+    assert dead["reason"].startswith("gave up after 5 attempts: the backend raised ValueError")
+
+
 async def test_helicone_retries_429_and_5xx_then_delivers(
     aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:

@@ -176,9 +176,12 @@ async def test_batch_errors_and_unexpected_exceptions_are_retried(tmp_path: Path
     backend = RaisingBackend([BackendError("timeout", retryable=True), RuntimeError("bug")])
     worker = Worker(bus, backend, settings(tmp_path))
     worker.start()
-    await bus.publish(events(2))
+    sent = events(2)
+    await bus.publish(sent)
     summary = await worker.async_run()
-    assert summary.delivered == 2 and summary.retried == 4
+    # The timeout retries both; the bug is met by sending the batch in halves, which go through.
+    assert summary.delivered == 2 and summary.retried == 2
+    assert backend.batches == [sent[:1], sent[1:]]
 
 
 async def test_whole_batch_permanent_error_dead_letters_it(tmp_path: Path) -> None:
