@@ -191,8 +191,11 @@ async def test_requests_counted_during_a_burst_of_dropped_connections_are_those_
         await killer
     # (service_unavailable: the token's lookup failed, before its limits were known.)
     refused = {(503, "limits_unavailable"), (503, "service_unavailable")}
-    assert set(answers) <= {(200, None), *refused}, set(answers)
-    admitted = answers.count((200, None))
+    # A request the tests' upstream did not answer within its 1 s (a loaded machine) reached it,
+    # and counts as the answered ones do.
+    reached = {(200, None), (504, "upstream_timeout")}
+    assert set(answers) <= reached | refused, set(answers)
+    admitted = sum(1 for answer in answers if answer in reached)
 
     async def counted() -> int:
         status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
