@@ -63,7 +63,7 @@ def read_metadata(form: forms.Form, key: str) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         raise InvalidField(key, 'must be a JSON object, e.g. {"team": "search"}') from None
     if (ambiguity := validation.ambiguity(raw)) is not None:
-        raise InvalidField(key, ambiguity)  # as the API refuses it
+        raise InvalidField(key, ambiguity.problem)  # as the API refuses it
     value = validation.mapping({key: parsed}, key, max_bytes=MAX_TOKEN_METADATA_BYTES)
     return {} if value is MISSING else cast(dict[str, Any], value)
 

@@ -165,12 +165,22 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        # orjson refuses a number past a double's range, which is JSON: a bad value of a field.
+        _refuse_out_of_range(validation.ambiguity(raw))
         raise errors.InvalidJson(f"Request body is not valid JSON: {exc.msg}.") from None
     if not isinstance(body, dict):
         raise errors.InvalidJson("Request body must be a JSON object.")
     if (ambiguity := validation.ambiguity(raw)) is not None:
-        raise errors.InvalidJson(f"Request body is ambiguous: {ambiguity}.")
+        _refuse_out_of_range(ambiguity)
+        raise errors.InvalidJson(f"Request body is ambiguous: {ambiguity.problem}.")
     return body
+
+
+def _refuse_out_of_range(ambiguity: validation.Ambiguity | None) -> None:
+    """A number out of range is refused as any bad value is: 400 naming its field (masked, as an
+    unknown field's name is)."""
+    if ambiguity is not None and ambiguity.field is not None:
+        raise errors.InvalidField(redact(ambiguity.field), ambiguity.problem)
 
 
 def _ops(request: web.Request) -> Operations:

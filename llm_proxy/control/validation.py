@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,27 +109,75 @@ def _nul_or_too_deep(value: Any) -> str | None:
     return None
 
 
-class _Ambiguous(ValueError):
-    pass
+class _OutOfRange:
+    """A number in JSON text that no 64-bit integer or double holds, as :func:`ambiguity` reads it."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
 
 
-def _within_64_bits(text: str) -> int:
-    number = int(text)
-    if not -(2**63) <= number < 2**64:
-        raise _Ambiguous(f"the integer {text[:40]} does not fit in 64 bits")
-    return number
+# Digits past which an integer cannot fit in 64 bits: checked before int(), which refuses more
+# than 4,300 digits.
+_MAX_64_BIT_DIGITS = 20
 
 
-def ambiguity(raw: bytes | str) -> str | None:
-    """What orjson reads silently one way of several in JSON it parsed, if anything: a repeated
-    key (it keeps the last) and an integer past 64 bits (it makes a float of it, losing digits for
-    good in `metadata`)."""
+def _within_64_bits(text: str) -> int | _OutOfRange:
+    if len(text.lstrip("-")) <= _MAX_64_BIT_DIGITS and -(2**63) <= (number := int(text)) < 2**64:
+        return number
+    return _OutOfRange(f"the integer {text[:40]} does not fit in 64 bits")
+
+
+def _within_a_double(text: str) -> float | _OutOfRange:
+    number = float(text)
+    if math.isfinite(number):
+        return number
+    return _OutOfRange(f"the number {text[:40]} is too large for a double")
+
+
+def _out_of_range(value: Any) -> _OutOfRange | None:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, _OutOfRange):
+            return item
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Ambiguity:
+    """What JSON text holds that orjson reads one way of several, or not at all; ``field`` is the
+    member of the outermost object that holds it, when it is a value's (a number out of range)."""
+
+    problem: str
+    field: str | None = None
+
+
+def ambiguity(raw: bytes | str) -> Ambiguity | None:
+    """What orjson reads silently one way of several in JSON, if anything: a repeated key (it keeps
+    the last) and an integer past 64 bits (it makes a float of it, losing digits for good in
+    `metadata`); and a number past a double's range, which it refuses as no JSON at all."""
     try:
-        json.loads(raw, object_pairs_hook=unrepeated_keys, parse_int=_within_64_bits, strict=False)
-    except (_Ambiguous, RepeatedKey) as exc:
-        return str(exc)
+        parsed = json.loads(
+            raw,
+            object_pairs_hook=unrepeated_keys,
+            parse_int=_within_64_bits,
+            parse_float=_within_a_double,
+            strict=False,
+        )
+    except RepeatedKey as exc:
+        return Ambiguity(str(exc))
     except (ValueError, RecursionError):
-        pass  # read differently by the two parsers in no way that matters: orjson's reading holds
+        return None  # read differently by the two parsers in no way that matters: orjson's holds
+    members = parsed.items() if isinstance(parsed, dict) else [(None, parsed)]
+    for key, value in members:
+        if (found := _out_of_range(value)) is not None:
+            return Ambiguity(found.problem, key)
     return None
 
 
