@@ -94,7 +94,9 @@ class Actor:
             target_id=target_id,
             project_id=project_id,
             details=details,
-            request_id=self.request_id,
+            # The caller's X-Request-ID, which may be a key filled in by mistake: the audit log
+            # is shown whole (API, pages), so masked as an event's request_id is.
+            request_id=None if self.request_id is None else redact(self.request_id),
             client_ip=self.client_ip,
         )
 

@@ -827,6 +827,25 @@ async def test_audit_log_records_every_mutation_with_filters_and_pages(proxy: Pr
     assert token["token"] not in str(page)
 
 
+async def test_a_secret_sent_as_the_request_id_is_audited_masked(proxy: Proxy) -> None:
+    """SPEC §6: a token's value or the management token never appears in a response. A client
+    that fills X-Request-ID with one by mistake would have it back whole from /manage/audit."""
+    project_id = await proxy.create_project()
+    token = await proxy.issue_token(project_id)
+    for request_id in (token["token"], MANAGEMENT_TOKEN, "req-42"):
+        response = await proxy.client.post(
+            f"/manage/projects/{project_id}/tokens/revoke",
+            headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}", "X-Request-ID": request_id},
+        )
+        assert response.status == 200
+    _, page = await proxy.manage("GET", "/audit?action=project.revoke_tokens")
+    shown = [event["request_id"] for event in page["events"]]
+    assert shown[0] == "req-42"
+    assert shown[1].startswith("mgmt-") and "…" in shown[1]
+    assert shown[2].startswith("sk-") and "…" in shown[2]
+    assert token["token"] not in str(page) and MANAGEMENT_TOKEN not in str(page)
+
+
 async def test_health_and_ready(proxy: Proxy) -> None:
     response = await proxy.client.get("/health")
     assert response.status == 200
