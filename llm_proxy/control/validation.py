@@ -171,7 +171,8 @@ def ambiguity(raw: bytes | str) -> Ambiguity | None:
             strict=False,
         )
     except RepeatedKey as exc:
-        return Ambiguity(str(exc))
+        # The key is the caller's: named masked, as an unknown field's name is.
+        return Ambiguity(redact(str(exc)))
     except (ValueError, RecursionError):
         return None  # read differently by the two parsers in no way that matters: orjson's holds
     members = parsed.items() if isinstance(parsed, dict) else [(None, parsed)]

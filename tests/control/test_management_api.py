@@ -950,6 +950,27 @@ async def test_a_body_read_one_way_of_several_is_refused(
     assert (await proxy.manage("GET", "/projects"))[1] == []
 
 
+async def test_a_repeated_key_that_is_a_secret_is_named_masked(proxy: Proxy) -> None:
+    """SPEC §6: no error message carries a token's value, which an unknown field's name already
+    respects; a key given twice was named whole."""
+    token = await proxy.issue_token()
+    for body in (
+        {"metadata": {token["token"]: 1}},
+        {"name": "p", "api_key": "sk-x", token["token"]: 1},
+    ):
+        key = orjson.dumps(token["token"])
+        raw = orjson.dumps(body).replace(key + b":1", key + b":1," + key + b":2")
+        response = await proxy.client.post(
+            "/manage/projects",
+            data=raw.replace(b'{"metadata"', b'{"name":"p","api_key":"sk-x","metadata"'),
+            headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"},
+        )
+        error = (await response.json())["error"]
+        assert (response.status, error["code"]) == (400, "invalid_json"), error
+        assert "is given twice" in error["message"], error
+        assert token["token"] not in error["message"] and "sk-" in error["message"], error
+
+
 @pytest.mark.parametrize(
     ("path", "fields", "field", "said"),
     [
