@@ -740,7 +740,9 @@ def _minute(timestamp: str | None) -> str:
 
 
 def _usd(value: float) -> str:
-    return f"{value:.6f}".rstrip("0").rstrip(".")
+    # To the nano-dollar the server keeps: fewer digits show a budget of less than half a
+    # micro-dollar as 0, which reads as spent.
+    return f"{value:.9f}".rstrip("0").rstrip(".")
 
 
 def _maybe(show: Callable[[Any], str], value: Any) -> str | None:

@@ -453,6 +453,19 @@ def test_token_generate_with_every_limit_reads_back_the_same(server: ServerProce
     assert json.loads(fields["metadata"]) == metadata
 
 
+def test_token_list_shows_a_budget_to_the_nano_dollar_it_is_kept_to(server: ServerProcess) -> None:
+    """A budget under half a micro-dollar (the API keeps nano-dollars) read 0 in the table, and
+    "0/0" reads as a budget spent."""
+    project_id = create_project(server, "tiny budget")
+    token_id = manage_json(
+        server, "token", "generate", "--project-id", project_id, "--budget-usd", "0.000000402"
+    )["id"]
+    table = manage_as(server, "token", "list", "--project-id", project_id)
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.stdout.splitlines() if line.startswith(token_id[:8]))
+    assert row.split()[-1] == "0/0.000000402", row
+
+
 def test_token_update_sets_and_clears_limits(server: ServerProcess) -> None:
     project_id = create_project(server, "updated")
     token_id = manage_json(server, "token", "generate", "--project-id", project_id)["id"]
