@@ -10,6 +10,7 @@ front door's connection. A connection may so carry proxy and control requests in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,6 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from llm_proxy import errors
+from llm_proxy.http.exchange_io import NoBody
 
 if TYPE_CHECKING:
     from llm_proxy.http.exchange_io import ResponseWriter
@@ -132,6 +134,42 @@ class _StreamWriter(AbstractStreamWriter):
             await self._conn.drain()
 
 
+class _DeferredBody(StreamReader):
+    """A control request's body, read from the front door when the application first reads it.
+
+    Read before the application ran, the body of a client holding no credential was asked for
+    (100 Continue) and held, up to MAX_CONTROL_BODY a connection; deferred, the management API
+    and the admin pages check the credential first and refuse without it, as the proxy path
+    refuses a token before the body.
+    """
+
+    def __init__(self, request: ControlRequest, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(BaseProtocol(loop), MAX_CONTROL_BODY, loop=loop)
+        self._request = request
+        self.fetched = False
+        self.failure: errors.ProxyError | None = None
+
+    async def fetch(self) -> None:
+        """Read the whole body into the buffer; a body the front door refuses (too large,
+        malformed, stalled) is kept as the failure that answers the request."""
+        self.fetched = True
+        try:
+            body = await _read_body(self._request)
+        except errors.ProxyError as exc:
+            self.failure = exc
+            raise
+        if body:
+            self.feed_data(body)
+        self.feed_eof()
+
+    async def _wait(self, func_name: str) -> None:
+        # Every read of aiohttp's reader waits here for data it does not have yet.
+        if self.failure is not None:
+            raise self.failure
+        if not self.fetched:
+            await self.fetch()
+
+
 class ControlPlane:
     """Serves control-plane requests through the aiohttp application of ``server``."""
 
@@ -141,14 +179,15 @@ class ControlPlane:
     async def serve(
         self, request: ControlRequest, writer: ResponseWriter, conn: FrontProtocol
     ) -> None:
-        body = await _read_body(request)
+        length = request.content_length
+        if length is not None and length > MAX_CONTROL_BODY:
+            raise errors.RequestTooLarge(f"Request body exceeds {MAX_CONTROL_BODY} bytes.")
         loop = asyncio.get_running_loop()
-        message = _message(request, body, keep_alive=conn.keep_alive)
+        message = _message(request, keep_alive=conn.keep_alive)
+        body: _DeferredBody | None = None
         payload: StreamReader = EMPTY_PAYLOAD
-        if body:
-            payload = StreamReader(BaseProtocol(loop), MAX_CONTROL_BODY, loop=loop)
-            payload.feed_data(body)
-            payload.feed_eof()
+        if length != 0 and not isinstance(request.body, NoBody):
+            payload = body = _DeferredBody(request, loop)
         stream_writer = _StreamWriter(writer, conn)
         task = asyncio.current_task()
         assert task is not None
@@ -162,6 +201,17 @@ class ControlPlane:
                 response = await server.request_handler(web_request)
             except web.HTTPException as exc:
                 response = exc
+            if body is not None and not body.fetched:
+                if response.status < 400:
+                    # Answered without reading the body: read it all the same, so a body the
+                    # front door refuses is refused as before and the connection stays usable.
+                    with contextlib.suppress(errors.ProxyError):
+                        await body.fetch()
+                else:
+                    # A refusal is sent without the body, and the connection closed after it.
+                    response.force_close()
+            if body is not None and body.failure is not None:
+                raise body.failure
             await response.prepare(web_request)
             await response.write_eof()
         finally:
@@ -171,9 +221,6 @@ class ControlPlane:
 
 
 async def _read_body(request: ControlRequest) -> bytes:
-    length = request.content_length
-    if length is not None and length > MAX_CONTROL_BODY:
-        raise errors.RequestTooLarge(f"Request body exceeds {MAX_CONTROL_BODY} bytes.")
     parts: list[bytes] = []
     size = 0
     async for chunk in request.body.chunks():
@@ -184,7 +231,7 @@ async def _read_body(request: ControlRequest) -> bytes:
     return b"".join(parts)
 
 
-def _message(request: ControlRequest, body: bytes, *, keep_alive: bool) -> RawRequestMessage:
+def _message(request: ControlRequest, *, keep_alive: bool) -> RawRequestMessage:
     raw_headers: list[tuple[bytes, bytes]] = []
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers:
@@ -193,9 +240,10 @@ def _message(request: ControlRequest, body: bytes, *, keep_alive: bool) -> RawRe
             continue
         raw_headers.append((name, value))
         headers.add(text, value.decode("utf-8", "surrogateescape"))
-    if body:
-        headers[hdrs.CONTENT_LENGTH] = str(len(body))
-        raw_headers.append((b"Content-Length", str(len(body)).encode()))
+    if request.content_length:
+        # A chunked body's length is known once read: aiohttp is told none, as for any chunked body.
+        headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
+        raw_headers.append((b"Content-Length", str(request.content_length).encode()))
     path, _, query = request.target.partition("?")
     return RawRequestMessage(
         request.method,

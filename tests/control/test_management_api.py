@@ -711,6 +711,30 @@ async def test_a_content_length_over_the_limit_is_413_before_the_body_is_sent(
     _assert_error(await _exchange(proxy, head), 413, "request_too_large")
 
 
+async def test_the_body_is_asked_for_only_once_the_management_token_is_right(
+    proxy: Proxy,
+) -> None:
+    """As the proxy path sends 100 Continue only after admission: a client without the management
+    token was asked for its body (and had up to a megabyte of it held) before being refused."""
+    body = orjson.dumps({"name": "p", "api_key": UPSTREAM_KEY})
+    expecting = (b"Content-Length: %d" % len(body), b"Expect: 100-continue")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(_head("POST", "/projects", *expecting, auth=b"Bearer wrong"))
+    first = await reader.readline()
+    assert first.startswith(b"HTTP/1.1 401 "), first
+    rest = await reader.read()  # the whole answer, then the server closes the connection
+    writer.close()
+    assert b"\r\nConnection: close\r\n" in rest and b'"code":"unauthorized"' in rest
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(_head("POST", "/projects", *expecting))
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body)
+    assert (await reader.readline()).startswith(b"HTTP/1.1 201 ")
+    writer.close()
+    assert len((await proxy.manage("GET", "/projects"))[1]) == 1
+
+
 @pytest.mark.parametrize(
     "credential",
     [
