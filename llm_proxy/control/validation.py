@@ -355,9 +355,15 @@ def duration_minutes(body: dict[str, Any]) -> int:
     return value
 
 
+# A positive offset written into a URL unencoded ("…T10:00:00+02:00"), which a query string reads
+# as "…T10:00:00 02:00": the space can only be the plus sign it stood for.
+_PLUS_READ_AS_SPACE = re.compile(r"([Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:\d{2})\Z")
+
+
 def timestamp(value: str | None, key: str) -> datetime | None:
     if value is None or value == "":
         return None
+    value = _PLUS_READ_AS_SPACE.sub(r"\1+\2", value)
     try:
         # RFC 3339 allows "z" in lower case too; fromisoformat takes only "Z".
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))

@@ -58,3 +58,17 @@ async def test_a_lower_case_z_is_utc_as_rfc_3339_allows(proxy: Proxy, moment: st
     assert (status, [e["action"] for e in since["events"]]) == (200, ["project.create"]), since
     status, until = await proxy.manage("GET", f"/audit?until={moment}")
     assert (status, until["events"]) == (200, []), until
+
+
+@pytest.mark.parametrize("moment", ["2000-01-01T05:00:00+05:00", "2000-01-01T05:00:00.5+05:00"])
+async def test_an_offset_with_its_plus_sign_unencoded_is_that_offset(
+    proxy: Proxy, moment: str
+) -> None:
+    """The "+" of an offset written into the URL as is (``?since=…T05:00:00+05:00``, as an
+    f-string or a shell makes it) reaches the server as a space, which can only be that sign: it
+    was refused as no RFC 3339 timestamp."""
+    await proxy.create_project()
+    status, since = await proxy.manage("GET", f"/audit?since={moment}")
+    assert (status, [e["action"] for e in since["events"]]) == (200, ["project.create"]), since
+    status, until = await proxy.manage("GET", f"/audit?until={moment}")
+    assert (status, until["events"]) == (200, []), until
