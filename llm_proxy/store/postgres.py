@@ -394,19 +394,22 @@ class PostgresStore:
         self, project_id: str, audit: AuditEntry | None
     ) -> RevokeCounts:
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
-            totals = await conn.fetchrow(
-                "SELECT COUNT(*) AS total, COUNT(*) FILTER (WHERE NOT is_active) AS inactive"
-                " FROM tokens WHERE project_id = $1",
+            # The rows locked as they are read: none can change state between the count and the
+            # UPDATE (a revocation committed meanwhile was counted by neither), and a token
+            # issued meanwhile is revoked and counted by the UPDATE, so the counts add up.
+            inactive = await conn.fetchval(
+                "SELECT COUNT(*) FILTER (WHERE NOT is_active) FROM"
+                " (SELECT is_active FROM tokens WHERE project_id = $1 FOR UPDATE) AS held",
                 project_id,
             )
-            total, inactive = (totals["total"], totals["inactive"]) if totals else (0, 0)
             status = await conn.execute(
                 "UPDATE tokens SET is_active = FALSE, revoked_at = $2"
                 " WHERE project_id = $1 AND is_active",
                 project_id,
                 utcnow(),
             )
-            counts = RevokeCounts(int(status.split()[-1]), inactive, total)
+            revoked = int(status.split()[-1])
+            counts = RevokeCounts(revoked, int(inactive), revoked + int(inactive))
             await self._changed(conn, project_id, None)
             if audit is not None:
                 await self._audit(conn, with_revoke_counts(audit, counts))

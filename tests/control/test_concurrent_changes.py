@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 from tests.conftest import Proxy
@@ -41,3 +42,41 @@ async def test_issuing_while_the_project_is_deleted_is_issued_or_not_found(proxy
     # No token outlived its project.
     status, tokens = await proxy.manage("GET", "/tokens")
     assert (status, tokens) == (200, [])
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_revoke_counts_add_up_when_a_token_is_revoked_meanwhile(
+    proxy: Proxy, database_url: str
+) -> None:
+    """The counts were read, then the tokens revoked: a token revoked by another transaction in
+    between (here held by a row lock until the revoke waits for it) was neither revoked by this
+    call nor counted as already revoked, so the three counts did not add up. (SQLite runs one
+    writer at a time: nothing comes in between there.)"""
+    postgres_url = database_url
+    project_id = await proxy.create_project()
+    issued = await proxy.issue_token(project_id)
+    db = await asyncpg.connect(postgres_url)
+    try:
+        other = db.transaction()
+        await other.start()
+        await db.execute("UPDATE tokens SET is_active = FALSE WHERE id = $1", issued["id"])
+        revoking = asyncio.create_task(
+            proxy.manage("POST", f"/projects/{project_id}/tokens/revoke")
+        )
+        watcher = await asyncpg.connect(postgres_url)
+        try:
+            async with asyncio.timeout(10):
+                while not await watcher.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                ):
+                    await asyncio.sleep(0.02)
+        finally:
+            await watcher.close()
+        await other.commit()
+        status, counts = await revoking
+    finally:
+        await db.close()
+    assert status == 200, counts
+    assert counts == {"revoked_count": 0, "already_revoked_count": 1, "total_tokens": 1}
