@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from redis.asyncio import Redis
@@ -149,13 +150,15 @@ class _PartlyAdded(RedisError):
 
 def client_from_url(url: str, *, timeout: float | None) -> Redis:
     """A client that fails fast: no hidden retries, so an outage is seen (and spooled) at once."""
+    # TCP keepalive, on TCP only: redis-py's Unix socket connection refuses the option.
+    keepalive = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
     return Redis.from_url(
         url,
         socket_connect_timeout=2.0,
         socket_timeout=timeout,
-        socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
+        **keepalive,
     )
 
 

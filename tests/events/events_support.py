@@ -23,7 +23,14 @@ from tests.processes import free_port
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None, *, durable: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        durable: bool = False,
+        unix_socket: Path | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
@@ -33,6 +40,8 @@ class RedisServer:
         # durable: every write is in the append-only file before Redis acknowledges it, so a
         # restart keeps the streams and consumer groups, as a production Redis would.
         self.durable = durable
+        # Also listening on this Unix socket (whose path must be short: 107 bytes at most).
+        self.unix_socket = unix_socket
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,6 +50,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        unix = ["--unixsocket", str(self.unix_socket)] if self.unix_socket else []
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -58,6 +68,7 @@ class RedisServer:
                 str(self.directory),
                 "--logfile",
                 str(self.directory / "redis.log"),
+                *unix,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

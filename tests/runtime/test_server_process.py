@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,41 @@ def test_ready_is_200_from_the_first_poll_with_redis_answering(
         assert (status, body["checks"]) == (200, {"database": "ok", "redis": "ok"})
     finally:
         server.stop()
+
+
+@pytest.mark.redis
+def test_a_unix_socket_redis_url_serves_and_publishes(tmp_path: Path, api_config: Path) -> None:
+    # REDIS_URL takes unix:// as well as redis://, as redis-py does: a Redis on the same machine
+    # is often reached through its socket.
+    with tempfile.TemporaryDirectory(prefix="r", dir="/tmp") as short:  # socket paths are short
+        redis = RedisServer(tmp_path / "redis", unix_socket=Path(short) / "redis.sock")
+        redis.start()
+        bus = {"LLM_PROXY_EVENT_BUS": "redis", "REDIS_URL": f"unix://{short}/redis.sock?db=0"}
+        try:
+            server = start_server(tmp_path / "data", api_config, tmp_path / "logs", **bus)
+            try:
+                status, body = http("GET", f"{server.base_url}/ready")
+                assert (status, body["checks"]) == (200, {"database": "ok", "redis": "ok"})
+                token = server.issue_token(UPSTREAM_KEY)
+                status, _ = http(
+                    "POST", f"{server.base_url}/v1/chat/completions", token=token, body=CHAT
+                )
+                assert status == 200
+                deadline = time.monotonic() + 20
+                while _stream_length(redis.port, "llm-proxy:events") < 1:
+                    assert time.monotonic() < deadline, "the event never reached the stream"
+                    time.sleep(0.1)
+            finally:
+                server.stop()
+        finally:
+            redis.stop()
+
+
+def _stream_length(port: int, stream: str) -> int:
+    """XLEN of ``stream``, asked over TCP (the server under test used the Unix socket)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"XLEN {stream}\r\n".encode())
+        return int(sock.recv(64).strip().lstrip(b":"))
 
 
 @pytest.mark.redis
