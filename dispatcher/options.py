@@ -17,6 +17,7 @@ from dispatcher.backends import Backend
 from dispatcher.backends import helicone as helicone_backend
 from dispatcher.backends import lunary as lunary_backend
 from dispatcher.backends.file import FileBackend
+from llm_proxy.events.redis import url_options_problem
 
 SERVICES = ("file", "helicone", "cloudwatch", "lunary")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -104,9 +105,7 @@ def redis_location(url: str) -> str:
             "is not a valid URL: an IPv6 address goes whole in brackets, as [::1]:6379",
             param_hint="--redis-url / REDIS_URL",
         ) from None
-    if parts.scheme == "unix":
-        return parts.path
-    if parts.scheme not in ("redis", "rediss"):
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise click.BadParameter(
             "must start with redis://, rediss:// or unix://", param_hint="--redis-url / REDIS_URL"
         )
@@ -114,6 +113,11 @@ def redis_location(url: str) -> str:
         port = parts.port or 6379
     except ValueError:
         raise click.BadParameter("has a bad port", param_hint="--redis-url / REDIS_URL") from None
+    problem = url_options_problem(url)
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="--redis-url / REDIS_URL")
+    if parts.scheme == "unix":
+        return parts.path
     return f"{parts.hostname or 'localhost'}:{port}"
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import time
 import uuid
@@ -35,7 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -160,6 +161,25 @@ def client_from_url(url: str, *, timeout: float | None) -> Redis:
         health_check_interval=30,
         **keepalive,
     )
+
+
+_UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']*)'")
+
+
+def url_options_problem(url: str) -> str | None:
+    """What redis-py refuses in the options of a Redis URL (its query) only once it connects: a
+    value that is not one, a name its connection does not take; None when there is nothing.
+    Never repeats the URL, which may hold a password."""
+    try:
+        pool = ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)  # not connected: only built
+    except (ValueError, RedisError) as exc:  # "Invalid value for 'db' in connection URL."
+        return str(exc)
+    except TypeError as exc:
+        found = _UNKNOWN_OPTION.search(str(exc))
+        name = repr(found.group(1)) if found else "in the query"
+        return f"unknown option {name}, not one redis-py takes for this kind of URL"
+    return None
 
 
 def consumer_name() -> str:

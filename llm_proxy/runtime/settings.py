@@ -17,6 +17,7 @@ from typing import Literal
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from llm_proxy import listen_addr
+from llm_proxy.events.redis import url_options_problem
 from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
 from llm_proxy.pricing import PriceFile
 from llm_proxy.store.opening import sqlite_path
@@ -276,6 +277,9 @@ def check_redis_url(value: str) -> str:
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise SettingsError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
     _check_port("REDIS_URL", "the port", parts)
+    problem = url_options_problem(value)
+    if problem is not None:
+        raise SettingsError(f"REDIS_URL: {problem}")
     return value
 
 

@@ -88,6 +88,16 @@ def publish(url: str, stream: str, sent: list[Event]) -> None:
         (("--service", "file"), {"REDIS_URL": "127.0.0.1:6379"}, "must start with redis://"),
         (("--service", "file"), {"REDIS_URL": "redis://h:port/0"}, "has a bad port"),
         (("--service", "file"), {"REDIS_URL": f"redis://:{SECRET}@[::1/0"}, "IPv6 address"),
+        (
+            ("--service", "file"),
+            {"REDIS_URL": f"redis://:{SECRET}@127.0.0.1:1/0?sockettimeout=1"},
+            "unknown option 'sockettimeout'",
+        ),
+        (
+            ("check", "--service", "file"),
+            {"REDIS_URL": f"redis://:{SECRET}@127.0.0.1:1/0?db=first"},
+            "Invalid value for 'db'",
+        ),
         (("check", "--service", "file"), {"REDIS_URL": f"redis://:{SECRET}@[::1/0"}, "IPv6"),
         (("check", "--service", "file"), {"REDIS_URL": "http://x"}, "must start with redis://"),
         (

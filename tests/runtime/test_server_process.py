@@ -618,6 +618,10 @@ UNREADABLE_URLS = [
     ("DATABASE_URL", f"postgresql://llm:{PASSWORD}@/llm?host=127.0.0.1&port={PASSWORD}"),
     ("REDIS_URL", f"redis://:{PASSWORD}@[::1/0"),
     ("REDIS_URL", f"redis://:{PASSWORD}@127.0.0.1:x/0"),
+    # Options in the query that redis-py refuses when it first connects: a value that is not
+    # one, a name it does not take.
+    ("REDIS_URL", f"redis://:{PASSWORD}@127.0.0.1:{{port}}/0?socket_timeout=soon"),
+    ("REDIS_URL", f"redis://:{PASSWORD}@127.0.0.1:{{port}}/0?sockettimeout=1"),
 ]
 
 

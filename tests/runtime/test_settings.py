@@ -280,6 +280,9 @@ def test_an_at_sign_percent_encoded_in_the_password_is_accepted() -> None:
         ("redis://:secret@[::1/0", "IPv6"),
         ("redis://:secret@127.0.0.1:x/0", "port is not a number"),
         ("http://:secret@127.0.0.1/0", "expected a redis://"),
+        ("redis://:secret@127.0.0.1/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("redis://:secret@127.0.0.1/0?sockettimeout=1", "unknown option 'sockettimeout'"),
+        ("unix://:secret@/run/redis.sock?socket_keepalive=true", "option 'socket_keepalive'"),
     ],
 )
 def test_a_bad_redis_url_is_one_line_without_its_password(url: str, complaint: str) -> None:
