@@ -233,6 +233,11 @@ def check_database_url(url: str) -> str:
             )
         return url
     if parts.scheme in _POSTGRES_SCHEMES:
+        if not url[len(parts.scheme) :].startswith("://"):
+            # Not a URL the store opens as PostgreSQL's, and the rest may hold a password.
+            raise SettingsError(
+                "DATABASE_URL: expected postgresql://user:password@host:port/database"
+            )
         if parts.netloc.count("@") > 1:
             # urllib splits the credentials from the host at the last "@" and asyncpg at the
             # first: it would take part of the password for the host and port, and put it in

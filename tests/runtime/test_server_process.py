@@ -616,6 +616,8 @@ UNREADABLE_URLS = [
     # password.
     ("DATABASE_URL", f"postgresql://llm:{PASSWORD}@/llm?host=127.0.0.1&port=54x32"),
     ("DATABASE_URL", f"postgresql://llm:{PASSWORD}@/llm?host=127.0.0.1&port={PASSWORD}"),
+    # The "//" left out: the scheme is PostgreSQL's, the rest no URL's.
+    ("DATABASE_URL", f"postgresql:llm:{PASSWORD}@127.0.0.1:{{port}}/llm"),
     ("REDIS_URL", f"redis://:{PASSWORD}@[::1/0"),
     ("REDIS_URL", f"redis://:{PASSWORD}@127.0.0.1:x/0"),
     # Options in the query that redis-py refuses when it first connects: a value that is not

@@ -240,6 +240,8 @@ def test_postgresql_urls_are_accepted_in_their_usual_spellings(url: str, normali
         ("postgresql://u:secret@db:port/llm", "port is not a number"),
         ("postgresql://u:secret@db", "names no database"),
         ("mysql://u:secret@db/llm", "unsupported scheme 'mysql'"),
+        ("postgresql:u:secret@db/llm", "expected postgresql://"),
+        ("postgres:/u:secret@db/llm", "expected postgresql://"),
     ],
 )
 def test_a_bad_database_url_is_named_without_its_password(url: str, complaint: str) -> None:
