@@ -266,8 +266,10 @@ def database_label(url: str) -> str:
 
 
 def parse_encryption_key(value: str) -> bytes:
+    """Base64 of 32 bytes, without the whitespace around it (a key written to a file, and the
+    Secret mounted from it, ends in a newline)."""
     try:
-        key = base64.b64decode(value, validate=True)
+        key = base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != 32:

@@ -84,6 +84,33 @@ def test_a_token_and_password_ending_in_a_newline_are_taken_without_it(
         server.stop()
 
 
+def test_an_encryption_key_ending_in_a_newline_is_taken_without_it(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    # `openssl rand -base64 32 > key` ends in a newline, and so does the Secret made from it.
+    key = base64.b64encode(bytes(range(32))).decode()
+    api_config = write_api_config(tmp_path / "api_providers.yaml", upstream.base_url)
+    common = {"MANAGEMENT_TOKEN": TOKEN, "LOG_LEVEL": "warning"}
+    server = start_server(
+        tmp_path / "data", api_config, tmp_path / "logs", ENCRYPTION_KEY=f"{key}\n", **common
+    )
+    try:
+        status, _ = http(
+            "POST",
+            f"{server.base_url}/manage/projects",
+            token=TOKEN,
+            body={"name": "p", "api_key": "sk-x"},
+        )
+        assert status == 201
+    finally:
+        server.stop()
+    # The same key without the newline opens what was stored under it (start-up checks that).
+    server = start_server(
+        tmp_path / "data", api_config, tmp_path / "logs", ENCRYPTION_KEY=key, **common
+    )
+    server.stop()
+
+
 UNSENDABLE = ["mgmt-two words", "mgmt-tab\there", "mgmt-bell\x07", "mgmt-tökén", "mgmt-日本"]
 
 
