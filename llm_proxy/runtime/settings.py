@@ -246,7 +246,8 @@ def check_database_url(url: str) -> str:
                 f"DATABASE_URL: an '@' in the user name or password must be written %40;"
                 f" {_PERCENT_ENCODE}"
             )
-        _check_port("DATABASE_URL", "the PostgreSQL port", parts)
+        for host in _postgres_hosts(parts):
+            _check_port("DATABASE_URL", "the PostgreSQL port", host)
         if not parts.path.strip("/") and "dbname=" not in parts.query:
             raise SettingsError("DATABASE_URL: the PostgreSQL URL names no database")
         return "postgresql" + url[len(parts.scheme) :]
@@ -256,13 +257,22 @@ def check_database_url(url: str) -> str:
     )
 
 
+def _postgres_hosts(parts: SplitResult) -> list[SplitResult]:
+    """Each ``host[:port]`` of the URL: libpq and asyncpg take several, comma-separated, and
+    connect to the first that answers."""
+    hosts = parts.netloc.rpartition("@")[2]
+    return [_split_url("DATABASE_URL", f"//{host}") for host in hosts.split(",")]
+
+
 def database_label(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         return str(sqlite_path_from_url(url))
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    hosts = [
+        f"{host.hostname or 'localhost'}{f':{host.port}' if host.port else ''}"
+        for host in _postgres_hosts(parts)
+    ]
+    return f"{parts.scheme}://{','.join(hosts)}{parts.path}"
 
 
 def parse_encryption_key(value: str) -> bytes:

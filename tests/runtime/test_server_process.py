@@ -672,6 +672,26 @@ def test_migrate_and_server_exit_alike_on_a_database_url(
     assert "llm-proxy: DATABASE_URL" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["migrate", "server"])
+def test_a_postgresql_url_naming_several_hosts_opens_the_one_that_answers(
+    tmp_path: Path, api_config: Path, postgres_url: str, command: str
+) -> None:
+    # host1:port1,host2:port2 (libpq's and asyncpg's failover form): the first host is down.
+    authority = postgres_url.split("@", 1)[1].split("/", 1)[0]
+    url = postgres_url.replace(authority, f"127.0.0.1:{free_port()},{authority}", 1)
+    if command == "migrate":
+        env = _start_env(tmp_path / "data", api_config, listen="127.0.0.1:0", DATABASE_URL=url)
+        result = run(cli_command("migrate"), env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("postgresql://127.0.0.1:"), result.stdout
+        return
+    server = start_server(tmp_path / "data", api_config, tmp_path / "logs", DATABASE_URL=url)
+    try:
+        assert _create_project(server)
+    finally:
+        server.stop()
+
+
 # -- a changed ENCRYPTION_KEY ---------------------------------------------------------------
 
 MANAGEMENT = "mgmt-" + secrets.token_hex(16)

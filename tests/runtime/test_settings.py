@@ -225,6 +225,7 @@ def test_hourly_usage_is_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatc
         ("postgresql://u:pw@db:5433/llm", "postgresql://u:pw@db:5433/llm"),
         ("postgres://u@db/llm", "postgresql://u@db/llm"),
         ("postgresql+asyncpg://u@db/llm?sslmode=require", "postgresql://u@db/llm?sslmode=require"),
+        ("postgresql://u:pw@db:5433,db2/llm", "postgresql://u:pw@db:5433,db2/llm"),  # failover
     ],
 )
 def test_postgresql_urls_are_accepted_in_their_usual_spellings(url: str, normalised: str) -> None:
@@ -238,6 +239,7 @@ def test_postgresql_urls_are_accepted_in_their_usual_spellings(url: str, normali
     ("url", "complaint"),
     [
         ("postgresql://u:secret@db:port/llm", "port is not a number"),
+        ("postgresql://u:secret@db:5432,db2:port/llm", "port is not a number"),
         ("postgresql://u:secret@db", "names no database"),
         ("mysql://u:secret@db/llm", "unsupported scheme 'mysql'"),
         ("postgresql:u:secret@db/llm", "expected postgresql://"),
