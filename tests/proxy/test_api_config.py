@@ -112,6 +112,11 @@ def test_an_empty_or_missing_allowlist_is_refused(endpoints: Any) -> None:
             "apis.openai.base_url: not an http(s) URL: 'api.openai.com'",
         ),
         (
+            # Port 0 is no port to connect to, not the scheme's default one.
+            {"base_url": "https://api.openai.com:0"},
+            "apis.openai.base_url: port 0 cannot be connected to",
+        ),
+        (
             {"inject_stream_usage": "yes"},
             "apis.openai.inject_stream_usage: expected true or false",
         ),
