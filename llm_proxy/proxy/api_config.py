@@ -251,11 +251,46 @@ def _provider(name: str, raw: object) -> ApiProvider:
         allowed_methods=_methods(raw, where),
         timeouts=timeouts,
         param_whitelist=whitelist,
-        allowed_origins=frozenset(
-            _string_list(raw.get("allowed_origins"), f"{where}.allowed_origins")
-        ),
+        allowed_origins=_origins(raw, f"{where}.allowed_origins"),
         inject_stream_usage=inject,
     )
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origins(raw: Mapping[str, Any], where: str) -> frozenset[str]:
+    """The origins as a browser writes them in its ``Origin`` header (scheme and host lower-case,
+    no default port, no trailing slash), which is what they are compared with; an entry no
+    browser could send would never match, and is refused."""
+    origins = set()
+    for entry in _string_list(raw.get("allowed_origins"), where):
+        if entry in ("*", "null"):
+            origins.add(entry)
+            continue
+        try:
+            parts = urlsplit(entry)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if (
+            parts is None
+            or "://" not in entry
+            or not parts.hostname
+            or "@" in parts.netloc
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or entry.endswith(("?", "#"))
+        ):
+            raise ApiConfigError(
+                f"{where}: {entry!r} is not an origin (scheme://host[:port], null or *)"
+            )
+        host = parts.netloc.lower()
+        if port is not None and port == _DEFAULT_PORTS.get(parts.scheme):
+            host = host.rpartition(":")[0]
+        origins.add(f"{parts.scheme}://{host}")
+    return frozenset(origins)
 
 
 def _methods(raw: Mapping[str, Any], where: str) -> frozenset[str]:

@@ -117,6 +117,17 @@ def test_an_empty_or_missing_allowlist_is_refused(endpoints: Any) -> None:
             "apis.openai.base_url: port 0 cannot be connected to",
         ),
         (
+            # What no browser sends as an Origin would never match: a path, no scheme.
+            {"allowed_origins": ["https://app.example/chat"]},
+            "apis.openai.allowed_origins: 'https://app.example/chat' is not an origin"
+            " (scheme://host[:port], null or *)",
+        ),
+        (
+            {"allowed_origins": ["app.example"]},
+            "apis.openai.allowed_origins: 'app.example' is not an origin"
+            " (scheme://host[:port], null or *)",
+        ),
+        (
             {"inject_stream_usage": "yes"},
             "apis.openai.inject_stream_usage: expected true or false",
         ),

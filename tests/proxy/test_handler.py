@@ -594,6 +594,18 @@ async def test_cors_preflight_without_a_token(proxy_factory: Any) -> None:
     assert proxy.upstream.requests[-1].method == "GET"  # the preflight never went upstream
 
 
+async def test_allowed_origins_match_as_browsers_write_an_origin(proxy_factory: Any) -> None:
+    # A browser sends its origin lower-case, without a default port or a trailing slash.
+    allowed = ["HTTPS://App.Example:443/", "http://localhost:3000"]
+    proxy: Proxy = await proxy_factory(api={"allowed_origins": allowed})
+    for origin in ("https://app.example", "http://localhost:3000"):
+        response = await proxy.client.options(
+            "/v1/chat/completions",
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+        )
+        assert response.headers.get("Access-Control-Allow-Origin") == origin
+
+
 async def test_a_compressed_chat_body_is_forwarded_untouched(proxy: Proxy) -> None:
     body = gzip.compress(orjson.dumps({**CHAT, "stream": True}))
     headers = {**bearer(await proxy.token()), "Content-Encoding": "gzip"}
