@@ -219,7 +219,9 @@ def _provider(name: str, raw: object) -> ApiProvider:
     prefixes = set()
     for endpoint in endpoints:
         normal = normalise_path(endpoint)
-        if normal is None or normal == "/":
+        # A request's path is compared without its query, and never as a pattern: an entry
+        # holding either would match nothing.
+        if normal is None or normal == "/" or any(char in endpoint for char in "*?#"):
             raise ApiConfigError(f"{where}.allowed_endpoints: invalid entry {endpoint!r}")
         prefixes.add(normal)
     timeouts_raw = _mapping(raw.get("timeouts"), f"{where}.timeouts")

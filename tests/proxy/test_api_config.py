@@ -128,6 +128,15 @@ def test_an_empty_or_missing_allowlist_is_refused(endpoints: Any) -> None:
             " (scheme://host[:port], null or *)",
         ),
         (
+            # Matched as paths, never as patterns or with a query: these would match nothing.
+            {"allowed_endpoints": ["/v1/*"]},
+            "apis.openai.allowed_endpoints: invalid entry '/v1/*'",
+        ),
+        (
+            {"allowed_endpoints": ["/v1/models?limit=1"]},
+            "apis.openai.allowed_endpoints: invalid entry '/v1/models?limit=1'",
+        ),
+        (
             {"inject_stream_usage": "yes"},
             "apis.openai.inject_stream_usage: expected true or false",
         ),
