@@ -34,6 +34,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load(text: str) -> Any:
-    """The document ``text`` holds; raises :class:`DuplicateKeyError` or ``yaml.YAMLError``."""
+def load(text: str | bytes) -> Any:
+    """The document ``text`` holds; raises :class:`DuplicateKeyError` or ``yaml.YAMLError``.
+    A file's bytes are decoded as YAML says (UTF-8, or UTF-16 after its byte-order mark): what
+    does not decode is a ``yaml.YAMLError`` too."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects

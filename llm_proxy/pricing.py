@@ -97,7 +97,7 @@ class PriceFile:
     def load(self) -> Prices:
         """Read and check the file; raises :class:`PricesError`."""
         try:
-            text = self.path.read_text()
+            text = self.path.read_bytes()
         except FileNotFoundError:
             if self.optional:
                 return Prices((), source=self)
@@ -203,7 +203,7 @@ class PriceHolder:
         return self.current
 
 
-def parse_prices(text: str, where: str = "prices") -> list[ModelPrice]:
+def parse_prices(text: str | bytes, where: str = "prices") -> list[ModelPrice]:
     """The entries of a prices file's text, in file order; ``where`` names it in errors."""
     try:
         raw = config_yaml.load(text)

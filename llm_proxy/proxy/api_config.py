@@ -328,7 +328,7 @@ def parse_api_config(raw: object) -> ApiConfig:
 
 def load_api_config(path: Path) -> ApiConfig:
     try:
-        raw = config_yaml.load(path.read_text())
+        raw = config_yaml.load(path.read_bytes())
     except OSError as exc:
         raise ApiConfigError(f"cannot read {path}: {exc.strerror}") from None
     except DuplicateKeyError as exc:

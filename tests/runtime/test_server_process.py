@@ -261,6 +261,8 @@ def test_sigterm_stops_the_server_cleanly_and_quickly(server: ServerProcess) -> 
         ("ENCRYPTION_KEY", "short"),
         ("API_CONFIG_PATH", "/missing.yaml"),
         ("API_CONFIG_PATH", "{bad_yaml}"),
+        ("API_CONFIG_PATH", "{latin_1}"),
+        ("PRICES_PATH", "{latin_1}"),
         ("DATABASE_URL", "mysql://db/x"),
         ("DATABASE_URL", "sqlite:///{a_file}/sub/x.db"),
         ("DATABASE_URL", "sqlite:///:memory:"),
@@ -279,8 +281,11 @@ def test_bad_setting_stops_start_up_with_one_line_naming_it(
     bad_yaml, a_file = tmp_path / "bad.yaml", tmp_path / "a-file"
     bad_yaml.write_text("apis: [\n  x: {\n")  # the parser's message spans several lines
     a_file.write_text("")  # nothing can be created beneath a regular file
+    # Not UTF-8, as YAML must be: a comment saved as Latin-1 by an editor.
+    latin_1 = tmp_path / "latin-1.yaml"
+    latin_1.write_bytes(api_config.read_bytes() + "# café\n".encode("latin-1"))
     env = _start_env(tmp_path / "data", api_config, listen=f"127.0.0.1:{free_port()}")
-    env[variable] = value.format(bad_yaml=bad_yaml, a_file=a_file)
+    env[variable] = value.format(bad_yaml=bad_yaml, a_file=a_file, latin_1=latin_1)
     result = run(cli_command("server"), env)
     assert result.returncode != 0
     # (The events process, which opens FILE_EVENT_LOG, logs its start and stop.)
