@@ -203,6 +203,9 @@ def excluded(path: str) -> bool:
         "state/credentials_unshown",
         "state/llm-proxy.db-shm",
         ".env",
+        # direnv's file, where a checkout's OPENAI_API_KEY is often exported.
+        ".envrc",
+        ".netrc",
         "config/production.env",
         "deploy/compose/.env",
         "certs/server.key",
