@@ -245,7 +245,7 @@ class Worker:
 
     def _set_deadline(self) -> None:
         self._draining = True
-        if self._deadline is not None:
+        if self._deadline is not None and self._running:
             when = asyncio.get_running_loop().time() + self.settings.drain_timeout
             if self._deadline.when() is None:
                 self._deadline.reschedule(when)

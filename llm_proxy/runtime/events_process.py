@@ -242,8 +242,12 @@ async def _run(status: _Status, parent: ParentWatch) -> int:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
-        await pipeline.close()  # drains into the bus and the dispatchers
-        await store.close()
+        try:
+            await pipeline.close()  # drains into the bus and the dispatchers
+        finally:
+            # Whatever the close raised: an open store's thread would keep this process (which
+            # ignores SIGTERM) alive for good once its server is gone.
+            await store.close()
         await _report(status, pipeline)
         log.info("events.process_stopped")
     # Non-zero when the server went away without hearing all this process had to say.

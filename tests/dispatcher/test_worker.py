@@ -184,6 +184,21 @@ async def test_batch_errors_and_unexpected_exceptions_are_retried(tmp_path: Path
     assert backend.batches == [sent[:1], sent[1:]]
 
 
+async def test_a_worker_whose_run_ended_by_itself_closes_without_error(tmp_path: Path) -> None:
+    """A burst run that ended idle (or a run that ended on refused credentials) is closed like any
+    other: close() found its drain deadline finished and raised, which left an events process
+    with its store open, kept alive by the store's thread."""
+    bus = MemoryBus()
+    backend = RecordingBackend()
+    worker = Worker(bus, backend, settings(tmp_path, burst=True))
+    worker.start()
+    await bus.publish(events(2))
+    summary = await worker.async_run()
+    assert summary.delivered == 2
+    await worker.close()
+    assert summary.delivered == 2 and backend.closed
+
+
 async def test_whole_batch_permanent_error_dead_letters_it(tmp_path: Path) -> None:
     bus = MemoryBus()
     worker = Worker(
