@@ -147,6 +147,10 @@ class HeadFields:
                 noted[lower] = value
             elif lower == b"connection":
                 noted[lower] += b"," + value
+            elif lower == b"authorization":
+                # Combined, as a repeated field is (RFC 9110 §5.3): no single bearer token, so
+                # neither is taken, whichever a proxy in front may have judged.
+                noted[lower] += b", " + value
             elif lower in _SINGLE:
                 self.duplicate = lower
         if self.control:

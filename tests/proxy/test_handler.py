@@ -18,8 +18,10 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
 
 from llm_proxy.control.operations import Actor
+from llm_proxy.stats import STATS
 from tests.conftest import UPSTREAM_KEY, Proxy
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -94,6 +96,24 @@ async def test_bad_credentials_are_401_with_the_precise_code(
     response = await proxy.client.post("/v1/chat/completions", json=CHAT, headers=headers)
     assert response.status == 401
     assert await error_code(response) == code
+    assert proxy.upstream.requests == []
+
+
+@pytest.mark.parametrize("valid_first", [True, False], ids=["valid-first", "valid-second"])
+async def test_two_authorization_headers_are_refused_before_any_lookup(
+    proxy: Proxy, valid_first: bool
+) -> None:
+    """Which of two credentials counts is a guess (a proxy in front may have judged the other):
+    neither does, and no database is asked."""
+    valid, other = f"Bearer {await proxy.token()}", "Bearer sk-" + "B" * 43
+    pair = [valid, other] if valid_first else [other, valid]
+    misses = STATS.cache_misses
+    response = await proxy.client.get(
+        "/v1/models", headers=CIMultiDict([("Authorization", value) for value in pair])
+    )
+    assert response.status == 401 and await error_code(response) == "invalid_token"
+    assert response.headers["x-should-retry"] == "false"
+    assert STATS.cache_misses == misses
     assert proxy.upstream.requests == []
 
 
