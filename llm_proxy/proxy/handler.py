@@ -355,7 +355,12 @@ class ProxyHandler:
             plan: CostPlan | None = None
             too_large = self._too_large(request)
             if request.has_body and too_large is None:
-                body, headers, plan = await self._prepare_body(request, exchange, headers, grant)
+                try:
+                    body, headers, plan = await self._prepare_body(
+                        request, exchange, headers, grant
+                    )
+                except errors.RequestTooLarge as found:
+                    too_large = found  # read for its checks, with no length to refuse it by
             admission = await self.authority.admit(grant, plan)
             if too_large is not None:
                 raise too_large  # after the limits, in SPEC §7's order; it releases what it took

@@ -545,6 +545,29 @@ async def test_a_declared_oversized_body_is_refused_after_the_limits(proxy_facto
     assert [seen.path_qs for seen in proxy.upstream.requests] == ["/v1/models"]  # no upload
 
 
+async def test_a_checked_chunked_oversized_body_is_refused_after_the_limits(
+    proxy_factory: Any,
+) -> None:
+    """As a declared one: a body found over the limit while it is read for its checks (chunked,
+    no length to refuse it by) is refused after the limits, so a used-up quota is said first."""
+    proxy: Proxy = await proxy_factory(max_request_body_bytes=100_000)
+    issued = await proxy.issue_token(max_requests=1, allowed_models=["gpt-4o"])
+    headers = bearer(issued["token"])
+
+    async def chunked() -> Any:
+        yield orjson.dumps(CHAT)[:-1] + b', "pad": "'
+        for _ in range(10):
+            yield b"y" * 50_000
+        yield b'"}'
+
+    response = await proxy.client.post("/v1/chat/completions", data=chunked(), headers=headers)
+    assert response.status == 413 and await error_code(response) == "request_too_large"
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200  # not counted
+    response = await proxy.client.post("/v1/chat/completions", data=chunked(), headers=headers)
+    assert response.status == 429 and await error_code(response) == "quota_exceeded"
+    assert [seen.path_qs for seen in proxy.upstream.requests] == ["/v1/models"]
+
+
 async def test_streams_are_relayed_chunk_by_chunk(proxy: Proxy) -> None:
     token = await proxy.token()
     response = await proxy.client.get("/v1/audio/paced?n=3&gap=0.3", headers=bearer(token))
