@@ -322,7 +322,7 @@ class ProxyHandler:
             reply_headers.append((b"Access-Control-Allow-Origin", _field(origin)))
             reply_headers.append((b"Vary", b"Origin"))
         try:
-            admitted = await self._admit(request, writer, reply_headers)
+            admitted = await self._admit(request, writer, reply_headers, request_id_field)
         except errors.ProxyError as exc:
             self.metrics.refused(request.target.partition("?")[0], exc)
             reply_headers.append((b"X-Request-ID", request_id_field))
@@ -433,9 +433,14 @@ class ProxyHandler:
         await writer.respond(status, b"", RenderedFields.of_json(headers, body), body)
 
     async def _admit(
-        self, request: ProxyRequest, writer: ResponseWriter, reply_headers: Fields
+        self,
+        request: ProxyRequest,
+        writer: ResponseWriter,
+        reply_headers: Fields,
+        request_id: bytes,
     ) -> tuple[str, Grant] | None:
-        """The checks of the proxy path up to the token; None when the request was answered here.
+        """The checks of the proxy path up to the token; None when the request was answered here
+        (with the proxy's ``request_id`` as its X-Request-ID: no upstream gave one).
 
         The path is checked in its normalised form; the target goes upstream exactly as sent.
         """
@@ -444,7 +449,8 @@ class ProxyHandler:
         path = normalise_path(raw_path)
         method = request.method
         if path == self.token_info_path:
-            await self._token_info(request, writer, reply_headers)
+            answered = [*reply_headers, (b"X-Request-ID", request_id)]
+            await self._token_info(request, writer, answered)
             return None
         if path is None or not provider.path_allowed(path):
             # A path may hold a token's value pasted into it: named masked, as every message does.
@@ -455,7 +461,7 @@ class ProxyHandler:
                 headers={"Allow": self._allow_header},
             )
         if method == "OPTIONS":
-            await self._preflight(request, writer, reply_headers)
+            await self._preflight(request, writer, [*reply_headers, (b"X-Request-ID", request_id)])
             return None
         grant = await self.authority.check(request.authorization)
         return path, grant

@@ -649,6 +649,22 @@ async def test_allowed_origins_match_as_browsers_write_an_origin(proxy_factory: 
         assert response.headers.get("Access-Control-Allow-Origin") == origin
 
 
+async def test_a_preflight_answer_carries_the_proxys_request_id(proxy_factory: Any) -> None:
+    """No upstream answers a preflight: its x-request-id is the proxy's, as on a refusal."""
+    proxy: Proxy = await proxy_factory(api={"allowed_origins": ["https://app.example"]})
+    for origin in ("https://app.example", "https://evil.example"):
+        response = await proxy.client.options(
+            "/v1/chat/completions",
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+        )
+        assert response.status == 204
+        assert response.headers["X-Request-ID"] == response.headers["LLM-Proxy-Request-ID"]
+    chosen = await proxy.client.options(
+        "/v1/chat/completions", headers={"X-Request-ID": "client-chosen-7"}
+    )
+    assert chosen.headers["X-Request-ID"] == "client-chosen-7"
+
+
 async def test_a_compressed_chat_body_is_forwarded_untouched(proxy: Proxy) -> None:
     body = gzip.compress(orjson.dumps({**CHAT, "stream": True}))
     headers = {**bearer(await proxy.token()), "Content-Encoding": "gzip"}

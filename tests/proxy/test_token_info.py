@@ -12,6 +12,8 @@ async def test_token_reads_its_own_expiry_and_quota(proxy: Proxy) -> None:
     response = await proxy.client.get("/v1/llm-proxy/token", headers=headers)
     assert response.status == 200
     assert response.headers["Cache-Control"] == "no-store"
+    # Answered by the proxy itself: the response's x-request-id is the proxy's.
+    assert response.headers["X-Request-ID"] == response.headers["LLM-Proxy-Request-ID"]
     info = await response.json()
     assert info["token_id"] == issued["id"]
     assert info["expires_at"] == issued["expires_at"]
