@@ -450,7 +450,10 @@ class ProxyHandler:
         method = request.method
         if path == self.token_info_path:
             answered = [*reply_headers, (b"X-Request-ID", request_id)]
-            await self._token_info(request, writer, answered)
+            if method == "OPTIONS":  # a browser's preflight of its GET
+                await self._preflight(request, writer, answered)
+            else:
+                await self._token_info(request, writer, answered)
             return None
         if path is None or not provider.path_allowed(path):
             # A path may hold a token's value pasted into it: named masked, as every message does.
@@ -483,7 +486,7 @@ class ProxyHandler:
         if request.method != "GET":
             raise errors.MethodNotAllowed(
                 f"Method {request.method} is not allowed for {self.token_info_path}.",
-                headers={"Allow": "GET"},
+                headers={"Allow": "GET, OPTIONS"},
             )
         grant = await self.authority.check(request.authorization)
         remaining: int | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.conftest import UPSTREAM_KEY, Proxy
 
 
@@ -56,3 +58,22 @@ async def test_a_token_reads_its_limits_as_its_answers_carry_them(proxy: Proxy) 
     assert info["remaining_requests"] == 4
     for name in ("LLM-Proxy-Token-Expires-At", "LLM-Proxy-Remaining-Requests"):
         assert response.headers[name] == proxied.headers[name]
+
+
+async def test_a_browser_may_preflight_the_token_info_path(proxy_factory: Any) -> None:
+    """A page on an allowed origin asks with an Authorization header, so its browser sends a
+    preflight first: answered without a token, as on every other path of the proxy."""
+    proxy: Proxy = await proxy_factory(api={"allowed_origins": ["https://app.example"]})
+    response = await proxy.client.options(
+        "/v1/llm-proxy/token",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert response.status == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "GET" in response.headers["Access-Control-Allow-Methods"]
+    assert response.headers["Access-Control-Allow-Headers"] == "authorization"
+    assert proxy.upstream.requests == []
