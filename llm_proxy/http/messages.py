@@ -33,7 +33,7 @@ class ProxyRequest:
 
     ``headers`` are the client's header fields to forward, as received (the front door leaves out
     those never forwarded); the handler appends its own to that list. The three named headers hold their first
-    value, or None.
+    value, or None (Authorization: its values combined, when it came more than once).
     """
 
     method: str

@@ -59,7 +59,8 @@ DROPPED = frozenset(
 # nor a second ``Content-Length`` spelled that way.
 _DROPPED_SPELLINGS = DROPPED | {b"content-length"}
 
-# Fields the server reads (first value), and those whose repetition is refused.
+# Fields the server reads (first value; Connection's and Authorization's combined), and those whose
+# repetition is refused.
 _NOTED = frozenset(
     {
         b"authorization",

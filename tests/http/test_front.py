@@ -406,7 +406,7 @@ async def test_repeated_headers_first_value_counts_and_mixed_case_names_are_drop
     writer.write(
         (
             "GET /v1/models HTTP/1.1\r\nHost: t\r\n"
-            f"authorization: Bearer {token}\r\nAUTHORIZATION: Bearer sk-not-the-first\r\n"
+            f"authorization: Bearer {token}\r\n"
             "X-Request-Id: first\r\nx-request-id: second\r\n"
             "Cf-Ray: 1\r\nX-FORWARDED-FOR: 10.0.0.1\r\nX-Kept: a\r\n\r\n"
         ).encode()
