@@ -146,6 +146,21 @@ async def _key_refused(request: web.Request) -> web.Response:
     return answer
 
 
+async def _key_refused_in_pieces(request: web.Request) -> web.StreamResponse:
+    """The same 401, its body sent in two writes that cut the key in two."""
+    body = orjson.dumps(
+        {"error": {"message": f"Invalid key: {request.headers.get('Authorization')}"}}
+    )
+    cut = body.index(b"Bearer ") + 15
+    response = web.StreamResponse(status=401, headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[:cut])
+    await asyncio.sleep(0.05)
+    await response.write(body[cut:])
+    return response
+
+
 def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app = build_app(settings)
     app[UPSTREAM_LOG] = UpstreamLog()
@@ -159,6 +174,7 @@ def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app.router.add_post("/v1/files/upload", _upload)
     app.router.add_post("/v1/files/mirror", _mirror)
     app.router.add_post("/v1/files/key-refused", _key_refused)
+    app.router.add_post("/v1/files/key-refused-in-pieces", _key_refused_in_pieces)
     app.router.add_post("/v1/audio/transcriptions", _transcription)
     app.router.add_route("*", "/v1/moderations", _status_from_header)
     return app

@@ -166,6 +166,42 @@ class ChunkFilter(Protocol):
     def flush(self) -> bytes: ...
 
 
+def _mask_of(key: bytes) -> bytes:
+    """``key`` starred but for its first 3 and last 4 bytes (at most a third of it): as long as the
+    key, so that a masked body keeps its length."""
+    shown = min(7, len(key) // 3)
+    tail = min(4, shown)
+    return key[: shown - tail] + b"*" * (len(key) - shown) + key[len(key) - tail :]
+
+
+class _KeyMask:
+    """Masks the project's key in an error answer relayed in pieces, also where a piece ends
+    inside it (see ProxyHandler._relay); the output is as long as the input."""
+
+    __slots__ = ("_held", "_key", "_mask")
+
+    def __init__(self, key: bytes) -> None:
+        self._key, self._mask, self._held = key, _mask_of(key), b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data, key = self._held + chunk, self._key
+        cut = len(data) - len(key) + 1  # a key may begin after it: held for the next piece
+        at = data.find(key)
+        while 0 <= at < cut:  # (as replace() finds them: left to right, none overlapping)
+            end = at + len(key)
+            if end > cut:
+                cut = end  # never cut inside a key
+                break
+            at = data.find(key, end)
+        cut = max(cut, 0)
+        self._held = data[cut:]  # shorter than a key: nothing to mask in it alone
+        return data[:cut].replace(key, self._mask)
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
+
+
 def _merged(*reads: dict[str, list[object]]) -> dict[str, list[object]]:
     """Every value of every watched name, as each way of reading the body found them."""
     values: dict[str, list[object]] = {}
@@ -585,7 +621,14 @@ class ProxyHandler:
         if upstream.status >= 400:
             exchange.upstream_key_to_mask = grant.upstream_authorization.removeprefix(b"Bearer ")
         try:
-            await self._relay(writer, upstream, exchange, request_id, reply_headers)
+            await self._relay(
+                writer,
+                upstream,
+                exchange,
+                request_id,
+                reply_headers,
+                grant.upstream_authorization,
+            )
         except errors.ProxyError:
             # The answer was refused (say, for a transfer coding other than chunked, which the
             # parser may still have framed as chunked): its connection is never pooled.
@@ -873,6 +916,7 @@ class ProxyHandler:
         exchange: Exchange,
         request_id: bytes,
         reply_headers: Fields,
+        authorization: bytes,  # b"Bearer <project key>": the key is never shown (SPEC §6)
     ) -> None:
         exchange.upstream_headers_at = now = time.perf_counter()
         exchange.status = upstream.status
@@ -945,14 +989,21 @@ class ProxyHandler:
         )
         if held_length is not None and chunk_filter is None:
             head.add(b"Content-Length", held_length)  # the body goes as it came
+        # Some OpenAI-compatible servers quote the key they refused: masked in place in an error
+        # answer (a compressed one excepted, which the proxy does not read).
+        key = authorization.removeprefix(b"Bearer ") if upstream.status >= 400 else None
+        if key is not None and chunk_filter is None:
+            chunk_filter = _KeyMask(key)
         if not stream:
             body = upstream.complete_body()
             if body is not None:
                 # Head, body and end in one send, as the relay below would send one chunk, without
                 # the cost of a relay.
                 if body:
-                    exchange.response_body.add(body)
+                    exchange.response_body.add(body)  # (as it came: events mask secrets)
                     exchange.first_byte_at = time.perf_counter()
+                if key is not None:
+                    body = body.replace(key, _mask_of(key))
                 await writer.respond(upstream.status, upstream.reason, head, body)
                 return
         await writer.start(upstream.status, upstream.reason, head, stream=stream)

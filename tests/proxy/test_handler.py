@@ -491,6 +491,22 @@ async def test_upstream_errors_pass_through_verbatim(proxy: Proxy) -> None:
         assert timings[0] == "db;dur=5" and timings[1].startswith("proxy;dur=")
 
 
+@pytest.mark.parametrize("route", ["key-refused", "key-refused-in-pieces"])
+async def test_an_upstream_error_quoting_the_project_key_never_shows_it_to_the_client(
+    proxy: Proxy, route: str
+) -> None:
+    """SPEC §6: upstream keys never appear in responses. Some OpenAI-compatible servers quote
+    the key they refused: the answer is relayed with the key masked in place (same length, so
+    its framing holds), whether its body came with the head or after it."""
+    token = await proxy.token()
+    response = await proxy.client.post(f"/v1/files/{route}", json={"x": 1}, headers=bearer(token))
+    assert response.status == 401
+    text = await response.text()
+    assert UPSTREAM_KEY not in text
+    quoted = orjson.loads(text)["error"]["message"].removeprefix("Invalid key: Bearer ")
+    assert len(quoted) == len(UPSTREAM_KEY) and quoted.endswith(UPSTREAM_KEY[-4:])
+
+
 async def test_body_bytes_pass_through_unchanged_both_ways(proxy: Proxy) -> None:
     token = await proxy.token()
     payload = bytes(range(256)) * 4096  # 1 MiB, not JSON: never parsed
