@@ -44,6 +44,7 @@ from llm_proxy.models import (
     RATE_WINDOW_MICROS,
     BudgetHold,
     Claim,
+    RateSlot,
     UsageDelta,
     isoformat,
     usd,
@@ -222,7 +223,7 @@ class TokenAuthority:
                 tally[1] = wall
             admission = Admission(grant, None, slot)
         else:
-            claim = None if grant.exhausted else await self._claim(grant.token_id, wall, slot)
+            claim = None if grant.exhausted else await self._claim(grant, wall, slot)
             if claim is None:
                 claim = await self._claim_after_refusal(grant, wall, slot)
             # What is left of the quota the database counted against: a change may have set
@@ -401,12 +402,17 @@ class TokenAuthority:
 
     async def _take_rate_slot(self, grant: Grant) -> int:
         token_id, slot_id = grant.token_id, random.randbytes(8).hex()
+        call = asyncio.ensure_future(self._rate_windows.take(token_id, grant.rpm or 0, slot_id))
         try:
-            slot = await self._rate_windows.take(token_id, grant.rpm or 0, slot_id)
+            slot = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The client left meanwhile: the slot may be taken all the same (SQLite's transaction
+            # runs to its end, and its cancel() knows no slot), given back once that is known.
+            call.add_done_callback(partial(self._give_back_taken_slot, token_id, slot_id))
+            raise
         except BaseException as exc:
-            # No answer in time, the connection died, or the client left meanwhile: the slot may
-            # have been taken all the same, or may be yet (a stalled Redis runs the script when
-            # it wakes).
+            # No answer in time, or the connection died: the slot may have been taken all the
+            # same, or may be yet (a stalled Redis runs the script when it wakes).
             self._give_back_later(
                 "give_back",
                 lambda: self._rate_windows.cancel(token_id, slot_id),
@@ -425,6 +431,19 @@ class TokenAuthority:
                 headers={"Retry-After": str(retry_after)},
             )
         return slot.at_micros
+
+    def _give_back_taken_slot(
+        self, token_id: str, slot_id: str, call: asyncio.Future[RateSlot]
+    ) -> None:
+        """Give back, in the background, the rpm slot of a request whose client left while it
+        was taken (see :meth:`_take_rate_slot`)."""
+        if call.cancelled() or call.exception() is not None:
+            give_back = partial(self._rate_windows.cancel, token_id, slot_id)
+        elif (taken := call.result()).admitted and taken.at_micros:
+            give_back = partial(self._rate_windows.give_back, token_id, taken.at_micros)
+        else:
+            return
+        self._give_back_later("give_back", give_back, RATE_WINDOW_MICROS / 1e6)
 
     async def _check_tpm(self, grant: Grant) -> None:
         try:
@@ -499,9 +518,19 @@ class TokenAuthority:
                 headers={"x-should-retry": "false"},
             )
 
-    async def _claim(self, token_id: str, wall: float, slot: int) -> Claim | None:
+    async def _claim(self, grant: Grant, wall: float, slot: int) -> Claim | None:
+        token_id = grant.token_id
+        call = asyncio.ensure_future(
+            self._store.consume_request(token_id, datetime.fromtimestamp(wall, UTC))
+        )
         try:
-            return await self._store.consume_request(token_id, datetime.fromtimestamp(wall, UTC))
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The client left while the request was being counted, and the count may land all
+            # the same (SQLite's transaction runs to its end): never reaching the upstream, the
+            # request gives back what it took once that is known.
+            call.add_done_callback(partial(self._give_back_claim, grant, slot))
+            raise
         except ClaimInDoubt as doubt:
             # Counted or not, it must not stay counted and refused: admitted when the database
             # says it counted, else refused; given back once it can tell, when it cannot yet.
@@ -528,6 +557,21 @@ class TokenAuthority:
                 "The store holding this token's limits is unavailable; retry shortly."
             ) from None
 
+    def _give_back_claim(self, grant: Grant, slot: int, call: asyncio.Future[Claim | None]) -> None:
+        """Give back, in the background, the place and the rpm slot of a request whose client
+        left while its place was claimed (see :meth:`_claim`)."""
+        failed = None if call.cancelled() else call.exception()
+        if call.cancelled() or failed is not None or call.result() is None:
+            if isinstance(failed, ClaimInDoubt):
+                self._give_back_later(
+                    "release", partial(self._release_if_committed, grant.token_id, failed)
+                )
+            if slot:
+                give_back = partial(self._rate_windows.give_back, grant.token_id, slot)
+                self._give_back_later("give_back", give_back, RATE_WINDOW_MICROS / 1e6)
+            return
+        self.release_unsent(Admission(grant, None, slot))
+
     async def _release_if_committed(self, token_id: str, doubt: ClaimInDoubt) -> None:
         if await doubt.committed():
             await self._store.release_request(token_id)
@@ -546,7 +590,7 @@ class TokenAuthority:
             raise
         if grant.exhausted and fresh.is_active and not fresh.exhausted:
             # (It gives the slot back itself when the store fails.)
-            claim = await self._claim(grant.token_id, wall, slot)
+            claim = await self._claim(grant, wall, slot)
             if claim is not None:
                 return claim
         await self._give_back_slot(grant.token_id, slot)

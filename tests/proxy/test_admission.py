@@ -6,9 +6,13 @@ Every test runs on each backend: SQLite, and a real PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from llm_proxy.models import AuditEntry
@@ -160,6 +164,62 @@ async def test_a_request_whose_client_left_before_it_reached_the_upstream_counts
         # Its rpm slot and its request are free again: the next request goes to the upstream too,
         # rather than being refused 429.
         await give_up()
+
+
+@contextlib.asynccontextmanager
+async def tokens_locked(database_url: str) -> AsyncIterator[None]:
+    """Another client holds the tokens' writes (SQLite's write lock, or the PostgreSQL table):
+    a claim of the proxy's waits until the block ends, then lands."""
+    if database_url.startswith("sqlite:///"):
+        db = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        return
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE tokens IN EXCLUSIVE MODE")
+            yield
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("limit", [{"max_requests": 1}, {"rpm": 1}], ids=["quota", "rpm"])
+async def test_a_request_whose_client_left_while_its_place_was_claimed_counts_nothing(
+    proxy: Proxy, proxy_database_url: str, limit: dict[str, int]
+) -> None:
+    """The client gave up while the database was still counting its request: the count lands
+    after the client left, and nothing reached the upstream, so it is given back (SPEC §6)."""
+    issued = await proxy.issue_token(**limit)
+    headers = bearer(issued["token"])
+
+    async def token() -> dict[str, Any]:
+        _, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+        return dict(shown)
+
+    async with tokens_locked(proxy_database_url):
+        request = asyncio.ensure_future(proxy.client.get("/v1/models", headers=headers))
+        await asyncio.sleep(0.5)  # its claim waits for the lock
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.sleep(0.2)  # the proxy sees its client go
+    for _ in range(100):  # the claim lands (it stamps last_used_at), unless it was called off
+        if (await token())["last_used_at"] is not None:
+            break
+        await asyncio.sleep(0.02)
+    for _ in range(300):  # and is given back
+        if (shown := await token())["request_count"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert shown["request_count"] == 0
+    response = await proxy.client.get("/v1/models", headers=headers)
+    assert response.status == 200  # its one request (a minute), never used
+    assert [seen.path_qs for seen in proxy.upstream.requests] == ["/v1/models"]
 
 
 async def test_a_place_given_back_on_another_instance_is_claimable_there_at_once(
