@@ -108,6 +108,11 @@ _COUNT_INLINE_BYTES = 1024
 # Streams whose usage the proxy asks for when the client did not (see usage_injection.py).
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
+# What an oversized request of a budgeted token holds: the least anything costs, so that a budget
+# used up is said before the size, in SPEC §7's order (its body, never read, cannot be priced).
+_ANY_COST = CostPlan(
+    want=1, minimum=1, prompt_cost=0, output_unit=0, cap_field=None, model_cap=None
+)
 _TOOLS = frozenset({"tools"})
 _PRICED_RAW = frozenset({"tools", "stream_options"})
 _OPTIONS = frozenset({"stream_options"})
@@ -397,6 +402,8 @@ class ProxyHandler:
                     )
                 except errors.RequestTooLarge as found:
                     too_large = found  # read for its checks, with no length to refuse it by
+            if too_large is not None and grant.budget is not None:
+                plan = _ANY_COST
             admission = await self.authority.admit(grant, plan)
             if too_large is not None:
                 raise too_large  # after the limits, in SPEC §7's order; it releases what it took

@@ -561,6 +561,29 @@ async def test_a_declared_oversized_body_is_refused_after_the_limits(proxy_facto
     assert [seen.path_qs for seen in proxy.upstream.requests] == ["/v1/models"]  # no upload
 
 
+async def test_an_oversized_body_on_a_spent_budget_is_refused_for_the_budget(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """SPEC §7's order again: budget_exceeded comes before request_too_large, whether the size
+    was declared or found while reading; a budget with something left still gets the 413."""
+    proxy: Proxy = await proxy_factory(max_request_body_bytes=100_000)
+    issued = await proxy.issue_token(budget_usd=0.01)
+    headers = bearer(issued["token"])
+
+    async def chunked() -> Any:
+        for _ in range(10):
+            yield b"y" * 50_000
+
+    response = await proxy.client.post("/v1/files/upload", data=b"x" * 200_000, headers=headers)
+    assert response.status == 413 and await error_code(response) == "request_too_large"
+    with sqlite3.connect(tmp_path / "llm-proxy.db") as db:  # the budget is spent
+        db.execute("UPDATE tokens SET spent_nanousd = budget_nanousd WHERE id = ?", (issued["id"],))
+    for body in (b"x" * 200_000, chunked()):
+        response = await proxy.client.post("/v1/chat/completions", data=body, headers=headers)
+        assert response.status == 429 and await error_code(response) == "budget_exceeded"
+    assert proxy.upstream.requests == []
+
+
 async def test_a_checked_chunked_oversized_body_is_refused_after_the_limits(
     proxy_factory: Any,
 ) -> None:
