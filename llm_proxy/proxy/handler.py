@@ -362,6 +362,10 @@ class ProxyHandler:
         if origin is not None and self.provider.origin_allowed(origin):
             reply_headers.append((b"Access-Control-Allow-Origin", _field(origin)))
             reply_headers.append((b"Vary", b"Origin"))
+            # A page's script reads only the CORS-safelisted fields of an answer unless it exposes
+            # more: x-should-retry, Retry-After and the request ids, which the SDKs act on, among
+            # them. (The wildcard holds: the proxy allows no credentialed request.)
+            reply_headers.append((b"Access-Control-Expose-Headers", b"*"))
         try:
             admitted = await self._admit(request, writer, reply_headers, request_id_field)
         except errors.ProxyError as exc:

@@ -688,6 +688,24 @@ async def test_allowed_origins_match_as_browsers_write_an_origin(proxy_factory: 
         assert response.headers.get("Access-Control-Allow-Origin") == origin
 
 
+async def test_a_page_on_an_allowed_origin_can_read_the_fields_the_sdks_act_on(
+    proxy_factory: Any,
+) -> None:
+    """A browser shows a page's script only the CORS-safelisted fields of an answer unless the
+    answer exposes more: x-should-retry, Retry-After and the request ids, which the OpenAI SDKs
+    read, must be exposed, on refusals as on relayed answers."""
+    proxy: Proxy = await proxy_factory(api={"allowed_origins": ["https://app.example"]})
+    origin = {"Origin": "https://app.example"}
+    token = await proxy.token(rpm=1)
+    answered = await proxy.client.get("/v1/models", headers={**origin, **bearer(token)})
+    refused = await proxy.client.get("/v1/models", headers={**origin, **bearer(token)})
+    assert (answered.status, refused.status) == (200, 429)
+    for response in (answered, refused, await proxy.client.get("/v1/models", headers=origin)):
+        assert response.headers["Access-Control-Expose-Headers"] == "*"
+    other = await proxy.client.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Expose-Headers" not in other.headers
+
+
 async def test_a_preflight_answer_carries_the_proxys_request_id(proxy_factory: Any) -> None:
     """No upstream answers a preflight: its x-request-id is the proxy's, as on a refusal."""
     proxy: Proxy = await proxy_factory(api={"allowed_origins": ["https://app.example"]})
