@@ -629,17 +629,15 @@ class ProxyHandler:
             # its request never reached the upstream and counts for nothing.
             exchange.mark_sent if grant.limited else None,
         )
+        # Some OpenAI-compatible servers quote the key they refused: an error answer is masked
+        # where the proxy reads it (see _relay), and its event wherever the key shows.
+        key = None
         if upstream.status >= 400:
-            exchange.upstream_key_to_mask = grant.upstream_authorization.removeprefix(b"Bearer ")
-        try:
-            await self._relay(
-                writer,
-                upstream,
-                exchange,
-                request_id,
-                reply_headers,
-                grant.upstream_authorization,
+            key = exchange.upstream_key_to_mask = grant.upstream_authorization.removeprefix(
+                b"Bearer "
             )
+        try:
+            await self._relay(writer, upstream, exchange, request_id, reply_headers, key)
         except errors.ProxyError:
             # The answer was refused (say, for a transfer coding other than chunked, which the
             # parser may still have framed as chunked): its connection is never pooled.
@@ -927,7 +925,7 @@ class ProxyHandler:
         exchange: Exchange,
         request_id: bytes,
         reply_headers: Fields,
-        authorization: bytes,  # b"Bearer <project key>": the key is never shown (SPEC §6)
+        key: bytes | None,  # an error answer's project key, never shown (SPEC §6)
     ) -> None:
         exchange.upstream_headers_at = now = time.perf_counter()
         exchange.status = upstream.status
@@ -1000,9 +998,7 @@ class ProxyHandler:
         )
         if held_length is not None and chunk_filter is None:
             head.add(b"Content-Length", held_length)  # the body goes as it came
-        # Some OpenAI-compatible servers quote the key they refused: masked in place in an error
-        # answer (a compressed one excepted, which the proxy does not read).
-        key = authorization.removeprefix(b"Bearer ") if upstream.status >= 400 else None
+        # Masked in place in an error answer (a compressed one excepted, which is not read here).
         if key is not None and chunk_filter is None:
             chunk_filter = _KeyMask(key)
         if not stream:
