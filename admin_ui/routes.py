@@ -77,7 +77,8 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         except OSError:
             # A name the filesystem refuses (too long, say): no such file, as for any other.
             raise web.HTTPNotFound() from None
-    supplied = request.headers.get("Authorization")
+    # Repeated, the values are one list, which no credential matches (as on the management API).
+    supplied = ", ".join(request.headers.getall("Authorization", ())) or None
     if not check_basic_auth(supplied, admin.admin_user, admin.admin_password):
         if supplied:  # (a browser asks first without: the 401 makes it show the sign-in box)
             failed_sign_ins.refused("admin", request.remote)

@@ -110,7 +110,9 @@ def _http_error(exc: web.HTTPException) -> web.Response:
 
 def _authenticate(request: web.Request) -> None:
     expected = request.app[MANAGEMENT_TOKEN].encode()
-    supplied = request.headers.get("Authorization", "")
+    # Repeated, the values are one list (RFC 9110), which no credential matches: the first alone
+    # would let a second header that a client or a hop added pass unseen, as on the proxy path.
+    supplied = ", ".join(request.headers.getall("Authorization", ()))
     scheme, _, credential = supplied.partition(" ")
     # Header bytes that are not UTF-8 arrive as lone surrogates; surrogateescape turns them back
     # into the bytes sent, so they simply fail the comparison instead of failing to encode.

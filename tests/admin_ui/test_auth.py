@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from multidict import CIMultiDict
 
 from llm_proxy.runtime.server import with_generated_secrets
 from tests.admin_ui.conftest import ADMIN, AdminPages, basic
@@ -48,6 +49,17 @@ async def test_wrong_or_missing_credentials_get_401_with_a_basic_challenge(
         assert page.headers["WWW-Authenticate"] == CHALLENGE
         assert "csrf_token" not in page.text
         assert "Sign-in required" in page.text
+
+
+async def test_two_authorization_headers_are_refused_whichever_comes_first(
+    admin: AdminPages,
+) -> None:
+    right, wrong = ADMIN["Authorization"], basic("admin", "wrong")["Authorization"]
+    for pair in ((right, wrong), (wrong, right), (right, right)):
+        headers = CIMultiDict(("Authorization", value) for value in pair)
+        async with admin.proxy.client.get("/admin/", headers=headers) as page:
+            assert page.status == 401, pair
+            assert page.headers["WWW-Authenticate"] == CHALLENGE
 
 
 async def test_a_post_without_credentials_changes_nothing(admin: AdminPages) -> None:

@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy.control.management import MAX_JSON_BYTES, management_app
@@ -111,6 +112,17 @@ async def test_requests_without_the_management_token_are_refused(proxy: Proxy) -
         body = await response.json()
         assert _code(body) == "unauthorized"
         assert MANAGEMENT_TOKEN not in await response.text()
+
+
+async def test_two_authorization_headers_are_refused_whichever_comes_first(proxy: Proxy) -> None:
+    """The first alone was read: a second header added by a client or a hop passed unseen, and
+    the answer depended on the order (as on the proxy path, both are read, and match nothing)."""
+    right = f"Bearer {MANAGEMENT_TOKEN}"
+    for pair in ((right, "Bearer nope"), ("Bearer nope", right), (right, right)):
+        headers = CIMultiDict(("Authorization", value) for value in pair)
+        response = await proxy.client.get("/manage/projects", headers=headers)
+        assert response.status == 401, pair
+        assert _code(await response.json()) == "unauthorized"
 
 
 async def test_project_lifecycle_masks_the_upstream_key(proxy: Proxy) -> None:
