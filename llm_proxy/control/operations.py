@@ -38,7 +38,6 @@ from llm_proxy.models import (
 )
 from llm_proxy.proxy.admission import TokenAuthority
 from llm_proxy.store import Store
-from llm_proxy.store.records import with_revoke_counts
 from llm_proxy.store.unavailable import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
@@ -193,13 +192,11 @@ class Operations:
         if is_active is not None:
             details["is_active"] = is_active
         entry = actor.entry("project.update", "project", project_id, project_id, **details)
-        if revoke_tokens:
-            # One call, one audit event (SPEC §5): the update's, with what was revoked.
-            await self.get_project(project_id)
-            counts = await self.store.revoke_project_tokens(project_id, None)
-            self._authority.invalidate(project_id=project_id)
-            entry = with_revoke_counts(entry, counts)
-        project = await self.store.update_project(project_id, changes, entry)
+        # One call, one audit event (SPEC §5): the update's, with what was revoked; one
+        # transaction, so that a change that fails revokes nothing either.
+        project = await self.store.update_project(
+            project_id, changes, entry, revoke_tokens=revoke_tokens
+        )
         if project is None:
             raise errors.ProjectNotFound(f"No project with id {_quoted(project_id)}.")
         self._authority.invalidate(project_id=project_id)

@@ -42,9 +42,16 @@ class Store(Protocol):
     async def get_project(self, project_id: str) -> Project | None: ...
     async def list_projects(self) -> list[Project]: ...
     async def update_project(
-        self, project_id: str, changes: dict[str, Any], audit: AuditEntry
+        self,
+        project_id: str,
+        changes: dict[str, Any],
+        audit: AuditEntry,
+        *,
+        revoke_tokens: bool = False,
     ) -> Project | None:
-        """Apply ``changes`` (column → value; ``updated_at`` set by the store)."""
+        """Apply ``changes`` (column → value; ``updated_at`` set by the store) and, with
+        ``revoke_tokens``, revoke the project's tokens in the same transaction (their counts in
+        ``audit``): none is revoked by a change that fails."""
         ...
 
     async def delete_project(self, project_id: str, audit: AuditEntry) -> bool: ...

@@ -363,7 +363,12 @@ class PostgresStore:
         return [_project(r) for r in rows]
 
     async def update_project(
-        self, project_id: str, changes: dict[str, Any], audit: AuditEntry
+        self,
+        project_id: str,
+        changes: dict[str, Any],
+        audit: AuditEntry,
+        *,
+        revoke_tokens: bool = False,
     ) -> Project | None:
         check_columns("project", changes, PROJECT_COLUMNS)
         columns = list(changes)
@@ -377,6 +382,8 @@ class PostgresStore:
             )
             if row is None:
                 return None
+            if revoke_tokens:
+                audit = with_revoke_counts(audit, await _revoke_tokens_of(conn, project_id))
             await self._changed(conn, project_id, None)
             await self._audit(conn, audit)
         return _project(row)
@@ -394,22 +401,7 @@ class PostgresStore:
         self, project_id: str, audit: AuditEntry | None
     ) -> RevokeCounts:
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
-            # The rows locked as they are read: none can change state between the count and the
-            # UPDATE (a revocation committed meanwhile was counted by neither), and a token
-            # issued meanwhile is revoked and counted by the UPDATE, so the counts add up.
-            inactive = await conn.fetchval(
-                "SELECT COUNT(*) FILTER (WHERE NOT is_active) FROM"
-                " (SELECT is_active FROM tokens WHERE project_id = $1 FOR UPDATE) AS held",
-                project_id,
-            )
-            status = await conn.execute(
-                "UPDATE tokens SET is_active = FALSE, revoked_at = $2"
-                " WHERE project_id = $1 AND is_active",
-                project_id,
-                utcnow(),
-            )
-            revoked = int(status.split()[-1])
-            counts = RevokeCounts(revoked, int(inactive), revoked + int(inactive))
+            counts = await _revoke_tokens_of(conn, project_id)
             await self._changed(conn, project_id, None)
             if audit is not None:
                 await self._audit(conn, with_revoke_counts(audit, counts))
@@ -915,3 +907,22 @@ async def _until_lost(conn: asyncpg.Connection, lost: asyncio.Future[None]) -> N
 
 def _claim(row: Any) -> Claim:
     return Claim(int(row["request_count"]), row["max_requests"])
+
+
+async def _revoke_tokens_of(conn: Conn, project_id: str) -> RevokeCounts:
+    """Revoke a project's tokens inside the caller's transaction; what it counted."""
+    # The rows locked as they are read: none can change state between the count and the UPDATE
+    # (a revocation committed meanwhile was counted by neither), and a token issued meanwhile is
+    # revoked and counted by the UPDATE, so the counts add up.
+    inactive = await conn.fetchval(
+        "SELECT COUNT(*) FILTER (WHERE NOT is_active) FROM"
+        " (SELECT is_active FROM tokens WHERE project_id = $1 FOR UPDATE) AS held",
+        project_id,
+    )
+    status = await conn.execute(
+        "UPDATE tokens SET is_active = FALSE, revoked_at = $2 WHERE project_id = $1 AND is_active",
+        project_id,
+        utcnow(),
+    )
+    revoked = int(status.split()[-1])
+    return RevokeCounts(revoked, int(inactive), revoked + int(inactive))

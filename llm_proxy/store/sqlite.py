@@ -326,7 +326,12 @@ class SqliteStore:
 
     @_writes
     async def update_project(
-        self, project_id: str, changes: dict[str, Any], audit: AuditEntry
+        self,
+        project_id: str,
+        changes: dict[str, Any],
+        audit: AuditEntry,
+        *,
+        revoke_tokens: bool = False,
     ) -> Project | None:
         check_columns("project", changes, PROJECT_COLUMNS)
         assignments = ", ".join(f"{column} = ?" for column in changes)
@@ -337,6 +342,8 @@ class SqliteStore:
         cur = await self._db.execute(sql, (*values, _ts(utcnow()), project_id))
         if cur.rowcount == 0:
             return None
+        if revoke_tokens:
+            audit = with_revoke_counts(audit, await self._revoke_tokens_of(project_id))
         await self._changed(project_id, None)
         await self._audit(audit)
         return await self.get_project(project_id)
@@ -354,6 +361,13 @@ class SqliteStore:
     async def revoke_project_tokens(
         self, project_id: str, audit: AuditEntry | None
     ) -> RevokeCounts:
+        counts = await self._revoke_tokens_of(project_id)
+        await self._changed(project_id, None)
+        if audit is not None:
+            await self._audit(with_revoke_counts(audit, counts))
+        return counts
+
+    async def _revoke_tokens_of(self, project_id: str) -> RevokeCounts:
         row = await self._one(
             "SELECT COUNT(*) AS total, SUM(is_active = 0) AS inactive FROM tokens WHERE project_id = ?",
             (project_id,),
@@ -364,11 +378,7 @@ class SqliteStore:
             "UPDATE tokens SET is_active = 0, revoked_at = ? WHERE project_id = ? AND is_active = 1",
             (_ts(utcnow()), project_id),
         )
-        counts = RevokeCounts(cur.rowcount, already, total)
-        await self._changed(project_id, None)
-        if audit is not None:
-            await self._audit(with_revoke_counts(audit, counts))
-        return counts
+        return RevokeCounts(cur.rowcount, already, total)
 
     # -- tokens --------------------------------------------------------------------------------
 

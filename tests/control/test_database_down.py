@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import Proxy
 from tests.postgres import PostgresServer
+from tests.proxy.test_settlement_retry import AnswerLosingRelay
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
 
@@ -26,3 +28,42 @@ async def test_the_first_call_after_the_database_went_away_is_503(
     assert [(status, body["error"]["code"]) for status, body in answers] == [
         (503, "service_unavailable")
     ] * 4, answers
+
+
+async def test_a_project_change_that_fails_revokes_none_of_its_tokens(
+    postgres_server: PostgresServer, postgres_url: str, proxy_factory: Any
+) -> None:
+    """PATCH with revoke_tokens and a change: the database goes away as the change is written.
+    The call fails, and the tokens are still active with no audit event, as the project is
+    unchanged (before, the revocation was a transaction of its own, committed before the change
+    failed)."""
+    relay = AnswerLosingRelay(postgres_server.port, b"UPDATE projects")
+    await relay.start()
+    try:
+        url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+        proxy: Proxy = await proxy_factory(database_url=url)
+        issued = await proxy.issue_token()
+        project_id = issued["project_id"]
+        relay.arm(b"UPDATE projects")
+        status, body = await proxy.manage(
+            "PATCH", f"/projects/{project_id}", {"name": "renamed", "revoke_tokens": True}
+        )
+        assert (status, body["error"]["code"]) == (503, "service_unavailable")
+        assert not relay.armed  # the change's statement was the one cut off
+        _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+        _, project = await proxy.manage("GET", f"/projects/{project_id}")
+        assert (token["status"], project["name"]) == ("active", "demo")
+        _, audit = await proxy.manage("GET", "/audit?action=project.update")
+        assert audit["events"] == []
+        # Asked again, both happen, in one audit event.
+        status, project = await proxy.manage(
+            "PATCH", f"/projects/{project_id}", {"name": "renamed", "revoke_tokens": True}
+        )
+        assert (status, project["name"]) == (200, "renamed")
+        _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+        assert token["status"] == "revoked"
+        _, audit = await proxy.manage("GET", "/audit?action=project.update")
+        (event,) = audit["events"]
+        assert event["details"]["revoked_count"] == 1
+    finally:
+        await relay.close()
