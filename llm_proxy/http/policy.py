@@ -12,6 +12,8 @@ they came as.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -76,6 +78,11 @@ _NOTED = frozenset(
 _SINGLE = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # A percent-encoded control character (C0 or DEL) anywhere in the target.
 _ENCODED_CONTROL = re.compile(rb"%(?:[01][0-9a-fA-F]|7[fF])")
+# RFC 9112 §3.2's Host: ``uri-host [ ":" port ]`` (RFC 3986), an IP literal being IPv6 (checked
+# by ipaddress). An invalid one is refused 400 here rather than left to a page that builds a URL
+# from it: the admin pages' redirect did, and answered 500.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[\w\-.~!$&'()*+,;=%]*)(?::([0-9]{0,5}))?")
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 # What a head holds besides its method, target and fields: " ", " HTTP/1.1", the request line's
 # CRLF and the empty line that ends the head.
@@ -213,8 +220,12 @@ def frame_request(head: HeadFields, version: str, method: bytes) -> Frame:
         name = head.duplicate.decode("latin-1")
         raise errors.MalformedRequest(f"The {name} header may appear only once.")
     noted = head.noted
-    if not http10 and b"host" not in noted:
-        raise errors.MalformedRequest("An HTTP/1.1 request needs a Host header.")
+    host = noted.get(b"host")
+    if host is None:
+        if not http10:
+            raise errors.MalformedRequest("An HTTP/1.1 request needs a Host header.")
+    elif not _valid_host(host):
+        raise errors.MalformedRequest("Invalid Host header.")
     chunked = False
     coding = noted.get(b"transfer-encoding")
     if coding is not None:
@@ -240,6 +251,25 @@ def frame_request(head: HeadFields, version: str, method: bytes) -> Frame:
         has_body,
         expect_continue,
     )
+
+
+# Cached: a server sees few Host values, and a lookup costs much less than a check on every request.
+@functools.lru_cache(maxsize=256)
+def _valid_host(value: bytes) -> bool:
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    name, port = match.groups()
+    if port and int(port) > 65535:
+        return False
+    if name[:1] == b"[":
+        try:
+            ipaddress.IPv6Address(name[1:-1].decode("ascii"))
+        except ValueError:
+            return False
+    elif name.find(b"%") >= 0 and _BAD_ESCAPE.search(name):  # (find(): see HeadFields.add)
+        return False
+    return True
 
 
 def request_target(url: bytes) -> str:

@@ -9,6 +9,7 @@ nothing, for the attacks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 from collections.abc import Callable
 from typing import Any
@@ -112,6 +113,9 @@ async def client(proxy: Proxy) -> Client:
 def head(method: str, target: str, *fields: str, version: str = "1.1") -> bytes:
     lines = [f"{method} {target} HTTP/{version}", *fields]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+ADMIN = "Authorization: Basic " + base64.b64encode(b"admin:admin-secret").decode()
 
 
 async def auth(proxy: Proxy) -> str:
@@ -291,6 +295,33 @@ async def test_host_is_required_exactly_once_on_http_1_1(
     client.send(head("GET", "/v1/models", *fields, await auth(proxy)))
     assert (await client.response())["status"] == 400
     assert proxy.upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"x:99999", b"evil.example:abc", b"\xff", b"[::1", b"[::zz]", b"a b", b"a/b", b"a@b", b"a%zz"],
+)
+@pytest.mark.parametrize("target", ["/admin", "/v1/models"])
+async def test_a_host_that_is_no_host_is_refused_400_on_every_path(
+    proxy: Proxy, client: Client, host: bytes, target: str
+) -> None:
+    # RFC 9112 §3.2: a Host field with an invalid value is answered 400, by the front door, not
+    # left to a page that builds its own URL from it (the admin's redirect answered 500).
+    credential = ADMIN if target == "/admin" else await auth(proxy)
+    client.send(head("GET", target, credential).replace(b"\r\n", b"\r\nHost: %b\r\n" % host, 1))
+    answer = await client.response()
+    assert answer["status"] == 400 and b'"bad_request"' in answer["body"]
+    assert proxy.upstream.requests == []
+
+
+@pytest.mark.parametrize("host", [b"", b"api.example.com:443", b"[::1]:8080", b"10.0.0.1", b"a_b:"])
+async def test_every_form_of_host_rfc_3986_allows_is_served(
+    proxy: Proxy, client: Client, host: bytes
+) -> None:
+    client.send(head("GET", "/admin", "Host: " + host.decode(), ADMIN))
+    assert (await client.response())["status"] == 308
+    client.send(head("GET", "/v1/models", "Host: " + host.decode(), await auth(proxy)))
+    assert (await client.response(1))["status"] == 200
 
 
 async def test_http_1_0_needs_no_host(proxy: Proxy, client: Client) -> None:
