@@ -185,6 +185,24 @@ async def test_ambiguous_framing_is_refused_and_never_reaches_upstream(
     assert proxy.upstream.requests == []
 
 
+@pytest.mark.parametrize("zeros", [1, 5000], ids=["one", "more-than-int-parses"])
+async def test_a_content_length_with_leading_zeros_frames_its_body(
+    proxy: Proxy, client: Client, zeros: int
+) -> None:
+    # 1*DIGIT (RFC 9110 §8.6): leading zeros are legal, and llhttp takes them. Past 4,300 digits
+    # int() refused the text, and the request was answered 500 with an error logged.
+    length = "Content-Length: " + "0" * zeros + "5"
+    client.send(
+        head("POST", "/v1/files/upload", "Host: t", await auth(proxy), length)
+        + b"hello"
+        + head("GET", "/health", "Host: t", length)
+        + b"hello"
+    )
+    assert (await client.response(0))["status"] == 200
+    assert proxy.upstream.last.body == b"hello"
+    assert (await client.response(1))["status"] == 200
+
+
 @pytest.mark.parametrize(
     ("chunks", "status", "code"),
     [
