@@ -150,15 +150,18 @@ class HeadFields:
             return  # a trailer field: never forwarded and never a header; it counts to the limit
         lower = name.lower()
         if lower in _NOTED:
+            # What the server reads of a value is without the whitespace after it, which llhttp
+            # leaves on (RFC 9110 §5.5: not part of the value); what is forwarded is as sent.
+            read = value.rstrip(b" \t")
             noted = self.noted
             if lower not in noted:
-                noted[lower] = value
+                noted[lower] = read
             elif lower == b"connection":
-                noted[lower] += b"," + value
+                noted[lower] += b"," + read
             elif lower == b"authorization":
                 # Combined, as a repeated field is (RFC 9110 §5.3): no single bearer token, so
                 # neither is taken, whichever a proxy in front may have judged.
-                noted[lower] += b", " + value
+                noted[lower] += b", " + read
             elif lower in _SINGLE:
                 self.duplicate = lower
         if self.control:

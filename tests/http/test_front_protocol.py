@@ -203,6 +203,23 @@ async def test_a_content_length_with_leading_zeros_frames_its_body(
     assert (await client.response(1))["status"] == 200
 
 
+async def test_whitespace_after_a_field_value_is_not_part_of_it(
+    proxy: Proxy, client: Client
+) -> None:
+    # RFC 9110 §5.5: a value excludes the whitespace around it; llhttp strips only the leading.
+    client.send(
+        head(
+            "POST", "/v1/files/upload", "Host: t \t", await auth(proxy) + " ", "Content-Length: 5 "
+        )
+        + b"hello"
+        + head("GET", "/health", "Host: t ", "Connection: close \t")
+    )
+    assert (await client.response(0))["status"] == 200
+    assert proxy.upstream.last.body == b"hello"
+    closing = await client.response(1)
+    assert closing["status"] == 200 and closing["headers"]["connection"] == "close"
+
+
 @pytest.mark.parametrize(
     ("chunks", "status", "code"),
     [
