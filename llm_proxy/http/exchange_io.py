@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from llm_proxy.http.front import FrontProtocol
 
 _BODY_HIGH_WATER = 1024 * 1024
+# What a buffered piece of a body costs besides its bytes (its object and its place in the queue),
+# counted towards the high-water mark: a body sent as tiny chunks, one piece each, would otherwise
+# hold many times its size before reading stops.
+_PIECE_COST = 64
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -98,9 +102,10 @@ class RequestBody:
 
     def feed(self, data: bytes) -> None:
         self._continue = False  # the client did not wait
-        self._chunks.append(data)
+        chunks = self._chunks
+        chunks.append(data)
         self.received += len(data)
-        if self.received - self._taken > _BODY_HIGH_WATER:
+        if self.received - self._taken + _PIECE_COST * len(chunks) > _BODY_HIGH_WATER:
             self._conn.pause_reading()
         self.wake()
 
@@ -143,9 +148,10 @@ class RequestBody:
                 self._waiter = None
 
     def _take(self) -> bytes:
-        chunk = self._chunks.popleft()
+        chunks = self._chunks
+        chunk = chunks.popleft()
         self._taken += len(chunk)
-        if self.received - self._taken <= _BODY_HIGH_WATER // 4:
+        if self.received - self._taken + _PIECE_COST * len(chunks) <= _BODY_HIGH_WATER // 4:
             self._conn.resume_reading()
         return chunk
 

@@ -10,6 +10,7 @@ import socket
 import struct
 import termios
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from llm_proxy.http.front import FrontProtocol
 from llm_proxy.http.policy import MAX_HEAD_FIELDS
 from tests.conftest import Proxy
 from tests.http.test_front import front_site, read_response, request
+from tests.raw_servers import silent_server
 
 HEAD_LIMIT = 64 * 1024
 
@@ -391,3 +393,40 @@ async def test_a_chunked_upload_held_back_by_a_slow_upstream_is_not_refused_as_s
     finally:
         writer.close()
         server.close()
+
+
+async def test_a_body_of_tiny_chunks_waiting_for_its_upstream_holds_little_memory(
+    proxy_factory: Any,
+) -> None:
+    """The body buffered before the upstream takes it is bounded by what it costs, not only by its
+    bytes: each piece of it is an object, and a body of 2-byte chunks held many times its size
+    below the high-water mark's bytes."""
+    async with silent_server() as port:  # its TLS handshake never ends: the body waits
+        proxy: Proxy = await proxy_factory(
+            api={
+                "base_url": f"https://127.0.0.1:{port}",
+                "timeouts": {"connect": "30s", "response_header": "1s", "idle": "1s"},
+            }
+        )
+        sock = socket.create_connection(("127.0.0.1", proxy.client.port))
+        body = b"2\r\nab\r\n" * 150_000  # 300 KB of data
+
+        def send() -> None:
+            with contextlib.suppress(TimeoutError):  # held back: the rest waits in the kernel
+                sock.sendall(body)
+
+        try:
+            sock.sendall(chunked_upload(await proxy.token()))
+            await asyncio.sleep(0.2)  # admitted: waiting for its upstream connection
+            sock.settimeout(5)
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                await asyncio.to_thread(send)
+                await asyncio.sleep(0.5)
+                held = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            assert held < 3 * 1024 * 1024, held
+        finally:
+            sock.close()
