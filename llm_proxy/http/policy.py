@@ -227,7 +227,7 @@ def frame_request(head: HeadFields, version: str, method: bytes) -> Frame:
     if host is None:
         if not http10:
             raise errors.MalformedRequest("An HTTP/1.1 request needs a Host header.")
-    elif not _valid_host(host):
+    elif not (_known_host(host) if len(host) <= _CACHED_HOST_BYTES else _is_host(host)):
         raise errors.MalformedRequest("Invalid Host header.")
     chunked = False
     coding = noted.get(b"transfer-encoding")
@@ -258,9 +258,7 @@ def frame_request(head: HeadFields, version: str, method: bytes) -> Frame:
     )
 
 
-# Cached: a server sees few Host values, and a lookup costs much less than a check on every request.
-@functools.lru_cache(maxsize=256)
-def _valid_host(value: bytes) -> bool:
+def _is_host(value: bytes) -> bool:
     match = _HOST.fullmatch(value)
     if match is None:
         return False
@@ -275,6 +273,13 @@ def _valid_host(value: bytes) -> bool:
     elif name.find(b"%") >= 0 and _BAD_ESCAPE.search(name):  # (find(): see HeadFields.add)
         return False
     return True
+
+
+# Cached: a server sees few Host values, and a lookup costs much less than a check on every request.
+# Not a long value, which no host name is (RFC 1035: at most 253 characters), so that the cache
+# holds little whatever clients send.
+_known_host = functools.lru_cache(maxsize=256)(_is_host)
+_CACHED_HOST_BYTES = 300
 
 
 def request_target(url: bytes) -> str:
