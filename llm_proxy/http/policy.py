@@ -22,8 +22,10 @@ from llm_proxy import errors
 # Paths served by the aiohttp application (the control plane), matched on segment boundaries.
 CONTROL_PREFIXES = (b"/manage", b"/admin", b"/health", b"/ready", b"/metrics")
 
-# Never forwarded upstream: hop-by-hop fields, our own credential, what identifies the client and
-# the request id (replaced by the proxy's). Lower case; every ``CF-*`` field is dropped as well.
+# Never forwarded upstream: hop-by-hop fields, our own credential, what identifies the client,
+# the request id (replaced by the proxy's), and the fields some frameworks take as the request's
+# real method (a POST that an upstream would run as a DELETE the allowlist refuses). Lower case;
+# every ``CF-*`` field is dropped as well.
 DROPPED = frozenset(
     {
         b"connection",
@@ -55,6 +57,9 @@ DROPPED = frozenset(
         b"x-originating-ip",
         b"x-remote-ip",
         b"x-remote-addr",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
     }
 )
 # With ``_`` for ``-``, as some servers and CGI-style frameworks read them: also never forwarded,

@@ -319,6 +319,28 @@ async def test_hop_by_hop_connection_named_and_client_ip_headers_are_dropped(
     assert "x-kept" in seen
 
 
+async def test_a_method_override_never_reaches_the_upstream(proxy: Proxy, client: Client) -> None:
+    """Some frameworks run a POST carrying one of these as the method it names: forwarded, they
+    would turn an allowed POST into a DELETE that allowed_methods refuses."""
+    client.send(
+        head(
+            "POST",
+            "/v1/files/upload",
+            "Host: t",
+            await auth(proxy),
+            "Content-Length: 2",
+            "X-HTTP-Method-Override: DELETE",
+            "X-HTTP-Method: DELETE",
+            "X_Method_Override: DELETE",
+        )
+        + b"{}"
+    )
+    assert (await client.response())["status"] == 200
+    seen = {k.lower().replace("_", "-") for k in proxy.upstream.last.headers}
+    assert not seen & {"x-http-method-override", "x-http-method", "x-method-override"}
+    assert proxy.upstream.last.method == "POST"
+
+
 @pytest.mark.parametrize(
     "fields",
     [[], ["Host: a", "Host: b"], ["Host: a", "host: a"]],
