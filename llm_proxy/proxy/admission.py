@@ -239,6 +239,17 @@ class TokenAuthority:
             except BaseException:
                 await self.release(admission)
                 raise
+        if grant.limited and self._by_hash.get(grant.digest) is not grant:
+            # A change evicted the grant while its limits were counted (a store slow to answer,
+            # a wait for settlements): the same promise as above, given back what it took.
+            try:
+                self._refuse_unusable(
+                    self._by_hash.get(grant.digest)
+                    or await self._load_or_refuse(grant, grant.digest, time.monotonic())
+                )
+            except BaseException:
+                await self.release(admission)
+                raise
         return admission
 
     async def _hold(self, admission: Admission, budget: int, plan: CostPlan) -> None:

@@ -63,3 +63,27 @@ async def test_a_hold_and_a_slot_a_stalled_redis_takes_after_the_timeout_are_giv
     await settles_to(proxy, budgeted["id"], cost, within=10)
     assert rated_status == 200
     assert (await post(proxy, budgeted["token"], chat()))[0] == 200
+
+
+async def test_a_token_revoked_while_redis_stalls_its_admission_is_not_forwarded(
+    proxy_factory: Any, redis_server: RedisServer
+) -> None:
+    """A request is taking its rpm slot in a Redis that stalls (within the timeout) when the
+    operator revokes the token on this process: once the revocation is answered, the request
+    must not reach the upstream (SPEC §6: it takes effect at once in this process)."""
+    proxy: Proxy = await proxy_factory(event_bus="redis", redis_url=redis_server.url)
+    rated = await proxy.issue_token(rpm=100)
+    assert (await post(proxy, rated["token"], chat()))[0] == 200
+    forwarded = len(proxy.upstream.requests)
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        request = asyncio.ensure_future(post(proxy, rated["token"], chat()))
+        await asyncio.sleep(0.3)  # it waits for Redis, its token checked
+        assert (await proxy.manage("DELETE", f"/tokens/{rated['id']}"))[0] == 204
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    status, _, body = await request
+    assert len(proxy.upstream.requests) == forwarded
+    assert (status, orjson.loads(body)["error"]["code"]) == (401, "token_inactive")
