@@ -201,6 +201,13 @@ class TokenAuthority:
             self._refuse_unusable(
                 current or await self._load_or_refuse(grant, grant.digest, time.monotonic())
             )
+        elif (now := time.monotonic()) - max(self._feed_read_at, grant.loaded_at) > (
+            self._max_staleness
+        ):
+            # The feed fell silent while the body was arriving: the cache's word is no longer
+            # enough (fail closed), unless the grant itself was read since.
+            STATS.cache_stale_checks += 1
+            self._refuse_unusable(await self._load_or_refuse(grant, grant.digest, now))
         wall = time.time()
         if wall >= grant.expires_at:
             # It expired while the request's body was arriving (read whole before admission).

@@ -294,3 +294,36 @@ async def test_a_quiet_feed_is_read_often_enough_never_to_look_stale(
         assert await status_of(proxy, token) == (200, None)
     assert STATS.cache_stale_checks == stale_checks
     assert STATS.cache_hits == hits + 3
+
+
+async def test_a_request_admitted_once_the_feed_went_stale_is_checked_against_the_database(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any
+) -> None:
+    """A request whose token was checked while the feed was fresh, and whose body arrived only
+    after the feed fell silent for longer than REVOCATION_MAX_STALENESS, is admitted then: the
+    cache is not to be trusted at that moment, so the token is checked against the database,
+    which cannot answer (fail closed), rather than forwarded on the cache's word."""
+    proxy: Proxy = await proxy_factory(
+        database_url=own_database, revocation_max_staleness=0.5, change_poll_seconds=0.05
+    )
+    token = (await proxy.issue_token())["token"]
+    assert await status_of(proxy, token) == (200, None)
+    forwarded = len(proxy.upstream.requests)
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    url = proxy.client.make_url("")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10]
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)  # its token checked from the cache, its body still arriving
+    own_postgres.stop()
+    await asyncio.sleep(0.8)  # the feed is stale now
+    writer.write(body[10:])
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert len(proxy.upstream.requests) == forwarded
+    assert status_line.split()[1] == b"503"
