@@ -722,7 +722,8 @@ class TokenAuthority:
     # -- off the request path ------------------------------------------------------------------
 
     def invalidate(self, *, project_id: str | None = None, token_id: str | None = None) -> None:
-        """Forget cached grants of a token or of a whole project; the next request reloads.
+        """Forget cached grants of a token or of a whole project (of every token when neither is
+        named); the next request reloads.
 
         Lookups in flight read the store before this change: requests arriving from now on do
         not join them, and what they read is not cached."""
@@ -733,6 +734,7 @@ class TokenAuthority:
             for digest, grant in self._by_hash.items()
             if (token_id is not None and grant.token_id == token_id)
             or (project_id is not None and grant.project_id == project_id)
+            or (token_id is None and project_id is None)
         ]
         for digest in stale:
             del self._by_hash[digest]
@@ -767,6 +769,8 @@ class TokenAuthority:
                 self.invalidate(token_id=token_id)
             elif project_id is not None:
                 self.invalidate(project_id=project_id)
+            else:  # the feed started again lower: what it had may be lost
+                self.invalidate()
         return len(changes)
 
     async def flush_usage(self) -> int:

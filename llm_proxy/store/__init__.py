@@ -174,9 +174,12 @@ class Store(Protocol):
 
     # Change feed: how other processes learn that a cached token went stale.
     async def latest_change(self) -> int: ...
-    async def changes_since(
-        self, cursor: int
-    ) -> tuple[int, list[tuple[str | None, str | None]]]: ...
+    async def changes_since(self, cursor: int) -> tuple[int, list[tuple[str | None, str | None]]]:
+        """The new cursor and the (project id, token id) of each change after ``cursor``; one
+        naming neither when the feed's ids started again below the cursor (anything may have
+        changed)."""
+        ...
+
     async def listen_changes(self, wake: Callable[[], None], connected: Callable[[], None]) -> None:
         """Push: call ``connected`` once subscribed, then ``wake`` whenever any process commits a
         change, until the channel is lost (raises). A backend without a push channel returns at

@@ -160,6 +160,18 @@ SELECT count(*) FROM gone
 """
 
 
+# The changes after a cursor, in order; or, when the feed's newest id is below the cursor (the
+# ids started again lower: a database restored from a backup, a failover to a replica without the
+# last changes), one row naming nothing at that id, which says that anything may have changed.
+_CHANGES_SINCE = """
+SELECT id, project_id, token_id FROM changes WHERE id > $1
+UNION ALL
+SELECT latest, NULL, NULL FROM (SELECT COALESCE(MAX(id), 0) AS latest FROM changes) AS feed
+WHERE latest < $1
+ORDER BY id
+"""
+
+
 async def _prepare_connection(conn: asyncpg.Connection) -> None:
     # JSON columns in and out as Python values, through orjson.
     await conn.set_type_codec(
@@ -753,10 +765,7 @@ class PostgresStore:
         return int(await self._fetchval("SELECT COALESCE(MAX(id), 0) FROM changes"))
 
     async def changes_since(self, cursor: int) -> tuple[int, list[tuple[str | None, str | None]]]:
-        rows = await self._fetch(
-            "SELECT id, project_id, token_id FROM changes WHERE id > $1 ORDER BY id",
-            cursor,
-        )
+        rows = await self._fetch(_CHANGES_SINCE, cursor)
         if not rows:
             return cursor, []
         return rows[-1]["id"], [(r["project_id"], r["token_id"]) for r in rows]

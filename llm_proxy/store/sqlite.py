@@ -712,8 +712,13 @@ class SqliteStore:
         return int(row["latest"]) if row else 0
 
     async def changes_since(self, cursor: int) -> tuple[int, list[tuple[str | None, str | None]]]:
+        # As PostgreSQL's: a row naming nothing when the ids started again below the cursor (a
+        # database file restored from a backup).
         rows = await self._all(
-            "SELECT id, project_id, token_id FROM changes WHERE id > ? ORDER BY id", (cursor,)
+            "SELECT id, project_id, token_id FROM changes WHERE id > ?1 UNION ALL"
+            " SELECT latest, NULL, NULL FROM (SELECT COALESCE(MAX(id), 0) AS latest FROM changes)"
+            " WHERE latest < ?1 ORDER BY id",
+            (cursor,),
         )
         if not rows:
             return cursor, []

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from llm_proxy.stats import STATS
@@ -327,3 +328,30 @@ async def test_a_request_admitted_once_the_feed_went_stale_is_checked_against_th
     writer.close()
     assert len(proxy.upstream.requests) == forwarded
     assert status_line.split()[1] == b"503"
+
+
+async def test_a_change_feed_that_starts_again_lower_still_reaches_every_instance(
+    postgres_url: str, proxy_factory: Any
+) -> None:
+    """The database's change ids start again below what an instance has read (a database restored
+    from a backup, a failover to a replica that had not received the last changes): the changes
+    made from then on must still reach it within a second, not be taken for ones it has read."""
+    handler: Proxy = await proxy_factory(database_url=postgres_url)
+    other: Proxy = await proxy_factory(database_url=postgres_url)
+    for _ in range(3):
+        await handler.manage("DELETE", f"/tokens/{(await handler.issue_token())['id']}")
+    issued = await handler.issue_token()
+    assert await status_of(other, issued["token"]) == (200, None)
+    await asyncio.sleep(0.6)  # the other instance has read those changes
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute("DELETE FROM changes; ALTER SEQUENCE changes_id_seq RESTART WITH 1")
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.6)
+    await handler.manage("DELETE", f"/tokens/{issued['id']}")
+
+    async def refused() -> bool:
+        return await status_of(other, issued["token"]) == (401, "token_inactive")
+
+    await until(refused, 1.0, "the revocation after the feed started again")

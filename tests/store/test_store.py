@@ -326,6 +326,16 @@ async def test_the_change_feed_lists_every_change_in_order(store: Store) -> None
     assert await store.changes_since(cursor) == (cursor, [])
 
 
+async def test_a_cursor_past_the_feed_is_told_that_anything_may_have_changed(store: Store) -> None:
+    """Ids below a reader's cursor (a database restored from a backup, a failover to a replica
+    without the last changes): one change naming nothing, and a cursor the next ids pass."""
+    await store.create_project(project(), AUDIT)
+    latest = await store.latest_change()
+    assert await store.changes_since(latest + 5) == (latest, [(None, None)])
+    await store.update_project("p1", {"name": "n"}, AUDIT)
+    assert await store.changes_since(latest) == (latest + 1, [("p1", None)])
+
+
 async def test_concurrent_changes_are_never_skipped_by_a_following_reader(store: Store) -> None:
     """A reader that moves its cursor past a change must have seen every change below it."""
     await store.create_project(project(), AUDIT)
