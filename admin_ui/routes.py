@@ -137,7 +137,9 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def _add_slash(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPPermanentRedirect(request.url.with_path(request.path + "/"))
+    # A path, not a URL: built from Host and the scheme the server saw, behind a TLS-terminating
+    # load balancer it sent the browser to http:// (or to whatever host the request named).
+    raise web.HTTPPermanentRedirect(request.path + "/")
 
 
 def admin_app(
