@@ -100,7 +100,8 @@ async def audit_log(request: web.Request) -> web.Response:
             "page": page,
             "pages": pages,
             "first_shown": (page - 1) * AUDIT_PAGE_SIZE + 1,
-            "previous_query": _page_query(values, page - 1) if page > 1 else None,
+            # From past the last page (an old link, a typed number), "newer" is the last page.
+            "previous_query": _page_query(values, min(page - 1, pages)) if page > 1 else None,
             "next_query": _page_query(values, page + 1) if page < pages else None,
             "projects": projects,
             "names": {p.id: p.name for p in projects},

@@ -112,8 +112,12 @@ async def test_audit_page_paginates_and_keeps_filters(admin: AdminPages, proxy: 
     assert previous and previous.group(1) == "/admin/audit?action=token.create"
 
     assert (await admin.get("/admin/audit?page=0")).status == 400
-    beyond = await admin.get("/admin/audit?page=9")
+    beyond = await admin.get("/admin/audit?action=token.create&page=9")
     assert beyond.status == 200 and "No audit entries match" in beyond.text
+    # No range that does not exist ("451-450 of 55"), and "newer" leads to the last page.
+    assert "none of 55 on this page" in beyond.text and "451" not in beyond.text
+    previous = re.search(r'rel="prev" href="([^"]+)"', beyond.text)
+    assert previous and previous.group(1) == "/admin/audit?action=token.create&amp;page=2"
 
 
 async def test_audit_page_refuses_a_moment_past_the_calendar_as_a_form_error(
