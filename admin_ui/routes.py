@@ -85,6 +85,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return _unauthorized(request)
     try:
         if request.method == "POST":
+            # The root application's client_max_size is the proxy's; a body sent chunked
+            # announces no length for _check_csrf to refuse, so the form is also bounded as read.
+            request = request.clone(client_max_size=MAX_FORM_BYTES)
             problem = await _check_csrf(request, admin)
             if problem is not None:
                 log.warning("admin.csrf_refused", path=request.path, client_ip=request.remote)

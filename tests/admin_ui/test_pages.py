@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from urllib.parse import urlencode
+
 import pytest
 
 from tests.admin_ui.conftest import ADMIN, AdminPages, crawl
@@ -120,5 +123,25 @@ async def test_unknown_routes_and_methods_get_html_error_pages(admin: AdminPages
 async def test_an_oversized_form_is_refused(admin: AdminPages) -> None:
     page = await admin.post("/admin/projects", {"name": "x" * 70_000, "api_key": "sk-1"})
     assert page.status == 413
+    _, projects = await admin.proxy.manage("GET", "/projects")
+    assert projects == []
+
+
+async def test_an_oversized_form_sent_chunked_is_refused(admin: AdminPages) -> None:
+    # No Content-Length to refuse up front: the form is bounded while it is read.
+    form = urlencode(
+        {"csrf_token": await admin.csrf(), "api_key": "sk-1", "name": "ok", "x": "x" * 200_000}
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield form.encode()
+
+    headers = {**ADMIN, "Content-Type": "application/x-www-form-urlencoded"}
+    async with admin.proxy.client.post(
+        "/admin/projects", data=chunks(), headers=headers, allow_redirects=False
+    ) as response:
+        assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
+        assert response.status == 413
+        assert response.headers["Content-Type"].startswith("text/html")
     _, projects = await admin.proxy.manage("GET", "/projects")
     assert projects == []
