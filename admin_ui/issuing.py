@@ -195,7 +195,7 @@ async def token_issued(request: web.Request) -> web.Response:
                 "project": await ops.get_project(handed.project_id),
                 "token": await ops.get_token(handed.token_id),
                 "value": handed.value,
-                "base_url": f"{request.url.origin()}/v1",
+                "base_url": f"{_origin(request)}/v1",
             },
         )
     else:
@@ -203,6 +203,16 @@ async def token_issued(request: web.Request) -> web.Response:
         response = await _already_shown(request, None if issued is None else issued.token_id)
     response.del_cookie(COOKIE, path=request.path)
     return response
+
+
+def _origin(request: web.Request) -> str:
+    """Where the browser reached this server. Behind a TLS-terminating load balancer the server
+    sees http, so a snippet built from that told the application to send its token in the clear;
+    the balancer names the browser's scheme in X-Forwarded-Proto (compose's nginx sets it).
+    Believing the header is safe here: the page is shown only to whoever sent it."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    scheme = forwarded if forwarded in ("http", "https") else request.scheme
+    return str(request.url.with_scheme(scheme).origin())
 
 
 async def _already_shown(request: web.Request, token_id: str | None) -> web.Response:

@@ -12,7 +12,7 @@ import pytest
 from llm_proxy.control import validation
 from llm_proxy.control.operations import MAX_COUNT, MAX_DURATION_MINUTES
 from llm_proxy.errors import InvalidField
-from tests.admin_ui.conftest import AdminPages
+from tests.admin_ui.conftest import ADMIN, AdminPages
 from tests.conftest import Proxy
 
 _VALUE = re.compile(r'id="token-value" value="(sk-[A-Za-z0-9_-]+)"')
@@ -73,6 +73,27 @@ async def test_issued_token_is_shown_once_with_an_sdk_snippet(
 
     _, tokens = await proxy.manage("GET", f"/tokens?project_id={project_id}")
     assert [(t["max_requests"], t["request_count"]) for t in tokens] == [(7, 1)]
+
+
+async def test_the_sdk_snippet_keeps_the_scheme_the_browser_used_behind_a_tls_balancer(
+    admin: AdminPages, proxy: Proxy
+) -> None:
+    # A load balancer ending TLS reaches the server over http and says so in X-Forwarded-Proto.
+    project_id = await admin.create_project("behind-tls")
+    form = await admin.issue_form(project_id)
+    sent = await admin.post(
+        f"/admin/projects/{project_id}/tokens",
+        {**form, "duration_minutes": "5"},
+        csrf=None,
+        follow=False,
+    )
+    assert sent.status == 303
+    headers = {**ADMIN, "Host": "llm.example.com", "X-Forwarded-Proto": "https"}
+    async with proxy.client.get(sent.headers["Location"], headers=headers) as response:
+        assert response.status == 200
+        page = unescape(await response.text())
+    assert 'OpenAI(base_url="https://llm.example.com/v1", api_key="sk-' in page
+    assert 'OPENAI_BASE_URL="https://llm.example.com/v1"' in page
 
 
 @pytest.mark.parametrize(
