@@ -54,6 +54,13 @@ async def every_page(admin: AdminPages, proxy: Proxy) -> list[str]:
     await wait_for_usage(proxy, f"/tokens/{limited['id']}", 3)
     issued = await admin.issue_token(project_id)  # its value shown, so its page now says "gone"
     gone = issued.url.split(str(proxy.base_url), 1)[1]
+    # The longest name and description the API takes, with nowhere to break a line.
+    _, unbroken = await proxy.manage(
+        "POST",
+        "/projects",
+        {"name": "N" * 200, "description": "D" * 2000, "api_key": "sk-upstream-key-1234567890"},
+    )
+    unbroken_token = await proxy.issue_token(unbroken["id"])
     return [
         "/admin/",
         "/admin/projects",
@@ -72,6 +79,9 @@ async def every_page(admin: AdminPages, proxy: Proxy) -> list[str]:
         "/admin/audit",
         f"/admin/audit?project_id={project_id}&action=token.create",
         "/admin/no/such/page",
+        f"/admin/projects/{unbroken['id']}",
+        f"/admin/projects/{unbroken['id']}/tokens/new",
+        f"/admin/tokens/{unbroken_token['id']}/revoke",
     ]
 
 
