@@ -209,10 +209,12 @@ def _origin(request: web.Request) -> str:
     """Where the browser reached this server. Behind a TLS-terminating load balancer the server
     sees http, so a snippet built from that told the application to send its token in the clear;
     the balancer names the browser's scheme in X-Forwarded-Proto (compose's nginx sets it).
-    Believing the header is safe here: the page is shown only to whoever sent it."""
+    Believing the header is safe here: the page is shown only to whoever sent it. The Host is
+    shown as sent, not parsed into a URL: one yarl refuses ("a:b:c") raised after the value was
+    marked shown, and the value was lost."""
     forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
     scheme = forwarded if forwarded in ("http", "https") else request.scheme
-    return str(request.url.with_scheme(scheme).origin())
+    return f"{scheme}://{request.host}"
 
 
 async def _already_shown(request: web.Request, token_id: str | None) -> web.Response:

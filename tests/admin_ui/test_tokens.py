@@ -96,6 +96,23 @@ async def test_the_sdk_snippet_keeps_the_scheme_the_browser_used_behind_a_tls_ba
     assert 'OPENAI_BASE_URL="https://llm.example.com/v1"' in page
 
 
+async def test_a_host_no_url_can_hold_still_gets_the_value_shown(
+    admin: AdminPages, proxy: Proxy
+) -> None:
+    project_id = await admin.create_project("odd-host")
+    form = await admin.issue_form(project_id)
+    sent = await admin.post(
+        f"/admin/projects/{project_id}/tokens",
+        {**form, "duration_minutes": "5"},
+        csrf=None,
+        follow=False,
+    )
+    headers = {**ADMIN, "Host": "a:b:c"}
+    async with proxy.client.get(sent.headers["Location"], headers=headers) as response:
+        assert response.status == 200  # not a 500 after the value was marked shown
+        assert _VALUE.search(await response.text())
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
