@@ -25,6 +25,12 @@ def name(form: Form, *, required: bool) -> str:
 
 
 def description(form: Form) -> str:
+    # A text area's value, as its maxlength counts it and as the API takes it, breaks lines with
+    # LF; browsers send each break as CRLF, so a description the box accepted was refused as too
+    # long, and the ones stored held CR LF.
+    typed = form.get("description")
+    if typed is not None:
+        form = {**form, "description": typed.replace("\r\n", "\n")}
     value = validation.description(form)
     return "" if value is MISSING else str(value)
 

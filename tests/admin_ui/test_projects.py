@@ -182,3 +182,20 @@ async def test_project_form_refuses_control_characters_and_keeps_line_breaks(
     assert page.status == 200, page.text
     edited = await admin.get(f"/admin/projects/{project_id}/edit")
     assert "one\r\ntwo" in edited.text or "one\ntwo" in edited.text
+
+
+async def test_a_description_the_text_area_accepts_is_stored_with_its_line_breaks(
+    admin: AdminPages, proxy: Proxy
+) -> None:
+    # A text area (maxlength 2000, as the API) counts a line break as one character; the browser
+    # sends it as CR LF.
+    typed = "\n".join(["x" * 99] * 20) + "x"
+    assert len(typed) == 2000
+    page = await admin.post(
+        "/admin/projects",
+        {"name": "lines", "api_key": "sk-up-key", "description": typed.replace("\n", "\r\n")},
+        follow=False,
+    )
+    assert page.status == 303, page.text
+    _, projects = await proxy.manage("GET", "/projects")
+    assert [p["description"] for p in projects] == [typed]
