@@ -8,14 +8,23 @@ from aiohttp import web
 
 from llm_proxy.control import validation
 from llm_proxy.control.validation import MISSING
-from llm_proxy.errors import InvalidField
+from llm_proxy.errors import InvalidBody, InvalidField
 
 Form = dict[str, str]
 
 
 async def read_form(request: web.Request) -> Form:
     """The posted fields; file uploads are ignored (no admin form has one)."""
-    posted = await request.post()
+    try:
+        posted = await request.post()
+    except (ValueError, LookupError, RuntimeError):
+        # aiohttp's reading of a body no browser sends: bytes that are not UTF-8
+        # (UnicodeDecodeError), an unknown charset (LookupError), multipart without a boundary,
+        # a part in an unknown Content-Transfer-Encoding (RuntimeError).
+        raise InvalidBody(
+            "The form could not be read: it is not URL-encoded or multipart UTF-8 text. "
+            "Nothing was changed."
+        ) from None
     return {key: value for key, value in posted.items() if isinstance(value, str)}
 
 

@@ -127,6 +127,37 @@ async def test_an_oversized_form_is_refused(admin: AdminPages) -> None:
     assert projects == []
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", b"name=\xff\xfe&api_key=sk-1"),
+        ("application/x-www-form-urlencoded; charset=no-such-charset", b"name=x&api_key=sk-1"),
+        ("multipart/form-data", b"name=x&api_key=sk-1"),
+        (
+            "multipart/form-data; boundary=zz",
+            b'--zz\r\nContent-Disposition: form-data; name="name"\r\n\r\n\xff\r\n--zz--\r\n',
+        ),
+        (
+            "multipart/form-data; boundary=zz",
+            b'--zz\r\nContent-Disposition: form-data; name="name"\r\n'
+            b"Content-Transfer-Encoding: no-such-encoding\r\n\r\nx\r\n--zz--\r\n",
+        ),
+    ],
+    ids=["not-utf8", "unknown-charset", "no-boundary", "multipart-not-utf8", "unknown-cte"],
+)
+async def test_a_form_body_that_cannot_be_read_is_a_400_page(
+    admin: AdminPages, content_type: str, body: bytes
+) -> None:
+    async with admin.proxy.client.post(
+        "/admin/projects", data=body, headers={**ADMIN, "Content-Type": content_type}
+    ) as response:
+        assert response.status == 400
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert "The form could not be read" in await response.text()
+    _, projects = await admin.proxy.manage("GET", "/projects")
+    assert projects == []
+
+
 async def test_an_oversized_form_sent_chunked_is_refused(admin: AdminPages) -> None:
     # No Content-Length to refuse up front: the form is bounded while it is read.
     form = urlencode(
