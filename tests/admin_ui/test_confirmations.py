@@ -61,7 +61,7 @@ async def test_revoking_every_token_of_a_project_asks_first(
     await admin.post(f"/admin/tokens/{one[0]['id']}/revoke")
     confirm = await admin.get(f"/admin/projects/{project_id}/revoke-tokens")
     assert confirm.status == 200
-    assert "Revoke every token of “many”?" in confirm.text
+    assert "Revoke every token of “<bdi>many</bdi>”?" in confirm.text
     assert "revokes the 2 token(s) of this project not revoked yet (2 active)" in confirm.text
     assert _REVOKE_FORM.findall(confirm.text) == [f"/admin/projects/{project_id}/revoke-tokens"]
     assert [await _status(proxy, token) for token in tokens].count(200) == 2

@@ -188,3 +188,45 @@ async def test_chart_bars_carry_their_figures_as_tooltips(
     # The figures open without JavaScript.
     await page.locator("#timeline-24h summary").click()
     await expect(page.locator("#timeline-24h table")).to_be_visible()
+
+
+# Where two pieces of text are drawn: the left edges of their first occurrences under a selector.
+_LEFT_EDGES = """([selector, first, second]) => {
+  const left = (text) => {
+    const walker = document.createTreeWalker(document.querySelector(selector), NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const at = node.data.indexOf(text);
+      if (at >= 0) {
+        const range = document.createRange();
+        range.setStart(node, at);
+        range.setEnd(node, at + text.length);
+        return range.getBoundingClientRect().left;
+      }
+    }
+    return null;
+  };
+  return [left(first), left(second)];
+}"""
+
+
+async def test_a_name_with_a_bidi_override_reverses_only_itself(
+    proxy: Proxy, open_page: OpenPage
+) -> None:
+    # U+202E RIGHT-TO-LEFT OVERRIDE, never closed: left to run, it reversed the rest of the line
+    # around the name too ("Delete “?”dorp"), so a page could be made to say something else.
+    project_id = await proxy.create_project("\u202eprod")
+    token_id = (await proxy.issue_token(project_id))["id"]
+    page = await open_page(javascript=False)
+    sentences = [
+        (f"/admin/tokens/{token_id}/revoke", ".warning", "refused", "next"),
+        (f"/admin/projects/{project_id}/tokens/new", ".sub", "value", "shown"),
+        (f"/admin/projects/{project_id}/delete", "h1", "Delete", "?"),
+        (f"/admin/projects/{project_id}/revoke-tokens", "h1", "Revoke", "?"),
+        (f"/admin/projects/{project_id}", "h1", "prod", "active"),
+        (f"/admin/tokens/{token_id}", ".crumbs", "prod", "token"),
+    ]
+    for path, selector, first, second in sentences:
+        await page.goto(path)
+        left = await page.evaluate(_LEFT_EDGES, [selector, first, second])
+        assert None not in left, (path, left)
+        assert left[0] < left[1], f"{path}: {second!r} is drawn before {first!r}"

@@ -83,7 +83,7 @@ async def test_editing_renames_and_replaces_the_key_and_blank_keeps_it(
     page = await admin.post(
         f"/admin/projects/{project_id}/edit", {"name": "new", "description": "d", "api_key": ""}
     )
-    assert "Project saved" in page.text and "<h1>new" in page.text
+    assert "Project saved" in page.text and "<h1><bdi>new" in page.text
     assert (await _call(proxy, token))[0] == 200
     assert proxy.upstream.last.headers["Authorization"] == f"Bearer {KEY}"
 
@@ -141,7 +141,7 @@ async def test_delete_asks_first_then_deletes(admin: AdminPages, proxy: Proxy) -
     token = await proxy.token(project_id=project_id)
 
     confirm = await admin.get(f"/admin/projects/{project_id}/delete")
-    assert "Delete “doomed”?" in confirm.text
+    assert "Delete “<bdi>doomed</bdi>”?" in confirm.text
     assert "1 token(s)" in confirm.text
     assert (await proxy.manage("GET", f"/projects/{project_id}"))[0] == 200
 
