@@ -81,15 +81,18 @@ def build_backend(service: str, options: BackendOptions, data_dir: Path) -> Back
     if service == "cloudwatch":
         # aiobotocore comes with the "cloudwatch" extra; the default install does without it.
         try:
-            from dispatcher.backends.cloudwatch import CloudWatchBackend
+            from dispatcher.backends.cloudwatch import CloudWatchBackend, configured_region
         except ImportError:
             raise click.UsageError(
                 "the cloudwatch service needs the cloudwatch extra: pip install 'llm-proxy[cloudwatch]'"
             ) from None
+        region = options.region or configured_region()
         return CloudWatchBackend(
             options.log_group,
             options.log_stream,
-            region=_required(options.region, "--region / AWS_REGION", service),
+            region=_required(
+                region, "--region / AWS_REGION (or AWS_DEFAULT_REGION, or a profile's)", service
+            ),
             endpoint_url=options.endpoint_url,
         )
     key = _required(options.lunary_public_key, "--lunary-public-key / LUNARY_PUBLIC_KEY", service)
@@ -202,7 +205,8 @@ _BACKEND_OPTIONS = [
         "--region",
         envvar="AWS_REGION",
         show_envvar=True,
-        help="cloudwatch: AWS region. Credentials come from the usual AWS chain "
+        help="cloudwatch: AWS region. [default: AWS_DEFAULT_REGION, else the profile's region] "
+        "Credentials come from the usual AWS chain "
         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile, instance role).",
     ),
     click.option(

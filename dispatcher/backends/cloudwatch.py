@@ -134,6 +134,16 @@ def batches(items: Sequence[Item]) -> Iterator[list[Item]]:
     )
 
 
+def configured_region() -> str | None:
+    """The region botocore finds where boto3 and the AWS CLI look (``AWS_DEFAULT_REGION``, the
+    profile's config file), or None."""
+    try:
+        region = get_session().get_config_variable("region")
+    except BotoCoreError:  # a profile named that does not exist: no region found there
+        return None
+    return str(region) if region else None
+
+
 class CloudWatchBackend:
     name = "cloudwatch"
 

@@ -43,6 +43,10 @@ from tests.dispatcher.aws import CREDENTIALS, moto_auth, read_stored, stored
 from tests.events.events_support import RedisServer, exchange
 
 DAY = 24 * 3600
+CREDENTIALS_ENV = {
+    "AWS_ACCESS_KEY_ID": CREDENTIALS["aws_access_key_id"],
+    "AWS_SECRET_ACCESS_KEY": CREDENTIALS["aws_secret_access_key"],
+}
 
 
 @pytest.fixture
@@ -453,6 +457,50 @@ def test_no_aws_credentials_at_all_stop_the_dispatcher_with_exit_5(
     assert result.exit_code == 5
     [line] = [entry for entry in logs if entry["log_level"] == "error"]
     assert line["status"] == "no AWS credentials found"
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("where", ["AWS_DEFAULT_REGION", "profile"])
+def test_the_region_comes_from_the_usual_aws_configuration_too(
+    where: str, moto_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # boto3, the AWS CLI and botocore take the region from AWS_DEFAULT_REGION or the profile's
+    # config file, not AWS_REGION alone: a dispatcher set up like them must not need --region.
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\nregion = us-east-1\n")
+    where_env = (
+        {"AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(tmp_path / "none")}
+        if where == "AWS_DEFAULT_REGION"
+        else {"AWS_DEFAULT_REGION": None, "AWS_CONFIG_FILE": str(config)}
+    )
+    sent = [event_at(time.time() - 5, n) for n in range(2)]
+    publish(redis_server.url, "region:events", sent)
+    result = CliRunner().invoke(
+        dispatcher_command,
+        [
+            "--service",
+            "cloudwatch",
+            "--endpoint-url",
+            moto_url,
+            "--stream",
+            "region:events",
+            "--burst",
+            "--batch-wait",
+            "0.05",
+        ],
+        env={
+            "AWS_REGION": None,
+            "AWS_PROFILE": None,
+            **where_env,
+            **CREDENTIALS_ENV,
+            "REDIS_URL": redis_server.url,
+            "DATA_DIR": str(tmp_path),
+        },
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    stored_ids = sorted(e["id"] for e in asyncio.run(read_stored(moto_url)))
+    assert stored_ids == sorted(e["id"] for e in sent)
 
 
 # -- the size of one event, as CloudWatch counts it -------------------------------------------
