@@ -18,6 +18,7 @@ sent as text, so that every event fits in one.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +41,9 @@ _KEY_REFUSED = AUTH_STATUSES | {402}
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # well within Lunary's 20 MB
 _ENVELOPE = (b'{"events":[', b"]}")
+# A NUL as JSON writes it: "\u0000" not preceded by a backslash of its own (an escaped
+# backslash, then "u0000", is text).
+_NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 def run_id(event_id: str) -> str:
@@ -198,7 +202,10 @@ class LunaryBackend:
     def _runs(self, event: Event) -> bytes:
         """The event's run events as JSON array items, to be joined into a POST's body."""
         runs = run_events(event, max_body_bytes=self._max_body_bytes)
-        return b",".join(orjson.dumps(run) for run in runs)
+        text = b",".join(orjson.dumps(run) for run in runs)
+        # Lunary keeps runs in PostgreSQL, whose text and jsonb cannot hold a NUL: a run with
+        # one fails there for good. It is shown as U+FFFD instead.
+        return _NUL.sub(rb"\1\\ufffd", text) if b"\\u0000" in text else text
 
     def _refusals(self, sent: Sequence[tuple[int, Event]], answer: object) -> dict[int, Rejection]:
         results = answer.get("results") if isinstance(answer, dict) else None

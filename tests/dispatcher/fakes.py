@@ -2,7 +2,7 @@
 
 Shapes follow Helicone's async logging API (``/custom/v1/log``: providerRequest, providerResponse,
 timing) and Lunary's ingestion endpoint (``/v1/runs/ingest``, as its backend validates and stores
-runs: start before end, UUID run ids, duplicate starts refused per run).
+runs: start before end, UUID run ids, duplicate starts refused per run, no NUL in what it stores).
 """
 
 from __future__ import annotations
@@ -179,6 +179,16 @@ LUNARY_TYPES = {
 }
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
 def lunary_problems(event: Any) -> list[str]:
     if not isinstance(event, dict):
         return ["event is not an object"]
@@ -267,6 +277,12 @@ class FakeLunary:
             self.received.append(event)
             if run in self.refuse_run:
                 results.append({"id": run, "success": False, "error": self.run_error})
+            elif _holds_nul(event):
+                # Lunary stores runs in PostgreSQL, whose text and jsonb hold no NUL: the insert
+                # (or update) of this run fails, and the run is answered as failed.
+                results.append(
+                    {"id": run, "success": False, "error": "unsupported Unicode escape sequence"}
+                )
             elif event["event"] == "start" and run in self.runs:
                 results.append(
                     {

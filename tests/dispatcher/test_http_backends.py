@@ -56,7 +56,7 @@ CHAT = {
 }
 
 
-def chat_event(**overrides: Any) -> Event:
+def chat_event(request: object = CHAT, **overrides: Any) -> Event:
     answer = {
         "id": "chatcmpl-1",
         "object": "chat.completion",
@@ -70,7 +70,7 @@ def chat_event(**overrides: Any) -> Event:
         ],
         "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
     }
-    return build(exchange(request=CHAT, response=orjson.dumps(answer), **overrides))
+    return build(exchange(request=request, response=orjson.dumps(answer), **overrides))
 
 
 def stream_event() -> Event:
@@ -530,6 +530,31 @@ async def test_lunary_errors_and_refusals(aiohttp_server: ServerFactory, tmp_pat
     }
     [line] = dead_letters(tmp_path)
     assert line["reason"] == "lunary: invalid input"
+
+
+async def test_lunary_takes_a_run_whose_texts_hold_a_nul(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    # A client may send a NUL (JSON "\u0000") anywhere; Lunary's PostgreSQL stores none, so
+    # sent as it is the run fails for good, and one NUL in a prompt keeps a request out of Lunary.
+    fake = FakeLunary()
+    server = await aiohttp_server(fake.app)
+    messages = [{"role": "user", "content": "a\0b, and a path C:\\u0000 written out"}]
+    event = chat_event(
+        request={**CHAT, "model": "gpt-4o-mini\0", "messages": messages, "user": "u\0"}
+    )
+
+    summary = await deliver(
+        LunaryBackend(LUNARY_KEY, url=str(server.make_url("/"))), [event], tmp_path
+    )
+
+    assert summary.delivered == 1 and summary.dead_lettered == 0
+    run = fake.runs[run_id(event["id"])]
+    assert run["start"]["input"] == [
+        {"role": "user", "content": "a\ufffdb, and a path C:\\u0000 written out"}
+    ]
+    assert run["start"]["name"] == "gpt-4o-mini\ufffd" and run["start"]["userId"] == "u\ufffd"
+    assert run["end"]["output"] == {"role": "assistant", "content": "Hello!"}
 
 
 @pytest.mark.parametrize(
