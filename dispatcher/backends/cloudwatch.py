@@ -38,7 +38,9 @@ MAX_EVENT_BYTES = 256 * 1024
 MAX_SPAN_MS = 24 * 3600 * 1000
 MAX_AGE_MS = 14 * 24 * 3600 * 1000
 MAX_AHEAD_MS = 2 * 3600 * 1000
-_SAFETY_MS = 60_000  # our clock and AWS's may differ a little: refuse only clear cases locally
+# Our clock and AWS's may differ a little: refuse locally only what is past a limit by more than
+# this; AWS answers for the rest (rejectedLogEventsInfo), per event.
+_SAFETY_MS = 60_000
 _RETRYABLE_CODES = frozenset(
     {"ThrottlingException", "ServiceUnavailableException", "InternalFailure", "RequestTimeout"}
 )
@@ -231,9 +233,9 @@ class CloudWatchBackend:
         items: list[Item] = []
         for i, event in enumerate(events):
             stamp = round(parse_rfc3339(event["timestamp"]) * 1000)
-            if stamp < now - MAX_AGE_MS + _SAFETY_MS:
+            if stamp < now - MAX_AGE_MS - _SAFETY_MS:
                 refused[i] = self._rejected("too_old", "older than 14 days")
-            elif stamp > now + MAX_AHEAD_MS - _SAFETY_MS:
+            elif stamp > now + MAX_AHEAD_MS + _SAFETY_MS:
                 refused[i] = self._rejected("too_new", "more than 2 hours in the future")
             else:
                 items.append((stamp, i, message(event, self._max_message_bytes)))

@@ -140,6 +140,36 @@ async def test_events_too_old_or_too_new_are_dead_lettered_and_counted(
     )
 
 
+async def test_events_just_inside_the_age_limits_are_sent_not_refused(
+    moto_url: str, logs: Any, tmp_path: Path
+) -> None:
+    # Within 14 days and 2 hours of now by half a minute: CloudWatch takes them (moto checks
+    # those limits as AWS does), so nothing may be dead-lettered for our clock's sake.
+    now = time.time()
+    events = [event_at(now - 14 * DAY + 30), event_at(now + 2 * 3600 - 30)]
+    summary = await deliver_burst(backend(moto_url), events, tmp_path)
+    assert summary.delivered == 2 and summary.dead_lettered == 0
+    assert [e["id"] for e in await stored(logs)] == [e["id"] for e in events]
+
+
+async def deliver_burst(cloudwatch: CloudWatchBackend, events: list[Event], tmp_path: Path) -> Any:
+    bus = MemoryBus()
+    worker = Worker(
+        bus,
+        cloudwatch,
+        WorkerSettings(
+            service="cloudwatch",
+            dead_letter_path=tmp_path / "dead.jsonl",
+            poll=0.05,
+            batch_wait=0.05,
+            burst=True,
+        ),
+    )
+    worker.start()
+    await bus.publish(events)
+    return await worker.async_run()
+
+
 async def test_a_deleted_stream_is_recreated(moto_url: str, logs: Any) -> None:
     cloudwatch = backend(moto_url)
     await cloudwatch.start()
