@@ -4,6 +4,7 @@ log, dead letters), whatever the disk does to a write."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from typing import IO
 
@@ -20,8 +21,18 @@ def append_or_cut_back(file: IO[bytes], data: bytes, size: int) -> None:
         view = memoryview(data)
         while view:
             view = view[file.write(view) :]
-        os.fsync(file.fileno())
+        _sync(file.fileno())
     except OSError:
         with contextlib.suppress(OSError):
             os.ftruncate(file.fileno(), size)
         raise
+
+
+def _sync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # A pipe, FIFO, socket or terminal (``/dev/stdout`` in a container) has nothing to sync:
+        # what was written is with the reader already, and failing would write it again.
+        if exc.errno != errno.EINVAL:
+            raise

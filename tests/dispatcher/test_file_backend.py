@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import orjson
@@ -75,6 +76,25 @@ async def test_a_failed_write_is_retryable() -> None:
     finally:
         await backend.close()
     assert raised.value.rejection.retryable
+
+
+async def test_a_pipe_gets_each_event_once(tmp_path: Path) -> None:
+    # ``--path /dev/stdout`` in a container, or a FIFO another program reads: a pipe cannot be
+    # fsynced (EINVAL). That is no failed write: the reader has the lines already, and a retry
+    # would write them again, for ever.
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    backend = FileBackend(fifo)
+    await backend.start()
+    try:
+        assert await backend.send(events(2)) == {}
+        assert await backend.send(events(3)[2:]) == {}
+        received = os.read(reader, 1 << 16)
+    finally:
+        await backend.close()
+        os.close(reader)
+    assert [orjson.loads(line)["request"]["n"] for line in received.splitlines()] == [0, 1, 2]
 
 
 async def test_an_event_that_cannot_be_written_is_refused_for_good_and_the_rest_written(
