@@ -21,7 +21,8 @@ import orjson
 import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+from botocore.exceptions import ConnectionError as EndpointUnreachable
 
 from dispatcher import metrics
 from dispatcher.backends import BackendError, Rejection, sizing
@@ -202,8 +203,12 @@ class CloudWatchBackend:
                 reason = f"{error.get('Code', '')}: {error.get('Message', '')}"
                 raise BackendError(self._masked(reason), retryable=False) from None
             raise BackendError(refused.reason, retryable=False, auth=True) from None
-        except (BotoCoreError, OSError) as exc:
-            raise BackendError(self._masked(str(exc)), retryable=True) from None
+        except (EndpointUnreachable, HTTPClientError, OSError) as exc:
+            # Unreachable for now (no network yet, the endpoint restarting): waited for as a
+            # failed put is. The first put that gets through creates what is missing.
+            log.warning("dispatcher.cloudwatch_unreachable_at_start", error=self._masked(str(exc)))
+        except BotoCoreError as exc:
+            raise BackendError(self._masked(str(exc)), retryable=False) from None
 
     async def _ensure_destination(self, *, may_exist: bool = False) -> None:
         """Create the group and stream if missing. With ``may_exist``, a key not allowed to create
