@@ -135,11 +135,32 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(out),  # type: ignore[arg-type]  # write and flush suffice
         cache_logger_on_first_use=False,
     )
-    # Libraries log through the standard library; route them to the same stream and level.
+    # Libraries log through the standard library; route them to the same stream and level, in
+    # the same format: a JSON log holds JSON lines only.
     handler = logging.StreamHandler(out)
-    handler.setFormatter(
-        _RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", exact)
-    )
+    if fmt == "json":
+        library: list[Any] = [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            _redact_secrets,
+            renderer,
+        ]
+        if exact:
+            library.append(exact.rendered)
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=[
+                    structlog.stdlib.add_logger_name,
+                    structlog.stdlib.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                ],
+                processors=library,
+            )
+        )
+    else:
+        handler.setFormatter(
+            _RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", exact)
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO))

@@ -3,7 +3,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -566,6 +570,37 @@ def test_the_region_comes_from_the_usual_aws_configuration_too(
     assert result.exit_code == 0, result.output
     stored_ids = sorted(e["id"] for e in asyncio.run(read_stored(moto_url)))
     assert stored_ids == sorted(e["id"] for e in sent)
+
+
+@pytest.mark.redis
+def test_with_log_format_json_every_line_of_a_dispatcher_is_json(
+    moto_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # botocore logs through the standard library ("Found credentials in environment variables",
+    # at every start): a shipper that parses JSON lines must get those as JSON too.
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        **CREDENTIALS_ENV,
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "info",
+        "REDIS_URL": redis_server.url,
+        "DATA_DIR": str(tmp_path),
+    }
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "llm_proxy", "dispatcher", "--service", "cloudwatch"),
+            *("--region", "us-east-1", "--endpoint-url", moto_url, "--burst"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    assert "Found credentials in environment variables." in [e["event"] for e in entries]
+    assert {"dispatcher.started", "dispatcher.stopped"} <= {e["event"] for e in entries}
 
 
 # -- the size of one event, as CloudWatch counts it -------------------------------------------
