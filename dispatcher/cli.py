@@ -412,7 +412,7 @@ def replay_command(
     (only created when something fails), so nothing is lost and that file is the one to replay
     next. Move FILE aside before replaying it if a dispatcher may still be adding to it.
 
-    Replaying an event the backend already has: Lunary keeps it once (run ids come from request
+    Replaying an event the backend already has: Lunary keeps it once (run ids come from event
     ids); Helicone may log it twice (the event id is sent as Helicone-Request-Id); CloudWatch
     and the file store it twice (each record carries the event id).
     """

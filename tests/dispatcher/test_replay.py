@@ -348,3 +348,9 @@ async def test_a_dead_letter_that_cannot_be_written_as_json_is_kept_as_text(
     kept, other = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     assert "event" not in kept and deep["request_id"] in kept["line"]
     assert other["event"] == fine
+
+
+def test_the_help_says_a_lunary_run_id_comes_from_the_event_id() -> None:
+    # Not the request id: calls sharing a client's X-Request-ID are runs of their own (and kept).
+    text = " ".join(replay("--help").output.split())
+    assert "Lunary keeps it once (run ids come from event ids)" in text
