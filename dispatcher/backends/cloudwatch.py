@@ -88,6 +88,13 @@ def _denied(exc: ClientError) -> bool:
     )
 
 
+def _transient(exc: ClientError) -> bool:
+    """Whether ``exc`` may pass on a later attempt: throttling, or the service failing."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return code in _RETRYABLE_CODES or status >= 500
+
+
 def _auth_refusal(exc: ClientError) -> Rejection | None:
     """The rejection when ``exc`` refuses the credentials, else None. Only the code and status are
     kept: AWS messages may name the access key."""
@@ -198,15 +205,18 @@ class CloudWatchBackend:
             raise BackendError(_NO_CREDENTIALS.reason, retryable=False, auth=True) from None
         except ClientError as exc:
             refused = _auth_refusal(exc)
-            if refused is None:
-                error = exc.response.get("Error", {})
-                reason = f"{error.get('Code', '')}: {error.get('Message', '')}"
-                raise BackendError(self._masked(reason), retryable=False) from None
-            raise BackendError(refused.reason, retryable=False, auth=True) from None
+            if refused is not None:
+                raise BackendError(refused.reason, retryable=False, auth=True) from None
+            error = exc.response.get("Error", {})
+            reason = self._masked(f"{error.get('Code', '')}: {error.get('Message', '')}")
+            if not _transient(exc):
+                raise BackendError(reason, retryable=False) from None
+            # Throttled (dispatchers starting together) or unavailable for now: as below.
+            log.warning("dispatcher.cloudwatch_unavailable_at_start", error=reason)
         except (EndpointUnreachable, HTTPClientError, OSError) as exc:
             # Unreachable for now (no network yet, the endpoint restarting): waited for as a
             # failed put is. The first put that gets through creates what is missing.
-            log.warning("dispatcher.cloudwatch_unreachable_at_start", error=self._masked(str(exc)))
+            log.warning("dispatcher.cloudwatch_unavailable_at_start", error=self._masked(str(exc)))
         except BotoCoreError as exc:
             raise BackendError(self._masked(str(exc)), retryable=False) from None
 
@@ -268,10 +278,8 @@ class CloudWatchBackend:
             if refused is not None:
                 return dict.fromkeys((i for _, i, _ in batch), refused)
             error = exc.response["Error"]
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            retryable = error["Code"] in _RETRYABLE_CODES or status >= 500
             reason = self._masked(f"{error['Code']}: {error.get('Message', '')}")
-            return {i: Rejection(reason, retryable) for _, i, _ in batch}
+            return {i: Rejection(reason, _transient(exc)) for _, i, _ in batch}
         except NoCredentialsError:
             return dict.fromkeys((i for _, i, _ in batch), _NO_CREDENTIALS)
         except (BotoCoreError, OSError) as exc:

@@ -218,6 +218,71 @@ async def test_an_endpoint_unreachable_at_start_is_retried_like_a_delivery(
     assert summary.delivered == 2 and summary.dead_lettered == 0
 
 
+def throttling_endpoint(throttled: int, stored_messages: list[str]) -> web.Application:
+    """A CloudWatch Logs endpoint that throttles its first ``throttled`` Create calls, as AWS
+    throttles CreateLogGroup when many dispatchers start at once; puts to a stream not created
+    yet are refused as AWS refuses them."""
+    created: set[str] = set()
+    left = [throttled]
+
+    def error(code: str, message: str) -> web.Response:
+        body = {"__type": code, "message": message}
+        return web.json_response(body, status=400, content_type="application/x-amz-json-1.1")
+
+    async def answer(request: web.Request) -> web.Response:
+        action = request.headers.get("X-Amz-Target", "").rpartition(".")[2]
+        if action.startswith("Create"):
+            if left[0] > 0:
+                left[0] -= 1
+                return error("ThrottlingException", "Rate exceeded")
+            created.add(action)
+        elif action == "PutLogEvents":
+            if created != {"CreateLogGroup", "CreateLogStream"}:
+                return error("ResourceNotFoundException", "The specified log group does not exist.")
+            body = orjson.loads(await request.read())
+            stored_messages.extend(e["message"] for e in body["logEvents"])
+        return web.json_response({}, content_type="application/x-amz-json-1.1")
+
+    app = web.Application()
+    app.router.add_post("/", answer)
+    return app
+
+
+async def test_a_start_throttled_by_aws_is_retried_like_a_delivery(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    stored_messages: list[str] = []
+    # Six: more than botocore tries by itself.
+    server = await aiohttp_server(throttling_endpoint(6, stored_messages))
+    cloudwatch = CloudWatchBackend(
+        "llm-proxy",
+        "events",
+        region="us-east-1",
+        endpoint_url=str(server.make_url("")).rstrip("/"),
+        **CREDENTIALS,
+    )
+    bus = MemoryBus()
+    worker = Worker(
+        bus,
+        cloudwatch,
+        WorkerSettings(
+            service="cloudwatch",
+            dead_letter_path=tmp_path / "dead.jsonl",
+            poll=0.05,
+            batch_wait=0.05,
+            backoff=Backoff(base=0.05, cap=0.2),
+            burst=True,
+        ),
+    )
+    await worker.open()
+    worker.start()
+    sent = [event_at(time.time() - 1, n) for n in range(2)]
+    await bus.publish(sent)
+    summary = await asyncio.wait_for(worker.async_run(), 30)
+    assert summary.delivered == 2 and summary.dead_lettered == 0
+    assert [orjson.loads(m)["id"] for m in stored_messages] == [e["id"] for e in sent]
+
+
 async def test_a_deleted_stream_is_recreated(moto_url: str, logs: Any) -> None:
     cloudwatch = backend(moto_url)
     await cloudwatch.start()
