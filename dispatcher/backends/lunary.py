@@ -13,7 +13,8 @@ like 401 and 403 do.
 
 Lunary refuses a request body over 20 MB (413), so a batch goes out in as many POSTs as keep each
 within ``max_request_bytes``, and a body (input, output, extra) over ``max_body_bytes`` is cut and
-sent as text, so that every event fits in one.
+sent as text, so that every event fits in one. A 413 all the same (a smaller limit in front of a
+self-hosted Lunary) splits that POST in halves, down to single events.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _KEY_REFUSED = AUTH_STATUSES | {402}
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # well within Lunary's 20 MB
 _ENVELOPE = (b'{"events":[', b"]}")
+_TOO_LARGE = "HTTP 413:"  # how post_json's refusal of a body too large begins
 # A NUL as JSON writes it: "\u0000" not preceded by a backslash of its own (an escaped
 # backslash, then "u0000", is text).
 _NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
@@ -179,7 +181,8 @@ class LunaryBackend:
         posts = list(
             batches(encoded, lambda item: len(item[1]) + 1, max_items=len(events), max_bytes=room)
         )
-        for n, post in enumerate(posts):
+        while posts:
+            post = posts.pop(0)
             body = _ENVELOPE[0] + b",".join(runs for _, runs in post) + _ENVELOPE[1]
             failed, answer = await post_json(
                 self._session,
@@ -192,10 +195,16 @@ class LunaryBackend:
             if failed is None:
                 refused.update(self._refusals([(i, events[i]) for i, _ in post], answer))
                 continue
+            if failed.reason.startswith(_TOO_LARGE) and len(post) > 1:
+                # What is in front of Lunary (a self-hosted one's proxy) takes less than we
+                # thought: halves, down to single events, rather than refuse every event.
+                half = len(post) // 2
+                posts[:0] = [post[:half], post[half:]]
+                continue
             refused.update((i, failed) for i, _ in post)
             if failed.auth or failed.retryable:
                 # The key, the service or the network: the next POST would fare no better.
-                refused.update((i, failed) for later in posts[n + 1 :] for i, _ in later)
+                refused.update((i, failed) for later in posts for i, _ in later)
                 break
         return refused
 

@@ -614,6 +614,23 @@ async def test_lunary_batches_are_split_to_stay_within_its_body_limit(
     assert set(fake.runs) == {run_id(e["id"]) for e in events}
 
 
+async def test_lunary_behind_a_proxy_with_a_smaller_body_limit_gets_smaller_posts(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    # A self-hosted Lunary behind nginx (1 MiB bodies by default, as the Kubernetes ingress):
+    # a 413 says the post was too large for what is in front, not that its events are bad.
+    fake = FakeLunary(max_body=1024 * 1024)
+    server = await aiohttp_server(fake.app)
+    events = [long_prompt_event(200_000) for _ in range(12)]
+
+    summary = await deliver(
+        LunaryBackend(LUNARY_KEY, url=str(server.make_url("/"))), events, tmp_path
+    )
+
+    assert summary.delivered == 12 and summary.dead_lettered == 0 and not dead_letters(tmp_path)
+    assert set(fake.runs) == {run_id(e["id"]) for e in events}
+
+
 async def test_lunary_an_event_too_large_alone_is_cut_not_dead_lettered(
     aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
