@@ -43,7 +43,14 @@ MAX_AHEAD_MS = 2 * 3600 * 1000
 # this; AWS answers for the rest (rejectedLogEventsInfo), per event.
 _SAFETY_MS = 60_000
 _RETRYABLE_CODES = frozenset(
-    {"ThrottlingException", "ServiceUnavailableException", "InternalFailure", "RequestTimeout"}
+    {
+        "ThrottlingException",
+        "ServiceUnavailableException",
+        "InternalFailure",
+        "RequestTimeout",
+        # Concurrent requests on one resource: two replicas creating the same group or stream.
+        "OperationAbortedException",
+    }
 )
 # What AWS answers for credentials it does not accept: unknown, badly signed, expired, or lacking
 # the permission. Botocore has no class for these; the codes are the API's.

@@ -218,10 +218,12 @@ async def test_an_endpoint_unreachable_at_start_is_retried_like_a_delivery(
     assert summary.delivered == 2 and summary.dead_lettered == 0
 
 
-def throttling_endpoint(throttled: int, stored_messages: list[str]) -> web.Application:
-    """A CloudWatch Logs endpoint that throttles its first ``throttled`` Create calls, as AWS
-    throttles CreateLogGroup when many dispatchers start at once; puts to a stream not created
-    yet are refused as AWS refuses them."""
+def throttling_endpoint(
+    throttled: int, stored_messages: list[str], code: str = "ThrottlingException"
+) -> web.Application:
+    """A CloudWatch Logs endpoint that refuses its first ``throttled`` Create calls with
+    ``code``, as AWS throttles CreateLogGroup when many dispatchers start at once; puts to a
+    stream not created yet are refused as AWS refuses them."""
     created: set[str] = set()
     left = [throttled]
 
@@ -234,7 +236,7 @@ def throttling_endpoint(throttled: int, stored_messages: list[str]) -> web.Appli
         if action.startswith("Create"):
             if left[0] > 0:
                 left[0] -= 1
-                return error("ThrottlingException", "Rate exceeded")
+                return error(code, "Rate exceeded" if "Throttl" in code else "In conflict")
             created.add(action)
         elif action == "PutLogEvents":
             if created != {"CreateLogGroup", "CreateLogStream"}:
@@ -248,12 +250,20 @@ def throttling_endpoint(throttled: int, stored_messages: list[str]) -> web.Appli
     return app
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        "ThrottlingException",
+        # Another replica creating the same group or stream at the same moment.
+        "OperationAbortedException",
+    ],
+)
 async def test_a_start_throttled_by_aws_is_retried_like_a_delivery(
-    aiohttp_server: Any, tmp_path: Path
+    code: str, aiohttp_server: Any, tmp_path: Path
 ) -> None:
     stored_messages: list[str] = []
     # Six: more than botocore tries by itself.
-    server = await aiohttp_server(throttling_endpoint(6, stored_messages))
+    server = await aiohttp_server(throttling_endpoint(6, stored_messages, code))
     cloudwatch = CloudWatchBackend(
         "llm-proxy",
         "events",
