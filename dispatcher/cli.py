@@ -86,16 +86,18 @@ async def _serve(
 WORKER_EXITS = """\b
 Exit codes:
   0  stopped by SIGTERM/SIGINT; with --burst: every event read was delivered
-  1  the backend could not start (an unwritable path, a CloudWatch log group it
-     cannot create), or --metrics-port could not be bound (in use); an HTTP
-     endpoint that cannot be reached is retried per --max-attempts (0: until it
-     answers) like any failed delivery; with --burst: events refused for good
-     could not be written to the dead-letter file (they stay on the bus)
+  1  the backend could not start (an unwritable path, a CloudWatch log group
+     name AWS refuses), or --metrics-port could not be bound (in use); an
+     endpoint that cannot be reached (CloudWatch's included) is retried per
+     --max-attempts (0: until it answers) like any failed delivery; with
+     --burst: events refused for good could not be written to the
+     dead-letter file (they stay on the bus)
   2  bad invocation
   3  --burst: Redis unreachable; undelivered events stay on the bus
   4  --burst: events were dead-lettered (see --dead-letter and `replay`)
   5  the backend refused the credentials (HTTP 401/403, Lunary's 402 for a key
-     that is not a project id, an AWS authentication error): the dispatcher
+     that is not a project id, an AWS authentication error, or a permission
+     the AWS key lacks, such as creating a missing log group): the dispatcher
      stops, dead-letters nothing, and leaves the events it did not deliver on
      the bus for the next start
   6  --burst: the bus lost events before this service read them (the stream's

@@ -230,7 +230,10 @@ class CloudWatchBackend:
     async def _ensure_destination(self, *, may_exist: bool = False) -> None:
         """Create the group and stream if missing. With ``may_exist``, a key not allowed to create
         them is no failure yet: least privilege gives a dispatcher PutLogEvents alone on a group
-        and stream made beforehand, and the first put finds out whether they are there."""
+        and stream made beforehand, and the first put finds out whether they are there.
+        Without it, a key not allowed to create the group may still create the stream in it (the
+        policy log shippers are given); the refusal counts when the group is missing."""
+        denied: ClientError | None = None
         for action, kwargs in (
             ("create_log_group", {"logGroupName": self.log_group}),
             (
@@ -244,9 +247,12 @@ class CloudWatchBackend:
                 code = exc.response["Error"]["Code"]
                 if code == "ResourceAlreadyExistsException":
                     continue
-                if may_exist and _denied(exc):
+                if _denied(exc) and (may_exist or action == "create_log_group"):
                     log.info("dispatcher.cloudwatch_create_not_allowed", action=action)
+                    denied = exc
                     continue
+                if denied is not None and code == "ResourceNotFoundException":
+                    raise denied from None  # no group, and no right to make it
                 raise
 
     async def send(self, events: Sequence[Event]) -> dict[int, Rejection]:

@@ -778,16 +778,18 @@ async def test_a_model_name_longer_than_an_event_may_be_does_not_cost_its_batch(
 # -- least privilege --------------------------------------------------------------------------
 
 
-async def put_only_keys(moto_url: str) -> dict[str, str]:
+async def put_only_keys(
+    moto_url: str, actions: tuple[str, ...] = ("logs:PutLogEvents",)
+) -> dict[str, str]:
     """An access key of a user that may only put events (the group and stream are made by the
-    operator's infrastructure code, as least privilege has it)."""
+    operator's infrastructure code, as least privilege has it), or do ``actions``."""
     async with get_session().create_client(
         "iam", region_name="us-east-1", endpoint_url=moto_url, **CREDENTIALS
     ) as iam:
         await iam.create_user(UserName="writer")
         policy = {
             "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": ["logs:PutLogEvents"], "Resource": "*"}],
+            "Statement": [{"Effect": "Allow", "Action": list(actions), "Resource": "*"}],
         }
         await iam.put_user_policy(
             UserName="writer", PolicyName="put", PolicyDocument=orjson.dumps(policy).decode()
@@ -837,3 +839,26 @@ async def test_a_key_that_may_only_put_events_stops_when_the_stream_is_missing(
     await logs.create_log_group(logGroupName="llm-proxy")  # and no stream
     with pytest.raises(AuthFailed):
         await _burst_with_put_only_key(moto_url, tmp_path, [event_at(time.time() - 1)])
+
+
+async def test_a_key_that_may_create_streams_only_recreates_a_deleted_stream(
+    moto_url: str, logs: Any
+) -> None:
+    # The policy log shippers are given (CreateLogStream and PutLogEvents in a group made
+    # beforehand): a stream deleted under the dispatcher is one it may make again.
+    await logs.create_log_group(logGroupName="llm-proxy")
+    key = await put_only_keys(moto_url, ("logs:CreateLogStream", "logs:PutLogEvents"))
+    cloudwatch = backend(moto_url, **key)
+    first, second = event_at(time.time() - 2, 1), event_at(time.time() - 1, 2)
+    moto_auth(moto_url, "0")
+    try:
+        await cloudwatch.start()
+        assert await cloudwatch.send([first]) == {}
+        moto_auth(moto_url, "inf")
+        await logs.delete_log_stream(logGroupName="llm-proxy", logStreamName="events")
+        moto_auth(moto_url, "0")
+        assert await cloudwatch.send([second]) == {}
+    finally:
+        moto_auth(moto_url, "inf")
+        await cloudwatch.close()
+    assert [e["id"] for e in await stored(logs)] == [second["id"]]
