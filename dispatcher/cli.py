@@ -418,8 +418,7 @@ def replay_command(
     ids); Helicone may log it twice (the event id is sent as Helicone-Request-Id); CloudWatch
     and the file store it twice (each record carries the event id).
     """
-    backend = build_backend(service, BackendOptions(**backend_options), data_dir)
-    if dry_run:
+    if dry_run:  # FILE is only read: no backend, so no credentials, needed
         tally = replay.count(file)
         origins = ", ".join(f"{name}: {n}" for name, n in sorted(tally.by_backend.items()))
         click.echo(
@@ -429,6 +428,7 @@ def replay_command(
             + f"; nothing was sent to {service}"
         )
         return
+    backend = build_backend(service, BackendOptions(**backend_options), data_dir)
     target = _replay_output(file, output)
     try:
         with owner_only_files():

@@ -354,3 +354,14 @@ def test_the_help_says_a_lunary_run_id_comes_from_the_event_id() -> None:
     # Not the request id: calls sharing a client's X-Request-ID are runs of their own (and kept).
     text = " ".join(replay("--help").output.split())
     assert "Lunary keeps it once (run ids come from event ids)" in text
+
+
+def test_a_dry_run_needs_no_credentials(tmp_path: Path) -> None:
+    # It only reads FILE: an operator looks at a dead-letter file where the keys are not.
+    dead = dead_letters_of(tmp_path / "dead.jsonl", events(3), backend="lunary")
+    for service in ("lunary", "helicone", "cloudwatch"):
+        dry = replay(str(dead), "--service", service, "--dry-run", AWS_CONFIG_FILE="/nonexistent")
+        assert dry.exit_code == 0, dry.output
+        assert dry.stdout == (
+            f"dry run: {dead} holds 3 events (lunary: 3); nothing was sent to {service}\n"
+        )
