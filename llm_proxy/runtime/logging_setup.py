@@ -115,17 +115,17 @@ def configure_logging(
     )
     exact = ExactValues(secrets)
     out = _LogStream(stream or sys.stderr)
+    # The end of every chain: secrets masked, rendered, then masked again in the rendered line
+    # (so values of every type, exceptions and nested ones included, are covered).
+    rendered: list[Any] = [structlog.processors.format_exc_info, _redact_secrets, renderer]
+    if exact:
+        rendered.append(exact.rendered)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-        _redact_secrets,
-        renderer,
+        *rendered,
     ]
-    if exact:
-        # After rendering, so values of every type (exceptions, nested ones) are covered.
-        processors.append(exact.rendered)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -139,14 +139,7 @@ def configure_logging(
     # the same format: a JSON log holds JSON lines only.
     handler = logging.StreamHandler(out)
     if fmt == "json":
-        library: list[Any] = [
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
-            _redact_secrets,
-            renderer,
-        ]
-        if exact:
-            library.append(exact.rendered)
+        library: list[Any] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendered]
         handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(
                 foreign_pre_chain=[

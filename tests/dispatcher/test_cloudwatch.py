@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -159,19 +160,25 @@ async def test_events_just_inside_the_age_limits_are_sent_not_refused(
     assert [e["id"] for e in await stored(logs)] == [e["id"] for e in events]
 
 
-async def deliver_burst(cloudwatch: CloudWatchBackend, events: list[Event], tmp_path: Path) -> Any:
+def burst_worker(
+    cloudwatch: CloudWatchBackend, tmp_path: Path, backoff: Backoff | None = None
+) -> tuple[MemoryBus, Worker]:
+    """A burst-mode worker delivering a memory bus's events to ``cloudwatch``."""
     bus = MemoryBus()
-    worker = Worker(
-        bus,
-        cloudwatch,
-        WorkerSettings(
-            service="cloudwatch",
-            dead_letter_path=tmp_path / "dead.jsonl",
-            poll=0.05,
-            batch_wait=0.05,
-            burst=True,
-        ),
+    settings = WorkerSettings(
+        service="cloudwatch",
+        dead_letter_path=tmp_path / "dead.jsonl",
+        poll=0.05,
+        batch_wait=0.05,
+        burst=True,
     )
+    return bus, Worker(
+        bus, cloudwatch, settings if backoff is None else replace(settings, backoff=backoff)
+    )
+
+
+async def deliver_burst(cloudwatch: CloudWatchBackend, events: list[Event], tmp_path: Path) -> Any:
+    bus, worker = burst_worker(cloudwatch, tmp_path)
     worker.start()
     await bus.publish(events)
     return await worker.async_run()
@@ -187,19 +194,7 @@ async def test_an_endpoint_unreachable_at_start_is_retried_like_a_delivery(
     cloudwatch = CloudWatchBackend(
         group, "events", region="us-east-1", endpoint_url=f"http://127.0.0.1:{port}", **CREDENTIALS
     )
-    bus = MemoryBus()
-    worker = Worker(
-        bus,
-        cloudwatch,
-        WorkerSettings(
-            service="cloudwatch",
-            dead_letter_path=tmp_path / "dead.jsonl",
-            poll=0.05,
-            batch_wait=0.05,
-            backoff=Backoff(base=0.2, cap=0.5),
-            burst=True,
-        ),
-    )
+    bus, worker = burst_worker(cloudwatch, tmp_path, Backoff(base=0.2, cap=0.5))
     await worker.open()
     worker.start()
     sent = [event_at(time.time() - 1, n) for n in range(2)]
@@ -271,19 +266,7 @@ async def test_a_start_throttled_by_aws_is_retried_like_a_delivery(
         endpoint_url=str(server.make_url("")).rstrip("/"),
         **CREDENTIALS,
     )
-    bus = MemoryBus()
-    worker = Worker(
-        bus,
-        cloudwatch,
-        WorkerSettings(
-            service="cloudwatch",
-            dead_letter_path=tmp_path / "dead.jsonl",
-            poll=0.05,
-            batch_wait=0.05,
-            backoff=Backoff(base=0.05, cap=0.2),
-            burst=True,
-        ),
-    )
+    bus, worker = burst_worker(cloudwatch, tmp_path, Backoff(base=0.05, cap=0.2))
     await worker.open()
     worker.start()
     sent = [event_at(time.time() - 1, n) for n in range(2)]
