@@ -12,11 +12,13 @@ import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.processes import (
     MockUpstream,
+    ServerProcess,
     clean_env,
     cli_command,
     http,
@@ -41,6 +43,14 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockUpstream]
 @pytest.fixture
 def api_config(tmp_path: Path, upstream: MockUpstream) -> Path:
     return write_api_config(tmp_path / "api_providers.yaml", upstream.base_url)
+
+
+def logged(server: ServerProcess, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``server`` that are ``event``."""
+    lines = [
+        json.loads(line) for line in server.process.stderr.splitlines() if line.startswith("{")
+    ]
+    return [line for line in lines if line.get("event") == event]
 
 
 def mode(path: Path) -> int:
@@ -157,11 +167,7 @@ def test_a_data_dir_and_a_secret_left_open_to_others_are_made_private_at_start(
         assert password.read_text() == "written-by-the-operator\n"
     finally:
         server.stop()
-    made_private = [
-        json.loads(line)
-        for line in server.process.stderr.splitlines()
-        if '"server.made_private"' in line
-    ]
+    made_private = logged(server, "server.made_private")
     assert {(line["path"], line["mode"], line["now"]) for line in made_private} == {
         (str(data_dir), "0755", "0700"),
         (str(password), "0644", "0600"),
@@ -181,11 +187,7 @@ def test_a_secret_file_of_another_user_left_open_to_others_is_a_warning(
     server = start_server(data_dir, api_config, tmp_path / "logs")
     server.stop()
     assert mode(password) == 0o644  # not ours to change
-    warnings = [
-        json.loads(line)
-        for line in server.process.stderr.splitlines()
-        if '"server.not_private"' in line
-    ]
+    warnings = logged(server, "server.not_private")
     assert [(w["path"], w["mode"], w["reason"], w["level"]) for w in warnings] == [
         (str(password), "0644", "owned by another user", "warning")
     ]
@@ -244,9 +246,5 @@ def test_a_database_a_newer_release_migrated_is_named_by_migrate_and_at_start(
         assert http("GET", f"{server.base_url}/health")[0] == 200
     finally:
         server.stop()
-    warnings = [
-        json.loads(line)
-        for line in server.process.stderr.splitlines()
-        if '"store.schema_newer_than_release"' in line
-    ]
+    warnings = logged(server, "store.schema_newer_than_release")
     assert [(w["unknown_migrations"], w["level"]) for w in warnings] == [([998, 999], "warning")]
