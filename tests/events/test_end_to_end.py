@@ -631,11 +631,15 @@ async def test_the_timestamp_is_when_the_request_came_not_when_its_token_was_che
         # The token's first check reads it from the database: make that wait.
         await holder.execute("LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE")
         asked = asyncio.ensure_future(proxy.client.get("/v1/models", headers=headers))
+        # Whatever the waiting statement shows as its text: a lock on the table not granted.
         waiting = (
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE '%token_hash%'"
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE c.relname = 'tokens' AND NOT l.granted"
         )
+        deadline = time.monotonic() + 10
         while not await holder.fetchval(waiting):
+            assert not asked.done(), "the token was checked without reading the database"
+            assert time.monotonic() < deadline, "the token's check never waited on the lock"
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
         released = time.time()
