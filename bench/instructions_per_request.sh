@@ -2,8 +2,8 @@
 # instructions_per_request.sh [--anchors | CHECKOUT...]: user-space instructions per request of the llm-proxy
 # server of each CHECKOUT (default: this one; another checkout's code runs on this one's .venv
 # through PYTHONPATH), of pyfloor and of floorplus (bench/targets/floorplus.py; FLOORPLUS_WITHOUT
-# prices its parts), counted by valgrind's callgrind over a fixed number of
-# requests (N, default 2000, over C=8 connections) after a warm-up, against the bench's nginx mock.
+# prices its parts; FLOORPLUS_COMPILED=DIR adds the Cython builds of bench/floorplus_compiled.sh),
+# counted by valgrind's callgrind over a fixed number of requests (N, default 2000, over C=8 connections) after a warm-up, against the bench's nginx mock.
 #
 # Unlike CPU time on a shared VM, the count repeats to within 0.1 % from run to run, so a change of
 # 1 % is visible in one run. It leaves out the kernel (the same system calls for both, see
@@ -59,4 +59,8 @@ anchor() { # NAME SCRIPT PORT TOKEN: count a floor script (pyfloor, or floorplus
 }
 anchor pyfloor "$checkout/../shared/bench/anchors/pyfloor.py" 18119 $LAB_PYFLOOR_TOKEN
 anchor floorplus "$checkout/bench/targets/floorplus.py" 18118 $LAB_PYFLOOR_TOKEN
+if [ -n "${FLOORPLUS_COMPILED:-}" ]; then  # the builds of bench/floorplus_compiled.sh
+  anchor floorplus-cython-untyped "$FLOORPLUS_COMPILED/run_untyped.py" 18117 $LAB_PYFLOOR_TOKEN
+  anchor floorplus-cython-typed "$FLOORPLUS_COMPILED/run_typed.py" 18116 $LAB_PYFLOOR_TOKEN
+fi
 echo "(callgrind files: $d)"
