@@ -40,11 +40,11 @@ VOLUME ["/app/data"]
 # Numeric, so Kubernetes can verify runAsNonRoot without reading /etc/passwd.
 USER 10001:10001
 EXPOSE 8080
-# The check asks the address the server was told to listen on, so a container started with another
-# LISTEN_ADDR stays healthy: a wildcard address is reached through loopback, which a wildcard
-# socket (IPv6 ones included, being dual-stack) accepts. Proxies from the environment are
-# bypassed: HTTP_PROXY is meant for upstream traffic and would otherwise carry the check away.
+# The check reads LISTEN_ADDR exactly as the server does (its option, its parser, its bind's name
+# resolution), so a container started with another LISTEN_ADDR stays healthy and one the server
+# refuses is not reported healthy: a wildcard address is reached through loopback. It connects
+# directly: HTTP_PROXY is meant for upstream traffic and would otherwise carry the check away.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request as r; host, _, port = os.environ.get('LISTEN_ADDR', '127.0.0.1:8080').rpartition(':'); host = host.strip('[]'); host = '127.0.0.1' if host in ('', '0.0.0.0', '::') else host; host = f'[{host}]' if ':' in host else host; r.build_opener(r.ProxyHandler({})).open(f'http://{host}:{port}/health', timeout=3)"]
+  CMD ["python", "-m", "llm_proxy.runtime.healthcheck"]
 ENTRYPOINT ["tini", "--", "llm-proxy"]
 CMD ["server", "--file-event-log", "/app/data/events.jsonl"]

@@ -14,6 +14,7 @@ from llm_proxy.control.manage_cli import manage
 from llm_proxy.pricing import PricesError
 from llm_proxy.private_files import owner_only_files
 from llm_proxy.proxy.api_config import ApiConfigError, load_api_config
+from llm_proxy.runtime.healthcheck import healthcheck_command, listen_addr_option
 from llm_proxy.runtime.logging_setup import configure_logging
 from llm_proxy.runtime.settings import (
     MAX_DATABASE_POOL_SIZE,
@@ -169,14 +170,7 @@ def build_settings(
 
 
 @main.command()
-@click.option(
-    "--listen-addr",
-    envvar="LISTEN_ADDR",
-    default="127.0.0.1:8080",
-    show_envvar=True,
-    help="host:port the proxy, the management API and the admin pages listen on"
-    " (0.0.0.0:PORT: every interface).",
-)
+@listen_addr_option
 @click.option(
     "--management-token",
     envvar="MANAGEMENT_TOKEN",
@@ -483,3 +477,4 @@ main.add_command(manage)
 main.add_command(mock_upstream_command)
 main.add_command(benchmark_command)
 main.add_command(dispatcher_command)
+main.add_command(healthcheck_command)

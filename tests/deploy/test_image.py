@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.processes import ServerProcess, clean_env, free_port, start_server, write_api_config
+from tests.processes import (
+    ServerProcess,
+    clean_env,
+    cli_command,
+    free_port,
+    run_start_that_fails,
+    spawn,
+    start_server,
+    write_api_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -83,14 +94,6 @@ def test_the_data_volume_starts_private_to_the_user_the_image_runs_as() -> None:
         assert ":".join(created.groups()) == user
 
 
-def test_healthcheck_reads_listen_addr_and_asks_health() -> None:
-    command = healthcheck_command()
-    assert command[:2] == ["python", "-c"]
-    assert "LISTEN_ADDR" in command[2]
-    assert "/health" in command[2]
-    assert "8080/health" not in command[2]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A real server on a free port, never the image's default 8080."""
@@ -104,6 +107,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 def run_healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
     """The HEALTHCHECK's command line, with this interpreter standing in for the image's."""
     command = healthcheck_command()
+    assert command[0] == "python", "the image's interpreter, the one llm-proxy is installed in"
     return subprocess.run(
         [sys.executable, *command[1:]],
         env=clean_env(**env),
@@ -118,21 +122,92 @@ def port_of(server: ServerProcess) -> str:
     return server.base_url.rpartition(":")[2]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@contextmanager
+def server_listening_on(listen_addr: str, reached_at: str, base: Path) -> Iterator[None]:
+    """``llm-proxy server`` with LISTEN_ADDR as given, once it answers at ``reached_at``."""
+    api_config = write_api_config(base / "providers.yaml", "http://127.0.0.1:9")
+    env = clean_env(
+        LISTEN_ADDR=listen_addr,
+        DATA_DIR=str(base / "data"),
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+    )
+    process = spawn(cli_command("server"), env, base / "logs", "server")
+    try:
+        process.wait_for(f"http://{reached_at}/health")
+        yield
+    finally:
+        process.stop()
+
+
 @pytest.mark.process
-@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "[::]", ""])
-def test_healthcheck_passes_on_the_address_the_server_listens_on(
-    server: ServerProcess, host: str
+@pytest.mark.parametrize(
+    ("listen_addr", "reached_at"),
+    [
+        ("127.0.0.1:{port}", "127.0.0.1:{port}"),
+        ("0.0.0.0:{port}", "127.0.0.1:{port}"),  # what the image sets
+        (":{port}", "127.0.0.1:{port}"),  # every interface, as 0.0.0.0
+        ("localhost:{port}", "127.0.0.1:{port}"),
+        ("[::1]:{port}", "[::1]:{port}"),
+        ("[::]:{port}", "[::1]:{port}"),
+    ],
+)
+def test_healthcheck_passes_on_every_address_the_server_accepts(
+    tmp_path: Path, listen_addr: str, reached_at: str
 ) -> None:
-    # A wildcard address (what the image sets) is checked through loopback.
-    result = run_healthcheck(LISTEN_ADDR=f"{host}:{port_of(server)}")
+    port = free_port()
+    listen_addr, reached_at = listen_addr.format(port=port), reached_at.format(port=port)
+    with server_listening_on(listen_addr, reached_at, tmp_path):
+        result = run_healthcheck(LISTEN_ADDR=listen_addr)
     assert result.returncode == 0, result.stderr
-    assert port_of(server) != "8080"
+
+
+@pytest.mark.process
+def test_healthcheck_with_an_empty_listen_addr_asks_the_servers_default(tmp_path: Path) -> None:
+    # An empty variable is no variable to the server (it listens on its default, 127.0.0.1:8080):
+    # the check once made port 80 of it and reported a healthy server unhealthy.
+    if not port_is_free(8080):
+        pytest.skip("port 8080, the server's default, is in use on this machine")
+    with server_listening_on("", "127.0.0.1:8080", tmp_path):
+        result = run_healthcheck(LISTEN_ADDR="")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    "listen_addr",
+    ["[127.0.0.1]:{port}", "127.0.0.1:{port} ", "127.0.0.1", "127.0.0.1:0{port}0"],
+)
+def test_healthcheck_fails_on_an_address_the_server_refuses(
+    server: ServerProcess, listen_addr: str
+) -> None:
+    # Each names the port a healthy server listens on, but no server could start with it: the
+    # image's check must not call such a container healthy.
+    listen_addr = listen_addr.format(port=port_of(server))
+    refused = run_start_that_fails(
+        clean_env(LISTEN_ADDR=listen_addr, DATA_DIR=str(server.data_dir)),
+        f"the server started with LISTEN_ADDR={listen_addr!r}",
+    )
+    assert refused.returncode != 0
+    assert "LISTEN_ADDR" in refused.stderr
+    result = run_healthcheck(LISTEN_ADDR=listen_addr)
+    assert result.returncode == 1
+    assert "LISTEN_ADDR" in result.stderr
 
 
 @pytest.mark.process
 def test_healthcheck_fails_when_nothing_listens_on_listen_addr(server: ServerProcess) -> None:
     result = run_healthcheck(LISTEN_ADDR=f"0.0.0.0:{free_port()}")
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "Connection refused" in result.stderr
 
 
