@@ -16,6 +16,7 @@ from llm_proxy.private_files import owner_only_files
 from llm_proxy.proxy.api_config import ApiConfigError, load_api_config
 from llm_proxy.runtime.healthcheck import healthcheck_command, listen_addr_option
 from llm_proxy.runtime.logging_setup import configure_logging
+from llm_proxy.runtime.required_settings import check_required_settings, required_settings_option
 from llm_proxy.runtime.settings import (
     MAX_DATABASE_POOL_SIZE,
     MAX_WORKERS,
@@ -399,13 +400,16 @@ def build_settings(
     help="With LLM_PROXY_EVENT_BUS=redis: the stream events are published on; the dispatchers"
     " read the same variable (several deployments can share one Redis).",
 )
-def server(**options: str | int | None) -> None:
+@required_settings_option
+@click.pass_context
+def server(context: click.Context, /, **options: str | int | None) -> None:
     """Run the proxy, the management API and the admin pages.
 
     Secrets left unset are generated on the first start, printed that once, and kept under
     DATA_DIR; later starts reuse them.
     """
     try:
+        check_required_settings(context)
         settings = build_settings(**options, is_tty=sys.stderr.isatty())  # type: ignore[arg-type]
         settings.export_trust_paths()
         load_api_config(settings.api_config_path)

@@ -22,6 +22,8 @@ import pytest
 import yaml
 
 from llm_proxy.runtime.cli import main
+from tests.events.events_support import RedisServer
+from tests.processes import cli_command, free_port, http, run, run_start_that_fails, spawn
 
 pytestmark = pytest.mark.process
 
@@ -390,6 +392,81 @@ def test_existing_secret_is_used_by_every_pod(default_release: list[dict[str, An
         refs = [secret_ref(v) for v in env_of(workload).values() if isinstance(v, dict)]
         assert refs, workload["metadata"]["name"]
         assert {name for name, _ in refs} == {"llm-proxy-secrets"}
+
+
+SECRET_KEYS = ("DATABASE_URL", "REDIS_URL", "MANAGEMENT_TOKEN", "ENCRYPTION_KEY", "ADMIN_PASSWORD")
+
+
+def proxy_pod_env(
+    docs: list[dict[str, Any]], secret: dict[str, str], directory: Path, port: int
+) -> dict[str, str]:
+    """The proxy container's environment as Kubernetes fills it from ``secret`` (the operator's
+    Secret, key to value), with the image's paths moved under ``directory`` and the port free."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    for name, source in env_of(only(docs, "Deployment", "proxy")).items():
+        if isinstance(source, dict):
+            secret_name, key = secret_ref(source)
+            assert secret_name == "llm-proxy-secrets"
+            env[name] = secret[key]  # a key missing altogether keeps the pod from starting
+        else:
+            env[name] = str(source)
+    config = directory / "config"
+    config.mkdir()
+    for name, text in only(docs, "ConfigMap")["data"].items():
+        (config / name).write_text(text)
+    env.update(
+        LISTEN_ADDR=f"127.0.0.1:{port}",
+        DATA_DIR=str(directory / "data"),
+        API_CONFIG_PATH=str(config / "api_providers.yaml"),
+        PRICES_PATH=str(config / "prices.yaml"),
+    )
+    return env
+
+
+def full_secret(database_url: str, redis_url: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
+        "ENCRYPTION_KEY": ENCRYPTION_KEY,
+        "ADMIN_PASSWORD": ADMIN_PASSWORD,
+    }
+
+
+@pytest.mark.parametrize("empty", SECRET_KEYS)
+def test_a_proxy_pod_refuses_to_start_on_an_existing_secret_with_an_empty_key(
+    default_release: list[dict[str, Any]], tmp_path: Path, empty: str
+) -> None:
+    # The chart cannot read the operator's Secret; a key present but empty sets its variable to
+    # nothing, which the server took as unset: each pod then generated a management token and an
+    # encryption key of its own (or a SQLite database), unreadable by the others.
+    secret = full_secret("postgresql://llmproxy:pw@127.0.0.1:9/llmproxy", "redis://127.0.0.1:9/0")
+    secret[empty] = ""
+    env = proxy_pod_env(default_release, secret, tmp_path, free_port())
+    result = run_start_that_fails(env, f"the pod started with {empty} empty")
+    assert result.returncode == 2
+    assert f"{empty}: unset or empty, and REQUIRED_SETTINGS requires it" in result.stderr
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_a_proxy_pod_starts_on_an_existing_secret_with_every_key(
+    default_release: list[dict[str, Any]],
+    tmp_path: Path,
+    postgres_url: str,
+    redis_server: RedisServer,
+) -> None:
+    port = free_port()
+    env = proxy_pod_env(
+        default_release, full_secret(postgres_url, redis_server.url), tmp_path, port
+    )
+    assert run(cli_command("migrate"), env, timeout=60).returncode == 0
+    pod = spawn(cli_command("server"), env, tmp_path / "logs", "proxy")
+    try:
+        pod.wait_for(f"http://127.0.0.1:{port}/ready", timeout=30)
+        status, _ = http("GET", f"http://127.0.0.1:{port}/manage/projects", token=MANAGEMENT_TOKEN)
+        assert status == 200
+    finally:
+        pod.stop()
 
 
 def test_without_secrets_rendering_fails_naming_what_to_set(helm: Helm) -> None:

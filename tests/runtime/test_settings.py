@@ -18,6 +18,7 @@ from llm_proxy.runtime import secrets_store
 from llm_proxy.runtime.app import events_config
 from llm_proxy.runtime.cli import build_settings
 from llm_proxy.runtime.cli import server as server_command
+from llm_proxy.runtime.required_settings import check_required_settings
 from llm_proxy.runtime.server import FilledSecrets, announce, with_generated_secrets
 from llm_proxy.runtime.settings import (
     Settings,
@@ -516,3 +517,54 @@ def test_an_unusable_data_dir_is_a_settings_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(SettingsError, match=r"^DATA_DIR: "):
         with_generated_secrets(Settings(data_dir=blocker / "data"))
+
+
+def check_required_from_environment(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *args: str
+) -> None:
+    """The check ``llm-proxy server`` makes of REQUIRED_SETTINGS, before anything else."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    check_required_settings(server_command.make_context("server", list(args)))
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "missing"),
+    [
+        ({"MANAGEMENT_TOKEN": ""}, (), "MANAGEMENT_TOKEN"),  # a Secret's key, present but empty
+        ({"MANAGEMENT_TOKEN": " \n"}, (), "MANAGEMENT_TOKEN"),  # blanks are cut: empty too
+        ({}, (), "MANAGEMENT_TOKEN"),
+        ({"MANAGEMENT_TOKEN": "mgmt-x", "REDIS_URL": ""}, (), "REDIS_URL"),  # not its default
+        ({"MANAGEMENT_TOKEN": "mgmt-x"}, (), "REDIS_URL"),
+    ],
+)
+def test_required_settings_stop_start_up_naming_one_not_given(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], args: tuple[str, ...], missing: str
+) -> None:
+    env = {"REQUIRED_SETTINGS": "MANAGEMENT_TOKEN, REDIS_URL", **env}
+    with pytest.raises(SettingsError) as caught:
+        check_required_from_environment(monkeypatch, env, *args)
+    message = str(caught.value)
+    assert message.startswith(f"{missing}: unset or empty, and REQUIRED_SETTINGS requires it")
+    assert "\n" not in message
+
+
+def test_required_settings_given_by_variable_or_flag_let_start_up_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {
+        "REQUIRED_SETTINGS": "MANAGEMENT_TOKEN,REDIS_URL,HTTPS_PROXY",
+        "https_proxy": "http://p:3128",
+    }
+    check_required_from_environment(
+        monkeypatch, {**env, "REDIS_URL": "redis://127.0.0.1:6379/0"}, "--management-token", "t"
+    )
+    check_required_from_environment(monkeypatch, {}, "--required-settings", "")  # none required
+
+
+def test_required_settings_refuse_a_name_that_is_no_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A misspelt name would otherwise require nothing, silently.
+    with pytest.raises(SettingsError, match=r"^REQUIRED_SETTINGS: 'MANAGEMENT_TOKN' is not a"):
+        check_required_from_environment(monkeypatch, {"REQUIRED_SETTINGS": "MANAGEMENT_TOKN"})

@@ -63,10 +63,16 @@ either, rendering stops here with the value to set, rather than pods crash-loopi
 {{- end }}
 {{- end }}
 
+{{/* The keys of the Secret, each the variable it fills, comma-separated: what every proxy pod
+must be given (its REQUIRED_SETTINGS), for one left empty would be generated or defaulted per pod. */}}
+{{- define "llm-proxy.secretKeys" -}}
+DATABASE_URL,REDIS_URL,MANAGEMENT_TOKEN,ENCRYPTION_KEY,ADMIN_PASSWORD
+{{- end }}
+
 {{/* The variables the server and `llm-proxy migrate` read alike (the database and the secrets). */}}
 {{- define "llm-proxy.sharedEnv" -}}
 {{- $secret := include "llm-proxy.secretName" . }}
-{{- range list "DATABASE_URL" "REDIS_URL" "MANAGEMENT_TOKEN" "ENCRYPTION_KEY" "ADMIN_PASSWORD" }}
+{{- range splitList "," (include "llm-proxy.secretKeys" .) }}
 - name: {{ . }}
   valueFrom:
     secretKeyRef:
