@@ -179,12 +179,13 @@ class Operations:
         if api_key is not None:
             changes["api_key_encrypted"] = self._cipher.encrypt(api_key)
             changes["api_key_masked"] = mask_key(api_key)
-        if not changes:
+        if not changes and revoke_tokens:
             # Only revoke_tokens was asked for: that is one change, audited once.
             unchanged = await self.get_project(project_id)
-            if revoke_tokens:
-                await self.revoke_project_tokens(actor, project_id)
+            await self.revoke_project_tokens(actor, project_id)
             return unchanged
+        # Nothing at all (revoke_tokens false alone) is still a PATCH accepted, audited once
+        # like every other (SPEC §5), as a token PATCH giving today's values is.
         # The audit trail names what changed, never the key itself.
         changed = sorted(k for k in changes if k != "api_key_masked")
         changed = ["api_key" if k == "api_key_encrypted" else k for k in changed]

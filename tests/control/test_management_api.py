@@ -905,6 +905,32 @@ async def test_revoke_tokens_alone_is_one_audited_change(proxy: Proxy) -> None:
     assert page["events"][0]["details"]["revoked_count"] == 1
 
 
+async def test_revoke_tokens_false_alone_changes_nothing_and_is_audited_once(
+    proxy: Proxy,
+) -> None:
+    # Accepted, as a PATCH giving a project's current values is: the project as it was, its
+    # tokens untouched, and one audit event like every other call (it once wrote none).
+    project_id = await proxy.create_project()
+    token = await proxy.issue_token(project_id)
+    _, before = await proxy.manage("GET", f"/projects/{project_id}")
+    status, project = await proxy.manage(
+        "PATCH", f"/projects/{project_id}", {"revoke_tokens": False}
+    )
+    assert status == 200
+    kept = ("id", "name", "description", "metadata", "is_active", "api_key", "created_at")
+    assert {key: project[key] for key in kept} == {key: before[key] for key in kept}
+    _, token_now = await proxy.manage("GET", f"/tokens/{token['id']}")
+    assert token_now["status"] == "active"
+    _, page = await proxy.manage("GET", f"/audit?project_id={project_id}")
+    assert [e["action"] for e in page["events"]] == [
+        "project.update",
+        "token.create",
+        "project.create",
+    ]
+    assert page["events"][0]["details"]["changed"] == []
+    assert "revoked_count" not in page["events"][0]["details"]
+
+
 async def test_each_mutating_call_writes_exactly_one_audit_event(proxy: Proxy) -> None:
     """SPEC §5: a change and a revocation asked in one PATCH are one event, and revoking a
     token already revoked (204 all the same) is audited too."""
