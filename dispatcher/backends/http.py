@@ -6,7 +6,8 @@ else a backend's service answers for a key it refuses) refuse the credentials, n
 worker stops instead (see :class:`~dispatcher.backends.Rejection`). A retryable answer's
 ``Retry-After`` (seconds or an HTTP date) goes with the refusal, for the worker to wait that long.
 A refusal's reason ends up in logs and the dead-letter file, and services echo what they were sent:
-the backend's own secrets, and anything shaped like a key, are masked in it.
+the backend's own secrets, and anything shaped like a key, are masked in it. A redirect is a
+permanent refusal naming its target, never followed (see :func:`redirected`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+from urllib.parse import urljoin
 
 import aiohttp
 import orjson
@@ -74,6 +76,20 @@ def refusal(
     )
 
 
+def redirected(url: str, status: int, location: str | None, secrets: Sequence[str]) -> Rejection:
+    """A redirect is not followed. A 301 or 302 would be followed as a GET without the events (the
+    service then answers 404 or 405 to an empty request), and any other to another origin, an
+    http:// URL moving to https:// included, without the key (401): either way the events would
+    be refused for a reason that hides the real one, a URL to correct. Refused for good, naming
+    where the service points, so the operator sets the URL to it and replays the dead letters."""
+    target = urljoin(url, location) if location else "nowhere (no Location)"
+    return Rejection(
+        f"HTTP {status}: {masked(url, secrets)} redirects to {masked(target, secrets)[:300]};"
+        " events are not sent on across a redirect: set the service's URL to where it points",
+        retryable=False,
+    )
+
+
 async def post_json(
     session: aiohttp.ClientSession,
     url: str,
@@ -91,14 +107,18 @@ async def post_json(
             url,
             data=body if len(body) < _LARGE else io.BytesIO(body),
             headers={"Content-Type": "application/json", **headers},
+            allow_redirects=False,  # see redirected()
         ) as response:
             # Not ``text()``: an error page that is not UTF-8 (a load balancer's) would raise, and
             # fail the whole batch, the events the service had accepted included.
             text = (await response.read()).decode("utf-8", "replace")
             status = response.status
             wait = retry_after(response.headers.get("Retry-After"), time.time())
+            location = response.headers.get("Location")
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Rejection(masked(f"{type(exc).__name__}: {exc}", secrets), retryable=True), None
+    if 300 <= status < 400:
+        return redirected(url, status, location, secrets), None
     try:
         answer: object = orjson.loads(text) if text else None
     except orjson.JSONDecodeError:

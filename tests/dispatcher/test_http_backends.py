@@ -592,6 +592,64 @@ async def test_a_lunary_key_that_is_not_a_project_id_stops_the_worker_and_leaves
         await bus.close()
 
 
+def redirecting(status: int, to: str, seen: list[str]) -> web.Application:
+    """A front that moved: every request is answered ``status`` to the same path at ``to``, as
+    an http:// listener answers with its https:// address."""
+
+    async def moved(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        return web.Response(status=status, headers={"Location": f"{to}{request.path}"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", moved)
+    return app
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_lunary_behind_a_redirect_is_not_followed_and_the_reason_names_its_target(
+    aiohttp_server: ServerFactory, tmp_path: Path, status: int
+) -> None:
+    # 301/302 were followed as a GET with no events (dead-lettered as "HTTP 405"), 307/308 to
+    # the new origin without the key (the worker stopped: "credentials refused").
+    fake = FakeLunary()
+    moved_to = await aiohttp_server(fake.app)
+    target = str(moved_to.make_url("")).rstrip("/")
+    seen: list[str] = []
+    front = await aiohttp_server(redirecting(status, target, seen))
+    events = [chat_event(), chat_event()]
+
+    summary = await deliver(
+        LunaryBackend(LUNARY_KEY, url=str(front.make_url("/"))), events, tmp_path
+    )
+
+    assert summary.delivered == 0 and summary.dead_lettered == 2 and summary.retried == 0
+    assert seen == ["POST"] and fake.seen == []  # nothing went on, as a GET or otherwise
+    reasons = {line["reason"] for line in dead_letters(tmp_path)}
+    assert reasons == {
+        f"HTTP {status}: {front.make_url('/v1/runs/ingest')} redirects to"
+        f" {target}/v1/runs/ingest; events are not sent on across a redirect: set the"
+        " service's URL to where it points"
+    }
+    assert LUNARY_KEY not in str(reasons)
+
+
+async def test_helicone_behind_a_redirect_is_not_followed_either(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    fake = FakeHelicone()
+    moved_to = await aiohttp_server(fake.app)
+    seen: list[str] = []
+    front = await aiohttp_server(redirecting(301, str(moved_to.make_url("")).rstrip("/"), seen))
+    backend = HeliconeBackend(HELICONE_KEY, url=str(front.make_url("/custom/v1/log")))
+
+    summary = await deliver(backend, [chat_event()], tmp_path)
+
+    assert summary.dead_lettered == 1 and seen == ["POST"] and fake.seen == []
+    [line] = dead_letters(tmp_path)
+    assert line["reason"].startswith("HTTP 301: ")
+    assert f"redirects to {moved_to.make_url('/custom/v1/log')};" in line["reason"]
+
+
 def long_prompt_event(prompt_bytes: int) -> Event:
     request = {**CHAT, "messages": [{"role": "user", "content": "x" * prompt_bytes}]}
     return build(exchange(request=request, response=b"{}", request_limit=8 << 20))
