@@ -10,6 +10,7 @@ keys never at all.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from dispatcher.options import (
     redis_options,
     redis_problem,
 )
+from dispatcher.replay_progress import ProgressError, ProgressFile
 from dispatcher.retry import Backoff
 from dispatcher.worker import AuthFailed, BackendStartError, Worker, WorkerSettings
 from llm_proxy.events.redis import RedisBus, client_from_url
@@ -342,7 +344,9 @@ Exit codes:
   4  some events still fail: they are in the new dead-letter file
   5  the backend refused the credentials: nothing more was sent, and every
      event not delivered is in the new dead-letter file (when it refused them
-     at start, nothing was sent and nothing written)"""
+     at start, nothing was sent and nothing written)
+  7  interrupted (SIGINT, SIGTERM) after a batch: the same command resumes
+     after it, from FILE.replay-progress (a second signal stops at once)"""
 
 
 def _replay_output(file: Path, output: Path | None) -> Path:
@@ -356,6 +360,25 @@ def _replay_output(file: Path, output: Path | None) -> Path:
             param_hint="--dead-letter",
         )
     return output
+
+
+async def _replay_until_signalled(*args: Any, **kwargs: Any) -> replay.Report:
+    """:func:`replay.replay`, stopped after the batch in hand by the first SIGINT or SIGTERM;
+    a second one has its default effect, at once (the progress kept stays right)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def stopping(sig: signal.Signals) -> None:
+        stop.set()
+        loop.remove_signal_handler(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping, sig)
+    try:
+        return await replay.replay(*args, stop=stop, **kwargs)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 @dispatcher_command.command("replay", epilog=REPLAY_EXITS)
@@ -412,7 +435,9 @@ def replay_command(
 
     FILE is only read, never changed. Every event not delivered goes to a new dead-letter file
     (only created when something fails), so nothing is lost and that file is the one to replay
-    next. Move FILE aside before replaying it if a dispatcher may still be adding to it.
+    next. Move FILE aside before replaying it if a dispatcher may still be adding to it. How far
+    it got is kept in FILE.replay-progress after every batch: interrupted, the same command
+    resumes there, and nothing delivered is sent again.
 
     Replaying an event the backend already has: Lunary keeps it once (run ids come from event
     ids); Helicone may log it twice (the event id is sent as Helicone-Request-Id); CloudWatch
@@ -429,16 +454,37 @@ def replay_command(
         )
         return
     backend = build_backend(service, BackendOptions(**backend_options), data_dir)
-    target = _replay_output(file, output)
+    progress = ProgressFile(file)
+    try:
+        start = progress.load()
+    except ProgressError as exc:
+        raise click.BadParameter(str(exc), param_hint="FILE") from None
+    if start is None:
+        target = _replay_output(file, output)
+    else:
+        target = start.dead_letter
+        if output is not None and output.absolute() != target.absolute():
+            raise click.BadParameter(
+                f"{file} was being replayed into {target}: resume without --dead-letter, or"
+                f" remove {progress.path} to replay {file} from its start",
+                param_hint="--dead-letter",
+            )
+        click.echo(
+            f"resuming {file} after line {start.line}, where a replay of it was interrupted;"
+            f" what fails goes on into {target}",
+            err=True,
+        )
     try:
         with owner_only_files():
             report = asyncio.run(
-                replay.replay(
+                _replay_until_signalled(
                     file,
                     backend,
-                    DeadLetterFile(target, new=True),
+                    DeadLetterFile(target, new=start is None),
                     batch_size=batch_size,
                     max_attempts=max_attempts,
+                    progress=progress,
+                    start=start,
                 )
             )
     except AuthFailed as exc:
@@ -456,6 +502,22 @@ def replay_command(
     click.echo(f"idempotency: {replay.IDEMPOTENCY[service]}")
     if report.failed:
         click.echo(f"what still fails is in {target}; {file} was not changed", err=True)
+    if report.progress_unkept is not None:
+        click.echo(
+            f"warning: cannot keep the replay's progress ({report.progress_unkept}): had it"
+            f" been interrupted, it would have started again from the start of {file}",
+            err=True,
+        )
+    if report.interrupted_after is not None:
+        resume = (
+            f"run the same command again to resume there ({progress.path} holds where)"
+            if report.progress_unkept is None
+            else "replay the lines after it (what came before was handled)"
+        )
+        click.echo(
+            f"interrupted after line {report.interrupted_after} of {file}: {resume}", err=True
+        )
+        ctx.exit(Exit.INTERRUPTED)
     if report.auth_failure is not None:
         click.echo(
             f"{service} refused the credentials ({report.auth_failure}): fix "

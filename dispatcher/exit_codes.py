@@ -16,3 +16,4 @@ class Exit(IntEnum):
     DEAD_LETTERED = 4  # events went to a dead-letter file
     AUTH = 5  # the backend refused the credentials
     EVENTS_LOST = 6  # the bus lost events before this service read them
+    INTERRUPTED = 7  # ``replay`` stopped by SIGINT or SIGTERM: run it again to resume

@@ -4,12 +4,14 @@ The file is only read. Events go out in batches, retried with capped backoff whi
 refusals are retryable; every event not delivered in the end (refused, given up on, or not sent
 because the backend refused the credentials) goes to a *new* dead-letter file, created at the first
 failure. So after a replay that file holds exactly what is still undelivered, and it is the one to
-replay next: the old one also holds what was just delivered.
+replay next: the old one also holds what was just delivered. A replay interrupted midway leaves
+its progress next to the file (:mod:`dispatcher.replay_progress`): run again, it resumes there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from collections import Counter
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ import orjson
 
 from dispatcher.backends import Backend, BackendError, Rejection
 from dispatcher.deadletter import DeadLetterFile
+from dispatcher.replay_progress import Progress, ProgressFile
 from dispatcher.retry import Backoff, asked_wait
 from dispatcher.worker import AuthFailed, BackendStartError
 from llm_proxy.events import event as wire
@@ -70,11 +73,22 @@ def _unreadable(number: int, backend: str, text: str, problem: str) -> Line:
 
 
 class _Reader:
-    """Blocking reads of a dead-letter file, a batch at a time (run in a thread)."""
+    """Blocking reads of a dead-letter file, a batch at a time (run in a thread), from
+    ``offset`` (bytes), which is after line ``number``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, offset: int = 0, number: int = 0) -> None:
         self._file: io.BufferedReader = open(path, "rb")  # noqa: SIM115  # closed by close()
-        self._number = 0
+        self._file.seek(offset)
+        self._number = number
+
+    @property
+    def offset(self) -> int:
+        return self._file.tell()
+
+    @property
+    def number(self) -> int:
+        """Lines read so far, blank ones included: the number of the last one."""
+        return self._number
 
     def next(self, count: int) -> list[Line]:
         lines: list[Line] = []
@@ -123,6 +137,8 @@ class Report:
     failed: int = 0  # written to the new dead-letter file, unreadable ones included
     unreadable: int = 0
     auth_failure: str | None = None  # what the backend answered when it refused the credentials
+    interrupted_after: int | None = None  # the line of FILE handled when ``stop`` was set
+    progress_unkept: str | None = None  # why the progress could not be kept, if it could not
 
 
 async def replay(
@@ -133,8 +149,15 @@ async def replay(
     batch_size: int = 100,
     max_attempts: int = 3,
     backoff: Backoff | None = None,
+    progress: ProgressFile | None = None,
+    start: Progress | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Report:
     """Send the events of ``path`` to ``backend``; what fails goes to ``output``.
+
+    With ``progress``, how far it got is kept there after every batch (and removed at the end),
+    so that a replay interrupted for any reason resumes from it (``start``) when run again.
+    ``stop`` set, it stops after the batch in hand: ``interrupted_after`` then says where.
 
     Raises :class:`~dispatcher.worker.BackendStartError` or :class:`~dispatcher.worker.AuthFailed`
     when the backend cannot start: then nothing was sent and nothing written.
@@ -147,14 +170,38 @@ async def replay(
             raise AuthFailed(backend.name, exc.rejection.reason, 0) from None
         raise BackendStartError(f"{backend.name}: {exc}") from exc
     sender = _Sender(backend, output, max_attempts, backoff or Backoff())
-    reader = await asyncio.to_thread(_Reader, path)
+    report = sender.report
+    found = progress  # the file of the progress, even once it can no longer be kept
+    begin = start or Progress(0, 0, output.path)
+    reader = await asyncio.to_thread(_Reader, path, begin.offset, begin.line)
     try:
-        while lines := await asyncio.to_thread(reader.next, batch_size):
+        while True:
+            if stop is not None and stop.is_set():
+                report.interrupted_after = reader.number
+                break
+            lines = await asyncio.to_thread(reader.next, batch_size)
+            if not lines:
+                break
             await sender.send(lines)
+            if progress is not None:
+                # After the batch's failures are on disk: none is lost, none is sent twice.
+                done = Progress(reader.offset, reader.number, output.path)
+                try:
+                    await asyncio.to_thread(progress.save, done)
+                except OSError as exc:
+                    # FILE's directory read-only, say: the replay goes on, without a resume.
+                    report.progress_unkept = f"{progress.path}: {exc.strerror}"
+                    progress = None
     finally:
         await asyncio.to_thread(reader.close)
         await backend.close()
-    return sender.report
+    if progress is not None and report.interrupted_after is None:
+        await asyncio.to_thread(progress.remove)
+    elif found is not None and report.progress_unkept is not None and start is not None:
+        # The progress file found at the start no longer says where this replay is.
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(found.remove)
+    return report
 
 
 class _Sender:

@@ -124,11 +124,14 @@ class FakeHelicone:
         self.seen: list[float] = []  # when each request came (time.monotonic)
         self.refused_keys = 0  # requests answered 401 or 403
         self.max_body = max_body
+        self.delay = 0.0  # seconds each request takes, for a client to be stopped midway
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/custom/v1/log", self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append(time.monotonic())
+        if self.delay:
+            await asyncio.sleep(self.delay)
         authorization = request.headers.get("Authorization")
         if authorization == f"Bearer {HELICONE_READ_ONLY_KEY}":
             self.refused_keys += 1

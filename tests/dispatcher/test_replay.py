@@ -4,12 +4,15 @@ real fake backends (aiohttp apps) and to moto's CloudWatch Logs."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from click.testing import CliRunner, Result
 
 from dispatcher.backends.lunary import LunaryBackend, run_id
@@ -23,6 +26,7 @@ from tests.dispatcher.aws import read_stored
 from tests.dispatcher.fakes import HELICONE_KEY, LUNARY_KEY, FakeHelicone, FakeLunary, serving
 from tests.dispatcher.test_cli import CLEAN_ENV
 from tests.events.events_support import exchange
+from tests.processes import Process, clean_env, cli_command, spawn
 
 SECRET = "sk-wrong-and-secret"
 
@@ -365,3 +369,104 @@ def test_a_dry_run_needs_no_credentials(tmp_path: Path) -> None:
         assert dry.stdout == (
             f"dry run: {dead} holds 3 events (lunary: 3); nothing was sent to {service}\n"
         )
+
+
+def helicone_ids(fake: FakeHelicone) -> list[str]:
+    return [log["providerRequest"]["meta"]["Helicone-Request-Id"] for log in fake.logs]
+
+
+def replay_process(dead: Path, url: str, logs: Path, name: str) -> Process:
+    """``llm-proxy dispatcher replay`` as an operator runs it, one event per batch."""
+    command = cli_command(
+        "dispatcher", "replay", str(dead), "--service", "helicone", "--batch-size", "1"
+    )
+    env = clean_env(HELICONE_API_KEY=HELICONE_KEY, HELICONE_URL=url + "/custom/v1/log")
+    return spawn(command, env, logs, name)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.02)
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_replay_resumes_after_what_it_delivered(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Interrupted, a replay once kept no record of what it had delivered: run again, it sent
+    # all of FILE again, and Helicone, CloudWatch and the file store what they had twice.
+    sent = events(8)
+    work = tmp_path / "work"
+    work.mkdir()
+    dead = dead_letters_of(work / "dead.jsonl", sent)
+    fake = FakeHelicone()
+    fake.delay = 0.1
+    with serving(fake.app) as url:
+        first = replay_process(dead, url, tmp_path / "logs", "first")
+        try:
+            wait_until(lambda: len(fake.logs) >= 3)
+            first.popen.send_signal(sig)
+            assert first.popen.wait(15) == 7, first.stderr
+        finally:
+            first.stop()
+        delivered = helicone_ids(fake)
+        assert 3 <= len(delivered) < len(sent)
+        assert delivered == [e["id"] for e in sent[: len(delivered)]]
+        assert f"interrupted after line {len(delivered)} of {dead}" in first.stderr
+        assert (work / "dead.jsonl.replay-progress").exists()
+
+        second = replay_process(dead, url, tmp_path / "logs", "second")
+        try:
+            assert second.popen.wait(30) == 0, second.stderr
+        finally:
+            second.stop()
+    assert f"resuming {dead} after line {len(delivered)}" in second.stderr
+    assert second.stdout.startswith(
+        f"replayed {dead} to helicone: {len(sent) - len(delivered)} read,"
+        f" {len(sent) - len(delivered)} delivered, 0 failed"
+    )
+    assert helicone_ids(fake) == [e["id"] for e in sent]  # each once, in order
+    assert sorted(work.iterdir()) == [dead]  # no progress left, and nothing failed
+
+
+@pytest.mark.process
+def test_a_replay_killed_midway_sends_again_at_most_the_batch_it_was_sending(
+    tmp_path: Path,
+) -> None:
+    sent = events(8)
+    work = tmp_path / "work"
+    work.mkdir()
+    dead = dead_letters_of(work / "dead.jsonl", sent)
+    fake = FakeHelicone()
+    fake.delay = 0.1
+    with serving(fake.app) as url:
+        first = replay_process(dead, url, tmp_path / "logs", "first")
+        try:
+            wait_until(lambda: len(fake.logs) >= 3)
+            first.popen.kill()  # no chance to say anything: only the progress kept counts
+            first.popen.wait(15)
+        finally:
+            first.stop()
+        second = replay_process(dead, url, tmp_path / "logs", "second")
+        try:
+            assert second.popen.wait(30) == 0, second.stderr
+        finally:
+            second.stop()
+    ids = helicone_ids(fake)
+    assert sorted(set(ids)) == sorted(e["id"] for e in sent)
+    assert len(ids) <= len(sent) + 1  # the one batch in flight as it was killed, at most
+    assert sorted(work.iterdir()) == [dead]
+
+
+def test_a_progress_file_of_another_file_is_refused(tmp_path: Path) -> None:
+    dead = dead_letters_of(tmp_path / "dead.jsonl", events(3))
+    (tmp_path / "dead.jsonl.replay-progress").write_text(
+        '{"file": [0, 0], "offset": 10, "line": 1, "dead_letter": "x.jsonl"}'
+    )
+    result = replay(str(dead), "--service", "file", DATA_DIR=str(tmp_path))
+    assert result.exit_code == 2
+    assert "is the progress of another file than" in result.output
+    assert "to replay" in result.output and "from its start" in result.output

@@ -1,0 +1,87 @@
+"""How far a ``replay`` got, so that one interrupted (a signal, a crash, a machine going down)
+resumes where it stopped when run again, instead of sending again what it had delivered.
+
+Kept next to FILE as ``FILE.replay-progress`` (JSON): how much of FILE was handled (every event
+before that point delivered, or written to the new dead-letter file), that dead-letter file, and
+FILE's identity (device and inode), so that it never applies to another file of the same name.
+Rewritten whole and durably after every batch; removed once FILE was read to its end.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from llm_proxy.private_files import owner_only
+
+SUFFIX = ".replay-progress"
+
+
+class ProgressError(Exception):
+    """A progress file that cannot be used for this FILE; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    offset: int  # bytes of FILE handled
+    line: int  # lines of FILE handled
+    dead_letter: Path  # where what failed so far was written, and what fails next goes
+
+
+class ProgressFile:
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.path = file.with_name(file.name + SUFFIX)
+
+    def _identity(self) -> list[int]:
+        found = os.stat(self.file)
+        return [found.st_dev, found.st_ino]
+
+    def load(self) -> Progress | None:
+        """The progress of an interrupted replay of FILE, or None when there is none."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        start_over = f"remove {self.path} to replay {self.file} from its start"
+        try:
+            record = orjson.loads(raw)
+            progress = Progress(
+                int(record["offset"]), int(record["line"]), Path(record["dead_letter"])
+            )
+            identity = [int(part) for part in record["file"]]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ProgressError(f"{self.path} is unreadable: {start_over}") from None
+        if identity != self._identity() or os.stat(self.file).st_size < progress.offset:
+            raise ProgressError(
+                f"{self.path} is the progress of another file than {self.file} (replaced or"
+                f" cut since): {start_over}"
+            )
+        return progress
+
+    def save(self, progress: Progress) -> None:
+        """Replace the progress, durably: a crash leaves the old one or the new one, whole."""
+        data = orjson.dumps(
+            {
+                "file": self._identity(),
+                "offset": progress.offset,
+                "line": progress.line,
+                "dead_letter": str(progress.dead_letter),
+            }
+        )
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with open(temporary, "wb", buffering=0, opener=owner_only) as handle:
+            handle.write(data)
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
