@@ -450,11 +450,14 @@ def server(context: click.Context, /, **options: str | int | None) -> None:
     show_envvar=True,
     help="Where the default SQLite database lives.",
 )
-def migrate(database_url: str | None, data_dir: str) -> None:
+@required_settings_option
+@click.pass_context
+def migrate(context: click.Context, /, database_url: str | None, data_dir: str) -> None:
     """Apply the database migrations and exit (for deployments that migrate before rolling out)."""
     from llm_proxy.runtime.server import migrate_database
 
     try:
+        check_required_settings(context, reads_all=False)
         url = check_database_url(database_url or default_database_url(Path(data_dir)))
     except SettingsError as exc:  # a bad setting, as the server's start-up says it: exit 2
         click.echo(f"llm-proxy: {exc}", err=True)

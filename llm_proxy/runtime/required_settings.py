@@ -41,9 +41,17 @@ def _remember(context: click.Context, _param: click.Parameter, value: str | None
     context.meta[_META_KEY] = value
 
 
-def check_required_settings(context: click.Context) -> None:
-    """Raise SettingsError naming a variable REQUIRED_SETTINGS lists that this start lacks."""
-    check_required(context.meta.get(_META_KEY), configured_variables(context))
+def check_required_settings(context: click.Context, *, reads_all: bool = True) -> None:
+    """Raise SettingsError naming a variable REQUIRED_SETTINGS lists that this start lacks.
+
+    A command that reads only some of the server's variables (``migrate``) passes ``reads_all``
+    False: the same list, set once for both (a Compose file, a pod template), then requires of
+    it only what it reads, and the server alone refuses a name that is no variable at all."""
+    given = configured_variables(context)
+    required = context.meta.get(_META_KEY) or ""
+    if not reads_all:
+        required = ",".join(name for name in required.split(",") if name.strip() in given)
+    check_required(required, given)
 
 
 def configured_variables(context: click.Context) -> dict[str, bool]:

@@ -469,6 +469,22 @@ def test_a_proxy_pod_starts_on_an_existing_secret_with_every_key(
         pod.stop()
 
 
+def test_the_migration_job_fails_on_an_existing_secret_with_an_empty_database_url(
+    default_release: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    # Else it migrated a SQLite file in its own pod, and the release went on to the proxy pods.
+    job = only(default_release, "Job", "migrate")
+    secret = full_secret("", "redis://127.0.0.1:9/0")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    for name, source in env_of(job).items():
+        env[name] = secret[secret_ref(source)[1]] if isinstance(source, dict) else str(source)
+    env["DATA_DIR"] = str(tmp_path / "data")
+    result = run(cli_command("migrate"), env, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "DATABASE_URL: unset or empty, and REQUIRED_SETTINGS requires it" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_without_secrets_rendering_fails_naming_what_to_set(helm: Helm) -> None:
     # Rather than pods that crash-loop, or that each generate secrets of their own.
     result = helm("template", RELEASE, str(CHART), "--set", "secrets.managementToken=t")
