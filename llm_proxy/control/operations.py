@@ -200,20 +200,20 @@ class Operations:
         )
         if project is None:
             raise errors.ProjectNotFound(f"No project with id {_quoted(project_id)}.")
-        self._authority.invalidate(project_id=project_id)
+        await self._authority.changed(project_id=project_id)
         return project
 
     async def delete_project(self, actor: Actor, project_id: str) -> None:
         entry = actor.entry("project.delete", "project", project_id, project_id)
         if not await self.store.delete_project(project_id, entry):
             raise errors.ProjectNotFound(f"No project with id {_quoted(project_id)}.")
-        self._authority.invalidate(project_id=project_id)
+        await self._authority.changed(project_id=project_id)
 
     async def revoke_project_tokens(self, actor: Actor, project_id: str) -> RevokeCounts:
         await self.get_project(project_id)
         entry = actor.entry("project.revoke_tokens", "project", project_id, project_id)
         counts = await self.store.revoke_project_tokens(project_id, entry)
-        self._authority.invalidate(project_id=project_id)
+        await self._authority.changed(project_id=project_id)
         return counts
 
     # -- tokens --------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ class Operations:
         token = await self.store.update_token(token_id, changes, entry)
         if token is None:
             raise errors.TokenIdNotFound(f"No token with id {_quoted(token_id)}.")
-        self._authority.invalidate(token_id=token_id)
+        await self._authority.changed(token_id=token_id)
         return await self._with_ledger(token)
 
     async def revoke_token(self, actor: Actor, token_id: str) -> Token:
@@ -370,7 +370,7 @@ class Operations:
         token = await self.store.update_token(
             token_id, {"is_active": False, "revoked_at": utcnow()}, entry
         )
-        self._authority.invalidate(token_id=token_id)
+        await self._authority.changed(token_id=token_id)
         return token or current
 
     async def revoke_token_by_value(self, actor: Actor, value: str) -> Token:

@@ -129,6 +129,10 @@ class Admission:
     release_in_doubt: CommitInDoubt | None = None
 
 
+# Tells other processes which project or token a management change made stale (both None: all).
+TellSiblings = Callable[[str | None, str | None], Awaitable[None]]
+
+
 class TokenAuthority:
     def __init__(
         self,
@@ -169,6 +173,9 @@ class TokenAuthority:
         # Tallies whose write's COMMIT went unanswered (see `flush_usage`).
         self._usage_in_doubt: list[tuple[CommitInDoubt, dict[str, list[float]]]] = []
         self._change_cursor = 0
+        # Under --workers: tells the sibling workers of a change made here, and returns once they
+        # evicted it (see :meth:`changed`).
+        self.tell_siblings: TellSiblings | None = None
         # Holds and rpm slots being given back in the background (see `_give_back_later`).
         self._orphan_releases: set[asyncio.Future[None]] = set()
         # Refusals for good being written to the token's row (see `_note_refused`).
@@ -720,6 +727,15 @@ class TokenAuthority:
         return b"Bearer " + key.encode("utf-8", "surrogateescape")
 
     # -- off the request path ------------------------------------------------------------------
+
+    async def changed(self, *, project_id: str | None = None, token_id: str | None = None) -> None:
+        """A management change this process committed: evicted here at once and, under
+        ``--workers``, in the sibling workers before this returns, so that it holds on every
+        worker of the machine from the management call's answer on. Other instances learn it
+        from the change feed."""
+        self.invalidate(project_id=project_id, token_id=token_id)
+        if self.tell_siblings is not None:
+            await self.tell_siblings(project_id, token_id)
 
     def invalidate(self, *, project_id: str | None = None, token_id: str | None = None) -> None:
         """Forget cached grants of a token or of a whole project (of every token when neither is

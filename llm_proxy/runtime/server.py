@@ -41,6 +41,7 @@ from llm_proxy.runtime.settings import (
     parse_encryption_key,
 )
 from llm_proxy.runtime.supervisor import START_FAILED, Supervisor
+from llm_proxy.runtime.worker_changes import WorkerChanges
 from llm_proxy.runtime.worker_metrics import WorkerPeers, prepare_sockets
 from llm_proxy.secret_input import configured_password, configured_token
 from llm_proxy.store.opening import default_database_url, open_store, sqlite_path
@@ -198,10 +199,22 @@ async def _serve(
         app[WORKER_PEERS] = peers
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    siblings: WorkerChanges | None = None
     # From here on the store and background tasks are open: every exit must go through cleanup,
     # or aiosqlite's worker thread keeps a failed process alive.
     try:
         components = app[COMPONENTS]
+        if peers is not None:
+            # Before this worker takes requests: a change a sibling makes from then on is evicted
+            # here before the sibling answers the management call.
+            authority = components.authority
+            siblings = WorkerChanges(settings.data_dir, peers.index, peers.count)
+            await siblings.serve(
+                lambda project_id, token_id: authority.invalidate(
+                    project_id=project_id, token_id=token_id
+                )
+            )
+            authority.tell_siblings = siblings.tell
         poller = components.poller
         limits = FrontLimits(
             head_seconds=settings.client_header_timeout,
@@ -242,6 +255,8 @@ async def _serve(
         log.info("server.stopping")
         if peers is not None:
             await peers.close()
+        if siblings is not None:
+            await siblings.close()
         await runner.cleanup()
 
 

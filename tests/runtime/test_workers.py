@@ -104,6 +104,57 @@ def test_quota_and_revocation_hold_across_worker_processes(workers: ServerProces
     assert "server.workers_started" in workers.process.stderr
 
 
+def burst(server: ServerProcess, token: str, count: int) -> list[tuple[int, str | None]]:
+    """``count`` proxied requests at once, each on a new connection (so on either worker): each
+    answer's status and error code."""
+
+    def one(_: int) -> tuple[int, str | None]:
+        status, body = http("GET", f"{server.base_url}/v1/models", token=token)
+        return status, (body or {}).get("error", {}).get("code")
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+@pytest.mark.parametrize(
+    ("stop", "refusal"),
+    [
+        ("revoke", (401, "token_inactive")),
+        ("revoke_project_tokens", (401, "token_inactive")),
+        ("deactivate_project", (403, "project_inactive")),
+    ],
+)
+def test_a_stop_answered_by_one_worker_holds_on_every_worker_from_its_answer(
+    workers: ServerProcess, stop: str, refusal: tuple[int, str]
+) -> None:
+    """The burst right after the answer reaches both workers before either polls the change
+    feed again: the one that did not answer must already know (several rounds, so that a
+    worker that happened to poll in between cannot pass the test by luck)."""
+    wait_for_workers(workers, 2)
+    base, management = workers.base_url, workers.management_token
+    for _ in range(4):
+        issued = workers.issue()
+        token, project_id = issued["token"], issued["project_id"]
+        assert set(burst(workers, token, 16)) == {(200, None)}  # cached by both workers
+        if stop == "revoke":
+            status, _ = http("DELETE", f"{base}/manage/tokens/{issued['id']}", token=management)
+        elif stop == "revoke_project_tokens":
+            status, _ = http(
+                "POST", f"{base}/manage/projects/{project_id}/tokens/revoke", token=management
+            )
+        else:
+            status, _ = http(
+                "PATCH",
+                f"{base}/manage/projects/{project_id}",
+                token=management,
+                body={"is_active": False},
+            )
+        assert status in (200, 204)
+        assert set(burst(workers, token, 16)) == {refusal}
+    # Told by the worker that answered, not found in the change feed by luck.
+    assert "server.worker_change_unconfirmed" not in workers.process.stderr
+
+
 def send_requests(server: ServerProcess, token: str, count: int) -> None:
     """``count`` proxied requests, each on a new connection, so they spread over the workers."""
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
