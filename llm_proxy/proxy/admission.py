@@ -5,8 +5,9 @@ touched only on a cache miss, and for tokens that carry ``max_requests``, whose 
 across every process and instance and is therefore claimed with one conditional ``UPDATE``. Requests
 of unlimited tokens are tallied in memory and written in batches by :meth:`flush_usage`.
 
-Staleness: a management change made in this process evicts the affected entries at once
-(:meth:`invalidate`). Changes made elsewhere are rows of the store's change feed, read from a cursor
+Staleness: a management change made in this process evicts the affected entries at once, and,
+under ``--workers``, in the sibling workers before the change is answered (:meth:`changed`).
+Changes made elsewhere are rows of the store's change feed, read from a cursor
 by :meth:`poll_changes`: at once when the store pushes a wake-up (PostgreSQL ``NOTIFY``, through
 :meth:`keep_listening`), and on a timer as the fallback (:meth:`follow_changes`), so every process
 follows within a second. A listener that reconnects reads the feed from its cursor, so nothing

@@ -377,9 +377,10 @@ def _worker(settings: Settings, banner: str, index: int, restarts: int, lifeline
 def serve_workers(settings: Settings, banner: str = "") -> int:
     """Run ``settings.workers`` processes sharing the port (SO_REUSEPORT); return an exit code.
 
-    Workers share nothing in memory: revocation reaches each through the store's change feed
-    (within a second) and quotas are claimed atomically in the database, so a token's limits and
-    revocation hold across them. ``/metrics`` on any of them sums all of them
+    Workers share nothing in memory: the worker that makes a management change tells the others
+    before it answers (``worker_changes.py``; the store's change feed backs that up within a
+    second) and quotas are claimed atomically in the database, so a token's limits and revocation
+    hold across them. ``/metrics`` on any of them sums all of them
     (``worker_metrics.py``). The parent only supervises (``supervisor.py``): it forwards signals,
     replaces a worker that dies, and if it is killed its workers stop by themselves.
 
