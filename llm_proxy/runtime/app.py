@@ -36,7 +36,7 @@ from llm_proxy.runtime.metrics_endpoint import EXTRA_METRICS, MetricSource, metr
 from llm_proxy.runtime.settings import Settings, SettingsError
 from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
-from llm_proxy.store.retention import prune_usage_every
+from llm_proxy.store.retention import changes_retention, prune_changes_every, prune_usage_every
 
 log = structlog.get_logger(__name__)
 
@@ -200,6 +200,10 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         authority.forget_expired_every(settings.token_cache_seconds), "token-cache-sweep"
     )
     components.spawn(authority.reclaim_holds_every(60.0), "budget-hold-reclaim")
+    components.spawn(
+        prune_changes_every(components.store, changes_retention(settings.revocation_max_staleness)),
+        "change-feed-prune",
+    )
     if settings.usage_hourly_retention_days:
         components.spawn(
             prune_usage_every(components.store, settings.usage_hourly_retention_days), "usage-prune"

@@ -176,8 +176,14 @@ class Store(Protocol):
     async def latest_change(self) -> int: ...
     async def changes_since(self, cursor: int) -> tuple[int, list[tuple[str | None, str | None]]]:
         """The new cursor and the (project id, token id) of each change after ``cursor``; one
-        naming neither when the feed's ids started again below the cursor (anything may have
-        changed)."""
+        naming neither when the feed's ids started again below the cursor, or when changes after
+        the cursor were pruned (anything may have changed)."""
+        ...
+
+    async def prune_changes(self, before: datetime, at_most: int) -> int:
+        """Delete the oldest changes, made before ``before``, at most ``at_most`` of them; how
+        many went. Only the feed's head goes (never a change after one that stays), and never
+        its newest change, which keeps the ids going on from where they were."""
         ...
 
     async def listen_changes(self, wake: Callable[[], None], connected: Callable[[], None]) -> None:

@@ -162,13 +162,30 @@ SELECT count(*) FROM gone
 
 # The changes after a cursor, in order; or, when the feed's newest id is below the cursor (the
 # ids started again lower: a database restored from a backup, a failover to a replica without the
-# last changes), one row naming nothing at that id, which says that anything may have changed.
+# last changes; at the newest id) or its oldest is past the cursor's next (what followed the cursor
+# was pruned; just before the oldest, so it comes first), one row naming nothing, which says that
+# anything may have changed. (An id the sequence gave to a transaction that rolled back may so
+# read as pruned: that errs on the side of reloading.)
 _CHANGES_SINCE = """
 SELECT id, project_id, token_id FROM changes WHERE id > $1
 UNION ALL
-SELECT latest, NULL, NULL FROM (SELECT COALESCE(MAX(id), 0) AS latest FROM changes) AS feed
-WHERE latest < $1
+SELECT CASE WHEN latest < $1 THEN latest ELSE oldest - 1 END, NULL, NULL FROM (
+    SELECT COALESCE((SELECT MAX(id) FROM changes), 0) AS latest,
+           (SELECT MIN(id) FROM changes) AS oldest
+) AS feed
+WHERE latest < $1 OR oldest > $1 + 1
 ORDER BY id
+"""
+
+# The head of the feed up to its first change made since $1, within its $2 oldest changes, and
+# never its newest change: with none left, the ids would look as if they started again. Only the
+# head, so that a change stamped early by a clock behind the others never leaves a hole that a
+# reader past it could not tell from nothing.
+_PRUNE_CHANGES = """
+WITH head AS (SELECT id, at FROM changes ORDER BY id LIMIT $2)
+DELETE FROM changes
+WHERE id < COALESCE((SELECT MIN(id) FROM head WHERE at >= $1), (SELECT MAX(id) FROM head) + 1)
+  AND id < (SELECT MAX(id) FROM changes)
 """
 
 
@@ -769,6 +786,10 @@ class PostgresStore:
         if not rows:
             return cursor, []
         return rows[-1]["id"], [(r["project_id"], r["token_id"]) for r in rows]
+
+    async def prune_changes(self, before: datetime, at_most: int) -> int:
+        status = await self._execute(_PRUNE_CHANGES, before, at_most)
+        return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
 
     async def listen_changes(self, wake: Callable[[], None], connected: Callable[[], None]) -> None:
         """Call ``wake`` for every change committed by any instance, until the connection is lost.

@@ -1,7 +1,14 @@
-"""How long the hourly usage aggregates are kept: older hours are deleted now and then.
+"""How long the hourly usage aggregates and the change feed are kept: older rows are deleted now
+and then.
 
-Every process of every instance may run the loop: a delete that finds nothing costs one indexed
+Every process of every instance may run the loops: a delete that finds nothing costs one indexed
 query, and two that overlap delete each row once.
+
+The change feed is read by every process several times a second. A reader that falls so far
+behind that what followed its cursor was pruned is told that anything may have changed, and
+reloads every token it has cached (``Store.changes_since``): pruning never makes it miss a
+revocation. The retention only keeps that reload for readers cut off far longer than
+REVOCATION_MAX_STALENESS, past which they trust no cached token anyway.
 """
 
 from __future__ import annotations
@@ -17,6 +24,14 @@ from llm_proxy.store import Store
 log = structlog.get_logger(__name__)
 
 PRUNE_EVERY_SECONDS = 3600.0
+
+CHANGES_RETENTION_SECONDS = 3600.0
+PRUNE_CHANGES_EVERY_SECONDS = 60.0
+# Rows deleted by one statement: a backlog (a feed never pruned before) goes in many short
+# transactions, never one that holds SQLite's write lock long.
+PRUNE_CHANGES_AT_ONCE = 5_000
+# The pause after a pass that deleted as much as it may: more is waiting.
+PRUNE_CHANGES_BACKLOG_SECONDS = 1.0
 
 
 async def prune_usage_once(store: Store, retention_days: int) -> int:
@@ -35,3 +50,32 @@ async def prune_usage_every(
         except Exception as exc:  # the next round tries again; the rows only wait longer
             log.warning("store.usage_prune_failed", error=repr(exc))
         await asyncio.sleep(seconds)
+
+
+def changes_retention(max_staleness: float) -> float:
+    """Seconds the change feed keeps a change: well above ``max_staleness``
+    (REVOCATION_MAX_STALENESS), however high that is set."""
+    return max(CHANGES_RETENTION_SECONDS, 10 * max_staleness)
+
+
+async def prune_changes_once(store: Store, retention_seconds: float) -> int:
+    """Delete the oldest changes made over ``retention_seconds`` ago, a bounded number of them;
+    how many rows went."""
+    before = utcnow() - timedelta(seconds=retention_seconds)
+    return await store.prune_changes(before, PRUNE_CHANGES_AT_ONCE)
+
+
+async def prune_changes_every(
+    store: Store, retention_seconds: float, seconds: float = PRUNE_CHANGES_EVERY_SECONDS
+) -> None:
+    """Prune the change feed at once, then every ``seconds`` (sooner while a backlog lasts) until
+    cancelled; failures are retried next time."""
+    while True:
+        pruned = 0
+        try:
+            if pruned := await prune_changes_once(store, retention_seconds):
+                log.info("store.changes_pruned", rows=pruned, retention_seconds=retention_seconds)
+        except Exception as exc:  # the next round tries again; the rows only wait longer
+            log.warning("store.changes_prune_failed", error=repr(exc))
+        backlog = pruned >= PRUNE_CHANGES_AT_ONCE
+        await asyncio.sleep(PRUNE_CHANGES_BACKLOG_SECONDS if backlog else seconds)

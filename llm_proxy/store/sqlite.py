@@ -131,6 +131,33 @@ def _models(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(orjson.loads(text))
 
 
+# The changes after a cursor, in order; and one naming nothing, which says that anything may have
+# changed, when the feed's newest id is below the cursor (a database file restored from a backup;
+# at that id) or its oldest is past the cursor's next (what followed the cursor was pruned; just
+# before the oldest, so it comes first). MIN and MAX in subqueries of their own: each is then one
+# step down the primary key.
+_CHANGES_SINCE = """
+SELECT id, project_id, token_id FROM changes WHERE id > ?1
+UNION ALL
+SELECT CASE WHEN latest < ?1 THEN latest ELSE oldest - 1 END, NULL, NULL FROM (
+    SELECT COALESCE((SELECT MAX(id) FROM changes), 0) AS latest,
+           (SELECT MIN(id) FROM changes) AS oldest
+) WHERE latest < ?1 OR oldest > ?1 + 1
+ORDER BY id
+"""
+
+# The head of the feed up to its first change made since ?1, within its ?2 oldest changes, and
+# never its newest change: with none left, the ids would look as if they started again.
+# (No WITH: the sqlite3 module counts no rows for a statement that does not start with DELETE.)
+_PRUNE_CHANGES = """
+DELETE FROM changes
+WHERE id < COALESCE(
+        (SELECT MIN(id) FROM (SELECT id, at FROM changes ORDER BY id LIMIT ?2) WHERE at >= ?1),
+        (SELECT MAX(id) FROM (SELECT id FROM changes ORDER BY id LIMIT ?2)) + 1
+    )
+  AND id < (SELECT MAX(id) FROM changes)
+"""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -713,16 +740,16 @@ class SqliteStore:
 
     async def changes_since(self, cursor: int) -> tuple[int, list[tuple[str | None, str | None]]]:
         # As PostgreSQL's: a row naming nothing when the ids started again below the cursor (a
-        # database file restored from a backup).
-        rows = await self._all(
-            "SELECT id, project_id, token_id FROM changes WHERE id > ?1 UNION ALL"
-            " SELECT latest, NULL, NULL FROM (SELECT COALESCE(MAX(id), 0) AS latest FROM changes)"
-            " WHERE latest < ?1 ORDER BY id",
-            (cursor,),
-        )
+        # database file restored from a backup), or changes after it were pruned.
+        rows = await self._all(_CHANGES_SINCE, (cursor,))
         if not rows:
             return cursor, []
         return rows[-1]["id"], [(r["project_id"], r["token_id"]) for r in rows]
+
+    @_writes
+    async def prune_changes(self, before: datetime, at_most: int) -> int:
+        async with self._db.execute(_PRUNE_CHANGES, (_ts(before), at_most)) as cursor:
+            return cursor.rowcount
 
     async def listen_changes(self, wake: Callable[[], None], connected: Callable[[], None]) -> None:
         """No push channel: the processes sharing the file follow the polled feed."""

@@ -10,12 +10,13 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
-from llm_proxy.models import AuditEntry
+from llm_proxy.models import AuditEntry, utcnow
 from llm_proxy.stats import STATS
 from tests.conftest import Proxy
 from tests.raw_servers import silent_server
@@ -88,6 +89,36 @@ async def test_project_deactivation_reaches_other_instances(proxy_factory: Any) 
     while (await other.client.get("/v1/models", headers=headers)).status == 200:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
+
+
+async def test_a_revocation_pruned_from_the_feed_before_an_instance_read_it_still_holds_there(
+    proxy_factory: Any,
+) -> None:
+    """An instance cut off from the change feed for longer than its retention: the revocation it
+    missed was pruned meanwhile. Its next read of the feed has it reload every cached token."""
+    handler: Proxy = await proxy_factory()
+    # Reads the feed only when told below (no push, no timer within the test, never stale).
+    behind: Proxy = await proxy_factory(
+        change_push=False,
+        change_poll_seconds=3600.0,
+        change_poll_seconds_pushed=3600.0,
+        revocation_max_staleness=7200.0,
+    )
+    revoked, kept, other = [await handler.issue_token() for _ in range(3)]
+    for issued in (revoked, kept):
+        response = await behind.client.get("/v1/models", headers=bearer(issued["token"]))
+        assert response.status == 200  # now cached
+    await handler.manage("DELETE", f"/tokens/{revoked['id']}")
+    await handler.manage("PATCH", f"/tokens/{other['id']}", {"max_requests": 5})
+    store = handler.components.store
+    assert await store.prune_changes(utcnow() + timedelta(seconds=1), 100) >= 1
+
+    await behind.components.authority.poll_changes()
+    response = await behind.client.get("/v1/models", headers=bearer(revoked["token"]))
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "token_inactive"
+    response = await behind.client.get("/v1/models", headers=bearer(kept["token"]))
+    assert response.status == 200
 
 
 async def test_cached_tokens_are_checked_without_the_database(proxy: Proxy) -> None:

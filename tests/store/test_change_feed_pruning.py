@@ -1,0 +1,103 @@
+"""The change feed is pruned: old changes go, a bounded number at a time, and a reader whose
+cursor was behind what went is told that anything may have changed. On each backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from llm_proxy.models import AuditEntry, utcnow
+from llm_proxy.store import Store
+from llm_proxy.store.opening import open_store
+from llm_proxy.store.retention import (
+    CHANGES_RETENTION_SECONDS,
+    changes_retention,
+    prune_changes_every,
+    prune_changes_once,
+)
+from tests.store.test_store import project, token
+
+AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
+ANYTHING = (None, None)
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = await open_store(database_url)
+    await opened.create_project(project(), AUDIT)
+    for n in range(10):
+        await opened.create_token(token(f"t{n}"), f"hash-{n}", AUDIT)
+    yield opened
+    await opened.close()
+
+
+async def revoke(store: Store, *numbers: int) -> None:
+    for n in numbers:
+        await store.update_token(f"t{n}", {"is_active": False}, AUDIT)
+
+
+async def test_changes_older_than_the_cutoff_go_and_readers_behind_them_start_over(
+    store: Store,
+) -> None:
+    start = await store.latest_change()
+    await revoke(store, 0, 1, 2)
+    after_three = await store.latest_change()
+    cutoff = utcnow()
+    await revoke(store, 3, 4)
+
+    assert await store.prune_changes(cutoff, 100) == 3
+    assert await store.prune_changes(cutoff, 100) == 0
+    # A reader that had read them all goes on as before ...
+    latest, changes = await store.changes_since(after_three)
+    assert changes == [("p1", "t3"), ("p1", "t4")]
+    # ... one that had not is told that anything may have changed, and what is left.
+    assert await store.changes_since(start) == (
+        latest,
+        [ANYTHING, ("p1", "t3"), ("p1", "t4")],
+    )
+
+    # Everything is past the cutoff: the newest change stays, so the ids go on from it.
+    assert await store.prune_changes(utcnow() + timedelta(seconds=1), 100) == 1
+    assert await store.changes_since(latest) == (latest, [])
+    assert await store.latest_change() == latest
+    await revoke(store, 5)
+    assert await store.changes_since(latest) == (latest + 1, [("p1", "t5")])
+    assert await store.changes_since(after_three) == (
+        latest + 1,
+        [ANYTHING, ("p1", "t4"), ("p1", "t5")],
+    )
+
+
+async def test_a_pass_deletes_a_bounded_number_of_changes(store: Store) -> None:
+    await revoke(store, *range(10))
+    later = utcnow() + timedelta(seconds=1)
+    assert [await store.prune_changes(later, 4) for _ in range(4)] == [4, 4, 1, 0]
+
+
+async def test_the_pruning_loop_prunes_at_once_and_keeps_the_retention(store: Store) -> None:
+    await revoke(store, 0, 1, 2)
+    before = await store.latest_change()
+    task = asyncio.create_task(prune_changes_every(store, 0.001, seconds=3600))
+    try:
+        for _ in range(200):
+            if await store.changes_since(before - 3) == (before, [ANYTHING, ("p1", "t2")]):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # The newest is kept.
+    assert await store.changes_since(before - 3) == (before, [ANYTHING, ("p1", "t2")])
+    await revoke(store, 3)
+    # An hour's retention keeps a change made a moment ago.
+    assert await prune_changes_once(store, CHANGES_RETENTION_SECONDS) == 0
+    assert await store.changes_since(before) == (before + 1, [("p1", "t3")])
+
+
+def test_the_retention_stays_well_above_the_staleness_allowed() -> None:
+    assert changes_retention(5.0) == CHANGES_RETENTION_SECONDS == 3600.0
+    assert changes_retention(1800.0) == 18000.0
