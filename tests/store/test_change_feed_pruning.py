@@ -4,14 +4,17 @@ cursor was behind what went is told that anything may have changed. On each back
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
+import asyncpg
 import pytest
 
 from llm_proxy.models import AuditEntry, utcnow
 from llm_proxy.store import Store
-from llm_proxy.store.opening import open_store
+from llm_proxy.store.opening import open_store, sqlite_path
 from llm_proxy.store.retention import (
     CHANGES_RETENTION_SECONDS,
     changes_retention,
@@ -22,6 +25,11 @@ from tests.store.test_store import project, token
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
 ANYTHING = (None, None)
+
+
+@pytest.fixture
+def proxy_database_url(database_url: str) -> str:
+    return database_url
 
 
 @pytest.fixture
@@ -101,3 +109,34 @@ async def test_the_pruning_loop_prunes_at_once_and_keeps_the_retention(store: St
 def test_the_retention_stays_well_above_the_staleness_allowed() -> None:
     assert changes_retention(5.0) == CHANGES_RETENTION_SECONDS == 3600.0
     assert changes_retention(1800.0) == 18000.0
+
+
+async def age_every_change(database_url: str) -> None:
+    """As if every change so far had been made two hours ago."""
+    if database_url.startswith("postgresql"):
+        connection = await asyncpg.connect(database_url)
+        try:
+            await connection.execute("UPDATE changes SET at = now() - interval '2 hours'")
+        finally:
+            await connection.close()
+    else:
+        with sqlite3.connect(sqlite_path(database_url)) as db:
+            db.execute("UPDATE changes SET at = '2000-01-01T00:00:00.000000Z'")
+
+
+async def test_a_server_prunes_changes_older_than_an_hour_as_it_starts(
+    store: Store, database_url: str, proxy_factory: Any
+) -> None:
+    start = await store.latest_change()
+    await revoke(store, 0, 1, 2)
+    await age_every_change(database_url)
+    await revoke(store, 3)
+    latest = await store.latest_change()
+
+    await proxy_factory(encryption_key_check=False)  # (the fixture's project key is no real one)
+    for _ in range(200):
+        if (await store.changes_since(start))[1][0] == ANYTHING:
+            break
+        await asyncio.sleep(0.02)
+    # The old ones went; the one made since the hour stays.
+    assert await store.changes_since(start) == (latest, [ANYTHING, ("p1", "t3")])
