@@ -50,8 +50,9 @@ from llm_proxy.models import (
     isoformat,
     usd,
 )
-from llm_proxy.proxy.budget_ledger import HOLD_SECONDS, BudgetLedger, StoreBudgetLedger
+from llm_proxy.proxy.budget_ledger import HOLD_LEASE_SECONDS, BudgetLedger, StoreBudgetLedger
 from llm_proxy.proxy.budget_plan import CostPlan
+from llm_proxy.proxy.hold_leases import HoldLeases
 from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
 from llm_proxy.proxy.settling import Settlements
 from llm_proxy.stats import STATS
@@ -146,6 +147,7 @@ class TokenAuthority:
         budget_ledger: BudgetLedger | None = None,
         settlements: Settlements | None = None,
         settles: bool = True,
+        hold_lease_seconds: float = HOLD_LEASE_SECONDS,
     ) -> None:
         self._store = store
         # Whether anything settles answers (no events pipeline: LLM_PROXY_EVENT_BUS=none). Without
@@ -157,7 +159,11 @@ class TokenAuthority:
         # Whether rpm/tpm windows and budgets live in the database too (no Redis configured).
         self._limits_in_store = rate_windows is None or budget_ledger is None
         self._rate_windows = rate_windows or StoreRateWindows(store)
-        self.budget_ledger = budget_ledger or StoreBudgetLedger(store)
+        self.budget_ledger = budget_ledger or StoreBudgetLedger(
+            store, lease_seconds=hold_lease_seconds
+        )
+        # The holds of this process's requests in progress, renewed while they run.
+        self.hold_leases = HoldLeases(self.budget_ledger)
         self._cipher = cipher
         self._cache_seconds = cache_seconds
         self._max_staleness = max_staleness
@@ -280,7 +286,7 @@ class TokenAuthority:
         except asyncio.CancelledError:
             # The client hung up while the hold was being taken, and the ledger may take it all
             # the same (the script or transaction is already on its way): give it back once taken,
-            # rather than keep that much of the budget for an hour.
+            # rather than keep that much of the budget until its lease ends.
             call.add_done_callback(lambda done: self._release_orphan(grant.token_id, hold_id, done))
             raise
         except Exception as exc:
@@ -311,6 +317,7 @@ class TokenAuthority:
         STATS.budget_holds_open += 1
         admission.hold_id = hold_id
         admission.held = hold.held_nanousd
+        self.hold_leases.add(grant.token_id, hold_id, hold.held_nanousd)
 
     def _note_refused(self, grant: Grant, budget: int, minimum: int) -> None:
         """Have the token's row remember a refusal for good, so that its status says exhausted by
@@ -349,10 +356,12 @@ class TokenAuthority:
             )
 
     def _give_back_later(
-        self, operation: str, give_back: Callable[[], Awaitable[None]], within: float = HOLD_SECONDS
+        self, operation: str, give_back: Callable[[], Awaitable[None]], within: float = 0.0
     ) -> None:
         """Run ``give_back`` in the background until it succeeds (the store is back), for at
-        most ``within`` seconds: after that the hold has expired, or the slot left its window."""
+        most ``within`` seconds (by default a hold's lease): after that the hold has expired, or
+        the slot left its window."""
+        within = within or self.budget_ledger.lease_seconds
         if len(self._orphan_releases) >= _GIVE_BACKS_MAX:
             # The hold or slot stays until it expires: a lost release errs on the side of the limit.
             log.error("token_authority.store_failed", operation=operation, error="too many waiting")
@@ -383,7 +392,7 @@ class TokenAuthority:
         grant = admission.grant
         if admission.hold_id:
             hold_id, admission.hold_id = admission.hold_id, ""
-            STATS.budget_holds_open -= 1
+            self.hold_ended(hold_id)
             try:
                 await self.budget_ledger.settle(grant.token_id, hold_id, admission.held, 0)
             except Exception as exc:
@@ -395,6 +404,12 @@ class TokenAuthority:
             log.warning("token_authority.store_failed", operation="release", error=str(exc))
             # Retried while the store is away: a place kept for good is quota the token lost.
             self._give_back_later("release", partial(self._give_back_place, admission), 60.0)
+
+    def hold_ended(self, hold_id: str) -> None:
+        """The request of hold ``hold_id`` ended: released, or handed to the events pipeline,
+        which settles the hold. It is no longer renewed (see hold_leases.py)."""
+        STATS.budget_holds_open -= 1
+        self.hold_leases.end(hold_id)
 
     def release_unsent(self, admission: Admission) -> None:
         """Take back, in the background, what :meth:`admit` counted for a request whose client
@@ -905,14 +920,24 @@ class TokenAuthority:
         await self._rate_windows.close()
         await self.budget_ledger.close()
 
-    async def reclaim_holds_every(self, seconds: float) -> None:
-        """Return expired budget holds to their budgets every ``seconds`` until cancelled (holds
-        in the store only: Redis drops expired ones on the token's next hold)."""
+    @property
+    def hold_renewal_seconds(self) -> float:
+        """How often the holds of requests in progress are renewed, and expired ones reclaimed:
+        a third of a lease, so that two renewals may fail before a hold lapses."""
+        return self.budget_ledger.lease_seconds / 3
+
+    async def renew_holds_every(self) -> None:
+        """Renew the budget holds of this process's requests in progress until cancelled."""
+        await self.hold_leases.renew_every(self.hold_renewal_seconds)
+
+    async def reclaim_holds_every(self) -> None:
+        """Return expired budget holds to their budgets until cancelled, soon after their lease
+        ended (holds in the store only: Redis drops expired ones on the token's next hold)."""
         ledger = self.budget_ledger
         if not isinstance(ledger, StoreBudgetLedger):
             return
         while True:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(self.hold_renewal_seconds)
             try:
                 if reclaimed := await ledger.reclaim():
                     log.warning("token_authority.budget_holds_reclaimed", holds=reclaimed)

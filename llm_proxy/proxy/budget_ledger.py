@@ -5,10 +5,13 @@ known the events pipeline *settles* it: the actual cost becomes spend and the re
 released. Each step is one atomic operation (a Lua script in Redis; one transaction on the token's
 row in the database), so concurrent requests on every instance never hold more than the budget.
 
-A hold whose request never settles (its process died, its exchange was lost) expires after
-``HOLD_SECONDS`` and its amount returns to the budget: Redis drops it on the token's next
-reservation, the store on :meth:`StoreBudgetLedger.reclaim`. A request still running when its hold
-expires is settled all the same: its spend is counted, so the budget is never understated.
+A hold is a lease: it expires ``lease_seconds`` after it was taken or last renewed, and the
+process serving its request renews it while the request runs (:meth:`BudgetLedger.renew`, batched
+by ``hold_leases.py``). A hold whose request never settles (its process died, its exchange was
+lost) is no longer renewed, expires within the lease, and its amount returns to the budget: Redis
+drops it on the token's next reservation, the store on :meth:`StoreBudgetLedger.reclaim`. A
+request whose hold expired all the same (a renewal that failed) is settled as usual: its spend is
+counted, so the budget is never understated.
 
 With Redis, spend is kept in Redis for admission and also added to the database, which shows it
 and seeds Redis again after Redis lost its data (or when a token first holds: one given a budget
@@ -35,9 +38,16 @@ from llm_proxy.store.unavailable import CommitInDoubt
 
 log = structlog.get_logger(__name__)
 
-# Longer than any answer but a runaway stream; shorter than an operator's patience with a budget
-# held by an instance that died.
-HOLD_SECONDS = 3600.0
+# How long a hold lasts unless renewed. A process killed mid-request (SIGKILL, a node lost) leaves
+# its holds behind, and a request without an output cap may hold all the budget has left: its token
+# is refused for this long. Renewals come every third of it, so two may fail (a Redis or database
+# restart) before a running request loses its hold; and once its request ended, the hold is no
+# longer renewed but outlasts, by most of a lease, the events pipeline's settlement (a matter of
+# milliseconds, seconds when it is far behind).
+HOLD_LEASE_SECONDS = 30.0
+# How long Redis remembers a hold cancelled before it was taken: longer than any stall a Redis
+# comes back from (the script of the stalled call runs when it wakes).
+CANCEL_MEMORY_SECONDS = 3600.0
 
 
 @dataclass(slots=True, eq=False)
@@ -87,6 +97,8 @@ async def _spend_not_committed(settlements: list[Settlement]) -> list[Settlement
 
 
 class BudgetLedger(Protocol):
+    lease_seconds: float  # how long a hold lasts unless renewed
+
     async def hold(
         self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
     ) -> BudgetHold:
@@ -95,6 +107,11 @@ class BudgetLedger(Protocol):
 
     async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
         """Turn a hold into ``cost`` of spend and release the rest (``cost`` 0: release it all)."""
+        ...
+
+    async def renew(self, holds: Sequence[tuple[str, str, int]]) -> None:
+        """Have each hold ``(token id, hold id, amount held)`` still there last a lease from now,
+        in one round trip; a hold settled or expired and dropped meanwhile stays gone."""
         ...
 
     async def cancel(self, token_id: str, hold_id: str) -> None:
@@ -129,15 +146,21 @@ class BudgetLedger(Protocol):
 class StoreBudgetLedger:
     """Holds in the database: shared by every process and instance on it."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, lease_seconds: float = HOLD_LEASE_SECONDS) -> None:
         self._store = store
+        self.lease_seconds = lease_seconds
 
     async def hold(
         self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
     ) -> BudgetHold:
         # The store reads the budget from the token's row itself, so a changed budget applies at
         # once.
-        return await self._store.reserve_budget(token_id, hold_id, want, minimum, HOLD_SECONDS)
+        return await self._store.reserve_budget(
+            token_id, hold_id, want, minimum, self.lease_seconds
+        )
+
+    async def renew(self, holds: Sequence[tuple[str, str, int]]) -> None:
+        await self._store.renew_budget_holds([h for _, h, _ in holds], self.lease_seconds)
 
     async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
         await self._store.settle_budget(token_id, hold_id, cost)
@@ -278,6 +301,16 @@ for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
 end
 """ + remember_cancelled("KEYS[3]")
 
+# KEYS[1]: a token's holds; ARGV[1]: the lease (µs); ARGV[2...]: the members of its holds still
+# running. XX: a hold dropped meanwhile (settled, or expired and returned to the budget) is not
+# taken again; one expired but not dropped yet is still in the sum, and stays.
+_RENEW = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+return 1
+"""
+
 # KEYS[1]: a token's spend; ARGV[1]: what requests that held nothing cost. Only where Redis has the
 # spend, like a settlement: otherwise the token's first hold reads it all from the database.
 _ADD_SPEND = """
@@ -300,14 +333,23 @@ return {tonumber(spent), held}
 class RedisBudgetLedger:
     """Holds in Redis: no database round trip to admit a budgeted request."""
 
-    def __init__(self, url: str, store: Store, *, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        store: Store,
+        *,
+        timeout: float = 2.0,
+        lease_seconds: float = HOLD_LEASE_SECONDS,
+    ) -> None:
         self._store = store
+        self.lease_seconds = lease_seconds
         self._redis = limits_client(url, timeout=timeout)
         self._hold = self._redis.register_script(_HOLD)
         self._settle = self._redis.register_script(_SETTLE)
         self._status = self._redis.register_script(_STATUS)
         self._add_spend = self._redis.register_script(_ADD_SPEND)
         self._cancel = self._redis.register_script(_CANCEL)
+        self._renew = self._redis.register_script(_RENEW)
 
     @staticmethod
     def _keys(token_id: str) -> list[str]:
@@ -330,7 +372,7 @@ class RedisBudgetLedger:
             budget,
             want,
             minimum,
-            int(HOLD_SECONDS * 1e6),
+            int(self.lease_seconds * 1e6),
             hold_id,
             "",
             int(expires_at + 86400) * 1000,
@@ -352,9 +394,22 @@ class RedisBudgetLedger:
     async def cancel(self, token_id: str, hold_id: str) -> None:
         _, holds, held = self._keys(token_id)
         keys = [holds, held, self._cancelled_key(token_id)]
-        # Remembered as long as a hold lasts: longer than any stall a Redis comes back from.
-        args: list[str | int] = [hold_id, int(HOLD_SECONDS * 1e6)]
+        args: list[str | int] = [hold_id, int(CANCEL_MEMORY_SECONDS * 1e6)]
         await once_more_on_a_new_connection(self._redis, lambda: self._cancel(keys=keys, args=args))
+
+    async def renew(self, holds: Sequence[tuple[str, str, int]]) -> None:
+        members: dict[str, list[str]] = {}
+        for token_id, hold_id, held in holds:
+            members.setdefault(token_id, []).append(f"{hold_id}:{held}")
+        if members:
+            await once_more_on_a_new_connection(self._redis, lambda: self._renew_all(members))
+
+    async def _renew_all(self, members: dict[str, list[str]]) -> None:
+        lease = int(self.lease_seconds * 1e6)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for token_id, held in members.items():
+                await self._renew(keys=self._keys(token_id)[1:2], args=[lease, *held], client=pipe)
+            await pipe.execute()
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> None:
         # Redis first, as the hold keeps the budget from other requests; the database whether or

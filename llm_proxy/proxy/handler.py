@@ -46,7 +46,6 @@ from llm_proxy.proxy.form_scan import FormInspector, form_media_type
 from llm_proxy.proxy.metrics import MetricsSink
 from llm_proxy.proxy.stream_end import answered_whole
 from llm_proxy.proxy.tool_models import UnreadableTools, tool_models
-from llm_proxy.stats import STATS
 from llm_proxy.store import Store
 
 log = structlog.get_logger(__name__)
@@ -456,7 +455,7 @@ class ProxyHandler:
         finally:
             exchange.ended = time.perf_counter()
             if exchange.hold_id:
-                STATS.budget_holds_open -= 1  # the events pipeline settles it
+                self.authority.hold_ended(exchange.hold_id)  # the events pipeline settles it
             self.metrics.submit(exchange)
 
     @staticmethod

@@ -199,7 +199,8 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
     components.spawn(
         authority.forget_expired_every(settings.token_cache_seconds), "token-cache-sweep"
     )
-    components.spawn(authority.reclaim_holds_every(60.0), "budget-hold-reclaim")
+    components.spawn(authority.renew_holds_every(), "budget-hold-renewal")
+    components.spawn(authority.reclaim_holds_every(), "budget-hold-reclaim")
     components.spawn(
         prune_changes_every(components.store, changes_retention(settings.revocation_max_staleness)),
         "change-feed-prune",
@@ -310,11 +311,14 @@ async def create_app(
                 RedisRateWindows(settings.redis_url) if settings.event_bus == "redis" else None
             ),
             budget_ledger=(
-                RedisBudgetLedger(settings.redis_url, store)
+                RedisBudgetLedger(
+                    settings.redis_url, store, lease_seconds=settings.budget_hold_lease_seconds
+                )
                 if settings.event_bus == "redis"
                 else None
             ),
             settles=settings.event_bus != "none",
+            hold_lease_seconds=settings.budget_hold_lease_seconds,
         )
         await authority.start()
         if sink is None and settings.event_bus != "none":

@@ -20,6 +20,7 @@ from llm_proxy import listen_addr
 from llm_proxy.events.redis import url_options_problem
 from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
 from llm_proxy.pricing import PriceFile
+from llm_proxy.proxy.budget_ledger import HOLD_LEASE_SECONDS
 from llm_proxy.store.opening import sqlite_path
 
 # "none" emits no events at all: for benchmarks that measure what publishing costs.
@@ -86,6 +87,9 @@ class Settings:
     # LISTEN (PgBouncer in transaction mode): the polled feed alone then keeps caches fresh.
     change_push: bool = True
     usage_flush_seconds: float = 1.0
+    # How long a budget hold lasts unless the process serving its request renews it (see
+    # proxy/budget_ledger.py); shorter in tests, which wait for a dead process's holds to lapse.
+    budget_hold_lease_seconds: float = HOLD_LEASE_SECONDS
     # USAGE_HOURLY_RETENTION_DAYS: hourly usage aggregates older than this are deleted (the admin
     # charts show 30 days; the all-time totals then count only what is kept); 0 keeps them all.
     usage_hourly_retention_days: int = DEFAULT_USAGE_HOURLY_RETENTION_DAYS

@@ -135,6 +135,12 @@ class Store(Protocol):
         committed although the call failed; any other failure left nothing written."""
         ...
 
+    async def renew_budget_holds(self, hold_ids: Sequence[str], hold_seconds: float) -> None:
+        """Have each of ``hold_ids`` still there expire ``hold_seconds`` from now, in one
+        statement: the holds of requests this process is still serving (see
+        ``proxy/hold_leases.py``). A hold already settled or reclaimed stays gone."""
+        ...
+
     async def reclaim_budget_holds(self) -> int:
         """Return every expired hold (its request never settled: its process died) to its
         token's budget; how many."""

@@ -146,6 +146,14 @@ SET reserved_nanousd = GREATEST(reserved_nanousd - COALESCE((SELECT nanousd FROM
 WHERE id = $1
 """
 
+# The holds of requests still running expire later. One locked by a settlement or the reclaiming
+# is skipped, as it is on its way out: waiting for it would lock these rows in another order than
+# a batch of settlements does, and the two could deadlock.
+_RENEW_BUDGET_HOLDS = f"""
+UPDATE budget_holds SET expires_at = {_NOW_MICROS} + $2::BIGINT
+WHERE id IN (SELECT id FROM budget_holds WHERE id = ANY($1::TEXT[]) FOR UPDATE SKIP LOCKED)
+"""
+
 # Every expired hold leaves the table and its token's reservation; the count comes back.
 _RECLAIM_BUDGET_HOLDS = f"""
 WITH gone AS (
@@ -669,6 +677,11 @@ class PostgresStore:
         if status not in ("committed", "aborted"):
             raise FateUnknown(f"transaction {txid} is {status or 'unknown'}")
         return bool(status == "committed")
+
+    async def renew_budget_holds(self, hold_ids: Sequence[str], hold_seconds: float) -> None:
+        if not hold_ids:
+            return
+        await self._execute(_RENEW_BUDGET_HOLDS, list(hold_ids), round(hold_seconds * 1e6))
 
     async def reclaim_budget_holds(self) -> int:
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():

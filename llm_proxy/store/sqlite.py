@@ -621,6 +621,15 @@ class SqliteStore:
         )
 
     @_writes
+    async def renew_budget_holds(self, hold_ids: Sequence[str], hold_seconds: float) -> None:
+        if not hold_ids:
+            return
+        await self._db.execute(
+            "UPDATE budget_holds SET expires_at = ? WHERE id IN (SELECT value FROM json_each(?))",
+            (time.time_ns() // 1000 + round(hold_seconds * 1e6), orjson.dumps(hold_ids).decode()),
+        )
+
+    @_writes
     async def reclaim_budget_holds(self) -> int:
         gone = await self._all(
             "DELETE FROM budget_holds WHERE expires_at <= ? RETURNING token_id, nanousd",

@@ -3,6 +3,7 @@ settlement in batches."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -96,3 +97,25 @@ async def test_holds_written_without_a_sum_are_counted_once(
     assert taken.held_nanousd == BUDGET - 501_000
     await ledger.settle_many([Settlement("t1", "old-a", 200_000, 200_000)])
     assert await ledger.spent_and_held("t1") == (200_000, 1_000 + 300_000 + taken.held_nanousd)
+
+
+async def test_a_renewed_hold_outlives_its_lease_and_one_dropped_stays_gone(
+    redis_server: RedisServer, store: Store, redis: Redis
+) -> None:
+    ledger = RedisBudgetLedger(redis_server.url, store, lease_seconds=1.0)
+    try:
+        renewed = await ledger.hold("t1", "renewed", BUDGET, 300_000, 100, expiry())
+        await ledger.hold("t1", "lapsing", BUDGET, 200_000, 100, expiry())
+        settled = await ledger.hold("t1", "settled", BUDGET, 100_000, 100, expiry())
+        await ledger.settle("t1", "settled", settled.held_nanousd, 0)
+        # One round trip for all: a hold settled meanwhile is not taken again.
+        await ledger.renew(
+            [("t1", "renewed", renewed.held_nanousd), ("t1", "settled", settled.held_nanousd)]
+        )
+        await ledger.renew([("t1", "renewed", renewed.held_nanousd)])
+        await asyncio.sleep(1.2)  # the first lease of each is over; only the renewal keeps one
+        await ledger.renew([("t1", "renewed", renewed.held_nanousd)])
+        assert await ledger.spent_and_held("t1") == (0, 300_000)
+        assert await redis.zrange("llm-proxy:holds:t1", 0, -1) == [b"renewed:300000"]
+    finally:
+        await ledger.close()

@@ -149,6 +149,23 @@ async def test_expired_holds_are_reclaimed_and_their_room_returns(store: Store) 
     assert await spent_and_reserved(store, "t1") == (250, 200)
 
 
+async def test_a_renewed_hold_outlives_its_lease_and_a_reclaimed_one_stays_gone(
+    store: Store,
+) -> None:
+    await budgeted(store, 1000)
+    await store.reserve_budget("t1", "renewed", 300, 100, 1.0)
+    await store.reserve_budget("t1", "lapsing", 200, 100, 1.0)
+    await store.reserve_budget("t1", "reclaimed", 100, 100, 0.01)
+    await asyncio.sleep(0.05)
+    assert await store.reclaim_budget_holds() == 1
+    # One statement for all; a hold reclaimed (or settled, or never there) is not taken again.
+    await store.renew_budget_holds(["renewed", "reclaimed", "unknown"], HOUR)
+    await asyncio.sleep(1.1)  # the first lease of each is over; only the renewal keeps one
+    assert await store.reclaim_budget_holds() == 1
+    assert await spent_and_reserved(store) == (0, 300)
+    await store.renew_budget_holds([], HOUR)
+
+
 async def test_a_settlement_racing_the_reclaim_releases_the_hold_once(store: Store) -> None:
     await budgeted(store, 100_000)
     await store.reserve_budget("t1", "long", 500, 1, HOUR)

@@ -1,0 +1,195 @@
+"""Budget holds are leases: a killed server's holds return to the budget within a lease, while a
+live server's requests keep theirs however long they run."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from collections.abc import Iterator
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from llm_proxy.proxy.budget_ledger import HOLD_LEASE_SECONDS
+from llm_proxy.tools.mock_upstream import MockSettings
+from tests.conftest import MANAGEMENT_TOKEN, Proxy
+from tests.events.events_support import RedisServer
+from tests.fakes import fake_upstream_app
+from tests.processes import (
+    MockUpstream,
+    ServerProcess,
+    http,
+    start_mock_upstream,
+    start_server,
+    write_api_config,
+)
+from tests.proxy.test_budgets import PRICES, bearer, chat, settled, token_state
+
+# An uncapped request holds what the model's 200 output tokens cost (800 µUSD and its prompt):
+# more than this budget, so it holds all of it and leaves no room for another.
+BUDGET_USD = 0.0005
+SECRETS = {
+    "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
+    "ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+}
+
+
+@pytest.fixture
+def slow_streams(tmp_path: Path) -> Iterator[MockUpstream]:
+    """An upstream whose streams take minutes (a chunk a second), whose whole answers do not."""
+    mock = start_mock_upstream(tmp_path, None, "--chunks", "200", "--chunk-interval-ms", "1000")
+    yield mock
+    mock.process.stop()
+
+
+@pytest.fixture
+def prices_path(tmp_path: Path) -> Path:
+    path = tmp_path / "prices.yaml"
+    path.write_text(PRICES)
+    return path
+
+
+BACKENDS = [
+    "sqlite",
+    pytest.param("redis", marks=[pytest.mark.redis, pytest.mark.process]),
+    pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.process]),
+]
+
+
+def _backend(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Where the holds live, as server settings: the database (SQLite or PostgreSQL), or Redis."""
+    if where == "postgresql":
+        return {"DATABASE_URL": request.getfixturevalue("postgres_url")}
+    shared = {"DATABASE_URL": f"sqlite:///{tmp_path}/shared.db"}
+    if where == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        shared.update(REDIS_URL=redis.url, LLM_PROXY_EVENT_BUS="redis")
+    return shared
+
+
+def _budgeted_token(server: ServerProcess) -> str:
+    status, project = http(
+        "POST",
+        f"{server.base_url}/manage/projects",
+        token=MANAGEMENT_TOKEN,
+        body={"name": "p", "api_key": "sk-upstream"},
+    )
+    assert status == 201, project
+    status, token = http(
+        "POST",
+        f"{server.base_url}/manage/tokens",
+        token=MANAGEMENT_TOKEN,
+        body={"project_id": project["id"], "duration_minutes": 10, "budget_usd": BUDGET_USD},
+    )
+    assert status == 201, token
+    return str(token["token"])
+
+
+def _ask(server: ServerProcess, token: str) -> tuple[int, str]:
+    """A whole answer's status and, for a refusal, its code."""
+    status, answer = http(
+        "POST",
+        f"{server.base_url}/v1/chat/completions",
+        token=token,
+        body=orjson.loads(chat()),
+    )
+    return status, (answer or {}).get("error", {}).get("code", "")
+
+
+@pytest.mark.process
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("where", BACKENDS)
+def test_a_killed_servers_hold_returns_to_the_budget_within_a_lease(
+    where: str,
+    tmp_path: Path,
+    prices_path: Path,
+    slow_streams: MockUpstream,
+    request: pytest.FixtureRequest,
+) -> None:
+    config = write_api_config(tmp_path / "api.yaml", slow_streams.base_url)
+    shared = {**_backend(where, tmp_path, request), **SECRETS, "PRICES_PATH": str(prices_path)}
+    doomed = start_server(tmp_path / "doomed", config, tmp_path, name="doomed", **shared)
+    try:
+        survivor = start_server(tmp_path / "survivor", config, tmp_path, name="survivor", **shared)
+    except BaseException:
+        doomed.stop()
+        raise
+    try:
+        token = _budgeted_token(doomed)
+        # A stream on the doomed server holds the whole budget, and the server dies mid-answer.
+        host, port = doomed.base_url.removeprefix("http://").split(":")
+        connection = HTTPConnection(host, int(port), timeout=10)
+        connection.request(
+            "POST", "/v1/chat/completions", body=chat(stream=True), headers=bearer(token)
+        )
+        stream = connection.getresponse()
+        assert stream.status == 200
+        assert stream.readline().startswith(b"data: ")
+        doomed.process.popen.kill()
+        killed = time.monotonic()
+        doomed.process.popen.wait()
+        connection.close()
+        # Its hold outlives it for a while: the rest of the budget is held by "a request in
+        # progress"...
+        assert _ask(survivor, token) == (429, "rate_limited")
+        # ... but only for a lease (and, in the store, until the next reclaiming).
+        while (answer := _ask(survivor, token)) != (200, ""):
+            assert answer == (429, "rate_limited")
+            waited = time.monotonic() - killed
+            assert waited < HOLD_LEASE_SECONDS * 4 / 3 + 15, "the dead server's hold never lapsed"
+            time.sleep(0.5)
+    finally:
+        doomed.stop()
+        assert survivor.stop(timeout=40) == 0, survivor.process.stderr[-3000:]
+
+
+@pytest.mark.parametrize("where", BACKENDS)
+async def test_a_request_longer_than_a_lease_keeps_its_hold(
+    proxy_factory: Any,
+    tmp_path: Path,
+    prices_path: Path,
+    where: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    lease = 1.0
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.05)))
+    await slow.start_server()
+    backend = _backend(where, tmp_path, request)
+    options: dict[str, Any] = {
+        "prices_path": prices_path,
+        "api": {"base_url": str(slow.make_url("")).rstrip("/")},
+        "budget_hold_lease_seconds": lease,
+        "database_url": backend["DATABASE_URL"],
+    }
+    if where == "redis":
+        options.update(event_bus="redis", redis_url=backend["REDIS_URL"])
+    try:
+        proxy: Proxy = await proxy_factory(**options)
+        issued = await proxy.issue_token(budget_usd=BUDGET_USD)
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=chat(stream=True), headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        await response.content.readline()
+        held = (await token_state(proxy, issued["id"]))["reserved_usd"]
+        assert held == pytest.approx(BUDGET_USD)
+        # Several leases later, the stream still holds the budget: nobody else can spend it.
+        for _ in range(4):
+            await asyncio.sleep(lease)
+            refused = await proxy.client.post(
+                "/v1/chat/completions", data=chat(), headers=bearer(issued["token"])
+            )
+            assert refused.status == 429
+            assert (await refused.json())["error"]["code"] == "rate_limited"
+        await response.read()
+        # The request is settled as usual: its spend counted, its hold gone, within the budget.
+        shown = await settled(proxy, issued["id"], spent_at_least=BUDGET_USD / 2)
+        assert shown["spent_usd"] <= BUDGET_USD
+    finally:
+        await slow.close()
