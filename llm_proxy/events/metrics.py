@@ -79,8 +79,8 @@ BUDGET_SETTLEMENTS = Counter(
     "llm_proxy_events_budget_settlements",
     "Budget holds settled once the usage was known, by outcome (settled: cost recorded; "
     "released: nothing to pay; failed: given up while the store or Redis holding it was "
-    "unreachable, with more waiting than the bound or the process stopping; the hold then stays "
-    "until it expires and the spend is missing).",
+    "unreachable, with more waiting than the bound or the process stopping; the hold then lapses "
+    "with its lease and the spend is missing).",
     ["outcome"],
 )
 for _outcome in ("settled", "released", "failed"):

@@ -1,9 +1,8 @@
 """Budget settlements and tpm records that did not land, tried again until they do.
 
 One fails when Redis or the database holding it cannot be reached (restarted, stalled, down).
-Dropped, a settlement would leave its hold reserved until it expires (an hour: a hold that took
-all a small budget had left refuses the token until then) and its cost missing from the spend for
-good. So each is kept and tried again, after a pause that grows while the store stays away,
+Dropped, a settlement would leave its cost missing from the spend for good (its hold lapses
+within a lease, and its cost is then neither held nor spent). So each is kept and tried again, after a pause that grows while the store stays away,
 until it lands. Trying again is safe: a ledger does only what a settlement has left and never
 adds a spend twice (see ``proxy/budget_ledger.py``); a tpm record carries an id of its own, which
 Redis adds once.
