@@ -162,8 +162,10 @@ class TokenAuthority:
         self.budget_ledger = budget_ledger or StoreBudgetLedger(
             store, lease_seconds=hold_lease_seconds
         )
-        # The holds of this process's requests in progress, renewed while they run.
+        # The holds of this process's requests not settled yet, renewed until they are; the
+        # sink that settles them tells (through settlements) when they are.
         self.hold_leases = HoldLeases(self.budget_ledger)
+        self.settlements.hold_leases = self.hold_leases
         self._cipher = cipher
         self._cache_seconds = cache_seconds
         self._max_staleness = max_staleness
@@ -405,11 +407,14 @@ class TokenAuthority:
             # Retried while the store is away: a place kept for good is quota the token lost.
             self._give_back_later("release", partial(self._give_back_place, admission), 60.0)
 
-    def hold_ended(self, hold_id: str) -> None:
-        """The request of hold ``hold_id`` ended: released, or handed to the events pipeline,
-        which settles the hold. It is no longer renewed (see hold_leases.py)."""
+    def hold_ended(self, hold_id: str, request_id: str = "") -> None:
+        """The request of hold ``hold_id`` ended: released, or (``request_id`` given) handed to
+        the events pipeline, which settles the hold (renewed until then: see hold_leases.py)."""
         STATS.budget_holds_open -= 1
-        self.hold_leases.end(hold_id)
+        if request_id:
+            self.hold_leases.hand_over(hold_id, request_id)
+        else:
+            self.hold_leases.end(hold_id)
 
     def release_unsent(self, admission: Admission) -> None:
         """Take back, in the background, what :meth:`admit` counted for a request whose client
@@ -922,12 +927,12 @@ class TokenAuthority:
 
     @property
     def hold_renewal_seconds(self) -> float:
-        """How often the holds of requests in progress are renewed, and expired ones reclaimed:
+        """How often the holds of requests not settled yet are renewed, and expired ones reclaimed:
         a third of a lease, so that two renewals may fail before a hold lapses."""
         return self.budget_ledger.lease_seconds / 3
 
     async def renew_holds_every(self) -> None:
-        """Renew the budget holds of this process's requests in progress until cancelled."""
+        """Renew the budget holds of this process's requests not settled yet until cancelled."""
         await self.hold_leases.renew_every(self.hold_renewal_seconds)
 
     async def reclaim_holds_every(self) -> None:

@@ -6,7 +6,7 @@ released. Each step is one atomic operation (a Lua script in Redis; one transact
 row in the database), so concurrent requests on every instance never hold more than the budget.
 
 A hold is a lease: it expires ``lease_seconds`` after it was taken or last renewed, and the
-process serving its request renews it while the request runs (:meth:`BudgetLedger.renew`, batched
+process serving its request renews it until it is settled (:meth:`BudgetLedger.renew`, batched
 by ``hold_leases.py``). A hold whose request never settles (its process died, its exchange was
 lost) is no longer renewed, expires within the lease, and its amount returns to the budget: Redis
 drops it on the token's next reservation, the store on :meth:`StoreBudgetLedger.reclaim`. A
@@ -41,9 +41,7 @@ log = structlog.get_logger(__name__)
 # How long a hold lasts unless renewed. A process killed mid-request (SIGKILL, a node lost) leaves
 # its holds behind, and a request without an output cap may hold all the budget has left: its token
 # is refused for this long. Renewals come every third of it, so two may fail (a Redis or database
-# restart) before a running request loses its hold; and once its request ended, the hold is no
-# longer renewed but outlasts, by most of a lease, the events pipeline's settlement (a matter of
-# milliseconds, seconds when it is far behind).
+# restart) before a request not settled yet loses its hold.
 HOLD_LEASE_SECONDS = 30.0
 # How long Redis remembers a hold cancelled before it was taken: longer than any stall a Redis
 # comes back from (the script of the stalled call runs when it wakes).

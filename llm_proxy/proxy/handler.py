@@ -455,7 +455,8 @@ class ProxyHandler:
         finally:
             exchange.ended = time.perf_counter()
             if exchange.hold_id:
-                self.authority.hold_ended(exchange.hold_id)  # the events pipeline settles it
+                # The events pipeline settles it.
+                self.authority.hold_ended(exchange.hold_id, exchange.request_id)
             self.metrics.submit(exchange)
 
     @staticmethod

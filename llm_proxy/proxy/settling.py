@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 
+from llm_proxy.proxy.hold_leases import HoldLeases
 from llm_proxy.sparse_warning import SparseWarning
 from llm_proxy.stats import STATS
 
@@ -47,6 +48,8 @@ class Settlements:
         self._wait_seconds = wait_seconds
         self._by_token: dict[str, dict[str, _Unsettled]] = {}
         self._late = SparseWarning("admission.settlement_late")  # times: requests given up on
+        # The budget holds renewed until their settlement is reported here (see hold_leases.py).
+        self.hold_leases: HoldLeases | None = None
 
     def expect(self, token_id: str, request_id: str) -> None:
         """A finished request of ``token_id`` went to be settled."""
@@ -62,6 +65,9 @@ class Settlements:
 
     def settled(self, requests: Iterable[Sequence[str]]) -> None:
         """These ``(token id, request id)`` were settled, or never will be (dropped, failed)."""
+        if self.hold_leases is not None:
+            requests = list(requests)
+            self.hold_leases.settled(requests)
         by_token = self._by_token
         for token_id, request_id in requests:
             pending = by_token.get(token_id)
@@ -76,6 +82,8 @@ class Settlements:
 
     def forget_all(self) -> None:
         """Nothing expected will be settled (the events process died with them)."""
+        if self.hold_leases is not None:
+            self.hold_leases.forget_handed()
         by_token, self._by_token = self._by_token, {}
         for pending in by_token.values():
             for entry in pending.values():

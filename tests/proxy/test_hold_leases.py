@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
@@ -16,7 +18,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from llm_proxy.proxy.budget_ledger import HOLD_LEASE_SECONDS
+from llm_proxy.proxy.budget_ledger import HOLD_LEASE_SECONDS, StoreBudgetLedger
+from llm_proxy.proxy.hold_leases import HoldLeases
+from llm_proxy.store.opening import open_store
 from llm_proxy.tools.mock_upstream import MockSettings
 from tests.conftest import MANAGEMENT_TOKEN, Proxy
 from tests.events.events_support import RedisServer
@@ -24,12 +28,14 @@ from tests.fakes import fake_upstream_app
 from tests.processes import (
     MockUpstream,
     ServerProcess,
+    children,
     http,
     start_mock_upstream,
     start_server,
     write_api_config,
 )
 from tests.proxy.test_budgets import PRICES, bearer, chat, settled, token_state
+from tests.proxy.test_settlement_retry import add_token
 
 # An uncapped request holds what the model's 200 output tokens cost (800 µUSD and its prompt):
 # more than this budget, so it holds all of it and leaves no room for another.
@@ -73,7 +79,7 @@ def _backend(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict
     return shared
 
 
-def _budgeted_token(server: ServerProcess) -> str:
+def _budgeted_token(server: ServerProcess) -> dict[str, Any]:
     status, project = http(
         "POST",
         f"{server.base_url}/manage/projects",
@@ -88,7 +94,7 @@ def _budgeted_token(server: ServerProcess) -> str:
         body={"project_id": project["id"], "duration_minutes": 10, "budget_usd": BUDGET_USD},
     )
     assert status == 201, token
-    return str(token["token"])
+    return dict(token)
 
 
 def _ask(server: ServerProcess, token: str) -> tuple[int, str]:
@@ -121,7 +127,7 @@ def test_a_killed_servers_hold_returns_to_the_budget_within_a_lease(
         doomed.stop()
         raise
     try:
-        token = _budgeted_token(doomed)
+        token = _budgeted_token(doomed)["token"]
         # A stream on the doomed server holds the whole budget, and the server dies mid-answer.
         host, port = doomed.base_url.removeprefix("http://").split(":")
         connection = HTTPConnection(host, int(port), timeout=10)
@@ -193,3 +199,79 @@ async def test_a_request_longer_than_a_lease_keeps_its_hold(
         assert shown["spent_usd"] <= BUDGET_USD
     finally:
         await slow.close()
+
+
+@pytest.mark.process
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("where", BACKENDS)
+def test_a_hold_lives_until_a_late_settlement(
+    where: str,
+    tmp_path: Path,
+    prices_path: Path,
+    slow_streams: MockUpstream,
+    request: pytest.FixtureRequest,
+) -> None:
+    config = write_api_config(tmp_path / "api.yaml", slow_streams.base_url)
+    shared = {**_backend(where, tmp_path, request), **SECRETS, "PRICES_PATH": str(prices_path)}
+    server = start_server(tmp_path / "data", config, tmp_path, **shared)
+    stalled: list[int] = []
+    try:
+        issued = _budgeted_token(server)
+        # The events process, which settles, stalls; the answer of a request holding all the
+        # budget waits for it longer than a lease.
+        stalled[:] = children(server.process.popen.pid)
+        assert len(stalled) == 1
+        os.kill(stalled[0], signal.SIGSTOP)
+        assert _ask(server, issued["token"]) == (200, "")
+        time.sleep(HOLD_LEASE_SECONDS * 4 / 3 + 5)
+        # Its hold still keeps the budget from another request...
+        assert _ask(server, issued["token"]) == (429, "rate_limited")
+        # ... until it is settled, its spend within the budget.
+        os.kill(stalled.pop(), signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while True:
+            status, shown = http(
+                "GET", f"{server.base_url}/manage/tokens/{issued['id']}", token=MANAGEMENT_TOKEN
+            )
+            assert status == 200, shown
+            if shown["reserved_usd"] == 0 and shown["spent_usd"] > 0:
+                break
+            assert time.monotonic() < deadline, shown
+            time.sleep(0.2)
+        assert shown["spent_usd"] <= BUDGET_USD
+    finally:
+        for pid in stalled:
+            os.kill(pid, signal.SIGCONT)
+        assert server.stop(timeout=40) == 0, server.process.stderr[-3000:]
+
+
+async def test_a_hold_is_renewed_until_settled_lost_or_given_up(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path}/leases.db")
+    try:
+        await add_token(store, 1_000)
+        ledger = StoreBudgetLedger(store, lease_seconds=4.0)
+        leases = HoldLeases(ledger, settle_within=0.5)
+        for n, hold_id in enumerate(["settled", "stuck", "lost", "running"]):
+            taken = await ledger.hold("t1", hold_id, 1_000, 100, 100, 0.0)
+            leases.add("t1", hold_id, taken.held_nanousd)
+            if hold_id in ("settled", "lost"):
+                leases.hand_over(hold_id, f"request-{n}")
+        # The events pipeline settled one and lost another (its process died)...
+        leases.settled([("t1", "request-0")])
+        await ledger.settle("t1", "settled", 100, 30)
+        leases.forget_handed()
+        # ... and the next one handed to it is not settled long after its request ended.
+        leases.hand_over("stuck", "request-1")
+        await leases.renew()
+        assert len(leases) == 2
+        await asyncio.sleep(0.6)
+        await leases.renew()
+        assert len(leases) == 1
+        await asyncio.sleep(3.6)  # the holds' first lease is over
+        await leases.renew()
+        assert await store.reclaim_budget_holds() == 2
+        token = await store.get_token("t1")
+        assert token is not None
+        assert (token.spent_nanousd, token.reserved_nanousd) == (30, 100)
+    finally:
+        await store.close()
