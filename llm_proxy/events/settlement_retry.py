@@ -2,10 +2,10 @@
 
 One fails when Redis or the database holding it cannot be reached (restarted, stalled, down).
 Dropped, a settlement would leave its cost missing from the spend for good (its hold lapses
-within a lease, and its cost is then neither held nor spent). So each is kept and tried again, after a pause that grows while the store stays away,
-until it lands. Trying again is safe: a ledger does only what a settlement has left and never
-adds a spend twice (see ``proxy/budget_ledger.py``); a tpm record carries an id of its own, which
-Redis adds once.
+within a lease, and its cost is then neither held nor spent). So each is kept and tried again,
+after a pause that grows while the store stays away, until it lands. Trying again is safe: a
+ledger does only what a settlement has left and never adds a spend twice (see
+``proxy/budget_ledger.py``); a tpm record carries an id of its own, which Redis adds once.
 
 Bounded: at most ``limit`` of each kind wait, beyond which the oldest are given up; a tpm record
 is given up once older than the window too, as it counts in none any more. Each one given up is
