@@ -102,8 +102,12 @@ _OPTIONS: Final = 4
 _HOLD_NONE: Final = 0
 _HOLD_OPTIONS: Final = 1  # from the '{' of a top-level stream_options value to its '}'
 _HOLD_TAIL: Final = 2  # from the top-level object's closing '}' to the end of the body
+_HOLD_OPTIONS_VALUE: Final = 3  # from the ':' after a top-level stream_options key to its value
+_HOLD_AFTER_NULL: Final = 4  # from that ':' while its value null waits for a "stream" true
 
 _TAIL_INSERT: Final = b',"stream_options":{"include_usage":true}'
+_OPTIONS_FOR_NULL: Final = b'{"include_usage":true}'
+_NULL: Final = b"null"
 _USAGE_KEY: Final = b"include_usage"
 
 
@@ -152,8 +156,10 @@ class BodyInspector:
     `inject_usage`, a well-formed object whose last top-level `"stream"` is `true` is made to
     ask for usage: `,"stream_options":{"include_usage":true}` goes before the final `}` when
     there is no top-level `stream_options`, or `"include_usage":true` goes first inside a
-    `stream_options` object that lacks it. Client-set `include_usage`, a `stream_options` that is
-    not an object, or one longer than `OPTIONS_HOLD_LIMIT` means no injection.
+    `stream_options` object that lacks it, or a `stream_options` that is `null` (the OpenAI API's
+    default, as if absent) is replaced by `{"include_usage":true}`. Client-set `include_usage`,
+    a `stream_options` that is neither an object nor null, or one longer than
+    `OPTIONS_HOLD_LIMIT` means no injection.
 
     The insertion into `stream_options` goes out when that object closes, before the rest of
     the body is seen, so it can also reach a body that later turns out not to stream or not to
@@ -219,6 +225,7 @@ class BodyInspector:
         self._options_has_keys = False
         self._options_has_usage = False
         self._options_inserted = False
+        self._options_null = False  # the value held from a stream_options key's ':' is null
         self._no_injection = False  # some stream_options rules injection out
         # output of the chunk being scanned
         self._chunk = b""
@@ -354,6 +361,8 @@ class BodyInspector:
             if self._string_is_watched:
                 self._begin_value(at)
             self._role = 0
+            if self._hold_kind == _HOLD_OPTIONS_VALUE:
+                self._let_go(at)
         return True
 
     def _string_closed(self, at: int) -> None:
@@ -385,6 +394,9 @@ class BodyInspector:
             self._role_name = raw.decode()
             if role & _OPTIONS:
                 self._options_seen = True
+                if self._hold_kind == _HOLD_AFTER_NULL:
+                    # Repeated: which one an upstream keeps is its own choice; ask nothing.
+                    self._give_up()
 
     def _begin_value(self, at: int) -> None:
         capture = self._value
@@ -408,7 +420,10 @@ class BodyInspector:
         if self._role & _STREAM:
             self.stream = token == b"true"
         if self._role & _OPTIONS:
-            self._no_injection = True
+            if token == _NULL and self._hold_kind == _HOLD_OPTIONS_VALUE:
+                self._options_null = True
+            else:
+                self._no_injection = True
 
     def _gap_ok(self, text: bytes) -> bool:
         """Account for the text before a significant character: whitespace or one scalar."""
@@ -450,10 +465,16 @@ class BodyInspector:
             if state != _AFTER_VALUE:
                 return False
             self._state = _KEY if stack[-1] == _LBRACE else _VALUE
+            if self._hold_kind >= _HOLD_OPTIONS_VALUE and len(stack) == 1:
+                self._settle_null(at, final=False)
         elif char == _COLON:
             if state != _AFTER_KEY:
                 return False
             self._state = _VALUE
+            if self._role & _OPTIONS and not self._no_injection and self._hold is None:
+                # Held until the value shows: a null is replaced, so its bytes must not go yet.
+                self._options_null = False
+                self._begin_hold(_HOLD_OPTIONS_VALUE, at + 1)
         elif char in (_LBRACE, _LBRACKET):
             if state > _VALUE_OR_END or len(stack) >= MAX_DEPTH:
                 return False
@@ -476,6 +497,8 @@ class BodyInspector:
                 self._container_closed(at)
             else:
                 self._state = _DONE
+                if self._hold_kind >= _HOLD_OPTIONS_VALUE:
+                    self._settle_null(at, final=True)
                 if self._inject and self.stream and not self._options_seen:
                     self._begin_hold(_HOLD_TAIL, at)
         return self._state != _BROKEN
@@ -484,6 +507,8 @@ class BodyInspector:
         """The value of a top-level key opens."""
         role = self._role
         self._role = 0
+        if self._hold_kind == _HOLD_OPTIONS_VALUE:
+            self._let_go(at)
         if role & _WATCHED:
             self._begin_value(at)
         if role & _STREAM:
@@ -513,6 +538,27 @@ class BodyInspector:
         self._out.append(text[:1] + insert + text[1:])
         self._options_inserted = self.modified = True
 
+    def _settle_null(self, at: int, *, final: bool) -> None:
+        """A top-level member ends at ``at`` while a stream_options value is held: let a value
+        other than null go; replace a null once the body streams, else go on holding it until it
+        does or the body ends."""
+        held = self._hold
+        size = (len(held) if held is not None else 0) + at - self._hold_start
+        # (The limit also bounds a hold that grew inside one chunk: the same in any chunking.)
+        waits = self._options_null and size <= OPTIONS_HOLD_LIMIT
+        if waits and not self.stream and not final:
+            self._hold_kind = _HOLD_AFTER_NULL
+            return
+        text = (bytes(held) if held else b"") + self._chunk[self._hold_start : at]
+        if waits and self.stream:
+            # The hold began right after the ':', so the null is its first token.
+            start = len(text) - len(text.lstrip(_WS))
+            text = text[:start] + _OPTIONS_FOR_NULL + text[start + len(_NULL) :]
+            self._options_inserted = self.modified = True
+        elif self._options_null and size > OPTIONS_HOLD_LIMIT:
+            self._no_injection = True
+        self._let_go(at, text)
+
     # output
 
     def _begin_hold(self, kind: int, at: int) -> None:
@@ -540,6 +586,21 @@ class BodyInspector:
         self._chunk = b""
         return out[0] if len(out) == 1 else b"".join(out)
 
+    def _let_go(self, at: int, text: bytes | None = None) -> None:
+        """End a hold at ``at``: what it held goes out as ``text``, or unchanged."""
+        if text is None:
+            held = self._hold
+            text = (bytes(held) if held else b"") + self._chunk[self._hold_start : at]
+        self._out.append(text)
+        self._hold = None
+        self._hold_kind = _HOLD_NONE
+        self._emit = at
+
+    def _give_up(self) -> None:
+        """Stop injecting mid-chunk: what was held goes out unchanged."""
+        self._emit = self._hold_start
+        self._release()
+
     def _release(self) -> None:
         """Give up injecting: what was held goes out unchanged."""
         if self._hold is not None:
@@ -560,6 +621,7 @@ class BodyInspector:
 
 
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}'
+_NULL_OPTIONS = re.compile(rb'("stream_options"\s*:\s*)null')
 _ABSENT = object()
 
 
@@ -568,8 +630,9 @@ def ask_usage(body: bytes) -> bytes | None:
 
     The common cases are decided by orjson, far cheaper than a :class:`BodyInspector` pass on a
     small body: a body that cannot hold a ``"stream"`` key (none spelled out, no ``\\u`` escape
-    that could spell one) is left at once, and ``stream_options`` absent means one splice before
-    the closing brace. Only a client's own ``stream_options`` needs the inspector.
+    that could spell one) is left at once, ``stream_options`` absent means one splice before
+    the closing brace, and ``stream_options`` null (the API's default, as absent) one replacement.
+    Only a client's own ``stream_options`` needs the inspector.
     """
     # find(), not ``in``: bytes.__contains__ first tries its operand as an int, raising and
     # clearing a TypeError on every call, which costs more than the search of a small body.
@@ -585,6 +648,9 @@ def ask_usage(body: bytes) -> bytes | None:
     if options is _ABSENT:
         end = body.rindex(b"}")
         return body[:end] + _INCLUDE_USAGE + body[end:]
+    if options is None and b"\\u" not in body and body.count(b'"stream_options"') == 1:
+        # Spelled once and no escapes: that one is the top-level key, whose value is null.
+        return _NULL_OPTIONS.sub(rb"\1" + _OPTIONS_FOR_NULL, body, count=1)
     if (
         isinstance(options, dict)
         and "include_usage" in options

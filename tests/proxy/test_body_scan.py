@@ -23,6 +23,7 @@ from llm_proxy.proxy.body_scan import (
 )
 
 TAIL = b',"stream_options":{"include_usage":true}'
+FOR_NULL = b'{"include_usage":true}'
 MISSING = object()
 
 
@@ -384,13 +385,12 @@ def test_escaped_options_keys_are_recognised() -> None:
         b'{"include_usage": true}',
         b'{"include_usage": false}',
         b'{"a": 1, "include_usage": null}',
-        b"null",
         b"[]",
         b'"x"',
         b"true",
-        b'{}, "stream_options": null',
-        b'null, "stream_options": {}',
+        b"0",
         b'{"include_usage": true}, "stream_options": {}',
+        b'{"include_usage": true}, "stream_options": null',
     ],
 )
 def test_client_choice_about_usage_is_left_alone(options: bytes) -> None:
@@ -402,6 +402,58 @@ def test_client_choice_about_usage_is_left_alone(options: bytes) -> None:
     else:
         # An earlier object got its insertion before a later occurrence ruled injection out.
         assert out == body.replace(b"{}", b'{"include_usage":true}', 1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"stream": true, "stream_options": null}',
+        b'{"stream": true, "stream_options" :\n null \t, "n": 1}',
+        b'{"stream_options": null, "n": [1, {"a": null}], "stream": true}',
+        b'{"stream_options": null, "stream": false, "stream": true}',
+    ],
+)
+def test_null_options_are_the_default_and_get_usage_in_their_place(body: bytes) -> None:
+    # The OpenAI API reads stream_options null as absent: the proxy asks for usage as it does
+    # when they are absent, in place of the null (a second key could be read either way).
+    out, inspector = injected(body)
+    start = body.index(b"null")
+    assert out == body[:start] + FOR_NULL + body[start + 4 :]
+    assert orjson.loads(out) == {**orjson.loads(body), "stream_options": {"include_usage": True}}
+    assert inspector.usage_injected and inspector.modified and inspector.well_formed
+
+
+def test_null_options_before_stream_are_held_until_a_stream_shows() -> None:
+    inspector = BodyInspector(inject_usage=True)
+    assert inspector.feed(b'{"stream_options": nu') == b'{"stream_options":'
+    assert inspector.feed(b'll, "model": "m", ') == b""
+    assert inspector.feed(b'"stream": true, "n": 1}') == (
+        b' {"include_usage":true}, "model": "m", "stream": true, "n": 1}'
+    )
+    assert inspector.finish() == b""
+    assert inspector.usage_injected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"stream_options": null, "stream": false}',
+        b'{"stream_options": null, "n": 1}',
+        b'{"stream_options": null, "stream_options": {}, "stream": true}',
+        b'{"stream_options": null, "stream_options": null, "stream": true}',
+        b'{"stream_options": null, "stream": true',
+    ],
+)
+def test_null_options_of_a_body_that_does_not_stream_go_unchanged(body: bytes) -> None:
+    # (Repeated before the body streams: which one the upstream keeps is its own choice.)
+    out, inspector = injected(body)
+    assert out == body and not inspector.usage_injected and not inspector.modified
+
+
+def test_null_options_padded_past_the_hold_limit_go_unchanged() -> None:
+    body = b'{"stream_options":' + b" " * OPTIONS_HOLD_LIMIT + b'null, "stream": true}'
+    out, inspector = feed_all([body[:1000], body[1000:]], inject_usage=True)
+    assert out == body and not inspector.usage_injected and inspector.well_formed
 
 
 def test_every_options_object_without_include_usage_gets_it() -> None:
@@ -655,10 +707,25 @@ def test_generated_bodies_reassemble_decode_and_inject(
     options = final.get("stream_options", MISSING)
     tail = stream and options is MISSING
     inside = isinstance(options, dict) and "include_usage" not in options
-    if not inject or not (tail or inside):
+    # A null is replaced once a stream true is seen: the last before it, or any after it.
+    null = False
+    if options is None:
+        at = [name for name, _ in members].index("stream_options")
+        before = [value for name, value in members[:at] if name == "stream"][-1:]
+        after = [value for name, value in members[at:] if name == "stream"]
+        null = (before == [True] and before[0] is True) or any(value is True for value in after)
+    if not inject or not (tail or inside or null):
         assert out == body and not inspector.modified and not inspector.usage_injected
         return
     assert inspector.modified and inspector.usage_injected is stream
+    if null:
+        assert any(
+            out == body[:at] + FOR_NULL + body[at + 4 :]
+            for at in range(len(body))
+            if body.startswith(b"null", at)
+        )
+        assert orjson.loads(out) == {**final, "stream_options": {"include_usage": True}}
+        return
     if tail:
         insertion, expected_options = TAIL, {}
     else:
@@ -716,7 +783,11 @@ def test_mutated_bodies_never_raise_and_pass_through_unless_well_formed(
         # later flaw keeps its insertion: either way exactly one insertion was spliced in.
         assert inject
         insertions = (TAIL, b'"include_usage":true,', b'"include_usage":true')
-        assert any(spliced(out, data, insertion) for insertion in insertions)
+        assert any(spliced(out, data, insertion) for insertion in insertions) or any(
+            out == data[:at] + FOR_NULL + data[at + 4 :]
+            for at in range(len(data))
+            if data.startswith(b"null", at)
+        )
     try:
         orjson.loads(data)
     except orjson.JSONDecodeError as error:
@@ -736,7 +807,20 @@ def test_mutated_bodies_never_raise_and_pass_through_unless_well_formed(
         (b'["stream", true]', None),
         (b'{"stream": tru', None),
         (b'{"stream":true,"stream_options":{"include_usage":false}}', None),
-        (b'{"stream":true,"stream_options":null}', None),
+        (
+            b'{"stream":true,"stream_options":null}',
+            b'{"stream":true,"stream_options":' + FOR_NULL + b"}",
+        ),
+        (
+            b'{"stream_options" : null,"stream":true}',
+            b'{"stream_options" : ' + FOR_NULL + b',"stream":true}',
+        ),
+        (b'{"stream":false,"stream_options":null}', None),
+        # Spelled twice: the inspector decides.
+        (
+            b'{"stream":true,"stream_options":null,"m":"stream_options"}',
+            b'{"stream":true,"stream_options":' + FOR_NULL + b',"m":"stream_options"}',
+        ),
         (b'{"stream":true,"stream_options":{"include_usage":true}}', None),
         (b'{"stream":true,"stream_options":{"include_usage":null,"x":1}}', None),
         # Spelled twice, or once escaped: the inspector decides (orjson alone reads the last).

@@ -1,0 +1,113 @@
+"""``"stream_options": null`` is the OpenAI API's default, as if absent: the proxy asks a stream's
+usage for it as it does when they are absent, and the client sees the stream it asked for."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import Proxy
+from tests.waiting import wait_for_lines
+
+LIMITS: dict[str, dict[str, Any]] = {
+    "unlimited": {},
+    "tpm": {"tpm": 100_000},
+    "budget": {"budget_usd": 1},
+    "models": {"allowed_models": ["gpt-4o-mini*"]},
+}
+OPTIONS = {
+    "null": b'"stream_options":null',
+    "spaced-null": b'"stream_options" : \n null ',
+    "null-first": b'"stream_options":null,"n":1',
+    "empty": b'"stream_options":{}',
+}
+
+
+@pytest.fixture
+async def proxy(proxy_factory: Any, tmp_path: Path) -> Proxy:
+    started: Proxy = await proxy_factory(file_event_log=tmp_path / "events.jsonl")
+    return started
+
+
+async def _in_pieces(body: bytes) -> AsyncIterator[bytes]:
+    for at in range(0, len(body), 1000):
+        yield body[at : at + 1000]
+
+
+def stream_body(path: str, options: bytes, padding: int) -> bytes:
+    if path == "/v1/completions":
+        fields = b'"model":"gpt-4o-mini","prompt":"hi%s"' % (b" " * padding)
+    else:
+        message = b'{"role":"user","content":"hi%s"}' % (b" " * padding)
+        fields = b'"model":"gpt-4o-mini","messages":[' + message + b"]"
+    if options.startswith(b'"stream_options":null,'):
+        return b"{" + options + b"," + fields + b',"stream":true}'
+    return b"{" + fields + b',"stream":true,' + options + b"}"
+
+
+async def spent(proxy: Proxy, token_id: str) -> float:
+    """The token's settled spend, once nothing is held for it any more."""
+    for _ in range(300):
+        _, shown = await proxy.manage("GET", f"/tokens/{token_id}")
+        if shown["reserved_usd"] == 0 and shown["spent_usd"] > 0:
+            return float(shown["spent_usd"])
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never settled: {shown}")
+
+
+@pytest.mark.parametrize(
+    ("path", "options", "framing"),
+    [
+        (path, options, framing)
+        for path in ("/v1/chat/completions", "/v1/completions")
+        for options in OPTIONS
+        for framing in ("whole", "chunked", "large")
+        if path == "/v1/chat/completions" or options == "null"
+        # (A null is held until a stream true shows, up to OPTIONS_HOLD_LIMIT: not past 70 KB.)
+        if (options, framing) != ("null-first", "large")
+    ],
+)
+@pytest.mark.parametrize("limits", list(LIMITS))
+async def test_a_stream_with_null_options_is_served_with_its_usage_asked_and_hidden(
+    proxy: Proxy, tmp_path: Path, limits: str, options: str, framing: str, path: str
+) -> None:
+    # A tpm or budget token refused such a stream 400 (param_not_allowed, model_not_priced), as
+    # if the client had turned include_usage off; an unlimited one served it without usage, its
+    # tokens estimated from the text.
+    issued = await proxy.issue_token(**LIMITS[limits])
+    body = stream_body(path, OPTIONS[options], 70_000 if framing == "large" else 0)
+    data = _in_pieces(body) if framing == "chunked" else body
+    headers = {"Authorization": f"Bearer {issued['token']}", "Content-Type": "application/json"}
+    response = await proxy.client.post(path, data=data, headers=headers)
+    text = await response.read()
+    assert response.status == 200, text
+    sent = orjson.loads(proxy.upstream.last.body)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent == {**orjson.loads(body), "stream_options": {"include_usage": True}}
+    # The client did not ask for usage: no usage chunk, no "usage": null in its chunks.
+    assert b"usage" not in text and text.endswith(b"data: [DONE]\n\n")
+    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+    assert event["usage"]["source"] == "upstream"
+    assert event["usage"]["prompt_tokens"] >= 1 and event["usage"]["completion_tokens"] >= 1
+    if limits == "budget":
+        assert await spent(proxy, issued["id"]) == pytest.approx(event["cost_usd"])
+
+
+async def test_options_null_in_a_request_that_does_not_stream_go_upstream_unchanged(
+    proxy: Proxy,
+) -> None:
+    token = await proxy.token(tpm=100_000)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    for body in (
+        b'{"model":"gpt-4o-mini","messages":[],"stream":false,"stream_options":null}',
+        b'{"stream_options":null,"model":"gpt-4o-mini","messages":[]}',
+    ):
+        response = await proxy.client.post("/v1/chat/completions", data=body, headers=headers)
+        assert response.status == 200
+        assert b'"usage":{' in await response.read()
+        assert proxy.upstream.last.body == body
