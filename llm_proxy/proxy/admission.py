@@ -208,22 +208,27 @@ class TokenAuthority:
         the budget, which holds the most the request can cost (``plan``; 429 ``budget_exceeded``).
         What one took is given back when a later one refuses. The tpm window and the budget are
         read once the token's requests this process already answered are settled (bounded).
+
+        The request is counted against the grant as it is now, which the returned admission
+        carries: a change made while the request's body was arriving (a slow upload) applies to
+        it, as it would to the next request. The caller checks its body against that grant again
+        when it is not the one it was given.
         """
         current = self._by_hash.get(grant.digest)
         if current is not grant:
             # A change evicted the grant since the check, while the request's body was arriving
             # (a slow upload): a token stopped meanwhile is not forwarded after the operator was
-            # told it stopped.
-            self._refuse_unusable(
-                current or await self._load_or_refuse(grant, grant.digest, time.monotonic())
-            )
+            # told it stopped, and new limits count it.
+            grant = current or await self._load_or_refuse(grant, grant.digest, time.monotonic())
+            self._refuse_unusable(grant)
         elif (now := time.monotonic()) - max(self._feed_read_at, grant.loaded_at) > (
             self._max_staleness
         ):
             # The feed fell silent while the body was arriving: the cache's word is no longer
             # enough (fail closed), unless the grant itself was read since.
             STATS.cache_stale_checks += 1
-            self._refuse_unusable(await self._load_or_refuse(grant, grant.digest, now))
+            grant = await self._load_or_refuse(grant, grant.digest, now)
+            self._refuse_unusable(grant)
         wall = time.time()
         if wall >= grant.expires_at:
             # It expired while the request's body was arriving (read whole before admission).
@@ -274,6 +279,20 @@ class TokenAuthority:
                 await self.release(admission)
                 raise
         return admission
+
+    def is_current(self, grant: Grant) -> bool:
+        """Whether ``grant`` is still its token's cached grant: no change evicted it."""
+        return self._by_hash.get(grant.digest) is grant
+
+    async def current(self, grant: Grant) -> Grant:
+        """The grant of ``grant``'s token as it is now: ``grant`` itself while no change evicted
+        it, else the one cached since or read again, refused if the token may no longer be used."""
+        current = self._by_hash.get(grant.digest)
+        if current is grant:
+            return grant
+        current = current or await self._load_or_refuse(grant, grant.digest, time.monotonic())
+        self._refuse_unusable(current)
+        return current
 
     async def _hold(self, admission: Admission, budget: int, plan: CostPlan) -> None:
         grant = admission.grant

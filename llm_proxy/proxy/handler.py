@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 import structlog
@@ -248,6 +248,14 @@ def _inspector(watched: frozenset[str], grant: Grant, inject: bool) -> BodyInspe
     return BodyInspector(watched, inject_usage=inject, raw=raw)
 
 
+class _Checked(NamedTuple):
+    """How a body was read for its checks: kept to check it again against a changed grant."""
+
+    inspector: BodyInspector
+    form: FormInspector | None
+    empty: bool
+
+
 def _refuse_hidden_usage(inspector: BodyInspector, grant: Grant) -> None:
     """Refuse a chat or legacy completion that streams without its usage, which the proxy could
     not ask for (the client turned include_usage off, or sent stream_options that are not an
@@ -397,19 +405,32 @@ class ProxyHandler:
             body: Body = None
             headers = request.headers
             plan: CostPlan | None = None
+            checked: _Checked | None = None
             too_large = self._too_large(request)
             if request.has_body and too_large is None:
                 try:
-                    body, headers, plan = await self._prepare_body(
+                    body, headers, plan, checked = await self._prepare_body(
                         request, exchange, headers, grant
                     )
                 except errors.RequestTooLarge as found:
                     too_large = found  # read for its checks, with no length to refuse it by
             if too_large is not None and grant.budget is not None:
                 plan = _ANY_COST
+            if not self.authority.is_current(grant):
+                # The token changed while the body was arriving (a slow upload): the request is
+                # held to the token as it is once its body is in, as the next request would be.
+                now = await self.authority.current(grant)
+                self._check_body(request, path, body, headers, checked, grant, now)
+                grant = now
+                exchange.tpm_limited = grant.tpm is not None
             admission = await self.authority.admit(grant, plan)
             if too_large is not None:
                 raise too_large  # after the limits, in SPEC §7's order; it releases what it took
+            if admission.grant is not grant:
+                # Changed again while its limits were counted: its body is held to that too.
+                self._check_body(request, path, body, headers, checked, grant, admission.grant)
+                grant = admission.grant
+                exchange.tpm_limited = grant.tpm is not None
             if admission.hold_id:
                 exchange.hold_id, exchange.held_nanousd = admission.hold_id, admission.held
                 if plan is not None and isinstance(body, bytes):
@@ -661,9 +682,9 @@ class ProxyHandler:
         exchange: Exchange,
         headers: Fields,
         grant: Grant,
-    ) -> tuple[Body, Fields, CostPlan | None]:
-        """The body to send upstream, the headers to send with it, and, for a budgeted token,
-        what it may cost.
+    ) -> tuple[Body, Fields, CostPlan | None, _Checked | None]:
+        """The body to send upstream, the headers to send with it, for a budgeted token what it
+        may cost, and how it was read for its checks (None when it was not).
 
         A small body is read whole. A larger one is streamed, except when parameters must be
         checked first: then it is spooled (to disk beyond a megabyte) and sent once it passed, so a
@@ -672,8 +693,8 @@ class ProxyHandler:
         """
         if grant.budget is not None:
             return await self._priced_body(request, exchange, headers, grant)
-        body, headers = await self._plain_body(request, exchange, headers, grant)
-        return body, headers, None
+        body, headers, checked = await self._plain_body(request, exchange, headers, grant)
+        return body, headers, None, checked
 
     async def _plain_body(
         self,
@@ -681,7 +702,7 @@ class ProxyHandler:
         exchange: Exchange,
         headers: Fields,
         grant: Grant,
-    ) -> tuple[Body, Fields]:
+    ) -> tuple[Body, Fields, _Checked | None]:
         length = request.content_length
         models_limited = grant.allowed_models is not None
         watched = self._watched_and_model if models_limited else self._watched
@@ -707,26 +728,29 @@ class ProxyHandler:
             data = await request.body.read_exactly(length)
             exchange.request_body.add(data)
             rewritten: bytes | None = None
+            checked = None
             if check:
                 inspector = _inspector(watched, grant, inject)
                 passed = inspector.feed(data) + inspector.finish()
                 if form is not None:
                     form.feed(data)
                     form.finish()
-                self._check_params(inspector, grant, form, empty=not data, path=exchange.path)
+                checked = _Checked(inspector, form, not data)
+                now = await self.authority.current(grant)
+                self._check_body(request, exchange.path, data, headers, checked, grant, now)
                 rewritten = passed if inspector.usage_injected else None
             elif inject:
                 rewritten = ask_usage(data)
             # (Only a body asking for usage pays for the look at its encoding.)
             if rewritten is None or _content_encoded(headers):
-                return data, headers
+                return data, headers, checked
             exchange.usage_injected = True
-            return rewritten, _asking_usage(headers)
+            return rewritten, _asking_usage(headers), checked
         if check:
             return await self._spooled(request, exchange, inject, headers, grant, watched, form)
         if inject and not _content_encoded(headers):
-            return self._injecting(request, exchange), _asking_usage(headers)
-        return self._stream_body(request, exchange), headers
+            return self._injecting(request, exchange), _asking_usage(headers), None
+        return self._stream_body(request, exchange), headers, None
 
     async def _priced_body(
         self,
@@ -734,7 +758,7 @@ class ProxyHandler:
         exchange: Exchange,
         headers: Fields,
         grant: Grant,
-    ) -> tuple[Body, Fields, CostPlan | None]:
+    ) -> tuple[Body, Fields, CostPlan | None, _Checked | None]:
         """A budgeted token's body: read whole (its prompt is counted and an output cap may be
         written into it), checked, and priced."""
         if _content_encoded(headers):
@@ -757,12 +781,14 @@ class ProxyHandler:
         passed = inspector.feed(data) + inspector.finish()
         if not inspector.is_object:
             if not data:
-                return data, headers, None
+                return data, headers, None, None
             raise errors.ModelNotPriced(
                 "This token has a budget: only JSON requests, whose model and tokens the proxy can"
                 " price, are allowed."
             )
-        self._check_params(inspector, grant, path=exchange.path)
+        checked = _Checked(inspector, None, not data)
+        now = await self.authority.current(grant)
+        self._check_body(request, exchange.path, data, headers, checked, grant, now)
         for tools in inspector.values.get("tools", []):
             if _tool_models(tools, _tools_too_long_to_price):
                 raise errors.ModelNotPriced(
@@ -786,8 +812,8 @@ class ProxyHandler:
         ]
         if inspector.usage_injected:
             exchange.usage_injected = True
-            return passed, _asking_usage(kept), plan
-        return data, kept, plan
+            return passed, _asking_usage(kept), plan, checked
+        return data, kept, plan, checked
 
     async def _stream_body(self, request: ProxyRequest, exchange: Exchange) -> AsyncIterator[bytes]:
         size = 0
@@ -820,7 +846,7 @@ class ProxyHandler:
         grant: Grant,
         watched: frozenset[str],
         form: FormInspector | None,
-    ) -> tuple[Body, Fields]:
+    ) -> tuple[Body, Fields, _Checked]:
         spool = BodySpool()
         inspector = _inspector(watched, grant, inject)
         try:
@@ -831,7 +857,9 @@ class ProxyHandler:
             spool.write(inspector.finish())
             if form is not None:
                 form.finish()
-            self._check_params(inspector, grant, form, empty=not spool.size, path=exchange.path)
+            checked = _Checked(inspector, form, not spool.size)
+            now = await self.authority.current(grant)
+            self._check_body(request, exchange.path, None, headers, checked, grant, now)
         except BaseException:
             spool.close()
             raise
@@ -840,7 +868,7 @@ class ProxyHandler:
             exchange.usage_injected = True
             headers = _asking_usage(headers)
         headers.append((b"Content-Length", b"%d" % spool.size))
-        return spool, headers
+        return spool, headers, checked
 
     @staticmethod
     def _form_reader(headers: Fields, watched: frozenset[str]) -> FormInspector | None:
@@ -854,6 +882,58 @@ class ProxyHandler:
         if not content_types or form_media_type(content_types[0]) is None:
             return None
         return FormInspector(watched, content_types[0])
+
+    def _check_body(
+        self,
+        request: ProxyRequest,
+        path: str,
+        body: Body,
+        headers: Fields,
+        checked: _Checked | None,
+        was: Grant,
+        now: Grant,
+    ) -> None:
+        """Check a body read as ``checked`` (None: not read for checks) against ``now``, the grant
+        of its token once it is in; ``was``, the one its head was checked against, chose how it
+        was read. A token changed meanwhile (a management call, a change another process
+        announced) holds the request to what it is now: one limited to models since is read for
+        them again, from the body when it is at hand."""
+        if now is not was:
+            if now.budget is not None and was.budget is None and request.has_body:
+                # Its body was not priced, so nothing caps what it may cost.
+                raise errors.LimitsUnavailable(
+                    "This token was given a budget while the request was arriving; send it again."
+                )
+            if now.allowed_models is not None:
+                self._check_model_path(request.method, path, now)
+                if request.has_body and (
+                    checked is None or not {"model", "tools"} <= checked.inspector.values.keys()
+                ):
+                    checked = self._read_for_models(body, headers)
+        if checked is not None:
+            self._check_params(checked.inspector, now, checked.form, empty=checked.empty, path=path)
+
+    def _read_for_models(self, body: Body, headers: Fields) -> _Checked:
+        """A body read again for the models it names, for a token limited to models while it
+        arrived; only a whole body can be."""
+        if not isinstance(body, bytes):
+            raise errors.LimitsUnavailable(
+                "This token was limited to certain models while the request was arriving; send"
+                " it again."
+            )
+        if _content_encoded(headers):
+            raise errors.UnsupportedContentEncoding(
+                "This token is limited to certain models: its request bodies cannot come with a"
+                " Content-Encoding; send them uncompressed."
+            )
+        inspector = BodyInspector(self._watched_and_model, raw=_TOOLS)
+        inspector.feed(body)
+        inspector.finish()
+        form = self._form_reader(headers, self._watched_and_model)
+        if form is not None:
+            form.feed(body)
+            form.finish()
+        return _Checked(inspector, form, not body)
 
     def _check_params(
         self,

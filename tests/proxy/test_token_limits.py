@@ -539,3 +539,100 @@ async def test_a_tpm_token_whose_client_leaves_a_reasoning_stream_early_counts_w
         await slow.close()
     assert (status, answer["error"]["code"]) == (429, "rate_limited")
     assert 1 <= int(headers["Retry-After"]) <= 60
+
+
+async def _sent_across(
+    proxy: Proxy, token: str, body: bytes, change: tuple[str, str, Any], *, chunked: bool
+) -> aiohttp.ClientResponse:
+    """Send ``body`` slowly: its head and first bytes, then the management ``change``, then the
+    rest (a slow upload that a change overtakes)."""
+    go = asyncio.Event()
+
+    async def slow_upload() -> Any:
+        yield body[:10]
+        await go.wait()
+        yield body[10:]
+
+    headers = bearer(token)
+    if not chunked:
+        headers["Content-Length"] = str(len(body))  # read whole before admission
+    sending = asyncio.create_task(
+        proxy.client.post("/v1/chat/completions", data=slow_upload(), headers=headers)
+    )
+    await asyncio.sleep(0.3)  # the head is in and checked; the body waits for the change
+    method, path, fields = change
+    status, shown = await proxy.manage(method, path, fields)
+    assert status == 200, shown
+    go.set()
+    return await sending
+
+
+CHANGES = {
+    # name: (limits at issue, requests made first, the change, the answer after it)
+    "models-tightened": ({"allowed_models": ["gpt-4o*"]}, 0, {"allowed_models": ["o4-mini"]}, 403),
+    "models-loosened": ({"allowed_models": ["o4-mini"]}, 0, {"allowed_models": ["gpt-4o*"]}, 200),
+    "models-set": ({"max_requests": 9}, 0, {"allowed_models": ["o4-mini"]}, 403),
+    "models-lifted": ({"allowed_models": ["o4-mini"]}, 0, {"allowed_models": None}, 200),
+    "quota-lowered": ({"max_requests": 5}, 2, {"max_requests": 2}, 429),
+    "quota-raised": ({"max_requests": 2}, 2, {"max_requests": 3}, 200),
+    "quota-set": ({"allowed_models": ["gpt-4o*"]}, 2, {"max_requests": 2}, 429),
+    "rpm-lowered": ({"rpm": 5}, 2, {"rpm": 2}, 429),
+    "rpm-raised": ({"rpm": 2}, 2, {"rpm": 3}, 200),
+    "budget-lowered": ({"budget_usd": 1}, 0, {"budget_usd": 0.000001}, 429),
+    "budget-raised": ({"budget_usd": 0.000001}, 0, {"budget_usd": 1}, 200),
+    # Its body was not priced: sent again (as the SDKs do with a 503), it is.
+    "budget-set": ({"max_requests": 9}, 0, {"budget_usd": 1}, 503),
+}
+CODES = {
+    403: ("model_not_allowed",),
+    429: ("quota_exceeded", "rate_limited", "budget_exceeded"),
+    503: ("limits_unavailable",),
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "chunked"),
+    [
+        (change, chunked)
+        for change, (limits, *_) in CHANGES.items()
+        # (A chunked body of a token whose models are not checked goes upstream as it comes,
+        # admitted before it arrives.)
+        for chunked in (
+            [False, True] if {"allowed_models", "budget_usd"} & set(limits) else [False]
+        )
+    ],
+)
+async def test_a_change_made_while_a_body_arrives_applies_to_its_request(
+    proxy: Proxy, change: str, chunked: bool
+) -> None:
+    # Revocation and expiry were checked again once the body was in, but not the token's models
+    # and limits: a request whose slow upload a PATCH overtook was decided by the token as it
+    # was when its head arrived (a model taken away still served, a quota lowered to what was
+    # used still admitted one more, and a model granted still refused).
+    limits, used, fields, expected = CHANGES[change]
+    issued = await proxy.issue_token(**limits)
+    token = issued["token"]
+    for _ in range(used):
+        assert (await post(proxy, token, chat("gpt-4o-mini")))[0] == 200
+    forwarded = len(proxy.upstream.requests)
+    response = await _sent_across(
+        proxy,
+        token,
+        chat("gpt-4o-mini"),
+        ("PATCH", f"/tokens/{issued['id']}", fields),
+        chunked=chunked,
+    )
+    answer = await response.json()
+    assert response.status == expected, answer
+    if expected == 200:
+        assert len(proxy.upstream.requests) == forwarded + 1
+        return
+    code = answer["error"]["code"]
+    assert code in CODES[expected]
+    assert len(proxy.upstream.requests) == forwarded
+    # The next request is answered as the change says, as this one now is.
+    status, _, again = await post(proxy, token, chat("gpt-4o-mini"))
+    if expected == 503:
+        assert status == 200
+    else:
+        assert (status, again["error"]["code"]) == (expected, code)
