@@ -111,6 +111,19 @@ _NULL: Final = b"null"
 _USAGE_KEY: Final = b"include_usage"
 
 
+_USAGE_NULL: Final = re.compile(rb'("include_usage"\s*:\s*)null')
+
+
+def _usage_nulls_set(options: bytes) -> bytes | None:
+    """A ``stream_options`` object's text whose every ``include_usage`` is null (the API's default,
+    as if absent) with each set to true; None when any is not null, or the text is not plain
+    enough to tell by a search: an escape, a nested object, the name spelled as a value."""
+    if options.find(b"\\") >= 0 or options.count(b"{") != 1:
+        return None
+    nulls_set, count = _USAGE_NULL.subn(rb"\1true", options)
+    return nulls_set if count and count == options.count(b'"include_usage"') else None
+
+
 class _Capture:
     """Raw text of a token that may straddle chunks, kept only up to a limit."""
 
@@ -157,7 +170,8 @@ class BodyInspector:
     ask for usage: `,"stream_options":{"include_usage":true}` goes before the final `}` when
     there is no top-level `stream_options`, or `"include_usage":true` goes first inside a
     `stream_options` object that lacks it, or a `stream_options` that is `null` (the OpenAI API's
-    default, as if absent) is replaced by `{"include_usage":true}`. Client-set `include_usage`,
+    default, as if absent) is replaced by `{"include_usage":true}`, and an `include_usage` that is
+    null is set to true. Client-set `include_usage`,
     a `stream_options` that is neither an object nor null, or one longer than
     `OPTIONS_HOLD_LIMIT` means no injection.
 
@@ -531,8 +545,13 @@ class BodyInspector:
         self._hold_kind = _HOLD_NONE
         self._emit = at + 1
         if self._options_has_usage or len(text) > OPTIONS_HOLD_LIMIT:
-            self._no_injection = True
-            self._out.append(text)
+            nulls_set = _usage_nulls_set(text) if len(text) <= OPTIONS_HOLD_LIMIT else None
+            if nulls_set is None:
+                self._no_injection = True
+                self._out.append(text)
+                return
+            self._out.append(nulls_set)
+            self._options_inserted = self.modified = True
             return
         insert = b'"include_usage":true,' if self._options_has_keys else b'"include_usage":true'
         self._out.append(text[:1] + insert + text[1:])
@@ -653,7 +672,7 @@ def ask_usage(body: bytes) -> bytes | None:
         return _NULL_OPTIONS.sub(rb"\1" + _OPTIONS_FOR_NULL, body, count=1)
     if (
         isinstance(options, dict)
-        and "include_usage" in options
+        and options.get("include_usage") is not None
         and b"\\u" not in body
         and body.count(b'"stream_options"') == 1
         and body.count(b'"include_usage"') == 1

@@ -384,7 +384,10 @@ def test_escaped_options_keys_are_recognised() -> None:
     [
         b'{"include_usage": true}',
         b'{"include_usage": false}',
-        b'{"a": 1, "include_usage": null}',
+        b'{"include_usage": null, "include_usage": false}',
+        b'{"include_\\u0075sage": null}',
+        b'{"include_usage": null, "a": {"b": 1}}',
+        b'{"include_usage": null, "a": "include_usage"}',
         b"[]",
         b'"x"',
         b"true",
@@ -420,6 +423,24 @@ def test_null_options_are_the_default_and_get_usage_in_their_place(body: bytes) 
     start = body.index(b"null")
     assert out == body[:start] + FOR_NULL + body[start + 4 :]
     assert orjson.loads(out) == {**orjson.loads(body), "stream_options": {"include_usage": True}}
+    assert inspector.usage_injected and inspector.modified and inspector.well_formed
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (b'{"include_usage": null}', b'{"include_usage": true}'),
+        (b'{"a": [1], "include_usage" :null}', b'{"a": [1], "include_usage" :true}'),
+        (
+            b'{"include_usage": null, "include_usage": null}',
+            b'{"include_usage": true, "include_usage": true}',
+        ),
+    ],
+)
+def test_include_usage_null_is_the_default_and_set_to_true(options: bytes, expected: bytes) -> None:
+    body = b'{"stream": true, "stream_options": ' + options + b', "n": 2}'
+    out, inspector = injected(body)
+    assert out == body.replace(options, expected)
     assert inspector.usage_injected and inspector.modified and inspector.well_formed
 
 
@@ -822,7 +843,10 @@ def test_mutated_bodies_never_raise_and_pass_through_unless_well_formed(
             b'{"stream":true,"stream_options":' + FOR_NULL + b',"m":"stream_options"}',
         ),
         (b'{"stream":true,"stream_options":{"include_usage":true}}', None),
-        (b'{"stream":true,"stream_options":{"include_usage":null,"x":1}}', None),
+        (
+            b'{"stream":true,"stream_options":{"include_usage":null,"x":1}}',
+            b'{"stream":true,"stream_options":{"include_usage":true,"x":1}}',
+        ),
         # Spelled twice, or once escaped: the inspector decides (orjson alone reads the last).
         (
             b'{"stream":true,"stream_options":{"x":1},'

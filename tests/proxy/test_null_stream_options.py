@@ -1,5 +1,6 @@
-"""``"stream_options": null`` is the OpenAI API's default, as if absent: the proxy asks a stream's
-usage for it as it does when they are absent, and the client sees the stream it asked for."""
+"""``"stream_options": null`` (or ``{"include_usage": null}``) is the OpenAI API's default, as if
+absent: the proxy asks a stream's usage for it as it does when they are absent, and the client sees
+the stream it asked for."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ OPTIONS = {
     "spaced-null": b'"stream_options" : \n null ',
     "null-first": b'"stream_options":null,"n":1',
     "empty": b'"stream_options":{}',
+    "usage-null": b'"stream_options":{"include_usage":null}',
 }
 
 
