@@ -420,7 +420,8 @@ class ProxyHandler:
                 # The token changed while the body was arriving (a slow upload): the request is
                 # held to the token as it is once its body is in, as the next request would be.
                 now = await self.authority.current(grant)
-                self._check_body(request, path, body, headers, checked, grant, now)
+                if too_large is None:  # (one too large is refused after the limits, unread)
+                    self._check_body(request, path, body, headers, checked, grant, now)
                 grant = now
                 exchange.tpm_limited = grant.tpm is not None
             admission = await self.authority.admit(grant, plan)
