@@ -636,3 +636,20 @@ async def test_a_change_made_while_a_body_arrives_applies_to_its_request(
         assert status == 200
     else:
         assert (status, again["error"]["code"]) == (expected, code)
+
+
+async def test_a_body_too_large_is_refused_for_its_size_whatever_changed_while_it_arrived(
+    proxy_factory: Any,
+) -> None:
+    # Read for its checks until it passed the limit, it has no models to check again: a change
+    # to the token's models meanwhile leaves it refused 413, not 503 for a body never whole.
+    proxy: Proxy = await proxy_factory(max_request_body_bytes=100_000)
+    issued = await proxy.issue_token(allowed_models=["gpt-4o*"])
+    body = chat("gpt-4o-mini", 150_000)
+    change = ("PATCH", f"/tokens/{issued['id']}", {"allowed_models": ["o4-mini"]})
+    response = await _sent_across(proxy, issued["token"], body, change, chunked=True)
+    assert (response.status, (await response.json())["error"]["code"]) == (
+        413,
+        "request_too_large",
+    )
+    assert proxy.upstream.requests == []
