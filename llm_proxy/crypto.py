@@ -97,6 +97,14 @@ def mask_key(key: str) -> str:
     return f"{key[:head]}…{key[len(key) - tail :]}"
 
 
+def same_length_mask(key: bytes) -> bytes:
+    """``key`` starred but for its first 3 and last 4 bytes (at most a third of it): as long as the
+    key, so that a masked body keeps its length and a masked head its framing."""
+    shown = min(7, len(key) // 3)
+    tail = min(4, shown)
+    return key[: shown - tail] + b"*" * (len(key) - shown) + key[len(key) - tail :]
+
+
 def redact(text: str) -> str:
     """Mask anything that looks like a token or key inside free text."""
     return _SECRET_LIKE.sub(lambda m: mask_key(m.group(0)), text)

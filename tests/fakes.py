@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import zlib
 from dataclasses import dataclass, field
 
+import brotli
 import orjson
+import zstandard
 from aiohttp import web
 from python_multipart import parse_form
 
@@ -90,7 +93,7 @@ async def _paced_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _gzip_json(request: web.Request) -> web.Response:
-    body = gzip.compress(b'{"compressed": true}')
+    body = gzip.compress(b'{"compressed": true}', mtime=0)
     return web.Response(
         body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
     )
@@ -161,6 +164,56 @@ async def _key_refused_in_pieces(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _encoded(body: bytes, coding: str) -> bytes:
+    if coding == "gzip":
+        return gzip.compress(body, mtime=0)
+    if coding == "deflate":
+        return zlib.compress(body)
+    if coding == "br":
+        return bytes(brotli.compress(body))
+    if coding == "zstd":
+        return zstandard.ZstdCompressor().compress(body)
+    return b"\x1f\x9d" + body[::-1]  # a coding nobody decodes (here: `compress`, LZW)
+
+
+async def _key_refused_encoded(request: web.Request) -> web.StreamResponse:
+    """The 401 quoting the key, in the content coding ``?coding=`` names (gzip by default); with
+    ``?pad=N``, N spaces after it (a body that decodes long); with ``?garbage=N``, N bytes that are
+    no coding at all; its body sent apart from its head, in two writes, with ``?pieces``."""
+    await request.read()
+    coding = request.query.get("coding", "gzip")
+    quote = orjson.dumps(
+        {"error": {"message": f"Invalid key: {request.headers.get('Authorization')}"}}
+    )
+    body = _encoded(quote + b" " * int(request.query.get("pad", "0")), coding)
+    if "garbage" in request.query:
+        body = b"x" * int(request.query["garbage"])
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    if "pieces" not in request.query:
+        return web.Response(status=401, body=body, headers=headers)
+    response = web.StreamResponse(status=401, headers=headers)
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    await asyncio.sleep(0.05)
+    await response.write(body[len(body) // 2 :])
+    return response
+
+
+async def _key_echoed(request: web.Request) -> web.Response:
+    """An answer of status ``?status=`` echoing the request's Authorization in a debug header,
+    and the key alone in another, as a misconfigured gateway in front of a provider might."""
+    authorization = request.headers.get("Authorization", "")
+    return web.json_response(
+        {"echoed": True},
+        status=int(request.query.get("status", "200")),
+        headers={
+            "X-Debug-Authorization": authorization,
+            "X-Debug-Key": f"key={authorization.removeprefix('Bearer ')}; seen",
+        },
+    )
+
+
 def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app = build_app(settings)
     app[UPSTREAM_LOG] = UpstreamLog()
@@ -175,6 +228,8 @@ def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app.router.add_post("/v1/files/mirror", _mirror)
     app.router.add_post("/v1/files/key-refused", _key_refused)
     app.router.add_post("/v1/files/key-refused-in-pieces", _key_refused_in_pieces)
+    app.router.add_post("/v1/files/key-refused-encoded", _key_refused_encoded)
+    app.router.add_get("/v1/files/key-echoed", _key_echoed)
     app.router.add_post("/v1/audio/transcriptions", _transcription)
     app.router.add_route("*", "/v1/moderations", _status_from_header)
     return app

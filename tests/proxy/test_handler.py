@@ -507,6 +507,62 @@ async def test_an_upstream_error_quoting_the_project_key_never_shows_it_to_the_c
     assert len(quoted) == len(UPSTREAM_KEY) and quoted.endswith(UPSTREAM_KEY[-4:])
 
 
+def masked(key: str) -> str:
+    """The same-length mask the client sees in place of the project's key."""
+    return key[:3] + "*" * (len(key) - 7) + key[-4:]
+
+
+@pytest.mark.parametrize("pieces", [False, True], ids=["with-head", "in-pieces"])
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+async def test_a_compressed_upstream_error_quoting_the_key_reaches_the_client_decoded_and_masked(
+    proxy: Proxy, coding: str, pieces: bool
+) -> None:
+    """SPEC §6: in a compressed error answer the key is not in the bytes to be masked. It is
+    decoded, masked, and sent without its coding, with a length of its own."""
+    token = await proxy.token()
+    path = f"/v1/files/key-refused-encoded?coding={coding}" + ("&pieces" if pieces else "")
+    response = await proxy.client.post(
+        path, json={"x": 1}, headers=bearer(token), auto_decompress=False
+    )
+    assert response.status == 401
+    body = await response.read()
+    assert "Content-Encoding" not in response.headers
+    assert response.headers["Content-Length"] == str(len(body))
+    assert UPSTREAM_KEY.encode() not in body
+    message = orjson.loads(body)["error"]["message"]
+    assert message == f"Invalid key: Bearer {masked(UPSTREAM_KEY)}"
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["coding=compress", "pad=2000000", "garbage=2000000&pieces", "coding=gzip&garbage=100"],
+    ids=["undecodable", "decodes-too-long", "too-long", "corrupt"],
+)
+async def test_a_compressed_upstream_error_that_cannot_be_read_is_refused_not_relayed(
+    proxy: Proxy, query: str
+) -> None:
+    """An error answer whose key cannot be looked for is not passed on with the key possibly in
+    it: the client gets the proxy's own upstream_unavailable, naming the upstream's status."""
+    token = await proxy.token()
+    response = await proxy.client.post(
+        f"/v1/files/key-refused-encoded?{query}",
+        json={"x": 1},
+        headers=bearer(token),
+        auto_decompress=False,
+    )
+    assert response.status == 502
+    body = await response.read()
+    assert "Content-Encoding" not in response.headers
+    assert UPSTREAM_KEY.encode() not in body
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "upstream_unavailable" and "(HTTP 401)" in error["message"]
+    # The proxy still answers on the same connection, and the upstream pool recovered.
+    again = await proxy.client.post(
+        "/v1/files/key-refused-encoded", json={"x": 1}, headers=bearer(token)
+    )
+    assert again.status == 401
+
+
 async def test_body_bytes_pass_through_unchanged_both_ways(proxy: Proxy) -> None:
     token = await proxy.token()
     payload = bytes(range(256)) * 4096  # 1 MiB, not JSON: never parsed
@@ -525,7 +581,10 @@ async def test_compressed_answers_are_relayed_compressed(proxy: Proxy) -> None:
         "/v1/files/gzip", headers=bearer(token), auto_decompress=False
     )
     assert response.headers["Content-Encoding"] == "gzip"
-    assert gzip.decompress(await response.read()) == b'{"compressed": true}'
+    # Byte for byte as the upstream sent it: a successful answer is never decoded.
+    sent = gzip.compress(b'{"compressed": true}', mtime=0)
+    assert await response.read() == sent
+    assert response.headers["Content-Length"] == str(len(sent))
 
 
 async def test_oversized_request_bodies_are_413(proxy_factory: Any) -> None:
