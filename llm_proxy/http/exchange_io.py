@@ -17,6 +17,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from llm_proxy import errors
+from llm_proxy.crypto import same_length_mask
 from llm_proxy.http.messages import RenderedFields
 
 if TYPE_CHECKING:
@@ -249,7 +250,12 @@ class ResponseWriter:
         elif self._http10:
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        return b"HTTP/1.1 %d %b\r\n%b" % (status, reason or _reason(status), b"".join(lines))
+        rendered = b"HTTP/1.1 %d %b\r\n%b" % (status, reason or _reason(status), b"".join(lines))
+        # One search of the whole head, reason phrase included, instead of a look at each field.
+        secret = head.secret
+        if secret and secret in rendered:
+            rendered = rendered.replace(secret, same_length_mask(secret))
+        return rendered
 
     def retract(self) -> bool:
         """Take back a head held for the first chunk (``start`` not streamed): True when nothing of

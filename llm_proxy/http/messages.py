@@ -55,12 +55,15 @@ class RenderedFields:
     other answers render theirs with :meth:`of`.
     """
 
-    __slots__ = ("has_date", "has_length", "lines")
+    __slots__ = ("has_date", "has_length", "lines", "secret")
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
         self.has_length = False  # a Content-Length field is among the lines
         self.has_date = False  # a Date field is among the lines
+        # Bytes that must not leave in the head (an upstream may echo the project's key in a
+        # field): masked, their length kept, wherever the rendered head holds them.
+        self.secret = b""
 
     @classmethod
     def of(cls, headers: list[tuple[bytes, bytes]]) -> RenderedFields:

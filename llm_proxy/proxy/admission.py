@@ -98,6 +98,9 @@ class Grant:
     # Answers carry LLM-Proxy-* headers about what is left (tokens with limits only).
     limited: bool = False
     expires_at_header: str = ""  # expires_at in RFC 3339, for LLM-Proxy-Token-Expires-At
+    # The project key alone (upstream_authorization without "Bearer "), masked wherever an answer
+    # quotes it; kept here so a request does not cut it out again. Never logged.
+    upstream_key: bytes = b""
     _models_seen: dict[str, bool] = field(default_factory=dict)
 
     def model_allowed(self, model: object) -> bool:
@@ -718,6 +721,7 @@ class TokenAuthority:
             STATS.token_cache_entries = len(self._by_hash)
             return None
         token = row.token
+        authorization = self._authorization(token.project_id, row.api_key_encrypted)
         grant = Grant(
             digest=digest,
             token_id=token.id,
@@ -726,7 +730,8 @@ class TokenAuthority:
             is_active=token.is_active,
             project_is_active=row.project_is_active,
             max_requests=token.max_requests,
-            upstream_authorization=self._authorization(token.project_id, row.api_key_encrypted),
+            upstream_authorization=authorization,
+            upstream_key=authorization.removeprefix(b"Bearer "),
             loaded_at=now,
             exhausted=token.max_requests is not None and token.request_count >= token.max_requests,
             allowed_models=token.allowed_models,

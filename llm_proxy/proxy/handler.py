@@ -647,15 +647,10 @@ class ProxyHandler:
             # its request never reached the upstream and counts for nothing.
             exchange.mark_sent if grant.limited else None,
         )
-        # Some OpenAI-compatible servers quote the key they refused: an error answer is masked
-        # where the proxy reads it (see _relay), and its event wherever the key shows.
-        key = None
-        if upstream.status >= 400:
-            key = exchange.upstream_key_to_mask = grant.upstream_authorization.removeprefix(
-                b"Bearer "
-            )
         try:
-            await self._relay(writer, upstream, exchange, request_id, reply_headers, key)
+            await self._relay(
+                writer, upstream, exchange, request_id, reply_headers, grant.upstream_key
+            )
         except errors.ProxyError:
             # The answer was refused (say, for a transfer coding other than chunked, which the
             # parser may still have framed as chunked): its connection is never pooled.
@@ -1002,12 +997,19 @@ class ProxyHandler:
         exchange: Exchange,
         request_id: bytes,
         reply_headers: Fields,
-        key: bytes | None,  # an error answer's project key, never shown (SPEC §6)
+        upstream_key: bytes,  # the project's key, never shown (SPEC §6)
     ) -> None:
         exchange.upstream_headers_at = now = time.perf_counter()
         exchange.status = upstream.status
-        # The head is rendered in the one pass that looks at each upstream field.
+        # The head is rendered in the one pass that looks at each upstream field; an upstream
+        # echoing the request's headers would show the key there (masked as the head is sent).
         head = RenderedFields()
+        head.secret = upstream_key
+        # Some OpenAI-compatible servers quote the key they refused: an error answer is masked
+        # where the proxy reads it, and its event wherever the key shows.
+        key = None
+        if upstream.status >= 400:
+            key = exchange.upstream_key_to_mask = upstream_key
         lines = head.lines
         fields = _RESPONSE_FIELDS
         named = None  # fields the upstream's Connection names, hop-by-hop like itself

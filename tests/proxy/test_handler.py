@@ -563,6 +563,25 @@ async def test_a_compressed_upstream_error_that_cannot_be_read_is_refused_not_re
     assert again.status == 401
 
 
+@pytest.mark.parametrize("status", [200, 401, 500])
+async def test_an_upstream_echoing_the_project_key_in_a_header_never_shows_it_to_the_client(
+    proxy: Proxy, status: int
+) -> None:
+    """SPEC §6, of any answer: an upstream (or a gateway before it) that echoes the request's
+    Authorization, or the key alone, in a header of its own has the key masked in it, its length
+    kept; the rest of the field and the body pass as they came."""
+    token = await proxy.token()
+    response = await proxy.client.get(
+        f"/v1/files/key-echoed?status={status}", headers=bearer(token)
+    )
+    assert response.status == status
+    key = UPSTREAM_KEY.encode()
+    assert not [(name, value) for name, value in response.raw_headers if key in value]
+    assert response.headers["X-Debug-Authorization"] == f"Bearer {masked(UPSTREAM_KEY)}"
+    assert response.headers["X-Debug-Key"] == f"key={masked(UPSTREAM_KEY)}; seen"
+    assert await response.json() == {"echoed": True}
+
+
 async def test_body_bytes_pass_through_unchanged_both_ways(proxy: Proxy) -> None:
     token = await proxy.token()
     payload = bytes(range(256)) * 4096  # 1 MiB, not JSON: never parsed
