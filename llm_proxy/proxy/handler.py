@@ -1058,7 +1058,7 @@ class ProxyHandler:
         plain: bytes | None = None  # a compressed error answer, decoded and masked
         if key is not None and exchange.response_content_encoding not in ("", "identity"):
             plain = await coded_errors.whole_body(upstream, upstream.status)
-            if plain:  # (an answer to HEAD has nothing to mask: it goes as it came)
+            if plain:  # (an empty body has nothing to mask: it goes as it came)
                 exchange.response_body.add(plain)  # (as it came: events decode and mask it)
                 coding = coded_errors.content_coding(upstream.headers)
                 plain = coded_errors.decoded(plain, coding, upstream.status)

@@ -563,6 +563,20 @@ async def test_a_compressed_upstream_error_that_cannot_be_read_is_refused_not_re
     assert again.status == 401
 
 
+async def test_an_empty_compressed_upstream_error_goes_as_it_came(proxy: Proxy) -> None:
+    """Nothing to decode or mask: not refused for want of a gzip stream to read."""
+    token = await proxy.token()
+    response = await proxy.client.post(
+        "/v1/files/key-refused-encoded?garbage=0",
+        json={"x": 1},
+        headers=bearer(token),
+        auto_decompress=False,
+    )
+    assert response.status == 401
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert await response.read() == b""
+
+
 @pytest.mark.parametrize("status", [200, 401, 500])
 async def test_an_upstream_echoing_the_project_key_in_a_header_never_shows_it_to_the_client(
     proxy: Proxy, status: int
