@@ -251,9 +251,10 @@ class ResponseWriter:
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
         rendered = b"HTTP/1.1 %d %b\r\n%b" % (status, reason or _reason(status), b"".join(lines))
-        # One search of the whole head, reason phrase included, instead of a look at each field.
+        # One search of the whole head, reason phrase included, instead of a look at each field
+        # (find, not `in`: bytes' `in` tries its operand as an integer first, twice the cost).
         secret = head.secret
-        if secret and secret in rendered:
+        if secret and rendered.find(secret) >= 0:
             rendered = rendered.replace(secret, same_length_mask(secret))
         return rendered
 
