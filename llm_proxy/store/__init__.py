@@ -189,7 +189,8 @@ class Store(Protocol):
     async def prune_changes(self, before: datetime, at_most: int) -> int:
         """Delete the oldest changes, made before ``before``, at most ``at_most`` of them; how
         many went. Only the feed's head goes (never a change after one that stays), and never
-        its newest change, which keeps the ids going on from where they were."""
+        the last change of the head that goes (a reader that read it missed nothing, whatever
+        gap follows its id), so never the newest change, which keeps the ids going on."""
         ...
 
     async def listen_changes(self, wake: Callable[[], None], connected: Callable[[], None]) -> None:

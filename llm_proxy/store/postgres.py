@@ -185,15 +185,19 @@ WHERE latest < $1 OR oldest > $1 + 1
 ORDER BY id
 """
 
-# The head of the feed up to its first change made since $1, within its $2 oldest changes, and
-# never its newest change: with none left, the ids would look as if they started again. Only the
-# head, so that a change stamped early by a clock behind the others never leaves a hole that a
-# reader past it could not tell from nothing.
+# The head of the feed up to its first change made since $1, within its $2 + 1 oldest changes,
+# but for the last change before that: a reader that read it missed nothing, and must not be told
+# to start over when the ids that follow it have a gap (a rolled-back change, a restart: the
+# sequence runs ahead). So the newest change always stays: with none left, the ids would look as
+# if they started again. Only the head, so that a change stamped early by a clock behind the
+# others never leaves a hole that a reader past it could not tell from nothing.
 _PRUNE_CHANGES = """
-WITH head AS (SELECT id, at FROM changes ORDER BY id LIMIT $2)
+WITH head AS (SELECT id, at FROM changes ORDER BY id LIMIT $2 + 1),
+boundary AS (
+    SELECT COALESCE((SELECT MIN(id) FROM head WHERE at >= $1), (SELECT MAX(id) FROM head) + 1) AS id
+)
 DELETE FROM changes
-WHERE id < COALESCE((SELECT MIN(id) FROM head WHERE at >= $1), (SELECT MAX(id) FROM head) + 1)
-  AND id < (SELECT MAX(id) FROM changes)
+WHERE id < (SELECT MAX(c.id) FROM changes c, boundary b WHERE c.id < b.id)
 """
 
 

@@ -146,16 +146,20 @@ SELECT CASE WHEN latest < ?1 THEN latest ELSE oldest - 1 END, NULL, NULL FROM (
 ORDER BY id
 """
 
-# The head of the feed up to its first change made since ?1, within its ?2 oldest changes, and
-# never its newest change: with none left, the ids would look as if they started again.
+# The head of the feed up to its first change made since ?1, within its ?2 + 1 oldest changes,
+# but for the last change before that: a reader that read it missed nothing, and must not be told
+# to start over when the ids that follow it have a gap (PostgreSQL's do, after a rolled-back change
+# or a restart). So the newest change always stays: with none left, the ids would look as if they
+# started again.
 # (No WITH: the sqlite3 module counts no rows for a statement that does not start with DELETE.)
 _PRUNE_CHANGES = """
 DELETE FROM changes
-WHERE id < COALESCE(
-        (SELECT MIN(id) FROM (SELECT id, at FROM changes ORDER BY id LIMIT ?2) WHERE at >= ?1),
-        (SELECT MAX(id) FROM (SELECT id FROM changes ORDER BY id LIMIT ?2)) + 1
+WHERE id < (
+    SELECT MAX(id) FROM changes WHERE id < COALESCE(
+        (SELECT MIN(id) FROM (SELECT id, at FROM changes ORDER BY id LIMIT ?2 + 1) WHERE at >= ?1),
+        (SELECT MAX(id) FROM (SELECT id FROM changes ORDER BY id LIMIT ?2 + 1)) + 1
     )
-  AND id < (SELECT MAX(id) FROM changes)
+)
 """
 
 P = ParamSpec("P")
