@@ -197,7 +197,7 @@ boundary AS (
     SELECT COALESCE((SELECT MIN(id) FROM head WHERE at >= $1), (SELECT MAX(id) FROM head) + 1) AS id
 )
 DELETE FROM changes
-WHERE id < (SELECT MAX(c.id) FROM changes c, boundary b WHERE c.id < b.id)
+WHERE id < (SELECT MAX(id) FROM changes WHERE id < (SELECT id FROM boundary))
 """
 
 
