@@ -101,7 +101,13 @@ class WorkerChanges:
                 self._evict(project_id, token_id)
             writer.write(_CONFIRMED)
             await writer.drain()
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+        except (
+            OSError,
+            TimeoutError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,  # a line longer than any message
+        ) as exc:
             log.warning("server.worker_change_unread", error=type(exc).__name__)
         finally:
             writer.close()

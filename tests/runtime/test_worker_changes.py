@@ -52,7 +52,8 @@ async def test_a_sibling_that_does_not_answer_holds_the_change_for_a_moment_only
     try:
         started = time.monotonic()
         await worker.tell(None, "token-1")
-        assert TELL_SECONDS <= time.monotonic() - started < TELL_SECONDS + 0.5
+        # Bounded, not forever (the upper bound leaves room for a loaded machine).
+        assert TELL_SECONDS <= time.monotonic() - started < TELL_SECONDS + 5
     finally:
         stalled.close()
 
@@ -62,8 +63,11 @@ async def test_a_message_that_is_no_change_evicts_nothing(tmp_path: Path) -> Non
     evicted: list[tuple[str | None, str | None]] = []
     worker = WorkerChanges(tmp_path, 1, 2)
     await worker.serve(lambda project_id, token_id: evicted.append((project_id, token_id)))
+    unhandled: list[dict[str, object]] = []  # what asyncio would log with a traceback
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: unhandled.append(context))
     try:
-        for message in (b"[1, 2]\n", b"{}\n", b"not json\n", b"[null]\n"):
+        oversized = b'["' + b"p" * 5000 + b'", null]\n'  # longer than any message
+        for message in (b"[1, 2]\n", b"{}\n", b"not json\n", b"[null]\n", oversized):
             reader, writer = await asyncio.open_unix_connection(
                 os.fsdecode(socket_path(tmp_path, 1))
             )
@@ -71,6 +75,8 @@ async def test_a_message_that_is_no_change_evicts_nothing(tmp_path: Path) -> Non
             async with asyncio.timeout(2):
                 assert await reader.read() == b""  # closed without a confirmation
             writer.close()
+        await asyncio.sleep(0.1)  # the handler's last steps run after the connection closed
     finally:
         await worker.close()
     assert evicted == []
+    assert unhandled == []  # each was refused with the worker's own warning, not a traceback
