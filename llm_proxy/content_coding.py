@@ -63,14 +63,24 @@ _ZSTD_PIECE = 256
 
 
 def _unzstd(raw: bytes, limit: int) -> tuple[bytes, bool]:
-    # Incremental, across frames, as a truncated capture holds whole blocks only.
-    decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+    # Incremental, frame after frame, as a truncated capture holds whole blocks only. A frame of its
+    # own each (not read_across_frames, whose eof stays False): a body that ends inside a frame
+    # yields its whole blocks and is said cut, as gzip's is, however much of it decoded.
     data = bytearray()
-    for at in range(0, len(raw), _ZSTD_PIECE):
-        data += decompressor.decompress(raw[at : at + _ZSTD_PIECE])
-        if len(data) >= limit:
-            return bytes(data[:limit]), True
-    return bytes(data), False
+    rest = raw
+    while True:
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        at = 0
+        while at < len(rest) and not decompressor.eof:
+            data += decompressor.decompress(rest[at : at + _ZSTD_PIECE])
+            at += _ZSTD_PIECE
+            if len(data) >= limit:
+                return bytes(data[:limit]), True
+        if not decompressor.eof:
+            return bytes(data), True
+        rest = decompressor.unused_data + rest[at:]
+        if not rest:
+            return bytes(data), False
 
 
 def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) -> Decoded:

@@ -15,6 +15,7 @@ import brotli
 import orjson
 import zstandard
 from aiohttp import web
+from multidict import CIMultiDict
 from python_multipart import parse_form
 
 from llm_proxy.tools.mock_upstream import MockSettings, build_app
@@ -176,10 +177,21 @@ def _encoded(body: bytes, coding: str) -> bytes:
     return b"\x1f\x9d" + body[::-1]  # a coding nobody decodes (here: `compress`, LZW)
 
 
+def _zstd_cut_in_key(body: bytes) -> bytes:
+    """``body`` in zstd, its first block ending inside the key, the frame cut in its second."""
+    middle = body.index(b"Bearer ") + 20
+    compressor = zstandard.ZstdCompressor().compressobj()
+    first = compressor.compress(body[:middle]) + compressor.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    second = compressor.compress(body[middle:]) + compressor.flush()
+    return first + second[:3]
+
+
 async def _key_refused_encoded(request: web.Request) -> web.StreamResponse:
     """The 401 quoting the key, in the content coding ``?coding=`` names (gzip by default); with
     ``?pad=N``, N spaces after it (a body that decodes long); with ``?garbage=N``, N bytes that are
-    no coding at all; its body sent apart from its head, in two writes, with ``?pieces``."""
+    no coding at all; with ``?cut``, a zstd body cut short after a block ending inside the key; with
+    ``?also=C``, a second Content-Encoding field C; its body sent apart from its head, in two
+    writes, with ``?pieces``."""
     await request.read()
     coding = request.query.get("coding", "gzip")
     quote = orjson.dumps(
@@ -188,7 +200,11 @@ async def _key_refused_encoded(request: web.Request) -> web.StreamResponse:
     body = _encoded(quote + b" " * int(request.query.get("pad", "0")), coding)
     if "garbage" in request.query:
         body = b"x" * int(request.query["garbage"])
-    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    if "cut" in request.query:
+        body = _zstd_cut_in_key(quote)
+    headers = CIMultiDict({"Content-Type": "application/json", "Content-Encoding": coding})
+    if "also" in request.query:
+        headers.add("Content-Encoding", request.query["also"])
     if "pieces" not in request.query:
         return web.Response(status=401, body=body, headers=headers)
     response = web.StreamResponse(status=401, headers=headers)

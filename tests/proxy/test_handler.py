@@ -563,6 +563,26 @@ async def test_a_compressed_upstream_error_that_cannot_be_read_is_refused_not_re
     assert again.status == 401
 
 
+async def test_a_zstd_upstream_error_cut_short_inside_the_key_is_refused_not_relayed(
+    proxy: Proxy,
+) -> None:
+    """A zstd body cut short decodes to the blocks it holds: one ending inside the key would show
+    the part of the key before the cut (the whole key alone is masked). It is refused as a cut
+    gzip body is."""
+    token = await proxy.token()
+    response = await proxy.client.post(
+        "/v1/files/key-refused-encoded?coding=zstd&cut",
+        json={"x": 1},
+        headers=bearer(token),
+        auto_decompress=False,
+    )
+    body = await response.read()
+    assert UPSTREAM_KEY[:12].encode() not in body
+    assert response.status == 502
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "upstream_unavailable" and "(HTTP 401)" in error["message"]
+
+
 async def test_an_empty_compressed_upstream_error_goes_as_it_came(proxy: Proxy) -> None:
     """Nothing to decode or mask: not refused for want of a gzip stream to read."""
     token = await proxy.token()
