@@ -1049,7 +1049,12 @@ class ProxyHandler:
                     # otherwise must still be relayed, filtered and recorded as one.
                     exchange.response_content_type = value.decode("latin-1").lower()
                 elif action == _CONTENT_ENCODING:
-                    exchange.response_content_encoding = value.decode("latin-1")
+                    # Two fields are one list, as clients read them: the last alone ("gzip" then
+                    # "identity") would pass a coded error answer as plain, its key unmasked.
+                    coding = value.decode("latin-1")
+                    if exchange.response_content_encoding:
+                        coding = f"{exchange.response_content_encoding}, {coding}"
+                    exchange.response_content_encoding = coding
                 else:  # _UPSTREAM_REQUEST_ID: returned unchanged, the provider support's key
                     exchange.upstream_request_id = value.decode("latin-1")
             lines += (name, b": ", value, b"\r\n")

@@ -583,6 +583,27 @@ async def test_a_zstd_upstream_error_cut_short_inside_the_key_is_refused_not_rel
     assert error["code"] == "upstream_unavailable" and "(HTTP 401)" in error["message"]
 
 
+async def test_a_compressed_upstream_error_with_a_second_coding_field_is_decoded_and_masked(
+    proxy: Proxy,
+) -> None:
+    """Two Content-Encoding fields are one list (gzip, identity): the body is gzip whatever the
+    last field says, and a client decodes it so; the key in it is masked all the same."""
+    token = await proxy.token()
+    response = await proxy.client.post(
+        "/v1/files/key-refused-encoded?coding=gzip&also=identity",
+        json={"x": 1},
+        headers=bearer(token),
+        auto_decompress=False,
+    )
+    assert response.status == 401
+    body = await response.read()
+    as_read = gzip.decompress(body) if body.startswith(b"\x1f\x8b") else body
+    assert UPSTREAM_KEY.encode() not in as_read
+    assert "Content-Encoding" not in response.headers
+    message = orjson.loads(body)["error"]["message"]
+    assert message == f"Invalid key: Bearer {masked(UPSTREAM_KEY)}"
+
+
 async def test_an_empty_compressed_upstream_error_goes_as_it_came(proxy: Proxy) -> None:
     """Nothing to decode or mask: not refused for want of a gzip stream to read."""
     token = await proxy.token()
