@@ -9,13 +9,13 @@ Rewritten whole and durably after every batch; removed once FILE was read to its
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-
-from llm_proxy.private_files import owner_only
 
 SUFFIX = ".replay-progress"
 
@@ -72,11 +72,21 @@ class ProgressFile:
                 "dead_letter": str(progress.dead_letter),
             }
         )
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with open(temporary, "wb", buffering=0, opener=owner_only) as handle:
-            handle.write(data)
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+        # A new file of its own (O_EXCL, 0600, a name nobody chose beforehand): a fixed name was
+        # opened as it stood, so a symlink planted there had the replay overwrite its target, and
+        # two replays of FILE wrote into one file.
+        handle, temporary = tempfile.mkstemp(
+            prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent
+        )
+        try:
+            with open(handle, "wb", buffering=0) as file:
+                file.write(data)
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
         directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(directory)

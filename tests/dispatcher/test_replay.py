@@ -470,3 +470,22 @@ def test_a_progress_file_of_another_file_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "is the progress of another file than" in result.output
     assert "to replay" in result.output and "from its start" in result.output
+
+
+def test_the_progress_file_is_never_written_through_a_link_planted_beside_it(
+    tmp_path: Path,
+) -> None:
+    # The progress was written to FILE.replay-progress.tmp, opened as it stood: a symlink planted
+    # there (in a dead-letter directory others can write) had the operator's replay overwrite the
+    # file it points to with its JSON, whatever that file was.
+    dead = dead_letters_of(tmp_path / "dead.jsonl", events(3))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "dead.jsonl.replay-progress.tmp").symlink_to(victim)
+    result = replay(
+        str(dead), "--service", "file", "--batch-size", "1", DATA_DIR=str(tmp_path / "data")
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 delivered" in result.output
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "dead.jsonl.replay-progress").exists()
