@@ -10,6 +10,7 @@ start-up error naming the variable.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -77,14 +78,30 @@ def configured_variables(context: click.Context) -> dict[str, bool]:
 def check_required(required: str | None, given: dict[str, bool]) -> None:
     """Raise SettingsError naming the first variable of ``required`` (comma-separated) that this
     start was not given; a name that is no variable of the command is refused too."""
-    for name in (part.strip() for part in (required or "").split(",")):
+    for place, name in enumerate((part.strip() for part in (required or "").split(",")), 1):
         if not name:
             continue
         if name not in given:
-            raise SettingsError(f"REQUIRED_SETTINGS: {name!r} is not a variable llm-proxy reads")
+            raise SettingsError(
+                f"REQUIRED_SETTINGS: {_shown(name, place)} is not a variable llm-proxy reads"
+            )
         if not given[name]:
             raise SettingsError(
                 f"{name}: unset or empty, and REQUIRED_SETTINGS requires it (this instance would"
                 " use one of its own, which no other instance shares); if it comes from a"
                 " Secret, give that key a value"
             )
+
+
+# What a variable's name looks like (HTTPS_PROXY, https_proxy): anything else may be a value.
+_NAME = re.compile(r"[A-Z][A-Z0-9_]*|[a-z][a-z0-9_]*")
+
+
+def _shown(entry: str, place: int) -> str:
+    """An entry that is no variable, named in the refusal only when it looks like a name (its
+    name alone for NAME=value): an env line pasted into the list, or a Secret's value templated
+    where its key's name belongs, would otherwise put the secret in the error and the logs."""
+    name, equals, _value = entry.partition("=")
+    if _NAME.fullmatch(name.strip()):
+        return repr(name.strip() + ("=…" if equals else ""))
+    return f"entry {place} (not shown: it is no name, and may be a value)"

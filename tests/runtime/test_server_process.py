@@ -831,3 +831,28 @@ def test_a_server_whose_log_reader_went_away_still_stops(tmp_path: Path, api_con
         if popen.poll() is None:
             popen.kill()
             popen.wait()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["DATABASE_URL=postgresql://app:pw-in-the-list@db/llm", "mgmt-pw-in-the-list"],
+    ids=["name=value", "a value alone"],
+)
+def test_a_required_settings_entry_that_is_no_name_is_refused_without_showing_it(
+    tmp_path: Path, api_config: Path, entry: str
+) -> None:
+    # An env line pasted into the list (NAME=value), or a Secret's value templated where its key's
+    # name belongs, was quoted whole in the refusal: the secret went to the terminal and the logs.
+    env = _start_env(
+        tmp_path / "data",
+        api_config,
+        listen=f"127.0.0.1:{free_port()}",
+        REQUIRED_SETTINGS=f"MANAGEMENT_TOKEN,{entry}",
+        MANAGEMENT_TOKEN="mgmt-given",
+    )
+    result = run_start_that_fails(env, "a REQUIRED_SETTINGS entry that is no name must stop")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("llm-proxy: REQUIRED_SETTINGS: "), line
+    assert "pw-in-the-list" not in line
+    assert not (tmp_path / "data").exists()
