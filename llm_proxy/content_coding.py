@@ -63,23 +63,27 @@ _ZSTD_PIECE = 256
 
 
 def _unzstd(raw: bytes, limit: int) -> tuple[bytes, bool]:
-    # Incremental, frame after frame, as a truncated capture holds whole blocks only. A frame of its
-    # own each (not read_across_frames, whose eof stays False): a body that ends inside a frame
-    # yields its whole blocks and is said cut, as gzip's is, however much of it decoded.
+    # Incremental, frame after frame, as a truncated capture holds whole blocks only. A
+    # decompressobj per frame (read_across_frames never says a frame ended): a body that ends
+    # inside one yields its whole blocks and is said cut, as gzip's is. Read by offsets, never by
+    # copying what is left: a body of tiny frames (1 MiB of empty ones) stays a linear pass.
+    context = zstandard.ZstdDecompressor()  # one per call: a context is not for two threads
     data = bytearray()
-    rest = raw
+    view = memoryview(raw)
+    start = 0
     while True:
-        decompressor = zstandard.ZstdDecompressor().decompressobj()
-        at = 0
-        while at < len(rest) and not decompressor.eof:
-            data += decompressor.decompress(rest[at : at + _ZSTD_PIECE])
-            at += _ZSTD_PIECE
+        decompressor = context.decompressobj()
+        at = start
+        while at < len(raw) and not decompressor.eof:
+            piece = view[at : at + _ZSTD_PIECE]
+            data += decompressor.decompress(piece)
+            at += len(piece)
             if len(data) >= limit:
                 return bytes(data[:limit]), True
         if not decompressor.eof:
             return bytes(data), True
-        rest = decompressor.unused_data + rest[at:]
-        if not rest:
+        start = at - len(decompressor.unused_data)
+        if start >= len(raw):
             return bytes(data), False
 
 

@@ -189,7 +189,7 @@ def _zstd_cut_in_key(body: bytes) -> bytes:
 async def _key_refused_encoded(request: web.Request) -> web.StreamResponse:
     """The 401 quoting the key, in the content coding ``?coding=`` names (gzip by default); with
     ``?pad=N``, N spaces after it (a body that decodes long); with ``?garbage=N``, N bytes that are
-    no coding at all; with ``?cut``, a zstd body cut short after a block ending inside the key; with
+    no coding at all; with ``?empty-frames``, 1 MiB of empty zstd frames; with ``?cut``, a zstd body cut short after a block ending inside the key; with
     ``?also=C``, a second Content-Encoding field C; its body sent apart from its head, in two
     writes, with ``?pieces``."""
     await request.read()
@@ -202,6 +202,9 @@ async def _key_refused_encoded(request: web.Request) -> web.StreamResponse:
         body = b"x" * int(request.query["garbage"])
     if "cut" in request.query:
         body = _zstd_cut_in_key(quote)
+    if "empty-frames" in request.query:  # 1 MiB of zstd frames that decode to nothing
+        frame = zstandard.ZstdCompressor().compress(b"")
+        body = frame * ((1 << 20) // len(frame))
     headers = CIMultiDict({"Content-Type": "application/json", "Content-Encoding": coding})
     if "also" in request.query:
         headers.add("Content-Encoding", request.query["also"])

@@ -583,6 +583,25 @@ async def test_a_zstd_upstream_error_cut_short_inside_the_key_is_refused_not_rel
     assert error["code"] == "upstream_unavailable" and "(HTTP 401)" in error["message"]
 
 
+async def test_a_zstd_upstream_error_of_many_tiny_frames_is_read_in_a_linear_pass(
+    proxy: Proxy,
+) -> None:
+    """Each frame is read on its own (so that one cut short is told): 1 MiB of empty frames, some
+    110,000, must not cost a copy of what is left per frame, which stalled every request of the
+    process for seconds."""
+    token = await proxy.token()
+    started = time.monotonic()
+    response = await proxy.client.post(
+        "/v1/files/key-refused-encoded?coding=zstd&empty-frames",
+        json={"x": 1},
+        headers=bearer(token),
+        auto_decompress=False,
+    )
+    assert response.status == 401
+    assert await response.read() == b""
+    assert time.monotonic() - started < 4.0
+
+
 async def test_a_compressed_upstream_error_with_a_second_coding_field_is_decoded_and_masked(
     proxy: Proxy,
 ) -> None:
