@@ -109,6 +109,10 @@ _COUNT_INLINE_BYTES = 1024
 # Streams whose usage the proxy asks for when the client did not (see usage_injection.py).
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _KEPT_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
+# The shortest project key masked in an answer's head. A shorter one is a placeholder (a local
+# server taking any key: "x", "1", "-"), no secret, and stands inside the head's own words: masked,
+# it broke the status line (HTTP/*.*), field names (Content*Length), media types (te*t/...).
+_HEAD_MASKED_KEY_MIN = 8
 # The fields of a compressed error answer that go when it is sent decoded (see coded_errors.py).
 _CODING_FIELDS = frozenset({b"content-encoding", b"content-length"})
 # What an oversized request of a budgeted token holds: the least anything costs, so that a budget
@@ -1004,7 +1008,8 @@ class ProxyHandler:
         # The head is rendered in the one pass that looks at each upstream field; an upstream
         # echoing the request's headers would show the key there (masked as the head is sent).
         head = RenderedFields()
-        head.secret = upstream_key
+        if len(upstream_key) >= _HEAD_MASKED_KEY_MIN:
+            head.secret = upstream_key
         # Some OpenAI-compatible servers quote the key they refused: an error answer is masked
         # where the proxy reads it, and its event wherever the key shows.
         key = None

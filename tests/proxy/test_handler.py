@@ -656,6 +656,39 @@ async def test_an_upstream_echoing_the_project_key_in_a_header_never_shows_it_to
     assert await response.json() == {"echoed": True}
 
 
+@pytest.mark.parametrize("key", ["1", "x", "-", "EMPTY"])
+async def test_a_short_placeholder_project_key_leaves_every_answer_head_as_it_came(
+    proxy: Proxy, key: str
+) -> None:
+    """A local OpenAI-compatible server (vLLM, Ollama, llama.cpp) takes any key, and a project is
+    often given a placeholder. Such a key is no secret to mask in a head, where it stands inside
+    the protocol's own words: masked, "1" broke the status line (HTTP/*.*), "-" every field name
+    (Content*Length), "x" the stream's media type (te*t/event-stream)."""
+    token = str((await proxy.issue_token(await proxy.create_project(api_key=key)))["token"])
+    response = await proxy.client.get("/v1/audio/paced?n=2&gap=0", headers=bearer(token))
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert (await response.read()).startswith(b"data: 0\n\ndata: 1\n\n")
+    models = await proxy.client.get("/v1/models", headers=bearer(token))
+    assert models.status == 200
+    assert models.headers["Content-Length"] == str(len(await models.read()))
+
+
+@pytest.mark.parametrize("status", [200, 401])
+async def test_a_key_of_eight_characters_echoed_in_a_header_is_masked(
+    proxy: Proxy, status: int
+) -> None:
+    """The shortest key still looked for in a head: anything a provider issues is longer."""
+    key = "k3y-8chr"
+    token = str((await proxy.issue_token(await proxy.create_project(api_key=key)))["token"])
+    response = await proxy.client.get(
+        f"/v1/files/key-echoed?status={status}", headers=bearer(token)
+    )
+    assert response.status == status
+    assert not [value for _name, value in response.raw_headers if key.encode() in value]
+    assert response.headers["X-Debug-Authorization"] == "Bearer ******hr"  # a third shown
+
+
 async def test_body_bytes_pass_through_unchanged_both_ways(proxy: Proxy) -> None:
     token = await proxy.token()
     payload = bytes(range(256)) * 4096  # 1 MiB, not JSON: never parsed
