@@ -42,11 +42,18 @@ class ProgressFile:
 
     def load(self) -> Progress | None:
         """The progress of an interrupted replay of FILE, or None when there is none."""
+        start_over = f"remove {self.path} to replay {self.file} from its start"
         try:
-            raw = self.path.read_bytes()
+            descriptor = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        start_over = f"remove {self.path} to replay {self.file} from its start"
+        with open(descriptor, "rb") as handle:
+            owner = os.fstat(handle.fileno()).st_uid
+            raw = handle.read()
+        if owner != os.geteuid():
+            # Another user's (in a directory others can write): it names the dead-letter file the
+            # replay appends to, which would be any file of this user's that it chose.
+            raise ProgressError(f"{self.path} is not this user's own: {start_over}")
         try:
             record = orjson.loads(raw)
             progress = Progress(

@@ -4,6 +4,7 @@ real fake backends (aiohttp apps) and to moto's CloudWatch Logs."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import stat
 import time
@@ -489,3 +490,37 @@ def test_the_progress_file_is_never_written_through_a_link_planted_beside_it(
     assert "3 delivered" in result.output
     assert victim.read_text() == "precious\n"
     assert not (tmp_path / "dead.jsonl.replay-progress").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file of another user's takes root")
+def test_a_progress_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    # The progress names the dead-letter file a resumed replay appends to: one put beside FILE by
+    # another user (a directory others can write) had the replay append events to a file of the
+    # operator's that it chose.
+    dead = dead_letters_of(tmp_path / "dead.jsonl", events(3))
+    chosen = tmp_path / "chosen.txt"
+    chosen.write_text("precious\n")
+    found = os.stat(dead)
+    planted = tmp_path / "dead.jsonl.replay-progress"
+    planted.write_bytes(
+        orjson.dumps(
+            {
+                "file": [found.st_dev, found.st_ino],
+                "offset": 0,
+                "line": 0,
+                "dead_letter": str(chosen),
+            }
+        )
+    )
+    os.chown(planted, 65534, 65534)
+    result = replay(
+        str(dead),
+        "--service",
+        "helicone",
+        HELICONE_API_KEY=HELICONE_KEY,
+        HELICONE_URL="http://127.0.0.1:9/custom/v1/log",
+        DATA_DIR=str(tmp_path),
+    )
+    assert result.exit_code == 2, result.output
+    assert "is not this user's own" in result.output
+    assert chosen.read_text() == "precious\n"
