@@ -437,7 +437,8 @@ def replay_command(
     (only created when something fails), so nothing is lost and that file is the one to replay
     next. Move FILE aside before replaying it if a dispatcher may still be adding to it. How far
     it got is kept in FILE.replay-progress after every batch: interrupted, the same command
-    resumes there, and nothing delivered is sent again.
+    resumes there, and nothing delivered is sent again. A second replay of FILE while one runs is
+    refused.
 
     Replaying an event the backend already has: Lunary keeps it once (run ids come from event
     ids); Helicone may log it twice (the event id is sent as Helicone-Request-Id); CloudWatch
@@ -456,6 +457,8 @@ def replay_command(
     backend = build_backend(service, BackendOptions(**backend_options), data_dir)
     progress = ProgressFile(file)
     try:
+        progress.claim()  # (released as the command ends: by close, or by the process's exit)
+        ctx.call_on_close(progress.release)
         start = progress.load()
     except ProgressError as exc:
         raise click.BadParameter(str(exc), param_hint="FILE") from None

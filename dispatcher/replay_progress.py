@@ -10,7 +10,9 @@ Rewritten whole and durably after every batch; removed once FILE was read to its
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +33,40 @@ class Progress:
     dead_letter: Path  # where what failed so far was written, and what fails next goes
 
 
+# The byte of FILE a replay locks (an open-file-description write lock, F_OFD_SETLK): far past
+# any end, so no reader or appender meets it, and apart from the flock() dispatchers append under.
+_CLAIMED_BYTE = 1 << 62
+
+
 class ProgressFile:
     def __init__(self, file: Path) -> None:
         self.file = file
         self.path = file.with_name(file.name + SUFFIX)
+        self._claim: int | None = None  # the descriptor holding the lock, while this replay runs
+
+    def claim(self) -> None:
+        """Stake this replay's claim to FILE, held until the process ends: a second replay of it
+        at once would send again what the first is sending, and both would write one progress.
+        A FILE this user may only read cannot be claimed: such a replay goes on unclaimed."""
+        try:
+            descriptor = os.open(self.file, os.O_RDWR)  # (a write lock needs it; nothing written)
+        except OSError:
+            return
+        lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _CLAIMED_BYTE, 1, 0)
+        try:
+            fcntl.fcntl(descriptor, fcntl.F_OFD_SETLK, lock)
+        except OSError:
+            os.close(descriptor)
+            raise ProgressError(
+                f"another replay of {self.file} is running: let it end, or stop it (Ctrl-C) and"
+                " run the same command again to resume"
+            ) from None
+        self._claim = descriptor
+
+    def release(self) -> None:
+        if self._claim is not None:
+            os.close(self._claim)
+            self._claim = None
 
     def _identity(self) -> list[int]:
         found = os.stat(self.file)

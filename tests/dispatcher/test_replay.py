@@ -524,3 +524,33 @@ def test_a_progress_file_of_another_user_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "is not this user's own" in result.output
     assert chosen.read_text() == "precious\n"
+
+
+@pytest.mark.process
+def test_a_second_replay_of_a_file_being_replayed_is_refused(tmp_path: Path) -> None:
+    # Two replays of one FILE at once (two operators, or one who thought the first had hung)
+    # each sent every event, and wrote their progress over each other's.
+    sent = events(6)
+    work = tmp_path / "work"
+    work.mkdir()
+    dead = dead_letters_of(work / "dead.jsonl", sent)
+    fake = FakeHelicone()
+    fake.delay = 0.2
+    with serving(fake.app) as url:
+        first = replay_process(dead, url, tmp_path / "logs", "first")
+        try:
+            wait_until(lambda: len(fake.logs) >= 1)
+            second = replay(
+                str(dead),
+                "--service",
+                "helicone",
+                HELICONE_API_KEY=HELICONE_KEY,
+                HELICONE_URL=url + "/custom/v1/log",
+            )
+            assert second.exit_code == 2, second.output
+            assert f"another replay of {dead} is running" in second.output
+            assert first.popen.wait(30) == 0, first.stderr
+        finally:
+            first.stop()
+        assert helicone_ids(fake) == [e["id"] for e in sent]  # each once
+    assert sorted(work.iterdir()) == [dead]
