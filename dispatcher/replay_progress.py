@@ -48,13 +48,16 @@ class ProgressFile:
         """Stake this replay's claim to FILE, held until the process ends: a second replay of it
         at once would send again what the first is sending, and both would write one progress.
         A FILE this user may only read cannot be claimed: such a replay goes on unclaimed."""
+        command = getattr(fcntl, "F_OFD_SETLK", None)  # Linux's; elsewhere a replay is unclaimed
+        if command is None:
+            return
         try:
             descriptor = os.open(self.file, os.O_RDWR)  # (a write lock needs it; nothing written)
         except OSError:
             return
         lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _CLAIMED_BYTE, 1, 0)
         try:
-            fcntl.fcntl(descriptor, fcntl.F_OFD_SETLK, lock)
+            fcntl.fcntl(descriptor, command, lock)
         except OSError:
             os.close(descriptor)
             raise ProgressError(
