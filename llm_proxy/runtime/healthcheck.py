@@ -13,6 +13,7 @@ import http.client
 import ipaddress
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -63,8 +64,30 @@ def probe_address(listen_addr: str) -> tuple[str, int]:
 
 def check_health(listen_addr: str, timeout: float) -> None:
     """``GET /health`` straight to the server (never through HTTP_PROXY, which is the upstream's
-    egress); raises Unhealthy unless it answers 200."""
+    egress); raises Unhealthy unless it answers 200 within ``timeout`` seconds in all.
+
+    A socket's timeout bounds each read, not the answer: a server dripping a byte a second would
+    hold the check until Docker killed it, with no word of why. So the request runs in a thread
+    the check stops waiting for."""
     host, port = probe_address(listen_addr)
+    failure: list[Unhealthy] = []
+
+    def ask() -> None:
+        try:
+            _ask(host, port, timeout)
+        except Unhealthy as exc:
+            failure.append(exc)
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(timeout)
+    if asking.is_alive():
+        raise Unhealthy(f"http://{host_port(host, port)}/health: no answer within {timeout:g} s")
+    if failure:
+        raise failure[0]
+
+
+def _ask(host: str, port: int, timeout: float) -> None:
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         connection.request("GET", "/health")

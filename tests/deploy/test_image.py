@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -209,6 +210,33 @@ def test_healthcheck_fails_when_nothing_listens_on_listen_addr(server: ServerPro
     result = run_healthcheck(LISTEN_ADDR=f"0.0.0.0:{free_port()}")
     assert result.returncode == 1
     assert "Connection refused" in result.stderr
+
+
+def test_healthcheck_gives_up_on_a_server_that_drips_its_answer() -> None:
+    # Each byte comes well within a socket timeout, the answer never: the check must still end
+    # within its own time, saying why, before Docker's 5 s timeout kills it without a word.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        stop = threading.Event()
+
+        def drip() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"x" * 100:
+                    if stop.wait(0.2):
+                        return
+                    connection.sendall(bytes([byte]))
+
+        dripping = threading.Thread(target=drip, daemon=True)
+        dripping.start()
+        try:
+            result = run_healthcheck(LISTEN_ADDR=f"127.0.0.1:{listener.getsockname()[1]}")
+        finally:
+            stop.set()
+            dripping.join(5)
+    assert result.returncode == 1
+    assert "no answer within 3 s" in result.stderr
 
 
 @pytest.mark.process
