@@ -83,6 +83,8 @@ class ProxyStats:
         self.change_feed_failures = 0
         self.change_push_connected = False
         self.change_push_reconnects = 0
+        # Management changes a sibling worker did not confirm in time (see worker_changes.py).
+        self.worker_changes_unconfirmed = 0
         # Budget holds: taken and refused; open while their requests run (settled afterwards by
         # the events pipeline).
         self.budget_holds = 0
@@ -190,6 +192,12 @@ class _ProxyCollector(Collector):
             "llm_proxy_change_push_reconnects",
             "Times the push channel of the change feed was lost or could not connect.",
             value=s.change_push_reconnects,
+        )
+        yield CounterMetricFamily(
+            "llm_proxy_worker_changes_unconfirmed",
+            "Management changes (with --workers) a sibling worker did not confirm evicting in "
+            "time; that worker learns them from the change feed instead, within a second.",
+            value=s.worker_changes_unconfirmed,
         )
         yield _counters(
             "llm_proxy_budget_holds",

@@ -25,6 +25,8 @@ from pathlib import Path
 import orjson
 import structlog
 
+from llm_proxy.stats import STATS
+
 log = structlog.get_logger(__name__)
 
 # What a worker does with a sibling's change: evict the project's or the token's cached grants.
@@ -130,7 +132,9 @@ class WorkerChanges:
                 finally:
                     writer.close()
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            STATS.worker_changes_unconfirmed += 1
             log.warning("server.worker_change_unconfirmed", worker=index, error=type(exc).__name__)
             return
         if answer != _CONFIRMED:
+            STATS.worker_changes_unconfirmed += 1
             log.warning("server.worker_change_unconfirmed", worker=index, error="bad answer")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llm_proxy.runtime.worker_changes import TELL_SECONDS, WorkerChanges, socket_path
 from llm_proxy.runtime.worker_metrics import prepare_sockets
+from llm_proxy.stats import STATS
 
 
 async def test_every_sibling_evicts_the_change_before_the_telling_returns(
@@ -49,11 +50,14 @@ async def test_a_sibling_that_does_not_answer_holds_the_change_for_a_moment_only
     stalled.bind(os.fsdecode(socket_path(tmp_path, 1)))
     stalled.listen(8)
     worker = WorkerChanges(tmp_path, 0, 3)
+    unconfirmed = STATS.worker_changes_unconfirmed
     try:
         started = time.monotonic()
         await worker.tell(None, "token-1")
         # Bounded, not forever (the upper bound leaves room for a loaded machine).
         assert TELL_SECONDS <= time.monotonic() - started < TELL_SECONDS + 5
+        # Counted on /metrics, one per sibling left unsure, not only logged.
+        assert STATS.worker_changes_unconfirmed == unconfirmed + 2
     finally:
         stalled.close()
 
