@@ -217,13 +217,11 @@ class TokenAuthority:
         it, as it would to the next request. The caller checks its body against that grant again
         when it is not the one it was given.
         """
-        current = self._by_hash.get(grant.digest)
-        if current is not grant:
+        if self._by_hash.get(grant.digest) is not grant:
             # A change evicted the grant since the check, while the request's body was arriving
             # (a slow upload): a token stopped meanwhile is not forwarded after the operator was
             # told it stopped, and new limits count it.
-            grant = current or await self._load_or_refuse(grant, grant.digest, time.monotonic())
-            self._refuse_unusable(grant)
+            grant = await self.current(grant)
         elif (now := time.monotonic()) - max(self._feed_read_at, grant.loaded_at) > (
             self._max_staleness
         ):
