@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import structlog
 
+from llm_proxy.runtime.worker_metrics import private_listener
 from llm_proxy.stats import STATS
 
 log = structlog.get_logger(__name__)
@@ -71,19 +71,15 @@ class WorkerChanges:
         """
         self._evict = evict
         path = socket_path(self._data_dir, self._index)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            path.unlink(missing_ok=True)
-            sock.bind(os.fsdecode(path))
-            path.chmod(0o600)
-            sock.listen(64)
-            sock.setblocking(False)
+            sock = private_listener(path)
+        except OSError as exc:
+            log.error("server.worker_changes_unavailable", path=str(path), error=exc.strerror)
+            return
+        try:
             self._server = await asyncio.start_unix_server(
                 self._received, sock=sock, limit=_MAX_MESSAGE
             )
-        except OSError as exc:
-            sock.close()
-            log.error("server.worker_changes_unavailable", path=str(path), error=exc.strerror)
         except BaseException:
             sock.close()
             raise

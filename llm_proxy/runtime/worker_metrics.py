@@ -49,6 +49,23 @@ def socket_path(data_dir: Path, index: int) -> Path:
     return data_dir / "run" / f"metrics-worker-{index}.sock"
 
 
+def private_listener(path: Path) -> socket.socket:
+    """A listening, non-blocking unix socket at ``path`` that only this user may connect to (0600,
+    in the 0700 run directory), replacing a stale one from an earlier run; closed if a step fails.
+    The metrics and the management changes of sibling workers each listen on one."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.unlink(missing_ok=True)
+        sock.bind(os.fsdecode(path))
+        path.chmod(0o600)
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def prepare_sockets(data_dir: Path, workers: int) -> None:
     """Create the sockets' directory (0700; DATA_DIR too when nothing created it yet, as one
     server would), once, before the workers start, without an earlier run's slot totals; fail
@@ -102,18 +119,14 @@ class WorkerPeers:
         A worker that cannot listen still serves requests; its siblings report it missing.
         """
         path = socket_path(self._data_dir, self.index)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            path.unlink(missing_ok=True)
-            sock.bind(os.fsdecode(path))
-            path.chmod(0o600)
-            sock.listen(64)
-            sock.setblocking(False)
+            sock = private_listener(path)
+        except OSError as exc:
+            log.error("server.worker_metrics_unavailable", path=str(path), error=exc.strerror)
+            return
+        try:
             loop = asyncio.get_running_loop()
             self._server = await loop.create_unix_server(lambda: _PageProtocol(page), sock=sock)
-        except OSError as exc:
-            sock.close()
-            log.error("server.worker_metrics_unavailable", path=str(path), error=exc.strerror)
         except BaseException:
             sock.close()
             raise
