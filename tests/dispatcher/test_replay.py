@@ -392,6 +392,30 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+def slow_replay_of(
+    tmp_path: Path, count: int, delay: float
+) -> tuple[list[Event], Path, FakeHelicone]:
+    """``count`` events dead-lettered in a directory of their own (the tests check FILE is all
+    it holds at the end) and a Helicone taking ``delay`` s a batch, for a replay to be caught
+    midway."""
+    sent = events(count)
+    work = tmp_path / "work"
+    work.mkdir()
+    fake = FakeHelicone()
+    fake.delay = delay
+    return sent, dead_letters_of(work / "dead.jsonl", sent), fake
+
+
+def replay_to_its_end(dead: Path, url: str, logs: Path) -> Process:
+    """A second replay of ``dead``, run until it exits 0."""
+    second = replay_process(dead, url, logs, "second")
+    try:
+        assert second.popen.wait(30) == 0, second.stderr
+    finally:
+        second.stop()
+    return second
+
+
 @pytest.mark.process
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_replay_resumes_after_what_it_delivered(
@@ -399,12 +423,7 @@ def test_an_interrupted_replay_resumes_after_what_it_delivered(
 ) -> None:
     # Interrupted, a replay once kept no record of what it had delivered: run again, it sent
     # all of FILE again, and Helicone, CloudWatch and the file store what they had twice.
-    sent = events(8)
-    work = tmp_path / "work"
-    work.mkdir()
-    dead = dead_letters_of(work / "dead.jsonl", sent)
-    fake = FakeHelicone()
-    fake.delay = 0.1
+    sent, dead, fake = slow_replay_of(tmp_path, 8, 0.1)
     with serving(fake.app) as url:
         first = replay_process(dead, url, tmp_path / "logs", "first")
         try:
@@ -417,32 +436,23 @@ def test_an_interrupted_replay_resumes_after_what_it_delivered(
         assert 3 <= len(delivered) < len(sent)
         assert delivered == [e["id"] for e in sent[: len(delivered)]]
         assert f"interrupted after line {len(delivered)} of {dead}" in first.stderr
-        assert (work / "dead.jsonl.replay-progress").exists()
+        assert (dead.parent / "dead.jsonl.replay-progress").exists()
 
-        second = replay_process(dead, url, tmp_path / "logs", "second")
-        try:
-            assert second.popen.wait(30) == 0, second.stderr
-        finally:
-            second.stop()
+        second = replay_to_its_end(dead, url, tmp_path / "logs")
     assert f"resuming {dead} after line {len(delivered)}" in second.stderr
     assert second.stdout.startswith(
         f"replayed {dead} to helicone: {len(sent) - len(delivered)} read,"
         f" {len(sent) - len(delivered)} delivered, 0 failed"
     )
     assert helicone_ids(fake) == [e["id"] for e in sent]  # each once, in order
-    assert sorted(work.iterdir()) == [dead]  # no progress left, and nothing failed
+    assert sorted(dead.parent.iterdir()) == [dead]  # no progress left, and nothing failed
 
 
 @pytest.mark.process
 def test_a_replay_killed_midway_sends_again_at_most_the_batch_it_was_sending(
     tmp_path: Path,
 ) -> None:
-    sent = events(8)
-    work = tmp_path / "work"
-    work.mkdir()
-    dead = dead_letters_of(work / "dead.jsonl", sent)
-    fake = FakeHelicone()
-    fake.delay = 0.1
+    sent, dead, fake = slow_replay_of(tmp_path, 8, 0.1)
     with serving(fake.app) as url:
         first = replay_process(dead, url, tmp_path / "logs", "first")
         try:
@@ -451,15 +461,11 @@ def test_a_replay_killed_midway_sends_again_at_most_the_batch_it_was_sending(
             first.popen.wait(15)
         finally:
             first.stop()
-        second = replay_process(dead, url, tmp_path / "logs", "second")
-        try:
-            assert second.popen.wait(30) == 0, second.stderr
-        finally:
-            second.stop()
+        replay_to_its_end(dead, url, tmp_path / "logs")
     ids = helicone_ids(fake)
     assert sorted(set(ids)) == sorted(e["id"] for e in sent)
     assert len(ids) <= len(sent) + 1  # the one batch in flight as it was killed, at most
-    assert sorted(work.iterdir()) == [dead]
+    assert sorted(dead.parent.iterdir()) == [dead]
 
 
 def test_a_progress_file_of_another_file_is_refused(tmp_path: Path) -> None:
@@ -530,12 +536,7 @@ def test_a_progress_file_of_another_user_is_refused(tmp_path: Path) -> None:
 def test_a_second_replay_of_a_file_being_replayed_is_refused(tmp_path: Path) -> None:
     # Two replays of one FILE at once (two operators, or one who thought the first had hung)
     # each sent every event, and wrote their progress over each other's.
-    sent = events(6)
-    work = tmp_path / "work"
-    work.mkdir()
-    dead = dead_letters_of(work / "dead.jsonl", sent)
-    fake = FakeHelicone()
-    fake.delay = 0.2
+    sent, dead, fake = slow_replay_of(tmp_path, 6, 0.2)
     with serving(fake.app) as url:
         first = replay_process(dead, url, tmp_path / "logs", "first")
         try:
@@ -553,4 +554,4 @@ def test_a_second_replay_of_a_file_being_replayed_is_refused(tmp_path: Path) -> 
         finally:
             first.stop()
         assert helicone_ids(fake) == [e["id"] for e in sent]  # each once
-    assert sorted(work.iterdir()) == [dead]
+    assert sorted(dead.parent.iterdir()) == [dead]
