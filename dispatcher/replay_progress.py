@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -65,6 +67,18 @@ class ProgressFile:
                 " run the same command again to resume"
             ) from None
         self._claim = descriptor
+        self._remove_strays()
+
+    def _remove_strays(self) -> None:
+        """Remove what a replay of FILE killed while saving its progress left: the temporary
+        file it was writing. Only with FILE claimed (no replay of it is saving now), and only
+        this user's own regular files (a link is removed, never followed)."""
+        pattern = glob.escape(self.path.name) + ".*.tmp"
+        for stray in self.path.parent.glob(pattern):
+            with contextlib.suppress(OSError):
+                found = stray.lstat()
+                if stat.S_ISREG(found.st_mode) and found.st_uid == os.geteuid():
+                    stray.unlink()
 
     def release(self) -> None:
         if self._claim is not None:

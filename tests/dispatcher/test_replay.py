@@ -468,6 +468,19 @@ def test_a_replay_killed_midway_sends_again_at_most_the_batch_it_was_sending(
     assert sorted(dead.parent.iterdir()) == [dead]
 
 
+@pytest.mark.process
+def test_a_replay_removes_the_progress_a_killed_one_was_saving(tmp_path: Path) -> None:
+    # Killed between creating its temporary progress file and renaming it, a replay left the
+    # file beside FILE for good, one more per kill.
+    sent, dead, fake = slow_replay_of(tmp_path, 2, 0.0)
+    stray = dead.parent / "dead.jsonl.replay-progress.k1ll3d.tmp"
+    stray.write_bytes(b'{"offset": 1')
+    with serving(fake.app) as url:
+        replay_to_its_end(dead, url, tmp_path / "logs")
+    assert helicone_ids(fake) == [e["id"] for e in sent]
+    assert sorted(dead.parent.iterdir()) == [dead]
+
+
 def test_a_progress_file_of_another_file_is_refused(tmp_path: Path) -> None:
     dead = dead_letters_of(tmp_path / "dead.jsonl", events(3))
     (tmp_path / "dead.jsonl.replay-progress").write_text(
