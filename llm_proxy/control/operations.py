@@ -70,6 +70,13 @@ class LimitChanges(TypedDict, total=False):
     allowed_models: Sequence[str] | None
 
 
+def _storable(field_value: str) -> str:
+    """A header value as text a database stores: the bytes of a field that are not UTF-8 come
+    decoded as lone surrogates (surrogateescape), which neither backend can encode; each becomes
+    U+FFFD, and the rest of the value is kept."""
+    return field_value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclass(frozen=True, slots=True)
 class Actor:
     """Who asked for a change, for the audit log."""
@@ -95,7 +102,7 @@ class Actor:
             details=details,
             # The caller's X-Request-ID, which may be a key filled in by mistake: the audit log
             # is shown whole (API, pages), so masked as an event's request_id is.
-            request_id=None if self.request_id is None else redact(self.request_id),
+            request_id=None if self.request_id is None else redact(_storable(self.request_id)),
             client_ip=self.client_ip,
         )
 
