@@ -53,6 +53,8 @@ _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 # An idle connection is given up this long before the upstream's announced Keep-Alive timeout: a
 # request sent nearer to it may cross the upstream's close on the way and be lost.
 _KEEP_ALIVE_MARGIN = 1.0
+# The most digits of a Keep-Alive timeout that may shorten the pool's expiry (decades of seconds).
+_MAX_KEEP_ALIVE_DIGITS = 9
 
 _Key = tuple[str, str, int]
 
@@ -587,7 +589,11 @@ class Http1Response:
                 if name.strip().lower() == b"timeout":
                     seconds = seconds.strip()
                     if seconds.isdigit():
-                        conn.keep_for = int(seconds) - _KEEP_ALIVE_MARGIN
+                        # int() refuses thousands of digits (the answer became a 500); past
+                        # _MAX_KEEP_ALIVE_DIGITS the timeout is longer than any pool's expiry.
+                        seconds = seconds.lstrip(b"0") or b"0"
+                        if len(seconds) <= _MAX_KEEP_ALIVE_DIGITS:
+                            conn.keep_for = int(seconds) - _KEEP_ALIVE_MARGIN
                     return
 
     def discard(self) -> None:

@@ -389,6 +389,25 @@ async def test_a_connection_near_the_upstreams_keep_alive_timeout_is_not_reused(
 
 
 @pytest.mark.parametrize(
+    "timeout", [b"9" * 5000, b"0" * 5000 + b"30"], ids=["endless", "leading zeros"]
+)
+async def test_a_keep_alive_timeout_of_thousands_of_digits_is_relayed_and_pooled(
+    upstream: Start, timeout: bytes
+) -> None:
+    # Past 4,300 digits int() refuses a number: the proxy answered its own 500 to an upstream's
+    # good answer, and logged a traceback.
+    async def long_keep_alive(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=%b\r\n" % timeout + OK[17:])
+
+    up = await upstream(long_keep_alive)
+    answer, _ = await up.get()
+    assert answer is not None and (answer["status"], answer["body"]) == (200, b"ok")
+    answer, _ = await up.get("/v1/models/ok")
+    assert answer is not None and answer["body"] == b"ok"
+    assert up.connections.opened == 1  # kept for the next request
+
+
+@pytest.mark.parametrize(
     ("status_line", "relayed"),
     [
         (b"HTTP/1.1 200 O\x00K", b"HTTP/1.1 200 OK\r\n"),
