@@ -216,9 +216,11 @@ async def open_tunnel(loop: asyncio.AbstractEventLoop, tunnel: Tunnel) -> socket
                 raise _refused("egress proxy sent an overlong answer to CONNECT")
         head, _, rest = answer.partition(b"\r\n\r\n")
         fields = head.split(b"\r\n", 1)[0].split(None, 2)
-        if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or not fields[1].isdigit():
+        # A status code is three digits (RFC 9110 §15): int() refuses thousands of them.
+        code = fields[1] if len(fields) >= 2 else b""
+        if len(code) != 3 or not code.isdigit() or not fields[0].startswith(b"HTTP/"):
             raise _refused("egress proxy sent an invalid answer to CONNECT")
-        status = int(fields[1])
+        status = int(code)
         if not 200 <= status < 300:
             # The standard phrase, not the proxy's: its reason text is not ours to repeat.
             try:

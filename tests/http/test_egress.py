@@ -481,8 +481,21 @@ async def test_connect_timeout_spans_the_connect_exchange_and_the_tls_handshake(
         (b"HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 200 OK\r\n", "data after accepting CONNECT"),
         (b"HTTP/1.1 599 Whatever\r\n\r\n", "refused CONNECT: 599$"),
         (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 3000, "overlong answer"),
+        # More digits than int() converts: a ValueError, which no caller expected (a 500).
+        (b"HTTP/1.1 " + b"2" * 5000 + b" OK\r\n\r\n", "invalid answer to CONNECT"),
+        (b"HTTP/1.1 0200 OK\r\n\r\n", "invalid answer to CONNECT"),
+        (b"\r\n\r\n", "invalid answer to CONNECT"),
     ],
-    ids=["closed", "garbage", "early-data", "odd-status", "overlong"],
+    ids=[
+        "closed",
+        "garbage",
+        "early-data",
+        "odd-status",
+        "overlong",
+        "endless-status",
+        "4-digits",
+        "empty",
+    ],
 )
 async def test_misbehaving_proxies_are_upstream_unavailable(
     connect_server: Callable[[ConnectHandler], Awaitable[int]], answer: bytes, problem: str
