@@ -106,7 +106,8 @@ _HOLD_OPTIONS_VALUE: Final = 3  # from the ':' after a top-level stream_options 
 _HOLD_AFTER_NULL: Final = 4  # from that ':' while its value null waits for a "stream" true
 
 _TAIL_INSERT: Final = b',"stream_options":{"include_usage":true}'
-_OPTIONS_FOR_NULL: Final = b'{"include_usage":true}'
+OPTIONS_FOR_NULL: Final = b'{"include_usage":true}'
+"""What a top-level ``stream_options`` null becomes in a body that streams."""
 _NULL: Final = b"null"
 _USAGE_KEY: Final = b"include_usage"
 
@@ -175,6 +176,15 @@ class BodyInspector:
     a `stream_options` that is neither an object nor null, or one longer than
     `OPTIONS_HOLD_LIMIT` means no injection.
 
+    A null is held back from its ``:`` until a ``"stream"`` shows, up to `OPTIONS_HOLD_LIMIT`.
+    A caller that can hold more (on disk: a client may send ``"stream": true`` after megabytes
+    of images) asks ``defer_null``: a null that outgrows the limit then goes out unchanged at
+    `null_at` in the output while `null_pending`, the caller holding the output from there on;
+    once decided, `null_replaced` tells whether its four bytes are to be sent as
+    `OPTIONS_FOR_NULL` instead (see `replace_deferred_null`); `modified` and `usage_injected`
+    then count that replacement as made. A caller that cannot hold a body (nor the rest of it
+    past a null) leaves ``defer_null`` off: such a null goes unchanged and nothing is injected.
+
     The insertion into `stream_options` goes out when that object closes, before the rest of
     the body is seen, so it can also reach a body that later turns out not to stream or not to
     be JSON; `modified` tells whether the output differs from the input.
@@ -193,6 +203,9 @@ class BodyInspector:
     stream: bool
     usage_injected: bool
     modified: bool
+    null_at: int
+    null_pending: bool
+    null_replaced: bool
 
     def __init__(
         self,
@@ -202,6 +215,7 @@ class BodyInspector:
         max_value_bytes: int = 4096,
         raw: frozenset[str] = frozenset(),
         max_raw_bytes: int = 1 << 20,
+        defer_null: bool = False,
     ) -> None:
         watch |= raw
         # results
@@ -211,6 +225,9 @@ class BodyInspector:
         self.stream = False
         self.usage_injected = False
         self.modified = False
+        self.null_at = -1
+        self.null_pending = False
+        self.null_replaced = False
         # configuration: raw (unescaped) top-level key -> what its value means
         self._inject = inject_usage
         self._roles: dict[bytes, int] = {name.encode(): _WATCHED for name in watch}
@@ -241,6 +258,7 @@ class BodyInspector:
         self._options_inserted = False
         self._options_null = False  # the value held from a stream_options key's ':' is null
         self._no_injection = False  # some stream_options rules injection out
+        self._defer_null = defer_null
         # output of the chunk being scanned
         self._chunk = b""
         self._out: list[bytes] = []
@@ -248,6 +266,7 @@ class BodyInspector:
         self._hold: bytearray | None = None
         self._hold_kind = _HOLD_NONE
         self._hold_start = 0
+        self._given = 0  # bytes output by feed() and finish() so far
 
     @property
     def injects_usage(self) -> bool:
@@ -257,6 +276,7 @@ class BodyInspector:
     def feed(self, chunk: bytes) -> bytes:
         """Take the next chunk; return the bytes that may go upstream now (possibly b"")."""
         if self._state == _BROKEN:
+            self._given += len(chunk)
             return chunk
         if not chunk:
             return b""
@@ -283,11 +303,19 @@ class BodyInspector:
             return tail
         if self._hold_kind == _HOLD_TAIL and self._hold is not None:
             self.usage_injected = self.modified = True
+            # (Past any null_at: a body without stream_options holds no null to defer.)
             tail += _TAIL_INSERT + bytes(self._hold)
             self._hold = None
         elif self._options_inserted and not self._no_injection:
             self.usage_injected = self.stream
         return tail
+
+    def replace_deferred_null(self, out: bytes) -> bytes:
+        """The whole output ``out`` with a deferred null replaced, when it is to be."""
+        if not self.null_replaced:
+            return out
+        at = self.null_at
+        return out[:at] + OPTIONS_FOR_NULL + out[at + len(_NULL) :]
 
     # scanning
 
@@ -411,6 +439,8 @@ class BodyInspector:
                 if self._hold_kind == _HOLD_AFTER_NULL:
                     # Repeated: which one an upstream keeps is its own choice; ask nothing.
                     self._give_up()
+                elif self.null_pending:
+                    self._null_decided(replace=False)
 
     def _begin_value(self, at: int) -> None:
         capture = self._value
@@ -479,8 +509,11 @@ class BodyInspector:
             if state != _AFTER_VALUE:
                 return False
             self._state = _KEY if stack[-1] == _LBRACE else _VALUE
-            if self._hold_kind >= _HOLD_OPTIONS_VALUE and len(stack) == 1:
-                self._settle_null(at, final=False)
+            if len(stack) == 1:
+                if self._hold_kind >= _HOLD_OPTIONS_VALUE:
+                    self._settle_null(at, final=False)
+                elif self.null_pending and self.stream:
+                    self._null_decided(replace=True)
         elif char == _COLON:
             if state != _AFTER_KEY:
                 return False
@@ -513,6 +546,8 @@ class BodyInspector:
                 self._state = _DONE
                 if self._hold_kind >= _HOLD_OPTIONS_VALUE:
                     self._settle_null(at, final=True)
+                elif self.null_pending:
+                    self._null_decided(replace=self.stream)
                 if self._inject and self.stream and not self._options_seen:
                     self._begin_hold(_HOLD_TAIL, at)
         return self._state != _BROKEN
@@ -572,11 +607,42 @@ class BodyInspector:
         if waits and self.stream:
             # The hold began right after the ':', so the null is its first token.
             start = len(text) - len(text.lstrip(_WS))
-            text = text[:start] + _OPTIONS_FOR_NULL + text[start + len(_NULL) :]
+            text = text[:start] + OPTIONS_FOR_NULL + text[start + len(_NULL) :]
             self._options_inserted = self.modified = True
+        elif self._hold_kind == _HOLD_AFTER_NULL and size > OPTIONS_HOLD_LIMIT:
+            self._defer(text, at)
+            if self.null_pending and (self.stream or final):
+                self._null_decided(replace=self.stream)
+            return
         elif self._options_null and size > OPTIONS_HOLD_LIMIT:
+            # (Padded past the limit before its member ended: seen as null in no other chunking.)
             self._no_injection = True
         self._let_go(at, text)
+
+    def _defer(self, text: bytes, at: int | None = None) -> None:
+        """A held null outgrew the hold: let ``text``, what was held (up to ``at`` in the chunk,
+        else to its end), go unchanged, the null left to the caller to replace when asked to
+        hold it (once: a second would need a second place held), else given up."""
+        if not self._defer_null or self.null_at >= 0:
+            self._no_injection = True
+        else:
+            start = len(text) - len(text.lstrip(_WS))
+            self.null_at = self._given + sum(map(len, self._out)) + start
+            self.null_pending = True
+        if at is None:
+            self._out.append(text)
+            self._hold = None
+            self._hold_kind = _HOLD_NONE
+        else:
+            self._let_go(at, text)
+
+    def _null_decided(self, *, replace: bool) -> None:
+        self.null_pending = False
+        self.null_replaced = replace
+        if replace:
+            self._options_inserted = self.modified = True
+        else:
+            self._no_injection = True
 
     # output
 
@@ -599,11 +665,16 @@ class BodyInspector:
             hold += chunk[self._hold_start :]
             self._hold_start = 0
             if len(hold) > OPTIONS_HOLD_LIMIT:
-                self._release()
+                if self._hold_kind == _HOLD_AFTER_NULL:
+                    self._defer(bytes(hold))
+                else:
+                    self._release()
         out = self._out
         self._out = []
         self._chunk = b""
-        return out[0] if len(out) == 1 else b"".join(out)
+        given = out[0] if len(out) == 1 else b"".join(out)
+        self._given += len(given)
+        return given
 
     def _let_go(self, at: int, text: bytes | None = None) -> None:
         """End a hold at ``at``: what it held goes out as ``text``, or unchanged."""
@@ -637,6 +708,8 @@ class BodyInspector:
         if self._hold is not None:
             self._emit = self._hold_start
         self._release()
+        if self.null_pending:
+            self._null_decided(replace=False)
 
 
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}'
@@ -669,7 +742,7 @@ def ask_usage(body: bytes) -> bytes | None:
         return body[:end] + _INCLUDE_USAGE + body[end:]
     if options is None and b"\\u" not in body and body.count(b'"stream_options"') == 1:
         # Spelled once and no escapes: that one is the top-level key, whose value is null.
-        return _NULL_OPTIONS.sub(rb"\1" + _OPTIONS_FOR_NULL, body, count=1)
+        return _NULL_OPTIONS.sub(rb"\1" + OPTIONS_FOR_NULL, body, count=1)
     if (
         isinstance(options, dict)
         and options.get("include_usage") is not None

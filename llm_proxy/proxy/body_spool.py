@@ -10,7 +10,7 @@ Writes to that file land in the page cache; they are the one blocking call on th
 from __future__ import annotations
 
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import IO
 
 MEMORY_BYTES = 1024 * 1024
@@ -20,11 +20,12 @@ _READ_BYTES = 256 * 1024
 class BodySpool:
     """Bytes written once, then read back once as an async iterable of chunks."""
 
-    __slots__ = ("_file", "_memory", "size")
+    __slots__ = ("_file", "_memory", "_replaced", "size")
 
     def __init__(self) -> None:
         self._memory: list[bytes] = []
         self._file: IO[bytes] | None = None
+        self._replaced: tuple[int, int, bytes] | None = None
         self.size = 0
 
     def write(self, data: bytes) -> None:
@@ -41,20 +42,44 @@ class BodySpool:
             self._file.writelines(self._memory)
             self._memory = []
 
+    def replace(self, at: int, length: int, text: bytes) -> None:
+        """Read the ``length`` bytes written at ``at`` back as ``text`` instead (once, after the
+        last write): a body's few bytes decided only once much more of it had come."""
+        self._replaced = (at, length, text)
+        self.size += len(text) - length
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         try:
-            if self._file is None:
-                for chunk in self._memory:
+            chunks = self._written()
+            if self._replaced is None:
+                for chunk in chunks:
                     yield chunk
                 return
-            self._file.seek(0)
-            while chunk := self._file.read(_READ_BYTES):
-                yield chunk
+            at, length, text = self._replaced
+            done = 0  # bytes of the written ones read so far
+            for chunk in chunks:
+                end = done + len(chunk)
+                if end <= at or done >= at + length:
+                    yield chunk
+                else:
+                    # (The replaced bytes may straddle chunks: each keeps its part outside them.)
+                    head = chunk[: max(at - done, 0)]
+                    tail = chunk[max(at + length - done, 0) :]
+                    yield head + text + tail if done <= at else tail
+                done = end
         finally:
             self.close()
+
+    def _written(self) -> Iterator[bytes]:
+        if self._file is None:
+            yield from self._memory
+            return
+        self._file.seek(0)
+        while chunk := self._file.read(_READ_BYTES):
+            yield chunk
 
     def close(self) -> None:
         self._memory = []

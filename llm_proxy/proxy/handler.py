@@ -35,6 +35,7 @@ from llm_proxy.proxy import coded_errors
 from llm_proxy.proxy.admission import Admission, Grant, TokenAuthority
 from llm_proxy.proxy.api_config import ApiProvider, normalise_path
 from llm_proxy.proxy.body_scan import (
+    OPTIONS_FOR_NULL,
     TOO_LARGE,
     BodyInspector,
     ask_usage,
@@ -48,6 +49,7 @@ from llm_proxy.proxy.form_scan import FormInspector, form_media_type
 from llm_proxy.proxy.metrics import MetricsSink
 from llm_proxy.proxy.stream_end import answered_whole
 from llm_proxy.proxy.tool_models import UnreadableTools, tool_models
+from llm_proxy.proxy.usage_asked import usage_asked
 from llm_proxy.store import Store
 
 log = structlog.get_logger(__name__)
@@ -236,16 +238,19 @@ def _without_fields(lines: list[bytes], named: AbstractSet[bytes]) -> list[bytes
     return kept
 
 
-def _inspector(watched: frozenset[str], grant: Grant, inject: bool) -> BodyInspector:
+def _inspector(
+    watched: frozenset[str], grant: Grant, inject: bool, *, whole: bool = False
+) -> BodyInspector:
     """A reader of a checked body; for a token limited to some models or budgeted, with its
     tools' text (see tool_models.py); for one whose streams must carry their usage, with its
-    stream_options' text."""
+    stream_options' text. With ``whole``, its caller holds the whole body (in memory or spooled)
+    and replaces a null stream_options the inspector could not hold (see body_scan.py)."""
     if grant.budget is not None:
-        return BodyInspector(watched, inject_usage=inject, raw=_PRICED_RAW)
+        return BodyInspector(watched, inject_usage=inject, raw=_PRICED_RAW, defer_null=whole)
     raw = _TOOLS if grant.allowed_models is not None else frozenset()
     if inject and grant.tpm is not None:
         raw |= _OPTIONS
-    return BodyInspector(watched, inject_usage=inject, raw=raw)
+    return BodyInspector(watched, inject_usage=inject, raw=raw, defer_null=whole)
 
 
 class _Checked(NamedTuple):
@@ -773,8 +778,8 @@ class ProxyHandler:
             and request.method == "POST"
             and exchange.path in _USAGE_PATHS
         )
-        inspector = _inspector(self._watched_and_cost, grant, inject)
-        passed = inspector.feed(data) + inspector.finish()
+        inspector = _inspector(self._watched_and_cost, grant, inject, whole=True)
+        passed = inspector.replace_deferred_null(inspector.feed(data) + inspector.finish())
         if not inspector.is_object:
             if not data:
                 return data, headers, None, None
@@ -823,15 +828,11 @@ class ProxyHandler:
             yield chunk
 
     async def _injecting(self, request: ProxyRequest, exchange: Exchange) -> AsyncIterator[bytes]:
-        inspector = BodyInspector(inject_usage=True)
-        async for chunk in self._stream_body(request, exchange):
-            passed = inspector.feed(chunk)
-            if passed:
-                yield passed
-        tail = inspector.finish()
+        inspector = BodyInspector(inject_usage=True, defer_null=True)
+        async for passed in usage_asked(self._stream_body(request, exchange), inspector):
+            yield passed
+        # (The upstream client reads a body to its end before it reads the answer.)
         exchange.usage_injected = inspector.usage_injected
-        if tail:
-            yield tail
 
     async def _spooled(
         self,
@@ -844,13 +845,15 @@ class ProxyHandler:
         form: FormInspector | None,
     ) -> tuple[Body, Fields, _Checked]:
         spool = BodySpool()
-        inspector = _inspector(watched, grant, inject)
+        inspector = _inspector(watched, grant, inject, whole=True)
         try:
             async for chunk in self._stream_body(request, exchange):
                 spool.write(inspector.feed(chunk))
                 if form is not None:
                     form.feed(chunk)
             spool.write(inspector.finish())
+            if inspector.null_replaced:
+                spool.replace(inspector.null_at, len(b"null"), OPTIONS_FOR_NULL)
             if form is not None:
                 form.finish()
             checked = _Checked(inspector, form, not spool.size)

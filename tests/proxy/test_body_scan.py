@@ -477,6 +477,93 @@ def test_null_options_padded_past_the_hold_limit_go_unchanged() -> None:
     assert out == body and not inspector.usage_injected and inspector.well_formed
 
 
+def deferring(chunks: Sequence[bytes], **options: Any) -> tuple[bytes, BodyInspector]:
+    """What a caller that holds a deferred null (as usage_asked.py does) sends upstream."""
+    inspector = BodyInspector(inject_usage=True, defer_null=True, **options)
+    out = bytearray()
+    fed = 0
+    for chunk in chunks:
+        out += inspector.feed(chunk)
+        fed += len(chunk)
+        # The inspector itself holds no more than its limit, whatever it defers.
+        assert fed - len(out) <= OPTIONS_HOLD_LIMIT
+    out += inspector.finish()
+    assert not inspector.null_pending
+    return inspector.replace_deferred_null(bytes(out)), inspector
+
+
+def some_chunkings(body: bytes, around: Sequence[int]) -> Iterator[list[bytes]]:
+    """The body whole, in sizes a socket reads, byte by byte, and cut at and near the offsets."""
+    yield [body]
+    for size in (1, 1000, 4096, 65_536, 65_537):
+        yield [body[i : i + size] for i in range(0, len(body), size)]
+    for at in around:
+        for cut in range(max(at - 3, 0), min(at + 4, len(body) + 1)):
+            yield [body[:cut], body[cut:]]
+
+
+LATE = b'{"stream_options" : null ,"model":"m","messages":[{"content":"%s"}],"stream":%s}'
+
+
+@pytest.mark.parametrize("padding", [OPTIONS_HOLD_LIMIT - 64, OPTIONS_HOLD_LIMIT, 300_000])
+def test_null_options_get_usage_in_their_place_however_late_the_stream_true(padding: int) -> None:
+    # A client that sends stream_options null first and "stream": true after megabytes of
+    # images: past the hold limit the null went unchanged, and a tpm or budget token refused it.
+    body = LATE % (b"x" * padding, b"true")
+    null = body.index(b"null")
+    expected = body[:null] + FOR_NULL + body[null + 4 :]
+    marks = (null, null + 4, body.index(b"true"), len(body) - 1, OPTIONS_HOLD_LIMIT)
+    for chunks in some_chunkings(body, marks):
+        out, inspector = deferring(chunks, watch=frozenset({"model"}))
+        assert out == expected, [len(chunk) for chunk in chunks]
+        assert inspector.usage_injected and inspector.modified and inspector.well_formed
+        assert inspector.values == {"model": ["m"]}
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b'"stream":false}',
+        b'"n":1}',
+        b'"stream_options":null,"stream":true}',
+        b'"stream_options":{},"stream":true}',
+        b'"stream":true',
+    ],
+)
+def test_null_options_past_the_hold_limit_of_a_body_that_does_not_stream_go_unchanged(
+    tail: bytes,
+) -> None:
+    # (The API refuses stream_options on a request that does not stream; repeated, which one
+    # an upstream keeps is its own choice.)
+    body = b'{"stream_options":null,"messages":"%s",%s' % (b"x" * 100_000, tail)
+    for chunks in some_chunkings(body, (body.index(b"null"), len(body) - len(tail))):
+        out, inspector = deferring(chunks)
+        assert out == body and not inspector.usage_injected and not inspector.null_replaced
+
+
+def test_null_options_past_the_hold_limit_are_replaced_only_for_a_caller_that_holds_them() -> None:
+    body = LATE % (b"x" * 100_000, b"true")
+    out, inspector = feed_all([body[:1000], body[1000:]], inject_usage=True)
+    assert out == body and not inspector.usage_injected and inspector.null_at == -1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"stream":true,"stream_options":null' + b" " * OPTIONS_HOLD_LIMIT + b',"n":1}',
+        b'{"stream_options":' + b" " * OPTIONS_HOLD_LIMIT + b'null,"stream":true}',
+    ],
+)
+def test_null_options_padded_past_the_hold_limit_go_unchanged_even_to_a_caller_that_holds_them(
+    body: bytes,
+) -> None:
+    # (Until the member ends a null is not known to be one in every chunking: no deferring it.)
+    null = body.index(b"null")
+    for chunks in some_chunkings(body, (null, null + 4)):
+        out, inspector = deferring(chunks)
+        assert out == body and not inspector.usage_injected
+
+
 def test_every_options_object_without_include_usage_gets_it() -> None:
     body = b'{"stream_options": {}, "stream": true, "stream_options": {"a": 1}}'
     out, inspector = injected(body)
@@ -758,6 +845,35 @@ def test_generated_bodies_reassemble_decode_and_inject(
         **final,
         "stream_options": {**expected_options, "include_usage": True},
     }
+
+
+PAD_KEY = b'"a long member"'
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    case=bodies(),
+    where=st.integers(0, 8),
+    cuts=st.lists(st.integers(0, OPTIONS_HOLD_LIMIT + 4000), max_size=8),
+)
+def test_generated_bodies_with_a_long_member_are_sent_as_with_a_short_one(
+    case: tuple[list[tuple[str, object]], bytes, list[bytes]], where: int, cuts: list[int]
+) -> None:
+    members, _, raws = case
+    rendered = [orjson.dumps(key) + b":" + raw for (key, _), raw in zip(members, raws, strict=True)]
+    where = min(where, len(rendered))
+
+    def body_with(pad: bytes) -> bytes:
+        padded = [*rendered[:where], PAD_KEY + b':"' + pad + b'"', *rendered[where:]]
+        return b"{" + b",".join(padded) + b"}"
+
+    long = b"A" * OPTIONS_HOLD_LIMIT
+    watch = frozenset({"model", "stream"})
+    short_out, short = feed_all([body_with(b"A")], inject_usage=True, watch=watch)
+    out, inspector = deferring(chunked(body_with(long), cuts), watch=watch)
+    assert out == short_out.replace(PAD_KEY + b':"A"', PAD_KEY + b':"' + long + b'"')
+    assert inspector.usage_injected is short.usage_injected
+    assert inspector.values == short.values
 
 
 MUTATION_BYTES = b'{}[],:"\\ \n0123456789eE.-+tfnrulsax'

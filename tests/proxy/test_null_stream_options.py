@@ -5,6 +5,7 @@ the stream it asked for."""
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,61 @@ async def test_options_null_in_a_request_that_does_not_stream_go_upstream_unchan
         assert response.status == 200
         assert b'"usage":{' in await response.read()
         assert proxy.upstream.last.body == body
+
+
+def late_stream_body(stream: bytes) -> bytes:
+    """A body as some clients and frameworks serialise it: stream_options null first, then
+    megabytes of messages (here words, an image's worth), then stream last."""
+    text = b"lorem ipsum " * 300_000
+    message = b'{"role":"user","content":"' + text + b'"}'
+    return (
+        b'{"stream_options":null,"model":"gpt-4o-mini","messages":['
+        + message
+        + b'],"stream":'
+        + stream
+        + b"}"
+    )
+
+
+async def _in_socket_reads(body: bytes) -> AsyncIterator[bytes]:
+    for at in range(0, len(body), 65_536):
+        yield body[at : at + 65_536]
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("limits", ["unlimited", "tpm", "budget", "models"])
+async def test_a_stream_that_says_so_after_megabytes_has_its_null_options_replaced(
+    proxy: Proxy, tmp_path: Path, limits: str, framing: str
+) -> None:
+    # Past 64 KiB held after the null, the null went upstream unchanged: a tpm or budget token
+    # refused the stream 400, telling the client to set include_usage it had not touched; an
+    # unlimited one served it without usage, its tokens estimated.
+    issued = await proxy.issue_token(**LIMITS[limits])
+    body = late_stream_body(b"true")
+    data = _in_socket_reads(body) if framing == "chunked" else io.BytesIO(body)
+    headers = {"Authorization": f"Bearer {issued['token']}", "Content-Type": "application/json"}
+    response = await proxy.client.post("/v1/chat/completions", data=data, headers=headers)
+    text = await response.read()
+    assert response.status == 200, text
+    null = body.index(b"null")
+    assert proxy.upstream.last.body == body[:null] + b'{"include_usage":true}' + body[null + 4 :]
+    assert b"usage" not in text and text.endswith(b"data: [DONE]\n\n")
+    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+    assert event["usage"]["source"] == "upstream"
+    assert event["usage"]["prompt_tokens"] >= 1 and event["usage"]["completion_tokens"] >= 1
+    if limits == "budget":
+        assert await spent(proxy, issued["id"]) == pytest.approx(event["cost_usd"])
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("limits", ["unlimited", "tpm", "budget", "models"])
+async def test_megabytes_that_do_not_stream_keep_their_null_options(
+    proxy: Proxy, limits: str, framing: str
+) -> None:
+    token = await proxy.token(**LIMITS[limits])
+    body = late_stream_body(b"false")
+    data = _in_socket_reads(body) if framing == "chunked" else io.BytesIO(body)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    response = await proxy.client.post("/v1/chat/completions", data=data, headers=headers)
+    assert response.status == 200, await response.read()
+    assert proxy.upstream.last.body == body
