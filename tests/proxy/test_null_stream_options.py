@@ -71,8 +71,6 @@ async def spent(proxy: Proxy, token_id: str) -> float:
         for options in OPTIONS
         for framing in ("whole", "chunked", "large")
         if path == "/v1/chat/completions" or options == "null"
-        # (A null is held until a stream true shows, up to OPTIONS_HOLD_LIMIT: not past 70 KB.)
-        if (options, framing) != ("null-first", "large")
     ],
 )
 @pytest.mark.parametrize("limits", list(LIMITS))
@@ -172,3 +170,19 @@ async def test_megabytes_that_do_not_stream_keep_their_null_options(
     response = await proxy.client.post("/v1/chat/completions", data=data, headers=headers)
     assert response.status == 200, await response.read()
     assert proxy.upstream.last.body == body
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_megabytes_with_null_options_refused_for_their_model_never_reach_the_upstream(
+    proxy: Proxy, framing: str
+) -> None:
+    # (While the null waits for "stream", the rest is held: a refusal still comes before any of
+    # the body goes upstream.)
+    token = await proxy.token(**LIMITS["models"])
+    body = late_stream_body(b"true").replace(b'"gpt-4o-mini"', b'"gpt-4o"', 1)
+    data = _in_socket_reads(body) if framing == "chunked" else io.BytesIO(body)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    response = await proxy.client.post("/v1/chat/completions", data=data, headers=headers)
+    assert response.status == 403
+    assert (await response.json())["error"]["code"] == "model_not_allowed"
+    assert proxy.upstream.requests == []
