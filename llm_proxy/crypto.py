@@ -97,6 +97,14 @@ def mask_key(key: str) -> str:
     return f"{key[:head]}…{key[len(key) - tail :]}"
 
 
+def mask_key_start(key: str, kept: int) -> str:
+    """``sk-ab…``: what shows of ``key`` where a text cut it after its first ``kept`` characters,
+    no more of its start than :func:`mask_key` shows, and nothing past it."""
+    shown = len(key) // _SHOWN_SHARE
+    head = min(5, shown - min(4, shown), kept)
+    return f"{key[:head]}…"
+
+
 def same_length_mask(key: bytes) -> bytes:
     """``key`` starred but for its first 3 and last 4 bytes (at most a third of it): as long as the
     key, so that a masked body keeps its length and a masked head its framing."""

@@ -151,16 +151,22 @@ async def _key_refused(request: web.Request) -> web.Response:
 
 
 async def _key_refused_in_pieces(request: web.Request) -> web.StreamResponse:
-    """The same 401, its body sent in two writes that cut the key in two."""
+    """The same 401, its body sent in two writes that cut the key in two (after its first
+    ``?cut=N`` characters, 8 by default); with ``?drop``, the connection closed instead of the
+    second write."""
     body = orjson.dumps(
         {"error": {"message": f"Invalid key: {request.headers.get('Authorization')}"}}
     )
-    cut = body.index(b"Bearer ") + 15
+    cut = body.index(b"Bearer ") + len(b"Bearer ") + int(request.query.get("cut", "8"))
     response = web.StreamResponse(status=401, headers={"Content-Type": "application/json"})
     response.content_length = len(body)
     await response.prepare(request)
     await response.write(body[:cut])
     await asyncio.sleep(0.05)
+    if "drop" in request.query:
+        assert request.transport is not None
+        request.transport.close()
+        return response
     await response.write(body[cut:])
     return response
 
@@ -177,21 +183,31 @@ def _encoded(body: bytes, coding: str) -> bytes:
     return b"\x1f\x9d" + body[::-1]  # a coding nobody decodes (here: `compress`, LZW)
 
 
-def _zstd_cut_in_key(body: bytes) -> bytes:
-    """``body`` in zstd, its first block ending inside the key, the frame cut in its second."""
-    middle = body.index(b"Bearer ") + 20
-    compressor = zstandard.ZstdCompressor().compressobj()
-    first = compressor.compress(body[:middle]) + compressor.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-    second = compressor.compress(body[middle:]) + compressor.flush()
-    return first + second[:3]
+def split_in_key(body: bytes, coding: str, kept: int) -> tuple[bytes, bytes]:
+    """``body`` in ``coding`` as two parts, the first decoding on its own to ``body`` up to the
+    first ``kept`` characters of the key it quotes (a zstd block, a flushed deflate or brotli
+    stream ends there)."""
+    middle = body.index(b"Bearer ") + len(b"Bearer ") + kept
+    if coding == "zstd":
+        zstd = zstandard.ZstdCompressor().compressobj()
+        first = zstd.compress(body[:middle]) + zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return first, zstd.compress(body[middle:]) + zstd.flush()
+    if coding == "br":
+        br = brotli.Compressor()
+        first = br.process(body[:middle]) + br.flush()
+        return first, br.process(body[middle:]) + br.finish()
+    deflate = zlib.compressobj(wbits=31 if coding == "gzip" else zlib.MAX_WBITS)
+    first = deflate.compress(body[:middle]) + deflate.flush(zlib.Z_SYNC_FLUSH)
+    return first, deflate.compress(body[middle:]) + deflate.flush()
 
 
 async def _key_refused_encoded(request: web.Request) -> web.StreamResponse:
     """The 401 quoting the key, in the content coding ``?coding=`` names (gzip by default); with
     ``?pad=N``, N spaces after it (a body that decodes long); with ``?garbage=N``, N bytes that are
-    no coding at all; with ``?empty-frames``, 1 MiB of empty zstd frames; with ``?cut``, a zstd body cut short after a block ending inside the key; with
-    ``?also=C``, a second Content-Encoding field C; its body sent apart from its head, in two
-    writes, with ``?pieces``."""
+    no coding at all; with ``?empty-frames``, 1 MiB of empty zstd frames; with ``?cut=N``, a body
+    cut short just after its first part ends N characters into the key (13 when N is not given;
+    see split_in_key), with ``?split=N`` the whole body in those two parts; with ``?also=C``, a second Content-Encoding field C; its body sent apart
+    from its head, in two writes, with ``?pieces``."""
     await request.read()
     coding = request.query.get("coding", "gzip")
     quote = orjson.dumps(
@@ -201,7 +217,10 @@ async def _key_refused_encoded(request: web.Request) -> web.StreamResponse:
     if "garbage" in request.query:
         body = b"x" * int(request.query["garbage"])
     if "cut" in request.query:
-        body = _zstd_cut_in_key(quote)
+        first, rest = split_in_key(quote, coding, int(request.query["cut"] or "13"))
+        body = first + rest[:2]
+    if "split" in request.query:
+        body = b"".join(split_in_key(quote, coding, int(request.query["split"])))
     if "empty-frames" in request.query:  # 1 MiB of zstd frames that decode to nothing
         frame = zstandard.ZstdCompressor().compress(b"")
         body = frame * ((1 << 20) // len(frame))

@@ -12,9 +12,12 @@ import orjson
 # The decoders live a layer down, where the proxy path decodes error answers with them too.
 from llm_proxy.content_coding import Decoded as Decoded
 from llm_proxy.content_coding import decode as decode
-from llm_proxy.crypto import mask_key, redact
+from llm_proxy.crypto import mask_key, mask_key_start, redact
 
 DEFAULT_DECODED_LIMIT = 16 * 1024 * 1024  # a decompression bomb stops here
+# The shortest start of the project's key masked where a body ends: every mask shows a key's first
+# three characters, so fewer say nothing of it, and a body ending in them by chance is left alone.
+_KEY_START_MASKED = 4
 
 # orjson reads JSON of any depth but writes at most _WRITABLE_DEPTH levels. An event holds a body
 # one level down, and the dead-letter file and the backends wrap events a few levels more: a body
@@ -35,11 +38,34 @@ def without_secrets(data: bytes) -> bytes:
 
 
 def without_key(data: bytes, key: bytes) -> bytes:
-    """``data`` with every occurrence of ``key`` (the project's own, whatever its shape) masked."""
-    if not key or key not in data:
+    """``data`` with every occurrence of ``key`` (the project's own, whatever its shape) masked,
+    and the start of it that ends ``data`` where a cut fell inside it: the capture's limit, a
+    decoder at the end of a stream cut short, an upstream gone mid-body. Masked whether or not the
+    body is known to be cut (an upstream gone mid-body leaves a capture that looks whole)."""
+    if not key:
         return data
-    masked = mask_key(key.decode("utf-8", "surrogateescape"))
-    return data.replace(key, masked.encode("utf-8", "surrogateescape"))
+    text = key.decode("utf-8", "surrogateescape")
+    if key in data:
+        data = data.replace(key, mask_key(text).encode("utf-8", "surrogateescape"))
+    cut = _key_start_at_end(data, key)
+    if cut < 0:
+        return data
+    shown = mask_key_start(text, len(data) - cut)
+    return data[:cut] + shown.encode("utf-8", "surrogateescape")
+
+
+def _key_start_at_end(data: bytes, key: bytes) -> int:
+    """Where the longest start of ``key`` (at least :data:`_KEY_START_MASKED` bytes long, and
+    short of the whole key) that ends ``data`` begins; -1 when none does."""
+    end = data[-(len(key) - 1) :] if len(key) > 1 else b""
+    offset = len(data) - len(end)
+    first = key[:_KEY_START_MASKED]
+    at = end.find(first)
+    while at >= 0:
+        if key.startswith(end[at:]):
+            return offset + at
+        at = end.find(first, at + 1)
+    return -1
 
 
 def text_without_secrets(text: str) -> str:

@@ -76,8 +76,10 @@ def build(
         limit=decoded_limit,
     )
     if decoded.data is not None:
-        decoded.data = bodies.without_key(
-            bodies.without_secrets(decoded.data), exchange.upstream_key_to_mask
+        # The project's key first: a start of it that ends a cut body is masked whole, where the
+        # masking of key-shaped text would show the last characters before the cut.
+        decoded.data = bodies.without_secrets(
+            bodies.without_key(decoded.data, exchange.upstream_key_to_mask)
         )
     if exchange.is_stream and decoded.data is not None:
         response = reassemble(sse.payloads(decoded.data))
