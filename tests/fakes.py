@@ -33,6 +33,7 @@ class Seen:
 class UpstreamLog:
     requests: list[Seen] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    slow_to_decode_sent: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def last(self) -> Seen:
@@ -238,6 +239,37 @@ async def _key_refused_encoded(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def slow_to_decode() -> bytes:
+    """A zstd body within the proxy's 1 MiB bound for error answers that is slow to decode: one
+    frame per byte it holds, each declaring the largest window a decoder accepts by default."""
+    parameters = zstandard.ZstdCompressionParameters(
+        window_log=27, write_content_size=False, write_checksum=False
+    )
+    compressor = zstandard.ZstdCompressor(compression_params=parameters).compressobj()
+    frame = compressor.compress(b"a") + compressor.flush()
+    return frame * ((1 << 20) // len(frame))
+
+
+async def _slow_to_decode(request: web.Request) -> web.StreamResponse:
+    """A 401 in zstd that is slow to decode (see slow_to_decode); says when it was all sent."""
+    await request.read()
+    headers = {"Content-Type": "application/json", "Content-Encoding": "zstd"}
+    response = web.StreamResponse(status=401, headers=headers)
+    body = slow_to_decode()
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body)
+    request.app[UPSTREAM_LOG].slow_to_decode_sent.set()
+    return response
+
+
+async def _after_slow_to_decode(request: web.Request) -> web.Response:
+    """An answer sent ``?s=`` seconds (0.05 by default) after the body slow to decode was."""
+    await request.app[UPSTREAM_LOG].slow_to_decode_sent.wait()
+    await asyncio.sleep(float(request.query.get("s", "0.05")))
+    return web.json_response({"after": True})
+
+
 async def _key_echoed(request: web.Request) -> web.Response:
     """An answer of status ``?status=`` echoing the request's Authorization in a debug header,
     and the key alone in another, as a misconfigured gateway in front of a provider might."""
@@ -268,6 +300,8 @@ def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app.router.add_post("/v1/files/key-refused-in-pieces", _key_refused_in_pieces)
     app.router.add_post("/v1/files/key-refused-encoded", _key_refused_encoded)
     app.router.add_get("/v1/files/key-echoed", _key_echoed)
+    app.router.add_post("/v1/files/slow-to-decode", _slow_to_decode)
+    app.router.add_get("/v1/files/after-slow-to-decode", _after_slow_to_decode)
     app.router.add_post("/v1/audio/transcriptions", _transcription)
     app.router.add_route("*", "/v1/moderations", _status_from_header)
     return app

@@ -10,6 +10,7 @@ possibly in it. Successful answers never come here: they pass as they came.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from llm_proxy import errors
@@ -19,6 +20,14 @@ from llm_proxy.http.upstream import UpstreamResponse
 # Compressed and decoded alike: an error message is a few hundred bytes; a larger one is no error
 # message a client needs word for word, and a bound stops a decompression bomb.
 CODED_ERROR_LIMIT = 1024 * 1024
+# Decoded on the event loop, where a compressed error message is, without a thread hop: a short
+# body in one gzip or deflate coding (deflate expands at most about a thousandfold, so even a bomb
+# this short is a brief pause). Everything else is decoded in a worker thread, as it could stall
+# every other client of the process: a long body of many blocks or frames, several codings, and
+# brotli or zstd of any length (a few dozen bytes can have brotli fill a large window, or zstd
+# decode a whole block, before the limit is looked at).
+_ON_THE_LOOP_BYTES = 512
+_ON_THE_LOOP_CODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 def content_coding(headers: Sequence[tuple[bytes, bytes]]) -> str:
@@ -51,15 +60,27 @@ async def whole_body(upstream: UpstreamResponse, status: int) -> bytes:
     return body
 
 
-def decoded(body: bytes, coding: str, status: int) -> bytes:
+async def decoded(body: bytes, coding: str, status: int) -> bytes:
     """``body`` with its content ``coding`` undone, or the upstream's failure when it cannot be."""
-    result = decode(body, coding, truncated=False, limit=CODED_ERROR_LIMIT)
+    if _quick_to_decode(body, coding):
+        result = decode(body, coding, truncated=False, limit=CODED_ERROR_LIMIT)
+    else:
+        result = await asyncio.to_thread(
+            decode, body, coding, truncated=False, limit=CODED_ERROR_LIMIT
+        )
     if result.data is None:
         # (Its coding is not named: the message is the client's, and the field the upstream's.)
         raise _refusal(status, "is in a content coding the proxy could not decode")
     if result.truncated:
         raise _refusal(status, "is cut short, or too long once decoded")
     return result.data
+
+
+def _quick_to_decode(body: bytes, coding: str) -> bool:
+    if len(body) > _ON_THE_LOOP_BYTES:
+        return False
+    codings = [c for c in coding.lower().replace(" ", "").split(",") if c not in ("", "identity")]
+    return len(codings) == 1 and codings[0] in _ON_THE_LOOP_CODINGS
 
 
 def _refusal(status: int, why: str) -> errors.UpstreamUnavailable:

@@ -1074,7 +1074,7 @@ class ProxyHandler:
             if plain:  # (an empty body has nothing to mask: it goes as it came)
                 exchange.response_body.add(plain)  # (as it came: events decode and mask it)
                 coding = coded_errors.content_coding(upstream.headers)
-                plain = coded_errors.decoded(plain, coding, upstream.status)
+                plain = await coded_errors.decoded(plain, coding, upstream.status)
                 plain = plain.replace(key, same_length_mask(key))
                 # Sent decoded, so without its coding and with a length of its own.
                 head.lines = lines = _without_fields(lines, _CODING_FIELDS)

@@ -602,6 +602,31 @@ async def test_a_zstd_upstream_error_of_many_tiny_frames_is_read_in_a_linear_pas
     assert time.monotonic() - started < 4.0
 
 
+async def test_other_clients_are_answered_while_a_compressed_error_slow_to_decode_is_decoded(
+    proxy: Proxy,
+) -> None:
+    """An error answer is decoded to mask the key in it; one within the bound but slow to decode
+    (a megabyte of zstd frames) must not stall the process: another client's answer, which
+    arrives while it is being decoded, goes out first."""
+    token = await proxy.token()
+    finished: list[str] = []
+
+    async def ask(name: str, method: str, path: str) -> int:
+        response = await proxy.client.request(
+            method, path, json={"x": 1}, headers=bearer(token), auto_decompress=False
+        )
+        await response.read()
+        finished.append(name)
+        return response.status
+
+    slow = asyncio.create_task(ask("slow to decode", "POST", "/v1/files/slow-to-decode"))
+    # Answered upstream a while after the slow body was sent, as it is being decoded.
+    other = await ask("other", "GET", "/v1/files/after-slow-to-decode?s=0.05")
+    assert other == 200
+    assert await slow == 401
+    assert finished == ["other", "slow to decode"]
+
+
 async def test_a_compressed_upstream_error_with_a_second_coding_field_is_decoded_and_masked(
     proxy: Proxy,
 ) -> None:
