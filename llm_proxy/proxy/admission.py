@@ -410,11 +410,25 @@ class TokenAuthority:
             pause = min(pause * 2, 5.0)
 
     async def release(self, admission: Admission) -> None:
-        """Take back what :meth:`admit` counted, when the request never reached the upstream."""
-        grant = admission.grant
-        if admission.hold_id:
-            hold_id, admission.hold_id = admission.hold_id, ""
+        """Take back what :meth:`admit` counted, when the request never reached the upstream.
+
+        The admission's hold is this call's from its start (ended here, once). What is given back
+        is given back to its end by a task of its own, which a caller cancelled meanwhile (its
+        client left while the store was slow) stops waiting for: cut halfway, a hold would be
+        left to its lease and a ``max_requests`` place lost for good."""
+        hold_id, admission.hold_id = admission.hold_id, ""
+        if hold_id:
             self.hold_ended(hold_id)
+        giving_back = asyncio.ensure_future(self._give_back(admission, hold_id))
+        self._orphan_releases.add(giving_back)  # (awaited by close, like those given back later)
+        giving_back.add_done_callback(self._orphan_releases.discard)
+        await asyncio.shield(giving_back)
+
+    async def _give_back(self, admission: Admission, hold_id: str) -> None:
+        """Release hold ``hold_id`` (none when "") and give back the request's place (retried in
+        the background while its store is away)."""
+        grant = admission.grant
+        if hold_id:
             try:
                 await self.budget_ledger.settle(grant.token_id, hold_id, admission.held, 0)
             except Exception as exc:

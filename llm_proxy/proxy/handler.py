@@ -461,8 +461,10 @@ class ProxyHandler:
                 # and its token has nothing to settle (or to wait for).
                 exchange.tpm_limited = False
                 if admission is not None:
-                    await self.authority.release(admission)
+                    # The hold is the release's now, which ends it: not this request's to end
+                    # again (below) if its client leaves while the hold is given back.
                     exchange.hold_id = ""
+                    await self.authority.release(admission)
             reply_headers.append((b"X-Request-ID", request_id_field))
             await self._answer_error(writer, exc, reply_headers)
         except asyncio.CancelledError as cancelled:
