@@ -6,6 +6,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -55,5 +56,32 @@ async def silent_server() -> AsyncIterator[int]:
     servers = RawServers()
     try:
         yield await servers.start(silent)
+    finally:
+        await servers.close()
+
+
+@dataclass
+class FailingWhenTold:
+    """A server whose connections wait, once ``connected`` is set, until ``fail`` is set, then
+    close with what they were sent unread (reset): a TLS handshake with it fails then."""
+
+    port: int = 0
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    fail: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@asynccontextmanager
+async def failing_when_told() -> AsyncIterator[FailingWhenTold]:
+    """A :class:`FailingWhenTold` server for the duration."""
+    server = FailingWhenTold()
+
+    async def wait_then_fail(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server.connected.set()
+        await server.fail.wait()
+
+    servers = RawServers()
+    try:
+        server.port = await servers.start(wait_then_fail)
+        yield server
     finally:
         await servers.close()

@@ -425,15 +425,21 @@ class TokenAuthority:
         await asyncio.shield(giving_back)
 
     async def _give_back(self, admission: Admission, hold_id: str) -> None:
-        """Release hold ``hold_id`` (none when "") and give back the request's place (retried in
-        the background while its store is away)."""
+        """Release hold ``hold_id`` (none when "") and give back the request's place, each retried
+        in the background while its store is away."""
         grant = admission.grant
         if hold_id:
+            settle = partial(self.budget_ledger.settle, grant.token_id, hold_id, admission.held, 0)
             try:
-                await self.budget_ledger.settle(grant.token_id, hold_id, admission.held, 0)
+                await settle()
             except Exception as exc:
-                # The hold stays until it expires: a lost release errs on the side of the budget.
-                log.error("token_authority.store_failed", operation="release_hold", error=str(exc))
+                log.warning(
+                    "token_authority.store_failed", operation="release_hold", error=str(exc)
+                )
+                # Retried while the store is away, until the hold expires: kept, it would keep
+                # the budget from its token for a lease. Settling nothing, a release that ran
+                # after all changes nothing when it runs again.
+                self._give_back_later("release_hold", settle)
         try:
             await self._give_back_place(admission)
         except Exception as exc:

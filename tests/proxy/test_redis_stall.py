@@ -21,7 +21,7 @@ from tests.proxy.test_budgets import PRICES, chat, post, token_state
 from tests.proxy.test_lifetime_spend import cost_of
 from tests.proxy.test_metrics import scrape, value
 from tests.proxy.test_settlement_retry import settles_to
-from tests.raw_servers import RawServers
+from tests.raw_servers import failing_when_told
 
 
 @pytest.fixture
@@ -109,23 +109,14 @@ async def test_a_client_leaving_while_its_refused_request_gives_its_hold_back_en
     meanwhile. The hold is ended once: the gauge of open holds is back where it was, not one
     below for good. And what the request took comes back once Redis wakes, not after the hold's
     lease, nor never (the place)."""
-    connected = asyncio.Event()
-    fail_handshake = asyncio.Event()
-
-    async def tls_failing_when_told(reader: asyncio.StreamReader, _: Any) -> None:
-        connected.set()
-        await fail_handshake.wait()  # then closed with the ClientHello unread: reset
-
-    upstream = RawServers()
-    port = await upstream.start(tls_failing_when_told)
     limits = {"prices_path": prices_path, "event_bus": "redis", "redis_url": redis_server.url}
     assert redis_server.process is not None
     redis_pid = redis_server.process.pid
-    try:
+    async with failing_when_told() as upstream:
         failing: Proxy = await proxy_factory(
             **limits,
             api={
-                "base_url": f"https://127.0.0.1:{port}",
+                "base_url": f"https://127.0.0.1:{upstream.port}",
                 "timeouts": {"connect": "60s", "response_header": "1s", "idle": "1s"},
             },
         )
@@ -142,11 +133,11 @@ async def test_a_client_leaving_while_its_refused_request_gives_its_hold_back_en
             + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        await asyncio.wait_for(connected.wait(), 10)  # admitted: its hold is taken
+        await asyncio.wait_for(upstream.connected.wait(), 10)  # admitted: its hold is taken
         assert value(await scrape(failing), "llm_proxy_budget_holds_open") == open_before + 1
         os.kill(redis_pid, signal.SIGSTOP)
         try:
-            fail_handshake.set()
+            upstream.fail.set()  # the TLS handshake is reset
             # The request gives its hold back: the hold ended, the give-back waits for Redis.
             deadline = time.monotonic() + 10
             while value(now := await scrape(failing), "llm_proxy_budget_holds_open") != (
@@ -175,5 +166,3 @@ async def test_a_client_leaving_while_its_refused_request_gives_its_hold_back_en
         # The whole budget and the place are there for a request needing most of them.
         status, _, answer = await post(answering, issued["token"], chat(max_tokens=200))
         assert status == 200, answer
-    finally:
-        await upstream.close()

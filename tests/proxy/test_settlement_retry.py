@@ -16,7 +16,12 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from llm_proxy.models import AuditEntry, Project, Token, utcnow
-from llm_proxy.proxy.budget_ledger import RedisBudgetLedger, Settlement, StoreBudgetLedger
+from llm_proxy.proxy.budget_ledger import (
+    HOLD_LEASE_SECONDS,
+    RedisBudgetLedger,
+    Settlement,
+    StoreBudgetLedger,
+)
 from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
 from llm_proxy.tools.mock_upstream import MockSettings
@@ -26,7 +31,7 @@ from tests.fakes import fake_upstream_app
 from tests.postgres import PostgresServer
 from tests.proxy.test_budgets import PRICES, bearer, chat, post
 from tests.proxy.test_lifetime_spend import cost_of
-from tests.raw_servers import RawServers
+from tests.raw_servers import RawServers, failing_when_told
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
 BUDGET = 1_000_000_000
@@ -276,6 +281,38 @@ async def test_a_hold_settling_while_redis_is_down_settles_once_it_is_back(
         await settles_to(proxy, issued["id"], total)
     finally:
         await slow.close()
+
+
+async def test_a_hold_released_while_redis_is_down_returns_once_it_is_back(
+    proxy_factory: Any, prices_path: Path, durable_redis: RedisServer
+) -> None:
+    """A request that never reached the upstream (its TLS handshake failed) releases its hold
+    while Redis is stopped: the hold must come back once Redis is, not keep the budget from the
+    token for the rest of its lease."""
+    async with failing_when_told() as upstream:
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path,
+            event_bus="redis",
+            redis_url=durable_redis.url,
+            api={
+                "base_url": f"https://127.0.0.1:{upstream.port}",
+                "timeouts": {"connect": "60s", "response_header": "1s", "idle": "1s"},
+            },
+        )
+        issued = await proxy.issue_token(budget_usd=0.001)
+        request = asyncio.ensure_future(post(proxy, issued["token"], chat()))
+        await asyncio.wait_for(upstream.connected.wait(), 10)  # admitted: its hold is taken
+        durable_redis.stop()
+        try:
+            upstream.fail.set()  # the TLS handshake is reset
+            status, _, answer = await request
+            assert (status, orjson.loads(answer)["error"]["code"]) == (502, "upstream_unavailable")
+        finally:
+            durable_redis.start()
+        woken = time.monotonic()
+        while (reserved := (await token_state(proxy, issued["id"]))["reserved_usd"]) != 0:
+            assert time.monotonic() - woken < HOLD_LEASE_SECONDS / 3, reserved
+            await asyncio.sleep(0.05)
 
 
 @pytest.mark.postgres
