@@ -525,6 +525,8 @@ class Worker:
                 left += queued
             if left:
                 await self._dead_letter_left([(d, reason) for d in left])
+                # Dead-lettered, or counted lost: the bus need not count them as in hand.
+                await subscription.ack([d.id for d in left])
             return
         if not self._inflight:
             return

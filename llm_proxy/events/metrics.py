@@ -19,9 +19,9 @@ DROPPED = Counter(
     "llm_proxy_events_dropped",
     "Exchanges or events dropped: the pipeline queue or a memory-bus group was full, the event "
     "could not be built, or shutdown ran out of time. events_process_died: exchanges sent to an "
-    "events process that died before they were published or counted dropped; an upper bound, "
-    "exceeded by at most the batch it was publishing as it died (on the memory bus, the events it "
-    "had published but its in-process dispatchers had not handled die with it, uncounted).",
+    "events process that died before they were published or counted dropped (on the memory bus, "
+    "before every in-process dispatcher had finished with their events); an upper bound, "
+    "exceeded by at most the batch it was publishing as it died.",
     ["reason"],
 )
 # Every reason events are dropped for, on the page at 0 from the start: a series that first

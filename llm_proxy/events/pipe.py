@@ -8,7 +8,8 @@ Protocol, all on pipes to the server:
 - the status pipe (the process's original stdout; ``sys.stdout`` is pointed at stderr so that no
   stray print can corrupt it): one JSON object per line, each a status
   ``{"done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where ``done`` counts
-  exchanges that became published events or counted drops. The first line is the ready line, a
+  exchanges that became published events or counted drops (on the memory bus, events every
+  in-process dispatcher finished with: until then they die with the process). The first line is the ready line, a
   status with ``"ready": true`` (or only ``{"error": "..."}``); then one every ``status_seconds``
   and once more at exit; ``{"done": n}`` each time ``done`` grows (a batch published, or dropped);
   and, as soon as a batch's settlement is done,

@@ -89,6 +89,7 @@ class EventPipeline:
         # Told ``done`` whenever it grows: the events process tells the server at once, so that
         # what a dead one had done is not counted as lost (see offload.py).
         self.progress: Callable[[int], None] | None = None
+        self._told = 0  # the last ``done`` it was told
         # Fills the tpm windows of the requests' tokens from their events (see settlement.py).
         self.settler: TokenSettler | None = None
         # Told what settles and when it is settled (the proxy's admission, or the server on the
@@ -101,6 +102,8 @@ class EventPipeline:
         return builder.build(exchange, prices=self.prices.in_force_at(sent))
 
     def start(self) -> None:
+        if isinstance(self.bus, MemoryBus):
+            self.bus.on_finished = self._progressed
         self._task = asyncio.get_running_loop().create_task(self._run(), name="event-pipeline")
 
     def attach(self, component: Closeable) -> None:
@@ -163,12 +166,18 @@ class EventPipeline:
     @property
     def done(self) -> int:
         """Exchanges submitted that are done with: their events published, or dropped and counted
-        (by this pipeline, or as ``build_failed`` / ``publish_failed``)."""
-        return self._batched + self._drops.total
+        (by this pipeline, or as ``build_failed`` / ``publish_failed``). On the memory bus an event
+        is published only once every in-process dispatcher finished with it: until then it dies
+        with this process."""
+        held = self.bus.unfinished if isinstance(self.bus, MemoryBus) else 0
+        return self._batched + self._drops.total - held
 
     def _progressed(self) -> None:
         if self.progress is not None:
-            self.progress(self.done)
+            done = self.done
+            if done != self._told:  # (a group finishing behind another changes nothing)
+                self._told = done
+                self.progress(done)
 
     async def _run(self) -> None:
         queue = self._queue

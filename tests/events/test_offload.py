@@ -217,6 +217,54 @@ async def test_a_killed_events_process_is_replaced_and_its_loss_counted(
     await eventually(published_goes_on)
 
 
+async def test_events_its_file_log_had_not_written_when_the_events_process_died_are_counted(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """On the memory bus an event published is not yet written: the events process's file log
+    holds it until the file takes it. Killed then (the OOM killer), those events are lost and must
+    be counted as such, not taken for done because they reached the in-process bus."""
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log, event_build_in="process")
+    token = await proxy.token()
+    await chat(proxy, token, 1)
+    await wait_for_lines(log, 1)
+    # The log can no longer be written: a directory where the file was (root writes anywhere).
+    log.unlink()
+    log.mkdir()
+    died_key = (DROPPED, (("reason", "events_process_died"),))
+    published_key = ("llm_proxy_events_published_total", (("bus", "memory"),))
+    retried_key = (
+        "llm_proxy_dispatcher_failures_total",
+        (("backend", "file"), ("kind", "retryable")),
+    )
+    before = await scrape(proxy)
+    await chat(proxy, token, 3)
+
+    async def published_and_retried() -> bool:
+        samples = await scrape(proxy)
+        published = samples.get(published_key, 0) - before.get(published_key, 0)
+        return published >= 3 and samples.get(retried_key, 0) > before.get(retried_key, 0)
+
+    await eventually(published_and_retried)
+    first = events_pid(proxy)
+    os.kill(first, signal.SIGKILL)
+    log.rmdir()  # the next events process can open the log again
+
+    async def loss_counted() -> bool:
+        return (await scrape(proxy)).get(died_key, 0) == before.get(died_key, 0) + 3
+
+    await eventually(loss_counted)
+    offload = offload_of(proxy)
+
+    async def replaced() -> bool:
+        return offload.restarts == 1 and offload.bus_reachable()
+
+    await eventually(replaced)
+    kept = await chat(proxy, token, 2)
+    assert [event["request_id"] for event in await wait_for_lines(log, 2)] == kept
+    assert (await scrape(proxy)).get(died_key, 0) == before.get(died_key, 0) + 3
+
+
 async def test_a_stalled_events_process_delays_a_limited_token_by_the_bound_only(
     proxy_factory: Any,
 ) -> None:
