@@ -49,7 +49,9 @@ async def start_file_event_log(
     On Redis the file has a consumer group of its own, named after this host and the file's path:
     the group ``file`` is a standalone file dispatcher's, and sharing it (or one group between
     instances) would give each file a share of the events. The name is the same at every start,
-    so a restart goes on where the last run stopped; a new one starts from the next event.
+    so a restart goes on where the last run stopped; a new one starts from the next event, or from
+    the first this process published if that reached Redis before the group could be made (Redis
+    down at the first start: the spool's replay may come first).
     """
     on_redis = pipeline.bus.kind == "redis"
     try:

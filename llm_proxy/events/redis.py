@@ -224,6 +224,9 @@ class RedisBus:
         self._stand_in = False
         self._left: list[tuple[Spool, SpoolClaim]] = []
         self._left_replayers: set[asyncio.Task[None]] = set()
+        # The first entry this bus added (published or replayed from a spool), if any: a group
+        # of its own that starts at the next event starts before it (see RedisSubscription).
+        self.first_added: str | None = None
 
     @classmethod
     async def open(
@@ -316,6 +319,8 @@ class RedisBus:
         results = await pipe.execute(raise_on_error=False)
         added = next((i for i, r in enumerate(results) if isinstance(r, Exception)), len(results))
         metrics.PUBLISHED.labels("redis").inc(added)
+        if added and self.first_added is None:
+            self.first_added = results[0].decode()
         if added < len(results):
             # How many of ``events`` are done with: those added, and the unwritable ones among
             # them (dropped above, wherever they stood).
@@ -423,6 +428,14 @@ class RedisBus:
         await self.client.aclose()
 
 
+def _just_before(entry_id: str) -> str:
+    """The stream id just before ``entry_id`` (a group created there reads from it on)."""
+    ms, seq = (int(part) for part in entry_id.split("-"))
+    if seq:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-{2**64 - 1}" if ms else "0-0"
+
+
 class RedisSubscription:
     """One consumer in a consumer group; blocking reads use their own connection."""
 
@@ -442,11 +455,15 @@ class RedisSubscription:
         self.lost = 0
 
     async def _ensure_group(self) -> None:
+        start = self._start_id
+        if start == "$" and self._bus.first_added is not None:
+            # From the next event, but not after those this process published before the group
+            # could be made (Redis was down, the spool was replayed first): they came after the
+            # subscription, and nothing else would ever deliver them to this group.
+            start = _just_before(self._bus.first_added)
         try:
             # From "0": a service's first dispatcher also gets the events already in the stream.
-            await self._client.xgroup_create(
-                self._bus.stream, self.group, id=self._start_id, mkstream=True
-            )
+            await self._client.xgroup_create(self._bus.stream, self.group, id=start, mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise

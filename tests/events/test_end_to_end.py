@@ -142,6 +142,28 @@ async def test_requests_succeed_and_events_arrive_across_a_redis_outage(
     assert len({e["request_id"] for e in events}) == 30
 
 
+async def test_a_file_log_first_started_while_redis_is_down_gets_the_events_spooled_meanwhile(
+    proxy_factory: Any, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The file log's consumer group is new, and starts at the next event: the events spooled
+    while Redis was down come after its start, even when their replay reaches Redis before the
+    group is created."""
+    log = tmp_path / "events.jsonl"
+    redis_server.stop()
+    proxy: Proxy = await proxy_factory(
+        file_event_log=log, event_bus="redis", redis_url=redis_server.url
+    )
+    headers = {"Authorization": f"Bearer {await proxy.token()}"}
+    for _ in range(5):
+        assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+    await asyncio.sleep(3)  # both the spool's replay and the log's reads wait as long as they may
+    redis_server.start()
+    for _ in range(5):
+        assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+    events = await wait_for_lines(log, 10, timeout=20)
+    assert len({e["request_id"] for e in events}) == 10
+
+
 @pytest.mark.parametrize("bus", ["memory", "redis"])
 async def test_a_body_nested_too_deep_to_write_is_shown_as_text_and_costs_no_other_event(
     bus: str, proxy_factory: Any, tmp_path: Path, request: pytest.FixtureRequest
