@@ -73,14 +73,14 @@ TPM_UNRECORDED = Counter(
     "llm_proxy_events_tpm_unrecorded",
     "Requests of tpm-limited tokens whose tokens were never added to the token's window: the "
     "store or Redis holding it stayed unreachable for the whole window, more were waiting than "
-    "the bound, or the process stopped first.",
+    "the bound, or the process stopped (or died) first.",
 )
 BUDGET_SETTLEMENTS = Counter(
     "llm_proxy_events_budget_settlements",
     "Budget holds settled once the usage was known, by outcome (settled: cost recorded; "
     "released: nothing to pay; failed: given up while the store or Redis holding it was "
-    "unreachable, with more waiting than the bound or the process stopping; the hold then lapses "
-    "with its lease and the spend is missing).",
+    "unreachable, with more waiting than the bound or the process stopping or dying; the hold "
+    "then lapses with its lease and the spend is missing).",
     ["outcome"],
 )
 for _outcome in ("settled", "released", "failed"):

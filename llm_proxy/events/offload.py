@@ -21,8 +21,9 @@ of its token waits for its settlement (see ``proxy/settling.py``), which the eve
 on its status pipe as soon as it is done.
 
 Nothing is dropped silently: a full queue, a backlog beyond the bound, or exchanges lost when the
-events process dies are counted in ``llm_proxy_events_dropped{reason=...}``. A dead events process
-is started again.
+events process dies are counted in ``llm_proxy_events_dropped{reason=...}``, and the budget
+settlements and tpm records it was still trying again as given up. A dead events process is
+started again.
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ class EventOffload:
             lost = self._unfinished()
             self._drops.add("events_process_died", lost)
             log.error("events.process_died", exit_code=code, lost=lost)
+            self._count_unsettled()
             if time.monotonic() - started > 60:
                 spacing = _RESTART_SPACING[0]  # it had been running fine: restart promptly
             while True:
@@ -286,6 +288,25 @@ class EventOffload:
     def _never_settled(self, dropped: list[Wire]) -> None:
         if self._settlements is not None:
             self._settlements.settled(wire_settlement(w) for w in dropped if wire_settles(w))
+
+    def _count_unsettled(self) -> None:
+        """The settlements a dead events process was trying again (the store or Redis holding
+        them was away) died with it: counted as given up, as it counts those left at its close.
+        As of its last status line: what changed in the second before its death is not seen."""
+        text = self._status.get("metrics")
+        if not isinstance(text, str):
+            return
+        waiting = {
+            sample.labels.get("kind"): int(sample.value)
+            for family in text_string_to_metric_families(text)
+            if family.name == "llm_proxy_events_settlements_waiting"
+            for sample in family.samples
+        }
+        budget, tpm = waiting.get("budget", 0), waiting.get("tpm", 0)
+        if budget or tpm:
+            metrics.BUDGET_SETTLEMENTS.labels("failed").inc(budget)
+            metrics.TPM_UNRECORDED.inc(tpm)
+            log.error("events.settlements_given_up", budget=budget, tpm=tpm, reason="process_died")
 
     def _unfinished(self) -> int:
         """Exchanges sent to the running events process that it had not reported done. It reports

@@ -4,6 +4,8 @@ ended (restarted, down, or the answer to the command lost), and a retry never co
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -27,6 +29,7 @@ from llm_proxy.store.opening import open_store
 from llm_proxy.tools.mock_upstream import MockSettings
 from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
+from tests.events.test_offload import events_pid, eventually, scrape
 from tests.fakes import fake_upstream_app
 from tests.postgres import PostgresServer
 from tests.proxy.test_budgets import PRICES, bearer, chat, post
@@ -365,3 +368,46 @@ async def test_spend_settled_while_postgresql_was_down_is_kept_after_redis_forgo
     assert status == 200
     await redis_shows(redis_server.url, issued["id"], 3 * cost, tpm_entries=1)
     await settles_to(proxy, issued["id"], 3 * cost)
+
+
+@pytest.mark.process
+async def test_settlements_waiting_in_an_events_process_that_dies_are_counted_given_up(
+    proxy_factory: Any, prices_path: Path, durable_redis: RedisServer
+) -> None:
+    """Redis is away when an answer settles, and the events process is killed (the OOM killer)
+    while it waits to try again: the spend and the tpm tokens it was holding die with it, and the
+    page must say so, as it does for those given up at a close."""
+    proxy: Proxy = await proxy_factory(
+        prices_path=prices_path,
+        event_bus="redis",
+        redis_url=durable_redis.url,
+        event_build_in="process",
+    )
+    issued = await proxy.issue_token(budget_usd=1, tpm=1_000_000)
+    failed = ("llm_proxy_events_budget_settlements_total", (("outcome", "failed"),))
+    unrecorded = ("llm_proxy_events_tpm_unrecorded_total", ())
+    waiting = ("llm_proxy_events_settlements_waiting", (("kind", "budget"),))
+    before = await scrape(proxy)
+    first = events_pid(proxy)
+    os.kill(first, signal.SIGSTOP)  # it settles nothing until Redis is gone
+    try:
+        status, _, _ = await post(proxy, issued["token"], chat(max_tokens=5))
+        assert status == 200
+        durable_redis.stop()
+    finally:
+        os.kill(first, signal.SIGCONT)
+
+    async def waits_to_try_again() -> bool:
+        return (await scrape(proxy)).get(waiting, 0) == 1
+
+    await eventually(waits_to_try_again)
+    os.kill(first, signal.SIGKILL)
+
+    async def counted() -> bool:
+        samples = await scrape(proxy)
+        return (samples.get(failed, 0), samples.get(unrecorded, 0)) == (
+            before.get(failed, 0) + 1,
+            before.get(unrecorded, 0) + 1,
+        )
+
+    await eventually(counted)
