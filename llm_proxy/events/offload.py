@@ -187,12 +187,11 @@ class EventOffload:
                 # What it was sent will not be settled: nothing is to be waited for.
                 self._settlements.forget_all()
             if self._closing:
+                if code != 0:  # killed while it drained (its clean exit counted all it was sent)
+                    self._died(code)
                 return
             self._input = None
-            lost = self._unfinished()
-            self._drops.add("events_process_died", lost)
-            log.error("events.process_died", exit_code=code, lost=lost)
-            self._count_unsettled()
+            self._died(code)
             if time.monotonic() - started > 60:
                 spacing = _RESTART_SPACING[0]  # it had been running fine: restart promptly
             while True:
@@ -288,6 +287,13 @@ class EventOffload:
     def _never_settled(self, dropped: list[Wire]) -> None:
         if self._settlements is not None:
             self._settlements.settled(wire_settlement(w) for w in dropped if wire_settles(w))
+
+    def _died(self, code: int) -> None:
+        """Count what the events process took with it."""
+        lost = self._unfinished()
+        self._drops.add("events_process_died", lost)
+        log.error("events.process_died", exit_code=code, lost=lost)
+        self._count_unsettled()
 
     def _count_unsettled(self) -> None:
         """The settlements a dead events process was trying again (the store or Redis holding

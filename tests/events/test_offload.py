@@ -167,6 +167,32 @@ async def test_closing_the_server_drains_every_event(tmp_path: Path, upstream_se
     assert [event["request_id"] for event in await wait_for_lines(log, 30, timeout=0)] == ids
 
 
+async def test_an_events_process_killed_while_the_server_closes_has_its_loss_counted(
+    tmp_path: Path, upstream_server: Any
+) -> None:
+    """The server stops (SIGTERM) and its events process, draining, is killed (the OOM killer, an
+    operator): the exchanges it had not finished are lost, and the shutdown's count says so."""
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await _start(tmp_path, upstream_server, file_event_log=log)
+    offload = offload_of(proxy)
+    first = events_pid(proxy)
+    try:
+        token = await proxy.token()
+        os.kill(first, signal.SIGSTOP)  # it reads nothing more...
+        await chat(proxy, token, 3)  # ...of these
+    finally:
+        await proxy.operator.close()
+    closing = asyncio.ensure_future(proxy.client.close())
+    await asyncio.sleep(0.5)  # the server waits for it to drain
+    assert not closing.done()
+    os.kill(first, signal.SIGKILL)
+    with structlog.testing.capture_logs() as logs:
+        await closing
+    assert offload.dropped == 3
+    closed = next(e for e in logs if e["event"] == "events.offload_closed")
+    assert closed["dropped"] == 3
+
+
 async def test_a_killed_events_process_is_replaced_and_its_loss_counted(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
