@@ -9,7 +9,10 @@ lock that admission's writes on limited tokens wait for). Nothing needs this spe
 request holds against it, so it is batched instead: summed per token and written every
 ``FLUSH_SECONDS``, one UPDATE per token, and what is left at close (a server stopped by SIGTERM
 drains its events into it first). A process that dies loses what it had not written: at most an
-interval's worth, beside the exchanges it had not built into events yet.
+interval's worth while the database answers, beside the exchanges it had not built into events
+yet; what waits is in ``llm_proxy_events_spend_pending_nanousd``, which the server counts as lost
+(``llm_proxy_events_spend_lost_nanousd``) if the process dies, as this process counts what is still
+unwritten at its close.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 
 import structlog
 
+from llm_proxy.events import metrics
 from llm_proxy.proxy.budget_ledger import BudgetLedger
 from llm_proxy.sparse_warning import SparseWarning
 
@@ -44,6 +48,7 @@ class SpendBatcher:
         """Count ``cost`` nano-dollars against the token's spend at the next flush."""
         pending = self._pending
         pending[token_id] = pending.get(token_id, 0) + cost
+        metrics.SPEND_PENDING.inc(cost)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
                 self._keep_flushing(), name="spend-flush"
@@ -67,6 +72,7 @@ class SpendBatcher:
         pending, self._pending = self._pending, {}
         try:
             await self._ledger.add_spend(pending)
+            metrics.SPEND_PENDING.dec(sum(pending.values()))
         except Exception as exc:
             for token_id, cost in pending.items():
                 self._pending[token_id] = self._pending.get(token_id, 0) + cost
@@ -81,8 +87,7 @@ class SpendBatcher:
             await self._task
         await self.flush()
         if self._pending:
-            log.error(
-                "events.spend_lost",
-                tokens=len(self._pending),
-                nanousd=sum(self._pending.values()),
-            )
+            lost = sum(self._pending.values())
+            metrics.SPEND_LOST.inc(lost)
+            metrics.SPEND_PENDING.dec(lost)
+            log.error("events.spend_lost", tokens=len(self._pending), nanousd=lost)

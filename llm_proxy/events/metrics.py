@@ -99,6 +99,17 @@ SETTLEMENTS_WAITING = Gauge(
 for _kind in ("budget", "tpm"):
     SETTLEMENT_RETRIES.labels(_kind)
     SETTLEMENTS_WAITING.labels(_kind)
+SPEND_PENDING = Gauge(
+    "llm_proxy_events_spend_pending_nanousd",
+    "Cost of requests that held no budget, summed for their tokens' spent_usd and not yet "
+    "written (it waits while the database is unreachable), in nano-dollars.",
+)
+SPEND_LOST = Counter(
+    "llm_proxy_events_spend_lost_nanousd",
+    "Cost of requests that held no budget that never reached their tokens' spent_usd: the "
+    "database stayed unreachable until the events process stopped, or the process died first "
+    "(as of its last report), in nano-dollars.",
+)
 BUDGET_OVERRUN = Counter(
     "llm_proxy_events_budget_overrun_nanousd",
     "Spend beyond what was held for the requests that cost more than their hold, in nano-dollars.",

@@ -66,6 +66,10 @@ FRAME_EXCHANGES = 64
 _STATUS_FRESH_SECONDS = 5.0  # an older status says nothing about the bus now
 # Seconds between starts of the events process: the first restart, and at most (doubling between).
 _RESTART_SPACING = (1.0, 30.0)
+# What a dead events process's last status showed still waiting to be written, lost with it.
+_LEFT_WAITING = frozenset(
+    {"llm_proxy_events_settlements_waiting", "llm_proxy_events_spend_pending_nanousd"}
+)
 # A status line carries the events process's whole metrics text.
 _STATUS_LINE_LIMIT = 4 * 1024 * 1024
 
@@ -297,22 +301,27 @@ class EventOffload:
 
     def _count_unsettled(self) -> None:
         """The settlements a dead events process was trying again (the store or Redis holding
-        them was away) died with it: counted as given up, as it counts those left at its close.
-        As of its last status line: what changed in the second before its death is not seen."""
+        them was away), and the spend it had not written, died with it: counted as given up, as
+        it counts those left at its close. As of its last status line: what changed in the
+        second before its death is not seen."""
         text = self._status.get("metrics")
         if not isinstance(text, str):
             return
         waiting = {
-            sample.labels.get("kind"): int(sample.value)
+            (family.name, sample.labels.get("kind")): int(sample.value)
             for family in text_string_to_metric_families(text)
-            if family.name == "llm_proxy_events_settlements_waiting"
+            if family.name in _LEFT_WAITING
             for sample in family.samples
         }
-        budget, tpm = waiting.get("budget", 0), waiting.get("tpm", 0)
+        budget = waiting.get(("llm_proxy_events_settlements_waiting", "budget"), 0)
+        tpm = waiting.get(("llm_proxy_events_settlements_waiting", "tpm"), 0)
         if budget or tpm:
             metrics.BUDGET_SETTLEMENTS.labels("failed").inc(budget)
             metrics.TPM_UNRECORDED.inc(tpm)
             log.error("events.settlements_given_up", budget=budget, tpm=tpm, reason="process_died")
+        if spend := waiting.get(("llm_proxy_events_spend_pending_nanousd", None), 0):
+            metrics.SPEND_LOST.inc(spend)
+            log.error("events.spend_lost", nanousd=spend, reason="process_died")
 
     def _unfinished(self) -> int:
         """Exchanges sent to the running events process that it had not reported done. It reports

@@ -411,3 +411,44 @@ async def test_settlements_waiting_in_an_events_process_that_dies_are_counted_gi
         )
 
     await eventually(counted)
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+async def test_spend_an_events_process_that_dies_had_not_written_is_counted_lost(
+    own_database: str, own_postgres: PostgresServer, proxy_factory: Any, prices_path: Path
+) -> None:
+    """A token without a budget still has its spend written to spent_usd; the database is down
+    when an answer ends, and the events process is killed while it waits to write it: the page
+    must show the spend lost, as the log does for what a clean stop could not write."""
+    proxy: Proxy = await proxy_factory(
+        database_url=own_database, prices_path=prices_path, event_build_in="process"
+    )
+    issued = await proxy.issue_token()
+    status, _, answer = await post(proxy, issued["token"], chat(max_tokens=5))
+    assert status == 200
+    await settles_to(proxy, issued["id"], cost_of(answer))
+    lost = ("llm_proxy_events_spend_lost_nanousd_total", ())
+    pending = ("llm_proxy_events_spend_pending_nanousd", ())
+    before = await scrape(proxy)
+    own_postgres.stop()
+    try:
+        # Served from the token cache: the database is not on the request path.
+        status, _, answer = await post(proxy, issued["token"], chat(max_tokens=5))
+        assert status == 200
+        cost = cost_of(answer)
+
+        async def waits_to_be_written() -> bool:
+            shown = (await scrape(proxy)).get(pending, 0)
+            assert shown in (0, cost)
+            return shown == cost
+
+        await eventually(waits_to_be_written)
+        os.kill(events_pid(proxy), signal.SIGKILL)
+
+        async def counted() -> bool:
+            return (await scrape(proxy)).get(lost, 0) == before.get(lost, 0) + cost
+
+        await eventually(counted)
+    finally:
+        own_postgres.start()
