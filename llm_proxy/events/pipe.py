@@ -9,10 +9,10 @@ Protocol, all on pipes to the server:
   stray print can corrupt it): one JSON object per line, each a status
   ``{"done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where ``done`` counts
   exchanges that became published events or counted drops (on the memory bus, events every
-  in-process dispatcher finished with: until then they die with the process). The first line is the ready line, a
-  status with ``"ready": true`` (or only ``{"error": "..."}``); then one every ``status_seconds``
-  and once more at exit; ``{"done": n}`` each time ``done`` grows (a batch published, or dropped);
-  and, as soon as a batch's settlement is done,
+  in-process dispatcher finished with: until then they die with the process). The first line is
+  the ready line, a status with ``"ready": true`` (or only ``{"error": "..."}``); then one every
+  ``status_seconds`` and once more at exit; ``{"done": n}`` each time ``done`` grows (a batch
+  published, or dropped); and, as soon as a batch's settlement is done,
   ``{"settled": [[token_id, request_id], ...]}`` for its exchanges that settle a tpm window or a
   budget hold (settled, or never to be).
 - stderr: the log, as configured for the server.
