@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 import structlog
@@ -38,6 +39,7 @@ MANAGEMENT_TOKEN = web.AppKey("management_token", str)
 MAX_JSON_BYTES = 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Checked = TypeVar("Checked")
 # What reading a body can raise when its bytes are bad (a broken chunk, a truncated or undecodable
 # payload); the server's own parser raises the first, another front end may raise the others.
 _UNREADABLE_BODY = (web.RequestPayloadError, HttpProcessingError, ClientPayloadError)
@@ -160,8 +162,21 @@ async def _read_body(request: web.Request) -> bytes:
     return bytes(body)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _checked_body(
+    request: web.Request, check: Callable[[dict[str, Any]], Checked]
+) -> Checked:
+    """The body's fields, read and put through ``check`` (which raises for a bad one).
+
+    Parsed and checked in a worker thread: Python's reading of a body near ``MAX_JSON_BYTES`` (its
+    keys one by one for repeats, its numbers for their range, metadata's strings and nesting)
+    takes the better part of a second, during which the event loop answered nothing else of this
+    process, proxied streams included.
+    """
     raw = await _read_body(request)
+    return await asyncio.to_thread(lambda: check(_json_object(raw)))
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise errors.InvalidJson("Request body must be a JSON object.")
     try:
@@ -196,19 +211,21 @@ def _given(**fields: Any) -> dict[str, Any]:
 # -- projects ----------------------------------------------------------------------------------
 
 
-async def create_project(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+def _new_project(body: dict[str, Any]) -> dict[str, Any]:
     validation.require_known(body, {"name", "api_key", "description", "metadata"})
-    name = validation.name(body, required=True)
-    api_key = validation.upstream_key(body, required=True)
-    description = validation.description(body)
-    metadata = validation.mapping(body, "metadata")
-    project = await _ops(request).create_project(
-        _actor(request),
-        name=name,
-        api_key=api_key,
-        **_given(description=description, metadata=metadata),
-    )
+    return {
+        "name": validation.name(body, required=True),
+        "api_key": validation.upstream_key(body, required=True),
+        **_given(
+            description=validation.description(body),
+            metadata=validation.mapping(body, "metadata"),
+        ),
+    }
+
+
+async def create_project(request: web.Request) -> web.Response:
+    fields = await _checked_body(request, _new_project)
+    project = await _ops(request).create_project(_actor(request), **fields)
     return json_response(project.to_api(), status=201)
 
 
@@ -224,8 +241,7 @@ async def get_project(request: web.Request) -> web.Response:
     return json_response({**project.to_api(), "usage": usage.to_api()})
 
 
-async def update_project(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+def _project_changes(body: dict[str, Any]) -> dict[str, Any]:
     validation.require_known(
         body, {"name", "api_key", "is_active", "revoke_tokens", "description", "metadata"}
     )
@@ -242,6 +258,11 @@ async def update_project(request: web.Request) -> web.Response:
     for key in ("name", "api_key"):
         if key in fields and not fields[key]:
             raise errors.InvalidField(key, "must not be empty")
+    return fields
+
+
+async def update_project(request: web.Request) -> web.Response:
+    fields = await _checked_body(request, _project_changes)
     project = await _ops(request).update_project(
         _actor(request), request.match_info["project_id"], **fields
     )
@@ -286,20 +307,19 @@ def _token_limits(body: dict[str, Any]) -> LimitChanges:
     return cast(LimitChanges, given)  # each checked to its type just above
 
 
-async def create_token(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+def _new_token(body: dict[str, Any]) -> dict[str, Any]:
     validation.require_known(body, {"project_id", "duration_minutes", "metadata", *_TOKEN_LIMITS})
-    project_id = validation.text(body, "project_id", required=True, max_length=MAX_ID_LENGTH)
-    duration = validation.duration_minutes(body)
-    limits = _token_limits(body)
-    metadata = validation.mapping(body, "metadata", max_bytes=MAX_TOKEN_METADATA_BYTES)
-    issued = await _ops(request).issue_token(
-        _actor(request),
-        project_id=project_id,
-        duration_minutes=duration,
-        **limits,
-        **_given(metadata=metadata),
-    )
+    return {
+        "project_id": validation.text(body, "project_id", required=True, max_length=MAX_ID_LENGTH),
+        "duration_minutes": validation.duration_minutes(body),
+        **_token_limits(body),
+        **_given(metadata=validation.mapping(body, "metadata", max_bytes=MAX_TOKEN_METADATA_BYTES)),
+    }
+
+
+async def create_token(request: web.Request) -> web.Response:
+    fields = await _checked_body(request, _new_token)
+    issued = await _ops(request).issue_token(_actor(request), **fields)
     token = issued.token.to_api()
     limits_given = {key: token[key] for key in (*_TOKEN_LIMITS, "metadata")}
     return json_response(
@@ -334,8 +354,8 @@ async def get_token(request: web.Request) -> web.Response:
     return json_response({**token.to_api(), "usage": usage.to_api()})
 
 
-async def update_token(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+def _token_changes(body: dict[str, Any]) -> tuple[bool | None, LimitChanges]:
+    """``is_active`` (None when not given) and the limits to change."""
     if "metadata" in body:
         raise errors.InvalidField("metadata", "cannot be changed once the token is issued")
     validation.require_known(body, {"is_active", *_TOKEN_LIMITS})
@@ -345,11 +365,13 @@ async def update_token(request: web.Request) -> web.Response:
         raise errors.InvalidRequest(
             f"Nothing to update: give at least one of {', '.join(['is_active', *_TOKEN_LIMITS])}."
         )
+    return None if is_active is MISSING else is_active, limits
+
+
+async def update_token(request: web.Request) -> web.Response:
+    is_active, limits = await _checked_body(request, _token_changes)
     token = await _ops(request).update_token(
-        _actor(request),
-        request.match_info["token_id"],
-        is_active=None if is_active is MISSING else is_active,
-        limits=limits,
+        _actor(request), request.match_info["token_id"], is_active=is_active, limits=limits
     )
     return json_response(token.to_api())
 
@@ -359,10 +381,14 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def revoke_token_by_value(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+def _token_value(body: dict[str, Any]) -> str:
     validation.require_known(body, {"token"})
-    value = validation.text(body, "token", required=True, max_length=MAX_TOKEN_VALUE_LENGTH)
+    value: str = validation.text(body, "token", required=True, max_length=MAX_TOKEN_VALUE_LENGTH)
+    return value
+
+
+async def revoke_token_by_value(request: web.Request) -> web.Response:
+    value = await _checked_body(request, _token_value)
     await _ops(request).revoke_token_by_value(_actor(request), value)
     return web.Response(status=204)
 
