@@ -1,16 +1,25 @@
-"""A management body near the size limit is read without holding up the rest of the server."""
+"""Management calls that handle much data (a body near the size limit, a list of many tokens) do not
+hold up the rest of the server: /health, and the proxied requests beside it, keep being answered."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from llm_proxy.control.management import MAX_JSON_BYTES
+from llm_proxy.models import utcnow
+from llm_proxy.store.sqlite import _ts
 from tests.conftest import Proxy
+from tests.processes import ServerProcess, http
 
 # Longer than any answer to /health takes on a busy machine, and far shorter than the time
 # Python's checks of a body near MAX_JSON_BYTES take.
@@ -69,4 +78,52 @@ async def test_health_answers_while_a_large_management_body_is_checked(
         assert response.status == expected, await response.text()
     done.set()
     waits = await asking
+    assert max(waits) < LONGEST_WAIT_SECONDS, f"/health waited {max(waits):.2f} s"
+
+
+# A month of short-lived tokens at about one a minute: tokens are kept once expired.
+MANY_TOKENS = 40_000
+
+
+def _store_tokens(database: Path, project_id: str, count: int) -> None:
+    """``count`` expired tokens of the project, written straight into the server's SQLite file
+    (issuing them one call at a time would take minutes)."""
+    now = utcnow()
+    with sqlite3.connect(database) as db:
+        db.executemany(
+            "INSERT INTO tokens (id, project_id, token_hash, expires_at, is_active,"
+            " request_count, created_at, metadata) VALUES (?, ?, ?, ?, 1, 0, ?, '{}')",
+            [
+                (
+                    str(uuid.uuid4()),
+                    project_id,
+                    uuid.uuid4().hex * 2,
+                    _ts(now - timedelta(minutes=n)),
+                    _ts(now - timedelta(minutes=n + 15)),
+                )
+                for n in range(count)
+            ],
+        )
+
+
+@pytest.mark.process
+def test_health_answers_while_many_tokens_are_listed(server: ServerProcess) -> None:
+    status, project = http(
+        "POST",
+        f"{server.base_url}/manage/projects",
+        token=server.management_token,
+        body={"name": "busy", "api_key": "sk-upstream-busy"},
+    )
+    assert status == 201, project
+    _store_tokens(server.data_dir / "llm-proxy.db", project["id"], MANY_TOKENS)
+    done = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        asking = pool.submit(_ask_health, server.base_url, done)
+        time.sleep(0.1)
+        status, tokens = http(
+            "GET", f"{server.base_url}/manage/tokens", token=server.management_token, timeout=60
+        )
+        done.set()
+        waits = asking.result()
+    assert (status, len(tokens)) == (200, MANY_TOKENS)
     assert max(waits) < LONGEST_WAIT_SECONDS, f"/health waited {max(waits):.2f} s"
