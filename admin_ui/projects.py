@@ -11,7 +11,7 @@ from aiohttp import web
 from admin_ui import forms
 from admin_ui.activity import timelines
 from admin_ui.navigation import see_other
-from admin_ui.rendering import render
+from admin_ui.rendering import render, render_long
 from admin_ui.state import actor, operations
 from llm_proxy.errors import InvalidField
 from llm_proxy.models import Project, Token, utcnow
@@ -52,7 +52,7 @@ async def project_detail(request: web.Request) -> web.Response:
     tokens = sorted(await ops.list_tokens(project.id), key=lambda t: t.created_at, reverse=True)
     now = utcnow()
     counts = count_tokens(tokens, now).get(project.id, TokenCounts())
-    return render(
+    return await render_long(
         request,
         "project_detail.html",
         {

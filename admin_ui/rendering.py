@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,6 +129,18 @@ def setup_templates(app: web.Application) -> None:
     )
 
 
+def _layout_context(request: web.Request) -> dict[str, Any]:
+    """What the layout needs: the admin's name, a fresh CSRF token, the time."""
+    admin = state(request)
+    return {
+        "admin_user": admin.admin_user,
+        "csrf_token": admin.csrf.issue(admin.admin_user),
+        "now": utcnow(),
+        "path": request.path,
+        "notice": notice_text(request),
+    }
+
+
 def render(
     request: web.Request,
     template: str,
@@ -135,18 +148,26 @@ def render(
     *,
     status: int = 200,
 ) -> web.Response:
-    """Render a page with what the layout needs: the admin's name, a fresh CSRF token, the time."""
-    admin = state(request)
-    base: dict[str, Any] = {
-        "admin_user": admin.admin_user,
-        "csrf_token": admin.csrf.issue(admin.admin_user),
-        "now": utcnow(),
-        "path": request.path,
-        "notice": notice_text(request),
-    }
+    """Render a page, with what the layout needs."""
     return aiohttp_jinja2.render_template(
-        template, request, {**base, **context}, app_key=JINJA, status=status
+        template, request, {**_layout_context(request), **context}, app_key=JINJA, status=status
     )
+
+
+async def render_long(
+    request: web.Request, template: str, context: Mapping[str, Any]
+) -> web.Response:
+    """Render a page whose rows grow with what is stored (every token, or every token of a
+    project) in a worker thread: tokens are kept once expired, and rendering months of them held
+    up the event loop, and every request of this process with it."""
+    text = await asyncio.to_thread(
+        aiohttp_jinja2.render_string,
+        template,
+        request,
+        {**_layout_context(request), **context},
+        app_key=JINJA,
+    )
+    return web.Response(text=text, content_type="text/html", charset="utf-8")
 
 
 def error_page(

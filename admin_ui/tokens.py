@@ -12,7 +12,7 @@ from aiohttp import web
 from admin_ui import forms
 from admin_ui.activity import timelines
 from admin_ui.navigation import see_other
-from admin_ui.rendering import render
+from admin_ui.rendering import render, render_long
 from admin_ui.state import actor, operations
 from llm_proxy.control import validation
 from llm_proxy.control.operations import (
@@ -114,7 +114,7 @@ async def token_list(request: web.Request) -> web.Response:
     ]
     tokens.sort(key=lambda t: t.created_at, reverse=True)
     names = {project.id: project.name for project in await ops.list_projects()}
-    return render(
+    return await render_long(
         request,
         "tokens.html",
         {"tokens": tokens, "names": names, "status": status, "statuses": STATUSES},

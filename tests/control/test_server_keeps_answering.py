@@ -4,11 +4,13 @@ hold up the rest of the server: /health, and the proxied requests beside it, kee
 from __future__ import annotations
 
 import asyncio
+import base64
 import sqlite3
 import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -106,8 +108,9 @@ def _store_tokens(database: Path, project_id: str, count: int) -> None:
         )
 
 
-@pytest.mark.process
-def test_health_answers_while_many_tokens_are_listed(server: ServerProcess) -> None:
+@pytest.fixture(scope="module")
+def many_tokens(server: ServerProcess) -> str:
+    """The id of a project with MANY_TOKENS expired tokens, on the module's server process."""
     status, project = http(
         "POST",
         f"{server.base_url}/manage/projects",
@@ -116,14 +119,61 @@ def test_health_answers_while_many_tokens_are_listed(server: ServerProcess) -> N
     )
     assert status == 201, project
     _store_tokens(server.data_dir / "llm-proxy.db", project["id"], MANY_TOKENS)
+    return str(project["id"])
+
+
+def _waits_for_health_while(server: ServerProcess, ask: Callable[[], None]) -> float:
+    """The longest /health took to answer, asked from another thread while ``ask`` runs."""
     done = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         asking = pool.submit(_ask_health, server.base_url, done)
         time.sleep(0.1)
-        status, tokens = http(
-            "GET", f"{server.base_url}/manage/tokens", token=server.management_token, timeout=60
+        try:
+            ask()
+        finally:
+            done.set()
+        return max(asking.result())
+
+
+@pytest.mark.process
+def test_health_answers_while_many_tokens_are_listed(
+    server: ServerProcess, many_tokens: str
+) -> None:
+    answers = []
+
+    def list_tokens() -> None:
+        answers.append(
+            http(
+                "GET", f"{server.base_url}/manage/tokens", token=server.management_token, timeout=60
+            )
         )
-        done.set()
-        waits = asking.result()
+
+    longest = _waits_for_health_while(server, list_tokens)
+    status, tokens = answers[0]
     assert (status, len(tokens)) == (200, MANY_TOKENS)
-    assert max(waits) < LONGEST_WAIT_SECONDS, f"/health waited {max(waits):.2f} s"
+    assert longest < LONGEST_WAIT_SECONDS, f"/health waited {longest:.2f} s"
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("page", ["/admin/tokens", "/admin/projects/{project_id}"])
+def test_health_answers_while_a_page_of_many_tokens_is_shown(
+    server: ServerProcess, many_tokens: str, page: str
+) -> None:
+    password = (server.data_dir / "admin_password").read_text().strip()
+    credentials = base64.b64encode(f"admin:{password}".encode()).decode()
+    request = urllib.request.Request(
+        server.base_url + page.format(project_id=many_tokens),
+        headers={"Authorization": f"Basic {credentials}"},
+    )
+    shown = []
+
+    def show() -> None:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=120) as response:
+            shown.append((response.status, response.read()))
+
+    longest = _waits_for_health_while(server, show)
+    status, html = shown[0]
+    assert status == 200
+    assert html.count(b'href="/admin/tokens/') >= MANY_TOKENS
+    assert longest < LONGEST_WAIT_SECONDS, f"/health waited {longest:.2f} s"
