@@ -85,6 +85,9 @@ async def test_health_answers_while_a_large_management_body_is_checked(
 
 # A month of short-lived tokens at about one a minute: tokens are kept once expired.
 MANY_TOKENS = 40_000
+# Reading and sending that many tokens keeps a busy machine's CPUs busy, which may slow /health
+# somewhat; far shorter than the seconds a list or page of them held the event loop.
+LONGEST_WAIT_WITH_MANY_SECONDS = 1.0
 
 
 def _store_tokens(database: Path, project_id: str, count: int) -> None:
@@ -151,7 +154,7 @@ def test_health_answers_while_many_tokens_are_listed(
     longest = _waits_for_health_while(server, list_tokens)
     status, tokens = answers[0]
     assert (status, len(tokens)) == (200, MANY_TOKENS)
-    assert longest < LONGEST_WAIT_SECONDS, f"/health waited {longest:.2f} s"
+    assert longest < LONGEST_WAIT_WITH_MANY_SECONDS, f"/health waited {longest:.2f} s"
 
 
 @pytest.mark.process
@@ -176,4 +179,4 @@ def test_health_answers_while_a_page_of_many_tokens_is_shown(
     status, html = shown[0]
     assert status == 200
     assert html.count(b'href="/admin/tokens/') >= MANY_TOKENS
-    assert longest < LONGEST_WAIT_SECONDS, f"/health waited {longest:.2f} s"
+    assert longest < LONGEST_WAIT_WITH_MANY_SECONDS, f"/health waited {longest:.2f} s"
