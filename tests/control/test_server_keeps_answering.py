@@ -23,9 +23,11 @@ from llm_proxy.store.sqlite import _ts
 from tests.conftest import Proxy
 from tests.processes import ServerProcess, http
 
-# Longer than any answer to /health takes on a busy machine, and far shorter than the time
-# Python's checks of a body near MAX_JSON_BYTES take.
-LONGEST_WAIT_SECONDS = 0.3
+# The longest /health may wait, as a share of the call's own time. While the event loop did the
+# call's work itself, /health waited nearly all of it (0.9 and more of it in every run before the
+# work moved to a thread); measured against the call, not the clock, the bound holds on a slow or
+# busy machine alike.
+LONGEST_SHARE_OF_THE_CALL = 0.5
 
 
 def _filled(prefix: bytes, item: bytes, suffix: bytes) -> bytes:
@@ -72,22 +74,23 @@ async def test_health_answers_while_a_large_management_body_is_checked(
     done = threading.Event()
     asking = asyncio.create_task(asyncio.to_thread(_ask_health, proxy.base_url, done))
     await asyncio.sleep(0.1)
+    started = time.perf_counter()
     async with proxy.operator.post(
         f"{proxy.base_url}/manage/projects",
         data=body,
         headers={**proxy.auth(), "Content-Type": "application/json"},
     ) as response:
         assert response.status == expected, await response.text()
+    call = time.perf_counter() - started
     done.set()
     waits = await asking
-    assert max(waits) < LONGEST_WAIT_SECONDS, f"/health waited {max(waits):.2f} s"
+    assert max(waits) < LONGEST_SHARE_OF_THE_CALL * call, (
+        f"/health {max(waits):.2f} s of {call:.2f}"
+    )
 
 
 # A month of short-lived tokens at about one a minute: tokens are kept once expired.
 MANY_TOKENS = 40_000
-# Reading and sending that many tokens keeps a busy machine's CPUs busy, which may slow /health
-# somewhat; far shorter than the seconds a list or page of them held the event loop.
-LONGEST_WAIT_WITH_MANY_SECONDS = 1.0
 
 
 def _store_tokens(database: Path, project_id: str, count: int) -> None:
@@ -125,17 +128,20 @@ def many_tokens(server: ServerProcess) -> str:
     return str(project["id"])
 
 
-def _waits_for_health_while(server: ServerProcess, ask: Callable[[], None]) -> float:
-    """The longest /health took to answer, asked from another thread while ``ask`` runs."""
+def _waits_for_health_while(server: ServerProcess, ask: Callable[[], None]) -> tuple[float, float]:
+    """The longest /health took to answer, asked from another thread while ``ask`` runs, and how
+    long ``ask`` took."""
     done = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         asking = pool.submit(_ask_health, server.base_url, done)
         time.sleep(0.1)
+        started = time.perf_counter()
         try:
             ask()
         finally:
+            call = time.perf_counter() - started
             done.set()
-        return max(asking.result())
+        return max(asking.result()), call
 
 
 @pytest.mark.process
@@ -151,10 +157,10 @@ def test_health_answers_while_many_tokens_are_listed(
             )
         )
 
-    longest = _waits_for_health_while(server, list_tokens)
+    longest, call = _waits_for_health_while(server, list_tokens)
     status, tokens = answers[0]
     assert (status, len(tokens)) == (200, MANY_TOKENS)
-    assert longest < LONGEST_WAIT_WITH_MANY_SECONDS, f"/health waited {longest:.2f} s"
+    assert longest < LONGEST_SHARE_OF_THE_CALL * call, f"/health {longest:.2f} s of {call:.2f}"
 
 
 @pytest.mark.process
@@ -175,8 +181,8 @@ def test_health_answers_while_a_page_of_many_tokens_is_shown(
         with opener.open(request, timeout=120) as response:
             shown.append((response.status, response.read()))
 
-    longest = _waits_for_health_while(server, show)
+    longest, call = _waits_for_health_while(server, show)
     status, html = shown[0]
     assert status == 200
     assert html.count(b'href="/admin/tokens/') >= MANY_TOKENS
-    assert longest < LONGEST_WAIT_WITH_MANY_SECONDS, f"/health waited {longest:.2f} s"
+    assert longest < LONGEST_SHARE_OF_THE_CALL * call, f"/health {longest:.2f} s of {call:.2f}"
