@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -133,6 +134,13 @@ async def _in_socket_reads(body: bytes) -> AsyncIterator[bytes]:
         yield body[at : at + 65_536]
 
 
+async def _post_late(proxy: Proxy, token: str, body: bytes, framing: str) -> aiohttp.ClientResponse:
+    """``body`` posted as a chat completion, with its length or chunked in socket-sized reads."""
+    data = _in_socket_reads(body) if framing == "chunked" else io.BytesIO(body)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    return await proxy.client.post("/v1/chat/completions", data=data, headers=headers)
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 @pytest.mark.parametrize("limits", ["unlimited", "tpm", "budget", "models"])
 async def test_a_stream_that_says_so_after_megabytes_has_its_null_options_replaced(
@@ -143,9 +151,7 @@ async def test_a_stream_that_says_so_after_megabytes_has_its_null_options_replac
     # unlimited one served it without usage, its tokens estimated.
     issued = await proxy.issue_token(**LIMITS[limits])
     body = late_stream_body(b"true")
-    data = _in_socket_reads(body) if framing == "chunked" else io.BytesIO(body)
-    headers = {"Authorization": f"Bearer {issued['token']}", "Content-Type": "application/json"}
-    response = await proxy.client.post("/v1/chat/completions", data=data, headers=headers)
+    response = await _post_late(proxy, issued["token"], body, framing)
     text = await response.read()
     assert response.status == 200, text
     null = body.index(b"null")
@@ -165,9 +171,7 @@ async def test_megabytes_that_do_not_stream_keep_their_null_options(
 ) -> None:
     token = await proxy.token(**LIMITS[limits])
     body = late_stream_body(b"false")
-    data = _in_socket_reads(body) if framing == "chunked" else io.BytesIO(body)
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    response = await proxy.client.post("/v1/chat/completions", data=data, headers=headers)
+    response = await _post_late(proxy, token, body, framing)
     assert response.status == 200, await response.read()
     assert proxy.upstream.last.body == body
 
@@ -180,9 +184,7 @@ async def test_megabytes_with_null_options_refused_for_their_model_never_reach_t
     # the body goes upstream.)
     token = await proxy.token(**LIMITS["models"])
     body = late_stream_body(b"true").replace(b'"gpt-4o-mini"', b'"gpt-4o"', 1)
-    data = _in_socket_reads(body) if framing == "chunked" else io.BytesIO(body)
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    response = await proxy.client.post("/v1/chat/completions", data=data, headers=headers)
+    response = await _post_late(proxy, token, body, framing)
     assert response.status == 403
     assert (await response.json())["error"]["code"] == "model_not_allowed"
     assert proxy.upstream.requests == []
