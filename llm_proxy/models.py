@@ -231,6 +231,9 @@ class RateSlot:
     admitted: bool
     at_micros: int = 0  # when the slot was taken (to give it back), epoch microseconds
     retry_after: float = 0.0  # seconds until the oldest request in the window leaves it
+    # Refused because the window's last minute is unknown (the Redis holding it lost its data):
+    # ``retry_after`` is when that minute is over.
+    window_lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)

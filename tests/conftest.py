@@ -157,10 +157,22 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis that keeps its data across a restart (append-only file), as production runs it:
+    events Redis acknowledged before it stopped are its to keep, not the proxy's, and the limits'
+    windows and holds are still there (one that lost them refuses their tokens a while)."""
+    server = RedisServer(tmp_path / "redis", durable=True)
+    server.start()
+    yield server
+    server.stop()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test using ``redis_server`` starts one: it needs Redis and belongs to the process tier."""
+    """A test using ``redis_server`` (or ``durable_redis``) starts one: it needs Redis and belongs
+    to the process tier."""
     for item in items:
-        if "redis_server" in getattr(item, "fixturenames", ()):
+        if {"redis_server", "durable_redis"} & set(getattr(item, "fixturenames", ())):
             for mark in (pytest.mark.redis, pytest.mark.process):
                 if item.get_closest_marker(mark.name) is None:
                     item.add_marker(mark)

@@ -74,6 +74,15 @@ def _unsettled_limits() -> errors.ProxyError:
     )
 
 
+def _window_lost(limit: str, retry_after: int) -> errors.ProxyError:
+    return errors.LimitsUnavailable(
+        f"The store holding this token's {limit} window lost its last minute (Redis restarted"
+        f" without its data), so the limit cannot be counted until that minute is over; retry"
+        f" in {retry_after} s.",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 @dataclass(slots=True, eq=False)
 class Grant:
     """What the proxy path needs to admit and forward a request for one token."""
@@ -200,6 +209,7 @@ class TokenAuthority:
         started = time.monotonic()
         self._change_cursor = await self._store.latest_change()
         self._feed_read(started)
+        await self._rate_windows.start()
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -512,6 +522,8 @@ class TokenAuthority:
             ) from None
         if not slot.admitted:
             retry_after = max(1, math.ceil(slot.retry_after))
+            if slot.window_lost:
+                raise _window_lost("rpm", retry_after)
             raise errors.RateLimited(
                 f"This token allows {grant.rpm} requests per minute; retry in {retry_after} s.",
                 headers={"Retry-After": str(retry_after)},
@@ -541,6 +553,8 @@ class TokenAuthority:
             ) from None
         if not room.admitted:
             retry_after = max(1, math.ceil(room.retry_after))
+            if room.window_lost:
+                raise _window_lost("tpm", retry_after)
             raise errors.RateLimited(
                 f"This token allows {grant.tpm} tokens per minute; retry in {retry_after} s.",
                 headers={"Retry-After": str(retry_after)},

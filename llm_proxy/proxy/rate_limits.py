@@ -14,12 +14,21 @@ from typing import Protocol
 
 from llm_proxy.models import RATE_WINDOW_MICROS, RateSlot
 from llm_proxy.proxy.cancel_marks import remember_cancelled
-from llm_proxy.proxy.limits_redis import limits_client
+from llm_proxy.proxy.limits_redis import (
+    LIMITS_SINCE_KEY,
+    limits_client,
+    lost_for_lua,
+    trust_from_start,
+)
 from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
 
 
 class RateWindows(Protocol):
+    async def start(self) -> None:
+        """Ready the windows before the first request (see :data:`LIMITS_SINCE_KEY`)."""
+        ...
+
     async def take(self, token_id: str, rpm: int, slot_id: str) -> RateSlot:
         """Take a slot of the token's rpm window, named ``slot_id`` (see :meth:`cancel`)."""
         ...
@@ -51,6 +60,9 @@ class StoreRateWindows:
     def __init__(self, store: Store) -> None:
         self._store = store
 
+    async def start(self) -> None:
+        return None
+
     async def take(self, token_id: str, rpm: int, slot_id: str) -> RateSlot:
         return await self._store.take_rate_slot(token_id)
 
@@ -75,14 +87,19 @@ class StoreRateWindows:
 
 
 # KEYS[1]: the token's log (a sorted set of slot ids scored by their admission times, epoch
-# microseconds by Redis's clock, each one unique); KEYS[2]: its cancelled slots (see _CANCEL).
-# ARGV[1]: rpm; ARGV[2]: the window in microseconds; ARGV[3]: the slot's id. Answers {1, slot}
-# or {0, retry_after_micros}.
-_TAKE = """
+# microseconds by Redis's clock, each one unique); KEYS[2]: its cancelled slots (see _CANCEL);
+# KEYS[3]: LIMITS_SINCE_KEY. ARGV[1]: rpm; ARGV[2]: the window in microseconds; ARGV[3]: the
+# slot's id. Answers {1, slot}, {0, retry_after_micros} or {-1, retry_after_micros} (windows lost).
+_TAKE = (
+    """
 if redis.call('ZSCORE', KEYS[2], ARGV[3]) then return {0, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = tonumber(ARGV[2])
+"""
+    + lost_for_lua("KEYS[3]", "window")
+    + """
+if lost_for > 0 then return {-1, lost_for} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local count = redis.call('ZCARD', KEYS[1])
 local rpm = tonumber(ARGV[1])
@@ -96,6 +113,7 @@ end
 local oldest = redis.call('ZRANGE', KEYS[1], count - rpm, count - rpm, 'WITHSCORES')
 return {0, tonumber(oldest[2]) + window - now}
 """
+)
 
 # KEYS: the token's log, its cancelled slots (slot ids scored by when they may be forgotten).
 # ARGV: the slot id, how long to remember it (µs). Gives the slot back when it was taken; else
@@ -109,12 +127,18 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then return 1 end
 _CANCELLED_MICROS = 3_600_000_000
 
 
-# KEYS[1]: the token's tpm log (members "<at>:<tokens>", scored by ``at``, Redis's clock).
-# ARGV[1]: tpm; ARGV[2]: the window. Answers {1, 0} when there is room, else {0, retry_after}.
-_TPM_ROOM = """
+# KEYS[1]: the token's tpm log (members "<at>:<tokens>", scored by ``at``, Redis's clock);
+# KEYS[2]: LIMITS_SINCE_KEY. ARGV[1]: tpm; ARGV[2]: the window. Answers {1, 0} when there is
+# room, else {0, retry_after}, or {-1, retry_after} while the windows are lost.
+_TPM_ROOM = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = tonumber(ARGV[2])
+"""
+    + lost_for_lua("KEYS[2]", "window")
+    + """
+if lost_for > 0 then return {-1, lost_for} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local used = 0
@@ -129,6 +153,7 @@ for i = 1, #entries, 2 do
 end
 return {0, window}
 """
+)
 
 # KEYS[1]: the token's tpm log; ARGV[1]: tokens; ARGV[2]: the window; ARGV[3]: the entry's unique
 # id (added once however often it is sent).
@@ -156,15 +181,18 @@ class RedisRateWindows:
     def _keys(token_id: str) -> list[str]:
         return [f"llm-proxy:rpm:{token_id}", f"llm-proxy:rpm-cancelled:{token_id}"]
 
+    async def start(self) -> None:
+        await trust_from_start(self._redis)
+
     async def take(self, token_id: str, rpm: int, slot_id: str) -> RateSlot:
-        keys = self._keys(token_id)
+        keys = [*self._keys(token_id), LIMITS_SINCE_KEY]
         admitted, value = await once_more_on_a_new_connection(
             self._redis,
             lambda: self._take(keys=keys, args=[rpm, RATE_WINDOW_MICROS, slot_id]),
         )
-        if admitted:
+        if admitted == 1:
             return RateSlot(True, at_micros=int(value))
-        return RateSlot(False, retry_after=int(value) / 1e6)
+        return RateSlot(False, retry_after=int(value) / 1e6, window_lost=admitted == -1)
 
     async def give_back(self, token_id: str, at_micros: int) -> None:
         # By its time, which no other slot shares (_TAKE): a second run removes nothing more.
@@ -183,10 +211,11 @@ class RedisRateWindows:
         room, retry_after = await once_more_on_a_new_connection(
             self._redis,
             lambda: self._tpm_room(
-                keys=[f"llm-proxy:tpm:{token_id}"], args=[tpm, RATE_WINDOW_MICROS]
+                keys=[f"llm-proxy:tpm:{token_id}", LIMITS_SINCE_KEY],
+                args=[tpm, RATE_WINDOW_MICROS],
             ),
         )
-        return RateSlot(bool(room), retry_after=int(retry_after) / 1e6)
+        return RateSlot(room == 1, retry_after=int(retry_after) / 1e6, window_lost=room == -1)
 
     async def record_tokens(self, token_id: str, tokens: int, entry: str) -> None:
         await once_more_on_a_new_connection(

@@ -386,6 +386,27 @@ async def test_with_redis_the_tpm_window_lives_there(
         await client.aclose()
 
 
+async def test_a_tpm_window_redis_lost_with_its_data_is_not_trusted_until_its_minute_is_over(
+    proxy_factory: Any, redis_server: RedisServer
+) -> None:
+    """A Redis restarted without persistence (or flushed) comes back without the tokens settled
+    in the last minute: a full tpm window must not look empty (SPEC §11), so its token is refused
+    limits_unavailable, with Retry-After, until that minute is over."""
+    proxy: Proxy = await proxy_factory(event_bus="redis", redis_url=redis_server.url)
+    issued = await proxy.issue_token(tpm=5)
+    first, response = await _back_to_back(proxy, issued["token"], 2)
+    assert first.status == 200
+    assert (await response.json())["error"]["code"] == "rate_limited"
+    client = Redis.from_url(redis_server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    status, headers, answer = await post(proxy, issued["token"], chat("gpt-4o-mini"))
+    assert (status, answer["error"]["code"]) == (503, "limits_unavailable")
+    assert 0 < int(headers["Retry-After"]) <= 60
+
+
 async def test_requests_given_back_after_an_outage_leave_the_quota_open(
     proxy_factory: Any, unused_tcp_port: int
 ) -> None:

@@ -337,6 +337,30 @@ def test_a_request_that_never_reached_the_upstream_gives_its_rpm_slot_back_after
             instance.stop(timeout=10)
 
 
+@pytest.mark.redis
+def test_an_rpm_window_redis_lost_with_its_data_admits_no_more_until_its_minute_is_over(
+    cluster: Cluster, redis_server: RedisServer
+) -> None:
+    """A Redis restarted without persistence (or flushed) comes back without the rpm windows of
+    the last minute: a token that had used its rpm must not get as many again in that minute
+    (SPEC §11: exact across instances, never fail open); it is refused limits_unavailable until
+    the lost minute is over."""
+    issued = cluster.issue(rpm=3)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        first = list(pool.map(lambda n: cluster.call(issued["token"], on=n % 3), range(6)))
+    assert sorted(first) == [(200, None)] * 3 + [(429, "rate_limited")] * 3
+    with Redis.from_url(redis_server.url) as redis:
+        redis.flushall()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        after = list(pool.map(lambda n: cluster.call(issued["token"], on=n % 3), range(6)))
+    assert (200, None) not in after, after
+    assert set(after) == {(503, "limits_unavailable")}
+    status, answer = http(
+        "GET", f"{cluster.instances[0].base_url}/v1/models", token=issued["token"]
+    )
+    assert status == 503 and "minute" in answer["error"]["message"]
+
+
 def test_revoked_tokens_stay_refused_through_lost_listeners_and_a_database_restart(
     own_postgres: PostgresServer,
     own_database: str,
@@ -389,16 +413,6 @@ def test_revoked_tokens_stay_refused_through_lost_listeners_and_a_database_resta
 def http_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return str(response.read().decode())
-
-
-@pytest.fixture
-def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis that keeps its streams across a restart (append-only file), as production runs it:
-    events Redis acknowledged before it stopped are its to keep, not the proxy's."""
-    server = RedisServer(tmp_path / "redis", durable=True)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.redis
