@@ -246,6 +246,9 @@ class BudgetHold:
     remaining_nanousd: int
     # refused because the spend alone leaves less than the minimum: permanent
     exhausted: bool = False
+    # refused because what is held is unknown for this many seconds more (the Redis holding it
+    # lost its data): transient
+    unknown_for: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

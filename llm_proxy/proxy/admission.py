@@ -210,6 +210,7 @@ class TokenAuthority:
         self._change_cursor = await self._store.latest_change()
         self._feed_read(started)
         await self._rate_windows.start()
+        await self.budget_ledger.start()
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -334,6 +335,14 @@ class TokenAuthority:
         admission.remaining_budget = hold.remaining_nanousd
         if not hold.admitted:
             STATS.budget_holds_refused += 1
+            if hold.unknown_for:
+                retry_after = max(1, math.ceil(hold.unknown_for))
+                raise errors.LimitsUnavailable(
+                    "The store holding this token's budget lost the holds of requests in progress"
+                    " (Redis restarted without its data), so the budget cannot be counted until"
+                    f" they are taken again; retry in {retry_after} s.",
+                    headers={"Retry-After": str(retry_after)},
+                )
             if hold.exhausted:
                 self._note_refused(grant, budget, plan.minimum)
                 raise errors.BudgetExceeded(

@@ -15,7 +15,8 @@ counted, so the budget is never understated.
 
 With Redis, spend is kept in Redis for admission and also added to the database, which shows it
 and seeds Redis again after Redis lost its data (or when a token first holds: one given a budget
-late starts from all it spent before).
+late starts from all it spent before). The holds Redis lost with its data are taken again by the
+renewals of the requests still running, before any new hold is (see ``limits_redis.py``).
 
 Every token's spend is its lifetime spend, budget or not: requests that held nothing add their
 cost with :meth:`BudgetLedger.add_spend` (see ``events/lifetime_spend.py``).
@@ -31,7 +32,12 @@ import structlog
 
 from llm_proxy.models import BudgetHold
 from llm_proxy.proxy.cancel_marks import remember_cancelled
-from llm_proxy.proxy.limits_redis import limits_client
+from llm_proxy.proxy.limits_redis import (
+    LIMITS_SINCE_KEY,
+    limits_client,
+    lost_for_lua,
+    trust_from_start,
+)
 from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
 from llm_proxy.store.unavailable import CommitInDoubt
@@ -97,6 +103,10 @@ async def _spend_not_committed(settlements: list[Settlement]) -> list[Settlement
 class BudgetLedger(Protocol):
     lease_seconds: float  # how long a hold lasts unless renewed
 
+    async def start(self) -> None:
+        """Ready the ledger before the first request (see ``limits_redis.LIMITS_SINCE_KEY``)."""
+        ...
+
     async def hold(
         self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
     ) -> BudgetHold:
@@ -147,6 +157,9 @@ class StoreBudgetLedger:
     def __init__(self, store: Store, *, lease_seconds: float = HOLD_LEASE_SECONDS) -> None:
         self._store = store
         self.lease_seconds = lease_seconds
+
+    async def start(self) -> None:
+        return None
 
     async def hold(
         self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
@@ -229,14 +242,22 @@ if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
 if held < 0 then held = 0 end
 """
 
-# KEYS[4]: the holds cancelled before they were taken (see _CANCEL).
+# KEYS[4]: the holds cancelled before they were taken (see _CANCEL); KEYS[5]: LIMITS_SINCE_KEY.
 # ARGV: budget, want, minimum, hold length (µs), hold id, spend to start from ("" when unknown),
 # when the keys may go (epoch ms: the token's expiry).
-# Answers {1, held, remaining}, {0, exhausted, remaining}, or {-1} when the spend is not in Redis
-# yet and must be read from the database first.
+# Answers {1, held, remaining}, {0, exhausted, remaining}, {-1} when the spend is not in Redis
+# yet and must be read from the database first, or {-2, 0, lost_for_micros} while the holds of
+# requests in progress may be missing (Redis lost its data: see limits_redis.py). The spend is not
+# read again meanwhile either: settlements whose Redis part found it gone land in the database.
 _HOLD = (
     """
 if redis.call('ZSCORE', KEYS[4], ARGV[5]) then return {0, 0, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
+    + lost_for_lua("KEYS[5]", "tonumber(ARGV[4])")
+    + """
+if lost_for > 0 then return {-2, 0, lost_for} end
 local spent = redis.call('GET', KEYS[1])
 if not spent then
   if ARGV[6] == '' then return {-1} end
@@ -299,15 +320,34 @@ for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
 end
 """ + remember_cancelled("KEYS[3]")
 
-# KEYS[1]: a token's holds; ARGV[1]: the lease (µs); ARGV[2...]: the members of its holds still
-# running. XX: a hold dropped meanwhile (settled, or expired and returned to the budget) is not
-# taken again; one expired but not dropped yet is still in the sum, and stays.
-_RENEW = """
+# KEYS[1]: a token's holds; KEYS[2]: their sum; KEYS[3]: LIMITS_SINCE_KEY. ARGV[1]: the lease
+# (µs); ARGV[2...]: the members of its holds still running. A hold dropped meanwhile (settled, or
+# expired and returned to the budget) is not taken again; one expired but not dropped yet is still
+# in the sum, and stays. Except while Redis's holds are not trusted after it lost its data: a hold
+# missing then is one it lost, taken again (a hold settled at that very moment stays a lease).
+_RENEW = (
+    """
 local t = redis.call('TIME')
-local expiry = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
+    + lost_for_lua("KEYS[3]", "tonumber(ARGV[1])")
+    + """
+local expiry = now + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+  elseif lost_for > 0 then
+    redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+    if redis.call('EXISTS', KEYS[2]) == 1 then
+      redis.call('INCRBY', KEYS[2], string.match(ARGV[i], ':(%d+)$'))
+    end
+    -- The token's next hold sets when the keys go (its expiry); until then, as long as that.
+    if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], 86400000) end
+  end
+end
 return 1
 """
+)
 
 # KEYS[1]: a token's spend; ARGV[1]: what requests that held nothing cost. Only where Redis has the
 # spend, like a settlement: otherwise the token's first hold reads it all from the database.
@@ -349,6 +389,9 @@ class RedisBudgetLedger:
         self._cancel = self._redis.register_script(_CANCEL)
         self._renew = self._redis.register_script(_RENEW)
 
+    async def start(self) -> None:
+        await trust_from_start(self._redis)
+
     @staticmethod
     def _keys(token_id: str) -> list[str]:
         return [
@@ -364,7 +407,7 @@ class RedisBudgetLedger:
     async def hold(
         self, token_id: str, hold_id: str, budget: int, want: int, minimum: int, expires_at: float
     ) -> BudgetHold:
-        keys = [*self._keys(token_id), self._cancelled_key(token_id)]
+        keys = [*self._keys(token_id), self._cancelled_key(token_id), LIMITS_SINCE_KEY]
         # The keys outlive the token by a day, for settlements of its last requests.
         args: list[int | str] = [
             budget,
@@ -384,6 +427,8 @@ class RedisBudgetLedger:
             answer = await self._hold(keys=keys, args=args)
         if answer[0] == 1:
             return BudgetHold(True, int(answer[1]), int(answer[2]))
+        if answer[0] == -2:
+            return BudgetHold(False, 0, 0, unknown_for=int(answer[2]) / 1e6)
         return BudgetHold(False, 0, int(answer[2]), exhausted=bool(answer[1]))
 
     async def settle(self, token_id: str, hold_id: str, held: int, cost: int) -> None:
@@ -406,7 +451,8 @@ class RedisBudgetLedger:
         lease = int(self.lease_seconds * 1e6)
         async with self._redis.pipeline(transaction=False) as pipe:
             for token_id, held in members.items():
-                await self._renew(keys=self._keys(token_id)[1:2], args=[lease, *held], client=pipe)
+                keys = [*self._keys(token_id)[1:], LIMITS_SINCE_KEY]
+                await self._renew(keys=keys, args=[lease, *held], client=pipe)
             await pipe.execute()
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> None:

@@ -12,10 +12,12 @@ log = structlog.get_logger(__name__)
 
 # Since when (epoch microseconds, Redis's clock) Redis holds the limits' whole state: 0 when it
 # has from the first start on. A Redis restarted without persistence, or flushed, comes back
-# without it, and without the windows' last minute: a window that looks empty may have been full
-# on every instance. So the first script that finds the key gone sets it to now, and the windows
-# are not trusted until the minute lost is over. Their tokens are refused meanwhile (SPEC §11:
-# fail closed, a limit never silently reset).
+# without it, and without the windows' last minute and the holds of requests in progress: a
+# window that looks empty may have been full, a budget that looks free may be held by streams
+# still running on every instance. So the first script that finds the key gone sets it to now,
+# and the limits are not trusted until what was lost is over: a window's minute, a hold's lease
+# (within which the holds still running are taken again by their renewals). Their tokens are
+# refused meanwhile (SPEC §11: fail closed, a limit never silently reset).
 LIMITS_SINCE_KEY = "llm-proxy:limits-since"
 
 # As many connections as redis-py pools by default; more requests at once wait for one.

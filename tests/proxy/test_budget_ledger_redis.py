@@ -33,6 +33,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 @pytest.fixture
 async def ledger(redis_server: RedisServer, store: Store) -> AsyncIterator[RedisBudgetLedger]:
     opened = RedisBudgetLedger(redis_server.url, store)
+    await opened.start()  # as the server does
     yield opened
     await opened.close()
 
@@ -103,6 +104,7 @@ async def test_a_renewed_hold_outlives_its_lease_and_one_dropped_stays_gone(
     redis_server: RedisServer, store: Store, redis: Redis
 ) -> None:
     ledger = RedisBudgetLedger(redis_server.url, store, lease_seconds=1.0)
+    await ledger.start()
     try:
         renewed = await ledger.hold("t1", "renewed", BUDGET, 300_000, 100, expiry())
         await ledger.hold("t1", "lapsing", BUDGET, 200_000, 100, expiry())

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
 
 from llm_proxy.proxy.budget_ledger import HOLD_LEASE_SECONDS, StoreBudgetLedger
 from llm_proxy.proxy.hold_leases import HoldLeases
@@ -195,6 +196,55 @@ async def test_a_request_longer_than_a_lease_keeps_its_hold(
             assert (await refused.json())["error"]["code"] == "rate_limited"
         await response.read()
         # The request is settled as usual: its spend counted, its hold gone, within the budget.
+        shown = await settled(proxy, issued["id"], spent_at_least=BUDGET_USD / 2)
+        assert shown["spent_usd"] <= BUDGET_USD
+    finally:
+        await slow.close()
+
+
+async def test_a_hold_redis_lost_with_its_data_is_taken_again_before_the_budget_is_trusted(
+    proxy_factory: Any, prices_path: Path, redis_server: RedisServer
+) -> None:
+    """A stream holds all of a budget when Redis comes back without its data (restarted without
+    persistence, or flushed): its hold is gone, and the budget looks free. Another request is
+    refused limits_unavailable until the holds of requests in progress are trusted again (a
+    lease), by when the stream's renewals took its hold again: still refused, rate_limited, as
+    the budget is held; never admitted on it a second time (SPEC §6)."""
+    lease = 1.0
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.05)))
+    await slow.start_server()
+    try:
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path,
+            api={"base_url": str(slow.make_url("")).rstrip("/")},
+            budget_hold_lease_seconds=lease,
+            event_bus="redis",
+            redis_url=redis_server.url,
+        )
+        issued = await proxy.issue_token(budget_usd=BUDGET_USD)
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=chat(stream=True), headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        await response.content.readline()
+        client = Redis.from_url(redis_server.url)
+        try:
+            await client.flushall()
+        finally:
+            await client.aclose()
+        refused = await proxy.client.post(
+            "/v1/chat/completions", data=chat(), headers=bearer(issued["token"])
+        )
+        assert refused.status == 503
+        assert (await refused.json())["error"]["code"] == "limits_unavailable"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 2
+        await asyncio.sleep(lease * 2)
+        refused = await proxy.client.post(
+            "/v1/chat/completions", data=chat(), headers=bearer(issued["token"])
+        )
+        assert refused.status == 429
+        assert (await refused.json())["error"]["code"] == "rate_limited"
+        await response.read()
         shown = await settled(proxy, issued["id"], spent_at_least=BUDGET_USD / 2)
         assert shown["spent_usd"] <= BUDGET_USD
     finally:

@@ -129,6 +129,7 @@ async def test_a_settlement_whose_answer_redis_lost_counts_once(
     await relay.start()
     direct = RedisBudgetLedger(redis_server.url, sqlite_store)
     relayed = RedisBudgetLedger(f"redis://127.0.0.1:{relay.port}/0", sqlite_store)
+    await direct.start()  # as the server does
     try:
         hold = await direct.hold("t1", "h1", BUDGET, 5_000, 100, time.time() + 3600)
         assert await relayed.spent_and_held("t1") == (0, 5_000)  # pools a connection

@@ -579,6 +579,69 @@ def test_a_budget_is_never_overshot_by_concurrent_streams_on_three_instances(
         upstream.process.stop()
 
 
+def stream_or_refusal(instance: ServerProcess, token: str) -> tuple[int, str | None]:
+    """One streamed chat completion read to its end: ``(200, None)``, else the refusal."""
+    request = urllib.request.Request(
+        f"{instance.base_url}/v1/chat/completions",
+        data=STREAMED_CHAT,
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+            return int(response.status), None
+    except urllib.error.HTTPError as exc:
+        answer = orjson.loads(exc.read())
+        exc.close()
+        return int(exc.code), answer["error"]["code"]
+
+
+@pytest.mark.redis
+def test_a_budget_redis_lost_with_its_holds_is_not_spent_again_by_new_requests(
+    postgres_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two streams on two instances hold all of a budget when Redis comes back without its data
+    (restarted without persistence, or flushed): the holds of those streams are gone, and the
+    spend is only what the database settled. Requests arriving then must not hold that budget a
+    second time (SPEC §6: spend never exceeds the budget); they are refused limits_unavailable
+    until the holds of requests in progress are taken again."""
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(BUDGET_PRICES)
+    # Streams of 200 tokens that last a few seconds: still running when Redis loses their holds.
+    upstream = start_mock_upstream(
+        tmp_path / "mock", None, "--chunks", "200", "--chunk-interval-ms", "25"
+    )
+    instances = start_cluster(
+        tmp_path, upstream, postgres_url, redis_server.url, PRICES_PATH=str(prices)
+    )
+    cluster = Cluster(instances)
+    try:
+        # Worth two requests at their most: ~31 prompt tokens (their bound) and 200 output tokens.
+        budget = round(2 * (31 * 1_000 + 200 * 4_000) / 1e9, 9)
+        issued = cluster.issue(budget_usd=budget)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            first = [pool.submit(stream_chat, instances[n], issued["token"]) for n in range(2)]
+            deadline = time.monotonic() + 10
+            while cluster.manage("GET", f"/tokens/{issued['id']}")["reserved_usd"] < budget * 0.9:
+                assert time.monotonic() < deadline, "the two streams never held the budget"
+                time.sleep(0.02)
+            with Redis.from_url(redis_server.url) as redis:
+                redis.flushall()
+            later = list(
+                pool.map(lambda n: stream_or_refusal(instances[n], issued["token"]), (2, 0))
+            )
+            assert [f.result(timeout=30) for f in first] == [200, 200]
+        assert (200, None) not in later, later
+        assert set(later) == {(503, "limits_unavailable")}, later
+        shown = settled_on(cluster, issued["id"], 2)
+        assert shown["usage"]["cost_usd"] <= budget, shown
+    finally:
+        for instance in instances:
+            instance.stop(timeout=10)
+        upstream.process.stop()
+
+
 def settled_on(cluster: Cluster, token_id: str, requests: int) -> dict[str, Any]:
     """The token once its holds are settled and its ``requests`` answers are priced in its usage:
     the spend admission counted is then the cost the events priced."""
