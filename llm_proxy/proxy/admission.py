@@ -55,6 +55,7 @@ from llm_proxy.proxy.budget_plan import CostPlan
 from llm_proxy.proxy.hold_leases import HoldLeases
 from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
 from llm_proxy.proxy.settling import Settlements
+from llm_proxy.sparse_warning import SparseWarning
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
 from llm_proxy.store.unavailable import ClaimInDoubt, CommitInDoubt
@@ -199,6 +200,9 @@ class TokenAuthority:
         self.tell_siblings: TellSiblings | None = None
         # Holds and rpm slots being given back in the background (see `_give_back_later`).
         self._orphan_releases: set[asyncio.Future[None]] = set()
+        # Refusals while the Redis holding the limits is not trusted after it lost its data:
+        # otherwise the operator would see only 503s, with no word of why.
+        self._limits_lost = SparseWarning("limits.redis_lost_its_data")
         # Refusals for good being written to the token's row (see `_note_refused`).
         self._refusal_notes: set[asyncio.Future[None]] = set()
         # Projects whose stored upstream key ENCRYPTION_KEY does not open (stored under another
@@ -337,6 +341,7 @@ class TokenAuthority:
             STATS.budget_holds_refused += 1
             if hold.unknown_for:
                 retry_after = max(1, math.ceil(hold.unknown_for))
+                self._limits_lost.happened(limit="budget", trusted_again_in_seconds=retry_after)
                 raise errors.LimitsUnavailable(
                     "The store holding this token's budget lost the holds of requests in progress"
                     " (Redis restarted without its data), so the budget cannot be counted until"
@@ -532,6 +537,7 @@ class TokenAuthority:
         if not slot.admitted:
             retry_after = max(1, math.ceil(slot.retry_after))
             if slot.window_lost:
+                self._limits_lost.happened(limit="rpm", trusted_again_in_seconds=retry_after)
                 raise _window_lost("rpm", retry_after)
             raise errors.RateLimited(
                 f"This token allows {grant.rpm} requests per minute; retry in {retry_after} s.",
@@ -563,6 +569,7 @@ class TokenAuthority:
         if not room.admitted:
             retry_after = max(1, math.ceil(room.retry_after))
             if room.window_lost:
+                self._limits_lost.happened(limit="tpm", trusted_again_in_seconds=retry_after)
                 raise _window_lost("tpm", retry_after)
             raise errors.RateLimited(
                 f"This token allows {grant.tpm} tokens per minute; retry in {retry_after} s.",

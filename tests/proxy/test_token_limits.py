@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from llm_proxy.control.operations import MAX_COUNT
 from llm_proxy.tools.mock_upstream import MockSettings
@@ -402,9 +403,13 @@ async def test_a_tpm_window_redis_lost_with_its_data_is_not_trusted_until_its_mi
         await client.flushall()
     finally:
         await client.aclose()
-    status, headers, answer = await post(proxy, issued["token"], chat("gpt-4o-mini"))
+    with capture_logs() as logs:
+        status, headers, answer = await post(proxy, issued["token"], chat("gpt-4o-mini"))
     assert (status, answer["error"]["code"]) == (503, "limits_unavailable")
     assert 0 < int(headers["Retry-After"]) <= 60
+    # The operator is told why, not only shown 503s.
+    (said,) = [line for line in logs if line["event"] == "limits.redis_lost_its_data"]
+    assert said["limit"] == "tpm" and 0 < said["trusted_again_in_seconds"] <= 60
 
 
 async def test_requests_given_back_after_an_outage_leave_the_quota_open(
