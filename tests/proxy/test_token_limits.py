@@ -372,14 +372,22 @@ async def test_tpm_counts_each_answer_before_the_next_request_sent_right_after_i
     assert [r.status for r in responses] == [200] * admitted + [429] * (12 - admitted)
 
 
-async def test_with_redis_the_tpm_window_lives_there(
+async def _full_tpm_window_in_redis(
     proxy_factory: Any, redis_server: RedisServer
-) -> None:
+) -> tuple[Proxy, dict[str, Any]]:
+    """A proxy whose tpm windows live in Redis, and a token of tpm 5 whose window is full."""
     proxy: Proxy = await proxy_factory(event_bus="redis", redis_url=redis_server.url)
     issued = await proxy.issue_token(tpm=5)
     first, response = await _back_to_back(proxy, issued["token"], 2)
     assert first.status == 200
     assert (await response.json())["error"]["code"] == "rate_limited"
+    return proxy, issued
+
+
+async def test_with_redis_the_tpm_window_lives_there(
+    proxy_factory: Any, redis_server: RedisServer
+) -> None:
+    _, issued = await _full_tpm_window_in_redis(proxy_factory, redis_server)
     client = Redis.from_url(redis_server.url)
     try:
         assert await client.zcard(f"llm-proxy:tpm:{issued['id']}") >= 1
@@ -393,11 +401,7 @@ async def test_a_tpm_window_redis_lost_with_its_data_is_not_trusted_until_its_mi
     """A Redis restarted without persistence (or flushed) comes back without the tokens settled
     in the last minute: a full tpm window must not look empty (SPEC §11), so its token is refused
     limits_unavailable, with Retry-After, until that minute is over."""
-    proxy: Proxy = await proxy_factory(event_bus="redis", redis_url=redis_server.url)
-    issued = await proxy.issue_token(tpm=5)
-    first, response = await _back_to_back(proxy, issued["token"], 2)
-    assert first.status == 200
-    assert (await response.json())["error"]["code"] == "rate_limited"
+    proxy, issued = await _full_tpm_window_in_redis(proxy_factory, redis_server)
     client = Redis.from_url(redis_server.url)
     try:
         await client.flushall()

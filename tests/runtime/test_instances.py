@@ -511,14 +511,18 @@ STREAMED_CHAT = orjson.dumps(
 )
 
 
-def stream_chat(instance: ServerProcess, token: str) -> int:
-    """One streamed chat completion read to its end; its status."""
-    request = urllib.request.Request(
+def _streamed_chat_request(instance: ServerProcess, token: str) -> urllib.request.Request:
+    return urllib.request.Request(
         f"{instance.base_url}/v1/chat/completions",
         data=STREAMED_CHAT,
         method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
+
+
+def stream_chat(instance: ServerProcess, token: str) -> int:
+    """One streamed chat completion read to its end; its status."""
+    request = _streamed_chat_request(instance, token)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             body = response.read()
@@ -581,12 +585,7 @@ def test_a_budget_is_never_overshot_by_concurrent_streams_on_three_instances(
 
 def stream_or_refusal(instance: ServerProcess, token: str) -> tuple[int, str | None]:
     """One streamed chat completion read to its end: ``(200, None)``, else the refusal."""
-    request = urllib.request.Request(
-        f"{instance.base_url}/v1/chat/completions",
-        data=STREAMED_CHAT,
-        method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
+    request = _streamed_chat_request(instance, token)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             response.read()
