@@ -87,13 +87,17 @@ def _unzstd(raw: bytes, limit: int) -> tuple[bytes, bool]:
             return bytes(data), False
 
 
+def codings(content_encoding: str) -> list[str]:
+    """The codings a Content-Encoding value lists, lower-cased, in the order applied."""
+    return [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+
+
 def decode(raw: bytes, content_encoding: str, *, truncated: bool, limit: int) -> Decoded:
     """Undo ``content_encoding`` (outermost coding last in the header, so applied in reverse)."""
     if not content_encoding:
         return Decoded(raw, truncated)  # most answers: nothing to undo, nothing to split
-    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
     data = raw
-    for coding in reversed(codings):
+    for coding in reversed(codings(content_encoding)):
         try:
             if coding in ("gzip", "x-gzip"):
                 data, cut = _inflate(data, zlib.MAX_WBITS | 16, limit)

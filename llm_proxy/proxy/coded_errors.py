@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Sequence
 
 from llm_proxy import errors
-from llm_proxy.content_coding import decode
+from llm_proxy.content_coding import codings, decode
 from llm_proxy.http.upstream import UpstreamResponse
 
 # Compressed and decoded alike: an error message is a few hundred bytes; a larger one is no error
@@ -79,8 +79,8 @@ async def decoded(body: bytes, coding: str, status: int) -> bytes:
 def _quick_to_decode(body: bytes, coding: str) -> bool:
     if len(body) > _ON_THE_LOOP_BYTES:
         return False
-    codings = [c for c in coding.lower().replace(" ", "").split(",") if c not in ("", "identity")]
-    return len(codings) == 1 and codings[0] in _ON_THE_LOOP_CODINGS
+    applied = [c for c in codings(coding) if c != "identity"]
+    return len(applied) == 1 and applied[0] in _ON_THE_LOOP_CODINGS
 
 
 def _refusal(status: int, why: str) -> errors.UpstreamUnavailable:
