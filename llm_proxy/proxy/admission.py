@@ -75,13 +75,10 @@ def _unsettled_limits() -> errors.ProxyError:
     )
 
 
-def _window_lost(limit: str, retry_after: int) -> errors.ProxyError:
-    return errors.LimitsUnavailable(
-        f"The store holding this token's {limit} window lost its last minute (Redis restarted"
-        f" without its data), so the limit cannot be counted until that minute is over; retry"
-        f" in {retry_after} s.",
-        headers={"Retry-After": str(retry_after)},
-    )
+_WINDOW_LOST = (
+    "window lost its last minute (Redis restarted without its data), so the limit cannot be"
+    " counted until that minute is over"
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -340,13 +337,11 @@ class TokenAuthority:
         if not hold.admitted:
             STATS.budget_holds_refused += 1
             if hold.unknown_for:
-                retry_after = max(1, math.ceil(hold.unknown_for))
-                self._limits_lost.happened(limit="budget", trusted_again_in_seconds=retry_after)
-                raise errors.LimitsUnavailable(
-                    "The store holding this token's budget lost the holds of requests in progress"
-                    " (Redis restarted without its data), so the budget cannot be counted until"
-                    f" they are taken again; retry in {retry_after} s.",
-                    headers={"Retry-After": str(retry_after)},
+                raise self._lost_with_redis_data(
+                    "budget",
+                    hold.unknown_for,
+                    "lost the holds of requests in progress (Redis restarted without its data),"
+                    " so it cannot be counted until they are taken again",
                 )
             if hold.exhausted:
                 self._note_refused(grant, budget, plan.minimum)
@@ -535,10 +530,9 @@ class TokenAuthority:
                 "The store holding this token's limits is unavailable; retry shortly."
             ) from None
         if not slot.admitted:
-            retry_after = max(1, math.ceil(slot.retry_after))
             if slot.window_lost:
-                self._limits_lost.happened(limit="rpm", trusted_again_in_seconds=retry_after)
-                raise _window_lost("rpm", retry_after)
+                raise self._lost_with_redis_data("rpm", slot.retry_after, _WINDOW_LOST)
+            retry_after = max(1, math.ceil(slot.retry_after))
             raise errors.RateLimited(
                 f"This token allows {grant.rpm} requests per minute; retry in {retry_after} s.",
                 headers={"Retry-After": str(retry_after)},
@@ -567,14 +561,23 @@ class TokenAuthority:
                 "The store holding this token's limits is unavailable; retry shortly."
             ) from None
         if not room.admitted:
-            retry_after = max(1, math.ceil(room.retry_after))
             if room.window_lost:
-                self._limits_lost.happened(limit="tpm", trusted_again_in_seconds=retry_after)
-                raise _window_lost("tpm", retry_after)
+                raise self._lost_with_redis_data("tpm", room.retry_after, _WINDOW_LOST)
+            retry_after = max(1, math.ceil(room.retry_after))
             raise errors.RateLimited(
                 f"This token allows {grant.tpm} tokens per minute; retry in {retry_after} s.",
                 headers={"Retry-After": str(retry_after)},
             )
+
+    def _lost_with_redis_data(self, limit: str, seconds: float, why: str) -> errors.ProxyError:
+        """The refusal of a token whose ``limit`` Redis lost with its data, counted again in
+        ``seconds``; logged (sparsely), or the operator would see only 503s with no word of why."""
+        retry_after = max(1, math.ceil(seconds))
+        self._limits_lost.happened(limit=limit, trusted_again_in_seconds=retry_after)
+        return errors.LimitsUnavailable(
+            f"The store holding this token's {limit} {why}; retry in {retry_after} s.",
+            headers={"Retry-After": str(retry_after)},
+        )
 
     async def _give_back_slot(self, token_id: str, slot: int) -> None:
         if not slot:
