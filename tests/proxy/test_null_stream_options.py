@@ -92,12 +92,7 @@ async def test_a_stream_with_null_options_is_served_with_its_usage_asked_and_hid
     assert sent["stream_options"] == {"include_usage": True}
     assert sent == {**orjson.loads(body), "stream_options": {"include_usage": True}}
     # The client did not ask for usage: no usage chunk, no "usage": null in its chunks.
-    assert b"usage" not in text and text.endswith(b"data: [DONE]\n\n")
-    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
-    assert event["usage"]["source"] == "upstream"
-    assert event["usage"]["prompt_tokens"] >= 1 and event["usage"]["completion_tokens"] >= 1
-    if limits == "budget":
-        assert await spent(proxy, issued["id"]) == pytest.approx(event["cost_usd"])
+    await _usage_hidden_and_counted(proxy, tmp_path, text, issued["id"], limits)
 
 
 async def test_options_null_in_a_request_that_does_not_stream_go_upstream_unchanged(
@@ -129,6 +124,19 @@ def late_stream_body(stream: bytes) -> bytes:
     )
 
 
+async def _usage_hidden_and_counted(
+    proxy: Proxy, tmp_path: Path, text: bytes, token_id: str, limits: str
+) -> None:
+    """The client's stream ``text`` ended whole without usage; the event has the upstream's,
+    and a budgeted token spent what the event cost."""
+    assert b"usage" not in text and text.endswith(b"data: [DONE]\n\n")
+    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
+    assert event["usage"]["source"] == "upstream"
+    assert event["usage"]["prompt_tokens"] >= 1 and event["usage"]["completion_tokens"] >= 1
+    if limits == "budget":
+        assert await spent(proxy, token_id) == pytest.approx(event["cost_usd"])
+
+
 async def _in_socket_reads(body: bytes) -> AsyncIterator[bytes]:
     for at in range(0, len(body), 65_536):
         yield body[at : at + 65_536]
@@ -156,12 +164,7 @@ async def test_a_stream_that_says_so_after_megabytes_has_its_null_options_replac
     assert response.status == 200, text
     null = body.index(b"null")
     assert proxy.upstream.last.body == body[:null] + b'{"include_usage":true}' + body[null + 4 :]
-    assert b"usage" not in text and text.endswith(b"data: [DONE]\n\n")
-    (event,) = await wait_for_lines(tmp_path / "events.jsonl", 1)
-    assert event["usage"]["source"] == "upstream"
-    assert event["usage"]["prompt_tokens"] >= 1 and event["usage"]["completion_tokens"] >= 1
-    if limits == "budget":
-        assert await spent(proxy, issued["id"]) == pytest.approx(event["cost_usd"])
+    await _usage_hidden_and_counted(proxy, tmp_path, text, issued["id"], limits)
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
