@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import secrets
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
@@ -156,6 +158,32 @@ def test_a_killed_servers_hold_returns_to_the_budget_within_a_lease(
         assert survivor.stop(timeout=40) == 0, survivor.process.stderr[-3000:]
 
 
+@contextlib.asynccontextmanager
+async def _a_stream_holding_the_budget(
+    proxy_factory: Any, prices_path: Path, lease: float, options: dict[str, Any]
+) -> AsyncIterator[tuple[Proxy, dict[str, Any], aiohttp.ClientResponse]]:
+    """A proxy with holds of ``lease`` seconds in front of a slow streaming upstream, a token whose
+    budget one stream holds whole, and that stream, its head and first line read."""
+    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.05)))
+    await slow.start_server()
+    try:
+        proxy: Proxy = await proxy_factory(
+            prices_path=prices_path,
+            api={"base_url": str(slow.make_url("")).rstrip("/")},
+            budget_hold_lease_seconds=lease,
+            **options,
+        )
+        issued = await proxy.issue_token(budget_usd=BUDGET_USD)
+        response = await proxy.client.post(
+            "/v1/chat/completions", data=chat(stream=True), headers=bearer(issued["token"])
+        )
+        assert response.status == 200
+        await response.content.readline()
+        yield proxy, issued, response
+    finally:
+        await slow.close()
+
+
 @pytest.mark.parametrize("where", BACKENDS)
 async def test_a_request_longer_than_a_lease_keeps_its_hold(
     proxy_factory: Any,
@@ -165,25 +193,15 @@ async def test_a_request_longer_than_a_lease_keeps_its_hold(
     request: pytest.FixtureRequest,
 ) -> None:
     lease = 1.0
-    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.05)))
-    await slow.start_server()
     backend = _backend(where, tmp_path, request)
-    options: dict[str, Any] = {
-        "prices_path": prices_path,
-        "api": {"base_url": str(slow.make_url("")).rstrip("/")},
-        "budget_hold_lease_seconds": lease,
-        "database_url": backend["DATABASE_URL"],
-    }
+    options: dict[str, Any] = {"database_url": backend["DATABASE_URL"]}
     if where == "redis":
         options.update(event_bus="redis", redis_url=backend["REDIS_URL"])
-    try:
-        proxy: Proxy = await proxy_factory(**options)
-        issued = await proxy.issue_token(budget_usd=BUDGET_USD)
-        response = await proxy.client.post(
-            "/v1/chat/completions", data=chat(stream=True), headers=bearer(issued["token"])
-        )
-        assert response.status == 200
-        await response.content.readline()
+    async with _a_stream_holding_the_budget(proxy_factory, prices_path, lease, options) as (
+        proxy,
+        issued,
+        response,
+    ):
         held = (await token_state(proxy, issued["id"]))["reserved_usd"]
         assert held == pytest.approx(BUDGET_USD)
         # Several leases later, the stream still holds the budget: nobody else can spend it.
@@ -198,8 +216,6 @@ async def test_a_request_longer_than_a_lease_keeps_its_hold(
         # The request is settled as usual: its spend counted, its hold gone, within the budget.
         shown = await settled(proxy, issued["id"], spent_at_least=BUDGET_USD / 2)
         assert shown["spent_usd"] <= BUDGET_USD
-    finally:
-        await slow.close()
 
 
 async def test_a_hold_redis_lost_with_its_data_is_taken_again_before_the_budget_is_trusted(
@@ -211,22 +227,12 @@ async def test_a_hold_redis_lost_with_its_data_is_taken_again_before_the_budget_
     lease), by when the stream's renewals took its hold again: still refused, rate_limited, as
     the budget is held; never admitted on it a second time (SPEC §6)."""
     lease = 1.0
-    slow = TestServer(fake_upstream_app(MockSettings(chunks=200, chunk_interval=0.05)))
-    await slow.start_server()
-    try:
-        proxy: Proxy = await proxy_factory(
-            prices_path=prices_path,
-            api={"base_url": str(slow.make_url("")).rstrip("/")},
-            budget_hold_lease_seconds=lease,
-            event_bus="redis",
-            redis_url=redis_server.url,
-        )
-        issued = await proxy.issue_token(budget_usd=BUDGET_USD)
-        response = await proxy.client.post(
-            "/v1/chat/completions", data=chat(stream=True), headers=bearer(issued["token"])
-        )
-        assert response.status == 200
-        await response.content.readline()
+    options = {"event_bus": "redis", "redis_url": redis_server.url}
+    async with _a_stream_holding_the_budget(proxy_factory, prices_path, lease, options) as (
+        proxy,
+        issued,
+        response,
+    ):
         client = Redis.from_url(redis_server.url)
         try:
             await client.flushall()
@@ -247,8 +253,6 @@ async def test_a_hold_redis_lost_with_its_data_is_taken_again_before_the_budget_
         await response.read()
         shown = await settled(proxy, issued["id"], spent_at_least=BUDGET_USD / 2)
         assert shown["spent_usd"] <= BUDGET_USD
-    finally:
-        await slow.close()
 
 
 @pytest.mark.process
