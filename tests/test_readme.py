@@ -1,0 +1,115 @@
+"""What the README names against what the product has: every variable a command reads, every
+metric family the server's ``/metrics`` serves, and every refusal a client can get on the proxy
+path, so that an operator looking one up finds it."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llm_proxy import errors
+from llm_proxy.runtime.cli import main
+from tests.processes import start_server, write_api_config
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+EXAMPLE_ENV = (ROOT / "config" / "example.env").read_text()
+
+# Refusals of the management API alone (its own section and OpenAPI document list them), by
+# (status, code): the README's client table is the proxy path's.
+MANAGEMENT_ONLY = {
+    (401, "unauthorized"),
+    (404, "project_not_found"),
+    (404, "token_not_found"),
+    (404, "not_found"),
+    (400, "invalid_request"),
+    (400, "invalid_json"),
+    (400, "invalid_body"),
+    (400, "invalid_field"),
+}
+
+
+def commands(group: click.Group) -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        yield name, command
+        if isinstance(command, click.Group):
+            yield from ((f"{name} {sub}", c) for sub, c in commands(command))
+
+
+def variables(command: click.Command) -> set[str]:
+    found: set[str] = set()
+    for param in command.params:
+        envvar = param.envvar
+        found.update([envvar] if isinstance(envvar, str) else envvar or [])
+    return found
+
+
+def named(name: str, text: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", text) is not None
+
+
+def test_every_variable_a_command_reads_is_named_in_the_readme() -> None:
+    missing = {
+        f"{variable} ({name})"
+        for name, command in commands(main)
+        for variable in variables(command)
+        if not named(variable, README)
+    }
+    assert not missing, f"README never names: {sorted(missing)}"
+
+
+def test_every_server_setting_is_listed_in_example_env() -> None:
+    listed = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", EXAMPLE_ENV, re.MULTILINE))
+    server = main.commands["server"]
+    # The lower-case proxy variables are curl's spellings of the upper-case ones listed there.
+    missing = {v for v in variables(server) if v.isupper() and v not in listed}
+    assert not missing, f"config/example.env does not list: {sorted(missing)}"
+
+
+def client_table() -> set[tuple[int, str]]:
+    """The (status, code) rows of the README's "What a client sees" table."""
+    table = README.split("| situation | status | `code` |", 1)[1].split("\n\n", 1)[0]
+    return {
+        (int(status), code) for status, code in re.findall(r"\| (\d{3}) \| `([a-z_]+)` \|", table)
+    }
+
+
+def test_every_refusal_of_the_proxy_path_is_in_the_readme_table() -> None:
+    refusals = {
+        (cls.status, cls.code)
+        for cls in vars(errors).values()
+        if isinstance(cls, type)
+        and issubclass(cls, errors.ProxyError)
+        and cls not in (errors.ProxyError, errors.UpstreamError)
+    }
+    missing = refusals - MANAGEMENT_ONLY - client_table()
+    assert not missing, f"the README's client table lacks: {sorted(missing)}"
+
+
+@pytest.fixture
+def metrics_page(tmp_path: Path) -> Iterator[str]:
+    api_config = write_api_config(tmp_path / "api.yaml", "http://127.0.0.1:9")
+    server = start_server(tmp_path / "data", api_config, tmp_path)
+    try:
+        with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10) as response:
+            yield response.read().decode()
+    finally:
+        server.stop()
+
+
+@pytest.mark.process
+def test_every_family_on_the_metrics_page_is_named_in_the_readme(metrics_page: str) -> None:
+    served = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(metrics_page)
+        if family.name.startswith("llm_proxy_")
+    }
+    assert "llm_proxy_requests_total" in served
+    missing = {name for name in served if not named(name, README)}
+    assert not missing, f"README never names: {sorted(missing)}"
