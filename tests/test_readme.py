@@ -64,6 +64,21 @@ def test_every_variable_a_command_reads_is_named_in_the_readme() -> None:
     assert not missing, f"README never names: {sorted(missing)}"
 
 
+def mentioned(command: str) -> bool:
+    """``llm-proxy manage token update`` is named as such, or in a list of its group's commands
+    (``token generate|list|get|update|revoke``)."""
+    *group, name = command.split()
+    pattern = rf"{re.escape(' '.join(group))} (?:[a-z-]+\|)*{re.escape(name)}(?![a-z-])"
+    return re.search(pattern, README) is not None
+
+
+def test_every_command_is_named_in_the_readme() -> None:
+    missing = [
+        f"llm-proxy {name}" for name, _ in commands(main) if not mentioned(f"llm-proxy {name}")
+    ]
+    assert not missing, f"README never names: {missing}"
+
+
 def test_every_server_setting_is_listed_in_example_env() -> None:
     listed = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", EXAMPLE_ENV, re.MULTILINE))
     server = main.commands["server"]
