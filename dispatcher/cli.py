@@ -340,7 +340,8 @@ REPLAY_EXITS = """\b
 Exit codes:
   0  every event in FILE was delivered (--dry-run: FILE was read)
   1  the backend could not start: nothing was sent
-  2  bad invocation (FILE missing, --dead-letter exists)
+  2  bad invocation (FILE missing, --dead-letter exists), another replay of FILE
+     running, or FILE.replay-progress not this user's own
   4  some events still fail: they are in the new dead-letter file
   5  the backend refused the credentials: nothing more was sent, and every
      event not delivered is in the new dead-letter file (when it refused them
@@ -395,7 +396,8 @@ async def _replay_until_signalled(*args: Any, **kwargs: Any) -> replay.Report:
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="PATH",
     help="New file for the events that still fail; must not exist. "
-    "[default: next to FILE, FILE's name + .replay-UTCTIME.jsonl]",
+    "[default: next to FILE, its name without the suffix + .replay-UTCTIME.jsonl:"
+    " dl-1.replay-20250101T000000Z.jsonl for dl-1.jsonl]",
 )
 @click.option(
     "--dry-run",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import stat
 import time
@@ -359,6 +360,30 @@ def test_the_help_says_a_lunary_run_id_comes_from_the_event_id() -> None:
     # Not the request id: calls sharing a client's X-Request-ID are runs of their own (and kept).
     text = " ".join(replay("--help").output.split())
     assert "Lunary keeps it once (run ids come from event ids)" in text
+
+
+def test_the_help_names_the_new_file_as_a_replay_writes_it(tmp_path: Path) -> None:
+    # It said "FILE's name + .replay-…", i.e. dl-1.jsonl.replay-…; the suffix is dropped.
+    text = " ".join(replay("--help").output.split())
+    assert "dl-1.replay-20250101T000000Z.jsonl for dl-1.jsonl" in text
+    assert "another replay of FILE running" in text
+    dead = dead_letters_of(tmp_path / "dl-1.jsonl", events(1))
+    fake = FakeHelicone()
+    fake.answers = [503]
+    with serving(fake.app) as url:
+        result = replay(
+            str(dead),
+            "--service",
+            "helicone",
+            "--helicone-url",
+            url + "/custom/v1/log",
+            "--max-attempts",
+            "1",
+            HELICONE_API_KEY=HELICONE_KEY,
+        )
+    assert result.exit_code == 4, result.output
+    [output] = new_files(tmp_path, dead)
+    assert re.fullmatch(r"dl-1\.replay-\d{8}T\d{6}Z\.jsonl", output.name)
 
 
 def test_a_dry_run_needs_no_credentials(tmp_path: Path) -> None:
