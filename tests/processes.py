@@ -181,11 +181,15 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def spawn(args: list[str], env: dict[str, str], logs: Path, name: str) -> Process:
+def spawn(
+    args: list[str], env: dict[str, str], logs: Path, name: str, cwd: Path | None = None
+) -> Process:
     logs.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = logs / f"{name}.stdout", logs / f"{name}.stderr"
     out, err = stdout_path.open("wb"), stderr_path.open("wb")
-    popen = subprocess.Popen(args, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    popen = subprocess.Popen(
+        args, env=env, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL
+    )
     return Process(popen, stdout_path, stderr_path, [out, err])
 
 

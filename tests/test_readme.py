@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy import errors
 from llm_proxy.runtime.cli import main
-from tests.processes import start_server, write_api_config
+from tests.processes import clean_env, cli_command, free_port, spawn, start_server, write_api_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -128,3 +128,34 @@ def test_every_family_on_the_metrics_page_is_named_in_the_readme(metrics_page: s
     assert "llm_proxy_requests_total" in served
     missing = {name for name in served if not named(name, README)}
     assert not missing, f"README never names: {sorted(missing)}"
+
+
+def example_env() -> dict[str, str]:
+    """config/example.env as ``docker run --env-file`` or ``set -a; . config/example.env`` reads it."""
+    pairs = (line.split("=", 1) for line in EXAMPLE_ENV.splitlines() if re.match(r"[A-Z]", line))
+    return {name: value for name, value in pairs}
+
+
+@pytest.mark.process
+def test_example_env_as_the_environment_keeps_the_database_under_data_dir(tmp_path: Path) -> None:
+    # It set DATABASE_URL=sqlite:///./data/llm-proxy.db: with a DATA_DIR of one's own, the
+    # database still went to ./data, beside the secrets of no instance.
+    api_config = write_api_config(tmp_path / "api.yaml", "http://127.0.0.1:9")
+    data_dir = tmp_path / "instance"
+    env = {
+        **example_env(),
+        "DATA_DIR": str(data_dir),
+        "LISTEN_ADDR": f"127.0.0.1:{free_port()}",
+        "API_CONFIG_PATH": str(api_config),
+        "PRICES_PATH": str(ROOT / "config" / "prices.yaml"),
+        "LOG_FORMAT": "json",
+    }
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    server = spawn(cli_command("server"), clean_env(**env), tmp_path, "server", cwd=workdir)
+    try:
+        server.wait_for(f"http://{env['LISTEN_ADDR']}/health")
+    finally:
+        server.stop()
+    assert (data_dir / "llm-proxy.db").exists()
+    assert not (workdir / "data").exists()

@@ -388,7 +388,8 @@ def build_settings(
     default="100000",
     show_envvar=True,
     help="With LLM_PROXY_EVENT_BUS=redis: entries the stream may hold. Entries every dispatcher"
-    " service has acknowledged are trimmed at once; beyond this cap, the oldest go even unread"
+    " service has acknowledged are trimmed once a minute old; beyond this cap, the oldest go"
+    " even unread"
     " (counted in llm_proxy_events_dropped_total).",
 )
 @click.option(
