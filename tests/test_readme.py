@@ -14,12 +14,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_proxy import errors
+from llm_proxy.proxy.api_config import PROVIDER_KEYS, TIMEOUT_KEYS, TOP_LEVEL_KEYS
 from llm_proxy.runtime.cli import main
 from tests.processes import clean_env, cli_command, free_port, spawn, start_server, write_api_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 EXAMPLE_ENV = (ROOT / "config" / "example.env").read_text()
+API_PROVIDERS = (ROOT / "config" / "api_providers.yaml").read_text()
 
 # Refusals of the management API alone (its own section and OpenAPI document list them), by
 # (status, code): the README's client table is the proxy path's.
@@ -85,6 +87,13 @@ def test_every_server_setting_is_listed_in_example_env() -> None:
     # The lower-case proxy variables are curl's spellings of the upper-case ones listed there.
     missing = {v for v in variables(server) if v.isupper() and v not in listed}
     assert not missing, f"config/example.env does not list: {sorted(missing)}"
+
+
+def test_every_key_of_api_providers_yaml_is_shown_in_the_shipped_file() -> None:
+    # The README sends operators to config/api_providers.yaml for its keys.
+    keys = {*TOP_LEVEL_KEYS, *PROVIDER_KEYS, *TIMEOUT_KEYS}
+    missing = {key for key in keys if not re.search(rf"\b{key}:", API_PROVIDERS)}
+    assert not missing, f"config/api_providers.yaml never shows: {sorted(missing)}"
 
 
 def client_table() -> set[tuple[int, str]]:
