@@ -168,3 +168,21 @@ def test_example_env_as_the_environment_keeps_the_database_under_data_dir(tmp_pa
         server.stop()
     assert (data_dir / "llm-proxy.db").exists()
     assert not (workdir / "data").exists()
+
+
+def readme_banner() -> list[str]:
+    """The first-start banner as the README's Set-up shows it."""
+    after = README.split("printed **once**", 1)[1].split("```\n", 1)[1]
+    return after.split("```", 1)[0].strip("\n").splitlines()
+
+
+@pytest.mark.process
+def test_the_first_start_prints_the_banner_the_readme_shows(tmp_path: Path) -> None:
+    api_config = write_api_config(tmp_path / "api.yaml", "http://127.0.0.1:9")
+    data_dir = tmp_path / "data"
+    server = start_server(data_dir, api_config, tmp_path)
+    server.stop()
+    printed = server.process.stdout.strip("\n").replace(str(data_dir.absolute()), "/srv/llm-proxy")
+    printed = re.sub(r"MANAGEMENT_TOKEN=\S+", "MANAGEMENT_TOKEN=mgmt-…", printed)
+    printed = re.sub(r"ADMIN_PASSWORD=\S+", "ADMIN_PASSWORD=…", printed)
+    assert printed.splitlines() == readme_banner()
