@@ -332,7 +332,7 @@ def _checked_base_url(value: str) -> str:
         raise OptionError(
             "--manage-api-base-url / MANAGE_API_BASE_URL: a user name or password in the URL is"
             " not supported (the management token is the credential); give"
-            f" {_shown(url)!r} and the token with --management-token or MANAGEMENT_TOKEN"
+            f" {_shown(url)!r} and the token in MANAGEMENT_TOKEN"
         )
     if "?" in url or "#" in url:
         # Each call's path is appended to the URL: after a query or fragment it would ask the
@@ -395,13 +395,14 @@ def _connection(opts: ClientOptions) -> Connection:
     except OSError as exc:
         raise ManageError(
             f"cannot read the management token in {path}: {exc.strerror};"
-            " run as the server's user, or pass --management-token",
+            " run as the server's user, or set MANAGEMENT_TOKEN",
             code="no_management_token",
         ) from None
     if not token:
         raise ManageError(
-            f"no management token: pass --management-token or set MANAGEMENT_TOKEN (there is none"
-            f" in {path}; set DATA_DIR as the server has it to use the one it generated)",
+            f"no management token: set MANAGEMENT_TOKEN (--management-token too, but other users"
+            f" see it in ps; there is none in {path}: set DATA_DIR as the server has it to use the"
+            " one it generated)",
             code="no_management_token",
         )
     return Connection(base_url, token, url_hint, f"the file {path}", on_this_machine)

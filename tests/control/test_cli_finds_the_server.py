@@ -133,6 +133,24 @@ def test_without_a_token_anywhere_the_error_says_where_it_looked(
     assert "--management-token" in line and "MANAGEMENT_TOKEN" in line
     assert "data/management_token" in line
     assert "DATA_DIR" in line
+    # The README's advice: the variable, not the option, which every user of the machine sees.
+    assert line.index("set MANAGEMENT_TOKEN") < line.index("--management-token")
+    assert "see it in ps" in line
+
+
+def test_a_base_url_with_credentials_points_at_the_variable_for_the_token(site: Site) -> None:
+    line = one_line(
+        manage(
+            site.root,
+            "--manage-api-base-url",
+            f"http://admin:secret@127.0.0.1:{site.port}",
+            "project",
+            "list",
+        ),
+        2,
+    )
+    assert "MANAGEMENT_TOKEN" in line and "--management-token" not in line
+    assert "secret" not in line
 
 
 def test_the_base_url_and_token_given_win_over_what_manage_finds(site: Site) -> None:
