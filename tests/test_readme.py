@@ -44,12 +44,13 @@ def commands(group: click.Group) -> Iterator[tuple[str, click.Command]]:
             yield from ((f"{name} {sub}", c) for sub, c in commands(command))
 
 
+def variables_of(param: click.Parameter) -> list[str]:
+    envvar = param.envvar
+    return [envvar] if isinstance(envvar, str) else list(envvar or [])
+
+
 def variables(command: click.Command) -> set[str]:
-    found: set[str] = set()
-    for param in command.params:
-        envvar = param.envvar
-        found.update([envvar] if isinstance(envvar, str) else envvar or [])
-    return found
+    return {variable for param in command.params for variable in variables_of(param)}
 
 
 def named(name: str, text: str) -> bool:
@@ -64,6 +65,19 @@ def test_every_variable_a_command_reads_is_named_in_the_readme() -> None:
         if not named(variable, README)
     }
     assert not missing, f"README never names: {sorted(missing)}"
+
+
+def test_every_server_setting_has_the_flag_example_env_promises() -> None:
+    # example.env: "Each is also a command-line flag (e.g. LISTEN_ADDR → --listen-addr)".
+    missing = [
+        f"{variable} → {flag}"
+        for param in main.commands["server"].params
+        if isinstance(param, click.Option)
+        for variable in variables_of(param)
+        if variable.isupper()
+        and (flag := "--" + variable.lower().replace("_", "-")) not in param.opts
+    ]
+    assert not missing, f"llm-proxy server has no flag: {missing}"
 
 
 def mentioned(command: str) -> bool:

@@ -286,6 +286,7 @@ def build_settings(
 )
 @click.option(
     "--busy-poll-micros",
+    "--llm-proxy-busy-poll-micros",  # (the variable's own name, as every other flag has)
     envvar="LLM_PROXY_BUSY_POLL_MICROS",
     default="0",
     show_envvar=True,
