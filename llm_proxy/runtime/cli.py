@@ -466,20 +466,12 @@ def migrate(context: click.Context, /, database_url: str | None, data_dir: str) 
         sys.exit(2)
     try:
         with owner_only_files():
-            applied, unknown, label = migrate_database(url, Path(data_dir))
+            applied, label = migrate_database(url, Path(data_dir))
     except SettingsError as exc:
         click.echo(f"llm-proxy: {exc}", err=True)
         sys.exit(1)
-    if unknown:
-        click.echo(
-            f"llm-proxy: warning: {label} has migrations this release does not know"
-            f" ({', '.join(f'{v:03d}' for v in unknown)}): a newer release applied them;"
-            " run that release, or restore a backup taken before it",
-            err=True,
-        )
-    versions = ", ".join(f"{v:03d}" for v in applied) if applied else "none"
-    up_to_date = "" if applied or unknown else " (up to date)"
-    click.echo(f"{label}: migrations applied: {versions}{up_to_date}")
+    versions = ", ".join(f"{v:03d}" for v in applied) if applied else "none (up to date)"
+    click.echo(f"{label}: migrations applied: {versions}")
 
 
 main.add_command(manage)

@@ -44,6 +44,7 @@ from llm_proxy.runtime.supervisor import START_FAILED, Supervisor
 from llm_proxy.runtime.worker_changes import WorkerChanges
 from llm_proxy.runtime.worker_metrics import WorkerPeers, prepare_sockets
 from llm_proxy.secret_input import configured_password, configured_token
+from llm_proxy.store.migrations import SchemaNewerThanRelease
 from llm_proxy.store.opening import default_database_url, open_store, sqlite_path
 from llm_proxy.store.unavailable import DATABASE_ERRORS, without_credentials
 
@@ -277,7 +278,7 @@ def _cannot_listen(settings: Settings, exc: OSError) -> SettingsError:
 async def _create_app(settings: Settings) -> web.Application:
     try:
         return await create_app(settings)
-    except DATABASE_ERRORS as exc:
+    except (*DATABASE_ERRORS, SchemaNewerThanRelease) as exc:
         raise database_error(settings.database_url, settings.data_dir, "cannot open", exc) from None
     except EventProcessError as exc:
         raise SettingsError(f"{exc.setting or 'events'}: {exc}") from None
@@ -332,7 +333,7 @@ def database_error(url: str, data_dir: Path, failed: str, exc: BaseException) ->
 async def _prepare_database(settings: Settings) -> None:
     try:
         store = await open_settings_store(settings)
-    except DATABASE_ERRORS as exc:
+    except (*DATABASE_ERRORS, SchemaNewerThanRelease) as exc:
         raise database_error(settings.database_url, settings.data_dir, "cannot open", exc) from None
     try:
         # Here too, so a wrong key stops start-up in one line before any worker starts.
@@ -344,25 +345,23 @@ async def _prepare_database(settings: Settings) -> None:
         await store.close()
 
 
-async def _migrate(url: str, data_dir: Path) -> tuple[list[int], list[int]]:
+async def _migrate(url: str, data_dir: Path) -> list[int]:
     try:
         store = await open_store(url, migrate=False)
     except DATABASE_ERRORS as exc:
         raise database_error(url, data_dir, "cannot open", exc) from None
     try:
-        return await store.migrate(), store.unknown_migrations
-    except DATABASE_ERRORS as exc:
+        return await store.migrate()
+    except (*DATABASE_ERRORS, SchemaNewerThanRelease) as exc:
         raise database_error(url, data_dir, "cannot migrate", exc) from None
     finally:
         await store.close()
 
 
-def migrate_database(url: str, data_dir: Path) -> tuple[list[int], list[int], str]:
-    """Apply the migrations ``url`` lacks; the versions applied, those the database has that this
-    release does not know, and the database's name for logs. ``data_dir`` is the DATA_DIR the
-    default database lives under, for the error's wording."""
-    applied, unknown = asyncio.run(_migrate(url, data_dir))
-    return applied, unknown, database_label(url)
+def migrate_database(url: str, data_dir: Path) -> tuple[list[int], str]:
+    """Apply the migrations ``url`` lacks; the versions applied and the database's name for logs.
+    ``data_dir`` is the DATA_DIR the default database lives under, for the error's wording."""
+    return asyncio.run(_migrate(url, data_dir)), database_label(url)
 
 
 def _worker(settings: Settings, banner: str, index: int, restarts: int, lifeline: Lifeline) -> None:

@@ -25,12 +25,11 @@ from llm_proxy.models import (
 
 
 class Store(Protocol):
-    # Set by migrate(): versions the database records that this release does not ship.
-    unknown_migrations: list[int]
-
     async def close(self) -> None: ...
     async def migrate(self) -> list[int]:
-        """Apply the numbered migrations the database lacks; the versions applied."""
+        """Apply the numbered migrations the database lacks; the versions applied. Raises
+        :class:`~llm_proxy.store.migrations.SchemaNewerThanRelease`, having changed nothing, when
+        the database records migrations this release does not ship."""
         ...
 
     async def ping(self) -> None:

@@ -17,8 +17,26 @@ def migration_scripts(backend: str) -> list[tuple[int, str]]:
     return sorted(scripts)
 
 
-def unknown_versions(found: Iterable[int], backend: str) -> list[int]:
-    """The versions recorded in a database that this release does not ship: a newer release
-    migrated it (a rollback, or an old instance still running during an upgrade)."""
+class SchemaNewerThanRelease(Exception):
+    """The database records migrations this release does not ship: a newer release migrated it.
+
+    Refused rather than served: this release would misread what the newer one writes, and write
+    what it then misreads (a column the newer schema relies on left stale by every change made
+    here), so the data stays as the newer release left it, for that release or a backup."""
+
+    def __init__(self, versions: list[int]) -> None:
+        self.versions = versions
+        named = ", ".join(f"{v:03d}" for v in versions)
+        super().__init__(
+            f"it records migrations this release does not ship ({named}): a newer release"
+            " migrated it; run that release (or a later one), or restore a backup taken before it"
+        )
+
+
+def refuse_newer(found: Iterable[int], backend: str) -> None:
+    """Raise :class:`SchemaNewerThanRelease` when ``found`` (the versions a database records)
+    holds any this release does not ship."""
     known = {version for version, _ in migration_scripts(backend)}
-    return sorted(set(found) - known)
+    unknown = sorted(set(found) - known)
+    if unknown:
+        raise SchemaNewerThanRelease(unknown)

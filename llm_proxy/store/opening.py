@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import structlog
-
 from llm_proxy.store import Store
 from llm_proxy.store.postgres import PostgresStore
 from llm_proxy.store.sqlite import SqliteStore
-
-log = structlog.get_logger(__name__)
 
 
 def sqlite_path(url: str) -> Path:
@@ -34,17 +30,6 @@ def is_postgres(url: str) -> bool:
 
 async def open_store(url: str, *, pool_size: int = 10, migrate: bool = True) -> Store:
     """The store at ``url``, migrated to the current schema unless ``migrate`` is False."""
-    store: Store
     if is_postgres(url):
-        store = await PostgresStore.open(url, pool_size=pool_size, migrate=migrate)
-    else:
-        store = await SqliteStore.open(sqlite_path(url), migrate=migrate)
-    if store.unknown_migrations:
-        # Not refused: pods of the old release restart while a rolling upgrade is under way. But
-        # this release may misread what the newer one writes, so say so at every start.
-        log.warning(
-            "store.schema_newer_than_release",
-            unknown_migrations=store.unknown_migrations,
-            action="run the release that applied them, or restore a backup taken before it",
-        )
-    return store
+        return await PostgresStore.open(url, pool_size=pool_size, migrate=migrate)
+    return await SqliteStore.open(sqlite_path(url), migrate=migrate)

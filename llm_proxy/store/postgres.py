@@ -43,7 +43,7 @@ from llm_proxy.models import (
     tpm_room,
     utcnow,
 )
-from llm_proxy.store.migrations import migration_scripts, unknown_versions
+from llm_proxy.store.migrations import migration_scripts, refuse_newer
 from llm_proxy.store.records import (
     FORGET_ISSUE_FORMS_AT_ONCE,
     PROJECT_COLUMNS,
@@ -267,7 +267,6 @@ class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, url: str) -> None:
         self._pool = pool
         self._url = url
-        self.unknown_migrations: list[int] = []
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 10, migrate: bool = True) -> PostgresStore:
@@ -305,7 +304,7 @@ class PostgresStore:
             applied = {
                 r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
             }
-            self.unknown_migrations = unknown_versions(applied, "postgresql")
+            refuse_newer(applied, "postgresql")
             for version, sql in migration_scripts("postgresql"):
                 if version in applied:
                     continue

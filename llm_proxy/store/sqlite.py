@@ -34,7 +34,7 @@ from llm_proxy.models import (
     tpm_room,
     utcnow,
 )
-from llm_proxy.store.migrations import migration_scripts, unknown_versions
+from llm_proxy.store.migrations import migration_scripts, refuse_newer
 from llm_proxy.store.records import (
     FORGET_ISSUE_FORMS_AT_ONCE,
     PROJECT_COLUMNS,
@@ -205,7 +205,6 @@ class SqliteStore:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
         self._write_lock = asyncio.Lock()
-        self.unknown_migrations: list[int] = []
 
     @classmethod
     async def open(cls, path: Path, *, migrate: bool = True) -> SqliteStore:
@@ -262,7 +261,7 @@ class SqliteStore:
         )
         async with self._db.execute("SELECT version FROM schema_migrations") as cur:
             applied = {row[0] for row in await cur.fetchall()}
-        self.unknown_migrations = unknown_versions(applied, "sqlite")
+        refuse_newer(applied, "sqlite")
         for version, sql in migration_scripts("sqlite"):
             if version in applied:
                 continue

@@ -21,8 +21,10 @@ from tests.processes import (
     ServerProcess,
     clean_env,
     cli_command,
+    free_port,
     http,
     run,
+    run_start_that_fails,
     start_mock_upstream,
     start_server,
     write_api_config,
@@ -220,31 +222,42 @@ def test_migrate_creates_a_private_database(tmp_path: Path) -> None:
     assert mode(data_dir / "llm-proxy.db") == 0o600
 
 
-def test_a_database_a_newer_release_migrated_is_named_by_migrate_and_at_start(
+def test_a_database_a_newer_release_migrated_is_refused_by_migrate_and_at_start(
     tmp_path: Path, api_config: Path
 ) -> None:
-    """A rollback, or an old instance restarted during an upgrade: the database records a
-    migration this release does not ship. Both `migrate` and the server say so (the server still
-    serves: a rolling upgrade restarts old pods), and `migrate` no longer calls it up to date."""
+    """A rollback, or an old instance restarted during an upgrade: the database records
+    migrations this release does not ship. Both `migrate` and the server stop with one line
+    naming them and what to do, and leave the database as the newer release left it."""
     data_dir = tmp_path / "data"
-    env = clean_env(DATA_DIR=str(data_dir))
+    env = clean_env(
+        DATA_DIR=str(data_dir),
+        API_CONFIG_PATH=str(api_config),
+        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+    )
     first = run(cli_command("migrate"), env)
     assert first.returncode == 0, first.stderr
     assert "migrations applied: 001, " in first.stdout
     again = run(cli_command("migrate"), env)
     assert again.stdout.strip().endswith("migrations applied: none (up to date)"), again.stdout
-    with sqlite3.connect(data_dir / "llm-proxy.db") as db:
+    database = data_dir / "llm-proxy.db"
+    with sqlite3.connect(database) as db:
         db.execute("INSERT INTO schema_migrations VALUES (998, 'later'), (999, 'later')")
+    recorded = _recorded_migrations(database)
 
     newer = run(cli_command("migrate"), env)
-    assert newer.returncode == 0, newer.stderr
-    assert newer.stdout.strip().endswith("migrations applied: none"), newer.stdout
-    assert "has migrations this release does not know (998, 999)" in newer.stderr
+    started = run_start_that_fails(env, "a database a newer release migrated must stop start-up")
 
-    server = start_server(data_dir, api_config, tmp_path / "logs")
-    try:
-        assert http("GET", f"{server.base_url}/health")[0] == 200
-    finally:
-        server.stop()
-    warnings = logged(server, "store.schema_newer_than_release")
-    assert [(w["unknown_migrations"], w["level"]) for w in warnings] == [([998, 999], "warning")]
+    refusal = (
+        f"llm-proxy: DATA_DIR: cannot migrate the database {database}: it records migrations"
+        " this release does not ship (998, 999): a newer release migrated it; run that release"
+        " (or a later one), or restore a backup taken before it"
+    )
+    assert (newer.returncode, newer.stdout, newer.stderr.splitlines()) == (1, "", [refusal])
+    assert started.returncode != 0
+    assert started.stderr.splitlines() == [refusal.replace("cannot migrate", "cannot open")]
+    assert _recorded_migrations(database) == recorded
+
+
+def _recorded_migrations(database: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(database) as db:
+        return sorted(db.execute("SELECT version, applied_at FROM schema_migrations").fetchall())

@@ -22,7 +22,7 @@ from llm_proxy.models import (
     utcnow,
 )
 from llm_proxy.store import Store
-from llm_proxy.store.migrations import migration_scripts
+from llm_proxy.store.migrations import SchemaNewerThanRelease, migration_scripts
 from llm_proxy.store.opening import open_store, sqlite_path
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
@@ -86,15 +86,32 @@ async def test_a_fresh_database_gets_every_migration(database_url: str) -> None:
         await fresh.close()
 
 
-async def test_migrations_a_newer_release_applied_are_told_apart(database_url: str) -> None:
+async def test_a_database_a_newer_release_migrated_is_refused_unchanged(
+    database_url: str,
+) -> None:
     store = await open_store(database_url)
     try:
-        assert store.unknown_migrations == []
         await _record_migration(database_url, 999)
-        assert await store.migrate() == []
-        assert store.unknown_migrations == [999]
+        with pytest.raises(SchemaNewerThanRelease) as refused:
+            await store.migrate()
     finally:
         await store.close()
+    assert refused.value.versions == [999]
+    with pytest.raises(SchemaNewerThanRelease):
+        await open_store(database_url)
+    assert await _recorded_versions(database_url) == [*every_migration(database_url), 999]
+
+
+async def _recorded_versions(database_url: str) -> list[int]:
+    if database_url.startswith("postgresql"):
+        connection = await asyncpg.connect(database_url)
+        try:
+            rows = await connection.fetch("SELECT version FROM schema_migrations ORDER BY 1")
+        finally:
+            await connection.close()
+        return [row["version"] for row in rows]
+    with sqlite3.connect(sqlite_path(database_url)) as db:
+        return [v for (v,) in db.execute("SELECT version FROM schema_migrations ORDER BY 1")]
 
 
 async def _record_migration(database_url: str, version: int) -> None:
