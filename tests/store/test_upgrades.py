@@ -1,0 +1,87 @@
+"""Databases an earlier release wrote, opened by this one: each backend's schema as it was at an
+earlier migration (built from the migration files this repository ships, the ones that release
+ran), its rows written as that release wrote them, then migrated here."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import asyncpg
+
+from llm_proxy.store.migrations import migration_scripts
+from llm_proxy.store.opening import open_store, sqlite_path
+
+# Rows of a database a release at migration 006 served (before 007, spend counted budget holds
+# only): a token without a budget whose requests the usage aggregates priced, a budgeted one
+# whose holds settled less than its requests cost in all (some came before its budget was set),
+# and one whose budget was taken off after it spent more than its aggregates still show.
+_ROWS_OF_RELEASE_006 = """
+INSERT INTO projects (id, name, api_key_encrypted, api_key_masked, created_at, updated_at)
+VALUES ('p1', 'p', 'encrypted', 'sk-ab…wxyz', '2026-12-01T00:00:00.000000Z',
+        '2026-12-01T00:00:00.000000Z');
+INSERT INTO tokens (id, project_id, token_hash, expires_at, created_at, budget_nanousd,
+                    spent_nanousd)
+VALUES ('unbudgeted', 'p1', 'h1', '2099-01-01T00:00:00.000000Z', '2026-12-01T00:00:00.000000Z',
+        NULL, 0),
+       ('budgeted', 'p1', 'h2', '2099-01-01T00:00:00.000000Z', '2026-12-01T00:00:00.000000Z',
+        1000000000, 5000),
+       ('budget-removed', 'p1', 'h3', '2099-01-01T00:00:00.000000Z',
+        '2026-12-01T00:00:00.000000Z', NULL, 8000),
+       ('unused', 'p1', 'h4', '2099-01-01T00:00:00.000000Z', '2026-12-01T00:00:00.000000Z',
+        NULL, 0);
+INSERT INTO usage_hourly (token_id, project_id, hour, requests, last_used_at, cost_nanousd)
+VALUES ('unbudgeted', 'p1', '2026-12-01T10:00:00.000000Z', 2, '2026-12-01T10:05:00.000000Z', 3000),
+       ('unbudgeted', 'p1', '2026-12-01T11:00:00.000000Z', 3, '2026-12-01T11:05:00.000000Z', 4500),
+       ('budgeted', 'p1', '2026-12-01T10:00:00.000000Z', 6, '2026-12-01T10:05:00.000000Z', 9000),
+       ('budget-removed', 'p1', '2026-12-01T10:00:00.000000Z', 1, '2026-12-01T10:05:00.000000Z',
+        1000);
+"""
+
+
+async def _database_at(database_url: str, last_version: int, rows: str) -> None:
+    """Migrate the empty database at ``database_url`` as far as ``last_version``, as the release
+    that shipped it did, and write ``rows`` into it."""
+    if database_url.startswith("postgresql"):
+        connection = await asyncpg.connect(database_url)
+        try:
+            await connection.execute(
+                "CREATE TABLE schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+            )
+            for version, sql in migration_scripts("postgresql"):
+                if version <= last_version:
+                    await connection.execute(sql)
+                    await connection.execute(
+                        "INSERT INTO schema_migrations VALUES ($1, now())", version
+                    )
+            await connection.execute(rows)
+        finally:
+            await connection.close()
+        return
+    with sqlite3.connect(sqlite_path(database_url)) as db:
+        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        for version, sql in migration_scripts("sqlite"):
+            if version <= last_version:
+                db.executescript(sql)
+                db.execute("INSERT INTO schema_migrations VALUES (?, 'then')", (version,))
+        db.executescript(rows)
+
+
+async def test_a_token_without_a_budget_keeps_what_it_spent_before_spend_was_counted(
+    database_url: str,
+) -> None:
+    """Upgraded from a release that counted no spend without a budget, a token shows what its
+    requests cost (a budget set on it later starts from there); budgeted tokens, and spend the
+    aggregates no longer show, stay as they were."""
+    await _database_at(database_url, 6, _ROWS_OF_RELEASE_006)
+    store = await open_store(database_url)
+    try:
+        spent = {}
+        for token_id in ("unbudgeted", "budgeted", "budget-removed", "unused"):
+            token = await store.get_token(token_id)
+            assert token is not None
+            spent[token_id] = token.spent_nanousd
+        assert await store.migrate() == []
+    finally:
+        await store.close()
+    assert spent == {"unbudgeted": 7500, "budgeted": 5000, "budget-removed": 8000, "unused": 0}
