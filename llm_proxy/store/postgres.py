@@ -71,6 +71,10 @@ _RECLAIM_LOCK = 0x6C6C_6D70_0003
 # How long a query, or waiting for a pooled connection, may take before the caller is told the
 # database is unavailable: a hung database must not hold requests for ever.
 _TIMEOUT = 5.0
+# How long migrating may take, and an instance wait for another's migration: a migration may
+# rewrite a whole table (008 goes through every token and usage row), which takes longer than any
+# query of the request path, and a start that gives up leaves nothing done, to start again.
+_MIGRATION_TIMEOUT = 3600.0
 
 # A pooled connection, as the pool lends it.
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -296,7 +300,9 @@ class PostgresStore:
         applied_now: list[int] = []
         async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
             # Instances starting together wait for the first to finish, then find nothing to do.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK, timeout=_MIGRATION_TIMEOUT
+            )
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations"
                 " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
@@ -308,7 +314,7 @@ class PostgresStore:
             for version, sql in migration_scripts("postgresql"):
                 if version in applied:
                     continue
-                await conn.execute(sql)
+                await conn.execute(sql, timeout=_MIGRATION_TIMEOUT)
                 await conn.execute(
                     "INSERT INTO schema_migrations VALUES ($1, $2)", version, utcnow()
                 )

@@ -4,10 +4,13 @@ ran), its rows written as that release wrote them, then migrated here."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 import asyncpg
+import pytest
 
+from llm_proxy.store import postgres
 from llm_proxy.store.migrations import migration_scripts
 from llm_proxy.store.opening import open_store, sqlite_path
 
@@ -85,3 +88,31 @@ async def test_a_token_without_a_budget_keeps_what_it_spent_before_spend_was_cou
     finally:
         await store.close()
     assert spent == {"unbudgeted": 7500, "budgeted": 5000, "budget-removed": 8000, "unused": 0}
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+async def test_an_instance_waits_for_a_migration_longer_than_a_query_may_take(
+    postgres_url: str,
+) -> None:
+    """Instances started together on a database an upgrade migrates: while the first migrates
+    (a large tokens table takes longer than the request path's query bound), the others wait for
+    it instead of stopping start-up with 'cannot migrate the database: TimeoutError'."""
+    await _database_at(postgres_url, 6, _ROWS_OF_RELEASE_006)
+    first = await asyncpg.connect(postgres_url)
+    try:
+        migrating = first.transaction()
+        await migrating.start()
+        await first.execute("SELECT pg_advisory_xact_lock($1)", postgres._MIGRATION_LOCK)
+        second = asyncio.create_task(open_store(postgres_url))
+        await asyncio.sleep(postgres._TIMEOUT + 1)
+        assert not second.done()
+        await migrating.commit()
+        store = await asyncio.wait_for(second, timeout=postgres._TIMEOUT)
+    finally:
+        await first.close()
+    try:
+        token = await store.get_token("unbudgeted")
+        assert token is not None and token.spent_nanousd == 7500
+    finally:
+        await store.close()
