@@ -176,6 +176,31 @@ def test_a_data_dir_and_a_secret_left_open_to_others_are_made_private_at_start(
     }
 
 
+def test_a_database_an_earlier_release_left_open_to_others_is_made_private_at_start(
+    tmp_path: Path, api_config: Path
+) -> None:
+    """Releases before 7c1f0b1 created the database with the process umask (0644 under 022), and
+    SQLite its -wal and -shm with the database's mode: an upgrade keeps them."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    with sqlite3.connect(data_dir / "llm-proxy.db") as old:
+        old.execute("CREATE TABLE written_by_an_earlier_release (x)")
+    old.close()
+    files = ["llm-proxy.db", "llm-proxy.db-wal", "llm-proxy.db-shm"]
+    for name in files:
+        (data_dir / name).touch()
+        (data_dir / name).chmod(0o644)
+    server = start_server(data_dir, api_config, tmp_path / "logs")
+    try:  # (a clean stop removes the -wal and -shm)
+        assert {name: mode(data_dir / name) for name in files} == dict.fromkeys(files, 0o600)
+    finally:
+        server.stop()
+    made_private = logged(server, "server.made_private")
+    assert {(line["path"], line["mode"]) for line in made_private} == {
+        (str(data_dir / name), "0644") for name in files
+    }
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
 def test_a_secret_file_of_another_user_left_open_to_others_is_a_warning(
     tmp_path: Path, api_config: Path
