@@ -10,6 +10,7 @@ import sqlite3
 import asyncpg
 import pytest
 
+from llm_proxy.models import utcnow
 from llm_proxy.store import postgres
 from llm_proxy.store.migrations import migration_scripts
 from llm_proxy.store.opening import open_store, sqlite_path
@@ -114,5 +115,39 @@ async def test_an_instance_waits_for_a_migration_longer_than_a_query_may_take(
     try:
         token = await store.get_token("unbudgeted")
         assert token is not None and token.spent_nanousd == 7500
+    finally:
+        await store.close()
+
+
+# Rows of a database the first release served (migration 001 only): a token with a quota it has
+# partly used, and one revoked.
+_ROWS_OF_RELEASE_001 = """
+INSERT INTO projects (id, name, api_key_encrypted, api_key_masked, created_at, updated_at)
+VALUES ('p1', 'p', 'encrypted', 'sk-ab…wxyz', '2026-11-26T00:00:00.000000Z',
+        '2026-11-26T00:00:00.000000Z');
+INSERT INTO tokens (id, project_id, token_hash, expires_at, created_at, request_count,
+                    max_requests, is_active, revoked_at)
+VALUES ('quota', 'p1', 'hash-quota', '2099-01-01T00:00:00.000000Z',
+        '2026-11-26T00:00:00.000000Z', 3, 5, TRUE, NULL),
+       ('revoked', 'p1', 'hash-revoked', '2099-01-01T00:00:00.000000Z',
+        '2026-11-26T00:00:00.000000Z', 1, NULL, FALSE, '2026-11-26T01:00:00.000000Z');
+"""
+
+
+async def test_tokens_of_the_first_release_keep_their_quota_and_revocation(
+    database_url: str,
+) -> None:
+    await _database_at(database_url, 1, _ROWS_OF_RELEASE_001)
+    store = await open_store(database_url)
+    try:
+        quota = await store.grant_for_hash("hash-quota")
+        revoked = await store.grant_for_hash("hash-revoked")
+        assert quota is not None and revoked is not None
+        assert (quota.token.request_count, quota.token.max_requests) == (3, 5)
+        assert (quota.token.spent_nanousd, quota.token.budget_nanousd) == (0, None)
+        assert (quota.project_is_active, quota.api_key_encrypted) == (True, "encrypted")
+        assert not revoked.token.is_active
+        claims = [await store.consume_request("quota", utcnow()) for _ in range(3)]
+        assert [c and c.count for c in claims] == [4, 5, None]
     finally:
         await store.close()
