@@ -9,7 +9,9 @@ order.
 Each dispatcher service reads through its own consumer group, so every service sees every event.
 Entries are acknowledged by the dispatcher only after its backend accepted them; entries left
 pending by a consumer that died are taken over with ``XAUTOCLAIM`` once idle for ``claim_idle``
-seconds.
+seconds. Every start names a new consumer, and one that dies (killed, out of memory, a lost node)
+never leaves its group itself: the readers of a group delete its consumers that hold nothing and
+have not read for ``DEAD_CONSUMER_CLAIM_PERIODS`` times ``claim_idle``.
 
 A publishing bus trims the stream every ``trim_interval`` seconds, in its own task (so it runs while
 ``XADD`` is refused, a Redis at ``maxmemory``): first what every existing group has acknowledged
@@ -132,6 +134,27 @@ for _, group in ipairs(groups) do
 end
 return reply
 """
+# Deletes the consumers of a group that hold nothing and have not read for a while: those of
+# processes that died. A script, so that none of them reads (and holds) an entry between the look
+# and the delete, which would drop that entry from the group's pending list for good. One deleted
+# while alive would only be made again by its next read. KEYS: the stream; ARGV: the group, the
+# consumer asking, the idle milliseconds past which one is dead. Returns how many went.
+_FORGET_DEAD_CONSUMERS = """
+local forgotten = 0
+for _, reply in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local consumer = {}
+  for i = 1, #reply, 2 do consumer[reply[i]] = reply[i + 1] end
+  if consumer['pending'] == 0 and consumer['idle'] > tonumber(ARGV[3])
+      and consumer['name'] ~= ARGV[2] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer['name'])
+    forgotten = forgotten + 1
+  end
+end
+return forgotten
+"""
+# A consumer not seen for this many claim_idle periods is not a live one between two reads: a
+# live one reads at least every few seconds, or holds the entries it is delivering.
+DEAD_CONSUMER_CLAIM_PERIODS = 10
 # Takes (reads and deletes) one group's count from that hash. A script, not MULTI: Redis at
 # maxmemory refuses every command queued in a transaction, and the count matters most then.
 _TAKE = """
@@ -449,6 +472,7 @@ class RedisSubscription:
         # No socket timeout: XREADGROUP BLOCK would trip it. ``read`` bounds the wait itself.
         self._client = client_from_url(bus.url, timeout=None)
         self._take_script = self._client.register_script(_TAKE)
+        self._forget_script = self._client.register_script(_FORGET_DEAD_CONSUMERS)
         self._group_ready = False
         self._claim_cursor: Any = "0-0"
         self._next_claim = 0.0
@@ -543,6 +567,7 @@ class RedisSubscription:
         if self._claim_cursor in (b"0-0", "0-0"):
             # A full pass over the pending list: look again after a while, not on every read.
             self._next_claim = time.monotonic() + min(self._bus.claim_idle / 2, 5.0)
+            await self._forget_dead_consumers()
         # Entries trimmed from the stream while pending come back as ids only: nothing to deliver.
         gone = [i.decode() for i in reply[2]] if len(reply) > 2 else []
         deliveries, unusable = self._deliveries(entries, redelivered=True)
@@ -551,6 +576,21 @@ class RedisSubscription:
         if deliveries:
             log.info("events.redis_pending_reclaimed", group=self.group, count=len(deliveries))
         return deliveries
+
+    async def _forget_dead_consumers(self) -> None:
+        """Delete the group's consumers left by processes that died, once what they held was
+        taken over: otherwise a group keeps one per crashed run for good."""
+        dead_after = self._bus.claim_idle * DEAD_CONSUMER_CLAIM_PERIODS
+        forgotten = await self._forget_script(
+            keys=[self._bus.stream], args=[self.group, self.consumer, int(dead_after * 1000)]
+        )
+        if forgotten:
+            log.info(
+                "events.redis_dead_consumers_forgotten",
+                group=self.group,
+                count=int(forgotten),
+                idle_seconds=dead_after,
+            )
 
     async def _take_trimmed_unread(self) -> None:
         """Count the entries that the stream's cap trimmed before this group read them, as the
@@ -621,6 +661,6 @@ class RedisSubscription:
                             self._bus.stream, self.group, self.consumer
                         )
         except (RedisError, OSError, TimeoutError):
-            pass  # the name stays in the group, which costs nothing but a line in XINFO
+            pass  # the name stays in the group until its other readers find it dead
         finally:
             await self._client.aclose()

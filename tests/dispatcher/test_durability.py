@@ -9,6 +9,7 @@ import asyncio
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -285,3 +286,83 @@ async def test_a_dead_letter_write_cut_short_by_a_full_disk_leaves_every_line_wh
             torn.append(text)
     assert not torn
     assert sorted(kept) == sorted(e["id"] for e in sent)
+
+
+def file_dispatcher(
+    redis_url: str, path: Path, data_dir: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "--service",
+        "file",
+        "--path",
+        str(path),
+        "--redis-url",
+        redis_url,
+        "--stream",
+        "crashes:events",
+        "--batch-wait",
+        "0.05",
+        "--claim-idle",
+        "1",
+        "--data-dir",
+        str(data_dir),
+    ]
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=dict(os.environ), stdout=output, stderr=subprocess.STDOUT
+        )
+
+
+async def test_dispatchers_that_died_do_not_stay_in_their_consumer_group_for_good(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Every start joins the group under a new name, and a killed one never leaves it: without
+    the live readers forgetting them, a group kept one consumer per crash (OOM kills, lost
+    nodes, a rollout's SIGKILL after its grace period) for as long as Redis lives."""
+    events_file = tmp_path / "events.jsonl"
+    bus = RedisBus(redis_server.url, stream="crashes:events")
+
+    def written() -> int:
+        return events_file.read_bytes().count(b"\n") if events_file.exists() else 0
+
+    async def consumers() -> list[bytes]:
+        return [c["name"] for c in await bus.client.xinfo_consumers("crashes:events", "file")]
+
+    async def one_event_through() -> None:
+        before = written()
+        await bus.publish([build(exchange(request={"n": before}, response=b"{}"))])
+        await until(lambda: written() > before, 30, "the dispatcher to write the event")
+        while (await bus.client.xpending("crashes:events", "file"))["pending"]:
+            await asyncio.sleep(0.02)  # and to acknowledge it
+
+    live: subprocess.Popen[bytes] | None = None
+    try:
+        for _ in range(3):
+            crashed = file_dispatcher(redis_server.url, events_file, tmp_path, tmp_path / "d.log")
+            try:
+                await one_event_through()
+            finally:
+                crashed.send_signal(signal.SIGKILL)
+                crashed.wait(10)
+        assert len(await consumers()) == 3  # each left its name, holding nothing
+
+        live = file_dispatcher(redis_server.url, events_file, tmp_path, tmp_path / "live.log")
+        await one_event_through()
+        names = await consumers()
+        deadline = time.monotonic() + 45  # idle for ten --claim-idle periods, then a claim pass
+        while len(names) > 1:
+            assert time.monotonic() < deadline, f"consumers never forgotten: {names}"
+            await asyncio.sleep(0.2)
+            names = await consumers()
+        assert names[0].startswith(socket.gethostname().encode())
+        await one_event_through()  # the live one still reads, under its own name
+        assert await consumers() == names
+        assert b"events.redis_dead_consumers_forgotten" in (tmp_path / "live.log").read_bytes()
+    finally:
+        if live is not None:
+            live.send_signal(signal.SIGTERM)
+            live.wait(15)
+        await bus.close()
