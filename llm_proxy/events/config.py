@@ -22,6 +22,8 @@ class EventsConfig:
     # The Redis stream's cap (EVENTS_STREAM_MAX_LENGTH): entries carry bodies, so not more; what
     # every group acknowledged goes long before.
     maxlen: int = 100_000
+    # Event bytes the spool holds while Redis is away (EVENTS_SPOOL_MAX_BYTES); more are dropped.
+    spool_max_bytes: int = 1024**3
     memory_maxlen: int = 10_000  # per consumer group, memory bus
     queue_size: int = 10_000  # exchanges waiting to become events; the oldest is dropped beyond
     # ... and the captured body bytes they may hold together (a request and an answer of up to

@@ -33,6 +33,7 @@ DROP_REASONS = (
     "publish_failed",
     "memory_bus_full",
     "redis_unavailable",
+    "spool_full",
     "spool_malformed",
     "bus_entry_unusable",
     "trimmed_before_delivery",

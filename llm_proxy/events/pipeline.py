@@ -293,6 +293,7 @@ async def open_bus(config: EventsConfig) -> EventBus:
             stream=config.stream,
             maxlen=config.maxlen,
             spool_path=config.spool_path,
+            spool_max_bytes=config.spool_max_bytes,
             spool_family=SPOOL_FAMILY,
             claim_idle=config.claim_idle,
         )

@@ -220,6 +220,7 @@ class RedisBus:
         stream: str = "llm-proxy:events",
         maxlen: int = 100_000,
         spool_path: Path | None = None,
+        spool_max_bytes: int | None = None,
         publish_timeout: float = 2.0,
         claim_idle: float = 60.0,
         trim_interval: float = 1.0,
@@ -237,7 +238,9 @@ class RedisBus:
         self.client = client_from_url(url, timeout=publish_timeout)
         self._trim_script = self.client.register_script(_TRIM)
         self._trimmer: asyncio.Task[None] | None = None
-        self._spool = Spool(spool_path) if spool_path is not None else None
+        self._spool = (
+            Spool(spool_path, max_bytes=spool_max_bytes) if spool_path is not None else None
+        )
         self._spool_lock = asyncio.Lock()
         self._replayer: asyncio.Task[None] | None = None
         self._subscriptions: set[RedisSubscription] = set()

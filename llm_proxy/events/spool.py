@@ -2,7 +2,9 @@
 
 Lines are whole JSON events. A sidecar ``.offset`` file records how far replay has got, so a restart
 resumes where it stopped (an event replayed just before a crash may be replayed twice, which the
-at-least-once contract allows). When everything is replayed the file is emptied.
+at-least-once contract allows). When everything is replayed the file is emptied. A spool holds at
+most ``max_bytes`` of events not yet replayed: a long outage drops (and counts) what comes beyond,
+rather than fill the disk, which the SQLite database and the other spools may share.
 
 The methods are blocking file I/O; :class:`~llm_proxy.events.redis.RedisBus` runs them in a thread
 and serialises them with a lock.
@@ -27,13 +29,16 @@ from llm_proxy.events import event as wire
 from llm_proxy.events import metrics
 from llm_proxy.events.event import Event
 from llm_proxy.private_files import owner_only
+from llm_proxy.sparse_warning import SparseWarning
 
 log = structlog.get_logger(__name__)
 
 
 class Spool:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_bytes: int | None = None) -> None:
         self.path = path
+        self.max_bytes = max_bytes  # of events not yet replayed; None: no bound
+        self._full = SparseWarning("events.spool_full")
         self._offset_path = path.with_name(path.name + ".offset")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._size = self._repair()
@@ -71,6 +76,9 @@ class Spool:
     def append(self, events: Sequence[Event]) -> None:
         written, unwritable = wire.dumps_each(events)
         metrics.count_unwritable(unwritable, "spool")
+        written = self._within_bound(written)
+        if not written:
+            return
         data = b"".join(line + b"\n" for line in written)
         # Durable, as the spool exists for when things go wrong; and whole lines only, or the
         # next line is glued to a torn one and replay, which goes by the size written, stops
@@ -80,6 +88,22 @@ class Spool:
         self._size += len(data)
         metrics.SPOOLED.inc(len(written))
         metrics.SPOOL_PENDING.set(self.pending_bytes)
+
+    def _within_bound(self, lines: list[bytes]) -> list[bytes]:
+        """The first of ``lines`` that fit in ``max_bytes``; the others are dropped, counted."""
+        if self.max_bytes is None:
+            return lines
+        room = self.max_bytes - self.pending_bytes
+        fitting = 0
+        for line in lines:
+            room -= len(line) + 1
+            if room < 0:
+                break
+            fitting += 1
+        if dropped := len(lines) - fitting:
+            metrics.DROPPED.labels("spool_full").inc(dropped)
+            self._full.happened(dropped, path=str(self.path), max_bytes=self.max_bytes)
+        return lines[:fitting]
 
     def read(self, max_events: int) -> tuple[list[Event], int]:
         """The next events after the replay offset, and the offset just past them."""

@@ -87,6 +87,7 @@ def events_config(settings: Settings) -> EventsConfig:
         data_dir=settings.data_dir,
         stream=settings.events_stream,
         maxlen=settings.events_stream_max_length,
+        spool_max_bytes=settings.events_spool_max_bytes,
         worker=settings.worker_index,
     )
 

@@ -97,6 +97,7 @@ def build_settings(
     prices_path: str | None = None,
     usage_hourly_retention_days: int | str = 90,
     events_stream_max_length: int | str = 100_000,
+    events_spool_max_bytes: str = "1GiB",
     event_stream: str = "llm-proxy:events",
     ssl_cert_file: str | None = None,
     ssl_cert_dir: str | None = None,
@@ -167,6 +168,7 @@ def build_settings(
             "EVENTS_STREAM_MAX_LENGTH", events_stream_max_length
         ),
         events_stream=check_stream_name(event_stream),
+        events_spool_max_bytes=parse_size("EVENTS_SPOOL_MAX_BYTES", events_spool_max_bytes),
     )
 
 
@@ -392,6 +394,15 @@ def build_settings(
     " service has acknowledged are trimmed once a minute old; beyond this cap, the oldest go"
     " even unread"
     " (counted in llm_proxy_events_dropped_total).",
+)
+@click.option(
+    "--events-spool-max-bytes",
+    envvar="EVENTS_SPOOL_MAX_BYTES",
+    default="1GiB",
+    show_envvar=True,
+    help="With LLM_PROXY_EVENT_BUS=redis: events each server process keeps in its spool under"
+    " DATA_DIR while Redis is away; beyond it, further events are dropped (counted in"
+    " llm_proxy_events_dropped_total) rather than fill the disk.",
 )
 @click.option(
     "--event-stream",

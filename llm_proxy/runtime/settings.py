@@ -65,6 +65,9 @@ class Settings:
     # LLM_PROXY_EVENT_STREAM: the Redis stream events are published on, which the dispatchers read
     # (they take the same variable).
     events_stream: str = "llm-proxy:events"
+    # EVENTS_SPOOL_MAX_BYTES: events a process spools under DATA_DIR while Redis is away; beyond
+    # it they are dropped (counted), or an outage would fill the disk the database may share.
+    events_spool_max_bytes: int = 1024**3
     log_level: str = "info"
     log_format: LogFormat = "json"
     data_dir: Path = Path("data")

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,56 @@ def test_the_server_publishes_on_the_stream_llm_proxy_event_stream_names(
         server.stop()
     (event,) = map(json.loads, events_file.read_bytes().splitlines())
     assert event["status"] == 200 and event["token_id"] == issued["id"]
+
+
+def _sample(base_url: str, series: str) -> float:
+    """A sample of the server's /metrics page; 0 when the series is not there."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as response:
+        page = response.read().decode()
+    for line in page.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rpartition(" ")[2])
+    return 0.0
+
+
+@pytest.mark.redis
+def test_a_long_redis_outage_spools_up_to_events_spool_max_bytes_and_counts_the_rest(
+    tmp_path: Path, api_config: Path, redis_server: RedisServer
+) -> None:
+    # Events carry prompts and answers: unbounded, a day without Redis filled DATA_DIR's disk,
+    # which the SQLite database shares, with every event of the outage.
+    cap = 16 * 1024
+    bus = {"LLM_PROXY_EVENT_BUS": "redis", "REDIS_URL": redis_server.url}
+    server = start_server(
+        tmp_path / "data", api_config, tmp_path / "logs", EVENTS_SPOOL_MAX_BYTES="16KiB", **bus
+    )
+    spool = tmp_path / "data" / "events-spool.jsonl"
+    try:
+        token = server.issue_token(UPSTREAM_KEY)
+        redis_server.stop()
+        for _ in range(60):  # events of about a kilobyte each: several times the cap
+            status, _ = http(
+                "POST", f"{server.base_url}/v1/chat/completions", token=token, body=CHAT
+            )
+            assert status == 200  # requests never wait for Redis
+        spooled = "llm_proxy_events_spooled_total"
+        dropped = 'llm_proxy_events_dropped_total{reason="spool_full"}'
+        deadline = time.monotonic() + 20
+        while _sample(server.base_url, spooled) + _sample(server.base_url, dropped) < 60:
+            assert time.monotonic() < deadline, "the events never reached the spool"
+            time.sleep(0.1)
+        assert 0 < spool.stat().st_size <= cap
+        assert _sample(server.base_url, dropped) > 0
+        assert "events.spool_full" in server.process.stdout + server.process.stderr
+
+        redis_server.start()  # what was spooled is published, and the spool emptied
+        deadline = time.monotonic() + 20
+        while spool.stat().st_size:
+            assert time.monotonic() < deadline, "the spool was never replayed"
+            time.sleep(0.1)
+        assert _stream_length(redis_server.port, "llm-proxy:events") > 0
+    finally:
+        server.stop()
 
 
 def test_second_start_reuses_the_token_and_keeps_the_projects(

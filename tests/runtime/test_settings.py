@@ -214,6 +214,14 @@ def test_the_event_stream_cap_is_100000_unless_told(monkeypatch: pytest.MonkeyPa
         settings_from_environment(monkeypatch, {"EVENTS_STREAM_MAX_LENGTH": "0"})
 
 
+def test_the_event_spool_holds_1gib_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_environment(monkeypatch, {}).events_spool_max_bytes == 1024**3
+    told = settings_from_environment(monkeypatch, {"EVENTS_SPOOL_MAX_BYTES": "200MiB"})
+    assert events_config(told).spool_max_bytes == 200 * 1024**2
+    with pytest.raises(SettingsError, match=r"^EVENTS_SPOOL_MAX_BYTES: "):
+        settings_from_environment(monkeypatch, {"EVENTS_SPOOL_MAX_BYTES": "a lot"})
+
+
 def test_hourly_usage_is_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings_from_environment(monkeypatch, {}).usage_hourly_retention_days == 90
     told = settings_from_environment(monkeypatch, {"USAGE_HOURLY_RETENTION_DAYS": "0"})
