@@ -165,9 +165,9 @@ class _ProxyCollector(Collector):
         )
         yield GaugeMetricFamily(
             "llm_proxy_token_cache_entries",
-            "Tokens whose checks this process keeps in memory; those that expired are dropped as "
-            "often as a kept check is reloaded, so it follows the tokens in use, not every token "
-            "ever seen.",
+            "Tokens whose checks this process keeps in memory; those that expired, or that were not"
+            " used for an hour (120 token cache periods), are dropped as often as a kept check is"
+            " reloaded, so it follows the tokens in use, not every token ever seen.",
             value=s.token_cache_entries,
         )
         yield GaugeMetricFamily(

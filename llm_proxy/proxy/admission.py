@@ -66,6 +66,9 @@ _NEGATIVE_TTL = 5.0
 _NEGATIVE_MAX = 10_000
 # Holds and rpm slots being given back in the background while their store is away.
 _GIVE_BACKS_MAX = 10_000
+# A grant not reloaded for this many cache periods is forgotten: one in use is reloaded every
+# period, so it belongs to a token unused that long (an hour, by default).
+_UNUSED_CACHE_PERIODS = 120
 
 
 def _unsettled_limits() -> errors.ProxyError:
@@ -178,6 +181,7 @@ class TokenAuthority:
         self.settlements.hold_leases = self.hold_leases
         self._cipher = cipher
         self._cache_seconds = cache_seconds
+        self._forget_unused_after = cache_seconds * _UNUSED_CACHE_PERIODS
         self._max_staleness = max_staleness
         self._wake = asyncio.Event()
         self.push_connected = False
@@ -853,14 +857,23 @@ class TokenAuthority:
         STATS.token_cache_entries = len(self._by_hash)
 
     def forget_expired(self) -> None:
-        """Drop the cached grants of tokens that have expired.
+        """Drop the cached grants of tokens that have expired, and of tokens not used for
+        ``_UNUSED_CACHE_PERIODS`` cache periods.
 
-        An expired token is refused whether or not it is cached (a request reloads it), while
-        withering tokens are short-lived and many: kept, every token a process ever saw would
-        stay in its memory, and each change would scan them all (:meth:`invalidate`)."""
+        An expired token is refused whether or not it is cached (a request reloads it), and a
+        token's next request after a cache period reloads its grant anyway, while tokens are
+        many and may live a year: kept, every token a process ever saw would stay in its memory
+        until it expired, and each change would scan them all (:meth:`invalidate`). Kept an hour
+        rather than one period, a grant still names the limits of a token in use through a
+        database outage (``limits_unavailable``, see :meth:`_load_or_refuse`)."""
         now = time.time()
-        expired = [digest for digest, grant in self._by_hash.items() if now >= grant.expires_at]
-        for digest in expired:
+        unused_since = time.monotonic() - self._forget_unused_after
+        stale = [
+            digest
+            for digest, grant in self._by_hash.items()
+            if now >= grant.expires_at or grant.loaded_at < unused_since
+        ]
+        for digest in stale:
             del self._by_hash[digest]
         STATS.token_cache_entries = len(self._by_hash)
 

@@ -245,6 +245,28 @@ async def test_expired_tokens_do_not_stay_in_the_token_cache(
         await asyncio.sleep(0.05)
 
 
+async def test_tokens_no_longer_used_do_not_stay_in_the_token_cache_until_they_expire(
+    proxy_factory: Any,
+) -> None:
+    """Tokens may live a year: each one a process served once must not stay in its memory (and
+    in every change's scan of the cache) until then. 120 cache periods: 2.4 s here."""
+    proxy: Proxy = await proxy_factory(token_cache_seconds=0.02)
+    project_id = await proxy.create_project()
+    issued = [await proxy.issue_token(project_id, minutes=525600) for _ in range(20)]
+    for token in issued:
+        response = await proxy.client.get("/v1/models", headers=bearer(token["token"]))
+        assert response.status == 200
+    assert _cache_entries(await (await proxy.client.get("/metrics")).text()) > 0
+
+    deadline = time.monotonic() + 30
+    while _cache_entries(await (await proxy.client.get("/metrics")).text()):
+        assert time.monotonic() < deadline, "tokens unused for an hour's worth are still cached"
+        await asyncio.sleep(0.1)
+    response = await proxy.client.get("/v1/models", headers=bearer(issued[0]["token"]))
+    assert response.status == 200  # read again from the database, and cached again
+    assert _cache_entries(await (await proxy.client.get("/metrics")).text()) == 1
+
+
 PAST = "2000-01-01T00:00:00.000000Z"
 
 
