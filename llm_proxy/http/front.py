@@ -56,6 +56,8 @@ MAX_CHUNK_FRAMING = 16 * 1024
 _RESET = struct.pack("ii", 1, 0)
 _INT = struct.pack("i", 0)
 _BACKLOG = 1024
+# How long the stop waits for the answers it cut to end (and submit their exchanges).
+CUT_ANSWERS_END_WITHIN = 5.0
 
 
 class _TooManyWaiting(Exception):
@@ -814,6 +816,9 @@ class FrontSite(web.BaseSite):
                 conn.close()
         in_flight = [c.task for c in self._connections if c.task is not None]
         if in_flight:
+            log.info(
+                "server.waiting_for_requests", requests=len(in_flight), grace_seconds=self._grace
+            )
             await asyncio.wait(in_flight, timeout=self._grace)
         cut = []
         for conn in list(self._connections):
@@ -823,8 +828,11 @@ class FrontSite(web.BaseSite):
             else:
                 conn.close()
         if cut:
-            # Their exchanges end (and are submitted) before the events pipeline closes.
-            await asyncio.wait(cut, timeout=self._grace)
+            log.warning("server.requests_cut", requests=len(cut), grace_seconds=self._grace)
+            # Their exchanges end (and are submitted) before the events pipeline closes. Not the
+            # grace again: a cancelled answer ends at once, and what follows the grace (events,
+            # usage) must fit in the platform's stop timeout beside it.
+            await asyncio.wait(cut, timeout=CUT_ANSWERS_END_WITHIN)
 
 
 def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:

@@ -90,6 +90,7 @@ def build_settings(
     client_header_timeout: str = "30s",
     client_body_timeout: str = "60s",
     keepalive_timeout: str = "75s",
+    graceful_shutdown_timeout: str = "10s",
     database_pool_size: int | str = 10,
     revocation_max_staleness: str = "5s",
     change_feed_push: str = "on",
@@ -151,6 +152,9 @@ def build_settings(
         client_header_timeout=parse_seconds("CLIENT_HEADER_TIMEOUT", client_header_timeout),
         client_body_timeout=parse_seconds("CLIENT_BODY_TIMEOUT", client_body_timeout),
         keepalive_timeout=parse_seconds("KEEPALIVE_TIMEOUT", keepalive_timeout),
+        graceful_shutdown_timeout=parse_seconds(
+            "GRACEFUL_SHUTDOWN_TIMEOUT", graceful_shutdown_timeout
+        ),
         database_pool_size=parse_positive_int(
             "DATABASE_POOL_SIZE", database_pool_size, at_most=MAX_DATABASE_POOL_SIZE
         ),
@@ -345,6 +349,15 @@ def build_settings(
     default="75s",
     show_envvar=True,
     help="An idle keep-alive connection is closed after this.",
+)
+@click.option(
+    "--graceful-shutdown-timeout",
+    envvar="GRACEFUL_SHUTDOWN_TIMEOUT",
+    default="10s",
+    show_envvar=True,
+    help="After SIGTERM, how long requests in flight (streams) may take to finish; those still"
+    " open then are cut (their events say server_stopping). Events and usage are written after"
+    " it: give the platform's stop timeout more than this.",
 )
 @click.option(
     "--database-pool-size",

@@ -243,7 +243,12 @@ async def _serve(
         if lifeline is not None:
             watch(lifeline, functools.partial(_supervisor_gone, stop))
         site = FrontSite(
-            runner, sock, components.proxy, limits=limits, on_data=poller.poke if poller else None
+            runner,
+            sock,
+            components.proxy,
+            limits=limits,
+            grace_seconds=settings.graceful_shutdown_timeout,
+            on_data=poller.poke if poller else None,
         )
         try:
             await site.start()

@@ -101,6 +101,10 @@ class Settings:
     client_header_timeout: float = 30.0
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
+    # After SIGTERM, how long the requests in flight (streams above all) may take to finish before
+    # the server cuts them; their events and usage are written after it, so the platform's own
+    # grace (terminationGracePeriodSeconds, stop_grace_period) must cover both.
+    graceful_shutdown_timeout: float = 10.0
     # The longest the event loop keeps polling after socket activity (0: never); see busy_poll.py.
     busy_poll_micros: int = 0
     # Where events are built, published and aggregated: in the events process beside the server
