@@ -25,6 +25,8 @@ import yaml
 
 from dispatcher.cli import dispatcher_command
 from llm_proxy.runtime.cli import main
+from llm_proxy.runtime.settings import parse_seconds
+from tests.deploy.stopping import AFTER_GRACE_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -50,6 +52,7 @@ PRODUCT_VARIABLES = {
     "HTTPS_PROXY",
     "HTTP_PROXY",
     "NO_PROXY",
+    "GRACEFUL_SHUTDOWN_TIMEOUT",  # (beyond §4: how long a stopping proxy lets streams finish)
 }
 SHARED_SECRETS = ("MANAGEMENT_TOKEN", "ENCRYPTION_KEY", "ADMIN_PASSWORD")
 
@@ -367,3 +370,14 @@ def test_docker_gives_a_stopping_proxy_and_dispatcher_the_time_the_helm_chart_do
     for name in ("proxy-1", "proxy-2"):
         assert _seconds(services[name].get("stop_grace_period", "10s")) >= proxy_grace, name
     assert _seconds(services["dispatcher"].get("stop_grace_period", "10s")) >= dispatcher_grace
+
+
+def test_a_stopping_proxy_lets_streams_finish_then_writes_their_events_before_the_kill(
+    services: dict[str, Any],
+) -> None:
+    """Docker sends SIGKILL stop_grace_period after SIGTERM: the server's grace for streams, and
+    the time to write their events and usage after it, must fit in it."""
+    for name in PROXIES:
+        grace = parse_seconds("", services[name]["environment"]["GRACEFUL_SHUTDOWN_TIMEOUT"])
+        assert grace > 10, name  # longer than the server's own default, which cut many streams
+        assert _seconds(services[name]["stop_grace_period"]) >= grace + AFTER_GRACE_SECONDS, name

@@ -22,6 +22,8 @@ import pytest
 import yaml
 
 from llm_proxy.runtime.cli import main
+from llm_proxy.runtime.settings import parse_seconds
+from tests.deploy.stopping import AFTER_GRACE_SECONDS
 from tests.events.events_support import RedisServer
 from tests.processes import cli_command, free_port, http, run, run_start_that_fails, spawn
 
@@ -514,6 +516,43 @@ def test_a_misspelt_value_is_refused(helm: Helm) -> None:
     )
     assert result.returncode != 0
     assert "'prot' not allowed" in result.stderr
+
+
+def test_a_stopping_pod_lets_streams_finish_then_writes_their_events_before_the_kill(
+    default_release: list[dict[str, Any]],
+) -> None:
+    """The kubelet sends SIGTERM after the preStop sleep and SIGKILL at the end of the pod's
+    termination grace: the server's grace for streams, and the time to write their events and
+    usage after it, must fit between the two."""
+    deployment = only(default_release, "Deployment", "proxy")
+    grace = parse_seconds("", env_of(deployment)["GRACEFUL_SHUTDOWN_TIMEOUT"])
+    pre_stop = container(deployment)["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert grace > 10  # longer than the server's own default, which cut many LLM streams
+    termination = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert termination >= int(pre_stop[1]) + grace + AFTER_GRACE_SECONDS
+
+
+def test_a_termination_grace_that_cannot_hold_the_servers_grace_is_refused(helm: Helm) -> None:
+    def rendered(termination: float) -> subprocess.CompletedProcess[str]:
+        return helm(
+            "template",
+            RELEASE,
+            str(CHART),
+            *("--set", "secrets.existingSecret=s"),
+            *("--set", "proxy.preStopSleepSeconds=3"),
+            *("--set", "proxy.gracefulShutdownSeconds=300"),
+            *("--set", f"proxy.terminationGracePeriodSeconds={termination:.0f}"),
+        )
+
+    needed = 3 + 300 + AFTER_GRACE_SECONDS
+    assert rendered(needed).returncode == 0
+    result = rendered(needed - 1)
+    assert result.returncode != 0
+    assert (
+        f"proxy.terminationGracePeriodSeconds ({needed - 1:.0f}) must be at least {needed:.0f}"
+        in result.stderr
+    )
 
 
 # --- the migration hook ---------------------------------------------------------------------
