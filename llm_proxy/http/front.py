@@ -808,18 +808,24 @@ class FrontSite(web.BaseSite):
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (bounded), then close every connection."""
         await super().stop()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
         for conn in list(self._connections):
             conn.stop_serving()
             if conn.task is None:
                 conn.close()
         in_flight = [c.task for c in self._connections if c.task is not None]
-        if in_flight:
-            log.info(
-                "server.waiting_for_requests", requests=len(in_flight), grace_seconds=self._grace
-            )
-            await asyncio.wait(in_flight, timeout=self._grace)
+        try:
+            if in_flight:
+                log.info(
+                    "server.waiting_for_requests",
+                    requests=len(in_flight),
+                    grace_seconds=self._grace,
+                )
+                await asyncio.wait(in_flight, timeout=self._grace)
+        finally:
+            # Only now: while the stop waits, a body that stops arriving is still answered 408,
+            # not left to hold the stop for the whole grace.
+            if self._sweeper is not None:
+                self._sweeper.cancel()
         cut = []
         for conn in list(self._connections):
             if conn.task is not None and not conn.task.done():

@@ -176,6 +176,26 @@ async def test_a_body_trickled_below_the_minimum_rate_is_answered_408_and_its_up
     assert len(proxy.upstream.requests) == 1
 
 
+async def test_a_body_that_stops_arriving_while_the_server_stops_is_answered_408_not_cut(
+    proxy_factory: Any,
+) -> None:
+    """The stop waits for the requests in flight; the body limit holds while it waits, so an
+    upload that stalled is refused as ever instead of holding the stop until its grace ends."""
+    proxy: Proxy = await proxy_factory(site={"body_seconds": 0.3, "grace_seconds": 3.0})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+    writer.write(chunked_upload(await proxy.token()) + b"5\r\nhello\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)  # its head parsed: in flight when the stop begins
+
+    stopping = asyncio.create_task(proxy.client.server.close())
+    status, headers, body = await read_response(reader)
+
+    assert status == 408, body
+    assert headers["connection"] == "close"
+    await stopping
+    writer.close()
+
+
 def unacknowledged(conn: FrontProtocol) -> int:
     """Bytes the kernel holds that the client has not acknowledged (Linux's SIOCOUTQ)."""
     assert conn.transport is not None
