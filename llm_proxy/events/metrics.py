@@ -111,6 +111,24 @@ SPEND_LOST = Counter(
     "database stayed unreachable until the events process stopped, or the process died first "
     "(as of its last report), in nano-dollars.",
 )
+
+
+def left_waiting() -> dict[str, int]:
+    """What this process would take with it if it died now: the budget settlements and tpm
+    records waiting to be tried again, and the spend not yet written (``spend``, nano-dollars).
+    Sent to the server with each step of progress, so that a death between two periodic status
+    lines still has what it lost counted (see ``offload.py``)."""
+    waiting = {
+        sample.labels["kind"]: int(sample.value)
+        for family in SETTLEMENTS_WAITING.collect()
+        for sample in family.samples
+    }
+    waiting["spend"] = sum(
+        int(sample.value) for family in SPEND_PENDING.collect() for sample in family.samples
+    )
+    return waiting
+
+
 BUDGET_OVERRUN = Counter(
     "llm_proxy_events_budget_overrun_nanousd",
     "Spend beyond what was held for the requests that cost more than their hold, in nano-dollars.",

@@ -66,10 +66,6 @@ FRAME_EXCHANGES = 64
 _STATUS_FRESH_SECONDS = 5.0  # an older status says nothing about the bus now
 # Seconds between starts of the events process: the first restart, and at most (doubling between).
 _RESTART_SPACING = (1.0, 30.0)
-# What a dead events process's last status showed still waiting to be written, lost with it.
-_LEFT_WAITING = frozenset(
-    {"llm_proxy_events_settlements_waiting", "llm_proxy_events_spend_pending_nanousd"}
-)
 # A status line carries the events process's whole metrics text.
 _STATUS_LINE_LIMIT = 4 * 1024 * 1024
 
@@ -122,6 +118,9 @@ class EventOffload:
         self._closing = False
         self._status: dict[str, Any] = {}
         self._status_at = 0.0
+        # What the running events process last said it would lose if it died: budget
+        # settlements and tpm records to try again, and unwritten spend (metrics.left_waiting).
+        self._waiting: dict[str, int] = {}
         self._sent_to_current = 0  # exchanges sent to the running events process
         self._done = 0  # of those, how many it reported done with (published or counted dropped)
         self.sent = 0
@@ -153,7 +152,9 @@ class EventOffload:
                 line = await process.stdout.readline()
         except TimeoutError:
             line = b""
-        answer = orjson.loads(line) if line.strip() else {"error": "it did not answer"}
+        answer: dict[str, Any] = (
+            orjson.loads(line) if line.strip() else {"error": "it did not answer"}
+        )
         if not answer.get("ready"):
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
@@ -166,6 +167,7 @@ class EventOffload:
         # The ready line carries the first status, so /ready is right from the start.
         self._status, self._status_at = answer, time.monotonic()
         self._done = int(answer.get("done", 0))
+        self._waiting = answer.get("waiting", {})
         log.info("events.process_attached", pid=process.pid)
         self._flush()  # what queued up while no events process ran
 
@@ -186,6 +188,8 @@ class EventOffload:
                     self._status, self._status_at = message, time.monotonic()
                 if "done" in message:
                     self._done = int(message["done"])
+                if "waiting" in message:
+                    self._waiting = message["waiting"]
             code = await process.wait()
             if self._settlements is not None:
                 # What it was sent will not be settled: nothing is to be waited for.
@@ -302,24 +306,16 @@ class EventOffload:
     def _count_unsettled(self) -> None:
         """The settlements a dead events process was trying again (the store or Redis holding
         them was away), and the spend it had not written, died with it: counted as given up, as
-        it counts those left at its close. As of its last status line: what changed in the
-        second before its death is not seen."""
-        text = self._status.get("metrics")
-        if not isinstance(text, str):
-            return
-        waiting = {
-            (family.name, sample.labels.get("kind")): int(sample.value)
-            for family in text_string_to_metric_families(text)
-            if family.name in _LEFT_WAITING
-            for sample in family.samples
-        }
-        budget = waiting.get(("llm_proxy_events_settlements_waiting", "budget"), 0)
-        tpm = waiting.get(("llm_proxy_events_settlements_waiting", "tpm"), 0)
+        it counts those left at its close. As of its last report, which comes with every batch
+        it publishes (so an event on the bus has its spend counted, written or lost) and every
+        status line."""
+        waiting, self._waiting = self._waiting, {}
+        budget, tpm = waiting.get("budget", 0), waiting.get("tpm", 0)
         if budget or tpm:
             metrics.BUDGET_SETTLEMENTS.labels("failed").inc(budget)
             metrics.TPM_UNRECORDED.inc(tpm)
             log.error("events.settlements_given_up", budget=budget, tpm=tpm, reason="process_died")
-        if spend := waiting.get(("llm_proxy_events_spend_pending_nanousd", None), 0):
+        if spend := waiting.get("spend", 0):
             metrics.SPEND_LOST.inc(spend)
             log.error("events.spend_lost", nanousd=spend, reason="process_died")
 

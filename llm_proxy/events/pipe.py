@@ -7,12 +7,13 @@ Protocol, all on pipes to the server:
   so does the server's end (``runtime/parent_watch.py``), whatever else holds its end of the pipe.
 - the status pipe (the process's original stdout; ``sys.stdout`` is pointed at stderr so that no
   stray print can corrupt it): one JSON object per line, each a status
-  ``{"done": n, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where ``done`` counts
-  exchanges that became published events or counted drops (on the memory bus, events every
-  in-process dispatcher finished with: until then they die with the process). The first line is
-  the ready line, a status with ``"ready": true`` (or only ``{"error": "..."}``); then one every
-  ``status_seconds`` and once more at exit; ``{"done": n}`` each time ``done`` grows (a batch
-  published, or dropped); and, as soon as a batch's settlement is done,
+  ``{"done": n, "waiting": {...}, "bus_reachable": bool, "metrics": "<Prometheus text>"}``, where
+  ``done`` counts exchanges that became published events or counted drops (on the memory bus,
+  events every in-process dispatcher finished with: until then they die with the process), and
+  ``waiting`` is what the process would lose if it died now (``metrics.left_waiting``). The first
+  line is the ready line, a status with ``"ready": true`` (or only ``{"error": "..."}``); then one
+  every ``status_seconds`` and once more at exit; ``{"done": n, "waiting": {...}}`` each time
+  ``done`` grows (a batch published, or dropped); and, as soon as a batch's settlement is done,
   ``{"settled": [[token_id, request_id], ...]}`` for its exchanges that settle a tpm window or a
   budget hold (settled, or never to be).
 - stderr: the log, as configured for the server.

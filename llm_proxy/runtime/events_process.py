@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from dispatcher.embedded import FileEventLogError, start_events_here
 from dispatcher.worker import BackendStartError
+from llm_proxy.events import metrics
 from llm_proxy.events.courtesy import courteously
 from llm_proxy.events.pipe import Launch, read_frame, read_sized_frame
 from llm_proxy.events.pipeline import EventPipeline
@@ -98,8 +99,10 @@ class _Status:
             self.server_gone = True
 
     def done(self, count: int) -> None:
-        """``count`` exchanges are done with (the pipeline's progress, told as it happens)."""
-        self.send({"done": count})
+        """``count`` exchanges are done with (the pipeline's progress, told as it happens), and
+        what their settlement left waiting: the spend of the events just published is then
+        counted lost if this process dies before the next status line."""
+        self.send({"done": count, "waiting": metrics.left_waiting()})
 
 
 class _SettledReports:
@@ -125,6 +128,7 @@ async def _state(pipeline: EventPipeline) -> dict[str, Any]:
         reachable = False
     return {
         "done": pipeline.done,
+        "waiting": metrics.left_waiting(),
         "bus_reachable": reachable,
         "metrics": generate_latest(_REPORTED).decode(),
     }

@@ -17,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from llm_proxy.events.config import EventsConfig
 from llm_proxy.models import AuditEntry, Project, Token, utcnow
 from llm_proxy.proxy.budget_ledger import (
     HOLD_LEASE_SECONDS,
@@ -38,6 +39,7 @@ from tests.raw_servers import RawServers, failing_when_told
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
 BUDGET = 1_000_000_000
+STREAM = EventsConfig().stream
 
 
 class AnswerLosingRelay:
@@ -445,5 +447,52 @@ async def test_spend_an_events_process_that_dies_had_not_written_is_counted_lost
             return (await scrape(proxy)).get(lost, 0) == before.get(lost, 0) + cost
 
         await eventually(counted)
+    finally:
+        own_postgres.start()
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+async def test_spend_settled_the_moment_before_its_events_process_dies_is_counted_lost(
+    own_database: str,
+    own_postgres: PostgresServer,
+    proxy_factory: Any,
+    prices_path: Path,
+    redis_server: RedisServer,
+) -> None:
+    """As above, but the events process is killed the moment its event is on the bus, before
+    its next periodic status line: the event shows a cost that spent_usd will never have, so the
+    page must count it lost, or spend and events disagree with nothing to say why."""
+    proxy: Proxy = await proxy_factory(
+        database_url=own_database,
+        prices_path=prices_path,
+        event_bus="redis",
+        redis_url=redis_server.url,
+        event_build_in="process",
+    )
+    issued = await proxy.issue_token()
+    status, _, answer = await post(proxy, issued["token"], chat(max_tokens=5))
+    assert status == 200
+    await settles_to(proxy, issued["id"], cost_of(answer))
+    lost = ("llm_proxy_events_spend_lost_nanousd_total", ())
+    before = await scrape(proxy)
+    own_postgres.stop()
+    try:
+        async with Redis.from_url(redis_server.url) as redis:
+            published = await redis.xlen(STREAM)
+            status, _, answer = await post(proxy, issued["token"], chat(max_tokens=5))
+            assert status == 200
+            cost = cost_of(answer)
+            deadline = time.monotonic() + 10
+            while await redis.xlen(STREAM) == published:
+                assert time.monotonic() < deadline, "the event never reached the bus"
+                await asyncio.sleep(0.002)
+        await asyncio.sleep(0.05)  # the bus's answer is back (well within the status interval)
+        os.kill(events_pid(proxy), signal.SIGKILL)
+
+        async def counted() -> bool:
+            return (await scrape(proxy)).get(lost, 0) == before.get(lost, 0) + cost
+
+        await eventually(counted, timeout=5)
     finally:
         own_postgres.start()
