@@ -261,6 +261,10 @@ class EventOffload:
         queue = self._queue
         if stdin is None or not queue:
             return  # no events process right now: the queue waits (bounded) for the next one
+        if stdin.transport.is_closing():
+            # It died, and its input closed, a moment before the watcher saw it end (writing now
+            # would raise): the queue waits for the next one as above.
+            return
         backlog = stdin.transport.get_write_buffer_size()
         if backlog > self._backlog_bytes // 2:
             self._lighten(backlog)

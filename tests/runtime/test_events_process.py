@@ -334,3 +334,53 @@ def test_events_spooled_after_a_write_the_full_disk_cut_short_all_reach_redis(
         redis.close()
         server.stop(timeout=10)
         redis_server.stop()
+
+
+def hold_outputs(pid: int) -> list[int]:
+    """Copies, in this process, of the pipes and sockets ``pid`` has open but its input: once it
+    is killed, its input is closed while the server still waits for the end of its status pipe,
+    as it does for a moment under load before its watcher runs."""
+    held = []
+    for fd in hold_pipes(pid):
+        if os.readlink(f"/proc/self/fd/{fd}") == os.readlink(f"/proc/{pid}/fd/0"):
+            os.close(fd)
+        else:
+            held.append(fd)
+    return held
+
+
+def test_exchanges_answered_before_the_server_sees_its_events_process_died_are_not_lost(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    """The events process is killed and its input is closed, but the server has not seen it end
+    yet: the requests it answers meanwhile keep their events (they go to the next events
+    process) or are counted lost, never vanish. (Writing to the closed input raised: the batch
+    being sent was lost uncounted, and the request's handler failed.)"""
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    events_log = tmp_path / "events.jsonl"
+    server = start_server(tmp_path / "data", config, tmp_path, FILE_EVENT_LOG=str(events_log))
+    try:
+        token = server.issue_token()
+        first = wait_for_events_process(server.process.popen.pid)
+        held = hold_outputs(first)
+        try:
+            os.kill(first, signal.SIGKILL)
+            _wait_for(lambda: has_exited(first), "the events process outlived SIGKILL")
+            answered = []
+            for _ in range(5):  # one at a time, each sent on its own after the linger
+                answered += chat(server, token, 1)
+                time.sleep(0.2)
+        finally:
+            for fd in held:
+                os.close(fd)
+        replaced(server, first)
+
+        def accounted() -> bool:
+            logged = events_log.read_text().splitlines() if events_log.exists() else []
+            ids = {json.loads(line)["request_id"] for line in logged}
+            return len(set(answered) - ids) <= died_count(server)
+
+        _wait_for(accounted, "events neither written nor counted lost")
+        assert "front.handler_failed" not in server.process.stderr
+    finally:
+        server.stop(timeout=10)
