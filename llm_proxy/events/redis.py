@@ -46,6 +46,7 @@ from redis.exceptions import RedisError, ResponseError
 from llm_proxy.events import event as wire
 from llm_proxy.events import metrics
 from llm_proxy.events.bus import BusKind, BusUnavailable, Delivery
+from llm_proxy.events.cancelling import cancel_requested
 from llm_proxy.events.event import Event
 from llm_proxy.events.spool import Spool, SpoolClaim, claim_left, claim_own
 
@@ -318,7 +319,7 @@ class RedisBus:
 
     async def _trim_periodically(self) -> None:
         failures = 0
-        while True:
+        while not cancel_requested():  # (a trim may swallow the cancellation: see cancelling.py)
             await asyncio.sleep(self.trim_interval)
             try:
                 await self.trim()

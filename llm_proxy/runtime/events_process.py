@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from dispatcher.embedded import FileEventLogError, start_events_here
 from dispatcher.worker import BackendStartError
 from llm_proxy.events import metrics
+from llm_proxy.events.cancelling import cancel_requested
 from llm_proxy.events.courtesy import courteously
 from llm_proxy.events.pipe import Launch, read_frame, read_sized_frame
 from llm_proxy.events.pipeline import EventPipeline
@@ -139,7 +140,7 @@ async def _report(status: _Status, pipeline: EventPipeline) -> None:
 
 
 async def _report_every(seconds: float, status: _Status, pipeline: EventPipeline) -> None:
-    while True:
+    while not cancel_requested():  # (its ping may swallow the cancellation: see cancelling.py)
         await asyncio.sleep(seconds)
         await _report(status, pipeline)
 

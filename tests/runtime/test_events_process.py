@@ -384,3 +384,35 @@ def test_exchanges_answered_before_the_server_sees_its_events_process_died_are_n
         assert "front.handler_failed" not in server.process.stderr
     finally:
         server.stop(timeout=10)
+
+
+def test_an_events_process_ends_when_its_server_is_killed_while_redis_is_slow_to_answer(
+    tmp_path: Path, upstream: MockUpstream, redis_server: RedisServer
+) -> None:
+    """Redis stalls (stopped for a few seconds) as the server is killed: the events process
+    drains once Redis answers again and ends. (Its periodic status and the bus's trimmer were
+    stopped by cancelling them, which the Redis command they were waiting on swallowed: the
+    process lived on for good, holding its database and Redis connections.)"""
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    server = start_server(
+        tmp_path / "data", config, tmp_path, LLM_PROXY_EVENT_BUS="redis", REDIS_URL=redis_server.url
+    )
+    assert redis_server.process is not None
+    redis_pid = redis_server.process.pid
+    try:
+        events_process = wait_for_events_process(server.process.popen.pid)
+        time.sleep(1.5)  # serving: its status and trimmer are running
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            time.sleep(2.2)  # a status line's ping and a trim are waiting for Redis
+            os.kill(server.process.popen.pid, signal.SIGKILL)
+            time.sleep(2)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        try:
+            assert_ends_in_time(events_process, seconds=20)
+        finally:
+            if not has_exited(events_process):
+                os.kill(events_process, signal.SIGKILL)
+    finally:
+        server.stop()
