@@ -11,6 +11,7 @@ from dispatcher.backends.file import FileBackend
 from dispatcher.backends.usage import UsageBackend
 from dispatcher.worker import BackendStartError, Worker, WorkerSettings
 from llm_proxy.events.config import EventsConfig
+from llm_proxy.events.gone_groups import INSTANCE_GROUP_PREFIX
 from llm_proxy.events.pipeline import EventPipeline, start_event_pipeline
 from llm_proxy.events.settlement import TokenSettler
 from llm_proxy.pricing import PriceHolder
@@ -51,7 +52,9 @@ async def start_file_event_log(
     instances) would give each file a share of the events. The name is the same at every start,
     so a restart goes on where the last run stopped; a new one starts from the next event, or from
     the first this process published if that reached Redis before the group could be made (Redis
-    down at the first start: the spool's replay may come first).
+    down at the first start: the spool's replay may come first). A new container has a new host
+    name, so the servers delete a group no one has read for ``EVENTS_FILE_GROUP_IDLE``
+    (llm_proxy/events/gone_groups.py): its instance is gone, and it would pin the stream for good.
     """
     on_redis = pipeline.bus.kind == "redis"
     try:
@@ -75,7 +78,7 @@ async def start_file_event_log(
 
 
 def _own_group(path: Path) -> str:
-    return f"file@{socket.gethostname()}:{path.resolve()}"
+    return f"{INSTANCE_GROUP_PREFIX}{socket.gethostname()}:{path.resolve()}"
 
 
 async def start_usage_aggregation(

@@ -33,6 +33,9 @@ class EventsConfig:
     linger: float = 0.05  # seconds a batch may wait to fill: events are not urgent, requests are
     close_timeout: float = 5.0  # seconds ``close`` waits for the queue to drain
     claim_idle: float = 60.0  # seconds before a dead consumer's pending entries are taken over
+    # EVENTS_FILE_GROUP_IDLE: a server's file-log group unread for this long is taken for the group
+    # of an instance that is gone (a replaced container) and deleted, or it would pin the stream.
+    gone_group_idle: float = 3600.0
     worker: int = 0  # the server worker this events process serves (``--workers``)
 
     @property

@@ -38,6 +38,7 @@ DROP_REASONS = (
     "bus_entry_unusable",
     "trimmed_before_delivery",
     "trimmed_unacknowledged",
+    "instance_group_released",
     "events_process_died",
     "events_process_backlog",
     "unwritable",

@@ -296,6 +296,7 @@ async def open_bus(config: EventsConfig) -> EventBus:
             spool_max_bytes=config.spool_max_bytes,
             spool_family=SPOOL_FAMILY,
             claim_idle=config.claim_idle,
+            gone_group_idle=config.gone_group_idle,
         )
     return MemoryBus(config.memory_maxlen)
 

@@ -21,7 +21,8 @@ then, only if the stream still holds more than ``maxlen`` entries, the oldest be
 not. Those are counted (``llm_proxy_events_dropped_total{reason="trimmed_unacknowledged"}``) and, per
 group, the unread ones are written down in a hash that the group's next reader takes, counts and
 logs. Groups pin the stream; a stream no group reads is kept to ``maxlen`` entries for the first
-dispatcher that comes.
+dispatcher that comes. The file-log groups of server instances gone for ``gone_group_idle`` seconds
+are let go first (see gone_groups.py).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from llm_proxy.events import metrics
 from llm_proxy.events.bus import BusKind, BusUnavailable, Delivery
 from llm_proxy.events.cancelling import cancel_requested
 from llm_proxy.events.event import Event
+from llm_proxy.events.gone_groups import GoneGroups
 from llm_proxy.events.spool import Spool, SpoolClaim, claim_left, claim_own
 
 log = structlog.get_logger(__name__)
@@ -226,6 +228,7 @@ class RedisBus:
         claim_idle: float = 60.0,
         trim_interval: float = 1.0,
         new_group_grace: float = 60.0,
+        gone_group_idle: float = 3600.0,
     ) -> None:
         self.url = url
         self.stream = stream
@@ -238,6 +241,9 @@ class RedisBus:
         self.trimmed_unread_key = f"{stream}:trimmed-unread"
         self.client = client_from_url(url, timeout=publish_timeout)
         self._trim_script = self.client.register_script(_TRIM)
+        self._gone_groups = GoneGroups(
+            self.client, stream, self.trimmed_unread_key, idle=gone_group_idle
+        )
         self._trimmer: asyncio.Task[None] | None = None
         self._spool = (
             Spool(spool_path, max_bytes=spool_max_bytes) if spool_path is not None else None
@@ -312,19 +318,30 @@ class RedisBus:
                 maxlen=self.maxlen,
                 unread={name.decode(): int(n) for name, n in behind.items()},
                 action="start the dispatcher services named, or delete the consumer group of "
-                "one no longer used (XGROUP DESTROY)",
+                "one no longer used (XGROUP DESTROY); a server's own file@ group goes by itself "
+                "once unread for EVENTS_FILE_GROUP_IDLE",
             )
         else:
             metrics.TRIMMED.labels("no_group").inc(dropped)
 
     async def _trim_periodically(self) -> None:
         failures = 0
+        # Far less often than trimming: the groups it looks for have been idle for a long while.
+        # Never before Redis has been reachable that long, after this start or an outage: a
+        # consumer's idle time counts the outage too (and a whole fleet's stop), so the live
+        # instances must have had the time to read again first.
+        release_every = max(self.trim_interval, min(self._gone_groups.idle / 4, 60.0))
+        next_release = time.monotonic() + release_every
         while not cancel_requested():  # (a trim may swallow the cancellation: see cancelling.py)
             await asyncio.sleep(self.trim_interval)
             try:
                 await self.trim()
+                if time.monotonic() >= next_release:
+                    await self._gone_groups.release()
+                    next_release = time.monotonic() + release_every
                 failures = 0
             except (RedisError, OSError) as exc:  # an outage: publishing says so already
+                next_release = time.monotonic() + release_every
                 failures += 1
                 if failures == 1:
                     log.warning("events.redis_trim_failed", error=str(exc))

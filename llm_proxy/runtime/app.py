@@ -88,6 +88,7 @@ def events_config(settings: Settings) -> EventsConfig:
         stream=settings.events_stream,
         maxlen=settings.events_stream_max_length,
         spool_max_bytes=settings.events_spool_max_bytes,
+        gone_group_idle=settings.events_file_group_idle,
         worker=settings.worker_index,
     )
 

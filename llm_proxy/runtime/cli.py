@@ -99,6 +99,7 @@ def build_settings(
     usage_hourly_retention_days: int | str = 90,
     events_stream_max_length: int | str = 100_000,
     events_spool_max_bytes: str = "1GiB",
+    events_file_group_idle: str = "60m",
     event_stream: str = "llm-proxy:events",
     ssl_cert_file: str | None = None,
     ssl_cert_dir: str | None = None,
@@ -173,6 +174,7 @@ def build_settings(
         ),
         events_stream=check_stream_name(event_stream),
         events_spool_max_bytes=parse_size("EVENTS_SPOOL_MAX_BYTES", events_spool_max_bytes),
+        events_file_group_idle=parse_seconds("EVENTS_FILE_GROUP_IDLE", events_file_group_idle),
     )
 
 
@@ -416,6 +418,17 @@ def build_settings(
     help="With LLM_PROXY_EVENT_BUS=redis: events each server process keeps in its spool under"
     " DATA_DIR while Redis is away; beyond it, further events are dropped (counted in"
     " llm_proxy_events_dropped_total) rather than fill the disk.",
+)
+@click.option(
+    "--events-file-group-idle",
+    envvar="EVENTS_FILE_GROUP_IDLE",
+    default="60m",
+    show_envvar=True,
+    help="With LLM_PROXY_EVENT_BUS=redis: a --file-event-log consumer group (file@<host>:<path>)"
+    " that no one has read for this long is taken for that of an instance that is gone (a new"
+    " container has a new host name) and deleted, so that it no longer holds the stream; what it"
+    " had not read is counted in llm_proxy_events_dropped_total. Dispatcher services' groups are"
+    " never deleted.",
 )
 @click.option(
     "--event-stream",

@@ -68,6 +68,9 @@ class Settings:
     # EVENTS_SPOOL_MAX_BYTES: events a process spools under DATA_DIR while Redis is away; beyond
     # it they are dropped (counted), or an outage would fill the disk the database may share.
     events_spool_max_bytes: int = 1024**3
+    # EVENTS_FILE_GROUP_IDLE: a --file-event-log consumer group no one has read for this long is
+    # an instance's that is gone (a replaced container has a new host name) and is deleted.
+    events_file_group_idle: float = 3600.0
     log_level: str = "info"
     log_format: LogFormat = "json"
     data_dir: Path = Path("data")

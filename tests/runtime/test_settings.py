@@ -222,6 +222,16 @@ def test_the_event_spool_holds_1gib_unless_told(monkeypatch: pytest.MonkeyPatch)
         settings_from_environment(monkeypatch, {"EVENTS_SPOOL_MAX_BYTES": "a lot"})
 
 
+def test_a_file_log_group_unread_for_an_hour_is_taken_for_a_gone_instances_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert events_config(settings_from_environment(monkeypatch, {})).gone_group_idle == 3600
+    told = settings_from_environment(monkeypatch, {"EVENTS_FILE_GROUP_IDLE": "10m"})
+    assert events_config(told).gone_group_idle == 600
+    with pytest.raises(SettingsError, match=r"^EVENTS_FILE_GROUP_IDLE: "):
+        settings_from_environment(monkeypatch, {"EVENTS_FILE_GROUP_IDLE": "0"})
+
+
 def test_hourly_usage_is_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings_from_environment(monkeypatch, {}).usage_hourly_retention_days == 90
     told = settings_from_environment(monkeypatch, {"USAGE_HOURLY_RETENTION_DAYS": "0"})

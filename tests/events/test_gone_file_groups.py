@@ -1,0 +1,150 @@
+"""The file-log consumer groups of server instances that are gone, on the Redis bus.
+
+Each ``llm-proxy server --file-event-log PATH`` reads the stream in ``file@<host>:<path>``, and a
+new container has a new host name: a group left by each replaced container would pin the stream
+for good. Here an instance is "replaced" by one with another file path, which names another group
+just as another host name would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from tests.events.events_support import RedisServer
+from tests.processes import (
+    MockUpstream,
+    ServerProcess,
+    children,
+    clean_env,
+    cli_command,
+    http,
+    run,
+    start_mock_upstream,
+    start_server,
+    write_api_config,
+)
+
+pytestmark = [pytest.mark.redis, pytest.mark.process]
+
+STREAM = "llm-proxy:events"
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[MockUpstream]:
+    mock = start_mock_upstream(tmp_path / "mock")
+    yield mock
+    mock.process.stop()
+
+
+def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def groups(redis: Redis) -> set[str]:
+    return {group["name"].decode() for group in redis.xinfo_groups(STREAM)}
+
+
+def request_logged(server: ServerProcess, token: str, log: Path) -> None:
+    """One chat completion through ``server``, once its file log has written the event."""
+    before = lines(log)
+    status, _ = http("POST", f"{server.base_url}/v1/chat/completions", token=token, body=CHAT)
+    assert status == 200
+    until(lambda: lines(log) > before, 30, f"the event in {log.name}")
+
+
+def released(server: ServerProcess) -> list[dict[str, Any]]:
+    """The lines of ``server``'s log that say it let go of a group."""
+    return [
+        line
+        for raw in server.process.stderr_path.read_text().splitlines()
+        if raw.startswith("{")
+        and (line := json.loads(raw))["event"] == "events.redis_gone_instance_group_released"
+    ]
+
+
+def test_the_file_log_group_of_an_instance_gone_is_let_go_and_a_service_down_keeps_its_events(
+    tmp_path: Path, redis_server: RedisServer, upstream: MockUpstream
+) -> None:
+    api_config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    env = {
+        "LLM_PROXY_EVENT_BUS": "redis",
+        "REDIS_URL": redis_server.url,
+        "EVENTS_FILE_GROUP_IDLE": "3s",
+    }
+    redis = Redis.from_url(redis_server.url)
+    service_log = tmp_path / "service.jsonl"
+
+    def file_service_burst() -> None:
+        dispatch = cli_command("dispatcher", "--service", "file", "--burst", "--batch-wait", "0")
+        done = run([*dispatch, "--path", str(service_log)], clean_env(**env), timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    def instance(name: str) -> tuple[ServerProcess, Path]:
+        log = tmp_path / name / "events.jsonl"
+        server = start_server(
+            tmp_path / name, api_config, tmp_path / "logs", name, FILE_EVENT_LOG=str(log), **env
+        )
+        return server, log
+
+    # The standalone file service ran once and is down from here on: its group stays.
+    file_service_burst()
+    stopped, stopped_log = instance("stopped")
+    killed: ServerProcess | None = None
+    live: ServerProcess | None = None
+    try:
+        request_logged(stopped, stopped.issue_token(), stopped_log)
+        stopped.stop()  # a clean stop: its consumer leaves the group, which stays
+        killed, killed_log = instance("killed")
+        request_logged(killed, killed.issue_token(), killed_log)
+        # Killed with its events process: its consumer stays in the group, never to read again.
+        for pid in [*children(killed.process.popen.pid), killed.process.popen.pid]:
+            os.kill(pid, signal.SIGKILL)
+        killed.stop()
+        gone = {f"file@{os.uname().nodename}:{log}" for log in (stopped_log, killed_log)}
+        assert gone <= groups(redis)
+
+        live, live_log = instance("live")
+        request_logged(live, live.issue_token(), live_log)  # which the gone ones never read
+        until(lambda: not gone & groups(redis), 25, f"the groups of the instances gone: {gone}")
+        assert {"file", "usage", f"file@{os.uname().nodename}:{live_log}"} <= groups(redis)
+
+        request_logged(live, live.issue_token(), live_log)
+        # Logged by whichever server let each go (the killed one may have, for the stopped's),
+        # with what it had not read; and counted.
+        by_killed, by_live = released(killed), released(live)
+        assert sorted(line["group"] for line in by_killed + by_live) == sorted(gone)
+        assert all(line["unacknowledged"] >= 1 for line in by_killed + by_live)
+        with urllib.request.urlopen(f"{live.base_url}/metrics", timeout=5) as response:
+            page = response.read().decode()
+        counted = sum(line["unacknowledged"] for line in by_live)
+        assert (
+            f'llm_proxy_events_dropped_total{{reason="instance_group_released"}} {counted}.0'
+            in (page)
+        )
+    finally:
+        for server in (stopped, killed, live):
+            if server is not None:
+                server.stop()
+        redis.close()
+
+    # The file service, down all along, still gets every event.
+    file_service_burst()
+    assert lines(service_log) == 4
