@@ -148,3 +148,53 @@ def test_the_file_log_group_of_an_instance_gone_is_let_go_and_a_service_down_kee
     # The file service, down all along, still gets every event.
     file_service_burst()
     assert lines(service_log) == 4
+
+
+def test_once_a_replaced_instances_group_is_let_go_the_cap_trims_nothing_unread(
+    tmp_path: Path, redis_server: RedisServer, upstream: MockUpstream
+) -> None:
+    """What an operator saw: past the cap, errors and drops every second for a group no one
+    would ever read again."""
+    api_config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    env = {
+        "LLM_PROXY_EVENT_BUS": "redis",
+        "REDIS_URL": redis_server.url,
+        "EVENTS_FILE_GROUP_IDLE": "2s",
+        "EVENTS_STREAM_MAX_LENGTH": "3",
+    }
+    redis = Redis.from_url(redis_server.url)
+    old_log, new_log = tmp_path / "old" / "events.jsonl", tmp_path / "new" / "events.jsonl"
+    old = start_server(
+        tmp_path / "old", api_config, tmp_path / "logs", "old", FILE_EVENT_LOG=str(old_log), **env
+    )
+    new: ServerProcess | None = None
+    try:
+        request_logged(old, old.issue_token(), old_log)
+        old.stop()  # replaced by a new container
+        new = start_server(
+            tmp_path / "new",
+            api_config,
+            tmp_path / "logs",
+            "new",
+            FILE_EVENT_LOG=str(new_log),
+            **env,
+        )
+        token = new.issue_token()
+        request_logged(new, token, new_log)
+        gone = f"file@{os.uname().nodename}:{old_log}"
+        until(lambda: gone not in groups(redis), 25, f"the group of the instance replaced: {gone}")
+
+        for _ in range(5):  # more than the cap holds
+            request_logged(new, token, new_log)
+        until(lambda: redis.xlen(STREAM) <= 3, 25, "the stream to be trimmed to its cap")
+        assert lines(new_log) == 6
+        output = new.process.stdout + new.process.stderr
+        assert "events.redis_unacknowledged_trimmed" not in output
+        with urllib.request.urlopen(f"{new.base_url}/metrics", timeout=5) as response:
+            page = response.read().decode()
+        assert 'llm_proxy_events_dropped_total{reason="trimmed_unacknowledged"} 0.0' in page
+    finally:
+        for server in (old, new):
+            if server is not None:
+                server.stop()
+        redis.close()
