@@ -7,9 +7,12 @@ acknowledged, so such a group pins it until the cap trims it (counted and logged
 second, for ever) although no one is missing anything.
 
 A group of that kind is taken for gone once nothing has read it for ``idle`` seconds: none of its
-consumers (a killed instance leaves its own, a stopped one none) has read for that long, and the
-oldest entry it has not acknowledged is that old too (so a group between two runs of an instance
-that was behind is not taken for one). The group is deleted, logged with the entries it had not
+consumers (a killed instance leaves its own, a stopped one none) has been seen by Redis for that
+long, and the oldest entry it has not acknowledged is that old too (so a group between two runs of
+an instance that was behind is not taken for one). A consumer is seen when it is handed entries or
+keeps those it holds (``XCLAIM``, every third of ``claim_idle`` while a batch is being delivered);
+before Redis 7.2 a read that finds nothing does not count, but then the group holds nothing back
+either. So ``idle`` must stay well above a third of ``claim_idle``. The group is deleted, logged with the entries it had not
 acknowledged, and those are counted as dropped. Groups of dispatcher services (``file``,
 ``helicone``, ...) are never touched: a service down for hours gets every event when it is back.
 """

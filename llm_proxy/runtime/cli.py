@@ -425,10 +425,10 @@ def build_settings(
     default="60m",
     show_envvar=True,
     help="With LLM_PROXY_EVENT_BUS=redis: a --file-event-log consumer group (file@<host>:<path>)"
-    " that no one has read for this long is taken for that of an instance that is gone (a new"
-    " container has a new host name) and deleted, so that it no longer holds the stream; what it"
-    " had not read is counted in llm_proxy_events_dropped_total. Dispatcher services' groups are"
-    " never deleted.",
+    " that no one has read for this long (keep it above a minute) is taken for that of an"
+    " instance that is gone (a new container has a new host name) and deleted, so that it no"
+    " longer holds the stream; what it had not read is counted in llm_proxy_events_dropped_total."
+    " Dispatcher services' groups are never deleted.",
 )
 @click.option(
     "--event-stream",

@@ -13,6 +13,7 @@ from llm_proxy.events import EventsConfig, start_event_pipeline
 from llm_proxy.events.builder import build
 from llm_proxy.events.bus import BusUnavailable
 from llm_proxy.events.event import Event
+from llm_proxy.events.gone_groups import GoneGroups
 from llm_proxy.events.redis import RedisBus
 from llm_proxy.events.spool import Spool
 from tests.events.events_support import RedisServer, exchange
@@ -534,3 +535,35 @@ async def test_two_buses_never_write_one_spool(redis_server: RedisServer, tmp_pa
         assert await third.client.xlen("t:events") == 5
     finally:
         await third.close()
+
+
+async def test_only_file_log_groups_no_one_reads_are_let_go_not_a_slow_one_nor_a_service(
+    redis_server: RedisServer,
+) -> None:
+    """A server's file log still delivering entries it holds for long is alive: it stays. A
+    dispatcher service down all along stays. Only a file@ group no one reads goes, counted."""
+    bus = RedisBus(redis_server.url, stream="g:events")
+    gone_groups = GoneGroups(bus.client, bus.stream, bus.trimmed_unread_key, idle=0.5)
+    try:
+        behind = bus.subscribe("file@live:/var/events.jsonl", "a")
+        await behind.read(1, 0.01)  # the group, before the events
+        await bus.client.xgroup_create(bus.stream, "helicone", id="0")
+        await bus.client.xgroup_create(bus.stream, "file@gone:/var/events.jsonl", id="0")
+        await bus.publish(events(3))
+        held = [d.id for d in await behind.read(3, 1.0)]
+        assert len(held) == 3
+        published = time.monotonic()
+        while time.monotonic() - published < 1.0:  # past the idle time, delivering them all along
+            await behind.keep(held)  # as a worker does with a batch it is still delivering
+            await asyncio.sleep(0.05)
+        before = metric("llm_proxy_events_dropped_total", reason="instance_group_released")
+        with capture_logs() as logs:
+            assert await gone_groups.release() == 1
+        names = {g["name"] for g in await bus.client.xinfo_groups(bus.stream)}
+        assert names == {b"file@live:/var/events.jsonl", b"helicone"}
+        [line] = [line for line in logs if line["event"].endswith("instance_group_released")]
+        assert (line["group"], line["unacknowledged"]) == ("file@gone:/var/events.jsonl", 3)
+        after = metric("llm_proxy_events_dropped_total", reason="instance_group_released")
+        assert after - before == 3
+    finally:
+        await bus.close()
