@@ -61,13 +61,21 @@ class StallingHelicone(FakeHelicone):
         return await super().handle(request)
 
 
+def run_dispatcher(
+    data_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m dispatcher ARGS --data-dir DATA_DIR``, its output appended to ``log``."""
+    command = [sys.executable, "-m", "dispatcher", *args, "--data-dir", str(data_dir)]
+    with log.open("ab") as output:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
 def dispatcher_process(
     redis_url: str, helicone_url: str, data_dir: Path, log: Path, *extra: str
 ) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "dispatcher",
+    return run_dispatcher(
+        data_dir,
+        log,
         "--service",
         "helicone",
         "--helicone-url",
@@ -82,13 +90,9 @@ def dispatcher_process(
         "0.05",
         "--claim-idle",
         "1",
-        "--data-dir",
-        str(data_dir),
         *extra,
-    ]
-    env = {**os.environ, "HELICONE_API_KEY": HELICONE_KEY}
-    with log.open("ab") as output:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        env={**os.environ, "HELICONE_API_KEY": HELICONE_KEY},
+    )
 
 
 async def test_killing_a_dispatcher_mid_batch_loses_nothing(
@@ -226,10 +230,10 @@ async def test_a_dead_letter_write_cut_short_by_a_full_disk_leaves_every_line_wh
     events_file = tmp_path / "events.jsonl"
     dead_letter = tmp_path / "dead-letter.jsonl"
     log = tmp_path / "dispatcher.log"
-    command = [
-        sys.executable,
-        "-m",
-        "dispatcher",
+    bus = RedisBus(redis_server.url, stream="durable:events")
+    dispatcher = run_dispatcher(
+        tmp_path,
+        log,
         "--service",
         "file",
         "--path",
@@ -248,12 +252,7 @@ async def test_a_dead_letter_write_cut_short_by_a_full_disk_leaves_every_line_wh
         redis_server.url,
         "--stream",
         "durable:events",
-        "--data-dir",
-        str(tmp_path),
-    ]
-    bus = RedisBus(redis_server.url, stream="durable:events")
-    with log.open("ab") as output:
-        dispatcher = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    )
     sent = [build(exchange(request={"model": "gpt-4o", "n": i}, response=b"{}")) for i in range(5)]
 
     def lines() -> list[bytes]:
@@ -291,10 +290,9 @@ async def test_a_dead_letter_write_cut_short_by_a_full_disk_leaves_every_line_wh
 def file_dispatcher(
     redis_url: str, path: Path, data_dir: Path, log: Path
 ) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "dispatcher",
+    return run_dispatcher(
+        data_dir,
+        log,
         "--service",
         "file",
         "--path",
@@ -307,13 +305,7 @@ def file_dispatcher(
         "0.05",
         "--claim-idle",
         "1",
-        "--data-dir",
-        str(data_dir),
-    ]
-    with log.open("ab") as output:
-        return subprocess.Popen(
-            command, cwd=ROOT, env=dict(os.environ), stdout=output, stderr=subprocess.STDOUT
-        )
+    )
 
 
 async def test_dispatchers_that_died_do_not_stay_in_their_consumer_group_for_good(
