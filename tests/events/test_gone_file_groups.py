@@ -12,9 +12,8 @@ import json
 import os
 import signal
 import socket
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from tests.processes import (
     run,
     start_mock_upstream,
     start_server,
+    wait_until,
     write_api_config,
 )
 
@@ -48,13 +48,6 @@ def upstream(tmp_path: Path) -> Iterator[MockUpstream]:
     mock.process.stop()
 
 
-def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
@@ -68,7 +61,7 @@ def request_logged(server: ServerProcess, token: str, log: Path) -> None:
     before = lines(log)
     status, _ = http("POST", f"{server.base_url}/v1/chat/completions", token=token, body=CHAT)
     assert status == 200
-    until(lambda: lines(log) > before, 30, f"the event in {log.name}")
+    wait_until(lambda: lines(log) > before, f"the event in {log.name}", 30)
 
 
 def released(server: ServerProcess) -> list[dict[str, Any]]:
@@ -124,7 +117,9 @@ def test_the_file_log_group_of_an_instance_gone_is_let_go_and_a_service_down_kee
 
         live, live_log = instance("live")
         request_logged(live, live.issue_token(), live_log)  # which the gone ones never read
-        until(lambda: not gone & groups(redis), 25, f"the groups of the instances gone: {gone}")
+        wait_until(
+            lambda: not gone & groups(redis), f"the groups of the instances gone: {gone}", 25
+        )
         assert {"file", "usage", f"file@{socket.gethostname()}:{live_log}"} <= groups(redis)
 
         request_logged(live, live.issue_token(), live_log)
@@ -181,11 +176,13 @@ def test_once_a_replaced_instances_group_is_let_go_the_cap_trims_nothing_unread(
         token = new.issue_token()
         request_logged(new, token, new_log)
         gone = f"file@{socket.gethostname()}:{old_log}"
-        until(lambda: gone not in groups(redis), 25, f"the group of the instance replaced: {gone}")
+        wait_until(
+            lambda: gone not in groups(redis), f"the group of the instance replaced: {gone}", 25
+        )
 
         for _ in range(5):  # more than the cap holds
             request_logged(new, token, new_log)
-        until(lambda: redis.xlen(STREAM) <= 3, 25, "the stream to be trimmed to its cap")
+        wait_until(lambda: redis.xlen(STREAM) <= 3, "the stream to be trimmed to its cap", 25)
         assert lines(new_log) == 6
         output = new.process.stdout + new.process.stderr
         assert "events.redis_unacknowledged_trimmed" not in output

@@ -11,7 +11,6 @@ import http.client as http_client
 import json
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from tests.processes import (
     run,
     start_mock_upstream,
     start_server,
+    wait_until,
     write_api_config,
 )
 
@@ -115,15 +115,6 @@ def _refused(port: int) -> bool:
     return False
 
 
-def _eventually(check: Any, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_stream_longer_than_ten_seconds_ends_whole_after_sigterm_within_the_grace(
     tmp_path: Path, upstream: MockUpstream
 ) -> None:
@@ -138,7 +129,7 @@ def test_a_stream_longer_than_ten_seconds_ends_whole_after_sigterm_within_the_gr
         conn, response = _open_stream(server, LONG_STREAM_CHUNKS)
 
         server.process.popen.send_signal(signal.SIGTERM)
-        assert _eventually(lambda: _refused(port))
+        wait_until(lambda: _refused(port), "the port to refuse new connections", 5.0)
         assert idle.sock is not None
         assert idle.sock.recv(1) == b""  # closed by the server, nothing more to say
         rest = response.read()

@@ -10,7 +10,7 @@ import re
 import socket
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from tests.processes import (
     http,
     start_mock_upstream,
     start_server,
+    wait_until,
     write_api_config,
 )
 
@@ -103,13 +104,6 @@ def workers_reporting(server: ServerProcess) -> float:
             if sample.name == "llm_proxy_workers" and sample.labels["state"] == "reporting":
                 return sample.value
     raise AssertionError("no llm_proxy_workers on /metrics")
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def chat_requests(server: ServerProcess, token: str, models: list[str]) -> list[dict[str, int]]:
