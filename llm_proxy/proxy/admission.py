@@ -856,7 +856,7 @@ class TokenAuthority:
             del self._by_hash[digest]
         STATS.token_cache_entries = len(self._by_hash)
 
-    def forget_expired(self) -> None:
+    def forget_stale(self) -> None:
         """Drop the cached grants of tokens that have expired, and of tokens not used for
         ``_UNUSED_CACHE_PERIODS`` cache periods.
 
@@ -877,11 +877,11 @@ class TokenAuthority:
             del self._by_hash[digest]
         STATS.token_cache_entries = len(self._by_hash)
 
-    async def forget_expired_every(self, seconds: float) -> None:
-        """:meth:`forget_expired` every ``seconds`` until cancelled."""
+    async def forget_stale_every(self, seconds: float) -> None:
+        """:meth:`forget_stale` every ``seconds`` until cancelled."""
         while True:
             await asyncio.sleep(seconds)
-            self.forget_expired()
+            self.forget_stale()
 
     async def poll_changes(self) -> int:
         """Evict what other processes changed since the last poll; returns how many changes."""

@@ -199,7 +199,7 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
     components.spawn(authority.flush_usage_every(settings.usage_flush_seconds), "usage-flush")
     # As often as a cached grant is reloaded anyway.
     components.spawn(
-        authority.forget_expired_every(settings.token_cache_seconds), "token-cache-sweep"
+        authority.forget_stale_every(settings.token_cache_seconds), "token-cache-sweep"
     )
     components.spawn(authority.renew_holds_every(), "budget-hold-renewal")
     components.spawn(authority.reclaim_holds_every(), "budget-hold-reclaim")
