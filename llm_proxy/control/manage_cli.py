@@ -1071,7 +1071,13 @@ def _limits_body(
 @token.command("generate", epilog=EXIT_CODES_HELP)
 @click.option("--project-id", required=True, help=PROJECT_ID_HELP)
 @click.option(
-    "--duration", "duration_minutes", type=int, default=60, help="Lifetime in minutes (1..525600)."
+    "--duration",
+    # Also under the API's own name for it, which an operator who knows the API types.
+    "--duration-minutes",
+    "duration_minutes",
+    type=int,
+    default=60,
+    help="Lifetime in minutes (1..525600).",
 )
 @_limit_options
 @click.option(

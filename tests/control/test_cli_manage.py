@@ -10,6 +10,7 @@ import subprocess
 import termios
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -318,6 +319,19 @@ def test_a_bad_duration_names_the_field(server: ServerProcess) -> None:
     line = one_line_error(result)
     assert "400" in line
     assert "duration_minutes" in line
+
+
+def test_the_lifetime_is_also_taken_under_the_apis_name_duration_minutes(
+    server: ServerProcess,
+) -> None:
+    """An operator who knows the API's `duration_minutes` types `--duration-minutes`: the same
+    option as `--duration`, not a usage error."""
+    project_id = create_project(server)
+    issued = manage_json(
+        server, "token", "generate", "--project-id", project_id, "--duration-minutes", "7"
+    )
+    lifetime = datetime.fromisoformat(issued["expires_at"]) - datetime.now(UTC)
+    assert timedelta(minutes=6) < lifetime <= timedelta(minutes=7)
 
 
 def test_a_server_that_is_down_cannot_be_reached() -> None:
