@@ -693,3 +693,44 @@ async def test_a_model_refused_in_the_path_writes_its_event_as_one_refused_in_th
     ]
     assert events[1]["token_id"] == issued["id"]
     assert events[1]["request_id"] == in_path.headers["LLM-Proxy-Request-ID"]
+
+
+async def test_refusals_before_a_token_is_accepted_write_no_event_and_later_ones_do(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """What README's "Which requests have an event" says: a request refused for its path, its
+    method or its credentials has no project or token to charge it to, and anyone could send it,
+    so it is only counted on /metrics; from an accepted token on, every request has one event, its
+    `error` the proxy's own code, null for an upstream answer relayed whole, 5xx included."""
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    before = await scrape(proxy)
+    issued = await proxy.issue_token(max_requests=2)
+    good = {"Authorization": f"Bearer {issued['token']}"}
+    unknown = {"Authorization": "Bearer sk-" + "A" * 43}
+    refused = [
+        await proxy.client.get("/v1/no-such-endpoint", headers=good),
+        await proxy.client.put("/v1/models", headers=good),
+        await proxy.client.get("/v1/models"),
+        await proxy.client.get("/v1/models", headers=unknown),
+    ]
+    assert [r.status for r in refused] == [404, 405, 401, 401]
+    upstream_error = await proxy.client.post(
+        "/v1/moderations", json={"input": "x"}, headers={**good, "X-Fake-Status": "503"}
+    )
+    answered = await proxy.client.get("/v1/models", headers=good)
+    over_quota = await proxy.client.get("/v1/models", headers=good)
+    assert [upstream_error.status, answered.status, over_quota.status] == [503, 200, 429]
+
+    await wait_for_lines(log, 3)
+    await asyncio.sleep(0.5)  # time enough for an event of a refusal, had there been one
+    events = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    assert [(e["status"], e["error"], e["token_id"]) for e in events] == [
+        (503, None, issued["id"]),
+        (200, None, issued["id"]),
+        (429, "quota_exceeded", issued["id"]),
+    ]
+    after = await scrape(proxy)
+    for reason in ("endpoint_not_found", "method_not_allowed", "invalid_token", "token_not_found"):
+        counted = value(after, "llm_proxy_requests_refused_total", reason=reason)
+        assert counted - value(before, "llm_proxy_requests_refused_total", reason=reason) == 1
