@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from redis.exceptions import RedisError
 
 from dispatcher import health, replay
@@ -267,6 +268,30 @@ def dispatcher_command(
     ctx.exit(code)
 
 
+def _with_the_groups_flags(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with those the subcommand was not given on its command line taken from the
+    ``llm-proxy dispatcher`` options typed before it (``--service file check``, in the order of
+    the running command's line), which click would otherwise drop without a word."""
+    group = ctx.parent
+    if group is None:
+        return values
+    merged = dict(values)
+    for name in values:
+        if (
+            ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE
+            and group.get_parameter_source(name) is ParameterSource.COMMANDLINE
+        ):
+            merged[name] = group.params[name]
+    return merged
+
+
+def _service_given(service: str | None) -> str:
+    # Not click's required=True: that would refuse a --service given before the subcommand.
+    if service is None:
+        raise click.UsageError(f"Missing option '--service': {', '.join(SERVICES)}")
+    return service
+
+
 # -- llm-proxy dispatcher check ------------------------------------------------------------------
 
 
@@ -294,8 +319,7 @@ Exit codes:
     type=click.Choice(SERVICES),
     envvar="LLM_PROXY_DISPATCHER_SERVICE",
     show_envvar=True,
-    required=True,
-    help="Service whose dispatcher to check.",
+    help="Service whose dispatcher to check.  [required]",
 )
 @redis_options
 @click.option(
@@ -315,13 +339,21 @@ Exit codes:
 @click.pass_context
 def check_command(
     ctx: click.Context,
-    service: str,
+    service: str | None,
     redis_url: str,
     stream: str,
     max_age: float,
     max_lag: float | None,
 ) -> None:
     """Say whether a dispatcher for SERVICE is alive, with its counts and backlog."""
+    given = _with_the_groups_flags(
+        ctx, {"service": service, "redis_url": redis_url, "stream": stream}
+    )
+    service, redis_url, stream = (
+        _service_given(given["service"]),
+        given["redis_url"],
+        given["stream"],
+    )
     redis_location(redis_url)
     try:
         status = asyncio.run(_check(redis_url, stream, service, max_age, max_lag))
@@ -387,8 +419,7 @@ async def _replay_until_signalled(*args: Any, **kwargs: Any) -> replay.Report:
 @click.option(
     "--service",
     type=click.Choice(SERVICES),
-    required=True,
-    help="Backend to send the events to (need not be the one that refused them).",
+    help="Backend to send the events to (need not be the one that refused them).  [required]",
 )
 @click.option(
     "--dead-letter",
@@ -425,7 +456,7 @@ def replay_command(
     ctx: click.Context,
     /,
     file: Path,
-    service: str,
+    service: str | None,
     output: Path | None,
     dry_run: bool,
     batch_size: int,
@@ -446,6 +477,11 @@ def replay_command(
     ids); Helicone may log it twice (the event id is sent as Helicone-Request-Id); CloudWatch
     and the file store it twice (each record carries the event id).
     """
+    given = _with_the_groups_flags(
+        ctx, {"service": service, "data_dir": data_dir, **backend_options}
+    )
+    service, data_dir = _service_given(given.pop("service")), given.pop("data_dir")
+    backend_options = given
     if dry_run:  # FILE is only read: no backend, so no credentials, needed
         tally = replay.count(file)
         origins = ", ".join(f"{name}: {n}" for name, n in sorted(tally.by_backend.items()))

@@ -320,6 +320,29 @@ def test_check_tells_no_dispatcher_from_alive_from_lagging(redis_server: RedisSe
     assert stale.stderr.startswith("dispatcher file lagging: last heartbeat")
 
 
+def test_check_takes_what_the_dispatcher_command_was_given_before_it(
+    redis_server: RedisServer,
+) -> None:
+    """`llm-proxy dispatcher --service lunary --redis-url URL check`, the order the running
+    command's line suggests, checks that dispatcher on that Redis; a flag of `check`'s own wins."""
+    heartbeat = health.heartbeat_key("ck2:events", "lunary")
+    client = redis.Redis.from_url(redis_server.url)
+    client.set(heartbeat, orjson.dumps({"at": time.time(), "delivered": 2}))
+    client.close()
+    group = ("--service", "lunary", "--redis-url", redis_server.url, "--stream", "ck2:events")
+
+    alive = run(*group, "check")
+    assert alive.exit_code == 0, alive.output
+    assert alive.stdout.startswith("dispatcher lunary alive (")
+
+    other = run(*group, "check", "--service", "file")
+    assert other.exit_code == 1, other.output
+    assert other.stderr == "no dispatcher running for file (no heartbeat on ck2:events)\n"
+
+    unnamed = run("check")
+    assert unnamed.exit_code == 2 and "Missing option '--service'" in unnamed.output
+
+
 def test_check_names_an_unreachable_redis_without_its_password() -> None:
     port = free_port()
     result = run("check", "--service", "lunary", REDIS_URL=f"redis://:{SECRET}@127.0.0.1:{port}/0")

@@ -397,6 +397,21 @@ def test_a_dry_run_needs_no_credentials(tmp_path: Path) -> None:
         )
 
 
+def test_a_replay_takes_the_service_and_file_given_before_it(tmp_path: Path) -> None:
+    """`llm-proxy dispatcher --service file --path OUT replay DEAD`: the backend named before
+    `replay` is the one replayed to, as `check` takes it, not a usage error."""
+    dead = dead_letters_of(tmp_path / "dead.jsonl", events(2), backend="file")
+    out = tmp_path / "again.jsonl"
+    result = CliRunner().invoke(
+        dispatcher_command,
+        ["--service", "file", "--path", str(out), "replay", str(dead)],
+        env=CLEAN_ENV,
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert [e["id"] for e in lines(out)] == [e["event"]["id"] for e in lines(dead)]
+
+
 def helicone_ids(fake: FakeHelicone) -> list[str]:
     return [log["providerRequest"]["meta"]["Helicone-Request-Id"] for log in fake.logs]
 
