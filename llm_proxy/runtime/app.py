@@ -221,6 +221,16 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         event_bus=settings.event_bus,
         price_entries=len(components.prices.current.entries),  # 0: no model is priced
     )
+    prices = components.prices.current
+    if not prices.entries and prices.source is not None and not prices.source.path.exists():
+        # PRICES_PATH left unset names config/prices.yaml under the working directory: started
+        # from elsewhere, the server would otherwise price nothing without a word.
+        log.warning(
+            "server.no_prices",
+            path=str(prices.source.path.absolute()),
+            consequence="every event's cost_usd is null and budgeted tokens are refused"
+            " (model_not_priced); set PRICES_PATH",
+        )
     yield
     tasks = list(components.tasks)
     for task in tasks:

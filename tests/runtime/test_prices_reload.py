@@ -23,6 +23,7 @@ from tests.processes import (
     free_port,
     http,
     run,
+    spawn,
     start_mock_upstream,
     start_server,
     write_api_config,
@@ -179,6 +180,41 @@ def test_a_bad_prices_file_stops_start_up_with_one_line_naming_prices_path(
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("llm-proxy: " + message.format(path=path)), lines[0]
+
+
+def test_a_server_started_where_no_prices_file_is_says_so_at_start(
+    tmp_path: Path, api_config: Path
+) -> None:
+    """PRICES_PATH left unset means config/prices.yaml under the working directory, which may
+    hold none (a server started from elsewhere, a config directory mounted over the image's):
+    every cost_usd is then null and every budgeted token refused as model_not_priced, which the
+    operator learns at start, not from the first refusal."""
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    port = free_port()
+    env = clean_env(
+        DATA_DIR=str(tmp_path / "data"),
+        LISTEN_ADDR=f"127.0.0.1:{port}",
+        API_CONFIG_PATH=str(api_config),
+        LOG_FORMAT="json",
+    )
+    server = spawn(cli_command("server"), env, tmp_path / "logs", "server", cwd=workdir)
+    try:
+        server.wait_for(f"http://127.0.0.1:{port}/health")
+        warned = [json.loads(line) for line in server.stderr.splitlines() if "no_prices" in line]
+    finally:
+        assert server.stop() == 0, server.stderr
+    assert [(w["event"], w["level"], w["path"]) for w in warned] == [
+        ("server.no_prices", "warning", str(workdir / "config" / "prices.yaml"))
+    ], server.stderr
+
+
+def test_a_server_with_prices_does_not_warn_of_none(tmp_path: Path, api_config: Path) -> None:
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("gpt-4o-mini*: {input: 1, output: 2}\n")
+    server = start_server(tmp_path / "data", api_config, tmp_path / "logs", PRICES_PATH=str(prices))
+    assert server.stop() == 0, server.process.stderr
+    assert "no_prices" not in server.process.stderr
 
 
 def test_under_workers_sighup_to_the_parent_reloads_every_worker(
