@@ -284,6 +284,12 @@ async def _key_echoed(request: web.Request) -> web.Response:
     )
 
 
+async def _key_echoed_in_body(request: web.Request) -> web.Response:
+    """A successful answer quoting the request's Authorization in its body, as an echo server or a
+    debugging gateway does."""
+    return web.json_response({"seen": {"authorization": request.headers.get("Authorization")}})
+
+
 def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app = build_app(settings)
     app[UPSTREAM_LOG] = UpstreamLog()
@@ -300,6 +306,7 @@ def fake_upstream_app(settings: MockSettings | None = None) -> web.Application:
     app.router.add_post("/v1/files/key-refused-in-pieces", _key_refused_in_pieces)
     app.router.add_post("/v1/files/key-refused-encoded", _key_refused_encoded)
     app.router.add_get("/v1/files/key-echoed", _key_echoed)
+    app.router.add_get("/v1/files/key-echoed-in-body", _key_echoed_in_body)
     app.router.add_post("/v1/files/slow-to-decode", _slow_to_decode)
     app.router.add_get("/v1/files/after-slow-to-decode", _after_slow_to_decode)
     app.router.add_post("/v1/audio/transcriptions", _transcription)

@@ -144,9 +144,10 @@ class Exchange:
     upstream_request_id: str | None = None  # the upstream's own x-request-id, when it sent one
     # The whole request was written to the upstream (kept for tokens that settle: see handler.py).
     request_sent: bool = False
-    # The project's upstream key, set only when the upstream answered an error: some upstreams
-    # quote the key they refused, whole, and one not shaped like an OpenAI key would pass the
-    # masking of key-shaped text (events/bodies.py). Masked in the event; never shown or kept.
+    # The project's upstream key, set once the upstream answered: some upstreams quote the key
+    # they refused, whole, others echo the request, and one not shaped like an OpenAI key would
+    # pass the masking of key-shaped text (events/bodies.py). Masked in the event; never shown
+    # or kept.
     upstream_key_to_mask: bytes = field(default=b"", repr=False)
     # The token has a tpm window: its settled tokens are recorded once the usage is known.
     tpm_limited: bool = False

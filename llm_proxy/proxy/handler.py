@@ -1016,10 +1016,10 @@ class ProxyHandler:
         if len(upstream_key) >= _HEAD_MASKED_KEY_MIN:
             head.secret = upstream_key
         # Some OpenAI-compatible servers quote the key they refused: an error answer is masked
-        # where the proxy reads it, and its event wherever the key shows.
-        key = None
-        if upstream.status >= 400:
-            key = exchange.upstream_key_to_mask = upstream_key
+        # where the proxy reads it. The event is masked wherever the key shows, in any answer (an
+        # upstream echoing the request quotes it in a 2xx): off this path, in the events process.
+        exchange.upstream_key_to_mask = upstream_key
+        key = upstream_key if upstream.status >= 400 else None
         lines = head.lines
         fields = _RESPONSE_FIELDS
         named = None  # fields the upstream's Connection names, hop-by-hop like itself

@@ -101,6 +101,24 @@ async def test_an_upstream_error_quoting_the_key_does_not_put_it_in_the_event(
     assert key not in log.read_text()
 
 
+async def test_a_successful_answer_quoting_the_key_does_not_put_it_in_the_event(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    """An upstream that echoes the request (an echo server, a debugging gateway) quotes the
+    project's key in a 2xx answer: a key of any shape is masked in the event there too."""
+    log = tmp_path / "events.jsonl"
+    proxy: Proxy = await proxy_factory(file_event_log=log)
+    key = "0123456789abcdef0123456789abcdef"
+    token = await proxy.token(project_id=await proxy.create_project(api_key=key))
+    answer = await proxy.client.get(
+        "/v1/files/key-echoed-in-body", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.status == 200
+    (event,) = await wait_for_lines(log, 1)
+    assert event["response"] == {"seen": {"authorization": f"Bearer {mask_key(key)}"}}
+    assert key not in log.read_text()
+
+
 async def test_a_client_that_asked_for_usage_gets_it_unchanged(
     proxy_factory: Any, tmp_path: Path
 ) -> None:
