@@ -12,7 +12,14 @@ from admin_ui import issuing, overview, projects, tokens
 from admin_ui.forms import read_form
 from admin_ui.handover import Handovers
 from admin_ui.rendering import JINJA, STATIC_DIR, error_page, setup_templates
-from admin_ui.security import CSRF_FIELD, CSRF_MAX_AGE_SECONDS, REALM, CsrfSigner, check_basic_auth
+from admin_ui.security import (
+    CSRF_FIELD,
+    CSRF_MAX_AGE_SECONDS,
+    REALM,
+    CsrfSigner,
+    check_basic_auth,
+    cross_site_reason,
+)
 from admin_ui.state import ADMIN, AdminState
 from llm_proxy import errors, failed_sign_ins
 from llm_proxy.control.operations import Operations
@@ -56,6 +63,12 @@ def _unauthorized(request: web.Request) -> web.Response:
 
 
 async def _check_csrf(request: web.Request, admin: AdminState) -> str | None:
+    headers = request.headers
+    cross_site = cross_site_reason(
+        headers.get("Sec-Fetch-Site"), headers.get("Origin"), headers.get("Host")
+    )
+    if cross_site is not None:
+        return cross_site
     if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
         raise web.HTTPRequestEntityTooLarge(MAX_FORM_BYTES, request.content_length)
     form = await read_form(request)

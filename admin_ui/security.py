@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import re
 import time
+from urllib.parse import urlsplit
 
 from llm_proxy.crypto import secrets_match
 
@@ -34,6 +35,36 @@ def check_basic_auth(header: str | None, user: str, password: str) -> bool:
     user_ok = secrets_match(given_user, user.encode())
     password_ok = secrets_match(given_password, password.encode())
     return bool(sep) and user_ok and password_ok
+
+
+# What a browser says of a request its own user started: on a page of the same origin, or typed
+# in, bookmarked, reloaded ("none").
+_OWN_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
+def cross_site_reason(
+    sec_fetch_site: str | None, origin: str | None, host: str | None
+) -> str | None:
+    """None unless the browser says the post comes from another site's page; then why, in words.
+
+    The browser sends the admin's basic credentials with a post whoever's page makes it, so the
+    form token alone would let a page elsewhere post with one that leaked (a saved page, a
+    screenshot). Browsers name the page's site in ``Sec-Fetch-Site``; older ones only send
+    ``Origin``, compared with the ``Host`` asked for. A client that sends neither is no browser
+    acting for someone else (curl, scripts) and is left to the form token.
+    """
+    if sec_fetch_site is not None:
+        if sec_fetch_site.strip().lower() in _OWN_FETCH_SITES:
+            return None
+        return "The form was sent from another site's page."
+    if origin is None:
+        return None
+    if (
+        origin.strip().lower() != "null"
+        and urlsplit(origin.strip()).netloc.lower() == (host or "").lower()
+    ):
+        return None
+    return "The form was sent from another site's page."
 
 
 class CsrfSigner:

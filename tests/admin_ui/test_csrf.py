@@ -7,7 +7,7 @@ import time
 import pytest
 
 from admin_ui.security import CsrfSigner
-from tests.admin_ui.conftest import AdminPages
+from tests.admin_ui.conftest import ADMIN, AdminPages
 
 
 async def _state(admin: AdminPages) -> tuple[object, object, object]:
@@ -86,3 +86,36 @@ def test_csrf_tokens_are_bound_to_user_secret_and_time() -> None:
     assert signer.verify(token, "admin", now - 3600) == "The form has expired."
     assert CsrfSigner(b"k" * 32, "new-pw", max_age=60).verify(token, "admin", now) is not None
     assert signer.verify("", "admin", now) == "The form carried no valid security token."
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Sec-Fetch-Site": "same-site"}, 403),
+        ({"Sec-Fetch-Site": "same-origin"}, 303),
+        ({"Sec-Fetch-Site": "none"}, 303),
+        # A browser too old to say where the page was: the Origin it sends against the Host.
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": "null"}, 403),
+        ({"Origin": "SAME"}, 303),
+        # No browser acting for someone else (curl, a script): the form token decides.
+        ({}, 303),
+    ],
+    ids=["cross-site", "same-site", "same-origin", "typed-in", "origin", "null", "own", "none"],
+)
+async def test_a_post_a_browser_says_came_from_another_page_is_refused(
+    admin: AdminPages, headers: dict[str, str], status: int
+) -> None:
+    if headers.get("Origin") == "SAME":
+        headers = {"Origin": admin.proxy.base_url}
+    data = {"name": "p", "api_key": "sk-p-123456789", "csrf_token": await admin.csrf()}
+    async with admin.proxy.client.post(
+        "/admin/projects", data=data, headers={**ADMIN, **headers}, allow_redirects=False
+    ) as response:
+        assert response.status == status
+        text = await response.text()
+    _, projects = await admin.proxy.manage("GET", "/projects")
+    assert len(projects) == (1 if status == 303 else 0)
+    if status == 403:
+        assert "another site" in text and "Nothing was changed" in text
