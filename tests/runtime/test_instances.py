@@ -267,6 +267,34 @@ def test_a_push_channel_dead_without_a_sign_still_leaves_a_revocation_within_a_s
     assert max(seen) < 0.8
 
 
+def test_every_project_change_reaches_every_instance_within_a_second(cluster: Cluster) -> None:
+    deactivated = propagation_seconds(
+        cluster,
+        lambda t: cluster.manage("PATCH", f"/projects/{t['project_id']}", {"is_active": False}),
+        (403, "project_inactive"),
+    )
+    all_revoked = propagation_seconds(
+        cluster,
+        lambda t: cluster.manage("POST", f"/projects/{t['project_id']}/tokens/revoke"),
+        (401, "token_inactive"),
+    )
+    revoked_by_edit = propagation_seconds(
+        cluster,
+        lambda t: cluster.manage("PATCH", f"/projects/{t['project_id']}", {"revoke_tokens": True}),
+        (401, "token_inactive"),
+    )
+    for name, times in [
+        ("project deactivation", deactivated),
+        ("revocation of every token", all_revoked),
+        ("revocation by project edit", revoked_by_edit),
+    ]:
+        print(
+            f"pushed {name}: median {statistics.median(times) * 1000:.1f} ms,"
+            f" max {max(times) * 1000:.1f} ms over {len(times)}"
+        )
+        assert max(times) < 1.0
+
+
 def test_max_requests_is_exact_across_three_instances(cluster: Cluster) -> None:
     project_id = cluster.manage("POST", "/projects", {"name": "p", "api_key": "sk-up"})["id"]
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
