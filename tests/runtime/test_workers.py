@@ -810,3 +810,65 @@ def test_workers_end_when_the_supervisor_is_killed_and_their_stderr_is_gone(
         for pid in left_behind:
             if not has_exited(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def counter_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of every counter and histogram on the page, by name and label set."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        if family.type not in {"counter", "histogram"}:
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_no_counter_goes_back_between_scrapes_while_workers_serve_die_and_come_back(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    """50 scrapes on new connections (so on any worker) while requests keep coming, one worker
+    killed after the 15th: every counter and histogram series only ever grows, none vanishes."""
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    server = start_server(tmp_path / "data", config, tmp_path, WORKERS="3")
+    stop = threading.Event()
+    try:
+        wait_for_workers(server, 3)
+        token = server.issue_token()
+
+        def traffic() -> None:
+            while not stop.is_set():
+                # A request the killed worker had taken is reset: what SIGKILL does, not a fault.
+                with contextlib.suppress(ConnectionError):
+                    http("GET", f"{server.base_url}/v1/models", token=token)
+                    http("GET", f"{server.base_url}/v1/models", token="sk-" + "x" * 43)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(traffic) for _ in range(2)]
+            previous: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for n in range(50):
+                if n == 15:
+                    killed = worker_pids(server)[0]
+                    os.kill(killed, signal.SIGKILL)
+                    while not has_exited(killed):  # its queued connections are reset, not served
+                        time.sleep(0.01)
+                with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=5) as response:
+                    current = counter_samples(response.read().decode())
+                gone = set(previous) - set(current)
+                assert not gone, f"scrape {n}: series vanished: {sorted(gone)[:5]}"
+                back = {
+                    key: (previous[key], value)
+                    for key, value in current.items()
+                    if key in previous and value < previous[key]
+                }
+                assert not back, f"scrape {n}: counters went back: {back}"
+                previous = current
+                time.sleep(0.05)
+            stop.set()
+            for result in running:
+                result.result()
+        assert previous[("llm_proxy_worker_restarts_total", ())] == 1
+    finally:
+        stop.set()
+        code = server.stop(timeout=10)
+    assert code == 0, server.process.stderr[-3000:]
