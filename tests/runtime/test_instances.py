@@ -438,6 +438,122 @@ def test_revoked_tokens_stay_refused_through_lost_listeners_and_a_database_resta
             instance.stop(timeout=10)
 
 
+class FreezableRelay:
+    """A TCP relay to PostgreSQL that can stop passing bytes while keeping every connection open,
+    as a network that drops packets does: no reset, no error, just silence."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self._sockets: list[socket.socket] = [self._server]
+        self._lock = threading.Lock()
+        self._closed = False
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listening socket closed: the test is over
+            while True:
+                client, _ = self._server.accept()
+                upstream = socket.create_connection(self._target)
+                with self._lock:
+                    self._sockets += [client, upstream]
+                    if self._closed:
+                        break
+                for source, sink in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+        self.close()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self.flowing.wait()
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.flowing.set()
+        with self._lock:
+            self._closed = True
+            for sock in self._sockets:
+                sock.close()
+        if threading.current_thread() is not self._accepting:
+            self._accepting.join(5)
+
+
+def test_an_instance_cut_off_from_the_database_stops_trusting_its_cache(
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    redis_server: RedisServer,
+    upstream: MockUpstream,
+    tmp_path: Path,
+) -> None:
+    """Instance 1 reaches PostgreSQL through a relay that falls silent: it hears of no change
+    and cannot ask. Past REVOCATION_MAX_STALENESS it admits nothing on its cache's word (fail
+    closed), its /metrics still answers and shows the feed's lag, and once the network is back
+    the revocation it missed is enforced."""
+    relay = FreezableRelay(postgres_server.port)
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    common = {
+        "REDIS_URL": redis_server.url,
+        "LLM_PROXY_EVENT_BUS": "redis",
+        "REVOCATION_MAX_STALENESS": "1s",
+        **SHARED_SECRETS,
+    }
+    instances: list[ServerProcess] = []
+    try:
+        instances.append(
+            start_server(
+                tmp_path / "i0", config, tmp_path, name="i0", DATABASE_URL=postgres_url, **common
+            )
+        )
+        relayed_url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+        instances.append(
+            start_server(
+                tmp_path / "i1", config, tmp_path, name="i1", DATABASE_URL=relayed_url, **common
+            )
+        )
+        cluster = Cluster(instances)
+        issued = cluster.issue()
+        for n in range(2):
+            assert cluster.call(issued["token"], on=n) == (200, None)  # cached on both
+        relay.flowing.clear()
+        cut_at = time.monotonic()
+        cluster.manage("DELETE", f"/tokens/{issued['id']}", on=0)
+        assert cluster.call(issued["token"], on=0) == (401, "token_inactive")
+
+        # From staleness (1 s) plus the feed's period on, instance 1 admits nothing on its cache.
+        time.sleep(max(0.0, cut_at + 2.0 - time.monotonic()))
+        refused: list[tuple[int, str | None]] = []
+        for _ in range(3):
+            # A check that cannot reach the database waits for it, bounded, then refuses.
+            answer = http(
+                "GET", f"{instances[1].base_url}/v1/models", token=issued["token"], timeout=15
+            )
+            assert answer[0] != 200, "instance 1 admitted a revoked token on a stale cache"
+            refused.append((answer[0], answer[1]["error"]["code"]))
+        print("instance 1 cut off, past its staleness:", refused)
+        assert {status for status, _ in refused} == {503}, refused
+        lag = metric(instances[1], "llm_proxy_change_feed_lag_seconds")
+        assert lag > 1.0, lag
+        assert metric(instances[0], "llm_proxy_change_feed_lag_seconds") < 1.0
+
+        relay.flowing.set()
+        deadline = time.monotonic() + 15
+        while (answer := cluster.call(issued["token"], on=1))[0] == 503:
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.05)
+        assert answer == (401, "token_inactive")
+    finally:
+        for instance in instances:
+            instance.stop(timeout=10)
+        relay.close()
+
+
 def http_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return str(response.read().decode())
