@@ -71,14 +71,54 @@ def _project_form(
     project: Project | None,
     values: dict[str, str],
     error: InvalidField | None = None,
+    *,
+    status: int = 400,
+    shown: dict[str, str] | None = None,
 ) -> web.Response:
+    """The project form; ``shown``: what its boxes are compared with when it is posted (the
+    project as it is now, unless the form being shown again came from an older page)."""
+    if shown is None and project is not None:
+        shown = {"name": project.name, "description": project.description}
     # The upstream key is never put back into the form: on a validation error it must be retyped.
     return render(
         request,
         "project_form.html",
-        {"project": project, "values": values, "error": error},
-        status=400 if error else 200,
+        {"project": project, "values": values, "error": error, "shown": shown},
+        status=status if error else 200,
     )
+
+
+def _edits(
+    form: forms.Form, typed: dict[str, str], project: Project
+) -> tuple[dict[str, str], InvalidField | None]:
+    """The fields the operator changed from what their page showed (posted back in
+    ``shown_<field>``) to something the project does not hold yet; and the first of them that
+    someone else changed too since, if any.
+
+    Sent on as they are, the boxes of a page opened before someone else renamed the project
+    would put the old name back unseen. A form without ``shown_*`` (not from these pages) sends
+    every box that differs, as before.
+    """
+    edits: dict[str, str] = {}
+    conflict: InvalidField | None = None
+    for field, current in (("name", project.name), ("description", project.description)):
+        value = typed[field]
+        if f"shown_{field}" not in form:
+            if value != current:
+                edits[field] = value
+            continue
+        posted = {field: form[f"shown_{field}"]}
+        shown = forms.name(posted, required=False) if field == "name" else forms.description(posted)
+        if value in (shown, current):
+            continue
+        edits[field] = value
+        if current != shown and conflict is None:
+            conflict = InvalidField(
+                field,
+                f"changed since this page was opened; it is now \u201c{current}\u201d. Nothing"
+                " was saved: check the project and save again.",
+            )
+    return edits, conflict
 
 
 def _project_fields(form: forms.Form, *, key_required: bool) -> tuple[str, str, str]:
@@ -125,10 +165,20 @@ async def project_update(request: web.Request) -> web.Response:
     try:
         name, description, api_key = _project_fields(form, key_required=False)
     except InvalidField as exc:
-        return _project_form(request, project, _shown_again(form), exc)
+        first_shown = {
+            field: form[f"shown_{field}"]
+            for field in ("name", "description")
+            if f"shown_{field}" in form
+        }
+        return _project_form(request, project, _shown_again(form), exc, shown=first_shown or None)
     # Only what differs is sent, so the audit entry names exactly what changed.
-    new_name = name if name != project.name else None
-    new_description = description if description != project.description else None
+    edits, conflict = _edits(form, {"name": name, "description": description}, project)
+    if conflict is not None:
+        # The project as it is now, with the boxes the operator changed as they typed them: saved
+        # again, having seen it, it applies.
+        values = {"name": project.name, "description": project.description, **edits}
+        return _project_form(request, project, values, conflict, status=409)
+    new_name, new_description = edits.get("name"), edits.get("description")
     new_key = api_key or None  # blank keeps the stored key
     if new_name is not None or new_description is not None or new_key is not None:
         await ops.update_project(

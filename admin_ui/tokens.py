@@ -126,6 +126,9 @@ async def _token_page(
     token: Token,
     error: InvalidField | None = None,
     values: dict[str, str] | None = None,
+    *,
+    status: int = 400,
+    shown: dict[str, str] | None = None,
 ) -> web.Response:
     ops = operations(request)
     # Tokens go with their project (ON DELETE CASCADE), so a token always has one.
@@ -140,9 +143,12 @@ async def _token_page(
             "usage": usage,
             "error": error,
             "values": values or limit_values(token),
+            # What the limits form's boxes are compared with when posted (see _edited): the
+            # limits as they are now, unless the form shown again came from an older page.
+            "shown": shown or limit_values(token),
             "timelines": await timelines(ops.store, utcnow(), token_id=token.id),
         },
-        status=400 if error else 200,
+        status=status if error else 200,
     )
 
 
@@ -161,16 +167,68 @@ def _changes(token: Token, limits: LimitChanges) -> LimitChanges:
     return cast(LimitChanges, changed)
 
 
+def _same(key: str, one: Any, other: Any) -> bool:
+    if key == "budget_usd" and one is not None and other is not None:
+        return bool(nanousd(one) == nanousd(other))  # the same amount, typed with other digits
+    return bool(one == other)
+
+
+def _edited(form: forms.Form, limits: LimitChanges) -> tuple[LimitChanges, LimitChanges]:
+    """Of the limits posted, those the operator changed, and the values the page showed them.
+
+    The form posts every box, also those left as the page showed them; sent on as they are, a
+    page opened before someone else changed a limit would put the old limit back unseen (a quota
+    cut through the API, lifted again by a save of the rpm). So a box is only a change when it
+    differs from what its page showed, posted back in ``shown_<field>``.
+    """
+    shown = read_limits(
+        {key: form[f"shown_{key}"] for key in LIMIT_FIELDS if f"shown_{key}" in form}
+    )
+    edited = {
+        key: value
+        for key, value in limits.items()
+        if key not in shown or not _same(key, value, shown[key])  # type: ignore[literal-required]
+    }
+    return cast(LimitChanges, edited), shown
+
+
+def _conflict(token: Token, edited: LimitChanges, shown: LimitChanges) -> InvalidField | None:
+    """A limit the operator changed that someone else changed too since the page was shown."""
+    current = token.to_api()
+    for key, value in edited.items():
+        if key not in shown:
+            continue
+        was = shown[key]  # type: ignore[literal-required]
+        if not _same(key, current[key], was) and not _same(key, current[key], value):
+            now = limit_values(token)[key].replace("\n", ", ") or "no limit"
+            return InvalidField(
+                key,
+                f"changed since this page was opened; it is now {now}. Nothing was saved: check"
+                " the limits and save again.",
+            )
+    return None
+
+
 async def token_quota(request: web.Request) -> web.Response:
     """Set or clear (blank) the token's limits: requests, rates, budget, models."""
     ops = operations(request)
     token = await ops.get_token(request.match_info["token_id"])
     form = await forms.read_form(request)
+    typed = {k: form[k] for k in LIMIT_FIELDS if k in form}
     try:
-        limits = read_limits(form)
+        limits, shown = _edited(form, read_limits(form))
     except InvalidField as exc:
-        values = {**limit_values(token), **{k: form[k] for k in LIMIT_FIELDS if k in form}}
-        return await _token_page(request, token, exc, values)
+        first_shown = {k: form[f"shown_{k}"] for k in LIMIT_FIELDS if f"shown_{k}" in form}
+        return await _token_page(
+            request, token, exc, {**limit_values(token), **typed}, shown=first_shown or None
+        )
+    if (conflict := _conflict(token, limits, shown)) is not None:
+        # The limits as they are now, with the boxes the operator changed as they typed them:
+        # saved again, having seen it, it applies.
+        changed = {k: typed[k] for k in limits}
+        return await _token_page(
+            request, token, conflict, {**limit_values(token), **changed}, status=409
+        )
     changes = _changes(token, limits)
     if changes:
         await ops.update_token(actor(request), token.id, limits=changes)

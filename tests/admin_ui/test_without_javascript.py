@@ -206,3 +206,103 @@ async def test_a_form_posted_from_another_site_is_refused_even_with_a_valid_toke
         follow=False,
     )
     assert page.status == 303
+
+
+async def test_saving_limits_from_a_page_opened_before_another_change_keeps_that_change(
+    open_page: OpenPage, proxy: Proxy
+) -> None:
+    """An operator opens a token's page; meanwhile someone cuts its quota through the API. The
+    operator raises its rpm and saves: the quota they never touched stays cut."""
+    issued = await proxy.issue_token(
+        rpm=30, budget_usd=5, allowed_models=["gpt-4o-mini", "gpt-4.1*"]
+    )
+    page = await open_page(javascript=False)
+    await page.goto(f"/admin/tokens/{issued['id']}")
+    status, _ = await proxy.manage(
+        "PATCH", f"/tokens/{issued['id']}", {"max_requests": 10, "budget_usd": 1}
+    )
+    assert status == 200
+    await page.get_by_label("Requests per minute").fill("60")
+    await page.get_by_role("button", name="Save limits").click()
+    await expect(page.get_by_role("status")).to_contain_text("Quota saved")
+    _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (token["rpm"], token["max_requests"], token["budget_usd"]) == (60, 10, 1)
+    assert token["allowed_models"] == ["gpt-4o-mini", "gpt-4.1*"]
+    _, audit = await proxy.manage("GET", "/audit?action=token.update")
+    # The audit entry names what the operator changed, and only that.
+    assert audit["events"][0]["details"] == {"changed": ["rpm"], "rpm": 60}
+
+
+async def test_a_limit_changed_by_two_operators_at_once_is_not_overwritten_unseen(
+    open_page: OpenPage, proxy: Proxy
+) -> None:
+    issued = await proxy.issue_token(rpm=30)
+    page = await open_page(javascript=False)
+    await page.goto(f"/admin/tokens/{issued['id']}")
+    status, _ = await proxy.manage(
+        "PATCH", f"/tokens/{issued['id']}", {"rpm": 5, "max_requests": 10}
+    )
+    assert status == 200
+    await page.get_by_label("Requests per minute").fill("60")
+    await page.get_by_label("Tokens per minute").fill("9000")
+    async with page.expect_response(f"**/admin/tokens/{issued['id']}/quota") as answer:
+        await page.get_by_role("button", name="Save limits").click()
+    assert (await answer.value).status == 409
+    await expect(page.get_by_role("alert")).to_contain_text("changed since this page was opened")
+    await expect(page.get_by_role("alert")).to_contain_text("now 5")
+    # What was typed is kept, and nothing was changed.
+    await expect(page.get_by_label("Requests per minute")).to_have_value("60")
+    await expect(page.get_by_label("Tokens per minute")).to_have_value("9000")
+    # A box the operator left alone shows the limit as it is now, and is kept by the next save.
+    await expect(page.get_by_label("Maximum requests")).to_have_value("10")
+    _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (token["rpm"], token["tpm"]) == (5, None)
+    # Saved again, having seen it, it applies.
+    await page.get_by_role("button", name="Save limits").click()
+    await expect(page.get_by_role("status")).to_contain_text("Quota saved")
+    _, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (token["rpm"], token["tpm"], token["max_requests"]) == (60, 9000, 10)
+
+
+async def test_saving_a_project_from_a_page_opened_before_a_rename_keeps_the_new_name(
+    open_page: OpenPage, proxy: Proxy
+) -> None:
+    project_id = await proxy.create_project("before")
+    page = await open_page(javascript=False)
+    await page.goto(f"/admin/projects/{project_id}/edit")
+    await proxy.manage("PATCH", f"/projects/{project_id}", {"name": "renamed-meanwhile"})
+    await page.get_by_label("Description").fill("Line one\nline two")
+    await page.get_by_role("button", name="Save changes").click()
+    await expect(page.get_by_role("status")).to_be_visible()
+    _, project = await proxy.manage("GET", f"/projects/{project_id}")
+    assert (project["name"], project["description"]) == ("renamed-meanwhile", "Line one\nline two")
+
+    # Both change the name: the second to save sees the first's before anything is saved.
+    await page.goto(f"/admin/projects/{project_id}/edit")
+    await proxy.manage("PATCH", f"/projects/{project_id}", {"name": "theirs"})
+    await page.get_by_label("Name").fill("mine")
+    async with page.expect_response(f"**/admin/projects/{project_id}/edit") as answer:
+        await page.get_by_role("button", name="Save changes").click()
+    assert (await answer.value).status == 409
+    await expect(page.get_by_role("alert")).to_contain_text("it is now \u201ctheirs\u201d")
+    await expect(page.get_by_label("Name")).to_have_value("mine")
+    await expect(page.get_by_label("Description")).to_have_value("Line one\nline two")
+    assert (await proxy.manage("GET", f"/projects/{project_id}"))[1]["name"] == "theirs"
+    await page.get_by_role("button", name="Save changes").click()
+    await expect(page.get_by_role("status")).to_be_visible()
+    assert (await proxy.manage("GET", f"/projects/{project_id}"))[1]["name"] == "mine"
+
+    # A conflict on the name while someone else also rewrote the description: the box left
+    # alone shows theirs, and the save that follows keeps it.
+    await page.goto(f"/admin/projects/{project_id}/edit")
+    await proxy.manage(
+        "PATCH", f"/projects/{project_id}", {"name": "again", "description": "their words"}
+    )
+    await page.get_by_label("Name").fill("mine-again")
+    await page.get_by_role("button", name="Save changes").click()
+    await expect(page.get_by_role("alert")).to_contain_text("it is now \u201cagain\u201d")
+    await expect(page.get_by_label("Description")).to_have_value("their words")
+    await page.get_by_role("button", name="Save changes").click()
+    await expect(page.get_by_role("status")).to_be_visible()
+    _, project = await proxy.manage("GET", f"/projects/{project_id}")
+    assert (project["name"], project["description"]) == ("mine-again", "their words")
