@@ -307,6 +307,49 @@ def test_max_requests_is_exact_across_three_instances(cluster: Cluster) -> None:
             assert cluster.manage("GET", f"/tokens/{token['id']}")["request_count"] == 10
 
 
+@pytest.mark.redis
+def test_rpm_is_exact_across_three_instances_under_a_burst(cluster: Cluster) -> None:
+    project_id = cluster.manage("POST", "/projects", {"name": "p", "api_key": "sk-up"})["id"]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        for _ in range(5):
+            value = cluster.issue(project_id, rpm=10)["token"]
+            answers = list(pool.map(lambda n, v=value: cluster.call(v, on=n % 3), range(64)))
+            assert answers.count((200, None)) == 10, answers
+            assert answers.count((429, "rate_limited")) == 54
+
+
+@pytest.mark.redis
+def test_with_redis_down_only_tokens_with_a_limit_held_there_are_refused_on_every_instance(
+    postgres_url: str, durable_redis: RedisServer, upstream: MockUpstream, tmp_path: Path
+) -> None:
+    instances = start_cluster(tmp_path, upstream, postgres_url, durable_redis.url)
+    cluster = Cluster(instances)
+    try:
+        project_id = cluster.manage("POST", "/projects", {"name": "p", "api_key": "sk-up"})["id"]
+        in_redis = [
+            cluster.issue(project_id, **limit)["token"] for limit in ({"rpm": 100}, {"tpm": 10_000})
+        ]
+        elsewhere = [
+            cluster.issue(project_id)["token"],
+            cluster.issue(project_id, max_requests=100)["token"],
+        ]
+        durable_redis.stop()
+        for n in range(3):
+            for token in in_redis:
+                # Refused, never admitted on a count of this instance's own.
+                assert cluster.call(token, on=n) == (503, "limits_unavailable")
+            for token in elsewhere:
+                assert cluster.call(token, on=n) == (200, None)
+        durable_redis.start()
+        deadline = time.monotonic() + 10
+        while cluster.call(in_redis[0], on=1) != (200, None):
+            assert time.monotonic() < deadline, "the rpm token stays refused with Redis back"
+            time.sleep(0.1)
+    finally:
+        for instance in instances:
+            instance.stop(timeout=40)
+
+
 class HeldTunnel:
     """An egress proxy (HTTP_PROXY) that holds the first CONNECT until told, then closes it
     unanswered, and closes every later one at once: the upstream is never reached, and the test
