@@ -161,3 +161,4 @@ class InvalidField(ProxyError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem  # the message without the field's name, for a form beside it

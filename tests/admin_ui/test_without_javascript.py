@@ -3,6 +3,8 @@ through the management API: the pages are server-rendered forms and nothing more
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from aiohttp import web
 from playwright.async_api import Page, Response, expect
@@ -306,3 +308,39 @@ async def test_saving_a_project_from_a_page_opened_before_a_rename_keeps_the_new
     await expect(page.get_by_role("status")).to_be_visible()
     _, project = await proxy.manage("GET", f"/projects/{project_id}")
     assert (project["name"], project["description"]) == ("mine-again", "their words")
+
+
+@pytest.mark.parametrize(
+    ("form", "box", "typed", "problem"),
+    [
+        ("token", "Requests per minute", str(2**63), "must be a whole number from 1"),
+        ("token", "Allowed models", "ok, " + "x" * 201, "every pattern must be at most 200"),
+        ("issue", "Metadata", "{nope", "must be a JSON object"),
+        ("project", "Description", "bad \x07 bell", "control character"),
+    ],
+)
+async def test_a_refused_box_says_why_beside_it_and_keeps_what_was_typed(
+    open_page: OpenPage, proxy: Proxy, form: str, box: str, typed: str, problem: str
+) -> None:
+    issued = await proxy.issue_token()
+    page = await open_page(javascript=False)
+    path, button = {
+        "token": (f"/admin/tokens/{issued['id']}", "Save limits"),
+        "issue": (f"/admin/projects/{issued['project_id']}/tokens/new", "Issue token"),
+        "project": (f"/admin/projects/{issued['project_id']}/edit", "Save changes"),
+    }[form]
+    await page.goto(path)
+    field = page.get_by_label(box)
+    await field.fill(typed)
+    async with page.expect_response(lambda answer: answer.request.method == "POST") as answer:
+        await page.get_by_role("button", name=button).click()
+    assert (await answer.value).status == 400
+    await expect(field).to_have_value(typed)
+    await expect(field).to_have_attribute("aria-invalid", "true")
+    # Read out with the box by a screen reader, and shown right under it.
+    await expect(field).to_have_accessible_description(re.compile(re.escape(problem)))
+    message = page.locator(".field.has-error .field-error")
+    await expect(message).to_have_count(1)
+    await expect(message).to_contain_text(problem)
+    border = await field.evaluate("box => getComputedStyle(box).borderTopColor")
+    assert border != "rgb(207, 212, 220)", "the refused box is not marked"  # the usual border
