@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import http.server as http_server
+import itertools
 import os
 import secrets
 import signal
@@ -293,6 +295,101 @@ def test_every_project_change_reaches_every_instance_within_a_second(cluster: Cl
             f" max {max(times) * 1000:.1f} ms over {len(times)}"
         )
         assert max(times) < 1.0
+
+
+class KeyRecordingUpstream:
+    """An upstream that answers every request with an empty model list and remembers the
+    ``Authorization`` each one came with, by the ``X-Request-ID`` the proxy forwarded."""
+
+    def __init__(self) -> None:
+        seen: dict[str, str] = {}
+        self.seen = seen
+
+        class Handler(http_server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen[self.headers.get("X-Request-ID", "")] = self.headers.get("Authorization", "")
+                body = b'{"object": "list", "data": []}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def test_a_new_upstream_key_is_used_by_every_instance_within_a_second(
+    postgres_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An operator rotates a project's upstream key (one that leaked): the instance that took the
+    change sends the new one from its very next request, every other within a second."""
+    upstream = KeyRecordingUpstream()
+    config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
+    instances: list[ServerProcess] = []
+    try:
+        for n in range(3):
+            instances.append(
+                start_server(
+                    tmp_path / f"instance-{n}",
+                    config,
+                    tmp_path,
+                    name=f"instance-{n}",
+                    DATABASE_URL=postgres_url,
+                    REDIS_URL=redis_server.url,
+                    LLM_PROXY_EVENT_BUS="redis",
+                    **SHARED_SECRETS,
+                )
+            )
+        cluster = Cluster(instances)
+        issued = cluster.issue()
+        calls = iter(range(10**6))
+
+        def key_sent(on: int) -> str:
+            request_id = f"key-check-{next(calls)}"
+            status, _ = http_with_id(instances[on].base_url, issued["token"], request_id)
+            assert status == 200
+            return upstream.seen[request_id]
+
+        seen: list[float] = []
+        keys = ["sk-up", *(f"sk-rotated-{n}" for n in range(10))]  # "sk-up": Cluster.issue's
+        for old_key, new_key in itertools.pairwise(keys):
+            old, new = f"Bearer {old_key}", f"Bearer {new_key}"
+            for n in range(3):
+                assert key_sent(n) == old  # the project's key is cached everywhere now
+            cluster.manage("PATCH", f"/projects/{issued['project_id']}", {"api_key": new_key})
+            changed_at = time.monotonic()
+            assert key_sent(0) == new
+            for n in (1, 2):
+                while (sent := key_sent(n)) != new:
+                    assert sent == old
+                    assert time.monotonic() - changed_at < 1.0, f"instance {n} sends the old key"
+                    time.sleep(0.002)
+                seen.append(time.monotonic() - changed_at)
+        print(f"key rotation: max {max(seen) * 1000:.1f} ms over {len(seen)}")
+    finally:
+        for instance in instances:
+            instance.stop(timeout=40)
+        upstream.close()
+
+
+def http_with_id(base_url: str, token: str, request_id: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        f"{base_url}/v1/models",
+        headers={"Authorization": f"Bearer {token}", "X-Request-ID": request_id},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return int(response.status), response.read()
 
 
 def test_max_requests_is_exact_across_three_instances(cluster: Cluster) -> None:
