@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from llm_proxy import errors
 from llm_proxy.pricing import TOKENS_PER_PRICE, ModelPrice, Prices
 from llm_proxy.proxy.cost_bound import CAP_FIELDS, HONOURED_CAPS, OUTPUT_CAP_FIELDS
+from llm_proxy.proxy.quoting import quoted
 
 # Top-level fields of a body that bear on its cost.
 COST_FIELDS = frozenset({"model", *CAP_FIELDS, "n", "best_of", "service_tier"})
@@ -155,9 +156,8 @@ def _price_of(models: Sequence[object], prices: Prices) -> ModelPrice:
     for model in models:
         price = prices.lookup(model) if isinstance(model, str) else None
         if price is None:
-            shown = model[:100] if isinstance(model, str) else type(model).__name__
             raise errors.ModelNotPriced(
-                f"This token has a budget and model {shown!r} has no price in prices.yaml."
+                f"This token has a budget and model {quoted(model)} has no price in prices.yaml."
             )
         found.append(price)
     if len(found) == 1:

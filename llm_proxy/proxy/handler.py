@@ -47,6 +47,7 @@ from llm_proxy.proxy.cost_bound import prompt_token_bound, with_output_cap
 from llm_proxy.proxy.exchange import RESPONSE_TAIL_BYTES, CappedBuffer, Exchange, ExchangeSink
 from llm_proxy.proxy.form_scan import FormInspector, form_media_type
 from llm_proxy.proxy.metrics import MetricsSink
+from llm_proxy.proxy.quoting import quoted
 from llm_proxy.proxy.stream_end import answered_whole
 from llm_proxy.proxy.tool_models import UnreadableTools, tool_models
 from llm_proxy.proxy.usage_asked import usage_asked
@@ -552,7 +553,7 @@ class ProxyHandler:
             model = path[len(_MODEL_PATH) :]
             if not grant.model_allowed(model):
                 raise errors.ModelNotAllowed(
-                    f"Model {model[:100]!r} is not allowed for this token."
+                    f"Model {quoted(model)} is not allowed for this token."
                 )
 
     async def _token_info(
@@ -995,8 +996,9 @@ class ProxyHandler:
                 )
             for model in models:
                 if not grant.model_allowed(model):
-                    shown = model[:100] if isinstance(model, str) else type(model).__name__
-                    raise errors.ModelNotAllowed(f"Model {shown!r} is not allowed for this token.")
+                    raise errors.ModelNotAllowed(
+                        f"Model {quoted(model)} is not allowed for this token."
+                    )
         _refuse_hidden_usage(inspector, grant)
 
     async def _relay(
