@@ -388,6 +388,29 @@ async def test_a_connection_near_the_upstreams_keep_alive_timeout_is_not_reused(
         await servers.close()
 
 
+async def test_a_request_whose_pooled_connection_closes_unanswered_is_sent_upstream_once(
+    upstream: Start,
+) -> None:
+    """SPEC §7: a request is sent upstream at most once. A pooled connection that the upstream
+    closes after the request was written on it may have run it: the client gets a 502, and the
+    request is never sent again (on a fresh connection, as a client library's retry would)."""
+    arrived = 0
+
+    async def close_unanswered(writer: asyncio.StreamWriter) -> None:
+        nonlocal arrived
+        arrived += 1
+        writer.close()
+
+    up = await upstream(close_unanswered)
+    first, _ = await up.get("/v1/models/ok")  # its connection is pooled
+    assert first is not None and first["body"] == b"ok"
+    answer, _ = await up.get("/v1/chat/completions")
+    assert error_of(answer)[:2] == (502, "upstream_unavailable")
+    await asyncio.sleep(0.2)  # a request sent again would have arrived by now
+    assert arrived == 1
+    assert up.connections.opened == 1
+
+
 @pytest.mark.parametrize(
     "timeout", [b"9" * 5000, b"0" * 5000 + b"30"], ids=["endless", "leading zeros"]
 )
