@@ -16,6 +16,7 @@ import pytest
 
 from llm_proxy.http.front import MAX_WAITING_REQUESTS, FrontSite
 from tests.conftest import Proxy
+from tests.raw_servers import RawServers
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -416,6 +417,54 @@ async def test_repeated_headers_first_value_counts_and_mixed_case_names_are_drop
     seen = {name.lower(): value for name, value in proxy.upstream.last.headers.items()}
     assert seen["x-request-id"] == "first" and seen["x-kept"] == "a"
     assert "cf-ray" not in seen and "x-forwarded-for" not in seen
+
+
+async def test_every_other_request_field_reaches_the_upstream_as_the_bytes_it_came_as(
+    proxy_factory: Any,
+) -> None:
+    """SPEC §7: hop-by-hop fields, those named in Connection and every spelling of a client-IP
+    field (any case, with underscores, any CF-* name) are dropped; every other field goes upstream
+    byte for byte: repeated fields each, in their order, values with odd but legal bytes."""
+    heads: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            heads.append(head)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    servers = RawServers()
+    port = await servers.start(record)
+    try:
+        proxy: Proxy = await proxy_factory(api={"base_url": f"http://127.0.0.1:{port}"})
+        token = await proxy.token()
+        kept = (
+            b"X-Dup: 1\r\nx-other: a\r\nX-Dup: 2\r\nX-Odd: caf\xe9 \xff\tx\r\n"
+            b"OpenAI-Beta: assistants=v2\r\nx-DUP: 3\r\n"
+        )
+        dropped = (
+            b"X_Forwarded_For: 1\r\nx_real_ip: 1\r\nTrue_Client_IP: 1\r\n"
+            b"FASTLY_CLIENT_IP: 1\r\nfastly-client-ip: 1\r\nX-Real-Ip: 1\r\n"
+            b"CF_Connecting_IP: 1\r\ncf_anything: 1\r\nCf-Whatever: 1\r\nCF-IPCountry: x\r\n"
+            b"Connection: keep-alive, X-Hop\r\nX-Hop: gone\r\nKeep-Alive: timeout=5\r\n"
+            b"TE: trailers\r\nProxy-Connection: keep-alive\r\nX-Forwarded_For: 3\r\n"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.client.port)
+        writer.write(
+            b"GET /v1/models?q=a%20b&x=%2F&y=%E2%82%AC HTTP/1.1\r\nHost: t\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n" + dropped + kept + b"\r\n"
+        )
+        status, _, _ = await read_response(reader)
+        writer.close()
+    finally:
+        await servers.close()
+    assert status == 200
+    request_line, _, fields = heads[0].partition(b"\r\n")
+    assert request_line == b"GET /v1/models?q=a%20b&x=%2F&y=%E2%82%AC HTTP/1.1"
+    names = [line.partition(b":")[0].lower() for line in fields.split(b"\r\n") if line]
+    assert fields.startswith(kept)
+    # After them, only the fields the proxy sets itself.
+    assert names[6:] == [b"authorization", b"x-request-id", b"host"]
+    assert len(names) == 9
 
 
 async def test_small_answers_keep_their_framing_whole_in_one_piece(
