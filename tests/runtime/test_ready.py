@@ -1,0 +1,82 @@
+"""``GET /ready`` follows the database: 503 while it does not answer, whether it is gone or hangs,
+answered within the probe's bound, and 200 again once it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from tests.conftest import Proxy
+from tests.postgres import PostgresServer
+from tests.processes import children
+
+pytestmark = [pytest.mark.postgres, pytest.mark.process]
+
+# /ready gives the database 2 s; a load balancer's probe waits little more (the Helm chart's 3 s).
+READY_BOUND_SECONDS = 3.0
+
+
+async def _ready(proxy: Proxy) -> tuple[int, dict[str, Any]]:
+    response = await proxy.client.get("/ready")
+    body: dict[str, Any] = await response.json()
+    return response.status, body
+
+
+async def _until_ready(proxy: Proxy, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (await _ready(proxy))[0] != 200:
+        assert time.monotonic() < deadline, "/ready never answered 200 again"
+        await asyncio.sleep(0.1)
+
+
+@contextmanager
+def _frozen(server: PostgresServer) -> Iterator[None]:
+    """Every process of ``server`` stopped (SIGSTOP): connections stay open, nothing answers."""
+    assert server.process is not None
+    pids = [server.process.pid, *children(server.process.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_ready_is_503_while_the_database_is_down_and_200_once_it_is_back(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any
+) -> None:
+    proxy = await proxy_factory(database_url=own_database)
+    assert await _ready(proxy) == (200, {"status": "ready", "checks": {"database": "ok"}})
+    own_postgres.stop()
+    try:
+        down = await _ready(proxy)
+    finally:
+        own_postgres.start()
+    assert down == (503, {"status": "not_ready", "checks": {"database": "unavailable"}})
+    await _until_ready(proxy)
+
+
+async def test_ready_answers_503_within_its_bound_while_the_database_hangs(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any
+) -> None:
+    # Before, the timed-out check then waited for its connection's cancellation to be
+    # acknowledged by the frozen server, up to the store's own 5 s: the probe itself timed out.
+    proxy = await proxy_factory(database_url=own_database)
+    assert (await _ready(proxy))[0] == 200
+    with _frozen(own_postgres):
+        timings = []
+        for _ in range(2):
+            started = time.monotonic()
+            answer = await _ready(proxy)
+            timings.append(time.monotonic() - started)
+            assert answer == (503, {"status": "not_ready", "checks": {"database": "unavailable"}})
+        assert max(timings) < READY_BOUND_SECONDS, timings
+    await _until_ready(proxy)
