@@ -7,7 +7,6 @@ message is a single line naming the variable, so start-up can stop with exactly 
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 import re
 import ssl
@@ -143,10 +142,9 @@ class Settings:
         in its URLs."""
         secrets = [self.management_token, self.admin_password]
         if self.encryption_key:
-            secrets += [
-                base64.b64encode(self.encryption_key).decode(),
-                base64.urlsafe_b64encode(self.encryption_key).decode(),
-            ]
+            for encode in (base64.b64encode, base64.urlsafe_b64encode):
+                written = encode(self.encryption_key).decode()
+                secrets += [written, written.rstrip("=")]
         for name in _URLS_WITH_PASSWORDS:
             secrets += url_passwords(getattr(self, name) or "")
         return tuple(dict.fromkeys(secret for secret in secrets if secret))
@@ -289,16 +287,19 @@ def database_label(url: str) -> str:
     return f"{parts.scheme}://{','.join(hosts)}{parts.path}"
 
 
+# Base64 of 32 bytes is 43 characters and one "=" of padding, in the standard alphabet or the
+# URL-safe one (Fernet.generate_key() and secrets.token_urlsafe(32) write that), padded or not.
+_ENCRYPTION_KEY_SPELLINGS = re.compile(r"[A-Za-z0-9+/]{43}=?|[A-Za-z0-9_-]{43}=?")
+_URL_SAFE_ALPHABET = str.maketrans("-_", "+/")
+
+
 def parse_encryption_key(value: str) -> bytes:
     """Base64 of 32 bytes, without the whitespace around it (a key written to a file, and the
     Secret mounted from it, ends in a newline)."""
-    try:
-        key = base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
-    if len(key) != 32:
+    written = value.strip()
+    if not _ENCRYPTION_KEY_SPELLINGS.fullmatch(written):
         raise SettingsError("ENCRYPTION_KEY: expected base64 of exactly 32 bytes")
-    return key
+    return base64.b64decode(written.rstrip("=").translate(_URL_SAFE_ALPHABET) + "=")
 
 
 def check_redis_url(value: str) -> str:

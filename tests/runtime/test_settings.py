@@ -199,6 +199,45 @@ def test_a_bad_value_names_its_variable_on_one_line(
     assert "\n" not in message
 
 
+# 32 bytes whose base64 holds both characters the URL-safe alphabet replaces ("+/" and "-_").
+SPELLED_KEY = bytes([0xFB, 0xFF, 0xBF] * 10 + [0xFE, 0xFF])
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        base64.b64encode(SPELLED_KEY).decode().rstrip("="),  # padding left off
+        base64.urlsafe_b64encode(SPELLED_KEY).decode(),  # as Fernet.generate_key() writes keys
+        base64.urlsafe_b64encode(SPELLED_KEY).decode().rstrip("="),  # as secrets.token_urlsafe
+    ],
+)
+def test_an_encryption_key_in_another_base64_spelling_is_the_same_key(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    # Before, only padded standard base64 was taken: a key generated as Fernet.generate_key()
+    # or secrets.token_urlsafe(32) write it stopped start-up, "expected base64 of exactly 32
+    # bytes", though it is base64 of exactly 32 bytes.
+    settings = settings_from_environment(monkeypatch, {"ENCRYPTION_KEY": written})
+    assert settings.encryption_key == SPELLED_KEY
+    assert written in settings.log_secrets  # never logged as it was written either
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        base64.b64encode(SPELLED_KEY).decode()[:-2] + "-/",  # both alphabets at once
+        base64.b64encode(SPELLED_KEY).decode() + "=",  # padding where none belongs
+        base64.b64encode(SPELLED_KEY).decode()[:-2],  # one character short of 32 bytes
+    ],
+)
+def test_an_encryption_key_that_is_not_one_base64_spelling_is_refused(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        settings_from_environment(monkeypatch, {"ENCRYPTION_KEY": written})
+    assert str(caught.value) == "ENCRYPTION_KEY: expected base64 of exactly 32 bytes"
+
+
 def test_the_event_stream_is_llm_proxy_events_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings_from_environment(monkeypatch, {}).events_stream == "llm-proxy:events"
     told = settings_from_environment(monkeypatch, {"LLM_PROXY_EVENT_STREAM": "tenant-a:events"})
