@@ -262,11 +262,31 @@ def check_database_url(url: str) -> str:
             _check_port("DATABASE_URL", "the PostgreSQL port", host)
         if not parts.path.strip("/") and "dbname=" not in parts.query:
             raise SettingsError("DATABASE_URL: the PostgreSQL URL names no database")
-        return "postgresql" + url[len(parts.scheme) :]
+        return "postgresql" + _ssl_as_sslmode(url)[len(parts.scheme) :]
     raise SettingsError(
         f"DATABASE_URL: unsupported scheme {parts.scheme or '(none)'!r};"
         " use sqlite:/// or postgresql://"
     )
+
+
+def _ssl_as_sslmode(url: str) -> str:
+    """``url`` with its ``ssl=<mode>`` option named ``sslmode``. SQLAlchemy's asyncpg dialect
+    spells the TLS mode ``ssl`` (it refuses libpq's ``sslmode``), so URLs copied from such
+    applications carry it; asyncpg reads only ``sslmode`` and sends any other option to the
+    server as a setting, which refuses ``ssl`` whatever its value."""
+    head, mark, rest = url.partition("?")
+    query, hash_mark, fragment = rest.partition("#")
+    options = query.split("&") if mark else []
+    names = [unquote(option.partition("=")[0]) for option in options]
+    if "ssl" not in names:
+        return url
+    if "sslmode" in names:
+        raise SettingsError("DATABASE_URL: give the TLS mode once, as ssl= or as sslmode=")
+    renamed = [
+        f"sslmode={option.partition('=')[2]}" if name == "ssl" else option
+        for name, option in zip(names, options, strict=True)
+    ]
+    return f"{head}?{'&'.join(renamed)}{hash_mark}{fragment}"
 
 
 def _postgres_hosts(parts: SplitResult) -> list[SplitResult]:

@@ -748,6 +748,27 @@ def test_a_postgresql_url_naming_several_hosts_opens_the_one_that_answers(
         server.stop()
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("option", "refusal"),
+    [("ssl=disable", None), ("ssl=require", "rejected SSL upgrade")],  # the test server: no TLS
+)
+def test_a_sqlalchemy_asyncpg_url_s_ssl_option_is_its_ssl_mode(
+    tmp_path: Path, api_config: Path, postgres_url: str, option: str, refusal: str | None
+) -> None:
+    # SQLAlchemy's asyncpg dialect takes ?ssl=<mode> (it refuses libpq's sslmode): an operator
+    # copies such a URL. Before, asyncpg sent "ssl" to the server as a setting, and start-up
+    # stopped on 'parameter "ssl" cannot be changed now', whatever the mode.
+    url = postgres_url.replace("postgresql://", "postgresql+asyncpg://", 1) + "?" + option
+    env = _start_env(tmp_path / "data", api_config, listen="127.0.0.1:0", DATABASE_URL=url)
+    result = run(cli_command("migrate"), env, timeout=60)
+    if refusal is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 1
+        assert result.stderr.startswith("llm-proxy: DATABASE_URL: ") and refusal in result.stderr
+
+
 # -- a changed ENCRYPTION_KEY ---------------------------------------------------------------
 
 MANAGEMENT = "mgmt-" + secrets.token_hex(16)

@@ -284,6 +284,12 @@ def test_hourly_usage_is_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatc
         ("postgres://u@db/llm", "postgresql://u@db/llm"),
         ("postgresql+asyncpg://u@db/llm?sslmode=require", "postgresql://u@db/llm?sslmode=require"),
         ("postgresql://u:pw@db:5433,db2/llm", "postgresql://u:pw@db:5433,db2/llm"),  # failover
+        # SQLAlchemy's asyncpg dialect names the TLS mode ssl=; asyncpg reads it as sslmode=.
+        (
+            "postgresql+asyncpg://u:pw@db/llm?application_name=x&ssl=verify-full",
+            "postgresql://u:pw@db/llm?application_name=x&sslmode=verify-full",
+        ),
+        ("postgresql://u@db/llm?sslrootcert=/ca.pem", "postgresql://u@db/llm?sslrootcert=/ca.pem"),
     ],
 )
 def test_postgresql_urls_are_accepted_in_their_usual_spellings(url: str, normalised: str) -> None:
@@ -320,6 +326,7 @@ def test_a_bad_database_url_is_named_without_its_password(url: str, complaint: s
         ("postgresql://u:secret@[::zz]/llm", "IPv6"),
         ("postgresql://u:secret@::1]/llm", "IPv6"),
         ("postgresql://u:secret@db:54x32/llm", "percent-encode"),
+        ("postgresql+asyncpg://u:secret@db/llm?ssl=require&sslmode=disable", "ssl= or as sslmode="),
     ],
 )
 def test_a_database_url_asyncpg_would_read_otherwise_is_refused_without_its_password(
