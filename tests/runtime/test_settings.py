@@ -583,6 +583,23 @@ def test_an_unusable_data_dir_is_a_settings_error(tmp_path: Path) -> None:
         with_generated_secrets(Settings(data_dir=blocker / "data"))
 
 
+@pytest.mark.parametrize("secrets_given", [False, True])
+def test_a_data_dir_that_is_a_file_is_refused_and_left_as_it_was(
+    tmp_path: Path, secrets_given: bool
+) -> None:
+    # Before, the file an operator named by mistake (an env file, say) was made owner-only
+    # (0644 -> 0600) on the way to the refusal, every secret given or not.
+    named = tmp_path / "llm-proxy.env"
+    named.write_text("LOG_LEVEL=info\n")
+    named.chmod(0o644)
+    given = {"management_token": "mgmt-given", "admin_password": "pw", "encryption_key": b"k" * 32}
+    with pytest.raises(SettingsError) as caught:
+        with_generated_secrets(Settings(data_dir=named, **(given if secrets_given else {})))
+    assert str(caught.value) == f"DATA_DIR: cannot keep secrets in {named}: Not a directory"
+    assert stat.S_IMODE(named.stat().st_mode) == 0o644
+    assert named.read_text() == "LOG_LEVEL=info\n"
+
+
 def check_required_from_environment(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *args: str
 ) -> None:
