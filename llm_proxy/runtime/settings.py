@@ -214,7 +214,15 @@ def sqlite_path_from_url(url: str) -> Path:
         raise SettingsError(f"DATABASE_URL: {exc}") from None
 
 
-_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
+# SQLAlchemy's spellings included (postgresql+<driver>): the driver named is the copied
+# application's; this one always connects with asyncpg.
+_POSTGRES_SCHEMES = (
+    "postgresql",
+    "postgres",
+    "postgresql+asyncpg",
+    "postgresql+psycopg",
+    "postgresql+psycopg2",
+)
 
 
 _PERCENT_ENCODE = "percent-encode @ : / ? # in a user name or password (%40 %3A %2F %3F %23)"

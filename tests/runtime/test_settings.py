@@ -283,6 +283,12 @@ def test_hourly_usage_is_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatc
         ("postgresql://u:pw@db:5433/llm", "postgresql://u:pw@db:5433/llm"),
         ("postgres://u@db/llm", "postgresql://u@db/llm"),
         ("postgresql+asyncpg://u@db/llm?sslmode=require", "postgresql://u@db/llm?sslmode=require"),
+        # SQLAlchemy's names for the psycopg drivers: the URL of an application an operator copies.
+        ("postgresql+psycopg2://u:pw@db/llm", "postgresql://u:pw@db/llm"),
+        (
+            "postgresql+psycopg://u:pw@db/llm?sslmode=require",
+            "postgresql://u:pw@db/llm?sslmode=require",
+        ),
         ("postgresql://u:pw@db:5433,db2/llm", "postgresql://u:pw@db:5433,db2/llm"),  # failover
         # SQLAlchemy's asyncpg dialect names the TLS mode ssl=; asyncpg reads it as sslmode=.
         (
