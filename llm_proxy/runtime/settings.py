@@ -21,6 +21,7 @@ from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
 from llm_proxy.pricing import PriceFile
 from llm_proxy.proxy.budget_ledger import HOLD_LEASE_SECONDS
 from llm_proxy.store.opening import sqlite_path
+from llm_proxy.store.postgres_url import split_connect_timeout
 
 # "none" emits no events at all: for benchmarks that measure what publishing costs.
 EventBusKind = Literal["memory", "redis", "none"]
@@ -270,6 +271,10 @@ def check_database_url(url: str) -> str:
             _check_port("DATABASE_URL", "the PostgreSQL port", host)
         if not parts.path.strip("/") and "dbname=" not in parts.query:
             raise SettingsError("DATABASE_URL: the PostgreSQL URL names no database")
+        try:
+            split_connect_timeout(url)
+        except ValueError as exc:
+            raise SettingsError(f"DATABASE_URL: {exc}") from None
         return "postgresql" + _ssl_as_sslmode(url)[len(parts.scheme) :]
     raise SettingsError(
         f"DATABASE_URL: unsupported scheme {parts.scheme or '(none)'!r};"

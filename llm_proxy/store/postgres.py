@@ -44,6 +44,7 @@ from llm_proxy.models import (
     utcnow,
 )
 from llm_proxy.store.migrations import migration_scripts, refuse_newer
+from llm_proxy.store.postgres_url import split_connect_timeout
 from llm_proxy.store.records import (
     FORGET_ISSUE_FORMS_AT_ONCE,
     PROJECT_COLUMNS,
@@ -268,25 +269,28 @@ def _usage(row: asyncpg.Record | None) -> UsageTotals:
 class PostgresStore:
     """Any number of instances share one database through it."""
 
-    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, url: str, connect_timeout: float) -> None:
         self._pool = pool
-        self._url = url
+        self._url = url  # as asyncpg reads it: without connect_timeout
+        self._connect_timeout = connect_timeout
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 10, migrate: bool = True) -> PostgresStore:
         try:
+            url, seconds = split_connect_timeout(url)
+            connect_timeout = float(seconds or _TIMEOUT)
             pool = await asyncpg.create_pool(
                 url,
                 min_size=1,
                 max_size=pool_size,
                 init=_prepare_connection,
                 command_timeout=_TIMEOUT,
-                timeout=_TIMEOUT,
+                timeout=connect_timeout,
                 server_settings={"application_name": POOL_NAME},
             )
         except ValueError as exc:  # asyncpg reading the URL (its ClientConfigurationError too)
             raise UnreadableDatabaseUrl(without_credentials(str(exc), url)) from None
-        store = cls(pool, url)
+        store = cls(pool, url, connect_timeout)
         try:
             if migrate:
                 await store.migrate()
@@ -820,7 +824,9 @@ class PostgresStore:
         ``ConnectionError`` when the connection ends; cancelling it closes the connection.
         """
         conn = await asyncpg.connect(
-            self._url, timeout=_TIMEOUT, server_settings={"application_name": LISTENER_NAME}
+            self._url,
+            timeout=self._connect_timeout,
+            server_settings={"application_name": LISTENER_NAME},
         )
         lost = asyncio.get_running_loop().create_future()
 

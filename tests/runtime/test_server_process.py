@@ -20,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 
+from llm_proxy.store.opening import open_store
 from tests.events.events_support import RedisServer
 from tests.processes import (
     START_TIMEOUT,
@@ -36,6 +37,7 @@ from tests.processes import (
     start_server,
     write_api_config,
 )
+from tests.raw_servers import silent_server
 
 pytestmark = pytest.mark.process
 
@@ -767,6 +769,33 @@ def test_a_sqlalchemy_asyncpg_url_s_ssl_option_is_its_ssl_mode(
     else:
         assert result.returncode == 1
         assert result.stderr.startswith("llm-proxy: DATABASE_URL: ") and refusal in result.stderr
+
+
+@pytest.mark.postgres
+def test_a_libpq_connect_timeout_in_the_database_url_is_taken(
+    tmp_path: Path, api_config: Path, postgres_url: str
+) -> None:
+    # connect_timeout is libpq's (psycopg URLs carry it); asyncpg sent it to the server as a
+    # setting, and start-up stopped on 'unrecognized configuration parameter "connect_timeout"'.
+    url = f"{postgres_url}?application_name=copied&connect_timeout=10"
+    env = _start_env(tmp_path / "data", api_config, listen="127.0.0.1:0", DATABASE_URL=url)
+    result = run(cli_command("migrate"), env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    server = start_server(tmp_path / "data", api_config, tmp_path / "logs", DATABASE_URL=url)
+    try:
+        assert _create_project(server)
+    finally:
+        server.stop()
+    assert "connect_timeout" not in server.process.stderr  # the change feed's listener too
+
+
+async def test_a_libpq_connect_timeout_bounds_the_wait_for_a_database_that_never_answers() -> None:
+    async with silent_server() as port:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await open_store(f"postgresql://u@127.0.0.1:{port}/llm?connect_timeout=2")
+        waited = time.monotonic() - started
+    assert 2 <= waited < 4, waited  # not the store's own 5 s
 
 
 # -- a changed ENCRYPTION_KEY ---------------------------------------------------------------

@@ -333,6 +333,8 @@ def test_a_bad_database_url_is_named_without_its_password(url: str, complaint: s
         ("postgresql://u:secret@::1]/llm", "IPv6"),
         ("postgresql://u:secret@db:54x32/llm", "percent-encode"),
         ("postgresql+asyncpg://u:secret@db/llm?ssl=require&sslmode=disable", "ssl= or as sslmode="),
+        ("postgresql://u:secret@db/llm?connect_timeout=soon", "connect_timeout must be a whole"),
+        ("postgresql://u:secret@db/llm?connect_timeout=5&connect_timeout=9", "given 2 times"),
     ],
 )
 def test_a_database_url_asyncpg_would_read_otherwise_is_refused_without_its_password(
