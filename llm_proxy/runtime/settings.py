@@ -21,7 +21,7 @@ from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
 from llm_proxy.pricing import PriceFile
 from llm_proxy.proxy.budget_ledger import HOLD_LEASE_SECONDS
 from llm_proxy.store.opening import sqlite_path
-from llm_proxy.store.postgres_url import split_connect_timeout
+from llm_proxy.store.postgres_url import split_connect_timeout, ssl_as_sslmode
 
 # "none" emits no events at all: for benchmarks that measure what publishing costs.
 EventBusKind = Literal["memory", "redis", "none"]
@@ -273,33 +273,13 @@ def check_database_url(url: str) -> str:
             raise SettingsError("DATABASE_URL: the PostgreSQL URL names no database")
         try:
             split_connect_timeout(url)
+            return "postgresql" + ssl_as_sslmode(url)[len(parts.scheme) :]
         except ValueError as exc:
             raise SettingsError(f"DATABASE_URL: {exc}") from None
-        return "postgresql" + _ssl_as_sslmode(url)[len(parts.scheme) :]
     raise SettingsError(
         f"DATABASE_URL: unsupported scheme {parts.scheme or '(none)'!r};"
         " use sqlite:/// or postgresql://"
     )
-
-
-def _ssl_as_sslmode(url: str) -> str:
-    """``url`` with its ``ssl=<mode>`` option named ``sslmode``. SQLAlchemy's asyncpg dialect
-    spells the TLS mode ``ssl`` (it refuses libpq's ``sslmode``), so URLs copied from such
-    applications carry it; asyncpg reads only ``sslmode`` and sends any other option to the
-    server as a setting, which refuses ``ssl`` whatever its value."""
-    head, mark, rest = url.partition("?")
-    query, hash_mark, fragment = rest.partition("#")
-    options = query.split("&") if mark else []
-    names = [unquote(option.partition("=")[0]) for option in options]
-    if "ssl" not in names:
-        return url
-    if "sslmode" in names:
-        raise SettingsError("DATABASE_URL: give the TLS mode once, as ssl= or as sslmode=")
-    renamed = [
-        f"sslmode={option.partition('=')[2]}" if name == "ssl" else option
-        for name, option in zip(names, options, strict=True)
-    ]
-    return f"{head}?{'&'.join(renamed)}{hash_mark}{fragment}"
 
 
 def _postgres_hosts(parts: SplitResult) -> list[SplitResult]:
