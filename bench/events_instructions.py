@@ -52,6 +52,9 @@ WARM_UP = 1000
 _DELIVERED = re.compile(r'^llm_proxy_dispatcher_delivered_total\{[^}]*"usage"[^}]*\} (\S+)$', re.M)
 
 
+UPSTREAM_KEY = b"sk-proj-" + b"k" * 156  # as long as the project keys OpenAI issues
+
+
 def chat_exchange(serial: int) -> Exchange:
     request, response = CappedBuffer(65536), CappedBuffer(65536)
     request.add(REQUEST)
@@ -73,6 +76,8 @@ def chat_exchange(serial: int) -> Exchange:
     exchange.upstream_started = started + 0.00002
     exchange.upstream_headers_at = exchange.first_byte_at = started + 0.00005
     exchange.ended = started + 0.00006
+    # The server hands every answer's event the project's key to mask (an upstream may echo it).
+    exchange.upstream_key_to_mask = UPSTREAM_KEY
     return exchange
 
 
