@@ -795,7 +795,7 @@ async def test_a_libpq_connect_timeout_bounds_the_wait_for_a_database_that_never
         with pytest.raises(TimeoutError):
             await open_store(f"postgresql://u@127.0.0.1:{port}/llm?connect_timeout=2")
         waited = time.monotonic() - started
-    assert 2 <= waited < 4, waited  # not the store's own 5 s
+    assert 2 <= waited < 4.5, waited  # not the store's own 5 s
 
 
 # -- a changed ENCRYPTION_KEY ---------------------------------------------------------------
