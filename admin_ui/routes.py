@@ -23,6 +23,7 @@ from admin_ui.security import (
 from admin_ui.state import ADMIN, AdminState
 from llm_proxy import errors, failed_sign_ins
 from llm_proxy.control.operations import Operations
+from llm_proxy.crypto import redact_path
 from llm_proxy.store.unavailable import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
@@ -103,7 +104,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
             request = request.clone(client_max_size=MAX_FORM_BYTES)
             problem = await _check_csrf(request, admin)
             if problem is not None:
-                log.warning("admin.csrf_refused", path=request.path, client_ip=request.remote)
+                log.warning(
+                    "admin.csrf_refused", path=redact_path(request.path), client_ip=request.remote
+                )
                 return error_page(
                     request,
                     403,

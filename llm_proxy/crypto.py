@@ -16,6 +16,7 @@ import re
 import secrets
 from collections.abc import Callable
 from typing import Any, cast
+from urllib.parse import unquote
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -116,6 +117,30 @@ def same_length_mask(key: bytes) -> bytes:
 def redact(text: str) -> str:
     """Mask anything that looks like a token or key inside free text."""
     return _SECRET_LIKE.sub(lambda m: mask_key(m.group(0)), text)
+
+
+# How many times a path quoted in a message is decoded to look for a key, as a reader (or a log
+# viewer, or a browser) may decode what it shows more than once.
+_PATH_DECODINGS = 3
+
+
+def redact_path(path: str) -> str:
+    """``path`` with anything that looks like a token or key masked, percent-encoded ones too
+    (``/v1/%73k-…``, ``/v1/sk%2D…``, encoded twice): shown decoded, and masked, when decoding
+    reveals one; else as it was given. For messages and events that quote a path; the requests
+    that are let through never pay for it."""
+    decoded = path
+    for _ in range(_PATH_DECODINGS):
+        if "%" not in decoded:
+            break
+        decoded = unquote(decoded, errors="replace")
+    masked = redact(decoded)
+    if masked == decoded:
+        return redact(path)
+    # A key that decoding joined to a letter before it ("%41sk-…") no longer starts a word.
+    for found in _SECRET_LIKE.finditer(path):
+        masked = masked.replace(found.group(0), mask_key(found.group(0)))
+    return masked
 
 
 class DecryptionError(Exception):

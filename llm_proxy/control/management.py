@@ -28,7 +28,7 @@ from llm_proxy.control.validation import (
     MAX_TOKEN_VALUE_LENGTH,
     MISSING,
 )
-from llm_proxy.crypto import redact, secrets_match
+from llm_proxy.crypto import redact, redact_path, secrets_match
 from llm_proxy.models import AuditFilter
 from llm_proxy.store.unavailable import DATABASE_ERRORS
 
@@ -67,12 +67,12 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return exc.to_response()
     except web.HTTPMethodNotAllowed as exc:
         return errors.ManagementMethodNotAllowed(
-            f"Method {request.method} is not allowed on {redact(request.path)}.",
+            f"Method {request.method} is not allowed on {redact_path(request.path)}.",
             headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
         ).to_response()
     except web.HTTPNotFound:
         # A path may hold a token's value pasted into it: named masked, as every message does.
-        return errors.NotFound(f"No management route {redact(request.path)}.").to_response()
+        return errors.NotFound(f"No management route {redact_path(request.path)}.").to_response()
     except web.HTTPRequestEntityTooLarge:
         return errors.RequestTooLarge("Request body is too large.").to_response()
     except web.HTTPException as exc:
@@ -87,7 +87,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.error(
             "management.store_unavailable",
             method=request.method,
-            path=request.path,
+            path=redact_path(request.path),
             error=repr(exc),
         )
         return errors.ServiceUnavailable(
@@ -95,7 +95,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         ).to_response()
     except Exception:
         # aiohttp would answer a plain-text 500; a client of this API parses only the error shape.
-        log.exception("management.unexpected_error", method=request.method, path=request.path)
+        log.exception(
+            "management.unexpected_error", method=request.method, path=redact_path(request.path)
+        )
         return errors.ProxyError("Internal error.").to_response()
 
 

@@ -12,7 +12,7 @@ import orjson
 # The decoders live a layer down, where the proxy path decodes error answers with them too.
 from llm_proxy.content_coding import Decoded as Decoded
 from llm_proxy.content_coding import decode as decode
-from llm_proxy.crypto import mask_key, mask_key_start, redact
+from llm_proxy.crypto import mask_key, mask_key_start, redact, redact_path
 
 DEFAULT_DECODED_LIMIT = 16 * 1024 * 1024  # a decompression bomb stops here
 # The shortest start of the project's key masked where a body ends: every mask shows a key's first
@@ -77,6 +77,12 @@ def text_without_secrets(text: str) -> str:
     if "sk-" not in text and "mgmt-" not in text:
         return text
     return redact(text)
+
+
+def path_without_secrets(path: str) -> str:
+    """An event's path with anything shaped like a key masked, also where an escape the
+    normalising left in it (a path encoded twice) hides one."""
+    return text_without_secrets(path) if "%" not in path else redact_path(path)
 
 
 def show(decoded: Decoded, raw_size: int) -> object:

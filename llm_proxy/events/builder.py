@@ -126,7 +126,7 @@ def build(
         "project_id": exchange.project_id,
         "token_id": exchange.token_id,
         "method": exchange.method,
-        "path": bodies.text_without_secrets(exchange.path),
+        "path": bodies.path_without_secrets(exchange.path),
         # No answer went out: 499 when the client closed the connection first (nginx's code).
         "status": exchange.status or (_CLIENT_CLOSED if exchange.left_by_client else 0),
         "duration_ms": _ms(exchange.started, exchange.ended) if exchange.ended else 0.0,

@@ -26,7 +26,7 @@ import orjson
 import structlog
 
 from llm_proxy import errors, tokens
-from llm_proxy.crypto import redact, same_length_mask
+from llm_proxy.crypto import redact_path, same_length_mask
 from llm_proxy.http.messages import SERVER_STOPPING, ProxyRequest, RenderedFields, ResponseWriter
 from llm_proxy.http.upstream import Body, UpstreamClient, UpstreamResponse
 from llm_proxy.models import isoformat, usd
@@ -533,11 +533,14 @@ class ProxyHandler:
                 await self._token_info(request, writer, answered)
             return None
         if path is None or not provider.path_allowed(path):
-            # A path may hold a token's value pasted into it: named masked, as every message does.
-            raise errors.EndpointNotFound(f"Endpoint {method} {redact(raw_path)} is not allowed.")
+            # A path may hold a token's value pasted into it, percent-encoded too: named masked, as
+            # every message does.
+            raise errors.EndpointNotFound(
+                f"Endpoint {method} {redact_path(raw_path)} is not allowed."
+            )
         if method not in provider.allowed_methods:
             raise errors.MethodNotAllowed(
-                f"Method {method} is not allowed for {redact(path)}.",
+                f"Method {method} is not allowed for {redact_path(path)}.",
                 headers={"Allow": self._allow_header},
             )
         if method == "OPTIONS":
@@ -552,8 +555,9 @@ class ProxyHandler:
             # DELETE /v1/models/{id} deletes a fine-tuned model: only one the token may use.
             model = path[len(_MODEL_PATH) :]
             if not grant.model_allowed(model):
+                # (An escape the normalising left, a path encoded twice, may hide a key.)
                 raise errors.ModelNotAllowed(
-                    f"Model {quoted(model)} is not allowed for this token."
+                    f"Model {quoted(redact_path(model))} is not allowed for this token."
                 )
 
     async def _token_info(

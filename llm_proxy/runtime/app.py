@@ -16,7 +16,7 @@ from dispatcher.embedded import start_events_here
 from llm_proxy import __version__, errors
 from llm_proxy.control.management import management_app
 from llm_proxy.control.operations import Operations
-from llm_proxy.crypto import DecryptionError, KeyCipher, redact
+from llm_proxy.crypto import DecryptionError, KeyCipher, redact_path
 from llm_proxy.events import EventPipeline, EventsConfig, UsageChunkFilter
 from llm_proxy.events.offload import EventOffload
 from llm_proxy.events.pipe import Launch
@@ -113,14 +113,14 @@ async def _service_errors(
         if request.path.startswith("/admin"):
             raise
         return errors.MethodNotAllowed(
-            f"Method {request.method} is not allowed on {redact(request.path)}.",
+            f"Method {request.method} is not allowed on {redact_path(request.path)}.",
             headers={"Allow": ",".join(sorted(exc.allowed_methods))},
         ).to_response()
     except web.HTTPNotFound:
         if request.path.startswith("/admin"):
             raise
         # A path may hold a token's value pasted into it: named masked, as every message does.
-        return errors.NotFound(f"No route {redact(request.path)}.").to_response()
+        return errors.NotFound(f"No route {redact_path(request.path)}.").to_response()
 
 
 async def health(request: web.Request) -> web.Response:
