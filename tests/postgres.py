@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.processes import free_port
+from tests.processes import children, free_port, proc_stat
 
 SUPERUSER = "llmproxy_test"
 
@@ -49,6 +49,15 @@ def _run_as() -> str | None:
             continue
         return name
     raise RuntimeError("running as root and no unprivileged user to run PostgreSQL as")
+
+
+def _stop(pid: int) -> None:
+    """SIGSTOP ``pid``, and wait until it is stopped (or gone)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while (stat := proc_stat(pid)) is not None and stat[0] not in ("T", "t", "Z"):
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.001)
 
 
 @dataclass
@@ -169,6 +178,24 @@ class PostgresServer:
         if not fast:
             # A killed postmaster leaves its children running for a moment, holding the port.
             time.sleep(0.5)
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every process of the server stopped (SIGSTOP): connections stay open and nothing
+        answers, as a hung database or a network black hole."""
+        assert self.process is not None
+        # The server first, stopped before its children are listed: a backend it forks meanwhile
+        # (a pool's new connection) would otherwise go on answering.
+        pids = [self.process.pid]
+        _stop(self.process.pid)
+        for child in children(self.process.pid):
+            pids.append(child)
+            _stop(child)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()

@@ -14,7 +14,8 @@ id N has seen every change below it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -273,6 +274,9 @@ class PostgresStore:
         self._pool = pool
         self._url = url  # as asyncpg reads it: without connect_timeout
         self._connect_timeout = connect_timeout
+        self._releasing: set[asyncio.Future[Any]] = (
+            set()
+        )  # connections given back in the background
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 10, migrate: bool = True) -> PostgresStore:
@@ -336,20 +340,41 @@ class PostgresStore:
     # would wait for ever when every connection is busy); the query itself is bounded by the
     # pool's command timeout.
 
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Conn]:
+        """A pooled connection for one statement. One whose statement failed (timed out, say)
+        waits to be given back until the database acknowledges the statement's cancellation,
+        which a hung database never does: it is given back in the background then, so that the
+        caller learns of the failure at once rather than after another timeout."""
+        conn = await self._pool.acquire(timeout=_TIMEOUT)
+        try:
+            yield conn
+        except BaseException:
+            release = asyncio.ensure_future(self._pool.release(conn))
+            self._releasing.add(release)
+            release.add_done_callback(self._released)
+            raise
+        await self._pool.release(conn)
+
+    def _released(self, release: asyncio.Future[Any]) -> None:
+        self._releasing.discard(release)
+        if not release.cancelled():
+            release.exception()  # its statement's caller was told already
+
     async def _fetchrow(self, sql: str, *args: Any) -> Any:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+        async with self._connection() as conn:
             return await conn.fetchrow(sql, *args)
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+        async with self._connection() as conn:
             return await conn.fetchval(sql, *args)
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+        async with self._connection() as conn:
             return list(await conn.fetch(sql, *args))
 
     async def _execute(self, sql: str, *args: Any) -> str:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+        async with self._connection() as conn:
             return str(await conn.execute(sql, *args))
 
     async def ping(self) -> None:

@@ -4,18 +4,13 @@ answered within the probe's bound, and 200 again once it is back."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 from tests.conftest import Proxy
 from tests.postgres import PostgresServer
-from tests.processes import children
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
 
@@ -35,20 +30,6 @@ async def _until_ready(proxy: Proxy, timeout: float = 15.0) -> None:
     while (await _ready(proxy))[0] != 200:
         assert time.monotonic() < deadline, "/ready never answered 200 again"
         await asyncio.sleep(0.1)
-
-
-@contextmanager
-def _frozen(server: PostgresServer) -> Iterator[None]:
-    """Every process of ``server`` stopped (SIGSTOP): connections stay open, nothing answers."""
-    assert server.process is not None
-    pids = [server.process.pid, *children(server.process.pid)]
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
 
 
 async def test_ready_is_503_while_the_database_is_down_and_200_once_it_is_back(
@@ -72,7 +53,7 @@ async def test_ready_answers_503_within_its_bound_while_the_database_hangs(
     # acknowledged by the frozen server, up to the store's own 5 s: the probe itself timed out.
     proxy = await proxy_factory(database_url=own_database)
     assert (await _ready(proxy))[0] == 200
-    with _frozen(own_postgres):
+    with own_postgres.frozen():
         timings = []
         for _ in range(2):
             started = time.monotonic()
