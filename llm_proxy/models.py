@@ -234,6 +234,8 @@ class RateSlot:
     # Refused because the window's last minute is unknown (the Redis holding it lost its data):
     # ``retry_after`` is when that minute is over.
     window_lost: bool = False
+    # tpm: room, but answers of the token that went out are not settled yet (see rate_limits.py).
+    unsettled: bool = False
 
 
 @dataclass(frozen=True, slots=True)

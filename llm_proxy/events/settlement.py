@@ -20,6 +20,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+import structlog
+
 from llm_proxy.events.builder import (
     answer_unseen,
     in_background,
@@ -36,6 +38,8 @@ from llm_proxy.pricing import PriceHolder
 from llm_proxy.proxy.budget_ledger import BudgetLedger, Settlement
 from llm_proxy.proxy.exchange import Exchange
 from llm_proxy.proxy.rate_limits import RateWindows
+
+log = structlog.get_logger(__name__)
 
 
 def settled_cost(event: Event, held: int, *, request_kept: bool = True) -> int:
@@ -105,7 +109,9 @@ class TokenSettler:
                 if unseen:
                     tokens = max(tokens, most_tokens(event, self._prices.current))
                 if tokens:
-                    await self._record_tokens(event["token_id"], tokens)
+                    await self._record_tokens(event["token_id"], tokens, exchange.answer_mark)
+                elif exchange.answer_mark:
+                    await self._forget_mark(event["token_id"], exchange.answer_mark)
         if settlements:
             await self._settle_holds(settlements)
 
@@ -128,15 +134,22 @@ class TokenSettler:
             return
         count_settled(settlements)
 
-    async def _record_tokens(self, token_id: str, tokens: int) -> None:
-        record = TokensToRecord(token_id, tokens, secrets.token_hex(8), time.monotonic())
+    async def _record_tokens(self, token_id: str, tokens: int, mark: str) -> None:
+        record = TokensToRecord(token_id, tokens, secrets.token_hex(8), time.monotonic(), mark)
         if self._retry.windows_failing:
             self._retry.add_record(record)
             return
         try:
-            await self._windows.record_tokens(token_id, tokens, record.entry)
+            await self._windows.record_tokens(token_id, tokens, record.entry, mark)
         except Exception as exc:
             self._retry.add_record(record, error=str(exc))
+
+    async def _forget_mark(self, token_id: str, mark: str) -> None:
+        # Nothing to record: only the mark goes. One that cannot is ignored past its bound.
+        try:
+            await self._windows.forget_mark(token_id, mark)
+        except Exception as exc:
+            log.warning("settlement.mark_not_removed", token_id=token_id, error=str(exc))
 
     async def close(self) -> None:
         await self._spend.close()

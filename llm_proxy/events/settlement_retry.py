@@ -48,6 +48,7 @@ class TokensToRecord:
     tokens: int
     entry: str  # its id in the window
     since: float  # monotonic: when it was first tried
+    mark: str = ""  # its answer's mark, removed with it (see rate_limits.py)
 
 
 def count_settled(settlements: Iterable[Settlement]) -> None:
@@ -163,7 +164,9 @@ class SettlementRetry:
             record = records[0]
             metrics.SETTLEMENT_RETRIES.labels("tpm").inc()
             try:
-                await self._windows.record_tokens(record.token_id, record.tokens, record.entry)
+                await self._windows.record_tokens(
+                    record.token_id, record.tokens, record.entry, record.mark
+                )
             except Exception as exc:
                 self._record_failed.happened(error=str(exc), retried=True)
                 break

@@ -54,7 +54,7 @@ from llm_proxy.proxy.budget_ledger import HOLD_LEASE_SECONDS, BudgetLedger, Stor
 from llm_proxy.proxy.budget_plan import CostPlan
 from llm_proxy.proxy.hold_leases import HoldLeases
 from llm_proxy.proxy.rate_limits import RateWindows, StoreRateWindows
-from llm_proxy.proxy.settling import Settlements
+from llm_proxy.proxy.settling import SETTLE_WAIT_SECONDS, Settlements
 from llm_proxy.sparse_warning import SparseWarning
 from llm_proxy.stats import STATS
 from llm_proxy.store import Store
@@ -63,6 +63,8 @@ from llm_proxy.store.unavailable import ClaimInDoubt, CommitInDoubt
 log = structlog.get_logger(__name__)
 
 _NEGATIVE_TTL = 5.0
+# How often admission asks again whether a token's marked answers are settled (rate_limits.py).
+_MARK_POLL_SECONDS = 0.005
 _NEGATIVE_MAX = 10_000
 # Holds and rpm slots being given back in the background while their store is away.
 _GIVE_BACKS_MAX = 10_000
@@ -169,6 +171,7 @@ class TokenAuthority:
         # This process's answered requests whose tpm tokens or cost are not settled yet: told by
         # the sink that settles them (see settling.py).
         self.settlements = settlements or Settlements()
+        self._mark_failed = SparseWarning("admission.answer_mark_failed")
         # Whether rpm/tpm windows and budgets live in the database too (no Redis configured).
         self._limits_in_store = rate_windows is None or budget_ledger is None
         self._rate_windows = rate_windows or StoreRateWindows(store)
@@ -470,6 +473,15 @@ class TokenAuthority:
             # Retried while the store is away: a place kept for good is quota the token lost.
             self._give_back_later("release", partial(self._give_back_place, admission), 60.0)
 
+    async def mark_answered(self, token_id: str, mark: str) -> None:
+        """Mark an answer of a tpm-limited token as going out unsettled (see rate_limits.py).
+        A store that cannot take it does not hold the answer back: the next request of the
+        token then finds the store unavailable, or the window as it is."""
+        try:
+            await self._rate_windows.mark_answered(token_id, mark)
+        except Exception as exc:
+            self._mark_failed.happened(error=str(exc))
+
     def hold_ended(self, hold_id: str, request_id: str = "") -> None:
         """The request of hold ``hold_id`` ended: released, or (``request_id`` given) handed to
         the events pipeline, which settles the hold (renewed until then: see hold_leases.py)."""
@@ -557,13 +569,33 @@ class TokenAuthority:
         self._give_back_later("give_back", give_back, RATE_WINDOW_MICROS / 1e6)
 
     async def _check_tpm(self, grant: Grant) -> None:
-        try:
-            room = await self._rate_windows.tpm_room(grant.token_id, grant.tpm or 0)
-        except Exception as exc:
-            log.error("token_authority.store_failed", operation="tpm", error=str(exc))
-            raise errors.LimitsUnavailable(
-                "The store holding this token's limits is unavailable; retry shortly."
-            ) from None
+        """Refuse a request whose token's tpm window is full, once the answers of the token that
+        went out from any process are settled: waited for by polling, as settling takes
+        milliseconds, and for :data:`SETTLE_WAIT_SECONDS` at most in all (see rate_limits.py)."""
+        deadline = 0.0
+        marks = True
+        while True:
+            try:
+                room = await self._rate_windows.tpm_room(
+                    grant.token_id, grant.tpm or 0, marks=marks
+                )
+            except Exception as exc:
+                log.error("token_authority.store_failed", operation="tpm", error=str(exc))
+                raise errors.LimitsUnavailable(
+                    "The store holding this token's limits is unavailable; retry shortly."
+                ) from None
+            if not room.unsettled:
+                break
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + SETTLE_WAIT_SECONDS
+            elif now >= deadline:
+                STATS.settlement_waits["timed_out"] += 1
+                marks = False  # waited long enough: the window as it is decides
+                continue
+            await asyncio.sleep(_MARK_POLL_SECONDS)
+        if deadline and marks:
+            STATS.settlement_waits["settled"] += 1
         if not room.admitted:
             if room.window_lost:
                 raise self._lost_with_redis_data("tpm", room.retry_after, _WINDOW_LOST)

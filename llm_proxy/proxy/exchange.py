@@ -149,6 +149,9 @@ class Exchange:
     # pass the masking of key-shaped text (events/bodies.py). Masked in the event; never shown
     # or kept.
     upstream_key_to_mask: bytes = field(default=b"", repr=False)
+    # The mark of a tpm-limited answer, made before its last bytes went out, removed when its
+    # tokens are recorded (see rate_limits.py); empty when none was made.
+    answer_mark: str = ""
     # The token has a tpm window: its settled tokens are recorded once the usage is known.
     tpm_limited: bool = False
     # The budget hold of a budgeted token's request, settled once the usage is known.
@@ -201,7 +204,7 @@ class Exchange:
             self.status, self.response_content_type, self.response_content_encoding,
             self.upstream_started, self.upstream_headers_at, self.first_byte_at, self.ended,
             self.error, self.client_disconnected, self.usage_injected, self.upstream_request_id,
-            self.request_sent, self.upstream_key_to_mask,
+            self.request_sent, self.upstream_key_to_mask, self.answer_mark,
             self.tpm_limited, self.hold_id, self.held_nanousd, self.request_bytes_shed,
         )  # fmt: skip
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
+from functools import partial
 from typing import NamedTuple, Protocol
 
 import orjson
@@ -33,6 +35,7 @@ from llm_proxy.models import isoformat, usd
 from llm_proxy.pricing import PriceHolder, Prices
 from llm_proxy.proxy import coded_errors
 from llm_proxy.proxy.admission import Admission, Grant, TokenAuthority
+from llm_proxy.proxy.answer_gate import AnswerGate
 from llm_proxy.proxy.api_config import ApiProvider, normalise_path
 from llm_proxy.proxy.body_scan import (
     OPTIONS_FOR_NULL,
@@ -147,6 +150,14 @@ def _dollars(nanousd: int) -> str:
 def _field(text: str) -> bytes:
     """A value for a response field: the client's own bytes back when it came from the client."""
     return text.encode("utf-8", "surrogateescape")
+
+
+def _length(value: bytes) -> int | None:
+    """A Content-Length field's value (the upstream client checked its framing)."""
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 def _request_id(supplied: str | None) -> str:
@@ -1005,6 +1016,11 @@ class ProxyHandler:
                     )
         _refuse_hidden_usage(inspector, grant)
 
+    async def _mark_answered(self, exchange: Exchange) -> None:
+        """Mark a tpm-limited answer before its client can have it whole (answer_gate.py)."""
+        exchange.answer_mark = mark = secrets.token_hex(8)
+        await self.authority.mark_answered(exchange.token_id, mark)
+
     async def _relay(
         self,
         writer: ResponseWriter,
@@ -1030,6 +1046,7 @@ class ProxyHandler:
         fields = _RESPONSE_FIELDS
         named = None  # fields the upstream's Connection names, hop-by-hop like itself
         held_length: bytes | None = None  # a Content-Length the usage filter may make untrue
+        length = b""  # the upstream's Content-Length
         for name, value in upstream.headers:
             action = fields.get(name.lower())
             if action is not None:
@@ -1054,6 +1071,7 @@ class ProxyHandler:
                         )
                     continue
                 if action == _CONTENT_LENGTH:
+                    length = value
                     if exchange.usage_injected:
                         held_length = value  # (a filtered body may be shorter than upstream said)
                         continue
@@ -1099,6 +1117,8 @@ class ProxyHandler:
         if plain is not None:
             if plain:
                 exchange.first_byte_at = time.perf_counter()
+            if exchange.tpm_limited:
+                await self._mark_answered(exchange)
             await writer.respond(upstream.status, upstream.reason, head, plain)
             return
         stream = exchange.is_stream
@@ -1127,11 +1147,24 @@ class ProxyHandler:
                     exchange.first_byte_at = time.perf_counter()
                 if key is not None:
                     body = body.replace(key, same_length_mask(key))
+                if exchange.tpm_limited:
+                    await self._mark_answered(exchange)
                 await writer.respond(upstream.status, upstream.reason, head, body)
                 return
         await writer.start(upstream.status, upstream.reason, head, stream=stream)
         capture = exchange.response_body
         before_last = last = b""
+        gate = (
+            AnswerGate(
+                writer,
+                partial(self._mark_answered, exchange),
+                stream=stream,
+                length=_length(length) if head.has_length else None,
+            )
+            if exchange.tpm_limited
+            else None
+        )
+        push = writer.push if gate is None else gate.push
 
         def deliver(chunk: bytes) -> bool:
             # Runs as the upstream client parses each chunk: no task switch per chunk.
@@ -1144,10 +1177,12 @@ class ProxyHandler:
                     return True
             if not exchange.first_byte_at:
                 exchange.first_byte_at = time.perf_counter()
-            return writer.push(chunk)
+            return push(chunk)
 
         try:
-            await upstream.relay(deliver, writer.drain)
+            await upstream.relay(deliver, writer.drain if gate is None else gate.drain)
+            if gate is not None:
+                await gate.before_end()
             if chunk_filter is not None:
                 tail = chunk_filter.flush()
                 if tail:

@@ -6,6 +6,15 @@ operation (a Lua script in Redis, one statement or write transaction in the stor
 tpm: the tokens of each request settled in the last 60 s (recorded by the events pipeline once the
 usage is known); a request is refused while they reach ``tpm``. Redis keeps the database off the
 request path of rate-limited tokens; the store needs no extra service.
+
+A request's tokens reach its tpm window after its client has the answer, so a client that sends its
+next request at once, to another worker or instance, could be judged on a window that lacks them.
+With Redis, each answer of a tpm-limited token is *marked* before its last bytes go out
+(:meth:`RateWindows.mark_answered`); its settlement removes the mark in the step that records its
+tokens, and admission waits (bounded: see ``settling.py``) while the token has marks younger than
+:data:`MARK_BOUND_MICROS`. The store keeps no marks: without Redis, only the answers of the
+admitting process are waited for (``settling.py``), so tpm is exact for a client whose requests
+reach one process, not across ``--workers``.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from llm_proxy.proxy.limits_redis import (
     lost_for_lua,
     trust_from_start,
 )
+from llm_proxy.proxy.settling import SETTLE_WAIT_SECONDS
 from llm_proxy.proxy.stale_redis import once_more_on_a_new_connection
 from llm_proxy.store import Store
 
@@ -41,11 +51,23 @@ class RateWindows(Protocol):
         past its timeout runs the script when it wakes)."""
         ...
 
-    async def tpm_room(self, token_id: str, tpm: int) -> RateSlot: ...
-    async def record_tokens(self, token_id: str, tokens: int, entry: str) -> None:
-        """Add a settled request's ``tokens`` to the token's tpm window; ``entry`` names them
-        there, so that a retry after an answer that never came adds them once (where the window
-        can tell)."""
+    async def tpm_room(self, token_id: str, tpm: int, *, marks: bool = True) -> RateSlot:
+        """Whether the token's tpm window has room; with ``marks``, ``unsettled`` when it has
+        room but answers marked younger than :data:`MARK_BOUND_MICROS` are not settled yet."""
+        ...
+
+    async def mark_answered(self, token_id: str, mark: str) -> None:
+        """Note that the answer named ``mark`` is going out and its tokens are not settled yet."""
+        ...
+
+    async def forget_mark(self, token_id: str, mark: str) -> None:
+        """Remove the mark of an answer that records no tokens, or never will."""
+        ...
+
+    async def record_tokens(self, token_id: str, tokens: int, entry: str, mark: str = "") -> None:
+        """Add a settled request's ``tokens`` to the token's tpm window, and remove its answer's
+        ``mark`` in the same step; ``entry`` names them there, so that a retry after an answer
+        that never came adds them once (where the window can tell)."""
         ...
 
     async def close(self) -> None: ...
@@ -74,10 +96,16 @@ class StoreRateWindows:
         # took nothing. A lost answer to its COMMIT aside, which the window outlives in a minute.
         return None
 
-    async def tpm_room(self, token_id: str, tpm: int) -> RateSlot:
+    async def tpm_room(self, token_id: str, tpm: int, *, marks: bool = True) -> RateSlot:
         return await self._store.tpm_room(token_id)
 
-    async def record_tokens(self, token_id: str, tokens: int, entry: str) -> None:
+    async def mark_answered(self, token_id: str, mark: str) -> None:
+        return None  # the store keeps no marks (see the module's docstring)
+
+    async def forget_mark(self, token_id: str, mark: str) -> None:
+        return None
+
+    async def record_tokens(self, token_id: str, tokens: int, entry: str, mark: str = "") -> None:
         # The row's log has no names: a retry after a COMMIT whose answer was lost may count the
         # tokens twice, for the rest of one minute, which errs on the side of the limit.
         await self._store.record_tokens(token_id, tokens)
@@ -127,9 +155,15 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then return 1 end
 _CANCELLED_MICROS = 3_600_000_000
 
 
+# How long an answer's mark holds admission back: a mark older than this belongs to an answer
+# whose settlement was lost (a dropped event, a dead events process) and is ignored.
+MARK_BOUND_MICROS = int(SETTLE_WAIT_SECONDS * 1_000_000)
+
 # KEYS[1]: the token's tpm log (members "<at>:<tokens>", scored by ``at``, Redis's clock);
-# KEYS[2]: LIMITS_SINCE_KEY. ARGV[1]: tpm; ARGV[2]: the window. Answers {1, 0} when there is
-# room, else {0, retry_after}, or {-1, retry_after} while the windows are lost.
+# KEYS[2]: LIMITS_SINCE_KEY; KEYS[3]: the token's marks (mark ids scored by when they were made).
+# ARGV[1]: tpm; ARGV[2]: the window; ARGV[3]: how young a mark must be to count (0: none counts).
+# Answers {1, 0} when there is room, {2, 0} when there is room but marked answers are not
+# settled yet, else {0, retry_after}, or {-1, retry_after} while the windows are lost.
 _TPM_ROOM = (
     """
 local t = redis.call('TIME')
@@ -146,7 +180,11 @@ for i = 1, #entries, 2 do
   used = used + tonumber(string.match(entries[i], ':(%d+)$'))
 end
 local tpm = tonumber(ARGV[1])
-if used < tpm then return {1, 0} end
+if used < tpm then
+  local bound = tonumber(ARGV[3])
+  if bound > 0 and redis.call('ZCOUNT', KEYS[3], now - bound, '+inf') > 0 then return {2, 0} end
+  return {1, 0}
+end
 for i = 1, #entries, 2 do
   used = used - tonumber(string.match(entries[i], ':(%d+)$'))
   if used < tpm then return {0, tonumber(entries[i + 1]) + window - now} end
@@ -155,16 +193,34 @@ return {0, window}
 """
 )
 
-# KEYS[1]: the token's tpm log; ARGV[1]: tokens; ARGV[2]: the window; ARGV[3]: the entry's unique
-# id (added once however often it is sent).
+# KEYS[1]: the token's tpm log; KEYS[2]: its marks. ARGV[1]: tokens; ARGV[2]: the window;
+# ARGV[3]: the entry's unique id (added once however often it is sent); ARGV[4]: the answer's mark
+# (removed with the tokens recorded, so that no admission sees neither).
 _RECORD_TOKENS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 redis.call('ZADD', KEYS[1], 'NX', now, ARGV[3] .. ':' .. ARGV[1])
+if ARGV[4] ~= '' then redis.call('ZREM', KEYS[2], ARGV[4]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) / 1000) + 1000)
 return 1
 """
+
+# KEYS[1]: the token's marks. ARGV[1]: the mark; ARGV[2]: MARK_BOUND_MICROS. Marks past the bound
+# are dropped here, and the key expires with the last of them.
+_MARK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local bound = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - bound)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(bound / 1000) + 1000)
+return 1
+"""
+
+
+def _marks_key(token_id: str) -> str:
+    return f"llm-proxy:tpm-marks:{token_id}"
 
 
 class RedisRateWindows:
@@ -176,6 +232,7 @@ class RedisRateWindows:
         self._tpm_room = self._redis.register_script(_TPM_ROOM)
         self._record_tokens = self._redis.register_script(_RECORD_TOKENS)
         self._cancel = self._redis.register_script(_CANCEL)
+        self._mark = self._redis.register_script(_MARK)
 
     @staticmethod
     def _keys(token_id: str) -> list[str]:
@@ -207,21 +264,37 @@ class RedisRateWindows:
             self._redis, lambda: self._cancel(keys=keys, args=[slot_id, _CANCELLED_MICROS])
         )
 
-    async def tpm_room(self, token_id: str, tpm: int) -> RateSlot:
+    async def tpm_room(self, token_id: str, tpm: int, *, marks: bool = True) -> RateSlot:
         room, retry_after = await once_more_on_a_new_connection(
             self._redis,
             lambda: self._tpm_room(
-                keys=[f"llm-proxy:tpm:{token_id}", LIMITS_SINCE_KEY],
-                args=[tpm, RATE_WINDOW_MICROS],
+                keys=[f"llm-proxy:tpm:{token_id}", LIMITS_SINCE_KEY, _marks_key(token_id)],
+                args=[tpm, RATE_WINDOW_MICROS, MARK_BOUND_MICROS if marks else 0],
             ),
         )
-        return RateSlot(room == 1, retry_after=int(retry_after) / 1e6, window_lost=room == -1)
+        return RateSlot(
+            room >= 1,
+            retry_after=int(retry_after) / 1e6,
+            window_lost=room == -1,
+            unsettled=room == 2,
+        )
 
-    async def record_tokens(self, token_id: str, tokens: int, entry: str) -> None:
+    async def mark_answered(self, token_id: str, mark: str) -> None:
+        keys = [_marks_key(token_id)]
+        await once_more_on_a_new_connection(
+            self._redis, lambda: self._mark(keys=keys, args=[mark, MARK_BOUND_MICROS])
+        )
+
+    async def forget_mark(self, token_id: str, mark: str) -> None:
+        key = _marks_key(token_id)
+        await once_more_on_a_new_connection(self._redis, lambda: self._redis.zrem(key, mark))
+
+    async def record_tokens(self, token_id: str, tokens: int, entry: str, mark: str = "") -> None:
         await once_more_on_a_new_connection(
             self._redis,
             lambda: self._record_tokens(
-                keys=[f"llm-proxy:tpm:{token_id}"], args=[tokens, RATE_WINDOW_MICROS, entry]
+                keys=[f"llm-proxy:tpm:{token_id}", _marks_key(token_id)],
+                args=[tokens, RATE_WINDOW_MICROS, entry, mark],
             ),
         )
 
