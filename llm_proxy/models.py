@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -260,6 +261,14 @@ class IssueForm:
 
     token_id: str | None
     shown: bool
+
+
+def with_marks(room: RateSlot, marks: Iterable[int], now: int, bound: int) -> RateSlot:
+    """``room``, ``unsettled`` when it has room and one of the answers marked at ``marks`` (epoch
+    microseconds) is younger than ``bound`` (0: none counts; see proxy/rate_limits.py)."""
+    if room.admitted and bound and any(at > now - bound for at in marks):
+        return RateSlot(True, unsettled=True)
+    return room
 
 
 def tpm_room(log: list[tuple[int, int]], now: int, tpm: int) -> RateSlot:

@@ -9,12 +9,10 @@ request path of rate-limited tokens; the store needs no extra service.
 
 A request's tokens reach its tpm window after its client has the answer, so a client that sends its
 next request at once, to another worker or instance, could be judged on a window that lacks them.
-With Redis, each answer of a tpm-limited token is *marked* before its last bytes go out
-(:meth:`RateWindows.mark_answered`); its settlement removes the mark in the step that records its
-tokens, and admission waits (bounded: see ``settling.py``) while the token has marks younger than
-:data:`MARK_BOUND_MICROS`. The store keeps no marks: without Redis, only the answers of the
-admitting process are waited for (``settling.py``), so tpm is exact for a client whose requests
-reach one process, not across ``--workers``.
+So each answer of a tpm-limited token is *marked*, where its window lives, before its last bytes go
+out (:meth:`RateWindows.mark_answered`); its settlement removes the mark in the step that records
+its tokens, and admission waits (bounded: see ``settling.py``) while the token has marks younger
+than :data:`MARK_BOUND_MICROS`.
 """
 
 from __future__ import annotations
@@ -97,18 +95,18 @@ class StoreRateWindows:
         return None
 
     async def tpm_room(self, token_id: str, tpm: int, *, marks: bool = True) -> RateSlot:
-        return await self._store.tpm_room(token_id)
+        return await self._store.tpm_room(token_id, MARK_BOUND_MICROS if marks else 0)
 
     async def mark_answered(self, token_id: str, mark: str) -> None:
-        return None  # the store keeps no marks (see the module's docstring)
+        await self._store.mark_answered(token_id, mark, MARK_BOUND_MICROS)
 
     async def forget_mark(self, token_id: str, mark: str) -> None:
-        return None
+        await self._store.forget_mark(token_id, mark)
 
     async def record_tokens(self, token_id: str, tokens: int, entry: str, mark: str = "") -> None:
         # The row's log has no names: a retry after a COMMIT whose answer was lost may count the
         # tokens twice, for the rest of one minute, which errs on the side of the limit.
-        await self._store.record_tokens(token_id, tokens)
+        await self._store.record_tokens(token_id, tokens, mark)
 
     async def close(self) -> None:
         return None

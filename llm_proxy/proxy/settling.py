@@ -10,9 +10,9 @@ and admission of a token with a tpm window or a budget first waits, bounded, for
 requests this process already answered (:meth:`Settlements.wait`).
 
 Only this process's own answers are known here: a client whose next request reaches another worker
-or instance (a new connection, a load balancer) can still be a settlement ahead of it. For tpm with
-Redis, answers are also marked where the window lives, and every process waits for those
-(``rate_limits.py``); a budget, and tpm without Redis, have only this process's wait.
+or instance (a new connection, a load balancer) can still be a settlement ahead of it. For tpm,
+answers are also marked where the window lives, and every process waits for those
+(``rate_limits.py``); a budget has only this process's wait.
 """
 
 from __future__ import annotations

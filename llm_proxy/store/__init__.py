@@ -91,12 +91,23 @@ class Store(Protocol):
         """Take back a slot of :meth:`take_rate_slot` whose request never reached upstream."""
         ...
 
-    async def tpm_room(self, token_id: str) -> RateSlot:
-        """Whether the token's ``tpm`` window (tokens settled in any rolling 60 s) has room."""
+    async def tpm_room(self, token_id: str, mark_bound: int = 0) -> RateSlot:
+        """Whether the token's ``tpm`` window (tokens settled in any rolling 60 s) has room;
+        ``unsettled`` when it has but answers marked less than ``mark_bound`` µs ago are not
+        settled yet (see proxy/rate_limits.py)."""
         ...
 
-    async def record_tokens(self, token_id: str, tokens: int) -> None:
-        """Add a settled request's tokens to the token's ``tpm`` window."""
+    async def mark_answered(self, token_id: str, mark: str, bound: int) -> None:
+        """Mark an answer of the token as not settled yet; marks older than ``bound`` µs go."""
+        ...
+
+    async def forget_mark(self, token_id: str, mark: str) -> None:
+        """Remove an answer's mark (see :meth:`mark_answered`)."""
+        ...
+
+    async def record_tokens(self, token_id: str, tokens: int, mark: str = "") -> None:
+        """Add a settled request's tokens to the token's ``tpm`` window, removing its answer's
+        ``mark`` in the same step."""
         ...
 
     async def reserve_budget(

@@ -43,6 +43,7 @@ from llm_proxy.models import (
     hour_start,
     tpm_room,
     utcnow,
+    with_marks,
 )
 from llm_proxy.store.migrations import migration_scripts, refuse_newer
 from llm_proxy.store.postgres_url import split_connect_timeout
@@ -619,29 +620,53 @@ class PostgresStore:
             at_micros,
         )
 
-    async def tpm_room(self, token_id: str) -> RateSlot:
+    async def tpm_room(self, token_id: str, mark_bound: int = 0) -> RateSlot:
         row = await self._fetchrow(
-            "SELECT tpm, tpm_log, (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT AS now"
+            "SELECT tpm, tpm_log, tpm_marks,"
+            " (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT AS now"
             " FROM tokens WHERE id = $1",
             token_id,
         )
         if row is None or row["tpm"] is None:
             return RateSlot(True)
         log = [(at, tokens) for at, tokens in row["tpm_log"]]
-        return tpm_room(log, row["now"], row["tpm"])
+        room = tpm_room(log, row["now"], row["tpm"])
+        return with_marks(room, row["tpm_marks"].values(), row["now"], mark_bound)
 
-    async def record_tokens(self, token_id: str, tokens: int) -> None:
-        # One statement: the row's own log, pruned to the window, with this request appended.
+    async def mark_answered(self, token_id: str, mark: str, bound: int) -> None:
+        # One statement: the row's marks younger than the bound, and this one.
+        await self._execute(
+            "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT AS at)"
+            " UPDATE tokens SET tpm_marks = COALESCE("
+            "   (SELECT jsonb_object_agg(m.key, m.value) FROM jsonb_each(tpm_marks) m"
+            "    WHERE m.value::BIGINT > now.at - $3), '{}'::jsonb"
+            " ) || jsonb_build_object($2::TEXT, now.at)"
+            " FROM now WHERE id = $1",
+            token_id,
+            mark,
+            bound,
+        )
+
+    async def forget_mark(self, token_id: str, mark: str) -> None:
+        await self._execute(
+            "UPDATE tokens SET tpm_marks = tpm_marks - $2::TEXT WHERE id = $1", token_id, mark
+        )
+
+    async def record_tokens(self, token_id: str, tokens: int, mark: str = "") -> None:
+        # One statement: the row's own log, pruned to the window, with this request appended,
+        # and its answer's mark removed.
         await self._execute(
             "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT AS at)"
             " UPDATE tokens SET tpm_log = COALESCE("
             "   (SELECT jsonb_agg(e ORDER BY (e->>0)::BIGINT) FROM jsonb_array_elements(tpm_log) e"
             "    WHERE (e->>0)::BIGINT > now.at - $3), '[]'::jsonb"
-            " ) || jsonb_build_array(jsonb_build_array(now.at, $2::BIGINT))"
+            " ) || jsonb_build_array(jsonb_build_array(now.at, $2::BIGINT)),"
+            " tpm_marks = tpm_marks - $4::TEXT"
             " FROM now WHERE id = $1",
             token_id,
             tokens,
             RATE_WINDOW_MICROS,
+            mark,
         )
 
     async def reserve_budget(

@@ -33,6 +33,7 @@ from llm_proxy.models import (
     hour_start,
     tpm_room,
     utcnow,
+    with_marks,
 )
 from llm_proxy.store.migrations import migration_scripts, refuse_newer
 from llm_proxy.store.records import (
@@ -535,23 +536,49 @@ class SqliteStore:
             "UPDATE tokens SET rpm_log = ? WHERE id = ?", (orjson.dumps(window).decode(), token_id)
         )
 
-    async def tpm_room(self, token_id: str) -> RateSlot:
-        row = await self._one("SELECT tpm, tpm_log FROM tokens WHERE id = ?", (token_id,))
+    async def tpm_room(self, token_id: str, mark_bound: int = 0) -> RateSlot:
+        row = await self._one(
+            "SELECT tpm, tpm_log, tpm_marks FROM tokens WHERE id = ?", (token_id,)
+        )
         if row is None or row["tpm"] is None:
             return RateSlot(True)
         log = [(at, tokens) for at, tokens in orjson.loads(row["tpm_log"])]
-        return tpm_room(log, time.time_ns() // 1000, row["tpm"])
+        now = time.time_ns() // 1000
+        room = tpm_room(log, now, row["tpm"])
+        return with_marks(room, orjson.loads(row["tpm_marks"]).values(), now, mark_bound)
 
     @_writes
-    async def record_tokens(self, token_id: str, tokens: int) -> None:
-        row = await self._one("SELECT tpm_log FROM tokens WHERE id = ?", (token_id,))
+    async def mark_answered(self, token_id: str, mark: str, bound: int) -> None:
+        row = await self._one("SELECT tpm_marks FROM tokens WHERE id = ?", (token_id,))
+        if row is None:
+            return
+        now = time.time_ns() // 1000
+        marks = {k: at for k, at in orjson.loads(row["tpm_marks"]).items() if at > now - bound}
+        marks[mark] = now
+        await self._db.execute(
+            "UPDATE tokens SET tpm_marks = ? WHERE id = ?", (orjson.dumps(marks).decode(), token_id)
+        )
+
+    @_writes
+    async def forget_mark(self, token_id: str, mark: str) -> None:
+        await self._db.execute(
+            "UPDATE tokens SET tpm_marks = json_remove(tpm_marks, ?) WHERE id = ?",
+            (f'$."{mark}"', token_id),
+        )
+
+    @_writes
+    async def record_tokens(self, token_id: str, tokens: int, mark: str = "") -> None:
+        row = await self._one("SELECT tpm_log, tpm_marks FROM tokens WHERE id = ?", (token_id,))
         if row is None:
             return
         now = time.time_ns() // 1000
         log = [e for e in orjson.loads(row["tpm_log"]) if e[0] > now - RATE_WINDOW_MICROS]
         log.append([now, tokens])
+        marks = orjson.loads(row["tpm_marks"])
+        marks.pop(mark, None)
         await self._db.execute(
-            "UPDATE tokens SET tpm_log = ? WHERE id = ?", (orjson.dumps(log).decode(), token_id)
+            "UPDATE tokens SET tpm_log = ?, tpm_marks = ? WHERE id = ?",
+            (orjson.dumps(log).decode(), orjson.dumps(marks).decode(), token_id),
         )
 
     @_writes

@@ -500,3 +500,29 @@ async def test_the_tpm_window_fills_with_settled_tokens_and_says_when_it_frees(
     await store.record_tokens("t2", 10**9)
     assert (await store.tpm_room("t2")).admitted
     await store.record_tokens("unknown", 5)  # a token deleted meanwhile: nothing to record
+
+
+async def test_an_answer_marked_unsettled_holds_the_tpm_window_until_its_tokens_are_recorded(
+    store: Store,
+) -> None:
+    """A marked answer's tokens are not in the window yet: the window says so while it has room,
+    until the settlement records them and removes the mark in one step."""
+    bound = 60_000_000
+    await store.create_project(project(), AUDIT)
+    await store.create_token(replace(token(), tpm=100), "hash-1", AUDIT)
+    await store.mark_answered("t1", "answer-1", bound)
+    await store.mark_answered("t1", "answer-2", bound)
+    assert (await store.tpm_room("t1", bound)).unsettled
+    assert not (await store.tpm_room("t1")).unsettled  # marks not asked about
+    await store.record_tokens("t1", 60, "answer-1")
+    assert (await store.tpm_room("t1", bound)).unsettled  # answer-2 still
+    await store.forget_mark("t1", "answer-2")  # (an answer with no tokens to record)
+    room = await store.tpm_room("t1", bound)
+    assert room.admitted and not room.unsettled
+    await store.mark_answered("t1", "answer-3", bound)
+    await store.record_tokens("t1", 50, "answer-3")
+    full = await store.tpm_room("t1", bound)
+    assert not full.admitted and not full.unsettled
+    await store.mark_answered("t1", "answer-4", 1)  # past its bound at once: ignored, dropped
+    await store.mark_answered("t1", "answer-5", 1)
+    assert not (await store.tpm_room("t1", 1)).unsettled
