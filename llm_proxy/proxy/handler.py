@@ -18,7 +18,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from functools import partial
@@ -152,12 +152,16 @@ def _field(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _length(value: bytes) -> int | None:
-    """A Content-Length field's value (the upstream client checked its framing)."""
-    try:
-        return int(value)
-    except ValueError:
-        return None
+def _length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    """The value of the Content-Length field among ``headers`` (the upstream client checked
+    their framing): read again for a tpm-limited answer only, to keep it off the common path."""
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def _request_id(supplied: str | None) -> str:
@@ -1046,7 +1050,6 @@ class ProxyHandler:
         fields = _RESPONSE_FIELDS
         named = None  # fields the upstream's Connection names, hop-by-hop like itself
         held_length: bytes | None = None  # a Content-Length the usage filter may make untrue
-        length = b""  # the upstream's Content-Length
         for name, value in upstream.headers:
             action = fields.get(name.lower())
             if action is not None:
@@ -1071,7 +1074,6 @@ class ProxyHandler:
                         )
                     continue
                 if action == _CONTENT_LENGTH:
-                    length = value
                     if exchange.usage_injected:
                         held_length = value  # (a filtered body may be shorter than upstream said)
                         continue
@@ -1159,7 +1161,7 @@ class ProxyHandler:
                 writer,
                 partial(self._mark_answered, exchange),
                 stream=stream,
-                length=_length(length) if head.has_length else None,
+                length=_length(upstream.headers) if head.has_length else None,
             )
             if exchange.tpm_limited
             else None
