@@ -263,11 +263,15 @@ class IssueForm:
     shown: bool
 
 
-def with_marks(room: RateSlot, marks: Iterable[int], now: int, bound: int) -> RateSlot:
+def with_marks(
+    room: RateSlot, marks: Iterable[int], now: int, bound: int, upto: int = 0
+) -> RateSlot:
     """``room``, ``unsettled`` when it has room and one of the answers marked at ``marks`` (epoch
-    microseconds) is younger than ``bound`` (0: none counts; see proxy/rate_limits.py)."""
-    if room.admitted and bound and any(at > now - bound for at in marks):
-        return RateSlot(True, unsettled=True)
+    microseconds) is younger than ``bound`` (0: none counts) and no younger than ``upto`` (0:
+    ``now``), which the answer gives back in ``at_micros`` (see proxy/rate_limits.py)."""
+    upto = upto or now
+    if room.admitted and bound and any(now - bound < at <= upto for at in marks):
+        return RateSlot(True, at_micros=upto, unsettled=True)
     return room
 
 

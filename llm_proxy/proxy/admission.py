@@ -574,10 +574,11 @@ class TokenAuthority:
         milliseconds, and for :data:`SETTLE_WAIT_SECONDS` at most in all (see rate_limits.py)."""
         deadline = 0.0
         marks = True
+        upto = 0  # once waiting: only the answers that went out before the first look
         while True:
             try:
                 room = await self._rate_windows.tpm_room(
-                    grant.token_id, grant.tpm or 0, marks=marks
+                    grant.token_id, grant.tpm or 0, marks=marks, upto=upto
                 )
             except Exception as exc:
                 log.error("token_authority.store_failed", operation="tpm", error=str(exc))
@@ -586,6 +587,7 @@ class TokenAuthority:
                 ) from None
             if not room.unsettled:
                 break
+            upto = room.at_micros
             now = time.monotonic()
             if not deadline:
                 deadline = now + SETTLE_WAIT_SECONDS

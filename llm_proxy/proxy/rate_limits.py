@@ -49,9 +49,13 @@ class RateWindows(Protocol):
         past its timeout runs the script when it wakes)."""
         ...
 
-    async def tpm_room(self, token_id: str, tpm: int, *, marks: bool = True) -> RateSlot:
+    async def tpm_room(
+        self, token_id: str, tpm: int, *, marks: bool = True, upto: int = 0
+    ) -> RateSlot:
         """Whether the token's tpm window has room; with ``marks``, ``unsettled`` when it has
-        room but answers marked younger than :data:`MARK_BOUND_MICROS` are not settled yet."""
+        room but answers marked younger than :data:`MARK_BOUND_MICROS` are not settled yet:
+        those marked by ``upto`` (epoch µs; 0: now), which ``at_micros`` then says, so that a
+        caller asking again waits only for the answers that went out before it first asked."""
         ...
 
     async def mark_answered(self, token_id: str, mark: str) -> None:
@@ -94,8 +98,10 @@ class StoreRateWindows:
         # took nothing. A lost answer to its COMMIT aside, which the window outlives in a minute.
         return None
 
-    async def tpm_room(self, token_id: str, tpm: int, *, marks: bool = True) -> RateSlot:
-        return await self._store.tpm_room(token_id, MARK_BOUND_MICROS if marks else 0)
+    async def tpm_room(
+        self, token_id: str, tpm: int, *, marks: bool = True, upto: int = 0
+    ) -> RateSlot:
+        return await self._store.tpm_room(token_id, MARK_BOUND_MICROS if marks else 0, upto)
 
     async def mark_answered(self, token_id: str, mark: str) -> None:
         await self._store.mark_answered(token_id, mark, MARK_BOUND_MICROS)
@@ -159,9 +165,10 @@ MARK_BOUND_MICROS = int(SETTLE_WAIT_SECONDS * 1_000_000)
 
 # KEYS[1]: the token's tpm log (members "<at>:<tokens>", scored by ``at``, Redis's clock);
 # KEYS[2]: LIMITS_SINCE_KEY; KEYS[3]: the token's marks (mark ids scored by when they were made).
-# ARGV[1]: tpm; ARGV[2]: the window; ARGV[3]: how young a mark must be to count (0: none counts).
-# Answers {1, 0} when there is room, {2, 0} when there is room but marked answers are not
-# settled yet, else {0, retry_after}, or {-1, retry_after} while the windows are lost.
+# ARGV[1]: tpm; ARGV[2]: the window; ARGV[3]: how young a mark must be to count (0: none counts);
+# ARGV[4]: the newest a mark may be to count (0: now). Answers {1, 0} when there is room,
+# {2, upto} when there is room but answers marked by ``upto`` are not settled yet, else
+# {0, retry_after}, or {-1, retry_after} while the windows are lost.
 _TPM_ROOM = (
     """
 local t = redis.call('TIME')
@@ -180,7 +187,11 @@ end
 local tpm = tonumber(ARGV[1])
 if used < tpm then
   local bound = tonumber(ARGV[3])
-  if bound > 0 and redis.call('ZCOUNT', KEYS[3], now - bound, '+inf') > 0 then return {2, 0} end
+  local upto = tonumber(ARGV[4])
+  if upto == 0 then upto = now end
+  if bound > 0 and redis.call('ZCOUNT', KEYS[3], '(' .. (now - bound), upto) > 0 then
+    return {2, upto}
+  end
   return {1, 0}
 end
 for i = 1, #entries, 2 do
@@ -262,20 +273,19 @@ class RedisRateWindows:
             self._redis, lambda: self._cancel(keys=keys, args=[slot_id, _CANCELLED_MICROS])
         )
 
-    async def tpm_room(self, token_id: str, tpm: int, *, marks: bool = True) -> RateSlot:
-        room, retry_after = await once_more_on_a_new_connection(
+    async def tpm_room(
+        self, token_id: str, tpm: int, *, marks: bool = True, upto: int = 0
+    ) -> RateSlot:
+        room, value = await once_more_on_a_new_connection(
             self._redis,
             lambda: self._tpm_room(
                 keys=[f"llm-proxy:tpm:{token_id}", LIMITS_SINCE_KEY, _marks_key(token_id)],
-                args=[tpm, RATE_WINDOW_MICROS, MARK_BOUND_MICROS if marks else 0],
+                args=[tpm, RATE_WINDOW_MICROS, MARK_BOUND_MICROS if marks else 0, upto],
             ),
         )
-        return RateSlot(
-            room >= 1,
-            retry_after=int(retry_after) / 1e6,
-            window_lost=room == -1,
-            unsettled=room == 2,
-        )
+        if room == 2:
+            return RateSlot(True, at_micros=int(value), unsettled=True)
+        return RateSlot(room == 1, retry_after=int(value) / 1e6, window_lost=room == -1)
 
     async def mark_answered(self, token_id: str, mark: str) -> None:
         keys = [_marks_key(token_id)]

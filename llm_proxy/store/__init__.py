@@ -91,10 +91,10 @@ class Store(Protocol):
         """Take back a slot of :meth:`take_rate_slot` whose request never reached upstream."""
         ...
 
-    async def tpm_room(self, token_id: str, mark_bound: int = 0) -> RateSlot:
+    async def tpm_room(self, token_id: str, mark_bound: int = 0, upto: int = 0) -> RateSlot:
         """Whether the token's ``tpm`` window (tokens settled in any rolling 60 s) has room;
-        ``unsettled`` when it has but answers marked less than ``mark_bound`` µs ago are not
-        settled yet (see proxy/rate_limits.py)."""
+        ``unsettled`` when it has but answers marked less than ``mark_bound`` µs ago, and by
+        ``upto`` (0: now), are not settled yet (see proxy/rate_limits.py)."""
         ...
 
     async def mark_answered(self, token_id: str, mark: str, bound: int) -> None:

@@ -620,7 +620,7 @@ class PostgresStore:
             at_micros,
         )
 
-    async def tpm_room(self, token_id: str, mark_bound: int = 0) -> RateSlot:
+    async def tpm_room(self, token_id: str, mark_bound: int = 0, upto: int = 0) -> RateSlot:
         row = await self._fetchrow(
             "SELECT tpm, tpm_log, tpm_marks,"
             " (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT AS now"
@@ -631,7 +631,7 @@ class PostgresStore:
             return RateSlot(True)
         log = [(at, tokens) for at, tokens in row["tpm_log"]]
         room = tpm_room(log, row["now"], row["tpm"])
-        return with_marks(room, row["tpm_marks"].values(), row["now"], mark_bound)
+        return with_marks(room, row["tpm_marks"].values(), row["now"], mark_bound, upto)
 
     async def mark_answered(self, token_id: str, mark: str, bound: int) -> None:
         # One statement: the row's marks younger than the bound, and this one.

@@ -536,7 +536,7 @@ class SqliteStore:
             "UPDATE tokens SET rpm_log = ? WHERE id = ?", (orjson.dumps(window).decode(), token_id)
         )
 
-    async def tpm_room(self, token_id: str, mark_bound: int = 0) -> RateSlot:
+    async def tpm_room(self, token_id: str, mark_bound: int = 0, upto: int = 0) -> RateSlot:
         row = await self._one(
             "SELECT tpm, tpm_log, tpm_marks FROM tokens WHERE id = ?", (token_id,)
         )
@@ -545,7 +545,7 @@ class SqliteStore:
         log = [(at, tokens) for at, tokens in orjson.loads(row["tpm_log"])]
         now = time.time_ns() // 1000
         room = tpm_room(log, now, row["tpm"])
-        return with_marks(room, orjson.loads(row["tpm_marks"]).values(), now, mark_bound)
+        return with_marks(room, orjson.loads(row["tpm_marks"]).values(), now, mark_bound, upto)
 
     @_writes
     async def mark_answered(self, token_id: str, mark: str, bound: int) -> None:

@@ -526,3 +526,23 @@ async def test_an_answer_marked_unsettled_holds_the_tpm_window_until_its_tokens_
     await store.mark_answered("t1", "answer-4", 1)  # past its bound at once: ignored, dropped
     await store.mark_answered("t1", "answer-5", 1)
     assert not (await store.tpm_room("t1", 1)).unsettled
+
+
+async def test_a_tpm_admission_waits_only_for_answers_marked_before_it_first_looked(
+    store: Store,
+) -> None:
+    """Answers that go out while a request waits are not waited for by it: a token busy with
+    answers would otherwise keep it waiting for its whole bound."""
+    bound = 60_000_000
+    await store.create_project(project(), AUDIT)
+    await store.create_token(replace(token(), tpm=100), "hash-1", AUDIT)
+    await store.mark_answered("t1", "before", bound)
+    first = await store.tpm_room("t1", bound)
+    assert first.unsettled and first.at_micros
+    await asyncio.sleep(0.002)
+    await store.mark_answered("t1", "meanwhile", bound)
+    assert (await store.tpm_room("t1", bound, first.at_micros)).unsettled
+    await store.record_tokens("t1", 10, "before")
+    room = await store.tpm_room("t1", bound, first.at_micros)
+    assert room.admitted and not room.unsettled
+    assert (await store.tpm_room("t1", bound)).unsettled  # a new request waits for "meanwhile"
