@@ -1044,8 +1044,11 @@ class ProxyHandler:
         # Some OpenAI-compatible servers quote the key they refused: an error answer is masked
         # where the proxy reads it. The event is masked wherever the key shows, in any answer (an
         # upstream echoing the request quotes it in a 2xx): off this path, in the events process.
-        exchange.upstream_key_to_mask = upstream_key
+        # Not a placeholder key in a 2xx (see _HEAD_MASKED_KEY_MIN): "k" masked in every answer's
+        # event broke its JSON, whose usage was then estimated and its spend overcounted.
         key = upstream_key if upstream.status >= 400 else None
+        if key is not None or len(upstream_key) >= _HEAD_MASKED_KEY_MIN:
+            exchange.upstream_key_to_mask = upstream_key
         lines = head.lines
         fields = _RESPONSE_FIELDS
         named = None  # fields the upstream's Connection names, hop-by-hop like itself
