@@ -76,7 +76,8 @@ _RECLAIM_LOCK = 0x6C6C_6D70_0003
 _TIMEOUT = 5.0
 # How long migrating may take, and an instance wait for another's migration: a migration may
 # rewrite a whole table (008 goes through every token and usage row), which takes longer than any
-# query of the request path, and a start that gives up leaves nothing done, to start again.
+# query of the request path, and a start that gives up leaves the migration it was in undone, to
+# start again (those before it stay applied).
 _MIGRATION_TIMEOUT = 3600.0
 
 # A pooled connection, as the pool lends it.
@@ -343,10 +344,15 @@ class PostgresStore:
     async def migrate(self) -> list[int]:
         """Apply the migrations this database lacks, in order; the versions applied."""
         applied_now: list[int] = []
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
             # Instances starting together wait for the first to finish, then find nothing to do.
+            # The session's lock, not one transaction's: each migration commits on its own, so
+            # the lock one takes on a whole table (ALTER TABLE) is not held through the next,
+            # which may go through every row for minutes while the instances of the release
+            # before still serve from that table. The pool's reset of the connection on its
+            # return unlocks it, whatever happened.
             await conn.execute(
-                "SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK, timeout=_MIGRATION_TIMEOUT
+                "SELECT pg_advisory_lock($1)", _MIGRATION_LOCK, timeout=_MIGRATION_TIMEOUT
             )
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations"
@@ -359,10 +365,11 @@ class PostgresStore:
             for version, sql in migration_scripts("postgresql"):
                 if version in applied:
                     continue
-                await conn.execute(sql, timeout=_MIGRATION_TIMEOUT)
-                await conn.execute(
-                    "INSERT INTO schema_migrations VALUES ($1, $2)", version, utcnow()
-                )
+                async with conn.transaction():
+                    await conn.execute(sql, timeout=_MIGRATION_TIMEOUT)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations VALUES ($1, $2)", version, utcnow()
+                    )
                 applied_now.append(version)
         return applied_now
 

@@ -151,3 +151,54 @@ async def test_tokens_of_the_first_release_keep_their_quota_and_revocation(
         assert [c and c.count for c in claims] == [4, 5, None]
     finally:
         await store.close()
+
+
+async def _until_waiting_on(connection: asyncpg.Connection, table: str) -> None:
+    """Until some session waits for a lock on ``table``."""
+    for _ in range(200):
+        waiting = await connection.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE c.relname = $1 AND NOT l.granted",
+            table,
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing waited for a lock on {table}")
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+async def test_the_release_before_serves_its_tokens_while_a_long_migration_runs(
+    postgres_url: str,
+) -> None:
+    """Upgraded from 006: 007 adds a column to tokens, then 008 goes through every token and
+    usage row, minutes on a large database, while the instances of the release before still
+    serve. Each migration commits on its own, so 007's lock on the whole tokens table is not held
+    through 008: their requests keep being counted meanwhile, rather than each waiting for the
+    end of the upgrade and failing after the query bound."""
+    await _database_at(postgres_url, 6, _ROWS_OF_RELEASE_006)
+    long_read = await asyncpg.connect(postgres_url)
+    release_before = await asyncpg.connect(postgres_url)
+    # 008 held up reading the usage aggregates, as a large table holds it up.
+    await long_read.execute("BEGIN; LOCK TABLE usage_hourly IN ACCESS EXCLUSIVE MODE")
+    upgrading = asyncio.create_task(open_store(postgres_url))
+    try:
+        await _until_waiting_on(release_before, "usage_hourly")
+        # What the release before's request path does for a token with max_requests.
+        counted = await release_before.fetchval(
+            "UPDATE tokens SET request_count = request_count + 1 WHERE id = 'budgeted'"
+            " RETURNING request_count",
+            timeout=2,
+        )
+        assert counted == 1
+    finally:
+        await long_read.close()
+        await release_before.close()
+        store = await asyncio.wait_for(upgrading, timeout=30)
+    try:
+        token = await store.get_token("unbudgeted")
+        assert token is not None and token.spent_nanousd == 7500
+        assert await store.migrate() == []
+    finally:
+        await store.close()
