@@ -23,6 +23,7 @@ import yaml
 
 from llm_proxy.runtime.cli import main
 from llm_proxy.runtime.settings import parse_seconds
+from llm_proxy.store import postgres
 from tests.deploy.stopping import AFTER_GRACE_SECONDS
 from tests.events.events_support import RedisServer
 from tests.processes import cli_command, free_port, http, run, run_start_that_fails, spawn
@@ -256,6 +257,21 @@ def test_probes_and_service_follow_the_configured_port(
     assert service["spec"]["ports"] == [
         {"name": "http", "port": service_port, "targetPort": "http", "protocol": "TCP"}
     ]
+
+
+def test_a_pod_that_migrates_at_start_is_not_killed_before_its_migration_may_end(
+    helm: Helm,
+) -> None:
+    """With migration.enabled false each new pod migrates at start, before it listens (and the
+    others wait for it): liveness killed one after its 3 failures (35 s), rolling back a longer
+    migration to start it over in the next pod, a rollout that never ended. Liveness now waits for
+    a startup probe allowing as long as an instance waits for a migration."""
+    docs = render(helm, "--set", "secrets.existingSecret=s", "--set", "migration.enabled=false")
+    proxy = container(only(docs, "Deployment", "proxy"))
+    startup = proxy["startupProbe"]
+    assert startup["httpGet"] == {"path": "/health", "port": "http"}
+    allowed = startup["periodSeconds"] * startup["failureThreshold"]
+    assert allowed >= postgres._MIGRATION_TIMEOUT
 
 
 def test_probe_paths_are_values(helm: Helm) -> None:
