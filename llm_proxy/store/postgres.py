@@ -45,7 +45,7 @@ from llm_proxy.models import (
     utcnow,
     with_marks,
 )
-from llm_proxy.store.migrations import migration_scripts, refuse_newer
+from llm_proxy.store.postgres_migrations import apply_migrations
 from llm_proxy.store.postgres_url import split_connect_timeout
 from llm_proxy.store.records import (
     FORGET_ISSUE_FORMS_AT_ONCE,
@@ -66,19 +66,13 @@ CHANGES_CHANNEL = "llm_proxy_changes"
 # How this process's connections are named in pg_stat_activity.
 POOL_NAME = "llm-proxy"
 LISTENER_NAME = "llm-proxy-listen"
-# Arbitrary, fixed keys of the advisory locks: one serialises change ids, one migrations, one the
-# reclaiming of expired budget holds.
+# Arbitrary, fixed keys of the advisory locks: one serialises change ids, one the reclaiming of
+# expired budget holds (migrations take another: postgres_migrations.MIGRATION_LOCK).
 _CHANGES_LOCK = 0x6C6C_6D70_0001
-_MIGRATION_LOCK = 0x6C6C_6D70_0002
 _RECLAIM_LOCK = 0x6C6C_6D70_0003
 # How long a query, or waiting for a pooled connection, may take before the caller is told the
 # database is unavailable: a hung database must not hold requests for ever.
 _TIMEOUT = 5.0
-# How long migrating may take, and an instance wait for another's migration: a migration may
-# rewrite a whole table (008 goes through every token and usage row), which takes longer than any
-# query of the request path, and a start that gives up leaves the migration it was in undone, to
-# start again (those before it stay applied).
-_MIGRATION_TIMEOUT = 3600.0
 
 # A pooled connection, as the pool lends it.
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -343,35 +337,8 @@ class PostgresStore:
 
     async def migrate(self) -> list[int]:
         """Apply the migrations this database lacks, in order; the versions applied."""
-        applied_now: list[int] = []
         async with self._pool.acquire(timeout=_TIMEOUT) as conn:
-            # Instances starting together wait for the first to finish, then find nothing to do.
-            # The session's lock, not one transaction's: each migration commits on its own, so
-            # the lock one takes on a whole table (ALTER TABLE) is not held through the next,
-            # which may go through every row for minutes while the instances of the release
-            # before still serve from that table. The pool's reset of the connection on its
-            # return unlocks it, whatever happened.
-            await conn.execute(
-                "SELECT pg_advisory_lock($1)", _MIGRATION_LOCK, timeout=_MIGRATION_TIMEOUT
-            )
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations"
-                " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
-            )
-            applied = {
-                r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
-            }
-            refuse_newer(applied, "postgresql")
-            for version, sql in migration_scripts("postgresql"):
-                if version in applied:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(sql, timeout=_MIGRATION_TIMEOUT)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations VALUES ($1, $2)", version, utcnow()
-                    )
-                applied_now.append(version)
-        return applied_now
+            return await apply_migrations(conn)
 
     async def close(self) -> None:
         try:

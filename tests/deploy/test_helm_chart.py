@@ -23,7 +23,7 @@ import yaml
 
 from llm_proxy.runtime.cli import main
 from llm_proxy.runtime.settings import parse_seconds
-from llm_proxy.store import postgres
+from llm_proxy.store import postgres_migrations
 from tests.deploy.stopping import AFTER_GRACE_SECONDS
 from tests.events.events_support import RedisServer
 from tests.processes import cli_command, free_port, http, run, run_start_that_fails, spawn
@@ -271,7 +271,7 @@ def test_a_pod_that_migrates_at_start_is_not_killed_before_its_migration_may_end
     startup = proxy["startupProbe"]
     assert startup["httpGet"] == {"path": "/health", "port": "http"}
     allowed = startup["periodSeconds"] * startup["failureThreshold"]
-    assert allowed >= postgres._MIGRATION_TIMEOUT
+    assert allowed >= postgres_migrations.MIGRATION_TIMEOUT
 
 
 def test_probe_paths_are_values(helm: Helm) -> None:

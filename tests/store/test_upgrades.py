@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from llm_proxy.models import utcnow
-from llm_proxy.store import postgres
+from llm_proxy.store import postgres, postgres_migrations
 from llm_proxy.store.migrations import migration_scripts
 from llm_proxy.store.opening import open_store, sqlite_path
 
@@ -104,7 +104,7 @@ async def test_an_instance_waits_for_a_migration_longer_than_a_query_may_take(
     try:
         migrating = first.transaction()
         await migrating.start()
-        await first.execute("SELECT pg_advisory_xact_lock($1)", postgres._MIGRATION_LOCK)
+        await first.execute("SELECT pg_advisory_xact_lock($1)", postgres_migrations.MIGRATION_LOCK)
         second = asyncio.create_task(open_store(postgres_url))
         await asyncio.sleep(postgres._TIMEOUT + 1)
         assert not second.done()
@@ -200,5 +200,43 @@ async def test_the_release_before_serves_its_tokens_while_a_long_migration_runs(
         token = await store.get_token("unbudgeted")
         assert token is not None and token.spent_nanousd == 7500
         assert await store.migrate() == []
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+async def test_a_migration_waiting_behind_a_long_transaction_does_not_stop_the_release_before(
+    postgres_url: str,
+) -> None:
+    """An upgrade's ALTER TABLE waits for every transaction reading the table, and PostgreSQL
+    queues every later statement on the table behind it: one long reader (a pg_dump taking the
+    backup, a report, an instance stalled mid-transaction) held every request of the instances
+    still serving until it ended. The migration now gives up waiting after a moment, lets them
+    through, and tries again, until the reader is gone."""
+    await _database_at(postgres_url, 8, _ROWS_OF_RELEASE_006)
+    reader = await asyncpg.connect(postgres_url)
+    release_before = await asyncpg.connect(postgres_url)
+    # As pg_dump does: the table read in a transaction that lasts.
+    await reader.execute("BEGIN; SELECT count(*) FROM tokens")
+    upgrading = asyncio.create_task(open_store(postgres_url))
+    try:
+        await _until_waiting_on(release_before, "tokens")
+        for _ in range(3):
+            counted = await release_before.fetchval(
+                "UPDATE tokens SET request_count = request_count + 1 WHERE id = 'budgeted'"
+                " RETURNING request_count",
+                timeout=postgres._TIMEOUT,
+            )
+            await asyncio.sleep(0.5)
+        assert counted == 3
+        assert not upgrading.done()
+    finally:
+        await reader.close()
+        await release_before.close()
+        store = await asyncio.wait_for(upgrading, timeout=30)
+    try:
+        assert await store.migrate() == []
+        assert (await store.tpm_room("budgeted")).admitted
     finally:
         await store.close()

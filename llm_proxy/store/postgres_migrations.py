@@ -1,0 +1,88 @@
+"""Applying the numbered migrations to a PostgreSQL database that other instances keep serving
+from: during a rolling upgrade the instances of the release before go on answering until each is
+replaced, so a migration must never hold their statements for long."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import structlog
+
+from llm_proxy.models import utcnow
+from llm_proxy.store.migrations import migration_scripts, refuse_newer
+
+log = structlog.get_logger(__name__)
+
+# Arbitrary, fixed key of the advisory lock instances starting together take to migrate in turn.
+MIGRATION_LOCK = 0x6C6C_6D70_0002
+# How long migrating may take, and an instance wait for another's migration: a migration may
+# rewrite a whole table (008 goes through every token and usage row), which takes longer than any
+# query of the request path, and a start that gives up leaves the migration it was in undone, to
+# start again (those before it stay applied).
+MIGRATION_TIMEOUT = 3600.0
+# How long a migration waits for a table's lock before it gives up, lets the statements queued
+# behind it through, and tries again after a pause. PostgreSQL queues every later statement on a
+# table behind an ALTER TABLE that waits, so a wait well under the request path's query bound
+# (postgres._TIMEOUT) delays the other instances' requests instead of failing them, however long
+# the transaction holding the table up lasts (a backup's pg_dump, an instance stalled mid-way).
+LOCK_WAIT = "500ms"
+RETRY_PAUSE = 2.0
+# How many attempts in a row pass between two log lines about a migration held up.
+_LOG_EVERY = 30
+
+
+async def apply_migrations(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+) -> list[int]:
+    """Apply the migrations the database lacks, in order, each in a transaction of its own; the
+    versions applied. Raises :class:`~llm_proxy.store.migrations.SchemaNewerThanRelease`,
+    having changed nothing, when it records migrations this release does not ship."""
+    # The session's lock, not one transaction's: each migration commits on its own, so the lock
+    # one takes on a whole table (ALTER TABLE) is not held through the next, which may go through
+    # every row for minutes while the instances of the release before still serve from that
+    # table. The pool's reset of the connection on its return unlocks it, whatever happened.
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK, timeout=MIGRATION_TIMEOUT)
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+    )
+    applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    refuse_newer(applied, "postgresql")
+    applied_now: list[int] = []
+    deadline = asyncio.get_running_loop().time() + MIGRATION_TIMEOUT
+    for version, sql in migration_scripts("postgresql"):
+        if version not in applied:
+            await _apply(conn, version, sql, deadline)
+            applied_now.append(version)
+    return applied_now
+
+
+async def _apply(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    version: int,
+    sql: str,
+    deadline: float,
+) -> None:
+    attempts = 0
+    while True:
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'")
+                await conn.execute(sql, timeout=MIGRATION_TIMEOUT)
+                await conn.execute(
+                    "INSERT INTO schema_migrations VALUES ($1, $2)", version, utcnow()
+                )
+            return
+        except asyncpg.LockNotAvailableError:
+            if asyncio.get_running_loop().time() + RETRY_PAUSE > deadline:
+                raise
+        if attempts % _LOG_EVERY == 0:
+            log.warning(
+                "store.migration_held_up",
+                version=f"{version:03d}",
+                attempts=attempts + 1,
+                why="a transaction of another session holds a table it changes",
+            )
+        attempts += 1
+        await asyncio.sleep(RETRY_PAUSE)
