@@ -14,6 +14,9 @@ from llm_proxy.store.migrations import migration_scripts, refuse_newer
 
 log = structlog.get_logger(__name__)
 
+# A connection the caller holds for the whole of migrating (pooled or not).
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
 # Arbitrary, fixed key of the advisory lock instances starting together take to migrate in turn.
 MIGRATION_LOCK = 0x6C6C_6D70_0002
 # How long migrating may take, and an instance wait for another's migration: a migration may
@@ -32,57 +35,57 @@ RETRY_PAUSE = 2.0
 _LOG_EVERY = 30
 
 
-async def apply_migrations(
-    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
-) -> list[int]:
+async def apply_migrations(conn: Conn) -> list[int]:
     """Apply the migrations the database lacks, in order, each in a transaction of its own; the
     versions applied. Raises :class:`~llm_proxy.store.migrations.SchemaNewerThanRelease`,
     having changed nothing, when it records migrations this release does not ship."""
-    # The session's lock, not one transaction's: each migration commits on its own, so the lock
-    # one takes on a whole table (ALTER TABLE) is not held through the next, which may go through
-    # every row for minutes while the instances of the release before still serve from that
-    # table. The pool's reset of the connection on its return unlocks it, whatever happened.
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK, timeout=MIGRATION_TIMEOUT)
+    applied_now: list[int] = []
+    deadline = asyncio.get_running_loop().time() + MIGRATION_TIMEOUT
+    held_up = 0
+    while True:
+        try:
+            async with conn.transaction():
+                version = await _apply_next(conn)
+        except asyncpg.LockNotAvailableError:
+            if asyncio.get_running_loop().time() + RETRY_PAUSE > deadline:
+                raise
+            if held_up % _LOG_EVERY == 0:
+                log.warning(
+                    "store.migration_held_up",
+                    attempts=held_up + 1,
+                    why="a transaction of another session holds a table it changes",
+                )
+            held_up += 1
+            await asyncio.sleep(RETRY_PAUSE)
+            continue
+        if version is None:
+            return applied_now
+        applied_now.append(version)
+
+
+async def _apply_next(conn: Conn) -> int | None:
+    """In the caller's transaction, the first migration the database lacks, applied and
+    recorded; its version, or None when it lacks none."""
+    # Instances starting together wait for the one migrating, then find nothing to do. The lock
+    # of one migration's transaction, not of the whole upgrade's: each migration commits on its
+    # own, so the lock one takes on a whole table (ALTER TABLE) is not held through the next,
+    # which may go through every row for minutes while the instances of the release before
+    # still serve from that table. (A transaction's lock also holds behind a pooler in
+    # transaction mode, which a session's would not.)
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=MIGRATION_TIMEOUT
+    )
+    # Only once that lock is held: waiting for it is waiting for another instance's migration.
+    await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'")
     await conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations"
         " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
     )
     applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
     refuse_newer(applied, "postgresql")
-    applied_now: list[int] = []
-    deadline = asyncio.get_running_loop().time() + MIGRATION_TIMEOUT
     for version, sql in migration_scripts("postgresql"):
         if version not in applied:
-            await _apply(conn, version, sql, deadline)
-            applied_now.append(version)
-    return applied_now
-
-
-async def _apply(
-    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
-    version: int,
-    sql: str,
-    deadline: float,
-) -> None:
-    attempts = 0
-    while True:
-        try:
-            async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'")
-                await conn.execute(sql, timeout=MIGRATION_TIMEOUT)
-                await conn.execute(
-                    "INSERT INTO schema_migrations VALUES ($1, $2)", version, utcnow()
-                )
-            return
-        except asyncpg.LockNotAvailableError:
-            if asyncio.get_running_loop().time() + RETRY_PAUSE > deadline:
-                raise
-        if attempts % _LOG_EVERY == 0:
-            log.warning(
-                "store.migration_held_up",
-                version=f"{version:03d}",
-                attempts=attempts + 1,
-                why="a transaction of another session holds a table it changes",
-            )
-        attempts += 1
-        await asyncio.sleep(RETRY_PAUSE)
+            await conn.execute(sql, timeout=MIGRATION_TIMEOUT)
+            await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", version, utcnow())
+            return version
+    return None
