@@ -52,7 +52,9 @@ class MetricsListenError(Exception):
 
 
 class _Page(Collector):
-    """This process's families for the page, each sample labelled with the service."""
+    """This process's families for the page, each sample labelled with the service, less the
+    creation times (``x_created``) the server's page leaves off too: the text format writes them
+    as gauges of their own, which dashboards would list as stray families beside the server's."""
 
     def __init__(self, service: str) -> None:
         self._service = service
@@ -62,9 +64,11 @@ class _Page(Collector):
             if not (family.name.startswith(_PREFIXES) or family.name in _BUS_FAMILIES):
                 continue
             labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            created = f"{family.name}_created"
             labelled.samples = [
                 sample._replace(labels={**sample.labels, "service": self._service})
                 for sample in family.samples
+                if sample.name != created
             ]
             yield labelled
 

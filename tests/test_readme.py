@@ -1,6 +1,6 @@
 """What the README names against what the product has: every variable a command reads, every
-metric family the server's ``/metrics`` serves, and every refusal a client can get on the proxy
-path, so that an operator looking one up finds it."""
+metric family the server's ``/metrics`` and a dispatcher's ``--metrics-port`` serve, and every
+refusal a client can get on the proxy path, so that an operator looking one up finds it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_proxy import errors
 from llm_proxy.proxy.api_config import PROVIDER_KEYS, TIMEOUT_KEYS, TOP_LEVEL_KEYS
 from llm_proxy.runtime.cli import main
+from tests.events.events_support import RedisServer
 from tests.processes import clean_env, cli_command, free_port, spawn, start_server, write_api_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,14 +142,45 @@ def metrics_page(tmp_path: Path) -> Iterator[str]:
         server.stop()
 
 
-@pytest.mark.process
-def test_every_family_on_the_metrics_page_is_named_in_the_readme(metrics_page: str) -> None:
-    served = {
+def served_families(page: str) -> set[str]:
+    """The ``llm_proxy_`` families of a ``/metrics`` page, a counter by its ``_total`` name."""
+    return {
         family.name + ("_total" if family.type == "counter" else "")
-        for family in text_string_to_metric_families(metrics_page)
+        for family in text_string_to_metric_families(page)
         if family.name.startswith("llm_proxy_")
     }
+
+
+@pytest.mark.process
+def test_every_family_on_the_metrics_page_is_named_in_the_readme(metrics_page: str) -> None:
+    served = served_families(metrics_page)
     assert "llm_proxy_requests_total" in served
+    missing = {name for name in served if not named(name, README)}
+    assert not missing, f"README never names: {sorted(missing)}"
+
+
+@pytest.mark.process
+def test_every_family_on_a_dispatchers_metrics_page_is_named_in_the_readme(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The README: the page of `llm-proxy dispatcher --metrics-port` has "the same families the
+    # server shows". It also served each counter's and histogram's creation time as a gauge of
+    # its own (llm_proxy_dispatcher_delivered_created, …), which the server's page leaves off.
+    port = free_port()
+    env = clean_env(
+        REDIS_URL=redis_server.url,
+        DATA_DIR=str(tmp_path),
+        LLM_PROXY_DISPATCHER_METRICS_PORT=str(port),
+    )
+    dispatcher = spawn(cli_command("dispatcher", "--service", "file"), env, tmp_path, "dispatcher")
+    try:
+        dispatcher.wait_for(f"http://127.0.0.1:{port}/health")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            page = response.read().decode()
+    finally:
+        dispatcher.stop()
+    served = served_families(page)
+    assert "llm_proxy_dispatcher_delivered_total" in served
     missing = {name for name in served if not named(name, README)}
     assert not missing, f"README never names: {sorted(missing)}"
 
