@@ -366,7 +366,8 @@ def build_settings(
     envvar="DATABASE_POOL_SIZE",
     default="10",
     show_envvar=True,
-    help="PostgreSQL connections each worker keeps open (1 to 1000).",
+    help="PostgreSQL connections each worker keeps open (1 to 1000); its LISTEN connection and"
+    " up to two of its events process's come on top.",
 )
 @click.option(
     "--revocation-max-staleness",
