@@ -158,8 +158,8 @@ async def render_long(
     request: web.Request, template: str, context: Mapping[str, Any]
 ) -> web.Response:
     """Render a page whose rows grow with what is stored (every token, or every token of a
-    project) in a worker thread: tokens are kept once expired, and rendering months of them held
-    up the event loop, and every request of this process with it."""
+    project) in a worker thread: tokens are kept for EXPIRED_TOKEN_RETENTION_DAYS once expired,
+    and rendering that many held up the event loop, and every request of this process with it."""
     text = await asyncio.to_thread(
         aiohttp_jinja2.render_string,
         template,

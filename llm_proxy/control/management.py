@@ -346,8 +346,9 @@ async def list_tokens(request: web.Request) -> web.Response:
     if project_id is not None:
         await _ops(request).get_project(project_id)
     tokens = await _ops(request).list_tokens(project_id)
-    # Tokens are kept once expired, tens of thousands of them after months of short-lived ones:
-    # their answer is built in a worker thread, so the event loop keeps answering meanwhile.
+    # Tokens are kept for EXPIRED_TOKEN_RETENTION_DAYS once expired, tens of thousands of them
+    # with short-lived ones: their answer is built in a worker thread, so the event loop keeps
+    # answering meanwhile.
     body = await asyncio.to_thread(lambda: orjson.dumps([t.to_api() for t in tokens]))
     return web.Response(body=body, content_type="application/json")
 

@@ -36,7 +36,12 @@ from llm_proxy.runtime.metrics_endpoint import EXTRA_METRICS, MetricSource, metr
 from llm_proxy.runtime.settings import Settings, SettingsError
 from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
-from llm_proxy.store.retention import changes_retention, prune_changes_every, prune_usage_every
+from llm_proxy.store.retention import (
+    changes_retention,
+    prune_changes_every,
+    prune_expired_tokens_every,
+    prune_usage_every,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -228,6 +233,11 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
     if settings.usage_hourly_retention_days:
         components.spawn(
             prune_usage_every(components.store, settings.usage_hourly_retention_days), "usage-prune"
+        )
+    if settings.expired_token_retention_days:
+        components.spawn(
+            prune_expired_tokens_every(components.store, settings.expired_token_retention_days),
+            "expired-token-prune",
         )
     log.info(
         "server.started",

@@ -36,6 +36,7 @@ from llm_proxy.runtime.settings import (
     parse_retention_days,
     parse_seconds,
     parse_size,
+    parse_token_retention_days,
     parse_whole_number,
 )
 from llm_proxy.secret_input import configured_password, configured_token
@@ -97,6 +98,7 @@ def build_settings(
     encryption_key_check: str = "on",
     prices_path: str | None = None,
     usage_hourly_retention_days: int | str = 90,
+    expired_token_retention_days: int | str = 90,
     events_stream_max_length: int | str = 100_000,
     events_spool_max_bytes: str = "1GiB",
     events_file_group_idle: str = "60m",
@@ -169,6 +171,7 @@ def build_settings(
         == "on",
         prices_path=Path(prices_path) if prices_path else None,
         usage_hourly_retention_days=parse_retention_days(usage_hourly_retention_days),
+        expired_token_retention_days=parse_token_retention_days(expired_token_retention_days),
         events_stream_max_length=parse_positive_int(
             "EVENTS_STREAM_MAX_LENGTH", events_stream_max_length
         ),
@@ -400,6 +403,14 @@ def build_settings(
     default="90",
     show_envvar=True,
     help="Days of hourly usage aggregates kept (the admin charts show 30); 0 keeps them all.",
+)
+@click.option(
+    "--expired-token-retention-days",
+    envvar="EXPIRED_TOKEN_RETENTION_DAYS",
+    default="90",
+    show_envvar=True,
+    help="Days an expired token is kept (listed, and refused as expired) before it is deleted;"
+    " 0 keeps them all.",
 )
 @click.option(
     "--events-stream-max-length",

@@ -30,6 +30,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_PRICES_PATH = Path("config/prices.yaml")
 DEFAULT_USAGE_HOURLY_RETENTION_DAYS = 90
 MAX_USAGE_HOURLY_RETENTION_DAYS = 36500
+DEFAULT_EXPIRED_TOKEN_RETENTION_DAYS = 90
 # Far beyond any machine's cores (each worker brings its events process): a larger count is a
 # typo, and the supervisor would build a slot for each before forking the first.
 MAX_WORKERS = 1024
@@ -99,6 +100,9 @@ class Settings:
     # USAGE_HOURLY_RETENTION_DAYS: hourly usage aggregates older than this are deleted (the admin
     # charts show 30 days; the all-time totals then count only what is kept); 0 keeps them all.
     usage_hourly_retention_days: int = DEFAULT_USAGE_HOURLY_RETENTION_DAYS
+    # EXPIRED_TOKEN_RETENTION_DAYS: tokens expired longer ago than this are deleted (see
+    # store/retention.py); 0 keeps them all.
+    expired_token_retention_days: int = DEFAULT_EXPIRED_TOKEN_RETENTION_DAYS
     # How long a client may take: to send a request head, between body bytes (and between
     # reads of a response), and idle between requests on a kept-alive connection.
     client_header_timeout: float = 30.0
@@ -412,6 +416,13 @@ def parse_retention_days(value: int | str) -> int:
     """USAGE_HOURLY_RETENTION_DAYS: whole days, 0 for keeping every hour."""
     return parse_whole_number(
         "USAGE_HOURLY_RETENTION_DAYS", value, at_most=MAX_USAGE_HOURLY_RETENTION_DAYS
+    )
+
+
+def parse_token_retention_days(value: int | str) -> int:
+    """EXPIRED_TOKEN_RETENTION_DAYS: whole days, 0 for keeping every expired token."""
+    return parse_whole_number(
+        "EXPIRED_TOKEN_RETENTION_DAYS", value, at_most=MAX_USAGE_HOURLY_RETENTION_DAYS
     )
 
 

@@ -188,6 +188,11 @@ class Store(Protocol):
         rows went. The totals above then count only what is left."""
         ...
 
+    async def prune_expired_tokens(self, before: datetime, at_most: int) -> int:
+        """Delete tokens that expired before ``before`` (their budget holds with them), at most
+        ``at_most`` of them; how many went. Their usage aggregates and audit events stay."""
+        ...
+
     # Change feed: how other processes learn that a cached token went stale.
     async def latest_change(self) -> int: ...
     async def changes_since(self, cursor: int) -> tuple[int, list[tuple[str | None, str | None]]]:

@@ -1,5 +1,5 @@
-"""How long the hourly usage aggregates and the change feed are kept: older rows are deleted now
-and then.
+"""How long the hourly usage aggregates, the change feed and expired tokens are kept: older rows
+are deleted now and then.
 
 Every process of every instance may run the loops: a delete that finds nothing costs one indexed
 query, and two that overlap delete each row once.
@@ -9,6 +9,12 @@ behind that what followed its cursor was pruned is told that anything may have c
 reloads every token it has cached (``Store.changes_since``): pruning never makes it miss a
 revocation. The retention only keeps that reload for readers cut off far longer than
 REVOCATION_MAX_STALENESS, past which they trust no cached token anyway.
+
+Withering tokens are short-lived by design, and one issued per job or session would otherwise stay
+for good: every list of tokens (the management API's, the admin pages') and the table behind them
+would grow with each one ever issued. A token expired for EXPIRED_TOKEN_RETENTION_DAYS is deleted;
+its requests are refused ``token_not_found`` instead of ``token_expired``, and its usage
+aggregates (kept on their own retention) and audit events stay.
 """
 
 from __future__ import annotations
@@ -78,4 +84,31 @@ async def prune_changes_every(
         except Exception as exc:  # the next round tries again; the rows only wait longer
             log.warning("store.changes_prune_failed", error=repr(exc))
         backlog = pruned >= PRUNE_CHANGES_AT_ONCE
+        await asyncio.sleep(PRUNE_CHANGES_BACKLOG_SECONDS if backlog else seconds)
+
+
+# Tokens deleted by one statement: a backlog (a database never pruned before) goes in many short
+# transactions, as the change feed's does.
+PRUNE_TOKENS_AT_ONCE = 1_000
+
+
+async def prune_expired_tokens_once(store: Store, retention_days: int) -> int:
+    """Delete a bounded number of the tokens expired over ``retention_days`` ago; how many."""
+    before = utcnow() - timedelta(days=retention_days)
+    return await store.prune_expired_tokens(before, PRUNE_TOKENS_AT_ONCE)
+
+
+async def prune_expired_tokens_every(
+    store: Store, retention_days: int, seconds: float = PRUNE_EVERY_SECONDS
+) -> None:
+    """Prune expired tokens at once, then every ``seconds`` (sooner while a backlog lasts) until
+    cancelled; failures are retried next time."""
+    while True:
+        pruned = 0
+        try:
+            if pruned := await prune_expired_tokens_once(store, retention_days):
+                log.info("store.tokens_pruned", tokens=pruned, retention_days=retention_days)
+        except Exception as exc:  # the next round tries again; the rows only wait longer
+            log.warning("store.tokens_prune_failed", error=repr(exc))
+        backlog = pruned >= PRUNE_TOKENS_AT_ONCE
         await asyncio.sleep(PRUNE_CHANGES_BACKLOG_SECONDS if backlog else seconds)

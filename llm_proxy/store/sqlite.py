@@ -775,6 +775,15 @@ class SqliteStore:
         ) as cursor:
             return cursor.rowcount
 
+    @_writes
+    async def prune_expired_tokens(self, before: datetime, at_most: int) -> int:
+        async with self._db.execute(
+            "DELETE FROM tokens WHERE id IN"
+            " (SELECT id FROM tokens WHERE expires_at < ? ORDER BY expires_at LIMIT ?)",
+            (_ts(before), at_most),
+        ) as cursor:
+            return cursor.rowcount
+
     async def latest_change(self) -> int:
         row = await self._one("SELECT COALESCE(MAX(id), 0) AS latest FROM changes", ())
         return int(row["latest"]) if row else 0

@@ -183,6 +183,9 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("USAGE_HOURLY_RETENTION_DAYS", "-1"),
         ("USAGE_HOURLY_RETENTION_DAYS", "a month"),
         ("USAGE_HOURLY_RETENTION_DAYS", "36501"),
+        ("EXPIRED_TOKEN_RETENTION_DAYS", "-1"),
+        ("EXPIRED_TOKEN_RETENTION_DAYS", "a month"),
+        ("EXPIRED_TOKEN_RETENTION_DAYS", "36501"),
         ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
         ("SSL_CERT_FILE", __file__),  # a file, but no certificate in it
         ("SSL_CERT_DIR", "/nonexistent/certs"),
@@ -275,6 +278,12 @@ def test_hourly_usage_is_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatc
     assert settings_from_environment(monkeypatch, {}).usage_hourly_retention_days == 90
     told = settings_from_environment(monkeypatch, {"USAGE_HOURLY_RETENTION_DAYS": "0"})
     assert told.usage_hourly_retention_days == 0  # keeps every hour
+
+
+def test_expired_tokens_are_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_environment(monkeypatch, {}).expired_token_retention_days == 90
+    told = settings_from_environment(monkeypatch, {"EXPIRED_TOKEN_RETENTION_DAYS": "0"})
+    assert told.expired_token_retention_days == 0  # keeps every token
 
 
 @pytest.mark.parametrize(
