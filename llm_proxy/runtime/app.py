@@ -38,6 +38,7 @@ from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
 from llm_proxy.store.retention import (
     changes_retention,
+    prune_audit_every,
     prune_changes_every,
     prune_expired_tokens_every,
     prune_usage_every,
@@ -238,6 +239,10 @@ async def _background_context(app: web.Application) -> AsyncIterator[None]:
         components.spawn(
             prune_expired_tokens_every(components.store, settings.expired_token_retention_days),
             "expired-token-prune",
+        )
+    if settings.audit_retention_days:
+        components.spawn(
+            prune_audit_every(components.store, settings.audit_retention_days), "audit-prune"
         )
     log.info(
         "server.started",

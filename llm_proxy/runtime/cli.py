@@ -30,6 +30,7 @@ from llm_proxy.runtime.settings import (
     check_redis_url,
     check_stream_name,
     check_trust_path,
+    parse_audit_retention_days,
     parse_encryption_key,
     parse_listen_addr,
     parse_positive_int,
@@ -99,6 +100,7 @@ def build_settings(
     prices_path: str | None = None,
     usage_hourly_retention_days: int | str = 90,
     expired_token_retention_days: int | str = 90,
+    audit_retention_days: int | str = 0,
     events_stream_max_length: int | str = 100_000,
     events_spool_max_bytes: str = "1GiB",
     events_file_group_idle: str = "60m",
@@ -172,6 +174,7 @@ def build_settings(
         prices_path=Path(prices_path) if prices_path else None,
         usage_hourly_retention_days=parse_retention_days(usage_hourly_retention_days),
         expired_token_retention_days=parse_token_retention_days(expired_token_retention_days),
+        audit_retention_days=parse_audit_retention_days(audit_retention_days),
         events_stream_max_length=parse_positive_int(
             "EVENTS_STREAM_MAX_LENGTH", events_stream_max_length
         ),
@@ -411,6 +414,13 @@ def build_settings(
     show_envvar=True,
     help="Days an expired token is kept (listed, and refused as expired) before it is deleted;"
     " 0 keeps them all.",
+)
+@click.option(
+    "--audit-retention-days",
+    envvar="AUDIT_RETENTION_DAYS",
+    default="0",
+    show_envvar=True,
+    help="Days of audit events kept (one is written per token issued); 0 keeps them all.",
 )
 @click.option(
     "--events-stream-max-length",

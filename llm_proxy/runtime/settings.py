@@ -103,6 +103,9 @@ class Settings:
     # EXPIRED_TOKEN_RETENTION_DAYS: tokens expired longer ago than this are deleted (see
     # store/retention.py); 0 keeps them all.
     expired_token_retention_days: int = DEFAULT_EXPIRED_TOKEN_RETENTION_DAYS
+    # AUDIT_RETENTION_DAYS: audit events older than this are deleted; 0 (the default) keeps them
+    # all, as an audit trail's lifetime is the operator's policy.
+    audit_retention_days: int = 0
     # How long a client may take: to send a request head, between body bytes (and between
     # reads of a response), and idle between requests on a kept-alive connection.
     client_header_timeout: float = 30.0
@@ -416,6 +419,13 @@ def parse_retention_days(value: int | str) -> int:
     """USAGE_HOURLY_RETENTION_DAYS: whole days, 0 for keeping every hour."""
     return parse_whole_number(
         "USAGE_HOURLY_RETENTION_DAYS", value, at_most=MAX_USAGE_HOURLY_RETENTION_DAYS
+    )
+
+
+def parse_audit_retention_days(value: int | str) -> int:
+    """AUDIT_RETENTION_DAYS: whole days, 0 for keeping every audit event."""
+    return parse_whole_number(
+        "AUDIT_RETENTION_DAYS", value, at_most=MAX_USAGE_HOURLY_RETENTION_DAYS
     )
 
 

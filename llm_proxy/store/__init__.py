@@ -240,6 +240,11 @@ class Store(Protocol):
         ...
 
     # Audit
+    async def prune_audit(self, before: datetime, at_most: int) -> int:
+        """Delete the oldest audit events, recorded before ``before``, at most ``at_most`` of
+        them; how many went."""
+        ...
+
     async def list_audit(
         self, filters: AuditFilter, page: int, page_size: int
     ) -> tuple[list[AuditEvent], int]: ...

@@ -868,6 +868,15 @@ class PostgresStore:
         status = await self._execute("DELETE FROM usage_hourly WHERE hour < $1", hour_start(before))
         return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
 
+    async def prune_audit(self, before: datetime, at_most: int) -> int:
+        status = await self._execute(
+            "DELETE FROM audit_events WHERE id IN"
+            " (SELECT id FROM audit_events WHERE timestamp < $1 ORDER BY timestamp, id LIMIT $2)",
+            before,
+            at_most,
+        )
+        return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
+
     async def prune_expired_tokens(self, before: datetime, at_most: int) -> int:
         status = await self._execute(
             "DELETE FROM tokens WHERE id IN"

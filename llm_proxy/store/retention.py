@@ -1,5 +1,5 @@
-"""How long the hourly usage aggregates, the change feed and expired tokens are kept: older rows
-are deleted now and then.
+"""How long the hourly usage aggregates, the change feed, expired tokens and audit events are
+kept: older rows are deleted now and then.
 
 Every process of every instance may run the loops: a delete that finds nothing costs one indexed
 query, and two that overlap delete each row once.
@@ -15,11 +15,15 @@ for good: every list of tokens (the management API's, the admin pages') and the 
 would grow with each one ever issued. A token expired for EXPIRED_TOKEN_RETENTION_DAYS is deleted;
 its requests are refused ``token_not_found`` instead of ``token_expired``, and its usage
 aggregates (kept on their own retention) and audit events stay.
+
+Audit events are kept for good unless AUDIT_RETENTION_DAYS says otherwise: how long an audit trail
+must last is the operator's policy, not a default to guess; one is written for every token issued.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import structlog
@@ -87,15 +91,15 @@ async def prune_changes_every(
         await asyncio.sleep(PRUNE_CHANGES_BACKLOG_SECONDS if backlog else seconds)
 
 
-# Tokens deleted by one statement: a backlog (a database never pruned before) goes in many short
-# transactions, as the change feed's does.
-PRUNE_TOKENS_AT_ONCE = 1_000
+# Rows deleted by one statement when tokens and audit events are pruned: a backlog (a database
+# never pruned before) goes in many short transactions, as the change feed's does.
+PRUNE_ROWS_AT_ONCE = 1_000
 
 
 async def prune_expired_tokens_once(store: Store, retention_days: int) -> int:
     """Delete a bounded number of the tokens expired over ``retention_days`` ago; how many."""
     before = utcnow() - timedelta(days=retention_days)
-    return await store.prune_expired_tokens(before, PRUNE_TOKENS_AT_ONCE)
+    return await store.prune_expired_tokens(before, PRUNE_ROWS_AT_ONCE)
 
 
 async def prune_expired_tokens_every(
@@ -103,12 +107,39 @@ async def prune_expired_tokens_every(
 ) -> None:
     """Prune expired tokens at once, then every ``seconds`` (sooner while a backlog lasts) until
     cancelled; failures are retried next time."""
+    await _keep_pruning(
+        lambda: prune_expired_tokens_once(store, retention_days),
+        "store.tokens",
+        seconds,
+        retention_days,
+    )
+
+
+async def prune_audit_once(store: Store, retention_days: int) -> int:
+    """Delete a bounded number of the audit events recorded over ``retention_days`` ago; how
+    many."""
+    return await store.prune_audit(utcnow() - timedelta(days=retention_days), PRUNE_ROWS_AT_ONCE)
+
+
+async def prune_audit_every(
+    store: Store, retention_days: int, seconds: float = PRUNE_EVERY_SECONDS
+) -> None:
+    """Prune old audit events at once, then every ``seconds`` (sooner while a backlog lasts)
+    until cancelled; failures are retried next time."""
+    await _keep_pruning(
+        lambda: prune_audit_once(store, retention_days), "store.audit", seconds, retention_days
+    )
+
+
+async def _keep_pruning(
+    prune_once: Callable[[], Awaitable[int]], event: str, seconds: float, retention_days: int
+) -> None:
     while True:
         pruned = 0
         try:
-            if pruned := await prune_expired_tokens_once(store, retention_days):
-                log.info("store.tokens_pruned", tokens=pruned, retention_days=retention_days)
+            if pruned := await prune_once():
+                log.info(f"{event}_pruned", rows=pruned, retention_days=retention_days)
         except Exception as exc:  # the next round tries again; the rows only wait longer
-            log.warning("store.tokens_prune_failed", error=repr(exc))
-        backlog = pruned >= PRUNE_TOKENS_AT_ONCE
+            log.warning(f"{event}_prune_failed", error=repr(exc))
+        backlog = pruned >= PRUNE_ROWS_AT_ONCE
         await asyncio.sleep(PRUNE_CHANGES_BACKLOG_SECONDS if backlog else seconds)

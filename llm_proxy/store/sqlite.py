@@ -776,6 +776,15 @@ class SqliteStore:
             return cursor.rowcount
 
     @_writes
+    async def prune_audit(self, before: datetime, at_most: int) -> int:
+        async with self._db.execute(
+            "DELETE FROM audit_events WHERE id IN"
+            " (SELECT id FROM audit_events WHERE timestamp < ? ORDER BY timestamp, id LIMIT ?)",
+            (_ts(before), at_most),
+        ) as cursor:
+            return cursor.rowcount
+
+    @_writes
     async def prune_expired_tokens(self, before: datetime, at_most: int) -> int:
         async with self._db.execute(
             "DELETE FROM tokens WHERE id IN"

@@ -186,6 +186,9 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("EXPIRED_TOKEN_RETENTION_DAYS", "-1"),
         ("EXPIRED_TOKEN_RETENTION_DAYS", "a month"),
         ("EXPIRED_TOKEN_RETENTION_DAYS", "36501"),
+        ("AUDIT_RETENTION_DAYS", "-1"),
+        ("AUDIT_RETENTION_DAYS", "a year"),
+        ("AUDIT_RETENTION_DAYS", "36501"),
         ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
         ("SSL_CERT_FILE", __file__),  # a file, but no certificate in it
         ("SSL_CERT_DIR", "/nonexistent/certs"),
@@ -284,6 +287,12 @@ def test_expired_tokens_are_kept_90_days_unless_told(monkeypatch: pytest.MonkeyP
     assert settings_from_environment(monkeypatch, {}).expired_token_retention_days == 90
     told = settings_from_environment(monkeypatch, {"EXPIRED_TOKEN_RETENTION_DAYS": "0"})
     assert told.expired_token_retention_days == 0  # keeps every token
+
+
+def test_audit_events_are_kept_for_good_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_environment(monkeypatch, {}).audit_retention_days == 0
+    told = settings_from_environment(monkeypatch, {"AUDIT_RETENTION_DAYS": "365"})
+    assert told.audit_retention_days == 365
 
 
 @pytest.mark.parametrize(

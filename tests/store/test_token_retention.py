@@ -17,7 +17,7 @@ from llm_proxy.models import UsageRollup, utcnow
 from llm_proxy.store import Store
 from llm_proxy.store.opening import open_store
 from llm_proxy.store.retention import (
-    PRUNE_TOKENS_AT_ONCE,
+    PRUNE_ROWS_AT_ONCE,
     prune_expired_tokens_every,
     prune_expired_tokens_once,
 )
@@ -75,13 +75,13 @@ async def test_tokens_expired_past_the_retention_go_with_their_holds_and_the_res
 async def test_a_backlog_goes_a_bounded_number_at_a_time_and_the_loop_keeps_at_it(
     store: Store,
 ) -> None:
-    count = PRUNE_TOKENS_AT_ONCE + 5
+    count = PRUNE_ROWS_AT_ONCE + 5
     expiry = utcnow() - timedelta(days=100)
     for n in range(count):
         await store.create_token(replace(token(f"t{n}"), expires_at=expiry), f"h{n}", AUDIT)
 
     assert await store.prune_expired_tokens(utcnow(), 3) == 3
-    # The loop takes the rest at once, in passes of PRUNE_TOKENS_AT_ONCE, not an hour apart.
+    # The loop takes the rest at once, in passes of PRUNE_ROWS_AT_ONCE, not an hour apart.
     task = asyncio.create_task(prune_expired_tokens_every(store, 90, seconds=3600))
     try:
         for _ in range(500):
@@ -95,7 +95,7 @@ async def test_a_backlog_goes_a_bounded_number_at_a_time_and_the_loop_keeps_at_i
     assert await store.list_tokens("p1") == []
 
 
-def _sqlite_time(moment: datetime) -> str:
+def sqlite_time(moment: datetime) -> str:
     """A moment as the SQLite store writes it (fixed width, UTC)."""
     return f"{moment.astimezone(UTC):%Y-%m-%dT%H:%M:%S.%f}Z"
 
@@ -115,7 +115,7 @@ def test_a_server_deletes_the_tokens_expired_past_the_retention(tmp_path: Path) 
             server.stop()
         with sqlite3.connect(data / "llm-proxy.db") as db:
             for issued, days in ((old, 91), (recent, 89)):
-                expiry = _sqlite_time(utcnow() - timedelta(days=days))
+                expiry = sqlite_time(utcnow() - timedelta(days=days))
                 db.execute("UPDATE tokens SET expires_at = ? WHERE id = ?", (expiry, issued["id"]))
         db.close()
 
