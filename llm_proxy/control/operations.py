@@ -212,9 +212,14 @@ class Operations:
 
     async def delete_project(self, actor: Actor, project_id: str) -> None:
         entry = actor.entry("project.delete", "project", project_id, project_id)
+        token_ids = [token.id for token in await self.store.list_tokens(project_id)]
         if not await self.store.delete_project(project_id, entry):
             raise errors.ProjectNotFound(f"No project with id {_quoted(project_id)}.")
         await self._authority.changed(project_id=project_id)
+        try:
+            await self._authority.budget_ledger.forget(token_ids)
+        except Exception as exc:  # they expire a day after their tokens would have
+            log.warning("manage.budget_forget_failed", tokens=len(token_ids), error=str(exc))
 
     async def revoke_project_tokens(self, actor: Actor, project_id: str) -> RevokeCounts:
         await self.get_project(project_id)

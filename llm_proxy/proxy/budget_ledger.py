@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import structlog
@@ -148,6 +149,10 @@ class BudgetLedger(Protocol):
         ledger knows."""
         ...
 
+    async def forget(self, token_ids: Sequence[str]) -> None:
+        """Drop what the ledger keeps of tokens that no longer exist (their project deleted)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -204,6 +209,9 @@ class StoreBudgetLedger:
 
     async def spent_and_held_many(self, token_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         return {}
+
+    async def forget(self, token_ids: Sequence[str]) -> None:
+        return None  # the token's row and its holds went with it (ON DELETE CASCADE)
 
     async def reclaim(self) -> int:
         """Return expired holds to their budgets; how many."""
@@ -366,6 +374,11 @@ if not spent then return {-1, held} end
 return {tonumber(spent), held}
 """
 )
+
+
+# Keys unlinked by one command when a deleted project's tokens are forgotten: a project of many
+# tokens does not hold Redis in one long command.
+_FORGET_KEYS_AT_ONCE = 1_000
 
 
 class RedisBudgetLedger:
@@ -535,6 +548,17 @@ class RedisBudgetLedger:
             for token_id, (spent, held) in zip(token_ids, answers, strict=True)
             if spent != -1
         }
+
+    async def forget(self, token_ids: Sequence[str]) -> None:
+        # Otherwise they would stay until a day past their tokens' expiry, up to a year on.
+        keys = [
+            key
+            for token_id in token_ids
+            for key in (*self._keys(token_id), self._cancelled_key(token_id))
+        ]
+        for start in range(0, len(keys), _FORGET_KEYS_AT_ONCE):
+            unlink = partial(self._redis.unlink, *keys[start : start + _FORGET_KEYS_AT_ONCE])
+            await once_more_on_a_new_connection(self._redis, unlink)
 
     async def _statuses(self, token_ids: Sequence[str]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
