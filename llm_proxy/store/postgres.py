@@ -367,6 +367,41 @@ class PostgresStore:
             raise
         await self._pool.release(conn)
 
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Conn]:
+        """A pooled connection in a transaction, committed when the block ends.
+
+        A transaction the database refused (it answered with an error) is rolled back and its
+        connection given back as usual. One that got no answer (a statement or the COMMIT timed
+        out, the connection died) or whose caller stopped waiting is not rolled back: the ROLLBACK
+        would first wait for the database to acknowledge the cancelled statement, which a hung
+        database never does, so the caller would hear of the failure only after another timeout.
+        Its connection is closed instead, and never goes back to the pool in a state nobody
+        knows; the database rolls back a transaction whose connection closed before its COMMIT
+        arrived, and a COMMIT that was sent stays in doubt for the caller to settle, as before."""
+        conn = await self._pool.acquire(timeout=_TIMEOUT)
+        transaction = conn.transaction()
+        sound = False  # the connection is known to be idle, out of any transaction
+        try:
+            await transaction.start()
+            try:
+                yield conn
+            except asyncpg.PostgresError:
+                await transaction.rollback()
+                sound = True
+                raise
+            try:
+                await transaction.commit()
+            except asyncpg.PostgresError:
+                sound = True  # COMMIT refused: the database rolled the transaction back
+                raise
+            sound = True
+        finally:
+            if sound:
+                await self._pool.release(conn)
+            else:
+                conn.terminate()
+
     def _released(self, release: asyncio.Future[Any]) -> None:
         self._releasing.discard(release)
         if not release.cancelled():
@@ -581,7 +616,7 @@ class PostgresStore:
         # answered its UPDATE has a known id, whose fate the database tells after a lost COMMIT.
         claimed = None
         try:
-            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            async with self._transaction() as conn:
                 claimed = await conn.fetchrow(
                     "UPDATE tokens SET request_count = request_count + 1, last_used_at = $2"
                     " WHERE id = $1 AND is_active"
@@ -602,7 +637,7 @@ class PostgresStore:
         # a place would be a request the quota never counted.
         released = None
         try:
-            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            async with self._transaction() as conn:
                 released = await conn.fetchval(
                     "UPDATE tokens SET request_count = request_count - 1"
                     " WHERE id = $1 AND request_count > 0 RETURNING txid_current()",
@@ -696,7 +731,7 @@ class PostgresStore:
         # The token's row is locked for the transaction, so the room read is the room written:
         # concurrent reservations on every instance queue on the row and never hold more than
         # the budget. A token without a budget is neither locked nor written.
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        async with self._transaction() as conn:
             row = await conn.fetchrow(
                 "SELECT budget_nanousd, spent_nanousd, reserved_nanousd FROM tokens"
                 " WHERE id = $1 AND budget_nanousd IS NOT NULL FOR UPDATE",
@@ -742,7 +777,7 @@ class PostgresStore:
         :class:`CommitInDoubt`, whose caller asks the transaction's fate first."""
         committing = False
         try:
-            async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+            async with self._transaction() as conn:
                 txid = await conn.fetchval("SELECT txid_current()")
                 await conn.executemany(sql, args)
                 committing = True
@@ -763,7 +798,7 @@ class PostgresStore:
         await self._execute(_RENEW_BUDGET_HOLDS, list(hold_ids), round(hold_seconds * 1e6))
 
     async def reclaim_budget_holds(self) -> int:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        async with self._transaction() as conn:
             # One reclaimer at a time: two deleting the same holds in different orders could
             # deadlock, and the second would find nothing left anyway.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _RECLAIM_LOCK)

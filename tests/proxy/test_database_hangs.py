@@ -46,3 +46,38 @@ async def test_a_token_to_be_read_is_refused_within_the_store_bound_while_the_da
             break
         assert time.monotonic() < deadline, "requests never passed again"
         await asyncio.sleep(0.2)
+
+
+async def test_a_max_requests_claim_is_refused_within_the_store_bound_while_the_database_hangs(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any
+) -> None:
+    # The claim is a transaction: its statement timed out, it used to wait as long again for the
+    # ROLLBACK, which the hung database never answers.
+    proxy: Proxy = await proxy_factory(database_url=own_database)
+    issued = await proxy.issue_token(max_requests=10)
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200  # now cached
+    with own_postgres.frozen():
+        started = time.monotonic()
+        response = await proxy.client.get("/v1/models", headers=headers)
+        seconds = time.monotonic() - started
+        body = await response.json()
+    assert (response.status, body["error"]["code"]) == (503, "limits_unavailable"), body
+    assert seconds < STORE_BOUND_SECONDS, seconds
+    # Refused, so not counted: the one request before the hang is all the token has used.
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (status, token["request_count"]) == (200, 1), token
+    admitted = await _admitted_once_thawed(proxy, headers)
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (status, token["request_count"]) == (200, 1 + admitted), token
+
+
+async def _admitted_once_thawed(proxy: Proxy, headers: dict[str, str]) -> int:
+    """Send requests until one passes, then a few more, which must all pass: how many passed."""
+    deadline = time.monotonic() + 20
+    while (await proxy.client.get("/v1/models", headers=headers)).status != 200:
+        assert time.monotonic() < deadline, "requests never passed again"
+        await asyncio.sleep(0.2)
+    for _ in range(3):
+        assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
+    return 4
