@@ -1,18 +1,22 @@
 """The proxy path while PostgreSQL hangs (stopped with SIGSTOP: connections stay open, nothing
-answers): a request whose token must be read from the database is refused 503 once the store's
-own timeout ends, not after a second one spent waiting for the hung database to acknowledge the
-cancelled query."""
+answers): a request whose token must be read from the database, or whose limit is claimed or held
+there, is refused 503 once the store's own timeout ends, not after a second one spent waiting for
+the hung database to acknowledge the cancelled query; it is not counted, and requests pass again
+once the database is back."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import Proxy
 from tests.postgres import PostgresServer
+from tests.proxy.test_budgets import PRICES, chat, post, settled
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
 
@@ -70,6 +74,31 @@ async def test_a_max_requests_claim_is_refused_within_the_store_bound_while_the_
     admitted = await _admitted_once_thawed(proxy, headers)
     status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
     assert (status, token["request_count"]) == (200, 1 + admitted), token
+
+
+async def test_a_budget_hold_is_refused_within_the_store_bound_while_the_database_hangs(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any, tmp_path: Path
+) -> None:
+    # Without Redis the hold is a transaction on the token's row, as the max_requests claim.
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(PRICES)
+    proxy: Proxy = await proxy_factory(database_url=own_database, prices_path=prices)
+    issued = await proxy.issue_token(budget_usd=5)
+    assert (await post(proxy, issued["token"], chat()))[0] == 200  # now cached
+    spent = (await settled(proxy, issued["id"], spent_at_least=0.000001))["spent_usd"]
+    with own_postgres.frozen():
+        started = time.monotonic()
+        status, _, answer = await post(proxy, issued["token"], chat())
+        seconds = time.monotonic() - started
+    assert (status, orjson.loads(answer)["error"]["code"]) == (503, "limits_unavailable"), answer
+    assert seconds < STORE_BOUND_SECONDS, seconds
+    # Refused, so it neither holds nor spends anything of the budget.
+    assert (await settled(proxy, issued["id"]))["spent_usd"] == spent
+    deadline = time.monotonic() + 20
+    while (await post(proxy, issued["token"], chat()))[0] != 200:
+        assert time.monotonic() < deadline, "requests never passed again"
+        await asyncio.sleep(0.2)
+    assert (await settled(proxy, issued["id"]))["spent_usd"] == 2 * spent
 
 
 async def _admitted_once_thawed(proxy: Proxy, headers: dict[str, str]) -> int:
