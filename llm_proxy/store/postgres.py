@@ -14,7 +14,7 @@ id N has seen every change below it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
@@ -361,9 +361,7 @@ class PostgresStore:
         try:
             yield conn
         except BaseException:
-            release = asyncio.ensure_future(self._pool.release(conn))
-            self._releasing.add(release)
-            release.add_done_callback(self._released)
+            self._in_background(self._pool.release(conn))
             raise
         await self._pool.release(conn)
 
@@ -376,9 +374,11 @@ class PostgresStore:
         out, the connection died) or whose caller stopped waiting is not rolled back: the ROLLBACK
         would first wait for the database to acknowledge the cancelled statement, which a hung
         database never does, so the caller would hear of the failure only after another timeout.
-        Its connection is closed instead, and never goes back to the pool in a state nobody
-        knows; the database rolls back a transaction whose connection closed before its COMMIT
-        arrived, and a COMMIT that was sent stays in doubt for the caller to settle, as before."""
+        Its connection is closed in the background instead (the cancellation still reaches a
+        database that is merely slow, whose statement then stops), and never goes back to the
+        pool in a state nobody knows. The database rolls back a transaction whose connection
+        closed before its COMMIT arrived; a COMMIT that was sent stays in doubt for the caller
+        to settle, as before."""
         conn = await self._pool.acquire(timeout=_TIMEOUT)
         transaction = conn.transaction()
         sound = False  # the connection is known to be idle, out of any transaction
@@ -400,7 +400,14 @@ class PostgresStore:
             if sound:
                 await self._pool.release(conn)
             else:
-                conn.terminate()
+                self._in_background(conn.close(timeout=_TIMEOUT))
+
+    def _in_background(self, ending: Awaitable[Any]) -> None:
+        """Give a failed statement's connection back, or close it, without its caller waiting:
+        kept until done, its own failure retrieved (the caller was told of the first already)."""
+        release = asyncio.ensure_future(ending)
+        self._releasing.add(release)
+        release.add_done_callback(self._released)
 
     def _released(self, release: asyncio.Future[Any]) -> None:
         self._releasing.discard(release)

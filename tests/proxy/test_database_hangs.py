@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
@@ -99,6 +100,40 @@ async def test_a_budget_hold_is_refused_within_the_store_bound_while_the_databas
         assert time.monotonic() < deadline, "requests never passed again"
         await asyncio.sleep(0.2)
     assert (await settled(proxy, issued["id"]))["spent_usd"] == 2 * spent
+
+
+async def test_a_claim_stuck_behind_a_lock_is_cancelled_on_the_database_not_left_waiting(
+    postgres_url: str, proxy_factory: Any
+) -> None:
+    # A database that is slow, not hung: the claim's connection is closed without its ROLLBACK,
+    # but its statement is still cancelled there, so its backend does not wait on for the lock
+    # (every refused request would leave one more behind).
+    proxy: Proxy = await proxy_factory(database_url=postgres_url)
+    issued = await proxy.issue_token(max_requests=10)
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200  # now cached
+    locker = await asyncpg.connect(postgres_url)
+    try:
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM tokens WHERE id = $1 FOR UPDATE", issued["id"])
+            started = time.monotonic()
+            response = await proxy.client.get("/v1/models", headers=headers)
+            seconds = time.monotonic() - started
+            body = await response.json()
+            assert (response.status, body["error"]["code"]) == (503, "limits_unavailable")
+            assert seconds < STORE_BOUND_SECONDS, seconds
+            deadline = time.monotonic() + 3
+            while waiting := await locker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ):
+                assert time.monotonic() < deadline, f"{waiting} backends still wait on the lock"
+                await asyncio.sleep(0.05)
+    finally:
+        await locker.close()
+    admitted = await _admitted_once_thawed(proxy, headers)
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (status, token["request_count"]) == (200, 1 + admitted), token
 
 
 async def _admitted_once_thawed(proxy: Proxy, headers: dict[str, str]) -> int:
