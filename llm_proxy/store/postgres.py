@@ -464,7 +464,7 @@ class PostgresStore:
     # -- projects ------------------------------------------------------------------------------
 
     async def create_project(self, project: Project, audit: AuditEntry) -> Project:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        async with self._transaction() as conn:
             await conn.execute(
                 "INSERT INTO projects (id, name, description, metadata, api_key_encrypted,"
                 " api_key_masked, is_active, created_at, updated_at)"
@@ -503,7 +503,7 @@ class PostgresStore:
         check_columns("project", changes, PROJECT_COLUMNS)
         columns = list(changes)
         assignments = "".join(f"{column} = ${n}, " for n, column in enumerate(columns, start=3))
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        async with self._transaction() as conn:
             row = await conn.fetchrow(
                 f"UPDATE projects SET {assignments}updated_at = $2 WHERE id = $1"
                 f" RETURNING {_PROJECT_COLUMNS}",
@@ -520,7 +520,7 @@ class PostgresStore:
         return _project(row)
 
     async def delete_project(self, project_id: str, audit: AuditEntry) -> bool:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        async with self._transaction() as conn:
             status = await conn.execute("DELETE FROM projects WHERE id = $1", project_id)
             if status == "DELETE 0":
                 return False
@@ -531,7 +531,7 @@ class PostgresStore:
     async def revoke_project_tokens(
         self, project_id: str, audit: AuditEntry | None
     ) -> RevokeCounts:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        async with self._transaction() as conn:
             counts = await _revoke_tokens_of(conn, project_id)
             await self._changed(conn, project_id, None)
             if audit is not None:
@@ -541,7 +541,7 @@ class PostgresStore:
     # -- tokens --------------------------------------------------------------------------------
 
     async def create_token(self, token: Token, token_hash: str, audit: AuditEntry) -> Token:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        async with self._transaction() as conn:
             await conn.execute(
                 "INSERT INTO tokens (id, project_id, token_hash, expires_at, is_active,"
                 " request_count, max_requests, created_at, rpm, tpm, budget_nanousd,"
@@ -596,7 +596,7 @@ class PostgresStore:
     ) -> Token | None:
         check_columns("token", changes, TOKEN_COLUMNS)
         columns = list(changes)
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        async with self._transaction() as conn:
             if columns:
                 assignments = ", ".join(f"{c} = ${n}" for n, c in enumerate(columns, start=2))
                 row = await conn.fetchrow(

@@ -1,17 +1,23 @@
-"""The management API the moment PostgreSQL goes away: every call is 503 service_unavailable,
-the first one included, never a 500 with a traceback."""
+"""The management API the moment PostgreSQL goes away or hangs: every call is 503
+service_unavailable, the first one included, never a 500 with a traceback, and a change that hangs
+is refused once the store's own timeout ends."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
-from tests.conftest import Proxy
+from tests.conftest import UPSTREAM_KEY, Proxy
 from tests.postgres import PostgresServer
 from tests.proxy.test_settlement_retry import AnswerLosingRelay
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
+
+# The store gives a statement 5 s; slack for a loaded machine, well short of the 10 s before.
+STORE_BOUND_SECONDS = 5.0 + 3.0
 
 
 async def test_the_first_call_after_the_database_went_away_is_503(
@@ -67,3 +73,33 @@ async def test_a_project_change_that_fails_revokes_none_of_its_tokens(
         assert event["details"]["revoked_count"] == 1
     finally:
         await relay.close()
+
+
+async def test_a_change_is_refused_within_the_store_bound_while_the_database_hangs(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any
+) -> None:
+    # Each change is a transaction: its first statement timed out after the store's 5 s, then
+    # the ROLLBACK waited as long again for the hung database.
+    proxy = await proxy_factory(database_url=own_database)
+    project_id = await proxy.create_project("kept")
+    calls = [
+        ("POST", "/projects", {"name": "added", "api_key": UPSTREAM_KEY}),
+        ("PATCH", f"/projects/{project_id}", {"name": "renamed"}),
+    ]
+    answers = []
+    with own_postgres.frozen():
+        for method, path, body in calls:
+            started = time.monotonic()
+            status, answer = await proxy.manage(method, path, body)
+            answers.append((status, answer["error"]["code"], time.monotonic() - started))
+    assert [answer[:2] for answer in answers] == [(503, "service_unavailable")] * 2, answers
+    assert max(seconds for *_, seconds in answers) < STORE_BOUND_SECONDS, answers
+    # Neither happened; asked again, both do.
+    deadline = time.monotonic() + 20
+    while (listed := await proxy.manage("GET", "/projects"))[0] != 200:
+        assert time.monotonic() < deadline, "the management API never answered again"
+        await asyncio.sleep(0.2)
+    assert [project["name"] for project in listed[1]] == ["kept"]
+    _, audit = await proxy.manage("GET", "/audit")
+    assert [event["action"] for event in audit["events"]] == ["project.create"]
+    assert [(await proxy.manage(*call))[0] for call in calls] == [201, 200]
