@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from tests.conftest import Proxy
 from tests.postgres import PostgresServer
 from tests.proxy.test_budgets import PRICES, chat, post, settled
+from tests.raw_servers import RawServers
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
 
@@ -134,6 +136,83 @@ async def test_a_claim_stuck_behind_a_lock_is_cancelled_on_the_database_not_left
     admitted = await _admitted_once_thawed(proxy, headers)
     status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
     assert (status, token["request_count"]) == (200, 1 + admitted), token
+
+
+class CommitAnswerHole:
+    """A TCP relay to PostgreSQL that, once armed, lets through the first statement holding
+    ``word`` and then its connection's COMMIT, whose answer (and every later one on that
+    connection) it keeps: the database commits, and the client never hears it did, as when the
+    database hangs between the statement's answer and the COMMIT's."""
+
+    def __init__(self, target_port: int, word: bytes) -> None:
+        self._target = target_port
+        self._word = word.lower()
+        self._servers = RawServers()
+        self.armed = False
+        self.port = 0
+
+    async def start(self) -> None:
+        self.port = await self._servers.start(self._relay)
+
+    async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        server, to_server = await asyncio.open_connection("127.0.0.1", self._target)
+        seen = hung = False
+
+        async def answers() -> None:
+            while data := await server.read(65536):
+                if not hung:
+                    to_client.write(data)
+
+        forwarding = asyncio.ensure_future(answers())
+        try:
+            while data := await client.read(65536):
+                if seen and self.armed and b"commit" in data.lower():
+                    self.armed = False
+                    hung = True
+                seen = seen or (self.armed and self._word in data.lower())
+                to_server.write(data)
+                await to_server.drain()
+        finally:
+            forwarding.cancel()
+            to_server.close()
+
+    async def close(self) -> None:
+        await self._servers.close()
+
+
+@pytest.fixture
+async def commit_answer_hole(postgres_server: PostgresServer) -> AsyncIterator[CommitAnswerHole]:
+    """The relay, for a proxy that outlives the test (requested before it, it stays up until the
+    proxy is closed, which still writes to the database as it stops)."""
+    relay = CommitAnswerHole(postgres_server.port, b"request_count = request_count + 1")
+    await relay.start()
+    yield relay
+    await relay.close()
+
+
+async def test_a_claim_whose_commit_answer_never_comes_is_admitted_within_the_store_bound(
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    commit_answer_hole: CommitAnswerHole,
+    proxy_factory: Any,
+) -> None:
+    # The claim's COMMIT went unanswered (ClaimInDoubt): the database, asked, says it committed,
+    # so the request is admitted and counted once. The question used to wait until the claim's
+    # connection had waited out the cancellation of its COMMIT, which never got an answer either.
+    relay = commit_answer_hole
+    url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+    proxy: Proxy = await proxy_factory(database_url=url)
+    issued = await proxy.issue_token(max_requests=10)
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    relay.armed = True  # before the first claim: its statement is sent whole only once
+    started = time.monotonic()
+    response = await proxy.client.get("/v1/models", headers=headers)
+    seconds = time.monotonic() - started
+    assert not relay.armed  # the claim's COMMIT was the one whose answer was kept
+    assert response.status == 200, await response.text()
+    assert seconds < STORE_BOUND_SECONDS, seconds
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (status, token["request_count"]) == (200, 1), token
 
 
 async def _admitted_once_thawed(proxy: Proxy, headers: dict[str, str]) -> int:
