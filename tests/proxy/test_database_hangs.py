@@ -79,6 +79,32 @@ async def test_a_max_requests_claim_is_refused_within_the_store_bound_while_the_
     assert (status, token["request_count"]) == (200, 1 + admitted), token
 
 
+async def test_more_claims_than_the_pool_holds_are_refused_within_the_bound_while_it_hangs(
+    own_postgres: PostgresServer, own_database: str, proxy_factory: Any
+) -> None:
+    # Each refused claim's connection is out of the pool until it is closed; none may be left
+    # for the next claims to queue behind, during the hang or after it.
+    proxy: Proxy = await proxy_factory(database_url=own_database, database_pool_size=3)
+    issued = await proxy.issue_token(max_requests=100)
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200  # now cached
+
+    async def timed() -> tuple[int, float]:
+        started = time.monotonic()
+        response = await proxy.client.get("/v1/models", headers=headers)
+        return response.status, time.monotonic() - started
+
+    with own_postgres.frozen():
+        answers = await asyncio.gather(*(timed() for _ in range(10)))
+    assert {status for status, _ in answers} == {503}, answers
+    assert max(seconds for _, seconds in answers) < STORE_BOUND_SECONDS, answers
+    admitted = await _admitted_once_thawed(proxy, headers)
+    answers = await asyncio.gather(*(timed() for _ in range(10)))
+    assert {status for status, _ in answers} == {200}, answers
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (status, token["request_count"]) == (200, 1 + admitted + 10), token
+
+
 async def test_a_budget_hold_is_refused_within_the_store_bound_while_the_database_hangs(
     own_postgres: PostgresServer, own_database: str, proxy_factory: Any, tmp_path: Path
 ) -> None:
