@@ -393,7 +393,9 @@ class PostgresStore:
             try:
                 await transaction.commit()
             except asyncpg.PostgresError:
-                sound = True  # COMMIT refused: the database rolled the transaction back
+                # Answered: the connection is idle (or closed by a FATAL error, which the pool
+                # sees); whether it committed is for the caller, which knew it was committing.
+                sound = True
                 raise
             sound = True
         finally:
