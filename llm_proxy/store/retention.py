@@ -41,7 +41,7 @@ PRUNE_CHANGES_EVERY_SECONDS = 60.0
 # transactions, never one that holds SQLite's write lock long.
 PRUNE_CHANGES_AT_ONCE = 5_000
 # The pause after a pass that deleted as much as it may: more is waiting.
-PRUNE_CHANGES_BACKLOG_SECONDS = 1.0
+PRUNE_BACKLOG_SECONDS = 1.0
 
 
 async def prune_usage_once(store: Store, retention_days: int) -> int:
@@ -53,13 +53,13 @@ async def prune_usage_every(
     store: Store, retention_days: int, seconds: float = PRUNE_EVERY_SECONDS
 ) -> None:
     """Prune at once, then every ``seconds`` until cancelled; failures are retried next time."""
-    while True:
-        try:
-            if pruned := await prune_usage_once(store, retention_days):
-                log.info("store.usage_pruned", rows=pruned, retention_days=retention_days)
-        except Exception as exc:  # the next round tries again; the rows only wait longer
-            log.warning("store.usage_prune_failed", error=repr(exc))
-        await asyncio.sleep(seconds)
+    await _keep_pruning(
+        lambda: prune_usage_once(store, retention_days),
+        "store.usage",
+        seconds,
+        at_once=None,
+        retention_days=retention_days,
+    )
 
 
 def changes_retention(max_staleness: float) -> float:
@@ -80,15 +80,13 @@ async def prune_changes_every(
 ) -> None:
     """Prune the change feed at once, then every ``seconds`` (sooner while a backlog lasts) until
     cancelled; failures are retried next time."""
-    while True:
-        pruned = 0
-        try:
-            if pruned := await prune_changes_once(store, retention_seconds):
-                log.info("store.changes_pruned", rows=pruned, retention_seconds=retention_seconds)
-        except Exception as exc:  # the next round tries again; the rows only wait longer
-            log.warning("store.changes_prune_failed", error=repr(exc))
-        backlog = pruned >= PRUNE_CHANGES_AT_ONCE
-        await asyncio.sleep(PRUNE_CHANGES_BACKLOG_SECONDS if backlog else seconds)
+    await _keep_pruning(
+        lambda: prune_changes_once(store, retention_seconds),
+        "store.changes",
+        seconds,
+        at_once=PRUNE_CHANGES_AT_ONCE,
+        retention_seconds=retention_seconds,
+    )
 
 
 # Rows deleted by one statement when tokens and audit events are pruned: a backlog (a database
@@ -111,7 +109,8 @@ async def prune_expired_tokens_every(
         lambda: prune_expired_tokens_once(store, retention_days),
         "store.tokens",
         seconds,
-        retention_days,
+        at_once=PRUNE_ROWS_AT_ONCE,
+        retention_days=retention_days,
     )
 
 
@@ -127,19 +126,32 @@ async def prune_audit_every(
     """Prune old audit events at once, then every ``seconds`` (sooner while a backlog lasts)
     until cancelled; failures are retried next time."""
     await _keep_pruning(
-        lambda: prune_audit_once(store, retention_days), "store.audit", seconds, retention_days
+        lambda: prune_audit_once(store, retention_days),
+        "store.audit",
+        seconds,
+        at_once=PRUNE_ROWS_AT_ONCE,
+        retention_days=retention_days,
     )
 
 
 async def _keep_pruning(
-    prune_once: Callable[[], Awaitable[int]], event: str, seconds: float, retention_days: int
+    prune_once: Callable[[], Awaitable[int]],
+    event: str,
+    seconds: float,
+    *,
+    at_once: int | None,
+    **retention: float,
 ) -> None:
+    """Run ``prune_once`` until cancelled: every ``seconds``, or after a short pause when it
+    deleted the ``at_once`` rows it may (more is waiting; None: it deletes all there is). Each
+    pass that deletes logs ``<event>_pruned`` with ``retention``; a failure logs, and the next
+    pass tries again (the rows only wait longer)."""
     while True:
         pruned = 0
         try:
             if pruned := await prune_once():
-                log.info(f"{event}_pruned", rows=pruned, retention_days=retention_days)
-        except Exception as exc:  # the next round tries again; the rows only wait longer
+                log.info(f"{event}_pruned", rows=pruned, **retention)
+        except Exception as exc:
             log.warning(f"{event}_prune_failed", error=repr(exc))
-        backlog = pruned >= PRUNE_ROWS_AT_ONCE
-        await asyncio.sleep(PRUNE_CHANGES_BACKLOG_SECONDS if backlog else seconds)
+        backlog = at_once is not None and pruned >= at_once
+        await asyncio.sleep(PRUNE_BACKLOG_SECONDS if backlog else seconds)
