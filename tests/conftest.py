@@ -24,6 +24,7 @@ from llm_proxy.runtime.logging_setup import configure_logging
 from llm_proxy.runtime.settings import Settings
 from tests.events.events_support import RedisServer
 from tests.fakes import UPSTREAM_LOG, UpstreamLog, fake_upstream_app
+from tests.freezing_relay import FreezingRelay
 from tests.postgres import PostgresServer
 
 MANAGEMENT_TOKEN = "mgmt-test-" + secrets.token_urlsafe(16)
@@ -312,6 +313,16 @@ def own_database(own_postgres: PostgresServer) -> Iterator[str]:
     """A database on ``own_postgres``; request it before any server using it, so it outlives them."""
     with own_postgres.database() as url:
         yield url
+
+
+@pytest.fixture
+async def freezing_relay(own_postgres: PostgresServer) -> AsyncIterator[FreezingRelay]:
+    """A relay to ``own_postgres`` that freezes it at a chosen statement (see freezing_relay.py);
+    request it before any server using it, so it outlives them."""
+    relay = FreezingRelay(own_postgres)
+    await relay.start()
+    yield relay
+    await relay.close()
 
 
 @pytest.fixture(

@@ -617,7 +617,17 @@ class TokenAuthority:
             headers={"Retry-After": str(retry_after)},
         )
 
+    def _give_back_slot_later(self, token_id: str, slot: int) -> None:
+        """Give back, in the background, the rpm slot of a request refused because the store
+        failed: given back inline, on a store that hangs (the rpm window in the database), the
+        refusal would wait another timeout. Retried until the store answers or the slot has left
+        its window; a refund that never lands is logged, and errs on the side of the limit."""
+        if slot:
+            give_back = partial(self._rate_windows.give_back, token_id, slot)
+            self._give_back_later("give_back", give_back, RATE_WINDOW_MICROS / 1e6)
+
     async def _give_back_slot(self, token_id: str, slot: int) -> None:
+        # Inline where the store answered: the slot is free again before the refusal goes out.
         if not slot:
             return
         try:
@@ -699,15 +709,15 @@ class TokenAuthority:
                     "release", partial(self._release_if_committed, token_id, doubt)
                 )
                 if not isinstance(exc, Exception):
-                    await self._give_back_slot(token_id, slot)
+                    self._give_back_slot_later(token_id, slot)
                     raise
-            await self._give_back_slot(token_id, slot)
+            self._give_back_slot_later(token_id, slot)
             log.error("token_authority.store_failed", operation="consume", error=str(doubt))
             raise errors.LimitsUnavailable(
                 "The store holding this token's limits is unavailable; retry shortly."
             ) from None
         except Exception as exc:
-            await self._give_back_slot(token_id, slot)
+            self._give_back_slot_later(token_id, slot)
             log.error("token_authority.store_failed", operation="consume", error=str(exc))
             # Never admitted uncounted: a limit enforced by this instance alone is no limit.
             raise errors.LimitsUnavailable(
@@ -742,6 +752,9 @@ class TokenAuthority:
         try:
             # A database that cannot answer leaves the limit uncountable: limits_unavailable.
             fresh = await self._load_or_refuse(grant, grant.digest, time.monotonic())
+        except errors.LimitsUnavailable:
+            self._give_back_slot_later(grant.token_id, slot)
+            raise
         except BaseException:
             await self._give_back_slot(grant.token_id, slot)
             raise

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from tests.conftest import Proxy
+from tests.freezing_relay import FreezingRelay
 from tests.postgres import PostgresServer
 from tests.proxy.test_budgets import PRICES, chat, post, settled
 from tests.raw_servers import RawServers
@@ -162,6 +163,46 @@ async def test_a_claim_stuck_behind_a_lock_is_cancelled_on_the_database_not_left
     admitted = await _admitted_once_thawed(proxy, headers)
     status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
     assert (status, token["request_count"]) == (200, 1 + admitted), token
+
+
+async def test_a_claim_after_its_rpm_slot_is_refused_within_the_store_bound_if_the_database_hangs(
+    own_postgres: PostgresServer,
+    own_database: str,
+    freezing_relay: FreezingRelay,
+    proxy_factory: Any,
+) -> None:
+    # The hang starts between taking the rpm slot and the max_requests claim: the claim timed out,
+    # then giving the slot back used to wait as long again before the client had its 503.
+    relay = freezing_relay
+    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database))
+    issued = await proxy.issue_token(max_requests=10, rpm=100)
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    relay.arm(b"request_count = request_count + 1")  # before the first claim prepares it
+    started = time.monotonic()
+    response = await proxy.client.get("/v1/models", headers=headers)
+    seconds = time.monotonic() - started
+    body = await response.json()
+    assert relay.frozen.is_set()  # the claim's statement was the one the hang began at
+    assert (response.status, body["error"]["code"]) == (503, "limits_unavailable"), body
+    assert seconds < STORE_BOUND_SECONDS, seconds
+    relay.thaw()
+    admitted = await _admitted_once_thawed(proxy, headers)
+    status, token = await proxy.manage("GET", f"/tokens/{issued['id']}")
+    assert (status, token["request_count"]) == (200, admitted), token
+    # The refused request's slot comes back once the database does: the window holds the
+    # admitted requests only (requests refused while it was still coming back included).
+    reader = await asyncpg.connect(own_database)
+    try:
+        deadline = time.monotonic() + 20
+        while (
+            slots := await reader.fetchval(
+                "SELECT cardinality(rpm_log) FROM tokens WHERE id = $1", issued["id"]
+            )
+        ) != admitted:
+            assert time.monotonic() < deadline, f"{slots} slots taken, {admitted} admitted"
+            await asyncio.sleep(0.2)
+    finally:
+        await reader.close()
 
 
 class CommitAnswerHole:
