@@ -977,7 +977,7 @@ class PostgresStore:
     # -- issue forms ---------------------------------------------------------------------------
 
     async def claim_issue_form(self, form_id: str, remember_seconds: float) -> bool:
-        async with self._pool.acquire(timeout=_TIMEOUT) as conn:
+        async with self._connection() as conn:
             # Rows another claim is deleting are skipped, not waited for (nor deadlocked on).
             await conn.execute(
                 "DELETE FROM issue_forms WHERE form_id IN (SELECT form_id FROM issue_forms"

@@ -3,14 +3,21 @@ JSON that a browser shows as raw text."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from tests.admin_ui.conftest import AdminPages
+from tests.admin_ui.test_issuing import _send, _tokens
+from tests.freezing_relay import FreezingRelay
 from tests.postgres import PostgresServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
+
+# The store gives a statement 5 s; slack for a loaded machine, well short of the 10 s before.
+STORE_BOUND_SECONDS = 5.0 + 3.0
 
 
 async def test_pages_say_the_database_is_unavailable_and_come_back(
@@ -33,3 +40,35 @@ async def test_pages_say_the_database_is_unavailable_and_come_back(
     finally:
         own_postgres.start()
     assert (await admin.get(f"/admin/projects/{project_id}")).status == 200
+
+
+async def test_an_issue_form_is_refused_within_the_store_bound_when_the_database_hangs(
+    own_postgres: PostgresServer,
+    own_database: str,
+    freezing_relay: FreezingRelay,
+    proxy_factory: Any,
+) -> None:
+    # The hang starts at the form's claim (two statements on one connection): its first timed
+    # out, then giving the connection back waited as long again for the hung database.
+    relay = freezing_relay
+    proxy = await proxy_factory(database_url=relay.url(own_database))
+    admin = AdminPages(proxy)
+    project_id = await admin.create_project()
+    form = await admin.issue_form(project_id)
+    relay.arm(b"DELETE FROM issue_forms")
+    started = time.monotonic()
+    page = await admin.post(
+        f"/admin/projects/{project_id}/tokens", {**form, "duration_minutes": "30"}, csrf=None
+    )
+    seconds = time.monotonic() - started
+    assert relay.frozen.is_set()  # the claim's first statement was the one the hang began at
+    assert page.status == 503 and "The database is unavailable" in page.text, page.text[:200]
+    assert seconds < STORE_BOUND_SECONDS, seconds
+    relay.thaw()
+    # Nothing issued, nor the form claimed: sent again once the database is back, it issues.
+    deadline = time.monotonic() + 20
+    while (again := await _send(proxy, project_id, form))[0] == 503:
+        assert time.monotonic() < deadline, "the pages never answered again"
+        await asyncio.sleep(0.2)
+    assert again[:2] == (303, f"/admin/tokens/issued/{form['issue_id']}"), again
+    assert len(await _tokens(proxy)) == 1
