@@ -38,7 +38,7 @@ from llm_proxy.models import (
 )
 from llm_proxy.proxy.admission import TokenAuthority
 from llm_proxy.store import Store
-from llm_proxy.store.unavailable import DATABASE_ERRORS
+from llm_proxy.store.unavailable import FOREIGN_KEY_REFUSALS
 
 log = structlog.get_logger(__name__)
 
@@ -279,9 +279,10 @@ class Operations:
         )
         try:
             await self.store.create_token(token, hash_token(value), entry)
-        except DATABASE_ERRORS:
+        except FOREIGN_KEY_REFUSALS:
             # The project deleted since it was read: its tokens' foreign key refuses the row.
-            # That is the caller's 404, not a database outage.
+            # That is the caller's 404, not a database outage. Asked only when the database
+            # answered: after a timeout, a database that hangs would hold the 503 another one.
             if await self.store.get_project(project_id) is None:
                 raise errors.ProjectNotFound(f"No project with id {_quoted(project_id)}.") from None
             raise

@@ -48,6 +48,10 @@ DATABASE_ERRORS = (
     FateUnknown,
 )
 
+# The database's refusal of a row whose foreign key names no row (its parent was deleted meanwhile):
+# an answer, unlike a timeout or a lost connection, which say nothing of the row.
+FOREIGN_KEY_REFUSALS = (sqlite3.IntegrityError, asyncpg.ForeignKeyViolationError)
+
 # The credentials of a URL: its authority up to the last "@" (urllib's reading; a driver may read
 # less of it), and a password given as a query parameter.
 _USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")

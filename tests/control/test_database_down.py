@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import UPSTREAM_KEY, Proxy
+from tests.freezing_relay import FreezingRelay
 from tests.postgres import PostgresServer
 from tests.proxy.test_settlement_retry import AnswerLosingRelay
 
@@ -103,3 +104,37 @@ async def test_a_change_is_refused_within_the_store_bound_while_the_database_han
     _, audit = await proxy.manage("GET", "/audit")
     assert [event["action"] for event in audit["events"]] == ["project.create"]
     assert [(await proxy.manage(*call))[0] for call in calls] == [201, 200]
+
+
+async def test_a_token_is_refused_within_the_store_bound_when_the_database_hangs_at_its_insert(
+    own_postgres: PostgresServer,
+    own_database: str,
+    freezing_relay: FreezingRelay,
+    proxy_factory: Any,
+) -> None:
+    # The hang starts after the project was read, at the token's INSERT: it timed out, then the
+    # check for a project deleted meanwhile (meant for the database's refusal of the row) waited
+    # as long again for the hung database.
+    relay = freezing_relay
+    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database))
+    project_id = await proxy.create_project()
+    relay.arm(b"INSERT INTO tokens")
+    started = time.monotonic()
+    status, answer = await proxy.manage(
+        "POST", "/tokens", {"project_id": project_id, "duration_minutes": 60}
+    )
+    seconds = time.monotonic() - started
+    assert relay.frozen.is_set()  # the INSERT was the statement the hang began at
+    assert (status, answer["error"]["code"]) == (503, "service_unavailable"), answer
+    assert seconds < STORE_BOUND_SECONDS, seconds
+    relay.thaw()
+    # No token, no audit event; asked again, it is issued.
+    deadline = time.monotonic() + 20
+    while (listed := await proxy.manage("GET", "/tokens"))[0] != 200:
+        assert time.monotonic() < deadline, "the management API never answered again"
+        await asyncio.sleep(0.2)
+    assert listed[1] == []
+    _, audit = await proxy.manage("GET", "/audit?action=token.create")
+    assert audit["events"] == []
+    issued = await proxy.issue_token(project_id)
+    assert (await proxy.manage("GET", f"/tokens/{issued['id']}"))[0] == 200

@@ -24,6 +24,7 @@ from llm_proxy.models import (
 from llm_proxy.store import Store
 from llm_proxy.store.migrations import SchemaNewerThanRelease, migration_scripts
 from llm_proxy.store.opening import open_store, sqlite_path
+from llm_proxy.store.unavailable import FOREIGN_KEY_REFUSALS
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
 
@@ -166,6 +167,15 @@ async def test_deleting_a_project_deletes_its_tokens(store: Store) -> None:
     await store.delete_project("p1", AUDIT)
     assert await store.get_token("t1") is None
     assert await store.grant_for_hash("hash-1") is None
+
+
+async def test_a_token_of_a_project_deleted_meanwhile_is_refused_as_such(store: Store) -> None:
+    # What the management layer tells from an outage (its 404, not a 503), on each backend.
+    await store.create_project(project(), AUDIT)
+    await store.delete_project("p1", AUDIT)
+    with pytest.raises(FOREIGN_KEY_REFUSALS):
+        await store.create_token(token(), "hash-1", AUDIT)
+    assert await store.list_tokens() == []
 
 
 async def test_tokens_round_trip(store: Store) -> None:
