@@ -284,6 +284,11 @@ class TokenAuthority:
                 if self.settlements.unsettled(grant.token_id):
                     await self.settlements.wait(grant.token_id)
                 await self._hold(admission, grant.budget, plan)
+            except errors.LimitsUnavailable:
+                # Its store failed: a store that hangs would hold the refusal another timeout
+                # for the place and slot given back inline, so they go back in the background.
+                self.release_unsent(admission)
+                raise
             except BaseException:
                 await self.release(admission)
                 raise

@@ -205,6 +205,40 @@ async def test_a_claim_after_its_rpm_slot_is_refused_within_the_store_bound_if_t
         await reader.close()
 
 
+async def test_a_budget_hold_after_its_claim_is_refused_within_the_store_bound_if_it_hangs(
+    own_postgres: PostgresServer,
+    own_database: str,
+    freezing_relay: FreezingRelay,
+    proxy_factory: Any,
+    tmp_path: Path,
+) -> None:
+    # The hang starts between the max_requests claim and the budget hold: the hold timed out,
+    # then giving the claimed place back waited as long again before the client had its 503.
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(PRICES)
+    relay = freezing_relay
+    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database), prices_path=prices)
+    issued = await proxy.issue_token(max_requests=10, budget_usd=5)
+    relay.arm(b"budget_nanousd IS NOT NULL FOR UPDATE")  # before the first hold prepares it
+    started = time.monotonic()
+    status, _, answer = await post(proxy, issued["token"], chat())
+    seconds = time.monotonic() - started
+    assert relay.frozen.is_set()  # the hold's statement was the one the hang began at
+    assert (status, orjson.loads(answer)["error"]["code"]) == (503, "limits_unavailable"), answer
+    assert seconds < STORE_BOUND_SECONDS, seconds
+    relay.thaw()
+    deadline = time.monotonic() + 20
+    while (await post(proxy, issued["token"], chat()))[0] != 200:
+        assert time.monotonic() < deadline, "requests never passed again"
+        await asyncio.sleep(0.2)
+    # The refused request's place came back once the database did: only the one admitted counts.
+    while (token := (await proxy.manage("GET", f"/tokens/{issued['id']}"))[1])[
+        "request_count"
+    ] != 1:
+        assert time.monotonic() < deadline, token
+        await asyncio.sleep(0.2)
+
+
 class CommitAnswerHole:
     """A TCP relay to PostgreSQL that, once armed, lets through the first statement holding
     ``word`` and then its connection's COMMIT, whose answer (and every later one on that
