@@ -738,9 +738,7 @@ class TokenAuthority:
                 self._give_back_later(
                     "release", partial(self._release_if_committed, grant.token_id, failed)
                 )
-            if slot:
-                give_back = partial(self._rate_windows.give_back, grant.token_id, slot)
-                self._give_back_later("give_back", give_back, RATE_WINDOW_MICROS / 1e6)
+            self._give_back_slot_later(grant.token_id, slot)
             return
         self.release_unsent(Admission(grant, None, slot))
 

@@ -30,14 +30,12 @@ from llm_proxy.runtime.settings import (
     check_redis_url,
     check_stream_name,
     check_trust_path,
-    parse_audit_retention_days,
     parse_encryption_key,
     parse_listen_addr,
     parse_positive_int,
     parse_retention_days,
     parse_seconds,
     parse_size,
-    parse_token_retention_days,
     parse_whole_number,
 )
 from llm_proxy.secret_input import configured_password, configured_token
@@ -172,9 +170,13 @@ def build_settings(
         )
         == "on",
         prices_path=Path(prices_path) if prices_path else None,
-        usage_hourly_retention_days=parse_retention_days(usage_hourly_retention_days),
-        expired_token_retention_days=parse_token_retention_days(expired_token_retention_days),
-        audit_retention_days=parse_audit_retention_days(audit_retention_days),
+        usage_hourly_retention_days=parse_retention_days(
+            "USAGE_HOURLY_RETENTION_DAYS", usage_hourly_retention_days
+        ),
+        expired_token_retention_days=parse_retention_days(
+            "EXPIRED_TOKEN_RETENTION_DAYS", expired_token_retention_days
+        ),
+        audit_retention_days=parse_retention_days("AUDIT_RETENTION_DAYS", audit_retention_days),
         events_stream_max_length=parse_positive_int(
             "EVENTS_STREAM_MAX_LENGTH", events_stream_max_length
         ),

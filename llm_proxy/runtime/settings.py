@@ -29,7 +29,7 @@ LogFormat = Literal["console", "json"]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_PRICES_PATH = Path("config/prices.yaml")
 DEFAULT_USAGE_HOURLY_RETENTION_DAYS = 90
-MAX_USAGE_HOURLY_RETENTION_DAYS = 36500
+MAX_RETENTION_DAYS = 36500
 DEFAULT_EXPIRED_TOKEN_RETENTION_DAYS = 90
 # Far beyond any machine's cores (each worker brings its events process): a larger count is a
 # typo, and the supervisor would build a slot for each before forking the first.
@@ -415,25 +415,9 @@ def parse_whole_number(name: str, value: int | str, *, at_most: int) -> int:
     return number
 
 
-def parse_retention_days(value: int | str) -> int:
-    """USAGE_HOURLY_RETENTION_DAYS: whole days, 0 for keeping every hour."""
-    return parse_whole_number(
-        "USAGE_HOURLY_RETENTION_DAYS", value, at_most=MAX_USAGE_HOURLY_RETENTION_DAYS
-    )
-
-
-def parse_audit_retention_days(value: int | str) -> int:
-    """AUDIT_RETENTION_DAYS: whole days, 0 for keeping every audit event."""
-    return parse_whole_number(
-        "AUDIT_RETENTION_DAYS", value, at_most=MAX_USAGE_HOURLY_RETENTION_DAYS
-    )
-
-
-def parse_token_retention_days(value: int | str) -> int:
-    """EXPIRED_TOKEN_RETENTION_DAYS: whole days, 0 for keeping every expired token."""
-    return parse_whole_number(
-        "EXPIRED_TOKEN_RETENTION_DAYS", value, at_most=MAX_USAGE_HOURLY_RETENTION_DAYS
-    )
+def parse_retention_days(name: str, value: int | str) -> int:
+    """A ``*_RETENTION_DAYS`` setting: whole days, 0 for keeping everything."""
+    return parse_whole_number(name, value, at_most=MAX_RETENTION_DAYS)
 
 
 def parse_positive_int(name: str, value: int | str, *, at_most: int | None = None) -> int:

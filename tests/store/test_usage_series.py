@@ -123,8 +123,8 @@ async def test_the_retention_loop_prunes_at_once_and_keeps_the_days_it_is_told_t
 
 def test_the_retention_setting_defaults_to_90_days_and_reads_whole_days() -> None:
     assert Settings().usage_hourly_retention_days == DEFAULT_USAGE_HOURLY_RETENTION_DAYS == 90
-    assert parse_retention_days("30") == 30
-    assert parse_retention_days("0") == 0  # keep everything
+    assert parse_retention_days("USAGE_HOURLY_RETENTION_DAYS", "30") == 30
+    assert parse_retention_days("USAGE_HOURLY_RETENTION_DAYS", "0") == 0  # keep everything
     for bad, problem in (("-1", "between 0 and 36500"), ("ninety", "whole number")):
         with pytest.raises(SettingsError, match=rf"^USAGE_HOURLY_RETENTION_DAYS: .*{problem}"):
-            parse_retention_days(bad)
+            parse_retention_days("USAGE_HOURLY_RETENTION_DAYS", bad)
