@@ -218,11 +218,11 @@ async def _prepare_connection(conn: asyncpg.Connection) -> None:
 # statement whose result would change shape ("cached statement plan is invalid"), which inside a
 # transaction fails the call (asyncpg retries it only outside one). A named column list keeps its
 # shape, so the statement is simply planned again.
-_PROJECT_COLUMNS = (
+_PROJECT_READ_COLUMNS = (
     "id, name, description, metadata, is_active, created_at, updated_at, api_key_masked,"
     " api_key_encrypted"
 )
-_TOKEN_FIELDS = (
+_TOKEN_READ_FIELDS = (
     "id",
     "project_id",
     "expires_at",
@@ -241,9 +241,9 @@ _TOKEN_FIELDS = (
     "allowed_models",
     "metadata",
 )
-_TOKEN_COLUMNS = ", ".join(_TOKEN_FIELDS)
-_GRANT_TOKEN_COLUMNS = ", ".join(f"t.{field}" for field in _TOKEN_FIELDS)
-_AUDIT_COLUMNS = (
+_TOKEN_READ_COLUMNS = ", ".join(_TOKEN_READ_FIELDS)
+_GRANT_READ_COLUMNS = ", ".join(f"t.{field}" for field in _TOKEN_READ_FIELDS)
+_AUDIT_READ_COLUMNS = (
     "id, timestamp, actor, action, target_type, target_id, project_id, details, request_id,"
     " client_ip, outcome"
 )
@@ -486,12 +486,14 @@ class PostgresStore:
 
     async def get_project(self, project_id: str) -> Project | None:
         row = await self._fetchrow(
-            f"SELECT {_PROJECT_COLUMNS} FROM projects WHERE id = $1", project_id
+            f"SELECT {_PROJECT_READ_COLUMNS} FROM projects WHERE id = $1", project_id
         )
         return _project(row) if row else None
 
     async def list_projects(self) -> list[Project]:
-        rows = await self._fetch(f"SELECT {_PROJECT_COLUMNS} FROM projects ORDER BY created_at")
+        rows = await self._fetch(
+            f"SELECT {_PROJECT_READ_COLUMNS} FROM projects ORDER BY created_at"
+        )
         return [_project(r) for r in rows]
 
     async def update_project(
@@ -508,7 +510,7 @@ class PostgresStore:
         async with self._transaction() as conn:
             row = await conn.fetchrow(
                 f"UPDATE projects SET {assignments}updated_at = $2 WHERE id = $1"
-                f" RETURNING {_PROJECT_COLUMNS}",
+                f" RETURNING {_PROJECT_READ_COLUMNS}",
                 project_id,
                 utcnow(),
                 *(changes[c] for c in columns),
@@ -566,15 +568,19 @@ class PostgresStore:
         return token
 
     async def get_token(self, token_id: str) -> Token | None:
-        row = await self._fetchrow(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = $1", token_id)
+        row = await self._fetchrow(
+            f"SELECT {_TOKEN_READ_COLUMNS} FROM tokens WHERE id = $1", token_id
+        )
         return _token(row) if row else None
 
     async def list_tokens(self, project_id: str | None = None) -> list[Token]:
         if project_id is None:
-            rows = await self._fetch(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at")
+            rows = await self._fetch(
+                f"SELECT {_TOKEN_READ_COLUMNS} FROM tokens ORDER BY created_at"
+            )
         else:
             rows = await self._fetch(
-                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE project_id = $1 ORDER BY created_at",
+                f"SELECT {_TOKEN_READ_COLUMNS} FROM tokens WHERE project_id = $1 ORDER BY created_at",
                 project_id,
             )
         return [_token(r) for r in rows]
@@ -585,7 +591,7 @@ class PostgresStore:
 
     async def grant_for_hash(self, token_hash: str) -> TokenGrant | None:
         row = await self._fetchrow(
-            f"SELECT {_GRANT_TOKEN_COLUMNS}, p.is_active AS project_is_active, p.api_key_encrypted"
+            f"SELECT {_GRANT_READ_COLUMNS}, p.is_active AS project_is_active, p.api_key_encrypted"
             " FROM tokens t JOIN projects p ON p.id = t.project_id WHERE t.token_hash = $1",
             token_hash,
         )
@@ -602,13 +608,13 @@ class PostgresStore:
             if columns:
                 assignments = ", ".join(f"{c} = ${n}" for n, c in enumerate(columns, start=2))
                 row = await conn.fetchrow(
-                    f"UPDATE tokens SET {assignments} WHERE id = $1 RETURNING {_TOKEN_COLUMNS}",
+                    f"UPDATE tokens SET {assignments} WHERE id = $1 RETURNING {_TOKEN_READ_COLUMNS}",
                     token_id,
                     *(changes[c] for c in columns),
                 )
             else:
                 row = await conn.fetchrow(
-                    f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = $1", token_id
+                    f"SELECT {_TOKEN_READ_COLUMNS} FROM tokens WHERE id = $1", token_id
                 )
             if row is None:
                 return None
@@ -1049,7 +1055,7 @@ class PostgresStore:
         total = await self._fetchval(f"SELECT COUNT(*) FROM audit_events{where}", *params)
         n = len(params)
         rows = await self._fetch(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
+            f"SELECT {_AUDIT_READ_COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
             *params,
             page_size,
             (page - 1) * page_size,
