@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,6 +29,7 @@ from tests.control.test_openapi_document import (
     response_schema,
     schema_validator,
 )
+from tests.sqlite_writes import write_sqlite
 
 NO_BODY: Any = object()
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
@@ -243,13 +244,13 @@ GENERIC: list[Callable[[Proxy, Call], Awaitable[Answer]]] = [
 ]
 
 
-def _break_database(database_url: str) -> None:
+async def _break_database(database_url: str) -> None:
     """Take the tables away from under the running server, as a lost database would."""
-    database = sqlite3.connect(database_url.removeprefix("sqlite:///"))
-    with database:
-        for table in ("projects", "tokens", "audit_events"):
-            database.execute(f"ALTER TABLE {table} RENAME TO {table}_gone")
-    database.close()
+    for table in ("projects", "tokens", "audit_events"):
+        await write_sqlite(
+            Path(database_url.removeprefix("sqlite:///")),
+            f"ALTER TABLE {table} RENAME TO {table}_gone",
+        )
 
 
 def _check(
@@ -304,7 +305,7 @@ async def test_each_status_seen_is_documented_and_each_documented_one_is_seen(
     for make in spec.own:
         await provoke(make, _plain)
     call = await spec.ok(proxy)
-    _break_database(proxy_database_url)
+    await _break_database(proxy_database_url)
     answer = await _plain(proxy, call)
     _check(document, operation, answer, "database gone")
     seen.setdefault(answer.status, "database gone")

@@ -8,7 +8,6 @@ budget), and sends one request.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import orjson
 import pytest
 
 from tests.conftest import Proxy
+from tests.sqlite_writes import write_sqlite
 
 PRICES = "gpt-4o*: {input: 2.50, output: 10.00, max_output_tokens: 16384}\n"
 UNKNOWN_TOKEN = "sk-" + "Q" * 43
@@ -173,26 +173,22 @@ CASES = {
 }
 
 
-def _database(tmp_path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(tmp_path / "llm-proxy.db")
-
-
 async def _prepare(
     proxy: Proxy, tmp_path: Path, issued: dict[str, Any], states: tuple[str, ...]
 ) -> None:
     token_id, project_id = issued["id"], issued["project_id"]
+    database = tmp_path / "llm-proxy.db"
     for state in states:
         if state == "expired":  # before the token is ever cached
-            with _database(tmp_path) as db:
-                db.execute(
-                    "UPDATE tokens SET expires_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
-                    (token_id,),
-                )
+            await write_sqlite(
+                database,
+                "UPDATE tokens SET expires_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
+                (token_id,),
+            )
         elif state == "quota_used":
-            with _database(tmp_path) as db:
-                db.execute(
-                    "UPDATE tokens SET request_count = max_requests WHERE id = ?", (token_id,)
-                )
+            await write_sqlite(
+                database, "UPDATE tokens SET request_count = max_requests WHERE id = ?", (token_id,)
+            )
         elif state == "rpm_full":
             response = await proxy.client.get(
                 "/v1/models", headers={"Authorization": f"Bearer {issued['token']}"}
@@ -204,10 +200,11 @@ async def _prepare(
             status, _ = await proxy.manage("PATCH", f"/projects/{project_id}", {"is_active": False})
             assert status == 200
         elif state == "budget_spent":
-            with _database(tmp_path) as db:
-                db.execute(
-                    "UPDATE tokens SET spent_nanousd = budget_nanousd WHERE id = ?", (token_id,)
-                )
+            await write_sqlite(
+                database,
+                "UPDATE tokens SET spent_nanousd = budget_nanousd WHERE id = ?",
+                (token_id,),
+            )
         else:
             raise AssertionError(state)
 

@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 from llm_proxy.control.operations import Actor
 from llm_proxy.stats import STATS
 from tests.conftest import UPSTREAM_KEY, Proxy
+from tests.sqlite_writes import write_sqlite
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -175,11 +176,11 @@ async def test_a_request_whose_token_expired_while_its_body_was_arriving_is_refu
     body is in: expired is expired, whenever the head was checked."""
     issued = await proxy.issue_token(allowed_models=["gpt-4o*"])
     expires = datetime.now(UTC) + timedelta(seconds=1.5)
-    with sqlite3.connect(tmp_path / "llm-proxy.db") as db:  # before the token is ever cached
-        db.execute(
-            "UPDATE tokens SET expires_at = ? WHERE id = ?",
-            (expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), issued["id"]),
-        )
+    await write_sqlite(  # before the token is ever cached
+        tmp_path / "llm-proxy.db",
+        "UPDATE tokens SET expires_at = ? WHERE id = ?",
+        (expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), issued["id"]),
+    )
     headers = {**bearer(issued["token"]), "Content-Type": "application/json"}
     assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
     forwarded = len(proxy.upstream.requests)
@@ -209,11 +210,11 @@ async def test_deactivated_token_and_reactivation(proxy: Proxy) -> None:
 async def test_expired_token_is_401_token_expired(proxy: Proxy, tmp_path: Path) -> None:
     issued = await proxy.issue_token()
     # Move expiry into the past in the database before the token was ever cached.
-    with sqlite3.connect(tmp_path / "llm-proxy.db") as db:
-        db.execute(
-            "UPDATE tokens SET expires_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
-            (issued["id"],),
-        )
+    await write_sqlite(
+        tmp_path / "llm-proxy.db",
+        "UPDATE tokens SET expires_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?",
+        (issued["id"],),
+    )
     response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
     assert response.status == 401 and await error_code(response) == "token_expired"
 
@@ -230,8 +231,11 @@ async def test_expired_tokens_do_not_stay_in_the_token_cache(
         response = await proxy.client.get("/v1/models", headers=bearer(token["token"]))
         assert response.status == 200
     assert _cache_entries(await (await proxy.client.get("/metrics")).text()) == 20
-    with sqlite3.connect(tmp_path / "llm-proxy.db") as db:  # they all expire
-        db.execute(f"UPDATE tokens SET expires_at = '{PAST}' WHERE project_id = ?", (project_id,))
+    await write_sqlite(  # they all expire
+        tmp_path / "llm-proxy.db",
+        f"UPDATE tokens SET expires_at = '{PAST}' WHERE project_id = ?",
+        (project_id,),
+    )
     for token in issued:  # each refused once the cache reloads it, and cached expired
         while (
             response := await proxy.client.get("/v1/models", headers=bearer(token["token"]))
@@ -808,8 +812,11 @@ async def test_an_oversized_body_on_a_spent_budget_is_refused_for_the_budget(
 
     response = await proxy.client.post("/v1/files/upload", data=b"x" * 200_000, headers=headers)
     assert response.status == 413 and await error_code(response) == "request_too_large"
-    with sqlite3.connect(tmp_path / "llm-proxy.db") as db:  # the budget is spent
-        db.execute("UPDATE tokens SET spent_nanousd = budget_nanousd WHERE id = ?", (issued["id"],))
+    await write_sqlite(  # the budget is spent
+        tmp_path / "llm-proxy.db",
+        "UPDATE tokens SET spent_nanousd = budget_nanousd WHERE id = ?",
+        (issued["id"],),
+    )
     for body in (b"x" * 200_000, chunked()):
         response = await proxy.client.post("/v1/chat/completions", data=body, headers=headers)
         assert response.status == 429 and await error_code(response) == "budget_exceeded"

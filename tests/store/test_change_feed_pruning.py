@@ -4,7 +4,6 @@ cursor was behind what went is told that anything may have changed. On each back
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -21,6 +20,7 @@ from llm_proxy.store.retention import (
     prune_changes_every,
     prune_changes_once,
 )
+from tests.sqlite_writes import write_sqlite
 from tests.store.test_store import project, token
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
@@ -122,8 +122,9 @@ async def age_every_change(database_url: str) -> None:
         finally:
             await connection.close()
     else:
-        with sqlite3.connect(sqlite_path(database_url)) as db:
-            db.execute("UPDATE changes SET at = '2000-01-01T00:00:00.000000Z'")
+        await write_sqlite(
+            sqlite_path(database_url), "UPDATE changes SET at = '2000-01-01T00:00:00.000000Z'"
+        )
 
 
 async def test_a_server_prunes_changes_older_than_an_hour_as_it_starts(
@@ -155,8 +156,11 @@ async def skip_change_ids(database_url: str, count: int) -> None:
         finally:
             await connection.close()
     else:
-        with sqlite3.connect(sqlite_path(database_url)) as db:
-            db.execute("UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'changes'", (count,))
+        await write_sqlite(
+            sqlite_path(database_url),
+            "UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'changes'",
+            (count,),
+        )
 
 
 async def test_a_reader_that_missed_nothing_is_not_told_to_start_over(

@@ -25,6 +25,7 @@ from llm_proxy.store import Store
 from llm_proxy.store.migrations import SchemaNewerThanRelease, migration_scripts
 from llm_proxy.store.opening import open_store, sqlite_path
 from llm_proxy.store.unavailable import FOREIGN_KEY_REFUSALS
+from tests.sqlite_writes import write_sqlite
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
 
@@ -124,8 +125,11 @@ async def _record_migration(database_url: str, version: int) -> None:
         finally:
             await connection.close()
     else:
-        with sqlite3.connect(sqlite_path(database_url)) as db:
-            db.execute("INSERT INTO schema_migrations VALUES (?, 'later')", (version,))
+        await write_sqlite(
+            sqlite_path(database_url),
+            "INSERT INTO schema_migrations VALUES (?, 'later')",
+            (version,),
+        )
 
 
 async def test_instances_starting_together_apply_each_migration_once(database_url: str) -> None:
