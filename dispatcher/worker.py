@@ -357,7 +357,10 @@ class Worker:
             await self._deliver(subscription, batch)
         finally:
             if keeper is not None:
+                # Waited for, so that a keep under way cannot land after the batch's acks, nor
+                # its task be left pending when the dispatcher stops.
                 keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
 
     async def _keep(self, subscription: Subscription, every: float) -> None:
         """While a batch is delivered (slowly, or retried for minutes), keep its entries from
