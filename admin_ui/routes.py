@@ -22,6 +22,7 @@ from admin_ui.security import (
 )
 from admin_ui.state import ADMIN, AdminState
 from llm_proxy import errors, failed_sign_ins
+from llm_proxy.client_address import client_address
 from llm_proxy.control.operations import Operations
 from llm_proxy.crypto import redact_path
 from llm_proxy.store.unavailable import DATABASE_ERRORS
@@ -95,7 +96,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     supplied = ", ".join(request.headers.getall("Authorization", ())) or None
     if not check_basic_auth(supplied, admin.admin_user, admin.admin_password):
         if supplied:  # (a browser asks first without: the 401 makes it show the sign-in box)
-            failed_sign_ins.refused("admin", request.remote)
+            failed_sign_ins.refused("admin", client_address(request))
         return _unauthorized(request)
     try:
         if request.method == "POST":
@@ -105,7 +106,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
             problem = await _check_csrf(request, admin)
             if problem is not None:
                 log.warning(
-                    "admin.csrf_refused", path=redact_path(request.path), client_ip=request.remote
+                    "admin.csrf_refused",
+                    path=redact_path(request.path),
+                    client_ip=client_address(request),
                 )
                 return error_page(
                     request,

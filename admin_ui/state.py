@@ -8,6 +8,7 @@ from aiohttp import web
 
 from admin_ui.handover import Handovers
 from admin_ui.security import CsrfSigner
+from llm_proxy.client_address import client_address
 from llm_proxy.control.operations import Actor, Operations
 
 
@@ -36,5 +37,5 @@ def actor(request: web.Request) -> Actor:
     return Actor(
         name=request.app[ADMIN].admin_user,
         request_id=request.headers.get("X-Request-ID"),
-        client_ip=request.remote,
+        client_ip=client_address(request),
     )

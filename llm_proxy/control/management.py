@@ -12,6 +12,7 @@ from aiohttp import ClientPayloadError, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from llm_proxy import errors, failed_sign_ins
+from llm_proxy.client_address import client_address
 from llm_proxy.control import validation
 from llm_proxy.control.openapi import openapi_document
 from llm_proxy.control.operations import (
@@ -123,7 +124,7 @@ def _authenticate(request: web.Request) -> None:
     given = credential.strip().encode("utf-8", "surrogateescape")
     if scheme.lower() != "bearer" or not secrets_match(given, expected):
         if supplied:
-            failed_sign_ins.refused("management", request.remote)
+            failed_sign_ins.refused("management", client_address(request))
         raise errors.Unauthorized(
             "Missing or wrong management token.", headers={"WWW-Authenticate": "Bearer"}
         )
@@ -133,7 +134,7 @@ def _actor(request: web.Request) -> Actor:
     return Actor(
         name="management-api",
         request_id=request.headers.get("X-Request-ID"),
-        client_ip=request.remote,
+        client_ip=client_address(request),
     )
 
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from admin_ui import admin_app
 from dispatcher.embedded import start_events_here
 from llm_proxy import __version__, errors
+from llm_proxy.client_address import FORWARDED_TRUST
 from llm_proxy.control.management import management_app
 from llm_proxy.control.operations import Operations
 from llm_proxy.crypto import DecryptionError, KeyCipher, redact_path
@@ -433,6 +434,8 @@ async def create_app(
         client_max_size=settings.max_request_body_bytes, middlewares=[_service_errors]
     )
     app[COMPONENTS] = components
+    # Read by the management API and the admin pages (sub-applications) where they record a client.
+    app[FORWARDED_TRUST] = settings.forwarded_allow_ips
     if offload is not None:
         events_metrics: MetricSource = CarriedAcrossRestarts(
             offload.metric_families, lambda: offload.restarts

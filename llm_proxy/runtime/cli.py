@@ -31,6 +31,7 @@ from llm_proxy.runtime.settings import (
     check_stream_name,
     check_trust_path,
     parse_encryption_key,
+    parse_forwarded_allow_ips,
     parse_listen_addr,
     parse_positive_int,
     parse_retention_days,
@@ -105,6 +106,7 @@ def build_settings(
     event_stream: str = "llm-proxy:events",
     ssl_cert_file: str | None = None,
     ssl_cert_dir: str | None = None,
+    forwarded_allow_ips: str = "",
 ) -> Settings:
     """Validate every option; a bad one raises SettingsError naming its variable."""
     host, port = parse_listen_addr(listen_addr)
@@ -183,6 +185,7 @@ def build_settings(
         events_stream=check_stream_name(event_stream),
         events_spool_max_bytes=parse_size("EVENTS_SPOOL_MAX_BYTES", events_spool_max_bytes),
         events_file_group_idle=parse_seconds("EVENTS_FILE_GROUP_IDLE", events_file_group_idle),
+        forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     )
 
 
@@ -338,6 +341,15 @@ def build_settings(
     envvar="SSL_CERT_DIR",
     show_envvar=True,
     help="Hashed directory of CA certificates upstream TLS trusts besides the system store.",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    envvar="FORWARDED_ALLOW_IPS",
+    default="",
+    show_envvar=True,
+    help="Reverse proxies (IP addresses and CIDR networks, comma-separated; * for every peer)"
+    " whose X-Forwarded-For names the client in audit entries and sign-in warnings. Empty"
+    " trusts none: the TCP peer is recorded.",
 )
 @click.option(
     "--client-header-timeout",

@@ -16,6 +16,7 @@ from typing import Literal
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from llm_proxy import listen_addr
+from llm_proxy.client_address import TRUST_NO_ONE, ForwardedTrust
 from llm_proxy.events.redis import url_options_problem
 from llm_proxy.http.egress import Egress, NoProxy, parse_proxy_url
 from llm_proxy.pricing import PriceFile
@@ -131,6 +132,9 @@ class Settings:
     # CA certificates upstream TLS trusts besides the system store (OpenSSL reads the variables).
     ssl_cert_file: str | None = None
     ssl_cert_dir: str | None = None
+    # FORWARDED_ALLOW_IPS: the reverse proxies whose X-Forwarded-For names the client in audit
+    # entries and sign-in warnings; none by default, so no client can write its own address.
+    forwarded_allow_ips: ForwardedTrust = TRUST_NO_ONE
 
     def __repr__(self) -> str:
         """Every setting but the secrets; the URLs with their passwords masked."""
@@ -403,6 +407,13 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise SettingsError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def parse_forwarded_allow_ips(value: str) -> ForwardedTrust:
+    try:
+        return ForwardedTrust.parse(value)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def parse_whole_number(name: str, value: int | str, *, at_most: int) -> int:

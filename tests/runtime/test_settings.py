@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import ipaddress
 import os
 import stat
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from llm_proxy.client_address import ForwardedTrust
 from llm_proxy.pricing import PriceFile
 from llm_proxy.runtime import secrets_store
 from llm_proxy.runtime.app import events_config
@@ -193,6 +195,9 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SSL_CERT_FILE", __file__),  # a file, but no certificate in it
         ("SSL_CERT_DIR", "/nonexistent/certs"),
         ("LLM_PROXY_EVENT_STREAM", " "),
+        ("FORWARDED_ALLOW_IPS", "balancer.internal"),
+        ("FORWARDED_ALLOW_IPS", "10.0.0.1/8"),  # host bits set: 10.0.0.0/8 meant?
+        ("FORWARDED_ALLOW_IPS", "10.0.0.0/8; 127.0.0.1"),
     ],
 )
 def test_a_bad_value_names_its_variable_on_one_line(
@@ -275,6 +280,20 @@ def test_a_file_log_group_unread_for_an_hour_is_taken_for_a_gone_instances_unles
     assert events_config(told).gone_group_idle == 600
     with pytest.raises(SettingsError, match=r"^EVENTS_FILE_GROUP_IDLE: "):
         settings_from_environment(monkeypatch, {"EVENTS_FILE_GROUP_IDLE": "0"})
+
+
+def test_no_balancer_is_trusted_to_name_the_client_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert settings_from_environment(monkeypatch, {}).forwarded_allow_ips == ForwardedTrust()
+    told = settings_from_environment(
+        monkeypatch, {"FORWARDED_ALLOW_IPS": " 10.0.0.0/8 , 2001:db8::1,*"}
+    ).forwarded_allow_ips
+    assert told == ForwardedTrust(
+        (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::1")), every_peer=True
+    )
+    flag = settings_from_environment(monkeypatch, {}, "--forwarded-allow-ips", "127.0.0.1")
+    assert flag.forwarded_allow_ips.networks == (ipaddress.ip_network("127.0.0.1"),)
 
 
 def test_hourly_usage_is_kept_90_days_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
