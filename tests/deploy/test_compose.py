@@ -53,6 +53,7 @@ PRODUCT_VARIABLES = {
     "HTTP_PROXY",
     "NO_PROXY",
     "GRACEFUL_SHUTDOWN_TIMEOUT",  # (beyond §4: how long a stopping proxy lets streams finish)
+    "FORWARDED_ALLOW_IPS",
 }
 SHARED_SECRETS = ("MANAGEMENT_TOKEN", "ENCRYPTION_KEY", "ADMIN_PASSWORD")
 
@@ -208,6 +209,15 @@ def test_each_proxy_has_its_own_data_dir_and_the_config_read_only(
 def test_only_the_load_balancer_publishes_a_port(services: dict[str, Any]) -> None:
     published = [name for name, service in services.items() if service.get("ports")]
     assert published == ["lb"]
+
+
+def test_proxies_record_the_client_nginx_forwards(services: dict[str, Any]) -> None:
+    """Reachable through nginx alone (above), the proxies take every peer for it, and read
+    the client from the X-Forwarded-For it appends to, not from what a client wrote."""
+    for name in PROXIES:
+        assert services[name]["environment"]["FORWARDED_ALLOW_IPS"] == "${FORWARDED_ALLOW_IPS:-*}"
+    forwarded = directives(nginx_config(services), "proxy_set_header")
+    assert "X-Forwarded-For $proxy_add_x_forwarded_for" in forwarded
 
 
 # --- the load balancer ----------------------------------------------------------------------

@@ -69,6 +69,7 @@ CUSTOM_VALUES: dict[str, Any] = {
         "port": 9090,
         "workers": 4,
         "revocationMaxStaleness": "2s",
+        "forwardedAllowIps": "10.0.0.0/8",
         "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://egress.internal:3128"}],
         "podDisruptionBudget": {"minAvailable": 2},
     },
@@ -299,6 +300,7 @@ def test_proxy_environment_uses_the_products_variables(
     assert env["LLM_PROXY_EVENT_BUS"] == "redis"
     assert env["WORKERS"] == "4"
     assert env["REVOCATION_MAX_STALENESS"] == "2s"
+    assert env["FORWARDED_ALLOW_IPS"] == "10.0.0.0/8"
     assert env["ADMIN_USER"] == "ops"
     assert env["HTTPS_PROXY"] == "http://egress.internal:3128"
     for name in ("DATABASE_URL", "REDIS_URL", "MANAGEMENT_TOKEN", "ENCRYPTION_KEY"):
