@@ -355,7 +355,11 @@ _SCHEMAS: dict[str, Any] = {
             "outcome": {"type": "string"},
             "details": {"type": "object", "description": "What changed, never a secret"},
             "request_id": {"type": ["string", "null"]},
-            "client_ip": {"type": ["string", "null"]},
+            "client_ip": {
+                "type": ["string", "null"],
+                "description": "Who made the change: the TCP peer, or the client a load balancer"
+                " trusted by FORWARDED_ALLOW_IPS names in X-Forwarded-For",
+            },
         },
     },
     "Pagination": {
