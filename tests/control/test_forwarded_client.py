@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from llm_proxy.client_address import ForwardedTrust
 from tests.admin_ui.conftest import ADMIN, csrf_token
@@ -136,6 +137,19 @@ async def test_changes_from_the_admin_pages_name_the_forwarded_client(
     status, body = await proxy.manage("GET", "/audit?actor=admin")
     assert status == 200
     assert [(e["action"], e["client_ip"]) for e in body["events"]] == [("project.create", CLIENT)]
+
+
+async def test_a_refused_admin_form_is_logged_with_the_forwarded_client(
+    proxy_factory: Any,
+) -> None:
+    proxy = await _proxy(proxy_factory, "127.0.0.1")
+    headers = {**ADMIN, "X-Forwarded-For": CLIENT}
+    form = {"name": "forged", "api_key": UPSTREAM_KEY, "csrf_token": "not-a-csrf-token"}
+    with structlog.testing.capture_logs() as logs:
+        async with proxy.client.post("/admin/projects", data=form, headers=headers) as response:
+            assert response.status == 403
+    refused = [line for line in logs if line["event"] == "admin.csrf_refused"]
+    assert [line["client_ip"] for line in refused] == [CLIENT]
 
 
 async def test_the_proxy_route_still_drops_the_client_address_headers(
