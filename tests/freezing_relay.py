@@ -15,7 +15,8 @@ from tests.raw_servers import RawServers
 class FreezingRelay:
     """Once :meth:`arm`\\ ed, the first message a client sends holding ``word`` freezes the server,
     then goes on to it (unanswered until :meth:`thaw`). A statement's text is sent only the first
-    time a connection prepares it, so arm before the call's statement is first used."""
+    time a connection prepares it, so arm before the call's statement is first used, or with a
+    value only that call sends as a parameter (sent every time)."""
 
     def __init__(self, server: PostgresServer) -> None:
         self._server = server

@@ -300,6 +300,11 @@ class TokenAuthority:
                     self._by_hash.get(grant.digest)
                     or await self._load_or_refuse(grant, grant.digest, time.monotonic())
                 )
+            except errors.LimitsUnavailable:
+                # The reload failed with its store: one that hangs would hold the refusal
+                # another timeout for what is given back, so it goes back in the background.
+                self._release_in_background(admission)
+                raise
             except BaseException:
                 await self.release(admission)
                 raise
@@ -447,13 +452,17 @@ class TokenAuthority:
         is given back to its end by a task of its own, which a caller cancelled meanwhile (its
         client left while the store was slow) stops waiting for: cut halfway, a hold would be
         left to its lease and a ``max_requests`` place lost for good."""
+        await asyncio.shield(self._release_in_background(admission))
+
+    def _release_in_background(self, admission: Admission) -> asyncio.Future[None]:
+        """:meth:`release` without waiting for it: the task giving back what was counted."""
         hold_id, admission.hold_id = admission.hold_id, ""
         if hold_id:
             self.hold_ended(hold_id)
         giving_back = asyncio.ensure_future(self._give_back(admission, hold_id))
         self._orphan_releases.add(giving_back)  # (awaited by close, like those given back later)
         giving_back.add_done_callback(self._orphan_releases.discard)
-        await asyncio.shield(giving_back)
+        return giving_back
 
     async def _give_back(self, admission: Admission, hold_id: str) -> None:
         """Release hold ``hold_id`` (none when "") and give back the request's place, each retried

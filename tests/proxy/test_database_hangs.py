@@ -16,6 +16,7 @@ import asyncpg
 import orjson
 import pytest
 
+from llm_proxy.crypto import hash_token
 from tests.conftest import Proxy
 from tests.freezing_relay import FreezingRelay
 from tests.postgres import PostgresServer
@@ -325,3 +326,60 @@ async def _admitted_once_thawed(proxy: Proxy, headers: dict[str, str]) -> int:
     for _ in range(3):
         assert (await proxy.client.get("/v1/models", headers=headers)).status == 200
     return 4
+
+
+async def test_a_token_changed_while_its_claim_waited_is_refused_within_the_bound_if_it_hangs(
+    own_postgres: PostgresServer,
+    own_database: str,
+    freezing_relay: FreezingRelay,
+    proxy_factory: Any,
+) -> None:
+    # An operator changed the token's project while its max_requests claim waited on the row's
+    # lock; the claim then succeeded, and the token's reload (is it still usable?) met the hung
+    # database: refused after the store's timeout, the claimed place used to be given back
+    # inline first, which waited as long again.
+    relay = freezing_relay
+    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database))
+    issued = await proxy.issue_token(max_requests=10)
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+    assert (await proxy.client.get("/v1/models", headers=headers)).status == 200  # now cached
+    locker = await asyncpg.connect(own_database)  # straight to the database, not through the relay
+    try:
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM tokens WHERE id = $1 FOR UPDATE", issued["id"])
+            answer = asyncio.ensure_future(proxy.client.get("/v1/models", headers=headers))
+            await _until_a_statement_waits_on_a_lock(locker)
+            status, _ = await proxy.manage(
+                "PATCH", f"/projects/{issued['project_id']}", {"description": "changed"}
+            )
+            assert status == 200
+            # The reload is the only statement that sends the token's digest (as a parameter).
+            relay.arm(hash_token(issued["token"]).encode())
+        started = time.monotonic()  # the lock is gone: the claim goes on, then the reload
+        response = await answer
+        seconds = time.monotonic() - started
+        body = await response.json()
+    finally:
+        locker.terminate()  # closed, its database may be frozen: no goodbye awaited
+    assert relay.frozen.is_set()  # the reload's statement was the one the hang began at
+    assert (response.status, body["error"]["code"]) == (503, "limits_unavailable"), body
+    assert seconds < STORE_BOUND_SECONDS, seconds
+    relay.thaw()
+    admitted = await _admitted_once_thawed(proxy, headers)
+    # The refused request's place comes back once the database does.
+    deadline = time.monotonic() + 20
+    while (token := (await proxy.manage("GET", f"/tokens/{issued['id']}"))[1])[
+        "request_count"
+    ] != 1 + admitted:
+        assert time.monotonic() < deadline, token
+        await asyncio.sleep(0.2)
+
+
+async def _until_a_statement_waits_on_a_lock(connection: asyncpg.Connection) -> None:
+    deadline = time.monotonic() + 3
+    while not await connection.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ):
+        assert time.monotonic() < deadline, "no statement waits on the lock"
+        await asyncio.sleep(0.02)
