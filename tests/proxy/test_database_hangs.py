@@ -375,6 +375,56 @@ async def test_a_token_changed_while_its_claim_waited_is_refused_within_the_boun
         await asyncio.sleep(0.2)
 
 
+async def test_a_used_up_token_refused_while_the_database_hangs_keeps_no_rpm_slot(
+    own_postgres: PostgresServer,
+    own_database: str,
+    freezing_relay: FreezingRelay,
+    proxy_factory: Any,
+) -> None:
+    # A token cached as used up takes its rpm slot, then asks the database whether a place came
+    # back; that reload meets the hung database and the client gets its 503. The slot must come
+    # back once the database does, or the token would be a request short for the rest of the
+    # minute after its quota is raised.
+    relay = freezing_relay
+    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database))
+    issued = await proxy.issue_token(max_requests=1, rpm=2)
+    headers = {"Authorization": f"Bearer {issued['token']}"}
+
+    async def answer() -> tuple[int, str | None]:
+        response = await proxy.client.get("/v1/models", headers=headers)
+        if response.status == 200:
+            return 200, None
+        return response.status, (await response.json())["error"]["code"]
+
+    assert await answer() == (200, None)
+    assert await answer() == (429, "quota_exceeded")  # the token is now cached as used up
+    # The reload is the only statement that sends the token's digest (as a parameter).
+    relay.arm(hash_token(issued["token"]).encode())
+    started = time.monotonic()
+    refused = await answer()
+    seconds = time.monotonic() - started
+    assert relay.frozen.is_set()  # the reload's statement was the one the hang began at
+    assert refused == (503, "limits_unavailable")
+    assert seconds < STORE_BOUND_SECONDS, seconds
+    relay.thaw()
+    reader = await asyncpg.connect(own_database)
+    try:
+        deadline = time.monotonic() + 20
+        while (
+            slots := await reader.fetchval(
+                "SELECT cardinality(rpm_log) FROM tokens WHERE id = $1", issued["id"]
+            )
+        ) != 1:
+            assert time.monotonic() < deadline, f"{slots} slots taken, 1 request admitted"
+            await asyncio.sleep(0.2)
+    finally:
+        await reader.close()
+    # What the client sees: with more requests allowed, the minute holds its second request.
+    status, _ = await proxy.manage("PATCH", f"/tokens/{issued['id']}", {"max_requests": 10})
+    assert status == 200
+    assert [await answer() for _ in range(2)] == [(200, None), (429, "rate_limited")]
+
+
 async def _until_a_statement_waits_on_a_lock(connection: asyncpg.Connection) -> None:
     deadline = time.monotonic() + 3
     while not await connection.fetchval(

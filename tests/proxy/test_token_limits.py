@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
@@ -21,6 +24,7 @@ from tests.conftest import Proxy
 from tests.events.events_support import RedisServer
 from tests.fakes import fake_upstream_app, whole_answer_in_two_parts
 from tests.raw_servers import silent_server
+from tests.sqlite_writes import write_sqlite
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -251,6 +255,50 @@ async def test_rate_limit_is_checked_before_the_quota_and_gives_back_on_refusal(
     assert (await proxy.client.get("/v1/models", headers=bearer(token))).status == 200
     response = await proxy.client.get("/v1/models", headers=bearer(token))
     assert (response.status, (await response.json())["error"]["code"]) == (429, "rate_limited")
+
+
+async def test_a_used_up_token_whose_reload_fails_gets_its_rpm_slot_back(
+    proxy: Proxy, database_url: str
+) -> None:
+    """A token cached as used up takes its rpm slot, then asks the database whether a place came
+    back; when that reload fails (the projects table gone a moment), the 503 gives the slot
+    back, in the background (retried while the store is away): the token is not a request short
+    for the rest of the minute once its quota is raised."""
+    issued = await proxy.issue_token(rpm=2, max_requests=1)
+
+    async def answer() -> tuple[int, str | None]:
+        response = await proxy.client.get("/v1/models", headers=bearer(issued["token"]))
+        if response.status == 200:
+            return 200, None
+        return response.status, (await response.json())["error"]["code"]
+
+    assert await answer() == (200, None)
+    assert await answer() == (429, "quota_exceeded")  # the token is now cached as used up
+    await _rename_table(database_url, "projects", "projects_gone")
+    try:
+        assert await answer() == (503, "limits_unavailable")
+    finally:
+        await _rename_table(database_url, "projects_gone", "projects")
+    status, _ = await proxy.manage("PATCH", f"/tokens/{issued['id']}", {"max_requests": 3})
+    assert status == 200
+    deadline = time.monotonic() + 10
+    while (answered := await answer()) != (200, None):  # once the slot is back
+        assert answered == (429, "rate_limited"), answered
+        assert time.monotonic() < deadline, "the refused request kept its slot"
+        await asyncio.sleep(0.2)
+    assert await answer() == (429, "rate_limited")  # the window holds the two admitted
+
+
+async def _rename_table(database_url: str, table: str, name: str) -> None:
+    sql = f"ALTER TABLE {table} RENAME TO {name}"
+    if database_url.startswith("sqlite:///"):
+        await write_sqlite(Path(database_url.removeprefix("sqlite:///")), sql)
+        return
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
 
 
 async def test_with_redis_a_burst_of_rate_limited_requests_waits_for_connections_not_refused(
