@@ -319,10 +319,8 @@ def own_database(own_postgres: PostgresServer) -> Iterator[str]:
 async def freezing_relay(own_postgres: PostgresServer) -> AsyncIterator[FreezingRelay]:
     """A relay to ``own_postgres`` that freezes it at a chosen statement (see freezing_relay.py);
     request it before any server using it, so it outlives them."""
-    relay = FreezingRelay(own_postgres)
-    await relay.start()
-    yield relay
-    await relay.close()
+    async with FreezingRelay(own_postgres) as relay:
+        yield relay
 
 
 @pytest.fixture(

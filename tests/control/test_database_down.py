@@ -44,11 +44,8 @@ async def test_a_project_change_that_fails_revokes_none_of_its_tokens(
     The call fails, and the tokens are still active with no audit event, as the project is
     unchanged (before, the revocation was a transaction of its own, committed before the change
     failed)."""
-    relay = AnswerLosingRelay(postgres_server.port, b"UPDATE projects")
-    await relay.start()
-    try:
-        url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
-        proxy: Proxy = await proxy_factory(database_url=url)
+    async with AnswerLosingRelay(postgres_server.port, b"UPDATE projects") as relay:
+        proxy: Proxy = await proxy_factory(database_url=relay.url(postgres_url))
         issued = await proxy.issue_token()
         project_id = issued["project_id"]
         relay.arm(b"UPDATE projects")
@@ -72,8 +69,6 @@ async def test_a_project_change_that_fails_revokes_none_of_its_tokens(
         _, audit = await proxy.manage("GET", "/audit?action=project.update")
         (event,) = audit["events"]
         assert event["details"]["revoked_count"] == 1
-    finally:
-        await relay.close()
 
 
 async def test_a_change_is_refused_within_the_store_bound_while_the_database_hangs(

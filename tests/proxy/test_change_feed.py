@@ -17,7 +17,7 @@ import pytest
 from llm_proxy.stats import STATS
 from tests.conftest import Proxy
 from tests.postgres import PostgresServer
-from tests.raw_servers import RawServers
+from tests.postgres_relay import Link, Relay
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
 
@@ -104,63 +104,40 @@ async def _not(value: Any) -> bool:
     return not await value
 
 
-class ListenerCutter:
-    """A TCP relay to PostgreSQL that can swallow what the server sends on the LISTEN connections
+class ListenerCutter(Relay):
+    """A relay to PostgreSQL that can swallow what the server sends on the LISTEN connections
     (as a dead network would: no NOTIFY arrives, the socket stays open), and then close them."""
 
     def __init__(self, target_port: int) -> None:
-        self._target = target_port
-        self._servers = RawServers()
-        self._listeners: list[asyncio.StreamWriter] = []
+        super().__init__(target_port)
+        self._listeners: set[Link] = set()
         self.swallowing = False
-        self.port = 0
 
-    async def start(self) -> None:
-        self.port = await self._servers.start(self._relay)
+    async def from_client(self, link: Link, message: bytes) -> None:
+        if b"llm-proxy-listen" in message:  # its start-up message names it
+            self._listeners.add(link)
+        await super().from_client(link, message)
 
-    async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        server, to_server = await asyncio.open_connection("127.0.0.1", self._target)
-        listening = False
-
-        async def answers() -> None:
-            while data := await server.read(65536):
-                if not (listening and self.swallowing):
-                    to_client.write(data)
-
-        forwarding = asyncio.ensure_future(answers())
-        try:
-            while data := await client.read(65536):
-                if b"llm-proxy-listen" in data:  # its start-up message names it
-                    listening = True
-                    self._listeners.append(to_client)
-                to_server.write(data)
-                await to_server.drain()
-        finally:
-            forwarding.cancel()
-            to_server.close()
+    async def from_server(self, link: Link, message: bytes) -> None:
+        if not (link in self._listeners and self.swallowing):
+            await super().from_server(link, message)
 
     def cut(self) -> None:
         """Close the LISTEN connections: their loss shows now. New ones pass."""
         self.swallowing = False
-        for writer in self._listeners:
-            writer.transport.abort()
+        for link in self._listeners:
+            link.to_client.transport.abort()
         self._listeners.clear()
-
-    async def close(self) -> None:
-        await self._servers.close()
 
 
 @pytest.fixture
 async def listener_cutter(postgres_server: PostgresServer) -> AsyncIterator[ListenerCutter]:
     """Requested before the proxies, so it outlives them at teardown."""
-    relay = ListenerCutter(postgres_server.port)
-    await relay.start()
-    yield relay
-    await relay.close()
+    async with ListenerCutter(postgres_server.port) as relay:
+        yield relay
 
 
 async def test_a_lost_push_channel_has_the_feed_read_at_once(
-    postgres_server: PostgresServer,
     postgres_url: str,
     listener_cutter: ListenerCutter,
     proxy_factory: Any,
@@ -175,8 +152,7 @@ async def test_a_lost_push_channel_has_the_feed_read_at_once(
     }
     relay = listener_cutter
     handler: Proxy = await proxy_factory(database_url=postgres_url, **slow_pushed_timer)
-    relayed = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
-    other: Proxy = await proxy_factory(database_url=relayed, **slow_pushed_timer)
+    other: Proxy = await proxy_factory(database_url=relay.url(postgres_url), **slow_pushed_timer)
     await until(lambda: pushed(other), 5, "the push channel")
     issued = await handler.issue_token()
     assert await status_of(other, issued["token"]) == (200, None)

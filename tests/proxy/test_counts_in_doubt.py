@@ -23,10 +23,8 @@ async def commit_losing_url(
 ) -> AsyncIterator[tuple[AnswerLosingRelay, str]]:
     """A relay to the test's database that, once armed, loses the answer to one COMMIT; the
     database's URL through it."""
-    relay = AnswerLosingRelay(postgres_server.port, b"COMMIT")
-    await relay.start()
-    yield relay, postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
-    await relay.close()
+    async with AnswerLosingRelay(postgres_server.port, b"COMMIT") as relay:
+        yield relay, relay.url(postgres_url)
 
 
 async def test_request_counts_whose_commit_answer_was_lost_count_once(
@@ -53,11 +51,8 @@ async def test_a_claim_whose_answer_was_lost_is_admitted_or_given_back(
 ) -> None:
     """The connection dies after PostgreSQL counted a request of a token with max_requests and
     before the proxy heard so: the request is admitted, or refused and not counted."""
-    relay = AnswerLosingRelay(postgres_server.port, b"")
-    await relay.start()
-    try:
-        url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
-        proxy: Proxy = await proxy_factory(database_url=url, **NO_TIMER)
+    async with AnswerLosingRelay(postgres_server.port, b"") as relay:
+        proxy: Proxy = await proxy_factory(database_url=relay.url(postgres_url), **NO_TIMER)
         issued = await proxy.issue_token(max_requests=5)
         # The claim's statement is the first message to carry the token's id (its lookup goes by
         # the value's hash).
@@ -74,8 +69,6 @@ async def test_a_claim_whose_answer_was_lost_is_admitted_or_given_back(
 
         # A claim whose fate the database could not tell at once is given back when it can.
         await until(lambda: _is(counted(), admitted), 10, "the claim given back")
-    finally:
-        await relay.close()
 
 
 async def _is(value: Awaitable[int], expected: int) -> bool:
@@ -87,10 +80,8 @@ async def test_a_place_whose_give_back_failed_is_given_back_when_the_database_an
 ) -> None:
     """A request that never reached the upstream gives its place back; a connection to the
     database dying under that give-back must not leave the place used for good."""
-    relay = AnswerLosingRelay(postgres_server.port, b"")
-    await relay.start()
-    try:
-        url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+    async with AnswerLosingRelay(postgres_server.port, b"") as relay:
+        url = relay.url(postgres_url)
         proxy: Proxy = await proxy_factory(
             database_url=url, api={"base_url": f"http://127.0.0.1:{unused_tcp_port}"}, **NO_TIMER
         )
@@ -105,17 +96,13 @@ async def test_a_place_whose_give_back_failed_is_given_back_when_the_database_an
             return int(shown["request_count"])
 
         await until(lambda: _is(counted(), 0), 10, "the place given back")
-    finally:
-        await relay.close()
 
 
 async def test_a_give_back_whose_commit_answer_was_lost_gives_back_once(
     postgres_server: PostgresServer, postgres_url: str, proxy_factory: Any, unused_tcp_port: int
 ) -> None:
-    relay = AnswerLosingRelay(postgres_server.port, b"")
-    await relay.start()
-    try:
-        url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+    async with AnswerLosingRelay(postgres_server.port, b"") as relay:
+        url = relay.url(postgres_url)
         proxy: Proxy = await proxy_factory(
             database_url=url, api={"base_url": f"http://127.0.0.1:{unused_tcp_port}"}, **NO_TIMER
         )
@@ -134,8 +121,6 @@ async def test_a_give_back_whose_commit_answer_was_lost_gives_back_once(
         status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
         assert status == 200, shown
         assert shown["request_count"] == 2
-    finally:
-        await relay.close()
 
 
 async def test_usage_aggregates_whose_commit_answer_was_lost_count_once(

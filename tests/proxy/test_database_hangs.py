@@ -20,8 +20,8 @@ from llm_proxy.crypto import hash_token
 from tests.conftest import Proxy
 from tests.freezing_relay import FreezingRelay
 from tests.postgres import PostgresServer
+from tests.postgres_relay import Link, Relay
 from tests.proxy.test_budgets import PRICES, chat, post, settled
-from tests.raw_servers import RawServers
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
 
@@ -240,60 +240,43 @@ async def test_a_budget_hold_after_its_claim_is_refused_within_the_store_bound_i
         await asyncio.sleep(0.2)
 
 
-class CommitAnswerHole:
-    """A TCP relay to PostgreSQL that, once armed, lets through the first statement holding
-    ``word`` and then its connection's COMMIT, whose answer (and every later one on that
-    connection) it keeps: the database commits, and the client never hears it did, as when the
-    database hangs between the statement's answer and the COMMIT's."""
+class CommitAnswerHole(Relay):
+    """A relay to PostgreSQL that, once armed, lets through the first statement holding ``word``
+    and then its connection's COMMIT, whose answer (and every later one on that connection) it
+    keeps: the database commits, and the client never hears it did, as when the database hangs
+    between the statement's answer and the COMMIT's."""
 
     def __init__(self, target_port: int, word: bytes) -> None:
-        self._target = target_port
+        super().__init__(target_port)
         self._word = word.lower()
-        self._servers = RawServers()
+        self._seen: set[Link] = set()
+        self._hung: set[Link] = set()
         self.armed = False
-        self.port = 0
 
-    async def start(self) -> None:
-        self.port = await self._servers.start(self._relay)
+    async def from_client(self, link: Link, message: bytes) -> None:
+        if link in self._seen and self.armed and b"commit" in message.lower():
+            self.armed = False
+            self._hung.add(link)
+        if self.armed and self._word in message.lower():
+            self._seen.add(link)
+        await super().from_client(link, message)
 
-    async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        server, to_server = await asyncio.open_connection("127.0.0.1", self._target)
-        seen = hung = False
-
-        async def answers() -> None:
-            while data := await server.read(65536):
-                if not hung:
-                    to_client.write(data)
-
-        forwarding = asyncio.ensure_future(answers())
-        try:
-            while data := await client.read(65536):
-                if seen and self.armed and b"commit" in data.lower():
-                    self.armed = False
-                    hung = True
-                seen = seen or (self.armed and self._word in data.lower())
-                to_server.write(data)
-                await to_server.drain()
-        finally:
-            forwarding.cancel()
-            to_server.close()
-
-    async def close(self) -> None:
-        await self._servers.close()
+    async def from_server(self, link: Link, message: bytes) -> None:
+        if link not in self._hung:
+            await super().from_server(link, message)
 
 
 @pytest.fixture
 async def commit_answer_hole(postgres_server: PostgresServer) -> AsyncIterator[CommitAnswerHole]:
     """The relay, for a proxy that outlives the test (requested before it, it stays up until the
     proxy is closed, which still writes to the database as it stops)."""
-    relay = CommitAnswerHole(postgres_server.port, b"request_count = request_count + 1")
-    await relay.start()
-    yield relay
-    await relay.close()
+    async with CommitAnswerHole(
+        postgres_server.port, b"request_count = request_count + 1"
+    ) as relay:
+        yield relay
 
 
 async def test_a_claim_whose_commit_answer_never_comes_is_admitted_within_the_store_bound(
-    postgres_server: PostgresServer,
     postgres_url: str,
     commit_answer_hole: CommitAnswerHole,
     proxy_factory: Any,
@@ -302,8 +285,7 @@ async def test_a_claim_whose_commit_answer_never_comes_is_admitted_within_the_st
     # so the request is admitted and counted once. The question used to wait until the claim's
     # connection had waited out the cancellation of its COMMIT, which never got an answer either.
     relay = commit_answer_hole
-    url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
-    proxy: Proxy = await proxy_factory(database_url=url)
+    proxy: Proxy = await proxy_factory(database_url=relay.url(postgres_url))
     issued = await proxy.issue_token(max_requests=10)
     headers = {"Authorization": f"Bearer {issued['token']}"}
     relay.armed = True  # before the first claim: its statement is sent whole only once

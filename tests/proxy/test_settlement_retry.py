@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,29 +33,29 @@ from tests.events.events_support import RedisServer
 from tests.events.test_offload import events_pid, eventually, scrape
 from tests.fakes import fake_upstream_app
 from tests.postgres import PostgresServer
+from tests.postgres_relay import Chunks, Link, PostgresMessages, Relay
 from tests.proxy.test_budgets import PRICES, bearer, chat, post
 from tests.proxy.test_lifetime_spend import cost_of
-from tests.raw_servers import RawServers, failing_when_told
+from tests.raw_servers import failing_when_told
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
 BUDGET = 1_000_000_000
 STREAM = EventsConfig().stream
 
 
-class AnswerLosingRelay:
-    """A TCP relay to a server that, once armed, passes on the first message holding ``word`` and
-    then cuts its client off, so the server runs the command and its answer never arrives."""
+class AnswerLosingRelay(Relay):
+    """A relay to a server (PostgreSQL, or Redis with ``framing=Chunks``) that, once armed, passes
+    on the first command holding ``word`` and then cuts its client off, so the server runs the
+    command and its answer never arrives."""
 
-    def __init__(self, target_port: int, word: bytes) -> None:
-        self._target = target_port
+    def __init__(
+        self, target_port: int, word: bytes, framing: Callable[[], Chunks] = PostgresMessages
+    ) -> None:
+        super().__init__(target_port, framing)
         self._word = word.lower()
-        self._servers = RawServers()
+        self._losing: set[Link] = set()
         self.armed = False
         self._passing = 0
-        self.port = 0
-
-    async def start(self) -> None:
-        self.port = await self._servers.start(self._relay)
 
     def arm(self, word: bytes, *, passing: int = 0) -> None:
         """Lose the answer to the next message holding ``word`` (instead of the one given), once
@@ -64,33 +64,17 @@ class AnswerLosingRelay:
         self._passing = passing
         self.armed = True
 
-    async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        server, to_server = await asyncio.open_connection("127.0.0.1", self._target)
-
-        async def answers() -> None:
-            while data := await server.read(65536):
-                if not to_client.is_closing():
-                    to_client.write(data)
-
-        forwarding = asyncio.ensure_future(answers())
-        try:
-            while data := await client.read(65536):
-                to_server.write(data)
-                await to_server.drain()
-                if self.armed and self._word in data.lower():
-                    if self._passing:
-                        self._passing -= 1
-                        continue
-                    self.armed = False
-                    to_client.transport.abort()
-                    break
+    async def from_client(self, link: Link, message: bytes) -> None:
+        await super().from_client(link, message)
+        if self.armed and self._word in message.lower():
+            if self._passing:
+                self._passing -= 1
+            else:
+                self.armed = False
+                self._losing.add(link)
+        if link in self._losing and link.framing.ends_command(message):
+            link.to_client.transport.abort()
             await asyncio.sleep(1)  # the server answers into the void
-        finally:
-            forwarding.cancel()
-            to_server.close()
-
-    async def close(self) -> None:
-        await self._servers.close()
 
 
 async def add_token(store: Store, budget_nanousd: int = BUDGET) -> None:
@@ -127,7 +111,7 @@ async def test_a_settlement_whose_answer_redis_lost_counts_once(
 ) -> None:
     """Redis ran the settlement and the connection died before its answer: it is sent again on a
     new connection, which must neither fail nor add the cost a second time."""
-    relay = AnswerLosingRelay(redis_server.port, b"EVALSHA")
+    relay = AnswerLosingRelay(redis_server.port, b"EVALSHA", Chunks)
     await relay.start()
     direct = RedisBudgetLedger(redis_server.url, sqlite_store)
     relayed = RedisBudgetLedger(f"redis://127.0.0.1:{relay.port}/0", sqlite_store)
@@ -166,7 +150,7 @@ async def test_a_settlement_whose_commit_answer_postgresql_lost_counts_once(
     await add_token(store)
     relay = AnswerLosingRelay(server.port, b"COMMIT")
     await relay.start()
-    relayed_store = await open_store(url.replace(f":{server.port}/", f":{relay.port}/"))
+    relayed_store = await open_store(relay.url(url))
     ledger = StoreBudgetLedger(relayed_store)
     try:
         hold = await store.reserve_budget("t1", "h1", 5_000, 100, 3600)
