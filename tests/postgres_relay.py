@@ -5,9 +5,10 @@ hold back or cut off at an exact message: a hang or a lost answer between two gi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 from tests.raw_servers import RawServers
 
@@ -131,3 +132,25 @@ class Relay:
         finally:
             forwarding.cancel()
             to_server.close()
+
+
+class RelayThread:
+    """``relay`` served from now until :meth:`close` by an event loop in a thread of its own, for
+    a synchronous test (one driving servers in other processes, which blocks as it waits)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.run(relay.start())
+
+    def run(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run ``step`` on the relay's loop, and wait until it is done."""
+        asyncio.run_coroutine_threadsafe(step, self._loop).result(10)
+
+    def close(self) -> None:
+        self.run(self._relay.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()

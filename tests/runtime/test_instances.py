@@ -3,6 +3,7 @@ sharing nothing but a real PostgreSQL and a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import contextlib
@@ -28,6 +29,7 @@ from redis import Redis
 
 from tests.events.events_support import RedisServer
 from tests.postgres import PostgresServer
+from tests.postgres_relay import Link, Relay, RelayThread
 from tests.processes import (
     MockUpstream,
     Process,
@@ -581,51 +583,32 @@ def test_revoked_tokens_stay_refused_through_lost_listeners_and_a_database_resta
             instance.stop(timeout=10)
 
 
-class FreezableRelay:
-    """A TCP relay to PostgreSQL that can stop passing bytes while keeping every connection open,
-    as a network that drops packets does: no reset, no error, just silence."""
+class FreezableRelay(Relay):
+    """A relay to PostgreSQL that can stop passing bytes while keeping every connection open,
+    as a network that drops packets does: no reset, no error, just silence. Served from a thread
+    (:class:`RelayThread`: the test blocks as it drives servers in other processes)."""
 
     def __init__(self, target_port: int) -> None:
-        self._target = ("127.0.0.1", target_port)
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self._sockets: list[socket.socket] = [self._server]
-        self._lock = threading.Lock()
-        self._closed = False
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
+        super().__init__(target_port)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):  # the listening socket closed: the test is over
-            while True:
-                client, _ = self._server.accept()
-                upstream = socket.create_connection(self._target)
-                with self._lock:
-                    self._sockets += [client, upstream]
-                    if self._closed:
-                        break
-                for source, sink in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-        self.close()
+    async def freeze(self) -> None:
+        self._flowing.clear()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                self.flowing.wait()
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
+    async def flow(self) -> None:
+        self._flowing.set()
 
-    def close(self) -> None:
-        self.flowing.set()
-        with self._lock:
-            self._closed = True
-            for sock in self._sockets:
-                sock.close()
-        if threading.current_thread() is not self._accepting:
-            self._accepting.join(5)
+    async def from_client(self, link: Link, message: bytes) -> None:
+        await self._flowing.wait()
+        await super().from_client(link, message)
+
+    async def from_server(self, link: Link, message: bytes) -> None:
+        await self._flowing.wait()
+        await super().from_server(link, message)
+
+    def server_ended(self, link: Link) -> None:
+        link.to_client.write_eof()  # a network passes the server's end on
 
 
 def test_an_instance_cut_off_from_the_database_stops_trusting_its_cache(
@@ -640,6 +623,7 @@ def test_an_instance_cut_off_from_the_database_stops_trusting_its_cache(
     closed), its /metrics still answers and shows the feed's lag, and once the network is back
     the revocation it missed is enforced."""
     relay = FreezableRelay(postgres_server.port)
+    serving = RelayThread(relay)
     config = write_api_config(tmp_path / "api.yaml", upstream.base_url)
     common = {
         "REDIS_URL": redis_server.url,
@@ -654,7 +638,7 @@ def test_an_instance_cut_off_from_the_database_stops_trusting_its_cache(
                 tmp_path / "i0", config, tmp_path, name="i0", DATABASE_URL=postgres_url, **common
             )
         )
-        relayed_url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/")
+        relayed_url = relay.url(postgres_url)
         instances.append(
             start_server(
                 tmp_path / "i1", config, tmp_path, name="i1", DATABASE_URL=relayed_url, **common
@@ -664,7 +648,7 @@ def test_an_instance_cut_off_from_the_database_stops_trusting_its_cache(
         issued = cluster.issue()
         for n in range(2):
             assert cluster.call(issued["token"], on=n) == (200, None)  # cached on both
-        relay.flowing.clear()
+        serving.run(relay.freeze())
         cut_at = time.monotonic()
         cluster.manage("DELETE", f"/tokens/{issued['id']}", on=0)
         assert cluster.call(issued["token"], on=0) == (401, "token_inactive")
@@ -685,7 +669,7 @@ def test_an_instance_cut_off_from_the_database_stops_trusting_its_cache(
         assert lag > 1.0, lag
         assert metric(instances[0], "llm_proxy_change_feed_lag_seconds") < 1.0
 
-        relay.flowing.set()
+        serving.run(relay.flow())
         deadline = time.monotonic() + 15
         while (answer := cluster.call(issued["token"], on=1))[0] == 503:
             assert time.monotonic() < deadline, answer
@@ -694,7 +678,7 @@ def test_an_instance_cut_off_from_the_database_stops_trusting_its_cache(
     finally:
         for instance in instances:
             instance.stop(timeout=10)
-        relay.close()
+        serving.close()
 
 
 def http_text(url: str) -> str:
