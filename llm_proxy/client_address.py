@@ -76,9 +76,6 @@ class ForwardedTrust:
         return found
 
     def _listed(self, address: Address) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            # A dual-stack socket names an IPv4 peer as ::ffff:a.b.c.d.
-            address = address.ipv4_mapped
         return any(address in network for network in self.networks)
 
 
@@ -96,9 +93,14 @@ def _refusal(entry: str) -> str:
 
 def _address(text: str) -> Address | None:
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack socket names an IPv4 peer as ::ffff:a.b.c.d, and so may a balancer: matched
+        # and recorded as the IPv4 address it is, not ::ffff:cb00:7107.
+        return address.ipv4_mapped
+    return address
 
 
 def _forwarded_address(entry: str) -> Address | None:
@@ -116,10 +118,7 @@ def _forwarded_address(entry: str) -> Address | None:
     # characters included: never an address to record.
     if (port and not _PORT.fullmatch(port)) or "%" in host:
         return None
-    address = _address(host)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped  # recorded as the IPv4 address it is, not ::ffff:102:304
-    return address
+    return _address(host)
 
 
 TRUST_NO_ONE = ForwardedTrust()
