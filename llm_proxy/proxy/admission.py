@@ -25,7 +25,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -278,37 +278,36 @@ class TokenAuthority:
             # another since this grant was read (during a slow upload, or in another instance).
             admission = Admission(grant, claim.remaining, slot)
         if grant.budget is not None and plan is not None:
-            try:
+            async with self._given_back_if_refused(admission):
                 if not self._settles:
                     raise _unsettled_limits()
                 if self.settlements.unsettled(grant.token_id):
                     await self.settlements.wait(grant.token_id)
                 await self._hold(admission, grant.budget, plan)
-            except errors.LimitsUnavailable:
-                # Its store failed: a store that hangs would hold the refusal another timeout
-                # for the place and slot given back inline, so they go back in the background.
-                self.release_unsent(admission)
-                raise
-            except BaseException:
-                await self.release(admission)
-                raise
         if grant.limited and self._by_hash.get(grant.digest) is not grant:
             # A change evicted the grant while its limits were counted (a store slow to answer,
             # a wait for settlements): the same promise as above, given back what it took.
-            try:
+            async with self._given_back_if_refused(admission):
                 self._refuse_unusable(
                     self._by_hash.get(grant.digest)
                     or await self._load_or_refuse(grant, grant.digest, time.monotonic())
                 )
-            except errors.LimitsUnavailable:
-                # The reload failed with its store: one that hangs would hold the refusal
-                # another timeout for what is given back, so it goes back in the background.
-                self._release_in_background(admission)
-                raise
-            except BaseException:
-                await self.release(admission)
-                raise
         return admission
+
+    @contextlib.asynccontextmanager
+    async def _given_back_if_refused(self, admission: Admission) -> AsyncIterator[None]:
+        """Give back what ``admission`` counted when the block refuses the request (or its client
+        leaves): before the refusal goes out, so that counts are exact when it arrives, but in
+        the background when a store failed, since one that hangs would hold the refusal another
+        timeout for the give-back."""
+        try:
+            yield
+        except errors.LimitsUnavailable:
+            self._release_in_background(admission)
+            raise
+        except BaseException:
+            await self.release(admission)
+            raise
 
     def is_current(self, grant: Grant) -> bool:
         """Whether ``grant`` is still its token's cached grant: no change evicted it."""
