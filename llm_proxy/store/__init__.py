@@ -29,7 +29,8 @@ class Store(Protocol):
     async def migrate(self) -> list[int]:
         """Apply the numbered migrations the database lacks; the versions applied. Raises
         :class:`~llm_proxy.store.migrations.SchemaNewerThanRelease`, having changed nothing, when
-        the database records migrations this release does not ship."""
+        the database records migrations this release does not ship and may not serve on (see
+        ``migrations.refuse_newer``); applies nothing, with a warning, when it may."""
         ...
 
     async def ping(self) -> None:

@@ -10,7 +10,7 @@ import asyncpg
 import structlog
 
 from llm_proxy.models import utcnow
-from llm_proxy.store.migrations import migration_scripts, refuse_newer
+from llm_proxy.store.migrations import migration_scripts, refuse_newer, serves_from
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +38,8 @@ _LOG_EVERY = 30
 async def apply_migrations(conn: Conn) -> list[int]:
     """Apply the migrations the database lacks, in order, each in a transaction of its own; the
     versions applied. Raises :class:`~llm_proxy.store.migrations.SchemaNewerThanRelease`,
-    having changed nothing, when it records migrations this release does not ship."""
+    having changed nothing, when it records migrations this release does not ship and may not
+    serve on (``refuse_newer``)."""
     applied_now: list[int] = []
     deadline = asyncio.get_running_loop().time() + MIGRATION_TIMEOUT
     held_up = 0
@@ -81,11 +82,24 @@ async def _apply_next(conn: Conn) -> int | None:
         "CREATE TABLE IF NOT EXISTS schema_migrations"
         " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
     )
-    applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-    refuse_newer(applied, "postgresql")
+    # Each migration's serves-from marker (migrations.py), as a last, nullable column: releases
+    # before it read only the version and insert (version, applied_at) positionally, which
+    # PostgreSQL takes as the first two columns, so they go on working on the table as it is now.
+    await conn.execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS serves_from INTEGER")
+    recorded = {
+        r["version"]: r["serves_from"]
+        for r in await conn.fetch("SELECT version, serves_from FROM schema_migrations")
+    }
+    refuse_newer(recorded, "postgresql")
     for version, sql in migration_scripts("postgresql"):
-        if version not in applied:
+        if version not in recorded:
             await conn.execute(sql, timeout=MIGRATION_TIMEOUT)
-            await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", version, utcnow())
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at, serves_from)"
+                " VALUES ($1, $2, $3)",
+                version,
+                utcnow(),
+                serves_from(sql),
+            )
             return version
     return None

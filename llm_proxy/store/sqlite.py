@@ -35,7 +35,7 @@ from llm_proxy.models import (
     utcnow,
     with_marks,
 )
-from llm_proxy.store.migrations import migration_scripts, refuse_newer
+from llm_proxy.store.migrations import migration_scripts, refuse_newer, serves_from
 from llm_proxy.store.records import (
     FORGET_ISSUE_FORMS_AT_ONCE,
     PROJECT_COLUMNS,
@@ -260,17 +260,33 @@ class SqliteStore:
         await self._db.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
         )
-        async with self._db.execute("SELECT version FROM schema_migrations") as cur:
-            applied = {row[0] for row in await cur.fetchall()}
-        refuse_newer(applied, "sqlite")
+        # Each migration's serves-from marker (migrations.py) has a table of its own: releases
+        # before it insert (version, applied_at) into schema_migrations without naming the
+        # columns, which SQLite refuses once the table has a third one.
+        await self._db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations_serves_from"
+            " (version INTEGER PRIMARY KEY, serves_from INTEGER NOT NULL)"
+        )
+        async with self._db.execute(
+            "SELECT version, serves_from FROM schema_migrations"
+            " LEFT JOIN schema_migrations_serves_from USING (version)"
+        ) as cur:
+            recorded = {row[0]: row[1] for row in await cur.fetchall()}
+        refuse_newer(recorded, "sqlite")
         for version, sql in migration_scripts("sqlite"):
-            if version in applied:
+            if version in recorded:
                 continue
+            marker = serves_from(sql)
+            marking = (
+                f"INSERT OR REPLACE INTO schema_migrations_serves_from VALUES ({version}, {marker});"
+                if marker is not None
+                else ""
+            )
             # Recording the version first makes a concurrent start-up (several workers) fail on the
             # primary key instead of applying the same migration twice.
             script = (
-                f"BEGIN IMMEDIATE;\nINSERT INTO schema_migrations VALUES ({version}, '{_ts(utcnow())}');"
-                f"\n{sql}\nCOMMIT;"
+                "BEGIN IMMEDIATE;\nINSERT INTO schema_migrations (version, applied_at)"
+                f" VALUES ({version}, '{_ts(utcnow())}');{marking}\n{sql}\nCOMMIT;"
             )
             try:
                 await self._db.executescript(script)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from llm_proxy.store.migrations import migration_scripts
 from tests.processes import (
     MockUpstream,
     ServerProcess,
@@ -33,6 +34,7 @@ from tests.processes import (
 pytestmark = pytest.mark.process
 
 SECRET_FILES = ("management_token", "admin_password", "encryption_key")
+LATEST = migration_scripts("sqlite")[-1][0]
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +276,8 @@ def test_a_database_a_newer_release_migrated_is_refused_by_migrate_and_at_start(
 
     refusal = (
         f"llm-proxy: DATA_DIR: cannot migrate the database {database}: it records migrations"
-        " this release does not ship (998, 999): a newer release migrated it; run that release"
+        " this release does not ship (998, 999): a newer release migrated it, and 998, 999 do"
+        f" not declare that this release (schema {LATEST:03d}) may serve on it; run that release"
         " (or a later one), or restore a backup taken before it"
     )
     assert (newer.returncode, newer.stdout, newer.stderr.splitlines()) == (1, "", [refusal])

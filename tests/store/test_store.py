@@ -22,9 +22,10 @@ from llm_proxy.models import (
     utcnow,
 )
 from llm_proxy.store import Store
-from llm_proxy.store.migrations import SchemaNewerThanRelease, migration_scripts
+from llm_proxy.store.migrations import SchemaNewerThanRelease, migration_scripts, serves_from
 from llm_proxy.store.opening import open_store, sqlite_path
 from llm_proxy.store.unavailable import FOREIGN_KEY_REFUSALS
+from tests.newer_release import record_newer_migration
 from tests.sqlite_writes import write_sqlite
 
 AUDIT = AuditEntry(actor="test", action="change", target_type="thing")
@@ -102,6 +103,61 @@ async def test_a_database_a_newer_release_migrated_is_refused_unchanged(
     with pytest.raises(SchemaNewerThanRelease):
         await open_store(database_url)
     assert await _recorded_versions(database_url) == [*every_migration(database_url), 999]
+
+
+async def test_a_newer_release_s_migrations_that_allow_this_release_are_served_on(
+    database_url: str,
+) -> None:
+    """A rollback past migrations that each declare ``-- serves-from`` this release's schema or
+    an older one: the database opens and migrates to nothing, as it is, instead of refusing."""
+    latest = every_migration(database_url)[-1]
+    store = await open_store(database_url)
+    await store.close()
+    await record_newer_migration(database_url, latest + 1, serves_from=latest)
+    await record_newer_migration(database_url, latest + 2, serves_from=latest - 1)
+    reopened = await open_store(database_url)
+    try:
+        assert await reopened.migrate() == []
+        await reopened.create_project(project(), AUDIT)
+        assert (await reopened.get_project("p1")) is not None
+    finally:
+        await reopened.close()
+    assert await _recorded_versions(database_url) == [
+        *every_migration(database_url),
+        latest + 1,
+        latest + 2,
+    ]
+
+
+@pytest.mark.parametrize("declared", [None, "newer"])
+async def test_a_newer_release_s_migration_that_does_not_allow_this_release_is_named(
+    database_url: str, declared: str | None
+) -> None:
+    """One of the newer migrations declares no serves-from, or a schema this release does not
+    reach: refused, naming that one, however the others allow it."""
+    latest = every_migration(database_url)[-1]
+    blocking = latest + 2
+    store = await open_store(database_url)
+    await store.close()
+    await record_newer_migration(database_url, latest + 1, serves_from=latest)
+    await record_newer_migration(
+        database_url, blocking, serves_from=None if declared is None else latest + 1
+    )
+    with pytest.raises(SchemaNewerThanRelease) as refused:
+        await open_store(database_url)
+    assert (refused.value.versions, refused.value.incompatible) == (
+        [latest + 1, blocking],
+        [blocking],
+    )
+    assert f"and {blocking:03d} does not declare that this release (schema {latest:03d})" in str(
+        refused.value
+    )
+
+
+def test_every_shipped_serves_from_names_a_version_before_its_own() -> None:
+    for backend in ("sqlite", "postgresql"):
+        declared = {v: serves_from(sql) for v, sql in migration_scripts(backend)}
+        assert {v: s for v, s in declared.items() if s is not None} == {8: 7, 10: 9}, backend
 
 
 async def _recorded_versions(database_url: str) -> list[int]:

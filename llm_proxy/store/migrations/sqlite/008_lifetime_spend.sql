@@ -5,6 +5,9 @@
 -- is more than its spend (a database migrated to 007 earlier counts its later requests in both;
 -- aggregates already pruned by their retention leave the spend as it is). Budgeted tokens are left
 -- as they are: Redis may keep their spend too, and the two must agree.
+-- A one-off rewrite of spent_nanousd, which the release of 007 counts for every token as this
+-- one does: that release serves on it unchanged.
+-- serves-from: 007
 UPDATE tokens
 SET spent_nanousd = (SELECT SUM(cost_nanousd) FROM usage_hourly WHERE token_id = tokens.id)
 WHERE budget_nanousd IS NULL
