@@ -160,6 +160,27 @@ def test_every_shipped_serves_from_names_a_version_before_its_own() -> None:
         assert {v: s for v, s in declared.items() if s is not None} == {8: 7, 10: 9}, backend
 
 
+async def test_each_migration_s_serves_from_is_recorded_with_it(
+    store: Store, database_url: str
+) -> None:
+    """What a later release, rolled back to this one's successor, reads to decide."""
+    if database_url.startswith("postgresql"):
+        connection = await asyncpg.connect(database_url)
+        try:
+            rows = await connection.fetch(
+                "SELECT version, serves_from FROM schema_migrations WHERE serves_from IS NOT NULL"
+            )
+        finally:
+            await connection.close()
+        recorded = {row["version"]: row["serves_from"] for row in rows}
+    else:
+        with sqlite3.connect(sqlite_path(database_url)) as db:
+            recorded = dict(
+                db.execute("SELECT version, serves_from FROM schema_migrations_serves_from")
+            )
+    assert recorded == {8: 7, 10: 9}
+
+
 async def _recorded_versions(database_url: str) -> list[int]:
     if database_url.startswith("postgresql"):
         connection = await asyncpg.connect(database_url)
