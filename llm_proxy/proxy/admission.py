@@ -718,9 +718,7 @@ class TokenAuthority:
                 if await doubt.committed():
                     return doubt.claim
             except BaseException as exc:
-                self._give_back_later(
-                    "release", partial(self._release_if_committed, token_id, doubt)
-                )
+                self._release_claim_later(grant, doubt)
                 if not isinstance(exc, Exception):
                     self._give_back_slot_later(token_id, slot)
                     raise
@@ -743,16 +741,23 @@ class TokenAuthority:
         failed = None if call.cancelled() else call.exception()
         if call.cancelled() or failed is not None or call.result() is None:
             if isinstance(failed, ClaimInDoubt):
-                self._give_back_later(
-                    "release", partial(self._release_if_committed, grant.token_id, failed)
-                )
+                self._release_claim_later(grant, failed)
             self._give_back_slot_later(grant.token_id, slot)
             return
         self.release_unsent(Admission(grant, None, slot))
 
-    async def _release_if_committed(self, token_id: str, doubt: ClaimInDoubt) -> None:
-        if await doubt.committed():
-            await self._store.release_request(token_id)
+    def _release_claim_later(self, grant: Grant, doubt: ClaimInDoubt) -> None:
+        """Give back, in the background, the place of a claim whose COMMIT went unanswered, once
+        the database tells it committed. Through :meth:`_give_back_place` with one admission for
+        every attempt: a give-back whose own COMMIT went unanswered is asked about before another,
+        as given twice, a place would be a request the quota never counted."""
+        admission = Admission(grant, None)
+
+        async def give_back() -> None:
+            if await doubt.committed():  # (raises while it cannot tell)
+                await self._give_back_place(admission)
+
+        self._give_back_later("release", give_back)
 
     async def _claim_after_refusal(self, grant: Grant, wall: float, slot: int) -> Claim:
         """A claim failed, or was not tried on a grant seen used up: either the quota is used up,

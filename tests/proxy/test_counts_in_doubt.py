@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import Proxy
 from tests.postgres import PostgresServer
+from tests.postgres_relay import Link, Relay
 from tests.proxy.test_change_feed import NO_TIMER, status_of, until
 from tests.proxy.test_settlement_retry import AnswerLosingRelay
 
@@ -187,3 +188,48 @@ async def test_requests_counted_during_a_burst_of_dropped_connections_are_those_
         return int(shown["request_count"]) if status == 200 else -1
 
     await until(lambda: _is(counted(), admitted), 15, f"{admitted} counted")
+
+
+class InTurnAnswerLosingRelay(Relay):
+    """A relay to PostgreSQL that loses the answers to the messages holding each of ``words`` in
+    turn: it passes the command on, then cuts its client off (see :class:`AnswerLosingRelay`)."""
+
+    def __init__(self, target_port: int, *words: bytes) -> None:
+        super().__init__(target_port)
+        self.words = [word.lower() for word in words]
+        self._losing: set[Link] = set()
+
+    async def from_client(self, link: Link, message: bytes) -> None:
+        await super().from_client(link, message)
+        if self.words and self.words[0] in message.lower():
+            self.words.pop(0)  # the next word is armed at once, before this answer is lost
+            self._losing.add(link)
+        if link in self._losing and link.framing.ends_command(message):
+            link.to_client.transport.abort()
+            await asyncio.sleep(1)  # the server answers into the void
+
+
+async def test_a_claim_in_doubt_given_back_in_doubt_is_given_back_once(
+    postgres_server: PostgresServer, postgres_url: str, proxy_factory: Any
+) -> None:
+    """A claim's COMMIT answer is lost and so is the answer to the question whether it committed:
+    the request is refused and its place given back in the background. That give-back's own
+    COMMIT answer is lost too: asked again, it must not give the place back a second time, which
+    would let the token make a request more than its max_requests."""
+    async with InTurnAnswerLosingRelay(postgres_server.port) as relay:
+        proxy: Proxy = await proxy_factory(database_url=relay.url(postgres_url), **NO_TIMER)
+        issued = await proxy.issue_token(max_requests=5)
+        database = postgres_url.rsplit("/", 1)[1]
+        postgres_server.psql(database, "UPDATE tokens SET request_count = 2")  # used before
+        # The claim's COMMIT, the question about it, then the give-back's COMMIT.
+        relay.words = [b"commit", b"txid_status", b"commit"]
+        assert await status_of(proxy, issued["token"]) == (503, "limits_unavailable")
+        authority = proxy.components.authority
+
+        async def given_back() -> bool:
+            return not relay.words and not authority._orphan_releases
+
+        await until(given_back, 20, "the give-back retried")
+        status, shown = await proxy.manage("GET", f"/tokens/{issued['id']}")
+        assert status == 200, shown
+        assert shown["request_count"] == 2
