@@ -1069,7 +1069,10 @@ class TokenAuthority:
     async def close(self) -> None:
         if self._orphan_releases or self._refusal_notes:
             await asyncio.wait(self._orphan_releases | self._refusal_notes, timeout=5)
-        if waiting := list(self._orphan_releases):  # their store is still away: they expire
+        if waiting := list(self._orphan_releases):
+            # Their store is still away. Holds and rpm slots expire, but a max_requests place
+            # not given back stays used for good: the operator hears how many were left.
+            log.warning("token_authority.give_backs_abandoned", count=len(waiting))
             for release in waiting:
                 release.cancel()
             await asyncio.gather(*waiting, return_exceptions=True)

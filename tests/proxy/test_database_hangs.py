@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from llm_proxy.crypto import hash_token
 from tests.conftest import Proxy
@@ -415,3 +416,29 @@ async def _until_a_statement_waits_on_a_lock(connection: asyncpg.Connection) -> 
     ):
         assert time.monotonic() < deadline, "no statement waits on the lock"
         await asyncio.sleep(0.02)
+
+
+async def test_a_give_back_still_waiting_for_the_database_at_shutdown_is_logged(
+    own_postgres: PostgresServer,
+    own_database: str,
+    freezing_relay: FreezingRelay,
+    proxy_factory: Any,
+    tmp_path: Path,
+) -> None:
+    # A refused request's max_requests place is given back in the background while the database
+    # hangs. Stopped before it answers, the proxy gives up on that give-back, and the place stays
+    # used for good: the operator must hear of it, with how many.
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(PRICES)
+    relay = freezing_relay
+    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database), prices_path=prices)
+    issued = await proxy.issue_token(max_requests=10, budget_usd=5)
+    relay.arm(b"budget_nanousd IS NOT NULL FOR UPDATE")  # before the first hold prepares it
+    status, _, answer = await post(proxy, issued["token"], chat())
+    assert relay.frozen.is_set()  # the hold's statement was the one the hang began at
+    assert (status, orjson.loads(answer)["error"]["code"]) == (503, "limits_unavailable"), answer
+    assert proxy.components.authority._orphan_releases  # the place's give-back is waiting
+    with capture_logs() as logs:
+        await proxy.client.close()
+    abandoned = [line for line in logs if line["event"] == "token_authority.give_backs_abandoned"]
+    assert len(abandoned) == 1 and abandoned[0]["count"] >= 1, logs
