@@ -21,6 +21,10 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _EVERY_PEER = "*"
+# More proxies than any real chain has: a longer run of trusted entries is not walked to its end.
+# A trusted host could otherwise send a header of thousands, each one parsed, to hold the event
+# loop (the proxy path's too) for many times what the request itself costs.
+_MAX_HOPS = 16
 _PORT = re.compile(r":[0-9]{1,5}")  # ASCII digits: isdigit() takes other scripts' too
 
 
@@ -58,13 +62,22 @@ class ForwardedTrust:
         From a trusted peer, the header is walked from the right (each proxy appends the address
         it was reached from) past the proxies trusted here, to the first address that is not
         one: everything left of it was written by the client or before it. A malformed entry
-        on that walk means the chain cannot be read, and the peer is named instead.
+        on that walk, or more trusted entries than ``_MAX_HOPS``, means the chain cannot be
+        read, and the peer is named instead.
         """
         peer_address = _address(peer) if peer is not None else None
         if peer_address is None or not (self.every_peer or self._listed(peer_address)):
             return peer
         found = peer
-        for entry in reversed([part for value in forwarded_for for part in value.split(",")]):
+        # From the right, split no further than the walk may go.
+        entries = (
+            part
+            for value in reversed(list(forwarded_for))
+            for part in reversed(value.rsplit(",", _MAX_HOPS))
+        )
+        for hops, entry in enumerate(entries):
+            if hops == _MAX_HOPS:
+                return peer
             address = _forwarded_address(entry.strip())
             if address is None:
                 return peer
