@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -321,6 +321,24 @@ async def freezing_relay(own_postgres: PostgresServer) -> AsyncIterator[Freezing
     request it before any server using it, so it outlives them."""
     async with FreezingRelay(own_postgres) as relay:
         yield relay
+
+
+FrozenProxyStarter = Callable[..., Awaitable[tuple[FreezingRelay, Proxy]]]
+
+
+@pytest.fixture
+async def proxy_on_freezing_relay(
+    own_database: str, freezing_relay: FreezingRelay, proxy_factory: Any
+) -> FrozenProxyStarter:
+    """Start a proxy (``overrides`` as for ``proxy_factory``) whose database, ``own_database``,
+    it reaches through ``freezing_relay``: the relay, to arm at a statement, and the proxy."""
+
+    async def start(**overrides: Any) -> tuple[FreezingRelay, Proxy]:
+        url = freezing_relay.url(own_database)
+        proxy: Proxy = await proxy_factory(database_url=url, **overrides)
+        return freezing_relay, proxy
+
+    return start
 
 
 @pytest.fixture(

@@ -11,7 +11,7 @@ import pytest
 
 from tests.admin_ui.conftest import AdminPages
 from tests.admin_ui.test_issuing import _send, _tokens
-from tests.freezing_relay import FreezingRelay
+from tests.conftest import FrozenProxyStarter
 from tests.postgres import PostgresServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.process]
@@ -43,15 +43,11 @@ async def test_pages_say_the_database_is_unavailable_and_come_back(
 
 
 async def test_an_issue_form_is_refused_within_the_store_bound_when_the_database_hangs(
-    own_postgres: PostgresServer,
-    own_database: str,
-    freezing_relay: FreezingRelay,
-    proxy_factory: Any,
+    proxy_on_freezing_relay: FrozenProxyStarter,
 ) -> None:
     # The hang starts at the form's claim (two statements on one connection): its first timed
     # out, then giving the connection back waited as long again for the hung database.
-    relay = freezing_relay
-    proxy = await proxy_factory(database_url=relay.url(own_database))
+    relay, proxy = await proxy_on_freezing_relay()
     admin = AdminPages(proxy)
     project_id = await admin.create_project()
     form = await admin.issue_form(project_id)

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UPSTREAM_KEY, Proxy
-from tests.freezing_relay import FreezingRelay
+from tests.conftest import UPSTREAM_KEY, FrozenProxyStarter, Proxy
 from tests.postgres import PostgresServer
 from tests.proxy.test_settlement_retry import AnswerLosingRelay
 
@@ -102,16 +101,12 @@ async def test_a_change_is_refused_within_the_store_bound_while_the_database_han
 
 
 async def test_a_token_is_refused_within_the_store_bound_when_the_database_hangs_at_its_insert(
-    own_postgres: PostgresServer,
-    own_database: str,
-    freezing_relay: FreezingRelay,
-    proxy_factory: Any,
+    proxy_on_freezing_relay: FrozenProxyStarter,
 ) -> None:
     # The hang starts after the project was read, at the token's INSERT: it timed out, then the
     # check for a project deleted meanwhile (meant for the database's refusal of the row) waited
     # as long again for the hung database.
-    relay = freezing_relay
-    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database))
+    relay, proxy = await proxy_on_freezing_relay()
     project_id = await proxy.create_project()
     relay.arm(b"INSERT INTO tokens")
     started = time.monotonic()

@@ -18,8 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from llm_proxy.crypto import hash_token
-from tests.conftest import Proxy
-from tests.freezing_relay import FreezingRelay
+from tests.conftest import FrozenProxyStarter, Proxy
 from tests.postgres import PostgresServer
 from tests.postgres_relay import Link, Relay
 from tests.proxy.test_budgets import PRICES, chat, post, settled
@@ -168,15 +167,12 @@ async def test_a_claim_stuck_behind_a_lock_is_cancelled_on_the_database_not_left
 
 
 async def test_a_claim_after_its_rpm_slot_is_refused_within_the_store_bound_if_the_database_hangs(
-    own_postgres: PostgresServer,
     own_database: str,
-    freezing_relay: FreezingRelay,
-    proxy_factory: Any,
+    proxy_on_freezing_relay: FrozenProxyStarter,
 ) -> None:
     # The hang starts between taking the rpm slot and the max_requests claim: the claim timed out,
     # then giving the slot back used to wait as long again before the client had its 503.
-    relay = freezing_relay
-    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database))
+    relay, proxy = await proxy_on_freezing_relay()
     issued = await proxy.issue_token(max_requests=10, rpm=100)
     headers = {"Authorization": f"Bearer {issued['token']}"}
     relay.arm(b"request_count = request_count + 1")  # before the first claim prepares it
@@ -208,18 +204,14 @@ async def test_a_claim_after_its_rpm_slot_is_refused_within_the_store_bound_if_t
 
 
 async def test_a_budget_hold_after_its_claim_is_refused_within_the_store_bound_if_it_hangs(
-    own_postgres: PostgresServer,
-    own_database: str,
-    freezing_relay: FreezingRelay,
-    proxy_factory: Any,
+    proxy_on_freezing_relay: FrozenProxyStarter,
     tmp_path: Path,
 ) -> None:
     # The hang starts between the max_requests claim and the budget hold: the hold timed out,
     # then giving the claimed place back waited as long again before the client had its 503.
     prices = tmp_path / "prices.yaml"
     prices.write_text(PRICES)
-    relay = freezing_relay
-    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database), prices_path=prices)
+    relay, proxy = await proxy_on_freezing_relay(prices_path=prices)
     issued = await proxy.issue_token(max_requests=10, budget_usd=5)
     relay.arm(b"budget_nanousd IS NOT NULL FOR UPDATE")  # before the first hold prepares it
     started = time.monotonic()
@@ -312,17 +304,14 @@ async def _admitted_once_thawed(proxy: Proxy, headers: dict[str, str]) -> int:
 
 
 async def test_a_token_changed_while_its_claim_waited_is_refused_within_the_bound_if_it_hangs(
-    own_postgres: PostgresServer,
     own_database: str,
-    freezing_relay: FreezingRelay,
-    proxy_factory: Any,
+    proxy_on_freezing_relay: FrozenProxyStarter,
 ) -> None:
     # An operator changed the token's project while its max_requests claim waited on the row's
     # lock; the claim then succeeded, and the token's reload (is it still usable?) met the hung
     # database: refused after the store's timeout, the claimed place used to be given back
     # inline first, which waited as long again.
-    relay = freezing_relay
-    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database))
+    relay, proxy = await proxy_on_freezing_relay()
     issued = await proxy.issue_token(max_requests=10)
     headers = {"Authorization": f"Bearer {issued['token']}"}
     assert (await proxy.client.get("/v1/models", headers=headers)).status == 200  # now cached
@@ -359,17 +348,14 @@ async def test_a_token_changed_while_its_claim_waited_is_refused_within_the_boun
 
 
 async def test_a_used_up_token_refused_while_the_database_hangs_keeps_no_rpm_slot(
-    own_postgres: PostgresServer,
     own_database: str,
-    freezing_relay: FreezingRelay,
-    proxy_factory: Any,
+    proxy_on_freezing_relay: FrozenProxyStarter,
 ) -> None:
     # A token cached as used up takes its rpm slot, then asks the database whether a place came
     # back; that reload meets the hung database and the client gets its 503. The slot must come
     # back once the database does, or the token would be a request short for the rest of the
     # minute after its quota is raised.
-    relay = freezing_relay
-    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database))
+    relay, proxy = await proxy_on_freezing_relay()
     issued = await proxy.issue_token(max_requests=1, rpm=2)
     headers = {"Authorization": f"Bearer {issued['token']}"}
 
@@ -419,10 +405,7 @@ async def _until_a_statement_waits_on_a_lock(connection: asyncpg.Connection) -> 
 
 
 async def test_a_give_back_still_waiting_for_the_database_at_shutdown_is_logged(
-    own_postgres: PostgresServer,
-    own_database: str,
-    freezing_relay: FreezingRelay,
-    proxy_factory: Any,
+    proxy_on_freezing_relay: FrozenProxyStarter,
     tmp_path: Path,
 ) -> None:
     # A refused request's max_requests place is given back in the background while the database
@@ -430,8 +413,7 @@ async def test_a_give_back_still_waiting_for_the_database_at_shutdown_is_logged(
     # used for good: the operator must hear of it, with how many.
     prices = tmp_path / "prices.yaml"
     prices.write_text(PRICES)
-    relay = freezing_relay
-    proxy: Proxy = await proxy_factory(database_url=relay.url(own_database), prices_path=prices)
+    relay, proxy = await proxy_on_freezing_relay(prices_path=prices)
     issued = await proxy.issue_token(max_requests=10, budget_usd=5)
     relay.arm(b"budget_nanousd IS NOT NULL FOR UPDATE")  # before the first hold prepares it
     status, _, answer = await post(proxy, issued["token"], chat())
