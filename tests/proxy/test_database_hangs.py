@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from llm_proxy.crypto import hash_token
 from tests.conftest import FrozenProxyStarter, Proxy
+from tests.freezing_relay import FreezingRelay
 from tests.postgres import PostgresServer
 from tests.postgres_relay import Link, Relay
 from tests.proxy.test_budgets import PRICES, chat, post, settled
@@ -209,16 +210,9 @@ async def test_a_budget_hold_after_its_claim_is_refused_within_the_store_bound_i
 ) -> None:
     # The hang starts between the max_requests claim and the budget hold: the hold timed out,
     # then giving the claimed place back waited as long again before the client had its 503.
-    prices = tmp_path / "prices.yaml"
-    prices.write_text(PRICES)
-    relay, proxy = await proxy_on_freezing_relay(prices_path=prices)
-    issued = await proxy.issue_token(max_requests=10, budget_usd=5)
-    relay.arm(b"budget_nanousd IS NOT NULL FOR UPDATE")  # before the first hold prepares it
-    started = time.monotonic()
-    status, _, answer = await post(proxy, issued["token"], chat())
-    seconds = time.monotonic() - started
-    assert relay.frozen.is_set()  # the hold's statement was the one the hang began at
-    assert (status, orjson.loads(answer)["error"]["code"]) == (503, "limits_unavailable"), answer
+    relay, proxy, issued, seconds = await _refused_at_its_budget_hold(
+        proxy_on_freezing_relay, tmp_path
+    )
     assert seconds < STORE_BOUND_SECONDS, seconds
     relay.thaw()
     deadline = time.monotonic() + 20
@@ -231,6 +225,25 @@ async def test_a_budget_hold_after_its_claim_is_refused_within_the_store_bound_i
     ] != 1:
         assert time.monotonic() < deadline, token
         await asyncio.sleep(0.2)
+
+
+async def _refused_at_its_budget_hold(
+    start: FrozenProxyStarter, tmp_path: Path
+) -> tuple[FreezingRelay, Proxy, dict[str, Any], float]:
+    """A proxy whose token (max_requests and a budget) had a request refused because the database
+    hung at its budget hold, once its place was claimed: the relay (the database still frozen),
+    the proxy, the token, and the seconds the refusal took."""
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(PRICES)
+    relay, proxy = await start(prices_path=prices)
+    issued = await proxy.issue_token(max_requests=10, budget_usd=5)
+    relay.arm(b"budget_nanousd IS NOT NULL FOR UPDATE")  # before the first hold prepares it
+    started = time.monotonic()
+    status, _, answer = await post(proxy, issued["token"], chat())
+    seconds = time.monotonic() - started
+    assert relay.frozen.is_set()  # the hold's statement was the one the hang began at
+    assert (status, orjson.loads(answer)["error"]["code"]) == (503, "limits_unavailable"), answer
+    return relay, proxy, issued, seconds
 
 
 class CommitAnswerHole(Relay):
@@ -411,14 +424,7 @@ async def test_a_give_back_still_waiting_for_the_database_at_shutdown_is_logged(
     # A refused request's max_requests place is given back in the background while the database
     # hangs. Stopped before it answers, the proxy gives up on that give-back, and the place stays
     # used for good: the operator must hear of it, with how many.
-    prices = tmp_path / "prices.yaml"
-    prices.write_text(PRICES)
-    relay, proxy = await proxy_on_freezing_relay(prices_path=prices)
-    issued = await proxy.issue_token(max_requests=10, budget_usd=5)
-    relay.arm(b"budget_nanousd IS NOT NULL FOR UPDATE")  # before the first hold prepares it
-    status, _, answer = await post(proxy, issued["token"], chat())
-    assert relay.frozen.is_set()  # the hold's statement was the one the hang began at
-    assert (status, orjson.loads(answer)["error"]["code"]) == (503, "limits_unavailable"), answer
+    _, proxy, _, _ = await _refused_at_its_budget_hold(proxy_on_freezing_relay, tmp_path)
     assert proxy.components.authority._orphan_releases  # the place's give-back is waiting
     with capture_logs() as logs:
         await proxy.client.close()
