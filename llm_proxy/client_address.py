@@ -51,7 +51,7 @@ class ForwardedTrust:
                 every_peer = True
                 continue
             try:
-                networks.append(ipaddress.ip_network(entry))
+                networks.append(_network(entry))
             except ValueError:
                 raise ValueError(_refusal(entry)) from None
         return cls(tuple(networks), every_peer)
@@ -66,7 +66,10 @@ class ForwardedTrust:
         read, and the peer is named instead.
         """
         peer_address = _address(peer) if peer is not None else None
-        if peer_address is None or not (self.every_peer or self._listed(peer_address)):
+        if peer_address is None:
+            return peer
+        peer = str(peer_address)
+        if not (self.every_peer or self._listed(peer_address)):
             return peer
         found = peer
         # From the right, split no further than the walk may go.
@@ -102,6 +105,16 @@ def _refusal(entry: str) -> str:
         )
     # Accepting it as the network around it would trust more than was written.
     return f"FORWARDED_ALLOW_IPS: {entry!r} has host bits set; did you mean {network}?"
+
+
+def _network(entry: str) -> Network:
+    network = ipaddress.ip_network(entry)
+    mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+    if mapped is not None and network.prefixlen >= 96:
+        # ::ffff:10.0.0.5, as a dual-stack listener shows an IPv4 balancer: peers are matched as
+        # the IPv4 addresses they are, which an IPv6 network would never hold.
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def _address(text: str) -> Address | None:

@@ -312,13 +312,19 @@ class ServerProcess:
 
 
 def start_server(
-    data_dir: Path, api_config: Path, logs: Path, name: str = "server", **env: str
+    data_dir: Path,
+    api_config: Path,
+    logs: Path,
+    name: str = "server",
+    listen_host: str = "127.0.0.1",
+    **env: str,
 ) -> ServerProcess:
-    """``python -m llm_proxy server`` on a free loopback port; returns once ``/health`` answers."""
+    """``python -m llm_proxy server`` on a free loopback port (on ``listen_host``, which holds
+    127.0.0.1: ``[::]`` for a dual-stack listener); returns once ``/health`` answers."""
     port = free_port()
     variables = {
         "DATA_DIR": str(data_dir),
-        "LISTEN_ADDR": f"127.0.0.1:{port}",
+        "LISTEN_ADDR": f"{listen_host}:{port}",
         "API_CONFIG_PATH": str(api_config),
         "LOG_FORMAT": "json",
         **env,

@@ -73,6 +73,16 @@ async def test_a_forged_header_from_a_peer_not_trusted_is_ignored(
     assert await _audited_client(proxy, CLIENT) == "127.0.0.1"
 
 
+@pytest.mark.parametrize("allowed", ["::ffff:127.0.0.1", "::ffff:127.0.0.0/104"])
+async def test_a_balancer_listed_in_its_ipv4_mapped_spelling_is_believed(
+    proxy_factory: Any, allowed: str
+) -> None:
+    """A dual-stack listener shows an IPv4 balancer as ::ffff:a.b.c.d; listed so, it is the same
+    host as the IPv4 peer it is."""
+    proxy = await _proxy(proxy_factory, allowed)
+    assert await _audited_client(proxy, CLIENT) == CLIENT
+
+
 async def test_a_chain_of_trusted_proxies_is_walked_to_the_first_untrusted_address(
     proxy_factory: Any,
 ) -> None:
@@ -271,3 +281,25 @@ async def test_a_header_of_thousands_of_trusted_entries_costs_no_more_than_its_b
     forwarded = await refused_cpu_seconds({"X-Forwarded-For": entries})
     assert forwarded < 2 * padded + 0.1, (forwarded, padded)
     assert await _audited_client(proxy, entries) == "127.0.0.1"
+
+
+@pytest.mark.process
+def test_a_dual_stack_listener_names_an_ipv4_client_as_ipv4(tmp_path: Path) -> None:
+    """On ``[::]`` an IPv4 client's peer address is ::ffff:a.b.c.d: recorded as the IPv4 address
+    it is, as an X-Forwarded-For entry is, so one client has one spelling in the log."""
+    api_config = write_api_config(tmp_path / "api_providers.yaml", "http://127.0.0.1:9")
+    server = start_server(
+        tmp_path / "data",
+        api_config,
+        tmp_path / "logs",
+        listen_host="[::]",
+        MANAGEMENT_TOKEN=SERVER_TOKEN,
+        ADMIN_PASSWORD=SERVER_PASSWORD,
+    )
+    try:
+        _refused(server.base_url + "/manage/projects", "Bearer wrong-guess", CLIENT)
+        wait_until(lambda: bool(_log_lines(server, "auth.credentials_refused")), "the warning")
+        warned = _log_lines(server, "auth.credentials_refused")
+    finally:
+        server.stop()
+    assert [line["client_ip"] for line in warned] == ["127.0.0.1"]
