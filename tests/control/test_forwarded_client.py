@@ -5,7 +5,6 @@ then, so no client can write its own address in them."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -257,30 +256,19 @@ def test_a_bad_forwarded_allow_ips_stops_start_up_in_one_line(tmp_path: Path, va
     assert done.stderr.count("\n") == 1 and value in done.stderr
 
 
-async def test_a_header_of_thousands_of_trusted_entries_costs_no_more_than_its_bytes(
+async def test_a_header_of_thousands_of_trusted_entries_names_the_peer(
     proxy_factory: Any,
 ) -> None:
     """A host inside the trusted networks (any pod, when the pod network is trusted) may write
     thousands of trusted addresses in the header of a refused sign-in: the walk stops after a
-    chain longer than any real one, naming the peer, instead of holding the event loop (the
-    proxy path's too) to parse every entry."""
+    chain longer than any real one and names the peer, rather than parse every entry while the
+    event loop (the proxy path's too) waits; a chain of the longest length walked still names
+    its client."""
     proxy = await _proxy(proxy_factory, "127.0.0.0/8")
-    entries = ", ".join(["127.8.8.8"] * 5000)  # within the head's 64 KiB
-
-    async def refused_cpu_seconds(headers: dict[str, str]) -> float:
-        started = time.process_time()  # the server runs in this process
-        for _ in range(10):
-            async with proxy.operator.get(
-                f"{proxy.base_url}/manage/projects",
-                headers={"Authorization": "Bearer wrong-guess", **headers},
-            ) as response:
-                assert response.status == 401
-        return time.process_time() - started
-
-    padded = await refused_cpu_seconds({"X-Padding": "x" * len(entries)})
-    forwarded = await refused_cpu_seconds({"X-Forwarded-For": entries})
-    assert forwarded < 2 * padded + 0.1, (forwarded, padded)
-    assert await _audited_client(proxy, entries) == "127.0.0.1"
+    thousands = ", ".join(["127.8.8.8"] * 5000)  # within the head's 64 KiB
+    assert await _audited_client(proxy, thousands) == "127.0.0.1"
+    longest = ", ".join([CLIENT] + ["127.8.8.8"] * 15)
+    assert await _audited_client(proxy, longest) == CLIENT
 
 
 @pytest.mark.process
