@@ -68,6 +68,10 @@ _MARK_POLL_SECONDS = 0.005
 _NEGATIVE_MAX = 10_000
 # Holds and rpm slots being given back in the background while their store is away.
 _GIVE_BACKS_MAX = 10_000
+# How long a max_requests place's give-back is retried while its store is away. Unlike a hold or
+# an rpm slot it never expires: given up on, it is quota the token lost for good. An outage
+# longer than this is an incident of its own, and the place is then logged lost.
+_PLACE_GIVE_BACK_SECONDS = 3600.0
 # A grant not reloaded for this many cache periods is forgotten: one in use is reloaded every
 # period, so it belongs to a token unused that long (an hour, by default).
 _UNUSED_CACHE_PERIODS = 120
@@ -484,7 +488,9 @@ class TokenAuthority:
         except Exception as exc:
             log.warning("token_authority.store_failed", operation="release", error=str(exc))
             # Retried while the store is away: a place kept for good is quota the token lost.
-            self._give_back_later("release", partial(self._give_back_place, admission), 60.0)
+            self._give_back_later(
+                "release", partial(self._give_back_place, admission), _PLACE_GIVE_BACK_SECONDS
+            )
 
     async def mark_answered(self, token_id: str, mark: str) -> None:
         """Mark an answer of a tpm-limited token as going out unsettled (see rate_limits.py).
@@ -508,7 +514,9 @@ class TokenAuthority:
         """Take back, in the background, what :meth:`admit` counted for a request whose client
         left before it reached the upstream; its budget hold, if any, is left to its settlement."""
         admission.hold_id = ""
-        self._give_back_later("release", partial(self._give_back_place, admission), 60.0)
+        self._give_back_later(
+            "release", partial(self._give_back_place, admission), _PLACE_GIVE_BACK_SECONDS
+        )
 
     async def _give_back_place(self, admission: Admission) -> None:
         """Give back the request's rpm slot and its ``max_requests`` place; raises when the store
@@ -757,7 +765,7 @@ class TokenAuthority:
             if await doubt.committed():  # (raises while it cannot tell)
                 await self._give_back_place(admission)
 
-        self._give_back_later("release", give_back)
+        self._give_back_later("release", give_back, _PLACE_GIVE_BACK_SECONDS)
 
     async def _claim_after_refusal(self, grant: Grant, wall: float, slot: int) -> Claim:
         """A claim failed, or was not tried on a grant seen used up: either the quota is used up,

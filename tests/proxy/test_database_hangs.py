@@ -215,11 +215,29 @@ async def test_a_budget_hold_after_its_claim_is_refused_within_the_store_bound_i
     )
     assert seconds < STORE_BOUND_SECONDS, seconds
     relay.thaw()
+    await _until_only_the_admitted_request_counts(proxy, issued)
+
+
+@pytest.mark.timeout(180)
+async def test_a_place_given_back_while_the_database_hangs_over_a_minute_still_comes_back(
+    proxy_on_freezing_relay: FrozenProxyStarter,
+    tmp_path: Path,
+) -> None:
+    # Unlike a hold or an rpm slot, a max_requests place never expires: a give-back that gave
+    # up after a minute left it used for good, one request of the quota lost to the outage.
+    relay, proxy, issued, _ = await _refused_at_its_budget_hold(proxy_on_freezing_relay, tmp_path)
+    await asyncio.sleep(65)
+    relay.thaw()
+    await _until_only_the_admitted_request_counts(proxy, issued)
+
+
+async def _until_only_the_admitted_request_counts(proxy: Proxy, issued: dict[str, Any]) -> None:
+    """Once a request passes again, the token's count comes to 1: the refused request's place
+    came back with the database."""
     deadline = time.monotonic() + 20
     while (await post(proxy, issued["token"], chat()))[0] != 200:
         assert time.monotonic() < deadline, "requests never passed again"
         await asyncio.sleep(0.2)
-    # The refused request's place came back once the database did: only the one admitted counts.
     while (token := (await proxy.manage("GET", f"/tokens/{issued['id']}"))[1])[
         "request_count"
     ] != 1:
