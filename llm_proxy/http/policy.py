@@ -306,7 +306,14 @@ def _absolute_path(url: bytes) -> bytes:
         rest = url[8:]
     else:
         raise errors.MalformedRequest("Invalid request target.")
-    ends = [at for at in (rest.find(b"/"), rest.find(b"?")) if at >= 0]
+    ends = [at for at in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if at >= 0]
+    authority = rest[: min(ends)] if ends else rest
+    # An http(s) URI names a host, and userinfo in one is an error (RFC 9110 §4.2.1 and §4.2.4;
+    # nginx refuses both): not dropped silently on the way to the path.
+    if not authority or not (
+        _known_host(authority) if len(authority) <= _CACHED_HOST_BYTES else _is_host(authority)
+    ):
+        raise errors.MalformedRequest("Invalid request target.")
     if not ends:
         return b"/"
     path = rest[min(ends) :]
