@@ -488,9 +488,7 @@ class TokenAuthority:
         except Exception as exc:
             log.warning("token_authority.store_failed", operation="release", error=str(exc))
             # Retried while the store is away: a place kept for good is quota the token lost.
-            self._give_back_later(
-                "release", partial(self._give_back_place, admission), _PLACE_GIVE_BACK_SECONDS
-            )
+            self._give_back_place_later(admission)
 
     async def mark_answered(self, token_id: str, mark: str) -> None:
         """Mark an answer of a tpm-limited token as going out unsettled (see rate_limits.py).
@@ -514,9 +512,7 @@ class TokenAuthority:
         """Take back, in the background, what :meth:`admit` counted for a request whose client
         left before it reached the upstream; its budget hold, if any, is left to its settlement."""
         admission.hold_id = ""
-        self._give_back_later(
-            "release", partial(self._give_back_place, admission), _PLACE_GIVE_BACK_SECONDS
-        )
+        self._give_back_place_later(admission)
 
     async def _give_back_place(self, admission: Admission) -> None:
         """Give back the request's rpm slot and its ``max_requests`` place; raises when the store
@@ -726,7 +722,7 @@ class TokenAuthority:
                 if await doubt.committed():
                     return doubt.claim
             except BaseException as exc:
-                self._release_claim_later(grant, doubt)
+                self._give_back_place_later(Admission(grant, None), doubt)
                 if not isinstance(exc, Exception):
                     self._give_back_slot_later(token_id, slot)
                     raise
@@ -749,20 +745,23 @@ class TokenAuthority:
         failed = None if call.cancelled() else call.exception()
         if call.cancelled() or failed is not None or call.result() is None:
             if isinstance(failed, ClaimInDoubt):
-                self._release_claim_later(grant, failed)
+                self._give_back_place_later(Admission(grant, None), failed)
             self._give_back_slot_later(grant.token_id, slot)
             return
         self.release_unsent(Admission(grant, None, slot))
 
-    def _release_claim_later(self, grant: Grant, doubt: ClaimInDoubt) -> None:
-        """Give back, in the background, the place of a claim whose COMMIT went unanswered, once
-        the database tells it committed. Through :meth:`_give_back_place` with one admission for
-        every attempt: a give-back whose own COMMIT went unanswered is asked about before another,
-        as given twice, a place would be a request the quota never counted."""
-        admission = Admission(grant, None)
+    def _give_back_place_later(
+        self, admission: Admission, doubt: ClaimInDoubt | None = None
+    ) -> None:
+        """Give back ``admission``'s rpm slot and ``max_requests`` place in the background, retried
+        for :data:`_PLACE_GIVE_BACK_SECONDS`; with ``doubt``, the place of a claim whose COMMIT
+        went unanswered, once the database tells it committed. One admission for every attempt
+        (see :meth:`_give_back_place`): a give-back whose own COMMIT went unanswered is asked
+        about before another, as given twice, a place would be a request the quota never
+        counted."""
 
         async def give_back() -> None:
-            if await doubt.committed():  # (raises while it cannot tell)
+            if doubt is None or await doubt.committed():  # (raises while it cannot tell)
                 await self._give_back_place(admission)
 
         self._give_back_later("release", give_back, _PLACE_GIVE_BACK_SECONDS)
