@@ -58,10 +58,7 @@ async def apply_migrations(conn: Conn) -> list[int]:
             async with conn.transaction():
                 step = await _apply_next(conn)
         except _MigrationLockBusy:
-            # Waited for out of the transaction: see _MigrationLockBusy.
-            if asyncio.get_running_loop().time() + _LOCK_POLL > deadline:
-                raise TimeoutError("another instance kept migrating past the bound") from None
-            await asyncio.sleep(_LOCK_POLL)
+            await _wait_for_the_lock(deadline)  # out of the transaction: see _MigrationLockBusy
             continue
         except asyncpg.LockNotAvailableError:
             if asyncio.get_running_loop().time() + RETRY_PAUSE > deadline:
@@ -78,7 +75,7 @@ async def apply_migrations(conn: Conn) -> list[int]:
         if step is None:
             return applied_now
         version, left = step
-        if left is not None and not await _build_concurrently(conn, version, left):
+        if left is not None and not await _build_concurrently(conn, version, left, deadline):
             continue  # another instance recorded it meanwhile
         applied_now.append(version)
 
@@ -89,12 +86,12 @@ async def _apply_next(conn: Conn) -> tuple[int, str | None] | None:
     refuses in a transaction, ``(version, sql)`` for :func:`_build_concurrently` to apply after
     it. None when it lacks none."""
     # Instances starting together wait for the one migrating (trying again for its lock, see
-    # _MigrationLockBusy), then find nothing to do. The lock
-    # of one migration's transaction, not of the whole upgrade's: each migration commits on its
-    # own, so the lock one takes on a whole table (ALTER TABLE) is not held through the next,
-    # which may go through every row for minutes while the instances of the release before
-    # still serve from that table. (A transaction's lock also holds behind a pooler in
-    # transaction mode, which a session's would not.)
+    # _MigrationLockBusy), then find nothing to do. The lock of one migration's transaction, not
+    # of the whole upgrade's: each migration commits on its own, so the lock one takes on a whole
+    # table (ALTER TABLE) is not held through the next, which may go through every row for
+    # minutes while the instances of the release before still serve from that table. (A
+    # transaction's lock also holds behind a pooler in transaction mode, which a session's would
+    # not.)
     if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MIGRATION_LOCK):
         raise _MigrationLockBusy
     # Only once that lock is held: waiting for it is waiting for another instance's migration.
@@ -122,7 +119,7 @@ async def _apply_next(conn: Conn) -> tuple[int, str | None] | None:
     return None
 
 
-async def _build_concurrently(conn: Conn, version: int, sql: str) -> bool:
+async def _build_concurrently(conn: Conn, version: int, sql: str, deadline: float) -> bool:
     """Apply a migration that builds an index CONCURRENTLY (its one statement), outside any
     transaction, and record it; False when another instance recorded it first.
 
@@ -132,7 +129,8 @@ async def _build_concurrently(conn: Conn, version: int, sql: str) -> bool:
     transaction, so the instances take turns with the migration lock held by the session (the
     same key: it excludes the transactions' lock too). Two concurrent builds on one table would
     deadlock each other."""
-    await _take_session_lock(conn)
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):
+        await _wait_for_the_lock(deadline)
     try:
         if await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", version):
             return False
@@ -154,12 +152,12 @@ class _MigrationLockBusy(Exception):
     the lock (a deadlock)."""
 
 
-async def _take_session_lock(conn: Conn) -> None:
-    deadline = asyncio.get_running_loop().time() + MIGRATION_TIMEOUT
-    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):
-        if asyncio.get_running_loop().time() + _LOCK_POLL > deadline:
-            raise TimeoutError("another instance kept migrating past the bound")
-        await asyncio.sleep(_LOCK_POLL)
+async def _wait_for_the_lock(deadline: float) -> None:
+    """Pause before trying again for :data:`MIGRATION_LOCK`, which another instance holds;
+    raises TimeoutError once that would pass ``deadline`` (the whole migrating's bound)."""
+    if asyncio.get_running_loop().time() + _LOCK_POLL > deadline:
+        raise TimeoutError("another instance kept migrating past the bound")
+    await asyncio.sleep(_LOCK_POLL)
 
 
 async def _drop_if_invalid(conn: Conn, index: str, version: int) -> None:
