@@ -186,18 +186,23 @@ SERVER_TOKEN = "mgmt-forwarded-test-token"
 SERVER_PASSWORD = "forwarded-admin-secret"
 
 
-@pytest.fixture(scope="module")
-def balanced_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("balanced")
+def _server(root: Path, listen_host: str = "127.0.0.1", **settings: str) -> ServerProcess:
+    """A server process with the management token and admin password of these tests."""
     api_config = write_api_config(root / "api_providers.yaml", "http://127.0.0.1:9")
-    started = start_server(
+    return start_server(
         root / "data",
         api_config,
         root / "logs",
-        FORWARDED_ALLOW_IPS="127.0.0.1",
+        listen_host=listen_host,
         MANAGEMENT_TOKEN=SERVER_TOKEN,
         ADMIN_PASSWORD=SERVER_PASSWORD,
+        **settings,
     )
+
+
+@pytest.fixture(scope="module")
+def balanced_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    started = _server(tmp_path_factory.mktemp("balanced"), FORWARDED_ALLOW_IPS="127.0.0.1")
     yield started
     started.stop()
 
@@ -275,15 +280,7 @@ async def test_a_header_of_thousands_of_trusted_entries_names_the_peer(
 def test_a_dual_stack_listener_names_an_ipv4_client_as_ipv4(tmp_path: Path) -> None:
     """On ``[::]`` an IPv4 client's peer address is ::ffff:a.b.c.d: recorded as the IPv4 address
     it is, as an X-Forwarded-For entry is, so one client has one spelling in the log."""
-    api_config = write_api_config(tmp_path / "api_providers.yaml", "http://127.0.0.1:9")
-    server = start_server(
-        tmp_path / "data",
-        api_config,
-        tmp_path / "logs",
-        listen_host="[::]",
-        MANAGEMENT_TOKEN=SERVER_TOKEN,
-        ADMIN_PASSWORD=SERVER_PASSWORD,
-    )
+    server = _server(tmp_path, listen_host="[::]")
     try:
         _refused(server.base_url + "/manage/projects", "Bearer wrong-guess", CLIENT)
         wait_until(lambda: bool(_log_lines(server, "auth.credentials_refused")), "the warning")
